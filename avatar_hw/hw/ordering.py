@@ -1,0 +1,100 @@
+"""Memory ordering for memory shared with another CPU (the hypervisor stub, a guest).
+
+The protocol rule everywhere in avatar-hw is *publish with a store-release,
+observe with a load-acquire*:
+
+- a writer fills the data fields with plain stores, then writes the state
+  word with a **store-release**: no earlier load or store may be observed
+  after it;
+- a reader reads the state word with a **load-acquire**: no later load or
+  store may be performed before it; only then does it read the data.
+
+Plain Python (ctypes, memoryview) accesses give no such guarantee on arm64,
+whose memory model lets independent accesses be observed out of order. The
+acquire/release accesses here call GCC's libatomic (``__atomic_load_N`` /
+``__atomic_store_N`` with ``__ATOMIC_ACQUIRE`` / ``__ATOMIC_RELEASE``), which
+compile to LDAR/STLR on arm64 and to plain MOVs on x86-64 (TSO already orders
+them; the out-of-line call stops compiler reordering). ``fence()`` is a full
+``atomic_thread_fence(__ATOMIC_SEQ_CST)`` (DMB ISH on arm64, MFENCE on x86),
+needed where a store must be ordered before a later load (for example the
+virtqueue "write used index, then read avail_event" rule).
+
+The functions take an absolute address (``Region.address + offset``), which
+the caller has bounds- and alignment-checked.
+"""
+
+import ctypes
+import ctypes.util
+
+from ..errors import AvatarError
+
+_ACQUIRE, _RELEASE, _ACQ_REL, _SEQ_CST = 2, 3, 4, 5
+
+
+def _load_libatomic():
+    candidates = [ctypes.util.find_library("atomic"), "libatomic.so.1"]
+    for name in candidates:
+        if not name:
+            continue
+        try:
+            # PyDLL: these calls never block, so keep the GIL (cheaper call).
+            return ctypes.PyDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+_lib = _load_libatomic()
+if _lib is None:
+    raise AvatarError(
+        "libatomic.so.1 not found: avatar-hw needs it for load-acquire/store-release "
+        "accesses to shared memory; install it (apt-get install libatomic1)")
+
+
+def _bind(name, restype, *argtypes):
+    fn = getattr(_lib, name)
+    fn.restype = restype
+    fn.argtypes = argtypes
+    return fn
+
+
+_load2 = _bind("__atomic_load_2", ctypes.c_uint16, ctypes.c_void_p, ctypes.c_int)
+_load4 = _bind("__atomic_load_4", ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int)
+_store2 = _bind("__atomic_store_2", None, ctypes.c_void_p, ctypes.c_uint16, ctypes.c_int)
+_store4 = _bind("__atomic_store_4", None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int)
+_fetch_or4 = _bind("__atomic_fetch_or_4", ctypes.c_uint32,
+                   ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int)
+_fetch_and4 = _bind("__atomic_fetch_and_4", ctypes.c_uint32,
+                    ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int)
+_fence = _bind("atomic_thread_fence", None, ctypes.c_int)
+
+
+def load_acquire16(address):
+    return _load2(address, _ACQUIRE)
+
+
+def load_acquire32(address):
+    return _load4(address, _ACQUIRE)
+
+
+def store_release16(address, value):
+    _store2(address, value, _RELEASE)
+
+
+def store_release32(address, value):
+    _store4(address, value, _RELEASE)
+
+
+def fetch_or32(address, bits):
+    """Atomically OR ``bits`` into a 32-bit word (acquire-release); returns the old value."""
+    return _fetch_or4(address, bits, _ACQ_REL)
+
+
+def fetch_and32(address, bits):
+    """Atomically AND ``bits`` into a 32-bit word (acquire-release); returns the old value."""
+    return _fetch_and4(address, bits, _ACQ_REL)
+
+
+def fence():
+    """Full barrier: orders every earlier load and store before every later one."""
+    _fence(_SEQ_CST)

@@ -1,0 +1,56 @@
+"""Where devices live: virtio-mmio windows and SPIs per VM.
+
+The seed's map: windows from 0x0a000000, 64 KiB per VM, 4 KiB per device;
+SPIs from INTID 48, 8 per VM. Device k of VM v sits at
+``base + v * vm_size + k * device_size`` with INTID ``irq_base + v * irqs_per_vm + k``.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Layout:
+    base: int = 0x0A000000
+    vm_size: int = 0x10000
+    device_size: int = 0x1000
+    irq_base: int = 48
+    irqs_per_vm: int = 8
+    max_vms: int = 8
+
+    @property
+    def devices_per_vm(self):
+        """Slots per VM: bounded by the window and by the IRQs."""
+        return min(self.vm_size // self.device_size, self.irqs_per_vm)
+
+    def window(self, vm_id, index):
+        """Guest-physical base address of device ``index`` of VM ``vm_id``."""
+        self._check(vm_id, index)
+        return self.base + vm_id * self.vm_size + index * self.device_size
+
+    def irq(self, vm_id, index):
+        """INTID of device ``index`` of VM ``vm_id``."""
+        self._check(vm_id, index)
+        return self.irq_base + vm_id * self.irqs_per_vm + index
+
+    def vm_window(self, vm_id):
+        """(first, last) guest-physical address of VM ``vm_id``'s virtio window."""
+        start = self.base + vm_id * self.vm_size
+        return start, start + self.vm_size - 1
+
+    def locate(self, addr):
+        """``(vm_id, index, offset)`` of the device slot holding ``addr``, or None."""
+        rel = addr - self.base
+        if rel < 0 or rel >= self.max_vms * self.vm_size:
+            return None
+        vm_id, in_vm = divmod(rel, self.vm_size)
+        index, offset = divmod(in_vm, self.device_size)
+        if index >= self.devices_per_vm:
+            return None
+        return vm_id, index, offset
+
+    def _check(self, vm_id, index):
+        if not 0 <= vm_id < self.max_vms:
+            raise ValueError(f"VM {vm_id} is outside the layout (0..{self.max_vms - 1})")
+        if not 0 <= index < self.devices_per_vm:
+            raise ValueError(f"device slot {index} is outside the layout "
+                             f"(0..{self.devices_per_vm - 1} per VM)")

@@ -1,0 +1,104 @@
+/*
+ * avatar_trap.h - the trap page shared by Avatar's EL2 stub and avatar-hw.
+ *
+ * Freestanding C99 (no libc). The authoritative description, with the
+ * ordering rules and the state machine, is docs/trap-abi.md; the Python side
+ * is avatar_hw/abi.py, and tests/test_abi_header.py compiles this header to
+ * check that both agree byte for byte. All fields are little-endian.
+ *
+ * Ordering, in one line each:
+ *   stub posts:     write every slot field, then state = POSTED with a
+ *                   store-release (STLR), then ring the doorbell if
+ *                   model_sleeping (read after a DMB ISH).
+ *   model answers:  load-acquire (LDAR) state == POSTED, read the fields,
+ *                   handle, write data and status, then state = DONE with a
+ *                   store-release (FREE for a posted write).
+ *   stub completes: load-acquire state == DONE, read data and status, then
+ *                   state = FREE (plain store is enough: only the stub
+ *                   touches a DONE slot).
+ */
+#ifndef AVATAR_TRAP_H
+#define AVATAR_TRAP_H
+
+typedef unsigned char      avt_u8;
+typedef unsigned short     avt_u16;
+typedef unsigned int       avt_u32;
+typedef unsigned long long avt_u64;
+
+#define AVT_MAGIC            0x50545641u   /* "AVTP" in memory order */
+#define AVT_ABI_MAJOR        1u
+#define AVT_ABI_MINOR        0u
+#define AVT_PAGE_SIZE        4096u
+#define AVT_SLOTS_OFFSET     128u
+#define AVT_SLOT_SIZE        64u
+#define AVT_MAX_SLOTS        ((AVT_PAGE_SIZE - AVT_SLOTS_OFFSET) / AVT_SLOT_SIZE)
+
+/* header.stub_features / header.model_features */
+#define AVT_F_POSTED_WRITES  (1u << 0)  /* stub may resume the guest before a write is handled */
+#define AVT_F_VIRQ_REQUEST   (1u << 1)  /* stub injects the INTIDs the model sets in virq_pending */
+
+/* header.model_state */
+#define AVT_MODEL_DETACHED   0u
+#define AVT_MODEL_ATTACHED   1u
+
+/* header.stub_state */
+#define AVT_STUB_NOT_READY   0u
+#define AVT_STUB_READY       1u
+
+/* slot.state */
+#define AVT_SLOT_FREE        0u
+#define AVT_SLOT_POSTED      1u
+#define AVT_SLOT_DONE        2u
+
+/* slot.direction */
+#define AVT_DIR_READ         0u
+#define AVT_DIR_WRITE        1u
+
+/* slot.status */
+#define AVT_STATUS_OK        0u
+#define AVT_STATUS_UNHANDLED 1u
+
+/* slot.flags */
+#define AVT_SLOT_F_POSTED_WRITE (1u << 0) /* the guest already resumed; model frees the slot */
+
+struct avt_header {
+    avt_u32 magic;           /*  0 AVT_MAGIC, written by the stub */
+    avt_u16 abi_major;       /*  4 */
+    avt_u16 abi_minor;       /*  6 */
+    avt_u32 slot_count;      /*  8 one slot per vCPU */
+    avt_u32 slot_size;       /* 12 AVT_SLOT_SIZE */
+    avt_u32 slots_offset;    /* 16 AVT_SLOTS_OFFSET */
+    avt_u32 stub_features;   /* 20 AVT_F_* the stub offers */
+    avt_u32 model_features;  /* 24 AVT_F_* the model accepted (subset), written before ATTACHED */
+    avt_u32 model_state;     /* 28 AVT_MODEL_*, written by the model (store-release) */
+    avt_u64 counter_hz;      /* 32 frequency of slot timestamps (the stub's counter) */
+    avt_u32 stub_state;      /* 40 AVT_STUB_*, written last by the stub (store-release) */
+    avt_u32 model_pid;       /* 44 informational: the daemon's PID while attached */
+    avt_u32 model_sleeping;  /* 48 1 while the model waits on the doorbell; 0 while it polls */
+    avt_u32 reserved0[3];    /* 52 */
+    avt_u32 virq_pending[8]; /* 64 INTID n is bit (n % 32) of word (n / 32); set by the
+                                   model with an atomic OR, taken by the stub with an
+                                   atomic exchange or AND (AVT_F_VIRQ_REQUEST) */
+    avt_u32 reserved1[8];    /* 96 */
+};
+
+struct avt_slot {
+    avt_u32 state;           /*  0 AVT_SLOT_* */
+    avt_u32 seq;             /*  4 incremented by the stub on every post */
+    avt_u64 gpa;             /*  8 faulting guest-physical address */
+    avt_u64 data;            /* 16 write value, or the read result (zero-extended) */
+    avt_u8  size;            /* 24 access size in bytes: 1, 2, 4 or 8 */
+    avt_u8  direction;       /* 25 AVT_DIR_* */
+    avt_u8  status;          /* 26 AVT_STATUS_*, written by the model */
+    avt_u8  flags;           /* 27 AVT_SLOT_F_* */
+    avt_u16 vm_id;           /* 28 */
+    avt_u16 vcpu_id;         /* 30 */
+    avt_u64 t_post;          /* 32 stub counter when posted */
+    avt_u64 t_done;          /* 40 stub counter when the stub saw DONE */
+    avt_u64 reserved[2];     /* 48 */
+};
+
+typedef char avt_header_size_check[(sizeof(struct avt_header) == AVT_SLOTS_OFFSET) ? 1 : -1];
+typedef char avt_slot_size_check[(sizeof(struct avt_slot) == AVT_SLOT_SIZE) ? 1 : -1];
+
+#endif /* AVATAR_TRAP_H */
