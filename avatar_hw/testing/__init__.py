@@ -1,0 +1,1 @@
+"""Test helpers: QEMU qtest client and fixtures shared by the test suites."""
