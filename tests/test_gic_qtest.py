@@ -1,0 +1,172 @@
+"""The GIC drivers against QEMU's own GIC models (qtest), one short-lived QEMU per test.
+
+QEMU ``virt``: GICv2 distributor 0x08000000, CPU interface 0x08010000, v2m
+frame 0x08020000 (SPIs 80..143); GICv3 distributor 0x08000000. GICD_TYPER
+gives 288 lines on the GICv2 and 256 on the GICv3. QEMU 7.2 cannot intercept the GIC's own outputs, so the CPU's IRQ
+input is what ``irq_intercept_in`` watches.
+"""
+
+import pytest
+
+from avatar_hw.hw.gic import (GicError, GicV2Distributor, GicV2mFrame, GicV3Distributor,
+                              open_gic)
+from avatar_hw.hw.region import Region
+from avatar_hw.testing.qtest import QTest, require_qemu
+
+GICD, GICC, V2M = 0x08000000, 0x08010000, 0x08020000
+GICD_CTLR, GICD_ISENABLER1, GICD_ISPENDR1, GICD_ISACTIVER1 = 0x000, 0x104, 0x204, 0x304
+GICD_IPRIORITYR48, GICD_ICFGR3, GICD_IROUTER48 = 0x430, 0xC0C, 0x6000 + 8 * 48
+GICC_CTLR, GICC_PMR, GICC_IAR, GICC_EOIR = 0x00, 0x04, 0x0C, 0x10
+SPI48_BIT = 1 << 16
+
+def gic_qemu(version, qmp=False):
+    require_qemu()
+    return QTest(["-cpu", "cortex-a57"], machine=f"virt,gic-version={version}", qmp=qmp)
+
+
+def enable_spi48_path(qemu):
+    """What a guest's GIC driver does: distributor, CPU interface, SPI enabled, mask open."""
+    qemu.writel(GICD + GICD_CTLR, 1)
+    qemu.writel(GICC + GICC_CTLR, 1)
+    qemu.writel(GICC + GICC_PMR, 0xFF)
+    qemu.writel(GICD + GICD_ISENABLER1, SPI48_BIT)
+
+
+@pytest.mark.qemu
+def test_v2_raise_sets_ispendr1_bit16_and_clear_clears_it():
+    with gic_qemu(2) as qemu:
+        gicd = GicV2Distributor(qemu.window(GICD))
+        assert gicd.lines == 288 and gicd.spi_range == range(32, 288)
+        gicd.raise_spi(48)
+        assert qemu.readl(GICD + GICD_ISPENDR1) == SPI48_BIT
+        assert gicd.is_pending(48)
+        gicd.clear_spi(48)
+        assert qemu.readl(GICD + GICD_ISPENDR1) == 0
+        assert not gicd.is_pending(48)
+
+
+@pytest.mark.qemu
+def test_v2_signalled_spi_raises_cpu_irq_and_iar_reads_48():
+    with gic_qemu(2, qmp=True) as qemu:
+        [cpu] = qemu.find_devices("-arm-cpu")
+        qemu.irq_intercept_in(cpu)
+        gicd = GicV2Distributor(qemu.window(GICD))
+        enable_spi48_path(qemu)
+        assert qemu.irq_events == []
+        gicd.raise_spi(48)
+        qemu.wait_irq("raise", 0, timeout=5)
+        assert qemu.readl(GICC + GICC_IAR) == 48
+        assert gicd.diagnose_spi(48).active
+        qemu.writel(GICC + GICC_EOIR, 48)
+        assert not gicd.diagnose_spi(48).active
+        assert qemu.readl(GICC + GICC_IAR) == 1023      # nothing else pending
+
+
+@pytest.mark.qemu
+def test_v2_diagnose_reports_each_reason():
+    with gic_qemu(2) as qemu:
+        gicd = GicV2Distributor(qemu.window(GICD))
+        report = gicd.diagnose_spi(48)
+        assert (report.distributor_enabled, report.enabled, report.pending, report.active) == \
+            (False, False, False, False)
+        assert report.trigger == "level" and report.priority == 0
+        assert report.targets == (0,)          # one CPU: GICD_ITARGETSR reads as zero
+        text = report.explain()
+        assert "distributor is disabled" in text and "SPI is disabled" in text
+
+        enable_spi48_path(qemu)
+        qemu.writel(GICD + GICD_ICFGR3, 0x2)               # INTID 48 edge-triggered
+        qemu.writel(GICD + GICD_IPRIORITYR48, 0xA0)
+        gicd.raise_spi(48)
+        report = gicd.diagnose_spi(48)
+        assert (report.distributor_enabled, report.enabled, report.pending) == (True, True, True)
+        assert report.trigger == "edge" and report.priority == 0xA0
+        assert report.problems() == []
+        assert "distributor forwards it" in report.explain()
+
+        assert qemu.readl(GICC + GICC_IAR) == 48
+        report = gicd.diagnose_spi(48)
+        assert report.active and not report.pending         # edge: acknowledged, no longer pending
+        assert "is active" in report.explain()
+
+
+@pytest.mark.qemu
+def test_v2_refuses_intids_outside_its_spis_without_writing():
+    with gic_qemu(2) as qemu:
+        gicd = GicV2Distributor(qemu.window(GICD))
+        for intid in (0, 15, 31, 288, 1020, 1023):
+            with pytest.raises(GicError, match=f"INTID {intid} is outside its SPIs 32..287"):
+                gicd.raise_spi(intid)
+            with pytest.raises(GicError):
+                gicd.clear_spi(intid)
+        assert [qemu.readl(GICD + 0x200 + 4 * n) for n in range(9)] == [0] * 9
+
+
+@pytest.mark.qemu
+def test_v3_raise_and_clear_spi_48():
+    with gic_qemu(3) as qemu:
+        gicd = open_gic("v3", qemu.window(GICD))
+        assert isinstance(gicd, GicV3Distributor) and gicd.lines == 256
+        if not gicd.message_based:
+            # QEMU 7.2: no GICD_TYPER.MBIS, and a SETSPI_NSR write is ignored, which is
+            # why the driver uses GICD_ISPENDR there.
+            qemu.writel(GICD + 0x040, 48)
+            assert qemu.readl(GICD + GICD_ISPENDR1) == 0
+        gicd.raise_spi(48)
+        assert qemu.readl(GICD + GICD_ISPENDR1) == SPI48_BIT
+        assert gicd.diagnose_spi(48).pending
+        gicd.clear_spi(48)
+        assert qemu.readl(GICD + GICD_ISPENDR1) == 0
+        with pytest.raises(GicError, match="INTID 300"):
+            gicd.raise_spi(300)
+
+
+@pytest.mark.qemu
+def test_v3_diagnose_reports_affinity_route():
+    with gic_qemu(3) as qemu:
+        gicd = GicV3Distributor(qemu.window(GICD))
+        report = gicd.diagnose_spi(48)
+        assert report.gic == "v3" and report.targets is None
+        assert report.route == "CPU with affinity 0.0.0.0"
+        qemu.writel(GICD + GICD_IROUTER48, 1 << 31)
+        assert gicd.diagnose_spi(48).route == "any CPU (GICD_IROUTER.IRM = 1)"
+        qemu.writel(GICD + GICD_CTLR, 0x2)                  # EnableGrp1NS
+        qemu.writel(GICD + GICD_ISENABLER1, SPI48_BIT)
+        gicd.raise_spi(48)
+        report = gicd.diagnose_spi(48)
+        assert report.distributor_enabled and report.enabled and report.pending
+        assert report.problems() == []
+
+
+@pytest.mark.qemu
+def test_v2m_frame_raises_its_spis_only():
+    with gic_qemu(2) as qemu:
+        frame = open_gic("v2m", qemu.window(V2M))
+        assert isinstance(frame, GicV2mFrame) and frame.spi_range == range(80, 144)
+        gicd = GicV2Distributor(qemu.window(GICD))
+        qemu.writel(GICD + 0xC14, 0x2)          # INTID 80 edge-triggered, as Linux sets MSIs
+        frame.raise_spi(80)
+        assert gicd.is_pending(80)
+        frame.clear_spi(80)                     # edge-only: documented no-op
+        assert gicd.is_pending(80)
+        with pytest.raises(GicError, match="INTID 48 is outside its SPIs 80..143"):
+            frame.raise_spi(48)
+        with pytest.raises(GicError):
+            frame.clear_spi(144)
+
+
+def test_v3_with_message_based_spis_writes_setspi_and_clrspi():
+    """No peer implements MBIS here: a bytearray shows which register gets the INTID."""
+    regs = Region(bytearray(0x10000), name="gicd")
+    regs.write32(0x004, (1 << 16) | 7)          # MBIS, 256 lines
+    gicd = GicV3Distributor(regs)
+    assert gicd.message_based
+    gicd.raise_spi(48)
+    assert regs.read32(0x040) == 48 and regs.read32(GICD_ISPENDR1) == 0
+    gicd.clear_spi(49)
+    assert regs.read32(0x048) == 49
+
+
+def test_open_gic_unknown_version():
+    with pytest.raises(GicError, match="unknown GIC version 'v4'"):
+        open_gic("v4", Region(bytearray(0x1000)))
