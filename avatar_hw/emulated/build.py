@@ -1,0 +1,90 @@
+"""Build the EL2 stub (and small bare-metal test programs) with Debian's cross compiler.
+
+Outputs are cached under the avatar-hw cache directory by a hash of the
+sources and the command, so a rebuild happens only when something changed.
+``python -m avatar_hw.emulated.build`` builds the stub and prints its path.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import AvatarError
+
+REPO = Path(__file__).resolve().parents[2]
+STUB_DIR = REPO / "boards" / "emulated"
+STUB_SOURCES = ("start.S", "main.c", "trap.c", "vgic.c", "log.c")
+STUB_DEPENDS = ("stub.h", "link.ld", "../abi/avatar_trap.h")
+CROSS = "aarch64-linux-gnu-"
+CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-ffreestanding", "-nostdlib", "-nostartfiles",
+          "-fno-builtin", "-fno-stack-protector", "-fno-pic", "-no-pie", "-mgeneral-regs-only",
+          "-mstrict-align", "-mcpu=cortex-a72", "-Wl,--no-warn-rwx-segments")
+
+
+def cache_dir():
+    """~/.cache/avatar-hw (or $AVATAR_HW_CACHE, or under $XDG_CACHE_HOME), created."""
+    path = os.environ.get("AVATAR_HW_CACHE")
+    if not path:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+        path = os.path.join(base, "avatar-hw")
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
+def _compiler():
+    gcc = shutil.which(CROSS + "gcc")
+    if gcc is None:
+        raise AvatarError(f"{CROSS}gcc not found: the emulated board's stub needs it "
+                          f"(apt-get install gcc-aarch64-linux-gnu, or run scripts/setup)")
+    return gcc
+
+
+def _digest(paths, command):
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(str(path.name).encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update("\0".join(command).encode())
+    return h.hexdigest()[:16]
+
+
+def build_program(name, sources, *, extra_inputs=(), link_args=(), raw=False):
+    """Compile and link ``sources`` (Paths) into a cached ELF, or if ``raw`` a raw
+    binary of the program's ``.text`` (bare programs keep their data there).
+
+    Returns the output path; the build command is part of the cache key.
+    """
+    gcc = _compiler()
+    command = [*CFLAGS, *link_args]
+    out = cache_dir() / f"{name}-{_digest([*sources, *extra_inputs], command)}"
+    out = out.with_suffix(".bin" if raw else ".elf")
+    if out.exists():
+        return out
+    elf = out.with_suffix(".elf.tmp")
+    result = subprocess.run([gcc, *command, "-o", str(elf), *map(str, sources), "-lgcc"],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise AvatarError(f"building {name} failed:\n{result.stderr.strip()}")
+    if raw:
+        objcopy = shutil.which(CROSS + "objcopy") or "objcopy"
+        subprocess.run([objcopy, "-O", "binary", "-j", ".text", str(elf), str(elf)], check=True)
+    os.replace(elf, out)
+    return out
+
+
+def build_stub():
+    """The EL2 stub ELF (QEMU's ``-kernel``)."""
+    return build_program(
+        "stub", [STUB_DIR / s for s in STUB_SOURCES],
+        extra_inputs=[STUB_DIR / d for d in STUB_DEPENDS],
+        link_args=["-T", str(STUB_DIR / "link.ld")])
+
+
+if __name__ == "__main__":
+    try:
+        print(build_stub())
+    except AvatarError as err:
+        print(f"avatar-hw: {err}", file=sys.stderr)
+        sys.exit(2)

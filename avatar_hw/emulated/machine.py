@@ -1,0 +1,317 @@
+"""Run the emulated board: QEMU (virt, GICv2, EL2) with our stub, RAM in a shared file.
+
+Seams this module provides for the daemon (see docs/emulated-board.md):
+
+- ``UartLink``: the host end of the PL011 that the stub owns. A reader thread
+  drains it continuously (QEMU stalls with its global lock held if nobody
+  reads) and splits the byte stream: 0x00 is the stub's doorbell ("a trap was
+  posted while you slept"), other bytes are the stub's log lines. ``ring()``
+  sends a byte the other way, which raises the UART's RX interrupt at EL2.
+- ``StubDoorbell``: the trap-page doorbell for the daemon's event loop
+  (``fileno()`` readable when rung, ``ack()``, ``wait(timeout)``).
+- ``StubInterruptLine``: the board's interrupt line: ``raise_spi(intid)`` sets
+  the INTID's bit in the trap page's ``virq_pending`` (atomic OR) and rings
+  the stub, which injects it through a GICH list register.
+- ``EmulatedMachine``: creates the RAM file (unique name in /dev/shm), starts
+  QEMU, connects the UART before the CPU runs (``wait=on``), and on ``stop()``
+  kills QEMU by its own PID and removes the RAM file and temp directory.
+"""
+
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+
+from .. import abi
+from ..errors import AvatarError
+from ..hw import ordering
+from ..hw.region import Region
+from . import memory_map as mm
+
+log = logging.getLogger(__name__)
+
+QEMU = "qemu-system-aarch64"
+DOORBELL_BYTE = 0x00
+
+
+class StubDoorbell:
+    """Counts the stub's doorbell bytes; readable through an eventfd."""
+
+    def __init__(self):
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def fileno(self):
+        return self._fd
+
+    def signal(self, count=1):
+        os.eventfd_write(self._fd, count)
+
+    def ack(self):
+        """Consume the rings so far; returns how many there were (0 if none)."""
+        try:
+            return os.eventfd_read(self._fd)
+        except BlockingIOError:
+            return 0
+
+    def wait(self, timeout=None):
+        """Block until rung or ``timeout`` seconds pass; returns the rings consumed."""
+        ready, _, _ = select.select([self._fd], [], [], timeout)
+        return self.ack() if ready else 0
+
+    def close(self):
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class UartLink:
+    """The host end of the stub's PL011: log lines in, doorbells both ways."""
+
+    def __init__(self, sock, *, on_log=None):
+        self.sock = sock
+        self.doorbell = StubDoorbell()
+        self.lines = []
+        self._on_log = on_log
+        self._partial = b""
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._reader, name="stub-uart", daemon=True)
+        self._thread.start()
+
+    def _reader(self):
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            rings = chunk.count(DOORBELL_BYTE)
+            if rings:
+                self.doorbell.signal(rings)
+                chunk = chunk.replace(b"\0", b"")
+            *complete, self._partial = (self._partial + chunk).split(b"\n")
+            if complete:
+                with self._changed:
+                    for raw in complete:
+                        line = raw.decode("ascii", "replace")
+                        self.lines.append(line)
+                        log.debug("%s", line)
+                        if self._on_log is not None:
+                            self._on_log(line)
+                    self._changed.notify_all()
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
+    closed = False
+
+    def ring(self):
+        """Wake the stub (the UART RX interrupt makes it read virq_pending)."""
+        try:
+            self.sock.send(b"\x01", socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass  # bytes are already waiting in the UART: the stub will look anyway
+
+    def wait_for_line(self, text, timeout):
+        """The first log line containing ``text``; None after ``timeout`` s or at EOF."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    if text in line:
+                        return line
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or self.closed:
+                    return None
+                self._changed.wait(left)
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._thread.join(timeout=5)
+        self.sock.close()
+        self.doorbell.close()
+
+
+class StubInterruptLine:
+    """Raise a guest SPI through the stub: a bit in virq_pending, then the UART doorbell."""
+
+    def __init__(self, trap_region, ring, spi_range=range(32, 256)):
+        self._base = trap_region.address + abi.VIRQ_PENDING_OFFSET
+        trap_region.check(abi.VIRQ_PENDING_OFFSET, 32)
+        self._ring = ring
+        self.spi_range = spi_range
+
+    def check_spi(self, intid):
+        if intid not in self.spi_range:
+            raise AvatarError(f"emulated board interrupt line: INTID {intid} is outside "
+                              f"{self.spi_range.start}..{self.spi_range.stop - 1}")
+
+    def raise_spi(self, intid):
+        self.check_spi(intid)
+        ordering.fetch_or32(self._base + 4 * (intid // 32), 1 << (intid % 32))
+        self._ring()
+
+    def clear_spi(self, intid):
+        """Nothing to do: the SPIs are edge-triggered (like QEMU's virtio-mmio ones)."""
+        self.check_spi(intid)
+
+
+def _require(tool, package):
+    if shutil.which(tool) is None:
+        raise AvatarError(f"{tool} not found: the emulated board needs it "
+                          f"(apt-get install {package}, or run scripts/setup)")
+
+
+class EmulatedMachine:
+    """One QEMU run of the emulated board.
+
+    ``kernel`` is loaded at ``memory_map.KERNEL_ADDR`` and entered at EL1 by the
+    stub, with ``dtb`` (a compiled device tree, or None) and ``initrd``.
+    ``model_wait_ms``: how long the stub waits for a device model to attach
+    before entering the guest.
+    """
+
+    def __init__(self, stub, kernel, *, dtb=None, initrd=None, model_wait_ms=0,
+                 on_log=None, shm_dir="/dev/shm"):
+        _require(QEMU, "qemu-system-arm")
+        self.stub, self.kernel, self.dtb, self.initrd = stub, kernel, dtb, initrd
+        self.model_wait_ms = model_wait_ms
+        self.on_log = on_log
+        self.shm_path = os.path.join(shm_dir, f"avatar-emulated-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.workdir = None
+        self.process = None
+        self.uart = None
+        self._regions = []
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self, timeout=30):
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, timeout):
+        self.workdir = tempfile.mkdtemp(prefix="avatar-emulated-")
+        with open(self.shm_path, "xb") as f:
+            f.truncate(mm.RAM_SIZE)
+        params = os.path.join(self.workdir, "boot-params.bin")
+        with open(params, "wb") as f:
+            f.write(mm.boot_params(kernel_entry=mm.KERNEL_ADDR, dtb=mm.DTB_ADDR if self.dtb else 0,
+                                   model_wait_ms=self.model_wait_ms))
+        sock_path = os.path.join(self.workdir, "uart.sock")
+        argv = self.command(sock_path, params)
+        log.info("starting %s", " ".join(argv))
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, start_new_session=True)
+        sock = self._connect(sock_path, timeout)
+        self.uart = UartLink(sock, on_log=self.on_log)
+
+    def command(self, sock_path, params):
+        loaders = [(params, mm.BOOT_PARAMS), (self.kernel, mm.KERNEL_ADDR)]
+        if self.dtb:
+            loaders.append((self.dtb, mm.DTB_ADDR))
+        if self.initrd:
+            loaders.append((self.initrd, mm.INITRD_ADDR))
+        argv = [QEMU, "-M", "virt,virtualization=on,gic-version=2,memory-backend=ram",
+                "-cpu", "cortex-a72", "-smp", "1", "-m", f"{mm.RAM_SIZE >> 20}M",
+                "-object", f"memory-backend-file,id=ram,size={mm.RAM_SIZE >> 20}M,"
+                           f"mem-path={self.shm_path},share=on",
+                "-nodefaults", "-display", "none", "-no-reboot",
+                "-chardev", f"socket,id=uart,path={sock_path},server=on,wait=on",
+                "-serial", "chardev:uart", "-kernel", str(self.stub)]
+        for path, addr in loaders:
+            argv += ["-device", f"loader,file={path},addr=0x{addr:x},force-raw=on"]
+        return argv
+
+    def _connect(self, path, timeout):
+        """Connect to QEMU's UART socket; QEMU waits for us before running the CPU."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise AvatarError(f"QEMU exited with status {self.process.returncode} before the "
+                                  f"board started: {self._stderr()}")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(path)
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+            if time.monotonic() > deadline:
+                raise AvatarError(f"QEMU did not open its UART socket {path} within {timeout} s")
+            time.sleep(0.02)
+
+    def _stderr(self):
+        try:
+            return self.process.stderr.read().decode(errors="replace").strip()[-2000:]
+        except (OSError, ValueError):
+            return ""
+
+    def wait(self, timeout=None):
+        """Wait for QEMU to end (the guest powered off); returns its exit status or None."""
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self):
+        """Kill QEMU (its own PID), stop the reader, remove the RAM file and temp files."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(2)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()   # QEMU blocked on a full UART ignores SIGTERM
+                    self.process.wait()
+            if self.process.stderr:
+                self.process.stderr.close()
+        if self.uart is not None:
+            self.uart.close()
+            self.uart = None
+        for region in self._regions:
+            try:
+                region.close()
+            except BufferError:
+                pass  # a caller still holds a view; the mapping goes with its last user
+        self._regions.clear()
+        if os.path.exists(self.shm_path):
+            os.unlink(self.shm_path)
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- what the daemon uses ---------------------------------------------------------
+
+    def map(self, addr, size, name):
+        """A Region over ``size`` bytes of the board's RAM at guest-physical ``addr``."""
+        region = Region.map_file(self.shm_path, size, offset=mm.file_offset(addr),
+                                 name=f"{name} ({self.shm_path})", phys_addr=addr)
+        self._regions.append(region)
+        return region
+
+    def trap_region(self):
+        return self.map(mm.TRAP_PAGE, abi.PAGE_SIZE, "trap page")
+
+    def interrupt_line(self, trap_region):
+        return StubInterruptLine(trap_region, self.uart.ring)

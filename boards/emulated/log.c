@@ -1,0 +1,121 @@
+/*
+ * log.c - the PL011, owned by the stub (the guest's console is virtio hvc0).
+ *
+ * TX carries two things the host separates byte by byte: log lines
+ * ("avatar-stub: ...\n", printable ASCII only) and doorbell bytes (0x00, "a
+ * trap was posted while the model sleeps"). RX carries the host's doorbell
+ * ("look at virq_pending"): any byte, drained by the RX interrupt at EL2.
+ */
+#include "stub.h"
+
+#define UARTDR    0x000
+#define UARTFR    0x018
+#define UARTIBRD  0x024
+#define UARTFBRD  0x028
+#define UARTLCR_H 0x02c
+#define UARTCR    0x030
+#define UARTIMSC  0x038
+#define UARTICR   0x044
+#define FR_RXFE   (1u << 4)
+#define FR_TXFF   (1u << 5)
+#define IM_RX     (1u << 4)
+#define IM_RT     (1u << 6)
+
+void uart_init(void)
+{
+    mmio_write32(UART_BASE + UARTCR, 0);
+    mmio_write32(UART_BASE + UARTIBRD, 13);
+    mmio_write32(UART_BASE + UARTFBRD, 1);
+    mmio_write32(UART_BASE + UARTLCR_H, 3u << 5);       /* 8N1, FIFO off: one byte, one interrupt */
+    mmio_write32(UART_BASE + UARTICR, 0x7ff);
+    mmio_write32(UART_BASE + UARTIMSC, IM_RX | IM_RT);
+    mmio_write32(UART_BASE + UARTCR, (1u << 0) | (1u << 8) | (1u << 9));  /* UARTEN, TXE, RXE */
+}
+
+static void uart_putc(char c)
+{
+    while (mmio_read32(UART_BASE + UARTFR) & FR_TXFF)
+        ;
+    mmio_write32(UART_BASE + UARTDR, (u8)c);
+}
+
+void uart_drain_rx(void)
+{
+    while (!(mmio_read32(UART_BASE + UARTFR) & FR_RXFE))
+        (void)mmio_read32(UART_BASE + UARTDR);
+    mmio_write32(UART_BASE + UARTICR, IM_RX | IM_RT);
+}
+
+void doorbell_ring_host(void)
+{
+    uart_putc(0);
+}
+
+static void put_text(char c)
+{
+    if (c != '\n' && (c < 0x20 || c > 0x7e))
+        c = '?';           /* keep 0x00 for the doorbell */
+    uart_putc(c);
+}
+
+static void put_str(const char *s)
+{
+    while (*s)
+        put_text(*s++);
+}
+
+static void put_num(u64 v, unsigned base, int width)
+{
+    char buf[24];
+    int n = 0;
+    do {
+        buf[n++] = "0123456789abcdef"[v % base];
+        v /= base;
+    } while (v);
+    while (n < width)
+        buf[n++] = '0';
+    while (n)
+        put_text(buf[--n]);
+}
+
+/* %s %c %u %d %x %lx %lu %ld and %0Nx / %0Nlx; each line gets the stub's prefix. */
+void log_printf(const char *fmt, ...)
+{
+    __builtin_va_list ap;
+    __builtin_va_start(ap, fmt);
+    put_str("avatar-stub: ");
+    for (; *fmt; fmt++) {
+        if (*fmt != '%') {
+            put_text(*fmt);
+            continue;
+        }
+        fmt++;
+        int width = 0, is_long = 0;
+        if (*fmt == '0')
+            fmt++;
+        while (*fmt >= '0' && *fmt <= '9')
+            width = width * 10 + (*fmt++ - '0');
+        if (*fmt == 'l') {
+            is_long = 1;
+            fmt++;
+        }
+        switch (*fmt) {
+        case 's': put_str(__builtin_va_arg(ap, const char *)); break;
+        case 'c': put_text((char)__builtin_va_arg(ap, int)); break;
+        case 'x': put_num(is_long ? __builtin_va_arg(ap, u64) : __builtin_va_arg(ap, u32), 16, width); break;
+        case 'u': put_num(is_long ? __builtin_va_arg(ap, u64) : __builtin_va_arg(ap, u32), 10, width); break;
+        case 'd': {
+            long long v = is_long ? __builtin_va_arg(ap, long long) : __builtin_va_arg(ap, int);
+            if (v < 0) {
+                put_text('-');
+                v = -v;
+            }
+            put_num((u64)v, 10, width);
+            break;
+        }
+        default: put_text('%'); put_text(*fmt); break;
+        }
+    }
+    put_text('\n');
+    __builtin_va_end(ap);
+}

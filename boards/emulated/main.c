@@ -1,0 +1,236 @@
+/*
+ * main.c - boot at EL2, stage-2 translation, and the guest's exceptions.
+ *
+ * Stage 2 (IPA 32 bits, 4 KiB granule, walks start at level 1):
+ *   guest RAM            identity, 2 MiB normal write-back blocks
+ *   0x08010000 (GICC)    -> GICV 0x08040000, 4 KiB device pages
+ *   everything else      unmapped: GICD (emulated, vgic.c), the virtio
+ *                        window (trap page), the UART, the stub and the
+ *                        trap page (outside guest RAM).
+ * Guest exceptions handled: data aborts (virtio window, GICD), SMC (PSCI,
+ * forwarded to QEMU, HCR_EL2.TSC), HVC (answers NOT_SUPPORTED), IRQs.
+ * Anything else is logged and the board is powered off, so a failure shows
+ * up as a log line and an ended run rather than a hung one.
+ */
+#include "stub.h"
+
+#define BOOT_PARAMS_ADDR 0x5ff01000ull
+
+#define EC_HVC64  0x16
+#define EC_SMC64  0x17
+#define EC_DABT_LOW 0x24
+
+#define ESR_ISV (1ull << 24)
+#define ESR_SSE (1ull << 21)
+#define ESR_SF  (1ull << 15)
+#define ESR_WNR (1ull << 6)
+
+#define PSCI_SYSTEM_OFF   0x84000008u
+#define PSCI_SYSTEM_RESET 0x84000009u
+#define PSCI_NOT_SUPPORTED ((u64)-1)
+
+#define HCR_VM   (1ull << 0)
+#define HCR_SWIO (1ull << 1)
+#define HCR_FMO  (1ull << 3)
+#define HCR_IMO  (1ull << 4)
+#define HCR_AMO  (1ull << 5)
+#define HCR_TSC  (1ull << 19)
+#define HCR_RW   (1ull << 31)
+
+#define S2_TABLE      3ull
+#define S2_BLOCK      1ull
+#define S2_PAGE       3ull
+#define S2_AF         (1ull << 10)
+#define S2_RW         (3ull << 6)
+#define S2_SH_INNER   (3ull << 8)
+#define S2_NORMAL_WB  (0xfull << 2)
+#define S2_DEVICE     (0x1ull << 2)
+#define S2_XN         (1ull << 54)
+
+static u64 s2_l1[512] __attribute__((aligned(4096)));
+static u64 s2_l2_low[512] __attribute__((aligned(4096)));
+static u64 s2_l3_gic[512] __attribute__((aligned(4096)));
+static u64 s2_l2_ram[512] __attribute__((aligned(4096)));
+
+static const struct boot_params *params;
+
+void power_off(void)
+{
+    log_printf("powering off");
+    smc_call(PSCI_SYSTEM_OFF, 0, 0, 0);
+    for (;;)
+        __asm__ volatile("wfi");
+}
+
+static void stage2_init(void)
+{
+    u64 ram_end = params->ram_base + params->ram_size;
+    if (params->ram_base < (1ull << 30) || ram_end > (2ull << 30) ||
+        (params->ram_base | params->ram_size) & ((2ull << 20) - 1)) {
+        log_printf("guest RAM 0x%lx+0x%lx must be 2 MiB aligned within 1..2 GiB",
+                   params->ram_base, params->ram_size);
+        power_off();
+    }
+    s2_l1[0] = (u64)s2_l2_low | S2_TABLE;
+    s2_l1[1] = (u64)s2_l2_ram | S2_TABLE;
+    s2_l2_low[GICD_BASE >> 21] = (u64)s2_l3_gic | S2_TABLE;
+    for (u64 off = 0; off < GIC_WINDOW_SIZE; off += 4096)
+        s2_l3_gic[((GICC_BASE - GICD_BASE) + off) >> 12] =
+            (GICV_BASE + off) | S2_PAGE | S2_AF | S2_RW | S2_DEVICE | S2_XN;
+    for (u64 a = params->ram_base; a < ram_end; a += 2ull << 20)
+        s2_l2_ram[(a >> 21) & 511] = a | S2_BLOCK | S2_AF | S2_RW | S2_SH_INNER | S2_NORMAL_WB;
+    /* Tables are written with the EL2 MMU off (non-cacheable): walks non-cacheable too. */
+    u64 vtcr = (1ull << 31) | (1ull << 16) /* PS 36 bits */ | (1ull << 6) /* SL0: level 1 */ | 32;
+    write_sysreg(vtcr_el2, vtcr);
+    write_sysreg(vttbr_el2, (u64)s2_l1);
+    dsb_ish();
+    __asm__ volatile("tlbi vmalls12e1is" ::: "memory");
+    dsb_ish();
+    isb();
+}
+
+static void el2_init(void)
+{
+    write_sysreg(hcr_el2, HCR_VM | HCR_SWIO | HCR_FMO | HCR_IMO | HCR_AMO | HCR_TSC | HCR_RW);
+    write_sysreg(cptr_el2, 0x33ff);          /* RES1 bits; FP/SIMD not trapped */
+    write_sysreg(hstr_el2, 0);
+    write_sysreg(cnthctl_el2, 3);            /* EL1 may use the physical counter and timer */
+    write_sysreg(cntvoff_el2, 0);
+    write_sysreg(vpidr_el2, read_sysreg(midr_el1));
+    write_sysreg(vmpidr_el2, read_sysreg(mpidr_el1));
+    write_sysreg(sctlr_el1, 0x30d00800);     /* RES1 bits, MMU and caches off */
+    isb();
+}
+
+/* Deliver a synchronous external abort to the guest, as the hardware would. */
+static void inject_data_abort(u64 esr, u64 far)
+{
+    u64 spsr = read_sysreg(spsr_el2);
+    u64 mode = spsr & 0xf;
+    u64 vector = read_sysreg(vbar_el1) + (mode == 0 ? 0x400 : mode == 4 ? 0x000 : 0x200);
+    u64 ec = mode == 0 ? 0x24 : 0x25;
+    write_sysreg(esr_el1, (ec << 26) | (1ull << 25) | (esr & ESR_WNR) | 0x10);
+    write_sysreg(far_el1, far);
+    write_sysreg(elr_el1, read_sysreg(elr_el2));
+    write_sysreg(spsr_el1, spsr);
+    write_sysreg(elr_el2, vector);
+    write_sysreg(spsr_el2, 0x3c5);
+}
+
+static int in_range(u64 addr, u64 base, u64 size)
+{
+    return addr >= base && addr - base < size;
+}
+
+static void handle_data_abort(struct guest_regs *r, u64 esr)
+{
+    u64 far = read_sysreg(far_el2);
+    u64 ipa = ((read_sysreg(hpfar_el2) >> 4) << 12) | (far & 0xfff);
+    if (!(esr & ESR_ISV)) {
+        log_printf("guest access at pc 0x%lx to 0x%lx has no syndrome (ISV=0: pair, "
+                   "writeback or SIMD access): external abort injected", read_sysreg(elr_el2), ipa);
+        inject_data_abort(esr, far);
+        return;
+    }
+    u32 size = 1u << ((esr >> 22) & 3);
+    u32 srt = (esr >> 16) & 31;
+    int is_write = (esr & ESR_WNR) != 0;
+    u64 mask = size == 8 ? ~0ull : (1ull << (8 * size)) - 1;
+    u64 value = is_write && srt != 31 ? r->x[srt] & mask : 0;
+    u32 status;
+    if (in_range(ipa, params->window_base, params->window_size)) {
+        status = trap_mmio(ipa, size, is_write, &value);
+    } else if (in_range(ipa, GICD_BASE, GIC_WINDOW_SIZE) &&
+               vgic_dist_access(ipa - GICD_BASE, size, is_write, &value)) {
+        status = AVT_STATUS_OK;
+    } else {
+        log_printf("guest %u-byte %s at pc 0x%lx to unmapped 0x%lx: external abort injected",
+                   size, is_write ? "write" : "read", read_sysreg(elr_el2), ipa);
+        inject_data_abort(esr, far);
+        return;
+    }
+    if (!is_write && srt != 31) {
+        value = status == AVT_STATUS_OK ? value & mask : 0;
+        if ((esr & ESR_SSE) && size < 8 && (value >> (8 * size - 1)) & 1)
+            value |= ~mask;
+        if (!(esr & ESR_SF))
+            value &= 0xffffffffull;
+        r->x[srt] = value;
+    }
+    write_sysreg(elr_el2, read_sysreg(elr_el2) + 4);
+}
+
+static void handle_smc(struct guest_regs *r)
+{
+    u32 fid = (u32)r->x[0];
+    if (fid == PSCI_SYSTEM_OFF)
+        log_printf("guest: PSCI SYSTEM_OFF");
+    else if (fid == PSCI_SYSTEM_RESET)
+        log_printf("guest: PSCI SYSTEM_RESET");
+    r->x[0] = smc_call(r->x[0], r->x[1], r->x[2], r->x[3]);
+    write_sysreg(elr_el2, read_sysreg(elr_el2) + 4);   /* a trapped SMC returns to itself */
+}
+
+static void before_guest_resumes(void)
+{
+    trap_take_virq_requests();
+    vgic_flush();
+}
+
+void handle_sync(struct guest_regs *r)
+{
+    u64 esr = read_sysreg(esr_el2);
+    switch (esr >> 26) {
+    case EC_DABT_LOW:
+        handle_data_abort(r, esr);
+        break;
+    case EC_SMC64:
+        handle_smc(r);
+        break;
+    case EC_HVC64:
+        r->x[0] = PSCI_NOT_SUPPORTED;
+        break;
+    default:
+        log_printf("unexpected exception from the guest: ESR 0x%lx ELR 0x%lx FAR 0x%lx HPFAR 0x%lx",
+                   esr, read_sysreg(elr_el2), read_sysreg(far_el2), read_sysreg(hpfar_el2));
+        power_off();
+    }
+    before_guest_resumes();
+}
+
+void handle_irq(struct guest_regs *r)
+{
+    (void)r;
+    vgic_handle_irq();
+    before_guest_resumes();
+}
+
+void stub_fatal(void)
+{
+    log_printf("exception at EL2: ESR 0x%lx ELR 0x%lx FAR 0x%lx", read_sysreg(esr_el2),
+               read_sysreg(elr_el2), read_sysreg(far_el2));
+    power_off();
+}
+
+void stub_main(void)
+{
+    uart_init();
+    params = (const struct boot_params *)BOOT_PARAMS_ADDR;
+    log_printf("started at EL%u", (u32)(read_sysreg(CurrentEL) >> 2));
+    if (params->magic != BOOT_PARAMS_MAGIC || params->version != 1) {
+        log_printf("no boot parameters at 0x%lx (magic 0x%x)", BOOT_PARAMS_ADDR, params->magic);
+        power_off();
+    }
+    trap_init(params);
+    stage2_init();
+    vgic_init();
+    el2_init();
+    if (params->model_wait_ms) {
+        if (trap_wait_model(params->model_wait_ms))
+            log_printf("device model attached");
+        else
+            log_printf("no device model after %u ms, booting without it", params->model_wait_ms);
+    }
+    log_printf("entering guest at 0x%lx, dtb 0x%lx", params->kernel_entry, params->dtb);
+    enter_guest(params->kernel_entry, params->dtb);
+}

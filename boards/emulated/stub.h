@@ -1,0 +1,108 @@
+/*
+ * stub.h - shared definitions of the emulated board's EL2 stub.
+ *
+ * The stub is a minimal stand-in for Avatar's hypervisor on QEMU's virt
+ * machine (GICv2, Cortex-A72, TCG): stage-2 for one guest, the trap page,
+ * GICv2 virtualisation and PSCI forwarding. docs/emulated-board.md describes
+ * the design. It runs with the EL2 MMU off: every stub access is a Device
+ * access, so the code is built with -mstrict-align -mgeneral-regs-only.
+ */
+#ifndef STUB_H
+#define STUB_H
+
+#include "../abi/avatar_trap.h"
+
+typedef avt_u8  u8;
+typedef avt_u16 u16;
+typedef avt_u32 u32;
+typedef avt_u64 u64;
+
+/* QEMU virt machine (virtualization=on, gic-version=2). */
+#define GICD_BASE       0x08000000ull
+#define GICC_BASE       0x08010000ull   /* physical CPU interface; the guest's GICC address */
+#define GICH_BASE       0x08030000ull
+#define GICV_BASE       0x08040000ull
+#define GIC_WINDOW_SIZE 0x10000ull
+#define UART_BASE       0x09000000ull
+#define UART_INTID      33u             /* virt's PL011: SPI 1 */
+#define MAINT_INTID     25u             /* GICH maintenance: PPI 9 */
+
+/* Boot parameters written by the host (avatar_hw/emulated/memory_map.py). */
+#define BOOT_PARAMS_MAGIC 0x50425641u   /* "AVBP" */
+struct boot_params {
+    u32 magic;
+    u32 version;
+    u64 kernel_entry;     /* guest EL1 entry point (Linux Image start) */
+    u64 dtb;              /* guest device tree */
+    u64 trap_page;        /* the trap page (outside guest RAM) */
+    u64 ram_base;         /* guest RAM, identity-mapped by stage 2 */
+    u64 ram_size;
+    u64 window_base;      /* this VM's virtio-mmio window, left unmapped */
+    u64 window_size;
+    u32 model_wait_ms;    /* wait this long for the model to attach before booting */
+    u32 vm_id;
+};
+
+struct guest_regs {
+    u64 x[31];
+    u64 pad;
+};
+
+#define read_sysreg(r) ({ u64 __v; __asm__ volatile("mrs %0, " #r : "=r"(__v)); __v; })
+#define write_sysreg(r, v) __asm__ volatile("msr " #r ", %0" :: "r"((u64)(v)))
+#define isb() __asm__ volatile("isb" ::: "memory")
+#define dsb_ish() __asm__ volatile("dsb ish" ::: "memory")
+#define dmb_ish() __asm__ volatile("dmb ish" ::: "memory")
+
+static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
+static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
+
+static inline u32 load_acquire32(volatile u32 *p)
+{
+    u32 v;
+    __asm__ volatile("ldar %w0, [%1]" : "=r"(v) : "r"(p) : "memory");
+    return v;
+}
+
+static inline void store_release32(volatile u32 *p, u32 v)
+{
+    __asm__ volatile("stlr %w0, [%1]" :: "r"(v), "r"(p) : "memory");
+}
+
+static inline u32 exchange32(volatile u32 *p, u32 v)
+{
+    u32 old, failed;
+    __asm__ volatile("1: ldaxr %w0, [%2]\n"
+                     "   stlxr %w1, %w3, [%2]\n"
+                     "   cbnz %w1, 1b"
+                     : "=&r"(old), "=&r"(failed) : "r"(p), "r"(v) : "memory");
+    return old;
+}
+
+static inline u64 counter(void) { isb(); return read_sysreg(cntpct_el0); }
+
+/* log.c: the stub's log and the stub->host doorbell share the PL011. */
+void uart_init(void);
+void uart_drain_rx(void);
+void doorbell_ring_host(void);
+void log_printf(const char *fmt, ...);
+
+/* vgic.c */
+void vgic_init(void);
+void vgic_handle_irq(void);
+void vgic_request(u32 word, u32 bits);
+void vgic_flush(void);
+int vgic_dist_access(u64 offset, u32 size, int is_write, u64 *value);
+
+/* trap.c */
+void trap_init(const struct boot_params *bp);
+int trap_wait_model(u32 ms);
+u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value);
+void trap_take_virq_requests(void);
+
+/* start.S / main.c */
+void enter_guest(u64 entry, u64 dtb) __attribute__((noreturn));
+u64 smc_call(u64 fid, u64 a1, u64 a2, u64 a3);
+void power_off(void) __attribute__((noreturn));
+
+#endif

@@ -1,0 +1,99 @@
+/*
+ * trap.c - the stub side of the trap page (docs/trap-abi.md).
+ *
+ * One vCPU, so one slot. A trapped access is posted (fields, then state =
+ * POSTED with STLR, DMB, doorbell byte if the model sleeps), then the stub
+ * spins with LDAR until DONE. Policies:
+ *   - no model attached (model_state != ATTACHED), or the model detaches
+ *     while the slot is posted: the access completes UNHANDLED;
+ *   - UNHANDLED reads as zero, writes are ignored (the caller applies it).
+ * virq_pending (AVT_F_VIRQ_REQUEST) is taken with an atomic exchange per word
+ * on every exception the stub handles.
+ */
+#include "stub.h"
+
+static volatile struct avt_header *hdr;
+static volatile struct avt_slot *slot;
+static u16 vm_id;
+static int detached_logged;
+
+void trap_init(const struct boot_params *bp)
+{
+    hdr = (volatile struct avt_header *)bp->trap_page;
+    slot = (volatile struct avt_slot *)(bp->trap_page + AVT_SLOTS_OFFSET);
+    vm_id = (u16)bp->vm_id;
+    for (u32 i = 0; i < sizeof(struct avt_slot) / 8; i++)
+        ((volatile u64 *)slot)[i] = 0;
+    hdr->magic = AVT_MAGIC;
+    hdr->abi_major = AVT_ABI_MAJOR;
+    hdr->abi_minor = AVT_ABI_MINOR;
+    hdr->slot_count = 1;
+    hdr->slot_size = AVT_SLOT_SIZE;
+    hdr->slots_offset = AVT_SLOTS_OFFSET;
+    hdr->stub_features = AVT_F_VIRQ_REQUEST;
+    hdr->counter_hz = read_sysreg(cntfrq_el0);
+    store_release32(&hdr->stub_state, AVT_STUB_READY);
+    log_printf("trap page at 0x%lx ready (1 slot, features 0x%x)", bp->trap_page,
+               AVT_F_VIRQ_REQUEST);
+}
+
+static int model_attached(void)
+{
+    return load_acquire32(&hdr->model_state) == AVT_MODEL_ATTACHED;
+}
+
+int trap_wait_model(u32 ms)
+{
+    u64 deadline = counter() + read_sysreg(cntfrq_el0) / 1000 * ms;
+    while (!model_attached()) {
+        if (counter() >= deadline)
+            return 0;
+    }
+    return 1;
+}
+
+u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
+{
+    if (!model_attached()) {
+        if (!detached_logged)
+            log_printf("no device model attached: access to 0x%lx reads as zero / is ignored", gpa);
+        detached_logged = 1;
+        return AVT_STATUS_UNHANDLED;
+    }
+    detached_logged = 0;
+    slot->seq = slot->seq + 1;
+    slot->gpa = gpa;
+    slot->data = is_write ? *value : 0;
+    slot->size = (u8)size;
+    slot->direction = is_write ? AVT_DIR_WRITE : AVT_DIR_READ;
+    slot->status = AVT_STATUS_OK;
+    slot->flags = 0;
+    slot->vm_id = vm_id;
+    slot->vcpu_id = 0;
+    slot->t_post = counter();
+    store_release32(&slot->state, AVT_SLOT_POSTED);
+    dmb_ish();
+    if (hdr->model_sleeping)
+        doorbell_ring_host();
+    while (load_acquire32(&slot->state) != AVT_SLOT_DONE) {
+        if (!model_attached()) {
+            log_printf("device model detached during the access to 0x%lx", gpa);
+            store_release32(&slot->state, AVT_SLOT_FREE);
+            return AVT_STATUS_UNHANDLED;
+        }
+    }
+    slot->t_done = counter();
+    u32 status = slot->status;
+    if (!is_write)
+        *value = slot->data;
+    store_release32(&slot->state, AVT_SLOT_FREE);
+    return status;
+}
+
+void trap_take_virq_requests(void)
+{
+    for (u32 w = 0; w < 8; w++) {
+        if (hdr->virq_pending[w])
+            vgic_request(w, exchange32(&hdr->virq_pending[w], 0));
+    }
+}

@@ -1,0 +1,274 @@
+/*
+ * vgic.c - minimal GICv2 virtualisation for one guest vCPU.
+ *
+ * Physical side (owned by the stub): the distributor and CPU interface take
+ * every physical IRQ to EL2 (HCR_EL2.IMO). GICC_CTLR.EOImode = 1 splits
+ * priority drop (EOIR, by the stub) from deactivation (DIR): the guest's
+ * timer PPIs are left active and injected through a list register with the
+ * HW bit, so the guest's virtual EOI deactivates the physical interrupt.
+ *
+ * Guest side: the guest's GICC address is GICV, mapped by stage 2, so its
+ * CPU-interface accesses go to the hardware virtual interface. Its
+ * distributor is *emulated* here (the physical one is not mapped): enables,
+ * pending, priorities, targets, config and SGIR are kept in software, and an
+ * enable of a pass-through PPI (timers) is mirrored to the physical GICD. The
+ * guest therefore cannot disable the stub's own UART or maintenance
+ * interrupts. INTIDs 0..95 exist (GICD_TYPER.ITLinesNumber = 2).
+ *
+ * Pending virtual interrupts wait in sw_pending until a list register is
+ * free; when they do not fit, GICH_HCR.UIE asks for a maintenance interrupt.
+ */
+#include "stub.h"
+
+#define NR_VIRQ      96u
+#define NR_VIRQ_WORDS (NR_VIRQ / 32)
+
+#define GICD_CTLR       0x000
+#define GICD_TYPER      0x004
+#define GICD_ISENABLER  0x100
+#define GICD_ICENABLER  0x180
+#define GICD_ICPENDR    0x280
+#define GICD_IPRIORITYR 0x400
+#define GICD_ITARGETSR  0x800
+#define GICD_SGIR       0xf00
+
+#define GICC_CTLR 0x00
+#define GICC_PMR  0x04
+#define GICC_BPR  0x08
+#define GICC_IAR  0x0c
+#define GICC_EOIR 0x10
+#define GICC_DIR  0x1000
+
+#define GICH_HCR   0x00
+#define GICH_VTR   0x04
+#define GICH_ELRSR0 0x30
+#define GICH_LR0   0x100
+#define HCR_EN     (1u << 0)
+#define HCR_UIE    (1u << 1)
+#define LR_PENDING (1u << 28)
+#define LR_ACTIVE  (2u << 28)
+#define LR_STATE   (3u << 28)
+#define LR_HW      (1u << 31)
+
+/* Guest PPIs backed by a physical interrupt: non-secure physical and virtual timer. */
+#define PASSTHROUGH_PPIS ((1u << 30) | (1u << 27))
+#define STUB_PRIORITY 0xa0
+
+static u32 vctlr;
+static u32 venabled[NR_VIRQ_WORDS] = { 0xffff };   /* SGIs are always enabled */
+static u32 sw_pending[NR_VIRQ_WORDS];
+static u8 vpriority[NR_VIRQ];
+static u8 vtarget[NR_VIRQ];
+static u32 vconfig[NR_VIRQ / 16];
+static u32 nr_lrs;
+
+static u64 lr_addr(u32 i) { return GICH_BASE + GICH_LR0 + 4 * i; }
+
+static void phys_set_priority_target(u32 intid)
+{
+    u64 word = GICD_BASE + GICD_IPRIORITYR + (intid & ~3u);
+    u32 shift = (intid & 3) * 8;
+    mmio_write32(word, (mmio_read32(word) & ~(0xffu << shift)) | (STUB_PRIORITY << shift));
+    if (intid >= 32) {
+        word = GICD_BASE + GICD_ITARGETSR + (intid & ~3u);
+        mmio_write32(word, (mmio_read32(word) & ~(0xffu << shift)) | (1u << shift));
+    }
+}
+
+void vgic_init(void)
+{
+    u32 lines = ((mmio_read32(GICD_BASE + GICD_TYPER) & 0x1f) + 1) * 32;
+    mmio_write32(GICD_BASE + GICD_CTLR, 0);
+    for (u32 i = 0; i < lines / 32; i++) {
+        mmio_write32(GICD_BASE + GICD_ICENABLER + 4 * i, 0xffffffffu);
+        mmio_write32(GICD_BASE + GICD_ICPENDR + 4 * i, 0xffffffffu);
+    }
+    phys_set_priority_target(UART_INTID);
+    phys_set_priority_target(MAINT_INTID);
+    phys_set_priority_target(27);
+    phys_set_priority_target(30);
+    mmio_write32(GICD_BASE + GICD_ISENABLER + 4 * (UART_INTID / 32), 1u << (UART_INTID % 32));
+    mmio_write32(GICD_BASE + GICD_ISENABLER, 1u << MAINT_INTID);
+    mmio_write32(GICD_BASE + GICD_CTLR, 1);
+    mmio_write32(GICC_BASE + GICC_PMR, 0xff);
+    mmio_write32(GICC_BASE + GICC_BPR, 0);
+    mmio_write32(GICC_BASE + GICC_CTLR, 1u | (1u << 9));   /* EnableGrp0, EOImode */
+
+    nr_lrs = (mmio_read32(GICH_BASE + GICH_VTR) & 0x3f) + 1;
+    for (u32 i = 0; i < nr_lrs; i++)
+        mmio_write32(lr_addr(i), 0);
+    mmio_write32(GICH_BASE + GICH_HCR, HCR_EN);
+    for (u32 i = 0; i < NR_VIRQ; i++)
+        vtarget[i] = 1;
+    log_printf("GICv2: %u lines, %u list registers, guest distributor emulated", lines, nr_lrs);
+}
+
+/* Put intid in a list register; 0 when none is free. */
+static int inject(u32 intid)
+{
+    int free_lr = -1;
+    for (u32 i = 0; i < nr_lrs; i++) {
+        u32 lr = mmio_read32(lr_addr(i));
+        if (!(lr & LR_STATE)) {
+            if (free_lr < 0)
+                free_lr = (int)i;
+        } else if ((lr & 0x3ff) == intid) {
+            /* Already listed: pending merges (edge); active gets pending too. */
+            if (!(lr & LR_HW) && (lr & LR_STATE) == LR_ACTIVE)
+                mmio_write32(lr_addr(i), lr | LR_PENDING);
+            return 1;
+        }
+    }
+    if (free_lr < 0)
+        return 0;
+    u32 lr = intid | ((u32)(vpriority[intid] >> 3) << 23) | LR_PENDING;
+    if (intid < 32 && ((1u << intid) & PASSTHROUGH_PPIS))
+        lr |= LR_HW | (intid << 10);
+    mmio_write32(lr_addr((u32)free_lr), lr);
+    return 1;
+}
+
+void vgic_flush(void)
+{
+    int left = 0;
+    if (vctlr & 1) {
+        for (u32 w = 0; w < NR_VIRQ_WORDS; w++) {
+            u32 bits = sw_pending[w] & venabled[w];
+            while (bits) {
+                u32 bit = (u32)__builtin_ctz(bits);
+                bits &= bits - 1;
+                if (inject(w * 32 + bit))
+                    sw_pending[w] &= ~(1u << bit);
+                else
+                    left = 1;
+            }
+        }
+    }
+    mmio_write32(GICH_BASE + GICH_HCR, HCR_EN | (left ? HCR_UIE : 0));
+}
+
+void vgic_request(u32 word, u32 bits)
+{
+    if (!bits)
+        return;
+    if (word == 0 || word >= NR_VIRQ_WORDS) {
+        log_printf("model asked for INTIDs 0x%x of word %u: only SPIs 32..%u exist, ignored",
+                   bits, word, NR_VIRQ - 1);
+        return;
+    }
+    sw_pending[word] |= bits;
+}
+
+void vgic_handle_irq(void)
+{
+    for (;;) {
+        u32 iar = mmio_read32(GICC_BASE + GICC_IAR);
+        u32 intid = iar & 0x3ff;
+        if (intid >= 1020)
+            break;
+        mmio_write32(GICC_BASE + GICC_EOIR, iar);   /* priority drop */
+        if (intid < 32 && ((1u << intid) & PASSTHROUGH_PPIS)) {
+            sw_pending[0] |= 1u << intid;            /* guest's EOI deactivates it */
+            continue;
+        }
+        if (intid == UART_INTID)
+            uart_drain_rx();
+        else if (intid != MAINT_INTID)
+            log_printf("unexpected physical interrupt %u", intid);
+        mmio_write32(GICC_BASE + GICC_DIR, iar);
+    }
+}
+
+/* Mirror the guest's enables of pass-through PPIs to the physical distributor. */
+static void sync_passthrough(u32 set, u32 clear)
+{
+    if (set & PASSTHROUGH_PPIS)
+        mmio_write32(GICD_BASE + GICD_ISENABLER, set & PASSTHROUGH_PPIS);
+    if (clear & PASSTHROUGH_PPIS)
+        mmio_write32(GICD_BASE + GICD_ICENABLER, clear & PASSTHROUGH_PPIS);
+}
+
+static u32 byte_reg_read(const u8 *array, u32 first, u32 size)
+{
+    u32 v = 0;
+    for (u32 i = 0; i < size; i++)
+        if (first + i < NR_VIRQ)
+            v |= (u32)array[first + i] << (8 * i);
+    return v;
+}
+
+static void byte_reg_write(u8 *array, u32 first, u32 size, u32 v, u32 writable_from)
+{
+    for (u32 i = 0; i < size; i++)
+        if (first + i >= writable_from && first + i < NR_VIRQ)
+            array[first + i] = (u8)(v >> (8 * i));
+}
+
+/* Emulate a guest access to its distributor; returns 0 for an access size the GIC forbids. */
+int vgic_dist_access(u64 offset, u32 size, int is_write, u64 *value)
+{
+    u32 v = (u32)*value, r = 0;
+    u32 word = (u32)(offset & 0x7f) / 4;
+    if (offset >= GICD_IPRIORITYR && offset < GICD_IPRIORITYR + 0x400) {
+        u32 first = (u32)(offset - GICD_IPRIORITYR);
+        if (is_write)
+            byte_reg_write(vpriority, first, size, v, 0);
+        else
+            r = byte_reg_read(vpriority, first, size);
+    } else if (offset >= GICD_ITARGETSR && offset < GICD_ITARGETSR + 0x400) {
+        u32 first = (u32)(offset - GICD_ITARGETSR);
+        if (is_write)
+            byte_reg_write(vtarget, first, size, v, 32);
+        else
+            r = byte_reg_read(vtarget, first, size);
+    } else if (size != 4) {
+        return 0;
+    } else if (offset == GICD_CTLR) {
+        if (is_write)
+            vctlr = v & 1;
+        r = vctlr;
+    } else if (offset == GICD_TYPER) {
+        r = NR_VIRQ / 32 - 1;                        /* one CPU, no security extensions */
+    } else if (offset == 0x008) {
+        r = 0x0200043b;                              /* GICD_IIDR: ARM, GICv2 */
+    } else if (offset >= 0x100 && offset < 0x180 && word < NR_VIRQ_WORDS) {   /* ISENABLER */
+        if (is_write) {
+            venabled[word] |= v;
+            if (word == 0)
+                sync_passthrough(v, 0);
+        }
+        r = venabled[word];
+    } else if (offset >= 0x180 && offset < 0x200 && word < NR_VIRQ_WORDS) {   /* ICENABLER */
+        if (is_write) {
+            u32 clear = word == 0 ? v & ~0xffffu : v;
+            venabled[word] &= ~clear;
+            if (word == 0)
+                sync_passthrough(0, clear);
+        }
+        r = venabled[word];
+    } else if (offset >= 0x200 && offset < 0x280 && word < NR_VIRQ_WORDS) {   /* ISPENDR */
+        if (is_write)
+            sw_pending[word] |= word == 0 ? v & ~PASSTHROUGH_PPIS : v;
+        r = sw_pending[word];
+    } else if (offset >= 0x280 && offset < 0x300 && word < NR_VIRQ_WORDS) {   /* ICPENDR */
+        if (is_write)
+            sw_pending[word] &= ~v;
+        r = sw_pending[word];
+    } else if (offset >= 0xc00 && offset < 0xd00) {                            /* ICFGR */
+        u32 n = (u32)(offset - 0xc00) / 4;
+        if (n < NR_VIRQ / 16) {
+            if (is_write && n >= 2)
+                vconfig[n] = v;
+            r = n == 0 ? 0xaaaaaaaau : vconfig[n];
+        }
+    } else if (offset == GICD_SGIR) {
+        u32 filter = (v >> 24) & 3;
+        if (is_write && (filter == 2 || (filter == 0 && (v & (1u << 16)))))
+            sw_pending[0] |= 1u << (v & 0xf);
+    } else if (offset == 0xfe8) {
+        r = 0x2b;                                    /* GICD_PIDR2: architecture version 2 */
+    }
+    if (!is_write)
+        *value = r;
+    return 1;
+}
