@@ -1,0 +1,176 @@
+"""The device base: what every virtio device (console, block, rng, net) shares.
+
+A device is the seed's ``virtio_device_t`` in Python: a device ID, offered
+features, configuration bytes with a write hook, queues with their maximum
+sizes and the ``queue_notify`` / ``reset`` callbacks. It talks to the guest
+only through its transport (``signal_used``, ``signal_config_change``,
+``fail``) and to the host through the event loop (``attach``).
+
+Writing a device (one small file under ``avatar_hw/devices``)::
+
+    class RngDevice(VirtioDevice):
+        device_id = ID_RNG
+        name = "rng"
+
+        def __init__(self):
+            super().__init__(queue_sizes=[256])
+
+        def queue_notify(self, index):
+            queue = self.queues[index]
+            for chain in queue:                 # every guest value already checked
+                n = readv_random(chain.writable)
+                queue.add_used(chain.head, n)
+                self.count(bytes_to_guest=n)
+            self.signal_used(queue)              # interrupt unless suppressed
+
+Hooks a device overrides (all optional except ``queue_notify``):
+``queue_notify(index)``, ``activate()`` (DRIVER_OK: negotiated features are
+known), ``reset()`` (drop every held chain and pending request),
+``queue_reset(index)`` (the same for one queue), ``write_config(offset, data)``,
+``attach(loop)`` / ``detach()`` (register / unregister backend fds).
+"""
+
+import logging
+
+from .constants import (F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_RING_RESET, F_VERSION_1,
+                        STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER,
+                        STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, bit)
+from .queue import Virtqueue
+
+log = logging.getLogger(__name__)
+
+# Offered by every device: the transport and ring features this package implements.
+TRANSPORT_FEATURES = (bit(F_VERSION_1) | bit(F_RING_INDIRECT_DESC) | bit(F_RING_EVENT_IDX)
+                      | bit(F_RING_RESET))
+
+_STATUS_NAMES = ((STATUS_ACKNOWLEDGE, "ACKNOWLEDGE"), (STATUS_DRIVER, "DRIVER"),
+                 (STATUS_FEATURES_OK, "FEATURES_OK"), (STATUS_DRIVER_OK, "DRIVER_OK"),
+                 (STATUS_DEVICE_NEEDS_RESET, "DEVICE_NEEDS_RESET"), (STATUS_FAILED, "FAILED"))
+
+
+def status_names(status):
+    """``'ACKNOWLEDGE|DRIVER|...'`` for a status byte (``'0'`` when clear)."""
+    return "|".join(name for flag, name in _STATUS_NAMES if status & flag) or "0"
+
+
+class VirtioDevice:
+    """Base class. ``queue_sizes``: maximum size of each queue (QueueNumMax);
+    ``features``: device-specific feature bits (the transport ones are added);
+    ``config``: initial configuration space bytes."""
+
+    device_id = 0
+    name = "virtio"
+
+    def __init__(self, *, queue_sizes, features=0, config=b""):
+        self.features = features | TRANSPORT_FEATURES
+        self.config = bytearray(config)
+        self.queues = [Virtqueue(i, size, on_error=self.fail) for i, size in enumerate(queue_sizes)]
+        self.transport = None
+        self.loop = None
+        # bytes_from_guest: read from device-readable buffers; bytes_to_guest: written
+        # into device-writable ones.
+        self.counters = {"requests": 0, "bytes_from_guest": 0, "bytes_to_guest": 0,
+                         "errors": 0, "interrupts": 0}
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def queue_notify(self, index):
+        """The driver notified queue ``index`` (it is ready and DRIVER_OK is set)."""
+
+    def activate(self):
+        """DRIVER_OK: negotiated features are final."""
+
+    def reset(self):
+        """Device reset: drop every held chain and pending request (queues are reset)."""
+
+    def queue_reset(self, index):
+        """Queue ``index`` was reset or disabled: drop chains held from it."""
+
+    def write_config(self, offset, data):
+        """The driver wrote ``data`` at ``offset`` of the configuration space."""
+        log.warning("%s: write to read-only config offset 0x%x; ignored", self.name, offset)
+
+    def attach(self, loop):
+        """Register backend fds with ``loop`` (an ``avatar_hw.loop.EventLoop``)."""
+        self.loop = loop
+
+    def detach(self):
+        """Unregister from the loop and release host resources."""
+        self.loop = None
+
+    # -- services for subclasses --------------------------------------------------------------
+
+    @property
+    def memory(self):
+        """The VM's ``GuestMemory`` (None until the device has a transport)."""
+        return None if self.transport is None else self.transport.memory
+
+    @property
+    def active(self):
+        """True between DRIVER_OK and the next reset, unless the device needs a reset."""
+        t = self.transport
+        return (t is not None and t.status & (STATUS_DRIVER_OK | STATUS_DEVICE_NEEDS_RESET)
+                == STATUS_DRIVER_OK)
+
+    def has_feature(self, feature_bit):
+        """True if ``feature_bit`` was negotiated."""
+        return self.transport is not None and self.transport.has_feature(feature_bit)
+
+    def signal_used(self, queue):
+        """Interrupt the driver for ``queue``'s new used buffers (unless it suppressed that)."""
+        if self.transport is not None:
+            self.transport.signal_used(queue)
+
+    def signal_config_change(self):
+        if self.transport is not None:
+            self.transport.signal_config_change()
+
+    def update_config(self, offset, data, *, notify=True):
+        """Change configuration bytes: ConfigGeneration moves; ``notify`` interrupts."""
+        if self.config[offset:offset + len(data)] == data:
+            return
+        self.config[offset:offset + len(data)] = data
+        if self.transport is None:
+            return
+        if notify:
+            self.transport.signal_config_change()
+        else:
+            self.transport.config_generation = (self.transport.config_generation + 1) & 0xFFFFFFFF
+
+    def fail(self, reason):
+        """An error the device cannot recover from: DEVICE_NEEDS_RESET."""
+        if self.transport is None:
+            self.counters["errors"] += 1
+            log.error("%s: %s", self.name, reason)
+        else:
+            self.transport.fail(reason)
+
+    def count(self, requests=1, *, bytes_from_guest=0, bytes_to_guest=0):
+        c = self.counters
+        c["requests"] += requests
+        c["bytes_from_guest"] += bytes_from_guest
+        c["bytes_to_guest"] += bytes_to_guest
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def info(self):
+        """JSON-able summary: identity and counters."""
+        t = self.transport
+        return {"name": self.name, "device_id": self.device_id,
+                "status": status_names(t.status) if t else "detached",
+                **self.counters}
+
+    def describe(self):
+        """JSON-able debugging view: status bits, features, every queue's state."""
+        t = self.transport
+        out = self.info()
+        out.update({
+            "offered_features": hex(t.offered_features if t else self.features),
+            "driver_features": hex(t.driver_features) if t else "0x0",
+            "negotiated_features": hex(t.negotiated_features) if t else "0x0",
+            "interrupt_status": t.interrupt_status if t else 0,
+            "config_generation": t.config_generation if t else 0,
+            "legacy": bool(t and t.legacy),
+            "queues": [q.describe() for q in self.queues],
+        })
+        return out

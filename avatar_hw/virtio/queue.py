@@ -1,0 +1,319 @@
+"""Split virtqueues (VirtIO 1.2 section 2.7) over guest memory.
+
+A ``Virtqueue`` holds the state the transport programs (size, ready, ring
+addresses) and the device's progress (``last_avail_idx``, ``used_idx``).
+``set_up`` validates the layout once and makes the views of the three rings
+the hot path uses (no per-buffer lookups or allocations beyond the chain
+itself). ``pop`` is the one descriptor-chain iterator: every guest value is
+checked there, and only there.
+
+What a bad guest gets (the two outcomes of the spec's "device MAY ... or set
+DEVICE_NEEDS_RESET"):
+
+* **bad chain -> used entry with length 0** (the head is valid, so the guest
+  gets it back and does not stall; a warning is logged, ``bad_chains``
+  counts it): ``next`` index >= table size; more descriptors than the queue
+  size / indirect table holds (a loop); a buffer outside the VM's RAM; an
+  indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC, with NEXT set,
+  inside an indirect table, or whose table is empty, not a multiple of 16
+  bytes, larger than 32768 entries, or outside RAM; a device-readable
+  descriptor after a device-writable one; more than 2**32 - 1 bytes in all.
+* **ring corruption -> DEVICE_NEEDS_RESET** (nothing in the used ring can
+  be trusted to answer it; ``on_error`` is called, the queue stops): the
+  available index ahead of ``last_avail_idx`` by more than the queue size;
+  a head index >= the queue size; a head that is already in flight (offered
+  twice: processing it again would complete it twice).
+* ``set_up`` refuses (``QueueError``) a size that is not a power of two in
+  1..``max_size``, misaligned rings (16/2/4) or rings not inside RAM.
+
+Devices hold ``DescriptorChain`` objects while they work and hand the head
+back with ``add_used``; a device must drop held chains in its reset hooks
+(a chain from before a reset is refused by ``add_used``).
+"""
+
+import logging
+
+from ..hw import ordering
+from .constants import (AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE,
+                        DESC_SIZE, USED_F_NO_NOTIFY)
+from .memory import GuestMemoryError
+
+log = logging.getLogger(__name__)
+
+MAX_INDIRECT_ENTRIES = 32768
+MAX_CHAIN_BYTES = 0xFFFFFFFF
+
+
+class QueueError(Exception):
+    """The driver programmed a queue layout the device cannot use."""
+
+
+class DescriptorChain:
+    """One available buffer: ``readable`` (driver -> device) and ``writable``
+    (device -> driver) memoryviews into guest RAM, in descriptor order."""
+
+    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len")
+
+    def __init__(self, head, readable, writable, readable_len, writable_len):
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+        self.readable_len = readable_len
+        self.writable_len = writable_len
+
+    def __repr__(self):
+        return (f"<DescriptorChain head={self.head} readable={self.readable_len} "
+                f"writable={self.writable_len}>")
+
+
+class Virtqueue:
+    """A split virtqueue of at most ``max_size`` entries.
+
+    ``on_error(reason)`` is called once when the driver corrupts the rings
+    beyond repair (the device then sets DEVICE_NEEDS_RESET).
+    """
+
+    def __init__(self, index, max_size, *, on_error=None):
+        if max_size < 1 or max_size & (max_size - 1) or max_size > 32768:
+            raise ValueError(f"queue {index}: maximum size {max_size} is not a power of two "
+                             f"in 1..32768")
+        self.index = index
+        self.max_size = max_size
+        self.on_error = on_error
+        self.bad_chains = 0
+        self.reset()
+
+    # -- state --------------------------------------------------------------------
+
+    def reset(self):
+        """Back to the state after a device reset (not ready, nothing in flight)."""
+        self.size = self.max_size
+        self.ready = False
+        self.desc_addr = self.driver_addr = self.device_addr = 0
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        self.event_idx = False
+        self.indirect = False
+        self.broken = False
+        self.memory = None
+        self._signalled_used = 0
+        self._in_flight = None
+        self._desc_q = self._desc_i = self._desc_h = None
+        self._avail = self._used_h = self._used_ring = None
+        self._avail_idx_addr = self._used_idx_addr = 0
+
+    def set_up(self, memory, *, event_idx=False, indirect=False):
+        """Validate the programmed layout against ``memory`` and make the queue ready.
+
+        Raises ``QueueError`` (naming the rule) and leaves the queue not ready
+        when the layout is unusable.
+        """
+        size = self.size
+        if size < 1 or size & (size - 1) or size > self.max_size:
+            raise QueueError(f"queue {self.index}: size {size} is not a power of two "
+                             f"in 1..{self.max_size}")
+        rings = (("descriptor table", self.desc_addr, 16, DESC_SIZE * size),
+                 ("available ring", self.driver_addr, 2, 6 + 2 * size),
+                 ("used ring", self.device_addr, 4, 6 + 8 * size))
+        for name, addr, align, length in rings:
+            if addr % align:
+                raise QueueError(f"queue {self.index}: {name} at 0x{addr:x} is not "
+                                 f"{align}-byte aligned")
+            if not memory.contains(addr, length):
+                raise QueueError(f"queue {self.index}: {name} 0x{addr:x}+0x{length:x} is "
+                                 f"outside the VM's RAM")
+        desc = memory.view(self.desc_addr, DESC_SIZE * size)
+        self._desc_q, self._desc_i, self._desc_h = desc.cast("Q"), desc.cast("I"), desc.cast("H")
+        self._avail = memory.view(self.driver_addr, 6 + 2 * size).cast("H")
+        self._used_h = memory.view(self.device_addr, 6 + 8 * size).cast("H")
+        self._used_ring = memory.view(self.device_addr + 4, 8 * size).cast("I")
+        self._avail_idx_addr = memory.address(self.driver_addr + 2, 2)
+        self._used_idx_addr = memory.address(self.device_addr + 2, 2)
+        self.memory = memory
+        self.event_idx, self.indirect = event_idx, indirect
+        self.last_avail_idx = self.used_idx = self._signalled_used = 0
+        self._in_flight = bytearray(size)
+        self.broken = False
+        self.ready = True
+
+    @property
+    def in_flight(self):
+        """Number of chains popped and not yet returned."""
+        return 0 if self._in_flight is None else sum(self._in_flight)
+
+    # -- the chain iterator ---------------------------------------------------------
+
+    def pop(self):
+        """The next available chain, or None when there is none (or the queue is broken).
+
+        Bad chains are completed here with length 0 and skipped; ring
+        corruption breaks the queue (``on_error``). With EVENT_IDX the
+        device's ``avail_event`` is updated whenever the ring is found empty,
+        so the driver notifies for the next buffer.
+        """
+        while self.ready and not self.broken:
+            pending = (ordering.load_acquire16(self._avail_idx_addr) - self.last_avail_idx) & 0xFFFF
+            if not pending:
+                if not self.event_idx:
+                    return None
+                self._used_h[2 + 4 * self.size] = self.last_avail_idx   # avail_event
+                ordering.fence()
+                pending = (ordering.load_acquire16(self._avail_idx_addr)
+                           - self.last_avail_idx) & 0xFFFF
+                if not pending:
+                    return None
+            if pending > self.size:
+                self._break(f"available index moved {pending} entries past the last seen "
+                            f"one (queue size {self.size})")
+                return None
+            head = self._avail[2 + (self.last_avail_idx & (self.size - 1))]
+            self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+            if head >= self.size:
+                self._break(f"available ring offers head {head} >= queue size {self.size}")
+                return None
+            if self._in_flight[head]:
+                self._break(f"available ring offers head {head} which is already in flight")
+                return None
+            self._in_flight[head] = 1
+            chain = self._walk(head)
+            if chain.__class__ is DescriptorChain:
+                return chain
+            self.bad_chains += 1
+            log.warning("vm%s queue %d: bad descriptor chain at head %d: %s; completed "
+                        "with length 0", getattr(self.memory, "vm_id", "?"), self.index,
+                        head, chain)
+            self.add_used(head, 0)
+        return None
+
+    def __iter__(self):
+        """Pop chains until none is available: ``for chain in queue: ...``."""
+        while (chain := self.pop()) is not None:
+            yield chain
+
+    def _walk(self, head):
+        """Follow the chain at ``head``: a DescriptorChain, or the broken rule as a string."""
+        memory = self.memory
+        addrs, lens, halves = self._desc_q, self._desc_i, self._desc_h
+        readable, writable = [], []
+        readable_len = writable_len = 0
+        index, table_size, budget, nested = head, self.size, self.size, False
+        while True:
+            if not budget:
+                return f"more than {table_size} descriptors (a loop?)"
+            budget -= 1
+            # Each field is read once: the guest may change it under our feet.
+            addr, length = addrs[2 * index], lens[4 * index + 2]
+            flags, nxt = halves[8 * index + 6], halves[8 * index + 7]
+            if flags & DESC_F_INDIRECT:
+                if nested:
+                    return "indirect descriptor inside an indirect table"
+                if not self.indirect:
+                    return "indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC"
+                if flags & DESC_F_NEXT:
+                    return "indirect descriptor with the NEXT flag"
+                if not length or length % DESC_SIZE or length > DESC_SIZE * MAX_INDIRECT_ENTRIES:
+                    return f"indirect table length {length} is not a non-zero multiple of 16"
+                try:
+                    table = memory.view(addr, length)
+                except GuestMemoryError:
+                    return f"indirect table 0x{addr:x}+0x{length:x} is outside RAM"
+                addrs, lens, halves = table.cast("Q"), table.cast("I"), table.cast("H")
+                index, nested = 0, True
+                table_size = budget = length // DESC_SIZE
+                continue
+            try:
+                view = memory.view(addr, length)
+            except GuestMemoryError:
+                return f"buffer 0x{addr:x}+0x{length:x} is outside RAM"
+            if flags & DESC_F_WRITE:
+                writable.append(view)
+                writable_len += length
+            elif writable:
+                return "device-readable descriptor after a device-writable one"
+            else:
+                readable.append(view)
+                readable_len += length
+            if readable_len + writable_len > MAX_CHAIN_BYTES:
+                return "chain longer than 2**32 - 1 bytes"
+            if not flags & DESC_F_NEXT:
+                return DescriptorChain(head, readable, writable, readable_len, writable_len)
+            if nxt >= table_size:
+                return f"next index {nxt} >= table size {table_size}"
+            index = nxt
+
+    def has_available(self):
+        """True if the driver has made buffers available that were not popped yet."""
+        if not self.ready or self.broken:
+            return False
+        return ordering.load_acquire16(self._avail_idx_addr) != self.last_avail_idx
+
+    # -- returning buffers ---------------------------------------------------------------
+
+    def add_used(self, head, length):
+        """Return chain ``head`` to the driver with ``length`` bytes written into it.
+
+        Returns False (and logs) for a head that is not in flight: a stale
+        chain from before a reset, or a device bug.
+        """
+        if not self.ready or not self._in_flight[head]:
+            log.error("queue %d: add_used of head %d which is not in flight (ignored)",
+                      self.index, head)
+            return False
+        self._in_flight[head] = 0
+        slot = 2 * (self.used_idx & (self.size - 1))
+        self._used_ring[slot] = head
+        self._used_ring[slot + 1] = length
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        ordering.store_release16(self._used_idx_addr, self.used_idx)
+        return True
+
+    # -- notification suppression (2.7.7, 2.7.10) -----------------------------------------
+
+    def needs_notification(self):
+        """True if the driver wants an interrupt for the used entries since the last call."""
+        new, old = self.used_idx, self._signalled_used
+        if new == old or not self.ready:
+            return False
+        self._signalled_used = new
+        ordering.fence()     # the used idx store before the used_event / flags load
+        if self.event_idx:
+            used_event = self._avail[2 + self.size]
+            return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not self._avail[0] & AVAIL_F_NO_INTERRUPT
+
+    def set_notification(self, enabled):
+        """Ask the driver to notify (or not) for new available buffers.
+
+        Returns True if buffers are available (re-check after enabling: the
+        driver may have added some while notifications were off).
+        """
+        if not self.ready:
+            return False
+        if self.event_idx:
+            if enabled:
+                self._used_h[2 + 4 * self.size] = self.last_avail_idx
+        else:
+            self._used_h[0] = 0 if enabled else USED_F_NO_NOTIFY
+        ordering.fence()
+        return self.has_available()
+
+    # -- errors and debugging ----------------------------------------------------------------
+
+    def _break(self, reason):
+        self.broken = True
+        log.error("vm%s queue %d: %s; device needs reset", getattr(self.memory, "vm_id", "?"),
+                  self.index, reason)
+        if self.on_error is not None:
+            self.on_error(f"queue {self.index}: {reason}")
+
+    def describe(self):
+        """A JSON-able snapshot for ``info`` and debugging."""
+        return {
+            "index": self.index, "max_size": self.max_size, "size": self.size,
+            "ready": self.ready, "broken": self.broken,
+            "desc": hex(self.desc_addr), "driver": hex(self.driver_addr),
+            "device": hex(self.device_addr),
+            "last_avail_idx": self.last_avail_idx, "used_idx": self.used_idx,
+            "in_flight": self.in_flight, "event_idx": self.event_idx,
+            "indirect": self.indirect, "bad_chains": self.bad_chains,
+        }

@@ -1,0 +1,186 @@
+"""The VirtIO subsystem: VMs, their devices, and the MMIO trap entry point.
+
+The seed's C API in Python::
+
+    virtio_subsystem_init()               Subsystem(layout, irq_line=, loop=)
+    virtio_vm_init(vm, vm_id)             vm_init(vm_id, memory)
+    virtio_configure_vm(id, con, blk, n)  configure_vm(vm_id, console=, block=, net=)
+    virtio_create_device(id, base, irq)   create_device(vm_id, device, slot=None)
+    virtio_handle_mmio_trap(...)          handle_mmio_trap(addr, value, is_write, size)
+    virtio_list_all_devices()             list_all_devices()
+    virtio_print_device_info()            print_device_info() / device_info()
+    virtio_debug_device(dev)              debug_device(vm_id, slot)
+
+Windows and SPIs come from an ``avatar_hw.layout.Layout`` (the seed's map by
+default, or a board's). Each device's transport gets its own VM's
+``GuestMemory``, so a device reaches only that VM's RAM.
+
+``handle_mmio_trap`` never raises: an address outside every device window
+answers ``(False, 0)``; an exception escaping a device (a bug) is logged and
+puts that device in DEVICE_NEEDS_RESET, and the access completes
+(reads 0), so the guest and the daemon carry on.
+"""
+
+import json
+import logging
+import sys
+
+from ..layout import Layout
+from .transport import MmioTransport
+
+log = logging.getLogger(__name__)
+
+_WRITE_DONE = (True, 0)
+_NOT_OURS = (False, 0)
+
+
+class Subsystem:
+    """All VMs and devices of one daemon.
+
+    ``irq_line.raise_spi(intid)`` interrupts guests (the GIC driver on a board,
+    the stub's request on the emulated board, a recorder in tests);
+    ``loop`` (an ``EventLoop``) is handed to devices so they register their
+    backend fds.
+    """
+
+    def __init__(self, layout=None, *, irq_line=None, loop=None):
+        self.layout = layout or Layout()
+        size = self.layout.device_size
+        if size & (size - 1):
+            raise ValueError(f"layout device_size 0x{size:x} is not a power of two")
+        self._offset_mask = size - 1
+        self.irq_line = irq_line
+        self.loop = loop
+        self.vms = {}            # vm_id -> GuestMemory
+        self._devices = {}       # (vm_id, slot) -> MmioTransport
+        self._windows = {}       # window base address -> MmioTransport
+
+    # -- VMs and devices ---------------------------------------------------------------------
+
+    def vm_init(self, vm_id, memory):
+        """Register VM ``vm_id`` whose RAM is ``memory`` (a ``GuestMemory``)."""
+        if not 0 <= vm_id < self.layout.max_vms:
+            raise ValueError(f"VM {vm_id} is outside the layout (0..{self.layout.max_vms - 1})")
+        if vm_id in self.vms:
+            raise ValueError(f"VM {vm_id} is already initialised")
+        memory.vm_id = vm_id
+        self.vms[vm_id] = memory
+        return memory
+
+    def vm_destroy(self, vm_id):
+        """Remove VM ``vm_id`` and detach its devices."""
+        for (vm, slot) in [key for key in self._devices if key[0] == vm_id]:
+            self.destroy_device(vm, slot)
+        self.vms.pop(vm_id, None)
+
+    def create_device(self, vm_id, device, slot=None, *, legacy=False):
+        """Put ``device`` in VM ``vm_id``'s window ``slot`` (None: the first free one).
+
+        Returns its ``MmioTransport`` (``.intid``, ``.device``); ``legacy=True``
+        gives the Version 1 register interface.
+        """
+        if vm_id not in self.vms:
+            raise ValueError(f"VM {vm_id} is not initialised (call vm_init first)")
+        if slot is None:
+            slot = next((k for k in range(self.layout.devices_per_vm)
+                         if (vm_id, k) not in self._devices), None)
+            if slot is None:
+                raise ValueError(f"VM {vm_id} has no free device slot "
+                                 f"({self.layout.devices_per_vm} in use)")
+        elif (vm_id, slot) in self._devices:
+            raise ValueError(f"VM {vm_id} slot {slot} already holds "
+                             f"{self._devices[vm_id, slot].device.name}")
+        window = self.layout.window(vm_id, slot)
+        transport = MmioTransport(device, self.vms[vm_id], irq_line=self.irq_line,
+                                  intid=self.layout.irq(vm_id, slot), legacy=legacy)
+        transport.window = window
+        self._devices[vm_id, slot] = transport
+        self._windows[window] = transport
+        if self.loop is not None:
+            device.attach(self.loop)
+        log.info("vm%d slot %d: %s at 0x%x, INTID %d", vm_id, slot, device.name, window,
+                 transport.intid)
+        return transport
+
+    def destroy_device(self, vm_id, slot):
+        transport = self._devices.pop((vm_id, slot))
+        del self._windows[transport.window]
+        transport.device.detach()
+
+    def configure_vm(self, vm_id, console=None, block=None, net=None):
+        """The seed's ``virtio_configure_vm``: add the given devices in slot order.
+
+        Each argument is a device object, or for ``console`` also True (a
+        console with no host endpoint yet) or an endpoint URL such as
+        ``"pty:/run/avatar/vm0-console"``. Returns the transports created.
+        """
+        created = []
+        for kind, spec in (("console", console), ("block", block), ("net", net)):
+            if spec is None or spec is False:
+                continue
+            if kind == "console" and (spec is True or isinstance(spec, str)):
+                from ..devices.console import ConsoleDevice
+                spec = ConsoleDevice(backend=None if spec is True else spec)
+            elif not hasattr(spec, "queue_notify"):
+                raise ValueError(f"configure_vm: {kind} must be a device object, got {spec!r}")
+            created.append(self.create_device(vm_id, spec))
+        return created
+
+    def device(self, vm_id, slot):
+        """The device in VM ``vm_id``'s slot ``slot``."""
+        try:
+            return self._devices[vm_id, slot].device
+        except KeyError:
+            raise ValueError(f"no device in VM {vm_id} slot {slot}") from None
+
+    def close(self):
+        """Detach every device (backends close their fds)."""
+        for transport in self._devices.values():
+            transport.device.detach()
+
+    # -- the trap path -----------------------------------------------------------------------
+
+    def handle_mmio_trap(self, addr, value, is_write, size):
+        """Answer one guest access: ``(handled, value read)`` (value 0 for writes)."""
+        transport = self._windows.get(addr & ~self._offset_mask)
+        if transport is None:
+            return _NOT_OURS
+        try:
+            if is_write:
+                transport.write(addr & self._offset_mask, size, value)
+                return _WRITE_DONE
+            return True, transport.read(addr & self._offset_mask, size)
+        except Exception as err:     # a device bug must not take the daemon down
+            log.exception("%s: internal error on %s of 0x%x", transport,
+                          "write" if is_write else "read", addr)
+            try:
+                transport.fail(f"internal error: {err!r}")
+            except Exception:
+                log.exception("%s: failing the device failed too", transport)
+            return _WRITE_DONE
+
+    # -- debugging ---------------------------------------------------------------------------
+
+    def list_all_devices(self):
+        """One dict per device: VM, slot, name, device ID, window, INTID."""
+        return [{"vm": vm, "slot": slot, "name": t.device.name,
+                 "device_id": t.device.device_id, "base": hex(t.window), "irq": t.intid,
+                 "legacy": t.legacy}
+                for (vm, slot), t in sorted(self._devices.items())]
+
+    def device_info(self):
+        """JSON-able info for every device (identity, status, counters)."""
+        return [{**entry, **self._devices[entry["vm"], entry["slot"]].device.info()}
+                for entry in self.list_all_devices()]
+
+    def debug_device(self, vm_id, slot):
+        """Full debugging view of one device (status bits, features, queues)."""
+        transport = self._devices.get((vm_id, slot))
+        if transport is None:
+            raise ValueError(f"no device in VM {vm_id} slot {slot}")
+        return {"vm": vm_id, "slot": slot, "base": hex(transport.window),
+                "irq": transport.intid, **transport.device.describe()}
+
+    def print_device_info(self, file=None):
+        json.dump(self.device_info(), file or sys.stdout, indent=2)
+        print(file=file or sys.stdout)

@@ -1,0 +1,468 @@
+"""The virtio-mmio transport (VirtIO 1.2 section 4.2.2), register by register.
+
+``MmioTransport`` answers one device window: the guest's register accesses
+arrive as ``read(offset, size)`` / ``write(offset, size, value)``. It owns the
+device status state machine (``STATUS_PREREQUISITES``, the one table of
+allowed transitions), feature negotiation, the queue registers and the
+interrupt status; the device behind it only sees ``queue_notify``,
+``activate``, ``reset``, ``queue_reset`` and ``write_config``.
+
+Rules (each logged at warning level when the guest breaks it):
+
+* registers below 0x100 take only aligned 32-bit accesses; others read 0 and
+  writes are ignored. Write-only registers read 0, read-only ones ignore
+  writes. The configuration space (0x100..) takes aligned 8/16/32-bit
+  accesses (a 64-bit field is read as two 32-bit halves); outside the
+  device's configuration reads 0.
+* status: writing 0 resets the device; otherwise the driver may only add
+  bits, each one only when its prerequisites are set (table below).
+  FEATURES_OK stays clear when the driver accepted a feature the device did
+  not offer or, in modern mode, did not accept VIRTIO_F_VERSION_1.
+  DEVICE_NEEDS_RESET is set only by the device (``fail``), with a
+  configuration-change interrupt once DRIVER_OK is set.
+* driver features change only before FEATURES_OK; queue registers change
+  only while the selected queue is not ready and before DRIVER_OK (or after
+  a QueueReset of that queue, with VIRTIO_F_RING_RESET).
+* QueueReady = 1 validates the layout (``Virtqueue.set_up``); an unusable
+  layout leaves the queue not ready and sets DEVICE_NEEDS_RESET.
+* interrupts: InterruptStatus bits are set by ``signal_used`` (bit 0, only
+  when the driver's suppression allows) and ``signal_config_change`` (bit 1);
+  the SPI is raised when a bit goes from clear to set (the guest reads the
+  status and the rings after that, so nothing is missed).
+
+Legacy (Version 1, ``legacy=True``): GuestPageSize, QueueAlign and QueuePFN
+replace QueueReady and the 64-bit ring addresses; features are 32 bits and
+VERSION_1 is never offered; FEATURES_OK is optional.
+"""
+
+import logging
+
+from . import constants as c
+from .constants import bit
+from .queue import QueueError
+
+log = logging.getLogger(__name__)
+
+_ACK, _DRIVER, _FEATURES_OK, _DRIVER_OK, _FAILED, _NEEDS_RESET = (
+    c.STATUS_ACKNOWLEDGE, c.STATUS_DRIVER, c.STATUS_FEATURES_OK, c.STATUS_DRIVER_OK,
+    c.STATUS_FAILED, c.STATUS_DEVICE_NEEDS_RESET)
+
+# The status state machine: bit the driver sets -> bits that must already be set.
+# Bits are applied in this order, so one write may set several in sequence.
+STATUS_PREREQUISITES = {
+    _ACK: 0,
+    _DRIVER: _ACK,
+    _FEATURES_OK: _ACK | _DRIVER,
+    _DRIVER_OK: _ACK | _DRIVER | _FEATURES_OK,
+    _FAILED: 0,
+}
+# Legacy drivers never set FEATURES_OK (features are final at DRIVER_OK).
+LEGACY_STATUS_PREREQUISITES = {
+    flag: (_ACK | _DRIVER if flag == _DRIVER_OK else need)
+    for flag, need in STATUS_PREREQUISITES.items()}
+_DRIVER_BITS = _ACK | _DRIVER | _FEATURES_OK | _DRIVER_OK | _FAILED
+
+_MASK32 = 0xFFFFFFFF
+
+
+class MmioTransport:
+    """One virtio-mmio window for ``device`` of the VM whose RAM is ``memory``.
+
+    ``irq_line.raise_spi(intid)`` is called to interrupt the guest (None: no line,
+    interrupts are only counted).
+    """
+
+    def __init__(self, device, memory, *, irq_line=None, intid=0, legacy=False):
+        self.device = device
+        self.memory = memory
+        self.irq_line = irq_line
+        self.intid = intid
+        self.legacy = legacy
+        self.config_generation = 0
+        self._prerequisites = LEGACY_STATUS_PREREQUISITES if legacy else STATUS_PREREQUISITES
+        self._page_size = 4096
+        self._queue_align = [4096] * len(device.queues)
+        self._queue_was_reset = [False] * len(device.queues)
+        self._reads, self._writes = self._dispatch_tables()
+        self._clear_registers()
+        device.transport = self
+
+    # -- dispatch ----------------------------------------------------------------------
+
+    def _dispatch_tables(self):
+        reads = {
+            c.REG_MAGIC_VALUE: lambda: c.MMIO_MAGIC,
+            c.REG_VERSION: lambda: c.MMIO_VERSION_LEGACY if self.legacy else c.MMIO_VERSION_MODERN,
+            c.REG_DEVICE_ID: lambda: self.device.device_id,
+            c.REG_VENDOR_ID: lambda: c.VENDOR_ID,
+            c.REG_DEVICE_FEATURES: self._read_device_features,
+            c.REG_QUEUE_NUM_MAX: self._read_queue_num_max,
+            c.REG_INTERRUPT_STATUS: lambda: self.interrupt_status,
+            c.REG_STATUS: lambda: self.status,
+        }
+        writes = {
+            c.REG_DEVICE_FEATURES_SEL: self._write_device_features_sel,
+            c.REG_DRIVER_FEATURES: self._write_driver_features,
+            c.REG_DRIVER_FEATURES_SEL: self._write_driver_features_sel,
+            c.REG_QUEUE_SEL: self._write_queue_sel,
+            c.REG_QUEUE_NUM: self._write_queue_num,
+            c.REG_QUEUE_NOTIFY: self._write_queue_notify,
+            c.REG_INTERRUPT_ACK: self._write_interrupt_ack,
+            c.REG_STATUS: self._write_status,
+        }
+        if self.legacy:
+            reads[c.REG_QUEUE_PFN] = self._read_queue_pfn
+            writes[c.REG_GUEST_PAGE_SIZE] = self._write_guest_page_size
+            writes[c.REG_QUEUE_ALIGN] = self._write_queue_align
+            writes[c.REG_QUEUE_PFN] = self._write_queue_pfn
+        else:
+            reads.update({
+                c.REG_QUEUE_READY: self._read_queue_ready,
+                c.REG_SHM_LEN_LOW: lambda: _MASK32,      # no shared memory regions:
+                c.REG_SHM_LEN_HIGH: lambda: _MASK32,     # length reads as -1 (4.2.2)
+                c.REG_SHM_BASE_LOW: lambda: 0,
+                c.REG_SHM_BASE_HIGH: lambda: 0,
+                c.REG_QUEUE_RESET: self._read_queue_reset,
+                c.REG_CONFIG_GENERATION: lambda: self.config_generation,
+            })
+            writes.update({
+                c.REG_QUEUE_READY: self._write_queue_ready,
+                c.REG_SHM_SEL: self._write_shm_sel,
+                c.REG_QUEUE_RESET: self._write_queue_reset,
+            })
+            for reg, attr in ((c.REG_QUEUE_DESC_LOW, "desc_addr"),
+                              (c.REG_QUEUE_DRIVER_LOW, "driver_addr"),
+                              (c.REG_QUEUE_DEVICE_LOW, "device_addr")):
+                writes[reg] = self._ring_address_writer(attr, 0)
+                writes[reg + 4] = self._ring_address_writer(attr, 32)
+        return reads, writes
+
+    def read(self, offset, size):
+        """The value the guest reads at ``offset`` with a ``size``-byte access."""
+        if offset >= c.REG_CONFIG:
+            return self._read_config(offset - c.REG_CONFIG, size)
+        if size != 4 or offset & 3:
+            log.warning("%s: %d-byte read at 0x%03x: registers take aligned 32-bit "
+                        "accesses; reads 0", self, size, offset)
+            return 0
+        handler = self._reads.get(offset)
+        if handler is None:
+            log.warning("%s: read of 0x%03x (no such register, or write-only); reads 0",
+                        self, offset)
+            return 0
+        return handler()
+
+    def write(self, offset, size, value):
+        """The guest writes ``value`` at ``offset`` with a ``size``-byte access."""
+        if offset >= c.REG_CONFIG:
+            self._write_config(offset - c.REG_CONFIG, size, value)
+            return
+        if size != 4 or offset & 3:
+            log.warning("%s: %d-byte write at 0x%03x: registers take aligned 32-bit "
+                        "accesses; ignored", self, size, offset)
+            return
+        handler = self._writes.get(offset)
+        if handler is None:
+            log.warning("%s: write of 0x%x to 0x%03x (no such register, or read-only); "
+                        "ignored", self, value, offset)
+            return
+        handler(value & _MASK32)
+
+    def __str__(self):
+        return f"vm{self.memory.vm_id} {self.device.name}@irq{self.intid}"
+
+    # -- status and reset ------------------------------------------------------------------
+
+    def _clear_registers(self):
+        self.status = 0
+        self.interrupt_status = 0
+        self.device_features_sel = 0
+        self.driver_features_sel = 0
+        self.driver_features = 0
+        self.queue_sel = 0
+        self.shm_sel = 0
+
+    def reset(self):
+        """Device reset (status 0 written): registers, queues and the device's own state."""
+        self._clear_registers()
+        for queue in self.device.queues:
+            queue.reset()
+        self._queue_was_reset = [False] * len(self.device.queues)
+        self.device.reset()
+
+    def _write_status(self, value):
+        value &= 0xFF
+        if value == 0:
+            self.reset()
+            return
+        old = self.status & ~_NEEDS_RESET
+        if old & ~value:
+            log.warning("%s: status 0x%02x would clear bits of 0x%02x without a reset; "
+                        "ignored", self, value, self.status)
+            return
+        added = value & ~old & ~_NEEDS_RESET
+        if added & ~_DRIVER_BITS:
+            log.warning("%s: status bits 0x%02x are not driver bits; ignored",
+                        self, added & ~_DRIVER_BITS)
+        for flag, needed in self._prerequisites.items():
+            if not added & flag:
+                continue
+            if self.status & needed != needed:
+                log.warning("%s: status bit 0x%02x needs 0x%02x first (status 0x%02x); "
+                            "ignored", self, flag, needed, self.status)
+                break
+            if flag == _FEATURES_OK and not self._features_acceptable():
+                continue
+            self.status |= flag
+            if flag == _DRIVER_OK:
+                self._activate()
+
+    def _features_acceptable(self):
+        unknown = self.driver_features & ~self.offered_features
+        if unknown:
+            log.warning("%s: driver accepted features 0x%x the device does not offer; "
+                        "FEATURES_OK stays clear", self, unknown)
+            return False
+        if not self.legacy and not self.driver_features & bit(c.F_VERSION_1):
+            log.warning("%s: driver did not accept VIRTIO_F_VERSION_1; FEATURES_OK stays "
+                        "clear", self)
+            return False
+        return True
+
+    def _activate(self):
+        event_idx, indirect = self.has_feature(c.F_RING_EVENT_IDX), self.has_feature(
+            c.F_RING_INDIRECT_DESC)
+        for queue in self.device.queues:
+            queue.event_idx, queue.indirect = event_idx, indirect
+        self.device.activate()
+
+    def fail(self, reason):
+        """The device met an error it cannot recover from: DEVICE_NEEDS_RESET (2.1.2)."""
+        self.device.counters["errors"] += 1
+        if self.status & _NEEDS_RESET:
+            return
+        log.error("%s: %s; setting DEVICE_NEEDS_RESET", self, reason)
+        self.status |= _NEEDS_RESET
+        if self.status & _DRIVER_OK:
+            self._interrupt(c.INT_CONFIG_CHANGE)
+
+    # -- features ----------------------------------------------------------------------------
+
+    @property
+    def offered_features(self):
+        if self.legacy:
+            return self.device.features & _MASK32
+        return self.device.features
+
+    @property
+    def negotiated_features(self):
+        """The features in force (0 until FEATURES_OK, or DRIVER_OK for legacy)."""
+        final = _DRIVER_OK if self.legacy else _FEATURES_OK
+        return self.driver_features if self.status & final else 0
+
+    def has_feature(self, feature_bit):
+        return bool(self.negotiated_features >> feature_bit & 1)
+
+    def _read_device_features(self):
+        if self.device_features_sel > 1 or (self.legacy and self.device_features_sel):
+            return 0
+        return self.offered_features >> (32 * self.device_features_sel) & _MASK32
+
+    def _write_device_features_sel(self, value):
+        self.device_features_sel = value
+
+    def _write_driver_features_sel(self, value):
+        self.driver_features_sel = value
+
+    def _write_driver_features(self, value):
+        sel = self.driver_features_sel
+        if self.status & (_FEATURES_OK | _DRIVER_OK):
+            log.warning("%s: driver features written after FEATURES_OK/DRIVER_OK; ignored", self)
+            return
+        if sel > 1 or (self.legacy and sel):
+            log.warning("%s: driver features word %d does not exist; ignored", self, sel)
+            return
+        shift = 32 * sel
+        self.driver_features = (self.driver_features & ~(_MASK32 << shift)) | (value << shift)
+
+    # -- queues ------------------------------------------------------------------------------
+
+    def _selected_queue(self):
+        if self.queue_sel < len(self.device.queues):
+            return self.device.queues[self.queue_sel]
+        return None
+
+    def _configurable_queue(self, what):
+        """The selected queue if its registers may change now, else None (logged)."""
+        queue = self._selected_queue()
+        if queue is None:
+            log.warning("%s: %s for queue %d, which does not exist; ignored",
+                        self, what, self.queue_sel)
+        elif queue.ready:
+            log.warning("%s: %s for queue %d while it is ready; ignored",
+                        self, what, queue.index)
+        elif self.status & _DRIVER_OK and not self._queue_was_reset[queue.index]:
+            log.warning("%s: %s for queue %d after DRIVER_OK; ignored",
+                        self, what, queue.index)
+        else:
+            return queue
+        return None
+
+    def _write_queue_sel(self, value):
+        self.queue_sel = value
+
+    def _read_queue_num_max(self):
+        queue = self._selected_queue()
+        return 0 if queue is None else queue.max_size
+
+    def _write_queue_num(self, value):
+        queue = self._configurable_queue("QueueNum")
+        if queue is not None:
+            queue.size = value
+
+    def _ring_address_writer(self, attr, shift):
+        def write(value):
+            queue = self._configurable_queue(attr)
+            if queue is not None:
+                old = getattr(queue, attr)
+                setattr(queue, attr, (old & ~(_MASK32 << shift)) | (value << shift))
+        return write
+
+    def _read_queue_ready(self):
+        queue = self._selected_queue()
+        return int(queue is not None and queue.ready)
+
+    def _write_queue_ready(self, value):
+        if value & 1:
+            queue = self._configurable_queue("QueueReady")
+            if queue is not None:
+                self._enable_queue(queue)
+            return
+        queue = self._selected_queue()
+        if queue is not None and queue.ready:
+            self._disable_queue(queue)
+
+    def _enable_queue(self, queue):
+        try:
+            queue.set_up(self.memory,
+                         event_idx=bool(self.driver_features >> c.F_RING_EVENT_IDX & 1),
+                         indirect=bool(self.driver_features >> c.F_RING_INDIRECT_DESC & 1))
+        except QueueError as err:
+            self.fail(str(err))
+            return
+        self._queue_was_reset[queue.index] = False
+
+    def _disable_queue(self, queue):
+        queue.ready = False
+        self.device.queue_reset(queue.index)
+
+    def _write_queue_notify(self, value):
+        index = value & 0xFFFF
+        if not self.status & _DRIVER_OK or self.status & _NEEDS_RESET:
+            log.warning("%s: notify of queue %d with status 0x%02x; ignored",
+                        self, index, self.status)
+            return
+        if index >= len(self.device.queues) or not self.device.queues[index].ready:
+            log.warning("%s: notify of queue %d, which is not ready; ignored", self, index)
+            return
+        self.device.queue_notify(index)
+
+    def _read_queue_reset(self):
+        queue = self._selected_queue()
+        return int(queue is not None and self._queue_was_reset[queue.index])
+
+    def _write_queue_reset(self, value):
+        queue = self._selected_queue()
+        if not value & 1 or queue is None:
+            return
+        if not self.has_feature(c.F_RING_RESET):
+            log.warning("%s: QueueReset without VIRTIO_F_RING_RESET; ignored", self)
+            return
+        queue.reset()
+        self._queue_was_reset[queue.index] = True
+        self.device.queue_reset(queue.index)
+
+    def _write_shm_sel(self, value):
+        self.shm_sel = value
+
+    # -- legacy queue registers -------------------------------------------------------------
+
+    def _write_guest_page_size(self, value):
+        if value == 0 or value & (value - 1):
+            log.warning("%s: GuestPageSize %d is not a power of two; ignored", self, value)
+            return
+        self._page_size = value
+
+    def _write_queue_align(self, value):
+        queue = self._configurable_queue("QueueAlign")
+        if queue is None:
+            return
+        if value == 0 or value & (value - 1):
+            log.warning("%s: QueueAlign %d is not a power of two; ignored", self, value)
+            return
+        self._queue_align[queue.index] = value
+
+    def _read_queue_pfn(self):
+        queue = self._selected_queue()
+        if queue is None or not queue.ready:
+            return 0
+        return queue.desc_addr // self._page_size
+
+    def _write_queue_pfn(self, value):
+        if value == 0:
+            queue = self._selected_queue()
+            if queue is not None and queue.ready:
+                self._disable_queue(queue)
+            return
+        queue = self._configurable_queue("QueuePFN")
+        if queue is None:
+            return
+        align = self._queue_align[queue.index]
+        queue.desc_addr = value * self._page_size
+        queue.driver_addr = queue.desc_addr + c.DESC_SIZE * queue.size
+        used = queue.driver_addr + 6 + 2 * queue.size
+        queue.device_addr = (used + align - 1) & ~(align - 1)
+        self._enable_queue(queue)
+
+    # -- interrupts ---------------------------------------------------------------------------
+
+    def _interrupt(self, bits):
+        old = self.interrupt_status
+        self.interrupt_status = old | bits
+        if bits & ~old:
+            self.device.counters["interrupts"] += 1
+            if self.irq_line is not None:
+                self.irq_line.raise_spi(self.intid)
+
+    def _write_interrupt_ack(self, value):
+        self.interrupt_status &= ~value
+
+    def signal_used(self, queue):
+        """Interrupt the driver for new used buffers of ``queue`` unless it suppressed that."""
+        if queue.needs_notification():
+            self._interrupt(c.INT_USED_BUFFER)
+
+    def signal_config_change(self):
+        """The configuration changed: new ConfigGeneration, interrupt once DRIVER_OK."""
+        self.config_generation = (self.config_generation + 1) & _MASK32
+        if self.status & _DRIVER_OK:
+            self._interrupt(c.INT_CONFIG_CHANGE)
+
+    # -- configuration space -----------------------------------------------------------------
+
+    def _config_range_ok(self, offset, size, what):
+        if size not in (1, 2, 4) or offset % size or offset + size > len(self.device.config):
+            log.warning("%s: %d-byte config %s at 0x%x (config is %d bytes, 8/16/32-bit "
+                        "aligned accesses only); %s", self, size, what, offset,
+                        len(self.device.config), "reads 0" if what == "read" else "ignored")
+            return False
+        return True
+
+    def _read_config(self, offset, size):
+        if not self._config_range_ok(offset, size, "read"):
+            return 0
+        return int.from_bytes(self.device.config[offset:offset + size], "little")
+
+    def _write_config(self, offset, size, value):
+        if self._config_range_ok(offset, size, "write"):
+            self.device.write_config(offset, (value & ((1 << 8 * size) - 1)).to_bytes(size, "little"))

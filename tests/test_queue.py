@@ -1,0 +1,339 @@
+"""Split virtqueues and guest memory: every bad-input rule of the chain iterator."""
+
+import pytest
+
+from avatar_hw.hw.region import Region
+from avatar_hw.testing.virtio import RAM_BASE, RecordingDevice, VirtioBench
+from avatar_hw.virtio import constants as c
+from avatar_hw.virtio.constants import bit
+from avatar_hw.virtio.memory import GuestMemory, GuestMemoryError
+from avatar_hw.virtio.queue import Virtqueue
+
+RAM = 1 << 20
+NEXT, WRITE, INDIRECT = c.DESC_F_NEXT, c.DESC_F_WRITE, c.DESC_F_INDIRECT
+
+
+@pytest.fixture
+def bench():
+    b = VirtioBench(RecordingDevice(queue_sizes=(8, 8)))
+    b.rx, b.tx = b.driver.init([0, 1])
+    b.data = b.ram.alloc(4096)
+    yield b
+    b.check_guards()
+
+
+def offer(b, descs, *, head=0, table=None):
+    """Write descriptors (addr, len, flags, next) at ``head``.. and make ``head`` available."""
+    for i, d in enumerate(descs):
+        b.rx.write_desc(head + i, *d, table=table)
+    if table is None:
+        b.rx.make_available(head)
+    b.rx.notify()
+
+
+def used(b):
+    q = b.rx
+    out = []
+    while q.last_used_idx != q.used_idx():
+        out.append(q.ram.read(q.used + 4 + 8 * (q.last_used_idx % q.size), 8))
+        q.last_used_idx += 1
+    return [(int.from_bytes(e[:4], "little"), int.from_bytes(e[4:], "little")) for e in out]
+
+
+def needs_reset(b):
+    return bool(b.driver.status & c.STATUS_DEVICE_NEEDS_RESET)
+
+
+# -- guest memory ---------------------------------------------------------------------------------
+
+def test_guest_memory_views_and_bounds():
+    buf = bytearray(4096)
+    mem = GuestMemory(Region(buf), 0x1000, vm_id=3)
+    mem.view(0x1000, 4)[:] = b"abcd"
+    assert buf[:4] == b"abcd"
+    assert mem.view(0x1FFF, 1).nbytes == 1 and mem.view(0x2000, 0).nbytes == 0
+    mem.write32(0x1010, 0xDEADBEEF)
+    assert mem.read32(0x1010) == 0xDEADBEEF and mem.read16(0x1012) == 0xDEAD
+    mem.store_release16(0x1020, 7)
+    assert mem.load_acquire16(0x1020) == 7
+    for gpa, length in ((0xFFF, 2), (0x1FFF, 2), (0x2000, 1), (0, 1),
+                        (0xFFFFFFFFFFFFFFFF, 0x1002), (0x1000, -1)):
+        with pytest.raises(GuestMemoryError):
+            mem.view(gpa, length)
+    with pytest.raises(GuestMemoryError):
+        mem.read32(0x1002)          # misaligned
+    with pytest.raises(GuestMemoryError):
+        mem.read64(0x1FFC)
+    assert "vm3" in repr(mem)
+
+
+def test_view_is_not_a_copy():
+    buf = bytearray(64)
+    mem = GuestMemory(Region(buf), 0)
+    view = mem.view(8, 8)
+    buf[8] = 0x77
+    assert view[0] == 0x77
+
+
+def test_queue_max_size_must_be_power_of_two():
+    with pytest.raises(ValueError):
+        Virtqueue(0, 12)
+
+
+# -- good chains -----------------------------------------------------------------------------------
+
+def test_chain_readable_then_writable(bench):
+    b = bench
+    b.rx.post(readable=[b"hello", b"world"], writable=[3, 5])
+    b.rx.notify()
+    (_, head, readable, writable), = b.device.chains
+    assert readable == [b"hello", b"world"] and writable == [3, 5]
+    assert [(u.head, u.length, u.data) for u in b.rx.get_used()] == [(head, 8, b"\x5a" * 8)]
+
+
+def test_indirect_chain(bench):
+    b = bench
+    b.rx.post(readable=[b"abc"], writable=[4, 4], indirect=True)
+    b.rx.notify()
+    assert b.device.chains[0][2:] == ([b"abc"], [4, 4])
+    assert b.rx.get_used()[0].length == 8
+
+
+def test_direct_descriptors_then_indirect_table(bench):
+    b = bench
+    table = b.ram.alloc(32)
+    b.rx.write_desc(0, b.data, 2, WRITE | NEXT, 1, table=table)
+    b.rx.write_desc(1, b.data + 2, 2, WRITE, table=table)
+    offer(b, [(b.data + 8, 3, NEXT, 1), (table, 32, INDIRECT, 0)])
+    assert b.device.chains[0][2:] == ([bytes(3)], [2, 2])
+
+
+def test_zero_length_descriptor_is_allowed(bench):
+    offer(bench, [(bench.data, 0, WRITE, 0)])
+    assert used(bench) == [(0, 0)] and bench.device.chains[0][3] == [0]
+
+
+def test_each_chain_processed_once(bench):
+    b = bench
+    b.rx.post(writable=[4])
+    b.rx.notify()
+    b.rx.notify()
+    b.rx.notify()
+    assert len(b.device.chains) == 1 and len(used(b)) == 1
+
+
+def test_ring_wraps_past_65535(bench):
+    b = bench
+    b.device.queues[0].last_avail_idx = 0xFFFE
+    b.device.queues[0].used_idx = 0xFFFE
+    b.rx.set_avail_idx(0xFFFE)
+    b.rx.last_used_idx = 0xFFFE
+    for _ in range(4):
+        b.rx.post(writable=[1])
+    b.rx.notify()
+    assert len(b.rx.get_used()) == 4 and b.rx.used_idx() == 2
+
+
+# -- bad chains: completed with length 0 -------------------------------------------------------------
+
+def bad_chain(b, descs, **kw):
+    offer(b, descs, **kw)
+    assert used(b) == [(kw.get("head", 0), 0)]
+    assert b.device.chains == [] and not needs_reset(b)
+    assert b.device.queues[0].bad_chains == 1
+    # the queue keeps working
+    b.rx.free = list(range(1, 8)) if kw.get("head", 0) == 0 else b.rx.free
+    b.rx.post(writable=[2])
+    b.rx.notify()
+    assert len(b.device.chains) == 1
+
+
+def test_next_index_out_of_range(bench):
+    bad_chain(bench, [(bench.data, 4, NEXT, 8)])
+
+
+def test_loop_bounded_by_queue_size(bench):
+    bad_chain(bench, [(bench.data, 4, NEXT, 1), (bench.data, 4, NEXT, 0)])
+
+
+def test_self_loop(bench):
+    bad_chain(bench, [(bench.data, 4, NEXT, 0)])
+
+
+@pytest.mark.parametrize("addr,length", [
+    (RAM_BASE + RAM - 2, 4),            # runs off the end
+    (RAM_BASE - 4, 8),                  # starts before RAM
+    (0, 16),                            # another VM / nothing
+    (0xFFFFFFFFFFFFFFF0, 0x20),         # wraps past 2**64
+    (RAM_BASE, 0xFFFFFFFF),             # longer than RAM
+])
+def test_buffer_outside_ram(bench, addr, length):
+    bad_chain(bench, [(addr, length, WRITE, 0)])
+
+
+def test_readable_after_writable(bench):
+    bad_chain(bench, [(bench.data, 4, WRITE | NEXT, 1), (bench.data, 4, 0, 0)])
+
+
+def test_indirect_with_next(bench):
+    table = bench.ram.alloc(16)
+    bench.rx.write_desc(0, bench.data, 4, WRITE, table=table)
+    bad_chain(bench, [(table, 16, INDIRECT | NEXT, 1), (bench.data, 4, WRITE, 0)])
+
+
+@pytest.mark.parametrize("length", [0, 8, 24])
+def test_indirect_table_length(bench, length):
+    table = bench.ram.alloc(64)
+    bad_chain(bench, [(table, length, INDIRECT, 0)])
+
+
+def test_indirect_table_outside_ram(bench):
+    bad_chain(bench, [(RAM_BASE + RAM - 16, 32, INDIRECT, 0)])
+
+
+def test_indirect_inside_indirect(bench):
+    table = bench.ram.alloc(32)
+    inner = bench.ram.alloc(16)
+    bench.rx.write_desc(0, inner, 16, INDIRECT, table=table)
+    bad_chain(bench, [(table, 16, INDIRECT, 0)])
+
+
+def test_indirect_loop_bounded_by_table_size(bench):
+    table = bench.ram.alloc(32)
+    bench.rx.write_desc(0, bench.data, 4, NEXT, 1, table=table)
+    bench.rx.write_desc(1, bench.data, 4, NEXT, 0, table=table)
+    bad_chain(bench, [(table, 32, INDIRECT, 0)])
+
+
+def test_indirect_next_out_of_table(bench):
+    table = bench.ram.alloc(32)
+    bench.rx.write_desc(0, bench.data, 4, NEXT, 2, table=table)
+    bad_chain(bench, [(table, 32, INDIRECT, 0)])
+
+
+def test_indirect_without_feature():
+    b = VirtioBench(RecordingDevice())
+    b.rx, = b.driver.init([0], drop=bit(c.F_RING_INDIRECT_DESC))
+    b.data = b.ram.alloc(64)
+    table = b.ram.alloc(16)
+    b.rx.write_desc(0, b.data, 4, WRITE, table=table)
+    bad_chain(b, [(table, 16, INDIRECT, 0)])
+    b.check_guards()
+
+
+def test_chain_longer_than_4_gib():
+    b = VirtioBench(RecordingDevice(), ram_size=2 << 20)
+    b.rx, = b.driver.init([0])
+    entries = 4097                                    # 4097 x 1 MiB > 2**32 - 1
+    table = b.ram.alloc(16 * entries)
+    for i in range(entries):
+        b.rx.write_desc(i, RAM_BASE, 1 << 20, WRITE | (NEXT if i < entries - 1 else 0), i + 1,
+                        table=table)
+    bad_chain(b, [(table, 16 * entries, INDIRECT, 0)])
+
+
+# -- ring corruption: DEVICE_NEEDS_RESET ------------------------------------------------------------
+
+def test_avail_index_too_far_ahead(bench):
+    b = bench
+    b.rx.set_avail_idx(9)
+    b.rx.notify()
+    assert needs_reset(b) and b.device.chains == [] and used(b) == []
+    assert b.driver.interrupt_status() & c.INT_CONFIG_CHANGE
+
+
+def test_head_out_of_range(bench):
+    b = bench
+    b.rx.make_available(8)
+    b.rx.notify()
+    assert needs_reset(b) and b.device.chains == [] and used(b) == []
+
+
+def test_head_offered_twice_while_in_flight(bench):
+    b = bench
+    b.device.hold = True
+    b.rx.write_desc(0, b.data, 4, WRITE)
+    b.rx.make_available(0)
+    b.rx.make_available(0)
+    b.rx.notify()
+    assert len(b.device.chains) == 1 and needs_reset(b)
+
+
+def test_head_reused_after_completion_is_fine(bench):
+    b = bench
+    for _ in range(3):
+        offer(b, [(b.data, 4, WRITE, 0)])
+    assert len(b.device.chains) == 3 and used(b) == [(0, 4)] * 3 and not needs_reset(b)
+
+
+def test_add_used_of_head_not_in_flight_is_refused(bench):
+    queue = bench.device.queues[0]
+    assert queue.add_used(3, 10) is False
+    assert used(bench) == []
+
+
+def test_stale_chain_after_queue_reset_is_refused(bench):
+    b = bench
+    b.device.hold = True
+    b.rx.post(writable=[4])
+    b.rx.notify()
+    (_, chain), = b.device.held
+    queue = b.device.queues[0]
+    b.driver.write(c.REG_QUEUE_SEL, 0)
+    b.driver.write(c.REG_QUEUE_RESET, 1)
+    assert queue.add_used(chain.head, 4) is False
+
+
+# -- notification suppression ------------------------------------------------------------------------
+
+def test_event_idx_used_event_suppresses_interrupts(bench):
+    b = bench
+    b.rx.set_used_event(5)                   # interrupt only when used idx passes 5
+    for n in range(1, 8):
+        b.rx.post(writable=[1])
+        b.rx.notify()
+        want = [b.transport.intid] if n == 6 else []
+        assert b.irq.take() == want, n
+        b.driver.ack_interrupt()
+        b.rx.free = list(range(8))
+
+
+def test_event_idx_avail_event_tracks_consumption(bench):
+    b = bench
+    b.rx.post(writable=[1])
+    b.rx.post(writable=[1])
+    b.rx.notify()
+    assert b.rx.avail_event() == 2
+    old = b.rx.avail_idx
+    b.rx.post(writable=[1])
+    assert b.rx.needs_notify(old)
+
+
+def test_no_interrupt_flag_without_event_idx():
+    b = VirtioBench(RecordingDevice())
+    rx, = b.driver.init([0], drop=bit(c.F_RING_EVENT_IDX))
+    rx.set_avail_flags(c.AVAIL_F_NO_INTERRUPT)
+    rx.post(writable=[1])
+    rx.notify()
+    assert b.irq.take() == [] and b.driver.interrupt_status() == 0
+    rx.set_avail_flags(0)
+    rx.post(writable=[1])
+    rx.notify()
+    assert b.irq.take() == [b.transport.intid]
+
+
+def test_device_side_notification_control():
+    b = VirtioBench(RecordingDevice())
+    rx, = b.driver.init([0], drop=bit(c.F_RING_EVENT_IDX))
+    queue = b.device.queues[0]
+    assert queue.set_notification(False) is False
+    assert rx.used_flags() == c.USED_F_NO_NOTIFY
+    b.device.hold = True
+    rx.post(writable=[1])
+    assert queue.set_notification(True) is True and rx.used_flags() == 0
+
+
+def test_queue_describe_is_json_able(bench):
+    import json
+    json.dumps(bench.device.describe())
+    assert bench.device.describe()["queues"][0]["ready"] is True
