@@ -23,40 +23,11 @@ from avatar_hw.errors import AvatarError, DeviceNotFound
 from avatar_hw.hw import uio
 from avatar_hw.hw.uio import PAGE_SIZE, find_uio, list_uio
 from avatar_hw.loop import EventLoop
+from avatar_hw.testing.fake_uio import make_tree
 
 TRAP = ("avatar-trap", [(0x1FFF0000, 0x1000, 0, "trap")])
 GICD = ("avatar-gicd", [(0xFF841000, 0x1000, 0, None)])
 RAM = ("avatar-vm0-ram", [(0x20000000, 0x4000, 0, "ram"), (0x24000000, 0x1000, 0x100, "ctl")])
-
-
-def make_tree(root, devices, node="file"):
-    """sysfs and /dev for ``{number: (name, [(addr, size, offset, map name or None)])}``."""
-    sys_root, dev_root = root / "sys", root / "dev"
-    (sys_root / "class" / "uio").mkdir(parents=True)
-    dev_root.mkdir()
-    for number, (name, maps) in devices.items():
-        device = sys_root / "devices" / "platform" / f"{name}@0" / "uio" / f"uio{number}"
-        device.mkdir(parents=True)
-        (sys_root / "class" / "uio" / f"uio{number}").symlink_to(device)
-        (device / "name").write_text(name + "\n")
-        (device / "version").write_text("devicetree\n")
-        for index, (addr, size, offset, map_name) in enumerate(maps):
-            map_dir = device / "maps" / f"map{index}"
-            map_dir.mkdir(parents=True)
-            (map_dir / "addr").write_text(f"0x{addr:016x}\n")
-            (map_dir / "size").write_text(f"0x{size:016x}\n")
-            (map_dir / "offset").write_text(f"0x{offset:x}\n")
-            if map_name is not None:
-                (map_dir / "name").write_text(map_name + "\n")
-        dev_node = dev_root / f"uio{number}"
-        if node == "fifo":
-            os.mkfifo(dev_node)
-        else:
-            with open(dev_node, "wb") as f:      # each map's pages filled with its index + 1
-                for index, (_, size, _, _) in enumerate(maps):
-                    f.seek(index * PAGE_SIZE)
-                    f.write(bytes([index + 1]) * size)
-    return {"sysfs_root": str(sys_root), "dev_root": str(dev_root)}
 
 
 @pytest.fixture

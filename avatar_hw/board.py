@@ -1,0 +1,360 @@
+"""Board files: where a board's virtio windows, SPIs, trap page, guest RAM and GIC are.
+
+A board file (``boards/*.toml``, schema in docs/boards.md) is loaded with
+``load_board(path)`` into a ``Board``; every mistake is a ``ConfigError``
+naming the file, the key and the problem. ``Board.open_region(spec)`` maps a
+*region spec*, either a UIO map (on a board) or a window of a file (on the
+emulated board), so the daemon does not care which. Shipped boards are found
+by name (``rpi4``) in the checkout's boards/ or the installed copy.
+
+Also the ``avatar-hw layout`` command: every device slot's window and IRQ.
+"""
+
+import json
+import site
+import string
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AvatarError, ConfigError, DeviceNotFound
+from .hw.gic import FIRST_SPI, SPECIAL_INTIDS, VERSIONS, GicError, open_gic
+from .hw.region import Region
+from .hw.uio import find_uio
+from .layout import Layout
+
+BOARD_DIRS = (
+    Path(__file__).resolve().parent.parent / "boards",               # a checkout
+    Path(sys.prefix) / "share" / "avatar-hw" / "boards",              # pip install
+    Path(site.getuserbase()) / "share" / "avatar-hw" / "boards",      # pip install --user
+)
+DEFAULT_BOARD = "rpi4"
+PAGE = 0x1000                 # stage-2 granule: the hypervisor traps whole 4 KiB pages
+MIN_DEVICE_SIZE = 0x200       # virtio-mmio registers (0x100) and a device config space
+GIC_FRAME_SIZES = {"v2": 0x1000, "v3": 0x10000, "v2m": 0x1000}
+GICC_SIZE = 0x2000
+INTERRUPT_KINDS = ("gic", "stub")
+
+_REQUIRED = object()
+_KINDS = {int: "an integer", str: "a string", dict: "a table"}
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """How to reach a region: UIO device ``uio`` map ``map``, or ``size`` bytes of ``file``.
+
+    ``uio`` and ``file`` may contain ``{vm}``, replaced by the VM number.
+    """
+
+    uio: str | None = None
+    map: int = 0
+    file: str | None = None
+    offset: int = 0
+    size: int | None = None
+
+    @property
+    def template(self):
+        return self.uio if self.uio is not None else self.file
+
+    def name_for(self, vm=None):
+        if "{vm}" in self.template and vm is None:
+            raise ValueError(f"region {self.template} is per VM: give vm")
+        return self.template.format(vm=vm)
+
+
+@dataclass(frozen=True)
+class GicSpec:
+    version: str              # "v2", "v3" or "v2m"
+    distributor: int          # physical address of the distributor (v2m: of the frame)
+    cpu_interface: int | None  # GICv2 CPU interface, for the overlap check
+    lines: int                # interrupt lines the GIC implements (INTIDs 0..lines-1)
+    region: RegionSpec
+
+
+@dataclass(frozen=True)
+class Board:
+    path: Path
+    name: str
+    description: str
+    layout: Layout
+    interrupts: str           # "gic": the daemon writes the GIC; "stub": asks the stub
+    gic: GicSpec | None
+    trap: RegionSpec
+    ram: RegionSpec
+    ram_guest_base: int       # guest-physical address of the start of each VM's RAM
+
+    def open_region(self, spec, vm=None, *, sysfs_root="/sys", dev_root="/dev"):
+        """Map ``spec`` (for VM ``vm`` when it is per VM) as a ``Region``."""
+        name = spec.name_for(vm)
+        if spec.uio is not None:
+            return find_uio(name, sysfs_root=sysfs_root, dev_root=dev_root).map(spec.map)
+        try:
+            return Region.map_file(name, spec.size, offset=spec.offset)
+        except FileNotFoundError:
+            raise DeviceNotFound(f"{name}: no such file (a region of board file {self.path}); "
+                                 "is the emulated board running?") from None
+        except (OSError, ValueError) as err:
+            raise AvatarError(f"{name}: cannot map 0x{spec.size:x} bytes at offset "
+                              f"0x{spec.offset:x} (board file {self.path}): {err}") from None
+
+    def open_gic(self, *, sysfs_root="/sys", dev_root="/dev"):
+        """The GIC driver over the mapped ``[gic] region``; its ``regs`` is that Region."""
+        if self.gic is None:
+            raise AvatarError(f"{self.path}: board {self.name} has interrupts.kind = "
+                              f"{self.interrupts!r}, no [gic]")
+        regs = self.open_region(self.gic.region, sysfs_root=sysfs_root, dev_root=dev_root)
+        driver = open_gic(self.gic.version, regs)
+        last = last_irq(self.layout)
+        if self.layout.irq_base not in driver.spi_range or last not in driver.spi_range:
+            regs.close()
+            raise GicError(
+                f"{self.path}: the layout uses INTIDs {self.layout.irq_base}..{last} but the "
+                f"GIC{self.gic.version} at {regs.name} has SPIs {driver.spi_range.start}.."
+                f"{driver.spi_range.stop - 1}; fix [layout] or [gic] for this board")
+        return driver
+
+
+def last_irq(layout):
+    return layout.irq_base + layout.irqs_per_vm * layout.max_vms - 1
+
+
+# -- reading TOML tables ------------------------------------------------------------------
+
+class _Table:
+    """One TOML table, read key by key with type checks; ``done()`` refuses unread keys."""
+
+    def __init__(self, file, name, data):
+        self.file, self.name, self.data, self.read = file, name, data, []
+
+    def key(self, key):
+        return f"{self.name}.{key}" if self.name else key
+
+    def error(self, key, problem):
+        return ConfigError(self.file, self.key(key) if key else self.name, problem)
+
+    def get(self, key, kind, default=_REQUIRED):
+        self.read.append(key)
+        if key not in self.data:
+            if default is _REQUIRED:
+                raise self.error(key, f"missing; it must be {_KINDS[kind]}")
+            return default
+        value = self.data[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise self.error(key, f"must be {_KINDS[kind]}, not {type(value).__name__} "
+                                  f"{value!r}")
+        return value
+
+    def number(self, key, default=_REQUIRED, minimum=0):
+        value = self.get(key, int, default)
+        if value is not None and value < minimum:
+            raise self.error(key, f"must be at least {minimum}, not {value}")
+        return value
+
+    def choice(self, key, choices, default=_REQUIRED):
+        value = self.get(key, str, default)
+        if value not in choices:
+            raise self.error(key, f"must be one of {', '.join(map(repr, choices))}, "
+                                  f"not {value!r}")
+        return value
+
+    def table(self, key, default=_REQUIRED):
+        data = self.get(key, dict, default)
+        return None if data is None else _Table(self.file, self.key(key), data)
+
+    def done(self):
+        for key in self.data:
+            if key not in self.read:
+                what = "table" if not self.name else "key"
+                raise self.error(key, f"unknown {what}; expected one of {', '.join(self.read)}")
+
+
+def _region(table, key, per_vm):
+    spec = table.table(key)
+    if ("uio" in spec.data) == ("file" in spec.data):
+        raise spec.error(None, 'needs exactly one of uio = "NAME" or file = "PATH"')
+    if "uio" in spec.data:
+        region = RegionSpec(uio=spec.get("uio", str), map=spec.number("map", 0))
+    else:
+        path = Path(spec.get("file", str))
+        region = RegionSpec(file=str(Path(spec.file).parent / path),  # relative to the board file
+                            offset=spec.number("offset", 0), size=spec.number("size", minimum=1))
+    spec.done()
+    fields = {f for _, f, _, _ in string.Formatter().parse(region.template) if f is not None}
+    if not fields <= {"vm"}:
+        raise spec.error("uio" if region.uio else "file",
+                         f"{region.template!r}: the only placeholder allowed is {{vm}}")
+    if per_vm != ("vm" in fields):
+        problem = ("each VM has its own: put {vm} in the name" if per_vm
+                   else "one region shared by all VMs: no {vm} in the name")
+        raise spec.error("uio" if region.uio else "file", f"{region.template!r}: {problem}")
+    return region
+
+
+def _parse(file, data):
+    top = _Table(file, "", data)
+    board = top.table("board")
+    name, description = board.get("name", str), board.get("description", str, "")
+    board.done()
+
+    lay = top.table("layout")
+    layout = Layout(base=lay.number("base"), vm_size=lay.number("vm_size", minimum=1),
+                    device_size=lay.number("device_size", minimum=MIN_DEVICE_SIZE),
+                    irq_base=lay.number("irq_base", minimum=FIRST_SPI),
+                    irqs_per_vm=lay.number("irqs_per_vm", minimum=1),
+                    max_vms=lay.number("max_vms", minimum=1))
+    lay.done()
+
+    interrupts = top.table("interrupts", {})
+    kind = interrupts.choice("kind", INTERRUPT_KINDS, "gic")
+    interrupts.done()
+
+    gic_table = top.table("gic", None if kind == "stub" else _REQUIRED)
+    gic_spec = None
+    if gic_table is not None:
+        gic_spec = GicSpec(version=gic_table.choice("version", VERSIONS),
+                           distributor=gic_table.number("distributor"),
+                           cpu_interface=gic_table.number("cpu_interface", None),
+                           lines=gic_table.number("lines", minimum=FIRST_SPI + 1),
+                           region=_region(gic_table, "region", per_vm=False))
+        gic_table.done()
+
+    trap_table = top.table("trap")
+    trap = _region(trap_table, "region", per_vm=False)
+    trap_table.done()
+
+    ram_table = top.table("ram")
+    ram = _region(ram_table, "region", per_vm=True)
+    ram_guest_base = ram_table.number("guest_base")
+    ram_table.done()
+    top.done()
+    return Board(path=Path(file), name=name, description=description, layout=layout,
+                 interrupts=kind, gic=gic_spec, trap=trap, ram=ram, ram_guest_base=ram_guest_base)
+
+
+# -- checks across keys ---------------------------------------------------------------------
+
+def _check(board):
+    file, lay = board.path, board.layout
+    if lay.base % PAGE or lay.vm_size % PAGE:
+        key = "layout.base" if lay.base % PAGE else "layout.vm_size"
+        raise ConfigError(file, key, "must be a multiple of 0x1000: the hypervisor traps "
+                                     "whole 4 KiB pages")
+    if lay.vm_size % lay.device_size:
+        raise ConfigError(file, "layout.device_size", f"0x{lay.device_size:x} does not divide "
+                                                      f"layout.vm_size 0x{lay.vm_size:x}")
+    # One device per IRQ: each VM has irqs_per_vm devices, which must fit its window.
+    if lay.irqs_per_vm * lay.device_size > lay.vm_size:
+        raise ConfigError(file, "layout.irqs_per_vm",
+                          f"{lay.irqs_per_vm} devices (one per IRQ) of 0x{lay.device_size:x} "
+                          f"bytes need 0x{lay.irqs_per_vm * lay.device_size:x} bytes but "
+                          f"layout.vm_size is 0x{lay.vm_size:x}: they would overlap the next "
+                          "VM's window")
+    lines = board.gic.lines if board.gic else SPECIAL_INTIDS
+    if last_irq(lay) >= min(lines, SPECIAL_INTIDS):
+        raise ConfigError(file, "layout.max_vms",
+                          f"VM {lay.max_vms - 1}'s last device would get INTID {last_irq(lay)}, "
+                          f"past the GIC's {lines} lines (INTIDs up to {lines - 1}); lower "
+                          "max_vms or irqs_per_vm")
+    windows = (lay.base, lay.base + lay.max_vms * lay.vm_size)
+    others = [("ram.guest_base", board.ram_guest_base, board.ram_guest_base + 1)]
+    if board.gic:
+        start = board.gic.distributor
+        others.append(("gic.distributor", start, start + GIC_FRAME_SIZES[board.gic.version]))
+        if board.gic.cpu_interface is not None:
+            start = board.gic.cpu_interface
+            others.append(("gic.cpu_interface", start, start + GICC_SIZE))
+    for key, start, end in others:
+        if start < windows[1] and windows[0] < end:
+            raise ConfigError(file, key, f"0x{start:x}-0x{end - 1:x} lies inside the virtio "
+                                         f"windows 0x{windows[0]:x}-0x{windows[1] - 1:x} "
+                                         "([layout] base + max_vms * vm_size)")
+
+
+def load_board(path):
+    """Read and check a board file; ``ConfigError`` (file, key, problem) if anything is wrong."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, None, "no such board file; shipped boards: "
+                                      f"{', '.join(shipped_boards()) or 'none found'}") from None
+    except OSError as err:
+        raise ConfigError(path, None, f"cannot read: {err.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(path, None, f"not a TOML file: {err}") from None
+    board = _parse(path, data)
+    _check(board)
+    return board
+
+
+def shipped_boards():
+    """Names of the board files found in BOARD_DIRS."""
+    return sorted({p.stem for d in BOARD_DIRS if d.is_dir() for p in d.glob("*.toml")})
+
+
+def board_path(name_or_path):
+    """A path as given, or the shipped board file called ``name_or_path`` (e.g. ``rpi4``)."""
+    text = str(name_or_path)
+    if "/" in text or text.endswith(".toml"):
+        return Path(text)
+    for directory in BOARD_DIRS:
+        candidate = directory / f"{text}.toml"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(text, None, "no board file or shipped board of that name; shipped boards: "
+                                  f"{', '.join(shipped_boards()) or 'none found'}")
+
+
+# -- avatar-hw layout -------------------------------------------------------------------------
+
+def _hex(value):
+    return f"0x{value:08x}"
+
+
+def device_map(board, vms=None):
+    """Every device slot of the first ``vms`` VMs, as the JSON of ``avatar-hw layout --json``."""
+    lay = board.layout
+    vms = lay.max_vms if vms is None else vms
+    if not 1 <= vms <= lay.max_vms:
+        raise AvatarError(f"--vms {vms}: board {board.name} ({board.path}) has 1 to "
+                          f"{lay.max_vms} VMs")
+    result = []
+    for vm in range(vms):
+        first, last = lay.vm_window(vm)
+        devices = [{"slot": k, "base": _hex(lay.window(vm, k)),
+                    "end": _hex(lay.window(vm, k) + lay.device_size - 1), "irq": lay.irq(vm, k)}
+                   for k in range(lay.devices_per_vm)]
+        result.append({"vm": vm, "window": [_hex(first), _hex(last)],
+                       "irqs": [devices[0]["irq"], devices[-1]["irq"]], "devices": devices})
+    return {"board": board.name, "vms": result}
+
+
+def format_device_map(table):
+    lines = [f"board {table['board']}: {len(table['vms'])} VM(s), "
+             f"{len(table['vms'][0]['devices'])} devices per VM"]
+    for vm in table["vms"]:
+        lines.append(f"VM{vm['vm']}  {vm['window'][0]}-{vm['window'][1]}  "
+                     f"IRQs {vm['irqs'][0]}-{vm['irqs'][1]}")
+        lines += [f"  device {d['slot']}  {d['base']}-{d['end']}  IRQ {d['irq']}"
+                  for d in vm["devices"]]
+    return "\n".join(lines)
+
+
+def _layout_command(args):
+    table = device_map(load_board(board_path(args.board)), args.vms)
+    print(json.dumps(table, indent=2) if args.json else format_device_map(table))
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "layout", help="print every device slot's window and IRQ",
+        description="Print each VM's virtio-mmio window and every device slot's address "
+                    "range and SPI, as the board file defines them.")
+    parser.add_argument("--board", default=DEFAULT_BOARD,
+                        help="board file, or the name of a shipped board "
+                             f"(default: {DEFAULT_BOARD})")
+    parser.add_argument("--vms", type=int, help="how many VMs to show (default: all)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=_layout_command)

@@ -1,0 +1,278 @@
+"""Board files: the shipped boards, the layout command, every bad input, region specs."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from avatar_hw import cli
+from avatar_hw.board import BOARD_DIRS, board_path, load_board, shipped_boards
+from avatar_hw.errors import AvatarError, ConfigError, DeviceNotFound
+from avatar_hw.hw.gic import GicError, GicV2Distributor
+from avatar_hw.layout import Layout
+from avatar_hw.testing.fake_uio import make_tree
+
+BOARDS = Path(__file__).resolve().parent.parent / "boards"
+RPI4 = (BOARDS / "rpi4.toml").read_text()
+SEED = Layout(base=0x0A000000, vm_size=0x10000, device_size=0x1000, irq_base=48,
+              irqs_per_vm=8, max_vms=8)
+
+
+@pytest.mark.parametrize("name, gicd, gicc, lines", [
+    ("rpi4", 0xFF841000, 0xFF842000, 256),
+    ("rpi4-high-peri", 0x4C0041000, 0x4C0042000, 256),
+    ("qemu-virt", 0x08000000, 0x08010000, 288)])
+def test_shipped_boards_load(name, gicd, gicc, lines):
+    board = load_board(board_path(name))
+    assert board.name == name and board.layout == SEED
+    assert (board.interrupts, board.gic.version, board.gic.distributor, board.gic.cpu_interface,
+            board.gic.lines) == ("gic", "v2", gicd, gicc, lines)
+    assert (board.gic.region.uio, board.trap.uio, board.ram.uio) == (
+        "avatar-gicd", "avatar-trap", "avatar-vm{vm}-ram")
+    assert board.ram.name_for(1) == "avatar-vm1-ram"
+    assert board.ram_guest_base == 0x40000000
+
+
+def test_board_names_resolve_to_the_shipped_files():
+    assert board_path("rpi4") == BOARD_DIRS[0] / "rpi4.toml" == BOARDS / "rpi4.toml"
+    assert board_path("my/board") == Path("my/board")
+    assert board_path("mine.toml") == Path("mine.toml")
+    assert shipped_boards() == ["qemu-virt", "rpi4", "rpi4-high-peri"]
+    with pytest.raises(ConfigError, match="^rpi5: no board file or shipped board of that name; "
+                                          "shipped boards: qemu-virt, rpi4, rpi4-high-peri$"):
+        board_path("rpi5")
+
+
+# -- avatar-hw layout ---------------------------------------------------------------------
+
+def expected_rpi4_two_vms():
+    """The seed's map: VM v at 0x0a000000 + v * 0x10000, device k at + k * 0x1000, SPIs 48 + 8v + k."""
+    vms = []
+    for vm, (first, last, irqs) in enumerate([("0x0a000000", "0x0a00ffff", [48, 55]),
+                                              ("0x0a010000", "0x0a01ffff", [56, 63])]):
+        base = int(first, 16)
+        vms.append({"vm": vm, "window": [first, last], "irqs": irqs, "devices": [
+            {"slot": k, "base": f"0x{base + k * 0x1000:08x}",
+             "end": f"0x{base + k * 0x1000 + 0xfff:08x}", "irq": irqs[0] + k} for k in range(8)]})
+    return {"board": "rpi4", "vms": vms}
+
+
+def run_cli(capsys, *argv):
+    status = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_layout_json_for_rpi4_two_vms(capsys):
+    status, out, err = run_cli(capsys, "layout", "--board", "boards/rpi4.toml", "--vms", "2",
+                               "--json")
+    assert (status, err) == (0, "")
+    assert json.loads(out) == expected_rpi4_two_vms()
+    assert json.loads(out)["vms"][1]["devices"][7] == {
+        "slot": 7, "base": "0x0a017000", "end": "0x0a017fff", "irq": 63}
+
+
+def test_layout_text_for_rpi4_two_vms(capsys):
+    status, out, _ = run_cli(capsys, "layout", "--board", str(BOARDS / "rpi4.toml"), "--vms", "2")
+    lines = ["board rpi4: 2 VM(s), 8 devices per VM"]
+    for vm in expected_rpi4_two_vms()["vms"]:
+        lines.append(f"VM{vm['vm']}  {vm['window'][0]}-{vm['window'][1]}  "
+                     f"IRQs {vm['irqs'][0]}-{vm['irqs'][1]}")
+        lines += [f"  device {d['slot']}  {d['base']}-{d['end']}  IRQ {d['irq']}"
+                  for d in vm["devices"]]
+    assert status == 0 and out == "\n".join(lines) + "\n"
+    assert "VM1  0x0a010000-0x0a01ffff  IRQs 56-63\n" in out
+    assert "  device 3  0x0a003000-0x0a003fff  IRQ 51\n" in out
+
+
+def test_layout_defaults_to_rpi4_with_all_vms(capsys, monkeypatch):
+    monkeypatch.chdir("/")                      # found without the checkout as working dir
+    status, out, _ = run_cli(capsys, "layout", "--json")
+    table = json.loads(out)
+    assert status == 0 and table["board"] == "rpi4" and len(table["vms"]) == 8
+    assert table["vms"][7]["irqs"] == [104, 111]
+
+
+@pytest.mark.parametrize("vms", ["0", "9", "-1"])
+def test_layout_refuses_vm_counts_the_board_does_not_have(capsys, vms):
+    status, out, err = run_cli(capsys, "layout", "--board", "rpi4", "--vms", vms)
+    assert (status, out) == (2, "")
+    assert err == f"avatar-hw: --vms {vms}: board rpi4 ({BOARDS / 'rpi4.toml'}) has 1 to 8 VMs\n"
+
+
+def test_layout_reports_a_bad_board_file_in_one_line(capsys, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(RPI4.replace("irq_base = 48", "irq_base = 16"))
+    status, _, err = run_cli(capsys, "layout", "--board", str(bad))
+    assert status == 2
+    assert err == f"avatar-hw: {bad}: layout.irq_base: must be at least 32, not 16\n"
+
+
+# -- bad board files ----------------------------------------------------------------------
+
+def edited(old, new):
+    assert old in RPI4, old
+    return RPI4.replace(old, new)
+
+
+BAD = {
+    "missing key": (edited("irq_base = 48 ", "#"), "layout.irq_base",
+                    "missing; it must be an integer"),
+    "missing table": (edited("[trap]\nregion", "[x]\nregion"), "trap",
+                      "missing; it must be a table"),
+    "string for a number": (edited("base = 0x0a000000", 'base = "0x0a000000"'), "layout.base",
+                            "must be an integer, not str '0x0a000000'"),
+    "bool for a number": (edited("max_vms = 8", "max_vms = true"), "layout.max_vms",
+                          "must be an integer, not bool True"),
+    "number for a string": (edited('name = "rpi4"', "name = 4"), "board.name",
+                            "must be a string, not int 4"),
+    "unknown key": (edited("max_vms = 8", "max_vms = 8\nmax_vm = 2"), "layout.max_vm",
+                    "unknown key; expected one of base, vm_size, device_size, irq_base, "
+                    "irqs_per_vm, max_vms"),
+    "unknown table": (RPI4 + "\n[network]\ntap = 1\n", "network",
+                      "unknown table; expected one of board, layout, interrupts, gic, trap, ram"),
+    "unknown GIC version": (edited('version = "v2"', 'version = "v4"'), "gic.version",
+                            "must be one of 'v2', 'v3', 'v2m', not 'v4'"),
+    "unknown interrupt kind": (RPI4 + '[interrupts]\nkind = "msi"\n', "interrupts.kind",
+                               "must be one of 'gic', 'stub', not 'msi'"),
+    "region without uio or file": (edited('{ uio = "avatar-gicd" }', '{ uoi = "avatar-gicd" }'),
+                                   "gic.region", 'needs exactly one of uio = "NAME" or file = '
+                                                 '"PATH"'),
+    "region with both": (edited('{ uio = "avatar-trap" }',
+                                '{ uio = "avatar-trap", file = "t", size = 1 }'),
+                         "trap.region", "needs exactly one of"),
+    "region with a file key on uio": (edited('{ uio = "avatar-trap" }',
+                                             '{ uio = "avatar-trap", size = 4096 }'),
+                                      "trap.region.size", "unknown key; expected one of uio, map"),
+    "file region without size": (edited('{ uio = "avatar-trap" }', '{ file = "trap.bin" }'),
+                                 "trap.region.size", "missing; it must be an integer"),
+    "RAM shared by VMs": (edited('"avatar-vm{vm}-ram"', '"avatar-ram"'), "ram.region.uio",
+                          "'avatar-ram': each VM has its own: put {vm} in the name"),
+    "trap per VM": (edited('"avatar-trap"', '"avatar-trap{vm}"'), "trap.region.uio",
+                    "one region shared by all VMs: no {vm} in the name"),
+    "other placeholder": (edited('"avatar-vm{vm}-ram"', '"avatar-{name}-ram"'), "ram.region.uio",
+                          "the only placeholder allowed is {vm}"),
+    "SPI below 32": (edited("irq_base = 48", "irq_base = 16"), "layout.irq_base",
+                     "must be at least 32, not 16"),
+    "IRQ past the GIC's lines": (edited("lines = 256", "lines = 100"), "layout.max_vms",
+                                 "VM 7's last device would get INTID 111, past the GIC's 100 "
+                                 "lines (INTIDs up to 99); lower max_vms or irqs_per_vm"),
+    "IRQ in the special range": (edited("max_vms = 8", "max_vms = 200").replace(
+                                     "lines = 256", "lines = 1020"), "layout.max_vms",
+                                 "would get INTID 1647, past the GIC's 1020 lines"),
+    "more devices than the window holds": (
+        edited("vm_size = 0x10000", "vm_size = 0x4000"), "layout.irqs_per_vm",
+        "8 devices (one per IRQ) of 0x1000 bytes need 0x8000 bytes but layout.vm_size is 0x4000: "
+        "they would overlap the next VM's window"),
+    "device slots not dividing the window": (edited("device_size = 0x1000", "device_size = 0x1800"),
+                                             "layout.device_size",
+                                             "0x1800 does not divide layout.vm_size 0x10000"),
+    "device too small": (edited("device_size = 0x1000", "device_size = 0x100"),
+                         "layout.device_size", "must be at least 512, not 256"),
+    "window not page aligned": (edited("base = 0x0a000000", "base = 0x0a000800"), "layout.base",
+                                "must be a multiple of 0x1000"),
+    "GIC inside the windows": (edited("distributor = 0xff841000", "distributor = 0x0a020000"),
+                               "gic.distributor", "0xa020000-0xa020fff lies inside the virtio "
+                                                  "windows 0xa000000-0xa07ffff"),
+    "CPU interface inside the windows": (edited("cpu_interface = 0xff842000",
+                                                "cpu_interface = 0x09fff000"),
+                                         "gic.cpu_interface", "0x9fff000-0xa000fff lies inside"),
+    "RAM inside the windows": (edited("guest_base = 0x40000000", "guest_base = 0x0a001000"),
+                               "ram.guest_base", "lies inside the virtio windows"),
+    "not TOML": ("this is not toml\n", None, "not a TOML file: "),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_board_file_is_one_line_naming_file_and_key(tmp_path, case):
+    text, key, problem = BAD[case]
+    path = tmp_path / "board.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_board(path)
+    message = str(err.value)
+    assert "\n" not in message
+    where = f"{path}: {key}: " if key else f"{path}: "
+    assert message.startswith(where) and problem in message[len(where):], message
+    assert (err.value.file, err.value.key) == (str(path), key)
+
+
+def test_gic_table_is_required_for_gic_interrupts(tmp_path):
+    path = tmp_path / "board.toml"
+    path.write_text(RPI4[:RPI4.index("[gic]")] + RPI4[RPI4.index("[trap]"):])
+    with pytest.raises(ConfigError, match=r"board.toml: gic: missing; it must be a table$"):
+        load_board(path)
+
+
+def test_stub_interrupts_need_no_gic(tmp_path):
+    path = tmp_path / "board.toml"
+    path.write_text(RPI4[:RPI4.index("[gic]")] + '[interrupts]\nkind = "stub"\n' +
+                    RPI4[RPI4.index("[trap]"):])
+    board = load_board(path)
+    assert board.interrupts == "stub" and board.gic is None
+    with pytest.raises(AvatarError, match="interrupts.kind = 'stub', no \\[gic\\]"):
+        board.open_gic()
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, "no such board file; shipped boards: qemu-virt, rpi4, rpi4-high-peri"),
+    (b"\xff\xfe\x00binary", "not a TOML file: "),
+    ("dir", "cannot read: Is a directory")])
+def test_unreadable_board_files(tmp_path, content, problem):
+    path = tmp_path / "board.toml"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_board(path)
+    assert str(err.value).startswith(f"{path}: {problem}") and "\n" not in str(err.value)
+
+
+# -- opening regions ------------------------------------------------------------------------
+
+def test_file_regions_resolve_relative_to_the_board_file(tmp_path):
+    for name, fill in (("trap.bin", 1), ("ram0.bin", 2), ("ram1.bin", 3)):
+        (tmp_path / name).write_bytes(bytes([fill]) * 0x3000)
+    path = tmp_path / "emulated.toml"
+    path.write_text(edited('{ uio = "avatar-trap" }', '{ file = "trap.bin", size = 0x1000 }')
+                    .replace('{ uio = "avatar-vm{vm}-ram" }',
+                             '{ file = "ram{vm}.bin", offset = 0x1000, size = 0x2000 }'))
+    board = load_board(path)
+    with board.open_region(board.trap) as trap:
+        assert trap.size == 0x1000 and trap.read8(0) == 1
+    with board.open_region(board.ram, vm=1) as ram:
+        ram.write32(0, 0xFEEDFACE)
+        assert ram.size == 0x2000 and ram.read8(0x1FFF) == 3
+    assert (tmp_path / "ram1.bin").read_bytes()[0x1000:0x1004] == (0xFEEDFACE).to_bytes(4, "little")
+    with pytest.raises(ValueError, match="per VM: give vm"):
+        board.open_region(board.ram)
+    with pytest.raises(DeviceNotFound, match=rf"^{tmp_path}/ram2.bin: no such file \(a region of "
+                                             rf"board file {path}\)"):
+        board.open_region(board.ram, vm=2)
+
+
+def test_uio_regions_and_the_gic_through_a_fake_tree(tmp_path):
+    tree = make_tree(tmp_path, {0: ("avatar-trap", [(0x1FFF0000, 0x1000, 0, None)]),
+                                1: ("avatar-vm1-ram", [(0x20000000, 0x2000, 0, None)]),
+                                2: ("avatar-gicd", [(0xFF841000, 0x1000, 0, None)])})
+    board = load_board(BOARDS / "rpi4.toml")
+    with board.open_region(board.ram, vm=1, **tree) as ram:
+        assert (ram.name, ram.phys_addr, ram.size) == ("avatar-vm1-ram", 0x20000000, 0x2000)
+    with pytest.raises(DeviceNotFound, match="UIO device 'avatar-vm0-ram' not found"):
+        board.open_region(board.ram, vm=0, **tree)
+
+    gicd_node = Path(tree["dev_root"]) / "uio2"
+    with open(gicd_node, "r+b") as node:
+        os.pwrite(node.fileno(), (7).to_bytes(4, "little"), 4)      # GICD_TYPER: 256 lines
+    driver = board.open_gic(**tree)
+    assert isinstance(driver, GicV2Distributor) and driver.lines == 256
+    driver.raise_spi(48)
+    assert driver.regs.read32(0x204) == 1 << 16
+    driver.regs.close()
+    with open(gicd_node, "r+b") as node:
+        os.pwrite(node.fileno(), (2).to_bytes(4, "little"), 4)      # 96 lines: too few
+    with pytest.raises(GicError, match=r"layout uses INTIDs 48\.\.111 but the GICv2 at "
+                                       r"avatar-gicd has SPIs 32\.\.95"):
+        board.open_gic(**tree)
