@@ -1,0 +1,263 @@
+"""The model side of the trap page (docs/trap-abi.md).
+
+``TrapPage`` validates the page the stub initialised, attaches (announcing the
+features it accepts), answers posted slots through a handler with the shape of
+``Subsystem.handle_mmio_trap(addr, value, is_write, size) -> (handled, value)``
+and detaches on a clean exit. The slot and header views are ctypes structures
+made once over the mapping; slot ``state`` words are read with load-acquire
+and written with store-release at precomputed addresses, so serving a trap
+allocates no views.
+
+A slot whose fields make no sense (a size of 3, an unknown direction, an
+address outside the VM's own virtio window) is answered UNHANDLED with a
+logged warning, and an exception from the handler is logged and answered
+UNHANDLED too: nothing posted can stop the daemon.
+"""
+
+import logging
+import os
+import time
+
+from . import abi
+from .hw import ordering
+
+log = logging.getLogger(__name__)
+
+_SIZES = (1, 2, 4, 8)
+_MASKS = {size: (1 << (8 * size)) - 1 for size in _SIZES}
+_WARN_FIRST, _WARN_EVERY = 10, 1000
+
+
+class StubNotReady(abi.AbiMismatch):
+    """The stub has not (yet) initialised the trap page."""
+
+
+class TrapStats:
+    """Counters for ``avatar-hw info``."""
+
+    def __init__(self):
+        self.served = 0
+        self.unhandled = 0
+        self.malformed = 0
+        self.posted_writes = 0
+        self.handler_errors = 0
+
+    def as_dict(self):
+        return dict(vars(self))
+
+
+class TrapPage:
+    """The trap page in ``region`` (at least ``abi.PAGE_SIZE`` bytes), for a ``layout``.
+
+    ``trace``, if given, is called after every answered trap as
+    ``trace(vm_id, vcpu_id, gpa, size, is_write, value, status, latency_ns)``;
+    ``latency_ns`` is the model's service time (POSTED seen to state written).
+    """
+
+    def __init__(self, region, layout, *, trace=None):
+        if region.size < abi.PAGE_SIZE:
+            raise abi.AbiMismatch(f"{region.name}: trap page is {region.size} bytes, "
+                                  f"expected at least {abi.PAGE_SIZE}")
+        self.region = region
+        self.layout = layout
+        self.trace = trace
+        self.stats = TrapStats()
+        self.header = abi.Header.from_buffer(region.view(0, abi.SLOTS_OFFSET))
+        self.features = 0
+        self.busy_poll = False
+        self.slots = ()
+        self._state_addrs = ()
+        self._warnings = 0
+
+    # -- attach / detach ----------------------------------------------------------
+
+    def stub_ready(self):
+        return self.region.load_acquire32(abi.STUB_STATE_OFFSET) == abi.STUB_READY
+
+    def wait_ready(self, timeout):
+        """Wait up to ``timeout`` seconds for the stub to finish initialising the page."""
+        deadline = time.monotonic() + timeout
+        while not self.stub_ready():
+            if time.monotonic() >= deadline:
+                raise StubNotReady(
+                    f"{self.region.name}: the hypervisor stub has not initialised the trap page "
+                    f"(stub_state is not READY after {timeout:g} s): start the hypervisor (or the "
+                    f"emulated board) first, or check the trap UIO name in the board file")
+            time.sleep(0.01)
+        abi.check_header(self.header, where=self.region.name)
+        self._make_slot_views()
+
+    def _make_slot_views(self):
+        count = self.header.slot_count
+        self.slots = tuple(
+            abi.Slot.from_buffer(self.region.view(abi.SLOTS_OFFSET + i * abi.SLOT_SIZE,
+                                                  abi.SLOT_SIZE))
+            for i in range(count))
+        base = self.region.address + abi.SLOTS_OFFSET + abi.STATE_OFFSET
+        self._state_addrs = tuple(base + i * abi.SLOT_SIZE for i in range(count))
+
+    def attach(self, *, wanted=abi.SUPPORTED_FEATURES, busy_poll=False):
+        """Accept ``wanted & stub_features`` and publish ATTACHED (store-release).
+
+        Refuses when another avatar-hw process that is still running is attached.
+        Slots left POSTED by a model that died are served by the next ``service``.
+        """
+        if not self.slots:
+            self.wait_ready(0)
+        header = self.header
+        if header.model_state == abi.MODEL_ATTACHED and _is_avatar_process(header.model_pid):
+            raise abi.AbiMismatch(
+                f"{self.region.name}: already served by avatar-hw PID {header.model_pid}: "
+                f"stop that daemon first (one model per trap page)")
+        if header.model_state == abi.MODEL_ATTACHED:
+            log.info("taking over the trap page from PID %d, which is gone", header.model_pid)
+        self.features = header.stub_features & wanted
+        self.busy_poll = busy_poll
+        header.model_features = self.features
+        header.model_pid = os.getpid()
+        header.model_sleeping = 0 if busy_poll else 1
+        self.region.store_release32(abi.MODEL_STATE_OFFSET, abi.MODEL_ATTACHED)
+        log.info("attached to %s: ABI %d.%d, %d slots, features 0x%x (stub offers 0x%x)",
+                 self.region.name, header.abi_major, header.abi_minor, len(self.slots),
+                 self.features, header.stub_features)
+
+    def detach(self, handler):
+        """Publish DETACHED, then answer what was posted before the stub could see it."""
+        self.region.store_release32(abi.MODEL_STATE_OFFSET, abi.MODEL_DETACHED)
+        ordering.fence()
+        self.serve_posted(handler)
+        self.header.model_sleeping = 0
+        self.header.model_pid = 0
+        log.info("detached from %s", self.region.name)
+
+    # -- serving --------------------------------------------------------------------
+
+    def service(self, handler):
+        """Answer every posted slot, then (unless busy-polling) arm the doorbell.
+
+        Before the caller blocks, ``model_sleeping`` is set, a full fence
+        orders it before the re-scan, and slots posted meanwhile are served:
+        the stub posts, fences and reads ``model_sleeping``, so either it
+        rings or this re-scan sees its slot (docs/trap-abi.md, "Notification").
+        """
+        header = self.header
+        total = 0
+        while True:
+            header.model_sleeping = 0
+            while (served := self.serve_posted(handler)):
+                total += served
+            if self.busy_poll:
+                return total
+            header.model_sleeping = 1
+            ordering.fence()
+            if not self.any_posted():
+                return total
+
+    def any_posted(self):
+        load = ordering.load_acquire32
+        for addr in self._state_addrs:
+            if load(addr) == abi.SLOT_POSTED:
+                return True
+        return False
+
+    def serve_posted(self, handler):
+        """One pass over the slots; returns how many were answered."""
+        load = ordering.load_acquire32
+        served = 0
+        for index, addr in enumerate(self._state_addrs):
+            if load(addr) == abi.SLOT_POSTED:
+                self._serve(index, addr, handler)
+                served += 1
+        return served
+
+    def _serve(self, index, state_addr, handler):
+        start = time.perf_counter_ns()
+        slot = self.slots[index]
+        is_write = slot.direction == abi.DIR_WRITE
+        size = slot.size
+        status, value = self._answer(index, slot, handler)
+        posted = slot.flags & abi.SLOT_F_POSTED_WRITE
+        if posted and is_write:
+            # The guest already resumed and the stub is not waiting: free the slot.
+            ordering.store_release32(state_addr, abi.SLOT_FREE)
+            self.stats.posted_writes += 1
+        else:
+            if posted:
+                self._warn("slot %d: posted-write flag on a read of 0x%x: answered normally",
+                           index, slot.gpa)
+            if not is_write:
+                slot.data = value
+            slot.status = status
+            ordering.store_release32(state_addr, abi.SLOT_DONE)
+        self.stats.served += 1
+        if status != abi.STATUS_OK:
+            self.stats.unhandled += 1
+        if self.trace is not None:
+            self.trace(slot.vm_id, slot.vcpu_id, slot.gpa, size, is_write,
+                       slot.data if is_write else value, status,
+                       time.perf_counter_ns() - start)
+
+    def _answer(self, index, slot, handler):
+        """``(status, read value)`` for a posted slot; never raises."""
+        gpa, size, vm_id = slot.gpa, slot.size, slot.vm_id
+        problem = None
+        if size not in _MASKS:
+            problem = f"access size {size}"
+        elif slot.direction not in (abi.DIR_READ, abi.DIR_WRITE):
+            problem = f"direction {slot.direction}"
+        elif gpa % size:
+            problem = f"{size}-byte access at 0x{gpa:x} not aligned"
+        elif slot.direction == abi.DIR_WRITE and slot.data & ~_MASKS[size]:
+            problem = f"write value 0x{slot.data:x} wider than {size} bytes"
+        else:
+            where = self.layout.locate(gpa)
+            if where is None:
+                return abi.STATUS_UNHANDLED, 0      # no device there: the stub's policy
+            if where[0] != vm_id:
+                problem = f"address 0x{gpa:x} is in VM {where[0]}'s window"
+        if problem is not None:
+            self.stats.malformed += 1
+            self._warn("slot %d (VM %d vCPU %d): %s: answered UNHANDLED",
+                       index, vm_id, slot.vcpu_id, problem)
+            return abi.STATUS_UNHANDLED, 0
+        is_write = slot.direction == abi.DIR_WRITE
+        try:
+            handled, value = handler(gpa, slot.data if is_write else 0, is_write, size)
+        except Exception:  # the trap path must answer whatever a device does
+            self.stats.handler_errors += 1
+            log.exception("slot %d: handler failed on %s of %d bytes at 0x%x",
+                          index, "write" if is_write else "read", size, gpa)
+            return abi.STATUS_UNHANDLED, 0
+        if not handled:
+            return abi.STATUS_UNHANDLED, 0
+        return abi.STATUS_OK, (value or 0) & _MASKS[size]
+
+    def _warn(self, message, *args):
+        """Rate-limited warning: the first few, then one in ``_WARN_EVERY``."""
+        self._warnings += 1
+        if self._warnings <= _WARN_FIRST or self._warnings % _WARN_EVERY == 0:
+            log.warning(message + " (%d so far)", *args, self._warnings)
+
+    # -- introspection -----------------------------------------------------------------
+
+    def info(self):
+        header = self.header
+        return {
+            "abi": f"{header.abi_major}.{header.abi_minor}",
+            "slots": len(self.slots),
+            "stub_features": header.stub_features,
+            "model_features": self.features,
+            "busy_poll": self.busy_poll,
+            **self.stats.as_dict(),
+        }
+
+
+def _is_avatar_process(pid):
+    """True if ``pid`` runs avatar-hw (a live model we must not steal the page from)."""
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return False
+    return b"avatar" in cmdline

@@ -1,0 +1,277 @@
+"""The model side of the trap page against the stand-in stub's side, on one shared page."""
+
+import logging
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from avatar_hw import abi
+from avatar_hw.hw.region import Region
+from avatar_hw.layout import Layout
+from avatar_hw.testing.standin_stub import StubPage
+from avatar_hw.trap import StubNotReady, TrapPage
+
+LAYOUT = Layout()
+VM0_DEV0 = LAYOUT.window(0, 0)
+VM1_DEV0 = LAYOUT.window(1, 0)
+
+
+class Recorder:
+    """A handler answering reads with a register file; records every call."""
+
+    def __init__(self):
+        self.calls = []
+        self.registers = {}
+
+    def __call__(self, addr, value, is_write, size):
+        self.calls.append((addr, value, is_write, size))
+        if LAYOUT.locate(addr)[1] != 0:
+            return False, 0                      # only device 0 exists
+        if is_write:
+            self.registers[addr] = value
+            return True, 0
+        return True, self.registers.get(addr, 0)
+
+
+@pytest.fixture
+def page():
+    region = Region(bytearray(abi.PAGE_SIZE), name="test trap page")
+    rings = []
+    stub = StubPage(region, ring=lambda: rings.append(1))
+    stub.initialise(slot_count=4)
+    trap = TrapPage(region, LAYOUT)
+    trap.wait_ready(0)
+    trap.attach()
+    stub.rings_list = rings
+    return stub, trap
+
+
+def exchange(stub, trap, handler, *args, **kw):
+    """Post one trap, let the model serve it, return the stub's ``(status, data)``."""
+    stub.begin(*args, **kw)
+    trap.service(handler)
+    return stub.finish(args[0])
+
+
+def test_attach_publishes_accepted_features_pid_and_state(page):
+    stub, trap = page
+    h = stub.header
+    assert h.model_state == abi.MODEL_ATTACHED
+    assert h.model_features == abi.SUPPORTED_FEATURES & h.stub_features
+    assert h.model_pid > 0
+    assert h.model_sleeping == 1
+
+
+def test_model_accepts_only_features_the_stub_offers():
+    region = Region(bytearray(abi.PAGE_SIZE))
+    StubPage(region).initialise(1, features=abi.F_POSTED_WRITES | (1 << 7))
+    trap = TrapPage(region, LAYOUT)
+    trap.attach()
+    assert trap.header.model_features == abi.F_POSTED_WRITES
+
+
+def test_read_and_write_round_trip(page):
+    stub, trap = page
+    handler = Recorder()
+    assert exchange(stub, trap, handler, 0, 0, VM0_DEV0 + 0x70, 4, True, 0x0F) == (0, 0)
+    assert exchange(stub, trap, handler, 1, 0, VM0_DEV0 + 0x70, 4, False) == (0, 0x0F)
+    assert handler.calls == [(VM0_DEV0 + 0x70, 0x0F, True, 4), (VM0_DEV0 + 0x70, 0, False, 4)]
+    assert trap.stats.served == 2
+
+
+def test_read_result_is_zero_extended_to_the_access_size(page):
+    stub, trap = page
+    assert exchange(stub, trap, lambda *a: (True, 0x1_2345_6789), 0, 0, VM0_DEV0 + 0x100, 2,
+                    False) == (abi.STATUS_OK, 0x6789)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(gpa=VM0_DEV0 + 0x1000 * 9, size=4, is_write=False),     # no device slot there
+    dict(gpa=0x4000_0000, size=4, is_write=False),                # guest RAM, not the window
+    dict(gpa=VM0_DEV0 + 0x70, size=3, is_write=False),            # size 3
+    dict(gpa=VM0_DEV0 + 0x70, size=4, is_write=False, direction=7),
+    dict(gpa=VM1_DEV0 + 0x70, size=4, is_write=True, value=0),   # VM 0 in VM 1's window
+    dict(gpa=VM0_DEV0 + 0x72, size=4, is_write=False),            # not aligned
+    dict(gpa=VM0_DEV0 + 0x70, size=1, is_write=True, value=0x1FF),  # value wider than size
+    dict(gpa=VM0_DEV0 + 0x70, size=4, is_write=False, vm_id=0xFFFF),
+])
+def test_malformed_traps_get_unhandled_and_the_model_keeps_serving(page, fields, caplog):
+    stub, trap = page
+    handler = Recorder()
+    fields = dict(fields)
+    raw = {k: fields.pop(k) for k in ("direction", "vm_id") if k in fields}
+    status, data = exchange(stub, trap, handler, 0, 0, fields.pop("gpa"), fields.pop("size"),
+                            fields.pop("is_write"), fields.pop("value", 0), raw=raw)
+    assert (status, data) == (abi.STATUS_UNHANDLED, 0)
+    # Only a well-formed access to an empty device slot reaches the handler (which declines).
+    assert all(LAYOUT.locate(c[0])[1] != 0 for c in handler.calls)
+    assert exchange(stub, trap, handler, 0, 0, VM0_DEV0, 4, False) == (abi.STATUS_OK, 0)
+
+
+def test_garbage_in_every_slot_field_never_raises(page):
+    stub, trap = page
+    handler = Recorder()
+    for pattern in (0x00, 0xFF, 0xA5, 0x5A):
+        raw = dict(seq=pattern * 0x01010101, size=pattern, direction=pattern, flags=pattern,
+                   status=pattern, vm_id=pattern * 0x101, vcpu_id=pattern * 0x101,
+                   data=pattern * 0x0101010101010101, gpa=pattern * 0x0101010101010101)
+        stub.begin(0, 0, VM0_DEV0, 4, False, raw=raw)
+        trap.service(handler)
+        state = stub.region.read32(abi.SLOTS_OFFSET)
+        assert state in (abi.SLOT_DONE, abi.SLOT_FREE)
+        if state == abi.SLOT_DONE:
+            assert stub.slots[0].status == abi.STATUS_UNHANDLED
+            stub.region.store_release32(abi.SLOTS_OFFSET, abi.SLOT_FREE)
+    assert trap.stats.malformed == 4
+
+
+def test_handler_exception_is_logged_and_answered_unhandled(page, caplog):
+    stub, trap = page
+
+    def broken(*args):
+        raise RuntimeError("device bug")
+
+    with caplog.at_level(logging.ERROR, logger="avatar_hw.trap"):
+        assert exchange(stub, trap, broken, 0, 0, VM0_DEV0, 4, False) == (1, 0)
+    assert "device bug" in caplog.text
+    assert trap.stats.handler_errors == 1
+
+
+def test_posted_write_is_handled_and_the_model_frees_the_slot(page):
+    stub, trap = page
+    handler = Recorder()
+    stub.begin(0, 0, VM0_DEV0 + 0x50, 4, True, 1, posted=True)
+    trap.service(handler)
+    assert stub.region.read32(abi.SLOTS_OFFSET) == abi.SLOT_FREE
+    assert handler.calls == [(VM0_DEV0 + 0x50, 1, True, 4)]
+    assert trap.stats.posted_writes == 1
+
+
+def test_stub_rings_only_while_the_model_sleeps(page):
+    stub, trap = page
+    handler = Recorder()
+    exchange(stub, trap, handler, 0, 0, VM0_DEV0, 4, False)
+    assert stub.rings == 1 and stub.header.model_sleeping == 1
+    stub.header.model_sleeping = 0          # as while the model is scanning
+    exchange(stub, trap, handler, 0, 0, VM0_DEV0, 4, False)
+    assert stub.rings == 1
+
+
+def test_rescan_before_sleeping_serves_a_trap_posted_without_a_ring(page):
+    """A post that read model_sleeping == 0 (no ring) is served by the re-scan."""
+    stub, trap = page
+    handler = Recorder()
+    original_fence = trap.any_posted
+
+    def post_during_rescan():
+        # The stub posts between the model's scan and its fenced re-check.
+        stub.header.model_sleeping = 0
+        stub.begin(0, 0, VM0_DEV0, 4, False)
+        trap.any_posted = original_fence
+        return original_fence()
+
+    trap.any_posted = post_during_rescan
+    trap.service(handler)
+    assert stub.rings == 0
+    assert stub.finish(0) == (abi.STATUS_OK, 0)
+
+
+def test_busy_poll_keeps_model_sleeping_clear():
+    region = Region(bytearray(abi.PAGE_SIZE))
+    stub = StubPage(region)
+    stub.initialise(1)
+    trap = TrapPage(region, LAYOUT)
+    trap.attach(busy_poll=True)
+    assert exchange(stub, trap, Recorder(), 0, 0, VM0_DEV0, 4, False) == (0, 0)
+    assert stub.rings == 0 and stub.header.model_sleeping == 0
+
+
+def test_detach_answers_what_was_posted_then_stub_stops_posting(page):
+    stub, trap = page
+    handler = Recorder()
+    stub.begin(0, 0, VM0_DEV0, 4, True, 5)
+    trap.detach(handler)
+    assert stub.finish(0) == (abi.STATUS_OK, 0)
+    assert stub.header.model_state == abi.MODEL_DETACHED and stub.header.model_pid == 0
+    # Detached: the stub answers read-as-zero / write-ignored itself, nothing is posted.
+    assert stub.post(0, 0, VM0_DEV0, 4, True, 6) == (abi.STATUS_UNHANDLED, 0)
+    assert handler.calls == [(VM0_DEV0, 5, True, 4)]
+
+
+def test_a_new_model_serves_what_a_dead_one_left_posted(page):
+    stub, trap = page
+    stub.begin(2, 0, VM0_DEV0, 4, False)    # the old model dies before answering
+    successor = TrapPage(stub.region, LAYOUT)
+    successor.attach()
+    successor.service(Recorder())
+    assert stub.finish(2) == (abi.STATUS_OK, 0)
+
+
+def test_attach_refused_while_another_avatar_process_serves(page):
+    stub, _ = page
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "avatar-hw"])
+    try:
+        stub.header.model_pid = other.pid
+        with pytest.raises(abi.AbiMismatch, match=f"PID {other.pid}"):
+            TrapPage(stub.region, LAYOUT).attach()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_not_ready_bad_magic_and_major_are_refused_with_one_line():
+    region = Region(bytearray(abi.PAGE_SIZE), name="/dev/uio0")
+    with pytest.raises(StubNotReady, match="has not initialised"):
+        TrapPage(region, LAYOUT).wait_ready(0.05)
+    StubPage(region).initialise(1, magic=0x12345678)
+    with pytest.raises(abi.AbiMismatch, match="magic 0x12345678"):
+        TrapPage(region, LAYOUT).wait_ready(0)
+    StubPage(region).initialise(1, major=2)
+    with pytest.raises(abi.AbiMismatch, match="trap ABI 2.0") as err:
+        TrapPage(region, LAYOUT).wait_ready(0)
+    assert "\n" not in str(err.value)
+
+
+def test_newer_minor_is_accepted():
+    region = Region(bytearray(abi.PAGE_SIZE))
+    StubPage(region).initialise(1, minor=abi.ABI_MINOR + 3)
+    TrapPage(region, LAYOUT).attach()
+
+
+def test_trace_reports_every_trap(page):
+    stub, trap = page
+    seen = []
+    trap.trace = lambda *record: seen.append(record)
+    exchange(stub, trap, Recorder(), 1, 0, VM0_DEV0 + 0x70, 4, True, 3)
+    vm, vcpu, gpa, size, is_write, value, status, latency = seen[0]
+    assert (vm, vcpu, gpa, size, is_write, value, status) == (0, 1, VM0_DEV0 + 0x70, 4, True,
+                                                              3, abi.STATUS_OK)
+    assert latency >= 0
+
+
+def test_many_traps_from_concurrent_vcpus_are_each_answered_once(page):
+    """Four stub threads (vCPUs) post while the model serves: every write lands once."""
+    stub, trap = page
+    handler = Recorder()
+    done = []
+
+    def vcpu(n):
+        try:
+            for i in range(300):
+                assert stub.post(n, 0, VM0_DEV0 + 0x100 + 4 * n, 4, True, i) == (0, 0)
+        finally:
+            done.append(n)
+
+    threads = [threading.Thread(target=vcpu, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    while len(done) < 4:
+        trap.service(handler)
+    for t in threads:
+        t.join()
+    writes = [c for c in handler.calls if c[2]]
+    assert len(writes) == 1200
+    for n in range(4):
+        assert [c[1] for c in writes if c[0] == VM0_DEV0 + 0x100 + 4 * n] == list(range(300))
