@@ -336,11 +336,12 @@ class VirtioDriver:
     def driver_ok(self):
         return self.set_status(c.STATUS_DRIVER_OK)
 
-    def init(self, queues, features=None, *, drop=0, buf_size=4096):
-        """negotiate + set up ``queues`` (indices) + DRIVER_OK; returns the DriverQueues."""
+    def init(self, queues, features=None, *, drop=0, buf_size=4096, size=None):
+        """negotiate + set up ``queues`` (indices, each of ``size`` entries, default
+        QueueNumMax) + DRIVER_OK; returns the DriverQueues."""
         ok, _ = self.negotiate(features, drop=drop)
         if not ok:
             raise AssertionError(f"FEATURES_OK refused (status 0x{self.status:x})")
-        out = [self.setup_queue(i, buf_size=buf_size) for i in queues]
+        out = [self.setup_queue(i, size, buf_size=buf_size) for i in queues]
         self.driver_ok()
         return out

@@ -1,0 +1,358 @@
+"""virtio-console (device ID 3, VirtIO 1.2 section 5.3).
+
+Port 0 uses receiveq 0 / transmitq 1. With VIRTIO_CONSOLE_F_MULTIPORT the
+control queues are 2 (device -> driver) and 3 (driver -> device), and port
+``p >= 1`` uses queues ``2 + 2p`` / ``3 + 2p``; named ports appear in a Linux
+guest as /dev/vportNpM with /sys/class/virtio-ports/vportNpM/name.
+VIRTIO_CONSOLE_F_SIZE (offered when ``size`` is given) reports cols/rows;
+VIRTIO_CONSOLE_F_EMERG_WRITE takes single characters through ``emerg_wr``.
+
+Flow control (nothing lost):
+
+* host -> guest: a port reads its backend only while it holds a guest
+  receive buffer (and, for a multiport port other than the console, while
+  the guest has it open: Linux discards data for closed ports); otherwise it
+  pauses the backend's reader and resumes when the guest posts buffers.
+* guest -> host: a transmit buffer is handed to the backend, which writes or
+  buffers (bounded) what it can; the buffer goes back to the guest only when
+  all its bytes are accepted. Until then the port holds it and takes no
+  more from the transmit queue; the backend calls back when it drained.
+* emergency writes have no flow control in the spec: they are buffered up
+  to ``EMERG_LIMIT`` bytes and counted as errors beyond that.
+
+Control messages (multiport): the driver's DEVICE_READY gets a DEVICE_ADD
+per port; each PORT_READY gets CONSOLE_PORT (port 0), PORT_NAME (named
+ports) and PORT_OPEN 1 (the host side is always open: output is buffered or
+flow-controlled while no client is connected); the driver's PORT_OPEN
+opens and closes the guest side.
+"""
+
+import collections
+import logging
+import struct
+
+from ..backends.console import open_console_backend, skip_views
+from ..virtio.constants import ID_CONSOLE, bit
+from ..virtio.device import VirtioDevice
+
+log = logging.getLogger(__name__)
+
+F_SIZE, F_MULTIPORT, F_EMERG_WRITE = 0, 1, 2
+
+DEVICE_READY, DEVICE_ADD, DEVICE_REMOVE, PORT_READY = 0, 1, 2, 3
+CONSOLE_PORT, RESIZE, PORT_OPEN, PORT_NAME = 4, 5, 6, 7
+
+CONFIG = struct.Struct("<HHII")          # cols, rows, max_nr_ports, emerg_wr
+CONTROL = struct.Struct("<IHH")          # id, event, value
+EMERG_WR_OFFSET = 8
+QUEUE_SIZE, CONTROL_QUEUE_SIZE = 256, 32
+EMERG_LIMIT = 64 * 1024
+
+
+class ConsolePort:
+    """One port: its two queues, its backend, and the flow-control state of each direction."""
+
+    def __init__(self, device, port_id, rx_index, tx_index, backend, name=None):
+        self.device, self.id, self.name = device, port_id, name
+        self.rx_index, self.tx_index = rx_index, tx_index
+        self.backend = backend
+        self.guest_open = False
+        self._rx_chain = None
+        self._tx_chain = None
+        self._tx_views = None
+        self._tx_left = 0
+        self._input_paused = False
+
+    @property
+    def rxq(self):
+        return self.device.queues[self.rx_index]
+
+    @property
+    def txq(self):
+        return self.device.queues[self.tx_index]
+
+    def reset(self):
+        """Drop chains held from the guest (their queues are being reset)."""
+        self._rx_chain = self._tx_chain = self._tx_views = None
+        self._tx_left = 0
+        self.guest_open = False
+
+    # -- host -> guest ---------------------------------------------------------------------------
+
+    def fill_rx(self):
+        """Move backend input into guest receive buffers while both exist."""
+        device, rxq = self.device, self.rxq
+        if not (device.active and rxq.ready and self.guest_open):
+            self._pause_input()
+            return
+        completed = False
+        while True:
+            if self._rx_chain is None:
+                chain = rxq.pop()
+                if chain is None:
+                    self._pause_input()
+                    break
+                if not chain.writable_len:
+                    log.warning("%s port %d: receive buffer with no writable part; "
+                                "returned empty", device.name, self.id)
+                    rxq.add_used(chain.head, 0)
+                    completed = True
+                    continue
+                self._rx_chain = chain
+            self._resume_input()
+            n = self.backend.readinto(self._rx_chain.writable)
+            if not n:
+                break
+            rxq.add_used(self._rx_chain.head, n)
+            device.count(bytes_to_guest=n)
+            self._rx_chain = None
+            completed = True
+        if completed:
+            device.signal_used(rxq)
+
+    def _pause_input(self):
+        if not self._input_paused:
+            self._input_paused = True
+            self.backend.pause_input()
+
+    def _resume_input(self):
+        if self._input_paused:
+            self._input_paused = False
+            self.backend.resume_input()
+
+    # -- guest -> host ---------------------------------------------------------------------------
+
+    def drain_tx(self):
+        """Hand transmit buffers to the backend; return each once all its bytes are accepted."""
+        device, txq = self.device, self.txq
+        if not (device.active and txq.ready):
+            return
+        completed = False
+        while True:
+            if self._tx_chain is None:
+                chain = txq.pop()
+                if chain is None:
+                    break
+                self._tx_chain, self._tx_views, self._tx_left = (
+                    chain, chain.readable, chain.readable_len)
+            accepted = self.backend.write(self._tx_views, self._tx_left) if self._tx_left else 0
+            if accepted < self._tx_left:
+                self._tx_left -= accepted
+                self._tx_views = skip_views(self._tx_views, accepted)
+                device.count(requests=0, bytes_from_guest=accepted)
+                break                       # the backend calls back when it drained
+            device.count(bytes_from_guest=accepted)
+            txq.add_used(self._tx_chain.head, 0)
+            self._tx_chain = self._tx_views = None
+            completed = True
+        if completed:
+            device.signal_used(txq)
+
+
+class ConsoleDevice(VirtioDevice):
+    """A virtio console.
+
+    ``backend``: port 0's host side (URL, list of URLs, ``ConsoleBackend`` or
+    None). ``ports``: {name: backend spec} for named ports 1.. (offers
+    MULTIPORT; ``multiport=True`` offers it with port 0 only). ``size``:
+    (cols, rows) to offer VIRTIO_CONSOLE_F_SIZE. ``limit``: output buffer
+    bound per endpoint.
+    """
+
+    device_id = ID_CONSOLE
+    name = "console"
+
+    def __init__(self, backend=None, *, ports=None, size=None, multiport=None, emerg_write=True,
+                 limit=None):
+        ports = dict(ports or {})
+        multiport = bool(ports) if multiport is None else multiport
+        if ports and not multiport:
+            raise ValueError("named console ports need multiport")
+        features = ((bit(F_SIZE) if size else 0) | (bit(F_MULTIPORT) if multiport else 0)
+                    | (bit(F_EMERG_WRITE) if emerg_write else 0))
+        nports = 1 + len(ports)
+        queue_sizes = [QUEUE_SIZE, QUEUE_SIZE]
+        if multiport:
+            queue_sizes += [CONTROL_QUEUE_SIZE, CONTROL_QUEUE_SIZE] + [QUEUE_SIZE] * (2 * len(ports))
+        cols, rows = size or (0, 0)
+        super().__init__(queue_sizes=queue_sizes, features=features,
+                         config=CONFIG.pack(cols, rows, nports if multiport else 0, 0))
+        kw = {} if limit is None else {"limit": limit}
+        self.ports = [ConsolePort(self, 0, 0, 1, open_console_backend(backend, **kw))]
+        for i, (port_name, spec) in enumerate(ports.items(), start=1):
+            self.ports.append(ConsolePort(self, i, 2 + 2 * i, 3 + 2 * i,
+                                          open_console_backend(spec, **kw), port_name))
+        self._port_by_queue = {}
+        for port in self.ports:
+            self._port_by_queue[port.rx_index] = (port, port.fill_rx)
+            self._port_by_queue[port.tx_index] = (port, port.drain_tx)
+        self._control_out = collections.deque()     # device -> driver messages waiting
+        self._emerg = bytearray()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def attach(self, loop):
+        super().attach(loop)
+        for port in self.ports:
+            port.backend.attach(loop, port.fill_rx, lambda port=port: self._drained(port))
+            port.fill_rx()                        # not active yet: pauses the reader
+
+    def detach(self):
+        for port in self.ports:
+            port.backend.close()
+        super().detach()
+
+    def activate(self):
+        if not self.has_feature(F_MULTIPORT):
+            self.ports[0].guest_open = True       # a single console port is always open
+        self._service_all()
+
+    def reset(self):
+        for port in self.ports:
+            port.reset()
+            port.fill_rx()                        # pauses input until the next activation
+        self._control_out.clear()
+
+    def queue_reset(self, index):
+        if index in self._port_by_queue:
+            port, _ = self._port_by_queue[index]
+            if index == port.rx_index:
+                port._rx_chain = None
+            else:
+                port._tx_chain = port._tx_views = None
+                port._tx_left = 0
+
+    def _service_all(self):
+        for port in self.ports:
+            port.fill_rx()
+            port.drain_tx()
+
+    # -- queues ----------------------------------------------------------------------------------
+
+    def queue_notify(self, index):
+        entry = self._port_by_queue.get(index)
+        if entry is not None:
+            entry[1]()
+        elif index == 2:
+            self._flush_control()
+        elif index == 3:
+            self._read_control()
+
+    def _drained(self, port):
+        if port.id == 0 and self._emerg:
+            self._flush_emerg()
+        port.drain_tx()
+
+    # -- configuration ---------------------------------------------------------------------------
+
+    def write_config(self, offset, data):
+        if offset == EMERG_WR_OFFSET and self.has_feature(F_EMERG_WRITE):
+            self._emergency_write(data[0])
+        else:
+            super().write_config(offset, data)
+
+    def _emergency_write(self, char):
+        if len(self._emerg) >= EMERG_LIMIT:
+            self.counters["errors"] += 1
+            return
+        self._emerg.append(char)
+        self._flush_emerg()
+
+    def _flush_emerg(self):
+        view = memoryview(self._emerg)
+        n = self.ports[0].backend.write([view], len(self._emerg))
+        view.release()
+        del self._emerg[:n]
+        self.count(requests=0, bytes_from_guest=n)
+
+    def resize(self, cols, rows):
+        """New terminal size: config (F_SIZE) and, with multiport, a RESIZE message for port 0."""
+        self.update_config(0, struct.pack("<HH", cols, rows))
+        if self.has_feature(F_MULTIPORT):
+            self._send_control(0, RESIZE, 0, struct.pack("<HH", rows, cols))
+
+    # -- control queues (multiport) -----------------------------------------------------------------
+
+    def _send_control(self, port_id, event, value, payload=b""):
+        self._control_out.append(CONTROL.pack(port_id, event, value) + payload)
+        self._flush_control()
+
+    def _flush_control(self):
+        queue = self.queues[2] if len(self.queues) > 2 else None
+        if queue is None or not (self.active and queue.ready):
+            return
+        completed = False
+        while self._control_out:
+            chain = queue.pop()
+            if chain is None:
+                break
+            message = self._control_out.popleft()
+            n = _scatter(message, chain.writable)
+            if n < len(message):
+                log.warning("console: control buffer of %d bytes too small for a %d-byte "
+                            "message; truncated", chain.writable_len, len(message))
+            queue.add_used(chain.head, n)
+            completed = True
+        if completed:
+            self.signal_used(queue)
+
+    def _read_control(self):
+        queue = self.queues[3]
+        for chain in queue:
+            message = b"".join(bytes(v) for v in chain.readable)[:CONTROL.size]
+            queue.add_used(chain.head, 0)
+            if len(message) < CONTROL.size:
+                log.warning("console: short control message (%d bytes); ignored", len(message))
+                continue
+            self._handle_control(*CONTROL.unpack(message))
+        self.signal_used(queue)
+
+    def _handle_control(self, port_id, event, value):
+        if event == DEVICE_READY:
+            if value != 1:
+                log.warning("console: driver failed to set up (DEVICE_READY %d)", value)
+                return
+            for port in self.ports:
+                self._send_control(port.id, DEVICE_ADD, 0)
+            return
+        if port_id >= len(self.ports):
+            log.warning("console: control event %d for unknown port %d; ignored", event, port_id)
+            return
+        port = self.ports[port_id]
+        if event == PORT_READY:
+            if value != 1:
+                log.warning("console: driver could not add port %d", port_id)
+                return
+            if port_id == 0:
+                self._send_control(0, CONSOLE_PORT, 1)
+                port.guest_open = True
+            if port.name:
+                self._send_control(port_id, PORT_NAME, 1, port.name.encode())
+            self._send_control(port_id, PORT_OPEN, 1)
+            port.fill_rx()
+        elif event == PORT_OPEN:
+            port.guest_open = bool(value) or port_id == 0
+            port.fill_rx()
+        else:
+            log.warning("console: unexpected control event %d from the driver; ignored", event)
+
+    # -- introspection ----------------------------------------------------------------------------
+
+    def info(self):
+        out = super().info()
+        out["ports"] = [{"id": p.id, "name": p.name, "guest_open": p.guest_open,
+                         "endpoints": [ep.url for ep in p.backend.endpoints],
+                         "buffered": p.backend.buffered} for p in self.ports]
+        return out
+
+
+def _scatter(data, views):
+    """Copy ``data`` into ``views`` in order; the number of bytes copied."""
+    done = 0
+    for view in views:
+        if done >= len(data):
+            break
+        take = min(len(view), len(data) - done)
+        view[:take] = data[done:done + take]
+        done += take
+    return done

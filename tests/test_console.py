@@ -1,0 +1,462 @@
+"""virtio-console: ports, control queues, size, emergency write, host endpoints, flow control."""
+
+import hashlib
+import os
+import socket
+import struct
+import time
+
+import pytest
+
+from avatar_hw.backends.console import (ConsoleBackend, open_console_backend, open_endpoint)
+from avatar_hw.devices import console as con
+from avatar_hw.devices.console import ConsoleDevice
+from avatar_hw.errors import ConfigError
+from avatar_hw.loop import EventLoop
+from avatar_hw.testing.virtio import VirtioBench
+from avatar_hw.virtio import constants as c
+from avatar_hw.virtio.constants import bit
+
+
+@pytest.fixture
+def loop():
+    lp = EventLoop()
+    yield lp
+    lp.close()
+
+
+class Console:
+    """A console device in a VM, its port-0 endpoint a Unix socket with a connected client."""
+
+    def __init__(self, tmp_path, loop, *, ram_size=8 << 20, **kw):
+        self.loop = loop
+        self.path = str(tmp_path / "con.sock")
+        self.device = ConsoleDevice(f"unix:{self.path}", **kw)
+        self.bench = VirtioBench(self.device, loop=loop, ram_size=ram_size)
+        self.driver = self.bench.driver
+        self.client = socket.socket(socket.AF_UNIX)
+        self.client.connect(self.path)
+        self.client.setblocking(False)
+        self.spin()
+
+    def spin(self, rounds=3):
+        for _ in range(rounds):
+            self.loop.run_once(0)
+
+    def recv(self, wait=1.0):
+        deadline, out = time.monotonic() + wait, b""
+        while time.monotonic() < deadline:
+            self.spin()
+            try:
+                out += self.client.recv(1 << 20)
+            except BlockingIOError:
+                if out:
+                    break
+        return out
+
+    def close(self):
+        self.client.close()
+        self.bench.subsystem.close()
+        self.bench.check_guards()
+
+
+@pytest.fixture
+def console(tmp_path, loop):
+    con_ = Console(tmp_path, loop)
+    yield con_
+    con_.close()
+
+
+def test_output_reaches_the_host(console):
+    rx, tx = console.driver.init([0, 1])
+    tx.post(readable=[b"hello ", b"world\n"])
+    tx.notify()
+    assert console.recv() == b"hello world\n"
+    used = tx.get_used()
+    assert [(u.length) for u in used] == [0]
+    assert console.device.counters["bytes_from_guest"] == 12
+
+
+def test_input_reaches_the_guest(console):
+    rx, tx = console.driver.init([0, 1])
+    rx.post(writable=[64])
+    rx.notify()
+    console.client.send(b"typed")
+    console.spin()
+    assert [u.data for u in rx.get_used()] == [b"typed"]
+    assert console.driver.interrupt_status() & c.INT_USED_BUFFER
+
+
+def test_input_waits_without_receive_buffers(console):
+    rx, tx = console.driver.init([0, 1])
+    console.client.send(b"early")
+    console.spin()
+    ep = console.device.ports[0].backend.endpoints[0]
+    assert not ep._reading                       # reader removed: nothing read, nothing lost
+    rx.post(writable=[3])
+    rx.notify()
+    console.spin()
+    rx.post(writable=[64])
+    rx.notify()
+    console.spin()
+    assert b"".join(u.data for u in rx.get_used()) == b"early"
+
+
+def test_input_before_driver_ok_waits(console):
+    console.client.send(b"boot")
+    console.spin()
+    rx, tx = console.driver.init([0, 1])
+    rx.post(writable=[64])
+    rx.notify()
+    console.spin()
+    assert [u.data for u in rx.get_used()] == [b"boot"]
+
+
+def test_receive_buffer_without_writable_part_is_returned(console):
+    rx, tx = console.driver.init([0, 1])
+    rx.post(readable=[b"x"])
+    rx.notify()
+    assert [u.length for u in rx.get_used()] == [0]
+
+
+def test_output_is_held_while_no_client(tmp_path, loop):
+    path = str(tmp_path / "c.sock")
+    b = VirtioBench(ConsoleDevice(f"unix:{path}", limit=4096), loop=loop, ram_size=4 << 20)
+    rx, tx = b.driver.init([0, 1])
+    tx.post(readable=[b"a" * 3000])
+    tx.post(readable=[b"b" * 3000])
+    tx.notify()
+    loop.run_once(0)
+    # first buffer fits the bound and is returned; the second waits in the guest
+    assert [u.length for u in tx.get_used()] == [0]
+    assert b.device.ports[0].backend.buffered == 4096
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(path)
+    got = b""
+    for _ in range(50):
+        loop.run_once(0.01)
+        client.setblocking(False)
+        try:
+            got += client.recv(65536)
+        except BlockingIOError:
+            pass
+        if len(got) == 6000:
+            break
+    assert got == b"a" * 3000 + b"b" * 3000
+    assert len(tx.get_used()) == 1
+    client.close()
+    b.subsystem.close()
+
+
+def test_client_reconnect_keeps_unsent_output(console):
+    rx, tx = console.driver.init([0, 1])
+    console.client.close()
+    console.spin()
+    tx.post(readable=[b"while away"])
+    tx.notify()
+    console.spin()
+    console.client = socket.socket(socket.AF_UNIX)
+    console.client.connect(console.path)
+    console.client.setblocking(False)
+    assert console.recv() == b"while away"
+
+
+# -- features ----------------------------------------------------------------------------------------
+
+def test_features_offered(tmp_path, loop):
+    plain = ConsoleDevice()
+    assert plain.features & 7 == bit(con.F_EMERG_WRITE)
+    full = ConsoleDevice(size=(80, 25), ports={"a": None})
+    assert full.features & 7 == 7
+    assert len(full.queues) == 6
+    assert struct.unpack("<HHII", full.config) == (80, 25, 2, 0)
+    with pytest.raises(ValueError):
+        ConsoleDevice(ports={"a": None}, multiport=False)
+
+
+def test_size_and_resize(tmp_path, loop):
+    con_ = Console(tmp_path, loop, size=(80, 25))
+    d = con_.driver
+    d.init([0, 1])
+    assert (d.read_config(0, 2), d.read_config(2, 2)) == (80, 25)
+    gen = d.read(c.REG_CONFIG_GENERATION)
+    d.ack_interrupt()
+    con_.device.resize(132, 43)
+    assert (d.read_config(0, 2), d.read_config(2, 2)) == (132, 43)
+    assert d.read(c.REG_CONFIG_GENERATION) != gen
+    assert d.interrupt_status() == c.INT_CONFIG_CHANGE
+    con_.close()
+
+
+def test_emergency_write(console):
+    console.driver.init([0, 1])
+    for ch in b"panic!":
+        console.driver.write_config(con.EMERG_WR_OFFSET, ch, 4)
+    assert console.recv() == b"panic!"
+
+
+def test_emergency_write_needs_the_feature(console):
+    console.driver.init([0, 1], drop=bit(con.F_EMERG_WRITE))
+    console.driver.write_config(con.EMERG_WR_OFFSET, ord("x"), 4)
+    assert console.recv(0.2) == b""
+
+
+def control(port, event, value, payload=b""):
+    return struct.pack("<IHH", port, event, value) + payload
+
+
+def control_messages(queue):
+    out = []
+    for u in queue.get_used():
+        port, event, value = struct.unpack("<IHH", u.data[:8])
+        out.append((port, event, value, u.data[8:]))
+    return out
+
+
+def test_multiport_named_ports(tmp_path, loop):
+    named = str(tmp_path / "named.sock")
+    con_ = Console(tmp_path, loop, ports={"org.avatar.log": f"unix:{named}"})
+    d = con_.driver
+    queues = d.init(range(6))
+    rx0, tx0, c_ivq, c_ovq, rx1, tx1 = queues
+    for _ in range(4):
+        c_ivq.post(writable=[128])
+    c_ivq.notify()
+    c_ovq.post(readable=[control(0, con.DEVICE_READY, 1)])
+    c_ovq.notify()
+    assert control_messages(c_ivq) == [(0, con.DEVICE_ADD, 0, b""), (1, con.DEVICE_ADD, 0, b"")]
+    for _ in range(8):
+        c_ivq.post(writable=[128])
+    c_ivq.notify()
+    c_ovq.post(readable=[control(0, con.PORT_READY, 1)])
+    c_ovq.post(readable=[control(1, con.PORT_READY, 1)])
+    c_ovq.notify()
+    assert control_messages(c_ivq) == [
+        (0, con.CONSOLE_PORT, 1, b""), (0, con.PORT_OPEN, 1, b""),
+        (1, con.PORT_NAME, 1, b"org.avatar.log"), (1, con.PORT_OPEN, 1, b"")]
+    # the named port's input waits until the guest opens the port
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(named)
+    con_.spin()
+    client.send(b"to port 1")
+    rx1.post(writable=[64])
+    rx1.notify()
+    con_.spin()
+    assert rx1.get_used() == []
+    c_ovq.post(readable=[control(1, con.PORT_OPEN, 1)])
+    c_ovq.notify()
+    con_.spin()
+    assert [u.data for u in rx1.get_used()] == [b"to port 1"]
+    tx1.post(readable=[b"from port 1"])
+    tx1.notify()
+    con_.spin()
+    assert client.recv(100) == b"from port 1"
+    # port 0 still goes to its own endpoint
+    tx0.post(readable=[b"console"])
+    tx0.notify()
+    assert con_.recv() == b"console"
+    # resize with multiport: a RESIZE control message (rows, cols)
+    con_.device.resize(100, 30)
+    assert control_messages(c_ivq) == [(0, con.RESIZE, 0, struct.pack("<HH", 30, 100))]
+    assert con_.device.info()["ports"][1]["guest_open"] is True
+    client.close()
+    con_.close()
+
+
+def test_control_message_edge_cases(tmp_path, loop):
+    con_ = Console(tmp_path, loop, multiport=True)
+    d = con_.driver
+    _, _, c_ivq, c_ovq = d.init(range(4))
+    c_ovq.post(readable=[b"\x00\x00"])                       # short
+    c_ovq.post(readable=[control(7, con.PORT_READY, 1)])     # unknown port
+    c_ovq.post(readable=[control(0, con.DEVICE_READY, 0)])   # driver failed
+    c_ovq.post(readable=[control(0, 99, 0)])                 # unknown event
+    c_ovq.notify()
+    assert len(c_ovq.get_used()) == 4
+    c_ivq.post(writable=[4])                                  # too small: truncated
+    c_ovq.post(readable=[control(0, con.DEVICE_READY, 1)])
+    c_ovq.notify()
+    assert [u.length for u in c_ivq.get_used()] == [4]
+    assert not d.status & c.STATUS_DEVICE_NEEDS_RESET
+    con_.close()
+
+
+def test_reset_drops_held_buffers(console):
+    rx, tx = console.driver.init([0, 1])
+    rx.post(writable=[16])
+    rx.notify()
+    console.spin()
+    assert console.device.ports[0]._rx_chain is not None
+    console.driver.reset()
+    assert console.device.ports[0]._rx_chain is None
+    console.client.send(b"after reset")
+    console.spin()
+    rx, tx = console.driver.init([0, 1])
+    rx.post(writable=[64])
+    rx.notify()
+    console.spin()
+    assert [u.data for u in rx.get_used()] == [b"after reset"]
+
+
+# -- endpoints ---------------------------------------------------------------------------------------
+
+def test_pty_endpoint_with_stable_symlink(tmp_path, loop):
+    link = str(tmp_path / "vm0-console")
+    b = VirtioBench(ConsoleDevice(f"pty:{link}"), loop=loop, ram_size=4 << 20)
+    assert os.path.islink(link) and os.readlink(link).startswith("/dev/pts/")
+    rx, tx = b.driver.init([0, 1])
+    fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+    try:
+        tx.post(readable=[b"login: "])
+        tx.notify()
+        loop.run_once(0)
+        assert os.read(fd, 100) == b"login: "
+        rx.post(writable=[64])
+        rx.notify()
+        os.write(fd, b"root\n")
+        for _ in range(20):
+            loop.run_once(0.01)
+            used = rx.get_used()
+            if used:
+                break
+        assert [u.data for u in used] == [b"root\n"]
+    finally:
+        os.close(fd)
+        b.subsystem.close()
+    assert not os.path.lexists(link)
+
+
+def test_tcp_endpoint_on_loopback(loop):
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    ep = open_endpoint(f"tcp:{port}")
+    assert ep.listener.getsockname()[0] == "127.0.0.1"
+    b = VirtioBench(ConsoleDevice(ConsoleBackend([ep])), loop=loop, ram_size=4 << 20)
+    rx, tx = b.driver.init([0, 1])
+    client = socket.create_connection(("127.0.0.1", port))
+    loop.run_once(0.1)
+    tx.post(readable=[b"over tcp"])
+    tx.notify()
+    assert client.recv(100) == b"over tcp"
+    client.close()
+    b.subsystem.close()
+
+
+def test_log_file_and_pty_at_once(tmp_path, loop):
+    log_path = tmp_path / "vm0.log"
+    log_path.write_bytes(b"old\n")
+    link = str(tmp_path / "pty")
+    b = VirtioBench(ConsoleDevice([f"pty:{link}", f"file:{log_path}"]), loop=loop,
+                    ram_size=4 << 20)
+    rx, tx = b.driver.init([0, 1])
+    fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+    tx.post(readable=[b"both\n"])
+    tx.notify()
+    assert os.read(fd, 100) == b"both\n"
+    assert log_path.read_bytes() == b"old\nboth\n"
+    assert not b.device.ports[0].backend.endpoints[1].interactive
+    os.close(fd)
+    b.subsystem.close()
+
+
+def test_stdio_endpoint(tmp_path):
+    script = (
+        "import sys\n"
+        "from avatar_hw.loop import EventLoop\n"
+        "from avatar_hw.devices.console import ConsoleDevice\n"
+        "from avatar_hw.testing.virtio import VirtioBench\n"
+        "loop = EventLoop()\n"
+        "b = VirtioBench(ConsoleDevice('stdio'), loop=loop, ram_size=4 << 20)\n"
+        "rx, tx = b.driver.init([0, 1])\n"
+        "rx.post(writable=[64]); rx.notify()\n"
+        "got = []\n"
+        "while not got:\n"
+        "    loop.run_once(0.05); got = rx.get_used()\n"
+        "tx.post(readable=[b'echo:' + got[0].data]); tx.notify()\n"
+        "b.subsystem.close()\n")
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", script], input=b"ping", capture_output=True,
+                         timeout=30)
+    assert out.stdout == b"echo:ping", out.stderr.decode()
+
+
+@pytest.mark.parametrize("url,match", [
+    ("serial:/dev/ttyS0", "unknown console endpoint"),
+    ("tcp:localhost:http", "needs a port"),
+    ("file:", "needs a path"),
+    ("unix:", "needs a path"),
+    ("file:/nonexistent/dir/log", "cannot open the log file"),
+    ("pty:/nonexistent/dir/link", "cannot create the pty symlink"),
+])
+def test_bad_endpoint_urls_are_one_line_errors(url, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        open_console_backend(url)
+    assert "\n" not in str(err.value) and url in str(err.value)
+
+
+# -- done-when: 16 MiB each way, host reader stalls, nothing lost ------------------------------------
+
+def test_16_mib_each_way_with_stalls(tmp_path, loop):
+    total, chunk = 16 << 20, 64 << 10
+    con_ = Console(tmp_path, loop, ram_size=24 << 20, limit=256 << 10)
+    d = con_.driver
+    rx, tx = d.init([0, 1], buf_size=chunk, size=64)
+    out_data = os.urandom(total)                        # guest -> host
+    in_data = os.urandom(total)                         # host -> guest
+    sent_guest = sent_host = 0
+    got_host, got_guest = hashlib.sha256(), hashlib.sha256()
+    got_host_n = got_guest_n = 0
+    held_during_stall = input_paused = False
+    start = time.monotonic()
+    while got_host_n < total or got_guest_n < total:
+        elapsed = time.monotonic() - start
+        assert elapsed < 60, "stream stalled"
+        host_stalled = elapsed < 0.5                      # the host reader stalls, and
+        guest_rx_stalled = elapsed < 0.5                  # the guest posts no receive buffers
+        # guest: post transmit buffers and receive buffers
+        while sent_guest < total and len(tx.free) >= 1:
+            tx.post(readable=[out_data[sent_guest:sent_guest + chunk]])
+            sent_guest += chunk
+        if not guest_rx_stalled:
+            while len(rx.free) >= 1:
+                rx.post(writable=[chunk])
+        tx.notify()
+        rx.notify()
+        loop.run_once(0)
+        # host: write input, read output unless stalled
+        if sent_host < total:
+            try:
+                sent_host += con_.client.send(in_data[sent_host:sent_host + (1 << 20)])
+            except BlockingIOError:
+                pass
+        if not host_stalled:
+            while True:
+                try:
+                    data = con_.client.recv(1 << 20)
+                except BlockingIOError:
+                    break
+                got_host.update(data)
+                got_host_n += len(data)
+        elif elapsed > 0.4:
+            # the host side is full: the guest's buffers wait and the backend holds
+            # no more than its bound
+            assert tx.outstanding and got_host_n == 0
+            assert con_.device.ports[0].backend.buffered <= 256 << 10
+            held_during_stall = True
+        if guest_rx_stalled and elapsed > 0.4:
+            # no receive buffers: the endpoint is not read, the host's data waits
+            assert not con_.device.ports[0].backend.endpoints[0]._reading
+            input_paused = True
+        for used in rx.get_used():
+            got_guest.update(used.data)
+            got_guest_n += len(used.data)
+        tx.get_used(read_data=False)
+    assert held_during_stall and input_paused
+    assert got_host_n == total and got_host.digest() == hashlib.sha256(out_data).digest()
+    assert got_guest_n == total and got_guest.digest() == hashlib.sha256(in_data).digest()
+    counters = con_.device.counters
+    assert counters["bytes_from_guest"] == total and counters["bytes_to_guest"] == total
+    con_.close()
