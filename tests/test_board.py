@@ -41,10 +41,12 @@ def test_board_names_resolve_to_the_shipped_files():
     assert board_path("rpi4") == BOARD_DIRS[0] / "rpi4.toml" == BOARDS / "rpi4.toml"
     assert board_path("my/board") == Path("my/board")
     assert board_path("mine.toml") == Path("mine.toml")
-    assert shipped_boards() == ["qemu-virt", "rpi4", "rpi4-high-peri"]
-    with pytest.raises(ConfigError, match="^rpi5: no board file or shipped board of that name; "
-                                          "shipped boards: qemu-virt, rpi4, rpi4-high-peri$"):
+    shipped = shipped_boards()
+    assert {"qemu-virt", "rpi4", "rpi4-high-peri"} <= set(shipped) and shipped == sorted(shipped)
+    with pytest.raises(ConfigError) as err:
         board_path("rpi5")
+    assert str(err.value) == ("rpi5: no board file or shipped board of that name; "
+                              f"shipped boards: {', '.join(shipped)}")
 
 
 # -- avatar-hw layout ---------------------------------------------------------------------
@@ -219,7 +221,7 @@ def test_stub_interrupts_need_no_gic(tmp_path):
 
 
 @pytest.mark.parametrize("content, problem", [
-    (None, "no such board file; shipped boards: qemu-virt, rpi4, rpi4-high-peri"),
+    (None, f"no such board file; shipped boards: {', '.join(shipped_boards())}"),
     (b"\xff\xfe\x00binary", "not a TOML file: "),
     ("dir", "cannot read: Is a directory")])
 def test_unreadable_board_files(tmp_path, content, problem):
