@@ -113,6 +113,13 @@ def test_map_without_a_name_is_named_after_the_device(tree):
         assert gicd.name == "avatar-gicd" and gicd.phys_addr == 0xFF841000
 
 
+def test_map_larger_than_the_node_is_one_line(tree):
+    os.truncate(Path(tree["dev_root"]) / "uio10", 0)
+    with pytest.raises(AvatarError, match=r"uio10 \(UIO device avatar-gicd\): cannot map map 0 "
+                                          r"\(0x1000 bytes\): "):
+        find_uio("avatar-gicd", **tree).map(0)
+
+
 def test_map_index_past_the_maps_is_refused(tree):
     with pytest.raises(DeviceNotFound, match=r"avatar-trap .*has no map 1 \(it has 1\)"):
         find_uio("avatar-trap", **tree).map(1)

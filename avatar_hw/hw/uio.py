@@ -78,6 +78,9 @@ class UioDevice:
         try:
             mapping = mmap.mmap(fd, info.size, mmap.MAP_SHARED,
                                 mmap.PROT_READ | mmap.PROT_WRITE, offset=index * PAGE_SIZE)
+        except (OSError, ValueError) as err:
+            raise AvatarError(f"{self.dev_path} (UIO device {self.name}): cannot map map {index} "
+                              f"(0x{info.size:x} bytes): {err}") from None
         finally:
             os.close(fd)
         registers = memoryview(mapping)[info.offset:]
