@@ -395,7 +395,8 @@ def test_queue_reset_with_ring_reset(bench):
     d.write(c.REG_QUEUE_SEL, 0)
     assert d.read(c.REG_QUEUE_RESET) == 0
     d.write(c.REG_QUEUE_RESET, 1)
-    assert d.read(c.REG_QUEUE_RESET) == 1 and d.read(c.REG_QUEUE_READY) == 0
+    # reset complete: 0 in both QueueReset and QueueReady (VirtIO 1.2 4.2.2.2)
+    assert d.read(c.REG_QUEUE_RESET) == 0 and d.read(c.REG_QUEUE_READY) == 0
     assert bench.device.held == []
     # after DRIVER_OK, a reset queue may be programmed and enabled again
     bench.device.hold = False

@@ -22,7 +22,8 @@ Rules (each logged at warning level when the guest breaks it):
   configuration-change interrupt once DRIVER_OK is set.
 * driver features change only before FEATURES_OK; queue registers change
   only while the selected queue is not ready and before DRIVER_OK (or after
-  a QueueReset of that queue, with VIRTIO_F_RING_RESET).
+  a QueueReset of that queue, with VIRTIO_F_RING_RESET; the reset completes
+  within the write, so QueueReset reads 0).
 * QueueReady = 1 validates the layout (``Virtqueue.set_up``); an unusable
   layout leaves the queue not ready and sets DEVICE_NEEDS_RESET.
 * interrupts: InterruptStatus bits are set by ``signal_used`` (bit 0, only
@@ -367,9 +368,11 @@ class MmioTransport:
             return
         self.device.queue_notify(index)
 
-    def _read_queue_reset(self):
-        queue = self._selected_queue()
-        return int(queue is not None and self._queue_was_reset[queue.index])
+    @staticmethod
+    def _read_queue_reset():
+        # The reset is done when the write returns: VirtIO 1.2 wants 1 only while a
+        # queue reset is ongoing, then 0 in both QueueReset and QueueReady.
+        return 0
 
     def _write_queue_reset(self, value):
         queue = self._selected_queue()
