@@ -15,6 +15,8 @@ from .errors import AvatarError
 
 COMMANDS = [
     "avatar_hw.board",        # layout
+    "avatar_hw.daemon",       # serve
+    "avatar_hw.control",      # list, info, debug
 ]
 
 

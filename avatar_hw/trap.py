@@ -122,12 +122,17 @@ class TrapPage:
                  self.features, header.stub_features)
 
     def detach(self, handler):
-        """Publish DETACHED, then answer what was posted before the stub could see it."""
-        self.region.store_release32(abi.MODEL_STATE_OFFSET, abi.MODEL_DETACHED)
-        ordering.fence()
+        """Answer what is posted, then publish DETACHED (store-release) and let go.
+
+        After DETACHED the model never touches a slot again: a trap the stub
+        posts later (it read ATTACHED just before) is withdrawn by the stub
+        when it sees DETACHED (docs/trap-abi.md, "Attach and detach").
+        """
         self.serve_posted(handler)
         self.header.model_sleeping = 0
         self.header.model_pid = 0
+        self.region.store_release32(abi.MODEL_STATE_OFFSET, abi.MODEL_DETACHED)
+        self.slots, self._state_addrs = (), ()
         log.info("detached from %s", self.region.name)
 
     # -- serving --------------------------------------------------------------------

@@ -200,6 +200,17 @@ def test_detach_answers_what_was_posted_then_stub_stops_posting(page):
     assert handler.calls == [(VM0_DEV0, 5, True, 4)]
 
 
+def test_stub_withdraws_a_trap_posted_after_the_model_detached(page):
+    """The stub read ATTACHED, then posted after the model's last scan."""
+    stub, trap = page
+    handler = Recorder()
+    trap.detach(handler)
+    stub.begin(1, 0, VM0_DEV0, 4, False)       # as if model_state was read just before
+    assert stub.finish(1) == (abi.STATUS_UNHANDLED, 0)
+    assert stub.region.read32(abi.SLOTS_OFFSET + abi.SLOT_SIZE) == abi.SLOT_FREE
+    assert handler.calls == []
+
+
 def test_a_new_model_serves_what_a_dead_one_left_posted(page):
     stub, trap = page
     stub.begin(2, 0, VM0_DEV0, 4, False)    # the old model dies before answering

@@ -13,10 +13,15 @@ against it exactly as on a board except for how regions and the doorbell are
 opened.
 """
 
+import os
+import select
+import sys
 import time
+from pathlib import Path
 
 from .. import abi
 from ..hw import ordering
+from ..hw.region import Region
 from ..virtio.constants import REG_QUEUE_NOTIFY
 
 
@@ -55,10 +60,21 @@ class StubPage:
                                                   abi.SLOT_SIZE))
             for i in range(count))
 
+    def recover(self, timeout=10.0):
+        """After a stub restart: wait out slots still POSTED, free the DONE ones (the stub's)."""
+        for vcpu in range(len(self.slots)):
+            state = self.region.load_acquire32(self._state_offset(vcpu))
+            if state == abi.SLOT_POSTED:
+                self._wait_state(vcpu, (abi.SLOT_DONE, abi.SLOT_FREE), timeout)
+            self.region.store_release32(self._state_offset(vcpu), abi.SLOT_FREE)
+
     # -- model state -----------------------------------------------------------------
 
     def model_attached(self):
         return self.region.load_acquire32(abi.MODEL_STATE_OFFSET) == abi.MODEL_ATTACHED
+
+    def model_detached(self):
+        return not self.model_attached()
 
     def wait_attached(self, timeout=10.0):
         deadline = time.monotonic() + timeout
@@ -97,15 +113,22 @@ class StubPage:
             self.ring()
 
     def finish(self, vcpu, timeout=10.0):
-        """Wait for the answer of slot ``vcpu``; returns ``(status, read data)`` and frees it."""
+        """Wait for the answer of slot ``vcpu``; returns ``(status, read data)`` and frees it.
+
+        A model that detaches meanwhile never answers: the stub withdraws the
+        trap (POSTED -> FREE) and applies its UNHANDLED policy.
+        """
         slot = self.slots[vcpu]
         if slot.flags & abi.SLOT_F_POSTED_WRITE:
             return abi.STATUS_OK, 0
-        self._wait_state(vcpu, (abi.SLOT_DONE,), timeout)
+        offset = self._state_offset(vcpu)
+        if not self._wait_state(vcpu, (abi.SLOT_DONE,), timeout, give_up=self.model_detached):
+            self.region.store_release32(offset, abi.SLOT_FREE)
+            return abi.STATUS_UNHANDLED, 0
         status = slot.status
         data = slot.data if slot.direction == abi.DIR_READ else 0
         slot.t_done = time.monotonic_ns()
-        self.region.store_release32(self._state_offset(vcpu), abi.SLOT_FREE)
+        self.region.store_release32(offset, abi.SLOT_FREE)
         return status, data
 
     def post(self, vcpu, vm_id, gpa, size, is_write, value=0, *, posted=False, timeout=10.0,
@@ -120,7 +143,9 @@ class StubPage:
                    raw=raw)
         return self.finish(vcpu, timeout)
 
-    def _wait_state(self, vcpu, states, timeout):
+    def _wait_state(self, vcpu, states, timeout, give_up=None):
+        """Spin, then sleep briefly, until slot ``vcpu`` is in ``states`` (True), or
+        ``give_up()`` (False); ``TrapTimeout`` after ``timeout`` s."""
         offset = self._state_offset(vcpu)
         load = self.region.load_acquire32
         deadline = None
@@ -129,12 +154,15 @@ class StubPage:
             spins += 1
             if spins < 200:
                 continue
+            if give_up is not None and give_up():
+                return False
             if deadline is None:
                 deadline = time.monotonic() + timeout
             elif time.monotonic() > deadline:
                 raise TrapTimeout(f"slot {vcpu}: state {state} after {timeout} s, "
                                   f"waiting for {states}")
             time.sleep(0.0001)
+        return True
 
     def mmio(self, vm_id, vcpu=0, *, posted_notify=False, timeout=10.0):
         """A ``handle_mmio_trap``-compatible callable that traps through this page.
@@ -166,3 +194,147 @@ class StubPage:
                 bits ^= low
         return intids
 
+
+
+# -- the fake board: UIO tree, doorbell FIFOs and a board file in one directory ---------------------
+
+RAM_BASE = 0x40000000
+TRAP_PHYS = 0x1FFF0000
+_BOARD_TOML = """\
+# Written by avatar_hw.testing.standin_stub.FakeBoard: the seed's layout, UIO regions as
+# on a board, interrupts requested from the (stand-in) stub through virq_pending.
+[board]
+name = "standin"
+description = "stand-in stub over a fake UIO tree"
+
+[layout]
+base = 0x0a000000
+vm_size = 0x10000
+device_size = 0x1000
+irq_base = 48
+irqs_per_vm = 8
+max_vms = {max_vms}
+
+[interrupts]
+kind = "stub"
+
+[trap]
+region = {{ uio = "avatar-trap" }}
+
+[ram]
+region = {{ uio = "avatar-vm{{vm}}-ram" }}
+guest_base = 0x{ram_base:x}
+"""
+
+
+class FakeBoard:
+    """Everything ``avatar-hw serve`` finds on a board, in ``root``:
+
+    - ``sys/`` and ``dev/``: a UIO tree (``avatar_hw.testing.fake_uio``) with
+      ``avatar-trap`` and ``avatar-vmN-ram``; each ``dev/uioN`` is a regular
+      file holding that device's single map at offset 0, so the daemon's
+      ``find_uio(...).map(0)`` is a real shared mmap of it. (Real UIO selects
+      map M by the mmap offset M * page size; every Avatar device has only
+      map 0, where the two agree.) The stand-in maps the same files as the
+      hypervisor's memory.
+    - ``doorbell`` and ``doorbell.stub``: FIFOs for the two directions of the
+      doorbell (``avatar_hw.doorbell.FifoDoorbell``), since a regular file
+      cannot also be the UIO interrupt node.
+    - ``board.toml``: the seed's layout, ``interrupts.kind = "stub"``.
+    """
+
+    def __init__(self, root, *, vms=2, ram_size=16 << 20, max_vms=8):
+        from .fake_uio import make_tree
+        self.root = Path(root)
+        self.vms, self.ram_size = vms, ram_size
+        devices = {0: ("avatar-trap", [(TRAP_PHYS, abi.PAGE_SIZE, 0, "trap")])}
+        for vm in range(vms):
+            devices[1 + vm] = (f"avatar-vm{vm}-ram",
+                               [(0x20000000 + vm * ram_size, ram_size, 0, "ram")])
+        self.roots = make_tree(self.root, devices)
+        self.doorbell = self.root / "doorbell"
+        self.doorbell_stub = self.root / "doorbell.stub"
+        os.mkfifo(self.doorbell)
+        os.mkfifo(self.doorbell_stub)
+        self.board_file = self.root / "board.toml"
+        self.board_file.write_text(_BOARD_TOML.format(max_vms=max_vms, ram_base=RAM_BASE))
+        self.control = self.root / "control.sock"
+
+    def node(self, name):
+        """The /dev/uioN file of UIO device ``name``."""
+        from ..hw.uio import find_uio
+        return find_uio(name, **self.roots).dev_path
+
+    def serve_argv(self, config, *extra):
+        """The ``avatar-hw serve`` command line for this board."""
+        return [sys.executable, "-m", "avatar_hw", "serve", "--board", str(self.board_file),
+                "--config", str(config), "--sysfs-root", self.roots["sysfs_root"],
+                "--dev-root", self.roots["dev_root"], "--control", str(self.control),
+                "--doorbell", f"fifo:{self.doorbell},{self.doorbell_stub}", *extra]
+
+
+class StandinStub:
+    """The stand-in hypervisor over a ``FakeBoard``: the trap page, guest RAM, doorbells.
+
+    ``initialise=False`` joins a page another stand-in initialised (after that
+    one died): slots it left are recovered as the stub would.
+    """
+
+    def __init__(self, board, *, slots=4, initialise=True, features=abi.SUPPORTED_FEATURES):
+        from ..doorbell import _open_fifo
+        self.board = board
+        self.trap_region = Region.map_file(board.node("avatar-trap"), abi.PAGE_SIZE,
+                                           name="stand-in trap page")
+        self._to_model = _open_fifo(board.doorbell)
+        self._from_model = _open_fifo(board.doorbell_stub)
+        self.page = StubPage(self.trap_region, ring=self._ring)
+        if initialise:
+            self.page.initialise(slots, features=features)
+        else:
+            self.page.attach_views()
+            self.page.recover()
+        self.rams = {vm: Region.map_file(board.node(f"avatar-vm{vm}-ram"), board.ram_size,
+                                         name=f"stand-in vm{vm} RAM", phys_addr=RAM_BASE)
+                     for vm in range(board.vms)}
+        self._rings = 0
+
+    def _ring(self):
+        from ..doorbell import ring
+        self._rings += 1
+        ring(self._to_model, self._rings)
+
+    def guest_ram(self, vm, alloc_start=0x100000):
+        from .driver import GuestRam
+        return GuestRam(self.rams[vm].view(0, self.board.ram_size), RAM_BASE,
+                        alloc_start=alloc_start)
+
+    def driver(self, vm, slot=0, *, vcpu=None, **mmio_options):
+        """A ``VirtioDriver`` for device ``slot`` of VM ``vm``, trapping through the page."""
+        from ..layout import Layout
+        from .driver import VirtioDriver
+        mmio = self.page.mmio(vm, vm if vcpu is None else vcpu, **mmio_options)
+        return VirtioDriver(mmio, Layout().window(vm, slot), self.guest_ram(vm))
+
+    def wait_irqs(self, timeout=5.0):
+        """INTIDs the model requested, waiting up to ``timeout`` s for the first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            intids = self.page.take_virqs()
+            left = deadline - time.monotonic()
+            if intids or left <= 0:
+                return intids
+            if select.select([self._from_model], [], [], left)[0]:
+                try:
+                    os.read(self._from_model, 4096)
+                except BlockingIOError:
+                    pass
+
+    def close(self):
+        os.close(self._to_model)
+        os.close(self._from_model)
+        self.page = None
+        for region in [self.trap_region, *self.rams.values()]:
+            try:
+                region.close()
+            except BufferError:
+                pass         # a driver's view still refers to it: unmapped with the process

@@ -1,0 +1,302 @@
+"""The daemon's control socket and the ``avatar-hw list | info | debug`` commands.
+
+A Unix stream socket speaking JSON lines: each request is one line
+``{"command": "list" | "info" | "debug", ...}``, each answer one line
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "one line"}``.
+The server lives in the daemon's event loop (non-blocking, answers queued
+per client), so introspection never stalls trap service.
+
+Commands (the seed's list-all / print-info / debug-device):
+
+- ``list``: one entry per device: VM, slot, name, window, IRQ, status;
+- ``info``: the daemon, the trap page counters, and per VM its RAM and
+  devices with status bits, negotiated features, queues, interrupts raised,
+  bytes moved and errors;
+- ``debug`` (``vm``, ``device``: a slot number or a name such as
+  ``console`` or ``console0``): everything about one device.
+"""
+
+import json
+import logging
+import os
+import socket
+
+from .errors import AvatarError
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 4096
+ENV = "AVATAR_HW_CONTROL"
+
+
+def default_control_path():
+    """$AVATAR_HW_CONTROL, else /run/avatar-hw.sock for root, else a per-user path."""
+    if os.environ.get(ENV):
+        return os.environ[ENV]
+    if os.geteuid() == 0:
+        return "/run/avatar-hw.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(runtime, "avatar-hw.sock") if runtime else f"/tmp/avatar-hw-{os.getuid()}.sock"
+
+
+# -- server -------------------------------------------------------------------------------------------
+
+class _Client:
+    def __init__(self, sock):
+        self.sock = sock
+        self.inbox = bytearray()
+        self.outbox = bytearray()
+
+
+class ControlServer:
+    """Serves ``daemon`` (``info()``, ``subsystem``) on a Unix socket at ``path``."""
+
+    def __init__(self, path, daemon):
+        self.path = str(path)
+        self.daemon = daemon
+        self.loop = None
+        self._clients = {}
+        self.sock = _listen(self.path)
+
+    def attach(self, loop):
+        self.loop = loop
+        loop.add_reader(self.sock, self._accept)
+
+    def close(self):
+        for client in list(self._clients.values()):
+            self._drop(client)
+        if self.loop is not None:
+            self.loop.remove_reader(self.sock)
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _accept(self):
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.setblocking(False)
+        client = _Client(conn)
+        self._clients[conn.fileno()] = client
+        self.loop.add_reader(conn, lambda: self._readable(client))
+
+    def _drop(self, client):
+        fd = client.sock.fileno()
+        self._clients.pop(fd, None)
+        self.loop.remove_reader(fd)
+        if client.outbox:
+            self.loop.remove_writer(fd)
+        client.sock.close()
+
+    def _readable(self, client):
+        try:
+            data = client.sock.recv(MAX_REQUEST)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(client)
+            return
+        client.inbox += data
+        while b"\n" in client.inbox:
+            line, _, rest = bytes(client.inbox).partition(b"\n")
+            client.inbox[:] = rest
+            self._send(client, self.answer(line))
+        if len(client.inbox) > MAX_REQUEST:
+            self._send(client, {"ok": False, "error": "request line too long"})
+            client.inbox.clear()
+
+    def _send(self, client, reply):
+        had_output = bool(client.outbox)
+        client.outbox += json.dumps(reply).encode() + b"\n"
+        if not had_output:
+            self._writable(client)
+
+    def _writable(self, client):
+        fd = client.sock.fileno()
+        try:
+            sent = client.sock.send(client.outbox)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._drop(client)
+            return
+        del client.outbox[:sent]
+        if client.outbox:
+            self.loop.add_writer(fd, lambda: self._writable(client))
+        else:
+            self.loop.remove_writer(fd)
+
+    def answer(self, line):
+        """The reply (a dict) to one request line; never raises."""
+        try:
+            request = json.loads(line)
+            command = request["command"]
+            if command == "list":
+                result = self.daemon.subsystem.list_all_devices()
+            elif command == "info":
+                result = self.daemon.info()
+            elif command == "debug":
+                result = self.daemon.subsystem.debug_device(
+                    int(request["vm"]), self._slot(int(request["vm"]), str(request["device"])))
+            else:
+                return {"ok": False, "error": f"unknown command {command!r}"}
+            return {"ok": True, "result": result}
+        except (ValueError, KeyError, TypeError) as err:
+            return {"ok": False, "error": f"bad request: {err}"}
+        except Exception as err:          # introspection must never stop the daemon
+            log.exception("control request %r failed", line[:200])
+            return {"ok": False, "error": f"internal error: {err!r}"}
+
+    def _slot(self, vm_id, device):
+        """A slot number from ``device``: ``"1"``, ``"console"`` (first of that name), ``"console1"``."""
+        if device.isdigit():
+            return int(device)
+        entries = [e for e in self.daemon.subsystem.list_all_devices() if e["vm"] == vm_id]
+        for entry in entries:
+            if device in (entry["name"], f"{entry['name']}{entry['slot']}"):
+                return entry["slot"]
+        names = ", ".join(f"{e['name']}{e['slot']}" for e in entries) or "none"
+        raise ValueError(f"VM {vm_id} has no device {device!r} (it has: {names})")
+
+
+def _listen(path):
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)                  # left by a daemon that died
+        else:
+            raise AvatarError(f"control socket {path} is in use by a running avatar-hw: stop it "
+                              "or give this one another --control path")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except OSError as err:
+        sock.close()
+        raise AvatarError(f"control socket {path}: {err.strerror}; give a writable "
+                          "--control path") from None
+    os.chmod(path, 0o660)
+    sock.listen(8)
+    sock.setblocking(False)
+    return sock
+
+
+# -- client ---------------------------------------------------------------------------------------------
+
+def request(command, path=None, timeout=5.0, **arguments):
+    """Ask the daemon at ``path``; returns the result or raises ``AvatarError`` (one line)."""
+    path = path or default_control_path()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.sendall(json.dumps({"command": command, **arguments}).encode() + b"\n")
+        reply = bytearray()
+        while not reply.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise AvatarError(f"no avatar-hw daemon at {path}: is 'avatar-hw serve' running? "
+                          "(give its --control path)") from None
+    except PermissionError:
+        raise AvatarError(f"{path}: permission denied; run as the daemon's user or root") from None
+    except OSError as err:
+        raise AvatarError(f"control socket {path}: {err}") from None
+    finally:
+        sock.close()
+    try:
+        answer = json.loads(reply)
+    except ValueError:
+        raise AvatarError(f"control socket {path}: the daemon closed without answering") from None
+    if not answer.get("ok"):
+        raise AvatarError(f"daemon: {answer.get('error')}")
+    return answer["result"]
+
+
+# -- formatting -----------------------------------------------------------------------------------------
+
+def _bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _device_line(d):
+    return f"vm{d['vm']} slot{d['slot']} {d['name']:<8} {d['base']:>10} IRQ {d['irq']}"
+
+
+def format_list(devices):
+    return "\n".join(_device_line(d) for d in devices) or "no devices"
+
+
+def format_queue(q):
+    return (f"q{q['index']}: size {q['size']}/{q['max_size']}{' ready' if q['ready'] else ''}"
+            f"{' BROKEN' if q['broken'] else ''} desc {q['desc']} driver {q['driver']} "
+            f"device {q['device']} last_avail {q['last_avail_idx']} used {q['used_idx']} "
+            f"in flight {q['in_flight']} bad chains {q['bad_chains']}")
+
+
+def format_device(d, indent="  "):
+    lines = [f"{_device_line(d)}  status {d['status']}",
+             f"{indent}features offered {d['offered_features']} negotiated "
+             f"{d['negotiated_features']}; interrupts {d['interrupts']} (status "
+             f"{d['interrupt_status']}); guest->host {_bytes(d['bytes_from_guest'])}, "
+             f"host->guest {_bytes(d['bytes_to_guest'])}; requests {d['requests']}; "
+             f"errors {d['errors']}"]
+    lines += [f"{indent}{format_queue(q)}" for q in d.get("queues", ())]
+    return "\n".join(lines)
+
+
+def format_info(info):
+    t = info["trap"]
+    lines = [f"avatar-hw PID {info['pid']} on board {info['board']}, up {info['uptime']:.0f} s, "
+             f"{info['mode']}; trap ABI {t['abi']}, {t['slots']} slot(s), features "
+             f"0x{t['model_features']:x}; traps {t['served']} (unhandled {t['unhandled']}, "
+             f"malformed {t['malformed']}, posted writes {t['posted_writes']})"]
+    for vm in info["vms"]:
+        lines.append(f"vm{vm['vm']}: RAM {vm['ram']['base']} + {_bytes(vm['ram']['size'])}, "
+                     f"window {vm['window'][0]}-{vm['window'][1]}")
+        lines += ["  " + format_device(d, "    ").replace("\n", "\n  ") for d in vm["devices"]]
+    return "\n".join(lines)
+
+
+def _print(result, args, formatter):
+    print(json.dumps(result, indent=2) if args.json else formatter(result))
+
+
+def _list(args):
+    _print(request("list", args.control), args, format_list)
+
+
+def _info(args):
+    _print(request("info", args.control), args, format_info)
+
+
+def _debug(args):
+    _print(request("debug", args.control, vm=args.vm, device=args.device), args, format_device)
+
+
+def add_parser(subparsers):
+    for name, func, text in (
+            ("list", _list, "list the running daemon's devices"),
+            ("info", _info, "the running daemon's VMs, devices, queues and counters"),
+            ("debug", _debug, "everything about one device of the running daemon")):
+        parser = subparsers.add_parser(name, help=text, description=text + ".")
+        if name == "debug":
+            parser.add_argument("vm", type=int, help="VM number")
+            parser.add_argument("device", help="slot number or name (console, console0, ...)")
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+        parser.add_argument("--control", help=f"the daemon's control socket (default "
+                                              f"${ENV} or {default_control_path()})")
+        parser.set_defaults(func=func)

@@ -1,0 +1,359 @@
+"""``avatar-hw serve``: the device model daemon.
+
+It loads the board file and the VMs config, maps the trap page and each VM's
+RAM (``Board.open_region``: UIO maps on a board, file windows on the emulated
+board), builds the ``Subsystem`` and the configured devices, attaches to the
+trap page and serves traps in one ``EventLoop`` over the doorbell, every
+backend fd and the control socket. SIGINT/SIGTERM: detach (DETACHED), flush
+backends, close, exit 0.
+
+Python API (the emulated board launcher and tests)::
+
+    daemon = Daemon(board, config, doorbell=..., interrupt_line=...)
+    daemon.open()             # map, build, attach; errors are AvatarError
+    daemon.run()              # until stop() (any thread) or a signal (main thread)
+    # or: thread = daemon.start_thread()  ...  daemon.stop(); thread.join()
+
+Seams, chosen by the board or handed in:
+
+- the doorbell (``avatar_hw.doorbell``): ``doorbell=`` an object, or a spec
+  string ``"uio"`` (the trap page's UIO interrupt; the default for a UIO trap
+  region) or ``"fifo:PATH[,STUB_PATH]"``; with ``busy_poll=True`` none is used;
+- the interrupt line (``raise_spi(intid)``): ``interrupt_line=`` an object or a
+  callable ``(trap_region) -> line``; else ``INTERRUPT_LINES[board.interrupts]``
+  is called as ``factory(daemon)`` (``"gic"``: the board's distributor through
+  ``Board.open_gic``; ``"stub"``: ``virq_pending`` requests plus the doorbell's
+  ``ring_stub``).
+"""
+
+import logging
+import os
+import pwd
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from . import abi
+from .board import Board, board_path, load_board
+from .config import Config, load_config
+from .control import ControlServer, default_control_path
+from .doorbell import FifoDoorbell, UioDoorbell
+from .errors import AvatarError
+from .hw.uio import find_uio
+from .loop import EventLoop
+from .trap import TrapPage
+from .virtio import constants as vc
+from .virtio.memory import GuestMemory
+from .virtio.subsystem import Subsystem
+
+log = logging.getLogger(__name__)
+trace_log = logging.getLogger("avatar_hw.trace")
+
+FLUSH_TIMEOUT = 2.0
+REGISTER_NAMES = {value: "".join(part.capitalize() for part in name[4:].split("_"))
+                  for name, value in vars(vc).items()
+                  if name.startswith("REG_") and name != "REG_CONFIG"}
+
+
+def _gic_line(daemon):
+    return daemon.board.open_gic(**daemon.roots)
+
+
+def _stub_line(daemon):
+    from .emulated.machine import StubInterruptLine
+    ring = getattr(daemon.doorbell, "ring_stub", None)
+    if ring is None:
+        raise AvatarError(f"{daemon.board.path}: interrupts.kind = \"stub\" needs a doorbell "
+                          "towards the stub (the emulated board's, or --doorbell "
+                          "fifo:PATH,STUB_PATH)")
+    return StubInterruptLine(daemon.trap_region, ring)
+
+
+INTERRUPT_LINES = {"gic": _gic_line, "stub": _stub_line}
+
+
+class Daemon:
+    """One device model serving every configured VM of one board.
+
+    ``board`` and ``config`` are objects or paths. ``sysfs_root``/``dev_root``
+    point UIO discovery at another tree (tests). ``user``: drop root to this
+    user after everything is mapped and opened.
+    """
+
+    def __init__(self, board, config, *, doorbell=None, interrupt_line=None, busy_poll=False,
+                 trace=False, control_path=None, user=None, wait_stub=10.0,
+                 sysfs_root="/sys", dev_root="/dev"):
+        self.board = board if isinstance(board, Board) else load_board(board_path(board))
+        self.config = config if isinstance(config, Config) else load_config(
+            config, max_vms=self.board.layout.max_vms)
+        self.roots = {"sysfs_root": sysfs_root, "dev_root": dev_root}
+        self.doorbell = doorbell
+        self._interrupt_line = interrupt_line
+        self.busy_poll = busy_poll
+        self.trace = trace
+        self.control_path = control_path
+        self.user = user
+        self.wait_stub = wait_stub
+        self.loop = EventLoop()
+        self.regions = []
+        self.trap_region = self.trap = self.subsystem = self.control = None
+        self.started = None
+        self._running = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._old_signals = {}
+
+    # -- building -----------------------------------------------------------------------------
+
+    def _open_region(self, spec, vm=None):
+        region = self.board.open_region(spec, vm, **self.roots)
+        self.regions.append(region)
+        return region
+
+    def open(self):
+        """Map and build everything, then attach to the trap page."""
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _open(self):
+        board = self.board
+        self.trap_region = self._open_region(board.trap)
+        self.trap = TrapPage(self.trap_region, board.layout,
+                             trace=self._trace if self.trace else None)
+        self.doorbell = self._make_doorbell()
+        line = self._interrupt_line
+        if line is None:
+            line = INTERRUPT_LINES[board.interrupts](self)
+        elif callable(line) and not hasattr(line, "raise_spi"):
+            line = line(self.trap_region)
+        self.subsystem = Subsystem(board.layout, irq_line=line, loop=self.loop)
+        for vm_id, vm in self.config.vms.items():
+            ram = self._open_region(board.ram, vm_id)
+            self.subsystem.vm_init(vm_id, GuestMemory(ram, board.ram_guest_base, vm_id=vm_id))
+            for device in vm.devices:
+                self.subsystem.create_device(vm_id, self.config.build_device(device))
+        self.control = ControlServer(self.control_path or default_control_path(), self)
+        self.control.attach(self.loop)
+        if self.user:
+            drop_privileges(self.user, [self.control.path])
+        self.trap.wait_ready(self.wait_stub)
+        self.trap.attach(busy_poll=self.busy_poll)
+        if self.doorbell is not None and not self.busy_poll:
+            self.loop.add_reader(self.doorbell, self._on_doorbell)
+        self.loop.add_reader(self._wake_r, self._on_wake)
+        self.started = time.time()
+        self.trap.service(self.subsystem.handle_mmio_trap)   # whatever was posted before
+
+    def _make_doorbell(self):
+        spec = self.doorbell
+        if spec is None and self.busy_poll:
+            return None
+        if spec is not None and not isinstance(spec, str):
+            return spec                                  # handed in (the emulated board's)
+        spec = spec or "uio"
+        if spec == "uio":
+            if self.board.trap.uio is None:
+                raise AvatarError(
+                    f"{self.board.path}: the trap page is a file, so there is no UIO interrupt: "
+                    "pass the board's doorbell (the emulated board launcher does), "
+                    "--doorbell fifo:PATH, or --busy-poll")
+            return UioDoorbell(find_uio(self.board.trap.name_for(), **self.roots))
+        if spec.startswith("fifo:"):
+            return FifoDoorbell.from_spec(spec)
+        raise AvatarError(f"--doorbell {spec}: expected uio or fifo:PATH[,STUB_PATH]")
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _on_doorbell(self):
+        self.doorbell.ack()
+        self.trap.service(self.subsystem.handle_mmio_trap)
+
+    def _on_wake(self):
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except BlockingIOError:
+            pass
+        self._running = False
+
+    def run(self):
+        """Serve until ``stop()`` or SIGINT/SIGTERM; then detach and close."""
+        if self.trap is None:
+            self.open()
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._old_signals[signum] = signal.signal(signum, self._on_signal)
+        self._running = True
+        log.info("serving %d VM(s) on board %s (%s)", len(self.config.vms), self.board.name,
+                 "busy-poll" if self.busy_poll else "doorbell")
+        try:
+            if self.busy_poll:
+                handler, service = self.subsystem.handle_mmio_trap, self.trap.service
+                while self._running:
+                    self.loop.run_once(0)
+                    service(handler)
+            else:
+                while self._running:
+                    self.loop.run_once()
+        finally:
+            for signum, old in self._old_signals.items():
+                signal.signal(signum, old)
+            self._old_signals.clear()
+            self.close()
+
+    def _on_signal(self, signum, frame):
+        log.info("%s: stopping", signal.Signals(signum).name)
+        self.stop()
+
+    def stop(self):
+        """Ask ``run`` to return (safe from any thread or a signal handler)."""
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def start_thread(self):
+        """``open()`` here, then ``run()`` in a thread; returns the thread."""
+        if self.trap is None:
+            self.open()
+        thread = threading.Thread(target=self.run, name="avatar-hw", daemon=True)
+        thread.start()
+        return thread
+
+    def close(self):
+        """Detach from the trap page, flush backends, close devices, unmap."""
+        if self.trap is not None and self.trap.slots and self.subsystem is not None:
+            if self.trap.header.model_pid == os.getpid():
+                self.trap.detach(self.subsystem.handle_mmio_trap)
+        if self.subsystem is not None:
+            self._flush_backends(FLUSH_TIMEOUT)
+            self.subsystem.close()
+        if self.control is not None:
+            self.control.close()
+        if self.doorbell is not None and hasattr(self.doorbell, "close"):
+            self.doorbell.close()
+        self.trap = self.subsystem = self.control = self.doorbell = None
+        for region in reversed(self.regions):
+            try:
+                region.close()
+            except BufferError:
+                pass    # a view (ctypes structure) still refers to it; unmapped at exit
+        self.regions.clear()
+        self.loop.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _flush_backends(self, timeout):
+        """Let buffered console output drain to its endpoints, for at most ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while self._buffered_output() and time.monotonic() < deadline:
+            self.loop.run_once(0.05)
+        left = self._buffered_output()
+        if left:
+            log.warning("%d bytes of console output could not be delivered before exit", left)
+
+    def _buffered_output(self):
+        total = 0
+        for entry in self.subsystem.list_all_devices():
+            device = self.subsystem.device(entry["vm"], entry["slot"])
+            for port in getattr(device, "ports", ()):
+                total += port.backend.buffered
+        return total
+
+    # -- introspection and tracing ------------------------------------------------------------------
+
+    def _trace(self, vm_id, vcpu, gpa, size, is_write, value, status, latency_ns):
+        where = self.board.layout.locate(gpa)
+        if where is None:
+            device, register = "-", f"0x{gpa:x}"
+        else:
+            _, slot, offset = where
+            try:
+                device = f"{self.subsystem.device(vm_id, slot).name}{slot}"
+            except ValueError:
+                device = f"slot{slot}"
+            register = (REGISTER_NAMES.get(offset) if offset < vc.REG_CONFIG
+                        else f"Config+0x{offset - vc.REG_CONFIG:x}") or f"0x{offset:03x}"
+        trace_log.info("vm%d cpu%d %-9s %s %-18s %d 0x%x%s %.1f us", vm_id, vcpu, device,
+                       "W" if is_write else "R", register, size, value,
+                       "" if status == abi.STATUS_OK else " UNHANDLED", latency_ns / 1000)
+
+    def info(self):
+        """What ``avatar-hw info --json`` shows."""
+        vms = []
+        for vm_id, memory in self.subsystem.vms.items():
+            devices = [{**entry, **self.subsystem.debug_device(vm_id, entry["slot"])}
+                       for entry in self.subsystem.device_info() if entry["vm"] == vm_id]
+            vms.append({"vm": vm_id, "ram": {"base": hex(memory.base), "size": memory.size},
+                        "window": [hex(a) for a in self.board.layout.vm_window(vm_id)],
+                        "devices": devices})
+        return {"pid": os.getpid(), "board": self.board.name, "board_file": str(self.board.path),
+                "config": str(self.config.path), "uptime": round(time.time() - self.started, 3),
+                "mode": "busy-poll" if self.busy_poll else "doorbell",
+                "trap": self.trap.info(), "vms": vms}
+
+
+def drop_privileges(user, owned_paths=()):
+    """Become ``user`` (with its groups); ``owned_paths`` are given to it first."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise AvatarError(f"--user {user}: no such user") from None
+    if os.geteuid() != 0:
+        if os.geteuid() == entry.pw_uid:
+            return
+        raise AvatarError(f"--user {user}: only root can change user (running as UID "
+                          f"{os.geteuid()})")
+    for path in owned_paths:
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    os.initgroups(user, entry.pw_gid)
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    log.info("running as %s (UID %d)", user, entry.pw_uid)
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+def _serve(args):
+    if args.trace:
+        trace_log.setLevel(logging.INFO)
+    logging.getLogger("avatar_hw").setLevel(getattr(logging, args.log_level.upper()))
+    daemon = Daemon(args.board, args.config, doorbell=args.doorbell, busy_poll=args.busy_poll,
+                    trace=args.trace, control_path=args.control, user=args.user,
+                    wait_stub=args.wait_stub, sysfs_root=args.sysfs_root, dev_root=args.dev_root)
+    daemon.run()
+    return 0
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "serve", help="run the device model daemon",
+        description="Map the trap page and the guests' RAM, build the VMs' devices from the "
+                    "config, attach to the trap page and serve traps until SIGINT/SIGTERM.")
+    parser.add_argument("--board", required=True,
+                        help="board file, or the name of a shipped board (e.g. rpi4)")
+    parser.add_argument("--config", required=True, type=Path, help="VMs config (VMS.toml)")
+    parser.add_argument("--trace", action="store_true", help="log every trap")
+    parser.add_argument("--busy-poll", action="store_true",
+                        help="spin on the trap slots instead of sleeping on the doorbell "
+                             "(lowest latency; uses a whole core)")
+    parser.add_argument("--user", help="drop root to this user after mapping the devices")
+    parser.add_argument("--control", help="control socket path (default: "
+                                          f"{default_control_path()})")
+    parser.add_argument("--doorbell", help="uio (default), or fifo:PATH[,STUB_PATH]")
+    parser.add_argument("--wait-stub", type=float, default=10.0, metavar="SECONDS",
+                        help="how long to wait for the stub to initialise the trap page")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--sysfs-root", default="/sys",
+                        help="where UIO devices are looked up (default /sys; tests use a tree)")
+    parser.add_argument("--dev-root", default="/dev", help="where /dev/uioN nodes are")
+    parser.set_defaults(func=_serve)
