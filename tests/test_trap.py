@@ -222,14 +222,17 @@ def test_a_new_model_serves_what_a_dead_one_left_posted(page):
 
 def test_attach_refused_while_another_avatar_process_serves(page):
     stub, _ = page
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "avatar-hw"])
+    other = subprocess.Popen([sys.executable, "-c", "print(); import time; time.sleep(30)",
+                              "avatar-hw"], stdout=subprocess.PIPE)
     try:
+        other.stdout.readline()                 # it runs (its command line is readable)
         stub.header.model_pid = other.pid
         with pytest.raises(abi.AbiMismatch, match=f"PID {other.pid}"):
             TrapPage(stub.region, LAYOUT).attach()
     finally:
         other.kill()
         other.wait()
+        other.stdout.close()
 
 
 def test_not_ready_bad_magic_and_major_are_refused_with_one_line():
