@@ -124,8 +124,8 @@ def test_each_chain_processed_once(bench):
 
 def test_ring_wraps_past_65535(bench):
     b = bench
-    b.device.queues[0].last_avail_idx = 0xFFFE
-    b.device.queues[0].used_idx = 0xFFFE
+    queue = b.device.queues[0]            # as if 65534 chains had gone through
+    queue.last_avail_idx = queue._avail_idx = queue.used_idx = queue._signalled_used = 0xFFFE
     b.rx.set_avail_idx(0xFFFE)
     b.rx.last_used_idx = 0xFFFE
     for _ in range(4):

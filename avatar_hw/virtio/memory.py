@@ -35,7 +35,9 @@ class GuestMemory:
         self.size = region.size
         self.end = base + region.size          # one past the last byte
         self.vm_id = vm_id
-        self._bytes = region.view(0, region.size)   # made once; sliced per access
+        # The whole RAM as one memoryview, made once; sliced per access (the chain
+        # iterator slices it directly after its own range check).
+        self.data = region.view(0, region.size)
         self._address = region.address
 
     def __repr__(self):
@@ -56,7 +58,7 @@ class GuestMemory:
     def view(self, gpa, length):
         """A writable memoryview of ``length`` bytes at ``gpa`` (no copy)."""
         off = self.offset(gpa, length)
-        return self._bytes[off:off + length]
+        return self.data[off:off + length]
 
     def _aligned(self, gpa, width):
         off = self.offset(gpa, width)

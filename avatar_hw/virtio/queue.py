@@ -90,7 +90,7 @@ class Virtqueue:
         self.size = self.max_size
         self.ready = False
         self.desc_addr = self.driver_addr = self.device_addr = 0
-        self.last_avail_idx = 0
+        self.last_avail_idx = self._avail_idx = 0
         self.used_idx = 0
         self.event_idx = False
         self.indirect = False
@@ -131,7 +131,7 @@ class Virtqueue:
         self._used_idx_addr = memory.address(self.device_addr + 2, 2)
         self.memory = memory
         self.event_idx, self.indirect = event_idx, indirect
-        self.last_avail_idx = self.used_idx = self._signalled_used = 0
+        self.last_avail_idx = self.used_idx = self._signalled_used = self._avail_idx = 0
         self._in_flight = bytearray(size)
         self.broken = False
         self.ready = True
@@ -152,14 +152,19 @@ class Virtqueue:
         so the driver notifies for the next buffer.
         """
         while self.ready and not self.broken:
-            pending = (ordering.load_acquire16(self._avail_idx_addr) - self.last_avail_idx) & 0xFFFF
+            # The acquire load of the avail idx covers every entry below it, so it is
+            # only repeated once the entries seen last time are consumed.
+            pending = (self._avail_idx - self.last_avail_idx) & 0xFFFF
+            if not pending:
+                self._avail_idx = ordering.load_acquire16(self._avail_idx_addr)
+                pending = (self._avail_idx - self.last_avail_idx) & 0xFFFF
             if not pending:
                 if not self.event_idx:
                     return None
                 self._used_h[2 + 4 * self.size] = self.last_avail_idx   # avail_event
                 ordering.fence()
-                pending = (ordering.load_acquire16(self._avail_idx_addr)
-                           - self.last_avail_idx) & 0xFFFF
+                self._avail_idx = ordering.load_acquire16(self._avail_idx_addr)
+                pending = (self._avail_idx - self.last_avail_idx) & 0xFFFF
                 if not pending:
                     return None
             if pending > self.size:
@@ -193,6 +198,7 @@ class Virtqueue:
     def _walk(self, head):
         """Follow the chain at ``head``: a DescriptorChain, or the broken rule as a string."""
         memory = self.memory
+        ram, base, end = memory.data, memory.base, memory.end
         addrs, lens, halves = self._desc_q, self._desc_i, self._desc_h
         readable, writable = [], []
         readable_len = writable_len = 0
@@ -221,10 +227,9 @@ class Virtqueue:
                 index, nested = 0, True
                 table_size = budget = length // DESC_SIZE
                 continue
-            try:
-                view = memory.view(addr, length)
-            except GuestMemoryError:
+            if addr < base or addr + length > end:
                 return f"buffer 0x{addr:x}+0x{length:x} is outside RAM"
+            view = ram[addr - base:addr - base + length]
             if flags & DESC_F_WRITE:
                 writable.append(view)
                 writable_len += length
