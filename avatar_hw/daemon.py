@@ -144,12 +144,22 @@ class Daemon:
         if self.user:
             drop_privileges(self.user, [self.control.path])
         self.trap.wait_ready(self.wait_stub)
-        self.trap.attach(busy_poll=self.busy_poll)
+        self.trap.attach(wanted=self._wanted_features(), busy_poll=self.busy_poll)
         if self.doorbell is not None and not self.busy_poll:
             self.loop.add_reader(self.doorbell, self._on_doorbell)
         self.loop.add_reader(self._wake_r, self._on_wake)
         self.started = time.time()
         self.trap.service(self.subsystem.handle_mmio_trap)   # whatever was posted before
+
+    def _wanted_features(self):
+        """Virtual-interrupt requests only where the board's interrupts go through the stub."""
+        if self.board.interrupts != "stub":
+            return abi.SUPPORTED_FEATURES & ~abi.F_VIRQ_REQUEST
+        if not self.trap.header.stub_features & abi.F_VIRQ_REQUEST:
+            raise abi.AbiMismatch(
+                f"{self.board.path}: interrupts.kind = \"stub\" but the stub does not offer "
+                "AVT_F_VIRQ_REQUEST: use a board file with the GIC ([gic]) for this hypervisor")
+        return abi.SUPPORTED_FEATURES
 
     def _make_doorbell(self):
         spec = self.doorbell

@@ -14,8 +14,14 @@
  *                   handle, write data and status, then state = DONE with a
  *                   store-release (FREE for a posted write).
  *   stub completes: load-acquire state == DONE, read data and status, then
- *                   state = FREE (plain store is enough: only the stub
- *                   touches a DONE slot).
+ *                   state = FREE (store-release).
+ *   model sleeps:   model_sleeping = 1, DMB ISH, re-scan every slot, then block.
+ *   model detaches: answer every POSTED slot, then model_state = DETACHED
+ *                   (store-release); it never touches a slot afterwards, so a
+ *                   stub that sees DETACHED may withdraw its POSTED slot
+ *                   (POSTED -> FREE) and apply its UNHANDLED policy.
+ *   model died:     model_state stays ATTACHED; the stub keeps waiting, the
+ *                   next model to attach answers the slot.
  */
 #ifndef AVATAR_TRAP_H
 #define AVATAR_TRAP_H
