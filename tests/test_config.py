@@ -1,0 +1,129 @@
+"""The VMs config: what it accepts, and one line naming file, key and problem for each mistake."""
+
+import pytest
+
+from avatar_hw import config as config_module
+from avatar_hw.config import DeviceKind, load_config
+from avatar_hw.errors import ConfigError
+
+GOOD = """
+[vm.0]
+console = { backends = ["pty:/run/avatar/vm0", "file:/var/log/avatar/vm0.log"] }
+
+[vm.1]
+console = { backends = "unix:/run/avatar/vm1.sock", size = [80, 24] }
+block = [{ image = "/srv/a.img" }, { image = "/srv/b.img", readonly = true, serial = "B" }]
+rng = { rate = 1024 }
+net = { switch = "/run/avatar/switch", mac = "52:54:00:12:34:56" }
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "vms.toml"
+    path.write_text(text)
+    return path
+
+
+def test_good_config_gives_devices_in_slot_order(tmp_path):
+    config = load_config(write(tmp_path, GOOD), max_vms=8)
+    assert list(config.vms) == [0, 1]
+    assert [(d.kind, d.key) for d in config.vms[1].devices] == [
+        ("console", "vm.1.console"), ("block", "vm.1.block[0]"), ("block", "vm.1.block[1]"),
+        ("rng", "vm.1.rng"), ("net", "vm.1.net")]
+    assert config.vms[1].devices[2].options == {"image": "/srv/b.img", "readonly": True,
+                                                "serial": "B"}
+    assert config.vms[1].devices[1].options == {"image": "/srv/a.img", "readonly": False}
+    assert config.vms[0].devices[0].options["backends"] == ["pty:/run/avatar/vm0",
+                                                            "file:/var/log/avatar/vm0.log"]
+
+
+MISTAKES = [
+    ("[vm.0\n", None, "not a TOML file"),
+    ("[vms.0]\nconsole = { backends = ['stdio'] }\n", "vms", "unknown table"),
+    ("", "vm", "no VMs"),
+    ("[vm.zero]\nconsole = { backends = ['stdio'] }\n", "vm.zero", "their numbers"),
+    ("[vm.01]\nconsole = { backends = ['stdio'] }\n", "vm.01", "their numbers"),
+    ("[vm.9]\nconsole = { backends = ['stdio'] }\n", "vm.9", "VMs 0..7"),
+    ("[vm.0]\n", "vm.0", "no devices"),
+    ("vm = 3\n", "vm", "no VMs"),
+    ("[vm]\n0 = 'console'\n", "vm.0", "must be a table of devices"),
+    ("[vm.0]\ngpu = {}\n", "vm.0.gpu", "unknown device kind; expected one of console, block"),
+    ("[vm.0]\nconsole = 3\n", "vm.0.console", "must be a table"),
+    ("[vm.0]\nconsole = { backend = ['stdio'] }\n", "vm.0.console.backend",
+     "unknown key for a console; expected one of backends"),
+    ("[vm.0]\nconsole = {}\n", "vm.0.console.backends", "missing"),
+    ("[vm.0]\nconsole = { backends = [] }\n", "vm.0.console.backends", "non-empty list"),
+    ("[vm.0]\nconsole = { backends = [1] }\n", "vm.0.console.backends", "non-empty list"),
+    ("[vm.0]\nconsole = { backends = ['vm0.log'] }\n", "vm.0.console.backends",
+     "'vm0.log' is not a URL"),
+    ("[vm.0]\nconsole = { backends = 'stdio', size = [80] }\n", "vm.0.console.size",
+     "[columns, rows]"),
+    ("[vm.0]\nconsole = { backends = 'stdio', buffer = 0 }\n", "vm.0.console.buffer",
+     "must be positive"),
+    ("[vm.0]\nconsole = { backends = 'stdio', ports = { log = [] } }\n",
+     "vm.0.console.ports", "port 'log'"),
+    ("[vm.0]\nblock = { readonly = true }\n", "vm.0.block.image", "missing"),
+    ("[vm.0]\nblock = { image = '/x.img', readonly = 'no' }\n", "vm.0.block.readonly",
+     "must be true or false, not str 'no'"),
+    ("[vm.0]\nblock = { image = 5 }\n", "vm.0.block.image", "must be the path"),
+    ("[vm.0]\nblock = []\n", "vm.0.block", "an empty list"),
+    ("[vm.0]\nblock = [{ image = '/a' }, { image = '/b', ro = true }]\n", "vm.0.block[1].ro",
+     "unknown key for a block"),
+    ("[vm.0]\nblock = { image = '/a', serial = 'x' }\n[vm.0.console]\nbackends = 'stdio'\n"
+     "[vm.0.console.size]\n", "vm.0.console.size", "must be [columns, rows]"),
+    ("[vm.0]\nrng = { rate = -1 }\n", "vm.0.rng.rate", "must be positive"),
+    ("[vm.0]\nrng = { rate = true }\n", "vm.0.rng.rate", "must be bytes per second"),
+    ("[vm.0]\nnet = { tap = 'tap0', switch = '/s' }\n", "vm.0.net", "exactly one of tap or switch"),
+    ("[vm.0]\nnet = { mac = '52:54:00:12:34:56' }\n", "vm.0.net", "exactly one of tap or switch"),
+    ("[vm.0]\nnet = { tap = 'tap0', mac = '52:54:00:12:34' }\n", "vm.0.net.mac",
+     "not a MAC address"),
+]
+
+
+@pytest.mark.parametrize("text, key, problem", MISTAKES)
+def test_each_mistake_is_one_line_naming_file_key_and_problem(tmp_path, text, key, problem):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, max_vms=8)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: {key}: " if key else f"{path}: ")
+    assert problem in message
+    assert err.value.key == key
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such VMs config file"):
+        load_config(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path)                       # a directory
+
+
+def test_backend_errors_at_build_name_the_config_key(tmp_path):
+    config = load_config(write(tmp_path, "[vm.0]\nconsole = { backends = ['serial:/x'] }\n"))
+    with pytest.raises(ConfigError) as err:
+        config.build_device(config.vms[0].devices[0])
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'vms.toml'}: vm.0.console: serial:/x: ")
+    assert "unknown console endpoint 'serial'" in message and "\n" not in message
+
+
+def test_console_is_built_with_its_backends(tmp_path):
+    log = tmp_path / "vm0.log"
+    config = load_config(write(tmp_path, f"[vm.0]\nconsole = {{ backends = ['file:{log}'], "
+                                         "size = [100, 30] }\n"))
+    device = config.build_device(config.vms[0].devices[0])
+    try:
+        assert device.name == "console"
+        assert [ep.url for ep in device.ports[0].backend.endpoints] == [f"file:{log}"]
+        assert log.exists()
+    finally:
+        device.detach()
+
+
+def test_a_kind_whose_device_is_not_installed_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(config_module.DEVICE_KINDS, "gpu",
+                        DeviceKind("gpu", {}, factory="avatar_hw.devices.no_such_gpu:from_config"))
+    config = load_config(write(tmp_path, "[vm.0]\ngpu = {}\n"))
+    with pytest.raises(ConfigError, match=r"vm.0.gpu: gpu devices are not available"):
+        config.build_device(config.vms[0].devices[0])
