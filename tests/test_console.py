@@ -161,7 +161,7 @@ def test_client_reconnect_keeps_unsent_output(console):
     assert console.recv() == b"while away"
 
 
-# -- features ----------------------------------------------------------------------------------------
+# -- features --------------------------------------------------------------------------------------
 
 def test_features_offered(tmp_path, loop):
     plain = ConsoleDevice()
@@ -298,7 +298,7 @@ def test_reset_drops_held_buffers(console):
     assert [u.data for u in rx.get_used()] == [b"after reset"]
 
 
-# -- endpoints ---------------------------------------------------------------------------------------
+# -- endpoints -------------------------------------------------------------------------------------
 
 def test_pty_endpoint_with_stable_symlink(tmp_path, loop):
     link = str(tmp_path / "vm0-console")
@@ -397,7 +397,7 @@ def test_bad_endpoint_urls_are_one_line_errors(url, match):
     assert "\n" not in str(err.value) and url in str(err.value)
 
 
-# -- done-when: 16 MiB each way, host reader stalls, nothing lost ------------------------------------
+# -- done-when: 16 MiB each way, host reader stalls, nothing lost ----------------------------------
 
 def test_16_mib_each_way_with_stalls(tmp_path, loop):
     total, chunk = 16 << 20, 64 << 10

@@ -50,7 +50,8 @@ def run_ops(bench, ops):
 
 offsets = st.one_of(st.sampled_from(REGISTERS), st.integers(0, 0x1FF),
                     st.sampled_from([c.REG_CONFIG + i for i in range(16)]))
-values = st.one_of(st.integers(0, 0xFFFFFFFF), st.sampled_from([0, 1, 2, 3, 4, 8, 0x0F, 0x40, 0xFF]),
+values = st.one_of(st.integers(0, 0xFFFFFFFF),
+                   st.sampled_from([0, 1, 2, 3, 4, 8, 0x0F, 0x40, 0xFF]),
                    st.integers(RAM_BASE - 64, RAM_BASE + RAM + 64))
 ops = st.lists(st.tuples(offsets, st.booleans(), st.sampled_from([4, 4, 4, 1, 2, 8]), values),
                max_size=80)
@@ -87,7 +88,8 @@ def test_random_register_sequences(kind, legacy, ops):
 @given(kind=st.sampled_from(["recorder", "holding", "console"]),
        descs=st.lists(descriptor, min_size=16, max_size=16),
        heads=st.lists(st.one_of(st.integers(0, 7), st.integers(0, 20)), min_size=8, max_size=8),
-       avail_idx=st.one_of(st.integers(0, 9), st.integers(0, 0xFFFF)), used_event=st.integers(0, 0xFFFF),
+       avail_idx=st.one_of(st.integers(0, 9), st.integers(0, 0xFFFF)),
+       used_event=st.integers(0, 0xFFFF),
        flags=st.integers(0, 1), features_drop=st.integers(0, 3), ops=ops)
 def test_random_rings_after_valid_setup(kind, descs, heads, avail_idx, used_event, flags,
                                         features_drop, ops):
@@ -97,7 +99,8 @@ def test_random_rings_after_valid_setup(kind, descs, heads, avail_idx, used_even
 
 def random_rings(kind, descs, heads, avail_idx, used_event, flags, features_drop, ops):
     bench = VirtioBench(device_for(kind), ram_size=RAM)
-    drop = (features_drop & 1) << c.F_RING_EVENT_IDX | (features_drop >> 1) << c.F_RING_INDIRECT_DESC
+    drop = ((features_drop & 1) << c.F_RING_EVENT_IDX
+            | (features_drop >> 1) << c.F_RING_INDIRECT_DESC)
     queues = bench.driver.init([0, 1], drop=drop, buf_size=256, size=8)
     for q in queues:
         # random descriptors, some pointing at indirect tables made of random descriptors

@@ -107,7 +107,7 @@ def wait_used(queue, count=1, timeout=5.0, poll=None):
     return got
 
 
-# -- the common transport: QEMU's virtio-rng against an rng-shaped device of ours -------------------
+# -- the common transport: QEMU's virtio-rng against an rng-shaped device of ours ------------------
 
 class RngShaped(RecordingDevice):
     """Our transport with one 1024-entry queue filling writable buffers, like virtio-rng."""

@@ -134,7 +134,7 @@ def test_ring_wraps_past_65535(bench):
     assert len(b.rx.get_used()) == 4 and b.rx.used_idx() == 2
 
 
-# -- bad chains: completed with length 0 -------------------------------------------------------------
+# -- bad chains: completed with length 0 -----------------------------------------------------------
 
 def bad_chain(b, descs, **kw):
     offer(b, descs, **kw)
@@ -232,7 +232,7 @@ def test_chain_longer_than_4_gib():
     bad_chain(b, [(table, 16 * entries, INDIRECT, 0)])
 
 
-# -- ring corruption: DEVICE_NEEDS_RESET ------------------------------------------------------------
+# -- ring corruption: DEVICE_NEEDS_RESET -----------------------------------------------------------
 
 def test_avail_index_too_far_ahead(bench):
     b = bench
@@ -284,7 +284,7 @@ def test_stale_chain_after_queue_reset_is_refused(bench):
     assert queue.add_used(chain.head, 4) is False
 
 
-# -- notification suppression ------------------------------------------------------------------------
+# -- notification suppression ----------------------------------------------------------------------
 
 def test_event_idx_used_event_suppresses_interrupts(bench):
     b = bench

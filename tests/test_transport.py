@@ -79,7 +79,7 @@ def test_unknown_register_reads_zero(bench):
     bench.driver.write(0x0F8, 1)
 
 
-# -- status state machine ---------------------------------------------------------------------------
+# -- status state machine --------------------------------------------------------------------------
 
 def test_normal_initialisation_sequence(bench):
     d = bench.driver
@@ -334,7 +334,7 @@ def test_interrupt_ack_clears_only_given_bits(bench):
     assert bench.driver.interrupt_status() == c.INT_CONFIG_CHANGE
 
 
-# -- configuration space ----------------------------------------------------------------------------
+# -- configuration space ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("offset,size,expected", [
     (0, 1, 0x01), (1, 1, 0x02), (2, 2, 0x0403), (4, 4, 0x08070605), (8, 4, 0x0C0B0A09)])
@@ -375,7 +375,7 @@ def test_config_generation_changes_with_config(bench):
     assert d.read(c.REG_CONFIG_GENERATION) == gen
 
 
-# -- shared memory, queue reset ---------------------------------------------------------------------
+# -- shared memory, queue reset --------------------------------------------------------------------
 
 def test_no_shared_memory_regions(bench):
     d = bench.driver
@@ -415,7 +415,7 @@ def test_queue_reset_without_feature_is_ignored(bench):
     assert d.read(c.REG_QUEUE_RESET) == 0 and d.read(c.REG_QUEUE_READY) == 1
 
 
-# -- legacy (Version 1) -----------------------------------------------------------------------------
+# -- legacy (Version 1) ----------------------------------------------------------------------------
 
 def test_legacy_identity_and_features(legacy):
     d = legacy.driver

@@ -32,7 +32,6 @@ Nothing is lost, in either direction:
   control), and a user who opens it later reads it.
 """
 
-import errno
 import logging
 import os
 import socket

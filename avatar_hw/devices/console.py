@@ -173,7 +173,7 @@ class ConsoleDevice(VirtioDevice):
         nports = 1 + len(ports)
         queue_sizes = [QUEUE_SIZE, QUEUE_SIZE]
         if multiport:
-            queue_sizes += [CONTROL_QUEUE_SIZE, CONTROL_QUEUE_SIZE] + [QUEUE_SIZE] * (2 * len(ports))
+            queue_sizes += [CONTROL_QUEUE_SIZE] * 2 + [QUEUE_SIZE] * (2 * len(ports))
         cols, rows = size or (0, 0)
         super().__init__(queue_sizes=queue_sizes, features=features,
                          config=CONFIG.pack(cols, rows, nports if multiport else 0, 0))
@@ -271,7 +271,7 @@ class ConsoleDevice(VirtioDevice):
         if self.has_feature(F_MULTIPORT):
             self._send_control(0, RESIZE, 0, struct.pack("<HH", rows, cols))
 
-    # -- control queues (multiport) -----------------------------------------------------------------
+    # -- control queues (multiport) ----------------------------------------------------------------
 
     def _send_control(self, port_id, event, value, payload=b""):
         self._control_out.append(CONTROL.pack(port_id, event, value) + payload)
