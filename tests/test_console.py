@@ -233,11 +233,13 @@ def test_multiport_named_ports(tmp_path, loop):
     c_ovq.notify()
     assert control_messages(c_ivq) == [
         (0, con.CONSOLE_PORT, 1, b""), (0, con.PORT_OPEN, 1, b""),
-        (1, con.PORT_NAME, 1, b"org.avatar.log"), (1, con.PORT_OPEN, 1, b"")]
-    # the named port's input waits until the guest opens the port
+        (1, con.PORT_NAME, 1, b"org.avatar.log"), (1, con.PORT_OPEN, 0, b"")]
+    # no client yet on the named port's socket: its host side opens when one connects
     client = socket.socket(socket.AF_UNIX)
     client.connect(named)
     con_.spin()
+    assert control_messages(c_ivq) == [(1, con.PORT_OPEN, 1, b"")]
+    # the named port's input waits until the guest opens the port
     client.send(b"to port 1")
     rx1.post(writable=[64])
     rx1.notify()
@@ -259,6 +261,17 @@ def test_multiport_named_ports(tmp_path, loop):
     con_.device.resize(100, 30)
     assert control_messages(c_ivq) == [(0, con.RESIZE, 0, struct.pack("<HH", 30, 100))]
     assert con_.device.info()["ports"][1]["guest_open"] is True
+    # the client goes away: the host side closes, the guest's output waits for the next one
+    client.close()
+    con_.spin()
+    assert control_messages(c_ivq) == [(1, con.PORT_OPEN, 0, b"")]
+    tx1.post(readable=[b"kept"])
+    tx1.notify()
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(named)
+    con_.spin()
+    assert control_messages(c_ivq) == [(1, con.PORT_OPEN, 1, b"")]
+    assert client.recv(100) == b"kept"
     client.close()
     con_.close()
 

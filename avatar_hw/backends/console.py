@@ -27,6 +27,8 @@ Nothing is lost, in either direction:
   away) buffers output up to ``limit`` and then flow-controls the guest; a
   client that connects gets the buffered bytes first. Bytes the kernel had
   already accepted for a client that then disconnects go with that client.
+  ``connected`` tells whether a socket endpoint has a client (the console
+  reports it to the guest as the port's host side opening and closing).
 * a pty is kept open on both sides by the backend, so output written while
   nobody has the terminal open waits in the pty and our buffer (then flow
   control), and a user who opens it later reads it.
@@ -77,10 +79,11 @@ class Endpoint:
         self.url = url
         self.limit = limit
         self._pending = bytearray()
-        self._loop = self._on_input = self._on_drained = None
+        self._loop = self._on_input = self._on_drained = self._on_connection = None
         self._reading = False
         self._reader_fd = self._writer_fd = None
         self._want_input = True
+        self._data_waiting = False
         self._writer_registered = False
 
     def __repr__(self):
@@ -88,9 +91,17 @@ class Endpoint:
 
     # -- wiring ----------------------------------------------------------------------------------
 
-    def attach(self, loop, on_input, on_drained):
+    def attach(self, loop, on_input, on_drained, on_connection=None):
+        """Call ``on_input()`` when readable, ``on_drained()`` when output room frees up,
+        ``on_connection()`` when ``connected`` changes."""
         self._loop, self._on_input, self._on_drained = loop, on_input, on_drained
+        self._on_connection = on_connection
         self._update_reader()
+
+    @property
+    def connected(self):
+        """Is someone at the host end? (Always, except for a socket without a client.)"""
+        return True
 
     def detach(self):
         self._set_reader(False)
@@ -112,6 +123,7 @@ class Endpoint:
 
     def resume_input(self):
         self._want_input = True
+        self._data_waiting = False
         self._update_reader()
 
     def _update_reader(self):
@@ -129,8 +141,13 @@ class Endpoint:
         self._reading = on
 
     def _readable(self):
-        if self._on_input is not None:
+        if not self._want_input:
+            self._readable_while_paused()
+        elif self._on_input is not None:
             self._on_input()
+
+    def _readable_while_paused(self):
+        self._set_reader(False)
 
     def readinto(self, views):
         """Read into ``views``: the byte count, or 0 when nothing is available now."""
@@ -319,9 +336,13 @@ class SocketServerEndpoint(Endpoint):
         self.client = None
         self._unlink = unlink
 
-    def attach(self, loop, on_input, on_drained):
-        super().attach(loop, on_input, on_drained)
+    def attach(self, loop, on_input, on_drained, on_connection=None):
+        super().attach(loop, on_input, on_drained, on_connection)
         loop.add_reader(self.listener.fileno(), self._accept)
+
+    @property
+    def connected(self):
+        return self.client is not None
 
     def detach(self):
         if self._loop is not None:
@@ -339,10 +360,13 @@ class SocketServerEndpoint(Endpoint):
         sock.setblocking(False)
         self.client = sock
         self.interactive = True
+        self._data_waiting = False
         self._update_reader()
         if self._pending:
             self._set_writer(True)
         log.info("%s: client %s connected", self, peer or "(unix)")
+        if self._on_connection is not None:
+            self._on_connection()
 
     def _drop_client(self):
         self._set_reader(False)
@@ -350,9 +374,31 @@ class SocketServerEndpoint(Endpoint):
         self.client.close()
         self.client = None
         # keep the pending output for the next client; writer re-added on connect
+        if self._on_connection is not None:
+            self._on_connection()
 
     def input_fd(self):
         return None if self.client is None else self.client.fileno()
+
+    def _update_reader(self):
+        # While input is paused the client is still watched, so that a hang-up is
+        # noticed (and reported) even when the guest takes no input; once data is
+        # seen waiting, the reader is removed until input resumes.
+        self._set_reader(self.client is not None and (self._want_input or not self._data_waiting))
+
+    def _readable_while_paused(self):
+        try:
+            data = self.client.recv(1, socket.MSG_PEEK)
+        except _AGAIN:
+            return
+        except OSError as err:
+            self._input_gone(err)
+            return
+        if not data:
+            self._input_gone(None)
+        else:
+            self._data_waiting = True
+            self._update_reader()
 
     def output_fd(self):
         return None if self.client is None else self.client.fileno()
@@ -445,10 +491,15 @@ class ConsoleBackend:
         self._next_input = 0
         self._attached = None
 
-    def attach(self, loop, on_input, on_drained):
+    def attach(self, loop, on_input, on_drained, on_connection=None):
         self._attached = (loop, on_input, on_drained)
         for ep in self.endpoints:
-            ep.attach(loop, on_input, on_drained)
+            ep.attach(loop, on_input, on_drained, on_connection)
+
+    @property
+    def connected(self):
+        """True if any endpoint has someone at the host end."""
+        return any(ep.connected for ep in self.endpoints)
 
     def detach(self):
         for ep in self.endpoints:

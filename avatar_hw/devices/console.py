@@ -22,8 +22,9 @@ Flow control (nothing lost):
 
 Control messages (multiport): the driver's DEVICE_READY gets a DEVICE_ADD
 per port; each PORT_READY gets CONSOLE_PORT (port 0), PORT_NAME (named
-ports) and PORT_OPEN 1 (the host side is always open: output is buffered or
-flow-controlled while no client is connected); the driver's PORT_OPEN
+ports) and PORT_OPEN with the host side's state: always open for the
+console port, open while a client is connected for a named port on a socket
+(PORT_OPEN 0/1 follow connects and disconnects); the driver's PORT_OPEN
 opens and closes the guest side.
 """
 
@@ -57,6 +58,8 @@ class ConsolePort:
         self.rx_index, self.tx_index = rx_index, tx_index
         self.backend = backend
         self.guest_open = False
+        self.guest_ready = False         # the driver sent PORT_READY (multiport)
+        self.host_open = None            # what the driver was last told (PORT_OPEN)
         self._rx_chain = None
         self._tx_chain = None
         self._tx_views = None
@@ -75,7 +78,8 @@ class ConsolePort:
         """Drop chains held from the guest (their queues are being reset)."""
         self._rx_chain = self._tx_chain = self._tx_views = None
         self._tx_left = 0
-        self.guest_open = False
+        self.guest_open = self.guest_ready = False
+        self.host_open = None
 
     # -- host -> guest ---------------------------------------------------------------------------
 
@@ -194,7 +198,8 @@ class ConsoleDevice(VirtioDevice):
     def attach(self, loop):
         super().attach(loop)
         for port in self.ports:
-            port.backend.attach(loop, port.fill_rx, lambda port=port: self._drained(port))
+            port.backend.attach(loop, port.fill_rx, lambda port=port: self._drained(port),
+                                lambda port=port: self._report_host_side(port))
             port.fill_rx()                        # not active yet: pauses the reader
 
     def detach(self):
@@ -328,7 +333,8 @@ class ConsoleDevice(VirtioDevice):
                 port.guest_open = True
             if port.name:
                 self._send_control(port_id, PORT_NAME, 1, port.name.encode())
-            self._send_control(port_id, PORT_OPEN, 1)
+            port.guest_ready = True
+            self._report_host_side(port)
             port.fill_rx()
         elif event == PORT_OPEN:
             port.guest_open = bool(value) or port_id == 0
@@ -336,11 +342,27 @@ class ConsoleDevice(VirtioDevice):
         else:
             log.warning("console: unexpected control event %d from the driver; ignored", event)
 
+    def _report_host_side(self, port):
+        """PORT_OPEN to the driver when the host side of a named port opens or closes.
+
+        The console port (0) is always open; a named port is open while its
+        backend has someone at the host end (a socket client). While it is
+        closed a Linux guest blocks writers and reads return EOF; output
+        already queued is kept for the next client.
+        """
+        if not (port.guest_ready and self.active and self.has_feature(F_MULTIPORT)):
+            return
+        is_open = port.id == 0 or port.backend.connected
+        if is_open != port.host_open:
+            port.host_open = is_open
+            self._send_control(port.id, PORT_OPEN, int(is_open))
+
     # -- introspection ----------------------------------------------------------------------------
 
     def info(self):
         out = super().info()
         out["ports"] = [{"id": p.id, "name": p.name, "guest_open": p.guest_open,
+                         "host_open": bool(p.host_open),
                          "endpoints": [ep.url for ep in p.backend.endpoints],
                          "buffered": p.backend.buffered} for p in self.ports]
         return out

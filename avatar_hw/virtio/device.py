@@ -170,6 +170,7 @@ class VirtioDevice:
             "negotiated_features": hex(t.negotiated_features) if t else "0x0",
             "interrupt_status": t.interrupt_status if t else 0,
             "config_generation": t.config_generation if t else 0,
+            "guest_errors": t.guest_errors if t else 0,
             "legacy": bool(t and t.legacy),
             "queues": [q.describe() for q in self.queues],
         })

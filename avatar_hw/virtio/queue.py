@@ -184,9 +184,11 @@ class Virtqueue:
             if chain.__class__ is DescriptorChain:
                 return chain
             self.bad_chains += 1
-            log.warning("vm%s queue %d: bad descriptor chain at head %d: %s; completed "
-                        "with length 0", getattr(self.memory, "vm_id", "?"), self.index,
-                        head, chain)
+            # the first ones as warnings, then every 1000th: a guest must not flood the log
+            level = logging.WARNING if (self.bad_chains <= 20 or not self.bad_chains % 1000) \
+                else logging.DEBUG
+            log.log(level, "vm%s queue %d: bad descriptor chain at head %d: %s; completed "
+                    "with length 0", getattr(self.memory, "vm_id", "?"), self.index, head, chain)
             self.add_used(head, 0)
         return None
 
