@@ -97,8 +97,8 @@ class ConsolePort:
                     self._pause_input()
                     break
                 if not chain.writable_len:
-                    log.warning("%s port %d: receive buffer with no writable part; "
-                                "returned empty", device.name, self.id)
+                    device.guest_error("port %d: receive buffer with no writable part; "
+                                       "returned empty", self.id)
                     rxq.add_used(chain.head, 0)
                     completed = True
                     continue
@@ -294,8 +294,8 @@ class ConsoleDevice(VirtioDevice):
             message = self._control_out.popleft()
             n = _scatter(message, chain.writable)
             if n < len(message):
-                log.warning("console: control buffer of %d bytes too small for a %d-byte "
-                            "message; truncated", chain.writable_len, len(message))
+                self.guest_error("control buffer of %d bytes too small for a %d-byte "
+                                 "message; truncated", chain.writable_len, len(message))
             queue.add_used(chain.head, n)
             completed = True
         if completed:
@@ -307,7 +307,7 @@ class ConsoleDevice(VirtioDevice):
             message = b"".join(bytes(v) for v in chain.readable)[:CONTROL.size]
             queue.add_used(chain.head, 0)
             if len(message) < CONTROL.size:
-                log.warning("console: short control message (%d bytes); ignored", len(message))
+                self.guest_error("short control message (%d bytes); ignored", len(message))
                 continue
             self._handle_control(*CONTROL.unpack(message))
         self.signal_used(queue)
@@ -315,18 +315,18 @@ class ConsoleDevice(VirtioDevice):
     def _handle_control(self, port_id, event, value):
         if event == DEVICE_READY:
             if value != 1:
-                log.warning("console: driver failed to set up (DEVICE_READY %d)", value)
+                self.guest_error("driver failed to set up (DEVICE_READY %d)", value)
                 return
             for port in self.ports:
                 self._send_control(port.id, DEVICE_ADD, 0)
             return
         if port_id >= len(self.ports):
-            log.warning("console: control event %d for unknown port %d; ignored", event, port_id)
+            self.guest_error("control event %d for unknown port %d; ignored", event, port_id)
             return
         port = self.ports[port_id]
         if event == PORT_READY:
             if value != 1:
-                log.warning("console: driver could not add port %d", port_id)
+                self.guest_error("driver could not add port %d", port_id)
                 return
             if port_id == 0:
                 self._send_control(0, CONSOLE_PORT, 1)
@@ -340,7 +340,7 @@ class ConsoleDevice(VirtioDevice):
             port.guest_open = bool(value) or port_id == 0
             port.fill_rx()
         else:
-            log.warning("console: unexpected control event %d from the driver; ignored", event)
+            self.guest_error("unexpected control event %d from the driver; ignored", event)
 
     def _report_host_side(self, port):
         """PORT_OPEN to the driver when the host side of a named port opens or closes.

@@ -88,7 +88,7 @@ class VirtioDevice:
 
     def write_config(self, offset, data):
         """The driver wrote ``data`` at ``offset`` of the configuration space."""
-        log.warning("%s: write to read-only config offset 0x%x; ignored", self.name, offset)
+        self.guest_error("write to read-only config offset 0x%x; ignored", offset)
 
     def attach(self, loop):
         """Register backend fds with ``loop`` (an ``avatar_hw.loop.EventLoop``)."""
@@ -144,6 +144,13 @@ class VirtioDevice:
             log.error("%s: %s", self.name, reason)
         else:
             self.transport.fail(reason)
+
+    def guest_error(self, fmt, *args):
+        """Log a guest mistake through the transport's rate-limited, counted log."""
+        if self.transport is not None:
+            self.transport.guest_error(fmt, *args)
+        else:
+            log.warning("%s: " + fmt, self.name, *args)
 
     def count(self, requests=1, *, bytes_from_guest=0, bytes_to_guest=0):
         c = self.counters

@@ -144,12 +144,12 @@ class MmioTransport:
         if offset >= c.REG_CONFIG:
             return self._read_config(offset - c.REG_CONFIG, size)
         if size != 4 or offset & 3:
-            self._guest_error("%d-byte read at 0x%03x: registers take aligned 32-bit "
+            self.guest_error("%d-byte read at 0x%03x: registers take aligned 32-bit "
                               "accesses; reads 0", size, offset)
             return 0
         handler = self._reads.get(offset)
         if handler is None:
-            self._guest_error("read of 0x%03x (no such register, or write-only); reads 0", offset)
+            self.guest_error("read of 0x%03x (no such register, or write-only); reads 0", offset)
             return 0
         return handler()
 
@@ -159,12 +159,12 @@ class MmioTransport:
             self._write_config(offset - c.REG_CONFIG, size, value)
             return
         if size != 4 or offset & 3:
-            self._guest_error("%d-byte write at 0x%03x: registers take aligned 32-bit "
+            self.guest_error("%d-byte write at 0x%03x: registers take aligned 32-bit "
                               "accesses; ignored", size, offset)
             return
         handler = self._writes.get(offset)
         if handler is None:
-            self._guest_error("write of 0x%x to 0x%03x (no such register, or read-only); "
+            self.guest_error("write of 0x%x to 0x%03x (no such register, or read-only); "
                               "ignored", value, offset)
             return
         handler(value & _MASK32)
@@ -172,7 +172,7 @@ class MmioTransport:
     def __str__(self):
         return f"vm{self.memory.vm_id} {self.device.name}@irq{self.intid}"
 
-    def _guest_error(self, fmt, *args):
+    def guest_error(self, fmt, *args):
         """Log a guest mistake: the first ones as warnings, then every 1000th (a guest
         must not be able to flood the log), all counted in ``guest_errors``."""
         self.guest_errors += 1
@@ -207,18 +207,18 @@ class MmioTransport:
             return
         old = self.status & ~_NEEDS_RESET
         if old & ~value:
-            self._guest_error("status 0x%02x would clear bits of 0x%02x without a reset; "
+            self.guest_error("status 0x%02x would clear bits of 0x%02x without a reset; "
                               "ignored", value, self.status)
             return
         added = value & ~old & ~_NEEDS_RESET
         if added & ~_DRIVER_BITS:
-            self._guest_error("status bits 0x%02x are not driver bits; ignored",
+            self.guest_error("status bits 0x%02x are not driver bits; ignored",
                               added & ~_DRIVER_BITS)
         for flag, needed in self._prerequisites.items():
             if not added & flag:
                 continue
             if self.status & needed != needed:
-                self._guest_error("status bit 0x%02x needs 0x%02x first (status 0x%02x); "
+                self.guest_error("status bit 0x%02x needs 0x%02x first (status 0x%02x); "
                                   "ignored", flag, needed, self.status)
                 break
             if flag == _FEATURES_OK and not self._features_acceptable():
@@ -230,11 +230,11 @@ class MmioTransport:
     def _features_acceptable(self):
         unknown = self.driver_features & ~self.offered_features
         if unknown:
-            self._guest_error("driver accepted features 0x%x the device does not offer; "
+            self.guest_error("driver accepted features 0x%x the device does not offer; "
                               "FEATURES_OK stays clear", unknown)
             return False
         if not self.legacy and not self.driver_features & bit(c.F_VERSION_1):
-            self._guest_error("driver did not accept VIRTIO_F_VERSION_1; FEATURES_OK stays "
+            self.guest_error("driver did not accept VIRTIO_F_VERSION_1; FEATURES_OK stays "
                               "clear")
             return False
         return True
@@ -287,11 +287,11 @@ class MmioTransport:
     def _write_driver_features(self, value):
         sel = self.driver_features_sel
         if self.status & (_FEATURES_OK | _DRIVER_OK):
-            self._guest_error("driver features written after FEATURES_OK/DRIVER_OK; ignored")
+            self.guest_error("driver features written after FEATURES_OK/DRIVER_OK; ignored")
             return
         if sel > 1 or (self.legacy and sel):
             if value:     # Linux writes 0 to word 1 of a legacy device: harmless
-                self._guest_error("driver features word %d does not exist; ignored", sel)
+                self.guest_error("driver features word %d does not exist; ignored", sel)
             return
         shift = 32 * sel
         self.driver_features = (self.driver_features & ~(_MASK32 << shift)) | (value << shift)
@@ -307,12 +307,12 @@ class MmioTransport:
         """The selected queue if its registers may change now, else None (logged)."""
         queue = self._selected_queue()
         if queue is None:
-            self._guest_error("%s for queue %d, which does not exist; ignored", what,
+            self.guest_error("%s for queue %d, which does not exist; ignored", what,
                               self.queue_sel)
         elif queue.ready:
-            self._guest_error("%s for queue %d while it is ready; ignored", what, queue.index)
+            self.guest_error("%s for queue %d while it is ready; ignored", what, queue.index)
         elif self.status & _DRIVER_OK and not self._queue_was_reset[queue.index]:
-            self._guest_error("%s for queue %d after DRIVER_OK; ignored", what, queue.index)
+            self.guest_error("%s for queue %d after DRIVER_OK; ignored", what, queue.index)
         else:
             return queue
         return None
@@ -368,10 +368,10 @@ class MmioTransport:
     def _write_queue_notify(self, value):
         index = value & 0xFFFF
         if not self.status & _DRIVER_OK or self.status & _NEEDS_RESET:
-            self._guest_error("notify of queue %d with status 0x%02x; ignored", index, self.status)
+            self.guest_error("notify of queue %d with status 0x%02x; ignored", index, self.status)
             return
         if index >= len(self.device.queues) or not self.device.queues[index].ready:
-            self._guest_error("notify of queue %d, which is not ready; ignored", index)
+            self.guest_error("notify of queue %d, which is not ready; ignored", index)
             return
         self.device.queue_notify(index)
 
@@ -386,7 +386,7 @@ class MmioTransport:
         if not value & 1 or queue is None:
             return
         if not self.has_feature(c.F_RING_RESET):
-            self._guest_error("QueueReset without VIRTIO_F_RING_RESET; ignored")
+            self.guest_error("QueueReset without VIRTIO_F_RING_RESET; ignored")
             return
         queue.reset()
         self._queue_was_reset[queue.index] = True
@@ -399,7 +399,7 @@ class MmioTransport:
 
     def _write_guest_page_size(self, value):
         if value == 0 or value & (value - 1):
-            self._guest_error("GuestPageSize %d is not a power of two; ignored", value)
+            self.guest_error("GuestPageSize %d is not a power of two; ignored", value)
             return
         self._page_size = value
 
@@ -408,7 +408,7 @@ class MmioTransport:
         if queue is None:
             return
         if value == 0 or value & (value - 1):
-            self._guest_error("QueueAlign %d is not a power of two; ignored", value)
+            self.guest_error("QueueAlign %d is not a power of two; ignored", value)
             return
         self._queue_align[queue.index] = value
 
@@ -462,7 +462,7 @@ class MmioTransport:
 
     def _config_range_ok(self, offset, size, what):
         if size not in (1, 2, 4) or offset % size or offset + size > len(self.device.config):
-            self._guest_error("%d-byte config %s at 0x%x (config is %d bytes, 8/16/32-bit "
+            self.guest_error("%d-byte config %s at 0x%x (config is %d bytes, 8/16/32-bit "
                               "aligned accesses only); %s", size, what, offset,
                               len(self.device.config), "reads 0" if what == "read" else "ignored")
             return False
