@@ -105,6 +105,7 @@ class Daemon:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._old_signals = {}
+        self._signal = None
 
     # -- building -----------------------------------------------------------------------------
 
@@ -191,6 +192,8 @@ class Daemon:
                 pass
         except BlockingIOError:
             pass
+        if self._signal is not None:
+            log.info("%s: stopping", signal.Signals(self._signal).name)
         self._running = False
 
     def run(self):
@@ -220,7 +223,9 @@ class Daemon:
             self.close()
 
     def _on_signal(self, signum, frame):
-        log.info("%s: stopping", signal.Signals(signum).name)
+        # Only the wake-up here: a handler may interrupt the main thread anywhere,
+        # including inside a log call writing to the same stream.
+        self._signal = signum
         self.stop()
 
     def stop(self):

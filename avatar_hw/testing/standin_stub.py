@@ -243,22 +243,27 @@ class FakeBoard:
     - ``board.toml``: the seed's layout, ``interrupts.kind = "stub"``.
     """
 
-    def __init__(self, root, *, vms=2, ram_size=16 << 20, max_vms=8):
+    def __init__(self, root, *, vms=2, ram_size=16 << 20, max_vms=8, create=True):
+        """Lay out the board in ``root``; ``create=False`` uses one laid out earlier
+        (by another process)."""
         from .fake_uio import make_tree
         self.root = Path(root)
         self.vms, self.ram_size = vms, ram_size
+        self.doorbell = self.root / "doorbell"
+        self.doorbell_stub = self.root / "doorbell.stub"
+        self.board_file = self.root / "board.toml"
+        self.control = self.root / "control.sock"
+        if not create:
+            self.roots = {"sysfs_root": str(self.root / "sys"), "dev_root": str(self.root / "dev")}
+            return
         devices = {0: ("avatar-trap", [(TRAP_PHYS, abi.PAGE_SIZE, 0, "trap")])}
         for vm in range(vms):
             devices[1 + vm] = (f"avatar-vm{vm}-ram",
                                [(0x20000000 + vm * ram_size, ram_size, 0, "ram")])
         self.roots = make_tree(self.root, devices)
-        self.doorbell = self.root / "doorbell"
-        self.doorbell_stub = self.root / "doorbell.stub"
         os.mkfifo(self.doorbell)
         os.mkfifo(self.doorbell_stub)
-        self.board_file = self.root / "board.toml"
         self.board_file.write_text(_BOARD_TOML.format(max_vms=max_vms, ram_base=RAM_BASE))
-        self.control = self.root / "control.sock"
 
     def node(self, name):
         """The /dev/uioN file of UIO device ``name``."""

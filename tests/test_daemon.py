@@ -1,0 +1,465 @@
+"""``avatar-hw serve`` as a real subprocess against the stand-in stub in another process.
+
+The daemon runs exactly as on a board (``find_uio`` by name, mmap of the
+UIO maps, the trap protocol, the event loop, the control socket) except that
+the UIO tree is fake (``FakeBoard``: regular files as maps, FIFOs as the
+doorbell). The test process (or a child) plays the hypervisor stub and the
+guest drivers (``StandinStub`` + ``VirtioDriver``).
+
+"Acknowledged" console bytes, as the crash tests use the word:
+
+* guest -> host: a byte is acknowledged when the transmit buffer holding it is
+  in the used ring (the guest may reuse it). Such a byte must be in the
+  console's file endpoint after a SIGKILL of either process.
+* host -> guest: a byte is acknowledged when the receive buffer holding it is
+  in the used ring. What the guest received must be exactly a prefix of what
+  the host sent (no loss, duplication or reordering inside it).
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from avatar_hw import abi
+from avatar_hw.layout import Layout
+from avatar_hw.testing.standin_stub import FakeBoard, StandinStub, TrapTimeout
+from avatar_hw.virtio import constants as vc
+
+LAYOUT = Layout()
+PATTERN = bytes(i % 251 for i in range(1 << 20))
+
+
+def console_config(board, vms=(0, 1), extra=""):
+    lines = []
+    for vm in vms:
+        lines.append(f'[vm.{vm}]\nconsole = {{ backends = ["unix:{board.root}/vm{vm}.sock", '
+                     f'"file:{board.root}/vm{vm}.log"] }}\n{extra}')
+    path = board.root / "vms.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+class Served:
+    """The daemon subprocess; killed by its own PID however the test ends."""
+
+    def __init__(self, board, config, *extra):
+        self.log_path = board.root / "daemon.log"
+        self.log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(board.serve_argv(config, *extra), stdout=self.log,
+                                        stderr=subprocess.STDOUT)
+        self.board = board
+
+    def output(self):
+        return self.log_path.read_text()
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self.close()
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+    def cli(self, *args):
+        result = subprocess.run([sys.executable, "-m", "avatar_hw", *args, "--control",
+                                 str(self.board.control)], capture_output=True, text=True,
+                                timeout=30)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+
+@pytest.fixture
+def board(tmp_path):
+    return FakeBoard(tmp_path / "board")
+
+
+@pytest.fixture
+def stub(board):
+    stand_in = StandinStub(board)
+    yield stand_in
+    stand_in.close()
+
+
+@pytest.fixture
+def served(board, stub):
+    daemon = Served(board, console_config(board))
+    try:
+        stub.page.wait_attached()
+        yield daemon
+    finally:
+        daemon.close()
+
+
+def connect(board, vm):
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(board.root / f"vm{vm}.sock"))
+    client.settimeout(10)
+    return client
+
+
+def recv_exactly(sock, n):
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, f"connection closed after {len(data)} of {n} bytes"
+        data += chunk
+    return bytes(data)
+
+
+def wait_used(stub, driver, queue, count, timeout=10):
+    """Wait for interrupts until ``count`` buffers of ``queue`` are used; returns them."""
+    used = []
+    deadline = time.monotonic() + timeout
+    while len(used) < count:
+        assert time.monotonic() < deadline, f"only {len(used)} of {count} buffers used"
+        stub.wait_irqs(0.5)
+        driver.ack_interrupt()
+        used += queue.get_used()
+    return used
+
+
+# -- the done-when: two VMs, info shows both ----------------------------------------------------------
+
+def test_daemon_serves_consoles_to_two_vms_and_info_shows_both(board, stub, served):
+    drivers, queues = {}, {}
+    for vm in (0, 1):
+        drivers[vm] = stub.driver(vm)
+        queues[vm] = drivers[vm].init([0, 1])
+    clients = {vm: connect(board, vm) for vm in (0, 1)}
+    for vm in (0, 1):
+        rx, tx = queues[vm]
+        message = f"hello from vm{vm}\n".encode()
+        tx.post(readable=[message])
+        tx.notify()
+        assert recv_exactly(clients[vm], len(message)) == message
+        rx.post(writable=[64])
+        rx.notify()
+        clients[vm].sendall(f"to vm{vm}".encode())
+        [used] = wait_used(stub, drivers[vm], rx, 1)
+        assert used.data == f"to vm{vm}".encode()
+    for vm in (0, 1):
+        assert (board.root / f"vm{vm}.log").read_bytes() == f"hello from vm{vm}\n".encode()
+
+    info = json.loads(served.cli("info", "--json"))
+    assert [vm["vm"] for vm in info["vms"]] == [0, 1]
+    for vm in info["vms"]:
+        [device] = vm["devices"]
+        assert device["name"] == "console" and device["irq"] == LAYOUT.irq(vm["vm"], 0)
+        assert device["base"] == hex(LAYOUT.window(vm["vm"], 0))
+        assert "DRIVER_OK" in device["status"]
+        assert device["bytes_from_guest"] == len(f"hello from vm{vm['vm']}\n")
+        assert device["bytes_to_guest"] == len(f"to vm{vm['vm']}")
+        assert device["interrupts"] >= 1
+        assert [q["used_idx"] for q in device["queues"][:2]] == [1, 1]
+    assert info["trap"]["unhandled"] == 0 and info["trap"]["served"] > 40
+    assert "vm1 slot0 console" in served.cli("list")
+    debug = served.cli("debug", "1", "console")
+    assert "DRIVER_OK" in debug and "q1: size 256/256 ready" in debug
+
+    assert served.stop() == 0
+    assert stub.page.header.model_state == abi.MODEL_DETACHED
+    assert "detached" in served.output()
+    assert not board.control.exists()
+    # Detached: the stub answers accesses itself (read-as-zero), nothing is posted.
+    assert stub.page.post(0, 0, LAYOUT.window(0, 0), 4, False) == (abi.STATUS_UNHANDLED, 0)
+
+
+def test_trace_logs_every_trap_with_register_names(board, stub):
+    daemon = Served(board, console_config(board, vms=(0,)), "--trace")
+    try:
+        stub.page.wait_attached()
+        driver = stub.driver(0)
+        assert driver.read(vc.REG_MAGIC_VALUE) == vc.MMIO_MAGIC
+        driver.write(vc.REG_STATUS, 1)
+    finally:
+        assert daemon.stop() == 0
+    out = daemon.output()
+    assert "vm0 cpu0 console0  R MagicValue         4 0x74726976" in out
+    assert "W Status             4 0x1" in out
+
+
+def test_busy_poll_mode_serves_without_doorbells(board, stub):
+    daemon = Served(board, console_config(board, vms=(0,)), "--busy-poll")
+    try:
+        stub.page.wait_attached()
+        assert stub.page.header.model_sleeping == 0
+        driver = stub.driver(0)
+        for _ in range(50):
+            assert driver.read(vc.REG_DEVICE_ID) == vc.ID_CONSOLE
+        assert stub.page.rings == 0
+    finally:
+        assert daemon.stop() == 0
+
+
+# -- malformed traps ------------------------------------------------------------------------------------
+
+def test_malformed_traps_get_unhandled_and_the_daemon_keeps_serving(board, stub, served):
+    page, vm0, vm1 = stub.page, LAYOUT.window(0, 0), LAYOUT.window(1, 0)
+    unhandled = (abi.STATUS_UNHANDLED, 0)
+    assert page.post(0, 0, vm0 + 5 * LAYOUT.device_size, 4, False) == unhandled   # empty slot
+    assert page.post(0, 0, 0x0900_0000, 4, False) == unhandled                   # no window
+    assert page.post(0, 0, vm0 + vc.REG_STATUS, 3, False) == unhandled           # size 3
+    assert page.post(0, 0, vm1 + vc.REG_STATUS, 4, True, 0x80) == unhandled     # VM 1's window
+    assert page.post(1, 0, vm0 + vc.REG_STATUS + 2, 4, False) == unhandled       # unaligned
+    garbage = dict(size=0xA5, direction=0x5A, vm_id=0xFFFF, gpa=0xFFFF_FFFF_FFFF_FFFF,
+                   data=0xDEAD_BEEF_DEAD_BEEF)
+    assert page.post(2, 0, vm0, 4, False, raw=garbage) == unhandled
+    # The daemon is alive and VM 1's device was not touched by VM 0's write.
+    assert stub.driver(1).read(vc.REG_STATUS) == 0
+    assert stub.driver(0).read(vc.REG_MAGIC_VALUE) == vc.MMIO_MAGIC
+    info = json.loads(served.cli("info", "--json"))
+    assert info["trap"]["malformed"] == 4 and info["trap"]["unhandled"] == 6
+    out = served.output()
+    assert "in VM 1's window: answered UNHANDLED" in out and "access size 3" in out
+    assert "Traceback" not in out
+    assert served.process.poll() is None
+
+
+# -- crashes lose nothing acknowledged --------------------------------------------------------------------
+
+class GuestStream:
+    """Guest -> host: chunks of PATTERN through VM 0's transmit queue, notifications posted."""
+
+    def __init__(self, stub, chunk=1000):
+        self.stub = stub
+        self.driver = stub.driver(0, posted_notify=True, timeout=3)
+        self.rx, self.tx = self.driver.init([0, 1])
+        self.chunk = chunk
+        self.sent = 0
+        self.acked = 0
+
+    def step(self):
+        """Post a chunk if a descriptor is free, else collect used buffers."""
+        tx = self.tx
+        if tx.free and self.sent + self.chunk <= len(PATTERN):
+            tx.post(readable=[PATTERN[self.sent:self.sent + self.chunk]])
+            self.sent += self.chunk
+            tx.notify()
+        else:
+            self.stub.wait_irqs(0.2)
+            self.driver.ack_interrupt()
+        self.collect()
+
+    def collect(self):
+        """Count what the used ring acknowledges (read straight from guest RAM)."""
+        self.acked += sum(seg[1] for used in self.tx.get_used() for seg in used.segments)
+
+
+def assert_log_holds(log_path, acked):
+    data = log_path.read_bytes()
+    assert len(data) >= acked, f"{acked} bytes acknowledged but only {len(data)} logged"
+    assert data == PATTERN[:len(data)], "the log is not a prefix of what the guest sent"
+
+
+def test_sigkill_of_the_daemon_mid_output_loses_no_acknowledged_byte(board, stub):
+    config = board.root / "vms.toml"
+    config.write_text(f'[vm.0]\nconsole = {{ backends = ["file:{board.root}/vm0.log"] }}\n')
+    daemon = Served(board, config)
+    try:
+        stub.page.wait_attached()
+        stream = GuestStream(stub)
+        killer = threading.Timer(0.5, daemon.process.kill)
+        killer.start()
+        with pytest.raises(TrapTimeout):
+            while True:
+                stream.step()
+        killer.join()
+        daemon.process.wait()
+        stream.collect()         # buffers used just before the kill
+        assert 0 < stream.acked < len(PATTERN)
+        assert_log_holds(board.root / "vm0.log", stream.acked)
+    finally:
+        daemon.close()
+
+
+def test_sigkill_of_the_daemon_mid_input_keeps_what_the_guest_got_exact(board, stub):
+    daemon = Served(board, console_config(board, vms=(0,)))
+    try:
+        stub.page.wait_attached()
+        driver = stub.driver(0, timeout=3)
+        rx, _ = driver.init([0, 1])
+        for _ in range(64):
+            rx.post(writable=[512])
+        rx.notify()
+        client = connect(board, 0)
+        writer = threading.Thread(target=lambda: _send_until_closed(client), daemon=True)
+        writer.start()
+        received = bytearray()
+        killer = threading.Timer(0.5, daemon.process.kill)
+        killer.start()
+        with pytest.raises(TrapTimeout):
+            while True:
+                stub.wait_irqs(0.2)
+                driver.ack_interrupt()
+                for used in rx.get_used():
+                    received += used.data
+                    rx.post(writable=[512])
+                rx.notify()
+        killer.join()
+        received += b"".join(u.data for u in rx.get_used())
+        assert len(received) > 0
+        assert bytes(received) == PATTERN[:len(received)]
+        client.close()
+    finally:
+        daemon.close()
+
+
+def _send_until_closed(client):
+    try:
+        client.sendall(PATTERN)
+    except OSError:
+        pass
+
+
+STANDIN_STREAM = """
+import sys
+from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
+sys.path.insert(0, {tests!r})
+from test_daemon import GuestStream
+stream = GuestStream(StandinStub(FakeBoard({root!r}, create=False), initialise=False))
+while True:
+    stream.step()
+    print(stream.acked, flush=True)
+"""
+
+
+def test_sigkill_of_the_stand_in_mid_output_loses_nothing_and_the_daemon_serves_on(board):
+    first = StandinStub(board)                       # initialises the page, then hands over
+    config = board.root / "vms.toml"
+    config.write_text(f'[vm.0]\nconsole = {{ backends = ["file:{board.root}/vm0.log"] }}\n')
+    daemon = Served(board, config)
+    child = None
+    try:
+        first.page.wait_attached()
+        first.close()
+        code = STANDIN_STREAM.format(tests=str(Path(__file__).parent), root=str(board.root))
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        acked = 0
+        while acked < 200_000:
+            line = child.stdout.readline()
+            assert line, child.stderr.read()
+            acked = int(line)
+        child.kill()
+        child.wait()
+        # Everything the dead guest saw acknowledged is logged, in order.
+        assert_log_holds(board.root / "vm0.log", acked)
+        # A restarted stub recovers its slots; the daemon, still running, serves it.
+        again = StandinStub(board, initialise=False)
+        try:
+            stream = GuestStream(again)
+            while stream.acked < 10_000:
+                stream.step()
+        finally:
+            again.close()
+        assert daemon.process.poll() is None
+        log = (board.root / "vm0.log").read_bytes()
+        assert log.endswith(PATTERN[:stream.acked]) or stream.acked <= len(log)
+        info = json.loads(daemon.cli("info", "--json"))
+        assert info["vms"][0]["devices"][0]["bytes_from_guest"] == len(log)
+        assert daemon.stop() == 0
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+        daemon.close()
+
+
+# -- startup errors: one line, non-zero exit ---------------------------------------------------------------
+
+def run_serve(board, config, *extra):
+    result = subprocess.run(board.serve_argv(config, "--wait-stub", "0.2", *extra),
+                            capture_output=True, text=True, timeout=30)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("avatar-hw:")]
+    return result.returncode, lines, result.stderr
+
+
+def test_missing_uio_device_names_it_and_the_fix(board, stub):
+    code, lines, err = run_serve(board, console_config(board, vms=(0, 2)))
+    assert code == 2, err
+    [line] = lines
+    assert "'avatar-vm2-ram' not found" in line and "udev/99-avatar-hw.rules" in line
+    assert "Traceback" not in err
+
+
+def test_config_error_is_one_line(board, stub):
+    config = board.root / "vms.toml"
+    config.write_text("[vm.0]\nconsole = { backends = ['nowhere'] }\n")
+    code, lines, err = run_serve(board, config)
+    assert code == 2
+    assert lines == [f"avatar-hw: {config}: vm.0.console.backends: 'nowhere' is not a URL "
+                     "(scheme:rest, e.g. file:/var/log/avatar/vm0.log)"]
+
+
+@pytest.mark.parametrize("init, expected", [
+    (dict(magic=0x12345678), "magic 0x12345678 is not 0x50545641"),
+    (dict(major=2), "trap ABI 2.0 but avatar-hw speaks 1.0"),
+    (dict(features=abi.F_POSTED_WRITES), "does not offer AVT_F_VIRQ_REQUEST"),
+])
+def test_abi_mismatch_is_refused_with_one_line(board, stub, init, expected):
+    stub.page.initialise(4, **init)
+    code, lines, err = run_serve(board, console_config(board))
+    assert code == 2, err
+    assert len(lines) == 1 and expected in lines[0]
+    assert stub.page.header.model_state == abi.MODEL_DETACHED
+
+
+def test_uninitialised_trap_page_is_refused(board):
+    code, lines, err = run_serve(board, console_config(board))
+    assert code == 2
+    assert len(lines) == 1 and "has not initialised the trap page" in lines[0]
+
+
+def test_permission_problem_is_one_line(board, stub):
+    """The UIO nodes belong to someone else, as without the udev rules. As root, the daemon
+    runs without CAP_DAC_OVERRIDE (setpriv), so file permissions apply to it."""
+    prefix = []
+    for node in Path(board.roots["dev_root"]).iterdir():
+        node.chmod(0o600)
+        if os.geteuid() == 0:
+            os.chown(node, 65534, 65534)
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("setpriv (util-linux) is needed to drop CAP_DAC_OVERRIDE as root")
+        prefix = ["setpriv", "--inh-caps=-all",
+                  "--bounding-set=-dac_override,-dac_read_search", "--"]
+    argv = prefix + board.serve_argv(console_config(board, vms=(0,)), "--wait-stub", "0.2")
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("avatar-hw:")]
+    assert len(lines) == 1, result.stderr
+    assert "permission denied" in lines[0] and "group 'avatar'" in lines[0]
+
+
+# -- the Python API -------------------------------------------------------------------------------------
+
+def test_python_api_runs_the_daemon_in_a_thread(board, stub):
+    from avatar_hw.daemon import Daemon
+    daemon = Daemon(board.board_file, console_config(board, vms=(1,)),
+                    doorbell=f"fifo:{board.doorbell},{board.doorbell_stub}",
+                    control_path=board.control, **board.roots)
+    thread = daemon.start_thread()
+    try:
+        assert stub.page.model_attached()
+        assert stub.driver(1).read(vc.REG_DEVICE_ID) == vc.ID_CONSOLE
+        assert stub.page.post(0, 0, LAYOUT.window(0, 0), 4, False)[0] == abi.STATUS_UNHANDLED
+    finally:
+        daemon.stop()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert stub.page.header.model_state == abi.MODEL_DETACHED
