@@ -473,3 +473,17 @@ def test_16_mib_each_way_with_stalls(tmp_path, loop):
     counters = con_.device.counters
     assert counters["bytes_from_guest"] == total and counters["bytes_to_guest"] == total
     con_.close()
+
+
+def test_console_without_endpoint_waits_for_one(tmp_path, loop):
+    b = VirtioBench(ConsoleDevice(), loop=loop, ram_size=4 << 20)
+    rx, tx = b.driver.init([0, 1])
+    tx.post(readable=[b"early boot"])
+    tx.notify()
+    loop.run_once(0)
+    assert tx.get_used() == []                     # held: there is nowhere to put it
+    log_path = tmp_path / "late.log"
+    b.device.ports[0].backend.add_endpoint(f"file:{log_path}")
+    assert log_path.read_bytes() == b"early boot"
+    assert [u.length for u in tx.get_used()] == [0]
+    b.subsystem.close()

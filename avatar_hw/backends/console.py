@@ -482,19 +482,36 @@ def open_endpoint(url, *, limit=DEFAULT_LIMIT):
 
 class ConsoleBackend:
     """The host side of one console port: output to every endpoint, input from the
-    interactive ones. ``endpoints`` may be empty (output waits, up to the
-    bound, for an endpoint to be added; then the guest is flow-controlled)."""
+    interactive ones. ``endpoints`` may be empty: then the guest's output
+    waits in the guest (flow control) until ``add_endpoint`` gives it somewhere
+    to go."""
 
     def __init__(self, endpoints=(), *, limit=DEFAULT_LIMIT):
         self.endpoints = list(endpoints)
         self.limit = limit
         self._next_input = 0
         self._attached = None
+        self._input_paused = False
 
     def attach(self, loop, on_input, on_drained, on_connection=None):
-        self._attached = (loop, on_input, on_drained)
+        self._attached = (loop, on_input, on_drained, on_connection)
         for ep in self.endpoints:
-            ep.attach(loop, on_input, on_drained, on_connection)
+            ep.attach(*self._attached)
+
+    def add_endpoint(self, endpoint):
+        """Add an endpoint (an ``Endpoint`` or a URL) while running; output resumes."""
+        if isinstance(endpoint, str):
+            endpoint = open_endpoint(endpoint, limit=self.limit)
+        self.endpoints.append(endpoint)
+        if self._input_paused:
+            endpoint.pause_input()
+        if self._attached is not None:
+            _, _, on_drained, on_connection = self._attached
+            endpoint.attach(*self._attached)
+            if on_connection is not None:
+                on_connection()
+            on_drained()
+        return endpoint
 
     @property
     def connected(self):
@@ -512,10 +529,12 @@ class ConsoleBackend:
         self._attached = None
 
     def pause_input(self):
+        self._input_paused = True
         for ep in self.endpoints:
             ep.pause_input()
 
     def resume_input(self):
+        self._input_paused = False
         for ep in self.endpoints:
             ep.resume_input()
 

@@ -111,8 +111,9 @@ class Subsystem:
         """The seed's ``virtio_configure_vm``: add the given devices in slot order.
 
         Each argument is a device object, or for ``console`` also True (a
-        console with no host endpoint yet) or an endpoint URL such as
-        ``"pty:/run/avatar/vm0-console"``. Returns the transports created.
+        console with no host endpoint yet: its output waits in the guest until
+        ``device.ports[0].backend.add_endpoint(url)``) or an endpoint URL such
+        as ``"pty:/run/avatar/vm0-console"``. Returns the transports created.
         """
         created = []
         for kind, spec in (("console", console), ("block", block), ("net", net)):
