@@ -383,6 +383,7 @@ def test_no_shared_memory_regions(bench):
         d.write(c.REG_SHM_SEL, sel)
         assert d.read(c.REG_SHM_LEN_LOW) == 0xFFFFFFFF
         assert d.read(c.REG_SHM_LEN_HIGH) == 0xFFFFFFFF
+        assert d.read(c.REG_SHM_BASE_LOW) == 0 and d.read(c.REG_SHM_BASE_HIGH) == 0
 
 
 def test_queue_reset_with_ring_reset(bench):
