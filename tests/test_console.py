@@ -102,14 +102,19 @@ def test_input_waits_without_receive_buffers(console):
     assert b"".join(u.data for u in rx.get_used()) == b"early"
 
 
-def test_input_before_driver_ok_waits(console):
-    console.client.send(b"boot")
-    console.spin()
+def start_and_receive(console):
+    """Initialise the device, post one receive buffer: what arrives in it."""
     rx, tx = console.driver.init([0, 1])
     rx.post(writable=[64])
     rx.notify()
     console.spin()
-    assert [u.data for u in rx.get_used()] == [b"boot"]
+    return [u.data for u in rx.get_used()]
+
+
+def test_input_before_driver_ok_waits(console):
+    console.client.send(b"boot")
+    console.spin()
+    assert start_and_receive(console) == [b"boot"]
 
 
 def test_receive_buffer_without_writable_part_is_returned(console):
@@ -304,11 +309,7 @@ def test_reset_drops_held_buffers(console):
     assert console.device.ports[0]._rx_chain is None
     console.client.send(b"after reset")
     console.spin()
-    rx, tx = console.driver.init([0, 1])
-    rx.post(writable=[64])
-    rx.notify()
-    console.spin()
-    assert [u.data for u in rx.get_used()] == [b"after reset"]
+    assert start_and_receive(console) == [b"after reset"]
 
 
 # -- endpoints -------------------------------------------------------------------------------------

@@ -219,9 +219,7 @@ def test_queue_registers_frozen_while_ready(bench):
 
 def test_queue_registers_frozen_after_driver_ok(bench):
     d = bench.driver
-    d.negotiate()
-    d.setup_queue(0)
-    d.driver_ok()
+    d.init([0])
     d.write(c.REG_QUEUE_SEL, 1)
     d.write(c.REG_QUEUE_NUM, 4)
     d.write(c.REG_QUEUE_DESC_LOW, 0x40001000)
@@ -296,9 +294,7 @@ def test_queue_notify_before_driver_ok_is_ignored(bench):
 
 def test_queue_notify_of_missing_or_unready_queue_is_ignored(bench):
     d = bench.driver
-    d.negotiate()
-    d.setup_queue(0)
-    d.driver_ok()
+    d.init([0])
     d.write(c.REG_QUEUE_NOTIFY, 1)
     d.write(c.REG_QUEUE_NOTIFY, 7)
     assert bench.device.notified == []
