@@ -26,7 +26,6 @@ Implementations:
 
 import errno
 import os
-import select
 
 from .errors import AvatarError
 
@@ -112,7 +111,3 @@ def ring(fd, count=1):
         if err.errno != errno.EAGAIN:
             raise
 
-
-def wait_readable(fd, timeout):
-    """True if ``fd`` became readable within ``timeout`` seconds."""
-    return bool(select.select([fd], [], [], timeout)[0])

@@ -38,13 +38,11 @@ class Recorder:
 @pytest.fixture
 def page():
     region = Region(bytearray(abi.PAGE_SIZE), name="test trap page")
-    rings = []
-    stub = StubPage(region, ring=lambda: rings.append(1))
+    stub = StubPage(region)
     stub.initialise(slot_count=4)
     trap = TrapPage(region, LAYOUT)
     trap.wait_ready(0)
     trap.attach()
-    stub.rings_list = rings
     return stub, trap
 
 
