@@ -26,6 +26,7 @@ Seams, chosen by the board or handed in:
   ``ring_stub``).
 """
 
+import gc
 import logging
 import os
 import pwd
@@ -106,6 +107,8 @@ class Daemon:
         self._wake_w.setblocking(False)
         self._old_signals = {}
         self._signal = None
+        self._closed = False
+        self._own_doorbell = False
 
     # -- building -----------------------------------------------------------------------------
 
@@ -128,6 +131,7 @@ class Daemon:
         self.trap_region = self._open_region(board.trap)
         self.trap = TrapPage(self.trap_region, board.layout,
                              trace=self._trace if self.trace else None)
+        self._own_doorbell = self.doorbell is None or isinstance(self.doorbell, str)
         self.doorbell = self._make_doorbell()
         line = self._interrupt_line
         if line is None:
@@ -244,7 +248,10 @@ class Daemon:
         return thread
 
     def close(self):
-        """Detach from the trap page, flush backends, close devices, unmap."""
+        """Detach from the trap page, flush backends, close devices, unmap (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         if self.trap is not None and self.trap.slots and self.subsystem is not None:
             if self.trap.header.model_pid == os.getpid():
                 self.trap.detach(self.subsystem.handle_mmio_trap)
@@ -253,14 +260,15 @@ class Daemon:
             self.subsystem.close()
         if self.control is not None:
             self.control.close()
-        if self.doorbell is not None and hasattr(self.doorbell, "close"):
+        if self._own_doorbell and self.doorbell is not None:
             self.doorbell.close()
-        self.trap = self.subsystem = self.control = self.doorbell = None
+        self.trap = self.subsystem = self.control = None
+        gc.collect()        # devices and transports refer to each other; free their RAM views
         for region in reversed(self.regions):
             try:
                 region.close()
             except BufferError:
-                pass    # a view (ctypes structure) still refers to it; unmapped at exit
+                log.warning("%s is still in use; it is unmapped when the process ends", region)
         self.regions.clear()
         self.loop.close()
         self._wake_r.close()

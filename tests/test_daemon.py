@@ -450,7 +450,7 @@ def test_permission_problem_is_one_line(board, stub):
 
 # -- the Python API -------------------------------------------------------------------------------------
 
-def test_python_api_runs_the_daemon_in_a_thread(board, stub):
+def test_python_api_runs_the_daemon_in_a_thread(board, stub, caplog):
     from avatar_hw.daemon import Daemon
     daemon = Daemon(board.board_file, console_config(board, vms=(1,)),
                     doorbell=f"fifo:{board.doorbell},{board.doorbell_stub}",
@@ -465,3 +465,4 @@ def test_python_api_runs_the_daemon_in_a_thread(board, stub):
         thread.join(10)
     assert not thread.is_alive()
     assert stub.page.header.model_state == abi.MODEL_DETACHED
+    assert daemon.regions == [] and "still in use" not in caplog.text
