@@ -42,10 +42,12 @@ DOORBELL_BYTE = 0x00
 
 
 class StubDoorbell:
-    """Counts the stub's doorbell bytes; readable through an eventfd."""
+    """Counts the stub's doorbell bytes (readable through an eventfd); ``ring_stub()``
+    wakes the stub (the daemon's doorbell interface, avatar_hw.doorbell)."""
 
-    def __init__(self):
+    def __init__(self, ring_stub):
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.ring_stub = ring_stub
 
     def fileno(self):
         return self._fd
@@ -66,6 +68,10 @@ class StubDoorbell:
         return self.ack() if ready else 0
 
     def close(self):
+        """Nothing: the UART link owns the eventfd (a daemon closing its doorbell must not
+        stop the reader that drains QEMU's UART)."""
+
+    def _close(self):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -76,7 +82,7 @@ class UartLink:
 
     def __init__(self, sock, *, on_log=None):
         self.sock = sock
-        self.doorbell = StubDoorbell()
+        self.doorbell = StubDoorbell(self.ring)
         self.lines = []
         self._on_log = on_log
         self._partial = b""
@@ -141,7 +147,7 @@ class UartLink:
             pass
         self._thread.join(timeout=5)
         self.sock.close()
-        self.doorbell.close()
+        self.doorbell._close()
 
 
 class StubInterruptLine:
@@ -184,11 +190,12 @@ class EmulatedMachine:
     """
 
     def __init__(self, stub, kernel, *, dtb=None, initrd=None, model_wait_ms=0,
-                 on_log=None, shm_dir="/dev/shm"):
+                 on_log=None, shm_dir="/dev/shm", qemu_args=()):
         _require(QEMU, "qemu-system-arm")
         self.stub, self.kernel, self.dtb, self.initrd = stub, kernel, dtb, initrd
         self.model_wait_ms = model_wait_ms
         self.on_log = on_log
+        self.qemu_args = list(qemu_args)   # extra QEMU options (debugging: -d, -monitor)
         self.shm_path = os.path.join(shm_dir, f"avatar-emulated-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self.workdir = None
         self.process = None
@@ -236,7 +243,7 @@ class EmulatedMachine:
                 "-serial", "chardev:uart", "-kernel", str(self.stub)]
         for path, addr in loaders:
             argv += ["-device", f"loader,file={path},addr=0x{addr:x},force-raw=on"]
-        return argv
+        return argv + self.qemu_args
 
     def _connect(self, path, timeout):
         """Connect to QEMU's UART socket; QEMU waits for us before running the CPU."""

@@ -119,3 +119,30 @@ void log_printf(const char *fmt, ...)
     put_text('\n');
     __builtin_va_end(ap);
 }
+
+/*
+ * The guest's debug UART: the PL011 address is unmapped in stage 2, and the
+ * stub emulates just enough of a PL011 (DR writes, FR reads "TX empty") for
+ * Linux's earlycon (bootargs "earlycon=pl011,mmio32,0x09000000"). Its output
+ * becomes "guest: ..." log lines. Reads of DR give nothing (no input).
+ */
+static char guest_line[200];
+static u32 guest_len;
+
+void guest_uart_access(u64 offset, int is_write, u64 *value)
+{
+    if (!is_write) {
+        *value = offset == UARTFR ? (1u << 7) | FR_RXFE : 0;   /* TXFE, RX empty */
+        return;
+    }
+    if (offset != UARTDR)
+        return;
+    char c = (char)*value;
+    if (c == '\n' || guest_len == sizeof(guest_line) - 1) {
+        guest_line[guest_len] = 0;
+        log_printf("guest: %s", guest_line);
+        guest_len = 0;
+    }
+    if (c != '\n' && c != '\r')
+        guest_line[guest_len++] = c;
+}

@@ -7,7 +7,8 @@
  *   everything else      unmapped: GICD (emulated, vgic.c), the virtio
  *                        window (trap page), the UART, the stub and the
  *                        trap page (outside guest RAM).
- * Guest exceptions handled: data aborts (virtio window, GICD), SMC (PSCI,
+ * Guest exceptions handled: data aborts (virtio window, GICD, the guest's
+ * debug UART - see log.c), SMC (PSCI,
  * forwarded to QEMU, HCR_EL2.TSC), HVC (answers NOT_SUPPORTED), IRQs.
  * Anything else is logged and the board is powered off, so a failure shows
  * up as a log line and an ended run rather than a hung one.
@@ -142,6 +143,9 @@ static void handle_data_abort(struct guest_regs *r, u64 esr)
         status = trap_mmio(ipa, size, is_write, &value);
     } else if (in_range(ipa, GICD_BASE, GIC_WINDOW_SIZE) &&
                vgic_dist_access(ipa - GICD_BASE, size, is_write, &value)) {
+        status = AVT_STATUS_OK;
+    } else if (in_range(ipa, UART_BASE, 0x1000)) {
+        guest_uart_access(ipa - UART_BASE, is_write, &value);
         status = AVT_STATUS_OK;
     } else {
         log_printf("guest %u-byte %s at pc 0x%lx to unmapped 0x%lx: external abort injected",

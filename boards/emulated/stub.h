@@ -86,6 +86,7 @@ void uart_init(void);
 void uart_drain_rx(void);
 void doorbell_ring_host(void);
 void log_printf(const char *fmt, ...);
+void guest_uart_access(u64 offset, int is_write, u64 *value);
 
 /* vgic.c */
 void vgic_init(void);

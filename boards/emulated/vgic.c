@@ -2,10 +2,16 @@
  * vgic.c - minimal GICv2 virtualisation for one guest vCPU.
  *
  * Physical side (owned by the stub): the distributor and CPU interface take
- * every physical IRQ to EL2 (HCR_EL2.IMO). GICC_CTLR.EOImode = 1 splits
- * priority drop (EOIR, by the stub) from deactivation (DIR): the guest's
- * timer PPIs are left active and injected through a list register with the
- * HW bit, so the guest's virtual EOI deactivates the physical interrupt.
+ * every physical IRQ to EL2 (HCR_EL2.IMO). The guest's timer PPIs are
+ * forwarded without the list registers' HW bit: the stub acknowledges and
+ * deactivates the physical PPI, disables it at the distributor, and injects
+ * a virtual one with the LR's EOI bit; the guest's EOI raises a maintenance
+ * interrupt and the stub enables the PPI again (it fires again if the timer
+ * condition still holds). The HW-bit design (the guest's virtual EOI
+ * deactivating the physical interrupt) loses timer interrupts on QEMU 7.2:
+ * its GICv2 does not re-evaluate the physical CPU interface after such a
+ * deactivation, so a level that is already high again stays unseen and the
+ * guest sleeps forever in WFI (seen about one boot in five).
  *
  * Guest side: the guest's GICC address is GICV, mapped by stage 2, so its
  * CPU-interface accesses go to the hardware virtual interface. Its
@@ -41,6 +47,7 @@
 
 #define GICH_HCR   0x00
 #define GICH_VTR   0x04
+#define GICH_EISR0  0x20
 #define GICH_ELRSR0 0x30
 #define GICH_LR0   0x100
 #define HCR_EN     (1u << 0)
@@ -48,7 +55,7 @@
 #define LR_PENDING (1u << 28)
 #define LR_ACTIVE  (2u << 28)
 #define LR_STATE   (3u << 28)
-#define LR_HW      (1u << 31)
+#define LR_EOI     (1u << 19)
 
 /* Guest PPIs backed by a physical interrupt: non-secure physical and virtual timer. */
 #define PASSTHROUGH_PPIS ((1u << 30) | (1u << 27))
@@ -61,6 +68,7 @@ static u8 vpriority[NR_VIRQ];
 static u8 vtarget[NR_VIRQ];
 static u32 vconfig[NR_VIRQ / 16];
 static u32 nr_lrs;
+static u32 ppis_in_guest;      /* pass-through PPIs held disabled until the guest's EOI */
 
 static u64 lr_addr(u32 i) { return GICH_BASE + GICH_LR0 + 4 * i; }
 
@@ -106,26 +114,41 @@ void vgic_init(void)
 /* Put intid in a list register; 0 when none is free. */
 static int inject(u32 intid)
 {
-    int free_lr = -1;
     for (u32 i = 0; i < nr_lrs; i++) {
         u32 lr = mmio_read32(lr_addr(i));
-        if (!(lr & LR_STATE)) {
-            if (free_lr < 0)
-                free_lr = (int)i;
-        } else if ((lr & 0x3ff) == intid) {
+        if ((lr & LR_STATE) && (lr & 0x3ff) == intid) {
             /* Already listed: pending merges (edge); active gets pending too. */
-            if (!(lr & LR_HW) && (lr & LR_STATE) == LR_ACTIVE)
+            if ((lr & LR_STATE) == LR_ACTIVE)
                 mmio_write32(lr_addr(i), lr | LR_PENDING);
             return 1;
         }
     }
-    if (free_lr < 0)
+    /* ELRSR: invalid and no EOI maintenance still to be taken for it. */
+    u32 empty = mmio_read32(GICH_BASE + GICH_ELRSR0) & ((1u << nr_lrs) - 1);
+    if (!empty)
         return 0;
     u32 lr = intid | ((u32)(vpriority[intid] >> 3) << 23) | LR_PENDING;
     if (intid < 32 && ((1u << intid) & PASSTHROUGH_PPIS))
-        lr |= LR_HW | (intid << 10);
-    mmio_write32(lr_addr((u32)free_lr), lr);
+        lr |= LR_EOI;
+    mmio_write32(lr_addr((u32)__builtin_ctz(empty)), lr);
     return 1;
+}
+
+/* EOI maintenance: the guest finished a pass-through PPI; enable it again. */
+static void handle_maintenance(void)
+{
+    u32 eisr = mmio_read32(GICH_BASE + GICH_EISR0);
+    while (eisr) {
+        u32 i = (u32)__builtin_ctz(eisr);
+        eisr &= eisr - 1;
+        u32 intid = mmio_read32(lr_addr(i)) & 0x3ff;
+        mmio_write32(lr_addr(i), 0);
+        if (intid < 32 && ((1u << intid) & ppis_in_guest)) {
+            ppis_in_guest &= ~(1u << intid);
+            if (venabled[0] & (1u << intid))
+                mmio_write32(GICD_BASE + GICD_ISENABLER, 1u << intid);
+        }
+    }
 }
 
 void vgic_flush(void)
@@ -168,13 +191,16 @@ void vgic_handle_irq(void)
             break;
         mmio_write32(GICC_BASE + GICC_EOIR, iar);   /* priority drop */
         if (intid < 32 && ((1u << intid) & PASSTHROUGH_PPIS)) {
-            sw_pending[0] |= 1u << intid;            /* guest's EOI deactivates it */
-            continue;
-        }
-        if (intid == UART_INTID)
+            mmio_write32(GICD_BASE + GICD_ICENABLER, 1u << intid);
+            ppis_in_guest |= 1u << intid;
+            sw_pending[0] |= 1u << intid;
+        } else if (intid == UART_INTID) {
             uart_drain_rx();
-        else if (intid != MAINT_INTID)
+        } else if (intid == MAINT_INTID) {
+            handle_maintenance();
+        } else {
             log_printf("unexpected physical interrupt %u", intid);
+        }
         mmio_write32(GICC_BASE + GICC_DIR, iar);
     }
 }
@@ -182,8 +208,8 @@ void vgic_handle_irq(void)
 /* Mirror the guest's enables of pass-through PPIs to the physical distributor. */
 static void sync_passthrough(u32 set, u32 clear)
 {
-    if (set & PASSTHROUGH_PPIS)
-        mmio_write32(GICD_BASE + GICD_ISENABLER, set & PASSTHROUGH_PPIS);
+    if (set & PASSTHROUGH_PPIS & ~ppis_in_guest)
+        mmio_write32(GICD_BASE + GICD_ISENABLER, set & PASSTHROUGH_PPIS & ~ppis_in_guest);
     if (clear & PASSTHROUGH_PPIS)
         mmio_write32(GICD_BASE + GICD_ICENABLER, clear & PASSTHROUGH_PPIS);
 }

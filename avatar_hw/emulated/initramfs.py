@@ -1,0 +1,144 @@
+"""The guest's initramfs: busybox, the virtio modules and an /init with a shell on hvc0.
+
+Written as a newc cpio by ``write_newc`` (no cpio tool needed) and cached by
+the hash of its inputs. The modules get a ``modules.dep`` made from their own
+``depends=`` fields (what depmod computes for this subset), so busybox
+``modprobe`` works in the guest. /init loads them in order, mounts proc, sys
+and dev, lists the virtio devices (ID, driver) and prints ``READY_MARKER`` on /dev/hvc0 and runs an interactive shell
+there; without a console it powers the board off, so a run never hangs.
+"""
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from .assets import guest_assets
+from .build import cache_dir
+
+# Load order (generic Debian kernel: virtio and virtio_ring are built in).
+MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "virtio-rng",
+           "failover", "net_failover", "virtio_net")
+READY_MARKER = "avatar-guest: ready"
+HVC_WAIT_SECONDS = 10
+
+INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin HOME=/root
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in {modules}; do modprobe "$m" || echo "avatar-guest: modprobe $m failed"; done
+n=0
+if grep -qx 0x0003 /sys/bus/virtio/devices/*/device 2>/dev/null; then
+    while [ ! -e /dev/hvc0 ] && [ $n -lt {hvc_wait_tenths} ]; do sleep 0.1; n=$((n + 1)); done
+fi
+if [ ! -e /dev/hvc0 ]; then
+    echo "avatar-guest: no /dev/hvc0 (no virtio console served): powering off"
+    poweroff -f
+fi
+for d in /sys/bus/virtio/devices/*; do
+    [ -e "$d/device" ] || continue
+    drv=none; [ -e "$d/driver" ] && drv=$(basename "$(readlink "$d/driver")")
+    echo "avatar-guest: virtio $(basename "$d") device $(cat "$d/device") driver $drv" >/dev/hvc0
+done
+cd /root
+exec setsid sh -c 'exec sh -i </dev/hvc0 >/dev/hvc0 2>&1' </dev/null >/dev/null 2>&1 &
+echo "{marker}" >/dev/hvc0
+wait
+"""
+
+
+def _modinfo_depends(path):
+    """Module names in a .ko's ``depends=`` modinfo field."""
+    data = path.read_bytes()
+    start = data.find(b"\0depends=")
+    if start < 0:
+        return []
+    end = data.index(b"\0", start + 1)
+    value = data[start + len(b"\0depends="):end].decode()
+    return [name for name in value.split(",") if name]
+
+
+def _find_modules(modules_dir):
+    """{name: path relative to modules_dir} for every .ko in the tree."""
+    found = {}
+    for root, _, files in os.walk(modules_dir):
+        for f in files:
+            if f.endswith(".ko"):
+                found[f[:-3]] = Path(root, f).relative_to(modules_dir)
+    return found
+
+
+def _closure(wanted, index, modules_dir):
+    """The wanted modules and everything they depend on: {name: [deps]}."""
+    deps, todo = {}, list(wanted)
+    while todo:
+        name = todo.pop()
+        if name in deps:
+            continue
+        key = name if name in index else name.replace("_", "-")
+        deps[name] = [d for d in _modinfo_depends(modules_dir / index[key])]
+        todo.extend(deps[name])
+    return deps
+
+
+def _modules_dep(deps, index):
+    """modules.dep lines: a module, then its dependencies transitively, nearest first."""
+    def chain(name, seen):
+        out = []
+        for d in deps[name]:
+            if d not in seen:
+                seen.add(d)
+                out += [d] + chain(d, seen)
+        return out
+    return "".join(f"{index[n]}: {' '.join(str(index[d]) for d in chain(n, set()))}\n"
+                   for n in sorted(deps))
+
+
+def write_newc(path, entries):
+    """Write a newc cpio archive; ``entries`` are (name, mode, data-bytes, rdev)."""
+    with open(path, "wb") as out:
+        for ino, (name, mode, data, rdev) in enumerate([*entries, ("TRAILER!!!", 0, b"", 0)], 1):
+            encoded = name.encode() + b"\0"
+            fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0,
+                      os.major(rdev), os.minor(rdev), len(encoded), 0)
+            header = b"070701" + b"".join(b"%08X" % f for f in fields)
+            out.write(header + encoded)
+            out.write(b"\0" * (-(len(header) + len(encoded)) % 4))
+            out.write(data)
+            out.write(b"\0" * (-len(data) % 4))
+
+
+def build_initramfs(assets=None):
+    """The cached initramfs for the guest assets; returns its path."""
+    assets = assets or guest_assets()
+    index = _find_modules(assets.modules)
+    deps = _closure(MODULES, index, assets.modules)
+    init = INIT.format(modules=" ".join(MODULES), hvc_wait_tenths=HVC_WAIT_SECONDS * 10,
+                       marker=READY_MARKER).encode()
+    modbase = f"lib/modules/{assets.release}"
+    files = {"init": init, "bin/busybox": assets.busybox.read_bytes(),
+             f"{modbase}/modules.dep": _modules_dep(deps, index).encode()}
+    for name in deps:
+        key = name if name in index else name.replace("_", "-")
+        files[f"{modbase}/{index[key]}"] = (assets.modules / index[key]).read_bytes()
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + files[name])
+    out = cache_dir() / f"initramfs-{assets.release}-{digest.hexdigest()[:16]}.cpio"
+    if out.exists():
+        return out
+    dirs = set()
+    for name in files:
+        parts = name.split("/")[:-1]
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    dirs.update({"proc", "sys", "dev", "tmp", "root", "etc"})
+    entries = [(d, stat.S_IFDIR | 0o755, b"", 0) for d in sorted(dirs)]
+    entries.append(("dev/console", stat.S_IFCHR | 0o600, b"", os.makedev(5, 1)))
+    entries += [(name, stat.S_IFREG | (0o755 if name in ("init", "bin/busybox") else 0o644),
+                 data, 0) for name, data in sorted(files.items())]
+    tmp = out.with_suffix(".tmp")
+    write_newc(tmp, entries)
+    os.replace(tmp, out)
+    return out

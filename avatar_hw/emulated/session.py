@@ -1,0 +1,166 @@
+"""One run of the emulated board with the avatar-hw daemon serving its guest.
+
+``EmulatedBoard`` builds or reuses everything (stub, guest assets, initramfs,
+device tree), starts QEMU (``machine.EmulatedMachine``), runs the daemon
+in this process (``Daemon`` in a thread, with the board's UART doorbell and
+``virq_pending`` interrupt line) and offers the guest's console (hvc0, the
+daemon's ``unix:`` console backend) through ``GuestShell``::
+
+    with EmulatedBoard() as board:
+        shell = board.shell()
+        output, status = shell.run("ls /sys/bus/virtio/devices")
+
+Devices beyond the console: ``devices`` is TOML for the ``[vm.0]`` table of
+the VMs config (e.g. ``'block = { image = "/tmp/disk.img" }'``).
+"""
+
+import dataclasses
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+from ..board import load_board
+from ..daemon import Daemon
+from ..errors import AvatarError
+from .assets import guest_assets
+from .build import REPO, build_stub
+from .devicetree import DEFAULT_BOOTARGS, build_dtb
+from .initramfs import READY_MARKER, build_initramfs
+from .machine import EmulatedMachine
+
+BOARD_FILE = REPO / "boards" / "emulated.toml"
+MODEL_WAIT_MS = 30000
+
+
+class GuestShell:
+    """The guest's shell on hvc0, over the console backend's Unix socket."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self._buffer = b""
+
+    def read_until(self, pattern, timeout):
+        """Read until ``pattern`` (bytes regex) matches; returns the match, consumes through it."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self._buffer)
+            if match:
+                self._buffer = self._buffer[match.end():]
+                return match
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AvatarError(f"guest console: no {pattern!r} within {timeout} s; "
+                                  f"last output: {self._buffer[-300:]!r}")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                raise AvatarError(f"guest console closed; last output: {self._buffer[-300:]!r}")
+            self._buffer += chunk
+
+    def wait_ready(self, timeout=60):
+        """Wait for the guest's ready marker (``banner``: what init printed before it)
+        and the shell's first prompt."""
+        deadline = time.monotonic() + timeout
+        marker = re.escape(READY_MARKER.encode())
+        self.banner = self.read_until(b"(?s)^(.*)" + marker, timeout).group(1).decode(
+            errors="replace")
+        self.read_until(rb"# ", max(0.1, deadline - time.monotonic()))
+
+    def run(self, command, timeout=60):
+        """Run one shell command line in the guest; returns (output str, exit status).
+
+        The markers are computed by the shell ($((N + 0))), so the terminal's echo
+        of the typed line never matches them.
+        """
+        tag = int.from_bytes(os.urandom(4), "little")
+        self.sock.sendall(f"echo b-$(({tag} + 0)); {command}; echo e-$(({tag} + 0))-$?\n".encode())
+        self.read_until(f"b-{tag}\r?\n".encode(), timeout)
+        match = self.read_until(rb"(?s)(.*?)e-" + str(tag).encode() + rb"-(\d+)\r?\n", timeout)
+        output = match.group(1).replace(b"\r\n", b"\n").decode(errors="replace")
+        return output, int(match.group(2))
+
+    def close(self):
+        self.sock.close()
+
+
+class EmulatedBoard:
+    """QEMU + stub + guest + in-process daemon; ``stop()`` leaves nothing behind."""
+
+    def __init__(self, *, devices="", bootargs=DEFAULT_BOOTARGS, on_log=None, busy_poll=False,
+                 trace=False, qemu_args=()):
+        self.devices = devices
+        self.qemu_args = qemu_args
+        self.trace = trace
+        self.bootargs = bootargs
+        self.on_log = on_log
+        self.busy_poll = busy_poll
+        self.machine = self.daemon = self._thread = None
+
+    def start(self):
+        assets = guest_assets()
+        initrd = build_initramfs(assets)
+        dtb = build_dtb(initrd_size=initrd.stat().st_size, bootargs=self.bootargs)
+        self.machine = EmulatedMachine(build_stub(), assets.kernel, dtb=dtb, initrd=initrd,
+                                       model_wait_ms=MODEL_WAIT_MS, on_log=self.on_log,
+                                       qemu_args=self.qemu_args)
+        try:
+            self.machine.start()
+            self._start_daemon()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_daemon(self):
+        workdir = Path(self.machine.workdir)
+        self.console_path = workdir / "console.sock"
+        config = workdir / "vms.toml"
+        config.write_text(f'[vm.0]\nconsole = {{ backends = ["unix:{self.console_path}"] }}\n'
+                          f"{self.devices}\n")
+        board = load_board(BOARD_FILE)
+        shm = self.machine.shm_path
+        board = dataclasses.replace(board, trap=dataclasses.replace(board.trap, file=shm),
+                                    ram=dataclasses.replace(board.ram, file=shm))
+        self.daemon = Daemon(board, config, doorbell=self.machine.uart.doorbell,
+                             busy_poll=self.busy_poll, trace=self.trace, control_path=str(workdir / "control.sock"))
+        self._thread = self.daemon.start_thread()
+
+    def shell(self, timeout=60):
+        """Connect to the guest's console and wait for its shell."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self.console_path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise AvatarError(f"console socket {self.console_path} never appeared")
+                time.sleep(0.05)
+        shell = GuestShell(sock)
+        shell.wait_ready(max(1, deadline - time.monotonic()))
+        return shell
+
+    def stop(self):
+        if self.daemon is not None:
+            self.daemon.stop()
+            if self._thread is not None:
+                self._thread.join(10)
+            else:
+                self.daemon.close()
+            self.daemon = self._thread = None
+        if self.machine is not None:
+            self.machine.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
