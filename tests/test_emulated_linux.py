@@ -1,0 +1,72 @@
+"""A real arm64 Linux guest on the emulated board, served by avatar-hw (slow: marker ``emulated``).
+
+One booted board is shared by the module. The first run fetches the guest
+(Debian's arm64 kernel and busybox, cached under ~/.cache/avatar-hw).
+Devices for the shared guest are listed in ``DEVICES`` (TOML for [vm.0]).
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from avatar_hw.emulated.assets import guest_assets
+from avatar_hw.emulated.build import build_stub
+from avatar_hw.emulated.devicetree import build_dtb
+from avatar_hw.emulated.initramfs import build_initramfs
+from avatar_hw.emulated.machine import EmulatedMachine
+from avatar_hw.emulated.session import EmulatedBoard
+
+pytestmark = [
+    pytest.mark.emulated,
+    pytest.mark.skipif(not (shutil.which("qemu-system-aarch64") and shutil.which("dtc")
+                            and shutil.which("aarch64-linux-gnu-gcc")),
+                       reason="needs qemu-system-arm, device-tree-compiler and "
+                              "gcc-aarch64-linux-gnu (scripts/setup)"),
+]
+
+DEVICES = ""          # more devices for the shared guest, e.g. 'rng = {}'
+CONSOLE_ID = "0x0003"
+
+
+@pytest.fixture(scope="module")
+def board():
+    board = EmulatedBoard(devices=DEVICES).start()
+    shm = board.machine.shm_path
+    try:
+        board.guest = board.shell(timeout=120)
+        yield board
+    finally:
+        board.stop()
+    assert board.machine.process.returncode is not None
+    assert not Path(shm).exists()
+
+
+def test_linux_boots_without_a_model_and_powers_off():
+    """No daemon: virtio probes read zero, /init finds no console and powers off via PSCI."""
+    assets = guest_assets()
+    initrd = build_initramfs(assets)
+    dtb = build_dtb(initrd_size=initrd.stat().st_size)
+    with EmulatedMachine(build_stub(), assets.kernel, dtb=dtb, initrd=initrd) as machine:
+        assert machine.wait(120) == 0, machine.uart.lines
+        assert any("no device model attached" in line for line in machine.uart.lines)
+        assert any("guest: PSCI SYSTEM_OFF" in line for line in machine.uart.lines)
+        shm = machine.shm_path
+    assert not Path(shm).exists()
+
+
+def test_guest_binds_the_virtio_console_driver(board):
+    assert f"virtio virtio0 device {CONSOLE_ID} driver virtio_console" in board.guest.banner
+    output, status = board.guest.run("cat /sys/bus/virtio/devices/virtio0/device")
+    assert (output.strip(), status) == (CONSOLE_ID, 0)
+    output, status = board.guest.run("basename $(readlink /sys/bus/virtio/devices/virtio0/driver)")
+    assert (output.strip(), status) == ("virtio_console", 0)
+
+
+def test_shell_round_trip_over_hvc0(board):
+    output, status = board.guest.run("echo avatar; echo $((40 + 2))")
+    assert (output, status) == ("avatar\n42\n", 0)
+    output, status = board.guest.run("exit_with() { return $1; }; exit_with 7")
+    assert status == 7
+    output, status = board.guest.run("tty")
+    assert output.strip() == "/dev/hvc0"
