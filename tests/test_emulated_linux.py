@@ -70,3 +70,12 @@ def test_shell_round_trip_over_hvc0(board):
     assert status == 7
     output, status = board.guest.run("tty")
     assert output.strip() == "/dev/hvc0"
+
+
+def test_demo_run_prints_output_and_exits_with_the_status():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "avatar_hw", "demo", "--run",
+                           "ls /sys/bus/virtio/devices; exit 3"],
+                          capture_output=True, text=True, timeout=240)
+    assert (done.stdout, done.returncode) == ("virtio0\n", 3), done.stderr

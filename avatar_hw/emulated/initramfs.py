@@ -5,7 +5,7 @@ the hash of its inputs. The modules get a ``modules.dep`` made from their own
 ``depends=`` fields (what depmod computes for this subset), so busybox
 ``modprobe`` works in the guest. /init loads them in order, mounts proc, sys
 and dev, lists the virtio devices (ID, driver) and prints ``READY_MARKER`` on /dev/hvc0 and runs an interactive shell
-there; without a console it powers the board off, so a run never hangs.
+there (powering off when it exits); without a console it powers the board off, so a run never hangs.
 """
 
 import hashlib
@@ -46,6 +46,7 @@ cd /root
 exec setsid sh -c 'exec sh -i </dev/hvc0 >/dev/hvc0 2>&1' </dev/null >/dev/null 2>&1 &
 echo "{marker}" >/dev/hvc0
 wait
+poweroff -f
 """
 
 
