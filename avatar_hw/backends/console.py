@@ -34,6 +34,7 @@ Nothing is lost, in either direction:
   control), and a user who opens it later reads it.
 """
 
+import importlib
 import logging
 import os
 import socket
@@ -465,6 +466,7 @@ _SCHEMES = {
     "tcp": _tcp_endpoint,
     "file": lambda url, rest, limit: FileEndpoint(url, rest, limit),
     "stdio": lambda url, rest, limit: StdioEndpoint(url, limit),
+    "rfc2217": lambda *args: importlib.import_module(".rfc2217", __package__).open_rfc2217(*args),
 }
 
 

@@ -1,0 +1,223 @@
+"""Console endpoint rfc2217: a virtio console served to pyserial's rfc2217:// client."""
+
+import hashlib
+import os
+import socket
+import threading
+import time
+
+import pytest
+import serial
+
+from avatar_hw.backends.console import open_endpoint
+from avatar_hw.backends.rfc2217 import INPUT_HOLD, Rfc2217Endpoint
+from avatar_hw.devices.console import ConsoleDevice
+from avatar_hw.errors import ConfigError
+from avatar_hw.loop import EventLoop
+from avatar_hw.testing.virtio import VirtioBench
+
+IAC, SB, SE = 0xFF, 0xFA, 0xF0
+NEGOTIATION = {0xFB, 0xFC, 0xFD, 0xFE}           # WILL, WONT, DO, DONT
+
+
+@pytest.fixture
+def loop():
+    lp = EventLoop()
+    yield lp
+    lp.close()
+
+
+@pytest.fixture
+def served(loop):
+    """A console device whose port 0 is an rfc2217 endpoint on a free loopback port."""
+    device = ConsoleDevice("rfc2217:127.0.0.1:0", limit=64 << 10)
+    bench = VirtioBench(device, loop=loop, ram_size=8 << 20)
+    endpoint = device.ports[0].backend.endpoints[0]
+    yield bench, endpoint
+    bench.subsystem.close()
+    bench.check_guards()
+
+
+def spin_until(loop, condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        loop.run_once(0.01)
+
+
+def while_serving(loop, function):
+    """Call ``function()`` in a thread while this one serves the loop; its result."""
+    result = {}
+
+    def call():
+        try:
+            result["value"] = function()
+        except Exception as err:        # re-raised here
+            result["error"] = err
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    spin_until(loop, lambda: not thread.is_alive())
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def pyserial_client(loop, endpoint):
+    """pyserial's rfc2217:// client (its open waits for our negotiation answers)."""
+    url = "rfc2217://" + endpoint.url.partition(":")[2]
+    return while_serving(loop, lambda: serial.serial_for_url(url, baudrate=9600, timeout=0.05))
+
+
+def test_url_names_the_real_port_and_listens_on_loopback(served):
+    _, endpoint = served
+    assert isinstance(endpoint, Rfc2217Endpoint)
+    host, port = endpoint.listener.getsockname()
+    assert host == "127.0.0.1" and port != 0
+    assert endpoint.url == f"rfc2217:127.0.0.1:{port}"
+
+
+def test_pyserial_client_both_ways_with_iac_bytes(served, loop):
+    bench, endpoint = served
+    rx, tx = bench.driver.init([0, 1])
+    client = pyserial_client(loop, endpoint)
+    try:
+        assert client.baudrate == 9600 and endpoint.line.baudrate == 9600   # negotiated
+        payload = bytes(range(256)) * 4 + b"\xff\xff end"
+        tx.post(readable=[payload])
+        tx.notify()
+        got = bytearray()
+
+        def received():
+            loop.run_once(0)
+            got.extend(client.read(client.in_waiting or 1))
+            return len(got) >= len(payload)
+
+        spin_until(loop, received)
+        assert bytes(got) == payload
+        typed = b"typed \xff\xfe\xff"
+        client.write(typed)
+        for _ in range(4):
+            rx.post(writable=[8])
+        rx.notify()
+        used = []
+        spin_until(loop, lambda: used.extend(rx.get_used()) or
+                   sum(len(u.data) for u in used) >= len(typed))
+        assert b"".join(u.data for u in used) == typed
+        # a COM-port subnegotiation: the client waits for the answer
+        while_serving(loop, lambda: setattr(client, "baudrate", 115200))
+        assert endpoint.line.baudrate == 115200
+    finally:
+        client.close()
+
+
+def telnet_data(stream, state):
+    """Strip Telnet commands from ``stream`` (a raw client's view); ``state`` carries over."""
+    out = bytearray()
+    for byte in stream:
+        mode = state.get("mode")
+        if mode == "iac":
+            state["mode"] = ("sb" if byte == SB else "opt" if byte in NEGOTIATION else None)
+            if byte == IAC:
+                out.append(IAC)
+        elif mode == "opt":
+            state["mode"] = None
+        elif mode == "sb":
+            state["mode"] = "sb-iac" if byte == IAC else "sb"
+        elif mode == "sb-iac":
+            state["mode"] = None if byte == SE else "sb"
+        elif byte == IAC:
+            state["mode"] = "iac"
+        else:
+            out.append(byte)
+    return bytes(out)
+
+
+def test_4_mib_each_way_with_stalls_nothing_lost(served, loop):
+    """A raw Telnet client that stops reading, and a guest that posts no receive buffers,
+    for a while: both sides wait, buffers stay bounded, every byte arrives once."""
+    bench, endpoint = served
+    total, chunk = 4 << 20, 16 << 10
+    rx, tx = bench.driver.init([0, 1], buf_size=chunk, size=64)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)    # stall sooner
+    client.connect(endpoint.listener.getsockname())
+    client.setblocking(False)
+    out_data = os.urandom(total)                                   # guest -> client
+    in_data = os.urandom(total)                                    # client -> guest
+    escaped_in = in_data.replace(b"\xff", b"\xff\xff")
+    sent_guest = sent_host = 0
+    got_host, got_guest, state = bytearray(), hashlib.sha256(), {}
+    got_guest_n = 0
+    held = paused = False
+    start = time.monotonic()
+    while len(got_host) < total or got_guest_n < total:
+        elapsed = time.monotonic() - start
+        assert elapsed < 60, "stream stalled"
+        stalled = elapsed < 0.5
+        while sent_guest < total and tx.free:
+            tx.post(readable=[out_data[sent_guest:sent_guest + chunk]])
+            sent_guest += chunk
+        if not stalled:
+            while rx.free:
+                rx.post(writable=[chunk])
+        tx.notify()
+        rx.notify()
+        loop.run_once(0)
+        if sent_host < len(escaped_in):
+            try:
+                sent_host += client.send(escaped_in[sent_host:sent_host + (256 << 10)])
+            except BlockingIOError:
+                pass
+        if not stalled:
+            while True:
+                try:
+                    data = client.recv(1 << 20)
+                except BlockingIOError:
+                    break
+                got_host += telnet_data(data, state)
+        elif elapsed > 0.4:
+            assert tx.outstanding and endpoint.buffered <= 64 << 10
+            assert len(endpoint._input) <= INPUT_HOLD + (64 << 10)
+            held = True
+            paused = paused or not endpoint._reading
+        for used in rx.get_used():
+            got_guest.update(used.data)
+            got_guest_n += len(used.data)
+        tx.get_used(read_data=False)
+    client.close()
+    assert held and paused
+    assert bytes(got_host) == out_data
+    assert got_guest_n == total and got_guest.digest() == hashlib.sha256(in_data).digest()
+
+
+def test_negotiation_is_answered_while_the_guest_takes_no_input(served, loop):
+    """The client's open completes before the guest driver is even up."""
+    _, endpoint = served
+    client = pyserial_client(loop, endpoint)
+    client.close()
+
+
+def test_reconnect_gets_a_fresh_session(served, loop):
+    bench, endpoint = served
+    rx, tx = bench.driver.init([0, 1])
+    first = pyserial_client(loop, endpoint)
+    first.close()
+    spin_until(loop, lambda: endpoint.client is None)
+    second = pyserial_client(loop, endpoint)
+    try:
+        tx.post(readable=[b"again"])
+        tx.notify()
+        got = bytearray()
+        spin_until(loop, lambda: got.extend(second.read(second.in_waiting or 1)) or
+                   got == b"again")
+    finally:
+        second.close()
+
+
+@pytest.mark.parametrize("url", ["rfc2217:nope", "rfc2217:127.0.0.1:notaport"])
+def test_bad_urls_are_one_line_errors(url):
+    with pytest.raises(ConfigError, match=f"^{url}: .*needs a port") as err:
+        open_endpoint(url)
+    assert "\n" not in str(err.value)
