@@ -1,0 +1,216 @@
+"""Expect-style access to a guest's shell over any pyserial port.
+
+``GuestConsole`` wraps a pyserial object (``serial_for_url`` of a board UART
+such as /dev/ttyUSB0, a pty path, ``socket://host:port``,
+``rfc2217://host:port``, or ``unix:///path`` for the daemon's ``unix:``
+console endpoints)::
+
+    console = GuestConsole.open("rfc2217://127.0.0.1:4560")
+    console.wait_shell(60)                    # until a shell answers
+    output, status = console.run("uname -m")  # ("aarch64\\n", 0)
+    console.sendline("cat")
+    console.expect(r"some (\\w+)", timeout=5).group(1)
+
+``run`` does not depend on the shell's prompt or on whether the terminal
+echoes: the command line is bracketed by two markers carrying a fresh
+identifier, written so that the shell's *output* differs from the *typed*
+text (``echo __AVT_<id>''_B`` prints ``__AVT_<id>_B``; ``echo __AVT_<id>_E$?``
+prints ``__AVT_<id>_E0``), so an echo of the typed line never matches, and
+output that happens to contain marker-like text cannot match either.
+"""
+
+import codecs
+import re
+import time
+import uuid
+
+import serial
+
+from ..errors import AvatarError
+
+DEFAULT_TIMEOUT = 30.0
+POLL = 0.02              # pyserial read timeout: the longest a wait sleeps between checks
+CHUNK = 4096
+TRANSCRIPT_LIMIT = 64 * 1024
+
+
+class ConsoleTimeout(AvatarError, AssertionError):
+    """``expect`` saw no match in time; the message shows the last output."""
+
+
+class ConsoleClosed(AvatarError):
+    """The port went away (socket closed, device unplugged) while waiting."""
+
+
+def open_serial(url, **kwargs):
+    """``serial.serial_for_url`` that also knows ``unix:///path`` (Unix socket consoles)."""
+    if __package__ not in serial.protocol_handler_packages:
+        serial.protocol_handler_packages.append(__package__)
+    try:
+        return serial.serial_for_url(url, **kwargs)
+    except (serial.SerialException, ValueError) as err:
+        raise AvatarError(f"console {url}: {err}") from None
+
+
+def pyserial_url(endpoint):
+    """The pyserial URL a client uses for a daemon console endpoint URL (None: not attachable).
+
+    ``pty:/run/vm0`` -> ``/run/vm0``; ``tcp:4555`` -> ``socket://127.0.0.1:4555``;
+    ``rfc2217:0.0.0.0:4560`` -> ``rfc2217://127.0.0.1:4560``; ``unix:/x`` -> ``unix:///x``.
+    """
+    scheme, _, rest = endpoint.partition(":")
+    if scheme == "pty":
+        return rest or None
+    if scheme == "unix":
+        return f"unix://{rest}"
+    if scheme in ("tcp", "rfc2217"):
+        host, _, port = rest.rpartition(":")
+        host = host.strip("[]")
+        if host in ("", "0.0.0.0"):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{'socket' if scheme == 'tcp' else 'rfc2217'}://{host}:{port}"
+    return None
+
+
+class GuestConsole:
+    """A guest's console on pyserial port ``port`` (opened; owned by this object)."""
+
+    def __init__(self, port, *, encoding="utf-8", name=None):
+        self.port = port
+        self.name = name or getattr(port, "portstr", None) or "console"
+        if port.timeout != POLL:
+            port.timeout = POLL          # (pyserial reconfigures the port on every change)
+        self._decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+        self.encoding = encoding
+        self.buffer = ""                 # received, not yet consumed by expect
+        self.transcript = ""             # the last TRANSCRIPT_LIMIT characters received
+
+    @classmethod
+    def open(cls, url, **kwargs):
+        """Open any pyserial URL (see ``open_serial``)."""
+        return cls(open_serial(url, timeout=POLL), name=url, **kwargs)
+
+    def close(self):
+        self.port.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- output from the guest -----------------------------------------------------------------
+
+    def _receive(self):
+        """Read what arrives within ``POLL`` seconds; the text."""
+        try:
+            data = self.port.read(CHUNK)
+        except serial.SerialException as err:
+            raise ConsoleClosed(f"{self.name}: {err}; last output: {self.tail()!r}") from None
+        text = self._decoder.decode(data)
+        if text:
+            self.buffer += text
+            self.transcript = (self.transcript + text)[-TRANSCRIPT_LIMIT:]
+        return text
+
+    def tail(self, n=300):
+        return self.transcript[-n:]
+
+    def expect(self, pattern, timeout=DEFAULT_TIMEOUT):
+        """Wait for ``pattern`` (regex: str, bytes or compiled); the ``re.Match``.
+
+        Output up to the end of the match is consumed; a timeout raises
+        ``ConsoleTimeout`` showing what did arrive.
+        """
+        regex = _compile(pattern, self.encoding)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.buffer)
+            if match:
+                self.buffer = self.buffer[match.end():]
+                return match
+            if time.monotonic() >= deadline:
+                raise ConsoleTimeout(f"{self.name}: no {regex.pattern!r} within {timeout} s; "
+                                     f"last output: {self.tail()!r}")
+            self._receive()
+
+    def read_pending(self, quiet=0.1):
+        """Consume and return everything received until the guest is quiet for ``quiet`` s."""
+        last = time.monotonic()
+        while time.monotonic() - last < quiet:
+            if self._receive():
+                last = time.monotonic()
+        out, self.buffer = self.buffer, ""
+        return out
+
+    # -- input to the guest --------------------------------------------------------------------
+
+    def send(self, data):
+        if isinstance(data, str):
+            data = data.encode(self.encoding)
+        try:
+            self.port.write(data)
+            self.port.flush()
+        except serial.SerialException as err:
+            raise ConsoleClosed(f"{self.name}: {err}") from None
+
+    def sendline(self, line=""):
+        """Send ``line`` and Enter (LF: what a Linux tty in its default modes takes)."""
+        self.send(line + "\n")
+
+    # -- a shell -------------------------------------------------------------------------------
+
+    def wait_shell(self, timeout=DEFAULT_TIMEOUT, retry=1.0):
+        """Press Enter and ask the shell for a marker until it answers (boot, a login-less
+        getty's "press Enter", a busy shell): for a freshly started guest."""
+        tag = _tag()
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sendline(f"echo {tag}''_S")
+            try:
+                self.expect(re.escape(f"{tag}_S"), min(retry, max(0.0, deadline - time.monotonic())))
+                return
+            except ConsoleTimeout:
+                if time.monotonic() >= deadline:
+                    raise ConsoleTimeout(f"{self.name}: no shell answered within {timeout} s; "
+                                         f"last output: {self.tail()!r}") from None
+
+    def run(self, command, timeout=DEFAULT_TIMEOUT):
+        """Run one shell command line; ``(output, exit_status)``.
+
+        ``output`` is what the command printed, with the tty's CR LF turned into
+        LF. The line must fit the tty's line buffer (4095 bytes on Linux) and
+        must not read the console itself (its input would be the next line).
+        """
+        if "\n" in command or "\r" in command:
+            raise ValueError("run() takes one command line; join several with ';' or '&&'")
+        command = command.strip().rstrip(";").strip()
+        tag = _tag()
+        self.sendline(f"echo {tag}''_B; {command}; echo {tag}_E$?")
+        match = self.expect(rf"{tag}_B\r?\n(.*?){tag}_E(\d+)\r?\n", timeout)
+        return match.group(1).replace("\r\n", "\n"), int(match.group(2))
+
+    def check(self, command, timeout=DEFAULT_TIMEOUT):
+        """``run`` that raises ``AssertionError`` (with the output) unless the status is 0."""
+        output, status = self.run(command, timeout)
+        if status != 0:
+            raise AssertionError(f"{self.name}: {command!r} exited {status}: {output!r}")
+        return output
+
+
+def _tag():
+    return f"__AVT_{uuid.uuid4().hex[:16]}"
+
+
+def _compile(pattern, encoding):
+    if isinstance(pattern, re.Pattern):
+        if isinstance(pattern.pattern, bytes):
+            return re.compile(pattern.pattern.decode(encoding), pattern.flags & ~re.ASCII)
+        return pattern
+    if isinstance(pattern, bytes):
+        pattern = pattern.decode(encoding)
+    return re.compile(pattern, re.DOTALL)

@@ -1,0 +1,249 @@
+"""GuestConsole against real peers: a shell on a pty, on socket://, unix:// and rfc2217://."""
+
+import ctypes
+import fcntl
+import os
+import shutil
+import socket
+import subprocess
+import termios
+import threading
+
+import pytest
+import serial
+
+from avatar_hw.backends.console import open_endpoint
+from avatar_hw.errors import AvatarError
+from avatar_hw.loop import EventLoop
+from avatar_hw.testing.console import (POLL, ConsoleClosed, ConsoleTimeout, GuestConsole, open_serial,
+                                       pyserial_url)
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptsname.restype = ctypes.c_char_p
+
+
+def spawn_shell(fd, shell="/bin/sh", prompt="$ ", setup=None):
+    """An interactive ``shell`` with ``fd`` as its terminal (or socket)."""
+    env = {"PATH": os.environ["PATH"], "PS1": prompt, "HOME": "/tmp", "TERM": "dumb"}
+    args = [shell, "--norc", "--noprofile", "-i"] if shell.endswith("bash") else [shell, "-i"]
+
+    def child():                                 # fd is the child's 0, 1 and 2 by now
+        if os.isatty(0):
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            if setup:
+                subprocess.run(["stty", *setup.split()], check=True)
+
+    return subprocess.Popen(args, stdin=fd, stdout=fd, stderr=fd, env=env, cwd="/tmp",
+                            start_new_session=True, preexec_fn=child)
+
+
+def stop(process):
+    process.kill()
+    process.wait(5)
+
+
+@pytest.fixture
+def pty_shell(request):
+    """GuestConsole on the master side of a new pty (pyserial opens /dev/ptmx); a real shell
+    on the other side, in its default (cooked, echoing) terminal modes unless ``setup``."""
+    shell, prompt, setup = getattr(request, "param", ("/bin/sh", "$ ", None))
+    if not shutil.which(shell):
+        pytest.skip(f"{shell} is not installed")
+    port = serial.Serial("/dev/ptmx", timeout=POLL)
+    fd = port.fileno()
+    assert libc.grantpt(fd) == 0 and libc.unlockpt(fd) == 0
+    slave = os.open(libc.ptsname(fd), os.O_RDWR | os.O_NOCTTY)
+    attrs = termios.tcgetattr(slave)             # pyserial made it raw: give the shell a
+    attrs[0] |= termios.ICRNL                    # terminal like a console's (sane modes)
+    attrs[1] |= termios.OPOST | termios.ONLCR
+    attrs[3] |= termios.ICANON | termios.ECHO | termios.ISIG | termios.IEXTEN | termios.ECHOE
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    process = spawn_shell(slave, shell, prompt, setup)
+    os.close(slave)
+    console = GuestConsole(port, name=f"pty {shell}")
+    yield console
+    stop(process)
+    console.close()
+
+
+SHELLS = [("/bin/sh", "$ ", None), ("/bin/sh", "$ ", "-echo"), ("/bin/bash", "$ ", None),
+          ("/bin/sh", "__AVT_0123456789abcdef_E0 > ", None), ("/bin/sh", "", None)]
+IDS = ["sh-echo", "sh-noecho", "bash-readline", "prompt-like-a-marker", "no-prompt"]
+
+
+@pytest.mark.parametrize("pty_shell", SHELLS, ids=IDS, indirect=True)
+def test_run_on_a_pty(pty_shell):
+    console = pty_shell
+    console.wait_shell(10)
+    assert console.run("echo hello") == ("hello\n", 0)
+    assert console.run("false") == ("", 1)
+    assert console.run("sh -c 'exit 7'") == ("", 7)
+    assert console.run("printf 'no newline'") == ("no newline", 0)
+    assert console.run("printf 'a\\nb\\n'; echo err >&2;") == ("a\nb\nerr\n", 0)
+    output, status = console.run("echo __AVT_; echo __AVT_0123456789abcdef_E5; echo x''_B")
+    assert (output, status) == ("__AVT_\n__AVT_0123456789abcdef_E5\nx_B\n", 0)
+    assert console.check("seq 1 2000 | wc -l").strip() == "2000"
+    with pytest.raises(AssertionError, match="exited 1"):
+        console.check("test -e /nonexistent")
+
+
+def test_expect_and_sendline(pty_shell):
+    console = pty_shell
+    console.wait_shell(10)
+    console.sendline("read v; echo got-$v")
+    console.sendline("value")
+    assert console.expect(r"got-(\w+)", 5).group(1) == "value"
+    console.sendline("echo ab''cd")
+    assert console.expect(rb"abcd", 5).group(0) == "abcd"             # bytes patterns too
+
+
+def test_expect_timeout_shows_the_last_output(pty_shell):
+    console = pty_shell
+    console.wait_shell(10)
+    console.sendline("echo something else")
+    with pytest.raises(ConsoleTimeout, match="no 'never' within 0.3 s; last output: .*else"):
+        console.expect("never", 0.3)
+
+
+def test_run_rejects_several_lines(pty_shell):
+    with pytest.raises(ValueError, match="one command line"):
+        pty_shell.run("echo a\necho b")
+
+
+def socket_pair_server(family, address):
+    """A listening socket whose first client gets an interactive sh on the connection."""
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.bind(address)
+    listener.listen(1)
+    processes = []
+
+    def serve():
+        conn, _ = listener.accept()
+        processes.append(spawn_shell(conn.fileno()))
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, processes
+
+
+def test_run_over_socket_url():
+    listener, processes = socket_pair_server(socket.AF_INET, ("127.0.0.1", 0))
+    try:
+        with GuestConsole.open("socket://127.0.0.1:%d" % listener.getsockname()[1]) as console:
+            console.wait_shell(10)
+            assert console.run("echo over tcp; false") == ("over tcp\n", 1)
+    finally:
+        listener.close()
+        for process in processes:
+            stop(process)
+
+
+def test_run_over_unix_url(tmp_path):
+    path = str(tmp_path / "console.sock")
+    listener, processes = socket_pair_server(socket.AF_UNIX, path)
+    try:
+        with GuestConsole.open(f"unix://{path}") as console:
+            console.wait_shell(10)
+            assert console.run("echo over unix") == ("over unix\n", 0)
+    finally:
+        listener.close()
+        for process in processes:
+            stop(process)
+
+
+def test_closed_peer_is_reported(tmp_path):
+    path = str(tmp_path / "console.sock")
+    listener, processes = socket_pair_server(socket.AF_UNIX, path)
+    try:
+        with GuestConsole.open(f"unix://{path}") as console:
+            console.wait_shell(10)
+            console.sendline("exit")
+            with pytest.raises(ConsoleClosed, match="disconnected"):
+                console.expect("never", 10)
+    finally:
+        listener.close()
+        for process in processes:
+            stop(process)
+
+
+class ShellBehindEndpoint:
+    """A real shell on a pty behind a daemon console endpoint, served by an EventLoop thread:
+    what a guest's hvc0 shell is behind the console device (here without the device)."""
+
+    def __init__(self, url):
+        self.loop = EventLoop()
+        self.endpoint = open_endpoint(url)
+        self.master, slave = os.openpty()
+        self.process = spawn_shell(slave)
+        os.close(slave)
+        os.set_blocking(self.master, False)
+        self.buffer = bytearray(4096)
+        self.endpoint.attach(self.loop, self._to_shell, self._from_shell)
+        self.loop.add_reader(self.master, self._from_shell)
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self._stop:
+            self.loop.run_once(0.05)
+
+    def _to_shell(self):
+        view = memoryview(self.buffer)
+        n = self.endpoint.readinto([view])
+        if n:
+            os.write(self.master, view[:n])
+
+    def _from_shell(self):
+        room = self.endpoint.room()
+        if not room:
+            self.loop.remove_reader(self.master)        # resumed by the drained callback
+            return
+        self.loop.add_reader(self.master, self._from_shell)
+        try:
+            data = os.read(self.master, room)
+        except (BlockingIOError, OSError):
+            return
+        self.endpoint.write([memoryview(data)], len(data))
+
+    def close(self):
+        self._stop = True
+        self.thread.join(5)
+        stop(self.process)
+        self.endpoint.close()
+        os.close(self.master)
+        self.loop.close()
+
+
+@pytest.mark.parametrize("scheme", ["rfc2217", "tcp"])
+def test_run_over_the_daemons_network_endpoints(scheme):
+    peer = ShellBehindEndpoint(f"{scheme}:127.0.0.1:0")
+    try:
+        port = peer.endpoint.listener.getsockname()[1]
+        url = pyserial_url(f"{scheme}:0.0.0.0:{port}")
+        assert url == f"{'socket' if scheme == 'tcp' else scheme}://127.0.0.1:{port}"
+        with GuestConsole.open(url) as console:
+            console.wait_shell(10)
+            assert console.run("printf '\\377\\n' | od -An -tx1") == (" ff 0a\n", 0)
+            assert console.run("printf 'x\\377y'") == ("x\ufffdy", 0)   # 0xFF arrives raw
+            console.sendline("read v; printf %s \"$v\" | od -An -tx1")      # and is sent raw
+            console.send(b"\xfe\xff\n")
+            assert console.expect(r" fe ff\r?\n", 5)
+    finally:
+        peer.close()
+
+
+def test_pyserial_urls_of_endpoints():
+    assert pyserial_url("pty:/run/avatar/vm0") == "/run/avatar/vm0"
+    assert pyserial_url("unix:/run/avatar/vm0.sock") == "unix:///run/avatar/vm0.sock"
+    assert pyserial_url("tcp:4555") == "socket://127.0.0.1:4555"
+    assert pyserial_url("rfc2217:[::]:4560") == "rfc2217://[::1]:4560"
+    assert pyserial_url("rfc2217:10.0.0.2:4560") == "rfc2217://10.0.0.2:4560"
+    assert pyserial_url("file:/var/log/x") is None and pyserial_url("stdio") is None
+
+
+def test_bad_url_is_one_line():
+    with pytest.raises(AvatarError, match="^console nope://x: .*nope") as err:
+        open_serial("nope://x")
+    assert "\n" not in str(err.value)
