@@ -1,0 +1,81 @@
+"""Run avatar-hw's benchmarks, print tables and write the figures as JSON.
+
+    .venv/bin/python -m bench                   # everything (about 15 min on 2 cores)
+    .venv/bin/python -m bench --quick           # smoke run of the parts that need no guest
+    .venv/bin/python -m bench --only trap,cost  # some parts: trap, cost, board
+    .venv/bin/python -m bench --profile         # also cProfile the daemon on the trap path
+
+Parts: ``trap`` (bench/trappath.py: the trap page with a C stand-in stub,
+against avatar-hw and a C floor), ``cost`` (bench/cost.py: daemon CPU per GiB
+through the block device, memory with 8 VMs x 4 devices), ``board``
+(bench/board.py: a Linux guest on the emulated board, avatar-hw against
+QEMU's own virtio-mmio devices). Results go to bench/results/<time>.json or
+``--out``. Run from the repository root. docs/performance.md explains them.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from avatar_hw.errors import AvatarError
+
+from .common import BENCH, machine_info
+
+PARTS = ("trap", "cost", "board")
+QUICK_PARTS = ("trap", "cost")          # --quick: what needs no guest
+
+
+def _run_part(name, args):
+    if name == "trap":
+        from . import trappath
+        return trappath.run(quick=args.quick, profile=args.profile)
+    if name == "cost":
+        from . import cost
+        return cost.run(quick=args.quick)
+    from . import board
+    return board.run(quick=args.quick, runs=args.runs)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a few seconds: small counts, and only the parts that need no guest "
+                             "unless --only says otherwise")
+    parser.add_argument("--only", help=f"comma-separated parts ({', '.join(PARTS)})")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="emulated-board runs per side (median, min, max; default 3)")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile the daemon on the trap path and list the top functions")
+    parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<time>.json)")
+    args = parser.parse_args(argv)
+    parts = QUICK_PARTS if args.quick else PARTS
+    if args.only:
+        parts = tuple(p.strip() for p in args.only.split(","))
+        unknown = [p for p in parts if p not in PARTS]
+        if unknown:
+            parser.error(f"--only {unknown[0]}: expected some of {', '.join(PARTS)}")
+    out = args.out or BENCH / "results" / time.strftime("%Y%m%d-%H%M%S.json")
+    report = {"machine": machine_info(), "quick": args.quick,
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "parts": {}}
+    status = 0
+    for name in parts:
+        start = time.monotonic()
+        try:
+            report["parts"][name] = _run_part(name, args)
+        except AvatarError as err:
+            print(f"bench {name}: {err}", file=sys.stderr)
+            report["parts"][name] = {"error": str(err)}
+            status = 1
+        report["parts"][name]["wall_s"] = round(time.monotonic() - start, 1)
+    report["machine"]["loadavg_at_end"] = os.getloadavg()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nresults: {out}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

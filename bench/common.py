@@ -1,0 +1,112 @@
+"""Shared pieces of the benchmarks: C helpers built at run time, child processes, summaries."""
+
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from avatar_hw.errors import AvatarError
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+ABI_INCLUDE = REPO / "boards" / "abi"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def compile_c(name, outdir, *, cc="gcc", flags=("-O2",), include=(ABI_INCLUDE, BENCH)):
+    """Compile ``bench/<name>.c`` into ``outdir/<name>`` with ``cc``; returns the path."""
+    if shutil.which(cc) is None:
+        raise AvatarError(f"{cc} not found: the benchmark builds bench/{name}.c with it "
+                          "(run scripts/setup)")
+    out = Path(outdir) / name
+    argv = [cc, *flags, "-Wall", "-Wextra", "-Werror",
+            *(f"-I{path}" for path in include), "-o", str(out), str(BENCH / f"{name}.c")]
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise AvatarError(f"building bench/{name}.c failed: {result.stderr.strip()[-1500:]}")
+    return out
+
+
+class Child:
+    """A child process stopped with SIGTERM (then SIGKILL) on its own PID when done."""
+
+    def __init__(self, argv, **popen):
+        self.argv = [str(a) for a in argv]
+        self.process = subprocess.Popen(self.argv, **popen)
+        self.pid = self.process.pid
+
+    def cpu_seconds(self):
+        """User + system CPU time so far (from /proc, with the kernel's tick resolution)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def status(self):
+        """/proc/PID/status as a dict of the kB-valued fields (VmRSS, RssAnon, ...)."""
+        out = {}
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if value.strip().endswith("kB"):
+                    out[key] = int(value.split()[0])
+        return out
+
+    def stop(self, timeout=15):
+        """SIGTERM, wait, SIGKILL if needed; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def spread(values):
+    """``{"median", "min", "max", "runs"}`` of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": list(values)}
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AvatarError(f"benchmark: {what} within {timeout} s")
+        time.sleep(0.005)
+
+
+def machine_info():
+    """What the numbers were measured on."""
+    model = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": model, "loadavg_at_start": os.getloadavg(),
+            "kernel": os.uname().release, "machine": os.uname().machine}
+
+
+def table(title, header, rows):
+    """Print a plain-text table."""
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for n, row in enumerate(cells):
+        print("  " + "  ".join(c.rjust(w) if i else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            print("  " + "  ".join("-" * w for w in widths))
