@@ -17,6 +17,7 @@ COMMANDS = [
     "avatar_hw.board",        # layout
     "avatar_hw.daemon",       # serve
     "avatar_hw.control",      # list, info, debug
+    "avatar_hw.terminal",     # console
     "avatar_hw.emulated.demo",  # demo
 ]
 

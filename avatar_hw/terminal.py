@@ -1,0 +1,78 @@
+"""``avatar-hw console VM [--port N]``: an interactive terminal on a guest console.
+
+The console is a running daemon's (its endpoint for that VM and port, found
+through the control socket: a pty, unix:, tcp: or rfc2217: endpoint) or any
+pyserial URL given with ``--url`` (/dev/ttyUSB0, rfc2217://board:4560, ...).
+The terminal is pyserial's miniterm: Ctrl-] quits, Ctrl-T opens its menu.
+"""
+
+import sys
+
+import serial
+from serial.tools.miniterm import Miniterm, key_description
+
+from . import control
+from .errors import AvatarError
+from .testing.console import open_serial
+from .testing.target import console_url_from_info
+
+EXIT_KEY, MENU_KEY = "\x1d", "\x14"        # Ctrl-], Ctrl-T
+READ_TIMEOUT = 0.1                        # lets the reader thread notice the exit key
+
+
+class Terminal(Miniterm):
+    """miniterm that ends with a one-line message, not a traceback, when the peer goes away."""
+
+    def reader(self):
+        try:
+            super().reader()
+        except serial.SerialException as err:
+            sys.stderr.write(f"\n--- {self.serial.portstr}: {err}\n")
+
+
+def resolve_url(args):
+    if args.url:
+        return args.url
+    if args.vm is None:
+        raise AvatarError("avatar-hw console: give a VM number (and the daemon's "
+                                  "--control socket) or --url URL")
+    return console_url_from_info(control.request("info", args.control), args.vm, args.port)
+
+
+def _console(args):
+    url = resolve_url(args)
+    port = open_serial(url, timeout=READ_TIMEOUT)
+    term = Terminal(port, echo=False, eol=args.eol, filters=["direct"])
+    term.exit_character, term.menu_character = EXIT_KEY, MENU_KEY
+    term.set_rx_encoding("utf-8")
+    term.set_tx_encoding("utf-8")
+    sys.stderr.write(f"--- avatar-hw console: {url} --- quit: {key_description(EXIT_KEY)} | "
+                     f"menu: {key_description(MENU_KEY)} ---\n")
+    term.start()
+    try:
+        term.join(True)
+    except KeyboardInterrupt:
+        pass
+    term.join()
+    term.close()
+    sys.stderr.write("\n--- exit ---\n")
+    return 0
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "console", help="interactive terminal on a guest console (quit: Ctrl-])",
+        description="Attach this terminal to a guest console: a running daemon's (VM and "
+                    "port) or any pyserial URL. Ctrl-] quits, Ctrl-T opens miniterm's menu.")
+    parser.add_argument("vm", type=int, nargs="?", help="VM number (with the daemon)")
+    parser.add_argument("--port", default="0",
+                        help="console port: 0 (the console, default), a number or a port name")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--control", help="the daemon's control socket (default "
+                                         f"${control.ENV} or {control.default_control_path()})")
+    where.add_argument("--url", help="any pyserial URL instead of the daemon's endpoint: "
+                                     "/dev/ttyUSB0, rfc2217://host:port, socket://host:port, "
+                                     "unix:///path, a pty path")
+    parser.add_argument("--eol", choices=["lf", "cr", "crlf"], default="lf",
+                        help="what Enter sends (default lf, what a Linux guest's tty takes)")
+    parser.set_defaults(func=_console)

@@ -1,0 +1,192 @@
+"""The board a HIL test runs against: a real board with a running daemon, or the emulated board.
+
+Both offer the same things, so one bring-up suite runs on either:
+
+- ``info()``: the daemon's ``avatar-hw info`` (over its control socket);
+- ``devices(vm)``: that VM's devices (name, slot, IRQ, status, counters);
+- ``console(vm, port)``: a ``GuestConsole`` on the guest console;
+- ``diagnose_interrupts(vm)``: text for a failure report: per device the
+  interrupts the daemon raised and, where the distributor can be read, the GIC's
+  view of its SPI (``hw.gic`` ``diagnose_spi``).
+
+``HardwareTarget`` runs next to ``avatar-hw serve`` on the board's Linux (the
+control socket and the GIC distributor are local there); its guest console is
+any pyserial URL, or the first endpoint of the VM's console that a terminal
+can attach to. ``EmulatedTarget`` boots the emulated board
+(``avatar_hw.emulated.session.EmulatedBoard``) with a console, and block and
+rng devices when this tree has them.
+"""
+
+import importlib.util
+import os
+import shutil
+import tempfile
+
+from .. import control
+from ..board import board_path, load_board
+from ..errors import AvatarError
+from .console import GuestConsole, pyserial_url
+
+EMULATED_TOOLS = {"qemu-system-aarch64": "qemu-system-arm", "dtc": "device-tree-compiler",
+                  "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu"}
+EMULATED_DISK_SIZE = 8 << 20
+
+
+class Target:
+    """What tests use; subclasses say where the daemon and the consoles are."""
+
+    kind = None
+    board = None            # the avatar_hw.board.Board
+    control_path = None
+    last_console = None     # the console tests use (its output goes into failure reports)
+
+    def info(self):
+        return control.request("info", self.control_path)
+
+    def vm_info(self, vm=0):
+        for entry in self.info()["vms"]:
+            if entry["vm"] == vm:
+                return entry
+        raise AvatarError(f"the daemon serves no VM {vm} (check its VMs config)")
+
+    def devices(self, vm=0, name=None):
+        return [d for d in self.vm_info(vm)["devices"] if name is None or d["name"] == name]
+
+    def console_url(self, vm=0, port=0):
+        """The pyserial URL of VM ``vm``'s console port ``port`` (from the daemon's endpoints)."""
+        return console_url_from_info(self.info(), vm, port)
+
+    def console(self, vm=0, port=0):
+        url = self.console_url(vm, port)
+        return GuestConsole.open(url)
+
+    def diagnose_interrupts(self, vm=0):
+        lines = []
+        for device in self.devices(vm):
+            lines.append(f"vm{vm} {device['name']}{device['slot']} IRQ {device['irq']}: "
+                         f"status {device['status']}, {device['interrupts']} interrupt(s) "
+                         f"raised, InterruptStatus {device.get('interrupt_status', '?')}")
+            lines.append("  " + self._spi_report(device["irq"]))
+        return "\n".join(lines)
+
+    def _spi_report(self, intid):
+        return "(no distributor view on this target)"
+
+    def close(self):
+        pass
+
+
+def console_url_from_info(info, vm, port):
+    """The pyserial URL for a console port, from ``avatar-hw info`` output (``AvatarError``
+    naming the VM, the port and the endpoints when there is none a terminal can use)."""
+    vms = {entry["vm"]: entry for entry in info["vms"]}
+    if vm not in vms:
+        raise AvatarError(f"the daemon serves no VM {vm}; it serves "
+                          f"{', '.join(f'vm{v}' for v in vms) or 'none'}")
+    consoles = [d for d in vms[vm]["devices"] if d["name"] == "console"]
+    if not consoles:
+        raise AvatarError(f"VM {vm} has no console device (add console = {{ backends = [...] }} "
+                          "to its VMs config)")
+    ports = consoles[0]["ports"]
+    chosen = [p for p in ports if str(port) in (str(p["id"]), str(p["name"]))]
+    if not chosen:
+        raise AvatarError(f"VM {vm}'s console has no port {port!r}; it has "
+                          + ", ".join(f"{p['id']} ({p['name'] or 'console'})" for p in ports))
+    endpoints = chosen[0]["endpoints"]
+    for endpoint in endpoints:
+        url = pyserial_url(endpoint)
+        if url:
+            return url
+    raise AvatarError(f"VM {vm} console port {port} has no endpoint a terminal can attach to "
+                      f"({', '.join(endpoints) or 'none'}): add a pty:, unix:, tcp: or "
+                      "rfc2217: backend in the VMs config")
+
+
+class HardwareTarget(Target):
+    """A real board: ``board_file``, the daemon's ``control_path``, optionally ``console_url``
+    (any pyserial URL; default: the daemon's endpoint for VM 0's console)."""
+
+    kind = "hw"
+
+    def __init__(self, board_file, *, console_url=None, control_path=None):
+        self.board = load_board(board_path(board_file))
+        self.control_path = control_path or control.default_control_path()
+        self._console_url = console_url
+        self._gic = None
+
+    def console_url(self, vm=0, port=0):
+        if self._console_url and (vm, port) == (0, 0):
+            return self._console_url
+        return super().console_url(vm, port)
+
+    def _spi_report(self, intid):
+        try:
+            if self._gic is None:
+                self._gic = self.board.open_gic()
+            return self._gic.diagnose_spi(intid).explain()
+        except (AvatarError, OSError, ValueError) as err:
+            return f"GIC distributor not readable here ({err})"
+
+    def close(self):
+        if self._gic is not None:
+            self._gic.regs.close()
+            self._gic = None
+
+
+def emulated_board_missing():
+    """Why the emulated board cannot run here (None: it can)."""
+    if importlib.util.find_spec("avatar_hw.emulated.session") is None:
+        return "avatar_hw.emulated.session (the emulated board launcher) is not in this tree"
+    missing = [package for tool, package in EMULATED_TOOLS.items() if not shutil.which(tool)]
+    if missing:
+        return f"the emulated board needs {', '.join(missing)} (apt-get install, or scripts/setup)"
+    return None
+
+
+def device_available(kind):
+    """Is avatar_hw.devices.<kind> in this tree?"""
+    return importlib.util.find_spec(f"avatar_hw.devices.{kind}") is not None
+
+
+class EmulatedTarget(Target):
+    """The emulated board with a console, and block (a scratch image) and rng when this tree
+    has those devices. ``start()`` boots it; ``close()`` leaves nothing behind."""
+
+    kind = "emulated"
+
+    def __init__(self):
+        self.emulated = None
+        self._workdir = None
+
+    def start(self):
+        from ..emulated.session import EmulatedBoard
+        self._workdir = tempfile.mkdtemp(prefix="avatar-hil-")
+        devices = []
+        if device_available("block"):
+            image = os.path.join(self._workdir, "disk.img")
+            with open(image, "wb") as f:
+                f.truncate(EMULATED_DISK_SIZE)
+            devices.append(f'block = {{ image = "{image}" }}')
+        if device_available("rng"):
+            devices.append("rng = {}")
+        self.emulated = EmulatedBoard(devices="\n".join(devices))
+        try:
+            self.emulated.start()
+        except BaseException:
+            self.close()
+            raise
+        self.board = self.emulated.daemon.board
+        self.control_path = self.emulated.daemon.control.path
+        return self
+
+    def _spi_report(self, intid):
+        return ("(emulated board: the stub injects the SPI through the GIC's list registers; "
+                "QEMU's distributor is not mapped here)")
+
+    def close(self):
+        if self.emulated is not None:
+            self.emulated.stop()
+            self.emulated = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None

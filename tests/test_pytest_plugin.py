@@ -1,0 +1,291 @@
+"""The pytest plugin (options, markers, fixtures, failure reports) and ``avatar-hw console``.
+
+The "real board" here is ``avatar-hw serve`` against the stand-in stub over a
+fake UIO tree (``FakeBoard``): the daemon, its control socket and its console
+endpoints are real; only the hypervisor is stood in for.
+"""
+
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from avatar_hw.errors import AvatarError
+from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
+from avatar_hw.testing.target import console_url_from_info
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """A running daemon (stand-in stub) serving VM 0's console on unix: and rfc2217:."""
+    board = FakeBoard(tmp_path / "board", vms=1)
+    stub = StandinStub(board)
+    config = board.root / "vms.toml"
+    config.write_text(f'[vm.0]\nconsole = {{ backends = ["file:{board.root}/vm0.log", '
+                      f'"unix:{board.root}/vm0.sock", "rfc2217:127.0.0.1:0"] }}\n')
+    log = open(board.root / "daemon.log", "wb")
+    process = subprocess.Popen(board.serve_argv(config), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        stub.page.wait_attached()
+        board.process = process
+        yield board
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        log.close()
+        stub.close()
+
+
+# -- options and markers ----------------------------------------------------------------------
+
+def test_options_in_help(pytester):
+    result = pytester.runpytest("--help")
+    result.stdout.fnmatch_lines(["*--avatar-board=FILE*", "*--avatar-console=URL*",
+                                 "*--avatar-control=PATH*"])
+
+
+def test_markers_are_declared_by_the_plugin(pytester):
+    result = pytester.runpytest("--markers")
+    result.stdout.fnmatch_lines(["@pytest.mark.hw: needs a real Avatar board*",
+                                 "@pytest.mark.emulated: runs on the emulated board*"])
+
+
+MARKED = """
+import pytest
+
+@pytest.mark.hw
+def test_needs_board():
+    pass
+
+@pytest.mark.hw
+@pytest.mark.emulated
+def test_either_board():
+    pass
+
+def test_plain():
+    pass
+"""
+
+
+def test_hw_tests_are_skipped_without_a_board(pytester):
+    pytester.makepyfile(MARKED)
+    result = pytester.runpytest("--strict-markers", "-rs")
+    result.assert_outcomes(passed=2, skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED * test_hw_tests_are_skipped_without_a_board.py:*: "
+                                 "needs a real Avatar board: run with "
+                                 "--avatar-board FILE*"])
+
+
+def test_hw_tests_run_with_a_board(pytester, daemon):
+    pytester.makepyfile(MARKED)
+    result = pytester.runpytest("--strict-markers", f"--avatar-board={daemon.board_file}",
+                                f"--avatar-control={daemon.control}")
+    result.assert_outcomes(passed=3)
+
+
+def test_emulated_mode_skips_naming_what_is_missing(pytester, monkeypatch):
+    pytester.makepyfile("""
+        import pytest
+        @pytest.mark.emulated
+        def test_uses_board(avatar_board):
+            pass
+    """)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    result = pytester.runpytest("-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*no --avatar-board, and the emulated board needs "
+                                 "qemu-system-arm, device-tree-compiler, gcc-aarch64-linux-gnu*"])
+
+
+# -- fixtures on a (stood-in) real board -----------------------------------------------------------
+
+BOARD_TESTS = """
+import pytest
+
+pytestmark = pytest.mark.hw
+
+def test_board(avatar_board):
+    assert avatar_board.kind == "hw"
+    info = avatar_board.info()
+    assert [vm["vm"] for vm in info["vms"]] == [0]
+    assert avatar_board.devices(0, "console")[0]["irq"] == 48
+
+def test_console(avatar_board, guest_console):
+    assert guest_console.name == avatar_board.console_url()
+    assert guest_console.port.is_open
+
+def test_fails(avatar_board):
+    assert False, "on purpose"
+"""
+
+
+def test_board_and_console_fixtures_on_a_running_daemon(pytester, daemon):
+    pytester.makepyfile(BOARD_TESTS)
+    result = pytester.runpytest(f"--avatar-board={daemon.board_file}",
+                                f"--avatar-control={daemon.control}")
+    result.assert_outcomes(passed=2, failed=1)
+    # the failure report carries the board's interrupt diagnosis
+    result.stdout.fnmatch_lines(["*- avatar-hw board -*",
+                                 "vm0 console0 IRQ 48: status 0, 0 interrupt(s) raised*",
+                                 "*GIC distributor not readable here*"])
+
+
+def test_console_option_overrides_the_daemons_endpoint(pytester, daemon):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    url = "socket://127.0.0.1:%d" % server.getsockname()[1]
+    pytester.makepyfile(f"""
+        def test_console(guest_console):
+            assert guest_console.name == {url!r}
+    """)
+    try:
+        result = pytester.runpytest(f"--avatar-board={daemon.board_file}",
+                                    f"--avatar-control={daemon.control}",
+                                    f"--avatar-console={url}")
+    finally:
+        server.close()
+    result.assert_outcomes(passed=1)
+
+
+def test_board_without_a_daemon_is_a_clear_error(pytester, tmp_path):
+    board = FakeBoard(tmp_path / "board", vms=1)
+    pytester.makepyfile("""
+        def test_board(avatar_board):
+            pass
+    """)
+    result = pytester.runpytest(f"--avatar-board={board.board_file}",
+                                f"--avatar-control={tmp_path / 'none.sock'}")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*--avatar-board {board.board_file}: no avatar-hw daemon at "
+                                 f"{tmp_path / 'none.sock'}: is 'avatar-hw serve' running?*"])
+
+
+def test_console_url_from_the_daemons_info(daemon):
+    from avatar_hw import control
+    info = control.request("info", str(daemon.control))
+    assert console_url_from_info(info, 0, 0) == f"unix://{daemon.root}/vm0.sock"
+    with pytest.raises(AvatarError, match="serves no VM 1; it serves vm0"):
+        console_url_from_info(info, 1, 0)
+    with pytest.raises(AvatarError, match="no port '3'; it has 0 \\(console\\)"):
+        console_url_from_info(info, 0, "3")
+    ports = info["vms"][0]["devices"][0]["ports"]
+    ports[0]["endpoints"] = [e for e in ports[0]["endpoints"] if e.startswith("file:")]
+    with pytest.raises(AvatarError, match="no endpoint a terminal can attach to "
+                                          "\\(file:.*\\): add a pty:, unix:"):
+        console_url_from_info(info, 0, 0)
+
+
+# -- avatar-hw console --------------------------------------------------------------------------
+
+class OnPty:
+    """``avatar-hw console ...`` with a pty as its terminal."""
+
+    def __init__(self, *args):
+        self.master, slave = os.openpty()
+        self.process = subprocess.Popen([sys.executable, "-m", "avatar_hw", "console", *args],
+                                        stdin=slave, stdout=slave, stderr=slave,
+                                        start_new_session=True)
+        os.close(slave)
+        self.output = b""
+
+    def expect(self, text, timeout=10):
+        deadline = time.monotonic() + timeout
+        while text.encode() not in self.output:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {text!r} in {self.output!r}"
+            if select.select([self.master], [], [], left)[0]:
+                try:
+                    self.output += os.read(self.master, 4096)
+                except OSError:              # EIO: the process closed the terminal
+                    assert text.encode() in self.output, f"no {text!r} in {self.output!r}"
+
+    def type(self, keys):
+        os.write(self.master, keys.encode())
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        os.close(self.master)
+
+
+def shell_server(path):
+    """A Unix socket whose first client gets an interactive sh; returns (listener, processes)."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    processes = []
+
+    def serve():
+        conn, _ = listener.accept()
+        processes.append(subprocess.Popen(["/bin/sh", "-i"], stdin=conn, stdout=conn,
+                                          stderr=conn, env={"PS1": "guest$ ", "PATH": "/bin"}))
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, processes
+
+
+def test_console_url_round_trip_and_exit_key(tmp_path):
+    path = str(tmp_path / "guest.sock")
+    listener, processes = shell_server(path)
+    term = OnPty("--url", f"unix://{path}")
+    try:
+        term.expect(f"--- avatar-hw console: unix://{path} --- quit: Ctrl+]")
+        term.type("echo sum=$((2 + 3))\n")
+        term.expect("sum=5")
+        term.type("\x1d")
+        assert term.process.wait(10) == 0
+        term.expect("--- exit ---")
+    finally:
+        term.close()
+        listener.close()
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+def test_console_of_a_running_daemon(daemon):
+    term = OnPty("0", "--control", str(daemon.control))
+    try:
+        term.expect(f"--- avatar-hw console: unix://{daemon.root}/vm0.sock ---")
+        term.type("\x1d")
+        assert term.process.wait(10) == 0
+    finally:
+        term.close()
+
+
+def test_console_peer_going_away_ends_the_terminal(tmp_path):
+    path = str(tmp_path / "guest.sock")
+    listener, processes = shell_server(path)
+    term = OnPty("--url", f"unix://{path}")
+    try:
+        term.expect("guest$ ")
+        term.type("exit\n")
+        term.expect("socket disconnected")
+        term.type("x")                      # miniterm's writer notices on the next key
+        assert term.process.wait(10) == 0
+    finally:
+        term.close()
+        listener.close()
+        for process in processes:
+            process.wait()
+
+
+def test_console_errors_are_one_line(tmp_path):
+    for args, message in ((["0", "--control", str(tmp_path / "none.sock")],
+                           "no avatar-hw daemon at"),
+                          (["--url", "nope://x"], "console nope://x: invalid URL")):
+        result = subprocess.run([sys.executable, "-m", "avatar_hw", "console", *args],
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
