@@ -1,0 +1,106 @@
+"""labgrid integration: ``AvatarStrategy`` boots the hypervisor and starts ``avatar-hw serve``.
+
+labgrid is not a dependency: this module imports without it, and defines and
+registers the strategy only when labgrid is installed (list it under
+``imports:`` in the environment file). docs/labgrid.md has the exporter,
+place and environment examples.
+
+States: ``off`` -> ``hypervisor`` (power cycle, the hypervisor's banner on the
+board UART) -> ``shell`` (logged in to the board's Linux) -> ``serving``
+(``avatar-hw serve`` running, its control socket answering). The shell
+commands for the last step are plain functions (``start_command``,
+``ready_command``, ``stop_command``), so they are tested without labgrid.
+"""
+
+import enum
+import importlib.util
+import shlex
+
+READY_TIMEOUT = 30.0
+POLL = 0.2
+
+
+class Status(enum.Enum):
+    unknown = 0
+    off = 1
+    hypervisor = 2
+    shell = 3
+    serving = 4
+
+
+def start_command(serve_args, *, log, pidfile, avatar_hw="avatar-hw"):
+    """A shell command line that starts ``avatar-hw serve SERVE_ARGS`` in the background."""
+    argv = " ".join(shlex.quote(a) for a in serve_args)
+    return (f"nohup {avatar_hw} serve {argv} >{shlex.quote(log)} 2>&1 </dev/null & "
+            f"echo $! >{shlex.quote(pidfile)}")
+
+
+def ready_command(control, *, timeout=READY_TIMEOUT, avatar_hw="avatar-hw"):
+    """A shell command line that succeeds once the daemon at ``control`` answers."""
+    tries = max(1, int(timeout / POLL))
+    return (f"(i=0; until {avatar_hw} info --control {shlex.quote(control)} >/dev/null 2>&1; "
+            f"do i=$((i + 1)); [ $i -ge {tries} ] && exit 1; sleep {POLL}; done)")
+
+
+def stop_command(pidfile):
+    """A shell command line that stops the daemon started by ``start_command`` (SIGTERM)."""
+    pidfile = shlex.quote(pidfile)
+    return f"[ -f {pidfile} ] && kill $(cat {pidfile}) 2>/dev/null; rm -f {pidfile}; true"
+
+
+def _define_strategy():
+    import attr
+    from labgrid.factory import target_factory
+    from labgrid.step import step
+    from labgrid.strategy import Strategy, StrategyError
+
+    @target_factory.reg_driver
+    @attr.s(eq=False)
+    class AvatarStrategy(Strategy):
+        """Power, the board UART (console), the board Linux's shell; then avatar-hw serve."""
+
+        bindings = {"power": "PowerProtocol", "console": "ConsoleProtocol",
+                    "shell": "ShellDriver"}
+
+        status = attr.ib(default=Status.unknown)
+        serve_args = attr.ib(default=["--board", "rpi4", "--config", "/etc/avatar-hw/vms.toml"],
+                             validator=attr.validators.instance_of(list))
+        control = attr.ib(default="/run/avatar-hw.sock", validator=attr.validators.instance_of(str))
+        banner = attr.ib(default=r"Avatar", validator=attr.validators.instance_of(str))
+        boot_timeout = attr.ib(default=120.0, converter=float)
+        log = attr.ib(default="/var/log/avatar-hw.log", validator=attr.validators.instance_of(str))
+        pidfile = attr.ib(default="/run/avatar-hw.pid", validator=attr.validators.instance_of(str))
+
+        @step(args=["status"])
+        def transition(self, status, *, step):
+            if not isinstance(status, Status):
+                status = Status[status]
+            if status == Status.unknown:
+                raise StrategyError(f"can not transition to {status}")
+            if status == self.status:
+                step.skip("nothing to do")
+                return
+            if status == Status.off:
+                self.target.activate(self.power)
+                self.power.off()
+            elif status == Status.hypervisor:
+                self.transition(Status.off)
+                self.target.activate(self.console)
+                self.power.cycle()
+                self.console.expect(self.banner, timeout=self.boot_timeout)
+            elif status == Status.shell:
+                self.transition(Status.hypervisor)
+                self.target.activate(self.shell)
+            elif status == Status.serving:
+                self.transition(Status.shell)
+                self.shell.run_check(stop_command(self.pidfile))
+                self.shell.run_check(start_command(self.serve_args, log=self.log,
+                                                   pidfile=self.pidfile))
+                self.shell.run_check(ready_command(self.control), timeout=READY_TIMEOUT + 10)
+            self.status = status
+
+    return AvatarStrategy
+
+
+if importlib.util.find_spec("labgrid") is not None:
+    AvatarStrategy = _define_strategy()
