@@ -17,11 +17,11 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def compile_c(name, outdir, *, cc="gcc", flags=("-O2",), include=(ABI_INCLUDE, BENCH)):
-    """Compile ``bench/<name>.c`` into ``outdir/<name>`` with ``cc``; returns the path."""
+    """Compile ``bench/<name>.c`` into ``outdir`` with ``cc``; returns the executable's path."""
     if shutil.which(cc) is None:
         raise AvatarError(f"{cc} not found: the benchmark builds bench/{name}.c with it "
                           "(run scripts/setup)")
-    out = Path(outdir) / name
+    out = Path(outdir) / Path(name).name
     argv = [cc, *flags, "-Wall", "-Wextra", "-Werror",
             *(f"-I{path}" for path in include), "-o", str(out), str(BENCH / f"{name}.c")]
     result = subprocess.run(argv, capture_output=True, text=True)

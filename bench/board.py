@@ -1,0 +1,323 @@
+"""A Linux guest on the emulated board: avatar-hw's devices against QEMU's own.
+
+Both sides boot the same kernel and the same initramfs (the emulated board's,
+plus ``bin/avbench`` built from bench/guest/avbench.c as a second cpio
+archive) with the same bootargs, and use the same host image file:
+
+- ours: the emulated board (QEMU + our EL2 stub, ``avatar_hw.emulated``),
+  the devices served by avatar-hw through the trap page (doorbell mode);
+- QEMU: the guest booted directly on ``virt`` with QEMU's virtio-mmio
+  devices (virtio-blk-device, virtio-serial-device + virtconsole,
+  virtio-rng-device, ``virtio-mmio.force-legacy=false``) and QEMU's own DT.
+
+Runs alternate (ours, QEMU, ours, ...). In each, from the shell on hvc0:
+1 MiB O_DIRECT sequential read and write of /dev/vda, 4 KiB O_DIRECT random
+reads at queue depth 1, /dev/hwrng, and 64 MiB over hvc0 each way with the
+SHA-256 compared on both ends. Device kinds avatar-hw does not have yet are
+measured on QEMU's side only and reported as such.
+"""
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from avatar_hw.errors import AvatarError
+from avatar_hw.emulated import memory_map as mm
+from avatar_hw.emulated.assets import guest_assets
+from avatar_hw.emulated.build import build_stub
+from avatar_hw.emulated.devicetree import DEFAULT_BOOTARGS, build_dtb
+from avatar_hw.emulated.initramfs import build_initramfs, write_newc
+from avatar_hw.emulated.machine import QEMU, EmulatedMachine
+from avatar_hw.emulated.session import MODEL_WAIT_MS, EmulatedBoard, GuestShell
+
+from .common import compile_c, spread, table
+from .cost import device_kinds_available
+
+MIB = 1 << 20
+SIZES = {  # full run, --quick
+    "seqread": (256 * MIB, 16 * MIB), "seqwrite": (128 * MIB, 8 * MIB),
+    "randread": ((20000, 5.0), (500, 1.0)), "rng": ((4 * MIB, 5.0), (256 << 10, 1.0)),
+    "console": (64 * MIB, 4 * MIB),
+}
+IMAGE_SIZE = 256 * MIB
+COMMAND_TIMEOUT = int(os.environ.get("AVBENCH_TIMEOUT", 180))
+FIGURES = [  # key, label, unit, higher is better
+    ("boot_s", "boot to shell", "s", False),
+    ("seqread_MBps", "block seq read 1 MiB O_DIRECT", "MB/s", True),
+    ("seqwrite_MBps", "block seq write 1 MiB O_DIRECT", "MB/s", True),
+    ("randread_iops", "block 4 KiB rand read QD1", "IOPS", True),
+    ("randread_p50_us", "  latency p50", "µs", False),
+    ("randread_p99_us", "  latency p99", "µs", False),
+    ("console_g2h_MBps", "console guest->host, sha256 checked", "MB/s", True),
+    ("console_h2g_MBps", "console host->guest, sha256 checked", "MB/s", True),
+    ("rng_MBps", "rng /dev/hwrng", "MB/s", True),
+]
+
+
+# -- the guest -------------------------------------------------------------------------------------
+
+def build_initrd(workdir):
+    """The emulated board's initramfs with ``bin/avbench`` appended (a second newc archive)."""
+    tool = compile_c("guest/avbench", workdir, cc="aarch64-linux-gnu-gcc", flags=("-O2", "-static"),
+                     include=())
+    extra = Path(workdir) / "avbench.cpio"
+    write_newc(extra, [("bin/avbench", stat.S_IFREG | 0o755, tool.read_bytes(), 0)])
+    initrd = Path(workdir) / "initramfs.cpio"
+    with open(initrd, "wb") as out:
+        for part in (build_initramfs(), extra):
+            out.write(part.read_bytes())
+    return initrd
+
+
+class BenchShell(GuestShell):
+    """The guest shell, plus bulk transfers over the same console."""
+
+    def read_exact(self, count, digest, timeout):
+        """Read exactly ``count`` bytes into ``digest`` (hashlib object)."""
+        deadline = time.monotonic() + timeout
+        take = self._buffer[:count]
+        self._buffer = self._buffer[count:]
+        digest.update(take)
+        left = count - len(take)
+        chunk = bytearray(1 << 20)
+        self.sock.settimeout(timeout)
+        while left:
+            if time.monotonic() > deadline:
+                raise AvatarError(f"guest console: {left} bytes still missing after {timeout} s")
+            n = self.sock.recv_into(chunk, min(left, len(chunk)))
+            if not n:
+                raise AvatarError("guest console closed during a transfer")
+            digest.update(memoryview(chunk)[:n])
+            left -= n
+
+    def result(self, command, pattern, timeout=COMMAND_TIMEOUT):
+        """Run ``command``; the groups of ``pattern`` in its output (as ints where numeric)."""
+        output, status = self.run(command, timeout)
+        match = re.search(pattern, output)
+        if status != 0 or not match:
+            raise AvatarError(f"guest: {command!r} exited {status}: {output.strip()[-400:]}")
+        return [int(g) if g.isdigit() else g for g in match.groups()]
+
+
+def connect(path, timeout=120):
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return BenchShell(sock)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise AvatarError(f"console socket {path} never accepted a connection")
+            time.sleep(0.02)
+
+
+def measure_guest(shell, kinds, quick):
+    """Every figure the guest can give with device ``kinds``; a dict of floats."""
+    pick = 1 if quick else 0
+    out = {}
+    if "block" in kinds:
+        size = SIZES["seqread"][pick]
+        done, ns = shell.result(f"avbench seqread /dev/vda {size}", r"bytes=(\d+) ns=(\d+)")
+        out["seqread_MBps"] = done / ns * 1e3
+        size = SIZES["seqwrite"][pick]
+        done, ns = shell.result(f"avbench seqwrite /dev/vda {size}", r"bytes=(\d+) ns=(\d+)")
+        out["seqwrite_MBps"] = done / ns * 1e3
+        count, seconds = SIZES["randread"][pick]
+        ios, ns, p50, p99 = shell.result(f"avbench randread /dev/vda {count} {seconds}",
+                                         r"ios=(\d+) ns=(\d+) p50_ns=(\d+) p99_ns=(\d+)")
+        out.update(randread_iops=ios / ns * 1e9, randread_p50_us=p50 / 1e3,
+                   randread_p99_us=p99 / 1e3)
+    if "rng" in kinds:
+        size, seconds = SIZES["rng"][pick]
+        done, ns = shell.result(f"avbench rng {size} {seconds}", r"bytes=(\d+) ns=(\d+)")
+        out["rng_MBps"] = done / ns * 1e3
+    size = SIZES["console"][pick]
+    out["console_g2h_MBps"] = console_g2h(shell, size)
+    out["console_h2g_MBps"] = console_h2g(shell, size)
+    return out
+
+
+def console_g2h(shell, size):
+    """MB/s the host receives, from the start marker to the last byte (host clock)."""
+    shell.sock.sendall(f"avbench tx {size}\n".encode())
+    shell.read_until(rb"AVB-TX-START\n", COMMAND_TIMEOUT)
+    digest = hashlib.sha256()
+    start = time.perf_counter()
+    shell.read_exact(size, digest, COMMAND_TIMEOUT)
+    elapsed = time.perf_counter() - start
+    sha = shell.read_until(rb"avbench tx bytes=\d+ ns=\d+ sha256=([0-9a-f]{64})",
+                           COMMAND_TIMEOUT).group(1).decode()
+    if sha != digest.hexdigest():
+        raise AvatarError(f"console guest->host: SHA-256 mismatch over {size} bytes")
+    shell.run("true")                                   # back at a prompt
+    return size / elapsed / 1e6
+
+
+def console_h2g(shell, size):
+    """MB/s the guest reads, first byte to last (guest clock).
+
+    hvc0 is the kernel's console, whose input takes ^O (0x0f) as the SysRq
+    prefix; ^O^O passes one ^O, so every 0x0f goes doubled on the wire.
+    """
+    data = os.urandom(size)
+    shell.sock.sendall(f"avbench rx {size}\n".encode())
+    shell.read_until(rb"AVB-RX-GO\r?\n", COMMAND_TIMEOUT)
+    shell.sock.settimeout(COMMAND_TIMEOUT)
+    shell.sock.sendall(data.replace(b"\x0f", b"\x0f\x0f"))
+    match = shell.read_until(rb"avbench rx bytes=(\d+) ns=(\d+) sha256=([0-9a-f]{64})",
+                             COMMAND_TIMEOUT)
+    if match.group(3).decode() != hashlib.sha256(data).hexdigest():
+        raise AvatarError(f"console host->guest: SHA-256 mismatch over {size} bytes")
+    shell.run("true")
+    return size / int(match.group(2)) * 1e3
+
+
+# -- the two sides -------------------------------------------------------------------------------
+
+class OurBoard(EmulatedBoard):
+    """The emulated board booting ``initrd`` (EmulatedBoard builds its own initramfs)."""
+
+    def __init__(self, initrd, **kwargs):
+        super().__init__(**kwargs)
+        self.initrd = Path(initrd)
+
+    def start(self):
+        dtb = build_dtb(initrd_size=self.initrd.stat().st_size, bootargs=self.bootargs)
+        self.machine = EmulatedMachine(build_stub(), guest_assets().kernel, dtb=dtb,
+                                       initrd=self.initrd, model_wait_ms=MODEL_WAIT_MS,
+                                       on_log=self.on_log, qemu_args=self.qemu_args)
+        try:
+            self.machine.start()
+            self._start_daemon()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+
+def run_ours(initrd, image, kinds, quick):
+    devices = []
+    if "block" in kinds:
+        devices.append(f'block = {{ image = "{image}" }}')
+    if "rng" in kinds:
+        devices.append("rng = { }")
+    start = time.perf_counter()
+    with OurBoard(initrd, devices="\n".join(devices)) as board:
+        shell = connect(board.console_path)
+        try:
+            shell.wait_ready(120)
+            boot = time.perf_counter() - start
+            return {"boot_s": boot, **measure_guest(shell, kinds, quick)}
+        finally:
+            shell.close()
+
+
+def qemu_command(initrd, image, console):
+    return [QEMU, "-M", "virt,gic-version=2", "-cpu", "cortex-a72", "-smp", "1",
+            "-m", f"{mm.GUEST_RAM_SIZE >> 20}M", "-nodefaults", "-display", "none",
+            "-no-reboot", "-serial", "none", "-kernel", str(guest_assets().kernel),
+            "-initrd", str(initrd), "-append", DEFAULT_BOOTARGS,
+            "-global", "virtio-mmio.force-legacy=false",
+            "-drive", f"file={image},format=raw,if=none,id=disk",
+            "-device", "virtio-blk-device,drive=disk",
+            "-chardev", f"socket,id=con,path={console},server=on,wait=on",
+            "-device", "virtio-serial-device", "-device", "virtconsole,chardev=con",
+            "-device", "virtio-rng-device"]
+
+
+def run_qemu(initrd, image, quick):
+    workdir = Path(tempfile.mkdtemp(prefix="avatar-bench-qemu-"))
+    console = workdir / "console.sock"
+    start = time.perf_counter()
+    process = subprocess.Popen(qemu_command(initrd, image, console), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    shell = None
+    try:
+        shell = connect(console, timeout=30)
+        shell.wait_ready(120)
+        boot = time.perf_counter() - start
+        return {"boot_s": boot, **measure_guest(shell, ("block", "rng"), quick)}
+    except AvatarError as err:
+        if process.poll() is not None:
+            raise AvatarError(f"QEMU exited {process.returncode}: "
+                              f"{process.stderr.read().decode(errors='replace')[-800:]}") from err
+        raise
+    finally:
+        if shell is not None:
+            shell.close()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        process.stderr.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# -- the part ------------------------------------------------------------------------------------------
+
+def run(quick=False, runs=3):
+    kinds = [k for k in device_kinds_available() if k in ("block", "rng")]
+    runs = 1 if quick else runs
+    out = {"ours_device_kinds": ["console", *kinds], "runs": runs, "raw": {"ours": [], "qemu": []}}
+    workdir = Path(tempfile.mkdtemp(prefix="avatar-bench-board-"))
+    try:
+        initrd = build_initrd(workdir)
+        image = workdir / "disk.img"
+        with open(image, "wb") as f:                     # real data, in the page cache
+            block = os.urandom(MIB)
+            for _ in range(IMAGE_SIZE // MIB):
+                f.write(block)
+        for n in range(runs):
+            for side, runner in (("ours", lambda: run_ours(initrd, image, kinds, quick)),
+                                 ("qemu", lambda: run_qemu(initrd, image, quick))):
+                start = time.monotonic()
+                figures = runner()
+                figures["wall_s"] = time.monotonic() - start
+                out["raw"][side].append(figures)
+                print(f"  board run {n + 1}/{runs} {side}: {figures['wall_s']:.0f} s", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    out["figures"] = summarise(out["raw"])
+    report(out)
+    return out
+
+
+def summarise(raw):
+    figures = {}
+    for key, label, unit, higher in FIGURES:
+        entry = {"label": label, "unit": unit, "higher_is_better": higher}
+        for side in ("ours", "qemu"):
+            values = [r[key] for r in raw[side] if key in r]
+            entry[side] = spread(values) if values else None
+        if entry["ours"] and entry["qemu"]:
+            entry["ratio"] = entry["ours"]["median"] / entry["qemu"]["median"]
+        figures[key] = entry
+    return figures
+
+
+def _cell(s):
+    if s is None:
+        return "not served"
+    fmt = (lambda v: f"{v:,.0f}") if s["median"] >= 100 else (lambda v: f"{v:.2f}")
+    return f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])})"
+
+
+def report(out):
+    rows = [[f"{e['label']} ({e['unit']})", _cell(e["ours"]), _cell(e["qemu"]),
+             f"{e['ratio']:.3f}" if "ratio" in e else "-"] for e in out["figures"].values()]
+    table(f"Emulated board, median (min-max) of {out['runs']} run(s) each, alternating",
+          ["figure", "avatar-hw", "QEMU virtio-mmio", "ours/QEMU"], rows)

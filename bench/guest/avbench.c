@@ -1,0 +1,291 @@
+/*
+ * avbench.c - the guest side of bench/board.py: one static arm64 binary run
+ * from the busybox shell on hvc0, printing one "avbench ..." result line.
+ *
+ *   avbench seqread  DEV BYTES          1 MiB O_DIRECT reads from offset 0
+ *   avbench seqwrite DEV BYTES          1 MiB O_DIRECT writes from offset 0
+ *   avbench randread DEV COUNT SECONDS  4 KiB O_DIRECT reads at random aligned offsets,
+ *                                       queue depth 1; stops after COUNT or SECONDS
+ *   avbench rng BYTES SECONDS           reads /dev/hwrng (4 KiB reads)
+ *   avbench tx BYTES                    console guest->host: raw mode on stdout, prints
+ *                                       "AVB-TX-START\n", then BYTES of data, then the result
+ *   avbench rx BYTES                    console host->guest: raw mode, no echo on stdin,
+ *                                       prints "AVB-RX-GO\n", reads BYTES, then the result
+ *
+ * tx and rx report the SHA-256 of the bytes sent or received; the host
+ * compares it with its own. Times are CLOCK_MONOTONIC in the guest.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MIB (1u << 20)
+#define BLOCK 4096
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void die(const char *what)
+{
+    printf("avbench error %s: %s\n", what, strerror(errno));
+    exit(1);
+}
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+
+static uint64_t xorshift(void)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return rng_state;
+}
+
+static void *aligned(size_t size)
+{
+    void *p;
+    if (posix_memalign(&p, BLOCK, size))
+        die("posix_memalign");
+    memset(p, 0x5A, size);
+    return p;
+}
+
+/* -- SHA-256 (FIPS 180-4) ------------------------------------------------------------------ */
+
+static const uint32_t K[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+};
+
+#define ROR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+
+static void sha256_block(uint32_t h[8], const unsigned char *p)
+{
+    uint32_t w[64], a, b, c, d, e, f, g, k, t1, t2;
+    for (int i = 0; i < 16; i++)
+        w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16
+             | (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
+    for (int i = 16; i < 64; i++) {
+        uint32_t s0 = ROR(w[i - 15], 7) ^ ROR(w[i - 15], 18) ^ (w[i - 15] >> 3);
+        uint32_t s1 = ROR(w[i - 2], 17) ^ ROR(w[i - 2], 19) ^ (w[i - 2] >> 10);
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    a = h[0]; b = h[1]; c = h[2]; d = h[3]; e = h[4]; f = h[5]; g = h[6]; k = h[7];
+    for (int i = 0; i < 64; i++) {
+        t1 = k + (ROR(e, 6) ^ ROR(e, 11) ^ ROR(e, 25)) + ((e & f) ^ (~e & g)) + K[i] + w[i];
+        t2 = (ROR(a, 2) ^ ROR(a, 13) ^ ROR(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+        k = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+    }
+    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += k;
+}
+
+static void sha256_hex(const unsigned char *data, uint64_t len, char out[65])
+{
+    uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                     0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+    unsigned char tail[128] = {0};
+    uint64_t full = len & ~63ull, rest = len - full;
+    for (uint64_t off = 0; off < full; off += 64)
+        sha256_block(h, data + off);
+    memcpy(tail, data + full, rest);
+    tail[rest] = 0x80;
+    int blocks = rest < 56 ? 1 : 2;
+    uint64_t bits = len * 8;
+    for (int i = 0; i < 8; i++)
+        tail[64 * blocks - 1 - i] = (unsigned char)(bits >> (8 * i));
+    for (int i = 0; i < blocks; i++)
+        sha256_block(h, tail + 64 * i);
+    for (int i = 0; i < 8; i++)
+        sprintf(out + 8 * i, "%08x", h[i]);
+}
+
+/* -- block ------------------------------------------------------------------------------------ */
+
+static int seq(const char *dev, uint64_t bytes, int writing)
+{
+    int fd = open(dev, (writing ? O_WRONLY : O_RDONLY) | O_DIRECT);
+    if (fd < 0)
+        die(dev);
+    unsigned char *buf = aligned(MIB);
+    uint64_t start = now_ns(), done = 0;
+    while (done < bytes) {
+        ssize_t n = writing ? pwrite(fd, buf, MIB, (off_t)done) : pread(fd, buf, MIB, (off_t)done);
+        if (n != (ssize_t)MIB)
+            die(writing ? "pwrite" : "pread");
+        done += MIB;
+    }
+    if (writing && fsync(fd) < 0)
+        die("fsync");
+    uint64_t ns = now_ns() - start;
+    printf("avbench %s bytes=%llu ns=%llu\n", writing ? "seqwrite" : "seqread",
+           (unsigned long long)done, (unsigned long long)ns);
+    return 0;
+}
+
+static int compare_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static int randread(const char *dev, long count, double seconds)
+{
+    int fd = open(dev, O_RDONLY | O_DIRECT);
+    if (fd < 0)
+        die(dev);
+    off_t size = lseek(fd, 0, SEEK_END);
+    if (size < BLOCK)
+        die("device size");
+    uint64_t blocks = (uint64_t)size / BLOCK, *lat = calloc((size_t)count, sizeof *lat);
+    unsigned char *buf = aligned(BLOCK);
+    uint64_t start = now_ns(), limit = (uint64_t)(seconds * 1e9);
+    long n = 0;
+    while (n < count && now_ns() - start < limit) {
+        off_t off = (off_t)(xorshift() % blocks) * BLOCK;
+        uint64_t t0 = now_ns();
+        if (pread(fd, buf, BLOCK, off) != BLOCK)
+            die("pread");
+        lat[n++] = now_ns() - t0;
+    }
+    uint64_t ns = now_ns() - start;
+    qsort(lat, (size_t)n, sizeof *lat, compare_u64);
+    printf("avbench randread ios=%ld ns=%llu p50_ns=%llu p99_ns=%llu\n", n,
+           (unsigned long long)ns, (unsigned long long)lat[n / 2],
+           (unsigned long long)lat[(long)(n * 0.99)]);
+    return 0;
+}
+
+/* -- rng -------------------------------------------------------------------------------------- */
+
+static int rng(uint64_t bytes, double seconds)
+{
+    int fd = open("/dev/hwrng", O_RDONLY);
+    if (fd < 0)
+        die("/dev/hwrng");
+    unsigned char buf[BLOCK];
+    uint64_t start = now_ns(), limit = (uint64_t)(seconds * 1e9), done = 0;
+    while (done < bytes && now_ns() - start < limit) {
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n <= 0)
+            die("read /dev/hwrng");
+        done += (uint64_t)n;
+    }
+    printf("avbench rng bytes=%llu ns=%llu\n", (unsigned long long)done,
+           (unsigned long long)(now_ns() - start));
+    return 0;
+}
+
+/* -- console ---------------------------------------------------------------------------------- */
+
+static struct termios saved;
+
+static void raw_mode(int fd)
+{
+    struct termios t;
+    if (tcgetattr(fd, &saved) < 0)
+        die("tcgetattr");
+    t = saved;
+    cfmakeraw(&t);
+    if (tcsetattr(fd, TCSAFLUSH, &t) < 0)
+        die("tcsetattr");
+}
+
+static void restore_mode(int fd)
+{
+    tcdrain(fd);
+    tcsetattr(fd, TCSANOW, &saved);
+}
+
+static int console_tx(uint64_t bytes)
+{
+    unsigned char *buf = malloc(bytes);
+    if (!buf)
+        die("malloc");
+    for (uint64_t i = 0; i + 8 <= bytes; i += 8) {
+        uint64_t v = xorshift();
+        memcpy(buf + i, &v, 8);
+    }
+    char hex[65];
+    sha256_hex(buf, bytes, hex);
+    raw_mode(1);
+    if (write(1, "AVB-TX-START\n", 13) != 13)
+        die("write");
+    uint64_t start = now_ns(), done = 0;
+    while (done < bytes) {
+        ssize_t n = write(1, buf + done, bytes - done > 65536 ? 65536 : bytes - done);
+        if (n < 0 && errno != EINTR)
+            die("write hvc");
+        if (n > 0)
+            done += (uint64_t)n;
+    }
+    restore_mode(1);
+    uint64_t ns = now_ns() - start;
+    printf("\navbench tx bytes=%llu ns=%llu sha256=%s\n", (unsigned long long)done,
+           (unsigned long long)ns, hex);
+    return 0;
+}
+
+static int console_rx(uint64_t bytes)
+{
+    unsigned char *buf = malloc(bytes);
+    if (!buf)
+        die("malloc");
+    raw_mode(0);
+    if (write(1, "AVB-RX-GO\n", 10) != 10)
+        die("write");
+    uint64_t start = 0, done = 0;
+    while (done < bytes) {
+        ssize_t n = read(0, buf + done, bytes - done);
+        if (n < 0 && errno != EINTR)
+            die("read hvc");
+        if (n > 0) {
+            if (!done)
+                start = now_ns();
+            done += (uint64_t)n;
+        }
+    }
+    uint64_t ns = now_ns() - start;
+    restore_mode(0);
+    char hex[65];
+    sha256_hex(buf, bytes, hex);
+    printf("avbench rx bytes=%llu ns=%llu sha256=%s\n", (unsigned long long)done,
+           (unsigned long long)ns, hex);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    setvbuf(stdout, NULL, _IONBF, 0);
+    if (argc == 4 && !strcmp(argv[1], "seqread"))
+        return seq(argv[2], strtoull(argv[3], NULL, 0), 0);
+    if (argc == 4 && !strcmp(argv[1], "seqwrite"))
+        return seq(argv[2], strtoull(argv[3], NULL, 0), 1);
+    if (argc == 5 && !strcmp(argv[1], "randread"))
+        return randread(argv[2], strtol(argv[3], NULL, 0), atof(argv[4]));
+    if (argc == 4 && !strcmp(argv[1], "rng"))
+        return rng(strtoull(argv[2], NULL, 0), atof(argv[3]));
+    if (argc == 3 && !strcmp(argv[1], "tx"))
+        return console_tx(strtoull(argv[2], NULL, 0));
+    if (argc == 3 && !strcmp(argv[1], "rx"))
+        return console_rx(strtoull(argv[2], NULL, 0));
+    fprintf(stderr, "usage: avbench seqread|seqwrite DEV BYTES | randread DEV COUNT SECONDS | "
+                    "rng BYTES SECONDS | tx BYTES | rx BYTES\n");
+    return 2;
+}
