@@ -48,7 +48,8 @@ SIZES = {  # full run, --quick
     "console": (64 * MIB, 4 * MIB),
 }
 IMAGE_SIZE = 256 * MIB
-COMMAND_TIMEOUT = int(os.environ.get("AVBENCH_TIMEOUT", 180))
+COMMAND_TIMEOUT = 180
+IDLE_TIMEOUT = 15
 FIGURES = [  # key, label, unit, higher is better
     ("boot_s", "boot to shell", "s", False),
     ("seqread_MBps", "block seq read 1 MiB O_DIRECT", "MB/s", True),
@@ -80,19 +81,21 @@ def build_initrd(workdir):
 class BenchShell(GuestShell):
     """The guest shell, plus bulk transfers over the same console."""
 
-    def read_exact(self, count, digest, timeout):
-        """Read exactly ``count`` bytes into ``digest`` (hashlib object)."""
-        deadline = time.monotonic() + timeout
+    def read_exact(self, count, digest, idle_timeout):
+        """Read exactly ``count`` bytes into ``digest`` (hashlib object); AvatarError if
+        nothing arrives for ``idle_timeout`` s (bytes lost on the way)."""
         take = self._buffer[:count]
         self._buffer = self._buffer[count:]
         digest.update(take)
         left = count - len(take)
         chunk = bytearray(1 << 20)
-        self.sock.settimeout(timeout)
+        self.sock.settimeout(idle_timeout)
         while left:
-            if time.monotonic() > deadline:
-                raise AvatarError(f"guest console: {left} bytes still missing after {timeout} s")
-            n = self.sock.recv_into(chunk, min(left, len(chunk)))
+            try:
+                n = self.sock.recv_into(chunk, min(left, len(chunk)))
+            except TimeoutError:
+                raise AvatarError(f"guest console: {count - left} of {count} bytes arrived, "
+                                  f"then nothing for {idle_timeout} s") from None
             if not n:
                 raise AvatarError("guest console closed during a transfer")
             digest.update(memoryview(chunk)[:n])
@@ -142,8 +145,11 @@ def measure_guest(shell, kinds, quick):
         done, ns = shell.result(f"avbench rng {size} {seconds}", r"bytes=(\d+) ns=(\d+)")
         out["rng_MBps"] = done / ns * 1e3
     size = SIZES["console"][pick]
-    out["console_g2h_MBps"] = console_g2h(shell, size)
     out["console_h2g_MBps"] = console_h2g(shell, size)
+    try:                                        # last: a failure leaves the shell unusable
+        out["console_g2h_MBps"] = console_g2h(shell, size)
+    except AvatarError as err:
+        out["errors"] = [f"console guest->host: {err}"]
     return out
 
 
@@ -153,7 +159,7 @@ def console_g2h(shell, size):
     shell.read_until(rb"AVB-TX-START\n", COMMAND_TIMEOUT)
     digest = hashlib.sha256()
     start = time.perf_counter()
-    shell.read_exact(size, digest, COMMAND_TIMEOUT)
+    shell.read_exact(size, digest, IDLE_TIMEOUT)
     elapsed = time.perf_counter() - start
     sha = shell.read_until(rb"avbench tx bytes=\d+ ns=\d+ sha256=([0-9a-f]{64})",
                            COMMAND_TIMEOUT).group(1).decode()
@@ -285,10 +291,14 @@ def run(quick=False, runs=3):
             for side, runner in (("ours", lambda: run_ours(initrd, image, kinds, quick)),
                                  ("qemu", lambda: run_qemu(initrd, image, quick))):
                 start = time.monotonic()
-                figures = runner()
+                try:
+                    figures = runner()
+                except AvatarError as err:
+                    figures = {"errors": [str(err)]}
                 figures["wall_s"] = time.monotonic() - start
                 out["raw"][side].append(figures)
-                print(f"  board run {n + 1}/{runs} {side}: {figures['wall_s']:.0f} s", flush=True)
+                print(f"  board run {n + 1}/{runs} {side}: {figures['wall_s']:.0f} s"
+                      + "".join(f"; {e}" for e in figures.get("errors", ())), flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     out["figures"] = summarise(out["raw"])
@@ -309,15 +319,21 @@ def summarise(raw):
     return figures
 
 
-def _cell(s):
+def _cell(s, runs):
     if s is None:
-        return "not served"
+        return "not measured"
     fmt = (lambda v: f"{v:,.0f}") if s["median"] >= 100 else (lambda v: f"{v:.2f}")
-    return f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])})"
+    missing = "" if len(s["runs"]) == runs else f" [{len(s['runs'])} of {runs} runs]"
+    return f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])}){missing}"
 
 
 def report(out):
-    rows = [[f"{e['label']} ({e['unit']})", _cell(e["ours"]), _cell(e["qemu"]),
+    runs = out["runs"]
+    rows = [[f"{e['label']} ({e['unit']})", _cell(e["ours"], runs), _cell(e["qemu"], runs),
              f"{e['ratio']:.3f}" if "ratio" in e else "-"] for e in out["figures"].values()]
     table(f"Emulated board, median (min-max) of {out['runs']} run(s) each, alternating",
           ["figure", "avatar-hw", "QEMU virtio-mmio", "ours/QEMU"], rows)
+    for side in ("ours", "qemu"):
+        for n, run in enumerate(out["raw"][side], 1):
+            for error in run.get("errors", ()):
+                print(f"  {side} run {n}: {error}")
