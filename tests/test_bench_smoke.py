@@ -1,0 +1,33 @@
+"""Smoke run of the benchmarks that need no guest: they run and report; no time is asserted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_quick_bench_runs_and_writes_its_report(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["parts"]) == {"trap", "cost"}
+    trap = report["parts"]["trap"]["results"]
+    assert {(r["model"], r["mode"], r["gap_ns"] > 0) for r in trap} == {
+        (model, mode, gap) for model in ("avatar-hw", "C responder")
+        for mode in ("busy-poll", "doorbell") for gap in (False, True)}
+    for r in trap:
+        assert r["unhandled"] == 0 and r["count"] > 0
+        assert r["min_ns"] <= r["p50_ns"] <= r["p99_ns"] <= r["max_ns"]
+    gap_doorbell = [r for r in trap if r["mode"] == "doorbell" and r["gap_ns"]]
+    assert all(r["rings"] > 0 for r in gap_doorbell), "an idle model was never rung"
+    assert all(r["rings"] == 0 for r in trap if r["mode"] == "busy-poll")
+    cost = report["parts"]["cost"]
+    assert any(r["op"].startswith("console") and r["bytes"] > 0 for r in cost["throughput"])
+    memory = cost["memory"]
+    assert len(memory["devices_per_vm"]) == 4 and memory["vms"] == 8
+    assert memory["after_driver_ok"]["VmRSS"] > 0
+    assert "Trap path" in result.stdout and "Daemon memory" in result.stdout
