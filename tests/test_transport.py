@@ -437,6 +437,19 @@ def test_legacy_queue_and_driver_ok_without_features_ok(legacy):
     assert d.interrupt_status() == c.INT_USED_BUFFER
 
 
+def test_legacy_features_never_offered_are_masked_at_driver_ok(legacy):
+    d = legacy.driver
+    d.reset()
+    d.set_status(c.STATUS_ACKNOWLEDGE | c.STATUS_DRIVER)
+    d.write(c.REG_DRIVER_FEATURES_SEL, 0)
+    d.write(c.REG_DRIVER_FEATURES, 0xFFFFFFFF)
+    d.driver_ok()
+    offered = legacy.transport.offered_features
+    assert offered != 0xFFFFFFFF
+    assert legacy.transport.negotiated_features == offered
+    assert legacy.transport.guest_errors == 1
+
+
 def test_legacy_has_no_modern_registers(legacy):
     d = legacy.driver
     assert d.read(c.REG_QUEUE_READY) == 0

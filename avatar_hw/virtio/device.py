@@ -28,6 +28,14 @@ Hooks a device overrides (all optional except ``queue_notify``):
 known), ``reset()`` (drop every held chain and pending request),
 ``queue_reset(index)`` (the same for one queue), ``write_config(offset, data)``,
 ``attach(loop)`` / ``detach()`` (register / unregister backend fds).
+
+Event-loop callbacks: register fds and timers through ``self.loop`` (set by
+``VirtioDevice.attach``; hand it to backends too), never the raw loop. It is
+a ``DeviceLoop``: an exception escaping a callback (a device or backend bug)
+is logged, the fd's registration that raised is removed (no busy loop of
+failures) and the device gets ``fail()`` (DEVICE_NEEDS_RESET), the same
+contract as the trap path; the daemon and the other devices carry on.
+``self.guarded(callback)`` wraps a callback the same way for other uses.
 """
 
 import logging
@@ -53,6 +61,34 @@ def status_names(status):
     return "|".join(name for flag, name in _STATUS_NAMES if status & flag) or "0"
 
 
+class DeviceLoop:
+    """``loop`` as one device sees it: the same interface, with every callback guarded
+    (see the module docstring)."""
+
+    def __init__(self, loop, device):
+        self._loop, self._device = loop, device
+
+    def add_reader(self, fd, callback):
+        self._loop.add_reader(fd, self._device.guarded(
+            callback, lambda: self._loop.remove_reader(fd)))
+
+    def add_writer(self, fd, callback):
+        self._loop.add_writer(fd, self._device.guarded(
+            callback, lambda: self._loop.remove_writer(fd)))
+
+    def remove_reader(self, fd):
+        self._loop.remove_reader(fd)
+
+    def remove_writer(self, fd):
+        self._loop.remove_writer(fd)
+
+    def call_later(self, delay, callback):
+        return self._loop.call_later(delay, self._device.guarded(callback))
+
+    def cancel(self, handle):
+        self._loop.cancel(handle)
+
+
 class VirtioDevice:
     """Base class. ``queue_sizes``: maximum size of each queue (QueueNumMax);
     ``features``: device-specific feature bits (the transport ones are added);
@@ -64,7 +100,8 @@ class VirtioDevice:
     def __init__(self, *, queue_sizes, features=0, config=b""):
         self.features = features | TRANSPORT_FEATURES
         self.config = bytearray(config)
-        self.queues = [Virtqueue(i, size, on_error=self.fail) for i, size in enumerate(queue_sizes)]
+        self.queues = [Virtqueue(i, size, on_error=self.fail, on_used=self.signal_used)
+                       for i, size in enumerate(queue_sizes)]
         self.transport = None
         self.loop = None
         # bytes_from_guest: read from device-readable buffers; bytes_to_guest: written
@@ -91,14 +128,31 @@ class VirtioDevice:
         self.guest_error("write to read-only config offset 0x%x; ignored", offset)
 
     def attach(self, loop):
-        """Register backend fds with ``loop`` (an ``avatar_hw.loop.EventLoop``)."""
-        self.loop = loop
+        """Register backend fds with ``loop`` (an ``avatar_hw.loop.EventLoop``) through
+        ``self.loop``, its guarded view (overriders call this first)."""
+        self.loop = DeviceLoop(loop, self)
 
     def detach(self):
         """Unregister from the loop and release host resources."""
         self.loop = None
 
     # -- services for subclasses --------------------------------------------------------------
+
+    def guarded(self, callback, on_failure=None):
+        """``callback`` for the event loop: an exception is logged, ``on_failure()`` runs
+        and the device fails (DEVICE_NEEDS_RESET) instead of the daemon stopping."""
+        def call():
+            try:
+                callback()
+            except Exception as err:     # a device bug must not stop every VM's devices
+                log.exception("%s: internal error in an event-loop callback", self.name)
+                try:
+                    if on_failure is not None:
+                        on_failure()
+                    self.fail(f"internal error: {err!r}")
+                except Exception:
+                    log.exception("%s: failing the device failed too", self.name)
+        return call
 
     @property
     def memory(self):

@@ -11,8 +11,9 @@ What a bad guest gets (the two outcomes of the spec's "device MAY ... or set
 DEVICE_NEEDS_RESET"):
 
 * **bad chain -> used entry with length 0** (the head is valid, so the guest
-  gets it back and does not stall; a warning is logged, ``bad_chains``
-  counts it): ``next`` index >= table size; more descriptors than the queue
+  gets it back and does not stall: ``on_used(queue)`` is called so the
+  device interrupts for it like for its own used buffers; a rate-limited
+  warning is logged, ``bad_chains`` counts it): ``next`` index >= table size; more descriptors than the queue
   size / indirect table holds (a loop); a buffer outside the VM's RAM; an
   indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC, with NEXT set,
   inside an indirect table, or whose table is empty, not a multiple of 16
@@ -34,13 +35,15 @@ back with ``add_used``; a device must drop held chains in its reset hooks
 import logging
 
 from ..hw import ordering
-from .constants import (AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE,
-                        DESC_SIZE, USED_F_NO_NOTIFY)
+from ..ratelimit import RateLimitedLog
+from .constants import (AVAIL_ALIGN, AVAIL_F_NO_INTERRUPT, DESC_ALIGN, DESC_F_INDIRECT,
+                        DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE, MAX_QUEUE_SIZE, USED_ALIGN,
+                        USED_F_NO_NOTIFY)
 from .memory import GuestMemoryError
 
 log = logging.getLogger(__name__)
 
-MAX_INDIRECT_ENTRIES = 32768
+MAX_INDIRECT_ENTRIES = MAX_QUEUE_SIZE
 MAX_CHAIN_BYTES = 0xFFFFFFFF
 
 
@@ -70,18 +73,25 @@ class Virtqueue:
     """A split virtqueue of at most ``max_size`` entries.
 
     ``on_error(reason)`` is called once when the driver corrupts the rings
-    beyond repair (the device then sets DEVICE_NEEDS_RESET).
+    beyond repair (the device then sets DEVICE_NEEDS_RESET); ``on_used(queue)``
+    when ``pop`` completed bad chains (the device signals them).
     """
 
-    def __init__(self, index, max_size, *, on_error=None):
-        if max_size < 1 or max_size & (max_size - 1) or max_size > 32768:
+    def __init__(self, index, max_size, *, on_error=None, on_used=None):
+        if max_size < 1 or max_size & (max_size - 1) or max_size > MAX_QUEUE_SIZE:
             raise ValueError(f"queue {index}: maximum size {max_size} is not a power of two "
-                             f"in 1..32768")
+                             f"in 1..{MAX_QUEUE_SIZE}")
         self.index = index
         self.max_size = max_size
         self.on_error = on_error
-        self.bad_chains = 0
+        self.on_used = on_used
+        self._bad_chain_log = RateLimitedLog(log)
         self.reset()
+
+    @property
+    def bad_chains(self):
+        """Bad chains completed with length 0 since the queue was made."""
+        return self._bad_chain_log.count
 
     # -- state --------------------------------------------------------------------
 
@@ -112,9 +122,9 @@ class Virtqueue:
         if size < 1 or size & (size - 1) or size > self.max_size:
             raise QueueError(f"queue {self.index}: size {size} is not a power of two "
                              f"in 1..{self.max_size}")
-        rings = (("descriptor table", self.desc_addr, 16, DESC_SIZE * size),
-                 ("available ring", self.driver_addr, 2, 6 + 2 * size),
-                 ("used ring", self.device_addr, 4, 6 + 8 * size))
+        rings = (("descriptor table", self.desc_addr, DESC_ALIGN, DESC_SIZE * size),
+                 ("available ring", self.driver_addr, AVAIL_ALIGN, 6 + 2 * size),
+                 ("used ring", self.device_addr, USED_ALIGN, 6 + 8 * size))
         for name, addr, align, length in rings:
             if addr % align:
                 raise QueueError(f"queue {self.index}: {name} at 0x{addr:x} is not "
@@ -146,11 +156,19 @@ class Virtqueue:
     def pop(self):
         """The next available chain, or None when there is none (or the queue is broken).
 
-        Bad chains are completed here with length 0 and skipped; ring
-        corruption breaks the queue (``on_error``). With EVENT_IDX the
-        device's ``avail_event`` is updated whenever the ring is found empty,
-        so the driver notifies for the next buffer.
+        Bad chains are completed here with length 0 and skipped (then
+        ``on_used`` signals them); ring corruption breaks the queue
+        (``on_error``). With EVENT_IDX the device's ``avail_event`` is updated
+        whenever the ring is found empty, so the driver notifies for the next
+        buffer.
         """
+        bad = self._bad_chain_log.count
+        chain = self._next_chain()
+        if self._bad_chain_log.count != bad and self.on_used is not None:
+            self.on_used(self)
+        return chain
+
+    def _next_chain(self):
         while self.ready and not self.broken:
             # The acquire load of the avail idx covers every entry below it, so it is
             # only repeated once the entries seen last time are consumed.
@@ -183,12 +201,9 @@ class Virtqueue:
             chain = self._walk(head)
             if chain.__class__ is DescriptorChain:
                 return chain
-            self.bad_chains += 1
-            # the first ones as warnings, then every 1000th: a guest must not flood the log
-            level = logging.WARNING if (self.bad_chains <= 20 or not self.bad_chains % 1000) \
-                else logging.DEBUG
-            log.log(level, "vm%s queue %d: bad descriptor chain at head %d: %s; completed "
-                    "with length 0", getattr(self.memory, "vm_id", "?"), self.index, head, chain)
+            self._bad_chain_log("vm%s queue %d: bad descriptor chain at head %d: %s; "
+                                "completed with length 0", getattr(self.memory, "vm_id", "?"),
+                                self.index, head, chain)
             self.add_used(head, 0)
         return None
 

@@ -33,11 +33,13 @@ Rules (each logged at warning level when the guest breaks it):
 
 Legacy (Version 1, ``legacy=True``): GuestPageSize, QueueAlign and QueuePFN
 replace QueueReady and the 64-bit ring addresses; features are 32 bits and
-VERSION_1 is never offered; FEATURES_OK is optional.
+VERSION_1 is never offered; FEATURES_OK is optional; features the device did
+not offer are masked off at DRIVER_OK (a guest error).
 """
 
 import logging
 
+from ..ratelimit import RateLimitedLog
 from . import constants as c
 from .constants import bit
 from .queue import QueueError
@@ -80,7 +82,7 @@ class MmioTransport:
         self.intid = intid
         self.legacy = legacy
         self.config_generation = 0
-        self.guest_errors = 0
+        self._guest_error_log = RateLimitedLog(log)
         self._prerequisites = LEGACY_STATUS_PREREQUISITES if legacy else STATUS_PREREQUISITES
         self._page_size = 4096
         self._queue_align = [4096] * len(device.queues)
@@ -175,11 +177,11 @@ class MmioTransport:
     def guest_error(self, fmt, *args):
         """Log a guest mistake: the first ones as warnings, then every 1000th (a guest
         must not be able to flood the log), all counted in ``guest_errors``."""
-        self.guest_errors += 1
-        if self.guest_errors <= 20 or self.guest_errors % 1000 == 0:
-            log.warning("%s: " + fmt, self, *args)
-        else:
-            log.debug("%s: " + fmt, self, *args)
+        self._guest_error_log("%s: " + fmt, self, *args)
+
+    @property
+    def guest_errors(self):
+        return self._guest_error_log.count
 
     # -- status and reset ------------------------------------------------------------------
 
@@ -223,6 +225,8 @@ class MmioTransport:
                 break
             if flag == _FEATURES_OK and not self._features_acceptable():
                 continue
+            if flag == _DRIVER_OK and self.legacy:
+                self._drop_unoffered_legacy_features()
             self.status |= flag
             if flag == _DRIVER_OK:
                 self._activate()
@@ -238,6 +242,15 @@ class MmioTransport:
                               "clear")
             return False
         return True
+
+    def _drop_unoffered_legacy_features(self):
+        """Legacy drivers have no FEATURES_OK to refuse: features never offered are
+        masked off at DRIVER_OK (and logged)."""
+        unknown = self.driver_features & ~self.offered_features
+        if unknown:
+            self.guest_error("legacy driver accepted features 0x%x the device does not "
+                             "offer; ignored", unknown)
+            self.driver_features &= self.offered_features
 
     def _activate(self):
         event_idx, indirect = self.has_feature(c.F_RING_EVENT_IDX), self.has_feature(
