@@ -134,7 +134,7 @@ DEVICE_KINDS = {kind.name: kind for kind in (
         "backends": _URLS,
         "ports": Key(dict, None, "a table of port name = URL(s)", _ports),
         "size": Key(list, None, "[columns, rows]", _size),
-        "buffer": Key(int, None, "bytes of output buffered per endpoint", _positive),
+        "buffer": Key(int, None, "bytes of guest output held in flight per port", _positive),
     }, factory="avatar_hw.config:_console"),
     DeviceKind("block", {
         "image": Key(str, _REQUIRED, "the path of a raw image or block device"),
@@ -226,8 +226,9 @@ def _vm(file, key, vm_id, table):
     return vm
 
 
-def parse_config(file, data, *, max_vms=None):
-    """A ``Config`` from parsed TOML ``data``; ``max_vms`` bounds the VM numbers."""
+def parse_config(file, data, *, max_vms=None, devices_per_vm=None):
+    """A ``Config`` from parsed TOML ``data``; ``max_vms`` bounds the VM numbers,
+    ``devices_per_vm`` the devices of one VM (its window's slots)."""
     unknown = sorted(set(data) - {"vm"})
     if unknown:
         raise ConfigError(file, unknown[0], "unknown table; VMs are [vm.0], [vm.1], ...")
@@ -243,10 +244,13 @@ def parse_config(file, data, *, max_vms=None):
         if max_vms is not None and vm_id >= max_vms:
             raise ConfigError(file, key, f"the board has VMs 0..{max_vms - 1}")
         vms[vm_id] = _vm(file, key, vm_id, table)
+        if devices_per_vm is not None and len(vms[vm_id].devices) > devices_per_vm:
+            raise ConfigError(file, key, f"{len(vms[vm_id].devices)} devices, but the board "
+                                         f"has {devices_per_vm} device slots per VM")
     return Config(Path(file), dict(sorted(vms.items())))
 
 
-def load_config(path, *, max_vms=None):
+def load_config(path, *, max_vms=None, devices_per_vm=None):
     """Read and check a VMs config file."""
     path = Path(path)
     try:
@@ -258,4 +262,4 @@ def load_config(path, *, max_vms=None):
         raise ConfigError(path, None, f"cannot read: {err.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(path, None, f"not a TOML file: {err}") from None
-    return parse_config(path, data, max_vms=max_vms)
+    return parse_config(path, data, max_vms=max_vms, devices_per_vm=devices_per_vm)

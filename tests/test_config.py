@@ -127,3 +127,12 @@ def test_a_kind_whose_device_is_not_installed_is_a_config_error(tmp_path, monkey
     config = load_config(write(tmp_path, "[vm.0]\ngpu = {}\n"))
     with pytest.raises(ConfigError, match=r"vm.0.gpu: gpu devices are not available"):
         config.build_device(config.vms[0].devices[0])
+
+
+def test_more_devices_than_a_vm_has_slots_is_one_line(tmp_path):
+    text = "[vm.1]\nconsole = { backends = 'stdio' }\nrng = [" + "{}, " * 3 + "{}]\n"
+    path = write(tmp_path, text)
+    load_config(path, max_vms=8, devices_per_vm=5)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, max_vms=8, devices_per_vm=4)
+    assert str(err.value) == f"{path}: vm.1: 5 devices, but the board has 4 device slots per VM"
