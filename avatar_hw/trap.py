@@ -14,18 +14,20 @@ logged warning, and an exception from the handler is logged and answered
 UNHANDLED too: nothing posted can stop the daemon.
 """
 
+import fcntl
 import logging
 import os
 import time
 
 from . import abi
 from .hw import ordering
+from .ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
 _SIZES = (1, 2, 4, 8)
 _MASKS = {size: (1 << (8 * size)) - 1 for size in _SIZES}
-_WARN_FIRST, _WARN_EVERY = 10, 1000
+MAX_TRAPS_PER_SERVICE = 256     # then back to the event loop (``backlog`` says come back)
 
 
 class StubNotReady(abi.AbiMismatch):
@@ -52,9 +54,13 @@ class TrapPage:
     ``trace``, if given, is called after every answered trap as
     ``trace(vm_id, vcpu_id, gpa, size, is_write, value, status, latency_ns)``;
     ``latency_ns`` is the model's service time (POSTED seen to state written).
+
+    ``lock``: the path of the trap page's file or device node; the attached
+    model holds an exclusive ``flock`` on it (released when it detaches or
+    dies), so a second model is refused while the first one serves.
     """
 
-    def __init__(self, region, layout, *, trace=None):
+    def __init__(self, region, layout, *, trace=None, lock=None):
         if region.size < abi.PAGE_SIZE:
             raise abi.AbiMismatch(f"{region.name}: trap page is {region.size} bytes, "
                                   f"expected at least {abi.PAGE_SIZE}")
@@ -67,7 +73,10 @@ class TrapPage:
         self.busy_poll = False
         self.slots = ()
         self._state_addrs = ()
-        self._warnings = 0
+        self._warn = RateLimitedLog(log, first=10)
+        self.lock_path = lock
+        self._lock_fd = None
+        self.backlog = False
 
     # -- attach / detach ----------------------------------------------------------
 
@@ -99,16 +108,14 @@ class TrapPage:
     def attach(self, *, wanted=abi.SUPPORTED_FEATURES, busy_poll=False):
         """Accept ``wanted & stub_features`` and publish ATTACHED (store-release).
 
-        Refuses when another avatar-hw process that is still running is attached.
-        Slots left POSTED by a model that died are served by the next ``service``.
+        Refuses when another model holds the page's lock (``lock``). Slots left
+        POSTED by a model that died are served by the next ``service``.
         """
         if not self.slots:
             self.wait_ready(0)
         header = self.header
-        if header.model_state == abi.MODEL_ATTACHED and _is_avatar_process(header.model_pid):
-            raise abi.AbiMismatch(
-                f"{self.region.name}: already served by avatar-hw PID {header.model_pid}: "
-                f"stop that daemon first (one model per trap page)")
+        if self.lock_path is not None:
+            self._take_lock()
         if header.model_state == abi.MODEL_ATTACHED:
             log.info("taking over the trap page from PID %d, which is gone", header.model_pid)
         self.features = header.stub_features & wanted
@@ -133,7 +140,26 @@ class TrapPage:
         self.header.model_pid = 0
         self.region.store_release32(abi.MODEL_STATE_OFFSET, abi.MODEL_DETACHED)
         self.slots, self._state_addrs = (), ()
+        self.release_lock()
         log.info("detached from %s", self.region.name)
+
+    def _take_lock(self):
+        fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise abi.AbiMismatch(
+                f"{self.region.name}: already served by avatar-hw PID {self.header.model_pid} "
+                f"(it holds the lock on {self.lock_path}): stop that daemon first (one model "
+                f"per trap page)") from None
+        self._lock_fd = fd
+
+    def release_lock(self):
+        """Let another model attach (also happens when this process dies)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- serving --------------------------------------------------------------------
 
@@ -144,13 +170,24 @@ class TrapPage:
         orders it before the re-scan, and slots posted meanwhile are served:
         the stub posts, fences and reads ``model_sleeping``, so either it
         rings or this re-scan sees its slot (docs/trap-abi.md, "Notification").
+
+        At most about ``MAX_TRAPS_PER_SERVICE`` traps per call: when more were
+        posted, ``backlog`` is True, ``model_sleeping`` stays clear (the stub
+        does not ring) and the caller calls again after its other events.
+        Detached: does nothing (the page is not ours any more).
         """
+        self.backlog = False
+        if not self.slots:
+            return 0
         header = self.header
         total = 0
         while True:
             header.model_sleeping = 0
             while (served := self.serve_posted(handler)):
                 total += served
+                if total >= MAX_TRAPS_PER_SERVICE:
+                    self.backlog = True
+                    return total
             if self.busy_poll:
                 return total
             header.model_sleeping = 1
@@ -176,7 +213,7 @@ class TrapPage:
         return served
 
     def _serve(self, index, state_addr, handler):
-        start = time.perf_counter_ns()
+        start = time.perf_counter_ns() if self.trace is not None else 0
         slot = self.slots[index]
         is_write = slot.direction == abi.DIR_WRITE
         size = slot.size
@@ -237,12 +274,6 @@ class TrapPage:
             return abi.STATUS_UNHANDLED, 0
         return abi.STATUS_OK, (value or 0) & _MASKS[size]
 
-    def _warn(self, message, *args):
-        """Rate-limited warning: the first few, then one in ``_WARN_EVERY``."""
-        self._warnings += 1
-        if self._warnings <= _WARN_FIRST or self._warnings % _WARN_EVERY == 0:
-            log.warning(message + " (%d so far)", *args, self._warnings)
-
     # -- introspection -----------------------------------------------------------------
 
     def info(self):
@@ -256,13 +287,3 @@ class TrapPage:
             **self.stats.as_dict(),
         }
 
-
-def _is_avatar_process(pid):
-    """True if ``pid`` runs avatar-hw (a live model we must not steal the page from)."""
-    if pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
-    except OSError:
-        return False
-    return b"avatar" in cmdline

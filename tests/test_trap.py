@@ -1,6 +1,7 @@
 """The model side of the trap page against the stand-in stub's side, on one shared page."""
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -11,7 +12,7 @@ from avatar_hw import abi
 from avatar_hw.hw.region import Region
 from avatar_hw.layout import Layout
 from avatar_hw.testing.standin_stub import StubPage
-from avatar_hw.trap import StubNotReady, TrapPage
+from avatar_hw.trap import MAX_TRAPS_PER_SERVICE, StubNotReady, TrapPage
 
 LAYOUT = Layout()
 VM0_DEV0 = LAYOUT.window(0, 0)
@@ -218,19 +219,105 @@ def test_a_new_model_serves_what_a_dead_one_left_posted(page):
     assert stub.finish(2) == (abi.STATUS_OK, 0)
 
 
-def test_attach_refused_while_another_avatar_process_serves(page):
-    stub, _ = page
+@pytest.fixture
+def file_page(tmp_path):
+    """A trap page in a file (the emulated board's kind), initialised by the stand-in stub."""
+    path = tmp_path / "trap"
+    path.write_bytes(bytes(abi.PAGE_SIZE))
+    region = Region.map_file(path, abi.PAGE_SIZE)
+    StubPage(region).initialise(slot_count=4)
+    yield path, region
+    region.close()
+
+
+SERVING_MODEL = """
+import sys
+from avatar_hw.hw.region import Region
+from avatar_hw.layout import Layout
+from avatar_hw.trap import TrapPage
+trap = TrapPage(Region.map_file(sys.argv[1], 4096), Layout(), lock=sys.argv[1])
+trap.attach()
+print(flush=True)
+sys.stdin.read()
+"""
+
+
+def test_attach_refused_while_another_model_holds_the_page(file_page):
+    path, region = file_page
+    other = subprocess.Popen([sys.executable, "-c", SERVING_MODEL, str(path)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        other.stdout.readline()                 # attached
+        with pytest.raises(abi.AbiMismatch, match=f"PID {other.pid}.*lock on"):
+            TrapPage(region, LAYOUT, lock=path).attach()
+    finally:
+        other.kill()
+        other.wait()
+        other.stdin.close()
+        other.stdout.close()
+    # it died holding the page: the lock went with it, the next model takes over
+    successor = TrapPage(region, LAYOUT, lock=path)
+    successor.attach()
+    assert successor.header.model_pid == os.getpid()
+    successor.detach(Recorder())
+    TrapPage(region, LAYOUT, lock=path).attach()        # detaching released it too
+
+
+def test_a_recycled_pid_of_an_avatar_named_process_does_not_block_attach(file_page):
+    path, region = file_page
     other = subprocess.Popen([sys.executable, "-c", "print(); import time; time.sleep(30)",
                               "avatar-hw"], stdout=subprocess.PIPE)
     try:
-        other.stdout.readline()                 # it runs (its command line is readable)
-        stub.header.model_pid = other.pid
-        with pytest.raises(abi.AbiMismatch, match=f"PID {other.pid}"):
-            TrapPage(stub.region, LAYOUT).attach()
+        other.stdout.readline()
+        header = abi.Header.from_buffer(region.view(0, abi.SLOTS_OFFSET))
+        header.model_pid = other.pid            # a dead model's PID, now someone else's
+        region.store_release32(abi.MODEL_STATE_OFFSET, abi.MODEL_ATTACHED)
+        trap = TrapPage(region, LAYOUT, lock=path)
+        trap.attach()
+        assert trap.header.model_pid == os.getpid()
+        del header
+        trap.release_lock()
     finally:
         other.kill()
         other.wait()
         other.stdout.close()
+
+
+def test_service_after_detach_does_not_touch_the_page(page):
+    stub, trap = page
+    trap.detach(Recorder())
+    before = bytes(stub.region.view(0, abi.PAGE_SIZE))
+    assert trap.service(Recorder()) == 0            # a late doorbell event
+    assert bytes(stub.region.view(0, abi.PAGE_SIZE)) == before
+
+
+def test_service_returns_to_the_loop_while_vcpus_keep_posting(page):
+    """Busy vCPUs post again as soon as they are answered: service must come back."""
+    stub, trap = page
+    calls = []
+
+    def handler(addr, value, is_write, size):
+        calls.append(addr)
+        assert len(calls) < 10 * MAX_TRAPS_PER_SERVICE, "service never returned"
+        return True, 0
+
+    def repost(*_):
+        for vcpu in range(4):
+            if stub.region.load_acquire32(abi.SLOTS_OFFSET + vcpu * abi.SLOT_SIZE
+                                          + abi.STATE_OFFSET) == abi.SLOT_DONE:
+                stub.finish(vcpu)
+                stub.begin(vcpu, 0, VM0_DEV0, 4, False)
+        return handler(*_)
+
+    for vcpu in range(4):
+        stub.begin(vcpu, 0, VM0_DEV0, 4, False)
+    served = trap.service(repost)
+    assert MAX_TRAPS_PER_SERVICE <= served < MAX_TRAPS_PER_SERVICE + 4
+    assert trap.backlog and stub.header.model_sleeping == 0   # the stub need not ring
+    assert trap.service(Recorder()) <= 4 and not trap.backlog      # the vCPUs stop
+    for vcpu in range(4):
+        assert stub.finish(vcpu) == (abi.STATUS_OK, 0)
+    assert stub.header.model_sleeping == 1
 
 
 def test_not_ready_bad_magic_and_major_are_refused_with_one_line():
