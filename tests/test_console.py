@@ -5,6 +5,7 @@ import os
 import socket
 import struct
 import time
+import tracemalloc
 
 import pytest
 
@@ -13,7 +14,7 @@ from avatar_hw.devices import console as con
 from avatar_hw.devices.console import ConsoleDevice
 from avatar_hw.errors import ConfigError
 from avatar_hw.loop import EventLoop
-from avatar_hw.testing.virtio import VirtioBench
+from avatar_hw.testing.virtio import RAM_BASE, VirtioBench
 from avatar_hw.virtio import constants as c
 from avatar_hw.virtio.constants import bit
 
@@ -132,9 +133,9 @@ def test_output_is_held_while_no_client(tmp_path, loop):
     tx.post(readable=[b"b" * 3000])
     tx.notify()
     loop.run_once(0)
-    # first buffer fits the bound and is returned; the second waits in the guest
-    assert [u.length for u in tx.get_used()] == [0]
-    assert b.device.ports[0].backend.buffered == 4096
+    # no client: the socket does not hold the output, so nothing is taken from the guest
+    assert tx.get_used() == []
+    assert b.device.ports[0].backend.buffered == 0
     client = socket.socket(socket.AF_UNIX)
     client.connect(path)
     got = b""
@@ -148,7 +149,7 @@ def test_output_is_held_while_no_client(tmp_path, loop):
         if len(got) == 6000:
             break
     assert got == b"a" * 3000 + b"b" * 3000
-    assert len(tx.get_used()) == 1
+    assert len(tx.get_used()) == 2
     client.close()
     b.subsystem.close()
 
@@ -488,3 +489,139 @@ def test_console_without_endpoint_waits_for_one(tmp_path, loop):
     assert log_path.read_bytes() == b"early boot"
     assert [u.length for u in tx.get_used()] == [0]
     b.subsystem.close()
+
+
+# -- hostile control queues, bad chains, device bugs ---------------------------------------------
+
+def test_huge_overlapping_control_message_is_read_without_copying_it(tmp_path, loop):
+    """8 bytes are read from a control chain describing 240 MiB (overlapping views of RAM)."""
+    ram = 16 << 20
+    con_ = Console(tmp_path, loop, ram_size=ram, multiport=True)
+    _, _, c_ivq, c_ovq = con_.driver.init(range(4), size=32, buf_size=64)
+    for _ in range(2):
+        c_ivq.post(writable=[64])
+    c_ivq.notify()
+    message = RAM_BASE + ram - 4096
+    con_.bench.ram.write(message, control(0, con.DEVICE_READY, 1))
+    segments = [(message, 8, False)] + [(RAM_BASE, 15 << 20, False)] * 15
+    tracemalloc.start()
+    try:
+        c_ovq.add_chain(segments, indirect=True)
+        c_ovq.notify()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [u.length for u in c_ovq.get_used()] == [0]
+    assert control_messages(c_ivq) == [(0, con.DEVICE_ADD, 0, b"")]     # it was read
+    assert peak < 1 << 20, f"{peak} bytes allocated to read an 8-byte message"
+    con_.close()
+
+
+def test_repeated_ready_messages_do_not_queue_control_messages(tmp_path, loop):
+    """A driver that repeats DEVICE_READY/PORT_READY but never gives queue 2 buffers."""
+    con_ = Console(tmp_path, loop, ports={"p1": None})
+    d = con_.driver
+    d.negotiate()
+    c_ovq = d.setup_queue(3, 32, buf_size=64)
+    d.driver_ok()
+    for _ in range(50):
+        for _ in range(8):
+            c_ovq.post(readable=[control(0, con.DEVICE_READY, 1)])
+            c_ovq.post(readable=[control(1, con.PORT_READY, 1)])
+        c_ovq.notify()
+        c_ovq.get_used()
+    # two DEVICE_ADDs, then PORT_NAME (+ PORT_OPEN 0: no host side) for port 1, once
+    assert len(con_.device._control_out) == 4
+    assert not d.status & c.STATUS_DEVICE_NEEDS_RESET
+    assert con_.bench.transport.guest_errors >= 50 * 16 - 2
+    con_.close()
+
+
+def test_control_messages_beyond_the_cap_fail_the_device(tmp_path, loop):
+    con_ = Console(tmp_path, loop, multiport=True, size=(80, 25))
+    d = con_.driver
+    d.init([0, 1])                            # control queues never set up
+    for cols in range(con.CONTROL_OUT_LIMIT + 10):
+        con_.device.resize(80 + cols % 2, 25)
+    assert len(con_.device._control_out) == con.CONTROL_OUT_LIMIT
+    assert d.status & c.STATUS_DEVICE_NEEDS_RESET
+    con_.close()
+
+
+def test_bad_chain_is_returned_with_an_interrupt(console):
+    rx, tx = console.driver.init([0, 1])
+    console.bench.irq.take()
+    tx.add_chain([(0x1000, 16, False)])       # outside RAM
+    tx.notify()
+    console.spin()
+    assert [(u.length) for u in tx.get_used()] == [0]
+    assert console.bench.irq.take() == [console.bench.transport.intid]
+    rx.add_chain([(0x1000, 16, True)])
+    rx.notify()
+    assert [(u.length) for u in rx.get_used()] == [0]
+    assert console.driver.interrupt_status() & c.INT_USED_BUFFER
+
+
+def test_bug_in_an_event_loop_callback_fails_only_that_device(tmp_path, loop, caplog):
+    first = Console(tmp_path, loop)
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    second = Console(other_dir, loop)
+    try:
+        for con_ in (first, second):
+            rx, _ = con_.driver.init([0, 1])
+            rx.post(writable=[64])
+            rx.notify()
+
+        def broken(views):
+            raise RuntimeError("backend bug")
+        first.device.ports[0].backend.endpoints[0].readinto = broken
+        first.client.send(b"x")
+        second.client.send(b"y")
+        for _ in range(5):
+            loop.run_once(0.01)                     # does not raise
+        assert first.driver.status & c.STATUS_DEVICE_NEEDS_RESET
+        assert "backend bug" in caplog.text
+        assert not second.driver.status & c.STATUS_DEVICE_NEEDS_RESET
+        assert [u.data for u in second.driver.queues[0].get_used()] == [b"y"]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_transmit_queue_notifications_are_off_while_the_output_buffer_is_full(tmp_path, loop):
+    path = str(tmp_path / "c.sock")
+    b = VirtioBench(ConsoleDevice(f"unix:{path}", limit=4096), loop=loop, ram_size=4 << 20)
+    client = socket.socket(socket.AF_UNIX)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(path)
+    client.setblocking(False)
+    loop.run_once(0)
+    b.device.ports[0].backend.endpoints[0].client.setsockopt(
+        socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    rx, tx = b.driver.init([0, 1], drop=bit(c.F_RING_EVENT_IDX), size=64)
+    for _ in range(64):
+        tx.post(readable=[b"z" * 1024])
+    tx.notify()
+    loop.run_once(0)
+    assert b.device.ports[0].backend.buffered >= 4096          # the guest is held
+    assert tx.used_flags() & c.USED_F_NO_NOTIFY
+    got = 0
+    for _ in range(500):
+        loop.run_once(0.01)
+        try:
+            got += len(client.recv(1 << 20))
+        except BlockingIOError:
+            pass
+        tx.get_used(read_data=False)
+        if got == 64 * 1024:
+            break
+    assert got == 64 * 1024
+    assert not tx.used_flags() & c.USED_F_NO_NOTIFY
+    client.close()
+    b.subsystem.close()
+
+
+def test_endpoint_schemes_are_public():
+    from avatar_hw.backends.console import SCHEMES
+    assert set(SCHEMES) == {"pty", "unix", "tcp", "file", "stdio", "rfc2217"}

@@ -260,6 +260,18 @@ class GuestStream:
         self.acked += sum(seg[1] for used in self.tx.get_used() for seg in used.segments)
 
 
+def stream_until_killed(daemon, stream):
+    """Stream until the daemon, SIGKILLed after 0.5 s, stops answering; count the last used."""
+    killer = threading.Timer(0.5, daemon.process.kill)
+    killer.start()
+    with pytest.raises(TrapTimeout):
+        while True:
+            stream.step()
+    killer.join()
+    daemon.process.wait()
+    stream.collect()         # buffers used just before the kill
+
+
 def assert_log_holds(log_path, acked):
     data = log_path.read_bytes()
     assert len(data) >= acked, f"{acked} bytes acknowledged but only {len(data)} logged"
@@ -273,16 +285,35 @@ def test_sigkill_of_the_daemon_mid_output_loses_no_acknowledged_byte(board, stub
     try:
         stub.page.wait_attached()
         stream = GuestStream(stub)
-        killer = threading.Timer(0.5, daemon.process.kill)
-        killer.start()
-        with pytest.raises(TrapTimeout):
-            while True:
-                stream.step()
-        killer.join()
-        daemon.process.wait()
-        stream.collect()         # buffers used just before the kill
+        stream_until_killed(daemon, stream)
         assert 0 < stream.acked < len(PATTERN)
         assert_log_holds(board.root / "vm0.log", stream.acked)
+    finally:
+        daemon.close()
+
+
+def test_sigkill_with_a_stalled_socket_client_loses_no_acknowledged_byte(board, stub):
+    """Acknowledged = in the kernel: a client that reads only after the daemon died
+    still gets every byte of every transmit buffer the guest got back."""
+    config = board.root / "vms.toml"
+    config.write_text(f'[vm.0]\nconsole = {{ backends = ["unix:{board.root}/vm0.sock"] }}\n')
+    daemon = Served(board, config)
+    try:
+        stub.page.wait_attached()
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 10)   # stall soon
+        client.connect(str(board.root / "vm0.sock"))
+        client.settimeout(10)
+        stream = GuestStream(stub)
+        stream_until_killed(daemon, stream)
+        assert 0 < stream.acked < stream.sent          # the client stalled the guest
+        received = bytearray()
+        while chunk := client.recv(1 << 20):           # EOF: the daemon's end is gone
+            received += chunk
+        client.close()
+        assert len(received) >= stream.acked, (
+            f"{stream.acked} bytes acknowledged but the client got {len(received)}")
+        assert bytes(received) == PATTERN[:len(received)]
     finally:
         daemon.close()
 

@@ -101,7 +101,9 @@ def random_rings(kind, descs, heads, avail_idx, used_event, flags, features_drop
     bench = VirtioBench(device_for(kind), ram_size=RAM)
     drop = ((features_drop & 1) << c.F_RING_EVENT_IDX
             | (features_drop >> 1) << c.F_RING_INDIRECT_DESC)
-    queues = bench.driver.init([0, 1], drop=drop, buf_size=256, size=8)
+    # the console (multiport) also gets random control queues 2 and 3
+    indices = [0, 1, 2, 3] if kind == "console" else [0, 1]
+    queues = bench.driver.init(indices, drop=drop, buf_size=256, size=8)
     for q in queues:
         # random descriptors, some pointing at indirect tables made of random descriptors
         for i in range(8):
@@ -117,7 +119,7 @@ def random_rings(kind, descs, heads, avail_idx, used_event, flags, features_drop
         q.set_avail_idx(avail_idx)
         q.notify()
     # and again after random register traffic
-    notify = [(c.REG_QUEUE_NOTIFY, True, 4, i) for i in range(4)]
+    notify = [(c.REG_QUEUE_NOTIFY, True, 4, i) for i in range(6)]
     run_ops(bench, notify + ops + notify)
     for queue in bench.device.queues:
         assert not queue.ready or queue.in_flight <= queue.size

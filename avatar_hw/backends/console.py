@@ -5,9 +5,13 @@
     open_console_backend("unix:/run/avatar/vm0.sock")     a Unix socket server (one client)
     open_console_backend("tcp:127.0.0.1:4555")            a TCP server; "tcp:4555" listens
                                                           on loopback only
+    open_console_backend("rfc2217:127.0.0.1:4560")        an RFC 2217 (Telnet COM port)
+                                                          server (see ``.rfc2217``)
     open_console_backend("file:/var/log/avatar/vm0.log")  append-only log (output only)
     open_console_backend("stdio")                          this process's stdin/stdout
     open_console_backend(["pty:/run/vm0", "file:/tmp/vm0.log"])   several at once
+
+``SCHEMES`` maps each scheme to its factory ``(url, rest, limit) -> Endpoint``.
 
 A ``ConsoleBackend`` is what a console port talks to: output goes to every
 endpoint, input comes from the interactive ones (all but ``file:``).
@@ -18,22 +22,30 @@ Nothing is lost, in either direction:
   buffer to put the bytes in (``pause_input`` / ``resume_input`` remove and
   re-add the reader); unread input waits in the kernel (pty, socket buffer)
   and back-pressures the host writer.
-* output: ``write`` accepts at most ``room()`` bytes: each endpoint writes
-  what its fd takes now and copies the rest into its own buffer of at most
-  ``limit`` bytes (drained when the fd is writable). The port keeps the
-  guest's transmit buffer until all its bytes are accepted, so when an
-  endpoint is slow the guest is flow-controlled, not dropped.
-* a socket endpoint with no client (never connected, or the client went
-  away) buffers output up to ``limit`` and then flow-controls the guest; a
-  client that connects gets the buffered bytes first. Bytes the kernel had
-  already accepted for a client that then disconnects go with that client.
+* output: the guest's transmit buffers themselves are the output buffer.
+  ``submit`` appends a buffer's memoryviews (guest RAM, not copied) to the
+  backend's ``OutputStream``; every endpoint writes from the stream with
+  writev/sendmsg at its own position, and a submitted buffer is *done*
+  (``take_done``: the port returns it to the guest) only once every
+  *attached* endpoint has handed all its bytes to the kernel. So an
+  acknowledged byte is in every attached endpoint's fd (file, pty, socket
+  buffer) and survives the daemon's death; what is still in flight was
+  never acknowledged. The stream is bounded (``can_take``: ``limit`` bytes,
+  ``MAX_HELD`` buffers): while an endpoint is slow the guest waits.
+* attached: a socket endpoint while a client is connected; ``file:``,
+  ``stdio`` and ``pty:`` always (the backend keeps the pty's slave open, so
+  output waits in the pty for a user who opens it later, then the guest
+  waits). A socket with no client does not hold the guest; a client that
+  connects gets the stream from the oldest byte not yet done (or from where
+  it was, if it is a returning endpoint that got further). With no attached
+  endpoint at all nothing is taken from the guest: its output waits there.
   ``connected`` tells whether a socket endpoint has a client (the console
   reports it to the guest as the port's host side opening and closing).
-* a pty is kept open on both sides by the backend, so output written while
-  nobody has the terminal open waits in the pty and our buffer (then flow
-  control), and a user who opens it later reads it.
+* an endpoint used on its own (no backend: tools and tests) has a private
+  stream: ``write`` copies into it, up to ``room()`` bytes.
 """
 
+import collections
 import importlib
 import logging
 import os
@@ -46,7 +58,9 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_LIMIT = 256 * 1024
+MAX_HELD = 256              # buffers in a backend's output stream
 IOV_MAX = 1024
+COALESCE_LIMIT = 4096       # backend-owned bytes (emergency writes) joined into one segment
 _AGAIN = (BlockingIOError, InterruptedError)
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
@@ -71,6 +85,63 @@ def skip_views(views, n):
     return []
 
 
+class OutputStream:
+    """Output waiting for endpoints: segments (lists of memoryviews, not copied) on one
+    byte axis. ``head`` is the first byte of the oldest segment not yet done, ``tail``
+    the end; each endpoint keeps its own ``position`` on the axis."""
+
+    def __init__(self):
+        self.segments = collections.deque()         # [start, length, views, token]
+        self.head = self.tail = 0
+
+    @property
+    def buffered(self):
+        return self.tail - self.head
+
+    def submit(self, views, length, token=None):
+        self.segments.append([self.tail, length, views, token])
+        self.tail += length
+
+    def views_from(self, position, limit=None):
+        """Memoryviews of the bytes from ``position`` (at most IOV_MAX views, ``limit`` bytes)."""
+        out = []
+        left = self.tail - position if limit is None else min(limit, self.tail - position)
+        for start, length, views, _ in self.segments:
+            if left <= 0 or len(out) >= IOV_MAX:
+                break
+            skip = position - start
+            if skip >= length:
+                continue
+            for view in views:
+                if skip >= len(view):
+                    skip -= len(view)
+                    continue
+                if skip > 0:
+                    view, skip = view[skip:], 0
+                if len(view) > left:
+                    view = view[:left]
+                out.append(view)
+                left -= len(view)
+                if not left or len(out) >= IOV_MAX:
+                    break
+        return out
+
+    def take_done(self, upto):
+        """Remove the segments ending at or before ``upto``: their ``(token, length)``."""
+        done = []
+        segments = self.segments
+        while segments and segments[0][0] + segments[0][1] <= upto:
+            _, length, _, token = segments.popleft()
+            done.append((token, length))
+        self.head = segments[0][0] if segments else self.tail
+        return done
+
+    def clear(self):
+        """Drop everything (a device reset: nothing in flight was acknowledged)."""
+        self.segments.clear()
+        self.head = self.tail
+
+
 class Endpoint:
     """One host endpoint. Subclasses provide ``_read_fd``/``_write_fd`` handling."""
 
@@ -79,7 +150,10 @@ class Endpoint:
     def __init__(self, url, limit):
         self.url = url
         self.limit = limit
-        self._pending = bytearray()
+        self.stream = OutputStream()        # private until a backend shares its own
+        self.position = 0                   # bytes of ``stream`` handed to the kernel
+        self._own_stream = True
+        self._output_failed = False
         self._loop = self._on_input = self._on_drained = self._on_connection = None
         self._reading = False
         self._reader_fd = self._writer_fd = None
@@ -103,6 +177,16 @@ class Endpoint:
     def connected(self):
         """Is someone at the host end? (Always, except for a socket without a client.)"""
         return True
+
+    @property
+    def attached(self):
+        """Does this endpoint hold the guest's output until it took it? (Not a socket
+        without a client, nor an endpoint whose output failed.)"""
+        return not self._output_failed
+
+    def use_stream(self, stream):
+        """Write from ``stream`` (the backend's, shared by its endpoints)."""
+        self.stream, self.position, self._own_stream = stream, stream.head, False
 
     def detach(self):
         self._set_reader(False)
@@ -181,23 +265,36 @@ class Endpoint:
         return None
 
     def room(self):
-        """Bytes ``write`` can accept now."""
-        return max(0, self.limit - len(self._pending))
+        """Bytes ``write`` can accept now (an endpoint used on its own)."""
+        return max(0, self.limit - (self.stream.tail - self.position))
 
     @property
     def buffered(self):
-        return len(self._pending)
+        """Bytes of the stream this endpoint has not taken yet."""
+        return self.stream.tail - max(self.position, self.stream.head)
 
     def write(self, views, n):
-        """Take the first ``n`` bytes of ``views`` (``n <= room()``): written or buffered."""
-        written = 0
+        """Used on its own (no backend): copy the first ``n`` bytes of ``views``
+        (``n <= room()``) into the private stream and write what the fd takes."""
+        data = b"".join(truncate_views(views, n))
+        self.stream.submit([memoryview(data)], len(data))
+        self.flush()
+
+    def flush(self):
+        """Hand the stream's bytes from ``position`` to the fd, as far as it takes them now;
+        the writer callback continues when it is writable."""
+        stream = self.stream
+        self.position = max(self.position, stream.head)
         fd = self.output_fd()
-        if not self._pending and fd is not None:
-            written = self._write_now(fd, truncate_views(views, n))
-        if written < n:
-            for view in truncate_views(skip_views(views, written), n - written):
-                self._pending += view
-            self._set_writer(True)
+        while fd is not None and self.position < stream.tail:
+            n = self._write_now(fd, stream.views_from(self.position))
+            if not n:
+                break
+            self.position += n
+            fd = self.output_fd()
+        if self._own_stream:
+            stream.take_done(self.position)
+        self._set_writer(self.attached and self.position < stream.tail)
 
     def _write_now(self, fd, views):
         try:
@@ -212,7 +309,12 @@ class Endpoint:
         return os.writev(fd, views)
 
     def _output_gone(self, err):
-        log.warning("%s: output failed (%s); buffering", self, err)
+        """Output failed for good: stop holding the guest's output (logged)."""
+        log.warning("%s: output failed (%s); this endpoint gets no more output", self, err)
+        self._output_failed = True
+        self._set_writer(False)
+        if self._on_connection is not None:
+            self._on_connection()
 
     def _set_writer(self, on):
         fd = self.output_fd()
@@ -220,19 +322,14 @@ class Endpoint:
             return
         if on:
             self._writer_fd = fd
-            self._loop.add_writer(fd, self._drain)
+            self._loop.add_writer(fd, self._writable)
         else:
             self._loop.remove_writer(self._writer_fd)
         self._writer_registered = on
 
-    def _drain(self):
-        fd = self.output_fd()
-        if fd is not None and self._pending:
-            n = self._write_now(fd, [memoryview(self._pending)])
-            del self._pending[:n]
-        if not self._pending:
-            self._set_writer(False)
-        if self._on_drained is not None and self.room():
+    def _writable(self):
+        self.flush()
+        if self._on_drained is not None:
             self._on_drained()
 
 
@@ -290,15 +387,18 @@ class FileEndpoint(Endpoint):
     def output_fd(self):
         return self.fd
 
-    def write(self, views, n):
-        views = truncate_views(views, n)
-        while views:
+    def flush(self):
+        stream = self.stream
+        self.position = max(self.position, stream.head)
+        while self.position < stream.tail:
             try:
-                done = os.writev(self.fd, views)
+                self.position += os.writev(self.fd, stream.views_from(self.position))
             except OSError as err:
-                log.error("%s: log write failed (%s); %d bytes not logged", self, err, n)
-                return
-            views = skip_views(views, done)
+                log.error("%s: log write failed (%s); %d bytes not logged", self, err,
+                          stream.tail - self.position)
+                self.position = stream.tail
+        if self._own_stream:
+            stream.take_done(self.position)
 
     def close(self):
         super().close()
@@ -345,6 +445,10 @@ class SocketServerEndpoint(Endpoint):
     def connected(self):
         return self.client is not None
 
+    @property
+    def attached(self):
+        return self.client is not None
+
     def detach(self):
         if self._loop is not None:
             self._loop.remove_reader(self.listener.fileno())
@@ -363,8 +467,7 @@ class SocketServerEndpoint(Endpoint):
         self.interactive = True
         self._data_waiting = False
         self._update_reader()
-        if self._pending:
-            self._set_writer(True)
+        self.flush()
         log.info("%s: client %s connected", self, peer or "(unix)")
         if self._on_connection is not None:
             self._on_connection()
@@ -374,7 +477,7 @@ class SocketServerEndpoint(Endpoint):
         self._set_writer(False)
         self.client.close()
         self.client = None
-        # keep the pending output for the next client; writer re-added on connect
+        # output not yet taken waits for the next client (the guest holds it)
         if self._on_connection is not None:
             self._on_connection()
 
@@ -441,13 +544,17 @@ def _unix_endpoint(url, path, limit):
     return SocketServerEndpoint(url, sock, limit, unlink=path)
 
 
-def _tcp_endpoint(url, rest, limit):
+def tcp_listener(url, rest):
+    """A listening TCP socket for ``rest`` = ``[HOST:]PORT`` (loopback unless a host is
+    given); errors are ``ConfigError``s naming ``url`` and its scheme."""
+    scheme = url.partition(":")[0]
     host, _, port = rest.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     try:
         port = int(port)
     except ValueError:
-        raise ConfigError(url, None, "tcp: needs a port, e.g. tcp:127.0.0.1:4555") from None
+        raise ConfigError(url, None, f"{scheme}: needs a port, e.g. "
+                                     f"{scheme}:127.0.0.1:4555") from None
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -456,14 +563,15 @@ def _tcp_endpoint(url, rest, limit):
         sock.listen(1)
     except OSError as err:
         sock.close()
-        raise ConfigError(url, None, f"cannot listen on {host}:{port}: {err.strerror}") from None
-    return SocketServerEndpoint(url, sock, limit)
+        raise ConfigError(url, None, f"{scheme}: cannot listen on {host}:{port}: "
+                                     f"{err.strerror}") from None
+    return sock
 
 
-_SCHEMES = {
+SCHEMES = {
     "pty": lambda url, rest, limit: PtyEndpoint(url, rest, limit),
     "unix": _unix_endpoint,
-    "tcp": _tcp_endpoint,
+    "tcp": lambda url, rest, limit: SocketServerEndpoint(url, tcp_listener(url, rest), limit),
     "file": lambda url, rest, limit: FileEndpoint(url, rest, limit),
     "stdio": lambda url, rest, limit: StdioEndpoint(url, limit),
     "rfc2217": lambda *args: importlib.import_module(".rfc2217", __package__).open_rfc2217(*args),
@@ -473,10 +581,10 @@ _SCHEMES = {
 def open_endpoint(url, *, limit=DEFAULT_LIMIT):
     """One endpoint from a URL (see the module docstring)."""
     scheme, _, rest = url.partition(":")
-    factory = _SCHEMES.get(scheme)
+    factory = SCHEMES.get(scheme)
     if factory is None:
         raise ConfigError(url, None, f"unknown console endpoint {scheme!r}; use one of "
-                          + ", ".join(f"{s}:" for s in _SCHEMES))
+                          + ", ".join(f"{s}:" for s in SCHEMES))
     if scheme == "file" and not rest:
         raise ConfigError(url, None, "file: needs a path, e.g. file:/var/log/avatar/vm0.log")
     return factory(url, rest, limit)
@@ -486,14 +594,26 @@ class ConsoleBackend:
     """The host side of one console port: output to every endpoint, input from the
     interactive ones. ``endpoints`` may be empty: then the guest's output
     waits in the guest (flow control) until ``add_endpoint`` gives it somewhere
-    to go."""
+    to go.
+
+    Output (see the module docstring): ``can_take`` -> ``submit(views, n, token)``
+    -> ``flush`` -> ``take_done()`` gives back the tokens of what every attached
+    endpoint has taken; the ``on_drained`` callback says when to ask again.
+    """
 
     def __init__(self, endpoints=(), *, limit=DEFAULT_LIMIT):
-        self.endpoints = list(endpoints)
+        self.stream = OutputStream()
+        self.endpoints = []
         self.limit = limit
         self._next_input = 0
         self._attached = None
         self._input_paused = False
+        for ep in endpoints:
+            self._adopt(ep)
+
+    def _adopt(self, endpoint):
+        endpoint.use_stream(self.stream)
+        self.endpoints.append(endpoint)
 
     def attach(self, loop, on_input, on_drained, on_connection=None):
         self._attached = (loop, on_input, on_drained, on_connection)
@@ -504,7 +624,7 @@ class ConsoleBackend:
         """Add an endpoint (an ``Endpoint`` or a URL) while running; output resumes."""
         if isinstance(endpoint, str):
             endpoint = open_endpoint(endpoint, limit=self.limit)
-        self.endpoints.append(endpoint)
+        self._adopt(endpoint)
         if self._input_paused:
             endpoint.pause_input()
         if self._attached is not None:
@@ -519,6 +639,11 @@ class ConsoleBackend:
     def connected(self):
         """True if any endpoint has someone at the host end."""
         return any(ep.connected for ep in self.endpoints)
+
+    @property
+    def attached(self):
+        """True if some endpoint takes output now (else the guest's output waits)."""
+        return any(ep.attached for ep in self.endpoints)
 
     def detach(self):
         for ep in self.endpoints:
@@ -552,22 +677,53 @@ class ConsoleBackend:
                     return n
         return 0
 
-    def room(self):
-        if not self.endpoints:
-            return 0
-        return min(ep.room() for ep in self.endpoints)
+    # -- output ------------------------------------------------------------------------------
 
-    def write(self, views, total):
-        """Accept up to ``total`` bytes of ``views`` for every endpoint; returns how many."""
-        n = min(total, self.room())
-        if n:
-            for ep in self.endpoints:
-                ep.write(views, n)
-        return n
+    def can_take(self):
+        """May more output be submitted? (Some endpoint attached, the stream within bounds.)"""
+        stream = self.stream
+        return (stream.buffered < self.limit and len(stream.segments) < MAX_HELD
+                and self.attached)
+
+    def submit(self, views, length, token=None):
+        """Queue ``length`` bytes of ``views`` (kept, not copied: they must stay valid until
+        ``take_done`` gives ``token`` back)."""
+        self.stream.submit(views, length, token)
+
+    def submit_bytes(self, data, token):
+        """Queue bytes the caller does not keep (a copy; joined with the previous
+        ``token`` segment while no endpoint has started on it)."""
+        segments = self.stream.segments
+        if segments:
+            start, length, views, last = segments[-1]
+            if (last is token and length + len(data) <= COALESCE_LIMIT
+                    and all(ep.position <= start for ep in self.endpoints)):
+                data = bytes(views[0]) + data
+                self.stream.tail = start
+                segments.pop()
+        self.stream.submit([memoryview(data)], len(data), token)
+
+    def flush(self):
+        """Every attached endpoint writes what its fd takes now."""
+        for ep in self.endpoints:
+            if ep.attached:
+                ep.flush()
+
+    def take_done(self):
+        """``(token, length)`` of each submission every attached endpoint has taken, in order."""
+        positions = [ep.position for ep in self.endpoints if ep.attached]
+        return self.stream.take_done(min(positions)) if positions else []
+
+    def discard_output(self):
+        """Forget everything in flight (a device reset): ``(token, length)`` dropped."""
+        dropped = [(seg[3], seg[1]) for seg in self.stream.segments]
+        self.stream.clear()
+        return dropped
 
     @property
     def buffered(self):
-        return max((ep.buffered for ep in self.endpoints), default=0)
+        """Bytes in flight (submitted, not yet taken by every attached endpoint)."""
+        return self.stream.buffered
 
 
 def open_console_backend(spec, *, limit=DEFAULT_LIMIT):

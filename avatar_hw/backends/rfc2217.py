@@ -13,12 +13,19 @@ each 0xFF doubled. The "serial port" the client configures is ``GuestLine``:
 settings are accepted and reported back (a virtio console has no baud rate),
 the modem lines read as a connected cable.
 
-Flow control is the ``tcp:`` endpoint's: the guest's output is accepted only
-as far as the buffer (counted after escaping) has room; the client's input is
-read when the guest has receive buffers. While the guest takes no input the
-socket is still read, so that negotiations are answered (a client's open
-waits for them), but only until ``INPUT_HOLD`` bytes of data are held; then
-the kernel's socket buffer, and the client, wait.
+Flow control is the ``tcp:`` endpoint's, with escaping in between: output
+is taken from the stream in chunks of at most ``CHUNK`` bytes, each escaped
+into a small scratch buffer; the chunk's source bytes count as taken (and
+the guest's buffer can be returned) only when its whole escaped form was
+sent. Caveat: a client that goes away mid-chunk got part of a chunk that the
+next client gets again in full (at most one chunk repeated across clients;
+nothing skipped). Telnet replies (``write_raw``) go out between chunks, in
+order with the data, at most ``RAW_LIMIT`` bytes held (a client that never
+reads them is dropped). The client's input is read when the guest has
+receive buffers. While the guest takes no input the socket is still read,
+so that negotiations are answered (a client's open waits for them), but
+only until ``INPUT_HOLD`` bytes of data are held; then the kernel's socket
+buffer, and the client, wait.
 """
 
 import logging
@@ -26,13 +33,15 @@ import types
 
 from serial import rfc2217
 
-from .console import _AGAIN, IOV_MAX, SocketServerEndpoint, _tcp_endpoint, truncate_views
+from .console import _AGAIN, IOV_MAX, SocketServerEndpoint, tcp_listener
 
 log = logging.getLogger(__name__)
 
 IAC = 0xFF
 INPUT_HOLD = 4096
 RECV_SIZE = 65536
+CHUNK = 16384
+RAW_LIMIT = 65536
 
 
 class GuestLine:
@@ -58,35 +67,64 @@ class Rfc2217Endpoint(SocketServerEndpoint):
         self.line = GuestLine()
         self.manager = None
         self._input = bytearray()           # filtered client data not yet given to the guest
+        self._chunk = memoryview(b"")       # escaped output not yet sent
+        self._chunk_source = 0              # stream bytes it stands for
+        self._raw = bytearray()             # Telnet replies not yet sent
 
     def _accept(self):
         previous = self.client
         super()._accept()
         if self.client is not None and self.client is not previous:
             self._input.clear()
+            self._raw.clear()
             self.manager = rfc2217.PortManager(
                 self.line, types.SimpleNamespace(write=self.write_raw), logger=log)
 
     def _drop_client(self):
         self.manager = None
         self._input.clear()
+        self._raw.clear()
+        self._chunk, self._chunk_source = memoryview(b""), 0   # resent in full to the next
         super()._drop_client()
 
     # -- output: guest -> client -------------------------------------------------------------------
 
-    def room(self):
-        # Escaping at most doubles the bytes; keep the buffer within ``limit``.
-        return super().room() // 2
-
-    def write(self, views, n):
-        # bytes.replace instead of PortManager.escape: the same escaping, without a
-        # generator step per byte on the output path.
-        data = b"".join(truncate_views(views, n)).replace(b"\xff", b"\xff\xff")
-        super().write([memoryview(data)], len(data))
+    def flush(self):
+        stream = self.stream
+        self.position = max(self.position, stream.head)
+        while self.client is not None:
+            if self._chunk:
+                n = self._write_now(None, [self._chunk])
+                if not n:
+                    break
+                self._chunk = self._chunk[n:]
+                if not self._chunk:
+                    self.position += self._chunk_source
+                    self._chunk_source = 0
+            elif self._raw:
+                n = self._write_now(None, [memoryview(self._raw)])
+                if not n:
+                    break
+                del self._raw[:n]
+            elif self.position < stream.tail:
+                data = b"".join(stream.views_from(self.position, CHUNK))
+                self._chunk_source = len(data)
+                self._chunk = memoryview(data.replace(b"\xff", b"\xff\xff"))
+            else:
+                break
+        if self._own_stream:
+            stream.take_done(self.position)
+        self._set_writer(self.client is not None and bool(
+            self._chunk or self._raw or self.position < stream.tail))
 
     def write_raw(self, data):
         """``PortManager``'s connection: Telnet replies go out in order with the data."""
-        super().write([memoryview(data)], len(data))
+        if len(self._raw) + len(data) > RAW_LIMIT:
+            log.warning("%s: client does not read its Telnet replies; dropping it", self)
+            self._drop_client()
+            return
+        self._raw += data
+        self.flush()
 
     # -- input: client -> guest ---------------------------------------------------------------------
 
@@ -137,7 +175,7 @@ class Rfc2217Endpoint(SocketServerEndpoint):
 
 def open_rfc2217(url, rest, limit):
     """The ``rfc2217:`` scheme of ``avatar_hw.backends.console.open_endpoint``."""
-    listener = _tcp_endpoint(url, rest, limit).listener
+    listener = tcp_listener(url, rest)
     endpoint = Rfc2217Endpoint(url, listener, limit)
     host, port = listener.getsockname()[:2]
     endpoint.url = f"rfc2217:{f'[{host}]' if ':' in host else host}:{port}"

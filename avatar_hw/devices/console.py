@@ -13,12 +13,19 @@ Flow control (nothing lost):
   receive buffer (and, for a multiport port other than the console, while
   the guest has it open: Linux discards data for closed ports); otherwise it
   pauses the backend's reader and resumes when the guest posts buffers.
-* guest -> host: a transmit buffer is handed to the backend, which writes or
-  buffers (bounded) what it can; the buffer goes back to the guest only when
-  all its bytes are accepted. Until then the port holds it and takes no
-  more from the transmit queue; the backend calls back when it drained.
-* emergency writes have no flow control in the spec: they are buffered up
-  to ``EMERG_LIMIT`` bytes and counted as errors beyond that.
+* guest -> host: transmit buffers are handed to the backend as they are
+  (memoryviews of guest RAM, no copy) and held until every attached
+  endpoint has handed all their bytes to the kernel; only then does the
+  guest get them back. The held buffers are the output buffer, bounded by
+  the backend (``limit`` bytes, ``MAX_HELD`` buffers); while it is full the
+  port takes no more and asks the driver not to notify (``set_notification``).
+  So a byte the guest saw acknowledged survives the daemon's death. With no
+  attached endpoint (no client on a socket) the guest's output waits in the
+  guest.
+* emergency writes have no flow control in the spec: they are copied into
+  port 0's stream, up to ``EMERG_LIMIT`` bytes not yet written, and counted
+  as errors beyond that.
+* a device reset drops what is in flight (none of it was acknowledged).
 
 Control messages (multiport): the driver's DEVICE_READY gets a DEVICE_ADD
 per port; each PORT_READY gets CONSOLE_PORT (port 0), PORT_NAME (named
@@ -32,7 +39,8 @@ import collections
 import logging
 import struct
 
-from ..backends.console import open_console_backend, skip_views
+from ..backends.console import open_console_backend
+from ..virtio.buffers import gather, scatter
 from ..virtio.constants import ID_CONSOLE, bit
 from ..virtio.device import VirtioDevice
 
@@ -48,6 +56,8 @@ CONTROL = struct.Struct("<IHH")          # id, event, value
 EMERG_WR_OFFSET = 8
 QUEUE_SIZE, CONTROL_QUEUE_SIZE = 256, 32
 EMERG_LIMIT = 64 * 1024
+CONTROL_OUT_LIMIT = 256                  # device -> driver control messages waiting
+EMERGENCY = object()                     # the token of emergency bytes in port 0's stream
 
 
 class ConsolePort:
@@ -61,9 +71,7 @@ class ConsolePort:
         self.guest_ready = False         # the driver sent PORT_READY (multiport)
         self.host_open = None            # what the driver was last told (PORT_OPEN)
         self._rx_chain = None
-        self._tx_chain = None
-        self._tx_views = None
-        self._tx_left = 0
+        self._tx_notify = True           # what the driver was last asked (notifications on)
         self._input_paused = False
 
     @property
@@ -76,10 +84,17 @@ class ConsolePort:
 
     def reset(self):
         """Drop chains held from the guest (their queues are being reset)."""
-        self._rx_chain = self._tx_chain = self._tx_views = None
-        self._tx_left = 0
+        self._rx_chain = None
+        self.drop_tx()
         self.guest_open = self.guest_ready = False
         self.host_open = None
+
+    def drop_tx(self):
+        """Forget the transmit buffers in flight (their queue was reset)."""
+        for token, length in self.backend.discard_output():
+            if token is EMERGENCY:
+                self.device.emergency_dropped(length)
+        self._tx_notify = True
 
     # -- host -> guest ---------------------------------------------------------------------------
 
@@ -127,30 +142,50 @@ class ConsolePort:
     # -- guest -> host ---------------------------------------------------------------------------
 
     def drain_tx(self):
-        """Hand transmit buffers to the backend; return each once all its bytes are accepted."""
-        device, txq = self.device, self.txq
-        if not (device.active and txq.ready):
-            return
-        completed = False
-        while True:
-            if self._tx_chain is None:
-                chain = txq.pop()
-                if chain is None:
+        """Hand transmit buffers to the backend; return each once every attached endpoint
+        has taken all its bytes."""
+        device, txq, backend = self.device, self.txq, self.backend
+        returned = self._return_done()
+        if device.active and txq.ready:
+            while True:
+                while backend.can_take():
+                    chain = txq.pop()
+                    if chain is None:
+                        break
+                    if chain.readable_len:
+                        backend.submit(chain.readable, chain.readable_len, chain)
+                    else:
+                        txq.add_used(chain.head, 0)
+                        returned += 1
+                backend.flush()
+                done = self._return_done()
+                returned += done
+                if done:
+                    continue
+                take = backend.can_take()
+                if take == self._tx_notify:
                     break
-                self._tx_chain, self._tx_views, self._tx_left = (
-                    chain, chain.readable, chain.readable_len)
-            accepted = self.backend.write(self._tx_views, self._tx_left) if self._tx_left else 0
-            if accepted < self._tx_left:
-                self._tx_left -= accepted
-                self._tx_views = skip_views(self._tx_views, accepted)
-                device.count(requests=0, bytes_from_guest=accepted)
-                break                       # the backend calls back when it drained
-            device.count(bytes_from_guest=accepted)
-            txq.add_used(self._tx_chain.head, 0)
-            self._tx_chain = self._tx_views = None
-            completed = True
-        if completed:
+                self._tx_notify = take
+                if not (txq.set_notification(take) and take):
+                    break
+        else:
+            backend.flush()                       # emergency bytes
+            returned += self._return_done()
+        if returned:
             device.signal_used(txq)
+
+    def _return_done(self):
+        """Give back what the backend is done with; the number of chains returned."""
+        returned = 0
+        device = self.device
+        for token, length in self.backend.take_done():
+            if token is EMERGENCY:
+                device.emergency_written(length)
+                continue
+            self.txq.add_used(token.head, 0)
+            device.count(bytes_from_guest=length)
+            returned += 1
+        return returned
 
 
 class ConsoleDevice(VirtioDevice):
@@ -191,15 +226,17 @@ class ConsoleDevice(VirtioDevice):
             self._port_by_queue[port.rx_index] = (port, port.fill_rx)
             self._port_by_queue[port.tx_index] = (port, port.drain_tx)
         self._control_out = collections.deque()     # device -> driver messages waiting
-        self._emerg = bytearray()
+        self._devices_added = False                  # DEVICE_ADDs sent since the reset
+        self._control_in = bytearray(CONTROL.size)
+        self._emerg_held = 0                         # emergency bytes not yet written
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def attach(self, loop):
         super().attach(loop)
         for port in self.ports:
-            port.backend.attach(loop, port.fill_rx, lambda port=port: self._drained(port),
-                                lambda port=port: self._report_host_side(port))
+            port.backend.attach(self.loop, port.fill_rx, port.drain_tx,
+                                lambda port=port: self._host_side_changed(port))
             port.fill_rx()                        # not active yet: pauses the reader
 
     def detach(self):
@@ -217,6 +254,7 @@ class ConsoleDevice(VirtioDevice):
             port.reset()
             port.fill_rx()                        # pauses input until the next activation
         self._control_out.clear()
+        self._devices_added = False
 
     def queue_reset(self, index):
         if index in self._port_by_queue:
@@ -224,8 +262,7 @@ class ConsoleDevice(VirtioDevice):
             if index == port.rx_index:
                 port._rx_chain = None
             else:
-                port._tx_chain = port._tx_views = None
-                port._tx_left = 0
+                port.drop_tx()
 
     def _service_all(self):
         for port in self.ports:
@@ -243,10 +280,9 @@ class ConsoleDevice(VirtioDevice):
         elif index == 3:
             self._read_control()
 
-    def _drained(self, port):
-        if port.id == 0 and self._emerg:
-            self._flush_emerg()
-        port.drain_tx()
+    def _host_side_changed(self, port):
+        self._report_host_side(port)
+        port.drain_tx()                           # who holds the output may have changed
 
     # -- configuration ---------------------------------------------------------------------------
 
@@ -257,18 +293,21 @@ class ConsoleDevice(VirtioDevice):
             super().write_config(offset, data)
 
     def _emergency_write(self, char):
-        if len(self._emerg) >= EMERG_LIMIT:
+        if self._emerg_held >= EMERG_LIMIT:
             self.counters["errors"] += 1
             return
-        self._emerg.append(char)
-        self._flush_emerg()
+        self._emerg_held += 1
+        port = self.ports[0]
+        port.backend.submit_bytes(bytes((char,)), EMERGENCY)
+        port.drain_tx()
 
-    def _flush_emerg(self):
-        view = memoryview(self._emerg)
-        n = self.ports[0].backend.write([view], len(self._emerg))
-        view.release()
-        del self._emerg[:n]
-        self.count(requests=0, bytes_from_guest=n)
+    def emergency_written(self, length):
+        self._emerg_held -= length
+        self.count(requests=0, bytes_from_guest=length)
+
+    def emergency_dropped(self, length):
+        self._emerg_held -= length
+        self.counters["errors"] += 1
 
     def resize(self, cols, rows):
         """New terminal size: config (F_SIZE) and, with multiport, a RESIZE message for port 0."""
@@ -279,6 +318,11 @@ class ConsoleDevice(VirtioDevice):
     # -- control queues (multiport) ----------------------------------------------------------------
 
     def _send_control(self, port_id, event, value, payload=b""):
+        if len(self._control_out) >= CONTROL_OUT_LIMIT:
+            self.guest_error("%d control messages wait for buffers in control queue 2",
+                             len(self._control_out))
+            self.fail("the driver takes no control messages")
+            return
         self._control_out.append(CONTROL.pack(port_id, event, value) + payload)
         self._flush_control()
 
@@ -292,7 +336,7 @@ class ConsoleDevice(VirtioDevice):
             if chain is None:
                 break
             message = self._control_out.popleft()
-            n = _scatter(message, chain.writable)
+            n = scatter(message, chain.writable)
             if n < len(message):
                 self.guest_error("control buffer of %d bytes too small for a %d-byte "
                                  "message; truncated", chain.writable_len, len(message))
@@ -303,11 +347,12 @@ class ConsoleDevice(VirtioDevice):
 
     def _read_control(self):
         queue = self.queues[3]
+        message = self._control_in
         for chain in queue:
-            message = b"".join(bytes(v) for v in chain.readable)[:CONTROL.size]
+            n = gather(chain.readable, message)
             queue.add_used(chain.head, 0)
-            if len(message) < CONTROL.size:
-                self.guest_error("short control message (%d bytes); ignored", len(message))
+            if n < CONTROL.size:
+                self.guest_error("short control message (%d bytes); ignored", n)
                 continue
             self._handle_control(*CONTROL.unpack(message))
         self.signal_used(queue)
@@ -317,6 +362,10 @@ class ConsoleDevice(VirtioDevice):
             if value != 1:
                 self.guest_error("driver failed to set up (DEVICE_READY %d)", value)
                 return
+            if self._devices_added:
+                self.guest_error("repeated DEVICE_READY; ignored")
+                return
+            self._devices_added = True
             for port in self.ports:
                 self._send_control(port.id, DEVICE_ADD, 0)
             return
@@ -327,6 +376,9 @@ class ConsoleDevice(VirtioDevice):
         if event == PORT_READY:
             if value != 1:
                 self.guest_error("driver could not add port %d", port_id)
+                return
+            if port.guest_ready:
+                self.guest_error("repeated PORT_READY for port %d; ignored", port_id)
                 return
             if port_id == 0:
                 self._send_control(0, CONSOLE_PORT, 1)
@@ -367,14 +419,3 @@ class ConsoleDevice(VirtioDevice):
                          "buffered": p.backend.buffered} for p in self.ports]
         return out
 
-
-def _scatter(data, views):
-    """Copy ``data`` into ``views`` in order; the number of bytes copied."""
-    done = 0
-    for view in views:
-        if done >= len(data):
-            break
-        take = min(len(view), len(data) - done)
-        view[:take] = data[done:done + take]
-        done += take
-    return done
