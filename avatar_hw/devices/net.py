@@ -1,0 +1,345 @@
+"""virtio-net (device ID 1, VirtIO 1.2 section 5.1): one receive and one transmit queue.
+
+Features: VIRTIO_NET_F_MAC (the configured or a random locally administered
+address), F_STATUS (link up; ``set_link`` changes it with a configuration
+interrupt), F_MTU (``mtu``, default 1500), F_MRG_RXBUF (a frame may span
+several receive buffers; ``num_buffers`` in the header says how many). No
+checksum or segmentation offloads: every header the device writes is zero
+but ``num_buffers``, and a transmitted header must ask for none.
+
+Every buffer starts with the 12-byte ``virtio_net_hdr_v1`` (VERSION_1 or
+MRG_RXBUF; 10 bytes for a legacy driver without MRG_RXBUF). Frames are
+Ethernet frames without FCS, at most ``mtu + 18`` bytes (VLAN tag included).
+
+Network semantics (the guest is told nothing about drops):
+
+* transmit: every chain is completed (length 0) whatever happens to its
+  frame. A chain shorter than header + Ethernet header, longer than the
+  largest frame, or whose header asks for an offload is dropped and counted
+  (``tx_malformed``); a frame the backend cannot take (full socket, TAP
+  down) is dropped and counted (``tx_dropped``); with the link down frames
+  are dropped (``tx_dropped``).
+* receive: a frame goes straight from the backend into the guest's receive
+  buffers when the device holds buffers for the largest frame and no older
+  frame waits; otherwise it is copied once into the bounded backlog
+  (``backlog`` frames, preallocated) and from there into guest buffers, in
+  order, as soon as they can take it. With the backlog full, while the driver is
+  not running, or when a frame is larger than the largest frame (or, without
+  MRG_RXBUF, than the receive buffer) it is dropped and counted
+  (``rx_dropped``); so is every frame while the link is down.
+
+Receive buffers are popped as needed and held until a frame fills them
+(``reset`` drops the held ones); a buffer too small for the header goes back
+empty (VirtIO 1.2 5.1.6.3.1).
+"""
+
+import collections
+import logging
+import os
+import struct
+
+from ..backends.console import skip_views, truncate_views
+from ..backends.net import copy_views, open_net_backend
+from ..errors import ConfigError
+from ..virtio.buffers import gather, scatter
+from ..virtio.constants import F_VERSION_1, ID_NET, bit
+from ..virtio.device import VirtioDevice
+
+log = logging.getLogger(__name__)
+
+F_MTU, F_MAC, F_MRG_RXBUF, F_STATUS = 3, 5, 15, 16
+S_LINK_UP = 1
+CONFIG = struct.Struct("<6sHHH")          # mac, status, max_virtqueue_pairs, mtu
+STATUS_OFFSET = 6
+HEADER = struct.Struct("<BBHHHHH")        # flags, gso_type, hdr_len, gso_size, csum_start,
+                                          # csum_offset, num_buffers
+HEADER_LEN, LEGACY_HEADER_LEN = 12, 10
+ETH_HLEN, VLAN_HLEN = 14, 4
+MIN_MTU, MAX_MTU = 68, 65535
+RX, TX = 0, 1
+QUEUE_SIZE = 256
+DEFAULT_BACKLOG = 64
+
+
+def parse_mac(text):
+    """``'52:54:00:12:34:56'`` -> 6 bytes; a ConfigError for anything but a unicast MAC."""
+    parts = text.split(":")
+    try:
+        mac = bytes(int(p, 16) for p in parts if len(p) == 2)
+    except ValueError:
+        mac = b""
+    if len(parts) != 6 or len(mac) != 6:
+        raise ConfigError("mac", None, f"{text!r} is not a MAC address like 52:54:00:12:34:56")
+    if mac[0] & 1:
+        raise ConfigError("mac", None, f"{text} is a multicast address; a NIC needs a unicast "
+                          "one (even first octet, e.g. 52:54:00:12:34:56)")
+    return mac
+
+
+def format_mac(mac):
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+class Backlog:
+    """Frames waiting for receive buffers: ``count`` slots of ``size`` bytes, FIFO."""
+
+    def __init__(self, count, size):
+        self.size = size
+        self._pool = memoryview(bytearray(count * size))
+        self._slots = [self._pool[i * size:(i + 1) * size] for i in range(count)]
+        self._lengths = collections.deque()
+        self._first = 0
+
+    def __len__(self):
+        return len(self._lengths)
+
+    def free_slot(self):
+        """The slot the next frame goes into, or None when full."""
+        n = len(self._lengths)
+        return None if n == len(self._slots) else self._slots[(self._first + n) % len(self._slots)]
+
+    def push(self, length):
+        self._lengths.append(length)
+
+    def oldest(self):
+        """(memoryview of the oldest frame, its length)."""
+        length = self._lengths[0]
+        return self._slots[self._first][:length], length
+
+    def pop(self):
+        self._lengths.popleft()
+        self._first = (self._first + 1) % len(self._slots)
+
+    def clear(self):
+        self._lengths.clear()
+        self._first = 0
+
+
+class NetDevice(VirtioDevice):
+    """A virtio NIC on ``backend`` (a URL: ``tap:NAME``, ``switch:PATH``; or a backend
+    object). ``mac``: a string (default: random, locally administered); ``mtu``;
+    ``backlog``: frames kept while the guest has no receive buffers."""
+
+    device_id = ID_NET
+    name = "net"
+
+    def __init__(self, backend, *, mac=None, mtu=1500, backlog=DEFAULT_BACKLOG):
+        if isinstance(mtu, bool) or not isinstance(mtu, int) or not MIN_MTU <= mtu <= MAX_MTU:
+            raise ConfigError("mtu", None, f"{mtu!r} is not an MTU from {MIN_MTU} to {MAX_MTU}")
+        if backlog < 1:
+            raise ValueError(f"backlog {backlog} must be at least 1 frame")
+        self.mac = parse_mac(mac) if mac else bytes([0x02]) + os.urandom(5)
+        self.mtu = mtu
+        self.max_frame = mtu + ETH_HLEN + VLAN_HLEN
+        super().__init__(queue_sizes=[QUEUE_SIZE, QUEUE_SIZE],
+                         features=bit(F_MAC) | bit(F_STATUS) | bit(F_MTU) | bit(F_MRG_RXBUF),
+                         config=CONFIG.pack(self.mac, S_LINK_UP, 1, mtu))
+        self.backend = open_net_backend(backend) if isinstance(backend, str) else backend
+        self.link_up = True
+        self.counters.update(rx_frames=0, tx_frames=0, rx_dropped=0, tx_dropped=0,
+                             tx_malformed=0)
+        self._backlog = Backlog(backlog, self.max_frame)
+        self._drop = memoryview(bytearray(self.max_frame))   # frames nobody takes land here
+        self._held = collections.deque()      # receive chains popped, not yet filled
+        self._held_room = 0                   # their writable bytes
+        self._header = bytearray(HEADER_LEN)
+        self._header_len = HEADER_LEN
+        self._mergeable = False
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def attach(self, loop):
+        super().attach(loop)
+        self.backend.attach(self.loop, self)
+
+    def detach(self):
+        self.backend.close()
+        super().detach()
+
+    def activate(self):
+        self._mergeable = self.has_feature(F_MRG_RXBUF)
+        self._header_len = (HEADER_LEN if self._mergeable or self.has_feature(F_VERSION_1)
+                            else LEGACY_HEADER_LEN)
+        self._transmit()
+        self._drain_backlog()
+
+    def reset(self):
+        self._drop_held()
+        self._backlog.clear()
+
+    def queue_reset(self, index):
+        if index == RX:
+            self._drop_held()
+
+    def _drop_held(self):
+        self._held.clear()
+        self._held_room = 0
+
+    def queue_notify(self, index):
+        if index == RX:
+            self._drain_backlog()
+        elif index == TX:
+            self._transmit()
+
+    def set_link(self, up):
+        """Link status for the guest (F_STATUS), with a configuration-change interrupt."""
+        self.link_up = bool(up)
+        self.update_config(STATUS_OFFSET, struct.pack("<H", S_LINK_UP if up else 0))
+
+    # -- transmit ---------------------------------------------------------------------------------
+
+    def _transmit(self):
+        txq = self.queues[TX]
+        if not (self.active and txq.ready):
+            return
+        completed = False
+        for chain in txq:
+            self._send(chain)
+            txq.add_used(chain.head, 0)
+            completed = True
+        if completed:
+            self.signal_used(txq)
+
+    def _send(self, chain):
+        header_len, counters = self._header_len, self.counters
+        length = chain.readable_len - header_len
+        if length < ETH_HLEN or length > self.max_frame:
+            counters["tx_malformed"] += 1
+            self.guest_error("transmit chain of %d bytes: not a %d-byte header and a frame of "
+                             "%d to %d bytes; dropped", chain.readable_len, header_len, ETH_HLEN,
+                             self.max_frame)
+            return
+        header = self._header
+        gather(chain.readable, memoryview(header)[:header_len])
+        if header[0] or header[1]:            # flags (NEEDS_CSUM...), gso_type: not offered
+            counters["tx_malformed"] += 1
+            self.guest_error("transmit header asks for offloads (flags 0x%x, gso_type %d) "
+                             "that were not negotiated; dropped", header[0], header[1])
+            return
+        self.count(bytes_from_guest=length)
+        counters["tx_frames"] += 1
+        if not (self.link_up and self.backend.send(skip_views(chain.readable, header_len),
+                                                   length)):
+            counters["tx_dropped"] += 1
+
+    # -- receive ----------------------------------------------------------------------------------
+
+    def receive(self, reader, source):
+        """Take one frame from the backend: ``reader(source, views) -> length | None``
+        (see ``avatar_hw.backends.net``). False when there was nothing to read."""
+        need = self._header_len + self.max_frame
+        if not (self.active and self.link_up):
+            length = reader(source, [self._drop])
+            if length is None:
+                return False
+        elif not self._backlog and self._hold(need):
+            views = self._frame_views(need)
+            length = reader(source, views)
+            if length is None:
+                return False
+            if length <= self.max_frame:
+                self._fill(length)
+                return True
+        else:
+            slot = self._backlog.free_slot()
+            length = reader(source, [self._drop if slot is None else slot])
+            if length is None:
+                return False
+            if slot is not None and length <= self.max_frame:
+                self._backlog.push(length)
+                self._drain_backlog()     # held buffers may fit this frame, if not any
+                return True
+        self.counters["rx_dropped"] += 1
+        return True
+
+    def _drain_backlog(self):
+        """Move waiting frames into receive buffers, oldest first, while there are buffers."""
+        rxq = self.queues[RX]
+        if not (self.active and rxq.ready):
+            return
+        while self._backlog:
+            frame, length = self._backlog.oldest()
+            need = self._header_len + length
+            if not self._hold(need):
+                if self._mergeable or not self._held:
+                    break
+                self.counters["rx_dropped"] += 1     # larger than the one receive buffer
+                self.guest_error("receive buffer of %d bytes is too small for a %d-byte "
+                                 "frame; frame dropped", self._held[0].writable_len, length)
+            else:
+                copy_views([frame], self._frame_views(need))
+                self._fill(length)
+            self._backlog.pop()
+        self._hold(0)          # return buffers too small for a header
+
+    def _hold(self, need):
+        """Pop receive chains until the held ones can take ``need`` bytes (one chain
+        without MRG_RXBUF); True when they can."""
+        rxq, held = self.queues[RX], self._held
+        returned = False
+        while True:
+            if held and (self._held_room >= need if self._mergeable
+                         else held[0].writable_len >= need):
+                break
+            if held and not self._mergeable:
+                break
+            chain = rxq.pop()
+            if chain is None:
+                break
+            if chain.writable_len < self._header_len:
+                self.guest_error("receive buffer of %d bytes cannot hold the %d-byte header; "
+                                 "returned empty", chain.writable_len, self._header_len)
+                rxq.add_used(chain.head, 0)
+                returned = True
+                continue
+            held.append(chain)
+            self._held_room += chain.writable_len
+        if returned:
+            self.signal_used(rxq)
+        return bool(held) and (self._held_room >= need if self._mergeable
+                               else held[0].writable_len >= need)
+
+    def _frame_views(self, need):
+        """Views of the held buffers for a frame of ``need - header`` bytes, past its header."""
+        chains = self._held if self._mergeable else (self._held[0],)
+        views = [v for chain in chains for v in chain.writable]
+        return skip_views(truncate_views(views, need), self._header_len)
+
+    def _fill(self, length):
+        """The frame of ``length`` bytes is in the held buffers: write its header, give the
+        buffers it used back to the driver and interrupt."""
+        rxq, header_len = self.queues[RX], self._header_len
+        remaining = header_len + length
+        buffers = 0
+        for chain in self._held:
+            buffers += 1
+            remaining -= chain.writable_len
+            if remaining <= 0:
+                break
+        header = self._header
+        HEADER.pack_into(header, 0, 0, 0, 0, 0, 0, 0, buffers)
+        scatter(memoryview(header)[:header_len], self._held[0].writable)
+        remaining = header_len + length
+        for _ in range(buffers):
+            chain = self._held.popleft()
+            take = min(chain.writable_len, remaining)
+            self._held_room -= chain.writable_len
+            rxq.add_used(chain.head, take)
+            remaining -= take
+        self.count(bytes_to_guest=length)
+        self.counters["rx_frames"] += 1
+        self.signal_used(rxq)
+
+    # -- introspection ----------------------------------------------------------------------------
+
+    def info(self):
+        out = super().info()
+        out.update(self.backend.info(), mac=format_mac(self.mac), mtu=self.mtu,
+                   link_up=self.link_up, backlog=len(self._backlog))
+        return out
+
+
+def from_config(options):
+    """The device for a VMs config ``net`` table (``avatar_hw.config``)."""
+    backend = f"tap:{options['tap']}" if "tap" in options else f"switch:{options['switch']}"
+    return NetDevice(backend, mac=options.get("mac"), mtu=options.get("mtu", 1500))

@@ -1,0 +1,513 @@
+"""virtio-net through the driver-side harness: the datagram switch, MRG_RXBUF, the backlog,
+malformed transmits, link status, config errors, and a TAP in a network namespace."""
+
+import ctypes
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import uuid
+
+import pytest
+
+from avatar_hw.config import parse_config
+from avatar_hw.devices import net
+from avatar_hw.devices.net import NetDevice
+from avatar_hw.errors import ConfigError
+from avatar_hw.loop import EventLoop
+from avatar_hw.testing.virtio import VirtioBench
+from avatar_hw.virtio import constants as c
+from avatar_hw.virtio.constants import bit
+
+MAC_A, MAC_B = "52:54:00:00:00:0a", "52:54:00:00:00:0b"
+BROADCAST = b"\xff" * 6
+ETHERTYPE = b"\x88\xb5"               # IEEE local experimental
+HDR = bytes(12)
+
+
+def mac(text):
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def frame(dst, src, payload):
+    return dst + src + ETHERTYPE + payload
+
+
+def num_buffers(data):
+    return struct.unpack_from("<H", data, 10)[0]
+
+
+@pytest.fixture
+def loop():
+    lp = EventLoop()
+    yield lp
+    lp.close()
+
+
+class Nic:
+    """A net device in its own VM, driven from the guest side."""
+
+    def __init__(self, loop, backend, *, mac_=None, features=None, drop=0, rx_size=4096,
+                 **kw):
+        self.loop = loop
+        self.device = NetDevice(backend, mac=mac_, **kw)
+        self.bench = VirtioBench(self.device, loop=loop, ram_size=6 << 20)
+        self.driver = self.bench.driver
+        ok, _ = self.driver.negotiate(features, drop=drop)
+        assert ok
+        self.rx = self.driver.setup_queue(net.RX, buf_size=rx_size)
+        self.tx = self.driver.setup_queue(net.TX, buf_size=4096)
+        self.driver.driver_ok()
+
+    def send(self, *frames, header=HDR):
+        for f in frames:
+            self.tx.post(readable=[header + f])
+        self.tx.notify()
+        return self.tx.get_used()
+
+    def post_rx(self, n, size=None):
+        for _ in range(n):
+            self.rx.post(writable=[size or self.rx.buf_size])
+        self.rx.notify()
+
+    def received(self, used=None):
+        """Frames in the used receive buffers (merged by num_buffers), headers checked."""
+        frames, used = [], list(self.rx.get_used() if used is None else used)
+        while used:
+            first = used.pop(0)
+            count = num_buffers(first.data)
+            assert first.data[:10] == bytes(10)
+            data = first.data[12:] + b"".join(u.data for u in used[:count - 1])
+            del used[:count - 1]
+            frames.append(data)
+        return frames
+
+    def close(self):
+        self.bench.subsystem.close()
+        self.bench.check_guards()
+
+
+@pytest.fixture
+def pair(tmp_path, loop):
+    path = str(tmp_path / "switch.sock")
+    a = Nic(loop, f"switch:{path}", mac_=MAC_A)
+    b = Nic(loop, f"switch:{path}", mac_=MAC_B)
+    yield a, b
+    a.close()
+    b.close()
+    assert not os.path.exists(path)
+
+
+def spin(loop, rounds=5):
+    for _ in range(rounds):
+        loop.run_once(0)
+
+
+# -- features and configuration -------------------------------------------------------------------
+
+def test_features_and_config_space(pair):
+    a, _ = pair
+    offered = a.driver.device_features()
+    for feature in (net.F_MAC, net.F_STATUS, net.F_MTU, net.F_MRG_RXBUF):
+        assert offered & bit(feature)
+    assert a.driver.read(c.REG_DEVICE_ID) == c.ID_NET
+    assert bytes(a.driver.read_config(i, 1) for i in range(6)) == mac(MAC_A)
+    assert a.driver.read_config(6, 2) == net.S_LINK_UP
+    assert a.driver.read_config(10, 2) == 1500
+
+
+def test_link_status_change_interrupts(pair):
+    a, _ = pair
+    a.driver.ack_interrupt()
+    generation = a.driver.read(c.REG_CONFIG_GENERATION)
+    a.device.set_link(False)
+    assert a.driver.read_config(6, 2) == 0
+    assert a.driver.interrupt_status() & c.INT_CONFIG_CHANGE
+    assert a.driver.read(c.REG_CONFIG_GENERATION) != generation
+    a.device.set_link(True)
+    assert a.driver.read_config(6, 2) == net.S_LINK_UP
+
+
+def test_link_down_drops_both_ways(pair, loop):
+    a, b = pair
+    b.post_rx(4)
+    a.device.set_link(False)
+    assert len(a.send(frame(mac(MAC_B), mac(MAC_A), b"lost"))) == 1     # completed anyway
+    spin(loop)
+    assert b.received() == [] and a.device.counters["tx_dropped"] == 1
+
+
+# -- frames between two devices on the switch -----------------------------------------------------
+
+def test_frames_keep_their_order_both_ways(pair, loop):
+    a, b = pair
+    a.post_rx(200)
+    b.post_rx(200)
+    to_b = [frame(mac(MAC_B), mac(MAC_A), b"a%04d" % i + bytes(i * 7)) for i in range(150)]
+    to_a = [frame(mac(MAC_A), mac(MAC_B), b"b%04d" % i + os.urandom(i)) for i in range(150)]
+    got_a, got_b = [], []
+    for i in range(0, 150, 30):
+        a.send(*to_b[i:i + 30])
+        b.send(*to_a[i:i + 30])
+        spin(loop)
+        got_b += b.received()
+        got_a += a.received()
+    assert got_b == to_b and got_a == to_a
+    assert a.device.counters["tx_frames"] == 150 and b.device.counters["rx_frames"] == 150
+    assert a.device.counters["rx_dropped"] == b.device.counters["rx_dropped"] == 0
+
+
+def test_mergeable_buffers_span_small_receive_buffers(tmp_path, loop):
+    path = str(tmp_path / "s.sock")
+    a = Nic(loop, f"switch:{path}", mac_=MAC_A)
+    b = Nic(loop, f"switch:{path}", mac_=MAC_B, rx_size=256)
+    b.post_rx(250)
+    frames = [frame(mac(MAC_B), mac(MAC_A), os.urandom(n)) for n in (1500, 60, 1000, 244)]
+    a.send(*frames)
+    spin(loop)
+    used = b.rx.get_used()
+    assert num_buffers(used[0].data) == 6         # 12 + 1514 bytes in 256-byte buffers
+    assert [u.length for u in used[:6]] == [256] * 5 + [12 + 1514 - 5 * 256]
+    assert sum(u.length for u in used) == sum(12 + len(f) for f in frames)
+    assert b.received(used) == frames
+    a.close()
+    b.close()
+
+
+def test_without_mergeable_buffers_a_frame_fills_one_big_buffer(tmp_path, loop):
+    path = str(tmp_path / "s.sock")
+    a = Nic(loop, f"switch:{path}", mac_=MAC_A, drop=bit(net.F_MRG_RXBUF))
+    b = Nic(loop, f"switch:{path}", mac_=MAC_B, drop=bit(net.F_MRG_RXBUF))
+    b.post_rx(8)
+    frames = [frame(mac(MAC_B), mac(MAC_A), os.urandom(n)) for n in (1500, 46, 1200)]
+    a.send(*frames)
+    spin(loop)
+    used = b.rx.get_used()
+    assert [u.data[12:] for u in used] == frames
+    assert all(num_buffers(u.data) == 1 for u in used)
+    a.close()
+    b.close()
+
+
+def test_small_buffer_without_mergeable_drops_big_frames_only(tmp_path, loop):
+    path = str(tmp_path / "s.sock")
+    a = Nic(loop, f"switch:{path}", mac_=MAC_A, drop=bit(net.F_MRG_RXBUF))
+    b = Nic(loop, f"switch:{path}", mac_=MAC_B, drop=bit(net.F_MRG_RXBUF), rx_size=512)
+    b.post_rx(4)
+    big, small = (frame(mac(MAC_B), mac(MAC_A), os.urandom(n)) for n in (1000, 100))
+    a.send(big, small)
+    spin(loop)
+    assert [u.data[12:] for u in b.rx.get_used()] == [small]
+    assert b.device.counters["rx_dropped"] == 1
+    a.close()
+    b.close()
+
+
+def test_broadcast_floods_and_unicast_is_learned(tmp_path, loop):
+    path = str(tmp_path / "s.sock")
+    a, b, c_ = (Nic(loop, f"switch:{path}", mac_=f"52:54:00:00:00:0{i}") for i in (1, 2, 3))
+    for nic in (a, b, c_):
+        nic.post_rx(8)
+    hello = frame(BROADCAST, mac("52:54:00:00:00:01"), b"hello")
+    a.send(hello)
+    spin(loop)
+    assert b.received() == [hello] and c_.received() == [hello] and a.received() == []
+    reply = frame(mac("52:54:00:00:00:01"), mac("52:54:00:00:00:02"), b"reply")
+    b.send(reply)
+    spin(loop)
+    assert a.received() == [reply] and c_.received() == []     # a's MAC was learned
+    for nic in (a, b, c_):
+        nic.close()
+
+
+# -- the bounded receive backlog ------------------------------------------------------------------
+
+def test_frames_wait_in_the_backlog_then_are_dropped_and_counted(tmp_path, loop):
+    path = str(tmp_path / "s.sock")
+    a = Nic(loop, f"switch:{path}", mac_=MAC_A)
+    b = Nic(loop, f"switch:{path}", mac_=MAC_B, backlog=4)
+    frames = [frame(mac(MAC_B), mac(MAC_A), b"%03d" % i) for i in range(10)]
+    assert len(a.send(*frames)) == 10                       # transmits always complete
+    spin(loop)
+    assert b.device.counters["rx_dropped"] == 6
+    assert b.device.info()["backlog"] == 4
+    b.post_rx(10)
+    assert b.received() == frames[:4]                       # the oldest four, in order
+    a.send(frames[9])
+    spin(loop)
+    assert b.received() == [frames[9]]
+    a.close()
+    b.close()
+
+
+def test_frames_before_driver_ok_are_dropped(tmp_path, loop):
+    path = str(tmp_path / "s.sock")
+    a = Nic(loop, f"switch:{path}", mac_=MAC_A)
+    b = NetDevice(f"switch:{path}", mac=MAC_B)
+    bench = VirtioBench(b, loop=loop, ram_size=4 << 20)
+    a.send(frame(mac(MAC_B), mac(MAC_A), b"early"))
+    assert b.counters["rx_dropped"] == 1
+    bench.subsystem.close()
+    a.close()
+
+
+def test_reset_drops_held_buffers_and_backlog(pair, loop):
+    a, b = pair
+    b.post_rx(1)
+    a.send(frame(mac(MAC_B), mac(MAC_A), b"x"))
+    assert len(b.received()) == 1
+    a.send(frame(mac(MAC_B), mac(MAC_A), b"y"))            # no buffer: waits in the backlog
+    assert b.device.info()["backlog"] == 1
+    b.driver.reset()                                         # forgets it
+    assert b.device.info()["backlog"] == 0
+    b.rx, b.tx = b.driver.init([net.RX, net.TX])
+    b.post_rx(2)
+    a.send(frame(mac(MAC_B), mac(MAC_A), b"z"))
+    assert b.received() == [frame(mac(MAC_B), mac(MAC_A), b"z")]
+
+
+# -- bad guest input ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("payload", [b"", bytes(11), HDR + bytes(13), HDR + bytes(1600)])
+def test_malformed_transmit_is_dropped_counted_and_completed(pair, loop, payload):
+    a, b = pair
+    b.post_rx(2)
+    a.tx.post(readable=[payload])
+    a.tx.notify()
+    assert [u.length for u in a.tx.get_used()] == [0]
+    assert a.device.counters["tx_malformed"] == 1
+    spin(loop)
+    assert b.received() == []
+    good = frame(mac(MAC_B), mac(MAC_A), b"still works")
+    a.send(good)
+    assert b.received() == [good]
+
+
+def test_transmit_asking_for_offloads_is_dropped(pair):
+    a, b = pair
+    b.post_rx(2)
+    a.send(frame(mac(MAC_B), mac(MAC_A), b"csum"), header=b"\x01" + bytes(11))
+    a.send(frame(mac(MAC_B), mac(MAC_A), b"gso"), header=b"\x00\x01" + bytes(10))
+    assert a.device.counters["tx_malformed"] == 2 and b.received() == []
+
+
+def test_header_split_over_descriptors_and_frame_over_many(pair):
+    a, b = pair
+    b.post_rx(2)
+    f = frame(mac(MAC_B), mac(MAC_A), os.urandom(300))
+    data = HDR + f
+    ram = a.bench.ram
+    parts, segments = [data[:5], data[5:20], data[20:100], data[100:]], []
+    for part in parts:
+        gpa = ram.alloc(len(part))
+        ram.write(gpa, part)
+        segments.append((gpa, len(part), False))
+    a.tx.add_chain(segments)
+    a.tx.notify()
+    assert b.received() == [f]
+
+
+def test_receive_buffer_too_small_for_a_header_goes_back_empty(pair):
+    a, b = pair
+    b.rx.post(writable=[8])
+    b.rx.post(readable=[b"r"])
+    b.rx.notify()
+    assert [u.length for u in b.rx.get_used()] == [0, 0]
+    assert b.device.transport.guest_errors == 2
+
+
+def test_bad_chain_in_the_transmit_queue_is_completed(pair):
+    a, _ = pair
+    a.tx.write_desc(0, 0x10, 64)            # outside the VM's RAM
+    a.tx.free.remove(0)
+    a.tx.outstanding[0] = ([0], [])
+    a.tx.make_available(0)
+    a.tx.notify()
+    assert [u.length for u in a.tx.get_used()] == [0]
+    assert a.device.transport.status & c.STATUS_DEVICE_NEEDS_RESET == 0
+
+
+# -- remote ports: other processes on the switch socket -------------------------------------------
+
+def test_a_remote_port_joins_and_exchanges_frames(pair, tmp_path, loop):
+    a, b = pair
+    a.post_rx(4)
+    b.post_rx(4)
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    peer.bind(str(tmp_path / "peer.sock"))
+    peer.settimeout(2)
+    switch = str(tmp_path / "switch.sock")
+    peer.sendto(b"", switch)                                   # join
+    spin(loop)
+    hello = frame(BROADCAST, mac(MAC_A), b"anyone?")
+    a.send(hello)
+    assert peer.recv(2048) == hello
+    peer_mac = mac("52:54:00:00:00:ee")
+    answers = [frame(mac(MAC_A), peer_mac, b"%d" % i + os.urandom(i)) for i in range(3)]
+    for f in answers:
+        peer.sendto(f, switch)
+    spin(loop)
+    assert a.received() == answers
+    a.send(frame(peer_mac, mac(MAC_A), b"direct"))             # learned: not flooded to b
+    assert peer.recv(2048) == frame(peer_mac, mac(MAC_A), b"direct")
+    assert b.received() == [hello]                             # only the broadcast
+    peer.sendto(b"x" * (1500 + 18 + 14 + 1), switch)           # too large for a: dropped
+    spin(loop)
+    peer.close()
+
+
+def test_stale_switch_socket_file_is_replaced(tmp_path, loop):
+    path = tmp_path / "s.sock"
+    old = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    old.bind(str(path))
+    old.close()                                              # the file stays
+    nic = Nic(loop, f"switch:{path}", mac_=MAC_A)
+    nic.close()
+
+
+def test_switch_path_served_by_someone_else_is_one_line(tmp_path):
+    path = tmp_path / "s.sock"
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    other.bind(str(path))
+    with pytest.raises(ConfigError, match="in use") as err:
+        NetDevice(f"switch:{path}")
+    assert "\n" not in str(err.value)
+    other.close()
+
+
+# -- configuration errors --------------------------------------------------------------------------
+
+def build(tmp_path, table):
+    config = parse_config(tmp_path / "vms.toml", {"vm": {"0": {"net": table}}})
+    return config.build_device(config.vms[0].devices[0])
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"switch": "/x", "mac": "01:00:5e:00:00:01"}, "multicast"),
+    ({"switch": "/x", "mac": "52:54:00:zz:00:01"}, "not a MAC address"),
+    ({"switch": "/x", "mtu": 40}, "mtu: 40 is not an MTU from 68 to 65535"),
+    ({"switch": "/nonexistent/dir/s.sock"}, "directory for the switch socket does not exist"),
+    ({"tap": "x" * 20}, "is not an interface name"),
+])
+def test_config_errors_are_one_line(tmp_path, table, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        build(tmp_path, table)
+    assert "\n" not in str(err.value) and "vm.0.net" in str(err.value)
+
+
+def test_unknown_backend_url_is_one_line():
+    with pytest.raises(ConfigError, match=r"unknown net backend 'udp'; use tap: or switch:"):
+        NetDevice("udp:1.2.3.4:5")
+
+
+def test_config_builds_a_switch_device(tmp_path, loop):
+    dev = build(tmp_path, {"switch": str(tmp_path / "s.sock"), "mac": MAC_A, "mtu": 9000})
+    assert dev.mac == mac(MAC_A) and dev.mtu == 9000 and dev.max_frame == 9018
+    dev.detach()
+
+
+@pytest.mark.parametrize("drop", [
+    ["--bounding-set=-net_admin"],                                     # root without the cap
+    ["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+     "--bounding-set=-all"],                                           # an ordinary user
+])
+def test_tap_without_cap_net_admin_is_one_line(drop):
+    if not os.path.exists("/dev/net/tun") or not shutil.which("setpriv"):
+        pytest.skip("needs /dev/net/tun and setpriv (util-linux)")
+    script = ("import sys; from avatar_hw.config import parse_config\n"
+              "c = parse_config('vms.toml', {'vm': {'0': {'net': {'tap': 'avnope0'}}}})\n"
+              "try:\n    c.build_device(c.vms[0].devices[0])\n"
+              "except Exception as e:\n    print(e)\n")
+    done = subprocess.run(["setpriv", *drop, sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    if "setpriv" in done.stderr:
+        pytest.skip(f"cannot drop privileges: {done.stderr.strip()}")
+    assert done.stdout.startswith("vms.toml: vm.0.net: tap:avnope0: "), done.stderr
+    assert "CAP_NET_ADMIN" in done.stdout and done.stdout.count("\n") == 1
+
+
+# -- TAP in a network namespace of its own ------------------------------------------------------------
+
+CLONE_NEWNET = 0x40000000
+
+
+def in_netns(name, function):
+    """Run ``function()`` in a thread that entered network namespace ``name`` (fds it opens
+    stay in that namespace; this thread's namespace is untouched)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = {}
+
+    def run():
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+            result["value"] = function()
+        except BaseException as err:
+            result["error"] = err
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+@pytest.fixture
+def netns():
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("no /dev/net/tun")
+    if not shutil.which("ip"):
+        pytest.skip("no ip command (iproute2)")
+    if os.geteuid() != 0:
+        pytest.skip("creating a network namespace and a TAP needs CAP_NET_ADMIN (root)")
+    name = f"avtest-{uuid.uuid4().hex[:8]}"
+    done = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot create a network namespace: {done.stderr.strip()}")
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True)
+
+
+def test_tap_frames_both_ways_in_a_namespace(netns, loop):
+    def make():
+        dev = NetDevice("tap:avtap0", mac=MAC_A)
+        for cmd in (["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+                    ["ip", "link", "set", "avtap0", "up"]):
+            subprocess.run(["ip", "netns", "exec", netns, *cmd], check=True)
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+        sock.bind(("avtap0", 0))
+        return dev, sock
+
+    device, raw = in_netns(netns, make)
+    nic_bench = VirtioBench(device, loop=loop, ram_size=6 << 20)
+    rx, tx = nic_bench.driver.init([net.RX, net.TX])
+    raw.settimeout(2)
+    try:
+        out = frame(BROADCAST, mac(MAC_A), b"from the guest" + bytes(40))
+        tx.post(readable=[HDR + out])
+        tx.notify()
+        assert raw.recv(2048) == out
+        rx.post(writable=[4096])
+        rx.notify()
+        into = frame(mac(MAC_A), mac("52:54:00:00:00:99"), b"from the tap" + bytes(40))
+        raw.send(into)
+        for _ in range(50):
+            loop.run_once(0.05)
+            used = rx.get_used()
+            if used:
+                break
+        assert [u.data[12:] for u in used] == [into]
+        assert device.counters["rx_frames"] == 1 and device.counters["tx_frames"] == 1
+    finally:
+        raw.close()
+        nic_bench.subsystem.close()
+        nic_bench.check_guards()
