@@ -1,0 +1,415 @@
+"""virtio-blk (device ID 2, VirtIO 1.2 section 5.2) over a raw image file or a block device.
+
+A request is a chain: a 16-byte header (type, reserved, sector) in the
+device-readable part, then the data (readable for writes, writable for
+reads), and the status byte, the last device-writable byte. Framing is free
+(VIRTIO_F_VERSION_1 implies any layout): the header is gathered from
+however many descriptors hold it; data moves with ``os.preadv`` /
+``os.pwritev`` straight between the image and the chain's memoryviews of
+guest RAM (batches of at most IOV_MAX views, short transfers looped; a read
+past the end of a short or sparse file fills zeros). Used length = the bytes
+written into the chain, status byte included.
+
+Answers (the request is always completed and the device keeps serving):
+
+* OK: the data moved; a write only after ``pwritev`` returned for every byte,
+  a flush only after ``os.fdatasync`` (without VIRTIO_BLK_F_FLUSH negotiated
+  the device is write-through: every write is followed by ``fdatasync``).
+* IOERR: header shorter than 16 bytes; data not a multiple of 512 bytes;
+  sectors past the capacity; more than ``MAX_REQUEST_BYTES`` of data; extra
+  device-writable bytes in a request whose only writable byte is the status
+  (write, flush, discard, write zeroes); any write on a read-only device;
+  discard / write-zeroes segments not whole, 0 or more than the limit, a
+  range past the capacity or longer than the limit; an I/O error of the host.
+* UNSUPP: an unknown type, or one whose feature was not negotiated; a
+  discard with the unmap flag, or any flag bit other than unmap.
+* a chain with no device-writable byte cannot hold a status: it is returned
+  with used length 0 (a logged guest error).
+
+Discard punches a hole (``fallocate(PUNCH_HOLE | KEEP_SIZE)``; a file system
+that cannot is ignored: discard is advisory). Write zeroes punches a hole
+when the unmap flag allows it (``write_zeroes_may_unmap`` = 1), else
+``fallocate(ZERO_RANGE | KEEP_SIZE)``, falling back to writing zeros.
+
+I/O is synchronous: a request runs to completion inside ``queue_notify``,
+which the trap path calls, so while one request's I/O runs no other trap or
+device of the daemon is served. A notify serves at most one queue's worth of
+requests, then yields to the event loop if more are available.
+
+Images: opened ``O_RDWR`` (``O_RDONLY`` with ``readonly``) and ``flock``-ed
+(exclusive, shared when read-only) so two daemons cannot write one image;
+within one process a second device on the same file or block device is
+refused.
+"""
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+import weakref
+
+from ..errors import ConfigError
+from ..virtio.buffers import gather, scatter
+from ..virtio.constants import ID_BLOCK, bit
+from ..virtio.device import VirtioDevice
+
+log = logging.getLogger(__name__)
+
+SECTOR = 512
+QUEUE_SIZE = 256
+SEG_MAX = QUEUE_SIZE - 2                 # header and status take a descriptor each
+SIZE_MAX = 128 << 10                     # bytes per data segment
+MAX_REQUEST_BYTES = SEG_MAX * SIZE_MAX   # data bytes per request (bounds a request's stall)
+MAX_DISCARD_SECTORS = 1 << 21            # 1 GiB per segment
+MAX_WRITE_ZEROES_SECTORS = 1 << 16       # 32 MiB per segment (the fallback writes them)
+MAX_DWZ_SEGMENTS = 16
+MAX_QUEUES = 16
+SERIAL_BYTES = 20
+
+# feature bits (5.2.3)
+F_SIZE_MAX, F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH, F_MQ = 1, 2, 5, 6, 9, 12
+F_DISCARD, F_WRITE_ZEROES = 13, 14
+
+# request types and status (5.2.6)
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+# the request types served -> the feature they need (None: always)
+REQUEST_FEATURES = {T_IN: None, T_OUT: None, T_GET_ID: None, T_FLUSH: F_FLUSH,
+                    T_DISCARD: F_DISCARD, T_WRITE_ZEROES: F_WRITE_ZEROES}
+DWZ_F_UNMAP = 1
+
+HEADER = struct.Struct("<IIQ")           # type, reserved, sector
+SEGMENT = struct.Struct("<QII")          # sector, num_sectors, flags
+# capacity, size_max, seg_max, geometry, blk_size, topology, writeback, unused0, num_queues,
+# max_discard_sectors, max_discard_seg, discard_sector_alignment, max_write_zeroes_sectors,
+# max_write_zeroes_seg, write_zeroes_may_unmap, unused1[3]
+CONFIG = struct.Struct("<QII4xI8xBxHIIIIIB3x")
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_ZEROS = bytes(SIZE_MAX)
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
+
+# Images served by this process: identity -> device (two devices on one image refused).
+_open_images = weakref.WeakValueDictionary()
+
+
+def fallocate(fd, mode, offset, length):
+    """fallocate(2) through libc (``os`` has only posix_fallocate); raises OSError."""
+    if _libc.fallocate(fd, mode, offset, length):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _skip(views, n):
+    """``views`` without their first ``n`` bytes (a new list; views are sliced, not copied)."""
+    out = []
+    for view in views:
+        if n >= len(view):
+            n -= len(view)
+        else:
+            out.append(view[n:] if n else view)
+            n = 0
+    return out
+
+
+def _without_last_byte(views):
+    """``views`` minus their last byte (the status) and that byte's one-byte view."""
+    out = list(views)
+    while not len(out[-1]):
+        out.pop()
+    last = out.pop()
+    if len(last) > 1:
+        out.append(last[:-1])
+    return out, last[-1:]
+
+
+def _transfer(io, fd, views, offset):
+    """Move all bytes of ``views`` (a list it may change) with ``io`` (os.preadv or
+    os.pwritev) at ``offset``; the bytes moved (fewer only at end of file)."""
+    done, i = 0, 0
+    while i < len(views):
+        n = io(fd, views[i:i + _IOV_MAX], offset + done)
+        if not n:
+            break
+        done += n
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:
+            views[i] = views[i][n:]
+    return done
+
+
+def _fill_zeros(views):
+    for view in views:
+        for start in range(0, len(view), len(_ZEROS)):
+            part = view[start:start + len(_ZEROS)]
+            part[:] = _ZEROS[:len(part)]
+
+
+class BlockDevice(VirtioDevice):
+    """A virtio block device serving ``image`` (a raw image file or a block device).
+
+    ``readonly``: open read-only and offer VIRTIO_BLK_F_RO; ``serial``: the GET_ID
+    string (at most 20 bytes); ``queues``: offer VIRTIO_BLK_F_MQ with that many
+    request queues (None: one queue, no MQ).
+    """
+
+    device_id = ID_BLOCK
+    name = "block"
+
+    def __init__(self, image, *, readonly=False, serial=None, queues=None):
+        serial_bytes = (serial or "").encode()
+        if len(serial_bytes) > SERIAL_BYTES:
+            raise ValueError(f"serial {serial!r} is longer than {SERIAL_BYTES} bytes")
+        if queues is not None and not 1 <= queues <= MAX_QUEUES:
+            raise ValueError(f"queues = {queues}: give 1 to {MAX_QUEUES} request queues")
+        self.image, self.readonly = str(image), readonly
+        self.fd = self._open_image()
+        try:
+            st = os.fstat(self.fd)
+            size = os.lseek(self.fd, 0, os.SEEK_END)
+            self.capacity = size // SECTOR
+            if not self.capacity:
+                raise ConfigError(self.image, None, f"{size} bytes is less than one "
+                                                    f"{SECTOR}-byte sector")
+            alignment = max(1, st.st_blksize // SECTOR) if stat.S_ISREG(st.st_mode) else 1
+        except BaseException:
+            self._close_image()
+            raise
+        features = bit(F_SIZE_MAX) | bit(F_SEG_MAX) | bit(F_BLK_SIZE) | bit(F_FLUSH)
+        features |= bit(F_RO) if readonly else bit(F_DISCARD) | bit(F_WRITE_ZEROES)
+        if queues is not None:
+            features |= bit(F_MQ)
+        config = CONFIG.pack(self.capacity, SIZE_MAX, SEG_MAX, SECTOR, 0, queues or 1,
+                             MAX_DISCARD_SECTORS, MAX_DWZ_SEGMENTS, alignment,
+                             MAX_WRITE_ZEROES_SECTORS, MAX_DWZ_SEGMENTS, 1)
+        super().__init__(queue_sizes=[QUEUE_SIZE] * (queues or 1), features=features,
+                         config=config)
+        self.counters.update(flushes=0, discards=0, write_zeroes=0)
+        self.serial = serial_bytes.ljust(SERIAL_BYTES, b"\0")
+        self._header = bytearray(HEADER.size)
+        self._segments = bytearray(SEGMENT.size * MAX_DWZ_SEGMENTS + 1)   # +1: one too many
+        self._status = bytearray(1)
+
+    # -- the image ---------------------------------------------------------------------------
+
+    def _open_image(self):
+        try:
+            fd = os.open(self.image, (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ConfigError(self.image, None, "no such image file or block device") from None
+        except IsADirectoryError:
+            raise ConfigError(self.image, None, "is a directory, not an image") from None
+        except PermissionError:
+            if self.readonly:
+                raise ConfigError(self.image, None, "not readable by this user") from None
+            raise ConfigError(self.image, None, "not writable: set readonly = true, or make it "
+                                                "writable by this user") from None
+        except OSError as err:
+            if err.errno == errno.EROFS and not self.readonly:
+                raise ConfigError(self.image, None, "on a read-only file system: set readonly "
+                                                    "= true") from None
+            raise ConfigError(self.image, None, f"cannot open: {err.strerror}") from None
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            os.close(fd)
+            raise ConfigError(self.image, None, "is neither a regular file nor a block device")
+        self._identity = (("blk", st.st_rdev) if stat.S_ISBLK(st.st_mode)
+                          else (st.st_dev, st.st_ino))
+        if self._identity in _open_images:
+            os.close(fd)
+            raise ConfigError(self.image, None, "already the image of another block device: "
+                                                "two devices cannot share one image")
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(self.image, None, "in use by another process (locked): stop it "
+                                                "or give another image") from None
+        _open_images[self._identity] = self
+        return fd
+
+    def _close_image(self):
+        if self.fd is not None:
+            if _open_images.get(self._identity) is self:
+                del _open_images[self._identity]
+            os.close(self.fd)
+            self.fd = None
+
+    def detach(self):
+        self._close_image()
+        super().detach()
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            self._close_image()
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def queue_notify(self, index):
+        queue = self.queues[index]
+        served = 0
+        while served < queue.size and self.fd is not None:
+            chain = queue.pop()
+            if chain is None:
+                break
+            self._serve(queue, chain)
+            served += 1
+        if served:
+            self.signal_used(queue)
+        if served >= queue.size and queue.has_available() and self.loop is not None:
+            self.loop.call_later(0, lambda: self.queue_notify(index))
+
+    def _serve(self, queue, chain):
+        if not chain.writable_len:
+            self.guest_error("request with no device-writable byte for the status; returned "
+                             "with length 0")
+            self.counters["errors"] += 1
+            queue.add_used(chain.head, 0)
+            return
+        data_out, status = _without_last_byte(chain.writable)
+        try:
+            status_code, written = self._execute(chain, data_out)
+        except OSError as err:
+            log.error("%s: %s: %s", self.transport, self.image, err)
+            status_code, written = S_IOERR, 0
+        if status_code != S_OK:
+            self.counters["errors"] += 1
+        self._status[0] = status_code
+        status[:] = self._status
+        queue.add_used(chain.head, written + 1)
+
+    def _execute(self, chain, data_out):
+        """Do one request: (status, bytes written into the chain before the status)."""
+        if gather(chain.readable, self._header) < HEADER.size:
+            self.guest_error("request header of %d bytes (16 needed)", chain.readable_len)
+            return S_IOERR, 0
+        kind, _reserved, sector = HEADER.unpack(self._header)
+        feature = REQUEST_FEATURES.get(kind, -1)
+        if feature == -1 or (feature is not None and not self.has_feature(feature)):
+            self.guest_error("request type %d is not supported or not negotiated", kind)
+            return S_UNSUPP, 0
+        data_in_len = chain.readable_len - HEADER.size
+        out_len = chain.writable_len - 1
+        if kind == T_IN:
+            return self._read(sector, data_out, out_len)
+        if kind == T_GET_ID:
+            n = scatter(self.serial, data_out)
+            self.count(bytes_to_guest=n)
+            return S_OK, n
+        if out_len:
+            self.guest_error("type %d request with %d device-writable bytes before the status",
+                             kind, out_len)
+            return S_IOERR, 0
+        if kind == T_OUT:
+            return self._write(sector, chain.readable, data_in_len), 0
+        if kind == T_FLUSH:
+            if not self.readonly:
+                os.fdatasync(self.fd)
+            self.count()
+            self.counters["flushes"] += 1
+            return S_OK, 0
+        return self._discard_write_zeroes(chain, data_in_len, zeroes=kind == T_WRITE_ZEROES), 0
+
+    def _range_ok(self, sector, length):
+        if length % SECTOR:
+            self.guest_error("request of %d bytes is not a multiple of %d", length, SECTOR)
+            return False
+        if length > MAX_REQUEST_BYTES:
+            self.guest_error("request of %d bytes is more than %d", length, MAX_REQUEST_BYTES)
+            return False
+        if sector + length // SECTOR > self.capacity:
+            self.guest_error("sectors %d+%d are past the capacity of %d", sector,
+                             length // SECTOR, self.capacity)
+            return False
+        return True
+
+    def _read(self, sector, views, length):
+        if not self._range_ok(sector, length):
+            return S_IOERR, 0
+        n = _transfer(os.preadv, self.fd, list(views), sector * SECTOR)
+        if n < length:                        # past the end of a file shortened meanwhile
+            _fill_zeros(_skip(views, n))
+        self.count(bytes_to_guest=length)
+        return S_OK, length
+
+    def _write(self, sector, readable, length):
+        if self.readonly:
+            self.guest_error("write to a read-only device")
+            return S_IOERR
+        if not self._range_ok(sector, length):
+            return S_IOERR
+        n = _transfer(os.pwritev, self.fd, _skip(readable, HEADER.size), sector * SECTOR)
+        if n < length:
+            raise OSError(errno.EIO, f"wrote {n} of {length} bytes")
+        if not self.has_feature(F_FLUSH):
+            os.fdatasync(self.fd)             # no flush command: write-through
+        self.count(bytes_from_guest=length)
+        return S_OK
+
+    def _discard_write_zeroes(self, chain, length, *, zeroes):
+        segments = self._segments
+        if self.readonly:
+            self.guest_error("discard or write zeroes on a read-only device")
+            return S_IOERR
+        count, rest = divmod(length, SEGMENT.size)
+        if rest or not 0 < count <= MAX_DWZ_SEGMENTS:
+            self.guest_error("%d bytes of discard/write-zeroes segments (1 to %d of 16 bytes)",
+                             length, MAX_DWZ_SEGMENTS)
+            return S_IOERR
+        gather(_skip(chain.readable, HEADER.size), segments)
+        limit = MAX_WRITE_ZEROES_SECTORS if zeroes else MAX_DISCARD_SECTORS
+        parsed = [SEGMENT.unpack_from(segments, i * SEGMENT.size) for i in range(count)]
+        for sector, num, flags in parsed:      # every segment checked before any is done
+            if flags & ~DWZ_F_UNMAP or (flags and not zeroes):
+                self.guest_error("segment flags 0x%x not supported", flags)
+                return S_UNSUPP
+            if num > limit or sector + num > self.capacity:
+                self.guest_error("segment sectors %d+%d past the capacity %d or the limit %d",
+                                 sector, num, self.capacity, limit)
+                return S_IOERR
+        for sector, num, flags in parsed:
+            if num:
+                self._deallocate(sector * SECTOR, num * SECTOR, zeroes=zeroes,
+                                 unmap=bool(flags & DWZ_F_UNMAP))
+        self.count()
+        self.counters["write_zeroes" if zeroes else "discards"] += 1
+        return S_OK
+
+    def _deallocate(self, offset, length, *, zeroes, unmap):
+        modes = [FALLOC_FL_PUNCH_HOLE] if unmap or not zeroes else []
+        if zeroes:
+            modes.append(FALLOC_FL_ZERO_RANGE)
+        for mode in modes:
+            try:
+                fallocate(self.fd, mode | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+        if zeroes:                            # no fallocate mode here: write the zeros
+            views = [memoryview(_ZEROS)] * (length // len(_ZEROS))
+            if length % len(_ZEROS):
+                views.append(memoryview(_ZEROS)[:length % len(_ZEROS)])
+            if _transfer(os.pwritev, self.fd, views, offset) < length:
+                raise OSError(errno.EIO, "short write of zeros")
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def info(self):
+        out = super().info()
+        out.update(image=self.image, readonly=self.readonly, capacity=self.capacity)
+        return out
+
+
+def from_config(options):
+    """The VMs config's ``block = { image, readonly, serial, queues }``."""
+    return BlockDevice(options["image"], readonly=options.get("readonly", False),
+                       serial=options.get("serial"), queues=options.get("queues"))
