@@ -511,3 +511,28 @@ def test_tap_frames_both_ways_in_a_namespace(netns, loop):
         raw.close()
         nic_bench.subsystem.close()
         nic_bench.check_guards()
+
+
+def test_legacy_driver_without_mergeable_buffers_uses_the_10_byte_header(tmp_path, loop):
+    path = str(tmp_path / "s.sock")
+    a = Nic(loop, f"switch:{path}", mac_=MAC_A)
+    dev = NetDevice(f"switch:{path}", mac=MAC_B)
+    bench = VirtioBench(dev, loop=loop, ram_size=6 << 20, legacy=True)
+    drv = bench.driver
+    drv.reset()
+    drv.set_status(c.STATUS_ACKNOWLEDGE | c.STATUS_DRIVER)
+    drv.features = drv.device_features() & ~bit(net.F_MRG_RXBUF)
+    drv.write_driver_features(drv.features)
+    rx, tx = drv.setup_legacy_queue(net.RX), drv.setup_legacy_queue(net.TX)
+    drv.driver_ok()
+    rx.post(writable=[2048])
+    rx.notify()
+    to_b, to_a = (frame(mac(MAC_B), mac(MAC_A), b"to b"), frame(mac(MAC_A), mac(MAC_B), b"to a"))
+    a.post_rx(1)
+    a.send(to_b)
+    assert [u.data for u in rx.get_used()] == [bytes(10) + to_b]
+    tx.post(readable=[bytes(10) + to_a])
+    tx.notify()
+    assert a.received() == [to_a]
+    bench.subsystem.close()
+    a.close()
