@@ -563,3 +563,81 @@ def test_config_error_image_not_writable(tmp_path):
 def test_constructor_checks(image):
     with pytest.raises(ValueError, match="longer than 20 bytes"):
         BlockDevice(image, serial="é" * 11)
+
+
+# -- a crash loses nothing acknowledged ----------------------------------------------------------------------------
+
+def test_sigkill_of_the_daemon_after_a_flush_loses_no_acknowledged_write(tmp_path):
+    """``avatar-hw serve`` as a subprocess against the stand-in stub; the guest writes 16 KiB
+    chunks (a flush before every 8th), then a burst of writes and flushes with posted
+    notifies, and the daemon is SIGKILLed while they are in flight. Every write in the used
+    ring (acknowledged), and everything before the last completed flush, is in the image."""
+    from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
+
+    board = FakeBoard(tmp_path / "board", vms=1)
+    image = tmp_path / "crash.img"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    config = tmp_path / "vms.toml"
+    config.write_text(f'[vm.0]\nblock = {{ image = "{image}" }}\n')
+    stub = StandinStub(board)
+    log = open(tmp_path / "daemon.log", "wb")
+    daemon = subprocess.Popen(board.serve_argv(config), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        stub.page.wait_attached()
+        driver = stub.driver(0, posted_notify=True, timeout=3)
+        q, = driver.init([0], buf_size=4096)
+        chunk = 16 << 10
+        requests, acked, flushed_upto = {}, [], -1
+        written = 0
+
+        def data(i):
+            return hashlib.sha256(i.to_bytes(4, "little")).digest() * (chunk // 32)
+
+        def collect():
+            nonlocal flushed_upto
+            for used in q.get_used():
+                kind, index = requests.pop(used.head)
+                assert used.data == b"\0", used
+                if kind == blk.T_FLUSH:
+                    flushed_upto = max(flushed_upto, index)
+                else:
+                    acked.append(index)
+
+        def post_write():
+            nonlocal written
+            if written % 8 == 0 and written:
+                head = q.post(readable=[header(blk.T_FLUSH)], writable=[1])
+                requests[head] = (blk.T_FLUSH, written - 1)
+            d = data(written)
+            head = q.post(readable=[header(blk.T_OUT, written * chunk // 512),
+                                    *[d[k:k + 4096] for k in range(0, chunk, 4096)]],
+                          writable=[1])
+            requests[head] = (blk.T_OUT, written)
+            written += 1
+            q.notify()                                # posted: the guest does not wait
+
+        while written < 200:
+            if len(q.free) >= 8:
+                post_write()
+            else:
+                stub.wait_irqs(0.2)
+                driver.ack_interrupt()
+            collect()
+        while len(q.free) >= 8:                       # a burst in flight, then the kill
+            post_write()
+        daemon.kill()
+        daemon.wait()
+        collect()                                     # completed just before the kill
+        assert daemon.returncode == -9
+        assert flushed_upto >= 0 and acked and max(acked) > flushed_upto
+        with open(image, "rb") as f:
+            disk = f.read()
+        for i in acked + list(range(flushed_upto + 1)):
+            assert disk[i * chunk:(i + 1) * chunk] == data(i), f"acknowledged chunk {i} lost"
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        log.close()
+        stub.close()
