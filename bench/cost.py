@@ -149,6 +149,7 @@ class BlockLoad:
 
 def block_cost(tmp, quick):
     image_size = (32 if quick else 512) << 20
+    Path(tmp).mkdir(parents=True, exist_ok=True)
     image = Path(tmp) / "disk.img"
     with open(image, "wb") as f:
         f.truncate(image_size)
@@ -218,6 +219,7 @@ def device_table(kind, vm, index, tmp):
         return f'{{ backends = ["file:{tmp}/vm{vm}-{index}.log"] }}'
     if kind == "block":
         image = Path(tmp) / f"vm{vm}-{index}.img"
+        image.parent.mkdir(parents=True, exist_ok=True)
         with open(image, "wb") as f:
             f.truncate(1 << 20)
         return f'{{ image = "{image}" }}'
