@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -463,6 +464,44 @@ def test_a_busy_queue_is_served_a_queue_size_at_a_time_then_after_the_loop(make)
         assert len(served) == 30 and b.device.counters["flushes"] == 30
     finally:
         loop.close()
+
+
+def test_a_notify_moves_about_turn_bytes_then_the_rest_after_the_loop(make, monkeypatch):
+    """Many large requests in one notify (indirect tables make 256 x 32 MiB possible) do not
+    hold the trap path for all of them: after TURN_BYTES the rest waits for the loop."""
+    monkeypatch.setattr(blk, "TURN_BYTES", 8192)
+    loop = EventLoop()
+    try:
+        b = make(loop=loop)
+        q = b.queues[0]
+        for n in range(5):
+            b.ram.write(b.scratch + n * 8192, header(blk.T_IN, sector=8 * n))
+            q.add_chain([(b.scratch + n * 8192, 16, False),
+                         (b.scratch + n * 8192 + 512, 4096, True),
+                         (b.scratch + n * 8192 + 4608, 1, True)])
+        q.notify()
+        assert len(q.get_used()) == 2                    # 8 KiB moved: the turn is over
+        loop.run_once(0)
+        assert len(q.get_used()) == 2
+        loop.run_once(0)
+        used = q.get_used()
+        assert len(used) == 1 and used[0].data[:4096] == PATTERN[4 * 4096:5 * 4096]
+        loop.run_once(0)
+        assert q.get_used() == [] and b.device.counters["requests"] == 5
+    finally:
+        loop.close()
+
+
+def test_block_stall_bench_runs_every_case(tmp_path):
+    """bench/block_stall.py (the event-loop stall figures in docs/devices.md) runs; no time
+    is asserted."""
+    result = subprocess.run([sys.executable, "-m", "bench.block_stall", "--runs", "1",
+                             "--dir", str(tmp_path)], cwd=Path(__file__).parent.parent,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("read", "write",
+                                                                            "flush", "discard"))]
+    assert len(rows) == 13 and not list(tmp_path.iterdir())
 
 
 # -- config errors: one line naming the file, key and problem ---------------------------------------------------

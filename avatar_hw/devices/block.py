@@ -34,7 +34,8 @@ when the unmap flag allows it (``write_zeroes_may_unmap`` = 1), else
 I/O is synchronous: a request runs to completion inside ``queue_notify``,
 which the trap path calls, so while one request's I/O runs no other trap or
 device of the daemon is served. A notify serves at most one queue's worth of
-requests, then yields to the event loop if more are available.
+requests or ``TURN_BYTES`` of data (whichever comes first; the request that
+crosses it is finished), then yields to the event loop if more are available.
 
 Images: opened ``O_RDWR`` (``O_RDONLY`` with ``readonly``) and ``flock``-ed
 (exclusive, shared when read-only) so two daemons cannot write one image;
@@ -64,6 +65,7 @@ QUEUE_SIZE = 256
 SEG_MAX = QUEUE_SIZE - 2                 # header and status take a descriptor each
 SIZE_MAX = 128 << 10                     # bytes per data segment
 MAX_REQUEST_BYTES = SEG_MAX * SIZE_MAX   # data bytes per request (bounds a request's stall)
+TURN_BYTES = MAX_REQUEST_BYTES           # data bytes served per event-loop turn, about
 MAX_DISCARD_SECTORS = 1 << 21            # 1 GiB per segment
 MAX_WRITE_ZEROES_SECTORS = 1 << 16       # 32 MiB per segment (the fallback writes them)
 MAX_DWZ_SEGMENTS = 16
@@ -254,9 +256,12 @@ class BlockDevice(VirtioDevice):
     # -- requests ------------------------------------------------------------------------------
 
     def queue_notify(self, index):
+        """Serve the queue's requests; after a queue's worth of them or TURN_BYTES of data
+        the rest waits for the loop's next turn (other traps and devices go first)."""
         queue = self.queues[index]
-        served = 0
-        while served < queue.size and self.fd is not None:
+        served, start = 0, self._bytes_moved()
+        while (served < queue.size and self._bytes_moved() - start < TURN_BYTES
+               and self.fd is not None):
             chain = queue.pop()
             if chain is None:
                 break
@@ -264,8 +269,11 @@ class BlockDevice(VirtioDevice):
             served += 1
         if served:
             self.signal_used(queue)
-        if served >= queue.size and queue.has_available() and self.loop is not None:
+        if self.loop is not None and self.fd is not None and queue.has_available():
             self.loop.call_later(0, lambda: self.queue_notify(index))
+
+    def _bytes_moved(self):
+        return self.counters["bytes_to_guest"] + self.counters["bytes_from_guest"]
 
     def _serve(self, queue, chain):
         if not chain.writable_len:
