@@ -9,21 +9,14 @@ compare sha256 sums of the same ranges. Guest dd throughput is printed
 
 import hashlib
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 from avatar_hw.emulated.session import EmulatedBoard
+from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
 
-pytestmark = [
-    pytest.mark.emulated,
-    pytest.mark.skipif(not (shutil.which("qemu-system-aarch64") and shutil.which("dtc")
-                            and shutil.which("aarch64-linux-gnu-gcc")),
-                       reason="needs qemu-system-arm, device-tree-compiler and "
-                              "gcc-aarch64-linux-gnu (scripts/setup)"),
-]
 
 MIB = 1 << 20
 IMAGE_SIZE = 8 * MIB

@@ -5,7 +5,6 @@ switch as a remote port and answers ARP and ICMP echo for 10.0.2.2, so the
 guest's pings cross the device both ways.
 """
 
-import shutil
 import socket
 import struct
 import threading
@@ -14,14 +13,8 @@ from pathlib import Path
 import pytest
 
 from avatar_hw.emulated.session import EmulatedBoard
+from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
 
-pytestmark = [
-    pytest.mark.emulated,
-    pytest.mark.skipif(not (shutil.which("qemu-system-aarch64") and shutil.which("dtc")
-                            and shutil.which("aarch64-linux-gnu-gcc")),
-                       reason="needs qemu-system-arm, device-tree-compiler and "
-                              "gcc-aarch64-linux-gnu (scripts/setup)"),
-]
 
 GUEST_MAC = "52:54:00:12:34:56"
 GUEST_IP, HOST_IP = "10.0.2.15", "10.0.2.2"

@@ -17,10 +17,10 @@ from avatar_hw.config import parse_config
 from avatar_hw.devices import net
 from avatar_hw.devices.net import NetDevice
 from avatar_hw.errors import ConfigError
-from avatar_hw.loop import EventLoop
 from avatar_hw.testing.virtio import VirtioBench
 from avatar_hw.virtio import constants as c
 from avatar_hw.virtio.constants import bit
+from test_console import loop  # noqa: F401 (fixture)
 
 MAC_A, MAC_B = "52:54:00:00:00:0a", "52:54:00:00:00:0b"
 BROADCAST = b"\xff" * 6
@@ -38,13 +38,6 @@ def frame(dst, src, payload):
 
 def num_buffers(data):
     return struct.unpack_from("<H", data, 10)[0]
-
-
-@pytest.fixture
-def loop():
-    lp = EventLoop()
-    yield lp
-    lp.close()
 
 
 class Nic:

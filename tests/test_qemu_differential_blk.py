@@ -81,6 +81,16 @@ DIFFERENCES = {
 }
 
 
+def ours(device, observe):
+    """``observe(driver)`` on our ``device`` in a VM with guarded RAM; what it returned."""
+    bench = VirtioBench(device, ram_size=1 << 20)
+    try:
+        return observe(bench.driver)
+    finally:
+        bench.subsystem.close()
+        bench.check_guards()
+
+
 def test_block_matches_qemu_virtio_blk(qemu, tmp_path):
     theirs_image = tmp_path / "theirs.img"
     ours_image = tmp_path / "ours.img"
@@ -89,21 +99,16 @@ def test_block_matches_qemu_virtio_blk(qemu, tmp_path):
     q = qemu("-drive", f"file={theirs_image},if=none,format=raw,id=d0,discard=unmap",
              "-device", f"virtio-blk-device,drive=d0,serial={SERIAL}")
     theirs = observations(qemu_driver(q))
-    bench = VirtioBench(BlockDevice(ours_image, serial=SERIAL), ram_size=1 << 20)
     # the read buffers are zero-filled on both sides before the failed read compares them
-    try:
-        ours = observations(bench.driver)
-    finally:
-        bench.subsystem.close()
-    bench.check_guards()
+    mine = ours(BlockDevice(ours_image, serial=SERIAL), observations)
     assert theirs["read"] == (blk.S_OK, 4097, PATTERN[5 * 512:5 * 512 + 4096])
     assert theirs["read_zeroed"] == (blk.S_OK, 1025, bytes(1024))
     assert theirs["get_id"][2] == SERIAL.encode().ljust(20, b"\0")
     for key in theirs:
         if key in DIFFERENCES:
-            assert (theirs[key], ours[key]) == DIFFERENCES[key], key
+            assert (theirs[key], mine[key]) == DIFFERENCES[key], key
         else:
-            assert theirs[key] == ours[key], (key, theirs[key], ours[key])
+            assert theirs[key] == mine[key], (key, theirs[key], mine[key])
     assert (hashlib.sha256(theirs_image.read_bytes()).digest()
             == hashlib.sha256(ours_image.read_bytes()).digest())
 
@@ -122,12 +127,7 @@ def test_read_only_block_matches_qemu(qemu, tmp_path):
         return (bool(d.device_features() & bit(blk.F_RO)),
                 d.ram.read(used.segments[-1][0], 1)[0], used.length)
     theirs = ro(qemu_driver(q))
-    bench = VirtioBench(BlockDevice(image, readonly=True), ram_size=1 << 20)
-    try:
-        ours = ro(bench.driver)
-    finally:
-        bench.subsystem.close()
-    assert theirs == ours == (True, blk.S_IOERR, 1)
+    assert theirs == ours(BlockDevice(image, readonly=True), ro) == (True, blk.S_IOERR, 1)
     assert image.read_bytes() == PATTERN
 
 
@@ -146,11 +146,5 @@ def rng_observations(d):
 
 def test_rng_matches_qemu_virtio_rng(qemu):
     theirs = rng_observations(qemu_driver(qemu("-device", "virtio-rng-device")))
-    bench = VirtioBench(RngDevice(), ram_size=1 << 20)
-    try:
-        ours = rng_observations(bench.driver)
-    finally:
-        bench.subsystem.close()
-    bench.check_guards()
     assert theirs["one"] == [64] and theirs["odd"] == [1000]
-    assert theirs == ours
+    assert theirs == ours(RngDevice(), rng_observations)

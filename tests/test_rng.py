@@ -8,16 +8,9 @@ from avatar_hw.config import load_config
 from avatar_hw.devices import rng as rng_module
 from avatar_hw.devices.rng import RngDevice, TokenBucket
 from avatar_hw.errors import ConfigError
-from avatar_hw.loop import EventLoop
 from avatar_hw.testing.virtio import VirtioBench
 from avatar_hw.virtio import constants as c
-
-
-@pytest.fixture
-def loop():
-    lp = EventLoop()
-    yield lp
-    lp.close()
+from test_console import loop  # noqa: F401 (fixture)
 
 
 @pytest.fixture

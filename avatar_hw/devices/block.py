@@ -53,6 +53,7 @@ import stat
 import struct
 import weakref
 
+from ..backends.console import skip_views
 from ..errors import ConfigError
 from ..virtio.buffers import gather, scatter
 from ..virtio.constants import ID_BLOCK, bit
@@ -106,18 +107,6 @@ def fallocate(fd, mode, offset, length):
     if _libc.fallocate(fd, mode, offset, length):
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-def _skip(views, n):
-    """``views`` without their first ``n`` bytes (a new list; views are sliced, not copied)."""
-    out = []
-    for view in views:
-        if n >= len(view):
-            n -= len(view)
-        else:
-            out.append(view[n:] if n else view)
-            n = 0
-    return out
 
 
 def _without_last_byte(views):
@@ -344,7 +333,7 @@ class BlockDevice(VirtioDevice):
             return S_IOERR, 0
         n = _transfer(os.preadv, self.fd, list(views), sector * SECTOR)
         if n < length:                        # past the end of a file shortened meanwhile
-            _fill_zeros(_skip(views, n))
+            _fill_zeros(skip_views(views, n))
         self.count(bytes_to_guest=length)
         return S_OK, length
 
@@ -354,7 +343,7 @@ class BlockDevice(VirtioDevice):
             return S_IOERR
         if not self._range_ok(sector, length):
             return S_IOERR
-        n = _transfer(os.pwritev, self.fd, _skip(readable, HEADER.size), sector * SECTOR)
+        n = _transfer(os.pwritev, self.fd, skip_views(readable, HEADER.size), sector * SECTOR)
         if n < length:
             raise OSError(errno.EIO, f"wrote {n} of {length} bytes")
         if not self.has_feature(F_FLUSH):
@@ -372,7 +361,7 @@ class BlockDevice(VirtioDevice):
             self.guest_error("%d bytes of discard/write-zeroes segments (1 to %d of 16 bytes)",
                              length, MAX_DWZ_SEGMENTS)
             return S_IOERR
-        gather(_skip(chain.readable, HEADER.size), segments)
+        gather(skip_views(chain.readable, HEADER.size), segments)
         limit = MAX_WRITE_ZEROES_SECTORS if zeroes else MAX_DISCARD_SECTORS
         parsed = [SEGMENT.unpack_from(segments, i * SEGMENT.size) for i in range(count)]
         for sector, num, flags in parsed:      # every segment checked before any is done
