@@ -1,4 +1,5 @@
-"""virtio-blk through the driver-side harness: requests, features, every bad input, config errors."""
+"""virtio-blk through the driver-side harness: requests, features, every bad input, config
+errors."""
 
 import errno
 import fcntl
@@ -109,7 +110,7 @@ def make(image):
         dev.close()
 
 
-# -- configuration space and features ------------------------------------------------------------
+# -- configuration space and features -------------------------------------------------------------
 
 def test_config_space_and_features(make):
     b = make()
@@ -143,7 +144,7 @@ def test_capacity_ignores_a_partial_last_sector(tmp_path):
         dev.detach()
 
 
-# -- data ------------------------------------------------------------------------------------------
+# -- data -----------------------------------------------------------------------------------------
 
 def test_reads_come_from_the_image(make):
     b = make()
@@ -252,7 +253,7 @@ def test_transfer_batches_iov_max_views_and_loops_on_short_transfers(tmp_path):
         os.close(fd)
 
 
-# -- multiqueue -------------------------------------------------------------------------------------
+# -- multiqueue -----------------------------------------------------------------------------------
 
 def test_multiqueue_offers_num_queues_and_serves_each_queue(make):
     b = make(queues=3, queues_used=(0, 1, 2))
@@ -264,7 +265,7 @@ def test_multiqueue_offers_num_queues_and_serves_each_queue(make):
         b"\x01" * 512 + b"\x02" * 512 + b"\x03" * 512)
 
 
-# -- bad requests: the request completes, the device keeps serving --------------------------------------
+# -- bad requests: the request completes, the device keeps serving --------------------------------
 
 BAD_REQUESTS = [
     ("read past the capacity", dict(kind=blk.T_IN, sector=SECTORS - 1, read=1024), blk.S_IOERR, 1),
@@ -337,7 +338,7 @@ def test_host_io_error_is_ioerr(make, monkeypatch):
     assert b.request(blk.T_OUT, data=bytes(512))[:2] == (blk.S_OK, 1)
 
 
-# -- read-only ---------------------------------------------------------------------------------------------
+# -- read-only ------------------------------------------------------------------------------------
 
 def test_read_only_device(make, image):
     b = make(readonly=True)
@@ -353,7 +354,7 @@ def test_read_only_device(make, image):
     assert b.disk() == PATTERN
 
 
-# -- discard and write zeroes ----------------------------------------------------------------------------------
+# -- discard and write zeroes ---------------------------------------------------------------------
 
 def test_discard_punches_holes(make):
     b = make()
@@ -421,7 +422,7 @@ def test_partial_segment_is_ioerr(make):
     assert b.status_of(used) == blk.S_IOERR and b.disk() == PATTERN
 
 
-# -- counters, info ------------------------------------------------------------------------------------------
+# -- counters, info -------------------------------------------------------------------------------
 
 def test_info_shows_counters(make):
     b = make()
@@ -504,7 +505,7 @@ def test_block_stall_bench_runs_every_case(tmp_path):
     assert len(rows) == 13 and not list(tmp_path.iterdir())
 
 
-# -- config errors: one line naming the file, key and problem ---------------------------------------------------
+# -- config errors: one line naming the file, key and problem -------------------------------------
 
 def build(tmp_path, text):
     path = tmp_path / "vms.toml"
@@ -538,7 +539,8 @@ def test_config_error_image_missing(tmp_path):
 
 
 def test_config_error_image_is_a_directory_or_empty(tmp_path):
-    assert "is a directory" in config_error(tmp_path, f"[vm.0]\nblock = {{ image = '{tmp_path}' }}\n")
+    assert "is a directory" in config_error(
+        tmp_path, f"[vm.0]\nblock = {{ image = '{tmp_path}' }}\n")
     (tmp_path / "empty.img").write_bytes(b"x" * 100)
     assert "less than one 512-byte sector" in config_error(
         tmp_path, f"[vm.0]\nblock = {{ image = '{tmp_path}/empty.img' }}\n")
@@ -604,7 +606,7 @@ def test_constructor_checks(image):
         BlockDevice(image, serial="é" * 11)
 
 
-# -- a crash loses nothing acknowledged ----------------------------------------------------------------------------
+# -- a crash loses nothing acknowledged -----------------------------------------------------------
 
 def test_sigkill_of_the_daemon_after_a_flush_loses_no_acknowledged_write(tmp_path):
     """``avatar-hw serve`` as a subprocess against the stand-in stub; the guest writes 16 KiB

@@ -371,7 +371,7 @@ def test_switch_path_served_by_someone_else_is_one_line(tmp_path):
     other.close()
 
 
-# -- configuration errors --------------------------------------------------------------------------
+# -- configuration errors -------------------------------------------------------------------------
 
 def build(tmp_path, table):
     config = parse_config(tmp_path / "vms.toml", {"vm": {"0": {"net": table}}})
@@ -414,7 +414,8 @@ def test_tap_without_cap_net_admin_is_one_line(drop):
               "c = parse_config('vms.toml', {'vm': {'0': {'net': {'tap': 'avnope0'}}}})\n"
               "try:\n    c.build_device(c.vms[0].devices[0])\n"
               "except Exception as e:\n    print(e)\n")
-    done = subprocess.run(["setpriv", *drop, sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+    done = subprocess.run(["setpriv", *drop, sys.executable, "-c", script],
+                          capture_output=True, text=True, timeout=60,
                           cwd=os.path.dirname(os.path.dirname(__file__)))
     if "setpriv" in done.stderr:
         pytest.skip(f"cannot drop privileges: {done.stderr.strip()}")
@@ -422,7 +423,7 @@ def test_tap_without_cap_net_admin_is_one_line(drop):
     assert "CAP_NET_ADMIN" in done.stdout and done.stdout.count("\n") == 1
 
 
-# -- TAP in a network namespace of its own ------------------------------------------------------------
+# -- TAP in a network namespace of its own --------------------------------------------------------
 
 CLONE_NEWNET = 0x40000000
 
