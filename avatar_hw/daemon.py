@@ -25,8 +25,13 @@ Seams, chosen by the board or handed in:
 - the interrupt line (``raise_spi(intid)``): ``interrupt_line=`` an object or a
   callable ``(trap_region) -> line``; else ``INTERRUPT_LINES[board.interrupts]``
   is called as ``factory(daemon)`` (``"gic"``: the board's distributor through
-  ``Board.open_gic``; ``"stub"``: ``virq_pending`` requests plus the doorbell's
-  ``ring_stub``).
+  ``Board.interrupt_line``, which raises each guest INTID's board SPI and is
+  configured once the devices exist; ``"stub"``: ``virq_pending`` requests
+  plus the doorbell's ``ring_stub``).
+
+``--user``: everything that needs root or the checkout is done first (devices
+mapped and built, the trap page's lock taken, the doorbell and control socket
+open, every module imported), then the privileges are dropped.
 """
 
 import gc
@@ -61,7 +66,7 @@ REGISTER_NAMES = {value: "".join(part.capitalize() for part in name[4:].split("_
 
 
 def _gic_line(daemon):
-    return daemon.board.open_gic(**daemon.roots)
+    return daemon.board.interrupt_line(**daemon.roots)
 
 
 def _stub_line(daemon):
@@ -148,8 +153,10 @@ class Daemon:
             self.subsystem.vm_init(vm_id, GuestMemory(ram, board.ram_guest_base, vm_id=vm_id))
             for device in vm.devices:
                 self.subsystem.create_device(vm_id, self.config.build_device(device))
+        self._configure_board_spis(line)
         self.control = ControlServer(self.control_path or default_control_path(), self)
         self.control.attach(self.loop)
+        self.trap.take_lock()               # before the drop: --user need not open the node
         if self.user:
             drop_privileges(self.user, [self.control.path])
         self.trap.wait_ready(self.wait_stub)
@@ -159,6 +166,23 @@ class Daemon:
         self.loop.add_reader(self._wake_r, self._on_wake)
         self.started = time.time()
         self._service()                                      # whatever was posted before
+
+    def _configure_board_spis(self, line):
+        """Enable, make edge-triggered, prioritise and target the devices' board SPIs."""
+        configure = getattr(line, "configure", None)
+        if configure is None:
+            return
+        guests = sorted(entry["irq"] for entry in self.subsystem.device_info())
+        if not getattr(line, "configurable", True):
+            log.info("board SPIs are raised through a GICv2m frame: their configuration is "
+                     "the distributor owner's")
+            return
+        configured = configure(guests)
+        for intid, settings in configured.items():
+            log.debug("board SPI %d: %s", intid, ", ".join(settings.phrases().values()))
+        if configured:
+            log.info("configured %d board SPI(s) %s: enabled, edge-triggered",
+                     len(configured), ", ".join(map(str, configured)))
 
     def _trap_lock_path(self):
         """The trap page's file or UIO device node (the serving model flocks it)."""
@@ -340,11 +364,14 @@ def drop_privileges(user, owned_paths=()):
             return
         raise AvatarError(f"--user {user}: only root can change user (running as UID "
                           f"{os.geteuid()})")
-    for path in owned_paths:
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-    os.initgroups(user, entry.pw_gid)
-    os.setgid(entry.pw_gid)
-    os.setuid(entry.pw_uid)
+    try:
+        for path in owned_paths:
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        os.initgroups(user, entry.pw_gid)
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+    except OSError as err:
+        raise AvatarError(f"--user {user}: cannot become UID {entry.pw_uid}: {err}") from None
     log.info("running as %s (UID %d)", user, entry.pw_uid)
 
 

@@ -120,9 +120,10 @@ class HardwareTarget(Target):
         return super().console_url(vm, port)
 
     def _spi_report(self, intid):
+        """The board SPI of guest INTID ``intid``, compared with the board file's settings."""
         try:
             if self._gic is None:
-                self._gic = self.board.open_gic()
+                self._gic = self.board.interrupt_line()
             return self._gic.diagnose_spi(intid).explain()
         except (AvatarError, OSError, ValueError) as err:
             return f"GIC distributor not readable here ({err})"
