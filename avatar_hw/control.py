@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 
+from . import paths
 from .errors import AvatarError
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,7 @@ class ControlServer:
         if self.loop is not None:
             self.loop.remove_reader(self.sock)
         self.sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        paths.remove(self.path)
 
     def _accept(self):
         try:

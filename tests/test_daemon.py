@@ -16,8 +16,10 @@ guest drivers (``StandinStub`` + ``VirtioDriver``).
   the host sent (no loss, duplication or reordering inside it).
 """
 
+import fcntl
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -477,6 +479,77 @@ def test_permission_problem_is_one_line(board, stub):
     lines = [line for line in result.stderr.splitlines() if line.startswith("avatar-hw:")]
     assert len(lines) == 1, result.stderr
     assert "permission denied" in lines[0] and "group 'avatar'" in lines[0]
+
+
+# -- --user: privileges dropped after everything that needs them -------------------------------------
+
+def private_copy_of_the_package(tmp_path):
+    """The package in a root-only (0700) directory, as a checkout in a private home: after the
+    drop, anything the daemon imported or opened from there late would fail."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    package = Path(__file__).resolve().parent.parent / "avatar_hw"
+    shutil.copytree(package, private / "avatar_hw", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(private)}
+    where = subprocess.run([sys.executable, "-c", "import avatar_hw; print(avatar_hw.__file__)"],
+                           env=env, cwd=private, capture_output=True, text=True, check=True)
+    assert where.stdout.startswith(str(private))
+    return private, env
+
+
+def proc_ids(pid, field):
+    """The real, effective, saved and filesystem IDs on the ``field`` line (Uid, Gid)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return [int(n) for n in line.split()[1:]]
+    raise AssertionError(f"no {field} line in /proc/{pid}/status")
+
+
+def test_user_drop_keeps_the_lock_and_serves_as_that_user(tmp_path, board, stub):
+    """--user nobody (not in group avatar, cannot read the UIO nodes or this checkout): the
+    lock is taken and everything opened before the drop, and the daemon serves after it."""
+    if os.geteuid() != 0:
+        pytest.skip("--user needs root: the suite runs as root in CI")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody' on this machine")
+    private, env = private_copy_of_the_package(tmp_path)
+    for node in Path(board.roots["dev_root"]).iterdir():
+        node.chmod(0o600)                       # as without the udev rules: root only
+    log_path = board.root / "daemon.log"
+    with open(log_path, "wb") as log:
+        daemon = subprocess.Popen(board.serve_argv(console_config(board, vms=(0,)), "--user",
+                                                   "nobody"), env=env, cwd=private,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        stub.page.wait_attached()
+        assert stub.page.header.model_pid == daemon.pid
+        assert proc_ids(daemon.pid, "Uid") == [nobody.pw_uid] * 4
+        assert proc_ids(daemon.pid, "Gid") == [nobody.pw_gid] * 4
+        with open(board.node("avatar-trap"), "rb") as node:        # the lock is still held
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(node.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert stub.driver(0).read(vc.REG_DEVICE_ID) == vc.ID_CONSOLE    # served after the drop
+        info = subprocess.run([sys.executable, "-m", "avatar_hw", "info", "--json", "--control",
+                               str(board.control)], capture_output=True, text=True, timeout=30)
+        assert info.returncode == 0, info.stderr
+        assert json.loads(info.stdout)["pid"] == daemon.pid
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(10) == 0, log_path.read_text()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    output = log_path.read_text()
+    assert "running as nobody" in output and "Traceback" not in output, output
+    assert stub.page.header.model_state == abi.MODEL_DETACHED
+
+
+def test_user_that_cannot_be_switched_to_is_one_line(board, stub):
+    code, lines, err = run_serve(board, console_config(board, vms=(0,)), "--user", "no-such-user")
+    assert code == 2 and lines == ["avatar-hw: --user no-such-user: no such user"], err
+    assert "Traceback" not in err
 
 
 # -- the Python API -------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ import socket
 import sys
 import tty
 
+from .. import paths
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -369,7 +370,7 @@ class PtyEndpoint(Endpoint):
         super().close()
         self._close_fds()
         if self.path and os.path.islink(self.path) and os.readlink(self.path) == self.tty_name:
-            os.unlink(self.path)
+            paths.remove(self.path)
 
 
 class FileEndpoint(Endpoint):
@@ -525,8 +526,8 @@ class SocketServerEndpoint(Endpoint):
         if self.client is not None:
             self.client.close()
         self.listener.close()
-        if self._unlink and os.path.exists(self._unlink):
-            os.unlink(self._unlink)
+        if self._unlink:
+            paths.remove(self._unlink)
 
 
 def _unix_endpoint(url, path, limit):

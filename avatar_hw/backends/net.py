@@ -37,6 +37,7 @@ import os
 import socket
 import struct
 
+from .. import paths
 from ..errors import ConfigError
 from ..virtio.buffers import gather
 
@@ -262,10 +263,7 @@ class Switch:
                 self._register(self.local[0].loop)
         if not self.members:
             self.sock.close()
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            paths.remove(self.path)
             Switch._hosted.pop(self.path, None)
 
     def _forget(self, port):
