@@ -33,6 +33,7 @@ import pytest
 
 from avatar_hw import abi
 from avatar_hw.layout import Layout
+from avatar_hw.testing.fake_uio import make_tree
 from avatar_hw.testing.standin_stub import FakeBoard, StandinStub, TrapTimeout
 from avatar_hw.virtio import constants as vc
 
@@ -550,6 +551,85 @@ def test_user_that_cannot_be_switched_to_is_one_line(board, stub):
     code, lines, err = run_serve(board, console_config(board, vms=(0,)), "--user", "no-such-user")
     assert code == 2 and lines == ["avatar-hw: --user no-such-user: no such user"], err
     assert "Traceback" not in err
+
+
+# -- a GIC board: the daemon configures and raises board SPIs, not the guest INTIDs ---------------------
+
+GIC_BOARD = """\
+[board]
+name = "fake-gic"
+
+[layout]
+base = 0x0a000000
+vm_size = 0x10000
+device_size = 0x1000
+irq_base = 48
+irqs_per_vm = 8
+max_vms = 2
+
+[interrupts]
+board_intids = [[200, 215]]     # VM1 slot 0 (guest INTID 56): 208
+reserved_intids = [[48, 199]]
+target_cpu = [1, 2]
+priority = 0x90
+
+[gic]
+version = "v2"
+distributor = 0xff841000
+lines = 256
+region = { uio = "avatar-gicd" }
+
+[trap]
+region = { uio = "avatar-trap" }
+
+[ram]
+region = { uio = "avatar-vm{vm}-ram" }
+guest_base = 0x40000000
+"""
+
+
+def test_gic_board_configures_and_raises_the_board_spi_of_each_device(board, stub):
+    from avatar_hw.daemon import Daemon
+    make_tree(board.root, {9: ("avatar-gicd", [(0xFF841000, 0x1000, 0, None)])})
+    gicd = board.node("avatar-gicd")
+    gicd.write_bytes(bytes(0x1000))
+    with open(gicd, "r+b") as node:             # GICD_TYPER: 256 lines, 4 CPUs
+        os.pwrite(node.fileno(), (7 | 3 << 5).to_bytes(4, "little"), 4)
+    board_file = board.root / "gic-board.toml"
+    board_file.write_text(GIC_BOARD)
+    daemon = Daemon(board_file, console_config(board, vms=(1,)),
+                    doorbell=f"fifo:{board.doorbell},{board.doorbell_stub}",
+                    control_path=board.control, **board.roots)
+    thread = daemon.start_thread()
+
+    def gicd_word(offset):
+        with open(gicd, "rb") as node:
+            return int.from_bytes(os.pread(node.fileno(), 4, offset), "little")
+
+    def gicd_byte(offset):
+        return gicd_word(offset & ~3) >> (8 * (offset & 3)) & 0xFF
+
+    try:
+        assert gicd_word(0x118) == 1 << 16          # GICD_ISENABLER6: INTID 208 only
+        assert gicd_word(0x198) == 1 << 16          # disabled first (GICD_ICENABLER6)
+        assert gicd_word(0xC34) == 0x2              # GICD_ICFGR13: 208 edge-triggered
+        assert gicd_byte(0x400 + 208) == 0x90 and gicd_byte(0x800 + 208) == 1 << 2   # VM1: CPU 2
+        assert gicd_byte(0x400 + 209) == 0 and gicd_word(0x104) == 0     # nothing else touched
+        driver = stub.driver(1)
+        rx, tx = driver.init([0, 1])
+        tx.post(readable=[b"hi"])
+        tx.notify()
+        deadline = time.monotonic() + 10
+        while gicd_word(0x218) != 1 << 16:          # GICD_ISPENDR6: board SPI 208 raised
+            assert time.monotonic() < deadline, "board SPI 208 never raised"
+            time.sleep(0.01)
+        assert gicd_word(0x204) == 0                # never the guest INTID 56 itself
+        report = daemon.subsystem.irq_line.diagnose_spi(56)
+        assert report.intid == 208 and report.changes() == [] and report.targets == (2,)
+    finally:
+        daemon.stop()
+        thread.join(10)
+    assert not thread.is_alive()
 
 
 # -- the Python API -------------------------------------------------------------------------------------
