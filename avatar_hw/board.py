@@ -42,6 +42,7 @@ MIN_DEVICE_SIZE = 0x200       # virtio-mmio registers (0x100) and a device confi
 GIC_FRAME_SIZES = {"v2": 0x1000, "v3": 0x10000, "v2m": 0x1000}
 GICC_SIZE = 0x2000
 INTERRUPT_KINDS = ("gic", "stub")
+GIC_ONLY_KEYS = ("board_intids", "target_cpu", "priority")
 
 _REQUIRED = object()
 _KINDS = {int: "an integer", str: "a string", dict: "a table", list: "an array"}
@@ -332,6 +333,10 @@ def _parse(file, data):
     guest_intids = range(layout.irq_base, last_irq(layout) + 1)
     if kind == "stub":
         # The stub injects the guest INTID itself: no physical SPI is raised for a device.
+        for key in GIC_ONLY_KEYS:
+            if key in interrupts.data:
+                raise interrupts.error(key, 'only with kind = "gic": with "stub" the stub '
+                                            "injects the guest INTIDs itself")
         irq["board_intids"] = tuple(guest_intids)
     else:
         ranges = interrupts.intids("board_intids", None)

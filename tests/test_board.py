@@ -310,6 +310,16 @@ def test_stub_interrupts_need_no_gic(tmp_path):
     assert board.interrupts == "stub" and board.gic is None
     with pytest.raises(AvatarError, match="interrupts.kind = 'stub', no \\[gic\\]"):
         board.open_gic()
+    assert board.board_intid(48) == 48 and board.board_intid(79) == 79
+
+
+def test_stub_interrupts_refuse_board_spi_keys(tmp_path):
+    path = tmp_path / "board.toml"
+    path.write_text(RPI4[:RPI4.index("[gic]")].replace('kind = "gic"', 'kind = "stub"') +
+                    RPI4[RPI4.index("[trap]"):])
+    with pytest.raises(ConfigError, match=r'interrupts.board_intids: only with kind = "gic": '
+                                          r'with "stub" the stub injects the guest INTIDs'):
+        load_board(path)
 
 
 @pytest.mark.parametrize("content, problem", [
