@@ -24,11 +24,16 @@ def gic_qemu(version, qmp=False):
     return QTest(["-cpu", "cortex-a57"], machine=f"virt,gic-version={version}", qmp=qmp)
 
 
-def enable_spi48_path(qemu):
-    """What a guest's GIC driver does: distributor, CPU interface, SPI enabled, mask open."""
+def enable_cpu_path(qemu):
+    """What a guest's GIC driver does first: distributor and CPU interface on, mask open."""
     qemu.writel(GICD + GICD_CTLR, 1)
     qemu.writel(GICC + GICC_CTLR, 1)
     qemu.writel(GICC + GICC_PMR, 0xFF)
+
+
+def enable_spi48_path(qemu):
+    """The CPU path and SPI 48 enabled."""
+    enable_cpu_path(qemu)
     qemu.writel(GICD + GICD_ISENABLER1, SPI48_BIT)
 
 
@@ -233,9 +238,7 @@ def test_v2_configured_spi_reaches_the_cpu_where_the_reset_state_does_not():
         [cpu] = qemu.find_devices("-arm-cpu")
         qemu.irq_intercept_in(cpu)
         gicd = GicV2Distributor(qemu.window(GICD))
-        qemu.writel(GICD + GICD_CTLR, 1)
-        qemu.writel(GICC + GICC_CTLR, 1)
-        qemu.writel(GICC + GICC_PMR, 0xFF)
+        enable_cpu_path(qemu)
         linux_like_reset(qemu)
         gicd.raise_spi(217)                     # disabled: pending, but never signalled
         assert qemu.irq_events == [] and "SPI is disabled" in gicd.diagnose_spi(217).explain()
