@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 from . import abi
-from .board import Board, board_path, load_board
+from .board import Board, BoardInterruptLine, board_path, load_board
 from .config import Config, load_config
 from .control import ControlServer, default_control_path
 from .doorbell import FifoDoorbell, UioDoorbell
@@ -169,20 +169,16 @@ class Daemon:
 
     def _configure_board_spis(self, line):
         """Enable, make edge-triggered, prioritise and target the devices' board SPIs."""
-        configure = getattr(line, "configure", None)
-        if configure is None:
+        if not isinstance(line, BoardInterruptLine):
+            return                               # the stub's line, or one handed in
+        if not line.configurable:
+            log.info("board SPIs go through a GICv2m frame: the distributor's owner "
+                     "configures them")
             return
-        guests = sorted(entry["irq"] for entry in self.subsystem.device_info())
-        if not getattr(line, "configurable", True):
-            log.info("board SPIs are raised through a GICv2m frame: their configuration is "
-                     "the distributor owner's")
-            return
-        configured = configure(guests)
+        configured = line.configure(sorted(entry["irq"]
+                                           for entry in self.subsystem.device_info()))
         for intid, settings in configured.items():
-            log.debug("board SPI %d: %s", intid, ", ".join(settings.phrases().values()))
-        if configured:
-            log.info("configured %d board SPI(s) %s: enabled, edge-triggered",
-                     len(configured), ", ".join(map(str, configured)))
+            log.info("board SPI %d: %s", intid, ", ".join(settings.phrases().values()))
 
     def _trap_lock_path(self):
         """The trap page's file or UIO device node (the serving model flocks it)."""

@@ -482,7 +482,7 @@ def test_permission_problem_is_one_line(board, stub):
     assert "permission denied" in lines[0] and "group 'avatar'" in lines[0]
 
 
-# -- --user: privileges dropped after everything that needs them -------------------------------------
+# -- --user: privileges dropped after everything that needs them ---------------------------
 
 def private_copy_of_the_package(tmp_path):
     """The package in a root-only (0700) directory, as a checkout in a private home: after the
@@ -553,7 +553,7 @@ def test_user_that_cannot_be_switched_to_is_one_line(board, stub):
     assert "Traceback" not in err
 
 
-# -- a GIC board: the daemon configures and raises board SPIs, not the guest INTIDs ---------------------
+# -- a GIC board: the daemon configures and raises board SPIs, not the guest INTIDs -----------
 
 GIC_BOARD = """\
 [board]

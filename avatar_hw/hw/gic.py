@@ -107,8 +107,8 @@ class SpiSettings:
         where = (f"routed to {self.route}" if self.route is not None
                  else f"targets CPUs {list(self.targets)}")
         return {"enabled": "enabled" if self.enabled else "disabled",
-                "trigger": f"{self.trigger}-triggered", "priority": f"priority 0x{self.priority:02x}",
-                "destination": where}
+                "trigger": f"{self.trigger}-triggered",
+                "priority": f"priority 0x{self.priority:02x}", "destination": where}
 
     def changes_from(self, configured):
         """Phrases for every setting that differs from ``configured`` (empty: none)."""
