@@ -178,5 +178,5 @@ def test_the_checks_refuse_the_old_carve_out(tmp_path):
     source = source.replace("0x8000000>;\t// 128 MiB (placeholder)\n\t\t\t\tno-map;",
                             "0x8000000>;\t// 128 MiB (placeholder)", 1)
     problems = _shared_memory_problems(_merge(tmp_path, source))
-    assert any("avatar-trap@" in p and "in CMA" in p for p in problems), problems
-    assert any("avatar-vm0-ram@" in p and "not no-map" in p for p in problems), problems
+    assert any("avatar-trap-mem@" in p and "in CMA" in p for p in problems), problems
+    assert any("avatar-vm0-mem@" in p and "not no-map" in p for p in problems), problems
