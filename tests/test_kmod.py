@@ -69,6 +69,7 @@ NODES = """
 	avatar-gicd@8000000 { compatible = "avatar,uio"; reg = <0 0x8000000 0 0x1000>; };
 	avatar-misaligned@8000800 { compatible = "avatar,uio"; reg = <0 0x8000800 0 0x800>; };
 	avatar-mapped { compatible = "avatar,uio"; memory-region = <&mapped_mem>; };
+	avatar-ram-by-reg@48000000 { compatible = "avatar,uio"; reg = <0 0x48000000 0 0x1000>; };
 """ % DOORBELL_SPI
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -117,7 +118,8 @@ def _guest_initrd(tmp_path):
                     reason="needs qemu-system-arm and device-tree-compiler (scripts/setup)")
 def test_kmod_maps_refuses_and_rings_in_the_guest_kernel(tmp_path):
     """avatar_uio loaded into the emulated board's Debian kernel (QEMU virt, no hypervisor):
-    one line per map with its attributes, bad nodes refused, userspace's bad maps refused,
+    one line per map with its attributes, bad nodes refused (misaligned, RAM without no-map,
+    RAM by reg), userspace's bad maps refused (too long, absent, private, executable),
     and the doorbell masked by the handler, held while masked, delivered on unmask."""
     initrd, dtb = _guest_initrd(tmp_path), _guest_dtb(tmp_path)
     run = subprocess.run(["qemu-system-aarch64", *MACHINE, "-kernel", str(guest_assets().kernel),
@@ -133,7 +135,9 @@ def test_kmod_maps_refuses_and_rings_in_the_guest_kernel(tmp_path):
             "(Device-nGnRE)",
             "/avatar-misaligned@8000800: reg 0x0000000008000800 size 0x0000000000000800 is not "
             "page aligned",
-            "/avatar-mapped: memory-region 0 (/reserved-memory/mapped@50200000) lacks no-map"):
+            "/avatar-mapped: memory-region 0 (/reserved-memory/mapped@50200000) lacks no-map",
+            "/avatar-ram-by-reg@48000000: reg [mem 0x48000000-0x48000fff] is RAM: give RAM by "
+            "memory-region"):
         assert line in out, out[-3000:]
     assert "FAIL" not in out and "uio_probe: done" in out, out[-3000:]
     assert out.count("\nok ") >= 16

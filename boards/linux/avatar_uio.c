@@ -13,13 +13,14 @@
  *                                which use their caches, see the same data;
  *   reg = <...>                  device registers (the GIC distributor), mapped
  *                                Device-nGnRE like the kernel's own ioremap();
+ *                                RAM given by reg is refused;
  *   interrupts = <...>           optional: the doorbell. The handler masks the
  *                                line; userspace unmasks it by writing a 4-byte
  *                                1 to /dev/uioN (0 masks it), as with
  *                                uio_pdrv_genirq, which this driver does not need.
  *
  * Map N is selected by mmap offset N * PAGE_SIZE and always covers the region
- * from its start. A region that is not page aligned or not a whole number of
+ * from its start; maps are shared (MAP_SHARED), never executable. A region that is not page aligned or not a whole number of
  * pages is refused at probe: it cannot be mapped without exposing its
  * neighbours.
  */
@@ -100,6 +101,9 @@ static int avatar_uio_mmap(struct uio_info *info, struct vm_area_struct *vma)
 	mem = &info->mem[index];
 	if (vma->vm_end <= vma->vm_start || size > mem->size)
 		return -EINVAL;
+	/* A private (copy-on-write) map would let writes miss the shared memory. */
+	if (!(vma->vm_flags & VM_SHARED))
+		return -EINVAL;
 	/* Neither guest RAM nor registers are ever code for the daemon. */
 	if (vma->vm_flags & VM_EXEC)
 		return -EPERM;
@@ -177,12 +181,30 @@ static int avatar_uio_add_memory_regions(struct avatar_uio *priv, struct device_
 	return 0;
 }
 
+/* True if any page of [start, start + size) is RAM the kernel knows (mapped or no-map). */
+static bool avatar_uio_is_ram(phys_addr_t start, resource_size_t size)
+{
+	unsigned long pfn;
+
+	for (pfn = PHYS_PFN(start); pfn <= PHYS_PFN(start + size - 1); pfn++)
+		if (pfn_valid(pfn))
+			return true;
+	return false;
+}
+
 static int avatar_uio_add_registers(struct avatar_uio *priv, struct platform_device *pdev)
 {
 	struct resource *res;
 	int i, ret;
 
 	for (i = 0; (res = platform_get_resource(pdev, IORESOURCE_MEM, i)); i++) {
+		/* RAM mapped Device here would alias the cacheable mappings of it. */
+		if (resource_size(res) && avatar_uio_is_ram(res->start, resource_size(res))) {
+			dev_err(priv->dev,
+				"%pOF: reg %pR is RAM: give RAM by memory-region (mapped cacheable), not reg (mapped Device)\n",
+				pdev->dev.of_node, res);
+			return -EINVAL;
+		}
 		ret = avatar_uio_add_map(priv, pdev->dev.of_node, "reg", res->start,
 					 resource_size(res), false);
 		if (ret)

@@ -60,8 +60,8 @@ int main(int argc, char **argv)
 	uint32_t count = 0, on = 1;
 
 	CHECK(trap >= 0 && ram >= 0 && gicd >= 0, "devices open");
-	CHECK(open_uio("avatar-misaligned") < 0 && open_uio("avatar-mapped") < 0,
-	      "refused nodes have no device");
+	CHECK(open_uio("avatar-misaligned") < 0 && open_uio("avatar-mapped") < 0 &&
+	      open_uio("avatar-ram-by-reg") < 0, "refused nodes have no device");
 
 	volatile uint32_t *t = mmap(NULL, 0x10000, PROT_READ | PROT_WRITE, MAP_SHARED, trap, 0);
 	CHECK(t != MAP_FAILED, "trap page mapped");
@@ -84,6 +84,8 @@ int main(int argc, char **argv)
 	      "a map index the device lacks is refused");
 	CHECK(mmap(NULL, page, PROT_READ, MAP_SHARED, trap, 1L << 40) == MAP_FAILED,
 	      "a huge offset is refused");
+	CHECK(mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_PRIVATE, trap, 0) == MAP_FAILED &&
+	      errno == EINVAL, "a private map is refused");
 	CHECK(mmap(NULL, page, PROT_READ | PROT_EXEC, MAP_SHARED, trap, 0) == MAP_FAILED &&
 	      errno == EPERM, "an executable map is refused");
 	CHECK(t == MAP_FAILED || mprotect((void *)t, page, PROT_READ | PROT_EXEC) != 0,
