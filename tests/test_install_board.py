@@ -118,3 +118,12 @@ def test_no_boot_partition_is_one_line(checkout, tmp_path):
     result = install(checkout, tmp_path / "empty")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "no config.txt in" in result.stderr and "--boot DIR" in result.stderr
+
+
+def test_the_old_generic_uio_setup_is_pointed_out(checkout, destdir):
+    assert "no longer needed" not in install(checkout, destdir).stdout
+    (destdir / "etc" / "modprobe.d").mkdir(parents=True)
+    (destdir / "etc" / "modprobe.d" / "avatar-uio.conf").write_text(
+        "options uio_pdrv_genirq of_id=generic-uio\n")
+    assert "uio_pdrv_genirq.of_id=generic-uio (cmdline.txt or /etc/modprobe.d) is no longer " \
+        "needed" in install(checkout, destdir).stdout
