@@ -194,7 +194,12 @@ def kernel_headers(release=None):
     debs = root / "debs"
     debs.mkdir(exist_ok=True)
     headers = f"linux-headers-{release}"
-    version = apt.candidate(headers)
+    try:
+        version = apt.candidate(headers)
+    except AvatarError:
+        raise AvatarError(f"apt knows no {headers}: the archive has moved past the cached guest "
+                          f"kernel {release}; remove {cache_dir() / 'guest'} to fetch the "
+                          f"current kernel, then its headers") from None
     record, fetched = {}, []
     for package in (headers, f"linux-headers-{abi}-common", f"{kbuild}:{host}"):
         deb, _, sha256 = apt.fetch(package, debs, version)
