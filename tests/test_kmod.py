@@ -38,12 +38,17 @@ def test_kmod_build_is_cached():
     assert build_kmod() == build_kmod()
 
 
-def test_kmod_build_failure_names_the_error(tmp_path):
+@pytest.mark.parametrize("change, error", [
+    (("remap_pfn_range(", "remap_pfn_rnage("), "remap_pfn_rnage"),          # no such function
+    (("\tint irq, ret;\n", "\tint irq, ret, unused;\n"), "unused variable"),  # a warning
+])
+def test_kmod_build_failure_names_the_error(tmp_path, change, error):
     for source in MODULE_DIR.iterdir():
         shutil.copy(source, tmp_path)
     driver = tmp_path / "avatar_uio.c"
-    driver.write_text(driver.read_text().replace("remap_pfn_range(", "remap_pfn_rnage("))
-    with pytest.raises(AvatarError, match="remap_pfn_rnage"):
+    assert change[0] in driver.read_text()
+    driver.write_text(driver.read_text().replace(*change))
+    with pytest.raises(AvatarError, match=error):
         build_kmod(source_dir=tmp_path)
 
 

@@ -2,7 +2,8 @@
 
 ``build_kmod()`` copies the driver's sources into the avatar-hw cache and runs
 the kernel's own build (``make -C TREE M=DIR ARCH=arm64
-CROSS_COMPILE=aarch64-linux-gnu- modules``) against the Debian headers that
+CROSS_COMPILE=aarch64-linux-gnu- KCFLAGS=-Werror modules``: a warning fails the
+test build, not a user's DKMS build on a newer kernel) against the Debian headers that
 ``assets.kernel_headers()`` fetched for the emulated board's kernel release;
 the .ko is cached by a hash of the sources and the release, so a second call
 costs nothing. ``modinfo(ko)`` reads a module's ``.modinfo`` section without
@@ -33,7 +34,7 @@ def build_kmod(release=None, source_dir=MODULE_DIR):
         raise AvatarError("make not found: building the kernel module needs it "
                           "(apt-get install make, or run scripts/setup)")
     sources = [source_dir / name for name in SOURCES]
-    out = cache_dir() / "kmod" / f"{MODULE}-{release}-{_digest(sources, [release])}.ko"
+    out = cache_dir() / "kmod" / f"{MODULE}-{release}-{_digest(sources, [release, 'Werror'])}.ko"
     if out.exists():
         return out
     tree = kernel_headers(release)
@@ -43,7 +44,7 @@ def build_kmod(release=None, source_dir=MODULE_DIR):
             shutil.copy(source, work)
         result = subprocess.run(
             ["make", "-C", str(tree), f"M={work}", "ARCH=arm64", f"CROSS_COMPILE={CROSS}",
-             "modules"], capture_output=True, text=True)
+             "KCFLAGS=-Werror", "modules"], capture_output=True, text=True)
         if result.returncode != 0:
             raise AvatarError(f"building {MODULE}.ko for {release} failed:\n"
                               f"{(result.stdout + result.stderr).strip()[-3000:]}")
