@@ -20,9 +20,10 @@
  *                                uio_pdrv_genirq, which this driver does not need.
  *
  * Map N is selected by mmap offset N * PAGE_SIZE and always covers the region
- * from its start; maps are shared (MAP_SHARED), never executable. A region that is not page aligned or not a whole number of
- * pages is refused at probe: it cannot be mapped without exposing its
- * neighbours.
+ * from its start; a map is never copy-on-write (MAP_PRIVATE on a writable
+ * file) nor executable. A region that is not page aligned or not a whole
+ * number of pages is refused at probe: it cannot be mapped without exposing
+ * its neighbours.
  */
 
 #include <linux/interrupt.h>
@@ -101,8 +102,8 @@ static int avatar_uio_mmap(struct uio_info *info, struct vm_area_struct *vma)
 	mem = &info->mem[index];
 	if (vma->vm_end <= vma->vm_start || size > mem->size)
 		return -EINVAL;
-	/* A private (copy-on-write) map would let writes miss the shared memory. */
-	if (!(vma->vm_flags & VM_SHARED))
+	/* A copy-on-write (private, writable) map would let writes miss the shared memory. */
+	if (is_cow_mapping(vma->vm_flags))
 		return -EINVAL;
 	/* Neither guest RAM nor registers are ever code for the daemon. */
 	if (vma->vm_flags & VM_EXEC)

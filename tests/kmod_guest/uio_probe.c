@@ -42,6 +42,14 @@ static int open_uio(const char *name)
 	return fd;
 }
 
+static int open_uio_readonly(int fd)
+{
+	char path[64];
+
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	return open(path, O_RDONLY);
+}
+
 static int wait_event(int fd, int timeout_ms, uint32_t *count)
 {
 	struct pollfd p = { .fd = fd, .events = POLLIN };
@@ -85,7 +93,9 @@ int main(int argc, char **argv)
 	CHECK(mmap(NULL, page, PROT_READ, MAP_SHARED, trap, 1L << 40) == MAP_FAILED,
 	      "a huge offset is refused");
 	CHECK(mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_PRIVATE, trap, 0) == MAP_FAILED &&
-	      errno == EINVAL, "a private map is refused");
+	      errno == EINVAL, "a copy-on-write map is refused");
+	volatile uint32_t *ro = mmap(NULL, page, PROT_READ, MAP_SHARED, open_uio_readonly(trap), 0);
+	CHECK(ro != MAP_FAILED && ro[0] == 0x12345678, "a read-only map reads the trap page");
 	CHECK(mmap(NULL, page, PROT_READ | PROT_EXEC, MAP_SHARED, trap, 0) == MAP_FAILED &&
 	      errno == EPERM, "an executable map is refused");
 	CHECK(t == MAP_FAILED || mprotect((void *)t, page, PROT_READ | PROT_EXEC) != 0,
