@@ -127,3 +127,16 @@ def test_the_old_generic_uio_setup_is_pointed_out(checkout, destdir):
         "options uio_pdrv_genirq of_id=generic-uio\n")
     assert "uio_pdrv_genirq.of_id=generic-uio (cmdline.txt or /etc/modprobe.d) is no longer " \
         "needed" in install(checkout, destdir).stdout
+
+
+def test_not_root_reruns_itself_with_sudo_keeping_the_options(checkout, tmp_path):
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "id").write_text("#!/bin/sh\necho 1000\n")
+    (fake / "sudo").write_text('#!/bin/sh\necho "sudo $*"\n')
+    for tool in ("id", "sudo"):
+        (fake / tool).chmod(0o755)
+    result = subprocess.run(["bash", str(checkout / "scripts" / "install-board"), "--user", "bob",
+                             "--edit-config"], env={"PATH": f"{fake}:/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=30)
+    assert result.stdout == (f"sudo {checkout}/scripts/install-board --user bob --edit-config\n")
