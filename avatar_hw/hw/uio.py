@@ -10,11 +10,12 @@ under ``/sys/class/uio/uioN/maps/mapM/{addr,size,name,offset}``:
   by reading ``<sysfs_root>/class/uio/uio*/name``;
 - ``UioDevice.map(m)`` maps map ``m``: the kernel selects it by the mmap offset
   ``m * page size``; the registers start ``offset`` bytes into the first page.
-  Nothing rounds for us: ``uio_pdrv_genirq`` (Linux 6.1) reports the node's
-  ``reg`` as it is, and ``uio_mmap_physical`` refuses a map whose ``addr`` is
-  not page-aligned (ENODEV) or a mapping longer than ``size`` (EINVAL), so a
-  map that is not page-aligned, or not a whole number of pages (a 4 KiB trap
-  page on a 16 KiB-page kernel), is refused here with one line naming the
+  Nothing rounds for us: ``avatar_uio`` (boards/linux) and ``uio_pdrv_genirq``
+  (Linux 6.1) report the node's region as it is, and ``uio_mmap_physical``
+  refuses a map whose ``addr`` is not page-aligned (ENODEV) or a mapping
+  longer than ``size`` (EINVAL), so a map that is not page-aligned, or not a
+  whole number of pages (a 4 KiB trap page on a 16 KiB-page kernel), is
+  refused here with one line naming the
   node and the page size (``os.sysconf("SC_PAGE_SIZE")``);
 - interrupts: ``wait()`` reads the 4-byte event count, ``enable()``/``disable()``
   write 1/0, ``fileno()`` goes into a selector loop.
@@ -126,7 +127,7 @@ class UioDevice:
     def wait(self, timeout=None):
         """Wait for an interrupt; return the total event count, or None after ``timeout`` s.
 
-        uio_pdrv_genirq disables the interrupt line each time it fires. Call
+        avatar_uio (like uio_pdrv_genirq) disables the interrupt line each time it fires. Call
         ``enable()`` right after ``wait()`` returns and *before* handling the
         work, so an interrupt that comes during the handling is counted and not
         missed; then handle everything that is pending, then wait again.
@@ -210,6 +211,6 @@ def find_uio(name, *, sysfs_root="/sys", dev_root="/dev"):
     present = ", ".join(d.name for d in devices) or "none"
     raise DeviceNotFound(
         f"UIO device {name!r} not found in {sysfs_root} (present: {present}); load the "
-        "device-tree overlay (scripts/avatar-rpi4-overlay.dts), boot with "
-        "uio_pdrv_genirq.of_id=generic-uio and install udev/99-avatar-hw.rules "
+        "avatar_uio driver (scripts/install-board) and the device-tree overlay "
+        "(scripts/avatar-rpi4-overlay.dts), and install udev/99-avatar-hw.rules "
         "(docs/board-setup.md)")
