@@ -22,7 +22,7 @@ from .errors import AvatarError, ConfigError, DeviceNotFound
 from .hw.gic import FIRST_SPI, SPECIAL_INTIDS, VERSIONS, GicError, open_gic
 from .hw.region import Region
 from .hw.uio import find_uio
-from .layout import Layout
+from .layout import Layout, address
 
 BOARD_DIRS = (
     Path(__file__).resolve().parent.parent / "boards",               # a checkout
@@ -266,8 +266,9 @@ def _check(board):
             others.append(("gic.cpu_interface", start, start + GICC_SIZE))
     for key, start, end in others:
         if start < windows[1] and windows[0] < end:
-            raise ConfigError(file, key, f"0x{start:x}-0x{end - 1:x} lies inside the virtio "
-                                         f"windows 0x{windows[0]:x}-0x{windows[1] - 1:x} "
+            raise ConfigError(file, key, f"{address(start)}-{address(end - 1)} lies inside the "
+                                         f"virtio windows {address(windows[0])}-"
+                                         f"{address(windows[1] - 1)} "
                                          "([layout] base + max_vms * vm_size)")
 
 
@@ -284,14 +285,26 @@ def load_board(path):
         raise ConfigError(path, None, f"cannot read: {err.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(path, None, f"not a TOML file: {err}") from None
+    if "board" not in data and "vm" in data:
+        raise ConfigError(path, None, "a VMs config (for --config), not a board file; boards: "
+                                      f"{', '.join(shipped_boards()) or 'none found'}")
     board = _parse(path, data)
     _check(board)
     return board
 
 
+def _is_board_file(path):
+    try:
+        with open(path, "rb") as f:
+            return "board" in tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return False
+
+
 def shipped_boards():
-    """Names of the board files found in BOARD_DIRS."""
-    return sorted({p.stem for d in BOARD_DIRS if d.is_dir() for p in d.glob("*.toml")})
+    """Names of the board files (not VMs configs) found in BOARD_DIRS."""
+    return sorted({p.stem for d in BOARD_DIRS if d.is_dir() for p in d.glob("*.toml")
+                   if _is_board_file(p)})
 
 
 def board_path(name_or_path):
@@ -309,10 +322,6 @@ def board_path(name_or_path):
 
 # -- avatar-hw layout -------------------------------------------------------------------------
 
-def _hex(value):
-    return f"0x{value:08x}"
-
-
 def device_map(board, vms=None):
     """Every device slot of the first ``vms`` VMs, as the JSON of ``avatar-hw layout --json``."""
     lay = board.layout
@@ -323,10 +332,10 @@ def device_map(board, vms=None):
     result = []
     for vm in range(vms):
         first, last = lay.vm_window(vm)
-        devices = [{"slot": k, "base": _hex(lay.window(vm, k)),
-                    "end": _hex(lay.window(vm, k) + lay.device_size - 1), "irq": lay.irq(vm, k)}
+        devices = [{"slot": k, "base": address(lay.window(vm, k)),
+                    "end": address(lay.window(vm, k) + lay.device_size - 1), "irq": lay.irq(vm, k)}
                    for k in range(lay.devices_per_vm)]
-        result.append({"vm": vm, "window": [_hex(first), _hex(last)],
+        result.append({"vm": vm, "window": [address(first), address(last)],
                        "irqs": [devices[0]["irq"], devices[-1]["irq"]], "devices": devices})
     return {"board": board.name, "vms": result}
 
@@ -347,9 +356,9 @@ def _layout_command(args):
     print(json.dumps(table, indent=2) if args.json else format_device_map(table))
 
 
-def add_parser(subparsers):
+def add_parser(subparsers, parents=()):
     parser = subparsers.add_parser(
-        "layout", help="print every device slot's window and IRQ",
+        "layout", parents=parents, help="print every device slot's window and IRQ",
         description="Print each VM's virtio-mmio window and every device slot's address "
                     "range and SPI, as the board file defines them.")
     parser.add_argument("--board", default=DEFAULT_BOARD,

@@ -160,7 +160,7 @@ def test_daemon_serves_consoles_to_two_vms_and_info_shows_both(board, stub, serv
     for vm in info["vms"]:
         [device] = vm["devices"]
         assert device["name"] == "console" and device["irq"] == LAYOUT.irq(vm["vm"], 0)
-        assert device["base"] == hex(LAYOUT.window(vm["vm"], 0))
+        assert device["base"] == f"0x{LAYOUT.window(vm['vm'], 0):08x}"
         assert "DRIVER_OK" in device["status"]
         assert device["bytes_from_guest"] == len(f"hello from vm{vm['vm']}\n")
         assert device["bytes_to_guest"] == len(f"to vm{vm['vm']}")

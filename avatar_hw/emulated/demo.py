@@ -52,9 +52,9 @@ def _demo(args):
         return status
 
 
-def add_parser(subparsers):
+def add_parser(subparsers, parents=()):
     parser = subparsers.add_parser(
-        "demo", help="boot an arm64 Linux guest on the emulated board, served by avatar-hw",
+        "demo", parents=parents, help="boot an arm64 Linux guest on the emulated board, served by avatar-hw",
         description=__doc__.split("\n\n")[1])
     parser.add_argument("--run", metavar="CMD", help="run CMD in the guest, print its output, "
                         "exit with its status")

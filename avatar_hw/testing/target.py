@@ -38,10 +38,11 @@ class Target:
     kind = None
     board = None            # the avatar_hw.board.Board
     control_path = None
+    control_option = "--control"      # what the user calls control_path, for error messages
     last_console = None     # the console tests use (its output goes into failure reports)
 
     def info(self):
-        return control.request("info", self.control_path)
+        return control.request("info", self.control_path, option=self.control_option)
 
     def vm_info(self, vm=0):
         for entry in self.info()["vms"]:
@@ -107,6 +108,7 @@ class HardwareTarget(Target):
     (any pyserial URL; default: the daemon's endpoint for VM 0's console)."""
 
     kind = "hw"
+    control_option = "--avatar-control"
 
     def __init__(self, board_file, *, console_url=None, control_path=None):
         self.board = load_board(board_path(board_file))
