@@ -5,7 +5,9 @@ A board file (``boards/*.toml``, schema in docs/boards.md) is loaded with
 naming the file, the key and the problem. ``Board.open_region(spec)`` maps a
 *region spec*, either a UIO map (on a board) or a window of a file (on the
 emulated board), so the daemon does not care which. Shipped boards are found
-by name (``rpi4``) in the checkout's boards/ or the installed copy.
+by name (``rpi4``) in the checkout's boards/ or the installed copy (pyproject's
+data-files put boards/ under ``PREFIX/share/avatar-hw/boards``: board files, the
+emulated board's stub sources and the trap ABI header).
 
 Also the ``avatar-hw layout`` command: every device slot's window and IRQ.
 """
@@ -299,6 +301,17 @@ def _is_board_file(path):
             return "board" in tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
         return False
+
+
+def shipped_file(relative):
+    """A file shipped beside the board files (``emulated/start.S``), from the checkout's
+    boards/ or the installed copy (BOARD_DIRS, first found)."""
+    for directory in BOARD_DIRS:
+        candidate = directory / relative
+        if candidate.exists():
+            return candidate
+    raise AvatarError(f"{relative}: not in {' or '.join(map(str, BOARD_DIRS))}; reinstall "
+                      "avatar-hw (its board files are missing)")
 
 
 def shipped_boards():

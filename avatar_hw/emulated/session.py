@@ -21,16 +21,15 @@ import socket
 import time
 from pathlib import Path
 
-from ..board import load_board
+from ..board import board_path, load_board
 from ..daemon import Daemon
 from ..errors import AvatarError
 from .assets import guest_assets
-from .build import REPO, build_stub
+from .build import build_stub
 from .devicetree import DEFAULT_BOOTARGS, build_dtb
 from .initramfs import READY_MARKER, build_initramfs
 from .machine import EmulatedMachine
 
-BOARD_FILE = REPO / "boards" / "emulated.toml"
 MODEL_WAIT_MS = 30000
 
 
@@ -123,7 +122,7 @@ class EmulatedBoard:
         config = workdir / "vms.toml"
         config.write_text(f'[vm.0]\nconsole = {{ backends = ["unix:{self.console_path}"] }}\n'
                           f"{self.devices}\n")
-        board = load_board(BOARD_FILE)
+        board = load_board(board_path("emulated"))
         shm = self.machine.shm_path
         board = dataclasses.replace(board, trap=dataclasses.replace(board.trap, file=shm),
                                     ram=dataclasses.replace(board.ram, file=shm))
