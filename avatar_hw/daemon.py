@@ -233,10 +233,7 @@ class Daemon:
         self._log_endpoints()
         try:
             if self.busy_poll:
-                handler, service = self.subsystem.handle_mmio_trap, self.trap.service
-                while self._running:
-                    self.loop.run_once(0)
-                    service(handler)
+                self._busy_poll()
             else:
                 while self._running:
                     self.loop.run_once()
@@ -245,6 +242,14 @@ class Daemon:
                 signal.signal(signum, old)
             self._old_signals.clear()
             self.close()
+
+    def _busy_poll(self):
+        # Its own frame: the bound methods held here must be gone before close() unmaps
+        # the regions their views point into.
+        handler, service = self.subsystem.handle_mmio_trap, self.trap.service
+        while self._running:
+            self.loop.run_once(0)
+            service(handler)
 
     def _log_endpoints(self):
         """Where to reach it: the control socket and every console port's endpoints."""

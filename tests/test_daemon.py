@@ -481,11 +481,12 @@ def test_permission_problem_is_one_line(board, stub):
 
 # -- the Python API -------------------------------------------------------------------------------------
 
-def test_python_api_runs_the_daemon_in_a_thread(board, stub, caplog):
+@pytest.mark.parametrize("busy_poll", [False, True], ids=["doorbell", "busy-poll"])
+def test_python_api_runs_the_daemon_in_a_thread(board, stub, caplog, busy_poll):
     from avatar_hw.daemon import Daemon
     daemon = Daemon(board.board_file, console_config(board, vms=(1,)),
                     doorbell=f"fifo:{board.doorbell},{board.doorbell_stub}",
-                    control_path=board.control, **board.roots)
+                    control_path=board.control, busy_poll=busy_poll, **board.roots)
     thread = daemon.start_thread()
     try:
         assert stub.page.model_attached()
