@@ -4,11 +4,12 @@ It loads the board file and the VMs config, maps the trap page and each VM's
 RAM (``Board.open_region``: UIO maps on a board, file windows on the emulated
 board), builds the ``Subsystem`` and the configured devices, attaches to the
 trap page and serves traps in one ``EventLoop`` over the doorbell, every
-backend fd and the control socket. SIGINT/SIGTERM: stop reading the
-doorbell, detach (DETACHED), close, exit 0. Console output still in flight
-at exit was never acknowledged to the guest (a transmit buffer is returned
-only once its bytes are in every attached endpoint's fd), so there is
-nothing to flush: exiting, like dying, loses nothing acknowledged.
+backend fd and the control socket. Under systemd (``Type=notify``,
+boards/linux/avatar-hw.service) it sends READY=1 once serving and STOPPING=1
+when it stops. SIGINT/SIGTERM: stop reading the doorbell, detach (DETACHED),
+close, exit 0. Console output still in flight at exit was never acknowledged
+to the guest (a transmit buffer is returned only once its bytes are in every
+attached endpoint's fd), so there is nothing to flush: exiting, like dying, loses nothing acknowledged.
 
 Python API (the emulated board launcher and tests)::
 
@@ -231,6 +232,8 @@ class Daemon:
                 self._old_signals[signum] = signal.signal(signum, self._on_signal)
         self._running = True
         self._log_endpoints()
+        sd_notify(f"READY=1\nSTATUS=serving {len(self.config.vms)} VM(s), control socket "
+                  f"{self.control.path}\nMAINPID={os.getpid()}")
         try:
             if self.busy_poll:
                 self._busy_poll()
@@ -238,10 +241,10 @@ class Daemon:
                 while self._running:
                     self.loop.run_once()
         finally:
+            self.close()            # a second signal meanwhile only asks to stop again
             for signum, old in self._old_signals.items():
                 signal.signal(signum, old)
             self._old_signals.clear()
-            self.close()
 
     def _busy_poll(self):
         # Its own frame: the bound methods held here must be gone before close() unmaps
@@ -287,6 +290,8 @@ class Daemon:
         if self._closed:
             return
         self._closed = True
+        if self.started is not None:
+            sd_notify("STOPPING=1")
         if self.doorbell is not None and not self.busy_poll and self.trap is not None:
             self.loop.remove_reader(self.doorbell)      # nothing serves after DETACHED
         if self.trap is not None and self.trap.slots and self.subsystem is not None:
@@ -351,6 +356,23 @@ class Daemon:
                 "config": str(self.config.path), "uptime": round(time.time() - self.started, 3),
                 "mode": "busy-poll" if self.busy_poll else "doorbell",
                 "trap": self.trap.info(), "vms": vms}
+
+
+def sd_notify(state):
+    """Tell systemd (``Type=notify`` units) ``state``: one datagram to $NOTIFY_SOCKET, as
+    sd_notify(3) does; nothing without it. A failure is logged, never raised."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]                       # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), path)
+    except OSError as err:
+        log.warning("NOTIFY_SOCKET %s: %s", os.environ["NOTIFY_SOCKET"], err)
+        return False
+    return True
 
 
 def _addressed(entry):

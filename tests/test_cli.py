@@ -5,8 +5,12 @@ log (control socket and console endpoints)."""
 import argparse
 import json
 import logging
+import os
+import signal
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +103,56 @@ def test_serve_logs_where_to_reach_it_and_list_info_print_one_address_format(tmp
     assert f"control socket {board.control}" in log
     assert f"vm1 console port 0: unix:{board.root}/vm1.sock, file:{board.root}/vm1.log" in log
     assert " DEBUG " in log                 # -vv after the command
+
+
+def test_serve_tells_systemd_when_it_is_ready_and_when_it_stops(tmp_path):
+    """Type=notify (boards/linux/avatar-hw.service): READY=1 once the control socket answers,
+    STOPPING=1 on SIGTERM; a fake $NOTIFY_SOCKET collects the datagrams."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(20)
+    board = FakeBoard(tmp_path / "board")
+    stub = StandinStub(board)
+    os.environ["NOTIFY_SOCKET"] = str(tmp_path / "notify")
+    try:
+        daemon = Served(board, console_config(board))
+    finally:
+        del os.environ["NOTIFY_SOCKET"]
+    try:
+        ready = notify.recv(4096).decode().split("\n")
+        assert ready[0] == "READY=1" and f"MAINPID={daemon.process.pid}" in ready
+        assert stub.page.model_attached()
+        assert json.loads(daemon.cli("list", "--json"))          # serving when it said so
+        daemon.process.send_signal(signal.SIGTERM)
+        assert notify.recv(4096) == b"STOPPING=1"
+        assert daemon.process.wait(20) == 0
+    finally:
+        daemon.close()
+        stub.close()
+        notify.close()
+
+
+def test_sd_notify_without_systemd_or_with_an_abstract_socket(monkeypatch):
+    from avatar_hw.daemon import sd_notify
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert sd_notify("READY=1") is False
+    name = f"avatar-hw-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind("\0" + name)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert sd_notify("READY=1") is True
+        assert notify.recv(64) == b"READY=1"
+    assert sd_notify("STOPPING=1") is False              # nobody listens: logged, not raised
+
+
+def test_the_systemd_unit_runs_serve_and_waits_for_its_notification():
+    unit = (Path(__file__).resolve().parent.parent / "boards/linux/avatar-hw.service").read_text()
+    lines = dict(line.split("=", 1) for line in unit.splitlines()
+                 if "=" in line and not line.startswith("#"))
+    assert lines["Type"] == "notify"
+    argv = lines["ExecStart"].split()
+    assert argv[:2] == ["avatar-hw", "serve"] and "--board" in argv and "--config" in argv
+    args = cli.build_parser().parse_args(
+        [a.replace("${AVATAR_BOARD}", "rpi4").replace("${AVATAR_CONFIG}", "/etc/x.toml")
+         for a in argv[1:] if a != "$AVATAR_OPTIONS"])
+    assert (args.board, str(args.config)) == ("rpi4", "/etc/x.toml")
