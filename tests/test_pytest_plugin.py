@@ -23,6 +23,14 @@ pytest_plugins = ["pytester"]
 
 
 @pytest.fixture
+def pytester(pytester, monkeypatch):
+    """In-process runs without labgrid's plugin (when labgrid is installed): it starts its
+    process-wide StepLogger in pytest_configure, which this very process already did."""
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:labgrid")
+    return pytester
+
+
+@pytest.fixture
 def daemon(tmp_path):
     """A running daemon (stand-in stub) serving VM 0's console on unix: and rfc2217:."""
     board = FakeBoard(tmp_path / "board", vms=1)
