@@ -105,6 +105,32 @@ def test_expect_timeout_shows_the_last_output(pty_shell):
         console.expect("never", 0.3)
 
 
+def test_expect_a_list_gives_the_index_of_the_earliest_match(pty_shell):
+    console = pty_shell
+    console.wait_shell(10)
+    console.sendline("echo one-$((1)) two-$((2))")
+    assert console.expect(["two-2", r"one-(\d)", "never"], 5) == 1       # earliest in the output
+    assert console.match.group(1) == "1"
+    assert console.expect(["never", "two-2"], 5) == 1                     # the rest stays
+    assert console.expect(["never", ConsoleTimeout], 0.3) == 1            # pexpect's TIMEOUT
+    with pytest.raises(ConsoleTimeout, match="no 'never' or 'nor this' within 0.3 s"):
+        console.expect(["never", "nor this"], 0.3)
+
+
+def test_expect_exact_takes_text_literally(pty_shell, tmp_path):
+    console = pty_shell
+    console.wait_shell(10)
+    console.sendline("echo '[ OK ] a.b*' x''y")
+    assert console.expect_exact("[ OK ] a.b*", 5).group(0) == "[ OK ] a.b*"
+    assert console.expect_exact([b"a.c", "xy"], 5) == 1
+    log = open(tmp_path / "console.log", "w")
+    console.log = log
+    console.sendline("echo lo''gged")
+    console.expect_exact("logged", 5)
+    log.close()
+    assert "logged" in (tmp_path / "console.log").read_text()
+
+
 def test_run_rejects_several_lines(pty_shell):
     with pytest.raises(ValueError, match="one command line"):
         pty_shell.run("echo a\necho b")
