@@ -104,6 +104,14 @@ class GuestConsole:
     def close(self):
         self.port.close()
 
+    def reopen(self, url):
+        """Attach to ``url`` instead (the guest started again): a new port, nothing pending."""
+        self.port.close()
+        self.port = open_serial(url, timeout=POLL)
+        self.name = url
+        self.buffer = ""
+        self._decoder.reset()
+
     def __enter__(self):
         return self
 
