@@ -8,6 +8,7 @@ import socket
 import subprocess
 import termios
 import threading
+import time
 
 import pytest
 import serial
@@ -273,3 +274,38 @@ def test_bad_url_is_one_line():
     with pytest.raises(AvatarError, match="^console nope://x: .*nope") as err:
         open_serial("nope://x")
     assert "\n" not in str(err.value)
+
+
+def test_unix_url_keeps_what_the_peer_sent_at_once(tmp_path, monkeypatch):
+    """unix:// does not discard input at open (pyserial's socket:// does): a shell's first
+    prompt or the daemon's backlog arrives the moment the client connects."""
+    path = str(tmp_path / "peer.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    sent = threading.Event()
+
+    def greet():
+        conn, _ = listener.accept()
+        conn.sendall(b"first prompt$ ")
+        sent.set()
+        conn.recv(1)
+        conn.close()
+
+    threading.Thread(target=greet, daemon=True).start()
+    original = socket.socket.setblocking
+
+    def slow_setblocking(sock, flag):               # open() finishes after the greeting
+        sent.wait(5)
+        time.sleep(0.05)
+        return original(sock, flag)
+
+    monkeypatch.setattr(socket.socket, "setblocking", slow_setblocking)
+    console = GuestConsole.open(f"unix://{path}")
+    monkeypatch.undo()
+    try:
+        assert console.expect_exact("first prompt$ ", 5)
+    finally:
+        console.send(b"x")
+        console.close()
+        listener.close()
