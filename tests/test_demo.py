@@ -17,6 +17,7 @@ import pytest
 from avatar_hw.emulated import machine
 from avatar_hw.testing.console import GuestConsole
 from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
+from test_pytest_plugin import OnPty
 
 REPO = Path(__file__).resolve().parent.parent
 AVATAR_HW = [sys.executable, "-m", "avatar_hw"]
@@ -121,6 +122,14 @@ def test_the_cli_and_several_console_clients_on_a_running_demo():
         assert second.run("echo second") == ("second\n", 0)
         first.close()
         second.close()
+        term = OnPty("0", "--control", demo.control)         # the command a user types
+        try:
+            term.type("echo via-$((5 + 5))\n")
+            term.expect("via-10", 60)
+            term.type("\x1d")
+            assert term.process.wait(10) == 0
+        finally:
+            term.close()
         assert demo.process.poll() is None                   # never the demo's death
         demo.process.stdin.write(b"\x1d")                    # Ctrl-]
         demo.process.stdin.flush()
