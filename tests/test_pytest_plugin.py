@@ -175,7 +175,8 @@ def test_board_without_a_daemon_is_a_clear_error(pytester, tmp_path):
                                 f"--avatar-control={tmp_path / 'none.sock'}")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines([f"*--avatar-board {board.board_file}: no avatar-hw daemon at "
-                                 f"{tmp_path / 'none.sock'}: is 'avatar-hw serve' running?*"])
+                                 f"{tmp_path / 'none.sock'}: is 'avatar-hw serve' running? "
+                                 "(give its control socket with --avatar-control)*"])
 
 
 def test_console_url_from_the_daemons_info(daemon):
