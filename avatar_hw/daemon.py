@@ -9,7 +9,8 @@ boards/linux/avatar-hw.service) it sends READY=1 once serving and STOPPING=1
 when it stops. SIGINT/SIGTERM: stop reading the doorbell, detach (DETACHED),
 close, exit 0. Console output still in flight at exit was never acknowledged
 to the guest (a transmit buffer is returned only once its bytes are in every
-attached endpoint's fd), so there is nothing to flush: exiting, like dying, loses nothing acknowledged.
+attached endpoint's fd), so there is nothing to flush: exiting, like dying,
+loses nothing acknowledged.
 
 Python API (the emulated board launcher and tests)::
 
@@ -257,7 +258,8 @@ class Daemon:
     def _log_endpoints(self):
         """Where to reach it: the control socket and every console port's endpoints."""
         log.info("serving %d VM(s) on board %s (%s); control socket %s", len(self.config.vms),
-                 self.board.name, "busy-poll" if self.busy_poll else "doorbell", self.control.path)
+                 self.board.name, "busy-poll" if self.busy_poll else "doorbell",
+                 self.control.path)
         for entry in self.subsystem.device_info():
             ports = self.subsystem.debug_device(entry["vm"], entry["slot"]).get("ports", ())
             for port in ports:

@@ -301,7 +301,7 @@ def test_console_errors_are_one_line(tmp_path):
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
 
-# -- console logs, JUnit, VM consoles and reset (the emulated board) --------------------------------
+# -- console logs, JUnit, VM consoles and reset (the emulated board) ----------------------
 
 EMULATED_TESTS = """
 import pytest
@@ -334,7 +334,8 @@ def test_console_logs_per_test_junit_properties_and_reset(pytester, tmp_path):
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines([f"avatar-hw console logs: {logs}"])
     files = sorted(p.name for p in logs.iterdir())
-    assert files == ["test_guest.py_test_one.vm0.log", "test_guest.py_test_three_after_a_reset.vm0.log",
+    assert files == ["test_guest.py_test_one.vm0.log",
+                     "test_guest.py_test_three_after_a_reset.vm0.log",
                      "test_guest.py_test_two.vm0.log"]
     one, three, two = ((logs / f).read_text() for f in files)
     assert "first-2" in one and "second-4" not in one
