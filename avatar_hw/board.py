@@ -5,7 +5,9 @@ A board file (``boards/*.toml``, schema in docs/boards.md) is loaded with
 naming the file, the key and the problem. ``Board.open_region(spec)`` maps a
 *region spec*, either a UIO map (on a board) or a window of a file (on the
 emulated board), so the daemon does not care which. Shipped boards are found
-by name (``rpi4``) in the checkout's boards/ or the installed copy.
+by name (``rpi4``) in the checkout's boards/ or the installed copy (pyproject's
+data-files put boards/ under ``PREFIX/share/avatar-hw/boards``: board files, the
+emulated board's stub sources and the trap ABI header).
 
 Interrupt numbers: a guest sees the layout's *guest INTIDs* (48 + 8 per VM +
 slot); on a GIC board the daemon raises *board INTIDs*, SPIs free on that
@@ -29,7 +31,7 @@ from .hw.gic import (AFFINITY_MASK, FIRST_SPI, SPECIAL_INTIDS, VERSIONS, GicErro
                      open_gic)
 from .hw.region import Region
 from .hw.uio import find_uio
-from .layout import Layout
+from .layout import Layout, address
 
 BOARD_DIRS = (
     Path(__file__).resolve().parent.parent / "boards",               # a checkout
@@ -426,8 +428,9 @@ def _check(board):
             others.append(("gic.cpu_interface", start, start + GICC_SIZE))
     for key, start, end in others:
         if start < windows[1] and windows[0] < end:
-            raise ConfigError(file, key, f"0x{start:x}-0x{end - 1:x} lies inside the virtio "
-                                         f"windows 0x{windows[0]:x}-0x{windows[1] - 1:x} "
+            raise ConfigError(file, key, f"{address(start)}-{address(end - 1)} lies inside the "
+                                         f"virtio windows {address(windows[0])}-"
+                                         f"{address(windows[1] - 1)} "
                                          "([layout] base + max_vms * vm_size)")
 
 
@@ -488,14 +491,37 @@ def load_board(path):
         raise ConfigError(path, None, f"cannot read: {err.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(path, None, f"not a TOML file: {err}") from None
+    if "board" not in data and "vm" in data:
+        raise ConfigError(path, None, "a VMs config (for --config), not a board file; boards: "
+                                      f"{', '.join(shipped_boards()) or 'none found'}")
     board = _parse(path, data)
     _check(board)
     return board
 
 
+def _is_board_file(path):
+    try:
+        with open(path, "rb") as f:
+            return "board" in tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return False
+
+
+def shipped_file(relative):
+    """A file shipped beside the board files (``emulated/start.S``), from the checkout's
+    boards/ or the installed copy (BOARD_DIRS, first found)."""
+    for directory in BOARD_DIRS:
+        candidate = directory / relative
+        if candidate.exists():
+            return candidate
+    raise AvatarError(f"{relative}: not in {' or '.join(map(str, BOARD_DIRS))}; reinstall "
+                      "avatar-hw (its board files are missing)")
+
+
 def shipped_boards():
-    """Names of the board files found in BOARD_DIRS."""
-    return sorted({p.stem for d in BOARD_DIRS if d.is_dir() for p in d.glob("*.toml")})
+    """Names of the board files (not VMs configs) found in BOARD_DIRS."""
+    return sorted({p.stem for d in BOARD_DIRS if d.is_dir() for p in d.glob("*.toml")
+                   if _is_board_file(p)})
 
 
 def board_path(name_or_path):
@@ -513,10 +539,6 @@ def board_path(name_or_path):
 
 # -- avatar-hw layout -------------------------------------------------------------------------
 
-def _hex(value):
-    return f"0x{value:08x}"
-
-
 def device_map(board, vms=None):
     """Every device slot of the first ``vms`` VMs, as the JSON of ``avatar-hw layout --json``.
 
@@ -532,11 +554,11 @@ def device_map(board, vms=None):
     result = []
     for vm in range(vms):
         first, last = lay.vm_window(vm)
-        devices = [{"slot": k, "base": _hex(lay.window(vm, k)),
-                    "end": _hex(lay.window(vm, k) + lay.device_size - 1),
+        devices = [{"slot": k, "base": address(lay.window(vm, k)),
+                    "end": address(lay.window(vm, k) + lay.device_size - 1),
                     "guest_intid": lay.irq(vm, k), "board_intid": board.board_intid(lay.irq(vm, k))}
                    for k in range(lay.devices_per_vm)]
-        result.append({"vm": vm, "window": [_hex(first), _hex(last)],
+        result.append({"vm": vm, "window": [address(first), address(last)],
                        "guest_intids": [devices[0]["guest_intid"], devices[-1]["guest_intid"]],
                        "devices": devices})
     return {"board": board.name, "interrupts": board.interrupts,
@@ -561,9 +583,9 @@ def _layout_command(args):
     print(json.dumps(table, indent=2) if args.json else format_device_map(table))
 
 
-def add_parser(subparsers):
+def add_parser(subparsers, parents=()):
     parser = subparsers.add_parser(
-        "layout", help="print every device slot's window and INTIDs",
+        "layout", parents=parents, help="print every device slot's window and INTIDs",
         description="Print each VM's virtio-mmio window and every device slot's address "
                     "range, the INTID its guest sees and the board SPI the daemon raises for "
                     "it, as the board file defines them.")

@@ -135,11 +135,11 @@ class ControlServer:
             request = json.loads(line)
             command = request["command"]
             if command == "list":
-                result = self.daemon.subsystem.list_all_devices()
+                result = self.daemon.list_devices()
             elif command == "info":
                 result = self.daemon.info()
             elif command == "debug":
-                result = self.daemon.subsystem.debug_device(
+                result = self.daemon.debug_device(
                     int(request["vm"]), self._slot(int(request["vm"]), str(request["device"])))
             else:
                 return {"ok": False, "error": f"unknown command {command!r}"}
@@ -154,7 +154,7 @@ class ControlServer:
         """A slot number from ``device``: ``"1"``, ``"console"`` (first of that name), ``"console1"``."""
         if device.isdigit():
             return int(device)
-        entries = [e for e in self.daemon.subsystem.list_all_devices() if e["vm"] == vm_id]
+        entries = [e for e in self.daemon.list_devices() if e["vm"] == vm_id]
         for entry in entries:
             if device in (entry["name"], f"{entry['name']}{entry['slot']}"):
                 return entry["slot"]
@@ -189,8 +189,10 @@ def _listen(path):
 
 # -- client ---------------------------------------------------------------------------------------------
 
-def request(command, path=None, timeout=5.0, **arguments):
-    """Ask the daemon at ``path``; returns the result or raises ``AvatarError`` (one line)."""
+def request(command, path=None, timeout=5.0, option="--control", **arguments):
+    """Ask the daemon at ``path``; returns the result or raises ``AvatarError`` (one line).
+
+    ``option``: what the user calls the path (the pytest plugin's ``--avatar-control``)."""
     path = path or default_control_path()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -205,7 +207,7 @@ def request(command, path=None, timeout=5.0, **arguments):
             reply += chunk
     except (FileNotFoundError, ConnectionRefusedError):
         raise AvatarError(f"no avatar-hw daemon at {path}: is 'avatar-hw serve' running? "
-                          "(give its --control path)") from None
+                          f"(give its control socket with {option})") from None
     except PermissionError:
         raise AvatarError(f"{path}: permission denied; run as the daemon's user or root") from None
     except OSError as err:
@@ -285,12 +287,13 @@ def _debug(args):
     _print(request("debug", args.control, vm=args.vm, device=args.device), args, format_device)
 
 
-def add_parser(subparsers):
+def add_parser(subparsers, parents=()):
     for name, func, text in (
             ("list", _list, "list the running daemon's devices"),
             ("info", _info, "the running daemon's VMs, devices, queues and counters"),
             ("debug", _debug, "everything about one device of the running daemon")):
-        parser = subparsers.add_parser(name, help=text, description=text + ".")
+        parser = subparsers.add_parser(name, parents=parents, help=text,
+                                       description=text + ".")
         if name == "debug":
             parser.add_argument("vm", type=int, help="VM number")
             parser.add_argument("device", help="slot number or name (console, console0, ...)")

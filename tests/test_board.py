@@ -268,11 +268,11 @@ BAD = {
     "window not page aligned": (edited("base = 0x0a000000", "base = 0x0a000800"), "layout.base",
                                 "must be a multiple of 0x1000"),
     "GIC inside the windows": (edited("distributor = 0xff841000", "distributor = 0x0a020000"),
-                               "gic.distributor", "0xa020000-0xa020fff lies inside the virtio "
-                                                  "windows 0xa000000-0xa03ffff"),
+                               "gic.distributor", "0x0a020000-0x0a020fff lies inside the virtio "
+                                                  "windows 0x0a000000-0x0a03ffff"),
     "CPU interface inside the windows": (edited("cpu_interface = 0xff842000",
                                                 "cpu_interface = 0x09fff000"),
-                                         "gic.cpu_interface", "0x9fff000-0xa000fff lies inside"),
+                                         "gic.cpu_interface", "0x09fff000-0x0a000fff lies inside"),
     "RAM inside the windows": (edited("guest_base = 0x40000000", "guest_base = 0x0a001000"),
                                "ram.guest_base", "lies inside the virtio windows"),
     "not TOML": ("this is not toml\n", None, "not a TOML file: "),

@@ -163,7 +163,7 @@ def test_daemon_serves_consoles_to_two_vms_and_info_shows_both(board, stub, serv
     for vm in info["vms"]:
         [device] = vm["devices"]
         assert device["name"] == "console" and device["irq"] == LAYOUT.irq(vm["vm"], 0)
-        assert device["base"] == hex(LAYOUT.window(vm["vm"], 0))
+        assert device["base"] == f"0x{LAYOUT.window(vm['vm'], 0):08x}"
         assert "DRIVER_OK" in device["status"]
         assert device["bytes_from_guest"] == len(f"hello from vm{vm['vm']}\n")
         assert device["bytes_to_guest"] == len(f"to vm{vm['vm']}")
@@ -634,11 +634,12 @@ def test_gic_board_configures_and_raises_the_board_spi_of_each_device(board, stu
 
 # -- the Python API -------------------------------------------------------------------------------------
 
-def test_python_api_runs_the_daemon_in_a_thread(board, stub, caplog):
+@pytest.mark.parametrize("busy_poll", [False, True], ids=["doorbell", "busy-poll"])
+def test_python_api_runs_the_daemon_in_a_thread(board, stub, caplog, busy_poll):
     from avatar_hw.daemon import Daemon
     daemon = Daemon(board.board_file, console_config(board, vms=(1,)),
                     doorbell=f"fifo:{board.doorbell},{board.doorbell_stub}",
-                    control_path=board.control, **board.roots)
+                    control_path=board.control, busy_poll=busy_poll, **board.roots)
     thread = daemon.start_thread()
     try:
         assert stub.page.model_attached()

@@ -407,6 +407,13 @@ class BlockDevice(VirtioDevice):
 
 
 def from_config(options):
-    """The VMs config's ``block = { image, readonly, serial, queues }``."""
+    """The VMs config's ``block = { image, readonly, serial, queues, size }``; ``size``
+    creates a missing image, sparse (an existing one is used as it is)."""
+    if options.get("size"):
+        try:
+            with open(options["image"], "xb") as f:
+                f.truncate(options["size"])
+        except FileExistsError:
+            pass
     return BlockDevice(options["image"], readonly=options.get("readonly", False),
                        serial=options.get("serial"), queues=options.get("queues"))
