@@ -54,35 +54,15 @@ import sys
 import tty
 
 from ..errors import ConfigError
+from ..virtio.buffers import IOV_MAX, first_batch, truncate
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LIMIT = 256 * 1024
 MAX_HELD = 256              # buffers in a backend's output stream
-IOV_MAX = 1024
 COALESCE_LIMIT = 4096       # backend-owned bytes (emergency writes) joined into one segment
 _AGAIN = (BlockingIOError, InterruptedError)
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
-
-
-def truncate_views(views, n):
-    """The first ``n`` bytes of a list of memoryviews, as a list of memoryviews."""
-    out = []
-    for view in views:
-        if n <= 0:
-            break
-        out.append(view if len(view) <= n else view[:n])
-        n -= len(view)
-    return out[:IOV_MAX]
-
-
-def skip_views(views, n):
-    """``views`` without their first ``n`` bytes."""
-    for i, view in enumerate(views):
-        if n < len(view):
-            return [view[n:]] + list(views[i + 1:])
-        n -= len(view)
-    return []
 
 
 class OutputStream:
@@ -113,7 +93,7 @@ class OutputStream:
             if skip >= length:
                 continue
             for view in views:
-                if skip >= len(view):
+                if skip >= len(view) or not len(view):
                     skip -= len(view)
                     continue
                 if skip > 0:
@@ -237,10 +217,11 @@ class Endpoint:
     def readinto(self, views):
         """Read into ``views``: the byte count, or 0 when nothing is available now."""
         fd = self.input_fd()
-        if fd is None:
+        views = first_batch(views)
+        if fd is None or not views:        # a read into nothing would look like EOF
             return 0
         try:
-            n = self._readv(fd, views[:IOV_MAX])
+            n = self._readv(fd, views)
         except _AGAIN:
             return 0
         except OSError as err:
@@ -276,7 +257,7 @@ class Endpoint:
     def write(self, views, n):
         """Used on its own (no backend): copy the first ``n`` bytes of ``views``
         (``n <= room()``) into the private stream and write what the fd takes."""
-        data = b"".join(truncate_views(views, n))
+        data = b"".join(truncate(views, n))
         self.stream.submit([memoryview(data)], len(data))
         self.flush()
 

@@ -38,7 +38,7 @@ import socket
 import struct
 
 from ..errors import ConfigError
-from ..virtio.buffers import gather
+from ..virtio.buffers import copy, gather
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +56,6 @@ _AGAIN = (BlockingIOError, InterruptedError)
 
 
 # -- readers: reader(source, views) -> frame length | None ---------------------------------------
-
-def copy_views(source, views):
-    """Copy the frame ``source`` (a list of memoryviews) into ``views``."""
-    length = sum(len(v) for v in source)
-    if length > sum(len(v) for v in views):
-        return length
-    dst = iter(views)
-    out, pos = next(dst, None), 0
-    for src in source:
-        done = 0
-        while done < len(src):
-            if pos == len(out):
-                out, pos = next(dst), 0
-            take = min(len(src) - done, len(out) - pos)
-            out[pos:pos + take] = src[done:done + take]
-            pos += take
-            done += take
-    return length
-
 
 def read_fd(fd, views):
     """One frame from a TAP fd (one ``read`` is one frame)."""
@@ -359,7 +340,7 @@ class SwitchBackend:
         self.switch.attach(self)
 
     def deliver(self, views, length):
-        self.device.receive(copy_views, views)
+        self.device.receive(copy, views)
 
     def send(self, views, length):
         self.switch.forward(self, views, length)
