@@ -62,7 +62,7 @@ MIN_MTU, MAX_MTU = 68, 65535
 RX, TX = 0, 1
 QUEUE_SIZE = 256
 DEFAULT_BACKLOG = 64
-MAX_HELD_VIEWS = 1024       # receive descriptors held at a time (bounds the memory a guest pins)
+MAX_HELD_VIEWS = 2048      # receive descriptors held at a time (bounds what a guest pins)
 
 
 def parse_mac(text):
@@ -146,7 +146,7 @@ class NetDevice(VirtioDevice):
         self._drop = memoryview(bytearray(self.max_frame))   # frames nobody takes land here
         self._held = collections.deque()      # receive chains popped, not yet filled
         self._held_room = 0                   # their writable bytes
-        self._held_views = 0                  # and descriptors (at most MAX_HELD_VIEWS + one chain)
+        self._held_views = 0                  # their descriptors (MAX_HELD_VIEWS + a chain)
         self._header = bytearray(HEADER_LEN)
         self._header_len = HEADER_LEN
         self._mergeable = False
