@@ -50,9 +50,9 @@ def flood(queue, table, segments):
 
 
 def forget_used(queue):
-    """Take back every used entry without reading data (the flooder re-offers them)."""
-    for used in queue.get_used(read_data=False):
-        queue.free.append(used.head)
+    """Take back every used entry without reading data (their descriptors are free for the
+    next ``flood``); their number."""
+    return len(queue.get_used(read_data=False))
 
 
 # -- scribbling (the fuzzers' moves) ---------------------------------------------------------------
