@@ -148,7 +148,7 @@ def test_a_notify_serves_one_turn_and_the_rest_after_the_loop(kind, tmp_path, lo
     descriptors (and a queue's worth of chains), the rest is served on later loop turns,
     and all of it is served (a smaller budget than the real one, so that rng's 64 x 64
     descriptors cross it too)."""
-    monkeypatch.setattr(virtqueue, "TURN_DESCRIPTORS", 1024)
+    monkeypatch.setattr(virtqueue, "TURN_DESCRIPTORS", 256)
     if kind == "block":
         image = tmp_path / "disk.img"
         image.write_bytes(PATTERN)

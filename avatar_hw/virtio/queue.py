@@ -60,7 +60,7 @@ from .memory import GuestMemoryError
 log = logging.getLogger(__name__)
 
 MAX_CHAIN_BYTES = 0xFFFFFFFF
-TURN_DESCRIPTORS = 4096           # descriptors walked per queue per turn
+TURN_DESCRIPTORS = 1024           # descriptors walked per queue per turn
 TURN_BYTES = 8 << 20              # bytes of chains popped per queue per turn
 
 
