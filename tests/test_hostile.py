@@ -48,7 +48,8 @@ def console(tmp_path, loop):  # noqa: F811
     bench.check_guards()
 
 
-def test_console_input_survives_a_receive_chain_of_1024_empty_descriptors(console, loop):  # noqa: F811
+def test_console_input_survives_a_receive_chain_of_1024_empty_descriptors(console,  # noqa: F811
+                                                                          loop):
     """Old code: readv of IOV_MAX empty views returned 0, taken as EOF: the client was
     dropped (a pty stayed dead). Now the too-long chain is refused (2.7.5.3.1) and one of
     queue-size length with empty descriptors first gets the input."""
@@ -275,7 +276,8 @@ def test_guest_triggered_errors_are_rate_limited_and_counted(block, caplog):
 
 # -- the switch ----------------------------------------------------------------------------------
 
-def test_a_guest_sending_with_another_vms_mac_gets_nothing_of_its_traffic(tmp_path, loop):  # noqa: F811
+def test_a_guest_sending_with_another_vms_mac_gets_nothing_of_its_traffic(tmp_path,
+                                                                          loop):  # noqa: F811
     path = str(tmp_path / "s.sock")
     a, b, thief = (Nic(loop, f"switch:{path}", mac_=f"52:54:00:00:00:0{i}") for i in (1, 2, 3))
     try:

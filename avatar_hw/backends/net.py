@@ -27,8 +27,9 @@ in the device's ``info``), so a guest cannot take another VM's traffic by
 sending with its MAC. Remote ports' source MACs are learned (at most
 ``MAX_MACS``, the oldest forgotten first; never a local port's address).
 The switch forwards a frame for a known unicast MAC to its port and floods
-broadcast, multicast and unknown destinations to every other port. A remote port that goes away (its socket closed) is forgotten at the
-next send to it; at most ``MAX_REMOTES`` remote ports. Frames from one port
+broadcast, multicast and unknown destinations to every other port. A
+remote port that goes away (its socket closed) is forgotten at the next
+send to it; at most ``MAX_REMOTES`` remote ports. Frames from one port
 keep their order. Between two local ports a frame is copied once, guest RAM
 to guest RAM; from a remote port it is received straight into the guest's
 buffers when it goes to one local port that has them.

@@ -136,25 +136,6 @@ def transfer(io, fd, views, offset):
     return done
 
 
-def write_all(write, views):
-    """Hand ``views`` to a non-blocking ``write(batch) -> count`` (``os.writev``,
-    ``socket.sendmsg``) batch by batch until it takes less than offered; the bytes it
-    took. ``write``'s exceptions (EAGAIN...) propagate only when nothing was taken."""
-    done = 0
-    for batch in batches(views):
-        offered = sum(len(v) for v in batch)
-        try:
-            n = write(batch)
-        except (BlockingIOError, InterruptedError):
-            if done:
-                return done
-            raise
-        done += n
-        if n < offered:
-            break
-    return done
-
-
 def fill_from(readinto, views, wanted):
     """Read ``wanted`` bytes into ``views`` with ``readinto(view) -> count`` (a file
     object's); the bytes read (fewer at end of file or when ``views`` are shorter)."""
