@@ -70,7 +70,16 @@ def _device(kind, tmp):
 
 def soak(steps, seed, log=None):
     """Run until ``steps`` traps were made; the figures as a dict."""
-    logging.getLogger("avatar_hw").setLevel(logging.CRITICAL)   # guest errors are counted
+    logger = logging.getLogger("avatar_hw")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)               # the guest errors are counted instead
+    try:
+        return _soak(steps, seed, log)
+    finally:
+        logger.setLevel(level)
+
+
+def _soak(steps, seed, log):
     rng = random.Random(seed)
     guest = RandomGuest(rng)
     loop = EventLoop()
