@@ -14,10 +14,10 @@ class RateLimitedLog:
         self.logger, self.first, self.every, self.level = logger, first, every, level
         self.count = self.suppressed = 0
 
-    def __call__(self, fmt, *args):
+    def __call__(self, fmt, *args, exc_info=False):
         self.count += 1
         if self.count <= self.first or not self.count % self.every:
-            self.logger.log(self.level, fmt, *args)
+            self.logger.log(self.level, fmt, *args, exc_info=exc_info)
         else:
             self.suppressed += 1
-            self.logger.debug(fmt, *args)
+            self.logger.debug(fmt, *args, exc_info=exc_info)

@@ -59,7 +59,7 @@ def forget_used(queue):
 
 class _InternalErrors(logging.Handler):
     def __init__(self):
-        super().__init__(logging.ERROR)
+        super().__init__(logging.DEBUG)
         self.records = []
 
     def emit(self, record):
@@ -70,17 +70,20 @@ class _InternalErrors(logging.Handler):
 @contextlib.contextmanager
 def internal_errors():
     """The log records of device errors that escaped into a catch-all (a device bug), as a
-    list filled while the ``with`` block runs."""
+    list filled while the ``with`` block runs (those the rate limit sends to debug too)."""
     watcher = _InternalErrors()
-    loggers = [logging.getLogger(name) for name in ("avatar_hw.virtio.subsystem",
+    loggers = [logging.getLogger(name) for name in ("avatar_hw.virtio.transport",
                                                     "avatar_hw.virtio.device")]
+    levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(watcher)
+        logger.setLevel(logging.DEBUG)
     try:
         yield watcher.records
     finally:
-        for logger in loggers:
+        for logger, level in zip(loggers, levels):
             logger.removeHandler(watcher)
+            logger.setLevel(level)
 
 
 REGISTERS = sorted({v for k, v in vars(c).items() if k.startswith("REG_")})

@@ -154,7 +154,11 @@ class VirtioDevice:
             try:
                 callback()
             except Exception as err:     # a device bug must not stop every VM's devices
-                log.exception("%s: internal error in an event-loop callback", self.name)
+                if self.transport is not None:
+                    self.transport.error("internal error in an event-loop callback",
+                                         exc_info=True)
+                else:
+                    log.exception("%s: internal error in an event-loop callback", self.name)
                 try:
                     if on_failure is not None:
                         on_failure()
