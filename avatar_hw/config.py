@@ -152,7 +152,8 @@ def _console(options):
     from .devices.console import ConsoleDevice
     size = options.get("size")
     return ConsoleDevice(backend=options["backends"], ports=options.get("ports"),
-                         size=tuple(size) if size else None, limit=options.get("buffer"))
+                         size=tuple(size) if size else None, limit=options.get("buffer"),
+                         log_size=options.get("log"))
 
 
 _URLS = Key((str, list), _REQUIRED, "a URL or a list of URLs", _urls, _urls_under)
@@ -163,6 +164,8 @@ DEVICE_KINDS = {kind.name: kind for kind in (
         "ports": Key(dict, None, "a table of port name = URL(s)", _ports, _ports_under),
         "size": Key(list, None, "[columns, rows]", _size),
         "buffer": Key(int, None, "bytes of guest output held in flight per port", _positive),
+        "log": Key(int, None, "bytes of output kept per port while no client is attached",
+                   _positive),
     }, factory="avatar_hw.config:_console"),
     DeviceKind("block", {
         "image": Key(str, _REQUIRED, "the path of a raw image or block device", path=_under),

@@ -253,7 +253,8 @@ def format_device(d, indent="  "):
              f"{d['negotiated_features']}; interrupts {d['interrupts']} (status "
              f"{d['interrupt_status']}); guest->host {_bytes(d['bytes_from_guest'])}, "
              f"host->guest {_bytes(d['bytes_to_guest'])}; requests {d['requests']}; "
-             f"errors {d['errors']}"]
+             f"errors {d['errors']}; guest errors {d.get('guest_errors', 0)} (log lines "
+             f"suppressed {d.get('log_lines_suppressed', 0)})"]
     lines += [f"{indent}{format_queue(q)}" for q in d.get("queues", ())]
     return "\n".join(lines)
 
