@@ -31,6 +31,7 @@ from .hw.gic import (AFFINITY_MASK, FIRST_SPI, SPECIAL_INTIDS, VERSIONS, GicErro
                      open_gic)
 from .hw.region import Region
 from .hw.uio import find_uio
+from .interrupts import BoardInterruptLine
 from .layout import Layout, address
 
 BOARD_DIRS = (
@@ -122,7 +123,7 @@ class Board:
         index = guest_intid - self.layout.irq_base
         if not 0 <= index < len(self.board_intids):
             raise GicError(f"{self.path}: guest INTID {guest_intid} is outside the layout "
-                           f"({self.layout.irq_base}..{last_irq(self.layout)})")
+                           f"({self.layout.irq_base}..{self.layout.last_intid})")
         return self.board_intids[index]
 
     def spi_config(self, guest_intid):
@@ -163,63 +164,6 @@ class Board:
     def interrupt_line(self, *, sysfs_root="/sys", dev_root="/dev"):
         """The daemon's interrupt line on a GIC board (``BoardInterruptLine``)."""
         return BoardInterruptLine(self, self.open_gic(sysfs_root=sysfs_root, dev_root=dev_root))
-
-
-class BoardInterruptLine:
-    """``raise_spi(guest_intid)`` raises that device's board SPI through the GIC driver.
-
-    ``configure(guest_intids)`` sets their board SPIs up (enabled, edge, the
-    board file's priority and target; a GICv2m frame cannot, its SPIs belong
-    to the distributor's owner); ``diagnose_spi(guest_intid)`` reports on the
-    board SPI, compared with that configuration.
-    """
-
-    def __init__(self, board, driver):
-        self.board, self.driver = board, driver
-        self.regs = driver.regs
-        lay = board.layout
-        self._board_intids = {guest: board.board_intid(guest)
-                              for guest in range(lay.irq_base, last_irq(lay) + 1)}
-
-    def _board(self, guest_intid):
-        try:
-            return self._board_intids[guest_intid]
-        except KeyError:
-            return self.board.board_intid(guest_intid)      # raises, naming the layout
-
-    def raise_spi(self, guest_intid):
-        self.driver.raise_spi(self._board(guest_intid))
-
-    def clear_spi(self, guest_intid):
-        self.driver.clear_spi(self._board(guest_intid))
-
-    @property
-    def configurable(self):
-        return hasattr(self.driver, "configure_spi")
-
-    def configure(self, guest_intids):
-        """Configure the board SPIs of ``guest_intids``; returns {board INTID: read-back}."""
-        if not self.configurable:
-            return {}
-        return {self._board(guest): self.driver.configure_spi(self._board(guest),
-                                                              self.board.spi_config(guest))
-                for guest in guest_intids}
-
-    def diagnose_spi(self, guest_intid):
-        """The board SPI's ``SpiDiagnosis``, compared with what this process configured or
-        else with what the board file says it should be."""
-        intid = self._board(guest_intid)
-        if not self.configurable:
-            raise GicError(f"{self.board.path}: a GICv2m frame shows nothing of SPI {intid}'s "
-                           "state; read the distributor instead")
-        expected = None
-        if intid not in self.driver.configured:
-            expected = self.driver.expected_settings(self.board.spi_config(guest_intid))
-        return self.driver.diagnose_spi(intid, expected)
-
-
-def last_irq(layout):
-    return layout.irq_base + layout.irqs_per_vm * layout.max_vms - 1
 
 
 # -- reading TOML tables ------------------------------------------------------------------
@@ -332,7 +276,7 @@ def _parse(file, data):
     kind = interrupts.choice("kind", INTERRUPT_KINDS, "gic")
     irq = {"reserved_intids": interrupts.intids("reserved_intids"),
            "doorbell_intid": interrupts.number("doorbell_intid", None, minimum=FIRST_SPI)}
-    guest_intids = range(layout.irq_base, last_irq(layout) + 1)
+    guest_intids = range(layout.irq_base, layout.last_intid + 1)
     if kind == "stub":
         # The stub injects the guest INTID itself: no physical SPI is raised for a device.
         for key in GIC_ONLY_KEYS:
@@ -412,9 +356,9 @@ def _check(board):
                           f"layout.vm_size is 0x{lay.vm_size:x}: they would overlap the next "
                           "VM's window")
     lines = board.gic.lines if board.gic else SPECIAL_INTIDS
-    if last_irq(lay) >= min(lines, SPECIAL_INTIDS):
+    if lay.last_intid >= min(lines, SPECIAL_INTIDS):
         raise ConfigError(file, "layout.max_vms",
-                          f"VM {lay.max_vms - 1}'s last device would get INTID {last_irq(lay)}, "
+                          f"VM {lay.max_vms - 1}'s last device would get INTID {lay.last_intid}, "
                           f"past the GIC's {lines} lines (INTIDs up to {lines - 1}); lower "
                           "max_vms or irqs_per_vm")
     _check_interrupts(board, lines)
@@ -556,7 +500,7 @@ def device_map(board, vms=None):
         first, last = lay.vm_window(vm)
         devices = [{"slot": k, "base": address(lay.window(vm, k)),
                     "end": address(lay.window(vm, k) + lay.device_size - 1),
-                    "guest_intid": lay.irq(vm, k), "board_intid": board.board_intid(lay.irq(vm, k))}
+                    "guest_intid": lay.intid(vm, k), "board_intid": board.board_intid(lay.intid(vm, k))}
                    for k in range(lay.devices_per_vm)]
         result.append({"vm": vm, "window": [address(first), address(last)],
                        "guest_intids": [devices[0]["guest_intid"], devices[-1]["guest_intid"]],

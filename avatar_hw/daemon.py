@@ -24,7 +24,8 @@ Seams, chosen by the board or handed in:
 - the doorbell (``avatar_hw.doorbell``): ``doorbell=`` an object, or a spec
   string ``"uio"`` (the trap page's UIO interrupt; the default for a UIO trap
   region) or ``"fifo:PATH[,STUB_PATH]"``; with ``busy_poll=True`` none is used;
-- the interrupt line (``raise_spi(intid)``): ``interrupt_line=`` an object or a
+- the interrupt line (``avatar_hw.interrupts``, ``raise_intid(intid)``):
+  ``interrupt_line=`` an object or a
   callable ``(trap_region) -> line``; else ``INTERRUPT_LINES[board.interrupts]``
   is called as ``factory(daemon)`` (``"gic"``: the board's distributor through
   ``Board.interrupt_line``, which raises each guest INTID's board SPI and is
@@ -47,12 +48,13 @@ import time
 from pathlib import Path
 
 from . import abi
-from .board import Board, BoardInterruptLine, board_path, load_board
+from .board import Board, board_path, load_board
 from .config import Config, load_config
 from .control import ControlServer, default_control_path
 from .doorbell import FifoDoorbell, UioDoorbell
 from .errors import AvatarError
 from .hw.uio import find_uio
+from .interrupts import BoardInterruptLine, StubInterruptLine
 from .layout import address
 from .loop import EventLoop
 from .trap import TrapPage
@@ -73,7 +75,6 @@ def _gic_line(daemon):
 
 
 def _stub_line(daemon):
-    from .emulated.machine import StubInterruptLine
     ring = getattr(daemon.doorbell, "ring_stub", None)
     if ring is None:
         raise AvatarError(f"{daemon.board.path}: interrupts.kind = \"stub\" needs a doorbell "
@@ -149,9 +150,9 @@ class Daemon:
         line = self._interrupt_line
         if line is None:
             line = INTERRUPT_LINES[board.interrupts](self)
-        elif callable(line) and not hasattr(line, "raise_spi"):
+        elif callable(line) and not hasattr(line, "raise_intid"):
             line = line(self.trap_region)
-        self.subsystem = Subsystem(board.layout, irq_line=line, loop=self.loop)
+        self.subsystem = Subsystem(board.layout, interrupt_line=line, loop=self.loop)
         for vm_id, vm in self.config.vms.items():
             ram = self._open_region(board.ram, vm_id)
             self.subsystem.vm_init(vm_id, GuestMemory(ram, board.ram_guest_base, vm_id=vm_id))

@@ -21,14 +21,27 @@ Implementations:
   separate process rings by writing a 4-byte count, as the kernel hands one to
   a UIO reader) and for anything else that cannot raise a UIO interrupt. A
   FIFO has no mask, so there is nothing to re-enable.
-- the emulated board's ``StubDoorbell`` (avatar_hw.emulated.machine), fed by
-  the stub's UART.
+- ``StubDoorbell``: an eventfd that the emulated board's UART reader
+  (avatar_hw.emulated.machine) signals for each doorbell byte of the stub.
 """
 
 import errno
 import os
+import select
+from typing import Protocol
 
 from .errors import AvatarError
+
+
+class Doorbell(Protocol):
+    def fileno(self) -> int:
+        """Readable when the stub rang."""
+
+    def ack(self) -> int:
+        """Consume the rings and re-arm (before the slots are scanned)."""
+
+    def close(self) -> None:
+        """Let go of what carries the rings."""
 
 
 class UioDoorbell:
@@ -50,7 +63,8 @@ class UioDoorbell:
         self.device.close()
 
 
-def _open_fifo(path):
+def open_fifo(path):
+    """A doorbell FIFO's fd, non-blocking."""
     try:
         # O_RDWR: opening never blocks, and the FIFO never reports EOF when the peer exits.
         return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -66,8 +80,8 @@ class FifoDoorbell:
     RING_SIZE = 4
 
     def __init__(self, to_model, to_stub=None):
-        self._in = _open_fifo(to_model)
-        self._out = _open_fifo(to_stub) if to_stub else None
+        self._in = open_fifo(to_model)
+        self._out = open_fifo(to_stub) if to_stub else None
         self._buffer = bytearray(4096)
 
     @classmethod
@@ -112,3 +126,39 @@ def ring(fd, count=1):
         if err.errno != errno.EAGAIN:
             raise
 
+
+class StubDoorbell:
+    """Counts the stub's doorbell bytes (readable through an eventfd); ``ring_stub()``
+    wakes the stub (the daemon's doorbell interface, avatar_hw.doorbell)."""
+
+    def __init__(self, ring_stub):
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.ring_stub = ring_stub
+
+    def fileno(self):
+        return self._fd
+
+    def signal(self, count=1):
+        os.eventfd_write(self._fd, count)
+
+    def ack(self):
+        """Consume the rings so far; returns how many there were (0 if none)."""
+        try:
+            return os.eventfd_read(self._fd)
+        except BlockingIOError:
+            return 0
+
+    def wait(self, timeout=None):
+        """Block until rung or ``timeout`` seconds pass; returns the rings consumed."""
+        ready, _, _ = select.select([self._fd], [], [], timeout)
+        return self.ack() if ready else 0
+
+    def close(self):
+        """Nothing: the UART link owns the eventfd (a daemon closing its doorbell must not
+        stop the reader that drains QEMU's UART)."""
+
+    def release(self):
+        """Close the eventfd (the UART link's job, once its reader has stopped)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

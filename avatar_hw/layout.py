@@ -28,12 +28,17 @@ class Layout:
         """Slots per VM: bounded by the window and by the IRQs."""
         return min(self.vm_size // self.device_size, self.irqs_per_vm)
 
+    @property
+    def last_intid(self):
+        """The INTID of the last device slot of the last VM."""
+        return self.irq_base + self.irqs_per_vm * self.max_vms - 1
+
     def window(self, vm_id, index):
         """Guest-physical base address of device ``index`` of VM ``vm_id``."""
         self._check(vm_id, index)
         return self.base + vm_id * self.vm_size + index * self.device_size
 
-    def irq(self, vm_id, index):
+    def intid(self, vm_id, index):
         """INTID of device ``index`` of VM ``vm_id``."""
         self._check(vm_id, index)
         return self.irq_base + vm_id * self.irqs_per_vm + index

@@ -373,11 +373,11 @@ def test_uio_regions_and_the_gic_through_a_fake_tree(tmp_path):
         os.pwrite(node.fileno(), (7).to_bytes(4, "little"), 4)      # GICD_TYPER: 256 lines
     line = board.interrupt_line(**tree)
     assert isinstance(line.driver, GicV2Distributor) and line.driver.lines == 256
-    line.raise_spi(48)                          # guest INTID 48: board SPI 217
+    line.raise_intid(48)                          # guest INTID 48: board SPI 217
     assert line.regs.read32(0x218) == 1 << 25   # GICD_ISPENDR6, bit 217 % 32
     assert line.regs.read32(0x204) == 0x01010101    # the guest INTID's own bit: not written
     with pytest.raises(GicError, match="guest INTID 80 is outside the layout"):
-        line.raise_spi(80)
+        line.raise_intid(80)
     line.regs.close()
     with open(gicd_node, "r+b") as node:
         os.pwrite(node.fileno(), (5).to_bytes(4, "little"), 4)      # 192 lines: too few

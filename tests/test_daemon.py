@@ -162,7 +162,7 @@ def test_daemon_serves_consoles_to_two_vms_and_info_shows_both(board, stub, serv
     assert [vm["vm"] for vm in info["vms"]] == [0, 1]
     for vm in info["vms"]:
         [device] = vm["devices"]
-        assert device["name"] == "console" and device["irq"] == LAYOUT.irq(vm["vm"], 0)
+        assert device["name"] == "console" and device["irq"] == LAYOUT.intid(vm["vm"], 0)
         assert device["base"] == f"0x{LAYOUT.window(vm['vm'], 0):08x}"
         assert "DRIVER_OK" in device["status"]
         assert device["bytes_from_guest"] == len(f"hello from vm{vm['vm']}\n")
@@ -624,7 +624,7 @@ def test_gic_board_configures_and_raises_the_board_spi_of_each_device(board, stu
             assert time.monotonic() < deadline, "board SPI 208 never raised"
             time.sleep(0.01)
         assert gicd_word(0x204) == 0                # never the guest INTID 56 itself
-        report = daemon.subsystem.irq_line.diagnose_spi(56)
+        report = daemon.subsystem.interrupt_line.diagnose_spi(56)
         assert report.intid == 208 and report.changes() == [] and report.targets == (2,)
     finally:
         daemon.stop()

@@ -75,9 +75,9 @@ def test_probe_accesses_round_trip_through_the_trap_page(probe, busy_poll):
                 return (True, READS[addr]) if addr in READS else (False, 0)
             writes.append((addr - WINDOW, size, value))
             if addr == WINDOW + 0x200:
-                line.raise_spi(48)          # taken by the stub before the guest resumes
+                line.raise_intid(48)          # taken by the stub before the guest resumes
             elif addr == WINDOW + 0x208:    # later, while the guest waits in WFI
-                threading.Timer(0.05, line.raise_spi, (48,)).start()
+                threading.Timer(0.05, line.raise_intid, (48,)).start()
             return True, 0
 
         trap.attach(busy_poll=busy_poll)

@@ -21,7 +21,7 @@ def make_vm(sub, vm_id, base, size=1 << 20):
 
 
 def test_windows_and_irqs_follow_the_seed_layout():
-    sub = Subsystem(irq_line=IrqRecorder())
+    sub = Subsystem(interrupt_line=IrqRecorder())
     make_vm(sub, 0, 0x40000000)
     make_vm(sub, 1, 0x80000000)
     t0 = sub.create_device(0, RecordingDevice())

@@ -31,7 +31,7 @@ def device_tree_source(*, initrd_size, bootargs=DEFAULT_BOOTARGS, layout=mm.LAYO
     virtio_mmio@{base:x} {{
         compatible = "virtio,mmio";
         reg = <{_cells(base)} {_cells(layout.device_size)}>;
-        interrupts = <0 {layout.irq(vm_id, index) - 32} 1>;
+        interrupts = <0 {layout.intid(vm_id, index) - 32} 1>;
         dma-coherent;
     }};""")
     initrd_start = mm.INITRD_ADDR

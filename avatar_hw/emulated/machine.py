@@ -7,11 +7,10 @@ Seams this module provides for the daemon (see docs/emulated-board.md):
   reads) and splits the byte stream: 0x00 is the stub's doorbell ("a trap was
   posted while you slept"), other bytes are the stub's log lines. ``ring()``
   sends a byte the other way, which raises the UART's RX interrupt at EL2.
-- ``StubDoorbell``: the trap-page doorbell for the daemon's event loop
-  (``fileno()`` readable when rung, ``ack()``, ``wait(timeout)``).
-- ``StubInterruptLine``: the board's interrupt line: ``raise_spi(intid)`` sets
-  the INTID's bit in the trap page's ``virq_pending`` (atomic OR) and rings
-  the stub, which injects it through a GICH list register.
+  Its doorbell is an ``avatar_hw.doorbell.StubDoorbell`` and the board's
+  interrupt line an ``avatar_hw.interrupts.StubInterruptLine`` (``raise_intid``
+  sets the INTID's bit in the trap page's ``virq_pending`` and rings the stub,
+  which injects it through a GICH list register).
 - ``EmulatedMachine``: creates the RAM file in /dev/shm and unlinks it at once
   (QEMU, the daemon and tests open it as ``ram_path``, /proc/PID/fd/N of the
   fd this process keeps: the memory goes when its last user does, even after a
@@ -24,7 +23,6 @@ Seams this module provides for the daemon (see docs/emulated-board.md):
 
 import logging
 import os
-import select
 import shutil
 import signal
 import socket
@@ -35,51 +33,16 @@ import time
 import uuid
 
 from .. import abi
+from ..doorbell import StubDoorbell
 from ..errors import AvatarError
-from ..hw import ordering
 from ..hw.region import Region
+from ..interrupts import StubInterruptLine
 from . import memory_map as mm
 
 log = logging.getLogger(__name__)
 
 QEMU = "qemu-system-aarch64"
 DOORBELL_BYTE = 0x00
-
-
-class StubDoorbell:
-    """Counts the stub's doorbell bytes (readable through an eventfd); ``ring_stub()``
-    wakes the stub (the daemon's doorbell interface, avatar_hw.doorbell)."""
-
-    def __init__(self, ring_stub):
-        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.ring_stub = ring_stub
-
-    def fileno(self):
-        return self._fd
-
-    def signal(self, count=1):
-        os.eventfd_write(self._fd, count)
-
-    def ack(self):
-        """Consume the rings so far; returns how many there were (0 if none)."""
-        try:
-            return os.eventfd_read(self._fd)
-        except BlockingIOError:
-            return 0
-
-    def wait(self, timeout=None):
-        """Block until rung or ``timeout`` seconds pass; returns the rings consumed."""
-        ready, _, _ = select.select([self._fd], [], [], timeout)
-        return self.ack() if ready else 0
-
-    def close(self):
-        """Nothing: the UART link owns the eventfd (a daemon closing its doorbell must not
-        stop the reader that drains QEMU's UART)."""
-
-    def _close(self):
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 class UartLink:
@@ -152,31 +115,7 @@ class UartLink:
             pass
         self._thread.join(timeout=5)
         self.sock.close()
-        self.doorbell._close()
-
-
-class StubInterruptLine:
-    """Raise a guest SPI through the stub: a bit in virq_pending, then the UART doorbell."""
-
-    def __init__(self, trap_region, ring, spi_range=range(32, 256)):
-        self._base = trap_region.address + abi.VIRQ_PENDING_OFFSET
-        trap_region.check(abi.VIRQ_PENDING_OFFSET, 32)
-        self._ring = ring
-        self.spi_range = spi_range
-
-    def check_spi(self, intid):
-        if intid not in self.spi_range:
-            raise AvatarError(f"emulated board interrupt line: INTID {intid} is outside "
-                              f"{self.spi_range.start}..{self.spi_range.stop - 1}")
-
-    def raise_spi(self, intid):
-        self.check_spi(intid)
-        ordering.fetch_or32(self._base + 4 * (intid // 32), 1 << (intid % 32))
-        self._ring()
-
-    def clear_spi(self, intid):
-        """Nothing to do: the SPIs are edge-triggered (like QEMU's virtio-mmio ones)."""
-        self.check_spi(intid)
+        self.doorbell.release()
 
 
 WORKDIR_PREFIX = "avatar-emulated-"

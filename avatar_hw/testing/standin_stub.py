@@ -286,12 +286,12 @@ class StandinStub:
     """
 
     def __init__(self, board, *, slots=4, initialise=True, features=abi.SUPPORTED_FEATURES):
-        from ..doorbell import _open_fifo
+        from ..doorbell import open_fifo
         self.board = board
         self.trap_region = Region.map_file(board.node("avatar-trap"), abi.PAGE_SIZE,
                                            name="stand-in trap page")
-        self._to_model = _open_fifo(board.doorbell)
-        self._from_model = _open_fifo(board.doorbell_stub)
+        self._to_model = open_fifo(board.doorbell)
+        self._from_model = open_fifo(board.doorbell_stub)
         self.page = StubPage(self.trap_region, ring=self._ring)
         if initialise:
             self.page.initialise(slots, features=features)

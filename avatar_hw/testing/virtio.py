@@ -18,12 +18,12 @@ CANARY = 0xA5
 
 
 class IrqRecorder:
-    """An interrupt line that records every ``raise_spi(intid)``."""
+    """An interrupt line that records every ``raise_intid(intid)``."""
 
     def __init__(self):
         self.raised = []
 
-    def raise_spi(self, intid):
+    def raise_intid(self, intid):
         self.raised.append(intid)
 
     def take(self):
@@ -40,7 +40,7 @@ class VirtioBench:
         ram = memoryview(self.buffer)[guard:guard + ram_size]
         ram[:] = bytes(ram_size)
         self.irq = irq or IrqRecorder()
-        self.subsystem = subsystem or Subsystem(irq_line=self.irq, loop=loop)
+        self.subsystem = subsystem or Subsystem(interrupt_line=self.irq, loop=loop)
         self.memory = self.subsystem.vm_init(vm_id, GuestMemory(Region(ram), RAM_BASE))
         self.device = device
         self.transport = self.subsystem.create_device(vm_id, device, legacy=legacy)

@@ -2,7 +2,7 @@
 
 The seed's C API in Python::
 
-    virtio_subsystem_init()               Subsystem(layout, irq_line=, loop=)
+    virtio_subsystem_init()               Subsystem(layout, interrupt_line=, loop=)
     virtio_vm_init(vm, vm_id)             vm_init(vm_id, memory)
     virtio_configure_vm(id, con, blk, n)  configure_vm(vm_id, console=, block=, net=)
     virtio_create_device(id, base, irq)   create_device(vm_id, device, slot=None)
@@ -37,19 +37,19 @@ _NOT_OURS = (False, 0)
 class Subsystem:
     """All VMs and devices of one daemon.
 
-    ``irq_line.raise_spi(intid)`` interrupts guests (the GIC driver on a board,
+    ``interrupt_line.raise_intid(intid)`` (``avatar_hw.interrupts``) interrupts guests (the GIC driver on a board,
     the stub's request on the emulated board, a recorder in tests);
     ``loop`` (an ``EventLoop``) is handed to devices so they register their
     backend fds.
     """
 
-    def __init__(self, layout=None, *, irq_line=None, loop=None):
+    def __init__(self, layout=None, *, interrupt_line=None, loop=None):
         self.layout = layout or Layout()
         size = self.layout.device_size
         if size & (size - 1):
             raise ValueError(f"layout device_size 0x{size:x} is not a power of two")
         self._offset_mask = size - 1
-        self.irq_line = irq_line
+        self.interrupt_line = interrupt_line
         self.loop = loop
         self.vms = {}            # vm_id -> GuestMemory
         self._devices = {}       # (vm_id, slot) -> MmioTransport
@@ -91,8 +91,8 @@ class Subsystem:
             raise ValueError(f"VM {vm_id} slot {slot} already holds "
                              f"{self._devices[vm_id, slot].device.name}")
         window = self.layout.window(vm_id, slot)
-        transport = MmioTransport(device, self.vms[vm_id], irq_line=self.irq_line,
-                                  intid=self.layout.irq(vm_id, slot), legacy=legacy)
+        transport = MmioTransport(device, self.vms[vm_id], interrupt_line=self.interrupt_line,
+                                  intid=self.layout.intid(vm_id, slot), legacy=legacy)
         transport.window = window
         self._devices[vm_id, slot] = transport
         self._windows[window] = transport

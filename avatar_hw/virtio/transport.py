@@ -71,14 +71,14 @@ _MASK32 = 0xFFFFFFFF
 class MmioTransport:
     """One virtio-mmio window for ``device`` of the VM whose RAM is ``memory``.
 
-    ``irq_line.raise_spi(intid)`` is called to interrupt the guest (None: no line,
+    ``interrupt_line.raise_intid(intid)`` is called to interrupt the guest (None: no line,
     interrupts are only counted).
     """
 
-    def __init__(self, device, memory, *, irq_line=None, intid=0, legacy=False):
+    def __init__(self, device, memory, *, interrupt_line=None, intid=0, legacy=False):
         self.device = device
         self.memory = memory
-        self.irq_line = irq_line
+        self.interrupt_line = interrupt_line
         self.intid = intid
         self.legacy = legacy
         self.config_generation = 0
@@ -468,8 +468,8 @@ class MmioTransport:
         self.interrupt_status = old | bits
         if bits & ~old:
             self.device.counters["interrupts"] += 1
-            if self.irq_line is not None:
-                self.irq_line.raise_spi(self.intid)
+            if self.interrupt_line is not None:
+                self.interrupt_line.raise_intid(self.intid)
 
     def _write_interrupt_ack(self, value):
         self.interrupt_status &= ~value

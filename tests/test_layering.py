@@ -1,0 +1,54 @@
+"""The package's layers import in one direction: the core never imports the emulated board.
+
+Parsed with ``ast`` (nothing is imported): every ``import``/``from`` of the core
+modules is resolved to an absolute module name and checked.
+"""
+
+import ast
+from pathlib import Path
+
+import avatar_hw
+
+PACKAGE = Path(avatar_hw.__file__).parent
+CORE = ["daemon.py", "trap.py", "doorbell.py", "interrupts.py", "board.py", "config.py",
+        "control.py", "layout.py", "loop.py", "abi.py", "virtio", "devices", "backends",
+        "hw"]
+
+
+def imported_modules(path):
+    """Absolute names of the modules ``path`` imports (relative imports resolved)."""
+    module = ".".join(("avatar_hw",) + path.relative_to(PACKAGE).with_suffix("").parts)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            name = f"{base}.{node.module}" if node.level and node.module else (
+                base if node.level else node.module)
+            yield name
+            yield from (f"{name}.{alias.name}" for alias in node.names)
+
+
+def core_files():
+    for entry in CORE:
+        path = PACKAGE / entry
+        yield from sorted(path.rglob("*.py")) if path.is_dir() else [path]
+
+
+def test_core_never_imports_the_emulated_board():
+    files = list(core_files())
+    assert PACKAGE / "daemon.py" in files and PACKAGE / "virtio" / "subsystem.py" in files
+    offenders = sorted(f"{path.relative_to(PACKAGE)} imports {name}"
+                       for path in files for name in imported_modules(path)
+                       if name == "avatar_hw.emulated" or name.startswith("avatar_hw.emulated."))
+    assert offenders == []
+
+
+def test_the_check_sees_relative_imports(tmp_path):
+    """The resolver itself: ``from ..emulated import machine`` in a subpackage is caught."""
+    names = set(imported_modules(PACKAGE / "emulated" / "session.py"))
+    assert "avatar_hw.daemon.Daemon" in names            # the one allowed direction
+    assert "avatar_hw.emulated.machine.EmulatedMachine" in names
