@@ -170,7 +170,7 @@ class Daemon:
             self.loop.add_reader(self.doorbell, self._on_doorbell)
         self.loop.add_reader(self._wake_r, self._on_wake)
         self.started = time.time()
-        self._service()                                      # whatever was posted before
+        self._serve_until_idle()                             # whatever was posted before
 
     def _configure_board_spis(self, line):
         """Enable, make edge-triggered, prioritise and target the devices' board SPIs."""
@@ -224,15 +224,16 @@ class Daemon:
 
     def _on_doorbell(self):
         self.doorbell.ack()
-        self._service()
+        self._serve_until_idle()
 
-    def _service(self):
-        """Serve posted traps; with a backlog, again after the loop's other events."""
+    def _serve_until_idle(self):
+        """Serve posted traps; when the budget stopped it, again after the loop's other
+        events."""
         if self.trap is None:
             return
-        self.trap.service(self.subsystem.handle_mmio_trap)
-        if self.trap.backlog:
-            self.loop.call_later(0, self._service)
+        self.trap.serve_until_idle(self.subsystem.dispatch)
+        if self.trap.stopped_at_budget:
+            self.loop.call_later(0, self._serve_until_idle)
 
     def _on_wake(self):
         try:
@@ -271,10 +272,10 @@ class Daemon:
     def _busy_poll(self):
         # Its own frame: the bound methods held here must be gone before close() unmaps
         # the regions their views point into.
-        handler, service = self.subsystem.handle_mmio_trap, self.trap.service
+        dispatch, serve_until_idle = self.subsystem.dispatch, self.trap.serve_until_idle
         while self._running:
             self.loop.run_once(0)
-            service(handler)
+            serve_until_idle(dispatch)
 
     def _log_endpoints(self):
         """Where to reach it: the control socket and every console port's endpoints."""
@@ -319,7 +320,7 @@ class Daemon:
             self.loop.remove_reader(self.doorbell)      # nothing serves after DETACHED
         if self.trap is not None and self.trap.slots and self.subsystem is not None:
             if self.trap.header.model_pid == os.getpid():
-                self.trap.detach(self.subsystem.handle_mmio_trap)
+                self.trap.detach(self.subsystem.dispatch)
         if self.trap is not None:
             self.trap.release_lock()
         if self.subsystem is not None:
@@ -342,16 +343,14 @@ class Daemon:
 
     # -- introspection and tracing ------------------------------------------------------------------
 
-    def _trace(self, vm_id, vcpu, gpa, size, is_write, value, status, latency_ns):
-        where = self.board.layout.locate(gpa)
-        if where is None:
+    def _trace(self, vm_id, vcpu, gpa, size, is_write, value, status, latency_ns, window,
+               offset):
+        if window < 0:
             device, register = "-", f"0x{gpa:x}"
         else:
-            _, slot, offset = where
-            try:
-                device = f"{self.subsystem.device(vm_id, slot).name}{slot}"
-            except ValueError:
-                device = f"slot{slot}"
+            slot = window % self.board.layout.windows_per_vm
+            transport = self.subsystem.transport_at(window)
+            device = f"{transport.device.name}{slot}" if transport else f"slot{slot}"
             register = (REGISTER_NAMES.get(offset) if offset < vc.REG_CONFIG
                         else f"Config+0x{offset - vc.REG_CONFIG:x}") or f"0x{offset:03x}"
         trace_log.info("vm%d cpu%d %-9s %s %-18s %d 0x%x%s %.1f us", vm_id, vcpu, device,

@@ -29,6 +29,22 @@ class Layout:
         return min(self.vm_size // self.device_size, self.irqs_per_vm)
 
     @property
+    def windows_per_vm(self):
+        """Device-sized windows in one VM's window (slots past ``devices_per_vm`` hold none)."""
+        return self.vm_size // self.device_size
+
+    @property
+    def window_count(self):
+        """Device-sized windows in the whole layout: the range of a *window number*."""
+        return self.max_vms * self.windows_per_vm
+
+    def window_number(self, vm_id, index):
+        """The window number of device ``index`` of VM ``vm_id`` (what the trap path decodes
+        an address to: ``(addr - base) // device_size``)."""
+        self._check(vm_id, index)
+        return vm_id * self.windows_per_vm + index
+
+    @property
     def last_intid(self):
         """The INTID of the last device slot of the last VM."""
         return self.irq_base + self.irqs_per_vm * self.max_vms - 1

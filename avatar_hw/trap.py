@@ -1,16 +1,20 @@
 """The model side of the trap page (docs/trap-abi.md).
 
 ``TrapPage`` validates the page the stub initialised, attaches (announcing the
-features it accepts), answers posted slots through a handler with the shape of
-``Subsystem.handle_mmio_trap(addr, value, is_write, size) -> (handled, value)``
-and detaches on a clean exit. The slot and header views are ctypes structures
+features it accepts), answers posted slots and detaches on a clean exit. One
+verb per step: ``serve_until_idle`` (the doorbell's callback) calls
+``scan_once`` (one pass over the slots), which calls ``complete_slot`` for each
+POSTED one: it decodes the address once, with tables made from the layout, to
+a *window number* (``Layout.window_number``) and an offset in that window,
+calls ``dispatch(window, offset, value, is_write, size) -> (handled, value)``
+(``Subsystem.dispatch``) and publishes the answer. The slot and header views are ctypes structures
 made once over the mapping; slot ``state`` words are read with load-acquire
 and written with store-release at precomputed addresses, so serving a trap
 allocates no views.
 
 A slot whose fields make no sense (a size of 3, an unknown direction, an
 address outside the VM's own virtio window) is answered UNHANDLED with a
-logged warning, and an exception from the handler is logged and answered
+logged warning, and an exception from ``dispatch`` is logged and answered
 UNHANDLED too: nothing posted can stop the daemon.
 """
 
@@ -28,7 +32,7 @@ log = logging.getLogger(__name__)
 
 _SIZES = (1, 2, 4, 8)
 _MASKS = {size: (1 << (8 * size)) - 1 for size in _SIZES}
-MAX_TRAPS_PER_SERVICE = 256     # then back to the event loop (``backlog`` says come back)
+MAX_TRAPS_PER_CALL = 256     # then back to the event loop (``stopped_at_budget`` says come back)
 
 
 class StubNotReady(abi.AbiMismatch):
@@ -53,8 +57,9 @@ class TrapPage:
     """The trap page in ``region`` (at least ``abi.PAGE_SIZE`` bytes), for a ``layout``.
 
     ``trace``, if given, is called after every answered trap as
-    ``trace(vm_id, vcpu_id, gpa, size, is_write, value, status, latency_ns)``;
-    ``latency_ns`` is the model's service time (POSTED seen to state written).
+    ``trace(vm_id, vcpu_id, gpa, size, is_write, value, status, latency_ns, window,
+    offset)``; ``latency_ns`` is the model's service time (POSTED seen to state
+    written); ``window`` is the decoded window number, -1 when none was.
 
     ``lock``: the path of the trap page's file or device node; the attached
     model holds an exclusive ``flock`` on it (released when it detaches or
@@ -77,7 +82,16 @@ class TrapPage:
         self._warn = RateLimitedLog(log, first=10)
         self.lock_path = lock
         self._lock_fd = None
-        self.backlog = False
+        self.stopped_at_budget = False
+        # The window decoding, made once: window number -> owning VM (None: no device slot
+        # there) and -> base address; a trap is decoded with one subtraction and one division.
+        self._layout_base, self._device_size = layout.base, layout.device_size
+        self._layout_span = layout.window_count * layout.device_size
+        per_vm = layout.windows_per_vm
+        self._window_vms = tuple(w // per_vm if w % per_vm < layout.devices_per_vm else None
+                                 for w in range(layout.window_count))
+        self._window_bases = tuple(layout.base + w * layout.device_size
+                                   for w in range(layout.window_count))
 
     # -- attach / detach ----------------------------------------------------------
 
@@ -110,7 +124,7 @@ class TrapPage:
         """Accept ``wanted & stub_features`` and publish ATTACHED (store-release).
 
         Refuses when another model holds the page's lock (``lock``). Slots left
-        POSTED by a model that died are served by the next ``service``.
+        POSTED by a model that died are served by the next ``serve_until_idle``.
         """
         if not self.slots:
             self.wait_ready(0)
@@ -128,14 +142,14 @@ class TrapPage:
                  self.region.name, header.abi_major, header.abi_minor, len(self.slots),
                  self.features, header.stub_features)
 
-    def detach(self, handler):
+    def detach(self, dispatch):
         """Answer what is posted, then publish DETACHED (store-release) and let go.
 
         After DETACHED the model never touches a slot again: a trap the stub
         posts later (it read ATTACHED just before) is withdrawn by the stub
         when it sees DETACHED (docs/trap-abi.md, "Attach and detach").
         """
-        self.serve_posted(handler)
+        self.scan_once(dispatch)
         self.header.model_sleeping = 0
         self.header.model_pid = 0
         self.region.store_release32(abi.MODEL_STATE_OFFSET, abi.MODEL_DETACHED)
@@ -171,7 +185,7 @@ class TrapPage:
 
     # -- serving --------------------------------------------------------------------
 
-    def service(self, handler):
+    def serve_until_idle(self, dispatch):
         """Answer every posted slot, then (unless busy-polling) arm the doorbell.
 
         Before the caller blocks, ``model_sleeping`` is set, a full fence
@@ -179,22 +193,22 @@ class TrapPage:
         the stub posts, fences and reads ``model_sleeping``, so either it
         rings or this re-scan sees its slot (docs/trap-abi.md, "Notification").
 
-        At most about ``MAX_TRAPS_PER_SERVICE`` traps per call: when more were
-        posted, ``backlog`` is True, ``model_sleeping`` stays clear (the stub
-        does not ring) and the caller calls again after its other events.
-        Detached: does nothing (the page is not ours any more).
+        At most about ``MAX_TRAPS_PER_CALL`` traps per call: when more were
+        posted, ``stopped_at_budget`` is True, ``model_sleeping`` stays clear
+        (the stub does not ring) and the caller calls again after its other
+        events. Detached: does nothing (the page is not ours any more).
         """
-        self.backlog = False
+        self.stopped_at_budget = False
         if not self.slots:
             return 0
         header = self.header
         total = 0
         while True:
             header.model_sleeping = 0
-            while (served := self.serve_posted(handler)):
+            while (served := self.scan_once(dispatch)):
                 total += served
-                if total >= MAX_TRAPS_PER_SERVICE:
-                    self.backlog = True
+                if total >= MAX_TRAPS_PER_CALL:
+                    self.stopped_at_budget = True
                     return total
             if self.busy_poll:
                 return total
@@ -210,22 +224,38 @@ class TrapPage:
                 return True
         return False
 
-    def serve_posted(self, handler):
-        """One pass over the slots; returns how many were answered."""
+    def scan_once(self, dispatch):
+        """One pass over the slots, completing each POSTED one; returns how many."""
         load = ordering.load_acquire32
         served = 0
         for index, addr in enumerate(self._state_addrs):
             if load(addr) == abi.SLOT_POSTED:
-                self._serve(index, addr, handler)
+                self.complete_slot(index, addr, dispatch)
                 served += 1
         return served
 
-    def _serve(self, index, state_addr, handler):
+    def complete_slot(self, index, state_addr, dispatch):
+        """Decode slot ``index``, ``dispatch`` it, write the answer and publish it."""
         start = time.perf_counter_ns() if self.trace is not None else 0
         slot = self.slots[index]
         is_write = slot.direction == abi.DIR_WRITE
-        size = slot.size
-        status, value = self._answer(index, slot, handler)
+        size, gpa = slot.size, slot.gpa
+        window = self._decode(index, slot, gpa, size)
+        offset = gpa - self._window_bases[window] if window >= 0 else 0
+        status, value = abi.STATUS_UNHANDLED, 0
+        if window >= 0:
+            try:
+                handled, value = dispatch(window, offset, slot.data if is_write else 0,
+                                          is_write, size)
+            except Exception:  # the trap path must answer whatever a device does
+                self.stats.handler_errors += 1
+                log.exception("slot %d: dispatch failed on %s of %d bytes at 0x%x",
+                              index, "write" if is_write else "read", size, gpa)
+                handled = False
+            if handled:
+                status, value = abi.STATUS_OK, (value or 0) & _MASKS[size]
+            else:
+                value = 0
         posted = slot.flags & abi.SLOT_F_POSTED_WRITE
         if posted and is_write:
             # The guest already resumed and the stub is not waiting: free the slot.
@@ -234,7 +264,7 @@ class TrapPage:
         else:
             if posted:
                 self._warn("slot %d: posted-write flag on a read of 0x%x: answered normally",
-                           index, slot.gpa)
+                           index, gpa)
             if not is_write:
                 slot.data = value
             slot.status = status
@@ -243,13 +273,15 @@ class TrapPage:
         if status != abi.STATUS_OK:
             self.stats.unhandled += 1
         if self.trace is not None:
-            self.trace(slot.vm_id, slot.vcpu_id, slot.gpa, size, is_write,
+            self.trace(slot.vm_id, slot.vcpu_id, gpa, size, is_write,
                        slot.data if is_write else value, status,
-                       time.perf_counter_ns() - start)
+                       time.perf_counter_ns() - start, window, offset)
 
-    def _answer(self, index, slot, handler):
-        """``(status, read value)`` for a posted slot; never raises."""
-        gpa, size, vm_id = slot.gpa, slot.size, slot.vm_id
+    def _decode(self, index, slot, gpa, size):
+        """The window number of a well-formed slot of its own VM, else -1 (UNHANDLED;
+        a malformed slot is counted and logged, an address with no device slot is not:
+        that is the stub's policy)."""
+        vm_id = slot.vm_id
         problem = None
         if size not in _MASKS:
             problem = f"access size {size}"
@@ -260,27 +292,20 @@ class TrapPage:
         elif slot.direction == abi.DIR_WRITE and slot.data & ~_MASKS[size]:
             problem = f"write value 0x{slot.data:x} wider than {size} bytes"
         else:
-            where = self.layout.locate(gpa)
-            if where is None:
-                return abi.STATUS_UNHANDLED, 0      # no device there: the stub's policy
-            if where[0] != vm_id:
-                problem = f"address 0x{gpa:x} is in VM {where[0]}'s window"
-        if problem is not None:
-            self.stats.malformed += 1
-            self._warn("slot %d (VM %d vCPU %d): %s: answered UNHANDLED",
-                       index, vm_id, slot.vcpu_id, problem)
-            return abi.STATUS_UNHANDLED, 0
-        is_write = slot.direction == abi.DIR_WRITE
-        try:
-            handled, value = handler(gpa, slot.data if is_write else 0, is_write, size)
-        except Exception:  # the trap path must answer whatever a device does
-            self.stats.handler_errors += 1
-            log.exception("slot %d: handler failed on %s of %d bytes at 0x%x",
-                          index, "write" if is_write else "read", size, gpa)
-            return abi.STATUS_UNHANDLED, 0
-        if not handled:
-            return abi.STATUS_UNHANDLED, 0
-        return abi.STATUS_OK, (value or 0) & _MASKS[size]
+            relative = gpa - self._layout_base
+            if not 0 <= relative < self._layout_span:
+                return -1
+            window = relative // self._device_size
+            owner = self._window_vms[window]
+            if owner is None:
+                return -1                       # past the VM's device slots
+            if owner == vm_id:
+                return window
+            problem = f"address 0x{gpa:x} is in VM {owner}'s window"
+        self.stats.malformed += 1
+        self._warn("slot %d (VM %d vCPU %d): %s: answered UNHANDLED",
+                   index, vm_id, slot.vcpu_id, problem)
+        return -1
 
     # -- introspection -----------------------------------------------------------------
 

@@ -70,7 +70,8 @@ def test_probe_accesses_round_trip_through_the_trap_page(probe, busy_poll):
         trap.wait_ready(10)
         line = machine.interrupt_line(region)
 
-        def handler(addr, value, is_write, size):
+        def handler(window, offset, value, is_write, size):
+            addr = mm.LAYOUT.base + window * mm.LAYOUT.device_size + offset
             if not is_write:
                 return (True, READS[addr]) if addr in READS else (False, 0)
             writes.append((addr - WINDOW, size, value))
@@ -85,7 +86,7 @@ def test_probe_accesses_round_trip_through_the_trap_page(probe, busy_poll):
         while machine.process.poll() is None and time.monotonic() < deadline:
             if not busy_poll:
                 machine.uart.doorbell.wait(0.05)
-            trap.service(handler)
+            trap.serve_until_idle(handler)
         assert machine.wait(5) == 0, machine.uart.lines
         assert writes == EXPECTED_WRITES
         assert trap.header.stub_features == abi.F_VIRQ_REQUEST

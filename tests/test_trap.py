@@ -12,21 +12,27 @@ from avatar_hw import abi
 from avatar_hw.hw.region import Region
 from avatar_hw.layout import Layout
 from avatar_hw.testing.standin_stub import StubPage
-from avatar_hw.trap import MAX_TRAPS_PER_SERVICE, StubNotReady, TrapPage
+from avatar_hw.trap import MAX_TRAPS_PER_CALL, StubNotReady, TrapPage
 
 LAYOUT = Layout()
 VM0_DEV0 = LAYOUT.window(0, 0)
 VM1_DEV0 = LAYOUT.window(1, 0)
 
 
+def address(window, offset):
+    """The guest-physical address a ``dispatch(window, offset, ...)`` call stands for."""
+    return LAYOUT.base + window * LAYOUT.device_size + offset
+
+
 class Recorder:
-    """A handler answering reads with a register file; records every call."""
+    """A dispatch answering reads with a register file; records every call (by address)."""
 
     def __init__(self):
         self.calls = []
         self.registers = {}
 
-    def __call__(self, addr, value, is_write, size):
+    def __call__(self, window, offset, value, is_write, size):
+        addr = address(window, offset)
         self.calls.append((addr, value, is_write, size))
         if LAYOUT.locate(addr)[1] != 0:
             return False, 0                      # only device 0 exists
@@ -50,7 +56,7 @@ def page():
 def exchange(stub, trap, handler, *args, **kw):
     """Post one trap, let the model serve it, return the stub's ``(status, data)``."""
     stub.begin(*args, **kw)
-    trap.service(handler)
+    trap.serve_until_idle(handler)
     return stub.finish(args[0])
 
 
@@ -117,7 +123,7 @@ def test_garbage_in_every_slot_field_never_raises(page):
                    status=pattern, vm_id=pattern * 0x101, vcpu_id=pattern * 0x101,
                    data=pattern * 0x0101010101010101, gpa=pattern * 0x0101010101010101)
         stub.begin(0, 0, VM0_DEV0, 4, False, raw=raw)
-        trap.service(handler)
+        trap.serve_until_idle(handler)
         state = stub.region.read32(abi.SLOTS_OFFSET)
         assert state in (abi.SLOT_DONE, abi.SLOT_FREE)
         if state == abi.SLOT_DONE:
@@ -142,7 +148,7 @@ def test_posted_write_is_handled_and_the_model_frees_the_slot(page):
     stub, trap = page
     handler = Recorder()
     stub.begin(0, 0, VM0_DEV0 + 0x50, 4, True, 1, posted=True)
-    trap.service(handler)
+    trap.serve_until_idle(handler)
     assert stub.region.read32(abi.SLOTS_OFFSET) == abi.SLOT_FREE
     assert handler.calls == [(VM0_DEV0 + 0x50, 1, True, 4)]
     assert trap.stats.posted_writes == 1
@@ -172,7 +178,7 @@ def test_rescan_before_sleeping_serves_a_trap_posted_without_a_ring(page):
         return original_fence()
 
     trap.any_posted = post_during_rescan
-    trap.service(handler)
+    trap.serve_until_idle(handler)
     assert stub.rings == 0
     assert stub.finish(0) == (abi.STATUS_OK, 0)
 
@@ -215,7 +221,7 @@ def test_a_new_model_serves_what_a_dead_one_left_posted(page):
     stub.begin(2, 0, VM0_DEV0, 4, False)    # the old model dies before answering
     successor = TrapPage(stub.region, LAYOUT)
     successor.attach()
-    successor.service(Recorder())
+    successor.serve_until_idle(Recorder())
     assert stub.finish(2) == (abi.STATUS_OK, 0)
 
 
@@ -287,7 +293,7 @@ def test_service_after_detach_does_not_touch_the_page(page):
     stub, trap = page
     trap.detach(Recorder())
     before = bytes(stub.region.view(0, abi.PAGE_SIZE))
-    assert trap.service(Recorder()) == 0            # a late doorbell event
+    assert trap.serve_until_idle(Recorder()) == 0            # a late doorbell event
     assert bytes(stub.region.view(0, abi.PAGE_SIZE)) == before
 
 
@@ -296,9 +302,9 @@ def test_service_returns_to_the_loop_while_vcpus_keep_posting(page):
     stub, trap = page
     calls = []
 
-    def handler(addr, value, is_write, size):
-        calls.append(addr)
-        assert len(calls) < 10 * MAX_TRAPS_PER_SERVICE, "service never returned"
+    def handler(window, offset, value, is_write, size):
+        calls.append(address(window, offset))
+        assert len(calls) < 10 * MAX_TRAPS_PER_CALL, "service never returned"
         return True, 0
 
     def repost(*_):
@@ -311,10 +317,10 @@ def test_service_returns_to_the_loop_while_vcpus_keep_posting(page):
 
     for vcpu in range(4):
         stub.begin(vcpu, 0, VM0_DEV0, 4, False)
-    served = trap.service(repost)
-    assert MAX_TRAPS_PER_SERVICE <= served < MAX_TRAPS_PER_SERVICE + 4
-    assert trap.backlog and stub.header.model_sleeping == 0   # the stub need not ring
-    assert trap.service(Recorder()) <= 4 and not trap.backlog      # the vCPUs stop
+    served = trap.serve_until_idle(repost)
+    assert MAX_TRAPS_PER_CALL <= served < MAX_TRAPS_PER_CALL + 4
+    assert trap.stopped_at_budget and stub.header.model_sleeping == 0   # the stub need not ring
+    assert trap.serve_until_idle(Recorder()) <= 4 and not trap.stopped_at_budget      # the vCPUs stop
     for vcpu in range(4):
         assert stub.finish(vcpu) == (abi.STATUS_OK, 0)
     assert stub.header.model_sleeping == 1
@@ -344,10 +350,11 @@ def test_trace_reports_every_trap(page):
     seen = []
     trap.trace = lambda *record: seen.append(record)
     exchange(stub, trap, Recorder(), 1, 0, VM0_DEV0 + 0x70, 4, True, 3)
-    vm, vcpu, gpa, size, is_write, value, status, latency = seen[0]
+    vm, vcpu, gpa, size, is_write, value, status, latency, window, offset = seen[0]
     assert (vm, vcpu, gpa, size, is_write, value, status) == (0, 1, VM0_DEV0 + 0x70, 4, True,
                                                               3, abi.STATUS_OK)
     assert latency >= 0
+    assert (window, offset) == (LAYOUT.window_number(0, 0), 0x70)   # decoded once, passed on
 
 
 def test_many_traps_from_concurrent_vcpus_are_each_answered_once(page):
@@ -367,7 +374,7 @@ def test_many_traps_from_concurrent_vcpus_are_each_answered_once(page):
     for t in threads:
         t.start()
     while len(done) < 4:
-        trap.service(handler)
+        trap.serve_until_idle(handler)
     for t in threads:
         t.join()
     writes = [c for c in handler.calls if c[2]]

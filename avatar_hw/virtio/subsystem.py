@@ -15,7 +15,7 @@ Windows and SPIs come from an ``avatar_hw.layout.Layout`` (the seed's map by
 default, or a board's). Each device's transport gets its own VM's
 ``GuestMemory``, so a device reaches only that VM's RAM.
 
-``handle_mmio_trap`` never raises: an address outside every device window
+``handle_mmio_trap`` (and ``dispatch``, the trap page's way in) never raises: an address outside every device window
 answers ``(False, 0)``; an exception escaping a device (a bug) is logged and
 puts that device in DEVICE_NEEDS_RESET, and the access completes
 (reads 0), so the guest and the daemon carry on.
@@ -48,12 +48,12 @@ class Subsystem:
         size = self.layout.device_size
         if size & (size - 1):
             raise ValueError(f"layout device_size 0x{size:x} is not a power of two")
-        self._offset_mask = size - 1
+        self._span = self.layout.window_count * size
         self.interrupt_line = interrupt_line
         self.loop = loop
         self.vms = {}            # vm_id -> GuestMemory
         self._devices = {}       # (vm_id, slot) -> MmioTransport
-        self._windows = {}       # window base address -> MmioTransport
+        self._by_window = [None] * self.layout.window_count   # window number -> MmioTransport
 
     # -- VMs and devices ---------------------------------------------------------------------
 
@@ -95,7 +95,7 @@ class Subsystem:
                                   intid=self.layout.intid(vm_id, slot), legacy=legacy)
         transport.window = window
         self._devices[vm_id, slot] = transport
-        self._windows[window] = transport
+        self._by_window[self.layout.window_number(vm_id, slot)] = transport
         if self.loop is not None:
             device.attach(self.loop)
         log.info("vm%d slot %d: %s at 0x%x, INTID %d", vm_id, slot, device.name, window,
@@ -104,7 +104,7 @@ class Subsystem:
 
     def destroy_device(self, vm_id, slot):
         transport = self._devices.pop((vm_id, slot))
-        del self._windows[transport.window]
+        self._by_window[self.layout.window_number(vm_id, slot)] = None
         transport.device.detach()
 
     def configure_vm(self, vm_id, console=None, block=None, net=None):
@@ -127,6 +127,10 @@ class Subsystem:
             created.append(self.create_device(vm_id, spec))
         return created
 
+    def transport_at(self, window):
+        """The ``MmioTransport`` in window number ``window``, or None."""
+        return self._by_window[window]
+
     def device(self, vm_id, slot):
         """The device in VM ``vm_id``'s slot ``slot``."""
         try:
@@ -142,18 +146,32 @@ class Subsystem:
     # -- the trap path -----------------------------------------------------------------------
 
     def handle_mmio_trap(self, addr, value, is_write, size):
-        """Answer one guest access: ``(handled, value read)`` (value 0 for writes)."""
-        transport = self._windows.get(addr & ~self._offset_mask)
+        """Answer one guest access: ``(handled, value read)`` (value 0 for writes).
+
+        The seed's entry point, for callers holding an address (drivers in
+        tests); the trap page decodes the address itself and calls ``dispatch``.
+        """
+        relative = addr - self.layout.base
+        if not 0 <= relative < self._span:
+            return _NOT_OURS
+        device_size = self.layout.device_size
+        return self.dispatch(relative // device_size, relative % device_size, value, is_write,
+                             size)
+
+    def dispatch(self, window, offset, value, is_write, size):
+        """Answer one guest access at ``offset`` of window number ``window``
+        (``Layout.window_number``): ``(handled, value read)``, value 0 for writes."""
+        transport = self._by_window[window]
         if transport is None:
             return _NOT_OURS
         try:
             if is_write:
-                transport.write(addr & self._offset_mask, size, value)
+                transport.write(offset, size, value)
                 return _WRITE_DONE
-            return True, transport.read(addr & self._offset_mask, size)
+            return True, transport.read(offset, size)
         except Exception as err:     # a device bug must not take the daemon down
             transport.error("internal error on %s of 0x%x", "write" if is_write else "read",
-                            addr, exc_info=True)
+                            transport.window + offset, exc_info=True)
             try:
                 transport.fail(f"internal error: {err!r}")
             except Exception:
