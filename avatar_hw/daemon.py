@@ -37,7 +37,6 @@ mapped and built, the trap page's lock taken, the doorbell and control socket
 open, every module imported), then the privileges are dropped.
 """
 
-import gc
 import logging
 import os
 import pwd
@@ -330,7 +329,6 @@ class Daemon:
         if self._own_doorbell and self.doorbell is not None:
             self.doorbell.close()
         self.trap = self.subsystem = self.control = None
-        gc.collect()        # devices and transports refer to each other; free their RAM views
         for region in reversed(self.regions):
             try:
                 region.close()

@@ -309,7 +309,7 @@ def test_receive_buffer_too_small_for_a_header_goes_back_empty(pair):
     b.rx.post(readable=[b"r"])
     b.rx.notify()
     assert [u.length for u in b.rx.get_used()] == [0, 0]
-    assert b.device.transport.guest_errors == 2
+    assert b.device.context.guest_errors == 2
 
 
 def test_bad_chain_in_the_transmit_queue_is_completed(pair):
@@ -320,7 +320,7 @@ def test_bad_chain_in_the_transmit_queue_is_completed(pair):
     a.tx.make_available(0)
     a.tx.notify()
     assert [u.length for u in a.tx.get_used()] == [0]
-    assert a.device.transport.status & c.STATUS_DEVICE_NEEDS_RESET == 0
+    assert a.device.context.status & c.STATUS_DEVICE_NEEDS_RESET == 0
 
 
 # -- remote ports: other processes on the switch socket -------------------------------------------

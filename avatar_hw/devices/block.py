@@ -237,7 +237,7 @@ class BlockDevice(VirtioDevice):
         try:
             status_code, written = self._execute(chain, data_out)
         except OSError as err:
-            self.transport.error("%s: %s", self.image, err)
+            self.error("%s: %s", self.image, err)
             status_code, written = S_IOERR, 0
         if status_code != S_OK:
             self.counters["errors"] += 1

@@ -3,8 +3,10 @@
 A device is the seed's ``virtio_device_t`` in Python: a device ID, offered
 features, configuration bytes with a write hook, queues with their maximum
 sizes and the ``queue_notify`` / ``reset`` callbacks. It talks to the guest
-only through its transport (``signal_used``, ``signal_config_change``,
-``fail``) and to the host through the event loop (``attach``).
+only through the ``DeviceContext`` its transport hands it (``bind``; see
+avatar_hw.virtio.context: ``signal_used``, ``signal_config_change``, ``fail``,
+the guest's memory), never through the transport itself, and to the host
+through the event loop (``attach``).
 
 Writing a device (one small file under ``avatar_hw/devices``)::
 
@@ -111,7 +113,7 @@ class VirtioDevice:
                                  on_yield=self._resume_later)
                        for i, size in enumerate(queue_sizes)]
         self._resuming = set()              # queues with a resume on the loop
-        self.transport = None
+        self.context = None                 # the DeviceContext, once bound to a transport
         self.loop = None
         # bytes_from_guest: read from device-readable buffers; bytes_to_guest: written
         # into device-writable ones.
@@ -136,6 +138,11 @@ class VirtioDevice:
         """The driver wrote ``data`` at ``offset`` of the configuration space."""
         self.guest_error("write to read-only config offset 0x%x; ignored", offset)
 
+    def bind(self, context):
+        """Plugged into a transport: ``context`` (a ``DeviceContext``) is how this device
+        reaches its guest from now on."""
+        self.context = context
+
     def attach(self, loop):
         """Register backend fds with ``loop`` (an ``avatar_hw.loop.EventLoop``) through
         ``self.loop``, its guarded view (overriders call this first)."""
@@ -154,9 +161,9 @@ class VirtioDevice:
             try:
                 callback()
             except Exception as err:     # a device bug must not stop every VM's devices
-                if self.transport is not None:
-                    self.transport.error("internal error in an event-loop callback",
-                                         exc_info=True)
+                if self.context is not None:
+                    self.context.error("internal error in an event-loop callback",
+                                       exc_info=True)
                 else:
                     log.exception("%s: internal error in an event-loop callback", self.name)
                 try:
@@ -169,40 +176,34 @@ class VirtioDevice:
 
     @property
     def memory(self):
-        """The VM's ``GuestMemory`` (None until the device has a transport)."""
-        return None if self.transport is None else self.transport.memory
+        """The VM's ``GuestMemory`` (None until the device is bound to a transport)."""
+        return None if self.context is None else self.context.memory
 
     @property
     def active(self):
         """True between DRIVER_OK and the next reset, unless the device needs a reset."""
-        t = self.transport
-        return (t is not None and t.status & (STATUS_DRIVER_OK | STATUS_DEVICE_NEEDS_RESET)
-                == STATUS_DRIVER_OK)
+        return self.context is not None and self.context.active
 
     def has_feature(self, feature_bit):
         """True if ``feature_bit`` was negotiated."""
-        return self.transport is not None and self.transport.has_feature(feature_bit)
+        return self.context is not None and self.context.has_feature(feature_bit)
 
     def signal_used(self, queue):
         """Interrupt the driver for ``queue``'s new used buffers (unless it suppressed that)."""
-        if self.transport is not None:
-            self.transport.signal_used(queue)
+        if self.context is not None:
+            self.context.signal_used(queue)
 
     def signal_config_change(self):
-        if self.transport is not None:
-            self.transport.signal_config_change()
+        if self.context is not None:
+            self.context.signal_config_change()
 
     def update_config(self, offset, data, *, notify=True):
         """Change configuration bytes: ConfigGeneration moves; ``notify`` interrupts."""
         if self.config[offset:offset + len(data)] == data:
             return
         self.config[offset:offset + len(data)] = data
-        if self.transport is None:
-            return
-        if notify:
-            self.transport.signal_config_change()
-        else:
-            self.transport.config_generation = (self.transport.config_generation + 1) & 0xFFFFFFFF
+        if self.context is not None:
+            self.context.signal_config_change(notify)
 
     def _resume_later(self, queue):
         """``queue`` spent its turn (``Virtqueue.pop``): serve it again on the loop's next
@@ -220,18 +221,25 @@ class VirtioDevice:
 
     def fail(self, reason):
         """An error the device cannot recover from: DEVICE_NEEDS_RESET."""
-        if self.transport is None:
+        if self.context is None:
             self.counters["errors"] += 1
             log.error("%s: %s", self.name, reason)
         else:
-            self.transport.fail(reason)
+            self.context.fail(reason)
 
     def guest_error(self, fmt, *args):
-        """Log a guest mistake through the transport's rate-limited, counted log."""
-        if self.transport is not None:
-            self.transport.guest_error(fmt, *args)
+        """Log a guest mistake through the context's rate-limited, counted log."""
+        if self.context is not None:
+            self.context.guest_error(fmt, *args)
         else:
             log.warning("%s: " + fmt, self.name, *args)
+
+    def error(self, fmt, *args):
+        """Log a host error the guest's requests can repeat (ERROR, rate-limited, counted)."""
+        if self.context is not None:
+            self.context.error(fmt, *args)
+        else:
+            log.error("%s: " + fmt, self.name, *args)
 
     def count(self, requests=1, *, bytes_from_guest=0, bytes_to_guest=0):
         c = self.counters
@@ -243,25 +251,27 @@ class VirtioDevice:
 
     def info(self):
         """JSON-able summary: identity and counters."""
-        t = self.transport
+        ctx = self.context
         return {"name": self.name, "device_id": self.device_id,
-                "status": status_names(t.status) if t else "detached",
+                "status": status_names(ctx.status) if ctx else "detached",
                 **self.counters,
                 # what the guest caused: logged (rate-limited) and counted
-                "guest_errors": t.guest_errors if t else 0,
-                "log_lines_suppressed": t.log_lines_suppressed if t else 0}
+                "guest_errors": ctx.guest_errors if ctx else 0,
+                "log_lines_suppressed": ctx.log_lines_suppressed + sum(
+                    q.log_lines_suppressed for q in self.queues) if ctx else 0}
 
     def describe(self):
         """JSON-able debugging view: status bits, features, every queue's state."""
-        t = self.transport
+        ctx = self.context
+        legacy = bool(ctx and ctx.legacy)
         out = self.info()
         out.update({
-            "offered_features": hex(t.offered_features if t else self.features),
-            "driver_features": hex(t.driver_features) if t else "0x0",
-            "negotiated_features": hex(t.negotiated_features) if t else "0x0",
-            "interrupt_status": t.interrupt_status if t else 0,
-            "config_generation": t.config_generation if t else 0,
-            "legacy": bool(t and t.legacy),
+            "offered_features": hex(self.features & 0xFFFFFFFF if legacy else self.features),
+            "driver_features": hex(ctx.driver_features) if ctx else "0x0",
+            "negotiated_features": hex(ctx.negotiated_features) if ctx else "0x0",
+            "interrupt_status": ctx.interrupt_status if ctx else 0,
+            "config_generation": ctx.config_generation if ctx else 0,
+            "legacy": legacy,
             "queues": [q.describe() for q in self.queues],
         })
         return out

@@ -40,6 +40,10 @@ class GuestMemory:
         self.data = region.view(0, region.size)
         self._address = region.address
 
+    def release(self):
+        """Drop the view of the whole RAM (the daemon is closing; nothing reads it again)."""
+        self.data.release()
+
     def __repr__(self):
         return f"<GuestMemory vm{self.vm_id} 0x{self.base:x}..0x{self.end - 1:x}>"
 

@@ -139,9 +139,12 @@ class Subsystem:
             raise ValueError(f"no device in VM {vm_id} slot {slot}") from None
 
     def close(self):
-        """Detach every device (backends close their fds)."""
+        """Close every device (backends close their fds) and let go of the VMs' RAM: no
+        view into it is left, so its regions can be unmapped at once."""
         for transport in self._devices.values():
-            transport.device.detach()
+            transport.close()
+        for memory in self.vms.values():
+            memory.release()
 
     # -- the trap path -----------------------------------------------------------------------
 

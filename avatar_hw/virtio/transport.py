@@ -27,8 +27,10 @@ Rules (each logged at warning level when the guest breaks it):
 * QueueReady = 1 validates the layout (``Virtqueue.set_up``); an unusable
   layout leaves the queue not ready and sets DEVICE_NEEDS_RESET.
 * interrupts: InterruptStatus bits are set by ``signal_used`` (bit 0, only
-  when the driver's suppression allows) and ``signal_config_change`` (bit 1);
-  the SPI is raised when a bit goes from clear to set (the guest reads the
+  when the driver's suppression allows) and ``signal_config_change`` (bit 1),
+  both the ``DeviceContext``'s (avatar_hw.virtio.context), which the device
+  holds instead of the transport; the guest INTID is raised when a bit goes
+  from clear to set (the guest reads the
   status and the rings after that, so nothing is missed).
 
 Legacy (Version 1, ``legacy=True``): GuestPageSize, QueueAlign and QueuePFN
@@ -37,11 +39,12 @@ VERSION_1 is never offered; FEATURES_OK is optional; features the device did
 not offer are masked off at DRIVER_OK (a guest error).
 """
 
+import functools
 import logging
 
-from ..ratelimit import RateLimitedLog
 from . import constants as c
 from .constants import bit
+from .context import DeviceContext
 from .queue import QueueError
 
 log = logging.getLogger(__name__)
@@ -72,75 +75,41 @@ class MmioTransport:
     """One virtio-mmio window for ``device`` of the VM whose RAM is ``memory``.
 
     ``interrupt_line.raise_intid(intid)`` is called to interrupt the guest (None: no line,
-    interrupts are only counted).
+    interrupts are only counted). The device gets the transport's ``DeviceContext``
+    (``device.bind``), never the transport itself.
     """
 
     def __init__(self, device, memory, *, interrupt_line=None, intid=0, legacy=False):
         self.device = device
         self.memory = memory
-        self.interrupt_line = interrupt_line
         self.intid = intid
         self.legacy = legacy
-        self.config_generation = 0
-        self._guest_error_log = RateLimitedLog(log)
-        self._error_log = RateLimitedLog(log, level=logging.ERROR)
+        self.context = DeviceContext(memory, interrupt_line=interrupt_line, intid=intid,
+                                     legacy=legacy, counters=device.counters,
+                                     label=f"vm{memory.vm_id} {device.name}@irq{intid}")
         self._prerequisites = LEGACY_STATUS_PREREQUISITES if legacy else STATUS_PREREQUISITES
         self._page_size = 4096
         self._queue_align = [4096] * len(device.queues)
         self._queue_was_reset = [False] * len(device.queues)
-        self._reads, self._writes = self._dispatch_tables()
+        self._reads, self._writes = _dispatch_tables(legacy)
         self._clear_registers()
-        device.transport = self
+        device.bind(self.context)
 
-    # -- dispatch ----------------------------------------------------------------------
+    # -- state kept in the device's context -----------------------------------------------
 
-    def _dispatch_tables(self):
-        reads = {
-            c.REG_MAGIC_VALUE: lambda: c.MMIO_MAGIC,
-            c.REG_VERSION: lambda: c.MMIO_VERSION_LEGACY if self.legacy else c.MMIO_VERSION_MODERN,
-            c.REG_DEVICE_ID: lambda: self.device.device_id,
-            c.REG_VENDOR_ID: lambda: c.VENDOR_ID,
-            c.REG_DEVICE_FEATURES: self._read_device_features,
-            c.REG_QUEUE_NUM_MAX: self._read_queue_num_max,
-            c.REG_INTERRUPT_STATUS: lambda: self.interrupt_status,
-            c.REG_STATUS: lambda: self.status,
-        }
-        writes = {
-            c.REG_DEVICE_FEATURES_SEL: self._write_device_features_sel,
-            c.REG_DRIVER_FEATURES: self._write_driver_features,
-            c.REG_DRIVER_FEATURES_SEL: self._write_driver_features_sel,
-            c.REG_QUEUE_SEL: self._write_queue_sel,
-            c.REG_QUEUE_NUM: self._write_queue_num,
-            c.REG_QUEUE_NOTIFY: self._write_queue_notify,
-            c.REG_INTERRUPT_ACK: self._write_interrupt_ack,
-            c.REG_STATUS: self._write_status,
-        }
-        if self.legacy:
-            reads[c.REG_QUEUE_PFN] = self._read_queue_pfn
-            writes[c.REG_GUEST_PAGE_SIZE] = self._write_guest_page_size
-            writes[c.REG_QUEUE_ALIGN] = self._write_queue_align
-            writes[c.REG_QUEUE_PFN] = self._write_queue_pfn
-        else:
-            reads.update({
-                c.REG_QUEUE_READY: self._read_queue_ready,
-                c.REG_SHM_LEN_LOW: lambda: _MASK32,      # no shared memory regions:
-                c.REG_SHM_LEN_HIGH: lambda: _MASK32,     # length reads as -1 (4.2.2)
-                c.REG_SHM_BASE_LOW: lambda: 0,
-                c.REG_SHM_BASE_HIGH: lambda: 0,
-                c.REG_QUEUE_RESET: self._read_queue_reset,
-                c.REG_CONFIG_GENERATION: lambda: self.config_generation,
-            })
-            writes.update({
-                c.REG_QUEUE_READY: self._write_queue_ready,
-                c.REG_SHM_SEL: self._write_shm_sel,
-                c.REG_QUEUE_RESET: self._write_queue_reset,
-            })
-            for reg, attr in ((c.REG_QUEUE_DESC_LOW, "desc_addr"),
-                              (c.REG_QUEUE_DRIVER_LOW, "driver_addr"),
-                              (c.REG_QUEUE_DEVICE_LOW, "device_addr")):
-                writes[reg] = self._ring_address_writer(attr, 0)
-                writes[reg + 4] = self._ring_address_writer(attr, 32)
-        return reads, writes
+    def _context_field(name):
+        return property(lambda self: getattr(self.context, name),
+                        lambda self, value: setattr(self.context, name, value))
+
+    status = _context_field("status")
+    driver_features = _context_field("driver_features")
+    interrupt_status = _context_field("interrupt_status")
+    config_generation = _context_field("config_generation")
+    del _context_field
+
+    @property
+    def interrupt_line(self):
+        return self.context.interrupt_line
 
     def read(self, offset, size):
         """The value the guest reads at ``offset`` with a ``size``-byte access."""
@@ -154,7 +123,7 @@ class MmioTransport:
         if handler is None:
             self.guest_error("read of 0x%03x (no such register, or write-only); reads 0", offset)
             return 0
-        return handler()
+        return handler(self)
 
     def write(self, offset, size, value):
         """The guest writes ``value`` at ``offset`` with a ``size``-byte access."""
@@ -170,30 +139,27 @@ class MmioTransport:
             self.guest_error("write of 0x%x to 0x%03x (no such register, or read-only); "
                               "ignored", value, offset)
             return
-        handler(value & _MASK32)
+        handler(self, value & _MASK32)
 
     def __str__(self):
-        return f"vm{self.memory.vm_id} {self.device.name}@irq{self.intid}"
+        return self.context.label
 
     def guest_error(self, fmt, *args):
-        """Log a guest mistake: the first ones as warnings, then every 1000th (a guest
-        must not be able to flood the log), all counted in ``guest_errors``."""
-        self._guest_error_log("%s: " + fmt, self, *args)
+        """Log a guest mistake (``DeviceContext.guest_error``: rate-limited, counted)."""
+        self.context.guest_error(fmt, *args)
 
     def error(self, fmt, *args, exc_info=False):
-        """Log an error the guest can repeat at will (an internal error it triggers, a host
-        I/O error of its requests): ERROR level, rate-limited and counted like
-        ``guest_error``."""
-        self._error_log("%s: " + fmt, self, *args, exc_info=exc_info)
+        """Log an error the guest can repeat at will (``DeviceContext.error``)."""
+        self.context.error(fmt, *args, exc_info=exc_info)
 
     @property
     def guest_errors(self):
-        return self._guest_error_log.count
+        return self.context.guest_errors
 
     @property
     def log_lines_suppressed(self):
         """Lines about this device's guest sent to debug by the rate limit."""
-        return (self._guest_error_log.suppressed + self._error_log.suppressed
+        return (self.context.log_lines_suppressed
                 + sum(q.log_lines_suppressed for q in self.device.queues))
 
     # -- status and reset ------------------------------------------------------------------
@@ -214,6 +180,12 @@ class MmioTransport:
             queue.reset()
         self._queue_was_reset = [False] * len(self.device.queues)
         self.device.reset()
+
+    def close(self):
+        """Reset the device (it drops the chains it held), detach it from the event loop
+        and drop the queues' views of guest RAM."""
+        self.reset()
+        self.device.detach()
 
     def _write_status(self, value):
         value &= 0xFF
@@ -274,13 +246,7 @@ class MmioTransport:
 
     def fail(self, reason):
         """The device met an error it cannot recover from: DEVICE_NEEDS_RESET (2.1.2)."""
-        self.device.counters["errors"] += 1
-        if self.status & _NEEDS_RESET:
-            return
-        self._error_log("%s: %s; setting DEVICE_NEEDS_RESET", self, reason)
-        self.status |= _NEEDS_RESET
-        if self.status & _DRIVER_OK:
-            self._interrupt(c.INT_CONFIG_CHANGE)
+        self.context.fail(reason)
 
     # -- features ----------------------------------------------------------------------------
 
@@ -293,11 +259,10 @@ class MmioTransport:
     @property
     def negotiated_features(self):
         """The features in force (0 until FEATURES_OK, or DRIVER_OK for legacy)."""
-        final = _DRIVER_OK if self.legacy else _FEATURES_OK
-        return self.driver_features if self.status & final else 0
+        return self.context.negotiated_features
 
     def has_feature(self, feature_bit):
-        return bool(self.negotiated_features >> feature_bit & 1)
+        return self.context.has_feature(feature_bit)
 
     def _read_device_features(self):
         if self.device_features_sel > 1 or (self.legacy and self.device_features_sel):
@@ -355,8 +320,9 @@ class MmioTransport:
         if queue is not None:
             queue.size = value
 
-    def _ring_address_writer(self, attr, shift):
-        def write(value):
+    @staticmethod
+    def _ring_address_writer(attr, shift):
+        def write(self, value):
             queue = self._configurable_queue(attr)
             if queue is not None:
                 old = getattr(queue, attr)
@@ -463,27 +429,16 @@ class MmioTransport:
 
     # -- interrupts ---------------------------------------------------------------------------
 
-    def _interrupt(self, bits):
-        old = self.interrupt_status
-        self.interrupt_status = old | bits
-        if bits & ~old:
-            self.device.counters["interrupts"] += 1
-            if self.interrupt_line is not None:
-                self.interrupt_line.raise_intid(self.intid)
-
     def _write_interrupt_ack(self, value):
         self.interrupt_status &= ~value
 
     def signal_used(self, queue):
         """Interrupt the driver for new used buffers of ``queue`` unless it suppressed that."""
-        if queue.needs_notification():
-            self._interrupt(c.INT_USED_BUFFER)
+        self.context.signal_used(queue)
 
     def signal_config_change(self):
         """The configuration changed: new ConfigGeneration, interrupt once DRIVER_OK."""
-        self.config_generation = (self.config_generation + 1) & _MASK32
-        if self.status & _DRIVER_OK:
-            self._interrupt(c.INT_CONFIG_CHANGE)
+        self.context.signal_config_change()
 
     # -- configuration space -----------------------------------------------------------------
 
@@ -504,3 +459,57 @@ class MmioTransport:
         if self._config_range_ok(offset, size, "write"):
             data = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
             self.device.write_config(offset, data)
+
+
+@functools.cache
+def _dispatch_tables(legacy):
+    """``(reads, writes)``: register offset -> function of the transport (and the value
+    written), made once per interface version and shared by every transport."""
+    t = MmioTransport
+    reads = {
+        c.REG_MAGIC_VALUE: lambda self: c.MMIO_MAGIC,
+        c.REG_VERSION: lambda self: (c.MMIO_VERSION_LEGACY if self.legacy
+                                     else c.MMIO_VERSION_MODERN),
+        c.REG_DEVICE_ID: lambda self: self.device.device_id,
+        c.REG_VENDOR_ID: lambda self: c.VENDOR_ID,
+        c.REG_DEVICE_FEATURES: t._read_device_features,
+        c.REG_QUEUE_NUM_MAX: t._read_queue_num_max,
+        c.REG_INTERRUPT_STATUS: lambda self: self.context.interrupt_status,
+        c.REG_STATUS: lambda self: self.context.status,
+    }
+    writes = {
+        c.REG_DEVICE_FEATURES_SEL: t._write_device_features_sel,
+        c.REG_DRIVER_FEATURES: t._write_driver_features,
+        c.REG_DRIVER_FEATURES_SEL: t._write_driver_features_sel,
+        c.REG_QUEUE_SEL: t._write_queue_sel,
+        c.REG_QUEUE_NUM: t._write_queue_num,
+        c.REG_QUEUE_NOTIFY: t._write_queue_notify,
+        c.REG_INTERRUPT_ACK: t._write_interrupt_ack,
+        c.REG_STATUS: t._write_status,
+    }
+    if legacy:
+        reads[c.REG_QUEUE_PFN] = t._read_queue_pfn
+        writes[c.REG_GUEST_PAGE_SIZE] = t._write_guest_page_size
+        writes[c.REG_QUEUE_ALIGN] = t._write_queue_align
+        writes[c.REG_QUEUE_PFN] = t._write_queue_pfn
+    else:
+        reads.update({
+            c.REG_QUEUE_READY: t._read_queue_ready,
+            c.REG_SHM_LEN_LOW: lambda self: _MASK32,      # no shared memory regions:
+            c.REG_SHM_LEN_HIGH: lambda self: _MASK32,     # length reads as -1 (4.2.2)
+            c.REG_SHM_BASE_LOW: lambda self: 0,
+            c.REG_SHM_BASE_HIGH: lambda self: 0,
+            c.REG_QUEUE_RESET: lambda self: t._read_queue_reset(),
+            c.REG_CONFIG_GENERATION: lambda self: self.context.config_generation,
+        })
+        writes.update({
+            c.REG_QUEUE_READY: t._write_queue_ready,
+            c.REG_SHM_SEL: t._write_shm_sel,
+            c.REG_QUEUE_RESET: t._write_queue_reset,
+        })
+        for reg, attr in ((c.REG_QUEUE_DESC_LOW, "desc_addr"),
+                          (c.REG_QUEUE_DRIVER_LOW, "driver_addr"),
+                          (c.REG_QUEUE_DEVICE_LOW, "device_addr")):
+            writes[reg] = t._ring_address_writer(attr, 0)
+            writes[reg + 4] = t._ring_address_writer(attr, 32)
+    return reads, writes
