@@ -21,9 +21,9 @@ from importlib import metadata
 from .errors import AvatarError
 
 COMMANDS = [
-    "avatar_hw.board",        # layout
-    "avatar_hw.daemon",       # serve
-    "avatar_hw.control",      # list, info, debug
+    "avatar_hw.commands.layout",    # layout
+    "avatar_hw.commands.serve",     # serve
+    "avatar_hw.commands.query",     # list, info, debug
     "avatar_hw.terminal",     # console
     "avatar_hw.emulated.demo",  # demo
 ]

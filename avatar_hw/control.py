@@ -1,4 +1,5 @@
-"""The daemon's control socket and the ``avatar-hw list | info | debug`` commands.
+"""The daemon's control socket (``avatar-hw list | info | debug`` ask through it:
+avatar_hw.commands.query).
 
 A Unix stream socket speaking JSON lines: each request is one line
 ``{"command": "list" | "info" | "debug", ...}``, each answer one line
@@ -221,84 +222,3 @@ def request(command, path=None, timeout=5.0, option="--control", **arguments):
     if not answer.get("ok"):
         raise AvatarError(f"daemon: {answer.get('error')}")
     return answer["result"]
-
-
-# -- formatting -----------------------------------------------------------------------------------------
-
-def _bytes(n):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
-def _device_line(d):
-    return f"vm{d['vm']} slot{d['slot']} {d['name']:<8} {d['base']:>10} IRQ {d['irq']}"
-
-
-def format_list(devices):
-    return "\n".join(_device_line(d) for d in devices) or "no devices"
-
-
-def format_queue(q):
-    return (f"q{q['index']}: size {q['size']}/{q['max_size']}{' ready' if q['ready'] else ''}"
-            f"{' BROKEN' if q['broken'] else ''} desc {q['desc']} driver {q['driver']} "
-            f"device {q['device']} last_avail {q['last_avail_idx']} used {q['used_idx']} "
-            f"in flight {q['in_flight']} bad chains {q['bad_chains']}")
-
-
-def format_device(d, indent="  "):
-    lines = [f"{_device_line(d)}  status {d['status']}",
-             f"{indent}features offered {d['offered_features']} negotiated "
-             f"{d['negotiated_features']}; interrupts {d['interrupts']} (status "
-             f"{d['interrupt_status']}); guest->host {_bytes(d['bytes_from_guest'])}, "
-             f"host->guest {_bytes(d['bytes_to_guest'])}; requests {d['requests']}; "
-             f"errors {d['errors']}; guest errors {d.get('guest_errors', 0)} (log lines "
-             f"suppressed {d.get('log_lines_suppressed', 0)})"]
-    lines += [f"{indent}{format_queue(q)}" for q in d.get("queues", ())]
-    return "\n".join(lines)
-
-
-def format_info(info):
-    t = info["trap"]
-    lines = [f"avatar-hw PID {info['pid']} on board {info['board']}, up {info['uptime']:.0f} s, "
-             f"{info['mode']}; trap ABI {t['abi']}, {t['slots']} slot(s), features "
-             f"0x{t['model_features']:x}; traps {t['served']} (unhandled {t['unhandled']}, "
-             f"malformed {t['malformed']}, posted writes {t['posted_writes']})"]
-    for vm in info["vms"]:
-        lines.append(f"vm{vm['vm']}: RAM {vm['ram']['base']} + {_bytes(vm['ram']['size'])}, "
-                     f"window {vm['window'][0]}-{vm['window'][1]}")
-        lines += ["  " + format_device(d, "    ").replace("\n", "\n  ") for d in vm["devices"]]
-    return "\n".join(lines)
-
-
-def _print(result, args, formatter):
-    print(json.dumps(result, indent=2) if args.json else formatter(result))
-
-
-def _list(args):
-    _print(request("list", args.control), args, format_list)
-
-
-def _info(args):
-    _print(request("info", args.control), args, format_info)
-
-
-def _debug(args):
-    _print(request("debug", args.control, vm=args.vm, device=args.device), args, format_device)
-
-
-def add_parser(subparsers, parents=()):
-    for name, func, text in (
-            ("list", _list, "list the running daemon's devices"),
-            ("info", _info, "the running daemon's VMs, devices, queues and counters"),
-            ("debug", _debug, "everything about one device of the running daemon")):
-        parser = subparsers.add_parser(name, parents=parents, help=text,
-                                       description=text + ".")
-        if name == "debug":
-            parser.add_argument("vm", type=int, help="VM number")
-            parser.add_argument("device", help="slot number or name (console, console0, ...)")
-        parser.add_argument("--json", action="store_true", help="machine-readable output")
-        parser.add_argument("--control", help=f"the daemon's control socket (default "
-                                              f"${ENV} or {default_control_path()})")
-        parser.set_defaults(func=func)

@@ -1,4 +1,4 @@
-"""``avatar-hw serve``: the device model daemon.
+"""The device model daemon (``avatar-hw serve``, avatar_hw.commands.serve).
 
 It loads the board file and the VMs config, maps the trap page and each VM's
 RAM (``Board.open_region``: UIO maps on a board, file windows on the emulated
@@ -39,12 +39,10 @@ open, every module imported), then the privileges are dropped.
 
 import logging
 import os
-import pwd
 import signal
 import socket
 import threading
 import time
-from pathlib import Path
 
 from . import abi
 from .board import Board, board_path, load_board
@@ -56,18 +54,13 @@ from .hw.uio import find_uio
 from .interrupts import BoardInterruptLine, StubInterruptLine
 from .layout import address
 from .loop import EventLoop
+from .service import drop_privileges, sd_notify
+from .tracing import TrapTracer
 from .trap import TrapPage
-from .virtio import constants as vc
 from .virtio.memory import GuestMemory
 from .virtio.subsystem import Subsystem
 
 log = logging.getLogger(__name__)
-trace_log = logging.getLogger("avatar_hw.trace")
-
-REGISTER_NAMES = {value: "".join(part.capitalize() for part in name[4:].split("_"))
-                  for name, value in vars(vc).items()
-                  if name.startswith("REG_") and name != "REG_CONFIG"}
-
 
 def _gic_line(daemon):
     return daemon.board.interrupt_line(**daemon.roots)
@@ -141,9 +134,7 @@ class Daemon:
         board = self.board
         log.debug("board file %s, VMs config %s", board.path, self.config.path)
         self.trap_region = self._open_region(board.trap)
-        self.trap = TrapPage(self.trap_region, board.layout,
-                             trace=self._trace if self.trace else None,
-                             lock=self._trap_lock_path())
+        self.trap = TrapPage(self.trap_region, board.layout, lock=self._trap_lock_path())
         self._own_doorbell = self.doorbell is None or isinstance(self.doorbell, str)
         self.doorbell = self._make_doorbell()
         line = self._interrupt_line
@@ -152,6 +143,8 @@ class Daemon:
         elif callable(line) and not hasattr(line, "raise_intid"):
             line = line(self.trap_region)
         self.subsystem = Subsystem(board.layout, interrupt_line=line, loop=self.loop)
+        if self.trace:
+            self.trap.trace = TrapTracer(board.layout, self.subsystem)
         for vm_id, vm in self.config.vms.items():
             ram = self._open_region(board.ram, vm_id)
             self.subsystem.vm_init(vm_id, GuestMemory(ram, board.ram_guest_base, vm_id=vm_id))
@@ -341,20 +334,6 @@ class Daemon:
 
     # -- introspection and tracing ------------------------------------------------------------------
 
-    def _trace(self, vm_id, vcpu, gpa, size, is_write, value, status, latency_ns, window,
-               offset):
-        if window < 0:
-            device, register = "-", f"0x{gpa:x}"
-        else:
-            slot = window % self.board.layout.windows_per_vm
-            transport = self.subsystem.transport_at(window)
-            device = f"{transport.device.name}{slot}" if transport else f"slot{slot}"
-            register = (REGISTER_NAMES.get(offset) if offset < vc.REG_CONFIG
-                        else f"Config+0x{offset - vc.REG_CONFIG:x}") or f"0x{offset:03x}"
-        trace_log.info("vm%d cpu%d %-9s %s %-18s %d 0x%x%s %.1f us", vm_id, vcpu, device,
-                       "W" if is_write else "R", register, size, value,
-                       "" if status == abi.STATUS_OK else " UNHANDLED", latency_ns / 1000)
-
     def list_devices(self):
         """What ``avatar-hw list --json`` shows."""
         return [_addressed(entry) for entry in self.subsystem.list_all_devices()]
@@ -378,81 +357,6 @@ class Daemon:
                 "trap": self.trap.info(), "vms": vms}
 
 
-def sd_notify(state):
-    """Tell systemd (``Type=notify`` units) ``state``: one datagram to $NOTIFY_SOCKET, as
-    sd_notify(3) does; nothing without it. A failure is logged, never raised."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return False
-    if path.startswith("@"):
-        path = "\0" + path[1:]                       # abstract namespace
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(state.encode(), path)
-    except OSError as err:
-        log.warning("NOTIFY_SOCKET %s: %s", os.environ["NOTIFY_SOCKET"], err)
-        return False
-    return True
-
-
 def _addressed(entry):
     """``entry`` with its window ``base`` in the one address format (``layout.address``)."""
     return {**entry, "base": address(int(entry["base"], 16))}
-
-
-def drop_privileges(user, owned_paths=()):
-    """Become ``user`` (with its groups); ``owned_paths`` are given to it first."""
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        raise AvatarError(f"--user {user}: no such user") from None
-    if os.geteuid() != 0:
-        if os.geteuid() == entry.pw_uid:
-            return
-        raise AvatarError(f"--user {user}: only root can change user (running as UID "
-                          f"{os.geteuid()})")
-    try:
-        for path in owned_paths:
-            os.chown(path, entry.pw_uid, entry.pw_gid)
-        os.initgroups(user, entry.pw_gid)
-        os.setgid(entry.pw_gid)
-        os.setuid(entry.pw_uid)
-    except OSError as err:
-        raise AvatarError(f"--user {user}: cannot become UID {entry.pw_uid}: {err}") from None
-    log.info("running as %s (UID %d)", user, entry.pw_uid)
-
-
-# -- the command ------------------------------------------------------------------------------------
-
-def _serve(args):
-    if args.trace:
-        trace_log.setLevel(logging.INFO)
-    daemon = Daemon(args.board, args.config, doorbell=args.doorbell, busy_poll=args.busy_poll,
-                    trace=args.trace, control_path=args.control, user=args.user,
-                    wait_stub=args.wait_stub, sysfs_root=args.sysfs_root, dev_root=args.dev_root)
-    daemon.run()
-    return 0
-
-
-def add_parser(subparsers, parents=()):
-    parser = subparsers.add_parser(
-        "serve", parents=parents, help="run the device model daemon",
-        description="Map the trap page and the guests' RAM, build the VMs' devices from the "
-                    "config, attach to the trap page and serve traps until SIGINT/SIGTERM.")
-    parser.add_argument("--board", required=True,
-                        help="board file, or the name of a shipped board (e.g. rpi4)")
-    parser.add_argument("--config", required=True, type=Path, help="VMs config (VMS.toml)")
-    parser.add_argument("--trace", action="store_true", help="log every trap")
-    parser.add_argument("--busy-poll", action="store_true",
-                        help="spin on the trap slots instead of sleeping on the doorbell "
-                             "(lowest latency; uses a whole core)")
-    parser.add_argument("--user", help="drop root to this user after mapping the devices")
-    parser.add_argument("--control", help="control socket path (default: "
-                                          f"{default_control_path()})")
-    parser.add_argument("--doorbell", help="uio (default), or fifo:PATH[,STUB_PATH]")
-    parser.add_argument("--wait-stub", type=float, default=10.0, metavar="SECONDS",
-                        help="how long to wait for the stub to initialise the trap page")
-    parser.add_argument("--sysfs-root", default="/sys",
-                        help="where UIO devices are looked up (default /sys; tests use a tree)")
-    parser.add_argument("--dev-root", default="/dev", help="where /dev/uioN nodes are")
-    parser.set_defaults(func=_serve, verbosity=1)        # info by default: what it serves

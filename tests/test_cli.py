@@ -133,7 +133,7 @@ def test_serve_tells_systemd_when_it_is_ready_and_when_it_stops(tmp_path):
 
 
 def test_sd_notify_without_systemd_or_with_an_abstract_socket(monkeypatch):
-    from avatar_hw.daemon import sd_notify
+    from avatar_hw.service import sd_notify
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert sd_notify("READY=1") is False
     name = f"avatar-hw-test-{os.getpid()}"

@@ -12,7 +12,7 @@ import avatar_hw
 PACKAGE = Path(avatar_hw.__file__).parent
 CORE = ["daemon.py", "trap.py", "doorbell.py", "interrupts.py", "board.py", "config.py",
         "control.py", "layout.py", "loop.py", "abi.py", "virtio", "devices", "backends",
-        "hw"]
+        "commands", "service.py", "tracing.py", "hw"]
 
 
 def imported_modules(path):

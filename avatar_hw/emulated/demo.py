@@ -17,7 +17,7 @@ import sys
 import termios
 import tty
 
-from ..control import format_list
+from ..commands.query import format_list
 from .session import EmulatedBoard
 
 EXIT_KEY = b"\x1d"                  # Ctrl-]

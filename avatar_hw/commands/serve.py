@@ -1,0 +1,42 @@
+"""``avatar-hw serve``: run the device model daemon (avatar_hw.daemon) until a signal."""
+
+import logging
+from pathlib import Path
+
+from ..control import default_control_path
+from ..daemon import Daemon
+from ..tracing import trace_log
+
+
+def run(args):
+    if args.trace:
+        trace_log.setLevel(logging.INFO)
+    daemon = Daemon(args.board, args.config, doorbell=args.doorbell, busy_poll=args.busy_poll,
+                    trace=args.trace, control_path=args.control, user=args.user,
+                    wait_stub=args.wait_stub, sysfs_root=args.sysfs_root, dev_root=args.dev_root)
+    daemon.run()
+    return 0
+
+
+def add_parser(subparsers, parents=()):
+    parser = subparsers.add_parser(
+        "serve", parents=parents, help="run the device model daemon",
+        description="Map the trap page and the guests' RAM, build the VMs' devices from the "
+                    "config, attach to the trap page and serve traps until SIGINT/SIGTERM.")
+    parser.add_argument("--board", required=True,
+                        help="board file, or the name of a shipped board (e.g. rpi4)")
+    parser.add_argument("--config", required=True, type=Path, help="VMs config (VMS.toml)")
+    parser.add_argument("--trace", action="store_true", help="log every trap")
+    parser.add_argument("--busy-poll", action="store_true",
+                        help="spin on the trap slots instead of sleeping on the doorbell "
+                             "(lowest latency; uses a whole core)")
+    parser.add_argument("--user", help="drop root to this user after mapping the devices")
+    parser.add_argument("--control", help="control socket path (default: "
+                                          f"{default_control_path()})")
+    parser.add_argument("--doorbell", help="uio (default), or fifo:PATH[,STUB_PATH]")
+    parser.add_argument("--wait-stub", type=float, default=10.0, metavar="SECONDS",
+                        help="how long to wait for the stub to initialise the trap page")
+    parser.add_argument("--sysfs-root", default="/sys",
+                        help="where UIO devices are looked up (default /sys; tests use a tree)")
+    parser.add_argument("--dev-root", default="/dev", help="where /dev/uioN nodes are")
+    parser.set_defaults(func=run, verbosity=1)        # info by default: what it serves
