@@ -30,6 +30,7 @@ from .hw.region import Region
 from .hw.uio import find_uio
 from .interrupts import BoardInterruptLine
 from .layout import Layout, address
+from .tomltable import REQUIRED, Table
 
 BOARD_DIRS = (
     Path(__file__).resolve().parent.parent / "boards",               # a checkout
@@ -44,8 +45,6 @@ GICC_SIZE = 0x2000
 INTERRUPT_KINDS = ("gic", "stub")
 GIC_ONLY_KEYS = ("board_intids", "target_cpu", "priority")
 
-_REQUIRED = object()
-_KINDS = {int: "an integer", str: "a string", dict: "a table", list: "an array"}
 DEFAULT_PRIORITY = 0xA0       # Linux's own default (GICD_INT_DEF_PRI); GIC-400 keeps bits 7:3
 
 
@@ -163,44 +162,10 @@ class Board:
         return BoardInterruptLine(self, self.open_gic(sysfs_root=sysfs_root, dev_root=dev_root))
 
 
-# -- reading TOML tables ------------------------------------------------------------------
+# -- reading the board file ----------------------------------------------------------------
 
-class _Table:
-    """One TOML table, read key by key with type checks; ``done()`` refuses unread keys."""
-
-    def __init__(self, file, name, data):
-        self.file, self.name, self.data, self.read = file, name, data, []
-
-    def key(self, key):
-        return f"{self.name}.{key}" if self.name else key
-
-    def error(self, key, problem):
-        return ConfigError(self.file, self.key(key) if key else self.name, problem)
-
-    def get(self, key, kind, default=_REQUIRED):
-        self.read.append(key)
-        if key not in self.data:
-            if default is _REQUIRED:
-                raise self.error(key, f"missing; it must be {_KINDS[kind]}")
-            return default
-        value = self.data[key]
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise self.error(key, f"must be {_KINDS[kind]}, not {type(value).__name__} "
-                                  f"{value!r}")
-        return value
-
-    def number(self, key, default=_REQUIRED, minimum=0):
-        value = self.get(key, int, default)
-        if value is not None and value < minimum:
-            raise self.error(key, f"must be at least {minimum}, not {value}")
-        return value
-
-    def choice(self, key, choices, default=_REQUIRED):
-        value = self.get(key, str, default)
-        if value not in choices:
-            raise self.error(key, f"must be one of {', '.join(map(repr, choices))}, "
-                                  f"not {value!r}")
-        return value
+class _BoardTable(Table):
+    """A board file's table: also INTID lists."""
 
     def intids(self, key, default=()):
         """An array of INTIDs, each an integer or ``[first, last]``: a tuple of ``IntidRange``."""
@@ -221,16 +186,6 @@ class _Table:
                                         f"{SPECIAL_INTIDS - 1}), first <= last")
             entries.append(IntidRange(first, last))
         return tuple(entries)
-
-    def table(self, key, default=_REQUIRED):
-        data = self.get(key, dict, default)
-        return None if data is None else _Table(self.file, self.key(key), data)
-
-    def done(self):
-        for key in self.data:
-            if key not in self.read:
-                what = "table" if not self.name else "key"
-                raise self.error(key, f"unknown {what}; expected one of {', '.join(self.read)}")
 
 
 def _region(table, key, per_vm):
@@ -256,7 +211,7 @@ def _region(table, key, per_vm):
 
 
 def _parse(file, data):
-    top = _Table(file, "", data)
+    top = _BoardTable(file, "", data)
     board = top.table("board")
     name, description = board.get("name", str), board.get("description", str, "")
     board.done()
@@ -295,7 +250,7 @@ def _parse(file, data):
         irq["target_cpus"] = _target_cpus(interrupts, layout.max_vms)
     interrupts.done()
 
-    gic_table = top.table("gic", None if kind == "stub" else _REQUIRED)
+    gic_table = top.table("gic", None if kind == "stub" else REQUIRED)
     gic_spec = None
     if gic_table is not None:
         gic_spec = GicSpec(version=gic_table.choice("version", VERSIONS),

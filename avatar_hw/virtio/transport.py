@@ -45,6 +45,7 @@ import logging
 from . import constants as c
 from .constants import bit
 from .context import DeviceContext
+from .legacy import LegacyRegisters
 from .queue import QueueError
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ _DRIVER_BITS = _ACK | _DRIVER | _FEATURES_OK | _DRIVER_OK | _FAILED
 _MASK32 = 0xFFFFFFFF
 
 
-class MmioTransport:
+class MmioTransport(LegacyRegisters):
     """One virtio-mmio window for ``device`` of the VM whose RAM is ``memory``.
 
     ``interrupt_line.raise_intid(intid)`` is called to interrupt the guest (None: no line,
@@ -228,15 +229,6 @@ class MmioTransport:
             return False
         return True
 
-    def _drop_unoffered_legacy_features(self):
-        """Legacy drivers have no FEATURES_OK to refuse: features never offered are
-        masked off at DRIVER_OK (and logged)."""
-        unknown = self.driver_features & ~self.offered_features
-        if unknown:
-            self.guest_error("legacy driver accepted features 0x%x the device does not "
-                             "offer; ignored", unknown)
-            self.driver_features &= self.offered_features
-
     def _activate(self):
         event_idx, indirect = self.has_feature(c.F_RING_EVENT_IDX), self.has_feature(
             c.F_RING_INDIRECT_DESC)
@@ -387,45 +379,6 @@ class MmioTransport:
 
     def _write_shm_sel(self, value):
         self.shm_sel = value
-
-    # -- legacy queue registers -------------------------------------------------------------
-
-    def _write_guest_page_size(self, value):
-        if value == 0 or value & (value - 1):
-            self.guest_error("GuestPageSize %d is not a power of two; ignored", value)
-            return
-        self._page_size = value
-
-    def _write_queue_align(self, value):
-        queue = self._configurable_queue("QueueAlign")
-        if queue is None:
-            return
-        if value == 0 or value & (value - 1):
-            self.guest_error("QueueAlign %d is not a power of two; ignored", value)
-            return
-        self._queue_align[queue.index] = value
-
-    def _read_queue_pfn(self):
-        queue = self._selected_queue()
-        if queue is None or not queue.ready:
-            return 0
-        return queue.desc_addr // self._page_size
-
-    def _write_queue_pfn(self, value):
-        if value == 0:
-            queue = self._selected_queue()
-            if queue is not None and queue.ready:
-                self._disable_queue(queue)
-            return
-        queue = self._configurable_queue("QueuePFN")
-        if queue is None:
-            return
-        align = self._queue_align[queue.index]
-        queue.desc_addr = value * self._page_size
-        queue.driver_addr = queue.desc_addr + c.DESC_SIZE * queue.size
-        used = queue.driver_addr + 6 + 2 * queue.size
-        queue.device_addr = (used + align - 1) & ~(align - 1)
-        self._enable_queue(queue)
 
     # -- interrupts ---------------------------------------------------------------------------
 
