@@ -16,11 +16,12 @@ import subprocess
 import sys
 import tempfile
 
+from ..board import shipped_file
 from ..errors import AvatarError
 from .assets import guest_assets, kernel_headers
-from .build import CROSS, REPO, _compiler, _digest, cache_dir
+from .build import CROSS, _compiler, _digest, cache_dir
 
-MODULE_DIR = REPO / "boards" / "linux"
+MODULE_DIR = shipped_file("linux/avatar_uio.c").parent
 MODULE = "avatar_uio"
 SOURCES = ("avatar_uio.c", "Kbuild")
 
