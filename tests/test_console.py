@@ -1,6 +1,7 @@
 """virtio-console: ports, control queues, size, emergency write, host endpoints, flow control."""
 
 import hashlib
+import importlib
 import os
 import socket
 import struct
@@ -9,10 +10,10 @@ import tracemalloc
 
 import pytest
 
-from avatar_hw.backends.console import (DEFAULT_LOG_SIZE, ConsoleBackend, open_console_backend,
-                                        open_endpoint)
+from avatar_hw.backends.console import DEFAULT_LOG_SIZE, ConsoleBackend, open_console_backend
 from avatar_hw.devices import console as con
 from avatar_hw.devices.console import ConsoleDevice
+from avatar_hw.endpoints import open_endpoint
 from avatar_hw.errors import ConfigError
 from avatar_hw.loop import EventLoop
 from avatar_hw.testing.virtio import RAM_BASE, VirtioBench
@@ -668,5 +669,7 @@ def test_transmit_queue_notifications_are_off_while_the_output_buffer_is_full(tm
 
 
 def test_endpoint_schemes_are_public():
-    from avatar_hw.backends.console import SCHEMES
+    from avatar_hw.endpoints import SCHEMES
     assert set(SCHEMES) == {"pty", "unix", "tcp", "file", "stdio", "rfc2217"}
+    for scheme in SCHEMES:          # each scheme is the module of that name
+        assert callable(importlib.import_module(f"avatar_hw.endpoints.{scheme}").open_url)

@@ -1,0 +1,32 @@
+"""Host endpoints of a console port, one module per URL scheme (pyserial's URL handlers).
+
+    open_endpoint("pty:/run/avatar/vm0-console")   a pseudo-terminal; the path is a stable
+                                                   symlink to /dev/pts/N
+    open_endpoint("unix:/run/avatar/vm0.sock")     a Unix socket server (one client)
+    open_endpoint("tcp:127.0.0.1:4555")            a TCP server; "tcp:4555" listens on
+                                                   loopback only
+    open_endpoint("rfc2217:127.0.0.1:4560")        an RFC 2217 (Telnet COM port) server
+    open_endpoint("file:/var/log/avatar/vm0.log")  append-only log (output only)
+    open_endpoint("stdio")                         this process's stdin/stdout
+
+The scheme names its module: ``avatar_hw.endpoints.<scheme>``, whose
+``open_url(url, rest, limit)`` returns the endpoint (``rest`` is the URL after
+``scheme:``). A new scheme is one module plus its name in ``SCHEMES``.
+``avatar_hw.backends.console`` fans a port's output out to its endpoints.
+"""
+
+import importlib
+
+from ..errors import ConfigError
+
+SCHEMES = ("pty", "unix", "tcp", "file", "stdio", "rfc2217")
+DEFAULT_LIMIT = 256 * 1024      # bytes of output an endpoint used on its own holds
+
+
+def open_endpoint(url, *, limit=DEFAULT_LIMIT):
+    """One endpoint from a URL (see the module docstring)."""
+    scheme, _, rest = url.partition(":")
+    if scheme not in SCHEMES:
+        raise ConfigError(url, None, f"unknown console endpoint {scheme!r}; use one of "
+                          + ", ".join(f"{s}:" for s in SCHEMES))
+    return importlib.import_module(f".{scheme}", __name__).open_url(url, rest, limit)
