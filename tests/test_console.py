@@ -352,9 +352,9 @@ def test_reset_drops_held_buffers(console):
     rx.post(writable=[16])
     rx.notify()
     console.spin()
-    assert console.device.ports[0]._rx_chain is not None
+    assert console.device.ports[0].rx_chain is not None
     console.driver.reset()
-    assert console.device.ports[0]._rx_chain is None
+    assert console.device.ports[0].rx_chain is None
     console.client.send(b"after reset")
     console.spin()
     assert start_and_receive(console) == [b"after reset"]
