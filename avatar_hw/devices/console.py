@@ -25,6 +25,8 @@ import collections
 import struct
 
 from ..backends.console import open_console_backend
+from ..endpoints import check_url, url_under
+from ..schema import REQUIRED, Field, Schema, positive
 from ..virtio.buffers import gather, scatter
 from ..virtio.constants import ID_CONSOLE, bit
 from ..virtio.device import VirtioDevice
@@ -298,3 +300,52 @@ class ConsoleDevice(VirtioDevice):
                          "log_overwritten": p.backend.log_overwritten} for p in self.ports]
         return out
 
+
+
+# -- the VMs config's console table ---------------------------------------------------------------
+
+def _check_urls(value):
+    urls = [value] if isinstance(value, str) else value
+    if not urls:
+        check_url(None)
+    for url in urls:
+        check_url(url)
+
+
+def _urls_under(value, base):
+    return url_under(value, base) if isinstance(value, str) else [url_under(u, base)
+                                                                  for u in value]
+
+
+def _check_ports(value):
+    for name, urls in value.items():
+        try:
+            _check_urls(urls)
+        except ValueError as err:
+            raise ValueError(f"port {name!r}: {err}") from None
+
+
+def _check_size(value):
+    if (len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            or not all(0 < v < 0x10000 for v in value)):
+        raise ValueError("must be [columns, rows], two integers from 1 to 65535")
+
+
+SCHEMA = Schema("console", (
+    Field("endpoints", (str, list), REQUIRED, "a URL or a list of URLs", _check_urls,
+          _urls_under, alias="backends"),
+    Field("ports", dict, None, "a table of port name = URL(s)", _check_ports,
+          lambda value, base: {name: _urls_under(urls, base) for name, urls in value.items()}),
+    Field("size", list, None, "[columns, rows]", _check_size),
+    Field("buffer", int, None, "bytes of guest output held in flight per port", positive),
+    Field("log", int, None, "bytes of output kept per port while no client is attached",
+          positive),
+))
+
+
+def from_config(options):
+    """The device for a VMs config ``console`` table (checked by ``SCHEMA``)."""
+    size = options.get("size")
+    return ConsoleDevice(options["endpoints"], ports=options.get("ports"),
+                         size=tuple(size) if size else None, limit=options.get("buffer"),
+                         log_size=options.get("log"))

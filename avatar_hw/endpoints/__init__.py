@@ -16,10 +16,12 @@ The scheme names its module: ``avatar_hw.endpoints.<scheme>``, whose
 """
 
 import importlib
+from pathlib import Path
 
 from ..errors import ConfigError
 
 SCHEMES = ("pty", "unix", "tcp", "file", "stdio", "rfc2217")
+PATH_SCHEMES = ("file", "pty", "unix")      # the rest of the URL is a path
 DEFAULT_LIMIT = 256 * 1024      # bytes of output an endpoint used on its own holds
 
 
@@ -30,3 +32,21 @@ def open_endpoint(url, *, limit=DEFAULT_LIMIT):
         raise ConfigError(url, None, f"unknown console endpoint {scheme!r}; use one of "
                           + ", ".join(f"{s}:" for s in SCHEMES))
     return importlib.import_module(f".{scheme}", __name__).open_url(url, rest, limit)
+
+
+def check_url(url):
+    """Raise ValueError unless ``url`` looks like an endpoint URL (the scheme is checked when
+    it is opened)."""
+    if not isinstance(url, str) or not url:
+        raise ValueError("must be a URL or a non-empty list of URLs such as "
+                         "\"pty:/run/avatar/vm0\"")
+    if ":" not in url and url != "stdio":
+        raise ValueError(f"{url!r} is not a URL (scheme:rest, e.g. file:/var/log/avatar/vm0.log)")
+
+
+def url_under(url, base):
+    """``url`` with a relative path put under ``base`` (schemes whose rest is a path)."""
+    scheme, sep, rest = url.partition(":")
+    if sep and scheme in PATH_SCHEMES and rest and not Path(rest).is_absolute():
+        return f"{scheme}:{Path(base, rest)}"
+    return url

@@ -128,7 +128,7 @@ class Rfc2217Endpoint(SocketServerEndpoint):
         self._raw += data
         self.flush()
 
-    # -- input: client -> guest ---------------------------------------------------------------------
+    # -- input: client -> guest --------------------------------------------------------------------
 
     def _receive(self):
         """Read the socket once and filter it into ``_input``; False once the client is gone."""
