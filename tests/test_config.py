@@ -162,3 +162,19 @@ def test_the_toml_examples_of_docs_devices_md_are_valid_configs():
     for block in blocks:
         config = parse_config("devices.md", tomllib.loads(block))
         assert config.vms
+
+
+def test_each_registered_device_documents_exactly_its_schema_keys():
+    """A device is one module plus one registry line: the module exports SCHEMA and
+    from_config, and docs/devices.md's key table for it lists exactly SCHEMA's keys."""
+    import importlib
+
+    from avatar_hw.schema import Schema
+    text = (Path(__file__).parent.parent / "docs" / "devices.md").read_text()
+    sections = re.split(r"^## ", text, flags=re.M)
+    for kind, module_name in config_module.DEVICES.items():
+        module = importlib.import_module(module_name)
+        assert isinstance(module.SCHEMA, Schema) and callable(module.from_config)
+        section = next(s for s in sections if f"`{module_name}`" in s.partition("\n")[0])
+        documented = re.findall(r"^\| `(\w+)` \|", section, re.M)
+        assert documented and sorted(documented) == sorted(module.SCHEMA.names()), kind
