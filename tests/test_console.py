@@ -672,4 +672,5 @@ def test_endpoint_schemes_are_public():
     from avatar_hw.endpoints import SCHEMES
     assert set(SCHEMES) == {"pty", "unix", "tcp", "file", "stdio", "rfc2217"}
     for scheme in SCHEMES:          # each scheme is the module of that name
-        assert callable(importlib.import_module(f"avatar_hw.endpoints.{scheme}").open_url)
+        module = importlib.import_module(f"avatar_hw.endpoints.{scheme}")
+        assert callable(module.open_url) and callable(module.pyserial_url)

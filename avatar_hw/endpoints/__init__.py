@@ -11,7 +11,8 @@
 
 The scheme names its module: ``avatar_hw.endpoints.<scheme>``, whose
 ``open_url(url, rest, limit)`` returns the endpoint (``rest`` is the URL after
-``scheme:``). A new scheme is one module plus its name in ``SCHEMES``.
+``scheme:``) and ``pyserial_url(rest)`` the pyserial URL a client attaches with
+(None: not attachable). A new scheme is one module plus its name in ``SCHEMES``.
 ``avatar_hw.backends.console`` fans a port's output out to its endpoints.
 """
 
@@ -50,3 +51,15 @@ def url_under(url, base):
     if sep and scheme in PATH_SCHEMES and rest and not Path(rest).is_absolute():
         return f"{scheme}:{Path(base, rest)}"
     return url
+
+
+def pyserial_url(url):
+    """The pyserial URL a client uses for endpoint ``url`` (None: not attachable).
+
+    ``pty:/run/vm0`` -> ``/run/vm0``; ``tcp:4555`` -> ``socket://127.0.0.1:4555``;
+    ``rfc2217:0.0.0.0:4560`` -> ``rfc2217://127.0.0.1:4560``; ``unix:/x`` -> ``unix:///x``.
+    """
+    scheme, _, rest = url.partition(":")
+    if scheme not in SCHEMES:
+        return None
+    return importlib.import_module(f".{scheme}", __name__).pyserial_url(rest)

@@ -46,3 +46,7 @@ def open_url(url, rest, limit):
     if not rest:
         raise ConfigError(url, None, "file: needs a path, e.g. file:/var/log/avatar/vm0.log")
     return FileEndpoint(url, rest, limit)
+
+
+def pyserial_url(rest):
+    return None                     # not a place a client attaches to

@@ -50,3 +50,7 @@ class PtyEndpoint(Endpoint):
 
 def open_url(url, rest, limit):
     return PtyEndpoint(url, rest, limit)
+
+
+def pyserial_url(rest):
+    return rest or None             # the symlink; without one, the pty's name is in info

@@ -35,7 +35,7 @@ from serial import rfc2217
 
 from ..errors import AGAIN
 from ..virtio.buffers import scatter
-from .server import SocketServerEndpoint, tcp_listener
+from .server import SocketServerEndpoint, client_address, tcp_listener
 
 log = logging.getLogger(__name__)
 
@@ -177,3 +177,7 @@ def open_url(url, rest, limit):
     host, port = listener.getsockname()[:2]
     endpoint.url = f"rfc2217:{f'[{host}]' if ':' in host else host}:{port}"
     return endpoint
+
+
+def pyserial_url(rest):
+    return f"rfc2217://{client_address(rest)}"

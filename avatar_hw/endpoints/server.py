@@ -117,8 +117,8 @@ def tcp_listener(url, rest):
     """A listening TCP socket for ``rest`` = ``[HOST:]PORT`` (loopback unless a host is
     given); errors are ``ConfigError``s naming ``url`` and its scheme."""
     scheme = url.partition(":")[0]
-    host, _, port = rest.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
+    host, port = split_address(rest)
+    host = host or "127.0.0.1"
     try:
         port = int(port)
     except ValueError:
@@ -135,3 +135,18 @@ def tcp_listener(url, rest):
         raise ConfigError(url, None, f"{scheme}: cannot listen on {host}:{port}: "
                                      f"{err.strerror}") from None
     return sock
+
+
+def split_address(rest):
+    """``[HOST:]PORT`` -> (host, port), both strings; host "" when not given, IPv6 brackets
+    removed."""
+    host, _, port = rest.rpartition(":")
+    return host.strip("[]"), port
+
+
+def client_address(rest):
+    """``host:port`` a client connects to for a server listening on ``rest`` (a wildcard
+    address becomes loopback)."""
+    host, port = split_address(rest)
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -30,3 +30,7 @@ class StdioEndpoint(Endpoint):
 
 def open_url(url, rest, limit):
     return StdioEndpoint(url, limit)
+
+
+def pyserial_url(rest):
+    return None                     # not a place a client attaches to

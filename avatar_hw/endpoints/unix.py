@@ -20,3 +20,7 @@ def open_url(url, path, limit):
         sock.close()
         raise ConfigError(url, None, f"cannot listen on {path}: {err.strerror}") from None
     return SocketServerEndpoint(url, sock, limit, unlink=path)
+
+
+def pyserial_url(rest):
+    return f"unix://{rest}"       # avatar_hw.testing.protocol_unix's unix:///path
