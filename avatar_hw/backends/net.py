@@ -9,8 +9,8 @@ A backend moves frames; the device owns the guest's buffers. Receiving is
 driven by the backend: when a frame is there it calls
 ``device.receive(reader, source)``, and the device calls
 ``reader(source, views)`` with the memoryviews the frame goes into (guest
-receive buffers, or a slot of its bounded backlog). A reader returns the
-frame's length, more than ``sum(len(views))`` when the frame did not fit (it
+receive buffers, or a slot of its bounded pending frames, ``rx_pending``). A
+reader returns the frame's length, more than ``sum(len(views))`` when the frame did not fit (it
 is then consumed and dropped), or None when there is nothing to read.
 Sending is ``send(views, length) -> bool``: False means the frame was dropped
 (network semantics: a full socket, an interface that is down).
