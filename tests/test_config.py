@@ -178,3 +178,15 @@ def test_each_registered_device_documents_exactly_its_schema_keys():
         section = next(s for s in sections if f"`{module_name}`" in s.partition("\n")[0])
         documented = re.findall(r"^\| `(\w+)` \|", section, re.M)
         assert documented and sorted(documented) == sorted(module.SCHEMA.names()), kind
+
+
+def test_the_how_to_add_a_device_example_is_the_rng_modules_code():
+    """docs/devices.md shows rng's SCHEMA and from_config: each line is in the module."""
+    text = (Path(__file__).parent.parent / "docs" / "devices.md").read_text()
+    section = text.partition("## How to add a device")[2]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    source = (Path(__file__).parent.parent / "avatar_hw" / "devices" / "rng.py").read_text()
+    lines = [line for line in example.splitlines() if line.strip() and not line.startswith("#")]
+    assert len(lines) >= 6 and all(line in source.splitlines() for line in lines)
+    assert '"rng": "avatar_hw.devices.rng",' in (
+        Path(__file__).parent.parent / "avatar_hw" / "config.py").read_text()
