@@ -13,7 +13,7 @@ import time
 import pytest
 import serial
 
-from avatar_hw.backends.console import open_endpoint
+from avatar_hw.endpoints import open_endpoint
 from avatar_hw.errors import AvatarError
 from avatar_hw.hil.console import (POLL, ConsoleClosed, ConsoleTimeout, GuestConsole, open_serial,
                                    pyserial_url)

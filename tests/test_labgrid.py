@@ -32,7 +32,7 @@ def test_start_ready_stop_through_a_shell(tmp_path):
     board = FakeBoard(tmp_path / "board", vms=1)
     stub = StandinStub(board)
     config = board.root / "vms.toml"
-    config.write_text(f'[vm.0]\nconsole = {{ backends = ["file:{board.root}/vm0.log"] }}\n')
+    config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{board.root}/vm0.log"] }}\n')
     serve_args = board.serve_argv(config)[4:]          # after "python -m avatar_hw serve"
     assert serve_args[0] == "--board"
     pidfile, log = str(tmp_path / "serve.pid"), str(tmp_path / "serve.log")
@@ -145,7 +145,7 @@ def test_strategy_serves_and_restarts_the_daemon_through_labgrid(tmp_path):
     board = FakeBoard(tmp_path / "board", vms=1)
     stub = StandinStub(board)
     config = board.root / "vms.toml"
-    config.write_text(f'[vm.0]\nconsole = {{ backends = ["file:{board.root}/vm0.log"] }}\n')
+    config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{board.root}/vm0.log"] }}\n')
     server = ShellServer(tmp_path)
     env = board_environment(tmp_path, server, board.serve_argv(config)[4:],
                             control=str(board.control))
@@ -196,7 +196,7 @@ def test_network_serial_port_on_the_emulated_boards_rfc2217_console(tmp_path):
     from labgrid import Environment
     from avatar_hw.emulated.session import EmulatedBoard
     config = tmp_path / "vms.toml"
-    config.write_text('[vm.0]\nconsole = { backends = ["rfc2217:127.0.0.1:0"] }\n')
+    config.write_text('[vm.0]\nconsole = { endpoints = ["rfc2217:127.0.0.1:0"] }\n')
     with EmulatedBoard(config=config) as board:
         [url] = [u for u in board.daemon.info()["vms"][0]["devices"][0]["ports"][0]["endpoints"]
                  if u.startswith("rfc2217:")]

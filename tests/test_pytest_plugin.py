@@ -37,7 +37,7 @@ def daemon(tmp_path):
     board = FakeBoard(tmp_path / "board", vms=1)
     stub = StandinStub(board)
     config = board.root / "vms.toml"
-    config.write_text(f'[vm.0]\nconsole = {{ backends = ["file:{board.root}/vm0.log", '
+    config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{board.root}/vm0.log", '
                       f'"unix:{board.root}/vm0.sock", "rfc2217:127.0.0.1:0"] }}\n')
     log = open(board.root / "daemon.log", "wb")
     process = subprocess.Popen(board.serve_argv(config), stdout=log, stderr=subprocess.STDOUT)
