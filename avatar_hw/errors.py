@@ -25,3 +25,7 @@ class RegionAccessError(AvatarError, ValueError):
 
 class DeviceNotFound(AvatarError):
     """A UIO device (or other board resource) is not present."""
+
+
+AGAIN = (BlockingIOError, InterruptedError)
+"""The ``OSError``s of a non-blocking call that cannot proceed now: try again when ready."""

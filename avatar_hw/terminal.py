@@ -13,8 +13,8 @@ from serial.tools.miniterm import Miniterm, key_description
 
 from . import control
 from .errors import AvatarError
-from .testing.console import open_serial
-from .testing.target import console_url_from_info
+from .hil.console import open_serial
+from .hil.target import console_url_from_info
 
 EXIT_KEY, MENU_KEY = "\x1d", "\x14"        # Ctrl-], Ctrl-T
 READ_TIMEOUT = 0.1                        # lets the reader thread notice the exit key

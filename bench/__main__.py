@@ -2,12 +2,14 @@
 
     .venv/bin/python -m bench                   # everything (about 15 min on 2 cores)
     .venv/bin/python -m bench --quick           # smoke run of the parts that need no guest
-    .venv/bin/python -m bench --only trap,cost  # some parts: trap, cost, board
+    .venv/bin/python -m bench --only trap,cost  # some parts: trap, core, cost, board
     .venv/bin/python -m bench --profile         # also cProfile the daemon on the trap path
 
 Parts: ``trap`` (bench/trappath.py: the trap page with a C stand-in stub,
-against avatar-hw and a C floor), ``cost`` (bench/cost.py: daemon CPU per GiB
-through the block device, memory with 8 VMs x 4 devices), ``board``
+against avatar-hw and a C floor), ``core`` (bench/core.py: the VirtIO core in
+process: register dispatch, the queue machinery per chain), ``cost``
+(bench/cost.py: daemon CPU per GiB through the block device, memory with 8 VMs
+x 4 devices), ``board``
 (bench/board.py: a Linux guest on the emulated board, avatar-hw against
 QEMU's own virtio-mmio devices). Results go to bench/results/<time>.json
 (git ignores them; bench/results/full.json is the run docs/performance.md
@@ -25,7 +27,7 @@ from avatar_hw.errors import AvatarError
 
 from .common import BENCH, machine_info
 
-PARTS = ("trap", "cost", "board")
+PARTS = ("trap", "core", "cost", "board")
 QUICK_PARTS = ("trap", "cost")          # --quick: what needs no guest
 
 
@@ -33,6 +35,9 @@ def _run_part(name, args):
     if name == "trap":
         from . import trappath
         return trappath.run(quick=args.quick, profile=args.profile)
+    if name == "core":
+        from . import core
+        return core.run(quick=args.quick)
     if name == "cost":
         from . import cost
         return cost.run(quick=args.quick)

@@ -186,7 +186,7 @@ def block_cost(tmp, quick):
 def console_cost(tmp, quick, chunk=64 << 10):
     total = (64 << 20) if quick else GIB
     def config(root):
-        return f'[vm.0]\nconsole = {{ backends = ["file:{root}/console.out"] }}\n'
+        return f'[vm.0]\nconsole = {{ endpoints = ["file:{root}/console.out"] }}\n'
     with ServedBoard(tmp, config) as served:
         driver = served.stub.driver(0, 0)
         _, tx = driver.init([0, 1], buf_size=chunk, size=64)
@@ -222,7 +222,7 @@ def console_cost(tmp, quick, chunk=64 << 10):
 
 def device_table(kind, vm, index, tmp):
     if kind == "console":
-        return f'{{ backends = ["file:{tmp}/vm{vm}-{index}.log"] }}'
+        return f'{{ endpoints = ["file:{tmp}/vm{vm}-{index}.log"] }}'
     if kind == "block":
         image = Path(tmp) / f"vm{vm}-{index}.img"
         image.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +254,7 @@ def memory(tmp):
            "count only the pages the daemon touched); on a board it is a UIO mapping, "
            "not counted. RssAnon is the daemon's own memory."}
     def baseline(root):
-        return f'[vm.0]\nconsole = {{ backends = ["file:{root}/c.log"] }}\n'
+        return f'[vm.0]\nconsole = {{ endpoints = ["file:{root}/c.log"] }}\n'
     with ServedBoard(Path(tmp) / "one", baseline, vms=1, ram_size=16 << 20) as served:
         time.sleep(0.2)
         out["one_vm_one_console"] = served.daemon.status()
@@ -286,7 +286,7 @@ def hostile_memory(tmp, quick=False):
 
     def table_for(kind, vm, index):
         if kind == "console":
-            return f'{{ backends = ["unix:{tmp}/vm{vm}-{index}.sock"] }}'
+            return f'{{ endpoints = ["unix:{tmp}/vm{vm}-{index}.sock"] }}'
         return device_table(kind, vm, index, tmp)
     lines = []
     for vm in range(VMS):

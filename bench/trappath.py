@@ -64,7 +64,8 @@ def measure(model, mode, gap_ns, binaries, count, warmup, profile=None):
         try:
             if model == "avatar-hw":
                 config = board.root / "vms.toml"
-                config.write_text(f'[vm.0]\nconsole = {{ backends = ["file:{board.root}/log"] }}\n')
+                config.write_text(f'[vm.0]\nconsole = '
+                                  f'{{ endpoints = ["file:{board.root}/log"] }}\n')
                 argv = board.serve_argv(config, "--log-level", "warning",
                                         *(["--busy-poll"] if mode == "busy-poll" else []))
                 if profile:

@@ -36,6 +36,14 @@ def test_quick_bench_runs_and_writes_its_report(tmp_path):
     assert hostile["after"]["RssWithoutGuestRam"] > 0
 
 
+def test_core_bench_runs_and_completes_every_chain(capsys):
+    from bench.core import run
+    out = run(quick=True)
+    assert out["notify"]["all_completed"] and out["notify"]["us_per_chain"] > 0
+    assert out["dispatch"]["read_us"] > 0 and out["dispatch"]["write_us"] > 0
+    assert "QueueNotify, per 4 KiB chain" in capsys.readouterr().out
+
+
 def test_soak_runs_a_few_hundred_steps_without_failure():
     from bench.soak import soak
     result = soak(300, seed=13)

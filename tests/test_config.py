@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 
 from avatar_hw import config as config_module
-from avatar_hw.config import DeviceKind, load_config, parse_config
+from avatar_hw.config import load_config, parse_config
 from avatar_hw.errors import ConfigError
 
 GOOD = """
 [vm.0]
-console = { backends = ["pty:/run/avatar/vm0", "file:/var/log/avatar/vm0.log"] }
+console = { endpoints = ["pty:/run/avatar/vm0", "file:/var/log/avatar/vm0.log"] }
 
 [vm.1]
-console = { backends = "unix:/run/avatar/vm1.sock", size = [80, 24] }
+console = { backends = "unix:/run/avatar/vm1.sock", size = [80, 24] }   # the former name
 block = [{ image = "/srv/a.img" }, { image = "/srv/b.img", readonly = true, serial = "B" }]
 rng = { rate = 1024 }
 net = { switch = "/run/avatar/switch", mac = "52:54:00:12:34:56" }
@@ -37,34 +37,34 @@ def test_good_config_gives_devices_in_slot_order(tmp_path):
     assert config.vms[1].devices[2].options == {"image": "/srv/b.img", "readonly": True,
                                                 "serial": "B"}
     assert config.vms[1].devices[1].options == {"image": "/srv/a.img", "readonly": False}
-    assert config.vms[0].devices[0].options["backends"] == ["pty:/run/avatar/vm0",
+    assert config.vms[0].devices[0].options["endpoints"] == ["pty:/run/avatar/vm0",
                                                             "file:/var/log/avatar/vm0.log"]
 
 
 MISTAKES = [
     ("[vm.0\n", None, "not a TOML file"),
-    ("[vms.0]\nconsole = { backends = ['stdio'] }\n", "vms", "unknown table"),
+    ("[vms.0]\nconsole = { endpoints = ['stdio'] }\n", "vms", "unknown table"),
     ("", "vm", "no VMs"),
-    ("[vm.zero]\nconsole = { backends = ['stdio'] }\n", "vm.zero", "their numbers"),
-    ("[vm.01]\nconsole = { backends = ['stdio'] }\n", "vm.01", "their numbers"),
-    ("[vm.9]\nconsole = { backends = ['stdio'] }\n", "vm.9", "VMs 0..7"),
+    ("[vm.zero]\nconsole = { endpoints = ['stdio'] }\n", "vm.zero", "their numbers"),
+    ("[vm.01]\nconsole = { endpoints = ['stdio'] }\n", "vm.01", "their numbers"),
+    ("[vm.9]\nconsole = { endpoints = ['stdio'] }\n", "vm.9", "VMs 0..7"),
     ("[vm.0]\n", "vm.0", "no devices"),
     ("vm = 3\n", "vm", "no VMs"),
     ("[vm]\n0 = 'console'\n", "vm.0", "must be a table of devices"),
     ("[vm.0]\ngpu = {}\n", "vm.0.gpu", "unknown device kind; expected one of console, block"),
     ("[vm.0]\nconsole = 3\n", "vm.0.console", "must be a table"),
     ("[vm.0]\nconsole = { backend = ['stdio'] }\n", "vm.0.console.backend",
-     "unknown key for a console; expected one of backends"),
-    ("[vm.0]\nconsole = {}\n", "vm.0.console.backends", "missing"),
-    ("[vm.0]\nconsole = { backends = [] }\n", "vm.0.console.backends", "non-empty list"),
-    ("[vm.0]\nconsole = { backends = [1] }\n", "vm.0.console.backends", "non-empty list"),
-    ("[vm.0]\nconsole = { backends = ['vm0.log'] }\n", "vm.0.console.backends",
+     "unknown key for a console; expected one of endpoints"),
+    ("[vm.0]\nconsole = {}\n", "vm.0.console.endpoints", "missing"),
+    ("[vm.0]\nconsole = { endpoints = [] }\n", "vm.0.console.endpoints", "non-empty list"),
+    ("[vm.0]\nconsole = { endpoints = [1] }\n", "vm.0.console.endpoints", "non-empty list"),
+    ("[vm.0]\nconsole = { endpoints = ['vm0.log'] }\n", "vm.0.console.endpoints",
      "'vm0.log' is not a URL"),
-    ("[vm.0]\nconsole = { backends = 'stdio', size = [80] }\n", "vm.0.console.size",
+    ("[vm.0]\nconsole = { endpoints = 'stdio', size = [80] }\n", "vm.0.console.size",
      "[columns, rows]"),
-    ("[vm.0]\nconsole = { backends = 'stdio', buffer = 0 }\n", "vm.0.console.buffer",
+    ("[vm.0]\nconsole = { endpoints = 'stdio', buffer = 0 }\n", "vm.0.console.buffer",
      "must be positive"),
-    ("[vm.0]\nconsole = { backends = 'stdio', ports = { log = [] } }\n",
+    ("[vm.0]\nconsole = { endpoints = 'stdio', ports = { log = [] } }\n",
      "vm.0.console.ports", "port 'log'"),
     ("[vm.0]\nblock = { readonly = true }\n", "vm.0.block.image", "missing"),
     ("[vm.0]\nblock = { image = '/x.img', readonly = 'no' }\n", "vm.0.block.readonly",
@@ -73,7 +73,7 @@ MISTAKES = [
     ("[vm.0]\nblock = []\n", "vm.0.block", "an empty list"),
     ("[vm.0]\nblock = [{ image = '/a' }, { image = '/b', ro = true }]\n", "vm.0.block[1].ro",
      "unknown key for a block"),
-    ("[vm.0]\nblock = { image = '/a', serial = 'x' }\n[vm.0.console]\nbackends = 'stdio'\n"
+    ("[vm.0]\nblock = { image = '/a', serial = 'x' }\n[vm.0.console]\nendpoints = 'stdio'\n"
      "[vm.0.console.size]\n", "vm.0.console.size", "must be [columns, rows]"),
     ("[vm.0]\nrng = { rate = -1 }\n", "vm.0.rng.rate", "must be positive"),
     ("[vm.0]\nrng = { rate = true }\n", "vm.0.rng.rate", "must be bytes per second"),
@@ -96,6 +96,20 @@ def test_each_mistake_is_one_line_naming_file_key_and_problem(tmp_path, text, ke
     assert err.value.key == key
 
 
+def test_the_former_key_backends_still_works_with_one_warning(tmp_path, caplog):
+    path = write(tmp_path, "[vm.0]\nconsole = { backends = ['stdio'] }\n")
+    config = load_config(path)
+    assert config.vms[0].devices[0].options["endpoints"] == ["stdio"]
+    warnings = [r.getMessage() for r in caplog.records if "backends" in r.getMessage()]
+    assert warnings == [f"{path}: vm.0.console.backends is now called endpoints; please rename it"]
+    with pytest.raises(ConfigError) as err:         # mistakes name the key as written
+        load_config(write(tmp_path, "[vm.0]\nconsole = { backends = [] }\n"))
+    assert str(err.value).startswith(f"{path}: vm.0.console.backends: must be a URL")
+    with pytest.raises(ConfigError, match="vm.0.console.backends: give endpoints only"):
+        load_config(write(tmp_path, "[vm.0]\nconsole = { backends = 'stdio', "
+                                    "endpoints = 'stdio' }\n"))
+
+
 def test_missing_and_unreadable_files(tmp_path):
     with pytest.raises(ConfigError, match="no such VMs config file"):
         load_config(tmp_path / "absent.toml")
@@ -104,7 +118,7 @@ def test_missing_and_unreadable_files(tmp_path):
 
 
 def test_backend_errors_at_build_name_the_config_key(tmp_path):
-    config = load_config(write(tmp_path, "[vm.0]\nconsole = { backends = ['serial:/x'] }\n"))
+    config = load_config(write(tmp_path, "[vm.0]\nconsole = { endpoints = ['serial:/x'] }\n"))
     with pytest.raises(ConfigError) as err:
         config.build_device(config.vms[0].devices[0])
     message = str(err.value)
@@ -112,9 +126,9 @@ def test_backend_errors_at_build_name_the_config_key(tmp_path):
     assert "unknown console endpoint 'serial'" in message and "\n" not in message
 
 
-def test_console_is_built_with_its_backends(tmp_path):
+def test_console_is_built_with_its_endpoints(tmp_path):
     log = tmp_path / "vm0.log"
-    config = load_config(write(tmp_path, f"[vm.0]\nconsole = {{ backends = ['file:{log}'], "
+    config = load_config(write(tmp_path, f"[vm.0]\nconsole = {{ endpoints = ['file:{log}'], "
                                          "size = [100, 30] }\n"))
     device = config.build_device(config.vms[0].devices[0])
     try:
@@ -126,15 +140,13 @@ def test_console_is_built_with_its_backends(tmp_path):
 
 
 def test_a_kind_whose_device_is_not_installed_is_a_config_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(config_module.DEVICE_KINDS, "gpu",
-                        DeviceKind("gpu", {}, factory="avatar_hw.devices.no_such_gpu:from_config"))
-    config = load_config(write(tmp_path, "[vm.0]\ngpu = {}\n"))
+    monkeypatch.setitem(config_module.DEVICES, "gpu", "avatar_hw.devices.no_such_gpu")
     with pytest.raises(ConfigError, match=r"vm.0.gpu: gpu devices are not available"):
-        config.build_device(config.vms[0].devices[0])
+        load_config(write(tmp_path, "[vm.0]\ngpu = {}\n"))
 
 
 def test_more_devices_than_a_vm_has_slots_is_one_line(tmp_path):
-    text = "[vm.1]\nconsole = { backends = 'stdio' }\nrng = [" + "{}, " * 3 + "{}]\n"
+    text = "[vm.1]\nconsole = { endpoints = 'stdio' }\nrng = [" + "{}, " * 3 + "{}]\n"
     path = write(tmp_path, text)
     load_config(path, max_vms=8, devices_per_vm=5)
     with pytest.raises(ConfigError) as err:
@@ -150,3 +162,31 @@ def test_the_toml_examples_of_docs_devices_md_are_valid_configs():
     for block in blocks:
         config = parse_config("devices.md", tomllib.loads(block))
         assert config.vms
+
+
+def test_each_registered_device_documents_exactly_its_schema_keys():
+    """A device is one module plus one registry line: the module exports SCHEMA and
+    from_config, and docs/devices.md's key table for it lists exactly SCHEMA's keys."""
+    import importlib
+
+    from avatar_hw.schema import Schema
+    text = (Path(__file__).parent.parent / "docs" / "devices.md").read_text()
+    sections = re.split(r"^## ", text, flags=re.M)
+    for kind, module_name in config_module.DEVICES.items():
+        module = importlib.import_module(module_name)
+        assert isinstance(module.SCHEMA, Schema) and callable(module.from_config)
+        section = next(s for s in sections if f"`{module_name}`" in s.partition("\n")[0])
+        documented = re.findall(r"^\| `(\w+)` \|", section, re.M)
+        assert documented and sorted(documented) == sorted(module.SCHEMA.names()), kind
+
+
+def test_the_how_to_add_a_device_example_is_the_rng_modules_code():
+    """docs/devices.md shows rng's SCHEMA and from_config: each line is in the module."""
+    text = (Path(__file__).parent.parent / "docs" / "devices.md").read_text()
+    section = text.partition("## How to add a device")[2]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    source = (Path(__file__).parent.parent / "avatar_hw" / "devices" / "rng.py").read_text()
+    lines = [line for line in example.splitlines() if line.strip() and not line.startswith("#")]
+    assert len(lines) >= 6 and all(line in source.splitlines() for line in lines)
+    assert '"rng": "avatar_hw.devices.rng",' in (
+        Path(__file__).parent.parent / "avatar_hw" / "config.py").read_text()

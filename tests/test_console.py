@@ -1,6 +1,7 @@
 """virtio-console: ports, control queues, size, emergency write, host endpoints, flow control."""
 
 import hashlib
+import importlib
 import os
 import socket
 import struct
@@ -9,10 +10,10 @@ import tracemalloc
 
 import pytest
 
-from avatar_hw.backends.console import (DEFAULT_LOG_SIZE, ConsoleBackend, open_console_backend,
-                                        open_endpoint)
+from avatar_hw.backends.console import DEFAULT_LOG_SIZE, ConsoleBackend, open_console_backend
 from avatar_hw.devices import console as con
 from avatar_hw.devices.console import ConsoleDevice
+from avatar_hw.endpoints import open_endpoint
 from avatar_hw.errors import ConfigError
 from avatar_hw.loop import EventLoop
 from avatar_hw.testing.virtio import RAM_BASE, VirtioBench
@@ -351,9 +352,9 @@ def test_reset_drops_held_buffers(console):
     rx.post(writable=[16])
     rx.notify()
     console.spin()
-    assert console.device.ports[0]._rx_chain is not None
+    assert console.device.ports[0].rx_chain is not None
     console.driver.reset()
-    assert console.device.ports[0]._rx_chain is None
+    assert console.device.ports[0].rx_chain is None
     console.client.send(b"after reset")
     console.spin()
     assert start_and_receive(console) == [b"after reset"]
@@ -668,5 +669,8 @@ def test_transmit_queue_notifications_are_off_while_the_output_buffer_is_full(tm
 
 
 def test_endpoint_schemes_are_public():
-    from avatar_hw.backends.console import SCHEMES
+    from avatar_hw.endpoints import SCHEMES
     assert set(SCHEMES) == {"pty", "unix", "tcp", "file", "stdio", "rfc2217"}
+    for scheme in SCHEMES:          # each scheme is the module of that name
+        module = importlib.import_module(f"avatar_hw.endpoints.{scheme}")
+        assert callable(module.open_url) and callable(module.pyserial_url)

@@ -44,7 +44,7 @@ PATTERN = bytes(i % 251 for i in range(1 << 20))
 def console_config(board, vms=(0, 1), extra=""):
     lines = []
     for vm in vms:
-        lines.append(f'[vm.{vm}]\nconsole = {{ backends = ["unix:{board.root}/vm{vm}.sock", '
+        lines.append(f'[vm.{vm}]\nconsole = {{ endpoints = ["unix:{board.root}/vm{vm}.sock", '
                      f'"file:{board.root}/vm{vm}.log"] }}\n{extra}')
     path = board.root / "vms.toml"
     path.write_text("\n".join(lines))
@@ -283,7 +283,7 @@ def assert_log_holds(log_path, acked):
 
 def test_sigkill_of_the_daemon_mid_output_loses_no_acknowledged_byte(board, stub):
     config = board.root / "vms.toml"
-    config.write_text(f'[vm.0]\nconsole = {{ backends = ["file:{board.root}/vm0.log"] }}\n')
+    config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{board.root}/vm0.log"] }}\n')
     daemon = Served(board, config)
     try:
         stub.page.wait_attached()
@@ -299,7 +299,7 @@ def test_sigkill_with_a_stalled_socket_client_loses_no_acknowledged_byte(board, 
     """Acknowledged = in the kernel: a client that reads only after the daemon died
     still gets every byte of every transmit buffer the guest got back."""
     config = board.root / "vms.toml"
-    config.write_text(f'[vm.0]\nconsole = {{ backends = ["unix:{board.root}/vm0.sock"] }}\n')
+    config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["unix:{board.root}/vm0.sock"] }}\n')
     daemon = Served(board, config)
     try:
         stub.page.wait_attached()
@@ -375,7 +375,7 @@ while True:
 def test_sigkill_of_the_stand_in_mid_output_loses_nothing_and_the_daemon_serves_on(board):
     first = StandinStub(board)                       # initialises the page, then hands over
     config = board.root / "vms.toml"
-    config.write_text(f'[vm.0]\nconsole = {{ backends = ["file:{board.root}/vm0.log"] }}\n')
+    config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{board.root}/vm0.log"] }}\n')
     daemon = Served(board, config)
     child = None
     try:
@@ -435,10 +435,10 @@ def test_missing_uio_device_names_it_and_the_fix(board, stub):
 
 def test_config_error_is_one_line(board, stub):
     config = board.root / "vms.toml"
-    config.write_text("[vm.0]\nconsole = { backends = ['nowhere'] }\n")
+    config.write_text("[vm.0]\nconsole = { endpoints = ['nowhere'] }\n")
     code, lines, err = run_serve(board, config)
     assert code == 2
-    assert lines == [f"avatar-hw: {config}: vm.0.console.backends: 'nowhere' is not a URL "
+    assert lines == [f"avatar-hw: {config}: vm.0.console.endpoints: 'nowhere' is not a URL "
                      "(scheme:rest, e.g. file:/var/log/avatar/vm0.log)"]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from avatar_hw.emulated import machine
-from avatar_hw.testing.console import GuestConsole
+from avatar_hw.hil.console import GuestConsole
 from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
 from test_pytest_plugin import OnPty
 

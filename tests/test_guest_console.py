@@ -13,11 +13,11 @@ import time
 import pytest
 import serial
 
-from avatar_hw.backends.console import open_endpoint
+from avatar_hw.endpoints import open_endpoint
 from avatar_hw.errors import AvatarError
+from avatar_hw.hil.console import (POLL, ConsoleClosed, ConsoleTimeout, GuestConsole, open_serial,
+                                   pyserial_url)
 from avatar_hw.loop import EventLoop
-from avatar_hw.testing.console import (POLL, ConsoleClosed, ConsoleTimeout, GuestConsole, open_serial,
-                                       pyserial_url)
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.ptsname.restype = ctypes.c_char_p

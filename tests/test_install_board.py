@@ -69,7 +69,7 @@ def test_installs_driver_rules_overlay_and_prints_the_config_line(checkout, dest
     assert "avatar-trap" in nodes
     assert "\ndtoverlay=avatar-rpi4\n" in out
     assert (destdir / "boot" / "firmware" / "config.txt").read_text() == "[pi4]\narm_boost=1\n"
-    assert "no systemd unit installed" in out
+    assert "avatar-hw.service installed and enabled" in out
     again = install(checkout, destdir, "--user", "alice").stdout
     assert "driver sources in" not in again and "installed /boot/firmware/overlays" not in again
 
@@ -84,14 +84,15 @@ def test_edit_config_adds_the_overlay_line_once(checkout, destdir):
     assert "loads the overlay" in install(checkout, destdir).stdout
 
 
-def test_installs_and_enables_the_systemd_unit_when_present(checkout, destdir):
+def test_installs_and_enables_the_shipped_systemd_unit(checkout, destdir):
     unit = checkout / "boards" / "linux" / "avatar-hw.service"
-    unit.write_text("[Service]\nType=notify\n")
     out = install(checkout, destdir).stdout
     assert (destdir / "etc" / "systemd" / "system" / "avatar-hw.service").read_bytes() == \
         unit.read_bytes()
     assert "would run: systemctl daemon-reload" in out
     assert "would run: systemctl enable avatar-hw.service" in out
+    unit.unlink()
+    assert "no systemd unit installed" in install(checkout, destdir).stdout
 
 
 def test_changed_driver_sources_are_reinstalled(checkout, destdir):

@@ -1,4 +1,4 @@
-"""avatar_hw.labgrid: the strategy's shell commands, run by a real sh against ``avatar-hw
+"""avatar_hw.hil.labgrid: the strategy's shell commands, run by a real sh against ``avatar-hw
 serve`` on the stand-in stub; with labgrid installed, ``AvatarStrategy`` in a real
 coordinator-less Environment (a local shell as the board's console) and labgrid's
 ``NetworkSerialPort`` on the emulated board's RFC 2217 console."""
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from avatar_hw import control, labgrid
+from avatar_hw import control
+from avatar_hw.hil import labgrid
+from avatar_hw.hil.target import emulated_board_missing
 from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
-from avatar_hw.testing.target import emulated_board_missing
 
 AVATAR_HW = f"{sys.executable} -m avatar_hw"
 
@@ -31,7 +32,7 @@ def test_start_ready_stop_through_a_shell(tmp_path):
     board = FakeBoard(tmp_path / "board", vms=1)
     stub = StandinStub(board)
     config = board.root / "vms.toml"
-    config.write_text(f'[vm.0]\nconsole = {{ backends = ["file:{board.root}/vm0.log"] }}\n')
+    config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{board.root}/vm0.log"] }}\n')
     serve_args = board.serve_argv(config)[4:]          # after "python -m avatar_hw serve"
     assert serve_args[0] == "--board"
     pidfile, log = str(tmp_path / "serve.pid"), str(tmp_path / "serve.log")
@@ -129,7 +130,7 @@ def board_environment(tmp_path, server, serve_args, **strategy):
                                "pidfile": str(tmp_path / "serve.pid"),
                                "log": str(tmp_path / "serve.log"), "boot_timeout": 20,
                                **strategy}}}},
-        "imports": ["avatar_hw.labgrid"]}))
+        "imports": ["avatar_hw.hil.labgrid"]}))
     from labgrid import Environment
     return Environment(str(env))
 
@@ -144,7 +145,7 @@ def test_strategy_serves_and_restarts_the_daemon_through_labgrid(tmp_path):
     board = FakeBoard(tmp_path / "board", vms=1)
     stub = StandinStub(board)
     config = board.root / "vms.toml"
-    config.write_text(f'[vm.0]\nconsole = {{ backends = ["file:{board.root}/vm0.log"] }}\n')
+    config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{board.root}/vm0.log"] }}\n')
     server = ShellServer(tmp_path)
     env = board_environment(tmp_path, server, board.serve_argv(config)[4:],
                             control=str(board.control))
@@ -195,7 +196,7 @@ def test_network_serial_port_on_the_emulated_boards_rfc2217_console(tmp_path):
     from labgrid import Environment
     from avatar_hw.emulated.session import EmulatedBoard
     config = tmp_path / "vms.toml"
-    config.write_text('[vm.0]\nconsole = { backends = ["rfc2217:127.0.0.1:0"] }\n')
+    config.write_text('[vm.0]\nconsole = { endpoints = ["rfc2217:127.0.0.1:0"] }\n')
     with EmulatedBoard(config=config) as board:
         [url] = [u for u in board.daemon.info()["vms"][0]["devices"][0]["ports"][0]["endpoints"]
                  if u.startswith("rfc2217:")]
@@ -240,7 +241,7 @@ def test_the_documented_exporter_and_environment_load_in_labgrid(tmp_path, recwa
     (tmp_path / "env.yaml").write_text(environment)
     config = Config(str(tmp_path / "env.yaml"))
     assert set(config.get_targets()) == {"main", "vm0"} and config.get_imports() == [
-        "avatar_hw.labgrid"]
+        "avatar_hw.hil.labgrid"]
     strategy = config.get_targets()["main"]["drivers"]["AvatarStrategy"]
     assert set(strategy) <= set(attr.fields_dict(labgrid.AvatarStrategy))
     assert not [w for w in recwarn if "duplicate" in str(w.message).lower()]

@@ -221,12 +221,12 @@ def test_broadcast_floods_and_unicast_is_learned(tmp_path, loop):
 def test_frames_wait_in_the_backlog_then_are_dropped_and_counted(tmp_path, loop):
     path = str(tmp_path / "s.sock")
     a = Nic(loop, f"switch:{path}", mac_=MAC_A)
-    b = Nic(loop, f"switch:{path}", mac_=MAC_B, backlog=4)
+    b = Nic(loop, f"switch:{path}", mac_=MAC_B, rx_pending=4)
     frames = [frame(mac(MAC_B), mac(MAC_A), b"%03d" % i) for i in range(10)]
     assert len(a.send(*frames)) == 10                       # transmits always complete
     spin(loop)
     assert b.device.counters["rx_dropped"] == 6
-    assert b.device.info()["backlog"] == 4
+    assert b.device.info()["rx_pending"] == 4
     b.post_rx(10)
     assert b.received() == frames[:4]                       # the oldest four, in order
     a.send(frames[9])
@@ -253,9 +253,9 @@ def test_reset_drops_held_buffers_and_backlog(pair, loop):
     a.send(frame(mac(MAC_B), mac(MAC_A), b"x"))
     assert len(b.received()) == 1
     a.send(frame(mac(MAC_B), mac(MAC_A), b"y"))            # no buffer: waits in the backlog
-    assert b.device.info()["backlog"] == 1
+    assert b.device.info()["rx_pending"] == 1
     b.driver.reset()                                         # forgets it
-    assert b.device.info()["backlog"] == 0
+    assert b.device.info()["rx_pending"] == 0
     b.rx, b.tx = b.driver.init([net.RX, net.TX])
     b.post_rx(2)
     a.send(frame(mac(MAC_B), mac(MAC_A), b"z"))

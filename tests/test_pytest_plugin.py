@@ -17,8 +17,8 @@ from xml.etree import ElementTree
 import pytest
 
 from avatar_hw.errors import AvatarError
+from avatar_hw.hil.target import console_url_from_info, emulated_board_missing
 from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
-from avatar_hw.testing.target import console_url_from_info, emulated_board_missing
 
 pytest_plugins = ["pytester"]
 
@@ -37,7 +37,7 @@ def daemon(tmp_path):
     board = FakeBoard(tmp_path / "board", vms=1)
     stub = StandinStub(board)
     config = board.root / "vms.toml"
-    config.write_text(f'[vm.0]\nconsole = {{ backends = ["file:{board.root}/vm0.log", '
+    config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{board.root}/vm0.log", '
                       f'"unix:{board.root}/vm0.sock", "rfc2217:127.0.0.1:0"] }}\n')
     log = open(board.root / "daemon.log", "wb")
     process = subprocess.Popen(board.serve_argv(config), stdout=log, stderr=subprocess.STDOUT)
@@ -352,7 +352,7 @@ def test_console_logs_per_test_junit_properties_and_reset(pytester, tmp_path):
 
 
 def test_a_bench_resets_with_its_command_or_says_how(daemon, tmp_path):
-    from avatar_hw.testing.target import HardwareTarget
+    from avatar_hw.hil.target import HardwareTarget
     bench = HardwareTarget(daemon.board_file, control_path=str(daemon.control))
     with pytest.raises(AvatarError, match="give --avatar-reset-command 'CMD'"):
         bench.reset(0)

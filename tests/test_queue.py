@@ -2,6 +2,7 @@
 
 import pytest
 
+from avatar_hw.hw import ordering
 from avatar_hw.hw.region import Region
 from avatar_hw.testing.virtio import RAM_BASE, RecordingDevice, VirtioBench
 from avatar_hw.virtio import constants as c
@@ -52,18 +53,19 @@ def test_guest_memory_views_and_bounds():
     mem.view(0x1000, 4)[:] = b"abcd"
     assert buf[:4] == b"abcd"
     assert mem.view(0x1FFF, 1).nbytes == 1 and mem.view(0x2000, 0).nbytes == 0
-    mem.write32(0x1010, 0xDEADBEEF)
-    assert mem.read32(0x1010) == 0xDEADBEEF and mem.read16(0x1012) == 0xDEAD
-    mem.store_release16(0x1020, 7)
-    assert mem.load_acquire16(0x1020) == 7
+    mem.view(0x1010, 4).cast("I")[0] = 0xDEADBEEF
+    assert buf[0x10:0x14] == bytes.fromhex("efbeadde")
+    assert mem.view(0x1012, 2).cast("H")[0] == 0xDEAD
+    ordering.store_release16(mem.address(0x1020, 2), 7)
+    assert buf[0x20:0x22] == b"\x07\x00" and ordering.load_acquire16(mem.address(0x1020, 2)) == 7
     for gpa, length in ((0xFFF, 2), (0x1FFF, 2), (0x2000, 1), (0, 1),
                         (0xFFFFFFFFFFFFFFFF, 0x1002), (0x1000, -1)):
         with pytest.raises(GuestMemoryError):
             mem.view(gpa, length)
     with pytest.raises(GuestMemoryError):
-        mem.read32(0x1002)          # misaligned
+        mem.address(0x1002, 4)      # misaligned
     with pytest.raises(GuestMemoryError):
-        mem.read64(0x1FFC)
+        mem.address(0x1FFC, 8)
     assert "vm3" in repr(mem)
 
 

@@ -9,8 +9,8 @@ import time
 import pytest
 import serial
 
-from avatar_hw.backends.console import open_endpoint
-from avatar_hw.backends.rfc2217 import INPUT_HOLD, Rfc2217Endpoint
+from avatar_hw.endpoints import open_endpoint
+from avatar_hw.endpoints.rfc2217 import INPUT_HOLD, Rfc2217Endpoint
 from avatar_hw.devices.console import ConsoleDevice
 from avatar_hw.errors import ConfigError
 from avatar_hw.loop import EventLoop

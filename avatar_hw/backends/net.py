@@ -9,8 +9,8 @@ A backend moves frames; the device owns the guest's buffers. Receiving is
 driven by the backend: when a frame is there it calls
 ``device.receive(reader, source)``, and the device calls
 ``reader(source, views)`` with the memoryviews the frame goes into (guest
-receive buffers, or a slot of its bounded backlog). A reader returns the
-frame's length, more than ``sum(len(views))`` when the frame did not fit (it
+receive buffers, or a slot of its bounded pending frames, ``rx_pending``). A
+reader returns the frame's length, more than ``sum(len(views))`` when the frame did not fit (it
 is then consumed and dropped), or None when there is nothing to read.
 Sending is ``send(views, length) -> bool``: False means the frame was dropped
 (network semantics: a full socket, an interface that is down).
@@ -43,7 +43,7 @@ import socket
 import struct
 
 from .. import paths
-from ..errors import ConfigError
+from ..errors import AGAIN, ConfigError
 from ..virtio.buffers import copy, gather
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,6 @@ TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 IFNAMSIZ = 16
 
-_AGAIN = (BlockingIOError, InterruptedError)
-
 
 # -- readers: reader(source, views) -> frame length | None ---------------------------------------
 
@@ -67,7 +65,7 @@ def read_fd(fd, views):
     """One frame from a TAP fd (one ``read`` is one frame)."""
     try:
         return os.readv(fd, views)
-    except _AGAIN:
+    except AGAIN:
         return None
     except OSError as err:        # EFAULT/EINVAL: the frame did not fit and was dropped
         log.debug("tap read: %s", err)
@@ -78,7 +76,7 @@ def recv_socket(sock, views):
     """One datagram from ``sock``."""
     try:
         n, _, flags, _ = sock.recvmsg_into(views)
-    except _AGAIN:
+    except AGAIN:
         return None
     if flags & socket.MSG_TRUNC:
         return sum(len(v) for v in views) + 1
@@ -316,7 +314,7 @@ class Switch:
         for _ in range(RX_BATCH):
             try:
                 n, _, _, address = self.sock.recvmsg_into([self._macs_buf], 0, socket.MSG_PEEK)
-            except _AGAIN:
+            except AGAIN:
                 return
             ingress = self._remote(address)
             if n < 2 * ETH_ALEN:                # a join (empty) or a runt: consumed

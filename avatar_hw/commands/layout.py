@@ -24,7 +24,8 @@ def device_map(board, vms=None):
         first, last = lay.vm_window(vm)
         devices = [{"slot": k, "base": address(lay.window(vm, k)),
                     "end": address(lay.window(vm, k) + lay.device_size - 1),
-                    "guest_intid": lay.intid(vm, k), "board_intid": board.board_intid(lay.intid(vm, k))}
+                    "guest_intid": lay.intid(vm, k),
+                    "board_intid": board.board_intid(lay.intid(vm, k))}
                    for k in range(lay.devices_per_vm)]
         result.append({"vm": vm, "window": [address(first), address(last)],
                        "guest_intids": [devices[0]["guest_intid"], devices[-1]["guest_intid"]],

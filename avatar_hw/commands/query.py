@@ -9,7 +9,7 @@ import json
 from ..control import ENV, default_control_path, request
 
 
-# -- formatting -----------------------------------------------------------------------------------------
+# -- formatting ----------------------------------------------------------------------
 
 def _bytes(n):
     for unit in ("B", "KiB", "MiB", "GiB"):

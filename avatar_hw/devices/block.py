@@ -54,6 +54,7 @@ import struct
 import weakref
 
 from ..errors import ConfigError
+from ..schema import REQUIRED, Field, Schema, positive, under
 from ..virtio.buffers import fill_zeros, gather, scatter, skip, transfer, zeros
 from ..virtio.constants import ID_BLOCK, bit
 from ..virtio.device import VirtioDevice
@@ -116,6 +117,12 @@ def _without_last_byte(views):
     return out, last[-1:]
 
 
+def check_serial(serial):
+    """The GET_ID string fits its 20 bytes (NUL-padded; no NUL when it fills them)."""
+    if len(serial.encode()) > SERIAL_BYTES:
+        raise ValueError(f"is longer than {SERIAL_BYTES} bytes")
+
+
 class BlockDevice(VirtioDevice):
     """A virtio block device serving ``image`` (a raw image file or a block device).
 
@@ -128,9 +135,7 @@ class BlockDevice(VirtioDevice):
     name = "block"
 
     def __init__(self, image, *, readonly=False, serial=None, queues=None):
-        serial_bytes = (serial or "").encode()
-        if len(serial_bytes) > SERIAL_BYTES:
-            raise ValueError(f"serial {serial!r} is longer than {SERIAL_BYTES} bytes")
+        check_serial(serial or "")
         if queues is not None and not 1 <= queues <= MAX_QUEUES:
             raise ValueError(f"queues = {queues}: give 1 to {MAX_QUEUES} request queues")
         self.image, self.readonly = str(image), readonly
@@ -156,7 +161,7 @@ class BlockDevice(VirtioDevice):
         super().__init__(queue_sizes=[QUEUE_SIZE] * (queues or 1), features=features,
                          config=config)
         self.counters.update(flushes=0, discards=0, write_zeroes=0)
-        self.serial = serial_bytes.ljust(SERIAL_BYTES, b"\0")
+        self.serial = (serial or "").encode().ljust(SERIAL_BYTES, b"\0")
         self._header = bytearray(HEADER.size)
         self._segments = bytearray(SEGMENT.size * MAX_DWZ_SEGMENTS + 1)   # +1: one too many
         self._status = bytearray(1)
@@ -363,6 +368,15 @@ class BlockDevice(VirtioDevice):
         out = super().info()
         out.update(image=self.image, readonly=self.readonly, capacity=self.capacity)
         return out
+
+
+SCHEMA = Schema("block", (
+    Field("image", str, REQUIRED, "the path of a raw image or block device", path=under),
+    Field("size", int, None, "bytes: create the image (sparse) if it does not exist", positive),
+    Field("readonly", bool, False),
+    Field("serial", str, None, f"a string (up to {SERIAL_BYTES} bytes)", check_serial),
+    Field("queues", int, None, "the number of request queues", positive),
+))
 
 
 def from_config(options):

@@ -1,32 +1,17 @@
 """virtio-console (device ID 3, VirtIO 1.2 section 5.3).
 
-Port 0 uses receiveq 0 / transmitq 1. With VIRTIO_CONSOLE_F_MULTIPORT the
-control queues are 2 (device -> driver) and 3 (driver -> device), and port
-``p >= 1`` uses queues ``2 + 2p`` / ``3 + 2p``; named ports appear in a Linux
-guest as /dev/vportNpM with /sys/class/virtio-ports/vportNpM/name.
+Queues (5.3.2, ``console_port.port_queues``): port 0 uses receiveq 0 / transmitq 1. With
+VIRTIO_CONSOLE_F_MULTIPORT the control receiveq (device -> driver) is 2 and the
+control transmitq (driver -> device) 3, and port ``n >= 1`` uses receiveq
+``2n + 2`` / transmitq ``2n + 3``; named ports appear in a Linux guest as
+/dev/vportNpM with /sys/class/virtio-ports/vportNpM/name.
 VIRTIO_CONSOLE_F_SIZE (offered when ``size`` is given) reports cols/rows;
 VIRTIO_CONSOLE_F_EMERG_WRITE takes single characters through ``emerg_wr``.
 
-Flow control (nothing lost):
-
-* host -> guest: a port reads its backend only while it holds a guest
-  receive buffer (and, for a multiport port other than the console, while
-  the guest has it open: Linux discards data for closed ports); otherwise it
-  pauses the backend's reader and resumes when the guest posts buffers.
-* guest -> host: transmit buffers are handed to the backend as they are
-  (memoryviews of guest RAM, no copy) and held until every attached
-  endpoint has handed all their bytes to the kernel; only then does the
-  guest get them back. The held buffers are the output buffer, bounded by
-  the backend (``limit`` bytes, ``MAX_HELD`` buffers); while it is full the
-  port takes no more and asks the driver not to notify (``set_notification``).
-  So a byte the guest saw acknowledged survives the daemon's death. With no
-  attached endpoint (no client on a socket) the guest does not wait: its
-  output goes to the backend's bounded unattached log (``log_size``), which
-  the next client receives first.
-* emergency writes have no flow control in the spec: they are copied into
-  port 0's stream, up to ``EMERG_LIMIT`` bytes not yet written, and counted
-  as errors beyond that.
-* a device reset drops what is in flight (none of it was acknowledged).
+Flow control (nothing lost) is the ports' (``avatar_hw.devices.console_port``);
+emergency writes have no flow control in the spec: they are copied into port
+0's stream, up to ``EMERG_LIMIT`` bytes not yet written, and counted as errors
+beyond that.
 
 Control messages (multiport): the driver's DEVICE_READY gets a DEVICE_ADD
 per port; each PORT_READY gets CONSOLE_PORT (port 0), PORT_NAME (named
@@ -37,15 +22,15 @@ opens and closes the guest side.
 """
 
 import collections
-import logging
 import struct
 
 from ..backends.console import open_console_backend
+from ..endpoints import check_url, url_under
+from ..schema import REQUIRED, Field, Schema, positive
 from ..virtio.buffers import gather, scatter
 from ..virtio.constants import ID_CONSOLE, bit
 from ..virtio.device import VirtioDevice
-
-log = logging.getLogger(__name__)
+from .console_port import EMERGENCY, ConsolePort
 
 F_SIZE, F_MULTIPORT, F_EMERG_WRITE = 0, 1, 2
 
@@ -58,159 +43,7 @@ EMERG_WR_OFFSET = 8
 QUEUE_SIZE, CONTROL_QUEUE_SIZE = 256, 32
 EMERG_LIMIT = 64 * 1024
 CONTROL_OUT_LIMIT = 256                  # device -> driver control messages waiting
-EMERGENCY = object()                     # the token of emergency bytes in port 0's stream
-
-
-class ConsolePort:
-    """One port: its two queues, its backend, and the flow-control state of each direction."""
-
-    def __init__(self, device, port_id, rx_index, tx_index, backend, name=None):
-        self.device, self.id, self.name = device, port_id, name
-        self.rx_index, self.tx_index = rx_index, tx_index
-        self.backend = backend
-        self.guest_open = False
-        self.guest_ready = False         # the driver sent PORT_READY (multiport)
-        self.host_open = None            # what the driver was last told (PORT_OPEN)
-        self._rx_chain = None
-        self._tx_notify = True           # what the driver was last asked (notifications on)
-        self._input_paused = False
-
-    @property
-    def rxq(self):
-        return self.device.queues[self.rx_index]
-
-    @property
-    def txq(self):
-        return self.device.queues[self.tx_index]
-
-    def reset(self):
-        """Drop chains held from the guest (their queues are being reset)."""
-        self._rx_chain = None
-        self.drop_tx()
-        self.guest_open = self.guest_ready = False
-        self.host_open = None
-
-    def drop_tx(self):
-        """Forget the transmit buffers in flight (their queue was reset)."""
-        for token, length in self.backend.discard_output():
-            if token is EMERGENCY:
-                self.device.emergency_dropped(length)
-        self._tx_notify = True
-
-    # -- host -> guest ---------------------------------------------------------------------------
-
-    def fill_rx(self):
-        """Move backend input into guest receive buffers while both exist."""
-        device, rxq = self.device, self.rxq
-        if not (device.active and rxq.ready and self.guest_open):
-            self._pause_input()
-            return
-        completed = False
-        while True:
-            if self._rx_chain is None:
-                chain = rxq.pop()
-                if chain is None:
-                    self._pause_input()
-                    break
-                if not chain.writable_len:
-                    device.guest_error("port %d: receive buffer with no writable part; "
-                                       "returned empty", self.id)
-                    rxq.add_used(chain.head, 0)
-                    completed = True
-                    continue
-                self._rx_chain = chain
-            self._resume_input()
-            n = self.backend.readinto(self._rx_chain.writable)
-            if not n:
-                break
-            rxq.add_used(self._rx_chain.head, n)
-            device.count(bytes_to_guest=n)
-            self._rx_chain = None
-            completed = True
-        if completed:
-            device.signal_used(rxq)
-
-    def _pause_input(self):
-        if not self._input_paused:
-            self._input_paused = True
-            self.backend.pause_input()
-
-    def _resume_input(self):
-        if self._input_paused:
-            self._input_paused = False
-            self.backend.resume_input()
-
-    # -- guest -> host ---------------------------------------------------------------------------
-
-    def drain_tx(self):
-        """Hand transmit buffers to the backend; return each once every attached endpoint
-        has taken all its bytes."""
-        device, txq, backend = self.device, self.txq, self.backend
-        returned = self._return_done()
-        if device.active and txq.ready and not backend.attached:
-            returned += self._log_unattached()
-        elif device.active and txq.ready:
-            while True:
-                while backend.can_take():
-                    chain = txq.pop()
-                    if chain is None:
-                        break
-                    if chain.readable_len:
-                        backend.submit(chain.readable, chain.readable_len, chain)
-                    else:
-                        txq.add_used(chain.head, 0)
-                        returned += 1
-                backend.flush()
-                done = self._return_done()
-                returned += done
-                if done:
-                    continue
-                take = backend.can_take()
-                if take == self._tx_notify:
-                    break
-                self._tx_notify = take
-                if not (txq.set_notification(take) and take):
-                    break
-        else:
-            backend.flush()                       # emergency bytes
-            returned += self._return_done()
-        if returned:
-            device.signal_used(txq)
-
-    def _log_unattached(self):
-        """Nobody reads: the output goes to the backend's log and straight back to the
-        guest (which must not wait, see ``avatar_hw.backends.console``); the number of
-        chains returned."""
-        device, txq, backend = self.device, self.txq, self.backend
-        returned = self._complete(backend.spill())
-        for chain in txq:
-            backend.log_output(chain.readable)
-            txq.add_used(chain.head, 0)
-            device.count(bytes_from_guest=chain.readable_len)
-            returned += 1
-        if not self._tx_notify:
-            self._tx_notify = True
-            txq.set_notification(True)
-            if txq.has_available() and not txq.yielded:
-                returned += self._log_unattached()
-        return returned
-
-    def _return_done(self):
-        """Give back what the backend is done with; the number of chains returned."""
-        return self._complete(self.backend.take_done())
-
-    def _complete(self, done):
-        """Return the transmit chains of ``done`` (``(token, length)``); their number."""
-        returned = 0
-        device = self.device
-        for token, length in done:
-            if token is EMERGENCY:
-                device.emergency_written(length)
-                continue
-            self.txq.add_used(token.head, 0)
-            device.count(bytes_from_guest=length)
-            returned += 1
-        return returned
+CONTROL_RX, CONTROL_TX = 2, 3            # control receiveq (device -> driver), transmitq
 
 
 class ConsoleDevice(VirtioDevice):
@@ -245,10 +78,9 @@ class ConsoleDevice(VirtioDevice):
         kw = {} if limit is None else {"limit": limit}
         if log_size is not None:
             kw["log_size"] = log_size
-        self.ports = [ConsolePort(self, 0, 0, 1, open_console_backend(backend, **kw))]
+        self.ports = [ConsolePort(self, 0, open_console_backend(backend, **kw))]
         for i, (port_name, spec) in enumerate(ports.items(), start=1):
-            self.ports.append(ConsolePort(self, i, 2 + 2 * i, 3 + 2 * i,
-                                          open_console_backend(spec, **kw), port_name))
+            self.ports.append(ConsolePort(self, i, open_console_backend(spec, **kw), port_name))
         self._port_by_queue = {}
         for port in self.ports:
             self._port_by_queue[port.rx_index] = (port, port.fill_rx)
@@ -288,7 +120,7 @@ class ConsoleDevice(VirtioDevice):
         if index in self._port_by_queue:
             port, _ = self._port_by_queue[index]
             if index == port.rx_index:
-                port._rx_chain = None
+                port.drop_rx()
             else:
                 port.drop_tx()
 
@@ -303,9 +135,9 @@ class ConsoleDevice(VirtioDevice):
         entry = self._port_by_queue.get(index)
         if entry is not None:
             entry[1]()
-        elif index == 2:
+        elif index == CONTROL_RX:
             self._flush_control()
-        elif index == 3:
+        elif index == CONTROL_TX:
             self._read_control()
 
     def _host_side_changed(self, port):
@@ -343,38 +175,16 @@ class ConsoleDevice(VirtioDevice):
         if self.has_feature(F_MULTIPORT):
             self._send_control(0, RESIZE, 0, struct.pack("<HH", rows, cols))
 
-    # -- control queues (multiport) ----------------------------------------------------------------
-
-    def _send_control(self, port_id, event, value, payload=b""):
-        if len(self._control_out) >= CONTROL_OUT_LIMIT:
-            self.guest_error("%d control messages wait for buffers in control queue 2",
-                             len(self._control_out))
-            self.fail("the driver takes no control messages")
-            return
-        self._control_out.append(CONTROL.pack(port_id, event, value) + payload)
-        self._flush_control()
-
-    def _flush_control(self):
-        queue = self.queues[2] if len(self.queues) > 2 else None
-        if queue is None or not (self.active and queue.ready):
-            return
-        completed = False
-        while self._control_out:
-            chain = queue.pop()
-            if chain is None:
-                break
-            message = self._control_out.popleft()
-            n = scatter(message, chain.writable)
-            if n < len(message):
-                self.guest_error("control buffer of %d bytes too small for a %d-byte "
-                                 "message; truncated", chain.writable_len, len(message))
-            queue.add_used(chain.head, n)
-            completed = True
-        if completed:
-            self.signal_used(queue)
+    # -- control queues (multiport), in the order of a driver's bring-up -------------------------
+    #
+    # driver -> device (control transmitq): DEVICE_READY, then per port PORT_READY, then
+    # PORT_OPEN whenever the guest opens or closes the port.
+    # device -> driver (control receiveq): DEVICE_ADD per port, CONSOLE_PORT / PORT_NAME /
+    # PORT_OPEN in answer to PORT_READY, PORT_OPEN when the host side changes, RESIZE.
 
     def _read_control(self):
-        queue = self.queues[3]
+        """Handle each message the driver put in the control transmitq, in order."""
+        queue = self.queues[CONTROL_TX]
         message = self._control_in
         for chain in queue:
             n = gather(chain.readable, message)
@@ -387,40 +197,50 @@ class ConsoleDevice(VirtioDevice):
 
     def _handle_control(self, port_id, event, value):
         if event == DEVICE_READY:
-            if value != 1:
-                self.guest_error("driver failed to set up (DEVICE_READY %d)", value)
-                return
-            if self._devices_added:
-                self.guest_error("repeated DEVICE_READY; ignored")
-                return
-            self._devices_added = True
-            for port in self.ports:
-                self._send_control(port.id, DEVICE_ADD, 0)
-            return
-        if port_id >= len(self.ports):
+            self._device_ready(value)
+        elif port_id >= len(self.ports):
             self.guest_error("control event %d for unknown port %d; ignored", event, port_id)
-            return
-        port = self.ports[port_id]
-        if event == PORT_READY:
-            if value != 1:
-                self.guest_error("driver could not add port %d", port_id)
-                return
-            if port.guest_ready:
-                self.guest_error("repeated PORT_READY for port %d; ignored", port_id)
-                return
-            if port_id == 0:
-                self._send_control(0, CONSOLE_PORT, 1)
-                port.guest_open = True
-            if port.name:
-                self._send_control(port_id, PORT_NAME, 1, port.name.encode())
-            port.guest_ready = True
-            self._report_host_side(port)
-            port.fill_rx()
+        elif event == PORT_READY:
+            self._port_ready(self.ports[port_id], value)
         elif event == PORT_OPEN:
-            port.guest_open = bool(value) or port_id == 0
-            port.fill_rx()
+            self._port_open(self.ports[port_id], value)
         else:
             self.guest_error("unexpected control event %d from the driver; ignored", event)
+
+    def _device_ready(self, value):
+        """DEVICE_READY: the driver is set up; announce every port (DEVICE_ADD), once."""
+        if value != 1:
+            self.guest_error("driver failed to set up (DEVICE_READY %d)", value)
+            return
+        if self._devices_added:
+            self.guest_error("repeated DEVICE_READY; ignored")
+            return
+        self._devices_added = True
+        for port in self.ports:
+            self._send_control(port.id, DEVICE_ADD, 0)
+
+    def _port_ready(self, port, value):
+        """PORT_READY: the driver added the port; say what it is (CONSOLE_PORT for port 0,
+        PORT_NAME for a named port) and whether its host side is open."""
+        if value != 1:
+            self.guest_error("driver could not add port %d", port.id)
+            return
+        if port.guest_ready:
+            self.guest_error("repeated PORT_READY for port %d; ignored", port.id)
+            return
+        if port.id == 0:
+            self._send_control(0, CONSOLE_PORT, 1)
+            port.guest_open = True
+        if port.name:
+            self._send_control(port.id, PORT_NAME, 1, port.name.encode())
+        port.guest_ready = True
+        self._report_host_side(port)
+        port.fill_rx()
+
+    def _port_open(self, port, value):
+        """PORT_OPEN from the driver: the guest side opened or closed (port 0 stays open)."""
+        port.guest_open = bool(value) or port.id == 0
+        port.fill_rx()
 
     def _report_host_side(self, port):
         """PORT_OPEN to the driver when the host side of a named port opens or closes.
@@ -437,6 +257,38 @@ class ConsoleDevice(VirtioDevice):
             port.host_open = is_open
             self._send_control(port.id, PORT_OPEN, int(is_open))
 
+    def _send_control(self, port_id, event, value, payload=b""):
+        """Queue a message for the driver (bounded: a driver that takes none is failed)."""
+        if len(self._control_out) >= CONTROL_OUT_LIMIT:
+            self.guest_error("%d control messages wait for buffers in the control receiveq",
+                             len(self._control_out))
+            self.fail("the driver takes no control messages")
+            return
+        self._control_out.append(CONTROL.pack(port_id, event, value) + payload)
+        self._flush_control()
+
+    def _flush_control(self):
+        """Put waiting messages into the driver's control receiveq buffers."""
+        if len(self.queues) <= CONTROL_RX:         # no MULTIPORT: no control queues
+            return
+        queue = self.queues[CONTROL_RX]
+        if not (self.active and queue.ready):
+            return
+        completed = False
+        while self._control_out:
+            chain = queue.pop()
+            if chain is None:
+                break
+            message = self._control_out.popleft()
+            n = scatter(message, chain.writable)
+            if n < len(message):
+                self.guest_error("control buffer of %d bytes too small for a %d-byte "
+                                 "message; truncated", chain.writable_len, len(message))
+            queue.add_used(chain.head, n)
+            completed = True
+        if completed:
+            self.signal_used(queue)
+
     # -- introspection ----------------------------------------------------------------------------
 
     def info(self):
@@ -448,3 +300,52 @@ class ConsoleDevice(VirtioDevice):
                          "log_overwritten": p.backend.log_overwritten} for p in self.ports]
         return out
 
+
+
+# -- the VMs config's console table ---------------------------------------------------------------
+
+def _check_urls(value):
+    urls = [value] if isinstance(value, str) else value
+    if not urls:
+        check_url(None)
+    for url in urls:
+        check_url(url)
+
+
+def _urls_under(value, base):
+    return url_under(value, base) if isinstance(value, str) else [url_under(u, base)
+                                                                  for u in value]
+
+
+def _check_ports(value):
+    for name, urls in value.items():
+        try:
+            _check_urls(urls)
+        except ValueError as err:
+            raise ValueError(f"port {name!r}: {err}") from None
+
+
+def _check_size(value):
+    if (len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            or not all(0 < v < 0x10000 for v in value)):
+        raise ValueError("must be [columns, rows], two integers from 1 to 65535")
+
+
+SCHEMA = Schema("console", (
+    Field("endpoints", (str, list), REQUIRED, "a URL or a list of URLs", _check_urls,
+          _urls_under, alias="backends"),
+    Field("ports", dict, None, "a table of port name = URL(s)", _check_ports,
+          lambda value, base: {name: _urls_under(urls, base) for name, urls in value.items()}),
+    Field("size", list, None, "[columns, rows]", _check_size),
+    Field("buffer", int, None, "bytes of guest output held in flight per port", positive),
+    Field("log", int, None, "bytes of output kept per port while no client is attached",
+          positive),
+))
+
+
+def from_config(options):
+    """The device for a VMs config ``console`` table (checked by ``SCHEMA``)."""
+    size = options.get("size")
+    return ConsoleDevice(options["endpoints"], ports=options.get("ports"),
+                         size=tuple(size) if size else None, limit=options.get("buffer"),
+                         log_size=options.get("log"))

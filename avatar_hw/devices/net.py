@@ -21,9 +21,9 @@ Network semantics (the guest is told nothing about drops):
   are dropped (``tx_dropped``).
 * receive: a frame goes straight from the backend into the guest's receive
   buffers when the device holds buffers for the largest frame and no older
-  frame waits; otherwise it is copied once into the bounded backlog
-  (``backlog`` frames, preallocated) and from there into guest buffers, in
-  order, as soon as they can take it. With the backlog full, while the driver is
+  frame waits; otherwise it is copied once into the bounded pending frames
+  (``rx_pending`` frames, preallocated) and from there into guest buffers, in
+  order, as soon as they can take it. With them full, while the driver is
   not running, or when a frame is larger than the largest frame (or, without
   MRG_RXBUF, than the receive buffer) it is dropped and counted
   (``rx_dropped``); so is every frame while the link is down.
@@ -34,7 +34,7 @@ empty (VirtIO 1.2 5.1.6.3.1). At most ``MAX_HELD_VIEWS`` descriptors are held
 (plus one chain): a guest whose buffers hold too little for a frame within
 that many descriptors loses the frames (``rx_dropped``), not the daemon's
 memory. A frame spanning more than IOV_MAX descriptors is read into the
-backlog and copied from there (one system call cannot take more).
+pending frames and copied from there (one system call cannot take more).
 """
 
 import collections
@@ -43,7 +43,7 @@ import os
 import struct
 
 from ..backends.net import open_net_backend
-from ..errors import ConfigError
+from ..schema import Field, Schema, under
 from ..virtio.buffers import IOV_MAX, copy, gather, scatter, skip, truncate
 from ..virtio.constants import F_VERSION_1, ID_NET, bit
 from ..virtio.device import VirtioDevice
@@ -61,30 +61,40 @@ ETH_HLEN, VLAN_HLEN = 14, 4
 MIN_MTU, MAX_MTU = 68, 65535
 RX, TX = 0, 1
 QUEUE_SIZE = 256
-DEFAULT_BACKLOG = 64
+DEFAULT_RX_PENDING = 64
 MAX_HELD_VIEWS = 2048      # receive descriptors held at a time (bounds what a guest pins)
 
 
 def parse_mac(text):
-    """``'52:54:00:12:34:56'`` -> 6 bytes; a ConfigError for anything but a unicast MAC."""
+    """``'52:54:00:12:34:56'`` -> 6 bytes; a ValueError for anything but a unicast MAC."""
     parts = text.split(":")
     try:
         mac = bytes(int(p, 16) for p in parts if len(p) == 2)
     except ValueError:
         mac = b""
     if len(parts) != 6 or len(mac) != 6:
-        raise ConfigError("mac", None, f"{text!r} is not a MAC address like 52:54:00:12:34:56")
+        raise ValueError(f"{text!r} is not a MAC address like 52:54:00:12:34:56")
     if mac[0] & 1:
-        raise ConfigError("mac", None, f"{text} is a multicast address; a NIC needs a unicast "
-                          "one (even first octet, e.g. 52:54:00:12:34:56)")
+        raise ValueError(f"{text} is a multicast address; a NIC needs a unicast one (even "
+                         "first octet, e.g. 52:54:00:12:34:56)")
     return mac
+
+
+def check_mtu(mtu):
+    if isinstance(mtu, bool) or not isinstance(mtu, int) or not MIN_MTU <= mtu <= MAX_MTU:
+        raise ValueError(f"{mtu!r} is not an MTU from {MIN_MTU} to {MAX_MTU}")
+
+
+def check_rx_pending(frames):
+    if frames < 1:
+        raise ValueError(f"{frames} must be at least 1 frame")
 
 
 def format_mac(mac):
     return ":".join(f"{b:02x}" for b in mac)
 
 
-class Backlog:
+class PendingFrames:
     """Frames waiting for receive buffers: ``count`` slots of ``size`` bytes, FIFO."""
 
     def __init__(self, count, size):
@@ -122,16 +132,14 @@ class Backlog:
 class NetDevice(VirtioDevice):
     """A virtio NIC on ``backend`` (a URL: ``tap:NAME``, ``switch:PATH``; or a backend
     object). ``mac``: a string (default: random, locally administered); ``mtu``;
-    ``backlog``: frames kept while the guest has no receive buffers."""
+    ``rx_pending``: frames kept while the guest has no receive buffers."""
 
     device_id = ID_NET
     name = "net"
 
-    def __init__(self, backend, *, mac=None, mtu=1500, backlog=DEFAULT_BACKLOG):
-        if isinstance(mtu, bool) or not isinstance(mtu, int) or not MIN_MTU <= mtu <= MAX_MTU:
-            raise ConfigError("mtu", None, f"{mtu!r} is not an MTU from {MIN_MTU} to {MAX_MTU}")
-        if backlog < 1:
-            raise ValueError(f"backlog {backlog} must be at least 1 frame")
+    def __init__(self, backend, *, mac=None, mtu=1500, rx_pending=DEFAULT_RX_PENDING):
+        check_mtu(mtu)
+        check_rx_pending(rx_pending)
         self.mac = parse_mac(mac) if mac else bytes([0x02]) + os.urandom(5)
         self.mtu = mtu
         self.max_frame = mtu + ETH_HLEN + VLAN_HLEN
@@ -142,7 +150,7 @@ class NetDevice(VirtioDevice):
         self.link_up = True
         self.counters.update(rx_frames=0, tx_frames=0, rx_dropped=0, tx_dropped=0,
                              tx_malformed=0)
-        self._backlog = Backlog(backlog, self.max_frame)
+        self._rx_pending = PendingFrames(rx_pending, self.max_frame)
         self._drop = memoryview(bytearray(self.max_frame))   # frames nobody takes land here
         self._held = collections.deque()      # receive chains popped, not yet filled
         self._held_room = 0                   # their writable bytes
@@ -166,11 +174,11 @@ class NetDevice(VirtioDevice):
         self._header_len = (HEADER_LEN if self._mergeable or self.has_feature(F_VERSION_1)
                             else LEGACY_HEADER_LEN)
         self._transmit()
-        self._drain_backlog()
+        self._drain_rx_pending()
 
     def reset(self):
         self._drop_held()
-        self._backlog.clear()
+        self._rx_pending.clear()
 
     def queue_reset(self, index):
         if index == RX:
@@ -182,7 +190,7 @@ class NetDevice(VirtioDevice):
 
     def queue_notify(self, index):
         if index == RX:
-            self._drain_backlog()
+            self._drain_rx_pending()
         elif index == TX:
             self._transmit()
 
@@ -237,7 +245,7 @@ class NetDevice(VirtioDevice):
             length = reader(source, [self._drop])
             if length is None:
                 return False
-        elif not self._backlog and self._hold(need) and len(
+        elif not self._rx_pending and self._hold(need) and len(
                 views := self._frame_views(need)) <= IOV_MAX:
             length = reader(source, views)     # straight into the guest's buffers
             if length is None:
@@ -246,24 +254,24 @@ class NetDevice(VirtioDevice):
                 self._fill(length)
                 return True
         else:
-            slot = self._backlog.free_slot()
+            slot = self._rx_pending.free_slot()
             length = reader(source, [self._drop if slot is None else slot])
             if length is None:
                 return False
             if slot is not None and length <= self.max_frame:
-                self._backlog.push(length)
-                self._drain_backlog()     # held buffers may fit this frame, if not any
+                self._rx_pending.push(length)
+                self._drain_rx_pending()     # held buffers may fit this frame, if not any
                 return True
         self.counters["rx_dropped"] += 1
         return True
 
-    def _drain_backlog(self):
+    def _drain_rx_pending(self):
         """Move waiting frames into receive buffers, oldest first, while there are buffers."""
         rxq = self.queues[RX]
         if not (self.active and rxq.ready):
             return
-        while self._backlog:
-            frame, length = self._backlog.oldest()
+        while self._rx_pending:
+            frame, length = self._rx_pending.oldest()
             need = self._header_len + length
             if not self._hold(need):
                 if self._mergeable or not self._held:
@@ -274,7 +282,7 @@ class NetDevice(VirtioDevice):
             else:
                 copy([frame], self._frame_views(need))
                 self._fill(length)
-            self._backlog.pop()
+            self._rx_pending.pop()
         self._hold(0)          # return buffers too small for a header
 
     def _hold(self, need):
@@ -342,11 +350,22 @@ class NetDevice(VirtioDevice):
     def info(self):
         out = super().info()
         out.update(self.backend.info(), mac=format_mac(self.mac), mtu=self.mtu,
-                   link_up=self.link_up, backlog=len(self._backlog))
+                   link_up=self.link_up, rx_pending=len(self._rx_pending))
         return out
 
 
+SCHEMA = Schema("net", (
+    Field("tap", str, None, "a TAP interface name"),
+    Field("switch", str, None, "the path of a datagram switch socket", path=under),
+    Field("mac", str, None, "a MAC address", parse_mac),
+    Field("mtu", int, None, "bytes", check_mtu),
+    Field("rx_pending", int, None, "frames kept while the guest has no receive buffers",
+          check_rx_pending),
+), one_of=("tap", "switch"))
+
+
 def from_config(options):
-    """The device for a VMs config ``net`` table (``avatar_hw.config``)."""
+    """The device for a VMs config ``net`` table (checked by ``SCHEMA``)."""
     backend = f"tap:{options['tap']}" if "tap" in options else f"switch:{options['switch']}"
-    return NetDevice(backend, mac=options.get("mac"), mtu=options.get("mtu", 1500))
+    return NetDevice(backend, mac=options.get("mac"), mtu=options.get("mtu", 1500),
+                     rx_pending=options.get("rx_pending", DEFAULT_RX_PENDING))

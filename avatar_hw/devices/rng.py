@@ -15,6 +15,7 @@ are served in order and never fail. The waiting request is dropped on reset.
 
 import time
 
+from ..schema import Field, Schema, positive
 from ..virtio.buffers import fill_from
 from ..virtio.constants import ID_RNG
 from ..virtio.device import VirtioDevice
@@ -57,8 +58,12 @@ class RngDevice(VirtioDevice):
     name = "rng"
 
     def __init__(self, *, max_bytes=DEFAULT_MAX_BYTES, rate=None, source="/dev/urandom"):
-        if max_bytes < 1 or (rate is not None and rate < 1):
-            raise ValueError(f"max_bytes {max_bytes} and rate {rate} must be positive")
+        for name, value in (("max_bytes", max_bytes), ("rate", rate)):
+            if value is not None or name == "max_bytes":
+                try:
+                    positive(value)
+                except ValueError as err:
+                    raise ValueError(f"{name} {err}") from None
         super().__init__(queue_sizes=[QUEUE_SIZE])
         self.max_bytes = max_bytes
         self.bucket = TokenBucket(rate) if rate else None
@@ -123,6 +128,12 @@ class RngDevice(VirtioDevice):
         out = super().info()
         out.update(max_bytes=self.max_bytes, rate=self.bucket.rate if self.bucket else None)
         return out
+
+
+SCHEMA = Schema("rng", (
+    Field("max_bytes", int, None, "bytes per request", positive),
+    Field("rate", int, None, "bytes per second", positive),
+))
 
 
 def from_config(options):

@@ -150,7 +150,7 @@ class EmulatedBoard:
         path = self.config
         if path is None:
             path = workdir / "vms.toml"
-            path.write_text(f'[vm.0]\nconsole = {{ backends = ["unix:vm0-console.sock"] }}\n'
+            path.write_text(f'[vm.0]\nconsole = {{ endpoints = ["unix:vm0-console.sock"] }}\n'
                             f"{self.devices}\n")
         config = load_config(path, max_vms=board.layout.max_vms,
                              devices_per_vm=board.layout.devices_per_vm, base=workdir)
@@ -164,12 +164,12 @@ class EmulatedBoard:
         mine = f"unix:{self.console_path}"
         consoles = [d for d in devices if d.kind == "console"]
         if consoles:
-            backends = consoles[0].options["backends"]
-            backends = [backends] if isinstance(backends, str) else list(backends)
-            consoles[0].options["backends"] = [*backends, mine]
+            endpoints = consoles[0].options["endpoints"]
+            endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+            consoles[0].options["endpoints"] = [*endpoints, mine]
         else:
             devices.insert(0, DeviceConfig("console", "vm.0.console", {
-                "backends": [f"unix:{workdir / 'vm0-console.sock'}", mine]}))
+                "endpoints": [f"unix:{workdir / 'vm0-console.sock'}", mine]}))
         return config
 
     def alive(self):

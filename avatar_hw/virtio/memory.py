@@ -11,15 +11,14 @@ memoryviews into the mapping so payloads move without copies.
 Byte order: VirtIO 1.x rings are little-endian; so are arm64 and x86-64
 Linux, so native-order accesses are used.
 
-Ordering (arm64): the available index is read with ``load_acquire16`` before
-the ring entries it covers; used elements are written before the used index
-is published with ``store_release16``; ``fence()`` orders publishing the used
-index before reading ``used_event`` / the avail flags (VirtIO 2.7.7.2 and
-2.7.10 notification suppression), and writing ``avail_event`` before
-re-reading the available index.
+Ordering (arm64): ``address`` gives the host address of an aligned ring
+index, which the virtqueue reads and writes with ``avatar_hw.hw.ordering``:
+the available index with a load-acquire before the ring entries it covers,
+the used index with a store-release after the used elements, and a fence
+between publishing the used index and reading ``used_event`` / the avail
+flags (VirtIO 2.7.7.2 and 2.7.10 notification suppression), and between
+writing ``avail_event`` and re-reading the available index.
 """
-
-from ..hw import ordering
 
 
 class GuestMemoryError(Exception):
@@ -71,31 +70,6 @@ class GuestMemory:
                                    f"is not {width}-byte aligned")
         return off
 
-    def read16(self, gpa):
-        return self.region.read16(self._aligned(gpa, 2))
-
-    def read32(self, gpa):
-        return self.region.read32(self._aligned(gpa, 4))
-
-    def read64(self, gpa):
-        return self.region.read64(self._aligned(gpa, 8))
-
-    def write16(self, gpa, value):
-        self.region.write16(self._aligned(gpa, 2), value)
-
-    def write32(self, gpa, value):
-        self.region.write32(self._aligned(gpa, 4), value)
-
     def address(self, gpa, width):
         """Host address of a checked, aligned ``width``-byte field (for ``ordering``)."""
         return self._address + self._aligned(gpa, width)
-
-    def load_acquire16(self, gpa):
-        return ordering.load_acquire16(self.address(gpa, 2))
-
-    def store_release16(self, gpa, value):
-        ordering.store_release16(self.address(gpa, 2), value)
-
-    @staticmethod
-    def fence():
-        ordering.fence()

@@ -15,10 +15,11 @@ Windows and SPIs come from an ``avatar_hw.layout.Layout`` (the seed's map by
 default, or a board's). Each device's transport gets its own VM's
 ``GuestMemory``, so a device reaches only that VM's RAM.
 
-``handle_mmio_trap`` (and ``dispatch``, the trap page's way in) never raises: an address outside every device window
-answers ``(False, 0)``; an exception escaping a device (a bug) is logged and
-puts that device in DEVICE_NEEDS_RESET, and the access completes
-(reads 0), so the guest and the daemon carry on.
+``handle_mmio_trap`` (and ``dispatch``, the trap page's way in) never raises:
+an address outside every device window answers ``(False, 0)``; an exception
+escaping a device (a bug) is logged and puts that device in
+DEVICE_NEEDS_RESET, and the access completes (reads 0), so the guest and the
+daemon carry on.
 """
 
 import json
@@ -37,8 +38,9 @@ _NOT_OURS = (False, 0)
 class Subsystem:
     """All VMs and devices of one daemon.
 
-    ``interrupt_line.raise_intid(intid)`` (``avatar_hw.interrupts``) interrupts guests (the GIC driver on a board,
-    the stub's request on the emulated board, a recorder in tests);
+    ``interrupt_line.raise_intid(intid)`` (``avatar_hw.interrupts``) interrupts
+    guests (the GIC's board SPI on a board, the stub's request on the emulated
+    board, a recorder in tests);
     ``loop`` (an ``EventLoop``) is handed to devices so they register their
     backend fds.
     """

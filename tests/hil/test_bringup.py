@@ -5,14 +5,14 @@ On a bench (next to a running ``avatar-hw serve`` on the board's Linux)::
     pytest --avatar-board boards/rpi4.toml --avatar-console /dev/ttyUSB0 tests/hil
 
 Without ``--avatar-board`` the same tests run on the emulated board. A failing
-test's report carries the interrupt diagnosis (see avatar_hw/pytest_plugin.py).
+test's report carries the interrupt diagnosis (see avatar_hw/hil/pytest_plugin.py).
 """
 
 import re
 
 import pytest
 
-from avatar_hw.testing.target import device_available
+from avatar_hw.hil.target import device_available
 
 pytestmark = [pytest.mark.hw, pytest.mark.emulated]
 

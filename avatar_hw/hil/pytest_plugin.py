@@ -21,7 +21,7 @@ Markers (declared here, nowhere else):
 
 Fixtures:
 
-- ``avatar_board`` (session): a ``avatar_hw.testing.target`` Target: the real board, or the
+- ``avatar_board`` (session): a ``avatar_hw.hil.target`` Target: the real board, or the
   emulated board booted once for the session (skipped with the reason when it cannot run);
 - ``avatar_console`` (session): ``avatar_console(vm=0, port=0)`` is the ``GuestConsole``
   on that VM's console port, opened once for the session;
@@ -134,8 +134,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def avatar_board(request):
-    from .errors import AvatarError
-    from .testing import target
+    from ..errors import AvatarError
+    from . import target
     config = request.config
     board_file = config.getoption("avatar_board")
     if board_file:
@@ -198,7 +198,7 @@ def avatar_reset(request, avatar_board, avatar_console):
     state = request.config.stash[_STATE]
 
     def reset(vm=0):
-        from .testing.console import ConsoleTimeout
+        from .console import ConsoleTimeout
         restarted = avatar_board.reset(vm)
         for (console_vm, port), console in state.by_port.items():
             if console_vm in restarted:

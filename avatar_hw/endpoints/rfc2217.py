@@ -33,8 +33,9 @@ import types
 
 from serial import rfc2217
 
+from ..errors import AGAIN
 from ..virtio.buffers import scatter
-from .console import _AGAIN, SocketServerEndpoint, tcp_listener
+from .server import SocketServerEndpoint, client_address, tcp_listener
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +128,13 @@ class Rfc2217Endpoint(SocketServerEndpoint):
         self._raw += data
         self.flush()
 
-    # -- input: client -> guest ---------------------------------------------------------------------
+    # -- input: client -> guest --------------------------------------------------------------------
 
     def _receive(self):
         """Read the socket once and filter it into ``_input``; False once the client is gone."""
         try:
             raw = self.client.recv(RECV_SIZE)
-        except _AGAIN:
+        except AGAIN:
             return True
         except OSError as err:
             self._input_gone(err)
@@ -169,10 +170,14 @@ class Rfc2217Endpoint(SocketServerEndpoint):
             self._loop.call_later(0, self._on_input)
 
 
-def open_rfc2217(url, rest, limit):
-    """The ``rfc2217:`` scheme of ``avatar_hw.backends.console.open_endpoint``."""
+def open_url(url, rest, limit):
+    """The endpoint; port 0 picks a free port, which ``url`` then names."""
     listener = tcp_listener(url, rest)
     endpoint = Rfc2217Endpoint(url, listener, limit)
     host, port = listener.getsockname()[:2]
     endpoint.url = f"rfc2217:{f'[{host}]' if ':' in host else host}:{port}"
     return endpoint
+
+
+def pyserial_url(rest):
+    return f"rfc2217://{client_address(rest)}"

@@ -31,6 +31,7 @@ import uuid
 
 import serial
 
+from ..endpoints import pyserial_url  # noqa: F401 (part of this module's API)
 from ..errors import AvatarError
 
 DEFAULT_TIMEOUT = 30.0
@@ -55,30 +56,6 @@ def open_serial(url, **kwargs):
         return serial.serial_for_url(url, **kwargs)
     except (serial.SerialException, ValueError) as err:
         raise AvatarError(f"console {url}: {err}") from None
-
-
-def pyserial_url(endpoint):
-    """The pyserial URL a client uses for a daemon console endpoint URL (None: not attachable).
-
-    ``pty:/run/vm0`` -> ``/run/vm0``; ``tcp:4555`` -> ``socket://127.0.0.1:4555``;
-    ``rfc2217:0.0.0.0:4560`` -> ``rfc2217://127.0.0.1:4560``; ``unix:/x`` -> ``unix:///x``.
-    """
-    scheme, _, rest = endpoint.partition(":")
-    if scheme == "pty":
-        return rest or None
-    if scheme == "unix":
-        return f"unix://{rest}"
-    if scheme in ("tcp", "rfc2217"):
-        host, _, port = rest.rpartition(":")
-        host = host.strip("[]")
-        if host in ("", "0.0.0.0"):
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"{'socket' if scheme == 'tcp' else 'rfc2217'}://{host}:{port}"
-    return None
 
 
 class GuestConsole:

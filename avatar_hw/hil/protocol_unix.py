@@ -3,7 +3,7 @@
 pyserial's ``socket://`` handler does TCP only; the daemon's ``unix:`` console
 endpoints (and the emulated board's console) are Unix sockets. Everything but
 connecting is pyserial's ``socket://`` handler. ``open_serial`` in
-``avatar_hw.testing.console`` registers this package with pyserial.
+``avatar_hw.hil.console`` registers this package with pyserial.
 """
 
 import socket

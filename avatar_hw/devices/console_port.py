@@ -1,0 +1,186 @@
+"""A virtio-console port: its two queues, its host side, and the flow control between them.
+
+Flow control (nothing lost):
+
+* host -> guest: a port reads its backend only while it holds a guest
+  receive buffer (and, for a multiport port other than the console, while
+  the guest has it open: Linux discards data for closed ports); otherwise it
+  pauses the backend's reader and resumes when the guest posts buffers.
+* guest -> host: transmit buffers are handed to the backend as they are
+  (memoryviews of guest RAM, no copy) and held until every attached
+  endpoint has handed all their bytes to the kernel; only then does the
+  guest get them back. The held buffers are the output buffer, bounded by
+  the backend (``limit`` bytes, ``MAX_HELD`` buffers); while it is full the
+  port takes no more and asks the driver not to notify (``set_notification``).
+  So a byte the guest saw acknowledged survives the daemon's death. With no
+  attached endpoint (no client on a socket) the guest does not wait: its
+  output goes to the backend's bounded unattached log (``log_size``), which
+  the next client receives first.
+* emergency writes (``avatar_hw.devices.console``) are copied into port 0's
+  stream with the token ``EMERGENCY``.
+* a device reset drops what is in flight (none of it was acknowledged).
+"""
+
+EMERGENCY = object()                     # the token of emergency bytes in port 0's stream
+
+
+def port_queues(port_id):
+    """The (receiveq, transmitq) indices of a port (5.3.2 Virtqueues: port 0 at 0/1, the
+    control queues at 2/3, port n >= 1 at 2n + 2 / 2n + 3)."""
+    return (0, 1) if port_id == 0 else (2 * port_id + 2, 2 * port_id + 3)
+
+
+class ConsolePort:
+    """One port: its two queues, its backend, and the flow-control state of each direction."""
+
+    def __init__(self, device, port_id, backend, name=None):
+        self.device, self.id, self.name = device, port_id, name
+        self.rx_index, self.tx_index = port_queues(port_id)
+        self.backend = backend
+        self.guest_open = False
+        self.guest_ready = False         # the driver sent PORT_READY (multiport)
+        self.host_open = None            # what the driver was last told (PORT_OPEN)
+        self.rx_chain = None             # the receive buffer being filled
+        self._tx_notify = True           # what the driver was last asked (notifications on)
+        self._input_paused = False
+
+    @property
+    def rxq(self):
+        return self.device.queues[self.rx_index]
+
+    @property
+    def txq(self):
+        return self.device.queues[self.tx_index]
+
+    def reset(self):
+        """Drop chains held from the guest (their queues are being reset)."""
+        self.drop_rx()
+        self.drop_tx()
+        self.guest_open = self.guest_ready = False
+        self.host_open = None
+
+    def drop_rx(self):
+        """Forget the receive buffer being filled (its queue was reset)."""
+        self.rx_chain = None
+
+    def drop_tx(self):
+        """Forget the transmit buffers in flight (their queue was reset)."""
+        for token, length in self.backend.discard_output():
+            if token is EMERGENCY:
+                self.device.emergency_dropped(length)
+        self._tx_notify = True
+
+    # -- host -> guest ---------------------------------------------------------------------------
+
+    def fill_rx(self):
+        """Move backend input into guest receive buffers while both exist."""
+        device, rxq = self.device, self.rxq
+        if not (device.active and rxq.ready and self.guest_open):
+            self._pause_input()
+            return
+        completed = False
+        while True:
+            if self.rx_chain is None:
+                chain = rxq.pop()
+                if chain is None:
+                    self._pause_input()
+                    break
+                if not chain.writable_len:
+                    device.guest_error("port %d: receive buffer with no writable part; "
+                                       "returned empty", self.id)
+                    rxq.add_used(chain.head, 0)
+                    completed = True
+                    continue
+                self.rx_chain = chain
+            self._resume_input()
+            n = self.backend.readinto(self.rx_chain.writable)
+            if not n:
+                break
+            rxq.add_used(self.rx_chain.head, n)
+            device.count(bytes_to_guest=n)
+            self.rx_chain = None
+            completed = True
+        if completed:
+            device.signal_used(rxq)
+
+    def _pause_input(self):
+        if not self._input_paused:
+            self._input_paused = True
+            self.backend.pause_input()
+
+    def _resume_input(self):
+        if self._input_paused:
+            self._input_paused = False
+            self.backend.resume_input()
+
+    # -- guest -> host ---------------------------------------------------------------------------
+
+    def drain_tx(self):
+        """Hand transmit buffers to the backend; return each once every attached endpoint
+        has taken all its bytes."""
+        device, txq, backend = self.device, self.txq, self.backend
+        returned = self._return_done()
+        if device.active and txq.ready and not backend.attached:
+            returned += self._log_unattached()
+        elif device.active and txq.ready:
+            while True:
+                while backend.can_take():
+                    chain = txq.pop()
+                    if chain is None:
+                        break
+                    if chain.readable_len:
+                        backend.submit(chain.readable, chain.readable_len, chain)
+                    else:
+                        txq.add_used(chain.head, 0)
+                        returned += 1
+                backend.flush()
+                done = self._return_done()
+                returned += done
+                if done:
+                    continue
+                take = backend.can_take()
+                if take == self._tx_notify:
+                    break
+                self._tx_notify = take
+                if not (txq.set_notification(take) and take):
+                    break
+        else:
+            backend.flush()                       # emergency bytes
+            returned += self._return_done()
+        if returned:
+            device.signal_used(txq)
+
+    def _log_unattached(self):
+        """Nobody reads: the output goes to the backend's log and straight back to the
+        guest (which must not wait, see ``avatar_hw.backends.console``); the number of
+        chains returned."""
+        device, txq, backend = self.device, self.txq, self.backend
+        returned = self._complete(backend.spill())
+        for chain in txq:
+            backend.log_output(chain.readable)
+            txq.add_used(chain.head, 0)
+            device.count(bytes_from_guest=chain.readable_len)
+            returned += 1
+        if not self._tx_notify:
+            self._tx_notify = True
+            txq.set_notification(True)
+            if txq.has_available() and not txq.yielded:
+                returned += self._log_unattached()
+        return returned
+
+    def _return_done(self):
+        """Give back what the backend is done with; the number of chains returned."""
+        return self._complete(self.backend.take_done())
+
+    def _complete(self, done):
+        """Return the transmit chains of ``done`` (``(token, length)``); their number."""
+        returned = 0
+        device = self.device
+        for token, length in done:
+            if token is EMERGENCY:
+                device.emergency_written(length)
+                continue
+            self.txq.add_used(token.head, 0)
+            device.count(bytes_from_guest=length)
+            returned += 1
+        return returned

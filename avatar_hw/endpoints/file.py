@@ -1,0 +1,52 @@
+"""Console endpoint ``file:PATH``: an append-only log of the output (never read)."""
+
+import logging
+import os
+
+from ..errors import ConfigError
+from .base import Endpoint
+
+log = logging.getLogger(__name__)
+
+
+class FileEndpoint(Endpoint):
+    """Append-only log of the output; never reads. Regular-file writes complete at once."""
+
+    interactive = False
+
+    def __init__(self, url, path, limit):
+        super().__init__(url, limit)
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise ConfigError(url, "path", f"cannot open the log file: {err.strerror}") from None
+
+    def output_fd(self):
+        return self.fd
+
+    def flush(self):
+        stream = self.stream
+        self.position = max(self.position, stream.head)
+        while self.position < stream.tail:
+            try:
+                self.position += os.writev(self.fd, stream.views_from(self.position))
+            except OSError as err:
+                log.error("%s: log write failed (%s); %d bytes not logged", self, err,
+                          stream.tail - self.position)
+                self.position = stream.tail
+        if self._own_stream:
+            stream.take_done(self.position)
+
+    def close(self):
+        super().close()
+        os.close(self.fd)
+
+
+def open_url(url, rest, limit):
+    if not rest:
+        raise ConfigError(url, None, "file: needs a path, e.g. file:/var/log/avatar/vm0.log")
+    return FileEndpoint(url, rest, limit)
+
+
+def pyserial_url(rest):
+    return None                     # not a place a client attaches to

@@ -1,0 +1,152 @@
+"""``SocketServerEndpoint``: a listening socket serving one client at a time (``unix:``,
+``tcp:``, ``rfc2217:``), and ``tcp_listener`` for the TCP schemes."""
+
+import logging
+import socket
+
+from .. import paths
+from ..errors import AGAIN, ConfigError
+from .base import Endpoint
+
+log = logging.getLogger(__name__)
+
+
+class SocketServerEndpoint(Endpoint):
+    """A listening socket serving one client at a time (a new client replaces the old)."""
+
+    def __init__(self, url, listener, limit, unlink=None):
+        super().__init__(url, limit)
+        self.listener = listener
+        self.listener.setblocking(False)
+        self.client = None
+        self._unlink = unlink
+
+    def attach(self, loop, on_input, on_drained, on_connection=None):
+        super().attach(loop, on_input, on_drained, on_connection)
+        loop.add_reader(self.listener.fileno(), self._accept)
+
+    @property
+    def connected(self):
+        return self.client is not None
+
+    @property
+    def attached(self):
+        return self.client is not None
+
+    def detach(self):
+        if self._loop is not None:
+            self._loop.remove_reader(self.listener.fileno())
+        super().detach()
+
+    def _accept(self):
+        try:
+            sock, peer = self.listener.accept()
+        except AGAIN:
+            return
+        if self.client is not None:
+            log.info("%s: new client %s replaces the previous one", self, peer)
+            self._drop_client()
+        sock.setblocking(False)
+        self.client = sock
+        self.interactive = True
+        self._data_waiting = False
+        self._update_reader()
+        self.flush()
+        log.info("%s: client %s connected", self, peer or "(unix)")
+        if self._on_connection is not None:
+            self._on_connection()
+
+    def _drop_client(self):
+        self._set_reader(False)
+        self._set_writer(False)
+        self.client.close()
+        self.client = None
+        # output not yet taken waits for the next client (the guest holds it)
+        if self._on_connection is not None:
+            self._on_connection()
+
+    def input_fd(self):
+        return None if self.client is None else self.client.fileno()
+
+    def _update_reader(self):
+        # While input is paused the client is still watched, so that a hang-up is
+        # noticed (and reported) even when the guest takes no input; once data is
+        # seen waiting, the reader is removed until input resumes.
+        self._set_reader(self.client is not None and (self._want_input or not self._data_waiting))
+
+    def _readable_while_paused(self):
+        try:
+            data = self.client.recv(1, socket.MSG_PEEK)
+        except AGAIN:
+            return
+        except OSError as err:
+            self._input_gone(err)
+            return
+        if not data:
+            self._input_gone(None)
+        else:
+            self._data_waiting = True
+            self._update_reader()
+
+    def output_fd(self):
+        return None if self.client is None else self.client.fileno()
+
+    def _readv(self, fd, views):
+        return self.client.recvmsg_into(views)[0]
+
+    def _writev(self, fd, views):
+        return self.client.sendmsg(views)
+
+    def _input_gone(self, err):
+        log.info("%s: client disconnected (%s)", self, err or "EOF")
+        self._drop_client()
+
+    def _output_gone(self, err):
+        self._input_gone(err)
+
+    def close(self):
+        super().close()
+        if self.client is not None:
+            self.client.close()
+        self.listener.close()
+        if self._unlink:
+            paths.remove(self._unlink)
+
+
+def tcp_listener(url, rest):
+    """A listening TCP socket for ``rest`` = ``[HOST:]PORT`` (loopback unless a host is
+    given); errors are ``ConfigError``s naming ``url`` and its scheme."""
+    scheme = url.partition(":")[0]
+    host, port = split_address(rest)
+    host = host or "127.0.0.1"
+    try:
+        port = int(port)
+    except ValueError:
+        raise ConfigError(url, None, f"{scheme}: needs a port, e.g. "
+                                     f"{scheme}:127.0.0.1:4555") from None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1)
+    except OSError as err:
+        sock.close()
+        raise ConfigError(url, None, f"{scheme}: cannot listen on {host}:{port}: "
+                                     f"{err.strerror}") from None
+    return sock
+
+
+def split_address(rest):
+    """``[HOST:]PORT`` -> (host, port), both strings; host "" when not given, IPv6 brackets
+    removed."""
+    host, _, port = rest.rpartition(":")
+    return host.strip("[]"), port
+
+
+def client_address(rest):
+    """``host:port`` a client connects to for a server listening on ``rest`` (a wildcard
+    address becomes loopback)."""
+    host, port = split_address(rest)
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

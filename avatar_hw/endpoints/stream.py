@@ -1,0 +1,66 @@
+"""The output a console port holds for its endpoints: guest buffers on one byte axis."""
+
+import collections
+
+from ..virtio.buffers import IOV_MAX
+
+
+class OutputStream:
+    """Output waiting for endpoints: segments (lists of memoryviews, not copied) on one
+    byte axis. ``head`` is the first byte of the oldest segment not yet done, ``tail``
+    the end; each endpoint keeps its own ``position`` on the axis."""
+
+    def __init__(self):
+        self.segments = collections.deque()         # [start, length, views, token]
+        self.head = self.tail = 0
+        self.views = 0                              # memoryviews the segments hold
+
+    @property
+    def buffered(self):
+        return self.tail - self.head
+
+    def submit(self, views, length, token=None):
+        self.segments.append([self.tail, length, views, token])
+        self.tail += length
+        self.views += len(views)
+
+    def views_from(self, position, limit=None):
+        """Memoryviews of the bytes from ``position`` (at most IOV_MAX views, ``limit`` bytes)."""
+        out = []
+        left = self.tail - position if limit is None else min(limit, self.tail - position)
+        for start, length, views, _ in self.segments:
+            if left <= 0 or len(out) >= IOV_MAX:
+                break
+            skip = position - start
+            if skip >= length:
+                continue
+            for view in views:
+                if skip >= len(view) or not len(view):
+                    skip -= len(view)
+                    continue
+                if skip > 0:
+                    view, skip = view[skip:], 0
+                if len(view) > left:
+                    view = view[:left]
+                out.append(view)
+                left -= len(view)
+                if not left or len(out) >= IOV_MAX:
+                    break
+        return out
+
+    def take_done(self, upto):
+        """Remove the segments ending at or before ``upto``: their ``(token, length)``."""
+        done = []
+        segments = self.segments
+        while segments and segments[0][0] + segments[0][1] <= upto:
+            _, length, views, token = segments.popleft()
+            self.views -= len(views)
+            done.append((token, length))
+        self.head = segments[0][0] if segments else self.tail
+        return done
+
+    def clear(self):
+        """Drop everything (a device reset: nothing in flight was acknowledged)."""
+        self.segments.clear()
+        self.head = self.tail
+        self.views = 0

@@ -1,0 +1,26 @@
+"""Console endpoint ``unix:PATH``: a Unix stream socket server (one client at a time)."""
+
+import os
+import socket
+
+from ..errors import ConfigError
+from .server import SocketServerEndpoint
+
+
+def open_url(url, path, limit):
+    if not path:
+        raise ConfigError(url, None, "unix: needs a path, e.g. unix:/run/avatar/vm0.sock")
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(1)
+    except OSError as err:
+        sock.close()
+        raise ConfigError(url, None, f"cannot listen on {path}: {err.strerror}") from None
+    return SocketServerEndpoint(url, sock, limit, unlink=path)
+
+
+def pyserial_url(rest):
+    return f"unix://{rest}"       # avatar_hw.testing.protocol_unix's unix:///path
