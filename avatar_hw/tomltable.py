@@ -1,8 +1,11 @@
-"""Reading one TOML table key by key, each mistake a ``ConfigError`` naming file and key."""
+"""Reading one TOML table key by key, each mistake a ``ConfigError`` naming file and key.
+
+The board file is read this way (its checks span keys and tables); a VMs
+config's device tables are declared as ``avatar_hw.schema.Schema``s instead.
+"""
 
 from .errors import ConfigError
-
-REQUIRED = object()
+from .schema import REQUIRED
 _KINDS = {int: "an integer", str: "a string", dict: "a table", list: "an array"}
 
 
