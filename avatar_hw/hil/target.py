@@ -126,7 +126,7 @@ def console_url_from_info(info, vm, port):
                           f"{', '.join(f'vm{v}' for v in vms) or 'none'}")
     consoles = [d for d in vms[vm]["devices"] if d["name"] == "console"]
     if not consoles:
-        raise AvatarError(f"VM {vm} has no console device (add console = {{ backends = [...] }} "
+        raise AvatarError(f"VM {vm} has no console device (add console = {{ endpoints = [...] }} "
                           "to its VMs config)")
     ports = consoles[0]["ports"]
     chosen = [p for p in ports if str(port) in (str(p["id"]), str(p["name"]))]
