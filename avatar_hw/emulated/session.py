@@ -11,7 +11,12 @@ daemon's ``unix:`` console backend) through ``GuestShell``::
         output, status = shell.run("ls /sys/bus/virtio/devices")
 
 Devices beyond the console: ``devices`` is TOML for the ``[vm.0]`` table of
-the VMs config (e.g. ``'block = { image = "/tmp/disk.img" }'``).
+the VMs config (e.g. ``'block = { image = "/tmp/disk.img" }'``), or a list with
+one such string per VM. ``vms=2`` runs two guests, VM n on CPU n, each with
+its own console (``shell(vm=1)``, ``console_paths[1]``)::
+
+    with EmulatedBoard(vms=2) as board:
+        output, status = board.shell(vm=1).run("cat /proc/cmdline")
 """
 
 import dataclasses
@@ -92,9 +97,14 @@ class GuestShell:
 class EmulatedBoard:
     """QEMU + stub + guest + in-process daemon; ``stop()`` leaves nothing behind."""
 
-    def __init__(self, *, devices="", bootargs=DEFAULT_BOOTARGS, on_log=None, busy_poll=False,
-                 trace=False, qemu_args=()):
-        self.devices = devices
+    def __init__(self, *, vms=1, devices="", bootargs=DEFAULT_BOOTARGS, on_log=None,
+                 busy_poll=False, trace=False, qemu_args=(), initrd=None):
+        self.vms = vms
+        self.devices = [devices] if isinstance(devices, str) else list(devices)
+        if len(self.devices) > vms:
+            raise AvatarError(f"devices for {len(self.devices)} VMs, but the board runs {vms}")
+        self.devices += [""] * (vms - len(self.devices))
+        self.initrd = initrd      # default: the emulated board's initramfs
         self.qemu_args = qemu_args
         self.trace = trace
         self.bootargs = bootargs
@@ -104,11 +114,12 @@ class EmulatedBoard:
 
     def start(self):
         assets = guest_assets()
-        initrd = build_initramfs(assets)
-        dtb = build_dtb(initrd_size=initrd.stat().st_size, bootargs=self.bootargs)
-        self.machine = EmulatedMachine(build_stub(), assets.kernel, dtb=dtb, initrd=initrd,
-                                       model_wait_ms=MODEL_WAIT_MS, on_log=self.on_log,
-                                       qemu_args=self.qemu_args)
+        initrd = self.initrd or build_initramfs(assets)
+        dtbs = [build_dtb(initrd_size=initrd.stat().st_size, bootargs=self.bootargs, vm_id=vm)
+                for vm in range(self.vms)]
+        self.machine = EmulatedMachine(build_stub(), assets.kernel, dtb=dtbs, initrd=initrd,
+                                       vms=self.vms, model_wait_ms=MODEL_WAIT_MS,
+                                       on_log=self.on_log, qemu_args=self.qemu_args)
         try:
             self.machine.start()
             self._start_daemon()
@@ -119,10 +130,12 @@ class EmulatedBoard:
 
     def _start_daemon(self):
         workdir = Path(self.machine.workdir)
-        self.console_path = workdir / "console.sock"
+        self.console_paths = [workdir / f"console{vm}.sock" for vm in range(self.vms)]
+        self.console_path = self.console_paths[0]
         config = workdir / "vms.toml"
-        config.write_text(f'[vm.0]\nconsole = {{ backends = ["unix:{self.console_path}"] }}\n'
-                          f"{self.devices}\n")
+        config.write_text("".join(
+            f'[vm.{vm}]\nconsole = {{ backends = ["unix:{path}"] }}\n{devices}\n'
+            for vm, (path, devices) in enumerate(zip(self.console_paths, self.devices))))
         board = load_board(BOARD_FILE)
         shm = self.machine.shm_path
         board = dataclasses.replace(board, trap=dataclasses.replace(board.trap, file=shm),
@@ -131,18 +144,19 @@ class EmulatedBoard:
                              busy_poll=self.busy_poll, trace=self.trace, control_path=str(workdir / "control.sock"))
         self._thread = self.daemon.start_thread()
 
-    def shell(self, timeout=60):
-        """Connect to the guest's console and wait for its shell."""
+    def shell(self, timeout=60, vm=0):
+        """Connect to VM ``vm``'s console and wait for its shell."""
+        path = self.console_paths[vm]
         deadline = time.monotonic() + timeout
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.connect(str(self.console_path))
+                sock.connect(str(path))
                 break
             except (FileNotFoundError, ConnectionRefusedError):
                 sock.close()
                 if time.monotonic() > deadline:
-                    raise AvatarError(f"console socket {self.console_path} never appeared")
+                    raise AvatarError(f"console socket {path} never appeared")
                 time.sleep(0.05)
         shell = GuestShell(sock)
         shell.wait_ready(max(1, deadline - time.monotonic()))
