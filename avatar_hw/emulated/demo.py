@@ -4,6 +4,9 @@ Builds what is missing (stub, guest assets, initramfs, device tree), starts
 QEMU with the stub and the daemon, then either attaches this terminal to the
 guest's virtio console (hvc0; leave with Ctrl-] or ``poweroff -f``) or, with
 ``--run 'CMD'``, runs one command, prints its output and exits with its status.
+``--vms 2`` boots two guests (VM n on CPU n, each with its own console);
+``--vm N`` picks the one this terminal or ``--run`` talks to, and the others'
+console sockets are printed (connect with e.g. ``socat -,raw,echo=0 UNIX-CONNECT:PATH``).
 """
 
 import os
@@ -12,13 +15,14 @@ import sys
 import termios
 import tty
 
+from .memory_map import MAX_VMS
 from .session import EmulatedBoard
 
 
-def _interactive(board):
-    shell = board.shell(timeout=120)
+def _interactive(board, vm):
+    shell = board.shell(timeout=120, vm=vm)
     sock = shell.sock
-    print("avatar-hw demo: guest console (hvc0); Ctrl-] leaves", file=sys.stderr)
+    print(f"avatar-hw demo: VM{vm}'s console (hvc0); Ctrl-] leaves", file=sys.stderr)
     stdin = sys.stdin.fileno()
     saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
     try:
@@ -44,10 +48,18 @@ def _interactive(board):
 
 def _demo(args):
     log = (lambda line: print(line, file=sys.stderr)) if args.stub_log else None
-    with EmulatedBoard(on_log=log) as board:
+    if not 0 <= args.vm < args.vms:
+        print(f"avatar-hw: --vm {args.vm}: the board runs VMs 0..{args.vms - 1} (--vms)",
+              file=sys.stderr)
+        return 2
+    with EmulatedBoard(vms=args.vms, on_log=log) as board:
+        for vm, path in enumerate(board.console_paths):
+            if vm != args.vm:
+                print(f"avatar-hw demo: VM{vm}'s console: {path}", file=sys.stderr)
         if args.run is None:
-            return _interactive(board)
-        output, status = board.shell(timeout=120).run(f"({args.run})", timeout=args.timeout)
+            return _interactive(board, args.vm)
+        output, status = board.shell(timeout=120, vm=args.vm).run(f"({args.run})",
+                                                                  timeout=args.timeout)
         sys.stdout.write(output)
         return status
 
@@ -60,4 +72,8 @@ def add_parser(subparsers):
                         "exit with its status")
     parser.add_argument("--timeout", type=float, default=60, help="seconds for --run (60)")
     parser.add_argument("--stub-log", action="store_true", help="show the EL2 stub's log")
+    parser.add_argument("--vms", type=int, choices=range(1, MAX_VMS + 1), default=1,
+                        help="guests to boot, VM n on CPU n (1)")
+    parser.add_argument("--vm", type=int, default=0,
+                        help="the VM whose console this terminal or --run uses (0)")
     parser.set_defaults(func=_demo)
