@@ -11,6 +11,8 @@ VM1 works again.
 """
 
 import hashlib
+import subprocess
+import sys
 import re
 from pathlib import Path
 
@@ -120,6 +122,7 @@ def test_two_guests_vm0_data_exact_while_vm1_is_hostile_and_vm1_recovers(board):
     done = re.search(r"avhostile done writes=(\d+) reads=\d+ notifies=(\d+)", log)
     assert done and int(done.group(2)) > 1000, log
     assert "avhostile exit 0" in log
+    assert int(re.search(r"spoofed frames=(\d+)", log).group(1)) > 0, log
     errors_after = sum(t.guest_errors for t in daemon.subsystem._devices.values()
                        if t.memory.vm_id == 1)
     assert errors_after > errors_before
@@ -136,3 +139,16 @@ def test_two_guests_vm0_data_exact_while_vm1_is_hostile_and_vm1_recovers(board):
     assert "2 packets received" in ping
     # And VM0's data path still holds after VM1's recovery.
     assert sha_of(vm0, "/dev/vda", half, half) == board.first_half_sha[0]
+
+
+def test_demo_two_guests_runs_in_the_chosen_vm_and_names_the_other_console():
+    argv = [sys.executable, "-m", "avatar_hw", "demo", "--vms", "2"]
+    done = subprocess.run([*argv, "--vm", "1", "--run", "grep virtio /proc/interrupts; exit 4"],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 4, done.stderr
+    assert re.fullmatch(r"\s*\d+:\s+\d+\s+GIC-0\s+56 Edge\s+virtio0\n", done.stdout), done.stdout
+    assert re.search(r"VM0's console: /\S+/console0\.sock", done.stderr), done.stderr
+    wrong = subprocess.run([*argv, "--vm", "2", "--run", "true"], capture_output=True, text=True,
+                           timeout=60)
+    assert (wrong.returncode, wrong.stderr) == (
+        2, "avatar-hw: --vm 2: the board runs VMs 0..1 (--vms)\n")

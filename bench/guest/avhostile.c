@@ -346,7 +346,7 @@ static long spoof(const char *mac_text)
         frame[12] = 0x08;
         frame[13] = rnd() % 2 ? 0x00 : 0x06;    /* IPv4 or ARP */
         memcpy(to.sll_addr, frame, 6);
-        if (sendto(fd, frame, len, 0, (struct sockaddr *)&to, sizeof(to)) == (ssize_t)len)
+        if (sendto(fd, frame, len, MSG_DONTWAIT, (struct sockaddr *)&to, sizeof(to)) == (ssize_t)len)
             sent++;
         else if (errno != ENOBUFS && errno != EAGAIN)
             die("sendto");
