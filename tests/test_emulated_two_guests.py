@@ -141,6 +141,16 @@ def test_two_guests_vm0_data_exact_while_vm1_is_hostile_and_vm1_recovers(board):
     assert sha_of(vm0, "/dev/vda", half, half) == board.first_half_sha[0]
 
 
+def test_two_guests_power_off_one_at_a_time(board):
+    """A guest's power-off parks its CPU; the other VM runs on; the last one ends the board."""
+    board.vm1.sock.sendall(b"poweroff -f\n")
+    line = board.machine.uart.wait_for_line("guest powered off", 60)
+    assert line and "vm1: guest powered off; 1 VM(s) still running" in line, line
+    assert run(board.vm0, "echo still here").strip() == "still here"
+    board.vm0.sock.sendall(b"poweroff -f\n")
+    assert board.machine.wait(60) == 0
+
+
 def test_demo_two_guests_runs_in_the_chosen_vm_and_names_the_other_console():
     argv = [sys.executable, "-m", "avatar_hw", "demo", "--vms", "2"]
     done = subprocess.run([*argv, "--vm", "1", "--run", "grep virtio /proc/interrupts; exit 4"],
