@@ -4,11 +4,13 @@ One board with two VMs (VM n on CPU n, ``EmulatedBoard(vms=2)``), each with a
 console, a block device, an rng and a net device on one switch. VM0 moves data
 through its console (``SIZE`` each way, SHA-256 compared on both ends, as in
 bench/board.py) and its block device (``avbench seqread``/``seqwrite``, 1 MiB
-O_DIRECT), first while VM1 idles at its shell, then while VM1 runs
+O_DIRECT), first while VM1 idles at its shell, then while VM1 only burns its
+CPU (a shell loop: no device access), then while VM1 runs
 bench/guest/avhostile.c (its own window scribbled, notifies flooded, frames
 sent with VM0's MAC) for about as long as VM0's work takes. Then VM1's virtio
 drivers are reloaded (``avhostile-run``) and VM1 reads its disk again.
-The ratio hostile/idle is the figure (the issue's target: at least 0.7).
+The ratio hostile/idle is the figure (the issue's target: at least 0.7);
+busy/idle shows how much of it is only the host's CPU shared by two vCPUs.
 
 The pieces are shared with tests/test_emulated_two_guests.py, which asserts
 data and recovery, never time. On a 2-core machine VM0's vCPU, VM1's vCPU and
@@ -133,13 +135,19 @@ def run(quick=False):
         vm0, vm1 = shells(board)
         idle = vm0_figures(vm0, size)
         print(f"  two guests, VM1 idle: {idle['wall_s']:.0f} s", flush=True)
-        start_hostile(vm1, max(10, round(idle["wall_s"] * 1.5)))
+        seconds = max(10, round(idle["wall_s"] * 1.5))
+        vm1.run(f"(timeout {seconds} sh -c 'while :; do :; done' >/dev/null 2>&1 &)")
+        busy = vm0_figures(vm0, size)
+        print(f"  two guests, VM1 busy (CPU only): {busy['wall_s']:.0f} s", flush=True)
+        vm1.run("pkill -f 'while :; do :; done'; true")
+        start_hostile(vm1, seconds)
         hostile = vm0_figures(vm0, size)
         print(f"  two guests, VM1 hostile: {hostile['wall_s']:.0f} s", flush=True)
         vm1 = wait_reloaded(board, vm1)
         log, _ = vm1.run("cat /tmp/avhostile.log")
         recovered = vm1.run("dd if=/dev/vda bs=1M count=1 iflag=direct 2>/dev/null | wc -c")[0]
-        out = {"size": size, "idle": idle, "hostile": hostile, "avhostile": log.strip(),
+        out = {"size": size, "idle": idle, "busy": busy, "hostile": hostile,
+               "avhostile": log.strip(),
                "vm1_reads_after_reload": recovered.strip() == str(MIB),
                "daemon_alive": board._thread.is_alive()}
     finally:
@@ -147,12 +155,14 @@ def run(quick=False):
         for path in workdir.iterdir():
             path.unlink()
         workdir.rmdir()
-    rows = [[key, f"{out['idle'][key]:.2f}", f"{out['hostile'][key]:.2f}",
+    rows = [[key, f"{out['idle'][key]:.2f}", f"{out['busy'][key]:.2f}",
+             f"{out['hostile'][key]:.2f}", f"{out['busy'][key] / out['idle'][key]:.2f}",
              f"{out['hostile'][key] / out['idle'][key]:.2f}"]
             for key in ("block_seqread_MBps", "block_seqwrite_MBps", "console_h2g_MBps",
                         "console_g2h_MBps")]
-    table(f"VM0 beside VM1 on the emulated board ({size // MIB} MiB each; target ratio >= 0.7)",
-          ["figure (MB/s)", "VM1 idle", "VM1 hostile", "ratio"], rows)
+    table(f"VM0 beside VM1 on the emulated board ({size // MIB} MiB each; target hostile/idle "
+          ">= 0.7)", ["figure (MB/s)", "VM1 idle", "VM1 busy", "VM1 hostile", "busy/idle",
+                      "hostile/idle"], rows)
     print(f"  VM1: {out['avhostile']!r}; reads after reload: {out['vm1_reads_after_reload']}; "
           f"daemon alive: {out['daemon_alive']}")
     return out
