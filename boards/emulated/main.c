@@ -269,12 +269,19 @@ void stub_fatal(void)
 static int params_ok(u32 vm)
 {
     const struct boot_params *p = vm_params(vm);
-    if (p->magic == BOOT_PARAMS_MAGIC && p->version == BOOT_PARAMS_VERSION && p->vm_id == vm &&
-        p->vm_count == vm_params(0)->vm_count)
-        return 1;
-    log_printf("no boot parameters for VM %u at 0x%lx (magic 0x%x version %u)", vm,
-               (u64)p, p->magic, p->version);
-    return 0;
+    if (p->magic != BOOT_PARAMS_MAGIC || p->version != BOOT_PARAMS_VERSION || p->vm_id != vm ||
+        p->vm_count != vm_params(0)->vm_count) {
+        log_printf("no boot parameters for VM %u at 0x%lx (magic 0x%x version %u)", vm,
+                   (u64)p, p->magic, p->version);
+        return 0;
+    }
+    if (p->irq_base < 32 || p->irq_count < 1 || p->irq_count > NR_GUEST_INTIDS ||
+        p->irq_base + p->irq_count > NR_GUEST_INTIDS) {
+        log_printf("VM %u: INTIDs %u+%u are not SPIs of the guests' distributor (32..%u)", vm,
+                   p->irq_base, p->irq_count, NR_GUEST_INTIDS - 1);
+        return 0;
+    }
+    return 1;
 }
 
 /* On every CPU: its stage 2, GIC interfaces and EL2 state, then its guest. */

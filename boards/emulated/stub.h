@@ -29,6 +29,7 @@ typedef avt_u64 u64;
 #define MAINT_INTID     25u             /* GICH maintenance: PPI 9 */
 #define KICK_SGI        1u              /* CPU0 -> another CPU: "look at virq_pending" */
 #define MAX_VMS         4u              /* one per CPU; the stack and table arrays */
+#define NR_GUEST_INTIDS 96u             /* INTIDs of each guest's emulated distributor */
 
 /* Boot parameters written by the host (avatar_hw/emulated/memory_map.py): one
  * block per VM at BOOT_PARAMS_ADDR + BOOT_PARAMS_STRIDE * vm; VM n runs on CPU n. */

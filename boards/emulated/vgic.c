@@ -32,7 +32,7 @@
  */
 #include "stub.h"
 
-#define NR_VIRQ      96u
+#define NR_VIRQ      NR_GUEST_INTIDS
 #define NR_VIRQ_WORDS (NR_VIRQ / 32)
 
 #define GICD_CTLR       0x000
