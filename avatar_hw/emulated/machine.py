@@ -174,6 +174,12 @@ class StubInterruptLine:
         self.check_spi(intid)
 
 
+def check_vms(vms):
+    if not (isinstance(vms, int) and 1 <= vms <= mm.MAX_VMS):
+        raise AvatarError(f"the emulated board runs 1 to {mm.MAX_VMS} VMs (one per CPU), "
+                          f"not {vms!r}")
+
+
 def _require(tool, package):
     if shutil.which(tool) is None:
         raise AvatarError(f"{tool} not found: the emulated board needs it "
@@ -193,8 +199,7 @@ class EmulatedMachine:
     def __init__(self, stub, kernel, *, dtb=None, initrd=None, model_wait_ms=0, vms=1,
                  on_log=None, shm_dir="/dev/shm", qemu_args=()):
         _require(QEMU, "qemu-system-arm")
-        if not 1 <= vms <= mm.MAX_VMS:
-            raise AvatarError(f"the emulated board runs 1 to {mm.MAX_VMS} VMs, not {vms}")
+        check_vms(vms)
         dtbs = list(dtb) if isinstance(dtb, (list, tuple)) else [dtb] * vms
         if len(dtbs) != vms:
             raise AvatarError(f"{len(dtbs)} device trees for {vms} VMs")

@@ -33,7 +33,7 @@ from .assets import guest_assets
 from .build import REPO, build_stub
 from .devicetree import DEFAULT_BOOTARGS, build_dtb
 from .initramfs import READY_MARKER, build_initramfs
-from .machine import EmulatedMachine
+from .machine import EmulatedMachine, check_vms
 
 BOARD_FILE = REPO / "boards" / "emulated.toml"
 MODEL_WAIT_MS = 30000
@@ -99,6 +99,7 @@ class EmulatedBoard:
 
     def __init__(self, *, vms=1, devices="", bootargs=DEFAULT_BOOTARGS, on_log=None,
                  busy_poll=False, trace=False, qemu_args=(), initrd=None):
+        check_vms(vms)
         self.vms = vms
         self.devices = [devices] if isinstance(devices, str) else list(devices)
         if len(self.devices) > vms:
