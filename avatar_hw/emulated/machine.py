@@ -140,6 +140,11 @@ class UartLink:
                     return None
                 self._changed.wait(left)
 
+    def wait_closed(self, timeout):
+        """Wait until the reader saw QEMU close the socket (every byte before it is read)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.closed, timeout)
+
     def close(self):
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -287,11 +292,16 @@ class EmulatedMachine:
             return ""
 
     def wait(self, timeout=None):
-        """Wait for QEMU to end (the guest powered off); returns its exit status or None."""
+        """Wait for QEMU to end (the guest powered off); returns its exit status or None.
+
+        When it ended, the UART's last bytes are read too: ``uart.lines`` is complete."""
         try:
-            return self.process.wait(timeout)
+            status = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+        if self.uart is not None:
+            self.uart.wait_closed(5)
+        return status
 
     def stop(self):
         """Kill QEMU (its own PID), stop the reader, remove the RAM file and temp files."""
