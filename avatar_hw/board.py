@@ -5,9 +5,17 @@ A board file (``boards/*.toml``, schema in docs/boards.md) is loaded with
 naming the file, the key and the problem. ``Board.open_region(spec)`` maps a
 *region spec*, either a UIO map (on a board) or a window of a file (on the
 emulated board), so the daemon does not care which. Shipped boards are found
-by name (``rpi4``) in the checkout's boards/ or the installed copy.
+by name (``rpi4``) in the checkout's boards/ or the installed copy (pyproject's
+data-files put boards/ under ``PREFIX/share/avatar-hw/boards``: board files, the
+emulated board's stub sources and the trap ABI header).
 
-Also the ``avatar-hw layout`` command: every device slot's window and IRQ.
+Interrupt numbers: a guest sees the layout's *guest INTIDs* (48 + 8 per VM +
+slot); on a GIC board the daemon raises *board INTIDs*, SPIs free on that
+SoC (``[interrupts] board_intids``), and the hypervisor injects the guest
+INTID when the board SPI arrives. ``Board.board_intid(guest_intid)`` is the
+one place that maps one to the other; ``BoardInterruptLine`` raises through it.
+
+Also the ``avatar-hw layout`` command: every device slot's window and INTIDs.
 """
 
 import json
@@ -19,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AvatarError, ConfigError, DeviceNotFound
-from .hw.gic import FIRST_SPI, SPECIAL_INTIDS, VERSIONS, GicError, open_gic
+from .hw.gic import (AFFINITY_MASK, FIRST_SPI, SPECIAL_INTIDS, VERSIONS, GicError, SpiConfig,
+                     open_gic)
 from .hw.region import Region
 from .hw.uio import find_uio
-from .layout import Layout
+from .layout import Layout, address
 
 BOARD_DIRS = (
     Path(__file__).resolve().parent.parent / "boards",               # a checkout
@@ -35,9 +44,11 @@ MIN_DEVICE_SIZE = 0x200       # virtio-mmio registers (0x100) and a device confi
 GIC_FRAME_SIZES = {"v2": 0x1000, "v3": 0x10000, "v2m": 0x1000}
 GICC_SIZE = 0x2000
 INTERRUPT_KINDS = ("gic", "stub")
+GIC_ONLY_KEYS = ("board_intids", "target_cpu", "priority")
 
 _REQUIRED = object()
-_KINDS = {int: "an integer", str: "a string", dict: "a table"}
+_KINDS = {int: "an integer", str: "a string", dict: "a table", list: "an array"}
+DEFAULT_PRIORITY = 0xA0       # Linux's own default (GICD_INT_DEF_PRI); GIC-400 keeps bits 7:3
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,23 @@ class GicSpec:
 
 
 @dataclass(frozen=True)
+class IntidRange:
+    """An entry of an INTID list in a board file: one INTID, or ``[first, last]`` inclusive."""
+
+    first: int
+    last: int
+
+    def __contains__(self, intid):
+        return self.first <= intid <= self.last
+
+    def __iter__(self):
+        return iter(range(self.first, self.last + 1))
+
+    def __str__(self):
+        return str(self.first) if self.first == self.last else f"[{self.first}, {self.last}]"
+
+
+@dataclass(frozen=True)
 class Board:
     path: Path
     name: str
@@ -93,6 +121,24 @@ class Board:
     trap: RegionSpec
     ram: RegionSpec
     ram_guest_base: int       # guest-physical address of the start of each VM's RAM
+    board_intids: tuple = ()  # board INTID of each guest INTID, from layout.irq_base on
+    reserved_intids: tuple = ()   # IntidRange entries no board SPI may use
+    doorbell_intid: int | None = None   # the SPI the stub raises for the trap doorbell
+    target_cpus: tuple = ()   # per VM: the CPU (or v3 affinity) its board SPIs target
+    priority: int = DEFAULT_PRIORITY
+
+    def board_intid(self, guest_intid):
+        """The INTID the daemon raises for a device whose guest sees ``guest_intid``."""
+        index = guest_intid - self.layout.irq_base
+        if not 0 <= index < len(self.board_intids):
+            raise GicError(f"{self.path}: guest INTID {guest_intid} is outside the layout "
+                           f"({self.layout.irq_base}..{last_irq(self.layout)})")
+        return self.board_intids[index]
+
+    def spi_config(self, guest_intid):
+        """How the board SPI of ``guest_intid`` is set up (``hw.gic.SpiConfig``)."""
+        vm = (guest_intid - self.layout.irq_base) // self.layout.irqs_per_vm
+        return SpiConfig(priority=self.priority, target=self.target_cpus[vm])
 
     def open_region(self, spec, vm=None, *, sysfs_root="/sys", dev_root="/dev"):
         """Map ``spec`` (for VM ``vm`` when it is per VM) as a ``Region``."""
@@ -116,14 +162,71 @@ class Board:
                               f"{self.interrupts!r}, no [gic]")
         regs = self.open_region(self.gic.region, sysfs_root=sysfs_root, dev_root=dev_root)
         driver = open_gic(self.gic.version, regs)
-        last = last_irq(self.layout)
-        if self.layout.irq_base not in driver.spi_range or last not in driver.spi_range:
+        outside = [intid for intid in self.board_intids if intid not in driver.spi_range]
+        if outside:
             regs.close()
             raise GicError(
-                f"{self.path}: the layout uses INTIDs {self.layout.irq_base}..{last} but the "
+                f"{self.path}: interrupts.board_intids uses INTID {outside[0]} but the "
                 f"GIC{self.gic.version} at {regs.name} has SPIs {driver.spi_range.start}.."
-                f"{driver.spi_range.stop - 1}; fix [layout] or [gic] for this board")
+                f"{driver.spi_range.stop - 1}; fix [interrupts] or [gic] for this board")
         return driver
+
+    def interrupt_line(self, *, sysfs_root="/sys", dev_root="/dev"):
+        """The daemon's interrupt line on a GIC board (``BoardInterruptLine``)."""
+        return BoardInterruptLine(self, self.open_gic(sysfs_root=sysfs_root, dev_root=dev_root))
+
+
+class BoardInterruptLine:
+    """``raise_spi(guest_intid)`` raises that device's board SPI through the GIC driver.
+
+    ``configure(guest_intids)`` sets their board SPIs up (enabled, edge, the
+    board file's priority and target; a GICv2m frame cannot, its SPIs belong
+    to the distributor's owner); ``diagnose_spi(guest_intid)`` reports on the
+    board SPI, compared with that configuration.
+    """
+
+    def __init__(self, board, driver):
+        self.board, self.driver = board, driver
+        self.regs = driver.regs
+        lay = board.layout
+        self._board_intids = {guest: board.board_intid(guest)
+                              for guest in range(lay.irq_base, last_irq(lay) + 1)}
+
+    def _board(self, guest_intid):
+        try:
+            return self._board_intids[guest_intid]
+        except KeyError:
+            return self.board.board_intid(guest_intid)      # raises, naming the layout
+
+    def raise_spi(self, guest_intid):
+        self.driver.raise_spi(self._board(guest_intid))
+
+    def clear_spi(self, guest_intid):
+        self.driver.clear_spi(self._board(guest_intid))
+
+    @property
+    def configurable(self):
+        return hasattr(self.driver, "configure_spi")
+
+    def configure(self, guest_intids):
+        """Configure the board SPIs of ``guest_intids``; returns {board INTID: read-back}."""
+        if not self.configurable:
+            return {}
+        return {self._board(guest): self.driver.configure_spi(self._board(guest),
+                                                              self.board.spi_config(guest))
+                for guest in guest_intids}
+
+    def diagnose_spi(self, guest_intid):
+        """The board SPI's ``SpiDiagnosis``, compared with what this process configured or
+        else with what the board file says it should be."""
+        intid = self._board(guest_intid)
+        if not self.configurable:
+            raise GicError(f"{self.board.path}: a GICv2m frame shows nothing of SPI {intid}'s "
+                           "state; read the distributor instead")
+        expected = None
+        if intid not in self.driver.configured:
+            expected = self.driver.expected_settings(self.board.spi_config(guest_intid))
+        return self.driver.diagnose_spi(intid, expected)
 
 
 def last_irq(layout):
@@ -168,6 +271,26 @@ class _Table:
             raise self.error(key, f"must be one of {', '.join(map(repr, choices))}, "
                                   f"not {value!r}")
         return value
+
+    def intids(self, key, default=()):
+        """An array of INTIDs, each an integer or ``[first, last]``: a tuple of ``IntidRange``."""
+        items = self.get(key, list, None)
+        if items is None:
+            return default
+        entries = []
+        for index, item in enumerate(items):
+            where = f"{key}[{index}]"
+            if isinstance(item, int) and not isinstance(item, bool):
+                item = [item, item]
+            if (not isinstance(item, list) or len(item) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
+                raise self.error(where, f"must be an INTID or [first, last], not {item!r}")
+            first, last = item
+            if not FIRST_SPI <= first <= last < SPECIAL_INTIDS:
+                raise self.error(where, f"{item!r}: INTIDs must be SPIs ({FIRST_SPI}.."
+                                        f"{SPECIAL_INTIDS - 1}), first <= last")
+            entries.append(IntidRange(first, last))
+        return tuple(entries)
 
     def table(self, key, default=_REQUIRED):
         data = self.get(key, dict, default)
@@ -222,6 +345,28 @@ def _parse(file, data):
 
     interrupts = top.table("interrupts", {})
     kind = interrupts.choice("kind", INTERRUPT_KINDS, "gic")
+    irq = {"reserved_intids": interrupts.intids("reserved_intids"),
+           "doorbell_intid": interrupts.number("doorbell_intid", None, minimum=FIRST_SPI)}
+    guest_intids = range(layout.irq_base, last_irq(layout) + 1)
+    if kind == "stub":
+        # The stub injects the guest INTID itself: no physical SPI is raised for a device.
+        for key in GIC_ONLY_KEYS:
+            if key in interrupts.data:
+                raise interrupts.error(key, 'only with kind = "gic": with "stub" the stub '
+                                            "injects the guest INTIDs itself")
+        irq["board_intids"] = tuple(guest_intids)
+    else:
+        ranges = interrupts.intids("board_intids", None)
+        if ranges is None:
+            raise interrupts.error("board_intids", "missing; list the SPIs the daemon raises on "
+                                   "this SoC, free there, e.g. [[217, 231], [233, 249]] "
+                                   "(docs/boards.md)")
+        irq["board_intids"] = tuple(intid for entry in ranges for intid in entry)
+        irq["priority"] = interrupts.number("priority", DEFAULT_PRIORITY)
+        if irq["priority"] > 0xFF:
+            raise interrupts.error("priority", f"must be 0..255 (a GICD_IPRIORITYR byte), "
+                                               f"not {irq['priority']}")
+        irq["target_cpus"] = _target_cpus(interrupts, layout.max_vms)
     interrupts.done()
 
     gic_table = top.table("gic", None if kind == "stub" else _REQUIRED)
@@ -244,7 +389,23 @@ def _parse(file, data):
     ram_table.done()
     top.done()
     return Board(path=Path(file), name=name, description=description, layout=layout,
-                 interrupts=kind, gic=gic_spec, trap=trap, ram=ram, ram_guest_base=ram_guest_base)
+                 interrupts=kind, gic=gic_spec, trap=trap, ram=ram, ram_guest_base=ram_guest_base,
+                 **irq)
+
+
+def _target_cpus(table, max_vms):
+    """``target_cpu``: one CPU (or GICv3 affinity) for every VM, or an array with one per VM."""
+    value = table.data.get("target_cpu", 0)
+    values = value if isinstance(value, list) else [value] * max_vms
+    table.read.append("target_cpu")
+    if isinstance(value, list) and len(value) != max_vms:
+        raise table.error("target_cpu", f"has {len(value)} entries but layout.max_vms is "
+                                        f"{max_vms}: give one CPU per VM, or one for all")
+    for cpu in values:
+        if not isinstance(cpu, int) or isinstance(cpu, bool) or cpu < 0 or cpu & ~AFFINITY_MASK:
+            raise table.error("target_cpu", f"{cpu!r} is not a CPU number (GICv2: 0..7) or an "
+                                            "affinity Aff3 << 32 | Aff2 << 16 | Aff1 << 8 | Aff0")
+    return tuple(values)
 
 
 # -- checks across keys ---------------------------------------------------------------------
@@ -271,6 +432,7 @@ def _check(board):
                           f"VM {lay.max_vms - 1}'s last device would get INTID {last_irq(lay)}, "
                           f"past the GIC's {lines} lines (INTIDs up to {lines - 1}); lower "
                           "max_vms or irqs_per_vm")
+    _check_interrupts(board, lines)
     windows = (lay.base, lay.base + lay.max_vms * lay.vm_size)
     others = [("ram.guest_base", board.ram_guest_base, board.ram_guest_base + 1)]
     if board.gic:
@@ -281,9 +443,54 @@ def _check(board):
             others.append(("gic.cpu_interface", start, start + GICC_SIZE))
     for key, start, end in others:
         if start < windows[1] and windows[0] < end:
-            raise ConfigError(file, key, f"0x{start:x}-0x{end - 1:x} lies inside the virtio "
-                                         f"windows 0x{windows[0]:x}-0x{windows[1] - 1:x} "
+            raise ConfigError(file, key, f"{address(start)}-{address(end - 1)} lies inside the "
+                                         f"virtio windows {address(windows[0])}-"
+                                         f"{address(windows[1] - 1)} "
                                          "([layout] base + max_vms * vm_size)")
+
+
+def _check_interrupts(board, lines):
+    """Board SPIs: one per guest INTID, distinct, on the GIC, not reserved, not the doorbell."""
+    file, lay = board.path, board.layout
+    key = "interrupts.board_intids"
+    needed = lay.irqs_per_vm * lay.max_vms
+    if len(board.board_intids) != needed:
+        raise ConfigError(file, key, f"lists {len(board.board_intids)} INTIDs but the layout has "
+                                     f"{needed} guest INTIDs (layout.max_vms {lay.max_vms} x "
+                                     f"irqs_per_vm {lay.irqs_per_vm}): one board SPI per guest "
+                                     "INTID, in order")
+    seen = set()
+    reserved = [("interrupts.doorbell_intid (the trap doorbell)", IntidRange(d, d))
+                for d in (board.doorbell_intid,) if d is not None]
+    reserved += [(f"interrupts.reserved_intids entry {entry}", entry)
+                 for entry in board.reserved_intids]
+    for intid in board.board_intids:
+        if intid in seen:
+            raise ConfigError(file, key, f"INTID {intid} is listed twice")
+        seen.add(intid)
+        if intid >= lines:
+            raise ConfigError(file, key, f"INTID {intid} is past the GIC's {lines} lines "
+                                         f"(INTIDs up to {lines - 1})")
+        if board.interrupts == "gic":
+            for what, entry in reserved:
+                if intid in entry:
+                    raise ConfigError(file, key, f"INTID {intid} is reserved by {what}: "
+                                                 "choose SPIs no device of the SoC uses")
+    if board.doorbell_intid is not None:
+        key = "interrupts.doorbell_intid"
+        if board.doorbell_intid >= lines:
+            raise ConfigError(file, key, f"INTID {board.doorbell_intid} is past the GIC's "
+                                         f"{lines} lines (INTIDs up to {lines - 1})")
+        for entry in board.reserved_intids:
+            if board.doorbell_intid in entry:
+                raise ConfigError(file, key, f"INTID {board.doorbell_intid} is reserved by "
+                                             f"interrupts.reserved_intids entry {entry}")
+    if board.gic is not None and board.gic.version != "v3":
+        for cpu in board.target_cpus:
+            if cpu > 7:
+                raise ConfigError(file, "interrupts.target_cpu",
+                                  f"{cpu}: a GIC{board.gic.version} targets CPU interfaces 0..7 "
+                                  "(GICD_ITARGETSR)")
 
 
 def load_board(path):
@@ -299,14 +506,37 @@ def load_board(path):
         raise ConfigError(path, None, f"cannot read: {err.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(path, None, f"not a TOML file: {err}") from None
+    if "board" not in data and "vm" in data:
+        raise ConfigError(path, None, "a VMs config (for --config), not a board file; boards: "
+                                      f"{', '.join(shipped_boards()) or 'none found'}")
     board = _parse(path, data)
     _check(board)
     return board
 
 
+def _is_board_file(path):
+    try:
+        with open(path, "rb") as f:
+            return "board" in tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return False
+
+
+def shipped_file(relative):
+    """A file shipped beside the board files (``emulated/start.S``), from the checkout's
+    boards/ or the installed copy (BOARD_DIRS, first found)."""
+    for directory in BOARD_DIRS:
+        candidate = directory / relative
+        if candidate.exists():
+            return candidate
+    raise AvatarError(f"{relative}: not in {' or '.join(map(str, BOARD_DIRS))}; reinstall "
+                      "avatar-hw (its board files are missing)")
+
+
 def shipped_boards():
-    """Names of the board files found in BOARD_DIRS."""
-    return sorted({p.stem for d in BOARD_DIRS if d.is_dir() for p in d.glob("*.toml")})
+    """Names of the board files (not VMs configs) found in BOARD_DIRS."""
+    return sorted({p.stem for d in BOARD_DIRS if d.is_dir() for p in d.glob("*.toml")
+                   if _is_board_file(p)})
 
 
 def board_path(name_or_path):
@@ -324,12 +554,13 @@ def board_path(name_or_path):
 
 # -- avatar-hw layout -------------------------------------------------------------------------
 
-def _hex(value):
-    return f"0x{value:08x}"
-
-
 def device_map(board, vms=None):
-    """Every device slot of the first ``vms`` VMs, as the JSON of ``avatar-hw layout --json``."""
+    """Every device slot of the first ``vms`` VMs, as the JSON of ``avatar-hw layout --json``.
+
+    ``guest_intid``: the INTID the guest's device tree names; ``board_intid``:
+    the SPI the daemon raises for it (equal with ``interrupts.kind = "stub"``,
+    where the stub injects the guest INTID itself).
+    """
     lay = board.layout
     vms = lay.max_vms if vms is None else vms
     if not 1 <= vms <= lay.max_vms:
@@ -338,22 +569,27 @@ def device_map(board, vms=None):
     result = []
     for vm in range(vms):
         first, last = lay.vm_window(vm)
-        devices = [{"slot": k, "base": _hex(lay.window(vm, k)),
-                    "end": _hex(lay.window(vm, k) + lay.device_size - 1), "irq": lay.irq(vm, k)}
+        devices = [{"slot": k, "base": address(lay.window(vm, k)),
+                    "end": address(lay.window(vm, k) + lay.device_size - 1),
+                    "guest_intid": lay.irq(vm, k), "board_intid": board.board_intid(lay.irq(vm, k))}
                    for k in range(lay.devices_per_vm)]
-        result.append({"vm": vm, "window": [_hex(first), _hex(last)],
-                       "irqs": [devices[0]["irq"], devices[-1]["irq"]], "devices": devices})
-    return {"board": board.name, "vms": result}
+        result.append({"vm": vm, "window": [address(first), address(last)],
+                       "guest_intids": [devices[0]["guest_intid"], devices[-1]["guest_intid"]],
+                       "devices": devices})
+    return {"board": board.name, "interrupts": board.interrupts,
+            "doorbell_intid": board.doorbell_intid, "vms": result}
 
 
 def format_device_map(table):
     lines = [f"board {table['board']}: {len(table['vms'])} VM(s), "
              f"{len(table['vms'][0]['devices'])} devices per VM"]
+    if table["doorbell_intid"] is not None:
+        lines[0] += f", trap doorbell INTID {table['doorbell_intid']}"
     for vm in table["vms"]:
         lines.append(f"VM{vm['vm']}  {vm['window'][0]}-{vm['window'][1]}  "
-                     f"IRQs {vm['irqs'][0]}-{vm['irqs'][1]}")
-        lines += [f"  device {d['slot']}  {d['base']}-{d['end']}  IRQ {d['irq']}"
-                  for d in vm["devices"]]
+                     f"guest INTIDs {vm['guest_intids'][0]}-{vm['guest_intids'][1]}")
+        lines += [f"  device {d['slot']}  {d['base']}-{d['end']}  guest INTID {d['guest_intid']}  "
+                  f"board INTID {d['board_intid']}" for d in vm["devices"]]
     return "\n".join(lines)
 
 
@@ -362,11 +598,12 @@ def _layout_command(args):
     print(json.dumps(table, indent=2) if args.json else format_device_map(table))
 
 
-def add_parser(subparsers):
+def add_parser(subparsers, parents=()):
     parser = subparsers.add_parser(
-        "layout", help="print every device slot's window and IRQ",
+        "layout", parents=parents, help="print every device slot's window and INTIDs",
         description="Print each VM's virtio-mmio window and every device slot's address "
-                    "range and SPI, as the board file defines them.")
+                    "range, the INTID its guest sees and the board SPI the daemon raises for "
+                    "it, as the board file defines them.")
     parser.add_argument("--board", default=DEFAULT_BOARD,
                         help="board file, or the name of a shipped board "
                              f"(default: {DEFAULT_BOARD})")

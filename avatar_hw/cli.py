@@ -1,15 +1,22 @@
 """The ``avatar-hw`` command: one subcommand per module in ``COMMANDS``.
 
-Each command module has ``add_parser(subparsers)`` (which registers the
-subcommand and sets ``func``) and is imported lazily, so a broken optional
-piece never stops the others. Errors a user can cause are ``AvatarError``:
-printed as one line, exit status 2.
+Each command module has ``add_parser(subparsers, parents)`` (which registers
+the subcommand with ``parents=parents``, so ``-v`` works after it too, and
+sets ``func``) and is imported lazily, so a broken optional piece never stops
+the others. Errors a user can cause are ``AvatarError``: printed as one line,
+exit status 2. A reader that goes away (``avatar-hw info | head``) ends the
+command quietly.
+
+Log level: warnings by default, ``-v`` info, ``-vv`` debug; a command may
+set ``verbosity`` (``serve`` starts at info), and ``--log-level`` wins.
 """
 
 import argparse
 import importlib
 import logging
+import os
 import sys
+from importlib import metadata
 
 from .errors import AvatarError
 
@@ -20,31 +27,65 @@ COMMANDS = [
     "avatar_hw.terminal",     # console
     "avatar_hw.emulated.demo",  # demo
 ]
+LEVELS = ["warning", "info", "debug"]
+
+
+def version():
+    try:
+        return metadata.version("avatar-hw")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _common():
+    """Options every command takes, before or after its name."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more log output: -v info, -vv debug")
+    common.add_argument("--log-level", choices=LEVELS + ["error"], default=argparse.SUPPRESS,
+                        help="log level (overrides -v)")
+    return common
 
 
 def build_parser():
+    common = _common()
     parser = argparse.ArgumentParser(
-        prog="avatar-hw", description="Userspace VirtIO device model of the Avatar hypervisor.")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (-vv for debug)")
+        prog="avatar-hw", parents=[common],
+        description="Userspace VirtIO device model of the Avatar hypervisor.")
+    parser.add_argument("--version", action="version", version=f"avatar-hw {version()}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        importlib.import_module(name).add_parser(sub)
+        importlib.import_module(name).add_parser(sub, [common])
     return parser
+
+
+def log_level(args):
+    if getattr(args, "log_level", None):
+        return getattr(logging, args.log_level.upper())
+    verbosity = getattr(args, "verbosity", 0) + getattr(args, "verbose", 0)
+    return getattr(logging, LEVELS[min(verbosity, len(LEVELS) - 1)].upper())
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level(args),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args) or 0
+        status = args.func(args) or 0
+        sys.stdout.flush()
+        return status
     except AvatarError as err:
         print(f"avatar-hw: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader left (| head): nothing more to say. Point stdout at /dev/null so
+        # the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

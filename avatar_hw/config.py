@@ -9,6 +9,11 @@
     console = { backends = ["unix:/run/avatar/vm1.sock"] }
     block = { image = "/srv/avatar/vm1.img", readonly = false }
 
+Relative paths (``block.image``, ``net.switch``, the paths of ``file:``,
+``pty:`` and ``unix:`` console endpoints) are relative to the daemon's working
+directory: ``serve``'s current directory, the demo's temporary directory
+(``base``). ``block.size`` creates a missing image (sparse) of that many bytes.
+
 A device key holds a table, or an array of tables for several devices of one
 kind. Devices get the VM's window slots in ``DEVICE_KINDS`` order (console,
 block, rng, net), then in array order. Every mistake is a ``ConfigError``
@@ -35,6 +40,7 @@ class Key:
     default: object = None      # _REQUIRED: must be given
     what: str = ""              # for messages: "a string", "a list of URLs", ...
     check: object = None        # check(value) -> problem string or None
+    path: object = None         # path(value, base) -> value with relative paths under base
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,28 @@ def _urls(value):
     return None
 
 
+PATH_SCHEMES = ("file", "pty", "unix")
+
+
+def _under(path, base):
+    return str(Path(base, path)) if path and not Path(path).is_absolute() else path
+
+
+def _url_under(url, base):
+    scheme, sep, rest = url.partition(":")
+    return f"{scheme}:{_under(rest, base)}" if sep and scheme in PATH_SCHEMES else url
+
+
+def _urls_under(value, base):
+    if isinstance(value, str):
+        return _url_under(value, base)
+    return [_url_under(url, base) for url in value]
+
+
+def _ports_under(value, base):
+    return {name: _urls_under(urls, base) for name, urls in value.items()}
+
+
 def _size(value):
     if (len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
             or not all(0 < v < 0x10000 for v in value)):
@@ -124,20 +152,25 @@ def _console(options):
     from .devices.console import ConsoleDevice
     size = options.get("size")
     return ConsoleDevice(backend=options["backends"], ports=options.get("ports"),
-                         size=tuple(size) if size else None, limit=options.get("buffer"))
+                         size=tuple(size) if size else None, limit=options.get("buffer"),
+                         log_size=options.get("log"))
 
 
-_URLS = Key((str, list), _REQUIRED, "a URL or a list of URLs", _urls)
+_URLS = Key((str, list), _REQUIRED, "a URL or a list of URLs", _urls, _urls_under)
 
 DEVICE_KINDS = {kind.name: kind for kind in (
     DeviceKind("console", {
         "backends": _URLS,
-        "ports": Key(dict, None, "a table of port name = URL(s)", _ports),
+        "ports": Key(dict, None, "a table of port name = URL(s)", _ports, _ports_under),
         "size": Key(list, None, "[columns, rows]", _size),
         "buffer": Key(int, None, "bytes of guest output held in flight per port", _positive),
+        "log": Key(int, None, "bytes of output kept per port while no client is attached",
+                   _positive),
     }, factory="avatar_hw.config:_console"),
     DeviceKind("block", {
-        "image": Key(str, _REQUIRED, "the path of a raw image or block device"),
+        "image": Key(str, _REQUIRED, "the path of a raw image or block device", path=_under),
+        "size": Key(int, None, "bytes: create the image (sparse) if it does not exist",
+                    _positive),
         "readonly": Key(bool, False, "true or false"),
         "serial": Key(str, None, "a string (up to 20 bytes)",
                       lambda v: None if len(v.encode()) <= 20 else "is longer than 20 bytes"),
@@ -149,7 +182,7 @@ DEVICE_KINDS = {kind.name: kind for kind in (
     }, factory="avatar_hw.devices.rng:from_config"),
     DeviceKind("net", {
         "tap": Key(str, None, "a TAP interface name"),
-        "switch": Key(str, None, "the path of a datagram switch socket"),
+        "switch": Key(str, None, "the path of a datagram switch socket", path=_under),
         "mac": Key(str, None, "a MAC address", _mac),
         "mtu": Key(int, None, "bytes", _positive),
     }, factory="avatar_hw.devices.net:from_config", one_of=("tap", "switch")),
@@ -166,7 +199,7 @@ def _type_ok(value, kind):
     return isinstance(value, kinds)
 
 
-def _device_options(file, key, kind, table):
+def _device_options(file, key, kind, table, base=None):
     if not isinstance(table, dict):
         raise ConfigError(file, key, f"must be a table such as {{ {next(iter(kind.keys))} = "
                                      "... }}")
@@ -193,11 +226,11 @@ def _device_options(file, key, kind, table):
         problem = spec.check(value) if spec.check else None
         if problem:
             raise ConfigError(file, f"{key}.{name}", problem)
-        options[name] = value
+        options[name] = spec.path(value, base) if spec.path and base is not None else value
     return options
 
 
-def _vm(file, key, vm_id, table):
+def _vm(file, key, vm_id, table, base=None):
     if not isinstance(table, dict):
         raise ConfigError(file, key, "must be a table of devices, e.g. [vm.0] with "
                                      "console = { backends = [...] }")
@@ -219,16 +252,17 @@ def _vm(file, key, vm_id, table):
             keyed = [(dev_key, entries)]
         for where, entry in keyed:
             vm.devices.append(DeviceConfig(kind.name, where,
-                                           _device_options(file, where, kind, entry)))
+                                           _device_options(file, where, kind, entry, base)))
     if not vm.devices:
         raise ConfigError(file, key, "no devices; give at least one of "
                                      f"{', '.join(DEVICE_KINDS)}")
     return vm
 
 
-def parse_config(file, data, *, max_vms=None, devices_per_vm=None):
+def parse_config(file, data, *, max_vms=None, devices_per_vm=None, base=None):
     """A ``Config`` from parsed TOML ``data``; ``max_vms`` bounds the VM numbers,
-    ``devices_per_vm`` the devices of one VM (its window's slots)."""
+    ``devices_per_vm`` the devices of one VM (its window's slots); relative paths are
+    put under ``base`` when given (else left relative to the working directory)."""
     unknown = sorted(set(data) - {"vm"})
     if unknown:
         raise ConfigError(file, unknown[0], "unknown table; VMs are [vm.0], [vm.1], ...")
@@ -243,14 +277,14 @@ def parse_config(file, data, *, max_vms=None, devices_per_vm=None):
         vm_id = int(name)
         if max_vms is not None and vm_id >= max_vms:
             raise ConfigError(file, key, f"the board has VMs 0..{max_vms - 1}")
-        vms[vm_id] = _vm(file, key, vm_id, table)
+        vms[vm_id] = _vm(file, key, vm_id, table, base)
         if devices_per_vm is not None and len(vms[vm_id].devices) > devices_per_vm:
             raise ConfigError(file, key, f"{len(vms[vm_id].devices)} devices, but the board "
                                          f"has {devices_per_vm} device slots per VM")
     return Config(Path(file), dict(sorted(vms.items())))
 
 
-def load_config(path, *, max_vms=None, devices_per_vm=None):
+def load_config(path, *, max_vms=None, devices_per_vm=None, base=None):
     """Read and check a VMs config file."""
     path = Path(path)
     try:
@@ -262,4 +296,4 @@ def load_config(path, *, max_vms=None, devices_per_vm=None):
         raise ConfigError(path, None, f"cannot read: {err.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(path, None, f"not a TOML file: {err}") from None
-    return parse_config(path, data, max_vms=max_vms, devices_per_vm=devices_per_vm)
+    return parse_config(path, data, max_vms=max_vms, devices_per_vm=devices_per_vm, base=base)

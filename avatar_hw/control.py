@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 
+from . import paths
 from .errors import AvatarError
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,7 @@ class ControlServer:
         if self.loop is not None:
             self.loop.remove_reader(self.sock)
         self.sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        paths.remove(self.path)
 
     def _accept(self):
         try:
@@ -137,11 +135,11 @@ class ControlServer:
             request = json.loads(line)
             command = request["command"]
             if command == "list":
-                result = self.daemon.subsystem.list_all_devices()
+                result = self.daemon.list_devices()
             elif command == "info":
                 result = self.daemon.info()
             elif command == "debug":
-                result = self.daemon.subsystem.debug_device(
+                result = self.daemon.debug_device(
                     int(request["vm"]), self._slot(int(request["vm"]), str(request["device"])))
             else:
                 return {"ok": False, "error": f"unknown command {command!r}"}
@@ -156,7 +154,7 @@ class ControlServer:
         """A slot number from ``device``: ``"1"``, ``"console"`` (first of that name), ``"console1"``."""
         if device.isdigit():
             return int(device)
-        entries = [e for e in self.daemon.subsystem.list_all_devices() if e["vm"] == vm_id]
+        entries = [e for e in self.daemon.list_devices() if e["vm"] == vm_id]
         for entry in entries:
             if device in (entry["name"], f"{entry['name']}{entry['slot']}"):
                 return entry["slot"]
@@ -191,8 +189,10 @@ def _listen(path):
 
 # -- client ---------------------------------------------------------------------------------------------
 
-def request(command, path=None, timeout=5.0, **arguments):
-    """Ask the daemon at ``path``; returns the result or raises ``AvatarError`` (one line)."""
+def request(command, path=None, timeout=5.0, option="--control", **arguments):
+    """Ask the daemon at ``path``; returns the result or raises ``AvatarError`` (one line).
+
+    ``option``: what the user calls the path (the pytest plugin's ``--avatar-control``)."""
     path = path or default_control_path()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -207,7 +207,7 @@ def request(command, path=None, timeout=5.0, **arguments):
             reply += chunk
     except (FileNotFoundError, ConnectionRefusedError):
         raise AvatarError(f"no avatar-hw daemon at {path}: is 'avatar-hw serve' running? "
-                          "(give its --control path)") from None
+                          f"(give its control socket with {option})") from None
     except PermissionError:
         raise AvatarError(f"{path}: permission denied; run as the daemon's user or root") from None
     except OSError as err:
@@ -253,7 +253,8 @@ def format_device(d, indent="  "):
              f"{d['negotiated_features']}; interrupts {d['interrupts']} (status "
              f"{d['interrupt_status']}); guest->host {_bytes(d['bytes_from_guest'])}, "
              f"host->guest {_bytes(d['bytes_to_guest'])}; requests {d['requests']}; "
-             f"errors {d['errors']}"]
+             f"errors {d['errors']}; guest errors {d.get('guest_errors', 0)} (log lines "
+             f"suppressed {d.get('log_lines_suppressed', 0)})"]
     lines += [f"{indent}{format_queue(q)}" for q in d.get("queues", ())]
     return "\n".join(lines)
 
@@ -287,12 +288,13 @@ def _debug(args):
     _print(request("debug", args.control, vm=args.vm, device=args.device), args, format_device)
 
 
-def add_parser(subparsers):
+def add_parser(subparsers, parents=()):
     for name, func, text in (
             ("list", _list, "list the running daemon's devices"),
             ("info", _info, "the running daemon's VMs, devices, queues and counters"),
             ("debug", _debug, "everything about one device of the running daemon")):
-        parser = subparsers.add_parser(name, help=text, description=text + ".")
+        parser = subparsers.add_parser(name, parents=parents, help=text,
+                                       description=text + ".")
         if name == "debug":
             parser.add_argument("vm", type=int, help="VM number")
             parser.add_argument("device", help="slot number or name (console, console0, ...)")

@@ -4,11 +4,13 @@ It loads the board file and the VMs config, maps the trap page and each VM's
 RAM (``Board.open_region``: UIO maps on a board, file windows on the emulated
 board), builds the ``Subsystem`` and the configured devices, attaches to the
 trap page and serves traps in one ``EventLoop`` over the doorbell, every
-backend fd and the control socket. SIGINT/SIGTERM: stop reading the
-doorbell, detach (DETACHED), close, exit 0. Console output still in flight
-at exit was never acknowledged to the guest (a transmit buffer is returned
-only once its bytes are in every attached endpoint's fd), so there is
-nothing to flush: exiting, like dying, loses nothing acknowledged.
+backend fd and the control socket. Under systemd (``Type=notify``,
+boards/linux/avatar-hw.service) it sends READY=1 once serving and STOPPING=1
+when it stops. SIGINT/SIGTERM: stop reading the doorbell, detach (DETACHED),
+close, exit 0. Console output still in flight at exit was never acknowledged
+to the guest (a transmit buffer is returned only once its bytes are in every
+attached endpoint's fd), so there is nothing to flush: exiting, like dying,
+loses nothing acknowledged.
 
 Python API (the emulated board launcher and tests)::
 
@@ -25,8 +27,13 @@ Seams, chosen by the board or handed in:
 - the interrupt line (``raise_spi(intid)``): ``interrupt_line=`` an object or a
   callable ``(trap_region) -> line``; else ``INTERRUPT_LINES[board.interrupts]``
   is called as ``factory(daemon)`` (``"gic"``: the board's distributor through
-  ``Board.open_gic``; ``"stub"``: ``virq_pending`` requests plus the doorbell's
-  ``ring_stub``).
+  ``Board.interrupt_line``, which raises each guest INTID's board SPI and is
+  configured once the devices exist; ``"stub"``: ``virq_pending`` requests
+  plus the doorbell's ``ring_stub``).
+
+``--user``: everything that needs root or the checkout is done first (devices
+mapped and built, the trap page's lock taken, the doorbell and control socket
+open, every module imported), then the privileges are dropped.
 """
 
 import gc
@@ -40,12 +47,13 @@ import time
 from pathlib import Path
 
 from . import abi
-from .board import Board, board_path, load_board
+from .board import Board, BoardInterruptLine, board_path, load_board
 from .config import Config, load_config
 from .control import ControlServer, default_control_path
 from .doorbell import FifoDoorbell, UioDoorbell
 from .errors import AvatarError
 from .hw.uio import find_uio
+from .layout import address
 from .loop import EventLoop
 from .trap import TrapPage
 from .virtio import constants as vc
@@ -61,7 +69,7 @@ REGISTER_NAMES = {value: "".join(part.capitalize() for part in name[4:].split("_
 
 
 def _gic_line(daemon):
-    return daemon.board.open_gic(**daemon.roots)
+    return daemon.board.interrupt_line(**daemon.roots)
 
 
 def _stub_line(daemon):
@@ -131,6 +139,7 @@ class Daemon:
 
     def _open(self):
         board = self.board
+        log.debug("board file %s, VMs config %s", board.path, self.config.path)
         self.trap_region = self._open_region(board.trap)
         self.trap = TrapPage(self.trap_region, board.layout,
                              trace=self._trace if self.trace else None,
@@ -148,8 +157,10 @@ class Daemon:
             self.subsystem.vm_init(vm_id, GuestMemory(ram, board.ram_guest_base, vm_id=vm_id))
             for device in vm.devices:
                 self.subsystem.create_device(vm_id, self.config.build_device(device))
+        self._configure_board_spis(line)
         self.control = ControlServer(self.control_path or default_control_path(), self)
         self.control.attach(self.loop)
+        self.trap.take_lock()               # before the drop: --user need not open the node
         if self.user:
             drop_privileges(self.user, [self.control.path])
         self.trap.wait_ready(self.wait_stub)
@@ -159,6 +170,19 @@ class Daemon:
         self.loop.add_reader(self._wake_r, self._on_wake)
         self.started = time.time()
         self._service()                                      # whatever was posted before
+
+    def _configure_board_spis(self, line):
+        """Enable, make edge-triggered, prioritise and target the devices' board SPIs."""
+        if not isinstance(line, BoardInterruptLine):
+            return                               # the stub's line, or one handed in
+        if not line.configurable:
+            log.info("board SPIs go through a GICv2m frame: the distributor's owner "
+                     "configures them")
+            return
+        configured = line.configure(sorted(entry["irq"]
+                                           for entry in self.subsystem.device_info()))
+        for intid, settings in configured.items():
+            log.info("board SPI %d: %s", intid, ", ".join(settings.phrases().values()))
 
     def _trap_lock_path(self):
         """The trap page's file or UIO device node (the serving model flocks it)."""
@@ -228,22 +252,39 @@ class Daemon:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._old_signals[signum] = signal.signal(signum, self._on_signal)
         self._running = True
-        log.info("serving %d VM(s) on board %s (%s)", len(self.config.vms), self.board.name,
-                 "busy-poll" if self.busy_poll else "doorbell")
+        self._log_endpoints()
+        sd_notify(f"READY=1\nSTATUS=serving {len(self.config.vms)} VM(s), control socket "
+                  f"{self.control.path}\nMAINPID={os.getpid()}")
         try:
             if self.busy_poll:
-                handler, service = self.subsystem.handle_mmio_trap, self.trap.service
-                while self._running:
-                    self.loop.run_once(0)
-                    service(handler)
+                self._busy_poll()
             else:
                 while self._running:
                     self.loop.run_once()
         finally:
+            self.close()            # a second signal meanwhile only asks to stop again
             for signum, old in self._old_signals.items():
                 signal.signal(signum, old)
             self._old_signals.clear()
-            self.close()
+
+    def _busy_poll(self):
+        # Its own frame: the bound methods held here must be gone before close() unmaps
+        # the regions their views point into.
+        handler, service = self.subsystem.handle_mmio_trap, self.trap.service
+        while self._running:
+            self.loop.run_once(0)
+            service(handler)
+
+    def _log_endpoints(self):
+        """Where to reach it: the control socket and every console port's endpoints."""
+        log.info("serving %d VM(s) on board %s (%s); control socket %s", len(self.config.vms),
+                 self.board.name, "busy-poll" if self.busy_poll else "doorbell",
+                 self.control.path)
+        for entry in self.subsystem.device_info():
+            ports = self.subsystem.debug_device(entry["vm"], entry["slot"]).get("ports", ())
+            for port in ports:
+                log.info("vm%d console port %s: %s", entry["vm"], port["name"] or port["id"],
+                         ", ".join(port["endpoints"]) or "no endpoint")
 
     def _on_signal(self, signum, frame):
         # Only the wake-up here: a handler may interrupt the main thread anywhere,
@@ -271,6 +312,8 @@ class Daemon:
         if self._closed:
             return
         self._closed = True
+        if self.started is not None:
+            sd_notify("STOPPING=1")
         if self.doorbell is not None and not self.busy_poll and self.trap is not None:
             self.loop.remove_reader(self.doorbell)      # nothing serves after DETACHED
         if self.trap is not None and self.trap.slots and self.subsystem is not None:
@@ -314,19 +357,49 @@ class Daemon:
                        "W" if is_write else "R", register, size, value,
                        "" if status == abi.STATUS_OK else " UNHANDLED", latency_ns / 1000)
 
+    def list_devices(self):
+        """What ``avatar-hw list --json`` shows."""
+        return [_addressed(entry) for entry in self.subsystem.list_all_devices()]
+
+    def debug_device(self, vm_id, slot):
+        """What ``avatar-hw debug --json`` shows."""
+        return _addressed(self.subsystem.debug_device(vm_id, slot))
+
     def info(self):
         """What ``avatar-hw info --json`` shows."""
         vms = []
         for vm_id, memory in self.subsystem.vms.items():
-            devices = [{**entry, **self.subsystem.debug_device(vm_id, entry["slot"])}
+            devices = [{**entry, **self.debug_device(vm_id, entry["slot"])}
                        for entry in self.subsystem.device_info() if entry["vm"] == vm_id]
-            vms.append({"vm": vm_id, "ram": {"base": hex(memory.base), "size": memory.size},
-                        "window": [hex(a) for a in self.board.layout.vm_window(vm_id)],
+            vms.append({"vm": vm_id, "ram": {"base": address(memory.base), "size": memory.size},
+                        "window": [address(a) for a in self.board.layout.vm_window(vm_id)],
                         "devices": devices})
         return {"pid": os.getpid(), "board": self.board.name, "board_file": str(self.board.path),
                 "config": str(self.config.path), "uptime": round(time.time() - self.started, 3),
                 "mode": "busy-poll" if self.busy_poll else "doorbell",
                 "trap": self.trap.info(), "vms": vms}
+
+
+def sd_notify(state):
+    """Tell systemd (``Type=notify`` units) ``state``: one datagram to $NOTIFY_SOCKET, as
+    sd_notify(3) does; nothing without it. A failure is logged, never raised."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]                       # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), path)
+    except OSError as err:
+        log.warning("NOTIFY_SOCKET %s: %s", os.environ["NOTIFY_SOCKET"], err)
+        return False
+    return True
+
+
+def _addressed(entry):
+    """``entry`` with its window ``base`` in the one address format (``layout.address``)."""
+    return {**entry, "base": address(int(entry["base"], 16))}
 
 
 def drop_privileges(user, owned_paths=()):
@@ -340,11 +413,14 @@ def drop_privileges(user, owned_paths=()):
             return
         raise AvatarError(f"--user {user}: only root can change user (running as UID "
                           f"{os.geteuid()})")
-    for path in owned_paths:
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-    os.initgroups(user, entry.pw_gid)
-    os.setgid(entry.pw_gid)
-    os.setuid(entry.pw_uid)
+    try:
+        for path in owned_paths:
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        os.initgroups(user, entry.pw_gid)
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+    except OSError as err:
+        raise AvatarError(f"--user {user}: cannot become UID {entry.pw_uid}: {err}") from None
     log.info("running as %s (UID %d)", user, entry.pw_uid)
 
 
@@ -353,7 +429,6 @@ def drop_privileges(user, owned_paths=()):
 def _serve(args):
     if args.trace:
         trace_log.setLevel(logging.INFO)
-    logging.getLogger("avatar_hw").setLevel(getattr(logging, args.log_level.upper()))
     daemon = Daemon(args.board, args.config, doorbell=args.doorbell, busy_poll=args.busy_poll,
                     trace=args.trace, control_path=args.control, user=args.user,
                     wait_stub=args.wait_stub, sysfs_root=args.sysfs_root, dev_root=args.dev_root)
@@ -361,9 +436,9 @@ def _serve(args):
     return 0
 
 
-def add_parser(subparsers):
+def add_parser(subparsers, parents=()):
     parser = subparsers.add_parser(
-        "serve", help="run the device model daemon",
+        "serve", parents=parents, help="run the device model daemon",
         description="Map the trap page and the guests' RAM, build the VMs' devices from the "
                     "config, attach to the trap page and serve traps until SIGINT/SIGTERM.")
     parser.add_argument("--board", required=True,
@@ -379,9 +454,7 @@ def add_parser(subparsers):
     parser.add_argument("--doorbell", help="uio (default), or fifo:PATH[,STUB_PATH]")
     parser.add_argument("--wait-stub", type=float, default=10.0, metavar="SECONDS",
                         help="how long to wait for the stub to initialise the trap page")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
     parser.add_argument("--sysfs-root", default="/sys",
                         help="where UIO devices are looked up (default /sys; tests use a tree)")
     parser.add_argument("--dev-root", default="/dev", help="where /dev/uioN nodes are")
-    parser.set_defaults(func=_serve)
+    parser.set_defaults(func=_serve, verbosity=1)        # info by default: what it serves

@@ -13,9 +13,10 @@ setting ``virq_pending`` bits.
 
 Implementations:
 
-- ``UioDoorbell``: the trap page's UIO interrupt on a board. uio_pdrv_genirq
-  masks the line each time it fires, so ``ack`` reads the 4-byte event count
-  and writes 1 to unmask it, then the daemon scans.
+- ``UioDoorbell``: the trap page's UIO interrupt on a board. The avatar_uio
+  driver (boards/linux; like uio_pdrv_genirq) masks the line each time it
+  fires, so ``ack`` reads the 4-byte event count and writes 1 to unmask it,
+  then the daemon scans.
 - ``FifoDoorbell``: two named pipes, for the stand-in stub of the tests (a
   separate process rings by writing a 4-byte count, as the kernel hands one to
   a UIO reader) and for anything else that cannot raise a UIO interrupt. A

@@ -7,8 +7,10 @@ place and environment examples.
 
 States: ``off`` -> ``hypervisor`` (power cycle, the hypervisor's banner on the
 board UART) -> ``shell`` (logged in to the board's Linux) -> ``serving``
-(``avatar-hw serve`` running, its control socket answering). The shell
-commands for the last step are plain functions (``start_command``,
+(``avatar-hw serve`` running, its control socket answering; if it exits
+instead, a ``StrategyError`` carries its log's last lines at once).
+``restart_daemon()`` restarts only the daemon (labgrid skips a transition to
+the current state). The shell commands for the last step are plain functions (``start_command``,
 ``ready_command``, ``stop_command``), so they are tested without labgrid.
 """
 
@@ -35,11 +37,21 @@ def start_command(serve_args, *, log, pidfile, avatar_hw="avatar-hw"):
             f"echo $! >{shlex.quote(pidfile)}")
 
 
-def ready_command(control, *, timeout=READY_TIMEOUT, avatar_hw="avatar-hw"):
-    """A shell command line that succeeds once the daemon at ``control`` answers."""
+def ready_command(control, *, timeout=READY_TIMEOUT, avatar_hw="avatar-hw", pidfile=None,
+                  log=None):
+    """A shell command line that succeeds once the daemon at ``control`` answers.
+
+    With ``pidfile`` (and ``log``) it fails as soon as the daemon started by
+    ``start_command`` is gone, printing the end of its log (the daemon's one-line
+    error), instead of waiting out ``timeout``."""
     tries = max(1, int(timeout / POLL))
+    gone = ""
+    if pidfile:
+        tail = f"tail -n 5 {shlex.quote(log)} >&2; " if log else ""
+        gone = (f"kill -0 $(cat {shlex.quote(pidfile)}) 2>/dev/null || "
+                f"{{ echo 'avatar-hw serve exited:' >&2; {tail}exit 2; }}; ")
     return (f"(i=0; until {avatar_hw} info --control {shlex.quote(control)} >/dev/null 2>&1; "
-            f"do i=$((i + 1)); [ $i -ge {tries} ] && exit 1; sleep {POLL}; done)")
+            f"do {gone}i=$((i + 1)); [ $i -ge {tries} ] && exit 1; sleep {POLL}; done)")
 
 
 def stop_command(pidfile):
@@ -70,6 +82,7 @@ def _define_strategy():
         boot_timeout = attr.ib(default=120.0, converter=float)
         log = attr.ib(default="/var/log/avatar-hw.log", validator=attr.validators.instance_of(str))
         pidfile = attr.ib(default="/run/avatar-hw.pid", validator=attr.validators.instance_of(str))
+        avatar_hw = attr.ib(default="avatar-hw", validator=attr.validators.instance_of(str))
 
         @step(args=["status"])
         def transition(self, status, *, step):
@@ -93,11 +106,24 @@ def _define_strategy():
                 self.target.activate(self.shell)
             elif status == Status.serving:
                 self.transition(Status.shell)
-                self.shell.run_check(stop_command(self.pidfile))
-                self.shell.run_check(start_command(self.serve_args, log=self.log,
-                                                   pidfile=self.pidfile))
-                self.shell.run_check(ready_command(self.control), timeout=READY_TIMEOUT + 10)
+                self.restart_daemon()
             self.status = status
+
+        @step()
+        def restart_daemon(self):
+            """Stop the daemon this strategy started (if any), start it again, wait until
+            it answers; StrategyError with its log's last lines if it exits instead."""
+            self.shell.run_check(stop_command(self.pidfile))
+            self.shell.run_check(start_command(self.serve_args, log=self.log,
+                                               pidfile=self.pidfile, avatar_hw=self.avatar_hw))
+            out, err, code = self.shell.run(
+                ready_command(self.control, avatar_hw=self.avatar_hw, pidfile=self.pidfile,
+                              log=self.log) + " 2>&1", timeout=READY_TIMEOUT + 10)
+            if code:
+                problem = "\n".join(out) if code == 2 else (
+                    f"its control socket {self.control} did not answer within "
+                    f"{READY_TIMEOUT:.0f} s")
+                raise StrategyError(f"avatar-hw serve {' '.join(self.serve_args)}: {problem}")
 
     return AvatarStrategy
 

@@ -8,6 +8,12 @@ SPIs from INTID 48, 8 per VM. Device k of VM v sits at
 from dataclasses import dataclass
 
 
+def address(value):
+    """How avatar-hw prints a guest-physical address everywhere: ``0x0a000000``
+    (at least 8 digits, so 32-bit addresses line up)."""
+    return f"0x{value:08x}"
+
+
 @dataclass(frozen=True)
 class Layout:
     base: int = 0x0A000000

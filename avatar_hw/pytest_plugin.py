@@ -7,31 +7,49 @@ Options:
 - ``--avatar-console URL``: the guest console (VM 0, port 0) as any pyserial URL:
   /dev/ttyUSB0, /dev/ttyAMA0, a pty path, socket://host:port, rfc2217://host:port,
   unix:///path; default: the daemon's own endpoint for it;
-- ``--avatar-control PATH``: the daemon's control socket (default as ``avatar-hw info``).
+- ``--avatar-control PATH``: the daemon's control socket (default as ``avatar-hw info``);
+- ``--avatar-reset-command CMD``: how a bench resets VM ``{vm}`` (``avatar_reset``);
+- ``--avatar-log-dir DIR``: where the per-test console logs go (default: pytest's
+  temporary directory, ``<basetemp>/avatar-logs``; the terminal summary names it).
 
 Markers (declared here, nowhere else):
 
 - ``hw``: needs a real board; skipped unless ``--avatar-board`` is given;
 - ``emulated``: runs on the emulated board. A test marked both runs on the real
-  board when one is given, else on the emulated board.
+  board when one is given, else on the emulated board;
+- ``avatar_reset(vm=0)``: start the VM's guest again before the test (``avatar_reset``).
 
 Fixtures:
 
 - ``avatar_board`` (session): a ``avatar_hw.testing.target`` Target: the real board, or the
   emulated board booted once for the session (skipped with the reason when it cannot run);
-- ``guest_console`` (session): a ``GuestConsole`` on VM 0's console;
-- ``guest_shell``: the same console once a shell answers on it.
+- ``avatar_console`` (session): ``avatar_console(vm=0, port=0)`` is the ``GuestConsole``
+  on that VM's console port, opened once for the session;
+- ``guest_console`` (session): ``avatar_console(0)``;
+- ``guest_shell``: the same console once a shell answers on it;
+- ``avatar_reset``: ``avatar_reset(vm=0)`` starts that VM's guest again (the emulated
+  board: QEMU and the daemon restart, the disk is kept; a bench: ``--avatar-reset-command``)
+  and waits until its shell answers on every console the test holds.
 
-When a test that used ``avatar_board`` fails, its report gets an "avatar-hw board" section:
-the interrupt diagnosis (the daemon's counters and the GIC's view of each SPI) and the
-console's last output.
+Reports: every console opened through ``avatar_console`` is logged per test, one file
+per test and VM console (``<log dir>/<test id>.vm<N>[-port<P>].log``), and attached to
+the test's report as a "Captured stdout" section, so JUnit XML carries it with
+``junit_logging = system-out`` (or ``all``). Tests using ``avatar_board`` get the JUnit
+properties ``avatar_board``, ``avatar_target``, ``avatar_kernel`` (the guest's release),
+``avatar_hw_version`` and ``avatar_hw_commit``. When such a test fails, its report gets an
+"avatar-hw board" section: the interrupt diagnosis (the daemon's counters and the GIC's
+view of each SPI) and the console's last output.
 """
+
+import re
+from pathlib import Path
 
 import pytest
 
 MARKERS = {
     "hw": "needs a real Avatar board (skipped unless --avatar-board is given)",
     "emulated": "runs on the emulated board (QEMU + EL2 stub + arm64 Linux; slow)",
+    "avatar_reset": "avatar_reset(vm=0): start the VM's guest again before the test",
 }
 HW_SKIP = ("needs a real Avatar board: run with --avatar-board FILE (e.g. boards/rpi4.toml) "
            "next to a running 'avatar-hw serve'")
@@ -49,11 +67,60 @@ def pytest_addoption(parser):
     group.addoption("--avatar-control", metavar="PATH",
                     help="the daemon's control socket (default: $AVATAR_HW_CONTROL or the "
                          "daemon's default)")
+    group.addoption("--avatar-reset-command", metavar="CMD",
+                    help="shell command that restarts VM {vm}'s guest on a bench (e.g. "
+                         "'labgrid-client -p avatar-pi-1 power cycle'), for avatar_reset")
+    group.addoption("--avatar-log-dir", metavar="DIR",
+                    help="per-test console logs (default: <pytest basetemp>/avatar-logs)")
+
+
+class _Consoles:
+    """The session's consoles by (vm, port) and the running test's log files."""
+
+    def __init__(self):
+        self.log_dir = None
+        self.by_port = {}
+        self.test = None                # the running item's log file stem
+        self.logs = {}                  # (vm, port) -> (path, file) of this test's log
+
+    def open_log(self, key):
+        vm, port = key
+        path = self.log_dir / f"{self.test}.vm{vm}{f'-port{port}' if str(port) != '0' else ''}.log"
+        log = open(path, "a", encoding="utf-8", errors="replace")
+        self.by_port[key].log = log
+        self.logs[key] = path, log
+
+    def start_test(self, item):
+        self.test = re.sub(r"[^\w.\[\]-]+", "_", item.nodeid).strip("_")
+        for key in self.by_port:
+            self.open_log(key)
+
+    def end_test(self, item):
+        for key, (path, log) in self.logs.items():
+            console = self.by_port.get(key)         # gone when the session ended with this test
+            if console is not None:
+                try:
+                    console.drain()
+                except Exception:                   # a console gone away: its log ends here
+                    pass
+                console.log = None
+            log.close()
+            text = path.read_text(errors="replace")
+            vm, port = key
+            item.add_report_section("teardown", "stdout",
+                                    f"--- avatar-hw vm{vm} console port {port} ({path}) ---\n"
+                                    f"{text}")
+        self.logs = {}
+        self.test = None
+
+
+_STATE = pytest.StashKey[_Consoles]()
 
 
 def pytest_configure(config):
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+    config.stash[_STATE] = _Consoles()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -73,7 +140,8 @@ def avatar_board(request):
     board_file = config.getoption("avatar_board")
     if board_file:
         board = target.HardwareTarget(board_file, console_url=config.getoption("avatar_console"),
-                                      control_path=config.getoption("avatar_control"))
+                                      control_path=config.getoption("avatar_control"),
+                                      reset_command=config.getoption("avatar_reset_command"))
         try:
             board.info()
         except AvatarError as err:
@@ -89,17 +157,77 @@ def avatar_board(request):
 
 
 @pytest.fixture(scope="session")
-def guest_console(avatar_board):
-    console = avatar_board.console()
-    avatar_board.last_console = console
+def avatar_console(request, avatar_board, tmp_path_factory):
+    state = request.config.stash[_STATE]
+    option = request.config.getoption("avatar_log_dir")
+    state.log_dir = Path(option) if option else tmp_path_factory.getbasetemp() / "avatar-logs"
+    state.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def console(vm=0, port=0):
+        key = (vm, port)
+        if key not in state.by_port:
+            state.by_port[key] = avatar_board.console(vm, port)
+            if state.test is not None:
+                state.open_log(key)
+        if vm == 0:
+            avatar_board.last_console = state.by_port[key]
+        return state.by_port[key]
+
     yield console
-    console.close()
+    for opened in state.by_port.values():
+        opened.drain()                              # into the last test's log
+        opened.close()
+    state.by_port.clear()
+
+
+@pytest.fixture(scope="session")
+def guest_console(avatar_console):
+    return avatar_console(0)
 
 
 @pytest.fixture
-def guest_shell(guest_console):
+def guest_shell(guest_console, avatar_board):
     guest_console.wait_shell(SHELL_TIMEOUT)
+    if avatar_board.kernel is None:
+        avatar_board.kernel = guest_console.check("uname -r").strip()
     return guest_console
+
+
+@pytest.fixture
+def avatar_reset(request, avatar_board, avatar_console):
+    state = request.config.stash[_STATE]
+
+    def reset(vm=0):
+        from .testing.console import ConsoleTimeout
+        restarted = avatar_board.reset(vm)
+        for (console_vm, port), console in state.by_port.items():
+            if console_vm in restarted:
+                console.reopen(avatar_board.console_url(console_vm, port))
+                try:
+                    console.wait_shell(SHELL_TIMEOUT)
+                except ConsoleTimeout:
+                    if port == 0:
+                        raise
+    return reset
+
+
+@pytest.fixture(autouse=True)
+def _avatar_reset_marker(request):
+    marker = request.node.get_closest_marker("avatar_reset")
+    if marker is not None:
+        request.getfixturevalue("avatar_reset")(*marker.args, **marker.kwargs)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    item.config.stash[_STATE].start_test(item)
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item):
+    yield
+    item.config.stash[_STATE].end_test(item)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -107,9 +235,18 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     board = getattr(item, "funcargs", {}).get("avatar_board")
-    if board is None or not report.failed or call.when != "call":
+    if board is None:
         return
-    report.sections.append(("avatar-hw board", board_report(board)))
+    if call.when == "setup" and report.passed:
+        item.user_properties.extend(board.properties().items())
+    if report.failed and call.when == "call":
+        report.sections.append(("avatar-hw board", board_report(board)))
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    state = config.stash.get(_STATE, None)
+    if state is not None and state.log_dir is not None:
+        terminalreporter.write_line(f"avatar-hw console logs: {state.log_dir}")
 
 
 def board_report(board):

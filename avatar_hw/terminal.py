@@ -34,8 +34,8 @@ def resolve_url(args):
     if args.url:
         return args.url
     if args.vm is None:
-        raise AvatarError("avatar-hw console: give a VM number (and the daemon's "
-                                  "--control socket) or --url URL")
+        raise AvatarError("console: give a VM number (and the daemon's --control socket) "
+                          "or --url URL")
     return console_url_from_info(control.request("info", args.control), args.vm, args.port)
 
 
@@ -59,9 +59,9 @@ def _console(args):
     return 0
 
 
-def add_parser(subparsers):
+def add_parser(subparsers, parents=()):
     parser = subparsers.add_parser(
-        "console", help="interactive terminal on a guest console (quit: Ctrl-])",
+        "console", parents=parents, help="interactive terminal on a guest console (quit: Ctrl-])",
         description="Attach this terminal to a guest console: a running daemon's (VM and "
                     "port) or any pyserial URL. Ctrl-] quits, Ctrl-T opens miniterm's menu.")
     parser.add_argument("vm", type=int, nargs="?", help="VM number (with the daemon)")

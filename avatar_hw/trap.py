@@ -20,6 +20,7 @@ import os
 import time
 
 from . import abi
+from .errors import AvatarError
 from .hw import ordering
 from .ratelimit import RateLimitedLog
 
@@ -114,8 +115,7 @@ class TrapPage:
         if not self.slots:
             self.wait_ready(0)
         header = self.header
-        if self.lock_path is not None:
-            self._take_lock()
+        self.take_lock()
         if header.model_state == abi.MODEL_ATTACHED:
             log.info("taking over the trap page from PID %d, which is gone", header.model_pid)
         self.features = header.stub_features & wanted
@@ -143,8 +143,16 @@ class TrapPage:
         self.release_lock()
         log.info("detached from %s", self.region.name)
 
-    def _take_lock(self):
-        fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    def take_lock(self):
+        """Hold the page's lock (``attach`` takes it if not yet held; the daemon takes it
+        before it drops privileges, which may leave it unable to open ``lock``)."""
+        if self.lock_path is None or self._lock_fd is not None:
+            return
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            raise AvatarError(f"{self.lock_path}: cannot open the trap page's lock: "
+                                  f"{err.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -10,8 +10,9 @@ against avatar-hw and a C floor), ``cost`` (bench/cost.py: daemon CPU per GiB
 through the block device, memory with 8 VMs x 4 devices), ``board``
 (bench/board.py: a Linux guest on the emulated board, avatar-hw against
 QEMU's own virtio-mmio devices), ``two_guests`` (bench/two_guests.py: VM0's
-throughput with VM1 idle, then with VM1 hostile). Results go to bench/results/<time>.json or
-``--out``. Run from the repository root. docs/performance.md explains them.
+throughput with VM1 idle, busy, then hostile). Results go to bench/results/<time>.json
+(git ignores them; bench/results/full.json is the run docs/performance.md
+quotes) or ``--out``. Run from the repository root. docs/performance.md explains them.
 """
 
 import argparse

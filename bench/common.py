@@ -54,6 +54,20 @@ class Child:
                     out[key] = int(value.split()[0])
         return out
 
+    def rss_outside(self, root):
+        """Resident kB of the mappings whose file is not under ``root`` (the guest RAM files
+        of a FakeBoard are there; on a board guest RAM is a UIO mapping, not in RSS)."""
+        total, skip = 0, False
+        with open(f"/proc/{self.pid}/smaps") as f:
+            for line in f:
+                head = line.split(None, 1)[0]
+                if "-" in head and not head.endswith(":"):        # a mapping's first line
+                    parts = line.split()
+                    skip = len(parts) > 5 and parts[5].startswith(str(root))
+                elif head == "Rss:" and not skip:
+                    total += int(line.split()[1])
+        return total
+
     def stop(self, timeout=15):
         """SIGTERM, wait, SIGKILL if needed; returns the exit status."""
         if self.process.poll() is None:

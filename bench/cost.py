@@ -11,10 +11,15 @@ serving process is counted (the driver's own work is in another process).
   refill; CPU seconds per GiB and CPU µs per request;
 - console: guest->host through a ``file:`` endpoint, 64 KiB buffers; CPU s/GiB;
 - memory: VmRSS / RssAnon / RssFile / RssShmem of a daemon serving 8 VMs with
-  4 devices each, after start-up and after every device reached DRIVER_OK.
+  4 devices each, after start-up and after every device reached DRIVER_OK;
+- hostile memory: the same 8 VMs (consoles on Unix sockets whose clients never
+  read) with every queue of every device at its maximum size and flooded, round
+  after round, with chains of the longest length accepted (queue-size indirect
+  tables of tiny descriptors) and 32768-entry tables; VmHWM is the daemon's peak.
 """
 
 import importlib.util
+import socket
 import struct
 import tempfile
 import time
@@ -23,6 +28,7 @@ from pathlib import Path
 from avatar_hw.errors import AvatarError
 from avatar_hw.layout import Layout
 from avatar_hw.testing.driver import VirtioDriver
+from avatar_hw.testing.hostile import flood, forget_used
 from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
 from avatar_hw.virtio import constants as vc
 
@@ -269,6 +275,67 @@ def memory(tmp):
     return out
 
 
+HOSTILE_ROUNDS = 6
+
+
+def hostile_memory(tmp, quick=False):
+    """Peak RSS of the daemon while every VM floods every queue (see the docstring)."""
+    kinds = device_kinds_available()
+    per_vm = (kinds + ["console"] * DEVICES_PER_VM)[:DEVICES_PER_VM]
+    tmp = Path(tmp)
+
+    def table_for(kind, vm, index):
+        if kind == "console":
+            return f'{{ backends = ["unix:{tmp}/vm{vm}-{index}.sock"] }}'
+        return device_table(kind, vm, index, tmp)
+    lines = []
+    for vm in range(VMS):
+        lines.append(f"[vm.{vm}]")
+        for kind in dict.fromkeys(per_vm):
+            tables = [table_for(kind, vm, i) for i, k in enumerate(per_vm) if k == kind]
+            lines.append(f"{kind} = [{', '.join(tables)}]")
+    config = "\n".join(lines) + "\n"
+    clients = []
+    with ServedBoard(tmp / "board", lambda root: config, vms=VMS, ram_size=16 << 20) as served:
+        for path in sorted(tmp.glob("vm*.sock")):       # clients that never read
+            client = socket.socket(socket.AF_UNIX)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect(str(path))
+            clients.append(client)
+        queues = []
+        for vm in range(VMS):
+            mmio = served.stub.page.mmio(vm, 0)
+            for slot in range(len(per_vm)):
+                ram = served.stub.guest_ram(vm, alloc_start=(1 + slot) << 20)
+                driver = VirtioDriver(mmio, Layout().window(vm, slot), ram)
+                driver.negotiate()
+                for index in range(_queue_count(driver)):
+                    q = driver.setup_queue(index, buf_size=0)
+                    data = ram.alloc(4096, 16)
+                    ram.write(data, struct.pack("<IIQ", BLK_T_IN, 0, 0))
+                    queues.append((q, data, ram.alloc(16 * 32768, 16), index % 2 == 0))
+                driver.driver_ok()
+        root = served.board.root
+        before = {**served.daemon.status(), "RssWithoutGuestRam": served.daemon.rss_outside(root)}
+        for round_ in range(2 if quick else HOSTILE_ROUNDS):
+            entries = 32768 if round_ % 3 == 2 else None
+            for q, data, table_gpa, writable in queues:
+                forget_used(q)          # even queues: a header, then device-writable bytes
+                if q.free:              # odd ones (console, net transmit): all readable
+                    n = entries or q.size
+                    flood(q, table_gpa, [(data, 16, False)] + [(data + 512, 1, writable)] * (n - 1))
+                q.notify()
+            time.sleep(0.5)
+        for q, *_ in queues:
+            forget_used(q)
+        after = {**served.daemon.status(), "RssWithoutGuestRam": served.daemon.rss_outside(root)}
+        alive = served.daemon.process.poll() is None
+    for client in clients:
+        client.close()
+    return {"before": before, "after": after, "daemon_alive": alive,
+            "queues_flooded": len(queues), "rounds": 2 if quick else HOSTILE_ROUNDS}
+
+
 def _queue_count(driver):
     """How many queues the device has (QueueNumMax non-zero)."""
     count = 0
@@ -290,6 +357,7 @@ def run(quick=False):
         else:
             out["block"] = "not measured: avatar_hw.devices.block does not exist in this tree yet"
         out["memory"] = memory(Path(tmp) / "memory")
+        out["hostile_memory"] = hostile_memory(Path(tmp) / "hostile", quick)
     report(out)
     return out
 
@@ -306,3 +374,9 @@ def report(out):
     table(f"Daemon memory, kB (8 VMs x {'/'.join(mem['devices_per_vm'])})", ["state", *keys],
           [[name, *(mem[name].get(k, "-") for k in keys)]
            for name in ("one_vm_one_console", "after_start", "after_driver_ok")])
+    hostile = out["hostile_memory"]
+    keys = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssWithoutGuestRam")
+    table(f"Daemon memory under hostile guests, kB ({hostile['queues_flooded']} queues "
+          f"flooded, {hostile['rounds']} rounds; daemon alive: {hostile['daemon_alive']})",
+          ["state", *keys], [[name, *(hostile[name].get(k, "-") for k in keys)]
+                             for name in ("before", "after")])

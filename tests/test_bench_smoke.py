@@ -31,3 +31,27 @@ def test_quick_bench_runs_and_writes_its_report(tmp_path):
     assert len(memory["devices_per_vm"]) == 4 and memory["vms"] == 8
     assert memory["after_driver_ok"]["VmRSS"] > 0
     assert "Trap path" in result.stdout and "Daemon memory" in result.stdout
+    hostile = cost["hostile_memory"]
+    assert hostile["daemon_alive"] and hostile["queues_flooded"] == 8 * 6
+    assert hostile["after"]["RssWithoutGuestRam"] > 0
+
+
+def test_soak_runs_a_few_hundred_steps_without_failure():
+    from bench.soak import soak
+    result = soak(300, seed=13)
+    assert result["steps"] >= 300 and result["failures"] == []
+    assert sum(result["guest_errors"].values()) > 0          # the guest did misbehave
+
+
+def test_soak_command_runs_and_prints_its_figures():
+    result = subprocess.run([sys.executable, "-m", "bench.soak", "--steps", "200", "--seed", "3"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert "0 failures" in result.stdout
+
+
+def test_hostile_bench_measures_every_device_kind():
+    from bench.hostile import measure
+    for kind in ("console", "block", "rng", "net"):
+        row = measure(kind, None)
+        assert row["chains_done"] == row["queue_size"] and row["max_hold_ms"] > 0

@@ -19,6 +19,7 @@ from avatar_hw.devices.block import BlockDevice
 from avatar_hw.errors import ConfigError
 from avatar_hw.loop import EventLoop
 from avatar_hw.testing.virtio import VirtioBench
+from avatar_hw.virtio import queue as virtqueue
 from avatar_hw.virtio.constants import bit
 
 SECTORS = 2048                                      # 1 MiB image
@@ -231,29 +232,6 @@ def test_reads_past_the_end_of_a_short_or_sparse_file_are_zeros(tmp_path, make):
     status, length, data = b.request(blk.T_IN, sector=0, read=1024)
     assert (status, length, data) == (blk.S_OK, 1025, b"\x11" * 512 + bytes(512))
 
-
-def test_transfer_batches_iov_max_views_and_loops_on_short_transfers(tmp_path):
-    path = tmp_path / "f"
-    path.write_bytes(PATTERN[:3000])
-    fd = os.open(path, os.O_RDWR)
-    try:
-        buf = bytearray(3000)
-        views = [memoryview(buf)[i:i + 1] for i in range(3000)]   # > IOV_MAX views
-        assert blk._transfer(os.preadv, fd, views, 0) == 3000 and buf == PATTERN[:3000]
-        calls = []
-
-        def short_pwritev(fd_, bufs, offset):             # the kernel may write less
-            calls.append(len(bufs))
-            return os.pwritev(fd_, [bytes(bufs[0])[:7]], offset)
-        data = bytearray(b"abcdefghijklmnopqrstuvwxyz")
-        assert blk._transfer(short_pwritev, fd, [memoryview(data)[:10],
-                                                 memoryview(data)[10:]], 100) == 26
-        assert path.read_bytes()[100:126] == data and len(calls) == 5
-    finally:
-        os.close(fd)
-
-
-# -- multiqueue -----------------------------------------------------------------------------------
 
 def test_multiqueue_offers_num_queues_and_serves_each_queue(make):
     b = make(queues=3, queues_used=(0, 1, 2))
@@ -469,8 +447,9 @@ def test_a_busy_queue_is_served_a_queue_size_at_a_time_then_after_the_loop(make)
 
 def test_a_notify_moves_about_turn_bytes_then_the_rest_after_the_loop(make, monkeypatch):
     """Many large requests in one notify (indirect tables make 256 x 32 MiB possible) do not
-    hold the trap path for all of them: after TURN_BYTES the rest waits for the loop."""
-    monkeypatch.setattr(blk, "TURN_BYTES", 8192)
+    hold the trap path for all of them: after the queue's TURN_BYTES the rest waits for the
+    loop, a turn at a time."""
+    monkeypatch.setattr(virtqueue, "TURN_BYTES", 8192)
     loop = EventLoop()
     try:
         b = make(loop=loop)

@@ -1,9 +1,13 @@
 """The VMs config: what it accepts, and one line naming file, key and problem for each mistake."""
 
+import re
+import tomllib
+from pathlib import Path
+
 import pytest
 
 from avatar_hw import config as config_module
-from avatar_hw.config import DeviceKind, load_config
+from avatar_hw.config import DeviceKind, load_config, parse_config
 from avatar_hw.errors import ConfigError
 
 GOOD = """
@@ -136,3 +140,13 @@ def test_more_devices_than_a_vm_has_slots_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path, max_vms=8, devices_per_vm=4)
     assert str(err.value) == f"{path}: vm.1: 5 devices, but the board has 4 device slots per VM"
+
+
+def test_the_toml_examples_of_docs_devices_md_are_valid_configs():
+    """Every ```toml block of docs/devices.md passes the config checks (keys, types)."""
+    text = (Path(__file__).parent.parent / "docs" / "devices.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", text, re.S)
+    assert len(blocks) >= 4
+    for block in blocks:
+        config = parse_config("devices.md", tomllib.loads(block))
+        assert config.vms

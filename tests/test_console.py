@@ -9,7 +9,8 @@ import tracemalloc
 
 import pytest
 
-from avatar_hw.backends.console import (ConsoleBackend, open_console_backend, open_endpoint)
+from avatar_hw.backends.console import (DEFAULT_LOG_SIZE, ConsoleBackend, open_console_backend,
+                                        open_endpoint)
 from avatar_hw.devices import console as con
 from avatar_hw.devices.console import ConsoleDevice
 from avatar_hw.errors import ConfigError
@@ -125,32 +126,77 @@ def test_receive_buffer_without_writable_part_is_returned(console):
     assert [u.length for u in rx.get_used()] == [0]
 
 
-def test_output_is_held_while_no_client(tmp_path, loop):
+def read_all(client, loop, want, rounds=100):
+    got = b""
+    client.setblocking(False)
+    for _ in range(rounds):
+        loop.run_once(0.01)
+        try:
+            got += client.recv(65536)
+        except BlockingIOError:
+            pass
+        if len(got) >= want:
+            break
+    return got
+
+
+def test_output_without_client_goes_to_the_log_and_the_guest_never_waits(tmp_path, loop):
+    """Issue 16: with only socket endpoints and no client, the guest's buffers come back at
+    once (Linux's hvc path would spin for them); the last ``log`` bytes are kept and a
+    client that connects later receives them first, then the live output."""
     path = str(tmp_path / "c.sock")
-    b = VirtioBench(ConsoleDevice(f"unix:{path}", limit=4096), loop=loop, ram_size=4 << 20)
+    b = VirtioBench(ConsoleDevice(f"unix:{path}", limit=4096, log_size=5000), loop=loop,
+                    ram_size=4 << 20)
     rx, tx = b.driver.init([0, 1])
     tx.post(readable=[b"a" * 3000])
     tx.post(readable=[b"b" * 3000])
     tx.notify()
     loop.run_once(0)
-    # no client: the socket does not hold the output, so nothing is taken from the guest
-    assert tx.get_used() == []
-    assert b.device.ports[0].backend.buffered == 0
+    assert [u.length for u in tx.get_used()] == [0, 0]           # the guest does not wait
+    port = b.device.info()["ports"][0]
+    assert port["log"] == 5000 and port["log_overwritten"] == 1000
     client = socket.socket(socket.AF_UNIX)
     client.connect(path)
-    got = b""
-    for _ in range(50):
-        loop.run_once(0.01)
-        client.setblocking(False)
-        try:
-            got += client.recv(65536)
-        except BlockingIOError:
-            pass
-        if len(got) == 6000:
-            break
-    assert got == b"a" * 3000 + b"b" * 3000
-    assert len(tx.get_used()) == 2
+    assert read_all(client, loop, 5000) == b"a" * 2000 + b"b" * 3000
+    tx.post(readable=[b"live"])
+    tx.notify()
+    assert read_all(client, loop, 4) == b"live"
+    assert len(tx.get_used()) == 1
     client.close()
+    b.subsystem.close()
+
+
+def test_a_client_that_wrote_and_left_does_not_hold_the_guest(tmp_path, loop):
+    """The output in flight when the last client leaves joins the log; nothing waits in the
+    guest, and the next client gets it."""
+    path = str(tmp_path / "c.sock")
+    b = VirtioBench(ConsoleDevice(f"unix:{path}", limit=4096), loop=loop, ram_size=4 << 20)
+    rx, tx = b.driver.init([0, 1])
+    client = socket.socket(socket.AF_UNIX)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(path)
+    loop.run_once(0)
+    rx.post(writable=[64])
+    rx.notify()
+    client.send(b"typed")
+    for _ in range(5):
+        loop.run_once(0.01)
+    assert [u.data for u in rx.get_used()] == [b"typed"]
+    for i in range(200):                  # more than the client and its socket take
+        tx.post(readable=[bytes([65 + i % 26]) * 4000])
+    tx.notify()
+    loop.run_once(0)
+    client.close()                                        # wrote and left without reading
+    for _ in range(5):
+        loop.run_once(0.01)
+    tx.notify()
+    loop.run_once(0)
+    assert len(tx.get_used()) == 200 and b.device.ports[0].backend.buffered == 0
+    later = socket.socket(socket.AF_UNIX)
+    later.connect(path)
+    got = read_all(later, loop, DEFAULT_LOG_SIZE)
+    assert len(got) == DEFAULT_LOG_SIZE and got.endswith(bytes([65 + 199 % 26]) * 4000)
+    later.close()
     b.subsystem.close()
 
 
@@ -477,17 +523,16 @@ def test_16_mib_each_way_with_stalls(tmp_path, loop):
     con_.close()
 
 
-def test_console_without_endpoint_waits_for_one(tmp_path, loop):
+def test_console_without_endpoint_logs_until_one_is_added(tmp_path, loop):
     b = VirtioBench(ConsoleDevice(), loop=loop, ram_size=4 << 20)
     rx, tx = b.driver.init([0, 1])
     tx.post(readable=[b"early boot"])
     tx.notify()
     loop.run_once(0)
-    assert tx.get_used() == []                     # held: there is nowhere to put it
+    assert [u.length for u in tx.get_used()] == [0]      # logged: the guest does not wait
     log_path = tmp_path / "late.log"
     b.device.ports[0].backend.add_endpoint(f"file:{log_path}")
     assert log_path.read_bytes() == b"early boot"
-    assert [u.length for u in tx.get_used()] == [0]
     b.subsystem.close()
 
 

@@ -16,8 +16,10 @@ guest drivers (``StandinStub`` + ``VirtioDriver``).
   the host sent (no loss, duplication or reordering inside it).
 """
 
+import fcntl
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -31,6 +33,7 @@ import pytest
 
 from avatar_hw import abi
 from avatar_hw.layout import Layout
+from avatar_hw.testing.fake_uio import make_tree
 from avatar_hw.testing.standin_stub import FakeBoard, StandinStub, TrapTimeout
 from avatar_hw.virtio import constants as vc
 
@@ -160,7 +163,7 @@ def test_daemon_serves_consoles_to_two_vms_and_info_shows_both(board, stub, serv
     for vm in info["vms"]:
         [device] = vm["devices"]
         assert device["name"] == "console" and device["irq"] == LAYOUT.irq(vm["vm"], 0)
-        assert device["base"] == hex(LAYOUT.window(vm["vm"], 0))
+        assert device["base"] == f"0x{LAYOUT.window(vm['vm'], 0):08x}"
         assert "DRIVER_OK" in device["status"]
         assert device["bytes_from_guest"] == len(f"hello from vm{vm['vm']}\n")
         assert device["bytes_to_guest"] == len(f"to vm{vm['vm']}")
@@ -479,13 +482,164 @@ def test_permission_problem_is_one_line(board, stub):
     assert "permission denied" in lines[0] and "group 'avatar'" in lines[0]
 
 
+# -- --user: privileges dropped after everything that needs them ---------------------------
+
+def private_copy_of_the_package(tmp_path):
+    """The package in a root-only (0700) directory, as a checkout in a private home: after the
+    drop, anything the daemon imported or opened from there late would fail."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    package = Path(__file__).resolve().parent.parent / "avatar_hw"
+    shutil.copytree(package, private / "avatar_hw", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(private)}
+    where = subprocess.run([sys.executable, "-c", "import avatar_hw; print(avatar_hw.__file__)"],
+                           env=env, cwd=private, capture_output=True, text=True, check=True)
+    assert where.stdout.startswith(str(private))
+    return private, env
+
+
+def proc_ids(pid, field):
+    """The real, effective, saved and filesystem IDs on the ``field`` line (Uid, Gid)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return [int(n) for n in line.split()[1:]]
+    raise AssertionError(f"no {field} line in /proc/{pid}/status")
+
+
+def test_user_drop_keeps_the_lock_and_serves_as_that_user(tmp_path, board, stub):
+    """--user nobody (not in group avatar, cannot read the UIO nodes or this checkout): the
+    lock is taken and everything opened before the drop, and the daemon serves after it."""
+    if os.geteuid() != 0:
+        pytest.skip("--user needs root: the suite runs as root in CI")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody' on this machine")
+    private, env = private_copy_of_the_package(tmp_path)
+    for node in Path(board.roots["dev_root"]).iterdir():
+        node.chmod(0o600)                       # as without the udev rules: root only
+    log_path = board.root / "daemon.log"
+    with open(log_path, "wb") as log:
+        daemon = subprocess.Popen(board.serve_argv(console_config(board, vms=(0,)), "--user",
+                                                   "nobody"), env=env, cwd=private,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        stub.page.wait_attached()
+        assert stub.page.header.model_pid == daemon.pid
+        assert proc_ids(daemon.pid, "Uid") == [nobody.pw_uid] * 4
+        assert proc_ids(daemon.pid, "Gid") == [nobody.pw_gid] * 4
+        with open(board.node("avatar-trap"), "rb") as node:        # the lock is still held
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(node.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert stub.driver(0).read(vc.REG_DEVICE_ID) == vc.ID_CONSOLE    # served after the drop
+        info = subprocess.run([sys.executable, "-m", "avatar_hw", "info", "--json", "--control",
+                               str(board.control)], capture_output=True, text=True, timeout=30)
+        assert info.returncode == 0, info.stderr
+        assert json.loads(info.stdout)["pid"] == daemon.pid
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(10) == 0, log_path.read_text()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    output = log_path.read_text()
+    assert "running as nobody" in output and "Traceback" not in output, output
+    assert stub.page.header.model_state == abi.MODEL_DETACHED
+
+
+def test_user_that_cannot_be_switched_to_is_one_line(board, stub):
+    code, lines, err = run_serve(board, console_config(board, vms=(0,)), "--user", "no-such-user")
+    assert code == 2 and lines == ["avatar-hw: --user no-such-user: no such user"], err
+    assert "Traceback" not in err
+
+
+# -- a GIC board: the daemon configures and raises board SPIs, not the guest INTIDs -----------
+
+GIC_BOARD = """\
+[board]
+name = "fake-gic"
+
+[layout]
+base = 0x0a000000
+vm_size = 0x10000
+device_size = 0x1000
+irq_base = 48
+irqs_per_vm = 8
+max_vms = 2
+
+[interrupts]
+board_intids = [[200, 215]]     # VM1 slot 0 (guest INTID 56): 208
+reserved_intids = [[48, 199]]
+target_cpu = [1, 2]
+priority = 0x90
+
+[gic]
+version = "v2"
+distributor = 0xff841000
+lines = 256
+region = { uio = "avatar-gicd" }
+
+[trap]
+region = { uio = "avatar-trap" }
+
+[ram]
+region = { uio = "avatar-vm{vm}-ram" }
+guest_base = 0x40000000
+"""
+
+
+def test_gic_board_configures_and_raises_the_board_spi_of_each_device(board, stub):
+    from avatar_hw.daemon import Daemon
+    make_tree(board.root, {9: ("avatar-gicd", [(0xFF841000, 0x1000, 0, None)])})
+    gicd = board.node("avatar-gicd")
+    gicd.write_bytes(bytes(0x1000))
+    with open(gicd, "r+b") as node:             # GICD_TYPER: 256 lines, 4 CPUs
+        os.pwrite(node.fileno(), (7 | 3 << 5).to_bytes(4, "little"), 4)
+    board_file = board.root / "gic-board.toml"
+    board_file.write_text(GIC_BOARD)
+    daemon = Daemon(board_file, console_config(board, vms=(1,)),
+                    doorbell=f"fifo:{board.doorbell},{board.doorbell_stub}",
+                    control_path=board.control, **board.roots)
+    thread = daemon.start_thread()
+
+    def gicd_word(offset):
+        with open(gicd, "rb") as node:
+            return int.from_bytes(os.pread(node.fileno(), 4, offset), "little")
+
+    def gicd_byte(offset):
+        return gicd_word(offset & ~3) >> (8 * (offset & 3)) & 0xFF
+
+    try:
+        assert gicd_word(0x118) == 1 << 16          # GICD_ISENABLER6: INTID 208 only
+        assert gicd_word(0x198) == 1 << 16          # disabled first (GICD_ICENABLER6)
+        assert gicd_word(0xC34) == 0x2              # GICD_ICFGR13: 208 edge-triggered
+        assert gicd_byte(0x400 + 208) == 0x90 and gicd_byte(0x800 + 208) == 1 << 2   # VM1: CPU 2
+        assert gicd_byte(0x400 + 209) == 0 and gicd_word(0x104) == 0     # nothing else touched
+        driver = stub.driver(1)
+        rx, tx = driver.init([0, 1])
+        tx.post(readable=[b"hi"])
+        tx.notify()
+        deadline = time.monotonic() + 10
+        while gicd_word(0x218) != 1 << 16:          # GICD_ISPENDR6: board SPI 208 raised
+            assert time.monotonic() < deadline, "board SPI 208 never raised"
+            time.sleep(0.01)
+        assert gicd_word(0x204) == 0                # never the guest INTID 56 itself
+        report = daemon.subsystem.irq_line.diagnose_spi(56)
+        assert report.intid == 208 and report.changes() == [] and report.targets == (2,)
+    finally:
+        daemon.stop()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
 # -- the Python API -------------------------------------------------------------------------------------
 
-def test_python_api_runs_the_daemon_in_a_thread(board, stub, caplog):
+@pytest.mark.parametrize("busy_poll", [False, True], ids=["doorbell", "busy-poll"])
+def test_python_api_runs_the_daemon_in_a_thread(board, stub, caplog, busy_poll):
     from avatar_hw.daemon import Daemon
     daemon = Daemon(board.board_file, console_config(board, vms=(1,)),
                     doorbell=f"fifo:{board.doorbell},{board.doorbell_stub}",
-                    control_path=board.control, **board.roots)
+                    control_path=board.control, busy_poll=busy_poll, **board.roots)
     thread = daemon.start_thread()
     try:
         assert stub.page.model_attached()

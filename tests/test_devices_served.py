@@ -22,7 +22,8 @@ def test_block_rng_net_served_and_info_shows_their_counters(tmp_path):
     switch = tmp_path / "net.sock"
     config = tmp_path / "vms.toml"
     config.write_text(f'[vm.0]\nblock = {{ image = "{image}", serial = "served" }}\n'
-                      f'rng = {{ max_bytes = 64 }}\nnet = {{ switch = "{switch}" }}\n')
+                      f'rng = {{ max_bytes = 64 }}\n'
+                      f'net = {{ switch = "{switch}", mac = "02:00:00:00:00:01" }}\n')
     stub = StandinStub(board)
     daemon = Served(board, config)
     remote = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -67,9 +68,11 @@ def test_block_rng_net_served_and_info_shows_their_counters(tmp_path):
         assert (devices["rng"]["requests"], devices["rng"]["bytes_to_guest"]) == (1, 64)
         assert (devices["net"]["tx_frames"], devices["net"]["rx_frames"],
                 devices["net"]["bytes_to_guest"]) == (1, 1, len(REMOTE_FRAME))
+        assert devices["net"]["tx_wrong_source"] == 0
+        assert devices["block"]["guest_errors"] >= 1 and "log_lines_suppressed" in devices["rng"]
         text = daemon.cli("info")
         assert "block" in text and "rng" in text and "net" in text
-        assert "requests 2; errors 1" in text
+        assert "requests 2; errors 1; guest errors" in text and "log lines suppressed" in text
     finally:
         remote.close()
         daemon.close()

@@ -2,50 +2,24 @@
 never answers with an internal error, and never touches memory outside the VM."""
 
 import contextlib
-import logging
-import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from avatar_hw.devices.console import ConsoleDevice
+from avatar_hw.testing.hostile import REGISTERS, internal_errors, random_rings, run_ops
 from avatar_hw.testing.virtio import RAM_BASE, RecordingDevice, VirtioBench
 from avatar_hw.virtio import constants as c
 
 RAM = 64 << 10
-REGISTERS = [v for k, v in vars(c).items() if k.startswith("REG_")]
-
-
-class InternalErrors(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.ERROR)
-        self.records = []
-
-    def emit(self, record):
-        if "internal error" in record.getMessage():
-            self.records.append(record)
 
 
 @contextlib.contextmanager
 def no_internal_errors():
     """Fail if a device error escaped into the subsystem's catch-all."""
-    watcher = InternalErrors()
-    logger = logging.getLogger("avatar_hw.virtio.subsystem")
-    logger.addHandler(watcher)
-    try:
+    with internal_errors() as records:
         yield
-    finally:
-        logger.removeHandler(watcher)
-    assert watcher.records == []
-
-
-def run_ops(bench, ops):
-    window = bench.transport.window
-    for offset, is_write, size, value in ops:
-        handled, result = bench.subsystem.handle_mmio_trap(window + offset, value, is_write, size)
-        assert handled
-        assert 0 <= result < 1 << (8 * size)
-    bench.check_guards()
+    assert records == []
 
 
 offsets = st.one_of(st.sampled_from(REGISTERS), st.integers(0, 0x1FF),
@@ -93,33 +67,9 @@ def test_random_register_sequences(kind, legacy, ops):
        flags=st.integers(0, 1), features_drop=st.integers(0, 3), ops=ops)
 def test_random_rings_after_valid_setup(kind, descs, heads, avail_idx, used_event, flags,
                                         features_drop, ops):
-    with no_internal_errors():
-        random_rings(kind, descs, heads, avail_idx, used_event, flags, features_drop, ops)
-
-
-def random_rings(kind, descs, heads, avail_idx, used_event, flags, features_drop, ops):
     bench = VirtioBench(device_for(kind), ram_size=RAM)
-    drop = ((features_drop & 1) << c.F_RING_EVENT_IDX
-            | (features_drop >> 1) << c.F_RING_INDIRECT_DESC)
     # the console (multiport) also gets random control queues 2 and 3
     indices = [0, 1, 2, 3] if kind == "console" else [0, 1]
-    queues = bench.driver.init(indices, drop=drop, buf_size=256, size=8)
-    for q in queues:
-        # random descriptors, some pointing at indirect tables made of random descriptors
-        for i in range(8):
-            q.write_desc(i, *descs[i])
-        table = q.indirect_tables
-        for i in range(8, 16):
-            q.write_desc(i - 8, *descs[i], table=table)
-        q.write_desc(7, table, 16 * ((descs[7][3] % 9)), c.DESC_F_INDIRECT | (descs[7][2] & 1))
-        for i, head in enumerate(heads):
-            bench.ram.write(q.avail + 4 + 2 * i, struct.pack("<H", head))
-        q.set_avail_flags(flags)
-        q.set_used_event(used_event)
-        q.set_avail_idx(avail_idx)
-        q.notify()
-    # and again after random register traffic
-    notify = [(c.REG_QUEUE_NOTIFY, True, 4, i) for i in range(6)]
-    run_ops(bench, notify + ops + notify)
-    for queue in bench.device.queues:
-        assert not queue.ready or queue.in_flight <= queue.size
+    with no_internal_errors():
+        random_rings(bench, indices, descs, heads, avail_idx, used_event, flags,
+                     features_drop, ops)

@@ -9,7 +9,7 @@ input is what ``irq_intercept_in`` watches.
 import pytest
 
 from avatar_hw.hw.gic import (GicError, GicV2Distributor, GicV2mFrame, GicV3Distributor,
-                              open_gic)
+                              SpiConfig, SpiSettings, open_gic)
 from avatar_hw.hw.region import Region
 from avatar_hw.testing.qtest import QTest, require_qemu
 
@@ -24,11 +24,16 @@ def gic_qemu(version, qmp=False):
     return QTest(["-cpu", "cortex-a57"], machine=f"virt,gic-version={version}", qmp=qmp)
 
 
-def enable_spi48_path(qemu):
-    """What a guest's GIC driver does: distributor, CPU interface, SPI enabled, mask open."""
+def enable_cpu_path(qemu):
+    """What a guest's GIC driver does first: distributor and CPU interface on, mask open."""
     qemu.writel(GICD + GICD_CTLR, 1)
     qemu.writel(GICC + GICC_CTLR, 1)
     qemu.writel(GICC + GICC_PMR, 0xFF)
+
+
+def enable_spi48_path(qemu):
+    """The CPU path and SPI 48 enabled."""
+    enable_cpu_path(qemu)
     qemu.writel(GICD + GICD_ISENABLER1, SPI48_BIT)
 
 
@@ -170,3 +175,107 @@ def test_v3_with_message_based_spis_writes_setspi_and_clrspi():
 def test_open_gic_unknown_version():
     with pytest.raises(GicError, match="unknown GIC version 'v4'"):
         open_gic("v4", Region(bytearray(0x1000)))
+
+
+# -- configuring board SPIs: what the daemon does at start, and what diagnose sees later -------
+
+GICD_ICENABLER6, GICD_ISENABLER6, GICD_ICFGR13 = 0x198, 0x118, 0xC34
+SPI217_BIT, SPI217_EDGE = 1 << 25, 2 << 18        # 217 % 32 = 25; field 217 % 16 = 9
+
+
+def linux_like_reset(qemu, intid=217):
+    """An SPI someone else set up later (Linux requesting it): disabled, level, priority 0x80."""
+    qemu.writel(GICD + GICD_ICENABLER6, SPI217_BIT)
+    qemu.writel(GICD + GICD_ICFGR13, 0)
+    qemu.writeb(GICD + 0x400 + intid, 0x80)
+
+
+@pytest.mark.qemu
+def test_v2_configure_spi_sets_enable_edge_and_priority_and_reports_later_changes():
+    """One CPU: QEMU 7.2's GICv2 dereferences the current CPU on a qtest access when it has
+    more than one, so GICD_ITARGETSR (read-as-zero with one CPU) is shown on a bytearray below."""
+    with gic_qemu(2) as qemu:
+        gicd = GicV2Distributor(qemu.window(GICD))
+        linux_like_reset(qemu)
+        settings = gicd.configure_spi(217, SpiConfig(priority=0xA0, target=0))
+        assert qemu.readl(GICD + GICD_ISENABLER6) & SPI217_BIT
+        assert qemu.readl(GICD + GICD_ICFGR13) & SPI217_EDGE
+        assert qemu.readb(GICD + 0x400 + 217) == 0xA0
+        assert settings == SpiSettings(enabled=True, trigger="edge", priority=0xA0, targets=(0,))
+        assert gicd.expected_settings(SpiConfig(0xA0, 0)) == settings
+        report = gicd.diagnose_spi(217)
+        assert report.configured == settings and report.changes() == []
+        assert "changed since" not in report.explain()
+
+        linux_like_reset(qemu)                  # e.g. a Linux driver requested INTID 217
+        report = gicd.diagnose_spi(217)
+        assert report.changes() == [
+            "disabled (configured: enabled)", "level-triggered (configured: edge-triggered)",
+            "priority 0x80 (configured: priority 0xa0)"]
+        text = report.explain()
+        assert "\n" not in text and ("changed since avatar-hw configured it (Linux or the "
+                                     "hypervisor wrote the distributor): disabled") in text
+        # Another process (the HIL plugin) compares with the board file's settings instead.
+        other = GicV2Distributor(qemu.window(GICD))
+        assert other.diagnose_spi(217, other.expected_settings(SpiConfig(0xA0, 0))).changes() \
+            == report.changes()
+
+
+def test_v2_configure_spi_targets_one_cpu_with_a_byte_write():
+    regs = Region(bytearray(0x1000), name="gicd")
+    regs.write32(0x004, 7 | 3 << 5)             # 256 lines, 4 CPUs
+    regs.write32(0x800 + 216, 0x01010101)       # INTIDs 216..219 target CPU 0
+    gicd = GicV2Distributor(regs)
+    assert gicd.configure_spi(217, SpiConfig(priority=0xA0, target=2)).targets == (2,)
+    assert regs.read32(0x800 + 216) == 0x01010401       # only INTID 217's byte changed
+    regs.write8(0x800 + 217, 0x01)
+    assert gicd.diagnose_spi(217).changes() == ["targets CPUs [0] (configured: targets CPUs [2])"]
+
+
+@pytest.mark.qemu
+def test_v2_configured_spi_reaches_the_cpu_where_the_reset_state_does_not():
+    with gic_qemu(2, qmp=True) as qemu:
+        [cpu] = qemu.find_devices("-arm-cpu")
+        qemu.irq_intercept_in(cpu)
+        gicd = GicV2Distributor(qemu.window(GICD))
+        enable_cpu_path(qemu)
+        linux_like_reset(qemu)
+        gicd.raise_spi(217)                     # disabled: pending, but never signalled
+        assert qemu.irq_events == [] and "SPI is disabled" in gicd.diagnose_spi(217).explain()
+        gicd.clear_spi(217)
+        gicd.configure_spi(217, SpiConfig(priority=0xA0, target=0))
+        gicd.raise_spi(217)
+        qemu.wait_irq("raise", 0, timeout=5)
+        assert qemu.readl(GICC + GICC_IAR) == 217
+        assert not gicd.is_pending(217)         # edge-triggered: acknowledging ends pending
+        qemu.writel(GICC + GICC_EOIR, 217)
+
+
+@pytest.mark.qemu
+def test_v3_configure_spi_routes_with_irouter_and_reports_a_changed_route():
+    require_qemu()
+    with QTest(["-cpu", "cortex-a57", "-smp", "2"], machine="virt,gic-version=3") as qemu:
+        gicd = GicV3Distributor(qemu.window(GICD))
+        settings = gicd.configure_spi(217, SpiConfig(priority=0x90, target=1))   # Aff0 = 1
+        assert qemu.readl(GICD + 0x6000 + 8 * 217) == 1
+        assert qemu.readl(GICD + 0x6000 + 8 * 217 + 4) == 0
+        assert settings.route == "CPU with affinity 0.0.0.1" and settings.trigger == "edge"
+        assert settings.enabled and settings.priority == 0x90
+        qemu.writel(GICD + 0x6000 + 8 * 217, 1 << 31)                        # IRM: any CPU
+        assert gicd.diagnose_spi(217).changes() == [
+            "routed to any CPU (GICD_IROUTER.IRM = 1) (configured: routed to CPU with "
+            "affinity 0.0.0.1)"]
+
+
+def test_v3_configure_spi_writes_both_irouter_halves():
+    """QEMU's CPUs all have Aff3..Aff1 = 0: a bytearray shows the upper affinity fields."""
+    regs = Region(bytearray(0x10000), name="gicd")
+    regs.write32(0x004, 7)                      # 256 lines
+    regs.write32(GICD_CTLR, 0x30)               # affinity routing enabled
+    gicd = GicV3Distributor(regs)
+    settings = gicd.configure_spi(217, SpiConfig(priority=0xA0, target=0x01_00020304))
+    assert regs.read32(0x6000 + 8 * 217) == 0x00020304 and regs.read32(0x6004 + 8 * 217) == 1
+    assert settings.route == "CPU with affinity 1.2.3.4"
+    assert regs.read32(0x180 + 4 * 6) == SPI217_BIT         # disabled before the trigger change
+    assert regs.read32(0x100 + 4 * 6) == SPI217_BIT         # then enabled
+    assert regs.read8(0x400 + 217) == 0xA0 and regs.read32(GICD_ICFGR13) == SPI217_EDGE

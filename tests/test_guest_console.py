@@ -8,6 +8,7 @@ import socket
 import subprocess
 import termios
 import threading
+import time
 
 import pytest
 import serial
@@ -103,6 +104,32 @@ def test_expect_timeout_shows_the_last_output(pty_shell):
     console.sendline("echo something else")
     with pytest.raises(ConsoleTimeout, match="no 'never' within 0.3 s; last output: .*else"):
         console.expect("never", 0.3)
+
+
+def test_expect_a_list_gives_the_index_of_the_earliest_match(pty_shell):
+    console = pty_shell
+    console.wait_shell(10)
+    console.sendline("echo one-$((1)) two-$((2))")
+    assert console.expect(["two-2", r"one-(\d)", "never"], 5) == 1       # earliest in the output
+    assert console.match.group(1) == "1"
+    assert console.expect(["never", "two-2"], 5) == 1                     # the rest stays
+    assert console.expect(["never", ConsoleTimeout], 0.3) == 1            # pexpect's TIMEOUT
+    with pytest.raises(ConsoleTimeout, match="no 'never' or 'nor this' within 0.3 s"):
+        console.expect(["never", "nor this"], 0.3)
+
+
+def test_expect_exact_takes_text_literally(pty_shell, tmp_path):
+    console = pty_shell
+    console.wait_shell(10)
+    console.sendline("echo '[ OK ] a.b*' x''y")
+    assert console.expect_exact("[ OK ] a.b*", 5).group(0) == "[ OK ] a.b*"
+    assert console.expect_exact([b"a.c", "xy"], 5) == 1
+    log = open(tmp_path / "console.log", "w")
+    console.log = log
+    console.sendline("echo lo''gged")
+    console.expect_exact("logged", 5)
+    log.close()
+    assert "logged" in (tmp_path / "console.log").read_text()
 
 
 def test_run_rejects_several_lines(pty_shell):
@@ -247,3 +274,38 @@ def test_bad_url_is_one_line():
     with pytest.raises(AvatarError, match="^console nope://x: .*nope") as err:
         open_serial("nope://x")
     assert "\n" not in str(err.value)
+
+
+def test_unix_url_keeps_what_the_peer_sent_at_once(tmp_path, monkeypatch):
+    """unix:// does not discard input at open (pyserial's socket:// does): a shell's first
+    prompt or the daemon's backlog arrives the moment the client connects."""
+    path = str(tmp_path / "peer.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    sent = threading.Event()
+
+    def greet():
+        conn, _ = listener.accept()
+        conn.sendall(b"first prompt$ ")
+        sent.set()
+        conn.recv(1)
+        conn.close()
+
+    threading.Thread(target=greet, daemon=True).start()
+    original = socket.socket.setblocking
+
+    def slow_setblocking(sock, flag):               # open() finishes after the greeting
+        sent.wait(5)
+        time.sleep(0.05)
+        return original(sock, flag)
+
+    monkeypatch.setattr(socket.socket, "setblocking", slow_setblocking)
+    console = GuestConsole.open(f"unix://{path}")
+    monkeypatch.undo()
+    try:
+        assert console.expect_exact("first prompt$ ", 5)
+    finally:
+        console.send(b"x")
+        console.close()
+        listener.close()

@@ -12,14 +12,23 @@ import subprocess
 import sys
 import threading
 import time
+from xml.etree import ElementTree
 
 import pytest
 
 from avatar_hw.errors import AvatarError
 from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
-from avatar_hw.testing.target import console_url_from_info
+from avatar_hw.testing.target import console_url_from_info, emulated_board_missing
 
 pytest_plugins = ["pytester"]
+
+
+@pytest.fixture
+def pytester(pytester, monkeypatch):
+    """In-process runs without labgrid's plugin (when labgrid is installed): it starts its
+    process-wide StepLogger in pytest_configure, which this very process already did."""
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:labgrid")
+    return pytester
 
 
 @pytest.fixture
@@ -166,7 +175,8 @@ def test_board_without_a_daemon_is_a_clear_error(pytester, tmp_path):
                                 f"--avatar-control={tmp_path / 'none.sock'}")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines([f"*--avatar-board {board.board_file}: no avatar-hw daemon at "
-                                 f"{tmp_path / 'none.sock'}: is 'avatar-hw serve' running?*"])
+                                 f"{tmp_path / 'none.sock'}: is 'avatar-hw serve' running? "
+                                 "(give its control socket with --avatar-control)*"])
 
 
 def test_console_url_from_the_daemons_info(daemon):
@@ -289,3 +299,69 @@ def test_console_errors_are_one_line(tmp_path):
                                 capture_output=True, text=True, timeout=30)
         assert result.returncode == 2
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+# -- console logs, JUnit, VM consoles and reset (the emulated board) ----------------------
+
+EMULATED_TESTS = """
+import pytest
+
+pytestmark = pytest.mark.emulated
+
+def test_one(guest_shell):
+    assert guest_shell.run("echo first-$((1 + 1)); touch /root/mark") == ("first-2\\n", 0)
+
+def test_two(avatar_console, guest_shell):
+    assert avatar_console(0) is guest_shell
+    assert guest_shell.run("echo second-$((2 + 2)); test -e /root/mark")[1] == 0
+
+@pytest.mark.avatar_reset
+def test_three_after_a_reset(guest_shell):
+    assert guest_shell.run("test -e /root/mark")[1] == 1      # a fresh guest
+    guest_shell.sendline("echo third-$((3 + 3))")
+    assert guest_shell.expect(["never", r"third-(\\d)"], 30) == 1
+"""
+
+
+@pytest.mark.emulated
+@pytest.mark.skipif(emulated_board_missing() is not None, reason=str(emulated_board_missing()))
+def test_console_logs_per_test_junit_properties_and_reset(pytester, tmp_path):
+    from avatar_hw.emulated.assets import guest_assets
+    pytester.makepyfile(test_guest=EMULATED_TESTS)
+    logs, junit = tmp_path / "logs", tmp_path / "junit.xml"
+    result = pytester.runpytest(f"--avatar-log-dir={logs}", f"--junitxml={junit}",
+                                "-o", "junit_logging=system-out")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines([f"avatar-hw console logs: {logs}"])
+    files = sorted(p.name for p in logs.iterdir())
+    assert files == ["test_guest.py_test_one.vm0.log",
+                     "test_guest.py_test_three_after_a_reset.vm0.log",
+                     "test_guest.py_test_two.vm0.log"]
+    one, three, two = ((logs / f).read_text() for f in files)
+    assert "first-2" in one and "second-4" not in one
+    assert "second-4" in two and "first-2" not in two
+    assert "third-6" in three
+    cases = {case.get("name"): case for case in ElementTree.parse(junit).iter("testcase")}
+    for name, case in cases.items():
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        assert props["avatar_board"] == "emulated" and props["avatar_target"] == "emulated"
+        assert props["avatar_kernel"] == guest_assets().release
+        assert props["avatar_hw_version"]
+    assert "first-2" in cases["test_one"].find("system-out").text
+    assert "avatar-hw vm0 console port 0" in cases["test_two"].find("system-out").text
+
+
+def test_a_bench_resets_with_its_command_or_says_how(daemon, tmp_path):
+    from avatar_hw.testing.target import HardwareTarget
+    bench = HardwareTarget(daemon.board_file, control_path=str(daemon.control))
+    with pytest.raises(AvatarError, match="give --avatar-reset-command 'CMD'"):
+        bench.reset(0)
+    done = tmp_path / "reset"
+    bench.reset_command = f"echo {{vm}} >{done}"
+    assert bench.reset(1) == [1] and done.read_text() == "1\n"
+    bench.reset_command = "echo no power switch >&2; exit 3"
+    with pytest.raises(AvatarError, match="exited 3: no power switch"):
+        bench.reset(0)
+    props = bench.properties()
+    assert props["avatar_board"] == "qemu-virt" or props["avatar_board"]
+    assert props["avatar_target"] == "hw" and "avatar_kernel" not in props

@@ -31,4 +31,21 @@ def test_readme_links_point_at_files():
 def test_example_vms_config_is_valid():
     from avatar_hw.config import load_config
     config = load_config(pathlib.Path(__file__).parent.parent / "boards" / "vms-example.toml")
-    assert [d.kind for d in config.vms[1].devices] == ["console", "block"]
+    assert [d.kind for d in config.vms[0].devices] == ["console", "block", "rng", "net"]
+    assert [d.kind for d in config.vms[1].devices] == ["console", "block", "net"]
+
+
+def test_docs_name_no_machine_specific_paths():
+    root = pathlib.Path(__file__).parent.parent
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        assert "/work/" not in doc.read_text(), f"{doc.name} names a path of one machine"
+
+
+def test_local_benchmark_results_stay_out_of_git():
+    root = pathlib.Path(__file__).parent.parent
+    if not (root / ".git").exists():
+        return                                     # an unpacked sdist: nothing to check
+    ignored = subprocess.run(["git", "check-ignore", "-q", "bench/results/20260101-120000.json"],
+                             cwd=root)
+    tracked = subprocess.run(["git", "check-ignore", "-q", "bench/results/full.json"], cwd=root)
+    assert (ignored.returncode, tracked.returncode) == (0, 1)

@@ -54,7 +54,7 @@ def test_missing_device_is_one_line_naming_it_and_the_fix(tree):
     message = str(err.value)
     assert "\n" not in message
     for part in ("'avatar-vm1-ram'", "present: avatar-trap, avatar-vm0-ram, avatar-gicd",
-                 "scripts/avatar-rpi4-overlay.dts", "uio_pdrv_genirq.of_id=generic-uio",
+                 "scripts/avatar-rpi4-overlay.dts", "avatar_uio", "scripts/install-board",
                  "udev/99-avatar-hw.rules"):
         assert part in message
 
@@ -118,6 +118,36 @@ def test_map_larger_than_the_node_is_one_line(tree):
     with pytest.raises(AvatarError, match=r"uio10 \(UIO device avatar-gicd\): cannot map map 0 "
                                           r"\(0x1000 bytes\): "):
         find_uio("avatar-gicd", **tree).map(0)
+
+
+@pytest.mark.parametrize("addr, size, problem", [
+    (0x20000800, 0x1000, "physical address 0x20000800 is not a multiple of the page size 0x1000"),
+    (0x20000000, 0x800, "0x800 bytes, smaller than a page (0x1000 bytes)"),
+    (0x20000000, 0x1800, "0x1800 bytes, not a whole number of pages (0x1000 bytes)"),
+])
+def test_map_linux_cannot_mmap_is_one_line_naming_the_node_and_page_size(
+        tmp_path, monkeypatch, addr, size, problem):
+    monkeypatch.setattr(uio, "PAGE_SIZE", 0x1000)
+    tree = make_tree(tmp_path, {3: ("avatar-trap", [(addr, size, 0, "trap")])})
+    with pytest.raises(AvatarError) as err:
+        find_uio("avatar-trap", **tree).map(0)
+    assert str(err.value) == (
+        f"{tree['dev_root']}/uio3 (UIO device avatar-trap) map 0: {problem}; a UIO map must "
+        "start on a page boundary and be a whole number of pages (Linux's uio_mmap_physical): "
+        "fix the device-tree node's reg")
+
+
+def test_a_4k_trap_page_on_a_16k_page_kernel_is_refused(tree, monkeypatch):
+    monkeypatch.setattr(uio, "PAGE_SIZE", 0x4000)      # what os.sysconf says on such a kernel
+    with pytest.raises(AvatarError, match=r"UIO device avatar-trap\) map 0: 0x1000 bytes, "
+                                          r"smaller than a page \(0x4000 bytes\)"):
+        find_uio("avatar-trap", **tree).map(0)
+    with find_uio("avatar-vm0-ram", **tree).map(0) as ram:      # 16 KiB: one such page
+        assert ram.size == 0x4000
+
+
+def test_page_size_is_the_kernels():
+    assert PAGE_SIZE == os.sysconf("SC_PAGE_SIZE")
 
 
 def test_map_index_past_the_maps_is_refused(tree):

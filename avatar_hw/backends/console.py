@@ -37,8 +37,15 @@ Nothing is lost, in either direction:
   output waits in the pty for a user who opens it later, then the guest
   waits). A socket with no client does not hold the guest; a client that
   connects gets the stream from the oldest byte not yet done (or from where
-  it was, if it is a returning endpoint that got further). With no attached
-  endpoint at all nothing is taken from the guest: its output waits there.
+  it was, if it is a returning endpoint that got further).
+* nobody attached (only sockets without a client, or no endpoint yet): the
+  guest must not wait for a reader that may never come (Linux's hvc path
+  spins until the host returns its buffer). Output then goes into the
+  backend's *unattached log*, a ring of the last ``log_size`` bytes (a copy;
+  the buffers go back to the guest at once; what the ring overwrites is
+  counted in ``log_overwritten``). Output in flight when the last client
+  left joins the log too. The next endpoint that attaches receives the log
+  first, then the live stream, with flow control again.
   ``connected`` tells whether a socket endpoint has a client (the console
   reports it to the guest as the port's host side opening and closing).
 * an endpoint used on its own (no backend: tools and tests) has a private
@@ -53,36 +60,20 @@ import socket
 import sys
 import tty
 
+from .. import paths
 from ..errors import ConfigError
+from ..virtio.buffers import IOV_MAX, first_batch, truncate
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LIMIT = 256 * 1024
+DEFAULT_LOG_SIZE = 64 * 1024    # the unattached log
 MAX_HELD = 256              # buffers in a backend's output stream
-IOV_MAX = 1024
+MAX_HELD_VIEWS = 4096       # their descriptors (each a memoryview the daemon keeps)
+LOGGED = object()           # the token of the unattached log's bytes in the stream
 COALESCE_LIMIT = 4096       # backend-owned bytes (emergency writes) joined into one segment
 _AGAIN = (BlockingIOError, InterruptedError)
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
-
-
-def truncate_views(views, n):
-    """The first ``n`` bytes of a list of memoryviews, as a list of memoryviews."""
-    out = []
-    for view in views:
-        if n <= 0:
-            break
-        out.append(view if len(view) <= n else view[:n])
-        n -= len(view)
-    return out[:IOV_MAX]
-
-
-def skip_views(views, n):
-    """``views`` without their first ``n`` bytes."""
-    for i, view in enumerate(views):
-        if n < len(view):
-            return [view[n:]] + list(views[i + 1:])
-        n -= len(view)
-    return []
 
 
 class OutputStream:
@@ -93,6 +84,7 @@ class OutputStream:
     def __init__(self):
         self.segments = collections.deque()         # [start, length, views, token]
         self.head = self.tail = 0
+        self.views = 0                              # memoryviews the segments hold
 
     @property
     def buffered(self):
@@ -101,6 +93,7 @@ class OutputStream:
     def submit(self, views, length, token=None):
         self.segments.append([self.tail, length, views, token])
         self.tail += length
+        self.views += len(views)
 
     def views_from(self, position, limit=None):
         """Memoryviews of the bytes from ``position`` (at most IOV_MAX views, ``limit`` bytes)."""
@@ -113,7 +106,7 @@ class OutputStream:
             if skip >= length:
                 continue
             for view in views:
-                if skip >= len(view):
+                if skip >= len(view) or not len(view):
                     skip -= len(view)
                     continue
                 if skip > 0:
@@ -131,7 +124,8 @@ class OutputStream:
         done = []
         segments = self.segments
         while segments and segments[0][0] + segments[0][1] <= upto:
-            _, length, _, token = segments.popleft()
+            _, length, views, token = segments.popleft()
+            self.views -= len(views)
             done.append((token, length))
         self.head = segments[0][0] if segments else self.tail
         return done
@@ -140,6 +134,7 @@ class OutputStream:
         """Drop everything (a device reset: nothing in flight was acknowledged)."""
         self.segments.clear()
         self.head = self.tail
+        self.views = 0
 
 
 class Endpoint:
@@ -237,10 +232,11 @@ class Endpoint:
     def readinto(self, views):
         """Read into ``views``: the byte count, or 0 when nothing is available now."""
         fd = self.input_fd()
-        if fd is None:
+        views = first_batch(views)
+        if fd is None or not views:        # a read into nothing would look like EOF
             return 0
         try:
-            n = self._readv(fd, views[:IOV_MAX])
+            n = self._readv(fd, views)
         except _AGAIN:
             return 0
         except OSError as err:
@@ -276,7 +272,7 @@ class Endpoint:
     def write(self, views, n):
         """Used on its own (no backend): copy the first ``n`` bytes of ``views``
         (``n <= room()``) into the private stream and write what the fd takes."""
-        data = b"".join(truncate_views(views, n))
+        data = b"".join(truncate(views, n))
         self.stream.submit([memoryview(data)], len(data))
         self.flush()
 
@@ -369,7 +365,7 @@ class PtyEndpoint(Endpoint):
         super().close()
         self._close_fds()
         if self.path and os.path.islink(self.path) and os.readlink(self.path) == self.tty_name:
-            os.unlink(self.path)
+            paths.remove(self.path)
 
 
 class FileEndpoint(Endpoint):
@@ -525,8 +521,8 @@ class SocketServerEndpoint(Endpoint):
         if self.client is not None:
             self.client.close()
         self.listener.close()
-        if self._unlink and os.path.exists(self._unlink):
-            os.unlink(self._unlink)
+        if self._unlink:
+            paths.remove(self._unlink)
 
 
 def _unix_endpoint(url, path, limit):
@@ -592,19 +588,23 @@ def open_endpoint(url, *, limit=DEFAULT_LIMIT):
 
 class ConsoleBackend:
     """The host side of one console port: output to every endpoint, input from the
-    interactive ones. ``endpoints`` may be empty: then the guest's output
-    waits in the guest (flow control) until ``add_endpoint`` gives it somewhere
-    to go.
+    interactive ones. ``endpoints`` may be empty (``add_endpoint`` adds some
+    later). While no endpoint is attached, output goes to the unattached log
+    (``log_output``, ``spill``; ``log_size`` bytes), replayed first to the next
+    endpoint that attaches.
 
     Output (see the module docstring): ``can_take`` -> ``submit(views, n, token)``
     -> ``flush`` -> ``take_done()`` gives back the tokens of what every attached
     endpoint has taken; the ``on_drained`` callback says when to ask again.
     """
 
-    def __init__(self, endpoints=(), *, limit=DEFAULT_LIMIT):
+    def __init__(self, endpoints=(), *, limit=DEFAULT_LIMIT, log_size=DEFAULT_LOG_SIZE):
         self.stream = OutputStream()
         self.endpoints = []
         self.limit = limit
+        self.log_size = log_size
+        self.log = bytearray()                # the unattached log (see the module docstring)
+        self.log_overwritten = 0
         self._next_input = 0
         self._attached = None
         self._input_paused = False
@@ -680,19 +680,51 @@ class ConsoleBackend:
     # -- output ------------------------------------------------------------------------------
 
     def can_take(self):
-        """May more output be submitted? (Some endpoint attached, the stream within bounds.)"""
+        """May more output be submitted? (Some endpoint attached, the stream within bounds
+        of bytes, buffers and descriptors.)"""
         stream = self.stream
         return (stream.buffered < self.limit and len(stream.segments) < MAX_HELD
-                and self.attached)
+                and stream.views < MAX_HELD_VIEWS and self.attached)
 
     def submit(self, views, length, token=None):
         """Queue ``length`` bytes of ``views`` (kept, not copied: they must stay valid until
         ``take_done`` gives ``token`` back)."""
+        self._replay_log()
         self.stream.submit(views, length, token)
+
+    # -- the unattached log ------------------------------------------------------------------
+
+    def log_output(self, views):
+        """Nobody is attached: copy ``views`` into the log (its oldest bytes give way)."""
+        log_ = self.log
+        for view in views:
+            log_ += view[-self.log_size:] if len(view) > self.log_size else view
+            if len(log_) > self.log_size:
+                excess = len(log_) - self.log_size
+                del log_[:excess]
+                self.log_overwritten += excess
+
+    def spill(self):
+        """Nobody is attached: move what is in flight into the log; ``(token, length)`` of
+        each submission now done."""
+        done = []
+        for _, length, views, token in self.stream.segments:
+            self.log_output(views)
+            if token is not LOGGED:
+                done.append((token, length))
+        self.stream.clear()
+        return done
+
+    def _replay_log(self):
+        """Someone is attached again: the log goes first into the stream."""
+        if self.log and self.attached:
+            data, self.log = bytes(self.log), bytearray()
+            self.stream.submit([memoryview(data)], len(data), LOGGED)
 
     def submit_bytes(self, data, token):
         """Queue bytes the caller does not keep (a copy; joined with the previous
         ``token`` segment while no endpoint has started on it)."""
+        self._replay_log()
         segments = self.stream.segments
         if segments:
             start, length, views, last = segments[-1]
@@ -700,11 +732,13 @@ class ConsoleBackend:
                     and all(ep.position <= start for ep in self.endpoints)):
                 data = bytes(views[0]) + data
                 self.stream.tail = start
+                self.stream.views -= len(views)
                 segments.pop()
         self.stream.submit([memoryview(data)], len(data), token)
 
     def flush(self):
         """Every attached endpoint writes what its fd takes now."""
+        self._replay_log()
         for ep in self.endpoints:
             if ep.attached:
                 ep.flush()
@@ -712,11 +746,14 @@ class ConsoleBackend:
     def take_done(self):
         """``(token, length)`` of each submission every attached endpoint has taken, in order."""
         positions = [ep.position for ep in self.endpoints if ep.attached]
-        return self.stream.take_done(min(positions)) if positions else []
+        if not positions:
+            return []
+        return [(token, length) for token, length in self.stream.take_done(min(positions))
+                if token is not LOGGED]
 
     def discard_output(self):
         """Forget everything in flight (a device reset): ``(token, length)`` dropped."""
-        dropped = [(seg[3], seg[1]) for seg in self.stream.segments]
+        dropped = [(seg[3], seg[1]) for seg in self.stream.segments if seg[3] is not LOGGED]
         self.stream.clear()
         return dropped
 
@@ -726,10 +763,10 @@ class ConsoleBackend:
         return self.stream.buffered
 
 
-def open_console_backend(spec, *, limit=DEFAULT_LIMIT):
+def open_console_backend(spec, *, limit=DEFAULT_LIMIT, log_size=DEFAULT_LOG_SIZE):
     """A ``ConsoleBackend`` from a URL, a list of URLs, an existing backend, or None."""
     if spec is None:
-        return ConsoleBackend(limit=limit)
+        return ConsoleBackend(limit=limit, log_size=log_size)
     if isinstance(spec, ConsoleBackend):
         return spec
     urls = [spec] if isinstance(spec, str) else list(spec)
@@ -741,4 +778,4 @@ def open_console_backend(spec, *, limit=DEFAULT_LIMIT):
         for ep in endpoints:
             ep.close()
         raise
-    return ConsoleBackend(endpoints, limit=limit)
+    return ConsoleBackend(endpoints, limit=limit, log_size=log_size)

@@ -20,11 +20,16 @@ PATH binds a ``SOCK_DGRAM`` Unix socket there and hosts the switch; every
 net device naming PATH is a *local port*. Any other process joins as a
 *remote port* by sending datagrams to PATH from its own bound address (one
 datagram = one Ethernet frame without FCS; an empty datagram joins without
-sending a frame). The switch learns source MACs (at most ``MAX_MACS``, the
-oldest forgotten first), forwards a frame for a known unicast MAC to its port
-and floods broadcast, multicast and unknown destinations to every other
-port. A remote port that goes away (its socket closed) is forgotten at the
-next send to it; at most ``MAX_REMOTES`` remote ports. Frames from one port
+sending a frame). Each local port is locked to its device's configured MAC:
+the switch knows that address from the start, and a frame from the guest
+with any other source address is dropped and counted (``tx_wrong_source``
+in the device's ``info``), so a guest cannot take another VM's traffic by
+sending with its MAC. Remote ports' source MACs are learned (at most
+``MAX_MACS``, the oldest forgotten first; never a local port's address).
+The switch forwards a frame for a known unicast MAC to its port and floods
+broadcast, multicast and unknown destinations to every other port. A
+remote port that goes away (its socket closed) is forgotten at the next
+send to it; at most ``MAX_REMOTES`` remote ports. Frames from one port
 keep their order. Between two local ports a frame is copied once, guest RAM
 to guest RAM; from a remote port it is received straight into the guest's
 buffers when it goes to one local port that has them.
@@ -37,8 +42,9 @@ import os
 import socket
 import struct
 
+from .. import paths
 from ..errors import ConfigError
-from ..virtio.buffers import gather
+from ..virtio.buffers import copy, gather
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +62,6 @@ _AGAIN = (BlockingIOError, InterruptedError)
 
 
 # -- readers: reader(source, views) -> frame length | None ---------------------------------------
-
-def copy_views(source, views):
-    """Copy the frame ``source`` (a list of memoryviews) into ``views``."""
-    length = sum(len(v) for v in source)
-    if length > sum(len(v) for v in views):
-        return length
-    dst = iter(views)
-    out, pos = next(dst, None), 0
-    for src in source:
-        done = 0
-        while done < len(src):
-            if pos == len(out):
-                out, pos = next(dst), 0
-            take = min(len(src) - done, len(out) - pos)
-            out[pos:pos + take] = src[done:done + take]
-            pos += take
-            done += take
-    return length
-
 
 def read_fd(fd, views):
     """One frame from a TAP fd (one ``read`` is one frame)."""
@@ -203,7 +190,8 @@ class Switch:
         self.members = 0              # local ports joined (attached or not)
         self.local = []               # attached local ports (SwitchBackend)
         self.remotes = {}             # address -> RemotePort
-        self.macs = {}                # MAC bytes -> port
+        self.locked = {}              # MAC bytes -> local port (its device's MAC)
+        self.macs = {}                # MAC bytes -> remote port (learned)
         self.loop = None              # the loop the socket is registered with
         self._macs_buf = bytearray(2 * ETH_ALEN)
         self._scratch = bytearray(MAX_DATAGRAM)
@@ -240,8 +228,11 @@ class Switch:
     # -- ports ------------------------------------------------------------------------------------
 
     def attach(self, port):
-        """Local ``port`` is attached to its device and loop: it takes part."""
+        """Local ``port`` is attached to its device and loop: it takes part, locked to
+        its device's MAC."""
         self.local.append(port)
+        self.locked[port.mac] = port
+        self.macs.pop(port.mac, None)
         self._register(port.loop)
 
     def _register(self, loop):
@@ -262,18 +253,19 @@ class Switch:
                 self._register(self.local[0].loop)
         if not self.members:
             self.sock.close()
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            paths.remove(self.path)
             Switch._hosted.pop(self.path, None)
 
     def _forget(self, port):
-        for mac in [m for m, p in self.macs.items() if p is port]:
-            del self.macs[mac]
+        for table in (self.locked, self.macs):
+            for mac in [m for m, p in table.items() if p is port]:
+                del table[mac]
 
     def _learn(self, mac, port):
+        """A remote port sent from ``mac`` (a local port's address stays its own)."""
         if mac[0] & 1:                        # a multicast source is not an address
+            return
+        if mac in self.locked:
             return
         if self.macs.get(mac) is not port:
             self.macs.pop(mac, None)
@@ -282,7 +274,7 @@ class Switch:
             self.macs[mac] = port
 
     def _destinations(self, dst, ingress):
-        port = None if dst[0] & 1 else self.macs.get(dst)
+        port = None if dst[0] & 1 else self.locked.get(dst) or self.macs.get(dst)
         if port is not None:
             return () if port is ingress else (port,)
         return [p for p in (*self.local, *self.remotes.values()) if p is not ingress]
@@ -290,13 +282,17 @@ class Switch:
     # -- frames -----------------------------------------------------------------------------------
 
     def forward(self, ingress, views, length):
-        """A frame from local port ``ingress`` (``views``: guest RAM, not copied)."""
+        """A frame from local port ``ingress`` (``views``: guest RAM, not copied); False
+        when it is dropped because its source is not the port's MAC."""
         if gather(views, self._macs_buf) < 2 * ETH_ALEN:
-            return
+            return False
         macs = bytes(self._macs_buf)
-        self._learn(macs[ETH_ALEN:], ingress)
+        if macs[ETH_ALEN:] != ingress.mac:
+            ingress.wrong_source += 1
+            return False
         for port in self._destinations(macs[:ETH_ALEN], ingress):
             port.deliver(views, length)
+        return True
 
     def send_to(self, remote, views):
         try:
@@ -351,19 +347,19 @@ class SwitchBackend:
             raise ConfigError(url, None, "switch: needs a socket path, e.g. "
                               "switch:/run/avatar/net0.sock")
         self.url = url
-        self.device = self.loop = None
+        self.device = self.loop = self.mac = None
+        self.wrong_source = 0             # frames dropped: their source was not ``mac``
         self.switch = Switch.join(url, os.path.abspath(path))
 
     def attach(self, loop, device):
-        self.loop, self.device = loop, device
+        self.loop, self.device, self.mac = loop, device, bytes(device.mac)
         self.switch.attach(self)
 
     def deliver(self, views, length):
-        self.device.receive(copy_views, views)
+        self.device.receive(copy, views)
 
     def send(self, views, length):
-        self.switch.forward(self, views, length)
-        return True
+        return self.switch.forward(self, views, length)
 
     def close(self):
         if self.switch is not None:
@@ -372,7 +368,8 @@ class SwitchBackend:
 
     def info(self):
         return {"backend": self.url, "switch_ports": 0 if self.switch is None else
-                len(self.switch.local) + len(self.switch.remotes)}
+                len(self.switch.local) + len(self.switch.remotes),
+                "tx_wrong_source": self.wrong_source}
 
 
 SCHEMES = {"tap": TapBackend, "switch": SwitchBackend}

@@ -33,7 +33,8 @@ import types
 
 from serial import rfc2217
 
-from .console import _AGAIN, IOV_MAX, SocketServerEndpoint, tcp_listener
+from ..virtio.buffers import scatter
+from .console import _AGAIN, SocketServerEndpoint, tcp_listener
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +153,8 @@ class Rfc2217Endpoint(SocketServerEndpoint):
             self._receive()
         if not self._input:
             return 0
-        done = 0
-        for view in views[:IOV_MAX]:
-            take = min(len(view), len(self._input) - done)
-            view[:take] = self._input[done:done + take]
-            done += take
-            if done == len(self._input):
-                break
+        with memoryview(self._input) as data:
+            done = scatter(data, views)
         del self._input[:done]
         return done
 

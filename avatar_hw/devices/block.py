@@ -33,9 +33,9 @@ when the unmap flag allows it (``write_zeroes_may_unmap`` = 1), else
 
 I/O is synchronous: a request runs to completion inside ``queue_notify``,
 which the trap path calls, so while one request's I/O runs no other trap or
-device of the daemon is served. A notify serves at most one queue's worth of
-requests or ``TURN_BYTES`` of data (whichever comes first; the request that
-crosses it is finished), then yields to the event loop if more are available.
+device of the daemon is served. A notify serves one turn of the queue (the
+turn budget of ``avatar_hw.virtio.queue``; the request that crosses it is
+finished); the rest is served on the event loop's next turns.
 
 Images: opened ``O_RDWR`` (``O_RDONLY`` with ``readonly``) and ``flock``-ed
 (exclusive, shared when read-only) so two daemons cannot write one image;
@@ -53,9 +53,8 @@ import stat
 import struct
 import weakref
 
-from ..backends.console import skip_views
 from ..errors import ConfigError
-from ..virtio.buffers import gather, scatter
+from ..virtio.buffers import fill_zeros, gather, scatter, skip, transfer, zeros
 from ..virtio.constants import ID_BLOCK, bit
 from ..virtio.device import VirtioDevice
 
@@ -66,7 +65,6 @@ QUEUE_SIZE = 256
 SEG_MAX = QUEUE_SIZE - 2                 # header and status take a descriptor each
 SIZE_MAX = 128 << 10                     # bytes per data segment
 MAX_REQUEST_BYTES = SEG_MAX * SIZE_MAX   # data bytes per request (bounds a request's stall)
-TURN_BYTES = MAX_REQUEST_BYTES           # data bytes served per event-loop turn, about
 MAX_DISCARD_SECTORS = 1 << 21            # 1 GiB per segment
 MAX_WRITE_ZEROES_SECTORS = 1 << 16       # 32 MiB per segment (the fallback writes them)
 MAX_DWZ_SEGMENTS = 16
@@ -95,8 +93,6 @@ CONFIG = struct.Struct("<QII4xI8xBxHIIIIIB3x")
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_ZEROS = bytes(SIZE_MAX)
-_IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 # Images served by this process: identity -> device (two devices on one image refused).
 _open_images = weakref.WeakValueDictionary()
@@ -118,30 +114,6 @@ def _without_last_byte(views):
     if len(last) > 1:
         out.append(last[:-1])
     return out, last[-1:]
-
-
-def _transfer(io, fd, views, offset):
-    """Move all bytes of ``views`` (a list it may change) with ``io`` (os.preadv or
-    os.pwritev) at ``offset``; the bytes moved (fewer only at end of file)."""
-    done, i = 0, 0
-    while i < len(views):
-        n = io(fd, views[i:i + _IOV_MAX], offset + done)
-        if not n:
-            break
-        done += n
-        while i < len(views) and n >= len(views[i]):
-            n -= len(views[i])
-            i += 1
-        if n:
-            views[i] = views[i][n:]
-    return done
-
-
-def _fill_zeros(views):
-    for view in views:
-        for start in range(0, len(view), len(_ZEROS)):
-            part = view[start:start + len(_ZEROS)]
-            part[:] = _ZEROS[:len(part)]
 
 
 class BlockDevice(VirtioDevice):
@@ -245,24 +217,14 @@ class BlockDevice(VirtioDevice):
     # -- requests ------------------------------------------------------------------------------
 
     def queue_notify(self, index):
-        """Serve the queue's requests; after a queue's worth of them or TURN_BYTES of data
-        the rest waits for the loop's next turn (other traps and devices go first)."""
+        """Serve the queue's requests of this turn."""
         queue = self.queues[index]
-        served, start = 0, self._bytes_moved()
-        while (served < queue.size and self._bytes_moved() - start < TURN_BYTES
-               and self.fd is not None):
-            chain = queue.pop()
-            if chain is None:
-                break
+        served = False
+        while self.fd is not None and (chain := queue.pop()) is not None:
             self._serve(queue, chain)
-            served += 1
+            served = True
         if served:
             self.signal_used(queue)
-        if self.loop is not None and self.fd is not None and queue.has_available():
-            self.loop.call_later(0, lambda: self.queue_notify(index))
-
-    def _bytes_moved(self):
-        return self.counters["bytes_to_guest"] + self.counters["bytes_from_guest"]
 
     def _serve(self, queue, chain):
         if not chain.writable_len:
@@ -275,7 +237,7 @@ class BlockDevice(VirtioDevice):
         try:
             status_code, written = self._execute(chain, data_out)
         except OSError as err:
-            log.error("%s: %s: %s", self.transport, self.image, err)
+            self.transport.error("%s: %s", self.image, err)
             status_code, written = S_IOERR, 0
         if status_code != S_OK:
             self.counters["errors"] += 1
@@ -331,9 +293,9 @@ class BlockDevice(VirtioDevice):
     def _read(self, sector, views, length):
         if not self._range_ok(sector, length):
             return S_IOERR, 0
-        n = _transfer(os.preadv, self.fd, list(views), sector * SECTOR)
+        n = transfer(os.preadv, self.fd, views, sector * SECTOR)
         if n < length:                        # past the end of a file shortened meanwhile
-            _fill_zeros(skip_views(views, n))
+            fill_zeros(skip(views, n))
         self.count(bytes_to_guest=length)
         return S_OK, length
 
@@ -343,7 +305,7 @@ class BlockDevice(VirtioDevice):
             return S_IOERR
         if not self._range_ok(sector, length):
             return S_IOERR
-        n = _transfer(os.pwritev, self.fd, skip_views(readable, HEADER.size), sector * SECTOR)
+        n = transfer(os.pwritev, self.fd, skip(readable, HEADER.size), sector * SECTOR)
         if n < length:
             raise OSError(errno.EIO, f"wrote {n} of {length} bytes")
         if not self.has_feature(F_FLUSH):
@@ -361,7 +323,7 @@ class BlockDevice(VirtioDevice):
             self.guest_error("%d bytes of discard/write-zeroes segments (1 to %d of 16 bytes)",
                              length, MAX_DWZ_SEGMENTS)
             return S_IOERR
-        gather(skip_views(chain.readable, HEADER.size), segments)
+        gather(skip(chain.readable, HEADER.size), segments)
         limit = MAX_WRITE_ZEROES_SECTORS if zeroes else MAX_DISCARD_SECTORS
         parsed = [SEGMENT.unpack_from(segments, i * SEGMENT.size) for i in range(count)]
         for sector, num, flags in parsed:      # every segment checked before any is done
@@ -392,10 +354,7 @@ class BlockDevice(VirtioDevice):
                 if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
         if zeroes:                            # no fallocate mode here: write the zeros
-            views = [memoryview(_ZEROS)] * (length // len(_ZEROS))
-            if length % len(_ZEROS):
-                views.append(memoryview(_ZEROS)[:length % len(_ZEROS)])
-            if _transfer(os.pwritev, self.fd, views, offset) < length:
+            if transfer(os.pwritev, self.fd, zeros(length), offset) < length:
                 raise OSError(errno.EIO, "short write of zeros")
 
     # -- introspection ------------------------------------------------------------------------
@@ -407,6 +366,13 @@ class BlockDevice(VirtioDevice):
 
 
 def from_config(options):
-    """The VMs config's ``block = { image, readonly, serial, queues }``."""
+    """The VMs config's ``block = { image, readonly, serial, queues, size }``; ``size``
+    creates a missing image, sparse (an existing one is used as it is)."""
+    if options.get("size"):
+        try:
+            with open(options["image"], "xb") as f:
+                f.truncate(options["size"])
+        except FileExistsError:
+            pass
     return BlockDevice(options["image"], readonly=options.get("readonly", False),
                        serial=options.get("serial"), queues=options.get("queues"))

@@ -20,8 +20,9 @@ Flow control (nothing lost):
   the backend (``limit`` bytes, ``MAX_HELD`` buffers); while it is full the
   port takes no more and asks the driver not to notify (``set_notification``).
   So a byte the guest saw acknowledged survives the daemon's death. With no
-  attached endpoint (no client on a socket) the guest's output waits in the
-  guest.
+  attached endpoint (no client on a socket) the guest does not wait: its
+  output goes to the backend's bounded unattached log (``log_size``), which
+  the next client receives first.
 * emergency writes have no flow control in the spec: they are copied into
   port 0's stream, up to ``EMERG_LIMIT`` bytes not yet written, and counted
   as errors beyond that.
@@ -146,7 +147,9 @@ class ConsolePort:
         has taken all its bytes."""
         device, txq, backend = self.device, self.txq, self.backend
         returned = self._return_done()
-        if device.active and txq.ready:
+        if device.active and txq.ready and not backend.attached:
+            returned += self._log_unattached()
+        elif device.active and txq.ready:
             while True:
                 while backend.can_take():
                     chain = txq.pop()
@@ -174,11 +177,33 @@ class ConsolePort:
         if returned:
             device.signal_used(txq)
 
+    def _log_unattached(self):
+        """Nobody reads: the output goes to the backend's log and straight back to the
+        guest (which must not wait, see ``avatar_hw.backends.console``); the number of
+        chains returned."""
+        device, txq, backend = self.device, self.txq, self.backend
+        returned = self._complete(backend.spill())
+        for chain in txq:
+            backend.log_output(chain.readable)
+            txq.add_used(chain.head, 0)
+            device.count(bytes_from_guest=chain.readable_len)
+            returned += 1
+        if not self._tx_notify:
+            self._tx_notify = True
+            txq.set_notification(True)
+            if txq.has_available() and not txq.yielded:
+                returned += self._log_unattached()
+        return returned
+
     def _return_done(self):
         """Give back what the backend is done with; the number of chains returned."""
+        return self._complete(self.backend.take_done())
+
+    def _complete(self, done):
+        """Return the transmit chains of ``done`` (``(token, length)``); their number."""
         returned = 0
         device = self.device
-        for token, length in self.backend.take_done():
+        for token, length in done:
             if token is EMERGENCY:
                 device.emergency_written(length)
                 continue
@@ -195,14 +220,15 @@ class ConsoleDevice(VirtioDevice):
     None). ``ports``: {name: backend spec} for named ports 1.. (offers
     MULTIPORT; ``multiport=True`` offers it with port 0 only). ``size``:
     (cols, rows) to offer VIRTIO_CONSOLE_F_SIZE. ``limit``: output buffer
-    bound per endpoint.
+    bound per endpoint. ``log_size``: bytes kept per port while no endpoint is
+    attached (the unattached log).
     """
 
     device_id = ID_CONSOLE
     name = "console"
 
     def __init__(self, backend=None, *, ports=None, size=None, multiport=None, emerg_write=True,
-                 limit=None):
+                 limit=None, log_size=None):
         ports = dict(ports or {})
         multiport = bool(ports) if multiport is None else multiport
         if ports and not multiport:
@@ -217,6 +243,8 @@ class ConsoleDevice(VirtioDevice):
         super().__init__(queue_sizes=queue_sizes, features=features,
                          config=CONFIG.pack(cols, rows, nports if multiport else 0, 0))
         kw = {} if limit is None else {"limit": limit}
+        if log_size is not None:
+            kw["log_size"] = log_size
         self.ports = [ConsolePort(self, 0, 0, 1, open_console_backend(backend, **kw))]
         for i, (port_name, spec) in enumerate(ports.items(), start=1):
             self.ports.append(ConsolePort(self, i, 2 + 2 * i, 3 + 2 * i,
@@ -416,6 +444,7 @@ class ConsoleDevice(VirtioDevice):
         out["ports"] = [{"id": p.id, "name": p.name, "guest_open": p.guest_open,
                          "host_open": bool(p.host_open),
                          "endpoints": [ep.url for ep in p.backend.endpoints],
-                         "buffered": p.backend.buffered} for p in self.ports]
+                         "buffered": p.backend.buffered, "log": len(p.backend.log),
+                         "log_overwritten": p.backend.log_overwritten} for p in self.ports]
         return out
 

@@ -30,7 +30,11 @@ Network semantics (the guest is told nothing about drops):
 
 Receive buffers are popped as needed and held until a frame fills them
 (``reset`` drops the held ones); a buffer too small for the header goes back
-empty (VirtIO 1.2 5.1.6.3.1).
+empty (VirtIO 1.2 5.1.6.3.1). At most ``MAX_HELD_VIEWS`` descriptors are held
+(plus one chain): a guest whose buffers hold too little for a frame within
+that many descriptors loses the frames (``rx_dropped``), not the daemon's
+memory. A frame spanning more than IOV_MAX descriptors is read into the
+backlog and copied from there (one system call cannot take more).
 """
 
 import collections
@@ -38,10 +42,9 @@ import logging
 import os
 import struct
 
-from ..backends.console import skip_views, truncate_views
-from ..backends.net import copy_views, open_net_backend
+from ..backends.net import open_net_backend
 from ..errors import ConfigError
-from ..virtio.buffers import gather, scatter
+from ..virtio.buffers import IOV_MAX, copy, gather, scatter, skip, truncate
 from ..virtio.constants import F_VERSION_1, ID_NET, bit
 from ..virtio.device import VirtioDevice
 
@@ -59,6 +62,7 @@ MIN_MTU, MAX_MTU = 68, 65535
 RX, TX = 0, 1
 QUEUE_SIZE = 256
 DEFAULT_BACKLOG = 64
+MAX_HELD_VIEWS = 2048      # receive descriptors held at a time (bounds what a guest pins)
 
 
 def parse_mac(text):
@@ -142,6 +146,7 @@ class NetDevice(VirtioDevice):
         self._drop = memoryview(bytearray(self.max_frame))   # frames nobody takes land here
         self._held = collections.deque()      # receive chains popped, not yet filled
         self._held_room = 0                   # their writable bytes
+        self._held_views = 0                  # their descriptors (MAX_HELD_VIEWS + a chain)
         self._header = bytearray(HEADER_LEN)
         self._header_len = HEADER_LEN
         self._mergeable = False
@@ -173,7 +178,7 @@ class NetDevice(VirtioDevice):
 
     def _drop_held(self):
         self._held.clear()
-        self._held_room = 0
+        self._held_room = self._held_views = 0
 
     def queue_notify(self, index):
         if index == RX:
@@ -218,7 +223,7 @@ class NetDevice(VirtioDevice):
             return
         self.count(bytes_from_guest=length)
         counters["tx_frames"] += 1
-        if not (self.link_up and self.backend.send(skip_views(chain.readable, header_len),
+        if not (self.link_up and self.backend.send(skip(chain.readable, header_len),
                                                    length)):
             counters["tx_dropped"] += 1
 
@@ -232,9 +237,9 @@ class NetDevice(VirtioDevice):
             length = reader(source, [self._drop])
             if length is None:
                 return False
-        elif not self._backlog and self._hold(need):
-            views = self._frame_views(need)
-            length = reader(source, views)
+        elif not self._backlog and self._hold(need) and len(
+                views := self._frame_views(need)) <= IOV_MAX:
+            length = reader(source, views)     # straight into the guest's buffers
             if length is None:
                 return False
             if length <= self.max_frame:
@@ -267,7 +272,7 @@ class NetDevice(VirtioDevice):
                 self.guest_error("receive buffer of %d bytes is too small for a %d-byte "
                                  "frame; frame dropped", self._held[0].writable_len, length)
             else:
-                copy_views([frame], self._frame_views(need))
+                copy([frame], self._frame_views(need))
                 self._fill(length)
             self._backlog.pop()
         self._hold(0)          # return buffers too small for a header
@@ -281,7 +286,7 @@ class NetDevice(VirtioDevice):
             if held and (self._held_room >= need if self._mergeable
                          else held[0].writable_len >= need):
                 break
-            if held and not self._mergeable:
+            if held and not self._mergeable or self._held_views >= MAX_HELD_VIEWS:
                 break
             chain = rxq.pop()
             if chain is None:
@@ -294,6 +299,7 @@ class NetDevice(VirtioDevice):
                 continue
             held.append(chain)
             self._held_room += chain.writable_len
+            self._held_views += len(chain.writable)
         if returned:
             self.signal_used(rxq)
         return bool(held) and (self._held_room >= need if self._mergeable
@@ -303,7 +309,7 @@ class NetDevice(VirtioDevice):
         """Views of the held buffers for a frame of ``need - header`` bytes, past its header."""
         chains = self._held if self._mergeable else (self._held[0],)
         views = [v for chain in chains for v in chain.writable]
-        return skip_views(truncate_views(views, need), self._header_len)
+        return skip(truncate(views, need), self._header_len)
 
     def _fill(self, length):
         """The frame of ``length`` bytes is in the held buffers: write its header, give the
@@ -324,6 +330,7 @@ class NetDevice(VirtioDevice):
             chain = self._held.popleft()
             take = min(chain.writable_len, remaining)
             self._held_room -= chain.writable_len
+            self._held_views -= len(chain.writable)
             rxq.add_used(chain.head, take)
             remaining -= take
         self.count(bytes_to_guest=length)

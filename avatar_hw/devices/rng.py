@@ -15,6 +15,7 @@ are served in order and never fail. The waiting request is dropped on reset.
 
 import time
 
+from ..virtio.buffers import fill_from
 from ..virtio.constants import ID_RNG
 from ..virtio.device import VirtioDevice
 
@@ -111,27 +112,12 @@ class RngDevice(VirtioDevice):
             if not chain.writable_len:
                 self.guest_error("entropy request with no device-writable buffer; returned "
                                  "with length 0")
-            n = self._fill(chain.writable, wanted)
+            n = fill_from(self.source.readinto, chain.writable, wanted)
             queue.add_used(chain.head, n)
             self.count(bytes_to_guest=n)
             completed = True
         if completed:
             self.signal_used(queue)
-
-    def _fill(self, views, wanted):
-        """Read ``wanted`` random bytes into ``views``; the number read (less only at EOF
-        of a source that has one)."""
-        done = 0
-        for view in views:
-            while done < wanted and len(view):
-                n = self.source.readinto(view[:wanted - done])
-                if not n:
-                    return done
-                done += n
-                view = view[n:]
-            if done >= wanted:
-                break
-        return done
 
     def info(self):
         out = super().info()

@@ -7,6 +7,12 @@ is checked against the SHA256 in apt's index, unpacked with ``dpkg-deb -x``,
 and recorded in ``guest-assets.json``; later runs use the cache without any
 network access. The kernel is the generic ``linux-image-<abi>-arm64`` that
 ``linux-image-arm64`` depends on (virtio core built in; 9p available).
+
+``kernel_headers()`` fetches the same way the build tree for that kernel ABI:
+the arm64 ``linux-headers-<abi>-arm64`` and ``-common`` and the host's own
+``linux-kbuild-<major.minor>`` of the same version (its ``modpost`` and
+``fixdep`` run on the host), all unpacked into one prefix, so that out-of-tree
+modules cross-build for the guest's kernel (``avatar_hw.emulated.kmod``).
 """
 
 import hashlib
@@ -24,6 +30,7 @@ from .build import cache_dir
 KERNEL_META = "linux-image-arm64"
 BUSYBOX = "busybox-static"
 MANIFEST = "guest-assets.json"
+HEADERS_MANIFEST = "kernel-headers.json"
 
 
 @dataclass(frozen=True)
@@ -39,14 +46,16 @@ def _progress(message):
 
 
 class _Apt:
-    """apt-get / apt-cache for arm64 with private state in ``root``."""
+    """apt-get / apt-cache for arm64 with private state in ``root``; ``foreign``
+    architectures are known too (name their packages ``NAME:ARCH``)."""
 
-    def __init__(self, root):
+    def __init__(self, root, foreign=()):
         self.root = root
         lists = root / "lists"
         (lists / "partial").mkdir(parents=True, exist_ok=True)
         (root / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
-        self.options = ["-oAPT::Architecture=arm64", "-oAPT::Architectures=arm64",
+        architectures = ",".join(("arm64", *foreign))
+        self.options = ["-oAPT::Architecture=arm64", f"-oAPT::Architectures={architectures}",
                         f"-oDir::State::Lists={lists}", f"-oDir::Cache={root / 'cache'}",
                         "-oAPT::Sandbox::User=root", "-qq"]
 
@@ -63,9 +72,9 @@ class _Apt:
     def update(self):
         self.run("apt-get", "update")
 
-    def field(self, package, name):
-        """A field of the candidate version's record (``apt-cache show``)."""
-        version = self.candidate(package)
+    def field(self, package, name, version=None):
+        """A field of ``version``'s record (default the candidate; ``apt-cache show``)."""
+        version = version or self.candidate(package)
         for line in self.run("apt-cache", "show", f"{package}={version}").splitlines():
             if line.startswith(name + ":"):
                 return line.split(":", 1)[1].strip()
@@ -80,15 +89,17 @@ class _Apt:
         raise AvatarError(f"apt knows no arm64 package {package}: the host's apt sources must "
                           f"be a Debian archive that carries arm64 (see docs/emulated-board.md)")
 
-    def fetch(self, package, dest):
-        """Download ``package`` (arm64) into ``dest``, check its SHA256 against the index."""
-        version = self.candidate(package)
-        sha256 = self.field(package, "SHA256")
-        size = int(self.field(package, "Size"))
+    def fetch(self, package, dest, version=None):
+        """Download ``package`` (arm64 unless ``NAME:ARCH``; ``version``, default the
+        candidate) into ``dest``, check its SHA256 against the index."""
+        version = version or self.candidate(package)
+        sha256 = self.field(package, "SHA256", version)
+        size = int(self.field(package, "Size", version))
         _progress(f"downloading {package} {version} ({size / 1e6:.1f} MB)")
-        before = set(dest.glob(f"{package}_*.deb"))
+        pattern = f"{package.split(':')[0]}_*.deb"
+        before = set(dest.glob(pattern))
         self.run("apt-get", "download", f"{package}={version}", cwd=dest)
-        debs = set(dest.glob(f"{package}_*.deb")) - before or set(dest.glob(f"{package}_*.deb"))
+        debs = set(dest.glob(pattern)) - before or set(dest.glob(pattern))
         deb = max(debs, key=lambda p: p.stat().st_mtime)
         digest = hashlib.sha256(deb.read_bytes()).hexdigest()
         if digest != sha256:
@@ -98,11 +109,13 @@ class _Apt:
         return deb, version, sha256
 
 
-def _unpack(deb, dest):
+def _unpack(dest, *debs):
+    """Unpack ``debs`` into ``dest``, emptied first."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], check=True)
+    for deb in debs:
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], check=True)
 
 
 def _from_manifest(root):
@@ -138,7 +151,7 @@ def guest_assets():
     for package, subdir in ((kernel_package, "kernel"), (BUSYBOX, "busybox")):
         deb, version, sha256 = apt.fetch(package, debs)
         _progress(f"unpacking {deb.name}")
-        _unpack(deb, root / subdir)
+        _unpack(root / subdir, deb)
         deb.unlink()
         record[package] = {"version": version, "sha256": sha256}
     release = kernel_package.removeprefix("linux-image-")
@@ -147,16 +160,69 @@ def guest_assets():
                          release=release, busybox=root / "busybox" / "bin" / "busybox")
     manifest = {"kernel": str(assets.kernel), "modules": str(assets.modules),
                 "release": release, "busybox": str(assets.busybox), "packages": record}
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, root / MANIFEST)
+    _write_manifest(root / MANIFEST, manifest)
     _progress(f"guest assets cached in {root}")
     return assets
+
+
+def _write_manifest(path, manifest):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, path)
+
+
+def kernel_headers(release=None):
+    """The build tree (``.../usr/src/linux-headers-<release>``) for the guest kernel's
+    release (or ``release``, e.g. ``6.1.0-57-arm64``); fetched (with progress) on first use."""
+    release = release or guest_assets().release
+    root = cache_dir() / "headers" / release
+    tree = root / "tree" / "usr" / "src" / f"linux-headers-{release}"
+    try:
+        if json.loads((root / HEADERS_MANIFEST).read_text())["tree"] == str(tree) and \
+                (tree / "Makefile").exists():
+            return tree
+    except (OSError, ValueError, KeyError):
+        pass
+    abi, _, flavour = release.rpartition("-")
+    kbuild = "linux-kbuild-" + ".".join(release.split(".")[:2])
+    host = subprocess.run(["dpkg", "--print-architecture"], capture_output=True,
+                          text=True).stdout.strip() or "amd64"
+    root.mkdir(parents=True, exist_ok=True)
+    apt = _Apt(root / "apt", foreign=(host,) if host != "arm64" else ())
+    _progress(f"fetching the kernel headers for {release} (to build kernel modules), once")
+    apt.update()
+    debs = root / "debs"
+    debs.mkdir(exist_ok=True)
+    headers = f"linux-headers-{release}"
+    try:
+        version = apt.candidate(headers)
+    except AvatarError:
+        raise AvatarError(f"apt knows no {headers}: the archive has moved past the cached guest "
+                          f"kernel {release}; remove {cache_dir() / 'guest'} to fetch the "
+                          f"current kernel, then its headers") from None
+    record, fetched = {}, []
+    for package in (headers, f"linux-headers-{abi}-common", f"{kbuild}:{host}"):
+        deb, _, sha256 = apt.fetch(package, debs, version)
+        fetched.append(deb)
+        record[package] = {"version": version, "sha256": sha256}
+    _progress(f"unpacking {', '.join(deb.name for deb in fetched)}")
+    _unpack(root / "tree", *fetched)
+    for deb in fetched:
+        deb.unlink()
+    # The flavour's Makefile includes the common tree by its installed /usr/src path.
+    makefile = tree / "Makefile"
+    makefile.write_text(makefile.read_text().replace(
+        "/usr/src/", str(root / "tree" / "usr" / "src") + "/"))
+    _write_manifest(root / HEADERS_MANIFEST, {"tree": str(tree), "release": release,
+                                              "flavour": flavour, "packages": record})
+    _progress(f"kernel headers cached in {root}")
+    return tree
 
 
 if __name__ == "__main__":
     try:
         print(guest_assets())
+        print(kernel_headers())
     except AvatarError as err:
         print(f"avatar-hw: {err}", file=sys.stderr)
         sys.exit(2)

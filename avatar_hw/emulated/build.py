@@ -12,10 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..board import shipped_file
 from ..errors import AvatarError
 
-REPO = Path(__file__).resolve().parents[2]
-STUB_DIR = REPO / "boards" / "emulated"
 STUB_SOURCES = ("start.S", "main.c", "trap.c", "vgic.c", "log.c")
 STUB_DEPENDS = ("stub.h", "link.ld", "../abi/avatar_trap.h")
 CROSS = "aarch64-linux-gnu-"
@@ -75,11 +74,12 @@ def build_program(name, sources, *, extra_inputs=(), link_args=(), raw=False):
 
 
 def build_stub():
-    """The EL2 stub ELF (QEMU's ``-kernel``)."""
+    """The EL2 stub ELF (QEMU's ``-kernel``), from boards/emulated (checkout or installed)."""
+    stub_dir = shipped_file("emulated/start.S").parent
     return build_program(
-        "stub", [STUB_DIR / s for s in STUB_SOURCES],
-        extra_inputs=[STUB_DIR / d for d in STUB_DEPENDS],
-        link_args=["-T", str(STUB_DIR / "link.ld")])
+        "stub", [stub_dir / s for s in STUB_SOURCES],
+        extra_inputs=[stub_dir / d for d in STUB_DEPENDS],
+        link_args=["-T", str(stub_dir / "link.ld")])
 
 
 if __name__ == "__main__":

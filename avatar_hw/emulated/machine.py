@@ -12,9 +12,14 @@ Seams this module provides for the daemon (see docs/emulated-board.md):
 - ``StubInterruptLine``: the board's interrupt line: ``raise_spi(intid)`` sets
   the INTID's bit in the trap page's ``virq_pending`` (atomic OR) and rings
   the stub, which injects it through a GICH list register.
-- ``EmulatedMachine``: creates the RAM file (unique name in /dev/shm), starts
-  QEMU, connects the UART before the CPU runs (``wait=on``), and on ``stop()``
-  kills QEMU by its own PID and removes the RAM file and temp directory.
+- ``EmulatedMachine``: creates the RAM file in /dev/shm and unlinks it at once
+  (QEMU, the daemon and tests open it as ``ram_path``, /proc/PID/fd/N of the
+  fd this process keeps: the memory goes when its last user does, even after a
+  SIGKILL), starts QEMU so that it dies with the thread that started it
+  (``setpriv --pdeathsig KILL``), connects the UART before the CPU runs
+  (``wait=on``), and on ``stop()`` kills QEMU by its own PID and removes the
+  temp directory. A temp directory left by a killed process is removed by the
+  next start.
 """
 
 import logging
@@ -185,6 +190,34 @@ def check_vms(vms):
                           f"not {vms!r}")
 
 
+WORKDIR_PREFIX = "avatar-emulated-"
+
+
+def _die_with_parent():
+    """A prefix for QEMU's command line: SIGKILL when the thread that started it ends
+    (PR_SET_PDEATHSIG, kept across exec), so a killed launcher leaves no QEMU behind."""
+    setpriv = shutil.which("setpriv")          # util-linux: on every Debian
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+
+
+def _remove_stale_workdirs():
+    """Temp directories of launchers that died without cleaning up (SIGKILL)."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        if not name.startswith(WORKDIR_PREFIX):
+            continue
+        pid = name[len(WORKDIR_PREFIX):].partition("-")[0]
+        path = os.path.join(root, name)
+        try:
+            if not pid.isdigit() or os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _require(tool, package):
     if shutil.which(tool) is None:
         raise AvatarError(f"{tool} not found: the emulated board needs it "
@@ -214,9 +247,11 @@ class EmulatedMachine:
         self.on_log = on_log
         self.qemu_args = list(qemu_args)   # extra QEMU options (debugging: -d, -monitor)
         self.shm_path = os.path.join(shm_dir, f"avatar-emulated-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.ram_path = None
         self.workdir = None
         self.process = None
         self.uart = None
+        self._ram_fd = -1
         self._regions = []
 
     # -- lifecycle ------------------------------------------------------------------
@@ -230,9 +265,13 @@ class EmulatedMachine:
         return self
 
     def _start(self, timeout):
-        self.workdir = tempfile.mkdtemp(prefix="avatar-emulated-")
-        with open(self.shm_path, "xb") as f:
-            f.truncate(mm.ram_size(self.vms))
+        _remove_stale_workdirs()
+        self.workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
+        self._ram_fd = os.open(self.shm_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                               0o600)
+        os.unlink(self.shm_path)
+        os.ftruncate(self._ram_fd, mm.ram_size(self.vms))
+        self.ram_path = f"/proc/{os.getpid()}/fd/{self._ram_fd}"
         params = os.path.join(self.workdir, "boot-params.bin")
         with open(params, "wb") as f:
             for vm, dtb in enumerate(self.dtbs):
@@ -244,7 +283,8 @@ class EmulatedMachine:
         argv = self.command(sock_path, params)
         log.info("starting %s", " ".join(argv))
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, start_new_session=True)
+                                        stderr=subprocess.PIPE, start_new_session=True,
+                                        pass_fds=(self._ram_fd,))
         sock = self._connect(sock_path, timeout)
         self.uart = UartLink(sock, on_log=self.on_log)
 
@@ -257,10 +297,12 @@ class EmulatedMachine:
             if self.initrd:
                 loaders.append((self.initrd, mm.vm_ram_phys(vm, mm.INITRD_ADDR)))
         size = mm.ram_size(self.vms) >> 20
-        argv = [QEMU, "-M", "virt,virtualization=on,gic-version=2,memory-backend=ram",
+        # QEMU's own /proc/self/fd/N: the RAM file it inherits (pass_fds), already unlinked.
+        argv = [*_die_with_parent(), QEMU,
+                "-M", "virt,virtualization=on,gic-version=2,memory-backend=ram",
                 "-cpu", "cortex-a72", "-smp", str(self.vms), "-m", f"{size}M",
                 "-object", f"memory-backend-file,id=ram,size={size}M,"
-                           f"mem-path={self.shm_path},share=on",
+                           f"mem-path=/proc/self/fd/{self._ram_fd},share=on",
                 "-nodefaults", "-display", "none", "-no-reboot",
                 "-chardev", f"socket,id=uart,path={sock_path},server=on,wait=on",
                 "-serial", "chardev:uart", "-kernel", str(self.stub)]
@@ -324,6 +366,9 @@ class EmulatedMachine:
             except BufferError:
                 pass  # a caller still holds a view; the mapping goes with its last user
         self._regions.clear()
+        if self._ram_fd >= 0:
+            os.close(self._ram_fd)
+            self._ram_fd = -1
         if os.path.exists(self.shm_path):
             os.unlink(self.shm_path)
         if self.workdir:
@@ -340,7 +385,7 @@ class EmulatedMachine:
 
     def map(self, addr, size, name):
         """A Region over ``size`` bytes of the board's RAM at guest-physical ``addr``."""
-        region = Region.map_file(self.shm_path, size, offset=mm.file_offset(addr, self.vms),
+        region = Region.map_file(self.ram_path, size, offset=mm.file_offset(addr, self.vms),
                                  name=f"{name} ({self.shm_path})", phys_addr=addr)
         self._regions.append(region)
         return region

@@ -11,39 +11,51 @@ daemon's ``unix:`` console backend) through ``GuestShell``::
         output, status = shell.run("ls /sys/bus/virtio/devices")
 
 Devices beyond the console: ``devices`` is TOML for the ``[vm.0]`` table of
-the VMs config (e.g. ``'block = { image = "/tmp/disk.img" }'``), or a list with
-one such string per VM. ``vms=2`` runs two guests, VM n on CPU n, each with
-its own console (``shell(vm=1)``, ``console_paths[1]``)::
+the VMs config (e.g. ``'block = { image = "/tmp/disk.img" }'``), or ``config``
+is a VMs config file (the daemon's format; relative paths land in the
+board's temporary directory). Either way VM 0's console gets one more
+endpoint, the launcher's own (``console_path``, last, so ``avatar-hw console``
+and ``Target.console_url`` pick another one): a client of the others never
+takes ``shell()``'s connection away. Without a config the others are one
+``unix:`` socket (``vm0-console.sock`` in the temporary directory).
+
+``vms=2`` runs two guests, VM n on CPU n, each with its own devices
+(``devices`` may be a list with one TOML string per VM) and console
+(``shell(vm=1)``, ``console_paths[1]``: the launcher's endpoint for VM 1)::
 
     with EmulatedBoard(vms=2) as board:
         output, status = board.shell(vm=1).run("cat /proc/cmdline")
 """
 
 import dataclasses
+import logging
 import os
 import re
 import socket
 import time
 from pathlib import Path
 
-from ..board import load_board
+from ..board import board_path, load_board
+from ..config import DeviceConfig, load_config
 from ..daemon import Daemon
 from ..errors import AvatarError
 from .assets import guest_assets
-from .build import REPO, build_stub
+from .build import build_stub
 from .devicetree import DEFAULT_BOOTARGS, build_dtb
 from .initramfs import READY_MARKER, build_initramfs
 from .machine import EmulatedMachine, check_vms
 
-BOARD_FILE = REPO / "boards" / "emulated.toml"
+log = logging.getLogger(__name__)
+
 MODEL_WAIT_MS = 30000
 
 
 class GuestShell:
     """The guest's shell on hvc0, over the console backend's Unix socket."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, alive=None):
         self.sock = sock
+        self.alive = alive              # () -> False once the guest is gone (QEMU exited)
         self._buffer = b""
 
     def read_until(self, pattern, timeout):
@@ -59,10 +71,13 @@ class GuestShell:
             if left <= 0:
                 raise AvatarError(f"guest console: no {pattern!r} within {timeout} s; "
                                   f"last output: {self._buffer[-300:]!r}")
-            self.sock.settimeout(left)
+            self.sock.settimeout(min(left, 0.5))
             try:
                 chunk = self.sock.recv(65536)
             except socket.timeout:
+                if self.alive is not None and not self.alive():
+                    raise AvatarError("the guest powered off; last output: "
+                                      f"{self._buffer[-300:]!r}") from None
                 continue
             if not chunk:
                 raise AvatarError(f"guest console closed; last output: {self._buffer[-300:]!r}")
@@ -97,8 +112,9 @@ class GuestShell:
 class EmulatedBoard:
     """QEMU + stub + guest + in-process daemon; ``stop()`` leaves nothing behind."""
 
-    def __init__(self, *, vms=1, devices="", bootargs=DEFAULT_BOOTARGS, on_log=None,
-                 busy_poll=False, trace=False, qemu_args=(), initrd=None):
+    def __init__(self, *, vms=1, devices="", config=None, control_path=None,
+                 bootargs=DEFAULT_BOOTARGS, on_log=None, busy_poll=False, trace=False,
+                 qemu_args=(), initrd=None):
         check_vms(vms)
         self.vms = vms
         self.devices = [devices] if isinstance(devices, str) else list(devices)
@@ -106,6 +122,8 @@ class EmulatedBoard:
             raise AvatarError(f"devices for {len(self.devices)} VMs, but the board runs {vms}")
         self.devices += [""] * (vms - len(self.devices))
         self.initrd = initrd      # default: the emulated board's initramfs
+        self.config = config
+        self.control_path = control_path
         self.qemu_args = qemu_args
         self.trace = trace
         self.bootargs = bootargs
@@ -131,19 +149,54 @@ class EmulatedBoard:
 
     def _start_daemon(self):
         workdir = Path(self.machine.workdir)
-        self.console_paths = [workdir / f"console{vm}.sock" for vm in range(self.vms)]
+        self.console_paths = [workdir / ("console.sock" if vm == 0 else f"console{vm}.sock")
+                              for vm in range(self.vms)]
         self.console_path = self.console_paths[0]
-        config = workdir / "vms.toml"
-        config.write_text("".join(
-            f'[vm.{vm}]\nconsole = {{ backends = ["unix:{path}"] }}\n{devices}\n'
-            for vm, (path, devices) in enumerate(zip(self.console_paths, self.devices))))
-        board = load_board(BOARD_FILE)
-        shm = self.machine.shm_path
+        board = load_board(board_path("emulated"))
+        shm = self.machine.ram_path
         board = dataclasses.replace(board, trap=dataclasses.replace(board.trap, file=shm),
                                     ram=dataclasses.replace(board.ram, file=shm))
-        self.daemon = Daemon(board, config, doorbell=self.machine.uart.doorbell,
-                             busy_poll=self.busy_poll, trace=self.trace, control_path=str(workdir / "control.sock"))
+        self.daemon = Daemon(board, self._vms_config(board, workdir),
+                             doorbell=self.machine.uart.doorbell, busy_poll=self.busy_poll,
+                             trace=self.trace,
+                             control_path=self.control_path or str(workdir / "control.sock"))
         self._thread = self.daemon.start_thread()
+
+    def _vms_config(self, board, workdir):
+        """The VMs config with the launcher's console endpoint added to each VM's console."""
+        path = self.config
+        if path is None:
+            path = workdir / "vms.toml"
+            path.write_text("".join(
+                f'[vm.{vm}]\nconsole = {{ backends = ["unix:vm{vm}-console.sock"] }}\n{devices}\n'
+                for vm, devices in enumerate(self.devices)))
+        config = load_config(path, max_vms=board.layout.max_vms,
+                             devices_per_vm=board.layout.devices_per_vm, base=workdir)
+        others = sorted(set(config.vms) - set(range(self.vms)))
+        if others:
+            runs = "one guest, VM 0" if self.vms == 1 else f"{self.vms} guests, VMs 0..{self.vms - 1}"
+            log.warning("%s: the emulated board runs %s: %s left out", path, runs,
+                        ", ".join(f"vm.{n}" for n in others))
+            for vm_id in others:
+                del config.vms[vm_id]
+        for vm, console_path in enumerate(self.console_paths):
+            if vm not in config.vms:
+                continue
+            devices = config.vms[vm].devices
+            mine = f"unix:{console_path}"
+            consoles = [d for d in devices if d.kind == "console"]
+            if consoles:
+                backends = consoles[0].options["backends"]
+                backends = [backends] if isinstance(backends, str) else list(backends)
+                consoles[0].options["backends"] = [*backends, mine]
+            else:
+                devices.insert(0, DeviceConfig("console", f"vm.{vm}.console", {
+                    "backends": [f"unix:{workdir / f'vm{vm}-console.sock'}", mine]}))
+        return config
+
+    def alive(self):
+        """Is the guest still there (QEMU running)?"""
+        return self.machine is not None and self.machine.process.poll() is None
 
     def shell(self, timeout=60, vm=0):
         """Connect to VM ``vm``'s console and wait for its shell."""
@@ -159,7 +212,7 @@ class EmulatedBoard:
                 if time.monotonic() > deadline:
                     raise AvatarError(f"console socket {path} never appeared")
                 time.sleep(0.05)
-        shell = GuestShell(sock)
+        shell = GuestShell(sock, alive=self.alive)
         shell.wait_ready(max(1, deadline - time.monotonic()))
         return shell
 

@@ -24,10 +24,20 @@ Drivers:
   ends when the CPU acknowledges it, so ``clear_spi`` checks the INTID and does
   nothing.
 
+``configure_spi(intid, SpiConfig(priority, target))`` (v2 and v3
+distributors) sets a board SPI up the way the daemon needs it, because
+Linux's GIC driver disables every SPI and targets it at the boot CPU
+(``gic_dist_config``): disabled while its trigger changes, edge-triggered
+(GICD_ICFGR), the priority (GICD_IPRIORITYR byte), the target (GICv2
+GICD_ITARGETSR byte; GICv3 with affinity routing GICD_IROUTER, IRM = 0), then
+enabled. What the distributor reads back is remembered as the configuration.
+
 ``diagnose_spi(intid)`` (v2 and v3 distributors) reads the SPI's state and
-``SpiDiagnosis.explain()`` says in one paragraph why a guest would get no
-interrupt. Only the distributor is visible here: the CPU interface (its enable
-and priority mask) and the hypervisor's routing are not.
+``SpiDiagnosis.explain()`` says in one line why a guest would get no
+interrupt, including any setting that differs from the configuration
+(Linux or the hypervisor wrote the distributor later). Only the distributor
+is visible here: the CPU interface (its enable and priority mask) and the
+hypervisor's routing are not.
 """
 
 from dataclasses import dataclass
@@ -40,6 +50,7 @@ GICD_SETSPI_NSR = 0x040
 GICD_CLRSPI_NSR = 0x048
 GICD_IGROUPR = 0x080
 GICD_ISENABLER = 0x100
+GICD_ICENABLER = 0x180
 GICD_ISPENDR = 0x200
 GICD_ICPENDR = 0x280
 GICD_ISACTIVER = 0x300
@@ -55,6 +66,7 @@ SPECIAL_INTIDS = 1020        # 1020..1023 are special, never an interrupt
 TYPER_MBIS = 1 << 16
 CTLR_ARE = 0x30              # ARE (or ARE_S) and ARE_NS: affinity routing, GICv3
 IROUTER_IRM = 1 << 31        # "any participating CPU"
+AFFINITY_MASK = 0xFF_00FF_FFFF   # Aff3 (39:32), Aff2..Aff0 (23:0): MPIDR_EL1's affinity fields
 
 
 class GicError(AvatarError):
@@ -65,6 +77,43 @@ def _check(intid, spis, what):
     if intid not in spis:
         raise GicError(f"{what}: INTID {intid} is outside its SPIs {spis.start}..{spis.stop - 1}; "
                        f"check the board file's layout.irq_base and irqs_per_vm")
+
+
+@dataclass(frozen=True)
+class SpiConfig:
+    """How a board SPI is set up: enabled, edge-triggered, ``priority``, sent to ``target``.
+
+    ``target``: with GICD_ITARGETSR (GICv2, GICv3 without affinity routing) a
+    CPU interface number 0..7; with affinity routing (GICv3) the target PE's
+    affinity ``Aff3 << 32 | Aff2 << 16 | Aff1 << 8 | Aff0`` (MPIDR_EL1's
+    affinity fields).
+    """
+
+    priority: int
+    target: int
+
+
+@dataclass(frozen=True)
+class SpiSettings:
+    """The configurable state of one SPI as the distributor reads it back."""
+
+    enabled: bool
+    trigger: str                  # "edge" or "level" (GICD_ICFGR)
+    priority: int                 # GICD_IPRIORITYR byte
+    targets: tuple | None = None  # CPUs in GICD_ITARGETSR (no affinity routing)
+    route: str | None = None      # GICD_IROUTER (GICv3 with affinity routing)
+
+    def phrases(self):
+        where = (f"routed to {self.route}" if self.route is not None
+                 else f"targets CPUs {list(self.targets)}")
+        return {"enabled": "enabled" if self.enabled else "disabled",
+                "trigger": f"{self.trigger}-triggered",
+                "priority": f"priority 0x{self.priority:02x}", "destination": where}
+
+    def changes_from(self, configured):
+        """Phrases for every setting that differs from ``configured`` (empty: none)."""
+        now, then = self.phrases(), configured.phrases()
+        return [f"{now[key]} (configured: {then[key]})" for key in now if now[key] != then[key]]
 
 
 @dataclass(frozen=True)
@@ -83,6 +132,14 @@ class SpiDiagnosis:
     active: bool                 # GICD_ISACTIVER bit
     targets: tuple | None = None  # v2: CPUs in GICD_ITARGETSR
     route: str | None = None     # v3 with affinity routing: GICD_IROUTER
+    configured: SpiSettings | None = None   # what configure_spi set (None: not configured)
+
+    def settings(self):
+        return SpiSettings(self.enabled, self.trigger, self.priority, self.targets, self.route)
+
+    def changes(self):
+        """What Linux or the hypervisor changed since the SPI was configured (phrases)."""
+        return [] if self.configured is None else self.settings().changes_from(self.configured)
 
     def problems(self):
         """The reasons, each a phrase, why this SPI cannot reach a CPU now."""
@@ -106,6 +163,10 @@ class SpiDiagnosis:
         head = (f"SPI {self.intid} (GIC{self.gic}, {self.trigger}-triggered, group {self.group}, "
                 f"priority 0x{self.priority:02x}{', ' + where if where else ''}) is "
                 f"{'pending' if self.pending else 'not pending'}")
+        changes = self.changes()
+        if changes:
+            head += ("; changed since avatar-hw configured it (Linux or the hypervisor wrote the "
+                     "distributor): " + ", ".join(changes))
         problems = self.problems()
         if problems:
             return f"{head}; the guest gets no interrupt because " + "; ".join(problems) + "."
@@ -128,6 +189,7 @@ class _Distributor:
         self.typer = regs.read32(GICD_TYPER)
         self.lines = min(32 * ((self.typer & 0x1F) + 1), SPECIAL_INTIDS)
         self.spi_range = range(FIRST_SPI, self.lines)
+        self.configured = {}     # INTID -> SpiSettings read back after configure_spi
 
     def check_spi(self, intid):
         _check(intid, self.spi_range, f"GIC{self.gic} distributor ({self.lines} lines)")
@@ -148,26 +210,73 @@ class _Distributor:
 
     def _targets(self, intid):
         """CPUs in the SPI's GICD_ITARGETSR byte (without affinity routing)."""
-        if (self.typer >> 5) & 0x7 == 0:
+        if self._uniprocessor():
             # One CPU: GICD_ITARGETSR is read-as-zero and every SPI goes to CPU 0.
             return (0,)
         mask = self._field(GICD_ITARGETSR, intid, 8)
         return tuple(cpu for cpu in range(8) if mask >> cpu & 1)
 
-    def diagnose_spi(self, intid):
-        """Read the distributor's state of SPI ``intid`` (a ``SpiDiagnosis``)."""
+    def _uniprocessor(self):
+        return (self.typer >> 5) & 0x7 == 0
+
+    def _settings(self, ctlr, intid):
+        return SpiSettings(enabled=bool(self._field(GICD_ISENABLER, intid, 1)),
+                           trigger="edge" if self._field(GICD_ICFGR, intid, 2) & 2 else "level",
+                           priority=self._field(GICD_IPRIORITYR, intid, 8),
+                           **self._destination(ctlr, intid))
+
+    def configure_spi(self, intid, config):
+        """Set SPI ``intid`` up as ``config`` (a ``SpiConfig``) says; returns the read-back.
+
+        Disabled first: changing the trigger of an enabled interrupt is
+        UNPREDICTABLE (GICv2 architecture, GICD_ICFGR). GICD_ICFGR is one
+        read-modify-write of the word holding 16 INTIDs' fields (only bit 1 of
+        this INTID's field is set); GICD_IPRIORITYR and GICD_ITARGETSR are
+        byte-accessible, so those are single byte writes touching no other SPI.
+        """
+        self.check_spi(intid)
+        self._set_bit(GICD_ICENABLER, intid)
+        icfgr = GICD_ICFGR + 4 * (intid // 16)
+        self.regs.write32(icfgr, self.regs.read32(icfgr) | 2 << (2 * (intid % 16)))
+        self.regs.write8(GICD_IPRIORITYR + intid, config.priority)
+        self._route(self.regs.read32(GICD_CTLR), intid, config.target)
+        self._set_bit(GICD_ISENABLER, intid)
+        self.configured[intid] = self._settings(self.regs.read32(GICD_CTLR), intid)
+        return self.configured[intid]
+
+    def expected_settings(self, config):
+        """The ``SpiSettings`` that ``config`` gives on this distributor (for another
+        process's ``diagnose_spi``; assumes the GIC implements the priority's bits)."""
+        ctlr = self.regs.read32(GICD_CTLR)
+        if self._affinity_routing(ctlr):
+            destination = {"route": _affinity(config.target)}
+        else:
+            destination = {"targets": (0,) if self._uniprocessor() else (config.target,)}
+        return SpiSettings(enabled=True, trigger="edge", priority=config.priority, **destination)
+
+    def _route(self, ctlr, intid, target):
+        if self._uniprocessor():
+            return                   # GICD_ITARGETSR is read-as-zero, write-ignored
+        self.regs.write8(GICD_ITARGETSR + intid, 1 << target)
+
+    def _affinity_routing(self, ctlr):
+        return False
+
+    def diagnose_spi(self, intid, expected=None):
+        """Read the distributor's state of SPI ``intid`` (a ``SpiDiagnosis``); it compares
+        with ``expected`` (``SpiSettings``) or else with what ``configure_spi`` set."""
         self.check_spi(intid)
         ctlr = self.regs.read32(GICD_CTLR)
+        settings = self._settings(ctlr, intid)
         return SpiDiagnosis(
             intid=intid, gic=self.gic, ctlr=ctlr,
             distributor_enabled=bool(ctlr & self._group_enables),
             group=self._field(GICD_IGROUPR, intid, 1),
-            enabled=bool(self._field(GICD_ISENABLER, intid, 1)),
-            trigger="edge" if self._field(GICD_ICFGR, intid, 2) & 2 else "level",
-            priority=self._field(GICD_IPRIORITYR, intid, 8),
+            enabled=settings.enabled, trigger=settings.trigger, priority=settings.priority,
             pending=bool(self._field(GICD_ISPENDR, intid, 1)),
             active=bool(self._field(GICD_ISACTIVER, intid, 1)),
-            **self._destination(ctlr, intid))
+            targets=settings.targets, route=settings.route,
+            configured=expected if expected is not None else self.configured.get(intid))
 
 
 class GicV2Distributor(_Distributor):
@@ -210,15 +319,30 @@ class GicV3Distributor(_Distributor):
         else:
             self._set_bit(GICD_ICPENDR, intid)
 
+    def _affinity_routing(self, ctlr):
+        return bool(ctlr & CTLR_ARE)
+
     def _destination(self, ctlr, intid):
-        if not ctlr & CTLR_ARE:
+        if not self._affinity_routing(ctlr):
             return {"targets": self._targets(intid)}
         low = self.regs.read32(GICD_IROUTER + 8 * intid)
         high = self.regs.read32(GICD_IROUTER + 8 * intid + 4)
         if low & IROUTER_IRM:
             return {"route": "any CPU (GICD_IROUTER.IRM = 1)"}
-        aff = (high & 0xFF, (low >> 16) & 0xFF, (low >> 8) & 0xFF, low & 0xFF)
-        return {"route": "CPU with affinity " + ".".join(map(str, aff))}
+        return {"route": _affinity(high << 32 | low)}
+
+    def _route(self, ctlr, intid, target):
+        """GICD_IROUTER (64 bits, written as its two 32-bit halves) with IRM = 0."""
+        if not self._affinity_routing(ctlr):
+            super()._route(ctlr, intid, target)
+            return
+        self.regs.write32(GICD_IROUTER + 8 * intid, target & 0xFF_FFFF)
+        self.regs.write32(GICD_IROUTER + 8 * intid + 4, target >> 32)
+
+
+def _affinity(value):
+    aff = ((value >> 32) & 0xFF, (value >> 16) & 0xFF, (value >> 8) & 0xFF, value & 0xFF)
+    return "CPU with affinity " + ".".join(map(str, aff))
 
 
 class GicV2mFrame:

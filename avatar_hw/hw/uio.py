@@ -1,16 +1,22 @@
 """Linux UIO devices: find them by name, map their regions, wait for their interrupts.
 
 The hypervisor's carve-outs (trap page, each guest's RAM, the GIC distributor)
-reach Linux as ``generic-uio`` device-tree nodes (scripts/avatar-rpi4-overlay.dts);
-``uio_pdrv_genirq`` makes each one ``/dev/uioN`` with its memory maps described
+reach Linux as device-tree nodes (scripts/avatar-rpi4-overlay.dts) that a UIO
+driver makes ``/dev/uioN``, named after the node, with its memory maps described
 under ``/sys/class/uio/uioN/maps/mapM/{addr,size,name,offset}``:
 
 - ``find_uio(name)`` finds the device whose ``name`` attribute matches, through
   pyudev when looking at the real /sys, else (a test tree, or no usable udev)
   by reading ``<sysfs_root>/class/uio/uio*/name``;
 - ``UioDevice.map(m)`` maps map ``m``: the kernel selects it by the mmap offset
-  ``m * page size``; the registers start ``offset`` bytes into the first page
-  (the kernel page-aligns ``addr`` and rounds ``size`` up);
+  ``m * page size``; the registers start ``offset`` bytes into the first page.
+  Nothing rounds for us: ``avatar_uio`` (boards/linux) and ``uio_pdrv_genirq``
+  (Linux 6.1) report the node's region as it is, and ``uio_mmap_physical``
+  refuses a map whose ``addr`` is not page-aligned (ENODEV) or a mapping
+  longer than ``size`` (EINVAL), so a map that is not page-aligned, or not a
+  whole number of pages (a 4 KiB trap page on a 16 KiB-page kernel), is
+  refused here with one line naming the
+  node and the page size (``os.sysconf("SC_PAGE_SIZE")``);
 - interrupts: ``wait()`` reads the 4-byte event count, ``enable()``/``disable()``
   write 1/0, ``fileno()`` goes into a selector loop.
 
@@ -32,7 +38,9 @@ from .region import Region
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE = mmap.PAGESIZE
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+PAGE_HINT = ("a UIO map must start on a page boundary and be a whole number of pages "
+             "(Linux's uio_mmap_physical): fix the device-tree node's reg")
 SETUP_HINT = ("install the udev rules (scripts/install-udev-rules) and join group 'avatar' "
               "(sudo usermod -aG avatar $USER, then log in again)")
 
@@ -40,10 +48,22 @@ SETUP_HINT = ("install the udev rules (scripts/install-udev-rules) and join grou
 @dataclass(frozen=True)
 class UioMap:
     index: int
-    addr: int          # physical address of the (page-aligned) map
-    size: int          # bytes, a whole number of pages
+    addr: int          # physical address of the map (mmap needs it page-aligned)
+    size: int          # bytes (mmap needs a whole number of pages)
     offset: int        # where the device's registers start inside the first page
     name: str | None
+
+    def page_problem(self, page_size):
+        """Why Linux cannot mmap this map with ``page_size``-byte pages (None: it can)."""
+        if self.addr % page_size:
+            return (f"physical address 0x{self.addr:x} is not a multiple of the page size "
+                    f"0x{page_size:x}")
+        if self.size < page_size:
+            return f"0x{self.size:x} bytes, smaller than a page (0x{page_size:x} bytes)"
+        if self.size % page_size:
+            return (f"0x{self.size:x} bytes, not a whole number of pages (0x{page_size:x} "
+                    "bytes)")
+        return None
 
 
 class UioDevice:
@@ -74,6 +94,10 @@ class UioDevice:
             raise DeviceNotFound(f"UIO device {self.name} ({self.dev_path}) has no map {index} "
                                  f"(it has {len(self.maps)}); check the device-tree node's reg")
         info = self.maps[index]
+        problem = info.page_problem(PAGE_SIZE)
+        if problem is not None:
+            raise AvatarError(f"{self.dev_path} (UIO device {self.name}) map {index}: {problem}; "
+                              f"{PAGE_HINT}")
         fd = self._open(os.O_RDWR)
         try:
             mapping = mmap.mmap(fd, info.size, mmap.MAP_SHARED,
@@ -103,7 +127,7 @@ class UioDevice:
     def wait(self, timeout=None):
         """Wait for an interrupt; return the total event count, or None after ``timeout`` s.
 
-        uio_pdrv_genirq disables the interrupt line each time it fires. Call
+        avatar_uio (like uio_pdrv_genirq) disables the interrupt line each time it fires. Call
         ``enable()`` right after ``wait()`` returns and *before* handling the
         work, so an interrupt that comes during the handling is counted and not
         missed; then handle everything that is pending, then wait again.
@@ -187,6 +211,6 @@ def find_uio(name, *, sysfs_root="/sys", dev_root="/dev"):
     present = ", ".join(d.name for d in devices) or "none"
     raise DeviceNotFound(
         f"UIO device {name!r} not found in {sysfs_root} (present: {present}); load the "
-        "device-tree overlay (scripts/avatar-rpi4-overlay.dts), boot with "
-        "uio_pdrv_genirq.of_id=generic-uio and install udev/99-avatar-hw.rules "
+        "avatar_uio driver (scripts/install-board) and the device-tree overlay "
+        "(scripts/avatar-rpi4-overlay.dts), and install udev/99-avatar-hw.rules "
         "(docs/board-setup.md)")

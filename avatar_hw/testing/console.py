@@ -10,6 +10,11 @@ console endpoints)::
     output, status = console.run("uname -m")  # ("aarch64\\n", 0)
     console.sendline("cat")
     console.expect(r"some (\\w+)", timeout=5).group(1)
+    console.expect(["login: ", r"\\$ ", ConsoleTimeout])   # the index, like pexpect's
+    console.expect_exact("[ OK ]")                          # literal text
+
+``log`` (a text file, or None) receives everything read from the port, as it
+arrives: the pytest plugin points it at a per-test, per-VM file.
 
 ``run`` does not depend on the shell's prompt or on whether the terminal
 echoes: the command line is bracketed by two markers carrying a fresh
@@ -88,6 +93,8 @@ class GuestConsole:
         self.encoding = encoding
         self.buffer = ""                 # received, not yet consumed by expect
         self.transcript = ""             # the last TRANSCRIPT_LIMIT characters received
+        self.match = None                # the last expect's re.Match
+        self.log = None                  # a text file: everything received, as it arrives
 
     @classmethod
     def open(cls, url, **kwargs):
@@ -96,6 +103,14 @@ class GuestConsole:
 
     def close(self):
         self.port.close()
+
+    def reopen(self, url):
+        """Attach to ``url`` instead (the guest started again): a new port, nothing pending."""
+        self.port.close()
+        self.port = open_serial(url, timeout=POLL)
+        self.name = url
+        self.buffer = ""
+        self._decoder.reset()
 
     def __enter__(self):
         return self
@@ -115,7 +130,16 @@ class GuestConsole:
         if text:
             self.buffer += text
             self.transcript = (self.transcript + text)[-TRANSCRIPT_LIMIT:]
+            if self.log is not None:
+                self.log.write(text)
+                self.log.flush()
         return text
+
+    def drain(self):
+        """Read what has already arrived (into ``buffer``, ``log``), without waiting for
+        more than one ``POLL``; consumes nothing."""
+        while self._receive():
+            pass
 
     def tail(self, n=300):
         return self.transcript[-n:]
@@ -124,19 +148,54 @@ class GuestConsole:
         """Wait for ``pattern`` (regex: str, bytes or compiled); the ``re.Match``.
 
         Output up to the end of the match is consumed; a timeout raises
-        ``ConsoleTimeout`` showing what did arrive.
+        ``ConsoleTimeout`` showing what did arrive. With a list of patterns (as
+        pexpect's ``expect``): the index of the one matching earliest in the output
+        (the first listed on a tie), its match in ``self.match``; ``ConsoleTimeout``
+        or ``ConsoleClosed`` in the list are answered with their index instead of
+        being raised.
         """
-        regex = _compile(pattern, self.encoding)
+        if isinstance(pattern, (list, tuple)):
+            return self._expect_list(pattern, timeout, literal=False)
+        self._expect_list([pattern], timeout, literal=False)
+        return self.match
+
+    def expect_exact(self, text, timeout=DEFAULT_TIMEOUT):
+        """``expect`` for literal text (str or bytes), or a list of them (the index)."""
+        if isinstance(text, (list, tuple)):
+            return self._expect_list(text, timeout, literal=True)
+        self._expect_list([text], timeout, literal=True)
+        return self.match
+
+    def _expect_list(self, patterns, timeout, literal):
+        regexes = {}
+        for index, pattern in enumerate(patterns):
+            if pattern in (ConsoleTimeout, ConsoleClosed):
+                continue
+            if literal:
+                text = pattern.decode(self.encoding) if isinstance(pattern, bytes) else pattern
+                regexes[index] = re.compile(re.escape(text))
+            else:
+                regexes[index] = _compile(pattern, self.encoding)
         deadline = time.monotonic() + timeout
         while True:
-            match = regex.search(self.buffer)
-            if match:
-                self.buffer = self.buffer[match.end():]
-                return match
+            found = [(match.start(), index, match) for index, regex in regexes.items()
+                     if (match := regex.search(self.buffer))]
+            if found:
+                _, index, self.match = min(found, key=lambda f: f[:2])
+                self.buffer = self.buffer[self.match.end():]
+                return index
             if time.monotonic() >= deadline:
-                raise ConsoleTimeout(f"{self.name}: no {regex.pattern!r} within {timeout} s; "
+                if ConsoleTimeout in patterns:
+                    return patterns.index(ConsoleTimeout)
+                wanted = " or ".join(repr(r.pattern) for r in regexes.values())
+                raise ConsoleTimeout(f"{self.name}: no {wanted} within {timeout} s; "
                                      f"last output: {self.tail()!r}")
-            self._receive()
+            try:
+                self._receive()
+            except ConsoleClosed:
+                if ConsoleClosed in patterns:
+                    return patterns.index(ConsoleClosed)
+                raise
 
     def read_pending(self, quiet=0.1):
         """Consume and return everything received until the guest is quiet for ``quiet`` s."""

@@ -15,10 +15,11 @@ from ..hw.uio import PAGE_SIZE
 
 
 def make_tree(root, devices, node="file"):
-    """sysfs and /dev for ``{number: (name, [(addr, size, offset, map name or None)])}``."""
+    """sysfs and /dev for ``{number: (name, [(addr, size, offset, map name or None)])}``
+    (added to the tree already in ``root``, if any)."""
     sys_root, dev_root = Path(root) / "sys", Path(root) / "dev"
-    (sys_root / "class" / "uio").mkdir(parents=True)
-    dev_root.mkdir()
+    (sys_root / "class" / "uio").mkdir(parents=True, exist_ok=True)
+    dev_root.mkdir(exist_ok=True)
     for number, (name, maps) in devices.items():
         device = sys_root / "devices" / "platform" / f"{name}@0" / "uio" / f"uio{number}"
         device.mkdir(parents=True)

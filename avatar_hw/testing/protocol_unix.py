@@ -32,7 +32,8 @@ class Serial(protocol_socket.Serial):
         sock.setblocking(False)
         self._socket = sock
         self.is_open = True
-        self.reset_input_buffer()
+        # No reset_input_buffer() as socket:// does: what the peer sent as soon as we
+        # connected (a shell's first prompt, the daemon's backlog) is output, not line noise.
 
     def from_url(self, url):
         parts = urllib.parse.urlsplit(url)

@@ -258,10 +258,16 @@ class QTest:
 
 
 class QTestWindow:
-    """Registers at ``base`` seen through qtest, with Region's 32-bit access names."""
+    """Registers at ``base`` seen through qtest, with Region's 8- and 32-bit access names."""
 
     def __init__(self, qtest, base):
         self.qtest, self.base = qtest, base
+
+    def read8(self, offset):
+        return self.qtest.readb(self.base + offset)
+
+    def write8(self, offset, value):
+        self.qtest.writeb(self.base + offset, value)
 
     def read32(self, offset):
         return self.qtest.readl(self.base + offset)

@@ -7,7 +7,13 @@ Both offer the same things, so one bring-up suite runs on either:
 - ``console(vm, port)``: a ``GuestConsole`` on the guest console;
 - ``diagnose_interrupts(vm)``: text for a failure report: per device the
   interrupts the daemon raised and, where the distributor can be read, the GIC's
-  view of its SPI (``hw.gic`` ``diagnose_spi``).
+  view of its SPI (``hw.gic`` ``diagnose_spi``);
+- ``reset(vm)``: the guest starts again from power-on; returns the VMs that did
+  (the emulated board restarts QEMU and the daemon: all of them; a bench runs
+  its ``reset_command``, e.g. a labgrid power cycle or the hypervisor's VM
+  restart, with ``{vm}`` replaced);
+- ``properties()``: board, target kind, guest kernel (when known), avatar-hw's
+  version and commit, for test reports.
 
 ``HardwareTarget`` runs next to ``avatar-hw serve`` on the board's Linux (the
 control socket and the GIC distributor are local there); its guest console is
@@ -17,10 +23,13 @@ can attach to. ``EmulatedTarget`` boots the emulated board
 rng devices when this tree has them.
 """
 
+import functools
 import importlib.util
 import os
 import shutil
+import subprocess
 import tempfile
+from pathlib import Path
 
 from .. import control
 from ..board import board_path, load_board
@@ -38,10 +47,11 @@ class Target:
     kind = None
     board = None            # the avatar_hw.board.Board
     control_path = None
+    control_option = "--control"      # what the user calls control_path, for error messages
     last_console = None     # the console tests use (its output goes into failure reports)
 
     def info(self):
-        return control.request("info", self.control_path)
+        return control.request("info", self.control_path, option=self.control_option)
 
     def vm_info(self, vm=0):
         for entry in self.info()["vms"]:
@@ -72,8 +82,39 @@ class Target:
     def _spi_report(self, intid):
         return "(no distributor view on this target)"
 
+    def reset(self, vm=0):
+        raise AvatarError(f"this target cannot reset VM {vm}")
+
+    kernel = None               # the guest kernel's release, once known
+
+    def properties(self):
+        props = {"avatar_board": self.board.name, "avatar_target": self.kind,
+                 "avatar_hw_version": version(), "avatar_hw_commit": source_commit()}
+        if self.kernel:
+            props["avatar_kernel"] = self.kernel
+        return {k: v for k, v in props.items() if v}
+
     def close(self):
         pass
+
+
+def version():
+    from ..cli import version as cli_version
+    return cli_version()
+
+
+@functools.lru_cache(maxsize=1)
+def source_commit():
+    """The git commit avatar-hw runs from (a checkout), else None."""
+    source = Path(__file__).resolve().parents[2]
+    if not (source / ".git").exists():
+        return None
+    try:
+        done = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None
 
 
 def console_url_from_info(info, vm, port):
@@ -107,12 +148,26 @@ class HardwareTarget(Target):
     (any pyserial URL; default: the daemon's endpoint for VM 0's console)."""
 
     kind = "hw"
+    control_option = "--avatar-control"
 
-    def __init__(self, board_file, *, console_url=None, control_path=None):
+    def __init__(self, board_file, *, console_url=None, control_path=None, reset_command=None):
         self.board = load_board(board_path(board_file))
         self.control_path = control_path or control.default_control_path()
+        self.reset_command = reset_command
         self._console_url = console_url
         self._gic = None
+
+    def reset(self, vm=0):
+        if not self.reset_command:
+            raise AvatarError(f"no way to reset VM {vm} on this bench: give "
+                              "--avatar-reset-command 'CMD' (e.g. a labgrid power cycle; "
+                              "{vm} is replaced by the VM number)")
+        command = self.reset_command.replace("{vm}", str(vm))
+        done = subprocess.run(command, shell=True, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise AvatarError(f"--avatar-reset-command {command!r} exited {done.returncode}: "
+                              f"{(done.stderr or done.stdout).strip()[-300:]}")
+        return [vm]
 
     def console_url(self, vm=0, port=0):
         if self._console_url and (vm, port) == (0, 0):
@@ -120,9 +175,10 @@ class HardwareTarget(Target):
         return super().console_url(vm, port)
 
     def _spi_report(self, intid):
+        """The board SPI of guest INTID ``intid``, compared with the board file's settings."""
         try:
             if self._gic is None:
-                self._gic = self.board.open_gic()
+                self._gic = self.board.interrupt_line()
             return self._gic.diagnose_spi(intid).explain()
         except (AvatarError, OSError, ValueError) as err:
             return f"GIC distributor not readable here ({err})"
@@ -159,6 +215,7 @@ class EmulatedTarget(Target):
         self._workdir = None
 
     def start(self):
+        from ..emulated.assets import guest_assets
         from ..emulated.session import EmulatedBoard
         self._workdir = tempfile.mkdtemp(prefix="avatar-hil-")
         devices = []
@@ -177,7 +234,15 @@ class EmulatedTarget(Target):
             raise
         self.board = self.emulated.daemon.board
         self.control_path = self.emulated.daemon.control.path
+        self.kernel = guest_assets().release
         return self
+
+    def reset(self, vm=0):
+        """Power the emulated board off and on (QEMU and the daemon; the disk is kept)."""
+        self.emulated.stop()
+        self.emulated.start()
+        self.control_path = self.emulated.daemon.control.path
+        return list(self.emulated.daemon.config.vms)
 
     def _spi_report(self, intid):
         return ("(emulated board: the stub injects the SPI through the GIC's list registers; "

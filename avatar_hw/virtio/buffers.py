@@ -1,10 +1,27 @@
-"""Copying between guest buffers (lists of memoryviews from a ``DescriptorChain``) and
-small host buffers: request headers, control messages, status bytes.
+"""Guest buffers: the one home of every copy, skip, truncate and vectored-I/O loop over
+lists of memoryviews (a ``DescriptorChain``'s ``readable`` / ``writable`` parts, an
+output stream's segments).
 
-Both copy at most the host buffer's size, whatever the chain's length (a
-guest may describe gigabytes of overlapping descriptors): the cost is
-bounded by ``len(out)`` / ``len(data)``, never by the chain.
+Rules every helper keeps, whatever the chain (a guest may describe thousands of
+descriptors, empty ones, or gigabytes of overlapping ones):
+
+* empty views are skipped before any iovec is built, so a system call never gets a
+  vector of nothing (``readv`` would return 0: end of file; ``preadv`` 0: "done");
+* vectored calls take at most ``IOV_MAX`` views (``batches``); the loops continue
+  after a short count, so a chain of any length moves completely or the count of
+  what really moved is returned (never more);
+* nothing is copied through ``bytes``: the views are guest RAM, and the kernel reads
+  or writes them directly.
+
+``gather`` / ``scatter`` copy between views and a small host buffer (a request
+header, a control message): their cost is bounded by the host buffer, never by
+the chain.
 """
+
+import os
+
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+_ZEROS = bytes(64 << 10)
 
 
 def gather(views, out):
@@ -32,3 +49,121 @@ def scatter(data, views):
         view[:take] = data[done:done + take]
         done += take
     return done
+
+
+def copy(source, views):
+    """Copy all of ``source`` (views) into ``views`` if it fits; the length of
+    ``source`` (more than ``views`` hold: nothing was copied)."""
+    length = sum(len(v) for v in source)
+    if length > sum(len(v) for v in views):
+        return length
+    dst = iter(views)
+    out, pos = b"", 0
+    for src in source:
+        done = 0
+        while done < len(src):
+            while pos == len(out):
+                out, pos = next(dst), 0
+            take = min(len(src) - done, len(out) - pos)
+            out[pos:pos + take] = src[done:done + take]
+            pos += take
+            done += take
+    return length
+
+
+def truncate(views, n):
+    """The first ``n`` bytes of ``views``, as a list of non-empty memoryviews."""
+    out = []
+    for view in views:
+        if n <= 0:
+            break
+        if len(view):
+            out.append(view if len(view) <= n else view[:n])
+            n -= len(view)
+    return out
+
+
+def skip(views, n):
+    """``views`` without their first ``n`` bytes (and without empty views)."""
+    out = []
+    for view in views:
+        if n >= len(view):
+            n -= len(view)
+        elif n:
+            out.append(view[n:])
+            n = 0
+        else:
+            out.append(view)
+    return out
+
+
+def batches(views):
+    """``views`` as lists of at most ``IOV_MAX`` non-empty views, in order."""
+    batch = []
+    for view in views:
+        if len(view):
+            batch.append(view)
+            if len(batch) == IOV_MAX:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def first_batch(views):
+    """The first ``IOV_MAX`` non-empty views (one ``readv`` of a stream: a short read is
+    an answer, not an error); empty when ``views`` hold no byte."""
+    return next(batches(views), [])
+
+
+def transfer(io, fd, views, offset):
+    """Move every byte of ``views`` with ``io`` (``os.preadv`` / ``os.pwritev``) at file
+    ``offset``, IOV_MAX views at a time, continuing after short counts; the bytes moved
+    (fewer only when ``io`` returns 0: end of file)."""
+    done = 0
+    for batch in batches(views):
+        i = 0
+        while i < len(batch):
+            n = io(fd, batch[i:i + IOV_MAX], offset + done)
+            if not n:
+                return done
+            done += n
+            while i < len(batch) and n >= len(batch[i]):
+                n -= len(batch[i])
+                i += 1
+            if n:
+                batch[i] = batch[i][n:]
+    return done
+
+
+def fill_from(readinto, views, wanted):
+    """Read ``wanted`` bytes into ``views`` with ``readinto(view) -> count`` (a file
+    object's); the bytes read (fewer at end of file or when ``views`` are shorter)."""
+    done = 0
+    for view in views:
+        while done < wanted and len(view):
+            n = readinto(view[:wanted - done])
+            if not n:
+                return done
+            done += n
+            view = view[n:]
+        if done >= wanted:
+            break
+    return done
+
+
+def fill_zeros(views):
+    """Write zeros over every byte of ``views``."""
+    for view in views:
+        for start in range(0, len(view), len(_ZEROS)):
+            part = view[start:start + len(_ZEROS)]
+            part[:] = _ZEROS[:len(part)]
+
+
+def zeros(length):
+    """Views of ``length`` zero bytes (shared, read-only): a source for writes of zeros."""
+    whole, rest = divmod(length, len(_ZEROS))
+    views = [memoryview(_ZEROS)] * whole
+    if rest:
+        views.append(memoryview(_ZEROS)[:rest])
+    return views

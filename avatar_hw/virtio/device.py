@@ -29,6 +29,13 @@ known), ``reset()`` (drop every held chain and pending request),
 ``queue_reset(index)`` (the same for one queue), ``write_config(offset, data)``,
 ``attach(loop)`` / ``detach()`` (register / unregister backend fds).
 
+Turns: ``queue.pop`` stops once the queue's turn budget is spent (see
+``avatar_hw.virtio.queue``); the base class then calls ``queue_notify(index)``
+again from the event loop's next turn, behind what is already due, so every
+device and VM gets its turn. A device needs nothing for this but to treat
+``pop() -> None`` as "nothing more now" and to be able to continue from
+``queue_notify``.
+
 Event-loop callbacks: register fds and timers through ``self.loop`` (set by
 ``VirtioDevice.attach``; hand it to backends too), never the raw loop. It is
 a ``DeviceLoop``: an exception escaping a callback (a device or backend bug)
@@ -100,8 +107,10 @@ class VirtioDevice:
     def __init__(self, *, queue_sizes, features=0, config=b""):
         self.features = features | TRANSPORT_FEATURES
         self.config = bytearray(config)
-        self.queues = [Virtqueue(i, size, on_error=self.fail, on_used=self.signal_used)
+        self.queues = [Virtqueue(i, size, on_error=self.fail, on_used=self.signal_used,
+                                 on_yield=self._resume_later)
                        for i, size in enumerate(queue_sizes)]
+        self._resuming = set()              # queues with a resume on the loop
         self.transport = None
         self.loop = None
         # bytes_from_guest: read from device-readable buffers; bytes_to_guest: written
@@ -145,7 +154,11 @@ class VirtioDevice:
             try:
                 callback()
             except Exception as err:     # a device bug must not stop every VM's devices
-                log.exception("%s: internal error in an event-loop callback", self.name)
+                if self.transport is not None:
+                    self.transport.error("internal error in an event-loop callback",
+                                         exc_info=True)
+                else:
+                    log.exception("%s: internal error in an event-loop callback", self.name)
                 try:
                     if on_failure is not None:
                         on_failure()
@@ -191,6 +204,20 @@ class VirtioDevice:
         else:
             self.transport.config_generation = (self.transport.config_generation + 1) & 0xFFFFFFFF
 
+    def _resume_later(self, queue):
+        """``queue`` spent its turn (``Virtqueue.pop``): serve it again on the loop's next
+        turn, behind every callback already due (other devices and VMs go first)."""
+        if self.loop is None or queue.index in self._resuming:
+            return
+        self._resuming.add(queue.index)
+        self.loop.call_later(0, lambda: self._resume(queue))
+
+    def _resume(self, queue):
+        self._resuming.discard(queue.index)
+        queue.new_turn()
+        if self.active and queue.ready:
+            self.queue_notify(queue.index)
+
     def fail(self, reason):
         """An error the device cannot recover from: DEVICE_NEEDS_RESET."""
         if self.transport is None:
@@ -219,7 +246,10 @@ class VirtioDevice:
         t = self.transport
         return {"name": self.name, "device_id": self.device_id,
                 "status": status_names(t.status) if t else "detached",
-                **self.counters}
+                **self.counters,
+                # what the guest caused: logged (rate-limited) and counted
+                "guest_errors": t.guest_errors if t else 0,
+                "log_lines_suppressed": t.log_lines_suppressed if t else 0}
 
     def describe(self):
         """JSON-able debugging view: status bits, features, every queue's state."""
@@ -231,7 +261,6 @@ class VirtioDevice:
             "negotiated_features": hex(t.negotiated_features) if t else "0x0",
             "interrupt_status": t.interrupt_status if t else 0,
             "config_generation": t.config_generation if t else 0,
-            "guest_errors": t.guest_errors if t else 0,
             "legacy": bool(t and t.legacy),
             "queues": [q.describe() for q in self.queues],
         })

@@ -13,12 +13,14 @@ DEVICE_NEEDS_RESET"):
 * **bad chain -> used entry with length 0** (the head is valid, so the guest
   gets it back and does not stall: ``on_used(queue)`` is called so the
   device interrupts for it like for its own used buffers; a rate-limited
-  warning is logged, ``bad_chains`` counts it): ``next`` index >= table size; more descriptors than the queue
-  size / indirect table holds (a loop); a buffer outside the VM's RAM; an
-  indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC, with NEXT set,
-  inside an indirect table, or whose table is empty, not a multiple of 16
-  bytes, larger than 32768 entries, or outside RAM; a device-readable
-  descriptor after a device-writable one; more than 2**32 - 1 bytes in all.
+  warning is logged, ``bad_chains`` counts it): ``next`` index >= table size; a
+  chain of more descriptors than the queue size, counting an indirect table's
+  entries (2.7.5.3.1: "A driver MUST NOT create a descriptor chain longer than
+  the Queue Size of the device"; it also ends loops); a buffer outside the
+  VM's RAM; an indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC, with
+  NEXT set, inside an indirect table, or whose table is empty, not a multiple
+  of 16 bytes, or outside RAM; a device-readable descriptor after a
+  device-writable one; more than 2**32 - 1 bytes in all.
 * **ring corruption -> DEVICE_NEEDS_RESET** (nothing in the used ring can
   be trusted to answer it; ``on_error`` is called, the queue stops): the
   available index ahead of ``last_avail_idx`` by more than the queue size;
@@ -26,6 +28,20 @@ DEVICE_NEEDS_RESET"):
   twice: processing it again would complete it twice).
 * ``set_up`` refuses (``QueueError``) a size that is not a power of two in
   1..``max_size``, misaligned rings (16/2/4) or rings not inside RAM.
+
+Empty descriptors are valid and skipped: a chain's views are its non-empty
+buffers only, so no I/O vector is ever built of nothing.
+
+**Turns.** A guest can offer a queue's worth of chains of a queue's worth of
+descriptors at every notify. ``pop`` therefore works in turns: each turn
+(``new_turn``: the transport starts one at every notify, the device's resume
+another) may take a queue's worth of chains, walk ``TURN_DESCRIPTORS``
+descriptors and ``TURN_BYTES`` bytes of chains (the chain that crosses a
+limit is still returned). Past that,
+``pop`` answers None and calls ``on_yield(queue)``: the device resumes the
+queue on the event loop's next turn, after every other VM's and device's
+pending work (see ``VirtioDevice``), so one notify holds the daemon for a
+bounded time and no guest starves another.
 
 Devices hold ``DescriptorChain`` objects while they work and hand the head
 back with ``add_used``; a device must drop held chains in its reset hooks
@@ -43,8 +59,9 @@ from .memory import GuestMemoryError
 
 log = logging.getLogger(__name__)
 
-MAX_INDIRECT_ENTRIES = MAX_QUEUE_SIZE
 MAX_CHAIN_BYTES = 0xFFFFFFFF
+TURN_DESCRIPTORS = 1024           # descriptors walked per queue per turn
+TURN_BYTES = 8 << 20              # bytes of chains popped per queue per turn
 
 
 class QueueError(Exception):
@@ -73,11 +90,13 @@ class Virtqueue:
     """A split virtqueue of at most ``max_size`` entries.
 
     ``on_error(reason)`` is called once when the driver corrupts the rings
-    beyond repair (the device then sets DEVICE_NEEDS_RESET); ``on_used(queue)``
-    when ``pop`` completed bad chains (the device signals them).
+    beyond repair (the device then sets DEVICE_NEEDS_RESET and logs it);
+    ``on_used(queue)`` when ``pop`` completed bad chains (the device signals
+    them); ``on_yield(queue)`` when ``pop`` stopped because the turn's budget
+    is spent (the device resumes it later).
     """
 
-    def __init__(self, index, max_size, *, on_error=None, on_used=None):
+    def __init__(self, index, max_size, *, on_error=None, on_used=None, on_yield=None):
         if max_size < 1 or max_size & (max_size - 1) or max_size > MAX_QUEUE_SIZE:
             raise ValueError(f"queue {index}: maximum size {max_size} is not a power of two "
                              f"in 1..{MAX_QUEUE_SIZE}")
@@ -85,13 +104,20 @@ class Virtqueue:
         self.max_size = max_size
         self.on_error = on_error
         self.on_used = on_used
+        self.on_yield = on_yield
         self._bad_chain_log = RateLimitedLog(log)
+        self._break_log = RateLimitedLog(log, level=logging.ERROR)
         self.reset()
 
     @property
     def bad_chains(self):
         """Bad chains completed with length 0 since the queue was made."""
         return self._bad_chain_log.count
+
+    @property
+    def log_lines_suppressed(self):
+        """Lines about this queue's bad chains and breaks the rate limit sent to debug."""
+        return self._bad_chain_log.suppressed + self._break_log.suppressed
 
     # -- state --------------------------------------------------------------------
 
@@ -111,6 +137,13 @@ class Virtqueue:
         self._desc_q = self._desc_i = self._desc_h = None
         self._avail = self._used_h = self._used_ring = None
         self._avail_idx_addr = self._used_idx_addr = 0
+        self.new_turn()
+
+    def new_turn(self):
+        """A fresh work budget for ``pop`` (see the module docstring)."""
+        self._turn_chains = self.size
+        self._turn_descriptors, self._turn_bytes = TURN_DESCRIPTORS, TURN_BYTES
+        self.yielded = False
 
     def set_up(self, memory, *, event_idx=False, indirect=False):
         """Validate the programmed layout against ``memory`` and make the queue ready.
@@ -170,6 +203,12 @@ class Virtqueue:
 
     def _next_chain(self):
         while self.ready and not self.broken:
+            if min(self._turn_chains, self._turn_descriptors, self._turn_bytes) <= 0:
+                if not self.yielded and self.has_available():
+                    self.yielded = True
+                    if self.on_yield is not None:
+                        self.on_yield(self)
+                return None
             # The acquire load of the avail idx covers every entry below it, so it is
             # only repeated once the entries seen last time are consumed.
             pending = (self._avail_idx - self.last_avail_idx) & 0xFFFF
@@ -198,8 +237,10 @@ class Virtqueue:
                 self._break(f"available ring offers head {head} which is already in flight")
                 return None
             self._in_flight[head] = 1
+            self._turn_chains -= 1
             chain = self._walk(head)
             if chain.__class__ is DescriptorChain:
+                self._turn_bytes -= chain.readable_len + chain.writable_len
                 return chain
             self._bad_chain_log("vm%s queue %d: bad descriptor chain at head %d: %s; "
                                 "completed with length 0", getattr(self.memory, "vm_id", "?"),
@@ -213,55 +254,69 @@ class Virtqueue:
             yield chain
 
     def _walk(self, head):
-        """Follow the chain at ``head``: a DescriptorChain, or the broken rule as a string."""
+        """Follow the chain at ``head``: a DescriptorChain, or the broken rule as a string.
+        The descriptors walked are charged to the turn."""
         memory = self.memory
         ram, base, end = memory.data, memory.base, memory.end
         addrs, lens, halves = self._desc_q, self._desc_i, self._desc_h
         readable, writable = [], []
         readable_len = writable_len = 0
-        index, table_size, budget, nested = head, self.size, self.size, False
-        while True:
-            if not budget:
-                return f"more than {table_size} descriptors (a loop?)"
-            budget -= 1
-            # Each field is read once: the guest may change it under our feet.
-            addr, length = addrs[2 * index], lens[4 * index + 2]
-            flags, nxt = halves[8 * index + 6], halves[8 * index + 7]
-            if flags & DESC_F_INDIRECT:
-                if nested:
-                    return "indirect descriptor inside an indirect table"
-                if not self.indirect:
-                    return "indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC"
-                if flags & DESC_F_NEXT:
-                    return "indirect descriptor with the NEXT flag"
-                if not length or length % DESC_SIZE or length > DESC_SIZE * MAX_INDIRECT_ENTRIES:
-                    return f"indirect table length {length} is not a non-zero multiple of 16"
-                try:
-                    table = memory.view(addr, length)
-                except GuestMemoryError:
-                    return f"indirect table 0x{addr:x}+0x{length:x} is outside RAM"
-                addrs, lens, halves = table.cast("Q"), table.cast("I"), table.cast("H")
-                index, nested = 0, True
-                table_size = budget = length // DESC_SIZE
-                continue
-            if addr < base or addr + length > end:
-                return f"buffer 0x{addr:x}+0x{length:x} is outside RAM"
-            view = ram[addr - base:addr - base + length]
-            if flags & DESC_F_WRITE:
-                writable.append(view)
-                writable_len += length
-            elif writable:
-                return "device-readable descriptor after a device-writable one"
-            else:
-                readable.append(view)
-                readable_len += length
-            if readable_len + writable_len > MAX_CHAIN_BYTES:
-                return "chain longer than 2**32 - 1 bytes"
-            if not flags & DESC_F_NEXT:
-                return DescriptorChain(head, readable, writable, readable_len, writable_len)
-            if nxt >= table_size:
-                return f"next index {nxt} >= table size {table_size}"
-            index = nxt
+        index, table_size, nested, writing = head, self.size, False, False
+        budget = self.size                    # descriptors the chain may still have
+        try:
+            while True:
+                if not budget:
+                    return (f"more than {self.size} descriptors (2.7.5.3.1: \"A driver MUST "
+                            f"NOT create a descriptor chain longer than the Queue Size of the "
+                            f"device\"; a loop?)")
+                budget -= 1
+                # Each field is read once: the guest may change it under our feet.
+                addr, length = addrs[2 * index], lens[4 * index + 2]
+                flags, nxt = halves[8 * index + 6], halves[8 * index + 7]
+                if flags & DESC_F_INDIRECT:
+                    if nested:
+                        return "indirect descriptor inside an indirect table"
+                    if not self.indirect:
+                        return "indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC"
+                    if flags & DESC_F_NEXT:
+                        return "indirect descriptor with the NEXT flag"
+                    if not length or length % DESC_SIZE:
+                        return f"indirect table length {length} is not a non-zero multiple of 16"
+                    budget += 1                   # the table's entries are the chain
+                    if length // DESC_SIZE > budget:
+                        return (f"indirect table of {length // DESC_SIZE} entries makes the "
+                                f"chain longer than the queue size {self.size} (2.7.5.3.1: "
+                                f"\"A driver MUST NOT create a descriptor chain longer than "
+                                f"the Queue Size of the device\")")
+                    try:
+                        table = memory.view(addr, length)
+                    except GuestMemoryError:
+                        return f"indirect table 0x{addr:x}+0x{length:x} is outside RAM"
+                    addrs, lens, halves = table.cast("Q"), table.cast("I"), table.cast("H")
+                    index, nested = 0, True
+                    table_size = length // DESC_SIZE
+                    continue
+                if addr < base or addr + length > end:
+                    return f"buffer 0x{addr:x}+0x{length:x} is outside RAM"
+                if flags & DESC_F_WRITE:
+                    writing = True
+                    if length:                    # empty descriptors are skipped
+                        writable.append(ram[addr - base:addr - base + length])
+                        writable_len += length
+                elif writing:
+                    return "device-readable descriptor after a device-writable one"
+                elif length:
+                    readable.append(ram[addr - base:addr - base + length])
+                    readable_len += length
+                if readable_len + writable_len > MAX_CHAIN_BYTES:
+                    return "chain longer than 2**32 - 1 bytes"
+                if not flags & DESC_F_NEXT:
+                    return DescriptorChain(head, readable, writable, readable_len, writable_len)
+                if nxt >= table_size:
+                    return f"next index {nxt} >= table size {table_size}"
+                index = nxt
+        finally:
+            self._turn_descriptors -= self.size - budget
 
     def has_available(self):
         """True if the driver has made buffers available that were not popped yet."""
@@ -322,11 +377,14 @@ class Virtqueue:
     # -- errors and debugging ----------------------------------------------------------------
 
     def _break(self, reason):
+        """Ring corruption: the queue stops; ``on_error`` (the device) logs it, rate-limited
+        like every line a guest can cause."""
         self.broken = True
-        log.error("vm%s queue %d: %s; device needs reset", getattr(self.memory, "vm_id", "?"),
-                  self.index, reason)
         if self.on_error is not None:
             self.on_error(f"queue {self.index}: {reason}")
+        else:
+            self._break_log("vm%s queue %d: %s; device needs reset",
+                            getattr(self.memory, "vm_id", "?"), self.index, reason)
 
     def describe(self):
         """A JSON-able snapshot for ``info`` and debugging."""

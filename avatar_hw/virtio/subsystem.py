@@ -152,8 +152,8 @@ class Subsystem:
                 return _WRITE_DONE
             return True, transport.read(addr & self._offset_mask, size)
         except Exception as err:     # a device bug must not take the daemon down
-            log.exception("%s: internal error on %s of 0x%x", transport,
-                          "write" if is_write else "read", addr)
+            transport.error("internal error on %s of 0x%x", "write" if is_write else "read",
+                            addr, exc_info=True)
             try:
                 transport.fail(f"internal error: {err!r}")
             except Exception:

@@ -83,6 +83,7 @@ class MmioTransport:
         self.legacy = legacy
         self.config_generation = 0
         self._guest_error_log = RateLimitedLog(log)
+        self._error_log = RateLimitedLog(log, level=logging.ERROR)
         self._prerequisites = LEGACY_STATUS_PREREQUISITES if legacy else STATUS_PREREQUISITES
         self._page_size = 4096
         self._queue_align = [4096] * len(device.queues)
@@ -179,9 +180,21 @@ class MmioTransport:
         must not be able to flood the log), all counted in ``guest_errors``."""
         self._guest_error_log("%s: " + fmt, self, *args)
 
+    def error(self, fmt, *args, exc_info=False):
+        """Log an error the guest can repeat at will (an internal error it triggers, a host
+        I/O error of its requests): ERROR level, rate-limited and counted like
+        ``guest_error``."""
+        self._error_log("%s: " + fmt, self, *args, exc_info=exc_info)
+
     @property
     def guest_errors(self):
         return self._guest_error_log.count
+
+    @property
+    def log_lines_suppressed(self):
+        """Lines about this device's guest sent to debug by the rate limit."""
+        return (self._guest_error_log.suppressed + self._error_log.suppressed
+                + sum(q.log_lines_suppressed for q in self.device.queues))
 
     # -- status and reset ------------------------------------------------------------------
 
@@ -264,7 +277,7 @@ class MmioTransport:
         self.device.counters["errors"] += 1
         if self.status & _NEEDS_RESET:
             return
-        log.error("%s: %s; setting DEVICE_NEEDS_RESET", self, reason)
+        self._error_log("%s: %s; setting DEVICE_NEEDS_RESET", self, reason)
         self.status |= _NEEDS_RESET
         if self.status & _DRIVER_OK:
             self._interrupt(c.INT_CONFIG_CHANGE)
@@ -386,6 +399,7 @@ class MmioTransport:
         if index >= len(self.device.queues) or not self.device.queues[index].ready:
             self.guest_error("notify of queue %d, which is not ready; ignored", index)
             return
+        self.device.queues[index].new_turn()
         self.device.queue_notify(index)
 
     @staticmethod

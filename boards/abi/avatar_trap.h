@@ -6,6 +6,13 @@
  * is avatar_hw/abi.py, and tests/test_abi_header.py compiles this header to
  * check that both agree byte for byte. All fields are little-endian.
  *
+ * Memory: both sides map the page (and the model the guests' RAM) Normal,
+ * Inner/Outer Write-Back cacheable, Inner Shareable (EL2 stage 1: MAIR attr
+ * 0xFF, SH = 0b11); no cache maintenance is needed. The stub may wait for DONE
+ * with SEVL; WFE; LDAXR state (the model's store to the slot clears the stub's
+ * global monitor, a WFE wake-up event) only on that cacheable mapping: on a
+ * Device or Non-cacheable mapping no wake-up is guaranteed, so it must spin.
+ *
  * Ordering, in one line each:
  *   stub posts:     write every slot field, then state = POSTED with a
  *                   store-release (STLR), then ring the doorbell if

@@ -1,0 +1,178 @@
+"""Soak: a hostile guest scribbling for a long time at every device kind, in process.
+
+The fuzzers' moves (``avatar_hw.testing.hostile``: random descriptors, indirect
+tables, available rings, used events and flags, random register accesses between
+notifies; and now and then a flood of the longest chains) drawn with ``random``
+instead of hypothesis, round after round, against one VM per device kind (console
+with a named port, block, rng, net on a switch) sharing one event loop. A *step* is
+one register access the guest makes (one trap). Every round checks what the fuzz
+tests check: every access answered, nothing outside the VM's RAM written, no
+device error escaping into a catch-all, no queue with more chains in flight than its
+size.
+
+    .venv/bin/python -m bench.soak --steps 1000000          # the figures in docs/
+    .venv/bin/python -m bench.soak --steps 2000 --seed 7     # a quick run
+
+Prints steps, wall time, peak RSS of the process, the longest single trap and event-
+loop turn, and the failures (with the seed and round to replay them).
+"""
+
+import argparse
+import json
+import logging
+import random
+import resource
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from avatar_hw.devices.block import BlockDevice
+from avatar_hw.devices.console import ConsoleDevice
+from avatar_hw.devices.net import NetDevice
+from avatar_hw.devices.rng import RngDevice
+from avatar_hw.loop import EventLoop
+from avatar_hw.testing.hostile import RandomGuest, flood, internal_errors, random_rings
+from avatar_hw.testing.virtio import RAM_BASE, VirtioBench
+
+RAM = 1 << 20
+KINDS = ("console", "block", "rng", "net")
+
+
+class Timed:
+    """A ``handle_mmio_trap`` that counts and times every access."""
+
+    def __init__(self, handle):
+        self.handle, self.steps, self.longest = handle, 0, 0.0
+
+    def __call__(self, addr, value, is_write, size):
+        start = time.perf_counter()
+        try:
+            return self.handle(addr, value, is_write, size)
+        finally:
+            self.longest = max(self.longest, time.perf_counter() - start)
+            self.steps += 1
+
+
+def _device(kind, tmp):
+    if kind == "console":
+        return ConsoleDevice(ports={"p": None}, size=(80, 25)), [0, 1, 2, 3]
+    if kind == "block":
+        image = Path(tmp) / "disk.img"
+        with open(image, "wb") as f:
+            f.truncate(1 << 20)
+        return BlockDevice(image), [0]
+    if kind == "rng":
+        return RngDevice(), [0]
+    return NetDevice(f"switch:{tmp}/switch.sock", mac="52:54:00:00:00:01"), [0, 1]
+
+
+def soak(steps, seed, log=None):
+    """Run until ``steps`` traps were made; the figures as a dict."""
+    # The guest's errors are counted, not printed; the level stays, so that the records of
+    # internal errors still reach ``internal_errors``.
+    logger, quiet = logging.getLogger("avatar_hw"), logging.NullHandler()
+    propagate = logger.propagate
+    logger.addHandler(quiet)
+    logger.propagate = False
+    try:
+        return _soak(steps, seed, log)
+    finally:
+        logger.removeHandler(quiet)
+        logger.propagate = propagate
+
+
+def _soak(steps, seed, log):
+    rng = random.Random(seed)
+    guest = RandomGuest(rng)
+    loop = EventLoop()
+    failures, longest_turn, rounds = [], 0.0, 0
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="avatar-soak-") as tmp:
+        benches = []
+        for vm, kind in enumerate(KINDS):
+            device, indices = _device(kind, tmp)
+            subsystem = benches[0][1].subsystem if benches else None
+            bench = VirtioBench(device, ram_size=RAM, loop=loop, subsystem=subsystem, vm_id=vm)
+            timed = Timed(bench.subsystem.handle_mmio_trap)
+            bench.subsystem.handle_mmio_trap = bench.driver.mmio = timed
+            benches.append((kind, bench, indices, timed))
+        total = 0
+        try:
+            with internal_errors() as escaped:
+                while total < steps:
+                    kind, bench, indices, timed = benches[rounds % len(benches)]
+                    try:
+                        bench.ram.reset_alloc()
+                        if rng.random() < 0.05:
+                            q = bench.driver.init(indices, buf_size=0, size=16)[0]
+                            entries = rng.choice([q.size, q.size + 1, 32768])
+                            table = bench.ram.alloc(16 * 32768, 16)
+                            data = bench.ram.alloc(512)
+                            flood(q, table, [(data, rng.randrange(64), rng.random() < 0.5)]
+                                  * entries)
+                            q.notify()
+                        else:
+                            random_rings(bench, indices, **guest.rings(RAM_BASE, RAM))
+                        for _ in range(rng.randrange(3)):
+                            turn = time.perf_counter()
+                            loop.run_once(0)
+                            longest_turn = max(longest_turn, time.perf_counter() - turn)
+                        if escaped:
+                            raise AssertionError(f"internal error: {escaped[-1].getMessage()}")
+                    except Exception as err:
+                        failures.append({"round": rounds, "kind": kind, "error": repr(err),
+                                         "where": traceback.format_exc(limit=3)[-600:]})
+                        escaped.clear()
+                        if len(failures) >= 20:
+                            break
+                    rounds += 1
+                    total = sum(b[3].steps for b in benches)
+                    if log and rounds % 2000 == 0:
+                        log(f"{total} steps, {rounds} rounds, {len(failures)} failures, "
+                            f"{time.perf_counter() - start:.0f} s")
+        finally:
+            for _, bench, _, _ in benches[::-1]:
+                bench.subsystem.close()
+            loop.close()
+    devices = {kind: bench.device.info() for kind, bench, _, _ in benches}
+    return {"steps": total, "rounds": rounds, "seed": seed,
+            "wall_s": round(time.perf_counter() - start, 1),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "longest_trap_ms": round(1000 * max(b[3].longest for b in benches), 2),
+            "longest_loop_turn_ms": round(1000 * longest_turn, 2),
+            "failures": failures,
+            "guest_errors": {k: d.get("guest_errors", 0) for k, d in devices.items()},
+            "log_lines_suppressed": {k: d.get("log_lines_suppressed", 0)
+                                     for k, d in devices.items()}}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=100000,
+                        help="register accesses (traps) the guest makes in all")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="random seed (default: a new one, printed)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    seed = random.randrange(1 << 32) if args.seed is None else args.seed
+    result = soak(args.steps, seed, log=lambda text: print(text, file=sys.stderr, flush=True))
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        print(f"steps {result['steps']} ({result['rounds']} rounds, seed {seed}) in "
+              f"{result['wall_s']} s; peak RSS {result['peak_rss_mib']} MiB; longest trap "
+              f"{result['longest_trap_ms']} ms, longest loop turn "
+              f"{result['longest_loop_turn_ms']} ms; {len(result['failures'])} failures")
+        for failure in result["failures"]:
+            print(f"  round {failure['round']} ({failure['kind']}): {failure['error']}")
+    return 1 if result["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The ``avatar-hw`` command line as a user meets it: --version, help for every option, -v
+with every command, a quiet exit on a closed pipe, one address format, the daemon's start
+log (control socket and console endpoints)."""
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from avatar_hw import cli
+from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
+from test_daemon import Served, console_config
+
+AVATAR_HW = [sys.executable, "-m", "avatar_hw"]
+
+
+def subcommands():
+    parser = cli.build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return parser, sub.choices
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"avatar-hw {cli.version()}\n"
+    assert cli.version()[0].isdigit()
+
+
+def test_every_option_of_every_command_has_help():
+    parser, commands = subcommands()
+    assert set(commands) >= {"layout", "serve", "list", "info", "debug", "console", "demo"}
+    for name, command in [("", parser), *commands.items()]:
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help, f"avatar-hw {name} {action.option_strings or action.dest}"
+
+
+@pytest.mark.parametrize("argv, level", [
+    (["layout"], logging.WARNING), (["-v", "layout"], logging.INFO),
+    (["layout", "-v"], logging.INFO), (["layout", "-vv"], logging.DEBUG),
+    (["serve", "--board", "rpi4", "--config", "x"], logging.INFO),
+    (["serve", "--board", "rpi4", "--config", "x", "-vv"], logging.DEBUG),
+    (["serve", "--board", "rpi4", "--config", "x", "--log-level", "warning"], logging.WARNING),
+    (["info", "-vv"], logging.DEBUG), (["console", "0", "-v"], logging.INFO),
+    (["demo", "-vv"], logging.DEBUG)])
+def test_v_works_with_every_command(argv, level):
+    assert cli.log_level(cli.build_parser().parse_args(argv)) == level
+
+
+@pytest.mark.parametrize("argv", [["layout", "--board", "rpi4", "--json"],
+                                  ["layout", "--board", "rpi4"], ["--help"], ["serve", "--help"]])
+def test_a_closed_pipe_ends_quietly(argv):
+    reader = subprocess.Popen(["true"], stdin=subprocess.PIPE)
+    reader.wait()                      # the read end is closed before we write anything
+    result = subprocess.run(AVATAR_HW + argv, stdout=reader.stdin, stderr=subprocess.PIPE,
+                            text=True, timeout=60)
+    reader.stdin.close()
+    assert result.stderr == ""
+    assert result.returncode in (0, 141)
+
+
+def test_console_without_a_vm_says_what_to_give(capsys):
+    assert cli.main(["console"]) == 2
+    assert capsys.readouterr().err == ("avatar-hw: console: give a VM number (and the daemon's "
+                                       "--control socket) or --url URL\n")
+
+
+def test_a_missing_daemon_names_the_option(capsys, tmp_path):
+    assert cli.main(["info", "--control", str(tmp_path / "none.sock")]) == 2
+    err = capsys.readouterr().err
+    assert "give its control socket with --control" in err and "\n" not in err[:-1]
+
+
+def test_serve_logs_where_to_reach_it_and_list_info_print_one_address_format(tmp_path):
+    board = FakeBoard(tmp_path / "board")
+    stub = StandinStub(board)
+    daemon = Served(board, console_config(board), "-vv")
+    try:
+        stub.page.wait_attached()
+        listed = json.loads(daemon.cli("list", "--json"))
+        assert [d["base"] for d in listed] == ["0x0a000000", "0x0a010000"]
+        assert daemon.cli("list").split()[3] == "0x0a000000"
+        info = json.loads(daemon.cli("info", "--json"))
+        assert info["vms"][1]["window"] == ["0x0a010000", "0x0a01ffff"]
+        assert info["vms"][0]["ram"]["base"] == "0x40000000"
+        assert info["vms"][0]["devices"][0]["base"] == "0x0a000000"
+        assert json.loads(daemon.cli("debug", "1", "0", "--json"))["base"] == "0x0a010000"
+        assert daemon.stop() == 0
+    finally:
+        daemon.close()
+        stub.close()
+    log = daemon.output()
+    assert f"control socket {board.control}" in log
+    assert f"vm1 console port 0: unix:{board.root}/vm1.sock, file:{board.root}/vm1.log" in log
+    assert " DEBUG " in log                 # -vv after the command
+
+
+def test_serve_tells_systemd_when_it_is_ready_and_when_it_stops(tmp_path):
+    """Type=notify (boards/linux/avatar-hw.service): READY=1 once the control socket answers,
+    STOPPING=1 on SIGTERM; a fake $NOTIFY_SOCKET collects the datagrams."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(20)
+    board = FakeBoard(tmp_path / "board")
+    stub = StandinStub(board)
+    os.environ["NOTIFY_SOCKET"] = str(tmp_path / "notify")
+    try:
+        daemon = Served(board, console_config(board))
+    finally:
+        del os.environ["NOTIFY_SOCKET"]
+    try:
+        ready = notify.recv(4096).decode().split("\n")
+        assert ready[0] == "READY=1" and f"MAINPID={daemon.process.pid}" in ready
+        assert stub.page.model_attached()
+        assert json.loads(daemon.cli("list", "--json"))          # serving when it said so
+        daemon.process.send_signal(signal.SIGTERM)
+        assert notify.recv(4096) == b"STOPPING=1"
+        assert daemon.process.wait(20) == 0
+    finally:
+        daemon.close()
+        stub.close()
+        notify.close()
+
+
+def test_sd_notify_without_systemd_or_with_an_abstract_socket(monkeypatch):
+    from avatar_hw.daemon import sd_notify
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert sd_notify("READY=1") is False
+    name = f"avatar-hw-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind("\0" + name)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert sd_notify("READY=1") is True
+        assert notify.recv(64) == b"READY=1"
+    assert sd_notify("STOPPING=1") is False              # nobody listens: logged, not raised
+
+
+def test_the_systemd_unit_runs_serve_and_waits_for_its_notification():
+    unit = (Path(__file__).resolve().parent.parent / "boards/linux/avatar-hw.service").read_text()
+    lines = dict(line.split("=", 1) for line in unit.splitlines()
+                 if "=" in line and not line.startswith("#"))
+    assert lines["Type"] == "notify"
+    argv = lines["ExecStart"].split()
+    assert argv[:2] == ["avatar-hw", "serve"] and "--board" in argv and "--config" in argv
+    args = cli.build_parser().parse_args(
+        [a.replace("${AVATAR_BOARD}", "rpi4").replace("${AVATAR_CONFIG}", "/etc/x.toml")
+         for a in argv[1:] if a != "$AVATAR_OPTIONS"])
+    assert (args.board, str(args.config)) == ("rpi4", "/etc/x.toml")

@@ -1,0 +1,219 @@
+"""``avatar-hw demo`` as a user runs it (a subprocess): the devices of a VMs config, the CLI
+against a running demo, several console clients, and every way of ending it leaving no
+process, no /dev/shm file and no temporary directory (marker ``emulated``)."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from avatar_hw.emulated import machine
+from avatar_hw.testing.console import GuestConsole
+from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
+from test_pytest_plugin import OnPty
+
+REPO = Path(__file__).resolve().parent.parent
+AVATAR_HW = [sys.executable, "-m", "avatar_hw"]
+
+
+def leftovers(pid):
+    """What a demo with PID ``pid`` could leave: processes, RAM files, temp directories."""
+    children = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (OSError, ValueError):
+            continue
+        fields = stat.rpartition(")")[2].split()
+        cmdline = Path(f"/proc/{entry}/cmdline").read_bytes() if entry.isdigit() else b""
+        if fields and fields[1] == str(pid) or f"avatar-emulated-{pid}-".encode() in cmdline:
+            if fields[0] != "Z":
+                children.append(entry)
+    shm = [n for n in os.listdir("/dev/shm") if n.startswith(f"avatar-emulated-{pid}-")]
+    tmp = [n for n in os.listdir(tempfile.gettempdir())
+           if n.startswith(f"{machine.WORKDIR_PREFIX}{pid}-")]
+    return children, shm, tmp
+
+
+def qemu_of(pid):
+    children, _, _ = leftovers(pid)
+    [qemu] = [c for c in children if b"qemu-system-aarch64" in
+              Path(f"/proc/{c}/cmdline").read_bytes()]
+    return int(qemu)
+
+
+class Demo:
+    """An interactive ``avatar-hw demo`` (stdin a pipe) and what it printed."""
+
+    def __init__(self, *argv):
+        self.process = subprocess.Popen(AVATAR_HW + ["demo", *argv], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.err = b""
+        line = self.read_err_until(rb"control socket (\S+)\n")
+        self.control = line.group(1).decode()
+        self.read_err_until(rb"guest console \(hvc0\)")
+        self.qemu = qemu_of(self.process.pid)
+
+    def read_err_until(self, pattern, timeout=180):
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.err):
+            assert time.monotonic() < deadline and self.process.poll() is None, self.err
+            chunk = os.read(self.process.stderr.fileno(), 4096)
+            assert chunk, self.err
+            self.err += chunk
+        return re.search(pattern, self.err)
+
+    def cli(self, *argv):
+        done = subprocess.run(AVATAR_HW + [*argv, "--control", self.control],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def end(self, timeout=30):
+        status = self.process.wait(timeout)
+        self.err += self.process.stderr.read()
+        return status
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def test_demo_config_gives_the_guest_console_disk_entropy_and_network():
+    """boards/vms-example.toml as it is: VM 0's four devices (VM 1 is left out, saying so)."""
+    done = subprocess.run(AVATAR_HW + [
+        "demo", "--config", str(REPO / "boards" / "vms-example.toml"), "--run",
+        "ls /sys/bus/virtio/devices; cat /sys/block/vda/size; head -c 16 /dev/hwrng | wc -c; "
+        "cat /sys/class/net/eth0/address"], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["virtio0", "virtio1", "virtio2", "virtio3", "131072", "16",
+                                   "52:54:00:a7:00:00"]
+    assert "the emulated board runs one guest, VM 0: vm.1 left out" in done.stderr
+    assert re.search(r"vm0 slot3 net +0x0a003000 IRQ 51", done.stderr)
+    pid = re.search(r"avatar-emulated-(\d+)-", done.stderr).group(1)
+    assert leftovers(pid) == ([], [], [])
+
+
+def test_the_cli_and_several_console_clients_on_a_running_demo():
+    demo = Demo()
+    try:
+        assert "vm0 slot0 console  0x0a000000 IRQ 48" in demo.cli("list")
+        info = json.loads(demo.cli("info", "--json"))
+        assert info["pid"] == demo.process.pid and info["board"] == "emulated"
+        assert "DRIVER_OK" in json.loads(demo.cli("debug", "0", "console", "--json"))["status"]
+        # `avatar-hw console 0 --control` uses the endpoints other than the demo's own.
+        url = re.search(rb"vm0 console port 0: unix:(\S+)", demo.err).group(1).decode()
+        first = GuestConsole.open(f"unix://{url}")
+        first.wait_shell(60)
+        assert first.run("echo $((6 * 7))") == ("42\n", 0)
+        demo.process.stdin.write(b"echo from-the-demo-$((1 + 1))\n")
+        demo.process.stdin.flush()
+        first.expect("from-the-demo-2", timeout=30)          # the demo's typing, seen here
+        second = GuestConsole.open(f"unix://{url}")        # takes the endpoint over
+        second.wait_shell(60)
+        assert second.run("echo second") == ("second\n", 0)
+        first.close()
+        second.close()
+        term = OnPty("0", "--control", demo.control)         # the command a user types
+        try:
+            term.type("echo via-$((5 + 5))\n")
+            term.expect("via-10", 60)
+            term.type("\x1d")
+            assert term.process.wait(10) == 0
+        finally:
+            term.close()
+        assert demo.process.poll() is None                   # never the demo's death
+        demo.process.stdin.write(b"\x1d")                    # Ctrl-]
+        demo.process.stdin.flush()
+        assert demo.end() == 0
+    finally:
+        demo.kill()
+    assert leftovers(demo.process.pid) == ([], [], [])
+
+
+def _signal(sig):
+    def end(demo):
+        os.kill(demo.process.pid, sig)
+    return end
+
+
+def _poweroff(demo):
+    demo.process.stdin.write(b"poweroff -f\n")
+    demo.process.stdin.flush()
+
+
+ENDINGS = {
+    "SIGINT": (_signal(signal.SIGINT), 130),
+    "SIGTERM": (_signal(signal.SIGTERM), 128 + signal.SIGTERM),
+    "SIGHUP": (_signal(signal.SIGHUP), 128 + signal.SIGHUP),
+    "guest poweroff": (_poweroff, 0),
+}
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_every_ending_leaves_nothing_behind(ending):
+    end, status = ENDINGS[ending]
+    demo = Demo()
+    try:
+        assert leftovers(demo.process.pid)[1] == []           # the RAM file is never named
+        end(demo)
+        assert demo.end() == status, demo.err
+    finally:
+        demo.kill()
+    assert leftovers(demo.process.pid) == ([], [], [])
+    assert b"Traceback" not in demo.err
+    if ending == "guest poweroff":
+        assert b"the guest powered off" in demo.err
+
+
+CRASHING_DEMO = """if True:
+    import sys
+    from avatar_hw import cli, control
+    def crash(self, line):
+        raise RuntimeError("simulated crash of the device model")
+    control.ControlServer.answer = crash
+    sys.exit(cli.main(["demo"]))
+"""
+
+
+def test_a_crash_of_the_daemon_ends_the_demo_and_leaves_nothing():
+    """An exception out of the daemon's loop (here: from the control socket) stops it; the
+    demo sees its console close, says so and cleans up."""
+    demo = Demo.__new__(Demo)
+    demo.process = subprocess.Popen([sys.executable, "-c", CRASHING_DEMO], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    demo.err = b""
+    try:
+        demo.control = demo.read_err_until(rb"control socket (\S+)\n").group(1).decode()
+        demo.read_err_until(rb"guest console \(hvc0\)")
+        subprocess.run(AVATAR_HW + ["list", "--control", demo.control], capture_output=True,
+                       timeout=60)
+        assert demo.end() == 1
+    finally:
+        demo.kill()
+    assert b"the device model stopped" in demo.err
+    assert leftovers(demo.process.pid) == ([], [], [])
+
+
+def test_sigkill_of_the_demo_takes_qemu_and_the_ram_with_it():
+    """Nothing runs at a SIGKILL: QEMU dies with its parent (PR_SET_PDEATHSIG), the RAM file
+    was unlinked from the start, and the next start removes the temporary directory."""
+    demo = Demo()
+    demo.kill()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{demo.qemu}").exists() and b"Z" not in Path(
+            f"/proc/{demo.qemu}/stat").read_bytes().rpartition(b")")[2][:3]:
+        assert time.monotonic() < deadline, "QEMU outlived its parent"
+        time.sleep(0.1)
+    children, shm, tmp = leftovers(demo.process.pid)
+    assert shm == [] and len(tmp) == 1
+    machine._remove_stale_workdirs()
+    assert leftovers(demo.process.pid) == ([], [], [])
