@@ -2,25 +2,31 @@
 deflate with their checks, host memory really released from a shared RAM file, and the
 statistics queue."""
 
+import json
 import mmap
 import os
 import struct
+import subprocess
+import sys
 import time
 import uuid
 
 import pytest
 
+from avatar_hw import control
 from avatar_hw.config import load_config
 from avatar_hw.devices import balloon as bl
 from avatar_hw.devices.balloon import BalloonDevice
 from avatar_hw.errors import ConfigError
 from avatar_hw.hw.region import Region
 from avatar_hw.testing.driver import GuestRam, VirtioDriver
+from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
 from avatar_hw.testing.virtio import RAM_BASE, IrqRecorder, VirtioBench
 from avatar_hw.virtio import constants as c
 from avatar_hw.virtio.memory import GuestMemory
 from avatar_hw.virtio.subsystem import Subsystem
 from test_console import loop  # noqa: F401 (fixture)
+from test_daemon import Served, console_config
 
 RAM = 32 << 20
 PAGE = 4096
@@ -270,3 +276,41 @@ def test_config_keys(tmp_path):
     path.write_text('[vm.0]\nballoon = { deflate_on_oom = "yes" }\n')
     with pytest.raises(ConfigError, match="deflate_on_oom: must be true or false"):
         load_config(path)
+
+
+def test_balloon_command_and_control_socket_on_a_uio_board(tmp_path):
+    """``avatar-hw balloon`` against a served daemon whose RAM is a UIO map (the fake
+    board's): the guest sees the new num_pages, pages are counted but not released."""
+    board = FakeBoard(tmp_path / "board")
+    stub = StandinStub(board)
+    daemon = Served(board, console_config(board, extra="balloon = { stats_interval = 1 }\n",
+                                          vms=(0,)))
+    try:
+        stub.page.wait_attached()
+        ram = board.ram_size
+        state = json_cli(daemon, "balloon", "0", f"{ram // 4 >> 20}M", "--json")
+        assert state["target"] == ram // 4 and state["balloon_target"] == ram - ram // 4
+        assert state["release"].startswith("none")
+        mmio = stub.page.mmio(0)
+        window = 0x0a001000                                    # vm0 slot 1
+        assert mmio(window + c.REG_DEVICE_ID, 0, False, 4) == (True, c.ID_BALLOON)
+        assert mmio(window + c.REG_CONFIG, 0, False, 4) == (True, (ram - ram // 4) // PAGE)
+        text = daemon.cli("balloon", "0")
+        assert text.startswith("vm0 balloon: keep 4.0 MiB of 16.0 MiB")
+        assert "balloon: keep" in daemon.cli("info")
+        assert control.request("balloon", str(board.control), vm=0, size="1G")[
+            "balloon_target"] == 0
+        failed = subprocess.run([sys.executable, "-m", "avatar_hw", "balloon", "1", "8M",
+                                 "--control", str(board.control)], capture_output=True,
+                                text=True, timeout=30)
+        assert failed.returncode == 2
+        assert failed.stderr.strip() == ("avatar-hw: daemon: bad request: VM 1 has no balloon "
+                                         "device (add balloon = {} to its VMs config)")
+        assert daemon.stop() == 0
+    finally:
+        daemon.close()
+        stub.close()
+
+
+def json_cli(daemon, *args):
+    return json.loads(daemon.cli(*args))
