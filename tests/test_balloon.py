@@ -249,6 +249,19 @@ def test_statistics_are_read_kept_and_requested_again(bench, loop):
     assert b.device.balloon_info()["stats"] == {"free_memory": 50 << 20}
 
 
+def test_a_statistics_buffer_notified_before_driver_ok_is_taken_at_driver_ok(loop):
+    """Linux's probe posts and kicks its first statistics buffer before DRIVER_OK."""
+    b = VirtioBench(BalloonDevice(), loop=loop, ram_size=RAM)
+    b.driver.negotiate()
+    _, _, stats = [b.driver.setup_queue(i, 16) for i in range(3)]
+    stats.post(readable=[stats_buffer(total_memory=1 << 30)])
+    stats.notify()                                       # ignored: no DRIVER_OK yet
+    assert b.device.stats == {}
+    b.driver.driver_ok()
+    assert b.device.stats == {"total_memory": 1 << 30}
+    b.subsystem.close()
+
+
 def test_bad_statistics_buffers(bench, loop):
     b = bench(stats_interval=3600)
     b.stats.post(readable=[b"\0" * 15])                  # not whole 10-byte entries
