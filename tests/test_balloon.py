@@ -12,6 +12,8 @@ import time
 import uuid
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from avatar_hw import control
 from avatar_hw.config import load_config
@@ -27,6 +29,8 @@ from avatar_hw.virtio.memory import GuestMemory
 from avatar_hw.virtio.subsystem import Subsystem
 from test_console import loop  # noqa: F401 (fixture)
 from test_daemon import Served, console_config
+from test_devices_fuzz import post, split
+from test_fuzz import FUZZ, no_internal_errors
 
 RAM = 32 << 20
 PAGE = 4096
@@ -327,3 +331,50 @@ def test_balloon_command_and_control_socket_on_a_uio_board(tmp_path):
 
 def json_cli(daemon, *args):
     return json.loads(daemon.cli(*args))
+
+
+FUZZ_RAM = 4 << 20
+PFN_WORDS = st.lists(st.one_of(st.integers(0, 2**32 - 1),
+                               st.integers(RAM_BASE // PAGE - 2,
+                                           (RAM_BASE + FUZZ_RAM) // PAGE + 2)),
+                     max_size=300)
+
+
+@FUZZ
+@given(requests=st.lists(st.tuples(st.integers(0, 2), PFN_WORDS, st.integers(0, 3),
+                                   st.lists(st.integers(0, 1300), max_size=3),
+                                   st.lists(st.integers(0, 64), max_size=2)),
+                         min_size=1, max_size=8),
+       config=st.lists(st.tuples(st.sampled_from([0, 1, 2, 4, 5, 6]), st.sampled_from([1, 2, 4]),
+                                 st.integers(0, 2**32 - 1)), max_size=4))
+def test_random_balloon_requests(requests, config):
+    """Random frame arrays (ragged, split over descriptors, with writable parts) on every
+    queue and random config writes: no internal error, nothing outside the VM touched, every
+    inflate/deflate chain returned with length 0, the device still counts a good request."""
+    bench = VirtioBench(BalloonDevice(stats_interval=3600), ram_size=FUZZ_RAM)
+    try:
+        with no_internal_errors():
+            queues = bench.driver.init([0, 1, 2], buf_size=0, size=16)
+            scratch = bench.ram.alloc(64 << 10, 4096)
+            for offset, size, value in config:
+                if offset % size == 0:
+                    bench.driver.write_config(offset, value & ((1 << 8 * size) - 1), size)
+            for index, words, tail, points, writable in requests:
+                data = pfns(*words) + bytes(tail)
+                head = post(queues[index], bench.ram, scratch, split(data, points), writable)
+                if head is None:
+                    continue
+                queues[index].notify()
+                used = queues[index].get_used()
+                if index != bl.STATS:
+                    assert [(u.head, u.length) for u in used] == [(head, 0)]
+            before = bench.device.counters["pages_inflated"]
+            queues[0].get_used()
+            post(queues[0], bench.ram, scratch, [pfns(page_pfn(RAM_BASE + FUZZ_RAM - PAGE))], [])
+            queues[0].notify()
+            assert len(queues[0].get_used()) == 1
+            assert bench.device.counters["pages_inflated"] == before + 1
+            bench.device.info()
+    finally:
+        bench.subsystem.close()
+    bench.check_guards()
