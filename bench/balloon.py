@@ -16,7 +16,6 @@ so this is request latency: a trap, a notify and an interrupt per MiB.
 import argparse
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -25,10 +24,12 @@ import time
 from pathlib import Path
 
 from avatar_hw import control
+from avatar_hw.emulated import memory_map as mm
 from avatar_hw.emulated.initramfs import build_initramfs
 from avatar_hw.errors import AvatarError
 
 from .board import OurBoard, connect, qemu_command
+from .common import Child
 
 MIB = 1 << 20
 POLL = 0.01
@@ -105,33 +106,26 @@ def qemu(initrd, mib, workdir):
     argv = qemu_command(initrd, image, console) + [
         "-device", "virtio-balloon-device",
         "-monitor", f"unix:{monitor_path},server=on,wait=off"]
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, start_new_session=True)
-    shell = None
-    try:
+    with Child(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+               stderr=subprocess.DEVNULL, start_new_session=True):
         shell = connect(console, timeout=30)
-        shell.wait_ready(120)
-        shell.run(TOUCH)
-        monitor = Monitor(monitor_path)
-        ram = int(re.search(r"-m (\d+)M", " ".join(argv)).group(1))
-
-        def state():
-            actual = int(re.search(r"actual=(\d+)", monitor.command("info balloon")).group(1))
-            return ram - actual
-        inflate = timed(lambda: monitor.command(f"balloon {ram - mib}"), state, mib)
-        deflate = timed(lambda: monitor.command(f"balloon {ram}"), state, 0)
-        return inflate, deflate
-    finally:
-        if shell is not None:
+        try:
+            shell.wait_ready(120)
+            shell.run(TOUCH)
+            return measure_qemu(Monitor(monitor_path), mib)
+        finally:
             shell.close()
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        process.stderr.close()
+
+
+def measure_qemu(monitor, mib):
+    ram = mm.GUEST_RAM_SIZE // MIB                      # qemu_command's -m
+
+    def state():
+        actual = int(re.search(r"actual=(\d+)", monitor.command("info balloon")).group(1))
+        return ram - actual
+    inflate = timed(lambda: monitor.command(f"balloon {ram - mib}"), state, mib)
+    deflate = timed(lambda: monitor.command(f"balloon {ram}"), state, 0)
+    return inflate, deflate
 
 
 def main(argv=None):
