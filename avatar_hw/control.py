@@ -14,7 +14,9 @@ Commands (the seed's list-all / print-info / debug-device):
   devices with status bits, negotiated features, queues, interrupts raised,
   bytes moved and errors;
 - ``debug`` (``vm``, ``device``: a slot number or a name such as
-  ``console`` or ``console0``): everything about one device.
+  ``console`` or ``console0``): everything about one device;
+- ``balloon`` (``vm``, optional ``size``: bytes or text such as ``"384M"``): the guest
+  memory VM ``vm`` keeps (its balloon takes the rest); the balloon's state.
 """
 
 import json
@@ -23,6 +25,7 @@ import os
 import socket
 
 from . import paths
+from .devices.balloon import parse_size
 from .errors import AvatarError
 
 log = logging.getLogger(__name__)
@@ -139,6 +142,10 @@ class ControlServer:
                 result = self.daemon.list_devices()
             elif command == "info":
                 result = self.daemon.info()
+            elif command == "balloon":
+                size = request.get("size")
+                result = self.daemon.balloon(int(request["vm"]),
+                                             None if size is None else parse_size(size))
             elif command == "debug":
                 result = self.daemon.debug_device(
                     int(request["vm"]), self._slot(int(request["vm"]), str(request["device"])))

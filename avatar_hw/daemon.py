@@ -342,6 +342,16 @@ class Daemon:
         """What ``avatar-hw debug --json`` shows."""
         return _addressed(self.subsystem.debug_device(vm_id, slot))
 
+    def balloon(self, vm_id, size=None):
+        """What ``avatar-hw balloon`` does: VM ``vm_id`` keeps ``size`` bytes of its RAM (its
+        balloon device takes the rest); None: only the balloon's state."""
+        for entry in self.subsystem.list_all_devices():
+            if entry["vm"] == vm_id and entry["name"] == "balloon":
+                device = self.subsystem.device(vm_id, entry["slot"])
+                return device.balloon_info() if size is None else device.set_target(size)
+        raise ValueError(f"VM {vm_id} has no balloon device (add balloon = {{}} to its VMs "
+                         "config)")
+
     def info(self):
         """What ``avatar-hw info --json`` shows."""
         vms = []

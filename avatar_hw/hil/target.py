@@ -8,6 +8,7 @@ Both offer the same things, so one bring-up suite runs on either:
 - ``diagnose_interrupts(vm)``: text for a failure report: per device the
   interrupts the daemon raised and, where the distributor can be read, the GIC's
   view of its SPI (``hw.gic`` ``diagnose_spi``);
+- ``balloon(vm, size)``: the guest memory VM ``vm`` keeps (virtio-balloon);
 - ``reset(vm)``: the guest starts again from power-on; returns the VMs that did
   (the emulated board restarts QEMU and the daemon: all of them; a bench runs
   its ``reset_command``, e.g. a labgrid power cycle or the hypervisor's VM
@@ -61,6 +62,15 @@ class Target:
 
     def devices(self, vm=0, name=None):
         return [d for d in self.vm_info(vm)["devices"] if name is None or d["name"] == name]
+
+    def balloon(self, vm=0, size=None):
+        """VM ``vm`` keeps ``size`` of its RAM (bytes, or text such as ``"384M"``; its balloon
+        takes the rest), as ``avatar-hw balloon``; returns the balloon's state (None: only
+        that)."""
+        from ..devices.balloon import parse_size
+        arguments = {} if size is None else {"size": parse_size(size)}
+        return control.request("balloon", self.control_path, option=self.control_option,
+                               vm=vm, **arguments)
 
     def console_url(self, vm=0, port=0):
         """The pyserial URL of VM ``vm``'s console port ``port`` (from the daemon's endpoints)."""
@@ -226,6 +236,8 @@ class EmulatedTarget(Target):
             devices.append(f'block = {{ image = "{image}" }}')
         if device_available("rng"):
             devices.append("rng = {}")
+        if device_available("balloon"):
+            devices.append("balloon = {}")
         self.emulated = EmulatedBoard(devices="\n".join(devices))
         try:
             self.emulated.start()
