@@ -37,6 +37,7 @@ DEVICES = {
     "block": "avatar_hw.devices.block",
     "rng": "avatar_hw.devices.rng",
     "net": "avatar_hw.devices.net",
+    "9p": "avatar_hw.devices.p9",
 }
 
 
