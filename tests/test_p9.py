@@ -459,6 +459,20 @@ def test_random_messages_never_break_the_device(fs, share):
     assert sorted(os.listdir(share.parent)) == ["secret", "share"]
 
 
+def test_xattr_values_held_by_fids_are_bounded(fs):
+    create = struct.pack("<I", ROOT_FID) + s("user.big") + struct.pack("<QI", p.XATTR_MAX, 0)
+    assert errno_of(fs.rpc, p.TXATTRCREATE, create[:-12] + struct.pack("<QI", p.XATTR_MAX + 1,
+                                                                        0)) == errno.EINVAL
+    fids = range(10, 10 + p.XATTR_HELD_MAX // p.XATTR_MAX)
+    for fid in fids:
+        fs.walk(ROOT_FID, fid)
+        fs.rpc(p.TXATTRCREATE, struct.pack("<I", fid) + create[4:])
+    fs.walk(ROOT_FID, 99)
+    assert errno_of(fs.rpc, p.TXATTRCREATE, struct.pack("<I", 99) + create[4:]) == errno.ENOMEM
+    assert errno_of(fs.clunk, 10) == errno.EINVAL          # clunked, value never written
+    fs.rpc(p.TXATTRCREATE, struct.pack("<I", 99) + create[4:])
+
+
 # -- read-only and security models -----------------------------------------------------------
 
 def test_readonly_share_refuses_every_change(make, share):

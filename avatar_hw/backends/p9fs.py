@@ -28,7 +28,7 @@ guest's uid/gid (needs root); ``mapped-xattr`` creates files as the daemon
 cannot see or set); ``none`` ignores ownership changes and reports what the host has.
 
 Bounds: ``msize`` ≤ ``MSIZE_MAX``; ``max_fids`` fids (ENFILE beyond); a walk of
-at most 16 names of at most 255 bytes; xattr values ≤ 64 KiB; readdir reads
+at most 16 names of at most 255 bytes; xattr values ≤ 64 KiB (1 MiB held by all fids); readdir reads
 the directory with ``getdents64`` at the kernel's offsets (no listing kept).
 Reads and writes move with ``preadv``/``pwritev`` straight on guest memory.
 """
@@ -49,6 +49,7 @@ MSIZE_MIN = 4096
 MAX_WALK = 16                  # MAXWELEM
 NAME_MAX = 255
 XATTR_MAX = 64 << 10
+XATTR_HELD_MAX = 1 << 20       # xattr values held by all fids together
 REQUEST_MAX = 64 << 10         # a request other than Twrite (names, paths, walks)
 IOHDR = 24                     # P9_IOHDRSZ
 MODELS = ("passthrough", "mapped-xattr", "none")
@@ -684,6 +685,12 @@ class P9Server:
 
     # -- xattrs and locks ----------------------------------------------------------------------
 
+    def _xattr_room(self, size):
+        held = sum(max(len(f.xattr), f.xattr_size) for f in self.fids.values()
+                   if f.xattr is not None)
+        if held + size > XATTR_HELD_MAX:
+            raise P9Error(errno.ENOMEM)
+
     def _xattr_name(self, name):
         if len(name) > NAME_MAX or b"\0" in name:
             raise P9Error(errno.EINVAL)
@@ -705,6 +712,7 @@ class P9Server:
             value = b"".join(os.fsencode(n) + b"\0" for n in names)
         if len(value) > XATTR_MAX:
             raise P9Error(errno.E2BIG)
+        self._xattr_room(len(value))
         self.new_fid(newfid, os.dup(fid.path_fd), fid.uid, replace=fid_no)
         self.fids[newfid].xattr = bytearray(value)
         return struct.pack("<Q", len(value))
@@ -713,8 +721,9 @@ class P9Server:
         fid_no, name, size, flags = r.take("I"), r.string(), *r.take("QI")
         fid = self.fid(fid_no)
         self.writes()
-        if size > XATTR_MAX or flags & ~3 or fid.open_fd is not None:
+        if size > XATTR_MAX or flags & ~3 or fid.open_fd is not None or fid.xattr is not None:
             raise P9Error(errno.EINVAL)
+        self._xattr_room(size)
         fid.xattr_name, fid.xattr_size, fid.xattr_flags = self._xattr_name(name), size, flags
         fid.xattr = bytearray()
         return b""
