@@ -556,3 +556,16 @@ def test_config_builds_the_device_and_names_mistakes(tmp_path, share):
         with pytest.raises(ConfigError, match=problem.replace(".", r"\.")):
             config = load_config(path)
             config.build_device(config.vms[0].devices[0])
+
+
+def test_avatar_hw_info_shows_the_share(make, share):
+    from avatar_hw.commands.query import format_device, format_list
+    client = make(tag="hostshare", security_model="mapped-xattr")
+    client.version()
+    client.attach()
+    subsystem = client.b.subsystem
+    entry = {**subsystem.device_info()[0], **subsystem.debug_device(0, 0)}
+    text = format_device(entry)
+    assert (f"9p: fids 1; tag hostshare; path {share}; readonly False; security_model "
+            f"mapped-xattr; msize {p.MSIZE_MAX}") in text
+    assert " 9p " in format_list(subsystem.list_all_devices())
