@@ -569,3 +569,10 @@ def test_avatar_hw_info_shows_the_share(make, share):
     assert (f"9p: fids 1; tag hostshare; path {share}; readonly False; security_model "
             f"mapped-xattr; msize {p.MSIZE_MAX}") in text
     assert " 9p " in format_list(subsystem.list_all_devices())
+
+
+def test_a_server_bug_answers_eio_and_the_device_carries_on(fs, monkeypatch):
+    monkeypatch.setitem(fs.b.device.server.handlers, p.TSTATFS, lambda r: 1 / 0)
+    assert errno_of(fs.rpc, p.TSTATFS, struct.pack("<I", ROOT_FID)) == errno.EIO
+    assert fs.b.device.server.bug is None and fs.b.device.counters["errors"] == 1
+    assert fs.getattr(ROOT_FID)["qid"][0] == p.QTDIR

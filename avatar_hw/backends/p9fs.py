@@ -180,6 +180,7 @@ class P9Server:
         self.root_id = (st.st_dev, st.st_ino)
         self.readonly, self.model, self.max_fids = readonly, security_model, max_fids
         self.fids = {}
+        self.bug = None                # the last unexpected exception (the device logs it)
         self.msize = 8192
         self._request = bytearray(REQUEST_MAX)
         self._dents = ctypes.create_string_buffer(MSIZE_MAX)
@@ -235,6 +236,9 @@ class P9Server:
             return self._reply_error(writable, tag, code), code
         except (ValueError, OverflowError):        # NUL in a name, an out-of-range number
             return self._reply_error(writable, tag, errno.EINVAL), errno.EINVAL
+        except Exception as err:                   # a server bug: this request fails, no more
+            self.bug = err
+            return self._reply_error(writable, tag, errno.EIO), errno.EIO
         out = HEADER.pack(HEADER.size + len(reply), kind + 1, tag) + reply
         if len(out) > writable_len:
             return self._reply_error(writable, tag, errno.ERANGE), errno.ERANGE
@@ -392,10 +396,12 @@ class P9Server:
             raise P9Error(errno.EINVAL)
         names = [name_ok(r.string(), dots=True) for _ in range(count)]
         fid = self.fid(fid_no)
-        if fid.open_fd is not None or fid.xattr is not None:
+        if fid.xattr is not None:
             raise P9Error(errno.EBADF)
         if newfid != fid_no and newfid in self.fids:
             raise P9Error(errno.EBADF)
+        if newfid == fid_no and not names:
+            return struct.pack("<H", 0)            # a clone onto itself changes nothing
         cur, qids = os.dup(fid.path_fd), []
         try:
             for i, name in enumerate(names):

@@ -81,12 +81,11 @@ class P9Device(VirtioDevice):
         queue = self.queues[index]
         served = False
         while self.server.root_fd is not None and (chain := queue.pop()) is not None:
-            try:
-                written, err = self.server.handle(chain.readable, chain.readable_len,
-                                                  chain.writable, chain.writable_len)
-            except Exception as exc:      # a server bug: this request fails, not the daemon
-                self.error("9p request failed: %r", exc)
-                written, err = 0, -1
+            written, err = self.server.handle(chain.readable, chain.readable_len,
+                                              chain.writable, chain.writable_len)
+            if self.server.bug is not None:     # answered EIO; the device carries on
+                self.error("internal error in a 9p request: %r", self.server.bug)
+                self.server.bug = None
             if not written:
                 self.guest_error("9p message of %d bytes with %d bytes for the reply: "
                                  "returned with length 0", chain.readable_len,
