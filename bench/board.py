@@ -15,8 +15,9 @@ Runs alternate (ours, QEMU, ours, ...). In each, from the shell on hvc0:
 reads at queue depth 1, /dev/hwrng, 64 MiB over hvc0 each way with the
 SHA-256 compared on both ends, and 1 MiB sequential reads and writes of a file
 on a 9P2000.L mount of one host folder (QEMU: ``-fsdev local,security_model=none``
-and virtio-9p-device; ours: ``9p = { security_model = "none" }``). Device kinds avatar-hw does not have yet are
-measured on QEMU's side only and reported as such.
+and virtio-9p-device; ours: ``9p = { security_model = "none" }``). Device
+kinds avatar-hw does not have yet are measured on QEMU's side only and
+reported as such.
 """
 
 import hashlib
@@ -271,7 +272,8 @@ def run_qemu(initrd, image, share, quick):
     workdir = Path(tempfile.mkdtemp(prefix="avatar-bench-qemu-"))
     console = workdir / "console.sock"
     start = time.perf_counter()
-    process = subprocess.Popen(qemu_command(initrd, image, share, console), stdin=subprocess.DEVNULL,
+    process = subprocess.Popen(qemu_command(initrd, image, share, console),
+                               stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                start_new_session=True)
     shell = None

@@ -28,8 +28,8 @@ guest's uid/gid (needs root); ``mapped-xattr`` creates files as the daemon
 cannot see or set); ``none`` ignores ownership changes and reports what the host has.
 
 Bounds: ``msize`` ≤ ``MSIZE_MAX``; ``max_fids`` fids (ENFILE beyond); a walk of
-at most 16 names of at most 255 bytes; xattr values ≤ 64 KiB (1 MiB held by all fids); readdir reads
-the directory with ``getdents64`` at the kernel's offsets (no listing kept).
+at most 16 names of at most 255 bytes; xattr values ≤ 64 KiB (1 MiB held by all
+fids); readdir reads the directory with ``getdents64`` at the kernel's offsets (no listing kept).
 Reads and writes move with ``preadv``/``pwritev`` straight on guest memory.
 """
 
@@ -55,10 +55,12 @@ IOHDR = 24                     # P9_IOHDRSZ
 MODELS = ("passthrough", "mapped-xattr", "none")
 
 # message types (9P2000.L)
-TLERROR, TSTATFS, TLOPEN, TLCREATE, TSYMLINK, TMKNOD, TRENAME, TREADLINK = 6, 8, 12, 14, 16, 18, 20, 22
+TLERROR, TSTATFS, TLOPEN, TLCREATE, TSYMLINK, TMKNOD = 6, 8, 12, 14, 16, 18
+TRENAME, TREADLINK = 20, 22
 TGETATTR, TSETATTR, TXATTRWALK, TXATTRCREATE, TREADDIR, TFSYNC, TLOCK = 24, 26, 30, 32, 40, 50, 52
 TGETLOCK, TLINK, TMKDIR, TRENAMEAT, TUNLINKAT = 54, 70, 72, 74, 76
-TVERSION, TATTACH, TFLUSH, TWALK, TREAD, TWRITE, TCLUNK, TREMOVE = 100, 104, 108, 110, 116, 118, 120, 122
+TVERSION, TATTACH, TFLUSH, TWALK = 100, 104, 108, 110
+TREAD, TWRITE, TCLUNK, TREMOVE = 116, 118, 120, 122
 
 QTDIR, QTSYMLINK, QTFILE = 0x80, 0x02, 0x00
 HEADER = struct.Struct("<IBH")
@@ -142,7 +144,8 @@ def pstr(value):
 
 
 def name_ok(name, *, dots=False):
-    """``name`` is one path component (``.``/``..`` only when ``dots``); else EINVAL/ENAMETOOLONG."""
+    """``name`` is one path component (``.``/``..`` only when ``dots``); else EINVAL or
+    ENAMETOOLONG."""
     if not name or b"/" in name or b"\0" in name or (not dots and name in (b".", b"..")):
         raise P9Error(errno.EINVAL)
     if len(name) > NAME_MAX:
@@ -283,7 +286,8 @@ class P9Server:
         return (st.st_dev, st.st_ino) == self.root_id
 
     def step(self, fd, name):
-        """An O_PATH fd for ``name`` under ``fd`` (never following a symlink, never above the root)."""
+        """An O_PATH fd for ``name`` under ``fd`` (never following a symlink, never above
+        the root)."""
         if name == b".":
             return os.dup(fd)
         if name == b"..":
@@ -537,9 +541,8 @@ class P9Server:
                 if valid & SA_ATIME else old.st_atime_ns
             mtime = ((mtime_s * 10**9 + mtime_ns) if valid & SA_MTIME_SET else None) \
                 if valid & SA_MTIME else old.st_mtime_ns
-            if atime is None or mtime is None:       # "now" for the ones not given a time
-                now = time.time_ns()
-                atime, mtime = atime if atime is not None else now, mtime if mtime is not None else now
+            now = time.time_ns()                     # for the ones set without a time
+            atime, mtime = (now if atime is None else atime), (now if mtime is None else mtime)
             os.utime(proc(fd), ns=(atime, mtime))
         return b""
 
