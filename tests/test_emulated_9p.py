@@ -82,6 +82,22 @@ def test_guest_writes_reach_the_host_folder(board):
     assert device(board).counters["bytes_from_guest"] >= len(host)
 
 
+def test_metadata_work_from_the_guest(board):
+    """chmod, hard links, stat, truncate, statfs, a directory listing: what ``ls -l``,
+    ``df`` and a build tree do."""
+    out = run(board, "cd /mnt && echo hello > meta && chmod 640 meta && ln meta hard && "
+                     "truncate -s 3 meta && stat -c '%a %h %s' meta && df /mnt | tail -1 && "
+                     "mkdir -p t/a/b && touch t/a/b/f1 t/a/f2 && find t | sort | tr '\\n' ' '")
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["640", "2", "3"], out
+    assert lines[-1].split() == ["t", "t/a", "t/a/b", "t/a/b/f1", "t/a/f2"], out
+    st = os.stat(board.share / "meta")
+    assert (st.st_mode & 0o777, st.st_nlink, st.st_size) == (0o640, 2, 3)
+    assert (board.share / "hard").read_bytes() == b"hel"
+    run(board, "cd /mnt && rm -r t meta hard")
+    assert not (board.share / "t").exists()
+
+
 def test_escapes_from_inside_the_guest_stay_inside(board):
     """Symlinks resolve in the guest (a link to / is the guest's /), never on the host; ``..``
     of the mount is the guest's; host links out of the share lead nowhere."""
