@@ -440,6 +440,18 @@ def test_fids_are_bounded(make):
     assert errno_of(client.getattr, ROOT_FID) == errno.EBADF
 
 
+def test_the_open_files_limit_is_raised_for_the_fids(make):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 512), hard))
+        make(max_fids=1000)
+        raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert raised == min(hard, 512) if hard <= 512 else raised >= 2000
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_random_messages_never_break_the_device(fs, share):
     rng = random.Random(17)
     kinds = sorted(fs.b.device.server.handlers) + [p.TREAD, p.TWRITE]

@@ -11,7 +11,9 @@ The guest mounts it with ``mount -t 9p -o trans=virtio,version=9p2000.L TAG /mnt
 Requests run synchronously inside ``queue_notify`` like block's.
 """
 
+import logging
 import os
+import resource
 import struct
 
 from ..backends.p9fs import MODELS, P9Server
@@ -20,10 +22,34 @@ from ..schema import REQUIRED, Field, Schema, positive, under
 from ..virtio.constants import ID_9P, bit
 from ..virtio.device import VirtioDevice
 
+log = logging.getLogger(__name__)
+
 QUEUE_SIZE = 128
 F_MOUNT_TAG = 0
 TAG_MAX = 64
 DEFAULT_MAX_FIDS = 4096
+
+
+_reserved_fds = 0                      # what every 9p device of this process may hold
+
+
+def reserve_fds(count):
+    """Raise the soft RLIMIT_NOFILE (up to the hard one) so that ``count`` more descriptors
+    fit beside those open and those other devices reserved; False if the hard limit is short."""
+    global _reserved_fds
+    _reserved_fds += count
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = len(os.listdir("/proc/self/fd")) + _reserved_fds + 256
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft == resource.RLIM_INFINITY or soft >= needed
+
+
+def release_fds(count):
+    global _reserved_fds
+    _reserved_fds -= count
 
 
 def check_tag(tag):
@@ -62,12 +88,19 @@ class P9Device(VirtioDevice):
             raise ConfigError(self.path, None, "security_model = \"passthrough\" needs root: "
                                                "use \"mapped-xattr\" or \"none\"")
         self.tag = tag
+        self._fds = 2 * max_fids           # a fid holds an O_PATH and maybe an open descriptor
+        if not reserve_fds(self._fds):
+            log.warning("%s: the open-files limit (ulimit -n) is below what max_fids = %d "
+                        "needs; a guest holding that many fids gets EMFILE errors",
+                        self.path, max_fids)
         encoded = tag.encode()
         super().__init__(queue_sizes=[QUEUE_SIZE], features=bit(F_MOUNT_TAG),
                          config=struct.pack("<H", len(encoded)) + encoded)
         self.counters.update(fids=0)
 
     def detach(self):
+        if self.server.root_fd is not None:
+            release_fds(self._fds)
         self.server.close()
         super().detach()
 
