@@ -365,6 +365,17 @@ def test_a_directory_swapped_for_a_symlink_after_the_walk_is_not_followed(fs, sh
     assert errno_of(fs.walk, 4, 5, "hostname") == errno.ENOTDIR
 
 
+def test_a_file_swapped_for_a_symlink_between_walk_and_open_opens_the_walked_file(fs, share,
+                                                                               tmp_path):
+    fs.walk(ROOT_FID, 2, "hello.txt")
+    os.rename(share / "hello.txt", share / "hello.old")
+    os.symlink(tmp_path / "secret", share / "hello.txt")
+    fs.lopen(2)
+    assert fs.read(2, 0, 100) == b"hello from the host\n"
+    fs.walk(ROOT_FID, 3, "hello.txt")
+    assert errno_of(fs.lopen, 3) == errno.ELOOP
+
+
 def test_a_directory_moved_out_of_the_share_cannot_be_left_upwards(fs, share, tmp_path):
     (share / "sub" / "deep").mkdir()
     fs.walk(ROOT_FID, 2, "sub", "deep")
