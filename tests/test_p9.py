@@ -545,6 +545,16 @@ def test_none_ignores_ownership_changes(make, share):
     assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
 
 
+def test_none_never_makes_setuid_files_of_the_daemon(make, share):
+    client = make(security_model="none")
+    client.version()
+    client.attach()
+    client.lcreate(ROOT_FID, "f", mode=0o6755)
+    assert os.stat(share / "f").st_mode & 0o7777 == 0o755
+    client.setattr(ROOT_FID, p.SA_MODE, mode=0o4711)
+    assert os.stat(share / "f").st_mode & 0o7777 == 0o711
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="passthrough chowns files: needs root")
 def test_passthrough_chowns_as_the_guest_says(make, share):
     client = make(security_model="passthrough")

@@ -25,7 +25,8 @@ Ownership (``security_model``, as QEMU's): ``passthrough`` chowns files to the
 guest's uid/gid (needs root); ``mapped-xattr`` creates files as the daemon
 (0600, directories 0700) and keeps the guest's uid, gid and mode in
 ``user.virtfs.{uid,gid,mode}`` xattrs, which getattr reports (and the guest
-cannot see or set); ``none`` ignores ownership changes and reports what the host has.
+cannot see or set); ``none`` ignores ownership changes and reports what the host has
+(and never sets setuid or setgid bits: its files are the daemon's).
 
 Bounds: ``msize`` ≤ ``MSIZE_MAX``; ``max_fids`` fids (ENFILE beyond); a walk of
 at most 16 names of at most 255 bytes; xattr values ≤ 64 KiB (1 MiB held by all
@@ -351,7 +352,12 @@ class P9Server:
     def create_mode(self, mode, directory):
         if self.model == "mapped-xattr":
             return 0o700 if directory else 0o600
-        return mode & 0o7777
+        return self.host_mode(mode)
+
+    def host_mode(self, mode):
+        """Mode bits a file of the folder may get: the guest's, without setuid and setgid
+        unless the model is passthrough (files are the daemon's own under none)."""
+        return mode & (0o7777 if self.model == "passthrough" else 0o1777)
 
     # -- session -------------------------------------------------------------------------------
 
@@ -525,7 +531,7 @@ class P9Server:
             if self.model == "mapped-xattr":
                 os.setxattr(proc(fd), XATTR_MODE, struct.pack("<I", mode & 0o7777))
             else:
-                os.chmod(proc(fd), mode & 0o7777)
+                os.chmod(proc(fd), self.host_mode(mode))
         if valid & (SA_UID | SA_GID):
             new_uid = uid if valid & SA_UID else 0xFFFFFFFF
             new_gid = gid if valid & SA_GID else 0xFFFFFFFF
