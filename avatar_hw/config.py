@@ -38,6 +38,7 @@ DEVICES = {
     "rng": "avatar_hw.devices.rng",
     "net": "avatar_hw.devices.net",
     "balloon": "avatar_hw.devices.balloon",
+    "9p": "avatar_hw.devices.p9",
 }
 
 

@@ -12,12 +12,16 @@ archive) with the same bootargs, and use the same host image file:
 
 Runs alternate (ours, QEMU, ours, ...). In each, from the shell on hvc0:
 1 MiB O_DIRECT sequential read and write of /dev/vda, 4 KiB O_DIRECT random
-reads at queue depth 1, /dev/hwrng, and 64 MiB over hvc0 each way with the
-SHA-256 compared on both ends. Device kinds avatar-hw does not have yet are
-measured on QEMU's side only and reported as such.
+reads at queue depth 1, /dev/hwrng, 64 MiB over hvc0 each way with the
+SHA-256 compared on both ends, and 1 MiB sequential reads and writes of a file
+on a 9P2000.L mount of one host folder (QEMU: ``-fsdev local,security_model=none``
+and virtio-9p-device; ours: ``9p = { security_model = "none" }``). Device
+kinds avatar-hw does not have yet are measured on QEMU's side only and
+reported as such.
 """
 
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -44,8 +48,9 @@ MIB = 1 << 20
 SIZES = {  # full run, --quick
     "seqread": (256 * MIB, 16 * MIB), "seqwrite": (128 * MIB, 8 * MIB),
     "randread": ((20000, 5.0), (500, 1.0)), "rng": ((4 * MIB, 5.0), (256 << 10, 1.0)),
-    "console": (64 * MIB, 4 * MIB),
+    "console": (64 * MIB, 4 * MIB), "p9": (128 * MIB, 16 * MIB),
 }
+P9_TAG = "benchshare"
 IMAGE_SIZE = 256 * MIB
 COMMAND_TIMEOUT = 180
 IDLE_TIMEOUT = 15
@@ -59,6 +64,8 @@ FIGURES = [  # key, label, unit, higher is better
     ("console_g2h_MBps", "console guest->host, sha256 checked", "MB/s", True),
     ("console_h2g_MBps", "console host->guest, sha256 checked", "MB/s", True),
     ("rng_MBps", "rng /dev/hwrng", "MB/s", True),
+    ("p9read_MBps", "9p seq read of a file, 1 MiB", "MB/s", True),
+    ("p9write_MBps", "9p seq write of a file, 1 MiB", "MB/s", True),
 ]
 
 
@@ -150,12 +157,28 @@ def measure_guest(shell, kinds, quick):
         size, seconds = SIZES["rng"][pick]
         done, ns = shell.result(f"avbench rng {size} {seconds}", r"bytes=(\d+) ns=(\d+)")
         out["rng_MBps"] = done / ns * 1e3
+    if "9p" in kinds:
+        out.update(measure_9p(shell, SIZES["p9"][pick]))
     size = SIZES["console"][pick]
     out["console_h2g_MBps"] = console_h2g(shell, size)
     try:                                        # last: a failure leaves the shell unusable
         out["console_g2h_MBps"] = console_g2h(shell, size)
     except AvatarError as err:
         out["errors"] = [f"console guest->host: {err}"]
+    return out
+
+
+def measure_9p(shell, size):
+    """Sequential 1 MiB reads of ``p9read`` (the host wrote it) and writes of a new file,
+    on a 9P2000.L mount (msize 512 KiB, cache=none); the written file is removed."""
+    shell.result(f"mkdir -p /mnt && mount -t 9p -o trans=virtio,version=9p2000.L,"
+                 f"msize={512 << 10} {P9_TAG} /mnt && echo mounted", r"(mounted)")
+    done, ns = shell.result(f"avbench seqread /mnt/p9read {size}", r"bytes=(\d+) ns=(\d+)")
+    out = {"p9read_MBps": done / ns * 1e3}
+    done, ns = shell.result(f"touch /mnt/p9write && avbench seqwrite /mnt/p9write {size}",
+                            r"bytes=(\d+) ns=(\d+)")
+    out["p9write_MBps"] = done / ns * 1e3
+    shell.result("rm /mnt/p9write && umount /mnt && echo unmounted", r"(unmounted)")
     return out
 
 
@@ -196,12 +219,14 @@ def console_h2g(shell, size):
 
 # -- the two sides -------------------------------------------------------------------------------
 
-def run_ours(initrd, image, kinds, quick):
+def run_ours(initrd, image, share, kinds, quick):
     devices = []
     if "block" in kinds:
         devices.append(f'block = {{ image = "{image}" }}')
     if "rng" in kinds:
         devices.append("rng = { }")
+    if "9p" in kinds:
+        devices.append(f'9p = {{ tag = "{P9_TAG}", path = "{share}", security_model = "none" }}')
     start = time.perf_counter()
     with EmulatedBoard(initrd=Path(initrd), devices="\n".join(devices)) as board:
         shell = connect(board.console_path)
@@ -213,7 +238,7 @@ def run_ours(initrd, image, kinds, quick):
             shell.close()
 
 
-def qemu_command(initrd, image, console):
+def qemu_command(initrd, image, share, console):
     return [QEMU, "-M", "virt,gic-version=2", "-cpu", "cortex-a72", "-smp", "1",
             "-m", f"{mm.GUEST_RAM_SIZE >> 20}M", "-nodefaults", "-display", "none",
             "-no-reboot", "-serial", "none", "-kernel", str(guest_assets().kernel),
@@ -223,14 +248,17 @@ def qemu_command(initrd, image, console):
             "-device", "virtio-blk-device,drive=disk",
             "-chardev", f"socket,id=con,path={console},server=on,wait=on",
             "-device", "virtio-serial-device", "-device", "virtconsole,chardev=con",
-            "-device", "virtio-rng-device"]
+            "-device", "virtio-rng-device",
+            "-fsdev", f"local,id=share,path={share},security_model=none",
+            "-device", f"virtio-9p-device,fsdev=share,mount_tag={P9_TAG}"]
 
 
-def run_qemu(initrd, image, quick):
+def run_qemu(initrd, image, share, quick):
     workdir = Path(tempfile.mkdtemp(prefix="avatar-bench-qemu-"))
     console = workdir / "console.sock"
     start = time.perf_counter()
-    process = subprocess.Popen(qemu_command(initrd, image, console), stdin=subprocess.DEVNULL,
+    process = subprocess.Popen(qemu_command(initrd, image, share, console),
+                               stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                start_new_session=True)
     shell = None
@@ -238,7 +266,7 @@ def run_qemu(initrd, image, quick):
         shell = connect(console, timeout=30)
         shell.wait_ready(120)
         boot = time.perf_counter() - start
-        return {"boot_s": boot, **measure_guest(shell, ("block", "rng"), quick)}
+        return {"boot_s": boot, **measure_guest(shell, ("block", "rng", "9p"), quick)}
     except AvatarError as err:
         if process.poll() is not None:
             raise AvatarError(f"QEMU exited {process.returncode}: "
@@ -262,6 +290,8 @@ def run_qemu(initrd, image, quick):
 
 def run(quick=False, runs=3):
     kinds = [k for k in device_kinds_available() if k in ("block", "rng")]
+    if importlib.util.find_spec("avatar_hw.devices.p9"):
+        kinds.append("9p")
     runs = 1 if quick else runs
     out = {"ours_device_kinds": ["console", *kinds], "runs": runs, "raw": {"ours": [], "qemu": []}}
     workdir = Path(tempfile.mkdtemp(prefix="avatar-bench-board-"))
@@ -272,9 +302,14 @@ def run(quick=False, runs=3):
             block = os.urandom(MIB)
             for _ in range(IMAGE_SIZE // MIB):
                 f.write(block)
+        share = workdir / "share"                         # the 9p folder, one file to read
+        share.mkdir()
+        with open(share / "p9read", "wb") as f:
+            for _ in range(SIZES["p9"][0] // MIB):
+                f.write(block)
         for n in range(runs):
-            for side, runner in (("ours", lambda: run_ours(initrd, image, kinds, quick)),
-                                 ("qemu", lambda: run_qemu(initrd, image, quick))):
+            for side, runner in (("ours", lambda: run_ours(initrd, image, share, kinds, quick)),
+                                 ("qemu", lambda: run_qemu(initrd, image, share, quick))):
                 start = time.monotonic()
                 try:
                     figures = runner()

@@ -1,15 +1,20 @@
-"""Random request contents and layouts for block, rng and net (the ring-level fuzzing is in
+"""Random request contents and layouts for block, rng, net and 9p (the ring-level fuzzing is in
 test_fuzz): no error escapes into the trap path, no access leaves the VM, every chain is
 completed once with a used length inside its writable part, the image changes only where a
 successful write or zeroing said so, and the device still serves a good request afterwards."""
 
+import os
+import struct
+
 from hypothesis import given
 from hypothesis import strategies as st
 
+from avatar_hw.backends import p9fs
 from avatar_hw.devices import block as blk
 from avatar_hw.devices import net
 from avatar_hw.devices.block import BlockDevice
 from avatar_hw.devices.net import NetDevice
+from avatar_hw.devices.p9 import P9Device
 from avatar_hw.devices.rng import RngDevice
 from avatar_hw.loop import EventLoop
 from avatar_hw.testing.virtio import VirtioBench
@@ -174,3 +179,51 @@ def test_net_random_transmits_and_receive_buffers(tmp_path_factory, tx, rx_sizes
         loop.close()
     a.check_guards()
     b.check_guards()
+
+
+P9_KINDS = st.sampled_from([p9fs.TVERSION, p9fs.TATTACH, p9fs.TWALK, p9fs.TLOPEN,
+                            p9fs.TLCREATE, p9fs.TREAD, p9fs.TWRITE, p9fs.TREADDIR,
+                            p9fs.TGETATTR, p9fs.TSETATTR, p9fs.TMKDIR, p9fs.TSYMLINK,
+                            p9fs.TUNLINKAT, p9fs.TRENAMEAT, p9fs.TXATTRWALK, p9fs.TCLUNK])
+P9_FIELD = st.one_of(st.integers(0, 3).map(lambda v: v.to_bytes(4, "little")),   # fids
+                     st.sampled_from([b"\x02\x00..", b"\x01\x00/", b"\x03\x00sub",
+                                      b"\x01\x00x", b"\x00\x00", b"\xff\xff"]),
+                     st.binary(max_size=24))
+P9_MESSAGE = st.tuples(P9_KINDS, st.lists(P9_FIELD, max_size=6), st.integers(-2, 2),
+                       st.lists(st.integers(0, 200), max_size=3),
+                       st.lists(st.sampled_from([0, 1, 7, 11, 30, 600, 5000]), max_size=3))
+
+
+@FUZZ
+@given(messages=st.lists(P9_MESSAGE, min_size=1, max_size=8))
+def test_9p_random_messages_and_layouts(tmp_path_factory, messages):
+    """Fields, size words, readable splits and reply room at random after a real attach:
+    every chain completed within its writable part, nothing created outside the share."""
+    base = tmp_path_factory.mktemp("p9fuzz")
+    (base / "share" / "sub").mkdir(parents=True)
+    bench = VirtioBench(P9Device(base / "share", tag="t"), ram_size=1 << 20)
+    q, = bench.driver.init([0], buf_size=0)
+    ram = bench.ram
+    at = ram.alloc(256 << 10)
+    hello = [struct.pack("<BHI", p9fs.TVERSION, 0, 8192) + b"\x08\x009P2000.L",
+             struct.pack("<BHII", p9fs.TATTACH, 0, 1, 0xFFFFFFFF) + bytes(4) + b"\xe8\x03\0\0"]
+    hello = [struct.pack("<I", 4 + len(m)) + m for m in hello]
+    with no_internal_errors():
+        for message in hello:
+            post(q, ram, at, [message], [100])
+            q.notify()
+            assert q.get_used()[0].data[4] in (p9fs.TVERSION + 1, p9fs.TATTACH + 1)
+        for kind, fields, size_skew, points, writable in messages:
+            body = b"".join(fields)
+            size = max(0, 7 + len(body) + size_skew)
+            message = struct.pack("<IBH", size, kind, 5) + body
+            if post(q, ram, at, split(message, points), writable) is None:
+                continue
+            q.notify()
+            [used] = q.get_used()
+            assert used.length <= sum(writable)
+            assert used.length == 0 or used.data[4] in (kind + 1, p9fs.TLERROR + 1)
+        assert bench.device.server.bug is None
+    assert sorted(os.listdir(base)) == ["share"]
+    bench.subsystem.close()
+    bench.check_guards()

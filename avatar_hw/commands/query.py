@@ -33,6 +33,13 @@ def format_queue(q):
             f"in flight {q['in_flight']} bad chains {q['bad_chains']}")
 
 
+# keys every device's entry has; the rest are the device's own (block's image, 9p's tag, ...)
+COMMON_KEYS = {"vm", "slot", "name", "device_id", "base", "irq", "legacy", "status", "requests",
+               "bytes_from_guest", "bytes_to_guest", "errors", "interrupts", "guest_errors",
+               "log_lines_suppressed", "offered_features", "driver_features",
+               "negotiated_features", "interrupt_status", "config_generation", "queues"}
+
+
 def format_device(d, indent="  "):
     lines = [f"{_device_line(d)}  status {d['status']}",
              f"{indent}features offered {d['offered_features']} negotiated "
@@ -43,6 +50,10 @@ def format_device(d, indent="  "):
              f"suppressed {d.get('log_lines_suppressed', 0)})"]
     if "balloon" in d:
         lines.append(f"{indent}{format_balloon(d['balloon'])}")
+    own = [f"{k} {v}" for k, v in d.items() if k not in COMMON_KEYS
+           and isinstance(v, (str, int, float, bool, type(None)))]
+    if own:
+        lines.append(f"{indent}{d['name']}: " + "; ".join(own))
     lines += [f"{indent}{format_queue(q)}" for q in d.get("queues", ())]
     return "\n".join(lines)
 

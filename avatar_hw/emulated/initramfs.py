@@ -18,7 +18,7 @@ from .build import cache_dir
 
 # Load order (generic Debian kernel: virtio and virtio_ring are built in).
 MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "virtio-rng",
-           "failover", "net_failover", "virtio_net", "virtio_balloon")
+           "failover", "net_failover", "virtio_net", "virtio_balloon", "9pnet_virtio", "9p")
 READY_MARKER = "avatar-guest: ready"
 HVC_WAIT_SECONDS = 10
 HVC_RELOAD_SECONDS = 60
