@@ -37,6 +37,7 @@ DEVICES = {
     "block": "avatar_hw.devices.block",
     "rng": "avatar_hw.devices.rng",
     "net": "avatar_hw.devices.net",
+    "vsock": "avatar_hw.devices.vsock",
 }
 
 
