@@ -106,7 +106,7 @@ class EmulatedBoard:
     """QEMU + stub + guest + in-process daemon; ``stop()`` leaves nothing behind."""
 
     def __init__(self, *, devices="", config=None, control_path=None, bootargs=DEFAULT_BOOTARGS,
-                 on_log=None, busy_poll=False, trace=False, qemu_args=()):
+                 on_log=None, busy_poll=False, trace=False, qemu_args=(), initrd=None):
         self.devices = devices
         self.config = config
         self.control_path = control_path
@@ -115,11 +115,12 @@ class EmulatedBoard:
         self.bootargs = bootargs
         self.on_log = on_log
         self.busy_poll = busy_poll
+        self.initrd = initrd            # a prebuilt initramfs (default: build_initramfs())
         self.machine = self.daemon = self._thread = None
 
     def start(self):
         assets = guest_assets()
-        initrd = build_initramfs(assets)
+        initrd = self.initrd or build_initramfs(assets)
         dtb = build_dtb(initrd_size=initrd.stat().st_size, bootargs=self.bootargs)
         self.machine = EmulatedMachine(build_stub(), assets.kernel, dtb=dtb, initrd=initrd,
                                        model_wait_ms=MODEL_WAIT_MS, on_log=self.on_log,
