@@ -6,6 +6,7 @@ import hashlib
 import os
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -15,7 +16,8 @@ from avatar_hw.devices import vsock
 from avatar_hw.devices.vsock import (HEADER, HEADER_LEN, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE,
                                      OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN,
                                      SHUTDOWN_RCV, SHUTDOWN_SEND, VsockDevice)
-from avatar_hw.errors import ConfigError
+from avatar_hw.errors import AvatarError, ConfigError
+from avatar_hw.hil.vsock import connect
 from avatar_hw.testing.virtio import VirtioBench
 from avatar_hw.virtio import constants as c
 from test_console import loop  # noqa: F401 (fixture)
@@ -452,3 +454,34 @@ def test_config_builds_a_device_and_refuses_a_live_socket(tmp_path, loop):
     with pytest.raises(ConfigError, match="in use"):
         build(tmp_path, {"cid": 43, "socket": "v.sock"})
     dev.detach()
+
+
+# -- the HIL helper -----------------------------------------------------------------------------
+
+def test_hil_connect_waits_until_the_guest_accepts(tmp_path, loop):
+    """``avatar_hw.hil.vsock.connect`` tries again after a refusal and returns the stream
+    once the guest answers; a guest that never does is a one-line AvatarError."""
+    g = Guest(tmp_path, loop)
+    g.give_rx(8)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(sock=connect(g.path, 5000, 10)))
+    thread.start()
+    answers = [OP_RST, OP_RESPONSE]                 # not listening yet, then listening
+    deadline = time.monotonic() + 10
+    while answers and time.monotonic() < deadline:
+        for hdr, _ in g.packets(1):
+            assert hdr[6] == OP_REQUEST and hdr[3] == 5000
+            g.send(5000, hdr[2], answers.pop(0))
+        time.sleep(0.01)
+    while thread.is_alive() and time.monotonic() < deadline:
+        g.spin(1)
+        thread.join(0.01)
+    sock = result["sock"]
+    sock.sendall(b"ping")
+    (_, payload), = g.packets()
+    assert payload == b"ping"
+    sock.close()
+    with pytest.raises(AvatarError, match="did not accept a connection to port 6000 within "
+                                          "0.2 s") as err:
+        connect(g.path, 6000, 0.2)                  # nobody runs the loop: no answer
+    assert "\n" not in str(err.value)

@@ -45,6 +45,7 @@ every connection (the guest's driver is gone).
 """
 
 import collections
+import os
 import struct
 
 from ..backends.vsock import Stream, connect_unix, listen, parse_connect, read_line, \
@@ -132,10 +133,10 @@ class VsockDevice(VirtioDevice):
         positive(max_connections)
         super().__init__(queue_sizes=[QUEUE_SIZE, QUEUE_SIZE, EVENT_QUEUE_SIZE],
                          features=bit(F_STREAM), config=struct.pack("<Q", cid))
-        self.cid, self.path = cid, socket
+        self.cid, self.path = cid, os.path.abspath(socket)   # info() shows where it is
         self.max_connections, self.buf_alloc = max_connections, buf_alloc
         self.connect_timeout = connect_timeout
-        self.listener = listen(socket)
+        self.listener = listen(self.path)
         self.conns = {}                          # (host_port, guest_port) -> Connection
         self.greeting = {}                       # fd -> Connection waiting for CONNECT
         self._control = collections.deque()      # (host_port, guest_port, op, flags, conn)
