@@ -404,6 +404,29 @@ def test_control_packets_without_receive_buffers_are_bounded(tmp_path, loop):
     assert ops(g.packets()) == [OP_RST] * 68
 
 
+def test_connections_opened_without_receive_buffers_cannot_grow_the_queue(tmp_path, loop):
+    """A guest that opens and breaks connections and never takes a packet: the answers
+    waiting for it stay bounded, the connections that cannot be answered are closed."""
+    g = Guest(tmp_path, loop, max_connections=2)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(f"{g.path}_1")
+    server.listen(128)
+    for i in range(300):
+        g.send(1000 + i, 1, OP_REQUEST)
+        g.send(1000 + i, 1, 99)                               # bad op: reset
+        while True:                                            # the host side goes away
+            try:
+                server.setblocking(False)
+                server.accept()[0].close()
+            except BlockingIOError:
+                break
+    assert len(g.device._control) <= 4 * 2 + 64
+    assert len(g.device.conns) <= 2 and g.device.counters["control_dropped"] > 0
+    g.give_rx(100)
+    got = ops(g.packets())                    # answers of closed connections are skipped
+    assert 0 < len(got) <= 4 * 2 + 64 and set(got) <= {OP_RESPONSE, OP_RST}
+
+
 def test_transport_reset_event_and_device_reset_drop_connections(tmp_path, loop):
     g = Guest(tmp_path, loop)
     client, host_port = g.established()

@@ -34,9 +34,9 @@ Shutdown: the guest's SHUTDOWN SEND half-closes the Unix socket once the
 FIFO is empty; SHUTDOWN RCV stops reading it; with both flags the device
 answers RST once the FIFO is empty and closes the socket. End of stream on
 the Unix socket sends SHUTDOWN SEND to the guest; an error on it, RST.
-Control packets to the guest wait (at most ``4 * max_connections + 64``,
-RSTs for unknown connections beyond that are dropped and counted) until the
-guest gives receive buffers, and always go before data.
+Control packets to the guest wait (at most ``4 * max_connections + 64``;
+beyond that they are dropped and counted, and a connection that needed one
+is closed) until the guest gives receive buffers, and always go before data.
 
 ``transport_reset()`` drops every connection and posts
 VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (5.10.6.7) on the event queue: for a
@@ -460,10 +460,17 @@ class VsockDevice(VirtioDevice):
     # -- host -> guest ----------------------------------------------------------------------
 
     def _queue(self, conn, op, flags=0):
-        if op == OP_CREDIT_UPDATE:
-            if conn.credit_update_queued:
-                return
-            conn.credit_update_queued = True
+        """Queue a control packet for ``conn``; with the queue full it is dropped (counted),
+        and ``conn``, which cannot go on without it, is closed (a credit update is not
+        needed: the next one carries the same)."""
+        if op == OP_CREDIT_UPDATE and conn.credit_update_queued:
+            return
+        if len(self._control) >= self._control_limit:
+            self.counters["control_dropped"] += 1
+            if op != OP_CREDIT_UPDATE:
+                self._close(conn)
+            return
+        conn.credit_update_queued |= op == OP_CREDIT_UPDATE
         self._control.append((conn.host_port, conn.guest_port, op, flags, conn))
 
     def _queue_rst(self, host_port, guest_port):
