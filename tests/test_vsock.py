@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from avatar_hw.commands.query import format_device
 from avatar_hw.config import parse_config
 from avatar_hw.devices import vsock
 from avatar_hw.devices.vsock import (HEADER, HEADER_LEN, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE,
@@ -508,3 +509,12 @@ def test_hil_connect_waits_until_the_guest_accepts(tmp_path, loop):
                                           "0.2 s") as err:
         connect(g.path, 6000, 0.2)                  # nobody runs the loop: no answer
     assert "\n" not in str(err.value)
+
+
+def test_info_shows_the_devices_own_fields(tmp_path, loop):
+    g = Guest(tmp_path, loop)
+    client, _ = g.established()
+    entry = {**g.bench.subsystem.list_all_devices()[0], **g.device.describe()}
+    text = format_device(entry)
+    assert f"cid {CID}; socket {g.path}; open_connections 1; max_connections 64" in text
+    assert "connections 1; bad_packets 0; rst_sent 0" in text

@@ -33,6 +33,13 @@ def format_queue(q):
             f"in flight {q['in_flight']} bad chains {q['bad_chains']}")
 
 
+# shown by every device's lines; any other key of a device's info is its own (cid, mac...)
+COMMON_KEYS = {"vm", "slot", "name", "device_id", "base", "irq", "legacy", "status", "requests",
+               "bytes_from_guest", "bytes_to_guest", "errors", "interrupts", "guest_errors",
+               "log_lines_suppressed", "offered_features", "driver_features",
+               "negotiated_features", "interrupt_status", "config_generation", "queues"}
+
+
 def format_device(d, indent="  "):
     lines = [f"{_device_line(d)}  status {d['status']}",
              f"{indent}features offered {d['offered_features']} negotiated "
@@ -41,6 +48,9 @@ def format_device(d, indent="  "):
              f"host->guest {_bytes(d['bytes_to_guest'])}; requests {d['requests']}; "
              f"errors {d['errors']}; guest errors {d.get('guest_errors', 0)} (log lines "
              f"suppressed {d.get('log_lines_suppressed', 0)})"]
+    own = [f"{key} {value}" for key, value in d.items() if key not in COMMON_KEYS]
+    if own:
+        lines.append(f"{indent}{'; '.join(own)}")
     lines += [f"{indent}{format_queue(q)}" for q in d.get("queues", ())]
     return "\n".join(lines)
 
