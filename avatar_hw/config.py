@@ -39,6 +39,7 @@ DEVICES = {
     "net": "avatar_hw.devices.net",
     "balloon": "avatar_hw.devices.balloon",
     "9p": "avatar_hw.devices.p9",
+    "vsock": "avatar_hw.devices.vsock",
 }
 
 

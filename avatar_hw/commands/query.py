@@ -50,8 +50,8 @@ def format_device(d, indent="  "):
              f"suppressed {d.get('log_lines_suppressed', 0)})"]
     if "balloon" in d:
         lines.append(f"{indent}{format_balloon(d['balloon'])}")
-    own = [f"{k} {v}" for k, v in d.items() if k not in COMMON_KEYS
-           and isinstance(v, (str, int, float, bool, type(None)))]
+    own = [f"{key} {value}" for key, value in d.items() if key not in COMMON_KEYS
+           and isinstance(value, (str, int, float, bool, type(None)))]
     if own:
         lines.append(f"{indent}{d['name']}: " + "; ".join(own))
     lines += [f"{indent}{format_queue(q)}" for q in d.get("queues", ())]

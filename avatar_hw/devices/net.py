@@ -203,15 +203,8 @@ class NetDevice(VirtioDevice):
 
     def _transmit(self):
         txq = self.queues[TX]
-        if not (self.active and txq.ready):
-            return
-        completed = False
-        for chain in txq:
-            self._send(chain)
-            txq.add_used(chain.head, 0)
-            completed = True
-        if completed:
-            self.signal_used(txq)
+        if self.active and txq.ready:
+            self.consume(txq, self._send)
 
     def _send(self, chain):
         header_len, counters = self._header_len, self.counters

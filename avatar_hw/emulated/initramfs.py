@@ -18,7 +18,8 @@ from .build import cache_dir
 
 # Load order (generic Debian kernel: virtio and virtio_ring are built in).
 MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "virtio-rng",
-           "failover", "net_failover", "virtio_net", "virtio_balloon", "9pnet_virtio", "9p")
+           "failover", "net_failover", "virtio_net", "virtio_balloon", "9pnet_virtio", "9p",
+           "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport")
 READY_MARKER = "avatar-guest: ready"
 HVC_WAIT_SECONDS = 10
 HVC_RELOAD_SECONDS = 60

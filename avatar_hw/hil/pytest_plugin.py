@@ -27,6 +27,9 @@ Fixtures:
   on that VM's console port, opened once for the session;
 - ``guest_console`` (session): ``avatar_console(0)``;
 - ``guest_shell``: the same console once a shell answers on it;
+- ``avatar_vsock``: ``avatar_vsock(port, vm=0, timeout=30)`` is a connected stream socket
+  to guest ``port`` through the VM's vsock device (waits until the guest listens; closed
+  after the test);
 - ``avatar_reset``: ``avatar_reset(vm=0)`` starts that VM's guest again (the emulated
   board: QEMU and the daemon restart, the disk is kept; a bench: ``--avatar-reset-command``)
   and waits until its shell answers on every console the test holds.
@@ -191,6 +194,19 @@ def guest_shell(guest_console, avatar_board):
     if avatar_board.kernel is None:
         avatar_board.kernel = guest_console.check("uname -r").strip()
     return guest_console
+
+
+@pytest.fixture
+def avatar_vsock(avatar_board):
+    opened = []
+
+    def open_stream(port, vm=0, timeout=30):
+        opened.append(avatar_board.vsock(port, vm, timeout))
+        return opened[-1]
+
+    yield open_stream
+    for sock in opened:
+        sock.close()
 
 
 @pytest.fixture

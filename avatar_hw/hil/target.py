@@ -5,6 +5,7 @@ Both offer the same things, so one bring-up suite runs on either:
 - ``info()``: the daemon's ``avatar-hw info`` (over its control socket);
 - ``devices(vm)``: that VM's devices (name, slot, IRQ, status, counters);
 - ``console(vm, port)``: a ``GuestConsole`` on the guest console;
+- ``vsock(port, vm)``: a stream socket to a guest port through the VM's vsock device;
 - ``diagnose_interrupts(vm)``: text for a failure report: per device the
   interrupts the daemon raised and, where the distributor can be read, the GIC's
   view of its SPI (``hw.gic`` ``diagnose_spi``);
@@ -20,8 +21,8 @@ Both offer the same things, so one bring-up suite runs on either:
 control socket and the GIC distributor are local there); its guest console is
 any pyserial URL, or the first endpoint of the VM's console that a terminal
 can attach to. ``EmulatedTarget`` boots the emulated board
-(``avatar_hw.emulated.session.EmulatedBoard``) with a console, and block and
-rng devices when this tree has them.
+(``avatar_hw.emulated.session.EmulatedBoard``) with a console, and block, rng
+and vsock (guest CID 3) devices when this tree has them.
 """
 
 import functools
@@ -35,6 +36,7 @@ from pathlib import Path
 from .. import control
 from ..board import board_path, load_board
 from ..errors import AvatarError
+from . import vsock
 from .console import GuestConsole, pyserial_url
 
 EMULATED_TOOLS = {"qemu-system-aarch64": "qemu-system-arm", "dtc": "device-tree-compiler",
@@ -79,6 +81,15 @@ class Target:
     def console(self, vm=0, port=0):
         url = self.console_url(vm, port)
         return GuestConsole.open(url)
+
+    def vsock(self, port, vm=0, timeout=30):
+        """A connected stream socket to guest ``port`` through VM ``vm``'s vsock device
+        (``avatar_hw.hil.vsock.connect``: retried until the guest listens or ``timeout``)."""
+        devices = self.devices(vm, "vsock")
+        if not devices:
+            raise AvatarError(f"VM {vm} has no vsock device (add vsock = {{ cid = 3, socket = "
+                              '"PATH" } to its VMs config)')
+        return vsock.connect(devices[0]["socket"], port, timeout)
 
     def diagnose_interrupts(self, vm=0):
         lines = []
@@ -238,6 +249,8 @@ class EmulatedTarget(Target):
             devices.append("rng = {}")
         if device_available("balloon"):
             devices.append("balloon = {}")
+        if device_available("vsock"):
+            devices.append(f'vsock = {{ cid = 3, socket = "{self._workdir}/vsock" }}')
         self.emulated = EmulatedBoard(devices="\n".join(devices))
         try:
             self.emulated.start()
