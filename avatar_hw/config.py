@@ -37,6 +37,7 @@ DEVICES = {
     "block": "avatar_hw.devices.block",
     "rng": "avatar_hw.devices.rng",
     "net": "avatar_hw.devices.net",
+    "gpu": "avatar_hw.devices.gpu",
 }
 
 
