@@ -14,7 +14,9 @@ Commands (the seed's list-all / print-info / debug-device):
   devices with status bits, negotiated features, queues, interrupts raised,
   bytes moved and errors;
 - ``debug`` (``vm``, ``device``: a slot number or a name such as
-  ``console`` or ``console0``): everything about one device.
+  ``console`` or ``console0``): everything about one device;
+- ``screenshot`` (``vm``, ``device``, default ``gpu``): the GPU's scanout as a PNG,
+  ``{"width", "height", "png"}`` with the file in base64.
 """
 
 import json
@@ -142,6 +144,10 @@ class ControlServer:
             elif command == "debug":
                 result = self.daemon.debug_device(
                     int(request["vm"]), self._slot(int(request["vm"]), str(request["device"])))
+            elif command == "screenshot":
+                vm = int(request["vm"])
+                result = self.daemon.screenshot(vm, self._slot(vm, str(request.get("device",
+                                                                                   "gpu"))))
             else:
                 return {"ok": False, "error": f"unknown command {command!r}"}
             return {"ok": True, "result": result}

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from avatar_hw import png
 from avatar_hw.config import load_config
 from avatar_hw.devices import gpu as g
 from avatar_hw.devices.gpu import GpuDevice
@@ -168,7 +169,7 @@ def test_transfer_flush_screenshot_equals_what_was_written(gpu, fmt):
     assert dev.transfer(5, 0, 0, w, h) == g.RESP_OK_NODATA
     assert dev.scanout(5, 0, 0, w, h) == g.RESP_OK_NODATA
     assert dev.flush(5, 0, 0, w, h) == g.RESP_OK_NODATA
-    width, height, rgb = decode_png(dev.device.screenshot_png())
+    width, height, rgb = decode_png(png.encode(*dev.device.screenshot()))
     assert (width, height) == (w, h)
     assert rgb == rgb_of(data, g.FORMATS[fmt])
 
@@ -412,3 +413,54 @@ def test_random_commands(commands):
     finally:
         bench.subsystem.close()
     bench.check_guards()
+
+
+def test_screenshot_command_through_a_served_daemon(tmp_path):
+    """``avatar-hw screenshot`` against ``avatar-hw serve``: a driver behind the stand-in
+    stub draws; the PNG file holds exactly its pixels; no scanout and no gpu are one-line
+    errors."""
+    import subprocess
+    import sys
+
+    from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
+    from test_daemon import Served, console_config
+
+    board = FakeBoard(tmp_path / "board")
+    stub = StandinStub(board)
+    daemon = Served(board, console_config(board, extra="gpu = { width = 64, height = 32 }\n"))
+
+    def screenshot(*args):
+        return subprocess.run([sys.executable, "-m", "avatar_hw", "screenshot", *args,
+                               "--control", str(board.control)], capture_output=True,
+                              text=True, timeout=30)
+    try:
+        stub.page.wait_attached()
+        out = tmp_path / "screen.png"
+        failed = screenshot("0", str(out))
+        assert failed.returncode == 2 and "gpu shows nothing" in failed.stderr
+        assert failed.stderr.count("\n") == 1
+        failed = screenshot("1", str(out), "--device", "console")
+        assert failed.returncode == 2 and "is a console, not a gpu" in failed.stderr
+        driver = stub.driver(0, 1)
+        ctrl, _ = driver.init([0, 1], buf_size=8192)
+        ram = driver.ram
+        base = ram.alloc(64 * 32 * 4, PAGE)
+        data = pattern(64, 32, 3)
+        ram.write(base, data)
+        for kind, body in (
+                (g.CMD_RESOURCE_CREATE_2D, struct.pack("<IIII", 1, 2, 64, 32)),
+                (g.CMD_RESOURCE_ATTACH_BACKING, struct.pack("<IIQI4x", 1, 1, base, len(data))),
+                (g.CMD_TRANSFER_TO_HOST_2D, struct.pack("<IIIIQI4x", 0, 0, 64, 32, 0, 1)),
+                (g.CMD_SET_SCANOUT, struct.pack("<IIIIII", 0, 0, 64, 32, 0, 1))):
+            ctrl.post(readable=[g.HEADER.pack(kind, 0, 0, 0, 0) + body], writable=[24])
+            ctrl.notify()
+            used, = ctrl.get_used()
+            assert g.HEADER.unpack_from(used.data)[0] == g.RESP_OK_NODATA
+        done = screenshot("0", str(out))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"{out}: 64x32"
+        assert decode_png(out.read_bytes()) == (64, 32, rgb_of(data))
+        assert daemon.stop() == 0
+    finally:
+        daemon.close()
+        stub.close()

@@ -46,13 +46,12 @@ changes, so no display event is ever raised.
 
 ``screenshot()`` gives the scanout's rectangle of its resource as RGB (the
 resource as last transferred; the cursor is not drawn); ``avatar-hw screenshot``
-asks for it as a PNG through the control socket.
+asks the daemon for it as a PNG (``avatar_hw.png``) through the control socket.
 """
 
 import bisect
 import struct
 
-from .. import png
 from ..schema import Field, Schema, positive
 from ..virtio.buffers import gather, scatter
 from ..virtio.constants import ID_GPU, bit
@@ -473,11 +472,6 @@ class GpuDevice(VirtioDevice):
         for channel, at in enumerate(FORMATS[resource.format]):
             rgb[channel::3] = pixels[at::BPP]
         return w, h, bytes(rgb)
-
-    def screenshot_png(self):
-        """The scanout as PNG bytes; None while the guest shows nothing."""
-        shot = self.screenshot()
-        return None if shot is None else png.encode(*shot)
 
     def info(self):
         out = super().info()
