@@ -2,7 +2,10 @@
 malformed request answered with its error (never an exception, never outside the VM)."""
 
 import struct
+import subprocess
+import sys
 import zlib
+from xml.etree import ElementTree
 
 import pytest
 from hypothesis import given
@@ -19,6 +22,7 @@ from test_console import loop  # noqa: F401 (fixture)
 from test_fuzz import FUZZ, no_internal_errors
 
 RAM_SIZE = 8 << 20
+pytest_plugins = ["pytester"]
 PAGE = 4096
 
 
@@ -415,52 +419,92 @@ def test_random_commands(commands):
     bench.check_guards()
 
 
-def test_screenshot_command_through_a_served_daemon(tmp_path):
-    """``avatar-hw screenshot`` against ``avatar-hw serve``: a driver behind the stand-in
-    stub draws; the PNG file holds exactly its pixels; no scanout and no gpu are one-line
-    errors."""
-    import subprocess
-    import sys
+def draw(driver, width, height):
+    """Set up the gpu behind ``driver`` and show a pattern on it; the pattern (B8G8R8X8)."""
+    ctrl, _ = driver.init([0, 1], buf_size=8192)
+    base = driver.ram.alloc(width * height * 4, PAGE)
+    data = pattern(width, height, 3)
+    driver.ram.write(base, data)
+    for kind, body in (
+            (g.CMD_RESOURCE_CREATE_2D, struct.pack("<IIII", 1, 2, width, height)),
+            (g.CMD_RESOURCE_ATTACH_BACKING, struct.pack("<IIQI4x", 1, 1, base, len(data))),
+            (g.CMD_TRANSFER_TO_HOST_2D, struct.pack("<IIIIQI4x", 0, 0, width, height, 0, 1)),
+            (g.CMD_SET_SCANOUT, struct.pack("<IIIIII", 0, 0, width, height, 0, 1))):
+        ctrl.post(readable=[g.HEADER.pack(kind, 0, 0, 0, 0) + body], writable=[24])
+        ctrl.notify()
+        used, = ctrl.get_used()
+        assert g.HEADER.unpack_from(used.data)[0] == g.RESP_OK_NODATA
+    return data
 
+
+@pytest.fixture
+def served_gpu(tmp_path):
+    """``avatar-hw serve`` (stand-in stub) with VMs 0 and 1, each a console and a 64x32 gpu."""
     from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
     from test_daemon import Served, console_config
 
     board = FakeBoard(tmp_path / "board")
     stub = StandinStub(board)
     daemon = Served(board, console_config(board, extra="gpu = { width = 64, height = 32 }\n"))
-
-    def screenshot(*args):
-        return subprocess.run([sys.executable, "-m", "avatar_hw", "screenshot", *args,
-                               "--control", str(board.control)], capture_output=True,
-                              text=True, timeout=30)
     try:
         stub.page.wait_attached()
-        out = tmp_path / "screen.png"
-        failed = screenshot("0", str(out))
-        assert failed.returncode == 2 and "gpu shows nothing" in failed.stderr
-        assert failed.stderr.count("\n") == 1
-        failed = screenshot("1", str(out), "--device", "console")
-        assert failed.returncode == 2 and "is a console, not a gpu" in failed.stderr
-        driver = stub.driver(0, 1)
-        ctrl, _ = driver.init([0, 1], buf_size=8192)
-        ram = driver.ram
-        base = ram.alloc(64 * 32 * 4, PAGE)
-        data = pattern(64, 32, 3)
-        ram.write(base, data)
-        for kind, body in (
-                (g.CMD_RESOURCE_CREATE_2D, struct.pack("<IIII", 1, 2, 64, 32)),
-                (g.CMD_RESOURCE_ATTACH_BACKING, struct.pack("<IIQI4x", 1, 1, base, len(data))),
-                (g.CMD_TRANSFER_TO_HOST_2D, struct.pack("<IIIIQI4x", 0, 0, 64, 32, 0, 1)),
-                (g.CMD_SET_SCANOUT, struct.pack("<IIIIII", 0, 0, 64, 32, 0, 1))):
-            ctrl.post(readable=[g.HEADER.pack(kind, 0, 0, 0, 0) + body], writable=[24])
-            ctrl.notify()
-            used, = ctrl.get_used()
-            assert g.HEADER.unpack_from(used.data)[0] == g.RESP_OK_NODATA
-        done = screenshot("0", str(out))
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == f"{out}: 64x32"
-        assert decode_png(out.read_bytes()) == (64, 32, rgb_of(data))
-        assert daemon.stop() == 0
+        yield board, stub, daemon
     finally:
         daemon.close()
         stub.close()
+
+
+def screenshot(board, *args):
+    return subprocess.run([sys.executable, "-m", "avatar_hw", "screenshot", *args,
+                           "--control", str(board.control)], capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_screenshot_command_through_a_served_daemon(served_gpu, tmp_path):
+    """``avatar-hw screenshot`` against ``avatar-hw serve``: a driver behind the stand-in
+    stub draws; the PNG file holds exactly its pixels; no scanout and no gpu are one-line
+    errors."""
+    board, stub, daemon = served_gpu
+    out = tmp_path / "screen.png"
+    failed = screenshot(board, "0", str(out))
+    assert failed.returncode == 2 and "gpu shows nothing" in failed.stderr
+    assert failed.stderr.count("\n") == 1
+    failed = screenshot(board, "1", str(out), "--device", "console")
+    assert failed.returncode == 2 and "is a console, not a gpu" in failed.stderr
+    data = draw(stub.driver(0, 1), 64, 32)
+    done = screenshot(board, "0", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{out}: 64x32"
+    assert decode_png(out.read_bytes()) == (64, 32, rgb_of(data))
+    assert daemon.stop() == 0
+
+
+FAILING_TEST = """
+import pytest
+
+pytestmark = pytest.mark.hw
+
+def test_fails(avatar_board):
+    assert False, "on purpose"
+"""
+
+
+def test_a_failed_test_gets_a_png_of_the_screen(served_gpu, pytester, monkeypatch, tmp_path):
+    """The plugin saves each gpu VM's screen beside the console logs and names it in the
+    report and in JUnit's system-out as ``[[ATTACHMENT|path]]``."""
+    board, stub, _ = served_gpu
+    data = draw(stub.driver(0, 1), 64, 32)
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:labgrid")
+    pytester.makepyfile(FAILING_TEST)
+    logs, junit = tmp_path / "logs", tmp_path / "junit.xml"
+    result = pytester.runpytest(f"--avatar-board={board.board_file}",
+                                f"--avatar-control={board.control}", f"--avatar-log-dir={logs}",
+                                f"--junitxml={junit}", "-o", "junit_logging=system-out")
+    result.assert_outcomes(failed=1)
+    saved = logs / "test_a_failed_test_gets_a_png_of_the_screen.py_test_fails.vm0.png"
+    assert decode_png(saved.read_bytes()) == (64, 32, rgb_of(data))
+    result.stdout.fnmatch_lines([f"avatar-hw vm0 screen: {saved}", f"[[ATTACHMENT|{saved}]]"])
+    out = ElementTree.parse(junit).find(".//testcase/system-out").text
+    assert f"[[ATTACHMENT|{saved}]]" in out
+    assert "avatar-hw vm1 screen: no screenshot: daemon: bad request: VM 1's gpu shows " \
+           "nothing" in out                         # its guest never set a scanout
