@@ -335,6 +335,25 @@ def test_backing_entries_may_be_any_size_and_order(gpu):
     assert dev.device.resources[2].pixels == data
 
 
+def test_transfers_count_against_the_turn_budget(gpu, loop):
+    """A queue of large transfers is served 8 MiB (TURN_BYTES) per turn, the rest on the
+    event loop's next turns: one notify cannot hold the daemon for a whole queue of them."""
+    from avatar_hw.virtio.queue import TURN_BYTES
+    dev = gpu(max_memory=16 << 20)
+    side = 512                                              # 1 MiB a frame
+    base = dev.ram.alloc(side * side * 4, PAGE)
+    assert dev.create(1, side, side) == g.RESP_OK_NODATA
+    assert dev.attach(1, [(base, side * side * 4)]) == g.RESP_OK_NODATA
+    for _ in range(10):
+        dev.ctrl.post(readable=[g.HEADER.pack(g.CMD_TRANSFER_TO_HOST_2D, 0, 0, 0, 0)
+                                + struct.pack("<IIIIQI4x", 0, 0, side, side, 0, 1)],
+                      writable=[24])
+    dev.ctrl.notify()
+    assert len(dev.ctrl.get_used()) == TURN_BYTES // (side * side * 4)
+    loop.run_once(0)
+    assert len(dev.ctrl.get_used()) == 2
+
+
 def test_config_keys(tmp_path):
     path = tmp_path / "vms.toml"
     path.write_text("[vm.0]\ngpu = { width = 640, height = 480, max_memory = 4194304 }\n")

@@ -35,6 +35,10 @@ Commands served (the error codes follow QEMU's hw/display/virtio-gpu.c):
   image; resource 0 hides it) and MOVE_CURSOR; no response is written (used
   length 0), as QEMU.
 
+A transfer's copy counts against the queue's turn budget (``Virtqueue.charge``):
+past 8 MiB the rest of the queue waits for the event loop's next turn, behind
+every other device and VM.
+
 Any other type: ERR_UNSPEC. A request shorter than its command's fields:
 ERR_INVALID_PARAMETER, nothing done. A response longer than the writable part:
 ERR_UNSPEC if 24 bytes fit (the command is not run), else used length 0. Every
@@ -254,8 +258,10 @@ class GpuDevice(VirtioDevice):
         queue = self.queues[index]
         served = False
         while (chain := queue.pop()) is not None:
+            copied = self.counters["bytes_transferred"]
             used = self._control(chain) if index == CONTROLQ else self._cursor(chain)
             queue.add_used(chain.head, used)
+            queue.charge(self.counters["bytes_transferred"] - copied)   # the turn's budget
             served = True
         if served:
             self.signal_used(queue)
