@@ -217,7 +217,7 @@ def test_unref_detach_and_memory_is_given_back(gpu):
     assert dev.create(3, 1, 1) == g.RESP_ERR_OUT_OF_MEMORY              # bytes
     assert dev.scanout(1, 0, 0, 64, 64) == g.RESP_OK_NODATA
     assert dev.err(g.CMD_RESOURCE_DETACH_BACKING, "I4x", 1) == g.RESP_OK_NODATA
-    assert dev.err(g.CMD_RESOURCE_DETACH_BACKING, "I4x", 1) == g.RESP_ERR_UNSPEC
+    assert dev.err(g.CMD_RESOURCE_DETACH_BACKING, "I4x", 1) == g.RESP_ERR_INVALID_RESOURCE_ID
     assert dev.transfer(1, 0, 0, 1, 1) == g.RESP_ERR_INVALID_RESOURCE_ID  # no backing
     assert dev.err(g.CMD_RESOURCE_UNREF, "I4x", 1) == g.RESP_OK_NODATA
     assert dev.device.screenshot() is None                               # scanout went with it
@@ -293,7 +293,7 @@ def test_malformed_requests_get_their_errors(gpu):
         (dev.attach(3, [(RAM_BASE, 4096), (0xFFFFFFFFFFFFF000, 0x2000)]), E.RESP_ERR_UNSPEC),
         (dev.err(E.CMD_RESOURCE_ATTACH_BACKING, "II", 3, 100000), E.RESP_ERR_UNSPEC),
         (dev.err(E.CMD_RESOURCE_ATTACH_BACKING, "II", 3, 2,
-                 extra=bytes(16)), E.RESP_ERR_INVALID_PARAMETER),          # 1 of 2 entries
+                 extra=bytes(16)), E.RESP_ERR_UNSPEC),                     # 1 of 2 entries
         (dev.attach(3, [(RAM_BASE, 16)]), E.RESP_OK_NODATA),              # too short for...
         (dev.transfer(3, 0, 0, 16, 16), E.RESP_ERR_INVALID_PARAMETER),    # ...a transfer
         # short and unknown requests

@@ -17,9 +17,9 @@ Commands served (the error codes follow QEMU's hw/display/virtio-gpu.c):
   ERR_INVALID_PARAMETER; more than ``max_memory`` bytes for all resources of the
   device, or more than ``max_resources`` resources: ERR_OUT_OF_MEMORY (nothing is
   allocated before the budget is checked);
-* RESOURCE_UNREF, RESOURCE_DETACH_BACKING (no backing: ERR_UNSPEC);
-* RESOURCE_ATTACH_BACKING: at most 16384 entries, each inside the VM's RAM (else
-  ERR_UNSPEC, as QEMU); a resource already backed: ERR_UNSPEC. The entries are
+* RESOURCE_UNREF, RESOURCE_DETACH_BACKING (no backing: ERR_INVALID_RESOURCE_ID);
+* RESOURCE_ATTACH_BACKING: at most 16384 entries, all in the request, each inside
+  the VM's RAM (else ERR_UNSPEC, as QEMU); a resource already backed: ERR_UNSPEC. The entries are
   kept as guest-physical ranges and turned into views of guest RAM, checked
   again, at each transfer;
 * SET_SCANOUT (resource 0 disables the scanout; a rectangle not inside the
@@ -40,7 +40,8 @@ past 8 MiB the rest of the queue waits for the event loop's next turn, behind
 every other device and VM.
 
 Any other type: ERR_UNSPEC. A request shorter than its command's fields:
-ERR_INVALID_PARAMETER, nothing done. A response longer than the writable part:
+ERR_INVALID_PARAMETER, nothing done (QEMU logs it and answers nothing, or
+OK_NODATA); shorter than a header: ERR_UNSPEC. A response longer than the writable part:
 ERR_UNSPEC if 24 bytes fit (the command is not run), else used length 0. Every
 such request is a rate-limited, counted guest error; none raises.
 
@@ -380,7 +381,7 @@ class GpuDevice(VirtioDevice):
                            MAX_BACKING_ENTRIES)
         start = HEADER.size + COMMANDS[CMD_RESOURCE_ATTACH_BACKING].size
         if chain.readable_len < start + count * MEM_ENTRY.size:
-            raise GpuError(RESP_ERR_INVALID_PARAMETER, "attach: %d entries in %d bytes", count,
+            raise GpuError(RESP_ERR_UNSPEC, "attach: %d entries in %d bytes", count,
                            chain.readable_len)
         entries = bytearray(start + count * MEM_ENTRY.size)   # at most 256 KiB
         gather(chain.readable, entries)
@@ -395,7 +396,8 @@ class GpuDevice(VirtioDevice):
     def _detach_backing(self, chain, resource_id):
         resource = self._resource(resource_id)
         if resource.backing is None:
-            raise GpuError(RESP_ERR_UNSPEC, "detach: resource %d has no backing", resource_id)
+            raise GpuError(RESP_ERR_INVALID_RESOURCE_ID, "detach: resource %d has no backing",
+                           resource_id)
         resource.detach()
         return RESP_OK_NODATA, HEADER.size
 
