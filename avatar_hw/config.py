@@ -16,7 +16,7 @@ directory: ``serve``'s current directory, the demo's temporary directory
 
 A device key holds a table, or an array of tables for several devices of one
 kind. Devices get the VM's window slots in ``DEVICES`` order (console, block,
-rng, net), then in array order. Every mistake is a ``ConfigError`` naming the
+rng, net, gpu), then in array order. Every mistake is a ``ConfigError`` naming the
 file, the key (``vm.1.block.readonly``) and the problem.
 
 ``DEVICES`` is the registry (kvmtool's ``virtio_ops``): a kind's module, imported

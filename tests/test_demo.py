@@ -87,15 +87,16 @@ class Demo:
             self.process.wait()
 
 
-def test_demo_config_gives_the_guest_console_disk_entropy_and_network():
-    """boards/vms-example.toml as it is: VM 0's four devices (VM 1 is left out, saying so)."""
+def test_demo_config_gives_the_guest_console_disk_entropy_network_and_screen():
+    """boards/vms-example.toml as it is: VM 0's five devices (VM 1 is left out, saying so)."""
     done = subprocess.run(AVATAR_HW + [
         "demo", "--config", str(REPO / "boards" / "vms-example.toml"), "--run",
         "ls /sys/bus/virtio/devices; cat /sys/block/vda/size; head -c 16 /dev/hwrng | wc -c; "
-        "cat /sys/class/net/eth0/address"], capture_output=True, text=True, timeout=240)
+        "cat /sys/class/net/eth0/address; ls /dev/fb0"], capture_output=True, text=True,
+        timeout=240)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["virtio0", "virtio1", "virtio2", "virtio3", "131072", "16",
-                                   "52:54:00:a7:00:00"]
+    assert done.stdout.split() == ["virtio0", "virtio1", "virtio2", "virtio3", "virtio4",
+                                   "131072", "16", "52:54:00:a7:00:00", "/dev/fb0"]
     assert "the emulated board runs one guest, VM 0: vm.1 left out" in done.stderr
     assert re.search(r"vm0 slot3 net +0x0a003000 IRQ 51", done.stderr)
     pid = re.search(r"avatar-emulated-(\d+)-", done.stderr).group(1)
