@@ -145,6 +145,11 @@ def test_identity_features_and_config(gpu):
     assert drv.read(c.REG_DEVICE_ID) == c.ID_GPU
     assert drv.device_features() & (1 << g.F_EDID)
     assert [drv.read_config(off) for off in (0, 4, 8, 12)] == [0, 0, 1, 0]
+    drv.write(c.REG_QUEUE_SEL, 1)
+    assert drv.read(c.REG_QUEUE_NUM_MAX) == 16
+    dev.device.update_config(0, (3).to_bytes(4, "little"))        # events_read: 3
+    drv.write_config(4, 1)                                        # events_clear: 1
+    assert [drv.read_config(0), drv.read_config(4)] == [2, 0]
 
 
 def test_display_info_and_edid(gpu):

@@ -1,6 +1,6 @@
 """virtio-gpu 2D (device ID 16, VirtIO 1.2 section 5.7): one scanout, resources in host memory.
 
-Two queues: controlq (0) and cursorq (1). A control request is a chain: the
+Two queues: controlq (0, 256 entries) and cursorq (1, 16 entries, as QEMU). A control request is a chain: the
 24-byte ``virtio_gpu_ctrl_hdr`` and the command's fields in the device-readable
 part (gathered from however many descriptors hold them), the response in the
 device-writable part. Every request is answered synchronously, so a request
@@ -62,7 +62,7 @@ from ..virtio.buffers import gather, scatter
 from ..virtio.constants import ID_GPU, bit
 from ..virtio.device import VirtioDevice
 
-QUEUE_SIZE = 256
+QUEUE_SIZE, CURSOR_QUEUE_SIZE = 256, 16         # QEMU's
 CONTROLQ, CURSORQ = 0, 1
 F_EDID = 1
 
@@ -224,7 +224,7 @@ class GpuDevice(VirtioDevice):
         if max_memory < width * height * BPP:
             raise ValueError(f"max_memory {max_memory} cannot hold one {width}x{height} "
                              f"frame ({width * height * BPP} bytes)")
-        super().__init__(queue_sizes=[QUEUE_SIZE, QUEUE_SIZE], features=bit(F_EDID),
+        super().__init__(queue_sizes=[QUEUE_SIZE, CURSOR_QUEUE_SIZE], features=bit(F_EDID),
                          config=CONFIG.pack(0, 0, 1, 0))
         self.width, self.height = width, height
         self.max_memory, self.max_resources = max_memory, max_resources
