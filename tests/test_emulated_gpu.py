@@ -65,9 +65,13 @@ def test_guest_binds_virtio_gpu_and_gets_drm_and_fbdev(board):
 
 
 def test_framebuffer_console_draws_text(board):
-    run(board, f"printf '\\033[2J{TEXT}\\n' > /dev/tty1")
-    width, height, rgb = wait_screen(board, lambda rgb: rgb.count(0) < len(rgb))
+    # cleared, cursor hidden: black; then the text lands in the first line (8x16 font)
+    run(board, "printf '\\033[2J\\033[H\\033[?25l' > /dev/tty1")
+    width, height, _ = wait_screen(board, lambda rgb: not any(rgb))
     assert (width, height) == (WIDTH, HEIGHT)
+    run(board, f"printf '{TEXT}' > /dev/tty1")
+    line = WIDTH * 3 * 16
+    wait_screen(board, lambda rgb: any(rgb[:line]) and not any(rgb[line:]))
 
 
 def test_a_pattern_written_to_fb0_is_the_screenshot_exactly(board):
