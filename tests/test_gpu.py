@@ -213,6 +213,9 @@ def test_fence_is_answered_with_the_same_id(gpu):
                                         fence=3)
     assert (kind, flags, fence) == (g.RESP_ERR_INVALID_RESOURCE_ID, g.FLAG_FENCE, 3)
     assert dev.request(g.CMD_RESOURCE_UNREF, "I4x", 1, fence=5)[1:3] == (0, 0)   # no flag
+    for kind, fmt, fields in ((0xDEAD, "", ()), (g.CMD_RESOURCE_CREATE_2D, "I", (2,))):
+        answer = dev.request(kind, fmt, *fields, flags=g.FLAG_FENCE | 2, fence=11)[:3]
+        assert answer[1:] == (g.FLAG_FENCE, 11), answer      # unknown, short: fenced too
 
 
 def test_unref_detach_and_memory_is_given_back(gpu):

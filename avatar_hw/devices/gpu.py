@@ -299,6 +299,8 @@ class GpuDevice(VirtioDevice):
             self.guest_error(err.fmt, *err.args_)
             self.counters["errors"] += 1
             code, size = err.code, HEADER.size
+            if chain.readable_len >= HEADER.size:   # an error answers the fence too
+                _, flags, fence_id, ctx_id, _ = HEADER.unpack_from(self._request)
         if chain.writable_len < HEADER.size:
             self.guest_error("request with %d device-writable bytes (a response needs 24); "
                              "returned with length 0", chain.writable_len)
