@@ -1,11 +1,12 @@
 """virtio-gpu 2D (device ID 16, VirtIO 1.2 section 5.7): one scanout, resources in host memory.
 
-Two queues: controlq (0, 256 entries) and cursorq (1, 16 entries, as QEMU). A control request is a chain: the
-24-byte ``virtio_gpu_ctrl_hdr`` and the command's fields in the device-readable
-part (gathered from however many descriptors hold them), the response in the
-device-writable part. Every request is answered synchronously, so a request
-with VIRTIO_GPU_FLAG_FENCE gets its response with the same flag and
-``fence_id`` (and ``ctx_id``) at once: the fence is signalled.
+Two queues: controlq (0, 256 entries) and cursorq (1, 16 entries, as QEMU). A
+control request is a chain: the 24-byte ``virtio_gpu_ctrl_hdr`` and the
+command's fields in the device-readable part (gathered from however many
+descriptors hold them), the response in the device-writable part. Every request
+is answered synchronously, so a request with VIRTIO_GPU_FLAG_FENCE gets its
+response with the same flag and ``fence_id`` (and ``ctx_id``) at once: the fence
+is signalled.
 
 Commands served (the error codes follow QEMU's hw/display/virtio-gpu.c):
 
@@ -90,7 +91,8 @@ MAX_DIMENSION = 4095                            # what an EDID detailed timing c
 MAX_SCANOUTS = 16                               # pmodes in GET_DISPLAY_INFO's response
 
 HEADER = struct.Struct("<IIQIB3x")              # type, flags, fence_id, ctx_id, ring_idx
-CONFIG = struct.Struct("<IIII")                 # events_read, events_clear, num_scanouts, num_capsets
+# events_read, events_clear, num_scanouts, num_capsets
+CONFIG = struct.Struct("<IIII")
 MEM_ENTRY = struct.Struct("<QI4x")              # addr, length
 # the fields after the header, per command
 COMMANDS = {
