@@ -535,3 +535,18 @@ def test_a_failed_test_gets_a_png_of_the_screen(served_gpu, pytester, monkeypatc
     assert f"[[ATTACHMENT|{saved}]]" in out
     assert "avatar-hw vm1 screen: no screenshot: daemon: bad request: VM 1's gpu shows " \
            "nothing" in out                         # its guest never set a scanout
+
+
+def test_modules_dep_lists_a_shared_dependency_last():
+    """busybox modprobe loads a module's modules.dep list from its end: drm, which both
+    helpers need, must come last (the guest's virtio-gpu failed to load before)."""
+    from avatar_hw.emulated.initramfs import _modules_dep
+    deps = {"virtio-gpu": ["drm_kms_helper", "drm", "drm_shmem_helper", "virtio_dma_buf"],
+            "drm_kms_helper": ["drm"], "drm_shmem_helper": ["drm"], "drm": [],
+            "virtio_dma_buf": []}
+    lines = dict(line.split(": ") for line in _modules_dep(deps, {n: n for n in deps})
+                 .strip().splitlines() if ": " in line)
+    order = lines["virtio-gpu"].split()
+    assert sorted(order) == sorted(deps["virtio-gpu"]) and order[-1] == "drm"
+    for i, name in enumerate(order):                 # every module before what it needs
+        assert all(order.index(d) > i for d in deps[name])
