@@ -25,6 +25,7 @@ COMMANDS = [
     "avatar_hw.commands.serve",     # serve
     "avatar_hw.commands.query",     # list, info, debug
     "avatar_hw.commands.balloon",   # balloon
+    "avatar_hw.commands.screenshot",  # screenshot
     "avatar_hw.terminal",     # console
     "avatar_hw.emulated.demo",  # demo
 ]

@@ -17,6 +17,8 @@ Commands (the seed's list-all / print-info / debug-device):
   ``console`` or ``console0``): everything about one device;
 - ``balloon`` (``vm``, optional ``size``: bytes or text such as ``"384M"``): the guest
   memory VM ``vm`` keeps (its balloon takes the rest); the balloon's state.
+- ``screenshot`` (``vm``, ``device``, default ``gpu``): the GPU's scanout as a PNG,
+  ``{"width", "height", "png"}`` with the file in base64.
 """
 
 import json
@@ -149,6 +151,10 @@ class ControlServer:
             elif command == "debug":
                 result = self.daemon.debug_device(
                     int(request["vm"]), self._slot(int(request["vm"]), str(request["device"])))
+            elif command == "screenshot":
+                vm = int(request["vm"])
+                result = self.daemon.screenshot(vm, self._slot(vm, str(request.get("device",
+                                                                                   "gpu"))))
             else:
                 return {"ok": False, "error": f"unknown command {command!r}"}
             return {"ok": True, "result": result}

@@ -37,6 +37,7 @@ mapped and built, the trap page's lock taken, the doorbell and control socket
 open, every module imported), then the privileges are dropped.
 """
 
+import base64
 import logging
 import os
 import signal
@@ -44,7 +45,7 @@ import socket
 import threading
 import time
 
-from . import abi
+from . import abi, png
 from .board import Board, board_path, load_board
 from .config import Config, load_config
 from .control import ControlServer, default_control_path
@@ -351,6 +352,17 @@ class Daemon:
                 return device.balloon_info() if size is None else device.set_target(size)
         raise ValueError(f"VM {vm_id} has no balloon device (add balloon = {{}} to its VMs "
                          "config)")
+
+    def screenshot(self, vm_id, slot):
+        """What ``avatar-hw screenshot`` writes: the scanout of the GPU in ``slot``."""
+        device = self.subsystem.device(vm_id, slot)
+        if not hasattr(device, "screenshot"):
+            raise ValueError(f"VM {vm_id} slot {slot} is a {device.name}, not a gpu")
+        shot = device.screenshot()
+        if shot is None:
+            raise ValueError(f"VM {vm_id}'s gpu shows nothing: the guest set no scanout")
+        return {"width": shot[0], "height": shot[1],
+                "png": base64.b64encode(png.encode(*shot)).decode()}
 
     def info(self):
         """What ``avatar-hw info --json`` shows."""

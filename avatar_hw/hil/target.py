@@ -25,6 +25,7 @@ can attach to. ``EmulatedTarget`` boots the emulated board
 and vsock (guest CID 3) devices when this tree has them.
 """
 
+import base64
 import functools
 import importlib.util
 import os
@@ -55,6 +56,12 @@ class Target:
 
     def info(self):
         return control.request("info", self.control_path, option=self.control_option)
+
+    def screenshot(self, vm=0, device="gpu"):
+        """PNG bytes of VM ``vm``'s screen (its gpu's scanout)."""
+        shot = control.request("screenshot", self.control_path, option=self.control_option,
+                               vm=vm, device=device)
+        return base64.b64decode(shot["png"])
 
     def vm_info(self, vm=0):
         for entry in self.info()["vms"]:
@@ -226,8 +233,8 @@ def device_available(kind):
 
 
 class EmulatedTarget(Target):
-    """The emulated board with a console, and block (a scratch image) and rng when this tree
-    has those devices. ``start()`` boots it; ``close()`` leaves nothing behind."""
+    """The emulated board with a console, and block (a scratch image), rng and gpu when this
+    tree has those devices. ``start()`` boots it; ``close()`` leaves nothing behind."""
 
     kind = "emulated"
 
@@ -251,6 +258,8 @@ class EmulatedTarget(Target):
             devices.append("balloon = {}")
         if device_available("vsock"):
             devices.append(f'vsock = {{ cid = 3, socket = "{self._workdir}/vsock" }}')
+        if device_available("gpu"):
+            devices.append("gpu = {}")
         self.emulated = EmulatedBoard(devices="\n".join(devices))
         try:
             self.emulated.start()
