@@ -2,9 +2,12 @@
 and the CLI: each fault does what docs/testing.md says the guest sees, and nothing is
 armed once cleared."""
 
+import re
+import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +161,19 @@ def test_fault_inject_cli_arms_lists_and_clears(daemon):
 def test_fault_inject_cli_errors_are_one_line(daemon, args, message):
     status, out = cli(daemon, *args)
     assert status == 2 and message in out and out.count("\n") == 1, out
+
+
+def test_fault_inject_the_worked_example_in_testing_md_runs(daemon):
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text()
+    section = doc[doc.index("## Fault injection"):]
+    lines = re.search(r"```sh\n(.*?)```", section, re.S).group(1).splitlines()
+    assert len(lines) == 5
+    outputs = []
+    for line in lines:
+        argv = shlex.split(line)
+        assert argv[:2] == ["avatar-hw", "inject"]
+        status, out = cli(daemon, *argv[2:])
+        assert status == 0, (line, out)
+        outputs.append(out)
+    assert "ioerr" in outputs[2] and "irq-delay" in outputs[2]
+    assert outputs[4] == "cleared 2 fault(s)\n"
