@@ -80,13 +80,15 @@ FAULTS = {
         _AFTER, _COUNT)),
     "irq-drop": (ANY, (_AFTER, Option("count", int, 1, "a number of interrupts >= 1",
                                       lambda v: v >= 1))),
-    "irq-delay": (ANY, (Option("ms", float, 100.0, "milliseconds >= 0", lambda v: v >= 0),
+    "irq-delay": (ANY, (Option("ms", float, 100.0, "milliseconds, 0 to 60000",
+                               lambda v: 0 <= v <= 60000),
                         _AFTER, _COUNT)),
-    "stall": (("console",), (Option("seconds", float, 1.0, "seconds > 0", lambda v: v > 0),)),
+    "stall": (("console",), (Option("seconds", float, 1.0, "seconds, more than 0 and at "
+                                    "most 600", lambda v: 0 < v <= 600),)),
     "drop": (("net",), _PICK + (_AFTER, _COUNT)),
     "corrupt": (("net",), _PICK[:3] + (_AFTER, _COUNT)),
-    "delay": (("net",), _PICK[:3] + (Option("ms", float, 100.0, "milliseconds >= 0",
-                                            lambda v: v >= 0), _AFTER, _COUNT)),
+    "delay": (("net",), _PICK[:3] + (Option("ms", float, 100.0, "milliseconds, 0 to 60000",
+                                            lambda v: 0 <= v <= 60000), _AFTER, _COUNT)),
 }
 
 
@@ -138,7 +140,8 @@ class Fault:
 
 
 class FaultPlan:
-    """The faults armed on one device; ``loop`` runs delayed interrupts and frames."""
+    """The faults armed on one device; ``loop`` (the device's guarded ``DeviceLoop``)
+    runs delayed interrupts, the end of a stall."""
 
     def __init__(self, loop):
         self.loop = loop
@@ -174,13 +177,15 @@ class FaultPlan:
             return span is None or (sector <= span[1] and last >= span[0])
         return self._first(("ioerr", "torn"), matches)
 
-    def interrupt(self, bits, deliver):
-        """True when this interrupt was taken (dropped, or ``deliver(bits)`` later)."""
+    def interrupt(self, context, bits, deliver):
+        """True when this interrupt was taken: dropped, or ``deliver(bits)`` later unless
+        ``context`` is no longer active then (reset meanwhile: nothing to interrupt for)."""
         fault = self._first(("irq-drop", "irq-delay"))
         if fault is None:
             return False
         if fault.name == "irq-delay":
-            self.loop.call_later(fault.options["ms"] / 1000, lambda: deliver(bits))
+            self.loop.call_later(fault.options["ms"] / 1000,
+                                 lambda: context.active and deliver(bits))
         return True
 
     def output_stalled(self, resume):
@@ -221,7 +226,7 @@ class FaultInjector:
             raise AvatarError(f"VM {vm_id} slot {slot} has no transport yet")
         plan = self.plans.get((vm_id, slot))
         if plan is None:
-            plan = self.plans[vm_id, slot] = FaultPlan(self.loop)
+            plan = self.plans[vm_id, slot] = FaultPlan(device.loop or self.loop)
             device.context.faults = plan
         plan.add(armed)
         return armed.describe()
@@ -237,7 +242,7 @@ class FaultInjector:
             self.subsystem.device(*key).context.faults = None
             if plan._resume is not None:
                 callback, plan._resume = plan._resume, None
-                self.loop.call_later(0, callback)
+                plan.loop.call_later(0, callback)
         return cleared
 
     def describe(self):

@@ -88,12 +88,23 @@ def test_fault_inject_irq_delay_raises_later_through_the_loop(board):
     assert board.device.context.interrupt_status & 1
 
 
+def test_fault_inject_a_delayed_interrupt_is_not_raised_after_a_reset(board):
+    board.bench.irq.take()
+    board.faults.inject(0, 0, "irq-delay", ms=20, count=1)
+    board.request(blk.T_IN, 0, read=512)
+    board.driver.reset()
+    time.sleep(0.05)
+    board.loop.run_once(0)
+    assert board.bench.irq.take() == [] and board.device.context.interrupt_status == 0
+
+
 @pytest.mark.parametrize("fault, options, message", [
     ("nosuch", {}, "unknown fault 'nosuch'"),
     ("stall", {}, "applies to console devices, not block"),
     ("ioerr", {"sectors": "9-3"}, "option sectors = '9-3': expected FIRST-LAST"),
     ("ioerr", {"colour": 1}, "unknown option colour"),
     ("ioerr", {"count": 0}, "option count = 0"),
+    ("irq-delay", {"ms": 1e9}, "expected milliseconds, 0 to 60000"),
 ])
 def test_fault_inject_bad_requests_are_one_line_errors(board, fault, options, message):
     with pytest.raises(AvatarError, match=message):

@@ -80,7 +80,7 @@ class DeviceContext:
     def interrupt(self, bits):
         """Set InterruptStatus ``bits``; the guest is interrupted when one was clear."""
         if (self.faults is not None and bits & ~self.interrupt_status
-                and self.faults.interrupt(bits, self._interrupt)):
+                and self.faults.interrupt(self, bits, self._interrupt)):
             return                    # an injected fault dropped or delayed it
         self._interrupt(bits)
 
