@@ -62,7 +62,8 @@ def test_fault_inject_ioerr_is_an_eio_in_the_guests_dd(board, inject):
         "dd if=/dev/vda of=/dev/null bs=4096 skip=256 count=1", 60)
     assert status != 0 and "Input/output error" in output, output
     run(board, "dd if=/dev/vda of=/dev/null bs=4096 skip=257 count=1")
-    assert inject.fired() == [1]
+    assert inject.fired()[0] >= 1       # busybox dd reads through the page cache: readahead,
+                                        # then maybe a retry of the one page, both refused
     assert "I/O error, dev vda, sector 2048" in run(board, "dmesg | tail -n 20")
 
 
