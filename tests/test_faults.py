@@ -188,3 +188,75 @@ def test_fault_inject_the_worked_example_in_testing_md_runs(daemon):
         outputs.append(out)
     assert "ioerr" in outputs[2] and "irq-delay" in outputs[2]
     assert outputs[4] == "cleared 2 fault(s)\n"
+
+
+# -- net ------------------------------------------------------------------------------------------
+
+from test_console import loop  # noqa: E402,F401 (fixture)
+from test_net import MAC_A, MAC_B, Nic, frame, mac, spin  # noqa: E402
+
+
+@pytest.fixture
+def nics(tmp_path, loop):
+    path = str(tmp_path / "switch.sock")
+    a, b = Nic(loop, f"switch:{path}", mac_=MAC_A), Nic(loop, f"switch:{path}", mac_=MAC_B)
+    a.faults = FaultInjector(a.bench.subsystem, loop)
+    b.faults = FaultInjector(b.bench.subsystem, loop)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def frames(n):
+    return [frame(mac(MAC_B), mac(MAC_A), b"frame %d " % i + bytes(50)) for i in range(n)]
+
+
+def test_fault_inject_net_tx_drop_every_second_frame(nics, loop):
+    a, b = nics
+    b.post_rx(8)
+    a.faults.inject(0, 0, "drop", every=2, direction="tx")
+    sent = frames(6)
+    assert len(a.send(*sent)) == 6                       # every transmit buffer returned
+    spin(loop)
+    assert b.received() == sent[0::2] and a.device.counters["tx_dropped"] == 3
+
+
+def test_fault_inject_net_rx_drop_with_a_seed_repeats(nics, loop):
+    a, b = nics
+    got = []
+    for _ in range(2):
+        b.post_rx(20)
+        b.faults.clear()
+        b.faults.inject(0, 0, "drop", probability=0.5, seed=3, direction="rx")
+        a.send(*frames(16))
+        spin(loop, 20)
+        got.append(b.received())
+    assert got[0] == got[1] and 3 < len(got[0]) < 13
+
+
+def test_fault_inject_net_corrupt_sends_a_changed_copy(nics, loop):
+    a, b = nics
+    b.post_rx(4)
+    a.faults.inject(0, 0, "corrupt", count=1)
+    sent = frames(2)
+    a.send(*sent)
+    spin(loop)
+    first, second = b.received()
+    assert second == sent[1] and first != sent[0] and first[:14] == sent[0][:14]
+    assert sum(x != y for x, y in zip(first, sent[0])) == 1
+
+
+def test_fault_inject_net_delay_sends_later(nics, loop):
+    a, b = nics
+    b.post_rx(4)
+    a.faults.inject(0, 0, "delay", ms=100, count=1)
+    sent = frames(2)
+    start = time.monotonic()
+    a.send(*sent)
+    spin(loop)
+    got = b.received()
+    assert got == [sent[1]]
+    while time.monotonic() - start < 5 and len(got) < 2:
+        loop.run_once(0.05)
+        got += b.received()
+    assert got == [sent[1], sent[0]] and time.monotonic() - start >= 0.1
