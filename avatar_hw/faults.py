@@ -147,7 +147,7 @@ class FaultPlan:
         self.loop = loop
         self.faults = []
         self.stalled_until = 0.0
-        self._resume = None
+        self._resume = {}               # outputs held by a stall (ordered, each once)
 
     def add(self, fault):
         self.faults.append(fault)
@@ -189,19 +189,21 @@ class FaultPlan:
         return True
 
     def output_stalled(self, resume):
-        """True while a stall holds the guest's output; ``resume()`` is called when it ends."""
+        """True while a stall holds the guest's output; ``resume()`` (one per console port)
+        is called when it ends."""
         left = self.stalled_until - time.monotonic()
         if left <= 0:
             return False
-        if self._resume is None:
-            self._resume = resume
-
-            def end():
-                callback, self._resume = self._resume, None
-                if callback is not None:          # None: cleared meanwhile (resumed then)
-                    callback()
-            self.loop.call_later(left, end)
+        if not self._resume:
+            self.loop.call_later(left, self.end_stall)
+        self._resume[resume] = None
         return True
+
+    def end_stall(self):
+        """Resume every output the stall held (at its end, or when cleared)."""
+        callbacks, self._resume = list(self._resume), {}
+        for callback in callbacks:
+            callback()
 
     def frame(self, direction):
         """``None`` or the net fault this frame meets (``drop``, ``corrupt``, ``delay``)."""
@@ -240,9 +242,8 @@ class FaultInjector:
             plan = self.plans.pop(key)
             cleared += len(plan.faults)
             self.subsystem.device(*key).context.faults = None
-            if plan._resume is not None:
-                callback, plan._resume = plan._resume, None
-                plan.loop.call_later(0, callback)
+            if plan._resume:
+                plan.loop.call_later(0, plan.end_stall)
         return cleared
 
     def describe(self):

@@ -260,3 +260,30 @@ def test_fault_inject_net_delay_sends_later(nics, loop):
         loop.run_once(0.05)
         got += b.received()
     assert got == [sent[1], sent[0]] and time.monotonic() - start >= 0.1
+
+
+# -- console --------------------------------------------------------------------------------------
+
+from test_console import Console  # noqa: E402
+
+
+@pytest.mark.parametrize("clear", [False, True])
+def test_fault_inject_console_stall_holds_output_then_delivers_all(tmp_path, loop, clear):
+    con = Console(tmp_path, loop)
+    try:
+        faults = FaultInjector(con.bench.subsystem, loop)
+        _rx, tx = con.driver.init([0, 1])
+        faults.inject(0, 0, "stall", seconds=0.3)
+        start = time.monotonic()
+        tx.post(readable=[b"held "])
+        tx.notify()
+        tx.post(readable=[b"output\n"])
+        tx.notify()
+        assert con.recv(0.1) == b"" and tx.get_used() == []     # nothing moves, nothing lost
+        if clear:
+            assert faults.clear() == 1
+        out = con.recv(2.0)
+        assert out == b"held output\n" and len(tx.get_used()) == 2
+        assert (time.monotonic() - start < 0.3) == clear
+    finally:
+        con.close()
