@@ -86,7 +86,7 @@ FAULTS = {
     "stall": (("console",), (Option("seconds", float, 1.0, "seconds, more than 0 and at "
                                     "most 600", lambda v: 0 < v <= 600),)),
     "drop": (("net",), _PICK + (_AFTER, _COUNT)),
-    "corrupt": (("net",), _PICK[:3] + (_AFTER, _COUNT)),
+    "corrupt": (("net",), _PICK + (_AFTER, _COUNT)),
     "delay": (("net",), _PICK[:3] + (Option("ms", float, 100.0, "milliseconds, 0 to 60000",
                                             lambda v: 0 <= v <= 60000), _AFTER, _COUNT)),
 }
@@ -208,7 +208,7 @@ class FaultPlan:
     def frame(self, direction):
         """``None`` or the net fault this frame meets (``drop``, ``corrupt``, ``delay``)."""
         return self._first(("drop", "corrupt", "delay"), lambda f: f.options.get(
-            "direction", "tx") in (direction, "both") if f.name == "drop" else direction == "tx")
+            "direction", "tx") in (direction, "both"))
 
     def describe(self):
         return [fault.describe() for fault in self.faults]

@@ -237,13 +237,25 @@ def test_fault_inject_net_rx_drop_with_a_seed_repeats(nics, loop):
 def test_fault_inject_net_corrupt_sends_a_changed_copy(nics, loop):
     a, b = nics
     b.post_rx(4)
-    a.faults.inject(0, 0, "corrupt", count=1)
+    a.faults.inject(0, 0, "corrupt", count=1, direction="tx")
     sent = frames(2)
     a.send(*sent)
     spin(loop)
     first, second = b.received()
     assert second == sent[1] and first != sent[0] and first[:14] == sent[0][:14]
     assert sum(x != y for x, y in zip(first, sent[0])) == 1
+
+
+def test_fault_inject_net_rx_corrupt_changes_one_byte_in_the_guests_buffer(nics, loop):
+    a, b = nics
+    b.post_rx(4)
+    b.faults.inject(0, 0, "corrupt", direction="rx", every=2)
+    sent = frames(2)
+    a.send(*sent)
+    spin(loop)
+    first, second = b.received()
+    assert first == sent[0] and second[:14] == sent[1][:14]
+    assert sum(x != y for x, y in zip(second, sent[1])) == 1
 
 
 def test_fault_inject_net_delay_sends_later(nics, loop):

@@ -21,7 +21,7 @@ OPTIONS = (("--sectors", "FIRST-LAST: inclusive sector range (ioerr, torn)"),
            ("--probability", "fire on a frame with this probability (drop, corrupt, delay)"),
            ("--every", "fire on every Nth frame (drop, corrupt, delay)"),
            ("--seed", "the RNG seed of --probability (default 0)"),
-           ("--direction", "tx, rx or both (drop)"))
+           ("--direction", "tx, rx or both (drop, corrupt; default both)"))
 
 
 def run(args):

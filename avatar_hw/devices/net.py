@@ -258,12 +258,21 @@ class NetDevice(VirtioDevice):
         if not (self.link_up and self.backend.send([memoryview(frame)], len(frame))):
             self.counters["tx_dropped"] += 1
 
-    def _rx_dropped(self):
-        """True when an injected ``drop`` fault takes the frame just read."""
-        faults = self.context.faults
-        if faults is not None and faults.frame("rx") is not None:
+    def _rx_fault(self, views, length):
+        """True when an injected fault (avatar_hw.faults) drops the frame just read into
+        ``views``; a ``corrupt`` fault inverts one of its bytes past the Ethernet header."""
+        fault = self.context.faults.frame("rx")
+        if fault is None:
+            return False
+        if fault.name == "drop":
             self.counters["rx_dropped"] += 1
             return True
+        at = fault.rng.randrange(ETH_HLEN, length)
+        for view in views:
+            if at < len(view):
+                view[at] ^= 0xFF
+                break
+            at -= len(view)
         return False
 
     # -- receive ----------------------------------------------------------------------------------
@@ -282,7 +291,7 @@ class NetDevice(VirtioDevice):
             if length is None:
                 return False
             if length <= self.max_frame:
-                if not self._rx_dropped():
+                if self.context.faults is None or not self._rx_fault(views, length):
                     self._fill(length)
                 return True
         else:
@@ -291,7 +300,7 @@ class NetDevice(VirtioDevice):
             if length is None:
                 return False
             if slot is not None and length <= self.max_frame:
-                if self._rx_dropped():
+                if self.context.faults is not None and self._rx_fault([slot], length):
                     return True
                 self._rx_pending.push(length)
                 self._drain_rx_pending()     # held buffers may fit this frame, if not any
