@@ -26,6 +26,7 @@ COMMANDS = [
     "avatar_hw.commands.query",     # list, info, debug
     "avatar_hw.commands.balloon",   # balloon
     "avatar_hw.commands.screenshot",  # screenshot
+    "avatar_hw.commands.inject",    # inject
     "avatar_hw.terminal",     # console
     "avatar_hw.emulated.demo",  # demo
 ]

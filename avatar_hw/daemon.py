@@ -51,6 +51,7 @@ from .config import Config, load_config
 from .control import ControlServer, default_control_path
 from .doorbell import FifoDoorbell, UioDoorbell
 from .errors import AvatarError
+from .faults import FaultInjector
 from .hw.uio import find_uio
 from .interrupts import BoardInterruptLine, StubInterruptLine
 from .layout import address
@@ -106,6 +107,8 @@ class Daemon:
         self.regions = []
         self.trap_region = self.trap = self.subsystem = self.control = None
         self.started = None
+        self.faults = None
+        self.paused_until = 0.0         # pause(): no trap served before this monotonic time
         self._running = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -152,6 +155,7 @@ class Daemon:
             for device in vm.devices:
                 self.subsystem.create_device(vm_id, self.config.build_device(device))
         self._configure_board_spis(line)
+        self.faults = FaultInjector(self.subsystem, self.loop)
         self.control = ControlServer(self.control_path or default_control_path(), self)
         self.control.attach(self.loop)
         self.trap.take_lock()               # before the drop: --user need not open the node
@@ -224,9 +228,25 @@ class Daemon:
         events."""
         if self.trap is None:
             return
+        if self.paused_until:
+            left = self.paused_until - time.monotonic()
+            if left > 0:
+                return
+            self.paused_until = 0.0
         self.trap.serve_until_idle(self.subsystem.dispatch)
         if self.trap.stopped_at_budget:
             self.loop.call_later(0, self._serve_until_idle)
+
+    def pause(self, seconds):
+        """Serve no trap for ``seconds`` (an injected fault: the guest's vCPUs wait on
+        their register accesses meanwhile); then serve what was posted."""
+        self.paused_until = time.monotonic() + seconds
+        self.loop.call_later(seconds, self._end_pause)
+
+    def _end_pause(self):
+        if self.paused_until and self.paused_until <= time.monotonic():
+            self.paused_until = 0.0
+            self._serve_until_idle()
 
     def _on_wake(self):
         try:
@@ -268,7 +288,8 @@ class Daemon:
         dispatch, serve_until_idle = self.subsystem.dispatch, self.trap.serve_until_idle
         while self._running:
             self.loop.run_once(0)
-            serve_until_idle(dispatch)
+            if not self.paused_until:
+                serve_until_idle(dispatch)
 
     def _log_endpoints(self):
         """Where to reach it: the control socket and every console port's endpoints."""

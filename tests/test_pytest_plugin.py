@@ -402,3 +402,26 @@ def test_a_bench_resets_with_its_command_or_says_how(daemon, tmp_path):
     props = bench.properties()
     assert props["avatar_board"] == "qemu-virt" or props["avatar_board"]
     assert props["avatar_target"] == "hw" and "avatar_kernel" not in props
+
+
+FAULT_TESTS = """
+import pytest
+from avatar_hw import control
+
+pytestmark = pytest.mark.hw
+
+def test_arms(avatar_board):
+    armed = avatar_board.inject(vm=0, device="console", fault="irq-drop", count=3)
+    assert armed["fault"] == "irq-drop" and armed["options"]["count"] == 3
+    assert control.request("faults", avatar_board.control_path)[0]["faults"]
+
+def test_finds_none_armed(avatar_board):
+    assert control.request("faults", avatar_board.control_path) == []
+"""
+
+
+def test_fault_inject_through_the_plugin_is_cleared_at_the_tests_end(pytester, daemon):
+    pytester.makepyfile(FAULT_TESTS)
+    result = pytester.runpytest(f"--avatar-board={daemon.board_file}",
+                                f"--avatar-control={daemon.control}")
+    result.assert_outcomes(passed=2)

@@ -30,6 +30,8 @@ Fixtures:
 - ``avatar_vsock``: ``avatar_vsock(port, vm=0, timeout=30)`` is a connected stream socket
   to guest ``port`` through the VM's vsock device (waits until the guest listens; closed
   after the test);
+- ``avatar_board.inject(vm=0, device="block", fault="ioerr", sectors="0-7", ...)``: a fault
+  armed for the running test (docs/testing.md, "Fault injection"), cleared at its end;
 - ``avatar_reset``: ``avatar_reset(vm=0)`` starts that VM's guest again (the emulated
   board: QEMU and the daemon restart, the disk is kept; a bench: ``--avatar-reset-command``)
   and waits until its shell answers on every console the test holds.
@@ -261,6 +263,9 @@ def pytest_runtest_setup(item):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item):
+    board = getattr(item, "funcargs", {}).get("avatar_board")
+    if board is not None and board.faults_armed:
+        board.clear_faults()                        # faults never outlive their test
     yield
     item.config.stash[_STATE].end_test(item)
 

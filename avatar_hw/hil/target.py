@@ -113,6 +113,25 @@ class Target:
     def reset(self, vm=0):
         raise AvatarError(f"this target cannot reset VM {vm}")
 
+    faults_armed = False
+
+    def inject(self, vm=0, device=None, fault=None, **options):
+        """Arm ``fault`` (avatar_hw.faults: ``ioerr``, ``torn``, ``irq-drop``, ...) with its
+        ``options`` on VM ``vm``'s ``device``; the pytest plugin clears it at the test's end.
+        ``fault="pause", seconds=S``: the daemon serves no trap for S seconds."""
+        self.faults_armed = True
+        if fault == "pause":
+            return control.request("pause", self.control_path, option=self.control_option,
+                                   **options)
+        return control.request("inject", self.control_path, option=self.control_option,
+                               vm=vm, device=device, fault=fault, options=options)
+
+    def clear_faults(self):
+        """Disarm every injected fault; how many there were."""
+        self.faults_armed = False
+        return control.request("clear", self.control_path,
+                               option=self.control_option)["cleared"]
+
     kernel = None               # the guest kernel's release, once known
 
     def properties(self):
