@@ -142,7 +142,8 @@ class Daemon:
             line = INTERRUPT_LINES[board.interrupts](self)
         elif callable(line) and not hasattr(line, "raise_intid"):
             line = line(self.trap_region)
-        self.subsystem = Subsystem(board.layout, interrupt_line=line, loop=self.loop)
+        self.subsystem = Subsystem(board.layout, interrupt_line=line, loop=self.loop,
+                                   before_interrupt=self._serve_posted_writes)
         if self.trace:
             self.trap.trace = TrapTracer(board.layout, self.subsystem)
         for vm_id, vm in self.config.vms.items():
@@ -217,6 +218,9 @@ class Daemon:
     def _on_doorbell(self):
         self.doorbell.ack()
         self._serve_until_idle()
+
+    def _serve_posted_writes(self):
+        self.trap.serve_posted_writes(self.subsystem.dispatch)
 
     def _serve_until_idle(self):
         """Serve posted traps; when the budget stopped it, again after the loop's other

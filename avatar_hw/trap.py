@@ -46,7 +46,7 @@ class TrapStats:
         self.served = 0
         self.unhandled = 0
         self.malformed = 0
-        self.posted_writes = 0
+        self.posted_writes = 0      # of ``served``: the guest did not wait for these
         self.handler_errors = 0
 
     def as_dict(self):
@@ -83,6 +83,7 @@ class TrapPage:
         self.lock_path = lock
         self._lock_fd = None
         self.stopped_at_budget = False
+        self._in_service = 0            # bit i: slot i is being completed (re-entrancy guard)
         # The window decoding, made once: window number -> owning VM (None: no device slot
         # there) and -> base address; a trap is decoded with one subtraction and one division.
         self._layout_base, self._device_size = layout.base, layout.device_size
@@ -234,8 +235,37 @@ class TrapPage:
                 served += 1
         return served
 
+    def serve_posted_writes(self, dispatch):
+        """Serve every posted write now; returns how many.
+
+        The model calls this before it sets an InterruptStatus bit
+        (``Subsystem(before_interrupt=...)``), so that a posted InterruptACK
+        the guest wrote before it looked at the used ring never clears a bit
+        set for a buffer the guest has not seen (docs/trap-abi.md, section 7).
+        The full fence orders the device's used-ring writes before the slot
+        loads; a slot being completed further up the stack is skipped.
+        """
+        if not self.features & abi.F_POSTED_WRITES:
+            return 0
+        ordering.fence()
+        load = ordering.load_acquire32
+        served = 0
+        for index, addr in enumerate(self._state_addrs):
+            if (load(addr) == abi.SLOT_POSTED and not self._in_service >> index & 1
+                    and self.slots[index].flags & abi.SLOT_F_POSTED_WRITE):
+                self.complete_slot(index, addr, dispatch)
+                served += 1
+        return served
+
     def complete_slot(self, index, state_addr, dispatch):
         """Decode slot ``index``, ``dispatch`` it, write the answer and publish it."""
+        self._in_service |= 1 << index
+        try:
+            self._complete_slot(index, state_addr, dispatch)
+        finally:
+            self._in_service &= ~(1 << index)
+
+    def _complete_slot(self, index, state_addr, dispatch):
         start = time.perf_counter_ns() if self.trace is not None else 0
         slot = self.slots[index]
         is_write = slot.direction == abi.DIR_WRITE

@@ -240,7 +240,7 @@ class GuestStream:
 
     def __init__(self, stub, chunk=1000):
         self.stub = stub
-        self.driver = stub.driver(0, posted_notify=True, timeout=3)
+        self.driver = stub.driver(0, posted_writes=True, timeout=3)
         self.rx, self.tx = self.driver.init([0, 1])
         self.chunk = chunk
         self.sent = 0

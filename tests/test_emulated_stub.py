@@ -43,7 +43,11 @@ EXPECTED_WRITES = [
     (0x204, 4, 48),                    # the guest acknowledged INTID 48
     (0x208, 4, 1),                     # again
     (0x204, 4, 48),
+    (0x50, 4, 7),                      # QueueNotify, posted
+    (0x64, 4, 9),                      # InterruptACK, posted
+    (0x150, 4, 16),                    # the read after them saw both (section 7's ordering)
 ]
+POSTED = {WINDOW + 0x50, WINDOW + 0x64}
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +77,8 @@ def test_probe_accesses_round_trip_through_the_trap_page(probe, busy_poll):
         def handler(window, offset, value, is_write, size):
             addr = mm.LAYOUT.base + window * mm.LAYOUT.device_size + offset
             if not is_write:
+                if addr == WINDOW + 0x60:
+                    return True, sum(v for (o, _, v) in writes if WINDOW + o in POSTED)
                 return (True, READS[addr]) if addr in READS else (False, 0)
             writes.append((addr - WINDOW, size, value))
             if addr == WINDOW + 0x200:
@@ -89,7 +95,8 @@ def test_probe_accesses_round_trip_through_the_trap_page(probe, busy_poll):
             trap.serve_until_idle(handler)
         assert machine.wait(5) == 0, machine.uart.lines
         assert writes == EXPECTED_WRITES
-        assert trap.header.stub_features == abi.F_VIRQ_REQUEST
+        assert trap.header.stub_features == abi.F_VIRQ_REQUEST | abi.F_POSTED_WRITES
+        assert trap.stats.posted_writes == 2
         # QEMU may exit before the UART reader thread has read its last lines (under load
         # it often does): wait for them, up to the reader's end of file.
         assert machine.uart.wait_for_line("no syndrome (ISV=0", 10), machine.uart.lines

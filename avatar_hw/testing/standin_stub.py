@@ -22,7 +22,11 @@ from pathlib import Path
 from .. import abi
 from ..hw import ordering
 from ..hw.region import Region
-from ..virtio.constants import REG_QUEUE_NOTIFY
+from ..virtio.constants import REG_INTERRUPT_ACK, REG_QUEUE_NOTIFY
+
+
+# The writes the emulated board's stub posts (boards/emulated/trap.c; docs/trap-abi.md section 7).
+POSTED_REGISTERS = (REG_QUEUE_NOTIFY, REG_INTERRUPT_ACK)
 
 
 class TrapTimeout(Exception):
@@ -164,17 +168,19 @@ class StubPage:
             time.sleep(0.0001)
         return True
 
-    def mmio(self, vm_id, vcpu=0, *, posted_notify=False, timeout=10.0):
+    def mmio(self, vm_id, vcpu=0, *, posted_writes=False, timeout=10.0):
         """A ``handle_mmio_trap``-compatible callable that traps through this page.
 
         The stub's policy for UNHANDLED (and for a detached model) is
         read-as-zero / write-ignored, so the callable returns ``(False, 0)``.
-        With ``posted_notify`` and the model's consent, QueueNotify writes are posted.
+        With ``posted_writes`` and the model's consent, writes of
+        ``POSTED_REGISTERS`` are posted, as the emulated board's stub does; the
+        vCPU's next access waits until the model freed the slot (``begin``).
         """
         def handle_mmio_trap(addr, value, is_write, size):
-            posted = (posted_notify and is_write
+            posted = (posted_writes and is_write
                       and self.header.model_features & abi.F_POSTED_WRITES
-                      and addr % 0x1000 == REG_QUEUE_NOTIFY)
+                      and addr % 0x1000 in POSTED_REGISTERS)
             status, data = self.post(vcpu, vm_id, addr, size, is_write, value,
                                      posted=bool(posted), timeout=timeout)
             return status == abi.STATUS_OK, data

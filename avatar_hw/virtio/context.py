@@ -37,11 +37,15 @@ class DeviceContext:
 
     ``interrupt_line.raise_intid(intid)`` interrupts the guest (None: no line,
     interrupts are only counted in ``counters["interrupts"]``). ``label`` names
-    the device in log lines (``vm0 console@irq48``).
+    the device in log lines (``vm0 console@irq48``). ``before_interrupt()``, if
+    given, runs before an InterruptStatus bit is set (the daemon serves the
+    guests' posted writes there: docs/trap-abi.md, section 7).
     """
 
-    def __init__(self, memory, *, interrupt_line, intid, legacy, counters, label):
+    def __init__(self, memory, *, interrupt_line, intid, legacy, counters, label,
+                 before_interrupt=None):
         self.memory = memory
+        self.before_interrupt = before_interrupt
         self.interrupt_line = interrupt_line
         self.intid = intid
         self.legacy = legacy
@@ -75,6 +79,8 @@ class DeviceContext:
 
     def interrupt(self, bits):
         """Set InterruptStatus ``bits``; the guest is interrupted when one was clear."""
+        if self.before_interrupt is not None:
+            self.before_interrupt()
         old = self.interrupt_status
         self.interrupt_status = old | bits
         if bits & ~old:

@@ -42,16 +42,18 @@ class Subsystem:
     guests (the GIC's board SPI on a board, the stub's request on the emulated
     board, a recorder in tests);
     ``loop`` (an ``EventLoop``) is handed to devices so they register their
-    backend fds.
+    backend fds. ``before_interrupt()`` runs before any device sets an
+    InterruptStatus bit (the daemon serves posted writes there).
     """
 
-    def __init__(self, layout=None, *, interrupt_line=None, loop=None):
+    def __init__(self, layout=None, *, interrupt_line=None, loop=None, before_interrupt=None):
         self.layout = layout or Layout()
         size = self.layout.device_size
         if size & (size - 1):
             raise ValueError(f"layout device_size 0x{size:x} is not a power of two")
         self._span = self.layout.window_count * size
         self.interrupt_line = interrupt_line
+        self.before_interrupt = before_interrupt
         self.loop = loop
         self.vms = {}            # vm_id -> GuestMemory
         self._devices = {}       # (vm_id, slot) -> MmioTransport
@@ -94,7 +96,8 @@ class Subsystem:
                              f"{self._devices[vm_id, slot].device.name}")
         window = self.layout.window(vm_id, slot)
         transport = MmioTransport(device, self.vms[vm_id], interrupt_line=self.interrupt_line,
-                                  intid=self.layout.intid(vm_id, slot), legacy=legacy)
+                                  intid=self.layout.intid(vm_id, slot), legacy=legacy,
+                                  before_interrupt=self.before_interrupt)
         transport.window = window
         self._devices[vm_id, slot] = transport
         self._by_window[self.layout.window_number(vm_id, slot)] = transport

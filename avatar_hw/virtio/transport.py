@@ -80,14 +80,16 @@ class MmioTransport(LegacyRegisters):
     (``device.bind``), never the transport itself.
     """
 
-    def __init__(self, device, memory, *, interrupt_line=None, intid=0, legacy=False):
+    def __init__(self, device, memory, *, interrupt_line=None, intid=0, legacy=False,
+                 before_interrupt=None):
         self.device = device
         self.memory = memory
         self.intid = intid
         self.legacy = legacy
         self.context = DeviceContext(memory, interrupt_line=interrupt_line, intid=intid,
                                      legacy=legacy, counters=device.counters,
-                                     label=f"vm{memory.vm_id} {device.name}@irq{intid}")
+                                     label=f"vm{memory.vm_id} {device.name}@irq{intid}",
+                                     before_interrupt=before_interrupt)
         self._prerequisites = LEGACY_STATUS_PREREQUISITES if legacy else STATUS_PREREQUISITES
         self._page_size = 4096
         self._queue_align = [4096] * len(device.queues)

@@ -22,6 +22,11 @@
  *                   store-release (FREE for a posted write).
  *   stub completes: load-acquire state == DONE, read data and status, then
  *                   state = FREE (store-release).
+ *   posted write:   the guest resumes at once; the model sets FREE after the
+ *                   write's effect; the vCPU's next access is posted only
+ *                   after the stub saw FREE (load-acquire), so it is served
+ *                   after the write. The model serves every posted write
+ *                   before it sets an InterruptStatus bit (section 7).
  *   model sleeps:   model_sleeping = 1, DMB ISH, re-scan every slot, then block.
  *   model detaches: answer every POSTED slot, then model_state = DETACHED
  *                   (store-release); it never touches a slot afterwards, so a

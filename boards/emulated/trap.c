@@ -3,7 +3,11 @@
  *
  * One vCPU, so one slot. A trapped access is posted (fields, then state =
  * POSTED with STLR, DMB, doorbell byte if the model sleeps), then the stub
- * spins with LDAR until DONE. Policies:
+ * spins with LDAR until DONE. Posted writes (AVT_F_POSTED_WRITES, when the
+ * model accepted it): QueueNotify and InterruptACK are posted with
+ * AVT_SLOT_F_POSTED_WRITE and the guest resumes at once; the model frees the
+ * slot, and the vCPU's next access waits for that FREE before it is posted,
+ * so the model serves the vCPU's accesses in program order. Policies:
  *   - no model attached (model_state != ATTACHED), or the model detaches
  *     while the slot is posted: the access completes UNHANDLED;
  *   - UNHANDLED reads as zero, writes are ignored (the caller applies it).
@@ -16,6 +20,11 @@ static volatile struct avt_header *hdr;
 static volatile struct avt_slot *slot;
 static u16 vm_id;
 static int detached_logged;
+
+/* The registers whose writes are posted (offsets in a 4 KiB device window). */
+#define REG_QUEUE_NOTIFY   0x050u
+#define REG_INTERRUPT_ACK  0x064u
+#define DEVICE_WINDOW_MASK 0xfffu
 
 void trap_init(const struct boot_params *bp)
 {
@@ -30,11 +39,11 @@ void trap_init(const struct boot_params *bp)
     hdr->slot_count = 1;
     hdr->slot_size = AVT_SLOT_SIZE;
     hdr->slots_offset = AVT_SLOTS_OFFSET;
-    hdr->stub_features = AVT_F_VIRQ_REQUEST;
+    hdr->stub_features = AVT_F_VIRQ_REQUEST | AVT_F_POSTED_WRITES;
     hdr->counter_hz = read_sysreg(cntfrq_el0);
     store_release32(&hdr->stub_state, AVT_STUB_READY);
     log_printf("trap page at 0x%lx ready (1 slot, features 0x%x)", bp->trap_page,
-               AVT_F_VIRQ_REQUEST);
+               hdr->stub_features);
 }
 
 static int model_attached(void)
@@ -52,8 +61,31 @@ int trap_wait_model(u32 ms)
     return 1;
 }
 
+/*
+ * Wait until the slot is FREE: it is POSTED only while the model has not yet
+ * served this vCPU's last posted write. A model that detaches meanwhile
+ * never will (it answered everything posted before DETACHED): withdraw it.
+ */
+static void wait_posted_write_served(void)
+{
+    while (load_acquire32(&slot->state) != AVT_SLOT_FREE) {
+        if (!model_attached()) {
+            store_release32(&slot->state, AVT_SLOT_FREE);
+            return;
+        }
+    }
+}
+
+static int postable(u64 gpa, int is_write)
+{
+    u64 reg = gpa & DEVICE_WINDOW_MASK;
+    return is_write && (hdr->model_features & AVT_F_POSTED_WRITES) &&
+           (reg == REG_QUEUE_NOTIFY || reg == REG_INTERRUPT_ACK);
+}
+
 u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
 {
+    wait_posted_write_served();
     if (!model_attached()) {
         if (!detached_logged)
             log_printf("no device model attached: access to 0x%lx reads as zero / is ignored", gpa);
@@ -61,13 +93,14 @@ u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
         return AVT_STATUS_UNHANDLED;
     }
     detached_logged = 0;
+    int posted = postable(gpa, is_write);
     slot->seq = slot->seq + 1;
     slot->gpa = gpa;
     slot->data = is_write ? *value : 0;
     slot->size = (u8)size;
     slot->direction = is_write ? AVT_DIR_WRITE : AVT_DIR_READ;
     slot->status = AVT_STATUS_OK;
-    slot->flags = 0;
+    slot->flags = posted ? AVT_SLOT_F_POSTED_WRITE : 0;
     slot->vm_id = vm_id;
     slot->vcpu_id = 0;
     slot->t_post = counter();
@@ -75,6 +108,8 @@ u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
     dmb_ish();
     if (hdr->model_sleeping)
         doorbell_ring_host();
+    if (posted)
+        return AVT_STATUS_OK;        /* the model frees the slot (section 7) */
     while (load_acquire32(&slot->state) != AVT_SLOT_DONE) {
         if (!model_attached()) {
             log_printf("device model detached during the access to 0x%lx", gpa);
