@@ -159,6 +159,7 @@ class Daemon:
             drop_privileges(self.user, [self.control.path])
         self.trap.wait_ready(self.wait_stub)
         self.trap.attach(wanted=self._wanted_features(), busy_poll=self.busy_poll)
+        self.subsystem.attach_shadows(self.trap.shadows)
         if self.doorbell is not None and not self.busy_poll:
             self.loop.add_reader(self.doorbell, self._on_doorbell)
         self.loop.add_reader(self._wake_r, self._on_wake)
@@ -317,6 +318,8 @@ class Daemon:
         if self.trap is not None and self.trap.slots and self.subsystem is not None:
             if self.trap.header.model_pid == os.getpid():
                 self.trap.detach(self.subsystem.dispatch)
+        if self.subsystem is not None:
+            self.subsystem.attach_shadows(None)
         if self.trap is not None:
             self.trap.release_lock()
         if self.subsystem is not None:
@@ -350,7 +353,9 @@ class Daemon:
         """What ``avatar-hw info --json`` shows."""
         vms = []
         for vm_id, memory in self.subsystem.vms.items():
-            devices = [{**entry, **self.debug_device(vm_id, entry["slot"])}
+            devices = [{**entry, **self.debug_device(vm_id, entry["slot"]),
+                        **self.trap.window_counters(
+                            self.board.layout.window_number(vm_id, entry["slot"]))}
                        for entry in self.subsystem.device_info() if entry["vm"] == vm_id]
             vms.append({"vm": vm_id, "ram": {"base": address(memory.base), "size": memory.size},
                         "window": [address(a) for a in self.board.layout.vm_window(vm_id)],

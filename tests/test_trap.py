@@ -333,7 +333,7 @@ def test_not_ready_bad_magic_and_major_are_refused_with_one_line():
     StubPage(region).initialise(1, magic=0x12345678)
     with pytest.raises(abi.AbiMismatch, match="magic 0x12345678"):
         TrapPage(region, LAYOUT).wait_ready(0)
-    StubPage(region).initialise(1, major=2)
+    StubPage(region).initialise(1, major=2, minor=0)
     with pytest.raises(abi.AbiMismatch, match="trap ABI 2.0") as err:
         TrapPage(region, LAYOUT).wait_ready(0)
     assert "\n" not in str(err.value)

@@ -27,6 +27,7 @@ import logging
 import sys
 
 from ..layout import Layout
+from .constants import REG_QUEUE_NOTIFY
 from .transport import MmioTransport
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Subsystem:
         self._span = self.layout.window_count * size
         self.interrupt_line = interrupt_line
         self.before_interrupt = before_interrupt
+        self.shadows = None      # avatar_hw.shadow.RegisterShadows, once the trap page has them
         self.loop = loop
         self.vms = {}            # vm_id -> GuestMemory
         self._devices = {}       # (vm_id, slot) -> MmioTransport
@@ -99,8 +101,11 @@ class Subsystem:
                                   intid=self.layout.intid(vm_id, slot), legacy=legacy,
                                   before_interrupt=self.before_interrupt)
         transport.window = window
+        number = self.layout.window_number(vm_id, slot)
         self._devices[vm_id, slot] = transport
-        self._by_window[self.layout.window_number(vm_id, slot)] = transport
+        self._by_window[number] = transport
+        transport.context.registers_changed = lambda: self.publish(number)
+        self.publish(number)
         if self.loop is not None:
             device.attach(self.loop)
         log.info("vm%d slot %d: %s at 0x%x, INTID %d", vm_id, slot, device.name, window,
@@ -109,7 +114,10 @@ class Subsystem:
 
     def destroy_device(self, vm_id, slot):
         transport = self._devices.pop((vm_id, slot))
-        self._by_window[self.layout.window_number(vm_id, slot)] = None
+        number = self.layout.window_number(vm_id, slot)
+        self._by_window[number] = None
+        if self.shadows is not None:
+            self.shadows.clear(number)
         transport.device.detach()
 
     def configure_vm(self, vm_id, console=None, block=None, net=None):
@@ -151,6 +159,23 @@ class Subsystem:
         for memory in self.vms.values():
             memory.release()
 
+    # -- register shadows (docs/trap-abi.md section 14) ------------------------------------
+
+    def attach_shadows(self, shadows):
+        """Keep ``shadows`` (``RegisterShadows``, None: none) current from now on."""
+        self.shadows = shadows
+        for number, transport in enumerate(self._by_window):
+            if transport is not None:
+                self.publish(number)
+
+    def publish(self, window):
+        """Republish window number ``window``'s register shadow, if there are shadows."""
+        if self.shadows is not None:
+            self.shadows.publish(window, self._by_window[window])
+
+    def shadow_hits(self, window):
+        return self.shadows.hits(window) if self.shadows is not None else 0
+
     # -- the trap path -----------------------------------------------------------------------
 
     def handle_mmio_trap(self, addr, value, is_write, size):
@@ -175,6 +200,8 @@ class Subsystem:
         try:
             if is_write:
                 transport.write(offset, size, value)
+                if self.shadows is not None and offset != REG_QUEUE_NOTIFY:
+                    self.shadows.publish(window, transport)
                 return _WRITE_DONE
             return True, transport.read(offset, size)
         except Exception as err:     # a device bug must not take the daemon down

@@ -95,6 +95,7 @@ class MmioTransport(LegacyRegisters):
         self._queue_align = [4096] * len(device.queues)
         self._queue_was_reset = [False] * len(device.queues)
         self._reads, self._writes = _dispatch_tables(legacy)
+        self.shadowed_registers = tuple(r for r in _SHADOWED if r in self._reads)
         self._clear_registers()
         device.bind(self.context)
 
@@ -414,6 +415,13 @@ class MmioTransport(LegacyRegisters):
         if self._config_range_ok(offset, size, "write"):
             data = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
             self.device.write_config(offset, data)
+
+
+# The registers a register shadow page mirrors (avatar_hw.shadow): read without side
+# effects, changed only by the model (on a write the guest made, or through the context).
+_SHADOWED = (c.REG_MAGIC_VALUE, c.REG_VERSION, c.REG_DEVICE_ID, c.REG_VENDOR_ID,
+             c.REG_DEVICE_FEATURES, c.REG_QUEUE_NUM_MAX, c.REG_QUEUE_READY,
+             c.REG_INTERRUPT_STATUS, c.REG_STATUS, c.REG_CONFIG_GENERATION)
 
 
 @functools.cache

@@ -11,6 +11,9 @@
  *   - no model attached (model_state != ATTACHED), or the model detaches
  *     while the slot is posted: the access completes UNHANDLED;
  *   - UNHANDLED reads as zero, writes are ignored (the caller applies it).
+ * Register shadows (AVT_F_REGISTER_SHADOW): a read of a register the model
+ * keeps in the window's shadow page is answered here, with no round trip,
+ * once the vCPU's posted write is served (the seqlock of avatar_trap.h).
  * virq_pending (AVT_F_VIRQ_REQUEST) is taken with an atomic exchange per word
  * on every exception the stub handles.
  */
@@ -20,6 +23,9 @@ static volatile struct avt_header *hdr;
 static volatile struct avt_slot *slot;
 static u16 vm_id;
 static int detached_logged;
+static volatile struct avt_shadow *shadows;
+static u64 window_base;
+static u32 first_window;        /* window number (the layout's) of this VM's first window */
 
 /* The registers whose writes are posted (offsets in a 4 KiB device window). */
 #define REG_QUEUE_NOTIFY   0x050u
@@ -33,13 +39,20 @@ void trap_init(const struct boot_params *bp)
     vm_id = (u16)bp->vm_id;
     for (u32 i = 0; i < sizeof(struct avt_slot) / 8; i++)
         ((volatile u64 *)slot)[i] = 0;
+    shadows = (volatile struct avt_shadow *)(bp->trap_page + SHADOW_OFFSET);
+    for (u64 i = 0; i < SHADOW_COUNT * AVT_SHADOW_PAGE_SIZE / 8; i++)
+        ((volatile u64 *)shadows)[i] = 0;
+    window_base = bp->window_base;
+    first_window = (u32)(bp->vm_id * (bp->window_size / AVT_SHADOW_PAGE_SIZE));
+    hdr->shadow_offset = SHADOW_OFFSET;
+    hdr->shadow_count = SHADOW_COUNT;
     hdr->magic = AVT_MAGIC;
     hdr->abi_major = AVT_ABI_MAJOR;
     hdr->abi_minor = AVT_ABI_MINOR;
     hdr->slot_count = 1;
     hdr->slot_size = AVT_SLOT_SIZE;
     hdr->slots_offset = AVT_SLOTS_OFFSET;
-    hdr->stub_features = AVT_F_VIRQ_REQUEST | AVT_F_POSTED_WRITES;
+    hdr->stub_features = AVT_F_VIRQ_REQUEST | AVT_F_POSTED_WRITES | AVT_F_REGISTER_SHADOW;
     hdr->counter_hz = read_sysreg(cntfrq_el0);
     store_release32(&hdr->stub_state, AVT_STUB_READY);
     log_printf("trap page at 0x%lx ready (1 slot, features 0x%x)", bp->trap_page,
@@ -83,6 +96,33 @@ static int postable(u64 gpa, int is_write)
            (reg == REG_QUEUE_NOTIFY || reg == REG_INTERRUPT_ACK);
 }
 
+/* A read answered from the window's shadow page: 1 (and *value), or 0: trap it. */
+static int shadow_read(u64 gpa, u32 size, u64 *value)
+{
+    if (!(hdr->model_features & AVT_F_REGISTER_SHADOW))
+        return 0;
+    u64 rel = gpa - window_base;
+    u32 window = first_window + (u32)(rel / AVT_SHADOW_PAGE_SIZE);
+    u32 off = (u32)(rel % AVT_SHADOW_PAGE_SIZE);
+    if (window >= SHADOW_COUNT || off >= AVT_SHADOW_IMAGE_SIZE || (off & (size - 1)))
+        return 0;
+    if (size != 4 && (off < 0x100 || size > 2))    /* registers: 32-bit reads only */
+        return 0;
+    volatile struct avt_shadow *page = &shadows[window];
+    u32 seq = load_acquire32(&page->seq);
+    u32 word = off / 4;
+    if ((seq & 1) || !((page->valid[word / 32] >> (word % 32)) & 1))
+        return 0;
+    u64 v = size == 4 ? *(volatile u32 *)&page->image[off]
+          : size == 2 ? *(volatile u16 *)&page->image[off] : page->image[off];
+    dmb_ishld();                  /* the value before the second read of seq */
+    if (page->seq != seq)
+        return 0;
+    page->hits = page->hits + 1;
+    *value = v;
+    return 1;
+}
+
 u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
 {
     wait_posted_write_served();
@@ -93,6 +133,8 @@ u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
         return AVT_STATUS_UNHANDLED;
     }
     detached_logged = 0;
+    if (!is_write && shadow_read(gpa, size, value))
+        return AVT_STATUS_OK;
     int posted = postable(gpa, is_write);
     slot->seq = slot->seq + 1;
     slot->gpa = gpa;
