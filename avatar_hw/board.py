@@ -52,7 +52,9 @@ DEFAULT_PRIORITY = 0xA0       # Linux's own default (GICD_INT_DEF_PRI); GIC-400 
 class RegionSpec:
     """How to reach a region: UIO device ``uio`` map ``map``, or ``size`` bytes of ``file``.
 
-    ``uio`` and ``file`` may contain ``{vm}``, replaced by the VM number.
+    ``uio`` and ``file`` may contain ``{vm}``, replaced by the VM number; or VM n's
+    part of one ``file`` lies at ``offset + n * vm_stride`` (the emulated board:
+    every VM's RAM in QEMU's one RAM file).
     """
 
     uio: str | None = None
@@ -60,15 +62,23 @@ class RegionSpec:
     file: str | None = None
     offset: int = 0
     size: int | None = None
+    vm_stride: int = 0
+
+    @property
+    def per_vm(self):
+        return "{vm}" in self.template or self.vm_stride != 0
 
     @property
     def template(self):
         return self.uio if self.uio is not None else self.file
 
     def name_for(self, vm=None):
-        if "{vm}" in self.template and vm is None:
+        if self.per_vm and vm is None:
             raise ValueError(f"region {self.template} is per VM: give vm")
         return self.template.format(vm=vm)
+
+    def offset_for(self, vm=None):
+        return self.offset + (vm or 0) * self.vm_stride
 
 
 @dataclass(frozen=True)
@@ -132,14 +142,15 @@ class Board:
         name = spec.name_for(vm)
         if spec.uio is not None:
             return find_uio(name, sysfs_root=sysfs_root, dev_root=dev_root).map(spec.map)
+        offset = spec.offset_for(vm)
         try:
-            return Region.map_file(name, spec.size, offset=spec.offset)
+            return Region.map_file(name, spec.size, offset=offset)
         except FileNotFoundError:
             raise DeviceNotFound(f"{name}: no such file (a region of board file {self.path}); "
                                  "is the emulated board running?") from None
         except (OSError, ValueError) as err:
             raise AvatarError(f"{name}: cannot map 0x{spec.size:x} bytes at offset "
-                              f"0x{spec.offset:x} (board file {self.path}): {err}") from None
+                              f"0x{offset:x} (board file {self.path}): {err}") from None
 
     def open_gic(self, *, sysfs_root="/sys", dev_root="/dev"):
         """The GIC driver over the mapped ``[gic] region``; its ``regs`` is that Region."""
@@ -197,14 +208,18 @@ def _region(table, key, per_vm):
     else:
         path = Path(spec.get("file", str))
         region = RegionSpec(file=str(Path(spec.file).parent / path),  # relative to the board file
-                            offset=spec.number("offset", 0), size=spec.number("size", minimum=1))
+                            offset=spec.number("offset", 0), size=spec.number("size", minimum=1),
+                            vm_stride=spec.number("vm_stride", 0))
     spec.done()
     fields = {f for _, f, _, _ in string.Formatter().parse(region.template) if f is not None}
     if not fields <= {"vm"}:
         raise spec.error("uio" if region.uio else "file",
                          f"{region.template!r}: the only placeholder allowed is {{vm}}")
-    if per_vm != ("vm" in fields):
-        problem = ("each VM has its own: put {vm} in the name" if per_vm
+    if region.vm_stride and ("vm" in fields or not per_vm):
+        raise spec.error("vm_stride", "per-VM parts of one file: only for a region each VM "
+                                      "has its own, and then without {vm} in the file name")
+    if per_vm != region.per_vm:
+        problem = ("each VM has its own: put {vm} in the name (or give vm_stride)" if per_vm
                    else "one region shared by all VMs: no {vm} in the name")
         raise spec.error("uio" if region.uio else "file", f"{region.template!r}: {problem}")
     return region

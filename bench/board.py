@@ -32,11 +32,10 @@ from pathlib import Path
 from avatar_hw.errors import AvatarError
 from avatar_hw.emulated import memory_map as mm
 from avatar_hw.emulated.assets import guest_assets
-from avatar_hw.emulated.build import build_stub
-from avatar_hw.emulated.devicetree import DEFAULT_BOOTARGS, build_dtb
+from avatar_hw.emulated.devicetree import DEFAULT_BOOTARGS
 from avatar_hw.emulated.initramfs import build_initramfs, write_newc
-from avatar_hw.emulated.machine import QEMU, EmulatedMachine
-from avatar_hw.emulated.session import MODEL_WAIT_MS, EmulatedBoard, GuestShell
+from avatar_hw.emulated.machine import QEMU
+from avatar_hw.emulated.session import EmulatedBoard, GuestShell
 
 from .common import compile_c, spread, table
 from .cost import device_kinds_available
@@ -65,12 +64,19 @@ FIGURES = [  # key, label, unit, higher is better
 
 # -- the guest -------------------------------------------------------------------------------------
 
-def build_initrd(workdir):
-    """The emulated board's initramfs with ``bin/avbench`` appended (a second newc archive)."""
-    tool = compile_c("guest/avbench", workdir, cc="aarch64-linux-gnu-gcc", flags=("-O2", "-static"),
-                     include=())
-    extra = Path(workdir) / "avbench.cpio"
-    write_newc(extra, [("bin/avbench", stat.S_IFREG | 0o755, tool.read_bytes(), 0)])
+def build_initrd(workdir, programs=("avbench",), scripts=None):
+    """The emulated board's initramfs with ``bin/<program>`` built from each
+    bench/guest/<program>.c, and ``bin/<name>`` for each shell script in
+    ``scripts`` ({name: text}), appended as a second newc archive."""
+    entries = []
+    for name in programs:
+        tool = compile_c(f"guest/{name}", workdir, cc="aarch64-linux-gnu-gcc",
+                         flags=("-O2", "-static"), include=())
+        entries.append((f"bin/{name}", stat.S_IFREG | 0o755, tool.read_bytes(), 0))
+    for name, text in (scripts or {}).items():
+        entries.append((f"bin/{name}", stat.S_IFREG | 0o755, text.encode(), 0))
+    extra = Path(workdir) / "guest-tools.cpio"
+    write_newc(extra, entries)
     initrd = Path(workdir) / "initramfs.cpio"
     with open(initrd, "wb") as out:
         for part in (build_initramfs(), extra):
@@ -190,27 +196,6 @@ def console_h2g(shell, size):
 
 # -- the two sides -------------------------------------------------------------------------------
 
-class OurBoard(EmulatedBoard):
-    """The emulated board booting ``initrd`` (EmulatedBoard builds its own initramfs)."""
-
-    def __init__(self, initrd, **kwargs):
-        super().__init__(**kwargs)
-        self.initrd = Path(initrd)
-
-    def start(self):
-        dtb = build_dtb(initrd_size=self.initrd.stat().st_size, bootargs=self.bootargs)
-        self.machine = EmulatedMachine(build_stub(), guest_assets().kernel, dtb=dtb,
-                                       initrd=self.initrd, model_wait_ms=MODEL_WAIT_MS,
-                                       on_log=self.on_log, qemu_args=self.qemu_args)
-        try:
-            self.machine.start()
-            self._start_daemon()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-
 def run_ours(initrd, image, kinds, quick):
     devices = []
     if "block" in kinds:
@@ -218,7 +203,7 @@ def run_ours(initrd, image, kinds, quick):
     if "rng" in kinds:
         devices.append("rng = { }")
     start = time.perf_counter()
-    with OurBoard(initrd, devices="\n".join(devices)) as board:
+    with EmulatedBoard(initrd=Path(initrd), devices="\n".join(devices)) as board:
         shell = connect(board.console_path)
         try:
             shell.wait_ready(120)

@@ -200,6 +200,12 @@ BAD = {
                           "'avatar-ram': each VM has its own: put {vm} in the name"),
     "trap per VM": (edited('"avatar-trap"', '"avatar-trap{vm}"'), "trap.region.uio",
                     "one region shared by all VMs: no {vm} in the name"),
+    "stride on a shared region": (edited('{ uio = "avatar-trap" }',
+                                         '{ file = "t", size = 1, vm_stride = 0x1000 }'),
+                                  "trap.region.vm_stride", "only for a region each VM has its own"),
+    "stride and {vm}": (edited('{ uio = "avatar-vm{vm}-ram" }',
+                               '{ file = "ram{vm}", size = 1, vm_stride = 0x1000 }'),
+                        "ram.region.vm_stride", "without {vm} in the file name"),
     "other placeholder": (edited('"avatar-vm{vm}-ram"', '"avatar-{name}-ram"'), "ram.region.uio",
                           "the only placeholder allowed is {vm}"),
     "SPI below 32": (edited("irq_base = 48", "irq_base = 16"), "layout.irq_base",
@@ -336,6 +342,24 @@ def test_unreadable_board_files(tmp_path, content, problem):
 
 
 # -- opening regions ------------------------------------------------------------------------
+
+def test_vm_stride_puts_each_vms_ram_in_one_file(tmp_path):
+    """The emulated board's layout: VM n's RAM at offset + n * vm_stride of one file."""
+    (tmp_path / "ram.bin").write_bytes(bytes(range(4)) * 0x400 + bytes([9]) * 0x3000)
+    path = tmp_path / "emulated.toml"
+    path.write_text(edited('{ uio = "avatar-vm{vm}-ram" }',
+                           '{ file = "ram.bin", offset = 0x1000, size = 0x1000, '
+                           'vm_stride = 0x2000 }'))
+    board = load_board(path)
+    with board.open_region(board.ram, vm=0) as ram0, board.open_region(board.ram, vm=1) as ram1:
+        ram0.write32(0, 0x11111111)
+        ram1.write32(0, 0x22222222)
+        assert ram0.size == ram1.size == 0x1000
+    data = (tmp_path / "ram.bin").read_bytes()
+    assert data[0x1000:0x1004] == b"\x11" * 4 and data[0x3000:0x3004] == b"\x22" * 4
+    with pytest.raises(ValueError, match="per VM: give vm"):
+        board.open_region(board.ram)
+
 
 def test_file_regions_resolve_relative_to_the_board_file(tmp_path):
     for name, fill in (("trap.bin", 1), ("ram0.bin", 2), ("ram1.bin", 3)):

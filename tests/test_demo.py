@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -117,10 +118,15 @@ def test_the_cli_and_several_console_clients_on_a_running_demo():
         demo.process.stdin.write(b"echo from-the-demo-$((1 + 1))\n")
         demo.process.stdin.flush()
         first.expect("from-the-demo-2", timeout=30)          # the demo's typing, seen here
-        second = GuestConsole.open(f"unix://{url}")        # takes the endpoint over
+        with socket.socket(socket.AF_UNIX) as refused:      # one client at a time
+            refused.settimeout(30)
+            refused.connect(url)
+            assert b"already has a client" in refused.recv(4096)
+        assert first.run("echo still-first") == ("still-first\n", 0)
+        first.close()
+        second = GuestConsole.open(f"unix://{url}")        # free again
         second.wait_shell(60)
         assert second.run("echo second") == ("second\n", 0)
-        first.close()
         second.close()
         term = OnPty("0", "--control", demo.control)         # the command a user types
         try:

@@ -8,6 +8,10 @@ guest's virtio console (hvc0; leave with Ctrl-] or ``poweroff -f``) or, with
 daemon's format: console, block, rng, net; relative paths land in the demo's
 temporary directory). The demo prints its control socket: ``avatar-hw
 list|info|debug|console --control SOCKET`` work while it runs.
+``--vms 2`` boots two guests (VM n on CPU n, each with its own console);
+``--vm N`` picks the one this terminal or ``--run`` talks to; every VM's
+console endpoints are printed (``avatar-hw console N --control SOCKET``, or
+e.g. ``socat -,raw,echo=0 UNIX-CONNECT:PATH``).
 """
 
 import os
@@ -18,6 +22,7 @@ import termios
 import tty
 
 from ..commands.query import format_list
+from .memory_map import MAX_VMS
 from .session import EmulatedBoard
 
 EXIT_KEY = b"\x1d"                  # Ctrl-]
@@ -40,17 +45,18 @@ def _announce(board):
     for vm in info["vms"]:
         for device in vm["devices"]:
             for port in device.get("ports", ()):
-                endpoints = [e for e in port["endpoints"] if e != f"unix:{board.console_path}"]
+                endpoints = [e for e in port["endpoints"]
+                             if e not in {f"unix:{path}" for path in board.console_paths}]
                 _say(f"vm{vm['vm']} console port {port['name'] or port['id']}: "
                      f"{', '.join(endpoints) or 'none'}")
     _say(f"another terminal: avatar-hw console 0 --control {control}  "
          f"(also list, info, debug)")
 
 
-def _interactive(board):
-    shell = board.shell(timeout=120)
+def _interactive(board, vm):
+    shell = board.shell(timeout=120, vm=vm)
     sock = shell.sock
-    _say("guest console (hvc0); Ctrl-] leaves")
+    _say(f"guest console (hvc0) of VM{vm}; Ctrl-] leaves")
     stdin = sys.stdin.fileno()
     saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
     qemu = os.pidfd_open(board.machine.process.pid)
@@ -89,13 +95,19 @@ def _ended(board):
 
 def _demo(args):
     log = (lambda line: print(line, file=sys.stderr)) if args.stub_log else None
+    if not 0 <= args.vm < args.vms:
+        print(f"avatar-hw: --vm {args.vm}: the board runs VMs 0..{args.vms - 1} (--vms)",
+              file=sys.stderr)
+        return 2
     old = {signum: signal.signal(signum, _leave) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        with EmulatedBoard(on_log=log, config=args.config, control_path=args.control) as board:
+        with EmulatedBoard(vms=args.vms, on_log=log, config=args.config,
+                           control_path=args.control) as board:
             _announce(board)
             if args.run is None:
-                return _interactive(board)
-            output, status = board.shell(timeout=120).run(f"({args.run})", timeout=args.timeout)
+                return _interactive(board, args.vm)
+            output, status = board.shell(timeout=120, vm=args.vm).run(f"({args.run})",
+                                                                      timeout=args.timeout)
             sys.stdout.write(output)
             return status
     finally:
@@ -117,4 +129,8 @@ def add_parser(subparsers, parents=()):
                         "exit with its status")
     parser.add_argument("--timeout", type=float, default=60, help="seconds for --run (60)")
     parser.add_argument("--stub-log", action="store_true", help="show the EL2 stub's log")
+    parser.add_argument("--vms", type=int, choices=range(1, MAX_VMS + 1), default=1,
+                        help="guests to boot, VM n on CPU n (1)")
+    parser.add_argument("--vm", type=int, default=0,
+                        help="the VM whose console this terminal or --run uses (0)")
     parser.set_defaults(func=_demo)

@@ -21,6 +21,7 @@ MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "virtio-rng",
            "failover", "net_failover", "virtio_net")
 READY_MARKER = "avatar-guest: ready"
 HVC_WAIT_SECONDS = 10
+HVC_RELOAD_SECONDS = 60
 
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -43,9 +44,17 @@ for d in /sys/bus/virtio/devices/*; do
     echo "avatar-guest: virtio $(basename "$d") device $(cat "$d/device") driver $drv" >/dev/hvc0
 done
 cd /root
-exec setsid sh -c 'exec sh -i </dev/hvc0 >/dev/hvc0 2>&1' </dev/null >/dev/null 2>&1 &
-echo "{marker}" >/dev/hvc0
-wait
+while :; do
+    setsid sh -c 'exec sh -i </dev/hvc0 >/dev/hvc0 2>&1' </dev/null >/dev/null 2>&1 &
+    echo "{marker}" >/dev/hvc0
+    wait $!
+    [ $? -eq 129 ] || break
+    # SIGHUP: hvc0 went away (its virtio driver was unbound); a new shell once it is back
+    n=0
+    until (echo -n >/dev/hvc0) 2>/dev/null || [ $n -ge {hvc_reload_tenths} ]; do
+        sleep 0.1; n=$((n + 1))
+    done
+done
 poweroff -f
 """
 
@@ -117,7 +126,7 @@ def build_initramfs(assets=None):
     index = _find_modules(assets.modules)
     deps = _closure(MODULES, index, assets.modules)
     init = INIT.format(modules=" ".join(MODULES), hvc_wait_tenths=HVC_WAIT_SECONDS * 10,
-                       marker=READY_MARKER).encode()
+                       hvc_reload_tenths=HVC_RELOAD_SECONDS * 10, marker=READY_MARKER).encode()
     modbase = f"lib/modules/{assets.release}"
     files = {"init": init, "bin/busybox": assets.busybox.read_bytes(),
              f"{modbase}/modules.dep": _modules_dep(deps, index).encode()}

@@ -107,6 +107,11 @@ class UartLink:
                     return None
                 self._changed.wait(left)
 
+    def wait_closed(self, timeout):
+        """Wait until the reader saw QEMU close the socket (every byte before it is read)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.closed, timeout)
+
     def close(self):
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -115,6 +120,12 @@ class UartLink:
         self._thread.join(timeout=5)
         self.sock.close()
         self.doorbell.release()
+
+
+def check_vms(vms):
+    if not (isinstance(vms, int) and 1 <= vms <= mm.MAX_VMS):
+        raise AvatarError(f"the emulated board runs 1 to {mm.MAX_VMS} VMs (one per CPU), "
+                          f"not {vms!r}")
 
 
 WORKDIR_PREFIX = "avatar-emulated-"
@@ -154,16 +165,22 @@ def _require(tool, package):
 class EmulatedMachine:
     """One QEMU run of the emulated board.
 
-    ``kernel`` is loaded at ``memory_map.KERNEL_ADDR`` and entered at EL1 by the
-    stub, with ``dtb`` (a compiled device tree, or None) and ``initrd``.
-    ``model_wait_ms``: how long the stub waits for a device model to attach
-    before entering the guest.
+    ``vms`` guests, VM n on CPU n (``-smp vms``), each with its own copy of
+    ``kernel`` at ``memory_map.KERNEL_ADDR`` in its RAM, entered at EL1 by the
+    stub, with its device tree (``dtb``: one compiled tree, or a list with one
+    per VM, or None) and ``initrd``. ``model_wait_ms``: how long the stub waits
+    for a device model to attach before entering the guests.
     """
 
-    def __init__(self, stub, kernel, *, dtb=None, initrd=None, model_wait_ms=0,
+    def __init__(self, stub, kernel, *, dtb=None, initrd=None, model_wait_ms=0, vms=1,
                  on_log=None, shm_dir="/dev/shm", qemu_args=()):
         _require(QEMU, "qemu-system-arm")
-        self.stub, self.kernel, self.dtb, self.initrd = stub, kernel, dtb, initrd
+        check_vms(vms)
+        dtbs = list(dtb) if isinstance(dtb, (list, tuple)) else [dtb] * vms
+        if len(dtbs) != vms:
+            raise AvatarError(f"{len(dtbs)} device trees for {vms} VMs")
+        self.stub, self.kernel, self.dtbs, self.initrd = stub, kernel, dtbs, initrd
+        self.vms = vms
         self.model_wait_ms = model_wait_ms
         self.on_log = on_log
         self.qemu_args = list(qemu_args)   # extra QEMU options (debugging: -d, -monitor)
@@ -191,12 +208,15 @@ class EmulatedMachine:
         self._ram_fd = os.open(self.shm_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                                0o600)
         os.unlink(self.shm_path)
-        os.ftruncate(self._ram_fd, mm.RAM_SIZE)
+        os.ftruncate(self._ram_fd, mm.ram_size(self.vms))
         self.ram_path = f"/proc/{os.getpid()}/fd/{self._ram_fd}"
         params = os.path.join(self.workdir, "boot-params.bin")
         with open(params, "wb") as f:
-            f.write(mm.boot_params(kernel_entry=mm.KERNEL_ADDR, dtb=mm.DTB_ADDR if self.dtb else 0,
-                                   model_wait_ms=self.model_wait_ms))
+            for vm, dtb in enumerate(self.dtbs):
+                f.seek(vm * mm.BOOT_PARAMS_STRIDE)
+                f.write(mm.boot_params(vm=vm, vms=self.vms, kernel_entry=mm.KERNEL_ADDR,
+                                       dtb=mm.DTB_ADDR if dtb else 0,
+                                       model_wait_ms=self.model_wait_ms))
         sock_path = os.path.join(self.workdir, "uart.sock")
         argv = self.command(sock_path, params)
         log.info("starting %s", " ".join(argv))
@@ -207,16 +227,19 @@ class EmulatedMachine:
         self.uart = UartLink(sock, on_log=self.on_log)
 
     def command(self, sock_path, params):
-        loaders = [(params, mm.BOOT_PARAMS), (self.kernel, mm.KERNEL_ADDR)]
-        if self.dtb:
-            loaders.append((self.dtb, mm.DTB_ADDR))
-        if self.initrd:
-            loaders.append((self.initrd, mm.INITRD_ADDR))
+        loaders = [(params, mm.BOOT_PARAMS)]
+        for vm, dtb in enumerate(self.dtbs):
+            loaders.append((self.kernel, mm.vm_ram_phys(vm, mm.KERNEL_ADDR)))
+            if dtb:
+                loaders.append((dtb, mm.vm_ram_phys(vm, mm.DTB_ADDR)))
+            if self.initrd:
+                loaders.append((self.initrd, mm.vm_ram_phys(vm, mm.INITRD_ADDR)))
+        size = mm.ram_size(self.vms) >> 20
         # QEMU's own /proc/self/fd/N: the RAM file it inherits (pass_fds), already unlinked.
         argv = [*_die_with_parent(), QEMU,
                 "-M", "virt,virtualization=on,gic-version=2,memory-backend=ram",
-                "-cpu", "cortex-a72", "-smp", "1", "-m", f"{mm.RAM_SIZE >> 20}M",
-                "-object", f"memory-backend-file,id=ram,size={mm.RAM_SIZE >> 20}M,"
+                "-cpu", "cortex-a72", "-smp", str(self.vms), "-m", f"{size}M",
+                "-object", f"memory-backend-file,id=ram,size={size}M,"
                            f"mem-path=/proc/self/fd/{self._ram_fd},share=on",
                 "-nodefaults", "-display", "none", "-no-reboot",
                 "-chardev", f"socket,id=uart,path={sock_path},server=on,wait=on",
@@ -249,11 +272,16 @@ class EmulatedMachine:
             return ""
 
     def wait(self, timeout=None):
-        """Wait for QEMU to end (the guest powered off); returns its exit status or None."""
+        """Wait for QEMU to end (the guest powered off); returns its exit status or None.
+
+        When it ended, the UART's last bytes are read too: ``uart.lines`` is complete."""
         try:
-            return self.process.wait(timeout)
+            status = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+        if self.uart is not None:
+            self.uart.wait_closed(5)
+        return status
 
     def stop(self):
         """Kill QEMU (its own PID), stop the reader, remove the RAM file and temp files."""
@@ -295,7 +323,7 @@ class EmulatedMachine:
 
     def map(self, addr, size, name):
         """A Region over ``size`` bytes of the board's RAM at guest-physical ``addr``."""
-        region = Region.map_file(self.ram_path, size, offset=mm.file_offset(addr),
+        region = Region.map_file(self.ram_path, size, offset=mm.file_offset(addr, self.vms),
                                  name=f"{name} ({self.shm_path})", phys_addr=addr)
         self._regions.append(region)
         return region

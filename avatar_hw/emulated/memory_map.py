@@ -1,15 +1,21 @@
-"""Where things live on the emulated board (QEMU virt, 512 MiB of RAM in a shared file).
+"""Where things live on the emulated board (QEMU virt, RAM in one shared file).
 
 The same addresses are in boards/emulated/link.ld (the stub), boards/emulated.toml
 (the daemon's view of the shared file) and the boot parameters the stub reads.
+VM n runs on CPU n; its RAM is 512 MiB of QEMU's RAM from ``vm_ram_phys(n)``,
+and every VM sees its own at the same guest-physical ``RAM_BASE`` (stage 2).
 
-    0x40000000  guest RAM (the guest's whole memory node)
-      +0x00200000  Linux Image
-      +0x08000000  device tree, then the initramfs
-    0x5fe00000  the stub (1 MiB, not in guest RAM, not mapped by stage 2)
-    0x5ff00000  the trap page
-    0x5ff01000  boot parameters for the stub
-    0x5ff02000  register shadow pages, one per window of the layout (128 x 4 KiB)
+    physical        guest-physical (VM n)
+    0x40000000      0x40000000  VM 0's RAM (its whole memory node)
+                      +0x00200000  Linux Image
+                      +0x08000000  device tree, then the initramfs
+    0x5fe00000                  the stub (1 MiB, in no VM's RAM or stage 2)
+    0x5ff00000                  the trap page (one slot per VM)
+    0x5ff01000                  boot parameters, one block per VM (0x100 apart)
+    0x5ff02000                  register shadow pages, one per window of the layout
+                                (128 x 4 KiB)
+    0x60000000      0x40000000  VM 1's RAM, laid out like VM 0's; VM n's at
+                                0x40000000 + n * 0x20000000
 """
 
 import struct
@@ -17,11 +23,12 @@ import struct
 from ..layout import Layout
 
 RAM_BASE = 0x40000000
-RAM_SIZE = 512 << 20              # QEMU's -m and the shared file's size
-GUEST_RAM_SIZE = 0x1FE00000       # up to the stub
+VM_RAM_STRIDE = 512 << 20         # QEMU's -m is VM_RAM_STRIDE per VM (the shared file's size)
+GUEST_RAM_SIZE = 0x1FE00000       # each VM's; in VM 0's 512 MiB, up to the stub
 STUB_BASE = RAM_BASE + GUEST_RAM_SIZE
 TRAP_PAGE = 0x5FF00000
 BOOT_PARAMS = 0x5FF01000
+BOOT_PARAMS_STRIDE = 0x100
 SHADOW_OFFSET = 0x2000            # from the trap page (boards/emulated/stub.h)
 KERNEL_ADDR = RAM_BASE + 0x00200000
 DTB_ADDR = RAM_BASE + 0x08000000
@@ -31,20 +38,34 @@ LAYOUT = Layout()                 # the seed's: windows from 0x0a000000, SPIs fr
 SHADOW_COUNT = LAYOUT.window_count
 TRAP_REGION_SIZE = SHADOW_OFFSET + SHADOW_COUNT * 0x1000   # the trap page to the last shadow
 VM_ID = 0
+MAX_VMS = 4                       # one per CPU (MAX_VMS in boards/emulated/stub.h)
 
 _BOOT_PARAMS_MAGIC = 0x50425641   # "AVBP", struct boot_params in boards/emulated/stub.h
-_BOOT_PARAMS = struct.Struct("<IIQQQQQQQII")
+_BOOT_PARAMS_VERSION = 2
+_BOOT_PARAMS = struct.Struct("<IIQQQQQQQIIQIIII")
 
 
-def file_offset(addr):
-    """Offset in the shared RAM file of guest-physical ``addr``."""
-    if not RAM_BASE <= addr < RAM_BASE + RAM_SIZE:
+def ram_size(vms):
+    """QEMU's RAM (and the shared file) for ``vms`` VMs."""
+    return VM_RAM_STRIDE * vms
+
+
+def vm_ram_phys(vm, addr=RAM_BASE):
+    """The physical address of VM ``vm``'s guest-physical ``addr`` in its RAM."""
+    return addr + vm * VM_RAM_STRIDE
+
+
+def file_offset(addr, vms=1):
+    """Offset in the shared RAM file of physical ``addr``."""
+    if not RAM_BASE <= addr < RAM_BASE + ram_size(vms):
         raise ValueError(f"0x{addr:x} is not in the emulated board's RAM")
     return addr - RAM_BASE
 
 
-def boot_params(*, kernel_entry, dtb, model_wait_ms):
-    """The stub's boot parameter block (loaded at ``BOOT_PARAMS``)."""
-    window, _ = LAYOUT.vm_window(VM_ID)
-    return _BOOT_PARAMS.pack(_BOOT_PARAMS_MAGIC, 1, kernel_entry, dtb, TRAP_PAGE, RAM_BASE,
-                             GUEST_RAM_SIZE, window, LAYOUT.vm_size, model_wait_ms, VM_ID)
+def boot_params(*, vm=VM_ID, vms=1, kernel_entry, dtb, model_wait_ms):
+    """VM ``vm``'s boot parameter block (loaded at ``BOOT_PARAMS + vm * BOOT_PARAMS_STRIDE``)."""
+    window, _ = LAYOUT.vm_window(vm)
+    return _BOOT_PARAMS.pack(_BOOT_PARAMS_MAGIC, _BOOT_PARAMS_VERSION, kernel_entry, dtb,
+                             TRAP_PAGE, RAM_BASE, GUEST_RAM_SIZE, window, LAYOUT.vm_size,
+                             model_wait_ms, vm, vm_ram_phys(vm), vms, LAYOUT.intid(vm, 0),
+                             LAYOUT.irqs_per_vm, 0)

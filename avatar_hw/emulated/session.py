@@ -18,6 +18,13 @@ endpoint, the launcher's own (``console_path``, last, so ``avatar-hw console``
 and ``Target.console_url`` pick another one): a client of the others never
 takes ``shell()``'s connection away. Without a config the others are one
 ``unix:`` socket (``vm0-console.sock`` in the temporary directory).
+
+``vms=2`` runs two guests, VM n on CPU n, each with its own devices
+(``devices`` may be a list with one TOML string per VM) and console
+(``shell(vm=1)``, ``console_paths[1]``: the launcher's endpoint for VM 1)::
+
+    with EmulatedBoard(vms=2) as board:
+        output, status = board.shell(vm=1).run("cat /proc/cmdline")
 """
 
 import dataclasses
@@ -36,7 +43,7 @@ from .assets import guest_assets
 from .build import build_stub
 from .devicetree import DEFAULT_BOOTARGS, build_dtb
 from .initramfs import READY_MARKER, build_initramfs
-from .machine import EmulatedMachine
+from .machine import EmulatedMachine, check_vms
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +112,16 @@ class GuestShell:
 class EmulatedBoard:
     """QEMU + stub + guest + in-process daemon; ``stop()`` leaves nothing behind."""
 
-    def __init__(self, *, devices="", config=None, control_path=None, bootargs=DEFAULT_BOOTARGS,
-                 on_log=None, busy_poll=False, trace=False, qemu_args=()):
-        self.devices = devices
+    def __init__(self, *, vms=1, devices="", config=None, control_path=None,
+                 bootargs=DEFAULT_BOOTARGS, on_log=None, busy_poll=False, trace=False,
+                 qemu_args=(), initrd=None):
+        check_vms(vms)
+        self.vms = vms
+        self.devices = [devices] if isinstance(devices, str) else list(devices)
+        if len(self.devices) > vms:
+            raise AvatarError(f"devices for {len(self.devices)} VMs, but the board runs {vms}")
+        self.devices += [""] * (vms - len(self.devices))
+        self.initrd = initrd      # default: the emulated board's initramfs
         self.config = config
         self.control_path = control_path
         self.qemu_args = qemu_args
@@ -119,11 +133,12 @@ class EmulatedBoard:
 
     def start(self):
         assets = guest_assets()
-        initrd = build_initramfs(assets)
-        dtb = build_dtb(initrd_size=initrd.stat().st_size, bootargs=self.bootargs)
-        self.machine = EmulatedMachine(build_stub(), assets.kernel, dtb=dtb, initrd=initrd,
-                                       model_wait_ms=MODEL_WAIT_MS, on_log=self.on_log,
-                                       qemu_args=self.qemu_args)
+        initrd = self.initrd or build_initramfs(assets)
+        dtbs = [build_dtb(initrd_size=initrd.stat().st_size, bootargs=self.bootargs, vm_id=vm)
+                for vm in range(self.vms)]
+        self.machine = EmulatedMachine(build_stub(), assets.kernel, dtb=dtbs, initrd=initrd,
+                                       vms=self.vms, model_wait_ms=MODEL_WAIT_MS,
+                                       on_log=self.on_log, qemu_args=self.qemu_args)
         try:
             self.machine.start()
             self._start_daemon()
@@ -134,7 +149,9 @@ class EmulatedBoard:
 
     def _start_daemon(self):
         workdir = Path(self.machine.workdir)
-        self.console_path = workdir / "console.sock"
+        self.console_paths = [workdir / ("console.sock" if vm == 0 else f"console{vm}.sock")
+                              for vm in range(self.vms)]
+        self.console_path = self.console_paths[0]
         board = load_board(board_path("emulated"))
         shm = self.machine.ram_path
         board = dataclasses.replace(board, trap=dataclasses.replace(board.trap, file=shm),
@@ -146,48 +163,54 @@ class EmulatedBoard:
         self._thread = self.daemon.start_thread()
 
     def _vms_config(self, board, workdir):
-        """The VMs config with the launcher's console endpoint added to VM 0's console."""
+        """The VMs config with the launcher's console endpoint added to each VM's console."""
         path = self.config
         if path is None:
             path = workdir / "vms.toml"
-            path.write_text(f'[vm.0]\nconsole = {{ endpoints = ["unix:vm0-console.sock"] }}\n'
-                            f"{self.devices}\n")
+            path.write_text("".join(
+                f'[vm.{vm}]\nconsole = {{ endpoints = ["unix:vm{vm}-console.sock"] }}\n{devices}\n'
+                for vm, devices in enumerate(self.devices)))
         config = load_config(path, max_vms=board.layout.max_vms,
                              devices_per_vm=board.layout.devices_per_vm, base=workdir)
-        others = sorted(set(config.vms) - {0})
+        others = sorted(set(config.vms) - set(range(self.vms)))
         if others:
-            log.warning("%s: the emulated board runs one guest, VM 0: %s left out", path,
+            runs = "one guest, VM 0" if self.vms == 1 else f"{self.vms} guests, VMs 0..{self.vms - 1}"
+            log.warning("%s: the emulated board runs %s: %s left out", path, runs,
                         ", ".join(f"vm.{n}" for n in others))
             for vm_id in others:
                 del config.vms[vm_id]
-        devices = config.vms[0].devices if 0 in config.vms else []
-        mine = f"unix:{self.console_path}"
-        consoles = [d for d in devices if d.kind == "console"]
-        if consoles:
-            endpoints = consoles[0].options["endpoints"]
-            endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
-            consoles[0].options["endpoints"] = [*endpoints, mine]
-        else:
-            devices.insert(0, DeviceConfig("console", "vm.0.console", {
-                "endpoints": [f"unix:{workdir / 'vm0-console.sock'}", mine]}))
+        for vm, console_path in enumerate(self.console_paths):
+            if vm not in config.vms:
+                continue
+            devices = config.vms[vm].devices
+            mine = f"unix:{console_path}"
+            consoles = [d for d in devices if d.kind == "console"]
+            if consoles:
+                endpoints = consoles[0].options["endpoints"]
+                endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+                consoles[0].options["endpoints"] = [*endpoints, mine]
+            else:
+                devices.insert(0, DeviceConfig("console", f"vm.{vm}.console", {
+                    "endpoints": [f"unix:{workdir / f'vm{vm}-console.sock'}", mine]}))
         return config
 
     def alive(self):
         """Is the guest still there (QEMU running)?"""
         return self.machine is not None and self.machine.process.poll() is None
 
-    def shell(self, timeout=60):
-        """Connect to the guest's console and wait for its shell."""
+    def shell(self, timeout=60, vm=0):
+        """Connect to VM ``vm``'s console and wait for its shell."""
+        path = self.console_paths[vm]
         deadline = time.monotonic() + timeout
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.connect(str(self.console_path))
+                sock.connect(str(path))
                 break
             except (FileNotFoundError, ConnectionRefusedError):
                 sock.close()
                 if time.monotonic() > deadline:
-                    raise AvatarError(f"console socket {self.console_path} never appeared")
+                    raise AvatarError(f"console socket {path} never appeared")
                 time.sleep(0.05)
         shell = GuestShell(sock, alive=self.alive)
         shell.wait_ready(max(1, deadline - time.monotonic()))

@@ -4,7 +4,9 @@
  * TX carries two things the host separates byte by byte: log lines
  * ("avatar-stub: ...\n", printable ASCII only) and doorbell bytes (0x00, "a
  * trap was posted while the model sleeps"). RX carries the host's doorbell
- * ("look at virq_pending"): any byte, drained by the RX interrupt at EL2.
+ * ("look at virq_pending"): any byte, drained by the RX interrupt at EL2
+ * (CPU0's). Every CPU logs: a spinlock keeps each line whole, and with more
+ * than one VM a line names the VM of the CPU that wrote it ("vm1: ...").
  */
 #include "stub.h"
 
@@ -78,12 +80,41 @@ static void put_num(u64 v, unsigned base, int width)
         put_text(buf[--n]);
 }
 
+u32 stub_vm_count = 1;
+static volatile u32 log_lock;
+
+static void lock_log(void)
+{
+    u32 busy, failed;
+    do {
+        __asm__ volatile("1: ldaxr %w0, [%2]\n"
+                         "   cbnz %w0, 2f\n"
+                         "   stxr %w1, %w3, [%2]\n"
+                         "   b 3f\n"
+                         "2: clrex\n"
+                         "   mov %w1, #1\n"
+                         "3:"
+                         : "=&r"(busy), "=&r"(failed) : "r"(&log_lock), "r"(1u) : "memory");
+    } while (failed);
+}
+
+static void unlock_log(void)
+{
+    store_release32(&log_lock, 0);
+}
+
 /* %s %c %u %d %x %lx %lu %ld and %0Nx / %0Nlx; each line gets the stub's prefix. */
 void log_printf(const char *fmt, ...)
 {
     __builtin_va_list ap;
     __builtin_va_start(ap, fmt);
+    lock_log();
     put_str("avatar-stub: ");
+    if (stub_vm_count > 1) {
+        put_str("vm");
+        put_num(cpu_index(), 10, 0);
+        put_str(": ");
+    }
     for (; *fmt; fmt++) {
         if (*fmt != '%') {
             put_text(*fmt);
@@ -117,6 +148,7 @@ void log_printf(const char *fmt, ...)
         }
     }
     put_text('\n');
+    unlock_log();
     __builtin_va_end(ap);
 }
 
@@ -126,11 +158,13 @@ void log_printf(const char *fmt, ...)
  * Linux's earlycon (bootargs "earlycon=pl011,mmio32,0x09000000"). Its output
  * becomes "guest: ..." log lines. Reads of DR give nothing (no input).
  */
-static char guest_line[200];
-static u32 guest_len;
+static char guest_lines[MAX_VMS][200];
+static u32 guest_lens[MAX_VMS];
 
 void guest_uart_access(u64 offset, int is_write, u64 *value)
 {
+    char *guest_line = guest_lines[cpu_index()];
+    u32 *len = &guest_lens[cpu_index()];
     if (!is_write) {
         *value = offset == UARTFR ? (1u << 7) | FR_RXFE : 0;   /* TXFE, RX empty */
         return;
@@ -138,11 +172,11 @@ void guest_uart_access(u64 offset, int is_write, u64 *value)
     if (offset != UARTDR)
         return;
     char c = (char)*value;
-    if (c == '\n' || guest_len == sizeof(guest_line) - 1) {
-        guest_line[guest_len] = 0;
+    if (c == '\n' || *len == sizeof(guest_lines[0]) - 1) {
+        guest_line[*len] = 0;
         log_printf("guest: %s", guest_line);
-        guest_len = 0;
+        *len = 0;
     }
     if (c != '\n' && c != '\r')
-        guest_line[guest_len++] = c;
+        guest_line[(*len)++] = c;
 }

@@ -1,21 +1,26 @@
 /*
  * main.c - boot at EL2, stage-2 translation, and the guest's exceptions.
  *
+ * One VM per CPU: CPU0 reads every VM's boot parameters, sets up the trap
+ * page and the distributor, and starts CPU n (n >= 1) for VM n with PSCI
+ * CPU_ON; each CPU then builds its own stage 2 (VTTBR_EL2.VMID = VM + 1),
+ * sets up its banked GIC interfaces and enters its guest.
+ *
  * Stage 2 (IPA 32 bits, 4 KiB granule, walks start at level 1):
- *   guest RAM            identity, 2 MiB normal write-back blocks
+ *   guest RAM            ram_base -> ram_phys, 2 MiB normal write-back blocks
  *   0x08010000 (GICC)    -> GICV 0x08040000, 4 KiB device pages
  *   everything else      unmapped: GICD (emulated, vgic.c), the virtio
  *                        window (trap page), the UART, the stub and the
  *                        trap page (outside guest RAM).
  * Guest exceptions handled: data aborts (virtio window, GICD, the guest's
- * debug UART - see log.c), SMC (PSCI,
- * forwarded to QEMU, HCR_EL2.TSC), HVC (answers NOT_SUPPORTED), IRQs.
+ * debug UART - see log.c), SMC (PSCI, HCR_EL2.TSC: forwarded to QEMU, except
+ * what concerns CPUs - the guest has one vCPU - and, with several VMs, its
+ * power-off, which parks its CPU; the last one powers the board off), HVC
+ * (answers NOT_SUPPORTED), IRQs.
  * Anything else is logged and the board is powered off, so a failure shows
  * up as a log line and an ended run rather than a hung one.
  */
 #include "stub.h"
-
-#define BOOT_PARAMS_ADDR 0x5ff01000ull
 
 #define EC_HVC64  0x16
 #define EC_SMC64  0x17
@@ -26,9 +31,14 @@
 #define ESR_SF  (1ull << 15)
 #define ESR_WNR (1ull << 6)
 
+#define PSCI_CPU_OFF      0x84000002u
+#define PSCI_CPU_ON_32    0x84000003u
+#define PSCI_CPU_ON_64    0xc4000003u
 #define PSCI_SYSTEM_OFF   0x84000008u
 #define PSCI_SYSTEM_RESET 0x84000009u
 #define PSCI_NOT_SUPPORTED ((u64)-1)
+#define PSCI_INVALID_PARAMETERS ((u64)-2)
+#define PSCI_ALREADY_ON   ((u64)-4)
 
 #define HCR_VM   (1ull << 0)
 #define HCR_SWIO (1ull << 1)
@@ -48,12 +58,26 @@
 #define S2_DEVICE     (0x1ull << 2)
 #define S2_XN         (1ull << 54)
 
-static u64 s2_l1[512] __attribute__((aligned(4096)));
-static u64 s2_l2_low[512] __attribute__((aligned(4096)));
-static u64 s2_l3_gic[512] __attribute__((aligned(4096)));
-static u64 s2_l2_ram[512] __attribute__((aligned(4096)));
+struct stage2 {
+    u64 l1[512];
+    u64 l2_low[512];
+    u64 l3_gic[512];
+    u64 l2_ram[512];
+};
 
-static const struct boot_params *params;
+static struct stage2 stage2s[MAX_VMS] __attribute__((aligned(4096)));
+static volatile u32 vms_running;
+
+static const struct boot_params *vm_params(u32 vm)
+{
+    return (const struct boot_params *)(BOOT_PARAMS_ADDR + BOOT_PARAMS_STRIDE * vm);
+}
+
+/* This CPU's VM's parameters. */
+static const struct boot_params *my_params(void)
+{
+    return vm_params(cpu_index());
+}
 
 void power_off(void)
 {
@@ -65,25 +89,28 @@ void power_off(void)
 
 static void stage2_init(void)
 {
+    const struct boot_params *params = my_params();
+    struct stage2 *s2 = &stage2s[cpu_index()];
     u64 ram_end = params->ram_base + params->ram_size;
     if (params->ram_base < (1ull << 30) || ram_end > (2ull << 30) ||
-        (params->ram_base | params->ram_size) & ((2ull << 20) - 1)) {
-        log_printf("guest RAM 0x%lx+0x%lx must be 2 MiB aligned within 1..2 GiB",
-                   params->ram_base, params->ram_size);
+        (params->ram_base | params->ram_size | params->ram_phys) & ((2ull << 20) - 1)) {
+        log_printf("guest RAM 0x%lx+0x%lx at 0x%lx must be 2 MiB aligned within 1..2 GiB",
+                   params->ram_base, params->ram_size, params->ram_phys);
         power_off();
     }
-    s2_l1[0] = (u64)s2_l2_low | S2_TABLE;
-    s2_l1[1] = (u64)s2_l2_ram | S2_TABLE;
-    s2_l2_low[GICD_BASE >> 21] = (u64)s2_l3_gic | S2_TABLE;
+    s2->l1[0] = (u64)s2->l2_low | S2_TABLE;
+    s2->l1[1] = (u64)s2->l2_ram | S2_TABLE;
+    s2->l2_low[GICD_BASE >> 21] = (u64)s2->l3_gic | S2_TABLE;
     for (u64 off = 0; off < GIC_WINDOW_SIZE; off += 4096)
-        s2_l3_gic[((GICC_BASE - GICD_BASE) + off) >> 12] =
+        s2->l3_gic[((GICC_BASE - GICD_BASE) + off) >> 12] =
             (GICV_BASE + off) | S2_PAGE | S2_AF | S2_RW | S2_DEVICE | S2_XN;
     for (u64 a = params->ram_base; a < ram_end; a += 2ull << 20)
-        s2_l2_ram[(a >> 21) & 511] = a | S2_BLOCK | S2_AF | S2_RW | S2_SH_INNER | S2_NORMAL_WB;
+        s2->l2_ram[(a >> 21) & 511] = (a - params->ram_base + params->ram_phys) |
+            S2_BLOCK | S2_AF | S2_RW | S2_SH_INNER | S2_NORMAL_WB;
     /* Tables are written with the EL2 MMU off (non-cacheable): walks non-cacheable too. */
     u64 vtcr = (1ull << 31) | (1ull << 16) /* PS 36 bits */ | (1ull << 6) /* SL0: level 1 */ | 32;
     write_sysreg(vtcr_el2, vtcr);
-    write_sysreg(vttbr_el2, (u64)s2_l1);
+    write_sysreg(vttbr_el2, ((u64)(cpu_index() + 1) << 48) | (u64)s2->l1);
     dsb_ish();
     __asm__ volatile("tlbi vmalls12e1is" ::: "memory");
     dsb_ish();
@@ -98,7 +125,7 @@ static void el2_init(void)
     write_sysreg(cnthctl_el2, 3);            /* EL1 may use the physical counter and timer */
     write_sysreg(cntvoff_el2, 0);
     write_sysreg(vpidr_el2, read_sysreg(midr_el1));
-    write_sysreg(vmpidr_el2, read_sysreg(mpidr_el1));
+    write_sysreg(vmpidr_el2, read_sysreg(mpidr_el1) & ~0xffull);   /* the VM's vCPU 0 */
     write_sysreg(sctlr_el1, 0x30d00800);     /* RES1 bits, MMU and caches off */
     isb();
 }
@@ -139,6 +166,7 @@ static void handle_data_abort(struct guest_regs *r, u64 esr)
     u64 mask = size == 8 ? ~0ull : (1ull << (8 * size)) - 1;
     u64 value = is_write && srt != 31 ? r->x[srt] & mask : 0;
     u32 status;
+    const struct boot_params *params = my_params();
     if (in_range(ipa, params->window_base, params->window_size)) {
         status = trap_mmio(ipa, size, is_write, &value);
     } else if (in_range(ipa, GICD_BASE, GIC_WINDOW_SIZE) &&
@@ -164,15 +192,37 @@ static void handle_data_abort(struct guest_regs *r, u64 esr)
     write_sysreg(elr_el2, read_sysreg(elr_el2) + 4);
 }
 
+/* The guest is done: the board powers off with the last running VM; until
+ * then this CPU parks (vgic_park keeps CPU0 forwarding doorbells). */
+static void vm_stop(void)
+{
+    u32 left;
+    __asm__ volatile("1: ldaxr %w0, [%1]\n"
+                     "   sub %w0, %w0, #1\n"
+                     "   stlxr w9, %w0, [%1]\n"
+                     "   cbnz w9, 1b" : "=&r"(left) : "r"(&vms_running) : "w9", "memory");
+    if (left == 0)
+        power_off();
+    log_printf("guest powered off; %u VM(s) still running", left);
+    vgic_park();
+}
+
 static void handle_smc(struct guest_regs *r)
 {
     u32 fid = (u32)r->x[0];
-    if (fid == PSCI_SYSTEM_OFF)
-        log_printf("guest: PSCI SYSTEM_OFF");
-    else if (fid == PSCI_SYSTEM_RESET)
-        log_printf("guest: PSCI SYSTEM_RESET");
-    r->x[0] = smc_call(r->x[0], r->x[1], r->x[2], r->x[3]);
     write_sysreg(elr_el2, read_sysreg(elr_el2) + 4);   /* a trapped SMC returns to itself */
+    if (fid == PSCI_SYSTEM_OFF || fid == PSCI_SYSTEM_RESET || fid == PSCI_CPU_OFF) {
+        log_printf("guest: PSCI %s", fid == PSCI_SYSTEM_OFF ? "SYSTEM_OFF" :
+                   fid == PSCI_SYSTEM_RESET ? "SYSTEM_RESET" : "CPU_OFF");
+        if (stub_vm_count == 1 && fid != PSCI_CPU_OFF)
+            r->x[0] = smc_call(r->x[0], r->x[1], r->x[2], r->x[3]);   /* QEMU -no-reboot: ends */
+        vm_stop();
+    } else if (fid == PSCI_CPU_ON_32 || fid == PSCI_CPU_ON_64) {
+        /* One vCPU, MPIDR Aff0 = 0 (VMPIDR_EL2): never another physical CPU. */
+        r->x[0] = (r->x[1] & 0xff00ffffffull) == 0 ? PSCI_ALREADY_ON : PSCI_INVALID_PARAMETERS;
+    } else {
+        r->x[0] = smc_call(r->x[0], r->x[1], r->x[2], r->x[3]);
+    }
 }
 
 static void before_guest_resumes(void)
@@ -216,18 +266,30 @@ void stub_fatal(void)
     power_off();
 }
 
-void stub_main(void)
+static int params_ok(u32 vm)
 {
-    uart_init();
-    params = (const struct boot_params *)BOOT_PARAMS_ADDR;
-    log_printf("started at EL%u", (u32)(read_sysreg(CurrentEL) >> 2));
-    if (params->magic != BOOT_PARAMS_MAGIC || params->version != 1) {
-        log_printf("no boot parameters at 0x%lx (magic 0x%x)", BOOT_PARAMS_ADDR, params->magic);
-        power_off();
+    const struct boot_params *p = vm_params(vm);
+    if (p->magic != BOOT_PARAMS_MAGIC || p->version != BOOT_PARAMS_VERSION || p->vm_id != vm ||
+        p->vm_count != vm_params(0)->vm_count) {
+        log_printf("no boot parameters for VM %u at 0x%lx (magic 0x%x version %u)", vm,
+                   (u64)p, p->magic, p->version);
+        return 0;
     }
-    trap_init(params);
+    if (p->irq_base < 32 || p->irq_count < 1 || p->irq_count > NR_GUEST_INTIDS ||
+        p->irq_base + p->irq_count > NR_GUEST_INTIDS) {
+        log_printf("VM %u: INTIDs %u+%u are not SPIs of the guests' distributor (32..%u)", vm,
+                   p->irq_base, p->irq_count, NR_GUEST_INTIDS - 1);
+        return 0;
+    }
+    return 1;
+}
+
+/* On every CPU: its stage 2, GIC interfaces and EL2 state, then its guest. */
+static void enter_vm(void)
+{
+    const struct boot_params *params = my_params();
     stage2_init();
-    vgic_init();
+    vgic_init_cpu();
     el2_init();
     if (params->model_wait_ms) {
         if (trap_wait_model(params->model_wait_ms))
@@ -237,4 +299,44 @@ void stub_main(void)
     }
     log_printf("entering guest at 0x%lx, dtb 0x%lx", params->kernel_entry, params->dtb);
     enter_guest(params->kernel_entry, params->dtb);
+}
+
+void secondary_main(void)
+{
+    log_printf("CPU %u started at EL%u", cpu_index(), (u32)(read_sysreg(CurrentEL) >> 2));
+    enter_vm();
+}
+
+void secondary_start(u64 cpu);
+
+void stub_main(void)
+{
+    uart_init();
+    log_printf("started at EL%u", (u32)(read_sysreg(CurrentEL) >> 2));
+    if (!params_ok(0))
+        power_off();
+    u32 count = vm_params(0)->vm_count;
+    if (count < 1 || count > MAX_VMS) {
+        log_printf("%u VMs: this stub runs 1..%u (one per CPU)", count, MAX_VMS);
+        power_off();
+    }
+    for (u32 vm = 1; vm < count; vm++)
+        if (!params_ok(vm))
+            power_off();
+    stub_vm_count = count;
+    vms_running = count;
+    trap_init(vm_params(0));
+    for (u32 vm = 0; vm < count; vm++)
+        trap_init_vm(vm, vm_params(vm));
+    vgic_init_distributor();
+    dsb_ish();
+    for (u32 cpu = 1; cpu < count; cpu++) {
+        u64 status = smc_call(PSCI_CPU_ON_64, cpu, (u64)secondary_start, cpu);
+        if (status) {
+            log_printf("PSCI CPU_ON for CPU %u failed (%ld): run QEMU with -smp %u",
+                       cpu, (long long)status, count);
+            power_off();
+        }
+    }
+    enter_vm();
 }

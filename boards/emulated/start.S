@@ -1,15 +1,21 @@
 /*
- * start.S - entry at EL2, the exception vectors and the guest entry.
+ * start.S - entry at EL2 (CPU0 at _start, the others at secondary_start by
+ * PSCI CPU_ON from CPU0), the exception vectors and the guest entry. Each CPU
+ * has its own stack (STACK_SIZE below __stack_top per CPU) and its index in
+ * TPIDR_EL2.
  *
  * Exceptions from the guest (lower EL, AArch64) save x0-x30 in a struct
  * guest_regs on the stub's stack, call handle_sync / handle_irq in C with a
  * pointer to it, restore and ERET. The stub itself runs with PSTATE.DAIF
  * masked, so an exception taken from EL2 is a stub bug: stub_fatal logs it.
  */
+#define STACK_SIZE 0x4000    /* link.ld reserves MAX_VMS of them */
+
     .section .text.boot, "ax"
     .global _start
 _start:
     msr     daifset, #0xf
+    msr     tpidr_el2, xzr
     ldr     x1, =__stack_top
     mov     sp, x1
     ldr     x1, =vectors
@@ -24,6 +30,22 @@ _start:
 2:  bl      stub_main
 3:  wfi
     b       3b
+
+/* secondary_start(x0 = CPU index), from PSCI CPU_ON: its stack, vectors, then C. */
+    .global secondary_start
+secondary_start:
+    msr     daifset, #0xf
+    msr     tpidr_el2, x0
+    ldr     x1, =__stack_top
+    mov     x2, #STACK_SIZE
+    msub    x1, x0, x2, x1
+    mov     sp, x1
+    ldr     x1, =vectors
+    msr     vbar_el2, x1
+    isb
+    bl      secondary_main
+5:  wfi
+    b       5b
 
     .text
 /* enter_guest(entry, dtb): ERET to EL1h at entry with x0 = dtb, x1-x3 = 0, DAIF masked. */

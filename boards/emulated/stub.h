@@ -2,8 +2,9 @@
  * stub.h - shared definitions of the emulated board's EL2 stub.
  *
  * The stub is a minimal stand-in for Avatar's hypervisor on QEMU's virt
- * machine (GICv2, Cortex-A72, TCG): stage-2 for one guest, the trap page,
- * GICv2 virtualisation and PSCI forwarding. docs/emulated-board.md describes
+ * machine (GICv2, Cortex-A72, TCG): one guest (VM) per physical CPU, each
+ * with its own stage 2 (VMID = VM + 1), trap-page slot and virtual GIC
+ * state, the trap page, GICv2 virtualisation and PSCI forwarding. docs/emulated-board.md describes
  * the design. It runs with the EL2 MMU off: every stub access is a Device
  * access, so the code is built with -mstrict-align -mgeneral-regs-only.
  */
@@ -26,21 +27,33 @@ typedef avt_u64 u64;
 #define UART_BASE       0x09000000ull
 #define UART_INTID      33u             /* virt's PL011: SPI 1 */
 #define MAINT_INTID     25u             /* GICH maintenance: PPI 9 */
+#define KICK_SGI        1u              /* CPU0 -> another CPU: "look at virq_pending" */
+#define MAX_VMS         4u              /* one per CPU; the stack and table arrays */
+#define NR_GUEST_INTIDS 96u             /* INTIDs of each guest's emulated distributor */
 
-/* Boot parameters written by the host (avatar_hw/emulated/memory_map.py). */
+/* Boot parameters written by the host (avatar_hw/emulated/memory_map.py): one
+ * block per VM at BOOT_PARAMS_ADDR + BOOT_PARAMS_STRIDE * vm; VM n runs on CPU n. */
 #define BOOT_PARAMS_MAGIC 0x50425641u   /* "AVBP" */
+#define BOOT_PARAMS_VERSION 2u
+#define BOOT_PARAMS_ADDR 0x5ff01000ull
+#define BOOT_PARAMS_STRIDE 0x100ull
 struct boot_params {
     u32 magic;
     u32 version;
-    u64 kernel_entry;     /* guest EL1 entry point (Linux Image start) */
-    u64 dtb;              /* guest device tree */
-    u64 trap_page;        /* the trap page (outside guest RAM) */
-    u64 ram_base;         /* guest RAM, identity-mapped by stage 2 */
+    u64 kernel_entry;     /* guest EL1 entry point (Linux Image start, guest-physical) */
+    u64 dtb;              /* guest device tree (guest-physical) */
+    u64 trap_page;        /* the trap page (outside every guest's RAM) */
+    u64 ram_base;         /* guest RAM, guest-physical ... */
     u64 ram_size;
     u64 window_base;      /* this VM's virtio-mmio window, left unmapped */
     u64 window_size;
     u32 model_wait_ms;    /* wait this long for the model to attach before booting */
     u32 vm_id;
+    u64 ram_phys;         /* ... and where stage 2 puts it (physical) */
+    u32 vm_count;         /* VMs (= CPUs) on the board; the same in every block */
+    u32 irq_base;         /* this VM's first device INTID */
+    u32 irq_count;        /* and how many it owns (taken from virq_pending) */
+    u32 reserved;
 };
 
 struct guest_regs {
@@ -75,15 +88,20 @@ static inline void store_release32(volatile u32 *p, u32 v)
     __asm__ volatile("stlr %w0, [%1]" :: "r"(v), "r"(p) : "memory");
 }
 
-static inline u32 exchange32(volatile u32 *p, u32 v)
+/* Atomically clear ``mask`` in *p; returns the bits of ``mask`` that were set. */
+static inline u32 take_bits32(volatile u32 *p, u32 mask)
 {
-    u32 old, failed;
-    __asm__ volatile("1: ldaxr %w0, [%2]\n"
-                     "   stlxr %w1, %w3, [%2]\n"
+    u32 old, failed, left;
+    __asm__ volatile("1: ldaxr %w0, [%3]\n"
+                     "   bic %w2, %w0, %w4\n"
+                     "   stlxr %w1, %w2, [%3]\n"
                      "   cbnz %w1, 1b"
-                     : "=&r"(old), "=&r"(failed) : "r"(p), "r"(v) : "memory");
-    return old;
+                     : "=&r"(old), "=&r"(failed), "=&r"(left) : "r"(p), "r"(mask) : "memory");
+    return old & mask;
 }
+
+/* This CPU's index (MPIDR Aff0 on QEMU virt), kept in TPIDR_EL2 by start.S = its VM. */
+static inline u32 cpu_index(void) { return (u32)read_sysreg(tpidr_el2); }
 
 static inline u64 counter(void) { isb(); return read_sysreg(cntpct_el0); }
 
@@ -92,10 +110,14 @@ void uart_init(void);
 void uart_drain_rx(void);
 void doorbell_ring_host(void);
 void log_printf(const char *fmt, ...);
+extern u32 stub_vm_count;   /* log lines carry "vmN: " when there is more than one */
 void guest_uart_access(u64 offset, int is_write, u64 *value);
 
 /* vgic.c */
-void vgic_init(void);
+void vgic_init_distributor(void);
+void vgic_init_cpu(void);
+void vgic_kick(u32 cpu);
+void vgic_park(void) __attribute__((noreturn));
 void vgic_handle_irq(void);
 void vgic_request(u32 word, u32 bits);
 void vgic_flush(void);
@@ -103,7 +125,9 @@ int vgic_dist_access(u64 offset, u32 size, int is_write, u64 *value);
 
 /* trap.c */
 void trap_init(const struct boot_params *bp);
+void trap_init_vm(u32 vm, const struct boot_params *bp);
 int trap_wait_model(u32 ms);
+void trap_kick_other_vms(void);
 u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value);
 void trap_take_virq_requests(void);
 

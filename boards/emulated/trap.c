@@ -1,7 +1,8 @@
 /*
  * trap.c - the stub side of the trap page (docs/trap-abi.md).
  *
- * One vCPU, so one slot. A trapped access is posted (fields, then state =
+ * One vCPU per VM and one VM per CPU, so slot i is CPU i's (vcpu_id = slot
+ * index, vm_id = the VM). A trapped access is posted (fields, then state =
  * POSTED with STLR, DMB, doorbell byte if the model sleeps), then the stub
  * spins with LDAR until DONE. Posted writes (AVT_F_POSTED_WRITES, when the
  * model accepted it): QueueNotify and InterruptACK are posted with
@@ -14,18 +15,26 @@
  * Register shadows (AVT_F_REGISTER_SHADOW): a read of a register the model
  * keeps in the window's shadow page is answered here, with no round trip,
  * once the vCPU's posted write is served (the seqlock of avatar_trap.h).
- * virq_pending (AVT_F_VIRQ_REQUEST) is taken with an atomic exchange per word
- * on every exception the stub handles.
+ * virq_pending (AVT_F_VIRQ_REQUEST): each CPU takes only its own VM's INTIDs
+ * (irq_base .. irq_base + irq_count - 1) with an atomic AND on every exception
+ * it handles. The host's doorbell interrupts CPU0 only (the UART's SPI), so
+ * CPU0 sends KICK_SGI to a CPU whose VM has requests waiting.
  */
 #include "stub.h"
 
 static volatile struct avt_header *hdr;
-static volatile struct avt_slot *slot;
-static u16 vm_id;
-static int detached_logged;
+
+struct vm_trap {
+    volatile struct avt_slot *slot;
+    u16 vm_id;
+    u32 irq_base, irq_count;
+    int detached_logged;
+    u64 window_base;        /* the VM's first device window (guest-physical) */
+    u32 first_window;       /* its window number in the layout: its shadow page */
+};
+
+static struct vm_trap vm_traps[MAX_VMS];
 static volatile struct avt_shadow *shadows;
-static u64 window_base;
-static u32 first_window;        /* window number (the layout's) of this VM's first window */
 
 /* The registers whose writes are posted (offsets in a 4 KiB device window). */
 #define REG_QUEUE_NOTIFY   0x050u
@@ -35,28 +44,37 @@ static u32 first_window;        /* window number (the layout's) of this VM's fir
 void trap_init(const struct boot_params *bp)
 {
     hdr = (volatile struct avt_header *)bp->trap_page;
-    slot = (volatile struct avt_slot *)(bp->trap_page + AVT_SLOTS_OFFSET);
-    vm_id = (u16)bp->vm_id;
-    for (u32 i = 0; i < sizeof(struct avt_slot) / 8; i++)
-        ((volatile u64 *)slot)[i] = 0;
+    store_release32(&hdr->stub_state, AVT_STUB_NOT_READY);
+    for (u32 i = 0; i < AVT_PAGE_SIZE / 8; i++)
+        ((volatile u64 *)hdr)[i] = 0;
     shadows = (volatile struct avt_shadow *)(bp->trap_page + SHADOW_OFFSET);
     for (u64 i = 0; i < SHADOW_COUNT * AVT_SHADOW_PAGE_SIZE / 8; i++)
         ((volatile u64 *)shadows)[i] = 0;
-    window_base = bp->window_base;
-    first_window = (u32)(bp->vm_id * (bp->window_size / AVT_SHADOW_PAGE_SIZE));
     hdr->shadow_offset = SHADOW_OFFSET;
     hdr->shadow_count = SHADOW_COUNT;
     hdr->magic = AVT_MAGIC;
     hdr->abi_major = AVT_ABI_MAJOR;
     hdr->abi_minor = AVT_ABI_MINOR;
-    hdr->slot_count = 1;
+    hdr->slot_count = bp->vm_count;
     hdr->slot_size = AVT_SLOT_SIZE;
     hdr->slots_offset = AVT_SLOTS_OFFSET;
     hdr->stub_features = AVT_F_VIRQ_REQUEST | AVT_F_POSTED_WRITES | AVT_F_REGISTER_SHADOW;
     hdr->counter_hz = read_sysreg(cntfrq_el0);
     store_release32(&hdr->stub_state, AVT_STUB_READY);
-    log_printf("trap page at 0x%lx ready (1 slot, features 0x%x)", bp->trap_page,
-               hdr->stub_features);
+    log_printf("trap page at 0x%lx ready (%u slots, features 0x%x)", bp->trap_page,
+               bp->vm_count, hdr->stub_features);
+}
+
+/* VM ``vm``'s slot (its CPU's) and INTIDs; by CPU0 for every VM, after trap_init. */
+void trap_init_vm(u32 vm, const struct boot_params *bp)
+{
+    struct vm_trap *t = &vm_traps[vm];
+    t->slot = (volatile struct avt_slot *)(bp->trap_page + AVT_SLOTS_OFFSET + AVT_SLOT_SIZE * vm);
+    t->vm_id = (u16)bp->vm_id;
+    t->irq_base = bp->irq_base;
+    t->irq_count = bp->irq_count;
+    t->window_base = bp->window_base;
+    t->first_window = (u32)(bp->vm_id * (bp->window_size / AVT_SHADOW_PAGE_SIZE));
 }
 
 static int model_attached(void)
@@ -79,7 +97,7 @@ int trap_wait_model(u32 ms)
  * served this vCPU's last posted write. A model that detaches meanwhile
  * never will (it answered everything posted before DETACHED): withdraw it.
  */
-static void wait_posted_write_served(void)
+static void wait_posted_write_served(volatile struct avt_slot *slot)
 {
     while (load_acquire32(&slot->state) != AVT_SLOT_FREE) {
         if (!model_attached()) {
@@ -97,12 +115,12 @@ static int postable(u64 gpa, int is_write)
 }
 
 /* A read answered from the window's shadow page: 1 (and *value), or 0: trap it. */
-static int shadow_read(u64 gpa, u32 size, u64 *value)
+static int shadow_read(const struct vm_trap *t, u64 gpa, u32 size, u64 *value)
 {
     if (!(hdr->model_features & AVT_F_REGISTER_SHADOW))
         return 0;
-    u64 rel = gpa - window_base;
-    u32 window = first_window + (u32)(rel / AVT_SHADOW_PAGE_SIZE);
+    u64 rel = gpa - t->window_base;
+    u32 window = t->first_window + (u32)(rel / AVT_SHADOW_PAGE_SIZE);
     u32 off = (u32)(rel % AVT_SHADOW_PAGE_SIZE);
     if (window >= SHADOW_COUNT || off >= AVT_SHADOW_IMAGE_SIZE || (off & (size - 1)))
         return 0;
@@ -125,15 +143,17 @@ static int shadow_read(u64 gpa, u32 size, u64 *value)
 
 u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
 {
-    wait_posted_write_served();
+    struct vm_trap *t = &vm_traps[cpu_index()];
+    volatile struct avt_slot *slot = t->slot;
+    wait_posted_write_served(slot);
     if (!model_attached()) {
-        if (!detached_logged)
+        if (!t->detached_logged)
             log_printf("no device model attached: access to 0x%lx reads as zero / is ignored", gpa);
-        detached_logged = 1;
+        t->detached_logged = 1;
         return AVT_STATUS_UNHANDLED;
     }
-    detached_logged = 0;
-    if (!is_write && shadow_read(gpa, size, value))
+    t->detached_logged = 0;
+    if (!is_write && shadow_read(t, gpa, size, value))
         return AVT_STATUS_OK;
     int posted = postable(gpa, is_write);
     slot->seq = slot->seq + 1;
@@ -143,8 +163,8 @@ u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
     slot->direction = is_write ? AVT_DIR_WRITE : AVT_DIR_READ;
     slot->status = AVT_STATUS_OK;
     slot->flags = posted ? AVT_SLOT_F_POSTED_WRITE : 0;
-    slot->vm_id = vm_id;
-    slot->vcpu_id = 0;
+    slot->vm_id = t->vm_id;
+    slot->vcpu_id = (u16)cpu_index();
     slot->t_post = counter();
     store_release32(&slot->state, AVT_SLOT_POSTED);
     dmb_ish();
@@ -167,10 +187,37 @@ u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
     return status;
 }
 
+/* The virq_pending bits of word w that belong to VM v. */
+static u32 vm_mask(const struct vm_trap *t, u32 w)
+{
+    u32 mask = 0;
+    for (u32 i = t->irq_base; i < t->irq_base + t->irq_count; i++)
+        if (i / 32 == w)
+            mask |= 1u << (i % 32);
+    return mask;
+}
+
 void trap_take_virq_requests(void)
 {
-    for (u32 w = 0; w < 8; w++) {
-        if (hdr->virq_pending[w])
-            vgic_request(w, exchange32(&hdr->virq_pending[w], 0));
+    const struct vm_trap *t = &vm_traps[cpu_index()];
+    for (u32 w = t->irq_base / 32; w <= (t->irq_base + t->irq_count - 1) / 32; w++) {
+        u32 mask = vm_mask(t, w);
+        if (hdr->virq_pending[w] & mask)
+            vgic_request(w, take_bits32(&hdr->virq_pending[w], mask));
+    }
+}
+
+void trap_kick_other_vms(void)
+{
+    for (u32 cpu = 0; cpu < stub_vm_count; cpu++) {
+        const struct vm_trap *t = &vm_traps[cpu];
+        if (cpu == cpu_index() || !t->irq_count)
+            continue;
+        for (u32 w = t->irq_base / 32; w <= (t->irq_base + t->irq_count - 1) / 32; w++) {
+            if (hdr->virq_pending[w] & vm_mask(t, w)) {
+                vgic_kick(cpu);
+                break;
+            }
+        }
     }
 }

@@ -1,5 +1,11 @@
 /*
- * vgic.c - minimal GICv2 virtualisation for one guest vCPU.
+ * vgic.c - minimal GICv2 virtualisation: one guest vCPU per physical CPU.
+ *
+ * The distributor is shared (CPU0 sets it up once; SPIs target CPU0, which
+ * owns the stub's UART); the CPU interface, GICH and GICV are banked per CPU,
+ * and each CPU keeps its own guest's virtual distributor state (struct vgic).
+ * CPU0 wakes another CPU with KICK_SGI when the host asked for that CPU's
+ * guest interrupts (trap.c).
  *
  * Physical side (owned by the stub): the distributor and CPU interface take
  * every physical IRQ to EL2 (HCR_EL2.IMO). The guest's timer PPIs are
@@ -26,7 +32,7 @@
  */
 #include "stub.h"
 
-#define NR_VIRQ      96u
+#define NR_VIRQ      NR_GUEST_INTIDS
 #define NR_VIRQ_WORDS (NR_VIRQ / 32)
 
 #define GICD_CTLR       0x000
@@ -61,14 +67,20 @@
 #define PASSTHROUGH_PPIS ((1u << 30) | (1u << 27))
 #define STUB_PRIORITY 0xa0
 
-static u32 vctlr;
-static u32 venabled[NR_VIRQ_WORDS] = { 0xffff };   /* SGIs are always enabled */
-static u32 sw_pending[NR_VIRQ_WORDS];
-static u8 vpriority[NR_VIRQ];
-static u8 vtarget[NR_VIRQ];
-static u32 vconfig[NR_VIRQ / 16];
+struct vgic {
+    u32 vctlr;
+    u32 venabled[NR_VIRQ_WORDS];
+    u32 sw_pending[NR_VIRQ_WORDS];
+    u8 vpriority[NR_VIRQ];
+    u8 vtarget[NR_VIRQ];
+    u32 vconfig[NR_VIRQ / 16];
+    u32 ppis_in_guest;      /* pass-through PPIs held disabled until the guest's EOI */
+};
+
+static struct vgic vgics[MAX_VMS];
 static u32 nr_lrs;
-static u32 ppis_in_guest;      /* pass-through PPIs held disabled until the guest's EOI */
+
+static struct vgic *this_vgic(void) { return &vgics[cpu_index()]; }
 
 static u64 lr_addr(u32 i) { return GICH_BASE + GICH_LR0 + 4 * i; }
 
@@ -83,37 +95,55 @@ static void phys_set_priority_target(u32 intid)
     }
 }
 
-void vgic_init(void)
+/* Once, on CPU0: every SPI disabled, the UART's routed to CPU0. */
+void vgic_init_distributor(void)
 {
     u32 lines = ((mmio_read32(GICD_BASE + GICD_TYPER) & 0x1f) + 1) * 32;
     mmio_write32(GICD_BASE + GICD_CTLR, 0);
-    for (u32 i = 0; i < lines / 32; i++) {
+    for (u32 i = 1; i < lines / 32; i++) {
         mmio_write32(GICD_BASE + GICD_ICENABLER + 4 * i, 0xffffffffu);
         mmio_write32(GICD_BASE + GICD_ICPENDR + 4 * i, 0xffffffffu);
     }
     phys_set_priority_target(UART_INTID);
+    mmio_write32(GICD_BASE + GICD_ISENABLER + 4 * (UART_INTID / 32), 1u << (UART_INTID % 32));
+    mmio_write32(GICD_BASE + GICD_CTLR, 1);
+    nr_lrs = (mmio_read32(GICH_BASE + GICH_VTR) & 0x3f) + 1;
+    log_printf("GICv2: %u lines, %u list registers, guest distributors emulated", lines, nr_lrs);
+}
+
+/* On each CPU: its banked SGIs/PPIs, CPU interface and GICH, and its guest's state. */
+void vgic_init_cpu(void)
+{
+    struct vgic *g = this_vgic();
+    mmio_write32(GICD_BASE + GICD_ICENABLER, 0xffffffffu);
+    mmio_write32(GICD_BASE + GICD_ICPENDR, 0xffffffffu);
     phys_set_priority_target(MAINT_INTID);
+    phys_set_priority_target(KICK_SGI);
     phys_set_priority_target(27);
     phys_set_priority_target(30);
-    mmio_write32(GICD_BASE + GICD_ISENABLER + 4 * (UART_INTID / 32), 1u << (UART_INTID % 32));
-    mmio_write32(GICD_BASE + GICD_ISENABLER, 1u << MAINT_INTID);
-    mmio_write32(GICD_BASE + GICD_CTLR, 1);
+    mmio_write32(GICD_BASE + GICD_ISENABLER, (1u << MAINT_INTID) | (1u << KICK_SGI));
     mmio_write32(GICC_BASE + GICC_PMR, 0xff);
     mmio_write32(GICC_BASE + GICC_BPR, 0);
     mmio_write32(GICC_BASE + GICC_CTLR, 1u | (1u << 9));   /* EnableGrp0, EOImode */
 
-    nr_lrs = (mmio_read32(GICH_BASE + GICH_VTR) & 0x3f) + 1;
     for (u32 i = 0; i < nr_lrs; i++)
         mmio_write32(lr_addr(i), 0);
     mmio_write32(GICH_BASE + GICH_HCR, HCR_EN);
+    g->venabled[0] = 0xffff;                                /* SGIs are always enabled */
     for (u32 i = 0; i < NR_VIRQ; i++)
-        vtarget[i] = 1;
-    log_printf("GICv2: %u lines, %u list registers, guest distributor emulated", lines, nr_lrs);
+        g->vtarget[i] = 1;
+}
+
+/* Physical SGI to ``cpu`` (its CPU interface number is its index on QEMU virt). */
+void vgic_kick(u32 cpu)
+{
+    mmio_write32(GICD_BASE + GICD_SGIR, (1u << (16 + cpu)) | KICK_SGI);
 }
 
 /* Put intid in a list register; 0 when none is free. */
 static int inject(u32 intid)
 {
+    struct vgic *g = this_vgic();
     for (u32 i = 0; i < nr_lrs; i++) {
         u32 lr = mmio_read32(lr_addr(i));
         if ((lr & LR_STATE) && (lr & 0x3ff) == intid) {
@@ -127,7 +157,7 @@ static int inject(u32 intid)
     u32 empty = mmio_read32(GICH_BASE + GICH_ELRSR0) & ((1u << nr_lrs) - 1);
     if (!empty)
         return 0;
-    u32 lr = intid | ((u32)(vpriority[intid] >> 3) << 23) | LR_PENDING;
+    u32 lr = intid | ((u32)(g->vpriority[intid] >> 3) << 23) | LR_PENDING;
     if (intid < 32 && ((1u << intid) & PASSTHROUGH_PPIS))
         lr |= LR_EOI;
     mmio_write32(lr_addr((u32)__builtin_ctz(empty)), lr);
@@ -137,15 +167,16 @@ static int inject(u32 intid)
 /* EOI maintenance: the guest finished a pass-through PPI; enable it again. */
 static void handle_maintenance(void)
 {
+    struct vgic *g = this_vgic();
     u32 eisr = mmio_read32(GICH_BASE + GICH_EISR0);
     while (eisr) {
         u32 i = (u32)__builtin_ctz(eisr);
         eisr &= eisr - 1;
         u32 intid = mmio_read32(lr_addr(i)) & 0x3ff;
         mmio_write32(lr_addr(i), 0);
-        if (intid < 32 && ((1u << intid) & ppis_in_guest)) {
-            ppis_in_guest &= ~(1u << intid);
-            if (venabled[0] & (1u << intid))
+        if (intid < 32 && ((1u << intid) & g->ppis_in_guest)) {
+            g->ppis_in_guest &= ~(1u << intid);
+            if (g->venabled[0] & (1u << intid))
                 mmio_write32(GICD_BASE + GICD_ISENABLER, 1u << intid);
         }
     }
@@ -153,15 +184,16 @@ static void handle_maintenance(void)
 
 void vgic_flush(void)
 {
+    struct vgic *g = this_vgic();
     int left = 0;
-    if (vctlr & 1) {
+    if (g->vctlr & 1) {
         for (u32 w = 0; w < NR_VIRQ_WORDS; w++) {
-            u32 bits = sw_pending[w] & venabled[w];
+            u32 bits = g->sw_pending[w] & g->venabled[w];
             while (bits) {
                 u32 bit = (u32)__builtin_ctz(bits);
                 bits &= bits - 1;
                 if (inject(w * 32 + bit))
-                    sw_pending[w] &= ~(1u << bit);
+                    g->sw_pending[w] &= ~(1u << bit);
                 else
                     left = 1;
             }
@@ -172,6 +204,7 @@ void vgic_flush(void)
 
 void vgic_request(u32 word, u32 bits)
 {
+    struct vgic *g = this_vgic();
     if (!bits)
         return;
     if (word == 0 || word >= NR_VIRQ_WORDS) {
@@ -179,11 +212,12 @@ void vgic_request(u32 word, u32 bits)
                    bits, word, NR_VIRQ - 1);
         return;
     }
-    sw_pending[word] |= bits;
+    g->sw_pending[word] |= bits;
 }
 
 void vgic_handle_irq(void)
 {
+    struct vgic *g = this_vgic();
     for (;;) {
         u32 iar = mmio_read32(GICC_BASE + GICC_IAR);
         u32 intid = iar & 0x3ff;
@@ -192,10 +226,13 @@ void vgic_handle_irq(void)
         mmio_write32(GICC_BASE + GICC_EOIR, iar);   /* priority drop */
         if (intid < 32 && ((1u << intid) & PASSTHROUGH_PPIS)) {
             mmio_write32(GICD_BASE + GICD_ICENABLER, 1u << intid);
-            ppis_in_guest |= 1u << intid;
-            sw_pending[0] |= 1u << intid;
+            g->ppis_in_guest |= 1u << intid;
+            g->sw_pending[0] |= 1u << intid;
         } else if (intid == UART_INTID) {
             uart_drain_rx();
+            trap_kick_other_vms();
+        } else if (intid == KICK_SGI) {
+            /* nothing: the caller takes this VM's virq_pending bits next */
         } else if (intid == MAINT_INTID) {
             handle_maintenance();
         } else {
@@ -205,11 +242,28 @@ void vgic_handle_irq(void)
     }
 }
 
+/* A CPU whose guest powered off: its timers off, it keeps serving physical
+ * interrupts (CPU0 keeps forwarding the host's doorbells to the other CPUs). */
+void vgic_park(void)
+{
+    mmio_write32(GICD_BASE + GICD_ICENABLER, PASSTHROUGH_PPIS);
+    for (u32 i = 0; i < nr_lrs; i++)
+        mmio_write32(lr_addr(i), 0);
+    for (;;) {
+        __asm__ volatile("wfi");
+        vgic_handle_irq();
+        trap_take_virq_requests();      /* and drop them: no guest runs here any more */
+        for (u32 w = 0; w < NR_VIRQ_WORDS; w++)
+            this_vgic()->sw_pending[w] = 0;
+    }
+}
+
 /* Mirror the guest's enables of pass-through PPIs to the physical distributor. */
 static void sync_passthrough(u32 set, u32 clear)
 {
-    if (set & PASSTHROUGH_PPIS & ~ppis_in_guest)
-        mmio_write32(GICD_BASE + GICD_ISENABLER, set & PASSTHROUGH_PPIS & ~ppis_in_guest);
+    struct vgic *g = this_vgic();
+    if (set & PASSTHROUGH_PPIS & ~g->ppis_in_guest)
+        mmio_write32(GICD_BASE + GICD_ISENABLER, set & PASSTHROUGH_PPIS & ~g->ppis_in_guest);
     if (clear & PASSTHROUGH_PPIS)
         mmio_write32(GICD_BASE + GICD_ICENABLER, clear & PASSTHROUGH_PPIS);
 }
@@ -233,64 +287,65 @@ static void byte_reg_write(u8 *array, u32 first, u32 size, u32 v, u32 writable_f
 /* Emulate a guest access to its distributor; returns 0 for an access size the GIC forbids. */
 int vgic_dist_access(u64 offset, u32 size, int is_write, u64 *value)
 {
+    struct vgic *g = this_vgic();
     u32 v = (u32)*value, r = 0;
     u32 word = (u32)(offset & 0x7f) / 4;
     if (offset >= GICD_IPRIORITYR && offset < GICD_IPRIORITYR + 0x400) {
         u32 first = (u32)(offset - GICD_IPRIORITYR);
         if (is_write)
-            byte_reg_write(vpriority, first, size, v, 0);
+            byte_reg_write(g->vpriority, first, size, v, 0);
         else
-            r = byte_reg_read(vpriority, first, size);
+            r = byte_reg_read(g->vpriority, first, size);
     } else if (offset >= GICD_ITARGETSR && offset < GICD_ITARGETSR + 0x400) {
         u32 first = (u32)(offset - GICD_ITARGETSR);
         if (is_write)
-            byte_reg_write(vtarget, first, size, v, 32);
+            byte_reg_write(g->vtarget, first, size, v, 32);
         else
-            r = byte_reg_read(vtarget, first, size);
+            r = byte_reg_read(g->vtarget, first, size);
     } else if (size != 4) {
         return 0;
     } else if (offset == GICD_CTLR) {
         if (is_write)
-            vctlr = v & 1;
-        r = vctlr;
+            g->vctlr = v & 1;
+        r = g->vctlr;
     } else if (offset == GICD_TYPER) {
         r = NR_VIRQ / 32 - 1;                        /* one CPU, no security extensions */
     } else if (offset == 0x008) {
         r = 0x0200043b;                              /* GICD_IIDR: ARM, GICv2 */
     } else if (offset >= 0x100 && offset < 0x180 && word < NR_VIRQ_WORDS) {   /* ISENABLER */
         if (is_write) {
-            venabled[word] |= v;
+            g->venabled[word] |= v;
             if (word == 0)
                 sync_passthrough(v, 0);
         }
-        r = venabled[word];
+        r = g->venabled[word];
     } else if (offset >= 0x180 && offset < 0x200 && word < NR_VIRQ_WORDS) {   /* ICENABLER */
         if (is_write) {
             u32 clear = word == 0 ? v & ~0xffffu : v;
-            venabled[word] &= ~clear;
+            g->venabled[word] &= ~clear;
             if (word == 0)
                 sync_passthrough(0, clear);
         }
-        r = venabled[word];
+        r = g->venabled[word];
     } else if (offset >= 0x200 && offset < 0x280 && word < NR_VIRQ_WORDS) {   /* ISPENDR */
         if (is_write)
-            sw_pending[word] |= word == 0 ? v & ~PASSTHROUGH_PPIS : v;
-        r = sw_pending[word];
+            g->sw_pending[word] |= word == 0 ? v & ~PASSTHROUGH_PPIS : v;
+        r = g->sw_pending[word];
     } else if (offset >= 0x280 && offset < 0x300 && word < NR_VIRQ_WORDS) {   /* ICPENDR */
         if (is_write)
-            sw_pending[word] &= ~v;
-        r = sw_pending[word];
+            g->sw_pending[word] &= ~v;
+        r = g->sw_pending[word];
     } else if (offset >= 0xc00 && offset < 0xd00) {                            /* ICFGR */
         u32 n = (u32)(offset - 0xc00) / 4;
         if (n < NR_VIRQ / 16) {
             if (is_write && n >= 2)
-                vconfig[n] = v;
-            r = n == 0 ? 0xaaaaaaaau : vconfig[n];
+                g->vconfig[n] = v;
+            r = n == 0 ? 0xaaaaaaaau : g->vconfig[n];
         }
     } else if (offset == GICD_SGIR) {
         u32 filter = (v >> 24) & 3;
         if (is_write && (filter == 2 || (filter == 0 && (v & (1u << 16)))))
-            sw_pending[0] |= 1u << (v & 0xf);
+            g->sw_pending[0] |= 1u << (v & 0xf);
     } else if (offset == 0xfe8) {
         r = 0x2b;                                    /* GICD_PIDR2: architecture version 2 */
     }
