@@ -85,6 +85,15 @@ def build_initrd(workdir, programs=("avbench",), scripts=None):
     return initrd
 
 
+class BytesLost(AvatarError):
+    """A bulk transfer stalled short: ``received`` bytes arrived, the last at ``last``
+    (``time.perf_counter()``)."""
+
+    def __init__(self, message, received, last):
+        super().__init__(message)
+        self.received, self.last = received, last
+
+
 class BenchShell(GuestShell):
     """The guest shell, plus bulk transfers over the same console."""
 
@@ -97,12 +106,15 @@ class BenchShell(GuestShell):
         left = count - len(take)
         chunk = bytearray(1 << 20)
         self.sock.settimeout(idle_timeout)
+        last = time.perf_counter()
         while left:
             try:
                 n = self.sock.recv_into(chunk, min(left, len(chunk)))
             except TimeoutError:
-                raise AvatarError(f"guest console: {count - left} of {count} bytes arrived, "
-                                  f"then nothing for {idle_timeout} s") from None
+                raise BytesLost(f"guest console: {count - left} of {count} bytes arrived, "
+                                f"then nothing for {idle_timeout} s", count - left,
+                                last) from None
+            last = time.perf_counter()
             if not n:
                 raise AvatarError("guest console closed during a transfer")
             digest.update(memoryview(chunk)[:n])
@@ -162,6 +174,10 @@ def measure_guest(shell, kinds, quick, waited_traps=None):
     out["console_h2g_MBps"] = console_h2g(shell, size)
     try:                                        # last: a failure leaves the shell unusable
         out["console_g2h_MBps"] = console_g2h(shell, size)
+    except BytesLost as err:                    # the rate of what arrived, flagged lossy
+        out["console_g2h_MBps"] = err.rate
+        out["lossy"] = ["console_g2h_MBps"]
+        out["errors"] = [f"console guest->host (lossy, rate of what arrived): {err}"]
     except AvatarError as err:
         out["errors"] = [f"console guest->host: {err}"]
     return out
@@ -173,7 +189,11 @@ def console_g2h(shell, size):
     shell.read_until(rb"AVB-TX-START\n", COMMAND_TIMEOUT)
     digest = hashlib.sha256()
     start = time.perf_counter()
-    shell.read_exact(size, digest, IDLE_TIMEOUT)
+    try:
+        shell.read_exact(size, digest, IDLE_TIMEOUT)
+    except BytesLost as err:
+        err.rate = err.received / max(err.last - start, 1e-9) / 1e6
+        raise
     elapsed = time.perf_counter() - start
     sha = shell.read_until(rb"avbench tx bytes=\d+ ns=\d+ sha256=([0-9a-f]{64})",
                            COMMAND_TIMEOUT).group(1).decode()
@@ -308,6 +328,8 @@ def summarise(raw):
         for side in ("ours", "qemu"):
             values = [r[key] for r in raw[side] if key in r]
             entry[side] = spread(values) if values else None
+            if any(key in r.get("lossy", ()) for r in raw[side]):
+                entry[side + "_lossy"] = True
         if entry["ours"] and entry["qemu"]:
             entry["ratio"] = entry["ours"]["median"] / entry["qemu"]["median"]
         figures[key] = entry
@@ -324,7 +346,9 @@ def _cell(s, runs):
 
 def report(out):
     runs = out["runs"]
-    rows = [[f"{e['label']} ({e['unit']})", _cell(e["ours"], runs), _cell(e["qemu"], runs),
+    rows = [[f"{e['label']} ({e['unit']})",
+             _cell(e["ours"], runs) + (" LOSSY" if e.get("ours_lossy") else ""),
+             _cell(e["qemu"], runs) + (" LOSSY" if e.get("qemu_lossy") else ""),
              f"{e['ratio']:.3f}" if "ratio" in e else "-"] for e in out["figures"].values()]
     table(f"Emulated board, median (min-max) of {out['runs']} run(s) each, alternating",
           ["figure", "avatar-hw", "QEMU virtio-mmio", "ours/QEMU"], rows)
