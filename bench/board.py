@@ -56,7 +56,7 @@ FIGURES = [  # key, label, unit, higher is better
     ("randread_iops", "block 4 KiB rand read QD1", "IOPS", True),
     ("randread_p50_us", "  latency p50", "µs", False),
     ("randread_p99_us", "  latency p99", "µs", False),
-    ("randread_sync_traps_per_io", "  traps the vCPU waited for, per read", "", False),
+    ("randread_sync_traps_per_io", "  traps the vCPU waited for, per read", "traps", False),
     ("console_g2h_MBps", "console guest->host, sha256 checked", "MB/s", True),
     ("console_h2g_MBps", "console host->guest, sha256 checked", "MB/s", True),
     ("rng_MBps", "rng /dev/hwrng", "MB/s", True),
@@ -339,7 +339,7 @@ def summarise(raw):
 def _cell(s, runs):
     if s is None:
         return "not measured"
-    fmt = (lambda v: f"{v:,.0f}") if s["median"] >= 100 else (lambda v: f"{v:.2f}")
+    fmt = (lambda v: f"{v:,.0f}") if s["median"] >= 100 else (lambda v: f"{v:.3g}")
     missing = "" if len(s["runs"]) == runs else f" [{len(s['runs'])} of {runs} runs]"
     return f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])}){missing}"
 
