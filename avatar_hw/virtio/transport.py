@@ -184,6 +184,8 @@ class MmioTransport(LegacyRegisters):
             queue.reset()
         self._queue_was_reset = [False] * len(self.device.queues)
         self.device.reset()
+        if self.context.registers_changed is not None:   # a reset from outside a trap too
+            self.context.registers_changed()
 
     def close(self):
         """Reset the device (it drops the chains it held), detach it from the event loop
