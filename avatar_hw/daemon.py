@@ -57,6 +57,7 @@ from .loop import EventLoop
 from .service import drop_privileges, sd_notify
 from .tracing import TrapTracer
 from .trap import TrapPage
+from .virtio.constants import REG_INTERRUPT_ACK
 from .virtio.memory import GuestMemory
 from .virtio.subsystem import Subsystem
 
@@ -221,7 +222,7 @@ class Daemon:
         self._serve_until_idle()
 
     def _serve_posted_writes(self):
-        self.trap.serve_posted_writes(self.subsystem.dispatch)
+        self.trap.serve_posted_writes(self.subsystem.dispatch, REG_INTERRUPT_ACK)
 
     def _serve_until_idle(self):
         """Serve posted traps; when the budget stopped it, again after the loop's other

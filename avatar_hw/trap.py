@@ -262,15 +262,17 @@ class TrapPage:
                 served += 1
         return served
 
-    def serve_posted_writes(self, dispatch):
-        """Serve every posted write now; returns how many.
+    def serve_posted_writes(self, dispatch, offset):
+        """Serve every posted write to window ``offset`` now; returns how many.
 
-        The model calls this before it sets an InterruptStatus bit
+        The model calls this for InterruptACK before it sets an InterruptStatus bit
         (``Subsystem(before_interrupt=...)``), so that a posted InterruptACK
         the guest wrote before it looked at the used ring never clears a bit
         set for a buffer the guest has not seen (docs/trap-abi.md, section 7).
         The full fence orders the device's used-ring writes before the slot
-        loads; a slot being completed further up the stack is skipped.
+        loads; a slot being completed further up the stack is skipped. Only
+        ``offset`` is served here: an acknowledgement enters no device code, so
+        no device is re-entered from inside its own interrupt.
         """
         if not self.features & abi.F_POSTED_WRITES:
             return 0
@@ -278,8 +280,10 @@ class TrapPage:
         load = ordering.load_acquire32
         served = 0
         for index, addr in enumerate(self._state_addrs):
+            slot = self.slots[index]
             if (load(addr) == abi.SLOT_POSTED and not self._in_service >> index & 1
-                    and self.slots[index].flags & abi.SLOT_F_POSTED_WRITE):
+                    and slot.flags & abi.SLOT_F_POSTED_WRITE
+                    and (slot.gpa - self._layout_base) % self._device_size == offset):
                 self.complete_slot(index, addr, dispatch)
                 served += 1
         return served

@@ -418,7 +418,8 @@ def test_a_posted_interrupt_ack_is_served_before_a_new_interrupt_status_bit():
     trap.attach()
     irq = IrqRecorder()
     subsystem = Subsystem(interrupt_line=irq,
-                          before_interrupt=lambda: trap.serve_posted_writes(subsystem.dispatch))
+                          before_interrupt=lambda: trap.serve_posted_writes(subsystem.dispatch,
+                                                                           c.REG_INTERRUPT_ACK))
     bench = VirtioBench(RecordingDevice(), subsystem=subsystem, irq=irq)
     context = bench.transport.context
     context.interrupt(c.INT_USED_BUFFER)                           # first buffer: interrupt

@@ -39,7 +39,7 @@ class DeviceContext:
     interrupts are only counted in ``counters["interrupts"]``). ``label`` names
     the device in log lines (``vm0 console@irq48``). ``before_interrupt()``, if
     given, runs before an InterruptStatus bit is set (the daemon serves the
-    guests' posted writes there: docs/trap-abi.md, section 7).
+    guests' posted InterruptACKs there: docs/trap-abi.md, section 7).
     ``registers_changed()``, if set, runs after InterruptStatus, Status or
     ConfigGeneration changed and before the guest is interrupted (the daemon
     republishes the device's register shadow there: section 14).

@@ -44,7 +44,7 @@ class Subsystem:
     board, a recorder in tests);
     ``loop`` (an ``EventLoop``) is handed to devices so they register their
     backend fds. ``before_interrupt()`` runs before any device sets an
-    InterruptStatus bit (the daemon serves posted writes there).
+    InterruptStatus bit (the daemon serves posted InterruptACKs there).
     """
 
     def __init__(self, layout=None, *, interrupt_line=None, loop=None, before_interrupt=None):
