@@ -12,7 +12,7 @@ from .errors import AvatarError
 
 MAGIC = 0x50545641  # "AVTP" in memory order
 ABI_MAJOR = 1
-ABI_MINOR = 0
+ABI_MINOR = 1
 PAGE_SIZE = 4096
 SLOTS_OFFSET = 128
 SLOT_SIZE = 64
@@ -20,7 +20,8 @@ MAX_SLOTS = (PAGE_SIZE - SLOTS_OFFSET) // SLOT_SIZE
 
 F_POSTED_WRITES = 1 << 0
 F_VIRQ_REQUEST = 1 << 1
-SUPPORTED_FEATURES = F_POSTED_WRITES | F_VIRQ_REQUEST
+F_REGISTER_SHADOW = 1 << 2
+SUPPORTED_FEATURES = F_POSTED_WRITES | F_VIRQ_REQUEST | F_REGISTER_SHADOW
 
 MODEL_DETACHED, MODEL_ATTACHED = 0, 1
 STUB_NOT_READY, STUB_READY = 0, 1
@@ -47,7 +48,9 @@ class Header(ctypes.LittleEndianStructure):
         ("stub_state", u32),
         ("model_pid", u32),
         ("model_sleeping", u32),
-        ("reserved0", u32 * 3),
+        ("shadow_offset", u32),
+        ("shadow_count", u32),
+        ("reserved0", u32),
         ("virq_pending", u32 * 8),
         ("reserved1", u32 * 8),
     ]
@@ -71,6 +74,25 @@ class Slot(ctypes.LittleEndianStructure):
     ]
 
 
+SHADOW_PAGE_SIZE = 4096
+SHADOW_IMAGE_SIZE = 0xF00        # window offsets 0x000..0xeff mirrored at the same offsets
+SHADOW_VALID_WORDS = SHADOW_IMAGE_SIZE // 4 // 32
+
+
+class Shadow(ctypes.LittleEndianStructure):
+    """One device window's register shadow (``AVT_F_REGISTER_SHADOW``)."""
+    _fields_ = [
+        ("image", u8 * SHADOW_IMAGE_SIZE),
+        ("seq", u32),
+        ("reserved0", u32),
+        ("hits", u64),
+        ("reserved1", u8 * 0x70),
+        ("valid", u32 * SHADOW_VALID_WORDS),
+        ("reserved2", u32 * 2),
+    ]
+
+
+assert ctypes.sizeof(Shadow) == SHADOW_PAGE_SIZE
 assert ctypes.sizeof(Header) == SLOTS_OFFSET
 assert ctypes.sizeof(Slot) == SLOT_SIZE
 
@@ -79,6 +101,7 @@ MODEL_STATE_OFFSET = Header.model_state.offset
 STUB_STATE_OFFSET = Header.stub_state.offset
 MODEL_SLEEPING_OFFSET = Header.model_sleeping.offset
 VIRQ_PENDING_OFFSET = Header.virq_pending.offset
+SHADOW_SEQ_OFFSET = Shadow.seq.offset
 
 
 class AbiMismatch(AvatarError):

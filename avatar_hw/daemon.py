@@ -59,6 +59,7 @@ from .loop import EventLoop
 from .service import drop_privileges, sd_notify
 from .tracing import TrapTracer
 from .trap import TrapPage
+from .virtio.constants import REG_INTERRUPT_ACK
 from .virtio.memory import GuestMemory
 from .virtio.subsystem import Subsystem
 
@@ -146,7 +147,8 @@ class Daemon:
             line = INTERRUPT_LINES[board.interrupts](self)
         elif callable(line) and not hasattr(line, "raise_intid"):
             line = line(self.trap_region)
-        self.subsystem = Subsystem(board.layout, interrupt_line=line, loop=self.loop)
+        self.subsystem = Subsystem(board.layout, interrupt_line=line, loop=self.loop,
+                                   before_interrupt=self._serve_posted_writes)
         if self.trace:
             self.trap.trace = TrapTracer(board.layout, self.subsystem)
         for vm_id, vm in self.config.vms.items():
@@ -163,6 +165,7 @@ class Daemon:
             drop_privileges(self.user, [self.control.path])
         self.trap.wait_ready(self.wait_stub)
         self.trap.attach(wanted=self._wanted_features(), busy_poll=self.busy_poll)
+        self.subsystem.attach_shadows(self.trap.shadows)
         if self.doorbell is not None and not self.busy_poll:
             self.loop.add_reader(self.doorbell, self._on_doorbell)
         self.loop.add_reader(self._wake_r, self._on_wake)
@@ -190,14 +193,19 @@ class Daemon:
         return find_uio(spec.name_for(), **self.roots).dev_path
 
     def _wanted_features(self):
-        """Virtual-interrupt requests only where the board's interrupts go through the stub."""
+        """Virtual-interrupt requests only where the board's interrupts go through the stub.
+
+        Posted writes are declined for now: with them the emulated board's two-guest
+        test with a hostile VM 1 stalls VM 0's console (tests/test_emulated_two_guests.py,
+        not understood yet); TrapPage and both stubs implement them (issue 14).
+        """
         if self.board.interrupts != "stub":
-            return abi.SUPPORTED_FEATURES & ~abi.F_VIRQ_REQUEST
+            return abi.SUPPORTED_FEATURES & ~abi.F_VIRQ_REQUEST & ~abi.F_POSTED_WRITES
         if not self.trap.header.stub_features & abi.F_VIRQ_REQUEST:
             raise abi.AbiMismatch(
                 f"{self.board.path}: interrupts.kind = \"stub\" but the stub does not offer "
                 "AVT_F_VIRQ_REQUEST: use a board file with the GIC ([gic]) for this hypervisor")
-        return abi.SUPPORTED_FEATURES
+        return abi.SUPPORTED_FEATURES & ~abi.F_POSTED_WRITES
 
     def _make_doorbell(self):
         spec = self.doorbell
@@ -222,6 +230,9 @@ class Daemon:
     def _on_doorbell(self):
         self.doorbell.ack()
         self._serve_until_idle()
+
+    def _serve_posted_writes(self):
+        self.trap.serve_posted_writes(self.subsystem.dispatch, REG_INTERRUPT_ACK)
 
     def _serve_until_idle(self):
         """Serve posted traps; when the budget stopped it, again after the loop's other
@@ -335,6 +346,8 @@ class Daemon:
         if self.trap is not None and self.trap.slots and self.subsystem is not None:
             if self.trap.header.model_pid == os.getpid():
                 self.trap.detach(self.subsystem.dispatch)
+        if self.subsystem is not None:
+            self.subsystem.attach_shadows(None)
         if self.trap is not None:
             self.trap.release_lock()
         if self.subsystem is not None:
@@ -389,7 +402,9 @@ class Daemon:
         """What ``avatar-hw info --json`` shows."""
         vms = []
         for vm_id, memory in self.subsystem.vms.items():
-            devices = [{**entry, **self.debug_device(vm_id, entry["slot"])}
+            devices = [{**entry, **self.debug_device(vm_id, entry["slot"]),
+                        **self.trap.window_counters(
+                            self.board.layout.window_number(vm_id, entry["slot"]))}
                        for entry in self.subsystem.device_info() if entry["vm"] == vm_id]
             vms.append({"vm": vm_id, "ram": {"base": address(memory.base), "size": memory.size},
                         "window": [address(a) for a in self.board.layout.vm_window(vm_id)],

@@ -27,6 +27,7 @@ from . import abi
 from .errors import AvatarError
 from .hw import ordering
 from .ratelimit import RateLimitedLog
+from .shadow import RegisterShadows
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class TrapStats:
         self.served = 0
         self.unhandled = 0
         self.malformed = 0
-        self.posted_writes = 0
+        self.posted_writes = 0      # of ``served``: the guest did not wait for these
         self.handler_errors = 0
 
     def as_dict(self):
@@ -76,6 +77,7 @@ class TrapPage:
         self.stats = TrapStats()
         self.header = abi.Header.from_buffer(region.view(0, abi.SLOTS_OFFSET))
         self.features = 0
+        self.shadows = None             # RegisterShadows when AVT_F_REGISTER_SHADOW is in force
         self.busy_poll = False
         self.slots = ()
         self._state_addrs = ()
@@ -83,6 +85,7 @@ class TrapPage:
         self.lock_path = lock
         self._lock_fd = None
         self.stopped_at_budget = False
+        self._in_service = 0            # bit i: slot i is being completed (re-entrancy guard)
         # The window decoding, made once: window number -> owning VM (None: no device slot
         # there) and -> base address; a trap is decoded with one subtraction and one division.
         self._layout_base, self._device_size = layout.base, layout.device_size
@@ -92,6 +95,9 @@ class TrapPage:
                                  for w in range(layout.window_count))
         self._window_bases = tuple(layout.base + w * layout.device_size
                                    for w in range(layout.window_count))
+        # Per window number: traps the guest waited for, and posted writes (it did not).
+        self.waited = [0] * layout.window_count
+        self.posted = [0] * layout.window_count
 
     # -- attach / detach ----------------------------------------------------------
 
@@ -133,6 +139,13 @@ class TrapPage:
         if header.model_state == abi.MODEL_ATTACHED:
             log.info("taking over the trap page from PID %d, which is gone", header.model_pid)
         self.features = header.stub_features & wanted
+        self.shadows = None
+        if self.features & abi.F_REGISTER_SHADOW:
+            self.shadows = self._shadow_pages()
+            if self.shadows is None:
+                self.features &= ~abi.F_REGISTER_SHADOW
+            else:
+                self.shadows.clear()    # nothing a previous model left is answered
         self.busy_poll = busy_poll
         header.model_features = self.features
         header.model_pid = os.getpid()
@@ -141,6 +154,20 @@ class TrapPage:
         log.info("attached to %s: ABI %d.%d, %d slots, features 0x%x (stub offers 0x%x)",
                  self.region.name, header.abi_major, header.abi_minor, len(self.slots),
                  self.features, header.stub_features)
+
+    def _shadow_pages(self):
+        """The stub's register shadow pages in this mapping, or None (logged) when the
+        header's ``shadow_offset``/``shadow_count`` do not fit it."""
+        offset, count = self.header.shadow_offset, self.header.shadow_count
+        end = offset + count * abi.SHADOW_PAGE_SIZE
+        if offset < abi.PAGE_SIZE or offset % abi.SHADOW_PAGE_SIZE or not count \
+                or end > self.region.size:
+            log.warning("%s: the stub offers register shadows at offset 0x%x (%d pages) "
+                        "outside the %d-byte trap region: reads trap instead (map the shadow "
+                        "pages with the trap page in the board file)", self.region.name,
+                        offset, count, self.region.size)
+            return None
+        return RegisterShadows(self.region, offset, count)
 
     def detach(self, dispatch):
         """Answer what is posted, then publish DETACHED (store-release) and let go.
@@ -154,6 +181,7 @@ class TrapPage:
         self.header.model_pid = 0
         self.region.store_release32(abi.MODEL_STATE_OFFSET, abi.MODEL_DETACHED)
         self.slots, self._state_addrs = (), ()
+        self.shadows = None
         self.release_lock()
         log.info("detached from %s", self.region.name)
 
@@ -234,8 +262,41 @@ class TrapPage:
                 served += 1
         return served
 
+    def serve_posted_writes(self, dispatch, offset):
+        """Serve every posted write to window ``offset`` now; returns how many.
+
+        The model calls this for InterruptACK before it sets an InterruptStatus bit
+        (``Subsystem(before_interrupt=...)``), so that a posted InterruptACK
+        the guest wrote before it looked at the used ring never clears a bit
+        set for a buffer the guest has not seen (docs/trap-abi.md, section 7).
+        The full fence orders the device's used-ring writes before the slot
+        loads; a slot being completed further up the stack is skipped. Only
+        ``offset`` is served here: an acknowledgement enters no device code, so
+        no device is re-entered from inside its own interrupt.
+        """
+        if not self.features & abi.F_POSTED_WRITES:
+            return 0
+        ordering.fence()
+        load = ordering.load_acquire32
+        served = 0
+        for index, addr in enumerate(self._state_addrs):
+            slot = self.slots[index]
+            if (load(addr) == abi.SLOT_POSTED and not self._in_service >> index & 1
+                    and slot.flags & abi.SLOT_F_POSTED_WRITE
+                    and (slot.gpa - self._layout_base) % self._device_size == offset):
+                self.complete_slot(index, addr, dispatch)
+                served += 1
+        return served
+
     def complete_slot(self, index, state_addr, dispatch):
         """Decode slot ``index``, ``dispatch`` it, write the answer and publish it."""
+        self._in_service |= 1 << index
+        try:
+            self._complete_slot(index, state_addr, dispatch)
+        finally:
+            self._in_service &= ~(1 << index)
+
+    def _complete_slot(self, index, state_addr, dispatch):
         start = time.perf_counter_ns() if self.trace is not None else 0
         slot = self.slots[index]
         is_write = slot.direction == abi.DIR_WRITE
@@ -257,6 +318,11 @@ class TrapPage:
             else:
                 value = 0
         posted = slot.flags & abi.SLOT_F_POSTED_WRITE
+        if window >= 0:
+            if posted and is_write:
+                self.posted[window] += 1
+            else:
+                self.waited[window] += 1
         if posted and is_write:
             # The guest already resumed and the stub is not waiting: free the slot.
             ordering.store_release32(state_addr, abi.SLOT_FREE)
@@ -308,6 +374,13 @@ class TrapPage:
         return -1
 
     # -- introspection -----------------------------------------------------------------
+
+    def window_counters(self, window):
+        """``{"traps_waited", "posted_writes", "shadow_reads"}`` of window number ``window``:
+        what the guest waited for, what it did not, what the stub answered itself."""
+        shadows = self.shadows
+        return {"traps_waited": self.waited[window], "posted_writes": self.posted[window],
+                "shadow_reads": shadows.hits(window) if shadows is not None else 0}
 
     def info(self):
         header = self.header

@@ -71,6 +71,7 @@ FIGURES = [  # key, label, unit, higher is better
     ("randread_iops", "block 4 KiB rand read QD1", "IOPS", True),
     ("randread_p50_us", "  latency p50", "µs", False),
     ("randread_p99_us", "  latency p99", "µs", False),
+    ("randread_sync_traps_per_io", "  traps the vCPU waited for, per read", "traps", False),
     ("console_g2h_MBps", "console guest->host, sha256 checked", "MB/s", True),
     ("console_h2g_MBps", "console host->guest, sha256 checked", "MB/s", True),
     ("rng_MBps", "rng /dev/hwrng", "MB/s", True),
@@ -105,6 +106,15 @@ def build_initrd(workdir, programs=("avbench",), scripts=None):
     return initrd
 
 
+class BytesLost(AvatarError):
+    """A bulk transfer stalled short: ``received`` bytes arrived, the last at ``last``
+    (``time.perf_counter()``)."""
+
+    def __init__(self, message, received, last):
+        super().__init__(message)
+        self.received, self.last = received, last
+
+
 class BenchShell(GuestShell):
     """The guest shell, plus bulk transfers over the same console."""
 
@@ -117,12 +127,15 @@ class BenchShell(GuestShell):
         left = count - len(take)
         chunk = bytearray(1 << 20)
         self.sock.settimeout(idle_timeout)
+        last = time.perf_counter()
         while left:
             try:
                 n = self.sock.recv_into(chunk, min(left, len(chunk)))
             except TimeoutError:
-                raise AvatarError(f"guest console: {count - left} of {count} bytes arrived, "
-                                  f"then nothing for {idle_timeout} s") from None
+                raise BytesLost(f"guest console: {count - left} of {count} bytes arrived, "
+                                f"then nothing for {idle_timeout} s", count - left,
+                                last) from None
+            last = time.perf_counter()
             if not n:
                 raise AvatarError("guest console closed during a transfer")
             digest.update(memoryview(chunk)[:n])
@@ -151,8 +164,12 @@ def connect(path, timeout=120):
             time.sleep(0.02)
 
 
-def measure_guest(shell, kinds, quick):
-    """Every figure the guest can give with device ``kinds``; a dict of floats."""
+def measure_guest(shell, kinds, quick, waited_traps=None):
+    """Every figure the guest can give with device ``kinds``; a dict of floats.
+
+    ``waited_traps()``: how many traps the guest's vCPUs have waited for so far (ours:
+    the daemon's count, without posted writes and shadow-answered reads).
+    """
     pick = 1 if quick else 0
     out = {}
     if "block" in kinds:
@@ -163,10 +180,13 @@ def measure_guest(shell, kinds, quick):
         done, ns = shell.result(f"avbench seqwrite /dev/vda {size}", r"bytes=(\d+) ns=(\d+)")
         out["seqwrite_MBps"] = done / ns * 1e3
         count, seconds = SIZES["randread"][pick]
+        before = waited_traps() if waited_traps else 0
         ios, ns, p50, p99 = shell.result(f"avbench randread /dev/vda {count} {seconds}",
                                          r"ios=(\d+) ns=(\d+) p50_ns=(\d+) p99_ns=(\d+)")
         out.update(randread_iops=ios / ns * 1e9, randread_p50_us=p50 / 1e3,
                    randread_p99_us=p99 / 1e3)
+        if waited_traps:
+            out["randread_sync_traps_per_io"] = (waited_traps() - before) / ios
     if "rng" in kinds:
         size, seconds = SIZES["rng"][pick]
         done, ns = shell.result(f"avbench rng {size} {seconds}", r"bytes=(\d+) ns=(\d+)")
@@ -177,6 +197,10 @@ def measure_guest(shell, kinds, quick):
     out["console_h2g_MBps"] = console_h2g(shell, size)
     try:                                        # last: a failure leaves the shell unusable
         out["console_g2h_MBps"] = console_g2h(shell, size)
+    except BytesLost as err:                    # the rate of what arrived, flagged lossy
+        out["console_g2h_MBps"] = err.rate
+        out["lossy"] = ["console_g2h_MBps"]
+        out["errors"] = [f"console guest->host (lossy, rate of what arrived): {err}"]
     except AvatarError as err:
         out["errors"] = [f"console guest->host: {err}"]
     return out
@@ -202,7 +226,11 @@ def console_g2h(shell, size):
     shell.read_until(rb"AVB-TX-START\n", COMMAND_TIMEOUT)
     digest = hashlib.sha256()
     start = time.perf_counter()
-    shell.read_exact(size, digest, IDLE_TIMEOUT)
+    try:
+        shell.read_exact(size, digest, IDLE_TIMEOUT)
+    except BytesLost as err:
+        err.rate = err.received / max(err.last - start, 1e-9) / 1e6
+        raise
     elapsed = time.perf_counter() - start
     sha = shell.read_until(rb"avbench tx bytes=\d+ ns=\d+ sha256=([0-9a-f]{64})",
                            COMMAND_TIMEOUT).group(1).decode()
@@ -346,7 +374,9 @@ def run_ours(initrd, image, share, kinds, quick):
                 size = SIZES["vsock"][1 if quick else 0]
                 figures["vsock_host_echo_MBps"] = vsock_host_echo(shell, vsock_path, size)
                 figures["vsock_guest_echo_MBps"] = vsock_guest_echo(shell, vsock_path, size)
-            return {**figures, **measure_guest(shell, kinds, quick)}
+            waited = board.daemon.trap.waited
+            return {**figures,
+                    **measure_guest(shell, kinds, quick, waited_traps=lambda: sum(waited))}
         finally:
             shell.close()
 
@@ -446,6 +476,8 @@ def summarise(raw):
         for side in ("ours", "qemu"):
             values = [r[key] for r in raw[side] if key in r]
             entry[side] = spread(values) if values else None
+            if any(key in r.get("lossy", ()) for r in raw[side]):
+                entry[side + "_lossy"] = True
         if entry["ours"] and entry["qemu"]:
             entry["ratio"] = entry["ours"]["median"] / entry["qemu"]["median"]
         figures[key] = entry
@@ -455,14 +487,16 @@ def summarise(raw):
 def _cell(s, runs):
     if s is None:
         return "not measured"
-    fmt = (lambda v: f"{v:,.0f}") if s["median"] >= 100 else (lambda v: f"{v:.2f}")
+    fmt = (lambda v: f"{v:,.0f}") if s["median"] >= 100 else (lambda v: f"{v:.3g}")
     missing = "" if len(s["runs"]) == runs else f" [{len(s['runs'])} of {runs} runs]"
     return f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])}){missing}"
 
 
 def report(out):
     runs = out["runs"]
-    rows = [[f"{e['label']} ({e['unit']})", _cell(e["ours"], runs), _cell(e["qemu"], runs),
+    rows = [[f"{e['label']} ({e['unit']})",
+             _cell(e["ours"], runs) + (" LOSSY" if e.get("ours_lossy") else ""),
+             _cell(e["qemu"], runs) + (" LOSSY" if e.get("qemu_lossy") else ""),
              f"{e['ratio']:.3f}" if "ratio" in e else "-"] for e in out["figures"].values()]
     table(f"Emulated board, median (min-max) of {out['runs']} run(s) each, alternating",
           ["figure", "avatar-hw", "QEMU virtio-mmio", "ours/QEMU"], rows)

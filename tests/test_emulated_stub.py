@@ -43,7 +43,26 @@ EXPECTED_WRITES = [
     (0x204, 4, 48),                    # the guest acknowledged INTID 48
     (0x208, 4, 1),                     # again
     (0x204, 4, 48),
+    (0x50, 4, 7),                      # QueueNotify, posted
+    (0x64, 4, 9),                      # InterruptACK, posted
+    (0x150, 4, 16),                    # the shadow read after them saw both (sections 7, 14)
 ]
+POSTED = {WINDOW + 0x50, WINDOW + 0x64}
+
+
+class ShadowedIsr:
+    """A transport with one shadowed register, InterruptStatus (0x60): the sum of the
+    posted writes so far, republished by the model after each one."""
+    shadowed_registers = (0x60,)
+
+    class device:
+        config = b""
+
+    def __init__(self):
+        self.value = 0
+
+    def read(self, offset, size):
+        return self.value
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +94,9 @@ def test_probe_accesses_round_trip_through_the_trap_page(probe, busy_poll):
             if not is_write:
                 return (True, READS[addr]) if addr in READS else (False, 0)
             writes.append((addr - WINDOW, size, value))
+            if addr in POSTED:
+                isr.value += value
+                trap.shadows.publish(0, isr)
             if addr == WINDOW + 0x200:
                 line.raise_intid(48)          # taken by the stub before the guest resumes
             elif addr == WINDOW + 0x208:    # later, while the guest waits in WFI
@@ -82,6 +104,8 @@ def test_probe_accesses_round_trip_through_the_trap_page(probe, busy_poll):
             return True, 0
 
         trap.attach(busy_poll=busy_poll)
+        isr = ShadowedIsr()
+        trap.shadows.publish(0, isr)
         deadline = time.monotonic() + 60
         while machine.process.poll() is None and time.monotonic() < deadline:
             if not busy_poll:
@@ -89,7 +113,10 @@ def test_probe_accesses_round_trip_through_the_trap_page(probe, busy_poll):
             trap.serve_until_idle(handler)
         assert machine.wait(5) == 0, machine.uart.lines
         assert writes == EXPECTED_WRITES
-        assert trap.header.stub_features == abi.F_VIRQ_REQUEST
+        assert trap.header.stub_features == (abi.F_VIRQ_REQUEST | abi.F_POSTED_WRITES
+                                             | abi.F_REGISTER_SHADOW)
+        assert trap.stats.posted_writes == 2
+        assert trap.shadows.hits(0) == 1      # the 0x60 read never reached the model
         # QEMU may exit before the UART reader thread has read its last lines (under load
         # it often does): wait for them, up to the reader's end of file.
         assert machine.uart.wait_for_line("no syndrome (ISV=0", 10), machine.uart.lines

@@ -333,7 +333,7 @@ def test_not_ready_bad_magic_and_major_are_refused_with_one_line():
     StubPage(region).initialise(1, magic=0x12345678)
     with pytest.raises(abi.AbiMismatch, match="magic 0x12345678"):
         TrapPage(region, LAYOUT).wait_ready(0)
-    StubPage(region).initialise(1, major=2)
+    StubPage(region).initialise(1, major=2, minor=0)
     with pytest.raises(abi.AbiMismatch, match="trap ABI 2.0") as err:
         TrapPage(region, LAYOUT).wait_ready(0)
     assert "\n" not in str(err.value)
@@ -381,3 +381,53 @@ def test_many_traps_from_concurrent_vcpus_are_each_answered_once(page):
     assert len(writes) == 1200
     for n in range(4):
         assert [c[1] for c in writes if c[0] == VM0_DEV0 + 0x100 + 4 * n] == list(range(300))
+
+
+def test_a_posted_write_is_served_before_the_vcpus_next_trap(page):
+    """Section 7's ordering: the vCPU's next access is posted only once the model freed
+    the slot of its posted write, so the model sees them in program order."""
+    stub, trap = page
+    handler = Recorder()
+    stub.begin(0, 0, VM0_DEV0 + 0x64, 4, True, 3, posted=True)       # InterruptACK, posted
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append(
+        stub.post(0, 0, VM0_DEV0 + 0x64, 4, False, timeout=5)))
+    reader.start()
+    reader.join(0.05)
+    slot = stub.slots[0]
+    assert (slot.direction, slot.flags) == (abi.DIR_WRITE, abi.SLOT_F_POSTED_WRITE)
+    while reader.is_alive():
+        trap.serve_until_idle(handler)
+    assert handler.calls == [(VM0_DEV0 + 0x64, 3, True, 4), (VM0_DEV0 + 0x64, 0, False, 4)]
+    assert answers == [(abi.STATUS_OK, 3)]
+    assert trap.stats.posted_writes == 1 and trap.stats.served == 2
+
+
+def test_a_posted_interrupt_ack_is_served_before_a_new_interrupt_status_bit():
+    """The guest posts InterruptACK, then reads the used ring; the device adds a used
+    buffer before the model saw the ACK. Served late, the ACK would clear the new bit
+    and the guest, interrupted, would read InterruptStatus 0 and miss the buffer."""
+    from avatar_hw.testing.virtio import IrqRecorder, RecordingDevice, VirtioBench
+    from avatar_hw.virtio import constants as c
+    from avatar_hw.virtio.subsystem import Subsystem
+
+    region = Region(bytearray(abi.PAGE_SIZE))
+    stub = StubPage(region)
+    stub.initialise(slot_count=1)
+    trap = TrapPage(region, LAYOUT)
+    trap.attach()
+    irq = IrqRecorder()
+    subsystem = Subsystem(interrupt_line=irq,
+                          before_interrupt=lambda: trap.serve_posted_writes(subsystem.dispatch,
+                                                                           c.REG_INTERRUPT_ACK))
+    bench = VirtioBench(RecordingDevice(), subsystem=subsystem, irq=irq)
+    context = bench.transport.context
+    context.interrupt(c.INT_USED_BUFFER)                           # first buffer: interrupt
+    assert irq.take() == [bench.transport.intid]
+    ack = bench.transport.window + c.REG_INTERRUPT_ACK
+    stub.begin(0, 0, ack, 4, True, c.INT_USED_BUFFER, posted=True)  # not served yet
+    context.interrupt(c.INT_USED_BUFFER)                           # second buffer
+    trap.serve_until_idle(subsystem.dispatch)
+    assert context.interrupt_status == c.INT_USED_BUFFER
+    assert irq.take() == [bench.transport.intid]
+    assert trap.stats.posted_writes == 1

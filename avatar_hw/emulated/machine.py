@@ -32,7 +32,6 @@ import threading
 import time
 import uuid
 
-from .. import abi
 from ..doorbell import StubDoorbell
 from ..errors import AvatarError
 from ..hw.region import Region
@@ -330,7 +329,7 @@ class EmulatedMachine:
         return region
 
     def trap_region(self):
-        return self.map(mm.TRAP_PAGE, abi.PAGE_SIZE, "trap page")
+        return self.map(mm.TRAP_PAGE, mm.TRAP_REGION_SIZE, "trap page")
 
     def interrupt_line(self, trap_region):
         return StubInterruptLine(trap_region, self.uart.ring)

@@ -12,6 +12,8 @@ and every VM sees its own at the same guest-physical ``RAM_BASE`` (stage 2).
     0x5fe00000                  the stub (1 MiB, in no VM's RAM or stage 2)
     0x5ff00000                  the trap page (one slot per VM)
     0x5ff01000                  boot parameters, one block per VM (0x100 apart)
+    0x5ff02000                  register shadow pages, one per window of the layout
+                                (128 x 4 KiB)
     0x60000000      0x40000000  VM 1's RAM, laid out like VM 0's; VM n's at
                                 0x40000000 + n * 0x20000000
 """
@@ -27,11 +29,14 @@ STUB_BASE = RAM_BASE + GUEST_RAM_SIZE
 TRAP_PAGE = 0x5FF00000
 BOOT_PARAMS = 0x5FF01000
 BOOT_PARAMS_STRIDE = 0x100
+SHADOW_OFFSET = 0x2000            # from the trap page (boards/emulated/stub.h)
 KERNEL_ADDR = RAM_BASE + 0x00200000
 DTB_ADDR = RAM_BASE + 0x08000000
 DTB_MAX = 0x100000
 INITRD_ADDR = DTB_ADDR + DTB_MAX
 LAYOUT = Layout()                 # the seed's: windows from 0x0a000000, SPIs from 48
+SHADOW_COUNT = LAYOUT.window_count
+TRAP_REGION_SIZE = SHADOW_OFFSET + SHADOW_COUNT * 0x1000   # the trap page to the last shadow
 VM_ID = 0
 MAX_VMS = 4                       # one per CPU (MAX_VMS in boards/emulated/stub.h)
 

@@ -22,7 +22,15 @@ from pathlib import Path
 from .. import abi
 from ..hw import ordering
 from ..hw.region import Region
-from ..virtio.constants import REG_QUEUE_NOTIFY
+from ..layout import Layout
+from ..shadow import StubShadowReader
+from ..virtio.constants import REG_INTERRUPT_ACK, REG_QUEUE_NOTIFY
+
+_LAYOUT = Layout()      # the stand-in's windows: the seed's layout (FakeBoard's board file)
+
+
+# The writes the emulated board's stub posts (boards/emulated/trap.c; docs/trap-abi.md section 7).
+POSTED_REGISTERS = (REG_QUEUE_NOTIFY, REG_INTERRUPT_ACK)
 
 
 class TrapTimeout(Exception):
@@ -37,15 +45,29 @@ class StubPage:
         self.ring = ring
         self.header = abi.Header.from_buffer(region.view(0, abi.SLOTS_OFFSET))
         self.slots = ()
+        self.shadow = None
+        self.shadow_hits = 0
         self._seq = 0
         self.rings = 0
 
-    def initialise(self, slot_count, *, features=abi.SUPPORTED_FEATURES,
+    def initialise(self, slot_count, *, features=None, shadow_count=0,
                    counter_hz=1_000_000_000, major=abi.ABI_MAJOR, minor=abi.ABI_MINOR,
                    magic=abi.MAGIC):
-        """Zero the page, fill the header and slots, then publish READY (store-release)."""
-        self.region.view(0, abi.PAGE_SIZE)[:] = bytes(abi.PAGE_SIZE)
+        """Zero the page, fill the header and slots, then publish READY (store-release).
+
+        ``shadow_count``: register shadow pages for windows 0..n-1, right after the
+        page (the region must hold them); ``features`` (None: every feature the
+        stub can offer: the register shadow only with shadow pages).
+        """
+        if features is None:
+            features = abi.SUPPORTED_FEATURES
+            if not shadow_count:
+                features &= ~abi.F_REGISTER_SHADOW
+        size = abi.PAGE_SIZE + shadow_count * abi.SHADOW_PAGE_SIZE
+        self.region.view(0, size)[:] = bytes(size)
         h = self.header
+        h.shadow_offset = abi.PAGE_SIZE if shadow_count else 0
+        h.shadow_count = shadow_count
         h.magic, h.abi_major, h.abi_minor = magic, major, minor
         h.slot_count, h.slot_size, h.slots_offset = slot_count, abi.SLOT_SIZE, abi.SLOTS_OFFSET
         h.stub_features, h.counter_hz = features, counter_hz
@@ -55,6 +77,9 @@ class StubPage:
     def attach_views(self, slot_count=None):
         """Make the slot views (a second stub process over an initialised page)."""
         count = self.header.slot_count if slot_count is None else slot_count
+        h = self.header
+        self.shadow = (StubShadowReader(self.region, h.shadow_offset, h.shadow_count)
+                       if h.shadow_count else None)
         self.slots = tuple(
             abi.Slot.from_buffer(self.region.view(abi.SLOTS_OFFSET + i * abi.SLOT_SIZE,
                                                   abi.SLOT_SIZE))
@@ -139,6 +164,16 @@ class StubPage:
         """
         if not self.model_attached():
             return abi.STATUS_UNHANDLED, 0
+        if not is_write and self.shadow is not None and raw is None \
+                and self.header.model_features & abi.F_REGISTER_SHADOW:
+            self._wait_state(vcpu, (abi.SLOT_FREE,), timeout)   # its posted write first
+            relative = gpa - _LAYOUT.base
+            if 0 <= relative:
+                value = self.shadow.read(relative // _LAYOUT.device_size,
+                                         relative % _LAYOUT.device_size, size)
+                if value is not None:
+                    self.shadow_hits += 1
+                    return abi.STATUS_OK, value
         self.begin(vcpu, vm_id, gpa, size, is_write, value, posted=posted, timeout=timeout,
                    raw=raw)
         return self.finish(vcpu, timeout)
@@ -164,17 +199,19 @@ class StubPage:
             time.sleep(0.0001)
         return True
 
-    def mmio(self, vm_id, vcpu=0, *, posted_notify=False, timeout=10.0):
+    def mmio(self, vm_id, vcpu=0, *, posted_writes=False, timeout=10.0):
         """A ``handle_mmio_trap``-compatible callable that traps through this page.
 
         The stub's policy for UNHANDLED (and for a detached model) is
         read-as-zero / write-ignored, so the callable returns ``(False, 0)``.
-        With ``posted_notify`` and the model's consent, QueueNotify writes are posted.
+        With ``posted_writes`` and the model's consent, writes of
+        ``POSTED_REGISTERS`` are posted, as the emulated board's stub does; the
+        vCPU's next access waits until the model freed the slot (``begin``).
         """
         def handle_mmio_trap(addr, value, is_write, size):
-            posted = (posted_notify and is_write
+            posted = (posted_writes and is_write
                       and self.header.model_features & abi.F_POSTED_WRITES
-                      and addr % 0x1000 == REG_QUEUE_NOTIFY)
+                      and addr % 0x1000 in POSTED_REGISTERS)
             status, data = self.post(vcpu, vm_id, addr, size, is_write, value,
                                      posted=bool(posted), timeout=timeout)
             return status == abi.STATUS_OK, data
@@ -199,7 +236,9 @@ class StubPage:
 # -- the fake board: UIO tree, doorbell FIFOs and a board file in one directory ---------------------
 
 RAM_BASE = 0x40000000
-TRAP_PHYS = 0x1FFF0000
+TRAP_PHYS = 0x1FF00000
+SHADOW_PAGES = _LAYOUT.window_count                    # one per window of the seed's layout
+TRAP_SIZE = abi.PAGE_SIZE + SHADOW_PAGES * abi.SHADOW_PAGE_SIZE   # the page, then the shadows
 _BOARD_TOML = """\
 # Written by avatar_hw.testing.standin_stub.FakeBoard: the seed's layout, UIO regions as
 # on a board, interrupts requested from the (stand-in) stub through virq_pending.
@@ -256,7 +295,7 @@ class FakeBoard:
         if not create:
             self.roots = {"sysfs_root": str(self.root / "sys"), "dev_root": str(self.root / "dev")}
             return
-        devices = {0: ("avatar-trap", [(TRAP_PHYS, abi.PAGE_SIZE, 0, "trap")])}
+        devices = {0: ("avatar-trap", [(TRAP_PHYS, TRAP_SIZE, 0, "trap")])}
         for vm in range(vms):
             devices[1 + vm] = (f"avatar-vm{vm}-ram",
                                [(0x20000000 + vm * ram_size, ram_size, 0, "ram")])
@@ -285,16 +324,20 @@ class StandinStub:
     one died): slots it left are recovered as the stub would.
     """
 
-    def __init__(self, board, *, slots=4, initialise=True, features=abi.SUPPORTED_FEATURES):
+    def __init__(self, board, *, slots=4, initialise=True, features=abi.SUPPORTED_FEATURES,
+                 shadow=True):
         from ..doorbell import open_fifo
         self.board = board
-        self.trap_region = Region.map_file(board.node("avatar-trap"), abi.PAGE_SIZE,
+        self.trap_region = Region.map_file(board.node("avatar-trap"), TRAP_SIZE,
                                            name="stand-in trap page")
         self._to_model = open_fifo(board.doorbell)
         self._from_model = open_fifo(board.doorbell_stub)
         self.page = StubPage(self.trap_region, ring=self._ring)
         if initialise:
-            self.page.initialise(slots, features=features)
+            if not shadow:
+                features &= ~abi.F_REGISTER_SHADOW
+            self.page.initialise(slots, features=features,
+                                 shadow_count=SHADOW_PAGES if shadow else 0)
         else:
             self.page.attach_views()
             self.page.recover()

@@ -40,11 +40,19 @@ class DeviceContext:
 
     ``interrupt_line.raise_intid(intid)`` interrupts the guest (None: no line,
     interrupts are only counted in ``counters["interrupts"]``). ``label`` names
-    the device in log lines (``vm0 console@irq48``).
+    the device in log lines (``vm0 console@irq48``). ``before_interrupt()``, if
+    given, runs before an InterruptStatus bit is set (the daemon serves the
+    guests' posted InterruptACKs there: docs/trap-abi.md, section 7).
+    ``registers_changed()``, if set, runs after InterruptStatus, Status or
+    ConfigGeneration changed and before the guest is interrupted (the daemon
+    republishes the device's register shadow there: section 14).
     """
 
-    def __init__(self, memory, *, interrupt_line, intid, legacy, counters, label):
+    def __init__(self, memory, *, interrupt_line, intid, legacy, counters, label,
+                 before_interrupt=None):
         self.memory = memory
+        self.before_interrupt = before_interrupt
+        self.registers_changed = None
         self.interrupt_line = interrupt_line
         self.intid = intid
         self.legacy = legacy
@@ -85,9 +93,13 @@ class DeviceContext:
         self._interrupt(bits)
 
     def _interrupt(self, bits):
+        if self.before_interrupt is not None:
+            self.before_interrupt()
         old = self.interrupt_status
         self.interrupt_status = old | bits
         if bits & ~old:
+            if self.registers_changed is not None:
+                self.registers_changed()
             self.counters["interrupts"] += 1
             if self.interrupt_line is not None:
                 self.interrupt_line.raise_intid(self.intid)
@@ -101,6 +113,8 @@ class DeviceContext:
         """The configuration changed: new ConfigGeneration; with ``notify``, interrupt once
         DRIVER_OK."""
         self.config_generation = (self.config_generation + 1) & _MASK32
+        if self.registers_changed is not None:
+            self.registers_changed()
         if notify and self.status & c.STATUS_DRIVER_OK:
             self.interrupt(c.INT_CONFIG_CHANGE)
 
@@ -111,6 +125,8 @@ class DeviceContext:
             return
         self._error_log("%s: %s; setting DEVICE_NEEDS_RESET", self.label, reason)
         self.status |= c.STATUS_DEVICE_NEEDS_RESET
+        if self.registers_changed is not None:
+            self.registers_changed()
         if self.status & c.STATUS_DRIVER_OK:
             self.interrupt(c.INT_CONFIG_CHANGE)
 

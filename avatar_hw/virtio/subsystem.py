@@ -27,6 +27,7 @@ import logging
 import sys
 
 from ..layout import Layout
+from .constants import REG_QUEUE_NOTIFY
 from .transport import MmioTransport
 
 log = logging.getLogger(__name__)
@@ -42,16 +43,19 @@ class Subsystem:
     guests (the GIC's board SPI on a board, the stub's request on the emulated
     board, a recorder in tests);
     ``loop`` (an ``EventLoop``) is handed to devices so they register their
-    backend fds.
+    backend fds. ``before_interrupt()`` runs before any device sets an
+    InterruptStatus bit (the daemon serves posted InterruptACKs there).
     """
 
-    def __init__(self, layout=None, *, interrupt_line=None, loop=None):
+    def __init__(self, layout=None, *, interrupt_line=None, loop=None, before_interrupt=None):
         self.layout = layout or Layout()
         size = self.layout.device_size
         if size & (size - 1):
             raise ValueError(f"layout device_size 0x{size:x} is not a power of two")
         self._span = self.layout.window_count * size
         self.interrupt_line = interrupt_line
+        self.before_interrupt = before_interrupt
+        self.shadows = None      # avatar_hw.shadow.RegisterShadows, once the trap page has them
         self.loop = loop
         self.vms = {}            # vm_id -> GuestMemory
         self._devices = {}       # (vm_id, slot) -> MmioTransport
@@ -94,10 +98,14 @@ class Subsystem:
                              f"{self._devices[vm_id, slot].device.name}")
         window = self.layout.window(vm_id, slot)
         transport = MmioTransport(device, self.vms[vm_id], interrupt_line=self.interrupt_line,
-                                  intid=self.layout.intid(vm_id, slot), legacy=legacy)
+                                  intid=self.layout.intid(vm_id, slot), legacy=legacy,
+                                  before_interrupt=self.before_interrupt)
         transport.window = window
+        number = self.layout.window_number(vm_id, slot)
         self._devices[vm_id, slot] = transport
-        self._by_window[self.layout.window_number(vm_id, slot)] = transport
+        self._by_window[number] = transport
+        transport.context.registers_changed = lambda: self.publish(number)
+        self.publish(number)
         if self.loop is not None:
             device.attach(self.loop)
         log.info("vm%d slot %d: %s at 0x%x, INTID %d", vm_id, slot, device.name, window,
@@ -106,7 +114,10 @@ class Subsystem:
 
     def destroy_device(self, vm_id, slot):
         transport = self._devices.pop((vm_id, slot))
-        self._by_window[self.layout.window_number(vm_id, slot)] = None
+        number = self.layout.window_number(vm_id, slot)
+        self._by_window[number] = None
+        if self.shadows is not None:
+            self.shadows.clear(number)
         transport.device.detach()
 
     def configure_vm(self, vm_id, console=None, block=None, net=None):
@@ -148,6 +159,23 @@ class Subsystem:
         for memory in self.vms.values():
             memory.release()
 
+    # -- register shadows (docs/trap-abi.md section 14) ------------------------------------
+
+    def attach_shadows(self, shadows):
+        """Keep ``shadows`` (``RegisterShadows``, None: none) current from now on."""
+        self.shadows = shadows
+        for number, transport in enumerate(self._by_window):
+            if transport is not None:
+                self.publish(number)
+
+    def publish(self, window):
+        """Republish window number ``window``'s register shadow, if there are shadows."""
+        if self.shadows is not None:
+            self.shadows.publish(window, self._by_window[window])
+
+    def shadow_hits(self, window):
+        return self.shadows.hits(window) if self.shadows is not None else 0
+
     # -- the trap path -----------------------------------------------------------------------
 
     def handle_mmio_trap(self, addr, value, is_write, size):
@@ -172,6 +200,8 @@ class Subsystem:
         try:
             if is_write:
                 transport.write(offset, size, value)
+                if self.shadows is not None and offset != REG_QUEUE_NOTIFY:
+                    self.shadows.publish(window, transport)
                 return _WRITE_DONE
             return True, transport.read(offset, size)
         except Exception as err:     # a device bug must not take the daemon down

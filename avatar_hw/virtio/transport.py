@@ -80,19 +80,22 @@ class MmioTransport(LegacyRegisters):
     (``device.bind``), never the transport itself.
     """
 
-    def __init__(self, device, memory, *, interrupt_line=None, intid=0, legacy=False):
+    def __init__(self, device, memory, *, interrupt_line=None, intid=0, legacy=False,
+                 before_interrupt=None):
         self.device = device
         self.memory = memory
         self.intid = intid
         self.legacy = legacy
         self.context = DeviceContext(memory, interrupt_line=interrupt_line, intid=intid,
                                      legacy=legacy, counters=device.counters,
-                                     label=f"vm{memory.vm_id} {device.name}@irq{intid}")
+                                     label=f"vm{memory.vm_id} {device.name}@irq{intid}",
+                                     before_interrupt=before_interrupt)
         self._prerequisites = LEGACY_STATUS_PREREQUISITES if legacy else STATUS_PREREQUISITES
         self._page_size = 4096
         self._queue_align = [4096] * len(device.queues)
         self._queue_was_reset = [False] * len(device.queues)
         self._reads, self._writes = _dispatch_tables(legacy)
+        self.shadowed_registers = tuple(r for r in _SHADOWED if r in self._reads)
         self._clear_registers()
         device.bind(self.context)
 
@@ -181,6 +184,8 @@ class MmioTransport(LegacyRegisters):
             queue.reset()
         self._queue_was_reset = [False] * len(self.device.queues)
         self.device.reset()
+        if self.context.registers_changed is not None:   # a reset from outside a trap too
+            self.context.registers_changed()
 
     def close(self):
         """Reset the device (it drops the chains it held), detach it from the event loop
@@ -412,6 +417,13 @@ class MmioTransport(LegacyRegisters):
         if self._config_range_ok(offset, size, "write"):
             data = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
             self.device.write_config(offset, data)
+
+
+# The registers a register shadow page mirrors (avatar_hw.shadow): read without side
+# effects, changed only by the model (on a write the guest made, or through the context).
+_SHADOWED = (c.REG_MAGIC_VALUE, c.REG_VERSION, c.REG_DEVICE_ID, c.REG_VENDOR_ID,
+             c.REG_DEVICE_FEATURES, c.REG_QUEUE_NUM_MAX, c.REG_QUEUE_READY,
+             c.REG_INTERRUPT_STATUS, c.REG_STATUS, c.REG_CONFIG_GENERATION)
 
 
 @functools.cache

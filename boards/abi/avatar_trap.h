@@ -22,6 +22,11 @@
  *                   store-release (FREE for a posted write).
  *   stub completes: load-acquire state == DONE, read data and status, then
  *                   state = FREE (store-release).
+ *   posted write:   the guest resumes at once; the model sets FREE after the
+ *                   write's effect; the vCPU's next access is posted only
+ *                   after the stub saw FREE (load-acquire), so it is served
+ *                   after the write. The model serves every posted write
+ *                   before it sets an InterruptStatus bit (section 7).
  *   model sleeps:   model_sleeping = 1, DMB ISH, re-scan every slot, then block.
  *   model detaches: answer every POSTED slot, then model_state = DETACHED
  *                   (store-release); it never touches a slot afterwards, so a
@@ -40,7 +45,7 @@ typedef unsigned long long avt_u64;
 
 #define AVT_MAGIC            0x50545641u   /* "AVTP" in memory order */
 #define AVT_ABI_MAJOR        1u
-#define AVT_ABI_MINOR        0u
+#define AVT_ABI_MINOR        1u
 #define AVT_PAGE_SIZE        4096u
 #define AVT_SLOTS_OFFSET     128u
 #define AVT_SLOT_SIZE        64u
@@ -49,6 +54,13 @@ typedef unsigned long long avt_u64;
 /* header.stub_features / header.model_features */
 #define AVT_F_POSTED_WRITES  (1u << 0)  /* stub may resume the guest before a write is handled */
 #define AVT_F_VIRQ_REQUEST   (1u << 1)  /* stub injects the INTIDs the model sets in virq_pending */
+#define AVT_F_REGISTER_SHADOW (1u << 2) /* stub answers reads from the model's register shadows */
+
+/* Register shadow pages (AVT_F_REGISTER_SHADOW): page n at header.shadow_offset + n *
+ * AVT_SHADOW_PAGE_SIZE mirrors device window n; see struct avt_shadow. */
+#define AVT_SHADOW_PAGE_SIZE  4096u
+#define AVT_SHADOW_IMAGE_SIZE 0xf00u    /* window offsets 0x000..0xeff */
+#define AVT_SHADOW_VALID_WORDS (AVT_SHADOW_IMAGE_SIZE / 4u / 32u)
 
 /* header.model_state */
 #define AVT_MODEL_DETACHED   0u
@@ -88,7 +100,9 @@ struct avt_header {
     avt_u32 stub_state;      /* 40 AVT_STUB_*, written last by the stub (store-release) */
     avt_u32 model_pid;       /* 44 informational: the daemon's PID while attached */
     avt_u32 model_sleeping;  /* 48 1 while the model waits on the doorbell; 0 while it polls */
-    avt_u32 reserved0[3];    /* 52 */
+    avt_u32 shadow_offset;   /* 52 byte offset of the shadow pages from this page (stub; 0: none) */
+    avt_u32 shadow_count;    /* 56 device windows with a shadow page (window numbers 0..n-1) */
+    avt_u32 reserved0;       /* 60 */
     avt_u32 virq_pending[8]; /* 64 INTID n is bit (n % 32) of word (n / 32); set by the
                                    model with an atomic OR, taken by the stub with an
                                    atomic exchange or AND (AVT_F_VIRQ_REQUEST) */
@@ -111,6 +125,29 @@ struct avt_slot {
     avt_u64 reserved[2];     /* 48 */
 };
 
+/*
+ * One device window's register shadow, written only by the model (a seqlock):
+ *   model:  seq += 1 (odd), DMB ISH, write image and valid, seq += 1 (even, STLR).
+ *   stub, a read at window offset off (not a write, and only once the vCPU's
+ *   posted write is served, i.e. its slot is FREE):
+ *           s = LDAR seq; if s odd -> trap; if !(valid[w / 32] >> w % 32 & 1)
+ *           for the 32-bit word w = off / 4 -> trap; value = image[off..];
+ *           DMB ISHLD; if seq != s -> trap; else answer value, hits += 1.
+ * A valid word is read with any access the transport accepts there: registers
+ * (window offsets below 0x100) only with aligned 32-bit reads, the
+ * configuration space with aligned 8-, 16- and 32-bit reads.
+ */
+struct avt_shadow {
+    avt_u8  image[AVT_SHADOW_IMAGE_SIZE]; /* 0x000 the window's registers at their offsets */
+    avt_u32 seq;             /* 0xf00 even: stable; odd: the model is writing */
+    avt_u32 reserved0;       /* 0xf04 */
+    avt_u64 hits;            /* 0xf08 reads the stub answered here (written by the stub only) */
+    avt_u8  reserved1[0x70]; /* 0xf10 */
+    avt_u32 valid[AVT_SHADOW_VALID_WORDS]; /* 0xf80 bit w % 32 of word w / 32: image word w is current */
+    avt_u32 reserved2[2];    /* 0xff8 */
+};
+
+typedef char avt_shadow_size_check[(sizeof(struct avt_shadow) == AVT_SHADOW_PAGE_SIZE) ? 1 : -1];
 typedef char avt_header_size_check[(sizeof(struct avt_header) == AVT_SLOTS_OFFSET) ? 1 : -1];
 typedef char avt_slot_size_check[(sizeof(struct avt_slot) == AVT_SLOT_SIZE) ? 1 : -1];
 

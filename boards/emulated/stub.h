@@ -66,6 +66,12 @@ struct guest_regs {
 #define isb() __asm__ volatile("isb" ::: "memory")
 #define dsb_ish() __asm__ volatile("dsb ish" ::: "memory")
 #define dmb_ish() __asm__ volatile("dmb ish" ::: "memory")
+#define dmb_ishld() __asm__ volatile("dmb ishld" ::: "memory")
+
+/* Register shadow pages after the trap page and the boot parameters, one per window of
+ * the seed's layout (avatar_hw/emulated/memory_map.py SHADOW_OFFSET, SHADOW_COUNT). */
+#define SHADOW_OFFSET 0x2000u
+#define SHADOW_COUNT  128u
 
 static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
 static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }

@@ -4,10 +4,17 @@
  * One vCPU per VM and one VM per CPU, so slot i is CPU i's (vcpu_id = slot
  * index, vm_id = the VM). A trapped access is posted (fields, then state =
  * POSTED with STLR, DMB, doorbell byte if the model sleeps), then the stub
- * spins with LDAR until DONE. Policies:
+ * spins with LDAR until DONE. Posted writes (AVT_F_POSTED_WRITES, when the
+ * model accepted it): QueueNotify and InterruptACK are posted with
+ * AVT_SLOT_F_POSTED_WRITE and the guest resumes at once; the model frees the
+ * slot, and the vCPU's next access waits for that FREE before it is posted,
+ * so the model serves the vCPU's accesses in program order. Policies:
  *   - no model attached (model_state != ATTACHED), or the model detaches
  *     while the slot is posted: the access completes UNHANDLED;
  *   - UNHANDLED reads as zero, writes are ignored (the caller applies it).
+ * Register shadows (AVT_F_REGISTER_SHADOW): a read of a register the model
+ * keeps in the window's shadow page is answered here, with no round trip,
+ * once the vCPU's posted write is served (the seqlock of avatar_trap.h).
  * virq_pending (AVT_F_VIRQ_REQUEST): each CPU takes only its own VM's INTIDs
  * (irq_base .. irq_base + irq_count - 1) with an atomic AND on every exception
  * it handles. The host's doorbell interrupts CPU0 only (the UART's SPI), so
@@ -22,9 +29,17 @@ struct vm_trap {
     u16 vm_id;
     u32 irq_base, irq_count;
     int detached_logged;
+    u64 window_base;        /* the VM's first device window (guest-physical) */
+    u32 first_window;       /* its window number in the layout: its shadow page */
 };
 
 static struct vm_trap vm_traps[MAX_VMS];
+static volatile struct avt_shadow *shadows;
+
+/* The registers whose writes are posted (offsets in a 4 KiB device window). */
+#define REG_QUEUE_NOTIFY   0x050u
+#define REG_INTERRUPT_ACK  0x064u
+#define DEVICE_WINDOW_MASK 0xfffu
 
 void trap_init(const struct boot_params *bp)
 {
@@ -32,17 +47,22 @@ void trap_init(const struct boot_params *bp)
     store_release32(&hdr->stub_state, AVT_STUB_NOT_READY);
     for (u32 i = 0; i < AVT_PAGE_SIZE / 8; i++)
         ((volatile u64 *)hdr)[i] = 0;
+    shadows = (volatile struct avt_shadow *)(bp->trap_page + SHADOW_OFFSET);
+    for (u64 i = 0; i < SHADOW_COUNT * AVT_SHADOW_PAGE_SIZE / 8; i++)
+        ((volatile u64 *)shadows)[i] = 0;
+    hdr->shadow_offset = SHADOW_OFFSET;
+    hdr->shadow_count = SHADOW_COUNT;
     hdr->magic = AVT_MAGIC;
     hdr->abi_major = AVT_ABI_MAJOR;
     hdr->abi_minor = AVT_ABI_MINOR;
     hdr->slot_count = bp->vm_count;
     hdr->slot_size = AVT_SLOT_SIZE;
     hdr->slots_offset = AVT_SLOTS_OFFSET;
-    hdr->stub_features = AVT_F_VIRQ_REQUEST;
+    hdr->stub_features = AVT_F_VIRQ_REQUEST | AVT_F_POSTED_WRITES | AVT_F_REGISTER_SHADOW;
     hdr->counter_hz = read_sysreg(cntfrq_el0);
     store_release32(&hdr->stub_state, AVT_STUB_READY);
     log_printf("trap page at 0x%lx ready (%u slots, features 0x%x)", bp->trap_page,
-               bp->vm_count, AVT_F_VIRQ_REQUEST);
+               bp->vm_count, hdr->stub_features);
 }
 
 /* VM ``vm``'s slot (its CPU's) and INTIDs; by CPU0 for every VM, after trap_init. */
@@ -53,6 +73,8 @@ void trap_init_vm(u32 vm, const struct boot_params *bp)
     t->vm_id = (u16)bp->vm_id;
     t->irq_base = bp->irq_base;
     t->irq_count = bp->irq_count;
+    t->window_base = bp->window_base;
+    t->first_window = (u32)(bp->vm_id * (bp->window_size / AVT_SHADOW_PAGE_SIZE));
 }
 
 static int model_attached(void)
@@ -70,10 +92,60 @@ int trap_wait_model(u32 ms)
     return 1;
 }
 
+/*
+ * Wait until the slot is FREE: it is POSTED only while the model has not yet
+ * served this vCPU's last posted write. A model that detaches meanwhile
+ * never will (it answered everything posted before DETACHED): withdraw it.
+ */
+static void wait_posted_write_served(volatile struct avt_slot *slot)
+{
+    while (load_acquire32(&slot->state) != AVT_SLOT_FREE) {
+        if (!model_attached()) {
+            store_release32(&slot->state, AVT_SLOT_FREE);
+            return;
+        }
+    }
+}
+
+static int postable(u64 gpa, int is_write)
+{
+    u64 reg = gpa & DEVICE_WINDOW_MASK;
+    return is_write && (hdr->model_features & AVT_F_POSTED_WRITES) &&
+           (reg == REG_QUEUE_NOTIFY || reg == REG_INTERRUPT_ACK);
+}
+
+/* A read answered from the window's shadow page: 1 (and *value), or 0: trap it. */
+static int shadow_read(const struct vm_trap *t, u64 gpa, u32 size, u64 *value)
+{
+    if (!(hdr->model_features & AVT_F_REGISTER_SHADOW))
+        return 0;
+    u64 rel = gpa - t->window_base;
+    u32 window = t->first_window + (u32)(rel / AVT_SHADOW_PAGE_SIZE);
+    u32 off = (u32)(rel % AVT_SHADOW_PAGE_SIZE);
+    if (window >= SHADOW_COUNT || off >= AVT_SHADOW_IMAGE_SIZE || (off & (size - 1)))
+        return 0;
+    if (size != 4 && (off < 0x100 || size > 2))    /* registers: 32-bit reads only */
+        return 0;
+    volatile struct avt_shadow *page = &shadows[window];
+    u32 seq = load_acquire32(&page->seq);
+    u32 word = off / 4;
+    if ((seq & 1) || !((page->valid[word / 32] >> (word % 32)) & 1))
+        return 0;
+    u64 v = size == 4 ? *(volatile u32 *)&page->image[off]
+          : size == 2 ? *(volatile u16 *)&page->image[off] : page->image[off];
+    dmb_ishld();                  /* the value before the second read of seq */
+    if (page->seq != seq)
+        return 0;
+    page->hits = page->hits + 1;
+    *value = v;
+    return 1;
+}
+
 u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
 {
     struct vm_trap *t = &vm_traps[cpu_index()];
     volatile struct avt_slot *slot = t->slot;
+    wait_posted_write_served(slot);
     if (!model_attached()) {
         if (!t->detached_logged)
             log_printf("no device model attached: access to 0x%lx reads as zero / is ignored", gpa);
@@ -81,13 +153,16 @@ u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
         return AVT_STATUS_UNHANDLED;
     }
     t->detached_logged = 0;
+    if (!is_write && shadow_read(t, gpa, size, value))
+        return AVT_STATUS_OK;
+    int posted = postable(gpa, is_write);
     slot->seq = slot->seq + 1;
     slot->gpa = gpa;
     slot->data = is_write ? *value : 0;
     slot->size = (u8)size;
     slot->direction = is_write ? AVT_DIR_WRITE : AVT_DIR_READ;
     slot->status = AVT_STATUS_OK;
-    slot->flags = 0;
+    slot->flags = posted ? AVT_SLOT_F_POSTED_WRITE : 0;
     slot->vm_id = t->vm_id;
     slot->vcpu_id = (u16)cpu_index();
     slot->t_post = counter();
@@ -95,6 +170,8 @@ u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
     dmb_ish();
     if (hdr->model_sleeping)
         doorbell_ring_host();
+    if (posted)
+        return AVT_STATUS_OK;        /* the model frees the slot (section 7) */
     while (load_acquire32(&slot->state) != AVT_SLOT_DONE) {
         if (!model_attached()) {
             log_printf("device model detached during the access to 0x%lx", gpa);

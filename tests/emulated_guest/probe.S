@@ -51,7 +51,13 @@ _start:
 3:  cbnz    x21, 4f
     wfi
     b       3b
-4:  ldr     x0, =0x84000008         /* PSCI SYSTEM_OFF */
+4:  mov     w9, #7
+    str     w9, [x20, #0x50]        /* QueueNotify: posted, the guest does not wait */
+    mov     w9, #9
+    str     w9, [x20, #0x64]        /* InterruptACK: posted, after the notify */
+    ldr     w10, [x20, #0x60]       /* waits for both: the model answers their sum */
+    str     w10, [x20, #0x150]
+    ldr     x0, =0x84000008         /* PSCI SYSTEM_OFF */
     smc     #0
 5:  b       5b
 
