@@ -38,11 +38,11 @@ void trap_init(const struct boot_params *bp)
     hdr->slot_count = bp->vm_count;
     hdr->slot_size = AVT_SLOT_SIZE;
     hdr->slots_offset = AVT_SLOTS_OFFSET;
-    hdr->stub_features = AVT_F_VIRQ_REQUEST;
+    hdr->stub_features = board_linux ? 0 : AVT_F_VIRQ_REQUEST;   /* board mode: board SPIs */
     hdr->counter_hz = read_sysreg(cntfrq_el0);
     store_release32(&hdr->stub_state, AVT_STUB_READY);
     log_printf("trap page at 0x%lx ready (%u slots, features 0x%x)", bp->trap_page,
-               bp->vm_count, AVT_F_VIRQ_REQUEST);
+               bp->vm_count, hdr->stub_features);
 }
 
 /* VM ``vm``'s slot (its CPU's) and INTIDs; by CPU0 for every VM, after trap_init. */
