@@ -190,6 +190,14 @@ def build_board_initramfs(assets, files=None):
     return pack_initramfs(assets, init, MODULES, extra, name="board-initramfs")
 
 
+def console_args(path):
+    """QEMU options for the board Linux's console: a virtconsole on QEMU's own virtio-mmio
+    transport (CONSOLE_TRANSPORT), a Unix socket at ``path`` that QEMU waits for (``wait=on``:
+    nothing printed before the launcher connects is lost)."""
+    return ["-chardev", f"socket,id=boardcon,path={path},server=on,wait=on",
+            "-device", "virtio-serial-device", "-device", "virtconsole,chardev=boardcon"]
+
+
 def board_params(board=None):
     """The stub's board-mode block (loaded at ``memory_map.BOARD_PARAMS``)."""
     board = board or board_file()
