@@ -223,7 +223,7 @@ def kernel_headers(release=None):
 # systemd-udevd from Debian's arm64 packages. BOARD_SKIP: dependencies the board's initramfs
 # does without (account tools, MIME and time-zone tables, debconf, readline's config).
 BOARD_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib", "python3-serial",
-                  "python3-pyudev", "udev")
+                  "python3-pyudev", "udev", "libatomic1")
 BOARD_SKIP = frozenset({"adduser", "media-types", "mime-support", "tzdata", "debconf",
                         "readline-common", "python3", "python3:any", "perl-base",
                         "init-system-helpers", "dpkg"})
@@ -246,13 +246,17 @@ def _depends(apt, package):
 
 def board_userland():
     """The unpacked root of BOARD_PACKAGES and their dependency closure (arm64); fetched
-    (with progress) on first use, recorded in board-userland.json."""
+    (with progress) on first use, recorded in board-userland.json; a package added to
+    BOARD_PACKAGES later is fetched alone."""
     root = cache_dir() / "board-userland"
     tree = root / "tree"
+    record = {}
     try:
         data = json.loads((root / BOARD_MANIFEST).read_text())
-        if data["wanted"] == list(BOARD_PACKAGES) and (tree / "usr" / "bin").is_dir():
-            return tree
+        if (tree / "usr" / "bin").is_dir():
+            if data["wanted"] == list(BOARD_PACKAGES):
+                return tree
+            record = data["packages"]
     except (OSError, ValueError, KeyError):
         pass
     root.mkdir(parents=True, exist_ok=True)
@@ -262,19 +266,22 @@ def board_userland():
     wanted, todo = {}, list(BOARD_PACKAGES)
     while todo:
         package = todo.pop()
-        if package in wanted or package in BOARD_SKIP:
+        if package in wanted or package in BOARD_SKIP or package in record:
             continue
         wanted[package] = None
         todo.extend(_depends(apt, package))
     debs = root / "debs"
     debs.mkdir(exist_ok=True)
-    record, fetched = {}, []
+    fetched = []
     for package in sorted(wanted):
         deb, version, sha256 = apt.fetch(package, debs)
         fetched.append(deb)
         record[package] = {"version": version, "sha256": sha256}
     _progress(f"unpacking {len(fetched)} packages")
-    _unpack(tree, *fetched)
+    if not tree.is_dir():
+        tree.mkdir(parents=True)
+    for deb in fetched:
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True)
     for deb in fetched:
         deb.unlink()
     _write_manifest(root / BOARD_MANIFEST, {"wanted": list(BOARD_PACKAGES), "packages": record})

@@ -26,14 +26,21 @@ outside the board Linux's memory node, like the trap page at 0x5ff00000.
 
 import dataclasses
 import hashlib
+import importlib._bootstrap_external
+import importlib.util
+import os
 import shutil
+import stat
 import struct
 import subprocess
+import sys
+from pathlib import Path
 
-from ..board import board_path, load_board
+from ..board import board_path, load_board, shipped_file
 from ..errors import AvatarError
 from ..overlay import OverlayBoard, render
 from . import memory_map as mm
+from .assets import board_userland
 from .build import cache_dir
 from .initramfs import pack_initramfs
 from .kmod import build_kmod
@@ -57,14 +64,52 @@ EMULATED = OverlayBoard(
     gicd=0x08000000,
 )
 
+# With the userland (board_userland: Python, pyserial, pyudev, udev, avatar-hw), /init then
+# starts systemd-udevd (applying udev/99-avatar-hw.rules to the UIO devices) and the daemon the
+# way docs/board-setup.md starts it on a Pi 4: the installed unit's ExecStart line, run by
+# START_UNIT since there is no systemd here (not faithful: no Type=notify, no restart).
+USERLAND_INIT = """
+export LD_LIBRARY_PATH=/lib/aarch64-linux-gnu:/usr/lib/aarch64-linux-gnu
+mkdir -p /run /var/lib/avatar-hw /var/log/avatar && mount -t tmpfs -o mode=0755 run /run
+/lib/systemd/systemd-udevd --daemon >/var/log/avatar/udevd.log 2>&1
+udevadm trigger --action=add --subsystem-match=uio >>/var/log/avatar/udevd.log 2>&1
+udevadm settle --timeout=60 >>/var/log/avatar/udevd.log 2>&1
+dd if=/dev/urandom of=/var/lib/avatar-hw/disk.img bs=1M count={disk_mib} 2>/dev/null
+/usr/lib/avatar-hw/start-unit >/var/log/avatar/daemon.log 2>&1 &
+"""
+START_UNIT = """#!/bin/sh
+# Runs avatar-hw.service's ExecStart as systemd would (Environment=, EnvironmentFile=,
+# StateDirectory=, RuntimeDirectory=, LogsDirectory=, WorkingDirectory=) on a board Linux
+# without systemd: the emulated board's board mode. Not faithful: no sd_notify, no restart.
+unit=/etc/systemd/system/avatar-hw.service
+eval "$(sed -n 's/^Environment=/export /p' "$unit")"
+set -a; [ -r /etc/default/avatar-hw ] && . /etc/default/avatar-hw; set +a
+mkdir -p /var/lib/avatar-hw /run/avatar /var/log/avatar
+cd /var/lib/avatar-hw || exit 1
+eval "exec $(sed -n 's/^ExecStart=//p' "$unit")"
+"""
+DISK_MIB = 8
+GUEST_CONFIG = """[vm.1]
+console = {{ endpoints = ["unix:/run/avatar/vm1-console.sock"] }}
+block = {{ image = "/var/lib/avatar-hw/disk.img" }}
+rng = {{}}
+net = {{ switch = "/run/avatar/net.sock" }}
+"""
+SKIPPED = ("usr/share/doc/", "usr/share/man/", "usr/share/locale/", "usr/share/lintian/",
+           "usr/share/info/", "usr/share/zsh/", "usr/share/bash-completion/",
+           "usr/lib/python3.11/ensurepip/", "usr/lib/python3.11/idlelib/",
+           "usr/lib/python3.11/lib2to3/", "usr/lib/python3.11/turtledemo/",
+           "usr/lib/python3.11/pydoc_data/")
+
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/bin HOME=/root
+export PATH=/bin:/usr/bin:/sbin:/usr/sbin HOME=/root
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in {modules}; do modprobe "$m" || echo "avatar-board: modprobe $m failed"; done
 insmod /lib/avatar_uio.ko || echo "avatar-board: insmod avatar_uio failed"
+[ -x /usr/bin/python3 ] && . /etc/avatar-board-userland
 n=0
 while [ ! -e /dev/hvc0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 [ -e /dev/hvc0 ] || poweroff -f
@@ -183,10 +228,70 @@ def build_board_dtb(*, initrd_size, bootargs=BOARD_BOOTARGS, board=None):
     return out
 
 
-def build_board_initramfs(assets, files=None):
-    """The board Linux's initramfs (module docstring); ``files`` are added to it."""
+def _pyc(source, path):
+    """An unchecked-hash .pyc of ``source`` (the board's Python is 3.11, like this one)."""
+    code = compile(source, "/" + path, "exec", dont_inherit=True)
+    return importlib._bootstrap_external._code_to_hash_pyc(
+        code, importlib.util.source_hash(source), checked=False)
+
+
+def _add_tree(files, root, prefix=""):
+    """Every file and symlink under ``root`` (Paths) as initramfs entries under ``prefix``,
+    with a .pyc for each .py when this Python is 3.11 (compiling under TCG is slow)."""
+    compile_pyc = sys.version_info[:2] == (3, 11)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            full = os.path.join(dirpath, name)
+            rel = prefix + os.path.relpath(full, root)
+            if rel.startswith(SKIPPED):
+                continue
+            if os.path.islink(full):
+                files[rel] = (os.readlink(full).encode(), stat.S_IFLNK | 0o777)
+                continue
+            data = Path(full).read_bytes()
+            files[rel] = (data, os.stat(full).st_mode & 0o7777)
+            if compile_pyc and name.endswith(".py"):
+                try:
+                    pyc = _pyc(data, rel)
+                except SyntaxError:
+                    continue
+                cache = f"{os.path.dirname(rel)}/__pycache__/{name[:-3]}.cpython-311.pyc"
+                files[cache] = (pyc, 0o644)
+
+
+def userland_files():
+    """The board's userland (Debian arm64 Python 3, pyserial, pyudev, udev; avatar-hw from
+    this checkout with its board files; the udev rules, the unit, the avatar user) as
+    initramfs entries."""
+    files = {}
+    _add_tree(files, board_userland())
+    package = Path(__file__).resolve().parent.parent
+    _add_tree(files, package, "usr/lib/python3/dist-packages/avatar_hw/")
+    _add_tree(files, shipped_file("emulated.toml").parent, "usr/share/avatar-hw/boards/")
+    rules = package.parent / "udev" / "99-avatar-hw.rules"
+    files["etc/udev/rules.d/99-avatar-hw.rules"] = (rules.read_bytes(), 0o644)
+    files["etc/systemd/system/avatar-hw.service"] = (
+        shipped_file("linux/avatar-hw.service").read_bytes(), 0o644)
+    files["etc/default/avatar-hw"] = (f"AVATAR_BOARD={BOARD_FILE}\n".encode(), 0o644)
+    files["etc/avatar-hw/vms.toml"] = (GUEST_CONFIG.format().encode(), 0o644)
+    files["usr/lib/avatar-hw/start-unit"] = (START_UNIT.encode(), 0o755)
+    files["usr/bin/python3"] = (b"python3.11", stat.S_IFLNK | 0o777)
+    files["usr/bin/avatar-hw"] = (b"#!/usr/bin/python3\nimport sys\nfrom avatar_hw.cli import main\n"
+                                  b"sys.exit(main())\n", 0o755)
+    files["etc/passwd"] = (b"root:x:0:0:root:/root:/bin/sh\n"
+                           b"avatar:x:999:999:avatar-hw:/nonexistent:/bin/false\n", 0o644)
+    files["etc/group"] = (b"root:x:0:\navatar:x:999:\n", 0o644)
+    files["etc/avatar-board-userland"] = (USERLAND_INIT.format(disk_mib=DISK_MIB).encode(), 0o644)
+    return files
+
+
+def build_board_initramfs(assets, files=None, *, userland=True):
+    """The board Linux's initramfs (module docstring); ``files`` are added to it; without
+    ``userland`` only busybox and avatar_uio (no Python, no daemon)."""
     init = INIT.format(modules=" ".join(MODULES), marker=BOARD_READY_MARKER)
-    extra = {"lib/avatar_uio.ko": build_kmod(assets.release).read_bytes(), **(files or {})}
+    extra = {"lib/avatar_uio.ko": build_kmod(assets.release).read_bytes(),
+             **(userland_files() if userland else {}), **(files or {})}
     return pack_initramfs(assets, init, MODULES, extra, name="board-initramfs")
 
 

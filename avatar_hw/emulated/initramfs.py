@@ -128,6 +128,12 @@ def build_initramfs(assets=None):
     return pack_initramfs(assets, init, MODULES)
 
 
+def _file_mode(mode):
+    """A regular file's permission bits, or a full mode with its type (S_IFLNK: a symlink
+    whose data is the target)."""
+    return mode if stat.S_IFMT(mode) else stat.S_IFREG | mode
+
+
 def pack_initramfs(assets, init, modules, files=None, *, name="initramfs"):
     """A cached newc initramfs: busybox, ``init`` (/init), the kernel's ``modules`` with
     their dependencies and a modules.dep, and ``files`` ({path: bytes or (bytes, mode)});
@@ -158,7 +164,7 @@ def pack_initramfs(assets, init, modules, files=None, *, name="initramfs"):
     dirs.update({"proc", "sys", "dev", "tmp", "root", "etc"})
     entries = [(d, stat.S_IFDIR | 0o755, b"", 0) for d in sorted(dirs)]
     entries.append(("dev/console", stat.S_IFCHR | 0o600, b"", os.makedev(5, 1)))
-    entries += [(path, stat.S_IFREG | modes.get(path, 0o644), data, 0)
+    entries += [(path, _file_mode(modes.get(path, 0o644)), data, 0)
                 for path, data in sorted(contents.items())]
     tmp = out.with_suffix(".tmp")
     write_newc(tmp, entries)
