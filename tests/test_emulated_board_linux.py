@@ -9,6 +9,7 @@ read() and answers the guest's traps, woken by the trap SPI that the stub on CPU
 in the distributor.
 """
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -24,12 +25,22 @@ TRAPS = 4
 
 
 @pytest.fixture(scope="module")
+def served():
+    """The board Linux with its userland: udev, Python and the daemon serving VM 1."""
+    with EmulatedBoard(board_linux=True) as b:
+        b.shell_ = b.board_shell(timeout=240)
+        b.shell_.run("n=0; until grep -q 'serving 1 VM' /var/log/avatar/daemon.log || "
+                     "[ $n -ge 200 ]; do sleep 1; n=$((n + 1)); done", timeout=300)
+        yield b
+
+
+@pytest.fixture(scope="module")
 def board(tmp_path_factory):
     probe = tmp_path_factory.mktemp("board") / "trap_doorbell"
     subprocess.run(["aarch64-linux-gnu-gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror",
                     "-o", str(probe), str(ROOT / "tests" / "board_linux" / "trap_doorbell.c")],
                    check=True, timeout=120)
-    with EmulatedBoard(board_linux=True,
+    with EmulatedBoard(board_linux=True, board_userland=False,
                        board_files={"bin/trap_doorbell": (probe.read_bytes(), 0o755)}) as b:
         b.shell_ = b.board_shell()
         yield b
@@ -68,3 +79,28 @@ def test_board_linux_trap_doorbell_wakes_the_model_in_read(board):
     interrupts, _ = board.shell_.run("grep avatar-trap /proc/interrupts")
     fields = interrupts.split()
     assert fields[2:5] == ["GIC-0", "272", "Edge"] and int(fields[1]) >= wakeups, interrupts
+
+
+def test_board_linux_udev_rules_own_the_uio_devices(served):
+    out, status = served.shell_.run("stat -c '%U %G %a %N' /dev/uio* /dev/avatar/*")
+    lines = out.splitlines()
+    assert status == 0 and len(lines) == 6, out
+    assert all(line.startswith("root avatar 660 ") for line in lines[:3]), out
+    assert sorted(line.split("'")[1] for line in lines[3:]) == [
+        "/dev/avatar/avatar-gicd", "/dev/avatar/avatar-trap", "/dev/avatar/avatar-vm1-ram"]
+
+
+def test_board_linux_daemon_runs_unprivileged_from_the_unit(served):
+    out, _ = served.shell_.run("ps -o user,args | grep '[a]vatar-hw serve'")
+    assert out.split()[0] == "avatar", out
+    assert "--board emulated-board-linux --config /etc/avatar-hw/vms.toml --user avatar" in out
+    log, _ = served.shell_.run("cat /var/log/avatar/daemon.log")
+    assert "running as avatar (UID 999)" in log and "attached to avatar-trap" in log, log
+
+
+def test_board_linux_list_json_shows_the_guests_devices(served):
+    out, status = served.shell_.run("avatar-hw list --json", timeout=120)
+    assert status == 0, out
+    devices = json.loads(out)
+    assert [(d["vm"], d["name"], d["irq"]) for d in devices] == [
+        (1, "console", 56), (1, "block", 57), (1, "rng", 58), (1, "net", 59)]

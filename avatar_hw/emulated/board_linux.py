@@ -71,11 +71,22 @@ EMULATED = OverlayBoard(
 USERLAND_INIT = """
 export LD_LIBRARY_PATH=/lib/aarch64-linux-gnu:/usr/lib/aarch64-linux-gnu
 mkdir -p /run /var/lib/avatar-hw /var/log/avatar && mount -t tmpfs -o mode=0755 run /run
-/lib/systemd/systemd-udevd --daemon >/var/log/avatar/udevd.log 2>&1
+setsid /lib/systemd/systemd-udevd </dev/null >/var/log/avatar/udevd.log 2>&1 &
+n=0
+while [ ! -e /run/udev/control ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
 udevadm trigger --action=add --subsystem-match=uio >>/var/log/avatar/udevd.log 2>&1
 udevadm settle --timeout=60 >>/var/log/avatar/udevd.log 2>&1
 dd if=/dev/urandom of=/var/lib/avatar-hw/disk.img bs=1M count={disk_mib} 2>/dev/null
 /usr/lib/avatar-hw/start-unit >/var/log/avatar/daemon.log 2>&1 &
+# The guest's console: the daemon's pty endpoint, bridged to the board's hvc1 (a QEMU
+# virtconsole whose host end is EmulatedBoard.console_path) - a user's serial cable.
+(
+    n=0
+    while [ ! -e /run/avatar/vm1-console ] && [ $n -lt 1200 ]; do sleep 0.1; n=$((n + 1)); done
+    stty -F /dev/hvc1 raw -echo; stty -F /run/avatar/vm1-console raw -echo
+    cat /run/avatar/vm1-console >/dev/hvc1 &
+    exec cat /dev/hvc1 >/run/avatar/vm1-console
+) </dev/null >/dev/null 2>&1 &
 """
 START_UNIT = """#!/bin/sh
 # Runs avatar-hw.service's ExecStart as systemd would (Environment=, EnvironmentFile=,
@@ -89,8 +100,9 @@ cd /var/lib/avatar-hw || exit 1
 eval "exec $(sed -n 's/^ExecStart=//p' "$unit")"
 """
 DISK_MIB = 8
+MODEL_WAIT_MS = 240000                 # the guest waits for the daemon: the board boots first
 GUEST_CONFIG = """[vm.1]
-console = {{ endpoints = ["unix:/run/avatar/vm1-console.sock"] }}
+console = {{ endpoints = ["pty:/run/avatar/vm1-console"] }}
 block = {{ image = "/var/lib/avatar-hw/disk.img" }}
 rng = {{}}
 net = {{ switch = "/run/avatar/net.sock" }}
@@ -295,12 +307,15 @@ def build_board_initramfs(assets, files=None, *, userland=True):
     return pack_initramfs(assets, init, MODULES, extra, name="board-initramfs")
 
 
-def console_args(path):
-    """QEMU options for the board Linux's console: a virtconsole on QEMU's own virtio-mmio
-    transport (CONSOLE_TRANSPORT), a Unix socket at ``path`` that QEMU waits for (``wait=on``:
-    nothing printed before the launcher connects is lost)."""
+def console_args(path, guest_path):
+    """QEMU options for the board Linux's consoles: virtconsoles on QEMU's own virtio-mmio
+    transport (CONSOLE_TRANSPORT): hvc0, the board's shell, at Unix socket ``path``, and
+    hvc1, bridged to the guest's console in the board, at ``guest_path``. QEMU waits for
+    each (``wait=on``: nothing printed before the launcher connects is lost)."""
     return ["-chardev", f"socket,id=boardcon,path={path},server=on,wait=on",
-            "-device", "virtio-serial-device", "-device", "virtconsole,chardev=boardcon"]
+            "-chardev", f"socket,id=guestcon,path={guest_path},server=on,wait=on",
+            "-device", "virtio-serial-device", "-device", "virtconsole,chardev=boardcon",
+            "-device", "virtconsole,chardev=guestcon"]
 
 
 def board_params(board=None):

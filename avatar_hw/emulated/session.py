@@ -132,11 +132,13 @@ class EmulatedBoard:
 
     def __init__(self, *, vms=1, devices="", config=None, control_path=None,
                  bootargs=DEFAULT_BOOTARGS, on_log=None, busy_poll=False, trace=False,
-                 qemu_args=(), initrd=None, board_linux=False, board_files=None):
+                 qemu_args=(), initrd=None, board_linux=False, board_files=None,
+                 board_userland=True):
         check_vms(vms)
         self.board_linux = board_linux   # board mode: CPU0 runs the board Linux (board_linux.py)
         self.board_files = board_files   # board mode: {path: bytes or (bytes, mode)} added to
                                          # the board Linux's initramfs
+        self.board_userland = board_userland   # board mode: Python, udev and the daemon
         self.vms = vms
         self.devices = [devices] if isinstance(devices, str) else list(devices)
         if len(self.devices) > vms:
@@ -172,24 +174,30 @@ class EmulatedBoard:
 
     def _start_board_linux(self):
         """Board mode: the board Linux on CPU0 (its console ``board_console_path``), the
-        guest as VM 1 on CPU1, which waits up to MODEL_WAIT_MS for a device model in the
+        guest as VM 1 on CPU1, which waits up to board_linux.MODEL_WAIT_MS for a model in the
         board Linux to attach; no daemon in this process."""
         assets = guest_assets()
-        board_initrd = board_linux.build_board_initramfs(assets, self.board_files)
+        board_initrd = board_linux.build_board_initramfs(assets, self.board_files,
+                                                         userland=self.board_userland)
         initrd = self.initrd or build_initramfs(assets)
         dtbs = [board_linux.build_board_dtb(initrd_size=board_initrd.stat().st_size),
                 build_dtb(initrd_size=initrd.stat().st_size, bootargs=self.bootargs,
                           vm_id=board_linux.GUEST_VM)]
         self._board_console_dir = tempfile.mkdtemp(prefix="avatar-board-")
-        self.board_console_path = Path(self._board_console_dir) / "board-console.sock"
+        workdir = Path(self._board_console_dir)
+        self.board_console_path = workdir / "board-console.sock"
+        self.console_paths = [workdir / "guest-console.sock"]
+        self.console_path = self.console_paths[0]
         self.machine = EmulatedMachine(
             build_stub(), assets.kernel, dtb=dtbs, initrd=[board_initrd, initrd], vms=2,
-            model_wait_ms=MODEL_WAIT_MS, board_params=board_linux.board_params(),
+            model_wait_ms=board_linux.MODEL_WAIT_MS, board_params=board_linux.board_params(),
             on_log=self.on_log,
-            qemu_args=[*board_linux.console_args(self.board_console_path), *self.qemu_args])
+            qemu_args=[*board_linux.console_args(self.board_console_path, self.console_path),
+                       *self.qemu_args])
         try:
             self.machine.start()
             self._board_sock = _connect_unix(self.board_console_path, 30)
+            self._guest_sock = _connect_unix(self.console_path, 30)
         except BaseException:
             self.stop()
             raise
@@ -255,7 +263,12 @@ class EmulatedBoard:
     def shell(self, timeout=60, vm=0):
         """Connect to VM ``vm``'s console and wait for its shell."""
         deadline = time.monotonic() + timeout
-        sock = _connect_unix(self.console_paths[vm], timeout)
+        if self.board_linux:     # the guest's console through the board (hvc1), connected at start
+            sock, self._guest_sock = self._guest_sock, None
+            if sock is None:
+                raise AvatarError("board mode: the guest's console is already taken by a shell")
+        else:
+            sock = _connect_unix(self.console_paths[vm], timeout)
         shell = GuestShell(sock, alive=self.alive)
         shell.wait_ready(max(1, deadline - time.monotonic()))
         return shell
