@@ -71,6 +71,7 @@ EMULATED = OverlayBoard(
 USERLAND_INIT = """
 export LD_LIBRARY_PATH=/lib/aarch64-linux-gnu:/usr/lib/aarch64-linux-gnu
 mkdir -p /run /var/lib/avatar-hw /var/log/avatar && mount -t tmpfs -o mode=0755 run /run
+mkdir -p /dev/pts && mount -t devpts -o gid=5,mode=0620,ptmxmode=0666 devpts /dev/pts
 setsid /lib/systemd/systemd-udevd </dev/null >/var/log/avatar/udevd.log 2>&1 &
 n=0
 while [ ! -e /run/udev/control ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
@@ -83,7 +84,7 @@ dd if=/dev/urandom of=/var/lib/avatar-hw/disk.img bs=1M count={disk_mib} 2>/dev/
 (
     n=0
     while [ ! -e /run/avatar/vm1-console ] && [ $n -lt 1200 ]; do sleep 0.1; n=$((n + 1)); done
-    stty -F /dev/hvc1 raw -echo; stty -F /run/avatar/vm1-console raw -echo
+    stty -F /dev/hvc1 raw -echo -opost -onlcr; stty -F /run/avatar/vm1-console raw -echo -opost -onlcr
     cat /run/avatar/vm1-console >/dev/hvc1 &
     exec cat /dev/hvc1 >/run/avatar/vm1-console
 ) </dev/null >/dev/null 2>&1 &

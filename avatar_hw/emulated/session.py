@@ -103,9 +103,9 @@ class GuestShell:
         """
         tag = int.from_bytes(os.urandom(4), "little")
         self.sock.sendall(f"echo b-$(({tag} + 0)); {command}; echo e-$(({tag} + 0))-$?\n".encode())
-        self.read_until(f"b-{tag}\r?\n".encode(), timeout)
-        match = self.read_until(rb"(?s)(.*?)e-" + str(tag).encode() + rb"-(\d+)\r?\n", timeout)
-        output = match.group(1).replace(b"\r\n", b"\n").decode(errors="replace")
+        self.read_until(f"b-{tag}\r*\n".encode(), timeout)   # \r\r\n: through board mode's bridge
+        match = self.read_until(rb"(?s)(.*?)e-" + str(tag).encode() + rb"-(\d+)\r*\n", timeout)
+        output = re.sub(rb"\r+\n", b"\n", match.group(1)).decode(errors="replace")
         return output, int(match.group(2))
 
     def close(self):
