@@ -31,6 +31,7 @@ def served():
         b.shell_ = b.board_shell(timeout=240)
         b.shell_.run("n=0; until grep -q 'serving 1 VM' /var/log/avatar/daemon.log || "
                      "[ $n -ge 200 ]; do sleep 1; n=$((n + 1)); done", timeout=300)
+        b.guest = b.shell(timeout=300)
         yield b
 
 
@@ -104,3 +105,25 @@ def test_board_linux_list_json_shows_the_guests_devices(served):
     devices = json.loads(out)
     assert [(d["vm"], d["name"], d["irq"]) for d in devices] == [
         (1, "console", 56), (1, "block", 57), (1, "rng", 58), (1, "net", 59)]
+
+
+def test_board_linux_guest_binds_its_virtio_drivers(served):
+    for driver in ("virtio_console", "virtio_blk", "virtio_rng", "virtio_net"):
+        assert f"driver {driver}" in served.guest.banner, served.guest.banner
+
+
+def test_board_linux_block_sha256_equal_in_guest_and_board(served):
+    guest, status = served.guest.run("sha256sum /dev/vda", timeout=180)
+    assert status == 0, guest
+    board, _ = served.shell_.run("sha256sum /var/lib/avatar-hw/disk.img", timeout=180)
+    assert guest.split()[0] == board.split()[0]
+
+
+def test_board_linux_console_round_trip_and_interrupt_counts(served):
+    out, status = served.guest.run("echo round-$((20 + 22))-trip")
+    assert status == 0 and "round-42-trip" in out
+    guest, _ = served.guest.run("grep -E ' (56|57) ' /proc/interrupts")
+    counts = {line.split()[3]: int(line.split()[1]) for line in guest.splitlines()}
+    assert counts.get("56", 0) > 0 and counts.get("57", 0) > 0, guest
+    board, _ = served.shell_.run("grep avatar-trap /proc/interrupts")
+    assert int(board.split()[1]) > 0, board
