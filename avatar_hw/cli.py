@@ -24,6 +24,9 @@ COMMANDS = [
     "avatar_hw.commands.layout",    # layout
     "avatar_hw.commands.serve",     # serve
     "avatar_hw.commands.query",     # list, info, debug
+    "avatar_hw.commands.balloon",   # balloon
+    "avatar_hw.commands.screenshot",  # screenshot
+    "avatar_hw.commands.inject",    # inject
     "avatar_hw.terminal",     # console
     "avatar_hw.emulated.demo",  # demo
 ]

@@ -14,7 +14,19 @@ Commands (the seed's list-all / print-info / debug-device):
   devices with status bits, negotiated features, queues, interrupts raised,
   bytes moved and errors;
 - ``debug`` (``vm``, ``device``: a slot number or a name such as
-  ``console`` or ``console0``): everything about one device.
+  ``console`` or ``console0``): everything about one device;
+- ``balloon`` (``vm``, optional ``size``: bytes or text such as ``"384M"``): the guest
+  memory VM ``vm`` keeps (its balloon takes the rest); the balloon's state.
+- ``screenshot`` (``vm``, ``device``, default ``gpu``): the GPU's scanout as a PNG,
+  ``{"width", "height", "png"}`` with the file in base64.
+
+Fault injection (avatar_hw.faults; docs/testing.md, "Fault injection"):
+
+- ``inject`` (``vm``, ``device``, ``fault``, ``options``: a dict of the fault's
+  options): arm a fault on one device; the answer describes it;
+- ``pause`` (``seconds``): serve no trap for that long;
+- ``clear`` (optional ``vm``, ``device``): disarm faults; the answer is how many;
+- ``faults``: every armed fault with how often it matched and fired.
 """
 
 import json
@@ -23,6 +35,7 @@ import os
 import socket
 
 from . import paths
+from .devices.balloon import parse_size
 from .errors import AvatarError
 
 log = logging.getLogger(__name__)
@@ -139,17 +152,52 @@ class ControlServer:
                 result = self.daemon.list_devices()
             elif command == "info":
                 result = self.daemon.info()
+            elif command == "balloon":
+                size = request.get("size")
+                result = self.daemon.balloon(int(request["vm"]),
+                                             None if size is None else parse_size(size))
             elif command == "debug":
                 result = self.daemon.debug_device(
                     int(request["vm"]), self._slot(int(request["vm"]), str(request["device"])))
+            elif command == "screenshot":
+                vm = int(request["vm"])
+                result = self.daemon.screenshot(vm, self._slot(vm, str(request.get("device",
+                                                                                   "gpu"))))
+            elif command in ("inject", "pause", "clear", "faults"):
+                result = self._fault_command(command, request)
             else:
                 return {"ok": False, "error": f"unknown command {command!r}"}
             return {"ok": True, "result": result}
         except (ValueError, KeyError, TypeError) as err:
             return {"ok": False, "error": f"bad request: {err}"}
+        except AvatarError as err:
+            return {"ok": False, "error": str(err)}
         except Exception as err:          # introspection must never stop the daemon
             log.exception("control request %r failed", line[:200])
             return {"ok": False, "error": f"internal error: {err!r}"}
+
+    def _fault_command(self, command, request):
+        faults = self.daemon.faults
+        if command == "pause":
+            seconds = float(request["seconds"])
+            if not 0 < seconds <= 3600:
+                raise ValueError(f"pause of {seconds} s: give 0 < seconds <= 3600")
+            self.daemon.pause(seconds)
+            return {"paused": seconds}
+        if command == "faults":
+            return faults.describe()
+        vm = request.get("vm")
+        vm = None if vm is None else int(vm)
+        if (command == "inject" or request.get("device") is not None) and (
+                vm is None or request.get("device") is None):
+            raise ValueError(f"{command} needs a vm and a device")
+        slot = None if request.get("device") is None else self._slot(vm, str(request["device"]))
+        if command == "clear":
+            return {"cleared": faults.clear(vm, slot)}
+        options = request.get("options") or {}
+        if not isinstance(options, dict):
+            raise TypeError("options must be an object")
+        return faults.inject(vm, slot, str(request["fault"]), **options)
 
     def _slot(self, vm_id, device):
         """A slot number from ``device``: ``"1"``, ``"console"`` (first of that name), ``"console1"``."""

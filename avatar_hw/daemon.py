@@ -37,6 +37,7 @@ mapped and built, the trap page's lock taken, the doorbell and control socket
 open, every module imported), then the privileges are dropped.
 """
 
+import base64
 import logging
 import os
 import signal
@@ -44,12 +45,13 @@ import socket
 import threading
 import time
 
-from . import abi
+from . import abi, png
 from .board import Board, board_path, load_board
 from .config import Config, load_config
 from .control import ControlServer, default_control_path
 from .doorbell import FifoDoorbell, UioDoorbell
 from .errors import AvatarError
+from .faults import FaultInjector
 from .hw.uio import find_uio
 from .interrupts import BoardInterruptLine, StubInterruptLine
 from .layout import address
@@ -105,6 +107,8 @@ class Daemon:
         self.regions = []
         self.trap_region = self.trap = self.subsystem = self.control = None
         self.started = None
+        self.faults = None
+        self.paused_until = 0.0         # pause(): no trap served before this monotonic time
         self._running = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -151,6 +155,7 @@ class Daemon:
             for device in vm.devices:
                 self.subsystem.create_device(vm_id, self.config.build_device(device))
         self._configure_board_spis(line)
+        self.faults = FaultInjector(self.subsystem, self.loop)
         self.control = ControlServer(self.control_path or default_control_path(), self)
         self.control.attach(self.loop)
         self.trap.take_lock()               # before the drop: --user need not open the node
@@ -223,9 +228,25 @@ class Daemon:
         events."""
         if self.trap is None:
             return
+        if self.paused_until:
+            left = self.paused_until - time.monotonic()
+            if left > 0:
+                return
+            self.paused_until = 0.0
         self.trap.serve_until_idle(self.subsystem.dispatch)
         if self.trap.stopped_at_budget:
             self.loop.call_later(0, self._serve_until_idle)
+
+    def pause(self, seconds):
+        """Serve no trap for ``seconds`` (an injected fault: the guest's vCPUs wait on
+        their register accesses meanwhile); then serve what was posted."""
+        self.paused_until = time.monotonic() + seconds
+        self.loop.call_later(seconds, self._end_pause)
+
+    def _end_pause(self):
+        if self.paused_until and self.paused_until <= time.monotonic():
+            self.paused_until = 0.0
+            self._serve_until_idle()
 
     def _on_wake(self):
         try:
@@ -267,7 +288,8 @@ class Daemon:
         dispatch, serve_until_idle = self.subsystem.dispatch, self.trap.serve_until_idle
         while self._running:
             self.loop.run_once(0)
-            serve_until_idle(dispatch)
+            if not self.paused_until:
+                serve_until_idle(dispatch)
 
     def _log_endpoints(self):
         """Where to reach it: the control socket and every console port's endpoints."""
@@ -341,6 +363,27 @@ class Daemon:
     def debug_device(self, vm_id, slot):
         """What ``avatar-hw debug --json`` shows."""
         return _addressed(self.subsystem.debug_device(vm_id, slot))
+
+    def balloon(self, vm_id, size=None):
+        """What ``avatar-hw balloon`` does: VM ``vm_id`` keeps ``size`` bytes of its RAM (its
+        balloon device takes the rest); None: only the balloon's state."""
+        for entry in self.subsystem.list_all_devices():
+            if entry["vm"] == vm_id and entry["name"] == "balloon":
+                device = self.subsystem.device(vm_id, entry["slot"])
+                return device.balloon_info() if size is None else device.set_target(size)
+        raise ValueError(f"VM {vm_id} has no balloon device (add balloon = {{}} to its VMs "
+                         "config)")
+
+    def screenshot(self, vm_id, slot):
+        """What ``avatar-hw screenshot`` writes: the scanout of the GPU in ``slot``."""
+        device = self.subsystem.device(vm_id, slot)
+        if not hasattr(device, "screenshot"):
+            raise ValueError(f"VM {vm_id} slot {slot} is a {device.name}, not a gpu")
+        shot = device.screenshot()
+        if shot is None:
+            raise ValueError(f"VM {vm_id}'s gpu shows nothing: the guest set no scanout")
+        return {"width": shot[0], "height": shot[1],
+                "png": base64.b64encode(png.encode(*shot)).decode()}
 
     def info(self):
         """What ``avatar-hw info --json`` shows."""

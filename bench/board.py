@@ -12,12 +12,22 @@ archive) with the same bootargs, and use the same host image file:
 
 Runs alternate (ours, QEMU, ours, ...). In each, from the shell on hvc0:
 1 MiB O_DIRECT sequential read and write of /dev/vda, 4 KiB O_DIRECT random
-reads at queue depth 1, /dev/hwrng, and 64 MiB over hvc0 each way with the
-SHA-256 compared on both ends. Device kinds avatar-hw does not have yet are
-measured on QEMU's side only and reported as such.
+reads at queue depth 1, /dev/hwrng, 64 MiB over hvc0 each way with the
+SHA-256 compared on both ends, and 1 MiB sequential reads and writes of a file
+on a 9P2000.L mount of one host folder (QEMU: ``-fsdev local,security_model=none``
+and virtio-9p-device; ours: ``9p = { security_model = "none" }``). Device
+kinds avatar-hw does not have yet are measured on QEMU's side only and
+reported as such.
+
+vsock (ours only: QEMU offers vhost-vsock, which needs the host kernel's
+/dev/vhost-vsock, or vhost-user-vsock with an external daemon): 64 MiB
+echoed each way, once from a host connection to the guest's ``avbench
+vsock-echo`` and once from the guest's ``avbench vsock-send`` to a host echo
+on ``<socket>_<port>``, SHA-256 compared on both sides.
 """
 
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -26,6 +36,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +47,8 @@ from avatar_hw.emulated.devicetree import DEFAULT_BOOTARGS
 from avatar_hw.emulated.initramfs import build_initramfs, write_newc
 from avatar_hw.emulated.machine import QEMU
 from avatar_hw.emulated.session import EmulatedBoard, GuestShell
+from avatar_hw.hil import vsock
+from avatar_hw.hil.target import device_available
 
 from .common import compile_c, spread, table
 from .cost import device_kinds_available
@@ -44,8 +57,10 @@ MIB = 1 << 20
 SIZES = {  # full run, --quick
     "seqread": (256 * MIB, 16 * MIB), "seqwrite": (128 * MIB, 8 * MIB),
     "randread": ((20000, 5.0), (500, 1.0)), "rng": ((4 * MIB, 5.0), (256 << 10, 1.0)),
-    "console": (64 * MIB, 4 * MIB),
+    "console": (64 * MIB, 4 * MIB), "p9": (128 * MIB, 16 * MIB), "vsock": (64 * MIB, 8 * MIB),
 }
+P9_TAG = "benchshare"
+VSOCK_PORT = 5000
 IMAGE_SIZE = 256 * MIB
 COMMAND_TIMEOUT = 180
 IDLE_TIMEOUT = 15
@@ -59,7 +74,13 @@ FIGURES = [  # key, label, unit, higher is better
     ("console_g2h_MBps", "console guest->host, sha256 checked", "MB/s", True),
     ("console_h2g_MBps", "console host->guest, sha256 checked", "MB/s", True),
     ("rng_MBps", "rng /dev/hwrng", "MB/s", True),
+    ("p9read_MBps", "9p seq read of a file, 1 MiB", "MB/s", True),
+    ("p9write_MBps", "9p seq write of a file, 1 MiB", "MB/s", True),
+    ("vsock_host_echo_MBps", "vsock host->guest echo, each way, sha256 checked", "MB/s", True),
+    ("vsock_guest_echo_MBps", "vsock guest->host echo, each way, sha256 checked", "MB/s", True),
 ]
+NOT_COMPARED = ("vsock: QEMU has vhost-vsock only (vhost-vsock-device needs the host's "
+                "/dev/vhost-vsock, vhost-user-vsock an external daemon): ours alone")
 
 
 # -- the guest -------------------------------------------------------------------------------------
@@ -150,12 +171,28 @@ def measure_guest(shell, kinds, quick):
         size, seconds = SIZES["rng"][pick]
         done, ns = shell.result(f"avbench rng {size} {seconds}", r"bytes=(\d+) ns=(\d+)")
         out["rng_MBps"] = done / ns * 1e3
+    if "9p" in kinds:
+        out.update(measure_9p(shell, SIZES["p9"][pick]))
     size = SIZES["console"][pick]
     out["console_h2g_MBps"] = console_h2g(shell, size)
     try:                                        # last: a failure leaves the shell unusable
         out["console_g2h_MBps"] = console_g2h(shell, size)
     except AvatarError as err:
         out["errors"] = [f"console guest->host: {err}"]
+    return out
+
+
+def measure_9p(shell, size):
+    """Sequential 1 MiB reads of ``p9read`` (the host wrote it) and writes of a new file,
+    on a 9P2000.L mount (msize 512 KiB, cache=none); the written file is removed."""
+    shell.result(f"mkdir -p /mnt && mount -t 9p -o trans=virtio,version=9p2000.L,"
+                 f"msize={512 << 10} {P9_TAG} /mnt && echo mounted", r"(mounted)")
+    done, ns = shell.result(f"avbench seqread /mnt/p9read {size}", r"bytes=(\d+) ns=(\d+)")
+    out = {"p9read_MBps": done / ns * 1e3}
+    done, ns = shell.result(f"touch /mnt/p9write && avbench seqwrite /mnt/p9write {size}",
+                            r"bytes=(\d+) ns=(\d+)")
+    out["p9write_MBps"] = done / ns * 1e3
+    shell.result("rm /mnt/p9write && umount /mnt && echo unmounted", r"(unmounted)")
     return out
 
 
@@ -194,26 +231,127 @@ def console_h2g(shell, size):
     return size / int(match.group(2)) * 1e3
 
 
+def _echo(sock, digest):
+    """Send back what arrives on ``sock`` until end of stream, hashing it; then half-close.
+    The bytes echoed."""
+    buf = bytearray(MIB)
+    view = memoryview(buf)
+    total = 0
+    while n := sock.recv_into(buf):
+        digest.update(view[:n])
+        sock.sendall(view[:n])
+        total += n
+    sock.shutdown(socket.SHUT_WR)
+    return total
+
+
+def _guest_line(shell, command, pattern, timeout=COMMAND_TIMEOUT):
+    output, status = shell.run(command, timeout)
+    match = re.search(pattern, output)
+    if status != 0 or not match:
+        raise AvatarError(f"guest: {command!r} exited {status}: {output.strip()[-400:]}")
+    return match.groups()
+
+
+def vsock_host_echo(shell, path, size):
+    """The host connects (``path``: the vsock device's socket) to the guest's ``avbench
+    vsock-echo`` and sends ``size`` random bytes while reading the echo; MB/s each way
+    (host clock, first byte sent to last byte back). AvatarError unless the SHA-256 of
+    what was sent, what the guest received and what came back agree."""
+    _guest_line(shell, f"avbench vsock-echo {VSOCK_PORT} {size} >/tmp/vsock-echo.log 2>&1 "
+                       "& true", "")
+    data = os.urandom(size)
+    sock = vsock.connect(path, VSOCK_PORT)
+    sock.settimeout(COMMAND_TIMEOUT)
+    sender = threading.Thread(target=lambda: (sock.sendall(data), sock.shutdown(socket.SHUT_WR)),
+                              daemon=True)
+    start = time.perf_counter()
+    sender.start()
+    back, received, buf = hashlib.sha256(), 0, bytearray(MIB)
+    try:
+        while n := sock.recv_into(buf):
+            back.update(memoryview(buf)[:n])
+            received += n
+        elapsed = time.perf_counter() - start
+    finally:
+        sender.join(COMMAND_TIMEOUT)
+        sock.close()
+    guest_bytes, guest_sum = _guest_line(shell, "wait; cat /tmp/vsock-echo.log",
+                                         r"vsock-echo bytes=(\d+) ns=\d+ sha256=(\w+)")
+    sent = hashlib.sha256(data).hexdigest()
+    if (received, back.hexdigest(), int(guest_bytes), guest_sum) != (size, sent, size, sent):
+        raise AvatarError(f"vsock host->guest echo: {received} of {size} bytes came back, "
+                          f"the guest got {guest_bytes}; SHA-256 sent {sent}, guest "
+                          f"{guest_sum}, back {back.hexdigest()}")
+    return size / elapsed / 1e6
+
+
+def vsock_guest_echo(shell, path, size):
+    """The guest's ``avbench vsock-send`` connects to host CID 2 port VSOCK_PORT (the Unix
+    socket ``<path>_<port>``, where the host echoes) and sends ``size`` bytes while reading
+    the echo; MB/s each way (guest clock). AvatarError unless the SHA-256 of what the
+    guest sent, what the host got and what the guest got back agree."""
+    host_path = f"{path}_{VSOCK_PORT}"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(host_path)
+    server.listen(1)
+    server.settimeout(COMMAND_TIMEOUT)
+    digest, host = hashlib.sha256(), {}
+
+    def serve():
+        peer, _ = server.accept()
+        with peer:
+            peer.settimeout(COMMAND_TIMEOUT)
+            host["bytes"] = _echo(peer, digest)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        sent, received, ns, sent_sum, echo_sum = _guest_line(
+            shell, f"avbench vsock-send {VSOCK_PORT} {size}",
+            r"vsock-send bytes=(\d+) received=(\d+) ns=(\d+) sha256=(\w+) echo_sha256=(\w+)")
+        thread.join(COMMAND_TIMEOUT)
+    finally:
+        server.close()
+        os.unlink(host_path)
+    if (int(sent), int(received), host.get("bytes"), echo_sum, digest.hexdigest()) != (
+            size, size, size, sent_sum, sent_sum):
+        raise AvatarError(f"vsock guest->host echo: the guest sent {sent} and got {received} "
+                          f"back, the host echoed {host.get('bytes')}; SHA-256 sent "
+                          f"{sent_sum}, host {digest.hexdigest()}, back {echo_sum}")
+    return size / int(ns) * 1e3
+
+
 # -- the two sides -------------------------------------------------------------------------------
 
-def run_ours(initrd, image, kinds, quick):
+def run_ours(initrd, image, share, kinds, quick):
     devices = []
     if "block" in kinds:
         devices.append(f'block = {{ image = "{image}" }}')
     if "rng" in kinds:
         devices.append("rng = { }")
+    if "9p" in kinds:
+        devices.append(f'9p = {{ tag = "{P9_TAG}", path = "{share}", security_model = "none" }}')
+    vsock_path = Path(initrd).parent / "vsock.sock"
+    if device_available("vsock"):
+        devices.append(f'vsock = {{ cid = 3, socket = "{vsock_path}" }}')
     start = time.perf_counter()
     with EmulatedBoard(initrd=Path(initrd), devices="\n".join(devices)) as board:
         shell = connect(board.console_path)
         try:
             shell.wait_ready(120)
             boot = time.perf_counter() - start
-            return {"boot_s": boot, **measure_guest(shell, kinds, quick)}
+            figures = {"boot_s": boot}
+            if device_available("vsock"):
+                size = SIZES["vsock"][1 if quick else 0]
+                figures["vsock_host_echo_MBps"] = vsock_host_echo(shell, vsock_path, size)
+                figures["vsock_guest_echo_MBps"] = vsock_guest_echo(shell, vsock_path, size)
+            return {**figures, **measure_guest(shell, kinds, quick)}
         finally:
             shell.close()
 
 
-def qemu_command(initrd, image, console):
+def qemu_command(initrd, image, share, console):
     return [QEMU, "-M", "virt,gic-version=2", "-cpu", "cortex-a72", "-smp", "1",
             "-m", f"{mm.GUEST_RAM_SIZE >> 20}M", "-nodefaults", "-display", "none",
             "-no-reboot", "-serial", "none", "-kernel", str(guest_assets().kernel),
@@ -223,14 +361,17 @@ def qemu_command(initrd, image, console):
             "-device", "virtio-blk-device,drive=disk",
             "-chardev", f"socket,id=con,path={console},server=on,wait=on",
             "-device", "virtio-serial-device", "-device", "virtconsole,chardev=con",
-            "-device", "virtio-rng-device"]
+            "-device", "virtio-rng-device",
+            "-fsdev", f"local,id=share,path={share},security_model=none",
+            "-device", f"virtio-9p-device,fsdev=share,mount_tag={P9_TAG}"]
 
 
-def run_qemu(initrd, image, quick):
+def run_qemu(initrd, image, share, quick):
     workdir = Path(tempfile.mkdtemp(prefix="avatar-bench-qemu-"))
     console = workdir / "console.sock"
     start = time.perf_counter()
-    process = subprocess.Popen(qemu_command(initrd, image, console), stdin=subprocess.DEVNULL,
+    process = subprocess.Popen(qemu_command(initrd, image, share, console),
+                               stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                start_new_session=True)
     shell = None
@@ -238,7 +379,7 @@ def run_qemu(initrd, image, quick):
         shell = connect(console, timeout=30)
         shell.wait_ready(120)
         boot = time.perf_counter() - start
-        return {"boot_s": boot, **measure_guest(shell, ("block", "rng"), quick)}
+        return {"boot_s": boot, **measure_guest(shell, ("block", "rng", "9p"), quick)}
     except AvatarError as err:
         if process.poll() is not None:
             raise AvatarError(f"QEMU exited {process.returncode}: "
@@ -262,6 +403,8 @@ def run_qemu(initrd, image, quick):
 
 def run(quick=False, runs=3):
     kinds = [k for k in device_kinds_available() if k in ("block", "rng")]
+    if importlib.util.find_spec("avatar_hw.devices.p9"):
+        kinds.append("9p")
     runs = 1 if quick else runs
     out = {"ours_device_kinds": ["console", *kinds], "runs": runs, "raw": {"ours": [], "qemu": []}}
     workdir = Path(tempfile.mkdtemp(prefix="avatar-bench-board-"))
@@ -272,9 +415,14 @@ def run(quick=False, runs=3):
             block = os.urandom(MIB)
             for _ in range(IMAGE_SIZE // MIB):
                 f.write(block)
+        share = workdir / "share"                         # the 9p folder, one file to read
+        share.mkdir()
+        with open(share / "p9read", "wb") as f:
+            for _ in range(SIZES["p9"][0] // MIB):
+                f.write(block)
         for n in range(runs):
-            for side, runner in (("ours", lambda: run_ours(initrd, image, kinds, quick)),
-                                 ("qemu", lambda: run_qemu(initrd, image, quick))):
+            for side, runner in (("ours", lambda: run_ours(initrd, image, share, kinds, quick)),
+                                 ("qemu", lambda: run_qemu(initrd, image, share, quick))):
                 start = time.monotonic()
                 try:
                     figures = runner()
@@ -318,6 +466,7 @@ def report(out):
              f"{e['ratio']:.3f}" if "ratio" in e else "-"] for e in out["figures"].values()]
     table(f"Emulated board, median (min-max) of {out['runs']} run(s) each, alternating",
           ["figure", "avatar-hw", "QEMU virtio-mmio", "ours/QEMU"], rows)
+    print(f"  {NOT_COMPARED}")
     for side in ("ours", "qemu"):
         for n, run in enumerate(out["raw"][side], 1):
             for error in run.get("errors", ()):

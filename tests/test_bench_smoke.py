@@ -42,6 +42,7 @@ def test_core_bench_runs_and_completes_every_chain(capsys):
     assert out["notify"]["all_completed"] and out["notify"]["us_per_chain"] > 0
     assert out["trap_page"]["all_answered"] and out["trap_page"]["us_per_trap"] > 0
     assert out["dispatch"]["read_us"] > 0 and out["dispatch"]["write_us"] > 0
+    assert out["gpu_transfer"]["full_ms"] > 0 and out["gpu_transfer"]["rect_ms"] > 0
     assert "QueueNotify, per 4 KiB chain" in capsys.readouterr().out
 
 

@@ -51,7 +51,7 @@ MISTAKES = [
     ("[vm.0]\n", "vm.0", "no devices"),
     ("vm = 3\n", "vm", "no VMs"),
     ("[vm]\n0 = 'console'\n", "vm.0", "must be a table of devices"),
-    ("[vm.0]\ngpu = {}\n", "vm.0.gpu", "unknown device kind; expected one of console, block"),
+    ("[vm.0]\nfloppy = {}\n", "vm.0.floppy", "unknown device kind; expected one of console, block"),
     ("[vm.0]\nconsole = 3\n", "vm.0.console", "must be a table"),
     ("[vm.0]\nconsole = { backend = ['stdio'] }\n", "vm.0.console.backend",
      "unknown key for a console; expected one of endpoints"),

@@ -214,6 +214,30 @@ def test_client_reconnect_keeps_unsent_output(console):
     assert console.recv() == b"while away"
 
 
+def test_a_second_client_is_refused_with_one_line_and_the_first_keeps_the_console(console):
+    rx, tx = console.driver.init([0, 1])
+    second = socket.socket(socket.AF_UNIX)
+    second.connect(console.path)
+    console.spin()
+    second.settimeout(5)
+    refusal = second.recv(4096)
+    assert refusal.startswith(b"avatar-hw: unix:") and refusal.endswith(b"\r\n")
+    assert refusal.count(b"\n") == 1 and b"already has a client" in refusal
+    assert second.recv(4096) == b""                          # and closed
+    second.close()
+    tx.post(readable=[b"still yours"])
+    tx.notify()
+    assert console.recv() == b"still yours"                  # the first one was not dropped
+    console.client.close()                                   # it leaves; a hang-up not yet seen
+    third = socket.socket(socket.AF_UNIX)
+    third.connect(console.path)
+    third.setblocking(False)
+    console.client = third
+    tx.post(readable=[b"next"])
+    tx.notify()
+    assert console.recv() == b"next"                         # served: its predecessor is gone
+
+
 # -- features --------------------------------------------------------------------------------------
 
 def test_features_offered(tmp_path, loop):

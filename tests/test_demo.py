@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -87,15 +88,20 @@ class Demo:
             self.process.wait()
 
 
-def test_demo_config_gives_the_guest_console_disk_entropy_and_network():
-    """boards/vms-example.toml as it is: VM 0's four devices (VM 1 is left out, saying so)."""
+def test_demo_config_gives_the_guest_every_device_of_the_example():
+    """boards/vms-example.toml as it is: VM 0's seven devices (VM 1 is left out, saying so)."""
     done = subprocess.run(AVATAR_HW + [
         "demo", "--config", str(REPO / "boards" / "vms-example.toml"), "--run",
         "ls /sys/bus/virtio/devices; cat /sys/block/vda/size; head -c 16 /dev/hwrng | wc -c; "
-        "cat /sys/class/net/eth0/address"], capture_output=True, text=True, timeout=240)
+        "cat /sys/class/net/eth0/address; cat /sys/bus/virtio/devices/virtio5/device; "
+        "basename $(readlink /sys/bus/virtio/devices/virtio4/driver); "
+        "basename $(readlink /sys/bus/virtio/devices/virtio5/driver); ls /dev/fb0"],
+        capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["virtio0", "virtio1", "virtio2", "virtio3", "131072", "16",
-                                   "52:54:00:a7:00:00"]
+    assert done.stdout.split() == ["virtio0", "virtio1", "virtio2", "virtio3", "virtio4",
+                                   "virtio5", "virtio6", "131072", "16", "52:54:00:a7:00:00",
+                                   "0x0013", "virtio_balloon", "vmw_vsock_virtio_transport",
+                                   "/dev/fb0"]
     assert "the emulated board runs one guest, VM 0: vm.1 left out" in done.stderr
     assert re.search(r"vm0 slot3 net +0x0a003000 IRQ 51", done.stderr)
     pid = re.search(r"avatar-emulated-(\d+)-", done.stderr).group(1)
@@ -117,10 +123,15 @@ def test_the_cli_and_several_console_clients_on_a_running_demo():
         demo.process.stdin.write(b"echo from-the-demo-$((1 + 1))\n")
         demo.process.stdin.flush()
         first.expect("from-the-demo-2", timeout=30)          # the demo's typing, seen here
-        second = GuestConsole.open(f"unix://{url}")        # takes the endpoint over
+        with socket.socket(socket.AF_UNIX) as refused:      # one client at a time
+            refused.settimeout(30)
+            refused.connect(url)
+            assert b"already has a client" in refused.recv(4096)
+        assert first.run("echo still-first") == ("still-first\n", 0)
+        first.close()
+        second = GuestConsole.open(f"unix://{url}")        # free again
         second.wait_shell(60)
         assert second.run("echo second") == ("second\n", 0)
-        first.close()
         second.close()
         term = OnPty("0", "--control", demo.control)         # the command a user types
         try:

@@ -1,18 +1,26 @@
-"""Random request contents and layouts for block, rng and net (the ring-level fuzzing is in
+"""Random request contents and layouts for block, rng, net, 9p and vsock (the ring-level fuzzing is in
 test_fuzz): no error escapes into the trap path, no access leaves the VM, every chain is
 completed once with a used length inside its writable part, the image changes only where a
 successful write or zeroing said so, and the device still serves a good request afterwards."""
 
+import os
+import socket
+import struct
+
 from hypothesis import given
 from hypothesis import strategies as st
 
+from avatar_hw.backends import p9fs
 from avatar_hw.devices import block as blk
-from avatar_hw.devices import net
+from avatar_hw.devices import net, vsock
 from avatar_hw.devices.block import BlockDevice
 from avatar_hw.devices.net import NetDevice
+from avatar_hw.devices.p9 import P9Device
 from avatar_hw.devices.rng import RngDevice
+from avatar_hw.devices.vsock import VsockDevice
 from avatar_hw.loop import EventLoop
 from avatar_hw.testing.virtio import VirtioBench
+from avatar_hw.virtio import constants as c
 from test_fuzz import FUZZ, no_internal_errors
 
 SECTORS = 64
@@ -174,3 +182,113 @@ def test_net_random_transmits_and_receive_buffers(tmp_path_factory, tx, rx_sizes
         loop.close()
     a.check_guards()
     b.check_guards()
+
+
+P9_KINDS = st.sampled_from([p9fs.TVERSION, p9fs.TATTACH, p9fs.TWALK, p9fs.TLOPEN,
+                            p9fs.TLCREATE, p9fs.TREAD, p9fs.TWRITE, p9fs.TREADDIR,
+                            p9fs.TGETATTR, p9fs.TSETATTR, p9fs.TMKDIR, p9fs.TSYMLINK,
+                            p9fs.TUNLINKAT, p9fs.TRENAMEAT, p9fs.TXATTRWALK, p9fs.TCLUNK])
+P9_FIELD = st.one_of(st.integers(0, 3).map(lambda v: v.to_bytes(4, "little")),   # fids
+                     st.sampled_from([b"\x02\x00..", b"\x01\x00/", b"\x03\x00sub",
+                                      b"\x01\x00x", b"\x00\x00", b"\xff\xff"]),
+                     st.binary(max_size=24))
+P9_MESSAGE = st.tuples(P9_KINDS, st.lists(P9_FIELD, max_size=6), st.integers(-2, 2),
+                       st.lists(st.integers(0, 200), max_size=3),
+                       st.lists(st.sampled_from([0, 1, 7, 11, 30, 600, 5000]), max_size=3))
+
+
+@FUZZ
+@given(messages=st.lists(P9_MESSAGE, min_size=1, max_size=8))
+def test_9p_random_messages_and_layouts(tmp_path_factory, messages):
+    """Fields, size words, readable splits and reply room at random after a real attach:
+    every chain completed within its writable part, nothing created outside the share."""
+    base = tmp_path_factory.mktemp("p9fuzz")
+    (base / "share" / "sub").mkdir(parents=True)
+    bench = VirtioBench(P9Device(base / "share", tag="t"), ram_size=1 << 20)
+    q, = bench.driver.init([0], buf_size=0)
+    ram = bench.ram
+    at = ram.alloc(256 << 10)
+    hello = [struct.pack("<BHI", p9fs.TVERSION, 0, 8192) + b"\x08\x009P2000.L",
+             struct.pack("<BHII", p9fs.TATTACH, 0, 1, 0xFFFFFFFF) + bytes(4) + b"\xe8\x03\0\0"]
+    hello = [struct.pack("<I", 4 + len(m)) + m for m in hello]
+    with no_internal_errors():
+        for message in hello:
+            post(q, ram, at, [message], [100])
+            q.notify()
+            assert q.get_used()[0].data[4] in (p9fs.TVERSION + 1, p9fs.TATTACH + 1)
+        for kind, fields, size_skew, points, writable in messages:
+            body = b"".join(fields)
+            size = max(0, 7 + len(body) + size_skew)
+            message = struct.pack("<IBH", size, kind, 5) + body
+            if post(q, ram, at, split(message, points), writable) is None:
+                continue
+            q.notify()
+            [used] = q.get_used()
+            assert used.length <= sum(writable)
+            assert used.length == 0 or used.data[4] in (kind + 1, p9fs.TLERROR + 1)
+        assert bench.device.server.bug is None
+    assert sorted(os.listdir(base)) == ["share"]
+    bench.subsystem.close()
+
+
+PORTS = st.one_of(st.sampled_from([0, 1, 5000, 1 << 30]), st.integers(0, 0xFFFFFFFF))
+VSOCK_HEADER = st.tuples(
+    st.one_of(st.just(3), st.integers(0, 2**64 - 1)),                    # src_cid
+    st.one_of(st.just(2), st.integers(0, 2**64 - 1)),                    # dst_cid
+    PORTS, PORTS,
+    st.one_of(st.integers(0, 100), st.integers(0, 0xFFFFFFFF)),          # len
+    st.one_of(st.just(1), st.integers(0, 0xFFFF)),                       # type
+    st.one_of(st.integers(0, 8), st.integers(0, 0xFFFF)),                # op
+    st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF))
+
+
+@FUZZ
+@given(packets=st.lists(st.tuples(VSOCK_HEADER, st.binary(max_size=100),
+                                  st.lists(st.integers(0, 150), max_size=2)), max_size=8),
+       rx_sizes=st.lists(st.one_of(st.integers(0, 200), st.sampled_from([43, 44, 45])),
+                         max_size=10))
+def test_vsock_random_packets(tmp_path_factory, packets, rx_sizes):
+    """Any header, split anywhere: every transmit chain is completed with length 0, every
+    receive buffer gets a whole header or nothing, and the device still accepts a good
+    connection afterwards."""
+    path = tmp_path_factory.mktemp("fuzz") / "v.sock"
+    loop = EventLoop()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(f"{path}_5000")
+    server.listen(16)
+    bench = VirtioBench(VsockDevice(3, str(path)), loop=loop, ram_size=1 << 20)
+    try:
+        with no_internal_errors():
+            rx, tx, _ = bench.driver.init([0, 1, 2], buf_size=0, size=16)
+            scratch = bench.ram.alloc(64 << 10, 4096)
+            at, posted = scratch + (16 << 10), []
+            for size in rx_sizes:
+                posted.append(post(rx, bench.ram, at, [], [size]))
+                at += size + 16
+            rx.notify()
+            for header, payload, cuts in packets:
+                head = post(tx, bench.ram, scratch,
+                            split(vsock.HEADER.pack(*header) + payload, cuts), [])
+                tx.notify()
+                [used] = tx.get_used()
+                assert used.head == head and used.length == 0
+                loop.run_once(0)
+            for u in rx.get_used():
+                assert u.head in posted and u.length in (0, *range(vsock.HEADER_LEN,
+                                                                   u.segments[0][1] + 1))
+            assert bench.driver.status & c.STATUS_DEVICE_NEEDS_RESET == 0
+            # still serving: a good REQUEST gets RESPONSE
+            rx.add_chain([(at, 64, True)])
+            rx.notify()
+            post(tx, bench.ram, scratch, [vsock.HEADER.pack(3, 2, 77, 5000, 0, 1,
+                                                             vsock.OP_REQUEST, 0, 4096, 0)], [])
+            tx.notify()
+            loop.run_once(0)
+            answers = [vsock.HEADER.unpack(u.data[:vsock.HEADER_LEN])[6]
+                       for u in rx.get_used() if u.length]
+            assert vsock.OP_RESPONSE in answers or vsock.OP_RST in answers
+    finally:
+        bench.subsystem.close()
+        server.close()
+        loop.close()
+    bench.check_guards()

@@ -32,13 +32,15 @@ def pytester(pytester, monkeypatch):
 
 
 @pytest.fixture
-def daemon(tmp_path):
-    """A running daemon (stand-in stub) serving VM 0's console on unix: and rfc2217:."""
+def daemon(request, tmp_path):
+    """A running daemon (stand-in stub) serving VM 0's console on unix: and rfc2217:, and
+    the devices of the fixture's parameter (VMs config lines), if any."""
     board = FakeBoard(tmp_path / "board", vms=1)
     stub = StandinStub(board)
     config = board.root / "vms.toml"
     config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{board.root}/vm0.log", '
-                      f'"unix:{board.root}/vm0.sock", "rfc2217:127.0.0.1:0"] }}\n')
+                      f'"unix:{board.root}/vm0.sock", "rfc2217:127.0.0.1:0"] }}\n'
+                      + getattr(request, "param", ""))
     log = open(board.root / "daemon.log", "wb")
     process = subprocess.Popen(board.serve_argv(config), stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -162,6 +164,41 @@ def test_console_option_overrides_the_daemons_endpoint(pytester, daemon):
                                     f"--avatar-console={url}")
     finally:
         server.close()
+    result.assert_outcomes(passed=1)
+
+
+VSOCK_TESTS = """
+import pytest
+from avatar_hw.errors import AvatarError
+
+pytestmark = pytest.mark.hw
+
+def test_stream(avatar_board, avatar_vsock):
+    assert avatar_board.devices(0, "vsock")[0]["cid"] == 3
+    # the stand-in stub's guest has no driver: it never accepts
+    with pytest.raises(AvatarError, match="did not accept a connection to port 5000 within "
+                                          "0.3 s"):
+        avatar_vsock(5000, timeout=0.3)
+
+def test_missing(avatar_vsock):
+    with pytest.raises(AvatarError, match="VM 0 has no vsock device"):
+        avatar_vsock(5000, vm=0)
+"""
+
+
+@pytest.mark.parametrize("daemon", ['vsock = { cid = 3, socket = "vsock.sock" }\n'],
+                         indirect=True)
+def test_vsock_fixture_uses_the_vms_vsock_device(pytester, daemon):
+    pytester.makepyfile(VSOCK_TESTS)
+    result = pytester.runpytest(f"--avatar-board={daemon.board_file}",
+                                f"--avatar-control={daemon.control}", "-k", "stream")
+    result.assert_outcomes(passed=1)
+
+
+def test_vsock_fixture_without_a_vsock_device_says_how_to_add_one(pytester, daemon):
+    pytester.makepyfile(VSOCK_TESTS)
+    result = pytester.runpytest(f"--avatar-board={daemon.board_file}",
+                                f"--avatar-control={daemon.control}", "-k", "missing")
     result.assert_outcomes(passed=1)
 
 
@@ -365,3 +402,26 @@ def test_a_bench_resets_with_its_command_or_says_how(daemon, tmp_path):
     props = bench.properties()
     assert props["avatar_board"] == "qemu-virt" or props["avatar_board"]
     assert props["avatar_target"] == "hw" and "avatar_kernel" not in props
+
+
+FAULT_TESTS = """
+import pytest
+from avatar_hw import control
+
+pytestmark = pytest.mark.hw
+
+def test_arms(avatar_board):
+    armed = avatar_board.inject(vm=0, device="console", fault="irq-drop", count=3)
+    assert armed["fault"] == "irq-drop" and armed["options"]["count"] == 3
+    assert control.request("faults", avatar_board.control_path)[0]["faults"]
+
+def test_finds_none_armed(avatar_board):
+    assert control.request("faults", avatar_board.control_path) == []
+"""
+
+
+def test_fault_inject_through_the_plugin_is_cleared_at_the_tests_end(pytester, daemon):
+    pytester.makepyfile(FAULT_TESTS)
+    result = pytester.runpytest(f"--avatar-board={daemon.board_file}",
+                                f"--avatar-control={daemon.control}")
+    result.assert_outcomes(passed=2)

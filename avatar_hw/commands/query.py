@@ -33,6 +33,13 @@ def format_queue(q):
             f"in flight {q['in_flight']} bad chains {q['bad_chains']}")
 
 
+# keys every device's entry has; the rest are the device's own (block's image, 9p's tag, ...)
+COMMON_KEYS = {"vm", "slot", "name", "device_id", "base", "irq", "legacy", "status", "requests",
+               "bytes_from_guest", "bytes_to_guest", "errors", "interrupts", "guest_errors",
+               "log_lines_suppressed", "offered_features", "driver_features",
+               "negotiated_features", "interrupt_status", "config_generation", "queues"}
+
+
 def format_device(d, indent="  "):
     lines = [f"{_device_line(d)}  status {d['status']}",
              f"{indent}features offered {d['offered_features']} negotiated "
@@ -41,8 +48,28 @@ def format_device(d, indent="  "):
              f"host->guest {_bytes(d['bytes_to_guest'])}; requests {d['requests']}; "
              f"errors {d['errors']}; guest errors {d.get('guest_errors', 0)} (log lines "
              f"suppressed {d.get('log_lines_suppressed', 0)})"]
+    if "balloon" in d:
+        lines.append(f"{indent}{format_balloon(d['balloon'])}")
+    own = [f"{key} {value}" for key, value in d.items() if key not in COMMON_KEYS
+           and isinstance(value, (str, int, float, bool, type(None)))]
+    if own:
+        lines.append(f"{indent}{d['name']}: " + "; ".join(own))
     lines += [f"{indent}{format_queue(q)}" for q in d.get("queues", ())]
     return "\n".join(lines)
+
+
+def format_balloon(b):
+    """One line of a balloon's state (``avatar-hw balloon``, ``info``)."""
+    held = "unknown" if b["balloon"] is None else _bytes(b["balloon"])
+    line = (f"balloon: keep {_bytes(b['target'])} of {_bytes(b['ram'])} (balloon target "
+            f"{_bytes(b['balloon_target'])}, the guest holds {held}); release {b['release']}")
+    stats = b["stats"]
+    if stats:
+        memory = ", ".join(f"{name.replace('_memory', '')} {_bytes(stats[name])}"
+                           for name in ("free_memory", "available_memory", "total_memory")
+                           if name in stats)
+        line += f"; guest memory {memory or 'not reported'} ({b['stats_age']:.0f} s ago)"
+    return line
 
 
 def format_info(info):

@@ -55,7 +55,7 @@ import weakref
 
 from ..errors import ConfigError
 from ..schema import REQUIRED, Field, Schema, positive, under
-from ..virtio.buffers import fill_zeros, gather, scatter, skip, transfer, zeros
+from ..virtio.buffers import fill_zeros, gather, scatter, skip, transfer, truncate, zeros
 from ..virtio.constants import ID_BLOCK, bit
 from ..virtio.device import VirtioDevice
 
@@ -262,6 +262,12 @@ class BlockDevice(VirtioDevice):
             return S_UNSUPP, 0
         data_in_len = chain.readable_len - HEADER.size
         out_len = chain.writable_len - 1
+        faults = self.context.faults
+        if faults is not None and kind in (T_IN, T_OUT):
+            fault = faults.block_request(kind == T_OUT, sector,
+                                         data_in_len if kind == T_OUT else out_len)
+            if fault is not None:
+                return self._injected(fault, sector, chain.readable, data_in_len), 0
         if kind == T_IN:
             return self._read(sector, data_out, out_len)
         if kind == T_GET_ID:
@@ -317,6 +323,15 @@ class BlockDevice(VirtioDevice):
             os.fdatasync(self.fd)             # no flush command: write-through
         self.count(bytes_from_guest=length)
         return S_OK
+
+    def _injected(self, fault, sector, readable, length):
+        """An injected fault (avatar_hw.faults) answers the request: IOERR; a ``torn`` write
+        first writes its first ``keep`` bytes (at most the request's) to the image."""
+        if fault.name == "torn" and not self.readonly and self._range_ok(sector, length):
+            keep = min(fault.options["keep"], length)
+            transfer(os.pwritev, self.fd, truncate(skip(readable, HEADER.size), keep),
+                     sector * SECTOR)
+        return S_IOERR
 
     def _discard_write_zeroes(self, chain, length, *, zeroes):
         segments = self._segments

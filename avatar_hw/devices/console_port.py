@@ -119,6 +119,9 @@ class ConsolePort:
         """Hand transmit buffers to the backend; return each once every attached endpoint
         has taken all its bytes."""
         device, txq, backend = self.device, self.txq, self.backend
+        faults = device.context.faults if device.context is not None else None
+        if faults is not None and faults.output_stalled(self.drain_tx):
+            return                                # an injected stall (avatar_hw.faults)
         returned = self._return_done()
         if device.active and txq.ready and not backend.attached:
             returned += self._log_unattached()

@@ -203,15 +203,8 @@ class NetDevice(VirtioDevice):
 
     def _transmit(self):
         txq = self.queues[TX]
-        if not (self.active and txq.ready):
-            return
-        completed = False
-        for chain in txq:
-            self._send(chain)
-            txq.add_used(chain.head, 0)
-            completed = True
-        if completed:
-            self.signal_used(txq)
+        if self.active and txq.ready:
+            self.consume(txq, self._send)
 
     def _send(self, chain):
         header_len, counters = self._header_len, self.counters
@@ -231,9 +224,49 @@ class NetDevice(VirtioDevice):
             return
         self.count(bytes_from_guest=length)
         counters["tx_frames"] += 1
+        faults = self.context.faults
+        if faults is not None and (fault := faults.frame("tx")) is not None:
+            self._tx_fault(fault, skip(chain.readable, header_len), length)
+            return
         if not (self.link_up and self.backend.send(skip(chain.readable, header_len),
                                                    length)):
             counters["tx_dropped"] += 1
+
+    def _tx_fault(self, fault, views, length):
+        """An injected fault (avatar_hw.faults) meets a transmitted frame: ``drop`` it,
+        send a copy with one payload byte inverted (``corrupt``) or send a copy later
+        (``delay``)."""
+        if fault.name == "drop":
+            self.counters["tx_dropped"] += 1
+            return
+        frame = bytearray(length)
+        gather(views, frame)
+        if fault.name == "corrupt":
+            frame[fault.rng.randrange(ETH_HLEN, length)] ^= 0xFF
+            self._send_copy(frame)
+        else:
+            self.loop.call_later(fault.options["ms"] / 1000, lambda: self._send_copy(frame))
+
+    def _send_copy(self, frame):
+        if not (self.link_up and self.backend.send([memoryview(frame)], len(frame))):
+            self.counters["tx_dropped"] += 1
+
+    def _rx_fault(self, views, length):
+        """True when an injected fault (avatar_hw.faults) drops the frame just read into
+        ``views``; a ``corrupt`` fault inverts one of its bytes past the Ethernet header."""
+        fault = self.context.faults.frame("rx")
+        if fault is None:
+            return False
+        if fault.name == "drop":
+            self.counters["rx_dropped"] += 1
+            return True
+        at = fault.rng.randrange(ETH_HLEN, length)
+        for view in views:
+            if at < len(view):
+                view[at] ^= 0xFF
+                break
+            at -= len(view)
+        return False
 
     # -- receive ----------------------------------------------------------------------------------
 
@@ -251,7 +284,8 @@ class NetDevice(VirtioDevice):
             if length is None:
                 return False
             if length <= self.max_frame:
-                self._fill(length)
+                if self.context.faults is None or not self._rx_fault(views, length):
+                    self._fill(length)
                 return True
         else:
             slot = self._rx_pending.free_slot()
@@ -259,6 +293,8 @@ class NetDevice(VirtioDevice):
             if length is None:
                 return False
             if slot is not None and length <= self.max_frame:
+                if self.context.faults is not None and self._rx_fault([slot], length):
+                    return True
                 self._rx_pending.push(length)
                 self._drain_rx_pending()     # held buffers may fit this frame, if not any
                 return True

@@ -5,7 +5,7 @@ QEMU with the stub and the daemon, then either attaches this terminal to the
 guest's virtio console (hvc0; leave with Ctrl-] or ``poweroff -f``) or, with
 ``--run 'CMD'``, runs one command, prints its output and exits with its status.
 ``--config VMS.toml`` gives the guest the devices of a VMs config (the
-daemon's format: console, block, rng, net; relative paths land in the demo's
+daemon's format: every device kind of docs/devices.md; relative paths land in the demo's
 temporary directory). The demo prints its control socket: ``avatar-hw
 list|info|debug|console --control SOCKET`` work while it runs.
 ``--vms 2`` boots two guests (VM n on CPU n, each with its own console);

@@ -18,7 +18,9 @@ from .build import cache_dir
 
 # Load order (generic Debian kernel: virtio and virtio_ring are built in).
 MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "virtio-rng",
-           "failover", "net_failover", "virtio_net")
+           "failover", "net_failover", "virtio_net", "virtio_balloon", "9pnet_virtio", "9p",
+           "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
+           "virtio-gpu")
 READY_MARKER = "avatar-guest: ready"
 HVC_WAIT_SECONDS = 10
 HVC_RELOAD_SECONDS = 60
@@ -94,15 +96,18 @@ def _closure(wanted, index, modules_dir):
 
 
 def _modules_dep(deps, index):
-    """modules.dep lines: a module, then its dependencies transitively, nearest first."""
-    def chain(name, seen):
+    """modules.dep lines: a module, then every module it needs, each listed before the ones
+    it needs itself (modprobe loads the list from its end: with drm_shmem_helper and
+    drm_kms_helper both needing drm, drm comes last and loads first), as depmod orders them."""
+    def load_order(name, seen):
         out = []
         for d in deps[name]:
             if d not in seen:
                 seen.add(d)
-                out += [d] + chain(d, seen)
+                out += load_order(d, seen) + [d]
         return out
-    return "".join(f"{index[n]}: {' '.join(str(index[d]) for d in chain(n, set()))}\n"
+    return "".join(f"{index[n]}: "
+                   f"{' '.join(str(index[d]) for d in reversed(load_order(n, set())))}\n"
                    for n in sorted(deps))
 
 

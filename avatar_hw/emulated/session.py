@@ -152,6 +152,7 @@ class EmulatedBoard:
         self.bootargs = bootargs
         self.on_log = on_log
         self.busy_poll = busy_poll
+        self.initrd = initrd            # a prebuilt initramfs (default: build_initramfs())
         self.machine = self.daemon = self._thread = None
 
     def start(self):

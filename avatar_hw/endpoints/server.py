@@ -11,8 +11,15 @@ from .base import Endpoint
 log = logging.getLogger(__name__)
 
 
+BUSY = ("avatar-hw: {url} already has a client (one at a time, so that no typing is "
+        "mixed and no output is split): close the other one first\r\n")
+
+
 class SocketServerEndpoint(Endpoint):
-    """A listening socket serving one client at a time (a new client replaces the old)."""
+    """A listening socket serving one client at a time: while a client is connected, a
+    new one gets the one-line ``BUSY`` message and is closed (the client a test or a
+    person is using is never taken over); one whose predecessor already hung up is served.
+    """
 
     def __init__(self, url, listener, limit, unlink=None):
         super().__init__(url, limit)
@@ -43,9 +50,17 @@ class SocketServerEndpoint(Endpoint):
             sock, peer = self.listener.accept()
         except AGAIN:
             return
+        if self.client is not None and self._client_alive():
+            log.info("%s: client %s refused: another client is connected", self,
+                     peer or "(unix)")
+            try:
+                sock.send(BUSY.format(url=self.url).encode(), socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+            sock.close()
+            return
         if self.client is not None:
-            log.info("%s: new client %s replaces the previous one", self, peer)
-            self._drop_client()
+            self._input_gone(None)                  # it hung up; we had not noticed yet
         sock.setblocking(False)
         self.client = sock
         self.interactive = True
@@ -55,6 +70,15 @@ class SocketServerEndpoint(Endpoint):
         log.info("%s: client %s connected", self, peer or "(unix)")
         if self._on_connection is not None:
             self._on_connection()
+
+    def _client_alive(self):
+        """False when the connected client has hung up (EOF or an error waiting)."""
+        try:
+            return self.client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except AGAIN:
+            return True
+        except OSError:
+            return False
 
     def _drop_client(self):
         self._set_reader(False)

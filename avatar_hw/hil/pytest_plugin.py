@@ -27,6 +27,11 @@ Fixtures:
   on that VM's console port, opened once for the session;
 - ``guest_console`` (session): ``avatar_console(0)``;
 - ``guest_shell``: the same console once a shell answers on it;
+- ``avatar_vsock``: ``avatar_vsock(port, vm=0, timeout=30)`` is a connected stream socket
+  to guest ``port`` through the VM's vsock device (waits until the guest listens; closed
+  after the test);
+- ``avatar_board.inject(vm=0, device="block", fault="ioerr", sectors="0-7", ...)``: a fault
+  armed for the running test (docs/testing.md, "Fault injection"), cleared at its end;
 - ``avatar_reset``: ``avatar_reset(vm=0)`` starts that VM's guest again (the emulated
   board: QEMU and the daemon restart, the disk is kept; a bench: ``--avatar-reset-command``)
   and waits until its shell answers on every console the test holds.
@@ -38,7 +43,10 @@ the test's report as a "Captured stdout" section, so JUnit XML carries it with
 properties ``avatar_board``, ``avatar_target``, ``avatar_kernel`` (the guest's release),
 ``avatar_hw_version`` and ``avatar_hw_commit``. When such a test fails, its report gets an
 "avatar-hw board" section: the interrupt diagnosis (the daemon's counters and the GIC's
-view of each SPI) and the console's last output.
+view of each SPI) and the console's last output; and the screen of each VM with a gpu is
+saved as ``<log dir>/<test id>.vm<N>.png`` and named in an "avatar-hw screen" section
+and in the captured stdout (JUnit XML's system-out) as ``[[ATTACHMENT|path]]``, the
+convention of Jenkins' JUnit attachments.
 """
 
 import re
@@ -74,6 +82,11 @@ def pytest_addoption(parser):
                     help="per-test console logs (default: <pytest basetemp>/avatar-logs)")
 
 
+def _stem(item):
+    """The test's id as a file name stem."""
+    return re.sub(r"[^\w.\[\]-]+", "_", item.nodeid).strip("_")
+
+
 class _Consoles:
     """The session's consoles by (vm, port) and the running test's log files."""
 
@@ -90,8 +103,21 @@ class _Consoles:
         self.by_port[key].log = log
         self.logs[key] = path, log
 
+    def make_log_dir(self, config, tmp_path_factory):
+        if self.log_dir is None:
+            option = config.getoption("avatar_log_dir")
+            self.log_dir = (Path(option) if option else
+                            tmp_path_factory.getbasetemp() / "avatar-logs")
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def log_path(self, item, suffix):
+        """``<log dir>/<test id>.vm{vm}<suffix>``, a format string (the log dir is made when
+        the test opened no console)."""
+        self.make_log_dir(item.config, item.config._tmp_path_factory)
+        return str(self.log_dir / f"{_stem(item)}.vm{{vm}}{suffix}")
+
     def start_test(self, item):
-        self.test = re.sub(r"[^\w.\[\]-]+", "_", item.nodeid).strip("_")
+        self.test = _stem(item)
         for key in self.by_port:
             self.open_log(key)
 
@@ -159,9 +185,7 @@ def avatar_board(request):
 @pytest.fixture(scope="session")
 def avatar_console(request, avatar_board, tmp_path_factory):
     state = request.config.stash[_STATE]
-    option = request.config.getoption("avatar_log_dir")
-    state.log_dir = Path(option) if option else tmp_path_factory.getbasetemp() / "avatar-logs"
-    state.log_dir.mkdir(parents=True, exist_ok=True)
+    state.make_log_dir(request.config, tmp_path_factory)
 
     def console(vm=0, port=0):
         key = (vm, port)
@@ -191,6 +215,19 @@ def guest_shell(guest_console, avatar_board):
     if avatar_board.kernel is None:
         avatar_board.kernel = guest_console.check("uname -r").strip()
     return guest_console
+
+
+@pytest.fixture
+def avatar_vsock(avatar_board):
+    opened = []
+
+    def open_stream(port, vm=0, timeout=30):
+        opened.append(avatar_board.vsock(port, vm, timeout))
+        return opened[-1]
+
+    yield open_stream
+    for sock in opened:
+        sock.close()
 
 
 @pytest.fixture
@@ -226,6 +263,9 @@ def pytest_runtest_setup(item):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item):
+    board = getattr(item, "funcargs", {}).get("avatar_board")
+    if board is not None and board.faults_armed:
+        board.clear_faults()                        # faults never outlive their test
     yield
     item.config.stash[_STATE].end_test(item)
 
@@ -241,12 +281,36 @@ def pytest_runtest_makereport(item, call):
         item.user_properties.extend(board.properties().items())
     if report.failed and call.when == "call":
         report.sections.append(("avatar-hw board", board_report(board)))
+        screens = save_screens(board, item.config.stash[_STATE].log_path(item, ".png"))
+        if screens:
+            report.sections.append(("avatar-hw screen", screens))
+            item.add_report_section("call", "stdout", screens)   # JUnit's system-out
 
 
 def pytest_terminal_summary(terminalreporter, config):
     state = config.stash.get(_STATE, None)
     if state is not None and state.log_dir is not None:
         terminalreporter.write_line(f"avatar-hw console logs: {state.log_dir}")
+
+
+def save_screens(board, path):
+    """Save the screen of every VM with a gpu to ``path.format(vm=N)``; the report lines
+    naming them (``[[ATTACHMENT|path]]``, the JUnit attachments convention); never raises."""
+    lines = []
+    try:
+        vms = [vm["vm"] for vm in board.info()["vms"]
+               if any(d["name"] == "gpu" for d in vm["devices"])]
+    except Exception as err:        # a report must not hide the test's own failure
+        return f"no screenshot: {err}"
+    for vm in vms:
+        try:
+            png, saved = board.screenshot(vm), path.format(vm=vm)
+            with open(saved, "wb") as f:
+                f.write(png)
+            lines.append(f"avatar-hw vm{vm} screen: {saved}\n[[ATTACHMENT|{saved}]]")
+        except Exception as err:
+            lines.append(f"avatar-hw vm{vm} screen: no screenshot: {err}")
+    return "\n".join(lines)
 
 
 def board_report(board):

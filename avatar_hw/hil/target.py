@@ -5,9 +5,11 @@ Both offer the same things, so one bring-up suite runs on either:
 - ``info()``: the daemon's ``avatar-hw info`` (over its control socket);
 - ``devices(vm)``: that VM's devices (name, slot, IRQ, status, counters);
 - ``console(vm, port)``: a ``GuestConsole`` on the guest console;
+- ``vsock(port, vm)``: a stream socket to a guest port through the VM's vsock device;
 - ``diagnose_interrupts(vm)``: text for a failure report: per device the
   interrupts the daemon raised and, where the distributor can be read, the GIC's
   view of its SPI (``hw.gic`` ``diagnose_spi``);
+- ``balloon(vm, size)``: the guest memory VM ``vm`` keeps (virtio-balloon);
 - ``reset(vm)``: the guest starts again from power-on; returns the VMs that did
   (the emulated board restarts QEMU and the daemon: all of them; a bench runs
   its ``reset_command``, e.g. a labgrid power cycle or the hypervisor's VM
@@ -19,10 +21,11 @@ Both offer the same things, so one bring-up suite runs on either:
 control socket and the GIC distributor are local there); its guest console is
 any pyserial URL, or the first endpoint of the VM's console that a terminal
 can attach to. ``EmulatedTarget`` boots the emulated board
-(``avatar_hw.emulated.session.EmulatedBoard``) with a console, and block and
-rng devices when this tree has them.
+(``avatar_hw.emulated.session.EmulatedBoard``) with a console, and block, rng
+and vsock (guest CID 3) devices when this tree has them.
 """
 
+import base64
 import functools
 import importlib.util
 import os
@@ -34,6 +37,7 @@ from pathlib import Path
 from .. import control
 from ..board import board_path, load_board
 from ..errors import AvatarError
+from . import vsock
 from .console import GuestConsole, pyserial_url
 
 EMULATED_TOOLS = {"qemu-system-aarch64": "qemu-system-arm", "dtc": "device-tree-compiler",
@@ -53,6 +57,12 @@ class Target:
     def info(self):
         return control.request("info", self.control_path, option=self.control_option)
 
+    def screenshot(self, vm=0, device="gpu"):
+        """PNG bytes of VM ``vm``'s screen (its gpu's scanout)."""
+        shot = control.request("screenshot", self.control_path, option=self.control_option,
+                               vm=vm, device=device)
+        return base64.b64decode(shot["png"])
+
     def vm_info(self, vm=0):
         for entry in self.info()["vms"]:
             if entry["vm"] == vm:
@@ -62,6 +72,15 @@ class Target:
     def devices(self, vm=0, name=None):
         return [d for d in self.vm_info(vm)["devices"] if name is None or d["name"] == name]
 
+    def balloon(self, vm=0, size=None):
+        """VM ``vm`` keeps ``size`` of its RAM (bytes, or text such as ``"384M"``; its balloon
+        takes the rest), as ``avatar-hw balloon``; returns the balloon's state (None: only
+        that)."""
+        from ..devices.balloon import parse_size
+        arguments = {} if size is None else {"size": parse_size(size)}
+        return control.request("balloon", self.control_path, option=self.control_option,
+                               vm=vm, **arguments)
+
     def console_url(self, vm=0, port=0):
         """The pyserial URL of VM ``vm``'s console port ``port`` (from the daemon's endpoints)."""
         return console_url_from_info(self.info(), vm, port)
@@ -69,6 +88,15 @@ class Target:
     def console(self, vm=0, port=0):
         url = self.console_url(vm, port)
         return GuestConsole.open(url)
+
+    def vsock(self, port, vm=0, timeout=30):
+        """A connected stream socket to guest ``port`` through VM ``vm``'s vsock device
+        (``avatar_hw.hil.vsock.connect``: retried until the guest listens or ``timeout``)."""
+        devices = self.devices(vm, "vsock")
+        if not devices:
+            raise AvatarError(f"VM {vm} has no vsock device (add vsock = {{ cid = 3, socket = "
+                              '"PATH" } to its VMs config)')
+        return vsock.connect(devices[0]["socket"], port, timeout)
 
     def diagnose_interrupts(self, vm=0):
         lines = []
@@ -84,6 +112,25 @@ class Target:
 
     def reset(self, vm=0):
         raise AvatarError(f"this target cannot reset VM {vm}")
+
+    faults_armed = False
+
+    def inject(self, vm=0, device=None, fault=None, **options):
+        """Arm ``fault`` (avatar_hw.faults: ``ioerr``, ``torn``, ``irq-drop``, ...) with its
+        ``options`` on VM ``vm``'s ``device``; the pytest plugin clears it at the test's end.
+        ``fault="pause", seconds=S``: the daemon serves no trap for S seconds."""
+        self.faults_armed = True
+        if fault == "pause":
+            return control.request("pause", self.control_path, option=self.control_option,
+                                   **options)
+        return control.request("inject", self.control_path, option=self.control_option,
+                               vm=vm, device=device, fault=fault, options=options)
+
+    def clear_faults(self):
+        """Disarm every injected fault; how many there were."""
+        self.faults_armed = False
+        return control.request("clear", self.control_path,
+                               option=self.control_option)["cleared"]
 
     kernel = None               # the guest kernel's release, once known
 
@@ -205,8 +252,8 @@ def device_available(kind):
 
 
 class EmulatedTarget(Target):
-    """The emulated board with a console, and block (a scratch image) and rng when this tree
-    has those devices. ``start()`` boots it; ``close()`` leaves nothing behind."""
+    """The emulated board with a console, and block (a scratch image), rng and gpu when this
+    tree has those devices. ``start()`` boots it; ``close()`` leaves nothing behind."""
 
     kind = "emulated"
 
@@ -226,6 +273,12 @@ class EmulatedTarget(Target):
             devices.append(f'block = {{ image = "{image}" }}')
         if device_available("rng"):
             devices.append("rng = {}")
+        if device_available("balloon"):
+            devices.append("balloon = {}")
+        if device_available("vsock"):
+            devices.append(f'vsock = {{ cid = 3, socket = "{self._workdir}/vsock" }}')
+        if device_available("gpu"):
+            devices.append("gpu = {}")
         self.emulated = EmulatedBoard(devices="\n".join(devices))
         try:
             self.emulated.start()

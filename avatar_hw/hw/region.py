@@ -14,7 +14,12 @@ or a ``bytearray`` in a test. It offers
 - ``load_acquire16/32`` and ``store_release16/32``: the ordered accesses of the
   "data, then state word" publication rule (see ``ordering``).
 - ``view(offset, length)``: a bounds-checked ``memoryview`` for bulk data
-  (guest buffers), so payloads move with readinto/preadv/pwritev, no copies.
+  (guest buffers), so payloads move with readinto/preadv/pwritev, no copies;
+- ``discard(offset, length)``: give the host back the memory behind whole host
+  pages (a balloon's pages): ``madvise(MADV_REMOVE)`` on a shared file mapping
+  punches a hole in the file (QEMU's shared RAM file on the emulated board), so
+  every mapping of it reads zeros there afterwards. A UIO map (reserved no-map
+  memory, ``remap_pfn_range``) or a bytearray has nothing to give back.
 
 Offsets are relative to the start of the region; every access is checked for
 range and natural alignment and fails with ``RegionAccessError`` naming the
@@ -44,6 +49,7 @@ class Region:
         self.phys_addr = phys_addr
         self._buffer = buffer
         self._closer = closer
+        self.discardable = False            # map_file: a shared, writable file mapping
         self.size = len(memoryview(buffer))
         self._arrays = {
             width: (ctype * (self.size // width)).from_buffer(buffer)
@@ -63,7 +69,10 @@ class Region:
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, offset=offset)
         finally:
             os.close(fd)
-        return cls(mapping, name=name or str(path), phys_addr=phys_addr, closer=mapping.close)
+        region = cls(mapping, name=name or str(path), phys_addr=phys_addr,
+                     closer=mapping.close)
+        region.discardable = not readonly
+        return region
 
     def close(self):
         """Drop the ctypes views and unmap (when this region owns the mapping)."""
@@ -169,3 +178,21 @@ class Region:
                 f"{self.name}: range 0x{offset:x}+0x{length:x} is outside the region "
                 f"(size 0x{self.size:x})")
         return memoryview(self._arrays[1]).cast("B")[offset:offset + length]
+
+    def discard(self, offset, length):
+        """Free the host memory behind the whole host pages inside ``offset .. offset +
+        length`` (``madvise(MADV_REMOVE)``: a hole in the file; reads give zeros after);
+        the bytes freed, 0 when this region cannot (not ``discardable``: not a shared file
+        mapping). ``OSError`` when the kernel refuses (no hole punching there)."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise RegionAccessError(
+                f"{self.name}: range 0x{offset:x}+0x{length:x} is outside the region "
+                f"(size 0x{self.size:x})")
+        if not self.discardable:
+            return 0
+        start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end <= start:
+            return 0
+        self._buffer.madvise(mmap.MADV_REMOVE, start, end - start)
+        return end - start

@@ -18,6 +18,9 @@ counted logs of what the guest caused. The device calls:
 - ``fail(reason)``: DEVICE_NEEDS_RESET (VirtIO 1.2 section 2.1.2);
 - ``guest_error(fmt, ...)`` / ``error(fmt, ...)``: the logs.
 
+``faults``: the device's ``avatar_hw.faults.FaultPlan`` while a test has faults
+armed on it, else None (the hooks test that and nothing more).
+
 The guest's interrupt is raised through the ``InterruptLine`` seam
 (``avatar_hw.interrupts``) when an InterruptStatus bit goes from clear to set.
 """
@@ -51,6 +54,7 @@ class DeviceContext:
         self.driver_features = 0
         self.interrupt_status = 0
         self.config_generation = 0
+        self.faults = None
         self._guest_error_log = RateLimitedLog(log)
         self._error_log = RateLimitedLog(log, level=logging.ERROR)
 
@@ -75,6 +79,12 @@ class DeviceContext:
 
     def interrupt(self, bits):
         """Set InterruptStatus ``bits``; the guest is interrupted when one was clear."""
+        if (self.faults is not None and bits & ~self.interrupt_status
+                and self.faults.interrupt(self, bits, self._interrupt)):
+            return                    # an injected fault dropped or delayed it
+        self._interrupt(bits)
+
+    def _interrupt(self, bits):
         old = self.interrupt_status
         self.interrupt_status = old | bits
         if bits & ~old:

@@ -195,6 +195,17 @@ class VirtioDevice:
         if self.context is not None:
             self.context.signal_used(queue)
 
+    def consume(self, queue, handle):
+        """Give every available chain of ``queue`` to ``handle(chain)`` and return it with
+        used length 0 (a driver -> device queue: nothing is written back); one interrupt."""
+        completed = False
+        for chain in queue:
+            handle(chain)
+            queue.add_used(chain.head, 0)
+            completed = True
+        if completed:
+            self.signal_used(queue)
+
     def signal_config_change(self):
         if self.context is not None:
             self.context.signal_config_change()

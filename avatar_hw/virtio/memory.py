@@ -70,6 +70,11 @@ class GuestMemory:
                                    f"is not {width}-byte aligned")
         return off
 
+    def discard(self, gpa, length):
+        """Give the host back the memory of a checked range (``Region.discard``: whole host
+        pages only); the bytes freed (0 where the mapping cannot)."""
+        return self.region.discard(self.offset(gpa, length), length)
+
     def address(self, gpa, width):
         """Host address of a checked, aligned ``width``-byte field (for ``ordering``)."""
         return self._address + self._aligned(gpa, width)

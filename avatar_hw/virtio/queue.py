@@ -36,8 +36,8 @@ buffers only, so no I/O vector is ever built of nothing.
 descriptors at every notify. ``pop`` therefore works in turns: each turn
 (``new_turn``: the transport starts one at every notify, the device's resume
 another) may take a queue's worth of chains, walk ``TURN_DESCRIPTORS``
-descriptors and ``TURN_BYTES`` bytes of chains (the chain that crosses a
-limit is still returned). Past that,
+descriptors and ``TURN_BYTES`` bytes of chains, plus the work a device
+``charge``s (the chain that crosses a limit is still returned). Past that,
 ``pop`` answers None and calls ``on_yield(queue)``: the device resumes the
 queue on the event loop's next turn, after every other VM's and device's
 pending work (see ``VirtioDevice``), so one notify holds the daemon for a
@@ -185,6 +185,11 @@ class Virtqueue:
         return 0 if self._in_flight is None else sum(self._in_flight)
 
     # -- the chain iterator ---------------------------------------------------------
+
+    def charge(self, nbytes):
+        """Count ``nbytes`` of a request's work beyond its chain's own bytes (a GPU transfer's
+        copy) against this turn's byte budget."""
+        self._turn_bytes -= nbytes
 
     def pop(self):
         """The next available chain, or None when there is none (or the queue is broken).

@@ -11,17 +11,26 @@
  *                                       "AVB-TX-START\n", then BYTES of data, then the result
  *   avbench rx BYTES                    console host->guest: raw mode, no echo on stdin,
  *                                       prints "AVB-RX-GO\n", reads BYTES, then the result
+ *   avbench vsock-echo PORT MAXBYTES    AF_VSOCK: listens on PORT, accepts one connection and
+ *                                       echoes it until the host's end of stream (keeping at
+ *                                       most MAXBYTES), then half-closes and prints the result
+ *   avbench vsock-send PORT BYTES       AF_VSOCK: connects to host CID 2 PORT, sends BYTES of
+ *                                       pseudo-random data while reading the echo, half-closes
+ *                                       after the last byte, reads to the end, prints both sums
  *
- * tx and rx report the SHA-256 of the bytes sent or received; the host
+ * tx, rx and vsock-* report the SHA-256 of the bytes sent or received; the host
  * compares it with its own. Times are CLOCK_MONOTONIC in the guest.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <linux/vm_sockets.h>           /* after sys/socket.h: it needs struct sockaddr */
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
@@ -270,6 +279,111 @@ static int console_rx(uint64_t bytes)
     return 0;
 }
 
+/* -- vsock ------------------------------------------------------------------------------------ */
+
+/* Send tx (or, with echo, what arrived) while receiving into rx, with poll on a non-blocking
+ * socket; half-close after the last byte (with echo: after the peer's end of stream and the
+ * last echoed byte); returns the bytes received when the peer's end of stream came. */
+static uint64_t vsock_transfer(int fd, const unsigned char *tx, uint64_t tx_len,
+                               unsigned char *rx, uint64_t rx_cap, int echo)
+{
+    uint64_t sent = 0, got = 0;
+    int eof = 0, shut = 0;
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    while (!(eof && shut)) {
+        const unsigned char *out = echo ? rx : tx;
+        uint64_t avail = echo ? got : tx_len;
+        if (!shut && sent == avail && (!echo || eof)) {
+            if (shutdown(fd, SHUT_WR))
+                die("shutdown");
+            shut = 1;
+            continue;
+        }
+        struct pollfd p = {fd, (short)((eof ? 0 : POLLIN) | (sent < avail ? POLLOUT : 0)), 0};
+        if (poll(&p, 1, -1) < 0)
+            die("poll");
+        if (!eof && p.revents & (POLLIN | POLLHUP | POLLERR)) {
+            uint64_t room = rx_cap - got;
+            unsigned char extra;            /* full: only the end of stream may come */
+            ssize_t n = room ? recv(fd, rx + got, room < MIB ? room : MIB, 0)
+                             : recv(fd, &extra, 1, 0);
+            if (n < 0 && errno != EAGAIN)
+                die("recv");
+            if (n > 0 && !room) {
+                errno = ENOBUFS;
+                die("more data than expected");
+            }
+            if (n == 0)
+                eof = 1;
+            else if (n > 0)
+                got += (uint64_t)n;
+        }
+        if (sent < avail && p.revents & POLLOUT) {
+            uint64_t left = avail - sent;
+            ssize_t n = send(fd, out + sent, left < MIB ? left : MIB, MSG_NOSIGNAL);
+            if (n < 0 && errno != EAGAIN)
+                die("send");
+            if (n > 0)
+                sent += (uint64_t)n;
+        }
+    }
+    return got;
+}
+
+static int vsock_echo(unsigned port, uint64_t cap)
+{
+    struct sockaddr_vm addr = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY,
+                               .svm_port = port};
+    int lfd = socket(AF_VSOCK, SOCK_STREAM, 0);
+    if (lfd < 0)
+        die("socket(AF_VSOCK)");
+    if (bind(lfd, (struct sockaddr *)&addr, sizeof addr) || listen(lfd, 1))
+        die("bind/listen");
+    printf("avbench vsock-echo listening port=%u\n", port);
+    fflush(stdout);
+    int fd = accept(lfd, NULL, NULL);
+    if (fd < 0)
+        die("accept");
+    unsigned char *buf = aligned(cap ? cap : 1);
+    uint64_t t0 = now_ns();
+    uint64_t got = vsock_transfer(fd, NULL, 0, buf, cap, 1);
+    uint64_t ns = now_ns() - t0;
+    char hex[65];
+    sha256_hex(buf, got, hex);
+    printf("avbench vsock-echo bytes=%llu ns=%llu sha256=%s\n", (unsigned long long)got,
+           (unsigned long long)ns, hex);
+    close(fd);
+    close(lfd);
+    return 0;
+}
+
+static int vsock_send(unsigned port, uint64_t bytes)
+{
+    struct sockaddr_vm addr = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_HOST,
+                               .svm_port = port};
+    unsigned char *tx = aligned(bytes ? bytes : 1), *rx = aligned(bytes ? bytes : 1);
+    for (uint64_t i = 0; i + 8 <= bytes; i += 8) {
+        uint64_t v = xorshift();
+        memcpy(tx + i, &v, 8);
+    }
+    int fd = socket(AF_VSOCK, SOCK_STREAM, 0);
+    if (fd < 0)
+        die("socket(AF_VSOCK)");
+    if (connect(fd, (struct sockaddr *)&addr, sizeof addr))
+        die("connect");
+    uint64_t t0 = now_ns();
+    uint64_t got = vsock_transfer(fd, tx, bytes, rx, bytes, 0);
+    uint64_t ns = now_ns() - t0;
+    char sent_hex[65], got_hex[65];
+    sha256_hex(tx, bytes, sent_hex);
+    sha256_hex(rx, got, got_hex);
+    printf("avbench vsock-send bytes=%llu received=%llu ns=%llu sha256=%s echo_sha256=%s\n",
+           (unsigned long long)bytes, (unsigned long long)got, (unsigned long long)ns,
+           sent_hex, got_hex);
+    close(fd);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IONBF, 0);
@@ -285,7 +399,12 @@ int main(int argc, char **argv)
         return console_tx(strtoull(argv[2], NULL, 0));
     if (argc == 3 && !strcmp(argv[1], "rx"))
         return console_rx(strtoull(argv[2], NULL, 0));
+    if (argc == 4 && !strcmp(argv[1], "vsock-echo"))
+        return vsock_echo((unsigned)strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0));
+    if (argc == 4 && !strcmp(argv[1], "vsock-send"))
+        return vsock_send((unsigned)strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0));
     fprintf(stderr, "usage: avbench seqread|seqwrite DEV BYTES | randread DEV COUNT SECONDS | "
-                    "rng BYTES SECONDS | tx BYTES | rx BYTES\n");
+                    "rng BYTES SECONDS | tx BYTES | rx BYTES | vsock-echo PORT MAXBYTES | "
+                    "vsock-send PORT BYTES\n");
     return 2;
 }

@@ -16,8 +16,6 @@ from avatar_hw.hil.target import device_available
 
 pytestmark = [pytest.mark.hw, pytest.mark.emulated]
 
-DEVICE_IDS = {"console": 3, "block": 2, "rng": 4, "net": 1}
-
 
 def device_or_skip(board, name):
     """VM 0's first device called ``name``, or a skip saying how to get one."""
@@ -61,7 +59,7 @@ def test_guest_drivers_bound_every_device(avatar_board, guest_shell):
     output = guest_shell.check("for d in /sys/bus/virtio/devices/*; do echo $(cat $d/device) "
                                "$(basename $(readlink $d/driver)); done")
     bound = sorted(tuple(line.split()) for line in output.splitlines())
-    expected = sorted((f"0x{DEVICE_IDS[d['name']]:04x}", ) for d in avatar_board.devices(0))
+    expected = sorted((f"0x{d['device_id']:04x}", ) for d in avatar_board.devices(0))
     assert [b[:1] for b in bound] == expected, output
     assert all(len(b) == 2 and b[1] != "none" for b in bound), output
 

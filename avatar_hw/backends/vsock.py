@@ -1,0 +1,183 @@
+"""Host side of a virtio-vsock device: Unix stream sockets, Firecracker's convention.
+
+* The device listens on ``PATH``. A host program connects there and writes
+  ``CONNECT <port>\\n`` (decimal, case-insensitive ``connect``); once the guest
+  accepts, it reads ``OK <host_port>\\n`` and the socket is the byte stream to
+  the guest's port. A refused connection (guest RST, timeout, bad line) is
+  closed without the ``OK`` line.
+* A guest connecting to host CID 2, port ``P``, gets a connection to the Unix
+  socket ``PATH_P`` (non-blocking connect; refused, missing or full: the
+  guest gets RST). No greeting line in that direction.
+
+``Stream`` is one such socket: writes of guest payload go straight from
+guest RAM (``sendmsg`` on the chain's views); what the socket does not take
+at once is copied into a FIFO bounded by the credit the device advertised
+(``buf_alloc``), so a guest that keeps to its credit can never make it grow
+beyond that, and one that does not is reset. Reads go straight into the
+guest's receive buffers (``recvmsg_into``).
+"""
+
+import errno
+import os
+import socket
+
+from .. import paths
+from ..errors import AGAIN, ConfigError
+from ..virtio.buffers import first_batch
+
+MAX_LINE = 32                     # "CONNECT 4294967295\n" is 19 bytes
+MAX_PORT = 0xFFFFFFFF
+
+
+def listen(path):
+    """A non-blocking listening Unix stream socket at ``path`` (a stale socket file is
+    replaced; a live one, or anything else there, is a ConfigError)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
+                         | socket.SOCK_NONBLOCK)
+    try:
+        try:
+            sock.bind(path)
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise ConfigError(path, None, f"cannot create the vsock socket: "
+                                  f"{err.strerror}; choose another path") from None
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                in_use = True
+            except ConnectionRefusedError:
+                in_use = False
+            except OSError:
+                in_use = True
+            finally:
+                probe.close()
+            if in_use:
+                raise ConfigError(path, None, "this path is in use (another process "
+                                  "listens there, or it is not a socket); choose another "
+                                  "path") from None
+            os.unlink(path)
+            sock.bind(path)
+        sock.listen(16)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def parse_connect(line):
+    """The port of a ``CONNECT <port>`` line (bytes without the newline), or None."""
+    parts = line.split()
+    if len(parts) != 2 or parts[0].lower() != b"connect" or not parts[1].isdigit():
+        return None
+    port = int(parts[1])
+    return port if port <= MAX_PORT else None
+
+
+def read_line(sock):
+    """One ``\\n``-terminated line from ``sock`` without reading past it: the line
+    (without ``\\n``), None when it is not complete yet, b"" when the peer closed or
+    sent more than ``MAX_LINE`` bytes without a newline (give up)."""
+    try:
+        head = sock.recv(MAX_LINE, socket.MSG_PEEK)
+    except AGAIN:
+        return None
+    except OSError:
+        return b""
+    end = head.find(b"\n")
+    if end < 0:
+        return b"" if not head or len(head) >= MAX_LINE else None
+    sock.recv(end + 1)
+    return head[:end]
+
+
+def connect_unix(path):
+    """A connected non-blocking socket to ``path``, or None (missing, refused, full)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
+                         | socket.SOCK_NONBLOCK)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+class Stream:
+    """One connection's Unix socket and its bounded FIFO of guest bytes not yet sent."""
+
+    def __init__(self, sock, limit):
+        sock.setblocking(False)
+        self.sock, self.limit = sock, limit
+        self.pending = bytearray()     # guest bytes the socket has not taken yet (<= limit)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def write(self, views, length):
+        """Send ``length`` bytes of ``views`` (guest RAM); what the socket does not take
+        is copied into ``pending``. Returns the bytes the socket took, or None when the
+        socket is gone (EPIPE, ECONNRESET) or ``pending`` would pass ``limit``."""
+        if len(self.pending) + length > self.limit:
+            return None
+        sent = 0
+        if not self.pending:
+            try:
+                sent = self.sock.sendmsg(first_batch(views))
+            except AGAIN:
+                sent = 0
+            except OSError:
+                return None
+        left = sent
+        for view in views:
+            if left >= len(view):
+                left -= len(view)
+                continue
+            self.pending += view[left:]
+            left = 0
+        return sent
+
+    def flush(self):
+        """Send what is pending; the bytes the socket took, or None when it is gone."""
+        if not self.pending:
+            return 0
+        try:
+            with memoryview(self.pending) as view:
+                sent = self.sock.send(view)
+        except AGAIN:
+            return 0
+        except OSError:
+            return None
+        del self.pending[:sent]
+        return sent
+
+    def read_into(self, views):
+        """Bytes received into ``views``: a count, 0 at end of stream, None when nothing
+        is there now, -1 on an error (reset by the peer)."""
+        try:
+            return self.sock.recvmsg_into(first_batch(views))[0]
+        except AGAIN:
+            return None
+        except OSError:
+            return -1
+
+    def send_line(self, text):
+        """A short greeting on a freshly connected socket; False if it did not go out whole."""
+        data = text.encode()
+        try:
+            return self.sock.send(data) == len(data)
+        except OSError:
+            return False
+
+    def shutdown_write(self):
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self):
+        self.sock.close()
+
+
+def remove_listener(sock, path):
+    sock.close()
+    paths.remove(path)

@@ -1,0 +1,521 @@
+"""virtio-gpu 2D (device ID 16, VirtIO 1.2 section 5.7): one scanout, resources in host memory.
+
+Two queues: controlq (0, 256 entries) and cursorq (1, 16 entries, as QEMU). A
+control request is a chain: the 24-byte ``virtio_gpu_ctrl_hdr`` and the
+command's fields in the device-readable part (gathered from however many
+descriptors hold them), the response in the device-writable part. Every request
+is answered synchronously, so a request with VIRTIO_GPU_FLAG_FENCE gets its
+response with the same flag and ``fence_id`` (and ``ctx_id``) at once: the fence
+is signalled.
+
+Commands served (the error codes follow QEMU's hw/display/virtio-gpu.c):
+
+* GET_DISPLAY_INFO: one enabled mode, ``width`` x ``height``;
+* GET_EDID (VIRTIO_GPU_F_EDID): a 128-byte EDID 1.4 whose preferred timing is that mode;
+  a scanout other than 0: ERR_INVALID_PARAMETER;
+* RESOURCE_CREATE_2D: the eight 32-bit UNORM formats; id 0 or in use:
+  ERR_INVALID_RESOURCE_ID; unknown format or a zero width or height:
+  ERR_INVALID_PARAMETER; more than ``max_memory`` bytes for all resources of the
+  device, or more than ``max_resources`` resources: ERR_OUT_OF_MEMORY (nothing is
+  allocated before the budget is checked);
+* RESOURCE_UNREF, RESOURCE_DETACH_BACKING (no backing: ERR_INVALID_RESOURCE_ID);
+* RESOURCE_ATTACH_BACKING: at most 16384 entries, all in the request, each inside
+  the VM's RAM (else ERR_UNSPEC, as QEMU); a resource already backed: ERR_UNSPEC. The entries are
+  kept as guest-physical ranges and turned into views of guest RAM, checked
+  again, at each transfer;
+* SET_SCANOUT (resource 0 disables the scanout; a rectangle not inside the
+  resource or smaller than 16x16: ERR_INVALID_PARAMETER; scanout other than 0:
+  ERR_INVALID_SCANOUT_ID), RESOURCE_FLUSH;
+* TRANSFER_TO_HOST_2D: no resource or no backing: ERR_INVALID_RESOURCE_ID; the
+  rectangle not inside the resource, or its last byte
+  (``offset + stride * (h - 1) + w * 4``) past the backing: ERR_INVALID_PARAMETER.
+  Row ``i`` of the rectangle comes from backing offset ``offset + stride * i``
+  (QEMU's rule), copied with memoryview slices, one slice per backing entry a
+  row crosses (one copy for full-width rectangles);
+* cursorq: UPDATE_CURSOR (a 64x64 resource's pixels are copied as the cursor
+  image; resource 0 hides it) and MOVE_CURSOR; no response is written (used
+  length 0), as QEMU.
+
+A transfer's copy counts against the queue's turn budget (``Virtqueue.charge``):
+past 8 MiB the rest of the queue waits for the event loop's next turn, behind
+every other device and VM.
+
+Any other type: ERR_UNSPEC. A request shorter than its command's fields:
+ERR_INVALID_PARAMETER, nothing done (QEMU logs it and answers nothing, or
+OK_NODATA); shorter than a header: ERR_UNSPEC. A response longer than the writable part:
+ERR_UNSPEC if 24 bytes fit (the command is not run), else used length 0. Every
+such request is a rate-limited, counted guest error; none raises.
+
+Configuration: ``events_read``, ``events_clear`` (a write clears those bits of
+``events_read``), ``num_scanouts`` = 1, ``num_capsets`` = 0. The mode never
+changes, so no display event is ever raised.
+
+``screenshot()`` gives the scanout's rectangle of its resource as RGB (the
+resource as last transferred; the cursor is not drawn); ``avatar-hw screenshot``
+asks the daemon for it as a PNG (``avatar_hw.png``) through the control socket.
+"""
+
+import bisect
+import struct
+
+from ..schema import Field, Schema, positive
+from ..virtio.buffers import gather, scatter
+from ..virtio.constants import ID_GPU, bit
+from ..virtio.device import VirtioDevice
+
+QUEUE_SIZE, CURSOR_QUEUE_SIZE = 256, 16         # QEMU's
+CONTROLQ, CURSORQ = 0, 1
+F_EDID = 1
+
+# command and response types (5.7.6.7)
+CMD_GET_DISPLAY_INFO, CMD_RESOURCE_CREATE_2D, CMD_RESOURCE_UNREF = 0x0100, 0x0101, 0x0102
+CMD_SET_SCANOUT, CMD_RESOURCE_FLUSH, CMD_TRANSFER_TO_HOST_2D = 0x0103, 0x0104, 0x0105
+CMD_RESOURCE_ATTACH_BACKING, CMD_RESOURCE_DETACH_BACKING = 0x0106, 0x0107
+CMD_GET_EDID = 0x010A
+CMD_UPDATE_CURSOR, CMD_MOVE_CURSOR = 0x0300, 0x0301
+RESP_OK_NODATA, RESP_OK_DISPLAY_INFO, RESP_OK_EDID = 0x1100, 0x1101, 0x1104
+RESP_ERR_UNSPEC, RESP_ERR_OUT_OF_MEMORY, RESP_ERR_INVALID_SCANOUT_ID = 0x1200, 0x1201, 0x1202
+RESP_ERR_INVALID_RESOURCE_ID, RESP_ERR_INVALID_PARAMETER = 0x1203, 0x1205
+FLAG_FENCE = 1
+
+# formats (5.7.6.8): id -> byte offsets of red, green, blue in a pixel (memory order)
+FORMATS = {1: (2, 1, 0), 2: (2, 1, 0),          # B8G8R8A8, B8G8R8X8
+           3: (1, 2, 3), 4: (1, 2, 3),          # A8R8G8B8, X8R8G8B8
+           67: (0, 1, 2), 134: (0, 1, 2),       # R8G8B8A8, R8G8B8X8
+           68: (3, 2, 1), 121: (3, 2, 1)}       # X8B8G8R8, A8B8G8R8
+BPP = 4
+MAX_BACKING_ENTRIES = 16384                     # QEMU's limit
+MIN_SCANOUT = 16                                # QEMU refuses smaller scanout rectangles
+CURSOR_SIZE = 64
+MAX_DIMENSION = 4095                            # what an EDID detailed timing can hold
+MAX_SCANOUTS = 16                               # pmodes in GET_DISPLAY_INFO's response
+
+HEADER = struct.Struct("<IIQIB3x")              # type, flags, fence_id, ctx_id, ring_idx
+# events_read, events_clear, num_scanouts, num_capsets
+CONFIG = struct.Struct("<IIII")
+MEM_ENTRY = struct.Struct("<QI4x")              # addr, length
+# the fields after the header, per command
+COMMANDS = {
+    CMD_GET_DISPLAY_INFO: struct.Struct(""),
+    CMD_RESOURCE_CREATE_2D: struct.Struct("<IIII"),     # resource_id, format, width, height
+    CMD_RESOURCE_UNREF: struct.Struct("<I4x"),
+    CMD_SET_SCANOUT: struct.Struct("<IIIIII"),          # rect, scanout_id, resource_id
+    CMD_RESOURCE_FLUSH: struct.Struct("<IIIII4x"),      # rect, resource_id
+    CMD_TRANSFER_TO_HOST_2D: struct.Struct("<IIIIQI4x"),  # rect, offset, resource_id
+    CMD_RESOURCE_ATTACH_BACKING: struct.Struct("<II"),  # resource_id, nr_entries
+    CMD_RESOURCE_DETACH_BACKING: struct.Struct("<I4x"),
+    CMD_GET_EDID: struct.Struct("<I4x"),                # scanout
+    CMD_UPDATE_CURSOR: struct.Struct("<III4xIII4x"),   # scanout, x, y, resource_id, hot_x, hot_y
+    CMD_MOVE_CURSOR: struct.Struct("<III4xIII4x"),
+}
+DISPLAY_ONE = struct.Struct("<IIIIII")          # rect, enabled, flags
+DISPLAY_INFO_SIZE = HEADER.size + MAX_SCANOUTS * DISPLAY_ONE.size
+EDID_RESPONSE = struct.Struct("<II")            # size, padding; then 1024 bytes
+EDID_SIZE = HEADER.size + EDID_RESPONSE.size + 1024
+RESPONSE_SIZE = {CMD_GET_DISPLAY_INFO: DISPLAY_INFO_SIZE, CMD_GET_EDID: EDID_SIZE}
+MAX_REQUEST = HEADER.size + max(s.size for s in COMMANDS.values())
+
+DEFAULT_WIDTH, DEFAULT_HEIGHT = 1024, 768
+DEFAULT_MAX_MEMORY = 64 << 20
+DEFAULT_MAX_RESOURCES = 1024
+
+
+class GpuError(Exception):
+    """A request answered with the error response ``code``."""
+
+    def __init__(self, code, fmt, *args):
+        super().__init__(fmt % args)
+        self.code, self.fmt, self.args_ = code, fmt, args
+
+
+def _inside(x, y, w, h, width, height):
+    """The rectangle lies inside a ``width`` x ``height`` image."""
+    return x + w <= width and y + h <= height
+
+
+class Resource:
+    """A 2D resource: its pixels in host memory and its backing's guest ranges."""
+
+    def __init__(self, resource_id, fmt, width, height):
+        self.id, self.format, self.width, self.height = resource_id, fmt, width, height
+        self.stride = width * BPP
+        self.pixels = bytearray(self.stride * height)
+        self.backing = None                     # [(gpa, length)], coalesced, no empty entry
+        self.starts = []                        # offset of each entry in the backing
+        self.backing_len = 0
+
+    def attach(self, ranges):
+        backing = []
+        for gpa, length in ranges:
+            if backing and backing[-1][0] + backing[-1][1] == gpa:
+                backing[-1] = (backing[-1][0], backing[-1][1] + length)
+            elif length:
+                backing.append((gpa, length))
+        self.backing, self.starts, total = backing, [], 0
+        for _, length in backing:
+            self.starts.append(total)
+            total += length
+        self.backing_len = total
+
+    def detach(self):
+        self.backing, self.starts, self.backing_len = None, [], 0
+
+    def copy_in(self, memory, src, dst, n):
+        """Copy backing bytes ``src .. src + n - 1`` to pixel offset ``dst`` (the range is
+        checked by the caller to lie inside the backing; each entry is checked against the
+        RAM again by ``memory.view``)."""
+        i = bisect.bisect_right(self.starts, src) - 1
+        while n:
+            gpa, length = self.backing[i]
+            within = src - self.starts[i]
+            take = min(length - within, n)
+            self.pixels[dst:dst + take] = memory.view(gpa + within, take)
+            src, dst, n, i = src + take, dst + take, n - take, i + 1
+
+
+def edid(width, height, refresh=60):
+    """A 128-byte EDID 1.4 base block whose preferred (detailed) timing is ``width`` x
+    ``height`` (at most 4095 each) with reduced blanking, at ``refresh`` Hz or as near as
+    the 16-bit pixel clock allows."""
+    hblank, hfront, hsync = 160, 48, 32
+    vblank, vfront, vsync = max(23, height // 30), 3, 6
+    clock = min(0xFFFF, -(-(width + hblank) * (height + vblank) * refresh // 10000))
+    mm_w, mm_h = width * 254 // 960, height * 254 // 960          # 96 dots per inch
+    dtd = struct.pack("<H16B", clock, width & 0xFF, hblank & 0xFF,
+                      (width >> 8) << 4 | hblank >> 8, height & 0xFF, vblank & 0xFF,
+                      (height >> 8) << 4 | vblank >> 8, hfront, hsync, vfront << 4 | vsync,
+                      0, mm_w & 0xFF, mm_h & 0xFF, (mm_w >> 8) << 4 | mm_h >> 8, 0, 0, 0x1E)
+    maker = ((ord("A") - 64) << 10 | (ord("V") - 64) << 5 | (ord("H") - 64)).to_bytes(2, "big")
+    block = bytearray(b"\x00\xff\xff\xff\xff\xff\xff\x00" + maker + struct.pack(
+        "<HIBBBB", 0x1234, 1, 1, 36, 1, 4))                       # product, serial, 2026, v1.4
+    block += bytes((0xA5, max(1, min(255, mm_w // 10)), max(1, min(255, mm_h // 10)),
+                    120, 0x06))                                   # digital 8 bpc, 2.2, sRGB
+    block += bytes((0xEE, 0x91, 0xA3, 0x54, 0x4C, 0x99, 0x26, 0x0F, 0x50, 0x54))  # sRGB
+    block += bytes((0x21, 0x08, 0x00)) + b"\x01\x01" * 8          # 640x480, 800x600, 1024x768
+    block += dtd
+    block += b"\x00\x00\x00\xfc\x00" + b"avatar-hw\n".ljust(13, b" ")
+    block += b"\x00\x00\x00\x10\x00" + bytes(13)
+    block += b"\x00\x00\x00\x10\x00" + bytes(13)
+    block += b"\x00"                                              # no extension
+    block.append(-sum(block) & 0xFF)
+    return bytes(block)
+
+
+def check_dimension(value):
+    if not MIN_SCANOUT <= value <= MAX_DIMENSION:
+        raise ValueError(f"must be {MIN_SCANOUT} to {MAX_DIMENSION} pixels, not {value}")
+
+
+class GpuDevice(VirtioDevice):
+    """A virtio-gpu 2D device with one ``width`` x ``height`` scanout; its resources hold at
+    most ``max_memory`` bytes of pixels in all, at most ``max_resources`` of them."""
+
+    device_id = ID_GPU
+    name = "gpu"
+
+    def __init__(self, *, width=DEFAULT_WIDTH, height=DEFAULT_HEIGHT,
+                 max_memory=DEFAULT_MAX_MEMORY, max_resources=DEFAULT_MAX_RESOURCES):
+        for key, value, check in (("width", width, check_dimension),
+                                  ("height", height, check_dimension),
+                                  ("max_memory", max_memory, positive),
+                                  ("max_resources", max_resources, positive)):
+            try:
+                check(value)
+            except ValueError as err:
+                raise ValueError(f"{key} {err}") from None
+        if max_memory < width * height * BPP:
+            raise ValueError(f"max_memory {max_memory} cannot hold one {width}x{height} "
+                             f"frame ({width * height * BPP} bytes)")
+        super().__init__(queue_sizes=[QUEUE_SIZE, CURSOR_QUEUE_SIZE], features=bit(F_EDID),
+                         config=CONFIG.pack(0, 0, 1, 0))
+        self.width, self.height = width, height
+        self.max_memory, self.max_resources = max_memory, max_resources
+        self.edid = edid(width, height)
+        self.resources = {}
+        self.memory_used = 0
+        self.scanout = None                     # (resource, x, y, w, h) or None: disabled
+        self.cursor = None                      # {resource_id, hot_x, hot_y, x, y, image}
+        self.counters.update(resources=0, transfers=0, flushes=0, bytes_transferred=0)
+        self._request = bytearray(MAX_REQUEST)
+        self._response = bytearray(max(DISPLAY_INFO_SIZE, EDID_SIZE))
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def reset(self):
+        self.resources.clear()
+        self.memory_used = 0
+        self.scanout = self.cursor = None
+        self.counters["resources"] = 0
+        self.config[:] = CONFIG.pack(0, 0, 1, 0)
+
+    def write_config(self, offset, data):
+        if offset == 4 and len(data) == 4:      # events_clear
+            events = int.from_bytes(self.config[0:4], "little") & ~int.from_bytes(data, "little")
+            self.update_config(0, events.to_bytes(4, "little"), notify=False)
+        else:
+            super().write_config(offset, data)
+
+    # -- queues ----------------------------------------------------------------------------------
+
+    def queue_notify(self, index):
+        queue = self.queues[index]
+        served = False
+        while (chain := queue.pop()) is not None:
+            copied = self.counters["bytes_transferred"]
+            used = self._control(chain) if index == CONTROLQ else self._cursor(chain)
+            queue.add_used(chain.head, used)
+            queue.charge(self.counters["bytes_transferred"] - copied)   # the turn's budget
+            served = True
+        if served:
+            self.signal_used(queue)
+
+    def _read_request(self, chain):
+        """(type, flags, fence_id, ctx_id, fields) of a chain, or a GpuError."""
+        n = gather(chain.readable, self._request)
+        if n < HEADER.size:
+            raise GpuError(RESP_ERR_UNSPEC, "request of %d bytes (a header is 24)", n)
+        kind, flags, fence_id, ctx_id, _ = HEADER.unpack_from(self._request)
+        layout = COMMANDS.get(kind)
+        if layout is None:
+            raise GpuError(RESP_ERR_UNSPEC, "unknown command 0x%x", kind)
+        if n < HEADER.size + layout.size:
+            raise GpuError(RESP_ERR_INVALID_PARAMETER, "command 0x%x of %d bytes (%d needed)",
+                           kind, n, HEADER.size + layout.size)
+        return kind, flags, fence_id, ctx_id, layout.unpack_from(self._request, HEADER.size)
+
+    def _control(self, chain):
+        """Serve one controlq request; the used length (the response's bytes)."""
+        self.count(bytes_from_guest=chain.readable_len)
+        flags = fence_id = ctx_id = 0
+        try:
+            kind, flags, fence_id, ctx_id, fields = self._read_request(chain)
+            size = RESPONSE_SIZE.get(kind, HEADER.size)
+            if chain.writable_len < size:
+                raise GpuError(RESP_ERR_UNSPEC, "response of command 0x%x needs %d "
+                               "device-writable bytes, the request has %d", kind, size,
+                               chain.writable_len)
+            if kind in (CMD_UPDATE_CURSOR, CMD_MOVE_CURSOR):
+                raise GpuError(RESP_ERR_UNSPEC, "cursor command on the control queue")
+            code, size = getattr(self, _HANDLERS[kind])(chain, *fields)
+        except GpuError as err:
+            self.guest_error(err.fmt, *err.args_)
+            self.counters["errors"] += 1
+            code, size = err.code, HEADER.size
+            if chain.readable_len >= HEADER.size:   # an error answers the fence too
+                _, flags, fence_id, ctx_id, _ = HEADER.unpack_from(self._request)
+        if chain.writable_len < HEADER.size:
+            self.guest_error("request with %d device-writable bytes (a response needs 24); "
+                             "returned with length 0", chain.writable_len)
+            return 0
+        flags &= FLAG_FENCE                     # ours are synchronous: done when answered
+        HEADER.pack_into(self._response, 0, code, flags, fence_id if flags else 0,
+                         ctx_id if flags else 0, 0)
+        n = scatter(memoryview(self._response)[:size], chain.writable)
+        self.count(0, bytes_to_guest=n)
+        return n
+
+    def _cursor(self, chain):
+        """Serve one cursorq request: no response (used length 0)."""
+        self.count(bytes_from_guest=chain.readable_len)
+        try:
+            kind, _flags, _fence, _ctx, fields = self._read_request(chain)
+            if kind not in (CMD_UPDATE_CURSOR, CMD_MOVE_CURSOR):
+                raise GpuError(RESP_ERR_UNSPEC, "command 0x%x on the cursor queue", kind)
+            self._update_cursor(kind, *fields)
+        except GpuError as err:
+            self.guest_error("cursor queue: " + err.fmt, *err.args_)
+            self.counters["errors"] += 1
+        return 0
+
+    # -- commands: each returns (response type, response length) or raises GpuError ----------------
+
+    def _resource(self, resource_id):
+        resource = self.resources.get(resource_id)
+        if resource is None:
+            raise GpuError(RESP_ERR_INVALID_RESOURCE_ID, "no resource %d", resource_id)
+        return resource
+
+    def _get_display_info(self, chain):
+        self._response[HEADER.size:DISPLAY_INFO_SIZE] = bytes(DISPLAY_INFO_SIZE - HEADER.size)
+        DISPLAY_ONE.pack_into(self._response, HEADER.size, 0, 0, self.width, self.height, 1, 0)
+        return RESP_OK_DISPLAY_INFO, DISPLAY_INFO_SIZE
+
+    def _get_edid(self, chain, scanout):
+        if scanout != 0:
+            raise GpuError(RESP_ERR_INVALID_PARAMETER, "EDID of scanout %d (there is one)",
+                           scanout)
+        EDID_RESPONSE.pack_into(self._response, HEADER.size, len(self.edid), 0)
+        start = HEADER.size + EDID_RESPONSE.size
+        self._response[start:EDID_SIZE] = self.edid.ljust(EDID_SIZE - start, b"\0")
+        return RESP_OK_EDID, EDID_SIZE
+
+    def _create_2d(self, chain, resource_id, fmt, width, height):
+        if resource_id == 0 or resource_id in self.resources:
+            raise GpuError(RESP_ERR_INVALID_RESOURCE_ID, "create: resource id %d is %s",
+                           resource_id, "0" if not resource_id else "in use")
+        if fmt not in FORMATS or not width or not height:
+            raise GpuError(RESP_ERR_INVALID_PARAMETER, "create: format %d, %dx%d", fmt, width,
+                           height)
+        size = width * height * BPP
+        if (self.memory_used + size > self.max_memory
+                or len(self.resources) >= self.max_resources):
+            raise GpuError(RESP_ERR_OUT_OF_MEMORY, "create: %dx%d (%d bytes) over the budget "
+                           "(%d of %d bytes used, %d resources)", width, height, size,
+                           self.memory_used, self.max_memory, len(self.resources))
+        self.resources[resource_id] = Resource(resource_id, fmt, width, height)
+        self.memory_used += size
+        self.counters["resources"] = len(self.resources)
+        return RESP_OK_NODATA, HEADER.size
+
+    def _unref(self, chain, resource_id):
+        resource = self._resource(resource_id)
+        del self.resources[resource_id]
+        self.memory_used -= len(resource.pixels)
+        self.counters["resources"] = len(self.resources)
+        if self.scanout is not None and self.scanout[0] is resource:
+            self.scanout = None
+        return RESP_OK_NODATA, HEADER.size
+
+    def _attach_backing(self, chain, resource_id, count):
+        resource = self._resource(resource_id)
+        if resource.backing is not None:
+            raise GpuError(RESP_ERR_UNSPEC, "attach: resource %d has a backing", resource_id)
+        if count > MAX_BACKING_ENTRIES:
+            raise GpuError(RESP_ERR_UNSPEC, "attach: %d entries (at most %d)", count,
+                           MAX_BACKING_ENTRIES)
+        start = HEADER.size + COMMANDS[CMD_RESOURCE_ATTACH_BACKING].size
+        if chain.readable_len < start + count * MEM_ENTRY.size:
+            raise GpuError(RESP_ERR_UNSPEC, "attach: %d entries in %d bytes", count,
+                           chain.readable_len)
+        entries = bytearray(start + count * MEM_ENTRY.size)   # at most 256 KiB
+        gather(chain.readable, entries)
+        ranges = list(MEM_ENTRY.iter_unpack(memoryview(entries)[start:]))
+        for gpa, length in ranges:
+            if not self.memory.contains(gpa, length):
+                raise GpuError(RESP_ERR_UNSPEC, "attach: entry 0x%x+0x%x is outside the RAM",
+                               gpa, length)
+        resource.attach(ranges)
+        return RESP_OK_NODATA, HEADER.size
+
+    def _detach_backing(self, chain, resource_id):
+        resource = self._resource(resource_id)
+        if resource.backing is None:
+            raise GpuError(RESP_ERR_INVALID_RESOURCE_ID, "detach: resource %d has no backing",
+                           resource_id)
+        resource.detach()
+        return RESP_OK_NODATA, HEADER.size
+
+    def _set_scanout(self, chain, x, y, w, h, scanout_id, resource_id):
+        if scanout_id != 0:
+            raise GpuError(RESP_ERR_INVALID_SCANOUT_ID, "scanout %d (there is one)", scanout_id)
+        if resource_id == 0:
+            self.scanout = None
+            return RESP_OK_NODATA, HEADER.size
+        resource = self._resource(resource_id)
+        if (w < MIN_SCANOUT or h < MIN_SCANOUT
+                or not _inside(x, y, w, h, resource.width, resource.height)):
+            raise GpuError(RESP_ERR_INVALID_PARAMETER, "scanout rectangle %dx%d+%d+%d in a "
+                           "%dx%d resource", w, h, x, y, resource.width, resource.height)
+        self.scanout = (resource, x, y, w, h)
+        return RESP_OK_NODATA, HEADER.size
+
+    def _flush(self, chain, x, y, w, h, resource_id):
+        resource = self._resource(resource_id)
+        if not _inside(x, y, w, h, resource.width, resource.height):
+            raise GpuError(RESP_ERR_INVALID_PARAMETER, "flush rectangle %dx%d+%d+%d in a "
+                           "%dx%d resource", w, h, x, y, resource.width, resource.height)
+        self.counters["flushes"] += 1
+        return RESP_OK_NODATA, HEADER.size
+
+    def _transfer_to_host_2d(self, chain, x, y, w, h, offset, resource_id):
+        resource = self._resource(resource_id)
+        if resource.backing is None:
+            raise GpuError(RESP_ERR_INVALID_RESOURCE_ID, "transfer: resource %d has no "
+                           "backing", resource_id)
+        if not _inside(x, y, w, h, resource.width, resource.height):
+            raise GpuError(RESP_ERR_INVALID_PARAMETER, "transfer rectangle %dx%d+%d+%d in a "
+                           "%dx%d resource", w, h, x, y, resource.width, resource.height)
+        if not w or not h:
+            return RESP_OK_NODATA, HEADER.size
+        stride, row = resource.stride, w * BPP
+        if offset + stride * (h - 1) + row > resource.backing_len:
+            raise GpuError(RESP_ERR_INVALID_PARAMETER, "transfer of %dx%d at backing offset "
+                           "%d: past the %d-byte backing", w, h, offset, resource.backing_len)
+        dst = y * stride + x * BPP
+        if row == stride:                       # full rows: one contiguous range
+            resource.copy_in(self.memory, offset, dst, stride * h)
+        else:
+            for i in range(h):
+                resource.copy_in(self.memory, offset + stride * i, dst + stride * i, row)
+        self.counters["transfers"] += 1
+        self.counters["bytes_transferred"] += row * h
+        return RESP_OK_NODATA, HEADER.size
+
+    def _update_cursor(self, kind, scanout, x, y, resource_id, hot_x, hot_y):
+        if scanout != 0:
+            raise GpuError(RESP_ERR_INVALID_SCANOUT_ID, "cursor on scanout %d", scanout)
+        if kind == CMD_MOVE_CURSOR:
+            if self.cursor is not None:
+                self.cursor.update(x=x, y=y)
+            return
+        if resource_id == 0:
+            self.cursor = None
+            return
+        resource = self._resource(resource_id)
+        if (resource.width, resource.height) != (CURSOR_SIZE, CURSOR_SIZE):
+            raise GpuError(RESP_ERR_INVALID_PARAMETER, "cursor resource %d is %dx%d, not 64x64",
+                           resource_id, resource.width, resource.height)
+        self.cursor = {"resource_id": resource_id, "hot_x": hot_x, "hot_y": hot_y, "x": x,
+                       "y": y, "image": bytes(resource.pixels)}
+
+    # -- the screen --------------------------------------------------------------------------------
+
+    def screenshot(self):
+        """(width, height, RGB bytes) of the scanout; None while the guest shows nothing."""
+        if self.scanout is None:
+            return None
+        resource, x, y, w, h = self.scanout
+        stride, row = resource.stride, w * BPP
+        pixels = bytearray(row * h)
+        for i in range(h):
+            start = (y + i) * stride + x * BPP
+            pixels[i * row:(i + 1) * row] = resource.pixels[start:start + row]
+        rgb = bytearray(w * h * 3)
+        for channel, at in enumerate(FORMATS[resource.format]):
+            rgb[channel::3] = pixels[at::BPP]
+        return w, h, bytes(rgb)
+
+    def info(self):
+        out = super().info()
+        out.update(width=self.width, height=self.height, max_memory=self.max_memory,
+                   memory_used=self.memory_used, max_resources=self.max_resources,
+                   scanout=None if self.scanout is None else
+                   {"resource": self.scanout[0].id, "rect": list(self.scanout[1:])},
+                   cursor=None if self.cursor is None else
+                   {k: v for k, v in self.cursor.items() if k != "image"})
+        return out
+
+
+_HANDLERS = {
+    CMD_GET_DISPLAY_INFO: "_get_display_info", CMD_GET_EDID: "_get_edid",
+    CMD_RESOURCE_CREATE_2D: "_create_2d", CMD_RESOURCE_UNREF: "_unref",
+    CMD_RESOURCE_ATTACH_BACKING: "_attach_backing",
+    CMD_RESOURCE_DETACH_BACKING: "_detach_backing", CMD_SET_SCANOUT: "_set_scanout",
+    CMD_RESOURCE_FLUSH: "_flush", CMD_TRANSFER_TO_HOST_2D: "_transfer_to_host_2d",
+}
+
+
+SCHEMA = Schema("gpu", (
+    Field("width", int, None, f"pixels ({MIN_SCANOUT} to {MAX_DIMENSION})", check_dimension),
+    Field("height", int, None, f"pixels ({MIN_SCANOUT} to {MAX_DIMENSION})", check_dimension),
+    Field("max_memory", int, None, "bytes of pixels for all resources", positive),
+    Field("max_resources", int, None, "the number of resources", positive),
+))
+
+
+def from_config(options):
+    """The VMs config's ``gpu = { width, height, max_memory, max_resources }``."""
+    return GpuDevice(width=options.get("width", DEFAULT_WIDTH),
+                     height=options.get("height", DEFAULT_HEIGHT),
+                     max_memory=options.get("max_memory", DEFAULT_MAX_MEMORY),
+                     max_resources=options.get("max_resources", DEFAULT_MAX_RESOURCES))

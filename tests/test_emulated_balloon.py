@@ -1,0 +1,108 @@
+"""virtio-balloon used by a real arm64 Linux guest on the emulated board (marker ``emulated``):
+``avatar-hw balloon`` inflates the guest by 128 MiB and deflates it again; the guest's
+/proc/meminfo, the device's ``actual``, the guest's statistics in ``avatar-hw info`` and
+the host's RAM file (its allocated blocks) all follow."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from avatar_hw import control
+from avatar_hw.emulated.session import EmulatedBoard
+from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
+
+MIB = 1 << 20
+BALLOON = 128 * MIB
+
+
+@pytest.fixture(scope="module")
+def board():
+    # Without DEFLATE_ON_OOM Linux also takes the balloon out of MemTotal.
+    board = EmulatedBoard(devices="balloon = { stats_interval = 1, deflate_on_oom = false }\n")
+    board.start()
+    try:
+        board.guest = board.shell(timeout=120)
+        yield board
+    finally:
+        board.stop()
+
+
+def run(board, command, timeout=60):
+    output, status = board.guest.run(command, timeout)
+    assert status == 0, (command, output)
+    return output
+
+
+def meminfo(board):
+    text = run(board, "cat /proc/meminfo")
+    return {k: int(v) * 1024 for k, v in re.findall(r"^(\w+):\s+(\d+) kB", text, re.M)}
+
+
+def balloon_cli(board, *args):
+    done = subprocess.run([sys.executable, "-m", "avatar_hw", "balloon", "0", *args, "--json",
+                           "--control", board.daemon.control.path], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def balloon_state(board):
+    return control.request("balloon", board.daemon.control.path, vm=0)
+
+
+def wait_balloon(board, wanted, timeout=90):
+    deadline = time.monotonic() + timeout
+    while True:
+        state = balloon_state(board)
+        if state["balloon"] == wanted or time.monotonic() > deadline:
+            return state
+        time.sleep(0.1)
+
+
+def ram_blocks(board):
+    return os.stat(board.machine.ram_path).st_blocks * 512
+
+
+def test_balloon_inflates_and_deflates_a_linux_guest(board):
+    assert re.search(r"virtio virtio\d+ device 0x0005 driver virtio_balloon",
+                     board.guest.banner), board.guest.banner
+    # the guest uses (then frees) memory, so the RAM file holds pages the balloon can punch
+    run(board, "dd if=/dev/zero of=/tmp/fill bs=1M count=160 2>/dev/null; rm /tmp/fill")
+    before, blocks = meminfo(board), ram_blocks(board)
+    ram = balloon_state(board)["ram"]
+
+    state = balloon_cli(board, f"{(ram - BALLOON) // MIB}M")
+    assert state["balloon_target"] == BALLOON and state["release"] == "madvise(MADV_REMOVE)"
+    state = wait_balloon(board, BALLOON)
+    assert state["balloon"] == BALLOON, state
+    inflated = meminfo(board)
+    assert before["MemTotal"] - inflated["MemTotal"] == BALLOON
+    assert before["MemFree"] - inflated["MemFree"] >= BALLOON - 16 * MIB
+    freed = blocks - ram_blocks(board)
+    assert freed >= BALLOON * 3 // 4, (blocks, freed)             # host memory given back
+    info = control.request("info", board.daemon.control.path)
+    [device] = [d for d in info["vms"][0]["devices"] if d["name"] == "balloon"]
+    assert device["bytes_released"] == BALLOON and device["pages_inflated"] >= BALLOON // 4096
+    assert device["pfns_ignored"] == 0 and device["status"].endswith("DRIVER_OK")
+    # Linux notifies the statistics queue once before DRIVER_OK (ignored, counted)
+    assert device["guest_errors"] <= 1
+
+    # the guest's statistics arrive every second; they show the inflated guest
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stats = balloon_state(board)["stats"]
+        if stats.get("total_memory") == inflated["MemTotal"]:
+            break
+        time.sleep(0.5)
+    assert stats["total_memory"] == inflated["MemTotal"], stats
+    assert 0 < stats["free_memory"] <= stats["total_memory"]
+    assert "available_memory" in stats
+
+    balloon_cli(board, "1G")                                    # more than its RAM: empty
+    assert wait_balloon(board, 0)["balloon"] == 0
+    assert meminfo(board)["MemTotal"] == before["MemTotal"]

@@ -1,0 +1,611 @@
+"""virtio-9p through the driver-side harness: hand-built 9P2000.L messages, normal work,
+escape attempts (``..``, symlinks, a directory swapped for a symlink, absolute and long
+names), malformed messages and the security models."""
+
+import errno
+import hashlib
+import os
+import random
+import struct
+
+import pytest
+
+from avatar_hw.backends import p9fs as p
+from avatar_hw.config import load_config
+from avatar_hw.devices.p9 import F_MOUNT_TAG, P9Device
+from avatar_hw.errors import ConfigError
+from avatar_hw.testing.virtio import VirtioBench
+from avatar_hw.virtio import constants as c
+from test_console import loop  # noqa: F401 (fixture)
+
+SLOT = 64 << 10
+ROOT_FID = 1
+
+
+class Rlerror(Exception):
+    def __init__(self, code):
+        super().__init__(os.strerror(code))
+        self.errno = code
+
+
+def s(value):
+    value = value.encode() if isinstance(value, str) else value
+    return struct.pack("<H", len(value)) + value
+
+
+class Client:
+    """A 9P2000.L client speaking through a VirtioBench's driver queue."""
+
+    def __init__(self, bench):
+        self.b, self.q, self.tag = bench, bench.q, 0
+
+    def raw(self, message, reply=SLOT, *, reply_slots=1):
+        chunks = [message[i:i + SLOT] for i in range(0, len(message), SLOT)] or [b""]
+        self.q.post(readable=chunks, writable=[reply] * reply_slots)
+        self.q.notify()
+        [used] = self.q.get_used()
+        return used
+
+    def rpc(self, kind, body=b"", **kw):
+        self.tag = (self.tag + 1) % 0xFFFF
+        used = self.raw(struct.pack("<IBH", 7 + len(body), kind, self.tag) + body, **kw)
+        size, rkind, tag = struct.unpack_from("<IBH", used.data)
+        assert size == used.length and tag == self.tag
+        if rkind == p.TLERROR + 1:
+            raise Rlerror(struct.unpack_from("<I", used.data, 7)[0])
+        assert rkind == kind + 1
+        return used.data[7:]
+
+    def version(self, msize=1 << 20, version="9P2000.L"):
+        out = self.rpc(p.TVERSION, struct.pack("<I", msize) + s(version))
+        return struct.unpack_from("<I", out)[0], out[6:].decode()
+
+    def attach(self, fid=ROOT_FID, uid=1000):
+        return self.rpc(p.TATTACH, struct.pack("<II", fid, 0xFFFFFFFF) + s("u") + s("")
+                        + struct.pack("<I", uid))
+
+    def walk(self, fid, newfid, *names):
+        out = self.rpc(p.TWALK, struct.pack("<IIH", fid, newfid, len(names))
+                       + b"".join(s(n) for n in names))
+        n = struct.unpack_from("<H", out)[0]
+        return [p.QID.unpack_from(out, 2 + 13 * i) for i in range(n)]
+
+    def lopen(self, fid, flags=0):
+        return self.rpc(p.TLOPEN, struct.pack("<II", fid, flags))
+
+    def lcreate(self, fid, name, flags=2, mode=0o644, gid=100):
+        return self.rpc(p.TLCREATE, struct.pack("<I", fid) + s(name)
+                        + struct.pack("<III", flags, mode, gid))
+
+    def read(self, fid, offset, count, **kw):
+        out = self.rpc(p.TREAD, struct.pack("<IQI", fid, offset, count), **kw)
+        n = struct.unpack_from("<I", out)[0]
+        assert len(out) == 4 + n
+        return out[4:]
+
+    def write(self, fid, offset, data):
+        out = self.rpc(p.TWRITE, struct.pack("<IQI", fid, offset, len(data)) + data)
+        return struct.unpack("<I", out)[0]
+
+    def clunk(self, fid):
+        self.rpc(p.TCLUNK, struct.pack("<I", fid))
+
+    def getattr(self, fid):
+        v = p.GETATTR.unpack(self.rpc(p.TGETATTR, struct.pack("<IQ", fid, 0x3FFF)))
+        return {"qid": p.QID.unpack(v[1]), "mode": v[2], "uid": v[3], "gid": v[4],
+                "size": v[7]}
+
+    def setattr(self, fid, valid, mode=0, uid=0, gid=0, size=0):
+        self.rpc(p.TSETATTR, struct.pack("<IIIIIQQQQQ", fid, valid, mode, uid, gid, size,
+                                         0, 0, 0, 0))
+
+    def mkdir(self, fid, name, mode=0o755, gid=100):
+        return self.rpc(p.TMKDIR, struct.pack("<I", fid) + s(name) + struct.pack("<II", mode, gid))
+
+    def symlink(self, fid, name, target):
+        return self.rpc(p.TSYMLINK, struct.pack("<I", fid) + s(name) + s(target)
+                        + struct.pack("<I", 0))
+
+    def readlink(self, fid):
+        out = self.rpc(p.TREADLINK, struct.pack("<I", fid))
+        return out[2:].decode()
+
+    def unlinkat(self, fid, name, flags=0):
+        self.rpc(p.TUNLINKAT, struct.pack("<I", fid) + s(name) + struct.pack("<I", flags))
+
+    def renameat(self, old, oldname, new, newname):
+        self.rpc(p.TRENAMEAT, struct.pack("<I", old) + s(oldname) + struct.pack("<I", new)
+                 + s(newname))
+
+    def readdir(self, fid, offset=0, count=8192):
+        out = self.rpc(p.TREADDIR, struct.pack("<IQI", fid, offset, count))
+        n, pos, entries = struct.unpack_from("<I", out)[0], 4, []
+        while pos < 4 + n:
+            qid = p.QID.unpack_from(out, pos)
+            off, _type, length = struct.unpack_from("<QBH", out, pos + 13)
+            name = out[pos + 24:pos + 24 + length].decode()
+            entries.append((name, off, qid))
+            pos += 24 + length
+        return entries
+
+    def listdir(self, fid, count=8192):
+        names, offset = [], 0
+        while entries := self.readdir(fid, offset, count):
+            names += [e[0] for e in entries]
+            offset = entries[-1][1]
+        return names
+
+
+@pytest.fixture
+def share(tmp_path):
+    root = tmp_path / "share"
+    root.mkdir()
+    (root / "hello.txt").write_bytes(b"hello from the host\n")
+    (root / "sub").mkdir()
+    (tmp_path / "secret").write_text("outside the share\n")
+    return root
+
+
+@pytest.fixture
+def make(loop, share):
+    made = []
+
+    def make(root=share, **kw):
+        kw.setdefault("tag", "hostshare")
+        b = VirtioBench(P9Device(root, **kw), loop=loop, ram_size=16 << 20)
+        b.q, = b.driver.init([0], buf_size=SLOT, size=64)
+        client = Client(b)
+        made.append(b)
+        return client
+    yield make
+    for b in made:
+        b.subsystem.close()
+        b.check_guards()
+
+
+@pytest.fixture
+def fs(make):
+    client = make()
+    assert client.version() == (p.MSIZE_MAX, "9P2000.L")
+    client.attach()
+    return client
+
+
+def errno_of(call, *args, **kw):
+    with pytest.raises(Rlerror) as err:
+        call(*args, **kw)
+    return err.value.errno
+
+
+# -- identity and session ---------------------------------------------------------------------
+
+def test_identity_mount_tag_and_version(make):
+    client = make(tag="hostshare")
+    d = client.b.driver
+    assert d.read(c.REG_DEVICE_ID) == c.ID_9P
+    assert d.device_features() & (1 << F_MOUNT_TAG)
+    assert d.read_config(0, 2) == len("hostshare")
+    assert bytes(d.read_config(2 + i, 1) for i in range(9)) == b"hostshare"
+    assert client.version(8192) == (8192, "9P2000.L")
+    assert client.version(1 << 30) == (p.MSIZE_MAX, "9P2000.L")        # bounded
+    assert client.version(8192, "9P2000.u") == (8192, "unknown")
+    assert errno_of(client.version, 100) == errno.EINVAL
+
+
+def test_reading_and_writing_files(fs, share):
+    fs.walk(ROOT_FID, 2, "hello.txt")
+    fs.lopen(2)
+    assert fs.read(2, 0, 1 << 20) == b"hello from the host\n"
+    assert fs.read(2, 6, 4) == b"from"
+    assert fs.read(2, 1000, 10) == b""
+    assert fs.getattr(2)["size"] == 20
+    fs.clunk(2)
+    fs.walk(ROOT_FID, 3, "sub")
+    fs.lcreate(3, "new.bin", flags=2, mode=0o640)
+    data = bytes(random.Random(1).randrange(256) for _ in range(200000))
+    done = 0
+    while done < len(data):                   # 60000-byte writes, as a client within msize
+        done += fs.write(3, done, data[done:done + 60000])
+    fs.rpc(p.TFSYNC, struct.pack("<II", 3, 0))
+    fs.clunk(3)
+    host = (share / "sub" / "new.bin").read_bytes()
+    assert hashlib.sha256(host).digest() == hashlib.sha256(data).digest()
+    assert (share / "sub" / "new.bin").stat().st_mode & 0o777 == 0o640
+    fs.walk(ROOT_FID, 4, "sub", "new.bin")
+    fs.lopen(4)
+    back = b"".join(fs.read(4, off, SLOT - 11) for off in range(0, len(data), SLOT - 11))
+    assert back == data
+    fs.clunk(4)
+
+
+def test_a_read_moves_into_several_guest_buffers(fs, share):
+    (share / "big").write_bytes(bytes(range(256)) * 1024)        # 256 KiB
+    fs.walk(ROOT_FID, 2, "big")
+    fs.lopen(2)
+    used = fs.raw(struct.pack("<IBHIQI", 23, p.TREAD, 9, 2, 0, 200000), reply=SLOT,
+                  reply_slots=4)
+    assert used.length == 11 + 200000
+    assert used.data[11:] == ((bytes(range(256)) * 1024)[:200000])
+
+
+def test_directories_links_and_renames(fs, share):
+    fs.mkdir(ROOT_FID, "d", 0o700)
+    assert (share / "d").is_dir()
+    fs.walk(ROOT_FID, 2, "d")
+    fs.lcreate(2, "f", mode=0o600)
+    fs.write(2, 0, b"x")
+    fs.clunk(2)
+    fs.symlink(ROOT_FID, "link", "d/f")
+    assert os.readlink(share / "link") == "d/f"
+    fs.walk(ROOT_FID, 3, "link")
+    assert fs.getattr(3)["qid"][0] == p.QTSYMLINK
+    assert fs.readlink(3) == "d/f"
+    fs.walk(ROOT_FID, 4, "d", "f")
+    fs.rpc(p.TLINK, struct.pack("<II", ROOT_FID, 4) + s("hard"))
+    assert (share / "hard").read_bytes() == b"x"
+    fs.renameat(ROOT_FID, "hard", ROOT_FID, "hard2")
+    assert sorted(os.listdir(share)) == ["d", "hard2", "hello.txt", "link", "sub"]
+    fs.walk(ROOT_FID, 5, "d")
+    fs.lopen(5)
+    assert sorted(fs.listdir(5)) == [".", "..", "f"]
+    fs.unlinkat(ROOT_FID, "hard2")
+    assert errno_of(fs.unlinkat, ROOT_FID, "d", p.AT_REMOVEDIR_DOTL) == errno.ENOTEMPTY
+    fs.unlinkat(ROOT_FID, "link")
+    assert not (share / "link").exists()
+    st = fs.rpc(p.TSTATFS, struct.pack("<I", ROOT_FID))
+    assert struct.unpack_from("<I", st)[0] == p.V9FS_MAGIC
+    assert fs.rpc(p.TLOCK, struct.pack("<IBIQQI", 5, 0, 0, 0, 0, 1) + s("c")) == b"\0"
+
+
+def test_readdir_in_small_pages_lists_every_name_once(fs, share):
+    names = {f"file-{i:04d}-{'x' * (i % 40)}" for i in range(300)}
+    for name in names:
+        (share / "sub" / name).touch()
+    fs.walk(ROOT_FID, 2, "sub")
+    fs.lopen(2)
+    listed = fs.listdir(2, count=600)
+    assert len(listed) == len(set(listed)) == 302
+    assert set(listed) - {".", ".."} == names
+
+
+def test_setattr_truncates_and_changes_mode_and_times(fs, share):
+    fs.walk(ROOT_FID, 2, "hello.txt")
+    fs.setattr(2, p.SA_SIZE, size=5)
+    assert (share / "hello.txt").read_bytes() == b"hello"
+    fs.setattr(2, p.SA_MODE, mode=0o600)
+    assert (share / "hello.txt").stat().st_mode & 0o777 == 0o600
+    fs.rpc(p.TSETATTR, struct.pack("<IIIIIQQQQQ", 2, p.SA_MTIME | p.SA_MTIME_SET, 0, 0, 0, 0,
+                                   0, 0, 1000000, 5))
+    assert (share / "hello.txt").stat().st_mtime_ns == 1000000 * 10**9 + 5
+
+
+def test_user_xattrs_round_trip(fs, share):
+    fs.walk(ROOT_FID, 2, "hello.txt")
+    fs.rpc(p.TXATTRCREATE, struct.pack("<I", 2) + s("user.note") + struct.pack("<QI", 3, 0))
+    fs.write(2, 0, b"abc")
+    fs.clunk(2)
+    assert os.getxattr(share / "hello.txt", "user.note") == b"abc"
+    fs.walk(ROOT_FID, 3, "hello.txt")
+    out = fs.rpc(p.TXATTRWALK, struct.pack("<II", 3, 4) + s("user.note"))
+    assert struct.unpack("<Q", out)[0] == 3 and fs.read(4, 0, 100) == b"abc"
+    assert errno_of(fs.rpc, p.TXATTRWALK, struct.pack("<II", 3, 5) + s("user.none")) == \
+        errno.ENODATA
+
+
+# -- escape attempts --------------------------------------------------------------------------
+
+def test_dotdot_at_the_root_stays_at_the_root(fs, share):
+    root_ino = os.stat(share).st_ino
+    qids = fs.walk(ROOT_FID, 2, "..", "..", "..")
+    assert [q[2] for q in qids] == [root_ino] * 3
+    assert fs.walk(2, 3, "sub", "..", "..")[-1][2] == root_ino
+    fs.lopen(3)
+    assert "secret" not in fs.listdir(3)
+    assert "hello.txt" in fs.listdir(3)
+
+
+@pytest.mark.parametrize("name", ["/etc", "../secret", "sub/..", "a\0b", ""])
+def test_names_that_are_not_one_component_are_refused(fs, name):
+    assert errno_of(fs.walk, ROOT_FID, 2, name) == errno.EINVAL
+    assert errno_of(fs.lcreate, ROOT_FID, name) == errno.EINVAL
+    assert errno_of(fs.mkdir, ROOT_FID, name) == errno.EINVAL
+
+
+def test_dot_names_cannot_be_created_or_removed(fs):
+    for name in (".", ".."):
+        assert errno_of(fs.mkdir, ROOT_FID, name) == errno.EINVAL
+        assert errno_of(fs.unlinkat, ROOT_FID, name, p.AT_REMOVEDIR_DOTL) == errno.EINVAL
+        assert errno_of(fs.renameat, ROOT_FID, "sub", ROOT_FID, name) == errno.EINVAL
+
+
+def test_long_names_are_refused(fs):
+    assert errno_of(fs.walk, ROOT_FID, 2, "x" * 256) == errno.ENAMETOOLONG
+    assert errno_of(fs.lcreate, ROOT_FID, "x" * 4000) == errno.ENAMETOOLONG
+
+
+def test_symlinks_are_never_followed_by_the_server(fs, share, tmp_path):
+    os.symlink("/", share / "root")
+    os.symlink(tmp_path / "secret", share / "abs")
+    os.symlink("../secret", share / "rel")
+    os.symlink("/nonexistent/x", share / "dangling")
+    for link in ("abs", "rel", "dangling"):
+        fs.walk(ROOT_FID, 2, link)
+        assert fs.getattr(2)["qid"][0] == p.QTSYMLINK
+        assert errno_of(fs.lopen, 2) == errno.ELOOP
+        assert errno_of(fs.rpc, p.TSETATTR, struct.pack("<IIIIIQQQQQ", 2, p.SA_SIZE, 0, 0, 0,
+                                                        0, 0, 0, 0, 0)) == errno.EINVAL
+        fs.clunk(2)
+    # through the link to / : the walk stops at the link (partial walk, no new fid)
+    assert len(fs.walk(ROOT_FID, 3, "root", "etc", "hostname")) == 1
+    assert errno_of(fs.getattr, 3) == errno.EBADF
+    fs.walk(ROOT_FID, 4, "root")
+    assert errno_of(fs.walk, 4, 5, "etc") == errno.ENOTDIR
+    assert errno_of(fs.lcreate, 4, "x") == errno.ENOTDIR
+    # links are made by name, never through the target
+    fs.walk(ROOT_FID, 6, "abs")
+    assert errno_of(fs.rpc, p.TLINK, struct.pack("<II", ROOT_FID, 6) + s("h")) == errno.EPERM
+    assert (tmp_path / "secret").read_text() == "outside the share\n"
+
+
+def test_a_directory_swapped_for_a_symlink_after_the_walk_is_not_followed(fs, share, tmp_path):
+    """The fid pins the directory it walked to: replacing it by a symlink to / between the
+    walk and the next request changes nothing the guest can reach."""
+    (share / "sub" / "inner").write_text("inner\n")
+    fs.walk(ROOT_FID, 2, "sub")
+    os.rename(share / "sub", share / "sub.old")
+    os.symlink("/etc", share / "sub")
+    assert errno_of(fs.walk, 2, 3, "hostname") == errno.ENOENT      # not /etc/hostname
+    fs.walk(2, 3, "inner")
+    fs.lopen(3)
+    assert fs.read(3, 0, 100) == b"inner\n"
+    fs.lcreate(2, "made")
+    assert (share / "sub.old" / "made").exists() and not os.path.exists("/etc/made")
+    fs.walk(ROOT_FID, 4, "sub")                                      # a new walk sees the link
+    assert fs.getattr(4)["qid"][0] == p.QTSYMLINK
+    assert errno_of(fs.walk, 4, 5, "hostname") == errno.ENOTDIR
+
+
+def test_a_file_swapped_for_a_symlink_between_walk_and_open_opens_the_walked_file(fs, share,
+                                                                               tmp_path):
+    fs.walk(ROOT_FID, 2, "hello.txt")
+    os.rename(share / "hello.txt", share / "hello.old")
+    os.symlink(tmp_path / "secret", share / "hello.txt")
+    fs.lopen(2)
+    assert fs.read(2, 0, 100) == b"hello from the host\n"
+    fs.walk(ROOT_FID, 3, "hello.txt")
+    assert errno_of(fs.lopen, 3) == errno.ELOOP
+
+
+def test_a_directory_moved_out_of_the_share_cannot_be_left_upwards(fs, share, tmp_path):
+    (share / "sub" / "deep").mkdir()
+    fs.walk(ROOT_FID, 2, "sub", "deep")
+    os.rename(share / "sub", tmp_path / "moved")                    # the host moves it out
+    assert errno_of(fs.walk, 2, 3, "..") == errno.EACCES
+    assert errno_of(fs.walk, 2, 3, "..", "..", "secret") == errno.EACCES
+
+
+def test_symlink_targets_are_stored_not_resolved(fs, share):
+    fs.symlink(ROOT_FID, "escape", "/etc/hostname")
+    fs.walk(ROOT_FID, 2, "escape")
+    assert fs.readlink(2) == "/etc/hostname"
+    assert errno_of(fs.lopen, 2) == errno.ELOOP
+
+
+def test_special_files_are_not_created_or_opened(fs, share):
+    assert errno_of(fs.rpc, p.TMKNOD, struct.pack("<I", ROOT_FID) + s("null")
+                    + struct.pack("<IIII", 0o20666, 1, 3, 0)) == errno.EPERM
+    os.mkfifo(share / "fifo")
+    fs.walk(ROOT_FID, 2, "fifo")
+    assert errno_of(fs.lopen, 2) == errno.EACCES                     # would block the daemon
+
+
+# -- malformed messages and bounds ------------------------------------------------------------
+
+def test_malformed_messages_get_rlerror(fs):
+    bad = [
+        (struct.pack("<IBH", 100, p.TGETATTR, 1) + bytes(5), errno.EPROTO),    # size > chain
+        (struct.pack("<IBH", 7, p.TGETATTR, 1), errno.EPROTO),                  # body missing
+        (struct.pack("<IBHIIH", 17, p.TWALK, 1, ROOT_FID, 2, 1) + b"\xff\xff", errno.EPROTO),
+        (struct.pack("<IBHIIH", 17, p.TWALK, 1, ROOT_FID, 2, 17) + bytes(4), errno.EINVAL),
+        (struct.pack("<IBHIQI", 23, p.TWRITE, 1, ROOT_FID, 0, 1 << 30), errno.EPROTO),
+        (struct.pack("<IBHIQ", 19, p.TREAD, 1, ROOT_FID, 0), errno.EPROTO),
+        (struct.pack("<IBH", 7, 250, 1), errno.EOPNOTSUPP),
+        (struct.pack("<IBHI", 11, p.TCLUNK, 1, 999), errno.EBADF),
+    ]
+    for message, code in bad:
+        used = fs.raw(message)
+        assert used.length == 11 and used.data[4] == p.TLERROR + 1, message
+        assert struct.unpack_from("<I", used.data, 7)[0] == code, message
+
+
+def test_huge_counts_are_clipped_to_msize_and_the_buffers(fs, share):
+    (share / "big").write_bytes(b"z" * (1 << 20))
+    fs.version(16384)
+    fs.attach()
+    fs.walk(ROOT_FID, 2, "big")
+    fs.lopen(2)
+    assert len(fs.read(2, 0, 0xFFFFFFFF)) == 16384 - 11
+    used = fs.raw(struct.pack("<IBHIQI", 23, p.TREAD, 3, 2, 0, 0xFFFFFFFF), reply=100)
+    assert used.length == 100
+    assert len(fs.read(2, 2**62, 10)) == 0
+    assert errno_of(fs.read, 2, 2**64 - 1, 10) == errno.EINVAL
+
+
+def test_chains_too_short_for_a_reply_are_returned_empty(fs):
+    assert fs.raw(b"\x07\x00").length == 0
+    assert fs.raw(struct.pack("<IBHI", 11, p.TCLUNK, 1, 999), reply=8).length == 0
+    assert fs.b.transport.guest_errors >= 2
+
+
+def test_fids_are_bounded(make):
+    client = make(max_fids=4)
+    client.version()
+    client.attach()
+    for fid in (2, 3, 4):
+        client.walk(ROOT_FID, fid)
+    assert errno_of(client.walk, ROOT_FID, 5) == errno.ENFILE
+    assert errno_of(client.walk, ROOT_FID, 2) == errno.EBADF          # in use
+    client.clunk(4)
+    client.walk(ROOT_FID, 5)
+    client.version()                                                   # a new session clunks all
+    assert errno_of(client.getattr, ROOT_FID) == errno.EBADF
+
+
+def test_the_open_files_limit_is_raised_for_the_fids(make):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 512), hard))
+        make(max_fids=1000)
+        raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert raised == min(hard, 512) if hard <= 512 else raised >= 2000
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_random_messages_never_break_the_device(fs, share):
+    rng = random.Random(17)
+    kinds = sorted(fs.b.device.server.handlers) + [p.TREAD, p.TWRITE]
+    for _ in range(1500):
+        body = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 60)))
+        for i in range(0, len(body) - 3, 4):                      # keep some fids plausible
+            if rng.random() < 0.3:
+                body = body[:i] + struct.pack("<I", rng.choice([ROOT_FID, 2, 3])) + body[i + 4:]
+        kind = rng.choice(kinds)
+        size = 7 + len(body) if rng.random() < 0.9 else rng.randrange(1 << 32)
+        used = fs.raw(struct.pack("<IBH", size, kind, 1) + body)
+        assert used.length >= 7 or used.length == 0
+        if kind == p.TVERSION or rng.random() < 0.02:
+            fs.version()
+            fs.attach()
+    assert fs.b.driver.status & c.STATUS_DEVICE_NEEDS_RESET == 0
+    assert sorted(os.listdir(share.parent)) == ["secret", "share"]
+
+
+def test_xattr_values_held_by_fids_are_bounded(fs):
+    create = struct.pack("<I", ROOT_FID) + s("user.big") + struct.pack("<QI", p.XATTR_MAX, 0)
+    assert errno_of(fs.rpc, p.TXATTRCREATE, create[:-12] + struct.pack("<QI", p.XATTR_MAX + 1,
+                                                                        0)) == errno.EINVAL
+    fids = range(10, 10 + p.XATTR_HELD_MAX // p.XATTR_MAX)
+    for fid in fids:
+        fs.walk(ROOT_FID, fid)
+        fs.rpc(p.TXATTRCREATE, struct.pack("<I", fid) + create[4:])
+    fs.walk(ROOT_FID, 99)
+    assert errno_of(fs.rpc, p.TXATTRCREATE, struct.pack("<I", 99) + create[4:]) == errno.ENOMEM
+    assert errno_of(fs.clunk, 10) == errno.EINVAL          # clunked, value never written
+    fs.rpc(p.TXATTRCREATE, struct.pack("<I", 99) + create[4:])
+
+
+# -- read-only and security models -----------------------------------------------------------
+
+def test_readonly_share_refuses_every_change(make, share):
+    client = make(readonly=True)
+    client.version()
+    client.attach()
+    assert errno_of(client.lcreate, ROOT_FID, "x") == errno.EROFS
+    assert errno_of(client.mkdir, ROOT_FID, "x") == errno.EROFS
+    assert errno_of(client.unlinkat, ROOT_FID, "hello.txt") == errno.EROFS
+    client.walk(ROOT_FID, 2, "hello.txt")
+    assert errno_of(client.lopen, 2, 1) == errno.EROFS
+    assert errno_of(client.setattr, 2, p.SA_SIZE) == errno.EROFS
+    client.lopen(2, 0)
+    assert client.read(2, 0, 5) == b"hello"
+    assert sorted(os.listdir(share)) == ["hello.txt", "sub"]
+
+
+def test_mapped_xattr_keeps_the_guests_owner_and_mode_in_xattrs(make, share):
+    client = make(security_model="mapped-xattr")
+    client.version()
+    client.attach(uid=1234)
+    client.lcreate(ROOT_FID, "f", mode=0o4755, gid=4321)
+    attr = client.getattr(ROOT_FID)        # the fid is now the new file
+    assert (attr["uid"], attr["gid"], attr["mode"] & 0o7777) == (1234, 4321, 0o4755)
+    st = os.stat(share / "f")
+    assert (st.st_uid, st.st_mode & 0o7777) == (os.geteuid(), 0o600)    # the daemon's own
+    client.setattr(ROOT_FID, p.SA_UID | p.SA_GID | p.SA_MODE, mode=0o640, uid=7, gid=8)
+    attr = client.getattr(ROOT_FID)
+    assert (attr["uid"], attr["gid"], attr["mode"] & 0o7777) == (7, 8, 0o640)
+    assert os.stat(share / "f").st_uid == os.geteuid()
+    client.attach(fid=9)
+    client.walk(9, 10, "f")
+    out = client.rpc(p.TXATTRWALK, struct.pack("<II", 10, 11) + s(""))
+    assert b"virtfs" not in client.read(11, 0, struct.unpack("<Q", out)[0] + 1)
+    assert errno_of(client.rpc, p.TXATTRWALK, struct.pack("<II", 10, 12)
+                    + s("user.virtfs.uid")) == errno.EACCES
+
+
+def test_none_ignores_ownership_changes(make, share):
+    client = make(security_model="none")
+    client.version()
+    client.attach()
+    client.walk(ROOT_FID, 2, "hello.txt")
+    before = os.stat(share / "hello.txt")
+    client.setattr(2, p.SA_UID | p.SA_GID, uid=4242, gid=4242)
+    after = os.stat(share / "hello.txt")
+    assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
+
+
+def test_none_never_makes_setuid_files_of_the_daemon(make, share):
+    client = make(security_model="none")
+    client.version()
+    client.attach()
+    client.lcreate(ROOT_FID, "f", mode=0o6755)
+    assert os.stat(share / "f").st_mode & 0o7777 == 0o755
+    client.setattr(ROOT_FID, p.SA_MODE, mode=0o4711)
+    assert os.stat(share / "f").st_mode & 0o7777 == 0o711
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="passthrough chowns files: needs root")
+def test_passthrough_chowns_as_the_guest_says(make, share):
+    client = make(security_model="passthrough")
+    client.version()
+    client.attach(uid=4242)
+    client.lcreate(ROOT_FID, "f", mode=0o640, gid=4343)
+    st = os.stat(share / "f")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (4242, 4343, 0o640)
+    client.setattr(ROOT_FID, p.SA_UID, uid=5)
+    assert os.stat(share / "f").st_uid == 5
+
+
+# -- config ------------------------------------------------------------------------------------
+
+def test_config_builds_the_device_and_names_mistakes(tmp_path, share):
+    path = tmp_path / "vms.toml"
+    path.write_text(f'[vm.0]\n9p = {{ tag = "host", path = "{share}", readonly = true }}\n')
+    config = load_config(path)
+    device = config.build_device(config.vms[0].devices[0])
+    try:
+        assert (device.tag, device.server.readonly, device.server.model) == ("host", True, "none")
+        assert device.info()["path"] == str(share)
+    finally:
+        device.detach()
+    for table, problem in [
+            (f'{{ tag = "h", path = "{share}", security_model = "mapped" }}',
+             "vm.0.9p.security_model: must be one of passthrough, mapped-xattr, none"),
+            (f'{{ tag = "{"t" * 65}", path = "{share}" }}', "vm.0.9p.tag: must be 1 to 64"),
+            ('{ tag = "h" }', "vm.0.9p.path: missing"),
+            ('{ tag = "h", path = "/nonexistent-share" }', "no such folder to share")]:
+        path.write_text(f"[vm.0]\n9p = {table}\n")
+        with pytest.raises(ConfigError, match=problem.replace(".", r"\.")):
+            config = load_config(path)
+            config.build_device(config.vms[0].devices[0])
+
+
+def test_avatar_hw_info_shows_the_share(make, share):
+    from avatar_hw.commands.query import format_device, format_list
+    client = make(tag="hostshare", security_model="mapped-xattr")
+    client.version()
+    client.attach()
+    subsystem = client.b.subsystem
+    entry = {**subsystem.device_info()[0], **subsystem.debug_device(0, 0)}
+    text = format_device(entry)
+    assert (f"9p: fids 1; tag hostshare; path {share}; readonly False; security_model "
+            f"mapped-xattr; msize {p.MSIZE_MAX}") in text
+    assert " 9p " in format_list(subsystem.list_all_devices())
+
+
+def test_a_server_bug_answers_eio_and_the_device_carries_on(fs, monkeypatch):
+    monkeypatch.setitem(fs.b.device.server.handlers, p.TSTATFS, lambda r: 1 / 0)
+    assert errno_of(fs.rpc, p.TSTATFS, struct.pack("<I", ROOT_FID)) == errno.EIO
+    assert fs.b.device.server.bug is None and fs.b.device.counters["errors"] == 1
+    assert fs.getattr(ROOT_FID)["qid"][0] == p.QTDIR

@@ -1,0 +1,520 @@
+"""virtio-vsock through the driver-side harness: connections both ways over Unix sockets
+(Firecracker's CONNECT convention), credit flow control both ways, shutdown and reset,
+malformed headers from a hostile guest, limits, the event queue and config errors."""
+
+import hashlib
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from avatar_hw.commands.query import format_device
+from avatar_hw.config import parse_config
+from avatar_hw.devices import vsock
+from avatar_hw.devices.vsock import (HEADER, HEADER_LEN, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE,
+                                     OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN,
+                                     SHUTDOWN_RCV, SHUTDOWN_SEND, VsockDevice)
+from avatar_hw.errors import AvatarError, ConfigError
+from avatar_hw.hil.vsock import connect
+from avatar_hw.testing.virtio import VirtioBench
+from avatar_hw.virtio import constants as c
+from test_console import loop  # noqa: F401 (fixture)
+
+CID = 7
+GUEST_BUF = 256 << 10           # the guest's buf_alloc unless a test says otherwise
+PAYLOAD = 4096                  # payload bytes per receive buffer (like Linux 6.1)
+
+
+class Guest:
+    """A vsock device in a VM, with a guest driver played from the host side."""
+
+    def __init__(self, tmp_path, loop, **kw):
+        self.loop = loop
+        self.path = str(tmp_path / "v.sock")
+        self.device = VsockDevice(CID, self.path, **kw)
+        self.bench = VirtioBench(self.device, loop=loop, ram_size=8 << 20)
+        self.driver = self.bench.driver
+        self.rx, self.tx, self.event = self.driver.init([0, 1, 2], buf_size=PAYLOAD + 64)
+        self.fwd_cnt = {}        # guest_port -> bytes the guest consumed (its fwd_cnt)
+        self.buf_alloc = GUEST_BUF
+
+    def spin(self, rounds=20):
+        for _ in range(rounds):
+            self.loop.run_once(0)
+
+    def wait(self, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.loop.run_once(0.01)
+
+    def give_rx(self, n):
+        for _ in range(n):
+            self.rx.post(writable=[HEADER_LEN, PAYLOAD])
+        self.rx.notify()
+
+    def send(self, src_port, dst_port, op, payload=b"", *, flags=0, src_cid=CID,
+             dst_cid=2, type_=1, length=None, buf_alloc=None, fwd_cnt=None):
+        header = HEADER.pack(src_cid, dst_cid, src_port, dst_port,
+                             len(payload) if length is None else length, type_, op, flags,
+                             self.buf_alloc if buf_alloc is None else buf_alloc,
+                             self.fwd_cnt.get(src_port, 0) if fwd_cnt is None else fwd_cnt)
+        parts = [header] + [payload[i:i + PAYLOAD] for i in range(0, len(payload), PAYLOAD)]
+        self.tx.post(readable=parts)
+        self.tx.notify()
+        assert all(u.length == 0 for u in self.tx.get_used())
+
+    def packets(self, rounds=20):
+        """Packets the device put in the receive queue: (header tuple, payload)."""
+        self.spin(rounds)
+        out = []
+        for used in self.rx.get_used():
+            assert used.length >= HEADER_LEN
+            hdr = HEADER.unpack(used.data[:HEADER_LEN])
+            payload = used.data[HEADER_LEN:]
+            assert hdr[4] == len(payload) and hdr[0] == 2 and hdr[1] == CID and hdr[5] == 1
+            out.append((hdr, payload))
+        return out
+
+    def host_connect(self, port):
+        """A host client asking for guest ``port``: (client socket, REQUEST header)."""
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(self.path)
+        client.sendall(f"CONNECT {port}\n".encode())
+        (hdr, _), = self.packets()
+        assert hdr[6] == OP_REQUEST and hdr[3] == port
+        return client, hdr
+
+    def established(self, port=5000):
+        """A host-initiated connection the guest accepted: (client, host_port)."""
+        self.give_rx(32)
+        client, hdr = self.host_connect(port)
+        self.send(port, hdr[2], OP_RESPONSE)
+        self.spin()
+        client.settimeout(2)
+        assert read_line(client) == f"OK {hdr[2]}"
+        return client, hdr[2]
+
+    def status(self):
+        return self.driver.status
+
+
+def read_line(sock):
+    line = b""
+    while not line.endswith(b"\n"):
+        line += sock.recv(1)
+    return line[:-1].decode()
+
+
+def closed(sock):
+    """Did the device close ``sock`` (end of stream, or a reset when input was unread)?"""
+    sock.settimeout(2)
+    try:
+        return sock.recv(10) == b""
+    except ConnectionResetError:
+        return True
+
+
+def ops(packets):
+    return [hdr[6] for hdr, _ in packets]
+
+
+def test_identity_config_and_features(tmp_path, loop):
+    g = Guest(tmp_path, loop)
+    assert g.driver.read(c.REG_DEVICE_ID) == 19
+    assert g.driver.read_config(0) | g.driver.read_config(4) << 32 == CID
+    assert g.driver.device_features() & 1                   # VIRTIO_VSOCK_F_STREAM
+    assert not g.driver.device_features() & 2               # no SEQPACKET
+
+
+def test_host_connects_to_a_guest_port(tmp_path, loop):
+    g = Guest(tmp_path, loop)
+    client, host_port = g.established(5000)
+    assert host_port >= 1 << 30
+    client.sendall(b"hello guest")
+    (hdr, payload), = g.packets()
+    assert hdr[6] == OP_RW and (hdr[2], hdr[3]) == (host_port, 5000) and payload == b"hello guest"
+    assert hdr[8] == vsock.BUF_ALLOC                         # our buf_alloc, honestly
+    g.send(5000, host_port, OP_RW, b"hello host")
+    assert client.recv(100) == b"hello host"
+    assert g.device.counters["bytes_to_guest"] == 11
+    assert g.device.counters["bytes_from_guest"] == 10
+
+
+def test_guest_refusing_or_ignoring_a_connect_closes_the_client(tmp_path, loop):
+    g = Guest(tmp_path, loop, connect_timeout=0.3)
+    g.give_rx(8)
+    client, hdr = g.host_connect(6000)
+    g.send(6000, hdr[2], OP_RST)
+    g.spin()
+    assert client.recv(10) == b""                            # no OK line
+    client, hdr = g.host_connect(6001)                       # the guest never answers
+    g.wait(0.5)
+    assert client.recv(10) == b""
+    assert ops(g.packets()) == [OP_RST]
+    assert not g.device.conns and not g.device.greeting
+
+
+@pytest.mark.parametrize("line", [b"HELLO\n", b"CONNECT x\n", b"CONNECT 99999999999\n",
+                                  b"A" * 40])
+def test_a_bad_connect_line_closes_the_client(tmp_path, loop, line):
+    g = Guest(tmp_path, loop)
+    g.give_rx(4)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(g.path)
+    client.sendall(line)
+    assert g.packets() == []
+    assert closed(client)
+    assert not g.device.greeting and not g.device.conns
+
+
+def test_guest_connects_to_the_host_port_socket(tmp_path, loop):
+    g = Guest(tmp_path, loop)
+    g.give_rx(16)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(f"{g.path}_1234")
+    server.listen(1)
+    g.send(40000, 1234, OP_REQUEST)
+    (hdr, _), = g.packets()
+    assert hdr[6] == OP_RESPONSE and (hdr[2], hdr[3]) == (1234, 40000)
+    peer, _ = server.accept()
+    peer.settimeout(2)
+    g.send(40000, 1234, OP_RW, b"from guest")
+    assert peer.recv(100) == b"from guest"
+    peer.sendall(b"from host")
+    (hdr, payload), = g.packets()
+    assert hdr[6] == OP_RW and payload == b"from host"
+    g.send(40001, 4321, OP_REQUEST)                          # nobody listens at _4321
+    (hdr, _), = g.packets()
+    assert hdr[6] == OP_RST and (hdr[2], hdr[3]) == (4321, 40001)
+
+
+def test_a_guest_without_credit_stalls_the_host_writer_without_loss(tmp_path, loop):
+    """The guest advertises 8 KiB: the device reads no more than that from the socket;
+    the writer blocks in its socket (the device holds nothing); credit updates let the rest
+    through, in order, every byte."""
+    g = Guest(tmp_path, loop)
+    g.buf_alloc = 8192
+    client, host_port = g.established()
+    data = os.urandom(1 << 20)
+    client.setblocking(False)
+    written = 0
+    for _ in range(400):                 # write until the socket is full
+        try:
+            written += client.send(data[written:written + 65536])
+        except BlockingIOError:
+            g.spin(2)
+            try:
+                written += client.send(data[written:written + 65536])
+            except BlockingIOError:
+                break
+        g.spin(2)
+    assert written < len(data)           # the writer is held back...
+    received = b"".join(p for _, p in g.packets())
+    assert len(received) == 8192         # ...and the guest got exactly its credit
+    for _ in range(5):
+        assert g.packets() == []         # no credit, nothing more
+    # the guest consumes and says so; the rest follows, in order
+    consumed = len(received)
+    while consumed < len(data):
+        g.fwd_cnt[5000] = consumed
+        g.send(5000, host_port, OP_CREDIT_UPDATE)
+        g.give_rx(8 - (g.rx.size - len(g.rx.free)) // 2)
+        got = g.packets()
+        for _, p in got:
+            received += p
+        consumed = len(received)
+        assert consumed - g.fwd_cnt[5000] <= 8192
+        if written < len(data):
+            try:
+                written += client.send(data[written:written + 65536])
+            except BlockingIOError:
+                pass
+    assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+
+
+def test_guest_data_the_host_does_not_read_waits_within_the_credit_advertised(tmp_path,
+                                                                             loop):
+    """The host reader stalls: the device keeps at most buf_alloc bytes (its advertised
+    credit), tells the guest only what reached the socket, and a guest that sends past
+    the credit is reset."""
+    g = Guest(tmp_path, loop, buf_alloc=64 << 10)
+    client, host_port = g.established()
+    conn = next(iter(g.device.conns.values()))
+    sent, fwd_cnt, chunk = 0, 0, os.urandom(PAYLOAD)
+    for _ in range(4000):
+        for hdr, _ in g.packets(1):
+            fwd_cnt = hdr[9]
+            assert hdr[8] == 64 << 10
+        if sent + PAYLOAD - fwd_cnt > 64 << 10:
+            break                                            # no credit left
+        g.send(5000, host_port, OP_RW, chunk)
+        sent += PAYLOAD
+        g.give_rx(1)
+    else:
+        pytest.fail("the guest never ran out of credit")
+    assert len(conn.stream.pending) <= 64 << 10
+    assert conn.fwd_cnt == fwd_cnt or conn.fwd_cnt - fwd_cnt < (64 << 10)
+    g.send(5000, host_port, OP_RW, chunk)                    # past the credit: reset
+    assert OP_RST in ops(g.packets())
+    assert g.device.counters["bad_packets"] == 1 and not g.device.conns
+    assert g.status() & c.STATUS_DEVICE_NEEDS_RESET == 0
+
+
+def test_credit_request_gets_a_credit_update(tmp_path, loop):
+    g = Guest(tmp_path, loop)
+    client, host_port = g.established()
+    g.send(5000, host_port, OP_RW, b"x" * 100)
+    assert client.recv(200) == b"x" * 100
+    g.send(5000, host_port, OP_CREDIT_REQUEST)
+    (hdr, _), = g.packets()
+    assert hdr[6] == OP_CREDIT_UPDATE and hdr[9] == 100 and hdr[8] == vsock.BUF_ALLOC
+
+
+def test_host_half_close_and_guest_shutdown(tmp_path, loop):
+    g = Guest(tmp_path, loop)
+    client, host_port = g.established()
+    client.shutdown(socket.SHUT_WR)                          # host: no more data
+    (hdr, _), = g.packets()
+    assert hdr[6] == OP_SHUTDOWN and hdr[7] == SHUTDOWN_SEND
+    g.send(5000, host_port, OP_RW, b"still flowing")         # the other way still works
+    assert client.recv(100) == b"still flowing"
+    g.send(5000, host_port, OP_SHUTDOWN, flags=SHUTDOWN_SEND | SHUTDOWN_RCV)
+    assert ops(g.packets()) == [OP_RST]                       # the clean close ends in RST
+    assert client.recv(10) == b"" and not g.device.conns
+
+
+def test_guest_shutdown_send_half_closes_the_socket(tmp_path, loop):
+    g = Guest(tmp_path, loop)
+    client, host_port = g.established()
+    g.send(5000, host_port, OP_RW, b"last words")
+    g.send(5000, host_port, OP_SHUTDOWN, flags=SHUTDOWN_SEND)
+    g.spin()
+    assert client.recv(100) == b"last words" and client.recv(10) == b""
+    client.sendall(b"reply")                                 # host -> guest still open
+    (hdr, payload), = g.packets()
+    assert payload == b"reply"
+    g.send(5000, host_port, OP_RW, b"more")                  # but the guest said SEND
+    assert ops(g.packets()) == [OP_RST]
+    assert g.device.counters["bad_packets"] == 1
+
+
+def test_guest_rst_closes_the_client(tmp_path, loop):
+    g = Guest(tmp_path, loop)
+    client, host_port = g.established()
+    g.send(5000, host_port, OP_RST)
+    g.spin()
+    assert client.recv(10) == b"" and not g.device.conns
+    assert g.packets() == []                                  # no answer to an RST
+
+
+def test_packets_for_unknown_connections_get_rst(tmp_path, loop):
+    g = Guest(tmp_path, loop)
+    g.give_rx(8)
+    for op in (OP_RW, OP_RESPONSE, OP_SHUTDOWN, OP_CREDIT_UPDATE):
+        g.send(111, 222, op, b"data" if op == OP_RW else b"")
+    got = g.packets()
+    assert ops(got) == [OP_RST] * 4 and all((h[2], h[3]) == (222, 111) for h, _ in got)
+    g.send(111, 222, OP_RST)
+    assert g.packets() == []
+
+
+@pytest.mark.parametrize("kind", ["short", "src_cid", "length", "dst_cid", "type", "op",
+                                  "payload_on_control", "response_when_established",
+                                  "duplicate_request"])
+def test_malformed_packets_are_dropped_or_reset_never_raised(tmp_path, loop, kind):
+    g = Guest(tmp_path, loop)
+    client, host_port = g.established()
+    hp = host_port
+    if kind == "short":
+        g.tx.post(readable=[b"\0" * 20])
+        g.tx.notify()
+        g.tx.get_used()
+    elif kind == "src_cid":
+        g.send(5000, hp, OP_RW, b"x", src_cid=CID + 1)
+    elif kind == "length":
+        g.send(5000, hp, OP_RW, b"abc", length=5000)
+    elif kind == "dst_cid":
+        g.send(5000, hp, OP_RW, b"x", dst_cid=3)
+    elif kind == "type":
+        g.send(5000, hp, OP_RW, b"x", type_=2)
+    elif kind == "op":
+        g.send(5000, hp, 99)
+    elif kind == "payload_on_control":
+        g.send(5000, hp, OP_CREDIT_UPDATE, b"junk")
+    elif kind == "response_when_established":
+        g.send(5000, hp, OP_RESPONSE)
+    elif kind == "duplicate_request":
+        g.send(5000, hp, OP_REQUEST)
+    got = g.packets()
+    conn_alive = (hp, 5000) in g.device.conns
+    if kind in ("short", "src_cid"):
+        assert got == [] and conn_alive                     # dropped, nothing to answer
+    elif kind in ("dst_cid", "type"):
+        assert ops(got) == [OP_RST] and conn_alive          # not this connection
+    else:
+        assert ops(got) == [OP_RST] and not conn_alive
+        client.settimeout(2)
+        assert client.recv(10) == b""
+    if kind not in ("dst_cid", "type"):
+        assert g.device.counters["bad_packets"] == 1
+        assert g.device.context.guest_errors >= 1
+    assert g.status() & c.STATUS_DEVICE_NEEDS_RESET == 0
+    g.bench.check_guards()
+
+
+def test_tiny_receive_buffers_are_returned_empty(tmp_path, loop):
+    g = Guest(tmp_path, loop)
+    g.rx.post(writable=[10])
+    g.rx.notify()
+    g.send(1, 2, OP_RW, b"x")                                 # the RST needs a buffer
+    used = g.rx.get_used()
+    assert [u.length for u in used] == [0]
+    g.give_rx(1)
+    assert ops(g.packets()) == [OP_RST]
+
+
+def test_connections_are_bounded(tmp_path, loop):
+    g = Guest(tmp_path, loop, max_connections=2)
+    g.give_rx(16)
+    servers = []
+    for port in (1, 2, 3):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(f"{g.path}_{port}")
+        s.listen(1)
+        servers.append(s)
+        g.send(100 + port, port, OP_REQUEST)
+    assert ops(g.packets()) == [OP_RESPONSE, OP_RESPONSE, OP_RST]
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(g.path)
+    g.spin()
+    client.settimeout(2)
+    assert client.recv(10) == b""                             # refused: full
+    assert len(g.device.conns) == 2
+
+
+def test_control_packets_without_receive_buffers_are_bounded(tmp_path, loop):
+    g = Guest(tmp_path, loop, max_connections=1)
+    for i in range(200):                                      # RSTs for nobody, no rx buffer
+        g.send(1000 + i, 1, OP_RW, b"x")
+    assert len(g.device._control) == 4 * 1 + 64
+    assert g.device.counters["control_dropped"] == 200 - 68
+    g.give_rx(100)
+    assert ops(g.packets()) == [OP_RST] * 68
+
+
+def test_connections_opened_without_receive_buffers_cannot_grow_the_queue(tmp_path, loop):
+    """A guest that opens and breaks connections and never takes a packet: the answers
+    waiting for it stay bounded, the connections that cannot be answered are closed."""
+    g = Guest(tmp_path, loop, max_connections=2)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(f"{g.path}_1")
+    server.listen(128)
+    for i in range(300):
+        g.send(1000 + i, 1, OP_REQUEST)
+        g.send(1000 + i, 1, 99)                               # bad op: reset
+        while True:                                            # the host side goes away
+            try:
+                server.setblocking(False)
+                server.accept()[0].close()
+            except BlockingIOError:
+                break
+    assert len(g.device._control) <= 4 * 2 + 64
+    assert len(g.device.conns) <= 2 and g.device.counters["control_dropped"] > 0
+    g.give_rx(100)
+    got = ops(g.packets())                    # answers of closed connections are skipped
+    assert 0 < len(got) <= 4 * 2 + 64 and set(got) <= {OP_RESPONSE, OP_RST}
+
+
+def test_transport_reset_event_and_device_reset_drop_connections(tmp_path, loop):
+    g = Guest(tmp_path, loop)
+    client, host_port = g.established()
+    g.event.post(writable=[4])
+    g.event.notify()
+    g.device.transport_reset()
+    used = g.event.get_used()
+    assert [(u.length, u.data) for u in used] == [(4, struct.pack("<I", 0))]
+    client.settimeout(2)
+    assert client.recv(10) == b"" and not g.device.conns
+    client, host_port = g.established()
+    g.driver.reset()                                          # the driver goes away
+    g.spin()
+    assert client.recv(10) == b"" and not g.device.conns
+
+
+def test_detach_removes_the_socket(tmp_path, loop):
+    g = Guest(tmp_path, loop)
+    assert os.path.exists(g.path)
+    g.device.detach()
+    assert not os.path.exists(g.path)
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+def build(tmp_path, table):
+    config = parse_config(tmp_path / "vms.toml", {"vm": {"0": {"vsock": table}}},
+                          base=tmp_path)
+    return config.build_device(config.vms[0].devices[0])
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"cid": 2, "socket": "v.sock"}, "cid: 2 is not a guest CID"),
+    ({"cid": 3}, "socket: missing"),
+    ({"socket": "v.sock"}, "cid: missing"),
+    ({"cid": 3, "socket": "/nonexistent/dir/v.sock"}, "cannot create the vsock socket"),
+    ({"cid": 3, "socket": "v.sock", "max_connections": 0}, "must be positive"),
+])
+def test_config_errors_are_one_line(tmp_path, table, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        build(tmp_path, table)
+    assert "\n" not in str(err.value) and "vm.0.vsock" in str(err.value)
+
+
+def test_config_builds_a_device_and_refuses_a_live_socket(tmp_path, loop):
+    dev = build(tmp_path, {"cid": 42, "socket": "v.sock"})
+    assert dev.cid == 42 and dev.path == str(tmp_path / "v.sock")
+    with pytest.raises(ConfigError, match="in use"):
+        build(tmp_path, {"cid": 43, "socket": "v.sock"})
+    dev.detach()
+
+
+# -- the HIL helper -----------------------------------------------------------------------------
+
+def test_hil_connect_waits_until_the_guest_accepts(tmp_path, loop):
+    """``avatar_hw.hil.vsock.connect`` tries again after a refusal and returns the stream
+    once the guest answers; a guest that never does is a one-line AvatarError."""
+    g = Guest(tmp_path, loop)
+    g.give_rx(8)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(sock=connect(g.path, 5000, 10)))
+    thread.start()
+    answers = [OP_RST, OP_RESPONSE]                 # not listening yet, then listening
+    deadline = time.monotonic() + 10
+    while answers and time.monotonic() < deadline:
+        for hdr, _ in g.packets(1):
+            assert hdr[6] == OP_REQUEST and hdr[3] == 5000
+            g.send(5000, hdr[2], answers.pop(0))
+        time.sleep(0.01)
+    while thread.is_alive() and time.monotonic() < deadline:
+        g.spin(1)
+        thread.join(0.01)
+    sock = result["sock"]
+    sock.sendall(b"ping")
+    (_, payload), = g.packets()
+    assert payload == b"ping"
+    sock.close()
+    with pytest.raises(AvatarError, match="did not accept a connection to port 6000 within "
+                                          "0.2 s") as err:
+        connect(g.path, 6000, 0.2)                  # nobody runs the loop: no answer
+    assert "\n" not in str(err.value)
+
+
+def test_info_shows_the_devices_own_fields(tmp_path, loop):
+    g = Guest(tmp_path, loop)
+    client, _ = g.established()
+    entry = {**g.bench.subsystem.list_all_devices()[0], **g.device.describe()}
+    text = format_device(entry)
+    assert f"cid {CID}; socket {g.path}; open_connections 1; max_connections 64" in text
+    assert "connections 1; bad_packets 0; rst_sent 0" in text
