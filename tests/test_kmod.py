@@ -11,7 +11,7 @@ import pytest
 
 from avatar_hw.emulated.assets import guest_assets
 from avatar_hw.emulated.initramfs import write_newc
-from avatar_hw.emulated.kmod import MODULE_DIR, build_kmod, modinfo
+from avatar_hw.emulated.kmod import build_kmod, modinfo, module_dir
 from avatar_hw.errors import AvatarError
 
 pytestmark = pytest.mark.skipif(
@@ -43,7 +43,7 @@ def test_kmod_build_is_cached():
     (("\tint irq, ret;\n", "\tint irq, ret, unused;\n"), "unused variable"),  # a warning
 ])
 def test_kmod_build_failure_names_the_error(tmp_path, change, error):
-    for source in MODULE_DIR.iterdir():
+    for source in module_dir().iterdir():
         shutil.copy(source, tmp_path)
     driver = tmp_path / "avatar_uio.c"
     assert change[0] in driver.read_text()

@@ -71,7 +71,7 @@ def test_an_installed_avatar_hw_finds_boards_and_stub_sources(installed, tmp_pat
     share = installed / "share" / "avatar-hw" / "boards"
     assert module.startswith(str(installed)) and not module.startswith(str(REPO))
     assert (board, start) == (str(share / "emulated.toml"), str(share / "emulated" / "start.S"))
-    assert boards == ["emulated", "qemu-virt", "rpi4", "rpi4-high-peri"]
+    assert boards == ["emulated", "emulated-board-linux", "qemu-virt", "rpi4", "rpi4-high-peri"]
     layout = run_installed(installed, "avatar-hw", "layout", "--board", "emulated", "--vms", "1")
     assert layout.returncode == 0 and "0x0a000000" in layout.stdout, layout.stderr
 

@@ -219,6 +219,75 @@ def kernel_headers(release=None):
     return tree
 
 
+# Board mode's userland (avatar_hw/emulated/board_linux.py): Python 3, pyserial, pyudev and
+# systemd-udevd from Debian's arm64 packages. BOARD_SKIP: dependencies the board's initramfs
+# does without (account tools, MIME and time-zone tables, debconf, readline's config).
+BOARD_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib", "python3-serial",
+                  "python3-pyudev", "udev", "libatomic1")
+BOARD_SKIP = frozenset({"adduser", "media-types", "mime-support", "tzdata", "debconf",
+                        "readline-common", "python3", "python3:any", "perl-base",
+                        "init-system-helpers", "dpkg"})
+BOARD_MANIFEST = "board-userland.json"
+
+
+def _depends(apt, package):
+    """``package``'s Depends and Pre-Depends: the first alternative of each, no versions."""
+    names = []
+    for field in ("Pre-Depends", "Depends"):
+        try:
+            value = apt.field(package, field)
+        except AvatarError:
+            continue
+        for entry in value.split(","):
+            first = entry.split("|")[0].strip().split(" ")[0]
+            names.append(first.removesuffix(":any"))
+    return names
+
+
+def board_userland():
+    """The unpacked root of BOARD_PACKAGES and their dependency closure (arm64); fetched
+    (with progress) on first use, recorded in board-userland.json; a package added to
+    BOARD_PACKAGES later is fetched alone."""
+    root = cache_dir() / "board-userland"
+    tree = root / "tree"
+    record = {}
+    try:
+        data = json.loads((root / BOARD_MANIFEST).read_text())
+        if (tree / "usr" / "bin").is_dir():
+            if data["wanted"] == list(BOARD_PACKAGES):
+                return tree
+            record = data["packages"]
+    except (OSError, ValueError, KeyError):
+        pass
+    root.mkdir(parents=True, exist_ok=True)
+    apt = _Apt(cache_dir() / "guest" / "apt")
+    _progress("fetching board mode's userland (Debian arm64 Python 3, pyserial, pyudev, udev), once")
+    apt.update()
+    wanted, todo = {}, list(BOARD_PACKAGES)
+    while todo:
+        package = todo.pop()
+        if package in wanted or package in BOARD_SKIP or package in record:
+            continue
+        wanted[package] = None
+        todo.extend(_depends(apt, package))
+    debs = root / "debs"
+    debs.mkdir(exist_ok=True)
+    fetched = []
+    for package in sorted(wanted):
+        deb, version, sha256 = apt.fetch(package, debs)
+        fetched.append(deb)
+        record[package] = {"version": version, "sha256": sha256}
+    _progress(f"unpacking {len(fetched)} packages")
+    if not tree.is_dir():
+        tree.mkdir(parents=True)
+    for deb in fetched:
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True)
+    for deb in fetched:
+        deb.unlink()
+    _write_manifest(root / BOARD_MANIFEST, {"wanted": list(BOARD_PACKAGES), "packages": record})
+    return tree
+
+
 if __name__ == "__main__":
     try:
         print(guest_assets())

@@ -128,31 +128,49 @@ def write_newc(path, entries):
 def build_initramfs(assets=None):
     """The cached initramfs for the guest assets; returns its path."""
     assets = assets or guest_assets()
-    index = _find_modules(assets.modules)
-    deps = _closure(MODULES, index, assets.modules)
     init = INIT.format(modules=" ".join(MODULES), hvc_wait_tenths=HVC_WAIT_SECONDS * 10,
-                       hvc_reload_tenths=HVC_RELOAD_SECONDS * 10, marker=READY_MARKER).encode()
+                       hvc_reload_tenths=HVC_RELOAD_SECONDS * 10, marker=READY_MARKER)
+    return pack_initramfs(assets, init, MODULES)
+
+
+def _file_mode(mode):
+    """A regular file's permission bits, or a full mode with its type (S_IFLNK: a symlink
+    whose data is the target)."""
+    return mode if stat.S_IFMT(mode) else stat.S_IFREG | mode
+
+
+def pack_initramfs(assets, init, modules, files=None, *, name="initramfs"):
+    """A cached newc initramfs: busybox, ``init`` (/init), the kernel's ``modules`` with
+    their dependencies and a modules.dep, and ``files`` ({path: bytes or (bytes, mode)});
+    returns its path."""
+    index = _find_modules(assets.modules)
+    deps = _closure(modules, index, assets.modules)
     modbase = f"lib/modules/{assets.release}"
-    files = {"init": init, "bin/busybox": assets.busybox.read_bytes(),
-             f"{modbase}/modules.dep": _modules_dep(deps, index).encode()}
-    for name in deps:
-        key = name if name in index else name.replace("_", "-")
-        files[f"{modbase}/{index[key]}"] = (assets.modules / index[key]).read_bytes()
+    modes = {"init": 0o755, "bin/busybox": 0o755}
+    contents = {"init": init.encode(), "bin/busybox": assets.busybox.read_bytes(),
+                f"{modbase}/modules.dep": _modules_dep(deps, index).encode()}
+    for module in deps:
+        key = module if module in index else module.replace("_", "-")
+        contents[f"{modbase}/{index[key]}"] = (assets.modules / index[key]).read_bytes()
+    for path, value in (files or {}).items():
+        data, mode = value if isinstance(value, tuple) else (value, 0o644)
+        contents[path], modes[path] = data, mode
     digest = hashlib.sha256()
-    for name in sorted(files):
-        digest.update(name.encode() + b"\0" + files[name])
-    out = cache_dir() / f"initramfs-{assets.release}-{digest.hexdigest()[:16]}.cpio"
+    for path in sorted(contents):
+        digest.update(path.encode() + b"\0" + oct(modes.get(path, 0o644)).encode() + b"\0" +
+                      contents[path])
+    out = cache_dir() / f"{name}-{assets.release}-{digest.hexdigest()[:16]}.cpio"
     if out.exists():
         return out
     dirs = set()
-    for name in files:
-        parts = name.split("/")[:-1]
+    for path in contents:
+        parts = path.split("/")[:-1]
         dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
     dirs.update({"proc", "sys", "dev", "tmp", "root", "etc"})
     entries = [(d, stat.S_IFDIR | 0o755, b"", 0) for d in sorted(dirs)]
     entries.append(("dev/console", stat.S_IFCHR | 0o600, b"", os.makedev(5, 1)))
-    entries += [(name, stat.S_IFREG | (0o755 if name in ("init", "bin/busybox") else 0o644),
-                 data, 0) for name, data in sorted(files.items())]
+    entries += [(path, _file_mode(modes.get(path, 0o644)), data, 0)
+                for path, data in sorted(contents.items())]
     tmp = out.with_suffix(".tmp")
     write_newc(tmp, entries)
     os.replace(tmp, out)

@@ -21,15 +21,21 @@ from ..errors import AvatarError
 from .assets import guest_assets, kernel_headers
 from .build import CROSS, _compiler, _digest, cache_dir
 
-MODULE_DIR = shipped_file("linux/avatar_uio.c").parent
 MODULE = "avatar_uio"
 SOURCES = ("avatar_uio.c", "Kbuild")
 
 
-def build_kmod(release=None, source_dir=MODULE_DIR):
+def module_dir():
+    """The driver's sources: the checkout's boards/linux or the installed copy."""
+    return shipped_file("linux/avatar_uio.c").parent
+
+
+def build_kmod(release=None, source_dir=None):
     """The cached ``avatar_uio.ko`` for ``release`` (default: the guest kernel's),
-    built from ``source_dir``; ``AvatarError`` with the compiler's output if it fails."""
+    built from ``source_dir`` (default ``module_dir()``); ``AvatarError`` with the
+    compiler's output if it fails."""
     release = release or guest_assets().release
+    source_dir = source_dir or module_dir()
     _compiler()
     if shutil.which("make") is None:
         raise AvatarError("make not found: building the kernel module needs it "

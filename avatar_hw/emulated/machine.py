@@ -168,18 +168,22 @@ class EmulatedMachine:
     ``vms`` guests, VM n on CPU n (``-smp vms``), each with its own copy of
     ``kernel`` at ``memory_map.KERNEL_ADDR`` in its RAM, entered at EL1 by the
     stub, with its device tree (``dtb``: one compiled tree, or a list with one
-    per VM, or None) and ``initrd``. ``model_wait_ms``: how long the stub waits
-    for a device model to attach before entering the guests.
+    per VM, or None) and ``initrd`` (likewise). ``model_wait_ms``: how long the stub waits
+    for a device model to attach before entering the guests. ``board_params``: the
+    block that puts the stub in board mode (``board_linux.board_params``): VM 0 is
+    then the board Linux, entered on CPU0 without waiting for a model.
     """
 
     def __init__(self, stub, kernel, *, dtb=None, initrd=None, model_wait_ms=0, vms=1,
-                 on_log=None, shm_dir="/dev/shm", qemu_args=()):
+                 on_log=None, shm_dir="/dev/shm", qemu_args=(), board_params=None):
         _require(QEMU, "qemu-system-arm")
         check_vms(vms)
         dtbs = list(dtb) if isinstance(dtb, (list, tuple)) else [dtb] * vms
-        if len(dtbs) != vms:
-            raise AvatarError(f"{len(dtbs)} device trees for {vms} VMs")
-        self.stub, self.kernel, self.dtbs, self.initrd = stub, kernel, dtbs, initrd
+        initrds = list(initrd) if isinstance(initrd, (list, tuple)) else [initrd] * vms
+        if len(dtbs) != vms or len(initrds) != vms:
+            raise AvatarError(f"{len(dtbs)} device trees and {len(initrds)} initrds for {vms} VMs")
+        self.stub, self.kernel, self.dtbs, self.initrds = stub, kernel, dtbs, initrds
+        self.board_params = board_params
         self.vms = vms
         self.model_wait_ms = model_wait_ms
         self.on_log = on_log
@@ -217,6 +221,9 @@ class EmulatedMachine:
                 f.write(mm.boot_params(vm=vm, vms=self.vms, kernel_entry=mm.KERNEL_ADDR,
                                        dtb=mm.DTB_ADDR if dtb else 0,
                                        model_wait_ms=self.model_wait_ms))
+            if self.board_params is not None:
+                f.seek(mm.BOARD_PARAMS - mm.BOOT_PARAMS)
+                f.write(self.board_params)
         sock_path = os.path.join(self.workdir, "uart.sock")
         argv = self.command(sock_path, params)
         log.info("starting %s", " ".join(argv))
@@ -228,12 +235,12 @@ class EmulatedMachine:
 
     def command(self, sock_path, params):
         loaders = [(params, mm.BOOT_PARAMS)]
-        for vm, dtb in enumerate(self.dtbs):
+        for vm, (dtb, initrd) in enumerate(zip(self.dtbs, self.initrds)):
             loaders.append((self.kernel, mm.vm_ram_phys(vm, mm.KERNEL_ADDR)))
             if dtb:
                 loaders.append((dtb, mm.vm_ram_phys(vm, mm.DTB_ADDR)))
-            if self.initrd:
-                loaders.append((self.initrd, mm.vm_ram_phys(vm, mm.INITRD_ADDR)))
+            if initrd:
+                loaders.append((initrd, mm.vm_ram_phys(vm, mm.INITRD_ADDR)))
         size = mm.ram_size(self.vms) >> 20
         # QEMU's own /proc/self/fd/N: the RAM file it inherits (pass_fds), already unlinked.
         argv = [*_die_with_parent(), QEMU,

@@ -30,6 +30,7 @@ TRAP_PAGE = 0x5FF00000
 BOOT_PARAMS = 0x5FF01000
 BOOT_PARAMS_STRIDE = 0x100
 SHADOW_OFFSET = 0x2000            # from the trap page (boards/emulated/stub.h)
+BOARD_PARAMS = BOOT_PARAMS + 0x800    # board mode's block (boards/emulated/board.c)
 KERNEL_ADDR = RAM_BASE + 0x00200000
 DTB_ADDR = RAM_BASE + 0x08000000
 DTB_MAX = 0x100000

@@ -31,7 +31,9 @@ import dataclasses
 import logging
 import os
 import re
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from ..board import board_path, load_board
 from ..config import DeviceConfig, load_config
 from ..daemon import Daemon
 from ..errors import AvatarError
+from . import board_linux
 from .assets import guest_assets
 from .build import build_stub
 from .devicetree import DEFAULT_BOOTARGS, build_dtb
@@ -83,11 +86,11 @@ class GuestShell:
                 raise AvatarError(f"guest console closed; last output: {self._buffer[-300:]!r}")
             self._buffer += chunk
 
-    def wait_ready(self, timeout=60):
-        """Wait for the guest's ready marker (``banner``: what init printed before it)
+    def wait_ready(self, timeout=60, marker=READY_MARKER):
+        """Wait for the guest's ready ``marker`` (``banner``: what init printed before it)
         and the shell's first prompt."""
         deadline = time.monotonic() + timeout
-        marker = re.escape(READY_MARKER.encode())
+        marker = re.escape(marker.encode())
         self.banner = self.read_until(b"(?s)^(.*)" + marker, timeout).group(1).decode(
             errors="replace")
         self.read_until(rb"# ", max(0.1, deadline - time.monotonic()))
@@ -100,13 +103,28 @@ class GuestShell:
         """
         tag = int.from_bytes(os.urandom(4), "little")
         self.sock.sendall(f"echo b-$(({tag} + 0)); {command}; echo e-$(({tag} + 0))-$?\n".encode())
-        self.read_until(f"b-{tag}\r?\n".encode(), timeout)
-        match = self.read_until(rb"(?s)(.*?)e-" + str(tag).encode() + rb"-(\d+)\r?\n", timeout)
-        output = match.group(1).replace(b"\r\n", b"\n").decode(errors="replace")
+        self.read_until(f"b-{tag}\r*\n".encode(), timeout)   # \r\r\n: through board mode's bridge
+        match = self.read_until(rb"(?s)(.*?)e-" + str(tag).encode() + rb"-(\d+)\r*\n", timeout)
+        output = re.sub(rb"\r+\n", b"\n", match.group(1)).decode(errors="replace")
         return output, int(match.group(2))
 
     def close(self):
         self.sock.close()
+
+
+def _connect_unix(path, timeout):
+    """A stream socket connected to ``path``, retried until it exists (``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise AvatarError(f"console socket {path} never appeared") from None
+            time.sleep(0.05)
 
 
 class EmulatedBoard:
@@ -114,8 +132,13 @@ class EmulatedBoard:
 
     def __init__(self, *, vms=1, devices="", config=None, control_path=None,
                  bootargs=DEFAULT_BOOTARGS, on_log=None, busy_poll=False, trace=False,
-                 qemu_args=(), initrd=None):
+                 qemu_args=(), initrd=None, board_linux=False, board_files=None,
+                 board_userland=True):
         check_vms(vms)
+        self.board_linux = board_linux   # board mode: CPU0 runs the board Linux (board_linux.py)
+        self.board_files = board_files   # board mode: {path: bytes or (bytes, mode)} added to
+                                         # the board Linux's initramfs
+        self.board_userland = board_userland   # board mode: Python, udev and the daemon
         self.vms = vms
         self.devices = [devices] if isinstance(devices, str) else list(devices)
         if len(self.devices) > vms:
@@ -133,6 +156,8 @@ class EmulatedBoard:
         self.machine = self.daemon = self._thread = None
 
     def start(self):
+        if self.board_linux:
+            return self._start_board_linux()
         assets = guest_assets()
         initrd = self.initrd or build_initramfs(assets)
         dtbs = [build_dtb(initrd_size=initrd.stat().st_size, bootargs=self.bootargs, vm_id=vm)
@@ -147,6 +172,43 @@ class EmulatedBoard:
             self.stop()
             raise
         return self
+
+    def _start_board_linux(self):
+        """Board mode: the board Linux on CPU0 (its console ``board_console_path``), the
+        guest as VM 1 on CPU1, which waits up to board_linux.MODEL_WAIT_MS for a model in the
+        board Linux to attach; no daemon in this process."""
+        assets = guest_assets()
+        board_initrd = board_linux.build_board_initramfs(assets, self.board_files,
+                                                         userland=self.board_userland)
+        initrd = self.initrd or build_initramfs(assets)
+        dtbs = [board_linux.build_board_dtb(initrd_size=board_initrd.stat().st_size),
+                build_dtb(initrd_size=initrd.stat().st_size, bootargs=self.bootargs,
+                          vm_id=board_linux.GUEST_VM)]
+        self._board_console_dir = tempfile.mkdtemp(prefix="avatar-board-")
+        workdir = Path(self._board_console_dir)
+        self.board_console_path = workdir / "board-console.sock"
+        self.console_paths = [workdir / "guest-console.sock"]
+        self.console_path = self.console_paths[0]
+        self.machine = EmulatedMachine(
+            build_stub(), assets.kernel, dtb=dtbs, initrd=[board_initrd, initrd], vms=2,
+            model_wait_ms=board_linux.MODEL_WAIT_MS, board_params=board_linux.board_params(),
+            on_log=self.on_log,
+            qemu_args=[*board_linux.console_args(self.board_console_path, self.console_path),
+                       *self.qemu_args])
+        try:
+            self.machine.start()
+            self._board_sock = _connect_unix(self.board_console_path, 30)
+            self._guest_sock = _connect_unix(self.console_path, 30)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def board_shell(self, timeout=120):
+        """The board Linux's shell on its console (hvc0 of the board), once it is ready."""
+        shell = GuestShell(self._board_sock, alive=self.alive)
+        shell.wait_ready(timeout, marker=board_linux.BOARD_READY_MARKER)
+        return shell
 
     def _start_daemon(self):
         workdir = Path(self.machine.workdir)
@@ -201,18 +263,13 @@ class EmulatedBoard:
 
     def shell(self, timeout=60, vm=0):
         """Connect to VM ``vm``'s console and wait for its shell."""
-        path = self.console_paths[vm]
         deadline = time.monotonic() + timeout
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(str(path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                sock.close()
-                if time.monotonic() > deadline:
-                    raise AvatarError(f"console socket {path} never appeared")
-                time.sleep(0.05)
+        if self.board_linux:     # the guest's console through the board (hvc1), connected at start
+            sock, self._guest_sock = self._guest_sock, None
+            if sock is None:
+                raise AvatarError("board mode: the guest's console is already taken by a shell")
+        else:
+            sock = _connect_unix(self.console_paths[vm], timeout)
         shell = GuestShell(sock, alive=self.alive)
         shell.wait_ready(max(1, deadline - time.monotonic()))
         return shell
@@ -227,6 +284,8 @@ class EmulatedBoard:
             self.daemon = self._thread = None
         if self.machine is not None:
             self.machine.stop()
+        if self.board_linux and getattr(self, "_board_console_dir", None):
+            shutil.rmtree(self._board_console_dir, ignore_errors=True)
 
     def __enter__(self):
         return self.start()

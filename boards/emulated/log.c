@@ -50,6 +50,10 @@ void uart_drain_rx(void)
 
 void doorbell_ring_host(void)
 {
+    if (board_linux) {
+        board_ring_doorbell();
+        return;
+    }
     uart_putc(0);
 }
 

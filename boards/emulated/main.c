@@ -40,23 +40,6 @@
 #define PSCI_INVALID_PARAMETERS ((u64)-2)
 #define PSCI_ALREADY_ON   ((u64)-4)
 
-#define HCR_VM   (1ull << 0)
-#define HCR_SWIO (1ull << 1)
-#define HCR_FMO  (1ull << 3)
-#define HCR_IMO  (1ull << 4)
-#define HCR_AMO  (1ull << 5)
-#define HCR_TSC  (1ull << 19)
-#define HCR_RW   (1ull << 31)
-
-#define S2_TABLE      3ull
-#define S2_BLOCK      1ull
-#define S2_PAGE       3ull
-#define S2_AF         (1ull << 10)
-#define S2_RW         (3ull << 6)
-#define S2_SH_INNER   (3ull << 8)
-#define S2_NORMAL_WB  (0xfull << 2)
-#define S2_DEVICE     (0x1ull << 2)
-#define S2_XN         (1ull << 54)
 
 struct stage2 {
     u64 l1[512];
@@ -325,6 +308,7 @@ void stub_main(void)
             power_off();
     stub_vm_count = count;
     vms_running = count;
+    board_linux_init();
     trap_init(vm_params(0));
     for (u32 vm = 0; vm < count; vm++)
         trap_init_vm(vm, vm_params(vm));
@@ -338,5 +322,7 @@ void stub_main(void)
             power_off();
         }
     }
+    if (board_linux)
+        board_enter_linux(vm_params(0));
     enter_vm();
 }

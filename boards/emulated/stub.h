@@ -56,6 +56,24 @@ struct boot_params {
     u32 reserved;
 };
 
+/* HCR_EL2 bits and stage-2 descriptor bits (main.c, board.c). */
+#define HCR_VM   (1ull << 0)
+#define HCR_SWIO (1ull << 1)
+#define HCR_FMO  (1ull << 3)
+#define HCR_IMO  (1ull << 4)
+#define HCR_AMO  (1ull << 5)
+#define HCR_TSC  (1ull << 19)
+#define HCR_RW   (1ull << 31)
+#define S2_TABLE      3ull
+#define S2_BLOCK      1ull
+#define S2_PAGE       3ull
+#define S2_AF         (1ull << 10)
+#define S2_RW         (3ull << 6)
+#define S2_SH_INNER   (3ull << 8)
+#define S2_NORMAL_WB  (0xfull << 2)
+#define S2_DEVICE     (0x1ull << 2)
+#define S2_XN         (1ull << 54)
+
 struct guest_regs {
     u64 x[31];
     u64 pad;
@@ -130,6 +148,13 @@ int trap_wait_model(u32 ms);
 void trap_kick_other_vms(void);
 u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value);
 void trap_take_virq_requests(void);
+
+/* board.c: board mode (CPU0 runs the board Linux) */
+extern u32 board_linux;
+int board_linux_init(void);
+void board_enter_linux(const struct boot_params *linux_params) __attribute__((noreturn));
+void board_ring_doorbell(void);
+int board_irq(u32 intid);
 
 /* start.S / main.c */
 void enter_guest(u64 entry, u64 dtb) __attribute__((noreturn));

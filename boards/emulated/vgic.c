@@ -104,8 +104,10 @@ void vgic_init_distributor(void)
         mmio_write32(GICD_BASE + GICD_ICENABLER + 4 * i, 0xffffffffu);
         mmio_write32(GICD_BASE + GICD_ICPENDR + 4 * i, 0xffffffffu);
     }
-    phys_set_priority_target(UART_INTID);
-    mmio_write32(GICD_BASE + GICD_ISENABLER + 4 * (UART_INTID / 32), 1u << (UART_INTID % 32));
+    if (!board_linux) {   /* in board mode the SPIs are the board Linux's (and the daemon's) */
+        phys_set_priority_target(UART_INTID);
+        mmio_write32(GICD_BASE + GICD_ISENABLER + 4 * (UART_INTID / 32), 1u << (UART_INTID % 32));
+    }
     mmio_write32(GICD_BASE + GICD_CTLR, 1);
     nr_lrs = (mmio_read32(GICH_BASE + GICH_VTR) & 0x3f) + 1;
     log_printf("GICv2: %u lines, %u list registers, guest distributors emulated", lines, nr_lrs);
@@ -235,7 +237,7 @@ void vgic_handle_irq(void)
             /* nothing: the caller takes this VM's virq_pending bits next */
         } else if (intid == MAINT_INTID) {
             handle_maintenance();
-        } else {
+        } else if (!board_irq(intid)) {
             log_printf("unexpected physical interrupt %u", intid);
         }
         mmio_write32(GICC_BASE + GICC_DIR, iar);
