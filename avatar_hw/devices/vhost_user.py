@@ -87,7 +87,6 @@ class VhostUserDevice(VirtioDevice):
             return
         if self.active:
             self.context.interrupt(c.INT_USED_BUFFER)
-            self.counters["requests"] += 1
 
     def _on_socket(self):
         """Readable without a request outstanding: the back-end closed (or sent what was
@@ -180,6 +179,11 @@ class VhostUserDevice(VirtioDevice):
         return out
 
 
+def check_device_id(value):
+    if not 0 < value <= 0xFFFF:
+        raise ValueError(f"must be a virtio device ID in 1..65535, not {value}")
+
+
 def check_queues(sizes):
     if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
                             and not s & (s - 1) and s <= 32768 for s in sizes):
@@ -188,7 +192,8 @@ def check_queues(sizes):
 
 SCHEMA = Schema("vhost_user", (
     Field("socket", str, REQUIRED, "the back-end's vhost-user socket path"),
-    Field("device_id", int, REQUIRED, "the virtio device ID the back-end serves", positive),
+    Field("device_id", int, REQUIRED, "the virtio device ID the back-end serves",
+          check_device_id),
     Field("queues", list, REQUIRED, "the most entries of each queue, e.g. [256, 256]",
           check_queues),
     Field("config_size", int, None, "bytes of configuration space read from the back-end",
