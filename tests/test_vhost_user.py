@@ -198,3 +198,13 @@ def test_vhost_user_config_errors(tmp_path):
         "socket": str(tmp_path / "none.sock"), "device_id": 26, "queues": [8]}}}})
     with pytest.raises(ConfigError, match="cannot connect"):
         cfg.build_device(cfg.vms[0].devices[0])
+
+
+def test_vhost_user_more_queues_than_the_backend_serves_is_refused(tmp_path, share):
+    proc = fs.start_virtiofsd(str(share), str(tmp_path / "fs.sock"))
+    try:
+        with pytest.raises(VhostUserError, match="at most 2 queues, not 3"):
+            VhostUserDevice(socket=tmp_path / "fs.sock", device_id=fs.ID_FS,
+                            queue_sizes=[64, 64, 64])
+    finally:
+        fs.stop(proc)

@@ -45,6 +45,10 @@ class VhostUserDevice(VirtioDevice):
         self.frontend = Frontend(socket, timeout=timeout)
         try:
             offered = self.frontend.handshake()
+            most = self.frontend.queue_num()
+            if most is not None and len(queue_sizes) > most:
+                raise VhostUserError(f"vhost-user back-end {socket} serves at most {most} "
+                                     f"queues, not {len(queue_sizes)}")
             if config is None and config_size and self.frontend.has_protocol_feature(
                     PROTOCOL_F_CONFIG):
                 config = self.frontend.get_config(0, config_size)
