@@ -82,7 +82,7 @@ class FsDevice(VhostUserDevice):
                 config = tag.encode().ljust(TAG_MAX, b"\0") + struct.pack("<I", 1)
                 super().__init__(socket=socket_path, device_id=ID_FS,
                                  queue_sizes=[QUEUE_SIZE, QUEUE_SIZE], config=config,
-                                 timeout=timeout)
+                                 timeout=timeout, connect_wait=START_TIMEOUT)
             except BaseException:
                 stop(self.process)
                 raise

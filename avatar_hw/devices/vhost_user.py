@@ -38,11 +38,11 @@ class VhostUserDevice(VirtioDevice):
     name = "vhost-user"
 
     def __init__(self, *, socket, device_id, queue_sizes, config=None, config_size=0,
-                 timeout=2.0):
+                 timeout=2.0, connect_wait=0.0):
         if not queue_sizes:
             raise ValueError("queues must list at least one queue size")
         self.device_id = device_id
-        self.frontend = Frontend(socket, timeout=timeout)
+        self.frontend = Frontend(socket, timeout=timeout, wait=connect_wait)
         try:
             offered = self.frontend.handshake()
             most = self.frontend.queue_num()

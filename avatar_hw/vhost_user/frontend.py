@@ -21,6 +21,7 @@ the back-end translates through the table.
 import array
 import socket
 import struct
+import time
 
 # Front-end requests (vhost-user.rst, "Front-end message types").
 GET_FEATURES, SET_FEATURES, SET_OWNER = 1, 2, 3
@@ -51,15 +52,26 @@ class VhostUserError(Exception):
 class Frontend:
     """One connection to a back-end listening on ``path``."""
 
-    def __init__(self, path, *, timeout=DEFAULT_TIMEOUT):
+    def __init__(self, path, *, timeout=DEFAULT_TIMEOUT, wait=0.0):
+        """``wait``: seconds to keep retrying while the socket is missing or not yet
+        listening (a back-end just started binds before it listens)."""
         self.path = str(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(self.path)
-        except OSError as err:
-            self.sock.close()
-            raise VhostUserError(f"cannot connect to {self.path}: {err}") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self.sock.connect(self.path)
+                break
+            except (ConnectionRefusedError, FileNotFoundError) as err:
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                self.sock.close()
+                raise VhostUserError(f"cannot connect to {self.path}: {err}") from None
+            except OSError as err:
+                self.sock.close()
+                raise VhostUserError(f"cannot connect to {self.path}: {err}") from None
         self.features = self.protocol_features = 0
         self.closed = False
 
