@@ -16,7 +16,8 @@ directory: ``serve``'s current directory, the demo's temporary directory
 
 A device key holds a table, or an array of tables for several devices of one
 kind. Devices get the VM's window slots in ``DEVICES`` order (console, block,
-rng, net, balloon, 9p, vsock, gpu), then in array order. Every mistake is a ``ConfigError`` naming the
+rng, net, balloon, 9p, vsock, gpu, fs,
+vhost_user), then in array order. Every mistake is a ``ConfigError`` naming the
 file, the key (``vm.1.block.readonly``) and the problem.
 
 ``DEVICES`` is the registry (kvmtool's ``virtio_ops``): a kind's module, imported
@@ -41,6 +42,8 @@ DEVICES = {
     "9p": "avatar_hw.devices.p9",
     "vsock": "avatar_hw.devices.vsock",
     "gpu": "avatar_hw.devices.gpu",
+    "fs": "avatar_hw.devices.fs",
+    "vhost_user": "avatar_hw.devices.vhost_user",
 }
 
 

@@ -20,7 +20,7 @@ from .build import cache_dir
 MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "virtio-rng",
            "failover", "net_failover", "virtio_net", "virtio_balloon", "9pnet_virtio", "9p",
            "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
-           "virtio-gpu")
+           "virtio-gpu", "virtiofs")
 READY_MARKER = "avatar-guest: ready"
 HVC_WAIT_SECONDS = 10
 HVC_RELOAD_SECONDS = 60

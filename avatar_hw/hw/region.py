@@ -50,6 +50,7 @@ class Region:
         self._buffer = buffer
         self._closer = closer
         self.discardable = False            # map_file: a shared, writable file mapping
+        self.file = None                    # map_file: (path, offset) of the mapping
         self.size = len(memoryview(buffer))
         self._arrays = {
             width: (ctype * (self.size // width)).from_buffer(buffer)
@@ -72,6 +73,7 @@ class Region:
         region = cls(mapping, name=name or str(path), phys_addr=phys_addr,
                      closer=mapping.close)
         region.discardable = not readonly
+        region.file = (os.fspath(path), offset)
         return region
 
     def close(self):

@@ -1,0 +1,117 @@
+"""virtio-fs (device ID 26, VirtIO 1.2 section 5.11) served by virtiofsd over vhost-user.
+
+``FsDevice`` starts ``/usr/lib/qemu/virtiofsd`` (Debian's qemu-system-common)
+on a socket in a private temporary directory, sharing ``shared_dir`` with
+``cache=auto`` and its default sandbox (mount, pid and net namespaces with
+pivot_root into the shared folder), connects to it as a
+``VhostUserDevice`` and stops it with the device. The configuration space
+is ours: ``tag[36]`` (NUL padded) and ``le32 num_request_queues`` (1: queue 0
+is the high-priority queue, queue 1 the request queue).
+"""
+
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+
+from ..schema import REQUIRED, Field, Schema, under
+from ..vhost_user import VhostUserError
+from .vhost_user import VhostUserDevice
+
+ID_FS = 26
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+TAG_MAX = 36
+QUEUE_SIZE = 1024
+START_TIMEOUT = 10.0
+
+
+def check_tag(tag):
+    if not 0 < len(tag.encode()) <= TAG_MAX or "\0" in tag:
+        raise ValueError(f"must be 1 to {TAG_MAX} bytes without NUL")
+
+
+def check_backend(name):
+    if name != "virtiofsd":
+        raise ValueError("must be 'virtiofsd' (for another back-end, use vhost_user)")
+
+
+def start_virtiofsd(shared_dir, socket_path):
+    """virtiofsd serving ``shared_dir`` on ``socket_path``, once the socket exists."""
+    if not os.path.isfile(VIRTIOFSD):
+        raise ValueError(f"{VIRTIOFSD} is missing; install Debian's qemu-system-common")
+    if not os.path.isdir(shared_dir):
+        raise ValueError(f"shared_dir {shared_dir} is not a folder")
+    proc = subprocess.Popen(
+        [VIRTIOFSD, f"--socket-path={socket_path}", "-o", f"source={shared_dir}",
+         "-o", "cache=auto", "-o", "log_level=err"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT
+    while not os.path.exists(socket_path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            err = proc.stderr.read().decode(errors="replace").strip().splitlines()
+            raise ValueError(f"{VIRTIOFSD} did not start: {err[-1] if err else 'timed out'}")
+        time.sleep(0.01)
+    return proc
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    proc.stderr.close()
+
+
+class FsDevice(VhostUserDevice):
+    name = "fs"
+
+    def __init__(self, *, tag, shared_dir, timeout=2.0):
+        check_tag(tag)
+        self.rundir = tempfile.mkdtemp(prefix="avatar-fs-")
+        socket_path = os.path.join(self.rundir, "vhost-user.sock")
+        try:
+            self.process = start_virtiofsd(os.path.abspath(shared_dir), socket_path)
+            try:
+                config = tag.encode().ljust(TAG_MAX, b"\0") + struct.pack("<I", 1)
+                super().__init__(socket=socket_path, device_id=ID_FS,
+                                 queue_sizes=[QUEUE_SIZE, QUEUE_SIZE], config=config,
+                                 timeout=timeout, connect_wait=START_TIMEOUT)
+            except BaseException:
+                stop(self.process)
+                raise
+        except BaseException:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+            raise
+        self.tag = tag
+
+    def detach(self):
+        super().detach()
+        stop(self.process)
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def info(self):
+        out = super().info()
+        out.update(tag=self.tag, backend_pid=self.process.pid)
+        return out
+
+
+SCHEMA = Schema("fs", (
+    Field("tag", str, REQUIRED, f"the mount tag (1 to {TAG_MAX} bytes)", check_tag),
+    Field("backend", str, "virtiofsd", "the back-end to start: virtiofsd", check_backend),
+    Field("shared_dir", str, REQUIRED, "the host folder to share", path=under),
+))
+
+
+def from_config(options):
+    """The VMs config's ``fs = { tag, backend, shared_dir }``."""
+    try:
+        return FsDevice(tag=options["tag"], shared_dir=options["shared_dir"])
+    except VhostUserError as err:
+        raise ValueError(str(err)) from None

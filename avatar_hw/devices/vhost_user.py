@@ -1,0 +1,215 @@
+"""A device served by a vhost-user back-end process (avatar_hw.vhost_user).
+
+The transport, status machine, feature negotiation and interrupts stay here;
+the virtqueues go to the back-end, which reads and writes guest RAM itself:
+
+- offered features are the back-end's (``GET_FEATURES``), so the guest never
+  accepts one the back-end lacks; at DRIVER_OK the driver's features go to
+  the back-end (``SET_FEATURES``), then the guest RAM (``SET_MEM_TABLE`` with
+  the fd of the shared file the daemon maps: QEMU's RAM file in host mode,
+  the UIO device in board mode) and every ready queue (size, addresses in
+  our mapping, base 0, call and kick eventfds, enable);
+- QueueNotify is one ``eventfd_write`` to the queue's kick eventfd;
+- the call eventfd is watched by the event loop and sets InterruptStatus bit 0
+  (the back-end already applied the driver's notification suppression);
+- reset, a queue reset or QueueReady = 0 stops the ring (``GET_VRING_BASE``).
+
+A back-end that dies, stalls past the socket timeout or breaks the protocol
+costs one log line and DEVICE_NEEDS_RESET; the connection is not reopened
+(the guest's reset then activates nothing and gets NEEDS_RESET again), and
+the daemon and the other devices carry on.
+"""
+
+import os
+
+from ..schema import REQUIRED, Field, Schema, positive
+from ..vhost_user import Frontend, VhostUserError
+from ..vhost_user.frontend import PROTOCOL_F_CONFIG
+from ..virtio import constants as c
+from ..virtio.constants import bit
+from ..virtio.device import VirtioDevice
+
+
+class VhostUserDevice(VirtioDevice):
+    """Device ``device_id`` behind the back-end listening on ``socket``; ``queue_sizes``:
+    the most entries of each queue; ``config``: the configuration space bytes (None: the
+    back-end's own, ``GET_CONFIG`` of ``config_size`` bytes, when it offers it)."""
+
+    name = "vhost-user"
+
+    def __init__(self, *, socket, device_id, queue_sizes, config=None, config_size=0,
+                 timeout=2.0, connect_wait=0.0):
+        if not queue_sizes:
+            raise ValueError("queues must list at least one queue size")
+        self.device_id = device_id
+        self.frontend = Frontend(socket, timeout=timeout, wait=connect_wait)
+        try:
+            offered = self.frontend.handshake()
+            most = self.frontend.queue_num()
+            if most is not None and len(queue_sizes) > most:
+                raise VhostUserError(f"vhost-user back-end {socket} serves at most {most} "
+                                     f"queues, not {len(queue_sizes)}")
+            if config is None and config_size and self.frontend.has_protocol_feature(
+                    PROTOCOL_F_CONFIG):
+                config = self.frontend.get_config(0, config_size)
+        except VhostUserError:
+            self.frontend.close()
+            raise
+        super().__init__(queue_sizes=queue_sizes, config=config or b"")
+        # Only what the back-end implements, less VIRTIO_F_RING_RESET: a queue re-enabled
+        # after DRIVER_OK is not handed over again.
+        self.features = offered & ~bit(c.F_RING_RESET)
+        self._kick = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in queue_sizes]
+        self._call = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in queue_sizes]
+        self._started = set()       # rings the back-end runs
+        self._memory_sent = None
+
+    # -- event loop ---------------------------------------------------------------------------
+
+    def attach(self, loop):
+        super().attach(loop)
+        for index, fd in enumerate(self._call):
+            self.loop.add_reader(fd, lambda index=index: self._on_call(index))
+        self.loop.add_reader(self.frontend.fileno(), self._on_socket)
+
+    def detach(self):
+        if self.loop is not None:
+            for fd in self._call:
+                self.loop.remove_reader(fd)
+            if not self.frontend.closed:
+                self.loop.remove_reader(self.frontend.fileno())
+        self.frontend.close()
+        for fd in self._kick + self._call:
+            os.close(fd)
+        self._kick = self._call = []
+        super().detach()
+
+    def _on_call(self, index):
+        try:
+            os.eventfd_read(self._call[index])
+        except BlockingIOError:
+            return
+        if self.active:
+            self.context.interrupt(c.INT_USED_BUFFER)
+
+    def _on_socket(self):
+        """Readable without a request outstanding: the back-end closed (or sent what was
+        not negotiated)."""
+        self.loop.remove_reader(self.frontend.fileno())
+        self.frontend.close()
+        self.fail(f"vhost-user back-end {self.frontend.path} closed the connection")
+
+    def _lost(self, err):
+        if not self.frontend.closed and self.loop is not None:
+            self.loop.remove_reader(self.frontend.fileno())
+        self.frontend.close()
+        self._started.clear()
+        self.fail(str(err))
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    def activate(self):
+        try:
+            self._send_memory()
+            self.frontend.set_features(self.context.negotiated_features)
+            for queue in self.queues:
+                if queue.ready:
+                    self._start(queue)
+        except VhostUserError as err:
+            self._lost(err)
+
+    def _send_memory(self):
+        memory = self.memory
+        if self._memory_sent is memory:
+            return
+        region = memory.region
+        if region.file is None:
+            raise VhostUserError(f"guest RAM of vm{memory.vm_id} is not a shared file "
+                                 "mapping; a vhost-user back-end needs its fd")
+        path, offset = region.file
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self.frontend.set_mem_table([(memory.base, memory.size, region.address, offset,
+                                          fd)])
+        finally:
+            os.close(fd)
+        self._memory_sent = memory
+
+    def _start(self, queue):
+        mem = self.memory
+        self.frontend.set_vring(
+            queue.index, num=queue.size, desc=mem.address(queue.desc_addr, 16),
+            avail=mem.address(queue.driver_addr, 2), used=mem.address(queue.device_addr, 4),
+            kick=self._kick[queue.index], call=self._call[queue.index])
+        self.frontend.set_vring_enable(queue.index, True)
+        self._started.add(queue.index)
+
+    def _stop(self, index):
+        if index in self._started:
+            self._started.discard(index)
+            self.frontend.get_vring_base(index)
+
+    def queue_notify(self, index):
+        os.eventfd_write(self._kick[index], 1)
+
+    def reset(self):
+        try:
+            for index in sorted(self._started):
+                self._stop(index)
+        except VhostUserError as err:
+            self._lost(err)
+
+    def queue_reset(self, index):
+        try:
+            self._stop(index)
+        except VhostUserError as err:
+            self._lost(err)
+
+    def write_config(self, offset, data):
+        if not self.frontend.has_protocol_feature(PROTOCOL_F_CONFIG):
+            super().write_config(offset, data)
+            return
+        try:
+            self.frontend.set_config(offset, data)
+        except VhostUserError as err:
+            self._lost(err)
+            return
+        self.update_config(offset, data, notify=False)
+
+    def info(self):
+        out = super().info()
+        out.update(socket=self.frontend.path, connected=not self.frontend.closed,
+                   rings_started=sorted(self._started))
+        return out
+
+
+def check_device_id(value):
+    if not 0 < value <= 0xFFFF:
+        raise ValueError(f"must be a virtio device ID in 1..65535, not {value}")
+
+
+def check_queues(sizes):
+    if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                            and not s & (s - 1) and s <= 32768 for s in sizes):
+        raise ValueError("must be a non-empty list of powers of two up to 32768")
+
+
+SCHEMA = Schema("vhost_user", (
+    Field("socket", str, REQUIRED, "the back-end's vhost-user socket path"),
+    Field("device_id", int, REQUIRED, "the virtio device ID the back-end serves",
+          check_device_id),
+    Field("queues", list, REQUIRED, "the most entries of each queue, e.g. [256, 256]",
+          check_queues),
+    Field("config_size", int, None, "bytes of configuration space read from the back-end",
+          positive),
+))
+
+
+def from_config(options):
+    """The VMs config's ``vhost_user = { socket, device_id, queues, config_size }``."""
+    try:
+        return VhostUserDevice(socket=options["socket"], device_id=options["device_id"],
+                               queue_sizes=options["queues"],
+                               config_size=options.get("config_size", 0))
+    except VhostUserError as err:
+        raise ValueError(str(err)) from None

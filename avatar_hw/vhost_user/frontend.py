@@ -1,0 +1,210 @@
+"""The vhost-user protocol, front-end side, over a Unix stream socket.
+
+Written against QEMU's docs/interop/vhost-user.rst. A message is a 12-byte
+header (``request``, ``flags``: version 1, bit 2 reply, bit 3 need-reply;
+``size`` of the payload) and the payload, little-endian; file descriptors
+travel as SCM_RIGHTS ancillary data of the same ``sendmsg``.
+
+Every reply is checked (request code, reply flag, version, payload size);
+the socket has a timeout, so a dead or stalled back-end costs at most
+``timeout`` seconds, then ``VhostUserError``. After one error the connection
+is closed and every later call raises at once (the device sets
+DEVICE_NEEDS_RESET; it never retries behind the guest's back).
+
+Addresses: ``SET_MEM_TABLE`` gives each region's guest-physical address,
+size, our mapping's virtual address (``userspace_addr``) and its offset in
+the file passed; ``SET_VRING_ADDR`` then takes the rings' addresses in OUR
+virtual address space (the spec's rule when no logging is negotiated), which
+the back-end translates through the table.
+"""
+
+import array
+import socket
+import struct
+import time
+
+# Front-end requests (vhost-user.rst, "Front-end message types").
+GET_FEATURES, SET_FEATURES, SET_OWNER = 1, 2, 3
+SET_MEM_TABLE = 5
+SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
+SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR = 12, 13, 14
+GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_VRING_ENABLE = 15, 16, 17, 18
+GET_CONFIG, SET_CONFIG = 24, 25
+
+F_PROTOCOL_FEATURES = 30            # VHOST_USER_F_PROTOCOL_FEATURES, a virtio feature bit
+PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK, PROTOCOL_F_CONFIG = 0, 3, 9
+# What this front end implements; anything else the back-end offers is declined.
+SUPPORTED_PROTOCOL_FEATURES = (1 << PROTOCOL_F_MQ | 1 << PROTOCOL_F_REPLY_ACK
+                               | 1 << PROTOCOL_F_CONFIG)
+
+VERSION, FLAG_REPLY, FLAG_NEED_REPLY = 0x1, 0x4, 0x8
+_HEADER = struct.Struct("<III")
+VRING_NOFD = 1 << 8                 # SET_VRING_KICK/CALL/ERR: no fd passed
+MAX_REGIONS = 8                     # VHOST_MEMORY_BASELINE_NREGIONS
+MAX_PAYLOAD = 4096                  # far above any reply this front end asks for
+DEFAULT_TIMEOUT = 2.0
+
+
+class VhostUserError(Exception):
+    """The back-end is gone, too slow, or broke the protocol."""
+
+
+class Frontend:
+    """One connection to a back-end listening on ``path``."""
+
+    def __init__(self, path, *, timeout=DEFAULT_TIMEOUT, wait=0.0):
+        """``wait``: seconds to keep retrying while the socket is missing or not yet
+        listening (a back-end just started binds before it listens)."""
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self.sock.connect(self.path)
+                break
+            except (ConnectionRefusedError, FileNotFoundError) as err:
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                self.sock.close()
+                raise VhostUserError(f"cannot connect to {self.path}: {err}") from None
+            except OSError as err:
+                self.sock.close()
+                raise VhostUserError(f"cannot connect to {self.path}: {err}") from None
+        self.features = self.protocol_features = 0
+        self.closed = False
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    # -- messages -------------------------------------------------------------------------
+
+    def _send(self, request, payload=b"", fds=(), need_reply=False):
+        if self.closed:
+            raise VhostUserError("the connection is closed after an earlier error")
+        flags = VERSION | (FLAG_NEED_REPLY if need_reply else 0)
+        data = _HEADER.pack(request, flags, len(payload)) + payload
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        try:
+            sent = self.sock.sendmsg([data], anc)
+            if sent != len(data):
+                self.sock.sendall(data[sent:])
+        except OSError as err:
+            self._broken(f"request {request}: {err or 'timed out'}")
+
+    def _recv_exact(self, n, request):
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            try:
+                k = self.sock.recv_into(view[got:])
+            except OSError as err:
+                self._broken(f"reply to request {request}: {err or 'timed out'}")
+            if not k:
+                self._broken(f"reply to request {request}: the back-end closed the socket")
+            got += k
+        return bytes(buf)
+
+    def _reply(self, request, size=None):
+        """The reply payload to ``request``; ``size``: the exact size it must have."""
+        code, flags, length = _HEADER.unpack(self._recv_exact(_HEADER.size, request))
+        if code != request or flags & 0x3 != VERSION or not flags & FLAG_REPLY:
+            self._broken(f"reply to request {request} has request {code}, flags 0x{flags:x}")
+        if length > MAX_PAYLOAD or (size is not None and length != size):
+            self._broken(f"reply to request {request} has a {length}-byte payload"
+                         + (f", not {size}" if size is not None else ""))
+        return self._recv_exact(length, request)
+
+    def _broken(self, reason):
+        self.close()
+        raise VhostUserError(f"vhost-user back-end {self.path}: {reason}")
+
+    def _call(self, request, payload=b"", fds=()):
+        """A request without a reply of its own; with REPLY_ACK, wait for its ack."""
+        ack = bool(self.protocol_features >> PROTOCOL_F_REPLY_ACK & 1)
+        self._send(request, payload, fds, need_reply=ack)
+        if ack:
+            status, = struct.unpack("<Q", self._reply(request, 8))
+            if status:
+                self._broken(f"request {request} failed (status {status})")
+
+    def _get_u64(self, request):
+        self._send(request)
+        return struct.unpack("<Q", self._reply(request, 8))[0]
+
+    # -- the protocol -----------------------------------------------------------------------
+
+    def handshake(self):
+        """Features, protocol features and SET_OWNER; returns the virtio features the
+        back-end offers (without F_PROTOCOL_FEATURES)."""
+        offered = self._get_u64(GET_FEATURES)
+        if offered >> F_PROTOCOL_FEATURES & 1:
+            theirs = self._get_u64(GET_PROTOCOL_FEATURES)
+            mine = theirs & SUPPORTED_PROTOCOL_FEATURES
+            self._send(SET_PROTOCOL_FEATURES, struct.pack("<Q", mine))
+            self.protocol_features = mine
+        self._call(SET_OWNER)
+        self.features = offered
+        return offered & ~(1 << F_PROTOCOL_FEATURES)
+
+    def has_protocol_feature(self, bit):
+        return bool(self.protocol_features >> bit & 1)
+
+    def queue_num(self):
+        """GET_QUEUE_NUM (with MQ), else None."""
+        return self._get_u64(GET_QUEUE_NUM) if self.has_protocol_feature(PROTOCOL_F_MQ) else None
+
+    def set_features(self, features):
+        """The driver's features, plus F_PROTOCOL_FEATURES when the back-end offered it."""
+        self._call(SET_FEATURES, struct.pack(
+            "<Q", features | (self.features & 1 << F_PROTOCOL_FEATURES)))
+
+    def set_mem_table(self, regions):
+        """``regions``: (guest_phys_addr, size, userspace_addr, mmap_offset, fd) each."""
+        if not 0 < len(regions) <= MAX_REGIONS:
+            raise VhostUserError(f"{len(regions)} memory regions (1..{MAX_REGIONS})")
+        payload = struct.pack("<II", len(regions), 0) + b"".join(
+            struct.pack("<QQQQ", *r[:4]) for r in regions)
+        self._call(SET_MEM_TABLE, payload, [r[4] for r in regions])
+
+    def set_vring(self, index, *, num, desc, avail, used, kick, call, err=None, base=0):
+        """Hand ring ``index`` over: size, addresses (our virtual ones), base, eventfds."""
+        self._call(SET_VRING_NUM, struct.pack("<II", index, num))
+        self._call(SET_VRING_ADDR, struct.pack("<IIQQQQ", index, 0, desc, used, avail, 0))
+        self._call(SET_VRING_BASE, struct.pack("<II", index, base))
+        for request, fd in ((SET_VRING_CALL, call), (SET_VRING_ERR, err)):
+            if fd is None:
+                self._call(request, struct.pack("<Q", index | VRING_NOFD))
+            else:
+                self._call(request, struct.pack("<Q", index), [fd])
+        self._call(SET_VRING_KICK, struct.pack("<Q", index), [kick])
+
+    def set_vring_enable(self, index, enable):
+        if self.features >> F_PROTOCOL_FEATURES & 1:
+            self._call(SET_VRING_ENABLE, struct.pack("<II", index, int(enable)))
+
+    def get_vring_base(self, index):
+        """Stop ring ``index``; its next available index (the back-end's ``last_avail``)."""
+        self._send(GET_VRING_BASE, struct.pack("<II", index, 0))
+        got, num = struct.unpack("<II", self._reply(GET_VRING_BASE, 8))
+        if got != index:
+            self._broken(f"GET_VRING_BASE for ring {index} answered for ring {got}")
+        return num
+
+    def get_config(self, offset, size):
+        """GET_CONFIG (with PROTOCOL_F_CONFIG): ``size`` bytes of the device's config."""
+        self._send(GET_CONFIG, struct.pack("<III", offset, size, 0) + bytes(size))
+        reply = self._reply(GET_CONFIG, 12 + size)
+        got_offset, got_size, _ = struct.unpack_from("<III", reply)
+        if (got_offset, got_size) != (offset, size):
+            self._broken(f"GET_CONFIG answered {got_size} bytes at {got_offset}")
+        return reply[12:]
+
+    def set_config(self, offset, data):
+        self._call(SET_CONFIG, struct.pack("<III", offset, len(data), 0) + bytes(data))
