@@ -1,0 +1,145 @@
+"""Record and replay (avatar_hw.replay): a console + block + rng session recorded in process,
+replayed clean on a model rebuilt with no board and no QEMU, and a changed model caught at
+the right trap."""
+
+import shutil
+import struct
+
+import pytest
+
+from avatar_hw import replay as rr
+from avatar_hw.devices import block as blk
+from avatar_hw.devices.block import BlockDevice
+from avatar_hw.devices.console import ConsoleDevice
+from avatar_hw.devices.rng import RngDevice
+from avatar_hw.hw.region import Region
+from avatar_hw.testing.driver import GuestRam, VirtioDriver
+from avatar_hw.testing.virtio import RAM_BASE, IrqRecorder
+from avatar_hw.virtio import transport as transport_module
+from avatar_hw.virtio.memory import GuestMemory
+from avatar_hw.virtio.subsystem import Subsystem
+
+RAM_SIZE = 2 << 20
+
+
+class Session:
+    """One VM with a console (file log), a block image and an rng (fixed source)."""
+
+    def __init__(self, tmp_path, image, ram_size=RAM_SIZE):
+        self.buffer = bytearray(ram_size)
+        self.subsystem = Subsystem(interrupt_line=IrqRecorder())
+        self.subsystem.vm_init(0, GuestMemory(Region(memoryview(self.buffer)), RAM_BASE))
+        self.ram = GuestRam(self.buffer, RAM_BASE)
+        self.devices = [ConsoleDevice(f"file:{tmp_path / 'console.log'}"), BlockDevice(image),
+                        RngDevice(source=str(tmp_path / "entropy"))]
+        self.windows = [self.subsystem.create_device(0, d).window for d in self.devices]
+
+    def driver(self, slot):
+        return VirtioDriver(self.subsystem.handle_mmio_trap, self.windows[slot], self.ram)
+
+
+def play(session):
+    """Console output, a block write then read back, an rng request: the guest's side."""
+    con = session.driver(0)
+    _, tx = con.init([0, 1], size=8)[:2]
+    tx.post(readable=[b"hello from the guest\n"])
+    tx.notify()
+    tx.get_used()
+    con.ack_interrupt()
+
+    block = session.driver(1)
+    (q,) = block.init([0], size=8)
+    sector = 3
+    q.post(readable=[struct.pack("<IIQ", blk.T_OUT, 0, sector), bytes(range(256)) * 2],
+           writable=[1])
+    q.notify()
+    q.post(readable=[struct.pack("<IIQ", blk.T_IN, 0, sector)], writable=[512, 1])
+    q.notify()
+    used = q.get_used()
+    assert [u.data[-1] for u in used] == [0, 0]
+    assert used[1].data[:512] == bytes(range(256)) * 2
+    block.ack_interrupt()
+
+    rng = session.driver(2)
+    (q,) = rng.init([0], size=8)
+    q.post(writable=[64])
+    q.notify()
+    assert q.get_used()[0].data == bytes(range(64))
+    rng.ack_interrupt()
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "entropy").write_bytes(bytes(range(256)))
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(64 * 512))
+    shutil.copy(image, tmp_path / "disk-before.img")
+    return tmp_path
+
+
+def record(workdir):
+    path = workdir / "session.avrr"
+    session = Session(workdir, workdir / "disk.img")
+    recorder = rr.Recorder(session.subsystem, path)
+    play(session)
+    recorder.close()
+    session.subsystem.close()
+    return path, recorder.traps
+
+
+def rebuild(workdir):
+    """The ``build`` of ``replay``: the same devices on the image as it was, zeroed RAM."""
+    def build(meta):
+        assert meta["vms"]["0"] == {"base": RAM_BASE, "size": RAM_SIZE}
+        shutil.copy(workdir / "disk-before.img", workdir / "disk-replay.img")
+        return Session(workdir, workdir / "disk-replay.img").subsystem
+    return build
+
+
+def test_replay_session_clean(workdir):
+    path, traps = record(workdir)
+    assert traps > 50
+    replayed, difference = rr.replay(path, rebuild(workdir))
+    assert difference is None
+    assert replayed == traps
+
+
+def test_replay_catches_changed_register_answer(workdir, monkeypatch):
+    path, _ = record(workdir)
+    meta, records = rr.read_records(path)
+    steps = list(rr._steps(records))
+    # The first read of QueueNumMax (0x34): a changed answer must be named at that trap.
+    target = next(n for n, s in enumerate(steps) if s[1][1] == 0x34 and not s[1][3])
+    original = transport_module.MmioTransport.read
+
+    def changed(self, offset, size):
+        value = original(self, offset, size)
+        return value - 1 if offset == 0x34 else value
+    monkeypatch.setattr(transport_module.MmioTransport, "read", changed)
+    replayed, difference = rr.replay(path, rebuild(workdir))
+    assert replayed == target + 1
+    assert difference.startswith(f"trap {target} (read window 0 offset 0x34 size 4)")
+
+
+def test_replay_catches_changed_used_length(workdir, monkeypatch):
+    path, _ = record(workdir)
+    meta, records = rr.read_records(path)
+    steps = list(rr._steps(records))
+    # The rng request: the last QueueNotify (0x50 write) of window 2.
+    target = max(n for n, s in enumerate(steps) if s[1][:2] == (2, 0x50) and s[1][3])
+    from avatar_hw.virtio.queue import Virtqueue
+    original = Virtqueue.add_used
+
+    def short(self, head, length, *args, **kw):
+        return original(self, head, max(length - 1, 0) if length == 64 else length, *args, **kw)
+    monkeypatch.setattr(Virtqueue, "add_used", short)
+    replayed, difference = rr.replay(path, rebuild(workdir))
+    assert replayed == target + 1, difference
+    assert difference.startswith(f"trap {target} (write window 2 offset 0x50 size 4): guest page")
+
+
+def test_replay_refuses_other_files(tmp_path):
+    bad = tmp_path / "not-a-recording"
+    bad.write_bytes(b"hello")
+    with pytest.raises(rr.ReplayFormatError, match="not an avatar-hw recording"):
+        rr.read_records(bad)
