@@ -30,7 +30,8 @@ File format (little-endian)::
       GUEST_PAGE / MODEL_PAGE  u8 vm  u64 gpa  zlib(4096 bytes)
       TRAP     u32 window  u32 offset  u8 size  u8 is_write  u64 value
       ANSWER   u8 handled  u64 value
-      IRQ      u32 intid
+      IRQ      u32 intid          (raised during the trap before it)
+      IRQ_OUTSIDE  u32 intid      (raised on an event-loop turn: not checked)
 
 Limits: backend inputs (block image data, console input, rng bytes, frames)
 are not in the file: replay needs backends giving the same bytes (the same
@@ -40,16 +41,24 @@ before the next trap, replayed as input and not checked; its interrupts are
 not checked.
 """
 
+import dataclasses
 import json
+import mmap
 import struct
 import zlib
+
+from .errors import AvatarError
+from .hw.region import Region
+from .layout import Layout
+from .virtio.memory import GuestMemory
+from .virtio.subsystem import Subsystem
 
 MAGIC = b"AVRR"
 VERSION = 1
 PAGE = 4096
 CHUNK = 64 * PAGE
 
-GUEST_PAGE, MODEL_PAGE, TRAP, ANSWER, IRQ = 1, 2, 3, 4, 5
+GUEST_PAGE, MODEL_PAGE, TRAP, ANSWER, IRQ, IRQ_OUTSIDE = 1, 2, 3, 4, 5, 6
 _RECORD = struct.Struct("<BI")
 _PAGE = struct.Struct("<BQ")
 _TRAP = struct.Struct("<IIBBQ")
@@ -87,15 +96,18 @@ class _PageJournal:
 
 
 def _meta(subsystem):
-    layout = subsystem.layout
-    return {"layout": {"base": layout.base, "device_size": layout.device_size},
+    return {"layout": dataclasses.asdict(subsystem.layout),
             "vms": {str(vm): {"base": m.base, "size": m.size}
                     for vm, m in sorted(subsystem.vms.items())}}
 
 
 class _Writer:
     def __init__(self, path, meta):
-        self.file = open(path, "wb", buffering=1 << 20)
+        try:
+            self.file = open(path, "wb", buffering=1 << 20)
+        except OSError as err:
+            raise AvatarError(f"--record {path}: cannot write the recording: "
+                              f"{err.strerror}") from None
         blob = json.dumps(meta, sort_keys=True).encode()
         self.file.write(MAGIC + struct.pack("<HI", VERSION, len(blob)) + blob)
 
@@ -141,9 +153,13 @@ class Recorder:
         self.writer = _Writer(path, _meta(subsystem))
         self.journals = {vm: _PageJournal(m) for vm, m in subsystem.vms.items()}
         self.traps = 0
+        self._in_trap = False
         self._inner = subsystem.dispatch
         subsystem.dispatch = self.dispatch
-        _tap_interrupts(subsystem, lambda intid: self.writer.record(IRQ, _IRQ.pack(intid)))
+        _tap_interrupts(subsystem, self._interrupt)
+
+    def _interrupt(self, intid):
+        self.writer.record(IRQ if self._in_trap else IRQ_OUTSIDE, _IRQ.pack(intid))
 
     def dispatch(self, window, offset, value, is_write, size):
         writer = self.writer
@@ -151,7 +167,11 @@ class Recorder:
             for gpa, content in journal.changes():
                 writer.page(GUEST_PAGE, vm, gpa, content)
         writer.record(TRAP, _TRAP.pack(window, offset, size, bool(is_write), value))
-        handled, answer = self._inner(window, offset, value, is_write, size)
+        self._in_trap = True
+        try:
+            handled, answer = self._inner(window, offset, value, is_write, size)
+        finally:
+            self._in_trap = False
         writer.record(ANSWER, _ANSWER.pack(bool(handled), answer))
         for vm, journal in self.journals.items():
             for gpa, content in journal.changes():
@@ -218,9 +238,10 @@ def _steps(records):
         elif kind == MODEL_PAGE and step is not None:
             vm, gpa, content = _page(payload)
             step[3][vm, gpa] = content
-        elif kind == IRQ:
-            if step is not None:
-                step[4].append(_IRQ.unpack(payload)[0])
+        elif kind == IRQ and step is not None:
+            step[4].append(_IRQ.unpack(payload)[0])
+        elif kind == IRQ_OUTSIDE:
+            continue
         else:
             raise ReplayFormatError(f"record kind {kind} out of place")
     if step is not None:
@@ -264,3 +285,21 @@ def replay(path, build):
         return count, None
     finally:
         subsystem.close()
+
+
+def build_from_config(config):
+    """A ``build`` for ``replay``: the devices of ``config`` (an ``avatar_hw.config.Config``,
+    its backends as they were when recording started) on zeroed RAM of the recorded sizes."""
+    def build(meta):
+        subsystem = Subsystem(Layout(**meta["layout"]))
+        for vm_id, vm in config.vms.items():
+            ram = meta["vms"].get(str(vm_id))
+            if ram is None:
+                raise AvatarError(f"{config.path}: VM {vm_id} is not in the recording "
+                                  f"(it has VMs {', '.join(meta['vms']) or 'none'})")
+            region = Region(mmap.mmap(-1, ram["size"]), name=f"vm{vm_id} replay RAM")
+            subsystem.vm_init(vm_id, GuestMemory(region, ram["base"], vm_id=vm_id))
+            for device in vm.devices:
+                subsystem.create_device(vm_id, config.build_device(device))
+        return subsystem
+    return build

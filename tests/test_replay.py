@@ -4,6 +4,9 @@ the right trap."""
 
 import shutil
 import struct
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -143,3 +146,61 @@ def test_replay_refuses_other_files(tmp_path):
     bad.write_bytes(b"hello")
     with pytest.raises(rr.ReplayFormatError, match="not an avatar-hw recording"):
         rr.read_records(bad)
+
+
+def test_replay_of_a_served_session_recorded_with_serve_record(tmp_path):
+    """``avatar-hw serve --record`` (a subprocess on the fake board, the stand-in stub playing
+    the hypervisor) then ``avatar-hw replay`` with a copy of the image as it was: clean."""
+    from tests.test_daemon import Served
+    from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
+
+    board = FakeBoard(tmp_path / "board", vms=1)
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(64 * 512))
+    shutil.copy(image, tmp_path / "disk-before.img")
+
+    def config(name, disk):
+        path = tmp_path / name
+        path.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{tmp_path}/{name}.log"] }}\n'
+                        f'block = {{ image = "{disk}" }}\n')
+        return path
+
+    recording = tmp_path / "session.avrr"
+    stub = StandinStub(board)
+    daemon = Served(board, config("vms.toml", image), "--record", str(recording))
+    try:
+        stub.page.wait_attached()
+        con, block = stub.driver(0, 0), stub.driver(0, 1)
+        _, tx = con.init([0, 1], size=8)
+        tx.post(readable=[b"recorded\n"])
+        tx.notify()
+        (q,) = block.init([0], size=8)
+        q.post(readable=[struct.pack("<IIQ", blk.T_OUT, 0, 5), b"\x5a" * 512], writable=[1])
+        q.notify()
+        q.post(readable=[struct.pack("<IIQ", blk.T_IN, 0, 6)], writable=[512, 1])
+        q.notify()
+        deadline = time.monotonic() + 10
+        used = []
+        while len(used) < 2 and time.monotonic() < deadline:
+            stub.wait_irqs(0.5)
+            block.ack_interrupt()
+            used += q.get_used()
+        assert [u.data for u in used] == [b"\0", bytes(513)]
+    finally:
+        assert daemon.stop() == 0
+        stub.close()
+    result = subprocess.run([sys.executable, "-m", "avatar_hw", "replay", str(recording),
+                             "--config", str(config("replay.toml", tmp_path / "disk-before.img"))],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "traps replayed" in result.stdout
+
+    # An image that is not the one recorded: the block read of sector 6 differs.
+    stale = bytearray((tmp_path / "disk-before.img").read_bytes())
+    stale[6 * 512:7 * 512] = b"\xff" * 512
+    (tmp_path / "stale.img").write_bytes(stale)
+    result = subprocess.run([sys.executable, "-m", "avatar_hw", "replay", str(recording),
+                             "--config", str(config("stale.toml", tmp_path / "stale.img"))],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "DIFFERENT at trap" in result.stdout and "guest page" in result.stdout
