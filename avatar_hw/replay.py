@@ -78,6 +78,12 @@ class _PageJournal:
         self.data = memory.data
         self.shadow = bytearray(memory.size) if zeroed else bytearray(self.data)
 
+    def apply(self, gpa, content):
+        """Put a recorded page in the RAM and the shadow (it is no change of the model's)."""
+        offset = self.memory.offset(gpa, PAGE)
+        self.data[offset:offset + PAGE] = content
+        self.shadow[offset:offset + PAGE] = content
+
     def changes(self):
         """[(gpa, page bytes)] of the pages that differ from the shadow; updates the shadow."""
         data, shadow, out = self.data, self.shadow, []
@@ -260,9 +266,7 @@ def replay(path, build):
     try:
         for number, (guest, trap, answer, pages, irqs) in enumerate(_steps(records)):
             for vm, gpa, content in guest:
-                memory = subsystem.vms[vm]
-                memory.view(gpa, PAGE)[:] = content
-                journals[vm].changes()
+                journals[vm].apply(gpa, content)
             window, offset, size, is_write, value = trap
             what = (f"trap {number} ({'write' if is_write else 'read'} window {window} "
                     f"offset 0x{offset:x} size {size})")
