@@ -2,11 +2,14 @@
 replayed clean on a model rebuilt with no board and no QEMU, and a changed model caught at
 the right trap."""
 
+import re
+import shlex
 import shutil
 import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -155,9 +158,9 @@ def test_replay_of_a_served_session_recorded_with_serve_record(tmp_path):
     from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
 
     board = FakeBoard(tmp_path / "board", vms=1)
-    image = tmp_path / "disk.img"
+    image = tmp_path / "vm0.img"
     image.write_bytes(bytes(64 * 512))
-    shutil.copy(image, tmp_path / "disk-before.img")
+    shutil.copy(image, tmp_path / "vm0-before.img")
 
     def config(name, disk):
         path = tmp_path / name
@@ -189,18 +192,25 @@ def test_replay_of_a_served_session_recorded_with_serve_record(tmp_path):
     finally:
         assert daemon.stop() == 0
         stub.close()
-    result = subprocess.run([sys.executable, "-m", "avatar_hw", "replay", str(recording),
-                             "--config", str(config("replay.toml", tmp_path / "disk-before.img"))],
-                            capture_output=True, text=True, timeout=60)
+    # The replay line of the worked example in docs/testing.md, as it stands.
+    config("replay.toml", tmp_path / "vm0-before.img")
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text()
+    example = re.search(r"```sh\n(.*?)```", doc[doc.index("## Record and replay"):], re.S)
+    [line] = [line for line in example.group(1).splitlines()
+              if line.startswith("avatar-hw replay")]
+    result = subprocess.run([sys.executable, "-m", "avatar_hw", *shlex.split(line)[1:]],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "traps replayed" in result.stdout
+    assert re.fullmatch(r"session.avrr: \d+ traps replayed, every answer, guest-memory write "
+                        r"and interrupt the same\n", result.stdout)
 
     # An image that is not the one recorded: the block read of sector 6 differs.
-    stale = bytearray((tmp_path / "disk-before.img").read_bytes())
+    stale = bytearray((tmp_path / "vm0-before.img").read_bytes())
     stale[6 * 512:7 * 512] = b"\xff" * 512
     (tmp_path / "stale.img").write_bytes(stale)
     result = subprocess.run([sys.executable, "-m", "avatar_hw", "replay", str(recording),
                              "--config", str(config("stale.toml", tmp_path / "stale.img"))],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "DIFFERENT at trap" in result.stdout and "guest page" in result.stdout
+    assert re.search(r"DIFFERENT at trap \d+ \(write window 1 offset 0x50 size 4\): guest page "
+                     r"vm0 0x[0-9a-f]+ written differently", result.stdout), result.stdout
