@@ -32,15 +32,18 @@ File format (little-endian)::
       ANSWER   u8 handled  u64 value
       IRQ      u32 intid          (raised during the trap before it)
       IRQ_OUTSIDE  u32 intid      (raised on an event-loop turn: not checked)
+      SOURCE   u32 window  then the bytes a device read from its ``source`` (rng)
 
-Limits: backend inputs (block image data, console input, rng bytes, frames)
-are not in the file: replay needs backends giving the same bytes (the same
-image, a fixed rng source). Work the model does outside a trap (event-loop
+Backend inputs: the bytes a device reads from its ``source`` file (the rng's
+``/dev/urandom``) are recorded and fed back on replay. Limits: other backend
+inputs (block image data, console input, frames) are not in the file: replay
+needs backends giving the same bytes (the image as it was). Work the model does outside a trap (event-loop
 turns: backend input, deferred queue turns) is seen only as page changes
 before the next trap, replayed as input and not checked; its interrupts are
 not checked.
 """
 
+import collections
 import dataclasses
 import json
 import mmap
@@ -58,12 +61,13 @@ VERSION = 1
 PAGE = 4096
 CHUNK = 64 * PAGE
 
-GUEST_PAGE, MODEL_PAGE, TRAP, ANSWER, IRQ, IRQ_OUTSIDE = 1, 2, 3, 4, 5, 6
+GUEST_PAGE, MODEL_PAGE, TRAP, ANSWER, IRQ, IRQ_OUTSIDE, SOURCE = 1, 2, 3, 4, 5, 6, 7
 _RECORD = struct.Struct("<BI")
 _PAGE = struct.Struct("<BQ")
 _TRAP = struct.Struct("<IIBBQ")
 _ANSWER = struct.Struct("<BQ")
 _IRQ = struct.Struct("<I")
+_SOURCE = struct.Struct("<I")
 
 
 class ReplayFormatError(Exception):
@@ -148,6 +152,48 @@ def _tap_interrupts(subsystem, sink):
         context.interrupt_line = _IrqTap(context.interrupt_line, sink)
 
 
+class _SourceTap:
+    """A device's ``source`` file whose ``readinto`` also hands each chunk read to ``sink``."""
+
+    def __init__(self, source, sink):
+        self.source, self.sink = source, sink
+
+    def readinto(self, buffer):
+        n = self.source.readinto(buffer)
+        if n:
+            self.sink(bytes(memoryview(buffer)[:n]))
+        return n
+
+    def close(self):
+        self.source.close()
+
+
+class _SourceFeed:
+    """A device's ``source`` on replay: gives back the recorded chunks, in order."""
+
+    def __init__(self):
+        self.chunks = collections.deque()
+
+    def readinto(self, buffer):
+        if not self.chunks:
+            return 0
+        chunk = self.chunks.popleft()
+        n = min(len(chunk), len(buffer))
+        memoryview(buffer)[:n] = chunk[:n]
+        return n
+
+    def close(self):
+        pass
+
+
+def _sources(subsystem):
+    """(window number, device) of every device reading a ``source`` file."""
+    for window in range(subsystem.layout.window_count):
+        transport = subsystem.transport_at(window)
+        if transport is not None and hasattr(transport.device, "source"):
+            yield window, transport.device
+
+
 class Recorder:
     """Record every trap ``subsystem`` serves into ``path`` until ``close()``.
 
@@ -163,6 +209,10 @@ class Recorder:
         self._inner = subsystem.dispatch
         subsystem.dispatch = self.dispatch
         _tap_interrupts(subsystem, self._interrupt)
+        for window, device in _sources(subsystem):
+            device.source = _SourceTap(
+                device.source, lambda data, w=window: self.writer.record(
+                    SOURCE, _SOURCE.pack(w) + data))
 
     def _interrupt(self, intid):
         self.writer.record(IRQ if self._in_trap else IRQ_OUTSIDE, _IRQ.pack(intid))
@@ -237,7 +287,7 @@ def _steps(records):
         elif kind == TRAP:
             if step is not None:
                 yield step
-            step = [guest, _TRAP.unpack(payload), None, {}, []]
+            step = [guest, _TRAP.unpack(payload), None, {}, [], []]
             guest = []
         elif kind == ANSWER and step is not None:
             step[2] = _ANSWER.unpack(payload)
@@ -248,6 +298,8 @@ def _steps(records):
             step[4].append(_IRQ.unpack(payload)[0])
         elif kind == IRQ_OUTSIDE:
             continue
+        elif kind == SOURCE and step is not None:
+            step[5].append((_SOURCE.unpack_from(payload)[0], payload[_SOURCE.size:]))
         else:
             raise ReplayFormatError(f"record kind {kind} out of place")
     if step is not None:
@@ -262,9 +314,16 @@ def replay(path, build):
     raised = []
     _tap_interrupts(subsystem, raised.append)
     journals = {vm: _PageJournal(m) for vm, m in subsystem.vms.items()}
+    feeds = {}
+    for window, device in _sources(subsystem):
+        device.source.close()
+        device.source = feeds[window] = _SourceFeed()
     count = 0
     try:
-        for number, (guest, trap, answer, pages, irqs) in enumerate(_steps(records)):
+        for number, (guest, trap, answer, pages, irqs, inputs) in enumerate(_steps(records)):
+            for window, data in inputs:
+                if window in feeds:
+                    feeds[window].chunks.append(data)
             for vm, gpa, content in guest:
                 journals[vm].apply(gpa, content)
             window, offset, size, is_write, value = trap
