@@ -53,7 +53,7 @@ import zlib
 from .errors import AvatarError
 from .hw.region import Region
 from .layout import Layout
-from .virtio.memory import GuestMemory
+from .virtio.memory import GuestMemory, GuestMemoryError
 from .virtio.subsystem import Subsystem
 
 MAGIC = b"AVRR"
@@ -252,7 +252,14 @@ def read_records(path):
         file.close()
         raise ReplayFormatError(f"{path}: recording version {version}, this avatar-hw reads "
                                 f"{VERSION}")
-    meta = json.loads(file.read(n))
+    try:
+        meta = json.loads(file.read(n))
+        Layout(**meta["layout"])
+        for vm, ram in meta["vms"].items():
+            int(vm), int(ram["base"]), int(ram["size"])
+    except (ValueError, TypeError, KeyError) as err:
+        file.close()
+        raise ReplayFormatError(f"{path}: bad header ({err})") from None
 
     def records():
         with file:
@@ -272,11 +279,21 @@ def read_records(path):
 
 def _page(payload):
     vm, gpa = _PAGE.unpack_from(payload)
-    return vm, gpa, zlib.decompress(payload[_PAGE.size:])
+    content = zlib.decompress(payload[_PAGE.size:])
+    if len(content) != PAGE:
+        raise ValueError(f"a page of {len(content)} bytes")
+    return vm, gpa, content
 
 
 def _steps(records):
-    """Group the records by trap: (guest pages, trap, answer, model pages, IRQs)."""
+    """Group the records by trap: (guest pages, trap, answer, model pages, IRQs, inputs)."""
+    try:
+        yield from _group(records)
+    except (struct.error, zlib.error, ValueError) as err:
+        raise ReplayFormatError(f"bad record ({err})") from None
+
+
+def _group(records):
     guest, step = [], None
     for kind, payload in records:
         if kind == GUEST_PAGE:
@@ -325,7 +342,13 @@ def replay(path, build):
                 if window in feeds:
                     feeds[window].chunks.append(data)
             for vm, gpa, content in guest:
-                journals[vm].apply(gpa, content)
+                if vm not in journals:
+                    raise ReplayFormatError(f"trap {number}: a page of VM {vm}, which the "
+                                            f"header does not have")
+                try:
+                    journals[vm].apply(gpa, content)
+                except GuestMemoryError as err:
+                    raise ReplayFormatError(f"trap {number}: {err}") from None
             window, offset, size, is_write, value = trap
             what = (f"trap {number} ({'write' if is_write else 'read'} window {window} "
                     f"offset 0x{offset:x} size {size})")

@@ -146,11 +146,32 @@ def test_replay_catches_changed_used_length(workdir, monkeypatch):
     assert difference.startswith(f"trap {target} (write window 2 offset 0x50 size 4): guest page")
 
 
-def test_replay_refuses_other_files(tmp_path):
+def test_replay_refuses_other_and_damaged_files_with_one_line(workdir, tmp_path):
     bad = tmp_path / "not-a-recording"
     bad.write_bytes(b"hello")
     with pytest.raises(rr.ReplayFormatError, match="not an avatar-hw recording"):
         rr.read_records(bad)
+    path, _ = record(workdir)
+    data = path.read_bytes()
+    at = 10 + struct.unpack_from("<I", data, 6)[0]
+    while data[at] != rr.GUEST_PAGE:                   # the first page record
+        at += 5 + struct.unpack_from("<I", data, at + 1)[0]
+    # Damage its compressed content (the zlib header), then cut the file short.
+    damaged = bytearray(data)
+    damaged[at + 5 + 9:at + 5 + 11] = b"\xff\xff"
+    for name, content, error in (("damaged", damaged, "bad record"),
+                                 ("cut", data[:len(data) - 3], "truncated record")):
+        (tmp_path / name).write_bytes(bytes(content))
+        with pytest.raises(rr.ReplayFormatError, match=error):
+            rr.replay(tmp_path / name, rebuild(workdir))
+    config = tmp_path / "vms.toml"
+    config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{tmp_path}/log"] }}\n'
+                      f'block = {{ image = "{workdir}/disk-before.img" }}\nrng = {{}}\n')
+    result = subprocess.run([sys.executable, "-m", "avatar_hw", "replay", str(tmp_path / "cut"),
+                             "--config", str(config)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "truncated record" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
 def test_replay_of_a_served_session_recorded_with_serve_record(tmp_path):
