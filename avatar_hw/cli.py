@@ -27,6 +27,7 @@ COMMANDS = [
     "avatar_hw.commands.balloon",   # balloon
     "avatar_hw.commands.screenshot",  # screenshot
     "avatar_hw.commands.inject",    # inject
+    "avatar_hw.commands.replay",    # replay
     "avatar_hw.terminal",     # console
     "avatar_hw.emulated.demo",  # demo
 ]

@@ -56,6 +56,7 @@ from .hw.uio import find_uio
 from .interrupts import BoardInterruptLine, StubInterruptLine
 from .layout import address
 from .loop import EventLoop
+from .replay import Recorder
 from .service import drop_privileges, sd_notify
 from .tracing import TrapTracer
 from .trap import TrapPage
@@ -91,7 +92,7 @@ class Daemon:
 
     def __init__(self, board, config, *, doorbell=None, interrupt_line=None, busy_poll=False,
                  trace=False, control_path=None, user=None, wait_stub=10.0,
-                 sysfs_root="/sys", dev_root="/dev"):
+                 sysfs_root="/sys", dev_root="/dev", record=None):
         self.board = board if isinstance(board, Board) else load_board(board_path(board))
         self.config = config if isinstance(config, Config) else load_config(
             config, max_vms=self.board.layout.max_vms,
@@ -109,6 +110,8 @@ class Daemon:
         self.trap_region = self.trap = self.subsystem = self.control = None
         self.started = None
         self.faults = None
+        self.record = record            # a path: every trap recorded there (avatar_hw.replay)
+        self.recorder = None
         self.paused_until = 0.0         # pause(): no trap served before this monotonic time
         self._running = False
         self._wake_r, self._wake_w = socket.socketpair()
@@ -156,6 +159,8 @@ class Daemon:
             self.subsystem.vm_init(vm_id, GuestMemory(ram, board.ram_guest_base, vm_id=vm_id))
             for device in vm.devices:
                 self.subsystem.create_device(vm_id, self.config.build_device(device))
+        if self.record is not None:
+            self.recorder = Recorder(self.subsystem, self.record)
         self._configure_board_spis(line)
         self.faults = FaultInjector(self.subsystem, self.loop)
         self.control = ControlServer(self.control_path or default_control_path(), self)
@@ -350,6 +355,9 @@ class Daemon:
             self.subsystem.attach_shadows(None)
         if self.trap is not None:
             self.trap.release_lock()
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder = None
         if self.subsystem is not None:
             self.subsystem.close()
         if self.control is not None:

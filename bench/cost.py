@@ -19,6 +19,7 @@ serving process is counted (the driver's own work is in another process).
 """
 
 import importlib.util
+import os
 import socket
 import struct
 import tempfile
@@ -183,20 +184,26 @@ def block_cost(tmp, quick):
 
 # -- console -----------------------------------------------------------------------------------
 
-def console_cost(tmp, quick, chunk=64 << 10):
-    total = (64 << 20) if quick else GIB
+def console_cost(tmp, quick, chunk=64 << 10, *, record=False):
+    """Guest->host console bytes; ``record``: served with ``--record`` (avatar_hw.replay),
+    the row also gives the recording's size per MiB moved."""
+    total = ((16 if record else 64) << 20) if quick else ((256 << 20) if record else GIB)
+    recording = Path(tmp) / "session.avrr"
     def config(root):
         return f'[vm.0]\nconsole = {{ endpoints = ["file:{root}/console.out"] }}\n'
-    with ServedBoard(tmp, config) as served:
+    extra = ("--record", str(recording)) if record else ()
+    with ServedBoard(tmp, config, extra=extra) as served:
         driver = served.stub.driver(0, 0)
         _, tx = driver.init([0, 1], buf_size=chunk, size=64)
-        payload = bytes(range(256)) * (chunk // 256)
+        # 17 incompressible payloads in turn (17 is prime to the 64 slots): each slot's
+        # content changes every round, as a real guest's buffers do.
+        payloads = [os.urandom(chunk) for _ in range(17)]
         cpu_before = served.daemon.cpu_seconds()
         start = time.perf_counter()
         sent = 0
         while sent < total:
             while sent < total and tx.free:
-                tx.post(readable=[payload])
+                tx.post(readable=[payloads[(sent // chunk) % len(payloads)]])
                 sent += chunk
             tx.notify()
             wait_used(served.stub, tx)
@@ -211,11 +218,14 @@ def console_cost(tmp, quick, chunk=64 << 10):
         if out.stat().st_size != total:
             raise AvatarError(f"console: {out.stat().st_size} bytes reached the file, "
                               f"expected {total}")
-    return [{"op": f"console guest->host {chunk >> 10} KiB buffers", "bytes": total,
-             "requests": total // chunk, "wall_s": round(wall, 3),
-             "MiB_per_s": round(total / wall / (1 << 20), 1), "daemon_cpu_s": cpu,
-             "cpu_s_per_GiB": round(cpu / (total / GIB), 3),
-             "cpu_us_per_request": round(cpu * 1e6 / (total // chunk), 1)}]
+    row = {"op": f"console guest->host {chunk >> 10} KiB buffers" + (" --record" if record else ""),
+           "bytes": total, "requests": total // chunk, "wall_s": round(wall, 3),
+           "MiB_per_s": round(total / wall / (1 << 20), 1), "daemon_cpu_s": cpu,
+           "cpu_s_per_GiB": round(cpu / (total / GIB), 3),
+           "cpu_us_per_request": round(cpu * 1e6 / (total // chunk), 1)}
+    if record:
+        row["record_bytes_per_MiB"] = round(recording.stat().st_size / (total >> 20))
+    return [row]
 
 
 # -- memory ------------------------------------------------------------------------------------
@@ -352,6 +362,7 @@ def run(quick=False):
     out = {"kinds_available": device_kinds_available(), "throughput": []}
     with tempfile.TemporaryDirectory(prefix="avatar-bench-cost-") as tmp:
         out["throughput"] += console_cost(Path(tmp) / "console", quick)
+        out["throughput"] += console_cost(Path(tmp) / "console-record", quick, record=True)
         if "block" in out["kinds_available"]:
             out["throughput"] += block_cost(Path(tmp) / "block", quick)
         else:
@@ -367,6 +378,10 @@ def report(out):
           ["transfer", "MiB", "requests", "MiB/s", "daemon CPU s", "CPU s/GiB", "CPU µs/request"],
           [[r["op"], r["bytes"] >> 20, r["requests"], r["MiB_per_s"], f"{r['daemon_cpu_s']:.2f}",
             r["cpu_s_per_GiB"], r["cpu_us_per_request"]] for r in out["throughput"]])
+    for r in out["throughput"]:
+        if "record_bytes_per_MiB" in r:
+            print(f"  {r['op']}: the recording holds {r['record_bytes_per_MiB']} bytes per MiB "
+                  f"moved")
     if "block" in out:
         print(f"  block: {out['block']}")
     mem = out["memory"]

@@ -13,7 +13,8 @@ def run(args):
         trace_log.setLevel(logging.INFO)
     daemon = Daemon(args.board, args.config, doorbell=args.doorbell, busy_poll=args.busy_poll,
                     trace=args.trace, control_path=args.control, user=args.user,
-                    wait_stub=args.wait_stub, sysfs_root=args.sysfs_root, dev_root=args.dev_root)
+                    wait_stub=args.wait_stub, sysfs_root=args.sysfs_root, dev_root=args.dev_root,
+                    record=args.record)
     daemon.run()
     return 0
 
@@ -39,4 +40,7 @@ def add_parser(subparsers, parents=()):
     parser.add_argument("--sysfs-root", default="/sys",
                         help="where UIO devices are looked up (default /sys; tests use a tree)")
     parser.add_argument("--dev-root", default="/dev", help="where /dev/uioN nodes are")
+    parser.add_argument("--record", type=Path, metavar="FILE",
+                        help="record every trap, the guest memory it reads and writes and the "
+                             "interrupts raised, for `avatar-hw replay FILE`")
     parser.set_defaults(func=run, verbosity=1)        # info by default: what it serves

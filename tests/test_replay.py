@@ -1,0 +1,239 @@
+"""Record and replay (avatar_hw.replay): a console + block + rng session recorded in process,
+replayed clean on a model rebuilt with no board and no QEMU, and a changed model caught at
+the right trap."""
+
+import re
+import shlex
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from avatar_hw import replay as rr
+from avatar_hw.devices import block as blk
+from avatar_hw.devices.block import BlockDevice
+from avatar_hw.devices.console import ConsoleDevice
+from avatar_hw.devices.rng import RngDevice
+from avatar_hw.hw.region import Region
+from avatar_hw.testing.driver import GuestRam, VirtioDriver
+from avatar_hw.testing.virtio import RAM_BASE, IrqRecorder
+from avatar_hw.virtio import transport as transport_module
+from avatar_hw.virtio.memory import GuestMemory
+from avatar_hw.virtio.subsystem import Subsystem
+
+RAM_SIZE = 2 << 20
+
+
+class Session:
+    """One VM with a console (file log), a block image and an rng (fixed source)."""
+
+    def __init__(self, tmp_path, image, ram_size=RAM_SIZE):
+        self.buffer = bytearray(ram_size)
+        self.subsystem = Subsystem(interrupt_line=IrqRecorder())
+        self.subsystem.vm_init(0, GuestMemory(Region(memoryview(self.buffer)), RAM_BASE))
+        self.ram = GuestRam(self.buffer, RAM_BASE)
+        self.devices = [ConsoleDevice(f"file:{tmp_path / 'console.log'}"), BlockDevice(image),
+                        RngDevice(source=str(tmp_path / "entropy"))]
+        self.windows = [self.subsystem.create_device(0, d).window for d in self.devices]
+
+    def driver(self, slot):
+        return VirtioDriver(self.subsystem.handle_mmio_trap, self.windows[slot], self.ram)
+
+
+def play(session):
+    """Console output, a block write then read back, an rng request: the guest's side."""
+    con = session.driver(0)
+    _, tx = con.init([0, 1], size=8)[:2]
+    tx.post(readable=[b"hello from the guest\n"])
+    tx.notify()
+    tx.get_used()
+    con.ack_interrupt()
+
+    block = session.driver(1)
+    (q,) = block.init([0], size=8)
+    sector = 3
+    q.post(readable=[struct.pack("<IIQ", blk.T_OUT, 0, sector), bytes(range(256)) * 2],
+           writable=[1])
+    q.notify()
+    q.post(readable=[struct.pack("<IIQ", blk.T_IN, 0, sector)], writable=[512, 1])
+    q.notify()
+    used = q.get_used()
+    assert [u.data[-1] for u in used] == [0, 0]
+    assert used[1].data[:512] == bytes(range(256)) * 2
+    block.ack_interrupt()
+
+    rng = session.driver(2)
+    (q,) = rng.init([0], size=8)
+    q.post(writable=[64])
+    q.notify()
+    assert q.get_used()[0].data == bytes(range(64))
+    rng.ack_interrupt()
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "entropy").write_bytes(bytes(range(256)))
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(64 * 512))
+    shutil.copy(image, tmp_path / "disk-before.img")
+    return tmp_path
+
+
+def record(workdir):
+    path = workdir / "session.avrr"
+    session = Session(workdir, workdir / "disk.img")
+    recorder = rr.Recorder(session.subsystem, path)
+    play(session)
+    recorder.close()
+    session.subsystem.close()
+    return path, recorder.traps
+
+
+def rebuild(workdir):
+    """The ``build`` of ``replay``: the same devices on the image as it was, zeroed RAM."""
+    def build(meta):
+        assert meta["vms"]["0"] == {"base": RAM_BASE, "size": RAM_SIZE}
+        shutil.copy(workdir / "disk-before.img", workdir / "disk-replay.img")
+        # Other entropy than recorded: replay feeds the rng the recorded bytes.
+        (workdir / "entropy").write_bytes(bytes(255 - i for i in range(256)))
+        return Session(workdir, workdir / "disk-replay.img").subsystem
+    return build
+
+
+def test_replay_session_clean(workdir):
+    path, traps = record(workdir)
+    assert traps > 50
+    replayed, difference = rr.replay(path, rebuild(workdir))
+    assert difference is None
+    assert replayed == traps
+
+
+def test_replay_catches_changed_register_answer(workdir, monkeypatch):
+    path, _ = record(workdir)
+    meta, records = rr.read_records(path)
+    steps = list(rr._steps(records))
+    # The first read of QueueNumMax (0x34): a changed answer must be named at that trap.
+    target = next(n for n, s in enumerate(steps) if s[1][1] == 0x34 and not s[1][3])
+    original = transport_module.MmioTransport.read
+
+    def changed(self, offset, size):
+        value = original(self, offset, size)
+        return value - 1 if offset == 0x34 else value
+    monkeypatch.setattr(transport_module.MmioTransport, "read", changed)
+    replayed, difference = rr.replay(path, rebuild(workdir))
+    assert replayed == target + 1
+    assert difference.startswith(f"trap {target} (read window 0 offset 0x34 size 4)")
+
+
+def test_replay_catches_changed_used_length(workdir, monkeypatch):
+    path, _ = record(workdir)
+    meta, records = rr.read_records(path)
+    steps = list(rr._steps(records))
+    # The rng request: the last QueueNotify (0x50 write) of window 2.
+    target = max(n for n, s in enumerate(steps) if s[1][:2] == (2, 0x50) and s[1][3])
+    from avatar_hw.virtio.queue import Virtqueue
+    original = Virtqueue.add_used
+
+    def short(self, head, length, *args, **kw):
+        return original(self, head, max(length - 1, 0) if length == 64 else length, *args, **kw)
+    monkeypatch.setattr(Virtqueue, "add_used", short)
+    replayed, difference = rr.replay(path, rebuild(workdir))
+    assert replayed == target + 1, difference
+    assert difference.startswith(f"trap {target} (write window 2 offset 0x50 size 4): guest page")
+
+
+def test_replay_refuses_other_and_damaged_files_with_one_line(workdir, tmp_path):
+    bad = tmp_path / "not-a-recording"
+    bad.write_bytes(b"hello")
+    with pytest.raises(rr.ReplayFormatError, match="not an avatar-hw recording"):
+        rr.read_records(bad)
+    path, _ = record(workdir)
+    data = path.read_bytes()
+    at = 10 + struct.unpack_from("<I", data, 6)[0]
+    while data[at] != rr.GUEST_PAGE:                   # the first page record
+        at += 5 + struct.unpack_from("<I", data, at + 1)[0]
+    # Damage its compressed content (the zlib header), then cut the file short.
+    damaged = bytearray(data)
+    damaged[at + 5 + 9:at + 5 + 11] = b"\xff\xff"
+    for name, content, error in (("damaged", damaged, "bad record"),
+                                 ("cut", data[:len(data) - 3], "truncated record")):
+        (tmp_path / name).write_bytes(bytes(content))
+        with pytest.raises(rr.ReplayFormatError, match=error):
+            rr.replay(tmp_path / name, rebuild(workdir))
+    config = tmp_path / "vms.toml"
+    config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{tmp_path}/log"] }}\n'
+                      f'block = {{ image = "{workdir}/disk-before.img" }}\nrng = {{}}\n')
+    result = subprocess.run([sys.executable, "-m", "avatar_hw", "replay", str(tmp_path / "cut"),
+                             "--config", str(config)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "truncated record" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_replay_of_a_served_session_recorded_with_serve_record(tmp_path):
+    """``avatar-hw serve --record`` (a subprocess on the fake board, the stand-in stub playing
+    the hypervisor) then ``avatar-hw replay`` with a copy of the image as it was: clean."""
+    from tests.test_daemon import Served
+    from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
+
+    board = FakeBoard(tmp_path / "board", vms=1)
+    image = tmp_path / "vm0.img"
+    image.write_bytes(bytes(64 * 512))
+    shutil.copy(image, tmp_path / "vm0-before.img")
+
+    def config(name, disk):
+        path = tmp_path / name
+        path.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{tmp_path}/{name}.log"] }}\n'
+                        f'block = {{ image = "{disk}" }}\n')
+        return path
+
+    recording = tmp_path / "session.avrr"
+    stub = StandinStub(board)
+    daemon = Served(board, config("vms.toml", image), "--record", str(recording))
+    try:
+        stub.page.wait_attached()
+        con, block = stub.driver(0, 0), stub.driver(0, 1)
+        _, tx = con.init([0, 1], size=8)
+        tx.post(readable=[b"recorded\n"])
+        tx.notify()
+        (q,) = block.init([0], size=8)
+        q.post(readable=[struct.pack("<IIQ", blk.T_OUT, 0, 5), b"\x5a" * 512], writable=[1])
+        q.notify()
+        q.post(readable=[struct.pack("<IIQ", blk.T_IN, 0, 6)], writable=[512, 1])
+        q.notify()
+        deadline = time.monotonic() + 10
+        used = []
+        while len(used) < 2 and time.monotonic() < deadline:
+            stub.wait_irqs(0.5)
+            block.ack_interrupt()
+            used += q.get_used()
+        assert [u.data for u in used] == [b"\0", bytes(513)]
+    finally:
+        assert daemon.stop() == 0
+        stub.close()
+    # The replay line of the worked example in docs/testing.md, as it stands.
+    config("replay.toml", tmp_path / "vm0-before.img")
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text()
+    example = re.search(r"```sh\n(.*?)```", doc[doc.index("## Record and replay"):], re.S)
+    [line] = [line for line in example.group(1).splitlines()
+              if line.startswith("avatar-hw replay")]
+    result = subprocess.run([sys.executable, "-m", "avatar_hw", *shlex.split(line)[1:]],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.fullmatch(r"session.avrr: \d+ traps replayed, every answer, guest-memory write "
+                        r"and interrupt the same\n", result.stdout)
+
+    # An image that is not the one recorded: the block read of sector 6 differs.
+    stale = bytearray((tmp_path / "vm0-before.img").read_bytes())
+    stale[6 * 512:7 * 512] = b"\xff" * 512
+    (tmp_path / "stale.img").write_bytes(stale)
+    result = subprocess.run([sys.executable, "-m", "avatar_hw", "replay", str(recording),
+                             "--config", str(config("stale.toml", tmp_path / "stale.img"))],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(r"DIFFERENT at trap \d+ \(write window 1 offset 0x50 size 4\): guest page "
+                     r"vm0 0x[0-9a-f]+ written differently", result.stdout), result.stdout
