@@ -14,6 +14,7 @@ import pytest
 
 from avatar_hw import control
 from avatar_hw.emulated.session import EmulatedBoard
+from test_emulated_devices import run
 from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
 
 MIB = 1 << 20
@@ -30,12 +31,6 @@ def board():
         yield board
     finally:
         board.stop()
-
-
-def run(board, command, timeout=60):
-    output, status = board.guest.run(command, timeout)
-    assert status == 0, (command, output)
-    return output
 
 
 def meminfo(board):

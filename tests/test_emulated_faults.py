@@ -11,6 +11,7 @@ import pytest
 
 from avatar_hw import control
 from avatar_hw.emulated.session import EmulatedBoard
+from test_emulated_devices import run
 from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
 from test_emulated_net import GUEST_IP, GUEST_MAC, HOST_IP, Peer
 
@@ -48,12 +49,6 @@ def inject(board):
                              for f in d["faults"]]
     yield inject_
     control.request("clear", path)
-
-
-def run(board, command, timeout=60):
-    output, status = board.guest.run(command, timeout)
-    assert status == 0, (command, output)
-    return output
 
 
 def test_fault_inject_ioerr_is_an_eio_in_the_guests_dd(board, inject):

@@ -13,6 +13,7 @@ import pytest
 
 from avatar_hw.emulated.session import EmulatedBoard
 from avatar_hw.virtio import constants as c
+from test_emulated_devices import run
 from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
 
 TAG = "hostfs"
@@ -33,12 +34,6 @@ def board(tmp_path_factory):
         yield board
     finally:
         board.stop()
-
-
-def run(board, command, timeout=60):
-    output, status = board.guest.run(command, timeout)
-    assert status == 0, (command, output)
-    return output
 
 
 def fs_device(board):

@@ -14,6 +14,7 @@ import pytest
 
 from avatar_hw.emulated.session import EmulatedBoard
 from bench.board import build_initrd, vsock_guest_echo, vsock_host_echo
+from test_emulated_devices import run
 from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
 
 MIB = 1 << 20
@@ -34,12 +35,6 @@ def board(tmp_path_factory):
     finally:
         board.stop()
     assert not path.exists()
-
-
-def run(board, command, timeout=60):
-    output, status = board.guest.run(command, timeout)
-    assert status == 0, (command, output)
-    return output
 
 
 def vsock_device(board):
