@@ -42,6 +42,7 @@ from ..overlay import OverlayBoard, render
 from . import memory_map as mm
 from .assets import board_userland
 from .build import cache_dir
+from .devicetree import CPU_NODES
 from .initramfs import pack_initramfs
 from .kmod import build_kmod
 
@@ -172,27 +173,7 @@ def base_tree_source(*, initrd_size, bootargs=BOARD_BOOTARGS):
         ranges;
     }};
 
-    cpus {{
-        #address-cells = <1>;
-        #size-cells = <0>;
-        cpu@0 {{
-            device_type = "cpu";
-            compatible = "arm,cortex-a72";
-            reg = <0>;
-            enable-method = "psci";
-        }};
-    }};
-
-    psci {{
-        compatible = "arm,psci-1.0", "arm,psci-0.2";
-        method = "smc";
-    }};
-
-    timer {{
-        compatible = "arm,armv8-timer";
-        interrupts = <1 13 0x104>, <1 14 0x104>, <1 11 0x104>, <1 10 0x104>;
-        always-on;
-    }};
+{CPU_NODES}
 
     gicv2: interrupt-controller@8000000 {{
         compatible = "arm,cortex-a15-gic";

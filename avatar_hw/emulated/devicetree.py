@@ -18,6 +18,30 @@ from .build import cache_dir
 
 DEFAULT_BOOTARGS = "console=hvc0 loglevel=3 rdinit=/init"
 
+# One Cortex-A72 with PSCI by SMC and the architected timer: what the guest and the board
+# Linux both see of their CPU (each gets only its own).
+CPU_NODES = """    cpus {
+        #address-cells = <1>;
+        #size-cells = <0>;
+        cpu@0 {
+            device_type = "cpu";
+            compatible = "arm,cortex-a72";
+            reg = <0>;
+            enable-method = "psci";
+        };
+    };
+
+    psci {
+        compatible = "arm,psci-1.0", "arm,psci-0.2";
+        method = "smc";
+    };
+
+    timer {
+        compatible = "arm,armv8-timer";
+        interrupts = <1 13 0x104>, <1 14 0x104>, <1 11 0x104>, <1 10 0x104>;
+        always-on;
+    };"""
+
 
 def _cells(value):
     return f"0x{value >> 32:x} 0x{value & 0xffffffff:x}"
@@ -54,27 +78,7 @@ def device_tree_source(*, initrd_size, bootargs=DEFAULT_BOOTARGS, layout=mm.LAYO
         reg = <{_cells(mm.RAM_BASE)} {_cells(mm.GUEST_RAM_SIZE)}>;
     }};
 
-    cpus {{
-        #address-cells = <1>;
-        #size-cells = <0>;
-        cpu@0 {{
-            device_type = "cpu";
-            compatible = "arm,cortex-a72";
-            reg = <0>;
-            enable-method = "psci";
-        }};
-    }};
-
-    psci {{
-        compatible = "arm,psci-1.0", "arm,psci-0.2";
-        method = "smc";
-    }};
-
-    timer {{
-        compatible = "arm,armv8-timer";
-        interrupts = <1 13 0x104>, <1 14 0x104>, <1 11 0x104>, <1 10 0x104>;
-        always-on;
-    }};
+{CPU_NODES}
 
     gic: interrupt-controller@8000000 {{
         compatible = "arm,cortex-a15-gic";
