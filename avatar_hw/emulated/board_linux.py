@@ -128,8 +128,9 @@ n=0
 while [ ! -e /dev/hvc0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 [ -e /dev/hvc0 ] || poweroff -f
 cd /root
-setsid sh -c 'exec sh -i </dev/hvc0 >/dev/hvc0 2>&1' </dev/null >/dev/null 2>&1 &
-echo "{marker}" >/dev/hvc0
+# The marker comes from the shell's own open hvc0, before its prompt: a separate
+# `echo >/dev/hvc0` raced the shell's open of the tty and was lost once in CI.
+setsid sh -c 'echo "{marker}"; exec sh -i' </dev/hvc0 >/dev/hvc0 2>&1 &
 wait $!
 poweroff -f
 """
