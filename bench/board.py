@@ -26,6 +26,7 @@ vsock-echo`` and once from the guest's ``avbench vsock-send`` to a host echo
 on ``<socket>_<port>``, SHA-256 compared on both sides.
 """
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -381,35 +382,40 @@ def run_ours(initrd, image, share, kinds, quick):
             shell.close()
 
 
-def qemu_command(initrd, image, share, console):
-    return [QEMU, "-M", "virt,gic-version=2", "-cpu", "cortex-a72", "-smp", "1",
-            "-m", f"{mm.GUEST_RAM_SIZE >> 20}M", "-nodefaults", "-display", "none",
+def qemu_base(initrd, console, machine="virt,gic-version=2", memory=()):
+    """QEMU booting the bench guest directly on ``virt``, its shell on a virtconsole at
+    ``console``; ``memory``: extra arguments for the guest RAM (a shared backend)."""
+    return [QEMU, "-M", machine, "-cpu", "cortex-a72", "-smp", "1",
+            "-m", f"{mm.GUEST_RAM_SIZE >> 20}M", *memory, "-nodefaults", "-display", "none",
             "-no-reboot", "-serial", "none", "-kernel", str(guest_assets().kernel),
             "-initrd", str(initrd), "-append", DEFAULT_BOOTARGS,
             "-global", "virtio-mmio.force-legacy=false",
-            "-drive", f"file={image},format=raw,if=none,id=disk",
-            "-device", "virtio-blk-device,drive=disk",
             "-chardev", f"socket,id=con,path={console},server=on,wait=on",
-            "-device", "virtio-serial-device", "-device", "virtconsole,chardev=con",
-            "-device", "virtio-rng-device",
-            "-fsdev", f"local,id=share,path={share},security_model=none",
-            "-device", f"virtio-9p-device,fsdev=share,mount_tag={P9_TAG}"]
+            "-device", "virtio-serial-device", "-device", "virtconsole,chardev=con"]
 
 
-def run_qemu(initrd, image, share, quick):
-    workdir = Path(tempfile.mkdtemp(prefix="avatar-bench-qemu-"))
-    console = workdir / "console.sock"
+def qemu_command(initrd, image, share, console):
+    return qemu_base(initrd, console) + [
+        "-drive", f"file={image},format=raw,if=none,id=disk",
+        "-device", "virtio-blk-device,drive=disk",
+        "-device", "virtio-rng-device",
+        "-fsdev", f"local,id=share,path={share},security_model=none",
+        "-device", f"virtio-9p-device,fsdev=share,mount_tag={P9_TAG}"]
+
+
+@contextlib.contextmanager
+def qemu_guest(command, console):
+    """QEMU running ``command`` (its console socket ``console``): yields the ready shell and
+    the seconds from start to the shell; stops QEMU after."""
     start = time.perf_counter()
-    process = subprocess.Popen(qemu_command(initrd, image, share, console),
-                               stdin=subprocess.DEVNULL,
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                start_new_session=True)
     shell = None
     try:
         shell = connect(console, timeout=30)
         shell.wait_ready(120)
-        boot = time.perf_counter() - start
-        return {"boot_s": boot, **measure_guest(shell, ("block", "rng", "9p"), quick)}
+        yield shell, time.perf_counter() - start
     except AvatarError as err:
         if process.poll() is not None:
             raise AvatarError(f"QEMU exited {process.returncode}: "
@@ -426,6 +432,15 @@ def run_qemu(initrd, image, share, quick):
                 process.kill()
                 process.wait()
         process.stderr.close()
+
+
+def run_qemu(initrd, image, share, quick):
+    workdir = Path(tempfile.mkdtemp(prefix="avatar-bench-qemu-"))
+    console = workdir / "console.sock"
+    try:
+        with qemu_guest(qemu_command(initrd, image, share, console), console) as (shell, boot):
+            return {"boot_s": boot, **measure_guest(shell, ("block", "rng", "9p"), quick)}
+    finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -450,18 +465,9 @@ def run(quick=False, runs=3):
         with open(share / "p9read", "wb") as f:
             for _ in range(SIZES["p9"][0] // MIB):
                 f.write(block)
-        for n in range(runs):
-            for side, runner in (("ours", lambda: run_ours(initrd, image, share, kinds, quick)),
-                                 ("qemu", lambda: run_qemu(initrd, image, share, quick))):
-                start = time.monotonic()
-                try:
-                    figures = runner()
-                except AvatarError as err:
-                    figures = {"errors": [str(err)]}
-                figures["wall_s"] = time.monotonic() - start
-                out["raw"][side].append(figures)
-                print(f"  board run {n + 1}/{runs} {side}: {figures['wall_s']:.0f} s"
-                      + "".join(f"; {e}" for e in figures.get("errors", ())), flush=True)
+        alternate(runs, (("ours", lambda: run_ours(initrd, image, share, kinds, quick)),
+                         ("qemu", lambda: run_qemu(initrd, image, share, quick))),
+                  out["raw"], "board")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     out["figures"] = summarise(out["raw"])
@@ -469,9 +475,25 @@ def run(quick=False, runs=3):
     return out
 
 
-def summarise(raw):
+def alternate(runs, sides, raw, part):
+    """``runs`` rounds of each (side, runner) in turn; each runner's figures (or its error)
+    and wall time appended to ``raw[side]``."""
+    for n in range(runs):
+        for side, runner in sides:
+            start = time.monotonic()
+            try:
+                figures = runner()
+            except AvatarError as err:
+                figures = {"errors": [str(err)]}
+            figures["wall_s"] = time.monotonic() - start
+            raw[side].append(figures)
+            print(f"  {part} run {n + 1}/{runs} {side}: {figures['wall_s']:.0f} s"
+                  + "".join(f"; {e}" for e in figures.get("errors", ())), flush=True)
+
+
+def summarise(raw, figure_list=FIGURES):
     figures = {}
-    for key, label, unit, higher in FIGURES:
+    for key, label, unit, higher in figure_list:
         entry = {"label": label, "unit": unit, "higher_is_better": higher}
         for side in ("ours", "qemu"):
             values = [r[key] for r in raw[side] if key in r]
@@ -492,15 +514,16 @@ def _cell(s, runs):
     return f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])}){missing}"
 
 
-def report(out):
+def report(out, title="Emulated board", qemu="QEMU virtio-mmio", note=NOT_COMPARED):
     runs = out["runs"]
     rows = [[f"{e['label']} ({e['unit']})",
              _cell(e["ours"], runs) + (" LOSSY" if e.get("ours_lossy") else ""),
              _cell(e["qemu"], runs) + (" LOSSY" if e.get("qemu_lossy") else ""),
              f"{e['ratio']:.3f}" if "ratio" in e else "-"] for e in out["figures"].values()]
-    table(f"Emulated board, median (min-max) of {out['runs']} run(s) each, alternating",
-          ["figure", "avatar-hw", "QEMU virtio-mmio", "ours/QEMU"], rows)
-    print(f"  {NOT_COMPARED}")
+    table(f"{title}, median (min-max) of {out['runs']} run(s) each, alternating",
+          ["figure", "avatar-hw", qemu, "ours/QEMU"], rows)
+    if note:
+        print(f"  {note}")
     for side in ("ours", "qemu"):
         for n, run in enumerate(out["raw"][side], 1):
             for error in run.get("errors", ()):

@@ -520,15 +520,20 @@ def proc_ids(pid, field):
     raise AssertionError(f"no {field} line in /proc/{pid}/status")
 
 
-def test_user_drop_keeps_the_lock_and_serves_as_that_user(tmp_path, board, stub):
-    """--user nobody (not in group avatar, cannot read the UIO nodes or this checkout): the
-    lock is taken and everything opened before the drop, and the daemon serves after it."""
+def user_nobody():
+    """The passwd entry of 'nobody', for a --user test; skips unless we are root."""
     if os.geteuid() != 0:
         pytest.skip("--user needs root: the suite runs as root in CI")
     try:
-        nobody = pwd.getpwnam("nobody")
+        return pwd.getpwnam("nobody")
     except KeyError:
         pytest.skip("no user 'nobody' on this machine")
+
+
+def test_user_drop_keeps_the_lock_and_serves_as_that_user(tmp_path, board, stub):
+    """--user nobody (not in group avatar, cannot read the UIO nodes or this checkout): the
+    lock is taken and everything opened before the drop, and the daemon serves after it."""
+    nobody = user_nobody()
     private, env = private_copy_of_the_package(tmp_path)
     for node in Path(board.roots["dev_root"]).iterdir():
         node.chmod(0o600)                       # as without the udev rules: root only

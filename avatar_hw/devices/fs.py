@@ -7,8 +7,19 @@ pivot_root into the shared folder), connects to it as a
 ``VhostUserDevice`` and stops it with the device. The configuration space
 is ours: ``tag[36]`` (NUL padded) and ``le32 num_request_queues`` (1: queue 0
 is the high-priority queue, queue 1 the request queue).
+
+Under ``avatar-hw serve --user``: the device is built before the privilege
+drop, so virtiofsd is started (and connected to) by root, as its sandbox
+needs; its socket and folder are removed as soon as the connection is made
+(there is no reconnection), so nothing is left for the unprivileged daemon to
+clean up. At the end the daemon closes the connection, on which virtiofsd
+exits by itself; the daemon reaps it (a parent needs no privilege for that)
+and signals it only if it is still there after ``STOP_GRACE`` seconds. Its
+stderr is read by the event loop into the daemon's rate-limited log (a pipe
+nobody reads would stall virtiofsd once full).
 """
 
+import logging
 import os
 import shutil
 import struct
@@ -25,6 +36,9 @@ VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 TAG_MAX = 36
 QUEUE_SIZE = 1024
 START_TIMEOUT = 10.0
+STOP_GRACE = 2.0
+
+log = logging.getLogger(__name__)
 
 
 def check_tag(tag):
@@ -58,14 +72,22 @@ def start_virtiofsd(shared_dir, socket_path):
     return proc
 
 
-def stop(proc):
-    if proc.poll() is None:
-        proc.terminate()
+def stop(proc, grace=0.0):
+    """End virtiofsd ``proc``: wait ``grace`` s for it to exit by itself (it does once its
+    front end hung up), then SIGTERM, then SIGKILL after 2 s; reaped in every case."""
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
         try:
-            proc.wait(2)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            proc.terminate()
+            try:
+                proc.wait(2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        except PermissionError:                 # root's, and we dropped to --user
+            log.error("%s (PID %d) did not exit when its front end hung up and runs as "
+                      "another user: stop it yourself", VIRTIOFSD, proc.pid)
     proc.stderr.close()
 
 
@@ -74,8 +96,8 @@ class FsDevice(VhostUserDevice):
 
     def __init__(self, *, tag, shared_dir, timeout=2.0):
         check_tag(tag)
-        self.rundir = tempfile.mkdtemp(prefix="avatar-fs-")
-        socket_path = os.path.join(self.rundir, "vhost-user.sock")
+        rundir = tempfile.mkdtemp(prefix="avatar-fs-")
+        socket_path = os.path.join(rundir, "vhost-user.sock")
         try:
             self.process = start_virtiofsd(os.path.abspath(shared_dir), socket_path)
             try:
@@ -86,15 +108,32 @@ class FsDevice(VhostUserDevice):
             except BaseException:
                 stop(self.process)
                 raise
-        except BaseException:
-            shutil.rmtree(self.rundir, ignore_errors=True)
-            raise
+        finally:
+            shutil.rmtree(rundir, ignore_errors=True)     # connected: the path is not needed
+        os.set_blocking(self.process.stderr.fileno(), False)
         self.tag = tag
 
+    def attach(self, loop):
+        super().attach(loop)
+        self.loop.add_reader(self.process.stderr.fileno(), self._on_stderr)
+
+    def _on_stderr(self):
+        try:
+            data = os.read(self.process.stderr.fileno(), 4096)
+        except BlockingIOError:
+            return
+        if not data:
+            self.loop.remove_reader(self.process.stderr.fileno())
+            return
+        for line in data.decode(errors="replace").splitlines():
+            if line.strip():
+                self.error("virtiofsd: %s", line.strip())
+
     def detach(self):
-        super().detach()
-        stop(self.process)
-        shutil.rmtree(self.rundir, ignore_errors=True)
+        if self.loop is not None and not self.process.stderr.closed:
+            self.loop.remove_reader(self.process.stderr.fileno())
+        super().detach()                        # hangs up: virtiofsd exits
+        stop(self.process, STOP_GRACE)
 
     def info(self):
         out = super().info()

@@ -3,12 +3,14 @@
 The transport, status machine, feature negotiation and interrupts stay here;
 the virtqueues go to the back-end, which reads and writes guest RAM itself:
 
-- offered features are the back-end's (``GET_FEATURES``), so the guest never
-  accepts one the back-end lacks; at DRIVER_OK the driver's features go to
-  the back-end (``SET_FEATURES``), then the guest RAM (``SET_MEM_TABLE`` with
-  the fd of the shared file the daemon maps: QEMU's RAM file in host mode,
-  the UIO device in board mode) and every ready queue (size, addresses in
-  our mapping, base 0, call and kick eventfds, enable);
+- offered features are the back-end's (``GET_FEATURES``) less the transport
+  features this front end cannot hand over (``UNSUPPORTED``), so the guest
+  never accepts one the back-end lacks; at DRIVER_OK the driver's features go
+  to the back-end (``SET_FEATURES``), then the guest RAM (``SET_MEM_TABLE``
+  with the fd of the shared file the daemon maps: QEMU's RAM file in host
+  mode, the UIO device's map 0 in board mode; the fd is opened when the
+  device is bound, before a ``--user`` privilege drop) and every ready queue
+  (size, addresses in our mapping, base 0, call and kick eventfds, enable);
 - QueueNotify is one ``eventfd_write`` to the queue's kick eventfd;
 - the call eventfd is watched by the event loop and sets InterruptStatus bit 0
   (the back-end already applied the driver's notification suppression);
@@ -22,12 +24,22 @@ the daemon and the other devices carry on.
 
 import os
 
-from ..schema import REQUIRED, Field, Schema, positive
+from ..schema import REQUIRED, Field, Schema
 from ..vhost_user import Frontend, VhostUserError
-from ..vhost_user.frontend import PROTOCOL_F_CONFIG
+from ..vhost_user.frontend import MAX_CONFIG, PROTOCOL_F_CONFIG
 from ..virtio import constants as c
 from ..virtio.constants import bit
 from ..virtio.device import VirtioDevice
+
+# Reserved (transport) feature bits a back-end may offer that this front end cannot
+# honour: VHOST_F_LOG_ALL (26, dirty logging), F_PROTOCOL_FEATURES (30, ours), bit 31,
+# ACCESS_PLATFORM (IOTLB messages), RING_PACKED (other ring layout and base encoding),
+# SR_IOV, NOTIFICATION_DATA and NOTIF_CONFIG_DATA (QueueNotify's data is not passed on),
+# RING_RESET (a queue re-enabled after DRIVER_OK is not handed over again), and the
+# reserved bits 41..49.
+UNSUPPORTED = (bit(26) | bit(30) | bit(31) | bit(c.F_ACCESS_PLATFORM) | bit(c.F_RING_PACKED)
+               | bit(c.F_SR_IOV) | bit(c.F_NOTIFICATION_DATA) | bit(c.F_NOTIF_CONFIG_DATA)
+               | bit(c.F_RING_RESET) | ((1 << 50) - (1 << 41)))
 
 
 class VhostUserDevice(VirtioDevice):
@@ -56,13 +68,19 @@ class VhostUserDevice(VirtioDevice):
             self.frontend.close()
             raise
         super().__init__(queue_sizes=queue_sizes, config=config or b"")
-        # Only what the back-end implements, less VIRTIO_F_RING_RESET: a queue re-enabled
-        # after DRIVER_OK is not handed over again.
-        self.features = offered & ~bit(c.F_RING_RESET)
+        self.features = offered & ~UNSUPPORTED
         self._kick = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in queue_sizes]
         self._call = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in queue_sizes]
         self._started = set()       # rings the back-end runs
-        self._memory_sent = None
+        self._ram = None            # (fd, mmap_offset) of the guest RAM, or the reason not
+        self._memory_sent = False
+
+    def bind(self, context):
+        super().bind(context)
+        self._ram = ram_file(context.memory)
+        if isinstance(self._ram, str):
+            self.error("%s; the device will answer DRIVER_OK with DEVICE_NEEDS_RESET",
+                       self._ram)
 
     # -- event loop ---------------------------------------------------------------------------
 
@@ -82,6 +100,9 @@ class VhostUserDevice(VirtioDevice):
         for fd in self._kick + self._call:
             os.close(fd)
         self._kick = self._call = []
+        if isinstance(self._ram, tuple):
+            os.close(self._ram[0])
+        self._ram = None
         super().detach()
 
     def _on_call(self, index):
@@ -93,11 +114,11 @@ class VhostUserDevice(VirtioDevice):
             self.context.interrupt(c.INT_USED_BUFFER)
 
     def _on_socket(self):
-        """Readable without a request outstanding: the back-end closed (or sent what was
-        not negotiated)."""
-        self.loop.remove_reader(self.frontend.fileno())
-        self.frontend.close()
-        self.fail(f"vhost-user back-end {self.frontend.path} closed the connection")
+        """Readable without a request in flight: the back-end closed the connection or
+        sent what it may not."""
+        reason = self.frontend.unexpected()
+        if reason is not None:
+            self._lost(f"vhost-user back-end {self.frontend.path} {reason}")
 
     def _lost(self, err):
         if not self.frontend.closed and self.loop is not None:
@@ -110,8 +131,8 @@ class VhostUserDevice(VirtioDevice):
 
     def activate(self):
         try:
-            self._send_memory()
             self.frontend.set_features(self.context.negotiated_features)
+            self._send_memory()
             for queue in self.queues:
                 if queue.ready:
                     self._start(queue)
@@ -119,21 +140,15 @@ class VhostUserDevice(VirtioDevice):
             self._lost(err)
 
     def _send_memory(self):
-        memory = self.memory
-        if self._memory_sent is memory:
+        if self._memory_sent:
             return
-        region = memory.region
-        if region.file is None:
-            raise VhostUserError(f"guest RAM of vm{memory.vm_id} is not a shared file "
-                                 "mapping; a vhost-user back-end needs its fd")
-        path, offset = region.file
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            self.frontend.set_mem_table([(memory.base, memory.size, region.address, offset,
-                                          fd)])
-        finally:
-            os.close(fd)
-        self._memory_sent = memory
+        if not isinstance(self._ram, tuple):
+            raise VhostUserError(self._ram or "the device is not bound to a VM")
+        memory = self.memory
+        fd, offset = self._ram
+        self.frontend.set_mem_table([(memory.base, memory.size, memory.region.address, offset,
+                                      fd)])
+        self._memory_sent = True
 
     def _start(self, queue):
         mem = self.memory
@@ -183,6 +198,37 @@ class VhostUserDevice(VirtioDevice):
         return out
 
 
+def ram_file(memory):
+    """``(fd, mmap_offset)`` for SET_MEM_TABLE: a new fd of the file behind the VM's RAM
+    mapping (QEMU's shared RAM file; in board mode the UIO device), or why there is none.
+
+    A back-end maps the fd itself: libvhost-user (C virtiofsd) maps ``mmap_offset + size``
+    bytes from offset 0 and skips ``mmap_offset``; rust-vmm's vhost-user-backend maps
+    ``size`` bytes at ``mmap_offset``. Both work for a regular file. A UIO device's mmap
+    offset selects the map (map N at N pages) and a mapping may not outgrow the map, so
+    only map 0 starting on its first byte (``mmap_offset`` 0), mapped whole, works with
+    both: the board's RAM node must have the VM's RAM as its map 0.
+    """
+    region = memory.region
+    if region.file is None:
+        return (f"guest RAM of vm{memory.vm_id} is not a shared file mapping; a vhost-user "
+                "back-end needs its fd")
+    path, offset = region.file
+    if region.uio_map is not None and offset:
+        return (f"guest RAM of vm{memory.vm_id} is map {region.uio_map} of {path} (starting "
+                f"0x{offset:x} bytes into its mmap offsets); a vhost-user back-end maps the "
+                "fd from mmap offset 0: make the VM's RAM map 0 of its UIO node, page-aligned")
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC), offset
+    except OSError as err:
+        return f"guest RAM of vm{memory.vm_id}: cannot open {path} for a vhost-user back-end: {err}"
+
+
+def check_config_size(value):
+    if not 0 < value <= MAX_CONFIG:
+        raise ValueError(f"must be 1 to {MAX_CONFIG} (vhost-user's largest config space)")
+
+
 def check_device_id(value):
     if not 0 < value <= 0xFFFF:
         raise ValueError(f"must be a virtio device ID in 1..65535, not {value}")
@@ -201,7 +247,7 @@ SCHEMA = Schema("vhost_user", (
     Field("queues", list, REQUIRED, "the most entries of each queue, e.g. [256, 256]",
           check_queues),
     Field("config_size", int, None, "bytes of configuration space read from the back-end",
-          positive),
+          check_config_size),
 ))
 
 

@@ -50,7 +50,9 @@ class Region:
         self._buffer = buffer
         self._closer = closer
         self.discardable = False            # map_file: a shared, writable file mapping
-        self.file = None                    # map_file: (path, offset) of the mapping
+        self.file = None                    # (path, offset) of the mapping: map_file, UIO maps
+        self.uio_map = None                 # UioDevice.map: the map's index (offset = index
+                                            # pages selects the map, it is no byte offset)
         self.size = len(memoryview(buffer))
         self._arrays = {
             width: (ctype * (self.size // width)).from_buffer(buffer)

@@ -113,8 +113,11 @@ class UioDevice:
             registers.release()
             mapping.close()
 
-        return Region(registers, name=info.name or self.name, phys_addr=info.addr + info.offset,
-                      closer=unmap)
+        region = Region(registers, name=info.name or self.name,
+                        phys_addr=info.addr + info.offset, closer=unmap)
+        region.file = (str(self.dev_path), index * PAGE_SIZE + info.offset)
+        region.uio_map = index
+        return region
 
     # -- interrupts -------------------------------------------------------------------
 

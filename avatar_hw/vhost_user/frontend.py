@@ -5,11 +5,14 @@ header (``request``, ``flags``: version 1, bit 2 reply, bit 3 need-reply;
 ``size`` of the payload) and the payload, little-endian; file descriptors
 travel as SCM_RIGHTS ancillary data of the same ``sendmsg``.
 
-Every reply is checked (request code, reply flag, version, payload size);
-the socket has a timeout, so a dead or stalled back-end costs at most
-``timeout`` seconds, then ``VhostUserError``. After one error the connection
-is closed and every later call raises at once (the device sets
-DEVICE_NEEDS_RESET; it never retries behind the guest's back).
+Every reply is checked (request code, reply flag, version, payload size at
+most ``MAX_PAYLOAD`` and exactly what the request expects); a reply carrying
+file descriptors breaks the protocol (none of ours expects one): they are
+closed, never kept. Each request and its reply share one deadline of
+``timeout`` seconds, so a dead, stalled or trickling back-end costs at most
+that, then ``VhostUserError``. After one error the connection is closed and
+every later call raises at once (the device sets DEVICE_NEEDS_RESET; it
+never retries behind the guest's back).
 
 Addresses: ``SET_MEM_TABLE`` gives each region's guest-physical address,
 size, our mapping's virtual address (``userspace_addr``) and its offset in
@@ -19,6 +22,7 @@ the back-end translates through the table.
 """
 
 import array
+import os
 import socket
 import struct
 import time
@@ -42,6 +46,8 @@ _HEADER = struct.Struct("<III")
 VRING_NOFD = 1 << 8                 # SET_VRING_KICK/CALL/ERR: no fd passed
 MAX_REGIONS = 8                     # VHOST_MEMORY_BASELINE_NREGIONS
 MAX_PAYLOAD = 4096                  # far above any reply this front end asks for
+MAX_CONFIG = 256                    # VHOST_USER_MAX_CONFIG_SIZE (GET/SET_CONFIG payloads)
+_FD_SPACE = socket.CMSG_SPACE(MAX_REGIONS * 4)   # room to receive (and close) stray fds
 DEFAULT_TIMEOUT = 2.0
 
 
@@ -56,6 +62,8 @@ class Frontend:
         """``wait``: seconds to keep retrying while the socket is missing or not yet
         listening (a back-end just started binds before it listens)."""
         self.path = str(path)
+        self.timeout = timeout
+        self._deadline = None           # of the request in flight (time.monotonic())
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
         deadline = time.monotonic() + wait
@@ -85,31 +93,55 @@ class Frontend:
 
     # -- messages -------------------------------------------------------------------------
 
+    def _remaining(self):
+        """Seconds left before the request in flight is late (its socket timeout)."""
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        self.sock.settimeout(left)
+
     def _send(self, request, payload=b"", fds=(), need_reply=False):
         if self.closed:
             raise VhostUserError("the connection is closed after an earlier error")
+        self._deadline = time.monotonic() + self.timeout
         flags = VERSION | (FLAG_NEED_REPLY if need_reply else 0)
         data = _HEADER.pack(request, flags, len(payload)) + payload
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         try:
+            self._remaining()
             sent = self.sock.sendmsg([data], anc)
-            if sent != len(data):
-                self.sock.sendall(data[sent:])
+            while sent < len(data):
+                self._remaining()
+                sent += self.sock.send(data[sent:])
         except OSError as err:
             self._broken(f"request {request}: {err or 'timed out'}")
 
     def _recv_exact(self, n, request):
+        """``n`` bytes of the reply to ``request``, by the request's deadline."""
         buf = bytearray(n)
         view, got = memoryview(buf), 0
         while got < n:
             try:
-                k = self.sock.recv_into(view[got:])
+                self._remaining()
+                k, ancdata, _, _ = self.sock.recvmsg_into([view[got:]], _FD_SPACE)
             except OSError as err:
                 self._broken(f"reply to request {request}: {err or 'timed out'}")
+            if ancdata:
+                self._close_fds(ancdata)
+                self._broken(f"reply to request {request} carries file descriptors")
             if not k:
                 self._broken(f"reply to request {request}: the back-end closed the socket")
             got += k
         return bytes(buf)
+
+    @staticmethod
+    def _close_fds(ancdata):
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+                for fd in fds:
+                    os.close(fd)
 
     def _reply(self, request, size=None):
         """The reply payload to ``request``; ``size``: the exact size it must have."""
@@ -120,6 +152,21 @@ class Frontend:
             self._broken(f"reply to request {request} has a {length}-byte payload"
                          + (f", not {size}" if size is not None else ""))
         return self._recv_exact(length, request)
+
+    def unexpected(self):
+        """Why the socket is readable with no request in flight: the back-end closed it or
+        sent a message it may not send (nothing back-end-initiated is negotiated). Any
+        fds that came with it are closed."""
+        try:
+            data, ancdata, _, _ = self.sock.recvmsg(1, _FD_SPACE,
+                                                    socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as err:
+            return f"the connection failed: {err}"
+        self._close_fds(ancdata)
+        return ("sent a message with no request in flight" if data
+                else "closed the connection")
 
     def _broken(self, reason):
         self.close()
@@ -199,6 +246,8 @@ class Frontend:
 
     def get_config(self, offset, size):
         """GET_CONFIG (with PROTOCOL_F_CONFIG): ``size`` bytes of the device's config."""
+        if not 0 < size <= MAX_CONFIG or offset < 0:
+            raise VhostUserError(f"GET_CONFIG of {size} bytes (1..{MAX_CONFIG})")
         self._send(GET_CONFIG, struct.pack("<III", offset, size, 0) + bytes(size))
         reply = self._reply(GET_CONFIG, 12 + size)
         got_offset, got_size, _ = struct.unpack_from("<III", reply)
@@ -207,4 +256,6 @@ class Frontend:
         return reply[12:]
 
     def set_config(self, offset, data):
+        if not 0 < len(data) <= MAX_CONFIG:
+            raise VhostUserError(f"SET_CONFIG of {len(data)} bytes (1..{MAX_CONFIG})")
         self._call(SET_CONFIG, struct.pack("<III", offset, len(data), 0) + bytes(data))

@@ -2,11 +2,15 @@
  * avbench.c - the guest side of bench/board.py: one static arm64 binary run
  * from the busybox shell on hvc0, printing one "avbench ..." result line.
  *
- *   avbench seqread  DEV BYTES          1 MiB O_DIRECT reads from offset 0
- *   avbench seqwrite DEV BYTES          1 MiB O_DIRECT writes from offset 0
+ *   avbench seqread  DEV BYTES [buffered]  1 MiB O_DIRECT reads from offset 0 (buffered:
+ *                                          without O_DIRECT, for file systems refusing it)
+ *   avbench seqwrite DEV BYTES [buffered]  1 MiB O_DIRECT writes from offset 0, then fsync
  *   avbench randread DEV COUNT SECONDS  4 KiB O_DIRECT reads at random aligned offsets,
  *                                       queue depth 1; stops after COUNT or SECONDS
  *   avbench rng BYTES SECONDS           reads /dev/hwrng (4 KiB reads)
+ *   avbench meta DIR COUNT              COUNT small files in DIR: create (512 bytes written
+ *                                       each), then after sync and drop_caches (so each
+ *                                       lookup reaches the file system) stat, then unlink
  *   avbench tx BYTES                    console guest->host: raw mode on stdout, prints
  *                                       "AVB-TX-START\n", then BYTES of data, then the result
  *   avbench rx BYTES                    console host->guest: raw mode, no echo on stdin,
@@ -30,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <linux/vm_sockets.h>           /* after sys/socket.h: it needs struct sockaddr */
 #include <termios.h>
 #include <time.h>
@@ -127,9 +132,9 @@ static void sha256_hex(const unsigned char *data, uint64_t len, char out[65])
 
 /* -- block ------------------------------------------------------------------------------------ */
 
-static int seq(const char *dev, uint64_t bytes, int writing)
+static int seq(const char *dev, uint64_t bytes, int writing, int buffered)
 {
-    int fd = open(dev, (writing ? O_WRONLY : O_RDONLY) | O_DIRECT);
+    int fd = open(dev, (writing ? O_WRONLY : O_RDONLY) | (buffered ? 0 : O_DIRECT));
     if (fd < 0)
         die(dev);
     unsigned char *buf = aligned(MIB);
@@ -202,6 +207,53 @@ static int rng(uint64_t bytes, double seconds)
 }
 
 /* -- console ---------------------------------------------------------------------------------- */
+
+/* -- file system metadata --------------------------------------------------------------------- */
+
+static int meta(const char *dir, long count)
+{
+    char path[4096], data[512];
+    struct stat st;
+    memset(data, 'm', sizeof data);
+    uint64_t t0 = now_ns();
+    for (long i = 0; i < count; i++) {
+        snprintf(path, sizeof path, "%s/m%ld", dir, i);
+        int fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0644);
+        if (fd < 0)
+            die("create");
+        if (write(fd, data, sizeof data) != (ssize_t)sizeof data)
+            die("write");
+        if (close(fd) < 0)
+            die("close");
+    }
+    uint64_t t1 = now_ns();
+    sync();
+    int drop = open("/proc/sys/vm/drop_caches", O_WRONLY);
+    if (drop < 0 || write(drop, "3", 1) != 1)
+        die("drop_caches");
+    close(drop);
+    uint64_t t2 = now_ns();
+    for (long i = 0; i < count; i++) {
+        snprintf(path, sizeof path, "%s/m%ld", dir, i);
+        if (stat(path, &st) < 0)
+            die("stat");
+        if (st.st_size != (off_t)sizeof data) {
+            errno = EIO;
+            die("stat size");
+        }
+    }
+    uint64_t t3 = now_ns();
+    for (long i = 0; i < count; i++) {
+        snprintf(path, sizeof path, "%s/m%ld", dir, i);
+        if (unlink(path) < 0)
+            die("unlink");
+    }
+    uint64_t t4 = now_ns();
+    printf("avbench meta files=%ld create_ns=%llu stat_ns=%llu unlink_ns=%llu\n", count,
+           (unsigned long long)(t1 - t0), (unsigned long long)(t3 - t2),
+           (unsigned long long)(t4 - t3));
+    return 0;
+}
 
 static struct termios saved;
 
@@ -387,14 +439,17 @@ static int vsock_send(unsigned port, uint64_t bytes)
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IONBF, 0);
-    if (argc == 4 && !strcmp(argv[1], "seqread"))
-        return seq(argv[2], strtoull(argv[3], NULL, 0), 0);
-    if (argc == 4 && !strcmp(argv[1], "seqwrite"))
-        return seq(argv[2], strtoull(argv[3], NULL, 0), 1);
+    int buffered = argc == 5 && !strcmp(argv[4], "buffered");
+    if ((argc == 4 || buffered) && !strcmp(argv[1], "seqread"))
+        return seq(argv[2], strtoull(argv[3], NULL, 0), 0, buffered);
+    if ((argc == 4 || buffered) && !strcmp(argv[1], "seqwrite"))
+        return seq(argv[2], strtoull(argv[3], NULL, 0), 1, buffered);
     if (argc == 5 && !strcmp(argv[1], "randread"))
         return randread(argv[2], strtol(argv[3], NULL, 0), atof(argv[4]));
     if (argc == 4 && !strcmp(argv[1], "rng"))
         return rng(strtoull(argv[2], NULL, 0), atof(argv[3]));
+    if (argc == 4 && !strcmp(argv[1], "meta"))
+        return meta(argv[2], strtol(argv[3], NULL, 0));
     if (argc == 3 && !strcmp(argv[1], "tx"))
         return console_tx(strtoull(argv[2], NULL, 0));
     if (argc == 3 && !strcmp(argv[1], "rx"))
@@ -403,8 +458,8 @@ int main(int argc, char **argv)
         return vsock_echo((unsigned)strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0));
     if (argc == 4 && !strcmp(argv[1], "vsock-send"))
         return vsock_send((unsigned)strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0));
-    fprintf(stderr, "usage: avbench seqread|seqwrite DEV BYTES | randread DEV COUNT SECONDS | "
-                    "rng BYTES SECONDS | tx BYTES | rx BYTES | vsock-echo PORT MAXBYTES | "
+    fprintf(stderr, "usage: avbench seqread|seqwrite DEV BYTES [buffered] | randread DEV COUNT SECONDS | "
+                    "rng BYTES SECONDS | meta DIR COUNT | tx BYTES | rx BYTES | vsock-echo PORT MAXBYTES | "
                     "vsock-send PORT BYTES\n");
     return 2;
 }
