@@ -558,3 +558,12 @@ def test_vhost_user_fs_under_serve_user_in_board_mode(tmp_path, share):
     state = Path(f"/proc/{backend}/stat")
     assert not state.exists() or state.read_text().split(") ")[1][0] in "ZX", \
         "virtiofsd outlived the daemon"
+
+
+def test_vhost_user_virtiofsd_that_fails_to_start_is_one_line(tmp_path, share, monkeypatch):
+    fake = tmp_path / "virtiofsd"
+    fake.write_text("#!/bin/sh\necho 'fuse: cannot set up the sandbox' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(fs, "VIRTIOFSD", str(fake))
+    with pytest.raises(ValueError, match=f"{fake} did not start: fuse: cannot set up"):
+        fs.FsDevice(tag="t", shared_dir=share)

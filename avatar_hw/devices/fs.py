@@ -64,10 +64,14 @@ def start_virtiofsd(shared_dir, socket_path):
         start_new_session=True)
     deadline = time.monotonic() + START_TIMEOUT
     while not os.path.exists(socket_path):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
+        if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace").strip().splitlines()
-            raise ValueError(f"{VIRTIOFSD} did not start: {err[-1] if err else 'timed out'}")
+            proc.stderr.close()
+            raise ValueError(f"{VIRTIOFSD} did not start: "
+                             + (err[-1] if err else f"exit status {proc.returncode}"))
+        if time.monotonic() > deadline:
+            stop(proc)
+            raise ValueError(f"{VIRTIOFSD} did not start: no socket after {START_TIMEOUT:.0f} s")
         time.sleep(0.01)
     return proc
 
