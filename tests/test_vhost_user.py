@@ -41,8 +41,8 @@ from avatar_hw.virtio.memory import GuestMemory
 from avatar_hw.virtio.subsystem import Subsystem
 from test_daemon import private_copy_of_the_package, proc_ids, user_nobody, wait_used
 
-pytestmark = pytest.mark.skipif(not os.path.isfile(fs.VIRTIOFSD),
-                                reason=f"{fs.VIRTIOFSD} missing (qemu-system-common)")
+needs_virtiofsd = pytest.mark.skipif(not os.path.isfile(fs.VIRTIOFSD),
+                                     reason=f"{fs.VIRTIOFSD} missing (qemu-system-common)")
 
 RAM_BASE = 0x40000000
 RAM_SIZE = 4 << 20
@@ -116,6 +116,7 @@ def bench(tmp_path, share):
     b.close()
 
 
+@needs_virtiofsd
 def test_vhost_user_fs_answers_fuse_init_in_guest_memory(bench):
     dev = bench.device
     assert bench.driver.read(c.REG_DEVICE_ID) == fs.ID_FS
@@ -145,6 +146,7 @@ def test_vhost_user_fs_answers_fuse_init_in_guest_memory(bench):
     assert size == len(b"hello from the host\n")
 
 
+@needs_virtiofsd
 def test_vhost_user_reset_stops_rings_and_reactivates(bench):
     bench.driver.init([0, 1], size=64)
     bench.driver.reset()
@@ -156,6 +158,7 @@ def test_vhost_user_reset_stops_rings_and_reactivates(bench):
     assert struct.unpack_from("<IiQ", used.data)[1:] == (0, 9)
 
 
+@needs_virtiofsd
 def test_vhost_user_dead_backend_sets_needs_reset(bench, caplog):
     _, req = bench.driver.init([0, 1], size=64)
     bench.device.process.kill()
@@ -222,6 +225,7 @@ def test_vhost_user_config_errors(tmp_path):
         cfg.build_device(cfg.vms[0].devices[0])
 
 
+@needs_virtiofsd
 def test_vhost_user_more_queues_than_the_backend_serves_is_refused(tmp_path, share):
     proc = fs.start_virtiofsd(str(share), str(tmp_path / "fs.sock"))
     try:
@@ -507,6 +511,7 @@ def test_vhost_user_board_ram_in_another_uio_map_is_refused_with_the_fix(
 
 # -- the daemon with --user: virtiofsd started by root, RAM fd opened before the drop ---------
 
+@needs_virtiofsd
 def test_vhost_user_fs_under_serve_user_in_board_mode(tmp_path, share):
     """``avatar-hw serve --user nobody`` on a (fake) board whose RAM nodes only root may open:
     the daemon starts virtiofsd as root, removes its socket once connected, passes the RAM

@@ -94,7 +94,8 @@ class Frontend:
     # -- messages -------------------------------------------------------------------------
 
     def _remaining(self):
-        """Seconds left before the request in flight is late (its socket timeout)."""
+        """The socket's timeout becomes what is left of the request's deadline
+        (TimeoutError when nothing is)."""
         left = self._deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("timed out")
