@@ -102,6 +102,8 @@ cd /var/lib/avatar-hw || exit 1
 eval "exec $(sed -n 's/^ExecStart=//p' "$unit")"
 """
 DISK_MIB = 8
+DAEMON_LOG = "/var/log/avatar/daemon.log"     # (USERLAND_INIT starts the daemon with it)
+DAEMON_SERVING = "serving 1 VM"        # the daemon's log line once it serves the guest
 MODEL_WAIT_MS = 240000                 # the guest waits for the daemon: the board boots first
 GUEST_CONFIG = """[vm.1]
 console = {{ endpoints = ["pty:/run/avatar/vm1-console"] }}
@@ -310,3 +312,15 @@ def board_params(board=None):
                           f"and a doorbell_intid")
     return _BOARD_PARAMS.pack(_BOARD_PARAMS_MAGIC, board.doorbell_intid, first,
                               board.layout.irq_base, count, 0)
+
+
+def wait_serving(shell, timeout=300):
+    """Wait in the board Linux's ``shell`` (a GuestShell) until its daemon serves the guest
+    (DAEMON_SERVING in DAEMON_LOG); ``AvatarError`` with the log's end if it does not."""
+    serving = f"grep -q '{DAEMON_SERVING}' {DAEMON_LOG} 2>/dev/null"
+    _, status = shell.run(f"n=0; until {serving} || [ $n -ge {int(timeout)} ]; do sleep 1; "
+                          f"n=$((n + 1)); done; {serving}", timeout=timeout + 60)
+    if status != 0:
+        log, _ = shell.run(f"tail -n 5 {DAEMON_LOG}")
+        raise AvatarError(f"the daemon in the board Linux does not serve the guest after "
+                          f"{timeout} s; the end of its log ({DAEMON_LOG}):\n{log}")
