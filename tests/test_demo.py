@@ -264,7 +264,8 @@ def test_board_linux_demo_runs_a_command_in_the_board_linux_then_in_the_guest():
     assert [(d["vm"], d["name"]) for d in devices] == [
         (1, "console"), (1, "block"), (1, "rng"), (1, "net")]
     board, guest = out[end:].strip().split("\n", 1)
-    assert board.split()[0] == "avatar" and "avatar-hw serve --board emulated-board-linux" in board
+    assert board.split()[0] == "avatar", board
+    assert "avatar-hw serve --board emulated-board-linux" in board
     assert re.search(r"GIC-0 +56 Edge +virtio0", guest), guest
     assert b"the daemon serves VM 1" in demo.err and b"Traceback" not in demo.err
     assert leftovers(demo.process.pid) == ([], [], [])

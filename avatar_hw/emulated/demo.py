@@ -63,7 +63,7 @@ def _announce(board):
 
 
 def _interactive(board, vm, timeout=GUEST_TIMEOUT):
-    shell = board.shell(timeout=timeout, vm=0 if board.board_linux else vm)
+    shell = board.shell(timeout=timeout, vm=vm)
     sock = shell.sock
     _say(f"guest console (hvc0) of VM{vm}; Ctrl-] leaves")
     stdin = sys.stdin.fileno()
@@ -182,7 +182,8 @@ def add_parser(subparsers, parents=()):
                         help="control socket path (default: in the demo's temporary directory)")
     parser.add_argument("--run", metavar="CMD", help="run CMD in the guest, print its output, "
                         "exit with its status")
-    parser.add_argument("--timeout", type=float, default=60, help="seconds for --run (60)")
+    parser.add_argument("--timeout", type=float, default=60,
+                        help="seconds for --run and for --run-board (60)")
     parser.add_argument("--stub-log", action="store_true", help="show the EL2 stub's log")
     parser.add_argument("--vms", type=int, choices=range(1, MAX_VMS + 1), default=1,
                         help="guests to boot, VM n on CPU n (1)")
