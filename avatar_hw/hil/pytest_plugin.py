@@ -92,7 +92,7 @@ def pytest_addoption(parser):
                          "'labgrid-client -p avatar-pi-1 power cycle'), for avatar_reset")
     group.addoption("--avatar-log-dir", metavar="DIR",
                     help="per-test console logs (default: <pytest basetemp>/avatar-logs)")
-    group.addoption("--avatar-board-linux", action="store_true", default=None,
+    group.addoption("--avatar-board-linux", action="store_true",
                     help="without --avatar-board: the emulated board in board mode (its own "
                          "Linux runs avatar-hw; the guest is VM 1; slow)")
     parser.addini("avatar_board_linux", type="bool", default=False,
@@ -201,8 +201,7 @@ def avatar_board(request):
 
 def _board_linux(config):
     """The emulated board in board mode? (--avatar-board-linux, else the ini key)"""
-    option = config.getoption("avatar_board_linux")
-    return option if option is not None else config.getini("avatar_board_linux")
+    return bool(config.getoption("avatar_board_linux") or config.getini("avatar_board_linux"))
 
 
 @pytest.fixture

@@ -351,7 +351,7 @@ class EmulatedTarget(Target):
     def board_run(self, command, timeout=60):
         if self.board_shell is None:
             return super().board_run(command, timeout)
-        return self.board_shell.run(f"({command})", timeout)    # a subshell: `exit` is its
+        return self.board_shell.run(f"({command})", timeout)   # a subshell: `exit` ends it
 
     def _request(self, command, **arguments):
         if self.board_shell is None:
