@@ -1,6 +1,6 @@
 """Run avatar-hw's benchmarks, print tables and write the figures as JSON.
 
-    .venv/bin/python -m bench                   # everything (about 15 min on 2 cores)
+    .venv/bin/python -m bench                   # everything (about 20 min on 2 cores)
     .venv/bin/python -m bench --quick           # smoke run of the parts that need no guest
     .venv/bin/python -m bench --only trap,cost  # some parts: trap, core, cost, board, two_guests,
                                                 # board_linux
