@@ -1,8 +1,9 @@
 """Run avatar-hw's benchmarks, print tables and write the figures as JSON.
 
-    .venv/bin/python -m bench                   # everything (about 15 min on 2 cores)
+    .venv/bin/python -m bench                   # everything (about 20 min on 2 cores)
     .venv/bin/python -m bench --quick           # smoke run of the parts that need no guest
-    .venv/bin/python -m bench --only trap,cost  # some parts: trap, core, cost, board, two_guests, fs
+    .venv/bin/python -m bench --only trap,cost  # some parts: trap, core, cost, board, two_guests, fs,
+                                                # board_linux
     .venv/bin/python -m bench --profile         # also cProfile the daemon on the trap path
 
 Parts: ``trap`` (bench/trappath.py: the trap page with a C stand-in stub,
@@ -13,10 +14,11 @@ x 4 devices), ``board``
 (bench/board.py: a Linux guest on the emulated board, avatar-hw against
 QEMU's own virtio-mmio devices), ``two_guests`` (bench/two_guests.py: VM0's
 throughput with VM1 idle, busy, then hostile), ``fs`` (bench/fs.py: virtio-fs through
-avatar-hw's vhost-user front end against QEMU's vhost-user-fs-device, same virtiofsd).
-Results go to bench/results/<time>.json
-(git ignores them; bench/results/full.json is the run docs/performance.md
-quotes) or ``--out``. Run from the repository root. docs/performance.md explains them.
+avatar-hw's vhost-user front end against QEMU's vhost-user-fs-device, same virtiofsd),
+``board_linux`` (bench/board_linux.py: board mode's boot to the guest's shell and its trap
+round trip, against host mode; a few minutes).
+Results go to bench/results/<time>.json (git ignores them; bench/results/full.json is the
+run docs/performance.md quotes) or ``--out``. Run from the repository root. docs/performance.md explains them.
 """
 
 import argparse
@@ -30,7 +32,7 @@ from avatar_hw.errors import AvatarError
 
 from .common import BENCH, machine_info
 
-PARTS = ("trap", "core", "cost", "board", "two_guests", "fs")
+PARTS = ("trap", "core", "cost", "board", "two_guests", "fs", "board_linux")
 QUICK_PARTS = ("trap", "cost")          # --quick: what needs no guest
 
 
@@ -50,6 +52,9 @@ def _run_part(name, args):
     if name == "two_guests":
         from . import two_guests
         return two_guests.run(quick=args.quick)
+    if name == "board_linux":
+        from . import board_linux
+        return board_linux.run(quick=args.quick)
     from . import board
     return board.run(quick=args.quick, runs=args.runs)
 

@@ -228,3 +228,67 @@ def test_sigkill_of_the_demo_takes_qemu_and_the_ram_with_it():
     assert shm == [] and len(tmp) == 1
     machine._remove_stale_workdirs()
     assert leftovers(demo.process.pid) == ([], [], [])
+
+
+# -- board mode (--board-linux): one boot for the module, the signals before the board is up ----
+
+def board_demo(*argv):
+    """``avatar-hw demo --board-linux ARGV`` once its QEMU runs (a Demo: process, err)."""
+    demo = Demo.__new__(Demo)
+    demo.process = subprocess.Popen(AVATAR_HW + ["demo", "--board-linux", *argv],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+    demo.err = b""
+    try:
+        demo.read_err_until(rb"board mode: the board Linux boots")
+        demo.qemu = qemu_of(demo.process.pid)
+    except BaseException:
+        demo.kill()
+        raise
+    return demo
+
+
+def test_board_linux_demo_runs_a_command_in_the_board_linux_then_in_the_guest():
+    """--run-board in the board Linux (the daemon there, from the unit, as avatar), then --run
+    in the guest it serves; the exit status is the guest command's; nothing is left."""
+    demo = board_demo("--run-board", "avatar-hw list --json; ps -o user,args | grep '[a]vatar-hw "
+                      "serve'", "--run", "grep virtio /proc/interrupts; exit 3",
+                      "--timeout", "180")
+    try:
+        status = demo.end(timeout=900)
+        out = demo.process.stdout.read().decode()
+    finally:
+        demo.kill()
+    assert status == 3, demo.err
+    devices, end = json.JSONDecoder().raw_decode(out)
+    assert [(d["vm"], d["name"]) for d in devices] == [
+        (1, "console"), (1, "block"), (1, "rng"), (1, "net")]
+    board, guest = out[end:].strip().split("\n", 1)
+    assert board.split()[0] == "avatar", board
+    assert "avatar-hw serve --board emulated-board-linux" in board
+    assert re.search(r"GIC-0 +56 Edge +virtio0", guest), guest
+    assert b"the daemon serves VM 1" in demo.err and b"Traceback" not in demo.err
+    assert leftovers(demo.process.pid) == ([], [], [])
+
+
+@pytest.mark.parametrize("ending", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_board_linux_demo_ends_on_a_signal_leaving_nothing(ending):
+    """A signal while the board Linux boots stops QEMU and removes the consoles' directory."""
+    demo = board_demo()
+    try:
+        assert leftovers(demo.process.pid)[2] != []          # the consoles' directory
+        demo.process.send_signal(getattr(signal, ending))
+        assert demo.end() == ENDINGS[ending][1], demo.err
+    finally:
+        demo.kill()
+    assert leftovers(demo.process.pid) == ([], [], [])
+    assert b"Traceback" not in demo.err
+
+
+def test_board_linux_demo_refuses_host_mode_options_in_one_line():
+    for argv, message in ((["--board-linux", "--vms", "2"], "avatar-hw: --vms: board mode runs"),
+                          (["--run-board", "true"], "avatar-hw: --run-board needs --board-linux")):
+        done = subprocess.run(AVATAR_HW + ["demo", *argv], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 2 and done.stderr.startswith(message), done.stderr
+        assert len(done.stderr.splitlines()) == 1

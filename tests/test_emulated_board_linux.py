@@ -17,6 +17,7 @@ import pytest
 
 from avatar_hw.emulated import board_linux
 from avatar_hw.emulated.session import EmulatedBoard
+from avatar_hw.hil.target import EmulatedTarget
 from avatar_hw.overlay import RPI4, render
 from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
 
@@ -25,14 +26,23 @@ TRAPS = 4
 
 
 @pytest.fixture(scope="module")
-def served():
-    """The board Linux with its userland: udev, Python and the daemon serving VM 1."""
-    with EmulatedBoard(board_linux=True) as b:
-        b.shell_ = b.board_shell(timeout=240)
-        b.shell_.run("n=0; until grep -q 'serving 1 VM' /var/log/avatar/daemon.log || "
-                     "[ $n -ge 200 ]; do sleep 1; n=$((n + 1)); done", timeout=300)
-        b.guest = b.shell(timeout=300)
-        yield b
+def target():
+    """The pytest plugin's board-mode target (``--avatar-board-linux``): the board Linux with
+    its userland (udev, Python, the daemon serving VM 1) and the guest's shell answering."""
+    t = EmulatedTarget(board_linux=True).start()
+    yield t
+    t.close()
+
+
+@pytest.fixture(scope="module")
+def served(target):
+    """The target's EmulatedBoard, its board Linux's shell (``shell_``) and the guest's
+    console (``guest``: run, and ``banner``, what the guest's init printed)."""
+    b = target.emulated
+    b.shell_ = target.board_shell
+    b.guest = target.console(target.guest_vm)
+    b.guest.banner = target.guest_banner
+    return b
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +137,15 @@ def test_board_linux_console_round_trip_and_interrupt_counts(served):
     assert counts.get("56", 0) > 0 and counts.get("57", 0) > 0, guest
     board, _ = served.shell_.run("grep avatar-trap /proc/interrupts")
     assert int(board.split()[1]) > 0, board
+
+
+def test_board_linux_target_runs_commands_and_requests_in_the_board(target, served):
+    """What the pytest plugin offers in board mode: ``board_run`` in the board Linux, the
+    daemon's control requests through it, the guest console of VM 1."""
+    assert target.board_run("id -u avatar; exit 3") == ("999\n", 3)
+    assert [vm["vm"] for vm in target.info()["vms"]] == [1]
+    assert target.devices(1, "block")[0]["irq"] == 57
+    report = target.diagnose_interrupts(1)
+    assert "vm1 console0 IRQ 56" in report and "board mode" in report, report
+    assert target.console_url(1) == f"unix://{served.console_path}"
+    assert served.guest.check("uname -m") == "aarch64\n"

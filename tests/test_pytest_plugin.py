@@ -60,7 +60,8 @@ def daemon(request, tmp_path):
 def test_options_in_help(pytester):
     result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(["*--avatar-board=FILE*", "*--avatar-console=URL*",
-                                 "*--avatar-control=PATH*"])
+                                 "*--avatar-control=PATH*", "*--avatar-board-linux*",
+                                 "*avatar_board_linux (bool):*"])
 
 
 def test_markers_are_declared_by_the_plugin(pytester):
@@ -116,6 +117,28 @@ def test_emulated_mode_skips_naming_what_is_missing(pytester, monkeypatch):
                                  "qemu-system-arm, device-tree-compiler, gcc-aarch64-linux-gnu*"])
 
 
+BOARD_LINUX_TEST = """
+def test_in_the_board_linux(avatar_board_linux):
+    assert avatar_board_linux.board_run("echo $((6 * 7)); exit 3") == ("42\\n", 3)
+"""
+
+
+@pytest.mark.parametrize("choice", ["none", "option", "ini"])
+def test_board_linux_choice_skips_in_host_mode_or_picks_board_mode(pytester, monkeypatch, choice):
+    """Without a board and without the choice, ``avatar_board_linux`` skips saying how to get
+    one, before anything boots; with ``--avatar-board-linux`` or the ini key it asks for the
+    emulated board (here missing its tools, so ``avatar_board`` skips naming them)."""
+    pytester.makepyfile(BOARD_LINUX_TEST)
+    if choice == "ini":
+        pytester.makeini("[pytest]\navatar_board_linux = true\n")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    result = pytester.runpytest("-rs", *(["--avatar-board-linux"] if choice == "option" else []))
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*needs a board Linux: the emulated board in host mode has none; "
+                                 "run with --avatar-board-linux*" if choice == "none" else
+                                 "*no --avatar-board, and the emulated board needs*"])
+
+
 # -- fixtures on a (stood-in) real board -----------------------------------------------------------
 
 BOARD_TESTS = """
@@ -147,6 +170,14 @@ def test_board_and_console_fixtures_on_a_running_daemon(pytester, daemon):
     result.stdout.fnmatch_lines(["*- avatar-hw board -*",
                                  "vm0 console0 IRQ 48: status 0, 0 interrupt(s) raised*",
                                  "*GIC distributor not readable here*"])
+
+
+def test_board_linux_of_a_real_board_is_where_the_tests_run(pytester, daemon):
+    """On a real board the tests run in the board's Linux, next to ``avatar-hw serve``."""
+    pytester.makepyfile(BOARD_LINUX_TEST)
+    result = pytester.runpytest(f"--avatar-board={daemon.board_file}",
+                                f"--avatar-control={daemon.control}")
+    result.assert_outcomes(passed=1)
 
 
 def test_console_option_overrides_the_daemons_endpoint(pytester, daemon):

@@ -72,41 +72,79 @@ class _Apt:
     def update(self):
         self.run("apt-get", "update")
 
-    def field(self, package, name, version=None):
-        """A field of ``version``'s record (default the candidate; ``apt-cache show``)."""
-        version = version or self.candidate(package)
-        for line in self.run("apt-cache", "show", f"{package}={version}").splitlines():
-            if line.startswith(name + ":"):
-                return line.split(":", 1)[1].strip()
-        raise AvatarError(f"apt has no {name} for {package} {version}")
-
-    def candidate(self, package):
-        for line in self.run("apt-cache", "policy", package).splitlines():
-            if line.strip().startswith("Candidate:"):
+    def candidates(self, packages):
+        """{package: candidate version} of ``packages`` (one ``apt-cache policy``)."""
+        found, package = {}, None
+        for line in self.run("apt-cache", "policy", *packages).splitlines():
+            if not line.startswith(" ") and line.endswith(":"):
+                package = line[:-1]
+            elif line.strip().startswith("Candidate:") and package is not None:
                 version = line.split(":", 1)[1].strip()
                 if version and version != "(none)":
-                    return version
-        raise AvatarError(f"apt knows no arm64 package {package}: the host's apt sources must "
-                          f"be a Debian archive that carries arm64 (see docs/emulated-board.md)")
+                    found[package] = version
+        for package in packages:
+            name = package.removesuffix(":arm64")
+            if package not in found and name in found:
+                found[package] = found[name]
+        missing = [p for p in packages if p not in found]
+        if missing:
+            raise AvatarError(f"apt knows no arm64 package {', '.join(missing)}: the host's apt "
+                              f"sources must be a Debian archive that carries arm64 (see "
+                              f"docs/emulated-board.md)")
+        return found
+
+    def candidate(self, package):
+        return self.candidates([package])[package]
+
+    def records(self, versions):
+        """{package: {field: value}} of the records of ``versions`` ({package: version};
+        one ``apt-cache show``; continuation lines are left out)."""
+        records, record = {}, None
+        wanted = {package.split(":")[0]: package for package in versions}
+        text = self.run("apt-cache", "show", *(f"{p}={v}" for p, v in versions.items()))
+        for line in text.splitlines() + [""]:
+            if not line.strip():
+                if record and record.get("Package") in wanted:
+                    records.setdefault(wanted[record["Package"]], record)
+                record = None
+            elif not line[0].isspace() and ":" in line:
+                key, _, value = line.partition(":")
+                record = record or {}
+                record[key] = value.strip()
+        missing = [p for p in versions if p not in records]
+        if missing:
+            raise AvatarError(f"apt-cache show has no record of {', '.join(missing)}")
+        return records
+
+    def fetch_all(self, versions, dest):
+        """Download ``versions`` ({package: version or None for the candidate}; arm64 unless
+        ``NAME:ARCH``) into ``dest`` with one ``apt-get download``, check each .deb's SHA256
+        against the index; [(deb, version, sha256)] in the order given."""
+        candidates = [p for p, v in versions.items() if v is None]
+        versions = {**versions, **(self.candidates(candidates) if candidates else {})}
+        records = self.records(versions)
+        size = sum(int(r["Size"]) for r in records.values())
+        names = ", ".join(f"{p} {v}" for p, v in versions.items())
+        _progress(f"downloading {names if len(versions) < 4 else f'{len(versions)} packages'} "
+                  f"({size / 1e6:.1f} MB)")
+        before = {p: set(dest.glob(f"{p.split(':')[0]}_*.deb")) for p in versions}
+        self.run("apt-get", "download", *(f"{p}={v}" for p, v in versions.items()), cwd=dest)
+        fetched = []
+        for package, version in versions.items():
+            debs = set(dest.glob(f"{package.split(':')[0]}_*.deb"))
+            deb = max(debs - before[package] or debs, key=lambda p: p.stat().st_mtime)
+            sha256 = records[package]["SHA256"]
+            digest = hashlib.sha256(deb.read_bytes()).hexdigest()
+            if digest != sha256:
+                deb.unlink()
+                raise AvatarError(f"{deb.name}: SHA256 {digest} does not match apt's index "
+                                  f"({sha256}); removed, try again")
+            fetched.append((deb, version, sha256))
+        return fetched
 
     def fetch(self, package, dest, version=None):
-        """Download ``package`` (arm64 unless ``NAME:ARCH``; ``version``, default the
-        candidate) into ``dest``, check its SHA256 against the index."""
-        version = version or self.candidate(package)
-        sha256 = self.field(package, "SHA256", version)
-        size = int(self.field(package, "Size", version))
-        _progress(f"downloading {package} {version} ({size / 1e6:.1f} MB)")
-        pattern = f"{package.split(':')[0]}_*.deb"
-        before = set(dest.glob(pattern))
-        self.run("apt-get", "download", f"{package}={version}", cwd=dest)
-        debs = set(dest.glob(pattern)) - before or set(dest.glob(pattern))
-        deb = max(debs, key=lambda p: p.stat().st_mtime)
-        digest = hashlib.sha256(deb.read_bytes()).hexdigest()
-        if digest != sha256:
-            deb.unlink()
-            raise AvatarError(f"{deb.name}: SHA256 {digest} does not match apt's index "
-                              f"({sha256}); removed, try again")
-        return deb, version, sha256
+        """``fetch_all`` of one package."""
+        return self.fetch_all({package: version}, dest)[0]
 
 
 def _unpack(dest, *debs):
@@ -230,17 +268,14 @@ BOARD_SKIP = frozenset({"adduser", "media-types", "mime-support", "tzdata", "deb
 BOARD_MANIFEST = "board-userland.json"
 
 
-def _depends(apt, package):
-    """``package``'s Depends and Pre-Depends: the first alternative of each, no versions."""
+def _depends(record):
+    """A package record's Pre-Depends and Depends: the first alternative of each, no versions."""
     names = []
     for field in ("Pre-Depends", "Depends"):
-        try:
-            value = apt.field(package, field)
-        except AvatarError:
-            continue
-        for entry in value.split(","):
+        for entry in record.get(field, "").split(","):
             first = entry.split("|")[0].strip().split(" ")[0]
-            names.append(first.removesuffix(":any"))
+            if first:
+                names.append(first.removesuffix(":any"))
     return names
 
 
@@ -263,18 +298,17 @@ def board_userland():
     apt = _Apt(cache_dir() / "guest" / "apt")
     _progress("fetching board mode's userland (Debian arm64 Python 3, pyserial, pyudev, udev), once")
     apt.update()
-    wanted, todo = {}, list(BOARD_PACKAGES)
-    while todo:
-        package = todo.pop()
-        if package in wanted or package in BOARD_SKIP or package in record:
-            continue
-        wanted[package] = None
-        todo.extend(_depends(apt, package))
+    wanted, level = {}, set(BOARD_PACKAGES) - BOARD_SKIP - set(record)
+    while level:                       # the closure a level at a time: two apt-cache calls each
+        versions = apt.candidates(sorted(level))
+        wanted.update(versions)
+        level = {name for found in apt.records(versions).values() for name in _depends(found)}
+        level -= BOARD_SKIP | set(record) | set(wanted)
     debs = root / "debs"
     debs.mkdir(exist_ok=True)
     fetched = []
-    for package in sorted(wanted):
-        deb, version, sha256 = apt.fetch(package, debs)
+    for package, (deb, version, sha256) in zip(wanted, apt.fetch_all(wanted, debs) if wanted
+                                               else ()):
         fetched.append(deb)
         record[package] = {"version": version, "sha256": sha256}
     _progress(f"unpacking {len(fetched)} packages")

@@ -12,6 +12,11 @@ list|info|debug|console --control SOCKET`` work while it runs.
 ``--vm N`` picks the one this terminal or ``--run`` talks to; every VM's
 console endpoints are printed (``avatar-hw console N --control SOCKET``, or
 e.g. ``socat -,raw,echo=0 UNIX-CONNECT:PATH``).
+``--board-linux`` runs board mode instead (docs/emulated-board.md): the board's own
+Linux on CPU0 with avatar-hw serving the guest (VM 1) on CPU1; ``--run-board 'CMD'``
+runs a command in the board Linux (before ``--run``'s in the guest), and without
+either this terminal gets the guest's console and the board Linux's shell is
+printed (a Unix socket: ``socat -,raw,echo=0 UNIX-CONNECT:PATH``).
 """
 
 import os
@@ -22,10 +27,14 @@ import termios
 import tty
 
 from ..commands.query import format_list
+from . import board_linux
 from .memory_map import MAX_VMS
 from .session import EmulatedBoard
 
 EXIT_KEY = b"\x1d"                  # Ctrl-]
+GUEST_TIMEOUT = 120                 # host mode: seconds until the guest's shell answers
+BOARD_TIMEOUT = 300                 # board mode (TCG-slow Python): each of the board Linux's
+                                    # shell, its daemon serving, the guest's shell
 
 
 def _say(text):
@@ -53,8 +62,8 @@ def _announce(board):
          f"(also list, info, debug)")
 
 
-def _interactive(board, vm):
-    shell = board.shell(timeout=120, vm=vm)
+def _interactive(board, vm, timeout=GUEST_TIMEOUT):
+    shell = board.shell(timeout=timeout, vm=vm)
     sock = shell.sock
     _say(f"guest console (hvc0) of VM{vm}; Ctrl-] leaves")
     stdin = sys.stdin.fileno()
@@ -87,7 +96,8 @@ def _interactive(board, vm):
 def _ended(board):
     """The console went away: the guest powered off (0) or the daemon stopped (1)."""
     if not board.alive():
-        _say(f"\r\nthe guest powered off (QEMU exit status {board.machine.process.returncode})")
+        what = "board" if board.board_linux else "guest"
+        _say(f"\r\nthe {what} powered off (QEMU exit status {board.machine.process.returncode})")
         return 0
     _say("\r\nthe device model stopped; see the log above")
     return 1
@@ -99,20 +109,65 @@ def _demo(args):
         print(f"avatar-hw: --vm {args.vm}: the board runs VMs 0..{args.vms - 1} (--vms)",
               file=sys.stderr)
         return 2
+    if args.board_linux:
+        given = [option for option, value in (("--config", args.config), ("--control",
+                 args.control), ("--vms", args.vms != 1), ("--vm", args.vm)) if value]
+        if given:
+            print(f"avatar-hw: {given[0]}: board mode runs one guest, VM 1, with the board "
+                  f"Linux's own VMs config (/etc/avatar-hw/vms.toml there) and control socket; "
+                  f"leave {given[0]} out", file=sys.stderr)
+            return 2
+    elif args.run_board is not None:
+        print("avatar-hw: --run-board needs --board-linux (in host mode the daemon runs in "
+              "this process: there is no board Linux)", file=sys.stderr)
+        return 2
     old = {signum: signal.signal(signum, _leave) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
+        if args.board_linux:
+            return _board_demo(args, log)
         with EmulatedBoard(vms=args.vms, on_log=log, config=args.config,
                            control_path=args.control) as board:
             _announce(board)
             if args.run is None:
                 return _interactive(board, args.vm)
-            output, status = board.shell(timeout=120, vm=args.vm).run(f"({args.run})",
-                                                                      timeout=args.timeout)
-            sys.stdout.write(output)
-            return status
+            return _run(board.shell(timeout=GUEST_TIMEOUT, vm=args.vm), args.run, args.timeout)
     finally:
         for signum, handler in old.items():
             signal.signal(signum, handler)
+
+
+def _run(shell, command, timeout):
+    """Run ``command`` in ``shell``, print its output; its exit status."""
+    output, status = shell.run(f"({command})", timeout=timeout)
+    sys.stdout.write(output)
+    sys.stdout.flush()
+    return status
+
+
+def _board_demo(args, log):
+    """Board mode: the board Linux's shell, its daemon serving, then --run-board, --run or this
+    terminal on the guest's console (the board's shell is left to the user's socat)."""
+    with EmulatedBoard(board_linux=True, on_log=log) as board:
+        _say(f"board mode: the board Linux boots on CPU0, the guest (VM {board_linux.GUEST_VM}) "
+             f"on CPU1 once the daemon in the board Linux serves it (TCG: a minute or two)")
+        shell = board.board_shell(timeout=BOARD_TIMEOUT)
+        _say("the board Linux's shell answers; waiting for its daemon (avatar-hw serve, "
+             "started from avatar-hw.service's ExecStart, as the avatar user)")
+        board_linux.wait_serving(shell, BOARD_TIMEOUT)
+        _say(f"the daemon serves VM {board_linux.GUEST_VM} (its log: {board_linux.DAEMON_LOG}); "
+             f"in the board Linux's shell: avatar-hw list (also info, debug)")
+        status = 0
+        if args.run_board is not None:
+            status = _run(shell, args.run_board, args.timeout)
+        if args.run is not None:
+            guest = _run(board.shell(timeout=BOARD_TIMEOUT), args.run, args.timeout)
+            status = status or guest
+        if args.run_board is not None or args.run is not None:
+            return status
+        shell.close()                   # QEMU takes one client per console: the user's now
+        _say(f"the board Linux's shell (its hvc0): socat -,raw,echo=0 "
+             f"UNIX-CONNECT:{board.board_console_path}")
+        return _interactive(board, board_linux.GUEST_VM, BOARD_TIMEOUT)
 
 
 def add_parser(subparsers, parents=()):
@@ -127,10 +182,17 @@ def add_parser(subparsers, parents=()):
                         help="control socket path (default: in the demo's temporary directory)")
     parser.add_argument("--run", metavar="CMD", help="run CMD in the guest, print its output, "
                         "exit with its status")
-    parser.add_argument("--timeout", type=float, default=60, help="seconds for --run (60)")
+    parser.add_argument("--timeout", type=float, default=60,
+                        help="seconds for --run and for --run-board (60)")
     parser.add_argument("--stub-log", action="store_true", help="show the EL2 stub's log")
     parser.add_argument("--vms", type=int, choices=range(1, MAX_VMS + 1), default=1,
                         help="guests to boot, VM n on CPU n (1)")
     parser.add_argument("--vm", type=int, default=0,
                         help="the VM whose console this terminal or --run uses (0)")
+    parser.add_argument("--board-linux", action="store_true",
+                        help="board mode: the board's own Linux on CPU0 runs avatar-hw, which "
+                             "serves the guest (VM 1) on CPU1 (slow: Python under TCG)")
+    parser.add_argument("--run-board", metavar="CMD",
+                        help="with --board-linux: run CMD in the board Linux (before --run), "
+                             "print its output, exit with its status (unless --run fails)")
     parser.set_defaults(func=_demo)

@@ -46,7 +46,7 @@ from .assets import guest_assets
 from .build import build_stub
 from .devicetree import DEFAULT_BOOTARGS, build_dtb
 from .initramfs import READY_MARKER, build_initramfs
-from .machine import EmulatedMachine, check_vms
+from .machine import WORKDIR_PREFIX, EmulatedMachine, check_vms
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,8 @@ class EmulatedBoard:
         dtbs = [board_linux.build_board_dtb(initrd_size=board_initrd.stat().st_size),
                 build_dtb(initrd_size=initrd.stat().st_size, bootargs=self.bootargs,
                           vm_id=board_linux.GUEST_VM)]
-        self._board_console_dir = tempfile.mkdtemp(prefix="avatar-board-")
+        # Named like the machine's workdir, so the next start removes it after a SIGKILL.
+        self._board_console_dir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-board-")
         workdir = Path(self._board_console_dir)
         self.board_console_path = workdir / "board-console.sock"
         self.console_paths = [workdir / "guest-console.sock"]

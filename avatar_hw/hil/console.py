@@ -227,8 +227,9 @@ class GuestConsole:
         command = command.strip().rstrip(";").strip()
         tag = _tag()
         self.sendline(f"echo {tag}''_B; {command}; echo {tag}_E$?")
-        match = self.expect(rf"{tag}_B\r?\n(.*?){tag}_E(\d+)\r?\n", timeout)
-        return match.group(1).replace("\r\n", "\n"), int(match.group(2))
+        # \r\r\n: a console bridged through a second tty (the emulated board's board mode)
+        match = self.expect(rf"{tag}_B\r*\n(.*?){tag}_E(\d+)\r*\n", timeout)
+        return re.sub(r"\r+\n", "\n", match.group(1)), int(match.group(2))
 
     def check(self, command, timeout=DEFAULT_TIMEOUT):
         """``run`` that raises ``AssertionError`` (with the output) unless the status is 0."""

@@ -11,6 +11,10 @@ Options:
 - ``--avatar-reset-command CMD``: how a bench resets VM ``{vm}`` (``avatar_reset``);
 - ``--avatar-log-dir DIR``: where the per-test console logs go (default: pytest's
   temporary directory, ``<basetemp>/avatar-logs``; the terminal summary names it).
+- ``--avatar-board-linux`` (or the ini key ``avatar_board_linux = true``): without
+  ``--avatar-board``, boot the emulated board in board mode (docs/emulated-board.md): the
+  board's own Linux runs ``avatar-hw serve`` and the guest is VM 1 (``guest_console`` is
+  VM 1's console). Slow: a few minutes to boot, seconds per control request.
 
 Markers (declared here, nowhere else):
 
@@ -25,7 +29,12 @@ Fixtures:
   emulated board booted once for the session (skipped with the reason when it cannot run);
 - ``avatar_console`` (session): ``avatar_console(vm=0, port=0)`` is the ``GuestConsole``
   on that VM's console port, opened once for the session;
-- ``guest_console`` (session): ``avatar_console(0)``;
+- ``guest_console`` (session): ``avatar_console(avatar_board.guest_vm)`` (VM 0; VM 1 in
+  board mode);
+- ``avatar_board_linux``: ``avatar_board`` where it has a board Linux (a real board, whose
+  Linux this runs in; the emulated board in board mode), else the test is skipped saying
+  how to get one: ``avatar_board_linux.board_run("avatar-hw list --json")`` is
+  ``(output, exit status)`` of a shell command there;
 - ``guest_shell``: the same console once a shell answers on it;
 - ``avatar_vsock``: ``avatar_vsock(port, vm=0, timeout=30)`` is a connected stream socket
   to guest ``port`` through the VM's vsock device (waits until the guest listens; closed
@@ -61,6 +70,9 @@ MARKERS = {
 }
 HW_SKIP = ("needs a real Avatar board: run with --avatar-board FILE (e.g. boards/rpi4.toml) "
            "next to a running 'avatar-hw serve'")
+BOARD_LINUX_SKIP = ("needs a board Linux: the emulated board in host mode has none; run with "
+                    "--avatar-board-linux (or avatar_board_linux = true in the ini file), or "
+                    "--avatar-board FILE on a real board")
 SHELL_TIMEOUT = 120
 
 
@@ -80,6 +92,11 @@ def pytest_addoption(parser):
                          "'labgrid-client -p avatar-pi-1 power cycle'), for avatar_reset")
     group.addoption("--avatar-log-dir", metavar="DIR",
                     help="per-test console logs (default: <pytest basetemp>/avatar-logs)")
+    group.addoption("--avatar-board-linux", action="store_true",
+                    help="without --avatar-board: the emulated board in board mode (its own "
+                         "Linux runs avatar-hw; the guest is VM 1; slow)")
+    parser.addini("avatar_board_linux", type="bool", default=False,
+                  help="as --avatar-board-linux")
 
 
 def _stem(item):
@@ -177,9 +194,22 @@ def avatar_board(request):
         missing = target.emulated_board_missing()
         if missing:
             pytest.skip(f"no --avatar-board, and {missing}")
-        board = target.EmulatedTarget().start()
+        board = target.EmulatedTarget(board_linux=_board_linux(config)).start()
     yield board
     board.close()
+
+
+def _board_linux(config):
+    """The emulated board in board mode? (--avatar-board-linux, else the ini key)"""
+    return bool(config.getoption("avatar_board_linux") or config.getini("avatar_board_linux"))
+
+
+@pytest.fixture
+def avatar_board_linux(request):
+    config = request.config
+    if not config.getoption("avatar_board") and not _board_linux(config):
+        pytest.skip(BOARD_LINUX_SKIP)
+    return request.getfixturevalue("avatar_board")
 
 
 @pytest.fixture(scope="session")
@@ -193,7 +223,7 @@ def avatar_console(request, avatar_board, tmp_path_factory):
             state.by_port[key] = avatar_board.console(vm, port)
             if state.test is not None:
                 state.open_log(key)
-        if vm == 0:
+        if vm == avatar_board.guest_vm:
             avatar_board.last_console = state.by_port[key]
         return state.by_port[key]
 
@@ -205,8 +235,8 @@ def avatar_console(request, avatar_board, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def guest_console(avatar_console):
-    return avatar_console(0)
+def guest_console(avatar_console, avatar_board):
+    return avatar_console(avatar_board.guest_vm)
 
 
 @pytest.fixture

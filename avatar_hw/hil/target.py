@@ -16,19 +16,28 @@ Both offer the same things, so one bring-up suite runs on either:
   restart, with ``{vm}`` replaced);
 - ``properties()``: board, target kind, guest kernel (when known), avatar-hw's
   version and commit, for test reports.
+- ``board_run(command)``: ``(output, status)`` of a shell command in the board's
+  Linux, where ``avatar-hw serve`` runs (a real board: here; the emulated board in
+  board mode: its board Linux's shell; host mode has none);
+- ``guest_vm``: the VM of ``guest_console`` (0; the emulated board in board mode: 1).
 
 ``HardwareTarget`` runs next to ``avatar-hw serve`` on the board's Linux (the
 control socket and the GIC distributor are local there); its guest console is
 any pyserial URL, or the first endpoint of the VM's console that a terminal
 can attach to. ``EmulatedTarget`` boots the emulated board
 (``avatar_hw.emulated.session.EmulatedBoard``) with a console, and block, rng
-and vsock (guest CID 3) devices when this tree has them.
+and vsock (guest CID 3) devices when this tree has them; ``board_linux=True``:
+in board mode, the daemon in the board Linux serving VM 1 its console, block, rng
+and net (the board's own VMs config), its control socket reached through the
+board Linux's shell (a Python client there: seconds per request under TCG).
 """
 
 import base64
 import functools
 import importlib.util
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -54,14 +63,23 @@ class Target:
     control_option = "--control"      # what the user calls control_path, for error messages
     last_console = None     # the console tests use (its output goes into failure reports)
 
+    guest_vm = 0            # the VM of guest_console
+
+    def _request(self, command, **arguments):
+        """``command`` on the daemon's control socket; its result."""
+        return control.request(command, self.control_path, option=self.control_option,
+                               **arguments)
+
     def info(self):
-        return control.request("info", self.control_path, option=self.control_option)
+        return self._request("info")
 
     def screenshot(self, vm=0, device="gpu"):
         """PNG bytes of VM ``vm``'s screen (its gpu's scanout)."""
-        shot = control.request("screenshot", self.control_path, option=self.control_option,
-                               vm=vm, device=device)
-        return base64.b64decode(shot["png"])
+        return base64.b64decode(self._request("screenshot", vm=vm, device=device)["png"])
+
+    def board_run(self, command, timeout=60):
+        """``(output, status)`` of shell ``command`` in the board's Linux."""
+        raise AvatarError(f"this target ({self.kind}) has no board Linux to run {command!r} in")
 
     def vm_info(self, vm=0):
         for entry in self.info()["vms"]:
@@ -78,8 +96,7 @@ class Target:
         that)."""
         from ..devices.balloon import parse_size
         arguments = {} if size is None else {"size": parse_size(size)}
-        return control.request("balloon", self.control_path, option=self.control_option,
-                               vm=vm, **arguments)
+        return self._request("balloon", vm=vm, **arguments)
 
     def console_url(self, vm=0, port=0):
         """The pyserial URL of VM ``vm``'s console port ``port`` (from the daemon's endpoints)."""
@@ -121,16 +138,13 @@ class Target:
         ``fault="pause", seconds=S``: the daemon serves no trap for S seconds."""
         self.faults_armed = True
         if fault == "pause":
-            return control.request("pause", self.control_path, option=self.control_option,
-                                   **options)
-        return control.request("inject", self.control_path, option=self.control_option,
-                               vm=vm, device=device, fault=fault, options=options)
+            return self._request("pause", **options)
+        return self._request("inject", vm=vm, device=device, fault=fault, options=options)
 
     def clear_faults(self):
         """Disarm every injected fault; how many there were."""
         self.faults_armed = False
-        return control.request("clear", self.control_path,
-                               option=self.control_option)["cleared"]
+        return self._request("clear")["cleared"]
 
     kernel = None               # the guest kernel's release, once known
 
@@ -221,6 +235,16 @@ class HardwareTarget(Target):
             return self._console_url
         return super().console_url(vm, port)
 
+    def board_run(self, command, timeout=60):
+        """Here: a HardwareTarget runs in the board's Linux, next to ``avatar-hw serve``."""
+        try:
+            done = subprocess.run(command, shell=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, errors="replace",
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AvatarError(f"board Linux: {command!r} did not end within {timeout} s") from None
+        return done.stdout, done.returncode
+
     def _spi_report(self, intid):
         """The board SPI of guest INTID ``intid``, compared with the board file's settings."""
         try:
@@ -251,18 +275,32 @@ def device_available(kind):
     return importlib.util.find_spec(f"avatar_hw.devices.{kind}") is not None
 
 
+# Board mode: the daemon's control socket is in the board Linux; a request goes through its
+# shell to this client there (one line: the request as JSON in argv[1]).
+BOARD_CONTROL_CLIENT = ("import json, sys; from avatar_hw import control; "
+                        "print(json.dumps(control.request(**json.loads(sys.argv[1]))))")
+BOARD_TIMEOUT = 300         # board mode: the board Linux's shell, its daemon, the guest's shell
+
+
 class EmulatedTarget(Target):
     """The emulated board with a console, and block (a scratch image), rng and gpu when this
-    tree has those devices. ``start()`` boots it; ``close()`` leaves nothing behind."""
+    tree has those devices; or with ``board_linux``, board mode (module docstring).
+    ``start()`` boots it; ``close()`` leaves nothing behind."""
 
     kind = "emulated"
 
-    def __init__(self):
+    def __init__(self, board_linux=False):
+        self.board_linux = board_linux
         self.emulated = None
         self._workdir = None
+        self.board_shell = None         # board mode: the board Linux's shell (a GuestShell)
+        self.guest_banner = None        # board mode: what the guest's init printed at boot
 
     def start(self):
         from ..emulated.assets import guest_assets
+        self.kernel = guest_assets().release
+        if self.board_linux:
+            return self._start_board_linux()
         from ..emulated.session import EmulatedBoard
         self._workdir = tempfile.mkdtemp(prefix="avatar-hil-")
         devices = []
@@ -287,21 +325,74 @@ class EmulatedTarget(Target):
             raise
         self.board = self.emulated.daemon.board
         self.control_path = self.emulated.daemon.control.path
-        self.kernel = guest_assets().release
         return self
 
+    def _start_board_linux(self):
+        """Board mode: boot, wait for the board Linux's shell, its daemon serving and the
+        guest's shell, then leave the guest's console (QEMU serves one client) to
+        ``console()``."""
+        from ..emulated import board_linux
+        from ..emulated.session import EmulatedBoard
+        self.emulated = EmulatedBoard(board_linux=True)
+        try:
+            self.emulated.start()
+            self.board_shell = self.emulated.board_shell(BOARD_TIMEOUT)
+            board_linux.wait_serving(self.board_shell, BOARD_TIMEOUT)
+            guest = self.emulated.shell(BOARD_TIMEOUT)
+            self.guest_banner = guest.banner
+            guest.close()
+        except BaseException:
+            self.close()
+            raise
+        self.board = board_linux.board_file()
+        self.guest_vm = board_linux.GUEST_VM
+        return self
+
+    def board_run(self, command, timeout=60):
+        if self.board_shell is None:
+            return super().board_run(command, timeout)
+        return self.board_shell.run(f"({command})", timeout)   # a subshell: `exit` ends it
+
+    def _request(self, command, **arguments):
+        if self.board_shell is None:
+            return super()._request(command, **arguments)
+        request = json.dumps({"command": command, **arguments})
+        output, status = self.board_run(
+            f"python3 -c {shlex.quote(BOARD_CONTROL_CLIENT)} {shlex.quote(request)} 2>&1",
+            timeout=120)
+        lines = output.strip().splitlines() or ["no output"]
+        if status != 0:
+            raise AvatarError(f"board Linux: {lines[-1].removeprefix('avatar_hw.errors.')}")
+        return json.loads(lines[-1])
+
+    def console_url(self, vm=0, port=0):
+        if self.board_shell is not None and vm == self.guest_vm and str(port) == "0":
+            return f"unix://{self.emulated.console_path}"     # hvc1, bridged in the board
+        return super().console_url(vm, port)
+
     def reset(self, vm=0):
-        """Power the emulated board off and on (QEMU and the daemon; the disk is kept)."""
+        """Power the emulated board off and on (QEMU and the daemon; the disk is kept; in
+        board mode the board Linux's disk is a fresh one)."""
+        if self.board_linux:
+            self.close()
+            self.start()
+            return [self.guest_vm]
         self.emulated.stop()
         self.emulated.start()
         self.control_path = self.emulated.daemon.control.path
         return list(self.emulated.daemon.config.vms)
 
     def _spi_report(self, intid):
+        if self.board_linux:
+            return ("(emulated board, board mode: the daemon in the board Linux raises the "
+                    "board SPI through its UIO-mapped distributor; not read from here)")
         return ("(emulated board: the stub injects the SPI through the GIC's list registers; "
                 "QEMU's distributor is not mapped here)")
 
     def close(self):
+        if self.board_shell is not None:
+            self.board_shell.close()
+            self.board_shell = None
         if self.emulated is not None:
             self.emulated.stop()
             self.emulated = None

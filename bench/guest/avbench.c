@@ -22,6 +22,11 @@
  *                                       pseudo-random data while reading the echo, half-closes
  *                                       after the last byte, reads to the end, prints both sums
  *
+ *   avbench mmio ADDR COUNT [VALUE]     COUNT 32-bit reads (or writes of VALUE) of the register
+ *                                       at guest-physical ADDR, mapped from /dev/mem (boot with
+ *                                       iomem=relaxed: the virtio-mmio driver holds it); each
+ *                                       timed: the trap round trip (bench/board_linux.py)
+ *
  * tx, rx and vsock-* report the SHA-256 of the bytes sent or received; the host
  * compares it with its own. Times are CLOCK_MONOTONIC in the guest.
  */
@@ -33,6 +38,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <linux/vm_sockets.h>           /* after sys/socket.h: it needs struct sockaddr */
@@ -436,6 +442,45 @@ static int vsock_send(unsigned port, uint64_t bytes)
     return 0;
 }
 
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int mmio(uint64_t addr, long count, int write, uint32_t value)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    int fd = open("/dev/mem", O_RDWR | O_SYNC);
+    if (fd < 0 || count <= 0)
+        die("/dev/mem");
+    char *base = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+                      (off_t)(addr & ~(uint64_t)(page - 1)));
+    if (base == MAP_FAILED)
+        die("mmap the register (boot with iomem=relaxed)");
+    volatile uint32_t *reg = (volatile uint32_t *)(base + (addr & (page - 1)));
+    uint64_t *ns = malloc(count * sizeof *ns);
+    uint32_t seen = 0;
+    if (!ns)
+        die("malloc");
+    uint64_t t0 = now_ns();
+    for (long i = 0; i < count; i++) {
+        uint64_t t = now_ns();
+        if (write)
+            *reg = value;       /* one 32-bit store: one trap */
+        else
+            seen = *reg;        /* one 32-bit load: one trap */
+        ns[i] = now_ns() - t;
+    }
+    uint64_t total = now_ns() - t0;
+    qsort(ns, count, sizeof *ns, cmp_u64);
+    printf("avbench mmio %s count=%ld ns=%llu p50_ns=%llu p99_ns=%llu max_ns=%llu value=0x%x\n",
+           write ? "write" : "read", count, (unsigned long long)total,
+           (unsigned long long)ns[count / 2], (unsigned long long)ns[count * 99 / 100],
+           (unsigned long long)ns[count - 1], write ? value : seen);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IONBF, 0);
@@ -458,8 +503,11 @@ int main(int argc, char **argv)
         return vsock_echo((unsigned)strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0));
     if (argc == 4 && !strcmp(argv[1], "vsock-send"))
         return vsock_send((unsigned)strtoul(argv[2], NULL, 0), strtoull(argv[3], NULL, 0));
+    if ((argc == 4 || argc == 5) && !strcmp(argv[1], "mmio"))
+        return mmio(strtoull(argv[2], NULL, 0), strtol(argv[3], NULL, 0), argc == 5,
+                    (uint32_t)strtoul(argc == 5 ? argv[4] : "0", NULL, 0));
     fprintf(stderr, "usage: avbench seqread|seqwrite DEV BYTES [buffered] | randread DEV COUNT SECONDS | "
                     "rng BYTES SECONDS | meta DIR COUNT | tx BYTES | rx BYTES | vsock-echo PORT MAXBYTES | "
-                    "vsock-send PORT BYTES\n");
+                    "vsock-send PORT BYTES | mmio ADDR COUNT [VALUE]\n");
     return 2;
 }
