@@ -186,8 +186,8 @@ BAD = {
     "unknown interrupt kind": (edited('kind = "gic"', 'kind = "msi"'), "interrupts.kind",
                                "must be one of 'gic', 'stub', not 'msi'"),
     "region without uio or file": (edited('{ uio = "avatar-gicd" }', '{ uoi = "avatar-gicd" }'),
-                                   "gic.region", "needs exactly one of uio or file (uio: the name of "
-                                                 "a UIO device; file: the path of a file"),
+                                   "gic.region", "needs exactly one of uio or file (uio: the "
+                                                 "name of a UIO device; file: the path of a file"),
     "region with both": (edited('{ uio = "avatar-trap" }',
                                 '{ uio = "avatar-trap", file = "t", size = 1 }'),
                          "trap.region", "needs exactly one of"),
