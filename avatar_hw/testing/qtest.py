@@ -206,9 +206,6 @@ class QTest:
         """Report the input GPIO lines of ``qom_path`` (e.g. a CPU) as ``IRQ`` events."""
         self.command(f"irq_intercept_in {qom_path}")
 
-    def irq_intercept_out(self, qom_path):
-        self.command(f"irq_intercept_out {qom_path}")
-
     def wait_irq(self, level="raise", line=0, timeout=None):
         """Wait for (and consume) the event ``(level, line)``; earlier events stay listed."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
