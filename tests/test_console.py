@@ -46,15 +46,19 @@ class Console:
         for _ in range(rounds):
             self.loop.run_once(0)
 
-    def recv(self, wait=1.0):
+    def recv(self, wait=30.0):
+        """What the client receives: returns once something came and no more is ready, or
+        after ``wait`` seconds (short only where nothing may come)."""
         deadline, out = time.monotonic() + wait, b""
-        while time.monotonic() < deadline:
+        while True:
             self.spin()
             try:
                 out += self.client.recv(1 << 20)
             except BlockingIOError:
                 if out:
                     break
+            if time.monotonic() >= deadline:
+                break
         return out
 
     def close(self):

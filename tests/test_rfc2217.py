@@ -150,15 +150,15 @@ def test_4_mib_each_way_with_stalls_nothing_lost(served, loop):
     out_data = os.urandom(total)                                   # guest -> client
     in_data = os.urandom(total)                                    # client -> guest
     escaped_in = in_data.replace(b"\xff", b"\xff\xff")
-    sent_guest = sent_host = 0
+    sent_guest = sent_host = tx_used = 0
     got_host, got_guest, state = bytearray(), hashlib.sha256(), {}
     got_guest_n = 0
-    held = paused = False
-    start = time.monotonic()
+    # Phases and the stall check count loop turns that moved nothing, not seconds: the same
+    # under any load (everything but the kernel's socket buffers is in this process).
+    stalled, idle_turns = True, 0
     while len(got_host) < total or got_guest_n < total:
-        elapsed = time.monotonic() - start
-        assert elapsed < 60, "stream stalled"
-        stalled = elapsed < 0.5
+        before = (sent_guest, sent_host, tx_used, len(got_host), got_guest_n,
+                  endpoint.buffered, len(endpoint._input))
         while sent_guest < total and tx.free:
             tx.post(readable=[out_data[sent_guest:sent_guest + chunk]])
             sent_guest += chunk
@@ -173,24 +173,28 @@ def test_4_mib_each_way_with_stalls_nothing_lost(served, loop):
                 sent_host += client.send(escaped_in[sent_host:sent_host + (256 << 10)])
             except BlockingIOError:
                 pass
-        if not stalled:
-            while True:
-                try:
-                    data = client.recv(1 << 20)
-                except BlockingIOError:
-                    break
-                got_host += telnet_data(data, state)
-        elif elapsed > 0.4:
-            assert tx.outstanding and endpoint.buffered <= 64 << 10
-            assert len(endpoint._input) <= INPUT_HOLD + (64 << 10)
-            held = True
-            paused = paused or not endpoint._reading
+        while not stalled:
+            try:
+                data = client.recv(1 << 20)
+            except BlockingIOError:
+                break
+            got_host += telnet_data(data, state)
         for used in rx.get_used():
             got_guest.update(used.data)
             got_guest_n += len(used.data)
-        tx.get_used(read_data=False)
+        tx_used += len(tx.get_used(read_data=False))
+        assert endpoint.buffered <= 64 << 10 and len(endpoint._input) <= INPUT_HOLD + (64 << 10)
+        moved = before != (sent_guest, sent_host, tx_used, len(got_host), got_guest_n,
+                           endpoint.buffered, len(endpoint._input))
+        idle_turns = 0 if moved else idle_turns + 1
+        if stalled and idle_turns == 3:
+            # Both ways blocked: the guest's output waits, the client's input is not read.
+            assert tx.outstanding and not got_host and not got_guest_n
+            assert not endpoint._reading
+            stalled, idle_turns = False, 0
+        assert idle_turns < 100, f"stream stalled: {len(got_host)} and {got_guest_n} bytes in"
     client.close()
-    assert held and paused
+    assert not stalled
     assert bytes(got_host) == out_data
     assert got_guest_n == total and got_guest.digest() == hashlib.sha256(in_data).digest()
 
