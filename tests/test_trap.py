@@ -392,7 +392,7 @@ def test_a_posted_write_is_served_before_the_vcpus_next_trap(page):
     stub.begin(0, 0, VM0_DEV0 + 0x64, 4, True, 3, posted=True)       # InterruptACK, posted
     answers = []
     reader = threading.Thread(target=lambda: answers.append(
-        stub.post(0, 0, VM0_DEV0 + 0x64, 4, False, timeout=5)))
+        stub.post(0, 0, VM0_DEV0 + 0x64, 4, False, timeout=30)))
     reader.start()
     reader.join(0.05)
     slot = stub.slots[0]

@@ -76,12 +76,12 @@ int main(int argc, char **argv)
 	volatile uint32_t *ispendr = &g[(0x200 + intid / 32 * 4) / 4];
 	for (uint32_t round = 1; round <= 2; round++) {
 		*ispendr = 1u << (intid % 32);
-		CHECK(uio_wait(trap, 2000, &count) && count == 2 * round - 1,
+		CHECK(uio_wait(trap, 30000, &count) && count == 2 * round - 1,
 		      "doorbell %u: event count %u", round, count);
 		*ispendr = 1u << (intid % 32);		/* masked now: held, not delivered */
 		CHECK(!uio_wait(trap, 200, &count), "masked: no event before the unmask");
 		CHECK(uio_unmask(trap), "unmask");
-		CHECK(uio_wait(trap, 2000, &count) && count == 2 * round,
+		CHECK(uio_wait(trap, 30000, &count) && count == 2 * round,
 		      "the doorbell rung while masked arrives after the unmask: count %u", count);
 		CHECK(uio_unmask(trap), "unmask");
 	}
