@@ -81,7 +81,7 @@ def test_fault_inject_irq_delay_raises_later_through_the_loop(board):
     start = time.monotonic()
     board.request(blk.T_IN, 0, read=512)
     assert board.bench.irq.take() == []
-    while not board.bench.irq.raised and time.monotonic() - start < 10:
+    while not board.bench.irq.raised and time.monotonic() - start < 60:
         board.loop.run_once(0.1)
     assert board.bench.irq.take() == [board.device.context.intid]
     assert time.monotonic() - start >= 0.05
@@ -267,8 +267,8 @@ def test_fault_inject_net_delay_sends_later(nics, loop):
     a.send(*sent)
     spin(loop)
     got = b.received()
-    assert got == [sent[1]]
-    while time.monotonic() - start < 5 and len(got) < 2:
+    assert got[:1] == [sent[1]]       # (on a loaded machine the 100 ms may be over already)
+    while time.monotonic() - start < 60 and len(got) < 2:
         loop.run_once(0.05)
         got += b.received()
     assert got == [sent[1], sent[0]] and time.monotonic() - start >= 0.1
