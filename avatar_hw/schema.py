@@ -70,7 +70,7 @@ def _missing(file, where, field):
 
 @dataclass(frozen=True)
 class Schema:
-    what: str                   # for messages: "console" in "unknown key for a console"; or ""
+    noun: str                   # for messages: "console" in "unknown key for a console"; or ""
     fields: tuple               # of Field
     one_of: tuple = ()          # exactly one of these keys must be given
 
@@ -98,10 +98,10 @@ class Schema:
         fields = [f for f in self.fields if self._applies(f, table)]
         unknown = [k for k in table if k not in {f.name for f in fields}]
         if unknown:
-            noun = "key" if key else "table"
-            of = f" for a {self.what}" if self.what else ""
+            entry = "key" if key else "table"       # a file's top-level keys are tables
+            of = f" for a {self.noun}" if self.noun else ""
             raise ConfigError(file, _join(key, unknown[0]),
-                              f"unknown {noun}{of}; expected one of "
+                              f"unknown {entry}{of}; expected one of "
                               f"{', '.join(f.name for f in fields)}")
         options = {}
         for field in fields:
