@@ -15,6 +15,7 @@ from avatar_hw.devices.console import ConsoleDevice
 from avatar_hw.errors import ConfigError
 from avatar_hw.loop import EventLoop
 from avatar_hw.testing.virtio import VirtioBench
+from test_console import Progress
 
 IAC, SB, SE = 0xFF, 0xFA, 0xF0
 NEGOTIATION = {0xFB, 0xFC, 0xFD, 0xFE}           # WILL, WONT, DO, DONT
@@ -153,12 +154,10 @@ def test_4_mib_each_way_with_stalls_nothing_lost(served, loop):
     sent_guest = sent_host = tx_used = 0
     got_host, got_guest, state = bytearray(), hashlib.sha256(), {}
     got_guest_n = 0
-    # Phases and the stall check count loop turns that moved nothing, not seconds: the same
-    # under any load (everything but the kernel's socket buffers is in this process).
-    stalled, idle_turns = True, 0
+    # Nothing is timed: the stall phase ends on the endpoint's state, and only a stream that
+    # moves nothing for a minute fails (TCP on loopback may lag behind under load).
+    stalled, progress = True, Progress()
     while len(got_host) < total or got_guest_n < total:
-        before = (sent_guest, sent_host, tx_used, len(got_host), got_guest_n,
-                  endpoint.buffered, len(endpoint._input))
         while sent_guest < total and tx.free:
             tx.post(readable=[out_data[sent_guest:sent_guest + chunk]])
             sent_guest += chunk
@@ -184,15 +183,13 @@ def test_4_mib_each_way_with_stalls_nothing_lost(served, loop):
             got_guest_n += len(used.data)
         tx_used += len(tx.get_used(read_data=False))
         assert endpoint.buffered <= 64 << 10 and len(endpoint._input) <= INPUT_HOLD + (64 << 10)
-        moved = before != (sent_guest, sent_host, tx_used, len(got_host), got_guest_n,
-                           endpoint.buffered, len(endpoint._input))
-        idle_turns = 0 if moved else idle_turns + 1
-        if stalled and idle_turns == 3:
-            # Both ways blocked: the guest's output waits, the client's input is not read.
+        if stalled and endpoint.buffered and not endpoint._reading:
+            # Both ways held: the guest's output waits, the client's input is not read.
             assert tx.outstanding and not got_host and not got_guest_n
-            assert not endpoint._reading
-            stalled, idle_turns = False, 0
-        assert idle_turns < 100, f"stream stalled: {len(got_host)} and {got_guest_n} bytes in"
+            stalled = False
+        if not progress.moved(sent_guest, sent_host, tx_used, len(got_host), got_guest_n,
+                              endpoint.buffered, len(endpoint._input)):
+            loop.run_once(0.001)                        # nothing moved: let the kernel run
     client.close()
     assert not stalled
     assert bytes(got_host) == out_data
