@@ -45,7 +45,7 @@ class QTestError(AvatarError):
 
 class QTest:
     def __init__(self, extra_args=(), *, machine="virt", stopped=True, qmp=False,
-                 qemu=QEMU, timeout=10.0):
+                 qemu=QEMU, timeout=30.0):
         self.timeout = timeout
         self.irq_events = []
         self.qmp_events = []
