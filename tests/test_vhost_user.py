@@ -52,7 +52,7 @@ class FileBench:
         self.driver = VirtioDriver(self.subsystem.handle_mmio_trap, self.transport.window,
                                    self.ram)
 
-    def wait_used(self, queue, timeout=10.0):
+    def wait_used(self, queue, timeout=60.0):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.loop.run_once(0.05)
