@@ -217,16 +217,16 @@ def _check_priority(value):
 
 
 INTIDS = "INTIDs, each an integer or [first, last]"
-ADDRESS = at_least(0)
+NOT_NEGATIVE = at_least(0)
 
 REGION = Schema("", (
     Field("uio", str, None, "the name of a UIO device", _template),
-    Field("map", int, 0, check=ADDRESS, only_with="uio"),
+    Field("map", int, 0, check=NOT_NEGATIVE, only_with="uio"),
     Field("file", str, None, "the path of a file (relative to the board file)", _template,
           path=under),
-    Field("offset", int, 0, check=ADDRESS, only_with="file"),
+    Field("offset", int, 0, check=NOT_NEGATIVE, only_with="file"),
     Field("size", int, REQUIRED, check=at_least(1), only_with="file"),
-    Field("vm_stride", int, 0, check=ADDRESS, only_with="file"),
+    Field("vm_stride", int, 0, check=NOT_NEGATIVE, only_with="file"),
 ), one_of=("uio", "file"))
 
 BOARD = Schema("", (
@@ -235,7 +235,7 @@ BOARD = Schema("", (
         Field("description", str, ""),
     )), REQUIRED),
     Field("layout", Schema("", (
-        Field("base", int, REQUIRED, check=ADDRESS),
+        Field("base", int, REQUIRED, check=NOT_NEGATIVE),
         Field("vm_size", int, REQUIRED, check=at_least(1)),
         Field("device_size", int, REQUIRED, check=at_least(MIN_DEVICE_SIZE)),
         Field("irq_base", int, REQUIRED, check=at_least(FIRST_SPI)),
@@ -253,15 +253,15 @@ BOARD = Schema("", (
     )), {}),
     Field("gic", Schema("", (               # required with interrupts.kind = "gic": _parse
         Field("version", str, REQUIRED, check=choice(*VERSIONS)),
-        Field("distributor", int, REQUIRED, check=ADDRESS),
-        Field("cpu_interface", int, None, check=ADDRESS),
+        Field("distributor", int, REQUIRED, check=NOT_NEGATIVE),
+        Field("cpu_interface", int, None, check=NOT_NEGATIVE),
         Field("lines", int, REQUIRED, check=at_least(FIRST_SPI + 1)),
         Field("region", REGION, REQUIRED),
     ))),
     Field("trap", Schema("", (Field("region", REGION, REQUIRED),)), REQUIRED),
     Field("ram", Schema("", (
         Field("region", REGION, REQUIRED),
-        Field("guest_base", int, REQUIRED, check=ADDRESS),
+        Field("guest_base", int, REQUIRED, check=NOT_NEGATIVE),
     )), REQUIRED),
 ))
 """The board file's tables and keys (docs/boards.md); ``_parse`` checks across keys."""
