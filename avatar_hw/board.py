@@ -30,7 +30,7 @@ from .hw.region import Region
 from .hw.uio import find_uio
 from .interrupts import BoardInterruptLine
 from .layout import Layout, address
-from .tomltable import REQUIRED, Table
+from .schema import REQUIRED, EntryError, Field, Schema, at_least, choice, under
 
 BOARD_DIRS = (
     Path(__file__).resolve().parent.parent / "boards",               # a checkout
@@ -175,133 +175,158 @@ class Board:
 
 # -- reading the board file ----------------------------------------------------------------
 
-class _BoardTable(Table):
-    """A board file's table: also INTID lists."""
-
-    def intids(self, key, default=()):
-        """An array of INTIDs, each an integer or ``[first, last]``: a tuple of ``IntidRange``."""
-        items = self.get(key, list, None)
-        if items is None:
-            return default
-        entries = []
-        for index, item in enumerate(items):
-            where = f"{key}[{index}]"
-            if isinstance(item, int) and not isinstance(item, bool):
-                item = [item, item]
-            if (not isinstance(item, list) or len(item) != 2
-                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
-                raise self.error(where, f"must be an INTID or [first, last], not {item!r}")
-            first, last = item
-            if not FIRST_SPI <= first <= last < SPECIAL_INTIDS:
-                raise self.error(where, f"{item!r}: INTIDs must be SPIs ({FIRST_SPI}.."
-                                        f"{SPECIAL_INTIDS - 1}), first <= last")
-            entries.append(IntidRange(first, last))
-        return tuple(entries)
-
-
-def _region(table, key, per_vm):
-    spec = table.table(key)
-    if ("uio" in spec.data) == ("file" in spec.data):
-        raise spec.error(None, 'needs exactly one of uio = "NAME" or file = "PATH"')
-    if "uio" in spec.data:
-        region = RegionSpec(uio=spec.get("uio", str), map=spec.number("map", 0))
-    else:
-        path = Path(spec.get("file", str))
-        region = RegionSpec(file=str(Path(spec.file).parent / path),  # relative to the board file
-                            offset=spec.number("offset", 0), size=spec.number("size", minimum=1),
-                            vm_stride=spec.number("vm_stride", 0))
-    spec.done()
-    fields = {f for _, f, _, _ in string.Formatter().parse(region.template) if f is not None}
+def _template(name):
+    """A region's ``uio`` or ``file`` name: ``{vm}`` is the only placeholder."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(name) if f is not None}
+    except ValueError as err:
+        raise ValueError(f"{name!r}: {err}") from None
     if not fields <= {"vm"}:
-        raise spec.error("uio" if region.uio else "file",
-                         f"{region.template!r}: the only placeholder allowed is {{vm}}")
-    if region.vm_stride and ("vm" in fields or not per_vm):
-        raise spec.error("vm_stride", "per-VM parts of one file: only for a region each VM "
-                                      "has its own, and then without {vm} in the file name")
+        raise ValueError(f"{name!r}: the only placeholder allowed is {{vm}}")
+
+
+def _intid_ranges(items):
+    """A board file's INTID list, each entry an INTID or ``[first, last]``: a tuple of
+    ``IntidRange``; ``EntryError`` names a wrong entry."""
+    entries = []
+    for index, item in enumerate(items):
+        pair = [item, item] if isinstance(item, int) and not isinstance(item, bool) else item
+        if (not isinstance(pair, list) or len(pair) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
+            raise EntryError(index, f"must be an INTID or [first, last], not {item!r}")
+        first, last = pair
+        if not FIRST_SPI <= first <= last < SPECIAL_INTIDS:
+            raise EntryError(index, f"{pair!r}: INTIDs must be SPIs ({FIRST_SPI}.."
+                                    f"{SPECIAL_INTIDS - 1}), first <= last")
+        entries.append(IntidRange(first, last))
+    return tuple(entries)
+
+
+def _check_cpus(value):
+    """``target_cpu``: one CPU (or GICv3 affinity) for every VM, or an array with one per VM
+    (its length is checked against the layout by ``_parse``)."""
+    for cpu in value if isinstance(value, list) else [value]:
+        if not isinstance(cpu, int) or isinstance(cpu, bool) or cpu < 0 or cpu & ~AFFINITY_MASK:
+            raise ValueError(f"{cpu!r} is not a CPU number (GICv2: 0..7) or an affinity "
+                             "Aff3 << 32 | Aff2 << 16 | Aff1 << 8 | Aff0")
+
+
+def _check_priority(value):
+    if not 0 <= value <= 0xFF:
+        raise ValueError(f"must be 0..255 (a GICD_IPRIORITYR byte), not {value}")
+
+
+INTIDS = "INTIDs, each an integer or [first, last]"
+NOT_NEGATIVE = at_least(0)
+
+REGION = Schema("", (
+    Field("uio", str, None, "the name of a UIO device", _template),
+    Field("map", int, 0, check=NOT_NEGATIVE, only_with="uio"),
+    Field("file", str, None, "the path of a file (relative to the board file)", _template,
+          path=under),
+    Field("offset", int, 0, check=NOT_NEGATIVE, only_with="file"),
+    Field("size", int, REQUIRED, check=at_least(1), only_with="file"),
+    Field("vm_stride", int, 0, check=NOT_NEGATIVE, only_with="file"),
+), one_of=("uio", "file"))
+
+BOARD = Schema("", (
+    Field("board", Schema("", (
+        Field("name", str, REQUIRED),
+        Field("description", str, ""),
+    )), REQUIRED),
+    Field("layout", Schema("", (
+        Field("base", int, REQUIRED, check=NOT_NEGATIVE),
+        Field("vm_size", int, REQUIRED, check=at_least(1)),
+        Field("device_size", int, REQUIRED, check=at_least(MIN_DEVICE_SIZE)),
+        Field("irq_base", int, REQUIRED, check=at_least(FIRST_SPI)),
+        Field("irqs_per_vm", int, REQUIRED, check=at_least(1)),
+        Field("max_vms", int, REQUIRED, check=at_least(1)),
+    )), REQUIRED),
+    Field("interrupts", Schema("", (
+        Field("kind", str, "gic", check=choice(*INTERRUPT_KINDS)),
+        Field("board_intids", list, None, INTIDS, _intid_ranges),
+        Field("doorbell_intid", int, None, check=at_least(FIRST_SPI)),
+        Field("target_cpu", (int, list), None,
+              "a CPU number (or GICv3 affinity), or a list of one per VM", _check_cpus),
+        Field("priority", int, None, check=_check_priority),
+        Field("reserved_intids", list, None, INTIDS, _intid_ranges),
+    )), {}),
+    Field("gic", Schema("", (               # required with interrupts.kind = "gic": _parse
+        Field("version", str, REQUIRED, check=choice(*VERSIONS)),
+        Field("distributor", int, REQUIRED, check=NOT_NEGATIVE),
+        Field("cpu_interface", int, None, check=NOT_NEGATIVE),
+        Field("lines", int, REQUIRED, check=at_least(FIRST_SPI + 1)),
+        Field("region", REGION, REQUIRED),
+    ))),
+    Field("trap", Schema("", (Field("region", REGION, REQUIRED),)), REQUIRED),
+    Field("ram", Schema("", (
+        Field("region", REGION, REQUIRED),
+        Field("guest_base", int, REQUIRED, check=NOT_NEGATIVE),
+    )), REQUIRED),
+))
+"""The board file's tables and keys (docs/boards.md); ``_parse`` checks across keys."""
+
+
+def _region(file, key, options, per_vm):
+    """The ``RegionSpec`` of a checked region table; ``per_vm``: each VM has its own."""
+    region = RegionSpec(**options)
+    name_key = f"{key}.{'uio' if region.uio is not None else 'file'}"
+    if region.vm_stride and ("{vm}" in region.template or not per_vm):
+        raise ConfigError(file, f"{key}.vm_stride", "per-VM parts of one file: only for a region "
+                                                    "each VM has its own, and then without {vm} "
+                                                    "in the file name")
     if per_vm != region.per_vm:
         problem = ("each VM has its own: put {vm} in the name (or give vm_stride)" if per_vm
                    else "one region shared by all VMs: no {vm} in the name")
-        raise spec.error("uio" if region.uio else "file", f"{region.template!r}: {problem}")
+        raise ConfigError(file, name_key, f"{options.get('uio', options.get('file'))!r}: "
+                                          f"{problem}")
     return region
 
 
 def _parse(file, data):
-    top = _BoardTable(file, "", data)
-    board = top.table("board")
-    name, description = board.get("name", str), board.get("description", str, "")
-    board.done()
-
-    lay = top.table("layout")
-    layout = Layout(base=lay.number("base"), vm_size=lay.number("vm_size", minimum=1),
-                    device_size=lay.number("device_size", minimum=MIN_DEVICE_SIZE),
-                    irq_base=lay.number("irq_base", minimum=FIRST_SPI),
-                    irqs_per_vm=lay.number("irqs_per_vm", minimum=1),
-                    max_vms=lay.number("max_vms", minimum=1))
-    lay.done()
-
-    interrupts = top.table("interrupts", {})
-    kind = interrupts.choice("kind", INTERRUPT_KINDS, "gic")
-    irq = {"reserved_intids": interrupts.intids("reserved_intids"),
-           "doorbell_intid": interrupts.number("doorbell_intid", None, minimum=FIRST_SPI)}
-    guest_intids = range(layout.irq_base, layout.last_intid + 1)
+    options = BOARD.read(file, "", data, base=Path(file).parent)
+    layout = Layout(**options["layout"])
+    interrupts = options["interrupts"]
+    kind = interrupts["kind"]
+    irq = {"reserved_intids": _intid_ranges(interrupts.get("reserved_intids", ())),
+           "doorbell_intid": interrupts.get("doorbell_intid")}
     if kind == "stub":
         # The stub injects the guest INTID itself: no physical SPI is raised for a device.
         for key in GIC_ONLY_KEYS:
-            if key in interrupts.data:
-                raise interrupts.error(key, 'only with kind = "gic": with "stub" the stub '
-                                            "injects the guest INTIDs itself")
-        irq["board_intids"] = tuple(guest_intids)
+            if key in interrupts:
+                raise ConfigError(file, f"interrupts.{key}", 'only with kind = "gic": with '
+                                  '"stub" the stub injects the guest INTIDs itself')
+        irq["board_intids"] = tuple(range(layout.irq_base, layout.last_intid + 1))
     else:
-        ranges = interrupts.intids("board_intids", None)
-        if ranges is None:
-            raise interrupts.error("board_intids", "missing; list the SPIs the daemon raises on "
-                                   "this SoC, free there, e.g. [[217, 231], [233, 249]] "
-                                   "(docs/boards.md)")
-        irq["board_intids"] = tuple(intid for entry in ranges for intid in entry)
-        irq["priority"] = interrupts.number("priority", DEFAULT_PRIORITY)
-        if irq["priority"] > 0xFF:
-            raise interrupts.error("priority", f"must be 0..255 (a GICD_IPRIORITYR byte), "
-                                               f"not {irq['priority']}")
-        irq["target_cpus"] = _target_cpus(interrupts, layout.max_vms)
-    interrupts.done()
+        if "board_intids" not in interrupts:
+            raise ConfigError(file, "interrupts.board_intids", "missing; list the SPIs the "
+                              "daemon raises on this SoC, free there, e.g. [[217, 231], "
+                              "[233, 249]] (docs/boards.md)")
+        irq["board_intids"] = tuple(intid for entry in _intid_ranges(interrupts["board_intids"])
+                                    for intid in entry)
+        irq["priority"] = interrupts.get("priority", DEFAULT_PRIORITY)
+        cpus = interrupts.get("target_cpu", 0)
+        if isinstance(cpus, list) and len(cpus) != layout.max_vms:
+            raise ConfigError(file, "interrupts.target_cpu",
+                              f"has {len(cpus)} entries but layout.max_vms is "
+                              f"{layout.max_vms}: give one CPU per VM, or one for all")
+        irq["target_cpus"] = tuple(cpus if isinstance(cpus, list) else [cpus] * layout.max_vms)
 
-    gic_table = top.table("gic", None if kind == "stub" else REQUIRED)
     gic_spec = None
-    if gic_table is not None:
-        gic_spec = GicSpec(version=gic_table.choice("version", VERSIONS),
-                           distributor=gic_table.number("distributor"),
-                           cpu_interface=gic_table.number("cpu_interface", None),
-                           lines=gic_table.number("lines", minimum=FIRST_SPI + 1),
-                           region=_region(gic_table, "region", per_vm=False))
-        gic_table.done()
-
-    trap_table = top.table("trap")
-    trap = _region(trap_table, "region", per_vm=False)
-    trap_table.done()
-
-    ram_table = top.table("ram")
-    ram = _region(ram_table, "region", per_vm=True)
-    ram_guest_base = ram_table.number("guest_base")
-    ram_table.done()
-    top.done()
-    return Board(path=Path(file), name=name, description=description, layout=layout,
-                 interrupts=kind, gic=gic_spec, trap=trap, ram=ram, ram_guest_base=ram_guest_base,
-                 **irq)
-
-
-def _target_cpus(table, max_vms):
-    """``target_cpu``: one CPU (or GICv3 affinity) for every VM, or an array with one per VM."""
-    value = table.data.get("target_cpu", 0)
-    values = value if isinstance(value, list) else [value] * max_vms
-    table.read.append("target_cpu")
-    if isinstance(value, list) and len(value) != max_vms:
-        raise table.error("target_cpu", f"has {len(value)} entries but layout.max_vms is "
-                                        f"{max_vms}: give one CPU per VM, or one for all")
-    for cpu in values:
-        if not isinstance(cpu, int) or isinstance(cpu, bool) or cpu < 0 or cpu & ~AFFINITY_MASK:
-            raise table.error("target_cpu", f"{cpu!r} is not a CPU number (GICv2: 0..7) or an "
-                                            "affinity Aff3 << 32 | Aff2 << 16 | Aff1 << 8 | Aff0")
-    return tuple(values)
+    if "gic" in options:
+        gic = options["gic"]
+        gic_spec = GicSpec(version=gic["version"], distributor=gic["distributor"],
+                           cpu_interface=gic.get("cpu_interface"), lines=gic["lines"],
+                           region=_region(file, "gic.region", gic["region"], per_vm=False))
+    elif kind == "gic":
+        raise BOARD.missing(file, "", "gic")
+    ram = options["ram"]
+    return Board(path=Path(file), name=options["board"]["name"],
+                 description=options["board"]["description"], layout=layout,
+                 interrupts=kind, gic=gic_spec,
+                 trap=_region(file, "trap.region", options["trap"]["region"], per_vm=False),
+                 ram=_region(file, "ram.region", ram["region"], per_vm=True),
+                 ram_guest_base=ram["guest_base"], **irq)
 
 
 # -- checks across keys ---------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""The daemon's control socket (``avatar-hw list | info | debug`` ask through it:
-avatar_hw.commands.query).
+"""The daemon's control socket: every ``avatar-hw`` command that talks to a running
+daemon asks through it (``list``, ``info``, ``debug``: avatar_hw.commands.query;
+``balloon``, ``screenshot``, ``inject``: their modules in avatar_hw.commands).
 
 A Unix stream socket speaking JSON lines: each request is one line
-``{"command": "list" | "info" | "debug", ...}``, each answer one line
+``{"command": NAME, ...}`` (the commands below), each answer one line
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "one line"}``.
 The server lives in the daemon's event loop (non-blocking, answers queued
 per client), so introspection never stalls trap service.

@@ -64,17 +64,6 @@ class Layout:
         start = self.base + vm_id * self.vm_size
         return start, start + self.vm_size - 1
 
-    def locate(self, addr):
-        """``(vm_id, index, offset)`` of the device slot holding ``addr``, or None."""
-        rel = addr - self.base
-        if rel < 0 or rel >= self.max_vms * self.vm_size:
-            return None
-        vm_id, in_vm = divmod(rel, self.vm_size)
-        index, offset = divmod(in_vm, self.device_size)
-        if index >= self.devices_per_vm:
-            return None
-        return vm_id, index, offset
-
     def _check(self, vm_id, index):
         if not 0 <= vm_id < self.max_vms:
             raise ValueError(f"VM {vm_id} is outside the layout (0..{self.max_vms - 1})")

@@ -196,7 +196,7 @@ def test_huge_and_ragged_frame_arrays_are_bounded(bench, loop):
     b.inflate.notify()
     done = len(b.inflate.get_used())
     assert done == bl.PFNS_PER_TURN // bl.MAX_PFNS < heads
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while done < heads and time.monotonic() < deadline:
         loop.run_once(0.01)
         done += len(b.inflate.get_used())
@@ -234,6 +234,7 @@ def stats_buffer(**values):
 
 def test_statistics_are_read_kept_and_requested_again(bench, loop):
     b = bench(stats_interval=0.05)
+    posted = time.time()
     b.stats.post(readable=[stats_buffer(free_memory=100 << 20, total_memory=500 << 20,
                                         available_memory=200 << 20) + bl.STAT.pack(99, 1)])
     b.stats.notify()
@@ -241,8 +242,8 @@ def test_statistics_are_read_kept_and_requested_again(bench, loop):
     info = b.device.info()["balloon"]
     assert info["stats"] == {"free_memory": 100 << 20, "total_memory": 500 << 20,
                              "available_memory": 200 << 20}
-    assert info["stats_age"] < 5
-    deadline = time.monotonic() + 5
+    assert 0 <= info["stats_age"] <= time.time() - posted + 0.1    # rounded to 0.1 s
+    deadline = time.monotonic() + 60
     used = []
     while not used and time.monotonic() < deadline:
         loop.run_once(0.01)

@@ -168,7 +168,7 @@ def edited(old, new):
 BAD = {
     "missing key": (edited("irq_base = 48 ", "#"), "layout.irq_base",
                     "missing; it must be an integer"),
-    "missing table": (edited("[trap]\nregion", "[x]\nregion"), "trap",
+    "missing table": (edited('[trap]\nregion = { uio = "avatar-trap" }', ""), "trap",
                       "missing; it must be a table"),
     "string for a number": (edited("base = 0x0a000000", 'base = "0x0a000000"'), "layout.base",
                             "must be an integer, not str '0x0a000000'"),
@@ -186,8 +186,8 @@ BAD = {
     "unknown interrupt kind": (edited('kind = "gic"', 'kind = "msi"'), "interrupts.kind",
                                "must be one of 'gic', 'stub', not 'msi'"),
     "region without uio or file": (edited('{ uio = "avatar-gicd" }', '{ uoi = "avatar-gicd" }'),
-                                   "gic.region", 'needs exactly one of uio = "NAME" or file = '
-                                                 '"PATH"'),
+                                   "gic.region", "needs exactly one of uio or file (uio: the "
+                                                 "name of a UIO device; file: the path of a file"),
     "region with both": (edited('{ uio = "avatar-trap" }',
                                 '{ uio = "avatar-trap", file = "t", size = 1 }'),
                          "trap.region", "needs exactly one of"),
@@ -206,6 +206,11 @@ BAD = {
     "stride and {vm}": (edited('{ uio = "avatar-vm{vm}-ram" }',
                                '{ file = "ram{vm}", size = 1, vm_stride = 0x1000 }'),
                         "ram.region.vm_stride", "without {vm} in the file name"),
+    "region not a table": (edited('region = { uio = "avatar-trap" }', 'region = "avatar-trap"'),
+                           "trap.region", "must be a table such as { uio = ... }, not str "
+                                          "'avatar-trap'"),
+    "unbalanced brace": (edited('"avatar-trap"', '"avatar-{trap"'), "trap.region.uio",
+                         "'avatar-{trap': expected '}' before end of string"),
     "other placeholder": (edited('"avatar-vm{vm}-ram"', '"avatar-{name}-ram"'), "ram.region.uio",
                           "the only placeholder allowed is {vm}"),
     "SPI below 32": (edited("irq_base = 48", "irq_base = 16"), "layout.irq_base",
@@ -255,7 +260,10 @@ BAD = {
                                           "interrupts.target_cpu",
                                           "has 2 entries but layout.max_vms is 4"),
     "target not a number": (edited("target_cpu = 1", 'target_cpu = "cpu1"'),
-                            "interrupts.target_cpu", "'cpu1' is not a CPU number"),
+                            "interrupts.target_cpu", "must be a CPU number (or GICv3 affinity), "
+                                                     "or a list of one per VM, not str 'cpu1'"),
+    "target entry not a number": (edited("target_cpu = 1", 'target_cpu = [1, 2, "cpu1", 3]'),
+                                  "interrupts.target_cpu", "'cpu1' is not a CPU number"),
     "doorbell reserved": (edited("doorbell_intid = 232", "doorbell_intid = 208"),
                           "interrupts.doorbell_intid",
                           "INTID 208 is reserved by interrupts.reserved_intids entry 208"),

@@ -29,7 +29,7 @@ def test_block_rng_net_served_and_info_shows_their_counters(tmp_path):
     remote = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         stub.page.wait_attached()
-        block, rng, nic = (stub.driver(0, slot, timeout=3) for slot in range(3))
+        block, rng, nic = (stub.driver(0, slot) for slot in range(3))
         assert [d.read(vc.REG_DEVICE_ID) for d in (block, rng, nic)] == [2, 4, 1]
 
         q, = block.init([0], buf_size=4096)

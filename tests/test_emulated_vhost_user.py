@@ -61,9 +61,12 @@ def test_vhost_user_files_move_both_ways_with_the_same_sha256(board):
 def test_vhost_user_killed_backend_needs_reset_daemon_keeps_serving(board):
     device = fs_device(board)
     run(board, "(while :; do cat /mnt/from-host.bin > /mnt/copy; done) >/dev/null 2>&1 & true")
-    time.sleep(0.5)
+    deadline = time.monotonic() + 60
+    while not (board.share / "copy").exists():      # the guest's copy loop is running
+        assert time.monotonic() < deadline, "the guest's copy loop never started"
+        time.sleep(0.05)
     device.process.kill()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while not device.context.status & c.STATUS_DEVICE_NEEDS_RESET:
         assert time.monotonic() < deadline, "a killed back-end left the device running"
         time.sleep(0.05)

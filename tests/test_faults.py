@@ -81,7 +81,7 @@ def test_fault_inject_irq_delay_raises_later_through_the_loop(board):
     start = time.monotonic()
     board.request(blk.T_IN, 0, read=512)
     assert board.bench.irq.take() == []
-    while not board.bench.irq.raised and time.monotonic() - start < 10:
+    while not board.bench.irq.raised and time.monotonic() - start < 60:
         board.loop.run_once(0.1)
     assert board.bench.irq.take() == [board.device.context.intid]
     assert time.monotonic() - start >= 0.05
@@ -267,8 +267,8 @@ def test_fault_inject_net_delay_sends_later(nics, loop):
     a.send(*sent)
     spin(loop)
     got = b.received()
-    assert got == [sent[1]]
-    while time.monotonic() - start < 5 and len(got) < 2:
+    assert got[:1] == [sent[1]]       # (on a loaded machine the 100 ms may be over already)
+    while time.monotonic() - start < 60 and len(got) < 2:
         loop.run_once(0.05)
         got += b.received()
     assert got == [sent[1], sent[0]] and time.monotonic() - start >= 0.1
@@ -285,7 +285,9 @@ def test_fault_inject_console_stall_holds_output_then_delivers_all(tmp_path, loo
     try:
         faults = FaultInjector(con.bench.subsystem, loop)
         _rx, tx = con.driver.init([0, 1])
-        faults.inject(0, 0, "stall", seconds=0.3)
+        # Cleared: a stall far longer than the test, so only the clear can end it.
+        seconds = 600 if clear else 0.3
+        faults.inject(0, 0, "stall", seconds=seconds)
         start = time.monotonic()
         tx.post(readable=[b"held "])
         tx.notify()
@@ -294,8 +296,8 @@ def test_fault_inject_console_stall_holds_output_then_delivers_all(tmp_path, loo
         assert con.recv(0.1) == b"" and tx.get_used() == []     # nothing moves, nothing lost
         if clear:
             assert faults.clear() == 1
-        out = con.recv(2.0)
+        out = con.recv()
         assert out == b"held output\n" and len(tx.get_used()) == 2
-        assert (time.monotonic() - start < 0.3) == clear
+        assert clear or time.monotonic() - start >= seconds
     finally:
         con.close()

@@ -59,7 +59,7 @@ def test_v2_signalled_spi_raises_cpu_irq_and_iar_reads_48():
         enable_spi48_path(qemu)
         assert qemu.irq_events == []
         gicd.raise_spi(48)
-        qemu.wait_irq("raise", 0, timeout=5)
+        qemu.wait_irq("raise", 0, timeout=30)
         assert qemu.readl(GICC + GICC_IAR) == 48
         assert gicd.diagnose_spi(48).active
         qemu.writel(GICC + GICC_EOIR, 48)
@@ -245,7 +245,7 @@ def test_v2_configured_spi_reaches_the_cpu_where_the_reset_state_does_not():
         gicd.clear_spi(217)
         gicd.configure_spi(217, SpiConfig(priority=0xA0, target=0))
         gicd.raise_spi(217)
-        qemu.wait_irq("raise", 0, timeout=5)
+        qemu.wait_irq("raise", 0, timeout=30)
         assert qemu.readl(GICC + GICC_IAR) == 217
         assert not gicd.is_pending(217)         # edge-triggered: acknowledging ends pending
         qemu.writel(GICC + GICC_EOIR, 217)

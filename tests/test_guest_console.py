@@ -75,7 +75,7 @@ IDS = ["sh-echo", "sh-noecho", "bash-readline", "prompt-like-a-marker", "no-prom
 @pytest.mark.parametrize("pty_shell", SHELLS, ids=IDS, indirect=True)
 def test_run_on_a_pty(pty_shell):
     console = pty_shell
-    console.wait_shell(10)
+    console.wait_shell(60)
     assert console.run("echo hello") == ("hello\n", 0)
     assert console.run("false") == ("", 1)
     assert console.run("sh -c 'exit 7'") == ("", 7)
@@ -90,17 +90,17 @@ def test_run_on_a_pty(pty_shell):
 
 def test_expect_and_sendline(pty_shell):
     console = pty_shell
-    console.wait_shell(10)
+    console.wait_shell(60)
     console.sendline("read v; echo got-$v")
     console.sendline("value")
-    assert console.expect(r"got-(\w+)", 5).group(1) == "value"
+    assert console.expect(r"got-(\w+)", 30).group(1) == "value"
     console.sendline("echo ab''cd")
-    assert console.expect(rb"abcd", 5).group(0) == "abcd"             # bytes patterns too
+    assert console.expect(rb"abcd", 30).group(0) == "abcd"             # bytes patterns too
 
 
 def test_expect_timeout_shows_the_last_output(pty_shell):
     console = pty_shell
-    console.wait_shell(10)
+    console.wait_shell(60)
     console.sendline("echo something else")
     with pytest.raises(ConsoleTimeout, match="no 'never' within 0.3 s; last output: .*else"):
         console.expect("never", 0.3)
@@ -108,11 +108,11 @@ def test_expect_timeout_shows_the_last_output(pty_shell):
 
 def test_expect_a_list_gives_the_index_of_the_earliest_match(pty_shell):
     console = pty_shell
-    console.wait_shell(10)
+    console.wait_shell(60)
     console.sendline("echo one-$((1)) two-$((2))")
-    assert console.expect(["two-2", r"one-(\d)", "never"], 5) == 1       # earliest in the output
+    assert console.expect(["two-2", r"one-(\d)", "never"], 30) == 1       # earliest in the output
     assert console.match.group(1) == "1"
-    assert console.expect(["never", "two-2"], 5) == 1                     # the rest stays
+    assert console.expect(["never", "two-2"], 30) == 1                     # the rest stays
     assert console.expect(["never", ConsoleTimeout], 0.3) == 1            # pexpect's TIMEOUT
     with pytest.raises(ConsoleTimeout, match="no 'never' or 'nor this' within 0.3 s"):
         console.expect(["never", "nor this"], 0.3)
@@ -120,14 +120,14 @@ def test_expect_a_list_gives_the_index_of_the_earliest_match(pty_shell):
 
 def test_expect_exact_takes_text_literally(pty_shell, tmp_path):
     console = pty_shell
-    console.wait_shell(10)
+    console.wait_shell(60)
     console.sendline("echo '[ OK ] a.b*' x''y")
-    assert console.expect_exact("[ OK ] a.b*", 5).group(0) == "[ OK ] a.b*"
-    assert console.expect_exact([b"a.c", "xy"], 5) == 1
+    assert console.expect_exact("[ OK ] a.b*", 30).group(0) == "[ OK ] a.b*"
+    assert console.expect_exact([b"a.c", "xy"], 30) == 1
     log = open(tmp_path / "console.log", "w")
     console.log = log
     console.sendline("echo lo''gged")
-    console.expect_exact("logged", 5)
+    console.expect_exact("logged", 30)
     log.close()
     assert "logged" in (tmp_path / "console.log").read_text()
 
@@ -158,7 +158,7 @@ def test_run_over_socket_url():
     listener, processes = socket_pair_server(socket.AF_INET, ("127.0.0.1", 0))
     try:
         with GuestConsole.open("socket://127.0.0.1:%d" % listener.getsockname()[1]) as console:
-            console.wait_shell(10)
+            console.wait_shell(60)
             assert console.run("echo over tcp; false") == ("over tcp\n", 1)
     finally:
         listener.close()
@@ -171,7 +171,7 @@ def test_run_over_unix_url(tmp_path):
     listener, processes = socket_pair_server(socket.AF_UNIX, path)
     try:
         with GuestConsole.open(f"unix://{path}") as console:
-            console.wait_shell(10)
+            console.wait_shell(60)
             assert console.run("echo over unix") == ("over unix\n", 0)
     finally:
         listener.close()
@@ -184,10 +184,10 @@ def test_closed_peer_is_reported(tmp_path):
     listener, processes = socket_pair_server(socket.AF_UNIX, path)
     try:
         with GuestConsole.open(f"unix://{path}") as console:
-            console.wait_shell(10)
+            console.wait_shell(60)
             console.sendline("exit")
             with pytest.raises(ConsoleClosed, match="disconnected"):
-                console.expect("never", 10)
+                console.expect("never", 60)          # ends at the disconnect
     finally:
         listener.close()
         for process in processes:
@@ -251,12 +251,12 @@ def test_run_over_the_daemons_network_endpoints(scheme):
         url = pyserial_url(f"{scheme}:0.0.0.0:{port}")
         assert url == f"{'socket' if scheme == 'tcp' else scheme}://127.0.0.1:{port}"
         with GuestConsole.open(url) as console:
-            console.wait_shell(10)
+            console.wait_shell(60)
             assert console.run("printf '\\377\\n' | od -An -tx1") == (" ff 0a\n", 0)
             assert console.run("printf 'x\\377y'") == ("x\ufffdy", 0)   # 0xFF arrives raw
             console.sendline("read v; printf %s \"$v\" | od -An -tx1")      # and is sent raw
             console.send(b"\xfe\xff\n")
-            assert console.expect(r" fe ff\r?\n", 5)
+            assert console.expect(r" fe ff\r?\n", 30)
     finally:
         peer.close()
 
@@ -304,7 +304,7 @@ def test_unix_url_keeps_what_the_peer_sent_at_once(tmp_path, monkeypatch):
     console = GuestConsole.open(f"unix://{path}")
     monkeypatch.undo()
     try:
-        assert console.expect_exact("first prompt$ ", 5)
+        assert console.expect_exact("first prompt$ ", 30)
     finally:
         console.send(b"x")
         console.close()

@@ -45,7 +45,7 @@ def test_start_ready_stop_through_a_shell(tmp_path):
         assert ready.returncode == 0, open(log).read()
         assert control.request("info", str(board.control))["vms"][0]["vm"] == 0
         assert sh(labgrid.stop_command(pidfile)).returncode == 0
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
             assert time.monotonic() < deadline, "daemon did not stop on SIGTERM"
             time.sleep(0.05)
@@ -174,10 +174,11 @@ def test_strategy_surfaces_the_daemons_error_within_seconds(tmp_path):
                             control=str(tmp_path / "control.sock"))
     try:
         strategy = env.get_target("main").get_driver("AvatarStrategy")
-        started = time.monotonic()
         with pytest.raises(StrategyError) as err:
             strategy.transition("serving")
-        assert time.monotonic() - started < labgrid.READY_TIMEOUT / 2
+        # Seen gone at once (ready_command's exit 2), not after waiting out READY_TIMEOUT.
+        assert "avatar-hw serve exited:" in str(err.value)
+        assert "did not answer within" not in str(err.value)
         assert f"avatar-hw: {missing}: no such VMs config file" in str(err.value)
     finally:
         env.cleanup()

@@ -349,6 +349,10 @@ def test_a_remote_port_joins_and_exchanges_frames(pair, tmp_path, loop):
     assert b.received() == [hello]                             # only the broadcast
     peer.sendto(b"x" * (1500 + 18 + 14 + 1), switch)           # too large for a: dropped
     spin(loop)
+    assert a.device.info()["switch_dropped"] == 0
+    peer.sendto(b"runt", switch)                               # no MAC header: the switch drops it
+    spin(loop)
+    assert a.device.info()["switch_dropped"] == b.device.info()["switch_dropped"] == 1
     peer.close()
 
 

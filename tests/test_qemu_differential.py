@@ -96,7 +96,7 @@ def qemu_driver(q, window=FIRST_TRANSPORT):
     return VirtioDriver(qtest_mmio(q), window, QtestRam(q))
 
 
-def wait_used(queue, count=1, timeout=5.0, poll=None):
+def wait_used(queue, count=1, timeout=30.0, poll=None):
     deadline, got = time.monotonic() + timeout, []
     while len(got) < count and time.monotonic() < deadline:
         if poll:
@@ -242,16 +242,18 @@ class SocketPeer:
 
     def __init__(self, path, poll=None):
         self.sock = socket.socket(socket.AF_UNIX)
-        for _ in range(100):
+        deadline = time.monotonic() + 30
+        while True:
             try:
                 self.sock.connect(path)
                 break
             except (FileNotFoundError, ConnectionRefusedError):
+                assert time.monotonic() < deadline, f"nobody listens on {path}"
                 time.sleep(0.02)
         self.sock.setblocking(False)
         self.poll = poll or (lambda: None)
 
-    def recv(self, n, timeout=5.0):
+    def recv(self, n, timeout=30.0):
         deadline, out = time.monotonic() + timeout, b""
         while len(out) < n and time.monotonic() < deadline:
             self.poll()

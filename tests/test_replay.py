@@ -205,7 +205,7 @@ def test_replay_of_a_served_session_recorded_with_serve_record(tmp_path):
         q.notify()
         q.post(readable=[struct.pack("<IIQ", blk.T_IN, 0, 6)], writable=[512, 1])
         q.notify()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         used = []
         while len(used) < 2 and time.monotonic() < deadline:
             stub.wait_irqs(0.5)

@@ -15,6 +15,7 @@ from avatar_hw.devices.console import ConsoleDevice
 from avatar_hw.errors import ConfigError
 from avatar_hw.loop import EventLoop
 from avatar_hw.testing.virtio import VirtioBench
+from test_console import Progress
 
 IAC, SB, SE = 0xFF, 0xFA, 0xF0
 NEGOTIATION = {0xFB, 0xFC, 0xFD, 0xFE}           # WILL, WONT, DO, DONT
@@ -150,15 +151,13 @@ def test_4_mib_each_way_with_stalls_nothing_lost(served, loop):
     out_data = os.urandom(total)                                   # guest -> client
     in_data = os.urandom(total)                                    # client -> guest
     escaped_in = in_data.replace(b"\xff", b"\xff\xff")
-    sent_guest = sent_host = 0
+    sent_guest = sent_host = tx_used = 0
     got_host, got_guest, state = bytearray(), hashlib.sha256(), {}
     got_guest_n = 0
-    held = paused = False
-    start = time.monotonic()
+    # Nothing is timed: the stall phase ends on the endpoint's state, and only a stream that
+    # moves nothing for a minute fails (TCP on loopback may lag behind under load).
+    stalled, progress = True, Progress()
     while len(got_host) < total or got_guest_n < total:
-        elapsed = time.monotonic() - start
-        assert elapsed < 60, "stream stalled"
-        stalled = elapsed < 0.5
         while sent_guest < total and tx.free:
             tx.post(readable=[out_data[sent_guest:sent_guest + chunk]])
             sent_guest += chunk
@@ -173,24 +172,26 @@ def test_4_mib_each_way_with_stalls_nothing_lost(served, loop):
                 sent_host += client.send(escaped_in[sent_host:sent_host + (256 << 10)])
             except BlockingIOError:
                 pass
-        if not stalled:
-            while True:
-                try:
-                    data = client.recv(1 << 20)
-                except BlockingIOError:
-                    break
-                got_host += telnet_data(data, state)
-        elif elapsed > 0.4:
-            assert tx.outstanding and endpoint.buffered <= 64 << 10
-            assert len(endpoint._input) <= INPUT_HOLD + (64 << 10)
-            held = True
-            paused = paused or not endpoint._reading
+        while not stalled:
+            try:
+                data = client.recv(1 << 20)
+            except BlockingIOError:
+                break
+            got_host += telnet_data(data, state)
         for used in rx.get_used():
             got_guest.update(used.data)
             got_guest_n += len(used.data)
-        tx.get_used(read_data=False)
+        tx_used += len(tx.get_used(read_data=False))
+        assert endpoint.buffered <= 64 << 10 and len(endpoint._input) <= INPUT_HOLD + (64 << 10)
+        if stalled and endpoint.buffered and not endpoint._reading:
+            # Both ways held: the guest's output waits, the client's input is not read.
+            assert tx.outstanding and not got_host and not got_guest_n
+            stalled = False
+        if not progress.moved(sent_guest, sent_host, tx_used, len(got_host), got_guest_n,
+                              endpoint.buffered, len(endpoint._input)):
+            loop.run_once(0.001)                        # nothing moved: let the kernel run
     client.close()
-    assert held and paused
+    assert not stalled
     assert bytes(got_host) == out_data
     assert got_guest_n == total and got_guest.digest() == hashlib.sha256(in_data).digest()
 

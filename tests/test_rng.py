@@ -93,7 +93,7 @@ def test_rate_limit_delays_requests_in_order_and_never_fails(bench, loop):
     b.q.notify()
     got = b.q.get_used()
     assert [u.length for u in got] == [1000, 1000]             # the bucket's one second
-    while len(got) < 5 and time.monotonic() - start < 10:
+    while len(got) < 5 and time.monotonic() - start < 60:
         loop.run_once(0.1)
         got += b.q.get_used()
     elapsed = time.monotonic() - start

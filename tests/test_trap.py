@@ -34,7 +34,7 @@ class Recorder:
     def __call__(self, window, offset, value, is_write, size):
         addr = address(window, offset)
         self.calls.append((addr, value, is_write, size))
-        if LAYOUT.locate(addr)[1] != 0:
+        if window % LAYOUT.windows_per_vm != 0:
             return False, 0                      # only device 0 exists
         if is_write:
             self.registers[addr] = value
@@ -111,7 +111,8 @@ def test_malformed_traps_get_unhandled_and_the_model_keeps_serving(page, fields,
                             fields.pop("is_write"), fields.pop("value", 0), raw=raw)
     assert (status, data) == (abi.STATUS_UNHANDLED, 0)
     # Only a well-formed access to an empty device slot reaches the handler (which declines).
-    assert all(LAYOUT.locate(c[0])[1] != 0 for c in handler.calls)
+    assert all((c[0] - LAYOUT.base) % LAYOUT.vm_size // LAYOUT.device_size != 0
+               for c in handler.calls)
     assert exchange(stub, trap, handler, 0, 0, VM0_DEV0, 4, False) == (abi.STATUS_OK, 0)
 
 
@@ -391,7 +392,7 @@ def test_a_posted_write_is_served_before_the_vcpus_next_trap(page):
     stub.begin(0, 0, VM0_DEV0 + 0x64, 4, True, 3, posted=True)       # InterruptACK, posted
     answers = []
     reader = threading.Thread(target=lambda: answers.append(
-        stub.post(0, 0, VM0_DEV0 + 0x64, 4, False, timeout=5)))
+        stub.post(0, 0, VM0_DEV0 + 0x64, 4, False, timeout=30)))
     reader.start()
     reader.join(0.05)
     slot = stub.slots[0]

@@ -193,7 +193,7 @@ class Switch:
         self.loop = None              # the loop the socket is registered with
         self._macs_buf = bytearray(2 * ETH_ALEN)
         self._scratch = bytearray(MAX_DATAGRAM)
-        self.frames_dropped = 0
+        self.frames_dropped = 0       # runt datagrams, and frames to a remote whose socket was full
 
     def _bind(self, path):
         try:
@@ -367,7 +367,8 @@ class SwitchBackend:
     def info(self):
         return {"backend": self.url, "switch_ports": 0 if self.switch is None else
                 len(self.switch.local) + len(self.switch.remotes),
-                "tx_wrong_source": self.wrong_source}
+                "tx_wrong_source": self.wrong_source,
+                "switch_dropped": 0 if self.switch is None else self.switch.frames_dropped}
 
 
 SCHEMES = {"tap": TapBackend, "switch": SwitchBackend}

@@ -144,7 +144,6 @@ class EmulatedBoard:
         if len(self.devices) > vms:
             raise AvatarError(f"devices for {len(self.devices)} VMs, but the board runs {vms}")
         self.devices += [""] * (vms - len(self.devices))
-        self.initrd = initrd      # default: the emulated board's initramfs
         self.config = config
         self.control_path = control_path
         self.qemu_args = qemu_args

@@ -45,7 +45,7 @@ class QTestError(AvatarError):
 
 class QTest:
     def __init__(self, extra_args=(), *, machine="virt", stopped=True, qmp=False,
-                 qemu=QEMU, timeout=10.0):
+                 qemu=QEMU, timeout=30.0):
         self.timeout = timeout
         self.irq_events = []
         self.qmp_events = []
@@ -205,9 +205,6 @@ class QTest:
     def irq_intercept_in(self, qom_path):
         """Report the input GPIO lines of ``qom_path`` (e.g. a CPU) as ``IRQ`` events."""
         self.command(f"irq_intercept_in {qom_path}")
-
-    def irq_intercept_out(self, qom_path):
-        self.command(f"irq_intercept_out {qom_path}")
 
     def wait_irq(self, level="raise", line=0, timeout=None):
         """Wait for (and consume) the event ``(level, line)``; earlier events stay listed."""

@@ -101,7 +101,8 @@ class StubPage:
     def model_detached(self):
         return not self.model_attached()
 
-    def wait_attached(self, timeout=10.0):
+    def wait_attached(self, timeout=60.0):
+        """Wait for a model (a daemon just started: slow on a loaded machine) to attach."""
         deadline = time.monotonic() + timeout
         while not self.model_attached():
             if time.monotonic() > deadline:

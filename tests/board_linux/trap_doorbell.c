@@ -9,40 +9,14 @@
  * "trap_doorbell: N traps, M wake-ups, slots S, vcpu V, first gpa 0x..."
  * Usage: trap_doorbell COUNT
  */
-#include <fcntl.h>
-#include <glob.h>
-#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include "../../boards/abi/avatar_trap.h"
-
-static int open_uio(const char *name)
-{
-	glob_t names;
-	char line[64], dev[32];
-	int fd = -1;
-
-	glob("/sys/class/uio/uio*/name", 0, NULL, &names);
-	for (size_t i = 0; i < names.gl_pathc && fd < 0; i++) {
-		FILE *f = fopen(names.gl_pathv[i], "r");
-		int n;
-
-		if (f && fgets(line, sizeof(line), f) && !strcmp(strtok(line, "\n"), name) &&
-		    sscanf(names.gl_pathv[i], "/sys/class/uio/uio%d", &n) == 1) {
-			snprintf(dev, sizeof(dev), "/dev/uio%d", n);
-			fd = open(dev, O_RDWR);
-		}
-		if (f)
-			fclose(f);
-	}
-	globfree(&names);
-	return fd;
-}
+#include "../uio_user.h"
 
 static int answer(volatile struct avt_header *hdr, unsigned long long *first_gpa, int *vcpu)
 {
@@ -70,8 +44,8 @@ int main(int argc, char **argv)
 {
 	int want = argc > 1 ? atoi(argv[1]) : 1, traps = 0, wakeups = 0, vcpu = -1;
 	unsigned long long first_gpa = 0;
-	uint32_t one = 1, events;
-	int fd = open_uio("avatar-trap");
+	uint32_t events;
+	int fd = uio_open("avatar-trap");
 
 	if (fd < 0) {
 		printf("trap_doorbell: no avatar-trap UIO device\n");
@@ -87,13 +61,11 @@ int main(int argc, char **argv)
 	hdr->model_sleeping = 1;
 	__atomic_store_n(&hdr->model_state, AVT_MODEL_ATTACHED, __ATOMIC_RELEASE);
 	while (traps < want) {
-		struct pollfd p = { .fd = fd, .events = POLLIN };
-
-		if (write(fd, &one, sizeof(one)) != sizeof(one))
+		if (!uio_unmask(fd))
 			break;
 		__atomic_thread_fence(__ATOMIC_SEQ_CST);
 		traps += answer(hdr, &first_gpa, &vcpu);
-		if (traps >= want || poll(&p, 1, 60000) != 1 || read(fd, &events, 4) != 4)
+		if (traps >= want || !uio_wait(fd, 60000, &events))
 			break;
 		wakeups++;
 		traps += answer(hdr, &first_gpa, &vcpu);

@@ -7,8 +7,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <glob.h>
-#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,31 +14,10 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "../uio_user.h"
+
 #define CHECK(cond, ...) do { printf((cond) ? "ok " : "FAIL "); printf(__VA_ARGS__); \
 			      printf(" (%s)\n", strerror(errno)); errno = 0; } while (0)
-
-static int open_uio(const char *name)
-{
-	glob_t names;
-	char line[64], dev[32];
-	int fd = -1;
-
-	glob("/sys/class/uio/uio*/name", 0, NULL, &names);
-	for (size_t i = 0; i < names.gl_pathc && fd < 0; i++) {
-		FILE *f = fopen(names.gl_pathv[i], "r");
-		int n;
-
-		if (f && fgets(line, sizeof(line), f) && !strcmp(strtok(line, "\n"), name) &&
-		    sscanf(names.gl_pathv[i], "/sys/class/uio/uio%d", &n) == 1) {
-			snprintf(dev, sizeof(dev), "/dev/uio%d", n);
-			fd = open(dev, O_RDWR);
-		}
-		if (f)
-			fclose(f);
-	}
-	globfree(&names);
-	return fd;
-}
 
 static int open_uio_readonly(int fd)
 {
@@ -50,26 +27,17 @@ static int open_uio_readonly(int fd)
 	return open(path, O_RDONLY);
 }
 
-static int wait_event(int fd, int timeout_ms, uint32_t *count)
-{
-	struct pollfd p = { .fd = fd, .events = POLLIN };
-
-	if (poll(&p, 1, timeout_ms) != 1)
-		return 0;
-	return read(fd, count, 4) == 4;
-}
-
 int main(int argc, char **argv)
 {
 	long page = sysconf(_SC_PAGESIZE);
 	unsigned intid = argc > 1 ? strtoul(argv[1], NULL, 0) : 0;
-	int trap = open_uio("avatar-trap"), ram = open_uio("avatar-vm0-ram");
-	int gicd = open_uio("avatar-gicd");
-	uint32_t count = 0, on = 1;
+	int trap = uio_open("avatar-trap"), ram = uio_open("avatar-vm0-ram");
+	int gicd = uio_open("avatar-gicd");
+	uint32_t count = 0;
 
 	CHECK(trap >= 0 && ram >= 0 && gicd >= 0, "devices open");
-	CHECK(open_uio("avatar-misaligned") < 0 && open_uio("avatar-mapped") < 0 &&
-	      open_uio("avatar-ram-by-reg") < 0, "refused nodes have no device");
+	CHECK(uio_open("avatar-misaligned") < 0 && uio_open("avatar-mapped") < 0 &&
+	      uio_open("avatar-ram-by-reg") < 0, "refused nodes have no device");
 
 	volatile uint32_t *t = mmap(NULL, 0x10000, PROT_READ | PROT_WRITE, MAP_SHARED, trap, 0);
 	CHECK(t != MAP_FAILED, "trap page mapped");
@@ -108,14 +76,14 @@ int main(int argc, char **argv)
 	volatile uint32_t *ispendr = &g[(0x200 + intid / 32 * 4) / 4];
 	for (uint32_t round = 1; round <= 2; round++) {
 		*ispendr = 1u << (intid % 32);
-		CHECK(wait_event(trap, 2000, &count) && count == 2 * round - 1,
+		CHECK(uio_wait(trap, 30000, &count) && count == 2 * round - 1,
 		      "doorbell %u: event count %u", round, count);
 		*ispendr = 1u << (intid % 32);		/* masked now: held, not delivered */
-		CHECK(!wait_event(trap, 200, &count), "masked: no event before the unmask");
-		CHECK(write(trap, &on, 4) == 4, "unmask");
-		CHECK(wait_event(trap, 2000, &count) && count == 2 * round,
+		CHECK(!uio_wait(trap, 200, &count), "masked: no event before the unmask");
+		CHECK(uio_unmask(trap), "unmask");
+		CHECK(uio_wait(trap, 30000, &count) && count == 2 * round,
 		      "the doorbell rung while masked arrives after the unmask: count %u", count);
-		CHECK(write(trap, &on, 4) == 4, "unmask");
+		CHECK(uio_unmask(trap), "unmask");
 	}
 	printf("uio_probe: done\n");
 	return 0;
