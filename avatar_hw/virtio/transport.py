@@ -11,9 +11,12 @@ Rules (each logged at warning level when the guest breaks it):
 
 * registers below 0x100 take only aligned 32-bit accesses; others read 0 and
   writes are ignored. Write-only registers read 0, read-only ones ignore
-  writes. The configuration space (0x100..) takes aligned 8/16/32-bit
-  accesses (a 64-bit field is read as two 32-bit halves); outside the
-  device's configuration reads 0.
+  writes. The configuration space (0x100..) takes 8/16/32/64-bit accesses at
+  any offset, as QEMU's virtio-mmio does (VirtIO 1.2 4.2.2.2 leaves anything
+  but natural-width accesses undefined); a 64-bit access is two 32-bit ones,
+  and an access not wholly inside the device's configuration reads all ones
+  (QEMU's answer) and its write is ignored. Differences from QEMU:
+  docs/devices.md, "Register-level differences from QEMU".
 * status: writing 0 resets the device; otherwise the driver may only add
   bits, each one only when its prerequisites are set (table below).
   FEATURES_OK stays clear when the driver accepted a feature the device did
@@ -401,20 +404,25 @@ class MmioTransport(LegacyRegisters):
     # -- configuration space -----------------------------------------------------------------
 
     def _config_range_ok(self, offset, size, what):
-        if size not in (1, 2, 4) or offset % size or offset + size > len(self.device.config):
-            self.guest_error("%d-byte config %s at 0x%x (config is %d bytes, 8/16/32-bit "
-                              "aligned accesses only); %s", size, what, offset,
-                              len(self.device.config), "reads 0" if what == "read" else "ignored")
+        if offset + size > len(self.device.config):
+            self.guest_error("%d-byte config %s at 0x%x, outside the %d-byte config; %s",
+                             size, what, offset, len(self.device.config),
+                             "reads all ones" if what == "read" else "ignored")
             return False
         return True
 
     def _read_config(self, offset, size):
+        if size == 8:
+            return self._read_config(offset, 4) | self._read_config(offset + 4, 4) << 32
         if not self._config_range_ok(offset, size, "read"):
-            return 0
+            return (1 << 8 * size) - 1
         return int.from_bytes(self.device.config[offset:offset + size], "little")
 
     def _write_config(self, offset, size, value):
-        if self._config_range_ok(offset, size, "write"):
+        if size == 8:
+            self._write_config(offset, 4, value & _MASK32)
+            self._write_config(offset + 4, 4, value >> 32)
+        elif self._config_range_ok(offset, size, "write"):
             data = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
             self.device.write_config(offset, data)
 
