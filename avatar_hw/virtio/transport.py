@@ -9,12 +9,13 @@ interrupt status; the device behind it only sees ``queue_notify``,
 
 Rules (each logged at warning level when the guest breaks it):
 
-* registers below 0x100 take only aligned 32-bit accesses; others read 0 and
-  writes are ignored. Write-only registers read 0, read-only ones ignore
-  writes. The configuration space (0x100..) takes 8/16/32/64-bit accesses at
-  any offset, as QEMU's virtio-mmio does (VirtIO 1.2 4.2.2.2 leaves anything
-  but natural-width accesses undefined); a 64-bit access is two 32-bit ones,
-  and an access not wholly inside the device's configuration reads all ones
+* a 64-bit access is two 32-bit ones (offset, offset + 4), as QEMU's memory
+  core splits it for virtio-mmio. Registers below 0x100 take only aligned
+  32-bit accesses; others read 0 and writes are ignored. Write-only
+  registers read 0, read-only ones ignore writes. The configuration space
+  (0x100..) takes 8/16/32-bit accesses at any offset, as QEMU's virtio-mmio
+  does (VirtIO 1.2 4.2.2.2 leaves all but natural-width accesses undefined);
+  an access not wholly inside the device's configuration reads all ones
   (QEMU's answer) and its write is ignored. Differences from QEMU:
   docs/devices.md, "Register-level differences from QEMU".
 * status: writing 0 resets the device; otherwise the driver may only add
@@ -120,6 +121,8 @@ class MmioTransport(LegacyRegisters):
 
     def read(self, offset, size):
         """The value the guest reads at ``offset`` with a ``size``-byte access."""
+        if size == 8:                    # as QEMU's memory core: two 32-bit accesses
+            return self.read(offset, 4) | self.read(offset + 4, 4) << 32
         if offset >= c.REG_CONFIG:
             return self._read_config(offset - c.REG_CONFIG, size)
         if size != 4 or offset & 3:
@@ -134,6 +137,10 @@ class MmioTransport(LegacyRegisters):
 
     def write(self, offset, size, value):
         """The guest writes ``value`` at ``offset`` with a ``size``-byte access."""
+        if size == 8:
+            self.write(offset, 4, value & _MASK32)
+            self.write(offset + 4, 4, value >> 32)
+            return
         if offset >= c.REG_CONFIG:
             self._write_config(offset - c.REG_CONFIG, size, value)
             return
@@ -412,17 +419,12 @@ class MmioTransport(LegacyRegisters):
         return True
 
     def _read_config(self, offset, size):
-        if size == 8:
-            return self._read_config(offset, 4) | self._read_config(offset + 4, 4) << 32
         if not self._config_range_ok(offset, size, "read"):
             return (1 << 8 * size) - 1
         return int.from_bytes(self.device.config[offset:offset + size], "little")
 
     def _write_config(self, offset, size, value):
-        if size == 8:
-            self._write_config(offset, 4, value & _MASK32)
-            self._write_config(offset + 4, 4, value >> 32)
-        elif self._config_range_ok(offset, size, "write"):
+        if self._config_range_ok(offset, size, "write"):
             data = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
             self.device.write_config(offset, data)
 
