@@ -15,9 +15,11 @@ import logging
 import os
 import socket
 import struct
+import tracemalloc
 
 import pytest
 
+import avatar_hw
 from avatar_hw.devices import gpu as g
 from avatar_hw.devices.balloon import BalloonDevice
 from avatar_hw.devices.block import BlockDevice
@@ -287,3 +289,37 @@ def test_a_row_by_row_gpu_transfer_is_charged_to_the_turn(loop, monkeypatch):  #
     finally:
         bench.subsystem.close()
     bench.check_guards()
+
+
+@every_kind
+def test_memory_held_does_not_grow_with_repeated_attacks(target, monkeypatch):
+    """The same bad chains and notifies, round after round: what the daemon holds after the
+    first round does not grow (nothing kept per bad chain, per notify or per log line;
+    the records do not reach pytest's handlers, which keep them all)."""
+    t = target
+    monkeypatch.setattr(logging.getLogger("avatar_hw"), "propagate", False)
+    window = t.bench.transport.window
+
+    def attack():
+        chain_everywhere(t, [(data(t), 64, c.DESC_F_NEXT, 1), (data(t, 1), 64, c.DESC_F_NEXT, 0)])
+        chain_everywhere(t, [(2**63, 4096, c.DESC_F_WRITE, 0)])
+        chain_everywhere(t, [(data(t, 8), 32, c.DESC_F_INDIRECT, 0)])
+        for n in range(300):
+            t.bench.subsystem.handle_mmio_trap(window + c.REG_QUEUE_NOTIFY, n % 8, True, 4)
+        t.spin()
+
+    def held():
+        """Bytes allocated by avatar_hw's own lines and still alive."""
+        snapshot = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(True, f"{os.path.dirname(avatar_hw.__file__)}/*")])
+        return sum(stat.size for stat in snapshot.statistics("filename"))
+    tracemalloc.start()
+    try:
+        attack()
+        before = held()
+        for _ in range(5):
+            attack()
+        grown = held() - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 64 << 10, grown
