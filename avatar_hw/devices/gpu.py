@@ -19,15 +19,17 @@ Commands served (the error codes follow QEMU's hw/display/virtio-gpu.c):
   framebuffer; QEMU has no such cap), more than ``max_memory`` bytes for all resources of the
   device, or more than ``max_resources`` resources: ERR_OUT_OF_MEMORY (nothing is
   allocated before the budget is checked);
-* RESOURCE_UNREF, RESOURCE_DETACH_BACKING (no backing: ERR_INVALID_RESOURCE_ID);
+* RESOURCE_UNREF, RESOURCE_DETACH_BACKING (no backing: ERR_UNSPEC, as QEMU's
+  ``virtio_gpu_find_check_resource``);
 * RESOURCE_ATTACH_BACKING: at most 16384 entries, all in the request, each inside
   the VM's RAM (else ERR_UNSPEC, as QEMU); a resource already backed: ERR_UNSPEC. The entries are
   kept as guest-physical ranges and turned into views of guest RAM, checked
   again, at each transfer;
-* SET_SCANOUT (resource 0 disables the scanout; a rectangle not inside the
+* SET_SCANOUT (resource 0 disables the scanout; a resource without backing:
+  ERR_UNSPEC, as QEMU; a rectangle not inside the
   resource or smaller than 16x16: ERR_INVALID_PARAMETER; scanout other than 0:
   ERR_INVALID_SCANOUT_ID), RESOURCE_FLUSH;
-* TRANSFER_TO_HOST_2D: no resource or no backing: ERR_INVALID_RESOURCE_ID; the
+* TRANSFER_TO_HOST_2D: no resource: ERR_INVALID_RESOURCE_ID, no backing: ERR_UNSPEC; the
   rectangle not inside the resource, or its last byte
   (``offset + stride * (h - 1) + w * 4``) past the backing: ERR_INVALID_PARAMETER.
   Row ``i`` of the rectangle comes from backing offset ``offset + stride * i``
@@ -418,7 +420,7 @@ class GpuDevice(VirtioDevice):
     def _detach_backing(self, chain, resource_id):
         resource = self._resource(resource_id)
         if resource.backing is None:
-            raise GpuError(RESP_ERR_INVALID_RESOURCE_ID, "detach: resource %d has no backing",
+            raise GpuError(RESP_ERR_UNSPEC, "detach: resource %d has no backing",
                            resource_id)
         resource.detach()
         return RESP_OK_NODATA, HEADER.size
@@ -430,6 +432,9 @@ class GpuDevice(VirtioDevice):
             self.scanout = None
             return RESP_OK_NODATA, HEADER.size
         resource = self._resource(resource_id)
+        if resource.backing is None:
+            raise GpuError(RESP_ERR_UNSPEC, "scanout of resource %d, which has no backing",
+                           resource_id)
         if (w < MIN_SCANOUT or h < MIN_SCANOUT
                 or not _inside(x, y, w, h, resource.width, resource.height)):
             raise GpuError(RESP_ERR_INVALID_PARAMETER, "scanout rectangle %dx%d+%d+%d in a "
@@ -448,7 +453,7 @@ class GpuDevice(VirtioDevice):
     def _transfer_to_host_2d(self, chain, x, y, w, h, offset, resource_id):
         resource = self._resource(resource_id)
         if resource.backing is None:
-            raise GpuError(RESP_ERR_INVALID_RESOURCE_ID, "transfer: resource %d has no "
+            raise GpuError(RESP_ERR_UNSPEC, "transfer: resource %d has no "
                            "backing", resource_id)
         if not _inside(x, y, w, h, resource.width, resource.height):
             raise GpuError(RESP_ERR_INVALID_PARAMETER, "transfer rectangle %dx%d+%d+%d in a "
