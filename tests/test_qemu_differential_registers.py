@@ -25,7 +25,7 @@ from avatar_hw.devices.p9 import P9Device
 from avatar_hw.devices.vsock import VsockDevice
 from avatar_hw.testing.virtio import VirtioBench
 from avatar_hw.virtio import constants as c
-from test_qemu_differential import RngShaped, qemu, qemu_driver  # noqa: F401 (fixture)
+from test_qemu_differential import RngShaped, qemu, qemu_driver, wait_used  # noqa: F401
 
 pytestmark = pytest.mark.qemu
 
@@ -409,3 +409,40 @@ def test_fs_matches_qemu_vhost_user_fs(qemu, tmp_path):  # noqa: F811
     assert theirs["device_id"] == mine["device_id"] == fs.ID_FS
     assert theirs["queues"] == mine["queues"] == [0, 1]
     assert config_bytes(theirs)[:40] == config_bytes(mine)[:40]
+
+
+def notify_sequence(d):
+    """Buffers posted and notified before DRIVER_OK, QueueNotify values that are no queue,
+    an InterruptACK of a bit never set, a reset with a buffer outstanding."""
+    o = {}
+    d.negotiate()
+    q = d.setup_queue(0, 8, buf_size=64)
+    q.post(writable=[64])
+    q.notify()
+    o["used before DRIVER_OK"] = q.used_idx()
+    o["interrupt before DRIVER_OK"] = d.interrupt_status()
+    d.driver_ok()
+    o["used at DRIVER_OK"] = [u.length for u in wait_used(q)]
+    o["interrupt at DRIVER_OK"] = d.interrupt_status()
+    d.ack_interrupt()
+    q.post(writable=[64])
+    for value in (0x10000, 0x12340000, 0xFFFFFFFF, 1, 1023):
+        d.write(c.REG_QUEUE_NOTIFY, value)
+    o["used after notifies of no queue"] = q.used_idx()
+    q.notify()
+    o["used after notify 0"] = [u.length for u in wait_used(q)]
+    d.ack_interrupt()
+    d.write(c.REG_INTERRUPT_ACK, 0x4)
+    o["interrupt after acking bit 2"] = d.interrupt_status()
+    q.post(writable=[64])
+    d.write(c.REG_STATUS, 0)
+    o["after reset with a buffer out"] = [d.read(reg) for reg in (
+        c.REG_STATUS, c.REG_INTERRUPT_STATUS, c.REG_QUEUE_READY)]
+    return o
+
+
+def test_notifies_match_qemu(qemu):  # noqa: F811
+    theirs = notify_sequence(qemu_driver(qemu("-device", "virtio-rng-device")))
+    mine = ours(RngShaped(), notify_sequence)
+    assert theirs["used at DRIVER_OK"] == [64]
+    assert theirs == mine

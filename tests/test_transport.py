@@ -293,16 +293,31 @@ def test_queue_high_address_word_outside_ram(bench):
     assert d.read(c.REG_QUEUE_READY) == 0
 
 
-def test_queue_notify_before_driver_ok_is_ignored(bench):
+def test_buffers_made_available_before_driver_ok_are_served_at_driver_ok(bench):
+    """2.1.2: nothing is consumed before DRIVER_OK, so the notify is ignored; 3.1.1 step 7
+    lets the driver populate its queues before DRIVER_OK, so DRIVER_OK serves every ready
+    queue (as QEMU's ioeventfd start kicks them; test_qemu_differential_registers)."""
     d = bench.driver
     d.negotiate()
     q = d.setup_queue(0)
     q.post(writable=[4])
     q.notify()
-    assert bench.device.notified == []
+    assert bench.device.notified == [] and q.used_idx() == 0
     d.driver_ok()
+    assert bench.device.notified == [0] and [u.length for u in q.get_used()] == [4]
+    assert d.interrupt_status() & c.INT_USED_BUFFER
+
+
+def test_queue_notify_value_is_the_queue_index(bench):
+    """Without VIRTIO_F_NOTIFICATION_DATA the value written is the queue index (4.2.2):
+    0x10000 is no queue (it used to be taken as queue 0)."""
+    d = bench.driver
+    q, _ = d.init([0, 1])
+    q.post(writable=[4])
+    d.write(c.REG_QUEUE_NOTIFY, 0x10000)
+    assert bench.device.notified == [0, 1]             # DRIVER_OK's; nothing since
     q.notify()
-    assert bench.device.notified == [0]
+    assert bench.device.notified == [0, 1, 0]
 
 
 def test_queue_notify_of_missing_or_unready_queue_is_ignored(bench):
@@ -310,7 +325,7 @@ def test_queue_notify_of_missing_or_unready_queue_is_ignored(bench):
     d.init([0])
     d.write(c.REG_QUEUE_NOTIFY, 1)
     d.write(c.REG_QUEUE_NOTIFY, 7)
-    assert bench.device.notified == []
+    assert bench.device.notified == [0]                # DRIVER_OK's only
 
 
 # -- interrupts -----------------------------------------------------------------------------------

@@ -148,13 +148,6 @@ class BalloonDevice(VirtioDevice):
         else:
             self._serve_pages(index)
 
-    def activate(self):
-        # Linux posts its first statistics buffer and notifies before DRIVER_OK (the
-        # transport ignores that notify): take it now, as QEMU does.
-        if self.queues[STATS].ready:
-            self.queues[STATS].new_turn()
-            self._take_stats()
-
     def reset(self):
         self._drop_stats()
         self.config[4:8] = bytes(4)       # a new driver starts with an empty balloon

@@ -28,6 +28,9 @@ Rules (each logged at warning level when the guest breaks it):
   only while the selected queue is not ready and before DRIVER_OK (or after
   a QueueReset of that queue, with VIRTIO_F_RING_RESET; the reset completes
   within the write, so QueueReset reads 0).
+* DRIVER_OK serves every ready queue once (buffers made available before it, whose
+  notifies were ignored); a QueueNotify value is the queue index (its low 16 bits with
+  VIRTIO_F_NOTIFICATION_DATA).
 * QueueReady = 1 validates the layout (``Virtqueue.set_up``); an unusable
   layout leaves the queue not ready and sets DEVICE_NEEDS_RESET.
 * interrupts: InterruptStatus bits are set by ``signal_used`` (bit 0, only
@@ -250,6 +253,13 @@ class MmioTransport(LegacyRegisters):
         for queue in self.device.queues:
             queue.event_idx, queue.indirect = event_idx, indirect
         self.device.activate()
+        # Buffers made available before DRIVER_OK (3.1.1 step 7, "population of
+        # virtqueues") are served now: the notifies that came with them were ignored
+        # (2.1.2), as QEMU's ioeventfd start kicks every queue.
+        for queue in self.device.queues:
+            if queue.ready and self.status & _DRIVER_OK and not self.status & _NEEDS_RESET:
+                queue.new_turn()
+                self.device.queue_notify(queue.index)
 
     def fail(self, reason):
         """The device met an error it cannot recover from: DEVICE_NEEDS_RESET (2.1.2)."""
@@ -365,7 +375,9 @@ class MmioTransport(LegacyRegisters):
         self.device.queue_reset(queue.index)
 
     def _write_queue_notify(self, value):
-        index = value & 0xFFFF
+        # 4.2.2: the value is the queue index, unless VIRTIO_F_NOTIFICATION_DATA makes its
+        # low 16 bits the index (0x12340000 is no queue: QEMU ignores it too)
+        index = value & 0xFFFF if self.has_feature(c.F_NOTIFICATION_DATA) else value
         if not self.status & _DRIVER_OK or self.status & _NEEDS_RESET:
             self.guest_error("notify of queue %d with status 0x%02x; ignored", index, self.status)
             return
