@@ -195,8 +195,8 @@ def test_indirect_tables_inside_indirect_tables(target):
         t.queues[0].notify()
         t.spin()
     # an indirect descriptor with NEXT, a table of 17 bytes, an empty table
-    for desc in ((outer, 32, c.DESC_F_INDIRECT | c.DESC_F_NEXT, 1), (outer, 17, c.DESC_F_INDIRECT, 0),
-                 (outer, 0, c.DESC_F_INDIRECT, 0)):
+    for desc in ((outer, 32, c.DESC_F_INDIRECT | c.DESC_F_NEXT, 1),
+                 (outer, 17, c.DESC_F_INDIRECT, 0), (outer, 0, c.DESC_F_INDIRECT, 0)):
         chain_everywhere(t, [desc, (data(t), 16, 0, 0)])
     assert_refused(t)
 
