@@ -4,7 +4,8 @@ The fuzzers' moves (``avatar_hw.testing.hostile``: random descriptors, indirect
 tables, available rings, used events and flags, random register accesses between
 notifies; and now and then a flood of the longest chains) drawn with ``random``
 instead of hypothesis, round after round, against one VM per device kind (console
-with a named port, block, rng, net on a switch) sharing one event loop. A *step* is
+with a named port, block, rng, net on a switch, balloon, 9p, vsock, gpu) sharing one
+event loop. A *step* is
 one register access the guest makes (one trap). Every round checks what the fuzz
 tests check: every access answered, nothing outside the VM's RAM written, no
 device error escaping into a catch-all, no queue with more chains in flight than its
@@ -28,16 +29,20 @@ import time
 import traceback
 from pathlib import Path
 
+from avatar_hw.devices.balloon import BalloonDevice
 from avatar_hw.devices.block import BlockDevice
 from avatar_hw.devices.console import ConsoleDevice
+from avatar_hw.devices.gpu import GpuDevice
 from avatar_hw.devices.net import NetDevice
+from avatar_hw.devices.p9 import P9Device
 from avatar_hw.devices.rng import RngDevice
+from avatar_hw.devices.vsock import VsockDevice
 from avatar_hw.loop import EventLoop
 from avatar_hw.testing.hostile import RandomGuest, flood, internal_errors, random_rings
 from avatar_hw.testing.virtio import RAM_BASE, VirtioBench
 
 RAM = 1 << 20
-KINDS = ("console", "block", "rng", "net")
+KINDS = ("console", "block", "rng", "net", "balloon", "9p", "vsock", "gpu")
 
 
 class Timed:
@@ -65,6 +70,15 @@ def _device(kind, tmp):
         return BlockDevice(image), [0]
     if kind == "rng":
         return RngDevice(), [0]
+    if kind == "balloon":
+        return BalloonDevice(), [0, 1, 2]
+    if kind == "9p":
+        (Path(tmp) / "share").mkdir()
+        return P9Device(Path(tmp) / "share", tag="t"), [0]
+    if kind == "vsock":
+        return VsockDevice(3, f"{tmp}/v.sock"), [0, 1, 2]
+    if kind == "gpu":
+        return GpuDevice(), [0, 1]
     return NetDevice(f"switch:{tmp}/switch.sock", mac="52:54:00:00:00:01"), [0, 1]
 
 

@@ -61,7 +61,10 @@ def test_soak_command_runs_and_prints_its_figures():
 
 
 def test_hostile_bench_measures_every_device_kind():
-    from bench.hostile import measure
-    for kind in ("console", "block", "rng", "net"):
+    from bench.hostile import HEAVY, KINDS, measure, measure_heavy
+    for kind in KINDS:
         row = measure(kind, None)
         assert row["chains_done"] == row["queue_size"] and row["max_hold_ms"] > 0
+    for kind in HEAVY:                        # each request ends its turn: one per turn
+        row = measure_heavy(kind, count=3)
+        assert row["requests_done"] == 3 and row["turns"] == 2, row

@@ -18,7 +18,11 @@ from avatar_hw.devices import net
 from avatar_hw.devices.block import BlockDevice
 from avatar_hw.devices.console import ConsoleDevice
 from avatar_hw.devices.net import NetDevice
+from avatar_hw.devices.balloon import BalloonDevice
+from avatar_hw.devices.gpu import GpuDevice
+from avatar_hw.devices.p9 import P9Device
 from avatar_hw.devices.rng import RngDevice
+from avatar_hw.devices.vsock import VsockDevice
 from avatar_hw.testing.hostile import flood, forget_used, indirect_chain
 from avatar_hw.testing.virtio import VirtioBench
 from avatar_hw.virtio import constants as c
@@ -142,7 +146,8 @@ def test_huge_indirect_tables_are_refused_per_chain_within_one_turn(block):
     assert not block.driver.status & c.STATUS_DEVICE_NEEDS_RESET
 
 
-@pytest.mark.parametrize("kind", ["block", "rng", "console"])
+@pytest.mark.parametrize("kind", ["block", "rng", "console", "balloon", "9p", "vsock",
+                                  "gpu"])
 def test_a_notify_serves_one_turn_and_the_rest_after_the_loop(kind, tmp_path, loop,  # noqa: F811
                                                               monkeypatch):
     """A queue full of queue-size chains: one notify walks at most TURN_DESCRIPTORS
@@ -156,17 +161,27 @@ def test_a_notify_serves_one_turn_and_the_rest_after_the_loop(kind, tmp_path, lo
         device, index = BlockDevice(image), 0
     elif kind == "rng":
         device, index = RngDevice(), 0
-    else:
+    elif kind == "console":
         device, index = ConsoleDevice(f"file:{tmp_path / 'out.log'}"), 1
+    elif kind == "balloon":
+        device, index = BalloonDevice(), 0
+    elif kind == "9p":
+        (tmp_path / "share").mkdir()
+        device, index = P9Device(tmp_path / "share", tag="t"), 0
+    elif kind == "vsock":
+        device, index = VsockDevice(3, str(tmp_path / "v.sock")), 1
+    else:
+        device, index = GpuDevice(), 0
     bench = VirtioBench(device, loop=loop, ram_size=8 << 20)
     try:
-        queues = bench.driver.init([0, 1] if kind == "console" else [0], buf_size=0)
+        queues = bench.driver.init(range(len(device.queues)), buf_size=0)
         q = queues[index]
         data = bench.ram.alloc(4096)
         bench.ram.write(data, blk.HEADER.pack(blk.T_IN, 0, 0))
         table = bench.ram.alloc(16 * q.size, 16)
         segments = ([(data, 16, False)] + [(data + 16, 1, True)] * (q.size - 1)
-                    if kind == "block" else [(data, 8, kind != "console")] * q.size)
+                    if kind == "block" else
+                    [(data, 8, kind not in ("console", "balloon", "vsock"))] * q.size)
         flood(q, table, segments)
         q.notify()
         first = len(q.get_used(read_data=False))

@@ -29,7 +29,8 @@ Answers (the request is always completed and the device keeps serving):
 Discard punches a hole (``fallocate(PUNCH_HOLE | KEEP_SIZE)``; a file system
 that cannot is ignored: discard is advisory). Write zeroes punches a hole
 when the unmap flag allows it (``write_zeroes_may_unmap`` = 1), else
-``fallocate(ZERO_RANGE | KEEP_SIZE)``, falling back to writing zeros.
+``fallocate(ZERO_RANGE | KEEP_SIZE)``, falling back to writing zeros, which count against
+the queue's turn budget (``Virtqueue.charge``); one write-zeroes segment per request (32 MiB).
 
 I/O is synchronous: a request runs to completion inside ``queue_notify``,
 which the trap path calls, so while one request's I/O runs no other trap or
@@ -68,7 +69,8 @@ SIZE_MAX = 128 << 10                     # bytes per data segment
 MAX_REQUEST_BYTES = SEG_MAX * SIZE_MAX   # data bytes per request (bounds a request's stall)
 MAX_DISCARD_SECTORS = 1 << 21            # 1 GiB per segment
 MAX_WRITE_ZEROES_SECTORS = 1 << 16       # 32 MiB per segment (the fallback writes them)
-MAX_DWZ_SEGMENTS = 16
+MAX_DWZ_SEGMENTS = 16                    # discard segments per request
+MAX_WRITE_ZEROES_SEGMENTS = 1            # as QEMU: at most 32 MiB of zeros per request
 MAX_QUEUES = 16
 SERIAL_BYTES = 20
 
@@ -157,7 +159,7 @@ class BlockDevice(VirtioDevice):
             features |= bit(F_MQ)
         config = CONFIG.pack(self.capacity, SIZE_MAX, SEG_MAX, SECTOR, 0, queues or 1,
                              MAX_DISCARD_SECTORS, MAX_DWZ_SEGMENTS, alignment,
-                             MAX_WRITE_ZEROES_SECTORS, MAX_DWZ_SEGMENTS, 1)
+                             MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEGMENTS, 1)
         super().__init__(queue_sizes=[QUEUE_SIZE] * (queues or 1), features=features,
                          config=config)
         self.counters.update(flushes=0, discards=0, write_zeroes=0)
@@ -165,6 +167,7 @@ class BlockDevice(VirtioDevice):
         self._header = bytearray(HEADER.size)
         self._segments = bytearray(SEGMENT.size * MAX_DWZ_SEGMENTS + 1)   # +1: one too many
         self._status = bytearray(1)
+        self._zeros_written = 0                  # by the request being served (turn budget)
 
     # -- the image ---------------------------------------------------------------------------
 
@@ -239,11 +242,13 @@ class BlockDevice(VirtioDevice):
             queue.add_used(chain.head, 0)
             return
         data_out, status = _without_last_byte(chain.writable)
+        self._zeros_written = 0
         try:
             status_code, written = self._execute(chain, data_out)
         except OSError as err:
             self.error("%s: %s", self.image, err)
             status_code, written = S_IOERR, 0
+        queue.charge(self._zeros_written)    # zeros written by hand cost the turn too
         if status_code != S_OK:
             self.counters["errors"] += 1
         self._status[0] = status_code
@@ -339,9 +344,10 @@ class BlockDevice(VirtioDevice):
             self.guest_error("discard or write zeroes on a read-only device")
             return S_IOERR
         count, rest = divmod(length, SEGMENT.size)
-        if rest or not 0 < count <= MAX_DWZ_SEGMENTS:
-            self.guest_error("%d bytes of discard/write-zeroes segments (1 to %d of 16 bytes)",
-                             length, MAX_DWZ_SEGMENTS)
+        most = MAX_WRITE_ZEROES_SEGMENTS if zeroes else MAX_DWZ_SEGMENTS
+        if rest or not 0 < count <= most:
+            self.guest_error("%d bytes of %s segments (1 to %d of 16 bytes)", length,
+                             "write-zeroes" if zeroes else "discard", most)
             return S_IOERR
         gather(skip(chain.readable, HEADER.size), segments)
         limit = MAX_WRITE_ZEROES_SECTORS if zeroes else MAX_DISCARD_SECTORS
@@ -374,6 +380,7 @@ class BlockDevice(VirtioDevice):
                 if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
         if zeroes:                            # no fallocate mode here: write the zeros
+            self._zeros_written += length
             if transfer(os.pwritev, self.fd, zeros(length), offset) < length:
                 raise OSError(errno.EIO, "short write of zeros")
 

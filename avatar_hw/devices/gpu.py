@@ -15,18 +15,21 @@ Commands served (the error codes follow QEMU's hw/display/virtio-gpu.c):
   a scanout other than 0: ERR_INVALID_PARAMETER;
 * RESOURCE_CREATE_2D: the eight 32-bit UNORM formats; id 0 or in use:
   ERR_INVALID_RESOURCE_ID; unknown format or a zero width or height:
-  ERR_INVALID_PARAMETER; more than ``max_memory`` bytes for all resources of the
+  ERR_INVALID_PARAMETER; a side over ``MAX_RESOURCE_DIMENSION`` (8192, Linux's largest
+  framebuffer; QEMU has no such cap), more than ``max_memory`` bytes for all resources of the
   device, or more than ``max_resources`` resources: ERR_OUT_OF_MEMORY (nothing is
   allocated before the budget is checked);
-* RESOURCE_UNREF, RESOURCE_DETACH_BACKING (no backing: ERR_INVALID_RESOURCE_ID);
+* RESOURCE_UNREF, RESOURCE_DETACH_BACKING (no backing: ERR_UNSPEC, as QEMU's
+  ``virtio_gpu_find_check_resource``);
 * RESOURCE_ATTACH_BACKING: at most 16384 entries, all in the request, each inside
   the VM's RAM (else ERR_UNSPEC, as QEMU); a resource already backed: ERR_UNSPEC. The entries are
   kept as guest-physical ranges and turned into views of guest RAM, checked
   again, at each transfer;
-* SET_SCANOUT (resource 0 disables the scanout; a rectangle not inside the
+* SET_SCANOUT (resource 0 disables the scanout; a resource without backing:
+  ERR_UNSPEC, as QEMU; a rectangle not inside the
   resource or smaller than 16x16: ERR_INVALID_PARAMETER; scanout other than 0:
   ERR_INVALID_SCANOUT_ID), RESOURCE_FLUSH;
-* TRANSFER_TO_HOST_2D: no resource or no backing: ERR_INVALID_RESOURCE_ID; the
+* TRANSFER_TO_HOST_2D: no resource: ERR_INVALID_RESOURCE_ID, no backing: ERR_UNSPEC; the
   rectangle not inside the resource, or its last byte
   (``offset + stride * (h - 1) + w * 4``) past the backing: ERR_INVALID_PARAMETER.
   Row ``i`` of the rectangle comes from backing offset ``offset + stride * i``
@@ -36,9 +39,10 @@ Commands served (the error codes follow QEMU's hw/display/virtio-gpu.c):
   image; resource 0 hides it) and MOVE_CURSOR; no response is written (used
   length 0), as QEMU.
 
-A transfer's copy counts against the queue's turn budget (``Virtqueue.charge``):
-past 8 MiB the rest of the queue waits for the event loop's next turn, behind
-every other device and VM.
+A transfer's copy counts against the queue's turn budget (``Virtqueue.charge``),
+each row copied on its own as ``ROW_COST`` bytes more (a 1-pixel-wide transfer of
+8192 rows costs the time of megabytes): past 8 MiB the rest of the queue waits for
+the event loop's next turn, behind every other device and VM.
 
 Any other type: ERR_UNSPEC. A request shorter than its command's fields:
 ERR_INVALID_PARAMETER, nothing done (QEMU logs it and answers nothing, or
@@ -56,6 +60,7 @@ asks the daemon for it as a PNG (``avatar_hw.png``) through the control socket.
 """
 
 import bisect
+import mmap
 import struct
 
 from ..schema import Field, Schema, positive
@@ -89,6 +94,10 @@ MIN_SCANOUT = 16                                # QEMU refuses smaller scanout r
 CURSOR_SIZE = 64
 MAX_DIMENSION = 4095                            # what an EDID detailed timing can hold
 MAX_SCANOUTS = 16                               # pmodes in GET_DISPLAY_INFO's response
+# A side of a resource: Linux's virtio-gpu never makes a framebuffer past 8192 (XRES_MAX,
+# YRES_MAX); the cap bounds the rows one transfer copies row by row.
+MAX_RESOURCE_DIMENSION = 8192
+ROW_COST = 1024             # a row copied on its own costs the turn as much as this many bytes
 
 HEADER = struct.Struct("<IIQIB3x")              # type, flags, fence_id, ctx_id, ring_idx
 # events_read, events_clear, num_scanouts, num_capsets
@@ -139,7 +148,9 @@ class Resource:
     def __init__(self, resource_id, fmt, width, height):
         self.id, self.format, self.width, self.height = resource_id, fmt, width, height
         self.stride = width * BPP
-        self.pixels = bytearray(self.stride * height)
+        # anonymous memory: made at once, zero pages taken from the host as they are
+        # written (a bytearray of 64 MiB took the event loop 0.1 s to fill with zeros)
+        self.pixels = mmap.mmap(-1, self.stride * height)
         self.backing = None                     # [(gpa, length)], coalesced, no empty entry
         self.starts = []                        # offset of each entry in the backing
         self.backing_len = 0
@@ -160,17 +171,22 @@ class Resource:
     def detach(self):
         self.backing, self.starts, self.backing_len = None, [], 0
 
-    def copy_in(self, memory, src, dst, n):
+    def copy_in(self, views, src, dst, n):
         """Copy backing bytes ``src .. src + n - 1`` to pixel offset ``dst`` (the range is
-        checked by the caller to lie inside the backing; each entry is checked against the
-        RAM again by ``memory.view``)."""
+        checked by the caller to lie inside the backing); ``views`` (``backing_views``)
+        holds the entries' views of guest RAM."""
         i = bisect.bisect_right(self.starts, src) - 1
         while n:
-            gpa, length = self.backing[i]
+            view = views[i]
             within = src - self.starts[i]
-            take = min(length - within, n)
-            self.pixels[dst:dst + take] = memory.view(gpa + within, take)
+            take = min(len(view) - within, n)
+            self.pixels[dst:dst + take] = view[within:within + take]
             src, dst, n, i = src + take, dst + take, n - take, i + 1
+
+    def backing_views(self, memory):
+        """A view of guest RAM per backing entry, made once per transfer (each entry is
+        checked against the RAM again by ``memory.view``)."""
+        return [memory.view(gpa, length) for gpa, length in self.backing]
 
 
 def edid(width, height, refresh=60):
@@ -237,6 +253,7 @@ class GpuDevice(VirtioDevice):
         self.cursor = None                      # {resource_id, hot_x, hot_y, x, y, image}
         self.counters.update(resources=0, transfers=0, flushes=0, bytes_transferred=0)
         self._request = bytearray(MAX_REQUEST)
+        self._work = 0                          # bytes-equivalent of this request's copies
         self._response = bytearray(max(DISPLAY_INFO_SIZE, EDID_SIZE))
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -261,10 +278,10 @@ class GpuDevice(VirtioDevice):
         queue = self.queues[index]
         served = False
         while (chain := queue.pop()) is not None:
-            copied = self.counters["bytes_transferred"]
+            self._work = 0
             used = self._control(chain) if index == CONTROLQ else self._cursor(chain)
             queue.add_used(chain.head, used)
-            queue.charge(self.counters["bytes_transferred"] - copied)   # the turn's budget
+            queue.charge(self._work)            # the copies, against the turn's budget
             served = True
         if served:
             self.signal_used(queue)
@@ -356,6 +373,9 @@ class GpuDevice(VirtioDevice):
         if fmt not in FORMATS or not width or not height:
             raise GpuError(RESP_ERR_INVALID_PARAMETER, "create: format %d, %dx%d", fmt, width,
                            height)
+        if max(width, height) > MAX_RESOURCE_DIMENSION:
+            raise GpuError(RESP_ERR_OUT_OF_MEMORY, "create: %dx%d (at most %d a side)", width,
+                           height, MAX_RESOURCE_DIMENSION)
         size = width * height * BPP
         if (self.memory_used + size > self.max_memory
                 or len(self.resources) >= self.max_resources):
@@ -400,7 +420,7 @@ class GpuDevice(VirtioDevice):
     def _detach_backing(self, chain, resource_id):
         resource = self._resource(resource_id)
         if resource.backing is None:
-            raise GpuError(RESP_ERR_INVALID_RESOURCE_ID, "detach: resource %d has no backing",
+            raise GpuError(RESP_ERR_UNSPEC, "detach: resource %d has no backing",
                            resource_id)
         resource.detach()
         return RESP_OK_NODATA, HEADER.size
@@ -412,6 +432,9 @@ class GpuDevice(VirtioDevice):
             self.scanout = None
             return RESP_OK_NODATA, HEADER.size
         resource = self._resource(resource_id)
+        if resource.backing is None:
+            raise GpuError(RESP_ERR_UNSPEC, "scanout of resource %d, which has no backing",
+                           resource_id)
         if (w < MIN_SCANOUT or h < MIN_SCANOUT
                 or not _inside(x, y, w, h, resource.width, resource.height)):
             raise GpuError(RESP_ERR_INVALID_PARAMETER, "scanout rectangle %dx%d+%d+%d in a "
@@ -430,7 +453,7 @@ class GpuDevice(VirtioDevice):
     def _transfer_to_host_2d(self, chain, x, y, w, h, offset, resource_id):
         resource = self._resource(resource_id)
         if resource.backing is None:
-            raise GpuError(RESP_ERR_INVALID_RESOURCE_ID, "transfer: resource %d has no "
+            raise GpuError(RESP_ERR_UNSPEC, "transfer: resource %d has no "
                            "backing", resource_id)
         if not _inside(x, y, w, h, resource.width, resource.height):
             raise GpuError(RESP_ERR_INVALID_PARAMETER, "transfer rectangle %dx%d+%d+%d in a "
@@ -442,13 +465,16 @@ class GpuDevice(VirtioDevice):
             raise GpuError(RESP_ERR_INVALID_PARAMETER, "transfer of %dx%d at backing offset "
                            "%d: past the %d-byte backing", w, h, offset, resource.backing_len)
         dst = y * stride + x * BPP
+        views = resource.backing_views(self.memory)
         if row == stride:                       # full rows: one contiguous range
-            resource.copy_in(self.memory, offset, dst, stride * h)
+            resource.copy_in(views, offset, dst, stride * h)
         else:
             for i in range(h):
-                resource.copy_in(self.memory, offset + stride * i, dst + stride * i, row)
+                resource.copy_in(views, offset + stride * i, dst + stride * i, row)
+            self._work += h * ROW_COST
         self.counters["transfers"] += 1
         self.counters["bytes_transferred"] += row * h
+        self._work += row * h
         return RESP_OK_NODATA, HEADER.size
 
     def _update_cursor(self, kind, scanout, x, y, resource_id, hot_x, hot_y):

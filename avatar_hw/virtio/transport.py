@@ -9,11 +9,15 @@ interrupt status; the device behind it only sees ``queue_notify``,
 
 Rules (each logged at warning level when the guest breaks it):
 
-* registers below 0x100 take only aligned 32-bit accesses; others read 0 and
-  writes are ignored. Write-only registers read 0, read-only ones ignore
-  writes. The configuration space (0x100..) takes aligned 8/16/32-bit
-  accesses (a 64-bit field is read as two 32-bit halves); outside the
-  device's configuration reads 0.
+* a 64-bit access is two 32-bit ones (offset, offset + 4), as QEMU's memory
+  core splits it for virtio-mmio. Registers below 0x100 take only aligned
+  32-bit accesses; others read 0 and writes are ignored. Write-only
+  registers read 0, read-only ones ignore writes. The configuration space
+  (0x100..) takes 8/16/32-bit accesses at any offset, as QEMU's virtio-mmio
+  does (VirtIO 1.2 4.2.2.2 leaves all but natural-width accesses undefined);
+  an access not wholly inside the device's configuration reads all ones
+  (QEMU's answer) and its write is ignored. Differences from QEMU:
+  docs/devices.md, "Register-level differences from QEMU".
 * status: writing 0 resets the device; otherwise the driver may only add
   bits, each one only when its prerequisites are set (table below).
   FEATURES_OK stays clear when the driver accepted a feature the device did
@@ -24,6 +28,9 @@ Rules (each logged at warning level when the guest breaks it):
   only while the selected queue is not ready and before DRIVER_OK (or after
   a QueueReset of that queue, with VIRTIO_F_RING_RESET; the reset completes
   within the write, so QueueReset reads 0).
+* DRIVER_OK serves every ready queue once (buffers made available before it, whose
+  notifies were ignored); a QueueNotify value is the queue index (its low 16 bits with
+  VIRTIO_F_NOTIFICATION_DATA).
 * QueueReady = 1 validates the layout (``Virtqueue.set_up``); an unusable
   layout leaves the queue not ready and sets DEVICE_NEEDS_RESET.
 * interrupts: InterruptStatus bits are set by ``signal_used`` (bit 0, only
@@ -117,6 +124,8 @@ class MmioTransport(LegacyRegisters):
 
     def read(self, offset, size):
         """The value the guest reads at ``offset`` with a ``size``-byte access."""
+        if size == 8:                    # as QEMU's memory core: two 32-bit accesses
+            return self.read(offset, 4) | self.read(offset + 4, 4) << 32
         if offset >= c.REG_CONFIG:
             return self._read_config(offset - c.REG_CONFIG, size)
         if size != 4 or offset & 3:
@@ -131,6 +140,10 @@ class MmioTransport(LegacyRegisters):
 
     def write(self, offset, size, value):
         """The guest writes ``value`` at ``offset`` with a ``size``-byte access."""
+        if size == 8:
+            self.write(offset, 4, value & _MASK32)
+            self.write(offset + 4, 4, value >> 32)
+            return
         if offset >= c.REG_CONFIG:
             self._write_config(offset - c.REG_CONFIG, size, value)
             return
@@ -240,6 +253,13 @@ class MmioTransport(LegacyRegisters):
         for queue in self.device.queues:
             queue.event_idx, queue.indirect = event_idx, indirect
         self.device.activate()
+        # Buffers made available before DRIVER_OK (3.1.1 step 7, "population of
+        # virtqueues") are served now: the notifies that came with them were ignored
+        # (2.1.2), as QEMU's ioeventfd start kicks every queue.
+        for queue in self.device.queues:
+            if queue.ready and self.status & _DRIVER_OK and not self.status & _NEEDS_RESET:
+                queue.new_turn()
+                self.device.queue_notify(queue.index)
 
     def fail(self, reason):
         """The device met an error it cannot recover from: DEVICE_NEEDS_RESET (2.1.2)."""
@@ -355,7 +375,9 @@ class MmioTransport(LegacyRegisters):
         self.device.queue_reset(queue.index)
 
     def _write_queue_notify(self, value):
-        index = value & 0xFFFF
+        # 4.2.2: the value is the queue index, unless VIRTIO_F_NOTIFICATION_DATA makes its
+        # low 16 bits the index (0x12340000 is no queue: QEMU ignores it too)
+        index = value & 0xFFFF if self.has_feature(c.F_NOTIFICATION_DATA) else value
         if not self.status & _DRIVER_OK or self.status & _NEEDS_RESET:
             self.guest_error("notify of queue %d with status 0x%02x; ignored", index, self.status)
             return
@@ -401,16 +423,16 @@ class MmioTransport(LegacyRegisters):
     # -- configuration space -----------------------------------------------------------------
 
     def _config_range_ok(self, offset, size, what):
-        if size not in (1, 2, 4) or offset % size or offset + size > len(self.device.config):
-            self.guest_error("%d-byte config %s at 0x%x (config is %d bytes, 8/16/32-bit "
-                              "aligned accesses only); %s", size, what, offset,
-                              len(self.device.config), "reads 0" if what == "read" else "ignored")
+        if offset + size > len(self.device.config):
+            self.guest_error("%d-byte config %s at 0x%x, outside the %d-byte config; %s",
+                             size, what, offset, len(self.device.config),
+                             "reads all ones" if what == "read" else "ignored")
             return False
         return True
 
     def _read_config(self, offset, size):
         if not self._config_range_ok(offset, size, "read"):
-            return 0
+            return (1 << 8 * size) - 1
         return int.from_bytes(self.device.config[offset:offset + size], "little")
 
     def _write_config(self, offset, size, value):
