@@ -10,7 +10,7 @@
     block = { image = "/srv/avatar/vm1.img", readonly = false }
 
 Relative paths (the fields with ``path=under``: ``block.image``, ``net.switch``,
-``9p.path``, ``vsock.socket``, ``fs.shared_dir``, the paths of ``file:``, ``pty:``
+``9p.path``, ``vsock.socket``, ``fs.shared_dir``, ``vhost_user.socket``, the paths of ``file:``, ``pty:``
 and ``unix:`` console endpoints) are relative to the daemon's working directory:
 ``serve``'s current directory, the demo's temporary directory (``base``). ``block.size`` creates a missing image (sparse) of that many bytes.
 

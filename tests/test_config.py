@@ -190,3 +190,18 @@ def test_the_how_to_add_a_device_example_is_the_rng_modules_code():
     assert len(lines) >= 6 and all(line in source.splitlines() for line in lines)
     assert '"rng": "avatar_hw.devices.rng",' in (
         Path(__file__).parent.parent / "avatar_hw" / "config.py").read_text()
+
+
+def test_every_path_key_is_put_under_base_and_listed_in_the_docs():
+    """Each device field read with ``path=under`` takes the base; config.py's list names them all."""
+    import avatar_hw.config as config_module
+    from avatar_hw.config import DEVICES, device_module
+    from avatar_hw.schema import under
+    for kind in DEVICES:
+        schema = device_module("vms.toml", kind, kind).SCHEMA
+        for field in schema.fields:
+            if field.path is not under:         # console endpoints: URLs, their own rule
+                continue
+            assert f"``{kind}.{field.name}``" in config_module.__doc__, f"{kind}.{field.name}"
+            assert field.path("rel/x", "/base") == "/base/rel/x"
+            assert field.path("/abs/x", "/base") == "/abs/x"

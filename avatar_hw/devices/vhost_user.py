@@ -24,7 +24,7 @@ the daemon and the other devices carry on.
 
 import os
 
-from ..schema import REQUIRED, Field, Schema
+from ..schema import REQUIRED, Field, Schema, under
 from ..vhost_user import Frontend, VhostUserError
 from ..vhost_user.frontend import MAX_CONFIG, PROTOCOL_F_CONFIG
 from ..virtio import constants as c
@@ -241,7 +241,7 @@ def check_queues(sizes):
 
 
 SCHEMA = Schema("vhost_user", (
-    Field("socket", str, REQUIRED, "the back-end's vhost-user socket path"),
+    Field("socket", str, REQUIRED, "the back-end's vhost-user socket path", path=under),
     Field("device_id", int, REQUIRED, "the virtio device ID the back-end serves",
           check_device_id),
     Field("queues", list, REQUIRED, "the most entries of each queue, e.g. [256, 256]",
