@@ -412,6 +412,9 @@ class StateFile:
                     if queue.ready:
                         queue.new_turn()
                         device.queue_notify(queue.index)
+                # raised even if the bit was kept set: the previous process may have died
+                # between setting it and raising the line
+                context.interrupt_status &= ~c.INT_USED_BUFFER
                 context.interrupt(c.INT_USED_BUFFER)
             except Exception as err:        # a device bug: that device, not the daemon
                 transport.error("resuming after the restart failed", exc_info=True)
