@@ -294,8 +294,9 @@ class EmulatedBoard:
         """Is the guest still there (QEMU running)?"""
         return self.machine is not None and self.machine.process.poll() is None
 
-    def shell(self, timeout=60, vm=0):
-        """Connect to VM ``vm``'s console and wait for its shell."""
+    def shell(self, timeout=60, vm=0, wait_ready=True):
+        """Connect to VM ``vm``'s console and wait for its shell (``wait_ready=False``: for
+        the prompt of a shell already there, after ``start_daemon``)."""
         deadline = time.monotonic() + timeout
         if self.board_linux:     # the guest's console through the board (hvc1), connected at start
             sock, self._guest_sock = self._guest_sock, None
@@ -304,7 +305,8 @@ class EmulatedBoard:
         else:
             sock = _connect_unix(self.console_paths[vm], timeout)
         shell = GuestShell(sock, alive=self.alive)
-        shell.wait_ready(max(1, deadline - time.monotonic()))
+        if wait_ready:
+            shell.wait_ready(max(1, deadline - time.monotonic()))
         return shell
 
     def _stop(self):
