@@ -95,7 +95,8 @@ def test_board_linux_udev_rules_own_the_uio_devices(served):
 def test_board_linux_daemon_runs_unprivileged_from_the_unit(served):
     out, _ = served.shell_.run("ps -o user,args | grep '[a]vatar-hw serve'")
     assert out.split()[0] == "avatar", out
-    assert "--board emulated-board-linux --config /etc/avatar-hw/vms.toml --user avatar" in out
+    assert ("--board emulated-board-linux --config /etc/avatar-hw/vms.toml "
+            "--state /var/lib/avatar-hw/state --user avatar") in out
     log, _ = served.shell_.run("cat /var/log/avatar/daemon.log")
     assert "running as avatar (UID 999)" in log and "attached to avatar-trap" in log, log
 
