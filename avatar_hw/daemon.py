@@ -19,6 +19,11 @@ Python API (the emulated board launcher and tests)::
     daemon.run()              # until stop() (any thread) or a signal (main thread)
     # or: thread = daemon.start_thread()  ...  daemon.stop(); thread.join()
 
+``state=PATH`` (``serve --state``): every device's state is kept in PATH as it
+changes, and a daemon started with a PATH a previous one left (killed, or stopped)
+restores the devices from it and carries on under the running guests
+(``avatar_hw.state``).
+
 Seams, chosen by the board or handed in:
 
 - the doorbell (``avatar_hw.doorbell``): ``doorbell=`` an object, or a spec
@@ -58,6 +63,7 @@ from .layout import address
 from .loop import EventLoop
 from .replay import Recorder
 from .service import drop_privileges, sd_notify
+from .state import StateFile
 from .tracing import TrapTracer
 from .trap import TrapPage
 from .virtio.constants import REG_INTERRUPT_ACK
@@ -92,7 +98,7 @@ class Daemon:
 
     def __init__(self, board, config, *, doorbell=None, interrupt_line=None, busy_poll=False,
                  trace=False, control_path=None, user=None, wait_stub=10.0,
-                 sysfs_root="/sys", dev_root="/dev", record=None):
+                 sysfs_root="/sys", dev_root="/dev", record=None, state=None):
         self.board = board if isinstance(board, Board) else load_board(board_path(board))
         self.config = config if isinstance(config, Config) else load_config(
             config, max_vms=self.board.layout.max_vms,
@@ -112,6 +118,8 @@ class Daemon:
         self.faults = None
         self.record = record            # a path: every trap recorded there (avatar_hw.replay)
         self.recorder = None
+        self.state_path = state         # a path: device state kept there (avatar_hw.state)
+        self.state = None
         self.paused_until = 0.0         # pause(): no trap served before this monotonic time
         self._running = False
         self._wake_r, self._wake_w = socket.socketpair()
@@ -161,6 +169,11 @@ class Daemon:
                 self.subsystem.create_device(vm_id, self.config.build_device(device))
         if self.record is not None:
             self.recorder = Recorder(self.subsystem, self.record)
+        if self.state_path is not None:
+            self.state = StateFile(self.state_path, self.subsystem)
+            self.state.restore()                 # a restart: the devices as they were
+            self.state.keep()
+            self.subsystem.state = self.state
         self._configure_board_spis(line)
         self.faults = FaultInjector(self.subsystem, self.loop)
         self.control = ControlServer(self.control_path or default_control_path(), self)
@@ -175,6 +188,8 @@ class Daemon:
             self.loop.add_reader(self.doorbell, self._on_doorbell)
         self.loop.add_reader(self._wake_r, self._on_wake)
         self.started = time.time()
+        if self.state is not None:
+            self.state.resume()                  # what the restored devices were doing
         self._serve_until_idle()                             # whatever was posted before
 
     def _configure_board_spis(self, line):
@@ -353,6 +368,10 @@ class Daemon:
                 self.trap.detach(self.subsystem.dispatch)
         if self.subsystem is not None:
             self.subsystem.attach_shadows(None)
+            self.subsystem.state = None          # the devices' close below is not kept:
+        if self.state is not None:               # the next daemon carries on from here
+            self.state.close()
+            self.state = None
         if self.trap is not None:
             self.trap.release_lock()
         if self.recorder is not None:

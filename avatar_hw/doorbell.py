@@ -131,8 +131,10 @@ class StubDoorbell:
     """Counts the stub's doorbell bytes (readable through an eventfd); ``ring_stub()``
     wakes the stub (the daemon's doorbell interface, avatar_hw.doorbell)."""
 
-    def __init__(self, ring_stub):
-        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    def __init__(self, ring_stub, fd=None):
+        """``fd``: an eventfd made elsewhere (the emulated board's daemon in its own
+        process inherits the launcher's); None: a new one."""
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if fd is None else fd
         self.ring_stub = ring_stub
 
     def fileno(self):

@@ -670,3 +670,51 @@ def test_python_api_runs_the_daemon_in_a_thread(board, stub, caplog, busy_poll):
     assert not thread.is_alive()
     assert stub.page.header.model_state == abi.MODEL_DETACHED
     assert daemon.regions == [] and "still in use" not in caplog.text
+
+
+# -- serve --state: a restart under a running guest --------------------------------------------------
+
+def wait_served_by(stub, daemon, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while stub.page.header.model_pid != daemon.process.pid or not stub.page.model_attached():
+        assert daemon.process.poll() is None, daemon.output()
+        assert time.monotonic() < deadline, "the new daemon never attached"
+        time.sleep(0.01)
+
+
+def test_restart_under_guest_serve_state_carries_on_after_sigkill(board, stub):
+    config = board.root / "vms.toml"
+    config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{board.root}/vm0.log"] }}\n')
+    state = board.root / "state"
+    first = Served(board, config, "--state", str(state))
+    try:
+        wait_served_by(stub, first)
+        driver = stub.driver(0)
+        rx, tx = driver.init([0, 1])
+        tx.post(readable=[b"before "])
+        tx.notify()
+        wait_used(stub, driver, tx, 1)
+        first.process.kill()
+        first.process.wait()
+    finally:
+        first.close()
+    second = Served(board, config, "--state", str(state))
+    try:
+        wait_served_by(stub, second)
+        assert driver.read(vc.REG_STATUS) == 0xF            # no reset: DRIVER_OK still
+        tx.post(readable=[b"after"])
+        tx.notify()                                          # the same rings, carried on
+        wait_used(stub, driver, tx, 1)
+        assert (board.root / "vm0.log").read_bytes() == b"before after"
+        assert "console restored (status 0x0f" in second.output()
+    finally:
+        assert second.stop() == 0
+    state.write_bytes(b"garbage" * 100)
+    third = Served(board, config, "--state", str(state))
+    try:
+        assert third.process.wait(30) != 0
+    finally:
+        third.close()
+    errors = [line for line in third.output().splitlines() if "state" in line]
+    assert errors and "is not an avatar-hw state file" in errors[-1], third.output()
+    assert "Traceback" not in third.output()

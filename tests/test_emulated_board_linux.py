@@ -10,6 +10,7 @@ in the distributor.
 """
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -104,7 +105,8 @@ def test_board_linux_udev_rules_own_the_uio_devices(served):
 def test_board_linux_daemon_runs_unprivileged_from_the_unit(served):
     out, _ = served.shell_.run("ps -o user,args | grep '[a]vatar-hw serve'")
     assert out.split()[0] == "avatar", out
-    assert "--board emulated-board-linux --config /etc/avatar-hw/vms.toml --user avatar" in out
+    assert ("--board emulated-board-linux --config /etc/avatar-hw/vms.toml "
+            "--state /var/lib/avatar-hw/state --user avatar") in out
     log, _ = served.shell_.run("cat /var/log/avatar/daemon.log")
     assert "running as avatar (UID 999)" in log and "attached to avatar-trap" in log, log
 
@@ -149,3 +151,46 @@ def test_board_linux_target_runs_commands_and_requests_in_the_board(target, serv
     assert "vm1 console0 IRQ 56" in report and "board mode" in report, report
     assert target.console_url(1) == f"unix://{served.console_path}"
     assert served.guest.check("uname -m") == "aarch64\n"
+
+
+def test_board_linux_restart_under_guest_block_exact_and_no_reset(served):
+    """Last in the module (it restarts the board's daemon): while the guest writes its disk,
+    ``kill -9`` the daemon in the board Linux and run the unit's start script again; the
+    new daemon restores the devices from /var/lib/avatar-hw/state, the write is exact and
+    the guest's drivers never reset."""
+    guest, board = served.guest, served.shell_
+
+    def ok(shell, command, timeout=120):
+        out, status = shell.run(command, timeout)
+        assert status == 0, (command, out)
+        return out
+
+    ok(guest, "dd if=/dev/urandom of=/tmp/src bs=64k count=8 2>/dev/null")
+    source_sum = ok(guest, "sha256sum /tmp/src").split()[0]
+    statuses = ok(guest, "cat /sys/bus/virtio/devices/*/status")
+    dmesg_lines = int(ok(guest, "dmesg | wc -l"))
+    ok(guest, "(for i in 1 2 3 4 5 6; do dd if=/tmp/src of=/dev/vda bs=4k oflag=direct "
+              "2>/dev/null; done; touch /tmp/blk.done) >/dev/null 2>&1 & true")
+    ok(board, "pid=$(ps -o pid,args | grep '[a]vatar-hw serve' | awk '{print $1}'); "
+              "kill -9 $pid; while kill -0 $pid 2>/dev/null; do sleep 0.1; done")
+    ok(board, "/usr/lib/avatar-hw/start-unit >>/var/log/avatar/daemon.log 2>&1 & n=0; "
+              "until [ $(grep -c 'serving 1 VM' /var/log/avatar/daemon.log) -ge 2 ] || "
+              "[ $n -ge 300 ]; do sleep 1; n=$((n + 1)); done", timeout=330)
+    log = ok(board, "cat /var/log/avatar/daemon.log")
+    assert "block restored" in log and "console restored" in log, log
+
+    ok(guest, "n=0; until [ -e /tmp/blk.done ] || [ $n -ge 300 ]; do sleep 1; "
+              "n=$((n + 1)); done; [ -e /tmp/blk.done ]", timeout=330)
+    written = ok(guest, "dd if=/dev/vda bs=64k count=8 iflag=direct 2>/dev/null | sha256sum")
+    assert written.split()[0] == source_sum
+    on_board = ok(board, "head -c 524288 /var/lib/avatar-hw/disk.img | sha256sum")
+    assert on_board.split()[0] == source_sum
+    assert ok(guest, "cat /sys/bus/virtio/devices/*/status") == statuses
+    new_lines = ok(guest, f"dmesg | tail -n +{dmesg_lines + 1}")
+    assert not re.search(r"virtio|vd[a-z]|hvc|I/O error|reset", new_lines), new_lines
+    block = ok(board, "avatar-hw info --json | python3 -c 'import json, sys; print(*next("
+                      "(d[\"status\"], d[\"requests\"]) for vm in json.load(sys.stdin)[\"vms\"] "
+                      "for d in vm[\"devices\"] if d[\"name\"] == \"block\"))'", timeout=120)
+    status, requests = block.split()
+    assert status == "ACKNOWLEDGE|DRIVER|FEATURES_OK|DRIVER_OK"
+    assert int(requests) > 0            # the new daemon wrote: the kill was mid-transfer

@@ -14,7 +14,7 @@ def run(args):
     daemon = Daemon(args.board, args.config, doorbell=args.doorbell, busy_poll=args.busy_poll,
                     trace=args.trace, control_path=args.control, user=args.user,
                     wait_stub=args.wait_stub, sysfs_root=args.sysfs_root, dev_root=args.dev_root,
-                    record=args.record)
+                    record=args.record, state=args.state)
     daemon.run()
     return 0
 
@@ -43,4 +43,8 @@ def add_parser(subparsers, parents=()):
     parser.add_argument("--record", type=Path, metavar="FILE",
                         help="record every trap, the guest memory it reads and writes and the "
                              "interrupts raised, for `avatar-hw replay FILE`")
+    parser.add_argument("--state", type=Path, metavar="FILE",
+                        help="keep every device's state in FILE; a daemon started again "
+                             "with the FILE a killed or stopped one left carries on under the "
+                             "running guests (no reset); docs/testing.md, \"Restart\"")
     parser.set_defaults(func=run, verbosity=1)        # info by default: what it serves

@@ -135,6 +135,7 @@ class BlockDevice(VirtioDevice):
 
     device_id = ID_BLOCK
     name = "block"
+    restartable = True
 
     def __init__(self, image, *, readonly=False, serial=None, queues=None):
         check_serial(serial or "")

@@ -59,6 +59,7 @@ class ConsoleDevice(VirtioDevice):
 
     device_id = ID_CONSOLE
     name = "console"
+    restartable = True
 
     def __init__(self, backend=None, *, ports=None, size=None, multiport=None, emerg_write=True,
                  limit=None, log_size=None):
@@ -115,6 +116,34 @@ class ConsoleDevice(VirtioDevice):
             port.fill_rx()                        # pauses input until the next activation
         self._control_out.clear()
         self._devices_added = False
+        self.keep_state()
+
+    # -- a restart under a running guest (avatar_hw.state) ---------------------------------------
+
+    def saved_state(self):
+        """The multiport bring-up: DEVICE_ADDs sent, each port's guest side and what the
+        driver was told of its host side, control messages not yet delivered."""
+        return {"devices_added": self._devices_added,
+                "control_out": [m.hex() for m in self._control_out],
+                "ports": [[p.guest_ready, p.guest_open, p.host_open] for p in self.ports]}
+
+    def restore_state(self, saved, words):
+        ports = saved.get("ports", [])
+        if len(ports) not in (0, len(self.ports)) or not all(
+                isinstance(p, list) and len(p) == 3 for p in ports):
+            raise ValueError(f"console state has {len(ports)} ports, the device "
+                             f"{len(self.ports)}")
+        messages = saved.get("control_out", [])
+        if len(messages) > CONTROL_OUT_LIMIT:
+            raise ValueError(f"{len(messages)} control messages waiting (limit "
+                             f"{CONTROL_OUT_LIMIT})")
+        self._devices_added = bool(saved.get("devices_added"))
+        self._control_out.extend(bytes.fromhex(m) for m in messages)
+        for port, (ready, is_open, host_open) in zip(self.ports, ports):
+            port.guest_ready, port.guest_open = bool(ready), bool(is_open)
+            port.host_open = None if host_open is None else bool(host_open)
+        for port in self.ports:
+            port.restore(words)
 
     def queue_reset(self, index):
         if index in self._port_by_queue:
@@ -193,6 +222,7 @@ class ConsoleDevice(VirtioDevice):
                 self.guest_error("short control message (%d bytes); ignored", n)
                 continue
             self._handle_control(*CONTROL.unpack(message))
+        self.keep_state()
         self.signal_used(queue)
 
     def _handle_control(self, port_id, event, value):
@@ -265,6 +295,7 @@ class ConsoleDevice(VirtioDevice):
             self.fail("the driver takes no control messages")
             return
         self._control_out.append(CONTROL.pack(port_id, event, value) + payload)
+        self.keep_state()
         self._flush_control()
 
     def _flush_control(self):
@@ -287,6 +318,7 @@ class ConsoleDevice(VirtioDevice):
             queue.add_used(chain.head, n)
             completed = True
         if completed:
+            self.keep_state()
             self.signal_used(queue)
 
     # -- introspection ----------------------------------------------------------------------------

@@ -19,7 +19,18 @@ Flow control (nothing lost):
 * emergency writes (``avatar_hw.devices.console``) are copied into port 0's
   stream with the token ``EMERGENCY``.
 * a device reset drops what is in flight (none of it was acknowledged).
+* a restart under a running guest (``avatar_hw.state``): after each flush the port
+  stores in one 32-bit word of the context's ``words`` the available-ring position of
+  its first transmit chain not yet wholly handed to every attached endpoint and the
+  bytes of it that were (capped at 0xFFFF): everything before is delivered. After a
+  restart the transmit chains that were in flight come back through ``pop``; those
+  before that point are returned at once, the one at it is sent from that byte on.
+  A word stale by a flush (the process died between the write and the store) repeats
+  those bytes; it never loses any.
 """
+
+from ..backends.console import LOGGED
+from ..virtio.buffers import skip
 
 EMERGENCY = object()                     # the token of emergency bytes in port 0's stream
 
@@ -43,6 +54,7 @@ class ConsolePort:
         self.rx_chain = None             # the receive buffer being filled
         self._tx_notify = True           # what the driver was last asked (notifications on)
         self._input_paused = False
+        self._resent = {}                # head -> bytes already delivered (after a restart)
 
     @property
     def rxq(self):
@@ -69,6 +81,53 @@ class ConsolePort:
             if token is EMERGENCY:
                 self.device.emergency_dropped(length)
         self._tx_notify = True
+        self._resent.clear()
+
+    # -- a restart under a running guest ---------------------------------------------------------
+
+    def _keep_sent(self):
+        """Store how far every attached endpoint has the output (module docstring)."""
+        context, txq, word = self.device.context, self.txq, 2 * self.id
+        if context is None or word + 1 >= len(context.words) or not txq.ready:
+            return
+        stream = self.backend.stream
+        positions = [ep.position for ep in self.backend.endpoints if ep.attached]
+        upto = min(positions) if positions else stream.tail
+        mark = txq.last_avail_idx << 16
+        for start, length, _, token in stream.segments:
+            if token is not LOGGED and token is not EMERGENCY and start + length > upto:
+                sent = max(0, upto - start) + self._resent.get(token.head, 0)
+                mark = txq.position(token.head) << 16 | min(sent, 0xFFFF)
+                break
+        context.words[word] = mark
+        context.words[word + 1] = 1
+
+    def restore(self, words):
+        """After a restart: which transmit chains handed back were delivered, wholly or
+        in part (``words``: the context's words as the previous process left them)."""
+        word, txq = 2 * self.id, self.txq
+        self._resent.clear()
+        if word + 1 >= len(words) or not words[word + 1] or not txq.ready:
+            return
+        position, sent = words[word] >> 16, words[word] & 0xFFFF
+        newest = txq.last_avail_idx
+        age = (newest - position) & 0xFFFF
+        for head in txq.replaying:
+            chain_age = (newest - txq.position(head)) & 0xFFFF
+            if chain_age > age:
+                self._resent[head] = -1           # wholly delivered
+            elif chain_age == age and sent:
+                self._resent[head] = sent
+
+    def _unsent(self, chain):
+        """``chain``'s readable views and length less what was delivered before a restart."""
+        done = self._resent.get(chain.head, 0) if self._resent else 0
+        if not done:
+            return chain.readable, chain.readable_len
+        if done < 0 or done >= chain.readable_len:
+            self._resent.pop(chain.head)
+            return [], 0
+        return skip(chain.readable, done), chain.readable_len - done
 
     # -- host -> guest ---------------------------------------------------------------------------
 
@@ -131,12 +190,14 @@ class ConsolePort:
                     chain = txq.pop()
                     if chain is None:
                         break
-                    if chain.readable_len:
-                        backend.submit(chain.readable, chain.readable_len, chain)
+                    views, length = self._unsent(chain)
+                    if length:
+                        backend.submit(views, length, chain)
                     else:
                         txq.add_used(chain.head, 0)
                         returned += 1
                 backend.flush()
+                self._keep_sent()
                 done = self._return_done()
                 returned += done
                 if done:
@@ -150,6 +211,7 @@ class ConsolePort:
         else:
             backend.flush()                       # emergency bytes
             returned += self._return_done()
+        self._keep_sent()
         if returned:
             device.signal_used(txq)
 
@@ -160,7 +222,7 @@ class ConsolePort:
         device, txq, backend = self.device, self.txq, self.backend
         returned = self._complete(backend.spill())
         for chain in txq:
-            backend.log_output(chain.readable)
+            backend.log_output(self._unsent(chain)[0])
             txq.add_used(chain.head, 0)
             device.count(bytes_from_guest=chain.readable_len)
             returned += 1
@@ -183,6 +245,7 @@ class ConsolePort:
             if token is EMERGENCY:
                 device.emergency_written(length)
                 continue
+            self._resent.pop(token.head, None)
             self.txq.add_used(token.head, 0)
             device.count(bytes_from_guest=length)
             returned += 1

@@ -136,6 +136,7 @@ class NetDevice(VirtioDevice):
 
     device_id = ID_NET
     name = "net"
+    restartable = True
 
     def __init__(self, backend, *, mac=None, mtu=1500, rx_pending=DEFAULT_RX_PENDING):
         check_mtu(mtu)

@@ -56,6 +56,7 @@ class RngDevice(VirtioDevice):
 
     device_id = ID_RNG
     name = "rng"
+    restartable = True
 
     def __init__(self, *, max_bytes=DEFAULT_MAX_BYTES, rate=None, source="/dev/urandom"):
         for name, value in (("max_bytes", max_bytes), ("rate", rate)):

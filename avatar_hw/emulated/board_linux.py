@@ -81,13 +81,18 @@ udevadm settle --timeout=60 >>/var/log/avatar/udevd.log 2>&1
 dd if=/dev/urandom of=/var/lib/avatar-hw/disk.img bs=1M count={disk_mib} 2>/dev/null
 /usr/lib/avatar-hw/start-unit >/var/log/avatar/daemon.log 2>&1 &
 # The guest's console: the daemon's pty endpoint, bridged to the board's hvc1 (a QEMU
-# virtconsole whose host end is EmulatedBoard.console_path) - a user's serial cable.
+# virtconsole whose host end is EmulatedBoard.console_path) - a user's serial cable,
+# plugged again into the new pty when a daemon is restarted.
 (
-    n=0
-    while [ ! -e /run/avatar/vm1-console ] && [ $n -lt 1200 ]; do sleep 0.1; n=$((n + 1)); done
-    stty -F /dev/hvc1 raw -echo -opost -onlcr; stty -F /run/avatar/vm1-console raw -echo -opost -onlcr
-    cat /run/avatar/vm1-console >/dev/hvc1 &
-    exec cat /dev/hvc1 >/run/avatar/vm1-console
+    stty -F /dev/hvc1 raw -echo -opost -onlcr
+    while :; do
+        n=0
+        while [ ! -e /run/avatar/vm1-console ] && [ $n -lt 1200 ]; do sleep 0.1; n=$((n + 1)); done
+        stty -F /run/avatar/vm1-console raw -echo -opost -onlcr
+        cat /dev/hvc1 >/run/avatar/vm1-console &
+        cat /run/avatar/vm1-console >/dev/hvc1        # until that daemon's pty goes
+        kill $! 2>/dev/null; wait $!; sleep 0.5
+    done
 ) </dev/null >/dev/null 2>&1 &
 """
 START_UNIT = """#!/bin/sh
@@ -98,6 +103,7 @@ unit=/etc/systemd/system/avatar-hw.service
 eval "$(sed -n 's/^Environment=/export /p' "$unit")"
 set -a; [ -r /etc/default/avatar-hw ] && . /etc/default/avatar-hw; set +a
 mkdir -p /var/lib/avatar-hw /run/avatar /var/log/avatar
+export STATE_DIRECTORY=/var/lib/avatar-hw
 cd /var/lib/avatar-hw || exit 1
 eval "exec $(sed -n 's/^ExecStart=//p' "$unit")"
 """

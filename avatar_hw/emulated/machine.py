@@ -87,10 +87,7 @@ class UartLink:
 
     def ring(self):
         """Wake the stub (the UART RX interrupt makes it read virq_pending)."""
-        try:
-            self.sock.send(b"\x01", socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            pass  # bytes are already waiting in the UART: the stub will look anyway
+        ring_uart(self.sock)
 
     def wait_for_line(self, text, timeout):
         """The first log line containing ``text``; None after ``timeout`` s or at EOF."""
@@ -120,6 +117,15 @@ class UartLink:
         self._thread.join(timeout=5)
         self.sock.close()
         self.doorbell.release()
+
+
+def ring_uart(sock):
+    """One byte to the stub's UART (a daemon in its own process shares the launcher's
+    socket for this; one-byte sends never interleave)."""
+    try:
+        sock.send(b"\x01", socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        pass  # bytes are already waiting in the UART: the stub will look anyway
 
 
 def check_vms(vms):

@@ -25,14 +25,30 @@ takes ``shell()``'s connection away. Without a config the others are one
 
     with EmulatedBoard(vms=2) as board:
         output, status = board.shell(vm=1).run("cat /proc/cmdline")
+
+``daemon_process=True`` runs the daemon in its own process instead (``python -m
+avatar_hw.emulated.session``, the same ``Daemon``): the launcher keeps QEMU's UART
+and its reader, the child inherits the doorbell's eventfd (signalled by that
+reader) and the UART socket (it rings the stub with one-byte sends of its own).
+The daemon keeps its devices' state in ``state_path`` (``avatar_hw.state``), so
+``kill_daemon()`` (SIGKILL) and ``start_daemon()`` restart it under the running
+guest::
+
+    with EmulatedBoard(daemon_process=True) as board:
+        board.kill_daemon()
+        board.start_daemon()        # the guest carries on, no reset
 """
 
 import dataclasses
+import json
 import logging
 import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,13 +56,14 @@ from pathlib import Path
 from ..board import board_path, load_board
 from ..config import DeviceConfig, load_config
 from ..daemon import Daemon
+from ..doorbell import StubDoorbell
 from ..errors import AvatarError
 from . import board_linux
 from .assets import guest_assets
 from .build import build_stub
 from .devicetree import DEFAULT_BOOTARGS, build_dtb
 from .initramfs import READY_MARKER, build_initramfs
-from .machine import WORKDIR_PREFIX, EmulatedMachine, check_vms
+from .machine import WORKDIR_PREFIX, EmulatedMachine, _die_with_parent, check_vms, ring_uart
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +150,7 @@ class EmulatedBoard:
     def __init__(self, *, vms=1, devices="", config=None, control_path=None,
                  bootargs=DEFAULT_BOOTARGS, on_log=None, busy_poll=False, trace=False,
                  qemu_args=(), initrd=None, board_linux=False, board_files=None,
-                 board_userland=True):
+                 board_userland=True, daemon_process=False):
         check_vms(vms)
         self.board_linux = board_linux   # board mode: CPU0 runs the board Linux (board_linux.py)
         self.board_files = board_files   # board mode: {path: bytes or (bytes, mode)} added to
@@ -152,7 +169,9 @@ class EmulatedBoard:
         self.on_log = on_log
         self.busy_poll = busy_poll
         self.initrd = initrd            # a prebuilt initramfs (default: build_initramfs())
-        self.machine = self.daemon = self._thread = None
+        self.daemon_process = daemon_process
+        self.machine = self.daemon = self._thread = self.process = None
+        self.state_path = None
 
     def start(self):
         if self.board_linux:
@@ -215,54 +234,69 @@ class EmulatedBoard:
         self.console_paths = [workdir / ("console.sock" if vm == 0 else f"console{vm}.sock")
                               for vm in range(self.vms)]
         self.console_path = self.console_paths[0]
-        board = load_board(board_path("emulated"))
-        shm = self.machine.ram_path
-        board = dataclasses.replace(board, trap=dataclasses.replace(board.trap, file=shm),
-                                    ram=dataclasses.replace(board.ram, file=shm))
-        self.daemon = Daemon(board, self._vms_config(board, workdir),
+        if self.daemon_process:
+            self.state_path = workdir / "state"
+            self.start_daemon()
+            return
+        self.daemon = Daemon(_board(self.machine.ram_path), self._vms_config(workdir),
                              doorbell=self.machine.uart.doorbell, busy_poll=self.busy_poll,
-                             trace=self.trace,
-                             control_path=self.control_path or str(workdir / "control.sock"))
+                             trace=self.trace, control_path=self._control_path())
         self._thread = self.daemon.start_thread()
 
-    def _vms_config(self, board, workdir):
-        """The VMs config with the launcher's console endpoint added to each VM's console."""
-        path = self.config
-        if path is None:
-            path = workdir / "vms.toml"
-            path.write_text("".join(
-                f'[vm.{vm}]\nconsole = {{ endpoints = ["unix:vm{vm}-console.sock"] }}\n{devices}\n'
-                for vm, devices in enumerate(self.devices)))
-        config = load_config(path, max_vms=board.layout.max_vms,
-                             devices_per_vm=board.layout.devices_per_vm, base=workdir)
-        others = sorted(set(config.vms) - set(range(self.vms)))
-        if others:
-            runs = "one guest, VM 0" if self.vms == 1 else f"{self.vms} guests, VMs 0..{self.vms - 1}"
-            log.warning("%s: the emulated board runs %s: %s left out", path, runs,
-                        ", ".join(f"vm.{n}" for n in others))
-            for vm_id in others:
-                del config.vms[vm_id]
-        for vm, console_path in enumerate(self.console_paths):
-            if vm not in config.vms:
-                continue
-            devices = config.vms[vm].devices
-            mine = f"unix:{console_path}"
-            consoles = [d for d in devices if d.kind == "console"]
-            if consoles:
-                endpoints = consoles[0].options["endpoints"]
-                endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
-                consoles[0].options["endpoints"] = [*endpoints, mine]
-            else:
-                devices.insert(0, DeviceConfig("console", f"vm.{vm}.console", {
-                    "endpoints": [f"unix:{workdir / f'vm{vm}-console.sock'}", mine]}))
-        return config
+    def _control_path(self):
+        return self.control_path or str(Path(self.machine.workdir) / "control.sock")
+
+    def start_daemon(self, timeout=60):
+        """``daemon_process``: start the daemon's process (again: it restores the devices
+        from ``state_path``) and wait until it serves (its READY=1, as under systemd)."""
+        if self.process is not None and self.process.poll() is None:
+            raise AvatarError(f"the daemon (PID {self.process.pid}) is still running")
+        workdir = Path(self.machine.workdir)
+        notify_path = workdir / "notify.sock"
+        notify_path.unlink(missing_ok=True)
+        uart = self.machine.uart
+        spec = {"ram": self.machine.ram_path, "workdir": str(workdir), "config": self.config and
+                str(self.config), "devices": self.devices, "vms": self.vms,
+                "console_paths": [str(p) for p in self.console_paths],
+                "control": self._control_path(), "state": str(self.state_path),
+                "busy_poll": self.busy_poll, "trace": self.trace,
+                "doorbell_fd": uart.doorbell.fileno(), "uart_fd": uart.sock.fileno()}
+        root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path),
+               "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify, \
+                open(workdir / "daemon.log", "ab") as log_file:
+            notify.bind(str(notify_path))
+            self.process = subprocess.Popen(
+                [*_die_with_parent(), sys.executable, "-m", "avatar_hw.emulated.session",
+                 json.dumps(spec)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                pass_fds=(spec["doorbell_fd"], spec["uart_fd"]), env=env)
+            deadline = time.monotonic() + timeout
+            while True:
+                notify.settimeout(0.5)
+                try:
+                    if b"READY=1" in notify.recv(4096):
+                        return self.process.pid
+                except socket.timeout:
+                    pass
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    tail = (workdir / "daemon.log").read_text(errors="replace")[-1500:]
+                    raise AvatarError(f"the daemon process did not start serving "
+                                      f"(status {self.process.poll()}): {tail}")
+
+    def kill_daemon(self):
+        """``daemon_process``: SIGKILL the daemon's process (a crash: nothing is detached,
+        nothing flushed) and reap it."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
 
     def alive(self):
         """Is the guest still there (QEMU running)?"""
         return self.machine is not None and self.machine.process.poll() is None
 
-    def shell(self, timeout=60, vm=0):
-        """Connect to VM ``vm``'s console and wait for its shell."""
+    def shell(self, timeout=60, vm=0, wait_ready=True):
+        """Connect to VM ``vm``'s console and wait for its shell (``wait_ready=False``: for
+        the prompt of a shell already there, after ``start_daemon``)."""
         deadline = time.monotonic() + timeout
         if self.board_linux:     # the guest's console through the board (hvc1), connected at start
             sock, self._guest_sock = self._guest_sock, None
@@ -271,10 +305,11 @@ class EmulatedBoard:
         else:
             sock = _connect_unix(self.console_paths[vm], timeout)
         shell = GuestShell(sock, alive=self.alive)
-        shell.wait_ready(max(1, deadline - time.monotonic()))
+        if wait_ready:
+            shell.wait_ready(max(1, deadline - time.monotonic()))
         return shell
 
-    def stop(self):
+    def _stop(self):
         if self.daemon is not None:
             self.daemon.stop()
             if self._thread is not None:
@@ -287,8 +322,85 @@ class EmulatedBoard:
         if self.board_linux and getattr(self, "_board_console_dir", None):
             shutil.rmtree(self._board_console_dir, ignore_errors=True)
 
+    def _vms_config(self, workdir):
+        return vms_config(self.config, self.devices, self.vms, self.console_paths, workdir)
+
+    def stop(self):
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.terminate()
+                try:
+                    self.process.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            self.process = None
+        self._stop()
+
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _board(ram_path):
+    """The emulated board file with this run's RAM file."""
+    board = load_board(board_path("emulated"))
+    return dataclasses.replace(board, trap=dataclasses.replace(board.trap, file=ram_path),
+                               ram=dataclasses.replace(board.ram, file=ram_path))
+
+
+def vms_config(path, devices, vms, console_paths, workdir):
+    """The VMs config (``path``, or one made of ``devices``, a TOML string per VM) with the
+    launcher's console endpoint (``console_paths``) added to each VM's console."""
+    board = load_board(board_path("emulated"))
+    if path is None:
+        path = workdir / "vms.toml"
+        path.write_text("".join(
+            f'[vm.{vm}]\nconsole = {{ endpoints = ["unix:vm{vm}-console.sock"] }}\n{devices}\n'
+            for vm, devices in enumerate(devices)))
+    config = load_config(path, max_vms=board.layout.max_vms,
+                         devices_per_vm=board.layout.devices_per_vm, base=workdir)
+    others = sorted(set(config.vms) - set(range(vms)))
+    if others:
+        runs = "one guest, VM 0" if vms == 1 else f"{vms} guests, VMs 0..{vms - 1}"
+        log.warning("%s: the emulated board runs %s: %s left out", path, runs,
+                    ", ".join(f"vm.{n}" for n in others))
+        for vm_id in others:
+            del config.vms[vm_id]
+    for vm, console_path in enumerate(console_paths):
+        if vm not in config.vms:
+            continue
+        vm_devices = config.vms[vm].devices
+        mine = f"unix:{console_path}"
+        consoles = [d for d in vm_devices if d.kind == "console"]
+        if consoles:
+            endpoints = consoles[0].options["endpoints"]
+            endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+            consoles[0].options["endpoints"] = [*endpoints, mine]
+        else:
+            vm_devices.insert(0, DeviceConfig("console", f"vm.{vm}.console", {
+                "endpoints": [f"unix:{workdir / f'vm{vm}-console.sock'}", mine]}))
+    return config
+
+
+def _serve(spec):
+    """The daemon's process (``EmulatedBoard(daemon_process=True)``): ``spec`` as the
+    launcher wrote it."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    uart = socket.socket(fileno=spec["uart_fd"])
+    workdir = Path(spec["workdir"])
+    config = vms_config(spec["config"] and Path(spec["config"]), spec["devices"], spec["vms"],
+                        [Path(p) for p in spec["console_paths"]], workdir)
+    daemon = Daemon(_board(spec["ram"]), config, busy_poll=spec["busy_poll"],
+                    doorbell=StubDoorbell(lambda: ring_uart(uart), fd=spec["doorbell_fd"]),
+                    trace=spec["trace"], control_path=spec["control"], state=spec["state"])
+    daemon.run()
+
+
+if __name__ == "__main__":
+    try:
+        _serve(json.loads(sys.argv[1]))
+    except AvatarError as err:
+        sys.exit(f"avatar-hw daemon: {err}")

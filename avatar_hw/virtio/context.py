@@ -33,6 +33,7 @@ from . import constants as c
 log = logging.getLogger("avatar_hw.virtio.transport")
 
 _MASK32 = 0xFFFFFFFF
+WORDS = 64              # a device's hot 32-bit words kept outside the process (``words``)
 
 
 class DeviceContext:
@@ -63,6 +64,11 @@ class DeviceContext:
         self.interrupt_status = 0
         self.config_generation = 0
         self.faults = None
+        # Kept outside the process when the daemon has a state file (avatar_hw.state):
+        # ``words``, 32-bit values a device stores its hot progress in, and
+        # ``keep_state()``, which stores the device's ``saved_state()``.
+        self.words = [0] * WORDS
+        self.keep_state = None
         self._guest_error_log = RateLimitedLog(log)
         self._error_log = RateLimitedLog(log, level=logging.ERROR)
 

@@ -107,6 +107,7 @@ class VirtioDevice:
 
     device_id = 0
     name = "virtio"
+    restartable = False     # its state can be restored under a running guest (avatar_hw.state)
 
     def __init__(self, *, queue_sizes, features=0, config=b""):
         self.features = features | TRANSPORT_FEATURES
@@ -139,6 +140,21 @@ class VirtioDevice:
     def write_config(self, offset, data):
         """The driver wrote ``data`` at ``offset`` of the configuration space."""
         self.guest_error("write to read-only config offset 0x%x; ignored", offset)
+
+    def saved_state(self):
+        """JSON-able state a restarted daemon needs beyond the transport's and the queues'
+        (``avatar_hw.state``); only devices that hold such state override it."""
+        return {}
+
+    def restore_state(self, saved, words):
+        """Take back ``saved_state()`` and the context's ``words`` after a restart (the
+        queues are restored; ``activate`` and ``queue_notify`` follow). Raise ValueError
+        for a value that makes no sense: the device then needs a reset."""
+
+    def keep_state(self):
+        """Store ``saved_state()`` now (when the daemon keeps a state file)."""
+        if self.context is not None and self.context.keep_state is not None:
+            self.context.keep_state()
 
     def bind(self, context):
         """Plugged into a transport: ``context`` (a ``DeviceContext``) is how this device

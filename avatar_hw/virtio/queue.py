@@ -46,7 +46,20 @@ bounded time and no guest starves another.
 Devices hold ``DescriptorChain`` objects while they work and hand the head
 back with ``add_used``; a device must drop held chains in its reset hooks
 (a chain from before a reset is refused by ``add_used``).
+
+**Progress kept outside the process** (``avatar_hw.state``, a restart under a running
+guest). ``keep_progress(indices, in_flight)`` puts ``last_avail_idx``/``used_idx`` and
+the in-flight table in the state file's mapping; each is one store where the queue
+changes it. ``_in_flight[head]`` is the chain's available-ring position + 1 (0: not in
+flight), so the order in which chains were popped survives. Stores are ordered so that
+a process killed between any two of them leaves a state ``restore`` can finish: ``pop``
+marks the head before it moves ``last_avail_idx``; ``add_used`` publishes the used idx
+in guest RAM before it clears the head and saves ``used_idx``. ``restore`` reconciles
+both and hands the chains that were in flight back through ``pop`` first, in pop order,
+so the device does each again (it completed none: its used entry was not published).
 """
+
+import collections
 
 import logging
 
@@ -107,7 +120,16 @@ class Virtqueue:
         self.on_yield = on_yield
         self._bad_chain_log = RateLimitedLog(log)
         self._break_log = RateLimitedLog(log, level=logging.ERROR)
+        self._indices = [0, 0]                       # last_avail_idx, used_idx (kept copy)
+        self._in_flight_store = [0] * max_size       # see "Progress kept outside the process"
+        self._replay = collections.deque()           # heads restored in flight, pop order
         self.reset()
+
+    def keep_progress(self, indices, in_flight):
+        """Keep ``last_avail_idx``/``used_idx`` in ``indices`` and the in-flight table in
+        ``in_flight`` (``max_size`` entries) from now on: 32-bit memoryviews of the state
+        file (``avatar_hw.state``)."""
+        self._indices, self._in_flight_store = indices, in_flight
 
     @property
     def bad_chains(self):
@@ -134,6 +156,7 @@ class Virtqueue:
         self.memory = None
         self._signalled_used = 0
         self._in_flight = None
+        self._clear_progress()
         self._desc_q = self._desc_i = self._desc_h = None
         self._avail = self._used_h = self._used_ring = None
         self._avail_idx_addr = self._used_idx_addr = 0
@@ -175,14 +198,56 @@ class Virtqueue:
         self.memory = memory
         self.event_idx, self.indirect = event_idx, indirect
         self.last_avail_idx = self.used_idx = self._signalled_used = self._avail_idx = 0
-        self._in_flight = bytearray(size)
+        self._clear_progress()
+        self._in_flight = self._in_flight_store[:size]
         self.broken = False
         self.ready = True
+
+    def _clear_progress(self):
+        self._indices[0] = self._indices[1] = 0
+        store = self._in_flight_store
+        for head in range(len(store)):
+            store[head] = 0
+        self._replay.clear()
 
     @property
     def in_flight(self):
         """Number of chains popped and not yet returned."""
-        return 0 if self._in_flight is None else sum(self._in_flight)
+        return 0 if self._in_flight is None else sum(map(bool, self._in_flight))
+
+    def restore(self, memory, last_avail_idx, used_idx):
+        """Ready again after a restart, with the kept progress (``keep_progress``):
+        ``set_up`` (raises ``QueueError``), then the indices and the chains in flight.
+
+        The used idx the guest sees is the truth of what was completed: one past the
+        kept ``used_idx`` means the process died inside ``add_used``, after it
+        published the entry. Heads marked at positions outside the last queue's worth
+        before ``last_avail_idx`` (a pop cut short) are not in flight. Returns the heads
+        handed back through ``pop`` first.
+        """
+        marks = list(self._in_flight_store[:self.size])
+        self.set_up(memory, event_idx=self.event_idx, indirect=self.indirect)
+        size = self.size
+        guest_used = ordering.load_acquire16(self._used_idx_addr)
+        if guest_used == (used_idx + 1) & 0xFFFF:
+            head = self._used_ring[2 * (used_idx & (size - 1))]
+            if head < size:
+                marks[head] = 0
+            used_idx = guest_used
+        elif guest_used != used_idx & 0xFFFF:
+            self.reset()
+            raise QueueError(f"queue {self.index}: the guest's used index is {guest_used}, "
+                             f"not {used_idx & 0xFFFF}: not the guest this state was kept for")
+        in_flight = []
+        for head, mark in enumerate(marks):
+            position = (mark - 1) & 0xFFFF
+            if mark and ((last_avail_idx - position - 1) & 0xFFFF) < size:
+                in_flight.append(((position - last_avail_idx) & 0xFFFF, head))
+                self._in_flight[head] = mark
+        self.last_avail_idx = self._avail_idx = self._indices[0] = last_avail_idx & 0xFFFF
+        self.used_idx = self._signalled_used = self._indices[1] = used_idx & 0xFFFF
+        self._replay.extend(head for _, head in sorted(in_flight))
+        return list(self._replay)
 
     # -- the chain iterator ---------------------------------------------------------
 
@@ -207,6 +272,8 @@ class Virtqueue:
         return chain
 
     def _next_chain(self):
+        if self._replay and self.ready and not self.broken:
+            return self._replayed()
         while self.ready and not self.broken:
             if min(self._turn_chains, self._turn_descriptors, self._turn_bytes) <= 0:
                 if not self.yielded and self.has_available():
@@ -241,7 +308,8 @@ class Virtqueue:
             if self._in_flight[head]:
                 self._break(f"available ring offers head {head} which is already in flight")
                 return None
-            self._in_flight[head] = 1
+            self._in_flight[head] = self.last_avail_idx or 0x10000   # its position + 1
+            self._indices[0] = self.last_avail_idx
             self._turn_chains -= 1
             chain = self._walk(head)
             if chain.__class__ is DescriptorChain:
@@ -252,6 +320,31 @@ class Virtqueue:
                                 self.index, head, chain)
             self.add_used(head, 0)
         return None
+
+    def _replayed(self):
+        """The next chain that was in flight when the previous process died (``restore``),
+        walked again; a bad one is completed with length 0 like in ``_next_chain``."""
+        while self._replay:
+            head = self._replay.popleft()
+            self._turn_chains -= 1
+            chain = self._walk(head)
+            if chain.__class__ is DescriptorChain:
+                self._turn_bytes -= chain.readable_len + chain.writable_len
+                return chain
+            self._bad_chain_log("vm%s queue %d: bad descriptor chain at head %d (in flight at "
+                                "the restart): %s; completed with length 0",
+                                getattr(self.memory, "vm_id", "?"), self.index, head, chain)
+            self.add_used(head, 0)
+        return self._next_chain()
+
+    @property
+    def replaying(self):
+        """Heads in flight at the restart, not yet handed back by ``pop`` (``restore``)."""
+        return tuple(self._replay)
+
+    def position(self, head):
+        """The available-ring position chain ``head`` was popped from (it is in flight)."""
+        return (self._in_flight[head] - 1) & 0xFFFF
 
     def __iter__(self):
         """Pop chains until none is available: ``for chain in queue: ...``."""
@@ -341,12 +434,13 @@ class Virtqueue:
             log.error("queue %d: add_used of head %d which is not in flight (ignored)",
                       self.index, head)
             return False
-        self._in_flight[head] = 0
         slot = 2 * (self.used_idx & (self.size - 1))
         self._used_ring[slot] = head
         self._used_ring[slot + 1] = length
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         ordering.store_release16(self._used_idx_addr, self.used_idx)
+        self._in_flight[head] = 0                  # after the publication: see ``restore``
+        self._indices[1] = self.used_idx
         return True
 
     # -- notification suppression (2.7.7, 2.7.10) -----------------------------------------

@@ -27,7 +27,7 @@ import logging
 import sys
 
 from ..layout import Layout
-from .constants import REG_QUEUE_NOTIFY
+from .constants import REG_INTERRUPT_ACK, REG_QUEUE_NOTIFY
 from .transport import MmioTransport
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class Subsystem:
         self.interrupt_line = interrupt_line
         self.before_interrupt = before_interrupt
         self.shadows = None      # avatar_hw.shadow.RegisterShadows, once the trap page has them
+        self.state = None        # avatar_hw.state.StateFile, when the daemon keeps one
         self.loop = loop
         self.vms = {}            # vm_id -> GuestMemory
         self._devices = {}       # (vm_id, slot) -> MmioTransport
@@ -172,6 +173,8 @@ class Subsystem:
         """Republish window number ``window``'s register shadow, if there are shadows."""
         if self.shadows is not None:
             self.shadows.publish(window, self._by_window[window])
+        if self.state is not None:
+            self.state.save(window, registers_only=True)
 
     def shadow_hits(self, window):
         return self.shadows.hits(window) if self.shadows is not None else 0
@@ -200,8 +203,11 @@ class Subsystem:
         try:
             if is_write:
                 transport.write(offset, size, value)
-                if self.shadows is not None and offset != REG_QUEUE_NOTIFY:
-                    self.shadows.publish(window, transport)
+                if offset != REG_QUEUE_NOTIFY:
+                    if self.shadows is not None:
+                        self.shadows.publish(window, transport)
+                    if self.state is not None:
+                        self.state.save(window, registers_only=offset == REG_INTERRUPT_ACK)
                 return _WRITE_DONE
             return True, transport.read(offset, size)
         except Exception as err:     # a device bug must not take the daemon down

@@ -1,0 +1,230 @@
+"""The state file of a restart under a running guest (avatar_hw.state): save, restore,
+chains in flight completed exactly once, console output neither lost nor repeated, and
+state files that are not ours, of another version or another config, or with values
+that make no sense."""
+
+import socket
+import struct
+import time
+
+import pytest
+
+from avatar_hw.devices.block import BlockDevice
+from avatar_hw.devices.console import ConsoleDevice
+from avatar_hw.hw.region import Region
+from avatar_hw.loop import EventLoop
+from avatar_hw.state import StateError, StateFile
+from avatar_hw.testing.driver import GuestRam, VirtioDriver
+from avatar_hw.testing.virtio import RAM_BASE, IrqRecorder, RecordingDevice
+from avatar_hw.virtio import constants as c
+from avatar_hw.virtio.memory import GuestMemory
+from avatar_hw.virtio.subsystem import Subsystem
+
+RAM_SIZE = 4 << 20
+
+
+class Restartable(RecordingDevice):
+    restartable = True
+
+
+class Model:
+    """One 'daemon': a subsystem with ``device`` over the shared ``ram``, keeping its
+    state in ``path``; ``driver`` is the guest's side (it lives on across models)."""
+
+    def __init__(self, ram, device, path, loop=None):
+        self.loop = loop
+        self.irq = IrqRecorder()
+        self.subsystem = Subsystem(interrupt_line=self.irq, loop=loop)
+        self.subsystem.vm_init(0, GuestMemory(Region(ram), RAM_BASE))
+        self.transport = self.subsystem.create_device(0, device)
+        self.device = device
+        self.state = StateFile(path, self.subsystem)
+        self.state.restore()
+        self.state.keep()
+        self.subsystem.state = self.state
+        self.state.resume()
+
+
+@pytest.fixture
+def ram():
+    return memoryview(bytearray(RAM_SIZE))
+
+
+def driver_for(model, ram):
+    return VirtioDriver(model.subsystem.handle_mmio_trap, model.transport.window,
+                        GuestRam(ram, RAM_BASE))
+
+
+def test_restart_under_guest_state_restores_registers_and_held_chains_once(tmp_path, ram):
+    path = tmp_path / "state"
+    first = Model(ram, Restartable(queue_sizes=(8,), hold=True), path)
+    assert not first.state.restored
+    driver = driver_for(first, ram)
+    (queue,) = driver.init([0])
+    heads = [queue.post([b"a" * 16], [32]) for _ in range(3)]
+    queue.notify()
+    assert [ch.head for _, ch in first.device.held] == heads
+    first.transport.device.queues[0].add_used(heads[0], 7)   # one completed before the kill
+    # SIGKILL: nothing closed. The next model takes the same RAM and file.
+    second = Model(ram, Restartable(queue_sizes=(8,), hold=True), path)
+    driver.mmio = second.subsystem.handle_mmio_trap
+    assert second.state.restored
+    ctx = second.transport.context
+    assert ctx.status == first.transport.context.status
+    assert ctx.driver_features == first.transport.context.driver_features
+    q2 = second.device.queues[0]
+    assert (q2.ready, q2.size, q2.desc_addr) == (True, 8, queue.desc)
+    assert q2.last_avail_idx == 3 and q2.used_idx == 1
+    # the two chains in flight came back through pop, in order, and only them
+    assert [ch.head for _, ch in second.device.held] == heads[1:]
+    assert second.irq.raised                        # one interrupt at the resume
+    for _, ch in second.device.held:
+        q2.add_used(ch.head, 1)
+    assert [u.head for u in queue.get_used(read_data=False)] == heads
+    # new work after the restart is served as usual
+    head = queue.post([b"b"], [8])
+    queue.notify()
+    assert second.device.held[-1][1].head == head
+
+
+def test_restart_under_guest_kill_inside_add_used_completes_exactly_once(tmp_path, ram):
+    path = tmp_path / "state"
+    first = Model(ram, Restartable(queue_sizes=(8,), hold=True), path)
+    driver = driver_for(first, ram)
+    (queue,) = driver.init([0])
+    head = queue.post([b"x"], [8])
+    queue.notify()
+    vq = first.device.queues[0]
+    # the used entry is published in guest RAM, the process dies before it saved it
+    vq._indices, vq._in_flight = [0, 0], list(vq._in_flight)   # its next stores go nowhere
+    vq.add_used(head, 1)
+    second = Model(ram, Restartable(queue_sizes=(8,), hold=True), path)
+    assert second.device.held == []          # not done again
+    assert second.device.queues[0].used_idx == 1
+    assert [u.head for u in queue.get_used(read_data=False)] == [head]
+
+
+def test_restart_under_guest_block_write_in_flight_is_written_once(tmp_path, ram):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(64 << 10))
+    path = tmp_path / "state"
+    first = Model(ram, BlockDevice(image), path)
+    driver = driver_for(first, ram)
+    (queue,) = driver.init([0])
+    vq = first.device.queues[0]
+    head = queue.post([struct.pack("<IIQ", 1, 0, 2), b"W" * 512], [1])
+    # the daemon dies inside the write: popped, data written, no used entry
+    chain = vq.pop()
+    first.device._write(2, chain.readable, 512)
+    first.device._close_image()
+    second = Model(ram, BlockDevice(image), path)
+    assert [u.head for u in queue.get_used(read_data=False)] == [head]
+    assert image.read_bytes()[1024:1536] == b"W" * 512
+    assert second.device.queues[0].in_flight == 0
+
+
+def _console(tmp_path, ram, path, loop):
+    sock_path = str(tmp_path / "con.sock")
+    model = Model(ram, ConsoleDevice(f"unix:{sock_path}"), path, loop)
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(sock_path)
+    client.setblocking(False)
+    return model, client
+
+
+def _receive(loop, client, n, timeout=5.0):
+    out, deadline = b"", time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < deadline:
+        loop.run_once(0.01)
+        try:
+            out += client.recv(1 << 16)
+        except BlockingIOError:
+            pass
+    return out
+
+
+def test_restart_under_guest_console_output_is_neither_lost_nor_repeated(tmp_path, ram):
+    loop = EventLoop()
+    path = tmp_path / "state"
+    first, client = _console(tmp_path, ram, path, loop)
+    driver = driver_for(first, ram)
+    rxq, txq = driver.init([0, 1])
+    for _ in range(3):
+        loop.run_once(0.01)
+    # the chains are handed to the client; the process dies before it returns them
+    first.device.ports[0].backend.take_done = lambda: []
+    for data in (b"one-", b"two-", b"three-"):
+        txq.post([data])
+        txq.notify()
+    assert _receive(loop, client, 14) == b"one-two-three-"
+    assert first.device.queues[1].in_flight == 3
+    client.close()
+    first.device.detach()                    # its sockets go, as with the process
+    second, client = _console(tmp_path, ram, path, loop)
+    driver.mmio = second.subsystem.handle_mmio_trap
+    for _ in range(3):
+        loop.run_once(0.01)
+    txq.post([b"four"])
+    txq.notify()
+    assert _receive(loop, client, 4) == b"four"
+    assert _receive(loop, client, 1, timeout=0.2) == b""
+    assert len(txq.get_used(read_data=False)) == 4
+    loop.close()
+
+
+# -- files that are not what they should be -------------------------------------------------------
+
+
+def _file(tmp_path, ram):
+    path = tmp_path / "state"
+    model = Model(ram, Restartable(queue_sizes=(8,)), path)
+    driver = driver_for(model, ram)
+    driver.init([0])
+    return path
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b"NOTOURS!" + b[8:], "is not an avatar-hw state file"),
+    (lambda b: b[:8] + struct.pack("<I", 99) + b[12:], "state format version 99"),
+    (lambda b: b + bytes(8), "has the wrong size"),
+    (lambda b: b[:20], "is not an avatar-hw state file"),
+])
+def test_restart_under_guest_damaged_state_file_is_one_line_error(tmp_path, ram, damage, message):
+    path = _file(tmp_path, ram)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(StateError) as err:
+        Model(ram, Restartable(queue_sizes=(8,)), path)
+    assert message in str(err.value) and str(path) in str(err.value)
+    assert "\n" not in str(err.value) and "remove it" in str(err.value)
+
+
+def test_restart_under_guest_state_of_another_config_is_refused(tmp_path, ram):
+    path = _file(tmp_path, ram)
+    with pytest.raises(StateError, match="another VMs config"):
+        Model(ram, Restartable(queue_sizes=(16,)), path)
+
+
+def test_restart_under_guest_nonsense_values_set_device_needs_reset(tmp_path, ram):
+    path = _file(tmp_path, ram)
+    state = StateFile(path, Model(memoryview(bytearray(RAM_SIZE)), Restartable(
+        queue_sizes=(8,)), tmp_path / "other").subsystem)
+    state.slots[min(state.slots)].queues[0].size = 3          # not a power of two
+    state.close()
+    model = Model(ram, Restartable(queue_sizes=(8,)), path)
+    assert model.transport.context.status & c.STATUS_DEVICE_NEEDS_RESET
+    assert not model.device.queues[0].ready
+
+
+def test_restart_under_guest_device_that_cannot_be_restored_needs_reset(tmp_path, ram):
+    path = tmp_path / "state"
+    first = Model(ram, RecordingDevice(queue_sizes=(8,)), path)
+    driver_for(first, ram).init([0])
+    second = Model(ram, RecordingDevice(queue_sizes=(8,)), path)
+    assert second.transport.context.status & c.STATUS_DEVICE_NEEDS_RESET
+
+
+def test_restart_under_guest_state_from_another_boot_starts_fresh(tmp_path, ram, monkeypatch):
+    path = _file(tmp_path, ram)
+    monkeypatch.setattr("avatar_hw.state.boot_id", lambda: "another-boot")
+    model = Model(ram, Restartable(queue_sizes=(8,)), path)
+    assert not model.state.restored and model.transport.context.status == 0
