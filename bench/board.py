@@ -548,7 +548,7 @@ def summarise(raw):
             entry[side] = spread(values) if values else None
             if any(key in r.get("lossy", ()) for r in raw[side]):
                 entry[side + "_lossy"] = True
-        if entry["ours"] and entry["qemu"]:
+        if entry["ours"] and entry["qemu"] and entry["qemu"]["median"]:
             entry["ratio"] = entry["ours"]["median"] / entry["qemu"]["median"]
         figures[key] = entry
     return figures
