@@ -213,19 +213,14 @@ class Daemon:
         return find_uio(spec.name_for(), **self.roots).dev_path
 
     def _wanted_features(self):
-        """Virtual-interrupt requests only where the board's interrupts go through the stub.
-
-        Posted writes are declined for now: with them the emulated board's two-guest
-        test with a hostile VM 1 stalls VM 0's console (tests/test_emulated_two_guests.py,
-        not understood yet); TrapPage and both stubs implement them (issue 14).
-        """
+        """Virtual-interrupt requests only where the board's interrupts go through the stub."""
         if self.board.interrupts != "stub":
-            return abi.SUPPORTED_FEATURES & ~abi.F_VIRQ_REQUEST & ~abi.F_POSTED_WRITES
+            return abi.SUPPORTED_FEATURES & ~abi.F_VIRQ_REQUEST
         if not self.trap.header.stub_features & abi.F_VIRQ_REQUEST:
             raise abi.AbiMismatch(
                 f"{self.board.path}: interrupts.kind = \"stub\" but the stub does not offer "
                 "AVT_F_VIRQ_REQUEST: use a board file with the GIC ([gic]) for this hypervisor")
-        return abi.SUPPORTED_FEATURES & ~abi.F_POSTED_WRITES
+        return abi.SUPPORTED_FEATURES
 
     def _make_doorbell(self):
         spec = self.doorbell

@@ -8,9 +8,12 @@ POSTED one: it decodes the address once, with tables made from the layout, to
 a *window number* (``Layout.window_number``) and an offset in that window,
 calls ``dispatch(window, offset, value, is_write, size) -> (handled, value)``
 (``Subsystem.dispatch``) and publishes the answer. The slot and header views are ctypes structures
-made once over the mapping; slot ``state`` words are read with load-acquire
-and written with store-release at precomputed addresses, so serving a trap
-allocates no views.
+made once over the mapping, so serving a trap allocates no views. A scan reads
+every slot's ``state`` with a plain load and, only if one is POSTED, orders them
+before the slots' fields with one acquire fence (a load-acquire of each: LDR then
+DMB ISHLD on arm64); an answer is published with a release fence and a plain
+store of ``state`` (DMB ISH, STR). On x86 (TSO) both fences are no instruction,
+and an idle scan costs no foreign call at all.
 
 A slot whose fields make no sense (a size of 3, an unknown direction, an
 address outside the VM's own virtio window) is answered UNHANDLED with a
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 _SIZES = (1, 2, 4, 8)
 _MASKS = {size: (1 << (8 * size)) - 1 for size in _SIZES}
 MAX_TRAPS_PER_CALL = 256     # then back to the event loop (``stopped_at_budget`` says come back)
+BUSY_POLL_IDLE_SCANS = 64    # busy-poll: idle scans per call before the event loop's turn
 
 
 class StubNotReady(abi.AbiMismatch):
@@ -80,12 +84,13 @@ class TrapPage:
         self.shadows = None             # RegisterShadows when AVT_F_REGISTER_SHADOW is in force
         self.busy_poll = False
         self.slots = ()
-        self._state_addrs = ()
+        self._slot_bits = ()            # (1 << i, slot i): what a scan walks
         self._warn = RateLimitedLog(log, first=10)
         self.lock_path = lock
         self._lock_fd = None
         self.stopped_at_budget = False
         self._in_service = 0            # bit i: slot i is being completed (re-entrancy guard)
+        self._completed = 0             # bit i: slot i was completed (since a scan began)
         # The window decoding, made once: window number -> owning VM (None: no device slot
         # there) and -> base address; a trap is decoded with one subtraction and one division.
         self._layout_base, self._device_size = layout.base, layout.device_size
@@ -123,8 +128,7 @@ class TrapPage:
             abi.Slot.from_buffer(self.region.view(abi.SLOTS_OFFSET + i * abi.SLOT_SIZE,
                                                   abi.SLOT_SIZE))
             for i in range(count))
-        base = self.region.address + abi.SLOTS_OFFSET + abi.STATE_OFFSET
-        self._state_addrs = tuple(base + i * abi.SLOT_SIZE for i in range(count))
+        self._slot_bits = tuple((1 << i, slot) for i, slot in enumerate(self.slots))
 
     def attach(self, *, wanted=abi.SUPPORTED_FEATURES, busy_poll=False):
         """Accept ``wanted & stub_features`` and publish ATTACHED (store-release).
@@ -180,7 +184,7 @@ class TrapPage:
         self.header.model_sleeping = 0
         self.header.model_pid = 0
         self.region.store_release32(abi.MODEL_STATE_OFFSET, abi.MODEL_DETACHED)
-        self.slots, self._state_addrs = (), ()
+        self.slots, self._slot_bits = (), ()
         self.shadows = None
         self.release_lock()
         log.info("detached from %s", self.region.name)
@@ -220,6 +224,9 @@ class TrapPage:
         orders it before the re-scan, and slots posted meanwhile are served:
         the stub posts, fences and reads ``model_sleeping``, so either it
         rings or this re-scan sees its slot (docs/trap-abi.md, "Notification").
+        Busy-polling, it returns after ``BUSY_POLL_IDLE_SCANS`` scans in a row
+        found nothing (the caller polls its other events in between, so a scan
+        costs no system call).
 
         At most about ``MAX_TRAPS_PER_CALL`` traps per call: when more were
         posted, ``stopped_at_budget`` is True, ``model_sleeping`` stays clear
@@ -233,33 +240,56 @@ class TrapPage:
         total = 0
         while True:
             header.model_sleeping = 0
-            while (served := self.scan_once(dispatch)):
-                total += served
-                if total >= MAX_TRAPS_PER_CALL:
-                    self.stopped_at_budget = True
-                    return total
-            if self.busy_poll:
-                return total
+            idle = 0
+            while True:
+                served = self.scan_once(dispatch)
+                if served:
+                    total += served
+                    if total >= MAX_TRAPS_PER_CALL:
+                        self.stopped_at_budget = True
+                        return total
+                    idle = 0
+                elif not self.busy_poll:
+                    break
+                else:
+                    idle += 1
+                    if idle >= BUSY_POLL_IDLE_SCANS:
+                        return total
             header.model_sleeping = 1
             ordering.fence()
             if not self.any_posted():
                 return total
 
     def any_posted(self):
-        load = ordering.load_acquire32
-        for addr in self._state_addrs:
-            if load(addr) == abi.SLOT_POSTED:
+        for _, slot in self._slot_bits:
+            if slot.state == abi.SLOT_POSTED:
                 return True
         return False
 
     def scan_once(self, dispatch):
-        """One pass over the slots, completing each POSTED one; returns how many."""
-        load = ordering.load_acquire32
+        """One pass over the slots, completing each POSTED one; returns how many.
+
+        Plain loads of every ``state``, then one acquire fence if any was POSTED
+        (module docstring). A slot a nested call completed meanwhile (a posted
+        InterruptACK served before an interrupt, ``serve_posted_writes``) is
+        skipped: if the stub posted it again, the next scan serves it.
+        """
+        posted = 0
+        for bit, slot in self._slot_bits:
+            if slot.state == abi.SLOT_POSTED:
+                posted |= bit
+        if not posted:
+            return 0
+        ordering.acquire_fence()
+        self._completed = 0
         served = 0
-        for index, addr in enumerate(self._state_addrs):
-            if load(addr) == abi.SLOT_POSTED:
-                self.complete_slot(index, addr, dispatch)
+        index = 0
+        while posted:
+            if posted & 1 and not self._completed >> index & 1:
+                self.complete_slot(index, dispatch)
                 served += 1
+            posted >>= 1
+            index += 1
         return served
 
     def serve_posted_writes(self, dispatch, offset):
@@ -277,37 +307,39 @@ class TrapPage:
         if not self.features & abi.F_POSTED_WRITES:
             return 0
         ordering.fence()
-        load = ordering.load_acquire32
         served = 0
-        for index, addr in enumerate(self._state_addrs):
-            slot = self.slots[index]
-            if (load(addr) == abi.SLOT_POSTED and not self._in_service >> index & 1
-                    and slot.flags & abi.SLOT_F_POSTED_WRITE
-                    and (slot.gpa - self._layout_base) % self._device_size == offset):
-                self.complete_slot(index, addr, dispatch)
-                served += 1
+        for index, (bit, slot) in enumerate(self._slot_bits):
+            if slot.state == abi.SLOT_POSTED and not self._in_service & bit:
+                ordering.acquire_fence()
+                if (slot.flags & abi.SLOT_F_POSTED_WRITE
+                        and (slot.gpa - self._layout_base) % self._device_size == offset):
+                    self.complete_slot(index, dispatch)
+                    served += 1
         return served
 
-    def complete_slot(self, index, state_addr, dispatch):
+    def complete_slot(self, index, dispatch):
         """Decode slot ``index``, ``dispatch`` it, write the answer and publish it."""
-        self._in_service |= 1 << index
+        bit = 1 << index
+        self._in_service |= bit
         try:
-            self._complete_slot(index, state_addr, dispatch)
+            self._complete_slot(index, dispatch)
         finally:
-            self._in_service &= ~(1 << index)
+            self._in_service &= ~bit
+            self._completed |= bit
 
-    def _complete_slot(self, index, state_addr, dispatch):
-        start = time.perf_counter_ns() if self.trace is not None else 0
+    def _complete_slot(self, index, dispatch):
+        trace = self.trace
+        start = time.perf_counter_ns() if trace is not None else 0
         slot = self.slots[index]
-        is_write = slot.direction == abi.DIR_WRITE
-        size, gpa = slot.size, slot.gpa
-        window = self._decode(index, slot, gpa, size)
+        direction, size, gpa = slot.direction, slot.size, slot.gpa
+        is_write = direction == abi.DIR_WRITE
+        data = slot.data if is_write else 0
+        window = self._decode(index, slot, gpa, size, direction, data)
         offset = gpa - self._window_bases[window] if window >= 0 else 0
         status, value = abi.STATUS_UNHANDLED, 0
         if window >= 0:
             try:
-                handled, value = dispatch(window, offset, slot.data if is_write else 0,
-                                          is_write, size)
+                handled, value = dispatch(window, offset, data, is_write, size)
             except Exception:  # the trap path must answer whatever a device does
                 self.stats.handler_errors += 1
                 log.exception("slot %d: dispatch failed on %s of %d bytes at 0x%x",
@@ -318,15 +350,15 @@ class TrapPage:
             else:
                 value = 0
         posted = slot.flags & abi.SLOT_F_POSTED_WRITE
-        if window >= 0:
-            if posted and is_write:
-                self.posted[window] += 1
-            else:
-                self.waited[window] += 1
+        if trace is not None:               # read before the slot is handed back
+            who = slot.vm_id, slot.vcpu_id
         if posted and is_write:
             # The guest already resumed and the stub is not waiting: free the slot.
-            ordering.store_release32(state_addr, abi.SLOT_FREE)
+            ordering.release_fence()
+            slot.state = abi.SLOT_FREE
             self.stats.posted_writes += 1
+            if window >= 0:
+                self.posted[window] += 1
         else:
             if posted:
                 self._warn("slot %d: posted-write flag on a read of 0x%x: answered normally",
@@ -334,29 +366,30 @@ class TrapPage:
             if not is_write:
                 slot.data = value
             slot.status = status
-            ordering.store_release32(state_addr, abi.SLOT_DONE)
+            ordering.release_fence()
+            slot.state = abi.SLOT_DONE
+            if window >= 0:
+                self.waited[window] += 1
         self.stats.served += 1
-        if status != abi.STATUS_OK:
+        if status:
             self.stats.unhandled += 1
-        if self.trace is not None:
-            self.trace(slot.vm_id, slot.vcpu_id, gpa, size, is_write,
-                       slot.data if is_write else value, status,
-                       time.perf_counter_ns() - start, window, offset)
+        if trace is not None:
+            trace(*who, gpa, size, is_write, data if is_write else value, status,
+                  time.perf_counter_ns() - start, window, offset)
 
-    def _decode(self, index, slot, gpa, size):
+    def _decode(self, index, slot, gpa, size, direction, data):
         """The window number of a well-formed slot of its own VM, else -1 (UNHANDLED;
         a malformed slot is counted and logged, an address with no device slot is not:
-        that is the stub's policy)."""
-        vm_id = slot.vm_id
-        problem = None
-        if size not in _MASKS:
+        that is the stub's policy). ``data``: the value written, 0 for a read."""
+        mask = _MASKS.get(size)
+        if mask is None:
             problem = f"access size {size}"
-        elif slot.direction not in (abi.DIR_READ, abi.DIR_WRITE):
-            problem = f"direction {slot.direction}"
+        elif direction > abi.DIR_WRITE:
+            problem = f"direction {direction}"
         elif gpa % size:
             problem = f"{size}-byte access at 0x{gpa:x} not aligned"
-        elif slot.direction == abi.DIR_WRITE and slot.data & ~_MASKS[size]:
-            problem = f"write value 0x{slot.data:x} wider than {size} bytes"
+        elif data & ~mask:
+            problem = f"write value 0x{data:x} wider than {size} bytes"
         else:
             relative = gpa - self._layout_base
             if not 0 <= relative < self._layout_span:
@@ -365,12 +398,12 @@ class TrapPage:
             owner = self._window_vms[window]
             if owner is None:
                 return -1                       # past the VM's device slots
-            if owner == vm_id:
+            if owner == slot.vm_id:
                 return window
             problem = f"address 0x{gpa:x} is in VM {owner}'s window"
         self.stats.malformed += 1
         self._warn("slot %d (VM %d vCPU %d): %s: answered UNHANDLED",
-                   index, vm_id, slot.vcpu_id, problem)
+                   index, slot.vm_id, slot.vcpu_id, problem)
         return -1
 
     # -- introspection -----------------------------------------------------------------

@@ -26,9 +26,10 @@ from pathlib import Path
 from avatar_hw import control
 from avatar_hw.emulated import memory_map as mm
 from avatar_hw.emulated.initramfs import build_initramfs
+from avatar_hw.emulated.session import EmulatedBoard
 from avatar_hw.errors import AvatarError
 
-from .board import OurBoard, connect, qemu_command
+from .board import connect, qemu_base
 from .common import Child
 
 MIB = 1 << 20
@@ -49,7 +50,7 @@ def timed(set_target, balloon_mib, wanted):
 
 
 def ours(initrd, mib):
-    with OurBoard(initrd, devices="balloon = { stats_interval = 0 }") as board:
+    with EmulatedBoard(initrd=Path(initrd), devices="balloon = { stats_interval = 0 }") as board:
         shell = connect(board.console_path)
         try:
             shell.wait_ready(120)
@@ -101,9 +102,7 @@ class Monitor:
 
 def qemu(initrd, mib, workdir):
     console, monitor_path = workdir / "console.sock", workdir / "monitor.sock"
-    image = workdir / "disk.img"
-    image.write_bytes(bytes(MIB))
-    argv = qemu_command(initrd, image, console) + [
+    argv = qemu_base(initrd, console) + [
         "-device", "virtio-balloon-device",
         "-monitor", f"unix:{monitor_path},server=on,wait=off"]
     with Child(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -118,7 +117,7 @@ def qemu(initrd, mib, workdir):
 
 
 def measure_qemu(monitor, mib):
-    ram = mm.GUEST_RAM_SIZE // MIB                      # qemu_command's -m
+    ram = mm.GUEST_RAM_SIZE // MIB                      # qemu_base's -m
 
     def state():
         actual = int(re.search(r"actual=(\d+)", monitor.command("info balloon")).group(1))

@@ -19,6 +19,12 @@ and virtio-9p-device; ours: ``9p = { security_model = "none" }``). Device
 kinds avatar-hw does not have yet are measured on QEMU's side only and
 reported as such.
 
+Net: the guest's ``avbench net-tx`` sends broadcast frames (1500-byte payloads, AF_PACKET)
+to a host process (bench/netpeer.py) on a Unix datagram socket, one datagram per frame
+on both sides: avatar-hw's ``switch:`` backend, which the peer joins, and QEMU's
+``virtio-net-device`` with ``-netdev dgram`` (QEMU 7.2). The figure is what arrives,
+host clock, first to last frame; the frames lost on the way are reported beside it.
+
 vsock (ours only: QEMU offers vhost-vsock, which needs the host kernel's
 /dev/vhost-vsock, or vhost-user-vsock with an external daemon): 64 MiB
 echoed each way, once from a host connection to the guest's ``avbench
@@ -29,6 +35,7 @@ on ``<socket>_<port>``, SHA-256 compared on both sides.
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -36,6 +43,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -59,7 +67,9 @@ SIZES = {  # full run, --quick
     "seqread": (256 * MIB, 16 * MIB), "seqwrite": (128 * MIB, 8 * MIB),
     "randread": ((20000, 5.0), (500, 1.0)), "rng": ((4 * MIB, 5.0), (256 << 10, 1.0)),
     "console": (64 * MIB, 4 * MIB), "p9": (128 * MIB, 16 * MIB), "vsock": (64 * MIB, 8 * MIB),
+    "net": (32 * MIB, 4 * MIB),
 }
+NET_MAC = "52:54:00:00:00:30"
 P9_TAG = "benchshare"
 VSOCK_PORT = 5000
 IMAGE_SIZE = 256 * MIB
@@ -76,6 +86,8 @@ FIGURES = [  # key, label, unit, higher is better
     ("console_g2h_MBps", "console guest->host, sha256 checked", "MB/s", True),
     ("console_h2g_MBps", "console host->guest, sha256 checked", "MB/s", True),
     ("rng_MBps", "rng /dev/hwrng", "MB/s", True),
+    ("net_g2h_MBps", "net guest->host, 1500-byte frames, received", "MB/s", True),
+    ("net_g2h_lost", "  frames lost of those sent", "fraction", False),
     ("p9read_MBps", "9p seq read of a file, 1 MiB", "MB/s", True),
     ("p9write_MBps", "9p seq write of a file, 1 MiB", "MB/s", True),
     ("vsock_host_echo_MBps", "vsock host->guest echo, each way, sha256 checked", "MB/s", True),
@@ -165,14 +177,17 @@ def connect(path, timeout=120):
             time.sleep(0.02)
 
 
-def measure_guest(shell, kinds, quick, waited_traps=None):
+def measure_guest(shell, kinds, quick, waited_traps=None, net_peer=None):
     """Every figure the guest can give with device ``kinds``; a dict of floats.
 
     ``waited_traps()``: how many traps the guest's vCPUs have waited for so far (ours:
     the daemon's count, without posted writes and shadow-answered reads).
+    ``net_peer``: the ``NetPeer`` the guest's network device reaches.
     """
     pick = 1 if quick else 0
     out = {}
+    if net_peer is not None:
+        out.update(net_g2h(shell, net_peer, SIZES["net"][pick]))
     if "block" in kinds:
         size = SIZES["seqread"][pick]
         done, ns = shell.result(f"avbench seqread /dev/vda {size}", r"bytes=(\d+) ns=(\d+)")
@@ -205,6 +220,41 @@ def measure_guest(shell, kinds, quick, waited_traps=None):
     except AvatarError as err:
         out["errors"] = [f"console guest->host: {err}"]
     return out
+
+
+class NetPeer:
+    """bench/netpeer.py in a process of its own, bound at ``path`` (joining ``switch``)."""
+
+    def __init__(self, path, switch=None):
+        argv = [sys.executable, "-m", "bench.netpeer", str(path), *([str(switch)] if switch
+                                                                      else [])]
+        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, cwd=Path(__file__).parent.parent)
+        if self.process.stdout.readline().strip() != "ready":
+            self.close()
+            raise AvatarError(f"net peer at {path} did not start")
+
+    def counts(self, timeout=COMMAND_TIMEOUT):
+        """Stop counting (once nothing arrives any more): {frames, bytes, first, last}."""
+        out, _ = self.process.communicate("stop\n", timeout)
+        return json.loads(out)
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def net_g2h(shell, peer, size):
+    """MB/s of 1500-byte payloads the host receives from the guest (host clock, first to
+    last frame), and the fraction of the frames sent that never arrived."""
+    sent, frames, _ = shell.result(f"ip link set eth0 up && avbench net-tx eth0 {size}",
+                                   r"net-tx bytes=(\d+) frames=(\d+) ns=(\d+)")
+    got = peer.counts()
+    if got["frames"] < 2:
+        raise AvatarError(f"net guest->host: {got['frames']} of {frames} frames arrived")
+    return {"net_g2h_MBps": got["bytes"] / (got["last"] - got["first"]) / 1e6,
+            "net_g2h_lost": 1 - got["frames"] / frames}
 
 
 def measure_9p(shell, size):
@@ -364,9 +414,13 @@ def run_ours(initrd, image, share, kinds, quick):
     vsock_path = Path(initrd).parent / "vsock.sock"
     if device_available("vsock"):
         devices.append(f'vsock = {{ cid = 3, socket = "{vsock_path}" }}')
+    switch = Path(initrd).parent / "net-switch.sock"
+    if "net" in kinds:
+        devices.append(f'net = {{ switch = "{switch}", mac = "{NET_MAC}" }}')
     start = time.perf_counter()
     with EmulatedBoard(initrd=Path(initrd), devices="\n".join(devices)) as board:
         shell = connect(board.console_path)
+        peer = None
         try:
             shell.wait_ready(120)
             boot = time.perf_counter() - start
@@ -376,10 +430,15 @@ def run_ours(initrd, image, share, kinds, quick):
                 figures["vsock_host_echo_MBps"] = vsock_host_echo(shell, vsock_path, size)
                 figures["vsock_guest_echo_MBps"] = vsock_guest_echo(shell, vsock_path, size)
             waited = board.daemon.trap.waited
+            if "net" in kinds:
+                peer = NetPeer(Path(initrd).parent / "net-peer.sock", switch)
             return {**figures,
-                    **measure_guest(shell, kinds, quick, waited_traps=lambda: sum(waited))}
+                    **measure_guest(shell, kinds, quick, waited_traps=lambda: sum(waited),
+                                    net_peer=peer)}
         finally:
             shell.close()
+            if peer is not None:
+                peer.close()
 
 
 def qemu_base(initrd, console, machine="virt,gic-version=2", memory=()):
@@ -394,13 +453,18 @@ def qemu_base(initrd, console, machine="virt,gic-version=2", memory=()):
             "-device", "virtio-serial-device", "-device", "virtconsole,chardev=con"]
 
 
-def qemu_command(initrd, image, share, console):
+def qemu_command(initrd, image, share, console, net=None):
+    """QEMU's own devices; ``net``: (its socket, the peer's) for virtio-net on dgram."""
+    netdev = [] if net is None else [
+        "-netdev", f"dgram,id=net0,local.type=unix,local.path={net[0]},"
+                   f"remote.type=unix,remote.path={net[1]}",
+        "-device", f"virtio-net-device,netdev=net0,mac={NET_MAC}"]
     return qemu_base(initrd, console) + [
         "-drive", f"file={image},format=raw,if=none,id=disk",
         "-device", "virtio-blk-device,drive=disk",
         "-device", "virtio-rng-device",
         "-fsdev", f"local,id=share,path={share},security_model=none",
-        "-device", f"virtio-9p-device,fsdev=share,mount_tag={P9_TAG}"]
+        "-device", f"virtio-9p-device,fsdev=share,mount_tag={P9_TAG}", *netdev]
 
 
 @contextlib.contextmanager
@@ -434,20 +498,26 @@ def qemu_guest(command, console):
         process.stderr.close()
 
 
-def run_qemu(initrd, image, share, quick):
+def run_qemu(initrd, image, share, quick, net=False):
     workdir = Path(tempfile.mkdtemp(prefix="avatar-bench-qemu-"))
     console = workdir / "console.sock"
+    peer = NetPeer(workdir / "net-peer.sock") if net else None
+    sockets = (workdir / "qemu-net.sock", workdir / "net-peer.sock") if net else None
     try:
-        with qemu_guest(qemu_command(initrd, image, share, console), console) as (shell, boot):
-            return {"boot_s": boot, **measure_guest(shell, ("block", "rng", "9p"), quick)}
+        with qemu_guest(qemu_command(initrd, image, share, console, sockets),
+                        console) as (shell, boot):
+            return {"boot_s": boot, **measure_guest(shell, ("block", "rng", "9p"), quick,
+                                                     net_peer=peer)}
     finally:
+        if peer is not None:
+            peer.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 # -- the part ------------------------------------------------------------------------------------------
 
 def run(quick=False, runs=3):
-    kinds = [k for k in device_kinds_available() if k in ("block", "rng")]
+    kinds = [k for k in device_kinds_available() if k in ("block", "rng", "net")]
     if importlib.util.find_spec("avatar_hw.devices.p9"):
         kinds.append("9p")
     runs = 1 if quick else runs
@@ -466,7 +536,8 @@ def run(quick=False, runs=3):
             for _ in range(SIZES["p9"][0] // MIB):
                 f.write(block)
         alternate(runs, (("ours", lambda: run_ours(initrd, image, share, kinds, quick)),
-                         ("qemu", lambda: run_qemu(initrd, image, share, quick))),
+                         ("qemu", lambda: run_qemu(initrd, image, share, quick,
+                                                   net="net" in kinds))),
                   out["raw"], "board")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -500,7 +571,7 @@ def summarise(raw, figure_list=FIGURES):
             entry[side] = spread(values) if values else None
             if any(key in r.get("lossy", ()) for r in raw[side]):
                 entry[side + "_lossy"] = True
-        if entry["ours"] and entry["qemu"]:
+        if entry["ours"] and entry["qemu"] and entry["qemu"]["median"]:
             entry["ratio"] = entry["ours"]["median"] / entry["qemu"]["median"]
         figures[key] = entry
     return figures

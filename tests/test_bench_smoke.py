@@ -68,3 +68,16 @@ def test_hostile_bench_measures_every_device_kind():
     for kind in HEAVY:                        # each request ends its turn: one per turn
         row = measure_heavy(kind, count=3)
         assert row["requests_done"] == 3 and row["turns"] == 2, row
+
+
+def test_every_bench_module_imports_and_its_qemu_lines_are_built(tmp_path):
+    """The guest parts run only by hand (minutes each): at least their code must not rot
+    (bench.balloon once imported a helper that no longer existed)."""
+    import importlib
+    for path in sorted((REPO / "bench").glob("*.py")):
+        importlib.import_module(f"bench.{path.stem}")
+    from bench import balloon, board
+    argv = board.qemu_command("initrd", "disk.img", "share", "console.sock",
+                              net=("a.sock", "b.sock"))
+    assert "virtio-blk-device,drive=disk" in argv and any("dgram" in a for a in argv)
+    assert balloon.qemu_base is board.qemu_base

@@ -132,3 +132,62 @@ def test_no_model_attached_accesses_complete_unhandled(probe):
         # Without a model the probe never sees "ready" answered with an interrupt:
         # it waits in WFI, so end the run here; the log shows the policy.
         assert machine.uart.wait_for_line("no device model attached", 30), machine.uart.lines
+
+
+
+DOORBELL_ROUNDS = 100
+
+
+def test_no_host_doorbell_is_lost_while_the_stub_drains_the_uart():
+    """Every INTID the model requests while the guest waits in WFI is injected, while the
+    host's doorbell bytes keep arriving as the stub drains its UART. The stub is built with
+    a 50 µs pause after its drain loop saw the FIFO empty, so a byte lands there nearly
+    every time: the stub used to clear the RX interrupt after that read, stranding such a
+    byte in the one-byte FIFO with no interrupt; the PL011 then took no byte and raised
+    nothing ever again (with posted writes, a guest waiting for its console stalled)."""
+    probe = build_program("doorbell_probe",
+                          [Path(__file__).parent / "emulated_guest" / "doorbell_probe.S"],
+                          link_args=[f"-Ttext=0x{mm.KERNEL_ADDR:x}", "-e", "_start"], raw=True)
+    stub = build_stub(defines=["STUB_TEST_DRAIN_WINDOW_US=50"])
+    rounds = []
+    done = threading.Event()
+    with EmulatedMachine(stub, probe, model_wait_ms=10000) as machine:
+        region = machine.trap_region()
+        trap = TrapPage(region, mm.LAYOUT)
+        trap.wait_ready(10)
+        line = machine.interrupt_line(region)
+
+        def handler(window, offset, value, is_write, size):
+            if not is_write:
+                return True, DOORBELL_ROUNDS if offset == 0x300 else 0
+            rounds.append(value)            # "ready": the guest goes to WFI now
+            if len(rounds) == DOORBELL_ROUNDS:
+                done.set()
+            threading.Timer(0.0005, line.raise_intid, (48,)).start()
+            return True, 0
+
+        def more_doorbells():               # extra bytes: one lands in each drain's window
+            while not done.wait(0.0002):
+                for _ in range(4):
+                    machine.uart.ring()
+
+        ringer = threading.Thread(target=more_doorbells, daemon=True)
+        ringer.start()
+        trap.attach()
+        progress = (0, time.monotonic())
+        try:
+            while machine.process.poll() is None:
+                machine.uart.doorbell.wait(0.05)
+                trap.serve_until_idle(handler)
+                if len(rounds) != progress[0]:
+                    progress = (len(rounds), time.monotonic())
+                elif time.monotonic() - progress[1] > 30:
+                    break                   # no round for 30 s: the guest waits forever
+        finally:
+            done.set()
+            ringer.join()
+        assert machine.wait(10) == 0, (
+            f"the guest waited for INTID 48 forever after {len(rounds)} of "
+            f"{DOORBELL_ROUNDS} rounds: the stub took no more doorbells from the host")
+        assert rounds == list(range(DOORBELL_ROUNDS, 0, -1))
+        del trap

@@ -339,3 +339,20 @@ def test_queue_describe_is_json_able(bench):
     import json
     json.dumps(bench.device.describe())
     assert bench.device.describe()["queues"][0]["ready"] is True
+
+
+def test_event_idx_a_turn_that_takes_the_last_buffer_still_asks_for_a_notify(bench):
+    """A turn's budget (a queue's worth of chains) ran out just as the ring emptied: the
+    device must still set avail_event, or the driver adds buffers without notifying and
+    the queue stalls (seen: VM 0's console with posted QueueNotify, where one turn took
+    a whole ring of receive buffers)."""
+    b = bench
+    for _ in range(b.rx.size):
+        b.rx.post(writable=[1])
+    b.rx.notify()
+    assert len(b.device.chains) == b.rx.size         # the whole turn, nothing left
+    assert b.rx.avail_event() == b.rx.size
+    b.rx.free = list(range(b.rx.size))
+    old = b.rx.avail_idx
+    b.rx.post(writable=[1])
+    assert b.rx.needs_notify(old)

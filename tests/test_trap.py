@@ -432,3 +432,24 @@ def test_a_posted_interrupt_ack_is_served_before_a_new_interrupt_status_bit():
     assert context.interrupt_status == c.INT_USED_BUFFER
     assert irq.take() == [bench.transport.intid]
     assert trap.stats.posted_writes == 1
+
+
+def test_a_slot_served_by_a_nested_call_during_a_scan_is_not_served_again(page):
+    """A scan reads every state first; a posted InterruptACK that the interrupt rule serves
+    from inside another slot's dispatch (serve_posted_writes) is then already FREE: the
+    scan must skip it, not answer a slot the stub may be filling again."""
+    stub, trap = page
+    calls = []
+
+    def handler(window, offset, value, is_write, size):
+        calls.append((address(window, offset), value))
+        if offset == 0x50:                   # the notify raises an interrupt: ACKs first
+            trap.serve_posted_writes(handler, 0x64)
+        return True, 0
+
+    stub.begin(0, 0, VM0_DEV0 + 0x50, 4, True, 1)                      # QueueNotify, waited
+    stub.begin(1, 0, VM0_DEV0 + 0x64, 4, True, 1, posted=True)         # InterruptACK, posted
+    assert trap.scan_once(handler) == 1
+    assert calls == [(VM0_DEV0 + 0x50, 1), (VM0_DEV0 + 0x64, 1)]
+    assert stub.finish(0) == (abi.STATUS_OK, 0)
+    assert trap.stats.served == 2 and trap.stats.posted_writes == 1

@@ -73,13 +73,15 @@ def build_program(name, sources, *, extra_inputs=(), link_args=(), raw=False):
     return out
 
 
-def build_stub():
-    """The EL2 stub ELF (QEMU's ``-kernel``), from boards/emulated (checkout or installed)."""
+def build_stub(defines=()):
+    """The EL2 stub ELF (QEMU's ``-kernel``), from boards/emulated (checkout or installed).
+
+    ``defines``: ``-D`` options, for the tests' variants (``STUB_TEST_*`` in the sources)."""
     stub_dir = shipped_file("emulated/start.S").parent
     return build_program(
         "stub", [stub_dir / s for s in STUB_SOURCES],
         extra_inputs=[stub_dir / d for d in STUB_DEPENDS],
-        link_args=["-T", str(stub_dir / "link.ld")])
+        link_args=["-T", str(stub_dir / "link.ld"), *(f"-D{d}" for d in defines)])
 
 
 if __name__ == "__main__":

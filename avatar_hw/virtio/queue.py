@@ -271,31 +271,39 @@ class Virtqueue:
             self.on_used(self)
         return chain
 
+    def _pending(self):
+        """How many entries the driver made available past ``last_avail_idx``. With
+        EVENT_IDX, finding none first sets ``avail_event`` to ask the driver to notify for
+        the next one (2.7.10), then looks again (a fence between: store, then load)."""
+        # The acquire load of the avail idx covers every entry below it, so it is
+        # only repeated once the entries seen last time are consumed.
+        pending = (self._avail_idx - self.last_avail_idx) & 0xFFFF
+        if not pending:
+            self._avail_idx = ordering.load_acquire16(self._avail_idx_addr)
+            pending = (self._avail_idx - self.last_avail_idx) & 0xFFFF
+        if not pending and self.event_idx:
+            self._used_h[2 + 4 * self.size] = self.last_avail_idx   # avail_event
+            ordering.fence()
+            self._avail_idx = ordering.load_acquire16(self._avail_idx_addr)
+            pending = (self._avail_idx - self.last_avail_idx) & 0xFFFF
+        return pending
+
     def _next_chain(self):
         if self._replay and self.ready and not self.broken:
             return self._replayed()
         while self.ready and not self.broken:
             if min(self._turn_chains, self._turn_descriptors, self._turn_bytes) <= 0:
-                if not self.yielded and self.has_available():
+                # Out of budget: come back for what is there; and if the turn took the
+                # ring's last entry, ask for the next notify, as an empty ring does (else
+                # the driver adds buffers without notifying and the queue stalls).
+                if not self.yielded and self._pending():
                     self.yielded = True
                     if self.on_yield is not None:
                         self.on_yield(self)
                 return None
-            # The acquire load of the avail idx covers every entry below it, so it is
-            # only repeated once the entries seen last time are consumed.
-            pending = (self._avail_idx - self.last_avail_idx) & 0xFFFF
+            pending = self._pending()
             if not pending:
-                self._avail_idx = ordering.load_acquire16(self._avail_idx_addr)
-                pending = (self._avail_idx - self.last_avail_idx) & 0xFFFF
-            if not pending:
-                if not self.event_idx:
-                    return None
-                self._used_h[2 + 4 * self.size] = self.last_avail_idx   # avail_event
-                ordering.fence()
-                self._avail_idx = ordering.load_acquire16(self._avail_idx_addr)
-                pending = (self._avail_idx - self.last_avail_idx) & 0xFFFF
-                if not pending:
-                    return None
+                return None
             if pending > self.size:
                 self._break(f"available index moved {pending} entries past the last seen "
                             f"one (queue size {self.size})")

@@ -21,6 +21,9 @@
  *   avbench vsock-send PORT BYTES       AF_VSOCK: connects to host CID 2 PORT, sends BYTES of
  *                                       pseudo-random data while reading the echo, half-closes
  *                                       after the last byte, reads to the end, prints both sums
+ *   avbench net-tx IFACE BYTES          AF_PACKET: BYTES in broadcast frames of 1500-byte
+ *                                       payloads (EtherType 0x88b5, local experimental), as fast
+ *                                       as the interface takes them; the host counts what arrives
  *
  *   avbench mmio ADDR COUNT [VALUE]     COUNT 32-bit reads (or writes of VALUE) of the register
  *                                       at guest-physical ADDR, mapped from /dev/mem (boot with
@@ -42,6 +45,9 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <linux/vm_sockets.h>           /* after sys/socket.h: it needs struct sockaddr */
+#include <arpa/inet.h>
+#include <linux/if_packet.h>
+#include <net/if.h>
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
@@ -481,6 +487,41 @@ static int mmio(uint64_t addr, long count, int write, uint32_t value)
     return 0;
 }
 
+/* -- net -------------------------------------------------------------------------------------- */
+
+#define NET_ETHERTYPE 0x88b5
+#define NET_PAYLOAD 1500
+
+static int net_tx(const char *ifname, uint64_t bytes)
+{
+    int fd = socket(AF_PACKET, SOCK_DGRAM, htons(NET_ETHERTYPE));
+    if (fd < 0)
+        die("socket AF_PACKET");
+    struct sockaddr_ll to = {.sll_family = AF_PACKET, .sll_protocol = htons(NET_ETHERTYPE),
+                             .sll_ifindex = (int)if_nametoindex(ifname), .sll_halen = 6};
+    if (!to.sll_ifindex)
+        die(ifname);
+    memset(to.sll_addr, 0xff, 6);                   /* broadcast: every backend forwards it */
+    unsigned char frame[NET_PAYLOAD];
+    for (int i = 0; i < NET_PAYLOAD; i++)
+        frame[i] = (unsigned char)xorshift();
+    uint64_t start = now_ns(), sent = 0, frames = 0;
+    while (sent < bytes) {
+        ssize_t n = sendto(fd, frame, sizeof frame, 0, (struct sockaddr *)&to, sizeof to);
+        if (n < 0) {
+            if (errno == ENOBUFS || errno == EAGAIN)  /* the queue is full: try again */
+                continue;
+            die("sendto");
+        }
+        sent += (uint64_t)n;
+        frames++;
+    }
+    printf("avbench net-tx bytes=%llu frames=%llu ns=%llu\n", (unsigned long long)sent,
+           (unsigned long long)frames, (unsigned long long)(now_ns() - start));
+    close(fd);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IONBF, 0);
@@ -506,8 +547,10 @@ int main(int argc, char **argv)
     if ((argc == 4 || argc == 5) && !strcmp(argv[1], "mmio"))
         return mmio(strtoull(argv[2], NULL, 0), strtol(argv[3], NULL, 0), argc == 5,
                     (uint32_t)strtoul(argc == 5 ? argv[4] : "0", NULL, 0));
+    if (argc == 4 && !strcmp(argv[1], "net-tx"))
+        return net_tx(argv[2], strtoull(argv[3], NULL, 0));
     fprintf(stderr, "usage: avbench seqread|seqwrite DEV BYTES [buffered] | randread DEV COUNT SECONDS | "
                     "rng BYTES SECONDS | meta DIR COUNT | tx BYTES | rx BYTES | vsock-echo PORT MAXBYTES | "
-                    "vsock-send PORT BYTES | mmio ADDR COUNT [VALUE]\n");
+                    "vsock-send PORT BYTES | mmio ADDR COUNT [VALUE] | net-tx IFACE BYTES\n");
     return 2;
 }

@@ -1,0 +1,52 @@
+/*
+ * doorbell_probe.S - a bare-metal EL1 "guest" that needs every host doorbell.
+ * No timer, no other exit: after each "ready" write it waits in WFI until the
+ * stub injects INTID 48, which the model requests only while the guest waits,
+ * so only the stub's UART RX interrupt can deliver it (tests/test_emulated_stub.py).
+ */
+    .text
+    .global _start
+_start:
+    ldr     x20, =0x0a000000        /* the virtio window */
+    ldr     x22, =0x08000000        /* guest distributor (emulated by the stub) */
+    ldr     x23, =0x08010000        /* guest CPU interface (GICV) */
+    adr     x9, vectors
+    msr     vbar_el1, x9
+    isb
+    mov     w9, #1                  /* distributor on, INTID 48 enabled */
+    str     w9, [x22]
+    mov     w9, #(1 << 16)
+    str     w9, [x22, #0x104]
+    mov     w9, #0xf0
+    str     w9, [x23, #4]           /* GICC_PMR */
+    mov     w9, #1
+    str     w9, [x23]               /* GICC_CTLR */
+    msr     daifclr, #2
+    ldr     w24, [x20, #0x300]      /* rounds, from the model */
+1:  cbz     w24, 3f
+    mov     x21, #0
+    str     w24, [x20, #0x200]      /* "ready": the model raises INTID 48 a little later */
+2:  cbnz    x21, 4f
+    wfi
+    b       2b
+4:  sub     w24, w24, #1
+    b       1b
+3:  ldr     x0, =0x84000008         /* PSCI SYSTEM_OFF */
+    smc     #0
+5:  b       5b
+
+    .balign 2048
+vectors:
+    .balign 0x200
+    .skip   0x200
+sync_spx:
+    b       sync_spx
+    .balign 0x80
+irq_spx:                            /* acknowledge INTID 48, EOI, note it */
+    ldr     w10, [x23, #0xc]
+    and     w11, w10, #0x3ff
+    cmp     w11, #48
+    b.ne    6f
+    str     w10, [x23, #0x10]
+    mov     x21, #1
+6:  eret
