@@ -530,11 +530,15 @@ def run(quick=False, runs=3):
             block = os.urandom(MIB)
             for _ in range(IMAGE_SIZE // MIB):
                 f.write(block)
+            f.flush()
+            os.fsync(f.fileno())   # clean: else the first side's flush writes this out
         share = workdir / "share"                         # the 9p folder, one file to read
         share.mkdir()
         with open(share / "p9read", "wb") as f:
             for _ in range(SIZES["p9"][0] // MIB):
                 f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
         alternate(runs, (("ours", lambda: run_ours(initrd, image, share, kinds, quick)),
                          ("qemu", lambda: run_qemu(initrd, image, share, quick,
                                                    net="net" in kinds))),

@@ -24,6 +24,7 @@ file then fsync (write-through: no FUSE writeback cache), and ``avbench meta``: 
 lookup reaches virtiofsd), then unlinked.
 """
 
+import os
 import shutil
 import tempfile
 import time
@@ -122,6 +123,8 @@ def run(quick=False, runs=3):
             block = bytes(range(256)) * (MIB // 256)
             for _ in range(SIZES["read"][0] // MIB):
                 f.write(block)
+            f.flush()
+            os.fsync(f.fileno())   # clean: no writeback during the first side's run
         alternate(runs, (("ours", lambda: run_ours(initrd, share, quick)),
                          ("qemu", lambda: run_qemu(initrd, share, quick))), out["raw"], "fs")
     finally:

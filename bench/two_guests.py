@@ -64,6 +64,8 @@ def write_image(path, size):
     with open(path, "wb") as f:
         f.write(half)
         f.write(os.urandom(size // 2))
+        f.flush()
+        os.fsync(f.fileno())       # clean: else VM0's first fsync (VM1 idle) writes this out
     return hashlib.sha256(half).hexdigest()
 
 
