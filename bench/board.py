@@ -59,7 +59,7 @@ from avatar_hw.emulated.session import EmulatedBoard, GuestShell
 from avatar_hw.hil import vsock
 from avatar_hw.hil.target import device_available
 
-from .common import compile_c, spread, table
+from .common import compile_c, spread, table, write_synced
 from .cost import device_kinds_available
 
 MIB = 1 << 20
@@ -526,19 +526,11 @@ def run(quick=False, runs=3):
     try:
         initrd = build_initrd(workdir)
         image = workdir / "disk.img"
-        with open(image, "wb") as f:                     # real data, in the page cache
-            block = os.urandom(MIB)
-            for _ in range(IMAGE_SIZE // MIB):
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())   # clean: else the first side's flush writes this out
+        block = os.urandom(MIB)                           # real data, clean in the page cache
+        write_synced(image, [block] * (IMAGE_SIZE // MIB))
         share = workdir / "share"                         # the 9p folder, one file to read
         share.mkdir()
-        with open(share / "p9read", "wb") as f:
-            for _ in range(SIZES["p9"][0] // MIB):
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(share / "p9read", [block] * (SIZES["p9"][0] // MIB))
         alternate(runs, (("ours", lambda: run_ours(initrd, image, share, kinds, quick)),
                          ("qemu", lambda: run_qemu(initrd, image, share, quick,
                                                    net="net" in kinds))),

@@ -92,6 +92,17 @@ def spread(values):
             "runs": list(values)}
 
 
+def write_synced(path, chunks):
+    """Write ``chunks`` (bytes-like) to a new file ``path`` and fsync it. A benchmark's input
+    must be clean in the page cache: else the first side's flush (a guest's fsync on a
+    disk image) writes the bench's own data out, and the side after finds it clean."""
+    with open(path, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def wait_for(predicate, timeout, what):
     deadline = time.monotonic() + timeout
     while not predicate():

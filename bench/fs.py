@@ -24,7 +24,6 @@ file then fsync (write-through: no FUSE writeback cache), and ``avbench meta``: 
 lookup reaches virtiofsd), then unlinked.
 """
 
-import os
 import shutil
 import tempfile
 import time
@@ -37,6 +36,7 @@ from avatar_hw.errors import AvatarError
 
 from .board import (MIB, alternate, build_initrd, connect, qemu_base, qemu_guest, report,
                     summarise)
+from .common import write_synced
 
 TAG = "benchfs"
 SIZES = {  # full run, --quick
@@ -119,12 +119,8 @@ def run(quick=False, runs=3):
         initrd = build_initrd(workdir)
         share = workdir / "share"
         share.mkdir()
-        with open(share / "fsread", "wb") as f:
-            block = bytes(range(256)) * (MIB // 256)
-            for _ in range(SIZES["read"][0] // MIB):
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())   # clean: no writeback during the first side's run
+        write_synced(share / "fsread",
+                     [bytes(range(256)) * (MIB // 256)] * (SIZES["read"][0] // MIB))
         alternate(runs, (("ours", lambda: run_ours(initrd, share, quick)),
                          ("qemu", lambda: run_qemu(initrd, share, quick))), out["raw"], "fs")
     finally:

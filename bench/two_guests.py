@@ -29,7 +29,7 @@ from avatar_hw.emulated.session import EmulatedBoard
 from avatar_hw.errors import AvatarError
 
 from .board import build_initrd, connect, console_g2h, console_h2g
-from .common import table
+from .common import table, write_synced
 
 MIB = 1 << 20
 MACS = ("52:54:00:00:00:10", "52:54:00:00:00:11")
@@ -61,11 +61,7 @@ def build_two_guest_initrd(workdir):
 def write_image(path, size):
     """A disk image of random data; returns the SHA-256 of each half."""
     half = os.urandom(size // 2)
-    with open(path, "wb") as f:
-        f.write(half)
-        f.write(os.urandom(size // 2))
-        f.flush()
-        os.fsync(f.fileno())       # clean: else VM0's first fsync (VM1 idle) writes this out
+    write_synced(path, (half, os.urandom(size // 2)))
     return hashlib.sha256(half).hexdigest()
 
 
