@@ -28,6 +28,7 @@ typedef avt_u64 u64;
 #define UART_INTID      33u             /* virt's PL011: SPI 1 */
 #define MAINT_INTID     25u             /* GICH maintenance: PPI 9 */
 #define KICK_SGI        1u              /* CPU0 -> another CPU: "look at virq_pending" */
+#define HYP_TIMER_INTID 26u             /* EL2 physical timer (CNTHP): PPI 10, as on a Pi 4 */
 #define MAX_VMS         4u              /* one per CPU; the stack and table arrays */
 #define NR_GUEST_INTIDS 96u             /* INTIDs of each guest's emulated distributor */
 
@@ -136,6 +137,7 @@ void vgic_init_distributor(void);
 void vgic_init_cpu(void);
 void vgic_kick(u32 cpu);
 void vgic_park(void) __attribute__((noreturn));
+void cpu_sleep(u64 ticks);
 void vgic_handle_irq(void);
 void vgic_request(u32 word, u32 bits);
 void vgic_flush(void);
