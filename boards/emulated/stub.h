@@ -36,7 +36,7 @@ typedef avt_u64 u64;
  * block per VM at BOOT_PARAMS_ADDR + BOOT_PARAMS_STRIDE * vm; VM n runs on CPU n. */
 #define BOOT_PARAMS_MAGIC 0x50425641u   /* "AVBP" */
 #define BOOT_PARAMS_VERSION 2u
-#define BOOT_PARAMS_ADDR 0x5ff01000ull
+#define BOOT_PARAMS_ADDR 0x5ffc0000ull   /* after the trap region (TRAP_REGION_SIZE) */
 #define BOOT_PARAMS_STRIDE 0x100ull
 struct boot_params {
     u32 magic;
@@ -87,10 +87,12 @@ struct guest_regs {
 #define dmb_ish() __asm__ volatile("dmb ish" ::: "memory")
 #define dmb_ishld() __asm__ volatile("dmb ishld" ::: "memory")
 
-/* Register shadow pages after the trap page and the boot parameters, one per window of
- * the seed's layout (avatar_hw/emulated/memory_map.py SHADOW_OFFSET, SHADOW_COUNT). */
+/* Register shadow pages after the trap page (and a page left free), one per window of the
+ * seed's layout (avatar_hw/emulated/memory_map.py SHADOW_OFFSET, SHADOW_COUNT): the trap
+ * region, which board mode's board Linux maps whole (board.c). */
 #define SHADOW_OFFSET 0x2000u
 #define SHADOW_COUNT  128u
+#define TRAP_REGION_SIZE (SHADOW_OFFSET + SHADOW_COUNT * AVT_SHADOW_PAGE_SIZE)
 
 static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
 static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }

@@ -58,10 +58,9 @@ void trap_init(const struct boot_params *bp)
     hdr->slot_count = bp->vm_count;
     hdr->slot_size = AVT_SLOT_SIZE;
     hdr->slots_offset = AVT_SLOTS_OFFSET;
-    /* Board mode raises board SPIs through the distributor and was brought up without the
-     * shadow pages and posted writes (not yet tried there): host mode only. */
-    hdr->stub_features = board_linux ? 0
-        : AVT_F_VIRQ_REQUEST | AVT_F_POSTED_WRITES | AVT_F_REGISTER_SHADOW;
+    /* Board mode's model raises board SPIs through the distributor: no virq_pending. */
+    hdr->stub_features = AVT_F_POSTED_WRITES | AVT_F_REGISTER_SHADOW |
+                         (board_linux ? 0 : AVT_F_VIRQ_REQUEST);
     hdr->counter_hz = read_sysreg(cntfrq_el0);
     store_release32(&hdr->stub_state, AVT_STUB_READY);
     log_printf("trap page at 0x%lx ready (%u slots, features 0x%x)", bp->trap_page,
