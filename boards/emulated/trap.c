@@ -100,12 +100,15 @@ int trap_wait_model(u32 ms)
 }
 
 /*
- * The vCPU's wait for the model's answer: spin for SPIN_US (a busy-polling model answers in
- * microseconds), then sleep (cpu_sleep) in steps of an eighth of the time waited so far, at
- * most SLEEP_MAX_US each: a slow answer is seen at most about 1/8 late (plus the wake-up),
- * and under TCG the vCPU's host thread leaves the host's cores to the model meanwhile.
+ * The vCPU's wait for the model's answer: spin for SPIN_US, then sleep (cpu_sleep) in steps
+ * of an eighth of the time waited so far, at most SLEEP_MAX_US each. Answers come in
+ * microseconds (busy-poll) to a few milliseconds (a model woken by its doorbell, board mode
+ * under TCG); sleeping sooner made those later by the vCPU's wake-up (measured: a board-mode
+ * guest's boot slower with a 200 us or 1 ms spin, docs/emulated-board.md "The stub's waits").
+ * A wait past SPIN_US is a model descheduled, dead or restarting: the vCPU's host thread then
+ * leaves the host's cores to it, and sees the answer at most about 1/8 late.
  */
-#define SPIN_US      200u
+#define SPIN_US      10000u    /* 10 ms */
 #define SLEEP_MAX_US 1000u
 
 /* Wait until the slot's state is ``want``: 1, or 0 when the model detached first. */
