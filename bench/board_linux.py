@@ -7,11 +7,10 @@ initramfs plus ``bin/avbench`` (bench/board.py's ``build_initrd``), with
 ``iomem=relaxed`` so that ``avbench mmio`` can map the guest's own virtio window
 from /dev/mem and time single 32-bit accesses to the console's registers:
 
-- a read of MagicValue: in board mode every read is a trap round trip through the
-  daemon in the board Linux (the stub offers no register shadows there); in host
-  mode the stub answers it from the register shadow page (no daemon involved);
-- a write of 0 to QueueSel: a round trip through the daemon in both modes (posted
-  writes are declined by the daemon).
+- a read of MagicValue: in both modes the stub answers it from the register shadow
+  page (no daemon involved);
+- a write of 0 to QueueSel: a round trip through the daemon in both modes (a
+  selector write is never posted).
 
 Board mode's boot is timed in steps on the host's clock from QEMU's start: the
 board Linux's shell, its daemon serving (its log says so), the guest's shell;

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from avatar_hw import abi
 from avatar_hw.emulated import board_linux
 from avatar_hw.emulated.session import EmulatedBoard
 from avatar_hw.hil.target import EmulatedTarget
@@ -73,7 +74,8 @@ def test_board_linux_binds_avatar_uio_to_the_overlay_nodes(board):
     names, status = board.shell_.run("cat /sys/class/uio/uio*/name | sort")
     assert status == 0 and names.split() == ["avatar-gicd", "avatar-trap", "avatar-vm1-ram"]
     dmesg, _ = board.shell_.run("dmesg | grep 'avatar_uio '")
-    assert "avatar-trap: map 0: 0x000000005ff00000-0x000000005ff00fff (4 KiB) cacheable" in dmesg
+    # the trap page and the register shadow pages (memory_map.TRAP_REGION_SIZE)
+    assert "avatar-trap: map 0: 0x000000005ff00000-0x000000005ff81fff (520 KiB) cacheable" in dmesg
     assert "avatar-vm1-ram: map 0: 0x0000000060000000-0x000000007fdfffff" in dmesg
     assert "avatar-gicd: map 0: 0x0000000008000000-0x0000000008000fff (4 KiB) uncached" in dmesg
     cpus, _ = board.shell_.run("grep -c ^processor /proc/cpuinfo")
@@ -139,6 +141,22 @@ def test_board_linux_console_round_trip_and_interrupt_counts(served):
     assert counts.get("56", 0) > 0 and counts.get("57", 0) > 0, guest
     board, _ = served.shell_.run("grep avatar-trap /proc/interrupts")
     assert int(board.split()[1]) > 0, board
+
+
+def test_board_linux_register_shadows_and_posted_writes(target, served):
+    """The board Linux's carve-out holds the register shadow pages too, so the stub offers
+    posted writes and register shadows in board mode and the daemon takes both: the guest's
+    block reads post their QueueNotify and InterruptACK writes and read InterruptStatus from
+    the shadow page, with no round trip through the daemon."""
+    before = target.devices(1, "block")[0]
+    out, status = served.guest.run("dd if=/dev/vda of=/dev/null bs=4k count=32 iflag=direct",
+                                   timeout=180)
+    assert status == 0, out
+    info = target.info()
+    assert info["trap"]["model_features"] == abi.F_POSTED_WRITES | abi.F_REGISTER_SHADOW, info
+    block = target.devices(1, "block")[0]
+    assert block["posted_writes"] - before["posted_writes"] >= 32, block
+    assert block["shadow_reads"] - before["shadow_reads"] >= 32, block
 
 
 def test_board_linux_target_runs_commands_and_requests_in_the_board(target, served):

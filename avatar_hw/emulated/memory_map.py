@@ -10,10 +10,12 @@ and every VM sees its own at the same guest-physical ``RAM_BASE`` (stage 2).
                       +0x00200000  Linux Image
                       +0x08000000  device tree, then the initramfs
     0x5fe00000                  the stub (1 MiB, in no VM's RAM or stage 2)
-    0x5ff00000                  the trap page (one slot per VM)
-    0x5ff01000                  boot parameters, one block per VM (0x100 apart)
-    0x5ff02000                  register shadow pages, one per window of the layout
-                                (128 x 4 KiB)
+    0x5ff00000                  the trap region: the trap page (one slot per VM), a free
+                                page, then at 0x5ff02000 the register shadow pages, one
+                                per window of the layout (128 x 4 KiB); board mode's
+                                board Linux maps it whole
+    0x5ffc0000                  boot parameters, one block per VM (0x100 apart), and
+                                board mode's block at +0x800
     0x60000000      0x40000000  VM 1's RAM, laid out like VM 0's; VM n's at
                                 0x40000000 + n * 0x20000000
 """
@@ -27,7 +29,7 @@ VM_RAM_STRIDE = 512 << 20         # QEMU's -m is VM_RAM_STRIDE per VM (the share
 GUEST_RAM_SIZE = 0x1FE00000       # each VM's; in VM 0's 512 MiB, up to the stub
 STUB_BASE = RAM_BASE + GUEST_RAM_SIZE
 TRAP_PAGE = 0x5FF00000
-BOOT_PARAMS = 0x5FF01000
+BOOT_PARAMS = 0x5FFC0000          # after the trap region (boards/emulated/stub.h)
 BOOT_PARAMS_STRIDE = 0x100
 SHADOW_OFFSET = 0x2000            # from the trap page (boards/emulated/stub.h)
 BOARD_PARAMS = BOOT_PARAMS + 0x800    # board mode's block (boards/emulated/board.c)
@@ -38,6 +40,7 @@ INITRD_ADDR = DTB_ADDR + DTB_MAX
 LAYOUT = Layout()                 # the seed's: windows from 0x0a000000, SPIs from 48
 SHADOW_COUNT = LAYOUT.window_count
 TRAP_REGION_SIZE = SHADOW_OFFSET + SHADOW_COUNT * 0x1000   # the trap page to the last shadow
+assert TRAP_PAGE + TRAP_REGION_SIZE <= BOOT_PARAMS < RAM_BASE + VM_RAM_STRIDE - 0x1000
 VM_ID = 0
 MAX_VMS = 4                       # one per CPU (MAX_VMS in boards/emulated/stub.h)
 

@@ -9,12 +9,12 @@
  * no TSC, so its PSCI calls reach QEMU (its power-off ends the board). Its
  * stage 2 (VMID 1) maps, identity:
  *   its RAM (VM 0's ram_base/ram_size)   Normal write-back, 2 MiB blocks
- *   the trap page (one 4 KiB page)       Normal write-back  } the carve-out, reached
+ *   the trap region (TRAP_REGION_SIZE)   Normal write-back  } the carve-out, reached
  *   each guest's RAM (VM n's ram_phys)   Normal write-back  } only through avatar_uio
  *   GICD and GICC (physical)             Device, 4 KiB pages
  *   QEMU's virtio-mmio (0x0a000000)      Device, 2 MiB: the board's own console
- * and nothing else: the stub, its boot parameters and the other 4 KiB pages
- * around the trap page stay out of its reach (a stage-2 fault, logged, and an
+ * and nothing else: the stub and its boot parameters (after the trap region)
+ * stay out of its reach (a stage-2 fault, logged, and an
  * external abort injected into the board Linux).
  *
  * Doorbells and interrupts go through the distributor, as on the board:
@@ -24,7 +24,8 @@
  *   - board_irq(): the daemon wrote GICD_ISPENDR of a board SPI, which it
  *     targeted at the guest's CPU (BoardInterruptLine); that CPU takes it at
  *     EL2 (IMO set there), and the stub injects the guest INTID through a list
- *     register. virq_pending is not used (stub_features = 0).
+ *     register. virq_pending is not used (stub_features: posted writes and
+ *     register shadows, no AVT_F_VIRQ_REQUEST).
  */
 #include "stub.h"
 
@@ -101,8 +102,9 @@ static void board_stage2_init(const struct boot_params *linux_params, u64 trap_p
         map_ram_blocks(p->ram_phys, p->ram_size);
     }
     bs2.l2_ram[(trap_page >> 21) & 511] = (u64)bs2.l3_trap | S2_TABLE;
-    bs2.l3_trap[(trap_page >> 12) & 511] = trap_page | S2_PAGE | S2_AF | S2_RW | S2_SH_INNER |
-                                           S2_NORMAL_WB | S2_XN;
+    for (u64 a = trap_page; a < trap_page + TRAP_REGION_SIZE; a += 4096)
+        bs2.l3_trap[(a >> 12) & 511] = a | S2_PAGE | S2_AF | S2_RW | S2_SH_INNER | S2_NORMAL_WB |
+                                       S2_XN;
     write_sysreg(vtcr_el2, (1ull << 31) | (1ull << 16) | (1ull << 6) | 32);
     write_sysreg(vttbr_el2, (1ull << 48) | (u64)bs2.l1);
     dsb_ish();
@@ -118,7 +120,13 @@ void board_enter_linux(const struct boot_params *linux_params)
         log_printf("board mode: the board Linux's RAM must be mapped identity");
         power_off();
     }
-    board_stage2_init(linux_params, linux_params->trap_page);
+    u64 trap = linux_params->trap_page;
+    if ((trap & 0xfff) || trap >> 21 != (trap + TRAP_REGION_SIZE - 1) >> 21) {
+        log_printf("board mode: the trap region 0x%lx+0x%x must be page aligned within one "
+                   "2 MiB block", trap, TRAP_REGION_SIZE);
+        power_off();
+    }
+    board_stage2_init(linux_params, trap);
     write_sysreg(hcr_el2, HCR_VM | HCR_SWIO | HCR_RW);
     write_sysreg(cptr_el2, 0x33ff);
     write_sysreg(hstr_el2, 0);

@@ -28,6 +28,7 @@ typedef avt_u64 u64;
 #define UART_INTID      33u             /* virt's PL011: SPI 1 */
 #define MAINT_INTID     25u             /* GICH maintenance: PPI 9 */
 #define KICK_SGI        1u              /* CPU0 -> another CPU: "look at virq_pending" */
+#define HYP_TIMER_INTID 26u             /* EL2 physical timer (CNTHP): PPI 10, as on a Pi 4 */
 #define MAX_VMS         4u              /* one per CPU; the stack and table arrays */
 #define NR_GUEST_INTIDS 96u             /* INTIDs of each guest's emulated distributor */
 
@@ -35,7 +36,7 @@ typedef avt_u64 u64;
  * block per VM at BOOT_PARAMS_ADDR + BOOT_PARAMS_STRIDE * vm; VM n runs on CPU n. */
 #define BOOT_PARAMS_MAGIC 0x50425641u   /* "AVBP" */
 #define BOOT_PARAMS_VERSION 2u
-#define BOOT_PARAMS_ADDR 0x5ff01000ull
+#define BOOT_PARAMS_ADDR 0x5ffc0000ull   /* after the trap region (TRAP_REGION_SIZE) */
 #define BOOT_PARAMS_STRIDE 0x100ull
 struct boot_params {
     u32 magic;
@@ -86,10 +87,12 @@ struct guest_regs {
 #define dmb_ish() __asm__ volatile("dmb ish" ::: "memory")
 #define dmb_ishld() __asm__ volatile("dmb ishld" ::: "memory")
 
-/* Register shadow pages after the trap page and the boot parameters, one per window of
- * the seed's layout (avatar_hw/emulated/memory_map.py SHADOW_OFFSET, SHADOW_COUNT). */
+/* Register shadow pages after the trap page (and a page left free), one per window of the
+ * seed's layout (avatar_hw/emulated/memory_map.py SHADOW_OFFSET, SHADOW_COUNT): the trap
+ * region, which board mode's board Linux maps whole (board.c). */
 #define SHADOW_OFFSET 0x2000u
 #define SHADOW_COUNT  128u
+#define TRAP_REGION_SIZE (SHADOW_OFFSET + SHADOW_COUNT * AVT_SHADOW_PAGE_SIZE)
 
 static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
 static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
@@ -136,6 +139,7 @@ void vgic_init_distributor(void);
 void vgic_init_cpu(void);
 void vgic_kick(u32 cpu);
 void vgic_park(void) __attribute__((noreturn));
+void cpu_sleep(u64 ticks);
 void vgic_handle_irq(void);
 void vgic_request(u32 word, u32 bits);
 void vgic_flush(void);

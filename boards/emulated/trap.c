@@ -4,10 +4,10 @@
  * One vCPU per VM and one VM per CPU, so slot i is CPU i's (vcpu_id = slot
  * index, vm_id = the VM). A trapped access is posted (fields, then state =
  * POSTED with STLR, DMB, doorbell byte if the model sleeps), then the stub
- * spins with LDAR until DONE. Posted writes (AVT_F_POSTED_WRITES, when the
- * model accepted it): QueueNotify and InterruptACK are posted with
- * AVT_SLOT_F_POSTED_WRITE and the guest resumes at once; the model frees the
- * slot, and the vCPU's next access waits for that FREE before it is posted,
+ * waits with LDAR until DONE (wait_slot: it spins, then sleeps in WFI).
+ * Posted writes (AVT_F_POSTED_WRITES, when the model accepted it):
+ * QueueNotify and InterruptACK are posted with AVT_SLOT_F_POSTED_WRITE and
+ * the guest resumes at once; the model frees the slot, and the vCPU's next access waits for that FREE before it is posted,
  * so the model serves the vCPU's accesses in program order. Policies:
  *   - no model attached (model_state != ATTACHED), or the model detaches
  *     while the slot is posted: the access completes UNHANDLED;
@@ -58,10 +58,9 @@ void trap_init(const struct boot_params *bp)
     hdr->slot_count = bp->vm_count;
     hdr->slot_size = AVT_SLOT_SIZE;
     hdr->slots_offset = AVT_SLOTS_OFFSET;
-    /* Board mode raises board SPIs through the distributor and was brought up without the
-     * shadow pages and posted writes (not yet tried there): host mode only. */
-    hdr->stub_features = board_linux ? 0
-        : AVT_F_VIRQ_REQUEST | AVT_F_POSTED_WRITES | AVT_F_REGISTER_SHADOW;
+    /* Board mode's model raises board SPIs through the distributor: no virq_pending. */
+    hdr->stub_features = AVT_F_POSTED_WRITES | AVT_F_REGISTER_SHADOW |
+                         (board_linux ? 0 : AVT_F_VIRQ_REQUEST);
     hdr->counter_hz = read_sysreg(cntfrq_el0);
     store_release32(&hdr->stub_state, AVT_STUB_READY);
     log_printf("trap page at 0x%lx ready (%u slots, features 0x%x)", bp->trap_page,
@@ -85,12 +84,47 @@ static int model_attached(void)
     return load_acquire32(&hdr->model_state) == AVT_MODEL_ATTACHED;
 }
 
+/* Before the guest runs: sleep (cpu_sleep) in steps of MODEL_POLL_MS until the model attaches. */
+#define MODEL_POLL_MS 5u
+
 int trap_wait_model(u32 ms)
 {
-    u64 deadline = counter() + read_sysreg(cntfrq_el0) / 1000 * ms;
+    u64 ticks_per_ms = read_sysreg(cntfrq_el0) / 1000;
+    u64 deadline = counter() + ticks_per_ms * ms;
     while (!model_attached()) {
         if (counter() >= deadline)
             return 0;
+        cpu_sleep(ticks_per_ms * MODEL_POLL_MS);
+    }
+    return 1;
+}
+
+/*
+ * The vCPU's wait for the model's answer: spin for SPIN_US, then sleep (cpu_sleep) in steps
+ * of an eighth of the time waited so far, at most SLEEP_MAX_US each. Answers come in
+ * microseconds (busy-poll) to a few milliseconds (a model woken by its doorbell, board mode
+ * under TCG); sleeping sooner made those later by the vCPU's wake-up (measured: a board-mode
+ * guest's boot slower with a 200 us or 1 ms spin, docs/emulated-board.md "The stub's waits").
+ * A wait past SPIN_US is a model descheduled, dead or restarting: the vCPU's host thread then
+ * leaves the host's cores to it, and sees the answer at most about 1/8 late.
+ */
+#define SPIN_US      10000u    /* 10 ms */
+#define SLEEP_MAX_US 1000u
+
+/* Wait until the slot's state is ``want``: 1, or 0 when the model detached first. */
+static int wait_slot(volatile struct avt_slot *slot, u32 want)
+{
+    if (load_acquire32(&slot->state) == want)
+        return 1;
+    u64 ticks_per_us = read_sysreg(cntfrq_el0) / 1000000;
+    u64 start = counter();
+    while (load_acquire32(&slot->state) != want) {
+        if (!model_attached())
+            return 0;
+        u64 waited = counter() - start;
+        if (waited >= SPIN_US * ticks_per_us)
+            cpu_sleep(waited / 8 < SLEEP_MAX_US * ticks_per_us ? waited / 8
+                                                              : SLEEP_MAX_US * ticks_per_us);
     }
     return 1;
 }
@@ -102,12 +136,8 @@ int trap_wait_model(u32 ms)
  */
 static void wait_posted_write_served(volatile struct avt_slot *slot)
 {
-    while (load_acquire32(&slot->state) != AVT_SLOT_FREE) {
-        if (!model_attached()) {
-            store_release32(&slot->state, AVT_SLOT_FREE);
-            return;
-        }
-    }
+    if (!wait_slot(slot, AVT_SLOT_FREE))
+        store_release32(&slot->state, AVT_SLOT_FREE);
 }
 
 static int postable(u64 gpa, int is_write)
@@ -175,12 +205,10 @@ u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
         doorbell_ring_host();
     if (posted)
         return AVT_STATUS_OK;        /* the model frees the slot (section 7) */
-    while (load_acquire32(&slot->state) != AVT_SLOT_DONE) {
-        if (!model_attached()) {
-            log_printf("device model detached during the access to 0x%lx", gpa);
-            store_release32(&slot->state, AVT_SLOT_FREE);
-            return AVT_STATUS_UNHANDLED;
-        }
+    if (!wait_slot(slot, AVT_SLOT_DONE)) {
+        log_printf("device model detached during the access to 0x%lx", gpa);
+        store_release32(&slot->state, AVT_SLOT_FREE);
+        return AVT_STATUS_UNHANDLED;
     }
     slot->t_done = counter();
     u32 status = slot->status;

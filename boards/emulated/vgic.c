@@ -27,6 +27,9 @@
  * guest therefore cannot disable the stub's own UART or maintenance
  * interrupts. INTIDs 0..95 exist (GICD_TYPER.ITLinesNumber = 2).
  *
+ * The stub's own waits sleep in WFI bounded by the EL2 physical timer (cpu_sleep): its
+ * PPI is enabled on every guest CPU, its timer enabled only while the CPU sleeps.
+ *
  * Pending virtual interrupts wait in sw_pending until a list register is
  * free; when they do not fit, GICH_HCR.UIE asks for a maintenance interrupt.
  */
@@ -123,7 +126,11 @@ void vgic_init_cpu(void)
     phys_set_priority_target(KICK_SGI);
     phys_set_priority_target(27);
     phys_set_priority_target(30);
-    mmio_write32(GICD_BASE + GICD_ISENABLER, (1u << MAINT_INTID) | (1u << KICK_SGI));
+    phys_set_priority_target(HYP_TIMER_INTID);
+    write_sysreg(cnthp_ctl_el2, 0);          /* ENABLE resets to an UNKNOWN value */
+    isb();
+    mmio_write32(GICD_BASE + GICD_ISENABLER,
+                 (1u << MAINT_INTID) | (1u << KICK_SGI) | (1u << HYP_TIMER_INTID));
     mmio_write32(GICC_BASE + GICC_PMR, 0xff);
     mmio_write32(GICC_BASE + GICC_BPR, 0);
     mmio_write32(GICC_BASE + GICC_CTLR, 1u | (1u << 9));   /* EnableGrp0, EOImode */
@@ -134,6 +141,28 @@ void vgic_init_cpu(void)
     g->venabled[0] = 0xffff;                                /* SGIs are always enabled */
     for (u32 i = 0; i < NR_VIRQ; i++)
         g->vtarget[i] = 1;
+}
+
+/*
+ * Sleep for at most ``ticks`` of the counter: WFI, woken by the EL2 physical timer (CNTHP,
+ * PPI HYP_TIMER_INTID) or earlier by any other interrupt pending for this CPU. The stub runs
+ * with PSTATE.I set; WFI still wakes: an IRQ the CPU interface signals is a WFI wake-up
+ * event whatever PSTATE.{A,I,F} say (Arm ARM D1, "Wait For Interrupt"), and it is not taken
+ * here (it stays pending for the guest's return, or is the timer's, cleared below). Callers
+ * re-check what they wait for: a wake-up may be early. Under TCG the halted vCPU's host
+ * thread sleeps too, instead of spinning (docs/emulated-board.md, "The stub's waits").
+ */
+void cpu_sleep(u64 ticks)
+{
+    write_sysreg(cnthp_cval_el2, counter() + ticks);
+    write_sysreg(cnthp_ctl_el2, 1);          /* ENABLE, IMASK clear */
+    isb();
+    __asm__ volatile("dsb sy\n\twfi" ::: "memory");
+    write_sysreg(cnthp_ctl_el2, 0);          /* the timer's level output goes low ... */
+    isb();
+    /* ... and a pending state QEMU's GICv2 latched from it is cleared (on a GIC-400 a level
+     * interrupt's pending state follows the line: nothing left to clear). */
+    mmio_write32(GICD_BASE + GICD_ICPENDR, 1u << HYP_TIMER_INTID);
 }
 
 /* Physical SGI to ``cpu`` (its CPU interface number is its index on QEMU virt). */
@@ -237,6 +266,8 @@ void vgic_handle_irq(void)
             /* nothing: the caller takes this VM's virq_pending bits next */
         } else if (intid == MAINT_INTID) {
             handle_maintenance();
+        } else if (intid == HYP_TIMER_INTID) {
+            /* a cpu_sleep's bound that fired as it ended: nothing to do */
         } else if (!board_irq(intid)) {
             log_printf("unexpected physical interrupt %u", intid);
         }
