@@ -309,6 +309,7 @@ class RemotePort:
         self.switch.frames_dropped += len(self.queue)
         self.queue.clear()
         self.queued_bytes = 0
+        self.stalled = False
         if self.switch.loop is not None:
             self._unwatch()
         if self._probe:
