@@ -360,11 +360,14 @@ def test_a_remote_port_joins_and_exchanges_frames(pair, tmp_path, loop):
 
 # -- flow control: a remote peer whose socket is full ---------------------------------------------
 
-def joined_peer(tmp_path, loop, name, peer_mac):
-    """A remote port that joined the switch and made the switch learn ``peer_mac``."""
+def joined_peer(tmp_path, loop, name, peer_mac, connected=False):
+    """A remote port that joined the switch and made the switch learn ``peer_mac``;
+    ``connected``: its socket connected to the switch's (as socat's is)."""
     peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     peer.bind(str(tmp_path / name))
     peer.setblocking(False)
+    if connected:
+        peer.connect(str(tmp_path / "switch.sock"))
     peer.sendto(frame(BROADCAST, peer_mac, b"here"), str(tmp_path / "switch.sock"))
     spin(loop)
     return peer
@@ -392,11 +395,14 @@ def small_queues(monkeypatch):
     monkeypatch.setattr(net_backend, "QUEUE_FRAMES", 8)
 
 
-def test_a_slow_peer_gets_every_frame_in_order(pair, tmp_path, loop, small_queues):
+@pytest.mark.parametrize("connected", [False, True], ids=["writability", "retry-timer"])
+def test_a_slow_peer_gets_every_frame_in_order(pair, tmp_path, loop, small_queues, connected):
+    """A peer connected to the switch cannot be watched for writability (the switch's probe
+    socket cannot connect to it): it is retried on a timer; the result is the same."""
     a, b = pair
     b.post_rx(8)
     peer_mac = mac("52:54:00:00:00:ee")
-    peer = joined_peer(tmp_path, loop, "peer.sock", peer_mac)
+    peer = joined_peer(tmp_path, loop, "peer.sock", peer_mac, connected)
     frames = [frame(peer_mac, mac(MAC_A), b"%04d" % i + bytes(1400)) for i in range(200)]
     for f in frames:
         a.tx.post(readable=[HDR + f])

@@ -72,8 +72,8 @@ MAX_MACS = 1024
 MAX_REMOTES = 64
 MAX_DATAGRAM = 65536
 RX_BATCH = 64                    # frames read per readiness callback (fairness)
-QUEUE_FRAMES = 256               # frames a remote port's socket did not take yet, at most
-QUEUE_BYTES = 512 << 10          # and their bytes
+QUEUE_FRAMES = 128               # frames a remote port's socket did not take yet, at most
+QUEUE_BYTES = 256 << 10          # and their bytes
 STALL_SECONDS = 1.0              # a full port taking nothing this long is stalled (drops)
 RETRY_MIN, RETRY_MAX = 0.001, 0.1   # polling a full peer with no writability signal
 BUSY = "busy"                    # send(): not taken now; device.transmit_ready() follows
@@ -262,11 +262,14 @@ class RemotePort:
             self.stalled = False
             self._unwatch()
         elif not progressed:
-            # Writable but full: the switch socket's own send buffer (many full peers), or
-            # no probe. Poll, backing off, instead of spinning on writability.
+            # Full again at once: a probe that said writable for nothing (the switch
+            # socket's own send buffer is full: many full peers) or no probe. Poll, backing
+            # off, instead of spinning on writability.
             self._unwatch(keep_stall_timer=True)
             self._retry_delay = min(2 * self._retry_delay, RETRY_MAX)
             self._retry = self.switch.loop.call_later(self._retry_delay, self._retried)
+        else:
+            self._watch()                     # the probe again, or the next retry
         if self.stalled or (2 * len(self.queue) <= QUEUE_FRAMES
                              and 2 * self.queued_bytes <= QUEUE_BYTES):
             self._wake()                      # room again (half of it: no ping-pong)
