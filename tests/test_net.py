@@ -480,6 +480,30 @@ def test_a_peer_that_never_reads_holds_nobody(tmp_path, loop, small_queues, monk
         nic.close()
 
 
+def test_a_reset_forgets_the_waiting_chain(pair, tmp_path, loop, small_queues):
+    a, _ = pair
+    peer_mac = mac("52:54:00:00:00:ee")
+    peer = joined_peer(tmp_path, loop, "peer.sock", peer_mac)
+    for i in range(40):
+        a.tx.post(readable=[HDR + frame(peer_mac, mac(MAC_A), b"%04d" % i)])
+    a.tx.notify()
+    assert a.device.info()["tx_waiting"]
+    a.driver.reset()                                   # the chain was never used: forgotten
+    assert not a.device.info()["tx_waiting"]
+    a.rx, a.tx = a.driver.init([net.RX, net.TX])
+    got = []
+    until(loop, lambda: drain(peer, got) or a.device.info()["switch_queued"] == 0,
+          "the queued frames")                          # the peer's room wakes a: nothing to do
+    after = frame(peer_mac, mac(MAC_A), b"after the reset")
+    assert len(a.send(after)) == 1
+    spin(loop)
+    drain(peer, got)
+    assert got[-1] == after and got[:-1] == [frame(peer_mac, mac(MAC_A), b"%04d" % i)
+                                             for i in range(len(got) - 1)]
+    assert a.device.context.status & c.STATUS_DEVICE_NEEDS_RESET == 0
+    peer.close()
+
+
 def test_a_remote_sender_waits_for_a_slow_remote_receiver(pair, tmp_path, loop, small_queues):
     a, b = pair
     a.post_rx(64)
