@@ -9,10 +9,12 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import pytest
 
+from avatar_hw.backends import net as net_backend
 from avatar_hw.config import parse_config
 from avatar_hw.devices import net
 from avatar_hw.devices.net import NetDevice
@@ -356,6 +358,178 @@ def test_a_remote_port_joins_and_exchanges_frames(pair, tmp_path, loop):
     peer.close()
 
 
+# -- flow control: a remote peer whose socket is full ---------------------------------------------
+
+def joined_peer(tmp_path, loop, name, peer_mac, connected=False):
+    """A remote port that joined the switch and made the switch learn ``peer_mac``;
+    ``connected``: its socket connected to the switch's (as socat's is)."""
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    peer.bind(str(tmp_path / name))
+    peer.setblocking(False)
+    if connected:
+        peer.connect(str(tmp_path / "switch.sock"))
+    peer.sendto(frame(BROADCAST, peer_mac, b"here"), str(tmp_path / "switch.sock"))
+    spin(loop)
+    return peer
+
+
+def drain(peer, into):
+    """Every datagram waiting at ``peer``, appended to ``into``."""
+    while True:
+        try:
+            into.append(peer.recv(65536))
+        except BlockingIOError:
+            return
+
+
+def until(loop, condition, what, timeout=60):
+    """Run the loop until ``condition()``; a generous deadline (a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        loop.run_once(0.01)
+
+
+@pytest.fixture
+def small_queues(monkeypatch):
+    monkeypatch.setattr(net_backend, "QUEUE_FRAMES", 8)
+
+
+@pytest.mark.parametrize("connected", [False, True], ids=["writability", "retry-timer"])
+def test_a_slow_peer_gets_every_frame_in_order(pair, tmp_path, loop, small_queues, connected):
+    """A peer connected to the switch cannot be watched for writability (the switch's probe
+    socket cannot connect to it): it is retried on a timer; the result is the same."""
+    a, b = pair
+    b.post_rx(8)
+    peer_mac = mac("52:54:00:00:00:ee")
+    peer = joined_peer(tmp_path, loop, "peer.sock", peer_mac, connected)
+    frames = [frame(peer_mac, mac(MAC_A), b"%04d" % i + bytes(1400)) for i in range(200)]
+    for f in frames:
+        a.tx.post(readable=[HDR + f])
+    a.tx.notify()
+    used = len(a.tx.get_used())
+    # The peer's socket (net.unix.max_dgram_qlen) and its queue in the switch are full: the
+    # rest of the chains wait in the guest's queue, unused; nothing was dropped.
+    info = a.device.info()
+    assert used < len(frames) and info["tx_waiting"] and info["switch_queued"] == 8
+    assert info["tx_dropped"] == info["switch_dropped"] == 0 and info["switch_stalled"] == 0
+    got = []
+    def done():                                        # the peer reads, slower than sent
+        nonlocal used
+        drain(peer, got)
+        used += len(a.tx.get_used())
+        return len(got) >= len(frames) and used == len(frames)
+    until(loop, done, "the slow peer's frames")
+    assert got == frames                               # all of them, in order, once
+    info = a.device.info()
+    assert info["tx_frames"] == len(frames) and not info["tx_waiting"]
+    assert info["tx_dropped"] == info["switch_dropped"] == info["switch_queued"] == 0
+    assert b.received() == [frame(BROADCAST, peer_mac, b"here")]   # not the unicast
+    peer.close()
+
+
+def test_a_peer_that_never_reads_holds_nobody(tmp_path, loop, small_queues, monkeypatch):
+    monkeypatch.setattr(net_backend.Switch, "stall_seconds", 0.2)
+    path = str(tmp_path / "switch.sock")
+    a, b, c_ = (Nic(loop, f"switch:{path}", mac_=f"52:54:00:00:00:0{i}") for i in (1, 2, 3))
+    c_.post_rx(64)
+    dead = joined_peer(tmp_path, loop, "dead.sock", mac("52:54:00:00:00:dd"))
+    flood = [frame(BROADCAST, mac("52:54:00:00:00:01"), b"%04d" % i) for i in range(60)]
+    for f in flood:
+        a.tx.post(readable=[HDR + f])
+    a.tx.notify()
+    used = len(a.tx.get_used())
+    assert used < len(flood) and a.device.info()["tx_waiting"]
+    # Another VM's traffic (b -> c) does not wait for the dead peer.
+    b.send(frame(mac("52:54:00:00:00:03"), mac("52:54:00:00:00:02"), b"meanwhile"))
+    spin(loop)
+    got = c_.received()
+    assert frame(mac("52:54:00:00:00:03"), mac("52:54:00:00:00:02"), b"meanwhile") in got
+    # After stall_seconds without progress the peer is stalled: a's flood goes on (to b and
+    # c), the frames for the dead peer are dropped and counted, its queue stays bounded.
+    def flood_done():
+        nonlocal used
+        used += len(a.tx.get_used())
+        got.extend(c_.received())
+        return used == len(flood)
+    until(loop, flood_done, "a's flood past the stalled peer")
+    info = a.device.info()
+    assert info["switch_stalled"] == 1 and info["switch_queued"] == 8
+    assert info["switch_dropped"] > 0 and info["tx_dropped"] == 0
+    assert [f for f in got if f in flood] == flood     # c lost nothing, in order
+    # The dead peer reads at last: the oldest frames, in order, then it is unstalled.
+    arrived = []
+    drain(dead, arrived)
+    until(loop, lambda: drain(dead, arrived) or a.device.info()["switch_stalled"] == 0,
+          "the stalled peer drained")
+    drain(dead, arrived)
+    assert arrived == flood[:len(arrived)] and len(arrived) > 8
+    late = frame(BROADCAST, mac("52:54:00:00:00:01"), b"late")
+    a.send(late)
+    spin(loop)
+    drain(dead, arrived)
+    assert arrived[-1] == late
+    # A peer that goes away with frames queued is forgotten; its queue too.
+    dead.close()
+    for f in flood[:40]:
+        a.tx.post(readable=[HDR + f])
+    a.tx.notify()
+    until(loop, lambda: a.device.info()["switch_ports"] == 3 and not a.device.info()["tx_waiting"],
+          "the closed peer forgotten")
+    for nic in (a, b, c_):
+        nic.close()
+
+
+def test_a_reset_forgets_the_waiting_chain(pair, tmp_path, loop, small_queues):
+    a, _ = pair
+    peer_mac = mac("52:54:00:00:00:ee")
+    peer = joined_peer(tmp_path, loop, "peer.sock", peer_mac)
+    for i in range(40):
+        a.tx.post(readable=[HDR + frame(peer_mac, mac(MAC_A), b"%04d" % i)])
+    a.tx.notify()
+    assert a.device.info()["tx_waiting"]
+    a.driver.reset()                                   # the chain was never used: forgotten
+    assert not a.device.info()["tx_waiting"]
+    a.rx, a.tx = a.driver.init([net.RX, net.TX])
+    got = []
+    until(loop, lambda: drain(peer, got) or a.device.info()["switch_queued"] == 0,
+          "the queued frames")                          # the peer's room wakes a: nothing to do
+    after = frame(peer_mac, mac(MAC_A), b"after the reset")
+    assert len(a.send(after)) == 1
+    spin(loop)
+    drain(peer, got)
+    assert got[-1] == after and got[:-1] == [frame(peer_mac, mac(MAC_A), b"%04d" % i)
+                                             for i in range(len(got) - 1)]
+    assert a.device.context.status & c.STATUS_DEVICE_NEEDS_RESET == 0
+    peer.close()
+
+
+def test_a_remote_sender_waits_for_a_slow_remote_receiver(pair, tmp_path, loop, small_queues):
+    a, b = pair
+    a.post_rx(64)
+    slow_mac, sender_mac = mac("52:54:00:00:00:e1"), mac("52:54:00:00:00:e2")
+    slow = joined_peer(tmp_path, loop, "slow.sock", slow_mac)
+    sender = joined_peer(tmp_path, loop, "sender.sock", sender_mac)
+    a.received()
+    drain(slow, [])                     # the sender's joining broadcast
+    frames = [frame(slow_mac, sender_mac, b"%04d" % i + bytes(1000)) for i in range(100)]
+    switch, sent, got, refused = str(tmp_path / "switch.sock"), 0, [], 0
+    while sent < len(frames):
+        try:
+            sender.sendto(frames[sent], switch)
+            sent += 1
+        except BlockingIOError:         # the switch stopped reading: backpressure reached us
+            refused += 1
+            if refused > 3:
+                drain(slow, got)        # the receiver starts reading
+        loop.run_once(0.01)
+    until(loop, lambda: drain(slow, got) or len(got) >= len(frames), "the slow receiver")
+    assert refused > 3 and got == frames
+    assert a.device.info()["switch_dropped"] == 0
+    slow.close()
+    sender.close()
+
+
 def test_stale_switch_socket_file_is_replaced(tmp_path, loop):
     path = tmp_path / "s.sock"
     old = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -410,6 +584,7 @@ def test_config_builds_a_switch_device(tmp_path, loop):
 # checkout's Python as that user would fail wherever the checkout is not world-readable.
 TAP_SCRIPT = """\
 import os, sys
+from avatar_hw.backends import net as net_backend
 from avatar_hw.config import parse_config
 import avatar_hw.devices.net
 c = parse_config('vms.toml', {'vm': {'0': {'net': {'tap': 'avnope0'}}}})

@@ -33,14 +33,33 @@ send to it; at most ``MAX_REMOTES`` remote ports. Frames from one port
 keep their order. Between two local ports a frame is copied once, guest RAM
 to guest RAM; from a remote port it is received straight into the guest's
 buffers when it goes to one local port that has them.
+
+Flow control (nothing lost to a peer that is merely slow): ``send`` returns True
+(taken), False (dropped and counted) or ``BUSY``: the frame was not taken and
+the port calls ``device.transmit_ready()`` once it can take frames again; the
+device keeps the transmit chain unused meanwhile. Frames a remote port's socket
+does not take (EAGAIN: its receive queue is full) are copied into that port's
+bounded queue (``QUEUE_FRAMES``, ``QUEUE_BYTES``) and sent, in order, when the
+socket is writable again (``add_writer`` on a socket connected to the peer, whose
+writability is the peer's room; a peer connected elsewhere refuses that, and
+is retried on a timer backing off to ``RETRY_MAX``). A frame for a port whose
+queue is full is not taken: the sending VM's transmit queue (or, for a frame
+from a remote port, the switch's reading) waits, like a link's pause, and only
+the ports sending to it wait. A port that takes nothing for ``stall_seconds``
+is *stalled*, like a switch's tail drop: frames to it are then dropped and
+counted (``switch_dropped``), so a peer that never reads holds its senders
+once for at most that long, never the daemon, and its memory is its queue;
+it is unstalled once it has taken its whole queue.
 """
 
+import collections
 import errno
 import fcntl
 import logging
 import os
 import socket
 import struct
+import time
 
 from .. import paths
 from ..errors import AGAIN, ConfigError
@@ -53,6 +72,11 @@ MAX_MACS = 1024
 MAX_REMOTES = 64
 MAX_DATAGRAM = 65536
 RX_BATCH = 64                    # frames read per readiness callback (fairness)
+QUEUE_FRAMES = 128               # frames a remote port's socket did not take yet, at most
+QUEUE_BYTES = 256 << 10          # and their bytes
+STALL_SECONDS = 1.0              # a full port taking nothing this long is stalled (drops)
+RETRY_MIN, RETRY_MAX = 0.001, 0.1   # polling a full peer with no writability signal
+BUSY = "busy"                    # send(): not taken now; device.transmit_ready() follows
 
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
@@ -153,19 +177,155 @@ class TapBackend:
 # -- the datagram switch --------------------------------------------------------------------------
 
 class RemotePort:
-    """A process that joined the switch from its own socket address."""
+    """A process that joined the switch from its own socket address, and the frames its
+    socket did not take yet (module docstring, "Flow control")."""
 
     def __init__(self, switch, address):
         self.switch, self.address = switch, address
+        self.queue = collections.deque()      # bytearray copies, oldest first
+        self.queued_bytes = 0
+        self.waiters = []                     # ingresses waiting for room (their resume())
+        self.stalled = False
+        self._probe = None                    # connected to the peer: writable = its room
+        self._watching = False                # the probe is registered as a writer
+        self._retry = None                    # the retry timer (no probe, or no progress)
+        self._retry_delay = RETRY_MIN
+        self._stall_timer = None
+        self._progress = 0.0                  # monotonic time the socket last took a frame
+
+    def has_room(self, length):
+        """True when a frame of ``length`` bytes is taken now (sent, queued, or dropped
+        because the port is stalled)."""
+        return (self.stalled or not self.queue
+                or (len(self.queue) < QUEUE_FRAMES and self.queued_bytes + length <= QUEUE_BYTES))
 
     def deliver(self, views, length):
-        self.switch.send_to(self, views)
+        if not self.queue:
+            sent = self.switch.send_to(self, views)
+            if sent is not BUSY:
+                return
+            self._progress = time.monotonic()
+            self._watch()
+        if self.stalled or not self.has_room(length):
+            self.switch.frames_dropped += 1
+            return
+        frame = bytearray(length)
+        gather(views, frame)
+        self.queue.append(frame)
+        self.queued_bytes += length
+
+    def wait(self, ingress):
+        """``ingress`` (a local port or the switch's reader) waits for room here."""
+        if ingress not in self.waiters:
+            self.waiters.append(ingress)
+
+    def _watch(self):
+        """Wait for the peer's room: its probe's writability, else a timer."""
+        loop = self.switch.loop
+        if self._probe is None:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            try:
+                probe.connect(self.address)   # EPERM: the peer is connected to another socket
+                self._probe = probe
+            except OSError:
+                probe.close()
+                self._probe = False
+        if self._probe and not self._watching and self._retry is None:
+            loop.add_writer(self._probe, self._flush)
+            self._watching = True
+        elif not self._probe and self._retry is None:
+            self._retry = loop.call_later(self._retry_delay, self._retried)
+        if self._stall_timer is None:
+            self._stall_timer = loop.call_later(self.switch.stall_seconds, self._check_stall)
+
+    def _retried(self):
+        self._retry = None
+        self._flush()
+
+    def _flush(self):
+        """Send queued frames while the peer's socket takes them."""
+        progressed = False
+        while self.queue:
+            frame = self.queue[0]
+            sent = self.switch.send_to(self, [frame])
+            if sent is BUSY:
+                break
+            if self.switch.remotes.get(self.address) is not self:
+                return                        # it went away (close() has run)
+            self.queue.popleft()
+            self.queued_bytes -= len(frame)
+            progressed = True
+        if progressed:
+            self._progress = time.monotonic()
+            self._retry_delay = RETRY_MIN
+        if not self.queue:
+            self.stalled = False
+            self._unwatch()
+        elif not progressed:
+            # Full again at once: a probe that said writable for nothing (the switch
+            # socket's own send buffer is full: many full peers) or no probe. Poll, backing
+            # off, instead of spinning on writability.
+            self._unwatch(keep_stall_timer=True)
+            self._retry_delay = min(2 * self._retry_delay, RETRY_MAX)
+            self._retry = self.switch.loop.call_later(self._retry_delay, self._retried)
+        else:
+            self._watch()                     # the probe again, or the next retry
+        if self.stalled or (2 * len(self.queue) <= QUEUE_FRAMES
+                             and 2 * self.queued_bytes <= QUEUE_BYTES):
+            self._wake()                      # room again (half of it: no ping-pong)
+
+    def _check_stall(self):
+        self._stall_timer = None
+        if not self.queue:
+            return
+        idle = time.monotonic() - self._progress
+        if idle < self.switch.stall_seconds:
+            self._stall_timer = self.switch.loop.call_later(self.switch.stall_seconds - idle,
+                                                            self._check_stall)
+            return
+        if not self.stalled:
+            self.stalled = True
+            log.warning("%s: remote port %r took no frame for %.1f s: frames to it are "
+                        "dropped until it reads its %d queued ones", self.switch.url,
+                        self.address, idle, len(self.queue))
+        self._wake()
+
+    def _wake(self):
+        waiters, self.waiters = self.waiters, []
+        for ingress in waiters:
+            ingress.resume()
+
+    def _unwatch(self, keep_stall_timer=False):
+        loop = self.switch.loop
+        if self._watching:
+            loop.remove_writer(self._probe)
+            self._watching = False
+        if self._retry is not None:
+            loop.cancel(self._retry)
+            self._retry = None
+        if self._stall_timer is not None and not keep_stall_timer:
+            loop.cancel(self._stall_timer)
+            self._stall_timer = None
+
+    def close(self):
+        """Forget the queue (the peer is gone or the switch closes); waiters carry on."""
+        self.switch.frames_dropped += len(self.queue)
+        self.queue.clear()
+        self.queued_bytes = 0
+        self.stalled = False
+        if self.switch.loop is not None:
+            self._unwatch()
+        if self._probe:
+            self._probe.close()
+        self._probe = None
+        self._wake()
 
 
 class Switch:
     """The L2 switch at ``path``, hosted by this process (one per path: ``Switch.join``)."""
 
     _hosted = {}                  # path -> Switch
+    stall_seconds = STALL_SECONDS
 
     @classmethod
     def join(cls, url, path):
@@ -191,6 +351,7 @@ class Switch:
         self.locked = {}              # MAC bytes -> local port (its device's MAC)
         self.macs = {}                # MAC bytes -> remote port (learned)
         self.loop = None              # the loop the socket is registered with
+        self._reading = False         # registered as the socket's reader (not paused)
         self._macs_buf = bytearray(2 * ETH_ALEN)
         self._scratch = bytearray(MAX_DATAGRAM)
         self.frames_dropped = 0       # runt datagrams, and frames to a remote whose socket was full
@@ -237,6 +398,13 @@ class Switch:
         if self.loop is None:
             self.loop = loop
             loop.add_reader(self.sock, self._readable)
+            self._reading = True
+
+    def resume(self):
+        """A remote port has room again: read the frame that waited for it."""
+        if self.loop is not None and not self._reading:
+            self.loop.add_reader(self.sock, self._readable)
+            self._reading = True
 
     def leave(self, port):
         """Remove local ``port``; the last one closes the switch."""
@@ -246,7 +414,10 @@ class Switch:
         self._forget(port)
         if self.loop is not None and port.loop is self.loop:
             self.loop.remove_reader(self.sock)
+            for remote in self.remotes.values():
+                remote.close()                # their writers and timers are on that loop
             self.loop = None
+            self._reading = False
             if self.local:
                 self._register(self.local[0].loop)
         if not self.members:
@@ -280,28 +451,49 @@ class Switch:
     # -- frames -----------------------------------------------------------------------------------
 
     def forward(self, ingress, views, length):
-        """A frame from local port ``ingress`` (``views``: guest RAM, not copied); False
-        when it is dropped because its source is not the port's MAC."""
+        """A frame from local port ``ingress`` (``views``: guest RAM, not copied): True
+        when taken, False when dropped because its source is not the port's MAC, BUSY
+        when a destination has no room (``ingress.resume()`` follows)."""
         if gather(views, self._macs_buf) < 2 * ETH_ALEN:
             return False
         macs = bytes(self._macs_buf)
         if macs[ETH_ALEN:] != ingress.mac:
             ingress.wrong_source += 1
             return False
-        for port in self._destinations(macs[:ETH_ALEN], ingress):
+        ports = self._destinations(macs[:ETH_ALEN], ingress)
+        if self._full(ports, ingress, length):
+            return BUSY
+        for port in ports:
             port.deliver(views, length)
         return True
 
+    @staticmethod
+    def _full(ports, ingress, length):
+        """True when one of ``ports`` cannot take a frame now; ``ingress`` then waits for it
+        (every port delivers or none: a flood is not sent twice to the others)."""
+        for port in ports:
+            if isinstance(port, RemotePort) and not port.has_room(length):
+                port.wait(ingress)
+                return True
+        return False
+
     def send_to(self, remote, views):
+        """True when ``remote``'s socket took the frame, BUSY when it is full, False when
+        the frame is dropped (the remote is gone, and forgotten, or another error)."""
         try:
             self.sock.sendmsg(views, (), 0, remote.address)
+            return True
+        except AGAIN:
+            return BUSY
         except (ConnectionRefusedError, FileNotFoundError):
             log.info("%s: remote port %r went away", self.url, remote.address)
             self.remotes.pop(remote.address, None)
             self._forget(remote)
-        except OSError as err:                # a full peer: dropped, like a busy link
+            remote.close()
+        except OSError as err:
             self.frames_dropped += 1
             log.debug("%s: frame to %r dropped: %s", self.url, remote.address, err)
+        return False
 
     def _remote(self, address):
         remote = self.remotes.get(address)
@@ -313,7 +505,8 @@ class Switch:
     def _readable(self):
         for _ in range(RX_BATCH):
             try:
-                n, _, _, address = self.sock.recvmsg_into([self._macs_buf], 0, socket.MSG_PEEK)
+                n, _, _, address = self.sock.recvmsg_into([self._macs_buf], 0,
+                                                          socket.MSG_PEEK | socket.MSG_TRUNC)
             except AGAIN:
                 return
             ingress = self._remote(address)
@@ -326,6 +519,10 @@ class Switch:
             if ingress is not None:
                 self._learn(macs[ETH_ALEN:], ingress)
             ports = self._destinations(macs[:ETH_ALEN], ingress)
+            if self._full(ports, self, n):    # the frame stays in the socket meanwhile
+                self.loop.remove_reader(self.sock)
+                self._reading = False
+                return
             if len(ports) == 1 and isinstance(ports[0], SwitchBackend):
                 ports[0].device.receive(recv_socket, self.sock)   # straight into the guest
                 continue
@@ -359,6 +556,15 @@ class SwitchBackend:
     def send(self, views, length):
         return self.switch.forward(self, views, length)
 
+    def resume(self):
+        """A remote port this one waited for has room again."""
+        if self.device is not None:
+            self.loop.call_later(0, self._resumed)
+
+    def _resumed(self):
+        if self.device is not None:
+            self.device.transmit_ready()
+
     def close(self):
         if self.switch is not None:
             self.switch.leave(self)
@@ -368,7 +574,11 @@ class SwitchBackend:
         return {"backend": self.url, "switch_ports": 0 if self.switch is None else
                 len(self.switch.local) + len(self.switch.remotes),
                 "tx_wrong_source": self.wrong_source,
-                "switch_dropped": 0 if self.switch is None else self.switch.frames_dropped}
+                "switch_dropped": 0 if self.switch is None else self.switch.frames_dropped,
+                "switch_queued": 0 if self.switch is None else
+                sum(len(r.queue) for r in self.switch.remotes.values()),
+                "switch_stalled": 0 if self.switch is None else
+                sum(r.stalled for r in self.switch.remotes.values())}
 
 
 SCHEMES = {"tap": TapBackend, "switch": SwitchBackend}

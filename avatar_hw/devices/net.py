@@ -13,12 +13,15 @@ Ethernet frames without FCS, at most ``mtu + 18`` bytes (VLAN tag included).
 
 Network semantics (the guest is told nothing about drops):
 
-* transmit: every chain is completed (length 0) whatever happens to its
-  frame. A chain shorter than header + Ethernet header, longer than the
-  largest frame, or whose header asks for an offload is dropped and counted
-  (``tx_malformed``); a frame the backend cannot take (full socket, TAP
-  down) is dropped and counted (``tx_dropped``); with the link down frames
-  are dropped (``tx_dropped``).
+* transmit: a chain is completed (length 0) once its frame was handed to the
+  backend or dropped and counted. A chain shorter than header + Ethernet
+  header, longer than the largest frame, or whose header asks for an offload
+  is dropped and counted (``tx_malformed``); a frame the backend refuses (TAP
+  down, a switch port stalled) is dropped and counted (``tx_dropped``); with
+  the link down frames are dropped (``tx_dropped``). A backend that is merely
+  busy (a switch peer whose socket is full) returns ``BUSY``: the chain stays
+  unused and the queue waits until the backend calls ``transmit_ready`` (flow
+  control, avatar_hw.backends.net).
 * receive: a frame goes straight from the backend into the guest's receive
   buffers when the device holds buffers for the largest frame and no older
   frame waits; otherwise it is copied once into the bounded pending frames
@@ -42,7 +45,7 @@ import logging
 import os
 import struct
 
-from ..backends.net import open_net_backend
+from ..backends.net import BUSY, open_net_backend
 from ..schema import Field, Schema, under
 from ..virtio.buffers import IOV_MAX, copy, gather, scatter, skip, truncate
 from ..virtio.constants import F_VERSION_1, ID_NET, bit
@@ -159,6 +162,7 @@ class NetDevice(VirtioDevice):
         self._header = bytearray(HEADER_LEN)
         self._header_len = HEADER_LEN
         self._mergeable = False
+        self._tx_waiting = None               # the transmit chain the backend was busy for
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -180,10 +184,13 @@ class NetDevice(VirtioDevice):
     def reset(self):
         self._drop_held()
         self._rx_pending.clear()
+        self._tx_waiting = None
 
     def queue_reset(self, index):
         if index == RX:
             self._drop_held()
+        elif index == TX:
+            self._tx_waiting = None
 
     def _drop_held(self):
         self._held.clear()
@@ -202,12 +209,34 @@ class NetDevice(VirtioDevice):
 
     # -- transmit ---------------------------------------------------------------------------------
 
+    def transmit_ready(self):
+        """The backend can take frames again (after ``BUSY``): the waiting chain first."""
+        chain, self._tx_waiting = self._tx_waiting, None
+        txq = self.queues[TX]
+        if chain is None or not (self.active and txq.ready):
+            return
+        if self._hand_over(chain):
+            txq.add_used(chain.head, 0)
+            self.signal_used(txq)
+            txq.new_turn()                    # a loop turn of its own
+            self._transmit()
+
     def _transmit(self):
         txq = self.queues[TX]
-        if self.active and txq.ready:
-            self.consume(txq, self._send)
+        if not (self.active and txq.ready) or self._tx_waiting is not None:
+            return
+        completed = False
+        for chain in txq:
+            if not self._send(chain):
+                break                         # the backend is busy: transmit_ready follows
+            txq.add_used(chain.head, 0)
+            completed = True
+        if completed:
+            self.signal_used(txq)
 
     def _send(self, chain):
+        """Check the chain and hand its frame over; False when the backend was busy (the
+        chain waits in ``_tx_waiting``), True when it is done with."""
         header_len, counters = self._header_len, self.counters
         length = chain.readable_len - header_len
         if length < ETH_HLEN or length > self.max_frame:
@@ -215,23 +244,36 @@ class NetDevice(VirtioDevice):
             self.guest_error("transmit chain of %d bytes: not a %d-byte header and a frame of "
                              "%d to %d bytes; dropped", chain.readable_len, header_len, ETH_HLEN,
                              self.max_frame)
-            return
+            return True
         header = self._header
         gather(chain.readable, memoryview(header)[:header_len])
         if header[0] or header[1]:            # flags (NEEDS_CSUM...), gso_type: not offered
             counters["tx_malformed"] += 1
             self.guest_error("transmit header asks for offloads (flags 0x%x, gso_type %d) "
                              "that were not negotiated; dropped", header[0], header[1])
-            return
-        self.count(bytes_from_guest=length)
-        counters["tx_frames"] += 1
+            return True
         faults = self.context.faults
         if faults is not None and (fault := faults.frame("tx")) is not None:
+            self.count(bytes_from_guest=length)
+            counters["tx_frames"] += 1
             self._tx_fault(fault, skip(chain.readable, header_len), length)
-            return
-        if not (self.link_up and self.backend.send(skip(chain.readable, header_len),
-                                                   length)):
-            counters["tx_dropped"] += 1
+            return True
+        return self._hand_over(chain)
+
+    def _hand_over(self, chain):
+        """Give a checked chain's frame to the backend: False (and the chain waits) when
+        it is busy; otherwise counted, and dropped when it was not taken."""
+        length = chain.readable_len - self._header_len
+        sent = self.link_up and self.backend.send(skip(chain.readable, self._header_len),
+                                                  length)
+        if sent is BUSY:
+            self._tx_waiting = chain
+            return False
+        self.count(bytes_from_guest=length)
+        self.counters["tx_frames"] += 1
+        if not sent:
+            self.counters["tx_dropped"] += 1
+        return True
 
     def _tx_fault(self, fault, views, length):
         """An injected fault (avatar_hw.faults) meets a transmitted frame: ``drop`` it,
@@ -249,7 +291,8 @@ class NetDevice(VirtioDevice):
             self.loop.call_later(fault.options["ms"] / 1000, lambda: self._send_copy(frame))
 
     def _send_copy(self, frame):
-        if not (self.link_up and self.backend.send([memoryview(frame)], len(frame))):
+        """An injected fault's copy: not held in the guest, so a busy backend drops it."""
+        if not (self.link_up and self.backend.send([memoryview(frame)], len(frame)) is True):
             self.counters["tx_dropped"] += 1
 
     def _rx_fault(self, views, length):
@@ -387,7 +430,8 @@ class NetDevice(VirtioDevice):
     def info(self):
         out = super().info()
         out.update(self.backend.info(), mac=format_mac(self.mac), mtu=self.mtu,
-                   link_up=self.link_up, rx_pending=len(self._rx_pending))
+                   link_up=self.link_up, rx_pending=len(self._rx_pending),
+                   tx_waiting=self._tx_waiting is not None)
         return out
 
 
