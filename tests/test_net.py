@@ -220,24 +220,6 @@ def test_broadcast_floods_and_unicast_is_learned(tmp_path, loop):
 
 # -- the bounded receive backlog ------------------------------------------------------------------
 
-def test_frames_wait_in_the_backlog_then_are_dropped_and_counted(tmp_path, loop):
-    path = str(tmp_path / "s.sock")
-    a = Nic(loop, f"switch:{path}", mac_=MAC_A)
-    b = Nic(loop, f"switch:{path}", mac_=MAC_B, rx_pending=4)
-    frames = [frame(mac(MAC_B), mac(MAC_A), b"%03d" % i) for i in range(10)]
-    assert len(a.send(*frames)) == 10                       # transmits always complete
-    spin(loop)
-    assert b.device.counters["rx_dropped"] == 6
-    assert b.device.info()["rx_pending"] == 4
-    b.post_rx(10)
-    assert b.received() == frames[:4]                       # the oldest four, in order
-    a.send(frames[9])
-    spin(loop)
-    assert b.received() == [frames[9]]
-    a.close()
-    b.close()
-
-
 def test_frames_before_driver_ok_are_dropped(tmp_path, loop):
     path = str(tmp_path / "s.sock")
     a = Nic(loop, f"switch:{path}", mac_=MAC_A)
@@ -390,6 +372,19 @@ def until(loop, condition, what, timeout=60):
         loop.run_once(0.01)
 
 
+def flood_through(loop, sender, receiver, used, count, what):
+    """Run the loop until ``count`` of ``sender``'s transmit chains (``used`` of them
+    already) are used; the frames ``receiver`` got meanwhile."""
+    got = []
+    def done():
+        nonlocal used
+        used += len(sender.tx.get_used())
+        got.extend(receiver.received())
+        return used == count
+    until(loop, done, what)
+    return got
+
+
 @pytest.fixture
 def small_queues(monkeypatch):
     monkeypatch.setattr(net_backend, "QUEUE_FRAMES", 8)
@@ -447,12 +442,7 @@ def test_a_peer_that_never_reads_holds_nobody(tmp_path, loop, small_queues, monk
     assert frame(mac("52:54:00:00:00:03"), mac("52:54:00:00:00:02"), b"meanwhile") in got
     # After stall_seconds without progress the peer is stalled: a's flood goes on (to b and
     # c), the frames for the dead peer are dropped and counted, its queue stays bounded.
-    def flood_done():
-        nonlocal used
-        used += len(a.tx.get_used())
-        got.extend(c_.received())
-        return used == len(flood)
-    until(loop, flood_done, "a's flood past the stalled peer")
+    got += flood_through(loop, a, c_, used, len(flood), "a's flood past the stalled peer")
     info = a.device.info()
     assert info["switch_stalled"] == 1 and info["switch_queued"] == 8
     assert info["switch_dropped"] > 0 and info["tx_dropped"] == 0
@@ -504,6 +494,21 @@ def test_a_reset_forgets_the_waiting_chain(pair, tmp_path, loop, small_queues):
     peer.close()
 
 
+def send_all(sock, frames, path, loop, ready=lambda: None):
+    """Send ``frames`` from a remote port's socket, running the loop while the switch does
+    not read (``ready()`` is run meanwhile); the number of times the socket was full."""
+    refused, sent = 0, 0
+    while sent < len(frames):
+        try:
+            sock.sendto(frames[sent], path)
+            sent += 1
+        except BlockingIOError:
+            refused += 1
+            ready()
+        loop.run_once(0.01)
+    return refused
+
+
 def test_a_remote_sender_waits_for_a_slow_remote_receiver(pair, tmp_path, loop, small_queues):
     a, b = pair
     a.post_rx(64)
@@ -513,21 +518,104 @@ def test_a_remote_sender_waits_for_a_slow_remote_receiver(pair, tmp_path, loop, 
     a.received()
     drain(slow, [])                     # the sender's joining broadcast
     frames = [frame(slow_mac, sender_mac, b"%04d" % i + bytes(1000)) for i in range(100)]
-    switch, sent, got, refused = str(tmp_path / "switch.sock"), 0, [], 0
-    while sent < len(frames):
-        try:
-            sender.sendto(frames[sent], switch)
-            sent += 1
-        except BlockingIOError:         # the switch stopped reading: backpressure reached us
-            refused += 1
-            if refused > 3:
-                drain(slow, got)        # the receiver starts reading
-        loop.run_once(0.01)
+    got, refused = [], 0
+    def slow_reads():                   # the switch stopped reading: backpressure reached us
+        nonlocal refused
+        refused += 1
+        if refused > 3:
+            drain(slow, got)            # the receiver starts reading
+    send_all(sender, frames, str(tmp_path / "switch.sock"), loop, slow_reads)
     until(loop, lambda: drain(slow, got) or len(got) >= len(frames), "the slow receiver")
     assert refused > 3 and got == frames
     assert a.device.info()["switch_dropped"] == 0
     slow.close()
     sender.close()
+
+
+# -- flow control: a guest that posts no receive buffers -------------------------------------------
+
+def test_a_guest_that_posts_receive_buffers_late_gets_every_frame_in_order(tmp_path, loop):
+    path = str(tmp_path / "switch.sock")
+    a = Nic(loop, f"switch:{path}", mac_=MAC_A)
+    b = Nic(loop, f"switch:{path}", mac_=MAC_B, rx_pending=4)
+    frames = [frame(mac(MAC_B), mac(MAC_A), b"%03d" % i) for i in range(40)]
+    used = len(a.send(*frames))
+    spin(loop)
+    # b's pending frames are full: a's chains wait, unused; nothing is dropped.
+    assert used == 4 and a.device.info()["tx_waiting"]
+    assert b.device.info()["rx_pending"] == 4 and b.device.counters["rx_dropped"] == 0
+    # A host process sending to b: the switch stops reading its socket, the sender waits.
+    peer_mac = mac("52:54:00:00:00:ee")
+    peer = joined_peer(tmp_path, loop, "peer.sock", peer_mac)
+    remote = [frame(mac(MAC_B), peer_mac, b"remote %03d" % i) for i in range(30)]
+    got = []
+    def late_buffers():
+        """b's guest posts a few buffers at a time, late."""
+        got.extend(b.received())
+        b.post_rx(3)
+    refused = send_all(peer, remote, path, loop, late_buffers)
+    assert refused > 0                                # backpressure reached the host process
+    def done():
+        nonlocal used
+        used += len(a.tx.get_used())
+        late_buffers()
+        return len(got) == len(frames) + len(remote) + 1
+    until(loop, done, "b's late receive buffers filled")
+    assert used == len(frames)
+    assert [f for f in got if f in frames] == frames   # every frame, in order, once
+    assert [f for f in got if f in remote] == remote
+    info = b.device.info()
+    assert info["rx_dropped"] == info["switch_dropped"] == info["switch_stalled"] == 0
+    peer.close()
+    a.close()
+    b.close()
+
+
+def test_a_guest_that_never_posts_receive_buffers_holds_nobody(tmp_path, loop, monkeypatch):
+    monkeypatch.setattr(net_backend.Switch, "stall_seconds", 0.2)
+    path = str(tmp_path / "switch.sock")
+    a, b, c_ = (Nic(loop, f"switch:{path}", mac_=f"52:54:00:00:00:0{i}", rx_pending=4)
+                for i in (1, 2, 3))
+    c_.post_rx(200)
+    flood = [frame(BROADCAST, mac("52:54:00:00:00:01"), b"%04d" % i) for i in range(60)]
+    for f in flood:
+        a.tx.post(readable=[HDR + f])
+    a.tx.notify()
+    used = len(a.tx.get_used())
+    assert used < len(flood) and a.device.info()["tx_waiting"]
+    # Other traffic (c -> a) does not wait for b.
+    a.post_rx(8)
+    c_.send(frame(mac("52:54:00:00:00:01"), mac("52:54:00:00:00:03"), b"meanwhile"))
+    spin(loop)
+    assert a.received() == [frame(mac("52:54:00:00:00:01"), mac("52:54:00:00:00:03"),
+                                  b"meanwhile")]
+    # After stall_seconds b is stalled: a's flood goes on, frames for b are dropped and
+    # counted, b's memory is its pending frames.
+    got = flood_through(loop, a, c_, used, len(flood), "a's flood past the stalled guest")
+    info = b.device.info()
+    assert info["switch_stalled"] == 1 and info["rx_pending"] == 4
+    assert info["rx_dropped"] == len(flood) - 4 and a.device.counters["tx_dropped"] == 0
+    assert got == flood                                # c lost nothing, in order
+    # A host process sending to the stalled guest is read on (its frames counted) and
+    # its frames for c are not held.
+    peer_mac = mac("52:54:00:00:00:ee")
+    peer = joined_peer(tmp_path, loop, "peer.sock", peer_mac)
+    to_b = [frame(mac("52:54:00:00:00:02"), peer_mac, b"b%03d" % i) for i in range(20)]
+    to_c = frame(mac("52:54:00:00:00:03"), peer_mac, b"for c")
+    send_all(peer, to_b + [to_c], path, loop)
+    until(loop, lambda: got.extend(c_.received()) or to_c in got, "the peer's frame for c")
+    assert b.device.info()["rx_dropped"] == len(flood) - 4 + 1 + len(to_b)   # + the join
+    # b's guest posts buffers at last: its oldest frames, then it is unstalled.
+    b.post_rx(8)
+    spin(loop)
+    assert b.received() == flood[:4]
+    assert b.device.info()["switch_stalled"] == 0
+    a.send(flood[0])
+    spin(loop)
+    assert b.received() == [flood[0]]
+    peer.close()
+    for nic in (a, b, c_):
+        nic.close()
 
 
 def test_stale_switch_socket_file_is_replaced(tmp_path, loop):

@@ -49,7 +49,10 @@ the ports sending to it wait. A port that takes nothing for ``stall_seconds``
 is *stalled*, like a switch's tail drop: frames to it are then dropped and
 counted (``switch_dropped``), so a peer that never reads holds its senders
 once for at most that long, never the daemon, and its memory is its queue;
-it is unstalled once it has taken its whole queue.
+it is unstalled once it has taken its whole queue. A local port is a destination like
+a remote one (``Egress``): its queue is its device's pending frames, full while the
+guest posts no receive buffers (``device.can_receive()``), and the device calls
+``receive_ready`` when its guest's buffers took some. A TAP is not read meanwhile.
 """
 
 import collections
@@ -145,15 +148,26 @@ class TapBackend:
             raise ConfigError(url, None, f"cannot open TAP device {name}: {err.strerror}") \
                 from None
         self.device = self.loop = None
+        self._reading = False
 
     def attach(self, loop, device):
         self.loop, self.device = loop, device
         loop.add_reader(self.fd, self._readable)
+        self._reading = True
 
     def _readable(self):
         for _ in range(RX_BATCH):
+            if not self.device.can_receive():  # the kernel's queue holds (or drops) the rest
+                self.loop.remove_reader(self.fd)
+                self._reading = False
+                return
             if not self.device.receive(read_fd, self.fd):
                 break
+
+    def receive_ready(self, pending, capacity):
+        if self.loop is not None and not self._reading:
+            self.loop.add_reader(self.fd, self._readable)
+            self._reading = True
 
     def send(self, views, length):
         try:
@@ -165,7 +179,7 @@ class TapBackend:
     def close(self):
         if self.fd is None:
             return
-        if self.loop is not None:
+        if self._reading:
             self.loop.remove_reader(self.fd)
         os.close(self.fd)
         self.fd = self.loop = self.device = None
@@ -176,22 +190,66 @@ class TapBackend:
 
 # -- the datagram switch --------------------------------------------------------------------------
 
-class RemotePort:
+class Egress:
+    """What a switch port that can be full shares (module docstring, "Flow control"): the
+    ingresses waiting for its room and the stall rule. A subclass says ``blocked()``
+    (frames wait in its queue) and keeps ``_progress`` when it takes a frame."""
+
+    def __init__(self):
+        self.waiters = []                     # ingresses waiting for room (their resume())
+        self.stalled = False
+        self._stall_timer = None
+        self._progress = 0.0                  # monotonic time the port last took a frame
+
+    def wait(self, ingress):
+        """``ingress`` (a local port or the switch's reader) waits for room here."""
+        if ingress not in self.waiters:
+            self.waiters.append(ingress)
+        if self._stall_timer is None:         # full from now on: the stall rule runs
+            self._progress = time.monotonic()
+            self._stall_timer = self.switch.loop.call_later(self.switch.stall_seconds,
+                                                            self._check_stall)
+
+    def _check_stall(self):
+        self._stall_timer = None
+        if not self.blocked():
+            return
+        idle = time.monotonic() - self._progress
+        if idle < self.switch.stall_seconds:
+            self._stall_timer = self.switch.loop.call_later(self.switch.stall_seconds - idle,
+                                                            self._check_stall)
+            return
+        if not self.stalled:
+            self.stalled = True
+            log.warning("%s: port %s took no frame for %.1f s: frames to it are dropped "
+                        "until it takes its queue", self.switch.url, self.name, idle)
+        self._wake()
+
+    def _wake(self):
+        waiters, self.waiters = self.waiters, []
+        for ingress in waiters:
+            ingress.resume()
+
+    def _cancel_stall_timer(self):
+        if self._stall_timer is not None:
+            self.switch.loop.cancel(self._stall_timer)
+            self._stall_timer = None
+
+
+class RemotePort(Egress):
     """A process that joined the switch from its own socket address, and the frames its
     socket did not take yet (module docstring, "Flow control")."""
 
     def __init__(self, switch, address):
+        super().__init__()
         self.switch, self.address = switch, address
+        self.name = repr(address)
         self.queue = collections.deque()      # bytearray copies, oldest first
         self.queued_bytes = 0
-        self.waiters = []                     # ingresses waiting for room (their resume())
-        self.stalled = False
         self._probe = None                    # connected to the peer: writable = its room
         self._watching = False                # the probe is registered as a writer
         self._retry = None                    # the retry timer (no probe, or no progress)
         self._retry_delay = RETRY_MIN
-        self._stall_timer = None
-        self._progress = 0.0                  # monotonic time the socket last took a frame
 
     def has_room(self, length):
         """True when a frame of ``length`` bytes is taken now (sent, queued, or dropped
@@ -214,10 +272,8 @@ class RemotePort:
         self.queue.append(frame)
         self.queued_bytes += length
 
-    def wait(self, ingress):
-        """``ingress`` (a local port or the switch's reader) waits for room here."""
-        if ingress not in self.waiters:
-            self.waiters.append(ingress)
+    def blocked(self):
+        return bool(self.queue)
 
     def _watch(self):
         """Wait for the peer's room: its probe's writability, else a timer."""
@@ -274,27 +330,6 @@ class RemotePort:
                              and 2 * self.queued_bytes <= QUEUE_BYTES):
             self._wake()                      # room again (half of it: no ping-pong)
 
-    def _check_stall(self):
-        self._stall_timer = None
-        if not self.queue:
-            return
-        idle = time.monotonic() - self._progress
-        if idle < self.switch.stall_seconds:
-            self._stall_timer = self.switch.loop.call_later(self.switch.stall_seconds - idle,
-                                                            self._check_stall)
-            return
-        if not self.stalled:
-            self.stalled = True
-            log.warning("%s: remote port %r took no frame for %.1f s: frames to it are "
-                        "dropped until it reads its %d queued ones", self.switch.url,
-                        self.address, idle, len(self.queue))
-        self._wake()
-
-    def _wake(self):
-        waiters, self.waiters = self.waiters, []
-        for ingress in waiters:
-            ingress.resume()
-
     def _unwatch(self, keep_stall_timer=False):
         loop = self.switch.loop
         if self._watching:
@@ -303,9 +338,8 @@ class RemotePort:
         if self._retry is not None:
             loop.cancel(self._retry)
             self._retry = None
-        if self._stall_timer is not None and not keep_stall_timer:
-            loop.cancel(self._stall_timer)
-            self._stall_timer = None
+        if not keep_stall_timer:
+            self._cancel_stall_timer()
 
     def close(self):
         """Forget the queue (the peer is gone or the switch closes); waiters carry on."""
@@ -416,6 +450,9 @@ class Switch:
             self.loop.remove_reader(self.sock)
             for remote in self.remotes.values():
                 remote.close()                # their writers and timers are on that loop
+            for local in self.local:
+                local._cancel_stall_timer()
+                local._wake()
             self.loop = None
             self._reading = False
             if self.local:
@@ -472,7 +509,7 @@ class Switch:
         """True when one of ``ports`` cannot take a frame now; ``ingress`` then waits for it
         (every port delivers or none: a flood is not sent twice to the others)."""
         for port in ports:
-            if isinstance(port, RemotePort) and not port.has_room(length):
+            if not port.has_room(length):
                 port.wait(ingress)
                 return True
         return False
@@ -534,14 +571,16 @@ class Switch:
                 port.deliver(frame, length)
 
 
-class SwitchBackend:
-    """A local port of the switch at ``path``."""
+class SwitchBackend(Egress):
+    """A local port of the switch at ``path``; as a destination it is full while its
+    device's pending frames are (the guest posts no receive buffers)."""
 
     def __init__(self, url, path):
         if not path:
             raise ConfigError(url, None, "switch: needs a socket path, e.g. "
                               "switch:/run/avatar/net0.sock")
-        self.url = url
+        super().__init__()
+        self.url = self.name = url
         self.device = self.loop = self.mac = None
         self.wrong_source = 0             # frames dropped: their source was not ``mac``
         self.switch = Switch.join(url, os.path.abspath(path))
@@ -550,8 +589,25 @@ class SwitchBackend:
         self.loop, self.device, self.mac = loop, device, bytes(device.mac)
         self.switch.attach(self)
 
+    def has_room(self, length):
+        """True when a frame is taken now (received, pending, or dropped: stalled)."""
+        return self.stalled or self.device.can_receive()
+
+    def blocked(self):
+        return not self.device.can_receive()
+
     def deliver(self, views, length):
         self.device.receive(copy, views)
+
+    def receive_ready(self, pending, capacity):
+        """The device moved pending frames into receive buffers (``pending`` of
+        ``capacity`` left): progress, and room for the ports waiting (half of it)."""
+        self._progress = time.monotonic()
+        if not pending:
+            self.stalled = False
+            self._cancel_stall_timer()
+        if self.stalled or 2 * pending <= capacity:
+            self._wake()
 
     def send(self, views, length):
         return self.switch.forward(self, views, length)
@@ -567,8 +623,11 @@ class SwitchBackend:
 
     def close(self):
         if self.switch is not None:
+            if self.switch.loop is not None:
+                self._cancel_stall_timer()
             self.switch.leave(self)
             self.switch = self.device = self.loop = None
+            self._wake()                      # the ports waiting here carry on
 
     def info(self):
         return {"backend": self.url, "switch_ports": 0 if self.switch is None else
@@ -578,7 +637,7 @@ class SwitchBackend:
                 "switch_queued": 0 if self.switch is None else
                 sum(len(r.queue) for r in self.switch.remotes.values()),
                 "switch_stalled": 0 if self.switch is None else
-                sum(r.stalled for r in self.switch.remotes.values())}
+                sum(p.stalled for p in (*self.switch.local, *self.switch.remotes.values()))}
 
 
 SCHEMES = {"tap": TapBackend, "switch": SwitchBackend}

@@ -26,10 +26,12 @@ Network semantics (the guest is told nothing about drops):
   buffers when the device holds buffers for the largest frame and no older
   frame waits; otherwise it is copied once into the bounded pending frames
   (``rx_pending`` frames, preallocated) and from there into guest buffers, in
-  order, as soon as they can take it. With them full, while the driver is
-  not running, or when a frame is larger than the largest frame (or, without
-  MRG_RXBUF, than the receive buffer) it is dropped and counted
-  (``rx_dropped``); so is every frame while the link is down.
+  order, as soon as they can take it. While they are full ``can_receive`` is
+  False: the backend holds frames back (the switch's flow control, a TAP not
+  read) until ``backend.receive_ready``. A frame for a stalled switch port,
+  one while the driver is not running or the link is down, and one larger
+  than the largest frame (or, without MRG_RXBUF, than the receive buffer) is
+  dropped and counted (``rx_dropped``).
 
 Receive buffers are popped as needed and held until a frame fills them
 (``reset`` drops the held ones); a buffer too small for the header goes back
@@ -110,6 +112,10 @@ class PendingFrames:
     def __len__(self):
         return len(self._lengths)
 
+    @property
+    def capacity(self):
+        return len(self._slots)
+
     def free_slot(self):
         """The slot the next frame goes into, or None when full."""
         n = len(self._lengths)
@@ -185,6 +191,7 @@ class NetDevice(VirtioDevice):
         self._drop_held()
         self._rx_pending.clear()
         self._tx_waiting = None
+        self.backend.receive_ready(0, self._rx_pending.capacity)
 
     def queue_reset(self, index):
         if index == RX:
@@ -314,6 +321,11 @@ class NetDevice(VirtioDevice):
 
     # -- receive ----------------------------------------------------------------------------------
 
+    def can_receive(self):
+        """False while a frame would be dropped for want of receive buffers (the pending
+        frames are full): the backend then holds its frames back until ``receive_ready``."""
+        return not (self.active and self.link_up) or self._rx_pending.free_slot() is not None
+
     def receive(self, reader, source):
         """Take one frame from the backend: ``reader(source, views) -> length | None``
         (see ``avatar_hw.backends.net``). False when there was nothing to read."""
@@ -350,6 +362,7 @@ class NetDevice(VirtioDevice):
         rxq = self.queues[RX]
         if not (self.active and rxq.ready):
             return
+        pending = len(self._rx_pending)
         while self._rx_pending:
             frame, length = self._rx_pending.oldest()
             need = self._header_len + length
@@ -364,6 +377,8 @@ class NetDevice(VirtioDevice):
                 self._fill(length)
             self._rx_pending.pop()
         self._hold(0)          # return buffers too small for a header
+        if len(self._rx_pending) < pending:
+            self.backend.receive_ready(len(self._rx_pending), self._rx_pending.capacity)
 
     def _hold(self, need):
         """Pop receive chains until the held ones can take ``need`` bytes (one chain
