@@ -625,6 +625,29 @@ def test_a_guest_that_never_posts_receive_buffers_holds_nobody(tmp_path, loop, m
         nic.close()
 
 
+def test_a_guest_that_stops_posting_receive_buffers_holds_nobody(tmp_path, loop, monkeypatch):
+    """One buffer posted leaves b's pending frames neither full nor drained: a, woken only
+    at half of them, still gets past b by the stall rule."""
+    monkeypatch.setattr(net_backend.Switch, "stall_seconds", 0.2)
+    path = str(tmp_path / "switch.sock")
+    a = Nic(loop, f"switch:{path}", mac_=MAC_A)
+    b = Nic(loop, f"switch:{path}", mac_=MAC_B, rx_pending=4)
+    frames = [frame(mac(MAC_B), mac(MAC_A), b"%03d" % i) for i in range(10)]
+    used = len(a.send(*frames))
+    assert used == 4
+    b.post_rx(1)
+    spin(loop)
+    assert b.received() == frames[:1]
+    flood_through(loop, a, b, used, len(frames), "a's frames past the stopped guest")
+    assert b.device.info()["switch_stalled"] == 1
+    assert b.device.counters["rx_dropped"] == len(frames) - 5
+    b.post_rx(8)
+    spin(loop)
+    assert b.received() == frames[1:5]
+    a.close()
+    b.close()
+
+
 def test_stale_switch_socket_file_is_replaced(tmp_path, loop):
     path = tmp_path / "s.sock"
     old = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

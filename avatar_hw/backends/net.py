@@ -594,7 +594,7 @@ class SwitchBackend(Egress):
         return self.stalled or self.device.can_receive()
 
     def blocked(self):
-        return not self.device.can_receive()
+        return self.device.pending_frames > 0
 
     def deliver(self, views, length):
         self.device.receive(copy, views)

@@ -321,6 +321,11 @@ class NetDevice(VirtioDevice):
 
     # -- receive ----------------------------------------------------------------------------------
 
+    @property
+    def pending_frames(self):
+        """Frames waiting for receive buffers."""
+        return len(self._rx_pending)
+
     def can_receive(self):
         """False while a frame would be dropped for want of receive buffers (the pending
         frames are full): the backend then holds its frames back until ``receive_ready``."""
@@ -445,7 +450,7 @@ class NetDevice(VirtioDevice):
     def info(self):
         out = super().info()
         out.update(self.backend.info(), mac=format_mac(self.mac), mtu=self.mtu,
-                   link_up=self.link_up, rx_pending=len(self._rx_pending),
+                   link_up=self.link_up, rx_pending=self.pending_frames,
                    tx_waiting=self._tx_waiting is not None)
         return out
 
