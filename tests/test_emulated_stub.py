@@ -65,10 +65,19 @@ class ShadowedIsr:
         return self.value
 
 
+GUEST_PROGRAMS = Path(__file__).parent / "emulated_guest"
+
+
+def build_probe(name):
+    """A bare EL1 program from tests/emulated_guest (raw, at the guest's kernel address)."""
+    return build_program(name, [GUEST_PROGRAMS / f"{name}.S"],
+                         extra_inputs=[GUEST_PROGRAMS / "gic_on.h"],
+                         link_args=[f"-Ttext=0x{mm.KERNEL_ADDR:x}", "-e", "_start"], raw=True)
+
+
 @pytest.fixture(scope="module")
 def probe():
-    return build_program("probe", [Path(__file__).parent / "emulated_guest" / "probe.S"],
-                         link_args=[f"-Ttext=0x{mm.KERNEL_ADDR:x}", "-e", "_start"], raw=True)
+    return build_probe("probe")
 
 
 def test_stub_builds_and_is_cached():
@@ -145,9 +154,7 @@ def test_no_host_doorbell_is_lost_while_the_stub_drains_the_uart():
     every time: the stub used to clear the RX interrupt after that read, stranding such a
     byte in the one-byte FIFO with no interrupt; the PL011 then took no byte and raised
     nothing ever again (with posted writes, a guest waiting for its console stalled)."""
-    probe = build_program("doorbell_probe",
-                          [Path(__file__).parent / "emulated_guest" / "doorbell_probe.S"],
-                          link_args=[f"-Ttext=0x{mm.KERNEL_ADDR:x}", "-e", "_start"], raw=True)
+    probe = build_probe("doorbell_probe")
     stub = build_stub(defines=["STUB_TEST_DRAIN_WINDOW_US=50"])
     rounds = []
     done = threading.Event()

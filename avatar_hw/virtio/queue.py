@@ -318,31 +318,32 @@ class Virtqueue:
                 return None
             self._in_flight[head] = self.last_avail_idx or 0x10000   # its position + 1
             self._indices[0] = self.last_avail_idx
-            self._turn_chains -= 1
-            chain = self._walk(head)
-            if chain.__class__ is DescriptorChain:
-                self._turn_bytes -= chain.readable_len + chain.writable_len
+            chain = self._charged(head, "")
+            if chain is not None:
                 return chain
-            self._bad_chain_log("vm%s queue %d: bad descriptor chain at head %d: %s; "
-                                "completed with length 0", getattr(self.memory, "vm_id", "?"),
-                                self.index, head, chain)
-            self.add_used(head, 0)
+        return None
+
+    def _charged(self, head, when):
+        """Chain ``head`` walked and charged to the turn; a bad one is completed with
+        length 0 (logged, rate-limited) and gives None."""
+        self._turn_chains -= 1
+        chain = self._walk(head)
+        if chain.__class__ is DescriptorChain:
+            self._turn_bytes -= chain.readable_len + chain.writable_len
+            return chain
+        self._bad_chain_log("vm%s queue %d: bad descriptor chain at head %d%s: %s; completed "
+                            "with length 0", getattr(self.memory, "vm_id", "?"), self.index,
+                            head, when, chain)
+        self.add_used(head, 0)
         return None
 
     def _replayed(self):
         """The next chain that was in flight when the previous process died (``restore``),
         walked again; a bad one is completed with length 0 like in ``_next_chain``."""
         while self._replay:
-            head = self._replay.popleft()
-            self._turn_chains -= 1
-            chain = self._walk(head)
-            if chain.__class__ is DescriptorChain:
-                self._turn_bytes -= chain.readable_len + chain.writable_len
+            chain = self._charged(self._replay.popleft(), " (in flight at the restart)")
+            if chain is not None:
                 return chain
-            self._bad_chain_log("vm%s queue %d: bad descriptor chain at head %d (in flight at "
-                                "the restart): %s; completed with length 0",
-                                getattr(self.memory, "vm_id", "?"), self.index, head, chain)
-            self.add_used(head, 0)
         return self._next_chain()
 
     @property

@@ -4,6 +4,7 @@
  * stub injects INTID 48, which the model requests only while the guest waits,
  * so only the stub's UART RX interrupt can deliver it (tests/test_emulated_stub.py).
  */
+#include "gic_on.h"
     .text
     .global _start
 _start:
@@ -13,15 +14,7 @@ _start:
     adr     x9, vectors
     msr     vbar_el1, x9
     isb
-    mov     w9, #1                  /* distributor on, INTID 48 enabled */
-    str     w9, [x22]
-    mov     w9, #(1 << 16)
-    str     w9, [x22, #0x104]
-    mov     w9, #0xf0
-    str     w9, [x23, #4]           /* GICC_PMR */
-    mov     w9, #1
-    str     w9, [x23]               /* GICC_CTLR */
-    msr     daifclr, #2
+    gic_on                          /* gic_on.h (w9 = 1) */
     ldr     w24, [x20, #0x300]      /* rounds, from the model */
 1:  cbz     w24, 3f
     mov     x21, #0

@@ -3,6 +3,7 @@
  * Runs with the MMU off; x20 = the virtio window. Every access below is
  * checked by tests/test_emulated_stub.py through the model it attaches.
  */
+#include "gic_on.h"
     .text
     .global _start
 _start:
@@ -32,15 +33,7 @@ _start:
     ldr     w9, [x22, #4]           /* GICD_TYPER as the stub emulates it */
     str     w9, [x20, #0x148]
 
-    mov     w9, #1                  /* distributor on, INTID 48 enabled */
-    str     w9, [x22]
-    mov     w9, #(1 << 16)
-    str     w9, [x22, #0x104]
-    mov     w9, #0xf0
-    str     w9, [x23, #4]           /* GICC_PMR */
-    mov     w9, #1
-    str     w9, [x23]               /* GICC_CTLR */
-    msr     daifclr, #2
+    gic_on                          /* gic_on.h (w9 = 1) */
     mov     x21, #0
     str     w9, [x20, #0x200]       /* "ready": the model raises INTID 48 */
 1:  cbnz    x21, 2f
