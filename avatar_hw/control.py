@@ -55,6 +55,12 @@ def default_control_path():
     return os.path.join(runtime, "avatar-hw.sock") if runtime else f"/tmp/avatar-hw-{os.getuid()}.sock"
 
 
+def add_control_option(parser):
+    """The clients' ``--control PATH`` option (``parser``: an argparse parser or group)."""
+    parser.add_argument("--control", help=f"the daemon's control socket (default ${ENV} or "
+                                          f"{default_control_path()})")
+
+
 # -- server -------------------------------------------------------------------------------------------
 
 class _Client:

@@ -68,8 +68,7 @@ def add_parser(subparsers, parents=()):
     parser.add_argument("--port", default="0",
                         help="console port: 0 (the console, default), a number or a port name")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--control", help="the daemon's control socket (default "
-                                         f"${control.ENV} or {control.default_control_path()})")
+    control.add_control_option(where)
     where.add_argument("--url", help="any pyserial URL instead of the daemon's endpoint: "
                                      "/dev/ttyUSB0, rfc2217://host:port, socket://host:port, "
                                      "unix:///path, a pty path")

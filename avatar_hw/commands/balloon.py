@@ -7,7 +7,7 @@ state. Through the daemon's control socket (avatar_hw.control's ``balloon`` requ
 
 import json
 
-from ..control import ENV, default_control_path, request
+from ..control import add_control_option, request
 from ..devices.balloon import parse_size
 from ..errors import AvatarError
 from .query import format_balloon
@@ -36,6 +36,5 @@ def add_parser(subparsers, parents=()):
                         help="guest memory the VM keeps: bytes, or with K, M, G (e.g. 384M); "
                              "default: show the balloon")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--control", help=f"the daemon's control socket (default "
-                                          f"${ENV} or {default_control_path()})")
+    add_control_option(parser)
     parser.set_defaults(func=run)

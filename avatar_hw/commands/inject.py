@@ -6,7 +6,7 @@ the faults and their options are avatar_hw.faults's (docs/testing.md, "Fault inj
 
 import json
 
-from ..control import ENV, default_control_path, request
+from ..control import add_control_option, request
 from ..errors import AvatarError
 from ..faults import FAULTS
 
@@ -67,6 +67,5 @@ def add_parser(subparsers, parents=()):
                         help="serve no trap for SECONDS")
     parser.add_argument("--list", action="store_true", help="list the armed faults")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--control", help=f"the daemon's control socket (default "
-                                          f"${ENV} or {default_control_path()})")
+    add_control_option(parser)
     parser.set_defaults(func=run)

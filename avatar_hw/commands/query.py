@@ -6,7 +6,7 @@ The requests and answers are avatar_hw.control's; this module formats them
 
 import json
 
-from ..control import ENV, default_control_path, request
+from ..control import add_control_option, request
 
 
 # -- formatting ----------------------------------------------------------------------
@@ -113,6 +113,5 @@ def add_parser(subparsers, parents=()):
             parser.add_argument("vm", type=int, help="VM number")
             parser.add_argument("device", help="slot number or name (console, console0, ...)")
         parser.add_argument("--json", action="store_true", help="machine-readable output")
-        parser.add_argument("--control", help=f"the daemon's control socket (default "
-                                              f"${ENV} or {default_control_path()})")
+        add_control_option(parser)
         parser.set_defaults(func=func)

@@ -6,7 +6,7 @@ writes the file.
 
 import base64
 
-from ..control import ENV, default_control_path, request
+from ..control import add_control_option, request
 from ..errors import AvatarError
 
 
@@ -28,6 +28,5 @@ def add_parser(subparsers, parents=()):
     parser.add_argument("out", help="the PNG file to write")
     parser.add_argument("--device", default="gpu",
                         help="the gpu's slot number or name (default: the VM's first gpu)")
-    parser.add_argument("--control", help=f"the daemon's control socket (default "
-                                          f"${ENV} or {default_control_path()})")
+    add_control_option(parser)
     parser.set_defaults(func=_screenshot)
