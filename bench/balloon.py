@@ -16,7 +16,6 @@ so this is request latency: a trap, a notify and an interrupt per MiB.
 import argparse
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -28,6 +27,7 @@ from avatar_hw.emulated import memory_map as mm
 from avatar_hw.emulated.initramfs import build_initramfs
 from avatar_hw.emulated.session import EmulatedBoard
 from avatar_hw.errors import AvatarError
+from avatar_hw.unixsock import connect_unix
 
 from .board import connect, qemu_base
 from .common import Child
@@ -72,17 +72,10 @@ class Monitor:
     """QEMU's human monitor on a Unix socket."""
 
     def __init__(self, path):
-        deadline = time.monotonic() + 30
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(str(path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise AvatarError(f"QEMU monitor {path} never accepted a connection")
-                time.sleep(0.05)
+        try:
+            self.sock = connect_unix(path, 30, poll=0.05)
+        except OSError:
+            raise AvatarError(f"QEMU monitor {path} never accepted a connection") from None
         self.sock.settimeout(10)
         self._until(b"(qemu) ")
 

@@ -58,6 +58,7 @@ from avatar_hw.emulated.machine import QEMU
 from avatar_hw.emulated.session import EmulatedBoard, GuestShell
 from avatar_hw.hil import vsock
 from avatar_hw.hil.target import device_available
+from avatar_hw.unixsock import connect_unix
 
 from .common import compile_c, spread, table, write_synced
 from .cost import device_kinds_available
@@ -164,17 +165,10 @@ class BenchShell(GuestShell):
 
 
 def connect(path, timeout=120):
-    deadline = time.monotonic() + timeout
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(str(path))
-            return BenchShell(sock)
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            if time.monotonic() > deadline:
-                raise AvatarError(f"console socket {path} never accepted a connection")
-            time.sleep(0.02)
+    try:
+        return BenchShell(connect_unix(path, timeout))
+    except OSError:
+        raise AvatarError(f"console socket {path} never accepted a connection") from None
 
 
 def measure_guest(shell, kinds, quick, waited_traps=None, net_peer=None):

@@ -36,6 +36,7 @@ from ..doorbell import StubDoorbell
 from ..errors import AvatarError
 from ..hw.region import Region
 from ..interrupts import StubInterruptLine
+from ..unixsock import connect_unix
 from . import memory_map as mm
 
 log = logging.getLogger(__name__)
@@ -263,20 +264,14 @@ class EmulatedMachine:
 
     def _connect(self, path, timeout):
         """Connect to QEMU's UART socket; QEMU waits for us before running the CPU."""
-        deadline = time.monotonic() + timeout
-        while True:
+        try:
+            return connect_unix(path, timeout, alive=lambda: self.process.poll() is None)
+        except OSError:
             if self.process.poll() is not None:
-                raise AvatarError(f"QEMU exited with status {self.process.returncode} before the "
-                                  f"board started: {self._stderr()}")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(path)
-                return sock
-            except (FileNotFoundError, ConnectionRefusedError):
-                sock.close()
-            if time.monotonic() > deadline:
-                raise AvatarError(f"QEMU did not open its UART socket {path} within {timeout} s")
-            time.sleep(0.02)
+                raise AvatarError(f"QEMU exited with status {self.process.returncode} before "
+                                  f"the board started: {self._stderr()}") from None
+            raise AvatarError(f"QEMU did not open its UART socket {path} within {timeout} s") \
+                from None
 
     def _stderr(self):
         try:

@@ -58,6 +58,7 @@ from ..config import DeviceConfig, load_config
 from ..daemon import Daemon
 from ..doorbell import StubDoorbell
 from ..errors import AvatarError
+from ..unixsock import connect_unix
 from . import board_linux
 from .assets import guest_assets
 from .build import build_stub
@@ -131,17 +132,10 @@ class GuestShell:
 
 def _connect_unix(path, timeout):
     """A stream socket connected to ``path``, retried until it exists (``timeout`` s)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(str(path))
-            return sock
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            if time.monotonic() > deadline:
-                raise AvatarError(f"console socket {path} never appeared") from None
-            time.sleep(0.05)
+    try:
+        return connect_unix(path, timeout, poll=0.05)
+    except OSError:
+        raise AvatarError(f"console socket {path} never appeared") from None
 
 
 class EmulatedBoard:

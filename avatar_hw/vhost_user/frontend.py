@@ -27,6 +27,8 @@ import socket
 import struct
 import time
 
+from ..unixsock import connect_unix
+
 # Front-end requests (vhost-user.rst, "Front-end message types").
 GET_FEATURES, SET_FEATURES, SET_OWNER = 1, 2, 3
 SET_MEM_TABLE = 5
@@ -64,22 +66,11 @@ class Frontend:
         self.path = str(path)
         self.timeout = timeout
         self._deadline = None           # of the request in flight (time.monotonic())
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.sock = connect_unix(self.path, wait, poll=0.01)
+        except OSError as err:
+            raise VhostUserError(f"cannot connect to {self.path}: {err}") from None
         self.sock.settimeout(timeout)
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                self.sock.connect(self.path)
-                break
-            except (ConnectionRefusedError, FileNotFoundError) as err:
-                if time.monotonic() < deadline:
-                    time.sleep(0.01)
-                    continue
-                self.sock.close()
-                raise VhostUserError(f"cannot connect to {self.path}: {err}") from None
-            except OSError as err:
-                self.sock.close()
-                raise VhostUserError(f"cannot connect to {self.path}: {err}") from None
         self.features = self.protocol_features = 0
         self.closed = False
 
