@@ -301,3 +301,20 @@ def test_fault_inject_console_stall_holds_output_then_delivers_all(tmp_path, loo
         assert clear or time.monotonic() - start >= seconds
     finally:
         con.close()
+
+
+def test_fault_inject_net_corrupt_leaves_a_header_only_frame_whole(nics, loop):
+    """A 14-byte frame has no byte past the Ethernet header to invert: sent unchanged
+    (was: ValueError out of the notify)."""
+    a, b = nics
+    b.post_rx(4)
+    header_only = frame(mac(MAC_B), mac(MAC_A), b"")
+    assert len(header_only) == 14
+    for direction in ("tx", "rx"):
+        a.faults.clear()
+        b.faults.clear()
+        (a if direction == "tx" else b).faults.inject(0, 0, "corrupt", count=1,
+                                                       direction=direction)
+        a.send(header_only)
+        spin(loop)
+        assert b.received() == [header_only], direction

@@ -91,8 +91,14 @@ def check_mtu(mtu):
 
 
 def check_rx_pending(frames):
-    if frames < 1:
-        raise ValueError(f"{frames} must be at least 1 frame")
+    if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= 4096:
+        raise ValueError(f"{frames!r} is not a number of frames from 1 to 4096")
+
+
+def _corrupted_byte(fault, length):
+    """Which byte of a ``length``-byte frame a ``corrupt`` fault inverts: one past the
+    Ethernet header, none in a frame that is all header."""
+    return fault.rng.randrange(ETH_HLEN, length) if length > ETH_HLEN else None
 
 
 def format_mac(mac):
@@ -292,7 +298,9 @@ class NetDevice(VirtioDevice):
         frame = bytearray(length)
         gather(views, frame)
         if fault.name == "corrupt":
-            frame[fault.rng.randrange(ETH_HLEN, length)] ^= 0xFF
+            at = _corrupted_byte(fault, length)
+            if at is not None:
+                frame[at] ^= 0xFF
             self._send_copy(frame)
         else:
             self.loop.call_later(fault.options["ms"] / 1000, lambda: self._send_copy(frame))
@@ -311,8 +319,8 @@ class NetDevice(VirtioDevice):
         if fault.name == "drop":
             self.counters["rx_dropped"] += 1
             return True
-        at = fault.rng.randrange(ETH_HLEN, length)
-        for view in views:
+        at = _corrupted_byte(fault, length)
+        for view in views if at is not None else ():
             if at < len(view):
                 view[at] ^= 0xFF
                 break
