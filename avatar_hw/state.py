@@ -265,15 +265,7 @@ class StateFile:
             for queue, record, in_flight in zip(transport.device.queues, slot.queues,
                                                  slot.in_flight):
                 indices = memoryview(record).cast("B")[_INDICES:_INDICES + 8].cast("I")
-                if queue.ready:
-                    # copy what the queue has now (a fresh file: nothing; a restored one:
-                    # the same values) before the queue stores into the file
-                    indices[0], indices[1] = queue.last_avail_idx, queue.used_idx
-                    for head, mark in enumerate(queue._in_flight):
-                        in_flight[head] = mark
                 queue.keep_progress(indices, in_flight)
-                if queue.ready:
-                    queue._in_flight = in_flight[:queue.size]
             transport.context.words = slot.record.words
             transport.context.keep_state = lambda number=number: self.save_device(number)
             self.save(number)

@@ -3,6 +3,7 @@ chains in flight completed exactly once, console output neither lost nor repeate
 state files that are not ours, of another version or another config, or with values
 that make no sense."""
 
+import logging
 import socket
 import struct
 import time
@@ -228,3 +229,22 @@ def test_restart_under_guest_state_from_another_boot_starts_fresh(tmp_path, ram,
     monkeypatch.setattr("avatar_hw.state.boot_id", lambda: "another-boot")
     model = Model(ram, Restartable(queue_sizes=(8,)), path)
     assert not model.state.restored and model.transport.context.status == 0
+
+
+def test_restart_under_guest_close_with_a_ready_queue_lets_go_of_the_mapping(tmp_path, ram,
+                                                                              caplog):
+    """``close`` re-points a ready queue's progress away from the file, so the mapping
+    closes (it used to stay held by the queue's in-flight view) and later pops do not
+    store into a closed file."""
+    model = Model(ram, Restartable(queue_sizes=(8,), hold=True), tmp_path / "state")
+    (queue,) = driver_for(model, ram).init([0])
+    head = queue.post([b"a"], [8])
+    queue.notify()
+    vq = model.device.queues[0]
+    caplog.set_level(logging.DEBUG, logger="avatar_hw.state")
+    model.state.close()
+    assert "still held" not in caplog.text
+    assert model.state._map is None
+    assert not isinstance(vq._in_flight, memoryview) and vq._in_flight[head]
+    vq.add_used(head, 1)                         # goes on, in its own memory
+    assert vq.used_idx == 1

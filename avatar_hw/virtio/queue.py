@@ -128,7 +128,13 @@ class Virtqueue:
     def keep_progress(self, indices, in_flight):
         """Keep ``last_avail_idx``/``used_idx`` in ``indices`` and the in-flight table in
         ``in_flight`` (``max_size`` entries) from now on: 32-bit memoryviews of the state
-        file (``avatar_hw.state``)."""
+        file (``avatar_hw.state``). A ready queue copies its progress there first and
+        goes on in the new stores."""
+        if self.ready:
+            indices[0], indices[1] = self.last_avail_idx, self.used_idx
+            for head, mark in enumerate(self._in_flight):
+                in_flight[head] = mark
+            self._in_flight = in_flight[:self.size]
         self._indices, self._in_flight_store = indices, in_flight
 
     @property
