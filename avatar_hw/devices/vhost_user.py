@@ -69,8 +69,16 @@ class VhostUserDevice(VirtioDevice):
             raise
         super().__init__(queue_sizes=queue_sizes, config=config or b"")
         self.features = offered & ~UNSUPPORTED
-        self._kick = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in queue_sizes]
-        self._call = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in queue_sizes]
+        self._kick, self._call = [], []
+        try:
+            for _ in queue_sizes:
+                self._kick.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+                self._call.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+        except OSError:             # out of fds: give back what this device holds
+            for fd in self._kick + self._call:
+                os.close(fd)
+            self.frontend.close()
+            raise
         self._started = set()       # rings the back-end runs
         self._ram = None            # (fd, mmap_offset) of the guest RAM, or the reason not
         self._memory_sent = False

@@ -166,7 +166,7 @@ class Frontend:
 
     def _call(self, request, payload=b"", fds=()):
         """A request without a reply of its own; with REPLY_ACK, wait for its ack."""
-        ack = bool(self.protocol_features >> PROTOCOL_F_REPLY_ACK & 1)
+        ack = self.has_protocol_feature(PROTOCOL_F_REPLY_ACK)
         self._send(request, payload, fds, need_reply=ack)
         if ack:
             status, = struct.unpack("<Q", self._reply(request, 8))

@@ -387,12 +387,6 @@ class MmioTransport(LegacyRegisters):
         self.device.queues[index].new_turn()
         self.device.queue_notify(index)
 
-    @staticmethod
-    def _read_queue_reset():
-        # The reset is done when the write returns: VirtIO 1.2 wants 1 only while a
-        # queue reset is ongoing, then 0 in both QueueReset and QueueReady.
-        return 0
-
     def _write_queue_reset(self, value):
         queue = self._selected_queue()
         if not value & 1 or queue is None:
@@ -486,7 +480,9 @@ def _dispatch_tables(legacy):
             c.REG_SHM_LEN_HIGH: lambda self: _MASK32,     # length reads as -1 (4.2.2)
             c.REG_SHM_BASE_LOW: lambda self: 0,
             c.REG_SHM_BASE_HIGH: lambda self: 0,
-            c.REG_QUEUE_RESET: lambda self: t._read_queue_reset(),
+            # the reset is done when its write returns: VirtIO 1.2 wants 1 only while a
+            # queue reset is ongoing, then 0 in both QueueReset and QueueReady
+            c.REG_QUEUE_RESET: lambda self: 0,
             c.REG_CONFIG_GENERATION: lambda self: self.context.config_generation,
         })
         writes.update({
