@@ -147,10 +147,17 @@ def test_vhost_user_fs_answers_fuse_init_in_guest_memory(bench):
 
 
 @needs_virtiofsd
-def test_vhost_user_reset_stops_rings_and_reactivates(bench):
+def test_vhost_user_reset_stops_rings_and_reactivates(bench, monkeypatch):
     bench.driver.init([0, 1], size=64)
+    started = bench.device.info()["rings_started"]
+    assert started
+    frontend, stopped = bench.device.frontend, []
+    get_vring_base = frontend.get_vring_base
+    monkeypatch.setattr(frontend, "get_vring_base",
+                        lambda index: stopped.append(index) or get_vring_base(index))
     bench.driver.reset()
     assert bench.device.info()["rings_started"] == []
+    assert sorted(stopped) == sorted(started)        # the back-end was told, ring by ring
     _, req = bench.driver.init([0, 1], size=64)
     req.post(readable=[fuse_request(FUSE_INIT, 9, 0, init_body())], writable=[16 + 256])
     req.notify()
