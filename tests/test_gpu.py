@@ -340,8 +340,13 @@ def test_backing_entries_may_be_any_size_and_order(gpu):
     dev.write_backing(entries, data)
     assert dev.transfer(2, 0, 0, w, h) == g.RESP_OK_NODATA
     assert bytes(dev.device.resources[2].pixels) == data
+    pixels = dev.device.resources[2].pixels
+    pixels[:] = bytes(len(pixels))                          # the partial one must copy
     assert dev.transfer(2, 1, 1, w - 1, h - 1, offset=w * 4 + 4) == g.RESP_OK_NODATA
-    assert bytes(dev.device.resources[2].pixels) == data
+    rows = [data[y * w * 4:(y + 1) * w * 4] for y in range(h)]
+    expected = b"".join(bytes(w * 4) if y == 0 else bytes(4) + row[4:]
+                        for y, row in enumerate(rows))
+    assert bytes(dev.device.resources[2].pixels) == expected
 
 
 def test_transfers_count_against_the_turn_budget(gpu, loop):
