@@ -5,7 +5,9 @@ the subcommand with ``parents=parents``, so ``-v`` works after it too, and
 sets ``func``) and is imported lazily, so a broken optional piece never stops
 the others. Errors a user can cause are ``AvatarError``: printed as one line,
 exit status 2. A reader that goes away (``avatar-hw info | head``) ends the
-command quietly.
+command quietly. SIGINT ends any command (status 130, the demo and the console
+cleaning up as they unwind), also when it was inherited as ignored (a
+background job of a non-interactive shell): Python then installs no handler.
 
 Log level: warnings by default, ``-v`` info, ``-vv`` debug; a command may
 set ``verbosity`` (``serve`` starts at info), and ``--log-level`` wins.
@@ -15,7 +17,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from importlib import metadata
 
 from .errors import AvatarError
@@ -72,10 +76,19 @@ def log_level(args):
     return getattr(logging, LEVELS[min(verbosity, len(LEVELS) - 1)].upper())
 
 
+def _interruptible():
+    """Python's SIGINT handler (KeyboardInterrupt), whatever this process inherited; the old
+    disposition, to be restored (None outside the main thread, where nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=log_level(args),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    old_sigint = _interruptible()
     try:
         status = args.func(args) or 0
         sys.stdout.flush()
@@ -90,6 +103,9 @@ def main(argv=None):
         # the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    finally:
+        if old_sigint is not None:
+            signal.signal(signal.SIGINT, old_sigint)
 
 
 if __name__ == "__main__":

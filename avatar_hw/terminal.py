@@ -49,14 +49,21 @@ def _console(args):
     sys.stderr.write(f"--- avatar-hw console: {url} --- quit: {key_description(EXIT_KEY)} | "
                      f"menu: {key_description(MENU_KEY)} ---\n")
     term.start()
+    status = 0
     try:
         term.join(True)
     except KeyboardInterrupt:
-        pass
-    term.join()
+        # SIGINT (a kill: Ctrl-C in this raw terminal goes to the guest). The writer stays
+        # blocked reading the terminal (a daemon thread, it ends with the process): stop
+        # the reader only; miniterm's join() would wait for the writer forever.
+        term.stop()
+        status = 130
+    else:
+        term.join()
+    term.receiver_thread.join()          # it sees alive cleared within READ_TIMEOUT
     term.close()
     sys.stderr.write("\n--- exit ---\n")
-    return 0
+    return status
 
 
 def add_parser(subparsers, parents=()):

@@ -18,7 +18,7 @@ import pytest
 from avatar_hw.emulated import machine
 from avatar_hw.hil.console import GuestConsole
 from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
-from test_pytest_plugin import OnPty
+from test_pytest_plugin import SIGINT_IGNORED, OnPty
 
 REPO = Path(__file__).resolve().parent.parent
 AVATAR_HW = [sys.executable, "-m", "avatar_hw"]
@@ -50,12 +50,17 @@ def qemu_of(pid):
     return int(qemu)
 
 
+def avatar_hw(sigint_ignored=False):
+    return SIGINT_IGNORED if sigint_ignored else AVATAR_HW
+
+
 class Demo:
     """An interactive ``avatar-hw demo`` (stdin a pipe) and what it printed."""
 
-    def __init__(self, *argv):
-        self.process = subprocess.Popen(AVATAR_HW + ["demo", *argv], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def __init__(self, *argv, sigint_ignored=False):
+        self.process = subprocess.Popen(avatar_hw(sigint_ignored) + ["demo", *argv],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE)
         self.err = b""
         line = self.read_err_until(rb"control socket (\S+)\n")
         self.control = line.group(1).decode()
@@ -163,6 +168,7 @@ def _poweroff(demo):
 
 ENDINGS = {
     "SIGINT": (_signal(signal.SIGINT), 130),
+    "SIGINT inherited as ignored": (_signal(signal.SIGINT), 130),
     "SIGTERM": (_signal(signal.SIGTERM), 128 + signal.SIGTERM),
     "SIGHUP": (_signal(signal.SIGHUP), 128 + signal.SIGHUP),
     "guest poweroff": (_poweroff, 0),
@@ -172,7 +178,7 @@ ENDINGS = {
 @pytest.mark.parametrize("ending", ENDINGS)
 def test_every_ending_leaves_nothing_behind(ending):
     end, status = ENDINGS[ending]
-    demo = Demo()
+    demo = Demo(sigint_ignored="ignored" in ending)
     try:
         assert leftovers(demo.process.pid)[1] == []           # the RAM file is never named
         end(demo)
@@ -232,10 +238,10 @@ def test_sigkill_of_the_demo_takes_qemu_and_the_ram_with_it():
 
 # -- board mode (--board-linux): one boot for the module, the signals before the board is up ----
 
-def board_demo(*argv):
+def board_demo(*argv, sigint_ignored=False):
     """``avatar-hw demo --board-linux ARGV`` once its QEMU runs (a Demo: process, err)."""
     demo = Demo.__new__(Demo)
-    demo.process = subprocess.Popen(AVATAR_HW + ["demo", "--board-linux", *argv],
+    demo.process = subprocess.Popen(avatar_hw(sigint_ignored) + ["demo", "--board-linux", *argv],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE)
     demo.err = b""
@@ -271,13 +277,14 @@ def test_board_linux_demo_runs_a_command_in_the_board_linux_then_in_the_guest():
     assert leftovers(demo.process.pid) == ([], [], [])
 
 
-@pytest.mark.parametrize("ending", ["SIGINT", "SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("ending", ["SIGINT", "SIGINT inherited as ignored", "SIGTERM",
+                                    "SIGHUP"])
 def test_board_linux_demo_ends_on_a_signal_leaving_nothing(ending):
     """A signal while the board Linux boots stops QEMU and removes the consoles' directory."""
-    demo = board_demo()
+    demo = board_demo(sigint_ignored="ignored" in ending)
     try:
         assert leftovers(demo.process.pid)[2] != []          # the consoles' directory
-        demo.process.send_signal(getattr(signal, ending))
+        demo.process.send_signal(getattr(signal, ending.split()[0]))
         assert demo.end() == ENDINGS[ending][1], demo.err
     finally:
         demo.kill()

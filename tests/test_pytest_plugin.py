@@ -7,6 +7,7 @@ endpoints are real; only the hypervisor is stood in for.
 
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -264,12 +265,20 @@ def test_console_url_from_the_daemons_info(daemon):
 
 # -- avatar-hw console --------------------------------------------------------------------------
 
+# ``python -m avatar_hw`` with SIGINT ignored, as a background job of a non-interactive shell
+# starts it (Python then installs no SIGINT handler of its own); exec keeps the disposition.
+SIGINT_IGNORED = [sys.executable, "-c", "import os, signal, sys; "
+                  "signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                  "os.execv(sys.executable, [sys.executable, '-m', 'avatar_hw', *sys.argv[1:]])"]
+
+
 class OnPty:
     """``avatar-hw console ...`` with a pty as its terminal."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, sigint_ignored=False):
         self.master, slave = os.openpty()
-        self.process = subprocess.Popen([sys.executable, "-m", "avatar_hw", "console", *args],
+        command = SIGINT_IGNORED if sigint_ignored else [sys.executable, "-m", "avatar_hw"]
+        self.process = subprocess.Popen([*command, "console", *args],
                                         stdin=slave, stdout=slave, stderr=slave,
                                         start_new_session=True)
         os.close(slave)
@@ -323,6 +332,28 @@ def test_console_url_round_trip_and_exit_key(tmp_path):
         term.expect("sum=5")
         term.type("\x1d")
         assert term.process.wait(10) == 0
+        term.expect("--- exit ---")
+    finally:
+        term.close()
+        listener.close()
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("sigint_ignored", [False, True])
+def test_sigint_ends_the_console_even_when_inherited_as_ignored(tmp_path, sigint_ignored):
+    """kill -INT ends the terminal (its own Ctrl-C is the guest's), also when SIGINT was
+    inherited as ignored (a background job of a non-interactive shell)."""
+    path = str(tmp_path / "guest.sock")
+    listener, processes = shell_server(path)
+    term = OnPty("--url", f"unix://{path}", sigint_ignored=sigint_ignored)
+    try:
+        term.expect(f"--- avatar-hw console: unix://{path} ---")
+        term.type("echo sum=$((2 + 3))\n")
+        term.expect("sum=5")                       # miniterm's threads run
+        term.process.send_signal(signal.SIGINT)
+        assert term.process.wait(30) == 130
         term.expect("--- exit ---")
     finally:
         term.close()
