@@ -17,8 +17,9 @@ throughput with VM1 idle, busy, then hostile), ``fs`` (bench/fs.py: virtio-fs th
 avatar-hw's vhost-user front end against QEMU's vhost-user-fs-device, same virtiofsd),
 ``board_linux`` (bench/board_linux.py: board mode's boot to the guest's shell and its trap
 round trip, against host mode; a few minutes).
-Results go to bench/results/<time>.json (git ignores them; bench/results/full.json is the
-run docs/performance.md quotes) or ``--out``. Run from the repository root. docs/performance.md explains them.
+Results go to ``--out FILE``, else to ~/.cache/avatar-hw/bench/<time>.json (never into
+the checkout; bench/results/full.json is the run docs/performance.md quotes, made with
+``--out``). Run from the repository root. docs/performance.md explains them.
 """
 
 import argparse
@@ -28,9 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+from avatar_hw.emulated.build import cache_dir
 from avatar_hw.errors import AvatarError
 
-from .common import BENCH, machine_info
+from .common import machine_info
 
 PARTS = ("trap", "core", "cost", "board", "two_guests", "fs", "board_linux")
 QUICK_PARTS = ("trap", "cost")          # --quick: what needs no guest
@@ -69,7 +71,8 @@ def main(argv=None):
                         help="emulated-board runs per side (median, min, max; default 3)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the daemon on the trap path and list the top functions")
-    parser.add_argument("--out", type=Path, help="JSON file (default bench/results/<time>.json)")
+    parser.add_argument("--out", type=Path,
+                        help="JSON file (default ~/.cache/avatar-hw/bench/<time>.json)")
     args = parser.parse_args(argv)
     parts = QUICK_PARTS if args.quick else PARTS
     if args.only:
@@ -77,7 +80,7 @@ def main(argv=None):
         unknown = [p for p in parts if p not in PARTS]
         if unknown:
             parser.error(f"--only {unknown[0]}: expected some of {', '.join(PARTS)}")
-    out = args.out or BENCH / "results" / time.strftime("%Y%m%d-%H%M%S.json")
+    out = args.out or cache_dir() / "bench" / time.strftime("%Y%m%d-%H%M%S.json")
     report = {"machine": machine_info(), "quick": args.quick,
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "parts": {}}
     status = 0

@@ -36,6 +36,19 @@ def test_quick_bench_runs_and_writes_its_report(tmp_path):
     assert hostile["after"]["RssWithoutGuestRam"] > 0
 
 
+def test_bench_without_out_writes_its_report_outside_the_checkout(tmp_path, monkeypatch):
+    import bench.__main__ as bench_main
+    monkeypatch.setenv("AVATAR_HW_CACHE", str(tmp_path))
+    monkeypatch.setattr(bench_main, "_run_part", lambda name, args: {"ran": name})
+    monkeypatch.chdir(REPO)                                  # as docs/performance.md runs it
+    places = [REPO, REPO / "bench", REPO / "bench" / "results"]
+    before = [sorted(place.iterdir()) for place in places]
+    assert bench_main.main(["--only", "core"]) == 0
+    assert [sorted(place.iterdir()) for place in places] == before
+    [out] = (tmp_path / "bench").iterdir()
+    assert json.loads(out.read_text())["parts"]["core"]["ran"] == "core"
+
+
 def test_core_bench_runs_and_completes_every_chain(capsys):
     from bench.core import run
     out = run(quick=True)
