@@ -57,6 +57,13 @@ def test_v_works_with_every_command(argv, level):
     assert cli.log_level(cli.build_parser().parse_args(argv)) == level
 
 
+def test_every_command_takes_v_and_log_level_after_its_name():
+    _, commands = subcommands()
+    for name, command in commands.items():
+        options = {o for action in command._actions for o in action.option_strings}
+        assert {"-v", "--verbose", "--log-level"} <= options, f"avatar-hw {name}"
+
+
 @pytest.mark.parametrize("argv", [["layout", "--board", "rpi4", "--json"],
                                   ["layout", "--board", "rpi4"], ["--help"], ["serve", "--help"]])
 def test_a_closed_pipe_ends_quietly(argv):

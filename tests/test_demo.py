@@ -299,3 +299,28 @@ def test_board_linux_demo_refuses_host_mode_options_in_one_line():
                               timeout=60)
         assert done.returncode == 2 and done.stderr.startswith(message), done.stderr
         assert len(done.stderr.splitlines()) == 1
+
+
+def test_a_guest_printing_with_no_client_never_waits_and_the_next_client_gets_its_output():
+    """A real guest: once the last client of its console left (only sockets without a client:
+    here the user's endpoint and the launcher's), what it prints goes to the port's unattached
+    log at once, without the guest spinning in hvc for its buffers; a client attaching later
+    receives it first (docs/devices.md, console)."""
+    from avatar_hw.emulated.session import EmulatedBoard
+    with EmulatedBoard() as board:
+        shell = board.shell(timeout=120)
+        shell.run("(sleep 1; i=0; while [ $i -lt 1500 ]; do echo unattached-$i; i=$((i + 1)); "
+                  "done; echo all-printed-$((40 + 2))) & true")
+        shell.close()                                   # nobody attached from here on
+        deadline = time.monotonic() + 180
+        while True:                                     # the guest printed it all, unread
+            [port] = board.daemon.debug_device(0, 0)["ports"]
+            if port["log"] >= 1500 * len("unattached-NNN\r\n"):
+                break
+            assert time.monotonic() < deadline, port
+            time.sleep(0.2)
+        url = [e for e in port["endpoints"] if e != f"unix:{board.console_path}"][0]
+        with GuestConsole.open(url.replace("unix:", "unix://", 1)) as later:
+            later.expect(r"unattached-0\r?\n", timeout=60)
+            later.expect(r"unattached-1499\r?\nall-printed-42", timeout=60)
+            assert later.run("echo $((6 * 7))") == ("42\n", 0)
