@@ -107,7 +107,8 @@ def test_demo_config_gives_the_guest_every_device_of_the_example():
                                    "virtio5", "virtio6", "131072", "16", "52:54:00:a7:00:00",
                                    "0x0013", "virtio_balloon", "vmw_vsock_virtio_transport",
                                    "/dev/fb0"]
-    assert "the emulated board runs one guest, VM 0: vm.1 left out" in done.stderr
+    assert "the emulated board runs one guest, VM 0: vm.1 left out (--vms 2 boots it)" in \
+        done.stderr
     assert re.search(r"vm0 slot3 net +0x0a003000 IRQ 51", done.stderr)
     pid = re.search(r"avatar-emulated-(\d+)-", done.stderr).group(1)
     assert leftovers(pid) == ([], [], [])

@@ -359,8 +359,9 @@ def vms_config(path, devices, vms, console_paths, workdir):
     others = sorted(set(config.vms) - set(range(vms)))
     if others:
         runs = "one guest, VM 0" if vms == 1 else f"{vms} guests, VMs 0..{vms - 1}"
-        log.warning("%s: the emulated board runs %s: %s left out", path, runs,
-                    ", ".join(f"vm.{n}" for n in others))
+        log.warning("%s: the emulated board runs %s: %s left out (--vms %d boots %s)", path,
+                    runs, ", ".join(f"vm.{n}" for n in others), max(others) + 1,
+                    "it" if len(others) == 1 else "them")
         for vm_id in others:
             del config.vms[vm_id]
     for vm, console_path in enumerate(console_paths):
