@@ -201,7 +201,7 @@ def console_url_from_info(info, vm, port):
             return url
     raise AvatarError(f"VM {vm} console port {port} has no endpoint a terminal can attach to "
                       f"({', '.join(endpoints) or 'none'}): add a pty:, unix:, tcp: or "
-                      "rfc2217: backend in the VMs config")
+                      "rfc2217: endpoint to its console in the VMs config")
 
 
 class HardwareTarget(Target):
