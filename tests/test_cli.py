@@ -82,6 +82,16 @@ def test_console_without_a_vm_says_what_to_give(capsys):
                                        "--control socket) or --url URL\n")
 
 
+def test_a_vms_config_given_as_board_says_which_option_takes_it(capsys):
+    """`layout --board vms-example`: the example VMs config lies beside the board files, but
+    it is no board (nor listed among them)."""
+    assert cli.main(["layout", "--board", "vms-example"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("avatar-hw: ") and err.count("\n") == 1
+    assert "vms-example.toml: a VMs config (for --config), not a board file; boards: " in err
+    assert "vms-example" not in err.partition("boards: ")[2]
+
+
 def test_a_missing_daemon_names_the_option(capsys, tmp_path):
     assert cli.main(["info", "--control", str(tmp_path / "none.sock")]) == 2
     err = capsys.readouterr().err
