@@ -114,6 +114,16 @@ def test_demo_config_gives_the_guest_every_device_of_the_example():
     assert leftovers(pid) == ([], [], [])
 
 
+def test_config_takes_a_path_or_the_shipped_examples_name(tmp_path, monkeypatch):
+    from avatar_hw.board import shipped_file
+    from avatar_hw.emulated.demo import config_path
+    assert config_path("vms-example") == str(shipped_file("vms-example.toml"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vms-example").write_text("")               # a file of that name wins
+    assert [config_path(c) for c in ("vms-example", "my.toml", "a/b", "nosuch", None)] == [
+        "vms-example", "my.toml", "a/b", "nosuch", None]
+
+
 def test_the_cli_and_several_console_clients_on_a_running_demo():
     demo = Demo()
     try:

@@ -88,15 +88,16 @@ def test_an_installed_avatar_hw_builds_the_stub(installed, tmp_path):
 @pytest.mark.emulated
 def test_an_installed_avatar_hw_runs_the_demo_with_the_shipped_example_away_from_the_checkout(
         installed, tmp_path):
-    """The newcomer's path: the wheel in a fresh venv, `avatar-hw demo --config` with the
-    example VMs config it installed, run from a directory outside any checkout."""
+    """The newcomer's path: the wheel in a fresh venv, `avatar-hw demo --config vms-example`
+    (the example VMs config it installed), run from a directory outside any checkout."""
     from avatar_hw.hil.target import emulated_board_missing
     if emulated_board_missing() is not None:
         pytest.skip(str(emulated_board_missing()))
-    example = installed / "share" / "avatar-hw" / "boards" / "vms-example.toml"
-    done = subprocess.run([installed / "bin" / "avatar-hw", "demo", "--config", str(example),
+    done = subprocess.run([installed / "bin" / "avatar-hw", "demo", "--config", "vms-example",
                            "--run", "uname -m; ls /sys/bus/virtio/devices | wc -w"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=240)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["aarch64", "7"]
+    example = installed / "share" / "avatar-hw" / "boards" / "vms-example.toml"
+    assert f"{example}: the emulated board runs one guest" in done.stderr
     assert str(REPO) not in done.stderr and list(tmp_path.iterdir()) == []

@@ -25,8 +25,11 @@ import signal
 import sys
 import termios
 import tty
+from pathlib import Path
 
+from ..board import shipped_file
 from ..commands.query import format_list
+from ..errors import AvatarError
 from . import board_linux
 from .memory_map import MAX_VMS
 from .session import EmulatedBoard
@@ -103,6 +106,17 @@ def _ended(board):
     return 1
 
 
+def config_path(text):
+    """``--config`` as given, or a shipped VMs config's name (``vms-example``: the example
+    installed beside the board files), as ``--board`` takes ``rpi4``."""
+    if text is None or "/" in text or text.endswith(".toml") or Path(text).exists():
+        return text
+    try:
+        return str(shipped_file(f"{text}.toml"))
+    except AvatarError:
+        return text                     # load_config names the missing file
+
+
 def _demo(args):
     log = (lambda line: print(line, file=sys.stderr)) if args.stub_log else None
     if not 0 <= args.vm < args.vms:
@@ -125,7 +139,7 @@ def _demo(args):
     try:
         if args.board_linux:
             return _board_demo(args, log)
-        with EmulatedBoard(vms=args.vms, on_log=log, config=args.config,
+        with EmulatedBoard(vms=args.vms, on_log=log, config=config_path(args.config),
                            control_path=args.control) as board:
             _announce(board)
             if args.run is None:
@@ -177,7 +191,8 @@ def add_parser(subparsers, parents=()):
         description=__doc__.split("\n\n")[1])
     parser.add_argument("--config", metavar="VMS.toml",
                         help="VMs config for the guest's devices (the daemon's format, e.g. "
-                             "boards/vms-example.toml; default: a console only)")
+                             "boards/vms-example.toml, or vms-example: the copy installed "
+                             "with avatar-hw; default: a console only)")
     parser.add_argument("--control", metavar="PATH",
                         help="control socket path (default: in the demo's temporary directory)")
     parser.add_argument("--run", metavar="CMD", help="run CMD in the guest, print its output, "
