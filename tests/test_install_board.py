@@ -20,6 +20,8 @@ def checkout(tmp_path):
     copy = tmp_path / "checkout"
     for part in ("scripts", "udev", "boards/linux"):
         shutil.copytree(ROOT / part, copy / part)
+    (copy / "docs").mkdir()
+    shutil.copy(ROOT / "docs" / "board-setup.md", copy / "docs")
     return copy
 
 
@@ -91,6 +93,12 @@ def test_installs_and_enables_the_shipped_systemd_unit(checkout, destdir):
         unit.read_bytes()
     assert "would run: systemctl daemon-reload" in out
     assert "would run: systemctl enable avatar-hw.service" in out
+    documentation = [line.partition("=")[2] for line in unit.read_text().splitlines()
+                     if line.startswith("Documentation=")]
+    assert documentation and all(url.startswith("file:///") for url in documentation)
+    for url in documentation:                    # systemctl help avatar-hw finds them
+        assert (destdir / url[len("file:///"):]).read_bytes() == \
+            (ROOT / "docs" / Path(url).name).read_bytes()
     unit.unlink()
     assert "no systemd unit installed" in install(checkout, destdir).stdout
 
