@@ -45,3 +45,19 @@ def test_board_spi_check_in_the_doc(tmp_path, chip, extra, verdict):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True, timeout=30).stdout
     assert out.strip() == f"board SPIs 191 - 206 {verdict}"
+
+
+def test_mapping_check_in_the_doc_maps_every_device(tmp_path):
+    """Step 7's snippet (map each UIO device once) runs as written against a UIO tree."""
+    from avatar_hw.testing.fake_uio import make_tree
+    block = DOC[DOC.index("## 7."):DOC.index("## 8.")]
+    snippet = re.search(r"\.venv/bin/python -c '\n(.*?)'\n", block, re.S).group(1)
+    tree = make_tree(tmp_path, {n: (name, [(0x40000000 + n * 0x100000, 0x10000, 0, None)])
+                                for n, name in enumerate(("avatar-trap", "avatar-vm0-ram",
+                                                          "avatar-vm1-ram", "avatar-gicd"))})
+    assert snippet.count("find_uio(name)") == 1
+    snippet = snippet.replace("find_uio(name)", f"find_uio(name, **{tree!r})")
+    subprocess.run([sys.executable, "-c", snippet], check=True, timeout=60)
+    (tmp_path / "dev" / "uio3").unlink()        # a missing node fails the snippet: it is live
+    assert subprocess.run([sys.executable, "-c", snippet], capture_output=True,
+                          timeout=60).returncode != 0
