@@ -196,7 +196,7 @@ def _intid_ranges(items):
             raise EntryError(index, f"must be an INTID or [first, last], not {item!r}")
         first, last = pair
         if not FIRST_SPI <= first <= last < SPECIAL_INTIDS:
-            raise EntryError(index, f"{pair!r}: INTIDs must be SPIs ({FIRST_SPI}.."
+            raise EntryError(index, f"{item!r}: INTIDs must be SPIs ({FIRST_SPI}.."
                                     f"{SPECIAL_INTIDS - 1}), first <= last")
         entries.append(IntidRange(first, last))
     return tuple(entries)
@@ -300,8 +300,8 @@ def _parse(file, data):
     else:
         if "board_intids" not in interrupts:
             raise ConfigError(file, "interrupts.board_intids", "missing; list the SPIs the "
-                              "daemon raises on this SoC, free there, e.g. [[217, 231], "
-                              "[233, 249]] (docs/boards.md)")
+                              "daemon raises on this SoC, free there, e.g. [[191, 207], "
+                              "[209, 223]] (docs/boards.md)")
         irq["board_intids"] = tuple(intid for entry in _intid_ranges(interrupts["board_intids"])
                                     for intid in entry)
         irq["priority"] = interrupts.get("priority", DEFAULT_PRIORITY)

@@ -139,7 +139,7 @@ RPI4 = OverlayBoard(
     compatible="brcm,bcm2711",
     trap=(0x40000000, 0x10000),
     vm_rams=((0, 0x41000000, 0x8000000), (1, 0x49000000, 0x8000000)),
-    doorbell_spi=200,
+    doorbell_spi=153,
     gicd=0xff841000,
     placeholders=True,
 )

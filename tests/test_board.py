@@ -22,8 +22,8 @@ SEED = Layout(base=0x0A000000, vm_size=0x10000, device_size=0x1000, irq_base=48,
 
 
 @pytest.mark.parametrize("name, gicd, gicc, lines, max_vms, board_intids", [
-    ("rpi4", 0xFF841000, 0xFF842000, 256, 4, [*range(217, 232), *range(233, 250)]),
-    ("rpi4-high-peri", 0x4C0041000, 0x4C0042000, 256, 4, [*range(217, 232), *range(233, 250)]),
+    ("rpi4", 0xFF841000, 0xFF842000, 224, 4, [*range(191, 208), *range(209, 224)]),
+    ("rpi4-high-peri", 0x4C0041000, 0x4C0042000, 224, 4, [*range(191, 208), *range(209, 224)]),
     ("qemu-virt", 0x08000000, 0x08010000, 288, 8, list(range(208, 272)))])
 def test_shipped_boards_load(name, gicd, gicc, lines, max_vms, board_intids):
     board = load_board(board_path(name))
@@ -46,15 +46,31 @@ def test_shipped_boards_load(name, gicd, gicc, lines, max_vms, board_intids):
 BCM2711_GIC_SPIS = [*range(16, 20), 33, 34, 40, *range(64, 68), *range(73, 76), *range(80, 94),
                     96, 97, 98, 100, 101, 102, 103, 106, *range(108, 111), 112,
                     *range(113, 119), 120, 121, 123, 126, *range(143, 149), 157, 158, 176]
+# The issue's own list of the GIC_SPI numbers in those files (issue 11, defect 2).
+ISSUE_GIC_SPIS = [*range(16, 20), 33, 34, 40, *range(64, 68), *range(73, 76), *range(80, 89), 93,
+                  96, 97, 100, 101, 106, *range(108, 111), *range(113, 119), 120, 121, 123, 126,
+                  143, 148, 157, 158]
+# BCM2711 ARM Peripherals, GIC-400 interrupt IDs: every INTID a source is wired to. The GIC-400
+# has NUM_SPIS=192 (INTIDs 0..223); ARM_LOCAL's PMU; ARMC 64-79; the VideoCore's 64 IRQs 96-159;
+# ETH_PCIe 160-216, of whose 57 lines 9 (AVS), 15-20 (PCIe INTA-D, PCIe, MSI: the DTs give all
+# six to the PCIe node), 29-30 (GENET) and 48 (XHCI) have a device.
+BCM2711_SOURCES = {*range(48, 52), *range(64, 80), *range(96, 160),
+                   *(160 + n for n in (9, 15, 16, 17, 18, 19, 20, 29, 30, 48))}
+BCM2711_LINES = 224
 
 
 @pytest.mark.parametrize("name", ["rpi4", "rpi4-high-peri"])
-def test_pi4_boards_reserve_every_spi_the_bcm2711_device_trees_use(name):
+def test_pi4_boards_reserve_every_bcm2711_source(name):
     board = load_board(board_path(name))
     reserved = {i for entry in board.reserved_intids for i in entry}
-    assert reserved == {spi + 32 for spi in BCM2711_GIC_SPIS}
-    # Board SPIs past the last SoC source: ETH_PCIe's 57 lines end at GIC_SPI 184 (INTID 216).
-    assert min(board.board_intids) > 216 and max(board.board_intids) < board.gic.lines
+    assert {spi + 32 for spi in BCM2711_GIC_SPIS} <= reserved
+    assert {spi + 32 for spi in ISSUE_GIC_SPIS} <= reserved
+    assert reserved == BCM2711_SOURCES
+    assert board.gic.lines == BCM2711_LINES
+    # Every board SPI and the doorbell exist on the GIC-400 and have no source wired to them.
+    used = [*board.board_intids, board.doorbell_intid]
+    assert all(32 <= i < BCM2711_LINES and i not in BCM2711_SOURCES for i in used)
+    assert len(set(used)) == len(used) == 33
 
 
 def test_pi4_doorbell_intid_is_the_overlays_trap_interrupt():
@@ -81,8 +97,8 @@ def test_board_names_resolve_to_the_shipped_files():
 
 def expected_rpi4_two_vms():
     """The seed's map: VM v at 0x0a000000 + v * 0x10000, device k at + k * 0x1000, guest INTIDs
-    48 + 8v + k; board INTIDs 217.. with 232 (the trap doorbell) skipped."""
-    board_intids = [*range(217, 232), *range(233, 250)]
+    48 + 8v + k; board INTIDs 191.. with 208 (the XHCI's) skipped."""
+    board_intids = [*range(191, 208), *range(209, 224)]
     vms = []
     for vm, (first, last, intids) in enumerate([("0x0a000000", "0x0a00ffff", [48, 55]),
                                                 ("0x0a010000", "0x0a01ffff", [56, 63])]):
@@ -91,7 +107,7 @@ def expected_rpi4_two_vms():
             {"slot": k, "base": f"0x{base + k * 0x1000:08x}",
              "end": f"0x{base + k * 0x1000 + 0xfff:08x}", "guest_intid": intids[0] + k,
              "board_intid": board_intids[8 * vm + k]} for k in range(8)]})
-    return {"board": "rpi4", "interrupts": "gic", "doorbell_intid": 232, "vms": vms}
+    return {"board": "rpi4", "interrupts": "gic", "doorbell_intid": 185, "vms": vms}
 
 
 def run_cli(capsys, *argv):
@@ -107,12 +123,12 @@ def test_layout_json_for_rpi4_two_vms(capsys):
     assert json.loads(out) == expected_rpi4_two_vms()
     assert json.loads(out)["vms"][1]["devices"][7] == {
         "slot": 7, "base": "0x0a017000", "end": "0x0a017fff", "guest_intid": 63,
-        "board_intid": 233}     # 232 is the doorbell
+        "board_intid": 206}
 
 
 def test_layout_text_for_rpi4_two_vms(capsys):
     status, out, _ = run_cli(capsys, "layout", "--board", str(BOARDS / "rpi4.toml"), "--vms", "2")
-    lines = ["board rpi4: 2 VM(s), 8 devices per VM, trap doorbell INTID 232"]
+    lines = ["board rpi4: 2 VM(s), 8 devices per VM, trap doorbell INTID 185"]
     for vm in expected_rpi4_two_vms()["vms"]:
         lines.append(f"VM{vm['vm']}  {vm['window'][0]}-{vm['window'][1]}  "
                      f"guest INTIDs {vm['guest_intids'][0]}-{vm['guest_intids'][1]}")
@@ -120,8 +136,8 @@ def test_layout_text_for_rpi4_two_vms(capsys):
                   f"  board INTID {d['board_intid']}" for d in vm["devices"]]
     assert status == 0 and out == "\n".join(lines) + "\n"
     assert "VM1  0x0a010000-0x0a01ffff  guest INTIDs 56-63\n" in out
-    assert "  device 3  0x0a003000-0x0a003fff  guest INTID 51  board INTID 220\n" in out
-    assert "  device 7  0x0a017000-0x0a017fff  guest INTID 63  board INTID 233\n" in out
+    assert "  device 3  0x0a003000-0x0a003fff  guest INTID 51  board INTID 194\n" in out
+    assert "  device 7  0x0a017000-0x0a017fff  guest INTID 63  board INTID 206\n" in out
 
 
 def test_layout_of_a_stub_board_raises_the_guest_intids(capsys):
@@ -137,7 +153,7 @@ def test_layout_defaults_to_rpi4_with_all_vms(capsys, monkeypatch):
     table = json.loads(out)
     assert status == 0 and table["board"] == "rpi4" and len(table["vms"]) == 4
     assert table["vms"][3]["guest_intids"] == [72, 79]
-    assert table["vms"][3]["devices"][7]["board_intid"] == 249
+    assert table["vms"][3]["devices"][7]["board_intid"] == 223
 
 
 @pytest.mark.parametrize("vms", ["0", "5", "-1"])
@@ -157,7 +173,7 @@ def test_layout_reports_a_bad_board_file_in_one_line(capsys, tmp_path):
 
 # -- bad board files ----------------------------------------------------------------------
 
-BOARD_SPIS = "board_intids = [[217, 231], [233, 249]]"
+BOARD_SPIS = "board_intids = [[191, 207], [209, 223]]"
 
 
 def edited(old, new):
@@ -215,37 +231,38 @@ BAD = {
                           "the only placeholder allowed is {vm}"),
     "SPI below 32": (edited("irq_base = 48", "irq_base = 16"), "layout.irq_base",
                      "must be at least 32, not 16"),
-    "IRQ past the GIC's lines": (edited("lines = 256", "lines = 70"), "layout.max_vms",
+    "IRQ past the GIC's lines": (edited("lines = 224", "lines = 70"), "layout.max_vms",
                                  "VM 3's last device would get INTID 79, past the GIC's 70 "
                                  "lines (INTIDs up to 69); lower max_vms or irqs_per_vm"),
     "IRQ in the special range": (edited("max_vms = 4 ", "max_vms = 200 ").replace(
-                                     "lines = 256", "lines = 1020"), "layout.max_vms",
+                                     "lines = 224", "lines = 1020"), "layout.max_vms",
                                  "would get INTID 1647, past the GIC's 1020 lines"),
     "board SPI reserved by a range": (
-        edited(BOARD_SPIS, "board_intids = [[175, 190], [217, 231], 233]"),
+        edited(BOARD_SPIS, "board_intids = [[175, 190], [191, 206]]"),
         "interrupts.board_intids", "INTID 175 is reserved by interrupts.reserved_intids entry "
                                    "[175, 180]: choose SPIs no device of the SoC uses"),
     "board SPI reserved by one INTID": (
-        edited(BOARD_SPIS, "board_intids = [208, [217, 231], [233, 248]]"),
+        edited(BOARD_SPIS, "board_intids = [[191, 207], [208, 222]]"),
         "interrupts.board_intids", "INTID 208 is reserved by interrupts.reserved_intids entry 208"),
     "board SPI on the doorbell": (
-        edited(BOARD_SPIS, "board_intids = [[217, 248]]"), "interrupts.board_intids",
-        "INTID 232 is reserved by interrupts.doorbell_intid (the trap doorbell)"),
+        edited(BOARD_SPIS, "board_intids = [[181, 188], [191, 207], [209, 215]]"),
+        "interrupts.board_intids",
+        "INTID 185 is reserved by interrupts.doorbell_intid (the trap doorbell)"),
     "too few board SPIs": (
-        edited(BOARD_SPIS, "board_intids = [[217, 231]]"), "interrupts.board_intids",
+        edited(BOARD_SPIS, "board_intids = [[191, 205]]"), "interrupts.board_intids",
         "lists 15 INTIDs but the layout has 32 guest INTIDs (layout.max_vms 4 x irqs_per_vm 8)"),
     "board SPI twice": (
-        edited(BOARD_SPIS, "board_intids = [[217, 231], [231, 247]]"), "interrupts.board_intids",
-        "INTID 231 is listed twice"),
+        edited(BOARD_SPIS, "board_intids = [[191, 207], [207, 221]]"), "interrupts.board_intids",
+        "INTID 207 is listed twice"),
     "board SPI past the GIC's lines": (
-        edited("lines = 256", "lines = 240"), "interrupts.board_intids",
-        "INTID 240 is past the GIC's 240 lines"),
+        edited("lines = 224", "lines = 220"), "interrupts.board_intids",
+        "INTID 220 is past the GIC's 220 lines"),
     "board SPI entry malformed": (
-        edited(BOARD_SPIS, "board_intids = [[217, 231, 5]]"), "interrupts.board_intids[0]",
-        "must be an INTID or [first, last], not [217, 231, 5]"),
+        edited(BOARD_SPIS, "board_intids = [[191, 207, 5]]"), "interrupts.board_intids[0]",
+        "must be an INTID or [first, last], not [191, 207, 5]"),
     "reserved entry not an SPI": (
         edited("reserved_intids = [", "reserved_intids = [16,"), "interrupts.reserved_intids[0]",
-        "[16, 16]: INTIDs must be SPIs (32..1019), first <= last"),
+        "16: INTIDs must be SPIs (32..1019), first <= last"),
     "reserved range backwards": (
         edited("reserved_intids = [", "reserved_intids = [[60, 50],"),
         "interrupts.reserved_intids[0]", "first <= last"),
@@ -264,12 +281,12 @@ BAD = {
                                                      "or a list of one per VM, not str 'cpu1'"),
     "target entry not a number": (edited("target_cpu = 1", 'target_cpu = [1, 2, "cpu1", 3]'),
                                   "interrupts.target_cpu", "'cpu1' is not a CPU number"),
-    "doorbell reserved": (edited("doorbell_intid = 232", "doorbell_intid = 208"),
+    "doorbell reserved": (edited("doorbell_intid = 185", "doorbell_intid = 208"),
                           "interrupts.doorbell_intid",
                           "INTID 208 is reserved by interrupts.reserved_intids entry 208"),
-    "doorbell past the GIC's lines": (edited("doorbell_intid = 232", "doorbell_intid = 300"),
+    "doorbell past the GIC's lines": (edited("doorbell_intid = 185", "doorbell_intid = 300"),
                                       "interrupts.doorbell_intid",
-                                      "INTID 300 is past the GIC's 256 lines"),
+                                      "INTID 300 is past the GIC's 224 lines"),
     "more devices than the window holds": (
         edited("vm_size = 0x10000", "vm_size = 0x4000"), "layout.irqs_per_vm",
         "8 devices (one per IRQ) of 0x1000 bytes need 0x8000 bytes but layout.vm_size is 0x4000: "
@@ -402,18 +419,18 @@ def test_uio_regions_and_the_gic_through_a_fake_tree(tmp_path):
 
     gicd_node = Path(tree["dev_root"]) / "uio2"
     with open(gicd_node, "r+b") as node:
-        os.pwrite(node.fileno(), (7).to_bytes(4, "little"), 4)      # GICD_TYPER: 256 lines
+        os.pwrite(node.fileno(), (6).to_bytes(4, "little"), 4)      # GICD_TYPER: 224 lines
     line = board.interrupt_line(**tree)
-    assert isinstance(line.driver, GicV2Distributor) and line.driver.lines == 256
-    line.raise_intid(48)                          # guest INTID 48: board SPI 217
-    assert line.regs.read32(0x218) == 1 << 25   # GICD_ISPENDR6, bit 217 % 32
+    assert isinstance(line.driver, GicV2Distributor) and line.driver.lines == 224
+    line.raise_intid(48)                          # guest INTID 48: board SPI 191
+    assert line.regs.read32(0x214) == 1 << 31   # GICD_ISPENDR5, bit 191 % 32
     assert line.regs.read32(0x204) == 0x01010101    # the guest INTID's own bit: not written
     with pytest.raises(GicError, match="guest INTID 80 is outside the layout"):
         line.raise_intid(80)
     line.regs.close()
     with open(gicd_node, "r+b") as node:
         os.pwrite(node.fileno(), (5).to_bytes(4, "little"), 4)      # 192 lines: too few
-    with pytest.raises(GicError, match=r"interrupts.board_intids uses INTID 217 but the GICv2 "
+    with pytest.raises(GicError, match=r"interrupts.board_intids uses INTID 192 but the GICv2 "
                                        r"at avatar-gicd has SPIs 32\.\.191"):
         board.open_gic(**tree)
 

@@ -79,9 +79,9 @@ NODES = """
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-insmod /uio.ko && insmod /avatar_uio.ko
-dmesg | grep 'avatar_uio '
+insmod /uio.ko && insmod /avatar_uio.ko dyndbg=+p
 /uio_probe %d
+dmesg | grep 'avatar_uio '
 poweroff -f
 """ % (DOORBELL_SPI + 32)
 MACHINE = ("-M", "virt,gic-version=2", "-cpu", "cortex-a72", "-m", "512", "-nographic",
@@ -123,7 +123,7 @@ def _guest_initrd(tmp_path):
                     reason="needs qemu-system-arm and device-tree-compiler (scripts/setup)")
 def test_kmod_maps_refuses_and_rings_in_the_guest_kernel(tmp_path):
     """avatar_uio loaded into the emulated board's Debian kernel (QEMU virt, no hypervisor):
-    one line per map with its attributes, bad nodes refused (misaligned, RAM without no-map,
+    one line per map with its attributes, the memory type each mmap gets, bad nodes refused (misaligned, RAM without no-map,
     RAM by reg), userspace's bad maps refused (too long, absent, private, executable),
     and the doorbell masked by the handler, held while masked, delivered on unmask."""
     initrd, dtb = _guest_initrd(tmp_path), _guest_dtb(tmp_path)
@@ -146,3 +146,16 @@ def test_kmod_maps_refuses_and_rings_in_the_guest_kernel(tmp_path):
         assert line in out, out[-3000:]
     assert "FAIL" not in out and "uio_probe: done" in out, out[-3000:]
     assert out.count("\nok ") >= 16
+    # The memory type each mmap really gave (decoded from the VMA's protection at mmap, so
+    # guest RAM mapped Device, or the distributor Device-nGnRnE, fails here although the
+    # probe lines above, which only say what the node asked for, would not).
+    mmaps = {}
+    for line in out.splitlines():
+        name, sep, rest = line.partition(": mmap of map 0: ")
+        if sep:
+            mmaps.setdefault(name.rsplit(" ", 1)[-1], set()).add(rest.strip())
+    assert mmaps == {
+        "avatar-trap": {"0x10000 bytes, MT_NORMAL (Normal write-back)",
+                        "0x1000 bytes, MT_NORMAL (Normal write-back)"},    # the read-only map
+        "avatar-vm0-ram": {"0x100000 bytes, MT_NORMAL (Normal write-back)"},
+        "avatar-gicd": {"0x1000 bytes, MT_DEVICE_nGnRE (Device-nGnRE)"}}, out[-3000:]

@@ -134,7 +134,8 @@ def test_map_linux_cannot_mmap_is_one_line_naming_the_node_and_page_size(
     assert str(err.value) == (
         f"{tree['dev_root']}/uio3 (UIO device avatar-trap) map 0: {problem}; a UIO map must "
         "start on a page boundary and be a whole number of pages (Linux's uio_mmap_physical): "
-        "fix the device-tree node's reg")
+        "fix the reg of the device-tree node, or of the reserved-memory node its memory-region "
+        "names")
 
 
 def test_a_4k_trap_page_on_a_16k_page_kernel_is_refused(tree, monkeypatch):

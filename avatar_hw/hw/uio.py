@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 PAGE_HINT = ("a UIO map must start on a page boundary and be a whole number of pages "
-             "(Linux's uio_mmap_physical): fix the device-tree node's reg")
+             "(Linux's uio_mmap_physical): fix the reg of the device-tree node, or of the "
+             "reserved-memory node its memory-region names")
 SETUP_HINT = ("install the udev rules (scripts/install-udev-rules) and join group 'avatar' "
               "(sudo usermod -aG avatar $USER, then log in again)")
 

@@ -89,6 +89,28 @@ static void avatar_uio_clear_mayexec(struct vm_area_struct *vma)
 #endif
 }
 
+/* The memory type of a user mapping's protection: its MAIR index (arm64 memory.h MT_*). */
+static const char *avatar_uio_memory_type(pgprot_t prot)
+{
+#ifdef CONFIG_ARM64
+	switch (pgprot_val(prot) & PTE_ATTRINDX_MASK) {
+	case PTE_ATTRINDX(MT_NORMAL):
+		return "MT_NORMAL (Normal write-back)";
+	case PTE_ATTRINDX(MT_NORMAL_TAGGED):
+		return "MT_NORMAL_TAGGED (Normal write-back, tagged)";
+	case PTE_ATTRINDX(MT_NORMAL_NC):
+		return "MT_NORMAL_NC (Normal non-cacheable)";
+	case PTE_ATTRINDX(MT_DEVICE_nGnRnE):
+		return "MT_DEVICE_nGnRnE (Device-nGnRnE)";
+	case PTE_ATTRINDX(MT_DEVICE_nGnRE):
+		return "MT_DEVICE_nGnRE (Device-nGnRE)";
+	}
+	return "an unknown memory type";
+#else
+	return "memory type not decoded on this architecture";
+#endif
+}
+
 static int avatar_uio_mmap(struct uio_info *info, struct vm_area_struct *vma)
 {
 	struct avatar_uio *priv = info->priv;
@@ -112,8 +134,9 @@ static int avatar_uio_mmap(struct uio_info *info, struct vm_area_struct *vma)
 
 	if (!priv->cacheable[index])
 		vma->vm_page_prot = pgprot_device(vma->vm_page_prot);
-	dev_dbg(priv->dev, "map %lu: 0x%lx bytes %s\n", index, size,
-		priv->cacheable[index] ? "cacheable" : "uncached");
+	/* Decoded from the very protection the page-table entries get (dyndbg: board-setup.md). */
+	dev_dbg(priv->dev, "%s: mmap of map %lu: 0x%lx bytes, %s\n", info->name, index, size,
+		avatar_uio_memory_type(vma->vm_page_prot));
 	return remap_pfn_range(vma, vma->vm_start, PHYS_PFN(mem->addr), size,
 			       vma->vm_page_prot);
 }
