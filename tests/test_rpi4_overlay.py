@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from avatar_hw.board import load_board
+from avatar_hw.emulated import memory_map as mm
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERLAY = ROOT / "scripts" / "avatar-rpi4-overlay.dts"
@@ -61,6 +62,7 @@ BOARD_RAM = {
     "8GiB": [(0x0, 0x3b400000), (0x40000000, 0xfc000000), (0x100000000, 0x200000000)],
 }
 LARGEST_PAGE = 0x10000
+TRAP_REGION_SIZE = mm.TRAP_REGION_SIZE   # the trap page, a free page, 128 shadow pages
 
 
 def _cells(dtb, node, prop):
@@ -162,6 +164,9 @@ def _shared_memory_problems(dtb):
                 problems.append(f"{reserved}: not in the RAM of a {ram} board")
         if any(_overlaps(region, other) for other in regions):
             problems.append(f"{reserved}: overlaps another region")
+        if name == "avatar-trap" and region[1] - region[0] < TRAP_REGION_SIZE:
+            problems.append(f"{reserved}: smaller than the trap page and its shadow pages "
+                            f"(0x{TRAP_REGION_SIZE:x} bytes, docs/trap-abi.md section 14)")
         regions.append(region)
     if len(regions) != 3:
         problems.append(f"{len(regions)} shared-memory nodes, expected trap + 2 VMs")
@@ -174,7 +179,7 @@ def test_shared_memory_is_reserved_no_map_above_cma_and_the_firmware(merged):
 
 def test_the_checks_refuse_the_old_carve_out(tmp_path):
     """The checks are live: RAM in CMA (the old 0x20000000 carve-out), a region Linux may use."""
-    source = OVERLAY.read_text().replace("0x0 0x40000000 0x10000", "0x0 0x20000000 0x10000")
+    source = OVERLAY.read_text().replace("0x0 0x40000000 0x90000", "0x0 0x20000000 0x90000")
     source = source.replace("0x8000000>;\t// 128 MiB (placeholder)\n\t\t\t\tno-map;",
                             "0x8000000>;\t// 128 MiB (placeholder)", 1)
     problems = _shared_memory_problems(_merge(tmp_path, source))
