@@ -285,13 +285,22 @@ class Daemon:
         self._running = False
 
     def run(self):
-        """Serve until ``stop()`` or SIGINT/SIGTERM; then detach and close."""
-        if self.trap is None:
-            self.open()
+        """Serve until ``stop()`` or SIGINT/SIGTERM; then detach and close.
+
+        The handlers are in place before ``open`` attaches: a SIGTERM while it does (the
+        stub already answers the guest's identity reads from the shadows, so a supervisor
+        may take the daemon for ready) stops it once it has attached, detached cleanly,
+        instead of killing it with the page left ATTACHED."""
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._old_signals[signum] = signal.signal(signum, self._on_signal)
+        if self.trap is None:
+            try:
+                self.open()
+            except BaseException:
+                self._restore_signals()
+                raise
         self._running = True
         self._log_endpoints()
         sd_notify(f"READY=1\nSTATUS=serving {len(self.config.vms)} VM(s), control socket "
@@ -304,9 +313,12 @@ class Daemon:
                     self.loop.run_once()
         finally:
             self.close()            # a second signal meanwhile only asks to stop again
-            for signum, old in self._old_signals.items():
-                signal.signal(signum, old)
-            self._old_signals.clear()
+            self._restore_signals()
+
+    def _restore_signals(self):
+        for signum, old in self._old_signals.items():
+            signal.signal(signum, old)
+        self._old_signals.clear()
 
     def _busy_poll(self):
         # Its own frame: the bound methods held here must be gone before close() unmaps
