@@ -64,6 +64,8 @@ TVERSION, TATTACH, TFLUSH, TWALK = 100, 104, 108, 110
 TREAD, TWRITE, TCLUNK, TREMOVE = 116, 118, 120, 122
 
 QTDIR, QTSYMLINK, QTFILE = 0x80, 0x02, 0x00
+QID_INO_BITS = 48              # a qid path: 16-bit prefix per (device, inode >> 48), 48 inode bits
+QID_PREFIXES_MAX = 1 << 16
 HEADER = struct.Struct("<IBH")
 WRITE_HEADER = struct.Struct("<IBHIQI")          # ... fid, offset, count
 READ_REPLY = struct.Struct("<IBHI")
@@ -182,6 +184,7 @@ class P9Server:
         self.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(self.root_fd)
         self.root_id = (st.st_dev, st.st_ino)
+        self.prefixes = {(st.st_dev, st.st_ino >> QID_INO_BITS): 0}   # qid path prefixes
         self.readonly, self.model, self.max_fids = readonly, security_model, max_fids
         self.fids = {}
         self.bug = None                # the last unexpected exception (the device logs it)
@@ -196,7 +199,7 @@ class P9Server:
             TREADLINK: self.readlink, TLINK: self.link, TMKNOD: self.mknod,
             TSTATFS: self.statfs, TFSYNC: self.fsync, TFLUSH: self.flush,
             TXATTRWALK: self.xattrwalk, TXATTRCREATE: self.xattrcreate, TLOCK: self.lock,
-            TGETLOCK: self.getlock, TRENAME: self.unsupported, TREMOVE: self.remove,
+            TGETLOCK: self.getlock, TRENAME: self.rename, TREMOVE: self.remove,
         }
 
     def close(self):
@@ -280,7 +283,19 @@ class P9Server:
     def qid(self, st):
         kind = (QTDIR if stat.S_ISDIR(st.st_mode) else
                 QTSYMLINK if stat.S_ISLNK(st.st_mode) else QTFILE)
-        return QID.pack(kind, 0, st.st_ino)
+        return QID.pack(kind, 0, self.qid_path(st.st_dev, st.st_ino))
+
+    def qid_path(self, dev, ino):
+        """The file's identity for the guest, unique across the file systems mounted inside
+        the folder (QEMU's ``multidevs=remap``): Linux keys its inodes by the qid path
+        alone, so the inode number by itself would make two files of two devices one."""
+        key = (dev, ino >> QID_INO_BITS)
+        prefix = self.prefixes.get(key)
+        if prefix is None:
+            if len(self.prefixes) >= QID_PREFIXES_MAX:
+                raise P9Error(errno.ENFILE)
+            prefix = self.prefixes[key] = len(self.prefixes)
+        return prefix << QID_INO_BITS | (ino & ((1 << QID_INO_BITS) - 1))
 
     def is_root(self, fd):
         st = os.fstat(fd)
@@ -318,6 +333,36 @@ class P9Server:
             return False
         finally:
             os.close(cur)
+
+    def locate(self, fd):
+        """(an O_PATH fd of the parent directory, the name) of what ``fd`` pins, found again
+        from the root one component at a time (``step``: no symlink followed, nothing
+        above the root) by its current path, and checked to be the same inode: ENOENT if
+        it was unlinked or is no longer under the root, EBUSY for the root itself. The
+        name is then acted on relative to that parent, which lies inside the folder."""
+        root, path = (os.readlink(os.fsencode(proc(f))) for f in (self.root_fd, fd))
+        if path == root:
+            raise P9Error(errno.EBUSY)
+        prefix = root.rstrip(b"/") + b"/"
+        if not path.startswith(prefix):
+            raise P9Error(errno.ENOENT)
+        *dirs, name = path[len(prefix):].split(b"/")
+        parent = os.dup(self.root_fd)
+        try:
+            for part in dirs:
+                nxt = self.step(parent, name_ok(part, dots=True))
+                os.close(parent)
+                parent = nxt
+                if not stat.S_ISDIR(os.fstat(parent).st_mode):
+                    raise P9Error(errno.ENOENT)
+            name_ok(name)
+            if not os.path.samestat(os.stat(name, dir_fd=parent, follow_symlinks=False),
+                                    os.fstat(fd)):
+                raise P9Error(errno.ENOENT)
+        except BaseException:
+            os.close(parent)
+            raise
+        return parent, name
 
     def stat_of(self, fid):
         return os.fstat(fid.path_fd)
@@ -374,7 +419,7 @@ class P9Server:
         fid, _afid = r.take("II")
         _uname, _aname, uid = r.string(), r.string(), r.take("I")
         self.new_fid(fid, os.dup(self.root_fd), uid)
-        return QID.pack(QTDIR, 0, os.fstat(self.root_fd).st_ino)
+        return self.qid(os.fstat(self.root_fd))
 
     def flush(self, r):
         r.take("H")                      # every request is answered before the next is read
@@ -392,8 +437,38 @@ class P9Server:
         return b""
 
     def remove(self, r):
-        self.clunk(r)                    # Tremove clunks even when it fails
-        raise P9Error(errno.EOPNOTSUPP)  # Linux then uses Tunlinkat
+        """Tremove: unlink what the fid stands for; the fid is clunked even when it fails.
+        (Linux sends it only when Tunlinkat is refused; QEMU serves both.)"""
+        number = r.take("I")
+        fid = self.fid(number)
+        try:
+            self.writes()
+            parent, name = self.locate(fid.path_fd)
+            try:
+                if stat.S_ISDIR(self.stat_of(fid).st_mode):
+                    os.rmdir(name, dir_fd=parent)
+                else:
+                    os.unlink(name, dir_fd=parent)
+            finally:
+                os.close(parent)
+        finally:
+            del self.fids[number]
+            fid.close()
+        return b""
+
+    def rename(self, r):
+        """Trename: move what the fid stands for to ``name`` in directory ``dfid``
+        (Linux's fallback when Trenameat is refused)."""
+        fid_no, dfid, name = r.take("II") + (r.string(),)
+        fid, newdir = self.fid(fid_no), self.fid(dfid)
+        name_ok(name)
+        self.writes()
+        parent, oldname = self.locate(fid.path_fd)
+        try:
+            os.rename(oldname, name, src_dir_fd=parent, dst_dir_fd=newdir.path_fd)
+        finally:
+            os.close(parent)
+        return b""
 
     def unsupported(self, r):
         raise P9Error(errno.EOPNOTSUPP)
@@ -682,6 +757,7 @@ class P9Server:
         if offset >= 2**63:
             raise P9Error(errno.EINVAL)
         os.lseek(fid.open_fd, offset, os.SEEK_SET)
+        dev = os.fstat(fid.open_fd).st_dev          # a mount point's entry has its own below
         out = bytearray()
         buf = self._dents
         n = getdents(fid.open_fd, buf, min(count, len(buf)))
@@ -692,7 +768,7 @@ class P9Server:
             name = raw[pos + DIRENT64.size:pos + reclen].split(b"\0", 1)[0]
             pos += reclen
             kind = QTDIR if d_type == 4 else QTSYMLINK if d_type == 10 else QTFILE
-            entry = QID.pack(kind, 0, ino) + struct.pack("<QB", d_off, d_type) + pstr(name)
+            entry = QID.pack(kind, 0, self.qid_path(dev, ino)) + struct.pack("<QB", d_off, d_type) + pstr(name)
             if len(out) + len(entry) > count - 4:
                 break
             out += entry
