@@ -251,7 +251,7 @@ class GpuDevice(VirtioDevice):
         self.memory_used = 0
         self.scanout = None                     # (resource, x, y, w, h) or None: disabled
         self.cursor = None                      # {resource_id, hot_x, hot_y, x, y, image}
-        self.counters.update(resources=0, transfers=0, flushes=0, bytes_transferred=0)
+        self.counters.update(transfers=0, flushes=0, bytes_transferred=0)
         self._request = bytearray(MAX_REQUEST)
         self._work = 0                          # bytes-equivalent of this request's copies
         self._response = bytearray(max(DISPLAY_INFO_SIZE, EDID_SIZE))
@@ -262,7 +262,6 @@ class GpuDevice(VirtioDevice):
         self.resources.clear()
         self.memory_used = 0
         self.scanout = self.cursor = None
-        self.counters["resources"] = 0
         self.config[:] = CONFIG.pack(0, 0, 1, 0)
 
     def write_config(self, offset, data):
@@ -384,14 +383,12 @@ class GpuDevice(VirtioDevice):
                            self.memory_used, self.max_memory, len(self.resources))
         self.resources[resource_id] = Resource(resource_id, fmt, width, height)
         self.memory_used += size
-        self.counters["resources"] = len(self.resources)
         return RESP_OK_NODATA, HEADER.size
 
     def _unref(self, chain, resource_id):
         resource = self._resource(resource_id)
         del self.resources[resource_id]
         self.memory_used -= len(resource.pixels)
-        self.counters["resources"] = len(self.resources)
         if self.scanout is not None and self.scanout[0] is resource:
             self.scanout = None
         return RESP_OK_NODATA, HEADER.size
@@ -513,8 +510,8 @@ class GpuDevice(VirtioDevice):
 
     def info(self):
         out = super().info()
-        out.update(width=self.width, height=self.height, max_memory=self.max_memory,
-                   memory_used=self.memory_used, max_resources=self.max_resources,
+        out.update(resources=len(self.resources), width=self.width, height=self.height,
+                   max_memory=self.max_memory, memory_used=self.memory_used, max_resources=self.max_resources,
                    scanout=None if self.scanout is None else
                    {"resource": self.scanout[0].id, "rect": list(self.scanout[1:])},
                    cursor=None if self.cursor is None else
