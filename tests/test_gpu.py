@@ -243,6 +243,28 @@ def test_unref_detach_and_memory_is_given_back(gpu):
     assert dev.device.info()["resources"] == 0
 
 
+def test_backing_entries_held_by_all_resources_are_bounded(gpu):
+    """Each backing entry is kept in host memory: 1024 tiny resources with 16384 scattered
+    entries each would hold 16 million; all resources together hold at most one entry per
+    page of ``max_memory`` and one per resource (what Linux's page-backed buffers need)."""
+    dev = gpu(width=64, height=64, max_memory=64 * 64 * 4 * 4, max_resources=8)
+    limit = dev.device.max_backing_entries
+    assert limit == 64 * 64 * 4 * 4 // 4096 + 8 == 24
+    base = dev.ram.alloc(64 * PAGE, PAGE)
+    scattered = [(base + 2 * i * PAGE, 16) for i in range(20)]           # none touch
+    for rid in (1, 2):
+        assert dev.create(rid, 1, 1) == g.RESP_OK_NODATA
+    assert dev.attach(1, scattered) == g.RESP_OK_NODATA
+    assert dev.attach(2, scattered) == g.RESP_ERR_OUT_OF_MEMORY          # 40 > 24
+    assert dev.device.resources[2].backing is None                       # nothing kept
+    assert dev.attach(2, scattered[:4]) == g.RESP_OK_NODATA              # 24: fits
+    assert dev.err(g.CMD_RESOURCE_DETACH_BACKING, "I4x", 1) == g.RESP_OK_NODATA
+    assert dev.attach(2, scattered) == g.RESP_ERR_UNSPEC                 # already backed
+    touching = [(base + i * PAGE, PAGE) for i in range(64)]              # merged into one
+    assert dev.attach(1, touching) == g.RESP_OK_NODATA
+    assert len(dev.device.resources[1].backing) == 1
+
+
 def test_cursor_queue(gpu):
     dev = gpu()
     entries = dev.framebuffer(9, 64, 64)

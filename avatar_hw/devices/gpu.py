@@ -82,6 +82,7 @@ RESP_ERR_INVALID_RESOURCE_ID, RESP_ERR_INVALID_PARAMETER = 0x1203, 0x1205
 FLAG_FENCE = 1
 
 MAX_BACKING_ENTRIES = 16384                     # QEMU's limit
+PAGE = 4096
 MIN_SCANOUT = 16                                # QEMU refuses smaller scanout rectangles
 CURSOR_SIZE = 64
 MAX_DIMENSION = 4095                            # what an EDID detailed timing can hold
@@ -153,6 +154,10 @@ class GpuDevice(VirtioDevice):
                          config=CONFIG.pack(0, 0, 1, 0))
         self.width, self.height = width, height
         self.max_memory, self.max_resources = max_memory, max_resources
+        # Linux backs a resource with its own size in pages (merged where they touch): at
+        # most a page-sized entry per page of the budget and a partial one per resource
+        # (each entry is a tuple kept in host memory: bounded here, not by 16384 each)
+        self.max_backing_entries = max_memory // PAGE + max_resources
         self.edid = edid(width, height)
         self.resources = {}
         self.memory_used = 0
@@ -319,6 +324,11 @@ class GpuDevice(VirtioDevice):
                 raise GpuError(RESP_ERR_UNSPEC, "attach: entry 0x%x+0x%x is outside the RAM",
                                gpa, length)
         resource.attach(ranges)
+        held = sum(len(r.backing) for r in self.resources.values() if r.backing)
+        if held > self.max_backing_entries:
+            resource.detach()
+            raise GpuError(RESP_ERR_OUT_OF_MEMORY, "attach: %d backing entries held by all "
+                           "resources with these (at most %d)", held, self.max_backing_entries)
         return RESP_OK_NODATA, HEADER.size
 
     def _detach_backing(self, chain, resource_id):
