@@ -476,6 +476,30 @@ def test_a_directory_moved_out_of_the_share_cannot_be_left_upwards(fs, share, tm
     assert errno_of(fs.walk, 2, 3, "..", "..", "secret") == errno.EACCES
 
 
+def test_names_never_change_in_a_directory_moved_out_of_the_share(fs, share, tmp_path):
+    """A fid still pins a directory the host moved out: nothing can be created, linked,
+    renamed or removed there, nor moved between it and the share (no write outside)."""
+    (share / "sub" / "inner").write_text("inner\n")
+    (share / "keep").write_text("keep\n")
+    fs.walk(ROOT_FID, 2, "sub")
+    fs.walk(ROOT_FID, 3, "sub", "inner")
+    fs.walk(ROOT_FID, 4, "keep")
+    os.rename(share / "sub", tmp_path / "moved")                    # the host moves it out
+    refused = [
+        (fs.lcreate, 2, "new"), (fs.mkdir, 2, "d"), (fs.symlink, 2, "l", "/"),
+        (fs.unlinkat, 2, "inner"), (fs.renameat, 2, "inner", ROOT_FID, "in"),
+        (fs.renameat, ROOT_FID, "keep", 2, "out"),
+        (fs.rpc, p.TLINK, struct.pack("<II", 2, 4) + s("out")),          # share -> moved
+        (fs.rpc, p.TLINK, struct.pack("<II", ROOT_FID, 3) + s("in")),    # moved -> share
+        (fs.rpc, p.TRENAME, struct.pack("<II", 4, 2) + s("out")),
+        (fs.rpc, p.TRENAME, struct.pack("<II", 3, ROOT_FID) + s("in")),
+    ]
+    for call, *args in refused:
+        assert errno_of(call, *args) in (errno.EACCES, errno.ENOENT), (call, args)
+    assert sorted(os.listdir(tmp_path / "moved")) == ["inner"]
+    assert sorted(os.listdir(share)) == ["hello.txt", "keep"]
+
+
 def test_symlink_targets_are_stored_not_resolved(fs, share):
     fs.symlink(ROOT_FID, "escape", "/etc/hostname")
     fs.walk(ROOT_FID, 2, "escape")

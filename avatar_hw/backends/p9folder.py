@@ -13,8 +13,10 @@ Confinement:
   ``.`` and ``..`` are refused; ``..`` at the root stays at the root, and a
   ``..`` elsewhere is checked to lead back up to the root (a directory moved out
   by the host cannot be left through);
-* what acts on a fid's own name (Tremove, Trename) finds it again from the root by
-  its current path, one ``step`` at a time, and checks the inode (``Folder.locate``);
+* what acts on a fid's own name (Tremove, Trename, Tlink's file) finds it again from
+  the root by its current path, one ``step`` at a time, and checks the inode
+  (``Folder.locate``); names change only in directories that still lead up to the root
+  (``beneath_root``: not in one the host moved out);
 * opening for I/O reopens the pinned inode through ``/proc/self/fd`` (what
   virtiofsd does), only for regular files and directories (a symlink, FIFO or
   device node is never opened: EACCES / ELOOP); ``mknod`` is refused (EPERM).

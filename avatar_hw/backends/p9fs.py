@@ -159,6 +159,14 @@ class P9Server(OpenFiles):
         if self.readonly:
             raise P9Error(errno.EROFS)
 
+    def names_in(self, *dirs):
+        """Names in these directory fids are about to change: each must still lie under the
+        root (EACCES for one the host moved out of the folder: nothing is created, linked,
+        renamed or removed there, nor moved out to it)."""
+        for fid in dirs:
+            if not self.folder.beneath_root(fid.path_fd):
+                raise P9Error(errno.EACCES)
+
     def qid(self, st):
         kind = (QTDIR if stat.S_ISDIR(st.st_mode) else
                 QTSYMLINK if stat.S_ISLNK(st.st_mode) else QTFILE)
@@ -238,6 +246,7 @@ class P9Server(OpenFiles):
         fid, newdir = self.fid(fid_no), self.fid(dfid)
         name_ok(name)
         self.writes()
+        self.names_in(newdir)
         parent, oldname = self.folder.locate(fid.path_fd)
         try:
             os.rename(oldname, name, src_dir_fd=parent, dst_dir_fd=newdir.path_fd)
@@ -299,6 +308,7 @@ class P9Server(OpenFiles):
         fid = self.fid(dfid)
         name_ok(name)
         self.writes()
+        self.names_in(fid)
         os.mkdir(name, self.folder.create_mode(mode, True), dir_fd=fid.path_fd)
         return self._created(fid.path_fd, name, fid.uid, gid, mode)
 
@@ -309,6 +319,7 @@ class P9Server(OpenFiles):
         if not target or len(target) > 4095:
             raise P9Error(errno.EINVAL)
         self.writes()
+        self.names_in(fid)
         os.symlink(target, name, dir_fd=fid.path_fd)     # stored, never followed here
         return self._created(fid.path_fd, name, fid.uid, gid, 0o777)
 
@@ -324,6 +335,8 @@ class P9Server(OpenFiles):
         self.writes()
         if not stat.S_ISREG(self.stat_of(target).st_mode):
             raise P9Error(errno.EPERM)
+        self.names_in(dirf)
+        os.close(self.folder.locate(target.path_fd)[0])     # the file itself is inside
         os.link(proc(target.path_fd), name, dst_dir_fd=dirf.path_fd, follow_symlinks=True)
         return b""
 
@@ -332,6 +345,7 @@ class P9Server(OpenFiles):
         fid = self.fid(dfid)
         name_ok(name)
         self.writes()
+        self.names_in(fid)
         if flags & AT_REMOVEDIR_DOTL:
             os.rmdir(name, dir_fd=fid.path_fd)
         else:
@@ -344,6 +358,7 @@ class P9Server(OpenFiles):
         name_ok(oldname)
         name_ok(newname)
         self.writes()
+        self.names_in(olddir, newdir)
         os.rename(oldname, newname, src_dir_fd=olddir.path_fd, dst_dir_fd=newdir.path_fd)
         return b""
 
