@@ -477,8 +477,9 @@ def test_a_directory_moved_out_of_the_share_cannot_be_left_upwards(fs, share, tm
 
 
 def test_names_never_change_in_a_directory_moved_out_of_the_share(fs, share, tmp_path):
-    """A fid still pins a directory the host moved out: nothing can be created, linked,
-    renamed or removed there, nor moved between it and the share (no write outside)."""
+    """A fid still pins a directory the host moved out: nothing can be looked up, created,
+    linked, renamed or removed there, nor moved between it and the share (no write outside);
+    a file pinned before stays usable, like an open file."""
     (share / "sub" / "inner").write_text("inner\n")
     (share / "keep").write_text("keep\n")
     fs.walk(ROOT_FID, 2, "sub")
@@ -498,6 +499,9 @@ def test_names_never_change_in_a_directory_moved_out_of_the_share(fs, share, tmp
         assert errno_of(call, *args) in (errno.EACCES, errno.ENOENT), (call, args)
     assert sorted(os.listdir(tmp_path / "moved")) == ["inner"]
     assert sorted(os.listdir(share)) == ["hello.txt", "keep"]
+    assert errno_of(fs.walk, 2, 5, "inner") == errno.EACCES          # nor looked up
+    fs.lopen(3)                                                      # pinned before: usable
+    assert fs.read(3, 0, 100) == b"inner\n"
 
 
 def test_symlink_targets_are_stored_not_resolved(fs, share):

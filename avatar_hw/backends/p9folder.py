@@ -15,8 +15,8 @@ Confinement:
   by the host cannot be left through);
 * what acts on a fid's own name (Tremove, Trename, Tlink's file) finds it again from
   the root by its current path, one ``step`` at a time, and checks the inode
-  (``Folder.locate``); names change only in directories that still lead up to the root
-  (``beneath_root``: not in one the host moved out);
+  (``Folder.locate``); names are looked up and changed only in directories that still
+  lead up to the root (``beneath_root``: not in one the host moved out);
 * opening for I/O reopens the pinned inode through ``/proc/self/fd`` (what
   virtiofsd does), only for regular files and directories (a symlink, FIFO or
   device node is never opened: EACCES / ELOOP); ``mknod`` is refused (EPERM).

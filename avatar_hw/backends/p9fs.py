@@ -159,10 +159,11 @@ class P9Server(OpenFiles):
         if self.readonly:
             raise P9Error(errno.EROFS)
 
-    def names_in(self, *dirs):
-        """Names in these directory fids are about to change: each must still lie under the
-        root (EACCES for one the host moved out of the folder: nothing is created, linked,
-        renamed or removed there, nor moved out to it)."""
+    def under_root(self, *dirs):
+        """Each of these directory fids still leads up to the root: EACCES for one the host
+        moved out of the folder (nothing is looked up, created, linked, renamed or removed
+        there, nor moved out to it; what a fid already pins stays usable, like an open
+        file)."""
         for fid in dirs:
             if not self.folder.beneath_root(fid.path_fd):
                 raise P9Error(errno.EACCES)
@@ -246,7 +247,7 @@ class P9Server(OpenFiles):
         fid, newdir = self.fid(fid_no), self.fid(dfid)
         name_ok(name)
         self.writes()
-        self.names_in(newdir)
+        self.under_root(newdir)
         parent, oldname = self.folder.locate(fid.path_fd)
         try:
             os.rename(oldname, name, src_dir_fd=parent, dst_dir_fd=newdir.path_fd)
@@ -271,6 +272,8 @@ class P9Server(OpenFiles):
             raise P9Error(errno.EBADF)
         if newfid == fid_no and not names:
             return struct.pack("<H", 0)            # a clone onto itself changes nothing
+        if names:
+            self.under_root(fid)
         cur, qids = os.dup(fid.path_fd), []
         try:
             for i, name in enumerate(names):
@@ -308,7 +311,7 @@ class P9Server(OpenFiles):
         fid = self.fid(dfid)
         name_ok(name)
         self.writes()
-        self.names_in(fid)
+        self.under_root(fid)
         os.mkdir(name, self.folder.create_mode(mode, True), dir_fd=fid.path_fd)
         return self._created(fid.path_fd, name, fid.uid, gid, mode)
 
@@ -319,7 +322,7 @@ class P9Server(OpenFiles):
         if not target or len(target) > 4095:
             raise P9Error(errno.EINVAL)
         self.writes()
-        self.names_in(fid)
+        self.under_root(fid)
         os.symlink(target, name, dir_fd=fid.path_fd)     # stored, never followed here
         return self._created(fid.path_fd, name, fid.uid, gid, 0o777)
 
@@ -335,7 +338,7 @@ class P9Server(OpenFiles):
         self.writes()
         if not stat.S_ISREG(self.stat_of(target).st_mode):
             raise P9Error(errno.EPERM)
-        self.names_in(dirf)
+        self.under_root(dirf)
         os.close(self.folder.locate(target.path_fd)[0])     # the file itself is inside
         os.link(proc(target.path_fd), name, dst_dir_fd=dirf.path_fd, follow_symlinks=True)
         return b""
@@ -345,7 +348,7 @@ class P9Server(OpenFiles):
         fid = self.fid(dfid)
         name_ok(name)
         self.writes()
-        self.names_in(fid)
+        self.under_root(fid)
         if flags & AT_REMOVEDIR_DOTL:
             os.rmdir(name, dir_fd=fid.path_fd)
         else:
@@ -358,7 +361,7 @@ class P9Server(OpenFiles):
         name_ok(oldname)
         name_ok(newname)
         self.writes()
-        self.names_in(olddir, newdir)
+        self.under_root(olddir, newdir)
         os.rename(oldname, newname, src_dir_fd=olddir.path_fd, dst_dir_fd=newdir.path_fd)
         return b""
 

@@ -71,7 +71,7 @@ class OpenFiles:
         if fid.open_fd is not None or fid.xattr is not None:
             raise P9Error(errno.EBADF)
         self.writes()
-        self.names_in(fid)
+        self.under_root(fid)
         host, writable = self._open_flags(flags)
         fd = os.open(name, host | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                      self.folder.create_mode(mode, False),
