@@ -25,6 +25,12 @@ on both sides: avatar-hw's ``switch:`` backend, which the peer joins, and QEMU's
 ``virtio-net-device`` with ``-netdev dgram`` (QEMU 7.2). The figure is what arrives,
 host clock, first to last frame; the frames lost on the way are reported beside it.
 
+gpu: the guest's ``avgpu frames N`` (bench/guest/avgpu.c) shows a 1024x768 dumb buffer
+through the virtio_gpu DRM driver and draws N full frames, each pushed with DIRTYFB
+(TRANSFER_TO_HOST_2D + RESOURCE_FLUSH), the clock stopped by a fenced request behind the
+last; then N frames pushed without drawing (the guest's memset left out); ours ``gpu = { width = 1024, height = 768 }``, QEMU's ``virtio-gpu-device,xres=1024,
+yres=768`` (``-display none``).
+
 vsock (ours only: QEMU offers vhost-vsock, which needs the host kernel's
 /dev/vhost-vsock, or vhost-user-vsock with an external daemon): 64 MiB
 echoed each way, once from a host connection to the guest's ``avbench
@@ -68,7 +74,7 @@ SIZES = {  # full run, --quick
     "seqread": (256 * MIB, 16 * MIB), "seqwrite": (128 * MIB, 8 * MIB),
     "randread": ((20000, 5.0), (500, 1.0)), "rng": ((4 * MIB, 5.0), (256 << 10, 1.0)),
     "console": (64 * MIB, 4 * MIB), "p9": (128 * MIB, 16 * MIB), "vsock": (64 * MIB, 8 * MIB),
-    "net": (32 * MIB, 4 * MIB),
+    "net": (32 * MIB, 4 * MIB), "gpu": (300, 30),           # gpu: full-screen frames
 }
 NET_MAC = "52:54:00:00:00:30"
 P9_TAG = "benchshare"
@@ -93,6 +99,9 @@ FIGURES = [  # key, label, unit, higher is better
     ("p9write_MBps", "9p seq write of a file, 1 MiB", "MB/s", True),
     ("vsock_host_echo_MBps", "vsock host->guest echo, each way, sha256 checked", "MB/s", True),
     ("vsock_guest_echo_MBps", "vsock guest->host echo, each way, sha256 checked", "MB/s", True),
+    ("gpu_fps", "gpu 1024x768 frames drawn, DIRTYFB (transfer + flush)", "frames/s", True),
+    ("gpu_push_fps", "gpu 1024x768 frames pushed only (no drawing)", "frames/s", True),
+    ("gpu_push_MBps", "  pixels moved to the host", "MB/s", True),
 ]
 NOT_COMPARED = ("vsock: QEMU has vhost-vsock only (vhost-vsock-device needs the host's "
                 "/dev/vhost-vsock, vhost-user-vsock an external daemon): ours alone")
@@ -203,6 +212,13 @@ def measure_guest(shell, kinds, quick, waited_traps=None, net_peer=None):
         out["rng_MBps"] = done / ns * 1e3
     if "9p" in kinds:
         out.update(measure_9p(shell, SIZES["p9"][pick]))
+    if "gpu" in kinds:
+        for key, mode in (("gpu", ""), ("gpu_push", " push")):
+            frames, size, ns, _, _ = shell.result(
+                f"avgpu frames {SIZES['gpu'][pick]}{mode}",
+                r"gpu-frames frames=(\d+) bytes=(\d+) ns=(\d+) width=(1024) height=(768)")
+            out[key + "_fps"] = frames / ns * 1e9
+        out["gpu_push_MBps"] = size / ns * 1e3
     size = SIZES["console"][pick]
     out["console_h2g_MBps"] = console_h2g(shell, size)
     try:                                        # last: a failure leaves the shell unusable
@@ -405,6 +421,8 @@ def run_ours(initrd, image, share, kinds, quick):
         devices.append("rng = { }")
     if "9p" in kinds:
         devices.append(f'9p = {{ tag = "{P9_TAG}", path = "{share}", security_model = "none" }}')
+    if "gpu" in kinds:
+        devices.append("gpu = { width = 1024, height = 768 }")
     vsock_path = Path(initrd).parent / "vsock.sock"
     if device_available("vsock"):
         devices.append(f'vsock = {{ cid = 3, socket = "{vsock_path}" }}')
@@ -458,7 +476,8 @@ def qemu_command(initrd, image, share, console, net=None):
         "-device", "virtio-blk-device,drive=disk",
         "-device", "virtio-rng-device",
         "-fsdev", f"local,id=share,path={share},security_model=none",
-        "-device", f"virtio-9p-device,fsdev=share,mount_tag={P9_TAG}", *netdev]
+        "-device", f"virtio-9p-device,fsdev=share,mount_tag={P9_TAG}",
+        "-device", "virtio-gpu-device,xres=1024,yres=768", *netdev]
 
 
 @contextlib.contextmanager
@@ -500,7 +519,7 @@ def run_qemu(initrd, image, share, quick, net=False):
     try:
         with qemu_guest(qemu_command(initrd, image, share, console, sockets),
                         console) as (shell, boot):
-            return {"boot_s": boot, **measure_guest(shell, ("block", "rng", "9p"), quick,
+            return {"boot_s": boot, **measure_guest(shell, ("block", "rng", "9p", "gpu"), quick,
                                                      net_peer=peer)}
     finally:
         if peer is not None:
@@ -514,11 +533,13 @@ def run(quick=False, runs=3):
     kinds = [k for k in device_kinds_available() if k in ("block", "rng", "net")]
     if importlib.util.find_spec("avatar_hw.devices.p9"):
         kinds.append("9p")
+    if importlib.util.find_spec("avatar_hw.devices.gpu"):
+        kinds.append("gpu")
     runs = 1 if quick else runs
     out = {"ours_device_kinds": ["console", *kinds], "runs": runs, "raw": {"ours": [], "qemu": []}}
     workdir = Path(tempfile.mkdtemp(prefix="avatar-bench-board-"))
     try:
-        initrd = build_initrd(workdir)
+        initrd = build_initrd(workdir, programs=("avbench", "avgpu"))
         image = workdir / "disk.img"
         block = os.urandom(MIB)                           # real data, clean in the page cache
         write_synced(image, [block] * (IMAGE_SIZE // MIB))

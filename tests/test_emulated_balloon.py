@@ -1,7 +1,8 @@
 """virtio-balloon used by a real arm64 Linux guest on the emulated board (marker ``emulated``):
 ``avatar-hw balloon`` inflates the guest by 128 MiB and deflates it again; the guest's
 /proc/meminfo, the device's ``actual``, the guest's statistics in ``avatar-hw info`` and
-the host's RAM file (its allocated blocks) all follow."""
+the host's RAM file (its allocated blocks) all follow. With DEFLATE_ON_OOM (a second
+guest), a guest inflated close to its memory takes pages back when it runs out."""
 
 import json
 import os
@@ -14,14 +15,14 @@ import pytest
 
 from avatar_hw import control
 from avatar_hw.emulated.session import EmulatedBoard
-from test_emulated_devices import run
+from test_emulated_devices import device, run
 from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
 
 MIB = 1 << 20
 BALLOON = 128 * MIB
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture            # one test each: the guest stops before the next one boots
 def board():
     # Without DEFLATE_ON_OOM Linux also takes the balloon out of MemTotal.
     board = EmulatedBoard(devices="balloon = { stats_interval = 1, deflate_on_oom = false }\n")
@@ -101,3 +102,48 @@ def test_balloon_inflates_and_deflates_a_linux_guest(board):
     balloon_cli(board, "1G")                                    # more than its RAM: empty
     assert wait_balloon(board, 0)["balloon"] == 0
     assert meminfo(board)["MemTotal"] == before["MemTotal"]
+
+
+@pytest.fixture
+def oom_board():
+    board = EmulatedBoard(devices="balloon = { stats_interval = 0, deflate_on_oom = true }\n")
+    board.start()
+    try:
+        board.guest = board.shell(timeout=120)
+        yield board
+    finally:
+        board.stop()
+
+
+def test_deflate_on_oom_gives_pages_back_and_the_guest_survives(oom_board):
+    """With VIRTIO_BALLOON_F_DEFLATE_ON_OOM Linux 6.1 registers an OOM notifier
+    (drivers/virtio/virtio_balloon.c, ``virtio_balloon_oom_notify``): each time the
+    allocator runs out it leaks 256 pages from the balloon (deflate queue, then
+    ``actual``) instead of killing a process. Inflate the guest to ~24 MiB free, make it
+    fill a tmpfs (unreclaimable without swap) with 64 MiB: it must succeed, nothing is
+    killed, and the device sees ``actual`` fall and the frames deflated."""
+    board = oom_board
+    run(board, "mkdir -p /oom && mount -t tmpfs -o size=512M tmpfs /oom")
+    ram, free = balloon_state(board)["ram"], meminfo(board)["MemFree"]
+    size = (free - 24 * MIB) // MIB * MIB
+    assert size >= 64 * MIB, free
+    balloon_cli(board, f"{(ram - size) // MIB}M")
+    assert wait_balloon(board, size)["balloon"] == size
+    assert meminfo(board)["MemFree"] < 40 * MIB
+    balloon = device(board, "balloon")
+    inflated, deflated = balloon.counters["pages_inflated"], balloon.counters["pages_deflated"]
+
+    out = run(board, "dd if=/dev/zero of=/oom/fill bs=1M count=64 2>&1 && "
+                     "wc -c < /oom/fill && echo alive", timeout=240)
+    assert out.split()[-2:] == [str(64 * MIB), "alive"], out
+    state = balloon_state(board)
+    assert state["balloon_target"] == size                    # the host's wish is unchanged
+    assert state["balloon"] <= size - 32 * MIB, state          # the guest took pages back
+    net = ((balloon.counters["pages_deflated"] - deflated)
+           - (balloon.counters["pages_inflated"] - inflated))
+    assert net * 4096 == size - state["balloon"], (net, balloon.counters, state)
+    killed = run(board, "dmesg | grep -c -e 'Killed process' -e 'invoked oom-killer' || true")
+    assert killed.split()[-1] == "0", "the OOM killer ran"
+    run(board, "rm /oom/fill")
+    balloon_cli(board, "4G")
+    assert wait_balloon(board, 0)["balloon"] == 0

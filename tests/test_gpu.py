@@ -237,17 +237,48 @@ def test_unref_detach_and_memory_is_given_back(gpu):
     assert dev.create(4, 1, 1) == g.RESP_OK_NODATA
     assert dev.create(5, 1, 1) == g.RESP_OK_NODATA
     assert dev.create(6, 1, 1) == g.RESP_ERR_OUT_OF_MEMORY              # max_resources
+    assert dev.device.info()["resources"] == 3
     dev.bench.driver.reset()                                             # reset frees all
     assert dev.device.resources == {} and dev.device.memory_used == 0
+    assert dev.device.info()["resources"] == 0
+
+
+def test_backing_entries_held_by_all_resources_are_bounded(gpu):
+    """Each backing entry is kept in host memory: 1024 tiny resources with 16384 scattered
+    entries each would hold 16 million; all resources together hold at most one entry per
+    page of ``max_memory`` and one per resource (what Linux's page-backed buffers need)."""
+    dev = gpu(width=64, height=64, max_memory=64 * 64 * 4 * 4, max_resources=8)
+    limit = dev.device.max_backing_entries
+    assert limit == 64 * 64 * 4 * 4 // 4096 + 8 == 24
+    base = dev.ram.alloc(64 * PAGE, PAGE)
+    scattered = [(base + 2 * i * PAGE, 16) for i in range(20)]           # none touch
+    for rid in (1, 2):
+        assert dev.create(rid, 1, 1) == g.RESP_OK_NODATA
+    assert dev.attach(1, scattered) == g.RESP_OK_NODATA
+    assert dev.attach(2, scattered) == g.RESP_ERR_OUT_OF_MEMORY          # 40 > 24
+    assert dev.device.resources[2].backing is None                       # nothing kept
+    assert dev.attach(2, scattered[:4]) == g.RESP_OK_NODATA              # 24: fits
+    assert dev.err(g.CMD_RESOURCE_DETACH_BACKING, "I4x", 1) == g.RESP_OK_NODATA
+    assert dev.attach(2, scattered) == g.RESP_ERR_UNSPEC                 # already backed
+    touching = [(base + i * PAGE, PAGE) for i in range(64)]              # merged into one
+    assert dev.attach(1, touching) == g.RESP_OK_NODATA
+    assert len(dev.device.resources[1].backing) == 1
 
 
 def test_cursor_queue(gpu):
     dev = gpu()
-    dev.framebuffer(9, 64, 64)
+    entries = dev.framebuffer(9, 64, 64)
+    image = pattern(64, 64, 5)
+    dev.write_backing(entries, image)
+    assert dev.transfer(9, 0, 0, 64, 64) == g.RESP_OK_NODATA
     cursor = g.CMD_UPDATE_CURSOR
     dev.request(cursor, "III4xIII4x", 0, 10, 20, 9, 3, 4, queue=dev.cursorq)
     assert dev.device.info()["cursor"] == {"resource_id": 9, "hot_x": 3, "hot_y": 4, "x": 10,
                                            "y": 20}
+    assert dev.device.cursor["image"] == image              # the pixels as transferred
+    dev.write_backing(entries, pattern(64, 64, 6))
+    assert dev.transfer(9, 0, 0, 64, 64) == g.RESP_OK_NODATA
+    assert dev.device.cursor["image"] == image              # a copy: kept until the next update
     dev.request(g.CMD_MOVE_CURSOR, "III4xIII4x", 0, 50, 60, 0, 0, 0, queue=dev.cursorq)
     assert dev.device.cursor["x"] == 50 and dev.device.cursor["y"] == 60
     errors = dev.device.counters["errors"]
@@ -257,6 +288,9 @@ def test_cursor_queue(gpu):
     assert dev.device.counters["errors"] == errors + 2
     assert dev.create(10, 32, 32) == g.RESP_OK_NODATA
     dev.request(cursor, "III4xIII4x", 0, 0, 0, 10, 0, 0, queue=dev.cursorq)   # not 64x64
+    assert dev.device.cursor["resource_id"] == 9 and dev.device.cursor["image"] == image
+    dev.request(cursor, "III4xIII4x", 0, 1, 2, 9, 0, 0, queue=dev.cursorq)    # again: new copy
+    assert dev.device.cursor["image"] == pattern(64, 64, 6)
     dev.request(cursor, "III4xIII4x", 0, 0, 0, 0, 0, 0, queue=dev.cursorq)    # hide
     assert dev.device.cursor is None
     assert dev.err(cursor, "III4xIII4x", 0, 0, 0, 9, 0, 0) == g.RESP_ERR_UNSPEC  # on controlq

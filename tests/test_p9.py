@@ -257,6 +257,98 @@ def test_directories_links_and_renames(fs, share):
     assert fs.rpc(p.TLOCK, struct.pack("<IBIQQI", 5, 0, 0, 0, 0, 1) + s("c")) == b"\0"
 
 
+def test_tremove_and_trename_act_on_what_the_fid_stands_for(fs, share):
+    """9P2000.L's fid-based remove and rename (Linux falls back to them when Tunlinkat or
+    Trenameat is refused; QEMU serves both): Tremove clunks the fid even when it fails."""
+    fs.walk(ROOT_FID, 2, "hello.txt")
+    fs.walk(ROOT_FID, 3, "sub")
+    fs.rpc(p.TRENAME, struct.pack("<II", 2, 3) + s("moved"))
+    assert not (share / "hello.txt").exists()
+    assert (share / "sub" / "moved").read_bytes() == b"hello from the host\n"
+    fs.rpc(p.TREMOVE, struct.pack("<I", 2))                 # found again at its new name
+    assert not (share / "sub" / "moved").exists()
+    assert errno_of(fs.getattr, 2) == errno.EBADF
+    (share / "sub" / "f").write_text("f")
+    assert errno_of(fs.rpc, p.TREMOVE, struct.pack("<I", 3)) == errno.ENOTEMPTY
+    assert errno_of(fs.getattr, 3) == errno.EBADF           # clunked all the same
+    fs.walk(ROOT_FID, 4, "sub", "f")
+    fs.rpc(p.TREMOVE, struct.pack("<I", 4))
+    fs.walk(ROOT_FID, 5, "sub")
+    fs.rpc(p.TREMOVE, struct.pack("<I", 5))
+    assert sorted(os.listdir(share)) == []
+    fs.walk(ROOT_FID, 6)
+    assert errno_of(fs.rpc, p.TREMOVE, struct.pack("<I", 6)) == errno.EBUSY   # the root
+    assert errno_of(fs.rpc, p.TRENAME, struct.pack("<II", ROOT_FID, ROOT_FID) + s("r")) \
+        == errno.EBUSY
+    for name in ("..", "a/b", ""):
+        assert errno_of(fs.rpc, p.TRENAME, struct.pack("<II", ROOT_FID, ROOT_FID) + s(name)) \
+            == errno.EINVAL
+
+
+def test_tremove_and_trename_never_reach_outside_the_share(fs, share, tmp_path, monkeypatch):
+    """The fid is found again from the root by its current path: a file the host moved out,
+    one unlinked and replaced, or a directory swapped for a symlink while it is looked up
+    leave what lies outside alone."""
+    (share / "sub" / "inner").write_text("inner\n")
+    fs.walk(ROOT_FID, 2, "sub", "inner")
+    os.rename(share / "sub" / "inner", tmp_path / "inner")          # the host moves it out
+    assert errno_of(fs.rpc, p.TRENAME, struct.pack("<II", 2, ROOT_FID) + s("back")) \
+        == errno.ENOENT
+    assert errno_of(fs.rpc, p.TREMOVE, struct.pack("<I", 2)) == errno.ENOENT
+    assert (tmp_path / "inner").exists() and not (share / "back").exists()
+    fs.walk(ROOT_FID, 3, "hello.txt")                               # unlinked, name reused
+    os.unlink(share / "hello.txt")
+    (share / "hello.txt").write_text("another file\n")
+    assert errno_of(fs.rpc, p.TREMOVE, struct.pack("<I", 3)) == errno.ENOENT
+    assert (share / "hello.txt").read_text() == "another file\n"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("victim\n")
+    (share / "sub" / "victim").write_text("in the share\n")
+    fs.walk(ROOT_FID, 4, "sub", "victim")
+    real_readlink, races = os.readlink, []
+
+    def racing_readlink(path, *a, **kw):            # the swap lands after the path is read
+        result = real_readlink(path, *a, **kw)
+        if races and result.endswith(races[0][0]):
+            races.pop(0)[1]()
+        return result
+
+    def swap_dir():
+        os.rename(share / "sub", share / "sub.old")
+        os.symlink(outside, share / "sub")
+    monkeypatch.setattr(p.os, "readlink", racing_readlink)
+    races.append((b"/sub/victim", swap_dir))
+    assert errno_of(fs.rpc, p.TREMOVE, struct.pack("<I", 4)) == errno.ENOENT
+    assert (outside / "victim").read_text() == "victim\n"
+    (share / "other").write_text("other\n")
+    fs.walk(ROOT_FID, 5, "other")
+    races.append((b"/other", lambda: os.replace(share / "hello.txt", share / "other")))
+    assert errno_of(fs.rpc, p.TREMOVE, struct.pack("<I", 5)) == errno.ENOENT
+    assert (share / "other").read_text() == "another file\n"
+    assert (share / "sub.old" / "victim").exists()
+
+
+def test_qid_paths_tell_apart_files_of_two_devices_with_one_inode_number(fs, share,
+                                                                        monkeypatch):
+    """Linux keys its inodes by the qid path: a file system mounted inside the folder must
+    not alias the folder's files (QEMU's multidevs=remap does the same)."""
+    server = fs.b.device.server
+    root = os.stat(share)
+    assert p.QID.unpack(fs.attach(fid=9))[2] == root.st_ino          # the folder's own: as is
+    assert fs.getattr(ROOT_FID)["qid"][2] == root.st_ino
+    assert server.qid_path(root.st_dev, 7) == 7
+    other = server.qid_path(root.st_dev + 1, 7)
+    assert other != 7 and other & ((1 << p.QID_INO_BITS) - 1) == 7
+    assert server.qid_path(root.st_dev + 1, 7) == other               # stable
+    assert server.qid_path(root.st_dev, 1 << 50) not in (1 << 50 & ((1 << 48) - 1), 7, other)
+    monkeypatch.setattr(p, "QID_PREFIXES_MAX", len(server.prefixes))
+    assert server.qid_path(root.st_dev + 1, 8) & ((1 << p.QID_INO_BITS) - 1) == 8
+    with pytest.raises(p.P9Error) as err:
+        server.qid_path(root.st_dev + 2, 7)                           # the table is bounded
+    assert err.value.errno == errno.ENFILE
+
+
 def test_readdir_in_small_pages_lists_every_name_once(fs, share):
     names = {f"file-{i:04d}-{'x' * (i % 40)}" for i in range(300)}
     for name in names:
@@ -382,6 +474,34 @@ def test_a_directory_moved_out_of_the_share_cannot_be_left_upwards(fs, share, tm
     os.rename(share / "sub", tmp_path / "moved")                    # the host moves it out
     assert errno_of(fs.walk, 2, 3, "..") == errno.EACCES
     assert errno_of(fs.walk, 2, 3, "..", "..", "secret") == errno.EACCES
+
+
+def test_names_never_change_in_a_directory_moved_out_of_the_share(fs, share, tmp_path):
+    """A fid still pins a directory the host moved out: nothing can be looked up, created,
+    linked, renamed or removed there, nor moved between it and the share (no write outside);
+    a file pinned before stays usable, like an open file."""
+    (share / "sub" / "inner").write_text("inner\n")
+    (share / "keep").write_text("keep\n")
+    fs.walk(ROOT_FID, 2, "sub")
+    fs.walk(ROOT_FID, 3, "sub", "inner")
+    fs.walk(ROOT_FID, 4, "keep")
+    os.rename(share / "sub", tmp_path / "moved")                    # the host moves it out
+    refused = [
+        (fs.lcreate, 2, "new"), (fs.mkdir, 2, "d"), (fs.symlink, 2, "l", "/"),
+        (fs.unlinkat, 2, "inner"), (fs.renameat, 2, "inner", ROOT_FID, "in"),
+        (fs.renameat, ROOT_FID, "keep", 2, "out"),
+        (fs.rpc, p.TLINK, struct.pack("<II", 2, 4) + s("out")),          # share -> moved
+        (fs.rpc, p.TLINK, struct.pack("<II", ROOT_FID, 3) + s("in")),    # moved -> share
+        (fs.rpc, p.TRENAME, struct.pack("<II", 4, 2) + s("out")),
+        (fs.rpc, p.TRENAME, struct.pack("<II", 3, ROOT_FID) + s("in")),
+    ]
+    for call, *args in refused:
+        assert errno_of(call, *args) in (errno.EACCES, errno.ENOENT), (call, args)
+    assert sorted(os.listdir(tmp_path / "moved")) == ["inner"]
+    assert sorted(os.listdir(share)) == ["hello.txt", "keep"]
+    assert errno_of(fs.walk, 2, 5, "inner") == errno.EACCES          # nor looked up
+    fs.lopen(3)                                                      # pinned before: usable
+    assert fs.read(3, 0, 100) == b"inner\n"
 
 
 def test_symlink_targets_are_stored_not_resolved(fs, share):

@@ -240,6 +240,39 @@ def test_a_guest_without_credit_stalls_the_host_writer_without_loss(tmp_path, lo
     assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
 
 
+def test_a_guest_lying_about_its_credit_gets_only_what_its_buffers_hold(tmp_path, loop):
+    """A 4 GiB buf_alloc, then a fwd_cnt ahead of what was sent: the device reads the
+    socket only into receive buffers the guest gave (it holds no host bytes itself), a
+    credit that is not there stops it, and what arrives is the stream, in order."""
+    g = Guest(tmp_path, loop)
+    g.buf_alloc = 0xFFFFFFFF
+    client, host_port = g.established()              # 32 receive buffers, one used
+    data = os.urandom(1 << 20)
+    client.setblocking(False)
+    written = 0
+    for _ in range(400):
+        try:
+            written += client.send(data[written:written + 65536])
+        except BlockingIOError:
+            break
+        g.spin(2)
+    received = b"".join(p for _, p in g.packets())
+    assert len(received) == 31 * PAYLOAD             # the buffers it had, no more
+    assert written > len(received)                   # the rest waits in the host's socket
+    assert g.packets() == [] and not g.device._control
+    conn = next(iter(g.device.conns.values()))
+    ahead = (conn.tx_cnt + 1000) & 0xFFFFFFFF        # "consumed" more than it got
+    g.send(5000, host_port, OP_CREDIT_UPDATE, buf_alloc=4096, fwd_cnt=ahead)
+    g.give_rx(4)
+    assert g.packets() == []                         # 4096 - (sent - ahead) mod 2**32 < 0
+    g.send(5000, host_port, OP_CREDIT_UPDATE, buf_alloc=4096, fwd_cnt=conn.tx_cnt)
+    got = b"".join(p for _, p in g.packets())
+    assert len(got) == 4096                          # exactly the credit, then it stops
+    received += got
+    assert received == data[:len(received)]
+    assert g.device.counters["bad_packets"] == 0 and g.device.conns
+
+
 def test_guest_data_the_host_does_not_read_waits_within_the_credit_advertised(tmp_path,
                                                                              loop):
     """The host reader stalls: the device keeps at most buf_alloc bytes (its advertised

@@ -33,8 +33,7 @@ Commands served (the error codes follow QEMU's hw/display/virtio-gpu.c):
   rectangle not inside the resource, or its last byte
   (``offset + stride * (h - 1) + w * 4``) past the backing: ERR_INVALID_PARAMETER.
   Row ``i`` of the rectangle comes from backing offset ``offset + stride * i``
-  (QEMU's rule), copied with memoryview slices, one slice per backing entry a
-  row crosses (one copy for full-width rectangles);
+  (QEMU's rule; the resources and their copies are ``gpu_resources``');
 * cursorq: UPDATE_CURSOR (a 64x64 resource's pixels are copied as the cursor
   image; resource 0 hides it) and MOVE_CURSOR; no response is written (used
   length 0), as QEMU.
@@ -59,14 +58,13 @@ resource as last transferred; the cursor is not drawn); ``avatar-hw screenshot``
 asks the daemon for it as a PNG (``avatar_hw.png``) through the control socket.
 """
 
-import bisect
-import mmap
 import struct
 
 from ..schema import Field, Schema, positive
 from ..virtio.buffers import gather, scatter
 from ..virtio.constants import ID_GPU, bit
 from ..virtio.device import VirtioDevice
+from .gpu_resources import BPP, FORMATS, MAX_RESOURCE_DIMENSION, Resource, edid, inside
 
 QUEUE_SIZE, CURSOR_QUEUE_SIZE = 256, 16         # QEMU's
 CONTROLQ, CURSORQ = 0, 1
@@ -83,22 +81,12 @@ RESP_ERR_UNSPEC, RESP_ERR_OUT_OF_MEMORY, RESP_ERR_INVALID_SCANOUT_ID = 0x1200, 0
 RESP_ERR_INVALID_RESOURCE_ID, RESP_ERR_INVALID_PARAMETER = 0x1203, 0x1205
 FLAG_FENCE = 1
 
-# formats (5.7.6.8): id -> byte offsets of red, green, blue in a pixel (memory order)
-FORMATS = {1: (2, 1, 0), 2: (2, 1, 0),          # B8G8R8A8, B8G8R8X8
-           3: (1, 2, 3), 4: (1, 2, 3),          # A8R8G8B8, X8R8G8B8
-           67: (0, 1, 2), 134: (0, 1, 2),       # R8G8B8A8, R8G8B8X8
-           68: (3, 2, 1), 121: (3, 2, 1)}       # X8B8G8R8, A8B8G8R8
-BPP = 4
 MAX_BACKING_ENTRIES = 16384                     # QEMU's limit
+PAGE = 4096
 MIN_SCANOUT = 16                                # QEMU refuses smaller scanout rectangles
 CURSOR_SIZE = 64
 MAX_DIMENSION = 4095                            # what an EDID detailed timing can hold
 MAX_SCANOUTS = 16                               # pmodes in GET_DISPLAY_INFO's response
-# A side of a resource: Linux's virtio-gpu never makes a framebuffer past 8192 (XRES_MAX,
-# YRES_MAX); the cap bounds the rows one transfer copies row by row.
-MAX_RESOURCE_DIMENSION = 8192
-ROW_COST = 1024             # a row copied on its own costs the turn as much as this many bytes
-
 HEADER = struct.Struct("<IIQIB3x")              # type, flags, fence_id, ctx_id, ring_idx
 # events_read, events_clear, num_scanouts, num_capsets
 CONFIG = struct.Struct("<IIII")
@@ -137,86 +125,6 @@ class GpuError(Exception):
         self.code, self.fmt, self.args_ = code, fmt, args
 
 
-def _inside(x, y, w, h, width, height):
-    """The rectangle lies inside a ``width`` x ``height`` image."""
-    return x + w <= width and y + h <= height
-
-
-class Resource:
-    """A 2D resource: its pixels in host memory and its backing's guest ranges."""
-
-    def __init__(self, resource_id, fmt, width, height):
-        self.id, self.format, self.width, self.height = resource_id, fmt, width, height
-        self.stride = width * BPP
-        # anonymous memory: made at once, zero pages taken from the host as they are
-        # written (a bytearray of 64 MiB took the event loop 0.1 s to fill with zeros)
-        self.pixels = mmap.mmap(-1, self.stride * height)
-        self.backing = None                     # [(gpa, length)], coalesced, no empty entry
-        self.starts = []                        # offset of each entry in the backing
-        self.backing_len = 0
-
-    def attach(self, ranges):
-        backing = []
-        for gpa, length in ranges:
-            if backing and backing[-1][0] + backing[-1][1] == gpa:
-                backing[-1] = (backing[-1][0], backing[-1][1] + length)
-            elif length:
-                backing.append((gpa, length))
-        self.backing, self.starts, total = backing, [], 0
-        for _, length in backing:
-            self.starts.append(total)
-            total += length
-        self.backing_len = total
-
-    def detach(self):
-        self.backing, self.starts, self.backing_len = None, [], 0
-
-    def copy_in(self, views, src, dst, n):
-        """Copy backing bytes ``src .. src + n - 1`` to pixel offset ``dst`` (the range is
-        checked by the caller to lie inside the backing); ``views`` (``backing_views``)
-        holds the entries' views of guest RAM."""
-        i = bisect.bisect_right(self.starts, src) - 1
-        while n:
-            view = views[i]
-            within = src - self.starts[i]
-            take = min(len(view) - within, n)
-            self.pixels[dst:dst + take] = view[within:within + take]
-            src, dst, n, i = src + take, dst + take, n - take, i + 1
-
-    def backing_views(self, memory):
-        """A view of guest RAM per backing entry, made once per transfer (each entry is
-        checked against the RAM again by ``memory.view``)."""
-        return [memory.view(gpa, length) for gpa, length in self.backing]
-
-
-def edid(width, height, refresh=60):
-    """A 128-byte EDID 1.4 base block whose preferred (detailed) timing is ``width`` x
-    ``height`` (at most 4095 each) with reduced blanking, at ``refresh`` Hz or as near as
-    the 16-bit pixel clock allows."""
-    hblank, hfront, hsync = 160, 48, 32
-    vblank, vfront, vsync = max(23, height // 30), 3, 6
-    clock = min(0xFFFF, -(-(width + hblank) * (height + vblank) * refresh // 10000))
-    mm_w, mm_h = width * 254 // 960, height * 254 // 960          # 96 dots per inch
-    dtd = struct.pack("<H16B", clock, width & 0xFF, hblank & 0xFF,
-                      (width >> 8) << 4 | hblank >> 8, height & 0xFF, vblank & 0xFF,
-                      (height >> 8) << 4 | vblank >> 8, hfront, hsync, vfront << 4 | vsync,
-                      0, mm_w & 0xFF, mm_h & 0xFF, (mm_w >> 8) << 4 | mm_h >> 8, 0, 0, 0x1E)
-    maker = ((ord("A") - 64) << 10 | (ord("V") - 64) << 5 | (ord("H") - 64)).to_bytes(2, "big")
-    block = bytearray(b"\x00\xff\xff\xff\xff\xff\xff\x00" + maker + struct.pack(
-        "<HIBBBB", 0x1234, 1, 1, 36, 1, 4))                       # product, serial, 2026, v1.4
-    block += bytes((0xA5, max(1, min(255, mm_w // 10)), max(1, min(255, mm_h // 10)),
-                    120, 0x06))                                   # digital 8 bpc, 2.2, sRGB
-    block += bytes((0xEE, 0x91, 0xA3, 0x54, 0x4C, 0x99, 0x26, 0x0F, 0x50, 0x54))  # sRGB
-    block += bytes((0x21, 0x08, 0x00)) + b"\x01\x01" * 8          # 640x480, 800x600, 1024x768
-    block += dtd
-    block += b"\x00\x00\x00\xfc\x00" + b"avatar-hw\n".ljust(13, b" ")
-    block += b"\x00\x00\x00\x10\x00" + bytes(13)
-    block += b"\x00\x00\x00\x10\x00" + bytes(13)
-    block += b"\x00"                                              # no extension
-    block.append(-sum(block) & 0xFF)
-    return bytes(block)
-
-
 def check_dimension(value):
     if not MIN_SCANOUT <= value <= MAX_DIMENSION:
         raise ValueError(f"must be {MIN_SCANOUT} to {MAX_DIMENSION} pixels, not {value}")
@@ -246,12 +154,16 @@ class GpuDevice(VirtioDevice):
                          config=CONFIG.pack(0, 0, 1, 0))
         self.width, self.height = width, height
         self.max_memory, self.max_resources = max_memory, max_resources
+        # Linux backs a resource with its own size in pages (merged where they touch): at
+        # most a page-sized entry per page of the budget and a partial one per resource
+        # (each entry is a tuple kept in host memory: bounded here, not by 16384 each)
+        self.max_backing_entries = max_memory // PAGE + max_resources
         self.edid = edid(width, height)
         self.resources = {}
         self.memory_used = 0
         self.scanout = None                     # (resource, x, y, w, h) or None: disabled
         self.cursor = None                      # {resource_id, hot_x, hot_y, x, y, image}
-        self.counters.update(resources=0, transfers=0, flushes=0, bytes_transferred=0)
+        self.counters.update(transfers=0, flushes=0, bytes_transferred=0)
         self._request = bytearray(MAX_REQUEST)
         self._work = 0                          # bytes-equivalent of this request's copies
         self._response = bytearray(max(DISPLAY_INFO_SIZE, EDID_SIZE))
@@ -262,7 +174,6 @@ class GpuDevice(VirtioDevice):
         self.resources.clear()
         self.memory_used = 0
         self.scanout = self.cursor = None
-        self.counters["resources"] = 0
         self.config[:] = CONFIG.pack(0, 0, 1, 0)
 
     def write_config(self, offset, data):
@@ -384,14 +295,12 @@ class GpuDevice(VirtioDevice):
                            self.memory_used, self.max_memory, len(self.resources))
         self.resources[resource_id] = Resource(resource_id, fmt, width, height)
         self.memory_used += size
-        self.counters["resources"] = len(self.resources)
         return RESP_OK_NODATA, HEADER.size
 
     def _unref(self, chain, resource_id):
         resource = self._resource(resource_id)
         del self.resources[resource_id]
         self.memory_used -= len(resource.pixels)
-        self.counters["resources"] = len(self.resources)
         if self.scanout is not None and self.scanout[0] is resource:
             self.scanout = None
         return RESP_OK_NODATA, HEADER.size
@@ -415,6 +324,11 @@ class GpuDevice(VirtioDevice):
                 raise GpuError(RESP_ERR_UNSPEC, "attach: entry 0x%x+0x%x is outside the RAM",
                                gpa, length)
         resource.attach(ranges)
+        held = sum(len(r.backing) for r in self.resources.values() if r.backing)
+        if held > self.max_backing_entries:
+            resource.detach()
+            raise GpuError(RESP_ERR_OUT_OF_MEMORY, "attach: %d backing entries held by all "
+                           "resources with these (at most %d)", held, self.max_backing_entries)
         return RESP_OK_NODATA, HEADER.size
 
     def _detach_backing(self, chain, resource_id):
@@ -436,7 +350,7 @@ class GpuDevice(VirtioDevice):
             raise GpuError(RESP_ERR_UNSPEC, "scanout of resource %d, which has no backing",
                            resource_id)
         if (w < MIN_SCANOUT or h < MIN_SCANOUT
-                or not _inside(x, y, w, h, resource.width, resource.height)):
+                or not inside(x, y, w, h, resource.width, resource.height)):
             raise GpuError(RESP_ERR_INVALID_PARAMETER, "scanout rectangle %dx%d+%d+%d in a "
                            "%dx%d resource", w, h, x, y, resource.width, resource.height)
         self.scanout = (resource, x, y, w, h)
@@ -444,7 +358,7 @@ class GpuDevice(VirtioDevice):
 
     def _flush(self, chain, x, y, w, h, resource_id):
         resource = self._resource(resource_id)
-        if not _inside(x, y, w, h, resource.width, resource.height):
+        if not inside(x, y, w, h, resource.width, resource.height):
             raise GpuError(RESP_ERR_INVALID_PARAMETER, "flush rectangle %dx%d+%d+%d in a "
                            "%dx%d resource", w, h, x, y, resource.width, resource.height)
         self.counters["flushes"] += 1
@@ -455,7 +369,7 @@ class GpuDevice(VirtioDevice):
         if resource.backing is None:
             raise GpuError(RESP_ERR_UNSPEC, "transfer: resource %d has no "
                            "backing", resource_id)
-        if not _inside(x, y, w, h, resource.width, resource.height):
+        if not inside(x, y, w, h, resource.width, resource.height):
             raise GpuError(RESP_ERR_INVALID_PARAMETER, "transfer rectangle %dx%d+%d+%d in a "
                            "%dx%d resource", w, h, x, y, resource.width, resource.height)
         if not w or not h:
@@ -464,17 +378,9 @@ class GpuDevice(VirtioDevice):
         if offset + stride * (h - 1) + row > resource.backing_len:
             raise GpuError(RESP_ERR_INVALID_PARAMETER, "transfer of %dx%d at backing offset "
                            "%d: past the %d-byte backing", w, h, offset, resource.backing_len)
-        dst = y * stride + x * BPP
-        views = resource.backing_views(self.memory)
-        if row == stride:                       # full rows: one contiguous range
-            resource.copy_in(views, offset, dst, stride * h)
-        else:
-            for i in range(h):
-                resource.copy_in(views, offset + stride * i, dst + stride * i, row)
-            self._work += h * ROW_COST
+        self._work += resource.transfer(self.memory, x, y, w, h, offset)
         self.counters["transfers"] += 1
         self.counters["bytes_transferred"] += row * h
-        self._work += row * h
         return RESP_OK_NODATA, HEADER.size
 
     def _update_cursor(self, kind, scanout, x, y, resource_id, hot_x, hot_y):
@@ -501,20 +407,12 @@ class GpuDevice(VirtioDevice):
         if self.scanout is None:
             return None
         resource, x, y, w, h = self.scanout
-        stride, row = resource.stride, w * BPP
-        pixels = bytearray(row * h)
-        for i in range(h):
-            start = (y + i) * stride + x * BPP
-            pixels[i * row:(i + 1) * row] = resource.pixels[start:start + row]
-        rgb = bytearray(w * h * 3)
-        for channel, at in enumerate(FORMATS[resource.format]):
-            rgb[channel::3] = pixels[at::BPP]
-        return w, h, bytes(rgb)
+        return w, h, resource.rgb(x, y, w, h)
 
     def info(self):
         out = super().info()
-        out.update(width=self.width, height=self.height, max_memory=self.max_memory,
-                   memory_used=self.memory_used, max_resources=self.max_resources,
+        out.update(resources=len(self.resources), width=self.width, height=self.height,
+                   max_memory=self.max_memory, memory_used=self.memory_used, max_resources=self.max_resources,
                    scanout=None if self.scanout is None else
                    {"resource": self.scanout[0].id, "rect": list(self.scanout[1:])},
                    cursor=None if self.cursor is None else

@@ -99,7 +99,7 @@ class P9Device(VirtioDevice):
         self.counters.update(fids=0)
 
     def detach(self):
-        if self.server.root_fd is not None:
+        if self.server.folder.root_fd is not None:
             release_fds(self._fds)
         self.server.close()
         super().detach()
@@ -113,7 +113,7 @@ class P9Device(VirtioDevice):
     def queue_notify(self, index):
         queue = self.queues[index]
         served = False
-        while self.server.root_fd is not None and (chain := queue.pop()) is not None:
+        while self.server.folder.root_fd is not None and (chain := queue.pop()) is not None:
             written, err = self.server.handle(chain.readable, chain.readable_len,
                                               chain.writable, chain.writable_len)
             if self.server.bug is not None:     # answered EIO; the device carries on
@@ -135,7 +135,7 @@ class P9Device(VirtioDevice):
     def info(self):
         out = super().info()
         out.update(tag=self.tag, path=self.path, readonly=self.server.readonly,
-                   security_model=self.server.model, msize=self.server.msize)
+                   security_model=self.server.folder.model, msize=self.server.msize)
         return out
 
 

@@ -20,66 +20,39 @@ What the device checks in each packet from the guest (tx queue), and answers:
 * REQUEST beyond ``max_connections``, or to a host port nobody listens on:
   RST.
 
-Flow control (5.10.6.3), both ways, nothing lost and nothing held without
-bound: the device advertises ``buf_alloc`` bytes per connection and
-``fwd_cnt`` (bytes written to the Unix socket); guest bytes the socket does
-not take at once wait in that connection's FIFO (at most ``buf_alloc``).
-It sends a CREDIT_UPDATE when the guest may be short of credit (half of it
-used and some freed) and for every CREDIT_REQUEST. Towards the guest it
-never sends more than ``buf_alloc - (tx_cnt - fwd_cnt)`` of the guest's
-last header: with no credit (or no receive buffers) it stops reading the
-Unix socket, so the host writer blocks in its socket.
-
-Shutdown: the guest's SHUTDOWN SEND half-closes the Unix socket once the
-FIFO is empty; SHUTDOWN RCV stops reading it; with both flags the device
-answers RST once the FIFO is empty and closes the socket. End of stream on
-the Unix socket sends SHUTDOWN SEND to the guest; an error on it, RST.
-Control packets to the guest wait (at most ``4 * max_connections + 64``;
-beyond that they are dropped and counted, and a connection that needed one
-is closed) until the guest gives receive buffers, and always go before data.
-
 ``transport_reset()`` drops every connection and posts
 VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (5.10.6.7) on the event queue: for a
 guest whose connections vanished behind its back. A device reset closes
 every connection (the guest's driver is gone).
+
+Connections, flow control and shutdowns: ``vsock_conn``.
 """
 
 import collections
 import os
 import struct
 
-from ..backends.vsock import Stream, connect_unix, listen, parse_connect, read_line, \
-    remove_listener
+from ..backends.vsock import listen, remove_listener
 from ..schema import REQUIRED, Field, Schema, positive, under
 from ..virtio.buffers import gather, scatter, skip, truncate
 from ..virtio.constants import ID_VSOCK, bit
 from ..virtio.device import VirtioDevice
+from .vsock_conn import (BUF_ALLOC, CONNECT_TIMEOUT, CONNECTING, FIRST_HOST_PORT, GREETING,
+                         HEADER, HEADER_LEN, HOST_CID, MASK32, OP_CREDIT_REQUEST,
+                         OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW,
+                         SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, Connections)
 
 F_STREAM = 0
 RX, TX, EVENT = 0, 1, 2
 QUEUE_SIZE, EVENT_QUEUE_SIZE = 256, 16
 
-HEADER = struct.Struct("<QQIIIHHIII")   # src_cid dst_cid src_port dst_port len type op flags
-HEADER_LEN = HEADER.size                # buf_alloc fwd_cnt (44 bytes)
 EVENT_STRUCT = struct.Struct("<I")
-HOST_CID = 2
-TYPE_STREAM = 1
-OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST = \
-    range(1, 8)
-SHUTDOWN_RCV, SHUTDOWN_SEND = 1, 2
 EVENT_TRANSPORT_RESET = 0
 
 MIN_CID, MAX_CID = 3, 0xFFFFFFFE        # 0-2 are reserved, 0xFFFFFFFF is VMADDR_CID_ANY
-BUF_ALLOC = 256 << 10                   # bytes of guest data held per connection
 MAX_PACKET = 64 << 10                   # payload per packet to the guest (Linux's maximum)
 DEFAULT_MAX_CONNECTIONS = 64
-CONNECT_TIMEOUT = 2.0                   # seconds for a CONNECT line, then for the guest
 READS_PER_CALLBACK = 16                 # packets from one socket per readiness callback
-FIRST_HOST_PORT = 1 << 30               # host-side ports of host-initiated connections
-MASK32 = 0xFFFFFFFF
-MAX_LOG = 40                            # bytes of a bad CONNECT line in the log
-
-GREETING, CONNECTING, ESTABLISHED = "greeting", "connecting", "established"
 
 
 def check_cid(cid):
@@ -88,40 +61,7 @@ def check_cid(cid):
                          "(0-2 are reserved)")
 
 
-class Connection:
-    """One stream: ``host_port`` on CID 2 <-> ``guest_port`` on the guest."""
-
-    def __init__(self, stream, host_port, guest_port, state):
-        self.stream, self.host_port, self.guest_port, self.state = \
-            stream, host_port, guest_port, state
-        self.rx_cnt = 0            # bytes received from the guest
-        self.fwd_cnt = 0           # of those, written to the socket
-        self.fwd_cnt_sent = 0      # fwd_cnt in our last header to the guest
-        self.tx_cnt = 0            # bytes sent to the guest
-        self.peer_buf_alloc = self.peer_fwd_cnt = 0
-        self.guest_shut = 0        # SHUTDOWN flags from the guest, cumulative
-        self.host_eof = False      # the socket's peer shut its writing side
-        self.reading = False       # its reader is registered
-        self.writing = False       # its writer is registered
-        self.credit_update_queued = False
-        self.timer = None
-
-    @property
-    def key(self):
-        return self.host_port, self.guest_port
-
-    def peer_credit(self):
-        """Bytes the guest can take now (its last buf_alloc and fwd_cnt)."""
-        in_flight = (self.tx_cnt - self.peer_fwd_cnt) & MASK32
-        return max(0, self.peer_buf_alloc - in_flight)
-
-    def wants_input(self):
-        """Should the socket be read (guest connected, willing and with credit)?"""
-        return (self.state == ESTABLISHED and not self.host_eof
-                and not self.guest_shut & SHUTDOWN_RCV and self.peer_credit() > 0)
-
-
-class VsockDevice(VirtioDevice):
+class VsockDevice(Connections, VirtioDevice):
     """A virtio-vsock device for guest ``cid``, its host side at Unix socket ``socket``."""
 
     device_id = ID_VSOCK
@@ -212,123 +152,6 @@ class VsockDevice(VirtioDevice):
         queue.add_used(chain.head, n)
         self.signal_used(queue)
 
-    # -- connections ------------------------------------------------------------------------
-
-    def _accept(self):
-        try:
-            sock, _ = self.listener.accept()
-        except OSError:
-            return
-        if len(self.conns) + len(self.greeting) >= self.max_connections:
-            self.error("host connection to %s refused: %d connections already (max_"
-                       "connections)", self.path, self.max_connections)
-            sock.close()
-            return
-        conn = Connection(Stream(sock, self.buf_alloc), 0, 0, GREETING)
-        self.greeting[conn.stream.fileno()] = conn
-        conn.timer = self.loop.call_later(self.connect_timeout, lambda: self._timed_out(conn))
-        self.loop.add_reader(conn.stream, lambda: self._read_greeting(conn))
-
-    def _read_greeting(self, conn):
-        line = read_line(conn.stream.sock)
-        if line is None:
-            return
-        port = parse_connect(line) if line else None
-        if port is None:
-            self.error("host connection to %s closed: expected 'CONNECT <port>\\n', got "
-                       "%r", self.path, bytes(line[:MAX_LOG]))
-            self._close(conn)
-            return
-        self._end_greeting(conn)
-        conn.host_port, conn.guest_port, conn.state = self._free_port(port), port, CONNECTING
-        self.conns[conn.key] = conn
-        self.counters["connections"] += 1
-        self._queue(conn, OP_REQUEST)
-        self._flush_control()
-
-    def _end_greeting(self, conn):
-        self.loop.remove_reader(conn.stream)
-        del self.greeting[conn.stream.fileno()]
-
-    def _free_port(self, guest_port):
-        """The next host port (from 2**30, wrapping) no connection to ``guest_port`` uses."""
-        while True:
-            port = self._next_port
-            self._next_port = FIRST_HOST_PORT + (port + 1 - FIRST_HOST_PORT) % FIRST_HOST_PORT
-            if (port, guest_port) not in self.conns:
-                return port
-
-    def _timed_out(self, conn):
-        conn.timer = None
-        if conn.state == ESTABLISHED or conn.stream is None:
-            return
-        if conn.state == GREETING:
-            self._close(conn)
-        else:
-            self._reset(conn)
-            self._flush_control()
-
-    def _guest_connect(self, host_port, guest_port):
-        if len(self.conns) + len(self.greeting) >= self.max_connections:
-            self.error("guest connection to port %d refused: %d connections already "
-                       "(max_connections)", host_port, self.max_connections)
-            self._queue_rst(host_port, guest_port)
-            return
-        sock = connect_unix(f"{self.path}_{host_port}")
-        if sock is None:
-            self._queue_rst(host_port, guest_port)
-            return
-        conn = Connection(Stream(sock, self.buf_alloc), host_port, guest_port, ESTABLISHED)
-        self.conns[conn.key] = conn
-        self.counters["connections"] += 1
-        self._queue(conn, OP_RESPONSE)
-
-    def _established(self, conn):
-        if not conn.stream.send_line(f"OK {conn.host_port}\n"):
-            self._reset(conn)
-            return
-        conn.state = ESTABLISHED
-        if conn.timer is not None:
-            self.loop.cancel(conn.timer)
-            conn.timer = None
-        self._update_reader(conn)
-
-    def _update_reader(self, conn):
-        want = conn.wants_input() and conn not in self._starved
-        if want != conn.reading:
-            conn.reading = want
-            if want:
-                self.loop.add_reader(conn.stream, lambda: self._read(conn))
-            else:
-                self.loop.remove_reader(conn.stream)
-
-    def _close(self, conn):
-        """Forget ``conn`` and close its socket (no packet to the guest)."""
-        if conn.stream is None:
-            return
-        if conn.timer is not None:
-            self.loop.cancel(conn.timer)
-            conn.timer = None
-        if conn.state == GREETING:
-            self._end_greeting(conn)
-        if conn.reading:
-            self.loop.remove_reader(conn.stream)
-        if conn.writing:
-            self.loop.remove_writer(conn.stream)
-        conn.reading = conn.writing = False
-        if self.conns.get(conn.key) is conn:
-            del self.conns[conn.key]
-        if conn in self._starved:
-            self._starved.remove(conn)
-        conn.stream.close()
-        conn.stream = None
-
-    def _reset(self, conn):
-        """Close ``conn`` and send the guest RST for it."""
-        key = conn.key
-        self._close(conn)
-        self._queue_rst(*key)
-
     # -- guest -> host ----------------------------------------------------------------------
 
     def _transmit(self):
@@ -401,61 +224,6 @@ class VsockDevice(VirtioDevice):
             return
         if conn.stream is not None:
             self._update_reader(conn)
-
-    def _guest_data(self, conn, chain, length):
-        if conn.state != ESTABLISHED or conn.guest_shut & SHUTDOWN_SEND:
-            self._bad("data on connection %d:%d that is %s; reset", conn.host_port,
-                      conn.guest_port, "shut" if conn.state == ESTABLISHED else conn.state)
-            self._reset(conn)
-            return
-        if not length:
-            return
-        free = self.buf_alloc - (conn.rx_cnt - conn.fwd_cnt)
-        views = truncate(skip(chain.readable, HEADER_LEN), length)
-        sent = conn.stream.write(views, length) if length <= free else None
-        if sent is None:
-            if length > free:
-                self._bad("%d bytes on connection %d:%d with %d bytes of credit; reset",
-                          length, conn.host_port, conn.guest_port, free)
-            self._reset(conn)
-            return
-        conn.rx_cnt += length
-        self.count(bytes_from_guest=length)
-        self._forwarded(conn, sent)
-
-    def _forwarded(self, conn, sent):
-        """``sent`` more guest bytes reached the socket: credit, a writer if some wait."""
-        conn.fwd_cnt += sent
-        pending = bool(conn.stream.pending)
-        if pending != conn.writing:
-            conn.writing = pending
-            if pending:
-                self.loop.add_writer(conn.stream, lambda: self._write(conn))
-            else:
-                self.loop.remove_writer(conn.stream)
-        unseen = conn.fwd_cnt - conn.fwd_cnt_sent
-        if unseen and conn.rx_cnt - conn.fwd_cnt_sent > self.buf_alloc // 2:
-            self._queue(conn, OP_CREDIT_UPDATE)
-        if not pending:
-            self._drained(conn)
-
-    def _write(self, conn):
-        sent = conn.stream.flush()
-        if sent is None:
-            self._reset(conn)
-            return
-        self._forwarded(conn, sent)
-        self._flush_rx()
-
-    def _drained(self, conn):
-        """The FIFO is empty: carry out the guest's shutdown, if any."""
-        if conn.stream is None or conn.stream.pending:
-            return
-        if conn.guest_shut & SHUTDOWN_SEND and (conn.guest_shut & SHUTDOWN_RCV
-                                                or conn.host_eof):
-            self._reset(conn)       # both sides done: RST ends it (5.10.6.6)
-        elif conn.guest_shut & SHUTDOWN_SEND:
-            conn.stream.shutdown_write()
 
     # -- host -> guest ----------------------------------------------------------------------
 

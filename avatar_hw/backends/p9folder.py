@@ -1,0 +1,215 @@
+"""The shared folder of virtio-9p as a box, and the owners of its files: everything the
+file server (``p9fs.P9Server``) does to a host path goes through a ``Folder``.
+
+Confinement:
+
+* every fid holds an ``O_PATH`` file descriptor; a walk opens one component at
+  a time with ``openat(dirfd, name, O_PATH | O_NOFOLLOW)`` relative to the fd
+  the server already holds (``Folder.step``), so a symlink is never followed (the
+  client resolves symlinks itself), and a rename or a swap of a directory for a
+  symlink between two requests cannot redirect a later one: it acts on the inode the
+  fid pins;
+* names are single components: ``/``, NUL, the empty name and (for creation)
+  ``.`` and ``..`` are refused; ``..`` at the root stays at the root, and a
+  ``..`` elsewhere is checked to lead back up to the root (a directory moved out
+  by the host cannot be left through);
+* what acts on a fid's own name (Tremove, Trename, Tlink's file) finds it again from
+  the root by its current path, one ``step`` at a time, and checks the inode
+  (``Folder.locate``); names are looked up and changed only in directories that still
+  lead up to the root (``beneath_root``: not in one the host moved out);
+* opening for I/O reopens the pinned inode through ``/proc/self/fd`` (what
+  virtiofsd does), only for regular files and directories (a symlink, FIFO or
+  device node is never opened: EACCES / ELOOP); ``mknod`` is refused (EPERM).
+
+Ownership (``security_model``, as QEMU's): ``passthrough`` chowns files to the
+guest's uid/gid (needs root); ``mapped-xattr`` creates files as the daemon
+(0600, directories 0700) and keeps the guest's uid, gid and mode in
+``user.virtfs.{uid,gid,mode}`` xattrs, which getattr reports (and the guest
+cannot see or set); ``none`` ignores ownership changes and reports what the host has
+(and never sets setuid or setgid bits: its files are the daemon's).
+"""
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import platform
+import stat
+import struct
+
+from .p9wire import P9Error, name_ok
+
+MODELS = ("passthrough", "mapped-xattr", "none")
+AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW = 0x1000, 0x100
+XATTR_UID, XATTR_GID, XATTR_MODE = b"user.virtfs.uid", b"user.virtfs.gid", b"user.virtfs.mode"
+XATTR_PREFIX = "user.virtfs."
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_SYS_GETDENTS64 = {"x86_64": 217, "aarch64": 61, "armv7l": 217, "riscv64": 61}.get(
+    platform.machine(), 61)
+
+
+def _check(result):
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+def fchown_empty(fd, uid, gid):
+    """fchownat(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW): chown what an O_PATH fd pins."""
+    _check(_libc.fchownat(fd, b"", ctypes.c_uint32(uid), ctypes.c_uint32(gid),
+                          AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
+
+
+def getdents(fd, buffer, length):
+    """getdents64 into the first ``length`` bytes of ``buffer`` (a ctypes buffer); the
+    bytes filled (0 at the end)."""
+    return _check(_libc.syscall(_SYS_GETDENTS64, fd, buffer, ctypes.c_size_t(length)))
+
+
+def proc(fd):
+    return f"/proc/self/fd/{fd}"
+
+
+class Folder:
+    """The host folder ``root``, opened once; ``security_model``: one of ``MODELS``."""
+
+    def __init__(self, root, security_model="none"):
+        if security_model not in MODELS:
+            raise ValueError(f"security_model {security_model!r}: give one of {', '.join(MODELS)}")
+        self.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = os.fstat(self.root_fd)
+        self.root_id = (st.st_dev, st.st_ino)
+        self.model = security_model
+
+    def close(self):
+        if self.root_fd is not None:
+            os.close(self.root_fd)
+            self.root_fd = None
+
+    # -- paths -----------------------------------------------------------------------------------
+
+    def is_root(self, fd):
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == self.root_id
+
+    def step(self, fd, name):
+        """An O_PATH fd for ``name`` under ``fd`` (never following a symlink, never above
+        the root)."""
+        if name == b".":
+            return os.dup(fd)
+        if name == b"..":
+            if self.is_root(fd):
+                return os.dup(fd)
+            parent = os.open(b"..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            if not self.beneath_root(parent):
+                os.close(parent)
+                raise P9Error(errno.EACCES)
+            return parent
+        return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+
+    def beneath_root(self, fd):
+        """True if going up from directory ``fd`` reaches the root (at most 4096 levels)."""
+        cur = os.dup(fd)
+        try:
+            for _ in range(4096):
+                st = os.fstat(cur)
+                if (st.st_dev, st.st_ino) == self.root_id:
+                    return True
+                up = os.open(b"..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=cur)
+                same = os.path.samestat(os.fstat(up), st)
+                os.close(cur)
+                cur = up
+                if same:
+                    return False              # the file system's root, not ours
+            return False
+        finally:
+            os.close(cur)
+
+    def locate(self, fd):
+        """(an O_PATH fd of the parent directory, the name) of what ``fd`` pins, found again
+        from the root one component at a time (``step``: no symlink followed, nothing
+        above the root) by its current path, and checked to be the same inode: ENOENT if
+        it was unlinked or is no longer under the root, EBUSY for the root itself. The
+        name is then acted on relative to that parent, which lies inside the folder."""
+        root, path = (os.readlink(os.fsencode(proc(f))) for f in (self.root_fd, fd))
+        if path == root:
+            raise P9Error(errno.EBUSY)
+        prefix = root.rstrip(b"/") + b"/"
+        if not path.startswith(prefix):
+            raise P9Error(errno.ENOENT)
+        *dirs, name = path[len(prefix):].split(b"/")
+        parent = os.dup(self.root_fd)
+        try:
+            for part in dirs:
+                nxt = self.step(parent, name_ok(part, dots=True))
+                os.close(parent)
+                parent = nxt
+                if not stat.S_ISDIR(os.fstat(parent).st_mode):
+                    raise P9Error(errno.ENOENT)
+            name_ok(name)
+            if not os.path.samestat(os.stat(name, dir_fd=parent, follow_symlinks=False),
+                                    os.fstat(fd)):
+                raise P9Error(errno.ENOENT)
+        except BaseException:
+            os.close(parent)
+            raise
+        return parent, name
+
+    # -- owners ------------------------------------------------------------------------------------
+
+    def owned(self, fd, st, uid, gid, mode):
+        """Record a new file's guest owner and mode as the security model says."""
+        if self.model == "passthrough":
+            fchown_empty(fd, uid, gid)
+        elif self.model == "mapped-xattr" and not stat.S_ISLNK(st.st_mode):
+            for key, value in ((XATTR_UID, uid), (XATTR_GID, gid), (XATTR_MODE, mode & 0o7777)):
+                os.setxattr(proc(fd), key, struct.pack("<I", value))
+
+    def mapped(self, fd, st):
+        """(uid, gid, mode) as the guest sees them."""
+        uid, gid, mode = st.st_uid, st.st_gid, st.st_mode
+        if self.model == "mapped-xattr" and not stat.S_ISLNK(st.st_mode):
+            for key in (XATTR_UID, XATTR_GID, XATTR_MODE):
+                try:
+                    value = struct.unpack("<I", os.getxattr(proc(fd), key)[:4].ljust(4, b"\0"))[0]
+                except OSError:
+                    continue
+                if key == XATTR_UID:
+                    uid = value
+                elif key == XATTR_GID:
+                    gid = value
+                else:
+                    mode = stat.S_IFMT(mode) | (value & 0o7777)
+        return uid, gid, mode
+
+    def create_mode(self, mode, directory):
+        if self.model == "mapped-xattr":
+            return 0o700 if directory else 0o600
+        return self.host_mode(mode)
+
+    def host_mode(self, mode):
+        """Mode bits a file of the folder may get: the guest's, without setuid and setgid
+        unless the model is passthrough (files are the daemon's own under none)."""
+        return mode & (0o7777 if self.model == "passthrough" else 0o1777)
+
+    def set_mode(self, fd, mode):
+        """Tsetattr's mode of what ``fd`` pins (not a symlink)."""
+        if self.model == "mapped-xattr":
+            os.setxattr(proc(fd), XATTR_MODE, struct.pack("<I", mode & 0o7777))
+        else:
+            os.chmod(proc(fd), self.host_mode(mode))
+
+    def set_owner(self, fd, uid, gid, link):
+        """Tsetattr's owner (0xFFFFFFFF: unchanged) of what ``fd`` pins; ``link``: a symlink."""
+        if self.model == "passthrough":
+            fchown_empty(fd, uid, gid)
+        elif self.model == "mapped-xattr" and not link:
+            for key, value in ((XATTR_UID, uid), (XATTR_GID, gid)):
+                if value != 0xFFFFFFFF:
+                    os.setxattr(proc(fd), key, struct.pack("<I", value))
+
+    def hidden(self, name):
+        """The xattr ``name`` (str) is the mapping's own: the guest neither sees nor sets it."""
+        return self.model == "mapped-xattr" and name.startswith(XATTR_PREFIX)

@@ -1,0 +1,228 @@
+"""The open files of virtio-9p's file server (``p9fs.P9Server``): Tlopen, Tlcreate,
+Tread, Twrite, Tfsync, Treaddir, and the xattr fids read and written like files
+(Txattrwalk, Txattrcreate, committed at Tclunk).
+
+Reads and writes move with ``preadv``/``pwritev`` straight between the file and the
+guest's buffers; readdir reads the directory with ``getdents64`` at the kernel's
+offsets (no listing kept); xattr values are at most 64 KiB, 1 MiB held by all fids.
+"""
+
+import ctypes
+import errno
+import os
+import stat
+import struct
+
+from ..virtio.buffers import scatter, skip, transfer, truncate
+from .p9folder import getdents, proc
+from .p9wire import (DIRENT64, DOTL_ACCMODE, DOTL_APPEND, DOTL_DSYNC, DOTL_SYNC, DOTL_TRUNC,
+                     IOHDR, MSIZE_MAX, NAME_MAX, QID, QTDIR, QTFILE, QTSYMLINK, READ_REPLY,
+                     TREAD, WRITE_HEADER, XATTR_HELD_MAX, XATTR_MAX, P9Error, name_ok, pstr)
+
+
+class OpenFiles:
+    """``P9Server``'s handlers of open files (a mixin: it uses the server's fids, ``folder``,
+    ``msize`` and ``qid``)."""
+
+    def __init__(self):
+        self._dents = ctypes.create_string_buffer(MSIZE_MAX)
+
+    # -- open files ----------------------------------------------------------------------------
+
+    def _open_flags(self, flags):
+        acc = flags & DOTL_ACCMODE
+        if acc == 3:
+            raise P9Error(errno.EINVAL)
+        if acc != os.O_RDONLY or flags & DOTL_TRUNC:
+            self.writes()
+        host = acc | os.O_CLOEXEC
+        for dotl, bit in ((DOTL_TRUNC, os.O_TRUNC), (DOTL_APPEND, os.O_APPEND),
+                          (DOTL_DSYNC, os.O_DSYNC), (DOTL_SYNC, os.O_SYNC)):
+            if flags & dotl:
+                host |= bit
+        return host, acc != os.O_RDONLY
+
+    def lopen(self, r):
+        fid_no, flags = r.take("II")
+        fid = self.fid(fid_no)
+        if fid.open_fd is not None or fid.xattr is not None:
+            raise P9Error(errno.EBADF)
+        st = self.stat_of(fid)
+        host, writable = self._open_flags(flags)
+        if stat.S_ISDIR(st.st_mode):
+            if writable:
+                raise P9Error(errno.EISDIR)
+            host = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        elif stat.S_ISLNK(st.st_mode):
+            raise P9Error(errno.ELOOP)
+        elif not stat.S_ISREG(st.st_mode):
+            raise P9Error(errno.EACCES)      # FIFOs and device nodes are not served
+        fd = os.open(proc(fid.path_fd), host)
+        if not os.path.samestat(os.fstat(fd), st):
+            os.close(fd)
+            raise P9Error(errno.EAGAIN)
+        fid.open_fd, fid.writable = fd, writable
+        return self.qid(st) + struct.pack("<I", 0)
+
+    def lcreate(self, r):
+        fid_no, name, flags, mode, gid = r.take("I"), r.string(), *r.take("III")
+        fid = self.fid(fid_no)
+        name_ok(name)
+        if fid.open_fd is not None or fid.xattr is not None:
+            raise P9Error(errno.EBADF)
+        self.writes()
+        self.under_root(fid)
+        host, writable = self._open_flags(flags)
+        fd = os.open(name, host | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                     self.folder.create_mode(mode, False),
+                     dir_fd=fid.path_fd)
+        try:
+            path_fd = os.open(proc(fd), os.O_PATH | os.O_CLOEXEC)
+        except BaseException:
+            os.close(fd)
+            raise
+        st = os.fstat(fd)
+        try:
+            self.folder.owned(path_fd, st, fid.uid, gid, mode)
+        except BaseException:
+            os.close(fd)
+            os.close(path_fd)
+            raise
+        os.close(fid.path_fd)                 # the fid now stands for the new, open file
+        fid.path_fd, fid.open_fd, fid.writable = path_fd, fd, writable
+        return self.qid(st) + struct.pack("<I", 0)
+
+    def open_fid(self, number):
+        fid = self.fid(number)
+        if fid.open_fd is None and fid.xattr is None:
+            raise P9Error(errno.EBADF)
+        return fid
+
+    def read(self, head, size, tag, writable, writable_len):
+        """Tread: the data goes with preadv straight into the guest's buffers after the header."""
+        if size != WRITE_HEADER.size:
+            raise P9Error(errno.EPROTO)
+        _, _, _, fid_no, offset, count = WRITE_HEADER.unpack_from(head)
+        fid = self.open_fid(fid_no)
+        count = min(count, self.msize - READ_REPLY.size, writable_len - READ_REPLY.size)
+        if fid.xattr is not None:
+            data = bytes(fid.xattr[offset:offset + count]) if offset < len(fid.xattr) else b""
+            n = scatter(data, skip(writable, READ_REPLY.size))
+        else:
+            if offset >= 2**63:
+                raise P9Error(errno.EINVAL)
+            n = transfer(os.preadv, fid.open_fd, truncate(skip(writable, READ_REPLY.size), count),
+                         offset) if count > 0 else 0
+        scatter(READ_REPLY.pack(READ_REPLY.size + n, TREAD + 1, tag, n), writable)
+        return READ_REPLY.size + n
+
+    def write(self, head, size, readable):
+        """Twrite: the data goes with pwritev straight from the guest's buffers."""
+        _, _, _, fid_no, offset, count = WRITE_HEADER.unpack_from(head)
+        if size < WRITE_HEADER.size or size != WRITE_HEADER.size + count:
+            raise P9Error(errno.EPROTO)
+        fid = self.open_fid(fid_no)
+        data = truncate(skip(readable, WRITE_HEADER.size), count)
+        if fid.xattr is not None:
+            if fid.xattr_name is None or offset != len(fid.xattr) or \
+                    offset + count > fid.xattr_size:
+                raise P9Error(errno.EINVAL)
+            for view in data:
+                fid.xattr += view
+            return struct.pack("<I", count)
+        if not fid.writable:
+            raise P9Error(errno.EBADF)
+        if offset >= 2**63:
+            raise P9Error(errno.EINVAL)
+        return struct.pack("<I", transfer(os.pwritev, fid.open_fd, data, offset))
+
+    def fsync(self, r):
+        fid_no, datasync = r.take("II")
+        fid = self.open_fid(fid_no)
+        if fid.open_fd is not None:
+            (os.fdatasync if datasync else os.fsync)(fid.open_fd)
+        return b""
+
+    def readdir(self, r):
+        fid_no, offset, count = r.take("IQI")
+        fid = self.open_fid(fid_no)
+        if fid.open_fd is None or not stat.S_ISDIR(self.stat_of(fid).st_mode):
+            raise P9Error(errno.ENOTDIR)
+        count = min(count, self.msize - IOHDR)
+        if offset >= 2**63:
+            raise P9Error(errno.EINVAL)
+        os.lseek(fid.open_fd, offset, os.SEEK_SET)
+        dev = os.fstat(fid.open_fd).st_dev          # a mount point's entry has its own below
+        out = bytearray()
+        buf = self._dents
+        n = getdents(fid.open_fd, buf, min(count, len(buf)))
+        raw = ctypes.string_at(buf, n)
+        pos = 0
+        while pos < n:
+            ino, d_off, reclen, d_type = DIRENT64.unpack_from(raw, pos)
+            name = raw[pos + DIRENT64.size:pos + reclen].split(b"\0", 1)[0]
+            pos += reclen
+            kind = QTDIR if d_type == 4 else QTSYMLINK if d_type == 10 else QTFILE
+            entry = QID.pack(kind, 0, self.qid_path(dev, ino)) + struct.pack("<QB", d_off, d_type) + pstr(name)
+            if len(out) + len(entry) > count - 4:
+                break
+            out += entry
+        return struct.pack("<I", len(out)) + out
+
+    # -- xattr fids ----------------------------------------------------------------------------
+
+    def _xattr_room(self, size):
+        held = sum(max(len(f.xattr), f.xattr_size) for f in self.fids.values()
+                   if f.xattr is not None)
+        if held + size > XATTR_HELD_MAX:
+            raise P9Error(errno.ENOMEM)
+
+    def _xattr_name(self, name):
+        if len(name) > NAME_MAX or b"\0" in name:
+            raise P9Error(errno.EINVAL)
+        if self.folder.hidden(os.fsdecode(name)):
+            raise P9Error(errno.EACCES)      # the mapping's own attributes
+        return name
+
+    def xattrwalk(self, r):
+        fid_no, newfid, name = r.take("II") + (r.string(),)
+        fid = self.fid(fid_no)
+        st = self.stat_of(fid)
+        if stat.S_ISLNK(st.st_mode):
+            raise P9Error(errno.ENODATA if name else errno.EOPNOTSUPP)
+        if name:
+            value = os.getxattr(proc(fid.path_fd), self._xattr_name(name))
+        else:
+            names = [n for n in os.listxattr(proc(fid.path_fd)) if not self.folder.hidden(n)]
+            value = b"".join(os.fsencode(n) + b"\0" for n in names)
+        if len(value) > XATTR_MAX:
+            raise P9Error(errno.E2BIG)
+        self._xattr_room(len(value))
+        self.new_fid(newfid, os.dup(fid.path_fd), fid.uid, replace=fid_no)
+        self.fids[newfid].xattr = bytearray(value)
+        return struct.pack("<Q", len(value))
+
+    def xattrcreate(self, r):
+        fid_no, name, size, flags = r.take("I"), r.string(), *r.take("QI")
+        fid = self.fid(fid_no)
+        self.writes()
+        if size > XATTR_MAX or flags & ~3 or fid.open_fd is not None or fid.xattr is not None:
+            raise P9Error(errno.EINVAL)
+        self._xattr_room(size)
+        fid.xattr_name, fid.xattr_size, fid.xattr_flags = self._xattr_name(name), size, flags
+        fid.xattr = bytearray()
+        return b""
+
+    def _commit_xattr(self, fid):
+        if len(fid.xattr) != fid.xattr_size:
+            raise P9Error(errno.EINVAL)
+        if stat.S_ISLNK(os.fstat(fid.path_fd).st_mode):
+            raise P9Error(errno.EPERM)
+        if fid.xattr_size == 0 and fid.xattr_flags == 0:
+            try:
+                os.removexattr(proc(fid.path_fd), fid.xattr_name)
+            except OSError as err:
+                if err.errno != errno.ENODATA:
+                    raise
+            return
+        os.setxattr(proc(fid.path_fd), fid.xattr_name, bytes(fid.xattr), fid.xattr_flags)

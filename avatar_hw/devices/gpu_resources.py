@@ -1,0 +1,133 @@
+"""virtio-gpu 2D resources (``gpu.GpuDevice``'s): pixels in host memory, a backing of guest
+RAM ranges, and the 2D operations on them — TRANSFER_TO_HOST_2D's copy, the RGB of a
+rectangle for screenshots — and the EDID of the one mode.
+
+A resource's pixels are anonymous memory of ``width * height * 4`` bytes (the device
+checks its budget before making one). Its backing is kept as guest-physical ranges,
+merged where they touch, and turned into views of guest RAM, checked again, at each
+transfer. Row ``i`` of a transfer's rectangle comes from backing offset
+``offset + stride * i`` (QEMU's rule), copied with memoryview slices, one slice per
+backing entry a row crosses (one copy for full-width rectangles).
+"""
+
+import bisect
+import mmap
+import struct
+
+# formats (5.7.6.8): id -> byte offsets of red, green, blue in a pixel (memory order)
+FORMATS = {1: (2, 1, 0), 2: (2, 1, 0),          # B8G8R8A8, B8G8R8X8
+           3: (1, 2, 3), 4: (1, 2, 3),          # A8R8G8B8, X8R8G8B8
+           67: (0, 1, 2), 134: (0, 1, 2),       # R8G8B8A8, R8G8B8X8
+           68: (3, 2, 1), 121: (3, 2, 1)}       # X8B8G8R8, A8B8G8R8
+BPP = 4
+
+# A side of a resource: Linux's virtio-gpu never makes a framebuffer past 8192 (XRES_MAX,
+# YRES_MAX); the cap bounds the rows one transfer copies row by row.
+MAX_RESOURCE_DIMENSION = 8192
+ROW_COST = 1024             # a row copied on its own costs the turn as much as this many bytes
+
+
+def inside(x, y, w, h, width, height):
+    """The rectangle lies inside a ``width`` x ``height`` image."""
+    return x + w <= width and y + h <= height
+
+
+class Resource:
+    """A 2D resource: its pixels in host memory and its backing's guest ranges."""
+
+    def __init__(self, resource_id, fmt, width, height):
+        self.id, self.format, self.width, self.height = resource_id, fmt, width, height
+        self.stride = width * BPP
+        # anonymous memory: made at once, zero pages taken from the host as they are
+        # written (a bytearray of 64 MiB took the event loop 0.1 s to fill with zeros)
+        self.pixels = mmap.mmap(-1, self.stride * height)
+        self.backing = None                     # [(gpa, length)], coalesced, no empty entry
+        self.starts = []                        # offset of each entry in the backing
+        self.backing_len = 0
+
+    def attach(self, ranges):
+        backing = []
+        for gpa, length in ranges:
+            if backing and backing[-1][0] + backing[-1][1] == gpa:
+                backing[-1] = (backing[-1][0], backing[-1][1] + length)
+            elif length:
+                backing.append((gpa, length))
+        self.backing, self.starts, total = backing, [], 0
+        for _, length in backing:
+            self.starts.append(total)
+            total += length
+        self.backing_len = total
+
+    def detach(self):
+        self.backing, self.starts, self.backing_len = None, [], 0
+
+    def copy_in(self, views, src, dst, n):
+        """Copy backing bytes ``src .. src + n - 1`` to pixel offset ``dst`` (the range is
+        checked by the caller to lie inside the backing); ``views`` (``backing_views``)
+        holds the entries' views of guest RAM."""
+        i = bisect.bisect_right(self.starts, src) - 1
+        while n:
+            view = views[i]
+            within = src - self.starts[i]
+            take = min(len(view) - within, n)
+            self.pixels[dst:dst + take] = view[within:within + take]
+            src, dst, n, i = src + take, dst + take, n - take, i + 1
+
+    def backing_views(self, memory):
+        """A view of guest RAM per backing entry, made once per transfer (each entry is
+        checked against the RAM again by ``memory.view``)."""
+        return [memory.view(gpa, length) for gpa, length in self.backing]
+
+    def transfer(self, memory, x, y, w, h, offset):
+        """Copy the rectangle (checked: inside the resource, its last byte inside the
+        backing) from the backing at ``offset``; the work done, in bytes (a row copied on
+        its own costs ``ROW_COST`` more)."""
+        stride, row = self.stride, w * BPP
+        dst = y * stride + x * BPP
+        views = self.backing_views(memory)
+        if row == stride:                       # full rows: one contiguous range
+            self.copy_in(views, offset, dst, stride * h)
+            return row * h
+        for i in range(h):
+            self.copy_in(views, offset + stride * i, dst + stride * i, row)
+        return row * h + h * ROW_COST
+
+    def rgb(self, x, y, w, h):
+        """The rectangle's pixels as RGB bytes."""
+        stride, row = self.stride, w * BPP
+        pixels = bytearray(row * h)
+        for i in range(h):
+            start = (y + i) * stride + x * BPP
+            pixels[i * row:(i + 1) * row] = self.pixels[start:start + row]
+        rgb = bytearray(w * h * 3)
+        for channel, at in enumerate(FORMATS[self.format]):
+            rgb[channel::3] = pixels[at::BPP]
+        return bytes(rgb)
+
+
+def edid(width, height, refresh=60):
+    """A 128-byte EDID 1.4 base block whose preferred (detailed) timing is ``width`` x
+    ``height`` (at most 4095 each) with reduced blanking, at ``refresh`` Hz or as near as
+    the 16-bit pixel clock allows."""
+    hblank, hfront, hsync = 160, 48, 32
+    vblank, vfront, vsync = max(23, height // 30), 3, 6
+    clock = min(0xFFFF, -(-(width + hblank) * (height + vblank) * refresh // 10000))
+    mm_w, mm_h = width * 254 // 960, height * 254 // 960          # 96 dots per inch
+    dtd = struct.pack("<H16B", clock, width & 0xFF, hblank & 0xFF,
+                      (width >> 8) << 4 | hblank >> 8, height & 0xFF, vblank & 0xFF,
+                      (height >> 8) << 4 | vblank >> 8, hfront, hsync, vfront << 4 | vsync,
+                      0, mm_w & 0xFF, mm_h & 0xFF, (mm_w >> 8) << 4 | mm_h >> 8, 0, 0, 0x1E)
+    maker = ((ord("A") - 64) << 10 | (ord("V") - 64) << 5 | (ord("H") - 64)).to_bytes(2, "big")
+    block = bytearray(b"\x00\xff\xff\xff\xff\xff\xff\x00" + maker + struct.pack(
+        "<HIBBBB", 0x1234, 1, 1, 36, 1, 4))                       # product, serial, 2026, v1.4
+    block += bytes((0xA5, max(1, min(255, mm_w // 10)), max(1, min(255, mm_h // 10)),
+                    120, 0x06))                                   # digital 8 bpc, 2.2, sRGB
+    block += bytes((0xEE, 0x91, 0xA3, 0x54, 0x4C, 0x99, 0x26, 0x0F, 0x50, 0x54))  # sRGB
+    block += bytes((0x21, 0x08, 0x00)) + b"\x01\x01" * 8          # 640x480, 800x600, 1024x768
+    block += dtd
+    block += b"\x00\x00\x00\xfc\x00" + b"avatar-hw\n".ljust(13, b" ")
+    block += b"\x00\x00\x00\x10\x00" + bytes(13)
+    block += b"\x00\x00\x00\x10\x00" + bytes(13)
+    block += b"\x00"                                              # no extension
+    block.append(-sum(block) & 0xFF)
+    return bytes(block)
