@@ -94,19 +94,23 @@ class Demo:
 
 
 def test_demo_config_gives_the_guest_every_device_of_the_example():
-    """boards/vms-example.toml as it is: VM 0's seven devices (VM 1 is left out, saying so)."""
+    """boards/vms-example.toml as it is: VM 0's eight devices (VM 1 is left out, saying so)."""
     done = subprocess.run(AVATAR_HW + [
         "demo", "--config", str(REPO / "boards" / "vms-example.toml"), "--run",
         "ls /sys/bus/virtio/devices; cat /sys/block/vda/size; head -c 16 /dev/hwrng | wc -c; "
-        "cat /sys/class/net/eth0/address; cat /sys/bus/virtio/devices/virtio5/device; "
+        "cat /sys/class/net/eth0/address; cat /sys/bus/virtio/devices/virtio6/device; "
         "basename $(readlink /sys/bus/virtio/devices/virtio4/driver); "
-        "basename $(readlink /sys/bus/virtio/devices/virtio5/driver); ls /dev/fb0"],
+        "basename $(readlink /sys/bus/virtio/devices/virtio5/driver); "
+        "basename $(readlink /sys/bus/virtio/devices/virtio6/driver); ls /dev/fb0; "
+        "mkdir -p /mnt/share && mount -t 9p -o trans=virtio,version=9p2000.L share /mnt/share "
+        "&& echo shared >/mnt/share/f && cat /mnt/share/f"],
         capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["virtio0", "virtio1", "virtio2", "virtio3", "virtio4",
-                                   "virtio5", "virtio6", "131072", "16", "52:54:00:a7:00:00",
-                                   "0x0013", "virtio_balloon", "vmw_vsock_virtio_transport",
-                                   "/dev/fb0"]
+                                   "virtio5", "virtio6", "virtio7", "131072", "16",
+                                   "52:54:00:a7:00:00", "0x0013", "virtio_balloon",
+                                   "9pnet_virtio", "vmw_vsock_virtio_transport", "/dev/fb0",
+                                   "shared"]
     assert "the emulated board runs one guest, VM 0: vm.1 left out (--vms 2 boots it)" in \
         done.stderr
     assert re.search(r"vm0 slot3 net +0x0a003000 IRQ 51", done.stderr)

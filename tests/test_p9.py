@@ -704,11 +704,25 @@ def test_config_builds_the_device_and_names_mistakes(tmp_path, share):
              "vm.0.9p.security_model: must be one of passthrough, mapped-xattr, none"),
             (f'{{ tag = "{"t" * 65}", path = "{share}" }}', "vm.0.9p.tag: must be 1 to 64"),
             ('{ tag = "h" }', "vm.0.9p.path: missing"),
-            ('{ tag = "h", path = "/nonexistent-share" }', "no such folder to share")]:
+            ('{ tag = "h", path = "/nonexistent-share" }', "no such folder to share"),
+            ('{ tag = "h", path = "/nonexistent-parent/share", create = true }',
+             "cannot create the folder to share: No such file or directory")]:
         path.write_text(f"[vm.0]\n9p = {table}\n")
         with pytest.raises(ConfigError, match=problem.replace(".", r"\.")):
             config = load_config(path)
             config.build_device(config.vms[0].devices[0])
+
+
+def test_create_makes_a_missing_folder_and_keeps_an_existing_one(tmp_path):
+    path = tmp_path / "vms.toml"
+    for _ in range(2):                           # made the first time, used as it is after
+        path.write_text(f'[vm.0]\n9p = {{ tag = "h", path = "{tmp_path}/new", create = true }}\n')
+        config = load_config(path)
+        device = config.build_device(config.vms[0].devices[0])
+        device.detach()
+        assert (tmp_path / "new").is_dir() and (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+        (tmp_path / "new" / "kept").write_text("x")
+    assert (tmp_path / "new" / "kept").read_text() == "x"
 
 
 def test_avatar_hw_info_shows_the_share(make, share):

@@ -145,11 +145,21 @@ SCHEMA = Schema("9p", (
     Field("readonly", bool, False),
     Field("security_model", str, "none", f"one of {', '.join(MODELS)}", check_model),
     Field("max_fids", int, None, "the most fids (open names) the guest may hold", positive),
+    Field("create", bool, False, "create the folder (mode 0700) if it does not exist"),
 ))
 
 
 def from_config(options):
-    """The VMs config's ``9p = { tag, path, readonly, security_model, max_fids }``."""
+    """The VMs config's ``9p = { tag, path, readonly, security_model, max_fids, create }``;
+    ``create`` makes a missing folder (not its parents; an existing one is used as it is)."""
+    if options.get("create"):
+        try:
+            os.mkdir(options["path"], 0o700)
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise ConfigError(options["path"], None, f"cannot create the folder to share: "
+                              f"{err.strerror}") from None
     return P9Device(options["path"], tag=options["tag"], readonly=options.get("readonly", False),
                     security_model=options.get("security_model", "none"),
                     max_fids=options.get("max_fids", DEFAULT_MAX_FIDS))
