@@ -146,10 +146,11 @@ class TrapPage:
         self.shadows = None
         if self.features & abi.F_REGISTER_SHADOW:
             self.shadows = self._shadow_pages()
-            if self.shadows is None:
-                self.features &= ~abi.F_REGISTER_SHADOW
-            else:
-                self.shadows.clear()    # nothing a previous model left is answered
+        if self.shadows is None:        # the stub takes acknowledgements only with shadows
+            self.features &= ~(abi.F_REGISTER_SHADOW | abi.F_STUB_ACK)
+        else:
+            self.shadows.stub_ack = bool(self.features & abi.F_STUB_ACK)
+            self.shadows.clear()        # nothing a previous model left is answered
         self.busy_poll = busy_poll
         header.model_features = self.features
         header.model_pid = os.getpid()
@@ -409,11 +410,13 @@ class TrapPage:
     # -- introspection -----------------------------------------------------------------
 
     def window_counters(self, window):
-        """``{"traps_waited", "posted_writes", "shadow_reads"}`` of window number ``window``:
-        what the guest waited for, what it did not, what the stub answered itself."""
+        """``{"traps_waited", "posted_writes", "shadow_reads", "stub_acks"}`` of window number
+        ``window``: what the guest waited for, what it did not, what the stub answered or
+        took itself."""
         shadows = self.shadows
         return {"traps_waited": self.waited[window], "posted_writes": self.posted[window],
-                "shadow_reads": shadows.hits(window) if shadows is not None else 0}
+                "shadow_reads": shadows.hits(window) if shadows is not None else 0,
+                "stub_acks": shadows.acks_taken(window) if shadows is not None else 0}
 
     def info(self):
         header = self.header
