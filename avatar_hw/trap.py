@@ -308,14 +308,20 @@ class TrapPage:
         if not self.features & abi.F_POSTED_WRITES:
             return 0
         ordering.fence()
+        posted = 0
+        for bit, slot in self._slot_bits:
+            if slot.state == abi.SLOT_POSTED:
+                posted |= bit
+        posted &= ~self._in_service
+        if not posted:
+            return 0
+        ordering.acquire_fence()            # one, for every state loaded above (as scan_once)
         served = 0
-        for index, (bit, slot) in enumerate(self._slot_bits):
-            if slot.state == abi.SLOT_POSTED and not self._in_service & bit:
-                ordering.acquire_fence()
-                if (slot.flags & abi.SLOT_F_POSTED_WRITE
-                        and (slot.gpa - self._layout_base) % self._device_size == offset):
-                    self.complete_slot(index, dispatch)
-                    served += 1
+        for index, slot in enumerate(self.slots):
+            if (posted >> index & 1 and slot.flags & abi.SLOT_F_POSTED_WRITE
+                    and (slot.gpa - self._layout_base) % self._device_size == offset):
+                self.complete_slot(index, dispatch)
+                served += 1
         return served
 
     def complete_slot(self, index, dispatch):
