@@ -99,6 +99,20 @@ class RegisterShadows:
                                                        len(transport.device.config))
         self._write(window, transport, valid)
 
+    def publish_interrupt_status(self, window, value):
+        """Make ``window``'s page show InterruptStatus ``value``, the one register an
+        interrupt changes (a whole ``publish`` costs ~10x more); nothing if the page was
+        never published (no word of it is valid)."""
+        if window >= self.count or self._valid[window] is None:
+            return
+        page = self.pages[window]
+        seq = page.seq
+        page.seq = seq if seq & 1 else seq + 1
+        ordering.fence()
+        self._words[window][_INTERRUPT_STATUS // 4] = value
+        page.acks_seen[:] = self._acks_seen[window]
+        ordering.store_release32(self._seq_addrs[window], (page.seq + 1) & 0xFFFFFFFF)
+
     def _write(self, window, transport, valid):
         page = self.pages[window]
         seq = page.seq

@@ -107,6 +107,7 @@ class Subsystem:
         self._devices[vm_id, slot] = transport
         self._by_window[number] = transport
         transport.context.registers_changed = lambda: self.publish(number)
+        transport.context.interrupt_status_changed = lambda: self.publish_interrupt_status(number)
         self.publish(number)
         if self.loop is not None:
             device.attach(self.loop)
@@ -174,6 +175,14 @@ class Subsystem:
         """Republish window number ``window``'s register shadow, if there are shadows."""
         if self.shadows is not None:
             self.shadows.publish(window, self._by_window[window])
+        if self.state is not None:
+            self.state.save(window, registers_only=True)
+
+    def publish_interrupt_status(self, window):
+        """Republish only window ``window``'s InterruptStatus (after an interrupt)."""
+        if self.shadows is not None:
+            self.shadows.publish_interrupt_status(
+                window, self._by_window[window].context.interrupt_status)
         if self.state is not None:
             self.state.save(window, registers_only=True)
 
