@@ -12,7 +12,7 @@ from .errors import AvatarError
 
 MAGIC = 0x50545641  # "AVTP" in memory order
 ABI_MAJOR = 1
-ABI_MINOR = 1
+ABI_MINOR = 2
 PAGE_SIZE = 4096
 SLOTS_OFFSET = 128
 SLOT_SIZE = 64
@@ -21,7 +21,8 @@ MAX_SLOTS = (PAGE_SIZE - SLOTS_OFFSET) // SLOT_SIZE
 F_POSTED_WRITES = 1 << 0
 F_VIRQ_REQUEST = 1 << 1
 F_REGISTER_SHADOW = 1 << 2
-SUPPORTED_FEATURES = F_POSTED_WRITES | F_VIRQ_REQUEST | F_REGISTER_SHADOW
+F_STUB_ACK = 1 << 3             # the stub takes InterruptACK writes (ABI 1.2)
+SUPPORTED_FEATURES = F_POSTED_WRITES | F_VIRQ_REQUEST | F_REGISTER_SHADOW | F_STUB_ACK
 
 MODEL_DETACHED, MODEL_ATTACHED = 0, 1
 STUB_NOT_READY, STUB_READY = 0, 1
@@ -86,7 +87,9 @@ class Shadow(ctypes.LittleEndianStructure):
         ("seq", u32),
         ("reserved0", u32),
         ("hits", u64),
-        ("reserved1", u8 * 0x70),
+        ("acks", u32 * 2),
+        ("acks_seen", u32 * 2),
+        ("reserved1", u8 * 0x60),
         ("valid", u32 * SHADOW_VALID_WORDS),
         ("reserved2", u32 * 2),
     ]
@@ -102,6 +105,7 @@ STUB_STATE_OFFSET = Header.stub_state.offset
 MODEL_SLEEPING_OFFSET = Header.model_sleeping.offset
 VIRQ_PENDING_OFFSET = Header.virq_pending.offset
 SHADOW_SEQ_OFFSET = Shadow.seq.offset
+SHADOW_ACKS_OFFSET = Shadow.acks.offset
 
 
 class AbiMismatch(AvatarError):

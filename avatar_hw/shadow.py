@@ -9,6 +9,14 @@ fence, the image and the valid bits, then ``seq`` even with a store-release;
 the stub answers a read only if it read the same even ``seq`` before
 (load-acquire) and after (``DMB ISHLD``) the value, and traps otherwise.
 
+With ``AVT_F_STUB_ACK`` (ABI 1.2) the stub also takes the guest's InterruptACK
+writes itself: it counts them per InterruptStatus bit in the page's ``acks``
+(its own words, atomic adds), and answers InterruptStatus with the bits
+acknowledged since the image was written (``acks`` != ``acks_seen``) cleared.
+The model applies the counts it has not seen (``take_acks``) before it sets an
+InterruptStatus bit and before it answers a trapped InterruptStatus read, and
+writes the counts its image reflects into ``acks_seen`` with the image.
+
 ``StubShadowReader`` is the stub's side in Python, for the stand-in stub.
 """
 
@@ -19,6 +27,8 @@ from .hw import ordering
 
 _WORDS = abi.SHADOW_IMAGE_SIZE // 4
 _CONFIG = 0x100                      # the configuration space's window offset
+_INTERRUPT_STATUS = 0x060
+_ACK_BITS = 2                        # InterruptStatus bits: used buffer, configuration change
 _MAX_CONFIG = abi.SHADOW_IMAGE_SIZE - _CONFIG
 
 
@@ -38,11 +48,14 @@ class RegisterShadows:
     """The shadow pages at ``offset`` of ``region`` (the trap page's mapping), one per
     window number below ``count``."""
 
-    def __init__(self, region, offset, count):
+    def __init__(self, region, offset, count, *, stub_ack=False):
         self.region, self.count = region, count
+        self.stub_ack = stub_ack            # AVT_F_STUB_ACK is in force
         views = [region.view(offset + n * abi.SHADOW_PAGE_SIZE, abi.SHADOW_PAGE_SIZE)
                  for n in range(count)]
         self.pages = tuple(abi.Shadow.from_buffer(view) for view in views)
+        self._acks = tuple(page.acks for page in self.pages)
+        self._acks_seen = [[0] * _ACK_BITS for _ in range(count)]   # the counts applied
         self._images = tuple(view[:abi.SHADOW_IMAGE_SIZE] for view in views)
         self._words = tuple((ctypes.c_uint32 * _WORDS).from_buffer(view) for view in views)
         base = region.address + offset + abi.SHADOW_SEQ_OFFSET
@@ -54,7 +67,27 @@ class RegisterShadows:
         for n in range(self.count) if window is None else (window,):
             if n < self.count:
                 self._valid[n] = None
+                # Acknowledgements nobody applied (a previous model's, a removed device's)
+                # are dropped: at worst a bit the guest acknowledged stays set, never a bit
+                # is lost (docs/trap-abi.md section 15).
+                self._acks_seen[n][:] = self._acks[n]
                 self._write(n, None, (0,) * abi.SHADOW_VALID_WORDS)
+
+    def take_acks(self, window):
+        """The InterruptStatus bits the stub acknowledged for ``window`` since the last call
+        (``AVT_F_STUB_ACK``), for the caller to clear; 0 when none."""
+        if not self.stub_ack or window >= self.count:
+            return 0
+        acks, seen = self._acks[window], self._acks_seen[window]
+        bits = 0
+        for bit in range(_ACK_BITS):
+            count = acks[bit]
+            if count != seen[bit]:
+                seen[bit] = count
+                bits |= 1 << bit
+        if bits:
+            ordering.acquire_fence()    # the counts before what the caller does with them
+        return bits
 
     def publish(self, window, transport):
         """Make ``window``'s page show ``transport``'s registers as they are now."""
@@ -65,6 +98,20 @@ class RegisterShadows:
             valid = self._valid[window] = _valid_words(transport.shadowed_registers,
                                                        len(transport.device.config))
         self._write(window, transport, valid)
+
+    def publish_interrupt_status(self, window, value):
+        """Make ``window``'s page show InterruptStatus ``value``, the one register an
+        interrupt changes (a whole ``publish`` costs ~10x more); nothing if the page was
+        never published (no word of it is valid)."""
+        if window >= self.count or self._valid[window] is None:
+            return
+        page = self.pages[window]
+        seq = page.seq
+        page.seq = seq if seq & 1 else seq + 1
+        ordering.fence()
+        self._words[window][_INTERRUPT_STATUS // 4] = value
+        page.acks_seen[:] = self._acks_seen[window]
+        ordering.store_release32(self._seq_addrs[window], (page.seq + 1) & 0xFFFFFFFF)
 
     def _write(self, window, transport, valid):
         page = self.pages[window]
@@ -77,8 +124,13 @@ class RegisterShadows:
                 words[offset // 4] = transport.read(offset, 4)
             config = transport.device.config[:_MAX_CONFIG]
             self._images[window][_CONFIG:_CONFIG + len(config)] = config
+        page.acks_seen[:] = self._acks_seen[window]
         page.valid[:] = valid
         ordering.store_release32(self._seq_addrs[window], (page.seq + 1) & 0xFFFFFFFF)
+
+    def acks_taken(self, window):
+        """InterruptACK writes the stub took for ``window`` (per bit, wrapping counters)."""
+        return sum(self._acks[window]) if window < self.count else 0
 
     def hits(self, window):
         """Reads the stub answered from ``window``'s page (its own counter)."""
@@ -95,8 +147,10 @@ class StubShadowReader:
                                                abi.SHADOW_PAGE_SIZE))
             for n in range(count))
 
-    def read(self, window, offset, size):
-        """The value for a ``size``-byte read at ``offset`` of ``window``, or None: trap."""
+    def read(self, window, offset, size, *, stub_ack=False):
+        """The value for a ``size``-byte read at ``offset`` of ``window``, or None: trap.
+        ``stub_ack``: ``AVT_F_STUB_ACK`` is in force (InterruptStatus less the bits
+        acknowledged since the image was written)."""
         if window >= self.count or offset >= abi.SHADOW_IMAGE_SIZE or offset % size:
             return None
         if size != 4 and (offset < _CONFIG or size not in (1, 2)):
@@ -108,8 +162,27 @@ class StubShadowReader:
         if seq & 1 or not page.valid[word // 32] >> word % 32 & 1:
             return None
         value = int.from_bytes(bytes(page.image[offset:offset + size]), "little")
+        if stub_ack and offset == _INTERRUPT_STATUS:
+            for bit in range(_ACK_BITS):
+                if page.acks[bit] != page.acks_seen[bit]:
+                    value &= ~(1 << bit)
         ordering.fence()                                   # DMB ISHLD
         if self.region.load_acquire32(seq_offset) != seq:
             return None
         page.hits += 1
         return value
+
+    def take_ack(self, window, value):
+        """The stub's InterruptACK write of ``value`` to ``window`` (``AVT_F_STUB_ACK``):
+        True if taken here (counted in ``acks``), False: post it to the model. Taken only
+        while the page's InterruptStatus word is valid (a model publishes the window)."""
+        word = _INTERRUPT_STATUS // 4
+        if window >= self.count or not self.pages[window].valid[word // 32] >> word % 32 & 1:
+            return False
+        base = (self.region.address + self.offset + window * abi.SHADOW_PAGE_SIZE
+                + abi.SHADOW_ACKS_OFFSET)
+        for bit in range(_ACK_BITS):
+            if value >> bit & 1:
+                ordering.fetch_add32(base + 4 * bit, 1)
+        ordering.fence()                                   # DMB ISH: before the guest goes on
+        return True

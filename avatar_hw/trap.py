@@ -146,10 +146,11 @@ class TrapPage:
         self.shadows = None
         if self.features & abi.F_REGISTER_SHADOW:
             self.shadows = self._shadow_pages()
-            if self.shadows is None:
-                self.features &= ~abi.F_REGISTER_SHADOW
-            else:
-                self.shadows.clear()    # nothing a previous model left is answered
+        if self.shadows is None:        # the stub takes acknowledgements only with shadows
+            self.features &= ~(abi.F_REGISTER_SHADOW | abi.F_STUB_ACK)
+        else:
+            self.shadows.stub_ack = bool(self.features & abi.F_STUB_ACK)
+            self.shadows.clear()        # nothing a previous model left is answered
         self.busy_poll = busy_poll
         header.model_features = self.features
         header.model_pid = os.getpid()
@@ -307,14 +308,20 @@ class TrapPage:
         if not self.features & abi.F_POSTED_WRITES:
             return 0
         ordering.fence()
+        posted = 0
+        for bit, slot in self._slot_bits:
+            if slot.state == abi.SLOT_POSTED:
+                posted |= bit
+        posted &= ~self._in_service
+        if not posted:
+            return 0
+        ordering.acquire_fence()            # one, for every state loaded above (as scan_once)
         served = 0
-        for index, (bit, slot) in enumerate(self._slot_bits):
-            if slot.state == abi.SLOT_POSTED and not self._in_service & bit:
-                ordering.acquire_fence()
-                if (slot.flags & abi.SLOT_F_POSTED_WRITE
-                        and (slot.gpa - self._layout_base) % self._device_size == offset):
-                    self.complete_slot(index, dispatch)
-                    served += 1
+        for index, slot in enumerate(self.slots):
+            if (posted >> index & 1 and slot.flags & abi.SLOT_F_POSTED_WRITE
+                    and (slot.gpa - self._layout_base) % self._device_size == offset):
+                self.complete_slot(index, dispatch)
+                served += 1
         return served
 
     def complete_slot(self, index, dispatch):
@@ -409,11 +416,13 @@ class TrapPage:
     # -- introspection -----------------------------------------------------------------
 
     def window_counters(self, window):
-        """``{"traps_waited", "posted_writes", "shadow_reads"}`` of window number ``window``:
-        what the guest waited for, what it did not, what the stub answered itself."""
+        """``{"traps_waited", "posted_writes", "shadow_reads", "stub_acks"}`` of window number
+        ``window``: what the guest waited for, what it did not, what the stub answered or
+        took itself."""
         shadows = self.shadows
         return {"traps_waited": self.waited[window], "posted_writes": self.posted[window],
-                "shadow_reads": shadows.hits(window) if shadows is not None else 0}
+                "shadow_reads": shadows.hits(window) if shadows is not None else 0,
+                "stub_acks": shadows.acks_taken(window) if shadows is not None else 0}
 
     def info(self):
         header = self.header

@@ -145,17 +145,20 @@ def test_board_linux_console_round_trip_and_interrupt_counts(served):
 
 def test_board_linux_register_shadows_and_posted_writes(target, served):
     """The board Linux's carve-out holds the register shadow pages too, so the stub offers
-    posted writes and register shadows in board mode and the daemon takes both: the guest's
-    block reads post their QueueNotify and InterruptACK writes and read InterruptStatus from
-    the shadow page, with no round trip through the daemon."""
+    posted writes, register shadows and its own InterruptACK in board mode and the daemon
+    takes them: the guest's block reads post their QueueNotify, read InterruptStatus from
+    the shadow page and have their InterruptACK taken by the stub, with no round trip
+    through the daemon."""
     before = target.devices(1, "block")[0]
     out, status = served.guest.run("dd if=/dev/vda of=/dev/null bs=4k count=32 iflag=direct",
                                    timeout=180)
     assert status == 0, out
     info = target.info()
-    assert info["trap"]["model_features"] == abi.F_POSTED_WRITES | abi.F_REGISTER_SHADOW, info
+    assert info["trap"]["model_features"] == (abi.F_POSTED_WRITES | abi.F_REGISTER_SHADOW
+                                              | abi.F_STUB_ACK), info
     block = target.devices(1, "block")[0]
     assert block["posted_writes"] - before["posted_writes"] >= 32, block
+    assert block["stub_acks"] - before["stub_acks"] >= 32, block
     assert block["shadow_reads"] - before["shadow_reads"] >= 32, block
 
 

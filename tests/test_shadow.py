@@ -44,7 +44,7 @@ def shadowed():
     irq.stub = stub
 
     def read(offset, size=4):
-        return stub.shadow.read(0, offset, size)
+        return stub.shadow.read(0, offset, size, stub_ack=True)
     stub.read = lambda addr, offset, size=4: read(offset, size)
     return bench, stub, trap, read
 
@@ -118,3 +118,64 @@ def test_a_removed_device_s_page_traps(shadowed):
     bench, _, _, read = shadowed
     bench.subsystem.destroy_device(0, 0)
     assert read(c.REG_MAGIC_VALUE) is None
+
+
+# -- InterruptACK taken by the stub (AVT_F_STUB_ACK, docs/trap-abi.md section 15) -------------
+
+def test_the_stub_takes_interrupt_ack_and_its_shadowed_read_sees_it(shadowed):
+    bench, stub, trap, read = shadowed
+    assert trap.features & abi.F_STUB_ACK
+    bench.transport.context.interrupt(c.INT_USED_BUFFER | c.INT_CONFIG_CHANGE)
+    assert read(c.REG_INTERRUPT_STATUS) == 3
+    assert stub.shadow.take_ack(0, c.INT_USED_BUFFER)            # no trap: the stub's count
+    assert read(c.REG_INTERRUPT_STATUS) == c.INT_CONFIG_CHANGE    # without the model
+    assert bench.transport.context.interrupt_status == 3          # not applied yet
+    assert trap.window_counters(0)["stub_acks"] == 1
+    # A trapped InterruptStatus read (the page being rewritten, say) applies the counts first.
+    assert bench.subsystem.dispatch(0, c.REG_INTERRUPT_STATUS, 0, False, 4) == (True, 2)
+
+
+def test_a_bit_set_again_after_a_stub_ack_interrupts_again(shadowed):
+    """The counts are applied before a bit is set: the guest's acknowledgement of the last
+    buffer never swallows the interrupt for the next (it would, if the bit still looked
+    set to the model, and a guest waiting for that buffer would wait for ever)."""
+    bench, stub, _, read = shadowed
+    bench.transport.context.interrupt(c.INT_USED_BUFFER)
+    assert stub.shadow.take_ack(0, c.INT_USED_BUFFER)
+    assert read(c.REG_INTERRUPT_STATUS) == 0
+    bench.transport.context.interrupt(c.INT_USED_BUFFER)          # the next used buffer
+    assert bench.irq.seen == [c.INT_USED_BUFFER, c.INT_USED_BUFFER]
+    assert len(bench.irq.raised) == 2
+    assert read(c.REG_INTERRUPT_STATUS) == c.INT_USED_BUFFER
+
+
+def test_the_stub_posts_interrupt_ack_when_no_model_publishes_the_window(shadowed):
+    bench, stub, trap, read = shadowed
+    bench.subsystem.destroy_device(0, 0)
+    assert not stub.shadow.take_ack(0, c.INT_USED_BUFFER)
+    assert not stub.shadow.take_ack(1, c.INT_USED_BUFFER)         # no device in window 1
+
+
+def test_acks_nobody_applied_are_dropped_by_the_next_model(shadowed):
+    """A new model (a restart) starts from the counts it finds: an acknowledgement the dead
+    model never applied can leave a bit set (a spurious interrupt status), never clear one
+    the new model sets."""
+    bench, stub, trap, read = shadowed
+    bench.transport.context.interrupt(c.INT_USED_BUFFER)
+    assert stub.shadow.take_ack(0, c.INT_USED_BUFFER)
+    successor = TrapPage(stub.region, LAYOUT)
+    successor.attach()
+    assert successor.shadows.take_acks(0) == 0
+    successor.shadows.publish(0, bench.transport)
+    assert read(c.REG_INTERRUPT_STATUS) == c.INT_USED_BUFFER
+
+
+def test_without_the_feature_acks_trap_to_the_model():
+    region = Region(bytearray(abi.PAGE_SIZE + LAYOUT.window_count * abi.SHADOW_PAGE_SIZE))
+    stub = StubPage(region)
+    stub.initialise(1, shadow_count=LAYOUT.window_count,
+                    features=abi.SUPPORTED_FEATURES & ~abi.F_STUB_ACK)
+    trap = TrapPage(region, LAYOUT)
+    trap.attach()
+    assert trap.features & abi.F_REGISTER_SHADOW and not trap.features & abi.F_STUB_ACK
+    assert not trap.shadows.stub_ack and trap.shadows.take_acks(0) == 0

@@ -45,7 +45,8 @@ def format_device(d, indent="  "):
              f"{indent}features offered {d['offered_features']} negotiated "
              f"{d['negotiated_features']}; interrupts {d['interrupts']} (status "
              f"{d['interrupt_status']}); register accesses: waited {d.get('traps_waited', 0)}, "
-             f"posted {d.get('posted_writes', 0)}, shadow {d.get('shadow_reads', 0)}; guest->host {_bytes(d['bytes_from_guest'])}, "
+             f"posted {d.get('posted_writes', 0)}, shadow {d.get('shadow_reads', 0)}, "
+             f"acks at the stub {d.get('stub_acks', 0)}; guest->host {_bytes(d['bytes_from_guest'])}, "
              f"host->guest {_bytes(d['bytes_to_guest'])}; requests {d['requests']}; "
              f"errors {d['errors']}; guest errors {d.get('guest_errors', 0)} (log lines "
              f"suppressed {d.get('log_lines_suppressed', 0)})"]

@@ -67,6 +67,8 @@ _fetch_or4 = _bind("__atomic_fetch_or_4", ctypes.c_uint32,
                    ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int)
 _fetch_and4 = _bind("__atomic_fetch_and_4", ctypes.c_uint32,
                     ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int)
+_fetch_add4 = _bind("__atomic_fetch_add_4", ctypes.c_uint32,
+                    ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int)
 _fence = _bind("atomic_thread_fence", None, ctypes.c_int)
 
 
@@ -94,6 +96,12 @@ def fetch_or32(address, bits):
 def fetch_and32(address, bits):
     """Atomically AND ``bits`` into a 32-bit word (acquire-release); returns the old value."""
     return _fetch_and4(address, bits, _ACQ_REL)
+
+
+def fetch_add32(address, value):
+    """Atomically add ``value`` to a 32-bit word (wrapping; acquire-release); returns the
+    old value."""
+    return _fetch_add4(address, value, _ACQ_REL)
 
 
 def fence():

@@ -47,6 +47,7 @@ class StubPage:
         self.slots = ()
         self.shadow = None
         self.shadow_hits = 0
+        self.acks_taken = 0          # InterruptACKs taken here (AVT_F_STUB_ACK)
         self._seq = 0
         self.rings = 0
 
@@ -62,7 +63,7 @@ class StubPage:
         if features is None:
             features = abi.SUPPORTED_FEATURES
             if not shadow_count:
-                features &= ~abi.F_REGISTER_SHADOW
+                features &= ~(abi.F_REGISTER_SHADOW | abi.F_STUB_ACK)
         size = abi.PAGE_SIZE + shadow_count * abi.SHADOW_PAGE_SIZE
         self.region.view(0, size)[:] = bytes(size)
         h = self.header
@@ -165,16 +166,21 @@ class StubPage:
         """
         if not self.model_attached():
             return abi.STATUS_UNHANDLED, 0
-        if not is_write and self.shadow is not None and raw is None \
-                and self.header.model_features & abi.F_REGISTER_SHADOW:
-            self._wait_state(vcpu, (abi.SLOT_FREE,), timeout)   # its posted write first
-            relative = gpa - _LAYOUT.base
-            if 0 <= relative:
-                value = self.shadow.read(relative // _LAYOUT.device_size,
-                                         relative % _LAYOUT.device_size, size)
+        features = self.header.model_features
+        if self.shadow is not None and raw is None and features & abi.F_REGISTER_SHADOW:
+            window, offset = divmod(gpa - _LAYOUT.base, _LAYOUT.device_size)
+            stub_ack = bool(features & abi.F_STUB_ACK)
+            if window >= 0 and not is_write:
+                self._wait_state(vcpu, (abi.SLOT_FREE,), timeout)   # its posted write first
+                value = self.shadow.read(window, offset, size, stub_ack=stub_ack)
                 if value is not None:
                     self.shadow_hits += 1
                     return abi.STATUS_OK, value
+            elif window >= 0 and stub_ack and offset == REG_INTERRUPT_ACK and size == 4:
+                self._wait_state(vcpu, (abi.SLOT_FREE,), timeout)
+                if self.shadow.take_ack(window, value):
+                    self.acks_taken += 1
+                    return abi.STATUS_OK, 0
         self.begin(vcpu, vm_id, gpa, size, is_write, value, posted=posted, timeout=timeout,
                    raw=raw)
         return self.finish(vcpu, timeout)
@@ -336,7 +342,7 @@ class StandinStub:
         self.page = StubPage(self.trap_region, ring=self._ring)
         if initialise:
             if not shadow:
-                features &= ~abi.F_REGISTER_SHADOW
+                features &= ~(abi.F_REGISTER_SHADOW | abi.F_STUB_ACK)
             self.page.initialise(slots, features=features,
                                  shadow_count=SHADOW_PAGES if shadow else 0)
         else:

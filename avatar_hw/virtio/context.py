@@ -44,9 +44,9 @@ class DeviceContext:
     the device in log lines (``vm0 console@irq48``). ``before_interrupt()``, if
     given, runs before an InterruptStatus bit is set (the daemon serves the
     guests' posted InterruptACKs there: docs/trap-abi.md, section 7).
-    ``registers_changed()``, if set, runs after InterruptStatus, Status or
-    ConfigGeneration changed and before the guest is interrupted (the daemon
-    republishes the device's register shadow there: section 14).
+    ``registers_changed()``, if set, runs after Status or ConfigGeneration changed, and
+    ``interrupt_status_changed()`` after InterruptStatus did, before the guest is
+    interrupted (the daemon republishes the device's register shadow there: section 14).
     """
 
     def __init__(self, memory, *, interrupt_line, intid, legacy, counters, label,
@@ -54,6 +54,7 @@ class DeviceContext:
         self.memory = memory
         self.before_interrupt = before_interrupt
         self.registers_changed = None
+        self.interrupt_status_changed = None
         self.interrupt_line = interrupt_line
         self.intid = intid
         self.legacy = legacy
@@ -104,8 +105,8 @@ class DeviceContext:
         old = self.interrupt_status
         self.interrupt_status = old | bits
         if bits & ~old:
-            if self.registers_changed is not None:
-                self.registers_changed()
+            if self.interrupt_status_changed is not None:
+                self.interrupt_status_changed()
             self.counters["interrupts"] += 1
             if self.interrupt_line is not None:
                 self.interrupt_line.raise_intid(self.intid)

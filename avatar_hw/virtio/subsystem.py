@@ -26,8 +26,9 @@ import json
 import logging
 import sys
 
+from ..hw import ordering
 from ..layout import Layout
-from .constants import REG_INTERRUPT_ACK, REG_QUEUE_NOTIFY
+from .constants import REG_INTERRUPT_ACK, REG_INTERRUPT_STATUS, REG_QUEUE_NOTIFY
 from .transport import MmioTransport
 
 log = logging.getLogger(__name__)
@@ -98,14 +99,15 @@ class Subsystem:
             raise ValueError(f"VM {vm_id} slot {slot} already holds "
                              f"{self._devices[vm_id, slot].device.name}")
         window = self.layout.window(vm_id, slot)
+        number = self.layout.window_number(vm_id, slot)
         transport = MmioTransport(device, self.vms[vm_id], interrupt_line=self.interrupt_line,
                                   intid=self.layout.intid(vm_id, slot), legacy=legacy,
-                                  before_interrupt=self.before_interrupt)
+                                  before_interrupt=lambda: self._before_interrupt(number))
         transport.window = window
-        number = self.layout.window_number(vm_id, slot)
         self._devices[vm_id, slot] = transport
         self._by_window[number] = transport
         transport.context.registers_changed = lambda: self.publish(number)
+        transport.context.interrupt_status_changed = lambda: self.publish_interrupt_status(number)
         self.publish(number)
         if self.loop is not None:
             device.attach(self.loop)
@@ -176,6 +178,31 @@ class Subsystem:
         if self.state is not None:
             self.state.save(window, registers_only=True)
 
+    def publish_interrupt_status(self, window):
+        """Republish only window ``window``'s InterruptStatus (after an interrupt)."""
+        if self.shadows is not None:
+            self.shadows.publish_interrupt_status(
+                window, self._by_window[window].context.interrupt_status)
+        if self.state is not None:
+            self.state.save(window, registers_only=True)
+
+    def take_acks(self, window):
+        """Apply the InterruptACKs the stub took for window ``window`` (docs/trap-abi.md
+        section 15) to its InterruptStatus."""
+        bits = self.shadows.take_acks(window) if self.shadows is not None else 0
+        if bits:
+            self._by_window[window].context.interrupt_status &= ~bits
+
+    def _before_interrupt(self, window):
+        """Before window ``window``'s device sets an InterruptStatus bit: every acknowledgement
+        the guest made so far is applied first (the stub's, and posted ones), so none
+        clears a bit set for a buffer the guest has not seen (trap-abi.md section 7)."""
+        if self.shadows is not None and self.shadows.stub_ack:
+            ordering.fence()              # the device's used-ring writes before the counts
+            self.take_acks(window)
+        if self.before_interrupt is not None:
+            self.before_interrupt()
+
     def shadow_hits(self, window):
         return self.shadows.hits(window) if self.shadows is not None else 0
 
@@ -209,6 +236,8 @@ class Subsystem:
                     if self.state is not None:
                         self.state.save(window, registers_only=offset == REG_INTERRUPT_ACK)
                 return _WRITE_DONE
+            if offset == REG_INTERRUPT_STATUS:
+                self.take_acks(window)
             return True, transport.read(offset, size)
         except Exception as err:     # a device bug must not take the daemon down
             transport.error("internal error on %s of 0x%x", "write" if is_write else "read",

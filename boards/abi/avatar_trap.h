@@ -45,7 +45,7 @@ typedef unsigned long long avt_u64;
 
 #define AVT_MAGIC            0x50545641u   /* "AVTP" in memory order */
 #define AVT_ABI_MAJOR        1u
-#define AVT_ABI_MINOR        1u
+#define AVT_ABI_MINOR        2u
 #define AVT_PAGE_SIZE        4096u
 #define AVT_SLOTS_OFFSET     128u
 #define AVT_SLOT_SIZE        64u
@@ -55,6 +55,7 @@ typedef unsigned long long avt_u64;
 #define AVT_F_POSTED_WRITES  (1u << 0)  /* stub may resume the guest before a write is handled */
 #define AVT_F_VIRQ_REQUEST   (1u << 1)  /* stub injects the INTIDs the model sets in virq_pending */
 #define AVT_F_REGISTER_SHADOW (1u << 2) /* stub answers reads from the model's register shadows */
+#define AVT_F_STUB_ACK       (1u << 3)  /* stub takes InterruptACK writes itself (ack counters) */
 
 /* Register shadow pages (AVT_F_REGISTER_SHADOW): page n at header.shadow_offset + n *
  * AVT_SHADOW_PAGE_SIZE mirrors device window n; see struct avt_shadow. */
@@ -133,6 +134,11 @@ struct avt_slot {
  *           s = LDAR seq; if s odd -> trap; if !(valid[w / 32] >> w % 32 & 1)
  *           for the 32-bit word w = off / 4 -> trap; value = image[off..];
  *           DMB ISHLD; if seq != s -> trap; else answer value, hits += 1.
+ * InterruptStatus (offset 0x060) with AVT_F_STUB_ACK: bit b of the image is answered
+ * only if acks[b] == acks_seen[b] (else the guest acknowledged it since: 0).
+ * An InterruptACK write (0x064, 32-bit) with AVT_F_STUB_ACK, once the vCPU's slot is
+ * FREE and while InterruptStatus's word is valid: for each bit b < 2 of the value,
+ * atomic acks[b] += 1 (release); DMB ISH; the guest resumes (no post).
  * A valid word is read with any access the transport accepts there: registers
  * (window offsets below 0x100) only with aligned 32-bit reads, the
  * configuration space with aligned 8-, 16- and 32-bit reads.
@@ -142,7 +148,12 @@ struct avt_shadow {
     avt_u32 seq;             /* 0xf00 even: stable; odd: the model is writing */
     avt_u32 reserved0;       /* 0xf04 */
     avt_u64 hits;            /* 0xf08 reads the stub answered here (written by the stub only) */
-    avt_u8  reserved1[0x70]; /* 0xf10 */
+    avt_u32 acks[2];         /* 0xf10 AVT_F_STUB_ACK: InterruptACK writes the stub took, per
+                                     InterruptStatus bit (0: used buffer, 1: configuration
+                                     change); written by the stub only, atomically */
+    avt_u32 acks_seen[2];    /* 0xf18 the acks[] counts the image's InterruptStatus reflects
+                                     (model, inside the seqlock) */
+    avt_u8  reserved1[0x60]; /* 0xf20 */
     avt_u32 valid[AVT_SHADOW_VALID_WORDS]; /* 0xf80 bit w % 32 of word w / 32: image word w is current */
     avt_u32 reserved2[2];    /* 0xff8 */
 };

@@ -121,6 +121,17 @@ static inline u32 take_bits32(volatile u32 *p, u32 mask)
     return old & mask;
 }
 
+/* Atomically add 1 to *p (exclusives: the Cortex-A72 has no LSE atomics), with release. */
+static inline void increment_release32(volatile u32 *p)
+{
+    u32 v, failed;
+    __asm__ volatile("1: ldxr %w0, [%2]\n"
+                     "   add %w0, %w0, #1\n"
+                     "   stlxr %w1, %w0, [%2]\n"
+                     "   cbnz %w1, 1b"
+                     : "=&r"(v), "=&r"(failed) : "r"(p) : "memory");
+}
+
 /* This CPU's index (MPIDR Aff0 on QEMU virt), kept in TPIDR_EL2 by start.S = its VM. */
 static inline u32 cpu_index(void) { return (u32)read_sysreg(tpidr_el2); }
 

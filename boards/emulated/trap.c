@@ -15,6 +15,9 @@
  * Register shadows (AVT_F_REGISTER_SHADOW): a read of a register the model
  * keeps in the window's shadow page is answered here, with no round trip,
  * once the vCPU's posted write is served (the seqlock of avatar_trap.h).
+ * InterruptACK (AVT_F_STUB_ACK, with the shadows): taken here too, once the slot is FREE,
+ * as counts per InterruptStatus bit in the shadow page (take_ack); a shadowed
+ * InterruptStatus read clears the bits acknowledged since the model wrote the page.
  * virq_pending (AVT_F_VIRQ_REQUEST): each CPU takes only its own VM's INTIDs
  * (irq_base .. irq_base + irq_count - 1) with an atomic AND on every exception
  * it handles. The host's doorbell interrupts CPU0 only (the UART's SPI), so
@@ -38,7 +41,9 @@ static volatile struct avt_shadow *shadows;
 
 /* The registers whose writes are posted (offsets in a 4 KiB device window). */
 #define REG_QUEUE_NOTIFY   0x050u
+#define REG_INTERRUPT_STATUS 0x060u
 #define REG_INTERRUPT_ACK  0x064u
+#define ACK_BITS           2u        /* InterruptStatus: used buffer, configuration change */
 #define DEVICE_WINDOW_MASK 0xfffu
 
 void trap_init(const struct boot_params *bp)
@@ -59,7 +64,7 @@ void trap_init(const struct boot_params *bp)
     hdr->slot_size = AVT_SLOT_SIZE;
     hdr->slots_offset = AVT_SLOTS_OFFSET;
     /* Board mode's model raises board SPIs through the distributor: no virq_pending. */
-    hdr->stub_features = AVT_F_POSTED_WRITES | AVT_F_REGISTER_SHADOW |
+    hdr->stub_features = AVT_F_POSTED_WRITES | AVT_F_REGISTER_SHADOW | AVT_F_STUB_ACK |
                          (board_linux ? 0 : AVT_F_VIRQ_REQUEST);
     hdr->counter_hz = read_sysreg(cntfrq_el0);
     store_release32(&hdr->stub_state, AVT_STUB_READY);
@@ -147,30 +152,70 @@ static int postable(u64 gpa, int is_write)
            (reg == REG_QUEUE_NOTIFY || reg == REG_INTERRUPT_ACK);
 }
 
-/* A read answered from the window's shadow page: 1 (and *value), or 0: trap it. */
-static int shadow_read(const struct vm_trap *t, u64 gpa, u32 size, u64 *value)
+/* The shadow page of the window ``gpa`` is in (and its offset there), or 0. */
+static volatile struct avt_shadow *shadow_page(const struct vm_trap *t, u64 gpa, u32 *off)
 {
     if (!(hdr->model_features & AVT_F_REGISTER_SHADOW))
         return 0;
     u64 rel = gpa - t->window_base;
     u32 window = t->first_window + (u32)(rel / AVT_SHADOW_PAGE_SIZE);
-    u32 off = (u32)(rel % AVT_SHADOW_PAGE_SIZE);
-    if (window >= SHADOW_COUNT || off >= AVT_SHADOW_IMAGE_SIZE || (off & (size - 1)))
+    *off = (u32)(rel % AVT_SHADOW_PAGE_SIZE);
+    return window < SHADOW_COUNT ? &shadows[window] : 0;
+}
+
+static int word_valid(volatile struct avt_shadow *page, u32 off)
+{
+    u32 word = off / 4;
+    return (page->valid[word / 32] >> (word % 32)) & 1;
+}
+
+/* A read answered from the window's shadow page: 1 (and *value), or 0: trap it. */
+static int shadow_read(const struct vm_trap *t, u64 gpa, u32 size, u64 *value)
+{
+    u32 off;
+    volatile struct avt_shadow *page = shadow_page(t, gpa, &off);
+    if (!page || off >= AVT_SHADOW_IMAGE_SIZE || (off & (size - 1)))
         return 0;
     if (size != 4 && (off < 0x100 || size > 2))    /* registers: 32-bit reads only */
         return 0;
-    volatile struct avt_shadow *page = &shadows[window];
     u32 seq = load_acquire32(&page->seq);
-    u32 word = off / 4;
-    if ((seq & 1) || !((page->valid[word / 32] >> (word % 32)) & 1))
+    if ((seq & 1) || !word_valid(page, off))
         return 0;
     u64 v = size == 4 ? *(volatile u32 *)&page->image[off]
           : size == 2 ? *(volatile u16 *)&page->image[off] : page->image[off];
+    if (off == REG_INTERRUPT_STATUS && (hdr->model_features & AVT_F_STUB_ACK)) {
+        for (u32 bit = 0; bit < ACK_BITS; bit++)   /* acknowledged since the page was written */
+            if (page->acks[bit] != page->acks_seen[bit])
+                v &= ~(1ull << bit);
+    }
     dmb_ishld();                  /* the value before the second read of seq */
     if (page->seq != seq)
         return 0;
     page->hits = page->hits + 1;
     *value = v;
+    return 1;
+}
+
+/*
+ * An InterruptACK write taken here (AVT_F_STUB_ACK): 1, or 0: post it. Only while the
+ * model publishes the window (its InterruptStatus word valid): the model applies the
+ * counts before it sets a bit; the DMB orders them before the guest's next loads (the
+ * used ring), the other half of the handshake in docs/trap-abi.md section 15.
+ */
+static int take_ack(const struct vm_trap *t, u64 gpa, u32 size, u64 value)
+{
+    u32 off;
+    volatile struct avt_shadow *page;
+    if (!(hdr->model_features & AVT_F_STUB_ACK) || size != 4 ||
+        (gpa & DEVICE_WINDOW_MASK) != REG_INTERRUPT_ACK)
+        return 0;
+    page = shadow_page(t, gpa, &off);
+    if (!page || !word_valid(page, REG_INTERRUPT_STATUS))
+        return 0;
+    for (u32 bit = 0; bit < ACK_BITS; bit++)
+        if (value & (1u << bit))
+            increment_release32(&page->acks[bit]);
+    dmb_ish();
     return 1;
 }
 
@@ -186,7 +231,7 @@ u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
         return AVT_STATUS_UNHANDLED;
     }
     t->detached_logged = 0;
-    if (!is_write && shadow_read(t, gpa, size, value))
+    if (is_write ? take_ack(t, gpa, size, *value) : shadow_read(t, gpa, size, value))
         return AVT_STATUS_OK;
     int posted = postable(gpa, is_write);
     slot->seq = slot->seq + 1;
