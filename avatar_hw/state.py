@@ -357,8 +357,6 @@ class StateFile:
         transport.queue_sel = record.queue_sel
         transport.shm_sel = record.shm_sel
         transport._page_size = page
-        event_idx = bool(features >> c.F_RING_EVENT_IDX & 1)
-        indirect = bool(features >> c.F_RING_INDIRECT_DESC & 1)
         for index, (queue, qrec) in enumerate(zip(device.queues, slot.queues)):
             align = qrec.align or 4096
             if align & (align - 1):
@@ -369,7 +367,7 @@ class StateFile:
             queue.driver_addr, queue.device_addr = qrec.driver, qrec.device
             if not qrec.ready:
                 continue
-            queue.event_idx, queue.indirect = event_idx, indirect
+            queue.use_features(features)
             for head in range(queue.max_size):
                 queue._in_flight_store[head] = slot.in_flight[index][head]
             queue.restore(transport.memory, qrec.last_avail_idx, qrec.used_idx)

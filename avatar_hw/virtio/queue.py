@@ -66,8 +66,8 @@ import logging
 from ..hw import ordering
 from ..ratelimit import RateLimitedLog
 from .constants import (AVAIL_ALIGN, AVAIL_F_NO_INTERRUPT, DESC_ALIGN, DESC_F_INDIRECT,
-                        DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE, MAX_QUEUE_SIZE, USED_ALIGN,
-                        USED_F_NO_NOTIFY)
+                        DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE, F_RING_EVENT_IDX,
+                        F_RING_INDIRECT_DESC, MAX_QUEUE_SIZE, USED_ALIGN, USED_F_NO_NOTIFY)
 from .memory import GuestMemoryError
 
 log = logging.getLogger(__name__)
@@ -174,8 +174,14 @@ class Virtqueue:
         self._turn_descriptors, self._turn_bytes = TURN_DESCRIPTORS, TURN_BYTES
         self.yielded = False
 
-    def set_up(self, memory, *, event_idx=False, indirect=False):
-        """Validate the programmed layout against ``memory`` and make the queue ready.
+    def use_features(self, features):
+        """Take the ring features (EVENT_IDX, INDIRECT_DESC) from the driver's ``features``."""
+        self.event_idx = bool(features >> F_RING_EVENT_IDX & 1)
+        self.indirect = bool(features >> F_RING_INDIRECT_DESC & 1)
+
+    def set_up(self, memory):
+        """Validate the programmed layout against ``memory`` and make the queue ready
+        (with the ring features of the last ``use_features``).
 
         Raises ``QueueError`` (naming the rule) and leaves the queue not ready
         when the layout is unusable.
@@ -202,7 +208,6 @@ class Virtqueue:
         self._avail_idx_addr = memory.address(self.driver_addr + 2, 2)
         self._used_idx_addr = memory.address(self.device_addr + 2, 2)
         self.memory = memory
-        self.event_idx, self.indirect = event_idx, indirect
         self.last_avail_idx = self.used_idx = self._signalled_used = self._avail_idx = 0
         self._clear_progress()
         self._in_flight = self._in_flight_store[:size]
@@ -232,7 +237,7 @@ class Virtqueue:
         handed back through ``pop`` first.
         """
         marks = list(self._in_flight_store[:self.size])
-        self.set_up(memory, event_idx=self.event_idx, indirect=self.indirect)
+        self.set_up(memory)
         size = self.size
         guest_used = ordering.load_acquire16(self._used_idx_addr)
         if guest_used == (used_idx + 1) & 0xFFFF:

@@ -248,10 +248,8 @@ class MmioTransport(LegacyRegisters):
         return True
 
     def _activate(self):
-        event_idx, indirect = self.has_feature(c.F_RING_EVENT_IDX), self.has_feature(
-            c.F_RING_INDIRECT_DESC)
         for queue in self.device.queues:
-            queue.event_idx, queue.indirect = event_idx, indirect
+            queue.use_features(self.negotiated_features)
         self.device.activate()
         # Buffers made available before DRIVER_OK (3.1.1 step 7, "population of
         # virtqueues") are served now: the notifies that came with them were ignored
@@ -361,10 +359,9 @@ class MmioTransport(LegacyRegisters):
             self._disable_queue(queue)
 
     def _enable_queue(self, queue):
+        queue.use_features(self.driver_features)
         try:
-            queue.set_up(self.memory,
-                         event_idx=bool(self.driver_features >> c.F_RING_EVENT_IDX & 1),
-                         indirect=bool(self.driver_features >> c.F_RING_INDIRECT_DESC & 1))
+            queue.set_up(self.memory)
         except QueueError as err:
             self.fail(str(err))
             return
