@@ -1,7 +1,8 @@
 """The virtio-mmio transport (VirtIO 1.2 section 4.2.2), register by register.
 
 ``MmioTransport`` answers one device window: the guest's register accesses
-arrive as ``read(offset, size)`` / ``write(offset, size, value)``. It owns the
+arrive as ``read(offset, size)`` / ``write(offset, size, value)``, each looked
+up in the register table (``avatar_hw.virtio.registers``). It owns the
 device status state machine (``STATUS_PREREQUISITES``, the one table of
 allowed transitions), feature negotiation, the queue registers and the
 interrupt status; the device behind it only sees ``queue_notify``,
@@ -46,7 +47,6 @@ VERSION_1 is never offered; FEATURES_OK is optional; features the device did
 not offer are masked off at DRIVER_OK (a guest error).
 """
 
-import functools
 import logging
 
 from . import constants as c
@@ -54,6 +54,7 @@ from .constants import bit
 from .context import DeviceContext
 from .legacy import LegacyRegisters
 from .queue import QueueError
+from .registers import SHADOWED, register_tables
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,8 @@ class MmioTransport(LegacyRegisters):
         self._page_size = 4096
         self._queue_align = [4096] * len(device.queues)
         self._queue_was_reset = [False] * len(device.queues)
-        self._reads, self._writes = _dispatch_tables(legacy)
-        self.shadowed_registers = tuple(r for r in _SHADOWED if r in self._reads)
+        self._reads, self._writes = register_tables(MmioTransport, legacy)
+        self.shadowed_registers = tuple(r for r in SHADOWED if r in self._reads)
         self._clear_registers()
         device.bind(self.context)
 
@@ -430,66 +431,3 @@ class MmioTransport(LegacyRegisters):
         if self._config_range_ok(offset, size, "write"):
             data = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
             self.device.write_config(offset, data)
-
-
-# The registers a register shadow page mirrors (avatar_hw.shadow): read without side
-# effects, changed only by the model (on a write the guest made, or through the context).
-_SHADOWED = (c.REG_MAGIC_VALUE, c.REG_VERSION, c.REG_DEVICE_ID, c.REG_VENDOR_ID,
-             c.REG_DEVICE_FEATURES, c.REG_QUEUE_NUM_MAX, c.REG_QUEUE_READY,
-             c.REG_INTERRUPT_STATUS, c.REG_STATUS, c.REG_CONFIG_GENERATION)
-
-
-@functools.cache
-def _dispatch_tables(legacy):
-    """``(reads, writes)``: register offset -> function of the transport (and the value
-    written), made once per interface version and shared by every transport."""
-    t = MmioTransport
-    reads = {
-        c.REG_MAGIC_VALUE: lambda self: c.MMIO_MAGIC,
-        c.REG_VERSION: lambda self: (c.MMIO_VERSION_LEGACY if self.legacy
-                                     else c.MMIO_VERSION_MODERN),
-        c.REG_DEVICE_ID: lambda self: self.device.device_id,
-        c.REG_VENDOR_ID: lambda self: c.VENDOR_ID,
-        c.REG_DEVICE_FEATURES: t._read_device_features,
-        c.REG_QUEUE_NUM_MAX: t._read_queue_num_max,
-        c.REG_INTERRUPT_STATUS: lambda self: self.context.interrupt_status,
-        c.REG_STATUS: lambda self: self.context.status,
-    }
-    writes = {
-        c.REG_DEVICE_FEATURES_SEL: t._write_device_features_sel,
-        c.REG_DRIVER_FEATURES: t._write_driver_features,
-        c.REG_DRIVER_FEATURES_SEL: t._write_driver_features_sel,
-        c.REG_QUEUE_SEL: t._write_queue_sel,
-        c.REG_QUEUE_NUM: t._write_queue_num,
-        c.REG_QUEUE_NOTIFY: t._write_queue_notify,
-        c.REG_INTERRUPT_ACK: t._write_interrupt_ack,
-        c.REG_STATUS: t._write_status,
-    }
-    if legacy:
-        reads[c.REG_QUEUE_PFN] = t._read_queue_pfn
-        writes[c.REG_GUEST_PAGE_SIZE] = t._write_guest_page_size
-        writes[c.REG_QUEUE_ALIGN] = t._write_queue_align
-        writes[c.REG_QUEUE_PFN] = t._write_queue_pfn
-    else:
-        reads.update({
-            c.REG_QUEUE_READY: t._read_queue_ready,
-            c.REG_SHM_LEN_LOW: lambda self: _MASK32,      # no shared memory regions:
-            c.REG_SHM_LEN_HIGH: lambda self: _MASK32,     # length reads as -1 (4.2.2)
-            c.REG_SHM_BASE_LOW: lambda self: 0,
-            c.REG_SHM_BASE_HIGH: lambda self: 0,
-            # the reset is done when its write returns: VirtIO 1.2 wants 1 only while a
-            # queue reset is ongoing, then 0 in both QueueReset and QueueReady
-            c.REG_QUEUE_RESET: lambda self: 0,
-            c.REG_CONFIG_GENERATION: lambda self: self.context.config_generation,
-        })
-        writes.update({
-            c.REG_QUEUE_READY: t._write_queue_ready,
-            c.REG_SHM_SEL: t._write_shm_sel,
-            c.REG_QUEUE_RESET: t._write_queue_reset,
-        })
-        for reg, attr in ((c.REG_QUEUE_DESC_LOW, "desc_addr"),
-                          (c.REG_QUEUE_DRIVER_LOW, "driver_addr"),
-                          (c.REG_QUEUE_DEVICE_LOW, "device_addr")):
-            writes[reg] = t._ring_address_writer(attr, 0)
-            writes[reg + 4] = t._ring_address_writer(attr, 32)
-    return reads, writes
