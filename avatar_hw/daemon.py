@@ -51,7 +51,7 @@ import threading
 import time
 
 from . import abi, png
-from .board import Board, board_path, load_board
+from .board import Board, load_board
 from .config import Config, load_config
 from .control import ControlServer, default_control_path
 from .doorbell import FifoDoorbell, UioDoorbell
@@ -63,6 +63,7 @@ from .layout import address
 from .loop import EventLoop
 from .replay import Recorder
 from .service import drop_privileges, sd_notify
+from .shipped import board_path
 from .state import StateFile
 from .tracing import TrapTracer
 from .trap import TrapPage

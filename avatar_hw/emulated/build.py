@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..board import shipped_file
+from ..shipped import shipped_file
 from ..errors import AvatarError
 
 STUB_SOURCES = ("start.S", "main.c", "trap.c", "vgic.c", "log.c", "board.c")

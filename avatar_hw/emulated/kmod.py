@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 
-from ..board import shipped_file
+from ..shipped import shipped_file
 from ..errors import AvatarError
 from .assets import guest_assets, kernel_headers
 from .build import CROSS, _compiler, _digest, cache_dir

@@ -53,11 +53,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..board import board_path, load_board
+from ..board import load_board
 from ..config import DeviceConfig, load_config
 from ..daemon import Daemon
 from ..doorbell import StubDoorbell
 from ..errors import AvatarError
+from ..shipped import board_path
 from ..unixsock import connect_unix
 from . import board_linux
 from .assets import guest_assets
