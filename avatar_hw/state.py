@@ -271,11 +271,16 @@ class StateFile:
             self.save(number)
             self.save_device(number)
 
+    def _kept(self, number):
+        """Window ``number``'s transport and its place in the file; ``(None, None)`` when
+        the window has no device now or none kept here."""
+        transport, slot = self.subsystem.transport_at(number), self.slots.get(number)
+        return (None, None) if transport is None or slot is None else (transport, slot)
+
     def save(self, number, registers_only=False):
         """Store window ``number``'s transport registers (and its queues' programming)."""
-        transport = self.subsystem.transport_at(number)
-        slot = self.slots.get(number)
-        if transport is None or slot is None:
+        transport, slot = self._kept(number)
+        if slot is None:
             return
         record, context = slot.record, transport.context
         record.interrupt_status = context.interrupt_status
@@ -298,9 +303,8 @@ class StateFile:
 
     def save_device(self, number):
         """Store the device's JSON blob in the copy that is not current, then flip."""
-        transport = self.subsystem.transport_at(number)
-        slot = self.slots.get(number)
-        if transport is None or slot is None:
+        transport, slot = self._kept(number)
+        if slot is None:
             return
         data = json.dumps(transport.device.saved_state(), separators=(",", ":")).encode()
         if len(data) > BLOB_SIZE:
