@@ -24,7 +24,6 @@ Seams this module provides for the daemon (see docs/emulated-board.md):
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -36,6 +35,7 @@ from ..doorbell import StubDoorbell
 from ..errors import AvatarError
 from ..hw.region import Region
 from ..interrupts import StubInterruptLine
+from ..processes import end_process
 from ..unixsock import connect_unix
 from . import memory_map as mm
 
@@ -294,13 +294,7 @@ class EmulatedMachine:
     def stop(self):
         """Kill QEMU (its own PID), stop the reader, remove the RAM file and temp files."""
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(2)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()   # QEMU blocked on a full UART ignores SIGTERM
-                    self.process.wait()
+            end_process(self.process, 2)   # SIGKILL: QEMU blocked on a full UART ignores SIGTERM
             if self.process.stderr:
                 self.process.stderr.close()
         if self.uart is not None:

@@ -58,6 +58,7 @@ from ..config import DeviceConfig, load_config
 from ..daemon import Daemon
 from ..doorbell import StubDoorbell
 from ..errors import AvatarError
+from ..processes import end_process
 from ..shipped import board_path
 from ..unixsock import connect_unix
 from . import board_linux
@@ -322,13 +323,7 @@ class EmulatedBoard:
 
     def stop(self):
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
+            end_process(self.process, 10)
             self.process = None
         self._stop()
 
