@@ -168,6 +168,7 @@ class EmulatedBoard:
         self.daemon_process = daemon_process
         self.machine = self.daemon = self._thread = self.process = None
         self.state_path = None
+        self._sockets = []              # the consoles it connected (its shells'): stop closes them
 
     def start(self):
         if self.board_linux:
@@ -214,6 +215,7 @@ class EmulatedBoard:
             self.machine.start()
             self._board_sock = _connect_unix(self.board_console_path, 30)
             self._guest_sock = _connect_unix(self.console_path, 30)
+            self._sockets += [self._board_sock, self._guest_sock]
         except BaseException:
             self.stop()
             raise
@@ -292,7 +294,7 @@ class EmulatedBoard:
 
     def shell(self, timeout=60, vm=0, wait_ready=True):
         """Connect to VM ``vm``'s console and wait for its shell (``wait_ready=False``: for
-        the prompt of a shell already there, after ``start_daemon``)."""
+        the prompt of a shell already there, after ``start_daemon``); ``stop()`` closes it."""
         deadline = time.monotonic() + timeout
         if self.board_linux:     # the guest's console through the board (hvc1), connected at start
             sock, self._guest_sock = self._guest_sock, None
@@ -300,6 +302,7 @@ class EmulatedBoard:
                 raise AvatarError("board mode: the guest's console is already taken by a shell")
         else:
             sock = _connect_unix(self.console_paths[vm], timeout)
+            self._sockets.append(sock)
         shell = GuestShell(sock, alive=self.alive)
         if wait_ready:
             shell.wait_ready(max(1, deadline - time.monotonic()))
@@ -317,6 +320,9 @@ class EmulatedBoard:
             self.machine.stop()
         if self.board_linux and getattr(self, "_board_console_dir", None):
             shutil.rmtree(self._board_console_dir, ignore_errors=True)
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
 
     def _vms_config(self, workdir):
         return vms_config(self.config, self.devices, self.vms, self.console_paths, workdir)
