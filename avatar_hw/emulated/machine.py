@@ -138,7 +138,7 @@ def check_vms(vms):
 WORKDIR_PREFIX = "avatar-emulated-"
 
 
-def _die_with_parent():
+def die_with_parent():
     """A prefix for QEMU's command line: SIGKILL when the thread that started it ends
     (PR_SET_PDEATHSIG, kept across exec), so a killed launcher leaves no QEMU behind."""
     setpriv = shutil.which("setpriv")          # util-linux: on every Debian
@@ -250,7 +250,7 @@ class EmulatedMachine:
                 loaders.append((initrd, mm.vm_ram_phys(vm, mm.INITRD_ADDR)))
         size = mm.ram_size(self.vms) >> 20
         # QEMU's own /proc/self/fd/N: the RAM file it inherits (pass_fds), already unlinked.
-        argv = [*_die_with_parent(), QEMU,
+        argv = [*die_with_parent(), QEMU,
                 "-M", "virt,virtualization=on,gic-version=2,memory-backend=ram",
                 "-cpu", "cortex-a72", "-smp", str(self.vms), "-m", f"{size}M",
                 "-object", f"memory-backend-file,id=ram,size={size}M,"

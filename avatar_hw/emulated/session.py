@@ -66,7 +66,7 @@ from .assets import guest_assets
 from .build import build_stub
 from .devicetree import DEFAULT_BOOTARGS, build_dtb
 from .initramfs import READY_MARKER, build_initramfs
-from .machine import WORKDIR_PREFIX, EmulatedMachine, _die_with_parent, check_vms, ring_uart
+from .machine import WORKDIR_PREFIX, EmulatedMachine, check_vms, die_with_parent, ring_uart
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class EmulatedBoard:
                 open(workdir / "daemon.log", "ab") as log_file:
             notify.bind(str(notify_path))
             self.process = subprocess.Popen(
-                [*_die_with_parent(), sys.executable, "-m", "avatar_hw.emulated.session",
+                [*die_with_parent(), sys.executable, "-m", "avatar_hw.emulated.session",
                  json.dumps(spec)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                 pass_fds=(spec["doorbell_fd"], spec["uart_fd"]), env=env)
             deadline = time.monotonic() + timeout

@@ -145,6 +145,10 @@ class Subsystem:
         """The ``MmioTransport`` in window number ``window``, or None."""
         return self._by_window[window]
 
+    def transports(self):
+        """Every device's ``MmioTransport``, in (VM, slot) order."""
+        return [self._devices[key] for key in sorted(self._devices)]
+
     def device(self, vm_id, slot):
         """The device in VM ``vm_id``'s slot ``slot``."""
         try:
