@@ -202,9 +202,10 @@ class Virtqueue:
         """Number of chains popped and not yet returned."""
         return 0 if self._in_flight is None else sum(map(bool, self._in_flight))
 
-    def restore(self, memory, last_avail_idx, used_idx):
-        """Ready again after a restart, with the kept progress (``keep_progress``):
-        ``set_up`` (raises ``QueueError``), then the indices and the chains in flight.
+    def restore(self, memory, last_avail_idx, used_idx, in_flight):
+        """Ready again after a restart, with the kept progress (``keep_progress``: the
+        indices and ``in_flight``, the kept in-flight table): ``set_up`` (raises
+        ``QueueError``), then the indices and the chains in flight.
 
         The used idx the guest sees is the truth of what was completed: one past the
         kept ``used_idx`` means the process died inside ``add_used``, after it
@@ -212,7 +213,7 @@ class Virtqueue:
         before ``last_avail_idx`` (a pop cut short) are not in flight. Returns the heads
         handed back through ``pop`` first.
         """
-        marks = list(self._in_flight_store[:self.size])
+        marks = list(in_flight[:self.size])
         self.set_up(memory)
         size = self.size
         guest_used = ordering.load_acquire16(self._used_idx_addr)

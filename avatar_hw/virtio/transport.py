@@ -98,10 +98,10 @@ class MmioTransport(LegacyRegisters):
                                      legacy=legacy, counters=device.counters,
                                      label=f"vm{memory.vm_id} {device.name}@irq{intid}",
                                      before_interrupt=before_interrupt)
-        self._prerequisites = LEGACY_STATUS_PREREQUISITES if legacy else STATUS_PREREQUISITES
-        self._page_size = 4096
-        self._queue_align = [4096] * len(device.queues)
-        self._queue_was_reset = [False] * len(device.queues)
+        self.status_prerequisites = LEGACY_STATUS_PREREQUISITES if legacy else STATUS_PREREQUISITES
+        self.page_size = 4096
+        self.queue_align = [4096] * len(device.queues)
+        self.queue_was_reset = [False] * len(device.queues)
         self._reads, self._writes = register_tables(MmioTransport, legacy)
         self.shadowed_registers = tuple(r for r in SHADOWED if r in self._reads)
         self._clear_registers()
@@ -196,7 +196,7 @@ class MmioTransport(LegacyRegisters):
         self._clear_registers()
         for queue in self.device.queues:
             queue.reset()
-        self._queue_was_reset = [False] * len(self.device.queues)
+        self.queue_was_reset = [False] * len(self.device.queues)
         self.device.reset()
         if self.context.registers_changed is not None:   # a reset from outside a trap too
             self.context.registers_changed()
@@ -221,7 +221,7 @@ class MmioTransport(LegacyRegisters):
         if added & ~_DRIVER_BITS:
             self.guest_error("status bits 0x%02x are not driver bits; ignored",
                               added & ~_DRIVER_BITS)
-        for flag, needed in self._prerequisites.items():
+        for flag, needed in self.status_prerequisites.items():
             if not added & flag:
                 continue
             if self.status & needed != needed:
@@ -234,7 +234,7 @@ class MmioTransport(LegacyRegisters):
                 self._drop_unoffered_legacy_features()
             self.status |= flag
             if flag == _DRIVER_OK:
-                self._activate()
+                self.activate()
 
     def _features_acceptable(self):
         unknown = self.driver_features & ~self.offered_features
@@ -248,7 +248,9 @@ class MmioTransport(LegacyRegisters):
             return False
         return True
 
-    def _activate(self):
+    def activate(self):
+        """DRIVER_OK (or a restart under it): the negotiated ring features to the queues,
+        the device activated, every ready queue served."""
         for queue in self.device.queues:
             queue.use_features(self.negotiated_features)
         self.device.activate()
@@ -318,7 +320,7 @@ class MmioTransport(LegacyRegisters):
                               self.queue_sel)
         elif queue.ready:
             self.guest_error("%s for queue %d while it is ready; ignored", what, queue.index)
-        elif self.status & _DRIVER_OK and not self._queue_was_reset[queue.index]:
+        elif self.status & _DRIVER_OK and not self.queue_was_reset[queue.index]:
             self.guest_error("%s for queue %d after DRIVER_OK; ignored", what, queue.index)
         else:
             return queue
@@ -366,7 +368,7 @@ class MmioTransport(LegacyRegisters):
         except QueueError as err:
             self.fail(str(err))
             return
-        self._queue_was_reset[queue.index] = False
+        self.queue_was_reset[queue.index] = False
 
     def _disable_queue(self, queue):
         queue.ready = False
@@ -393,7 +395,7 @@ class MmioTransport(LegacyRegisters):
             self.guest_error("QueueReset without VIRTIO_F_RING_RESET; ignored")
             return
         queue.reset()
-        self._queue_was_reset[queue.index] = True
+        self.queue_was_reset[queue.index] = True
         self.device.queue_reset(queue.index)
 
     def _write_shm_sel(self, value):
