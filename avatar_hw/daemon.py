@@ -394,11 +394,11 @@ class Daemon:
 
     def list_devices(self):
         """What ``avatar-hw list --json`` shows."""
-        return [_addressed(entry) for entry in self.subsystem.list_all_devices()]
+        return self.subsystem.list_all_devices()
 
     def debug_device(self, vm_id, slot):
         """What ``avatar-hw debug --json`` shows."""
-        return _addressed(self.subsystem.debug_device(vm_id, slot))
+        return self.subsystem.debug_device(vm_id, slot)
 
     def balloon(self, vm_id, size=None):
         """What ``avatar-hw balloon`` does: VM ``vm_id`` keeps ``size`` bytes of its RAM (its
@@ -436,8 +436,3 @@ class Daemon:
                 "config": str(self.config.path), "uptime": round(time.time() - self.started, 3),
                 "mode": "busy-poll" if self.busy_poll else "doorbell",
                 "trap": self.trap.info(), "vms": vms}
-
-
-def _addressed(entry):
-    """``entry`` with its window ``base`` in the one address format (``layout.address``)."""
-    return {**entry, "base": address(int(entry["base"], 16))}

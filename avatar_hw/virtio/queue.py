@@ -60,6 +60,7 @@ import collections
 import logging
 
 from ..hw import ordering
+from ..layout import address
 from ..ratelimit import RateLimitedLog
 from .chain import DescriptorChain, DescriptorTable
 from .constants import (AVAIL_ALIGN, AVAIL_F_NO_INTERRUPT, DESC_ALIGN, DESC_SIZE,
@@ -424,8 +425,8 @@ class Virtqueue:
         return {
             "index": self.index, "max_size": self.max_size, "size": self.size,
             "ready": self.ready, "broken": self.broken,
-            "desc": hex(self.desc_addr), "driver": hex(self.driver_addr),
-            "device": hex(self.device_addr),
+            "desc": address(self.desc_addr), "driver": address(self.driver_addr),
+            "device": address(self.device_addr),
             "last_avail_idx": self.last_avail_idx, "used_idx": self.used_idx,
             "in_flight": self.in_flight, "event_idx": self.event_idx,
             "indirect": self.indirect, "bad_chains": self.bad_chains,

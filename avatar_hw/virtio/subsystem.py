@@ -26,7 +26,7 @@ import json
 import logging
 import sys
 
-from ..layout import Layout
+from ..layout import Layout, address
 from .constants import REG_INTERRUPT_ACK, REG_QUEUE_NOTIFY
 from .transport import MmioTransport
 
@@ -228,7 +228,7 @@ class Subsystem:
     def list_all_devices(self):
         """One dict per device: VM, slot, name, device ID, window, INTID."""
         return [{"vm": vm, "slot": slot, "name": t.device.name,
-                 "device_id": t.device.device_id, "base": hex(t.window), "irq": t.intid,
+                 "device_id": t.device.device_id, "base": address(t.window), "irq": t.intid,
                  "legacy": t.legacy}
                 for (vm, slot), t in sorted(self._devices.items())]
 
@@ -242,7 +242,7 @@ class Subsystem:
         transport = self._devices.get((vm_id, slot))
         if transport is None:
             raise ValueError(f"no device in VM {vm_id} slot {slot}")
-        return {"vm": vm_id, "slot": slot, "base": hex(transport.window),
+        return {"vm": vm_id, "slot": slot, "base": address(transport.window),
                 "irq": transport.intid, **transport.device.describe()}
 
     def print_device_info(self, file=None):
