@@ -15,7 +15,6 @@ one place that maps one to the other; ``BoardInterruptLine`` raises through it.
 """
 
 import string
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +25,8 @@ from .hw.region import Region
 from .hw.uio import find_uio
 from .interrupts import BoardInterruptLine
 from .layout import Layout, address
-from .schema import REQUIRED, EntryError, Field, Schema, at_least, choice, under
-from .shipped import shipped_boards
+from .schema import REQUIRED, EntryError, Field, Schema, at_least, choice, read_toml, under
+from .shipped import shipped_hint
 
 PAGE = 0x1000                 # stage-2 granule: the hypervisor traps whole 4 KiB pages
 MIN_DEVICE_SIZE = 0x200       # virtio-mmio registers (0x100) and a device config space
@@ -408,19 +407,10 @@ def _check_interrupts(board, lines):
 def load_board(path):
     """Read and check a board file; ``ConfigError`` (file, key, problem) if anything is wrong."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(path, None, "no such board file; shipped boards: "
-                                      f"{', '.join(shipped_boards()) or 'none found'}") from None
-    except OSError as err:
-        raise ConfigError(path, None, f"cannot read: {err.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(path, None, f"not a TOML file: {err}") from None
+    data = read_toml(path, "board file", shipped_hint)
     if "board" not in data and "vm" in data:
-        raise ConfigError(path, None, "a VMs config (for --config), not a board file; boards: "
-                                      f"{', '.join(shipped_boards()) or 'none found'}")
+        raise ConfigError(path, None, f"a VMs config (for --config), not a board file; "
+                                      f"{shipped_hint()}")
     board = _parse(path, data)
     _check(board)
     return board

@@ -46,6 +46,11 @@ def shipped_boards():
                    if _is_board_file(p)})
 
 
+def shipped_hint():
+    """``shipped boards: NAME, ...``, for the error about a board file not found."""
+    return f"shipped boards: {', '.join(shipped_boards()) or 'none found'}"
+
+
 def board_path(name_or_path):
     """A path as given, or the shipped board file called ``name_or_path`` (e.g. ``rpi4``)."""
     text = str(name_or_path)
@@ -55,5 +60,5 @@ def board_path(name_or_path):
         candidate = directory / f"{text}.toml"
         if candidate.is_file():
             return candidate
-    raise ConfigError(text, None, "no board file or shipped board of that name; shipped boards: "
-                                  f"{', '.join(shipped_boards()) or 'none found'}")
+    raise ConfigError(text, None, f"no board file or shipped board of that name; "
+                                  f"{shipped_hint()}")
