@@ -180,6 +180,9 @@ class Subsystem:
         if self.state is not None:
             self.state.save(window, registers_only=True)
 
+    def shadow_hits(self, window):
+        return self.shadows.hits(window) if self.shadows is not None else 0
+
     # -- the trap path -----------------------------------------------------------------------
 
     def handle_mmio_trap(self, addr, value, is_write, size):
