@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from avatar_hw import cli
-from avatar_hw.board import BOARD_DIRS, board_path, load_board, shipped_boards
+from avatar_hw.board import load_board
+from avatar_hw.shipped import BOARD_DIRS, board_path, shipped_boards
 from avatar_hw.errors import AvatarError, ConfigError, DeviceNotFound
 from avatar_hw.hw.gic import GicError, GicV2Distributor
 from avatar_hw.layout import Layout

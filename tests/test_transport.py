@@ -509,4 +509,4 @@ def test_legacy_bad_page_size_and_align_ignored(legacy):
     d.write(c.REG_GUEST_PAGE_SIZE, 3000)
     d.write(c.REG_QUEUE_SEL, 0)
     d.write(c.REG_QUEUE_ALIGN, 100)
-    assert legacy.transport._page_size == 4096
+    assert legacy.transport.page_size == 4096

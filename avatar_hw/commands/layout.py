@@ -2,9 +2,10 @@
 
 import json
 
-from ..board import DEFAULT_BOARD, board_path, load_board
+from ..board import load_board
 from ..errors import AvatarError
 from ..layout import address
+from ..shipped import DEFAULT_BOARD, board_path
 
 
 def device_map(board, vms=None):
