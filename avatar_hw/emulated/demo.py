@@ -27,7 +27,7 @@ import termios
 import tty
 from pathlib import Path
 
-from ..board import shipped_file
+from ..shipped import shipped_file
 from ..commands.query import format_list
 from ..errors import AvatarError
 from . import board_linux
