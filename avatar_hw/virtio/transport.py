@@ -378,6 +378,12 @@ class MmioTransport(LegacyRegisters):
         # 4.2.2: the value is the queue index, unless VIRTIO_F_NOTIFICATION_DATA makes its
         # low 16 bits the index (0x12340000 is no queue: QEMU ignores it too)
         index = value & 0xFFFF if self.has_feature(c.F_NOTIFICATION_DATA) else value
+        if self.status & (_DRIVER_OK | _FEATURES_OK) == _FEATURES_OK:
+            # Early, against VirtIO 1.2 3.1.1, but routine (Linux's virtio_balloon kicks its
+            # statistics queue before DRIVER_OK): its buffers are served at DRIVER_OK.
+            log.debug("%s: notify of queue %d before DRIVER_OK; served at DRIVER_OK",
+                      self.context.label, index)
+            return
         if not self.status & _DRIVER_OK or self.status & _NEEDS_RESET:
             self.guest_error("notify of queue %d with status 0x%02x; ignored", index, self.status)
             return
