@@ -30,8 +30,9 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import AvatarError, ConfigError
 from .schema import read_toml
+from .shipped import shipped_file
 
 DEVICES = {
     "console": "avatar_hw.devices.console",
@@ -143,3 +144,14 @@ def load_config(path, *, max_vms=None, devices_per_vm=None, base=None):
     path = Path(path)
     data = read_toml(path, "VMs config file")
     return parse_config(path, data, max_vms=max_vms, devices_per_vm=devices_per_vm, base=base)
+
+
+def config_path(text):
+    """``--config`` as given, or a shipped VMs config's name (``vms-example``: the example
+    installed beside the board files), as ``--board`` takes ``rpi4``."""
+    if text is None or "/" in text or text.endswith(".toml") or Path(text).exists():
+        return text
+    try:
+        return str(shipped_file(f"{text}.toml"))
+    except AvatarError:
+        return text                     # load_config names the missing file
