@@ -260,6 +260,9 @@ class Subsystem:
 
     def device_info(self):
         """JSON-able info for every device (identity, status, counters)."""
+        for number, transport in enumerate(self._by_window):
+            if transport is not None:
+                self.take_acks(number)          # InterruptStatus as the guest reads it
         return [{**entry, **self._devices[entry["vm"], entry["slot"]].device.info()}
                 for entry in self.list_all_devices()]
 
@@ -268,6 +271,7 @@ class Subsystem:
         transport = self._devices.get((vm_id, slot))
         if transport is None:
             raise ValueError(f"no device in VM {vm_id} slot {slot}")
+        self.take_acks(self.layout.window_number(vm_id, slot))
         return {"vm": vm_id, "slot": slot, "base": address(transport.window),
                 "irq": transport.intid, **transport.device.describe()}
 
