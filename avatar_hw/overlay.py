@@ -123,8 +123,10 @@ RPI4 = OverlayBoard(
 //   - the firmware's GPU memory, the top of the first GiB (0x3b400000-0x3fffffff
 //     with the default gpu_mem=76), and its armstub at 0x0;
 // and exists on 2, 4 and 8 GiB boards (RAM 0x40000000-0x7fffffff and up).
-// The trap node reserves 64 KiB: the 4 KiB trap page at its start, rounded to
-// a size and alignment that 4, 16 and 64 KiB-page kernels can all map.
+// The trap node reserves 576 KiB: the 4 KiB trap page at its start, then the
+// register shadow pages the stub announces (docs/trap-abi.md section 14: the
+// emulated board's layout, a free page and 128 shadow pages, 520 KiB in all),
+// rounded to a size and alignment that 4, 16 and 64 KiB-page kernels can all map.
 //
 // PLACEHOLDERS: the carve-out addresses and sizes and the doorbell SPI must
 // match the hypervisor's build. The distributor address is the BCM2711's in
@@ -137,7 +139,7 @@ RPI4 = OverlayBoard(
 // Build: dtc -@ -I dts -O dtb -o avatar-rpi4.dtbo scripts/avatar-rpi4-overlay.dts
 """,
     compatible="brcm,bcm2711",
-    trap=(0x40000000, 0x10000),
+    trap=(0x40000000, 0x90000),
     vm_rams=((0, 0x41000000, 0x8000000), (1, 0x49000000, 0x8000000)),
     doorbell_spi=153,
     gicd=0xff841000,
