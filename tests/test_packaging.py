@@ -97,7 +97,7 @@ def test_an_installed_avatar_hw_runs_the_demo_with_the_shipped_example_away_from
                            "--run", "uname -m; ls /sys/bus/virtio/devices | wc -w"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=240)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["aarch64", "7"]
+    assert done.stdout.split() == ["aarch64", "8"]
     example = installed / "share" / "avatar-hw" / "boards" / "vms-example.toml"
     assert f"{example}: the emulated board runs one guest" in done.stderr
     assert str(REPO) not in done.stderr and list(tmp_path.iterdir()) == []

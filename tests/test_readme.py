@@ -32,7 +32,7 @@ def test_example_vms_config_is_valid():
     from avatar_hw.config import load_config
     config = load_config(pathlib.Path(__file__).parent.parent / "boards" / "vms-example.toml")
     assert [d.kind for d in config.vms[0].devices] == ["console", "block", "rng", "net",
-                                                         "balloon", "vsock", "gpu"]
+                                                         "balloon", "9p", "vsock", "gpu"]
     assert [d.kind for d in config.vms[1].devices] == ["console", "block", "net"]
 
 

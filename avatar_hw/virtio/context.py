@@ -93,15 +93,25 @@ class DeviceContext:
     # -- interrupts -----------------------------------------------------------------------
 
     def interrupt(self, bits):
-        """Set InterruptStatus ``bits``; the guest is interrupted when one was clear."""
-        if (self.faults is not None and bits & ~self.interrupt_status
-                and self.faults.interrupt(self, bits, self._interrupt)):
-            return                    # an injected fault dropped or delayed it
-        self._interrupt(bits)
+        """Set InterruptStatus ``bits``; the guest is interrupted when one was clear.
 
-    def _interrupt(self, bits):
+        The guest's acknowledgements so far are applied first (``before_interrupt``): a bit
+        it acknowledged is clear, so setting it again interrupts (and an injected fault
+        sees it as the new interrupt it is)."""
         if self.before_interrupt is not None:
             self.before_interrupt()
+        if (self.faults is not None and bits & ~self.interrupt_status
+                and self.faults.interrupt(self, bits, self._deliver_late)):
+            return                    # an injected fault dropped or delayed it
+        self._set_interrupt(bits)
+
+    def _deliver_late(self, bits):
+        """A delayed interrupt, when its delay is over."""
+        if self.before_interrupt is not None:
+            self.before_interrupt()
+        self._set_interrupt(bits)
+
+    def _set_interrupt(self, bits):
         old = self.interrupt_status
         self.interrupt_status = old | bits
         if bits & ~old:
