@@ -38,8 +38,8 @@ class PtyEndpoint(Endpoint):
         finally:
             os.close(slave)
         os.set_blocking(self.master, False)
-        self._hangup = select.poll()
-        self._hangup.register(self.master, 0)       # POLLHUP only: nobody holds the slave
+        self._poll = select.poll()
+        self._poll.register(self.master, select.POLLIN)     # POLLHUP: nobody holds the slave
         self.opened = False                         # some program has the slave open
         self.interactive = False                    # input to read (until EIO after a close)
         self._look_timer = None
@@ -73,9 +73,17 @@ class PtyEndpoint(Endpoint):
 
     # -- is the slave open? ------------------------------------------------------------------------
 
+    def _events(self):
+        events = self._poll.poll(0)
+        return events[0][1] if events else 0
+
     def _look(self):
         self._look_timer = self._loop.call_later(self.poll_interval, self._look)
-        self._set_opened(not self._hangup.poll(0))
+        events = self._events()
+        if events & select.POLLIN and not self.interactive:
+            self.interactive = True                 # written by a program that came and went
+            self._update_reader()
+        self._set_opened(not events & select.POLLHUP)
 
     def _set_opened(self, opened):
         if opened == self.opened:
@@ -95,7 +103,7 @@ class PtyEndpoint(Endpoint):
 
     def _writable(self):
         # a hang-up also wakes a waiting writer: a full pty nobody reads any more
-        if self._hangup.poll(0):
+        if self._events() & select.POLLHUP:
             self._set_opened(False)
         else:
             super()._writable()
