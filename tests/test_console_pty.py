@@ -8,6 +8,7 @@ import time
 import pytest
 
 from avatar_hw.devices.console import ConsoleDevice
+from avatar_hw.endpoints import pyserial_url
 from avatar_hw.endpoints.pty import PtyEndpoint
 from avatar_hw.loop import EventLoop
 from avatar_hw.testing.virtio import VirtioBench
@@ -224,3 +225,22 @@ def test_input_of_a_program_that_opened_wrote_and_left_reaches_the_guest(con):
         con.until(lambda: typed.extend(u.data for u in con.rx.get_used()) or typed,
                   "the input of a writer that left")
         assert typed == [text]
+
+
+def test_a_pty_without_a_path_is_named_in_info(tmp_path, loop):
+    """``pty:`` alone: info (and the daemon's log of endpoints) names its /dev/pts/N, which a
+    client opens like the symlink."""
+    b = VirtioBench(ConsoleDevice("pty:"), loop=loop, ram_size=4 << 20)
+    try:
+        [url] = b.device.info()["ports"][0]["endpoints"]
+        assert url.startswith("pty:/dev/pts/") and pyserial_url(url) == url[4:]
+        b.driver.init([0, 1])
+        fd = os.open(url[4:], os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        pty = b.device.ports[0].backend.endpoints[0]
+        deadline = time.monotonic() + 30
+        while not pty.attached:
+            assert time.monotonic() < deadline, "never attached"
+            loop.run_once(0.01)
+        os.close(fd)
+    finally:
+        b.subsystem.close()

@@ -1,5 +1,6 @@
 """Console endpoint ``pty:PATH``: a pseudo-terminal; ``PATH`` becomes a stable symlink to its
-/dev/pts/N (``pty:`` alone: no symlink, the name is in ``avatar-hw info``).
+/dev/pts/N (``pty:`` alone: no symlink; its URL becomes ``pty:/dev/pts/N``, as ``avatar-hw info``
+shows it).
 
 As QEMU's pty chardev, the daemon holds only the master side: the pty is *attached* (and
 *connected*) only while some program has it open. Linux reports POLLHUP on the master while
@@ -44,6 +45,8 @@ class PtyEndpoint(Endpoint):
         self.interactive = False                    # input to read (until EIO after a close)
         self._look_timer = None
         self.path = path
+        if not path:
+            self.url = f"pty:{self.tty_name}"       # what info and the daemon's log show
         if path:
             tmp = f"{path}.{os.getpid()}.tmp"
             try:
@@ -134,4 +137,4 @@ def open_url(url, rest, limit):
 
 
 def pyserial_url(rest):
-    return rest or None             # the symlink; without one, the pty's name is in info
+    return rest or None             # the symlink, or /dev/pts/N (the URL of ``pty:`` alone)
