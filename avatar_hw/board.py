@@ -5,9 +5,7 @@ A board file (``boards/*.toml``, schema in docs/boards.md) is loaded with
 naming the file, the key and the problem. ``Board.open_region(spec)`` maps a
 *region spec*, either a UIO map (on a board) or a window of a file (on the
 emulated board), so the daemon does not care which. Shipped boards are found
-by name (``rpi4``) in the checkout's boards/ or the installed copy (pyproject's
-data-files put boards/ under ``PREFIX/share/avatar-hw/boards``: board files, the
-emulated board's stub sources and the trap ABI header).
+by name (``rpi4``) with ``avatar_hw.shipped.board_path``.
 
 Interrupt numbers: a guest sees the layout's *guest INTIDs* (48 + 8 per VM +
 slot); on a GIC board the daemon raises *board INTIDs*, SPIs free on that
@@ -16,10 +14,7 @@ INTID when the board SPI arrives. ``Board.board_intid(guest_intid)`` is the
 one place that maps one to the other; ``BoardInterruptLine`` raises through it.
 """
 
-import site
 import string
-import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +25,9 @@ from .hw.region import Region
 from .hw.uio import find_uio
 from .interrupts import BoardInterruptLine
 from .layout import Layout, address
-from .schema import REQUIRED, EntryError, Field, Schema, at_least, choice, under
+from .schema import REQUIRED, EntryError, Field, Schema, at_least, choice, read_toml, under
+from .shipped import shipped_hint
 
-BOARD_DIRS = (
-    Path(__file__).resolve().parent.parent / "boards",               # a checkout
-    Path(sys.prefix) / "share" / "avatar-hw" / "boards",              # pip install
-    Path(site.getuserbase()) / "share" / "avatar-hw" / "boards",      # pip install --user
-)
-DEFAULT_BOARD = "rpi4"
 PAGE = 0x1000                 # stage-2 granule: the hypervisor traps whole 4 KiB pages
 MIN_DEVICE_SIZE = 0x200       # virtio-mmio registers (0x100) and a device config space
 GIC_FRAME_SIZES = {"v2": 0x1000, "v3": 0x10000, "v2m": 0x1000}
@@ -417,57 +407,10 @@ def _check_interrupts(board, lines):
 def load_board(path):
     """Read and check a board file; ``ConfigError`` (file, key, problem) if anything is wrong."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(path, None, "no such board file; shipped boards: "
-                                      f"{', '.join(shipped_boards()) or 'none found'}") from None
-    except OSError as err:
-        raise ConfigError(path, None, f"cannot read: {err.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(path, None, f"not a TOML file: {err}") from None
+    data = read_toml(path, "board file", shipped_hint)
     if "board" not in data and "vm" in data:
-        raise ConfigError(path, None, "a VMs config (for --config), not a board file; boards: "
-                                      f"{', '.join(shipped_boards()) or 'none found'}")
+        raise ConfigError(path, None, f"a VMs config (for --config), not a board file; "
+                                      f"{shipped_hint()}")
     board = _parse(path, data)
     _check(board)
     return board
-
-
-def _is_board_file(path):
-    try:
-        with open(path, "rb") as f:
-            return "board" in tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-        return False
-
-
-def shipped_file(relative):
-    """A file shipped beside the board files (``emulated/start.S``), from the checkout's
-    boards/ or the installed copy (BOARD_DIRS, first found)."""
-    for directory in BOARD_DIRS:
-        candidate = directory / relative
-        if candidate.exists():
-            return candidate
-    raise AvatarError(f"{relative}: not in {' or '.join(map(str, BOARD_DIRS))}; reinstall "
-                      "avatar-hw (its board files are missing)")
-
-
-def shipped_boards():
-    """Names of the board files (not VMs configs) found in BOARD_DIRS."""
-    return sorted({p.stem for d in BOARD_DIRS if d.is_dir() for p in d.glob("*.toml")
-                   if _is_board_file(p)})
-
-
-def board_path(name_or_path):
-    """A path as given, or the shipped board file called ``name_or_path`` (e.g. ``rpi4``)."""
-    text = str(name_or_path)
-    if "/" in text or text.endswith(".toml"):
-        return Path(text)
-    for directory in BOARD_DIRS:
-        candidate = directory / f"{text}.toml"
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(text, None, "no board file or shipped board of that name; shipped boards: "
-                                  f"{', '.join(shipped_boards()) or 'none found'}")

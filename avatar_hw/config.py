@@ -27,11 +27,12 @@ turns the checked options into a device. Adding a device is one module and one l
 """
 
 import importlib
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import AvatarError, ConfigError
+from .schema import read_toml
+from .shipped import shipped_file
 
 DEVICES = {
     "console": "avatar_hw.devices.console",
@@ -141,13 +142,16 @@ def parse_config(file, data, *, max_vms=None, devices_per_vm=None, base=None):
 def load_config(path, *, max_vms=None, devices_per_vm=None, base=None):
     """Read and check a VMs config file."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(path, None, "no such VMs config file") from None
-    except OSError as err:
-        raise ConfigError(path, None, f"cannot read: {err.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(path, None, f"not a TOML file: {err}") from None
+    data = read_toml(path, "VMs config file")
     return parse_config(path, data, max_vms=max_vms, devices_per_vm=devices_per_vm, base=base)
+
+
+def config_path(text):
+    """``--config`` as given, or a shipped VMs config's name (``vms-example``: the example
+    installed beside the board files), as ``--board`` takes ``rpi4``."""
+    if text is None or "/" in text or text.endswith(".toml") or Path(text).exists():
+        return text
+    try:
+        return str(shipped_file(f"{text}.toml"))
+    except AvatarError:
+        return text                     # load_config names the missing file

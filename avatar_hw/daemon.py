@@ -51,7 +51,7 @@ import threading
 import time
 
 from . import abi, png
-from .board import Board, board_path, load_board
+from .board import Board, load_board
 from .config import Config, load_config
 from .control import ControlServer, default_control_path
 from .doorbell import FifoDoorbell, UioDoorbell
@@ -63,6 +63,7 @@ from .layout import address
 from .loop import EventLoop
 from .replay import Recorder
 from .service import drop_privileges, sd_notify
+from .shipped import board_path
 from .state import StateFile
 from .tracing import TrapTracer
 from .trap import TrapPage
@@ -405,11 +406,11 @@ class Daemon:
 
     def list_devices(self):
         """What ``avatar-hw list --json`` shows."""
-        return [_addressed(entry) for entry in self.subsystem.list_all_devices()]
+        return self.subsystem.list_all_devices()
 
     def debug_device(self, vm_id, slot):
         """What ``avatar-hw debug --json`` shows."""
-        return _addressed(self.subsystem.debug_device(vm_id, slot))
+        return self.subsystem.debug_device(vm_id, slot)
 
     def balloon(self, vm_id, size=None):
         """What ``avatar-hw balloon`` does: VM ``vm_id`` keeps ``size`` bytes of its RAM (its
@@ -447,8 +448,3 @@ class Daemon:
                 "config": str(self.config.path), "uptime": round(time.time() - self.started, 3),
                 "mode": "busy-poll" if self.busy_poll else "doorbell",
                 "trap": self.trap.info(), "vms": vms}
-
-
-def _addressed(entry):
-    """``entry`` with its window ``base`` in the one address format (``layout.address``)."""
-    return {**entry, "base": address(int(entry["base"], 16))}

@@ -147,7 +147,7 @@ class _IrqTap:
 def _tap_interrupts(subsystem, sink):
     """Route every transport's interrupts (and future devices') through ``sink``."""
     subsystem.interrupt_line = _IrqTap(subsystem.interrupt_line, sink)
-    for transport in subsystem._devices.values():
+    for transport in subsystem.transports():
         context = transport.context
         context.interrupt_line = _IrqTap(context.interrupt_line, sink)
 

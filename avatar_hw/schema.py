@@ -16,6 +16,7 @@ that span keys (or tables) are made by the reader's caller on the options.
 """
 
 import logging
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,21 @@ log = logging.getLogger(__name__)
 REQUIRED = object()
 TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list",
               dict: "a table"}
+
+
+def read_toml(path, what, hint=None):
+    """The tables of TOML file ``path`` (a ``what``: "board file", ...); ``ConfigError``
+    naming it when it is missing (with ``hint()`` added), unreadable or not TOML."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, None, f"no such {what}" + (f"; {hint()}" if hint else "")
+                          ) from None
+    except OSError as err:
+        raise ConfigError(path, None, f"cannot read: {err.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(path, None, f"not a TOML file: {err}") from None
 
 
 class EntryError(ValueError):

@@ -271,11 +271,16 @@ class StateFile:
             self.save(number)
             self.save_device(number)
 
+    def _kept(self, number):
+        """Window ``number``'s transport and its place in the file; ``(None, None)`` when
+        the window has no device now or none kept here."""
+        transport, slot = self.subsystem.transport_at(number), self.slots.get(number)
+        return (None, None) if transport is None or slot is None else (transport, slot)
+
     def save(self, number, registers_only=False):
         """Store window ``number``'s transport registers (and its queues' programming)."""
-        transport = self.subsystem.transport_at(number)
-        slot = self.slots.get(number)
-        if transport is None or slot is None:
+        transport, slot = self._kept(number)
+        if slot is None:
             return
         record, context = slot.record, transport.context
         record.interrupt_status = context.interrupt_status
@@ -288,19 +293,18 @@ class StateFile:
         record.driver_features_sel = transport.driver_features_sel & 0xFFFFFFFF
         record.queue_sel = transport.queue_sel & 0xFFFFFFFF
         record.shm_sel = transport.shm_sel & 0xFFFFFFFF
-        record.page_size = transport._page_size
+        record.page_size = transport.page_size
         for index, (queue, qrec) in enumerate(zip(transport.device.queues, slot.queues)):
             qrec.size, qrec.desc = queue.size, queue.desc_addr
             qrec.driver, qrec.device = queue.driver_addr, queue.device_addr
-            qrec.align = transport._queue_align[index]
-            qrec.was_reset = transport._queue_was_reset[index]
+            qrec.align = transport.queue_align[index]
+            qrec.was_reset = transport.queue_was_reset[index]
             qrec.ready = queue.ready
 
     def save_device(self, number):
         """Store the device's JSON blob in the copy that is not current, then flip."""
-        transport = self.subsystem.transport_at(number)
-        slot = self.slots.get(number)
-        if transport is None or slot is None:
+        transport, slot = self._kept(number)
+        if slot is None:
             return
         data = json.dumps(transport.device.saved_state(), separators=(",", ":")).encode()
         if len(data) > BLOB_SIZE:
@@ -333,7 +337,7 @@ class StateFile:
             return
         if not device.restartable:
             raise ValueError(f"{device.name} devices cannot be restored under a running guest")
-        checks = transport._prerequisites
+        checks = transport.status_prerequisites
         for flag, needed in checks.items():
             if status & flag and status & needed != needed:
                 raise ValueError(f"status 0x{status:02x} sets 0x{flag:02x} without 0x{needed:02x}")
@@ -356,23 +360,20 @@ class StateFile:
         transport.driver_features_sel = record.driver_features_sel
         transport.queue_sel = record.queue_sel
         transport.shm_sel = record.shm_sel
-        transport._page_size = page
-        event_idx = bool(features >> c.F_RING_EVENT_IDX & 1)
-        indirect = bool(features >> c.F_RING_INDIRECT_DESC & 1)
+        transport.page_size = page
         for index, (queue, qrec) in enumerate(zip(device.queues, slot.queues)):
             align = qrec.align or 4096
             if align & (align - 1):
                 raise ValueError(f"queue {index}: alignment {align} is not a power of two")
-            transport._queue_align[index] = align
-            transport._queue_was_reset[index] = bool(qrec.was_reset)
+            transport.queue_align[index] = align
+            transport.queue_was_reset[index] = bool(qrec.was_reset)
             queue.size, queue.desc_addr = qrec.size, qrec.desc
             queue.driver_addr, queue.device_addr = qrec.driver, qrec.device
             if not qrec.ready:
                 continue
-            queue.event_idx, queue.indirect = event_idx, indirect
-            for head in range(queue.max_size):
-                queue._in_flight_store[head] = slot.in_flight[index][head]
-            queue.restore(transport.memory, qrec.last_avail_idx, qrec.used_idx)
+            queue.use_features(features)
+            queue.restore(transport.memory, qrec.last_avail_idx, qrec.used_idx,
+                          slot.in_flight[index])
         length = record.blob_length[record.blob_current & 1]
         if length > BLOB_SIZE:
             raise ValueError(f"device state of {length} bytes in a {BLOB_SIZE}-byte blob")
@@ -395,15 +396,11 @@ class StateFile:
         if not self.restored:
             return
         for number, transport in self.devices:
-            context, device = transport.context, transport.device
+            context = transport.context
             if not context.active:
                 continue
             try:
-                transport._activate()
-                for queue in device.queues:
-                    if queue.ready:
-                        queue.new_turn()
-                        device.queue_notify(queue.index)
+                transport.activate()         # and every ready queue served
                 # raised even if the bit was kept set: the previous process may have died
                 # between setting it and raising the line
                 context.interrupt_status &= ~c.INT_USED_BUFFER

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from avatar_hw import cli
-from avatar_hw.board import BOARD_DIRS, board_path, load_board, shipped_boards
+from avatar_hw.board import load_board
+from avatar_hw.shipped import BOARD_DIRS, board_path, shipped_boards
 from avatar_hw.errors import AvatarError, ConfigError, DeviceNotFound
 from avatar_hw.hw.gic import GicError, GicV2Distributor
 from avatar_hw.layout import Layout
@@ -106,7 +107,7 @@ def expected_rpi4_two_vms():
         vms.append({"vm": vm, "window": [first, last], "guest_intids": intids, "devices": [
             {"slot": k, "base": f"0x{base + k * 0x1000:08x}",
              "end": f"0x{base + k * 0x1000 + 0xfff:08x}", "guest_intid": intids[0] + k,
-             "board_intid": board_intids[8 * vm + k]} for k in range(8)]})
+             "board_intid": board_intids[8 * vm + k], "device": None} for k in range(8)]})
     return {"board": "rpi4", "interrupts": "gic", "doorbell_intid": 185, "vms": vms}
 
 
@@ -123,7 +124,7 @@ def test_layout_json_for_rpi4_two_vms(capsys):
     assert json.loads(out) == expected_rpi4_two_vms()
     assert json.loads(out)["vms"][1]["devices"][7] == {
         "slot": 7, "base": "0x0a017000", "end": "0x0a017fff", "guest_intid": 63,
-        "board_intid": 206}
+        "board_intid": 206, "device": None}
 
 
 def test_layout_text_for_rpi4_two_vms(capsys):
@@ -138,6 +139,26 @@ def test_layout_text_for_rpi4_two_vms(capsys):
     assert "VM1  0x0a010000-0x0a01ffff  guest INTIDs 56-63\n" in out
     assert "  device 3  0x0a003000-0x0a003fff  guest INTID 51  board INTID 194\n" in out
     assert "  device 7  0x0a017000-0x0a017fff  guest INTID 63  board INTID 206\n" in out
+
+
+def test_layout_with_a_config_names_the_device_in_each_slot(capsys, tmp_path):
+    """In the order the daemon fills the slots (config.py's), whatever order the file has."""
+    status, out, _ = run_cli(capsys, "layout", "--board", "emulated", "--config", "vms-example",
+                             "--json")
+    vms = json.loads(out)["vms"]
+    assert status == 0 and [d["device"] for d in vms[0]["devices"]] == [
+        "console", "block", "rng", "net", "balloon", "9p", "vsock", "gpu"]
+    assert [d["device"] for d in vms[1]["devices"]] == ["console", "block", "net", *[None] * 5]
+    assert all(d["device"] is None for vm in vms[2:] for d in vm["devices"])
+    config = tmp_path / "vms.toml"
+    config.write_text('[vm.1]\nrng = {}\nconsole = { endpoints = "file:log" }\n')
+    status, out, _ = run_cli(capsys, "layout", "--board", "emulated", "--vms", "2",
+                             "--config", str(config))
+    assert status == 0 and "  device 0  0x0a010000-0x0a010fff  guest INTID 56  board INTID 56  " \
+        "console\n  device 1  0x0a011000-0x0a011fff  guest INTID 57  board INTID 57  rng\n" in out
+    status, out, err = run_cli(capsys, "layout", "--config", str(tmp_path / "nosuch.toml"))
+    assert (status, out) == (2, "") and err == (f"avatar-hw: {tmp_path / 'nosuch.toml'}: no such "
+                                                "VMs config file\n")
 
 
 def test_layout_of_a_stub_board_raises_the_guest_intids(capsys):

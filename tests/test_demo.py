@@ -120,8 +120,8 @@ def test_demo_config_gives_the_guest_every_device_of_the_example():
 
 
 def test_config_takes_a_path_or_the_shipped_examples_name(tmp_path, monkeypatch):
-    from avatar_hw.board import shipped_file
-    from avatar_hw.emulated.demo import config_path
+    from avatar_hw.shipped import shipped_file
+    from avatar_hw.config import config_path
     assert config_path("vms-example") == str(shipped_file("vms-example.toml"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "vms-example").write_text("")               # a file of that name wins

@@ -45,6 +45,7 @@ def board(tmp_path_factory):
         board.stop()
     assert board.machine.process.returncode is not None
     assert not Path(shm).exists()
+    assert board.guest.sock.fileno() == -1          # the shell's socket too: no ResourceWarning
 
 
 def run(board, command, timeout=60):

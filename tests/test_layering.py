@@ -1,4 +1,5 @@
-"""The package's layers import in one direction: the core never imports the emulated board.
+"""The package's layers import in one direction: the core never imports the emulated board,
+and no shipped module imports the test doubles (avatar_hw.testing).
 
 Parsed with ``ast`` (nothing is imported): every ``import``/``from`` of the core
 modules is resolved to an absolute module name and checked.
@@ -36,14 +37,29 @@ def core_files():
             yield path
 
 
+def importers(files, package):
+    """``file imports name`` for every import of ``package`` or a module in it."""
+    return sorted(f"{path.relative_to(PACKAGE)} imports {name}"
+                  for path in files for name in imported_modules(path)
+                  if name == package or name.startswith(package + "."))
+
+
 def test_core_never_imports_the_emulated_board():
     files = list(core_files())
     assert PACKAGE / "daemon.py" in files and PACKAGE / "virtio" / "subsystem.py" in files
     assert PACKAGE / "commands" / "serve.py" in files
-    offenders = sorted(f"{path.relative_to(PACKAGE)} imports {name}"
-                       for path in files for name in imported_modules(path)
-                       if name == "avatar_hw.emulated" or name.startswith("avatar_hw.emulated."))
-    assert offenders == []
+    assert importers(files, "avatar_hw.emulated") == []
+
+
+def test_shipped_code_never_imports_the_test_doubles():
+    """avatar_hw.testing is for tests/ and bench/: nothing else in the package (the CLI, the
+    emulated board, the HIL plugin) imports it."""
+    files = [path for path in sorted(PACKAGE.rglob("*.py"))
+             if path.relative_to(PACKAGE).parts[0] != "testing"]
+    assert PACKAGE / "terminal.py" in files and PACKAGE / "hil" / "pytest_plugin.py" in files
+    assert PACKAGE / "emulated" / "session.py" in files
+    assert importers(files, "avatar_hw.testing") == []
+    assert importers([PACKAGE / "testing" / "virtio.py"], "avatar_hw.testing")   # it can see one
 
 
 def test_the_check_sees_relative_imports(tmp_path):

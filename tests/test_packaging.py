@@ -63,7 +63,7 @@ def run_installed(prefix, *argv, **kwargs):
 def test_an_installed_avatar_hw_finds_boards_and_stub_sources(installed, tmp_path):
     where = run_installed(installed, "python", "-c", """if True:
         import json, avatar_hw
-        from avatar_hw.board import board_path, shipped_boards, shipped_file
+        from avatar_hw.shipped import board_path, shipped_boards, shipped_file
         print(json.dumps([avatar_hw.__file__, str(board_path("emulated")),
                           str(shipped_file("emulated/start.S")), shipped_boards()]))""")
     assert where.returncode == 0, where.stderr

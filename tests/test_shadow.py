@@ -131,8 +131,12 @@ def test_the_stub_takes_interrupt_ack_and_its_shadowed_read_sees_it(shadowed):
     assert read(c.REG_INTERRUPT_STATUS) == c.INT_CONFIG_CHANGE    # without the model
     assert bench.transport.context.interrupt_status == 3          # not applied yet
     assert trap.window_counters(0)["stub_acks"] == 1
-    # A trapped InterruptStatus read (the page being rewritten, say) applies the counts first.
+    # A trapped InterruptStatus read (the page being rewritten, say) applies the counts first,
+    # and so do info and debug.
     assert bench.subsystem.dispatch(0, c.REG_INTERRUPT_STATUS, 0, False, 4) == (True, 2)
+    bench.transport.context.interrupt(c.INT_USED_BUFFER)
+    assert stub.shadow.take_ack(0, c.INT_USED_BUFFER | c.INT_CONFIG_CHANGE)
+    assert bench.subsystem.debug_device(0, 0)["interrupt_status"] == 0
 
 
 def test_a_bit_set_again_after_a_stub_ack_interrupts_again(shadowed):

@@ -31,7 +31,7 @@ def test_windows_and_irqs_follow_the_seed_layout():
     assert (t1.window, t1.intid) == (0x0A010000, 56)
     assert (t2.window, t2.intid) == (0x0A013000, 59)
     assert [(d["vm"], d["slot"], d["base"], d["irq"]) for d in sub.list_all_devices()] == [
-        (0, 0, "0xa000000", 48), (1, 0, "0xa010000", 56), (1, 3, "0xa013000", 59)]
+        (0, 0, "0x0a000000", 48), (1, 0, "0x0a010000", 56), (1, 3, "0x0a013000", 59)]
 
 
 def test_custom_layout():

@@ -303,6 +303,9 @@ def test_buffers_made_available_before_driver_ok_are_served_at_driver_ok(bench):
     q.post(writable=[4])
     q.notify()
     assert bench.device.notified == [] and q.used_idx() == 0
+    # Linux's virtio_balloon does this with its statistics queue: not a guest error to warn
+    # about on every boot (it is logged at debug level).
+    assert bench.transport.context.guest_errors == 0
     d.driver_ok()
     assert bench.device.notified == [0] and [u.length for u in q.get_used()] == [4]
     assert d.interrupt_status() & c.INT_USED_BUFFER
@@ -509,4 +512,4 @@ def test_legacy_bad_page_size_and_align_ignored(legacy):
     d.write(c.REG_GUEST_PAGE_SIZE, 3000)
     d.write(c.REG_QUEUE_SEL, 0)
     d.write(c.REG_QUEUE_ALIGN, 100)
-    assert legacy.transport._page_size == 4096
+    assert legacy.transport.page_size == 4096

@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import time
 
+from ..processes import end_process
 from ..schema import REQUIRED, Field, Schema, under
 from ..vhost_user import VhostUserError
 from .vhost_user import VhostUserDevice
@@ -80,18 +81,10 @@ def stop(proc, grace=0.0):
     """End virtiofsd ``proc``: wait ``grace`` s for it to exit by itself (it does once its
     front end hung up), then SIGTERM, then SIGKILL after 2 s; reaped in every case."""
     try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        try:
-            proc.terminate()
-            try:
-                proc.wait(2)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        except PermissionError:                 # root's, and we dropped to --user
-            log.error("%s (PID %d) did not exit when its front end hung up and runs as "
-                      "another user: stop it yourself", VIRTIOFSD, proc.pid)
+        end_process(proc, 2, grace)
+    except PermissionError:                     # root's, and we dropped to --user
+        log.error("%s (PID %d) did not exit when its front end hung up and runs as "
+                  "another user: stop it yourself", VIRTIOFSD, proc.pid)
     proc.stderr.close()
 
 

@@ -36,9 +36,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..board import board_path, load_board, shipped_file
+from ..board import load_board
 from ..errors import AvatarError
 from ..overlay import OverlayBoard, render
+from ..shipped import board_path, shipped_file
 from . import memory_map as mm
 from .assets import board_userland
 from .build import cache_dir

@@ -12,8 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..board import shipped_file
 from ..errors import AvatarError
+from ..shipped import shipped_file
 
 STUB_SOURCES = ("start.S", "main.c", "trap.c", "vgic.c", "log.c", "board.c")
 STUB_DEPENDS = ("stub.h", "link.ld", "../abi/avatar_trap.h")
@@ -33,7 +33,8 @@ def cache_dir():
     return Path(path)
 
 
-def _compiler():
+def cross_compiler():
+    """The path of the aarch64 cross gcc (``AvatarError`` when it is not installed)."""
     gcc = shutil.which(CROSS + "gcc")
     if gcc is None:
         raise AvatarError(f"{CROSS}gcc not found: the emulated board's stub needs it "
@@ -41,7 +42,8 @@ def _compiler():
     return gcc
 
 
-def _digest(paths, command):
+def build_digest(paths, command):
+    """The cache key of a build: its input files' names and bytes, and its command."""
     h = hashlib.sha256()
     for path in paths:
         h.update(str(path.name).encode() + b"\0" + path.read_bytes() + b"\0")
@@ -55,9 +57,9 @@ def build_program(name, sources, *, extra_inputs=(), link_args=(), raw=False):
 
     Returns the output path; the build command is part of the cache key.
     """
-    gcc = _compiler()
+    gcc = cross_compiler()
     command = [*CFLAGS, *link_args]
-    out = cache_dir() / f"{name}-{_digest([*sources, *extra_inputs], command)}"
+    out = cache_dir() / f"{name}-{build_digest([*sources, *extra_inputs], command)}"
     out = out.with_suffix(".bin" if raw else ".elf")
     if out.exists():
         return out
@@ -84,9 +86,14 @@ def build_stub(defines=()):
         link_args=["-T", str(stub_dir / "link.ld"), *(f"-D{d}" for d in defines)])
 
 
-if __name__ == "__main__":
+def main(build):
+    """``python -m``: print the path ``build()`` gives, or its error (exit status 2)."""
     try:
-        print(build_stub())
+        print(build())
     except AvatarError as err:
         print(f"avatar-hw: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(build_stub)

@@ -25,11 +25,9 @@ import signal
 import sys
 import termios
 import tty
-from pathlib import Path
 
-from ..board import shipped_file
 from ..commands.query import format_list
-from ..errors import AvatarError
+from ..config import config_path
 from . import board_linux
 from .memory_map import MAX_VMS
 from .session import EmulatedBoard
@@ -104,17 +102,6 @@ def _ended(board):
         return 0
     _say("\r\nthe device model stopped; see the log above")
     return 1
-
-
-def config_path(text):
-    """``--config`` as given, or a shipped VMs config's name (``vms-example``: the example
-    installed beside the board files), as ``--board`` takes ``rpi4``."""
-    if text is None or "/" in text or text.endswith(".toml") or Path(text).exists():
-        return text
-    try:
-        return str(shipped_file(f"{text}.toml"))
-    except AvatarError:
-        return text                     # load_config names the missing file
 
 
 def _demo(args):

@@ -13,13 +13,12 @@ the host's kmod tools. ``python -m avatar_hw.emulated.kmod`` prints the path.
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 
-from ..board import shipped_file
 from ..errors import AvatarError
+from ..shipped import shipped_file
 from .assets import guest_assets, kernel_headers
-from .build import CROSS, _compiler, _digest, cache_dir
+from .build import CROSS, build_digest, cache_dir, cross_compiler, main
 
 MODULE = "avatar_uio"
 SOURCES = ("avatar_uio.c", "Kbuild")
@@ -36,12 +35,12 @@ def build_kmod(release=None, source_dir=None):
     compiler's output if it fails."""
     release = release or guest_assets().release
     source_dir = source_dir or module_dir()
-    _compiler()
+    cross_compiler()
     if shutil.which("make") is None:
         raise AvatarError("make not found: building the kernel module needs it "
                           "(apt-get install make, or run scripts/setup)")
     sources = [source_dir / name for name in SOURCES]
-    out = cache_dir() / "kmod" / f"{MODULE}-{release}-{_digest(sources, [release, 'Werror'])}.ko"
+    out = cache_dir() / "kmod" / f"{MODULE}-{release}-{build_digest(sources, [release, 'Werror'])}.ko"
     if out.exists():
         return out
     tree = kernel_headers(release)
@@ -79,8 +78,4 @@ def modinfo(ko):
 
 
 if __name__ == "__main__":
-    try:
-        print(build_kmod())
-    except AvatarError as err:
-        print(f"avatar-hw: {err}", file=sys.stderr)
-        sys.exit(2)
+    main(build_kmod)

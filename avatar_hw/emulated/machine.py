@@ -24,7 +24,6 @@ Seams this module provides for the daemon (see docs/emulated-board.md):
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -36,6 +35,7 @@ from ..doorbell import StubDoorbell
 from ..errors import AvatarError
 from ..hw.region import Region
 from ..interrupts import StubInterruptLine
+from ..processes import end_process
 from ..unixsock import connect_unix
 from . import memory_map as mm
 
@@ -138,7 +138,7 @@ def check_vms(vms):
 WORKDIR_PREFIX = "avatar-emulated-"
 
 
-def _die_with_parent():
+def die_with_parent():
     """A prefix for QEMU's command line: SIGKILL when the thread that started it ends
     (PR_SET_PDEATHSIG, kept across exec), so a killed launcher leaves no QEMU behind."""
     setpriv = shutil.which("setpriv")          # util-linux: on every Debian
@@ -250,7 +250,7 @@ class EmulatedMachine:
                 loaders.append((initrd, mm.vm_ram_phys(vm, mm.INITRD_ADDR)))
         size = mm.ram_size(self.vms) >> 20
         # QEMU's own /proc/self/fd/N: the RAM file it inherits (pass_fds), already unlinked.
-        argv = [*_die_with_parent(), QEMU,
+        argv = [*die_with_parent(), QEMU,
                 "-M", "virt,virtualization=on,gic-version=2,memory-backend=ram",
                 "-cpu", "cortex-a72", "-smp", str(self.vms), "-m", f"{size}M",
                 "-object", f"memory-backend-file,id=ram,size={size}M,"
@@ -294,13 +294,7 @@ class EmulatedMachine:
     def stop(self):
         """Kill QEMU (its own PID), stop the reader, remove the RAM file and temp files."""
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(2)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()   # QEMU blocked on a full UART ignores SIGTERM
-                    self.process.wait()
+            end_process(self.process, 2)   # SIGKILL: QEMU blocked on a full UART ignores SIGTERM
             if self.process.stderr:
                 self.process.stderr.close()
         if self.uart is not None:

@@ -53,18 +53,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..board import board_path, load_board
+from ..board import load_board
 from ..config import DeviceConfig, load_config
 from ..daemon import Daemon
 from ..doorbell import StubDoorbell
 from ..errors import AvatarError
+from ..processes import end_process
+from ..shipped import board_path
 from ..unixsock import connect_unix
 from . import board_linux
 from .assets import guest_assets
 from .build import build_stub
 from .devicetree import DEFAULT_BOOTARGS, build_dtb
 from .initramfs import READY_MARKER, build_initramfs
-from .machine import WORKDIR_PREFIX, EmulatedMachine, _die_with_parent, check_vms, ring_uart
+from .machine import WORKDIR_PREFIX, EmulatedMachine, check_vms, die_with_parent, ring_uart
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,7 @@ class EmulatedBoard:
         self.daemon_process = daemon_process
         self.machine = self.daemon = self._thread = self.process = None
         self.state_path = None
+        self._sockets = []              # the consoles it connected (its shells'): stop closes them
 
     def start(self):
         if self.board_linux:
@@ -212,6 +215,7 @@ class EmulatedBoard:
             self.machine.start()
             self._board_sock = _connect_unix(self.board_console_path, 30)
             self._guest_sock = _connect_unix(self.console_path, 30)
+            self._sockets += [self._board_sock, self._guest_sock]
         except BaseException:
             self.stop()
             raise
@@ -262,7 +266,7 @@ class EmulatedBoard:
                 open(workdir / "daemon.log", "ab") as log_file:
             notify.bind(str(notify_path))
             self.process = subprocess.Popen(
-                [*_die_with_parent(), sys.executable, "-m", "avatar_hw.emulated.session",
+                [*die_with_parent(), sys.executable, "-m", "avatar_hw.emulated.session",
                  json.dumps(spec)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                 pass_fds=(spec["doorbell_fd"], spec["uart_fd"]), env=env)
             deadline = time.monotonic() + timeout
@@ -290,7 +294,7 @@ class EmulatedBoard:
 
     def shell(self, timeout=60, vm=0, wait_ready=True):
         """Connect to VM ``vm``'s console and wait for its shell (``wait_ready=False``: for
-        the prompt of a shell already there, after ``start_daemon``)."""
+        the prompt of a shell already there, after ``start_daemon``); ``stop()`` closes it."""
         deadline = time.monotonic() + timeout
         if self.board_linux:     # the guest's console through the board (hvc1), connected at start
             sock, self._guest_sock = self._guest_sock, None
@@ -298,6 +302,7 @@ class EmulatedBoard:
                 raise AvatarError("board mode: the guest's console is already taken by a shell")
         else:
             sock = _connect_unix(self.console_paths[vm], timeout)
+            self._sockets.append(sock)
         shell = GuestShell(sock, alive=self.alive)
         if wait_ready:
             shell.wait_ready(max(1, deadline - time.monotonic()))
@@ -315,19 +320,16 @@ class EmulatedBoard:
             self.machine.stop()
         if self.board_linux and getattr(self, "_board_console_dir", None):
             shutil.rmtree(self._board_console_dir, ignore_errors=True)
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
 
     def _vms_config(self, workdir):
         return vms_config(self.config, self.devices, self.vms, self.console_paths, workdir)
 
     def stop(self):
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
+            end_process(self.process, 10)
             self.process = None
         self._stop()
 

@@ -23,4 +23,4 @@ def open_url(url, path, limit):
 
 
 def pyserial_url(rest):
-    return f"unix://{rest}"       # avatar_hw.testing.protocol_unix's unix:///path
+    return f"unix://{rest}"       # avatar_hw.hil.protocol_unix's unix:///path

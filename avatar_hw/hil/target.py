@@ -44,8 +44,9 @@ import tempfile
 from pathlib import Path
 
 from .. import control
-from ..board import board_path, load_board
+from ..board import load_board
 from ..errors import AvatarError
+from ..shipped import board_path
 from . import vsock
 from .console import GuestConsole, pyserial_url
 

@@ -24,7 +24,7 @@ class LegacyRegisters:
         if value == 0 or value & (value - 1):
             self.guest_error("GuestPageSize %d is not a power of two; ignored", value)
             return
-        self._page_size = value
+        self.page_size = value
 
     def _write_queue_align(self, value):
         queue = self._configurable_queue("QueueAlign")
@@ -33,13 +33,13 @@ class LegacyRegisters:
         if value == 0 or value & (value - 1):
             self.guest_error("QueueAlign %d is not a power of two; ignored", value)
             return
-        self._queue_align[queue.index] = value
+        self.queue_align[queue.index] = value
 
     def _read_queue_pfn(self):
         queue = self._selected_queue()
         if queue is None or not queue.ready:
             return 0
-        return queue.desc_addr // self._page_size
+        return queue.desc_addr // self.page_size
 
     def _write_queue_pfn(self, value):
         if value == 0:
@@ -50,8 +50,8 @@ class LegacyRegisters:
         queue = self._configurable_queue("QueuePFN")
         if queue is None:
             return
-        align = self._queue_align[queue.index]
-        queue.desc_addr = value * self._page_size
+        align = self.queue_align[queue.index]
+        queue.desc_addr = value * self.page_size
         queue.driver_addr = queue.desc_addr + c.DESC_SIZE * queue.size
         used = queue.driver_addr + 6 + 2 * queue.size
         queue.device_addr = (used + align - 1) & ~(align - 1)

@@ -5,7 +5,8 @@ addresses) and the device's progress (``last_avail_idx``, ``used_idx``).
 ``set_up`` validates the layout once and makes the views of the three rings
 the hot path uses (no per-buffer lookups or allocations beyond the chain
 itself). ``pop`` is the one descriptor-chain iterator: every guest value is
-checked there, and only there.
+checked there (the descriptors by the walk of ``avatar_hw.virtio.chain``), and
+only there.
 
 What a bad guest gets (the two outcomes of the spec's "device MAY ... or set
 DEVICE_NEEDS_RESET"):
@@ -13,14 +14,9 @@ DEVICE_NEEDS_RESET"):
 * **bad chain -> used entry with length 0** (the head is valid, so the guest
   gets it back and does not stall: ``on_used(queue)`` is called so the
   device interrupts for it like for its own used buffers; a rate-limited
-  warning is logged, ``bad_chains`` counts it): ``next`` index >= table size; a
-  chain of more descriptors than the queue size, counting an indirect table's
-  entries (2.7.5.3.1: "A driver MUST NOT create a descriptor chain longer than
-  the Queue Size of the device"; it also ends loops); a buffer outside the
-  VM's RAM; an indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC, with
-  NEXT set, inside an indirect table, or whose table is empty, not a multiple
-  of 16 bytes, or outside RAM; a device-readable descriptor after a
-  device-writable one; more than 2**32 - 1 bytes in all.
+  warning is logged, ``bad_chains`` counts it): every rule the chain walk
+  checks (``avatar_hw.virtio.chain``: bad indices, loops, buffers outside RAM,
+  indirect tables, order, length).
 * **ring corruption -> DEVICE_NEEDS_RESET** (nothing in the used ring can
   be trusted to answer it; ``on_error`` is called, the queue stops): the
   available index ahead of ``last_avail_idx`` by more than the queue size;
@@ -64,39 +60,21 @@ import collections
 import logging
 
 from ..hw import ordering
+from ..layout import address
 from ..ratelimit import RateLimitedLog
-from .constants import (AVAIL_ALIGN, AVAIL_F_NO_INTERRUPT, DESC_ALIGN, DESC_F_INDIRECT,
-                        DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE, MAX_QUEUE_SIZE, USED_ALIGN,
+from .chain import DescriptorChain, DescriptorTable
+from .constants import (AVAIL_ALIGN, AVAIL_F_NO_INTERRUPT, DESC_ALIGN, DESC_SIZE,
+                        F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, MAX_QUEUE_SIZE, USED_ALIGN,
                         USED_F_NO_NOTIFY)
-from .memory import GuestMemoryError
 
 log = logging.getLogger(__name__)
 
-MAX_CHAIN_BYTES = 0xFFFFFFFF
 TURN_DESCRIPTORS = 1024           # descriptors walked per queue per turn
 TURN_BYTES = 8 << 20              # bytes of chains popped per queue per turn
 
 
 class QueueError(Exception):
     """The driver programmed a queue layout the device cannot use."""
-
-
-class DescriptorChain:
-    """One available buffer: ``readable`` (driver -> device) and ``writable``
-    (device -> driver) memoryviews into guest RAM, in descriptor order."""
-
-    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len")
-
-    def __init__(self, head, readable, writable, readable_len, writable_len):
-        self.head = head
-        self.readable = readable
-        self.writable = writable
-        self.readable_len = readable_len
-        self.writable_len = writable_len
-
-    def __repr__(self):
-        return (f"<DescriptorChain head={self.head} readable={self.readable_len} "
-                f"writable={self.writable_len}>")
 
 
 class Virtqueue:
@@ -163,7 +141,7 @@ class Virtqueue:
         self._signalled_used = 0
         self._in_flight = None
         self._clear_progress()
-        self._desc_q = self._desc_i = self._desc_h = None
+        self._table = None
         self._avail = self._used_h = self._used_ring = None
         self._avail_idx_addr = self._used_idx_addr = 0
         self.new_turn()
@@ -174,8 +152,14 @@ class Virtqueue:
         self._turn_descriptors, self._turn_bytes = TURN_DESCRIPTORS, TURN_BYTES
         self.yielded = False
 
-    def set_up(self, memory, *, event_idx=False, indirect=False):
-        """Validate the programmed layout against ``memory`` and make the queue ready.
+    def use_features(self, features):
+        """Take the ring features (EVENT_IDX, INDIRECT_DESC) from the driver's ``features``."""
+        self.event_idx = bool(features >> F_RING_EVENT_IDX & 1)
+        self.indirect = bool(features >> F_RING_INDIRECT_DESC & 1)
+
+    def set_up(self, memory):
+        """Validate the programmed layout against ``memory`` and make the queue ready
+        (with the ring features of the last ``use_features``).
 
         Raises ``QueueError`` (naming the rule) and leaves the queue not ready
         when the layout is unusable.
@@ -194,15 +178,13 @@ class Virtqueue:
             if not memory.contains(addr, length):
                 raise QueueError(f"queue {self.index}: {name} 0x{addr:x}+0x{length:x} is "
                                  f"outside the VM's RAM")
-        desc = memory.view(self.desc_addr, DESC_SIZE * size)
-        self._desc_q, self._desc_i, self._desc_h = desc.cast("Q"), desc.cast("I"), desc.cast("H")
+        self._table = DescriptorTable(memory, self.desc_addr, size)
         self._avail = memory.view(self.driver_addr, 6 + 2 * size).cast("H")
         self._used_h = memory.view(self.device_addr, 6 + 8 * size).cast("H")
         self._used_ring = memory.view(self.device_addr + 4, 8 * size).cast("I")
         self._avail_idx_addr = memory.address(self.driver_addr + 2, 2)
         self._used_idx_addr = memory.address(self.device_addr + 2, 2)
         self.memory = memory
-        self.event_idx, self.indirect = event_idx, indirect
         self.last_avail_idx = self.used_idx = self._signalled_used = self._avail_idx = 0
         self._clear_progress()
         self._in_flight = self._in_flight_store[:size]
@@ -221,9 +203,10 @@ class Virtqueue:
         """Number of chains popped and not yet returned."""
         return 0 if self._in_flight is None else sum(map(bool, self._in_flight))
 
-    def restore(self, memory, last_avail_idx, used_idx):
-        """Ready again after a restart, with the kept progress (``keep_progress``):
-        ``set_up`` (raises ``QueueError``), then the indices and the chains in flight.
+    def restore(self, memory, last_avail_idx, used_idx, in_flight):
+        """Ready again after a restart, with the kept progress (``keep_progress``: the
+        indices and ``in_flight``, the kept in-flight table): ``set_up`` (raises
+        ``QueueError``), then the indices and the chains in flight.
 
         The used idx the guest sees is the truth of what was completed: one past the
         kept ``used_idx`` means the process died inside ``add_used``, after it
@@ -231,8 +214,8 @@ class Virtqueue:
         before ``last_avail_idx`` (a pop cut short) are not in flight. Returns the heads
         handed back through ``pop`` first.
         """
-        marks = list(self._in_flight_store[:self.size])
-        self.set_up(memory, event_idx=self.event_idx, indirect=self.indirect)
+        marks = list(in_flight[:self.size])
+        self.set_up(memory)
         size = self.size
         guest_used = ordering.load_acquire16(self._used_idx_addr)
         if guest_used == (used_idx + 1) & 0xFFFF:
@@ -333,7 +316,9 @@ class Virtqueue:
         """Chain ``head`` walked and charged to the turn; a bad one is completed with
         length 0 (logged, rate-limited) and gives None."""
         self._turn_chains -= 1
-        chain = self._walk(head)
+        table = self._table
+        chain = table.walk(head, self.indirect)
+        self._turn_descriptors -= table.walked
         if chain.__class__ is DescriptorChain:
             self._turn_bytes -= chain.readable_len + chain.writable_len
             return chain
@@ -365,71 +350,6 @@ class Virtqueue:
         """Pop chains until none is available: ``for chain in queue: ...``."""
         while (chain := self.pop()) is not None:
             yield chain
-
-    def _walk(self, head):
-        """Follow the chain at ``head``: a DescriptorChain, or the broken rule as a string.
-        The descriptors walked are charged to the turn."""
-        memory = self.memory
-        ram, base, end = memory.data, memory.base, memory.end
-        addrs, lens, halves = self._desc_q, self._desc_i, self._desc_h
-        readable, writable = [], []
-        readable_len = writable_len = 0
-        index, table_size, nested, writing = head, self.size, False, False
-        budget = self.size                    # descriptors the chain may still have
-        try:
-            while True:
-                if not budget:
-                    return (f"more than {self.size} descriptors (2.7.5.3.1: \"A driver MUST "
-                            f"NOT create a descriptor chain longer than the Queue Size of the "
-                            f"device\"; a loop?)")
-                budget -= 1
-                # Each field is read once: the guest may change it under our feet.
-                addr, length = addrs[2 * index], lens[4 * index + 2]
-                flags, nxt = halves[8 * index + 6], halves[8 * index + 7]
-                if flags & DESC_F_INDIRECT:
-                    if nested:
-                        return "indirect descriptor inside an indirect table"
-                    if not self.indirect:
-                        return "indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC"
-                    if flags & DESC_F_NEXT:
-                        return "indirect descriptor with the NEXT flag"
-                    if not length or length % DESC_SIZE:
-                        return f"indirect table length {length} is not a non-zero multiple of 16"
-                    budget += 1                   # the table's entries are the chain
-                    if length // DESC_SIZE > budget:
-                        return (f"indirect table of {length // DESC_SIZE} entries makes the "
-                                f"chain longer than the queue size {self.size} (2.7.5.3.1: "
-                                f"\"A driver MUST NOT create a descriptor chain longer than "
-                                f"the Queue Size of the device\")")
-                    try:
-                        table = memory.view(addr, length)
-                    except GuestMemoryError:
-                        return f"indirect table 0x{addr:x}+0x{length:x} is outside RAM"
-                    addrs, lens, halves = table.cast("Q"), table.cast("I"), table.cast("H")
-                    index, nested = 0, True
-                    table_size = length // DESC_SIZE
-                    continue
-                if addr < base or addr + length > end:
-                    return f"buffer 0x{addr:x}+0x{length:x} is outside RAM"
-                if flags & DESC_F_WRITE:
-                    writing = True
-                    if length:                    # empty descriptors are skipped
-                        writable.append(ram[addr - base:addr - base + length])
-                        writable_len += length
-                elif writing:
-                    return "device-readable descriptor after a device-writable one"
-                elif length:
-                    readable.append(ram[addr - base:addr - base + length])
-                    readable_len += length
-                if readable_len + writable_len > MAX_CHAIN_BYTES:
-                    return "chain longer than 2**32 - 1 bytes"
-                if not flags & DESC_F_NEXT:
-                    return DescriptorChain(head, readable, writable, readable_len, writable_len)
-                if nxt >= table_size:
-                    return f"next index {nxt} >= table size {table_size}"
-                index = nxt
-        finally:
-            self._turn_descriptors -= self.size - budget
 
     def has_available(self):
         """True if the driver has made buffers available that were not popped yet."""
@@ -505,8 +425,8 @@ class Virtqueue:
         return {
             "index": self.index, "max_size": self.max_size, "size": self.size,
             "ready": self.ready, "broken": self.broken,
-            "desc": hex(self.desc_addr), "driver": hex(self.driver_addr),
-            "device": hex(self.device_addr),
+            "desc": address(self.desc_addr), "driver": address(self.driver_addr),
+            "device": address(self.device_addr),
             "last_avail_idx": self.last_avail_idx, "used_idx": self.used_idx,
             "in_flight": self.in_flight, "event_idx": self.event_idx,
             "indirect": self.indirect, "bad_chains": self.bad_chains,

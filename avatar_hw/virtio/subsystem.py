@@ -27,7 +27,7 @@ import logging
 import sys
 
 from ..hw import ordering
-from ..layout import Layout
+from ..layout import Layout, address
 from .constants import REG_INTERRUPT_ACK, REG_INTERRUPT_STATUS, REG_QUEUE_NOTIFY
 from .transport import MmioTransport
 
@@ -147,6 +147,10 @@ class Subsystem:
         """The ``MmioTransport`` in window number ``window``, or None."""
         return self._by_window[window]
 
+    def transports(self):
+        """Every device's ``MmioTransport``, in (VM, slot) order."""
+        return [self._devices[key] for key in sorted(self._devices)]
+
     def device(self, vm_id, slot):
         """The device in VM ``vm_id``'s slot ``slot``."""
         try:
@@ -203,9 +207,6 @@ class Subsystem:
         if self.before_interrupt is not None:
             self.before_interrupt()
 
-    def shadow_hits(self, window):
-        return self.shadows.hits(window) if self.shadows is not None else 0
-
     # -- the trap path -----------------------------------------------------------------------
 
     def handle_mmio_trap(self, addr, value, is_write, size):
@@ -253,12 +254,15 @@ class Subsystem:
     def list_all_devices(self):
         """One dict per device: VM, slot, name, device ID, window, INTID."""
         return [{"vm": vm, "slot": slot, "name": t.device.name,
-                 "device_id": t.device.device_id, "base": hex(t.window), "irq": t.intid,
+                 "device_id": t.device.device_id, "base": address(t.window), "irq": t.intid,
                  "legacy": t.legacy}
                 for (vm, slot), t in sorted(self._devices.items())]
 
     def device_info(self):
         """JSON-able info for every device (identity, status, counters)."""
+        for number, transport in enumerate(self._by_window):
+            if transport is not None:
+                self.take_acks(number)          # InterruptStatus as the guest reads it
         return [{**entry, **self._devices[entry["vm"], entry["slot"]].device.info()}
                 for entry in self.list_all_devices()]
 
@@ -267,7 +271,8 @@ class Subsystem:
         transport = self._devices.get((vm_id, slot))
         if transport is None:
             raise ValueError(f"no device in VM {vm_id} slot {slot}")
-        return {"vm": vm_id, "slot": slot, "base": hex(transport.window),
+        self.take_acks(self.layout.window_number(vm_id, slot))
+        return {"vm": vm_id, "slot": slot, "base": address(transport.window),
                 "irq": transport.intid, **transport.device.describe()}
 
     def print_device_info(self, file=None):

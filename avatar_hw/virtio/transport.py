@@ -1,7 +1,8 @@
 """The virtio-mmio transport (VirtIO 1.2 section 4.2.2), register by register.
 
 ``MmioTransport`` answers one device window: the guest's register accesses
-arrive as ``read(offset, size)`` / ``write(offset, size, value)``. It owns the
+arrive as ``read(offset, size)`` / ``write(offset, size, value)``, each looked
+up in the register table (``avatar_hw.virtio.registers``). It owns the
 device status state machine (``STATUS_PREREQUISITES``, the one table of
 allowed transitions), feature negotiation, the queue registers and the
 interrupt status; the device behind it only sees ``queue_notify``,
@@ -46,7 +47,6 @@ VERSION_1 is never offered; FEATURES_OK is optional; features the device did
 not offer are masked off at DRIVER_OK (a guest error).
 """
 
-import functools
 import logging
 
 from . import constants as c
@@ -54,6 +54,7 @@ from .constants import bit
 from .context import DeviceContext
 from .legacy import LegacyRegisters
 from .queue import QueueError
+from .registers import SHADOWED, register_tables
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +98,12 @@ class MmioTransport(LegacyRegisters):
                                      legacy=legacy, counters=device.counters,
                                      label=f"vm{memory.vm_id} {device.name}@irq{intid}",
                                      before_interrupt=before_interrupt)
-        self._prerequisites = LEGACY_STATUS_PREREQUISITES if legacy else STATUS_PREREQUISITES
-        self._page_size = 4096
-        self._queue_align = [4096] * len(device.queues)
-        self._queue_was_reset = [False] * len(device.queues)
-        self._reads, self._writes = _dispatch_tables(legacy)
-        self.shadowed_registers = tuple(r for r in _SHADOWED if r in self._reads)
+        self.status_prerequisites = LEGACY_STATUS_PREREQUISITES if legacy else STATUS_PREREQUISITES
+        self.page_size = 4096
+        self.queue_align = [4096] * len(device.queues)
+        self.queue_was_reset = [False] * len(device.queues)
+        self._reads, self._writes = register_tables(MmioTransport, legacy)
+        self.shadowed_registers = tuple(r for r in SHADOWED if r in self._reads)
         self._clear_registers()
         device.bind(self.context)
 
@@ -195,7 +196,7 @@ class MmioTransport(LegacyRegisters):
         self._clear_registers()
         for queue in self.device.queues:
             queue.reset()
-        self._queue_was_reset = [False] * len(self.device.queues)
+        self.queue_was_reset = [False] * len(self.device.queues)
         self.device.reset()
         if self.context.registers_changed is not None:   # a reset from outside a trap too
             self.context.registers_changed()
@@ -220,7 +221,7 @@ class MmioTransport(LegacyRegisters):
         if added & ~_DRIVER_BITS:
             self.guest_error("status bits 0x%02x are not driver bits; ignored",
                               added & ~_DRIVER_BITS)
-        for flag, needed in self._prerequisites.items():
+        for flag, needed in self.status_prerequisites.items():
             if not added & flag:
                 continue
             if self.status & needed != needed:
@@ -233,7 +234,7 @@ class MmioTransport(LegacyRegisters):
                 self._drop_unoffered_legacy_features()
             self.status |= flag
             if flag == _DRIVER_OK:
-                self._activate()
+                self.activate()
 
     def _features_acceptable(self):
         unknown = self.driver_features & ~self.offered_features
@@ -247,11 +248,11 @@ class MmioTransport(LegacyRegisters):
             return False
         return True
 
-    def _activate(self):
-        event_idx, indirect = self.has_feature(c.F_RING_EVENT_IDX), self.has_feature(
-            c.F_RING_INDIRECT_DESC)
+    def activate(self):
+        """DRIVER_OK (or a restart under it): the negotiated ring features to the queues,
+        the device activated, every ready queue served."""
         for queue in self.device.queues:
-            queue.event_idx, queue.indirect = event_idx, indirect
+            queue.use_features(self.negotiated_features)
         self.device.activate()
         # Buffers made available before DRIVER_OK (3.1.1 step 7, "population of
         # virtqueues") are served now: the notifies that came with them were ignored
@@ -319,7 +320,7 @@ class MmioTransport(LegacyRegisters):
                               self.queue_sel)
         elif queue.ready:
             self.guest_error("%s for queue %d while it is ready; ignored", what, queue.index)
-        elif self.status & _DRIVER_OK and not self._queue_was_reset[queue.index]:
+        elif self.status & _DRIVER_OK and not self.queue_was_reset[queue.index]:
             self.guest_error("%s for queue %d after DRIVER_OK; ignored", what, queue.index)
         else:
             return queue
@@ -361,14 +362,13 @@ class MmioTransport(LegacyRegisters):
             self._disable_queue(queue)
 
     def _enable_queue(self, queue):
+        queue.use_features(self.driver_features)
         try:
-            queue.set_up(self.memory,
-                         event_idx=bool(self.driver_features >> c.F_RING_EVENT_IDX & 1),
-                         indirect=bool(self.driver_features >> c.F_RING_INDIRECT_DESC & 1))
+            queue.set_up(self.memory)
         except QueueError as err:
             self.fail(str(err))
             return
-        self._queue_was_reset[queue.index] = False
+        self.queue_was_reset[queue.index] = False
 
     def _disable_queue(self, queue):
         queue.ready = False
@@ -378,6 +378,12 @@ class MmioTransport(LegacyRegisters):
         # 4.2.2: the value is the queue index, unless VIRTIO_F_NOTIFICATION_DATA makes its
         # low 16 bits the index (0x12340000 is no queue: QEMU ignores it too)
         index = value & 0xFFFF if self.has_feature(c.F_NOTIFICATION_DATA) else value
+        if self.status & (_DRIVER_OK | _FEATURES_OK) == _FEATURES_OK:
+            # Early, against VirtIO 1.2 3.1.1, but routine (Linux's virtio_balloon kicks its
+            # statistics queue before DRIVER_OK): its buffers are served at DRIVER_OK.
+            log.debug("%s: notify of queue %d before DRIVER_OK; served at DRIVER_OK",
+                      self.context.label, index)
+            return
         if not self.status & _DRIVER_OK or self.status & _NEEDS_RESET:
             self.guest_error("notify of queue %d with status 0x%02x; ignored", index, self.status)
             return
@@ -395,7 +401,7 @@ class MmioTransport(LegacyRegisters):
             self.guest_error("QueueReset without VIRTIO_F_RING_RESET; ignored")
             return
         queue.reset()
-        self._queue_was_reset[queue.index] = True
+        self.queue_was_reset[queue.index] = True
         self.device.queue_reset(queue.index)
 
     def _write_shm_sel(self, value):
@@ -433,66 +439,3 @@ class MmioTransport(LegacyRegisters):
         if self._config_range_ok(offset, size, "write"):
             data = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
             self.device.write_config(offset, data)
-
-
-# The registers a register shadow page mirrors (avatar_hw.shadow): read without side
-# effects, changed only by the model (on a write the guest made, or through the context).
-_SHADOWED = (c.REG_MAGIC_VALUE, c.REG_VERSION, c.REG_DEVICE_ID, c.REG_VENDOR_ID,
-             c.REG_DEVICE_FEATURES, c.REG_QUEUE_NUM_MAX, c.REG_QUEUE_READY,
-             c.REG_INTERRUPT_STATUS, c.REG_STATUS, c.REG_CONFIG_GENERATION)
-
-
-@functools.cache
-def _dispatch_tables(legacy):
-    """``(reads, writes)``: register offset -> function of the transport (and the value
-    written), made once per interface version and shared by every transport."""
-    t = MmioTransport
-    reads = {
-        c.REG_MAGIC_VALUE: lambda self: c.MMIO_MAGIC,
-        c.REG_VERSION: lambda self: (c.MMIO_VERSION_LEGACY if self.legacy
-                                     else c.MMIO_VERSION_MODERN),
-        c.REG_DEVICE_ID: lambda self: self.device.device_id,
-        c.REG_VENDOR_ID: lambda self: c.VENDOR_ID,
-        c.REG_DEVICE_FEATURES: t._read_device_features,
-        c.REG_QUEUE_NUM_MAX: t._read_queue_num_max,
-        c.REG_INTERRUPT_STATUS: lambda self: self.context.interrupt_status,
-        c.REG_STATUS: lambda self: self.context.status,
-    }
-    writes = {
-        c.REG_DEVICE_FEATURES_SEL: t._write_device_features_sel,
-        c.REG_DRIVER_FEATURES: t._write_driver_features,
-        c.REG_DRIVER_FEATURES_SEL: t._write_driver_features_sel,
-        c.REG_QUEUE_SEL: t._write_queue_sel,
-        c.REG_QUEUE_NUM: t._write_queue_num,
-        c.REG_QUEUE_NOTIFY: t._write_queue_notify,
-        c.REG_INTERRUPT_ACK: t._write_interrupt_ack,
-        c.REG_STATUS: t._write_status,
-    }
-    if legacy:
-        reads[c.REG_QUEUE_PFN] = t._read_queue_pfn
-        writes[c.REG_GUEST_PAGE_SIZE] = t._write_guest_page_size
-        writes[c.REG_QUEUE_ALIGN] = t._write_queue_align
-        writes[c.REG_QUEUE_PFN] = t._write_queue_pfn
-    else:
-        reads.update({
-            c.REG_QUEUE_READY: t._read_queue_ready,
-            c.REG_SHM_LEN_LOW: lambda self: _MASK32,      # no shared memory regions:
-            c.REG_SHM_LEN_HIGH: lambda self: _MASK32,     # length reads as -1 (4.2.2)
-            c.REG_SHM_BASE_LOW: lambda self: 0,
-            c.REG_SHM_BASE_HIGH: lambda self: 0,
-            # the reset is done when its write returns: VirtIO 1.2 wants 1 only while a
-            # queue reset is ongoing, then 0 in both QueueReset and QueueReady
-            c.REG_QUEUE_RESET: lambda self: 0,
-            c.REG_CONFIG_GENERATION: lambda self: self.context.config_generation,
-        })
-        writes.update({
-            c.REG_QUEUE_READY: t._write_queue_ready,
-            c.REG_SHM_SEL: t._write_shm_sel,
-            c.REG_QUEUE_RESET: t._write_queue_reset,
-        })
-        for reg, attr in ((c.REG_QUEUE_DESC_LOW, "desc_addr"),
-                          (c.REG_QUEUE_DRIVER_LOW, "driver_addr"),
-                          (c.REG_QUEUE_DEVICE_LOW, "device_addr")):
-            writes[reg] = t._ring_address_writer(attr, 0)
-            writes[reg + 4] = t._ring_address_writer(attr, 32)
-    return reads, writes

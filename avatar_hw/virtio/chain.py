@@ -1,0 +1,116 @@
+"""Descriptor chains (VirtIO 1.2 section 2.7.5): the one walk over a queue's descriptor
+table, where every guest value in a chain is checked, each guard naming the rule.
+
+``DescriptorTable.walk(head, indirect)`` gives a ``DescriptorChain`` (the chain's
+non-empty buffers as memoryviews of guest RAM) or, for a bad chain, the broken rule as
+a string, which ``avatar_hw.virtio.queue`` completes with length 0: a ``next`` index >=
+the table size; more descriptors than the queue size, counting an indirect table's
+entries (2.7.5.3.1; it also ends loops); a buffer outside the VM's RAM; an indirect
+descriptor without VIRTIO_F_RING_INDIRECT_DESC, with NEXT set, inside an indirect table,
+or whose table is empty, not a multiple of 16 bytes, or outside RAM; a device-readable
+descriptor after a device-writable one; more than 2**32 - 1 bytes in all.
+"""
+
+from .constants import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE
+from .memory import GuestMemoryError
+
+MAX_CHAIN_BYTES = 0xFFFFFFFF
+
+
+class DescriptorChain:
+    """One available buffer: ``readable`` (driver -> device) and ``writable``
+    (device -> driver) memoryviews into guest RAM, in descriptor order."""
+
+    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len")
+
+    def __init__(self, head, readable, writable, readable_len, writable_len):
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+        self.readable_len = readable_len
+        self.writable_len = writable_len
+
+    def __repr__(self):
+        return (f"<DescriptorChain head={self.head} readable={self.readable_len} "
+                f"writable={self.writable_len}>")
+
+
+class DescriptorTable:
+    """A ready queue's descriptor table of ``size`` entries at ``addr`` in ``memory``
+    (checked inside it by ``Virtqueue.set_up``); ``walked``: the descriptors the last
+    ``walk`` read, which the queue charges to its turn."""
+
+    __slots__ = ("memory", "size", "walked", "_addrs", "_lens", "_halves")
+
+    def __init__(self, memory, addr, size):
+        view = memory.view(addr, DESC_SIZE * size)
+        self.memory, self.size, self.walked = memory, size, 0
+        self._addrs, self._lens, self._halves = view.cast("Q"), view.cast("I"), view.cast("H")
+
+    def walk(self, head, indirect):
+        """Follow the chain at ``head`` (``indirect``: VIRTIO_F_RING_INDIRECT_DESC was
+        negotiated): a DescriptorChain, or the broken rule as a string."""
+        memory = self.memory
+        ram, base, end = memory.data, memory.base, memory.end
+        addrs, lens, halves = self._addrs, self._lens, self._halves
+        readable, writable = [], []
+        readable_len = writable_len = 0
+        index, table_size, nested, writing = head, self.size, False, False
+        readable, writable = [], []
+        readable_len = writable_len = 0
+        index, table_size, nested, writing = head, self.size, False, False
+        budget = self.size                    # descriptors the chain may still have
+        try:
+            while True:
+                if not budget:
+                    return (f"more than {self.size} descriptors (2.7.5.3.1: \"A driver MUST "
+                            f"NOT create a descriptor chain longer than the Queue Size of the "
+                            f"device\"; a loop?)")
+                budget -= 1
+                # Each field is read once: the guest may change it under our feet.
+                addr, length = addrs[2 * index], lens[4 * index + 2]
+                flags, nxt = halves[8 * index + 6], halves[8 * index + 7]
+                if flags & DESC_F_INDIRECT:
+                    if nested:
+                        return "indirect descriptor inside an indirect table"
+                    if not indirect:
+                        return "indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC"
+                    if flags & DESC_F_NEXT:
+                        return "indirect descriptor with the NEXT flag"
+                    if not length or length % DESC_SIZE:
+                        return f"indirect table length {length} is not a non-zero multiple of 16"
+                    budget += 1                   # the table's entries are the chain
+                    if length // DESC_SIZE > budget:
+                        return (f"indirect table of {length // DESC_SIZE} entries makes the "
+                                f"chain longer than the queue size {self.size} (2.7.5.3.1: "
+                                f"\"A driver MUST NOT create a descriptor chain longer than "
+                                f"the Queue Size of the device\")")
+                    try:
+                        table = memory.view(addr, length)
+                    except GuestMemoryError:
+                        return f"indirect table 0x{addr:x}+0x{length:x} is outside RAM"
+                    addrs, lens, halves = table.cast("Q"), table.cast("I"), table.cast("H")
+                    index, nested = 0, True
+                    table_size = length // DESC_SIZE
+                    continue
+                if addr < base or addr + length > end:
+                    return f"buffer 0x{addr:x}+0x{length:x} is outside RAM"
+                if flags & DESC_F_WRITE:
+                    writing = True
+                    if length:                    # empty descriptors are skipped
+                        writable.append(ram[addr - base:addr - base + length])
+                        writable_len += length
+                elif writing:
+                    return "device-readable descriptor after a device-writable one"
+                elif length:
+                    readable.append(ram[addr - base:addr - base + length])
+                    readable_len += length
+                if readable_len + writable_len > MAX_CHAIN_BYTES:
+                    return "chain longer than 2**32 - 1 bytes"
+                if not flags & DESC_F_NEXT:
+                    return DescriptorChain(head, readable, writable, readable_len, writable_len)
+                if nxt >= table_size:
+                    return f"next index {nxt} >= table size {table_size}"
+                index = nxt
+        finally:
+            self.walked = self.size - budget
