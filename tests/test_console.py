@@ -390,12 +390,21 @@ def test_reset_drops_held_buffers(console):
 
 # -- endpoints -------------------------------------------------------------------------------------
 
+def wait_attached(loop, pty):
+    """Until the pty endpoint saw its slave opened (it looks every ``poll_interval`` s)."""
+    deadline = time.monotonic() + 30
+    while not pty.attached:
+        assert time.monotonic() < deadline, "the pty was opened, but never attached"
+        loop.run_once(0.05)
+
+
 def test_pty_endpoint_with_stable_symlink(tmp_path, loop):
     link = str(tmp_path / "vm0-console")
     b = VirtioBench(ConsoleDevice(f"pty:{link}"), loop=loop, ram_size=4 << 20)
     assert os.path.islink(link) and os.readlink(link).startswith("/dev/pts/")
     rx, tx = b.driver.init([0, 1])
     fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+    wait_attached(loop, b.device.ports[0].backend.endpoints[0])
     try:
         tx.post(readable=[b"login: "])
         tx.notify()
@@ -442,6 +451,7 @@ def test_log_file_and_pty_at_once(tmp_path, loop):
                     ram_size=4 << 20)
     rx, tx = b.driver.init([0, 1])
     fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+    wait_attached(loop, b.device.ports[0].backend.endpoints[0])
     tx.post(readable=[b"both\n"])
     tx.notify()
     assert os.read(fd, 100) == b"both\n"

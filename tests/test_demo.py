@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from avatar_hw.emulated import machine
+from avatar_hw.endpoints import pyserial_url
 from avatar_hw.hil.console import GuestConsole
 from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
 from test_pytest_plugin import SIGINT_IGNORED, OnPty
@@ -316,13 +317,20 @@ def test_board_linux_demo_refuses_host_mode_options_in_one_line():
         assert len(done.stderr.splitlines()) == 1
 
 
-def test_a_guest_printing_with_no_client_never_waits_and_the_next_client_gets_its_output():
+@pytest.mark.parametrize("endpoint", ["unix", "pty"])
+def test_a_guest_printing_with_no_client_never_waits_and_the_next_client_gets_its_output(
+        endpoint, tmp_path):
     """A real guest: once the last client of its console left (only sockets without a client:
-    here the user's endpoint and the launcher's), what it prints goes to the port's unattached
-    log at once, without the guest spinning in hvc for its buffers; a client attaching later
-    receives it first (docs/devices.md, console)."""
+    here the user's endpoint and the launcher's; or a pty nobody holds beside the launcher's),
+    what it prints goes to the port's unattached log at once, without the guest spinning in
+    hvc for its buffers; a client attaching later receives it first (docs/devices.md,
+    console)."""
     from avatar_hw.emulated.session import EmulatedBoard
-    with EmulatedBoard() as board:
+    config = None
+    if endpoint == "pty":
+        config = tmp_path / "vms.toml"
+        config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["pty:{tmp_path}/vm0-console"] }}\n')
+    with EmulatedBoard(config=config) as board:
         shell = board.shell(timeout=120)
         shell.run("(sleep 1; i=0; while [ $i -lt 1500 ]; do echo unattached-$i; i=$((i + 1)); "
                   "done; echo all-printed-$((40 + 2))) & true")
@@ -335,7 +343,7 @@ def test_a_guest_printing_with_no_client_never_waits_and_the_next_client_gets_it
             assert time.monotonic() < deadline, port
             time.sleep(0.2)
         url = [e for e in port["endpoints"] if e != f"unix:{board.console_path}"][0]
-        with GuestConsole.open(url.replace("unix:", "unix://", 1)) as later:
+        with GuestConsole.open(pyserial_url(url)) as later:
             later.expect(r"unattached-0\r?\n", timeout=60)
             later.expect(r"unattached-1499\r?\nall-printed-42", timeout=60)
             assert later.run("echo $((6 * 7))") == ("42\n", 0)

@@ -24,21 +24,20 @@ Nothing is lost, in either direction:
   buffer) and survives the daemon's death; what is still in flight was
   never acknowledged. The stream is bounded (``can_take``: ``limit`` bytes,
   ``MAX_HELD`` buffers): while an endpoint is slow the guest waits.
-* attached: a socket endpoint while a client is connected; ``file:``,
-  ``stdio`` and ``pty:`` always (the backend keeps the pty's slave open, so
-  output waits in the pty for a user who opens it later, then the guest
-  waits). A socket with no client does not hold the guest; a client that
+* attached: a socket endpoint while a client is connected, a ``pty:`` while
+  some program has it open (``avatar_hw.endpoints.pty``); ``file:`` and
+  ``stdio`` always. A socket with no client does not hold the guest; a client that
   connects gets the stream from the oldest byte not yet done (or from where
   it was, if it is a returning endpoint that got further).
-* nobody attached (only sockets without a client, or no endpoint yet): the
-  guest must not wait for a reader that may never come (Linux's hvc path
-  spins until the host returns its buffer). Output then goes into the
+* nobody attached (only sockets without a client and ptys nobody holds, or no
+  endpoint yet): the guest must not wait for a reader that may never come
+  (Linux's hvc path spins until the host returns its buffer). Output then goes into the
   backend's *unattached log*, a ring of the last ``log_size`` bytes (a copy;
   the buffers go back to the guest at once; what the ring overwrites is
   counted in ``log_overwritten``). Output in flight when the last client
   left joins the log too. The next endpoint that attaches receives the log
   first, then the live stream, with flow control again.
-  ``connected`` tells whether a socket endpoint has a client (the console
+  ``connected`` tells whether a socket has a client, a pty a holder (the console
   reports it to the guest as the port's host side opening and closing).
 * an endpoint used on its own (no backend: tools and tests) has a private
   stream: ``write`` copies into it, up to ``room()`` bytes.

@@ -276,9 +276,9 @@ class ConsoleDevice(VirtioDevice):
         """PORT_OPEN to the driver when the host side of a named port opens or closes.
 
         The console port (0) is always open; a named port is open while its
-        backend has someone at the host end (a socket client). While it is
-        closed a Linux guest blocks writers and reads return EOF; output
-        already queued is kept for the next client.
+        backend has someone at the host end (a socket client, a pty's holder).
+        While it is closed a Linux guest blocks writers and reads return EOF;
+        output already queued is kept for the next client.
         """
         if not (port.guest_ready and self.active and self.has_feature(F_MULTIPORT)):
             return

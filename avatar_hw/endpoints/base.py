@@ -48,13 +48,14 @@ class Endpoint:
 
     @property
     def connected(self):
-        """Is someone at the host end? (Always, except for a socket without a client.)"""
+        """Is someone at the host end? (Always, except for a socket without a client and a
+        pty nobody holds open.)"""
         return True
 
     @property
     def attached(self):
         """Does this endpoint hold the guest's output until it took it? (Not a socket
-        without a client, nor an endpoint whose output failed.)"""
+        without a client, a pty nobody holds open, nor an endpoint whose output failed.)"""
         return not self._output_failed
 
     def use_stream(self, stream):

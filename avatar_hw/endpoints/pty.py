@@ -1,49 +1,133 @@
 """Console endpoint ``pty:PATH``: a pseudo-terminal; ``PATH`` becomes a stable symlink to its
-/dev/pts/N (``pty:`` alone: no symlink, the name is in ``avatar-hw info``)."""
+/dev/pts/N (``pty:`` alone: no symlink; its URL becomes ``pty:/dev/pts/N``, as ``avatar-hw info``
+shows it).
 
+As QEMU's pty chardev, the daemon holds only the master side: the pty is *attached* (and
+*connected*) only while some program has it open. Linux reports POLLHUP on the master while
+nobody holds the slave and gives no event when one opens it, so the endpoint looks every
+``poll_interval`` seconds; a close is seen at once when the master wakes a reader or a
+waiting writer with the hang-up, else at the next look. While nobody has it open the
+guest's output goes to the console's unattached log (``avatar_hw.backends.console``),
+replayed first to the next program that opens the pty; what was handed to the pty before
+its reader closed stays in the pty (Linux keeps it) and comes before the log. Input typed
+before the close is still read; the raw mode set here is kept for every later opener.
+"""
+
+import logging
 import os
+import select
 import tty
 
 from .. import paths
 from ..errors import ConfigError
 from .base import Endpoint
 
+log = logging.getLogger(__name__)
+
 
 class PtyEndpoint(Endpoint):
     """A pseudo-terminal in raw mode; ``path`` becomes a symlink to its /dev/pts/N."""
 
+    poll_interval = 1.0             # seconds between looks for an opener (QEMU: 1 s)
+
     def __init__(self, url, path, limit):
         super().__init__(url, limit)
-        self.master, self._slave = os.openpty()
-        tty.setraw(self._slave)
+        self.master, slave = os.openpty()
+        try:
+            tty.setraw(slave)
+            self.tty_name = os.ttyname(slave)
+        finally:
+            os.close(slave)
         os.set_blocking(self.master, False)
-        self.tty_name = os.ttyname(self._slave)
+        self._poll = select.poll()
+        self._poll.register(self.master, select.POLLIN)     # POLLHUP: nobody holds the slave
+        self.opened = False                         # some program has the slave open
+        self.interactive = False                    # input to read (until EIO after a close)
+        self._look_timer = None
         self.path = path
+        if not path:
+            self.url = f"pty:{self.tty_name}"       # what info and the daemon's log show
         if path:
             tmp = f"{path}.{os.getpid()}.tmp"
             try:
                 os.symlink(self.tty_name, tmp)
                 os.replace(tmp, path)
             except OSError as err:
-                self._close_fds()
+                os.close(self.master)
                 raise ConfigError(url, "path", f"cannot create the pty symlink: {err}") from None
+
+    @property
+    def connected(self):
+        return self.opened
+
+    @property
+    def attached(self):
+        return self.opened and super().attached
+
+    def attach(self, loop, on_input, on_drained, on_connection=None):
+        super().attach(loop, on_input, on_drained, on_connection)
+        self._look()
+
+    def detach(self):
+        if self._look_timer is not None:
+            self._loop.cancel(self._look_timer)
+            self._look_timer = None
+        super().detach()
+
+    # -- is the slave open? ------------------------------------------------------------------------
+
+    def _events(self):
+        events = self._poll.poll(0)
+        return events[0][1] if events else 0
+
+    def _look(self):
+        self._look_timer = self._loop.call_later(self.poll_interval, self._look)
+        events = self._events()
+        if events & select.POLLIN and not self.interactive:
+            self.interactive = True                 # written by a program that came and went
+            self._update_reader()
+        self._set_opened(not events & select.POLLHUP)
+
+    def _set_opened(self, opened):
+        if opened == self.opened:
+            return
+        self.opened = opened
+        if opened:
+            log.info("%s: %s opened", self, self.tty_name)
+            self.interactive = True
+            self._update_reader()
+            self.flush()
+        else:
+            log.info("%s: %s closed by its last user; output goes to the console's log until "
+                     "it is opened again", self, self.tty_name)
+            self._set_writer(False)
+        if self._on_connection is not None:
+            self._on_connection()
+
+    def _writable(self):
+        # a hang-up also wakes a waiting writer: a full pty nobody reads any more
+        if self._events() & select.POLLHUP:
+            self._set_opened(False)
+        else:
+            super()._writable()
+
+    def _input_gone(self, err):
+        """EIO from the master: the slave is closed and what it wrote is all read."""
+        self._set_reader(False)
+        self.interactive = False
+        self._set_opened(False)
 
     def input_fd(self):
         return self.master
 
     def output_fd(self):
-        return self.master
-
-    def _close_fds(self):
-        for fd in (self.master, self._slave):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        return self.master if self.opened else None
 
     def close(self):
         super().close()
-        self._close_fds()
+        if self.master >= 0:
+            os.close(self.master)
+            self.master = -1
         if self.path and os.path.islink(self.path) and os.readlink(self.path) == self.tty_name:
             paths.remove(self.path)
 
@@ -53,4 +137,4 @@ def open_url(url, rest, limit):
 
 
 def pyserial_url(rest):
-    return rest or None             # the symlink; without one, the pty's name is in info
+    return rest or None             # the symlink, or /dev/pts/N (the URL of ``pty:`` alone)
