@@ -380,11 +380,18 @@ class NetDevice(VirtioDevice):
             frame, length = self._rx_pending.oldest()
             need = self._header_len + length
             if not self._hold(need):
-                if self._mergeable or not self._held:
+                if self._mergeable and self._held_views >= MAX_HELD_VIEWS:
+                    self.counters["rx_dropped"] += 1     # no more may be held for it
+                    self.guest_error("%d receive descriptors hold %d bytes, too few for a "
+                                     "%d-byte frame; frame dropped", self._held_views,
+                                     self._held_room, length)
+                elif self._mergeable or not self._held:
                     break
-                self.counters["rx_dropped"] += 1     # larger than the one receive buffer
-                self.guest_error("receive buffer of %d bytes is too small for a %d-byte "
-                                 "frame; frame dropped", self._held[0].writable_len, length)
+                else:
+                    self.counters["rx_dropped"] += 1     # larger than the one receive buffer
+                    self.guest_error("receive buffer of %d bytes is too small for a %d-byte "
+                                     "frame; frame dropped", self._held[0].writable_len,
+                                     length)
             else:
                 copy([frame], self._frame_views(need))
                 self._fill(length)
