@@ -350,6 +350,24 @@ def test_guest_triggered_errors_are_rate_limited_and_counted(block, caplog):
     assert info["errors"] >= 300 and info["log_lines_suppressed"] > 200
 
 
+def test_a_failing_log_file_logs_a_few_lines_and_counts_the_rest(loop, caplog):  # noqa: F811
+    """A console's file endpoint on a full disk (/dev/full): every transmit buffer of the
+    guest meets the error; a few ERROR lines, the rest counted in the port's info."""
+    caplog.set_level(logging.DEBUG, logger="avatar_hw")
+    bench = VirtioBench(ConsoleDevice("file:/dev/full"), loop=loop, ram_size=8 << 20)
+    try:
+        rx, tx = bench.driver.init([0, 1])
+        for _ in range(300):
+            tx.post(readable=[b"lost line\n"])
+            tx.notify()
+            assert len(tx.get_used()) == 1
+        loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(loud) < 40, len(loud)
+        assert bench.device.info()["ports"][0]["output_errors"] == 300
+    finally:
+        bench.subsystem.close()
+
+
 # -- the switch ----------------------------------------------------------------------------------
 
 def test_a_guest_sending_with_another_vms_mac_gets_nothing_of_its_traffic(tmp_path,
