@@ -17,7 +17,6 @@ from avatar_hw.devices import block as blk
 from avatar_hw.devices import net
 from avatar_hw.devices.block import BlockDevice
 from avatar_hw.devices.console import EMERG_WR_OFFSET, ConsoleDevice
-from avatar_hw.devices.net import NetDevice
 from avatar_hw.devices.balloon import BalloonDevice
 from avatar_hw.devices.gpu import GpuDevice
 from avatar_hw.devices.p9 import P9Device

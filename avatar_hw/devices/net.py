@@ -21,7 +21,7 @@ Network semantics (the guest is told nothing about drops):
   the link down frames are dropped (``tx_dropped``). A backend that is merely
   busy (a switch peer whose socket is full) returns ``BUSY``: the chain stays
   unused and the queue waits until the backend calls ``transmit_ready`` (flow
-  control, avatar_hw.backends.net).
+  control, avatar_hw.backends.egress).
 * receive: a frame goes straight from the backend into the guest's receive
   buffers when the device holds buffers for the largest frame and no older
   frame waits; otherwise it is copied once into the bounded pending frames
