@@ -129,6 +129,8 @@ def test_two_guests_vm0_data_exact_while_vm1_is_hostile_and_vm1_recovers(board):
     assert board._thread.is_alive()
     info = request("info", path=daemon.control.path)
     assert [v["vm"] for v in info["vms"]] == [0, 1]
+    [vm1_net] = [d for d in info["vms"][1]["devices"] if d["name"] == "net"]
+    assert vm1_net["tx_wrong_source"] > 0            # VM0's MAC from VM1: dropped, counted
 
     # VM1 works again: its disk (which it may have scribbled itself) reads what the host
     # file holds, its rng gives bytes, its net reaches VM0.

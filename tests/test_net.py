@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from avatar_hw.backends import net as net_backend
+from avatar_hw.backends import egress, switch
 from avatar_hw.config import parse_config
 from avatar_hw.devices import net
 from avatar_hw.devices.net import NetDevice
@@ -397,7 +397,7 @@ def flood_through(loop, sender, receiver, used, count, what):
 
 @pytest.fixture
 def small_queues(monkeypatch):
-    monkeypatch.setattr(net_backend, "QUEUE_FRAMES", 8)
+    monkeypatch.setattr(egress, "QUEUE_FRAMES", 8)
 
 
 @pytest.mark.parametrize("connected", [False, True], ids=["writability", "retry-timer"])
@@ -434,7 +434,7 @@ def test_a_slow_peer_gets_every_frame_in_order(pair, tmp_path, loop, small_queue
 
 
 def test_a_peer_that_never_reads_holds_nobody(tmp_path, loop, small_queues, monkeypatch):
-    monkeypatch.setattr(net_backend.Switch, "stall_seconds", 0.2)
+    monkeypatch.setattr(switch.Switch, "stall_seconds", 0.2)
     path = str(tmp_path / "switch.sock")
     a, b, c_ = (Nic(loop, f"switch:{path}", mac_=f"52:54:00:00:00:0{i}") for i in (1, 2, 3))
     c_.post_rx(64)
@@ -542,7 +542,7 @@ def test_a_remote_sender_waits_for_a_slow_remote_receiver(pair, tmp_path, loop, 
 
 def test_a_guest_that_posts_receive_buffers_late_gets_every_frame_in_order(tmp_path, loop,
                                                                          monkeypatch):
-    monkeypatch.setattr(net_backend.Switch, "stall_seconds", 3600)   # late, not stalled
+    monkeypatch.setattr(switch.Switch, "stall_seconds", 3600)   # late, not stalled
     path = str(tmp_path / "switch.sock")
     a = Nic(loop, f"switch:{path}", mac_=MAC_A)
     b = Nic(loop, f"switch:{path}", mac_=MAC_B, rx_pending=4)
@@ -583,7 +583,7 @@ def test_a_guest_that_posts_receive_buffers_late_gets_every_frame_in_order(tmp_p
 
 
 def test_a_guest_that_never_posts_receive_buffers_holds_nobody(tmp_path, loop, monkeypatch):
-    monkeypatch.setattr(net_backend.Switch, "stall_seconds", 0.2)
+    monkeypatch.setattr(switch.Switch, "stall_seconds", 0.2)
     path = str(tmp_path / "switch.sock")
     a, b, c_ = (Nic(loop, f"switch:{path}", mac_=f"52:54:00:00:00:0{i}", rx_pending=4)
                 for i in (1, 2, 3))
@@ -616,7 +616,7 @@ def test_a_guest_that_never_posts_receive_buffers_holds_nobody(tmp_path, loop, m
     b.post_rx(8)
     spin(loop)
     assert b.received() == flood[:4]
-    assert b.device.info()["switch_stalled"] == 0
+    assert b.device.info()["switch_stalled"] == 0 and info["switch_stalls"] == 1
     a.send(flood[0])
     spin(loop)
     assert b.received() == [flood[0]]
@@ -628,7 +628,7 @@ def test_a_guest_that_never_posts_receive_buffers_holds_nobody(tmp_path, loop, m
 def test_a_guest_that_stops_posting_receive_buffers_holds_nobody(tmp_path, loop, monkeypatch):
     """One buffer posted leaves b's pending frames neither full nor drained: a, woken only
     at half of them, still gets past b by the stall rule."""
-    monkeypatch.setattr(net_backend.Switch, "stall_seconds", 0.2)
+    monkeypatch.setattr(switch.Switch, "stall_seconds", 0.2)
     path = str(tmp_path / "switch.sock")
     a = Nic(loop, f"switch:{path}", mac_=MAC_A)
     b = Nic(loop, f"switch:{path}", mac_=MAC_B, rx_pending=4)
@@ -702,7 +702,7 @@ def test_config_builds_a_switch_device(tmp_path, loop):
 # checkout's Python as that user would fail wherever the checkout is not world-readable.
 TAP_SCRIPT = """\
 import os, sys
-from avatar_hw.backends import net as net_backend
+from avatar_hw.backends import tap
 from avatar_hw.config import parse_config
 import avatar_hw.devices.net
 c = parse_config('vms.toml', {'vm': {'0': {'net': {'tap': 'avnope0'}}}})

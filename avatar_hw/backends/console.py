@@ -189,14 +189,16 @@ class ConsoleBackend:
             self.stream.submit([memoryview(data)], len(data), LOGGED)
 
     def submit_bytes(self, data, token):
-        """Queue bytes the caller does not keep (a copy; joined with the previous
-        ``token`` segment while no endpoint has started on it)."""
+        """Queue bytes the caller does not keep (a copy; joined with the previous segment
+        when it is also ``token``'s and short: the bytes already there keep their place on
+        the axis, so an endpoint that took some of them carries on after them). One segment
+        per call would let a guest's emergency writes pile up a segment per byte while one
+        endpoint takes them and another does not."""
         self._replay_log()
         segments = self.stream.segments
         if segments:
             start, length, views, last = segments[-1]
-            if (last is token and length + len(data) <= COALESCE_LIMIT
-                    and all(ep.position <= start for ep in self.endpoints)):
+            if last is token and length + len(data) <= COALESCE_LIMIT:
                 data = bytes(views[0]) + data
                 self.stream.tail = start
                 self.stream.views -= len(views)

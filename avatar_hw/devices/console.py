@@ -329,7 +329,9 @@ class ConsoleDevice(VirtioDevice):
                          "host_open": bool(p.host_open),
                          "endpoints": [ep.url for ep in p.backend.endpoints],
                          "buffered": p.backend.buffered, "log": len(p.backend.log),
-                         "log_overwritten": p.backend.log_overwritten} for p in self.ports]
+                         "log_overwritten": p.backend.log_overwritten,
+                         "output_errors": sum(ep.output_errors for ep in p.backend.endpoints)}
+                        for p in self.ports]
         return out
 
 

@@ -21,7 +21,7 @@ Network semantics (the guest is told nothing about drops):
   the link down frames are dropped (``tx_dropped``). A backend that is merely
   busy (a switch peer whose socket is full) returns ``BUSY``: the chain stays
   unused and the queue waits until the backend calls ``transmit_ready`` (flow
-  control, avatar_hw.backends.net).
+  control, avatar_hw.backends.egress).
 * receive: a frame goes straight from the backend into the guest's receive
   buffers when the device holds buffers for the largest frame and no older
   frame waits; otherwise it is copied once into the bounded pending frames
@@ -380,11 +380,18 @@ class NetDevice(VirtioDevice):
             frame, length = self._rx_pending.oldest()
             need = self._header_len + length
             if not self._hold(need):
-                if self._mergeable or not self._held:
+                if self._mergeable and self._held_views >= MAX_HELD_VIEWS:
+                    self.counters["rx_dropped"] += 1     # no more may be held for it
+                    self.guest_error("%d receive descriptors hold %d bytes, too few for a "
+                                     "%d-byte frame; frame dropped", self._held_views,
+                                     self._held_room, length)
+                elif self._mergeable or not self._held:
                     break
-                self.counters["rx_dropped"] += 1     # larger than the one receive buffer
-                self.guest_error("receive buffer of %d bytes is too small for a %d-byte "
-                                 "frame; frame dropped", self._held[0].writable_len, length)
+                else:
+                    self.counters["rx_dropped"] += 1     # larger than the one receive buffer
+                    self.guest_error("receive buffer of %d bytes is too small for a %d-byte "
+                                     "frame; frame dropped", self._held[0].writable_len,
+                                     length)
             else:
                 copy([frame], self._frame_views(need))
                 self._fill(length)

@@ -19,6 +19,7 @@ class Endpoint:
     """One host endpoint. Subclasses provide ``_read_fd``/``_write_fd`` handling."""
 
     interactive = True
+    output_errors = 0                       # failed writes that did not end the output
 
     def __init__(self, url, limit):
         self.url = url

@@ -4,6 +4,7 @@ import logging
 import os
 
 from ..errors import ConfigError
+from ..ratelimit import RateLimitedLog
 from .base import Endpoint
 
 log = logging.getLogger(__name__)
@@ -16,6 +17,7 @@ class FileEndpoint(Endpoint):
 
     def __init__(self, url, path, limit):
         super().__init__(url, limit)
+        self._error_log = RateLimitedLog(log, level=logging.ERROR)   # the guest's output
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as err:
@@ -31,11 +33,16 @@ class FileEndpoint(Endpoint):
             try:
                 self.position += os.writev(self.fd, stream.views_from(self.position))
             except OSError as err:
-                log.error("%s: log write failed (%s); %d bytes not logged", self, err,
-                          stream.tail - self.position)
+                self._error_log("%s: log write failed (%s); %d bytes not logged", self, err,
+                                stream.tail - self.position)
                 self.position = stream.tail
         if self._own_stream:
             stream.take_done(self.position)
+
+    @property
+    def output_errors(self):
+        """Writes that failed (each logged, rate-limited: the guest's output repeats them)."""
+        return self._error_log.count
 
     def close(self):
         super().close()

@@ -1,0 +1,348 @@
+"""The ``switch:PATH`` net backend: an L2 switch on a Unix datagram socket, in process
+(see ``avatar_hw.backends.net`` for what a backend does).
+
+The switch (``switch:PATH``): the first device of this process that names
+PATH binds a ``SOCK_DGRAM`` Unix socket there and hosts the switch; every
+net device naming PATH is a *local port*. Any other process joins as a
+*remote port* by sending datagrams to PATH from its own bound address (one
+datagram = one Ethernet frame without FCS; an empty datagram joins without
+sending a frame). Each local port is locked to its device's configured MAC:
+the switch knows that address from the start, and a frame from the guest
+with any other source address is dropped and counted (``tx_wrong_source``
+in the device's ``info``), so a guest cannot take another VM's traffic by
+sending with its MAC. Remote ports' source MACs are learned (at most
+``MAX_MACS``, the oldest forgotten first; never a local port's address).
+The switch forwards a frame for a known unicast MAC to its port and floods
+broadcast, multicast and unknown destinations to every other port. A
+remote port that goes away (its socket closed) is forgotten at the next
+send to it; at most ``MAX_REMOTES`` remote ports. Frames from one port
+keep their order. Between two local ports a frame is copied once, guest RAM
+to guest RAM; from a remote port it is received straight into the guest's
+buffers when it goes to one local port that has them.
+
+Flow control (``send`` may answer ``BUSY``; ports that are full, stalled ports) is
+``avatar_hw.backends.egress``'s.
+"""
+
+
+import errno
+import logging
+import os
+import socket
+import time
+
+from .. import paths
+from ..errors import AGAIN, ConfigError
+from ..ratelimit import RateLimitedLog
+from ..virtio.buffers import copy, gather
+from .egress import STALL_SECONDS, Egress, RemotePort
+from .net import BUSY, RX_BATCH
+
+log = logging.getLogger(__name__)
+
+ETH_ALEN = 6
+MAX_MACS = 1024
+MAX_REMOTES = 64
+MAX_DATAGRAM = 65536
+
+
+def recv_socket(sock, views):
+    """One datagram from ``sock``."""
+    try:
+        n, _, flags, _ = sock.recvmsg_into(views)
+    except AGAIN:
+        return None
+    if flags & socket.MSG_TRUNC:
+        return sum(len(v) for v in views) + 1
+    return n
+
+
+class Switch:
+    """The L2 switch at ``path``, hosted by this process (one per path: ``Switch.join``)."""
+
+    _hosted = {}                  # path -> Switch
+    stall_seconds = STALL_SECONDS
+
+    @classmethod
+    def join(cls, url, path):
+        """The switch at ``path`` for one more local port, hosting it if nobody does yet."""
+        switch = cls._hosted.get(path)
+        if switch is None:
+            switch = cls._hosted[path] = Switch(url, path)
+        switch.members += 1
+        return switch
+
+    def __init__(self, url, path):
+        self.url, self.path = url, path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.setblocking(False)
+        try:
+            self._bind(path)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.members = 0              # local ports joined (attached or not)
+        self.local = []               # attached local ports (SwitchBackend)
+        self.remotes = {}             # address -> RemotePort
+        self.locked = {}              # MAC bytes -> local port (its device's MAC)
+        self.macs = {}                # MAC bytes -> remote port (learned)
+        self.loop = None              # the loop the socket is registered with
+        self._reading = False         # registered as the socket's reader (not paused)
+        self._macs_buf = bytearray(2 * ETH_ALEN)
+        self._scratch = bytearray(MAX_DATAGRAM)
+        self.frames_dropped = 0       # runt datagrams, and frames to a remote whose socket was full
+        self.stall_log = RateLimitedLog(log)   # ports stalled (a guest can repeat it): counted
+
+    def _bind(self, path):
+        try:
+            self.sock.bind(path)
+            return
+        except FileNotFoundError:
+            raise ConfigError(self.url, None, "the directory for the switch socket does not "
+                              "exist; create it or choose another path") from None
+        except PermissionError:
+            raise ConfigError(self.url, None, "cannot create the switch socket there "
+                              "(permission denied); choose another path") from None
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise ConfigError(self.url, None, f"cannot bind the switch socket: "
+                                  f"{err.strerror}") from None
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:        # a stale socket file: nobody serves it
+            os.unlink(path)
+            self.sock.bind(path)
+            return
+        except OSError:
+            pass
+        finally:
+            probe.close()
+        raise ConfigError(self.url, None, "this path is in use (another process serves a "
+                          "switch there, or it is not a socket); choose another path")
+
+    # -- ports ------------------------------------------------------------------------------------
+
+    def attach(self, port):
+        """Local ``port`` is attached to its device and loop: it takes part, locked to
+        its device's MAC."""
+        self.local.append(port)
+        self.locked[port.mac] = port
+        self.macs.pop(port.mac, None)
+        self._register(port.loop)
+
+    def _register(self, loop):
+        if self.loop is None:
+            self.loop = loop
+            loop.add_reader(self.sock, self._readable)
+            self._reading = True
+
+    def resume(self):
+        """A remote port has room again: read the frame that waited for it."""
+        if self.loop is not None and not self._reading:
+            self.loop.add_reader(self.sock, self._readable)
+            self._reading = True
+
+    def leave(self, port):
+        """Remove local ``port``; the last one closes the switch."""
+        self.members -= 1
+        if port in self.local:
+            self.local.remove(port)
+        self._forget(port)
+        if self.loop is not None and port.loop is self.loop:
+            self.loop.remove_reader(self.sock)
+            for remote in self.remotes.values():
+                remote.close()                # their writers and timers are on that loop
+            for local in self.local:
+                local._cancel_stall_timer()
+                local._wake()
+            self.loop = None
+            self._reading = False
+            if self.local:
+                self._register(self.local[0].loop)
+        if not self.members:
+            self.sock.close()
+            paths.remove(self.path)
+            Switch._hosted.pop(self.path, None)
+
+    def _forget(self, port):
+        for table in (self.locked, self.macs):
+            for mac in [m for m, p in table.items() if p is port]:
+                del table[mac]
+
+    def _learn(self, mac, port):
+        """A remote port sent from ``mac`` (a local port's address stays its own)."""
+        if mac[0] & 1:                        # a multicast source is not an address
+            return
+        if mac in self.locked:
+            return
+        if self.macs.get(mac) is not port:
+            self.macs.pop(mac, None)
+            if len(self.macs) >= MAX_MACS:
+                del self.macs[next(iter(self.macs))]
+            self.macs[mac] = port
+
+    def _destinations(self, dst, ingress):
+        port = None if dst[0] & 1 else self.locked.get(dst) or self.macs.get(dst)
+        if port is not None:
+            return () if port is ingress else (port,)
+        return [p for p in (*self.local, *self.remotes.values()) if p is not ingress]
+
+    # -- frames -----------------------------------------------------------------------------------
+
+    def forward(self, ingress, views, length):
+        """A frame from local port ``ingress`` (``views``: guest RAM, not copied): True
+        when taken, False when dropped because its source is not the port's MAC, BUSY
+        when a destination has no room (``ingress.resume()`` follows)."""
+        if gather(views, self._macs_buf) < 2 * ETH_ALEN:
+            return False
+        macs = bytes(self._macs_buf)
+        if macs[ETH_ALEN:] != ingress.mac:
+            ingress.wrong_source += 1
+            return False
+        ports = self._destinations(macs[:ETH_ALEN], ingress)
+        if self._full(ports, ingress, length):
+            return BUSY
+        for port in ports:
+            port.deliver(views, length)
+        return True
+
+    @staticmethod
+    def _full(ports, ingress, length):
+        """True when one of ``ports`` cannot take a frame now; ``ingress`` then waits for it
+        (every port delivers or none: a flood is not sent twice to the others)."""
+        for port in ports:
+            if not port.has_room(length):
+                port.wait(ingress)
+                return True
+        return False
+
+    def send_to(self, remote, views):
+        """True when ``remote``'s socket took the frame, BUSY when it is full, False when
+        the frame is dropped (the remote is gone, and forgotten, or another error)."""
+        try:
+            self.sock.sendmsg(views, (), 0, remote.address)
+            return True
+        except AGAIN:
+            return BUSY
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("%s: remote port %r went away", self.url, remote.address)
+            self.remotes.pop(remote.address, None)
+            self._forget(remote)
+            remote.close()
+        except OSError as err:
+            self.frames_dropped += 1
+            log.debug("%s: frame to %r dropped: %s", self.url, remote.address, err)
+        return False
+
+    def _remote(self, address):
+        remote = self.remotes.get(address)
+        if remote is None and address and len(self.remotes) < MAX_REMOTES:
+            remote = self.remotes[address] = RemotePort(self, address)
+            log.info("%s: remote port %r joined", self.url, address)
+        return remote
+
+    def _readable(self):
+        for _ in range(RX_BATCH):
+            try:
+                n, _, _, address = self.sock.recvmsg_into([self._macs_buf], 0,
+                                                          socket.MSG_PEEK | socket.MSG_TRUNC)
+            except AGAIN:
+                return
+            ingress = self._remote(address)
+            if n < 2 * ETH_ALEN:                # a join (empty) or a runt: consumed
+                self.sock.recv(1)
+                if n:
+                    self.frames_dropped += 1
+                continue
+            macs = bytes(self._macs_buf)
+            if ingress is not None:
+                self._learn(macs[ETH_ALEN:], ingress)
+            ports = self._destinations(macs[:ETH_ALEN], ingress)
+            if self._full(ports, self, n):    # the frame stays in the socket meanwhile
+                self.loop.remove_reader(self.sock)
+                self._reading = False
+                return
+            if len(ports) == 1 and isinstance(ports[0], SwitchBackend):
+                ports[0].device.receive(recv_socket, self.sock)   # straight into the guest
+                continue
+            length = recv_socket(self.sock, [self._scratch])
+            if not ports or length is None or length > len(self._scratch):
+                continue
+            frame = [memoryview(self._scratch)[:length]]
+            for port in ports:
+                port.deliver(frame, length)
+
+
+class SwitchBackend(Egress):
+    """A local port of the switch at ``path``; as a destination it is full while its
+    device's pending frames are (the guest posts no receive buffers)."""
+
+    def __init__(self, url, path):
+        if not path:
+            raise ConfigError(url, None, "switch: needs a socket path, e.g. "
+                              "switch:/run/avatar/net0.sock")
+        super().__init__()
+        self.url = self.name = url
+        self.device = self.loop = self.mac = None
+        self.wrong_source = 0             # frames dropped: their source was not ``mac``
+        self.switch = Switch.join(url, os.path.abspath(path))
+
+    def attach(self, loop, device):
+        self.loop, self.device, self.mac = loop, device, bytes(device.mac)
+        self.switch.attach(self)
+
+    def has_room(self, length):
+        """True when a frame is taken now (received, pending, or dropped: stalled)."""
+        return self.stalled or self.device.can_receive()
+
+    def blocked(self):
+        return self.device.pending_frames > 0
+
+    def deliver(self, views, length):
+        self.device.receive(copy, views)
+
+    def receive_ready(self, pending, capacity):
+        """The device moved pending frames into receive buffers (``pending`` of
+        ``capacity`` left): progress, and room for the ports waiting (half of it)."""
+        self._progress = time.monotonic()
+        if not pending:
+            self.stalled = False
+            self._cancel_stall_timer()
+        if self.stalled or 2 * pending <= capacity:
+            self._wake()
+
+    def send(self, views, length):
+        return self.switch.forward(self, views, length)
+
+    def resume(self):
+        """A remote port this one waited for has room again."""
+        if self.device is not None:
+            self.loop.call_later(0, self._resumed)
+
+    def _resumed(self):
+        if self.device is not None:
+            self.device.transmit_ready()
+
+    def close(self):
+        if self.switch is not None:
+            if self.switch.loop is not None:
+                self._cancel_stall_timer()
+            self.switch.leave(self)
+            self.switch = self.device = self.loop = None
+            self._wake()                      # the ports waiting here carry on
+
+    def info(self):
+        return {"backend": self.url, "switch_ports": 0 if self.switch is None else
+                len(self.switch.local) + len(self.switch.remotes),
+                "tx_wrong_source": self.wrong_source,
+                "switch_dropped": 0 if self.switch is None else self.switch.frames_dropped,
+                "switch_queued": 0 if self.switch is None else
+                sum(len(r.queue) for r in self.switch.remotes.values()),
+                "switch_stalls": 0 if self.switch is None else self.switch.stall_log.count,
+                "switch_stalled": 0 if self.switch is None else
+                sum(p.stalled for p in (*self.switch.local, *self.switch.remotes.values()))}
+
+
+def open_url(url, rest):
+    return SwitchBackend(url, rest)
