@@ -32,6 +32,12 @@ _ACK_BITS = 2                        # InterruptStatus bits: used buffer, config
 _MAX_CONFIG = abi.SHADOW_IMAGE_SIZE - _CONFIG
 
 
+def _is_valid(page, offset):
+    """Whether the 32-bit image word holding window ``offset`` is current in ``page``."""
+    word = offset // 4
+    return bool(page.valid[word // 32] >> word % 32 & 1)
+
+
 def _valid_words(registers, config_size):
     """The valid bitmap (``SHADOW_VALID_WORDS`` ints) for ``registers`` (window offsets of
     32-bit registers) and the first ``config_size`` bytes of the configuration space:
@@ -105,28 +111,34 @@ class RegisterShadows:
         never published (no word of it is valid)."""
         if window >= self.count or self._valid[window] is None:
             return
-        page = self.pages[window]
-        seq = page.seq
-        page.seq = seq if seq & 1 else seq + 1
-        ordering.fence()
+        page = self._begin(window)
         self._words[window][_INTERRUPT_STATUS // 4] = value
-        page.acks_seen[:] = self._acks_seen[window]
-        ordering.store_release32(self._seq_addrs[window], (page.seq + 1) & 0xFFFFFFFF)
+        self._end(window, page)
 
-    def _write(self, window, transport, valid):
+    def _begin(self, window):
+        """Open ``window``'s seqlock section; its page."""
         page = self.pages[window]
         seq = page.seq
         page.seq = seq if seq & 1 else seq + 1             # odd: the stub traps meanwhile
         ordering.fence()                                   # seq before the image (DMB ISH)
+        return page
+
+    def _end(self, window, page):
+        """Close the section: the acknowledgement counts the image reflects, then ``seq``
+        even with a store-release (the image before it)."""
+        page.acks_seen[:] = self._acks_seen[window]
+        ordering.store_release32(self._seq_addrs[window], (page.seq + 1) & 0xFFFFFFFF)
+
+    def _write(self, window, transport, valid):
+        page = self._begin(window)
         if transport is not None:
             words = self._words[window]
             for offset in transport.shadowed_registers:
                 words[offset // 4] = transport.read(offset, 4)
             config = transport.device.config[:_MAX_CONFIG]
             self._images[window][_CONFIG:_CONFIG + len(config)] = config
-        page.acks_seen[:] = self._acks_seen[window]
         page.valid[:] = valid
-        ordering.store_release32(self._seq_addrs[window], (page.seq + 1) & 0xFFFFFFFF)
+        self._end(window, page)
 
     def acks_taken(self, window):
         """InterruptACK writes the stub took for ``window`` (per bit, wrapping counters)."""
@@ -158,8 +170,7 @@ class StubShadowReader:
         seq_offset = self.offset + window * abi.SHADOW_PAGE_SIZE + abi.SHADOW_SEQ_OFFSET
         page = self.pages[window]
         seq = self.region.load_acquire32(seq_offset)
-        word = offset // 4
-        if seq & 1 or not page.valid[word // 32] >> word % 32 & 1:
+        if seq & 1 or not _is_valid(page, offset):
             return None
         value = int.from_bytes(bytes(page.image[offset:offset + size]), "little")
         if stub_ack and offset == _INTERRUPT_STATUS:
@@ -176,8 +187,7 @@ class StubShadowReader:
         """The stub's InterruptACK write of ``value`` to ``window`` (``AVT_F_STUB_ACK``):
         True if taken here (counted in ``acks``), False: post it to the model. Taken only
         while the page's InterruptStatus word is valid (a model publishes the window)."""
-        word = _INTERRUPT_STATUS // 4
-        if window >= self.count or not self.pages[window].valid[word // 32] >> word % 32 & 1:
+        if window >= self.count or not _is_valid(self.pages[window], _INTERRUPT_STATUS):
             return False
         base = (self.region.address + self.offset + window * abi.SHADOW_PAGE_SIZE
                 + abi.SHADOW_ACKS_OFFSET)

@@ -149,7 +149,6 @@ class TrapPage:
         if self.shadows is None:        # the stub takes acknowledgements only with shadows
             self.features &= ~(abi.F_REGISTER_SHADOW | abi.F_STUB_ACK)
         else:
-            self.shadows.stub_ack = bool(self.features & abi.F_STUB_ACK)
             self.shadows.clear()        # nothing a previous model left is answered
         self.busy_poll = busy_poll
         header.model_features = self.features
@@ -172,7 +171,8 @@ class TrapPage:
                         "pages with the trap page in the board file)", self.region.name,
                         offset, count, self.region.size)
             return None
-        return RegisterShadows(self.region, offset, count)
+        return RegisterShadows(self.region, offset, count,
+                               stub_ack=bool(self.features & abi.F_STUB_ACK))
 
     def detach(self, dispatch):
         """Answer what is posted, then publish DETACHED (store-release) and let go.
