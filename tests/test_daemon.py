@@ -176,7 +176,7 @@ def test_daemon_serves_consoles_to_two_vms_and_info_shows_both(board, stub, serv
     assert info["trap"]["served"] == sum(d["traps_waited"] + d["posted_writes"] for d in devices)
     assert all(d["shadow_reads"] >= 5 for d in devices)
     assert sum(d["shadow_reads"] for d in devices) == stub.page.shadow_hits
-    assert sum(d["stub_acks"] for d in devices) == stub.page.acks_taken
+    assert sum(d["stub_acks"] for d in devices) == stub.page.acks_taken > 0
     assert "register accesses: waited" in served.cli("info")
     assert "vm1 slot0 console" in served.cli("list")
     debug = served.cli("debug", "1", "console")

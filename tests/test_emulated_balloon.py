@@ -22,16 +22,22 @@ MIB = 1 << 20
 BALLOON = 128 * MIB
 
 
-@pytest.fixture            # one test each: the guest stops before the next one boots
-def board():
-    # Without DEFLATE_ON_OOM Linux also takes the balloon out of MemTotal.
-    board = EmulatedBoard(devices="balloon = { stats_interval = 1, deflate_on_oom = false }\n")
+def booted(devices):
+    """A board with ``devices`` and the guest's shell, stopped after its one test (each
+    guest stops before the next one boots)."""
+    board = EmulatedBoard(devices=devices)
     board.start()
     try:
         board.guest = board.shell(timeout=120)
         yield board
     finally:
         board.stop()
+
+
+@pytest.fixture
+def board():
+    # Without DEFLATE_ON_OOM Linux also takes the balloon out of MemTotal.
+    yield from booted("balloon = { stats_interval = 1, deflate_on_oom = false }\n")
 
 
 def meminfo(board):
@@ -106,13 +112,7 @@ def test_balloon_inflates_and_deflates_a_linux_guest(board):
 
 @pytest.fixture
 def oom_board():
-    board = EmulatedBoard(devices="balloon = { stats_interval = 0, deflate_on_oom = true }\n")
-    board.start()
-    try:
-        board.guest = board.shell(timeout=120)
-        yield board
-    finally:
-        board.stop()
+    yield from booted("balloon = { stats_interval = 0, deflate_on_oom = true }\n")
 
 
 def test_deflate_on_oom_gives_pages_back_and_the_guest_survives(oom_board):

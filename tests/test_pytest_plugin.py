@@ -5,6 +5,7 @@ fake UIO tree (``FakeBoard``): the daemon, its control socket and its console
 endpoints are real; only the hypervisor is stood in for.
 """
 
+import contextlib
 import os
 import select
 import signal
@@ -305,8 +306,10 @@ class OnPty:
         os.close(self.master)
 
 
+@contextlib.contextmanager
 def shell_server(path):
-    """A Unix socket whose first client gets an interactive sh; returns (listener, processes)."""
+    """A Unix socket whose first client gets an interactive sh; closed (the sh killed) at
+    the end."""
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
     listener.listen(1)
@@ -319,26 +322,28 @@ def shell_server(path):
         conn.close()
 
     threading.Thread(target=serve, daemon=True).start()
-    return listener, processes
-
-
-def test_console_url_round_trip_and_exit_key(tmp_path):
-    path = str(tmp_path / "guest.sock")
-    listener, processes = shell_server(path)
-    term = OnPty("--url", f"unix://{path}")
     try:
-        term.expect(f"--- avatar-hw console: unix://{path} --- quit: Ctrl+]")
-        term.type("echo sum=$((2 + 3))\n")
-        term.expect("sum=5")
-        term.type("\x1d")
-        assert term.process.wait(10) == 0
-        term.expect("--- exit ---")
+        yield
     finally:
-        term.close()
         listener.close()
         for process in processes:
             process.kill()
             process.wait()
+
+
+def test_console_url_round_trip_and_exit_key(tmp_path):
+    path = str(tmp_path / "guest.sock")
+    with shell_server(path):
+        term = OnPty("--url", f"unix://{path}")
+        try:
+            term.expect(f"--- avatar-hw console: unix://{path} --- quit: Ctrl+]")
+            term.type("echo sum=$((2 + 3))\n")
+            term.expect("sum=5")
+            term.type("\x1d")
+            assert term.process.wait(10) == 0
+            term.expect("--- exit ---")
+        finally:
+            term.close()
 
 
 @pytest.mark.parametrize("sigint_ignored", [False, True])
@@ -346,21 +351,17 @@ def test_sigint_ends_the_console_even_when_inherited_as_ignored(tmp_path, sigint
     """kill -INT ends the terminal (its own Ctrl-C is the guest's), also when SIGINT was
     inherited as ignored (a background job of a non-interactive shell)."""
     path = str(tmp_path / "guest.sock")
-    listener, processes = shell_server(path)
-    term = OnPty("--url", f"unix://{path}", sigint_ignored=sigint_ignored)
-    try:
-        term.expect(f"--- avatar-hw console: unix://{path} ---")
-        term.type("echo sum=$((2 + 3))\n")
-        term.expect("sum=5")                       # miniterm's threads run
-        term.process.send_signal(signal.SIGINT)
-        assert term.process.wait(30) == 130
-        term.expect("--- exit ---")
-    finally:
-        term.close()
-        listener.close()
-        for process in processes:
-            process.kill()
-            process.wait()
+    with shell_server(path):
+        term = OnPty("--url", f"unix://{path}", sigint_ignored=sigint_ignored)
+        try:
+            term.expect(f"--- avatar-hw console: unix://{path} ---")
+            term.type("echo sum=$((2 + 3))\n")
+            term.expect("sum=5")                       # miniterm's threads run
+            term.process.send_signal(signal.SIGINT)
+            assert term.process.wait(30) == 130
+            term.expect("--- exit ---")
+        finally:
+            term.close()
 
 
 def test_console_of_a_running_daemon(daemon):
@@ -375,19 +376,16 @@ def test_console_of_a_running_daemon(daemon):
 
 def test_console_peer_going_away_ends_the_terminal(tmp_path):
     path = str(tmp_path / "guest.sock")
-    listener, processes = shell_server(path)
-    term = OnPty("--url", f"unix://{path}")
-    try:
-        term.expect("guest$ ")
-        term.type("exit\n")
-        term.expect("socket disconnected")
-        term.type("x")                      # miniterm's writer notices on the next key
-        assert term.process.wait(10) == 0
-    finally:
-        term.close()
-        listener.close()
-        for process in processes:
-            process.wait()
+    with shell_server(path):
+        term = OnPty("--url", f"unix://{path}")
+        try:
+            term.expect("guest$ ")
+            term.type("exit\n")
+            term.expect("socket disconnected")
+            term.type("x")                      # miniterm's writer notices on the next key
+            assert term.process.wait(10) == 0
+        finally:
+            term.close()
 
 
 def test_console_errors_are_one_line(tmp_path):
