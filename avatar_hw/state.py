@@ -384,7 +384,11 @@ class StateFile:
             raise ValueError("device state is not JSON") from None
         if not isinstance(saved, dict):
             raise ValueError("device state is not a JSON object")
-        device.restore_state(saved, list(record.words))
+        try:
+            device.restore_state(saved, list(record.words))
+        except (TypeError, KeyError, IndexError, AttributeError) as err:
+            raise ValueError(f"device state does not fit the {device.name} device "
+                             f"({type(err).__name__}: {err})") from None
         if record.status & c.STATUS_DEVICE_NEEDS_RESET:
             transport.fail("it needed a reset before the restart")
         log.info("vm%d slot %d: %s restored (status 0x%02x, %d chain(s) in flight)",

@@ -216,6 +216,27 @@ def test_restart_under_guest_nonsense_values_set_device_needs_reset(tmp_path, ra
     assert not model.device.queues[0].ready
 
 
+class WrongShape(Restartable):
+    """Keeps a number where its restore expects a list (a damaged or foreign blob)."""
+
+    def saved_state(self):
+        return {"ports": 5}
+
+    def restore_state(self, saved, words):
+        len(saved["ports"])
+
+
+def test_restart_under_guest_device_state_of_the_wrong_shape_needs_reset(tmp_path, ram):
+    """The blob is untrusted: a device's restore tripping over it (TypeError here) puts that
+    device in DEVICE_NEEDS_RESET instead of stopping the daemon with a traceback."""
+    path = tmp_path / "state"
+    first = Model(ram, WrongShape(queue_sizes=(8,)), path)
+    driver_for(first, ram).init([0])
+    first.state.save_device(first.subsystem.layout.window_number(0, 0))
+    second = Model(ram, WrongShape(queue_sizes=(8,)), path)
+    assert second.transport.context.status & c.STATUS_DEVICE_NEEDS_RESET
+
+
 def test_restart_under_guest_device_that_cannot_be_restored_needs_reset(tmp_path, ram):
     path = tmp_path / "state"
     first = Model(ram, RecordingDevice(queue_sizes=(8,)), path)

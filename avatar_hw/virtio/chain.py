@@ -56,9 +56,6 @@ class DescriptorTable:
         readable, writable = [], []
         readable_len = writable_len = 0
         index, table_size, nested, writing = head, self.size, False, False
-        readable, writable = [], []
-        readable_len = writable_len = 0
-        index, table_size, nested, writing = head, self.size, False, False
         budget = self.size                    # descriptors the chain may still have
         try:
             while True:
