@@ -110,22 +110,15 @@ class Folder:
         return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
 
     def beneath_root(self, fd):
-        """True if going up from directory ``fd`` reaches the root (at most 4096 levels)."""
-        cur = os.dup(fd)
-        try:
-            for _ in range(4096):
-                st = os.fstat(cur)
-                if (st.st_dev, st.st_ino) == self.root_id:
-                    return True
-                up = os.open(b"..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=cur)
-                same = os.path.samestat(os.fstat(up), st)
-                os.close(cur)
-                cur = up
-                if same:
-                    return False              # the file system's root, not ours
-            return False
-        finally:
-            os.close(cur)
+        """True if ``fd`` is the root or lies under it now (its current path, as the kernel
+        knows it, starts with the root's: one readlink each, however deep the tree; a
+        directory the host moved out of the share is not under it)."""
+        root, path = self._paths(fd)
+        return path == root or path.startswith(root.rstrip(b"/") + b"/")
+
+    def _paths(self, fd):
+        """The current paths of the root and of ``fd`` (/proc/self/fd links)."""
+        return tuple(os.readlink(os.fsencode(proc(f))) for f in (self.root_fd, fd))
 
     def locate(self, fd):
         """(an O_PATH fd of the parent directory, the name) of what ``fd`` pins, found again
@@ -133,7 +126,7 @@ class Folder:
         above the root) by its current path, and checked to be the same inode: ENOENT if
         it was unlinked or is no longer under the root, EBUSY for the root itself. The
         name is then acted on relative to that parent, which lies inside the folder."""
-        root, path = (os.readlink(os.fsencode(proc(f))) for f in (self.root_fd, fd))
+        root, path = self._paths(fd)
         if path == root:
             raise P9Error(errno.EBUSY)
         prefix = root.rstrip(b"/") + b"/"
