@@ -175,12 +175,13 @@ class Subsystem:
             if transport is not None:
                 self.publish(number)
 
-    def publish(self, window):
-        """Republish window number ``window``'s register shadow, if there are shadows."""
+    def publish(self, window, registers_only=True):
+        """Republish window number ``window``'s register shadow, if there are shadows, and
+        keep its state (``registers_only``: not the queues' too)."""
         if self.shadows is not None:
             self.shadows.publish(window, self._by_window[window])
         if self.state is not None:
-            self.state.save(window, registers_only=True)
+            self.state.save(window, registers_only=registers_only)
 
     def publish_interrupt_status(self, window):
         """Republish only window ``window``'s InterruptStatus (after an interrupt)."""
@@ -232,10 +233,7 @@ class Subsystem:
             if is_write:
                 transport.write(offset, size, value)
                 if offset != REG_QUEUE_NOTIFY:
-                    if self.shadows is not None:
-                        self.shadows.publish(window, transport)
-                    if self.state is not None:
-                        self.state.save(window, registers_only=offset == REG_INTERRUPT_ACK)
+                    self.publish(window, registers_only=offset == REG_INTERRUPT_ACK)
                 return _WRITE_DONE
             if offset == REG_INTERRUPT_STATUS:
                 self.take_acks(window)
