@@ -90,7 +90,7 @@ def read_line(sock):
     return head[:end]
 
 
-def connect_unix(path):
+def try_connect_unix(path):
     """A connected non-blocking socket to ``path``, or None (missing, refused, full)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
                          | socket.SOCK_NONBLOCK)

@@ -27,7 +27,7 @@ is closed) until the guest gives receive buffers, and always go before data.
 
 import struct
 
-from ..backends.vsock import Stream, connect_unix, parse_connect, read_line
+from ..backends.vsock import Stream, parse_connect, read_line, try_connect_unix
 from ..virtio.buffers import skip, truncate
 
 HEADER = struct.Struct("<QQIIIHHIII")   # src_cid dst_cid src_port dst_port len type op flags
@@ -148,7 +148,7 @@ class Connections:
                        "(max_connections)", host_port, self.max_connections)
             self._queue_rst(host_port, guest_port)
             return
-        sock = connect_unix(f"{self.path}_{host_port}")
+        sock = try_connect_unix(f"{self.path}_{host_port}")
         if sock is None:
             self._queue_rst(host_port, guest_port)
             return
