@@ -45,7 +45,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -64,6 +63,7 @@ from avatar_hw.emulated.machine import QEMU
 from avatar_hw.emulated.session import EmulatedBoard, GuestShell
 from avatar_hw.hil import vsock
 from avatar_hw.hil.target import device_available
+from avatar_hw.processes import end_process
 from avatar_hw.unixsock import connect_unix
 
 from .common import compile_c, spread, table, write_synced
@@ -501,13 +501,7 @@ def qemu_guest(command, console):
     finally:
         if shell is not None:
             shell.close()
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        end_process(process, 5)
         process.stderr.close()
 
 

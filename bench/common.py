@@ -2,13 +2,13 @@
 
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import time
 from pathlib import Path
 
 from avatar_hw.errors import AvatarError
+from avatar_hw.processes import end_process
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -70,14 +70,7 @@ class Child:
 
     def stop(self, timeout=15):
         """SIGTERM, wait, SIGKILL if needed; returns the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return end_process(self.process, timeout)
 
     def __enter__(self):
         return self
