@@ -118,6 +118,9 @@ def parse_config(file, data, *, max_vms=None, devices_per_vm=None, base=None):
     """A ``Config`` from parsed TOML ``data``; ``max_vms`` bounds the VM numbers,
     ``devices_per_vm`` the devices of one VM (its window's slots); relative paths are
     put under ``base`` when given (else left relative to the working directory)."""
+    if "board" in data and "vm" not in data:
+        raise ConfigError(file, None, "a board file (for --board), not a VMs config; VMs are "
+                                      "[vm.0], [vm.1], ... (example: --config vms-example)")
     unknown = sorted(set(data) - {"vm"})
     if unknown:
         raise ConfigError(file, unknown[0], "unknown table; VMs are [vm.0], [vm.1], ...")

@@ -92,6 +92,14 @@ def test_a_vms_config_given_as_board_says_which_option_takes_it(capsys):
     assert "vms-example" not in err.partition("boards: ")[2]
 
 
+
+def test_a_board_file_given_as_config_says_which_option_takes_it(capsys):
+    """`layout --config rpi4`: a shipped board's name found as a file, but no VMs config."""
+    assert cli.main(["layout", "--config", "rpi4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("avatar-hw: ") and err.count("\n") == 1
+    assert "rpi4.toml: a board file (for --board), not a VMs config; " in err
+
 def test_a_missing_daemon_names_the_option(capsys, tmp_path):
     assert cli.main(["info", "--control", str(tmp_path / "none.sock")]) == 2
     err = capsys.readouterr().err
