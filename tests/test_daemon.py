@@ -654,12 +654,12 @@ def test_gic_board_configures_and_raises_the_board_spi_of_each_device(board, stu
 
 # -- the Python API -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("busy_poll", [False, True], ids=["doorbell", "busy-poll"])
-def test_python_api_runs_the_daemon_in_a_thread(board, stub, caplog, busy_poll):
+@pytest.mark.parametrize("wait", ["doorbell", "adaptive", "busy-poll"])
+def test_python_api_runs_the_daemon_in_a_thread(board, stub, caplog, wait):
     from avatar_hw.daemon import Daemon
     daemon = Daemon(board.board_file, console_config(board, vms=(1,)),
                     doorbell=f"fifo:{board.doorbell},{board.doorbell_stub}",
-                    control_path=board.control, busy_poll=busy_poll, **board.roots)
+                    control_path=board.control, wait=wait, **board.roots)
     thread = daemon.start_thread()
     try:
         assert stub.page.model_attached()

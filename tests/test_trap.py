@@ -12,7 +12,8 @@ from avatar_hw import abi
 from avatar_hw.hw.region import Region
 from avatar_hw.layout import Layout
 from avatar_hw.testing.standin_stub import StubPage
-from avatar_hw.trap import MAX_TRAPS_PER_CALL, StubNotReady, TrapPage
+from avatar_hw.trap import MAX_TRAPS_PER_CALL, POLL_IDLE_SCANS, StubNotReady, TrapPage
+from avatar_hw.wait import ADAPTIVE, BUSY_POLL
 
 LAYOUT = Layout()
 VM0_DEV0 = LAYOUT.window(0, 0)
@@ -189,7 +190,7 @@ def test_busy_poll_keeps_model_sleeping_clear():
     stub = StubPage(region)
     stub.initialise(1)
     trap = TrapPage(region, LAYOUT)
-    trap.attach(busy_poll=True)
+    trap.attach(wait=BUSY_POLL)
     assert exchange(stub, trap, Recorder(), 0, 0, VM0_DEV0, 4, False) == (0, 0)
     assert stub.rings == 0 and stub.header.model_sleeping == 0
 
