@@ -218,6 +218,35 @@ def test_busy_poll_mode_serves_without_doorbells(board, stub):
         assert daemon.stop() == 0
 
 
+@pytest.mark.parametrize("key, flags, mode", [
+    (None, (), "doorbell"),                              # no trap.wait: the doorbell
+    ("adaptive", (), "adaptive"),                        # the board file's
+    ("adaptive", ("--wait", "doorbell"), "doorbell"),    # the flag wins
+    ("doorbell", ("--busy-poll",), "busy-poll"),         # the alias of --wait busy-poll
+], ids=["default", "board-file", "flag", "busy-poll-alias"])
+def test_the_wait_mode_comes_from_the_board_file_or_the_flag(board, stub, key, flags, mode):
+    if key is not None:
+        text = board.board_file.read_text()
+        trap = 'region = { uio = "avatar-trap" }\n'
+        assert trap in text
+        board.board_file.write_text(text.replace(trap, f'{trap}wait = "{key}"\n'))
+    daemon = Served(board, console_config(board, vms=(0,)), *flags)
+    try:
+        stub.page.wait_attached()
+        driver = stub.driver(0)
+        for n in range(40):
+            driver.write(vc.REG_QUEUE_SEL, n % 2)       # writes always trap
+        info = json.loads(daemon.cli("info", "--json"))
+        assert info["mode"] == info["trap"]["wait"] == mode
+        assert info["trap"]["busy_poll"] == (mode == "busy-poll")
+        assert ("poll_window_ns" in info["trap"]) == (mode == "adaptive")
+        assert info["trap"]["served"] >= 40 and info["trap"]["unhandled"] == 0
+        assert f", wait {mode}" in daemon.cli("info")
+    finally:
+        assert daemon.stop() == 0
+    assert f"(wait: {mode})" in daemon.output()
+
+
 # -- malformed traps ------------------------------------------------------------------------------------
 
 def test_malformed_traps_get_unhandled_and_the_daemon_keeps_serving(board, stub, served):

@@ -13,7 +13,7 @@ from avatar_hw.hw.region import Region
 from avatar_hw.layout import Layout
 from avatar_hw.testing.standin_stub import StubPage
 from avatar_hw.trap import MAX_TRAPS_PER_CALL, POLL_IDLE_SCANS, StubNotReady, TrapPage
-from avatar_hw.wait import ADAPTIVE, BUSY_POLL
+from avatar_hw.wait import ADAPTIVE, BUSY_POLL, PollWindow
 
 LAYOUT = Layout()
 VM0_DEV0 = LAYOUT.window(0, 0)
@@ -193,6 +193,108 @@ def test_busy_poll_keeps_model_sleeping_clear():
     trap.attach(wait=BUSY_POLL)
     assert exchange(stub, trap, Recorder(), 0, 0, VM0_DEV0, 4, False) == (0, 0)
     assert stub.rings == 0 and stub.header.model_sleeping == 0
+
+
+@pytest.fixture
+def adaptive():
+    """A page served in the adaptive mode, its window held open (an hour) until a test
+    closes it: what the window does is decided here, not by the clock."""
+    region = Region(bytearray(abi.PAGE_SIZE), name="test trap page")
+    stub = StubPage(region)
+    stub.initialise(slot_count=2)
+    trap = TrapPage(region, LAYOUT)
+    trap.attach(wait=ADAPTIVE)
+    assert not trap.polling and stub.header.model_sleeping == 1   # sleeps until a first trap
+    trap.window.ns = trap.window.max_ns = 3600 * 10**9
+    return stub, trap
+
+
+def test_adaptive_polls_after_a_trap_and_serves_the_next_one_without_a_ring(adaptive):
+    stub, trap = adaptive
+    handler = Recorder()
+    stub.begin(0, 0, VM0_DEV0, 4, True, 1)
+    assert stub.rings == 1                        # the model slept: the stub rang
+    assert trap.serve_until_idle(handler) == 1
+    assert stub.finish(0) == (abi.STATUS_OK, 0)
+    # The window is open: the model keeps scanning, model_sleeping clear, the stub silent.
+    assert trap.polling and stub.header.model_sleeping == 0
+    stub.begin(1, 0, VM0_DEV0, 4, False)
+    assert stub.rings == 1
+    assert trap.serve_until_idle(handler) == 1
+    assert stub.finish(1) == (abi.STATUS_OK, 1)
+    assert trap.polling and stub.header.model_sleeping == 0
+    info = trap.info()
+    assert info["wait"] == ADAPTIVE and not info["busy_poll"]
+    assert info["poll_window_ns"] == trap.window.ns
+
+
+def test_adaptive_arms_the_doorbell_once_its_window_passed_in_vain(adaptive):
+    stub, trap = adaptive
+    handler = Recorder()
+    stub.begin(0, 0, VM0_DEV0, 4, False)
+    trap.serve_until_idle(handler)
+    stub.finish(0)
+    assert trap.polling
+    trap.window.ns = 0                            # the window has passed with nothing found
+    scans = []
+    original_scan = trap.scan_once
+    trap.scan_once = lambda dispatch: scans.append(1) or original_scan(dispatch)
+    assert trap.serve_until_idle(handler) == 0
+    assert not trap.polling and stub.header.model_sleeping == 1
+    assert len(scans) == POLL_IDLE_SCANS          # one batch of scans, then armed
+    stub.begin(1, 0, VM0_DEV0, 4, False)
+    assert stub.rings == 2                        # sleeping again: the next trap rings
+    trap.serve_until_idle(handler)
+    assert stub.finish(1) == (abi.STATUS_OK, 0)
+
+
+def test_adaptive_arming_rescans_after_the_fence_and_grows_the_window(adaptive):
+    """The stub posts between the model's last scan of the window and its fenced re-scan:
+    served there, without a ring (docs/trap-abi.md, "Notification"), and polling resumes."""
+    stub, trap = adaptive
+    handler = Recorder()
+    stub.begin(0, 0, VM0_DEV0, 4, False)
+    trap.serve_until_idle(handler)
+    stub.finish(0)
+    trap.window.ns = 0
+    original = trap.any_posted
+
+    def post_during_rescan():
+        assert stub.header.model_sleeping == 1    # set before the re-scan (then the fence)
+        stub.header.model_sleeping = 0            # as the stub read it just before
+        stub.begin(1, 0, VM0_DEV0, 4, False)
+        trap.any_posted = original
+        return original()
+
+    trap.any_posted = post_during_rescan
+    assert trap.serve_until_idle(handler) == 1
+    assert stub.rings == 1 and stub.finish(1) == (abi.STATUS_OK, 0)
+    assert trap.window.grown == 1 and trap.window.ns == trap.window.start_ns   # a near miss
+    # ... then polled the (10 us) window again; armed again if it passed meanwhile.
+    assert stub.header.model_sleeping == (0 if trap.polling else 1)
+
+
+def test_poll_window_grows_on_near_misses_and_shrinks_on_long_waits():
+    us = 1000
+    window = PollWindow(0, max_ns=1000 * us, start_ns=10 * us)
+    assert window.ns == 0 and window.expired(1)
+    assert window.found(300 * us)                 # missed by 300 us: start
+    assert window.ns == 10 * us
+    now = 300 * us
+    for expected in (20, 40, 80, 160, 320, 640, 1000):
+        now += window.ns + us                     # a wait the window just missed
+        assert window.found(now) and window.ns == expected * us   # doubles, up to max_ns
+    now += 900 * us                               # caught within the window: unchanged
+    assert window.found(now) and window.ns == 1000 * us
+    assert not window.expired(now + 1000 * us) and window.expired(now + 1000 * us + 1)
+    for expected in (500, 250, 125):              # idle past max_ns: halved each time
+        now += 5_000 * us
+        assert window.found(now) and window.ns == expected * us
+    assert window.info() == {"poll_window_ns": 125 * us, "poll_grown": 8, "poll_shrunk": 3}
+    while window.ns:
+        now += 5_000 * us
+        window.found(now)
+    assert not window.found(now + 5_000 * us)     # an idle guest: back to the doorbell
 
 
 def test_detach_answers_what_was_posted_then_stub_stops_posting(page):
