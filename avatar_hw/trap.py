@@ -235,7 +235,8 @@ class TrapPage:
         adaptive mode), ``model_sleeping`` stays clear and it returns after
         ``POLL_IDLE_SCANS`` scans in a row found nothing (the caller polls its
         other events in between, so a scan costs no system call); adaptive, once
-        the window has passed with nothing found, it stops polling and arms.
+        the window has passed with nothing found (or another task wanted this CPU:
+        ``PollWindow.over``), it stops polling and arms.
 
         At most about ``MAX_TRAPS_PER_CALL`` traps per call: when more were
         posted, ``stopped_at_budget`` is True, ``model_sleeping`` stays clear
@@ -265,7 +266,7 @@ class TrapPage:
                 else:
                     idle += 1
                     if idle >= POLL_IDLE_SCANS:
-                        if window is None or not window.expired(time.monotonic_ns()):
+                        if window is None or not window.over(time.monotonic_ns()):
                             return total
                         self.polling = False
                         break

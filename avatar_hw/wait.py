@@ -14,6 +14,8 @@ In every mode the event loop (control socket, backends, timers) keeps running:
 polling, it is polled without blocking between batches of scans.
 """
 
+import resource
+
 DOORBELL, ADAPTIVE, BUSY_POLL = "doorbell", "adaptive", "busy-poll"
 MODES = (DOORBELL, ADAPTIVE, BUSY_POLL)
 
@@ -35,7 +37,13 @@ class PollWindow:
     the wait since the previous find sizes the window: within the window, it stays
     (the poll caught the trap); longer than ``max_ns``, it shrinks (polling was wasted:
     the guest is idle); in between, it grows (a longer poll would have caught it).
-    ``expired(now)``: the window since the last find has passed, arm the doorbell.
+    ``over(now)``: stop polling and arm the doorbell, because the window since the last
+    find has passed, or because the kernel preempted this thread since the last call:
+    another task wanted its CPU (on a loaded machine, likely the guest's vCPU that would
+    post the next trap), so the window shrinks and the CPU is given back — KVM polls only
+    while ``single_task_running()``, which userspace cannot ask; an involuntary context
+    switch (``ru_nivcsw`` of ``getrusage(RUSAGE_THREAD)``, one system call per batch of
+    idle scans) is the sign it can see.
     """
 
     def __init__(self, now, *, max_ns=POLL_MAX_NS, start_ns=POLL_START_NS):
@@ -43,7 +51,8 @@ class PollWindow:
         self.start_ns = start_ns
         self.ns = 0                     # the window now; 0: arm at once
         self.last = now                 # when traps were last found
-        self.grown = self.shrunk = 0    # counters for ``avatar-hw info``
+        self.grown = self.shrunk = self.preempted = 0   # counters for ``avatar-hw info``
+        self._switches = _involuntary_switches()
 
     def found(self, now):
         """Traps were found at ``now``: resize; returns whether to poll from now on."""
@@ -63,6 +72,21 @@ class PollWindow:
     def expired(self, now):
         return now - self.last > self.ns
 
+    def over(self, now):
+        """Whether to stop polling now (the caller then arms the doorbell)."""
+        switches = _involuntary_switches()
+        if switches != self._switches:
+            self._switches = switches
+            self.ns //= POLL_SHRINK
+            self.preempted += 1
+            return True
+        return self.expired(now)
+
     def info(self):
         return {"poll_window_ns": self.ns, "poll_grown": self.grown,
-                "poll_shrunk": self.shrunk}
+                "poll_shrunk": self.shrunk, "poll_preempted": self.preempted}
+
+
+def _involuntary_switches():
+    """How often the kernel has preempted the calling thread."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from avatar_hw import abi
+from avatar_hw import abi, wait
 from avatar_hw.hw.region import Region
 from avatar_hw.layout import Layout
 from avatar_hw.testing.standin_stub import StubPage
@@ -196,9 +196,18 @@ def test_busy_poll_keeps_model_sleeping_clear():
 
 
 @pytest.fixture
-def adaptive():
+def switches(monkeypatch):
+    """The preemptions ``PollWindow`` sees (``wait._involuntary_switches``): the test's, not
+    the loaded machine's."""
+    count = [0]
+    monkeypatch.setattr(wait, "_involuntary_switches", lambda: count[0])
+    return count
+
+
+@pytest.fixture
+def adaptive(switches):
     """A page served in the adaptive mode, its window held open (an hour) until a test
-    closes it: what the window does is decided here, not by the clock."""
+    closes it: what the window does is decided here, not by the clock or the scheduler."""
     region = Region(bytearray(abi.PAGE_SIZE), name="test trap page")
     stub = StubPage(region)
     stub.initialise(slot_count=2)
@@ -274,7 +283,21 @@ def test_adaptive_arming_rescans_after_the_fence_and_grows_the_window(adaptive):
     assert stub.header.model_sleeping == (0 if trap.polling else 1)
 
 
-def test_poll_window_grows_on_near_misses_and_shrinks_on_long_waits():
+def test_adaptive_gives_the_cpu_back_when_the_kernel_preempted_the_poll(adaptive, switches):
+    stub, trap = adaptive
+    handler = Recorder()
+    stub.begin(0, 0, VM0_DEV0, 4, False)
+    trap.serve_until_idle(handler)
+    stub.finish(0)
+    assert trap.polling
+    window = trap.window.ns
+    switches[0] += 1                              # another task wanted this CPU meanwhile
+    assert trap.serve_until_idle(handler) == 0
+    assert not trap.polling and stub.header.model_sleeping == 1
+    assert trap.window.ns == window // 2 and trap.info()["poll_preempted"] == 1
+
+
+def test_poll_window_grows_on_near_misses_and_shrinks_on_long_waits(switches):
     us = 1000
     window = PollWindow(0, max_ns=1000 * us, start_ns=10 * us)
     assert window.ns == 0 and window.expired(1)
@@ -290,7 +313,9 @@ def test_poll_window_grows_on_near_misses_and_shrinks_on_long_waits():
     for expected in (500, 250, 125):              # idle past max_ns: halved each time
         now += 5_000 * us
         assert window.found(now) and window.ns == expected * us
-    assert window.info() == {"poll_window_ns": 125 * us, "poll_grown": 8, "poll_shrunk": 3}
+    assert window.info() == {"poll_window_ns": 125 * us, "poll_grown": 8, "poll_shrunk": 3,
+                             "poll_preempted": 0}
+    assert not window.over(now) and window.over(now + 125 * us + 1)
     while window.ns:
         now += 5_000 * us
         window.found(now)
