@@ -69,10 +69,10 @@ from .shipped import board_path
 from .state import StateFile
 from .tracing import TrapTracer
 from .trap import TrapPage
-from .wait import BUSY_POLL, MODES
 from .virtio.constants import REG_INTERRUPT_ACK
 from .virtio.memory import GuestMemory
 from .virtio.subsystem import Subsystem
+from .wait import BUSY_POLL, MODES
 
 log = logging.getLogger(__name__)
 
