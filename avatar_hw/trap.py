@@ -39,6 +39,7 @@ _SIZES = (1, 2, 4, 8)
 _MASKS = {size: (1 << (8 * size)) - 1 for size in _SIZES}
 MAX_TRAPS_PER_CALL = 256     # then back to the event loop (``stopped_at_budget`` says come back)
 POLL_IDLE_SCANS = 64         # polling: idle scans per call before the event loop's turn
+POLL_CHECK_SCANS = 8         # adaptive: idle scans between two looks at its window
 
 
 class StubNotReady(abi.AbiMismatch):
@@ -236,7 +237,8 @@ class TrapPage:
         ``POLL_IDLE_SCANS`` scans in a row found nothing (the caller polls its
         other events in between, so a scan costs no system call); adaptive, once
         the window has passed with nothing found (or another task wanted this CPU:
-        ``PollWindow.over``), it stops polling and arms.
+        ``PollWindow.over``, asked every ``POLL_CHECK_SCANS`` idle scans), it stops
+        polling and arms.
 
         At most about ``MAX_TRAPS_PER_CALL`` traps per call: when more were
         posted, ``stopped_at_budget`` is True, ``model_sleeping`` stays clear
@@ -265,11 +267,12 @@ class TrapPage:
                     break
                 else:
                     idle += 1
-                    if idle >= POLL_IDLE_SCANS:
-                        if window is None or not window.over(time.monotonic_ns()):
-                            return total
+                    if (window is not None and not idle % POLL_CHECK_SCANS
+                            and window.over(time.monotonic_ns())):
                         self.polling = False
                         break
+                    if idle >= POLL_IDLE_SCANS:
+                        return total
             header.model_sleeping = 1
             ordering.fence()
             if not self.any_posted():

@@ -27,7 +27,7 @@ MODES = (DOORBELL, ADAPTIVE, BUSY_POLL)
 POLL_MAX_NS = 1_000_000       # the window never grows past this
 POLL_START_NS = 10_000        # the first window (KVM's halt_poll_ns_grow_start)
 POLL_GROW = 2                 # a wait the window just missed doubles it
-POLL_SHRINK = 2               # a wait longer than the ceiling halves it
+POLL_SHRINK = 2               # a wait longer than the ceiling halves it (below the start: 0)
 
 
 class PollWindow:
@@ -62,7 +62,7 @@ class PollWindow:
             pass
         elif waited > self.max_ns:
             if self.ns:
-                self.ns //= POLL_SHRINK
+                self._shrink()
                 self.shrunk += 1
         elif self.ns < self.max_ns:
             self.ns = min(max(self.ns * POLL_GROW, self.start_ns), self.max_ns)
@@ -77,10 +77,17 @@ class PollWindow:
         switches = _involuntary_switches()
         if switches != self._switches:
             self._switches = switches
-            self.ns //= POLL_SHRINK
+            self._shrink()
             self.preempted += 1
             return True
         return self.expired(now)
+
+    def _shrink(self):
+        """Halve the window; below ``start_ns`` it is 0 (as KVM's shrink_halt_poll_ns): a
+        window too short to catch anything would still cost a batch of scans."""
+        self.ns //= POLL_SHRINK
+        if self.ns < self.start_ns:
+            self.ns = 0
 
     def info(self):
         return {"poll_window_ns": self.ns, "poll_grown": self.grown,

@@ -12,7 +12,7 @@ from avatar_hw import abi, wait
 from avatar_hw.hw.region import Region
 from avatar_hw.layout import Layout
 from avatar_hw.testing.standin_stub import StubPage
-from avatar_hw.trap import MAX_TRAPS_PER_CALL, POLL_IDLE_SCANS, StubNotReady, TrapPage
+from avatar_hw.trap import MAX_TRAPS_PER_CALL, POLL_CHECK_SCANS, StubNotReady, TrapPage
 from avatar_hw.wait import ADAPTIVE, BUSY_POLL, PollWindow
 
 LAYOUT = Layout()
@@ -250,7 +250,7 @@ def test_adaptive_arms_the_doorbell_once_its_window_passed_in_vain(adaptive):
     trap.scan_once = lambda dispatch: scans.append(1) or original_scan(dispatch)
     assert trap.serve_until_idle(handler) == 0
     assert not trap.polling and stub.header.model_sleeping == 1
-    assert len(scans) == POLL_IDLE_SCANS          # one batch of scans, then armed
+    assert len(scans) == POLL_CHECK_SCANS         # scans until it looked at the window
     stub.begin(1, 0, VM0_DEV0, 4, False)
     assert stub.rings == 2                        # sleeping again: the next trap rings
     trap.serve_until_idle(handler)
@@ -316,10 +316,12 @@ def test_poll_window_grows_on_near_misses_and_shrinks_on_long_waits(switches):
     assert window.info() == {"poll_window_ns": 125 * us, "poll_grown": 8, "poll_shrunk": 3,
                              "poll_preempted": 0}
     assert not window.over(now) and window.over(now + 125 * us + 1)
-    while window.ns:
+    for expected in (62_500, 31_250, 15_625):
         now += 5_000 * us
-        window.found(now)
-    assert not window.found(now + 5_000 * us)     # an idle guest: back to the doorbell
+        assert window.found(now) and window.ns == expected
+    now += 5_000 * us                             # 7.8 us is below the start: 0
+    assert not window.found(now) and window.ns == 0   # an idle guest: back to the doorbell
+    assert window.over(now + 1)
 
 
 def test_detach_answers_what_was_posted_then_stub_stops_posting(page):
