@@ -28,6 +28,7 @@ POLL_MAX_NS = 1_000_000       # the window never grows past this
 POLL_START_NS = 10_000        # the first window (KVM's halt_poll_ns_grow_start)
 POLL_GROW = 2                 # a wait the window just missed doubles it
 POLL_SHRINK = 2               # a wait longer than the ceiling halves it (below the start: 0)
+POLL_HOLD_NS = 10_000_000     # preempted while polling: no window for this long
 
 
 class PollWindow:
@@ -40,10 +41,11 @@ class PollWindow:
     ``over(now)``: stop polling and arm the doorbell, because the window since the last
     find has passed, or because the kernel preempted this thread since the last call:
     another task wanted its CPU (on a loaded machine, likely the guest's vCPU that would
-    post the next trap), so the window shrinks and the CPU is given back — KVM polls only
-    while ``single_task_running()``, which userspace cannot ask; an involuntary context
-    switch (``ru_nivcsw`` of ``getrusage(RUSAGE_THREAD)``, one system call per batch of
-    idle scans) is the sign it can see.
+    post the next trap). KVM polls only while ``single_task_running()``, which userspace
+    cannot ask; an involuntary context switch (``ru_nivcsw`` of
+    ``getrusage(RUSAGE_THREAD)``) is the sign it can see. Then the window is 0 and does
+    not grow for ``POLL_HOLD_NS``: the CPU is given back, and a host with no core free
+    sees at most one short poll per hold.
     """
 
     def __init__(self, now, *, max_ns=POLL_MAX_NS, start_ns=POLL_START_NS):
@@ -51,6 +53,7 @@ class PollWindow:
         self.start_ns = start_ns
         self.ns = 0                     # the window now; 0: arm at once
         self.last = now                 # when traps were last found
+        self.hold_until = now           # no window before this (preempted while polling)
         self.grown = self.shrunk = self.preempted = 0   # counters for ``avatar-hw info``
         self._switches = _involuntary_switches()
 
@@ -64,7 +67,7 @@ class PollWindow:
             if self.ns:
                 self._shrink()
                 self.shrunk += 1
-        elif self.ns < self.max_ns:
+        elif self.ns < self.max_ns and now >= self.hold_until:
             self.ns = min(max(self.ns * POLL_GROW, self.start_ns), self.max_ns)
             self.grown += 1
         return self.ns > 0
@@ -77,7 +80,8 @@ class PollWindow:
         switches = _involuntary_switches()
         if switches != self._switches:
             self._switches = switches
-            self._shrink()
+            self.ns = 0
+            self.hold_until = now + POLL_HOLD_NS
             self.preempted += 1
             return True
         return self.expired(now)

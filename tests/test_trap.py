@@ -290,11 +290,14 @@ def test_adaptive_gives_the_cpu_back_when_the_kernel_preempted_the_poll(adaptive
     trap.serve_until_idle(handler)
     stub.finish(0)
     assert trap.polling
-    window = trap.window.ns
     switches[0] += 1                              # another task wanted this CPU meanwhile
     assert trap.serve_until_idle(handler) == 0
     assert not trap.polling and stub.header.model_sleeping == 1
-    assert trap.window.ns == window // 2 and trap.info()["poll_preempted"] == 1
+    assert trap.window.ns == 0 and trap.info()["poll_preempted"] == 1
+    # For POLL_HOLD_NS after that, a near miss does not open a window again.
+    window = trap.window
+    assert not window.found(window.hold_until - 1) and window.ns == 0
+    assert window.found(window.hold_until) and window.ns == window.start_ns
 
 
 def test_poll_window_grows_on_near_misses_and_shrinks_on_long_waits(switches):
