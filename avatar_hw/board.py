@@ -27,6 +27,7 @@ from .interrupts import BoardInterruptLine
 from .layout import Layout, address
 from .schema import REQUIRED, EntryError, Field, Schema, at_least, choice, read_toml, under
 from .shipped import shipped_hint
+from .wait import DOORBELL, MODES
 
 PAGE = 0x1000                 # stage-2 granule: the hypervisor traps whole 4 KiB pages
 MIN_DEVICE_SIZE = 0x200       # virtio-mmio registers (0x100) and a device config space
@@ -113,6 +114,7 @@ class Board:
     doorbell_intid: int | None = None   # the SPI the stub raises for the trap doorbell
     target_cpus: tuple = ()   # per VM: the CPU (or v3 affinity) its board SPIs target
     priority: int = DEFAULT_PRIORITY
+    wait: str = DOORBELL      # how the daemon waits for traps (avatar_hw.wait)
 
     def board_intid(self, guest_intid):
         """The INTID the daemon raises for a device whose guest sees ``guest_intid``."""
@@ -248,7 +250,10 @@ BOARD = Schema("", (
         Field("lines", int, REQUIRED, check=at_least(FIRST_SPI + 1)),
         Field("region", REGION, REQUIRED),
     ))),
-    Field("trap", Schema("", (Field("region", REGION, REQUIRED),)), REQUIRED),
+    Field("trap", Schema("", (
+        Field("region", REGION, REQUIRED),
+        Field("wait", str, DOORBELL, check=choice(*MODES)),
+    )), REQUIRED),
     Field("ram", Schema("", (
         Field("region", REGION, REQUIRED),
         Field("guest_base", int, REQUIRED, check=NOT_NEGATIVE),
@@ -315,6 +320,7 @@ def _parse(file, data):
                  description=options["board"]["description"], layout=layout,
                  interrupts=kind, gic=gic_spec,
                  trap=_region(file, "trap.region", options["trap"]["region"], per_vm=False),
+                 wait=options["trap"]["wait"],
                  ram=_region(file, "ram.region", ram["region"], per_vm=True),
                  ram_guest_base=ram["guest_base"], **irq)
 

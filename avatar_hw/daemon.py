@@ -28,7 +28,9 @@ Seams, chosen by the board or handed in:
 
 - the doorbell (``avatar_hw.doorbell``): ``doorbell=`` an object, or a spec
   string ``"uio"`` (the trap page's UIO interrupt; the default for a UIO trap
-  region) or ``"fifo:PATH[,STUB_PATH]"``; with ``busy_poll=True`` none is used;
+  region) or ``"fifo:PATH[,STUB_PATH]"``; with ``wait="busy-poll"`` none is used;
+- how it waits for traps (``avatar_hw.wait``): ``wait=`` "doorbell", "adaptive" or
+  "busy-poll"; None: the board file's ``trap.wait``;
 - the interrupt line (``avatar_hw.interrupts``, ``raise_intid(intid)``):
   ``interrupt_line=`` an object or a
   callable ``(trap_region) -> line``; else ``INTERRUPT_LINES[board.interrupts]``
@@ -70,6 +72,7 @@ from .trap import TrapPage
 from .virtio.constants import REG_INTERRUPT_ACK
 from .virtio.memory import GuestMemory
 from .virtio.subsystem import Subsystem
+from .wait import BUSY_POLL, MODES
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +100,7 @@ class Daemon:
     user after everything is mapped and opened.
     """
 
-    def __init__(self, board, config, *, doorbell=None, interrupt_line=None, busy_poll=False,
+    def __init__(self, board, config, *, doorbell=None, interrupt_line=None, wait=None,
                  trace=False, control_path=None, user=None, wait_stub=10.0,
                  sysfs_root="/sys", dev_root="/dev", record=None, state=None):
         self.board = board if isinstance(board, Board) else load_board(board_path(board))
@@ -107,7 +110,9 @@ class Daemon:
         self.roots = {"sysfs_root": sysfs_root, "dev_root": dev_root}
         self.doorbell = doorbell
         self._interrupt_line = interrupt_line
-        self.busy_poll = busy_poll
+        self.wait = wait or self.board.wait
+        if self.wait not in MODES:
+            raise AvatarError(f"wait mode {self.wait!r}: expected one of {', '.join(MODES)}")
         self.trace = trace
         self.control_path = control_path
         self.user = user
@@ -183,9 +188,9 @@ class Daemon:
         if self.user:
             drop_privileges(self.user, [self.control.path])
         self.trap.wait_ready(self.wait_stub)
-        self.trap.attach(wanted=self._wanted_features(), busy_poll=self.busy_poll)
+        self.trap.attach(wanted=self._wanted_features(), wait=self.wait)
         self.subsystem.attach_shadows(self.trap.shadows)
-        if self.doorbell is not None and not self.busy_poll:
+        if self.doorbell is not None and self.wait != BUSY_POLL:
             self.loop.add_reader(self.doorbell, self._on_doorbell)
         self.loop.add_reader(self._wake_r, self._on_wake)
         self.started = time.time()
@@ -225,7 +230,7 @@ class Daemon:
 
     def _make_doorbell(self):
         spec = self.doorbell
-        if spec is None and self.busy_poll:
+        if spec is None and self.wait == BUSY_POLL:
             return None
         if spec is not None and not isinstance(spec, str):
             return spec                                  # handed in (the emulated board's)
@@ -235,7 +240,7 @@ class Daemon:
                 raise AvatarError(
                     f"{self.board.path}: the trap page is a file, so there is no UIO interrupt: "
                     "pass the board's doorbell (the emulated board launcher does), "
-                    "--doorbell fifo:PATH, or --busy-poll")
+                    "--doorbell fifo:PATH, or --wait busy-poll")
             return UioDoorbell(find_uio(self.board.trap.name_for(), **self.roots))
         if spec.startswith("fifo:"):
             return FifoDoorbell.from_spec(spec)
@@ -307,11 +312,7 @@ class Daemon:
         sd_notify(f"READY=1\nSTATUS=serving {len(self.config.vms)} VM(s), control socket "
                   f"{self.control.path}\nMAINPID={os.getpid()}")
         try:
-            if self.busy_poll:
-                self._busy_poll()
-            else:
-                while self._running:
-                    self.loop.run_once()
+            self._serve()
         finally:
             self.close()            # a second signal meanwhile only asks to stop again
             self._restore_signals()
@@ -321,20 +322,24 @@ class Daemon:
             signal.signal(signum, old)
         self._old_signals.clear()
 
-    def _busy_poll(self):
+    def _serve(self):
+        """The event loop; while the trap page polls (``TrapPage.polling``: busy-poll, or
+        the adaptive mode's window), turns of it without blocking between batches of scans."""
         # Its own frame: the bound methods held here must be gone before close() unmaps
         # the regions their views point into.
-        dispatch, serve_until_idle = self.subsystem.dispatch, self.trap.serve_until_idle
+        trap, run_once = self.trap, self.loop.run_once
+        dispatch, serve_until_idle = self.subsystem.dispatch, trap.serve_until_idle
         while self._running:
-            self.loop.run_once(0)
-            if not self.paused_until:
+            if trap.polling and not self.paused_until:
+                run_once(0)
                 serve_until_idle(dispatch)
+            else:
+                run_once()
 
     def _log_endpoints(self):
         """Where to reach it: the control socket and every console port's endpoints."""
-        log.info("serving %d VM(s) on board %s (%s); control socket %s", len(self.config.vms),
-                 self.board.name, "busy-poll" if self.busy_poll else "doorbell",
-                 self.control.path)
+        log.info("serving %d VM(s) on board %s (wait: %s); control socket %s",
+                 len(self.config.vms), self.board.name, self.wait, self.control.path)
         for entry in self.subsystem.device_info():
             ports = self.subsystem.debug_device(entry["vm"], entry["slot"]).get("ports", ())
             for port in ports:
@@ -369,7 +374,7 @@ class Daemon:
         self._closed = True
         if self.started is not None:
             sd_notify("STOPPING=1")
-        if self.doorbell is not None and not self.busy_poll and self.trap is not None:
+        if self.doorbell is not None and self.wait != BUSY_POLL and self.trap is not None:
             self.loop.remove_reader(self.doorbell)      # nothing serves after DETACHED
         if self.trap is not None and self.trap.slots and self.subsystem is not None:
             if self.trap.header.model_pid == os.getpid():
@@ -446,5 +451,5 @@ class Daemon:
                         "devices": devices})
         return {"pid": os.getpid(), "board": self.board.name, "board_file": str(self.board.path),
                 "config": str(self.config.path), "uptime": round(time.time() - self.started, 3),
-                "mode": "busy-poll" if self.busy_poll else "doorbell",
+                "mode": self.wait,
                 "trap": self.trap.info(), "vms": vms}

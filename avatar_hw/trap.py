@@ -31,13 +31,15 @@ from .errors import AvatarError
 from .hw import ordering
 from .ratelimit import RateLimitedLog
 from .shadow import RegisterShadows
+from .wait import ADAPTIVE, BUSY_POLL, DOORBELL, PollWindow
 
 log = logging.getLogger(__name__)
 
 _SIZES = (1, 2, 4, 8)
 _MASKS = {size: (1 << (8 * size)) - 1 for size in _SIZES}
 MAX_TRAPS_PER_CALL = 256     # then back to the event loop (``stopped_at_budget`` says come back)
-BUSY_POLL_IDLE_SCANS = 64    # busy-poll: idle scans per call before the event loop's turn
+POLL_IDLE_SCANS = 64         # polling: idle scans per call before the event loop's turn
+POLL_CHECK_SCANS = 8         # adaptive: idle scans between two looks at its window
 
 
 class StubNotReady(abi.AbiMismatch):
@@ -82,7 +84,9 @@ class TrapPage:
         self.header = abi.Header.from_buffer(region.view(0, abi.SLOTS_OFFSET))
         self.features = 0
         self.shadows = None             # RegisterShadows when AVT_F_REGISTER_SHADOW is in force
-        self.busy_poll = False
+        self.wait = DOORBELL            # how the model waits for traps (avatar_hw.wait)
+        self.polling = False            # scanning with model_sleeping clear, doorbell not armed
+        self.window = None              # PollWindow in the adaptive mode
         self.slots = ()
         self._slot_bits = ()            # (1 << i, slot i): what a scan walks
         self._warn = RateLimitedLog(log, first=10)
@@ -130,8 +134,9 @@ class TrapPage:
             for i in range(count))
         self._slot_bits = tuple((1 << i, slot) for i, slot in enumerate(self.slots))
 
-    def attach(self, *, wanted=abi.SUPPORTED_FEATURES, busy_poll=False):
-        """Accept ``wanted & stub_features`` and publish ATTACHED (store-release).
+    def attach(self, *, wanted=abi.SUPPORTED_FEATURES, wait=DOORBELL):
+        """Accept ``wanted & stub_features`` and publish ATTACHED (store-release); ``wait``:
+        how ``serve_until_idle`` waits for traps (``avatar_hw.wait``).
 
         Refuses when another model holds the page's lock (``lock``). Slots left
         POSTED by a model that died are served by the next ``serve_until_idle``.
@@ -150,10 +155,12 @@ class TrapPage:
             self.features &= ~(abi.F_REGISTER_SHADOW | abi.F_STUB_ACK)
         else:
             self.shadows.clear()        # nothing a previous model left is answered
-        self.busy_poll = busy_poll
+        self.wait = wait
+        self.polling = wait == BUSY_POLL
+        self.window = PollWindow(time.monotonic_ns()) if wait == ADAPTIVE else None
         header.model_features = self.features
         header.model_pid = os.getpid()
-        header.model_sleeping = 0 if busy_poll else 1
+        header.model_sleeping = 0 if self.polling else 1
         self.region.store_release32(abi.MODEL_STATE_OFFSET, abi.MODEL_ATTACHED)
         log.info("attached to %s: ABI %d.%d, %d slots, features 0x%x (stub offers 0x%x)",
                  self.region.name, header.abi_major, header.abi_minor, len(self.slots),
@@ -219,15 +226,19 @@ class TrapPage:
     # -- serving --------------------------------------------------------------------
 
     def serve_until_idle(self, dispatch):
-        """Answer every posted slot, then (unless busy-polling) arm the doorbell.
+        """Answer every posted slot, then arm the doorbell unless polling.
 
         Before the caller blocks, ``model_sleeping`` is set, a full fence
         orders it before the re-scan, and slots posted meanwhile are served:
         the stub posts, fences and reads ``model_sleeping``, so either it
         rings or this re-scan sees its slot (docs/trap-abi.md, "Notification").
-        Busy-polling, it returns after ``BUSY_POLL_IDLE_SCANS`` scans in a row
-        found nothing (the caller polls its other events in between, so a scan
-        costs no system call).
+        Polling (``polling``: always in busy-poll, within the window in the
+        adaptive mode), ``model_sleeping`` stays clear and it returns after
+        ``POLL_IDLE_SCANS`` scans in a row found nothing (the caller polls its
+        other events in between, so a scan costs no system call); adaptive, once
+        the window has passed with nothing found (or another task wanted this CPU:
+        ``PollWindow.over``, asked every ``POLL_CHECK_SCANS`` idle scans), it stops
+        polling and arms.
 
         At most about ``MAX_TRAPS_PER_CALL`` traps per call: when more were
         posted, ``stopped_at_budget`` is True, ``model_sleeping`` stays clear
@@ -237,7 +248,7 @@ class TrapPage:
         self.stopped_at_budget = False
         if not self.slots:
             return 0
-        header = self.header
+        header, window = self.header, self.window
         total = 0
         while True:
             header.model_sleeping = 0
@@ -246,15 +257,21 @@ class TrapPage:
                 served = self.scan_once(dispatch)
                 if served:
                     total += served
+                    if window is not None:
+                        self.polling = window.found(time.monotonic_ns())
                     if total >= MAX_TRAPS_PER_CALL:
                         self.stopped_at_budget = True
                         return total
                     idle = 0
-                elif not self.busy_poll:
+                elif not self.polling:
                     break
                 else:
                     idle += 1
-                    if idle >= BUSY_POLL_IDLE_SCANS:
+                    if (window is not None and not idle % POLL_CHECK_SCANS
+                            and window.over(time.monotonic_ns())):
+                        self.polling = False
+                        break
+                    if idle >= POLL_IDLE_SCANS:
                         return total
             header.model_sleeping = 1
             ordering.fence()
@@ -431,7 +448,9 @@ class TrapPage:
             "slots": len(self.slots),
             "stub_features": header.stub_features,
             "model_features": self.features,
-            "busy_poll": self.busy_poll,
+            "wait": self.wait,
+            "busy_poll": self.wait == BUSY_POLL,
+            **(self.window.info() if self.window is not None else {}),
             **self.stats.as_dict(),
         }
 

@@ -5,7 +5,8 @@ plus ``bin/avbench`` built from bench/guest/avbench.c as a second cpio
 archive) with the same bootargs, and use the same host image file:
 
 - ours: the emulated board (QEMU + our EL2 stub, ``avatar_hw.emulated``),
-  the devices served by avatar-hw through the trap page (doorbell mode);
+  the devices served by avatar-hw through the trap page, the daemon waiting for
+  traps as the emulated board file says (``trap.wait``; reported as ``ours_wait``);
 - QEMU: the guest booted directly on ``virt`` with QEMU's virtio-mmio
   devices (virtio-blk-device, virtio-serial-device + virtconsole,
   virtio-rng-device, ``virtio-mmio.force-legacy=false``) and QEMU's own DT.
@@ -413,7 +414,8 @@ def vsock_guest_echo(shell, path, size):
 
 # -- the two sides -------------------------------------------------------------------------------
 
-def run_ours(initrd, image, share, kinds, quick):
+def run_ours(initrd, image, share, kinds, quick, wait=None):
+    """Our side's figures; ``wait``: the daemon's wait mode (None: the board file's)."""
     devices = []
     if "block" in kinds:
         devices.append(f'block = {{ image = "{image}" }}')
@@ -430,13 +432,13 @@ def run_ours(initrd, image, share, kinds, quick):
     if "net" in kinds:
         devices.append(f'net = {{ switch = "{switch}", mac = "{NET_MAC}" }}')
     start = time.perf_counter()
-    with EmulatedBoard(initrd=Path(initrd), devices="\n".join(devices)) as board:
+    with EmulatedBoard(initrd=Path(initrd), devices="\n".join(devices), wait=wait) as board:
         shell = connect(board.console_path)
         peer = None
         try:
             shell.wait_ready(120)
             boot = time.perf_counter() - start
-            figures = {"boot_s": boot}
+            figures = {"boot_s": boot, "wait": board.daemon.wait}
             if device_available("vsock"):
                 size = SIZES["vsock"][1 if quick else 0]
                 figures["vsock_host_echo_MBps"] = vsock_host_echo(shell, vsock_path, size)
@@ -547,6 +549,7 @@ def run(quick=False, runs=3):
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     out["figures"] = summarise(out["raw"])
+    out["ours_wait"] = sorted({r["wait"] for r in out["raw"]["ours"] if "wait" in r})
     report(out)
     return out
 
@@ -598,6 +601,9 @@ def report(out, title="Emulated board", qemu="QEMU virtio-mmio", note=NOT_COMPAR
              f"{e['ratio']:.3f}" if "ratio" in e else "-"] for e in out["figures"].values()]
     table(f"{title}, median (min-max) of {out['runs']} run(s) each, alternating",
           ["figure", "avatar-hw", qemu, "ours/QEMU"], rows)
+    if out.get("ours_wait"):
+        print(f"  avatar-hw's daemon waited for traps: {', '.join(out['ours_wait'])} "
+              "(docs/boards.md, trap.wait)")
     if note:
         print(f"  {note}")
     for side in ("ours", "qemu"):

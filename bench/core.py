@@ -30,6 +30,7 @@ from avatar_hw.layout import Layout
 from avatar_hw.testing.standin_stub import StubPage
 from avatar_hw.testing.virtio import RecordingDevice, VirtioBench
 from avatar_hw.trap import TrapPage
+from avatar_hw.wait import BUSY_POLL
 from avatar_hw.virtio import constants as c
 
 from .common import table
@@ -51,7 +52,7 @@ def trap_page(traps, slots=4, rounds=5):
     stub = StubPage(region)
     stub.initialise(slots)
     trap = TrapPage(region, Layout())
-    trap.attach(busy_poll=True)
+    trap.attach(wait=BUSY_POLL)
     states = [abi.SLOTS_OFFSET + i * abi.SLOT_SIZE + abi.STATE_OFFSET for i in range(slots)]
     for vcpu, slot in enumerate(stub.slots):
         slot.gpa = bench.transport.window + c.REG_DEVICE_ID

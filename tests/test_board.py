@@ -205,8 +205,12 @@ def edited(old, new):
 BAD = {
     "missing key": (edited("irq_base = 48 ", "#"), "layout.irq_base",
                     "missing; it must be an integer"),
-    "missing table": (edited('[trap]\nregion = { uio = "avatar-trap" }', ""), "trap",
+    "missing table": (RPI4[:RPI4.index("[trap]")] + RPI4[RPI4.index("[ram]"):], "trap",
                       "missing; it must be a table"),
+    "unknown wait mode": (edited('wait = "adaptive"', 'wait = "spin"'), "trap.wait",
+                          "must be one of 'doorbell', 'adaptive', 'busy-poll', not 'spin'"),
+    "wait mode not a string": (edited('wait = "adaptive"', "wait = true"), "trap.wait",
+                               "must be a string, not bool True"),
     "string for a number": (edited("base = 0x0a000000", 'base = "0x0a000000"'), "layout.base",
                             "must be an integer, not str '0x0a000000'"),
     "bool for a number": (edited("max_vms = 4", "max_vms = true"), "layout.max_vms",

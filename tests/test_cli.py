@@ -92,13 +92,28 @@ def test_a_vms_config_given_as_board_says_which_option_takes_it(capsys):
     assert "vms-example" not in err.partition("boards: ")[2]
 
 
-
 def test_a_board_file_given_as_config_says_which_option_takes_it(capsys):
     """`layout --config rpi4`: a shipped board's name found as a file, but no VMs config."""
     assert cli.main(["layout", "--config", "rpi4"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("avatar-hw: ") and err.count("\n") == 1
     assert "rpi4.toml: a board file (for --board), not a VMs config; " in err
+
+
+@pytest.mark.parametrize("command", [["serve", "--board", "rpi4", "--config", "vms.toml"],
+                                     ["demo"]], ids=["serve", "demo"])
+def test_wait_takes_one_of_three_modes_busy_poll_its_alias(capsys, command):
+    parse = cli.build_parser().parse_args
+    assert parse(command).wait is None                  # the board file's trap.wait
+    assert parse(command + ["--wait", "adaptive"]).wait == "adaptive"
+    assert parse(command + ["--busy-poll"]).wait == "busy-poll"
+    with pytest.raises(SystemExit) as exit:
+        parse(command + ["--wait", "spin"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "argument --wait: invalid choice: 'spin' (choose from 'doorbell', 'adaptive', "
+        "'busy-poll')")
+
 
 def test_a_missing_daemon_names_the_option(capsys, tmp_path):
     assert cli.main(["info", "--control", str(tmp_path / "none.sock")]) == 2

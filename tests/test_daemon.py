@@ -218,6 +218,35 @@ def test_busy_poll_mode_serves_without_doorbells(board, stub):
         assert daemon.stop() == 0
 
 
+@pytest.mark.parametrize("key, flags, mode", [
+    (None, (), "doorbell"),                              # no trap.wait: the doorbell
+    ("adaptive", (), "adaptive"),                        # the board file's
+    ("adaptive", ("--wait", "doorbell"), "doorbell"),    # the flag wins
+    ("doorbell", ("--busy-poll",), "busy-poll"),         # the alias of --wait busy-poll
+], ids=["default", "board-file", "flag", "busy-poll-alias"])
+def test_the_wait_mode_comes_from_the_board_file_or_the_flag(board, stub, key, flags, mode):
+    if key is not None:
+        text = board.board_file.read_text()
+        trap = 'region = { uio = "avatar-trap" }\n'
+        assert trap in text
+        board.board_file.write_text(text.replace(trap, f'{trap}wait = "{key}"\n'))
+    daemon = Served(board, console_config(board, vms=(0,)), *flags)
+    try:
+        stub.page.wait_attached()
+        driver = stub.driver(0)
+        for n in range(40):
+            driver.write(vc.REG_QUEUE_SEL, n % 2)       # writes always trap
+        info = json.loads(daemon.cli("info", "--json"))
+        assert info["mode"] == info["trap"]["wait"] == mode
+        assert info["trap"]["busy_poll"] == (mode == "busy-poll")
+        assert ("poll_window_ns" in info["trap"]) == (mode == "adaptive")
+        assert info["trap"]["served"] >= 40 and info["trap"]["unhandled"] == 0
+        assert f", wait {mode}" in daemon.cli("info")
+    finally:
+        assert daemon.stop() == 0
+    assert f"(wait: {mode})" in daemon.output()
+
+
 # -- malformed traps ------------------------------------------------------------------------------------
 
 def test_malformed_traps_get_unhandled_and_the_daemon_keeps_serving(board, stub, served):
@@ -654,12 +683,12 @@ def test_gic_board_configures_and_raises_the_board_spi_of_each_device(board, stu
 
 # -- the Python API -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("busy_poll", [False, True], ids=["doorbell", "busy-poll"])
-def test_python_api_runs_the_daemon_in_a_thread(board, stub, caplog, busy_poll):
+@pytest.mark.parametrize("wait", ["doorbell", "adaptive", "busy-poll"])
+def test_python_api_runs_the_daemon_in_a_thread(board, stub, caplog, wait):
     from avatar_hw.daemon import Daemon
     daemon = Daemon(board.board_file, console_config(board, vms=(1,)),
                     doorbell=f"fifo:{board.doorbell},{board.doorbell_stub}",
-                    control_path=board.control, busy_poll=busy_poll, **board.roots)
+                    control_path=board.control, wait=wait, **board.roots)
     thread = daemon.start_thread()
     try:
         assert stub.page.model_attached()

@@ -310,7 +310,10 @@ def test_board_linux_demo_ends_on_a_signal_leaving_nothing(ending):
 
 def test_board_linux_demo_refuses_host_mode_options_in_one_line():
     for argv, message in ((["--board-linux", "--vms", "2"], "avatar-hw: --vms: board mode runs"),
-                          (["--run-board", "true"], "avatar-hw: --run-board needs --board-linux")):
+                          (["--run-board", "true"], "avatar-hw: --run-board needs --board-linux"),
+                          (["--board-linux", "--wait", "adaptive"],
+                           "avatar-hw: --wait adaptive: in board mode the daemon in the board "
+                           "Linux waits as its board file says")):
         done = subprocess.run(AVATAR_HW + ["demo", *argv], capture_output=True, text=True,
                               timeout=60)
         assert done.returncode == 2 and done.stderr.startswith(message), done.stderr

@@ -17,6 +17,7 @@ from avatar_hw.emulated import memory_map as mm
 from avatar_hw.emulated.build import build_program, build_stub
 from avatar_hw.emulated.machine import EmulatedMachine
 from avatar_hw.trap import TrapPage
+from avatar_hw.wait import ADAPTIVE, BUSY_POLL, DOORBELL
 
 pytestmark = [
     pytest.mark.emulated,
@@ -90,9 +91,10 @@ def test_stub_builds_and_is_cached():
     assert build_stub() == first
 
 
-@pytest.mark.parametrize("busy_poll, stub_ack", [(False, True), (True, True), (False, False)],
-                         ids=["doorbell", "busy-poll", "posted-ack"])
-def test_probe_accesses_round_trip_through_the_trap_page(probe, busy_poll, stub_ack):
+@pytest.mark.parametrize("wait, stub_ack", [(DOORBELL, True), (BUSY_POLL, True),
+                                            (ADAPTIVE, True), (DOORBELL, False)],
+                         ids=["doorbell", "busy-poll", "adaptive", "posted-ack"])
+def test_probe_accesses_round_trip_through_the_trap_page(probe, wait, stub_ack):
     writes = []
     machine = EmulatedMachine(build_stub(), probe, model_wait_ms=10000)
     shm_path = machine.shm_path
@@ -117,12 +119,12 @@ def test_probe_accesses_round_trip_through_the_trap_page(probe, busy_poll, stub_
             return True, 0
 
         wanted = abi.SUPPORTED_FEATURES if stub_ack else abi.SUPPORTED_FEATURES & ~abi.F_STUB_ACK
-        trap.attach(wanted=wanted, busy_poll=busy_poll)
+        trap.attach(wanted=wanted, wait=wait)
         isr = ShadowedIsr()
         trap.shadows.publish(0, isr)
         deadline = time.monotonic() + 60
         while machine.process.poll() is None and time.monotonic() < deadline:
-            if not busy_poll:
+            if not trap.polling:
                 machine.uart.doorbell.wait(0.05)
             trap.serve_until_idle(handler)
         assert machine.wait(5) == 0, machine.uart.lines

@@ -8,11 +8,12 @@ import threading
 
 import pytest
 
-from avatar_hw import abi
+from avatar_hw import abi, wait
 from avatar_hw.hw.region import Region
 from avatar_hw.layout import Layout
 from avatar_hw.testing.standin_stub import StubPage
-from avatar_hw.trap import MAX_TRAPS_PER_CALL, StubNotReady, TrapPage
+from avatar_hw.trap import MAX_TRAPS_PER_CALL, POLL_CHECK_SCANS, StubNotReady, TrapPage
+from avatar_hw.wait import ADAPTIVE, BUSY_POLL, PollWindow
 
 LAYOUT = Layout()
 VM0_DEV0 = LAYOUT.window(0, 0)
@@ -189,9 +190,141 @@ def test_busy_poll_keeps_model_sleeping_clear():
     stub = StubPage(region)
     stub.initialise(1)
     trap = TrapPage(region, LAYOUT)
-    trap.attach(busy_poll=True)
+    trap.attach(wait=BUSY_POLL)
     assert exchange(stub, trap, Recorder(), 0, 0, VM0_DEV0, 4, False) == (0, 0)
     assert stub.rings == 0 and stub.header.model_sleeping == 0
+
+
+@pytest.fixture
+def switches(monkeypatch):
+    """The preemptions ``PollWindow`` sees (``wait._involuntary_switches``): the test's, not
+    the loaded machine's."""
+    count = [0]
+    monkeypatch.setattr(wait, "_involuntary_switches", lambda: count[0])
+    return count
+
+
+@pytest.fixture
+def adaptive(switches):
+    """A page served in the adaptive mode, its window held open (an hour) until a test
+    closes it: what the window does is decided here, not by the clock or the scheduler."""
+    region = Region(bytearray(abi.PAGE_SIZE), name="test trap page")
+    stub = StubPage(region)
+    stub.initialise(slot_count=2)
+    trap = TrapPage(region, LAYOUT)
+    trap.attach(wait=ADAPTIVE)
+    assert not trap.polling and stub.header.model_sleeping == 1   # sleeps until a first trap
+    trap.window.ns = trap.window.max_ns = 3600 * 10**9
+    return stub, trap
+
+
+def test_adaptive_polls_after_a_trap_and_serves_the_next_one_without_a_ring(adaptive):
+    stub, trap = adaptive
+    handler = Recorder()
+    stub.begin(0, 0, VM0_DEV0, 4, True, 1)
+    assert stub.rings == 1                        # the model slept: the stub rang
+    assert trap.serve_until_idle(handler) == 1
+    assert stub.finish(0) == (abi.STATUS_OK, 0)
+    # The window is open: the model keeps scanning, model_sleeping clear, the stub silent.
+    assert trap.polling and stub.header.model_sleeping == 0
+    stub.begin(1, 0, VM0_DEV0, 4, False)
+    assert stub.rings == 1
+    assert trap.serve_until_idle(handler) == 1
+    assert stub.finish(1) == (abi.STATUS_OK, 1)
+    assert trap.polling and stub.header.model_sleeping == 0
+    info = trap.info()
+    assert info["wait"] == ADAPTIVE and not info["busy_poll"]
+    assert info["poll_window_ns"] == trap.window.ns
+
+
+def test_adaptive_arms_the_doorbell_once_its_window_passed_in_vain(adaptive):
+    stub, trap = adaptive
+    handler = Recorder()
+    stub.begin(0, 0, VM0_DEV0, 4, False)
+    trap.serve_until_idle(handler)
+    stub.finish(0)
+    assert trap.polling
+    trap.window.ns = 0                            # the window has passed with nothing found
+    scans = []
+    original_scan = trap.scan_once
+    trap.scan_once = lambda dispatch: scans.append(1) or original_scan(dispatch)
+    assert trap.serve_until_idle(handler) == 0
+    assert not trap.polling and stub.header.model_sleeping == 1
+    assert len(scans) == POLL_CHECK_SCANS         # scans until it looked at the window
+    stub.begin(1, 0, VM0_DEV0, 4, False)
+    assert stub.rings == 2                        # sleeping again: the next trap rings
+    trap.serve_until_idle(handler)
+    assert stub.finish(1) == (abi.STATUS_OK, 0)
+
+
+def test_adaptive_arming_rescans_after_the_fence_and_grows_the_window(adaptive):
+    """The stub posts between the model's last scan of the window and its fenced re-scan:
+    served there, without a ring (docs/trap-abi.md, "Notification"), and polling resumes."""
+    stub, trap = adaptive
+    handler = Recorder()
+    stub.begin(0, 0, VM0_DEV0, 4, False)
+    trap.serve_until_idle(handler)
+    stub.finish(0)
+    trap.window.ns = 0
+    original = trap.any_posted
+
+    def post_during_rescan():
+        assert stub.header.model_sleeping == 1    # set before the re-scan (then the fence)
+        stub.header.model_sleeping = 0            # as the stub read it just before
+        stub.begin(1, 0, VM0_DEV0, 4, False)
+        trap.any_posted = original
+        return original()
+
+    trap.any_posted = post_during_rescan
+    assert trap.serve_until_idle(handler) == 1
+    assert stub.rings == 1 and stub.finish(1) == (abi.STATUS_OK, 0)
+    assert trap.window.grown == 1 and trap.window.ns == trap.window.start_ns   # a near miss
+    # ... then polled the (10 us) window again; armed again if it passed meanwhile.
+    assert stub.header.model_sleeping == (0 if trap.polling else 1)
+
+
+def test_adaptive_gives_the_cpu_back_when_the_kernel_preempted_the_poll(adaptive, switches):
+    stub, trap = adaptive
+    handler = Recorder()
+    stub.begin(0, 0, VM0_DEV0, 4, False)
+    trap.serve_until_idle(handler)
+    stub.finish(0)
+    assert trap.polling
+    switches[0] += 1                              # another task wanted this CPU meanwhile
+    assert trap.serve_until_idle(handler) == 0
+    assert not trap.polling and stub.header.model_sleeping == 1
+    assert trap.window.ns == 0 and trap.info()["poll_preempted"] == 1
+    # For POLL_HOLD_NS after that, a near miss does not open a window again.
+    window = trap.window
+    assert not window.found(window.hold_until - 1) and window.ns == 0
+    assert window.found(window.hold_until) and window.ns == window.start_ns
+
+
+def test_poll_window_grows_on_near_misses_and_shrinks_on_long_waits(switches):
+    us = 1000
+    window = PollWindow(0, max_ns=1000 * us, start_ns=10 * us)
+    assert window.ns == 0 and window.expired(1)
+    assert window.found(300 * us)                 # missed by 300 us: start
+    assert window.ns == 10 * us
+    now = 300 * us
+    for expected in (20, 40, 80, 160, 320, 640, 1000):
+        now += window.ns + us                     # a wait the window just missed
+        assert window.found(now) and window.ns == expected * us   # doubles, up to max_ns
+    now += 900 * us                               # caught within the window: unchanged
+    assert window.found(now) and window.ns == 1000 * us
+    assert not window.expired(now + 1000 * us) and window.expired(now + 1000 * us + 1)
+    for expected in (500, 250, 125):              # idle past max_ns: halved each time
+        now += 5_000 * us
+        assert window.found(now) and window.ns == expected * us
+    assert window.info() == {"poll_window_ns": 125 * us, "poll_grown": 8, "poll_shrunk": 3,
+                             "poll_preempted": 0}
+    assert not window.over(now) and window.over(now + 125 * us + 1)
+    for expected in (62_500, 31_250, 15_625):
+        now += 5_000 * us
+        assert window.found(now) and window.ns == expected
+    now += 5_000 * us                             # 7.8 us is below the start: 0
+    assert not window.found(now) and window.ns == 0   # an idle guest: back to the doorbell
+    assert window.over(now + 1)
 
 
 def test_detach_answers_what_was_posted_then_stub_stops_posting(page):

@@ -76,8 +76,9 @@ def format_balloon(b):
 
 def format_info(info):
     t = info["trap"]
+    window = f" (poll window {t['poll_window_ns'] / 1000:g} us)" if "poll_window_ns" in t else ""
     lines = [f"avatar-hw PID {info['pid']} on board {info['board']}, up {info['uptime']:.0f} s, "
-             f"{info['mode']}; trap ABI {t['abi']}, {t['slots']} slot(s), features "
+             f"wait {info['mode']}{window}; trap ABI {t['abi']}, {t['slots']} slot(s), features "
              f"0x{t['model_features']:x}; traps {t['served']} (unhandled {t['unhandled']}, "
              f"malformed {t['malformed']}, posted writes {t['posted_writes']})"]
     for vm in info["vms"]:

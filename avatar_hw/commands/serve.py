@@ -6,12 +6,25 @@ from pathlib import Path
 from ..control import default_control_path
 from ..daemon import Daemon
 from ..tracing import trace_log
+from ..wait import BUSY_POLL, MODES
+
+
+def add_wait_option(parser):
+    """``--wait MODE`` (and ``--busy-poll``, the same as ``--wait busy-poll``); default None:
+    the board file's ``trap.wait``."""
+    parser.add_argument("--wait", choices=MODES, metavar="MODE",
+                        help="how the daemon waits for traps: doorbell (sleep until the stub "
+                             "rings), adaptive (poll a while after each trap, then sleep), "
+                             "busy-poll (spin; a whole core); default: the board file's "
+                             "trap.wait")
+    parser.add_argument("--busy-poll", dest="wait", action="store_const", const=BUSY_POLL,
+                        help="the same as --wait busy-poll")
 
 
 def run(args):
     if args.trace:
         trace_log.setLevel(logging.INFO)
-    daemon = Daemon(args.board, args.config, doorbell=args.doorbell, busy_poll=args.busy_poll,
+    daemon = Daemon(args.board, args.config, doorbell=args.doorbell, wait=args.wait,
                     trace=args.trace, control_path=args.control, user=args.user,
                     wait_stub=args.wait_stub, sysfs_root=args.sysfs_root, dev_root=args.dev_root,
                     record=args.record, state=args.state)
@@ -28,9 +41,7 @@ def add_parser(subparsers, parents=()):
                         help="board file, or the name of a shipped board (e.g. rpi4)")
     parser.add_argument("--config", required=True, type=Path, help="VMs config (VMS.toml)")
     parser.add_argument("--trace", action="store_true", help="log every trap")
-    parser.add_argument("--busy-poll", action="store_true",
-                        help="spin on the trap slots instead of sleeping on the doorbell "
-                             "(lowest latency; uses a whole core)")
+    add_wait_option(parser)
     parser.add_argument("--user", help="drop root to this user after mapping the devices")
     parser.add_argument("--control", help="control socket path (default: "
                                           f"{default_control_path()})")

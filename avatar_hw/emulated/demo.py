@@ -27,6 +27,7 @@ import termios
 import tty
 
 from ..commands.query import format_list
+from ..commands.serve import add_wait_option
 from ..config import config_path
 from . import board_linux
 from .memory_map import MAX_VMS
@@ -118,6 +119,11 @@ def _demo(args):
                   f"Linux's own VMs config (/etc/avatar-hw/vms.toml there) and control socket; "
                   f"leave {given[0]} out", file=sys.stderr)
             return 2
+        if args.wait:
+            print(f"avatar-hw: --wait {args.wait}: in board mode the daemon in the board Linux "
+                  "waits as its board file says (trap.wait in boards/emulated-board-linux.toml); "
+                  "leave --wait out", file=sys.stderr)
+            return 2
     elif args.run_board is not None:
         print("avatar-hw: --run-board needs --board-linux (in host mode the daemon runs in "
               "this process: there is no board Linux)", file=sys.stderr)
@@ -127,7 +133,7 @@ def _demo(args):
         if args.board_linux:
             return _board_demo(args, log)
         with EmulatedBoard(vms=args.vms, on_log=log, config=config_path(args.config),
-                           control_path=args.control) as board:
+                           control_path=args.control, wait=args.wait) as board:
             _announce(board)
             if args.run is None:
                 return _interactive(board, args.vm)
@@ -191,6 +197,7 @@ def add_parser(subparsers, parents=()):
                         help="guests to boot, VM n on CPU n (1)")
     parser.add_argument("--vm", type=int, default=0,
                         help="the VM whose console this terminal or --run uses (0)")
+    add_wait_option(parser)
     parser.add_argument("--board-linux", action="store_true",
                         help="board mode: the board's own Linux on CPU0 runs avatar-hw, which "
                              "serves the guest (VM 1) on CPU1 (slow: Python under TCG)")

@@ -144,7 +144,7 @@ class EmulatedBoard:
     """QEMU + stub + guest + in-process daemon; ``stop()`` leaves nothing behind."""
 
     def __init__(self, *, vms=1, devices="", config=None, control_path=None,
-                 bootargs=DEFAULT_BOOTARGS, on_log=None, busy_poll=False, trace=False,
+                 bootargs=DEFAULT_BOOTARGS, on_log=None, wait=None, trace=False,
                  qemu_args=(), initrd=None, board_linux=False, board_files=None,
                  board_userland=True, daemon_process=False):
         check_vms(vms)
@@ -163,7 +163,7 @@ class EmulatedBoard:
         self.trace = trace
         self.bootargs = bootargs
         self.on_log = on_log
-        self.busy_poll = busy_poll
+        self.wait = wait                # the daemon's wait mode; None: the board file's
         self.initrd = initrd            # a prebuilt initramfs (default: build_initramfs())
         self.daemon_process = daemon_process
         self.machine = self.daemon = self._thread = self.process = None
@@ -237,7 +237,7 @@ class EmulatedBoard:
             self.start_daemon()
             return
         self.daemon = Daemon(_board(self.machine.ram_path), self._vms_config(workdir),
-                             doorbell=self.machine.uart.doorbell, busy_poll=self.busy_poll,
+                             doorbell=self.machine.uart.doorbell, wait=self.wait,
                              trace=self.trace, control_path=self._control_path())
         self._thread = self.daemon.start_thread()
 
@@ -257,7 +257,7 @@ class EmulatedBoard:
                 str(self.config), "devices": self.devices, "vms": self.vms,
                 "console_paths": [str(p) for p in self.console_paths],
                 "control": self._control_path(), "state": str(self.state_path),
-                "busy_poll": self.busy_poll, "trace": self.trace,
+                "wait": self.wait, "trace": self.trace,
                 "doorbell_fd": uart.doorbell.fileno(), "uart_fd": uart.sock.fileno()}
         root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path),
@@ -390,7 +390,7 @@ def _serve(spec):
     workdir = Path(spec["workdir"])
     config = vms_config(spec["config"] and Path(spec["config"]), spec["devices"], spec["vms"],
                         [Path(p) for p in spec["console_paths"]], workdir)
-    daemon = Daemon(_board(spec["ram"]), config, busy_poll=spec["busy_poll"],
+    daemon = Daemon(_board(spec["ram"]), config, wait=spec["wait"],
                     doorbell=StubDoorbell(lambda: ring_uart(uart), fd=spec["doorbell_fd"]),
                     trace=spec["trace"], control_path=spec["control"], state=spec["state"])
     daemon.run()

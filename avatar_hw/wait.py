@@ -1,0 +1,103 @@
+"""How the daemon waits for traps: the *wait mode* (board file ``trap.wait``, ``--wait``).
+
+- ``doorbell``: after serving, arm the doorbell (``model_sleeping = 1``, fence,
+  re-scan) and sleep in the event loop until the stub rings. No CPU when idle;
+  every trap after a pause pays the doorbell's round trip.
+- ``adaptive``: after serving, keep scanning (``model_sleeping`` stays 0, so
+  the stub does not ring) for a window sized by ``PollWindow``, then arm the
+  doorbell and sleep as ``doorbell`` does. Busy-poll's latency while the guest
+  does I/O, nothing when it does not.
+- ``busy-poll``: never arm the doorbell; scan between non-blocking turns of
+  the event loop. Lowest latency; a whole core, always.
+
+In every mode the event loop (control socket, backends, timers) keeps running:
+polling, it is polled without blocking between batches of scans.
+"""
+
+import resource
+
+DOORBELL, ADAPTIVE, BUSY_POLL = "doorbell", "adaptive", "busy-poll"
+MODES = (DOORBELL, ADAPTIVE, BUSY_POLL)
+
+# The window's sizes, after Linux KVM's halt-polling (Documentation/virt/kvm/halt-polling.rst,
+# virt/kvm/kvm_main.c: halt_poll_ns, halt_poll_ns_grow, halt_poll_ns_grow_start,
+# halt_poll_ns_shrink). KVM polls at most 200 us on x86; here the ceiling is larger because a
+# 4 KiB read's cycle on the emulated board (interrupt through QEMU's UART, the guest's handler,
+# the next request) takes 300-600 us between two traps.
+POLL_MAX_NS = 1_000_000       # the window never grows past this
+POLL_START_NS = 10_000        # the first window (KVM's halt_poll_ns_grow_start)
+POLL_GROW = 2                 # a wait the window just missed doubles it
+POLL_SHRINK = 2               # a wait longer than the ceiling halves it (below the start: 0)
+POLL_HOLD_NS = 10_000_000     # preempted while polling: no window for this long
+
+
+class PollWindow:
+    """The ``adaptive`` mode's polling window, grown and shrunk as KVM sizes halt-polling.
+
+    ``found(now)`` is told each time a scan found traps (``now``: ``time.monotonic_ns()``);
+    the wait since the previous find sizes the window: within the window, it stays
+    (the poll caught the trap); longer than ``max_ns``, it shrinks (polling was wasted:
+    the guest is idle); in between, it grows (a longer poll would have caught it).
+    ``over(now)``: stop polling and arm the doorbell, because the window since the last
+    find has passed, or because the kernel preempted this thread since the last call:
+    another task wanted its CPU (on a loaded machine, likely the guest's vCPU that would
+    post the next trap). KVM polls only while ``single_task_running()``, which userspace
+    cannot ask; an involuntary context switch (``ru_nivcsw`` of
+    ``getrusage(RUSAGE_THREAD)``) is the sign it can see. Then the window is 0 and does
+    not grow for ``POLL_HOLD_NS``: the CPU is given back, and a host with no core free
+    sees at most one short poll per hold.
+    """
+
+    def __init__(self, now, *, max_ns=POLL_MAX_NS, start_ns=POLL_START_NS):
+        self.max_ns = max_ns
+        self.start_ns = start_ns
+        self.ns = 0                     # the window now; 0: arm at once
+        self.last = now                 # when traps were last found
+        self.hold_until = now           # no window before this (preempted while polling)
+        self.grown = self.shrunk = self.preempted = 0   # counters for ``avatar-hw info``
+        self._switches = _involuntary_switches()
+
+    def found(self, now):
+        """Traps were found at ``now``: resize; returns whether to poll from now on."""
+        waited = now - self.last
+        self.last = now
+        if waited <= self.ns:
+            pass
+        elif waited > self.max_ns:
+            if self.ns:
+                self._shrink()
+                self.shrunk += 1
+        elif self.ns < self.max_ns and now >= self.hold_until:
+            self.ns = min(max(self.ns * POLL_GROW, self.start_ns), self.max_ns)
+            self.grown += 1
+        return self.ns > 0
+
+    def expired(self, now):
+        return now - self.last > self.ns
+
+    def over(self, now):
+        """Whether to stop polling now (the caller then arms the doorbell)."""
+        switches = _involuntary_switches()
+        if switches != self._switches:
+            self._switches = switches
+            self.ns = 0
+            self.hold_until = now + POLL_HOLD_NS
+            self.preempted += 1
+            return True
+        return self.expired(now)
+
+    def _shrink(self):
+        """Halve the window; below ``start_ns`` it is 0 (as KVM's shrink_halt_poll_ns): a
+        window too short to catch anything would still cost a batch of scans."""
+        self.ns //= POLL_SHRINK
+        if self.ns < self.start_ns:
+            self.ns = 0
+
+    def info(self):
+        return {"poll_window_ns": self.ns, "poll_grown": self.grown,
+                "poll_shrunk": self.shrunk, "poll_preempted": self.preempted}
+
+
+def _involuntary_switches():
+    """How often the kernel has preempted the calling thread."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
