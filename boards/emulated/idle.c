@@ -31,8 +31,8 @@
 
 #define HCR_TWI        (1ull << 13)
 #define POLL_START_US  10u
-#define POLL_MAX_US    200u
-#define GROW_LIMIT_US  1000u
+#define POLL_MAX_US    50u
+#define GROW_LIMIT_US  250u
 
 struct idle {
     u64 window;         /* ticks to poll at the next trapped WFI */
