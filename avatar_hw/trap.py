@@ -15,6 +15,20 @@ DMB ISHLD on arm64); an answer is published with a release fence and a plain
 store of ``state`` (DMB ISH, STR). On x86 (TSO) both fences are no instruction,
 and an idle scan costs no foreign call at all.
 
+Fairness between VMs: every answered trap's service time (POSTED seen to state
+written, dispatch included) is charged to the VM whose window it decoded to, in
+``vm_service_ns`` (``avatar-hw info``) and in a recent account that halves each
+``FAIR_WINDOW_NS`` of service. A pass whose posted slots belong to several VMs
+puts off the slots of a VM whose recent account is above its share (the
+accounts of those VMs divided by their number) to the next pass, so a VM that
+keeps the daemon busy (a flood of notifies or of register writes, guest errors
+included) is served after the others; its vCPU waits meanwhile (its own
+cost). A slot is put off at most once in a row, and only in a pass that serves
+another VM's slot: no VM is starved and the daemon is never held
+(``vm_deferred`` counts them). With one slot per vCPU a scan already serves each
+vCPU at most once per pass; the share matters when a VM has more vCPUs than
+another or when its traps cost more (docs/architecture.md, "The trap path").
+
 A slot whose fields make no sense (a size of 3, an unknown direction, an
 address outside the VM's own virtio window) is answered UNHANDLED with a
 logged warning, and an exception from ``dispatch`` is logged and answered
@@ -38,6 +52,7 @@ _SIZES = (1, 2, 4, 8)
 _MASKS = {size: (1 << (8 * size)) - 1 for size in _SIZES}
 MAX_TRAPS_PER_CALL = 256     # then back to the event loop (``stopped_at_budget`` says come back)
 BUSY_POLL_IDLE_SCANS = 64    # busy-poll: idle scans per call before the event loop's turn
+FAIR_WINDOW_NS = 10_000_000  # the recent service accounts halve after this much service
 
 
 class StubNotReady(abi.AbiMismatch):
@@ -69,9 +84,12 @@ class TrapPage:
     ``lock``: the path of the trap page's file or device node; the attached
     model holds an exclusive ``flock`` on it (released when it detaches or
     dies), so a second model is refused while the first one serves.
+
+    ``clock``: nanoseconds for the service-time accounts (``time.perf_counter_ns``;
+    tests hand in a counter).
     """
 
-    def __init__(self, region, layout, *, trace=None, lock=None):
+    def __init__(self, region, layout, *, trace=None, lock=None, clock=time.perf_counter_ns):
         if region.size < abi.PAGE_SIZE:
             raise abi.AbiMismatch(f"{region.name}: trap page is {region.size} bytes, "
                                   f"expected at least {abi.PAGE_SIZE}")
@@ -103,6 +121,15 @@ class TrapPage:
         # Per window number: traps the guest waited for, and posted writes (it did not).
         self.waited = [0] * layout.window_count
         self.posted = [0] * layout.window_count
+        # Per VM: traps served, their service time, slots put off by the fair order; and
+        # the recent account the fair order compares (module docstring).
+        self.clock = clock
+        self.vm_served = [0] * layout.max_vms
+        self.vm_service_ns = [0] * layout.max_vms
+        self.vm_deferred = [0] * layout.max_vms
+        self._recent_ns = [0] * layout.max_vms
+        self._recent_total = 0
+        self._deferred = 0              # bit i: slot i was put off by the last pass
 
     # -- attach / detach ----------------------------------------------------------
 
@@ -181,7 +208,7 @@ class TrapPage:
         posts later (it read ATTACHED just before) is withdrawn by the stub
         when it sees DETACHED (docs/trap-abi.md, "Attach and detach").
         """
-        self.scan_once(dispatch)
+        self.scan_once(dispatch, fair=False)
         self.header.model_sleeping = 0
         self.header.model_pid = 0
         self.region.store_release32(abi.MODEL_STATE_OFFSET, abi.MODEL_DETACHED)
@@ -267,13 +294,15 @@ class TrapPage:
                 return True
         return False
 
-    def scan_once(self, dispatch):
+    def scan_once(self, dispatch, fair=True):
         """One pass over the slots, completing each POSTED one; returns how many.
 
         Plain loads of every ``state``, then one acquire fence if any was POSTED
         (module docstring). A slot a nested call completed meanwhile (a posted
         InterruptACK served before an interrupt, ``serve_posted_writes``) is
-        skipped: if the stub posted it again, the next scan serves it.
+        skipped: if the stub posted it again, the next scan serves it. When
+        several slots are POSTED, ``fair`` (not on detach) puts off those of a
+        VM above its share (``_put_off``) to the next pass.
         """
         posted = 0
         for bit, slot in self._slot_bits:
@@ -282,6 +311,10 @@ class TrapPage:
         if not posted:
             return 0
         ordering.acquire_fence()
+        if fair and posted & (posted - 1):
+            posted &= ~self._put_off(posted)
+        else:
+            self._deferred = 0
         self._completed = 0
         served = 0
         index = 0
@@ -292,6 +325,29 @@ class TrapPage:
             posted >>= 1
             index += 1
         return served
+
+    def _put_off(self, posted):
+        """The slots of ``posted`` (two or more) this pass leaves to the next: those of
+        VMs above their share of the recent service time, unless the last pass put them
+        off already. Another VM's slot is always served in this pass. A slot naming no
+        VM of the layout (answered UNHANDLED) is never put off."""
+        recent = self._recent_ns
+        owners = {}                     # VM -> bits of its posted slots
+        for bit, slot in self._slot_bits:
+            if posted & bit:
+                vm = slot.vm_id
+                owners[vm] = owners.get(vm, 0) | bit
+        put_off = 0
+        if len(owners) > 1:
+            total = sum(recent[vm] for vm in owners if vm < len(recent))
+            for vm, bits in owners.items():
+                if vm < len(recent) and recent[vm] * len(owners) > total:
+                    bits &= ~self._deferred
+                    if bits:
+                        put_off |= bits
+                        self.vm_deferred[vm] += bits.bit_count()
+        self._deferred = put_off
+        return put_off
 
     def serve_posted_writes(self, dispatch, offset):
         """Serve every posted write to window ``offset`` now; returns how many.
@@ -336,7 +392,7 @@ class TrapPage:
 
     def _complete_slot(self, index, dispatch):
         trace = self.trace
-        start = time.perf_counter_ns() if trace is not None else 0
+        start = self.clock()
         slot = self.slots[index]
         direction, size, gpa = slot.direction, slot.size, slot.gpa
         is_write = direction == abi.DIR_WRITE
@@ -380,9 +436,25 @@ class TrapPage:
         self.stats.served += 1
         if status:
             self.stats.unhandled += 1
+        took = self.clock() - start
+        if window >= 0:
+            self._charge(self._window_vms[window], took)
         if trace is not None:
-            trace(*who, gpa, size, is_write, data if is_write else value, status,
-                  time.perf_counter_ns() - start, window, offset)
+            trace(*who, gpa, size, is_write, data if is_write else value, status, took, window,
+                  offset)
+
+    def _charge(self, vm, took):
+        """``took`` ns of service to VM ``vm``; the recent accounts halve every
+        ``FAIR_WINDOW_NS``."""
+        self.vm_served[vm] += 1
+        self.vm_service_ns[vm] += took
+        self._recent_ns[vm] += took
+        self._recent_total += took
+        if self._recent_total >= FAIR_WINDOW_NS:
+            self._recent_total = 0
+            recent = self._recent_ns
+            for i, account in enumerate(recent):
+                recent[i] = account >> 1
 
     def _decode(self, index, slot, gpa, size, direction, data):
         """The window number of a well-formed slot of its own VM, else -1 (UNHANDLED;
@@ -423,6 +495,13 @@ class TrapPage:
         return {"traps_waited": self.waited[window], "posted_writes": self.posted[window],
                 "shadow_reads": shadows.hits(window) if shadows is not None else 0,
                 "stub_acks": shadows.acks_taken(window) if shadows is not None else 0}
+
+    def vm_counters(self, vm):
+        """``{"traps_served", "service_ms", "traps_deferred"}`` of VM ``vm``: the daemon's
+        time spent on its traps, and how often the fair order put its slots off."""
+        return {"traps_served": self.vm_served[vm],
+                "service_ms": round(self.vm_service_ns[vm] / 1e6, 3),
+                "traps_deferred": self.vm_deferred[vm]}
 
     def info(self):
         header = self.header
