@@ -17,9 +17,9 @@ and an idle scan costs no foreign call at all.
 
 Fairness between VMs: every answered trap's service time (POSTED seen to state
 written, dispatch included) is charged to the VM whose window it decoded to, in
-``vm_service_ns`` (``avatar-hw info``) and in a recent account that halves each
-``FAIR_WINDOW_NS`` of service. A pass whose posted slots belong to several VMs
-puts off the slots of a VM whose recent account is above its share (the
+``vm_service_ns`` (``avatar-hw info``); the part since the last halving is its
+recent account, halved when a pass finds ``FAIR_WINDOW_NS`` (50 ms) passed since.
+A pass whose posted slots belong to several VMs puts off the slots of a VM whose recent account is above its share (the
 accounts of those VMs divided by their number) to the next pass, so a VM that
 keeps the daemon busy (a flood of notifies or of register writes, guest errors
 included) is served after the others; its vCPU waits meanwhile (its own
@@ -27,7 +27,7 @@ cost). A slot is put off at most once in a row, and only in a pass that serves
 another VM's slot: no VM is starved and the daemon is never held
 (``vm_deferred`` counts them). With one slot per vCPU a scan already serves each
 vCPU at most once per pass; the share matters when a VM has more vCPUs than
-another or when its traps cost more (docs/architecture.md, "The trap path").
+another or when its traps cost more (docs/devices.md, "Hostile guests").
 
 A slot whose fields make no sense (a size of 3, an unknown direction, an
 address outside the VM's own virtio window) is answered UNHANDLED with a
@@ -52,7 +52,7 @@ _SIZES = (1, 2, 4, 8)
 _MASKS = {size: (1 << (8 * size)) - 1 for size in _SIZES}
 MAX_TRAPS_PER_CALL = 256     # then back to the event loop (``stopped_at_budget`` says come back)
 BUSY_POLL_IDLE_SCANS = 64    # busy-poll: idle scans per call before the event loop's turn
-FAIR_WINDOW_NS = 10_000_000  # the recent service accounts halve after this much service
+FAIR_WINDOW_NS = 50_000_000  # the recent service accounts halve at most this often
 
 
 class StubNotReady(abi.AbiMismatch):
@@ -85,11 +85,11 @@ class TrapPage:
     model holds an exclusive ``flock`` on it (released when it detaches or
     dies), so a second model is refused while the first one serves.
 
-    ``clock``: nanoseconds for the service-time accounts (``time.perf_counter_ns``;
-    tests hand in a counter).
+    ``clock``: nanoseconds for the service-time accounts and the trace's ``latency_ns``
+    (``time.monotonic_ns``; tests hand in a counter).
     """
 
-    def __init__(self, region, layout, *, trace=None, lock=None, clock=time.perf_counter_ns):
+    def __init__(self, region, layout, *, trace=None, lock=None, clock=time.monotonic_ns):
         if region.size < abi.PAGE_SIZE:
             raise abi.AbiMismatch(f"{region.name}: trap page is {region.size} bytes, "
                                   f"expected at least {abi.PAGE_SIZE}")
@@ -121,14 +121,13 @@ class TrapPage:
         # Per window number: traps the guest waited for, and posted writes (it did not).
         self.waited = [0] * layout.window_count
         self.posted = [0] * layout.window_count
-        # Per VM: traps served, their service time, slots put off by the fair order; and
-        # the recent account the fair order compares (module docstring).
+        # Per VM: the service time of its traps and its slots put off by the fair order;
+        # its recent account is vm_service_ns - _account_base (module docstring).
         self.clock = clock
-        self.vm_served = [0] * layout.max_vms
         self.vm_service_ns = [0] * layout.max_vms
         self.vm_deferred = [0] * layout.max_vms
-        self._recent_ns = [0] * layout.max_vms
-        self._recent_total = 0
+        self._account_base = [0] * layout.max_vms
+        self._halved_at = clock()
         self._deferred = 0              # bit i: slot i was put off by the last pass
 
     # -- attach / detach ----------------------------------------------------------
@@ -313,7 +312,7 @@ class TrapPage:
         ordering.acquire_fence()
         if fair and posted & (posted - 1):
             posted &= ~self._put_off(posted)
-        else:
+        elif self._deferred:
             self._deferred = 0
         self._completed = 0
         served = 0
@@ -331,7 +330,7 @@ class TrapPage:
         VMs above their share of the recent service time, unless the last pass put them
         off already. Another VM's slot is always served in this pass. A slot naming no
         VM of the layout (answered UNHANDLED) is never put off."""
-        recent = self._recent_ns
+        recent = self._recent_accounts()
         owners = {}                     # VM -> bits of its posted slots
         for bit, slot in self._slot_bits:
             if posted & bit:
@@ -437,24 +436,22 @@ class TrapPage:
         if status:
             self.stats.unhandled += 1
         took = self.clock() - start
-        if window >= 0:
-            self._charge(self._window_vms[window], took)
+        if window >= 0:                     # to its VM's account (the fair order's)
+            self.vm_service_ns[self._window_vms[window]] += took
         if trace is not None:
             trace(*who, gpa, size, is_write, data if is_write else value, status, took, window,
                   offset)
 
-    def _charge(self, vm, took):
-        """``took`` ns of service to VM ``vm``; the recent accounts halve every
-        ``FAIR_WINDOW_NS``."""
-        self.vm_served[vm] += 1
-        self.vm_service_ns[vm] += took
-        self._recent_ns[vm] += took
-        self._recent_total += took
-        if self._recent_total >= FAIR_WINDOW_NS:
-            self._recent_total = 0
-            recent = self._recent_ns
-            for i, account in enumerate(recent):
-                recent[i] = account >> 1
+    def _recent_accounts(self):
+        """Each VM's service time since its account was last halved; the accounts halve
+        when ``FAIR_WINDOW_NS`` passed since the last halving."""
+        service, base = self.vm_service_ns, self._account_base
+        now = self.clock()
+        if now - self._halved_at >= FAIR_WINDOW_NS:
+            self._halved_at = now
+            for vm, total in enumerate(service):
+                base[vm] += (total - base[vm] + 1) >> 1
+        return [total - old for total, old in zip(service, base)]
 
     def _decode(self, index, slot, gpa, size, direction, data):
         """The window number of a well-formed slot of its own VM, else -1 (UNHANDLED;
@@ -499,7 +496,9 @@ class TrapPage:
     def vm_counters(self, vm):
         """``{"traps_served", "service_ms", "traps_deferred"}`` of VM ``vm``: the daemon's
         time spent on its traps, and how often the fair order put its slots off."""
-        return {"traps_served": self.vm_served[vm],
+        per_vm = self.layout.windows_per_vm
+        windows = range(vm * per_vm, (vm + 1) * per_vm)
+        return {"traps_served": sum(self.waited[w] + self.posted[w] for w in windows),
                 "service_ms": round(self.vm_service_ns[vm] / 1e6, 3),
                 "traps_deferred": self.vm_deferred[vm]}
 
