@@ -15,15 +15,19 @@ DMB ISHLD on arm64); an answer is published with a release fence and a plain
 store of ``state`` (DMB ISH, STR). On x86 (TSO) both fences are no instruction,
 and an idle scan costs no foreign call at all.
 
-Fairness between VMs: every answered trap's service time (POSTED seen to state
-written, dispatch included) is charged to the VM whose window it decoded to, in
-``vm_service_ns`` (``avatar-hw info``); the part since the last halving is its
-recent account, halved when a pass finds ``FAIR_WINDOW_NS`` (50 ms) passed since.
-A pass whose posted slots belong to several VMs puts off the slots of a VM whose recent account is above its share (the
-accounts of those VMs divided by their number) to the next pass, so a VM that
-keeps the daemon busy (a flood of notifies or of register writes, guest errors
-included) is served after the others; its vCPU waits meanwhile (its own
-cost). A slot is put off at most once in a row, and only in a pass that serves
+Fairness between VMs: every answered trap is counted, with its service time
+(POSTED seen to state written, dispatch included), for the VM whose window it
+decoded to (``vm_traps``, ``vm_service_ns``: ``avatar-hw info``). The traps since
+the last halving are the VM's recent account, halved when a pass finds
+``FAIR_WINDOW_NS`` (50 ms) passed since. A pass whose posted slots belong to
+several VMs puts off the slots of a VM whose recent account is above its share
+(the accounts of those VMs divided by their number) to the next pass, so a VM
+that floods the daemon with traps (notifies, register writes, guest errors) is
+served after the others; its vCPU waits meanwhile (its own cost). Traps, not
+service time: a driver moving data makes few traps, each carrying much (a 1 MiB
+block request costs the daemon ~30 times a refused register write), while each
+trap costs the host a world switch and often a doorbell ring whatever it
+carries. A slot is put off at most once in a row, and only in a pass that serves
 another VM's slot: no VM is starved and the daemon is never held
 (``vm_deferred`` counts them). With one slot per vCPU a scan already serves each
 vCPU at most once per pass; the share matters when a VM has more vCPUs than
@@ -121,9 +125,10 @@ class TrapPage:
         # Per window number: traps the guest waited for, and posted writes (it did not).
         self.waited = [0] * layout.window_count
         self.posted = [0] * layout.window_count
-        # Per VM: the service time of its traps and its slots put off by the fair order;
-        # its recent account is vm_service_ns - _account_base (module docstring).
+        # Per VM: its traps, their service time and its slots put off by the fair order;
+        # its recent account is vm_traps - _account_base (module docstring).
         self.clock = clock
+        self.vm_traps = [0] * layout.max_vms
         self.vm_service_ns = [0] * layout.max_vms
         self.vm_deferred = [0] * layout.max_vms
         self._account_base = [0] * layout.max_vms
@@ -327,7 +332,7 @@ class TrapPage:
 
     def _put_off(self, posted):
         """The slots of ``posted`` (two or more) this pass leaves to the next: those of
-        VMs above their share of the recent service time, unless the last pass put them
+        VMs above their share of the recent traps, unless the last pass put them
         off already. Another VM's slot is always served in this pass. A slot naming no
         VM of the layout (answered UNHANDLED) is never put off."""
         recent = self._recent_accounts()
@@ -436,22 +441,24 @@ class TrapPage:
         if status:
             self.stats.unhandled += 1
         took = self.clock() - start
-        if window >= 0:                     # to its VM's account (the fair order's)
-            self.vm_service_ns[self._window_vms[window]] += took
+        if window >= 0:                     # to its VM's accounts (the fair order's)
+            vm = self._window_vms[window]
+            self.vm_traps[vm] += 1
+            self.vm_service_ns[vm] += took
         if trace is not None:
             trace(*who, gpa, size, is_write, data if is_write else value, status, took, window,
                   offset)
 
     def _recent_accounts(self):
-        """Each VM's service time since its account was last halved; the accounts halve
-        when ``FAIR_WINDOW_NS`` passed since the last halving."""
-        service, base = self.vm_service_ns, self._account_base
+        """Each VM's traps since its account was last halved; the accounts halve when
+        ``FAIR_WINDOW_NS`` passed since the last halving."""
+        traps, base = self.vm_traps, self._account_base
         now = self.clock()
         if now - self._halved_at >= FAIR_WINDOW_NS:
             self._halved_at = now
-            for vm, total in enumerate(service):
+            for vm, total in enumerate(traps):
                 base[vm] += (total - base[vm] + 1) >> 1
-        return [total - old for total, old in zip(service, base)]
+        return [total - old for total, old in zip(traps, base)]
 
     def _decode(self, index, slot, gpa, size, direction, data):
         """The window number of a well-formed slot of its own VM, else -1 (UNHANDLED;
@@ -496,9 +503,7 @@ class TrapPage:
     def vm_counters(self, vm):
         """``{"traps_served", "service_ms", "traps_deferred"}`` of VM ``vm``: the daemon's
         time spent on its traps, and how often the fair order put its slots off."""
-        per_vm = self.layout.windows_per_vm
-        windows = range(vm * per_vm, (vm + 1) * per_vm)
-        return {"traps_served": sum(self.waited[w] + self.posted[w] for w in windows),
+        return {"traps_served": self.vm_traps[vm],
                 "service_ms": round(self.vm_service_ns[vm] / 1e6, 3),
                 "traps_deferred": self.vm_deferred[vm]}
 

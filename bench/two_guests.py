@@ -116,18 +116,23 @@ def block_figures(shell, size):
     return out
 
 
-def vm0_figures(shell, size, trap=None):
-    """VM0's figures; with ``trap`` (the daemon's ``TrapPage``) also, per VM, the traps the
-    daemon served meanwhile, its time on them and the traps the fair order put off."""
-    before = [trap.vm_counters(vm) for vm in range(2)] if trap is not None else None
+def daemon_counters(board):
+    """Per VM: the traps the daemon served, its time on them, the traps the fair order put
+    off (``TrapPage.vm_counters``)."""
+    return [board.daemon.trap.vm_counters(vm) for vm in range(2)]
+
+
+def vm0_figures(shell, size, board=None):
+    """VM0's figures; with ``board`` also ``daemon_counters`` meanwhile."""
+    before = daemon_counters(board) if board is not None else None
     start = time.perf_counter()
     out = block_figures(shell, size)
     out["console_h2g_MBps"] = console_h2g(shell, size)
     out["console_g2h_MBps"] = console_g2h(shell, size)
     out["wall_s"] = time.perf_counter() - start
-    if trap is not None:
-        out["daemon"] = [{key: round(value - old[key], 3) for key, value in
-                          trap.vm_counters(vm).items()} for vm, old in enumerate(before)]
+    if board is not None:
+        out["daemon"] = [{key: round(value - old[key], 3) for key, value in now.items()}
+                         for now, old in zip(daemon_counters(board), before)]
     return out
 
 
@@ -140,16 +145,15 @@ def run(quick=False):
     board = start_board(build_two_guest_initrd(workdir), images, str(workdir / "switch.sock"))
     try:
         vm0, vm1 = shells(board)
-        trap = board.daemon.trap
-        idle = vm0_figures(vm0, size, trap)
+        idle = vm0_figures(vm0, size, board)
         print(f"  two guests, VM1 idle: {idle['wall_s']:.0f} s", flush=True)
         seconds = max(10, round(idle["wall_s"] * 1.5))
         vm1.run(f"(timeout {seconds} sh -c 'while :; do :; done' >/dev/null 2>&1 &)")
-        busy = vm0_figures(vm0, size, trap)
+        busy = vm0_figures(vm0, size, board)
         print(f"  two guests, VM1 busy (CPU only): {busy['wall_s']:.0f} s", flush=True)
         vm1.run("pkill -f 'while :; do :; done'; true")
         start_hostile(vm1, seconds)
-        hostile = vm0_figures(vm0, size, trap)
+        hostile = vm0_figures(vm0, size, board)
         print(f"  two guests, VM1 hostile: {hostile['wall_s']:.0f} s", flush=True)
         vm1 = wait_reloaded(board, vm1)
         log, _ = vm1.run("cat /tmp/avhostile.log")

@@ -545,11 +545,11 @@ def test_a_flooding_vm_delays_another_vms_trap_by_at_most_the_rest_of_one_pass(f
 
 
 def test_a_vm_above_its_share_is_put_off_at_most_once_in_a_row(fair_page):
-    """VM 0's two vCPUs keep one trap posted all the time; VM 1, whose traps cost 100 times
-    as much (it stays above its share), is still served: put off one pass, then served."""
+    """VM 0's two vCPUs keep one trap posted all the time; VM 1, which made many more traps
+    before (it stays above its share), is still served: put off one pass, then served."""
     stub, trap = fair_page
     handler = Recorder()
-    for _ in range(20):
+    for _ in range(1000):
         post(stub, 0)
         trap.serve_until_idle(handler)
     vm0_slots = (2, VM0_SLOT)
@@ -558,8 +558,6 @@ def test_a_vm_above_its_share_is_put_off_at_most_once_in_a_row(fair_page):
 
     def busy(window, offset, value, is_write, size):
         handler(window, offset, value, is_write, size)
-        if window // LAYOUT.windows_per_vm == 1:
-            trap.clock.now += 100_000
         for vcpu in vm0_slots:
             if left["vm0"] and slot_free(stub, vcpu):
                 stub.begin(vcpu, 0, VM0_DEV0 + 0x50, 4, True, 0, posted=True)
@@ -573,14 +571,14 @@ def test_a_vm_above_its_share_is_put_off_at_most_once_in_a_row(fair_page):
     post(stub, 0)
     while not all(slot_free(stub, vcpu) for vcpu in range(4)):
         trap.serve_until_idle(busy)
-    order = [vm_of(call) for call in handler.calls[20:]]
+    order = [vm_of(call) for call in handler.calls[1000:]]
     assert left == {"vm0": 0, "vm1": 0}
     assert order.count(1) == 51
     # Between two VM 1 traps, VM 0's two vCPUs are served at most twice each (one pass put
     # off, then the pass serving VM 1 too).
     runs = "".join(map(str, order)).split("1")
     assert max(len(run) for run in runs[1:-1]) <= 4
-    assert 0 < trap.vm_deferred[1] <= trap.vm_counters(1)["traps_served"]
+    assert 0 < trap.vm_deferred[1] <= 51
 
 
 def test_detach_answers_slots_the_fair_order_would_put_off(fair_page):
