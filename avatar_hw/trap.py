@@ -30,8 +30,8 @@ trap costs the host a world switch and often a doorbell ring whatever it
 carries. A slot is put off at most once in a row, and only in a pass that serves
 another VM's slot: no VM is starved and the daemon is never held
 (``vm_deferred`` counts them). With one slot per vCPU a scan already serves each
-vCPU at most once per pass; the share matters when a VM has more vCPUs than
-another or when its traps cost more (docs/devices.md, "Hostile guests").
+vCPU at most once per pass; the share also stops a VM with more vCPUs from
+getting more turns per pass than another (docs/devices.md, "Hostile guests").
 
 A slot whose fields make no sense (a size of 3, an unknown direction, an
 address outside the VM's own virtio window) is answered UNHANDLED with a
@@ -56,7 +56,7 @@ _SIZES = (1, 2, 4, 8)
 _MASKS = {size: (1 << (8 * size)) - 1 for size in _SIZES}
 MAX_TRAPS_PER_CALL = 256     # then back to the event loop (``stopped_at_budget`` says come back)
 BUSY_POLL_IDLE_SCANS = 64    # busy-poll: idle scans per call before the event loop's turn
-FAIR_WINDOW_NS = 50_000_000  # the recent service accounts halve at most this often
+FAIR_WINDOW_NS = 50_000_000  # the VMs' recent trap accounts halve at most this often
 
 
 class StubNotReady(abi.AbiMismatch):
