@@ -448,7 +448,7 @@ class Daemon:
                        for entry in self.subsystem.device_info() if entry["vm"] == vm_id]
             vms.append({"vm": vm_id, "ram": {"base": address(memory.base), "size": memory.size},
                         "window": [address(a) for a in self.board.layout.vm_window(vm_id)],
-                        "devices": devices})
+                        **self.trap.vm_counters(vm_id), "devices": devices})
         return {"pid": os.getpid(), "board": self.board.name, "board_file": str(self.board.path),
                 "config": str(self.config.path), "uptime": round(time.time() - self.started, 3),
                 "mode": self.wait,

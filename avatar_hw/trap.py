@@ -15,6 +15,24 @@ DMB ISHLD on arm64); an answer is published with a release fence and a plain
 store of ``state`` (DMB ISH, STR). On x86 (TSO) both fences are no instruction,
 and an idle scan costs no foreign call at all.
 
+Fairness between VMs: every answered trap is counted, with its service time
+(POSTED seen to state written, dispatch included), for the VM whose window it
+decoded to (``vm_traps``, ``vm_service_ns``: ``avatar-hw info``). The traps since
+the last halving are the VM's recent account, halved when a pass finds
+``FAIR_WINDOW_NS`` (50 ms) passed since. A pass whose posted slots belong to
+several VMs puts off the slots of a VM whose recent account is above its share
+(the accounts of those VMs divided by their number) to the next pass, so a VM
+that floods the daemon with traps (notifies, register writes, guest errors) is
+served after the others; its vCPU waits meanwhile (its own cost). Traps, not
+service time: a driver moving data makes few traps, each carrying much (a 1 MiB
+block request costs the daemon ~30 times a refused register write), while each
+trap costs the host a world switch and often a doorbell ring whatever it
+carries. A slot is put off at most once in a row, and only in a pass that serves
+another VM's slot: no VM is starved and the daemon is never held
+(``vm_deferred`` counts them). With one slot per vCPU a scan already serves each
+vCPU at most once per pass; the share also stops a VM with more vCPUs from
+getting more turns per pass than another (docs/devices.md, "Hostile guests").
+
 A slot whose fields make no sense (a size of 3, an unknown direction, an
 address outside the VM's own virtio window) is answered UNHANDLED with a
 logged warning, and an exception from ``dispatch`` is logged and answered
@@ -40,6 +58,7 @@ _MASKS = {size: (1 << (8 * size)) - 1 for size in _SIZES}
 MAX_TRAPS_PER_CALL = 256     # then back to the event loop (``stopped_at_budget`` says come back)
 POLL_IDLE_SCANS = 64         # polling: idle scans per call before the event loop's turn
 POLL_CHECK_SCANS = 8         # adaptive: idle scans between two looks at its window
+FAIR_WINDOW_NS = 50_000_000  # the VMs' recent trap accounts halve at most this often
 
 
 class StubNotReady(abi.AbiMismatch):
@@ -71,9 +90,12 @@ class TrapPage:
     ``lock``: the path of the trap page's file or device node; the attached
     model holds an exclusive ``flock`` on it (released when it detaches or
     dies), so a second model is refused while the first one serves.
+
+    ``clock``: nanoseconds for the service-time accounts and the trace's ``latency_ns``
+    (``time.monotonic_ns``; tests hand in a counter).
     """
 
-    def __init__(self, region, layout, *, trace=None, lock=None):
+    def __init__(self, region, layout, *, trace=None, lock=None, clock=time.monotonic_ns):
         if region.size < abi.PAGE_SIZE:
             raise abi.AbiMismatch(f"{region.name}: trap page is {region.size} bytes, "
                                   f"expected at least {abi.PAGE_SIZE}")
@@ -107,6 +129,15 @@ class TrapPage:
         # Per window number: traps the guest waited for, and posted writes (it did not).
         self.waited = [0] * layout.window_count
         self.posted = [0] * layout.window_count
+        # Per VM: its traps, their service time and its slots put off by the fair order;
+        # its recent account is vm_traps - _account_base (module docstring).
+        self.clock = clock
+        self.vm_traps = [0] * layout.max_vms
+        self.vm_service_ns = [0] * layout.max_vms
+        self.vm_deferred = [0] * layout.max_vms
+        self._account_base = [0] * layout.max_vms
+        self._halved_at = clock()
+        self._deferred = 0              # bit i: slot i was put off by the last pass
 
     # -- attach / detach ----------------------------------------------------------
 
@@ -188,7 +219,7 @@ class TrapPage:
         posts later (it read ATTACHED just before) is withdrawn by the stub
         when it sees DETACHED (docs/trap-abi.md, "Attach and detach").
         """
-        self.scan_once(dispatch)
+        self.scan_once(dispatch, fair=False)
         self.header.model_sleeping = 0
         self.header.model_pid = 0
         self.region.store_release32(abi.MODEL_STATE_OFFSET, abi.MODEL_DETACHED)
@@ -284,13 +315,15 @@ class TrapPage:
                 return True
         return False
 
-    def scan_once(self, dispatch):
+    def scan_once(self, dispatch, fair=True):
         """One pass over the slots, completing each POSTED one; returns how many.
 
         Plain loads of every ``state``, then one acquire fence if any was POSTED
         (module docstring). A slot a nested call completed meanwhile (a posted
         InterruptACK served before an interrupt, ``serve_posted_writes``) is
-        skipped: if the stub posted it again, the next scan serves it.
+        skipped: if the stub posted it again, the next scan serves it. When
+        several slots are POSTED, ``fair`` (not on detach) puts off those of a
+        VM above its share (``_put_off``) to the next pass.
         """
         posted = 0
         for bit, slot in self._slot_bits:
@@ -299,6 +332,10 @@ class TrapPage:
         if not posted:
             return 0
         ordering.acquire_fence()
+        if fair and posted & (posted - 1):
+            posted &= ~self._put_off(posted)
+        elif self._deferred:
+            self._deferred = 0
         self._completed = 0
         served = 0
         index = 0
@@ -309,6 +346,29 @@ class TrapPage:
             posted >>= 1
             index += 1
         return served
+
+    def _put_off(self, posted):
+        """The slots of ``posted`` (two or more) this pass leaves to the next: those of
+        VMs above their share of the recent traps, unless the last pass put them
+        off already. Another VM's slot is always served in this pass. A slot naming no
+        VM of the layout (answered UNHANDLED) is never put off."""
+        recent = self._recent_accounts()
+        owners = {}                     # VM -> bits of its posted slots
+        for bit, slot in self._slot_bits:
+            if posted & bit:
+                vm = slot.vm_id
+                owners[vm] = owners.get(vm, 0) | bit
+        put_off = 0
+        if len(owners) > 1:
+            total = sum(recent[vm] for vm in owners if vm < len(recent))
+            for vm, bits in owners.items():
+                if vm < len(recent) and recent[vm] * len(owners) > total:
+                    bits &= ~self._deferred
+                    if bits:
+                        put_off |= bits
+                        self.vm_deferred[vm] += bits.bit_count()
+        self._deferred = put_off
+        return put_off
 
     def serve_posted_writes(self, dispatch, offset):
         """Serve every posted write to window ``offset`` now; returns how many.
@@ -353,7 +413,7 @@ class TrapPage:
 
     def _complete_slot(self, index, dispatch):
         trace = self.trace
-        start = time.perf_counter_ns() if trace is not None else 0
+        start = self.clock()
         slot = self.slots[index]
         direction, size, gpa = slot.direction, slot.size, slot.gpa
         is_write = direction == abi.DIR_WRITE
@@ -397,9 +457,25 @@ class TrapPage:
         self.stats.served += 1
         if status:
             self.stats.unhandled += 1
+        took = self.clock() - start
+        if window >= 0:                     # to its VM's accounts (the fair order's)
+            vm = self._window_vms[window]
+            self.vm_traps[vm] += 1
+            self.vm_service_ns[vm] += took
         if trace is not None:
-            trace(*who, gpa, size, is_write, data if is_write else value, status,
-                  time.perf_counter_ns() - start, window, offset)
+            trace(*who, gpa, size, is_write, data if is_write else value, status, took, window,
+                  offset)
+
+    def _recent_accounts(self):
+        """Each VM's traps since its account was last halved; the accounts halve when
+        ``FAIR_WINDOW_NS`` passed since the last halving."""
+        traps, base = self.vm_traps, self._account_base
+        now = self.clock()
+        if now - self._halved_at >= FAIR_WINDOW_NS:
+            self._halved_at = now
+            for vm, total in enumerate(traps):
+                base[vm] += (total - base[vm] + 1) >> 1
+        return [total - old for total, old in zip(traps, base)]
 
     def _decode(self, index, slot, gpa, size, direction, data):
         """The window number of a well-formed slot of its own VM, else -1 (UNHANDLED;
@@ -440,6 +516,13 @@ class TrapPage:
         return {"traps_waited": self.waited[window], "posted_writes": self.posted[window],
                 "shadow_reads": shadows.hits(window) if shadows is not None else 0,
                 "stub_acks": shadows.acks_taken(window) if shadows is not None else 0}
+
+    def vm_counters(self, vm):
+        """``{"traps_served", "service_ms", "traps_deferred"}`` of VM ``vm``: the daemon's
+        time spent on its traps, and how often the fair order put its slots off."""
+        return {"traps_served": self.vm_traps[vm],
+                "service_ms": round(self.vm_service_ns[vm] / 1e6, 3),
+                "traps_deferred": self.vm_deferred[vm]}
 
     def info(self):
         header = self.header

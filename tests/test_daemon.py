@@ -175,9 +175,14 @@ def test_daemon_serves_consoles_to_two_vms_and_info_shows_both(board, stub, serv
     # stand-in stub from the register shadows, which the daemon reports from the pages.
     assert info["trap"]["served"] == sum(d["traps_waited"] + d["posted_writes"] for d in devices)
     assert all(d["shadow_reads"] >= 5 for d in devices)
+    # ... and for its VM, with the daemon's time spent on it (the fair order's accounts).
+    assert [vm["traps_served"] for vm in info["vms"]] == [
+        d["traps_waited"] + d["posted_writes"] for d in devices]
+    assert all(vm["service_ms"] > 0 and vm["traps_deferred"] >= 0 for vm in info["vms"])
     assert sum(d["shadow_reads"] for d in devices) == stub.page.shadow_hits
     assert sum(d["stub_acks"] for d in devices) == stub.page.acks_taken > 0
-    assert "register accesses: waited" in served.cli("info")
+    text = served.cli("info")
+    assert "register accesses: waited" in text and "vm1: RAM" in text and "traps served" in text
     assert "vm1 slot0 console" in served.cli("list")
     debug = served.cli("debug", "1", "console")
     assert "DRIVER_OK" in debug and "q1: size 256/256 ready" in debug

@@ -586,3 +586,141 @@ def test_a_slot_served_by_a_nested_call_during_a_scan_is_not_served_again(page):
     assert calls == [(VM0_DEV0 + 0x50, 1), (VM0_DEV0 + 0x64, 1)]
     assert stub.finish(0) == (abi.STATUS_OK, 0)
     assert trap.stats.served == 2 and trap.stats.posted_writes == 1
+
+
+# -- fairness between VMs (trap.py module docstring) -------------------------------------------
+
+VM0_SLOT, VM1_SLOTS = 3, (0, 1, 2)      # VM 1 has three vCPUs, VM 0 one
+
+
+class Ticks:
+    """A clock for the service-time accounts: every trap takes 1000 "ns"."""
+
+    def __init__(self):
+        self.now = 0
+
+    def __call__(self):
+        self.now += 1000
+        return self.now
+
+
+@pytest.fixture
+def fair_page():
+    region = Region(bytearray(abi.PAGE_SIZE), name="test trap page")
+    stub = StubPage(region)
+    stub.initialise(slot_count=4)
+    trap = TrapPage(region, LAYOUT, clock=Ticks())
+    trap.attach()
+    return stub, trap
+
+
+def post(stub, vcpu):
+    """A posted QueueNotify of the vCPU's VM (slot ``vcpu``), as a flooding driver makes."""
+    vm = 0 if vcpu == VM0_SLOT else 1
+    stub.begin(vcpu, vm, LAYOUT.window(vm, 0) + 0x50, 4, True, 0, posted=True)
+
+
+def slot_free(stub, vcpu):
+    return stub.region.read32(abi.SLOTS_OFFSET + vcpu * abi.SLOT_SIZE) == abi.SLOT_FREE
+
+
+def vm_of(call):
+    return (call[0] - LAYOUT.base) // LAYOUT.vm_size
+
+
+def test_a_vm_above_its_share_is_served_after_the_others(fair_page):
+    stub, trap = fair_page
+    handler = Recorder()
+    for _ in range(10):                     # VM 1 alone: the daemon's time is all VM 1's
+        for vcpu in VM1_SLOTS:
+            post(stub, vcpu)
+        trap.serve_until_idle(handler)
+    handler.calls.clear()
+    for vcpu in (*VM1_SLOTS, VM0_SLOT):
+        post(stub, vcpu)
+    trap.serve_until_idle(handler)
+    assert [vm_of(call) for call in handler.calls] == [0, 1, 1, 1]
+    assert trap.vm_deferred == [0, 3] + [0] * (LAYOUT.max_vms - 2)
+    assert trap.vm_counters(0) == {"traps_served": 1, "service_ms": 0.001, "traps_deferred": 0}
+    assert trap.vm_counters(1)["traps_served"] == 33
+    assert all(slot_free(stub, vcpu) for vcpu in range(4))
+
+
+def test_a_flooding_vm_delays_another_vms_trap_by_at_most_the_rest_of_one_pass(fair_page):
+    """VM 1 re-posts each of its vCPUs' notifies as soon as the slot is free; VM 0 posts
+    one trap in the middle: it waits only for the VM 1 slots of the pass under way."""
+    stub, trap = fair_page
+    handler = Recorder()
+    flood = {"left": 300}
+
+    def flooding(window, offset, value, is_write, size):
+        handler(window, offset, value, is_write, size)
+        vm1_calls = sum(vm_of(call) == 1 for call in handler.calls)
+        if vm1_calls == 100:
+            post(stub, VM0_SLOT)
+            flooding.vm0_posted_at = len(handler.calls)
+        for vcpu in VM1_SLOTS:
+            if flood["left"] and slot_free(stub, vcpu):
+                post(stub, vcpu)
+                flood["left"] -= 1
+        return True, 0
+
+    for vcpu in VM1_SLOTS:
+        post(stub, vcpu)
+    while not all(slot_free(stub, vcpu) for vcpu in range(4)):
+        trap.serve_until_idle(flooding)
+    vm0_served_at = [vm_of(call) for call in handler.calls].index(0)
+    # The pass under way serves its other VM 1 slots (at most two); the next serves VM 0
+    # first, VM 1 being above its share (in index order it would come after 0, 1, 2).
+    assert vm0_served_at - flooding.vm0_posted_at <= len(VM1_SLOTS) - 1
+    assert trap.vm_deferred[1] >= 1
+    assert [trap.vm_counters(vm)["traps_served"] for vm in (0, 1)] == [1, 303]
+
+
+def test_a_vm_above_its_share_is_put_off_at_most_once_in_a_row(fair_page):
+    """VM 0's two vCPUs keep one trap posted all the time; VM 1, which made many more traps
+    before (it stays above its share), is still served: put off one pass, then served."""
+    stub, trap = fair_page
+    handler = Recorder()
+    for _ in range(1000):
+        post(stub, 0)
+        trap.serve_until_idle(handler)
+    vm0_slots = (2, VM0_SLOT)
+    stub.slots[2].vm_id = 0                 # (post() derives the VM from the slot)
+    left = {"vm0": 400, "vm1": 50}
+
+    def busy(window, offset, value, is_write, size):
+        handler(window, offset, value, is_write, size)
+        for vcpu in vm0_slots:
+            if left["vm0"] and slot_free(stub, vcpu):
+                stub.begin(vcpu, 0, VM0_DEV0 + 0x50, 4, True, 0, posted=True)
+                left["vm0"] -= 1
+        if left["vm1"] and slot_free(stub, 0):
+            post(stub, 0)
+            left["vm1"] -= 1
+        return True, 0
+
+    stub.begin(VM0_SLOT, 0, VM0_DEV0 + 0x50, 4, True, 0, posted=True)
+    post(stub, 0)
+    while not all(slot_free(stub, vcpu) for vcpu in range(4)):
+        trap.serve_until_idle(busy)
+    order = [vm_of(call) for call in handler.calls[1000:]]
+    assert left == {"vm0": 0, "vm1": 0}
+    assert order.count(1) == 51
+    # Between two VM 1 traps, VM 0's two vCPUs are served at most twice each (one pass put
+    # off, then the pass serving VM 1 too).
+    runs = "".join(map(str, order)).split("1")
+    assert max(len(run) for run in runs[1:-1]) <= 4
+    assert 0 < trap.vm_deferred[1] <= 51
+
+
+def test_detach_answers_slots_the_fair_order_would_put_off(fair_page):
+    stub, trap = fair_page
+    handler = Recorder()
+    for _ in range(5):
+        post(stub, 0)
+        trap.serve_until_idle(handler)
+    post(stub, 0)
+    post(stub, VM0_SLOT)
+    trap.detach(handler)
+    assert all(slot_free(stub, vcpu) for vcpu in range(4))

@@ -83,7 +83,9 @@ def format_info(info):
              f"malformed {t['malformed']}, posted writes {t['posted_writes']})"]
     for vm in info["vms"]:
         lines.append(f"vm{vm['vm']}: RAM {vm['ram']['base']} + {_bytes(vm['ram']['size'])}, "
-                     f"window {vm['window'][0]}-{vm['window'][1]}")
+                     f"window {vm['window'][0]}-{vm['window'][1]}; traps served "
+                     f"{vm['traps_served']} in {vm['service_ms']:.0f} ms, put off "
+                     f"{vm['traps_deferred']} (fair order)")
         lines += ["  " + format_device(d, "    ").replace("\n", "\n  ") for d in vm["devices"]]
     return "\n".join(lines)
 
