@@ -16,7 +16,6 @@ any other table goes through the walk's loop, which names what is wrong.
 """
 
 import struct
-from operator import add
 
 from .constants import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE
 from .memory import GuestMemoryError
@@ -64,13 +63,13 @@ def linear_table(head, table, n, ram, base, end):
         return None
     addrs = table.cast("Q")[::2].tolist()
     lens = table.cast("I")[2::4].tolist()
-    if 0 in lens or min(addrs) < base or max(map(add, addrs, lens)) > end:
-        return None
+    if 0 in lens or min(addrs) < base or max(addrs) + max(lens) > end:
+        return None                               # (the last test is the walk's, or stricter)
     readable_len, writable_len = sum(lens[:readable]), sum(lens[readable:])
     if readable_len + writable_len > MAX_CHAIN_BYTES:
         return None
-    starts = list(map((-base).__add__, addrs))
-    views = list(map(ram.__getitem__, map(slice, starts, map(add, starts, lens))))
+    views = [ram[start:start + length]
+             for start, length in zip([addr - base for addr in addrs], lens)]
     return DescriptorChain(head, views[:readable], views[readable:], readable_len, writable_len)
 
 
