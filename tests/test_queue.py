@@ -1,11 +1,16 @@
 """Split virtqueues and guest memory: every bad-input rule of the chain iterator."""
 
+import random
+import struct
+
 import pytest
 
 from avatar_hw.hw import ordering
 from avatar_hw.hw.region import Region
 from avatar_hw.testing.virtio import RAM_BASE, RecordingDevice, VirtioBench
+from avatar_hw.virtio import chain
 from avatar_hw.virtio import constants as c
+from avatar_hw.virtio.chain import DescriptorTable
 from avatar_hw.virtio.constants import bit
 from avatar_hw.virtio.memory import GuestMemory, GuestMemoryError
 from avatar_hw.virtio.queue import Virtqueue
@@ -232,6 +237,70 @@ def test_chain_longer_than_4_gib():
         b.rx.write_desc(i, RAM_BASE, 1 << 20, WRITE | (NEXT if i < entries - 1 else 0), i + 1,
                         table=table)
     bad_chain(b, [(table, 16 * entries, INDIRECT, 0)])
+
+
+def test_linux_shaped_indirect_tables_are_read_in_columns_with_the_walks_result(monkeypatch):
+    """``linear_table`` (the indirect table as Linux makes it, read a column at a time) gives
+    the bytes the entry-by-entry walk gives, buffers adjacent in RAM joined into one view,
+    and declines every other table: random tables of that shape, their buffers scattered
+    or in runs (like Linux's pages), with one field spoiled (a flag, a next, a length, an
+    address)."""
+    rng = random.Random(14)
+    buf = bytearray(rng.randbytes(1 << 16))
+    memory = GuestMemory(Region(buf), 0x10000)
+    table = DescriptorTable(memory, 0x10000, 64)
+
+    def walks(head):
+        fast = table.walk(head, True), table.walked
+        with monkeypatch.context() as m:
+            m.setattr(chain, "linear_table", lambda *args: None)
+            slow = table.walk(head, True), table.walked
+        return fast, slow
+
+    taken = joined = 0
+    for case in range(400):
+        n = rng.randint(1, 40)
+        readable = rng.randint(0, n)
+        entries, addr = [], 0
+        for i in range(n):
+            length = rng.randint(1, 0x200)
+            if not entries or rng.random() < 0.3:
+                addr = 0x10000 + rng.randrange(0x1000, 0xE000)
+            entries.append([addr, length, (WRITE if i >= readable else 0)
+                            | (NEXT if i < n - 1 else 0), i + 1])
+            addr += length
+        spoil = rng.randrange(6) if case % 4 else None
+        e = entries[rng.randrange(n)]
+        if spoil == 0:
+            e[2] ^= rng.choice([NEXT, WRITE, INDIRECT, 8])
+        elif spoil == 1:
+            e[3] = rng.randrange(64)
+        elif spoil == 2:
+            e[1] = rng.choice([0, 0x10000, 0xFFFFFFFF])
+        elif spoil == 3:
+            e[0] = rng.choice([0, 0xFFFF, 0x20000 - e[1] + 1, 2**64 - 16])
+        for i, (addr, length, flags, nxt) in enumerate(entries):
+            struct.pack_into("<QIHH", buf, 0x1000 + 16 * i, addr, length, flags, nxt)
+        struct.pack_into("<QIHH", buf, 0, 0x11000, 16 * n, INDIRECT, 0)
+        (fast, walked), (slow, slow_walked) = walks(0)
+        assert walked == slow_walked and type(fast) is type(slow)
+        if isinstance(slow, str):
+            assert fast == slow
+            continue
+        taken += spoil is None
+        assert (fast.readable_len, fast.writable_len) == (slow.readable_len, slow.writable_len)
+        for a, b in ((fast.readable, slow.readable), (fast.writable, slow.writable)):
+            assert b"".join(a) == b"".join(b)
+            if a:                                     # views of the guest's RAM, not copies
+                a[0][:1] = b"\xff"
+                assert b[0][:1] == b"\xff"
+        joined += len(fast.readable) + len(fast.writable) < n
+    assert taken == 100 and joined > 50
+    entries = [(0x11000, 8, NEXT, 1), (0x12000, 8, WRITE, 7)]
+    for i, e in enumerate(entries):
+        struct.pack_into("<QIHH", buf, 0x1000 + 16 * i, *e)
+    assert chain.linear_table(0, memory.view(0x11000, 32), 2, memory.data, memory.base,
+                              memory.end) is not None
 
 
 # -- ring corruption: DEVICE_NEEDS_RESET -----------------------------------------------------------

@@ -106,8 +106,8 @@ class OpenFiles:
         fid = self.open_fid(fid_no)
         count = min(count, self.msize - READ_REPLY.size, writable_len - READ_REPLY.size)
         if fid.xattr is not None:
-            data = bytes(fid.xattr[offset:offset + count]) if offset < len(fid.xattr) else b""
-            n = scatter(data, skip(writable, READ_REPLY.size))
+            with memoryview(fid.xattr) as value:        # no copy of the value
+                n = scatter(value[offset:offset + count], skip(writable, READ_REPLY.size))
         else:
             if offset >= 2**63:
                 raise P9Error(errno.EINVAL)

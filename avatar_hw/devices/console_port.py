@@ -184,11 +184,14 @@ class ConsolePort:
         returned = self._return_done()
         if device.active and txq.ready and not backend.attached:
             returned += self._log_unattached()
+            self._keep_sent()
         elif device.active and txq.ready:
             while True:
+                emptied = False                   # pop found the ring empty
                 while backend.can_take():
                     chain = txq.pop()
                     if chain is None:
+                        emptied = True
                         break
                     views, length = self._unsent(chain)
                     if length:
@@ -200,8 +203,8 @@ class ConsolePort:
                 self._keep_sent()
                 done = self._return_done()
                 returned += done
-                if done:
-                    continue
+                if done and not emptied:
+                    continue                      # room again for chains still waiting
                 take = backend.can_take()
                 if take == self._tx_notify:
                     break
@@ -211,7 +214,7 @@ class ConsolePort:
         else:
             backend.flush()                       # emergency bytes
             returned += self._return_done()
-        self._keep_sent()
+            self._keep_sent()
         if returned:
             device.signal_used(txq)
 

@@ -19,6 +19,8 @@ the chain.
 """
 
 import os
+from bisect import bisect_left
+from itertools import accumulate
 
 IOV_MAX = os.sysconf("SC_IOV_MAX")
 _ZEROS = bytes(64 << 10)
@@ -73,27 +75,29 @@ def copy(source, views):
 
 def truncate(views, n):
     """The first ``n`` bytes of ``views``, as a list of non-empty memoryviews."""
-    out = []
-    for view in views:
-        if n <= 0:
-            break
-        if len(view):
-            out.append(view if len(view) <= n else view[:n])
-            n -= len(view)
+    if n <= 0:
+        return []
+    ends = list(accumulate(map(len, views)))      # the views are only looked at in C
+    last = bisect_left(ends, n)
+    if last == len(ends):                          # all of them
+        return list(filter(None, views))
+    out = list(filter(None, views[:last]))
+    cut = views[last]
+    out.append(cut if ends[last] == n else cut[:len(cut) - (ends[last] - n)])
     return out
 
 
 def skip(views, n):
     """``views`` without their first ``n`` bytes (and without empty views)."""
-    out = []
-    for view in views:
-        if n >= len(view):
-            n -= len(view)
-        elif n:
-            out.append(view[n:])
-            n = 0
-        else:
-            out.append(view)
+    first = 0
+    for view in views:                              # only the views skipped, one by one
+        if n < len(view):
+            break
+        n -= len(view)
+        first += 1
+    out = list(filter(None, views[first:]))
+    if n and out:
+        out[0] = out[0][n:]
     return out
 
 
@@ -120,19 +124,23 @@ def transfer(io, fd, views, offset):
     """Move every byte of ``views`` with ``io`` (``os.preadv`` / ``os.pwritev``) at file
     ``offset``, IOV_MAX views at a time, continuing after short counts; the bytes moved
     (fewer only when ``io`` returns 0: end of file)."""
-    done = 0
-    for batch in batches(views):
-        i = 0
-        while i < len(batch):
-            n = io(fd, batch[i:i + IOV_MAX], offset + done)
-            if not n:
-                return done
-            done += n
-            while i < len(batch) and n >= len(batch[i]):
-                n -= len(batch[i])
-                i += 1
-            if n:
-                batch[i] = batch[i][n:]
+    views = list(filter(None, views))
+    done = start = 0
+    while start < len(views):
+        batch = views[start:start + IOV_MAX]
+        n = io(fd, batch, offset + done)
+        if not n:
+            return done
+        done += n
+        if n == sum(map(len, batch)):
+            start += len(batch)
+            continue
+        for view in batch:                          # a short count: go on where it stopped
+            if n < len(view):
+                break
+            n -= len(view)
+            start += 1
+        views[start] = views[start][n:]
     return done
 
 
