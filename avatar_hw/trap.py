@@ -225,6 +225,8 @@ class TrapPage:
         self.region.store_release32(abi.MODEL_STATE_OFFSET, abi.MODEL_DETACHED)
         self.slots, self._slot_bits = (), ()
         self.shadows = None
+        if self.window is not None:
+            self.window.close()
         self.release_lock()
         log.info("detached from %s", self.region.name)
 

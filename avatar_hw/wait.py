@@ -14,7 +14,9 @@ In every mode the event loop (control socket, backends, timers) keeps running:
 polling, it is polled without blocking between batches of scans.
 """
 
+import os
 import resource
+import threading
 
 DOORBELL, ADAPTIVE, BUSY_POLL = "doorbell", "adaptive", "busy-poll"
 MODES = (DOORBELL, ADAPTIVE, BUSY_POLL)
@@ -29,6 +31,7 @@ POLL_START_NS = 10_000        # the first window (KVM's halt_poll_ns_grow_start)
 POLL_GROW = 2                 # a wait the window just missed doubles it
 POLL_SHRINK = 2               # a wait longer than the ceiling halves it (below the start: 0)
 POLL_HOLD_NS = 10_000_000     # preempted while polling: no window for this long
+POLL_CONTENDED_NS = 200_000   # waited this long for a CPU since the last find: preempted
 
 
 class PollWindow:
@@ -39,11 +42,12 @@ class PollWindow:
     (the poll caught the trap); longer than ``max_ns``, it shrinks (polling was wasted:
     the guest is idle); in between, it grows (a longer poll would have caught it).
     ``over(now)``: stop polling and arm the doorbell, because the window since the last
-    find has passed, or because the kernel preempted this thread since the last call:
-    another task wanted its CPU (on a loaded machine, likely the guest's vCPU that would
-    post the next trap). KVM polls only while ``single_task_running()``, which userspace
-    cannot ask; an involuntary context switch (``ru_nivcsw`` of
-    ``getrusage(RUSAGE_THREAD)``) is the sign it can see. Then the window is 0 and does
+    find has passed, or because no core is free: KVM polls only while
+    ``single_task_running()``, which userspace cannot ask. What it can see is how long
+    this thread waited, runnable, for a CPU (``run_delay`` of /proc/thread-self/schedstat):
+    more than ``POLL_CONTENDED_NS`` in all since the last find means another task keeps
+    wanting this core (on a loaded machine, likely the guest's vCPU that would post the
+    next trap), not a short wake-up of QEMU's main loop. Then the window is 0 and does
     not grow for ``POLL_HOLD_NS``: the CPU is given back, and a host with no core free
     sees at most one short poll per hold.
     """
@@ -55,12 +59,14 @@ class PollWindow:
         self.last = now                 # when traps were last found
         self.hold_until = now           # no window before this (preempted while polling)
         self.grown = self.shrunk = self.preempted = 0   # counters for ``avatar-hw info``
-        self._switches = _involuntary_switches()
+        self._delay_base = None         # run_delay at the first look since the last find
+        self._schedstat = None          # (thread id, fd of its schedstat), opened by over()
 
     def found(self, now):
         """Traps were found at ``now``: resize; returns whether to poll from now on."""
         waited = now - self.last
         self.last = now
+        self._delay_base = None
         if waited <= self.ns:
             pass
         elif waited > self.max_ns:
@@ -77,9 +83,11 @@ class PollWindow:
 
     def over(self, now):
         """Whether to stop polling now (the caller then arms the doorbell)."""
-        switches = _involuntary_switches()
-        if switches != self._switches:
-            self._switches = switches
+        delay = self._run_delay_ns()
+        if self._delay_base is None:
+            self._delay_base = delay
+        elif delay - self._delay_base > POLL_CONTENDED_NS:
+            self._delay_base = None
             self.ns = 0
             self.hold_until = now + POLL_HOLD_NS
             self.preempted += 1
@@ -93,11 +101,32 @@ class PollWindow:
         if self.ns < self.start_ns:
             self.ns = 0
 
+    def _run_delay_ns(self):
+        """How long the calling thread has waited, runnable, for a CPU (ns; schedstat's
+        second field). Without schedstat (a kernel without CONFIG_SCHED_INFO), each
+        involuntary context switch counts as a wait of ``POLL_CONTENDED_NS``."""
+        tid = threading.get_native_id()
+        if self._schedstat is None or self._schedstat[0] != tid:
+            self.close()
+            try:
+                fd = os.open(f"/proc/self/task/{tid}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                fd = -1
+            self._schedstat = tid, fd
+        fd = self._schedstat[1]
+        if fd >= 0:
+            try:
+                return int(os.pread(fd, 64, 0).split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw * POLL_CONTENDED_NS
+
+    def close(self):
+        """Close the schedstat file ``over`` opened (the trap page's ``detach``)."""
+        if self._schedstat is not None and self._schedstat[1] >= 0:
+            os.close(self._schedstat[1])
+        self._schedstat = None
+
     def info(self):
         return {"poll_window_ns": self.ns, "poll_grown": self.grown,
                 "poll_shrunk": self.shrunk, "poll_preempted": self.preempted}
-
-
-def _involuntary_switches():
-    """How often the kernel has preempted the calling thread."""
-    return resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw

@@ -197,10 +197,10 @@ def test_busy_poll_keeps_model_sleeping_clear():
 
 @pytest.fixture
 def switches(monkeypatch):
-    """The preemptions ``PollWindow`` sees (``wait._involuntary_switches``): the test's, not
-    the loaded machine's."""
+    """The time waited for a CPU ``PollWindow`` sees (``PollWindow._run_delay_ns``): the
+    test's, not the loaded machine's."""
     count = [0]
-    monkeypatch.setattr(wait, "_involuntary_switches", lambda: count[0])
+    monkeypatch.setattr(wait.PollWindow, "_run_delay_ns", lambda self: count[0])
     return count
 
 
@@ -290,7 +290,9 @@ def test_adaptive_gives_the_cpu_back_when_the_kernel_preempted_the_poll(adaptive
     trap.serve_until_idle(handler)
     stub.finish(0)
     assert trap.polling
-    switches[0] += 1                              # another task wanted this CPU meanwhile
+    switches[0] += wait.POLL_CONTENDED_NS         # a short wait for the CPU: polls on
+    assert trap.serve_until_idle(handler) == 0 and trap.polling
+    switches[0] += 1                              # more: another task keeps wanting this CPU
     assert trap.serve_until_idle(handler) == 0
     assert not trap.polling and stub.header.model_sleeping == 1
     assert trap.window.ns == 0 and trap.info()["poll_preempted"] == 1
