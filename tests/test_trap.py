@@ -218,6 +218,16 @@ def adaptive(switches):
     return stub, trap
 
 
+def polling_after_a_trap(adaptive):
+    """``adaptive``'s page after one trap served: polling; returns (stub, trap, handler)."""
+    stub, trap = adaptive
+    handler = Recorder()
+    stub.begin(0, 0, VM0_DEV0, 4, False)
+    trap.serve_until_idle(handler)
+    stub.finish(0)
+    return stub, trap, handler
+
+
 def test_adaptive_polls_after_a_trap_and_serves_the_next_one_without_a_ring(adaptive):
     stub, trap = adaptive
     handler = Recorder()
@@ -238,11 +248,7 @@ def test_adaptive_polls_after_a_trap_and_serves_the_next_one_without_a_ring(adap
 
 
 def test_adaptive_arms_the_doorbell_once_its_window_passed_in_vain(adaptive):
-    stub, trap = adaptive
-    handler = Recorder()
-    stub.begin(0, 0, VM0_DEV0, 4, False)
-    trap.serve_until_idle(handler)
-    stub.finish(0)
+    stub, trap, handler = polling_after_a_trap(adaptive)
     assert trap.polling
     trap.window.ns = 0                            # the window has passed with nothing found
     scans = []
@@ -260,11 +266,7 @@ def test_adaptive_arms_the_doorbell_once_its_window_passed_in_vain(adaptive):
 def test_adaptive_arming_rescans_after_the_fence_and_grows_the_window(adaptive):
     """The stub posts between the model's last scan of the window and its fenced re-scan:
     served there, without a ring (docs/trap-abi.md, "Notification"), and polling resumes."""
-    stub, trap = adaptive
-    handler = Recorder()
-    stub.begin(0, 0, VM0_DEV0, 4, False)
-    trap.serve_until_idle(handler)
-    stub.finish(0)
+    stub, trap, handler = polling_after_a_trap(adaptive)
     trap.window.ns = 0
     original = trap.any_posted
 
@@ -284,11 +286,7 @@ def test_adaptive_arming_rescans_after_the_fence_and_grows_the_window(adaptive):
 
 
 def test_adaptive_gives_the_cpu_back_when_the_kernel_preempted_the_poll(adaptive, switches):
-    stub, trap = adaptive
-    handler = Recorder()
-    stub.begin(0, 0, VM0_DEV0, 4, False)
-    trap.serve_until_idle(handler)
-    stub.finish(0)
+    stub, trap, handler = polling_after_a_trap(adaptive)
     assert trap.polling
     switches[0] += wait.POLL_CONTENDED_NS         # a short wait for the CPU: polls on
     assert trap.serve_until_idle(handler) == 0 and trap.polling
