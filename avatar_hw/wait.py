@@ -30,7 +30,8 @@ POLL_MAX_NS = 1_000_000       # the window never grows past this
 POLL_START_NS = 10_000        # the first window (KVM's halt_poll_ns_grow_start)
 POLL_GROW = 2                 # a wait the window just missed doubles it
 POLL_SHRINK = 2               # a wait longer than the ceiling halves it (below the start: 0)
-POLL_HOLD_NS = 10_000_000     # preempted while polling: no window for this long
+POLL_HOLD_NS = 10_000_000     # preempted while polling: no window for this long, doubled
+POLL_HOLD_MAX_NS = 1_000_000_000   # after each give-up in a row, up to this
 POLL_CONTENDED_NS = 200_000   # waited this long for a CPU since the last find: preempted
 
 
@@ -48,8 +49,10 @@ class PollWindow:
     more than ``POLL_CONTENDED_NS`` in all since the last find means another task keeps
     wanting this core (on a loaded machine, likely the guest's vCPU that would post the
     next trap), not a short wake-up of QEMU's main loop. Then the window is 0 and does
-    not grow for ``POLL_HOLD_NS``: the CPU is given back, and a host with no core free
-    sees at most one short poll per hold.
+    not grow for a hold: the CPU is given back. The hold starts at ``POLL_HOLD_NS`` and
+    doubles with each give-up in a row (up to ``POLL_HOLD_MAX_NS``; a give-up more than
+    twice that after the last one starts again): a host with no core free soon sees one
+    short poll a second.
     """
 
     def __init__(self, now, *, max_ns=POLL_MAX_NS, start_ns=POLL_START_NS):
@@ -58,6 +61,8 @@ class PollWindow:
         self.ns = 0                     # the window now; 0: arm at once
         self.last = now                 # when traps were last found
         self.hold_until = now           # no window before this (preempted while polling)
+        self.hold_ns = POLL_HOLD_NS     # the next give-up's hold
+        self.gave_up_at = now - 2 * POLL_HOLD_MAX_NS - 1   # the last give-up (none yet)
         self.grown = self.shrunk = self.preempted = 0   # counters for ``avatar-hw info``
         self._delay_base = None         # run_delay at the first look since the last find
         self._schedstat = None          # (thread id, fd of its schedstat), opened by over()
@@ -89,7 +94,11 @@ class PollWindow:
         elif delay - self._delay_base > POLL_CONTENDED_NS:
             self._delay_base = None
             self.ns = 0
-            self.hold_until = now + POLL_HOLD_NS
+            if now - self.gave_up_at > 2 * POLL_HOLD_MAX_NS:
+                self.hold_ns = POLL_HOLD_NS     # not in a row: start again
+            self.gave_up_at = now
+            self.hold_until = now + self.hold_ns
+            self.hold_ns = min(2 * self.hold_ns, POLL_HOLD_MAX_NS)
             self.preempted += 1
             return True
         return self.expired(now)
