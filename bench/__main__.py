@@ -5,6 +5,7 @@
     .venv/bin/python -m bench --only trap,cost  # some parts: trap, core, cost, board, two_guests, fs,
                                                 # board_linux
     .venv/bin/python -m bench --profile         # also cProfile the daemon on the trap path
+    .venv/bin/python -m bench --only board --wait adaptive   # ours polling after each trap
 
 Parts: ``trap`` (bench/trappath.py: the trap page with a C stand-in stub,
 against avatar-hw and a C floor), ``core`` (bench/core.py: the VirtIO core in
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from avatar_hw.emulated.build import cache_dir
 from avatar_hw.errors import AvatarError
+from avatar_hw.wait import MODES
 
 from .common import machine_info
 
@@ -58,7 +60,7 @@ def _run_part(name, args):
         from . import board_linux
         return board_linux.run(quick=args.quick)
     from . import board
-    return board.run(quick=args.quick, runs=args.runs)
+    return board.run(quick=args.quick, runs=args.runs, wait=args.wait)
 
 
 def main(argv=None):
@@ -69,6 +71,9 @@ def main(argv=None):
     parser.add_argument("--only", help=f"comma-separated parts ({', '.join(PARTS)})")
     parser.add_argument("--runs", type=int, default=3,
                         help="emulated-board runs per side (median, min, max; default 3)")
+    parser.add_argument("--wait", choices=MODES,
+                        help="board: how avatar-hw's daemon waits for traps (default: the "
+                             "emulated board file's trap.wait)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the daemon on the trap path and list the top functions")
     parser.add_argument("--out", type=Path,

@@ -525,7 +525,8 @@ def run_qemu(initrd, image, share, quick, net=False):
 
 # -- the part ------------------------------------------------------------------------------------------
 
-def run(quick=False, runs=3):
+def run(quick=False, runs=3, wait=None):
+    """``wait``: ours' wait mode (None: the emulated board file's ``trap.wait``)."""
     kinds = [k for k in device_kinds_available() if k in ("block", "rng", "net")]
     if importlib.util.find_spec("avatar_hw.devices.p9"):
         kinds.append("9p")
@@ -542,7 +543,7 @@ def run(quick=False, runs=3):
         share = workdir / "share"                         # the 9p folder, one file to read
         share.mkdir()
         write_synced(share / "p9read", [block] * (SIZES["p9"][0] // MIB))
-        alternate(runs, (("ours", lambda: run_ours(initrd, image, share, kinds, quick)),
+        alternate(runs, (("ours", lambda: run_ours(initrd, image, share, kinds, quick, wait)),
                          ("qemu", lambda: run_qemu(initrd, image, share, quick,
                                                    net="net" in kinds))),
                   out["raw"], "board")
