@@ -351,6 +351,41 @@ def test_guest_triggered_errors_are_rate_limited_and_counted(block, caplog):
     assert info["errors"] >= 300 and info["log_lines_suppressed"] > 200
 
 
+def test_a_device_bug_whose_failing_fails_too_is_rate_limited_and_counted(block, caplog,
+                                                                          monkeypatch):
+    """A device bug the guest reaches by a register write, and DEVICE_NEEDS_RESET failing
+    too (the host side of ``fail`` broken, e.g. its state store), repeated by resetting the
+    device each time: old code, one ERROR with a traceback per round. Now a few lines,
+    and ``logged_errors`` counts every event."""
+    caplog.set_level(logging.DEBUG, logger="avatar_hw")
+
+    failing = []
+
+    def bug(*args):
+        failing.append(True)
+        raise RuntimeError("device bug")
+
+    def store_broken():                     # only in the ``fail`` the bug causes
+        if failing:
+            failing.clear()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(block.device, "write_config", bug)
+    monkeypatch.setattr(block.transport.context, "registers_changed", store_broken)
+    rounds = 300
+    for _ in range(rounds):
+        block.ram.reset_alloc()
+        block.driver.init([0], buf_size=0, size=8)
+        block.driver.write_config(0, 1, size=1)
+        block.driver.reset()
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(loud) < 70, len(loud)
+    info = block.device.info()
+    # per round: the internal error, DEVICE_NEEDS_RESET, failing it failed
+    assert info["logged_errors"] == 3 * rounds
+    assert info["errors"] == rounds and info["log_lines_suppressed"] >= 3 * rounds - 70
+
+
 def test_a_failing_log_file_logs_a_few_lines_and_counts_the_rest(loop, caplog):  # noqa: F811
     """A console's file endpoint on a full disk (/dev/full): every transmit buffer of the
     guest meets the error; a few ERROR lines, the rest counted in the port's info."""

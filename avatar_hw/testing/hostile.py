@@ -58,22 +58,27 @@ def forget_used(queue):
 # -- scribbling (the fuzzers' moves) ---------------------------------------------------------------
 
 class _InternalErrors(logging.Handler):
+    BUGS = ("internal error", "not in flight")      # the second: ``Virtqueue.add_used``
+
     def __init__(self):
         super().__init__(logging.DEBUG)
         self.records = []
 
     def emit(self, record):
-        if "internal error" in record.getMessage():
+        message = record.getMessage()
+        if any(bug in message for bug in self.BUGS):
             self.records.append(record)
 
 
 @contextlib.contextmanager
 def internal_errors():
-    """The log records of device errors that escaped into a catch-all (a device bug), as a
-    list filled while the ``with`` block runs (those the rate limit sends to debug too)."""
+    """The log records of device bugs, as a list filled while the ``with`` block runs (those
+    the rate limit sends to debug too): errors that escaped into a catch-all, and a chain
+    handed back to ``add_used`` that is not in flight."""
     watcher = _InternalErrors()
     loggers = [logging.getLogger(name) for name in ("avatar_hw.virtio.transport",
-                                                    "avatar_hw.virtio.device")]
+                                                    "avatar_hw.virtio.device",
+                                                    "avatar_hw.virtio.queue")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(watcher)
