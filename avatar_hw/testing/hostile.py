@@ -169,6 +169,24 @@ class RandomGuest:
         length = r.choice([r.randint(0, 256), r.getrandbits(32)])
         return addr, length, r.randrange(8), r.randrange(21)
 
+    def contents(self, base, size, descs):
+        """``[(gpa, bytes)]``: what the guest writes into the buffers of ``descs`` (those
+        inside its RAM) so that devices parse requests, not zeros: a first 32-bit word that
+        is often a plausible type, size or command (small, or a GPU command), then random
+        bytes, often small values."""
+        r = self.rng
+        out = []
+        for addr, length, _, _ in descs:
+            n = min(length, 512, base + size - addr)
+            if addr < base or n <= 0:
+                continue
+            first = r.choice([r.randrange(16), r.randrange(0x400), r.randrange(0x100, 0x10B),
+                              0x300, 0x301, n, r.getrandbits(32)])
+            tail = (r.randbytes(n) if r.random() < 0.5
+                    else bytes(r.choice((0, 0, 1, 2, 3, 0xFF)) for _ in range(n)))
+            out.append((addr, (first.to_bytes(4, "little") + tail)[:n]))
+        return out
+
     def rings(self, base, size):
         """Keyword arguments of ``random_rings`` but ``bench`` and ``indices``."""
         r = self.rng
