@@ -201,10 +201,10 @@ def main(argv=None):
         json.dump(result, sys.stdout, indent=2)
         print()
     else:
+        cpu_ms = max(result["longest_trap_cpu_ms_by_kind"].values())
         print(f"steps {result['steps']} ({result['rounds']} rounds, seed {seed}) in "
               f"{result['wall_s']} s; peak RSS {result['peak_rss_mib']} MiB; longest trap "
-              f"{result['longest_trap_ms']} ms ({max(result['longest_trap_cpu_ms_by_kind'].values())}"
-              f" ms of CPU), longest loop turn "
+              f"{result['longest_trap_ms']} ms ({cpu_ms} ms of CPU), longest loop turn "
               f"{result['longest_loop_turn_ms']} ms; {len(result['failures'])} failures")
         for failure in result["failures"]:
             print(f"  round {failure['round']} ({failure['kind']}): {failure['error']}")
