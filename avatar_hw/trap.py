@@ -35,8 +35,9 @@ getting more turns per pass than another (docs/devices.md, "Hostile guests").
 
 A slot whose fields make no sense (a size of 3, an unknown direction, an
 address outside the VM's own virtio window) is answered UNHANDLED with a
-logged warning, and an exception from ``dispatch`` is logged and answered
-UNHANDLED too: nothing posted can stop the daemon.
+warning, and an exception from ``dispatch`` is logged and answered UNHANDLED
+too: nothing posted can stop the daemon. Both are counted (``malformed``,
+``handler_errors``) and their lines rate-limited: a guest can repeat them.
 """
 
 import fcntl
@@ -112,6 +113,9 @@ class TrapPage:
         self.slots = ()
         self._slot_bits = ()            # (1 << i, slot i): what a scan walks
         self._warn = RateLimitedLog(log, first=10)
+        # A device bug a guest's accesses reach can be repeated at trap rate: counted in
+        # ``stats.handler_errors``, its tracebacks rate-limited like the guest's lines.
+        self._handler_error_log = RateLimitedLog(log, first=10, level=logging.ERROR)
         self.lock_path = lock
         self._lock_fd = None
         self.stopped_at_budget = False
@@ -138,6 +142,11 @@ class TrapPage:
         self._account_base = [0] * layout.max_vms
         self._halved_at = clock()
         self._deferred = 0              # bit i: slot i was put off by the last pass
+        # The fair order's scratch, made once (nothing allocated per pass): per VM, its
+        # recent account and the bits of its slots posted in this pass; the last entry of
+        # ``_posted_by_vm`` takes the slots naming no VM of the layout.
+        self._recent = [0] * layout.max_vms
+        self._posted_by_vm = [0] * (layout.max_vms + 1)
 
     # -- attach / detach ----------------------------------------------------------
 
@@ -353,22 +362,35 @@ class TrapPage:
         """The slots of ``posted`` (two or more) this pass leaves to the next: those of
         VMs above their share of the recent traps, unless the last pass put them
         off already. Another VM's slot is always served in this pass. A slot naming no
-        VM of the layout (answered UNHANDLED) is never put off."""
-        recent = self._recent_accounts()
-        owners = {}                     # VM -> bits of its posted slots
+        VM of the layout (answered UNHANDLED) is never put off; such slots count as one
+        more VM among those posting. Allocates nothing (per-VM lists made once)."""
+        recent = self._update_recent()
+        by_vm = self._posted_by_vm
+        none = len(recent)              # by_vm's entry for slots naming no VM
+        owners = 0
         for bit, slot in self._slot_bits:
             if posted & bit:
                 vm = slot.vm_id
-                owners[vm] = owners.get(vm, 0) | bit
+                if vm >= none:
+                    vm = none
+                if not by_vm[vm]:
+                    owners += 1
+                by_vm[vm] |= bit
         put_off = 0
-        if len(owners) > 1:
-            total = sum(recent[vm] for vm in owners if vm < len(recent))
-            for vm, bits in owners.items():
-                if vm < len(recent) and recent[vm] * len(owners) > total:
+        if owners > 1:
+            total = 0
+            for vm in range(none):
+                if by_vm[vm]:
+                    total += recent[vm]
+            for vm in range(none):
+                bits = by_vm[vm]
+                if bits and recent[vm] * owners > total:
                     bits &= ~self._deferred
                     if bits:
                         put_off |= bits
                         self.vm_deferred[vm] += bits.bit_count()
+        for vm in range(none + 1):
+            by_vm[vm] = 0
         self._deferred = put_off
         return put_off
 
@@ -428,8 +450,9 @@ class TrapPage:
                 handled, value = dispatch(window, offset, data, is_write, size)
             except Exception:  # the trap path must answer whatever a device does
                 self.stats.handler_errors += 1
-                log.exception("slot %d: dispatch failed on %s of %d bytes at 0x%x",
-                              index, "write" if is_write else "read", size, gpa)
+                self._handler_error_log("slot %d: dispatch failed on %s of %d bytes at 0x%x",
+                                        index, "write" if is_write else "read", size, gpa,
+                                        exc_info=True)
                 handled = False
             if handled:
                 status, value = abi.STATUS_OK, (value or 0) & _MASKS[size]
@@ -468,16 +491,19 @@ class TrapPage:
             trace(*who, gpa, size, is_write, data if is_write else value, status, took, window,
                   offset)
 
-    def _recent_accounts(self):
-        """Each VM's traps since its account was last halved; the accounts halve when
-        ``FAIR_WINDOW_NS`` passed since the last halving."""
-        traps, base = self.vm_traps, self._account_base
+    def _update_recent(self):
+        """``_recent``, updated in place: each VM's traps since its account was last halved;
+        the accounts halve when ``FAIR_WINDOW_NS`` passed since the last halving."""
+        traps, base, recent = self.vm_traps, self._account_base, self._recent
         now = self.clock()
-        if now - self._halved_at >= FAIR_WINDOW_NS:
+        halve = now - self._halved_at >= FAIR_WINDOW_NS
+        if halve:
             self._halved_at = now
-            for vm, total in enumerate(traps):
-                base[vm] += (total - base[vm] + 1) >> 1
-        return [total - old for total, old in zip(traps, base)]
+        for vm in range(len(recent)):
+            if halve:
+                base[vm] += (traps[vm] - base[vm] + 1) >> 1
+            recent[vm] = traps[vm] - base[vm]
+        return recent
 
     def _decode(self, index, slot, gpa, size, direction, data):
         """The window number of a well-formed slot of its own VM, else -1 (UNHANDLED;

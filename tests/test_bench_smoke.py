@@ -59,10 +59,21 @@ def test_core_bench_runs_and_completes_every_chain(capsys):
     assert "QueueNotify, per 4 KiB chain" in capsys.readouterr().out
 
 
-def test_soak_runs_a_few_hundred_steps_without_failure():
-    from bench.soak import soak
+def test_soak_runs_a_few_hundred_steps_without_failure(monkeypatch):
+    from avatar_hw.virtio.subsystem import Subsystem
+    from bench.soak import KINDS, soak
+    traps = []
+    handle = Subsystem.handle_mmio_trap
+
+    def counted(self, addr, value, is_write, size):
+        traps.append(addr)
+        return handle(self, addr, value, is_write, size)
+
+    monkeypatch.setattr(Subsystem, "handle_mmio_trap", counted)
     result = soak(300, seed=13)
     assert result["steps"] >= 300 and result["failures"] == []
+    assert result["steps"] == len(traps)                     # a step is one trap, once
+    assert set(result["longest_trap_ms_by_kind"]) == set(KINDS)
     assert sum(result["guest_errors"].values()) > 0          # the guest did misbehave
 
 

@@ -2,6 +2,7 @@
 never answers with an internal error, and never touches memory outside the VM."""
 
 import contextlib
+import os
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -46,7 +47,8 @@ def device_for(kind):
     return RecordingDevice(queue_sizes=(8, 16), hold=kind == "holding")
 
 
-FUZZ = settings(max_examples=300, deadline=None,
+# AVATAR_FUZZ_EXAMPLES=3000: a deeper run (docs/devices.md, "Soak"); CI's is 300.
+FUZZ = settings(max_examples=int(os.environ.get("AVATAR_FUZZ_EXAMPLES", 300)), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

@@ -7,6 +7,7 @@ VM's traffic by sending with its MAC. No time is asserted: the budgets are count
 chains and descriptors (bench/hostile.py measures the times).
 """
 
+import contextlib
 import logging
 import socket
 
@@ -22,7 +23,7 @@ from avatar_hw.devices.gpu import GpuDevice
 from avatar_hw.devices.p9 import P9Device
 from avatar_hw.devices.rng import RngDevice
 from avatar_hw.devices.vsock import VsockDevice
-from avatar_hw.testing.hostile import flood, forget_used, indirect_chain
+from avatar_hw.testing.hostile import flood, forget_used, indirect_chain, internal_errors
 from avatar_hw.testing.virtio import VirtioBench
 from avatar_hw.virtio import constants as c
 from avatar_hw.virtio import queue as virtqueue
@@ -351,6 +352,41 @@ def test_guest_triggered_errors_are_rate_limited_and_counted(block, caplog):
     assert info["errors"] >= 300 and info["log_lines_suppressed"] > 200
 
 
+def test_a_device_bug_whose_failing_fails_too_is_rate_limited_and_counted(block, caplog,
+                                                                          monkeypatch):
+    """A device bug the guest reaches by a register write, and DEVICE_NEEDS_RESET failing
+    too (the host side of ``fail`` broken, e.g. its state store), repeated by resetting the
+    device each time: old code, one ERROR with a traceback per round. Now a few lines,
+    and ``logged_errors`` counts every event."""
+    caplog.set_level(logging.DEBUG, logger="avatar_hw")
+
+    failing = []
+
+    def bug(*args):
+        failing.append(True)
+        raise RuntimeError("device bug")
+
+    def store_broken():                     # only in the ``fail`` the bug causes
+        if failing:
+            failing.clear()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(block.device, "write_config", bug)
+    monkeypatch.setattr(block.transport.context, "registers_changed", store_broken)
+    rounds = 300
+    for _ in range(rounds):
+        block.ram.reset_alloc()
+        block.driver.init([0], buf_size=0, size=8)
+        block.driver.write_config(0, 1, size=1)
+        block.driver.reset()
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(loud) < 70, len(loud)
+    info = block.device.info()
+    # per round: the internal error, DEVICE_NEEDS_RESET, failing it failed
+    assert info["logged_errors"] == 3 * rounds
+    assert info["errors"] == rounds and info["log_lines_suppressed"] >= 3 * rounds - 70
+
+
 def test_a_failing_log_file_logs_a_few_lines_and_counts_the_rest(loop, caplog):  # noqa: F811
     """A console's file endpoint on a full disk (/dev/full): every transmit buffer of the
     guest meets the error; a few ERROR lines, the rest counted in the port's info."""
@@ -392,3 +428,119 @@ def test_a_guest_sending_with_another_vms_mac_gets_nothing_of_its_traffic(tmp_pa
     finally:
         for nic in (a, b, thief):
             nic.close()
+
+
+# -- resets racing held chains -------------------------------------------------------------------
+
+def _reset(bench, how, index):
+    """The guest takes back queue ``index`` while the device holds chains of it."""
+    driver = bench.driver
+    if how == "device":
+        driver.reset()
+    else:
+        driver.write(c.REG_QUEUE_SEL, index)
+        driver.write(c.REG_QUEUE_RESET if how == "queue-reset" else c.REG_QUEUE_READY,
+                     1 if how == "queue-reset" else 0)
+
+
+class _Holding:
+    """One device kind that holds chains until a host event: ``hold()`` makes it hold some
+    of queue ``index`` (returns the driver's queue; ``room``: a net receive buffer's size),
+    ``event()`` is what would complete them (input, the client reading, a frame, a
+    timer)."""
+
+    def __init__(self, tmp_path, loop, kind):
+        self.kind, self.loop, self.peer = kind, loop, None
+        if kind in ("console-rx", "console-tx"):
+            path = str(tmp_path / "c.sock")
+            self.bench = VirtioBench(ConsoleDevice(f"unix:{path}"), loop=loop,
+                                     ram_size=8 << 20)
+            self.peer = socket.socket(socket.AF_UNIX)
+            self.peer.connect(path)
+            self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            self.peer.setblocking(False)
+            self.index = 0 if kind == "console-rx" else 1
+        elif kind == "rng":
+            self.bench = VirtioBench(RngDevice(rate=64), loop=loop)
+            self.index = 0
+        elif kind == "balloon":
+            self.bench = VirtioBench(BalloonDevice(stats_interval=60), loop=loop)
+            self.index = 2
+        else:
+            path = str(tmp_path / "s.sock")
+            self.bench = Nic(loop, f"switch:{path}", mac_=MAC_B).bench
+            self.peer = Nic(loop, f"switch:{path}", mac_=MAC_A)
+            self.index = net.RX
+        spin(loop)
+
+    def hold(self, room=64):
+        bench, ram = self.bench, self.bench.ram
+        ram.reset_alloc()
+        queues = bench.driver.init(range(len(bench.device.queues)), buf_size=16384, size=16)
+        q = queues[self.index]
+        if self.kind == "console-tx":                  # more than the client's socket takes
+            for _ in range(16):
+                q.post(readable=[bytes(16384)])
+        elif self.kind == "balloon":
+            q.post(readable=[bytes(10)])
+        elif self.kind == "net":                # a frame waits for more room (64: held)
+            for _ in range(2):
+                q.post(writable=[room])
+        else:
+            for _ in range(4):
+                q.post(writable=[64])
+        q.notify()
+        if self.kind == "net":
+            self.peer.send(frame(mac(MAC_B), mac(MAC_A), bytes(1000)))
+        spin(self.loop)
+        return q
+
+    def event(self):
+        if self.kind == "console-rx":
+            self.peer.send(b"input")
+        elif self.kind == "console-tx":
+            with contextlib.suppress(BlockingIOError):
+                while self.peer.recv(65536):
+                    pass
+        elif self.kind == "balloon":
+            self.bench.device._request_stats()         # its timer's callback, now
+        elif self.kind == "net":
+            self.peer.send(frame(mac(MAC_B), mac(MAC_A), bytes(1000)))
+        elif self.kind == "rng":
+            self.bench.device.bucket.tokens = 1 << 20  # the timer's tokens, now
+            self.bench.device._on_timer()
+        spin(self.loop, 10)
+
+    def close(self):
+        if isinstance(self.peer, socket.socket):
+            self.peer.close()
+        elif self.peer is not None:
+            self.peer.close()
+        self.bench.subsystem.close()
+        self.bench.check_guards()
+
+
+@pytest.mark.parametrize("kind", ["console-rx", "console-tx", "rng", "balloon", "net"])
+def test_resets_racing_held_chains_never_complete_a_chain_twice_or_stale(kind, tmp_path,
+                                                                         loop):  # noqa: F811
+    """The guest resets the device, resets the queue (VIRTIO_F_RING_RESET) or disables it
+    while the device holds its chains, and the host event that would complete them comes
+    after: nothing is completed from before the reset (``add_used`` would log "not in
+    flight", counted as a device bug), and the next round's chains are served."""
+    held = _Holding(tmp_path, loop, kind)
+    try:
+        with internal_errors() as bugs:
+            for round_ in range(12):
+                q = held.hold()
+                assert held.bench.device.queues[held.index].in_flight or kind == "net"
+                _reset(held.bench, ("device", "queue-reset", "queue-ready")[round_ % 3],
+                       held.index)
+                held.event()
+                q = held.hold(room=2048)
+                held.event()
+                assert q.get_used(read_data=False), f"round {round_}: nothing served"
+                held.bench.driver.reset()
+                spin(loop)
+        assert bugs == []
+    finally:
+        held.close()

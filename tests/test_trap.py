@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import tracemalloc
 
 import pytest
 
@@ -144,6 +145,23 @@ def test_handler_exception_is_logged_and_answered_unhandled(page, caplog):
         assert exchange(stub, trap, broken, 0, 0, VM0_DEV0, 4, False) == (1, 0)
     assert "device bug" in caplog.text
     assert trap.stats.handler_errors == 1
+
+
+def test_a_handler_exception_repeated_by_a_guest_is_counted_and_its_lines_rate_limited(
+        page, caplog):
+    """A device bug a guest's access reaches, repeated at trap rate: every one counted,
+    only the first ones (and one in 1000) logged at ERROR with their traceback."""
+    stub, trap = page
+
+    def broken(*args):
+        raise RuntimeError("device bug")
+
+    with caplog.at_level(logging.ERROR, logger="avatar_hw.trap"):
+        for _ in range(3000):
+            assert exchange(stub, trap, broken, 0, 0, VM0_DEV0, 4, False) == (1, 0)
+    assert trap.stats.handler_errors == 3000
+    lines = [r for r in caplog.records if "dispatch failed" in r.getMessage()]
+    assert 10 <= len(lines) <= 13 and all(r.exc_info for r in lines)
 
 
 def test_posted_write_is_handled_and_the_model_frees_the_slot(page):
@@ -734,6 +752,31 @@ def test_a_vm_above_its_share_is_put_off_at_most_once_in_a_row(fair_page):
     runs = "".join(map(str, order)).split("1")
     assert max(len(run) for run in runs[1:-1]) <= 4
     assert 0 < trap.vm_deferred[1] <= 51
+
+
+def test_the_fair_order_allocates_nothing_per_pass(fair_page):
+    """Its per-VM scratch is made once: a pass over slots of two VMs builds no dict or
+    list (either alone would take more than 100 bytes; iterators and the clock's ints take
+    less)."""
+    stub, trap = fair_page
+    for _ in range(10):                     # VM 1 above its share
+        for vcpu in VM1_SLOTS:
+            post(stub, vcpu)
+        trap.serve_until_idle(Recorder())
+    for vcpu in (*VM1_SLOTS, VM0_SLOT):
+        post(stub, vcpu)
+    trap._put_off(0b1111)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        for _ in range(100):
+            trap._put_off(0b1111)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak - before < 200
+    assert trap.vm_deferred[1] > 0               # the passes did put VM 1's slots off
 
 
 def test_detach_answers_slots_the_fair_order_would_put_off(fair_page):

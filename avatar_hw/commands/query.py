@@ -36,7 +36,7 @@ def format_queue(q):
 # keys every device's entry has; the rest are the device's own (block's image, 9p's tag, ...)
 COMMON_KEYS = {"vm", "slot", "name", "device_id", "base", "irq", "legacy", "status", "requests",
                "bytes_from_guest", "bytes_to_guest", "errors", "interrupts", "guest_errors",
-               "log_lines_suppressed", "offered_features", "driver_features",
+               "logged_errors", "log_lines_suppressed", "offered_features", "driver_features",
                "negotiated_features", "interrupt_status", "config_generation", "queues"}
 
 
@@ -48,8 +48,9 @@ def format_device(d, indent="  "):
              f"posted {d.get('posted_writes', 0)}, shadow {d.get('shadow_reads', 0)}, "
              f"acks at the stub {d.get('stub_acks', 0)}; guest->host {_bytes(d['bytes_from_guest'])}, "
              f"host->guest {_bytes(d['bytes_to_guest'])}; requests {d['requests']}; "
-             f"errors {d['errors']}; guest errors {d.get('guest_errors', 0)} (log lines "
-             f"suppressed {d.get('log_lines_suppressed', 0)})"]
+             f"errors {d['errors']}; guest errors {d.get('guest_errors', 0)}, logged errors "
+             f"{d.get('logged_errors', 0)} (log lines suppressed "
+             f"{d.get('log_lines_suppressed', 0)})"]
     if "balloon" in d:
         lines.append(f"{indent}{format_balloon(d['balloon'])}")
     own = [f"{key} {value}" for key, value in d.items() if key not in COMMON_KEYS

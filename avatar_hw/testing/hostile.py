@@ -58,22 +58,27 @@ def forget_used(queue):
 # -- scribbling (the fuzzers' moves) ---------------------------------------------------------------
 
 class _InternalErrors(logging.Handler):
+    BUGS = ("internal error", "not in flight")      # the second: ``Virtqueue.add_used``
+
     def __init__(self):
         super().__init__(logging.DEBUG)
         self.records = []
 
     def emit(self, record):
-        if "internal error" in record.getMessage():
+        message = record.getMessage()
+        if any(bug in message for bug in self.BUGS):
             self.records.append(record)
 
 
 @contextlib.contextmanager
 def internal_errors():
-    """The log records of device errors that escaped into a catch-all (a device bug), as a
-    list filled while the ``with`` block runs (those the rate limit sends to debug too)."""
+    """The log records of device bugs, as a list filled while the ``with`` block runs (those
+    the rate limit sends to debug too): errors that escaped into a catch-all, and a chain
+    handed back to ``add_used`` that is not in flight."""
     watcher = _InternalErrors()
     loggers = [logging.getLogger(name) for name in ("avatar_hw.virtio.transport",
-                                                    "avatar_hw.virtio.device")]
+                                                    "avatar_hw.virtio.device",
+                                                    "avatar_hw.virtio.queue")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(watcher)
@@ -163,6 +168,24 @@ class RandomGuest:
                          r.randint(base + size - 32, base + size + 32)])
         length = r.choice([r.randint(0, 256), r.getrandbits(32)])
         return addr, length, r.randrange(8), r.randrange(21)
+
+    def contents(self, base, size, descs):
+        """``[(gpa, bytes)]``: what the guest writes into the buffers of ``descs`` (those
+        inside its RAM) so that devices parse requests, not zeros: a first 32-bit word that
+        is often a plausible type, size or command (small, or a GPU command), then random
+        bytes, often small values."""
+        r = self.rng
+        out = []
+        for addr, length, _, _ in descs:
+            n = min(length, 512, base + size - addr)
+            if addr < base or n <= 0:
+                continue
+            first = r.choice([r.randrange(16), r.randrange(0x400), r.randrange(0x100, 0x10B),
+                              0x300, 0x301, n, r.getrandbits(32)])
+            tail = (r.randbytes(n) if r.random() < 0.5
+                    else bytes(r.choice((0, 0, 1, 2, 3, 0xFF)) for _ in range(n)))
+            out.append((addr, (first.to_bytes(4, "little") + tail)[:n]))
+        return out
 
     def rings(self, base, size):
         """Keyword arguments of ``random_rings`` but ``bench`` and ``indices``."""

@@ -165,6 +165,11 @@ class DeviceContext:
         return self._guest_error_log.count
 
     @property
+    def logged_errors(self):
+        """``fail`` and ``error`` events, each counted whether its line went out or not."""
+        return self._error_log.count
+
+    @property
     def log_lines_suppressed(self):
         """Lines of these logs sent to debug by the rate limit (the queues count theirs)."""
         return self._guest_error_log.suppressed + self._error_log.suppressed

@@ -189,7 +189,10 @@ class VirtioDevice:
                         on_failure()
                     self.fail(f"internal error: {err!r}")
                 except Exception:
-                    log.exception("%s: failing the device failed too", self.name)
+                    if self.context is not None:     # rate-limited, as above
+                        self.context.error("failing the device failed too", exc_info=True)
+                    else:
+                        log.exception("%s: failing the device failed too", self.name)
         return call
 
     @property
@@ -286,6 +289,7 @@ class VirtioDevice:
                 **self.counters,
                 # what the guest caused: logged (rate-limited) and counted
                 "guest_errors": ctx.guest_errors if ctx else 0,
+                "logged_errors": ctx.logged_errors if ctx else 0,
                 "log_lines_suppressed": ctx.log_lines_suppressed + sum(
                     q.log_lines_suppressed for q in self.queues) if ctx else 0}
 

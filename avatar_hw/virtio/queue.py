@@ -366,6 +366,14 @@ class Virtqueue:
         chain from before a reset, or a device bug.
         """
         if not self.ready or not self._in_flight[head]:
+            # Not rate-limited, on purpose: no guest can reach this. ``head`` comes from a
+            # chain ``pop`` handed out (never from guest RAM), and ``_in_flight`` lives in
+            # the daemon; a guest rewriting its rings is caught by ``pop`` (a head offered
+            # twice breaks the queue), and a device or queue reset reaches the device's
+            # ``reset``/``queue_reset`` hooks, which drop the chains it holds, before the
+            # guest can make the device complete anything again. So this line is a device
+            # bug (a held chain not dropped), loud; ``testing.hostile.internal_errors``,
+            # thus the fuzz tests and ``bench.soak``, count it as a failure.
             log.error("queue %d: add_used of head %d which is not in flight (ignored)",
                       self.index, head)
             return False

@@ -243,8 +243,8 @@ class Subsystem:
                             transport.window + offset, exc_info=True)
             try:
                 transport.fail(f"internal error: {err!r}")
-            except Exception:
-                log.exception("%s: failing the device failed too", transport)
+            except Exception:        # rate-limited: the guest can repeat the access
+                transport.error("failing the device failed too", exc_info=True)
             return _WRITE_DONE
 
     # -- debugging ---------------------------------------------------------------------------
