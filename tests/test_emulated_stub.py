@@ -16,6 +16,7 @@ from avatar_hw import abi
 from avatar_hw.emulated import memory_map as mm
 from avatar_hw.emulated.build import build_program, build_stub
 from avatar_hw.emulated.machine import EmulatedMachine
+from avatar_hw.interrupts import StubInterruptLine
 from avatar_hw.trap import TrapPage
 from avatar_hw.wait import ADAPTIVE, BUSY_POLL, DOORBELL
 
@@ -205,4 +206,51 @@ def test_no_host_doorbell_is_lost_while_the_stub_drains_the_uart():
             f"the guest waited for INTID 48 forever after {len(rounds)} of "
             f"{DOORBELL_ROUNDS} rounds: the stub took no more doorbells from the host")
         assert rounds == list(range(DOORBELL_ROUNDS, 0, -1))
+        del trap
+
+
+WFI_ROUNDS = 20
+WFI_FLAGS = mm.RAM_BASE + 0x01000000     # wfi_probe.S FLAGS
+
+
+def test_a_request_made_before_the_guests_wfi_is_injected_with_no_doorbell():
+    """The stub traps the guest's WFI and polls virq_pending first (boards/emulated/idle.c):
+    an INTID the model requests without ringing the stub, while the guest runs with no
+    exit to EL2 between the request and its WFI, is injected from that WFI. Without the
+    poll the guest halts for good: nothing else would ever make it exit."""
+    probe = build_probe("wfi_probe")
+    rounds = []
+    with EmulatedMachine(build_stub(), probe, model_wait_ms=10000) as machine:
+        region = machine.trap_region()
+        flags = machine.map(WFI_FLAGS, 8, "wfi_probe flags")
+        trap = TrapPage(region, mm.LAYOUT)
+        trap.wait_ready(10)
+        silent_line = StubInterruptLine(region, ring_stub=lambda: None)
+
+        def request_when_back(n):           # the guest runs again: request, then tell it
+            while flags.load_acquire32(0) != n and machine.process.poll() is None:
+                time.sleep(0.0001)
+            silent_line.raise_intid(48)
+            flags.store_release32(4, n)
+
+        def handler(window, offset, value, is_write, size):
+            if not is_write:
+                return True, WFI_ROUNDS if offset == 0x300 else 0
+            rounds.append(value)
+            threading.Thread(target=request_when_back, args=(value,), daemon=True).start()
+            return True, 0
+
+        trap.attach()
+        progress = (0, time.monotonic())
+        while machine.process.poll() is None:
+            machine.uart.doorbell.wait(0.05)
+            trap.serve_until_idle(handler)
+            if len(rounds) != progress[0]:
+                progress = (len(rounds), time.monotonic())
+            elif time.monotonic() - progress[1] > 30:
+                break                       # no round for 30 s: the guest sleeps for good
+        assert machine.wait(10) == 0, (
+            f"the guest waited in WFI for INTID 48 forever after {len(rounds)} of "
+            f"{WFI_ROUNDS} rounds: the stub's WFI poll did not see the request")
+        assert rounds == list(range(WFI_ROUNDS, 0, -1))
         del trap

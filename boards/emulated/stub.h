@@ -163,6 +163,12 @@ int trap_wait_model(u32 ms);
 void trap_kick_other_vms(void);
 u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value);
 void trap_take_virq_requests(void);
+int trap_virq_requested(void);
+
+/* idle.c */
+void idle_init(void);
+void idle_wfi(void);
+void idle_woken(void);
 
 /* board.c: board mode (CPU0 runs the board Linux) */
 extern u32 board_linux;

@@ -273,6 +273,16 @@ static u32 vm_mask(const struct vm_trap *t, u32 w)
     return mask;
 }
 
+/* Whether the model asked for any of this VM's INTIDs (plain loads: a hint, taken later). */
+int trap_virq_requested(void)
+{
+    const struct vm_trap *t = &vm_traps[cpu_index()];
+    for (u32 w = t->irq_base / 32; w <= (t->irq_base + t->irq_count - 1) / 32; w++)
+        if (hdr->virq_pending[w] & vm_mask(t, w))
+            return 1;
+    return 0;
+}
+
 void trap_take_virq_requests(void)
 {
     const struct vm_trap *t = &vm_traps[cpu_index()];
