@@ -4,7 +4,8 @@
  * the request and the WFI: after each "ready" write it notes in RAM that it runs again
  * (word 0 = the round), spins until the host has set INTID 48's virq_pending bit without
  * ringing the stub and said so (word 4 = the round), then waits in WFI until INTID 48
- * comes (tests/test_emulated_stub.py).
+ * comes (tests/test_emulated_stub.py). With a mode of 1 (read at window offset 0x304) it
+ * goes to WFI at once, and the host requests while the stub polls or sleeps.
  */
 #include "gic_on.h"
 #define FLAGS 0x41000000            /* two words of guest RAM the host reads and writes */
@@ -20,10 +21,12 @@ _start:
     isb
     gic_on                          /* gic_on.h (w9 = 1) */
     ldr     w24, [x20, #0x300]      /* rounds, from the model */
+    ldr     w26, [x20, #0x304]      /* mode, from the model */
 1:  cbz     w24, 3f
     mov     x21, #0
     str     w24, [x20, #0x200]      /* "ready" */
     str     w24, [x25]              /* back in the guest */
+    cbnz    w26, 5f                 /* mode 1: no wait for the request */
 2:  ldr     w9, [x25, #4]           /* until the host requested INTID 48 */
     cmp     w9, w24
     b.ne    2b
