@@ -215,11 +215,12 @@ WFI_FLAGS = mm.RAM_BASE + 0x01000000     # wfi_probe.S FLAGS
 INTID_48 = (48 // 32, 1 << (48 % 32))    # virq_pending / virq_polling word and bit
 
 
-def serve_wfi_probe(machine, trap, rounds, on_ready, mode=0):
+def serve_wfi_probe(machine, trap, rounds, on_ready, mode=0, wait=DOORBELL):
     """Serve wfi_probe.S for ``rounds`` rounds in ``mode`` (0: the guest waits for the
     host's word 4 before its WFI; 1: it goes to WFI at once); ``on_ready(n)`` is called at
-    round n's "ready" write (the guest's vCPU waits for its answer meanwhile). Returns the
-    rounds seen; stops after 30 s with none (the guest sleeps for good)."""
+    round n's "ready" write (the guest's vCPU waits for its answer meanwhile). ``wait``:
+    the model's (the stub polls in a WFI only while the model is awake: busy-poll).
+    Returns the rounds seen; stops after 30 s with none (the guest sleeps for good)."""
     seen = []
 
     def handler(window, offset, value, is_write, size):
@@ -229,10 +230,11 @@ def serve_wfi_probe(machine, trap, rounds, on_ready, mode=0):
         on_ready(value)
         return True, 0
 
-    trap.attach()
+    trap.attach(wait=wait)
     progress = (0, time.monotonic())
     while machine.process.poll() is None:
-        machine.uart.doorbell.wait(0.05)
+        if not trap.polling:
+            machine.uart.doorbell.wait(0.05)
         trap.serve_until_idle(handler)
         if len(seen) != progress[0]:
             progress = (len(seen), time.monotonic())
@@ -283,9 +285,9 @@ def test_a_request_made_before_the_guests_wfi_is_injected_with_no_doorbell():
     ids=["while-polling", "last-look"])
 def test_a_request_made_while_the_stub_polls_is_injected_with_no_uart_byte(defines, delay,
                                                                           count):
-    """AVT_F_HALT_POLL: while the stub polls in the guest's WFI it sets its VM's
-    virq_polling bits, and the model's real interrupt line sets virq_pending without
-    sending the UART byte; the poll injects the INTID. "last-look": the stub's window (20
+    """AVT_F_HALT_POLL: while the stub polls in the guest's WFI (the model awake: it
+    busy-polls) it sets its VM's virq_polling bits, and the model's real interrupt line
+    sets virq_pending without sending the UART byte; the poll injects the INTID. "last-look": the stub's window (20
     µs, fixed) has run out when the model requests, 2 ms after it saw polling set, but the
     test build keeps polling published for 1 s more; only the stub's look at virq_pending
     after it clears polling can then see the request (without it the guest sleeps for
@@ -305,7 +307,8 @@ def test_a_request_made_while_the_stub_polls_is_injected_with_no_uart_byte(defin
             time.sleep(delay)
             line.raise_intid(48)
 
-        rounds = serve_wfi_probe(machine, trap, count, in_thread(request_while_polling), mode=1)
+        rounds = serve_wfi_probe(machine, trap, count, in_thread(request_while_polling), mode=1,
+                                 wait=BUSY_POLL)
         assert machine.wait(10) == 0, (
             f"the guest waited in WFI for INTID 48 forever after {len(rounds)} of {count} "
             f"rounds (UART bytes sent {line.rings}, spared {line.rings_skipped})")
@@ -320,7 +323,8 @@ def test_a_request_made_while_the_stub_polls_is_injected_with_no_uart_byte(defin
 def test_a_request_made_once_the_stub_stopped_polling_sends_the_uart_byte():
     """The other half of the Dekker pair: once the stub has cleared virq_polling (its
     window ran out, or it had none, and the guest sleeps in its own WFI), the model's
-    line sends the byte; nothing else would wake the guest."""
+    line sends the byte; nothing else would wake the guest. The model busy-polls, so the
+    stub polls (10 µs at first, then as its window adapts)."""
     with EmulatedMachine(build_stub(), build_probe("wfi_probe"), model_wait_ms=10000) as machine:
         region = machine.trap_region()
         trap = TrapPage(region, mm.LAYOUT)
@@ -338,10 +342,12 @@ def test_a_request_made_once_the_stub_stopped_polling_sends_the_uart_byte():
             threading.Thread(target=request_once_asleep, args=(n, sleeps()),
                              daemon=True).start()
 
-        rounds = serve_wfi_probe(machine, trap, WFI_ROUNDS, on_ready, mode=1)
+        rounds = serve_wfi_probe(machine, trap, WFI_ROUNDS, on_ready, mode=1, wait=BUSY_POLL)
         assert machine.wait(10) == 0, (
             f"the guest waited in WFI for INTID 48 forever after {len(rounds)} of "
             f"{WFI_ROUNDS} rounds (UART bytes sent {line.rings}, spared {line.rings_skipped})")
         assert rounds == list(range(WFI_ROUNDS, 0, -1))
         assert (line.rings, line.rings_skipped) == (WFI_ROUNDS, 0)
+        counters = trap.vm_counters(0)
+        assert counters["wfi_ran_out"] >= 1 and counters["wfi_caught"] == 0, counters
         del trap

@@ -31,13 +31,17 @@
  * exact wake-up conditions (its virtual interrupts, GICV priority mask and all). The
  * exception that wakes it (an IRQ: the doorbell, a timer, a kick) sets TWI again.
  *
- * The window adapts, as Linux KVM's halt_poll_ns: a wake-up that came within
+ * The stub polls only while the model is awake (model_sleeping clear: it busy-polls, is
+ * in the adaptive mode's window, or serves a doorbell): a sleeping model answers only
+ * after its own doorbell's trip through QEMU's main loop and the launcher, hundreds of
+ * microseconds on a loaded host, which no bounded poll would see (measured: a doorbell
+ * daemon with the poll ran 23-60 % slower, the polls running out). The window adapts, as
+ * Linux KVM's halt_poll_ns, on those waits only: a wake-up that came within
  * GROW_LIMIT_US of the WFI grows it (x2, from POLL_START_US, at most POLL_MAX_US): a
- * poll that long might have seen it; a longer sleep (an idle guest's timer tick, a
- * daemon woken through its own doorbell on a loaded host) resets it to 0, and with a
- * window of 0 nothing is published or polled. So an idle guest pays one trap per WFI and
- * no polling, and a busy one spins at most POLL_MAX_US of each wait. Under TCG the spin
- * costs a host core for that long.
+ * poll that long might have seen it; a longer sleep (an idle guest's timer tick) resets it
+ * to 0, and with a window of 0 nothing is published or polled. So an idle guest pays one
+ * trap per WFI and no polling, and a busy one spins at most POLL_MAX_US of each wait.
+ * Under TCG the spin costs a host core for that long.
  *
  * Counters in the vCPU's slot (stub only, informational): wfi_caught (the poll, or the
  * last look, saw a request), wfi_ran_out (a window ran out), wfi_slept (no window).
@@ -55,6 +59,7 @@
 struct idle {
     u64 window;         /* ticks to poll at the next trapped WFI */
     u64 halted_at;      /* the counter at the WFI the guest now sleeps in (TWI clear), or 0 */
+    int adapt;          /* that sleep began with the model awake: it adapts the window */
 };
 
 static struct idle idles[MAX_VMS];
@@ -103,8 +108,10 @@ void idle_wfi(void)
     struct idle *s = &idles[cpu_index()];
     volatile struct avt_slot *slot = trap_slot();
     u64 start = counter();
-    int published = s->window && trap_publish_polling(1);
-    enum seen seen = poll(start, s->window);
+    int awake = trap_model_awake();
+    u64 window = awake ? s->window : 0;
+    int published = window && trap_publish_polling(1);
+    enum seen seen = poll(start, window);
 #ifdef STUB_TEST_HALT_POLL_HOLD_US
     /* Tests only: keep polling published, not looking, after the window ran out, so that
      * the host requests then without a ring and only the last look below can see it. */
@@ -125,8 +132,9 @@ void idle_wfi(void)
         write_sysreg(elr_el2, read_sysreg(elr_el2) + 4);
         return;                         /* before_guest_resumes takes and injects it */
     }
-    count(s->window ? &slot->wfi_ran_out : &slot->wfi_slept);
+    count(window ? &slot->wfi_ran_out : &slot->wfi_slept);
     s->halted_at = start;
+    s->adapt = awake;
     set_twi(0);                 /* the guest re-executes its WFI and sleeps */
 }
 
@@ -139,7 +147,10 @@ void idle_woken(void)
     u64 slept = counter() - s->halted_at;
     s->halted_at = 0;
 #ifndef STUB_TEST_HALT_POLL_US      /* tests only: the window stays as set */
-    if (slept > us_ticks(GROW_LIMIT_US)) {
+    if (!s->adapt) {
+        /* the model slept: its answer came through its doorbell, which says nothing of
+         * how soon an awake model answers */
+    } else if (slept > us_ticks(GROW_LIMIT_US)) {
         s->window = 0;
     } else {
         u64 grown = s->window ? s->window * 2 : us_ticks(POLL_START_US);

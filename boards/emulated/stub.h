@@ -176,6 +176,7 @@ u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value);
 void trap_take_virq_requests(void);
 int trap_virq_requested(void);
 volatile struct avt_slot *trap_slot(void);
+int trap_model_awake(void);
 int trap_publish_polling(int on);
 
 /* idle.c */

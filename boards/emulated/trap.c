@@ -285,6 +285,14 @@ int trap_virq_requested(void)
     return 0;
 }
 
+/* Whether the model is attached and scanning now (model_sleeping clear: busy-poll, or the
+ * adaptive mode's window, or serving a doorbell): then it answers in microseconds, not
+ * after a doorbell's trip (plain load: a hint). */
+int trap_model_awake(void)
+{
+    return !hdr->model_sleeping && model_attached();
+}
+
 /* This CPU's slot (its vCPU's): the stub's counters there. */
 volatile struct avt_slot *trap_slot(void)
 {
