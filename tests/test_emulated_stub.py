@@ -255,10 +255,11 @@ def in_thread(function):
 
 
 def test_a_request_made_before_the_guests_wfi_is_injected_with_no_doorbell():
-    """The stub traps the guest's WFI and polls virq_pending first (boards/emulated/idle.c):
-    an INTID the model requests without ringing the stub, while the guest runs with no
-    exit to EL2 between the request and its WFI, is injected from that WFI. Without the
-    poll the guest halts for good: nothing else would ever make it exit."""
+    """The stub traps the guest's WFI and polls virq_pending first (boards/emulated/idle.c;
+    the model awake: busy-polling): an INTID the model requests without ringing the stub,
+    while the guest runs with no exit to EL2 between the request and its WFI, is injected
+    from that WFI. Without the poll the guest halts for good: nothing else would ever make
+    it exit."""
     with EmulatedMachine(build_stub(), build_probe("wfi_probe"), model_wait_ms=10000) as machine:
         region = machine.trap_region()
         flags = machine.map(WFI_FLAGS, 8, "wfi_probe flags")
@@ -271,7 +272,8 @@ def test_a_request_made_before_the_guests_wfi_is_injected_with_no_doorbell():
             silent_line.raise_intid(48)
             flags.store_release32(4, n)
 
-        rounds = serve_wfi_probe(machine, trap, WFI_ROUNDS, in_thread(request_when_back))
+        rounds = serve_wfi_probe(machine, trap, WFI_ROUNDS, in_thread(request_when_back),
+                                 wait=BUSY_POLL)
         assert machine.wait(10) == 0, (
             f"the guest waited in WFI for INTID 48 forever after {len(rounds)} of "
             f"{WFI_ROUNDS} rounds: the stub's WFI poll did not see the request")

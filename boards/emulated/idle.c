@@ -29,7 +29,10 @@
  * When the window ends with nothing, the guest sleeps in a real WFI of its own: TWI is
  * cleared and the guest resumes *at* its WFI, which then halts it with the architecture's
  * exact wake-up conditions (its virtual interrupts, GICV priority mask and all). The
- * exception that wakes it (an IRQ: the doorbell, a timer, a kick) sets TWI again.
+ * exception that wakes it (an IRQ: the doorbell, a timer, a kick) sets TWI again, if the
+ * model is awake: WFI is trapped only while the model was awake at the guest's last exit
+ * (idle_resume), so with a model asleep on its doorbell the guest's WFI halts at once, as
+ * without halt polling, with no trap.
  *
  * The stub polls only while the model is awake (model_sleeping clear: it busy-polls, is
  * in the adaptive mode's window, or serves a doorbell): a sleeping model answers only
@@ -60,6 +63,7 @@ struct idle {
     u64 window;         /* ticks to poll at the next trapped WFI */
     u64 halted_at;      /* the counter at the WFI the guest now sleeps in (TWI clear), or 0 */
     int adapt;          /* that sleep began with the model awake: it adapts the window */
+    int twi;            /* HCR_EL2.TWI as last set */
 };
 
 static struct idle idles[MAX_VMS];
@@ -73,8 +77,7 @@ static void set_twi(int on)
     isb();
 }
 
-/* On each guest CPU, after el2_init: trap its WFIs where the host raises interrupts
- * through virq_pending. */
+/* On each guest CPU, after el2_init (TWI clear). */
 void idle_init(void)
 {
 #ifdef STUB_TEST_HALT_POLL_US
@@ -82,8 +85,18 @@ void idle_init(void)
 #else
     idles[cpu_index()].window = us_ticks(POLL_START_US);
 #endif
-    if (!board_linux)
-        set_twi(1);
+}
+
+/* Every exit, as the guest resumes: trap its WFIs where the host raises interrupts
+ * through virq_pending, while the model is awake, unless it is to sleep in its WFI now. */
+void idle_resume(void)
+{
+    struct idle *s = &idles[cpu_index()];
+    int twi = !board_linux && !s->halted_at && trap_model_awake();
+    if (twi != s->twi) {
+        set_twi(twi);
+        s->twi = twi;
+    }
 }
 
 enum seen { NOTHING, REQUEST, IRQ };
@@ -133,9 +146,8 @@ void idle_wfi(void)
         return;                         /* before_guest_resumes takes and injects it */
     }
     count(window ? &slot->wfi_ran_out : &slot->wfi_slept);
-    s->halted_at = start;
-    s->adapt = awake;
-    set_twi(0);                 /* the guest re-executes its WFI and sleeps */
+    s->halted_at = start;       /* idle_resume clears TWI: the guest re-executes its WFI */
+    s->adapt = awake;           /* and sleeps */
 }
 
 /* Every exception from the guest, first: the end of a sleep in the guest's own WFI. */
@@ -159,5 +171,4 @@ void idle_woken(void)
 #else
     (void)slept;
 #endif
-    set_twi(1);
 }

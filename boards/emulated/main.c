@@ -213,6 +213,7 @@ static void before_guest_resumes(void)
 {
     trap_take_virq_requests();
     vgic_flush();
+    idle_resume();
 }
 
 void handle_sync(struct guest_regs *r)

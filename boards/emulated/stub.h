@@ -181,6 +181,7 @@ int trap_publish_polling(int on);
 
 /* idle.c */
 void idle_init(void);
+void idle_resume(void);
 void idle_wfi(void);
 void idle_woken(void);
 
