@@ -37,8 +37,8 @@
  * The stub polls only while the model is awake (model_sleeping clear: it busy-polls, is
  * in the adaptive mode's window, or serves a doorbell): a sleeping model answers only
  * after its own doorbell's trip through QEMU's main loop and the launcher, hundreds of
- * microseconds on a loaded host, which no bounded poll would see (measured: a doorbell
- * daemon with the poll ran 23-60 % slower, the polls running out). The window adapts, as
+ * microseconds on a loaded host, which no bounded poll would see (polling for it ran
+ * slower, the polls running out: docs/performance.md section 4). The window adapts, as
  * Linux KVM's halt_poll_ns, on those waits only: a wake-up that came within
  * GROW_LIMIT_US of the WFI grows it (x2, from POLL_START_US, at most POLL_MAX_US): a
  * poll that long might have seen it; a longer sleep (an idle guest's timer tick) resets it
