@@ -83,7 +83,7 @@ def format_info(info):
              f"0x{t['model_features']:x}; traps {t['served']} (unhandled {t['unhandled']}, "
              f"malformed {t['malformed']}, posted writes {t['posted_writes']})"
              + (f"; interrupts: stub rung {t['stub_rings']}, not rung {t['stub_rings_skipped']} "
-                "(its CPU polled)" if "stub_rings" in t else "")]
+                "(the stub polled for them, or had taken them)" if "stub_rings" in t else "")]
     for vm in info["vms"]:
         polls = ""
         if t["model_features"] & abi.F_HALT_POLL:

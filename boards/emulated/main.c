@@ -16,7 +16,8 @@
  * debug UART - see log.c), SMC (PSCI, HCR_EL2.TSC: forwarded to QEMU, except
  * what concerns CPUs - the guest has one vCPU - and, with several VMs, its
  * power-off, which parks its CPU; the last one powers the board off), HVC
- * (answers NOT_SUPPORTED), WFI (host mode: HCR_EL2.TWI, halt polling in idle.c), IRQs.
+ * (answers NOT_SUPPORTED), WFI (host mode, while the model is awake: HCR_EL2.TWI, halt
+ * polling in idle.c), IRQs.
  * Anything else is logged and the board is powered off, so a failure shows
  * up as a log line and an ended run rather than a hung one.
  */
