@@ -12,7 +12,7 @@ from .errors import AvatarError
 
 MAGIC = 0x50545641  # "AVTP" in memory order
 ABI_MAJOR = 1
-ABI_MINOR = 2
+ABI_MINOR = 3
 PAGE_SIZE = 4096
 SLOTS_OFFSET = 128
 SLOT_SIZE = 64
@@ -22,7 +22,9 @@ F_POSTED_WRITES = 1 << 0
 F_VIRQ_REQUEST = 1 << 1
 F_REGISTER_SHADOW = 1 << 2
 F_STUB_ACK = 1 << 3             # the stub takes InterruptACK writes (ABI 1.2)
-SUPPORTED_FEATURES = F_POSTED_WRITES | F_VIRQ_REQUEST | F_REGISTER_SHADOW | F_STUB_ACK
+F_HALT_POLL = 1 << 4            # the stub publishes virq_polling; no ring for a polled INTID (1.3)
+SUPPORTED_FEATURES = (F_POSTED_WRITES | F_VIRQ_REQUEST | F_REGISTER_SHADOW | F_STUB_ACK
+                      | F_HALT_POLL)
 
 MODEL_DETACHED, MODEL_ATTACHED = 0, 1
 STUB_NOT_READY, STUB_READY = 0, 1
@@ -53,7 +55,7 @@ class Header(ctypes.LittleEndianStructure):
         ("shadow_count", u32),
         ("reserved0", u32),
         ("virq_pending", u32 * 8),
-        ("reserved1", u32 * 8),
+        ("virq_polling", u32 * 8),
     ]
 
 
@@ -71,7 +73,10 @@ class Slot(ctypes.LittleEndianStructure):
         ("vcpu_id", u16),
         ("t_post", u64),
         ("t_done", u64),
-        ("reserved", u64 * 2),
+        ("wfi_caught", u32),
+        ("wfi_ran_out", u32),
+        ("wfi_slept", u32),
+        ("reserved", u32),
     ]
 
 
@@ -104,6 +109,7 @@ MODEL_STATE_OFFSET = Header.model_state.offset
 STUB_STATE_OFFSET = Header.stub_state.offset
 MODEL_SLEEPING_OFFSET = Header.model_sleeping.offset
 VIRQ_PENDING_OFFSET = Header.virq_pending.offset
+VIRQ_POLLING_OFFSET = Header.virq_polling.offset
 SHADOW_SEQ_OFFSET = Shadow.seq.offset
 SHADOW_ACKS_OFFSET = Shadow.acks.offset
 

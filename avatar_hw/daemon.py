@@ -120,6 +120,7 @@ class Daemon:
         self.loop = EventLoop()
         self.regions = []
         self.trap_region = self.trap = self.subsystem = self.control = None
+        self.interrupt_line = None
         self.started = None
         self.faults = None
         self.record = record            # a path: every trap recorded there (avatar_hw.replay)
@@ -164,6 +165,7 @@ class Daemon:
             line = INTERRUPT_LINES[board.interrupts](self)
         elif callable(line) and not hasattr(line, "raise_intid"):
             line = line(self.trap_region)
+        self.interrupt_line = line
         self.subsystem = Subsystem(board.layout, interrupt_line=line, loop=self.loop,
                                    before_interrupt=self._serve_posted_writes)
         if self.trace:
@@ -452,4 +454,9 @@ class Daemon:
         return {"pid": os.getpid(), "board": self.board.name, "board_file": str(self.board.path),
                 "config": str(self.config.path), "uptime": round(time.time() - self.started, 3),
                 "mode": self.wait,
-                "trap": self.trap.info(), "vms": vms}
+                "trap": {**self.trap.info(), **self._interrupt_line_info()}, "vms": vms}
+
+    def _interrupt_line_info(self):
+        """The interrupt line's counters (the stub's: rings sent and spared), if it has any."""
+        info = getattr(self.interrupt_line, "info", None)
+        return info() if info is not None else {}

@@ -9,10 +9,13 @@ Whatever carries it, an interrupt line has one method the core calls,
   and the hypervisor injects the guest INTID when it arrives;
 - ``StubInterruptLine``: boards whose interrupts go through the stub
   (``interrupts.kind = "stub"``, the emulated board): sets the INTID's bit in
-  the trap page's ``virq_pending`` and rings the stub, which injects it;
+  the trap page's ``virq_pending`` and rings the stub, which injects it; not
+  when the stub says its CPU for that INTID polls (``virq_polling``,
+  ``AVT_F_HALT_POLL``: docs/trap-abi.md section 8);
 - in tests, ``avatar_hw.testing.virtio.IrqRecorder``.
 """
 
+import ctypes
 from typing import Protocol
 
 from . import abi
@@ -27,13 +30,33 @@ class InterruptLine(Protocol):
 
 
 class StubInterruptLine:
-    """Raise a guest INTID through the stub: a bit in virq_pending, then ``ring_stub()``."""
+    """Raise a guest INTID through the stub: a bit in virq_pending, then ``ring_stub()``
+    unless the stub polls for it or has already taken it.
+
+    The stub sets an INTID's ``virq_polling`` bit while a CPU of its VM polls
+    ``virq_pending`` in a trapped WFI (only with ``AVT_F_HALT_POLL`` accepted; a stub
+    without it leaves the reserved words zero). The OR, a full fence, then the read of
+    ``virq_polling`` are the model's half of a Dekker pair with the stub's "set polling,
+    DMB ISH, poll; clear polling, DMB ISH, look once more": the model sees polling set
+    and the stub will take the bit, or it sees polling clear and rings. A poll that sees
+    the bit takes it before it clears polling, so a clear polling with the bit already
+    gone from ``virq_pending`` (read after it, acquire) means taken: no ring either.
+    ``rings`` and ``rings_skipped`` count both outcomes (``avatar-hw info``); docs/trap-abi.md
+    section 8.
+    """
 
     def __init__(self, trap_region, ring_stub, spi_range=range(32, 256)):
         self._base = trap_region.address + abi.VIRQ_PENDING_OFFSET
         trap_region.check(abi.VIRQ_PENDING_OFFSET, 32)
+        trap_region.check(abi.VIRQ_POLLING_OFFSET, 32)
+        # At their addresses, as the OR: no buffer export that would keep the region mapped.
+        self._pending = (ctypes.c_uint32 * 8).from_address(self._base)
+        self._polling = (ctypes.c_uint32 * 8).from_address(
+            trap_region.address + abi.VIRQ_POLLING_OFFSET)
         self._ring_stub = ring_stub
         self.spi_range = spi_range
+        self.rings = 0
+        self.rings_skipped = 0
 
     def check_intid(self, intid):
         if intid not in self.spi_range:
@@ -42,8 +65,22 @@ class StubInterruptLine:
 
     def raise_intid(self, intid):
         self.check_intid(intid)
-        ordering.fetch_or32(self._base + 4 * (intid // 32), 1 << (intid % 32))
+        word, bit = intid // 32, 1 << (intid % 32)
+        ordering.fetch_or32(self._base + 4 * word, bit)
+        ordering.fence()            # the OR's store before the load of virq_polling
+        if self._polling[word] & bit:
+            self.rings_skipped += 1             # the stub polls: it will take the bit
+            return
+        ordering.acquire_fence()    # polling's clear read before the bit: the take is seen
+        if not self._pending[word] & bit:
+            self.rings_skipped += 1             # taken already (then polling was cleared)
+            return
+        self.rings += 1
         self._ring_stub()
+
+    def info(self):
+        """The counters ``avatar-hw info`` shows."""
+        return {"stub_rings": self.rings, "stub_rings_skipped": self.rings_skipped}
 
 
 class BoardInterruptLine:

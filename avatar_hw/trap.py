@@ -546,11 +546,16 @@ class TrapPage:
                 "stub_acks": shadows.acks_taken(window) if shadows is not None else 0}
 
     def vm_counters(self, vm):
-        """``{"traps_served", "service_ms", "traps_deferred"}`` of VM ``vm``: the daemon's
-        time spent on its traps, and how often the fair order put its slots off."""
+        """``{"traps_served", "service_ms", "traps_deferred", "wfi_caught", "wfi_ran_out",
+        "wfi_slept"}`` of VM ``vm``: the daemon's time spent on its traps, how often the fair
+        order put its slots off, and the stub's halt-polling counters from its vCPUs' slots
+        (``AVT_F_HALT_POLL``; zero with a stub that keeps none)."""
+        slots = [slot for slot in self.slots if slot.vm_id == vm]
         return {"traps_served": self.vm_traps[vm],
                 "service_ms": round(self.vm_service_ns[vm] / 1e6, 3),
-                "traps_deferred": self.vm_deferred[vm]}
+                "traps_deferred": self.vm_deferred[vm],
+                **{name: sum(getattr(slot, name) for slot in slots)
+                   for name in ("wfi_caught", "wfi_ran_out", "wfi_slept")}}
 
     def info(self):
         header = self.header

@@ -21,8 +21,8 @@ HEADER = Path(__file__).resolve().parents[1] / "boards" / "abi" / "avatar_trap.h
 STRUCTS = {"avt_header": abi.Header, "avt_slot": abi.Slot, "avt_shadow": abi.Shadow}
 # Python-only names: the model's own choice, and field offsets derived from the structs.
 PYTHON_ONLY = {"SUPPORTED_FEATURES", "STATE_OFFSET", "MODEL_STATE_OFFSET", "STUB_STATE_OFFSET",
-               "MODEL_SLEEPING_OFFSET", "VIRQ_PENDING_OFFSET", "SHADOW_SEQ_OFFSET",
-               "SHADOW_ACKS_OFFSET"}
+               "MODEL_SLEEPING_OFFSET", "VIRQ_PENDING_OFFSET", "VIRQ_POLLING_OFFSET",
+               "SHADOW_SEQ_OFFSET", "SHADOW_ACKS_OFFSET"}
 
 
 def python_constants():

@@ -181,8 +181,13 @@ def test_daemon_serves_consoles_to_two_vms_and_info_shows_both(board, stub, serv
     assert all(vm["service_ms"] > 0 and vm["traps_deferred"] >= 0 for vm in info["vms"])
     assert sum(d["shadow_reads"] for d in devices) == stub.page.shadow_hits
     assert sum(d["stub_acks"] for d in devices) == stub.page.acks_taken > 0
+    # The stand-in stub never polls in a WFI (virq_polling stays zero): every request rings.
+    interrupts = sum(d["interrupts"] for d in devices)
+    assert (info["trap"]["stub_rings"], info["trap"]["stub_rings_skipped"]) == (interrupts, 0)
     text = served.cli("info")
     assert "register accesses: waited" in text and "vm1: RAM" in text and "traps served" in text
+    assert f"interrupts: stub rung {interrupts}, not rung 0" in text
+    assert "guest WFIs: 0 caught by the stub's poll" in text
     assert "vm1 slot0 console" in served.cli("list")
     debug = served.cli("debug", "1", "console")
     assert "DRIVER_OK" in debug and "q1: size 256/256 ready" in debug

@@ -16,6 +16,7 @@ from avatar_hw import abi
 from avatar_hw.emulated import memory_map as mm
 from avatar_hw.emulated.build import build_program, build_stub
 from avatar_hw.emulated.machine import EmulatedMachine
+from avatar_hw.interrupts import StubInterruptLine
 from avatar_hw.trap import TrapPage
 from avatar_hw.wait import ADAPTIVE, BUSY_POLL, DOORBELL
 
@@ -130,7 +131,8 @@ def test_probe_accesses_round_trip_through_the_trap_page(probe, wait, stub_ack):
         assert machine.wait(5) == 0, machine.uart.lines
         assert writes == (EXPECTED_WRITES_STUB_ACK if stub_ack else EXPECTED_WRITES)
         assert trap.header.stub_features == (abi.F_VIRQ_REQUEST | abi.F_POSTED_WRITES
-                                             | abi.F_REGISTER_SHADOW | abi.F_STUB_ACK)
+                                             | abi.F_REGISTER_SHADOW | abi.F_STUB_ACK
+                                             | abi.F_HALT_POLL)
         assert trap.stats.posted_writes == (1 if stub_ack else 2)
         assert trap.shadows.acks_taken(0) == (1 if stub_ack else 0)
         assert trap.shadows.hits(0) == 1      # the 0x60 read never reached the model
@@ -205,4 +207,149 @@ def test_no_host_doorbell_is_lost_while_the_stub_drains_the_uart():
             f"the guest waited for INTID 48 forever after {len(rounds)} of "
             f"{DOORBELL_ROUNDS} rounds: the stub took no more doorbells from the host")
         assert rounds == list(range(DOORBELL_ROUNDS, 0, -1))
+        del trap
+
+
+WFI_ROUNDS = 20
+WFI_FLAGS = mm.RAM_BASE + 0x01000000     # wfi_probe.S FLAGS
+INTID_48 = (48 // 32, 1 << (48 % 32))    # virq_pending / virq_polling word and bit
+
+
+def serve_wfi_probe(machine, trap, rounds, on_ready, mode=0, wait=DOORBELL):
+    """Serve wfi_probe.S for ``rounds`` rounds in ``mode`` (0: the guest waits for the
+    host's word 4 before its WFI; 1: it goes to WFI at once); ``on_ready(n)`` is called at
+    round n's "ready" write (the guest's vCPU waits for its answer meanwhile). ``wait``:
+    the model's (the stub polls in a WFI only while the model is awake: busy-poll).
+    Returns the rounds seen; stops after 30 s with none (the guest sleeps for good)."""
+    seen = []
+
+    def handler(window, offset, value, is_write, size):
+        if not is_write:
+            return True, {0x300: rounds, 0x304: mode}.get(offset, 0)
+        seen.append(value)
+        on_ready(value)
+        return True, 0
+
+    trap.attach(wait=wait)
+    progress = (0, time.monotonic())
+    while machine.process.poll() is None:
+        if not trap.polling:
+            machine.uart.doorbell.wait(0.05)
+        trap.serve_until_idle(handler)
+        if len(seen) != progress[0]:
+            progress = (len(seen), time.monotonic())
+        elif time.monotonic() - progress[1] > 30:
+            break
+    return seen
+
+
+def wait_until(machine, condition):
+    """Poll ``condition()`` (the guest's RAM, the trap page) while QEMU runs."""
+    while not condition() and machine.process.poll() is None:
+        time.sleep(0.0001)
+
+
+def in_thread(function):
+    """``on_ready`` for serve_wfi_probe: ``function(n)`` in a thread of its own."""
+    return lambda n: threading.Thread(target=function, args=(n,), daemon=True).start()
+
+
+def test_a_request_made_before_the_guests_wfi_is_injected_with_no_doorbell():
+    """The stub traps the guest's WFI and polls virq_pending first (boards/emulated/idle.c;
+    the model awake: busy-polling): an INTID the model requests without ringing the stub,
+    while the guest runs with no exit to EL2 between the request and its WFI, is injected
+    from that WFI. Without the poll the guest halts for good: nothing else would ever make
+    it exit."""
+    with EmulatedMachine(build_stub(), build_probe("wfi_probe"), model_wait_ms=10000) as machine:
+        region = machine.trap_region()
+        flags = machine.map(WFI_FLAGS, 8, "wfi_probe flags")
+        trap = TrapPage(region, mm.LAYOUT)
+        trap.wait_ready(10)
+        silent_line = StubInterruptLine(region, ring_stub=lambda: None)
+
+        def request_when_back(n):           # the guest runs again: request, then tell it
+            wait_until(machine, lambda: flags.load_acquire32(0) == n)
+            silent_line.raise_intid(48)
+            flags.store_release32(4, n)
+
+        rounds = serve_wfi_probe(machine, trap, WFI_ROUNDS, in_thread(request_when_back),
+                                 wait=BUSY_POLL)
+        assert machine.wait(10) == 0, (
+            f"the guest waited in WFI for INTID 48 forever after {len(rounds)} of "
+            f"{WFI_ROUNDS} rounds: the stub's WFI poll did not see the request")
+        assert rounds == list(range(WFI_ROUNDS, 0, -1))
+        del trap
+
+
+@pytest.mark.parametrize("defines, delay, count", [
+    (["STUB_TEST_HALT_POLL_US=2000000"], 0, WFI_ROUNDS),
+    (["STUB_TEST_HALT_POLL_US=20", "STUB_TEST_HALT_POLL_HOLD_US=1000000"], 0.002, 5)],
+    ids=["while-polling", "last-look"])
+def test_a_request_made_while_the_stub_polls_is_injected_with_no_uart_byte(defines, delay,
+                                                                          count):
+    """AVT_F_HALT_POLL: while the stub polls in the guest's WFI (the model awake: it
+    busy-polls) it sets its VM's virq_polling bits, and the model's real interrupt line
+    sets virq_pending without sending the UART byte; the poll injects the INTID. "last-look": the stub's window (20
+    µs, fixed) has run out when the model requests, 2 ms after it saw polling set, but the
+    test build keeps polling published for 1 s more; only the stub's look at virq_pending
+    after it clears polling can then see the request (without it the guest sleeps for
+    good, no byte coming)."""
+    stub = build_stub(defines=defines)
+    with EmulatedMachine(stub, build_probe("wfi_probe"), model_wait_ms=10000) as machine:
+        region = machine.trap_region()
+        flags = machine.map(WFI_FLAGS, 8, "wfi_probe flags")
+        trap = TrapPage(region, mm.LAYOUT)
+        trap.wait_ready(10)
+        line = machine.interrupt_line(region)
+        word, bit = INTID_48
+
+        def request_while_polling(n):
+            wait_until(machine, lambda: flags.load_acquire32(0) == n
+                       and trap.header.virq_polling[word] & bit)
+            time.sleep(delay)
+            line.raise_intid(48)
+
+        rounds = serve_wfi_probe(machine, trap, count, in_thread(request_while_polling), mode=1,
+                                 wait=BUSY_POLL)
+        assert machine.wait(10) == 0, (
+            f"the guest waited in WFI for INTID 48 forever after {len(rounds)} of {count} "
+            f"rounds (UART bytes sent {line.rings}, spared {line.rings_skipped})")
+        assert rounds == list(range(count, 0, -1))
+        assert trap.features & abi.F_HALT_POLL
+        assert (line.rings, line.rings_skipped) == (0, count), trap.vm_counters(0)
+        assert trap.vm_counters(0)["wfi_caught"] == count
+        assert trap.header.virq_polling[word] == 0
+        del trap
+
+
+def test_a_request_made_once_the_stub_stopped_polling_sends_the_uart_byte():
+    """The other half of the Dekker pair: once the stub has cleared virq_polling (its
+    window ran out, or it had none, and the guest sleeps in its own WFI), the model's
+    line sends the byte; nothing else would wake the guest. The model busy-polls, so the
+    stub polls (10 µs at first, then as its window adapts)."""
+    with EmulatedMachine(build_stub(), build_probe("wfi_probe"), model_wait_ms=10000) as machine:
+        region = machine.trap_region()
+        trap = TrapPage(region, mm.LAYOUT)
+        trap.wait_ready(10)
+        line = machine.interrupt_line(region)
+
+        def sleeps():
+            return trap.slots[0].wfi_ran_out + trap.slots[0].wfi_slept
+
+        def request_once_asleep(n, before):
+            wait_until(machine, lambda: sleeps() > before)
+            line.raise_intid(48)
+
+        def on_ready(n):                    # the guest's vCPU waits for this answer
+            threading.Thread(target=request_once_asleep, args=(n, sleeps()),
+                             daemon=True).start()
+
+        rounds = serve_wfi_probe(machine, trap, WFI_ROUNDS, on_ready, mode=1, wait=BUSY_POLL)
+        assert machine.wait(10) == 0, (
+            f"the guest waited in WFI for INTID 48 forever after {len(rounds)} of "
+            f"{WFI_ROUNDS} rounds (UART bytes sent {line.rings}, spared {line.rings_skipped})")
+        assert rounds == list(range(WFI_ROUNDS, 0, -1))
+        assert (line.rings, line.rings_skipped) == (WFI_ROUNDS, 0)
+        counters = trap.vm_counters(0)
+        assert counters["wfi_ran_out"] >= 1 and counters["wfi_caught"] == 0, counters
         del trap

@@ -15,7 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_NEEDS = ["emulated.toml", "rpi4.toml", "emulated/start.S", "emulated/main.c",
-              "emulated/trap.c", "emulated/vgic.c", "emulated/log.c", "emulated/stub.h",
+              "emulated/trap.c", "emulated/vgic.c", "emulated/log.c", "emulated/idle.c",
+              "emulated/stub.h",
               "emulated/link.ld", "abi/avatar_trap.h", "linux/avatar_uio.c", "linux/Kbuild"]
 
 

@@ -6,6 +6,7 @@ The requests and answers are avatar_hw.control's; this module formats them
 
 import json
 
+from .. import abi
 from ..control import add_control_option, request
 
 
@@ -81,12 +82,18 @@ def format_info(info):
     lines = [f"avatar-hw PID {info['pid']} on board {info['board']}, up {info['uptime']:.0f} s, "
              f"wait {info['mode']}{window}; trap ABI {t['abi']}, {t['slots']} slot(s), features "
              f"0x{t['model_features']:x}; traps {t['served']} (unhandled {t['unhandled']}, "
-             f"malformed {t['malformed']}, posted writes {t['posted_writes']})"]
+             f"malformed {t['malformed']}, posted writes {t['posted_writes']})"
+             + (f"; interrupts: stub rung {t['stub_rings']}, not rung {t['stub_rings_skipped']} "
+                "(the stub polled for them, or had taken them)" if "stub_rings" in t else "")]
     for vm in info["vms"]:
+        polls = ""
+        if t["model_features"] & abi.F_HALT_POLL:
+            polls = (f"; guest WFIs: {vm['wfi_caught']} caught by the stub's poll, "
+                     f"{vm['wfi_ran_out']} polls ran out, {vm['wfi_slept']} not polled")
         lines.append(f"vm{vm['vm']}: RAM {vm['ram']['base']} + {_bytes(vm['ram']['size'])}, "
                      f"window {vm['window'][0]}-{vm['window'][1]}; traps served "
                      f"{vm['traps_served']} in {vm['service_ms']:.0f} ms, put off "
-                     f"{vm['traps_deferred']} (fair order)")
+                     f"{vm['traps_deferred']} (fair order){polls}")
         lines += ["  " + format_device(d, "    ").replace("\n", "\n  ") for d in vm["devices"]]
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import AvatarError
 from ..shipped import shipped_file
 
-STUB_SOURCES = ("start.S", "main.c", "trap.c", "vgic.c", "log.c", "board.c")
+STUB_SOURCES = ("start.S", "main.c", "trap.c", "vgic.c", "log.c", "board.c", "idle.c")
 STUB_DEPENDS = ("stub.h", "link.ld", "../abi/avatar_trap.h")
 CROSS = "aarch64-linux-gnu-"
 CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-ffreestanding", "-nostdlib", "-nostartfiles",

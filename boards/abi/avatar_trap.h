@@ -28,6 +28,11 @@
  *                   after the write. The model serves every posted write
  *                   before it sets an InterruptStatus bit (section 7).
  *   model sleeps:   model_sleeping = 1, DMB ISH, re-scan every slot, then block.
+ *   virq request:   atomic OR of virq_pending (release), then, with
+ *                   AVT_F_HALT_POLL, DMB ISH and ring only if the INTID's
+ *                   virq_polling bit is clear; a stub polls with: set its
+ *                   virq_polling bits, DMB ISH, poll virq_pending; clear them,
+ *                   DMB ISH, read virq_pending once more before a real WFI.
  *   model detaches: answer every POSTED slot, then model_state = DETACHED
  *                   (store-release); it never touches a slot afterwards, so a
  *                   stub that sees DETACHED may withdraw its POSTED slot
@@ -45,7 +50,7 @@ typedef unsigned long long avt_u64;
 
 #define AVT_MAGIC            0x50545641u   /* "AVTP" in memory order */
 #define AVT_ABI_MAJOR        1u
-#define AVT_ABI_MINOR        2u
+#define AVT_ABI_MINOR        3u
 #define AVT_PAGE_SIZE        4096u
 #define AVT_SLOTS_OFFSET     128u
 #define AVT_SLOT_SIZE        64u
@@ -56,6 +61,8 @@ typedef unsigned long long avt_u64;
 #define AVT_F_VIRQ_REQUEST   (1u << 1)  /* stub injects the INTIDs the model sets in virq_pending */
 #define AVT_F_REGISTER_SHADOW (1u << 2) /* stub answers reads from the model's register shadows */
 #define AVT_F_STUB_ACK       (1u << 3)  /* stub takes InterruptACK writes itself (ack counters) */
+#define AVT_F_HALT_POLL      (1u << 4)  /* stub publishes virq_polling while a guest's WFI polls;
+                                           the model rings only for INTIDs not polled (1.3) */
 
 /* Register shadow pages (AVT_F_REGISTER_SHADOW): page n at header.shadow_offset + n *
  * AVT_SHADOW_PAGE_SIZE mirrors device window n; see struct avt_shadow. */
@@ -107,7 +114,9 @@ struct avt_header {
     avt_u32 virq_pending[8]; /* 64 INTID n is bit (n % 32) of word (n / 32); set by the
                                    model with an atomic OR, taken by the stub with an
                                    atomic exchange or AND (AVT_F_VIRQ_REQUEST) */
-    avt_u32 reserved1[8];    /* 96 */
+    avt_u32 virq_polling[8]; /* 96 AVT_F_HALT_POLL: bit n set (by the stub, atomically)
+                                   while a CPU of INTID n's VM polls virq_pending in a
+                                   trapped WFI; the model need not ring for n then */
 };
 
 struct avt_slot {
@@ -123,7 +132,10 @@ struct avt_slot {
     avt_u16 vcpu_id;         /* 30 */
     avt_u64 t_post;          /* 32 stub counter when posted */
     avt_u64 t_done;          /* 40 stub counter when the stub saw DONE */
-    avt_u64 reserved[2];     /* 48 */
+    avt_u32 wfi_caught;      /* 48 AVT_F_HALT_POLL counters (stub only, informational): */
+    avt_u32 wfi_ran_out;     /* 52   trapped WFIs completed by a request the poll saw, */
+    avt_u32 wfi_slept;       /* 56   polls that ran out, WFIs with no poll window */
+    avt_u32 reserved;        /* 60 */
 };
 
 /*

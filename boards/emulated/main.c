@@ -16,12 +16,14 @@
  * debug UART - see log.c), SMC (PSCI, HCR_EL2.TSC: forwarded to QEMU, except
  * what concerns CPUs - the guest has one vCPU - and, with several VMs, its
  * power-off, which parks its CPU; the last one powers the board off), HVC
- * (answers NOT_SUPPORTED), IRQs.
+ * (answers NOT_SUPPORTED), WFI (host mode, while the model is awake: HCR_EL2.TWI, halt
+ * polling in idle.c), IRQs.
  * Anything else is logged and the board is powered off, so a failure shows
  * up as a log line and an ended run rather than a hung one.
  */
 #include "stub.h"
 
+#define EC_WFX    0x01
 #define EC_HVC64  0x16
 #define EC_SMC64  0x17
 #define EC_DABT_LOW 0x24
@@ -212,12 +214,17 @@ static void before_guest_resumes(void)
 {
     trap_take_virq_requests();
     vgic_flush();
+    idle_resume();
 }
 
 void handle_sync(struct guest_regs *r)
 {
     u64 esr = read_sysreg(esr_el2);
+    idle_woken();
     switch (esr >> 26) {
+    case EC_WFX:
+        idle_wfi();             /* HCR_EL2.TWI (idle.c); WFE is not trapped */
+        break;
     case EC_DABT_LOW:
         handle_data_abort(r, esr);
         break;
@@ -238,6 +245,7 @@ void handle_sync(struct guest_regs *r)
 void handle_irq(struct guest_regs *r)
 {
     (void)r;
+    idle_woken();
     vgic_handle_irq();
     before_guest_resumes();
 }
@@ -274,6 +282,7 @@ static void enter_vm(void)
     stage2_init();
     vgic_init_cpu();
     el2_init();
+    idle_init();
     if (params->model_wait_ms) {
         if (trap_wait_model(params->model_wait_ms))
             log_printf("device model attached");

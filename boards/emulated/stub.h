@@ -121,6 +121,17 @@ static inline u32 take_bits32(volatile u32 *p, u32 mask)
     return old & mask;
 }
 
+/* Atomically set ``mask`` in *p. */
+static inline void set_bits32(volatile u32 *p, u32 mask)
+{
+    u32 v, failed;
+    __asm__ volatile("1: ldxr %w0, [%2]\n"
+                     "   orr %w0, %w0, %w3\n"
+                     "   stxr %w1, %w0, [%2]\n"
+                     "   cbnz %w1, 1b"
+                     : "=&r"(v), "=&r"(failed) : "r"(p), "r"(mask) : "memory");
+}
+
 /* Atomically add 1 to *p (exclusives: the Cortex-A72 has no LSE atomics), with release. */
 static inline void increment_release32(volatile u32 *p)
 {
@@ -163,6 +174,16 @@ int trap_wait_model(u32 ms);
 void trap_kick_other_vms(void);
 u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value);
 void trap_take_virq_requests(void);
+int trap_virq_requested(void);
+volatile struct avt_slot *trap_slot(void);
+int trap_model_awake(void);
+int trap_publish_polling(int on);
+
+/* idle.c */
+void idle_init(void);
+void idle_resume(void);
+void idle_wfi(void);
+void idle_woken(void);
 
 /* board.c: board mode (CPU0 runs the board Linux) */
 extern u32 board_linux;

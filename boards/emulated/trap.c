@@ -21,7 +21,9 @@
  * virq_pending (AVT_F_VIRQ_REQUEST): each CPU takes only its own VM's INTIDs
  * (irq_base .. irq_base + irq_count - 1) with an atomic AND on every exception
  * it handles. The host's doorbell interrupts CPU0 only (the UART's SPI), so
- * CPU0 sends KICK_SGI to a CPU whose VM has requests waiting.
+ * CPU0 sends KICK_SGI to a CPU whose VM has requests waiting. virq_polling
+ * (AVT_F_HALT_POLL): each CPU sets its VM's bits while it polls in the guest's WFI
+ * (idle.c), with the same atomics.
  */
 #include "stub.h"
 
@@ -65,7 +67,7 @@ void trap_init(const struct boot_params *bp)
     hdr->slots_offset = AVT_SLOTS_OFFSET;
     /* Board mode's model raises board SPIs through the distributor: no virq_pending. */
     hdr->stub_features = AVT_F_POSTED_WRITES | AVT_F_REGISTER_SHADOW | AVT_F_STUB_ACK |
-                         (board_linux ? 0 : AVT_F_VIRQ_REQUEST);
+                         (board_linux ? 0 : AVT_F_VIRQ_REQUEST | AVT_F_HALT_POLL);
     hdr->counter_hz = read_sysreg(cntfrq_el0);
     store_release32(&hdr->stub_state, AVT_STUB_READY);
     log_printf("trap page at 0x%lx ready (%u slots, features 0x%x)", bp->trap_page,
@@ -271,6 +273,51 @@ static u32 vm_mask(const struct vm_trap *t, u32 w)
         if (i / 32 == w)
             mask |= 1u << (i % 32);
     return mask;
+}
+
+/* Whether the model asked for any of this VM's INTIDs (plain loads: a hint, taken later). */
+int trap_virq_requested(void)
+{
+    const struct vm_trap *t = &vm_traps[cpu_index()];
+    for (u32 w = t->irq_base / 32; w <= (t->irq_base + t->irq_count - 1) / 32; w++)
+        if (hdr->virq_pending[w] & vm_mask(t, w))
+            return 1;
+    return 0;
+}
+
+/* Whether the model is attached and scanning now (model_sleeping clear: busy-poll, or the
+ * adaptive mode's window, or serving a doorbell): then it answers in microseconds, not
+ * after a doorbell's trip (plain load: a hint). */
+int trap_model_awake(void)
+{
+    return !hdr->model_sleeping && model_attached();
+}
+
+/* This CPU's slot (its vCPU's): the stub's counters there. */
+volatile struct avt_slot *trap_slot(void)
+{
+    return vm_traps[cpu_index()].slot;
+}
+
+/*
+ * AVT_F_HALT_POLL: set (on) or clear this VM's virq_polling bits, then DMB ISH, which
+ * orders the store before the caller's next loads of virq_pending (idle.c, the Dekker
+ * pair with the model's OR, fence, read of virq_polling). Setting returns 0, and sets
+ * nothing, when the model did not accept the feature: it rings for every request.
+ */
+int trap_publish_polling(int on)
+{
+    const struct vm_trap *t = &vm_traps[cpu_index()];
+    if (on && !(hdr->model_features & AVT_F_HALT_POLL))
+        return 0;
+    for (u32 w = t->irq_base / 32; w <= (t->irq_base + t->irq_count - 1) / 32; w++) {
+        if (on)
+            set_bits32(&hdr->virq_polling[w], vm_mask(t, w));
+        else
+            take_bits32(&hdr->virq_polling[w], vm_mask(t, w));
+    }
+    dmb_ish();
+    return 1;
 }
 
 void trap_take_virq_requests(void)

@@ -1,0 +1,142 @@
+"""Interleaved A/B of this checkout against another revision: ours alone on the emulated
+board, 4 KiB QD1 random reads then rng, in each wait mode, with the interrupt counters.
+
+    .venv/bin/python bench/tree_ab.py --base main --rounds 4 --wait adaptive,doorbell
+
+Each run is a fresh board (``EmulatedBoard``: its own QEMU, stub, daemon) in a process of
+its own, whose ``avatar_hw`` and stub sources are the tree's: this checkout, or ``--base``
+exported with ``git archive`` (a revision of this repository). The order of the two sides
+alternates from round to round. Per run: ``avbench randread /dev/vda 20000 5.0`` and
+``avbench rng 4194304 5.0`` (bench/guest/avbench.c), and, for each, the daemon's counters
+over it: traps, interrupts, and where the tree has them the stub's rings sent and spared
+(``StubInterruptLine``) and the stub's WFI counters (``TrapPage.vm_counters``). On a shared
+host only the ratios of interleaved runs mean anything (docs/performance.md section 4).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+COUNTERS = ("stub_rings", "stub_rings_skipped", "wfi_caught", "wfi_ran_out", "wfi_slept")
+
+
+def one_run(tree, initrd, image, wait):
+    """In a process of its own: one board of ``tree``'s sources, both figures and their
+    counters."""
+    sys.path.insert(0, tree)
+    import avatar_hw
+    from avatar_hw.emulated.session import EmulatedBoard
+    from bench.board import connect
+    if not avatar_hw.__file__.startswith(tree):
+        raise SystemExit(f"avatar_hw imported from {avatar_hw.__file__}, not {tree}")
+
+    devices = f'block = {{ image = "{image}" }}\nrng = {{ }}'
+    out = {"load": os.getloadavg()[0]}
+    with EmulatedBoard(initrd=Path(initrd), devices=devices, wait=wait) as board:
+        shell = connect(board.console_path)
+        shell.wait_ready(240)
+        daemon = board.daemon
+
+        def counters():
+            info = daemon.info()
+            found = {"traps": info["trap"]["served"],
+                     "interrupts": sum(d["interrupts"] for d in info["vms"][0]["devices"])}
+            found.update({k: v for k, v in {**info["trap"], **info["vms"][0]}.items()
+                          if k in COUNTERS})
+            return found
+
+        def over(command, pattern):
+            before = counters()
+            groups = shell.result(command, pattern)
+            after = counters()
+            return groups, {k: after[k] - before[k] for k in after}
+
+        (ios, ns, p50, _), out["randread"] = over(
+            "avbench randread /dev/vda 20000 5.0", r"ios=(\d+) ns=(\d+) p50_ns=(\d+) p99_ns=(\d+)")
+        (done, ns2), out["rng"] = over(f"avbench rng {4 << 20} 5.0", r"bytes=(\d+) ns=(\d+)")
+        out.update(randread_iops=ios / ns * 1e9, randread_p50_us=p50 / 1e3,
+                   rng_MBps=done / ns2 * 1e3)
+        shell.close()
+    return out
+
+
+def summary(results):
+    lines = []
+    for wait in sorted({r["wait"] for r in results}):
+        for side in ("this", "base"):
+            runs = [r for r in results if r["wait"] == wait and r["side"] == side]
+            if not runs:
+                continue
+            iops = [r["randread_iops"] for r in runs]
+            rng = [r["rng_MBps"] for r in runs]
+            lines.append(f"{wait:9} {side:4} randread IOPS {' '.join(f'{x:.0f}' for x in iops)} "
+                         f"(median {statistics.median(iops):.0f}); rng MB/s "
+                         f"{' '.join(f'{x:.3f}' for x in rng)} (median {statistics.median(rng):.3f}); "
+                         f"load {' '.join('%.1f' % r['load'] for r in runs)}")
+            for figure in ("randread", "rng"):
+                total = {k: sum(r[figure].get(k, 0) for r in runs) for k in runs[0][figure]}
+                if "stub_rings" in total:
+                    raised = total["stub_rings"] + total["stub_rings_skipped"]
+                    total["spared"] = f"{total['stub_rings_skipped'] / max(raised, 1):.1%}"
+                lines.append(f"    {figure}: {total}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="bench/tree_ab.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--base", default="main", help="the revision to compare with (git)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--wait", default="adaptive,doorbell", help="wait modes, comma-separated")
+    parser.add_argument("--out", help="JSON results (default: print only)")
+    parser.add_argument("--one", nargs=4, metavar=("TREE", "INITRD", "IMAGE", "WAIT"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(one_run(*args.one)))
+        return 0
+    sys.path.insert(0, str(REPO))
+    from bench.board import IMAGE_SIZE, MIB, build_initrd
+    from bench.common import write_synced
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="avatar-tree-ab-") as work:
+        work = Path(work)
+        base = work / "base"
+        base.mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.base],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+        initrd = build_initrd(work, programs=("avbench",))
+        image = work / "disk.img"
+        write_synced(image, [os.urandom(MIB)] * (IMAGE_SIZE // MIB))
+        trees = {"this": REPO, "base": base}
+        for n in range(args.rounds):
+            for wait in args.wait.split(","):
+                for side in (("this", "base") if n % 2 == 0 else ("base", "this")):
+                    started = time.time()
+                    run = subprocess.run(
+                        [sys.executable, __file__, "--one", str(trees[side]), str(initrd),
+                         str(image), wait],
+                        cwd=trees[side], capture_output=True, text=True, timeout=900)
+                    if run.returncode:
+                        print(f"{side} {wait}: failed: {run.stderr[-800:]}", flush=True)
+                        continue
+                    result = {"side": side, "wait": wait, "round": n, "started": started,
+                              **json.loads(run.stdout.splitlines()[-1])}
+                    results.append(result)
+                    print(json.dumps(result), flush=True)
+    print(summary(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+/*
+ * wfi_probe.S - a bare-metal EL1 "guest" whose interrupt only the stub's WFI poll can
+ * deliver (boards/emulated/idle.c). No timer, no doorbell from the host, no exit between
+ * the request and the WFI: after each "ready" write it notes in RAM that it runs again
+ * (word 0 = the round), spins until the host has set INTID 48's virq_pending bit without
+ * ringing the stub and said so (word 4 = the round), then waits in WFI until INTID 48
+ * comes (tests/test_emulated_stub.py). With a mode of 1 (read at window offset 0x304) it
+ * goes to WFI at once, and the host requests while the stub polls or sleeps.
+ */
+#include "gic_on.h"
+#define FLAGS 0x41000000            /* two words of guest RAM the host reads and writes */
+    .text
+    .global _start
+_start:
+    ldr     x20, =0x0a000000        /* the virtio window */
+    ldr     x22, =0x08000000        /* guest distributor (emulated by the stub) */
+    ldr     x23, =0x08010000        /* guest CPU interface (GICV) */
+    ldr     x25, =FLAGS
+    adr     x9, vectors
+    msr     vbar_el1, x9
+    isb
+    gic_on                          /* gic_on.h (w9 = 1) */
+    ldr     w24, [x20, #0x300]      /* rounds, from the model */
+    ldr     w26, [x20, #0x304]      /* mode, from the model */
+1:  cbz     w24, 3f
+    mov     x21, #0
+    str     w24, [x20, #0x200]      /* "ready" */
+    str     w24, [x25]              /* back in the guest */
+    cbnz    w26, 5f                 /* mode 1: no wait for the request */
+2:  ldr     w9, [x25, #4]           /* until the host requested INTID 48 */
+    cmp     w9, w24
+    b.ne    2b
+5:  cbnz    x21, 4f
+    wfi
+    b       5b
+4:  sub     w24, w24, #1
+    b       1b
+3:  ldr     x0, =0x84000008         /* PSCI SYSTEM_OFF */
+    smc     #0
+6:  b       6b
+
+    .balign 2048
+vectors:
+    .balign 0x200
+    .skip   0x200
+sync_spx:
+    b       sync_spx
+    .balign 0x80
+irq_spx:                            /* acknowledge INTID 48, EOI, note it */
+    ldr     w10, [x23, #0xc]
+    and     w11, w10, #0x3ff
+    cmp     w11, #48
+    b.ne    7f
+    str     w10, [x23, #0x10]
+    mov     x21, #1
+7:  eret

@@ -1,0 +1,66 @@
+"""The stub's interrupt line (``StubInterruptLine``) on a trap page in memory: the request
+bit, and the UART byte sent or spared by the stub's ``virq_polling`` (AVT_F_HALT_POLL).
+With the real stub: tests/test_emulated_stub.py."""
+
+import pytest
+
+from avatar_hw import abi
+from avatar_hw.errors import AvatarError
+from avatar_hw.hw import ordering
+from avatar_hw.hw.region import Region
+from avatar_hw.interrupts import StubInterruptLine
+
+
+@pytest.fixture
+def page():
+    region = Region(bytearray(abi.PAGE_SIZE), name="test trap page")
+    rings = []
+    line = StubInterruptLine(region, ring_stub=lambda: rings.append(1))
+    header = abi.Header.from_buffer(region.view(0, abi.SLOTS_OFFSET))
+    return line, header, rings
+
+
+def test_a_request_rings_the_stub_unless_it_polls_for_that_intid(page):
+    line, header, rings = page
+    line.raise_intid(48)                                    # nobody polls: the byte goes
+    assert header.virq_pending[1] == 1 << 16 and len(rings) == 1
+    header.virq_polling[1] = 0xff << 16                     # VM0's CPU polls (INTIDs 48-55)
+    line.raise_intid(49)
+    assert header.virq_pending[1] == 0b11 << 16 and len(rings) == 1
+    line.raise_intid(56)                                    # VM1's INTID: its CPU does not
+    assert header.virq_pending[1] == (0b11 << 16) | (1 << 24) and len(rings) == 2
+    header.virq_polling[1] = 0                              # the poll ended: the byte again
+    line.raise_intid(50)
+    assert len(rings) == 3
+    assert line.info() == {"stub_rings": 3, "stub_rings_skipped": 1}
+
+
+def test_a_request_the_stub_took_already_needs_no_ring(page, monkeypatch):
+    """A poll that saw the bit takes it, then clears polling: a line that reads polling
+    clear after that finds its bit gone from virq_pending and does not ring."""
+    line, header, rings = page
+
+    def stub_takes_and_stops_polling():     # between the line's OR and its look
+        header.virq_pending[1] &= ~(1 << 16)
+        header.virq_polling[1] = 0
+
+    header.virq_polling[1] = 0xff << 16
+    monkeypatch.setattr(ordering, "fence", stub_takes_and_stops_polling)
+    line.raise_intid(48)
+    assert not rings and line.rings_skipped == 1
+
+
+def test_the_polling_word_is_the_intids_own(page):
+    line, header, rings = page
+    header.virq_polling[2] = 1 << 0                         # INTID 64, not 32 or 96
+    for intid in (32, 96, 64):
+        line.raise_intid(intid)
+    assert len(rings) == 2 and line.rings_skipped == 1
+    assert [header.virq_pending[w] for w in (1, 2, 3)] == [1, 1, 1]
+
+
+def test_an_intid_outside_the_spis_is_refused(page):
+    line, header, rings = page
+    with pytest.raises(AvatarError, match="INTID 16 is outside 32..255"):
+        line.raise_intid(16)
+    assert not rings and not any(header.virq_pending)
