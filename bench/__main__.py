@@ -6,6 +6,7 @@
                                                 # board_linux
     .venv/bin/python -m bench --profile         # also cProfile the daemon on the trap path
     .venv/bin/python -m bench --only board --wait adaptive   # ours polling after each trap
+    .venv/bin/python -m bench --only board --daemon process  # ours' daemon in its own process
 
 Parts: ``trap`` (bench/trappath.py: the trap page with a C stand-in stub,
 against avatar-hw and a C floor), ``core`` (bench/core.py: the VirtIO core in
@@ -34,6 +35,7 @@ from avatar_hw.emulated.build import cache_dir
 from avatar_hw.errors import AvatarError
 from avatar_hw.wait import MODES
 
+from .board import DAEMON_MODES
 from .common import machine_info
 
 PARTS = ("trap", "core", "cost", "board", "two_guests", "fs", "board_linux")
@@ -55,12 +57,12 @@ def _run_part(name, args):
         return fs.run(quick=args.quick, runs=args.runs)
     if name == "two_guests":
         from . import two_guests
-        return two_guests.run(quick=args.quick)
+        return two_guests.run(quick=args.quick, daemon=args.daemon)
     if name == "board_linux":
         from . import board_linux
         return board_linux.run(quick=args.quick)
     from . import board
-    return board.run(quick=args.quick, runs=args.runs, wait=args.wait)
+    return board.run(quick=args.quick, runs=args.runs, wait=args.wait, daemon=args.daemon)
 
 
 def main(argv=None):
@@ -74,6 +76,10 @@ def main(argv=None):
     parser.add_argument("--wait", choices=MODES,
                         help="board: how avatar-hw's daemon waits for traps (default: the "
                              "emulated board file's trap.wait)")
+    parser.add_argument("--daemon", choices=DAEMON_MODES,
+                        help="board, two_guests: avatar-hw's daemon in a thread of the bench's "
+                             "process or in its own process (default: the emulated board's, "
+                             "EmulatedBoard's daemon_process)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the daemon on the trap path and list the top functions")
     parser.add_argument("--out", type=Path,

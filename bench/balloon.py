@@ -55,7 +55,7 @@ def ours(initrd, mib):
         try:
             shell.wait_ready(120)
             shell.run(TOUCH)
-            path = board.daemon.control.path
+            path = board.control_path
             ram = control.request("balloon", path, vm=0)["ram"]
 
             def state():

@@ -6,7 +6,10 @@ archive) with the same bootargs, and use the same host image file:
 
 - ours: the emulated board (QEMU + our EL2 stub, ``avatar_hw.emulated``),
   the devices served by avatar-hw through the trap page, the daemon waiting for
-  traps as the emulated board file says (``trap.wait``; reported as ``ours_wait``);
+  traps as the emulated board file says (``trap.wait``; reported as ``ours_wait``),
+  in a thread of the launcher or in its own process (``EmulatedBoard(daemon_process=)``;
+  reported as ``ours_daemon``); its counters are read through its control socket,
+  as ``avatar-hw info`` reads them, in either;
 - QEMU: the guest booted directly on ``virt`` with QEMU's virtio-mmio
   devices (virtio-blk-device, virtio-serial-device + virtconsole,
   virtio-rng-device, ``virtio-mmio.force-legacy=false``) and QEMU's own DT.
@@ -55,6 +58,7 @@ import threading
 import time
 from pathlib import Path
 
+from avatar_hw.control import request
 from avatar_hw.errors import AvatarError
 from avatar_hw.emulated import memory_map as mm
 from avatar_hw.emulated.assets import guest_assets
@@ -414,8 +418,35 @@ def vsock_guest_echo(shell, path, size):
 
 # -- the two sides -------------------------------------------------------------------------------
 
-def run_ours(initrd, image, share, kinds, quick, wait=None):
-    """Our side's figures; ``wait``: the daemon's wait mode (None: the board file's)."""
+DAEMON_MODES = ("thread", "process")     # EmulatedBoard(daemon_process=False / True)
+
+
+def board_options(daemon=None):
+    """EmulatedBoard's keyword arguments for ``daemon`` (one of DAEMON_MODES; None: its
+    default)."""
+    return {} if daemon is None else {"daemon_process": daemon == "process"}
+
+
+def daemon_mode(board):
+    """Where ``board``'s daemon runs: one of DAEMON_MODES."""
+    return DAEMON_MODES[bool(board.daemon_process)]
+
+
+def daemon_info(board):
+    """The daemon's ``info`` (``avatar-hw info --json``) through its control socket: the
+    same whether it runs in a thread of this process or in its own."""
+    return request("info", board.control_path)
+
+
+def traps_waited(info):
+    """The traps the guests' vCPUs waited for (posted writes and reads the stub answered
+    left out), every device of every VM, from ``daemon_info``."""
+    return sum(device["traps_waited"] for vm in info["vms"] for device in vm["devices"])
+
+
+def run_ours(initrd, image, share, kinds, quick, wait=None, daemon=None):
+    """Our side's figures; ``wait``: the daemon's wait mode (None: the board file's);
+    ``daemon``: where it runs, one of DAEMON_MODES (None: EmulatedBoard's default)."""
     devices = []
     if "block" in kinds:
         devices.append(f'block = {{ image = "{image}" }}')
@@ -432,23 +463,24 @@ def run_ours(initrd, image, share, kinds, quick, wait=None):
     if "net" in kinds:
         devices.append(f'net = {{ switch = "{switch}", mac = "{NET_MAC}" }}')
     start = time.perf_counter()
-    with EmulatedBoard(initrd=Path(initrd), devices="\n".join(devices), wait=wait) as board:
+    with EmulatedBoard(initrd=Path(initrd), devices="\n".join(devices), wait=wait,
+                       **board_options(daemon)) as board:
         shell = connect(board.console_path)
         peer = None
         try:
             shell.wait_ready(120)
             boot = time.perf_counter() - start
-            figures = {"boot_s": boot, "wait": board.daemon.wait}
+            figures = {"boot_s": boot, "wait": daemon_info(board)["mode"],
+                       "daemon": daemon_mode(board)}
             if device_available("vsock"):
                 size = SIZES["vsock"][1 if quick else 0]
                 figures["vsock_host_echo_MBps"] = vsock_host_echo(shell, vsock_path, size)
                 figures["vsock_guest_echo_MBps"] = vsock_guest_echo(shell, vsock_path, size)
-            waited = board.daemon.trap.waited
             if "net" in kinds:
                 peer = NetPeer(Path(initrd).parent / "net-peer.sock", switch)
-            return {**figures,
-                    **measure_guest(shell, kinds, quick, waited_traps=lambda: sum(waited),
-                                    net_peer=peer)}
+            return {**figures, **measure_guest(
+                shell, kinds, quick, waited_traps=lambda: traps_waited(daemon_info(board)),
+                net_peer=peer)}
         finally:
             shell.close()
             if peer is not None:
@@ -525,8 +557,9 @@ def run_qemu(initrd, image, share, quick, net=False):
 
 # -- the part ------------------------------------------------------------------------------------------
 
-def run(quick=False, runs=3, wait=None):
-    """``wait``: ours' wait mode (None: the emulated board file's ``trap.wait``)."""
+def run(quick=False, runs=3, wait=None, daemon=None):
+    """``wait``: ours' wait mode (None: the emulated board file's ``trap.wait``); ``daemon``:
+    where ours' daemon runs, one of DAEMON_MODES (None: EmulatedBoard's default)."""
     kinds = [k for k in device_kinds_available() if k in ("block", "rng", "net")]
     if importlib.util.find_spec("avatar_hw.devices.p9"):
         kinds.append("9p")
@@ -543,14 +576,16 @@ def run(quick=False, runs=3, wait=None):
         share = workdir / "share"                         # the 9p folder, one file to read
         share.mkdir()
         write_synced(share / "p9read", [block] * (SIZES["p9"][0] // MIB))
-        alternate(runs, (("ours", lambda: run_ours(initrd, image, share, kinds, quick, wait)),
+        alternate(runs, (("ours", lambda: run_ours(initrd, image, share, kinds, quick, wait,
+                                                   daemon)),
                          ("qemu", lambda: run_qemu(initrd, image, share, quick,
                                                    net="net" in kinds))),
                   out["raw"], "board")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     out["figures"] = summarise(out["raw"])
-    out["ours_wait"] = sorted({r["wait"] for r in out["raw"]["ours"] if "wait" in r})
+    for key in ("wait", "daemon"):
+        out[f"ours_{key}"] = sorted({r[key] for r in out["raw"]["ours"] if key in r})
     report(out)
     return out
 
@@ -605,6 +640,8 @@ def report(out, title="Emulated board", qemu="QEMU virtio-mmio", note=NOT_COMPAR
     if out.get("ours_wait"):
         print(f"  avatar-hw's daemon waited for traps: {', '.join(out['ours_wait'])} "
               "(docs/boards.md, trap.wait)")
+    if out.get("ours_daemon"):
+        print(f"  avatar-hw's daemon ran in: {', '.join(out['ours_daemon'])} (--daemon)")
     if note:
         print(f"  {note}")
     for side in ("ours", "qemu"):

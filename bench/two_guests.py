@@ -13,7 +13,9 @@ The ratio hostile/idle is the figure (the issue's target: at least 0.7);
 busy/idle shows how much of it is only the host's CPU shared by two vCPUs, and
 hostile/busy the rest: what VM1's device accesses cost VM0 beyond its CPU. Each
 phase also reports the daemon's service time per VM and the traps the fair
-order put off (``TrapPage.vm_counters``): how much of that rest is the daemon's.
+order put off (``avatar-hw info``'s per-VM counters, read through the control socket
+whether the daemon runs in a thread of this process or in its own: ``daemon``, one
+of bench/board.py's DAEMON_MODES): how much of that rest is the daemon's.
 
 The pieces are shared with tests/test_emulated_two_guests.py, which asserts
 data and recovery, never time. On a 2-core machine VM0's vCPU, VM1's vCPU and
@@ -31,7 +33,8 @@ from avatar_hw.emulated.devicetree import DEFAULT_BOOTARGS
 from avatar_hw.emulated.session import EmulatedBoard
 from avatar_hw.errors import AvatarError
 
-from .board import build_initrd, connect, console_g2h, console_h2g
+from .board import (board_options, build_initrd, connect, console_g2h, console_h2g, daemon_info,
+                    daemon_mode)
 from .common import table, write_synced
 
 MIB = 1 << 20
@@ -116,10 +119,13 @@ def block_figures(shell, size):
     return out
 
 
+VM_COUNTERS = ("traps_served", "service_ms", "traps_deferred")
+
+
 def daemon_counters(board):
     """Per VM: the traps the daemon served, its time on them, the traps the fair order put
-    off (``TrapPage.vm_counters``)."""
-    return [board.daemon.trap.vm_counters(vm) for vm in range(2)]
+    off (``VM_COUNTERS`` of ``daemon_info``)."""
+    return [{key: vm[key] for key in VM_COUNTERS} for vm in daemon_info(board)["vms"]]
 
 
 def vm0_figures(shell, size, board=None):
@@ -136,13 +142,16 @@ def vm0_figures(shell, size, board=None):
     return out
 
 
-def run(quick=False):
+def run(quick=False, daemon=None):
+    """``daemon``: where the daemon runs, one of bench/board.py's DAEMON_MODES (None:
+    EmulatedBoard's default)."""
     size = 16 * MIB if quick else 64 * MIB
     workdir = Path(tempfile.mkdtemp(prefix="avatar-bench-two-"))
     images = [workdir / f"vm{vm}.img" for vm in range(2)]
     for image in images:
         write_image(image, 2 * size)
-    board = start_board(build_two_guest_initrd(workdir), images, str(workdir / "switch.sock"))
+    board = start_board(build_two_guest_initrd(workdir), images, str(workdir / "switch.sock"),
+                        **board_options(daemon))
     try:
         vm0, vm1 = shells(board)
         idle = vm0_figures(vm0, size, board)
@@ -161,10 +170,10 @@ def run(quick=False):
         vm1 = wait_reloaded(board, vm1, left + RELOAD_TIMEOUT)
         log, _ = vm1.run("cat /tmp/avhostile.log")
         recovered = vm1.run("dd if=/dev/vda bs=1M count=1 iflag=direct 2>/dev/null | wc -c")[0]
-        out = {"size": size, "idle": idle, "busy": busy, "hostile": hostile,
+        out = {"size": size, "daemon": daemon_mode(board), "idle": idle, "busy": busy, "hostile": hostile,
                "avhostile": log.strip(),
                "vm1_reads_after_reload": recovered.strip() == str(MIB),
-               "daemon_alive": board._thread.is_alive()}
+               "daemon_alive": board.daemon_alive()}
     finally:
         board.stop()
         for path in workdir.iterdir():
@@ -176,8 +185,8 @@ def run(quick=False):
              f"{out['hostile'][key] / out['busy'][key]:.2f}"]
             for key in ("block_seqread_MBps", "block_seqwrite_MBps", "console_h2g_MBps",
                         "console_g2h_MBps")]
-    table(f"VM0 beside VM1 on the emulated board ({size // MIB} MiB each; target hostile/idle "
-          ">= 0.7)", ["figure (MB/s)", "VM1 idle", "VM1 busy", "VM1 hostile", "busy/idle",
+    table(f"VM0 beside VM1 on the emulated board ({size // MIB} MiB each, daemon: "
+          f"{out['daemon']}; target hostile/idle >= 0.7)", ["figure (MB/s)", "VM1 idle", "VM1 busy", "VM1 hostile", "busy/idle",
                       "hostile/idle", "hostile/busy"], rows)
     for phase in ("idle", "busy", "hostile"):
         figures = out[phase]

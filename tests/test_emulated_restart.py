@@ -62,9 +62,30 @@ def _diff(data, received, at_kill):
 
 
 def _devices(board):
-    info = request("info", board._control_path())
+    info = request("info", board.control_path)
     return {d.get("image", d["name"]).rpartition("/")[2]: d
             for vm in info["vms"] for d in vm["devices"]}
+
+
+def test_bench_reads_the_counters_of_a_daemon_in_its_own_process(board):
+    """bench/board.py and bench/two_guests.py read the daemon's counters through its control
+    socket: here the daemon is not in this process (``board.daemon`` is None)."""
+    from bench.board import daemon_info, daemon_mode, traps_waited
+    from bench.two_guests import daemon_counters
+
+    def block_requests(info):
+        return sum(d["requests"] for d in info["vms"][0]["devices"] if d["name"] == "block")
+
+    assert board.daemon is None and board.daemon_alive() and daemon_mode(board) == "process"
+    info_before, before = daemon_info(board), daemon_counters(board)
+    out, status = board.guest.run("dd if=/dev/vda of=/dev/null bs=4096 count=32 iflag=direct")
+    assert status == 0, out
+    info, after = daemon_info(board), daemon_counters(board)
+    assert info["pid"] == board.process.pid and info["mode"] == "doorbell"
+    assert block_requests(info) - block_requests(info_before) >= 32
+    assert len(after) == 1 and after[0]["traps_served"] - before[0]["traps_served"] >= 32
+    assert after[0]["service_ms"] > before[0]["service_ms"]
+    assert 0 <= traps_waited(info_before) <= traps_waited(info)
 
 
 def test_restart_under_guest_host_mode_transfers_are_exact_and_nothing_resets(board):

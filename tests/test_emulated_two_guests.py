@@ -96,6 +96,9 @@ def test_two_guests_each_on_its_own_cpu_window_intids_and_ram(board):
     assert [v["vm"] for v in info["vms"]] == [0, 1]
     assert [int(v["window"][0], 16) for v in info["vms"]] == [0x0a000000, 0x0a010000]
     assert board.daemon.trap.info()["slots"] == 2
+    # What bench/two_guests.py reads, through the control socket (the daemon in a thread here).
+    assert board.daemon_alive() and tg.daemon_mode(board) == "thread"
+    assert [c["traps_served"] > 0 for c in tg.daemon_counters(board)] == [True, True]
     # One daemon, two guests, on the doorbell (boards/emulated.toml's trap.wait): both served.
     assert info["mode"] == "doorbell"
 

@@ -158,7 +158,7 @@ class EmulatedBoard:
             raise AvatarError(f"devices for {len(self.devices)} VMs, but the board runs {vms}")
         self.devices += [""] * (vms - len(self.devices))
         self.config = config
-        self.control_path = control_path
+        self._control = control_path    # None: control.sock in the machine's workdir
         self.qemu_args = qemu_args
         self.trace = trace
         self.bootargs = bootargs
@@ -238,11 +238,20 @@ class EmulatedBoard:
             return
         self.daemon = Daemon(_board(self.machine.ram_path), self._vms_config(workdir),
                              doorbell=self.machine.uart.doorbell, wait=self.wait,
-                             trace=self.trace, control_path=self._control_path())
+                             trace=self.trace, control_path=self.control_path)
         self._thread = self.daemon.start_thread()
 
-    def _control_path(self):
-        return self.control_path or str(Path(self.machine.workdir) / "control.sock")
+    @property
+    def control_path(self):
+        """The daemon's control socket (``avatar-hw info --control``), in either mode: the
+        one given, else control.sock in the machine's workdir."""
+        return self._control or str(Path(self.machine.workdir) / "control.sock")
+
+    def daemon_alive(self):
+        """Is the daemon still there (its thread, or with ``daemon_process`` its process)?"""
+        if self.daemon_process:
+            return self.process is not None and self.process.poll() is None
+        return self._thread is not None and self._thread.is_alive()
 
     def start_daemon(self, timeout=60):
         """``daemon_process``: start the daemon's process (again: it restores the devices
@@ -256,7 +265,7 @@ class EmulatedBoard:
         spec = {"ram": self.machine.ram_path, "workdir": str(workdir), "config": self.config and
                 str(self.config), "devices": self.devices, "vms": self.vms,
                 "console_paths": [str(p) for p in self.console_paths],
-                "control": self._control_path(), "state": str(self.state_path),
+                "control": self.control_path, "state": str(self.state_path),
                 "wait": self.wait, "trace": self.trace,
                 "doorbell_fd": uart.doorbell.fileno(), "uart_fd": uart.sock.fileno()}
         root = str(Path(__file__).resolve().parents[2])
