@@ -133,6 +133,7 @@ class Daemon:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._old_signals = {}
+        self._old_wakeup_fd = -1
         self._signal = None
         self._closed = False
         self._own_doorbell = False
@@ -303,6 +304,12 @@ class Daemon:
         if in_main:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._old_signals[signum] = signal.signal(signum, self._on_signal)
+            # Python runs ``_on_signal`` only between bytecodes of this thread: a signal
+            # caught just before the loop blocks (or by another thread) would wait for the
+            # loop's next event, maybe for ever. The C-level handler writes the wake-up fd
+            # whatever this thread is doing, so the loop wakes and the handler runs.
+            self._old_wakeup_fd = signal.set_wakeup_fd(self._wake_w.fileno(),
+                                                       warn_on_full_buffer=False)
         if self.trap is None:
             try:
                 self.open()
@@ -320,6 +327,8 @@ class Daemon:
             self._restore_signals()
 
     def _restore_signals(self):
+        if self._old_signals:
+            signal.set_wakeup_fd(self._old_wakeup_fd)
         for signum, old in self._old_signals.items():
             signal.signal(signum, old)
         self._old_signals.clear()

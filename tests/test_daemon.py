@@ -215,6 +215,41 @@ def test_trace_logs_every_trap_with_register_names(board, stub):
     assert "W Status             4 0x1" in out
 
 
+# The daemon's process with a thread that, once the control socket exists (the handlers are
+# in place), sends SIGTERM to itself: the C-level handler runs there, not in the main thread
+# blocked in the event loop, which only the wake-up fd wakes (as for a signal caught just
+# before the loop blocks).
+SIGNAL_FROM_ANOTHER_THREAD = """
+import os, signal, sys, threading, time
+from avatar_hw.cli import main
+def kill_soon(control):
+    while not os.path.exists(control):
+        time.sleep(0.01)
+    time.sleep(0.2)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+threading.Thread(target=kill_soon, args=(sys.argv[1],), daemon=True).start()
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_caught_outside_the_main_thread_stops_the_daemon(board, stub):
+    argv = board.serve_argv(console_config(board, vms=(0,)))
+    assert argv[1:4] == ["-m", "avatar_hw", "serve"]
+    log_path = board.root / "daemon.log"
+    with open(log_path, "wb") as log_file:
+        daemon = subprocess.Popen([sys.executable, "-c", SIGNAL_FROM_ANOTHER_THREAD,
+                                   str(board.control), *argv[3:]],
+                                  stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        assert daemon.wait(60) == 0, log_path.read_text()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    assert "SIGTERM: stopping" in log_path.read_text()
+    assert stub.page.header.model_state == abi.MODEL_DETACHED
+
+
 def test_busy_poll_mode_serves_without_doorbells(board, stub):
     daemon = Served(board, console_config(board, vms=(0,)), "--busy-poll")
     try:
