@@ -6,6 +6,7 @@ pyserial URL given with ``--url`` (/dev/ttyUSB0, rfc2217://board:4560, ...).
 The terminal is pyserial's miniterm: Ctrl-] quits, Ctrl-T opens its menu.
 """
 
+import signal
 import sys
 
 import serial
@@ -48,9 +49,17 @@ def _console(args):
     term.set_tx_encoding("utf-8")
     sys.stderr.write(f"--- avatar-hw console: {url} --- quit: {key_description(EXIT_KEY)} | "
                      f"menu: {key_description(MENU_KEY)} ---\n")
-    term.start()
+    # SIGINT blocked while miniterm starts its threads: they inherit the mask, so the signal
+    # always comes to this thread, and only inside the try below (one sent meanwhile is
+    # delivered as the mask is restored), never between start() and the try, where it
+    # would skip the reader's stop and the exit line
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     status = 0
     try:
+        try:
+            term.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         term.join(True)
     except KeyboardInterrupt:
         # SIGINT (a kill: Ctrl-C in this raw terminal goes to the guest). The writer stays

@@ -273,12 +273,22 @@ SIGINT_IGNORED = [sys.executable, "-c", "import os, signal, sys; "
                   "os.execv(sys.executable, [sys.executable, '-m', 'avatar_hw', *sys.argv[1:]])"]
 
 
+# ``python -m avatar_hw`` that gets a SIGINT as miniterm has just started its threads, before
+# the console waits for them
+SIGINT_WHILE_STARTING = [sys.executable, "-c", "import os, signal, sys, time; "
+                         "from serial.tools.miniterm import Miniterm; start = Miniterm.start; "
+                         "Miniterm.start = lambda self: (start(self), "
+                         "os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)); "
+                         "from avatar_hw.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
 class OnPty:
     """``avatar-hw console ...`` with a pty as its terminal."""
 
-    def __init__(self, *args, sigint_ignored=False):
+    def __init__(self, *args, sigint_ignored=False, command=None):
         self.master, slave = os.openpty()
-        command = SIGINT_IGNORED if sigint_ignored else [sys.executable, "-m", "avatar_hw"]
+        command = command or (SIGINT_IGNORED if sigint_ignored
+                              else [sys.executable, "-m", "avatar_hw"])
         self.process = subprocess.Popen([*command, "console", *args],
                                         stdin=slave, stdout=slave, stderr=slave,
                                         start_new_session=True)
@@ -358,6 +368,17 @@ def test_sigint_ends_the_console_even_when_inherited_as_ignored(tmp_path, sigint
             term.type("echo sum=$((2 + 3))\n")
             term.expect("sum=5")                       # miniterm's threads run
             term.process.send_signal(signal.SIGINT)
+            assert term.process.wait(30) == 130
+            term.expect("--- exit ---")
+        finally:
+            term.close()
+
+
+def test_sigint_while_the_terminal_starts_ends_it_with_its_exit_line(tmp_path):
+    path = str(tmp_path / "guest.sock")
+    with shell_server(path):
+        term = OnPty("--url", f"unix://{path}", command=SIGINT_WHILE_STARTING)
+        try:
             assert term.process.wait(30) == 130
             term.expect("--- exit ---")
         finally:
