@@ -28,18 +28,4 @@ _start:
     smc     #0
 5:  b       5b
 
-    .balign 2048
-vectors:
-    .balign 0x200
-    .skip   0x200
-sync_spx:
-    b       sync_spx
-    .balign 0x80
-irq_spx:                            /* acknowledge INTID 48, EOI, note it */
-    ldr     w10, [x23, #0xc]
-    and     w11, w10, #0x3ff
-    cmp     w11, #48
-    b.ne    6f
-    str     w10, [x23, #0x10]
-    mov     x21, #1
-6:  eret
+    irq48_vectors                   /* gic_on.h */

@@ -12,3 +12,23 @@
     str     w9, [x23]               /* GICC_CTLR */
     msr     daifclr, #2
 .endm
+
+/* The probes' EL1 vectors (VBAR_EL1 = vectors): a synchronous exception spins; an IRQ
+ * acknowledges INTID 48, EOIs it and sets x21 = 1 (x23 = the CPU interface). */
+.macro irq48_vectors
+    .balign 2048
+vectors:
+    .balign 0x200
+    .skip   0x200
+sync_spx:
+    b       sync_spx
+    .balign 0x80
+irq_spx:
+    ldr     w10, [x23, #0xc]
+    and     w11, w10, #0x3ff
+    cmp     w11, #48
+    b.ne    9f
+    str     w10, [x23, #0x10]
+    mov     x21, #1
+9:  eret
+.endm

@@ -39,18 +39,4 @@ _start:
     smc     #0
 6:  b       6b
 
-    .balign 2048
-vectors:
-    .balign 0x200
-    .skip   0x200
-sync_spx:
-    b       sync_spx
-    .balign 0x80
-irq_spx:                            /* acknowledge INTID 48, EOI, note it */
-    ldr     w10, [x23, #0xc]
-    and     w11, w10, #0x3ff
-    cmp     w11, #48
-    b.ne    7f
-    str     w10, [x23, #0x10]
-    mov     x21, #1
-7:  eret
+    irq48_vectors                   /* gic_on.h */
