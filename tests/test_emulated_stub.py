@@ -353,3 +353,44 @@ def test_a_request_made_once_the_stub_stopped_polling_sends_the_uart_byte():
         counters = trap.vm_counters(0)
         assert counters["wfi_ran_out"] >= 1 and counters["wfi_caught"] == 0, counters
         del trap
+
+
+@pytest.mark.parametrize("interrupt", ["during-service", "after-service"])
+def test_a_wfi_after_a_posted_write_polls_while_the_model_serves_it(interrupt):
+    """A WFI right after a posted write the awake model (busy-polling) still holds
+    (wfi_probe.S mode 2: "ready" as a QueueNotify) polls while the slot stays POSTED,
+    past the stub's usual window (10-50 µs): an interrupt the write's service requests goes
+    without a UART byte ("during-service": 1 ms of device work, then the request, then the
+    slot is freed; the test build's serve window is 2 s). Once the model freed the slot
+    with nothing requested the stub stops polling and sleeps ("after-service": the request
+    comes 50 ms later and needs its byte). Without the serve poll the first case rings
+    every round; polling on after the slot is freed, the second rings none."""
+    stub = build_stub(defines=["STUB_TEST_SERVE_POLL_US=2000000"])
+    count = 10
+    with EmulatedMachine(stub, build_probe("wfi_probe"), model_wait_ms=10000) as machine:
+        region = machine.trap_region()
+        trap = TrapPage(region, mm.LAYOUT)
+        trap.wait_ready(10)
+        line = machine.interrupt_line(region)
+
+        def during_service(n):              # the model's dispatch of the posted write
+            time.sleep(0.001)
+            line.raise_intid(48)
+
+        def after_service(n):
+            threading.Timer(0.05, line.raise_intid, (48,)).start()
+
+        on_ready = during_service if interrupt == "during-service" else after_service
+        rounds = serve_wfi_probe(machine, trap, count, on_ready, mode=2, wait=BUSY_POLL)
+        assert machine.wait(10) == 0, (
+            f"the guest waited in WFI for INTID 48 forever after {len(rounds)} of {count} "
+            f"rounds (UART bytes sent {line.rings}, spared {line.rings_skipped})")
+        assert rounds == list(range(count, 0, -1))
+        counters = trap.vm_counters(0)
+        if interrupt == "during-service":
+            assert (line.rings, line.rings_skipped) == (0, count), counters
+            assert counters["wfi_caught"] == count, counters
+        else:
+            assert (line.rings, line.rings_skipped) == (count, 0), counters
+            assert counters["wfi_caught"] == 0, counters
+        del trap

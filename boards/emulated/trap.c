@@ -293,6 +293,15 @@ int trap_model_awake(void)
     return !hdr->model_sleeping && model_attached();
 }
 
+/* Whether the model holds this vCPU's posted write (its slot still POSTED: the guest
+ * runs, so no other access is in flight). The model frees the slot after the write's
+ * device work, and requests any interrupt that work raises before it frees it (release):
+ * a caller that loads FREE here (acquire) then sees that request in virq_pending. */
+int trap_posted_write_in_service(void)
+{
+    return load_acquire32(&vm_traps[cpu_index()].slot->state) == AVT_SLOT_POSTED;
+}
+
 /* This CPU's slot (its vCPU's): the stub's counters there. */
 volatile struct avt_slot *trap_slot(void)
 {
