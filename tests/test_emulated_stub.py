@@ -132,7 +132,7 @@ def test_probe_accesses_round_trip_through_the_trap_page(probe, wait, stub_ack):
         assert writes == (EXPECTED_WRITES_STUB_ACK if stub_ack else EXPECTED_WRITES)
         assert trap.header.stub_features == (abi.F_VIRQ_REQUEST | abi.F_POSTED_WRITES
                                              | abi.F_REGISTER_SHADOW | abi.F_STUB_ACK
-                                             | abi.F_HALT_POLL)
+                                             | abi.F_HALT_POLL | abi.F_PACE)
         assert trap.stats.posted_writes == (1 if stub_ack else 2)
         assert trap.shadows.acks_taken(0) == (1 if stub_ack else 0)
         assert trap.shadows.hits(0) == 1      # the 0x60 read never reached the model
@@ -394,3 +394,32 @@ def test_a_wfi_after_a_posted_write_polls_while_the_model_serves_it(interrupt):
             assert (line.rings, line.rings_skipped) == (count, 0), counters
             assert counters["wfi_caught"] == 0, counters
         del trap
+
+
+def test_a_paced_vcpu_waits_before_each_access():
+    """AVT_F_PACE: with its slot's pace_us set (``TrapPage.pace``, after its first trap),
+    the vCPU waits that long in the stub before each later access; 20 rounds of
+    wfi_probe.S (one "ready" write each, answered at once with its interrupt) then take
+    more than 18 half paces between the second and the last write (a wait ends early when
+    an interrupt is pending for the CPU). Unpaced they take milliseconds. A lower bound
+    only: a loaded host makes it longer, never shorter."""
+    pace_us, count = 50_000, WFI_ROUNDS
+    with EmulatedMachine(build_stub(), build_probe("wfi_probe"), model_wait_ms=10000) as machine:
+        region = machine.trap_region()
+        trap = TrapPage(region, mm.LAYOUT)
+        trap.wait_ready(10)
+        line = machine.interrupt_line(region)
+        times = []
+
+        def on_ready(n):
+            times.append(time.monotonic())
+            if len(times) == 1:
+                trap.pace(0, pace_us)       # the slot is VM 0's now (seq != 0)
+            line.raise_intid(48)
+
+        rounds = serve_wfi_probe(machine, trap, count, on_ready, mode=1, wait=BUSY_POLL)
+        assert machine.wait(10) == 0, f"{len(rounds)} of {count} rounds"
+        assert trap.features & abi.F_PACE and trap.slots[0].pace_us == pace_us
+        assert times[-1] - times[1] >= (count - 2) * pace_us / 2e6, times
+        del trap
+

@@ -67,7 +67,7 @@ void trap_init(const struct boot_params *bp)
     hdr->slots_offset = AVT_SLOTS_OFFSET;
     /* Board mode's model raises board SPIs through the distributor: no virq_pending. */
     hdr->stub_features = AVT_F_POSTED_WRITES | AVT_F_REGISTER_SHADOW | AVT_F_STUB_ACK |
-                         (board_linux ? 0 : AVT_F_VIRQ_REQUEST | AVT_F_HALT_POLL);
+                         AVT_F_PACE | (board_linux ? 0 : AVT_F_VIRQ_REQUEST | AVT_F_HALT_POLL);
     hdr->counter_hz = read_sysreg(cntfrq_el0);
     store_release32(&hdr->stub_state, AVT_STUB_READY);
     log_printf("trap page at 0x%lx ready (%u slots, features 0x%x)", bp->trap_page,
@@ -221,10 +221,31 @@ static int take_ack(const struct vm_trap *t, u64 gpa, u32 size, u64 value)
     return 1;
 }
 
+/*
+ * AVT_F_PACE: the wait the model asks of this vCPU before each access it posts or the
+ * stub answers (a VM the model slows down, docs/trap-abi.md section 16). In cpu_sleep:
+ * under TCG the vCPU's host thread sleeps, and on a board the core idles, rather than
+ * spin through the accesses the model refuses. A physical IRQ pending for this CPU (a
+ * doorbell, a kick, the guest's timer: masked here at EL2, it would end every WFI at
+ * once) ends the wait early: it is taken as soon as the access completes.
+ */
+static void pace(volatile struct avt_slot *slot)
+{
+    u32 us = slot->pace_us;                     /* plain load: a hint */
+    if (!us || !(hdr->model_features & AVT_F_PACE))
+        return;
+    if (us > AVT_PACE_MAX_US)
+        us = AVT_PACE_MAX_US;
+    u64 end = counter() + read_sysreg(cntfrq_el0) / 1000000 * us;
+    for (u64 now = counter(); now < end && !(read_sysreg(isr_el1) & (1u << 7)); now = counter())
+        cpu_sleep(end - now);
+}
+
 u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
 {
     struct vm_trap *t = &vm_traps[cpu_index()];
     volatile struct avt_slot *slot = t->slot;
+    pace(slot);
     wait_posted_write_served(slot);
     if (!model_attached()) {
         if (!t->detached_logged)
