@@ -13,8 +13,8 @@ The ratio hostile/idle is the figure (the issue's target: at least 0.7);
 busy/idle shows how much of it is only the host's CPU shared by two vCPUs, and
 hostile/busy the rest: what VM1's device accesses cost VM0 beyond its CPU. Each
 phase also reports the daemon's service time per VM and the traps the fair
-order put off (``avatar-hw info``'s per-VM counters, read through the control socket
-whether the daemon runs in a thread of this process or in its own: ``daemon``, one
+order put off or paced (avatar_hw/pace.py) (``avatar-hw info``'s per-VM counters,
+read through the control socket whether the daemon runs in a thread of this process or in its own: ``daemon``, one
 of bench/board.py's DAEMON_MODES): how much of that rest is the daemon's.
 
 The pieces are shared with tests/test_emulated_two_guests.py, which asserts
@@ -33,6 +33,7 @@ from avatar_hw.emulated import memory_map as mm
 from avatar_hw.emulated.devicetree import DEFAULT_BOOTARGS
 from avatar_hw.emulated.session import EmulatedBoard
 from avatar_hw.errors import AvatarError
+from avatar_hw.pace import PERIOD_S
 
 from .board import (board_options, build_initrd, connect, console_g2h, console_h2g, daemon_info,
                     daemon_mode)
@@ -128,7 +129,7 @@ def block_figures(shell, size):
     return out
 
 
-VM_COUNTERS = ("traps_served", "service_ms", "traps_deferred")
+VM_COUNTERS = ("traps_served", "service_ms", "traps_deferred", "paced_periods")
 
 
 def daemon_counters(board):
@@ -202,7 +203,8 @@ def run(quick=False, daemon=None, wait=None):
         figures = out[phase]
         print(f"  VM1 {phase}: {figures['wall_s']:.0f} s; daemon per VM: " + "; ".join(
             f"vm{vm} {d['traps_served']} traps in {d['service_ms']:.0f} ms, put off "
-            f"{d['traps_deferred']}" for vm, d in enumerate(figures["daemon"])))
+            f"{d['traps_deferred']}, paced {d['paced_periods'] * PERIOD_S:g} s"
+            for vm, d in enumerate(figures["daemon"])))
     print(f"  VM1: {out['avhostile']!r}; reads after reload: {out['vm1_reads_after_reload']}; "
           f"daemon alive: {out['daemon_alive']}")
     return out

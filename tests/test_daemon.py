@@ -350,6 +350,9 @@ def test_a_vm_making_guest_errors_is_paced_until_it_stops(board, stub, served):
         time.sleep(0.02)
     vms = {vm["vm"]: vm for vm in json.loads(served.cli("info", "--json"))["vms"]}
     assert not vms[1]["paced"]
+    text = served.cli("info")
+    assert "period(s) for its guest errors" in text.split("vm1:")[1] and \
+        "for its guest errors" not in text.split("vm1:")[0]
     assert "vm1: " in served.output() and "guest errors in 0.1 s" in served.output()
 
 
