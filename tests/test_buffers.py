@@ -59,21 +59,13 @@ def test_skip_truncate_copy_fill():
     assert sum(len(v) for v in buffers.zeros(200000)) == 200000
 
 
-def test_cursor_writes_records_in_place_and_stages_only_those_across_views():
-    """``Cursor``: a record that fits the current view is written there (``place`` gives the
-    view), one across views (even across three, past an empty one) through the staging
-    buffer; the views end up holding the records back to back."""
-    buf = bytearray(40)
+def test_scatter_at_writes_on_from_a_position_across_views():
+    """``scatter_at``: from byte ``at`` of ``views[index]``, across views (past an empty one),
+    returning the position after; a record ending a view leaves the position at the next."""
+    buf = bytearray(20)
     whole = memoryview(buf)
-    views = [whole[0:10], whole[10:10], whole[10:12], whole[12:40]]
-    staging = bytearray(16)
-    cursor = buffers.Cursor(views, staging)
-    records = [b"abcdef", b"ghijklmn", b"op", b"qrstuvwxyz0123", b"45"]
-    in_place = []
-    for record in records:
-        target, at = cursor.place(len(record))
-        in_place.append(target is not staging)
-        target[at:at + len(record)] = record
-        cursor.advance(len(record))
-    assert buf == b"".join(records) + bytes(40 - 32)
-    assert in_place == [True, False, True, True, True]
+    views = [whole[0:10], whole[10:10], whole[10:12], whole[12:20]]
+    assert buffers.scatter_at(b"abcdefgh", views, 0, 6) == (3, 2)
+    assert buffers.scatter_at(b"ijklmn", views, 3, 2) == (4, 0)
+    assert buf == bytes(6) + b"abcdefghijklmn"
+    assert buffers.scatter_at(b"", views, 0, 0) == (0, 0)

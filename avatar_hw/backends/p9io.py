@@ -13,12 +13,14 @@ import os
 import stat
 import struct
 
-from ..virtio.buffers import Cursor, scatter, skip, transfer, truncate
+from ..virtio.buffers import scatter, scatter_at, skip, transfer, truncate
 from .p9folder import getdents, proc
 from .p9wire import (DIRENT, DIRENT64, DOTL_ACCMODE, DOTL_APPEND, DOTL_DSYNC, DOTL_SYNC,
                      DOTL_TRUNC, IOHDR, MSIZE_MAX, NAME_MAX, QTDIR, QTFILE, QTSYMLINK,
                      READ_REPLY, REQUEST_MAX, TREAD, TREADDIR, WRITE_HEADER, XATTR_HELD_MAX,
                      XATTR_MAX, P9Error, name_ok)
+
+_NO_VIEW = memoryview(b"")          # readdir's position past the guest's last buffer
 
 
 class OpenFiles:
@@ -29,7 +31,8 @@ class OpenFiles:
         self._dents = bytearray(MSIZE_MAX)                      # getdents64's records
         self._dents_c = (ctypes.c_char * MSIZE_MAX).from_buffer(self._dents)
         self._dents_view = memoryview(self._dents)
-        self._entry = bytearray(DIRENT.size + 0xFFFF)           # an Rreaddir entry, staged
+        self._entry = bytearray(DIRENT.size + 0xFFFF)   # an Rreaddir entry across two buffers
+        self._entry_view = memoryview(self._entry)
 
     # -- open files ----------------------------------------------------------------------------
 
@@ -149,9 +152,9 @@ class OpenFiles:
 
     def readdir(self, head, size, tag, writable, writable_len):
         """Treaddir: the kernel's entries (getdents64 at the fid's offset) become 9P ones,
-        written straight into the guest's buffers after the reply header (an entry across
-        two of them is put together in ``_entry`` first). Each name is copied once, from
-        the getdents buffer: the kernel's records have another layout than 9P's."""
+        packed straight into the guest's buffers after the reply header; only an entry
+        across two of them is put together in ``_entry`` first. Each name is copied once,
+        from the getdents buffer: the kernel's records have another layout than 9P's."""
         if not WRITE_HEADER.size <= size <= REQUEST_MAX:
             raise P9Error(errno.EPROTO)
         _, _, _, fid_no, offset, count = WRITE_HEADER.unpack_from(head)
@@ -166,7 +169,8 @@ class OpenFiles:
         dents, names = self._dents, self._dents_view
         n = getdents(fid.open_fd, self._dents_c, min(count, len(dents)))
         room = writable_len - READ_REPLY.size
-        out = Cursor(skip(writable, READ_REPLY.size), self._entry)
+        views = skip(writable, READ_REPLY.size)
+        index, at, view = 0, 0, views[0] if views else _NO_VIEW   # where the next entry goes
         total = pos = 0
         while pos < n:
             ino, d_off, reclen, d_type = DIRENT64.unpack_from(dents, pos)
@@ -180,10 +184,15 @@ class OpenFiles:
             if total + length > count - 4:
                 break
             if total + length <= room:      # else ERANGE below, once every entry is known
-                buffer, at = out.place(length)
-                DIRENT.pack_into(buffer, at, kind, 0, path, d_off, d_type, end - start)
-                buffer[at + DIRENT.size:at + length] = names[start:end]
-                out.advance(length)
+                staged = at + length > len(view)
+                buffer, base = (self._entry, 0) if staged else (view, at)
+                DIRENT.pack_into(buffer, base, kind, 0, path, d_off, d_type, end - start)
+                buffer[base + DIRENT.size:base + length] = names[start:end]
+                if staged:
+                    index, at = scatter_at(self._entry_view[:length], views, index, at)
+                    view = views[index] if index < len(views) else _NO_VIEW
+                else:
+                    at += length
             total += length
         if total > room:
             raise P9Error(errno.ERANGE)

@@ -53,37 +53,19 @@ def scatter(data, views):
     return done
 
 
-class Cursor:
-    """A write position in ``views`` for records put one after another straight into them
-    (a 9P directory listing). ``place(length)`` says where the next record goes: the view
-    itself, at an offset, when the record fits there, else ``staging`` (a host buffer of
-    the largest record), which ``advance(length)`` then copies across the views. The
-    caller keeps its records within the views' total length."""
-
-    def __init__(self, views, staging):
-        self._views = [v for v in views if len(v)]
-        self._index = self._at = 0
-        self._staging = staging
-
-    def place(self, length):
-        """``(buffer, offset)`` to write the next ``length``-byte record at."""
-        if self._index < len(self._views) and self._at + length <= len(self._views[self._index]):
-            return self._views[self._index], self._at
-        return self._staging, 0
-
-    def advance(self, length):
-        """The ``length``-byte record is written where ``place`` said: go past it."""
-        staged = memoryview(self._staging) if self.place(length)[0] is self._staging else None
-        done = 0
-        while done < length:
-            view = self._views[self._index]
-            take = min(len(view) - self._at, length - done)
-            if staged is not None:
-                view[self._at:self._at + take] = staged[done:done + take]
-            done += take
-            self._at += take
-            if self._at == len(view):
-                self._index, self._at = self._index + 1, 0
+def scatter_at(data, views, index, at):
+    """Copy ``data`` into ``views`` from byte ``at`` of ``views[index]`` on (they hold
+    it): records written one after another; the position after it, ``(index, at)``."""
+    done = 0
+    while done < len(data):
+        view = views[index]
+        take = min(len(view) - at, len(data) - done)
+        view[at:at + take] = data[done:done + take]
+        done += take
+        at += take
+        if at == len(view):
+            index, at = index + 1, 0
+    return index, at
 
 
 def copy(source, views):
