@@ -43,7 +43,6 @@ pending frames and copied from there (one system call cannot take more).
 """
 
 import collections
-import logging
 import os
 import struct
 
@@ -53,8 +52,6 @@ from ..virtio.buffers import IOV_MAX, copy, gather, scatter, skip, truncate
 from ..virtio.constants import F_VERSION_1, ID_NET, bit
 from ..virtio.device import VirtioDevice
 from .net_frames import PendingFrames, format_mac, parse_mac
-
-log = logging.getLogger(__name__)
 
 F_MTU, F_MAC, F_MRG_RXBUF, F_STATUS = 3, 5, 15, 16
 S_LINK_UP = 1
