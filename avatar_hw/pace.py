@@ -10,11 +10,13 @@ speed on a 2-core host (docs/performance.md, "Two guests").
 
 So every ``PERIOD_S`` the daemon counts each VM's mistakes (its devices' guest errors
 and bad chains, ``Subsystem.guest_mistakes``); a VM with more than
-``MISTAKES_PER_PERIOD`` is *paced* for the next period: the stub waits ``PACE_US``
-before each access of its vCPUs, asleep (``AVT_F_PACE``, docs/trap-abi.md section 16),
-so that VM neither traps nor spins faster than one access per ``PACE_US``. A period
-with fewer mistakes ends it. A correct driver makes none, so it is never paced; a VM
-being paced still gets every access answered, only later.
+``MISTAKES_PER_PERIOD`` is *paced*: the stub waits ``PACE_US`` before each access of
+its vCPUs, asleep (``AVT_F_PACE``, docs/trap-abi.md section 16), so that VM neither traps
+nor spins faster than one access per ``PACE_US``. A period with no mistake at all ends
+it (paced, a hostile guest's accesses are too few to reach the threshold again: with a
+lower bar to leave than to enter, it stayed paced half the time). A correct driver makes
+none, so it is never paced; a VM being paced still gets every access answered, only
+later.
 """
 
 import logging
@@ -62,11 +64,11 @@ class Pacer:
             total = self.subsystem.guest_mistakes(vm)
             made = total - self._seen.get(vm, total)
             self._seen[vm] = total
-            if made > self.mistakes:
+            if made > self.mistakes or (made and vm in self._paced):
                 if vm not in self._paced:
                     self._log("vm%d: %d guest errors in %g s: each of its accesses now waits "
-                              "%d µs, until a period with at most %d", vm, made, self.period,
-                              self.pace_us, self.mistakes)
+                              "%d µs, until a period with none", vm, made, self.period,
+                              self.pace_us)
                     self._paced.add(vm)
                 self.trap.pace(vm, self.pace_us)     # also its vCPUs that trapped since
                 self.periods[vm] = self.periods.get(vm, 0) + 1
