@@ -225,9 +225,10 @@ static int take_ack(const struct vm_trap *t, u64 gpa, u32 size, u64 value)
  * AVT_F_PACE: the wait the model asks of this vCPU before each access it posts or the
  * stub answers (a VM the model slows down, docs/trap-abi.md section 16). In cpu_sleep:
  * under TCG the vCPU's host thread sleeps, and on a board the core idles, rather than
- * spin through the accesses the model refuses. A physical IRQ pending for this CPU (a
- * doorbell, a kick, the guest's timer: masked here at EL2, it would end every WFI at
- * once) ends the wait early: it is taken as soon as the access completes.
+ * spin through the accesses the model refuses. A physical IRQ that comes meanwhile (a
+ * doorbell, a kick, the guest's timer: masked here at EL2, it ends the WFI) is handled
+ * here as after any exit (vgic_handle_irq: what it brings is injected as the access
+ * completes), and the wait goes on.
  */
 static void pace(volatile struct avt_slot *slot)
 {
@@ -237,8 +238,11 @@ static void pace(volatile struct avt_slot *slot)
     if (us > AVT_PACE_MAX_US)
         us = AVT_PACE_MAX_US;
     u64 end = counter() + read_sysreg(cntfrq_el0) / 1000000 * us;
-    for (u64 now = counter(); now < end && !(read_sysreg(isr_el1) & (1u << 7)); now = counter())
+    for (u64 now = counter(); now < end; now = counter()) {
         cpu_sleep(end - now);
+        if (read_sysreg(isr_el1) & (1u << 7))
+            vgic_handle_irq();
+    }
 }
 
 u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
