@@ -155,7 +155,7 @@ def test_board_linux_register_shadows_and_posted_writes(target, served):
     assert status == 0, out
     info = target.info()
     assert info["trap"]["model_features"] == (abi.F_POSTED_WRITES | abi.F_REGISTER_SHADOW
-                                              | abi.F_STUB_ACK), info
+                                              | abi.F_STUB_ACK | abi.F_PACE), info
     block = target.devices(1, "block")[0]
     assert block["posted_writes"] - before["posted_writes"] >= 32, block
     assert block["stub_acks"] - before["stub_acks"] >= 32, block
