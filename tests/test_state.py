@@ -65,7 +65,7 @@ def test_restart_under_guest_state_restores_registers_and_held_chains_once(tmp_p
     heads = [queue.post([b"a" * 16], [32]) for _ in range(3)]
     queue.notify()
     assert [ch.head for _, ch in first.device.held] == heads
-    first.transport.device.queues[0].add_used(heads[0], 7)   # one completed before the kill
+    first.transport.device.queues[0].add_used(first.device.held[0][1], 7)  # done before the kill
     # SIGKILL: nothing closed. The next model takes the same RAM and file.
     second = Model(ram, Restartable(queue_sizes=(8,), hold=True), path)
     driver.mmio = second.subsystem.handle_mmio_trap
@@ -80,7 +80,7 @@ def test_restart_under_guest_state_restores_registers_and_held_chains_once(tmp_p
     assert [ch.head for _, ch in second.device.held] == heads[1:]
     assert second.irq.raised                        # one interrupt at the resume
     for _, ch in second.device.held:
-        q2.add_used(ch.head, 1)
+        q2.add_used(ch, 1)
     assert [u.head for u in queue.get_used(read_data=False)] == heads
     # new work after the restart is served as usual
     head = queue.post([b"b"], [8])
@@ -98,7 +98,7 @@ def test_restart_under_guest_kill_inside_add_used_completes_exactly_once(tmp_pat
     vq = first.device.queues[0]
     # the used entry is published in guest RAM, the process dies before it saved it
     vq._indices, vq._in_flight = [0, 0], list(vq._in_flight)   # its next stores go nowhere
-    vq.add_used(head, 1)
+    vq.add_used(first.device.held[0][1], 1)
     second = Model(ram, Restartable(queue_sizes=(8,), hold=True), path)
     assert second.device.held == []          # not done again
     assert second.device.queues[0].used_idx == 1
@@ -268,5 +268,5 @@ def test_restart_under_guest_close_with_a_ready_queue_lets_go_of_the_mapping(tmp
     assert "still held" not in caplog.text
     assert model.state._map is None
     assert not isinstance(vq._in_flight, memoryview) and vq._in_flight[head]
-    vq.add_used(head, 1)                         # goes on, in its own memory
+    vq.add_used(model.device.held[0][1], 1)      # goes on, in its own memory
     assert vq.used_idx == 1

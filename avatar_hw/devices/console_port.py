@@ -147,7 +147,7 @@ class ConsolePort:
                 if not chain.writable_len:
                     device.guest_error("port %d: receive buffer with no writable part; "
                                        "returned empty", self.id)
-                    rxq.add_used(chain.head, 0)
+                    rxq.add_used(chain, 0)
                     completed = True
                     continue
                 self.rx_chain = chain
@@ -155,7 +155,7 @@ class ConsolePort:
             n = self.backend.readinto(self.rx_chain.writable)
             if not n:
                 break
-            rxq.add_used(self.rx_chain.head, n)
+            rxq.add_used(self.rx_chain, n)
             device.count(bytes_to_guest=n)
             self.rx_chain = None
             completed = True
@@ -197,7 +197,7 @@ class ConsolePort:
                     if length:
                         backend.submit(views, length, chain)
                     else:
-                        txq.add_used(chain.head, 0)
+                        txq.add_used(chain, 0)
                         returned += 1
                 backend.flush()
                 self._keep_sent()
@@ -226,7 +226,7 @@ class ConsolePort:
         returned = self._complete(backend.spill())
         for chain in txq:
             backend.log_output(self._unsent(chain)[0])
-            txq.add_used(chain.head, 0)
+            txq.add_used(chain, 0)
             device.count(bytes_from_guest=chain.readable_len)
             returned += 1
         if not self._tx_notify:
@@ -249,7 +249,7 @@ class ConsolePort:
                 device.emergency_written(length)
                 continue
             self._resent.pop(token.head, None)
-            self.txq.add_used(token.head, 0)
+            self.txq.add_used(token, 0)
             device.count(bytes_from_guest=length)
             returned += 1
         return returned

@@ -229,7 +229,7 @@ class NetDevice(VirtioDevice):
         if chain is None or not (self.active and txq.ready):
             return
         if self._hand_over(chain):
-            txq.add_used(chain.head, 0)
+            txq.add_used(chain, 0)
             self.signal_used(txq)
             txq.new_turn()                    # a loop turn of its own
             self._transmit()
@@ -242,7 +242,7 @@ class NetDevice(VirtioDevice):
         for chain in txq:
             if not self._send(chain):
                 break                         # the backend is busy: transmit_ready follows
-            txq.add_used(chain.head, 0)
+            txq.add_used(chain, 0)
             completed = True
         if completed:
             self.signal_used(txq)
@@ -417,7 +417,7 @@ class NetDevice(VirtioDevice):
             if chain.writable_len < self._header_len:
                 self.guest_error("receive buffer of %d bytes cannot hold the %d-byte header; "
                                  "returned empty", chain.writable_len, self._header_len)
-                rxq.add_used(chain.head, 0)
+                rxq.add_used(chain, 0)
                 returned = True
                 continue
             held.append(chain)
@@ -454,7 +454,7 @@ class NetDevice(VirtioDevice):
             take = min(chain.writable_len, remaining)
             self._held_room -= chain.writable_len
             self._held_views -= len(chain.writable)
-            rxq.add_used(chain.head, take)
+            rxq.add_used(chain, take)
             remaining -= take
         self.count(bytes_to_guest=length)
         self.counters["rx_frames"] += 1

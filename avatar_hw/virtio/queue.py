@@ -39,9 +39,14 @@ queue on the event loop's next turn, after every other VM's and device's
 pending work (see ``VirtioDevice``), so one notify holds the daemon for a
 bounded time and no guest starves another.
 
-Devices hold ``DescriptorChain`` objects while they work and hand the head
-back with ``add_used``; a device must drop held chains in its reset hooks
-(a chain from before a reset is refused by ``add_used``).
+Devices hold ``DescriptorChain`` objects while they work and hand each back with
+``add_used(chain, length)``. **Generations.** A chain carries its queue's ``generation``,
+which every reset, ``set_up`` and ``disable`` replaces with a number no queue had before
+(one counter for all): ``add_used`` refuses a chain of another generation (ignored,
+counted in ``refused``, logged once and then rate-limited), so a chain a device held
+across a device reset, a QueueReset or QueueReady = 0 (or a chain of another queue) can
+never complete the new chain that has its head, nor index a ring set up smaller. A
+device still drops held chains in its reset hooks: their buffers are the guest's again.
 
 **Progress kept outside the process** (``avatar_hw.state``, a restart under a running
 guest). ``keep_progress(indices, in_flight)`` puts ``last_avail_idx``/``used_idx`` and
@@ -56,7 +61,7 @@ so the device does each again (it completed none: its used entry was not publish
 """
 
 import collections
-
+import itertools
 import logging
 
 from ..hw import ordering
@@ -71,6 +76,8 @@ log = logging.getLogger(__name__)
 
 TURN_DESCRIPTORS = 1024           # descriptors walked per queue per turn
 TURN_BYTES = 8 << 20              # bytes of chains popped per queue per turn
+
+_generations = itertools.count(1)   # every queue's generations (see "Generations")
 
 
 class QueueError(Exception):
@@ -98,6 +105,7 @@ class Virtqueue:
         self.on_yield = on_yield
         self._bad_chain_log = RateLimitedLog(log)
         self._break_log = RateLimitedLog(log, level=logging.ERROR)
+        self._refused_log = RateLimitedLog(log, first=1, level=logging.ERROR)
         self._indices = [0, 0]                       # last_avail_idx, used_idx (kept copy)
         self._in_flight_store = [0] * max_size       # see "Progress kept outside the process"
         self._replay = collections.deque()           # heads restored in flight, pop order
@@ -121,16 +129,25 @@ class Virtqueue:
         return self._bad_chain_log.count
 
     @property
+    def refused(self):
+        """Chains ``add_used`` refused (stale or not in flight) since the queue was made."""
+        return self._refused_log.count
+
+    @property
     def log_lines_suppressed(self):
-        """Lines about this queue's bad chains and breaks the rate limit sent to debug."""
-        return self._bad_chain_log.suppressed + self._break_log.suppressed
+        """Lines about this queue's bad chains, breaks and refused chains the rate limit
+        sent to debug."""
+        return (self._bad_chain_log.suppressed + self._break_log.suppressed
+                + self._refused_log.suppressed)
 
     # -- state --------------------------------------------------------------------
 
     def reset(self):
-        """Back to the state after a device reset (not ready, nothing in flight)."""
+        """Back to the state after a device reset (not ready, nothing in flight, a new
+        generation)."""
         self.size = self.max_size
         self.ready = False
+        self.generation = next(_generations)
         self.desc_addr = self.driver_addr = self.device_addr = 0
         self.last_avail_idx = self._avail_idx = 0
         self.used_idx = 0
@@ -178,7 +195,8 @@ class Virtqueue:
             if not memory.contains(addr, length):
                 raise QueueError(f"queue {self.index}: {name} 0x{addr:x}+0x{length:x} is "
                                  f"outside the VM's RAM")
-        self._table = DescriptorTable(memory, self.desc_addr, size)
+        self.generation = next(_generations)
+        self._table = DescriptorTable(memory, self.desc_addr, size, self.generation)
         self._avail = memory.view(self.driver_addr, 6 + 2 * size).cast("H")
         self._used_h = memory.view(self.device_addr, 6 + 8 * size).cast("H")
         self._used_ring = memory.view(self.device_addr + 4, 8 * size).cast("I")
@@ -190,6 +208,11 @@ class Virtqueue:
         self._in_flight = self._in_flight_store[:size]
         self.broken = False
         self.ready = True
+
+    def disable(self):
+        """QueueReady = 0: not ready; the chains in flight are stale (a new generation)."""
+        self.ready = False
+        self.generation = next(_generations)
 
     def _clear_progress(self):
         self._indices[0] = self._indices[1] = 0
@@ -325,7 +348,7 @@ class Virtqueue:
         self._bad_chain_log("vm%s queue %d: bad descriptor chain at head %d%s: %s; completed "
                             "with length 0", getattr(self.memory, "vm_id", "?"), self.index,
                             head, when, chain)
-        self.add_used(head, 0)
+        self._publish(head, 0)
         return None
 
     def _replayed(self):
@@ -359,24 +382,29 @@ class Virtqueue:
 
     # -- returning buffers ---------------------------------------------------------------
 
-    def add_used(self, head, length):
-        """Return chain ``head`` to the driver with ``length`` bytes written into it.
+    def add_used(self, chain, length):
+        """Return ``chain`` (popped from this queue) to the driver with ``length`` bytes
+        written into it.
 
-        Returns False (and logs) for a head that is not in flight: a stale
-        chain from before a reset, or a device bug.
+        Returns False, and touches nothing, for a chain of another generation (popped
+        before the queue's last reset, or from another queue) or one already returned:
+        device bugs (a held chain not dropped in a reset hook, a chain returned twice),
+        which a guest may repeat by resetting, so logged once, then rate-limited (ERROR;
+        ``testing.hostile.internal_errors``, thus the fuzz tests and ``bench.soak``, count
+        it as a failure) and counted (``refused``).
         """
-        if not self.ready or not self._in_flight[head]:
-            # Not rate-limited, on purpose: no guest can reach this. ``head`` comes from a
-            # chain ``pop`` handed out (never from guest RAM), and ``_in_flight`` lives in
-            # the daemon; a guest rewriting its rings is caught by ``pop`` (a head offered
-            # twice breaks the queue), and a device or queue reset reaches the device's
-            # ``reset``/``queue_reset`` hooks, which drop the chains it holds, before the
-            # guest can make the device complete anything again. So this line is a device
-            # bug (a held chain not dropped), loud; ``testing.hostile.internal_errors``,
-            # thus the fuzz tests and ``bench.soak``, count it as a failure.
-            log.error("queue %d: add_used of head %d which is not in flight (ignored)",
-                      self.index, head)
+        head = chain.head
+        if chain.generation != self.generation or not self._in_flight[head]:
+            self._refused_log("vm%s queue %d: add_used of head %d which is not in flight "
+                              "(%s; ignored)", getattr(self.memory, "vm_id", "?"), self.index,
+                              head, "returned already" if chain.generation == self.generation
+                              else "popped before a reset of the queue, or from another")
             return False
+        self._publish(head, length)
+        return True
+
+    def _publish(self, head, length):
+        """Put ``head`` with ``length`` in the used ring and publish it (it is in flight)."""
         slot = 2 * (self.used_idx & (self.size - 1))
         self._used_ring[slot] = head
         self._used_ring[slot + 1] = length
@@ -384,7 +412,6 @@ class Virtqueue:
         ordering.store_release16(self._used_idx_addr, self.used_idx)
         self._in_flight[head] = 0                  # after the publication: see ``restore``
         self._indices[1] = self.used_idx
-        return True
 
     # -- notification suppression (2.7.7, 2.7.10) -----------------------------------------
 
@@ -438,4 +465,5 @@ class Virtqueue:
             "last_avail_idx": self.last_avail_idx, "used_idx": self.used_idx,
             "in_flight": self.in_flight, "event_idx": self.event_idx,
             "indirect": self.indirect, "bad_chains": self.bad_chains,
+            "refused": self.refused, "generation": self.generation,
         }
