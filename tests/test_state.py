@@ -19,6 +19,7 @@ from avatar_hw.testing.driver import GuestRam, VirtioDriver
 from avatar_hw.testing.virtio import RAM_BASE, IrqRecorder, RecordingDevice
 from avatar_hw.virtio import constants as c
 from avatar_hw.virtio.memory import GuestMemory
+from avatar_hw.virtio.queue import USED_KEPT
 from avatar_hw.virtio.subsystem import Subsystem
 
 RAM_SIZE = 4 << 20
@@ -88,21 +89,75 @@ def test_restart_under_guest_state_restores_registers_and_held_chains_once(tmp_p
     assert second.device.held[-1][1].head == head
 
 
-def test_restart_under_guest_kill_inside_add_used_completes_exactly_once(tmp_path, ram):
+def _killed_inside_add_used(ram, path, *, published, heads=1):
+    """A model whose process died inside ``add_used`` of its first chain of ``heads``
+    in flight, after or before it published the used idx: (model, guest queue, heads)."""
+    first = Model(ram, Restartable(queue_sizes=(8,), hold=True), path)
+    (queue,) = driver_for(first, ram).init([0])
+    posted = [queue.post([b"x"], [8]) for _ in range(heads)]
+    queue.notify()
+    vq, head = first.device.queues[0], posted[0]
+    mark = vq._in_flight[head]
+    vq.add_used(first.device.held[0][1], 1)
+    # the state file as the process left it: the used word naming the head, the head
+    # still marked (and the guest's used idx not yet moved)
+    vq._indices[1], vq._in_flight[head] = USED_KEPT | head << 16 | 1, mark
+    if not published:
+        struct.pack_into("<H", ram, queue.used + 2 - RAM_BASE, 0)
+    return first, queue, posted
+
+
+@pytest.mark.parametrize("published", [True, False])
+def test_restart_under_guest_kill_inside_add_used_completes_exactly_once(tmp_path, ram,
+                                                                         published):
+    path = tmp_path / "state"
+    _, queue, (head,) = _killed_inside_add_used(ram, path, published=published)
+    second = Model(ram, Restartable(queue_sizes=(8,), hold=True), path)
+    vq = second.device.queues[0]
+    if published:
+        assert second.device.held == [] and vq.used_idx == 1     # not done again
+    else:
+        assert [ch.head for _, ch in second.device.held] == [head] and vq.used_idx == 0
+        vq.add_used(second.device.held[0][1], 1)
+    assert [u.head for u in queue.get_used(read_data=False)] == [head]
+    assert not second.transport.context.status & c.STATUS_DEVICE_NEEDS_RESET
+
+
+def test_restart_under_guest_that_rewrote_its_used_ring_completes_nothing_twice(tmp_path,
+                                                                               ram, caplog):
+    """The process died inside ``add_used`` of one of three chains, after publishing; the
+    guest rewrote that used entry to name another chain in flight. Only the kept state
+    says which chain was completed: the other two are done again, the first is not (it was
+    done again, and the other lost, when restore believed the guest's entry)."""
+    path = tmp_path / "state"
+    _, queue, heads = _killed_inside_add_used(ram, path, published=True, heads=3)
+    struct.pack_into("<I", ram, queue.used + 4 - RAM_BASE, heads[2])
+    second = Model(ram, Restartable(queue_sizes=(8,), hold=True), path)
+    assert [ch.head for _, ch in second.device.held] == heads[1:]
+    assert "the guest rewrote the used entry of head" in caplog.text
+    assert not second.transport.context.status & c.STATUS_DEVICE_NEEDS_RESET
+
+
+@pytest.mark.parametrize("spoil", ["used-idx", "positions"])
+def test_restart_under_guest_with_a_used_idx_or_table_that_cannot_be_needs_reset(tmp_path,
+                                                                                ram, spoil):
+    """A used idx the kept state does not allow (the guest moved it, and wrote an entry
+    naming a chain in flight, which restore used to take as completed and drop), or two
+    chains in flight from one available-ring position in the state file: the device needs
+    a reset, nothing is guessed."""
     path = tmp_path / "state"
     first = Model(ram, Restartable(queue_sizes=(8,), hold=True), path)
-    driver = driver_for(first, ram)
-    (queue,) = driver.init([0])
-    head = queue.post([b"x"], [8])
+    (queue,) = driver_for(first, ram).init([0])
+    heads = [queue.post([b"x"], [8]) for _ in range(2)]
     queue.notify()
     vq = first.device.queues[0]
-    # the used entry is published in guest RAM, the process dies before it saved it
-    vq._indices, vq._in_flight = [0, 0], list(vq._in_flight)   # its next stores go nowhere
-    vq.add_used(first.device.held[0][1], 1)
+    if spoil == "used-idx":
+        struct.pack_into("<HI", ram, queue.used + 2 - RAM_BASE, 1, heads[0])
+    else:
+        vq._in_flight[heads[1]] = vq._in_flight[heads[0]]
     second = Model(ram, Restartable(queue_sizes=(8,), hold=True), path)
-    assert second.device.held == []          # not done again
-    assert second.device.queues[0].used_idx == 1
-    assert [u.head for u in queue.get_used(read_data=False)] == [head]
+    assert second.transport.context.status & c.STATUS_DEVICE_NEEDS_RESET
+    assert second.device.held == []
 
 
 def test_restart_under_guest_block_write_in_flight_is_written_once(tmp_path, ram):
