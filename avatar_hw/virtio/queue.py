@@ -367,7 +367,7 @@ class Virtqueue:
         self._bad_chain_log("vm%s queue %d: bad descriptor chain at head %d%s: %s; completed "
                             "with length 0", getattr(self.memory, "vm_id", "?"), self.index,
                             head, when, chain)
-        self._publish(head, 0)
+        self.add_used(DescriptorChain(head, (), (), 0, 0, self.generation), 0)
         return None
 
     def _replayed(self):
@@ -412,27 +412,23 @@ class Virtqueue:
         ``testing.hostile.internal_errors``, thus the fuzz tests and ``bench.soak``, count
         it as a failure) and counted (``refused``).
         """
-        head = chain.head
-        if chain.generation != self.generation or not self._in_flight[head]:
+        head, in_flight = chain.head, self._in_flight
+        if chain.generation != self.generation or not in_flight[head]:
             self._refused_log("vm%s queue %d: add_used of head %d which is not in flight "
                               "(%s; ignored)", getattr(self.memory, "vm_id", "?"), self.index,
                               head, "returned already" if chain.generation == self.generation
                               else "popped before a reset of the queue, or from another")
             return False
-        self._publish(head, length)
-        return True
-
-    def _publish(self, head, length):
-        """Put ``head`` with ``length`` in the used ring and publish it (it is in flight)."""
         slot = 2 * (self.used_idx & (self.size - 1))
         self._used_ring[slot] = head
         self._used_ring[slot + 1] = length
         self.used_idx = used_idx = (self.used_idx + 1) & 0xFFFF
         indices = self._indices                    # the order: see ``restore``
-        indices[1] = USED_KEPT | head << 16 | used_idx
+        indices[1] = 0x80000000 | head << 16 | used_idx        # USED_KEPT: a constant here
         ordering.store_release16(self._used_idx_addr, used_idx)
-        self._in_flight[head] = 0
+        in_flight[head] = 0
         indices[1] = used_idx
+        return True
 
     # -- notification suppression (2.7.7, 2.7.10) -----------------------------------------
 
