@@ -1,5 +1,6 @@
 """Split virtqueues and guest memory: every bad-input rule of the chain iterator."""
 
+import logging
 import random
 import struct
 
@@ -348,6 +349,21 @@ def test_a_chain_returned_twice_or_to_another_queue_is_refused(bench):
     assert rxq.add_used(chain, 4) is True
     assert rxq.add_used(chain, 4) is False                  # returned already
     assert used(b) == [(chain.head, 4)] and (rxq.refused, txq.refused) == (1, 1)
+
+
+def test_refused_chains_are_logged_once_then_rate_limited_and_counted(bench, caplog):
+    b = bench
+    b.device.hold = True
+    b.rx.post(writable=[4])
+    b.rx.notify()
+    (_, chain), = b.device.held
+    queue = b.device.queues[0]
+    assert queue.add_used(chain, 4)
+    for _ in range(500):
+        assert queue.add_used(chain, 4) is False
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(loud) == 1 and "not in flight (returned already" in loud[0].getMessage()
+    assert queue.describe()["refused"] == 500 and queue.log_lines_suppressed == 499
 
 
 @pytest.mark.parametrize("size", [8, 4])
