@@ -229,6 +229,41 @@ def test_restart_under_guest_console_output_is_neither_lost_nor_repeated(tmp_pat
     loop.close()
 
 
+def test_restart_under_guest_console_output_after_a_bad_replayed_chain_is_not_lost(tmp_path,
+                                                                                   ram):
+    """Three transmit chains were delivered, not returned, when the process died; the guest
+    spoils the middle one's descriptor before the restart. Its replay is a bad chain (the
+    queue returns it), and a later chain with its head is sent, not taken for the
+    delivered one (the port's restart bookkeeping was by head alone)."""
+    loop = EventLoop()
+    path = tmp_path / "state"
+    first, client = _console(tmp_path, ram, path, loop)
+    driver = driver_for(first, ram)
+    rxq, txq = driver.init([0, 1])
+    for _ in range(3):
+        loop.run_once(0.01)
+    first.device.ports[0].backend.take_done = lambda: []
+    heads = []
+    for data in (b"one-", b"two-", b"three-"):
+        heads.append(txq.post([data]))
+        txq.notify()
+    assert _receive(loop, client, 14) == b"one-two-three-"
+    client.close()
+    first.device.detach()
+    txq.write_desc(heads[1], 1 << 40, 4)                 # outside RAM: a bad chain now
+    second, client = _console(tmp_path, ram, path, loop)
+    driver.mmio = second.subsystem.handle_mmio_trap
+    for _ in range(3):
+        loop.run_once(0.01)
+    assert sorted(u.head for u in txq.get_used(read_data=False)) == sorted(heads)
+    txq.free.remove(heads[1])
+    txq.free.insert(0, heads[1])
+    assert txq.post([b"four"]) == heads[1]
+    txq.notify()
+    assert _receive(loop, client, 4) == b"four"
+    loop.close()
+
+
 # -- files that are not what they should be -------------------------------------------------------
 
 
