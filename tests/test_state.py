@@ -4,6 +4,7 @@ state files that are not ours, of another version or another config, or with val
 that make no sense."""
 
 import logging
+import random
 import socket
 import struct
 import time
@@ -19,7 +20,7 @@ from avatar_hw.testing.driver import GuestRam, VirtioDriver
 from avatar_hw.testing.virtio import RAM_BASE, IrqRecorder, RecordingDevice
 from avatar_hw.virtio import constants as c
 from avatar_hw.virtio.memory import GuestMemory
-from avatar_hw.virtio.queue import USED_KEPT
+from avatar_hw.virtio.queue import USED_KEPT, QueueError, Virtqueue
 from avatar_hw.virtio.subsystem import Subsystem
 
 RAM_SIZE = 4 << 20
@@ -262,6 +263,56 @@ def test_restart_under_guest_console_output_after_a_bad_replayed_chain_is_not_lo
     txq.notify()
     assert _receive(loop, client, 4) == b"four"
     loop.close()
+
+
+def test_restart_under_guest_restore_of_any_kept_progress_and_rings_is_defined():
+    """``Virtqueue.restore`` over random kept progress (indices, used word, in-flight
+    table) and random guest rings: a ``QueueError`` exactly when the guest's used idx is
+    not one the used word allows or the table has a position twice (or out of range);
+    otherwise the chains marked in the window, less the one the used word says was
+    published, oldest first, each handed back once by ``pop`` (bad ones completed with
+    length 0), never another error."""
+    rng = random.Random(13)
+    size, base = 8, 0x10000
+    buf = bytearray(1 << 16)
+    memory = GuestMemory(Region(buf), base)
+    refused = 0
+    for _ in range(400):
+        buf[:] = rng.randbytes(len(buf))
+        queue = Virtqueue(0, size)
+        queue.size, queue.desc_addr = size, base
+        queue.driver_addr, queue.device_addr = base + 0x1000, base + 0x2000
+        last = rng.randrange(1 << 16)
+        ages = rng.sample(range(12), size)                  # distinct, some out of window
+        marks = [0 if rng.random() < 0.4 else (last - age) & 0xFFFF or 0x10000
+                 for age in ages]
+        if rng.random() < 0.1:
+            marks[rng.randrange(size)] = rng.choice([marks[0], rng.randrange(1 << 32)])
+        used = rng.choice([rng.randrange(1 << 32), USED_KEPT | rng.randrange(size) << 16
+                           | rng.randrange(1 << 16), rng.randrange(1 << 16)])
+        guest_used = rng.choice([used & 0xFFFF, (used - 1) & 0xFFFF, rng.randrange(1 << 16)])
+        struct.pack_into("<H", buf, 0x2002, guest_used)
+        window = {h: (last - m) & 0xFFFF for h, m in enumerate(marks)
+                  if m and (last - m) & 0xFFFF < size}
+        named = used >> 16 & 0x7FFF if used & USED_KEPT else None
+        allowed = {used & 0xFFFF} | ({(used - 1) & 0xFFFF} if named is not None else set())
+        if (max(marks) > 0x10000 or len(set(window.values())) != len(window)
+                or guest_used not in allowed):
+            with pytest.raises(QueueError):
+                queue.restore(memory, last, used, marks)
+            refused += 1
+            assert not queue.ready
+            continue
+        heads = queue.restore(memory, last, used, marks)
+        if guest_used == used & 0xFFFF:
+            window.pop(named, None)                       # published before the kill
+        assert heads == sorted(window, key=window.get, reverse=True)
+        assert queue.used_idx == guest_used
+        struct.pack_into("<H", buf, 0x1002, last)         # nothing new available
+        popped = [chain.head for chain in queue]
+        assert set(popped) <= set(heads) and queue.in_flight == len(popped)
+        assert queue.used_idx == (guest_used + len(heads) - len(popped)) & 0xFFFF
+    assert 50 < refused < 300, refused
 
 
 # -- files that are not what they should be -------------------------------------------------------
