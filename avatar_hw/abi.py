@@ -12,7 +12,7 @@ from .errors import AvatarError
 
 MAGIC = 0x50545641  # "AVTP" in memory order
 ABI_MAJOR = 1
-ABI_MINOR = 3
+ABI_MINOR = 4
 PAGE_SIZE = 4096
 SLOTS_OFFSET = 128
 SLOT_SIZE = 64
@@ -23,8 +23,10 @@ F_VIRQ_REQUEST = 1 << 1
 F_REGISTER_SHADOW = 1 << 2
 F_STUB_ACK = 1 << 3             # the stub takes InterruptACK writes (ABI 1.2)
 F_HALT_POLL = 1 << 4            # the stub publishes virq_polling; no ring for a polled INTID (1.3)
+F_PACE = 1 << 5                 # the stub waits slot.pace_us before posting an access (1.4)
+PACE_MAX_US = 100_000           # the longest wait a stub honours
 SUPPORTED_FEATURES = (F_POSTED_WRITES | F_VIRQ_REQUEST | F_REGISTER_SHADOW | F_STUB_ACK
-                      | F_HALT_POLL)
+                      | F_HALT_POLL | F_PACE)
 
 MODEL_DETACHED, MODEL_ATTACHED = 0, 1
 STUB_NOT_READY, STUB_READY = 0, 1
@@ -76,7 +78,7 @@ class Slot(ctypes.LittleEndianStructure):
         ("wfi_caught", u32),
         ("wfi_ran_out", u32),
         ("wfi_slept", u32),
-        ("reserved", u32),
+        ("pace_us", u32),
     ]
 
 

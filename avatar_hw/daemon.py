@@ -58,6 +58,7 @@ from .config import Config, load_config
 from .control import ControlServer, default_control_path
 from .doorbell import FifoDoorbell, UioDoorbell
 from .errors import AvatarError
+from .pace import Pacer
 from .faults import FaultInjector
 from .hw.uio import find_uio
 from .interrupts import BoardInterruptLine, StubInterruptLine
@@ -123,6 +124,7 @@ class Daemon:
         self.interrupt_line = None
         self.started = None
         self.faults = None
+        self.pacer = None
         self.record = record            # a path: every trap recorded there (avatar_hw.replay)
         self.recorder = None
         self.state_path = state         # a path: device state kept there (avatar_hw.state)
@@ -193,6 +195,8 @@ class Daemon:
         self.trap.wait_ready(self.wait_stub)
         self.trap.attach(wanted=self._wanted_features(), wait=self.wait)
         self.subsystem.attach_shadows(self.trap.shadows)
+        self.pacer = Pacer(self.trap, self.subsystem, self.loop)
+        self.pacer.start()
         if self.doorbell is not None and self.wait != BUSY_POLL:
             self.loop.add_reader(self.doorbell, self._on_doorbell)
         self.loop.add_reader(self._wake_r, self._on_wake)
@@ -387,6 +391,9 @@ class Daemon:
             sd_notify("STOPPING=1")
         if self.doorbell is not None and self.wait != BUSY_POLL and self.trap is not None:
             self.loop.remove_reader(self.doorbell)      # nothing serves after DETACHED
+        if self.pacer is not None:
+            self.pacer.stop()
+            self.pacer = None               # it holds the trap page's slots
         if self.trap is not None and self.trap.slots and self.subsystem is not None:
             if self.trap.header.model_pid == os.getpid():
                 self.trap.detach(self.subsystem.dispatch)
@@ -459,7 +466,8 @@ class Daemon:
                        for entry in self.subsystem.device_info() if entry["vm"] == vm_id]
             vms.append({"vm": vm_id, "ram": {"base": address(memory.base), "size": memory.size},
                         "window": [address(a) for a in self.board.layout.vm_window(vm_id)],
-                        **self.trap.vm_counters(vm_id), "devices": devices})
+                        **self.trap.vm_counters(vm_id), **self.pacer.info(vm_id),
+                        "devices": devices})
         return {"pid": os.getpid(), "board": self.board.name, "board_file": str(self.board.path),
                 "config": str(self.config.path), "uptime": round(time.time() - self.started, 3),
                 "mode": self.wait,

@@ -198,6 +198,7 @@ class TrapPage:
         self.wait = wait
         self.polling = wait == BUSY_POLL
         self.window = PollWindow(time.monotonic_ns()) if wait == ADAPTIVE else None
+        self._clear_paces()             # a VM a previous model paced runs freely again
         header.model_features = self.features
         header.model_pid = os.getpid()
         header.model_sleeping = 0 if self.polling else 1
@@ -229,6 +230,7 @@ class TrapPage:
         when it sees DETACHED (docs/trap-abi.md, "Attach and detach").
         """
         self.scan_once(dispatch, fair=False)
+        self._clear_paces()
         self.header.model_sleeping = 0
         self.header.model_pid = 0
         self.region.store_release32(abi.MODEL_STATE_OFFSET, abi.MODEL_DETACHED)
@@ -544,6 +546,21 @@ class TrapPage:
         return {"traps_waited": self.waited[window], "posted_writes": self.posted[window],
                 "shadow_reads": shadows.hits(window) if shadows is not None else 0,
                 "stub_acks": shadows.acks_taken(window) if shadows is not None else 0}
+
+    def pace(self, vm, us):
+        """Ask the stub to wait ``us`` microseconds (0: not at all) before each access of VM
+        ``vm``'s vCPUs (``AVT_F_PACE``, docs/trap-abi.md section 16; nothing without it).
+        A slot is VM ``vm``'s once the stub posted from it (``seq`` not 0) with that
+        ``vm_id``: a vCPU that never trapped is left alone."""
+        if not self.features & abi.F_PACE:
+            return
+        for slot in self.slots:
+            if slot.seq and slot.vm_id == vm:
+                slot.pace_us = min(us, abi.PACE_MAX_US)
+
+    def _clear_paces(self):
+        for slot in self.slots:
+            slot.pace_us = 0
 
     def vm_counters(self, vm):
         """``{"traps_served", "service_ms", "traps_deferred", "wfi_caught", "wfi_ran_out",

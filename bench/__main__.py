@@ -57,7 +57,7 @@ def _run_part(name, args):
         return fs.run(quick=args.quick, runs=args.runs)
     if name == "two_guests":
         from . import two_guests
-        return two_guests.run(quick=args.quick, daemon=args.daemon)
+        return two_guests.run(quick=args.quick, daemon=args.daemon, wait=args.wait)
     if name == "board_linux":
         from . import board_linux
         return board_linux.run(quick=args.quick)
@@ -74,7 +74,7 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=3,
                         help="emulated-board runs per side (median, min, max; default 3)")
     parser.add_argument("--wait", choices=MODES,
-                        help="board: how avatar-hw's daemon waits for traps (default: the "
+                        help="board, two_guests: how avatar-hw's daemon waits for traps (default: the "
                              "emulated board file's trap.wait)")
     parser.add_argument("--daemon", choices=DAEMON_MODES,
                         help="board, two_guests: avatar-hw's daemon in a thread of the bench's "

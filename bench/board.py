@@ -255,9 +255,7 @@ class NetPeer:
         return json.loads(out)
 
     def close(self):
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        end_process(self.process, 5)
 
 
 def net_g2h(shell, peer, size):

@@ -244,16 +244,31 @@ def device_table(kind, vm, index, tmp):
     return f'{{ switch = "{tmp}/switch.sock" }}'
 
 
-def memory_config(tmp, kinds):
-    """8 VMs, each with DEVICES_PER_VM devices: one of each kind available, then consoles."""
+def memory_config(tmp, kinds, table=device_table):
+    """8 VMs, each with DEVICES_PER_VM devices: one of each kind available, then consoles;
+    ``table(kind, vm, index, tmp)`` is a device's config table."""
     per_vm = (kinds + ["console"] * DEVICES_PER_VM)[:DEVICES_PER_VM]
     lines = []
     for vm in range(VMS):
         lines.append(f"[vm.{vm}]")
         for kind in dict.fromkeys(per_vm):
-            tables = [device_table(kind, vm, i, tmp) for i, k in enumerate(per_vm) if k == kind]
+            tables = [table(kind, vm, i, tmp) for i, k in enumerate(per_vm) if k == kind]
             lines.append(f"{kind} = [{', '.join(tables)}]")
     return "\n".join(lines) + "\n", per_vm
+
+
+def drive_every_device(served, slots, set_up_queue):
+    """A ``VirtioDriver`` for each of every VM's first ``slots`` devices: features
+    negotiated, ``set_up_queue(driver, ram, index)`` for each queue, then DRIVER_OK."""
+    for vm in range(VMS):
+        mmio = served.stub.page.mmio(vm, 0)
+        for slot in range(slots):
+            ram = served.stub.guest_ram(vm, alloc_start=(1 + slot) << 20)
+            driver = VirtioDriver(mmio, Layout().window(vm, slot), ram)
+            driver.negotiate()
+            for index in range(_queue_count(driver)):
+                set_up_queue(driver, ram, index)
+            driver.driver_ok()
 
 
 def memory(tmp):
@@ -272,15 +287,8 @@ def memory(tmp):
                      ram_size=16 << 20) as served:
         time.sleep(0.2)
         out["after_start"] = served.daemon.status()
-        for vm in range(VMS):
-            mmio = served.stub.page.mmio(vm, 0)
-            for slot in range(len(per_vm)):
-                ram = served.stub.guest_ram(vm, alloc_start=(1 + slot) << 20)
-                driver = VirtioDriver(mmio, Layout().window(vm, slot), ram)
-                driver.negotiate()
-                for index in range(_queue_count(driver)):
-                    driver.setup_queue(index, 64, buf_size=0)
-                driver.driver_ok()
+        drive_every_device(served, len(per_vm),
+                           lambda driver, ram, index: driver.setup_queue(index, 64, buf_size=0))
         out["after_driver_ok"] = served.daemon.status()
     return out
 
@@ -290,21 +298,13 @@ HOSTILE_ROUNDS = 6
 
 def hostile_memory(tmp, quick=False):
     """Peak RSS of the daemon while every VM floods every queue (see the docstring)."""
-    kinds = device_kinds_available()
-    per_vm = (kinds + ["console"] * DEVICES_PER_VM)[:DEVICES_PER_VM]
     tmp = Path(tmp)
 
-    def table_for(kind, vm, index):
+    def table(kind, vm, index, tmp):
         if kind == "console":
             return f'{{ endpoints = ["unix:{tmp}/vm{vm}-{index}.sock"] }}'
         return device_table(kind, vm, index, tmp)
-    lines = []
-    for vm in range(VMS):
-        lines.append(f"[vm.{vm}]")
-        for kind in dict.fromkeys(per_vm):
-            tables = [table_for(kind, vm, i) for i, k in enumerate(per_vm) if k == kind]
-            lines.append(f"{kind} = [{', '.join(tables)}]")
-    config = "\n".join(lines) + "\n"
+    config, per_vm = memory_config(tmp, device_kinds_available(), table)
     clients = []
     with ServedBoard(tmp / "board", lambda root: config, vms=VMS, ram_size=16 << 20) as served:
         for path in sorted(tmp.glob("vm*.sock")):       # clients that never read
@@ -313,18 +313,13 @@ def hostile_memory(tmp, quick=False):
             client.connect(str(path))
             clients.append(client)
         queues = []
-        for vm in range(VMS):
-            mmio = served.stub.page.mmio(vm, 0)
-            for slot in range(len(per_vm)):
-                ram = served.stub.guest_ram(vm, alloc_start=(1 + slot) << 20)
-                driver = VirtioDriver(mmio, Layout().window(vm, slot), ram)
-                driver.negotiate()
-                for index in range(_queue_count(driver)):
-                    q = driver.setup_queue(index, buf_size=0)
-                    data = ram.alloc(4096, 16)
-                    ram.write(data, struct.pack("<IIQ", BLK_T_IN, 0, 0))
-                    queues.append((q, data, ram.alloc(16 * 32768, 16), index % 2 == 0))
-                driver.driver_ok()
+
+        def set_up(driver, ram, index):
+            q = driver.setup_queue(index, buf_size=0)
+            data = ram.alloc(4096, 16)
+            ram.write(data, struct.pack("<IIQ", BLK_T_IN, 0, 0))
+            queues.append((q, data, ram.alloc(16 * 32768, 16), index % 2 == 0))
+        drive_every_device(served, len(per_vm), set_up)
         root = served.board.root
         before = {**served.daemon.status(), "RssWithoutGuestRam": served.daemon.rss_outside(root)}
         for round_ in range(2 if quick else HOSTILE_ROUNDS):

@@ -1,5 +1,6 @@
 """Interleaved A/B of this checkout against another revision: ours alone on the emulated
-board, 4 KiB QD1 random reads then rng, in each wait mode, with the interrupt counters.
+board, 4 KiB QD1 random reads, rng, 1 MiB block and 9p reads and writes, in each wait mode,
+with the interrupt counters.
 
     .venv/bin/python bench/tree_ab.py --base main --rounds 4 --wait adaptive,doorbell
 
@@ -7,7 +8,8 @@ Each run is a fresh board (``EmulatedBoard``: its own QEMU, stub, daemon) in a p
 its own, whose ``avatar_hw`` and stub sources are the tree's: this checkout, or ``--base``
 exported with ``git archive`` (a revision of this repository). The order of the two sides
 alternates from round to round. Per run: ``avbench randread /dev/vda 20000 5.0`` and
-``avbench rng 4194304 5.0`` (bench/guest/avbench.c), and, for each, the daemon's counters
+``avbench rng 4194304 5.0`` (bench/guest/avbench.c), ``avbench seqread``/``seqwrite`` of
+64 MiB on the block device and on a 9p mount (bench/board.py's ``measure_9p``), and, for each, the daemon's counters
 over it: traps, interrupts, and where the tree has them the stub's rings sent and spared
 (``StubInterruptLine``) and the stub's WFI counters (``TrapPage.vm_counters``). On a shared
 host only the ratios of interleaved runs mean anything (docs/performance.md section 4).
@@ -24,6 +26,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+BULK = 64 << 20          # bytes of each 1 MiB sequential figure (block, 9p)
+FIGURES = ("randread_iops", "rng_MBps", "seqread_MBps", "seqwrite_MBps", "p9read_MBps",
+           "p9write_MBps")
 COUNTERS = ("stub_rings", "stub_rings_skipped", "wfi_caught", "wfi_ran_out", "wfi_slept")
 
 
@@ -33,11 +38,13 @@ def one_run(tree, initrd, image, wait):
     sys.path.insert(0, tree)
     import avatar_hw
     from avatar_hw.emulated.session import EmulatedBoard
-    from bench.board import connect
+    from bench.board import P9_TAG, connect, measure_9p
     if not avatar_hw.__file__.startswith(tree):
         raise SystemExit(f"avatar_hw imported from {avatar_hw.__file__}, not {tree}")
 
-    devices = f'block = {{ image = "{image}" }}\nrng = {{ }}'
+    share = Path(image).parent / "share"
+    devices = (f'block = {{ image = "{image}" }}\nrng = {{ }}\n'
+               f'9p = {{ tag = "{P9_TAG}", path = "{share}", security_model = "none" }}')
     out = {"load": os.getloadavg()[0]}
     with EmulatedBoard(initrd=Path(initrd), devices=devices, wait=wait) as board:
         shell = connect(board.console_path)
@@ -63,6 +70,13 @@ def one_run(tree, initrd, image, wait):
         (done, ns2), out["rng"] = over(f"avbench rng {4 << 20} 5.0", r"bytes=(\d+) ns=(\d+)")
         out.update(randread_iops=ios / ns * 1e9, randread_p50_us=p50 / 1e3,
                    rng_MBps=done / ns2 * 1e3)
+        for op in ("seqread", "seqwrite"):
+            (done, ns), out[op] = over(f"avbench {op} /dev/vda {BULK}", r"bytes=(\d+) ns=(\d+)")
+            out[f"{op}_MBps"] = done / ns * 1e3
+        before = counters()
+        out.update(measure_9p(shell, BULK))
+        after = counters()
+        out["p9"] = {k: after[k] - before[k] for k in after}
         shell.close()
     return out
 
@@ -74,13 +88,15 @@ def summary(results):
             runs = [r for r in results if r["wait"] == wait and r["side"] == side]
             if not runs:
                 continue
-            iops = [r["randread_iops"] for r in runs]
-            rng = [r["rng_MBps"] for r in runs]
-            lines.append(f"{wait:9} {side:4} randread IOPS {' '.join(f'{x:.0f}' for x in iops)} "
-                         f"(median {statistics.median(iops):.0f}); rng MB/s "
-                         f"{' '.join(f'{x:.3f}' for x in rng)} (median {statistics.median(rng):.3f}); "
-                         f"load {' '.join('%.1f' % r['load'] for r in runs)}")
-            for figure in ("randread", "rng"):
+            lines.append(f"{wait:9} {side:4} load {' '.join('%.1f' % r['load'] for r in runs)}")
+            for figure in FIGURES:
+                values = [r[figure] for r in runs if figure in r]
+                if values:
+                    lines.append(f"    {figure:14} median {statistics.median(values):9.3f}: "
+                                 f"{' '.join(f'{x:.3f}' for x in values)}")
+            for figure in ("randread", "rng", "seqread", "seqwrite", "p9"):
+                if figure not in runs[0]:
+                    continue
                 total = {k: sum(r[figure].get(k, 0) for r in runs) for k in runs[0][figure]}
                 if "stub_rings" in total:
                     raised = total["stub_rings"] + total["stub_rings_skipped"]
@@ -116,6 +132,8 @@ def main(argv=None):
         initrd = build_initrd(work, programs=("avbench",))
         image = work / "disk.img"
         write_synced(image, [os.urandom(MIB)] * (IMAGE_SIZE // MIB))
+        (work / "share").mkdir()
+        write_synced(work / "share" / "p9read", [os.urandom(MIB)] * (BULK // MIB))
         trees = {"this": REPO, "base": base}
         for n in range(args.rounds):
             for wait in args.wait.split(","):

@@ -57,3 +57,15 @@ def test_skip_truncate_copy_fill():
     buffers.fill_zeros(target)
     assert out == bytes(12)
     assert sum(len(v) for v in buffers.zeros(200000)) == 200000
+
+
+def test_scatter_at_writes_on_from_a_position_across_views():
+    """``scatter_at``: from byte ``at`` of ``views[index]``, across views (past an empty one),
+    returning the position after; a record ending a view leaves the position at the next."""
+    buf = bytearray(20)
+    whole = memoryview(buf)
+    views = [whole[0:10], whole[10:10], whole[10:12], whole[12:20]]
+    assert buffers.scatter_at(b"abcdefgh", views, 0, 6) == (3, 2)
+    assert buffers.scatter_at(b"ijklmn", views, 3, 2) == (4, 0)
+    assert buf == bytes(6) + b"abcdefghijklmn"
+    assert buffers.scatter_at(b"", views, 0, 0) == (0, 0)

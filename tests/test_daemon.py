@@ -33,6 +33,7 @@ import pytest
 
 from avatar_hw import abi
 from avatar_hw.layout import Layout
+from avatar_hw.pace import PACE_US
 from avatar_hw.testing.fake_uio import make_tree
 from avatar_hw.testing.standin_stub import FakeBoard, StandinStub, TrapTimeout
 from avatar_hw.virtio import constants as vc
@@ -314,6 +315,45 @@ def test_malformed_traps_get_unhandled_and_the_daemon_keeps_serving(board, stub,
     assert "in VM 1's window: answered UNHANDLED" in out and "access size 3" in out
     assert "Traceback" not in out
     assert served.process.poll() is None
+
+
+def test_a_vm_making_guest_errors_is_paced_until_it_stops(board, stub, served):
+    """avatar_hw/pace.py (AVT_F_PACE): VM 1 reads a register that does not exist over and
+    over (each a counted guest error); within a period or two its vCPU's slot asks the stub
+    to wait PACE_US before each access and ``info`` says it is paced; VM 0, correct, is
+    not. Once VM 1 stops, a period without mistakes ends it."""
+    page, vm0, vm1 = stub.page, LAYOUT.window(0, 0), LAYOUT.window(1, 0)
+    assert page.post(0, 0, vm0 + vc.REG_MAGIC_VALUE, 4, False) == (abi.STATUS_OK,
+                                                                     vc.MMIO_MAGIC)
+    stop = threading.Event()
+
+    def mistakes():
+        while not stop.is_set():
+            page.post(1, 1, vm1 + 0x0f0, 4, False)          # no such register
+
+    hostile = threading.Thread(target=mistakes)
+    hostile.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not page.slots[1].pace_us:
+            assert time.monotonic() < deadline, "VM 1 was never paced"
+            time.sleep(0.02)
+        vms = {vm["vm"]: vm for vm in json.loads(served.cli("info", "--json"))["vms"]}
+        assert vms[1]["paced"] and vms[1]["paced_periods"] >= 1, vms[1]
+        assert not vms[0]["paced"] and vms[0]["paced_periods"] == 0
+        assert (page.slots[1].pace_us, page.slots[0].pace_us) == (PACE_US, 0)
+    finally:
+        stop.set()
+        hostile.join()
+    while page.slots[1].pace_us:
+        assert time.monotonic() < deadline, "VM 1 stayed paced after it stopped"
+        time.sleep(0.02)
+    vms = {vm["vm"]: vm for vm in json.loads(served.cli("info", "--json"))["vms"]}
+    assert not vms[1]["paced"]
+    text = served.cli("info")
+    assert "period(s) for its guest errors" in text.split("vm1:")[1] and \
+        "for its guest errors" not in text.split("vm1:")[0]
+    assert "vm1: " in served.output() and "guest errors in 0.1 s" in served.output()
 
 
 # -- crashes lose nothing acknowledged --------------------------------------------------------------------

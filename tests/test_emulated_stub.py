@@ -132,7 +132,7 @@ def test_probe_accesses_round_trip_through_the_trap_page(probe, wait, stub_ack):
         assert writes == (EXPECTED_WRITES_STUB_ACK if stub_ack else EXPECTED_WRITES)
         assert trap.header.stub_features == (abi.F_VIRQ_REQUEST | abi.F_POSTED_WRITES
                                              | abi.F_REGISTER_SHADOW | abi.F_STUB_ACK
-                                             | abi.F_HALT_POLL)
+                                             | abi.F_HALT_POLL | abi.F_PACE)
         assert trap.stats.posted_writes == (1 if stub_ack else 2)
         assert trap.shadows.acks_taken(0) == (1 if stub_ack else 0)
         assert trap.shadows.hits(0) == 1      # the 0x60 read never reached the model
@@ -353,3 +353,73 @@ def test_a_request_made_once_the_stub_stopped_polling_sends_the_uart_byte():
         counters = trap.vm_counters(0)
         assert counters["wfi_ran_out"] >= 1 and counters["wfi_caught"] == 0, counters
         del trap
+
+
+@pytest.mark.parametrize("interrupt", ["during-service", "after-service"])
+def test_a_wfi_after_a_posted_write_polls_while_the_model_serves_it(interrupt):
+    """A WFI right after a posted write the awake model (busy-polling) still holds
+    (wfi_probe.S mode 2: "ready" as a QueueNotify) polls while the slot stays POSTED,
+    past the stub's usual window (10-50 µs): an interrupt the write's service requests goes
+    without a UART byte ("during-service": 1 ms of device work, then the request, then the
+    slot is freed; the test build's serve window is 2 s). Once the model freed the slot
+    with nothing requested the stub stops polling and sleeps ("after-service": the request
+    comes 50 ms later and needs its byte). Without the serve poll the first case rings
+    every round; polling on after the slot is freed, the second rings none."""
+    stub = build_stub(defines=["STUB_TEST_SERVE_POLL_US=2000000"])
+    count = 10
+    with EmulatedMachine(stub, build_probe("wfi_probe"), model_wait_ms=10000) as machine:
+        region = machine.trap_region()
+        trap = TrapPage(region, mm.LAYOUT)
+        trap.wait_ready(10)
+        line = machine.interrupt_line(region)
+
+        def during_service(n):              # the model's dispatch of the posted write
+            time.sleep(0.001)
+            line.raise_intid(48)
+
+        def after_service(n):
+            threading.Timer(0.05, line.raise_intid, (48,)).start()
+
+        on_ready = during_service if interrupt == "during-service" else after_service
+        rounds = serve_wfi_probe(machine, trap, count, on_ready, mode=2, wait=BUSY_POLL)
+        assert machine.wait(10) == 0, (
+            f"the guest waited in WFI for INTID 48 forever after {len(rounds)} of {count} "
+            f"rounds (UART bytes sent {line.rings}, spared {line.rings_skipped})")
+        assert rounds == list(range(count, 0, -1))
+        counters = trap.vm_counters(0)
+        if interrupt == "during-service":
+            assert (line.rings, line.rings_skipped) == (0, count), counters
+            assert counters["wfi_caught"] == count, counters
+        else:
+            assert (line.rings, line.rings_skipped) == (count, 0), counters
+            assert counters["wfi_caught"] == 0, counters
+        del trap
+
+
+def test_a_paced_vcpu_waits_before_each_access():
+    """AVT_F_PACE: with its slot's pace_us set (``TrapPage.pace``, after its first trap),
+    the vCPU waits that long in the stub before each later access; 20 rounds of
+    wfi_probe.S (one "ready" write each, answered at once with its interrupt: the
+    doorbell byte comes during the next wait, which handles it and goes on) then take at
+    least 18 paces between the second and the last write. Unpaced they take milliseconds.
+    A lower bound only: a loaded host makes it longer, never shorter."""
+    pace_us, count = 50_000, WFI_ROUNDS
+    with EmulatedMachine(build_stub(), build_probe("wfi_probe"), model_wait_ms=10000) as machine:
+        region = machine.trap_region()
+        trap = TrapPage(region, mm.LAYOUT)
+        trap.wait_ready(10)
+        line = machine.interrupt_line(region)
+        times = []
+
+        def on_ready(n):
+            times.append(time.monotonic())
+            if len(times) == 1:
+                trap.pace(0, pace_us)       # the slot is VM 0's now (seq != 0)
+            line.raise_intid(48)
+
+        rounds = serve_wfi_probe(machine, trap, count, on_ready, mode=1, wait=BUSY_POLL)
+        assert machine.wait(10) == 0, f"{len(rounds)} of {count} rounds"
+        assert trap.features & abi.F_PACE and trap.slots[0].pace_us == pace_us
+        assert times[-1] - times[1] >= (count - 2) * pace_us / 1e6, times
+        del trap
+

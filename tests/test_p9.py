@@ -360,6 +360,40 @@ def test_readdir_in_small_pages_lists_every_name_once(fs, share):
     assert set(listed) - {".", ".."} == names
 
 
+def test_readdir_entries_across_small_buffers_are_the_ones_of_one_buffer(fs, share):
+    """Rreaddir goes straight into the guest's buffers: with 37-byte buffers its entries
+    straddle two or three of them, and the reply is byte for byte the one-buffer reply."""
+    names = {f"entry-{i:02d}-{'y' * i}" for i in range(40)}
+    for name in names:
+        (share / "sub" / name).touch()
+    fs.walk(ROOT_FID, 2, "sub")
+    fs.lopen(2)
+    body = struct.pack("<IQI", 2, 0, 2000)
+    whole = fs.rpc(p.TREADDIR, body)
+    assert fs.rpc(p.TREADDIR, body, reply=37, reply_slots=60) == whole
+    assert 1900 < 4 + struct.unpack_from("<I", whole)[0] <= 2000 - 4     # within count - 4
+    listed = fs.listdir(2, count=2000)
+    assert set(listed) == names | {".", ".."} and len(listed) == 42
+    entries = {name: qid for name, _, qid in fs.readdir(2, count=8192)}
+    assert entries["."][0] == p.QTDIR and entries["entry-00-"][0] == p.QTFILE
+    assert entries["entry-00-"][2] == os.stat(share / "sub" / "entry-00-").st_ino
+
+
+def test_readdir_reply_larger_than_the_buffers_is_erange(fs, share):
+    """A Treaddir whose entries would not fit the chain's buffers gets ERANGE; one whose
+    count fits them is answered; a short message is EPROTO, trailing bytes are ignored."""
+    for i in range(10):
+        (share / "sub" / f"f{i}").touch()
+    fs.walk(ROOT_FID, 2, "sub")
+    fs.lopen(2)
+    body = struct.pack("<IQI", 2, 0, 8192)
+    assert errno_of(fs.rpc, p.TREADDIR, body, reply=64) == errno.ERANGE
+    out = fs.rpc(p.TREADDIR, struct.pack("<IQI", 2, 0, 64 - 7), reply=64)
+    assert 0 < struct.unpack_from("<I", out)[0] <= 64 - 11
+    assert errno_of(fs.rpc, p.TREADDIR, body[:-1]) == errno.EPROTO
+    assert fs.rpc(p.TREADDIR, body + b"junk") == fs.rpc(p.TREADDIR, body)
+
+
 def test_setattr_truncates_and_changes_mode_and_times(fs, share):
     fs.walk(ROOT_FID, 2, "hello.txt")
     fs.setattr(2, p.SA_SIZE, size=5)

@@ -513,3 +513,36 @@ def test_legacy_bad_page_size_and_align_ignored(legacy):
     d.write(c.REG_QUEUE_SEL, 0)
     d.write(c.REG_QUEUE_ALIGN, 100)
     assert legacy.transport.page_size == 4096
+
+
+class Consumer(RecordingDevice):
+    """Consumes queue 0 (``VirtioDevice.consume``), keeping a chain while ``busy``."""
+
+    busy = False
+
+    def queue_notify(self, index):
+        self.consume(self.queues[index], self._handle)
+
+    def _handle(self, chain):
+        self.chains.append(chain.head)
+        if self.busy:
+            self.held.append(chain)
+        return self.busy
+
+
+def test_consume_returns_each_chain_and_stops_at_one_the_handler_keeps():
+    """``consume``: every chain used with length 0 and one interrupt; a chain the handler
+    keeps (True: a busy backend) ends the loop unused, the chains behind it stay available."""
+    bench = VirtioBench(Consumer())
+    q, _ = bench.driver.init([0, 1])
+    device = bench.device
+    bench.irq.take()
+    first, second = q.post(readable=[b"a"]), q.post(readable=[b"b"])
+    device.busy = True
+    q.notify()
+    assert device.chains == [first] and q.get_used() == [] and bench.irq.take() == []
+    device.busy = False
+    q.notify()
+    assert device.chains == [first, second]
+    assert [(u.head, u.length) for u in q.get_used()] == [(second, 0)]
+    assert bench.irq.take() == [bench.transport.intid]

@@ -414,6 +414,25 @@ def test_tiny_receive_buffers_are_returned_empty(tmp_path, loop):
     assert ops(g.packets()) == [OP_RST]
 
 
+def test_a_tiny_receive_buffer_is_returned_with_an_interrupt(tmp_path, loop):
+    """A host client's connect needs a receive buffer; the only one is too small for a
+    header: it is returned empty and the guest is interrupted for it (with nothing else
+    sent, no later interrupt would tell it), and the REQUEST waits for a real buffer."""
+    g = Guest(tmp_path, loop)
+    g.rx.post(writable=[10])
+    g.rx.notify()
+    g.bench.irq.take()
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(g.path)
+    client.sendall(b"CONNECT 5000\n")
+    g.spin()
+    assert [u.length for u in g.rx.get_used()] == [0]
+    assert g.bench.irq.take(), "no interrupt for the returned buffer"
+    g.give_rx(1)
+    assert ops(g.packets()) == [OP_REQUEST]
+    client.close()
+
+
 def test_connections_are_bounded(tmp_path, loop):
     g = Guest(tmp_path, loop, max_connections=2)
     g.give_rx(16)

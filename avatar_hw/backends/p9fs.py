@@ -70,7 +70,7 @@ class P9Server(OpenFiles):
         self.handlers = {
             TVERSION: self.version, TATTACH: self.attach, TWALK: self.walk, TCLUNK: self.clunk,
             TGETATTR: self.getattr, TSETATTR: self.setattr, TLOPEN: self.lopen,
-            TLCREATE: self.lcreate, TREADDIR: self.readdir, TMKDIR: self.mkdir,
+            TLCREATE: self.lcreate, TMKDIR: self.mkdir,
             TUNLINKAT: self.unlinkat, TRENAMEAT: self.renameat, TSYMLINK: self.symlink,
             TREADLINK: self.readlink, TLINK: self.link, TMKNOD: self.mknod,
             TSTATFS: self.statfs, TFSYNC: self.fsync, TFLUSH: self.flush,
@@ -107,6 +107,8 @@ class P9Server(OpenFiles):
         try:
             if kind == TREAD:
                 return self.read(head, size, tag, writable, writable_len), 0
+            if kind == TREADDIR:
+                return self.readdir(head, size, tag, writable, writable_len), 0
             if kind == TWRITE:
                 reply = self.write(head, size, readable)
             else:

@@ -4,7 +4,7 @@ Tread, Twrite, Tfsync, Treaddir, and the xattr fids read and written like files
 
 Reads and writes move with ``preadv``/``pwritev`` straight between the file and the
 guest's buffers; readdir reads the directory with ``getdents64`` at the kernel's
-offsets (no listing kept); xattr values are at most 64 KiB, 1 MiB held by all fids.
+offsets (no listing kept) and writes its entries straight into the guest's buffers; xattr values are at most 64 KiB, 1 MiB held by all fids.
 """
 
 import ctypes
@@ -13,11 +13,14 @@ import os
 import stat
 import struct
 
-from ..virtio.buffers import scatter, skip, transfer, truncate
+from ..virtio.buffers import scatter, scatter_at, skip, transfer, truncate
 from .p9folder import getdents, proc
-from .p9wire import (DIRENT64, DOTL_ACCMODE, DOTL_APPEND, DOTL_DSYNC, DOTL_SYNC, DOTL_TRUNC,
-                     IOHDR, MSIZE_MAX, NAME_MAX, QID, QTDIR, QTFILE, QTSYMLINK, READ_REPLY,
-                     TREAD, WRITE_HEADER, XATTR_HELD_MAX, XATTR_MAX, P9Error, name_ok, pstr)
+from .p9wire import (DIRENT, DIRENT64, DOTL_ACCMODE, DOTL_APPEND, DOTL_DSYNC, DOTL_SYNC,
+                     DOTL_TRUNC, IOHDR, MSIZE_MAX, NAME_MAX, QTDIR, QTFILE, QTSYMLINK,
+                     READ_REPLY, REQUEST_MAX, TREAD, TREADDIR, WRITE_HEADER, XATTR_HELD_MAX,
+                     XATTR_MAX, P9Error, name_ok)
+
+_NO_VIEW = memoryview(b"")          # readdir's position past the guest's last buffer
 
 
 class OpenFiles:
@@ -25,7 +28,11 @@ class OpenFiles:
     ``msize`` and ``qid``)."""
 
     def __init__(self):
-        self._dents = ctypes.create_string_buffer(MSIZE_MAX)
+        self._dents = bytearray(MSIZE_MAX)                      # getdents64's records
+        self._dents_c = (ctypes.c_char * MSIZE_MAX).from_buffer(self._dents)
+        self._dents_view = memoryview(self._dents)
+        self._entry = bytearray(DIRENT.size + 0xFFFF)   # an Rreaddir entry across two buffers
+        self._entry_view = memoryview(self._entry)
 
     # -- open files ----------------------------------------------------------------------------
 
@@ -143,8 +150,14 @@ class OpenFiles:
             (os.fdatasync if datasync else os.fsync)(fid.open_fd)
         return b""
 
-    def readdir(self, r):
-        fid_no, offset, count = r.take("IQI")
+    def readdir(self, head, size, tag, writable, writable_len):
+        """Treaddir: the kernel's entries (getdents64 at the fid's offset) become 9P ones,
+        packed straight into the guest's buffers after the reply header; only an entry
+        across two of them is put together in ``_entry`` first. Each name is copied once,
+        from the getdents buffer: the kernel's records have another layout than 9P's."""
+        if not WRITE_HEADER.size <= size <= REQUEST_MAX:
+            raise P9Error(errno.EPROTO)
+        _, _, _, fid_no, offset, count = WRITE_HEADER.unpack_from(head)
         fid = self.open_fid(fid_no)
         if fid.open_fd is None or not stat.S_ISDIR(self.stat_of(fid).st_mode):
             raise P9Error(errno.ENOTDIR)
@@ -153,21 +166,38 @@ class OpenFiles:
             raise P9Error(errno.EINVAL)
         os.lseek(fid.open_fd, offset, os.SEEK_SET)
         dev = os.fstat(fid.open_fd).st_dev          # a mount point's entry has its own below
-        out = bytearray()
-        buf = self._dents
-        n = getdents(fid.open_fd, buf, min(count, len(buf)))
-        raw = ctypes.string_at(buf, n)
-        pos = 0
+        dents, names = self._dents, self._dents_view
+        n = getdents(fid.open_fd, self._dents_c, min(count, len(dents)))
+        room = writable_len - READ_REPLY.size
+        views = skip(writable, READ_REPLY.size)
+        index, at, view = 0, 0, views[0] if views else _NO_VIEW   # where the next entry goes
+        total = pos = 0
         while pos < n:
-            ino, d_off, reclen, d_type = DIRENT64.unpack_from(raw, pos)
-            name = raw[pos + DIRENT64.size:pos + reclen].split(b"\0", 1)[0]
+            ino, d_off, reclen, d_type = DIRENT64.unpack_from(dents, pos)
+            start = pos + DIRENT64.size
+            end = dents.find(0, start, pos + reclen)
+            end = pos + reclen if end < 0 else end
             pos += reclen
             kind = QTDIR if d_type == 4 else QTSYMLINK if d_type == 10 else QTFILE
-            entry = QID.pack(kind, 0, self.qid_path(dev, ino)) + struct.pack("<QB", d_off, d_type) + pstr(name)
-            if len(out) + len(entry) > count - 4:
+            path = self.qid_path(dev, ino)
+            length = DIRENT.size + end - start
+            if total + length > count - 4:
                 break
-            out += entry
-        return struct.pack("<I", len(out)) + out
+            if total + length <= room:      # else ERANGE below, once every entry is known
+                staged = at + length > len(view)
+                buffer, base = (self._entry, 0) if staged else (view, at)
+                DIRENT.pack_into(buffer, base, kind, 0, path, d_off, d_type, end - start)
+                buffer[base + DIRENT.size:base + length] = names[start:end]
+                if staged:
+                    index, at = scatter_at(self._entry_view[:length], views, index, at)
+                    view = views[index] if index < len(views) else _NO_VIEW
+                else:
+                    at += length
+            total += length
+        if total > room:
+            raise P9Error(errno.ERANGE)
+        scatter(READ_REPLY.pack(READ_REPLY.size + total, TREADDIR + 1, tag, total), writable)
+        return READ_REPLY.size + total
 
     # -- xattr fids ----------------------------------------------------------------------------
 

@@ -28,12 +28,13 @@ TREAD, TWRITE, TCLUNK, TREMOVE = 116, 118, 120, 122
 
 QTDIR, QTSYMLINK, QTFILE = 0x80, 0x02, 0x00
 HEADER = struct.Struct("<IBH")
-WRITE_HEADER = struct.Struct("<IBHIQI")          # ... fid, offset, count
-READ_REPLY = struct.Struct("<IBHI")
+WRITE_HEADER = struct.Struct("<IBHIQI")          # ... fid, offset, count (Tread, Treaddir too)
+READ_REPLY = struct.Struct("<IBHI")              # ... count (Rread, Rreaddir)
 QID = struct.Struct("<BIQ")
 GETATTR = struct.Struct("<Q13sIII" + "Q" * 15)   # nlink .. blocks, 4 times, gen, data_version
 STATFS = struct.Struct("<IIQQQQQQI")
-DIRENT64 = struct.Struct("<QqHB")
+DIRENT64 = struct.Struct("<QqHB")                # the kernel's: ino, offset, reclen, type
+DIRENT = struct.Struct("<BIQQBH")                # Rreaddir's: qid, offset, type, name length
 V9FS_MAGIC = 0x01021997
 GETATTR_BASIC = 0x7FF
 

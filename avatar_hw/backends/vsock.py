@@ -119,14 +119,9 @@ class Stream:
         socket is gone (EPIPE, ECONNRESET) or ``pending`` would pass ``limit``."""
         if len(self.pending) + length > self.limit:
             return None
-        sent = 0
-        if not self.pending:
-            try:
-                sent = self.sock.sendmsg(first_batch(views))
-            except AGAIN:
-                sent = 0
-            except OSError:
-                return None
+        sent = 0 if self.pending else self._send(self.sock.sendmsg, first_batch(views))
+        if sent is None:
+            return None
         left = sent
         for view in views:
             if left >= len(view):
@@ -140,15 +135,22 @@ class Stream:
         """Send what is pending; the bytes the socket took, or None when it is gone."""
         if not self.pending:
             return 0
+        with memoryview(self.pending) as view:
+            sent = self._send(self.sock.send, view)
+        if sent:
+            del self.pending[:sent]
+        return sent
+
+    @staticmethod
+    def _send(send, data):
+        """``send(data)``'s count of bytes the socket took: 0 when it is full, None when it
+        is gone (EPIPE, ECONNRESET)."""
         try:
-            with memoryview(self.pending) as view:
-                sent = self.sock.send(view)
+            return send(data)
         except AGAIN:
             return 0
         except OSError:
             return None
-        del self.pending[:sent]
-        return sent
 
     def read_into(self, views):
         """Bytes received into ``views``: a count, 0 at end of stream, None when nothing

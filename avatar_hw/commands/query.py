@@ -86,6 +86,10 @@ def format_info(info):
              + (f"; interrupts: stub rung {t['stub_rings']}, not rung {t['stub_rings_skipped']} "
                 "(the stub polled for them, or had taken them)" if "stub_rings" in t else "")]
     for vm in info["vms"]:
+        paced = ""
+        if vm.get("paced_periods"):
+            paced = (f", paced {vm['paced_periods']} period(s) for its guest errors"
+                     + (" (now)" if vm["paced"] else ""))
         polls = ""
         if t["model_features"] & abi.F_HALT_POLL:
             polls = (f"; guest WFIs: {vm['wfi_caught']} caught by the stub's poll, "
@@ -93,7 +97,7 @@ def format_info(info):
         lines.append(f"vm{vm['vm']}: RAM {vm['ram']['base']} + {_bytes(vm['ram']['size'])}, "
                      f"window {vm['window'][0]}-{vm['window'][1]}; traps served "
                      f"{vm['traps_served']} in {vm['service_ms']:.0f} ms, put off "
-                     f"{vm['traps_deferred']} (fair order){polls}")
+                     f"{vm['traps_deferred']} (fair order){paced}{polls}")
         lines += ["  " + format_device(d, "    ").replace("\n", "\n  ") for d in vm["devices"]]
     return "\n".join(lines)
 

@@ -263,6 +263,19 @@ class GpuDevice(VirtioDevice):
             raise GpuError(RESP_ERR_INVALID_RESOURCE_ID, "no resource %d", resource_id)
         return resource
 
+    def _backed(self, resource_id, what):
+        """The resource of a ``what`` command that needs its backing pages attached."""
+        resource = self._resource(resource_id)
+        if resource.backing is None:
+            raise GpuError(RESP_ERR_UNSPEC, "%s: resource %d has no backing", what, resource_id)
+        return resource
+
+    @staticmethod
+    def _check_rectangle(what, resource, x, y, w, h):
+        if not inside(x, y, w, h, resource.width, resource.height):
+            raise GpuError(RESP_ERR_INVALID_PARAMETER, "%s rectangle %dx%d+%d+%d in a %dx%d "
+                           "resource", what, w, h, x, y, resource.width, resource.height)
+
     def _get_display_info(self, chain):
         self._response[HEADER.size:DISPLAY_INFO_SIZE] = bytes(DISPLAY_INFO_SIZE - HEADER.size)
         DISPLAY_ONE.pack_into(self._response, HEADER.size, 0, 0, self.width, self.height, 1, 0)
@@ -332,11 +345,7 @@ class GpuDevice(VirtioDevice):
         return RESP_OK_NODATA, HEADER.size
 
     def _detach_backing(self, chain, resource_id):
-        resource = self._resource(resource_id)
-        if resource.backing is None:
-            raise GpuError(RESP_ERR_UNSPEC, "detach: resource %d has no backing",
-                           resource_id)
-        resource.detach()
+        self._backed(resource_id, "detach").detach()
         return RESP_OK_NODATA, HEADER.size
 
     def _set_scanout(self, chain, x, y, w, h, scanout_id, resource_id):
@@ -345,33 +354,22 @@ class GpuDevice(VirtioDevice):
         if resource_id == 0:
             self.scanout = None
             return RESP_OK_NODATA, HEADER.size
-        resource = self._resource(resource_id)
-        if resource.backing is None:
-            raise GpuError(RESP_ERR_UNSPEC, "scanout of resource %d, which has no backing",
-                           resource_id)
-        if (w < MIN_SCANOUT or h < MIN_SCANOUT
-                or not inside(x, y, w, h, resource.width, resource.height)):
-            raise GpuError(RESP_ERR_INVALID_PARAMETER, "scanout rectangle %dx%d+%d+%d in a "
-                           "%dx%d resource", w, h, x, y, resource.width, resource.height)
+        resource = self._backed(resource_id, "scanout")
+        self._check_rectangle("scanout", resource, x, y, w, h)
+        if w < MIN_SCANOUT or h < MIN_SCANOUT:
+            raise GpuError(RESP_ERR_INVALID_PARAMETER, "scanout of %dx%d: smaller than %dx%d",
+                           w, h, MIN_SCANOUT, MIN_SCANOUT)
         self.scanout = (resource, x, y, w, h)
         return RESP_OK_NODATA, HEADER.size
 
     def _flush(self, chain, x, y, w, h, resource_id):
-        resource = self._resource(resource_id)
-        if not inside(x, y, w, h, resource.width, resource.height):
-            raise GpuError(RESP_ERR_INVALID_PARAMETER, "flush rectangle %dx%d+%d+%d in a "
-                           "%dx%d resource", w, h, x, y, resource.width, resource.height)
+        self._check_rectangle("flush", self._resource(resource_id), x, y, w, h)
         self.counters["flushes"] += 1
         return RESP_OK_NODATA, HEADER.size
 
     def _transfer_to_host_2d(self, chain, x, y, w, h, offset, resource_id):
-        resource = self._resource(resource_id)
-        if resource.backing is None:
-            raise GpuError(RESP_ERR_UNSPEC, "transfer: resource %d has no "
-                           "backing", resource_id)
-        if not inside(x, y, w, h, resource.width, resource.height):
-            raise GpuError(RESP_ERR_INVALID_PARAMETER, "transfer rectangle %dx%d+%d+%d in a "
-                           "%dx%d resource", w, h, x, y, resource.width, resource.height)
+        resource = self._backed(resource_id, "transfer")
+        self._check_rectangle("transfer", resource, x, y, w, h)
         if not w or not h:
             return RESP_OK_NODATA, HEADER.size
         stride, row = resource.stride, w * BPP

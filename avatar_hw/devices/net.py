@@ -43,7 +43,6 @@ pending frames and copied from there (one system call cannot take more).
 """
 
 import collections
-import logging
 import os
 import struct
 
@@ -52,8 +51,7 @@ from ..schema import Field, Schema, under
 from ..virtio.buffers import IOV_MAX, copy, gather, scatter, skip, truncate
 from ..virtio.constants import F_VERSION_1, ID_NET, bit
 from ..virtio.device import VirtioDevice
-
-log = logging.getLogger(__name__)
+from .net_frames import PendingFrames, format_mac, parse_mac
 
 F_MTU, F_MAC, F_MRG_RXBUF, F_STATUS = 3, 5, 15, 16
 S_LINK_UP = 1
@@ -70,21 +68,6 @@ DEFAULT_RX_PENDING = 64
 MAX_HELD_VIEWS = 2048      # receive descriptors held at a time (bounds what a guest pins)
 
 
-def parse_mac(text):
-    """``'52:54:00:12:34:56'`` -> 6 bytes; a ValueError for anything but a unicast MAC."""
-    parts = text.split(":")
-    try:
-        mac = bytes(int(p, 16) for p in parts if len(p) == 2)
-    except ValueError:
-        mac = b""
-    if len(parts) != 6 or len(mac) != 6:
-        raise ValueError(f"{text!r} is not a MAC address like 52:54:00:12:34:56")
-    if mac[0] & 1:
-        raise ValueError(f"{text} is a multicast address; a NIC needs a unicast one (even "
-                         "first octet, e.g. 52:54:00:12:34:56)")
-    return mac
-
-
 def check_mtu(mtu):
     if isinstance(mtu, bool) or not isinstance(mtu, int) or not MIN_MTU <= mtu <= MAX_MTU:
         raise ValueError(f"{mtu!r} is not an MTU from {MIN_MTU} to {MAX_MTU}")
@@ -99,49 +82,6 @@ def _corrupted_byte(fault, length):
     """Which byte of a ``length``-byte frame a ``corrupt`` fault inverts: one past the
     Ethernet header, none in a frame that is all header."""
     return fault.rng.randrange(ETH_HLEN, length) if length > ETH_HLEN else None
-
-
-def format_mac(mac):
-    return ":".join(f"{b:02x}" for b in mac)
-
-
-class PendingFrames:
-    """Frames waiting for receive buffers: ``count`` slots of ``size`` bytes, FIFO."""
-
-    def __init__(self, count, size):
-        self.size = size
-        self._pool = memoryview(bytearray(count * size))
-        self._slots = [self._pool[i * size:(i + 1) * size] for i in range(count)]
-        self._lengths = collections.deque()
-        self._first = 0
-
-    def __len__(self):
-        return len(self._lengths)
-
-    @property
-    def capacity(self):
-        return len(self._slots)
-
-    def free_slot(self):
-        """The slot the next frame goes into, or None when full."""
-        n = len(self._lengths)
-        return None if n == len(self._slots) else self._slots[(self._first + n) % len(self._slots)]
-
-    def push(self, length):
-        self._lengths.append(length)
-
-    def oldest(self):
-        """(memoryview of the oldest frame, its length)."""
-        length = self._lengths[0]
-        return self._slots[self._first][:length], length
-
-    def pop(self):
-        self._lengths.popleft()
-        self._first = (self._first + 1) % len(self._slots)
-
-    def clear(self):
-        self._lengths.clear()
-        self._first = 0
 
 
 class NetDevice(VirtioDevice):
@@ -228,7 +168,7 @@ class NetDevice(VirtioDevice):
         txq = self.queues[TX]
         if chain is None or not (self.active and txq.ready):
             return
-        if self._hand_over(chain):
+        if not self._hand_over(chain):
             txq.add_used(chain, 0)
             self.signal_used(txq)
             txq.new_turn()                    # a loop turn of its own
@@ -236,20 +176,12 @@ class NetDevice(VirtioDevice):
 
     def _transmit(self):
         txq = self.queues[TX]
-        if not (self.active and txq.ready) or self._tx_waiting is not None:
-            return
-        completed = False
-        for chain in txq:
-            if not self._send(chain):
-                break                         # the backend is busy: transmit_ready follows
-            txq.add_used(chain, 0)
-            completed = True
-        if completed:
-            self.signal_used(txq)
+        if self.active and txq.ready and self._tx_waiting is None:
+            self.consume(txq, self._send)
 
     def _send(self, chain):
-        """Check the chain and hand its frame over; False when the backend was busy (the
-        chain waits in ``_tx_waiting``), True when it is done with."""
+        """Check the chain and hand its frame over; True when the backend was busy (the
+        chain waits in ``_tx_waiting`` until ``transmit_ready``), False when it is done with."""
         header_len, counters = self._header_len, self.counters
         length = chain.readable_len - header_len
         if length < ETH_HLEN or length > self.max_frame:
@@ -257,36 +189,36 @@ class NetDevice(VirtioDevice):
             self.guest_error("transmit chain of %d bytes: not a %d-byte header and a frame of "
                              "%d to %d bytes; dropped", chain.readable_len, header_len, ETH_HLEN,
                              self.max_frame)
-            return True
+            return False
         header = self._header
         gather(chain.readable, memoryview(header)[:header_len])
         if header[0] or header[1]:            # flags (NEEDS_CSUM...), gso_type: not offered
             counters["tx_malformed"] += 1
             self.guest_error("transmit header asks for offloads (flags 0x%x, gso_type %d) "
                              "that were not negotiated; dropped", header[0], header[1])
-            return True
+            return False
         faults = self.context.faults
         if faults is not None and (fault := faults.frame("tx")) is not None:
             self.count(bytes_from_guest=length)
             counters["tx_frames"] += 1
             self._tx_fault(fault, skip(chain.readable, header_len), length)
-            return True
+            return False
         return self._hand_over(chain)
 
     def _hand_over(self, chain):
-        """Give a checked chain's frame to the backend: False (and the chain waits) when
+        """Give a checked chain's frame to the backend: True (and the chain waits) when
         it is busy; otherwise counted, and dropped when it was not taken."""
         length = chain.readable_len - self._header_len
         sent = self.link_up and self.backend.send(skip(chain.readable, self._header_len),
                                                   length)
         if sent is BUSY:
             self._tx_waiting = chain
-            return False
+            return True
         self.count(bytes_from_guest=length)
         self.counters["tx_frames"] += 1
         if not sent:
             self.counters["tx_dropped"] += 1
-        return True
+        return False
 
     def _tx_fault(self, fault, views, length):
         """An injected fault (avatar_hw.faults) meets a transmitted frame: ``drop`` it,

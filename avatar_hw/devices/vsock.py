@@ -261,6 +261,7 @@ class VsockDevice(Connections, VirtioDevice):
                 self.guest_error("rx buffer of %d bytes cannot hold the %d-byte header; "
                                  "returned empty", chain.writable_len, HEADER_LEN)
                 rxq.add_used(chain, 0)
+                self.signal_used(rxq)       # or the guest sees it back only with a later one
                 continue
             self._rx_chain = chain
         return self._rx_chain

@@ -45,6 +45,7 @@ MASK32 = 0xFFFFFFFF
 MAX_LOG = 40                            # bytes of a bad CONNECT line in the log
 
 GREETING, CONNECTING, ESTABLISHED = "greeting", "connecting", "established"
+READING, WRITING = "reading", "writing"   # a Connection's flags: its socket is watched for
 
 
 class Connection:
@@ -168,13 +169,23 @@ class Connections:
         self._update_reader(conn)
 
     def _update_reader(self, conn):
-        want = conn.wants_input() and conn not in self._starved
-        if want != conn.reading:
-            conn.reading = want
-            if want:
-                self.loop.add_reader(conn.stream, lambda: self._read(conn))
-            else:
-                self.loop.remove_reader(conn.stream)
+        self._watch(conn, READING, conn.wants_input() and conn not in self._starved)
+
+    def _watch(self, conn, side, want):
+        """Keep ``conn``'s socket registered with the loop for ``side`` exactly while
+        ``want``: READING calls ``_read(conn)`` when it is readable, WRITING ``_write(conn)``
+        when it is writable."""
+        if want == getattr(conn, side):
+            return
+        setattr(conn, side, want)
+        if side == READING:
+            add, remove, callback = self.loop.add_reader, self.loop.remove_reader, self._read
+        else:
+            add, remove, callback = self.loop.add_writer, self.loop.remove_writer, self._write
+        if want:
+            add(conn.stream, lambda: callback(conn))
+        else:
+            remove(conn.stream)
 
     def _close(self, conn):
         """Forget ``conn`` and close its socket (no packet to the guest)."""
@@ -185,11 +196,8 @@ class Connections:
             conn.timer = None
         if conn.state == GREETING:
             self._end_greeting(conn)
-        if conn.reading:
-            self.loop.remove_reader(conn.stream)
-        if conn.writing:
-            self.loop.remove_writer(conn.stream)
-        conn.reading = conn.writing = False
+        self._watch(conn, READING, False)
+        self._watch(conn, WRITING, False)
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
         if conn in self._starved:
@@ -230,12 +238,7 @@ class Connections:
         """``sent`` more guest bytes reached the socket: credit, a writer if some wait."""
         conn.fwd_cnt += sent
         pending = bool(conn.stream.pending)
-        if pending != conn.writing:
-            conn.writing = pending
-            if pending:
-                self.loop.add_writer(conn.stream, lambda: self._write(conn))
-            else:
-                self.loop.remove_writer(conn.stream)
+        self._watch(conn, WRITING, pending)
         unseen = conn.fwd_cnt - conn.fwd_cnt_sent
         if unseen and conn.rx_cnt - conn.fwd_cnt_sent > self.buf_alloc // 2:
             self._queue(conn, OP_CREDIT_UPDATE)

@@ -53,6 +53,21 @@ def scatter(data, views):
     return done
 
 
+def scatter_at(data, views, index, at):
+    """Copy ``data`` into ``views`` from byte ``at`` of ``views[index]`` on (they hold
+    it): records written one after another; the position after it, ``(index, at)``."""
+    done = 0
+    while done < len(data):
+        view = views[index]
+        take = min(len(view) - at, len(data) - done)
+        view[at:at + take] = data[done:done + take]
+        done += take
+        at += take
+        if at == len(view):
+            index, at = index + 1, 0
+    return index, at
+
+
 def copy(source, views):
     """Copy all of ``source`` (views) into ``views`` if it fits; the length of
     ``source`` (more than ``views`` hold: nothing was copied)."""

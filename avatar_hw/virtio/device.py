@@ -216,10 +216,13 @@ class VirtioDevice:
 
     def consume(self, queue, handle):
         """Give every available chain of ``queue`` to ``handle(chain)`` and return it with
-        used length 0 (a driver -> device queue: nothing is written back); one interrupt."""
+        used length 0 (a driver -> device queue: nothing is written back); one interrupt.
+        ``handle`` returns True to keep the chain (it waits for a busy backend): the
+        loop stops there and the chain is not returned."""
         completed = False
         for chain in queue:
-            handle(chain)
+            if handle(chain):
+                break
             queue.add_used(chain, 0)
             completed = True
         if completed:

@@ -20,13 +20,13 @@ class LegacyRegisters:
                              "offer; ignored", unknown)
             self.driver_features &= self.offered_features
 
-    def _write_guest_page_size(self, value):
+    def write_guest_page_size(self, value):
         if value == 0 or value & (value - 1):
             self.guest_error("GuestPageSize %d is not a power of two; ignored", value)
             return
         self.page_size = value
 
-    def _write_queue_align(self, value):
+    def write_queue_align(self, value):
         queue = self._configurable_queue("QueueAlign")
         if queue is None:
             return
@@ -35,13 +35,13 @@ class LegacyRegisters:
             return
         self.queue_align[queue.index] = value
 
-    def _read_queue_pfn(self):
+    def read_queue_pfn(self):
         queue = self._selected_queue()
         if queue is None or not queue.ready:
             return 0
         return queue.desc_addr // self.page_size
 
-    def _write_queue_pfn(self, value):
+    def write_queue_pfn(self, value):
         if value == 0:
             queue = self._selected_queue()
             if queue is not None and queue.ready:

@@ -1,6 +1,10 @@
 """The virtio-mmio register table (VirtIO 1.2 sections 4.2.2, 4.2.4): which offset is
 which register of ``MmioTransport``, for a modern (Version 2) or legacy (Version 1)
-window, and the registers a register shadow page mirrors."""
+window, and the registers a register shadow page mirrors.
+
+A register's handler is the transport's public register method, ``read_<register>()``
+or ``write_<register>(value)`` (``MmioTransport``; ``LegacyRegisters`` for Version 1's),
+or, for a register that only reads state, a function here."""
 
 import functools
 
@@ -26,29 +30,29 @@ def register_tables(t, legacy):
                                      else c.MMIO_VERSION_MODERN),
         c.REG_DEVICE_ID: lambda self: self.device.device_id,
         c.REG_VENDOR_ID: lambda self: c.VENDOR_ID,
-        c.REG_DEVICE_FEATURES: t._read_device_features,
-        c.REG_QUEUE_NUM_MAX: t._read_queue_num_max,
+        c.REG_DEVICE_FEATURES: t.read_device_features,
+        c.REG_QUEUE_NUM_MAX: t.read_queue_num_max,
         c.REG_INTERRUPT_STATUS: lambda self: self.context.interrupt_status,
         c.REG_STATUS: lambda self: self.context.status,
     }
     writes = {
-        c.REG_DEVICE_FEATURES_SEL: t._write_device_features_sel,
-        c.REG_DRIVER_FEATURES: t._write_driver_features,
-        c.REG_DRIVER_FEATURES_SEL: t._write_driver_features_sel,
-        c.REG_QUEUE_SEL: t._write_queue_sel,
-        c.REG_QUEUE_NUM: t._write_queue_num,
-        c.REG_QUEUE_NOTIFY: t._write_queue_notify,
-        c.REG_INTERRUPT_ACK: t._write_interrupt_ack,
-        c.REG_STATUS: t._write_status,
+        c.REG_DEVICE_FEATURES_SEL: t.write_device_features_sel,
+        c.REG_DRIVER_FEATURES: t.write_driver_features,
+        c.REG_DRIVER_FEATURES_SEL: t.write_driver_features_sel,
+        c.REG_QUEUE_SEL: t.write_queue_sel,
+        c.REG_QUEUE_NUM: t.write_queue_num,
+        c.REG_QUEUE_NOTIFY: t.write_queue_notify,
+        c.REG_INTERRUPT_ACK: t.write_interrupt_ack,
+        c.REG_STATUS: t.write_status,
     }
     if legacy:
-        reads[c.REG_QUEUE_PFN] = t._read_queue_pfn
-        writes[c.REG_GUEST_PAGE_SIZE] = t._write_guest_page_size
-        writes[c.REG_QUEUE_ALIGN] = t._write_queue_align
-        writes[c.REG_QUEUE_PFN] = t._write_queue_pfn
+        reads[c.REG_QUEUE_PFN] = t.read_queue_pfn
+        writes[c.REG_GUEST_PAGE_SIZE] = t.write_guest_page_size
+        writes[c.REG_QUEUE_ALIGN] = t.write_queue_align
+        writes[c.REG_QUEUE_PFN] = t.write_queue_pfn
     else:
         reads.update({
-            c.REG_QUEUE_READY: t._read_queue_ready,
+            c.REG_QUEUE_READY: t.read_queue_ready,
             c.REG_SHM_LEN_LOW: lambda self: _MASK32,      # no shared memory regions:
             c.REG_SHM_LEN_HIGH: lambda self: _MASK32,     # length reads as -1 (4.2.2)
             c.REG_SHM_BASE_LOW: lambda self: 0,
@@ -59,13 +63,13 @@ def register_tables(t, legacy):
             c.REG_CONFIG_GENERATION: lambda self: self.context.config_generation,
         })
         writes.update({
-            c.REG_QUEUE_READY: t._write_queue_ready,
-            c.REG_SHM_SEL: t._write_shm_sel,
-            c.REG_QUEUE_RESET: t._write_queue_reset,
+            c.REG_QUEUE_READY: t.write_queue_ready,
+            c.REG_SHM_SEL: t.write_shm_sel,
+            c.REG_QUEUE_RESET: t.write_queue_reset,
         })
         for reg, attr in ((c.REG_QUEUE_DESC_LOW, "desc_addr"),
                           (c.REG_QUEUE_DRIVER_LOW, "driver_addr"),
                           (c.REG_QUEUE_DEVICE_LOW, "device_addr")):
-            writes[reg] = t._ring_address_writer(attr, 0)
-            writes[reg + 4] = t._ring_address_writer(attr, 32)
+            writes[reg] = t.ring_address_writer(attr, 0)
+            writes[reg + 4] = t.ring_address_writer(attr, 32)
     return reads, writes

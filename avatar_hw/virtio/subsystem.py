@@ -256,6 +256,16 @@ class Subsystem:
                  "legacy": t.legacy}
                 for (vm, slot), t in sorted(self._devices.items())]
 
+    def guest_mistakes(self, vm_id):
+        """What VM ``vm_id``'s guest got wrong so far: its devices' guest errors and bad
+        chains (``avatar_hw.pace`` paces a VM that makes many)."""
+        total = 0
+        for (vm, _), transport in self._devices.items():
+            if vm == vm_id:
+                total += transport.context.guest_errors + sum(
+                    queue.bad_chains for queue in transport.device.queues)
+        return total
+
     def device_info(self):
         """JSON-able info for every device (identity, status, counters)."""
         for number, transport in enumerate(self._by_window):

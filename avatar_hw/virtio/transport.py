@@ -2,9 +2,10 @@
 
 ``MmioTransport`` answers one device window: the guest's register accesses
 arrive as ``read(offset, size)`` / ``write(offset, size, value)``, each looked
-up in the register table (``avatar_hw.virtio.registers``). It owns the
-device status state machine (``STATUS_PREREQUISITES``, the one table of
-allowed transitions), feature negotiation, the queue registers and the
+up in the register table (``avatar_hw.virtio.registers``): offsets to the
+transport's register methods, ``read_<register>()`` / ``write_<register>(value)``.
+It owns the device status state machine (``STATUS_PREREQUISITES``, the one
+table of allowed transitions), feature negotiation, the queue registers and the
 interrupt status; the device behind it only sees ``queue_notify``,
 ``activate``, ``reset``, ``queue_reset`` and ``write_config``.
 
@@ -207,7 +208,7 @@ class MmioTransport(LegacyRegisters):
         self.reset()
         self.device.detach()
 
-    def _write_status(self, value):
+    def write_status(self, value):
         value &= 0xFF
         if value == 0:
             self.reset()
@@ -282,18 +283,18 @@ class MmioTransport(LegacyRegisters):
     def has_feature(self, feature_bit):
         return self.context.has_feature(feature_bit)
 
-    def _read_device_features(self):
+    def read_device_features(self):
         if self.device_features_sel > 1 or (self.legacy and self.device_features_sel):
             return 0
         return self.offered_features >> (32 * self.device_features_sel) & _MASK32
 
-    def _write_device_features_sel(self, value):
+    def write_device_features_sel(self, value):
         self.device_features_sel = value
 
-    def _write_driver_features_sel(self, value):
+    def write_driver_features_sel(self, value):
         self.driver_features_sel = value
 
-    def _write_driver_features(self, value):
+    def write_driver_features(self, value):
         sel = self.driver_features_sel
         if self.status & (_FEATURES_OK | _DRIVER_OK):
             self.guest_error("driver features written after FEATURES_OK/DRIVER_OK; ignored")
@@ -326,20 +327,22 @@ class MmioTransport(LegacyRegisters):
             return queue
         return None
 
-    def _write_queue_sel(self, value):
+    def write_queue_sel(self, value):
         self.queue_sel = value
 
-    def _read_queue_num_max(self):
+    def read_queue_num_max(self):
         queue = self._selected_queue()
         return 0 if queue is None else queue.max_size
 
-    def _write_queue_num(self, value):
+    def write_queue_num(self, value):
         queue = self._configurable_queue("QueueNum")
         if queue is not None:
             queue.size = value
 
     @staticmethod
-    def _ring_address_writer(attr, shift):
+    def ring_address_writer(attr, shift):
+        """The write method of one 32-bit half (``shift`` 0 or 32) of a queue's ring
+        address ``attr`` (QueueDescLow/High, QueueDriver..., QueueDevice...)."""
         def write(self, value):
             queue = self._configurable_queue(attr)
             if queue is not None:
@@ -347,11 +350,11 @@ class MmioTransport(LegacyRegisters):
                 setattr(queue, attr, (old & ~(_MASK32 << shift)) | (value << shift))
         return write
 
-    def _read_queue_ready(self):
+    def read_queue_ready(self):
         queue = self._selected_queue()
         return int(queue is not None and queue.ready)
 
-    def _write_queue_ready(self, value):
+    def write_queue_ready(self, value):
         if value & 1:
             queue = self._configurable_queue("QueueReady")
             if queue is not None:
@@ -374,7 +377,7 @@ class MmioTransport(LegacyRegisters):
         queue.disable()
         self.device.queue_reset(queue.index)
 
-    def _write_queue_notify(self, value):
+    def write_queue_notify(self, value):
         # 4.2.2: the value is the queue index, unless VIRTIO_F_NOTIFICATION_DATA makes its
         # low 16 bits the index (0x12340000 is no queue: QEMU ignores it too)
         index = value & 0xFFFF if self.has_feature(c.F_NOTIFICATION_DATA) else value
@@ -393,7 +396,7 @@ class MmioTransport(LegacyRegisters):
         self.device.queues[index].new_turn()
         self.device.queue_notify(index)
 
-    def _write_queue_reset(self, value):
+    def write_queue_reset(self, value):
         queue = self._selected_queue()
         if not value & 1 or queue is None:
             return
@@ -404,12 +407,12 @@ class MmioTransport(LegacyRegisters):
         self.queue_was_reset[queue.index] = True
         self.device.queue_reset(queue.index)
 
-    def _write_shm_sel(self, value):
+    def write_shm_sel(self, value):
         self.shm_sel = value
 
     # -- interrupts ---------------------------------------------------------------------------
 
-    def _write_interrupt_ack(self, value):
+    def write_interrupt_ack(self, value):
         self.interrupt_status &= ~value
 
     def signal_used(self, queue):

@@ -39,6 +39,9 @@
  *                   (POSTED -> FREE) and apply its UNHANDLED policy.
  *   model died:     model_state stays ATTACHED; the stub keeps waiting, the
  *                   next model to attach answers the slot.
+ *   pace:           the model stores pace_us (plain store: a hint); the stub
+ *                   loads it (plain load) before posting and waits that long
+ *                   (at most AVT_PACE_MAX_US) with AVT_F_PACE accepted.
  */
 #ifndef AVATAR_TRAP_H
 #define AVATAR_TRAP_H
@@ -50,7 +53,7 @@ typedef unsigned long long avt_u64;
 
 #define AVT_MAGIC            0x50545641u   /* "AVTP" in memory order */
 #define AVT_ABI_MAJOR        1u
-#define AVT_ABI_MINOR        3u
+#define AVT_ABI_MINOR        4u
 #define AVT_PAGE_SIZE        4096u
 #define AVT_SLOTS_OFFSET     128u
 #define AVT_SLOT_SIZE        64u
@@ -63,6 +66,9 @@ typedef unsigned long long avt_u64;
 #define AVT_F_STUB_ACK       (1u << 3)  /* stub takes InterruptACK writes itself (ack counters) */
 #define AVT_F_HALT_POLL      (1u << 4)  /* stub publishes virq_polling while a guest's WFI polls;
                                            the model rings only for INTIDs not polled (1.3) */
+#define AVT_F_PACE           (1u << 5)  /* stub waits slot.pace_us before posting the vCPU's
+                                           next access: the model slows a VM down (1.4) */
+#define AVT_PACE_MAX_US      100000u    /* the longest wait a stub honours (100 ms) */
 
 /* Register shadow pages (AVT_F_REGISTER_SHADOW): page n at header.shadow_offset + n *
  * AVT_SHADOW_PAGE_SIZE mirrors device window n; see struct avt_shadow. */
@@ -135,7 +141,8 @@ struct avt_slot {
     avt_u32 wfi_caught;      /* 48 AVT_F_HALT_POLL counters (stub only, informational): */
     avt_u32 wfi_ran_out;     /* 52   trapped WFIs completed by a request the poll saw, */
     avt_u32 wfi_slept;       /* 56   polls that ran out, WFIs with no poll window */
-    avt_u32 reserved;        /* 60 */
+    avt_u32 pace_us;         /* 60 AVT_F_PACE: written by the model, read by the stub before
+                                   it posts this vCPU's next access (0: none) */
 };
 
 /*

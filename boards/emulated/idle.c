@@ -46,6 +46,21 @@
  * trap per WFI and no polling, and a busy one spins at most POLL_MAX_US of each wait.
  * Under TCG the spin costs a host core for that long.
  *
+ * A WFI that follows a posted write the awake model still holds (QueueNotify: the guest
+ * resumed at once and now waits for the device) is the case that window does not see: the
+ * wait is the device's work, and a 1 MiB read is a millisecond. So while the slot stays
+ * POSTED (trap_posted_write_in_service) the stub polls on, up to a serve window of its
+ * own, and publishes polling all the while: the interrupt the write's device work raises
+ * then needs no UART byte, no QEMU main loop, no PL011 interrupt. The model requests it
+ * before it frees the slot (trap.c), so once the slot is FREE one more look decides. Only
+ * with the model awake: asleep, its doorbell's trip comes first, and on a loaded host the
+ * spin would take the core that trip needs (measured: bulk reads 2-3x slower with a serve
+ * poll behind a sleeping model, docs/performance.md section 4); awake, it has a core (the
+ * adaptive mode stops polling, and so sleeps, when it waits for one: avatar_hw/wait.py).
+ * The serve window starts at SERVE_MAX_US and adapts as KVM's does, on the sleeps that
+ * began with the write in service: woken within SERVE_MAX_US (x2, from SERVE_START_US), it
+ * grows; a longer sleep halves it, to 0 below the start.
+ *
  * Counters in the vCPU's slot (stub only, informational): wfi_caught (the poll, or the
  * last look, saw a request), wfi_ran_out (a window ran out), wfi_slept (no window).
  *
@@ -58,11 +73,15 @@
 #define POLL_START_US  10u
 #define POLL_MAX_US    50u
 #define GROW_LIMIT_US  250u
+#define SERVE_START_US 50u
+#define SERVE_MAX_US   2000u
 
 struct idle {
     u64 window;         /* ticks to poll at the next trapped WFI */
+    u64 serve;          /* ticks to poll on while a posted write is in service */
     u64 halted_at;      /* the counter at the WFI the guest now sleeps in (TWI clear), or 0 */
     int adapt;          /* that sleep began with the model awake: it adapts the window */
+    int adapt_serve;    /* ... with a posted write in service: it adapts the serve window */
     int twi;            /* HCR_EL2.TWI as last set */
 };
 
@@ -85,6 +104,11 @@ void idle_init(void)
 #else
     idles[cpu_index()].window = us_ticks(POLL_START_US);
 #endif
+#ifdef STUB_TEST_SERVE_POLL_US
+    idles[cpu_index()].serve = us_ticks(STUB_TEST_SERVE_POLL_US);  /* tests: fixed window */
+#else
+    idles[cpu_index()].serve = us_ticks(SERVE_MAX_US);   /* shrinks if the model is slow */
+#endif
 }
 
 /* Every exit, as the guest resumes: trap its WFIs where the host raises interrupts
@@ -101,16 +125,20 @@ void idle_resume(void)
 
 enum seen { NOTHING, REQUEST, IRQ };
 
-/* Poll until a request for this VM or a physical IRQ shows, or ``window`` ticks pass. */
-static enum seen poll(u64 start, u64 window)
+/* Poll until a request for this VM or a physical IRQ shows, or ``window`` ticks pass, or,
+ * while this vCPU's posted write is in service, ``serve`` ticks. */
+static enum seen poll(u64 start, u64 window, u64 serve)
 {
-    do {
+    for (;;) {
+        int serving = serve && trap_posted_write_in_service();  /* acquire: before the look */
         if (trap_virq_requested())
             return REQUEST;
         if (read_sysreg(isr_el1) & (1u << 7))
             return IRQ;
-    } while (counter() - start < window);
-    return NOTHING;
+        u64 waited = counter() - start;
+        if (waited >= window && (!serving || waited >= serve))
+            return NOTHING;
+    }
 }
 
 static void count(volatile u32 *counter) { *counter = *counter + 1; }
@@ -122,9 +150,11 @@ void idle_wfi(void)
     volatile struct avt_slot *slot = trap_slot();
     u64 start = counter();
     int awake = trap_model_awake();
+    int in_service = awake && trap_posted_write_in_service();
     u64 window = awake ? s->window : 0;
-    int published = window && trap_publish_polling(1);
-    enum seen seen = poll(start, window);
+    u64 serve = in_service ? s->serve : 0;
+    int published = (window || serve) && trap_publish_polling(1);
+    enum seen seen = poll(start, window, serve);
 #ifdef STUB_TEST_HALT_POLL_HOLD_US
     /* Tests only: keep polling published, not looking, after the window ran out, so that
      * the host requests then without a ring and only the last look below can see it. */
@@ -145,9 +175,10 @@ void idle_wfi(void)
         write_sysreg(elr_el2, read_sysreg(elr_el2) + 4);
         return;                         /* before_guest_resumes takes and injects it */
     }
-    count(window ? &slot->wfi_ran_out : &slot->wfi_slept);
+    count(window || serve ? &slot->wfi_ran_out : &slot->wfi_slept);
     s->halted_at = start;       /* idle_resume clears TWI: the guest re-executes its WFI */
     s->adapt = awake;           /* and sleeps */
+    s->adapt_serve = in_service;
 }
 
 /* Every exception from the guest, first: the end of a sleep in the guest's own WFI. */
@@ -158,6 +189,15 @@ void idle_woken(void)
         return;
     u64 slept = counter() - s->halted_at;
     s->halted_at = 0;
+#ifndef STUB_TEST_SERVE_POLL_US
+    if (s->adapt_serve) {
+        u64 grown = s->serve ? s->serve * 2 : us_ticks(SERVE_START_US);
+        if (slept > us_ticks(SERVE_MAX_US))
+            s->serve = s->serve / 2 < us_ticks(SERVE_START_US) ? 0 : s->serve / 2;
+        else
+            s->serve = grown < us_ticks(SERVE_MAX_US) ? grown : us_ticks(SERVE_MAX_US);
+    }
+#endif
 #ifndef STUB_TEST_HALT_POLL_US      /* tests only: the window stays as set */
     if (!s->adapt) {
         /* the model slept: its answer came through its doorbell, which says nothing of

@@ -177,6 +177,7 @@ void trap_take_virq_requests(void);
 int trap_virq_requested(void);
 volatile struct avt_slot *trap_slot(void);
 int trap_model_awake(void);
+int trap_posted_write_in_service(void);
 int trap_publish_polling(int on);
 
 /* idle.c */

@@ -67,7 +67,7 @@ void trap_init(const struct boot_params *bp)
     hdr->slots_offset = AVT_SLOTS_OFFSET;
     /* Board mode's model raises board SPIs through the distributor: no virq_pending. */
     hdr->stub_features = AVT_F_POSTED_WRITES | AVT_F_REGISTER_SHADOW | AVT_F_STUB_ACK |
-                         (board_linux ? 0 : AVT_F_VIRQ_REQUEST | AVT_F_HALT_POLL);
+                         AVT_F_PACE | (board_linux ? 0 : AVT_F_VIRQ_REQUEST | AVT_F_HALT_POLL);
     hdr->counter_hz = read_sysreg(cntfrq_el0);
     store_release32(&hdr->stub_state, AVT_STUB_READY);
     log_printf("trap page at 0x%lx ready (%u slots, features 0x%x)", bp->trap_page,
@@ -221,10 +221,35 @@ static int take_ack(const struct vm_trap *t, u64 gpa, u32 size, u64 value)
     return 1;
 }
 
+/*
+ * AVT_F_PACE: the wait the model asks of this vCPU before each access it posts or the
+ * stub answers (a VM the model slows down, docs/trap-abi.md section 16). In cpu_sleep:
+ * under TCG the vCPU's host thread sleeps, and on a board the core idles, rather than
+ * spin through the accesses the model refuses. A physical IRQ that comes meanwhile (a
+ * doorbell, a kick, the guest's timer: masked here at EL2, it ends the WFI) is handled
+ * here as after any exit (vgic_handle_irq: what it brings is injected as the access
+ * completes), and the wait goes on.
+ */
+static void pace(volatile struct avt_slot *slot)
+{
+    u32 us = slot->pace_us;                     /* plain load: a hint */
+    if (!us || !(hdr->model_features & AVT_F_PACE))
+        return;
+    if (us > AVT_PACE_MAX_US)
+        us = AVT_PACE_MAX_US;
+    u64 end = counter() + read_sysreg(cntfrq_el0) / 1000000 * us;
+    for (u64 now = counter(); now < end; now = counter()) {
+        cpu_sleep(end - now);
+        if (read_sysreg(isr_el1) & (1u << 7))
+            vgic_handle_irq();
+    }
+}
+
 u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
 {
     struct vm_trap *t = &vm_traps[cpu_index()];
     volatile struct avt_slot *slot = t->slot;
+    pace(slot);
     wait_posted_write_served(slot);
     if (!model_attached()) {
         if (!t->detached_logged)
@@ -291,6 +316,15 @@ int trap_virq_requested(void)
 int trap_model_awake(void)
 {
     return !hdr->model_sleeping && model_attached();
+}
+
+/* Whether the model holds this vCPU's posted write (its slot still POSTED: the guest
+ * runs, so no other access is in flight). The model frees the slot after the write's
+ * device work, and requests any interrupt that work raises before it frees it (release):
+ * a caller that loads FREE here (acquire) then sees that request in virq_pending. */
+int trap_posted_write_in_service(void)
+{
+    return load_acquire32(&vm_traps[cpu_index()].slot->state) == AVT_SLOT_POSTED;
 }
 
 /* This CPU's slot (its vCPU's): the stub's counters there. */

@@ -5,7 +5,8 @@
  * (word 0 = the round), spins until the host has set INTID 48's virq_pending bit without
  * ringing the stub and said so (word 4 = the round), then waits in WFI until INTID 48
  * comes (tests/test_emulated_stub.py). With a mode of 1 (read at window offset 0x304) it
- * goes to WFI at once, and the host requests while the stub polls or sleeps.
+ * goes to WFI at once, and the host requests while the stub polls or sleeps; with 2 it
+ * says "ready" with a QueueNotify (posted: the guest resumes at once) and goes to WFI.
  */
 #include "gic_on.h"
 #define FLAGS 0x41000000            /* two words of guest RAM the host reads and writes */
@@ -24,6 +25,8 @@ _start:
     ldr     w26, [x20, #0x304]      /* mode, from the model */
 1:  cbz     w24, 3f
     mov     x21, #0
+    cmp     w26, #2
+    b.eq    7f
     str     w24, [x20, #0x200]      /* "ready" */
     str     w24, [x25]              /* back in the guest */
     cbnz    w26, 5f                 /* mode 1: no wait for the request */
@@ -38,5 +41,7 @@ _start:
 3:  ldr     x0, =0x84000008         /* PSCI SYSTEM_OFF */
     smc     #0
 6:  b       6b
+7:  str     w24, [x20, #0x050]      /* mode 2: "ready" as a QueueNotify, a posted write */
+    b       5b                      /* at once to WFI, the write still in the model's hands */
 
     irq48_vectors                   /* gic_on.h */
