@@ -201,23 +201,30 @@ def _receive(loop, client, n, timeout=5.0):
     return out
 
 
-def test_restart_under_guest_console_output_is_neither_lost_nor_repeated(tmp_path, ram):
-    loop = EventLoop()
-    path = tmp_path / "state"
+def _console_killed_with_output_delivered(tmp_path, ram, path, loop):
+    """A console model that handed three transmit chains to its client and died before it
+    returned them: (the guest's driver, its transmit queue, the chains' heads)."""
     first, client = _console(tmp_path, ram, path, loop)
     driver = driver_for(first, ram)
     rxq, txq = driver.init([0, 1])
     for _ in range(3):
         loop.run_once(0.01)
-    # the chains are handed to the client; the process dies before it returns them
     first.device.ports[0].backend.take_done = lambda: []
+    heads = []
     for data in (b"one-", b"two-", b"three-"):
-        txq.post([data])
+        heads.append(txq.post([data]))
         txq.notify()
     assert _receive(loop, client, 14) == b"one-two-three-"
     assert first.device.queues[1].in_flight == 3
     client.close()
     first.device.detach()                    # its sockets go, as with the process
+    return driver, txq, heads
+
+
+def test_restart_under_guest_console_output_is_neither_lost_nor_repeated(tmp_path, ram):
+    loop = EventLoop()
+    path = tmp_path / "state"
+    driver, txq, _ = _console_killed_with_output_delivered(tmp_path, ram, path, loop)
     second, client = _console(tmp_path, ram, path, loop)
     driver.mmio = second.subsystem.handle_mmio_trap
     for _ in range(3):
@@ -238,19 +245,7 @@ def test_restart_under_guest_console_output_after_a_bad_replayed_chain_is_not_lo
     delivered one (the port's restart bookkeeping was by head alone)."""
     loop = EventLoop()
     path = tmp_path / "state"
-    first, client = _console(tmp_path, ram, path, loop)
-    driver = driver_for(first, ram)
-    rxq, txq = driver.init([0, 1])
-    for _ in range(3):
-        loop.run_once(0.01)
-    first.device.ports[0].backend.take_done = lambda: []
-    heads = []
-    for data in (b"one-", b"two-", b"three-"):
-        heads.append(txq.post([data]))
-        txq.notify()
-    assert _receive(loop, client, 14) == b"one-two-three-"
-    client.close()
-    first.device.detach()
+    driver, txq, heads = _console_killed_with_output_delivered(tmp_path, ram, path, loop)
     txq.write_desc(heads[1], 1 << 40, 4)                 # outside RAM: a bad chain now
     second, client = _console(tmp_path, ram, path, loop)
     driver.mmio = second.subsystem.handle_mmio_trap
