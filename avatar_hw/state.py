@@ -11,8 +11,9 @@ stopped, under the same running guests, without their drivers resetting anything
   delivered) and a JSON ``blob`` of its rarely changing state (the console's ports),
   written twice-buffered: the blob being written is never the current one;
 - per queue (``QueueRecord``): size, ready, ring addresses, the legacy alignment and
-  QueueReset flag, ``last_avail_idx`` and ``used_idx``; then each queue's in-flight
-  table (``Virtqueue.keep_progress``: the position each head was popped from).
+  QueueReset flag, ``last_avail_idx`` and the used word (``used_idx``; inside
+  ``add_used`` with the head it completes); then each queue's in-flight table
+  (``Virtqueue.keep_progress``: the position each head was popped from).
 
 Why a mapping and not a file rewritten on each change: the queue's progress changes
 at every request, and one aligned store in a shared mapping is what a restart needs

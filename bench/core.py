@@ -92,7 +92,7 @@ class Completer(RecordingDevice):
     def queue_notify(self, index):
         queue = self.queues[index]
         for chain in queue:
-            queue.add_used(chain.head, chain.writable_len)
+            queue.add_used(chain, chain.writable_len)
         self.signal_used(queue)
 
 

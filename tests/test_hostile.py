@@ -15,7 +15,7 @@ import pytest
 
 from avatar_hw.backends import console as console_backend
 from avatar_hw.devices import block as blk
-from avatar_hw.devices import net
+from avatar_hw.devices import net, vsock
 from avatar_hw.devices.block import BlockDevice
 from avatar_hw.devices.console import EMERG_WR_OFFSET, ConsoleDevice
 from avatar_hw.devices.balloon import BalloonDevice
@@ -466,6 +466,10 @@ class _Holding:
         elif kind == "balloon":
             self.bench = VirtioBench(BalloonDevice(stats_interval=60), loop=loop)
             self.index = 2
+        elif kind == "vsock":
+            self.bench = VirtioBench(VsockDevice(3, str(tmp_path / "v.sock")), loop=loop,
+                                     ram_size=8 << 20)
+            self.index = vsock.RX
         else:
             path = str(tmp_path / "s.sock")
             self.bench = Nic(loop, f"switch:{path}", mac_=MAC_B).bench
@@ -492,8 +496,28 @@ class _Holding:
         q.notify()
         if self.kind == "net":
             self.peer.send(frame(mac(MAC_B), mac(MAC_A), bytes(1000)))
+        elif self.kind == "vsock":              # a connection whose data fills one buffer,
+            self._vsock_connect(q, queues[vsock.TX])   # the next is held for more
         spin(self.loop)
         return q
+
+    def _vsock_connect(self, rx, tx):
+        """A host client connected to guest port 5000, the guest accepting; it sends a few
+        bytes: the device puts them in one receive buffer and holds the next."""
+        if self.peer is not None:
+            self.peer.close()
+        self.peer = socket.socket(socket.AF_UNIX)
+        self.peer.settimeout(10)
+        self.peer.connect(self.bench.device.path)
+        self.peer.sendall(b"CONNECT 5000\n")
+        spin(self.loop)
+        [request] = rx.get_used()
+        host_port = vsock.HEADER.unpack(request.data[:vsock.HEADER_LEN])[2]
+        tx.post(readable=[vsock.HEADER.pack(3, 2, 5000, host_port, 0, vsock.TYPE_STREAM,
+                                            vsock.OP_RESPONSE, 0, 1 << 16, 0)])
+        tx.notify()
+        assert self.peer.recv(64) == f"OK {host_port}\n".encode()
+        self.peer.sendall(b"data")
 
     def event(self):
         if self.kind == "console-rx":
@@ -509,6 +533,9 @@ class _Holding:
         elif self.kind == "rng":
             self.bench.device.bucket.tokens = 1 << 20  # the timer's tokens, now
             self.bench.device._on_timer()
+        elif self.kind == "vsock":
+            with contextlib.suppress(OSError):         # a device reset closed it
+                self.peer.send(b"more")
         spin(self.loop, 10)
 
     def close(self):
@@ -520,7 +547,8 @@ class _Holding:
         self.bench.check_guards()
 
 
-@pytest.mark.parametrize("kind", ["console-rx", "console-tx", "rng", "balloon", "net"])
+@pytest.mark.parametrize("kind", ["console-rx", "console-tx", "rng", "balloon", "net",
+                                  "vsock"])
 def test_resets_racing_held_chains_never_complete_a_chain_twice_or_stale(kind, tmp_path,
                                                                          loop):  # noqa: F811
     """The guest resets the device, resets the queue (VIRTIO_F_RING_RESET) or disables it

@@ -1,5 +1,6 @@
 """Split virtqueues and guest memory: every bad-input rule of the chain iterator."""
 
+import logging
 import random
 import struct
 
@@ -248,7 +249,7 @@ def test_linux_shaped_indirect_tables_are_read_in_columns_with_the_walks_result(
     rng = random.Random(14)
     buf = bytearray(rng.randbytes(1 << 16))
     memory = GuestMemory(Region(buf), 0x10000)
-    table = DescriptorTable(memory, 0x10000, 64)
+    table = DescriptorTable(memory, 0x10000, 64, generation=1)
 
     def walks(head):
         fast = table.walk(head, True), table.walked
@@ -300,7 +301,7 @@ def test_linux_shaped_indirect_tables_are_read_in_columns_with_the_walks_result(
     for i, e in enumerate(entries):
         struct.pack_into("<QIHH", buf, 0x1000 + 16 * i, *e)
     assert chain.linear_table(0, memory.view(0x11000, 32), 2, memory.data, memory.base,
-                              memory.end) is not None
+                              memory.end, 1) is not None
 
 
 # -- ring corruption: DEVICE_NEEDS_RESET -----------------------------------------------------------
@@ -337,22 +338,75 @@ def test_head_reused_after_completion_is_fine(bench):
     assert len(b.device.chains) == 3 and used(b) == [(0, 4)] * 3 and not needs_reset(b)
 
 
-def test_add_used_of_head_not_in_flight_is_refused(bench):
-    queue = bench.device.queues[0]
-    assert queue.add_used(3, 10) is False
-    assert used(bench) == []
+def test_a_chain_returned_twice_or_to_another_queue_is_refused(bench):
+    b = bench
+    b.device.hold = True
+    b.rx.post(writable=[4])
+    b.rx.notify()
+    (_, chain), = b.device.held
+    rxq, txq = b.device.queues
+    assert txq.add_used(chain, 4) is False                  # not a chain of this queue
+    assert rxq.add_used(chain, 4) is True
+    assert rxq.add_used(chain, 4) is False                  # returned already
+    assert used(b) == [(chain.head, 4)] and (rxq.refused, txq.refused) == (1, 1)
 
 
-def test_stale_chain_after_queue_reset_is_refused(bench):
+def test_refused_chains_are_logged_once_then_rate_limited_and_counted(bench, caplog):
     b = bench
     b.device.hold = True
     b.rx.post(writable=[4])
     b.rx.notify()
     (_, chain), = b.device.held
     queue = b.device.queues[0]
-    b.driver.write(c.REG_QUEUE_SEL, 0)
-    b.driver.write(c.REG_QUEUE_RESET, 1)
-    assert queue.add_used(chain.head, 4) is False
+    assert queue.add_used(chain, 4)
+    for _ in range(500):
+        assert queue.add_used(chain, 4) is False
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(loud) == 1 and "not in flight (returned already" in loud[0].getMessage()
+    assert queue.describe()["refused"] == 500 and queue.log_lines_suppressed == 499
+
+
+@pytest.mark.parametrize("size", [8, 4])
+@pytest.mark.parametrize("how", ["device-reset", "queue-reset", "queue-ready"])
+def test_a_chain_held_across_a_reset_never_completes_the_new_chain_of_its_head(how, size,
+                                                                               caplog):
+    """A device that kept a chain across a reset of its queue (forgot to drop it in its
+    hook) and returns it once the queue is set up again: refused, since the chain is of an
+    older generation, whatever chain now has its head (size 8: a new one, which would be
+    completed with the stale length; size 4: none, the head is past the ring)."""
+    b = VirtioBench(RecordingDevice(queue_sizes=(8,), hold=True))
+    q, = b.driver.init([0])
+    for _ in range(8):
+        q.post(writable=[4])
+    q.notify()
+    stale = b.device.held[-1][1]
+    assert stale.head == 7
+    queue = b.device.queues[0]
+    if how == "device-reset":
+        b.driver.reset()
+        q, = b.driver.init([0], size=size)
+    elif how == "queue-reset":
+        b.driver.write(c.REG_QUEUE_SEL, 0)
+        b.driver.write(c.REG_QUEUE_RESET, 1)
+        q = b.driver.setup_queue(0, size)
+    else:                          # disabled: refused at once; then reset and set up
+        b.driver.write(c.REG_QUEUE_SEL, 0)
+        b.driver.write(c.REG_QUEUE_READY, 0)
+        assert queue.add_used(stale, 3) is False and q.used_idx() == 0
+        b.driver.write(c.REG_QUEUE_RESET, 1)
+        q = b.driver.setup_queue(0, size)
+    for _ in range(size):
+        q.post(writable=[4])
+    q.notify()
+    assert sorted(ch.head for _, ch in b.device.held) == list(range(size))
+    assert queue.add_used(stale, 3) is False
+    assert q.get_used(read_data=False) == []
+    assert queue.refused == (2 if how == "queue-ready" else 1)
+    assert "popped before a reset" in caplog.text
+    for _, chain in b.device.held:
+        assert queue.add_used(chain, 1)
+    assert sorted(u.head for u in q.get_used(read_data=False)) == list(range(size))
+    assert b.driver.status & c.STATUS_DEVICE_NEEDS_RESET == 0
 
 
 # -- notification suppression ----------------------------------------------------------------------

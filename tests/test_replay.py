@@ -138,8 +138,8 @@ def test_replay_catches_changed_used_length(workdir, monkeypatch):
     from avatar_hw.virtio.queue import Virtqueue
     original = Virtqueue.add_used
 
-    def short(self, head, length, *args, **kw):
-        return original(self, head, max(length - 1, 0) if length == 64 else length, *args, **kw)
+    def short(self, chain, length, *args, **kw):
+        return original(self, chain, max(length - 1, 0) if length == 64 else length, *args, **kw)
     monkeypatch.setattr(Virtqueue, "add_used", short)
     replayed, difference = rr.replay(path, rebuild(workdir))
     assert replayed == target + 1, difference

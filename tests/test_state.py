@@ -4,6 +4,7 @@ state files that are not ours, of another version or another config, or with val
 that make no sense."""
 
 import logging
+import random
 import socket
 import struct
 import time
@@ -19,6 +20,7 @@ from avatar_hw.testing.driver import GuestRam, VirtioDriver
 from avatar_hw.testing.virtio import RAM_BASE, IrqRecorder, RecordingDevice
 from avatar_hw.virtio import constants as c
 from avatar_hw.virtio.memory import GuestMemory
+from avatar_hw.virtio.queue import USED_KEPT, QueueError, Virtqueue
 from avatar_hw.virtio.subsystem import Subsystem
 
 RAM_SIZE = 4 << 20
@@ -65,7 +67,7 @@ def test_restart_under_guest_state_restores_registers_and_held_chains_once(tmp_p
     heads = [queue.post([b"a" * 16], [32]) for _ in range(3)]
     queue.notify()
     assert [ch.head for _, ch in first.device.held] == heads
-    first.transport.device.queues[0].add_used(heads[0], 7)   # one completed before the kill
+    first.transport.device.queues[0].add_used(first.device.held[0][1], 7)  # done before the kill
     # SIGKILL: nothing closed. The next model takes the same RAM and file.
     second = Model(ram, Restartable(queue_sizes=(8,), hold=True), path)
     driver.mmio = second.subsystem.handle_mmio_trap
@@ -80,7 +82,7 @@ def test_restart_under_guest_state_restores_registers_and_held_chains_once(tmp_p
     assert [ch.head for _, ch in second.device.held] == heads[1:]
     assert second.irq.raised                        # one interrupt at the resume
     for _, ch in second.device.held:
-        q2.add_used(ch.head, 1)
+        q2.add_used(ch, 1)
     assert [u.head for u in queue.get_used(read_data=False)] == heads
     # new work after the restart is served as usual
     head = queue.post([b"b"], [8])
@@ -88,21 +90,75 @@ def test_restart_under_guest_state_restores_registers_and_held_chains_once(tmp_p
     assert second.device.held[-1][1].head == head
 
 
-def test_restart_under_guest_kill_inside_add_used_completes_exactly_once(tmp_path, ram):
+def _killed_inside_add_used(ram, path, *, published, heads=1):
+    """A model whose process died inside ``add_used`` of its first chain of ``heads``
+    in flight, after or before it published the used idx: (model, guest queue, heads)."""
+    first = Model(ram, Restartable(queue_sizes=(8,), hold=True), path)
+    (queue,) = driver_for(first, ram).init([0])
+    posted = [queue.post([b"x"], [8]) for _ in range(heads)]
+    queue.notify()
+    vq, head = first.device.queues[0], posted[0]
+    mark = vq._in_flight[head]
+    vq.add_used(first.device.held[0][1], 1)
+    # the state file as the process left it: the used word naming the head, the head
+    # still marked (and the guest's used idx not yet moved)
+    vq._indices[1], vq._in_flight[head] = USED_KEPT | head << 16 | 1, mark
+    if not published:
+        struct.pack_into("<H", ram, queue.used + 2 - RAM_BASE, 0)
+    return first, queue, posted
+
+
+@pytest.mark.parametrize("published", [True, False])
+def test_restart_under_guest_kill_inside_add_used_completes_exactly_once(tmp_path, ram,
+                                                                         published):
+    path = tmp_path / "state"
+    _, queue, (head,) = _killed_inside_add_used(ram, path, published=published)
+    second = Model(ram, Restartable(queue_sizes=(8,), hold=True), path)
+    vq = second.device.queues[0]
+    if published:
+        assert second.device.held == [] and vq.used_idx == 1     # not done again
+    else:
+        assert [ch.head for _, ch in second.device.held] == [head] and vq.used_idx == 0
+        vq.add_used(second.device.held[0][1], 1)
+    assert [u.head for u in queue.get_used(read_data=False)] == [head]
+    assert not second.transport.context.status & c.STATUS_DEVICE_NEEDS_RESET
+
+
+def test_restart_under_guest_that_rewrote_its_used_ring_completes_nothing_twice(tmp_path,
+                                                                               ram, caplog):
+    """The process died inside ``add_used`` of one of three chains, after publishing; the
+    guest rewrote that used entry to name another chain in flight. Only the kept state
+    says which chain was completed: the other two are done again, the first is not (it was
+    done again, and the other lost, when restore believed the guest's entry)."""
+    path = tmp_path / "state"
+    _, queue, heads = _killed_inside_add_used(ram, path, published=True, heads=3)
+    struct.pack_into("<I", ram, queue.used + 4 - RAM_BASE, heads[2])
+    second = Model(ram, Restartable(queue_sizes=(8,), hold=True), path)
+    assert [ch.head for _, ch in second.device.held] == heads[1:]
+    assert "the guest rewrote the used entry of head" in caplog.text
+    assert not second.transport.context.status & c.STATUS_DEVICE_NEEDS_RESET
+
+
+@pytest.mark.parametrize("spoil", ["used-idx", "positions"])
+def test_restart_under_guest_with_a_used_idx_or_table_that_cannot_be_needs_reset(tmp_path,
+                                                                                ram, spoil):
+    """A used idx the kept state does not allow (the guest moved it, and wrote an entry
+    naming a chain in flight, which restore used to take as completed and drop), or two
+    chains in flight from one available-ring position in the state file: the device needs
+    a reset, nothing is guessed."""
     path = tmp_path / "state"
     first = Model(ram, Restartable(queue_sizes=(8,), hold=True), path)
-    driver = driver_for(first, ram)
-    (queue,) = driver.init([0])
-    head = queue.post([b"x"], [8])
+    (queue,) = driver_for(first, ram).init([0])
+    heads = [queue.post([b"x"], [8]) for _ in range(2)]
     queue.notify()
     vq = first.device.queues[0]
-    # the used entry is published in guest RAM, the process dies before it saved it
-    vq._indices, vq._in_flight = [0, 0], list(vq._in_flight)   # its next stores go nowhere
-    vq.add_used(head, 1)
+    if spoil == "used-idx":
+        struct.pack_into("<HI", ram, queue.used + 2 - RAM_BASE, 1, heads[0])
+    else:
+        vq._in_flight[heads[1]] = vq._in_flight[heads[0]]
     second = Model(ram, Restartable(queue_sizes=(8,), hold=True), path)
-    assert second.device.held == []          # not done again
-    assert second.device.queues[0].used_idx == 1
-    assert [u.head for u in queue.get_used(read_data=False)] == [head]
+    assert second.transport.context.status & c.STATUS_DEVICE_NEEDS_RESET
+    assert second.device.held == []
 
 
 def test_restart_under_guest_block_write_in_flight_is_written_once(tmp_path, ram):
@@ -145,23 +201,30 @@ def _receive(loop, client, n, timeout=5.0):
     return out
 
 
-def test_restart_under_guest_console_output_is_neither_lost_nor_repeated(tmp_path, ram):
-    loop = EventLoop()
-    path = tmp_path / "state"
+def _console_killed_with_output_delivered(tmp_path, ram, path, loop):
+    """A console model that handed three transmit chains to its client and died before it
+    returned them: (the guest's driver, its transmit queue, the chains' heads)."""
     first, client = _console(tmp_path, ram, path, loop)
     driver = driver_for(first, ram)
     rxq, txq = driver.init([0, 1])
     for _ in range(3):
         loop.run_once(0.01)
-    # the chains are handed to the client; the process dies before it returns them
     first.device.ports[0].backend.take_done = lambda: []
+    heads = []
     for data in (b"one-", b"two-", b"three-"):
-        txq.post([data])
+        heads.append(txq.post([data]))
         txq.notify()
     assert _receive(loop, client, 14) == b"one-two-three-"
     assert first.device.queues[1].in_flight == 3
     client.close()
     first.device.detach()                    # its sockets go, as with the process
+    return driver, txq, heads
+
+
+def test_restart_under_guest_console_output_is_neither_lost_nor_repeated(tmp_path, ram):
+    loop = EventLoop()
+    path = tmp_path / "state"
+    driver, txq, _ = _console_killed_with_output_delivered(tmp_path, ram, path, loop)
     second, client = _console(tmp_path, ram, path, loop)
     driver.mmio = second.subsystem.handle_mmio_trap
     for _ in range(3):
@@ -172,6 +235,79 @@ def test_restart_under_guest_console_output_is_neither_lost_nor_repeated(tmp_pat
     assert _receive(loop, client, 1, timeout=0.2) == b""
     assert len(txq.get_used(read_data=False)) == 4
     loop.close()
+
+
+def test_restart_under_guest_console_output_after_a_bad_replayed_chain_is_not_lost(tmp_path,
+                                                                                   ram):
+    """Three transmit chains were delivered, not returned, when the process died; the guest
+    spoils the middle one's descriptor before the restart. Its replay is a bad chain (the
+    queue returns it), and a later chain with its head is sent, not taken for the
+    delivered one (the port's restart bookkeeping was by head alone)."""
+    loop = EventLoop()
+    path = tmp_path / "state"
+    driver, txq, heads = _console_killed_with_output_delivered(tmp_path, ram, path, loop)
+    txq.write_desc(heads[1], 1 << 40, 4)                 # outside RAM: a bad chain now
+    second, client = _console(tmp_path, ram, path, loop)
+    driver.mmio = second.subsystem.handle_mmio_trap
+    for _ in range(3):
+        loop.run_once(0.01)
+    assert sorted(u.head for u in txq.get_used(read_data=False)) == sorted(heads)
+    txq.free.remove(heads[1])
+    txq.free.insert(0, heads[1])
+    assert txq.post([b"four"]) == heads[1]
+    txq.notify()
+    assert _receive(loop, client, 4) == b"four"
+    loop.close()
+
+
+def test_restart_under_guest_restore_of_any_kept_progress_and_rings_is_defined():
+    """``Virtqueue.restore`` over random kept progress (indices, used word, in-flight
+    table) and random guest rings: a ``QueueError`` exactly when the guest's used idx is
+    not one the used word allows or the table has a position twice (or out of range);
+    otherwise the chains marked in the window, less the one the used word says was
+    published, oldest first, each handed back once by ``pop`` (bad ones completed with
+    length 0), never another error."""
+    rng = random.Random(13)
+    size, base = 8, 0x10000
+    buf = bytearray(1 << 16)
+    memory = GuestMemory(Region(buf), base)
+    refused = 0
+    for _ in range(400):
+        buf[:] = rng.randbytes(len(buf))
+        queue = Virtqueue(0, size)
+        queue.size, queue.desc_addr = size, base
+        queue.driver_addr, queue.device_addr = base + 0x1000, base + 0x2000
+        last = rng.randrange(1 << 16)
+        ages = rng.sample(range(12), size)                  # distinct, some out of window
+        marks = [0 if rng.random() < 0.4 else (last - age) & 0xFFFF or 0x10000
+                 for age in ages]
+        if rng.random() < 0.1:
+            marks[rng.randrange(size)] = rng.choice([marks[0], rng.randrange(1 << 32)])
+        used = rng.choice([rng.randrange(1 << 32), USED_KEPT | rng.randrange(size) << 16
+                           | rng.randrange(1 << 16), rng.randrange(1 << 16)])
+        guest_used = rng.choice([used & 0xFFFF, (used - 1) & 0xFFFF, rng.randrange(1 << 16)])
+        struct.pack_into("<H", buf, 0x2002, guest_used)
+        window = {h: (last - m) & 0xFFFF for h, m in enumerate(marks)
+                  if m and (last - m) & 0xFFFF < size}
+        named = used >> 16 & 0x7FFF if used & USED_KEPT else None
+        allowed = {used & 0xFFFF} | ({(used - 1) & 0xFFFF} if named is not None else set())
+        if (max(marks) > 0x10000 or len(set(window.values())) != len(window)
+                or guest_used not in allowed):
+            with pytest.raises(QueueError):
+                queue.restore(memory, last, used, marks)
+            refused += 1
+            assert not queue.ready
+            continue
+        heads = queue.restore(memory, last, used, marks)
+        if guest_used == used & 0xFFFF:
+            window.pop(named, None)                       # published before the kill
+        assert heads == sorted(window, key=window.get, reverse=True)
+        assert queue.used_idx == guest_used
+        struct.pack_into("<H", buf, 0x1002, last)         # nothing new available
+        popped = [chain.head for chain in queue]
+        assert set(popped) <= set(heads) and queue.in_flight == len(popped)
+        assert queue.used_idx == (guest_used + len(heads) - len(popped)) & 0xFFFF
+    assert 50 < refused < 300, refused
 
 
 # -- files that are not what they should be -------------------------------------------------------
@@ -268,5 +404,5 @@ def test_restart_under_guest_close_with_a_ready_queue_lets_go_of_the_mapping(tmp
     assert "still held" not in caplog.text
     assert model.state._map is None
     assert not isinstance(vq._in_flight, memoryview) and vq._in_flight[head]
-    vq.add_used(head, 1)                         # goes on, in its own memory
+    vq.add_used(model.device.held[0][1], 1)      # goes on, in its own memory
     assert vq.used_idx == 1

@@ -166,7 +166,7 @@ class BalloonDevice(VirtioDevice):
         completed = False
         while (chain := queue.pop()) is not None:
             spent += self._pages(chain, index == INFLATE)
-            queue.add_used(chain.head, 0)
+            queue.add_used(chain, 0)
             completed = True
             if spent >= PFNS_PER_TURN:
                 self._resume_later(queue)
@@ -230,7 +230,7 @@ class BalloonDevice(VirtioDevice):
             if self._stats_chain is not None:
                 self.guest_error("a second statistics buffer while one is held; the older "
                                  "one is returned")
-                queue.add_used(self._stats_chain.head, 0)
+                queue.add_used(self._stats_chain, 0)
                 returned = True
             self._stats_chain = chain
             self._read_stats(chain)
@@ -260,7 +260,7 @@ class BalloonDevice(VirtioDevice):
         chain, self._stats_chain = self._stats_chain, None
         if chain is not None and self.active:
             queue = self.queues[STATS]
-            queue.add_used(chain.head, 0)
+            queue.add_used(chain, 0)
             self.signal_used(queue)
 
     def _drop_stats(self):

@@ -240,7 +240,7 @@ class BlockDevice(VirtioDevice):
             self.guest_error("request with no device-writable byte for the status; returned "
                              "with length 0")
             self.counters["errors"] += 1
-            queue.add_used(chain.head, 0)
+            queue.add_used(chain, 0)
             return
         data_out, status = _without_last_byte(chain.writable)
         self._zeros_written = 0
@@ -254,7 +254,7 @@ class BlockDevice(VirtioDevice):
             self.counters["errors"] += 1
         self._status[0] = status_code
         status[:] = self._status
-        queue.add_used(chain.head, written + 1)
+        queue.add_used(chain, written + 1)
 
     def _execute(self, chain, data_out):
         """Do one request: (status, bytes written into the chain before the status)."""

@@ -217,7 +217,7 @@ class ConsoleDevice(VirtioDevice):
         message = self._control_in
         for chain in queue:
             n = gather(chain.readable, message)
-            queue.add_used(chain.head, 0)
+            queue.add_used(chain, 0)
             if n < CONTROL.size:
                 self.guest_error("short control message (%d bytes); ignored", n)
                 continue
@@ -315,7 +315,7 @@ class ConsoleDevice(VirtioDevice):
             if n < len(message):
                 self.guest_error("control buffer of %d bytes too small for a %d-byte "
                                  "message; truncated", chain.writable_len, len(message))
-            queue.add_used(chain.head, n)
+            queue.add_used(chain, n)
             completed = True
         if completed:
             self.keep_state()

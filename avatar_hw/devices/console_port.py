@@ -54,7 +54,7 @@ class ConsolePort:
         self.rx_chain = None             # the receive buffer being filled
         self._tx_notify = True           # what the driver was last asked (notifications on)
         self._input_paused = False
-        self._resent = {}                # head -> bytes already delivered (after a restart)
+        self._resent = {}                # head -> (position, bytes delivered): ``restore``
 
     @property
     def rxq(self):
@@ -96,15 +96,18 @@ class ConsolePort:
         mark = txq.last_avail_idx << 16
         for start, length, _, token in stream.segments:
             if token is not LOGGED and token is not EMERGENCY and start + length > upto:
-                sent = max(0, upto - start) + self._resent.get(token.head, 0)
-                mark = txq.position(token.head) << 16 | min(sent, 0xFFFF)
+                position = txq.position(token.head)
+                sent = max(0, upto - start) + self._delivered(token.head, position)
+                mark = position << 16 | min(sent, 0xFFFF)
                 break
         context.words[word] = mark
         context.words[word + 1] = 1
 
     def restore(self, words):
         """After a restart: which transmit chains handed back were delivered, wholly or
-        in part (``words``: the context's words as the previous process left them)."""
+        in part (``words``: the context's words as the previous process left them). Kept
+        with each chain's position: a chain the replay finds bad is returned by the queue,
+        and a later chain with its head is not the one delivered."""
         word, txq = 2 * self.id, self.txq
         self._resent.clear()
         if word + 1 >= len(words) or not words[word + 1] or not txq.ready:
@@ -113,16 +116,26 @@ class ConsolePort:
         newest = txq.last_avail_idx
         age = (newest - position) & 0xFFFF
         for head in txq.replaying:
-            chain_age = (newest - txq.position(head)) & 0xFFFF
+            position = txq.position(head)
+            chain_age = (newest - position) & 0xFFFF
             if chain_age > age:
-                self._resent[head] = -1           # wholly delivered
+                self._resent[head] = position, -1          # wholly delivered
             elif chain_age == age and sent:
-                self._resent[head] = sent
+                self._resent[head] = position, sent
+
+    def _delivered(self, head, position):
+        """Bytes of the chain ``head`` popped at ``position`` delivered before a restart
+        (-1: all of them)."""
+        kept = self._resent.get(head)
+        return kept[1] if kept is not None and kept[0] == position else 0
 
     def _unsent(self, chain):
         """``chain``'s readable views and length less what was delivered before a restart."""
-        done = self._resent.get(chain.head, 0) if self._resent else 0
+        if not self._resent:
+            return chain.readable, chain.readable_len
+        done = self._delivered(chain.head, self.txq.position(chain.head))
         if not done:
+            self._resent.pop(chain.head, None)    # another chain's, if any: done with
             return chain.readable, chain.readable_len
         if done < 0 or done >= chain.readable_len:
             self._resent.pop(chain.head)
@@ -147,7 +160,7 @@ class ConsolePort:
                 if not chain.writable_len:
                     device.guest_error("port %d: receive buffer with no writable part; "
                                        "returned empty", self.id)
-                    rxq.add_used(chain.head, 0)
+                    rxq.add_used(chain, 0)
                     completed = True
                     continue
                 self.rx_chain = chain
@@ -155,7 +168,7 @@ class ConsolePort:
             n = self.backend.readinto(self.rx_chain.writable)
             if not n:
                 break
-            rxq.add_used(self.rx_chain.head, n)
+            rxq.add_used(self.rx_chain, n)
             device.count(bytes_to_guest=n)
             self.rx_chain = None
             completed = True
@@ -197,7 +210,7 @@ class ConsolePort:
                     if length:
                         backend.submit(views, length, chain)
                     else:
-                        txq.add_used(chain.head, 0)
+                        txq.add_used(chain, 0)
                         returned += 1
                 backend.flush()
                 self._keep_sent()
@@ -226,7 +239,7 @@ class ConsolePort:
         returned = self._complete(backend.spill())
         for chain in txq:
             backend.log_output(self._unsent(chain)[0])
-            txq.add_used(chain.head, 0)
+            txq.add_used(chain, 0)
             device.count(bytes_from_guest=chain.readable_len)
             returned += 1
         if not self._tx_notify:
@@ -249,7 +262,7 @@ class ConsolePort:
                 device.emergency_written(length)
                 continue
             self._resent.pop(token.head, None)
-            self.txq.add_used(token.head, 0)
+            self.txq.add_used(token, 0)
             device.count(bytes_from_guest=length)
             returned += 1
         return returned

@@ -191,7 +191,7 @@ class GpuDevice(VirtioDevice):
         while (chain := queue.pop()) is not None:
             self._work = 0
             used = self._control(chain) if index == CONTROLQ else self._cursor(chain)
-            queue.add_used(chain.head, used)
+            queue.add_used(chain, used)
             queue.charge(self._work)            # the copies, against the turn's budget
             served = True
         if served:

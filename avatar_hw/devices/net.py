@@ -169,7 +169,7 @@ class NetDevice(VirtioDevice):
         if chain is None or not (self.active and txq.ready):
             return
         if not self._hand_over(chain):
-            txq.add_used(chain.head, 0)
+            txq.add_used(chain, 0)
             self.signal_used(txq)
             txq.new_turn()                    # a loop turn of its own
             self._transmit()
@@ -349,7 +349,7 @@ class NetDevice(VirtioDevice):
             if chain.writable_len < self._header_len:
                 self.guest_error("receive buffer of %d bytes cannot hold the %d-byte header; "
                                  "returned empty", chain.writable_len, self._header_len)
-                rxq.add_used(chain.head, 0)
+                rxq.add_used(chain, 0)
                 returned = True
                 continue
             held.append(chain)
@@ -386,7 +386,7 @@ class NetDevice(VirtioDevice):
             take = min(chain.writable_len, remaining)
             self._held_room -= chain.writable_len
             self._held_views -= len(chain.writable)
-            rxq.add_used(chain.head, take)
+            rxq.add_used(chain, take)
             remaining -= take
         self.count(bytes_to_guest=length)
         self.counters["rx_frames"] += 1

@@ -125,7 +125,7 @@ class P9Device(VirtioDevice):
                                  chain.writable_len)
             if err:
                 self.counters["errors"] += 1
-            queue.add_used(chain.head, written)
+            queue.add_used(chain, written)
             self.count(bytes_from_guest=chain.readable_len, bytes_to_guest=written)
             served = True
         self.counters["fids"] = len(self.server.fids)

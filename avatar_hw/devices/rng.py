@@ -119,7 +119,7 @@ class RngDevice(VirtioDevice):
                 self.guest_error("entropy request with no device-writable buffer; returned "
                                  "with length 0")
             n = fill_from(self.source.readinto, chain.writable, wanted)
-            queue.add_used(chain.head, n)
+            queue.add_used(chain, n)
             self.count(bytes_to_guest=n)
             completed = True
         if completed:

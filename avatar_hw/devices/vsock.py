@@ -149,7 +149,7 @@ class VsockDevice(Connections, VirtioDevice):
             n = 0
         else:
             self._event_pending = False
-        queue.add_used(chain.head, n)
+        queue.add_used(chain, n)
         self.signal_used(queue)
 
     # -- guest -> host ----------------------------------------------------------------------
@@ -260,7 +260,7 @@ class VsockDevice(Connections, VirtioDevice):
             if chain.writable_len < HEADER_LEN:
                 self.guest_error("rx buffer of %d bytes cannot hold the %d-byte header; "
                                  "returned empty", chain.writable_len, HEADER_LEN)
-                rxq.add_used(chain.head, 0)
+                rxq.add_used(chain, 0)
                 self.signal_used(rxq)       # or the guest sees it back only with a later one
                 continue
             self._rx_chain = chain
@@ -275,7 +275,7 @@ class VsockDevice(Connections, VirtioDevice):
                          TYPE_STREAM, op, flags, self.buf_alloc, fwd_cnt)
         scatter(self._hdr, chain.writable)
         self._rx_chain = None
-        self.queues[RX].add_used(chain.head, HEADER_LEN + length)
+        self.queues[RX].add_used(chain, HEADER_LEN + length)
 
     def _flush_control(self):
         """Send waiting control packets; True when none is left."""
@@ -323,7 +323,7 @@ class VsockDevice(Connections, VirtioDevice):
                 self.guest_error("rx buffer of %d bytes holds no payload; returned empty",
                                  chain.writable_len)
                 self._rx_chain = None
-                self.queues[RX].add_used(chain.head, 0)
+                self.queues[RX].add_used(chain, 0)
                 continue
             n = conn.stream.read_into(truncate(skip(chain.writable, HEADER_LEN), room))
             if n is None:

@@ -85,7 +85,7 @@ class RecordingDevice(VirtioDevice):
             for view in chain.writable:
                 view[:] = bytes([self.fill]) * len(view)
                 n += len(view)
-            queue.add_used(chain.head, n)
+            queue.add_used(chain, n)
         self.signal_used(queue)
 
     def activate(self):

@@ -27,23 +27,27 @@ DESCRIPTOR = struct.Struct("<QIHH")       # addr, len, flags, next (2.7.5)
 
 class DescriptorChain:
     """One available buffer: ``readable`` (driver -> device) and ``writable``
-    (device -> driver) memoryviews into guest RAM, in descriptor order."""
+    (device -> driver) memoryviews into guest RAM, in descriptor order; ``generation``:
+    its queue's generation when it was popped (``Virtqueue.add_used`` refuses a chain
+    from before the queue's last reset)."""
 
-    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len")
+    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len",
+                 "generation")
 
-    def __init__(self, head, readable, writable, readable_len, writable_len):
+    def __init__(self, head, readable, writable, readable_len, writable_len, generation):
         self.head = head
         self.readable = readable
         self.writable = writable
         self.readable_len = readable_len
         self.writable_len = writable_len
+        self.generation = generation
 
     def __repr__(self):
         return (f"<DescriptorChain head={self.head} readable={self.readable_len} "
                 f"writable={self.writable_len}>")
 
 
-def linear_table(head, table, n, ram, base, end):
+def linear_table(head, table, n, ram, base, end, generation):
     """The chain of an indirect ``table`` of ``n`` entries when it has the shape Linux gives
     every one (entry i links to i + 1, the last has no NEXT, device-readable buffers first,
     none empty, all inside RAM, at most 2**32 - 1 bytes), read a column at a time in C, each
@@ -72,7 +76,8 @@ def linear_table(head, table, n, ram, base, end):
         return None
     starts = [addr - base for addr in addrs]
     return DescriptorChain(head, runs(ram, starts, lens, 0, readable),
-                           runs(ram, starts, lens, readable, n), readable_len, writable_len)
+                           runs(ram, starts, lens, readable, n), readable_len, writable_len,
+                           generation)
 
 
 def runs(ram, starts, lens, first, stop):
@@ -93,13 +98,14 @@ def runs(ram, starts, lens, first, stop):
 
 class DescriptorTable:
     """A ready queue's descriptor table of ``size`` entries at ``addr`` in ``memory``
-    (checked inside it by ``Virtqueue.set_up``); ``walked``: the descriptors the last
-    ``walk`` read, which the queue charges to its turn."""
+    (checked inside it by ``Virtqueue.set_up``), the chains of the queue's ``generation``;
+    ``walked``: the descriptors the last ``walk`` read, which the queue charges to its
+    turn."""
 
-    __slots__ = ("memory", "size", "walked", "_view")
+    __slots__ = ("memory", "size", "generation", "walked", "_view")
 
-    def __init__(self, memory, addr, size):
-        self.memory, self.size, self.walked = memory, size, 0
+    def __init__(self, memory, addr, size, generation):
+        self.memory, self.size, self.generation, self.walked = memory, size, generation, 0
         self._view = memory.view(addr, DESC_SIZE * size)
 
     def walk(self, head, indirect):
@@ -142,7 +148,8 @@ class DescriptorTable:
                         return f"indirect table 0x{addr:x}+0x{length:x} is outside RAM"
                     table_size = length // DESC_SIZE
                     if not readable and not writing:
-                        chain = linear_table(head, table, table_size, ram, base, end)
+                        chain = linear_table(head, table, table_size, ram, base, end,
+                                             self.generation)
                         if chain is not None:
                             budget -= table_size
                             return chain
@@ -163,7 +170,8 @@ class DescriptorTable:
                 if readable_len + writable_len > MAX_CHAIN_BYTES:
                     return "chain longer than 2**32 - 1 bytes"
                 if not flags & DESC_F_NEXT:
-                    return DescriptorChain(head, readable, writable, readable_len, writable_len)
+                    return DescriptorChain(head, readable, writable, readable_len, writable_len,
+                                           self.generation)
                 if nxt >= table_size:
                     return f"next index {nxt} >= table size {table_size}"
                 index = nxt

@@ -23,7 +23,7 @@ Writing a device (one small file under ``avatar_hw/devices``)::
             for chain in queue:                 # every guest value already checked
                 n = buffers.fill_from(self.source.readinto, chain.writable,
                                       chain.writable_len)
-                queue.add_used(chain.head, n)
+                queue.add_used(chain, n)
                 self.count(bytes_to_guest=n)
             self.signal_used(queue)              # interrupt unless suppressed
 
@@ -223,7 +223,7 @@ class VirtioDevice:
         for chain in queue:
             if handle(chain):
                 break
-            queue.add_used(chain.head, 0)
+            queue.add_used(chain, 0)
             completed = True
         if completed:
             self.signal_used(queue)

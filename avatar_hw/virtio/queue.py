@@ -39,24 +39,32 @@ queue on the event loop's next turn, after every other VM's and device's
 pending work (see ``VirtioDevice``), so one notify holds the daemon for a
 bounded time and no guest starves another.
 
-Devices hold ``DescriptorChain`` objects while they work and hand the head
-back with ``add_used``; a device must drop held chains in its reset hooks
-(a chain from before a reset is refused by ``add_used``).
+Devices hold ``DescriptorChain`` objects while they work and hand each back with
+``add_used(chain, length)``. **Generations.** A chain carries its queue's ``generation``,
+which every reset, ``set_up`` and ``disable`` replaces with a number no queue had before
+(one counter for all): ``add_used`` refuses a chain of another generation (ignored,
+counted in ``refused``, logged once and then rate-limited), so a chain a device held
+across a device reset, a QueueReset or QueueReady = 0 (or a chain of another queue) can
+never complete the new chain that has its head, nor index a ring set up smaller. A
+device still drops held chains in its reset hooks: their buffers are the guest's again.
 
 **Progress kept outside the process** (``avatar_hw.state``, a restart under a running
-guest). ``keep_progress(indices, in_flight)`` puts ``last_avail_idx``/``used_idx`` and
+guest). ``keep_progress(indices, in_flight)`` puts ``last_avail_idx``, the used word and
 the in-flight table in the state file's mapping; each is one store where the queue
 changes it. ``_in_flight[head]`` is the chain's available-ring position + 1 (0: not in
-flight), so the order in which chains were popped survives. Stores are ordered so that
-a process killed between any two of them leaves a state ``restore`` can finish: ``pop``
-marks the head before it moves ``last_avail_idx``; ``add_used`` publishes the used idx
-in guest RAM before it clears the head and saves ``used_idx``. ``restore`` reconciles
-both and hands the chains that were in flight back through ``pop`` first, in pop order,
-so the device does each again (it completed none: its used entry was not published).
+flight), so the order in which chains were popped survives. The used word is the used
+idx; inside ``add_used``, ``USED_KEPT | head << 16 | the used idx it publishes``. Stores
+are ordered so that a process killed between any two of them leaves a state ``restore``
+can finish: ``pop`` marks the head before it moves ``last_avail_idx``; ``add_used``
+stores the used word naming its head, publishes the used idx in guest RAM, clears the
+head, stores the plain used word. ``restore`` reconciles them and hands the chains that
+were in flight back through ``pop`` first, in pop order, so the device does each again
+(it completed none: its used entry was not published). Of the guest's rings it trusts
+only the used idx, and that only as one of the values the used word allows.
 """
 
 import collections
-
+import itertools
 import logging
 
 from ..hw import ordering
@@ -71,6 +79,9 @@ log = logging.getLogger(__name__)
 
 TURN_DESCRIPTORS = 1024           # descriptors walked per queue per turn
 TURN_BYTES = 8 << 20              # bytes of chains popped per queue per turn
+USED_KEPT = 1 << 31               # the used word names a head (see "Progress kept ...")
+
+_generations = itertools.count(1)   # every queue's generations (see "Generations")
 
 
 class QueueError(Exception):
@@ -97,8 +108,10 @@ class Virtqueue:
         self.on_used = on_used
         self.on_yield = on_yield
         self._bad_chain_log = RateLimitedLog(log)
+        self._restore_log = RateLimitedLog(log)
         self._break_log = RateLimitedLog(log, level=logging.ERROR)
-        self._indices = [0, 0]                       # last_avail_idx, used_idx (kept copy)
+        self._refused_log = RateLimitedLog(log, first=1, level=logging.ERROR)
+        self._indices = [0, 0]                       # last_avail_idx, the used word
         self._in_flight_store = [0] * max_size       # see "Progress kept outside the process"
         self._replay = collections.deque()           # heads restored in flight, pop order
         self.reset()
@@ -121,16 +134,25 @@ class Virtqueue:
         return self._bad_chain_log.count
 
     @property
+    def refused(self):
+        """Chains ``add_used`` refused (stale or not in flight) since the queue was made."""
+        return self._refused_log.count
+
+    @property
     def log_lines_suppressed(self):
-        """Lines about this queue's bad chains and breaks the rate limit sent to debug."""
-        return self._bad_chain_log.suppressed + self._break_log.suppressed
+        """Lines about this queue's bad chains, breaks and refused chains the rate limit
+        sent to debug."""
+        return (self._bad_chain_log.suppressed + self._break_log.suppressed
+                + self._refused_log.suppressed + self._restore_log.suppressed)
 
     # -- state --------------------------------------------------------------------
 
     def reset(self):
-        """Back to the state after a device reset (not ready, nothing in flight)."""
+        """Back to the state after a device reset (not ready, nothing in flight, a new
+        generation)."""
         self.size = self.max_size
         self.ready = False
+        self.generation = next(_generations)
         self.desc_addr = self.driver_addr = self.device_addr = 0
         self.last_avail_idx = self._avail_idx = 0
         self.used_idx = 0
@@ -178,7 +200,8 @@ class Virtqueue:
             if not memory.contains(addr, length):
                 raise QueueError(f"queue {self.index}: {name} 0x{addr:x}+0x{length:x} is "
                                  f"outside the VM's RAM")
-        self._table = DescriptorTable(memory, self.desc_addr, size)
+        self.generation = next(_generations)
+        self._table = DescriptorTable(memory, self.desc_addr, size, self.generation)
         self._avail = memory.view(self.driver_addr, 6 + 2 * size).cast("H")
         self._used_h = memory.view(self.device_addr, 6 + 8 * size).cast("H")
         self._used_ring = memory.view(self.device_addr + 4, 8 * size).cast("I")
@@ -190,6 +213,11 @@ class Virtqueue:
         self._in_flight = self._in_flight_store[:size]
         self.broken = False
         self.ready = True
+
+    def disable(self):
+        """QueueReady = 0: not ready; the chains in flight are stale (a new generation)."""
+        self.ready = False
+        self.generation = next(_generations)
 
     def _clear_progress(self):
         self._indices[0] = self._indices[1] = 0
@@ -203,39 +231,53 @@ class Virtqueue:
         """Number of chains popped and not yet returned."""
         return 0 if self._in_flight is None else sum(map(bool, self._in_flight))
 
-    def restore(self, memory, last_avail_idx, used_idx, in_flight):
-        """Ready again after a restart, with the kept progress (``keep_progress``: the
-        indices and ``in_flight``, the kept in-flight table): ``set_up`` (raises
-        ``QueueError``), then the indices and the chains in flight.
+    def restore(self, memory, last_avail_idx, used, in_flight):
+        """Ready again after a restart, with the kept progress (``keep_progress``:
+        ``last_avail_idx``, the ``used`` word and ``in_flight``, the kept in-flight
+        table): ``set_up``, then the indices and the chains in flight.
 
-        The used idx the guest sees is the truth of what was completed: one past the
-        kept ``used_idx`` means the process died inside ``add_used``, after it
-        published the entry. Heads marked at positions outside the last queue's worth
-        before ``last_avail_idx`` (a pop cut short) are not in flight. Returns the heads
-        handed back through ``pop`` first.
+        In flight: the heads marked at distinct positions in the last queue's worth
+        before ``last_avail_idx`` (one marked outside it is a pop cut short). The
+        guest's used idx must be the kept one or, when ``used`` names a head (the process
+        died inside ``add_used``), the one before it: then that ``add_used`` did not
+        publish, and its chain is still in flight; otherwise it did, and the chain is
+        done. Any other used idx (the guest rewrote it) or a table that makes no sense
+        raises ``QueueError`` (the device then needs a reset). The used entry published
+        is checked against the head; another (the guest rewrote it) is logged,
+        rate-limited, and changes nothing. Returns the heads handed back through ``pop``
+        first.
         """
         marks = list(in_flight[:self.size])
         self.set_up(memory)
-        size = self.size
+        size, last_avail_idx = self.size, last_avail_idx & 0xFFFF
+        ages = {head: (last_avail_idx - mark) & 0xFFFF for head, mark in enumerate(marks)
+                if mark and (last_avail_idx - mark) & 0xFFFF < size}  # 0: popped last
+        used_idx, completing = used & 0xFFFF, used >> 16 & 0x7FFF if used & USED_KEPT else None
         guest_used = ordering.load_acquire16(self._used_idx_addr)
-        if guest_used == (used_idx + 1) & 0xFFFF:
-            head = self._used_ring[2 * (used_idx & (size - 1))]
-            if head < size:
-                marks[head] = 0
-            used_idx = guest_used
-        elif guest_used != used_idx & 0xFFFF:
+        problem = None
+        if max(marks, default=0) > 0x10000 or len(set(ages.values())) != len(ages):
+            problem = "the kept in-flight table has a position twice or out of range"
+        elif completing is not None and guest_used == (used_idx - 1) & 0xFFFF:
+            used_idx = guest_used               # died before publishing: still in flight
+        elif guest_used != used_idx:
+            problem = (f"the guest's used index is {guest_used}, not {used_idx}: the guest "
+                       "rewrote it, or is not the one this state was kept for")
+        elif completing is not None:
+            ages.pop(completing, None)          # published: done
+            entry = self._used_ring[2 * ((used_idx - 1) & (size - 1))]
+            if entry != completing:
+                self._restore_log("vm%s queue %d: the guest rewrote the used entry of head %d "
+                                  "(it names %d) before the restart; head %d stays completed",
+                                  getattr(memory, "vm_id", "?"), self.index, completing, entry,
+                                  completing)
+        if problem is not None:
             self.reset()
-            raise QueueError(f"queue {self.index}: the guest's used index is {guest_used}, "
-                             f"not {used_idx & 0xFFFF}: not the guest this state was kept for")
-        in_flight = []
-        for head, mark in enumerate(marks):
-            position = (mark - 1) & 0xFFFF
-            if mark and ((last_avail_idx - position - 1) & 0xFFFF) < size:
-                in_flight.append(((position - last_avail_idx) & 0xFFFF, head))
-                self._in_flight[head] = mark
-        self.last_avail_idx = self._avail_idx = self._indices[0] = last_avail_idx & 0xFFFF
-        self.used_idx = self._signalled_used = self._indices[1] = used_idx & 0xFFFF
-        self._replay.extend(head for _, head in sorted(in_flight))
+            raise QueueError(f"queue {self.index}: {problem}")
+        for head in ages:
+            self._in_flight[head] = marks[head]
+        self.last_avail_idx = self._avail_idx = self._indices[0] = last_avail_idx
+        self.used_idx = self._signalled_used = self._indices[1] = used_idx
+        self._replay.extend(sorted(ages, key=ages.get, reverse=True))
         return list(self._replay)
 
     # -- the chain iterator ---------------------------------------------------------
@@ -325,7 +367,7 @@ class Virtqueue:
         self._bad_chain_log("vm%s queue %d: bad descriptor chain at head %d%s: %s; completed "
                             "with length 0", getattr(self.memory, "vm_id", "?"), self.index,
                             head, when, chain)
-        self.add_used(head, 0)
+        self.add_used(DescriptorChain(head, (), (), 0, 0, self.generation), 0)
         return None
 
     def _replayed(self):
@@ -359,31 +401,33 @@ class Virtqueue:
 
     # -- returning buffers ---------------------------------------------------------------
 
-    def add_used(self, head, length):
-        """Return chain ``head`` to the driver with ``length`` bytes written into it.
+    def add_used(self, chain, length):
+        """Return ``chain`` (popped from this queue) to the driver with ``length`` bytes
+        written into it.
 
-        Returns False (and logs) for a head that is not in flight: a stale
-        chain from before a reset, or a device bug.
+        Returns False, and touches nothing, for a chain of another generation (popped
+        before the queue's last reset, or from another queue) or one already returned:
+        device bugs (a held chain not dropped in a reset hook, a chain returned twice),
+        which a guest may repeat by resetting, so logged once, then rate-limited (ERROR;
+        ``testing.hostile.internal_errors``, thus the fuzz tests and ``bench.soak``, count
+        it as a failure) and counted (``refused``).
         """
-        if not self.ready or not self._in_flight[head]:
-            # Not rate-limited, on purpose: no guest can reach this. ``head`` comes from a
-            # chain ``pop`` handed out (never from guest RAM), and ``_in_flight`` lives in
-            # the daemon; a guest rewriting its rings is caught by ``pop`` (a head offered
-            # twice breaks the queue), and a device or queue reset reaches the device's
-            # ``reset``/``queue_reset`` hooks, which drop the chains it holds, before the
-            # guest can make the device complete anything again. So this line is a device
-            # bug (a held chain not dropped), loud; ``testing.hostile.internal_errors``,
-            # thus the fuzz tests and ``bench.soak``, count it as a failure.
-            log.error("queue %d: add_used of head %d which is not in flight (ignored)",
-                      self.index, head)
+        head, in_flight = chain.head, self._in_flight
+        if chain.generation != self.generation or not in_flight[head]:
+            self._refused_log("vm%s queue %d: add_used of head %d which is not in flight "
+                              "(%s; ignored)", getattr(self.memory, "vm_id", "?"), self.index,
+                              head, "returned already" if chain.generation == self.generation
+                              else "popped before a reset of the queue, or from another")
             return False
         slot = 2 * (self.used_idx & (self.size - 1))
         self._used_ring[slot] = head
         self._used_ring[slot + 1] = length
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
-        ordering.store_release16(self._used_idx_addr, self.used_idx)
-        self._in_flight[head] = 0                  # after the publication: see ``restore``
-        self._indices[1] = self.used_idx
+        self.used_idx = used_idx = (self.used_idx + 1) & 0xFFFF
+        indices = self._indices                    # the order: see ``restore``
+        indices[1] = 0x80000000 | head << 16 | used_idx        # USED_KEPT: a constant here
+        ordering.store_release16(self._used_idx_addr, used_idx)
+        in_flight[head] = 0
+        indices[1] = used_idx
         return True
 
     # -- notification suppression (2.7.7, 2.7.10) -----------------------------------------
@@ -438,4 +482,5 @@ class Virtqueue:
             "last_avail_idx": self.last_avail_idx, "used_idx": self.used_idx,
             "in_flight": self.in_flight, "event_idx": self.event_idx,
             "indirect": self.indirect, "bad_chains": self.bad_chains,
+            "refused": self.refused, "generation": self.generation,
         }

@@ -374,7 +374,7 @@ class MmioTransport(LegacyRegisters):
         self.queue_was_reset[queue.index] = False
 
     def _disable_queue(self, queue):
-        queue.ready = False
+        queue.disable()
         self.device.queue_reset(queue.index)
 
     def write_queue_notify(self, value):
