@@ -58,12 +58,12 @@ from .config import Config, load_config
 from .control import ControlServer, default_control_path
 from .doorbell import FifoDoorbell, UioDoorbell
 from .errors import AvatarError
-from .pace import Pacer
 from .faults import FaultInjector
 from .hw.uio import find_uio
 from .interrupts import BoardInterruptLine, StubInterruptLine
 from .layout import address
 from .loop import EventLoop
+from .pace import Pacer
 from .replay import Recorder
 from .service import drop_privileges, sd_notify
 from .shipped import board_path

@@ -59,11 +59,15 @@ def one_run(tree, initrd, image, wait):
                           if k in COUNTERS})
             return found
 
-        def over(command, pattern):
+        def measured(run):
+            """``run()``'s result, and the counters' change over it."""
             before = counters()
-            groups = shell.result(command, pattern)
+            result = run()
             after = counters()
-            return groups, {k: after[k] - before[k] for k in after}
+            return result, {k: after[k] - before[k] for k in after}
+
+        def over(command, pattern):
+            return measured(lambda: shell.result(command, pattern))
 
         (ios, ns, p50, _), out["randread"] = over(
             "avbench randread /dev/vda 20000 5.0", r"ios=(\d+) ns=(\d+) p50_ns=(\d+) p99_ns=(\d+)")
@@ -73,10 +77,8 @@ def one_run(tree, initrd, image, wait):
         for op in ("seqread", "seqwrite"):
             (done, ns), out[op] = over(f"avbench {op} /dev/vda {BULK}", r"bytes=(\d+) ns=(\d+)")
             out[f"{op}_MBps"] = done / ns * 1e3
-        before = counters()
-        out.update(measure_9p(shell, BULK))
-        after = counters()
-        out["p9"] = {k: after[k] - before[k] for k in after}
+        p9, out["p9"] = measured(lambda: measure_9p(shell, BULK))
+        out.update(p9)
         shell.close()
     return out
 

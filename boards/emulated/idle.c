@@ -87,8 +87,6 @@ struct idle {
 
 static struct idle idles[MAX_VMS];
 
-static u64 us_ticks(u32 us) { return read_sysreg(cntfrq_el0) / 1000000 * us; }
-
 static void set_twi(int on)
 {
     u64 hcr = read_sysreg(hcr_el2);
@@ -133,7 +131,7 @@ static enum seen poll(u64 start, u64 window, u64 serve)
         int serving = serve && trap_posted_write_in_service();  /* acquire: before the look */
         if (trap_virq_requested())
             return REQUEST;
-        if (read_sysreg(isr_el1) & (1u << 7))
+        if (read_sysreg(isr_el1) & ISR_EL1_I)
             return IRQ;
         u64 waited = counter() - start;
         if (waited >= window && (!serving || waited >= serve))

@@ -56,7 +56,7 @@ void uart_drain_rx(void)
 #ifdef STUB_TEST_DRAIN_WINDOW_US
     /* Tests only: hold the window after the "empty" read open, so that the host's next
      * doorbell byte lands in it (tests/test_emulated_stub.py forces the race this way). */
-    u64 end = counter() + read_sysreg(cntfrq_el0) / 1000000 * STUB_TEST_DRAIN_WINDOW_US;
+    u64 end = counter() + us_ticks(STUB_TEST_DRAIN_WINDOW_US);
     while (counter() < end)
         ;
 #endif

@@ -237,10 +237,10 @@ static void pace(volatile struct avt_slot *slot)
         return;
     if (us > AVT_PACE_MAX_US)
         us = AVT_PACE_MAX_US;
-    u64 end = counter() + read_sysreg(cntfrq_el0) / 1000000 * us;
+    u64 end = counter() + us_ticks(us);
     for (u64 now = counter(); now < end; now = counter()) {
         cpu_sleep(end - now);
-        if (read_sysreg(isr_el1) & (1u << 7))
+        if (read_sysreg(isr_el1) & ISR_EL1_I)
             vgic_handle_irq();
     }
 }
