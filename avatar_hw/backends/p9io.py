@@ -159,13 +159,14 @@ class OpenFiles:
             raise P9Error(errno.EPROTO)
         _, _, _, fid_no, offset, count = WRITE_HEADER.unpack_from(head)
         fid = self.open_fid(fid_no)
-        if fid.open_fd is None or not stat.S_ISDIR(self.stat_of(fid).st_mode):
+        st = None if fid.open_fd is None else os.fstat(fid.open_fd)
+        if st is None or not stat.S_ISDIR(st.st_mode):
             raise P9Error(errno.ENOTDIR)
         count = min(count, self.msize - IOHDR)
         if offset >= 2**63:
             raise P9Error(errno.EINVAL)
         os.lseek(fid.open_fd, offset, os.SEEK_SET)
-        dev = os.fstat(fid.open_fd).st_dev          # a mount point's entry has its own below
+        dev = st.st_dev                             # a mount point's entry has its own below
         dents, names = self._dents, self._dents_view
         n = getdents(fid.open_fd, self._dents_c, min(count, len(dents)))
         room = writable_len - READ_REPLY.size
@@ -178,24 +179,23 @@ class OpenFiles:
             end = dents.find(0, start, pos + reclen)
             end = pos + reclen if end < 0 else end
             pos += reclen
-            kind = QTDIR if d_type == 4 else QTSYMLINK if d_type == 10 else QTFILE
-            path = self.qid_path(dev, ino)
             length = DIRENT.size + end - start
             if total + length > count - 4:
                 break
-            if total + length <= room:      # else ERANGE below, once every entry is known
-                staged = at + length > len(view)
-                buffer, base = (self._entry, 0) if staged else (view, at)
-                DIRENT.pack_into(buffer, base, kind, 0, path, d_off, d_type, end - start)
-                buffer[base + DIRENT.size:base + length] = names[start:end]
-                if staged:
-                    index, at = scatter_at(self._entry_view[:length], views, index, at)
-                    view = views[index] if index < len(views) else _NO_VIEW
-                else:
-                    at += length
+            if total + length > room:
+                raise P9Error(errno.ERANGE)
+            kind = QTDIR if d_type == 4 else QTSYMLINK if d_type == 10 else QTFILE
+            path = self.qid_path(dev, ino)
+            staged = at + length > len(view)
+            buffer, base = (self._entry, 0) if staged else (view, at)
+            DIRENT.pack_into(buffer, base, kind, 0, path, d_off, d_type, end - start)
+            buffer[base + DIRENT.size:base + length] = names[start:end]
+            if staged:
+                index, at = scatter_at(self._entry_view[:length], views, index, at)
+                view = views[index] if index < len(views) else _NO_VIEW
+            else:
+                at += length
             total += length
-        if total > room:
-            raise P9Error(errno.ERANGE)
         scatter(READ_REPLY.pack(READ_REPLY.size + total, TREADDIR + 1, tag, total), writable)
         return READ_REPLY.size + total
 

@@ -251,19 +251,20 @@ class VsockDevice(Connections, VirtioDevice):
     def _rx_buffer(self):
         """The receive buffer to fill next (held until used), or None."""
         rxq = self.queues[RX]
+        returned = False
         while self._rx_chain is None:
-            if not (self.active and rxq.ready):
-                return None
-            chain = rxq.pop()
+            chain = rxq.pop() if self.active and rxq.ready else None
             if chain is None:
-                return None
+                break
             if chain.writable_len < HEADER_LEN:
                 self.guest_error("rx buffer of %d bytes cannot hold the %d-byte header; "
                                  "returned empty", chain.writable_len, HEADER_LEN)
                 rxq.add_used(chain, 0)
-                self.signal_used(rxq)       # or the guest sees it back only with a later one
+                returned = True
                 continue
             self._rx_chain = chain
+        if returned:
+            self.signal_used(rxq)           # or the guest sees them back only with a later one
         return self._rx_chain
 
     def _send(self, chain, host_port, guest_port, op, flags, conn, length=0):
@@ -324,6 +325,7 @@ class VsockDevice(Connections, VirtioDevice):
                                  chain.writable_len)
                 self._rx_chain = None
                 self.queues[RX].add_used(chain, 0)
+                sent = True                 # returned: the guest is told below
                 continue
             n = conn.stream.read_into(truncate(skip(chain.writable, HEADER_LEN), room))
             if n is None:
