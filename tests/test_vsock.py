@@ -433,6 +433,27 @@ def test_a_tiny_receive_buffer_is_returned_with_an_interrupt(tmp_path, loop):
     client.close()
 
 
+def test_a_receive_buffer_with_no_room_for_data_is_returned_with_an_interrupt(tmp_path, loop):
+    """Data for the guest and its only receive buffer holds just a header: the buffer is
+    returned empty, and the guest is interrupted for it (nothing else is sent)."""
+    g = Guest(tmp_path, loop)
+    g.give_rx(1)
+    client, hdr = g.host_connect(5000)
+    g.send(5000, hdr[2], OP_RESPONSE)
+    g.spin()
+    client.settimeout(2)
+    assert read_line(client) == f"OK {hdr[2]}"
+    g.rx.post(writable=[HEADER_LEN])
+    g.rx.notify()
+    g.bench.irq.take()
+    g.driver.ack_interrupt()                # or a new used buffer raises nothing new
+    client.sendall(b"data")
+    g.spin()
+    assert [u.length for u in g.rx.get_used()] == [0]
+    assert g.bench.irq.take(), "no interrupt for the returned buffer"
+    client.close()
+
+
 def test_connections_are_bounded(tmp_path, loop):
     g = Guest(tmp_path, loop, max_connections=2)
     g.give_rx(16)
