@@ -5,8 +5,9 @@
   every trap after a pause pays the doorbell's round trip.
 - ``adaptive``: after serving, keep scanning (``model_sleeping`` stays 0, so
   the stub does not ring) for a window sized by ``PollWindow``, then arm the
-  doorbell and sleep as ``doorbell`` does. Busy-poll's latency while the guest
-  does I/O, nothing when it does not.
+  doorbell and sleep as ``doorbell`` does; no window at all while the host has
+  no core to spare (``SpareCores``). Busy-poll's latency while the guest does
+  I/O on a host with a core free, the doorbell's otherwise, nothing when idle.
 - ``busy-poll``: never arm the doorbell; scan between non-blocking turns of
   the event loop. Lowest latency; a whole core, always.
 
@@ -33,6 +34,8 @@ POLL_SHRINK = 2               # a wait longer than the ceiling halves it (below 
 POLL_HOLD_NS = 10_000_000     # preempted while polling: no window for this long, doubled
 POLL_HOLD_MAX_NS = 1_000_000_000   # after each give-up in a row, up to this
 POLL_CONTENDED_NS = 200_000   # waited this long for a CPU since the last find: preempted
+SPARE_SAMPLE_NS = 250_000_000  # how often the host's spare CPU is measured (SpareCores)
+SPARE_CORES_MIN = 0.7         # no window while less than this much of a core is spare
 
 
 class PollWindow:
@@ -52,7 +55,10 @@ class PollWindow:
     not grow for a hold: the CPU is given back. The hold starts at ``POLL_HOLD_NS`` and
     doubles with each give-up in a row (up to ``POLL_HOLD_MAX_NS``; a give-up more than
     twice that after the last one starts again): a host with no core free soon sees one
-    short poll a second.
+    short poll a second. That rule only notices contention after a poll has held a core
+    for a while; so, every ``SPARE_SAMPLE_NS``, ``SpareCores`` also measures whether the
+    host has a core to spare at all, and while it has not the window stays 0: the
+    doorbell's behaviour, with nothing spent finding out again after each trap.
     """
 
     def __init__(self, now, *, max_ns=POLL_MAX_NS, start_ns=POLL_START_NS):
@@ -66,13 +72,18 @@ class PollWindow:
         self.grown = self.shrunk = self.preempted = 0   # counters for ``avatar-hw info``
         self._delay_base = None         # run_delay at the first look since the last find
         self._schedstat = None          # (thread id, fd of its schedstat), opened by over()
+        self.spare = SpareCores()
+        self._spare_at = now            # when to measure the spare CPU next
+        self._spare_ok = True           # whether a core was spare at the last measure
 
     def found(self, now):
         """Traps were found at ``now``: resize; returns whether to poll from now on."""
         waited = now - self.last
         self.last = now
         self._delay_base = None
-        if waited <= self.ns:
+        if not self._core_spare(now):
+            self.ns = 0
+        elif waited <= self.ns:
             pass
         elif waited > self.max_ns:
             if self.ns:
@@ -88,7 +99,10 @@ class PollWindow:
 
     def over(self, now):
         """Whether to stop polling now (the caller then arms the doorbell)."""
-        delay = self._run_delay_ns()
+        if not self._core_spare(now):
+            self.ns = 0
+            return True
+        delay = self._thread_times()[1]
         if self._delay_base is None:
             self._delay_base = delay
         elif delay - self._delay_base > POLL_CONTENDED_NS:
@@ -110,10 +124,19 @@ class PollWindow:
         if self.ns < self.start_ns:
             self.ns = 0
 
-    def _run_delay_ns(self):
-        """How long the calling thread has waited, runnable, for a CPU (ns; schedstat's
-        second field). Without schedstat (a kernel without CONFIG_SCHED_INFO), each
-        involuntary context switch counts as a wait of ``POLL_CONTENDED_NS``."""
+    def _core_spare(self, now):
+        """Whether the host had a core to spare at the last measure (taken now if due)."""
+        if now >= self._spare_at:
+            self._spare_at = now + SPARE_SAMPLE_NS
+            cores = self.spare.measure(now, *self._thread_times())
+            self._spare_ok = cores is None or cores >= SPARE_CORES_MIN
+        return self._spare_ok
+
+    def _thread_times(self):
+        """(time on a CPU, time waited runnable for one) of the calling thread, ns:
+        schedstat's first two fields. Without schedstat (a kernel without
+        CONFIG_SCHED_INFO): the thread's CPU time, and each involuntary context switch
+        counted as a wait of ``POLL_CONTENDED_NS``."""
         tid = threading.get_native_id()
         if self._schedstat is None or self._schedstat[0] != tid:
             self.close()
@@ -125,17 +148,77 @@ class PollWindow:
         fd = self._schedstat[1]
         if fd >= 0:
             try:
-                return int(os.pread(fd, 64, 0).split()[1])
-            except (OSError, IndexError, ValueError):
+                on_cpu, delay = os.pread(fd, 64, 0).split()[:2]
+                return int(on_cpu), int(delay)
+            except (OSError, ValueError):
                 pass
-        return resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw * POLL_CONTENDED_NS
+        usage = resource.getrusage(resource.RUSAGE_THREAD)
+        return (int((usage.ru_utime + usage.ru_stime) * 1e9),
+                usage.ru_nivcsw * POLL_CONTENDED_NS)
 
     def close(self):
-        """Close the schedstat file ``over`` opened (the trap page's ``detach``)."""
+        """Close the files it reads (the trap page's ``detach``)."""
         if self._schedstat is not None and self._schedstat[1] >= 0:
             os.close(self._schedstat[1])
         self._schedstat = None
+        self.spare.close()
 
     def info(self):
         return {"poll_window_ns": self.ns, "poll_grown": self.grown,
-                "poll_shrunk": self.shrunk, "poll_preempted": self.preempted}
+                "poll_shrunk": self.shrunk, "poll_preempted": self.preempted,
+                **self.spare.info()}
+
+
+class SpareCores:
+    """How much of a core the host could give the daemon's poll, measured between two calls.
+
+    ``measure(now, on_cpu, delay)`` (``now``: ``time.monotonic_ns()``; ``on_cpu``,
+    ``delay``: the polling thread's schedstat times, ns) returns, in cores over the time
+    since the previous call, the time every CPU was idle (``stat``: /proc/stat's first
+    line, idle + iowait) plus the time this thread ran, minus the time it waited runnable
+    for a CPU; None the first time or when ``stat`` cannot be read. Its own run counts as
+    spare because a poll would give it back; its wait counts against, because a poll kept
+    waiting shares a core with another task. Polling on a quiet host, it runs nearly all
+    the time and hardly waits: about 1. Beside another busy task on 2 cores, the host's
+    three CPU-bound threads (that task, the guest's vCPU, this poll) get two thirds of a
+    core each: about 0.3; sleeping on the doorbell there, idle time and its own short runs
+    give about the same. On the emulated board's 2-core host that is the difference
+    between the adaptive mode's 4 KiB reads above the doorbell's and at half of them
+    (docs/performance.md, "Waiting for traps")."""
+
+    def __init__(self, stat="/proc/stat"):
+        self.stat = stat
+        self.cores = None               # the last measure (``avatar-hw info``)
+        self.short = 0                  # measures below SPARE_CORES_MIN
+        self._fd = None
+        self._tick_ns = 1e9 / os.sysconf("SC_CLK_TCK")
+        self._last = None               # (now, idle ns, on_cpu, delay) at the last call
+
+    def measure(self, now, on_cpu, delay):
+        idle = self._idle_ns()
+        last, self._last = self._last, (None if idle is None else (now, idle, on_cpu, delay))
+        if last is None or idle is None or now <= last[0]:
+            return None
+        spare = idle - last[1] + on_cpu - last[2] - (delay - last[3])
+        self.cores = spare / (now - last[0])
+        self.short += self.cores < SPARE_CORES_MIN
+        return self.cores
+
+    def _idle_ns(self):
+        """All CPUs' idle + iowait time so far (ns), or None."""
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.stat, os.O_RDONLY | os.O_CLOEXEC)
+            fields = os.pread(self._fd, 256, 0).split(b"\n", 1)[0].split()
+            return (int(fields[4]) + int(fields[5])) * self._tick_ns
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def info(self):
+        return {"poll_spare_cores": None if self.cores is None else round(self.cores, 2),
+                "poll_no_spare_core": self.short}

@@ -215,10 +215,11 @@ def test_busy_poll_keeps_model_sleeping_clear():
 
 @pytest.fixture
 def switches(monkeypatch):
-    """The time waited for a CPU ``PollWindow`` sees (``PollWindow._run_delay_ns``): the
-    test's, not the loaded machine's."""
+    """The time waited for a CPU ``PollWindow`` sees (``PollWindow._thread_times``), and a
+    core always spare (``SpareCores.measure``): the test's, not the loaded machine's."""
     count = [0]
-    monkeypatch.setattr(wait.PollWindow, "_run_delay_ns", lambda self: count[0])
+    monkeypatch.setattr(wait.PollWindow, "_thread_times", lambda self: (0, count[0]))
+    monkeypatch.setattr(wait.SpareCores, "measure", lambda self, now, on_cpu, delay: None)
     return count
 
 
@@ -357,7 +358,8 @@ def test_poll_window_grows_on_near_misses_and_shrinks_on_long_waits(switches):
         now += 5_000 * us
         assert window.found(now) and window.ns == expected * us
     assert window.info() == {"poll_window_ns": 125 * us, "poll_grown": 8, "poll_shrunk": 3,
-                             "poll_preempted": 0}
+                             "poll_preempted": 0, "poll_spare_cores": None,
+                             "poll_no_spare_core": 0}
     assert not window.over(now) and window.over(now + 125 * us + 1)
     for expected in (62_500, 31_250, 15_625):
         now += 5_000 * us
@@ -365,6 +367,53 @@ def test_poll_window_grows_on_near_misses_and_shrinks_on_long_waits(switches):
     now += 5_000 * us                             # 7.8 us is below the start: 0
     assert not window.found(now) and window.ns == 0   # an idle guest: back to the doorbell
     assert window.over(now + 1)
+
+
+def write_stat(path, idle_ticks, iowait_ticks=0):
+    """A /proc/stat first line (user nice system idle iowait irq softirq steal)."""
+    path.write_text(f"cpu  500 0 200 {idle_ticks} {iowait_ticks} 0 0 0 0 0\ncpu0 1 2 3\n")
+
+
+def test_spare_cores_counts_idle_time_and_the_poll_s_own_run_less_its_waits(tmp_path):
+    stat = tmp_path / "stat"
+    tick = 10**9 // os.sysconf("SC_CLK_TCK")
+    spare = wait.SpareCores(str(stat))
+    write_stat(stat, 1000)
+    assert spare.measure(0, 0, 0) is None          # a first measure has nothing to compare
+    s = 10**9
+    write_stat(stat, 1000 + s // 2 // tick, s // 4 // tick)   # idle 0.5 s, iowait 0.25 s
+    assert spare.measure(s, 0, 0) == pytest.approx(0.75)
+    write_stat(stat, 1000 + s * 3 // 4 // tick, s // 4 // tick)
+    # 1 s: idle 0.25 s, the poll ran 0.7 s of it and waited 0.2 s for a CPU: 0.75.
+    assert spare.measure(2 * s, s * 7 // 10, s // 5) == pytest.approx(0.75)
+    # Another 1 s: never idle, the poll ran 0.6 s and waited 0.35 s: a core shared.
+    assert spare.measure(3 * s, s * 13 // 10, s * 55 // 100) == pytest.approx(0.25)
+    assert spare.info() == {"poll_spare_cores": 0.25, "poll_no_spare_core": 1}
+    stat.write_text("garbage\n")                  # unreadable: unknown, not "none spare"
+    assert spare.measure(4 * s, 0, 0) is None
+    spare.close()
+    assert wait.SpareCores(str(tmp_path / "missing")).measure(0, 0, 0) is None
+
+
+def test_poll_window_stays_shut_while_no_core_is_spare(monkeypatch):
+    """A host with no core to spare (measured every SPARE_SAMPLE_NS): no window, however
+    close the traps come, and a poll in progress stops; once a core is spare, it opens."""
+    us, cores = 1000, [0.3]
+    monkeypatch.setattr(wait.PollWindow, "_thread_times", lambda self: (0, 0))
+    monkeypatch.setattr(wait.SpareCores, "measure", lambda self, now, on_cpu, delay: cores[0])
+    window = PollWindow(0)
+    now = 0
+    for _ in range(5):                            # near misses: would grow the window
+        now += 20 * us
+        assert not window.found(now) and window.ns == 0
+    cores[0] = 1.0                                # measured again only SPARE_SAMPLE_NS later
+    start = now
+    while not window.found(now := now + 20 * us):
+        assert window.ns == 0
+    assert now - start >= wait.SPARE_SAMPLE_NS - 100 * us and window.ns == window.start_ns
+    assert not window.over(now + 1)
+    cores[0] = 0.3                                # the next measure: a poll in progress stops
+    assert window.over(now + wait.SPARE_SAMPLE_NS) and window.ns == 0
 
 
 def test_detach_answers_what_was_posted_then_stub_stops_posting(page):

@@ -78,7 +78,12 @@ def format_balloon(b):
 
 def format_info(info):
     t = info["trap"]
-    window = f" (poll window {t['poll_window_ns'] / 1000:g} us)" if "poll_window_ns" in t else ""
+    window = ""
+    if "poll_window_ns" in t:
+        spare = t["poll_spare_cores"]
+        window = (f" (poll window {t['poll_window_ns'] / 1000:g} us, "
+                  + ("spare CPU not measured yet" if spare is None else
+                     f"{spare:g} core spare") + ")")
     lines = [f"avatar-hw PID {info['pid']} on board {info['board']}, up {info['uptime']:.0f} s, "
              f"wait {info['mode']}{window}; trap ABI {t['abi']}, {t['slots']} slot(s), features "
              f"0x{t['model_features']:x}; traps {t['served']} (unhandled {t['unhandled']}, "
