@@ -174,11 +174,14 @@ class SpareCores:
 
     ``measure(now, on_cpu, delay)`` (``now``: ``time.monotonic_ns()``; ``on_cpu``,
     ``delay``: the polling thread's schedstat times, ns) returns, in cores over the time
-    since the previous call, the time every CPU was idle (``stat``: /proc/stat's first
-    line, idle + iowait) plus the time this thread ran, minus the time it waited runnable
-    for a CPU; None the first time or when ``stat`` cannot be read. Its own run counts as
-    spare because a poll would give it back; its wait counts against, because a poll kept
-    waiting shares a core with another task. Polling on a quiet host, it runs nearly all
+    since the previous call, the time every CPU was idle or ran tasks of a positive nice
+    (``stat``: /proc/stat's first line, idle + iowait + nice) plus the time this thread
+    ran, minus the time it waited runnable for a CPU; None the first time or when ``stat``
+    cannot be read. A niced task yields the core (against nice 0, nice 19 gets 1.5 % of it:
+    kernel/sched/core.c, sched_prio_to_weight), so a background build leaves a core spare.
+    Its own run counts as spare because a poll would give it back (unless it is niced
+    itself: then that time is in the nice column already); its wait counts against,
+    because a poll kept waiting shares a core with another task. Polling on a quiet host, it runs nearly all
     the time and hardly waits: about 1. Beside another busy task on 2 cores, the host's
     three CPU-bound threads (that task, the guest's vCPU, this poll) get two thirds of a
     core each: about 0.3; sleeping on the doorbell there, idle time and its own short runs
@@ -199,18 +202,19 @@ class SpareCores:
         last, self._last = self._last, (None if idle is None else (now, idle, on_cpu, delay))
         if last is None or idle is None or now <= last[0]:
             return None
-        spare = idle - last[1] + on_cpu - last[2] - (delay - last[3])
+        own = on_cpu - last[2] if os.getpriority(os.PRIO_PROCESS, 0) <= 0 else 0
+        spare = idle - last[1] + own - (delay - last[3])
         self.cores = spare / (now - last[0])
         self.short += self.cores < SPARE_CORES_MIN
         return self.cores
 
     def _idle_ns(self):
-        """All CPUs' idle + iowait time so far (ns), or None."""
+        """All CPUs' idle + iowait + nice time so far (ns), or None."""
         try:
             if self._fd is None:
                 self._fd = os.open(self.stat, os.O_RDONLY | os.O_CLOEXEC)
             fields = os.pread(self._fd, 256, 0).split(b"\n", 1)[0].split()
-            return (int(fields[4]) + int(fields[5])) * self._tick_ns
+            return (int(fields[2]) + int(fields[4]) + int(fields[5])) * self._tick_ns
         except (OSError, IndexError, ValueError):
             return None
 

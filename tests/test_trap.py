@@ -369,12 +369,16 @@ def test_poll_window_grows_on_near_misses_and_shrinks_on_long_waits(switches):
     assert window.over(now + 1)
 
 
-def write_stat(path, idle_ticks, iowait_ticks=0):
+def write_stat(path, idle_ticks, iowait_ticks=0, nice_ticks=0):
     """A /proc/stat first line (user nice system idle iowait irq softirq steal)."""
-    path.write_text(f"cpu  500 0 200 {idle_ticks} {iowait_ticks} 0 0 0 0 0\ncpu0 1 2 3\n")
+    path.write_text(f"cpu  500 {nice_ticks} 200 {idle_ticks} {iowait_ticks} 0 0 0 0 0\n"
+                    "cpu0 1 2 3\n")
 
 
-def test_spare_cores_counts_idle_time_and_the_poll_s_own_run_less_its_waits(tmp_path):
+def test_spare_cores_counts_idle_time_and_the_poll_s_own_run_less_its_waits(tmp_path,
+                                                                           monkeypatch):
+    nice = [0]                                    # the poll's nice, whatever pytest's is
+    monkeypatch.setattr(os, "getpriority", lambda which, who: nice[0])
     stat = tmp_path / "stat"
     tick = 10**9 // os.sysconf("SC_CLK_TCK")
     spare = wait.SpareCores(str(stat))
@@ -389,8 +393,14 @@ def test_spare_cores_counts_idle_time_and_the_poll_s_own_run_less_its_waits(tmp_
     # Another 1 s: never idle, the poll ran 0.6 s and waited 0.35 s: a core shared.
     assert spare.measure(3 * s, s * 13 // 10, s * 55 // 100) == pytest.approx(0.25)
     assert spare.info() == {"poll_spare_cores": 0.25, "poll_no_spare_core": 1}
+    # Another: a niced task ran 0.9 s of it (a background build): spare, it yields.
+    write_stat(stat, 1000 + s * 3 // 4 // tick, s // 4 // tick, s * 9 // 10 // tick)
+    assert spare.measure(4 * s, s * 13 // 10, s * 55 // 100) == pytest.approx(0.9)
+    nice[0] = 19                                  # a niced poll's run is in that column
+    write_stat(stat, 1000 + s * 3 // 4 // tick, s // 4 // tick, s * 18 // 10 // tick)
+    assert spare.measure(5 * s, s * 23 // 10, s * 55 // 100) == pytest.approx(0.9)
     stat.write_text("garbage\n")                  # unreadable: unknown, not "none spare"
-    assert spare.measure(4 * s, 0, 0) is None
+    assert spare.measure(6 * s, 0, 0) is None
     spare.close()
     assert wait.SpareCores(str(tmp_path / "missing")).measure(0, 0, 0) is None
 
