@@ -57,7 +57,8 @@ def _run_part(name, args):
         return fs.run(quick=args.quick, runs=args.runs)
     if name == "two_guests":
         from . import two_guests
-        return two_guests.run(quick=args.quick, daemon=args.daemon, wait=args.wait)
+        return two_guests.run(quick=args.quick, daemon=args.daemon, wait=args.wait,
+                              vm1_sched_idle=args.vm1_sched_idle)
     if name == "board_linux":
         from . import board_linux
         return board_linux.run(quick=args.quick)
@@ -80,6 +81,9 @@ def main(argv=None):
                         help="board, two_guests: avatar-hw's daemon in a thread of the bench's "
                              "process or in its own process (default: the emulated board's, "
                              "EmulatedBoard's daemon_process)")
+    parser.add_argument("--vm1-sched-idle", action="store_true",
+                        help="two_guests: VM1's vCPU thread at SCHED_IDLE, so that its computing "
+                             "cannot take VM0's CPU (a core of its own, as on a board)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the daemon on the trap path and list the top functions")
     parser.add_argument("--out", type=Path,

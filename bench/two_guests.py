@@ -17,6 +17,14 @@ order put off or paced (avatar_hw/pace.py) (``avatar-hw info``'s per-VM counters
 read through the control socket whether the daemon runs in a thread of this process or in its own: ``daemon``, one
 of bench/board.py's DAEMON_MODES): how much of that rest is the daemon's.
 
+With ``vm1_sched_idle`` VM1's vCPU thread runs at SCHED_IDLE (sched(7)): the host
+gives it only the CPU time nothing else wants, so VM1's computing cannot take VM0's
+CPU, as on a board where each VM has a core of its own (the seed's multi-VM layout;
+this machine has 2 cores for VM0's vCPU, VM1's, the daemon and QEMU's main loop).
+What VM1 still costs VM0 then is its device accesses: its traps through QEMU's main
+loop and the daemon, which keep their priority. busy/idle shows how well that models
+a core of its own (near 1); hostile/idle is then the device model's isolation.
+
 The pieces are shared with tests/test_emulated_two_guests.py, which asserts
 data and recovery, never time. On a 2-core machine VM0's vCPU, VM1's vCPU and
 the daemon are three busy threads: part of any slowdown is CPU, not devices.
@@ -80,6 +88,15 @@ def start_board(initrd, images, switch, **kwargs):
                for image, mac in zip(images, MACS)]
     return EmulatedBoard(vms=2, initrd=Path(initrd), devices=devices, bootargs=BOOTARGS,
                          **kwargs).start()
+
+
+def vcpu_thread(board, cpu):
+    """The host thread id of QEMU's vCPU ``cpu`` (named "CPU n/TCG", ``-name debug-threads=on``)."""
+    tasks = Path(f"/proc/{board.machine.process.pid}/task")
+    for task in tasks.iterdir():
+        if (task / "comm").read_text().strip() == f"CPU {cpu}/TCG":
+            return int(task.name)
+    raise AvatarError(f"no thread named 'CPU {cpu}/TCG' in QEMU (PID {board.machine.process.pid})")
 
 
 def shells(board, timeout=180):
@@ -152,9 +169,10 @@ def vm0_figures(shell, size, board=None):
     return out
 
 
-def run(quick=False, daemon=None, wait=None):
+def run(quick=False, daemon=None, wait=None, vm1_sched_idle=False):
     """``daemon``: where the daemon runs, one of bench/board.py's DAEMON_MODES (None:
-    EmulatedBoard's default); ``wait``: its wait mode (None: the board file's)."""
+    EmulatedBoard's default); ``wait``: its wait mode (None: the board file's);
+    ``vm1_sched_idle``: VM1's vCPU thread at SCHED_IDLE (the module's docstring)."""
     size = 16 * MIB if quick else 64 * MIB
     workdir = Path(tempfile.mkdtemp(prefix="avatar-bench-two-"))
     images = [workdir / f"vm{vm}.img" for vm in range(2)]
@@ -163,6 +181,8 @@ def run(quick=False, daemon=None, wait=None):
     board = start_board(build_two_guest_initrd(workdir), images, str(workdir / "switch.sock"),
                         wait=wait, **board_options(daemon))
     try:
+        if vm1_sched_idle:
+            os.sched_setscheduler(vcpu_thread(board, 1), os.SCHED_IDLE, os.sched_param(0))
         vm0, vm1 = shells(board)
         idle = vm0_figures(vm0, size, board)
         print(f"  two guests, VM1 idle: {idle['wall_s']:.0f} s", flush=True)
@@ -181,6 +201,7 @@ def run(quick=False, daemon=None, wait=None):
         log, _ = vm1.run("cat /tmp/avhostile.log")
         recovered = vm1.run("dd if=/dev/vda bs=1M count=1 iflag=direct 2>/dev/null | wc -c")[0]
         out = {"size": size, "daemon": daemon_mode(board), "wait": daemon_info(board)["mode"],
+               "vm1_sched_idle": vm1_sched_idle,
                "idle": idle, "busy": busy, "hostile": hostile,
                "avhostile": log.strip(),
                "vm1_reads_after_reload": recovered.strip() == str(MIB),
@@ -197,8 +218,11 @@ def run(quick=False, daemon=None, wait=None):
             for key in ("block_seqread_MBps", "block_seqwrite_MBps", "console_h2g_MBps",
                         "console_g2h_MBps")]
     table(f"VM0 beside VM1 on the emulated board ({size // MIB} MiB each, daemon: "
-          f"{out['daemon']}, wait: {out['wait']}; target hostile/idle >= 0.7)", ["figure (MB/s)", "VM1 idle", "VM1 busy", "VM1 hostile", "busy/idle",
-                      "hostile/idle", "hostile/busy"], rows)
+          f"{out['daemon']}, wait: {out['wait']}"
+          + (", VM1's vCPU at SCHED_IDLE" if vm1_sched_idle else "")
+          + "; target hostile/idle >= 0.7)",
+          ["figure (MB/s)", "VM1 idle", "VM1 busy", "VM1 hostile", "busy/idle", "hostile/idle",
+           "hostile/busy"], rows)
     for phase in ("idle", "busy", "hostile"):
         figures = out[phase]
         print(f"  VM1 {phase}: {figures['wall_s']:.0f} s; daemon per VM: " + "; ".join(

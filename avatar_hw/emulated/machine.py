@@ -256,6 +256,8 @@ class EmulatedMachine:
                 "-object", f"memory-backend-file,id=ram,size={size}M,"
                            f"mem-path=/proc/self/fd/{self._ram_fd},share=on",
                 "-nodefaults", "-display", "none", "-no-reboot",
+                # Threads named "CPU n/TCG": a bench or an engineer can find VM n's vCPU.
+                "-name", "avatar-board,debug-threads=on",
                 "-chardev", f"socket,id=uart,path={sock_path},server=on,wait=on",
                 "-serial", "chardev:uart", "-kernel", str(self.stub)]
         for path, addr in loaders:
