@@ -442,6 +442,9 @@ def traps_waited(info):
     return sum(device["traps_waited"] for vm in info["vms"] for device in vm["devices"])
 
 
+POLL_COUNTERS = ("poll_spare_cores", "poll_no_spare_core", "poll_preempted", "poll_grown")
+
+
 def run_ours(initrd, image, share, kinds, quick, wait=None, daemon=None):
     """Our side's figures; ``wait``: the daemon's wait mode (None: the board file's);
     ``daemon``: where it runs, one of DAEMON_MODES (None: EmulatedBoard's default)."""
@@ -476,9 +479,12 @@ def run_ours(initrd, image, share, kinds, quick, wait=None, daemon=None):
                 figures["vsock_guest_echo_MBps"] = vsock_guest_echo(shell, vsock_path, size)
             if "net" in kinds:
                 peer = NetPeer(Path(initrd).parent / "net-peer.sock", switch)
-            return {**figures, **measure_guest(
+            figures.update(measure_guest(
                 shell, kinds, quick, waited_traps=lambda: traps_waited(daemon_info(board)),
-                net_peer=peer)}
+                net_peer=peer))
+            trap = daemon_info(board)["trap"]      # the adaptive mode's window, at the end
+            figures["poll"] = {key: trap[key] for key in POLL_COUNTERS if key in trap}
+            return figures
         finally:
             shell.close()
             if peer is not None:
@@ -640,6 +646,12 @@ def report(out, title="Emulated board", qemu="QEMU virtio-mmio", note=NOT_COMPAR
               "(docs/boards.md, trap.wait)")
     if out.get("ours_daemon"):
         print(f"  avatar-hw's daemon ran in: {', '.join(out['ours_daemon'])} (--daemon)")
+    polls = [r["poll"] for r in out["raw"]["ours"] if r.get("poll")]
+    if polls:
+        print("  adaptive window per run (spare cores at the last measure, measures without a "
+              "spare core, give-ups when preempted): " + "; ".join(
+                  f"{p.get('poll_spare_cores')}, {p.get('poll_no_spare_core')}, "
+                  f"{p.get('poll_preempted')}" for p in polls))
     if note:
         print(f"  {note}")
     for side in ("ours", "qemu"):
