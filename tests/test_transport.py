@@ -381,6 +381,19 @@ def test_idle_traps_are_the_accesses_that_complete_nothing(bench):
     assert idle(bench, d.write, c.REG_STATUS, 0) == 0                     # a reset
 
 
+def test_a_notify_of_an_available_index_moved_past_a_queue_s_worth_is_idle(bench):
+    """A receive queue with nothing to receive is not popped, so the device would never
+    see a guest move its available index by one at each notify, past all it offered."""
+    q, _ = ready(bench)
+    bench.device.queue_notify = lambda index: None          # pops nothing, as such a queue
+    for _ in range(q.size):
+        q.set_avail_idx(q.avail_idx + 1)
+        assert idle(bench, q.notify) == 0
+    for _ in range(3):
+        q.set_avail_idx(q.avail_idx + 1)
+        assert idle(bench, q.notify) == 1
+
+
 # -- interrupts -----------------------------------------------------------------------------------
 
 def test_interrupt_status_and_ack(bench):
