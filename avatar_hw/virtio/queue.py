@@ -169,12 +169,14 @@ class Virtqueue:
         self.new_turn()
 
     def notified(self):
-        """The driver notified this ready queue: False when it made no entry available since
-        its previous notify (or since ``set_up``), an *idle* notify (``MmioTransport``,
-        "Idle traps"), or when its available index is more than a queue's worth ahead of
-        ``last_avail_idx`` (no driver does that; a device that does not pop, a receive
-        queue with nothing to receive, would not see it). One plain load of the available
-        index: only its value is compared, ``pop`` orders the entries it reads itself."""
+        """The driver notified this ready queue: a new turn (``new_turn``). False when it
+        made no entry available since its previous notify (or since ``set_up``), an *idle*
+        notify (``MmioTransport``, "Idle traps"), or when its available index is more than
+        a queue's worth ahead of ``last_avail_idx`` (no driver does that; a device that
+        does not pop, a receive queue with nothing to receive, would not see it). One plain
+        load of the available index: only its value is compared, ``pop`` orders the
+        entries it reads itself."""
+        self.new_turn()
         idx = self._avail[1]
         if idx == self._notified_idx or (idx - self.last_avail_idx) & 0xFFFF > self.size:
             return False

@@ -442,10 +442,8 @@ class MmioTransport(LegacyRegisters):
         if index >= len(self.device.queues) or not self.device.queues[index].ready:
             self.guest_error("notify of queue %d, which is not ready; ignored", index)
             return
-        queue = self.device.queues[index]
-        if not queue.notified():
+        if not self.device.queues[index].notified():
             self.context.idle_traps += 1
-        queue.new_turn()
         self.device.queue_notify(index)
 
     def write_queue_reset(self, value):
@@ -466,9 +464,10 @@ class MmioTransport(LegacyRegisters):
     # -- interrupts ---------------------------------------------------------------------------
 
     def write_interrupt_ack(self, value):
-        if not value & self.interrupt_status:
-            self.context.idle_traps += 1
-        self.interrupt_status &= ~value
+        context = self.context
+        if not value & context.interrupt_status:
+            context.idle_traps += 1
+        context.interrupt_status &= ~value
 
     def signal_used(self, queue):
         """Interrupt the driver for new used buffers of ``queue`` unless it suppressed that."""
