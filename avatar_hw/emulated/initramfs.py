@@ -47,9 +47,10 @@ for d in /sys/bus/virtio/devices/*; do
 done
 cd /root
 while :; do
-    setsid sh -c 'exec sh -i </dev/hvc0 >/dev/hvc0 2>&1' </dev/null >/dev/null 2>&1 &
-    echo "{marker}" >/dev/hvc0
-    wait $!
+    # In the foreground: a shell started with & would ignore SIGINT for good (a non-interactive
+    # shell's background job), so Ctrl-C on the console would stop nothing. The marker comes
+    # from the shell's own open hvc0 (its controlling tty), just before its prompt.
+    setsid sh -c 'exec </dev/hvc0 >/dev/hvc0 2>&1; echo "{marker}"; exec sh -i' </dev/null >/dev/null 2>&1
     [ $? -eq 129 ] || break
     # SIGHUP: hvc0 went away (its virtio driver was unbound); a new shell once it is back
     n=0
