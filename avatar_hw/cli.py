@@ -7,7 +7,8 @@ the others. Errors a user can cause are ``AvatarError``: printed as one line,
 exit status 2. A reader that goes away (``avatar-hw info | head``) ends the
 command quietly. SIGINT ends any command (status 130, the demo and the console
 cleaning up as they unwind), also when it was inherited as ignored (a
-background job of a non-interactive shell): Python then installs no handler.
+background job of a non-interactive shell): Python then installs no handler; and
+one that comes while the commands load ends it as quietly.
 
 Log level: warnings by default, ``-v`` info, ``-vv`` debug; a command may
 set ``verbosity`` (``serve`` starts at info), and ``--log-level`` wins.
@@ -20,7 +21,6 @@ import os
 import signal
 import sys
 import threading
-from importlib import metadata
 
 from .errors import AvatarError
 
@@ -39,6 +39,7 @@ LEVELS = ["warning", "info", "debug"]
 
 
 def version():
+    from importlib import metadata     # here: a Ctrl-C while it loads ends main() quietly
     try:
         return metadata.version("avatar-hw")
     except metadata.PackageNotFoundError:
@@ -85,11 +86,11 @@ def _interruptible():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=log_level(args),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     old_sigint = _interruptible()
     try:
+        args = build_parser().parse_args(argv)     # imports every command: a Ctrl-C may come
+        logging.basicConfig(level=log_level(args),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         status = args.func(args) or 0
         sys.stdout.flush()
         return status

@@ -432,8 +432,10 @@ class Daemon:
         return self.subsystem.list_all_devices()
 
     def debug_device(self, vm_id, slot):
-        """What ``avatar-hw debug --json`` shows."""
-        return self.subsystem.debug_device(vm_id, slot)
+        """What ``avatar-hw debug --json`` shows: the device's state and its window's register
+        accesses (waited, posted, shadow reads, acks at the stub)."""
+        return {**self.subsystem.debug_device(vm_id, slot),
+                **self.trap.window_counters(self.board.layout.window_number(vm_id, slot))}
 
     def balloon(self, vm_id, size=None):
         """What ``avatar-hw balloon`` does: VM ``vm_id`` keeps ``size`` bytes of its RAM (its
@@ -460,9 +462,7 @@ class Daemon:
         """What ``avatar-hw info --json`` shows."""
         vms = []
         for vm_id, memory in self.subsystem.vms.items():
-            devices = [{**entry, **self.debug_device(vm_id, entry["slot"]),
-                        **self.trap.window_counters(
-                            self.board.layout.window_number(vm_id, entry["slot"]))}
+            devices = [{**entry, **self.debug_device(vm_id, entry["slot"])}
                        for entry in self.subsystem.device_info() if entry["vm"] == vm_id]
             vms.append({"vm": vm_id, "ram": {"base": address(memory.base), "size": memory.size},
                         "window": [address(a) for a in self.board.layout.vm_window(vm_id)],

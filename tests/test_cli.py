@@ -76,6 +76,22 @@ def test_a_closed_pipe_ends_quietly(argv):
     assert result.returncode in (0, 141)
 
 
+def test_a_ctrl_c_while_the_commands_load_ends_quietly():
+    """A SIGINT that comes while main() imports the commands (a newcomer's early Ctrl-C of
+    ``avatar-hw demo``) ends it with status 130 and no traceback."""
+    code = ("import importlib, os, signal, sys\n"
+            "from avatar_hw import cli\n"
+            "load = importlib.import_module\n"
+            "def interrupted(name):\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    return load(name)\n"
+            "importlib.import_module = interrupted\n"
+            "sys.exit(cli.main(['layout', '--board', 'rpi4']))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", "")
+
+
 def test_console_without_a_vm_says_what_to_give(capsys):
     assert cli.main(["console"]) == 2
     assert capsys.readouterr().err == ("avatar-hw: console: give a VM number (and the daemon's "

@@ -195,6 +195,11 @@ def test_daemon_serves_consoles_to_two_vms_and_info_shows_both(board, stub, serv
     assert "vm1 slot0 console" in served.cli("list")
     debug = served.cli("debug", "1", "console")
     assert "DRIVER_OK" in debug and "q1: size 256/256 ready" in debug
+    # debug counts the device's register accesses as info does (it once printed zeros).
+    d = devices[1]
+    assert (f"register accesses: waited {d['traps_waited']}, posted {d['posted_writes']}, "
+            f"shadow {d['shadow_reads']}, acks at the stub {d['stub_acks']}") in debug
+    assert d["traps_waited"] > 0
 
     assert served.stop() == 0
     assert stub.page.header.model_state == abi.MODEL_DETACHED

@@ -308,6 +308,27 @@ def test_board_linux_demo_ends_on_a_signal_leaving_nothing(ending):
     assert b"Traceback" not in demo.err
 
 
+def test_a_run_that_outlasts_its_timeout_prints_its_output_and_names_the_option():
+    done = subprocess.run(AVATAR_HW + ["demo", "--run", "echo started; sleep 600",
+                                       "--timeout", "10"],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 2 and done.stdout == "started\n", done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "avatar-hw: --run 'echo started; sleep 600' did not finish within 10 s: give it "
+        "longer with --timeout SECONDS")
+    pid = re.search(r"avatar-emulated-(\d+)-", done.stderr).group(1)
+    assert leftovers(pid) == ([], [], [])
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon"])
+def test_timeout_takes_seconds_above_zero(value):
+    done = subprocess.run(AVATAR_HW + ["demo", "--run", "true", "--timeout", value],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (f"avatar-hw demo: error: argument --timeout: "
+                                            f"{value!r} is not a number of seconds above 0")
+
+
 def test_board_linux_demo_refuses_host_mode_options_in_one_line():
     for argv, message in ((["--board-linux", "--vms", "2"], "avatar-hw: --vms: board mode runs"),
                           (["--run-board", "true"], "avatar-hw: --run-board needs --board-linux"),

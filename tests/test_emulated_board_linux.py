@@ -21,7 +21,7 @@ from avatar_hw.emulated import board_linux
 from avatar_hw.emulated.session import EmulatedBoard
 from avatar_hw.hil.target import EmulatedTarget
 from avatar_hw.overlay import RPI4, render
-from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
+from test_emulated_linux import ctrl_c_stops_a_command, pytestmark  # noqa: F401 (emulated, tools)
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAPS = 4
@@ -93,6 +93,11 @@ def test_board_linux_trap_doorbell_wakes_the_model_in_read(board):
     interrupts, _ = board.shell_.run("grep avatar-trap /proc/interrupts")
     fields = interrupts.split()
     assert fields[2:5] == ["GIC-0", "272", "Edge"] and int(fields[1]) >= wakeups, interrupts
+
+
+def test_board_linux_ctrl_c_on_its_console_stops_the_command(board):
+    """The board Linux's shell (its hvc0, what socat attaches) takes Ctrl-C as the guest's does."""
+    ctrl_c_stops_a_command(board.shell_)
 
 
 def test_board_linux_udev_rules_own_the_uio_devices(served):

@@ -73,6 +73,24 @@ def test_shell_round_trip_over_hvc0(board):
     assert output.strip() == "/dev/hvc0"
 
 
+def ctrl_c_stops_a_command(shell):
+    """Ctrl-C typed on ``shell``'s console interrupts its foreground command (status 130)."""
+    shell.sock.sendall(b"sh -c 'echo started-$((6 * 7)); exec sleep 600'\n")
+    shell.read_until(rb"started-42\r*\n", 30)       # sleep runs, in the foreground
+    shell.sock.sendall(b"\x03")
+    shell.read_until(rb"# ", 30)                    # the shell's prompt: sleep has ended
+    shell.sock.sendall(b"echo status-$?\n")
+    assert shell.read_until(rb"status-(\d+)\r*\n", 30).group(1) == b"130"
+    assert shell.run("echo $((1 + 1))") == ("2\n", 0)
+
+
+def test_ctrl_c_on_the_console_stops_the_guests_command(board):
+    """Ctrl-C typed on the console (the demo's terminal) interrupts the guest's foreground
+    command: the shell's controlling tty is hvc0 and its commands do not ignore SIGINT (a
+    shell started by /init with ``&`` made them ignore it, so Ctrl-C stopped nothing)."""
+    ctrl_c_stops_a_command(board.guest)
+
+
 def test_demo_run_prints_output_and_exits_with_the_status():
     import subprocess
     import sys

@@ -44,7 +44,7 @@ from . import memory_map as mm
 from .assets import board_userland
 from .build import cache_dir
 from .devicetree import CPU_NODES
-from .initramfs import pack_initramfs
+from .initramfs import SHELL_ON_HVC0, pack_initramfs
 from .kmod import build_kmod
 
 BOARD_FILE = "emulated-board-linux"
@@ -137,10 +137,7 @@ n=0
 while [ ! -e /dev/hvc0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 [ -e /dev/hvc0 ] || poweroff -f
 cd /root
-# The marker comes from the shell's own open hvc0, before its prompt: a separate
-# `echo >/dev/hvc0` raced the shell's open of the tty and was lost once in CI.
-setsid sh -c 'echo "{marker}"; exec sh -i' </dev/hvc0 >/dev/hvc0 2>&1 &
-wait $!
+{shell}
 poweroff -f
 """
 
@@ -305,7 +302,8 @@ def userland_files():
 def build_board_initramfs(assets, files=None, *, userland=True):
     """The board Linux's initramfs (module docstring); ``files`` are added to it; without
     ``userland`` only busybox and avatar_uio (no Python, no daemon)."""
-    init = INIT.format(modules=" ".join(MODULES), marker=BOARD_READY_MARKER)
+    init = INIT.format(modules=" ".join(MODULES),
+                       shell=SHELL_ON_HVC0.format(marker=BOARD_READY_MARKER))
     extra = {"lib/avatar_uio.ko": build_kmod(assets.release).read_bytes(),
              **(userland_files() if userland else {}), **(files or {})}
     return pack_initramfs(assets, init, MODULES, extra, name="board-initramfs")

@@ -19,6 +19,7 @@ either this terminal gets the guest's console and the board Linux's shell is
 printed (a Unix socket: ``socat -,raw,echo=0 UNIX-CONNECT:PATH``).
 """
 
+import argparse
 import os
 import select
 import signal
@@ -29,9 +30,10 @@ import tty
 from ..commands.query import format_list
 from ..commands.serve import add_wait_option
 from ..config import config_path
+from ..errors import AvatarError
 from . import board_linux
 from .memory_map import MAX_VMS
-from .session import EmulatedBoard
+from .session import ConsoleTimeout, EmulatedBoard
 
 EXIT_KEY = b"\x1d"                  # Ctrl-]
 GUEST_TIMEOUT = 120                 # host mode: seconds until the guest's shell answers
@@ -137,15 +139,23 @@ def _demo(args):
             _announce(board)
             if args.run is None:
                 return _interactive(board, args.vm)
-            return _run(board.shell(timeout=GUEST_TIMEOUT, vm=args.vm), args.run, args.timeout)
+            return _run(board.shell(timeout=GUEST_TIMEOUT, vm=args.vm), args.run, args.timeout,
+                        "--run")
     finally:
         for signum, handler in old.items():
             signal.signal(signum, handler)
 
 
-def _run(shell, command, timeout):
-    """Run ``command`` in ``shell``, print its output; its exit status."""
-    output, status = shell.run(f"({command})", timeout=timeout)
+def _run(shell, command, timeout, option):
+    """Run ``command`` (given with ``option``) in ``shell``, print its output; its exit status.
+    Not done within ``timeout``: what it printed, then an error naming ``--timeout``."""
+    try:
+        output, status = shell.run(f"({command})", timeout=timeout)
+    except ConsoleTimeout as timed_out:
+        sys.stdout.write(timed_out.output.replace(b"\r\n", b"\n").decode(errors="replace"))
+        sys.stdout.flush()
+        raise AvatarError(f"{option} {command!r} did not finish within {timeout:g} s: "
+                          "give it longer with --timeout SECONDS") from None
     sys.stdout.write(output)
     sys.stdout.flush()
     return status
@@ -165,9 +175,9 @@ def _board_demo(args, log):
              f"in the board Linux's shell: avatar-hw list (also info, debug)")
         status = 0
         if args.run_board is not None:
-            status = _run(shell, args.run_board, args.timeout)
+            status = _run(shell, args.run_board, args.timeout, "--run-board")
         if args.run is not None:
-            guest = _run(board.shell(timeout=BOARD_TIMEOUT), args.run, args.timeout)
+            guest = _run(board.shell(timeout=BOARD_TIMEOUT), args.run, args.timeout, "--run")
             status = status or guest
         if args.run_board is not None or args.run is not None:
             return status
@@ -175,6 +185,17 @@ def _board_demo(args, log):
         _say(f"the board Linux's shell (its hvc0): socat -,raw,echo=0 "
              f"UNIX-CONNECT:{board.board_console_path}")
         return _interactive(board, board_linux.GUEST_VM, BOARD_TIMEOUT)
+
+
+def _seconds(text):
+    """--timeout's value: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
 
 
 def add_parser(subparsers, parents=()):
@@ -190,7 +211,7 @@ def add_parser(subparsers, parents=()):
                         help="control socket path (default: in the demo's temporary directory)")
     parser.add_argument("--run", metavar="CMD", help="run CMD in the guest, print its output, "
                         "exit with its status")
-    parser.add_argument("--timeout", type=float, default=60,
+    parser.add_argument("--timeout", type=_seconds, default=60,
                         help="seconds for --run and for --run-board (60)")
     parser.add_argument("--stub-log", action="store_true", help="show the EL2 stub's log")
     parser.add_argument("--vms", type=int, choices=range(1, MAX_VMS + 1), default=1,

@@ -25,6 +25,14 @@ READY_MARKER = "avatar-guest: ready"
 HVC_WAIT_SECONDS = 10
 HVC_RELOAD_SECONDS = 60
 
+# The interactive shell on hvc0 (the guest's, the board Linux's), run by /init in the
+# foreground: a shell started with & would ignore SIGINT for good (a non-interactive shell's
+# background job), so Ctrl-C on the console would stop nothing. In its own session, hvc0 its
+# controlling tty; the ready marker comes from its own open hvc0, just before its prompt (a
+# separate `echo >/dev/hvc0` raced the shell's open of the tty). Its exit status is /init's $?.
+SHELL_ON_HVC0 = ("""setsid sh -c 'exec </dev/hvc0 >/dev/hvc0 2>&1; echo "{marker}"; exec sh -i' """
+                 """</dev/null >/dev/null 2>&1""")
+
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin HOME=/root
@@ -47,9 +55,7 @@ for d in /sys/bus/virtio/devices/*; do
 done
 cd /root
 while :; do
-    setsid sh -c 'exec sh -i </dev/hvc0 >/dev/hvc0 2>&1' </dev/null >/dev/null 2>&1 &
-    echo "{marker}" >/dev/hvc0
-    wait $!
+    {shell}
     [ $? -eq 129 ] || break
     # SIGHUP: hvc0 went away (its virtio driver was unbound); a new shell once it is back
     n=0
@@ -129,7 +135,8 @@ def build_initramfs(assets=None):
     """The cached initramfs for the guest assets; returns its path."""
     assets = assets or guest_assets()
     init = INIT.format(modules=" ".join(MODULES), hvc_wait_tenths=HVC_WAIT_SECONDS * 10,
-                       hvc_reload_tenths=HVC_RELOAD_SECONDS * 10, marker=READY_MARKER)
+                       hvc_reload_tenths=HVC_RELOAD_SECONDS * 10,
+                       shell=SHELL_ON_HVC0.format(marker=READY_MARKER))
     return pack_initramfs(assets, init, MODULES)
 
 

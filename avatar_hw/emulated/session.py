@@ -73,6 +73,14 @@ log = logging.getLogger(__name__)
 MODEL_WAIT_MS = 30000
 
 
+class ConsoleTimeout(AvatarError):
+    """What a guest shell awaited did not come in time; ``output``: what came meanwhile."""
+
+    def __init__(self, message, output):
+        super().__init__(message)
+        self.output = output
+
+
 class GuestShell:
     """The guest's shell on hvc0, over the console backend's Unix socket."""
 
@@ -92,8 +100,8 @@ class GuestShell:
                 return match
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AvatarError(f"guest console: no {pattern!r} within {timeout} s; "
-                                  f"last output: {self._buffer[-300:]!r}")
+                raise ConsoleTimeout(f"guest console: no {pattern!r} within {timeout} s; "
+                                     f"last output: {self._buffer[-300:]!r}", self._buffer)
             self.sock.settimeout(min(left, 0.5))
             try:
                 chunk = self.sock.recv(65536)
