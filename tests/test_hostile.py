@@ -13,6 +13,7 @@ import socket
 
 import pytest
 
+from avatar_hw import abi, pace
 from avatar_hw.backends import console as console_backend
 from avatar_hw.devices import block as blk
 from avatar_hw.devices import net, vsock
@@ -350,6 +351,47 @@ def test_guest_triggered_errors_are_rate_limited_and_counted(block, caplog):
     assert len(loud) < 60, len(loud)
     info = block.device.info()
     assert info["errors"] >= 300 and info["log_lines_suppressed"] > 200
+
+
+def test_a_guest_starting_and_ending_its_pacing_at_will_logs_a_few_lines(caplog):
+    """A VM can err for one period, keep quiet for CALM_PERIODS, and do it again for
+    ever: each round starts and ends its pacing (avatar_hw/pace.py). Old code: the end
+    was logged at INFO every round, one line a second per VM, unlimited (the start line
+    was rate-limited). Both are now: a few lines, the rest at debug."""
+    caplog.set_level(logging.DEBUG, logger="avatar_hw")
+
+    class Trap:
+        features = abi.F_PACE
+        paced = {}
+
+        def pace(self, vm, us):
+            self.paced[vm] = us
+
+    class Subsystem:
+        vms = (0,)
+        mistakes = 0
+
+        def guest_mistakes(self, vm):
+            return self.mistakes
+
+    class Loop:
+        def call_later(self, delay, callback):
+            return callback
+
+    trap, subsystem = Trap(), Subsystem()
+    pacer = pace.Pacer(trap, subsystem, Loop())
+    pacer.start()
+    rounds = 100
+    for _ in range(rounds):
+        subsystem.mistakes += pacer.mistakes + 1
+        pacer._count()                                  # the period's count, now
+        assert trap.paced[0] == pace.PACE_US
+        for _ in range(pace.CALM_PERIODS):
+            pacer._count()
+        assert trap.paced[0] == 0
+    lines = [r for r in caplog.records if r.name == pace.log.name]
+    shown = [r for r in lines if r.levelno >= logging.INFO]
+    assert len(lines) == 2 * rounds and len(shown) <= 50, len(shown)
 
 
 def test_a_device_bug_whose_failing_fails_too_is_rate_limited_and_counted(block, caplog,
