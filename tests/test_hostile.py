@@ -472,6 +472,44 @@ def test_a_guest_sending_with_another_vms_mac_gets_nothing_of_its_traffic(tmp_pa
             nic.close()
 
 
+def test_a_source_mac_rewritten_after_the_switch_checked_it_is_not_the_one_sent(tmp_path,
+                                                                                 loop):  # noqa: F811
+    """TOCTOU: the guest's vCPU runs while the daemon serves its posted QueueNotify, so it
+    can rewrite its frame's source MAC between the switch's check and the copy to each
+    destination. Old code: the copy read the guest's RAM again, and b and the remote port
+    received a frame "from" b's MAC sent by the thief. Now the addresses sent are the
+    ones checked."""
+    path = str(tmp_path / "s.sock")
+    a, b, thief = (Nic(loop, f"switch:{path}", mac_=f"52:54:00:00:00:0{i}") for i in (1, 2, 3))
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    peer.bind(str(tmp_path / "peer.sock"))
+    peer.setblocking(False)
+    try:
+        peer.sendto(b"", path)                        # a remote port joins
+        spin(loop)
+        for nic in (a, b):
+            nic.post_rx(8)
+        sent = frame(b"\xff" * 6, mac("52:54:00:00:00:03"), b"hello")
+        head = thief.tx.post(readable=[bytes(12) + sent])
+        [(gpa, _, _)] = thief.tx.outstanding[head][1]
+        switch = thief.device.backend.switch
+        checked = switch._destinations
+
+        def rewrite_after_the_check(dst, ingress):  # the guest's vCPU, at the worst time
+            thief.bench.ram.write(gpa + 12 + 6, mac("52:54:00:00:00:02"))
+            return checked(dst, ingress)
+
+        switch._destinations = rewrite_after_the_check
+        thief.tx.notify()
+        spin(loop)
+        assert a.received() == [sent] and b.received() == [sent]
+        assert peer.recv(2048) == sent
+    finally:
+        peer.close()
+        for nic in (a, b, thief):
+            nic.close()
+
+
 # -- resets racing held chains -------------------------------------------------------------------
 
 def _reset(bench, how, index):
