@@ -1,4 +1,5 @@
-"""Pacing: a VM that keeps making mistakes waits before each of its accesses.
+"""Pacing: a VM that keeps making mistakes, or traps to no effect, waits before each of
+its accesses.
 
 A broken or hostile guest can post invalid register writes and notifies of rings it
 scribbled as fast as its vCPU runs. Each is refused cheaply (a counted, rate-limited
@@ -6,18 +7,37 @@ guest-error line, DEVICE_NEEDS_RESET, a used entry of length 0), but each is sti
 trap: the stub's doorbell, the daemon's scan and dispatch, and on the emulated board a
 byte through QEMU's main loop under its global lock, with the vCPU's host thread
 spinning meanwhile. Beside such a guest another VM's console ran at a third of its
-speed on a 2-core host (docs/performance.md, "Two guests").
+speed on a 2-core host (docs/performance.md, "Two guests"). The same holds for valid
+accesses that complete nothing: a notify of a queue with nothing new in it, an
+InterruptACK of clear bits, a selector written again and again (*idle traps*,
+``MmioTransport``'s docstring), which make no mistake.
 
 So every ``PERIOD_S`` the daemon counts each VM's mistakes (its devices' guest errors
-and bad chains, ``Subsystem.guest_mistakes``); a VM with more than
-``MISTAKES_PER_PERIOD`` is *paced*: the stub waits ``PACE_US`` before each access of
-its vCPUs, asleep (``AVT_F_PACE``, docs/trap-abi.md section 16), so that VM neither traps
-nor spins faster than one access per ``PACE_US``. ``CALM_PERIODS`` in a row without a
-mistake end it: a paced guest makes too few accesses to reach the threshold again, and
-a hostile one computes between its floods (bench/guest/avhostile.c scribbles its rings
-for 100 ms and more); left after one calm period, it flooded unpaced ~1000 accesses
-before the next count, dozens of times a run. A correct driver makes no mistake, so it
-is never paced; a VM being paced still gets every access answered, only later.
+and bad chains, ``Subsystem.guest_mistakes``) and idle traps (``Subsystem.idle_traps``);
+a VM with more than ``MISTAKES_PER_PERIOD`` mistakes or ``IDLE_TRAPS_PER_PERIOD`` idle
+traps is *paced*: the stub waits ``PACE_US`` before each access of its vCPUs, asleep
+(``AVT_F_PACE``, docs/trap-abi.md section 16), so that VM neither traps nor spins faster
+than one access per ``PACE_US``. ``CALM_PERIODS`` in a row without a mistake and with at
+most ``CALM_IDLE_TRAPS`` idle traps end it: a paced vCPU makes at most 100 accesses a
+period, so a guest still flooding stays paced, and a hostile one computes between its
+floods (bench/guest/avhostile.c scribbles its rings for 100 ms and more); left after one
+calm period, it flooded unpaced ~1000 accesses before the next count, dozens of times a
+run. A correct driver makes no mistake, so it is never paced for them; a VM being paced
+still gets every access answered, only later.
+
+A correct driver's idle traps are few: one to three per device while it probes it (QueueSel
+0, already selected; virtio-balloon's statistics notify before DRIVER_OK; virtio-gpu's
+shared-memory probe), none after. Measured with the Linux guests of the emulated board
+(2026-12-02, load average 3-6, counted per period): the emulated tests of console, block,
+rng, net, 9p, vsock, balloon and two guests (VM0 moving 64 MiB through its console and
+block device beside the hostile VM1, then VM1's drivers reloaded), and one ``python -m
+bench --only board --runs 1`` (randread, rng, 9p, console, every device probed): no
+period above 3, and no idle notify at all from a correct driver (a notify of entries
+already served counts only if the driver added none since its previous notify, which
+Linux with VIRTIO_F_RING_EVENT_IDX never does). VM1's hostile program
+(bench/guest/avhostile.c) made up to 592 in a period. ``IDLE_TRAPS_PER_PERIOD`` is ~70
+times the correct drivers' most, and a fifth of what an unpaced hostile guest trapped
+(~11 000 traps a second, docs/performance.md "Two guests").
 """
 
 import logging
@@ -29,22 +49,27 @@ log = logging.getLogger(__name__)
 
 PERIOD_S = 0.1
 MISTAKES_PER_PERIOD = 20        # 200 a second
-CALM_PERIODS = 10               # in a row without a mistake end a VM's pacing
+IDLE_TRAPS_PER_PERIOD = 200     # 2000 a second (correct drivers: at most 3, see above)
+CALM_IDLE_TRAPS = 20            # at most this many, and no mistake: a calm period
+CALM_PERIODS = 10               # calm periods in a row end a VM's pacing
 PACE_US = 1000
 
 
 class Pacer:
     """Paces the VMs of ``subsystem`` through ``trap`` (a ``TrapPage``), every ``period``
     seconds on ``loop`` once ``start``-ed. ``periods[vm]``: the periods VM ``vm`` was
-    paced (``avatar-hw info``)."""
+    paced; ``idle_peaks[vm]``: the most idle traps it made in one period (``avatar-hw
+    info``)."""
 
     def __init__(self, trap, subsystem, loop, *, period=PERIOD_S,
-                 mistakes=MISTAKES_PER_PERIOD, pace_us=PACE_US):
+                 mistakes=MISTAKES_PER_PERIOD, idle=IDLE_TRAPS_PER_PERIOD, pace_us=PACE_US):
         self.trap, self.subsystem, self.loop = trap, subsystem, loop
-        self.period, self.mistakes, self.pace_us = period, mistakes, pace_us
+        self.period, self.mistakes, self.idle, self.pace_us = period, mistakes, idle, pace_us
         self.periods = {}
-        self._seen = {}                 # vm -> its mistakes at the last count
+        self.idle_peaks = {}
+        self._seen = {}                 # vm -> (its mistakes, its idle traps) at the last count
         self._paced = {}                # vm -> its calm periods in a row while paced
+        self._why = {}                  # vm -> what it was last paced for
         self._handle = None
         self._log = RateLimitedLog(log)  # a guest can start and end its pacing at will
         self._end_log = RateLimitedLog(log, level=logging.INFO)
@@ -54,7 +79,7 @@ class Pacer:
         if not self.trap.features & abi.F_PACE:
             return
         for vm in self.subsystem.vms:
-            self._seen[vm] = self.subsystem.guest_mistakes(vm)
+            self._seen[vm] = self._totals(vm)
         self._handle = self.loop.call_later(self.period, self._count)
 
     def stop(self):
@@ -62,18 +87,27 @@ class Pacer:
             self.loop.cancel(self._handle)
             self._handle = None
 
+    def _totals(self, vm):
+        return self.subsystem.guest_mistakes(vm), self.subsystem.idle_traps(vm)
+
     def _count(self):
         for vm in self.subsystem.vms:
-            total = self.subsystem.guest_mistakes(vm)
-            made = total - self._seen.get(vm, total)
-            self._seen[vm] = total
-            if vm not in self._paced and made > self.mistakes:
-                self._log("vm%d: %d guest errors in %g s: each of its accesses now waits %d "
-                          "µs, until %g s without one", vm, made, self.period, self.pace_us,
-                          self.period * CALM_PERIODS)
+            mistakes, idle = totals = self._totals(vm)
+            seen_mistakes, seen_idle = self._seen.get(vm, totals)
+            made, idled = mistakes - seen_mistakes, idle - seen_idle
+            self._seen[vm] = totals
+            if idled > self.idle_peaks.get(vm, 0):
+                self.idle_peaks[vm] = idled
+            if vm not in self._paced and (made > self.mistakes or idled > self.idle):
+                why = self._why[vm] = ("guest errors" if made > self.mistakes
+                                       else "idle traps")
+                self._log("vm%d: %d %s in %g s: each of its accesses now waits %d µs, until "
+                          "%g s of calm", vm, made if made > self.mistakes else idled, why,
+                          self.period, self.pace_us, self.period * CALM_PERIODS)
                 self._paced[vm] = 0
             elif vm in self._paced:
-                self._paced[vm] = 0 if made else self._paced[vm] + 1
+                calm = not made and idled <= CALM_IDLE_TRAPS
+                self._paced[vm] = self._paced[vm] + 1 if calm else 0
                 if self._paced[vm] >= CALM_PERIODS:
                     del self._paced[vm]
                     self.trap.pace(vm, 0)
@@ -84,4 +118,6 @@ class Pacer:
         self._handle = self.loop.call_later(self.period, self._count)
 
     def info(self, vm):
-        return {"paced": vm in self._paced, "paced_periods": self.periods.get(vm, 0)}
+        return {"paced": vm in self._paced, "paced_periods": self.periods.get(vm, 0),
+                "paced_for": self._why.get(vm), "idle_traps": self.subsystem.idle_traps(vm),
+                "idle_traps_peak": self.idle_peaks.get(vm, 0)}

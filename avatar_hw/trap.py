@@ -29,9 +29,12 @@ block request costs the daemon ~30 times a refused register write), while each
 trap costs the host a world switch and often a doorbell ring whatever it
 carries. A slot is put off at most once in a row, and only in a pass that serves
 another VM's slot: no VM is starved and the daemon is never held
-(``vm_deferred`` counts them). With one slot per vCPU a scan already serves each
-vCPU at most once per pass; the share also stops a VM with more vCPUs from
-getting more turns per pass than another (docs/devices.md, "Hostile guests").
+(``vm_deferred`` counts them). A paced VM (``pace``, avatar_hw/pace.py) has few
+recent traps, being paced, so its slots would be served before those of a busy correct
+VM: while it is paced they go after those of every VM that is not. With one slot per
+vCPU a scan already serves each vCPU at most once per pass; the share also stops a VM
+with more vCPUs from getting more turns per pass than another (docs/devices.md,
+"Hostile guests").
 
 A slot whose fields make no sense (a size of 3, an unknown direction, an
 address outside the VM's own virtio window) is answered UNHANDLED with a
@@ -139,6 +142,7 @@ class TrapPage:
         self.vm_traps = [0] * layout.max_vms
         self.vm_service_ns = [0] * layout.max_vms
         self.vm_deferred = [0] * layout.max_vms
+        self.vm_paced = [False] * layout.max_vms        # ``pace``: its accesses wait
         self._account_base = [0] * layout.max_vms
         self._halved_at = clock()
         self._deferred = 0              # bit i: slot i was put off by the last pass
@@ -362,8 +366,8 @@ class TrapPage:
 
     def _put_off(self, posted):
         """The slots of ``posted`` (two or more) this pass leaves to the next: those of
-        VMs above their share of the recent traps, unless the last pass put them
-        off already. Another VM's slot is always served in this pass. A slot naming no
+        VMs above their share of the recent traps, or paced beside one that is not,
+        unless the last pass put them off already. Another VM's slot is always served in this pass. A slot naming no
         VM of the layout (answered UNHANDLED) is never put off; such slots count as one
         more VM among those posting. Allocates nothing (per-VM lists made once)."""
         recent = self._update_recent()
@@ -380,13 +384,23 @@ class TrapPage:
                 by_vm[vm] |= bit
         put_off = 0
         if owners > 1:
+            # A paced VM goes after the VMs that are not (``pace``), which share among
+            # themselves: being paced, its account is small, and it must not put a VM
+            # that is not paced after it. Paced VMs alone share as usual.
+            paced, slow = self.vm_paced, 0
+            for vm in range(none):
+                if by_vm[vm] and paced[vm]:
+                    slow += 1
+            if slow == owners:
+                slow = 0
+            owners -= slow
             total = 0
             for vm in range(none):
-                if by_vm[vm]:
+                if by_vm[vm] and not (slow and paced[vm]):
                     total += recent[vm]
             for vm in range(none):
                 bits = by_vm[vm]
-                if bits and recent[vm] * owners > total:
+                if bits and ((slow and paced[vm]) or recent[vm] * owners > total):
                     bits &= ~self._deferred
                     if bits:
                         put_off |= bits
@@ -554,6 +568,7 @@ class TrapPage:
         ``vm_id``: a vCPU that never trapped is left alone."""
         if not self.features & abi.F_PACE:
             return
+        self.vm_paced[vm] = bool(us)
         for slot in self.slots:
             if slot.seq and slot.vm_id == vm:
                 slot.pace_us = min(us, abi.PACE_MAX_US)
@@ -561,6 +576,8 @@ class TrapPage:
     def _clear_paces(self):
         for slot in self.slots:
             slot.pace_us = 0
+        for vm in range(len(self.vm_paced)):
+            self.vm_paced[vm] = False
 
     def vm_counters(self, vm):
         """``{"traps_served", "service_ms", "traps_deferred", "wfi_caught", "wfi_ran_out",

@@ -146,12 +146,12 @@ def block_figures(shell, size):
     return out
 
 
-VM_COUNTERS = ("traps_served", "service_ms", "traps_deferred", "paced_periods")
+VM_COUNTERS = ("traps_served", "service_ms", "traps_deferred", "paced_periods", "idle_traps")
 
 
 def daemon_counters(board):
     """Per VM: the traps the daemon served, its time on them, the traps the fair order put
-    off (``VM_COUNTERS`` of ``daemon_info``)."""
+    off, the periods it was paced, its idle traps (``VM_COUNTERS`` of ``daemon_info``)."""
     return [{key: vm[key] for key in VM_COUNTERS} for vm in daemon_info(board)["vms"]]
 
 
@@ -227,7 +227,8 @@ def run(quick=False, daemon=None, wait=None, vm1_sched_idle=False):
         figures = out[phase]
         print(f"  VM1 {phase}: {figures['wall_s']:.0f} s; daemon per VM: " + "; ".join(
             f"vm{vm} {d['traps_served']} traps in {d['service_ms']:.0f} ms, put off "
-            f"{d['traps_deferred']}, paced {d['paced_periods'] * PERIOD_S:g} s"
+            f"{d['traps_deferred']}, paced {d['paced_periods'] * PERIOD_S:g} s, idle traps "
+            f"{d['idle_traps']}"
             for vm, d in enumerate(figures["daemon"])))
     print(f"  VM1: {out['avhostile']!r}; reads after reload: {out['vm1_reads_after_reload']}; "
           f"daemon alive: {out['daemon_alive']}")

@@ -331,6 +331,69 @@ def test_queue_notify_of_missing_or_unready_queue_is_ignored(bench):
     assert bench.device.notified == [0]                # DRIVER_OK's only
 
 
+# -- idle traps (MmioTransport's docstring; avatar_hw.pace paces a VM making very many) ----------
+
+def idle(bench, access, *args):
+    """The idle traps ``access(*args)`` counted."""
+    before = bench.transport.context.idle_traps
+    access(*args)
+    return bench.transport.context.idle_traps - before
+
+
+def test_idle_traps_are_the_accesses_that_complete_nothing(bench):
+    d = bench.driver
+    bench.device.hold = True                   # the request waits, as a receive buffer does
+    d.negotiate()
+    selected = bench.transport.device_features_sel
+    assert idle(bench, d.write, c.REG_DEVICE_FEATURES_SEL, 1 - selected) == 0   # setting up
+    assert idle(bench, d.write, c.REG_DEVICE_FEATURES_SEL, 1 - selected) == 1   # again
+    q = d.setup_queue(0)
+    q.post(writable=[4])
+    assert idle(bench, q.notify) == 1          # before DRIVER_OK: served at DRIVER_OK
+    d.driver_ok()
+    q.post(writable=[4])
+    assert idle(bench, q.notify) == 0          # a new entry
+    assert idle(bench, q.notify) == 1          # nothing new since: the held one waits on
+    assert idle(bench, q.notify) == 1
+    assert d.interrupt_status() == 0
+    assert idle(bench, d.write, c.REG_INTERRUPT_ACK, c.INT_USED_BUFFER) == 1
+    for reg in (c.REG_QUEUE_SEL, c.REG_DEVICE_FEATURES_SEL, c.REG_DRIVER_FEATURES_SEL,
+                c.REG_SHM_SEL):
+        assert [idle(bench, d.write, reg, value) for value in (1, 0)] == [1, 1], hex(reg)
+    assert idle(bench, d.write, c.REG_STATUS, d.status) == 1
+    d.write(c.REG_QUEUE_SEL, 1)                # set up, not ready
+    assert idle(bench, d.write, c.REG_QUEUE_READY, 0) == 1
+    assert idle(bench, d.write, c.REG_QUEUE_RESET, 0) == 1
+    for reg in (c.REG_SHM_LEN_LOW, c.REG_SHM_BASE_HIGH, c.REG_QUEUE_RESET):
+        assert idle(bench, d.read, reg) == 1, hex(reg)                  # never mirrored
+    assert idle(bench, d.read, c.REG_MAGIC_VALUE, 8) == 1               # one trap, two halves
+    for reg in (c.REG_INTERRUPT_STATUS, c.REG_STATUS, c.REG_QUEUE_READY):
+        assert idle(bench, d.read, reg) == 0, hex(reg)                  # shadowed: not the guest's
+    assert bench.transport.context.guest_errors == 0
+    assert bench.device.info()["idle_traps"] == bench.transport.context.idle_traps
+
+    bench.device.hold = False                  # what does something is not idle
+    q.post(writable=[4])
+    assert idle(bench, q.notify) == 0
+    assert d.interrupt_status() == c.INT_USED_BUFFER
+    assert idle(bench, d.write, c.REG_INTERRUPT_ACK, c.INT_USED_BUFFER) == 0
+    assert idle(bench, d.write, c.REG_STATUS, d.status | c.STATUS_FAILED) == 0
+    assert idle(bench, d.write, c.REG_STATUS, 0) == 0                     # a reset
+
+
+def test_a_notify_of_an_available_index_moved_past_a_queue_s_worth_is_idle(bench):
+    """A receive queue with nothing to receive is not popped, so the device would never
+    see a guest move its available index by one at each notify, past all it offered."""
+    q, _ = ready(bench)
+    bench.device.queue_notify = lambda index: None          # pops nothing, as such a queue
+    for _ in range(q.size):
+        q.set_avail_idx(q.avail_idx + 1)
+        assert idle(bench, q.notify) == 0
+    for _ in range(3):
+        q.set_avail_idx(q.avail_idx + 1)
+        assert idle(bench, q.notify) == 1
+
+
 # -- interrupts -----------------------------------------------------------------------------------
 
 def test_interrupt_status_and_ack(bench):

@@ -869,3 +869,32 @@ def test_detach_answers_slots_the_fair_order_would_put_off(fair_page):
     post(stub, VM0_SLOT)
     trap.detach(handler)
     assert all(slot_free(stub, vcpu) for vcpu in range(4))
+
+
+def test_a_paced_vm_is_served_after_a_vm_that_is_not_even_below_its_share(fair_page):
+    """VM 0 made many traps (a correct driver moving data), VM 1, paced, few: by the
+    accounts VM 0 would be put off. Paced, VM 1 goes after it instead, put off at most
+    once in a row like any slot; when both are paced, or neither, the accounts decide."""
+    stub, trap = fair_page
+    trap.features |= abi.F_PACE
+    handler = Recorder()
+    for _ in range(30):                     # VM 0's account
+        post(stub, VM0_SLOT)
+        trap.serve_until_idle(handler)
+    post(stub, 0)
+    trap.serve_until_idle(handler)          # VM 1 trapped once: its slot is VM 1's
+
+    def order(paced):
+        for vm in (0, 1):
+            trap.pace(vm, 1000 if vm in paced else 0)
+        handler.calls.clear()
+        post(stub, 0)
+        post(stub, VM0_SLOT)
+        trap.serve_until_idle(handler)
+        return [vm_of(call) for call in handler.calls]
+
+    assert order(paced={1}) == [0, 1]
+    assert trap.vm_deferred[:2] == [0, 1]
+    assert order(paced={0, 1}) == [1, 0]    # VM 0 above its share
+    assert order(paced=()) == [1, 0]
+    assert trap.vm_paced == [False] * LAYOUT.max_vms

@@ -37,8 +37,9 @@ def format_queue(q):
 # keys every device's entry has; the rest are the device's own (block's image, 9p's tag, ...)
 COMMON_KEYS = {"vm", "slot", "name", "device_id", "base", "irq", "legacy", "status", "requests",
                "bytes_from_guest", "bytes_to_guest", "errors", "interrupts", "guest_errors",
-               "logged_errors", "log_lines_suppressed", "offered_features", "driver_features",
-               "negotiated_features", "interrupt_status", "config_generation", "queues"}
+               "idle_traps", "logged_errors", "log_lines_suppressed", "offered_features",
+               "driver_features", "negotiated_features", "interrupt_status", "config_generation",
+               "queues"}
 
 
 def format_device(d, indent="  "):
@@ -49,7 +50,8 @@ def format_device(d, indent="  "):
              f"posted {d.get('posted_writes', 0)}, shadow {d.get('shadow_reads', 0)}, "
              f"acks at the stub {d.get('stub_acks', 0)}; guest->host {_bytes(d['bytes_from_guest'])}, "
              f"host->guest {_bytes(d['bytes_to_guest'])}; requests {d['requests']}; "
-             f"errors {d['errors']}; guest errors {d.get('guest_errors', 0)}, logged errors "
+             f"errors {d['errors']}; guest errors {d.get('guest_errors', 0)}, idle traps "
+             f"{d.get('idle_traps', 0)}, logged errors "
              f"{d.get('logged_errors', 0)} (log lines suppressed "
              f"{d.get('log_lines_suppressed', 0)})"]
     if "balloon" in d:
@@ -93,7 +95,7 @@ def format_info(info):
     for vm in info["vms"]:
         paced = ""
         if vm.get("paced_periods"):
-            paced = (f", paced {vm['paced_periods']} period(s) for its guest errors"
+            paced = (f", paced {vm['paced_periods']} period(s) for its {vm['paced_for']}"
                      + (" (now)" if vm["paced"] else ""))
         polls = ""
         if t["model_features"] & abi.F_HALT_POLL:
@@ -102,7 +104,8 @@ def format_info(info):
         lines.append(f"vm{vm['vm']}: RAM {vm['ram']['base']} + {_bytes(vm['ram']['size'])}, "
                      f"window {vm['window'][0]}-{vm['window'][1]}; traps served "
                      f"{vm['traps_served']} in {vm['service_ms']:.0f} ms, put off "
-                     f"{vm['traps_deferred']} (fair order){paced}{polls}")
+                     f"{vm['traps_deferred']} (fair order), idle {vm['idle_traps']} (at most "
+                     f"{vm['idle_traps_peak']} in a period){paced}{polls}")
         lines += ["  " + format_device(d, "    ").replace("\n", "\n  ") for d in vm["devices"]]
     return "\n".join(lines)
 

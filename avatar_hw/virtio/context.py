@@ -65,6 +65,9 @@ class DeviceContext:
         self.interrupt_status = 0
         self.config_generation = 0
         self.faults = None
+        # Traps that completed nothing for the guest (``MmioTransport``, "Idle traps"):
+        # ``avatar_hw.pace`` paces a VM that makes very many.
+        self.idle_traps = 0
         # Kept outside the process when the daemon has a state file (avatar_hw.state):
         # ``words``, 32-bit values a device stores its hot progress in, and
         # ``keep_state()``, which stores the device's ``saved_state()``.

@@ -292,6 +292,7 @@ class VirtioDevice:
                 **self.counters,
                 # what the guest caused: logged (rate-limited) and counted
                 "guest_errors": ctx.guest_errors if ctx else 0,
+                "idle_traps": ctx.idle_traps if ctx else 0,
                 "logged_errors": ctx.logged_errors if ctx else 0,
                 "log_lines_suppressed": ctx.log_lines_suppressed + sum(
                     q.log_lines_suppressed for q in self.queues) if ctx else 0}

@@ -46,6 +46,8 @@ class LegacyRegisters:
             queue = self._selected_queue()
             if queue is not None and queue.ready:
                 self._disable_queue(queue)
+            else:
+                self.context.idle_traps += 1      # changes nothing (``MmioTransport``)
             return
         queue = self._configurable_queue("QueuePFN")
         if queue is None:

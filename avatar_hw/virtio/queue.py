@@ -154,7 +154,7 @@ class Virtqueue:
         self.ready = False
         self.generation = next(_generations)
         self.desc_addr = self.driver_addr = self.device_addr = 0
-        self.last_avail_idx = self._avail_idx = 0
+        self.last_avail_idx = self._avail_idx = self._notified_idx = 0
         self.used_idx = 0
         self.event_idx = False
         self.indirect = False
@@ -167,6 +167,21 @@ class Virtqueue:
         self._avail = self._used_h = self._used_ring = None
         self._avail_idx_addr = self._used_idx_addr = 0
         self.new_turn()
+
+    def notified(self):
+        """The driver notified this ready queue: a new turn (``new_turn``). False when it
+        made no entry available since its previous notify (or since ``set_up``), an *idle*
+        notify (``MmioTransport``, "Idle traps"), or when its available index is more than
+        a queue's worth ahead of ``last_avail_idx`` (no driver does that; a device that
+        does not pop, a receive queue with nothing to receive, would not see it). One plain
+        load of the available index: only its value is compared, ``pop`` orders the
+        entries it reads itself."""
+        self.new_turn()
+        idx = self._avail[1]
+        if idx == self._notified_idx or (idx - self.last_avail_idx) & 0xFFFF > self.size:
+            return False
+        self._notified_idx = idx
+        return True
 
     def new_turn(self):
         """A fresh work budget for ``pop`` (see the module docstring)."""
@@ -209,6 +224,7 @@ class Virtqueue:
         self._used_idx_addr = memory.address(self.device_addr + 2, 2)
         self.memory = memory
         self.last_avail_idx = self.used_idx = self._signalled_used = self._avail_idx = 0
+        self._notified_idx = 0
         self._clear_progress()
         self._in_flight = self._in_flight_store[:size]
         self.broken = False

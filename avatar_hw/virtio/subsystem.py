@@ -259,12 +259,17 @@ class Subsystem:
     def guest_mistakes(self, vm_id):
         """What VM ``vm_id``'s guest got wrong so far: its devices' guest errors and bad
         chains (``avatar_hw.pace`` paces a VM that makes many)."""
-        total = 0
-        for (vm, _), transport in self._devices.items():
-            if vm == vm_id:
-                total += transport.context.guest_errors + sum(
-                    queue.bad_chains for queue in transport.device.queues)
-        return total
+        return sum(transport.context.guest_errors
+                   + sum(queue.bad_chains for queue in transport.device.queues)
+                   for transport in self._vm_transports(vm_id))
+
+    def idle_traps(self, vm_id):
+        """VM ``vm_id``'s traps that completed nothing so far (``MmioTransport``, "Idle
+        traps"; ``avatar_hw.pace`` paces a VM that makes very many)."""
+        return sum(transport.context.idle_traps for transport in self._vm_transports(vm_id))
+
+    def _vm_transports(self, vm_id):
+        return (transport for (vm, _), transport in self._devices.items() if vm == vm_id)
 
     def device_info(self):
         """JSON-able info for every device (identity, status, counters)."""

@@ -42,6 +42,34 @@ Rules (each logged at warning level when the guest breaks it):
   from clear to set (the guest reads the
   status and the rings after that, so nothing is missed).
 
+Idle traps (``DeviceContext.idle_traps``; ``avatar_hw.pace`` paces a VM that makes
+very many): accesses that complete nothing for the guest, which a guest can repeat at
+trap rate without one guest error, each still a trap that costs the other VMs:
+
+* a QueueNotify of a ready queue whose available index has not moved since its
+  previous notify (``Virtqueue.notified``: a request queue already served, receive
+  buffers already offered), or one made before DRIVER_OK (served at DRIVER_OK);
+* a selector write (QueueSel, DeviceFeaturesSel, DriverFeaturesSel, ShmSel) after
+  DRIVER_OK, or of the value it holds: a selector only picks the register a later
+  access reaches, and once the device is set up nothing needs one but a queue's
+  reset or removal (so a guest alternating two values counts too);
+* a write that changes nothing: an InterruptACK of clear bits, a Status write with no
+  new bit, QueueReady (legacy: QueuePFN) 0 of a queue not ready, QueueReset without bit
+  0 or of no queue;
+* a read no register shadow mirrors (8 bytes wide, or of a register outside
+  ``SHADOWED``): the stub sends it to the model whatever it holds; a shadowed
+  register's read traps only when the stub could not answer it (no shadows, a page
+  being rewritten), which is not the guest's doing.
+
+A correct driver makes one or two while it probes a device (Linux selects queue 0,
+already selected) and, now and then, a notify finds nothing new: the entries it was for
+were taken when an earlier one was served (figures: pace.py). Not counted: writes while
+the driver sets a device up (before DRIVER_OK a ring address, QueueNum or DriverFeatures
+written again, or a selector alternating two values, is setup to the model; a guest
+stuck in setup or looping reset and setup is left to the fair order), and
+configuration-space writes, the device's business (a read-only field's is a guest
+error).
+
 Legacy (Version 1, ``legacy=True``): GuestPageSize, QueueAlign and QueuePFN
 replace QueueReady and the 64-bit ring addresses; features are 32 bits and
 VERSION_1 is never offered; FEATURES_OK is optional; features the device did
@@ -105,6 +133,7 @@ class MmioTransport(LegacyRegisters):
         self.queue_was_reset = [False] * len(device.queues)
         self._reads, self._writes = register_tables(MmioTransport, legacy)
         self.shadowed_registers = tuple(r for r in SHADOWED if r in self._reads)
+        self._unmirrored = frozenset(self._reads).difference(SHADOWED)
         self._clear_registers()
         device.bind(self.context)
 
@@ -125,9 +154,16 @@ class MmioTransport(LegacyRegisters):
         return self.context.interrupt_line
 
     def read(self, offset, size):
-        """The value the guest reads at ``offset`` with a ``size``-byte access."""
+        """The value the guest reads at ``offset`` with a ``size``-byte access (an idle trap
+        when no register shadow mirrors it)."""
         if size == 8:                    # as QEMU's memory core: two 32-bit accesses
-            return self.read(offset, 4) | self.read(offset + 4, 4) << 32
+            self.context.idle_traps += 1
+            return self._read(offset, 4) | self._read(offset + 4, 4) << 32
+        if offset in self._unmirrored:
+            self.context.idle_traps += 1
+        return self._read(offset, size)
+
+    def _read(self, offset, size):
         if offset >= c.REG_CONFIG:
             return self._read_config(offset - c.REG_CONFIG, size)
         if size != 4 or offset & 3:
@@ -219,6 +255,9 @@ class MmioTransport(LegacyRegisters):
                               "ignored", value, self.status)
             return
         added = value & ~old & ~_NEEDS_RESET
+        if not added:
+            self.context.idle_traps += 1
+            return
         if added & ~_DRIVER_BITS:
             self.guest_error("status bits 0x%02x are not driver bits; ignored",
                               added & ~_DRIVER_BITS)
@@ -288,11 +327,18 @@ class MmioTransport(LegacyRegisters):
             return 0
         return self.offered_features >> (32 * self.device_features_sel) & _MASK32
 
+    def _select(self, name, value):
+        """Selector ``name`` := ``value``; an idle trap after DRIVER_OK or when it holds
+        ``value`` already (module docstring, "Idle traps")."""
+        if self.status & _DRIVER_OK or getattr(self, name) == value:
+            self.context.idle_traps += 1
+        setattr(self, name, value)
+
     def write_device_features_sel(self, value):
-        self.device_features_sel = value
+        self._select("device_features_sel", value)
 
     def write_driver_features_sel(self, value):
-        self.driver_features_sel = value
+        self._select("driver_features_sel", value)
 
     def write_driver_features(self, value):
         sel = self.driver_features_sel
@@ -328,7 +374,7 @@ class MmioTransport(LegacyRegisters):
         return None
 
     def write_queue_sel(self, value):
-        self.queue_sel = value
+        self._select("queue_sel", value)
 
     def read_queue_num_max(self):
         queue = self._selected_queue()
@@ -363,6 +409,8 @@ class MmioTransport(LegacyRegisters):
         queue = self._selected_queue()
         if queue is not None and queue.ready:
             self._disable_queue(queue)
+        else:
+            self.context.idle_traps += 1
 
     def _enable_queue(self, queue):
         queue.use_features(self.driver_features)
@@ -386,6 +434,7 @@ class MmioTransport(LegacyRegisters):
             # statistics queue before DRIVER_OK): its buffers are served at DRIVER_OK.
             log.debug("%s: notify of queue %d before DRIVER_OK; served at DRIVER_OK",
                       self.context.label, index)
+            self.context.idle_traps += 1
             return
         if not self.status & _DRIVER_OK or self.status & _NEEDS_RESET:
             self.guest_error("notify of queue %d with status 0x%02x; ignored", index, self.status)
@@ -393,12 +442,14 @@ class MmioTransport(LegacyRegisters):
         if index >= len(self.device.queues) or not self.device.queues[index].ready:
             self.guest_error("notify of queue %d, which is not ready; ignored", index)
             return
-        self.device.queues[index].new_turn()
+        if not self.device.queues[index].notified():
+            self.context.idle_traps += 1
         self.device.queue_notify(index)
 
     def write_queue_reset(self, value):
         queue = self._selected_queue()
         if not value & 1 or queue is None:
+            self.context.idle_traps += 1
             return
         if not self.has_feature(c.F_RING_RESET):
             self.guest_error("QueueReset without VIRTIO_F_RING_RESET; ignored")
@@ -408,12 +459,15 @@ class MmioTransport(LegacyRegisters):
         self.device.queue_reset(queue.index)
 
     def write_shm_sel(self, value):
-        self.shm_sel = value
+        self._select("shm_sel", value)
 
     # -- interrupts ---------------------------------------------------------------------------
 
     def write_interrupt_ack(self, value):
-        self.interrupt_status &= ~value
+        context = self.context
+        if not value & context.interrupt_status:
+            context.idle_traps += 1
+        context.interrupt_status &= ~value
 
     def signal_used(self, queue):
         """Interrupt the driver for new used buffers of ``queue`` unless it suppressed that."""

@@ -1,0 +1,119 @@
+"""Pacing (avatar_hw/pace.py) of a VM flooding idle traps, in process: two VMs' entropy
+devices behind a real trap page, the stand-in stub's side of it in the same process and
+the Pacer's periods counted by hand, so nothing here depends on the machine's speed.
+The daemon-level test of pacing for guest errors is in tests/test_daemon.py."""
+
+import mmap
+
+import pytest
+
+from avatar_hw import abi
+from avatar_hw.devices.rng import RngDevice
+from avatar_hw.hw.region import Region
+from avatar_hw.layout import Layout
+from avatar_hw.pace import CALM_PERIODS, IDLE_TRAPS_PER_PERIOD, PACE_US, Pacer
+from avatar_hw.testing.driver import VirtioDriver
+from avatar_hw.testing.standin_stub import StubPage
+from avatar_hw.testing.virtio import VirtioBench
+from avatar_hw.trap import TrapPage
+from avatar_hw.virtio import constants as c
+
+NOTIFIES = IDLE_TRAPS_PER_PERIOD + 50        # per VM and period: above the threshold
+
+
+class Periods:
+    """The event loop's side the Pacer uses; ``next()`` ends the period under way."""
+
+    def __init__(self):
+        self.due = None
+
+    def call_later(self, delay, callback):
+        self.due = callback
+        return callback
+
+    def cancel(self, handle):
+        self.due = None
+
+    def next(self):
+        due, self.due = self.due, None
+        due()
+
+
+@pytest.fixture
+def two_vms():
+    """VM 0 and VM 1 with an entropy device each, their drivers trapping through one page
+    (vCPU n is VM n's) that is served at once; a Pacer on it."""
+    region = Region(mmap.mmap(-1, abi.PAGE_SIZE), name="test trap page")
+    stub = StubPage(region)
+    stub.initialise(2)
+    trap = TrapPage(region, Layout())
+    trap.attach()
+    benches = [VirtioBench(RngDevice())]
+    benches.append(VirtioBench(RngDevice(), vm_id=1, subsystem=benches[0].subsystem))
+    subsystem = benches[0].subsystem
+
+    def through_the_page(vm):
+        def mmio(addr, value, is_write, size):
+            stub.begin(vm, vm, addr, size, is_write, value)
+            trap.scan_once(subsystem.dispatch)
+            status, data = stub.finish(vm)
+            return status == abi.STATUS_OK, data
+        return mmio
+
+    queues = [VirtioDriver(through_the_page(vm), b.transport.window, b.ram).init([0], size=8)[0]
+              for vm, b in enumerate(benches)]
+    periods = Periods()
+    pacer = Pacer(trap, subsystem, periods)
+    pacer.start()
+    yield queues, pacer, periods, stub
+    pacer.stop()
+    trap.detach(subsystem.dispatch)
+    subsystem.close()
+
+
+def test_a_vm_flooding_notifies_of_an_empty_queue_is_paced_and_one_doing_io_is_not(two_vms):
+    """VM 1 notifies its request queue with nothing new in it, VM 0 as often with a new
+    request each time (served: the used length is the bytes given): the same traps, no
+    guest error from either. VM 1 is paced for its idle traps within one period, VM 0
+    never; once VM 1 stops, CALM_PERIODS end its pacing."""
+    (work, flood), pacer, periods, stub = two_vms
+    for _ in range(2):
+        for _ in range(NOTIFIES):
+            work.post(writable=[16])
+            work.notify()
+            assert [used.length for used in work.get_used()] == [16]
+            flood.notify()
+        periods.next()
+        assert (stub.slots[0].pace_us, stub.slots[1].pace_us) == (0, PACE_US)
+    vm0, vm1 = pacer.info(0), pacer.info(1)
+    assert vm1["paced"] and vm1["paced_for"] == "idle traps" and vm1["paced_periods"] == 2
+    assert vm1["idle_traps_peak"] >= NOTIFIES and vm1["idle_traps"] >= 2 * NOTIFIES
+    assert not vm0["paced"] and vm0["paced_periods"] == 0
+    assert vm0["idle_traps_peak"] == 0          # its probe's were before the Pacer started
+    assert pacer.subsystem.guest_mistakes(0) == pacer.subsystem.guest_mistakes(1) == 0
+    assert pacer.subsystem.device(0, 0).counters["requests"] >= 2 * NOTIFIES
+
+    for period in range(CALM_PERIODS):          # VM 1 stopped; VM 0 works on
+        assert stub.slots[1].pace_us == PACE_US, period
+        for _ in range(NOTIFIES):
+            work.post(writable=[16])
+            work.notify()
+            work.get_used()
+        periods.next()
+    assert (stub.slots[0].pace_us, stub.slots[1].pace_us) == (0, 0)
+    assert not pacer.info(1)["paced"] and not pacer.info(0)["paced_periods"]
+
+
+def test_a_paced_vm_still_flooding_at_its_paced_rate_stays_paced(two_vms):
+    """Paced, a vCPU makes at most one access per PACE_US: 100 a period, below the idle
+    threshold. A period is calm only under CALM_IDLE_TRAPS, so the flood, slowed, keeps
+    its pacing."""
+    (_, flood), pacer, periods, stub = two_vms
+    for _ in range(NOTIFIES):
+        flood.notify()
+    periods.next()
+    for _ in range(2 * CALM_PERIODS):
+        for _ in range(int(pacer.period * 1e6 / PACE_US)):
+            flood.notify()
+        periods.next()
+    assert stub.slots[1].pace_us == PACE_US and pacer.info(1)["paced"]
