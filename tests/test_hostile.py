@@ -374,6 +374,9 @@ def test_a_guest_starting_and_ending_its_pacing_at_will_logs_a_few_lines(caplog)
         def guest_mistakes(self, vm):
             return self.mistakes
 
+        def idle_traps(self, vm):
+            return 0
+
     class Loop:
         def call_later(self, delay, callback):
             return callback
