@@ -72,6 +72,7 @@ class Pacer:
         self._why = {}                  # vm -> what it was last paced for
         self._handle = None
         self._log = RateLimitedLog(log)  # a guest can start and end its pacing at will
+        self._end_log = RateLimitedLog(log, level=logging.INFO)
 
     def start(self):
         """Count from now on, if the stub paces (``AVT_F_PACE`` accepted)."""
@@ -110,7 +111,7 @@ class Pacer:
                 if self._paced[vm] >= CALM_PERIODS:
                     del self._paced[vm]
                     self.trap.pace(vm, 0)
-                    log.info("vm%d: no longer paced", vm)
+                    self._end_log("vm%d: no longer paced", vm)
             if vm in self._paced:
                 self.trap.pace(vm, self.pace_us)     # also its vCPUs that trapped since
                 self.periods[vm] = self.periods.get(vm, 0) + 1

@@ -13,6 +13,7 @@ import socket
 
 import pytest
 
+from avatar_hw import abi, pace
 from avatar_hw.backends import console as console_backend
 from avatar_hw.devices import block as blk
 from avatar_hw.devices import net, vsock
@@ -352,6 +353,50 @@ def test_guest_triggered_errors_are_rate_limited_and_counted(block, caplog):
     assert info["errors"] >= 300 and info["log_lines_suppressed"] > 200
 
 
+def test_a_guest_starting_and_ending_its_pacing_at_will_logs_a_few_lines(caplog):
+    """A VM can err for one period, keep quiet for CALM_PERIODS, and do it again for
+    ever: each round starts and ends its pacing (avatar_hw/pace.py). Old code: the end
+    was logged at INFO every round, one line a second per VM, unlimited (the start line
+    was rate-limited). Both are now: a few lines, the rest at debug."""
+    caplog.set_level(logging.DEBUG, logger="avatar_hw")
+
+    class Trap:
+        features = abi.F_PACE
+        paced = {}
+
+        def pace(self, vm, us):
+            self.paced[vm] = us
+
+    class Subsystem:
+        vms = (0,)
+        mistakes = 0
+
+        def guest_mistakes(self, vm):
+            return self.mistakes
+
+        def idle_traps(self, vm):
+            return 0
+
+    class Loop:
+        def call_later(self, delay, callback):
+            return callback
+
+    trap, subsystem = Trap(), Subsystem()
+    pacer = pace.Pacer(trap, subsystem, Loop())
+    pacer.start()
+    rounds = 100
+    for _ in range(rounds):
+        subsystem.mistakes += pacer.mistakes + 1
+        pacer._count()                                  # the period's count, now
+        assert trap.paced[0] == pace.PACE_US
+        for _ in range(pace.CALM_PERIODS):
+            pacer._count()
+        assert trap.paced[0] == 0
+    lines = [r for r in caplog.records if r.name == pace.log.name]
+    shown = [r for r in lines if r.levelno >= logging.INFO]
+    assert len(lines) == 2 * rounds and len(shown) <= 50, len(shown)
+
+
 def test_a_device_bug_whose_failing_fails_too_is_rate_limited_and_counted(block, caplog,
                                                                           monkeypatch):
     """A device bug the guest reaches by a register write, and DEVICE_NEEDS_RESET failing
@@ -426,6 +471,44 @@ def test_a_guest_sending_with_another_vms_mac_gets_nothing_of_its_traffic(tmp_pa
         info = thief.device.info()
         assert info["tx_wrong_source"] == 1 and info["tx_dropped"] == 1
     finally:
+        for nic in (a, b, thief):
+            nic.close()
+
+
+def test_a_source_mac_rewritten_after_the_switch_checked_it_is_not_the_one_sent(tmp_path,
+                                                                                 loop):  # noqa: F811
+    """TOCTOU: the guest's vCPU runs while the daemon serves its posted QueueNotify, so it
+    can rewrite its frame's source MAC between the switch's check and the copy to each
+    destination. Old code: the copy read the guest's RAM again, and b and the remote port
+    received a frame "from" b's MAC sent by the thief. Now the addresses sent are the
+    ones checked."""
+    path = str(tmp_path / "s.sock")
+    a, b, thief = (Nic(loop, f"switch:{path}", mac_=f"52:54:00:00:00:0{i}") for i in (1, 2, 3))
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    peer.bind(str(tmp_path / "peer.sock"))
+    peer.setblocking(False)
+    try:
+        peer.sendto(b"", path)                        # a remote port joins
+        spin(loop)
+        for nic in (a, b):
+            nic.post_rx(8)
+        sent = frame(b"\xff" * 6, mac("52:54:00:00:00:03"), b"hello")
+        head = thief.tx.post(readable=[bytes(12) + sent])
+        [(gpa, _, _)] = thief.tx.outstanding[head][1]
+        switch = thief.device.backend.switch
+        checked = switch._destinations
+
+        def rewrite_after_the_check(dst, ingress):  # the guest's vCPU, at the worst time
+            thief.bench.ram.write(gpa + 12 + 6, mac("52:54:00:00:00:02"))
+            return checked(dst, ingress)
+
+        switch._destinations = rewrite_after_the_check
+        thief.tx.notify()
+        spin(loop)
+        assert a.received() == [sent] and b.received() == [sent]
+        assert peer.recv(2048) == sent
+    finally:
+        peer.close()
         for nic in (a, b, thief):
             nic.close()
 

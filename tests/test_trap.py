@@ -458,6 +458,26 @@ def test_a_new_model_serves_what_a_dead_one_left_posted(page):
     assert stub.finish(2) == (abi.STATUS_OK, 0)
 
 
+def test_pace_asks_only_the_slots_a_vm_posted_from_and_a_new_model_clears_it(page):
+    """``TrapPage.pace`` (docs/trap-abi.md section 16): ``pace_us`` goes to the slots VM 1's
+    vCPUs posted from, at most ``PACE_MAX_US``, never to VM 0's nor to a slot that never
+    trapped; a model that attaches after one died paced, or one that detaches, leaves
+    every vCPU free again."""
+    stub, trap = page
+    for vcpu, vm, window in ((0, 0, VM0_DEV0), (1, 1, VM1_DEV0), (2, 1, VM1_DEV0)):
+        exchange(stub, trap, Recorder(), vcpu, vm, window, 4, False)
+    trap.pace(1, 10 * abi.PACE_MAX_US)
+    assert [s.pace_us for s in stub.slots] == [0, abi.PACE_MAX_US, abi.PACE_MAX_US, 0]
+    trap.pace(0, 500)                           # slot 3 (vm_id 0 too) never trapped
+    assert [s.pace_us for s in stub.slots] == [500, abi.PACE_MAX_US, abi.PACE_MAX_US, 0]
+    successor = TrapPage(stub.region, LAYOUT)      # the first model died without detaching
+    successor.attach()
+    assert [s.pace_us for s in stub.slots] == [0, 0, 0, 0]
+    successor.pace(1, 1000)
+    successor.detach(Recorder())
+    assert [s.pace_us for s in stub.slots] == [0, 0, 0, 0]
+
+
 @pytest.fixture
 def file_page(tmp_path):
     """A trap page in a file (the emulated board's kind), initialised by the stand-in stub."""

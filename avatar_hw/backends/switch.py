@@ -34,7 +34,7 @@ import time
 from .. import paths
 from ..errors import AGAIN, ConfigError
 from ..ratelimit import RateLimitedLog
-from ..virtio.buffers import copy, gather
+from ..virtio.buffers import copy, gather, skip
 from .egress import STALL_SECONDS, Egress, RemotePort
 from .net import BUSY, RX_BATCH
 
@@ -203,8 +203,11 @@ class Switch:
         ports = self._destinations(macs[:ETH_ALEN], ingress)
         if self._full(ports, ingress, length):
             return BUSY
+        # The addresses checked, not the guest's RAM read again: its vCPU runs meanwhile
+        # and could put another source there after the check.
+        frame = [memoryview(macs), *skip(views, 2 * ETH_ALEN)]
         for port in ports:
-            port.deliver(views, length)
+            port.deliver(frame, length)
         return True
 
     @staticmethod
