@@ -31,11 +31,10 @@ POLL_MAX_NS = 1_000_000       # the window never grows past this
 POLL_START_NS = 10_000        # the first window (KVM's halt_poll_ns_grow_start)
 POLL_GROW = 2                 # a wait the window just missed doubles it
 POLL_SHRINK = 2               # a wait longer than the ceiling halves it (below the start: 0)
-POLL_HOLD_NS = 10_000_000     # preempted while polling: no window for this long, doubled
-POLL_HOLD_MAX_NS = 1_000_000_000   # after each give-up in a row, up to this
+POLL_HOLD_NS = 10_000_000     # preempted while polling: no window for this long
 POLL_CONTENDED_NS = 200_000   # waited this long for a CPU since the last find: preempted
 SPARE_SAMPLE_NS = 250_000_000  # how often the host's spare CPU is measured (SpareCores)
-SPARE_CORES_MIN = 0.7         # no window while less than this much of a core is spare
+SPARE_CORES_MIN = 0.6         # no window while less than this much of a core is spare
 
 
 class PollWindow:
@@ -52,13 +51,15 @@ class PollWindow:
     more than ``POLL_CONTENDED_NS`` in all since the last find means another task keeps
     wanting this core (on a loaded machine, likely the guest's vCPU that would post the
     next trap), not a short wake-up of QEMU's main loop. Then the window is 0 and does
-    not grow for a hold: the CPU is given back. The hold starts at ``POLL_HOLD_NS`` and
-    doubles with each give-up in a row (up to ``POLL_HOLD_MAX_NS``; a give-up more than
-    twice that after the last one starts again): a host with no core free soon sees one
-    short poll a second. That rule only notices contention after a poll has held a core
-    for a while; so, every ``SPARE_SAMPLE_NS``, ``SpareCores`` also measures whether the
-    host has a core to spare at all, and while it has not the window stays 0: the
-    doorbell's behaviour, with nothing spent finding out again after each trap.
+    not grow for ``POLL_HOLD_NS``: the CPU is given back. That rule notices contention
+    only after a poll has held a core for a while; so, every ``SPARE_SAMPLE_NS``,
+    ``SpareCores`` also measures whether the host has a core to spare at all, and while
+    it has not the window stays 0: the doorbell's behaviour, with nothing spent finding
+    out again after each trap. (Before that measure, the hold doubled with each give-up
+    in a row, up to 1 s, so that a host with no core free saw one short poll a second;
+    on a quiet 2-core host, where QEMU's main loop and the guest's vCPU preempt a poll now
+    and then, the doubled holds halved the 4 KiB reads: docs/performance.md, "A core to
+    spare".)
     """
 
     def __init__(self, now, *, max_ns=POLL_MAX_NS, start_ns=POLL_START_NS):
@@ -67,8 +68,6 @@ class PollWindow:
         self.ns = 0                     # the window now; 0: arm at once
         self.last = now                 # when traps were last found
         self.hold_until = now           # no window before this (preempted while polling)
-        self.hold_ns = POLL_HOLD_NS     # the next give-up's hold
-        self.gave_up_at = now - 2 * POLL_HOLD_MAX_NS - 1   # the last give-up (none yet)
         self.grown = self.shrunk = self.preempted = 0   # counters for ``avatar-hw info``
         self._delay_base = None         # run_delay at the first look since the last find
         self._schedstat = None          # (thread id, fd of its schedstat), opened by over()
@@ -108,11 +107,7 @@ class PollWindow:
         elif delay - self._delay_base > POLL_CONTENDED_NS:
             self._delay_base = None
             self.ns = 0
-            if now - self.gave_up_at > 2 * POLL_HOLD_MAX_NS:
-                self.hold_ns = POLL_HOLD_NS     # not in a row: start again
-            self.gave_up_at = now
-            self.hold_until = now + self.hold_ns
-            self.hold_ns = min(2 * self.hold_ns, POLL_HOLD_MAX_NS)
+            self.hold_until = now + POLL_HOLD_NS
             self.preempted += 1
             return True
         return self.expired(now)
@@ -181,13 +176,14 @@ class SpareCores:
     kernel/sched/core.c, sched_prio_to_weight), so a background build leaves a core spare.
     Its own run counts as spare because a poll would give it back (unless it is niced
     itself: then that time is in the nice column already); its wait counts against,
-    because a poll kept waiting shares a core with another task. Polling on a quiet host, it runs nearly all
-    the time and hardly waits: about 1. Beside another busy task on 2 cores, the host's
-    three CPU-bound threads (that task, the guest's vCPU, this poll) get two thirds of a
-    core each: about 0.3; sleeping on the doorbell there, idle time and its own short runs
-    give about the same. On the emulated board's 2-core host that is the difference
-    between the adaptive mode's 4 KiB reads above the doorbell's and at half of them
-    (docs/performance.md, "Waiting for traps")."""
+    because a poll kept waiting shares a core with another task. Polling on a quiet host,
+    it runs nearly all the time and hardly waits: about 1. Beside another busy task on 2
+    cores, the host's three CPU-bound threads (that task, the guest's vCPU, this poll) get
+    two thirds of a core each: about 0.3; sleeping on the doorbell there, idle time and its
+    own short runs give about the same. Measured on the emulated board's 2-core host,
+    polling always, every 250 ms while a guest did 4 KiB reads and then read its rng
+    (docs/performance.md, "A core to spare"): quiet 0.71-1.17 (medians 0.93-0.99), one
+    core busy -0.03-0.54 (medians 0.24-0.33); ``SPARE_CORES_MIN`` lies between."""
 
     def __init__(self, stat="/proc/stat"):
         self.stat = stat
