@@ -88,7 +88,11 @@ class Pacer:
             self._handle = None
 
     def _totals(self, vm):
-        return self.subsystem.guest_mistakes(vm), self.subsystem.idle_traps(vm)
+        """VM ``vm``'s mistakes and idle traps so far: its devices' counts, and its accesses
+        that reached no device (``TrapPage.vm_unhandled``: an empty window of its own, a
+        malformed access), which no device counts."""
+        return (self.subsystem.guest_mistakes(vm),
+                self.subsystem.idle_traps(vm) + self.trap.vm_unhandled[vm])
 
     def _count(self):
         for vm in self.subsystem.vms:
@@ -119,5 +123,5 @@ class Pacer:
 
     def info(self, vm):
         return {"paced": vm in self._paced, "paced_periods": self.periods.get(vm, 0),
-                "paced_for": self._why.get(vm), "idle_traps": self.subsystem.idle_traps(vm),
+                "paced_for": self._why.get(vm), "idle_traps": self._totals(vm)[1],
                 "idle_traps_peak": self.idle_peaks.get(vm, 0)}

@@ -142,6 +142,9 @@ class TrapPage:
         self.vm_traps = [0] * layout.max_vms
         self.vm_service_ns = [0] * layout.max_vms
         self.vm_deferred = [0] * layout.max_vms
+        # Per VM: its accesses answered UNHANDLED (malformed, or no device at the address):
+        # idle traps that no device counts (avatar_hw/pace.py).
+        self.vm_unhandled = [0] * layout.max_vms
         self.vm_paced = [False] * layout.max_vms        # ``pace``: its accesses wait
         self._account_base = [0] * layout.max_vms
         self._halved_at = clock()
@@ -474,6 +477,10 @@ class TrapPage:
                 status, value = abi.STATUS_OK, (value or 0) & _MASKS[size]
             else:
                 value = 0
+        if status:
+            vm = slot.vm_id                 # the stub's, not the guest's
+            if vm < len(self.vm_unhandled):
+                self.vm_unhandled[vm] += 1
         posted = slot.flags & abi.SLOT_F_POSTED_WRITE
         if trace is not None:               # read before the slot is handed back
             who = slot.vm_id, slot.vcpu_id
@@ -580,14 +587,16 @@ class TrapPage:
             self.vm_paced[vm] = False
 
     def vm_counters(self, vm):
-        """``{"traps_served", "service_ms", "traps_deferred", "wfi_caught", "wfi_ran_out",
-        "wfi_slept"}`` of VM ``vm``: the daemon's time spent on its traps, how often the fair
-        order put its slots off, and the stub's halt-polling counters from its vCPUs' slots
-        (``AVT_F_HALT_POLL``; zero with a stub that keeps none)."""
+        """``{"traps_served", "service_ms", "traps_deferred", "traps_unhandled", "wfi_caught",
+        "wfi_ran_out", "wfi_slept"}`` of VM ``vm``: the daemon's time spent on its traps, how
+        often the fair order put its slots off, its accesses answered UNHANDLED, and the
+        stub's halt-polling counters from its vCPUs' slots (``AVT_F_HALT_POLL``; zero with a
+        stub that keeps none)."""
         slots = [slot for slot in self.slots if slot.vm_id == vm]
         return {"traps_served": self.vm_traps[vm],
                 "service_ms": round(self.vm_service_ns[vm] / 1e6, 3),
                 "traps_deferred": self.vm_deferred[vm],
+                "traps_unhandled": self.vm_unhandled[vm],
                 **{name: sum(getattr(slot, name) for slot in slots)
                    for name in ("wfi_caught", "wfi_ran_out", "wfi_slept")}}
 

@@ -363,6 +363,7 @@ def test_a_guest_starting_and_ending_its_pacing_at_will_logs_a_few_lines(caplog)
     class Trap:
         features = abi.F_PACE
         paced = {}
+        vm_unhandled = [0]
 
         def pace(self, vm, us):
             self.paced[vm] = us

@@ -117,3 +117,23 @@ def test_a_paced_vm_still_flooding_at_its_paced_rate_stays_paced(two_vms):
             flood.notify()
         periods.next()
     assert stub.slots[1].pace_us == PACE_US and pacer.info(1)["paced"]
+
+
+def test_a_vm_trapping_where_no_device_answers_is_paced(two_vms):
+    """Accesses answered UNHANDLED — a window of its own with no device, a misaligned
+    one — reach no device to count them: the trap page counts them per VM
+    (``vm_unhandled``), as idle traps. Its probe of the empty windows (one read each at
+    boot) is far below the threshold; a flood of them is paced, and only that VM."""
+    _, pacer, periods, stub = two_vms
+    layout = Layout()
+    empty, misaligned = layout.window(1, 5), layout.window(1, 0) + 2
+    for n in range(NOTIFIES):
+        stub.begin(1, 1, misaligned if n % 2 else empty, 4, False)
+        pacer.trap.scan_once(pacer.subsystem.dispatch)
+        assert stub.finish(1) == (abi.STATUS_UNHANDLED, 0)
+    periods.next()
+    assert (stub.slots[0].pace_us, stub.slots[1].pace_us) == (0, PACE_US)
+    vm0, vm1 = pacer.info(0), pacer.info(1)
+    assert vm1["paced_for"] == "idle traps" and vm1["idle_traps"] >= NOTIFIES
+    assert pacer.trap.vm_counters(1)["traps_unhandled"] == NOTIFIES
+    assert not vm0["paced"] and pacer.trap.vm_counters(0)["traps_unhandled"] == 0
