@@ -58,7 +58,7 @@ def _run_part(name, args):
     if name == "two_guests":
         from . import two_guests
         return two_guests.run(quick=args.quick, daemon=args.daemon, wait=args.wait,
-                              vm1_sched_idle=args.vm1_sched_idle)
+                              vm1_nice=args.vm1_nice)
     if name == "board_linux":
         from . import board_linux
         return board_linux.run(quick=args.quick)
@@ -81,8 +81,8 @@ def main(argv=None):
                         help="board, two_guests: avatar-hw's daemon in a thread of the bench's "
                              "process or in its own process (default: the emulated board's, "
                              "EmulatedBoard's daemon_process)")
-    parser.add_argument("--vm1-sched-idle", action="store_true",
-                        help="two_guests: VM1's vCPU thread at SCHED_IDLE, so that its computing "
+    parser.add_argument("--vm1-nice", action="store_true",
+                        help="two_guests: VM1's vCPU thread at nice 19, so that its computing "
                              "cannot take VM0's CPU (a core of its own, as on a board)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the daemon on the trap path and list the top functions")
