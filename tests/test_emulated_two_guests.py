@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from avatar_hw.board import load_board
 from avatar_hw.control import request
+from avatar_hw.shipped import board_path
 from bench import two_guests as tg
 from bench.board import console_g2h, console_h2g
 from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
@@ -99,8 +101,8 @@ def test_two_guests_each_on_its_own_cpu_window_intids_and_ram(board):
     # What bench/two_guests.py reads, through the control socket (the daemon in a thread here).
     assert board.daemon_alive() and tg.daemon_mode(board) == "thread"
     assert [c["traps_served"] > 0 for c in tg.daemon_counters(board)] == [True, True]
-    # One daemon, two guests, on the doorbell (boards/emulated.toml's trap.wait): both served.
-    assert info["mode"] == "doorbell"
+    # One daemon, two guests, in boards/emulated.toml's trap.wait: both served.
+    assert info["mode"] == load_board(board_path("emulated")).wait
 
 
 def test_two_guests_vm0_data_exact_while_vm1_is_hostile_and_vm1_recovers(board):
