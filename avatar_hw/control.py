@@ -210,7 +210,11 @@ class ControlServer:
         """A slot number from ``device``: ``"1"``, ``"console"`` (first of that name), ``"console1"``."""
         if device.isdigit():
             return int(device)
-        entries = [e for e in self.daemon.list_devices() if e["vm"] == vm_id]
+        devices = self.daemon.list_devices()
+        entries = [e for e in devices if e["vm"] == vm_id]
+        if not entries:
+            vms = sorted({e["vm"] for e in devices})
+            raise ValueError(f"no VM {vm_id} here (VMs: {', '.join(map(str, vms)) or 'none'})")
         for entry in entries:
             if device in (entry["name"], f"{entry['name']}{entry['slot']}"):
                 return entry["slot"]

@@ -166,6 +166,7 @@ def test_fault_inject_cli_arms_lists_and_clears(daemon):
 @pytest.mark.parametrize("args, message", [
     (("0", "console", "ioerr"), "fault ioerr applies to block devices, not console"),
     (("0", "net", "drop"), "VM 0 has no device 'net'"),
+    (("3", "block", "ioerr"), "no VM 3 here (VMs: 0)"),
     (("0", "block", "torn", "--keep", "x"), "option keep = 'x': expected the bytes"),
     ((), "give VM DEVICE FAULT, or --clear"),
 ])
