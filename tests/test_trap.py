@@ -754,7 +754,8 @@ def test_a_vm_above_its_share_is_served_after_the_others(fair_page):
     assert [vm_of(call) for call in handler.calls] == [0, 1, 1, 1]
     assert trap.vm_deferred == [0, 3] + [0] * (LAYOUT.max_vms - 2)
     assert trap.vm_counters(0) == {"traps_served": 1, "service_ms": 0.001, "traps_deferred": 0,
-                                   "wfi_caught": 0, "wfi_ran_out": 0, "wfi_slept": 0}
+                                   "traps_unhandled": 0, "wfi_caught": 0, "wfi_ran_out": 0,
+                                   "wfi_slept": 0}
     assert trap.vm_counters(1)["traps_served"] == 33
     assert all(slot_free(stub, vcpu) for vcpu in range(4))
 
