@@ -17,7 +17,10 @@ and bad chains, ``Subsystem.guest_mistakes``) and idle traps (``Subsystem.idle_t
 a VM with more than ``MISTAKES_PER_PERIOD`` mistakes or ``IDLE_TRAPS_PER_PERIOD`` idle
 traps is *paced*: the stub waits ``PACE_US`` before each access of its vCPUs, asleep
 (``AVT_F_PACE``, docs/trap-abi.md section 16), so that VM neither traps nor spins faster
-than one access per ``PACE_US``. ``CALM_PERIODS`` in a row without a mistake and with at
+than one access per ``PACE_US``; each period it goes on erring (or trapping to no effect)
+doubles its pace, up to ``PACE_CEILING_US``: a paced VM's accesses still cost the host a
+trap each (on the emulated board a UART byte under QEMU's global lock), and a guest that
+goes on is slowed further. ``CALM_PERIODS`` in a row without a mistake and with at
 most ``CALM_IDLE_TRAPS`` idle traps end it: a paced vCPU makes at most 100 accesses a
 period, so a guest still flooding stays paced, and a hostile one computes between its
 floods (bench/guest/avhostile.c scribbles its rings for 100 ms and more); left after one
@@ -52,7 +55,8 @@ MISTAKES_PER_PERIOD = 20        # 200 a second
 IDLE_TRAPS_PER_PERIOD = 200     # 2000 a second (correct drivers: at most 3, see above)
 CALM_IDLE_TRAPS = 20            # at most this many, and no mistake: a calm period
 CALM_PERIODS = 10               # calm periods in a row end a VM's pacing
-PACE_US = 1000
+PACE_US = 1000                  # a VM's first pace; doubled each period it is not calm,
+PACE_CEILING_US = 16_000        # up to this: ~60 accesses a second from a VM that keeps on
 
 
 class Pacer:
@@ -69,6 +73,7 @@ class Pacer:
         self.idle_peaks = {}
         self._seen = {}                 # vm -> (its mistakes, its idle traps) at the last count
         self._paced = {}                # vm -> its calm periods in a row while paced
+        self._pace = {}                 # vm -> its pace now (µs) while paced
         self._why = {}                  # vm -> what it was last paced for
         self._handle = None
         self._log = RateLimitedLog(log)  # a guest can start and end its pacing at will
@@ -109,19 +114,23 @@ class Pacer:
                           "%g s of calm", vm, made if made > self.mistakes else idled, why,
                           self.period, self.pace_us, self.period * CALM_PERIODS)
                 self._paced[vm] = 0
+                self._pace[vm] = self.pace_us
             elif vm in self._paced:
                 calm = not made and idled <= CALM_IDLE_TRAPS
                 self._paced[vm] = self._paced[vm] + 1 if calm else 0
+                if not calm:
+                    self._pace[vm] = min(2 * self._pace[vm], PACE_CEILING_US)
                 if self._paced[vm] >= CALM_PERIODS:
-                    del self._paced[vm]
+                    del self._paced[vm], self._pace[vm]
                     self.trap.pace(vm, 0)
                     self._end_log("vm%d: no longer paced", vm)
             if vm in self._paced:
-                self.trap.pace(vm, self.pace_us)     # also its vCPUs that trapped since
+                self.trap.pace(vm, self._pace[vm])   # also its vCPUs that trapped since
                 self.periods[vm] = self.periods.get(vm, 0) + 1
         self._handle = self.loop.call_later(self.period, self._count)
 
     def info(self, vm):
-        return {"paced": vm in self._paced, "paced_periods": self.periods.get(vm, 0),
+        return {"paced": vm in self._paced, "pace_us": self._pace.get(vm, 0),
+                "paced_periods": self.periods.get(vm, 0),
                 "paced_for": self._why.get(vm), "idle_traps": self._totals(vm)[1],
                 "idle_traps_peak": self.idle_peaks.get(vm, 0)}

@@ -11,7 +11,7 @@ from avatar_hw import abi
 from avatar_hw.devices.rng import RngDevice
 from avatar_hw.hw.region import Region
 from avatar_hw.layout import Layout
-from avatar_hw.pace import CALM_PERIODS, IDLE_TRAPS_PER_PERIOD, PACE_US, Pacer
+from avatar_hw.pace import CALM_PERIODS, IDLE_TRAPS_PER_PERIOD, PACE_CEILING_US, PACE_US, Pacer
 from avatar_hw.testing.driver import VirtioDriver
 from avatar_hw.testing.standin_stub import StubPage
 from avatar_hw.testing.virtio import VirtioBench
@@ -77,14 +77,14 @@ def test_a_vm_flooding_notifies_of_an_empty_queue_is_paced_and_one_doing_io_is_n
     guest error from either. VM 1 is paced for its idle traps within one period, VM 0
     never; once VM 1 stops, CALM_PERIODS end its pacing."""
     (work, flood), pacer, periods, stub = two_vms
-    for _ in range(2):
+    for period in range(2):
         for _ in range(NOTIFIES):
             work.post(writable=[16])
             work.notify()
             assert [used.length for used in work.get_used()] == [16]
             flood.notify()
-        periods.next()
-        assert (stub.slots[0].pace_us, stub.slots[1].pace_us) == (0, PACE_US)
+        periods.next()                          # paced, then its pace doubled
+        assert (stub.slots[0].pace_us, stub.slots[1].pace_us) == (0, PACE_US << period)
     vm0, vm1 = pacer.info(0), pacer.info(1)
     assert vm1["paced"] and vm1["paced_for"] == "idle traps" and vm1["paced_periods"] == 2
     assert vm1["idle_traps_peak"] >= NOTIFIES and vm1["idle_traps"] >= 2 * NOTIFIES
@@ -94,7 +94,7 @@ def test_a_vm_flooding_notifies_of_an_empty_queue_is_paced_and_one_doing_io_is_n
     assert pacer.subsystem.device(0, 0).counters["requests"] >= 2 * NOTIFIES
 
     for period in range(CALM_PERIODS):          # VM 1 stopped; VM 0 works on
-        assert stub.slots[1].pace_us == PACE_US, period
+        assert stub.slots[1].pace_us == 2 * PACE_US, period     # calm: not doubled again
         for _ in range(NOTIFIES):
             work.post(writable=[16])
             work.notify()
@@ -107,7 +107,7 @@ def test_a_vm_flooding_notifies_of_an_empty_queue_is_paced_and_one_doing_io_is_n
 def test_a_paced_vm_still_flooding_at_its_paced_rate_stays_paced(two_vms):
     """Paced, a vCPU makes at most one access per PACE_US: 100 a period, below the idle
     threshold. A period is calm only under CALM_IDLE_TRAPS, so the flood, slowed, keeps
-    its pacing."""
+    its pacing, and each period of it doubles the pace, up to PACE_CEILING_US."""
     (_, flood), pacer, periods, stub = two_vms
     for _ in range(NOTIFIES):
         flood.notify()
@@ -116,7 +116,8 @@ def test_a_paced_vm_still_flooding_at_its_paced_rate_stays_paced(two_vms):
         for _ in range(int(pacer.period * 1e6 / PACE_US)):
             flood.notify()
         periods.next()
-    assert stub.slots[1].pace_us == PACE_US and pacer.info(1)["paced"]
+    assert stub.slots[1].pace_us == PACE_CEILING_US and pacer.info(1)["paced"]
+    assert pacer.info(1)["pace_us"] == PACE_CEILING_US and pacer.info(0)["pace_us"] == 0
 
 
 def test_a_vm_trapping_where_no_device_answers_is_paced(two_vms):
