@@ -72,8 +72,7 @@ class Pacer:
         self.periods = {}
         self.idle_peaks = {}
         self._seen = {}                 # vm -> (its mistakes, its idle traps) at the last count
-        self._paced = {}                # vm -> its calm periods in a row while paced
-        self._pace = {}                 # vm -> its pace now (µs) while paced
+        self._paced = {}                # vm -> [its calm periods in a row, its pace (µs)]
         self._why = {}                  # vm -> what it was last paced for
         self._handle = None
         self._log = RateLimitedLog(log)  # a guest can start and end its pacing at will
@@ -113,24 +112,24 @@ class Pacer:
                 self._log("vm%d: %d %s in %g s: each of its accesses now waits %d µs, until "
                           "%g s of calm", vm, made if made > self.mistakes else idled, why,
                           self.period, self.pace_us, self.period * CALM_PERIODS)
-                self._paced[vm] = 0
-                self._pace[vm] = self.pace_us
+                self._paced[vm] = [0, self.pace_us]
             elif vm in self._paced:
-                calm = not made and idled <= CALM_IDLE_TRAPS
-                self._paced[vm] = self._paced[vm] + 1 if calm else 0
-                if not calm:
-                    self._pace[vm] = min(2 * self._pace[vm], PACE_CEILING_US)
-                if self._paced[vm] >= CALM_PERIODS:
-                    del self._paced[vm], self._pace[vm]
+                paced = self._paced[vm]
+                if not made and idled <= CALM_IDLE_TRAPS:
+                    paced[0] += 1
+                else:
+                    paced[:] = 0, min(2 * paced[1], PACE_CEILING_US)
+                if paced[0] >= CALM_PERIODS:
+                    del self._paced[vm]
                     self.trap.pace(vm, 0)
                     self._end_log("vm%d: no longer paced", vm)
             if vm in self._paced:
-                self.trap.pace(vm, self._pace[vm])   # also its vCPUs that trapped since
+                self.trap.pace(vm, self._paced[vm][1])   # also its vCPUs that trapped since
                 self.periods[vm] = self.periods.get(vm, 0) + 1
         self._handle = self.loop.call_later(self.period, self._count)
 
     def info(self, vm):
-        return {"paced": vm in self._paced, "pace_us": self._pace.get(vm, 0),
+        return {"paced": vm in self._paced, "pace_us": self._paced.get(vm, (0, 0))[1],
                 "paced_periods": self.periods.get(vm, 0),
                 "paced_for": self._why.get(vm), "idle_traps": self._totals(vm)[1],
                 "idle_traps_peak": self.idle_peaks.get(vm, 0)}
