@@ -2,12 +2,14 @@
 
 Seams this module provides for the daemon (see docs/emulated-board.md):
 
-- ``UartLink``: the host end of the PL011 that the stub owns. A reader thread
-  drains it continuously (QEMU stalls with its global lock held if nobody
-  reads) and splits the byte stream: 0x00 is the stub's doorbell ("a trap was
-  posted while you slept"), other bytes are the stub's log lines. ``ring()``
-  sends a byte the other way, which raises the UART's RX interrupt at EL2.
-  Its doorbell is an ``avatar_hw.doorbell.StubDoorbell`` and the board's
+- ``UartLink``: the host end of the PL011 that the stub owns. It is always
+  drained (QEMU stalls with its global lock held if nobody reads), and the
+  byte stream split: 0x00 is the stub's doorbell ("a trap was posted while
+  you slept"), other bytes are the stub's log lines. ``ring()`` sends a byte
+  the other way, which raises the UART's RX interrupt at EL2. Its reader
+  thread signals an ``avatar_hw.doorbell.StubDoorbell`` (the doorbell of a
+  daemon in its own process); a daemon in this process reads the socket
+  itself (``direct_doorbell``, a ``UartDoorbell``). The board's
   interrupt line an ``avatar_hw.interrupts.StubInterruptLine`` (``raise_intid``
   sets the INTID's bit in the trap page's ``virq_pending`` and rings the stub,
   which injects it through a GICH list register).
