@@ -22,9 +22,7 @@ Implementations:
   a UIO reader) and for anything else that cannot raise a UIO interrupt. A
   FIFO has no mask, so there is nothing to re-enable.
 - ``StubDoorbell``: an eventfd that the emulated board's UART reader
-  (avatar_hw.emulated.machine) signals for each doorbell byte of the stub
-  (a daemon in the launcher's process reads the UART itself there:
-  ``UartDoorbell``).
+  (avatar_hw.emulated.machine) signals for each doorbell byte of the stub.
 """
 
 import errno

@@ -2,14 +2,12 @@
 
 Seams this module provides for the daemon (see docs/emulated-board.md):
 
-- ``UartLink``: the host end of the PL011 that the stub owns. It is always
-  drained (QEMU stalls with its global lock held if nobody reads), and the
-  byte stream split: 0x00 is the stub's doorbell ("a trap was posted while
-  you slept"), other bytes are the stub's log lines. ``ring()`` sends a byte
-  the other way, which raises the UART's RX interrupt at EL2. Its reader
-  thread signals an ``avatar_hw.doorbell.StubDoorbell`` (the doorbell of a
-  daemon in its own process); a daemon in this process reads the socket
-  itself (``direct_doorbell``, a ``UartDoorbell``). The board's
+- ``UartLink``: the host end of the PL011 that the stub owns. A reader thread
+  drains it continuously (QEMU stalls with its global lock held if nobody
+  reads) and splits the byte stream: 0x00 is the stub's doorbell ("a trap was
+  posted while you slept"), other bytes are the stub's log lines. ``ring()``
+  sends a byte the other way, which raises the UART's RX interrupt at EL2.
+  Its doorbell is an ``avatar_hw.doorbell.StubDoorbell`` and the board's
   interrupt line an ``avatar_hw.interrupts.StubInterruptLine`` (``raise_intid``
   sets the INTID's bit in the trap page's ``virq_pending`` and rings the stub,
   which injects it through a GICH list register).
@@ -25,7 +23,6 @@ Seams this module provides for the daemon (see docs/emulated-board.md):
 
 import logging
 import os
-import select
 import shutil
 import socket
 import subprocess
@@ -49,77 +46,45 @@ DOORBELL_BYTE = 0x00
 
 
 class UartLink:
-    """The host end of the stub's PL011: log lines in, doorbells both ways.
-
-    Whoever reads the socket goes through ``drain``, under one lock, so log bytes keep
-    their order. Normally the reader thread does, waking for each byte; a daemon in this
-    process takes the reading over with ``direct_doorbell`` (one host wake-up per ring
-    instead of two), and the reader then only drains, every ``WATCH_S``, what nobody read."""
-
-    WATCH_S = 0.1
+    """The host end of the stub's PL011: log lines in, doorbells both ways."""
 
     def __init__(self, sock, *, on_log=None):
         self.sock = sock
         self.doorbell = StubDoorbell(self.ring)
         self.lines = []
-        self.closed = False
         self._on_log = on_log
         self._partial = b""
-        self._buffer = bytearray(65536)
-        self._lent = False
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._reader, name="stub-uart", daemon=True)
         self._thread.start()
 
     def _reader(self):
-        while not self.closed:
-            if self._lent:
-                time.sleep(self.WATCH_S)
-            else:
-                select.select([self.sock], [], [])
-            rings = self.drain()
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            rings = chunk.count(DOORBELL_BYTE)
             if rings:
                 self.doorbell.signal(rings)
-
-    def drain(self):
-        """Read what the UART holds, without blocking: keep the log lines, return the
-        number of doorbell bytes. At EOF, ``closed`` is set."""
-        rings = 0
-        with self._changed:
-            while not self.closed:
-                try:
-                    n = self.sock.recv_into(self._buffer, 0, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    n = 0
-                if n == 0:
-                    self.closed = True
+                chunk = chunk.replace(b"\0", b"")
+            *complete, self._partial = (self._partial + chunk).split(b"\n")
+            if complete:
+                with self._changed:
+                    for raw in complete:
+                        line = raw.decode("ascii", "replace")
+                        self.lines.append(line)
+                        log.debug("%s", line)
+                        if self._on_log is not None:
+                            self._on_log(line)
                     self._changed.notify_all()
-                    break
-                doorbells = self._buffer.count(DOORBELL_BYTE, 0, n)
-                rings += doorbells
-                if doorbells < n:
-                    self._take_log(bytes(self._buffer[:n]).replace(b"\0", b""))
-                if n < len(self._buffer):
-                    break
-        return rings
-
-    def _take_log(self, chunk):
-        *complete, self._partial = (self._partial + chunk).split(b"\n")
-        for raw in complete:
-            line = raw.decode("ascii", "replace")
-            self.lines.append(line)
-            log.debug("%s", line)
-            if self._on_log is not None:
-                self._on_log(line)
-        if complete:
+        with self._changed:
+            self.closed = True
             self._changed.notify_all()
 
-    def direct_doorbell(self):
-        """The doorbell for a daemon in this process: it reads the socket itself until
-        the doorbell is closed."""
-        return UartDoorbell(self)
+    closed = False
 
     def ring(self):
         """Wake the stub (the UART RX interrupt makes it read virq_pending)."""
@@ -153,38 +118,6 @@ class UartLink:
         self._thread.join(timeout=5)
         self.sock.close()
         self.doorbell.release()
-
-
-class UartDoorbell:
-    """A daemon in the launcher's process reading the stub's doorbell bytes straight from
-    the UART socket (``UartLink.direct_doorbell``; the ``avatar_hw.doorbell`` interface).
-
-    Its fd is an epoll set of the socket and the link's eventfd, which carries the rings
-    the reader thread still finds; ``close`` gives the reading back to that thread."""
-
-    def __init__(self, link):
-        self._link = link
-        self._epoll = select.epoll()
-        self._epoll.register(link.sock.fileno(), select.EPOLLIN)
-        self._epoll.register(link.doorbell.fileno(), select.EPOLLIN)
-        self._watching_socket = True
-        self.ring_stub = link.ring
-        link._lent = True
-
-    def fileno(self):
-        return self._epoll.fileno()
-
-    def ack(self):
-        rings = self._link.doorbell.ack() + self._link.drain()
-        if self._link.closed and self._watching_socket:
-            self._epoll.unregister(self._link.sock.fileno())   # EOF stays readable
-            self._watching_socket = False
-        return rings
-
-    def close(self):
-        if not self._epoll.closed:
-            self._link._lent = False
-            self._epoll.close()
 
 
 def ring_uart(sock):

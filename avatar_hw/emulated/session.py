@@ -175,7 +175,6 @@ class EmulatedBoard:
         self.initrd = initrd            # a prebuilt initramfs (default: build_initramfs())
         self.daemon_process = daemon_process
         self.machine = self.daemon = self._thread = self.process = None
-        self._doorbell = None           # thread mode: the daemon's UartDoorbell
         self.state_path = None
         self._sockets = []              # the consoles it connected (its shells'): stop closes them
 
@@ -245,9 +244,8 @@ class EmulatedBoard:
             self.state_path = workdir / "state"
             self.start_daemon()
             return
-        self._doorbell = self.machine.uart.direct_doorbell()
         self.daemon = Daemon(_board(self.machine.ram_path), self._vms_config(workdir),
-                             doorbell=self._doorbell, wait=self.wait,
+                             doorbell=self.machine.uart.doorbell, wait=self.wait,
                              trace=self.trace, control_path=self.control_path)
         self._thread = self.daemon.start_thread()
 
@@ -335,9 +333,6 @@ class EmulatedBoard:
             else:
                 self.daemon.close()
             self.daemon = self._thread = None
-        if self._doorbell is not None:
-            self._doorbell.close()
-            self._doorbell = None
         if self.machine is not None:
             self.machine.stop()
         if self.board_linux and getattr(self, "_board_console_dir", None):
