@@ -17,6 +17,7 @@ from avatar_hw.testing.standin_stub import StubPage
 from avatar_hw.testing.virtio import VirtioBench
 from avatar_hw.trap import TrapPage
 from avatar_hw.virtio import constants as c
+from avatar_hw.virtio import transport
 
 NOTIFIES = IDLE_TRAPS_PER_PERIOD + 50        # per VM and period: above the threshold
 
@@ -138,3 +139,19 @@ def test_a_vm_trapping_where_no_device_answers_is_paced(two_vms):
     assert vm1["paced_for"] == "idle traps" and vm1["idle_traps"] >= NOTIFIES
     assert pacer.trap.vm_counters(1)["traps_unhandled"] == NOTIFIES
     assert not vm0["paced"] and pacer.trap.vm_counters(0)["traps_unhandled"] == 0
+
+
+def test_a_vm_looping_reset_and_setup_is_paced(two_vms, monkeypatch):
+    """Past RESETS_PER_SECOND resets of a device within a second, each write of its next
+    setups is an idle trap (avatar_hw/virtio/transport.py): a guest looping them is paced
+    as a notify flood is; VM 0's setup, once, is not."""
+    (work, flood), pacer, periods, stub = two_vms
+    monkeypatch.setattr(transport, "monotonic_ns", lambda: 10 * transport._SECOND_NS)
+    driver = flood.driver
+    for _ in range(transport.RESETS_PER_SECOND + 30):
+        driver.ram.reset_alloc()
+        driver.init([0], size=8)
+    periods.next()
+    assert pacer.info(1)["paced"] and pacer.info(1)["paced_for"] == "idle traps"
+    assert stub.slots[1].pace_us == PACE_US and stub.slots[0].pace_us == 0
+    assert pacer.subsystem.guest_mistakes(1) == 0

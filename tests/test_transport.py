@@ -4,6 +4,7 @@ import pytest
 
 from avatar_hw.testing.virtio import RecordingDevice, VirtioBench
 from avatar_hw.virtio import constants as c
+from avatar_hw.virtio import transport
 from avatar_hw.virtio.constants import bit
 from avatar_hw.virtio.device import TRANSPORT_FEATURES
 
@@ -392,6 +393,38 @@ def test_a_notify_of_an_available_index_moved_past_a_queue_s_worth_is_idle(bench
     for _ in range(3):
         q.set_avail_idx(q.avail_idx + 1)
         assert idle(bench, q.notify) == 1
+
+
+def test_the_setups_of_a_guest_looping_reset_and_setup_are_idle(bench, monkeypatch):
+    """Up to RESETS_PER_SECOND resets within a second a setup is the driver's business;
+    past them, each write of a setup before DRIVER_OK is idle, until a window of a second
+    ends with no more than that."""
+    clock = [10 * transport._SECOND_NS]
+    monkeypatch.setattr(transport, "monotonic_ns", lambda: clock[0])
+    d = bench.driver
+
+    queues = []
+
+    def setup():                                # one reset (negotiate's) and a setup
+        d.ram.reset_alloc()
+        queues[:] = d.init([0, 1])
+
+    writes = []
+    counting = bench.driver.write
+    monkeypatch.setattr(d, "write", lambda *a, **k: (writes.append(a), counting(*a, **k))[1])
+    once = idle(bench, setup)
+    for _ in range(transport.RESETS_PER_SECOND - 1):
+        assert idle(bench, setup) == once
+    writes.clear()
+    looping = idle(bench, setup)
+    before_driver_ok = len(writes) - 1          # the DRIVER_OK write itself comes before it
+    assert looping == once + before_driver_ok
+    assert d.status & c.STATUS_DRIVER_OK        # set up: its I/O is not idle
+    queues[0].post(writable=[4])
+    assert idle(bench, queues[0].notify) == 0
+    clock[0] += transport._SECOND_NS            # a new window, one reset in it
+    assert idle(bench, setup) == once
+    assert bench.transport.context.guest_errors == 0
 
 
 # -- interrupts -----------------------------------------------------------------------------------

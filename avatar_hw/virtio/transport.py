@@ -63,10 +63,17 @@ trap rate without one guest error, each still a trap that costs the other VMs:
 
 A correct driver makes one or two while it probes a device (Linux selects queue 0,
 already selected) and, now and then, a notify finds nothing new: the entries it was for
-were taken when an earlier one was served (figures: pace.py). Not counted: writes while
-the driver sets a device up (before DRIVER_OK a ring address, QueueNum or DriverFeatures
-written again, or a selector alternating two values, is setup to the model; a guest
-stuck in setup or looping reset and setup is left to the fair order), and
+were taken when an earlier one was served (figures: pace.py).
+
+* a write before DRIVER_OK while the guest loops reset and setup: a device reset more
+  than ``RESETS_PER_SECOND`` times within a second (a driver resets it when it probes
+  and when it lets it go; one reloaded in a shell loop, a few times a second). Until
+  its window of a second ends with no more than that, each write of its next setup is
+  idle.
+
+Not counted: writes while a driver sets a device up once (before DRIVER_OK a ring
+address, QueueNum or DriverFeatures written again, or a selector alternating two values,
+is setup to the model; a guest stuck in setup is left to the fair order), and
 configuration-space writes, the device's business (a read-only field's is a guest
 error).
 
@@ -77,6 +84,7 @@ not offer are masked off at DRIVER_OK (a guest error).
 """
 
 import logging
+from time import monotonic_ns
 
 from . import constants as c
 from .constants import bit
@@ -107,6 +115,8 @@ LEGACY_STATUS_PREREQUISITES = {
 _DRIVER_BITS = _ACK | _DRIVER | _FEATURES_OK | _DRIVER_OK | _FAILED
 
 _MASK32 = 0xFFFFFFFF
+RESETS_PER_SECOND = 20          # more, and the guest loops reset and setup (idle traps)
+_SECOND_NS = 1_000_000_000
 
 
 class MmioTransport(LegacyRegisters):
@@ -134,6 +144,9 @@ class MmioTransport(LegacyRegisters):
         self._reads, self._writes = register_tables(MmioTransport, legacy)
         self.shadowed_registers = tuple(r for r in SHADOWED if r in self._reads)
         self._unmirrored = frozenset(self._reads).difference(SHADOWED)
+        self._resets_since = -_SECOND_NS        # the reset window: its start, its count
+        self._resets = 0
+        self._setup_loop = False
         self._clear_registers()
         device.bind(self.context)
 
@@ -194,6 +207,8 @@ class MmioTransport(LegacyRegisters):
             self.guest_error("write of 0x%x to 0x%03x (no such register, or read-only); "
                               "ignored", value, offset)
             return
+        if self._setup_loop and not self.status & _DRIVER_OK:
+            self.context.idle_traps += 1
         handler(self, value & _MASK32)
 
     def __str__(self):
@@ -238,6 +253,15 @@ class MmioTransport(LegacyRegisters):
         if self.context.registers_changed is not None:   # a reset from outside a trap too
             self.context.registers_changed()
 
+    def _count_reset(self):
+        """A guest's reset: past RESETS_PER_SECOND in a window of a second, its setups
+        are a loop (idle traps, the docstring above)."""
+        now = monotonic_ns()
+        if now - self._resets_since >= _SECOND_NS:
+            self._resets_since, self._resets = now, 0
+        self._resets += 1
+        self._setup_loop = self._resets > RESETS_PER_SECOND
+
     def close(self):
         """Reset the device (it drops the chains it held), detach it from the event loop
         and drop the queues' views of guest RAM."""
@@ -247,6 +271,7 @@ class MmioTransport(LegacyRegisters):
     def write_status(self, value):
         value &= 0xFF
         if value == 0:
+            self._count_reset()
             self.reset()
             return
         old = self.status & ~_NEEDS_RESET
