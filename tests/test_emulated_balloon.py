@@ -66,6 +66,27 @@ def wait_balloon(board, wanted, timeout=90):
         time.sleep(0.1)
 
 
+def settled(board, balloon, inflated, deflated, timeout=30):
+    """The balloon's state and the pages it gave back since the counts ``inflated`` and
+    ``deflated``, once two looks 0.2 s apart agree: the guest's driver moves ``actual``
+    (config space) after the host took the pages (a queue), and inflates again towards the
+    target whenever it can, so one look may fall between the two."""
+    def look():
+        net = ((balloon.counters["pages_deflated"] - deflated)
+               - (balloon.counters["pages_inflated"] - inflated))
+        return balloon_state(board), net
+
+    deadline = time.monotonic() + timeout
+    last = look()
+    while True:
+        time.sleep(0.2)
+        now = look()
+        if (now[0]["balloon"], now[1]) == (last[0]["balloon"], last[1]) \
+                or time.monotonic() > deadline:
+            return now
+        last = now
+
+
 def ram_blocks(board):
     return os.stat(board.machine.ram_path).st_blocks * 512
 
@@ -136,11 +157,9 @@ def test_deflate_on_oom_gives_pages_back_and_the_guest_survives(oom_board):
     out = run(board, "dd if=/dev/zero of=/oom/fill bs=1M count=64 2>&1 && "
                      "wc -c < /oom/fill && echo alive", timeout=240)
     assert out.split()[-2:] == [str(64 * MIB), "alive"], out
-    state = balloon_state(board)
+    state, net = settled(board, balloon, inflated, deflated)
     assert state["balloon_target"] == size                    # the host's wish is unchanged
     assert state["balloon"] <= size - 32 * MIB, state          # the guest took pages back
-    net = ((balloon.counters["pages_deflated"] - deflated)
-           - (balloon.counters["pages_inflated"] - inflated))
     assert net * 4096 == size - state["balloon"], (net, balloon.counters, state)
     killed = run(board, "dmesg | grep -c -e 'Killed process' -e 'invoked oom-killer' || true")
     assert killed.split()[-1] == "0", "the OOM killer ran"
