@@ -402,7 +402,6 @@ def test_the_setups_of_a_guest_looping_reset_and_setup_are_idle(bench, monkeypat
     clock = [10 * transport._SECOND_NS]
     monkeypatch.setattr(transport, "monotonic_ns", lambda: clock[0])
     d = bench.driver
-
     queues = []
 
     def setup():                                # one reset (negotiate's) and a setup

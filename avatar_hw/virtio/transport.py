@@ -59,23 +59,20 @@ trap rate without one guest error, each still a trap that costs the other VMs:
 * a read no register shadow mirrors (8 bytes wide, or of a register outside
   ``SHADOWED``): the stub sends it to the model whatever it holds; a shadowed
   register's read traps only when the stub could not answer it (no shadows, a page
-  being rewritten), which is not the guest's doing.
-
-A correct driver makes one or two while it probes a device (Linux selects queue 0,
-already selected) and, now and then, a notify finds nothing new: the entries it was for
-were taken when an earlier one was served (figures: pace.py).
-
+  being rewritten), which is not the guest's doing;
 * a write before DRIVER_OK while the guest loops reset and setup: a device reset more
   than ``RESETS_PER_SECOND`` times within a second (a driver resets it when it probes
   and when it lets it go; one reloaded in a shell loop, a few times a second). Until
   its window of a second ends with no more than that, each write of its next setup is
   idle.
 
-Not counted: writes while a driver sets a device up once (before DRIVER_OK a ring
-address, QueueNum or DriverFeatures written again, or a selector alternating two values,
-is setup to the model; a guest stuck in setup is left to the fair order), and
-configuration-space writes, the device's business (a read-only field's is a guest
-error).
+A correct driver makes one or two while it probes a device (Linux selects queue 0,
+already selected) and, now and then, a notify finds nothing new: the entries it was for
+were taken when an earlier one was served (figures: pace.py). Not counted: writes while
+a driver sets a device up once (before DRIVER_OK a ring address, QueueNum or
+DriverFeatures written again, or a selector alternating two values, is setup to the
+model; a guest stuck in setup is left to the fair order), and configuration-space
+writes, the device's business (a read-only field's is a guest error).
 
 Legacy (Version 1, ``legacy=True``): GuestPageSize, QueueAlign and QueuePFN
 replace QueueReady and the 64-bit ring addresses; features are 32 bits and
