@@ -63,8 +63,8 @@ trap rate without one guest error, each still a trap that costs the other VMs:
 * a write before DRIVER_OK while the guest loops reset and setup: a device reset more
   than ``RESETS_PER_SECOND`` times within a second (a driver resets it when it probes
   and when it lets it go; one reloaded in a shell loop, a few times a second). Until
-  its window of a second ends with no more than that, each write of its next setup is
-  idle.
+  a reset opens a new window (a second or more after the last one began), each write of
+  its setups before DRIVER_OK is idle.
 
 A correct driver makes one or two while it probes a device (Linux selects queue 0,
 already selected) and, now and then, a notify finds nothing new: the entries it was for
@@ -143,7 +143,6 @@ class MmioTransport(LegacyRegisters):
         self._unmirrored = frozenset(self._reads).difference(SHADOWED)
         self._resets_since = -_SECOND_NS        # the reset window: its start, its count
         self._resets = 0
-        self._setup_loop = False
         self._clear_registers()
         device.bind(self.context)
 
@@ -204,7 +203,7 @@ class MmioTransport(LegacyRegisters):
             self.guest_error("write of 0x%x to 0x%03x (no such register, or read-only); "
                               "ignored", value, offset)
             return
-        if self._setup_loop and not self.status & _DRIVER_OK:
+        if self._resets > RESETS_PER_SECOND and not self.status & _DRIVER_OK:
             self.context.idle_traps += 1
         handler(self, value & _MASK32)
 
@@ -251,13 +250,13 @@ class MmioTransport(LegacyRegisters):
             self.context.registers_changed()
 
     def _count_reset(self):
-        """A guest's reset: past RESETS_PER_SECOND in a window of a second, its setups
-        are a loop (idle traps, the docstring above)."""
+        """A guest's reset, counted in its window of a second (a reset a second or more
+        after the window began starts a new one): past RESETS_PER_SECOND, the setups that
+        follow are a loop (idle traps, the docstring above)."""
         now = monotonic_ns()
         if now - self._resets_since >= _SECOND_NS:
             self._resets_since, self._resets = now, 0
         self._resets += 1
-        self._setup_loop = self._resets > RESETS_PER_SECOND
 
     def close(self):
         """Reset the device (it drops the chains it held), detach it from the event loop
