@@ -119,6 +119,26 @@ def test_demo_config_gives_the_guest_every_device_of_the_example():
     assert leftovers(pid) == ([], [], [])
 
 
+def test_input_from_a_pipe_runs_then_the_demo_exits_with_the_last_status():
+    """``echo CMDS | avatar-hw demo``: the guest runs every line, its output is printed (a
+    long one whole, the ending's own line never), then the demo exits with the last
+    command's status, as ``sh <script`` would. More input than the console takes at once
+    neither blocks the guest's output nor is lost."""
+    filler = "".join(f": {i:05d} {'y' * 90}\n" for i in range(1000))      # 100 KB of input
+    script = (f"echo $((6 * 7))-seen\n{filler}head -c 20000 /dev/zero | tr '\\0' x; echo\n"
+              "seq 1 20000 | tail -n 1\nfalse\n")
+    done = subprocess.run(AVATAR_HW + ["demo"], input=script.encode(), capture_output=True,
+                          timeout=300)
+    out = done.stdout.replace(b"\r\n", b"\n")
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert b"\n42-seen\n" in out and b"\n" + b"x" * 20000 + b"\n" in out
+    assert b"\n20000\n" in out and b": 00999 y" in out
+    assert out.endswith(b"# false\n")                 # the ending's line and prompt left out
+    assert b"e-" not in out.replace(b"seen", b"")
+    pid = re.search(rb"avatar-emulated-(\d+)-", done.stderr).group(1).decode()
+    assert leftovers(pid) == ([], [], [])
+
+
 def test_config_takes_a_path_or_the_shipped_examples_name(tmp_path, monkeypatch):
     from avatar_hw.shipped import shipped_file
     from avatar_hw.config import config_path

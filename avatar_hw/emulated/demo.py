@@ -2,8 +2,10 @@
 
 Builds what is missing (stub, guest assets, initramfs, device tree), starts
 QEMU with the stub and the daemon, then either attaches this terminal to the
-guest's virtio console (hvc0; leave with Ctrl-] or ``poweroff -f``) or, with
-``--run 'CMD'``, runs one command, prints its output and exits with its status.
+guest's virtio console (hvc0; leave with Ctrl-] or ``poweroff -f``; input from a pipe
+or a file runs line by line, and at its end the demo exits with the last command's
+status) or, with ``--run 'CMD'``, runs one command, prints its output and exits with its
+status.
 ``--config VMS.toml`` gives the guest the devices of a VMs config (the
 daemon's format: every device kind of docs/devices.md; relative paths land in the demo's
 temporary directory). The demo prints its control socket: ``avatar-hw
@@ -21,8 +23,10 @@ printed (a Unix socket: ``socat -,raw,echo=0 UNIX-CONNECT:PATH``).
 
 import argparse
 import os
+import re
 import select
 import signal
+import socket
 import sys
 import termios
 import tty
@@ -36,6 +40,8 @@ from .memory_map import MAX_VMS
 from .session import ConsoleTimeout, EmulatedBoard
 
 EXIT_KEY = b"\x1d"                  # Ctrl-]
+INPUT_HELD = 1 << 20                # bytes of input held for the console before stdin waits
+LINE_HELD = 4096                    # stdin ended: bytes of a line without its end held back
 GUEST_TIMEOUT = 120                 # host mode: seconds until the guest's shell answers
 BOARD_TIMEOUT = 300                 # board mode (TCG-slow Python): each of the board Linux's
                                     # shell, its daemon serving, the guest's shell
@@ -67,34 +73,82 @@ def _announce(board):
 
 
 def _interactive(board, vm, timeout=GUEST_TIMEOUT):
+    """This terminal on the guest's console until Ctrl-], the guest's end or, when stdin is a
+    pipe or a file, its end (``_Ending``). Input is sent as the console takes it, never
+    blocking the guest's output (which is flow-controlled: a guest blocked writing would
+    stop reading)."""
     shell = board.shell(timeout=timeout, vm=vm)
     sock = shell.sock
     _say(f"guest console (hvc0) of VM{vm}; Ctrl-] leaves")
     stdin = sys.stdin.fileno()
     saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
     qemu = os.pidfd_open(board.machine.process.pid)
+    pending, ending = b"", None             # input not yet taken; stdin's end, once seen
     try:
         if saved:
             tty.setraw(stdin)
         os.write(sys.stdout.fileno(), b"# ")
         while True:
-            ready, _, _ = select.select([stdin, sock, qemu], [], [])
+            reading = [sock, qemu] + ([stdin] if ending is None and len(pending) < INPUT_HELD
+                                      else [])
+            ready, writable, _ = select.select(reading, [sock] if pending else [], [])
             if sock in ready:
                 data = sock.recv(65536)
                 if not data:
                     return _ended(board)
-                os.write(sys.stdout.fileno(), data)
+                if ending is not None:
+                    data, status = ending.feed(data)
+                    os.write(sys.stdout.fileno(), data)
+                    if status is not None:
+                        return status
+                else:
+                    os.write(sys.stdout.fileno(), data)
             elif qemu in ready:
                 return _ended(board)
+            if writable:
+                try:
+                    pending = pending[sock.send(pending, socket.MSG_DONTWAIT):]
+                except BlockingIOError:
+                    pass
             if stdin in ready:
-                data = os.read(stdin, 1024)
-                if not data or EXIT_KEY in data:
+                data = os.read(stdin, 4096)
+                if EXIT_KEY in data or not data and saved:
                     return 0
-                sock.sendall(data)
+                if not data:
+                    ending = _Ending()
+                    data = ending.command
+                pending += data
     finally:
         os.close(qemu)
         if saved:
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+
+
+class _Ending:
+    """Stdin (a pipe or a file) ended: the shell is asked for the last command's status by a
+    line whose result the shell computes, so its echo never matches. The output up to that
+    line's echo (its prompt included) is passed on a line at a time; then the demo exits with
+    the status, as ``sh <script`` would."""
+
+    def __init__(self):
+        tag = int.from_bytes(os.urandom(4), "little")
+        self.command = f"echo e-$(({tag} + 0))-$?\n".encode()
+        self._echo = self.command[:-1]
+        self._result = re.compile(rb"e-%d-(\d+)\r*\n" % tag)
+        self._held = b""
+
+    def feed(self, data):
+        """(bytes to print, the status once the shell answered, else None)."""
+        held = self._held + data
+        match = self._result.search(held)
+        end = match.start() if match else len(held)
+        echo = held.find(self._echo, 0, end)
+        if echo >= 0:                           # print nothing from the echo's line on
+            end = held.rfind(b"\n", 0, echo) + 1
+        elif not match:                         # whole lines (a long one: all but its tail)
+            end = held.rfind(b"\n") + 1 or max(0, len(held) - LINE_HELD)
+        self._held = held[end:]
+        return held[:end], int(match.group(1)) if match else None
 
 
 def _ended(board):
