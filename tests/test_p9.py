@@ -379,6 +379,17 @@ def test_readdir_entries_across_small_buffers_are_the_ones_of_one_buffer(fs, sha
     assert entries["entry-00-"][2] == os.stat(share / "sub" / "entry-00-").st_ino
 
 
+def test_readdir_with_a_count_below_the_first_entry_lists_nothing(fs, share):
+    """A count too small for the next entry is an empty Rreaddir, as QEMU answers, not the
+    EINVAL getdents64 gives for a buffer below one record; the next offset still lists it."""
+    (share / "sub" / ("n" * 200)).touch()
+    fs.walk(ROOT_FID, 2, "sub")
+    fs.lopen(2)
+    for count in (0, 4, 24 + 4):                  # the shortest, ".", needs 24 + 1 (+ 4)
+        assert fs.readdir(2, 0, count) == []
+    assert set(fs.listdir(2, count=24 + 200 + 4)) == {".", "..", "n" * 200}
+
+
 def test_readdir_reply_larger_than_the_buffers_is_erange(fs, share):
     """A Treaddir whose entries would not fit the chain's buffers gets ERANGE; one whose
     count fits them is answered; a short message is EPROTO, trailing bytes are ignored."""

@@ -15,8 +15,8 @@ import struct
 
 from ..virtio.buffers import scatter, scatter_at, skip, transfer, truncate
 from .p9folder import getdents, proc
-from .p9wire import (DIRENT, DIRENT64, DOTL_ACCMODE, DOTL_APPEND, DOTL_DSYNC, DOTL_SYNC,
-                     DOTL_TRUNC, IOHDR, MSIZE_MAX, NAME_MAX, QTDIR, QTFILE, QTSYMLINK,
+from .p9wire import (DIRENT, DIRENT64, DIRENT64_MAX, DOTL_ACCMODE, DOTL_APPEND, DOTL_DSYNC,
+                     DOTL_SYNC, DOTL_TRUNC, IOHDR, MSIZE_MAX, NAME_MAX, QTDIR, QTFILE, QTSYMLINK,
                      READ_REPLY, REQUEST_MAX, TREAD, TREADDIR, WRITE_HEADER, XATTR_HELD_MAX,
                      XATTR_MAX, P9Error, name_ok)
 
@@ -168,7 +168,9 @@ class OpenFiles:
         os.lseek(fid.open_fd, offset, os.SEEK_SET)
         dev = st.st_dev                             # a mount point's entry has its own below
         dents, names = self._dents, self._dents_view
-        n = getdents(fid.open_fd, self._dents_c, min(count, len(dents)))
+        # room for one record at least: getdents64 fails (EINVAL) below it; what does not fit
+        # ``count`` is left out below, and the guest's next offset reads it again
+        n = getdents(fid.open_fd, self._dents_c, max(min(count, len(dents)), DIRENT64_MAX))
         room = writable_len - READ_REPLY.size
         views = skip(writable, READ_REPLY.size)
         index, at, view = 0, 0, views[0] if views else _NO_VIEW   # where the next entry goes

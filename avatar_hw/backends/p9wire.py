@@ -34,6 +34,7 @@ QID = struct.Struct("<BIQ")
 GETATTR = struct.Struct("<Q13sIII" + "Q" * 15)   # nlink .. blocks, 4 times, gen, data_version
 STATFS = struct.Struct("<IIQQQQQQI")
 DIRENT64 = struct.Struct("<QqHB")                # the kernel's: ino, offset, reclen, type
+DIRENT64_MAX = (DIRENT64.size + NAME_MAX + 1 + 7) & ~7   # its longest record (8-aligned)
 DIRENT = struct.Struct("<BIQQBH")                # Rreaddir's: qid, offset, type, name length
 V9FS_MAGIC = 0x01021997
 GETATTR_BASIC = 0x7FF
