@@ -18,8 +18,8 @@ and an idle scan costs no foreign call at all.
 Fairness between VMs: every answered trap is counted, with its service time
 (POSTED seen to state written, dispatch included), for the VM whose window it
 decoded to (``vm_traps``, ``vm_service_ns``: ``avatar-hw info``). The traps since
-the last halving are the VM's recent account, halved when a pass finds
-``FAIR_WINDOW_NS`` (50 ms) passed since. A pass whose posted slots belong to
+the last halving are the VM's recent account, halved once for each
+``FAIR_WINDOW_NS`` (50 ms) passed since (looked at in a pass that may put a slot off). A pass whose posted slots belong to
 several VMs puts off the slots of a VM whose recent account is above its share
 (the accounts of those VMs divided by their number) to the next pass, so a VM
 that floods the daemon with traps (notifies, register writes, guest errors) is
@@ -88,15 +88,16 @@ class TrapPage:
 
     ``trace``, if given, is called after every answered trap as
     ``trace(vm_id, vcpu_id, gpa, size, is_write, value, status, latency_ns, window,
-    offset)``; ``latency_ns`` is the model's service time (POSTED seen to state
-    written); ``window`` is the decoded window number, -1 when none was.
+    offset)``; ``latency_ns`` is the model's service time (from the previous answer of
+    the pass, or the pass's start, to its state written); ``window`` is the decoded window number, -1 when none was.
 
     ``lock``: the path of the trap page's file or device node; the attached
     model holds an exclusive ``flock`` on it (released when it detaches or
     dies), so a second model is refused while the first one serves.
 
-    ``clock``: nanoseconds for the service-time accounts and the trace's ``latency_ns``
-    (``time.monotonic_ns``; tests hand in a counter).
+    ``clock``: monotonic nanoseconds for the service-time accounts, the trace's
+    ``latency_ns`` and the adaptive mode's window (``time.monotonic_ns``; tests hand in a
+    counter).
     """
 
     def __init__(self, region, layout, *, trace=None, lock=None, clock=time.monotonic_ns):
@@ -148,6 +149,7 @@ class TrapPage:
         self.vm_paced = [False] * layout.max_vms        # ``pace``: its accesses wait
         self._account_base = [0] * layout.max_vms
         self._halved_at = clock()
+        self._lap = self._halved_at     # when the last answer was written (``complete_slot``)
         self._deferred = 0              # bit i: slot i was put off by the last pass
         # The fair order's scratch, made once (nothing allocated per pass): per VM, its
         # recent account and the bits of its slots posted in this pass; the last entry of
@@ -204,7 +206,7 @@ class TrapPage:
             self.shadows.clear()        # nothing a previous model left is answered
         self.wait = wait
         self.polling = wait == BUSY_POLL
-        self.window = PollWindow(time.monotonic_ns()) if wait == ADAPTIVE else None
+        self.window = PollWindow(self.clock()) if wait == ADAPTIVE else None
         self._clear_paces()             # a VM a previous model paced runs freely again
         header.model_features = self.features
         header.model_pid = os.getpid()
@@ -308,8 +310,8 @@ class TrapPage:
                 served = self.scan_once(dispatch)
                 if served:
                     total += served
-                    if window is not None:
-                        self.polling = window.found(time.monotonic_ns())
+                    if window is not None:      # when the last answer was written
+                        self.polling = window.found(self._lap)
                     if total >= MAX_TRAPS_PER_CALL:
                         self.stopped_at_budget = True
                         return total
@@ -319,7 +321,7 @@ class TrapPage:
                 else:
                     idle += 1
                     if (window is not None and not idle % POLL_CHECK_SCANS
-                            and window.over(time.monotonic_ns())):
+                            and window.over(self.clock())):
                         self.polling = False
                         break
                     if idle >= POLL_IDLE_SCANS:
@@ -356,6 +358,7 @@ class TrapPage:
             posted &= ~self._put_off(posted)
         elif self._deferred:
             self._deferred = 0
+        self._lap = self.clock()
         self._completed = 0
         served = 0
         index = 0
@@ -373,20 +376,20 @@ class TrapPage:
         unless the last pass put them off already. Another VM's slot is always served in this pass. A slot naming no
         VM of the layout (answered UNHANDLED) is never put off; such slots count as one
         more VM among those posting. Allocates nothing (per-VM lists made once)."""
-        recent = self._update_recent()
         by_vm = self._posted_by_vm
-        none = len(recent)              # by_vm's entry for slots naming no VM
-        owners = 0
+        none = len(by_vm) - 1           # by_vm's entry for slots naming no VM
+        owners = 0                      # bit v: VM v (or ``none``) posted in this pass
         for bit, slot in self._slot_bits:
             if posted & bit:
                 vm = slot.vm_id
                 if vm >= none:
                     vm = none
-                if not by_vm[vm]:
-                    owners += 1
+                owners |= 1 << vm
                 by_vm[vm] |= bit
         put_off = 0
-        if owners > 1:
+        if owners & (owners - 1):
+            recent = self._update_recent()
+            count = owners.bit_count()
             # A paced VM goes after the VMs that are not (``pace``), which share among
             # themselves: being paced, its account is small, and it must not put a VM
             # that is not paced after it. Paced VMs alone share as usual.
@@ -394,22 +397,26 @@ class TrapPage:
             for vm in range(none):
                 if by_vm[vm] and paced[vm]:
                     slow += 1
-            if slow == owners:
+            if slow == count:
                 slow = 0
-            owners -= slow
+            count -= slow
             total = 0
             for vm in range(none):
                 if by_vm[vm] and not (slow and paced[vm]):
                     total += recent[vm]
             for vm in range(none):
                 bits = by_vm[vm]
-                if bits and ((slow and paced[vm]) or recent[vm] * owners > total):
+                if bits and ((slow and paced[vm]) or recent[vm] * count > total):
                     bits &= ~self._deferred
                     if bits:
                         put_off |= bits
                         self.vm_deferred[vm] += bits.bit_count()
-        for vm in range(none + 1):
-            by_vm[vm] = 0
+        vm = 0
+        while owners:                   # by_vm cleared where this pass set it
+            if owners & 1:
+                by_vm[vm] = 0
+            owners >>= 1
+            vm += 1
         self._deferred = put_off
         return put_off
 
@@ -436,6 +443,7 @@ class TrapPage:
         if not posted:
             return 0
         ordering.acquire_fence()            # one, for every state loaded above (as scan_once)
+        self._lap = self.clock()
         served = 0
         for index, slot in enumerate(self.slots):
             if (posted >> index & 1 and slot.flags & abi.SLOT_F_POSTED_WRITE
@@ -447,16 +455,8 @@ class TrapPage:
     def complete_slot(self, index, dispatch):
         """Decode slot ``index``, ``dispatch`` it, write the answer and publish it."""
         bit = 1 << index
-        self._in_service |= bit
-        try:
-            self._complete_slot(index, dispatch)
-        finally:
-            self._in_service &= ~bit
-            self._completed |= bit
-
-    def _complete_slot(self, index, dispatch):
+        self._completed |= bit
         trace = self.trace
-        start = self.clock()
         slot = self.slots[index]
         direction, size, gpa = slot.direction, slot.size, slot.gpa
         is_write = direction == abi.DIR_WRITE
@@ -465,6 +465,7 @@ class TrapPage:
         offset = gpa - self._window_bases[window] if window >= 0 else 0
         status, value = abi.STATUS_UNHANDLED, 0
         if window >= 0:
+            self._in_service |= bit
             try:
                 handled, value = dispatch(window, offset, data, is_write, size)
             except Exception:  # the trap path must answer whatever a device does
@@ -473,6 +474,8 @@ class TrapPage:
                                         index, "write" if is_write else "read", size, gpa,
                                         exc_info=True)
                 handled = False
+            finally:
+                self._in_service &= ~bit
             if handled:
                 status, value = abi.STATUS_OK, (value or 0) & _MASKS[size]
             else:
@@ -505,7 +508,10 @@ class TrapPage:
         self.stats.served += 1
         if status:
             self.stats.unhandled += 1
-        took = self.clock() - start
+        # Its service time: since the previous answer of this pass, or the pass's start
+        # (one clock read per trap; a nested pass's traps take their own share).
+        now = self.clock()
+        took, self._lap = now - self._lap, now
         if window >= 0:                     # to its VM's accounts (the fair order's)
             vm = self._window_vms[window]
             self.vm_traps[vm] += 1
@@ -516,15 +522,15 @@ class TrapPage:
 
     def _update_recent(self):
         """``_recent``, updated in place: each VM's traps since its account was last halved;
-        the accounts halve when ``FAIR_WINDOW_NS`` passed since the last halving."""
+        the accounts halve once for each ``FAIR_WINDOW_NS`` passed since the last halving."""
         traps, base, recent = self.vm_traps, self._account_base, self._recent
         now = self.clock()
-        halve = now - self._halved_at >= FAIR_WINDOW_NS
-        if halve:
-            self._halved_at = now
+        halvings = (now - self._halved_at) // FAIR_WINDOW_NS
+        if halvings:
+            self._halved_at += halvings * FAIR_WINDOW_NS
+            for vm in range(len(recent)):
+                base[vm] = traps[vm] - ((traps[vm] - base[vm]) >> halvings)
         for vm in range(len(recent)):
-            if halve:
-                base[vm] += (traps[vm] - base[vm] + 1) >> 1
             recent[vm] = traps[vm] - base[vm]
         return recent
 

@@ -13,7 +13,8 @@ from avatar_hw import abi, wait
 from avatar_hw.hw.region import Region
 from avatar_hw.layout import Layout
 from avatar_hw.testing.standin_stub import StubPage
-from avatar_hw.trap import MAX_TRAPS_PER_CALL, POLL_CHECK_SCANS, StubNotReady, TrapPage
+from avatar_hw.trap import (FAIR_WINDOW_NS, MAX_TRAPS_PER_CALL, POLL_CHECK_SCANS, StubNotReady,
+                             TrapPage)
 from avatar_hw.wait import ADAPTIVE, BUSY_POLL, PollWindow
 
 LAYOUT = Layout()
@@ -758,6 +759,23 @@ def test_a_vm_above_its_share_is_served_after_the_others(fair_page):
                                    "wfi_slept": 0}
     assert trap.vm_counters(1)["traps_served"] == 33
     assert all(slot_free(stub, vcpu) for vcpu in range(4))
+
+
+def test_the_accounts_halve_once_for_each_window_passed(fair_page):
+    """A flood long past is forgotten: 33 traps halved once per FAIR_WINDOW_NS (ten windows
+    later: 0), not once for the whole pause, so VM 1 is not put off any more."""
+    stub, trap = fair_page
+    handler = Recorder()
+    for _ in range(11):
+        for vcpu in VM1_SLOTS:
+            post(stub, vcpu)
+        trap.serve_until_idle(handler)
+    trap.clock.now += 10 * FAIR_WINDOW_NS
+    for vcpu in (*VM1_SLOTS, VM0_SLOT):
+        post(stub, vcpu)
+    trap.serve_until_idle(handler)
+    assert trap.vm_deferred == [0] * LAYOUT.max_vms
+    assert trap.vm_counters(1)["traps_served"] == 36
 
 
 def test_a_flooding_vm_delays_another_vms_trap_by_at_most_the_rest_of_one_pass(fair_page):

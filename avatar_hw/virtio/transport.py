@@ -170,6 +170,9 @@ class MmioTransport(LegacyRegisters):
             return self._read(offset, 4) | self._read(offset + 4, 4) << 32
         if offset in self._unmirrored:
             self.context.idle_traps += 1
+        handler = self._reads.get(offset) if size == 4 else None
+        if handler is not None:          # the common case, without ``_read``'s checks
+            return handler(self)
         return self._read(offset, size)
 
     def _read(self, offset, size):
