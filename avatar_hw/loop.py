@@ -3,20 +3,32 @@
 Devices and backends register what they wait for (``add_reader``,
 ``add_writer``, ``call_later``); the loop calls back. Everything runs on one
 thread, so the device model needs no locks. Callbacks must not block.
+
+The loop is on the trap path (the doorbell is one of its descriptors), so it
+is ``select.epoll`` itself, not ``selectors``: a wake-up costs one
+``epoll_wait`` and a dictionary lookup per ready descriptor, and allocates
+nothing but epoll's list of ready pairs. A callback is looked up when its
+descriptor's turn comes: one removed by an earlier callback of the same turn
+is not called.
 """
 
 import heapq
 import itertools
 import logging
-import selectors
+import select
 import time
 
 log = logging.getLogger(__name__)
 
+READER, WRITER = 0, 1
+# An error or hang-up wakes both sides, as selectors does (each finds it reading or writing).
+_READ_EVENTS, _WRITE_EVENTS = ~select.EPOLLOUT, ~select.EPOLLIN
+
 
 class EventLoop:
     def __init__(self):
-        self._selector = selectors.DefaultSelector()
+        self._epoll = select.epoll()
+        self._fds = {}                  # fd -> [reader, writer], None where nothing waits
         self._timers = []
         self._timer_ids = itertools.count()
         self._running = False
@@ -24,39 +36,42 @@ class EventLoop:
     # -- file descriptors -------------------------------------------------------
 
     def add_reader(self, fd, callback):
-        self._update(fd, selectors.EVENT_READ, callback)
+        self._update(fd, READER, callback)
 
     def add_writer(self, fd, callback):
-        self._update(fd, selectors.EVENT_WRITE, callback)
+        self._update(fd, WRITER, callback)
 
     def remove_reader(self, fd):
-        self._update(fd, selectors.EVENT_READ, None)
+        self._update(fd, READER, None)
 
     def remove_writer(self, fd):
-        self._update(fd, selectors.EVENT_WRITE, None)
+        self._update(fd, WRITER, None)
 
-    def _update(self, fd, event, callback):
-        if not isinstance(fd, int):
-            fd = fd.fileno()
-        try:
-            key = self._selector.get_key(fd)
-            callbacks = dict(key.data)
-        except KeyError:
-            key, callbacks = None, {}
-        if callback is None:
-            callbacks.pop(event, None)
-        else:
-            callbacks[event] = callback
-        mask = 0
-        for ev in callbacks:
-            mask |= ev
-        if key is None:
-            if mask:
-                self._selector.register(fd, mask, callbacks)
-        elif mask:
-            self._selector.modify(fd, mask, callbacks)
-        else:
-            self._selector.unregister(fd)
+    def watches(self, fd):
+        """True while a reader or a writer waits on ``fd``."""
+        return _fileno(fd) in self._fds
+
+    def _update(self, fd, side, callback):
+        fd = _fileno(fd)
+        entry = self._fds.get(fd)
+        if entry is None:
+            if callback is not None:
+                entry = [None, None]
+                entry[side] = callback
+                self._epoll.register(fd, _mask(entry))
+                self._fds[fd] = entry
+            return
+        before = _mask(entry)
+        entry[side] = callback
+        after = _mask(entry)
+        if not after:
+            del self._fds[fd]
+            try:
+                self._epoll.unregister(fd)
+            except OSError:             # closed already: the kernel dropped it
+                pass
+        elif after != before:
+            self._epoll.modify(fd, after)
 
     # -- timers -----------------------------------------------------------------
 
@@ -74,21 +89,26 @@ class EventLoop:
 
     def run_once(self, timeout=None):
         """Wait up to ``timeout`` seconds (None: until something happens) and dispatch."""
-        now = time.monotonic()
-        while self._timers and self._timers[0][2] is None:
-            heapq.heappop(self._timers)
-        if self._timers:
-            due = max(0.0, self._timers[0][0] - now)
+        timers = self._timers
+        while timers and timers[0][2] is None:
+            heapq.heappop(timers)
+        if timers:
+            due = max(0.0, timers[0][0] - time.monotonic())
             timeout = due if timeout is None else min(timeout, due)
-        for key, events in self._selector.select(timeout):
-            for event, callback in list(key.data.items()):
-                if events & event:
+        fds = self._fds
+        for fd, events in self._epoll.poll(-1 if timeout is None else max(0.0, timeout)):
+            entry = fds.get(fd)
+            if entry is not None and events & _READ_EVENTS and entry[READER] is not None:
+                entry[READER]()
+                entry = fds.get(fd)
+            if entry is not None and events & _WRITE_EVENTS and entry[WRITER] is not None:
+                entry[WRITER]()
+        if timers:
+            now = time.monotonic()
+            while timers and timers[0][0] <= now:
+                _, _, callback = heapq.heappop(timers)
+                if callback is not None:
                     callback()
-        now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, callback = heapq.heappop(self._timers)
-            if callback is not None:
-                callback()
 
     def run(self):
         self._running = True
@@ -99,4 +119,13 @@ class EventLoop:
         self._running = False
 
     def close(self):
-        self._selector.close()
+        self._epoll.close()
+
+
+def _fileno(fd):
+    return fd if isinstance(fd, int) else fd.fileno()
+
+
+def _mask(entry):
+    return ((select.EPOLLIN if entry[READER] is not None else 0)
+            | (select.EPOLLOUT if entry[WRITER] is not None else 0))

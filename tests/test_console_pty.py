@@ -102,7 +102,7 @@ def lines(first, count, tag=b"line"):
 
 def nothing_waits_on_the_master(con):
     """No reader nor writer on a pty nobody holds (its POLLHUP would wake the loop for ever)."""
-    return con.pty.master not in con.loop._selector.get_map()
+    return not con.loop.watches(con.pty.master)
 
 
 def test_a_pty_nobody_opens_does_not_hold_the_guest(con):
