@@ -147,6 +147,27 @@ def test_vhost_user_fs_answers_fuse_init_in_guest_memory(bench):
 
 
 @needs_virtiofsd
+def test_vhost_user_requests_past_a_queues_worth_are_not_idle_traps(bench):
+    """The back-end pops the rings, never the daemon: a driver's available index far past
+    the daemon's ``last_avail_idx`` is its progress, not a scribble, so a correct guest's
+    notifies are not idle traps (avatar_hw.pace would pace it); a repeated one still is."""
+    _, req = bench.driver.init([0, 1], size=16)
+    req.post(readable=[fuse_request(FUSE_INIT, 1, 0, init_body())], writable=[16 + 256])
+    req.notify()
+    bench.wait_used(req)
+    setup = bench.transport.context.idle_traps                # the driver's setup (selectors)
+    for unique in range(2, 2 + 3 * 16):                       # three queues' worth
+        req.post(readable=[fuse_request(FUSE_GETATTR, unique, FUSE_ROOT_ID, bytes(16))],
+                 writable=[16 + 104])
+        req.notify()
+        (used,) = bench.wait_used(req)
+        assert struct.unpack_from("<iQ", used.data, 4) == (0, unique)
+    assert bench.transport.context.idle_traps == setup
+    req.notify()                                              # nothing new
+    assert bench.transport.context.idle_traps == setup + 1
+
+
+@needs_virtiofsd
 def test_vhost_user_reset_stops_rings_and_reactivates(bench, monkeypatch):
     bench.driver.init([0, 1], size=64)
     started = bench.device.info()["rings_started"]

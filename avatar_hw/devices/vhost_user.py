@@ -68,6 +68,8 @@ class VhostUserDevice(VirtioDevice):
             self.frontend.close()
             raise
         super().__init__(queue_sizes=queue_sizes, config=config or b"")
+        for queue in self.queues:
+            queue.served_elsewhere = True      # the back-end pops them
         self.features = offered & ~UNSUPPORTED
         self._kick, self._call = [], []
         try:

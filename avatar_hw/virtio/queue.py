@@ -104,6 +104,9 @@ class Virtqueue:
                              f"in 1..{MAX_QUEUE_SIZE}")
         self.index = index
         self.max_size = max_size
+        # Popped by another process (a vhost-user back-end), never by ``pop``: then
+        # ``last_avail_idx`` says nothing of the driver's progress (``notified``).
+        self.served_elsewhere = False
         self.on_error = on_error
         self.on_used = on_used
         self.on_yield = on_yield
@@ -172,13 +175,15 @@ class Virtqueue:
         """The driver notified this ready queue: a new turn (``new_turn``). False when it
         made no entry available since its previous notify (or since ``set_up``), an *idle*
         notify (``MmioTransport``, "Idle traps"), or when its available index is more than
-        a queue's worth ahead of ``last_avail_idx`` (no driver does that; a device that
-        does not pop, a receive queue with nothing to receive, would not see it). One plain
+        a queue's worth ahead of ``last_avail_idx`` (no driver does that; a receive queue
+        with nothing to receive would not see it; a queue ``served_elsewhere`` is never
+        popped here, so only its repeats are idle). One plain
         load of the available index: only its value is compared, ``pop`` orders the
         entries it reads itself."""
         self.new_turn()
         idx = self._avail[1]
-        if idx == self._notified_idx or (idx - self.last_avail_idx) & 0xFFFF > self.size:
+        if idx == self._notified_idx or (
+                (idx - self.last_avail_idx) & 0xFFFF > self.size and not self.served_elsewhere):
             return False
         self._notified_idx = idx
         return True
