@@ -272,7 +272,8 @@ class Daemon:
             if left > 0:
                 return
             self.paused_until = 0.0
-        self.trap.serve_until_idle(self.subsystem.dispatch)
+        if self.trap.serve_until_idle(self.subsystem.dispatch) and self.pacer is not None:
+            self.pacer.wake()
         if self.trap.stopped_at_budget:
             self.loop.call_later(0, self._serve_until_idle)
 
@@ -347,7 +348,8 @@ class Daemon:
         while self._running:
             if trap.polling and not self.paused_until:
                 run_once(0)
-                serve_until_idle(dispatch)
+                if serve_until_idle(dispatch):
+                    self.pacer.wake()
             else:
                 run_once()
 

@@ -12,7 +12,8 @@ accesses that complete nothing: a notify of a queue with nothing new in it, an
 InterruptACK of clear bits, a selector written again and again (*idle traps*,
 ``MmioTransport``'s docstring), which make no mistake.
 
-So every ``PERIOD_S`` the daemon counts each VM's mistakes (its devices' guest errors
+So every ``PERIOD_S`` while traps come (a period with none, and no VM paced, stops the
+count until the next trap: an idle daemon sleeps) the daemon counts each VM's mistakes (its devices' guest errors
 and bad chains, ``Subsystem.guest_mistakes``) and idle traps (``Subsystem.idle_traps``);
 a VM with more than ``MISTAKES_PER_PERIOD`` mistakes or ``IDLE_TRAPS_PER_PERIOD`` idle
 traps is *paced*: the stub waits ``PACE_US`` before each access of its vCPUs, asleep
@@ -74,7 +75,9 @@ class Pacer:
         self._seen = {}                 # vm -> (its mistakes, its idle traps) at the last count
         self._paced = {}                # vm -> [its calm periods in a row, its pace (µs)]
         self._why = {}                  # vm -> what it was last paced for
-        self._handle = None
+        self._handle = None             # the next count's timer; None: not counting
+        self._counting = False          # started: counts while traps come or a VM is paced
+        self._served = 0                # the trap page's answered traps at the last count
         self._log = RateLimitedLog(log)  # a guest can start and end its pacing at will
         self._end_log = RateLimitedLog(log, level=logging.INFO)
 
@@ -84,9 +87,18 @@ class Pacer:
             return
         for vm in self.subsystem.vms:
             self._seen[vm] = self._totals(vm)
+        self._counting = True
+        self._served = self.trap.stats.served
         self._handle = self.loop.call_later(self.period, self._count)
 
+    def wake(self):
+        """Traps were served: count again if it had stopped (``_count``: a period with no
+        trap and no VM paced leaves the daemon asleep until the next trap)."""
+        if self._handle is None and self._counting:
+            self._handle = self.loop.call_later(self.period, self._count)
+
     def stop(self):
+        self._counting = False
         if self._handle is not None:
             self.loop.cancel(self._handle)
             self._handle = None
@@ -126,7 +138,11 @@ class Pacer:
             if vm in self._paced:
                 self.trap.pace(vm, self._paced[vm][1])   # also its vCPUs that trapped since
                 self.periods[vm] = self.periods.get(vm, 0) + 1
-        self._handle = self.loop.call_later(self.period, self._count)
+        served, self._served = self._served, self.trap.stats.served
+        if self._paced or served != self._served:
+            self._handle = self.loop.call_later(self.period, self._count)
+        else:
+            self._handle = None         # nothing came: ``wake`` starts again
 
     def info(self, vm):
         return {"paced": vm in self._paced, "pace_us": self._paced.get(vm, (0, 0))[1],

@@ -26,6 +26,7 @@ from avatar_hw.devices.rng import RngDevice
 from avatar_hw.devices.vsock import VsockDevice
 from avatar_hw.testing.hostile import flood, forget_used, indirect_chain, internal_errors
 from avatar_hw.testing.virtio import VirtioBench
+from avatar_hw.trap import TrapStats
 from avatar_hw.virtio import constants as c
 from avatar_hw.virtio import queue as virtqueue
 from test_console import loop  # noqa: F401 (fixture)
@@ -364,6 +365,7 @@ def test_a_guest_starting_and_ending_its_pacing_at_will_logs_a_few_lines(caplog)
         features = abi.F_PACE
         paced = {}
         vm_unhandled = [0]
+        stats = TrapStats()
 
         def pace(self, vm, us):
             self.paced[vm] = us

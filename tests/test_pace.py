@@ -105,6 +105,25 @@ def test_a_vm_flooding_notifies_of_an_empty_queue_is_paced_and_one_doing_io_is_n
     assert not pacer.info(1)["paced"] and not pacer.info(0)["paced_periods"]
 
 
+def test_an_idle_daemon_stops_counting_until_traps_come_again(two_vms):
+    """A period with no trap and no VM paced leaves no timer (an idle daemon sleeps,
+    instead of waking 10 times a second); the daemon's next served trap wakes the count
+    (``Pacer.wake``), and a flood is paced as before."""
+    (_, flood), pacer, periods, stub = two_vms
+    periods.next()                              # the drivers' setup was before start()
+    assert periods.due is None
+    for _ in range(NOTIFIES):
+        flood.notify()
+    pacer.wake()                                # what the daemon does after serving
+    pacer.wake()                                # at most one timer
+    periods.next()
+    assert stub.slots[1].pace_us == PACE_US and periods.due is not None
+    for _ in range(CALM_PERIODS):               # paced: counted even with no trap
+        periods.next()
+    assert stub.slots[1].pace_us == 0 and not pacer.info(1)["paced"]
+    assert periods.due is None                  # the count that ended it saw no trap
+
+
 def test_a_paced_vm_still_flooding_at_its_paced_rate_stays_paced(two_vms):
     """Paced, a vCPU makes at most one access per PACE_US: 100 a period, below the idle
     threshold. A period is calm only under CALM_IDLE_TRAPS, so the flood, slowed, keeps
