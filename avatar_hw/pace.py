@@ -13,8 +13,9 @@ InterruptACK of clear bits, a selector written again and again (*idle traps*,
 ``MmioTransport``'s docstring), which make no mistake.
 
 So every ``PERIOD_S`` while traps come (a period with none, and no VM paced, stops the
-count until the next trap: an idle daemon sleeps) the daemon counts each VM's mistakes (its devices' guest errors
-and bad chains, ``Subsystem.guest_mistakes``) and idle traps (``Subsystem.idle_traps``);
+count until the next trap: an idle daemon sleeps) the daemon counts each VM's mistakes
+(its devices' guest errors and bad chains, ``Subsystem.guest_mistakes``) and idle traps
+(``Subsystem.idle_traps``);
 a VM with more than ``MISTAKES_PER_PERIOD`` mistakes or ``IDLE_TRAPS_PER_PERIOD`` idle
 traps is *paced*: the stub waits ``PACE_US`` before each access of its vCPUs, asleep
 (``AVT_F_PACE``, docs/trap-abi.md section 16), so that VM neither traps nor spins faster

@@ -16,10 +16,11 @@ store of ``state`` (DMB ISH, STR). On x86 (TSO) both fences are no instruction,
 and an idle scan costs no foreign call at all.
 
 Fairness between VMs: every answered trap is counted, with its service time
-(POSTED seen to state written, dispatch included), for the VM whose window it
-decoded to (``vm_traps``, ``vm_service_ns``: ``avatar-hw info``). The traps since
-the last halving are the VM's recent account, halved once for each
-``FAIR_WINDOW_NS`` (50 ms) passed since (looked at in a pass that may put a slot off). A pass whose posted slots belong to
+(from the previous answer of its pass, or the pass's start, to its state written:
+dispatch included), for the VM whose window it decoded to (``vm_traps``,
+``vm_service_ns``: ``avatar-hw info``). The traps since the last halving are the VM's
+recent account, halved once for each ``FAIR_WINDOW_NS`` (50 ms) passed since (looked
+at in a pass that may put a slot off). A pass whose posted slots belong to
 several VMs puts off the slots of a VM whose recent account is above its share
 (the accounts of those VMs divided by their number) to the next pass, so a VM
 that floods the daemon with traps (notifies, register writes, guest errors) is
@@ -88,8 +89,8 @@ class TrapPage:
 
     ``trace``, if given, is called after every answered trap as
     ``trace(vm_id, vcpu_id, gpa, size, is_write, value, status, latency_ns, window,
-    offset)``; ``latency_ns`` is the model's service time (from the previous answer of
-    the pass, or the pass's start, to its state written); ``window`` is the decoded window number, -1 when none was.
+    offset)``; ``latency_ns`` is the model's service time (module docstring);
+    ``window`` is the decoded window number, -1 when none was.
 
     ``lock``: the path of the trap page's file or device node; the attached
     model holds an exclusive ``flock`` on it (released when it detaches or
