@@ -7,6 +7,11 @@ import mmap
 
 import pytest
 
+from avatar_hw.devices import console
+from avatar_hw.devices.balloon import BalloonDevice
+from avatar_hw.devices.gpu import GpuDevice
+from avatar_hw.loop import EventLoop
+
 from avatar_hw import abi
 from avatar_hw.devices.rng import RngDevice
 from avatar_hw.hw.region import Region
@@ -174,3 +179,39 @@ def test_a_vm_looping_reset_and_setup_is_paced(two_vms, monkeypatch):
     assert pacer.info(1)["paced"] and pacer.info(1)["paced_for"] == "idle traps"
     assert stub.slots[1].pace_us == PACE_US and stub.slots[0].pace_us == 0
     assert pacer.subsystem.guest_mistakes(1) == 0
+
+
+def test_a_configuration_write_that_changes_nothing_is_an_idle_trap(tmp_path, monkeypatch):
+    """virtio-gpu's events_clear of events not set, virtio-balloon's ``actual`` written
+    again, an emergency console byte dropped (the port holds too many): each completes
+    nothing, so a guest repeating it is paced like one flooding empty notifies; the same
+    writes that do something are not idle."""
+    def idle(bench):
+        return bench.transport.context.idle_traps
+
+    gpu = VirtioBench(GpuDevice(width=64, height=64))
+    gpu.driver.init([0, 1], size=8)
+    before = idle(gpu)
+    gpu.driver.write_config(4, 1)                       # no event is set
+    assert idle(gpu) == before + 1
+    gpu.device.update_config(0, (1).to_bytes(4, "little"))
+    gpu.driver.write_config(4, 1)                       # clears the display event
+    assert idle(gpu) == before + 1 and gpu.driver.read_config(0) == 0
+
+    balloon = VirtioBench(BalloonDevice(stats_interval=0))
+    balloon.driver.init([0, 1], size=8)
+    before = idle(balloon)
+    balloon.driver.write_config(4, 256)
+    balloon.driver.write_config(4, 256)
+    assert idle(balloon) == before + 1 and balloon.driver.read_config(4) == 256
+
+    loop = EventLoop()
+    con = VirtioBench(console.ConsoleDevice(f"file:{tmp_path}/out"), loop=loop)
+    con.driver.init([0, 1], size=8)
+    before = idle(con)
+    con.driver.write_config(console.EMERG_WR_OFFSET, ord("a"))
+    monkeypatch.setattr(console, "EMERG_LIMIT", 0)      # the port holds too many
+    con.driver.write_config(console.EMERG_WR_OFFSET, ord("b"))
+    assert idle(con) == before + 1
+    con.device.detach()
+    loop.close()

@@ -137,6 +137,9 @@ class BalloonDevice(VirtioDevice):
             self.guest_error("write to num_pages (config offset 0x%x), the device's field; "
                              "ignored", offset)
             return
+        if self.config[offset:offset + len(data)] == data:
+            self.idle_trap()                    # ``actual`` written again, unchanged
+            return
         self.config[offset:offset + len(data)] = data
         if self.actual > self.ram_pages:
             self.guest_error("actual = %d pages, more than the VM's %d pages of RAM",

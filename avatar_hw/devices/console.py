@@ -184,6 +184,7 @@ class ConsoleDevice(VirtioDevice):
     def _emergency_write(self, char):
         if self._emerg_held >= EMERG_LIMIT:
             self.counters["errors"] += 1
+            self.idle_trap()                    # the byte is dropped: nothing is written
             return
         self._emerg_held += 1
         port = self.ports[0]

@@ -178,7 +178,10 @@ class GpuDevice(VirtioDevice):
 
     def write_config(self, offset, data):
         if offset == 4 and len(data) == 4:      # events_clear
-            events = int.from_bytes(self.config[0:4], "little") & ~int.from_bytes(data, "little")
+            read = int.from_bytes(self.config[0:4], "little")
+            events = read & ~int.from_bytes(data, "little")
+            if events == read:
+                self.idle_trap()                # no event it clears is set
             self.update_config(0, events.to_bytes(4, "little"), notify=False)
         else:
             super().write_config(offset, data)

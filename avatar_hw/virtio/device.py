@@ -269,6 +269,13 @@ class VirtioDevice:
         else:
             log.warning("%s: " + fmt, self.name, *args)
 
+    def idle_trap(self):
+        """The guest's access completed nothing: a configuration write that changes nothing
+        (an *idle trap*, ``MmioTransport``'s docstring; ``avatar_hw.pace`` paces a VM that
+        makes very many)."""
+        if self.context is not None:
+            self.context.idle_traps += 1
+
     def error(self, fmt, *args):
         """Log a host error the guest's requests can repeat (ERROR, rate-limited, counted)."""
         if self.context is not None:

@@ -71,8 +71,11 @@ already selected) and, now and then, a notify finds nothing new: the entries it 
 were taken when an earlier one was served (figures: pace.py). Not counted: writes while
 a driver sets a device up once (before DRIVER_OK a ring address, QueueNum or
 DriverFeatures written again, or a selector alternating two values, is setup to the
-model; a guest stuck in setup is left to the fair order), and configuration-space
-writes, the device's business (a read-only field's is a guest error).
+model; a guest stuck in setup is left to the fair order). Configuration-space writes
+are the device's business: a read-only field's is a guest error, one that changes
+nothing an idle trap (``VirtioDevice.idle_trap``: virtio-gpu's ``events_clear`` of
+clear events, virtio-balloon's ``actual`` written again, an emergency console byte
+dropped because the port holds too many already).
 
 Legacy (Version 1, ``legacy=True``): GuestPageSize, QueueAlign and QueuePFN
 replace QueueReady and the 64-bit ring addresses; features are 32 bits and
