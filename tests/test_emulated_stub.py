@@ -403,8 +403,9 @@ def test_a_paced_vcpu_waits_before_each_access():
     doorbell byte comes during the next wait, which handles it and goes on) then take
     about 18 paces between the second and the last write; unpaced they take milliseconds.
     The bound is 17: the times are the host's, when it saw each write, and a host that saw
-    the second one late (a loaded one) sees the span shorter by that much (CI saw 0.8994
-    s for 18 paces of 50 ms: every interval 49.9-50.0 ms as seen)."""
+    the second one late (a loaded one) sees the span shorter by that much. (CI once saw
+    0.8994 s for 18 paces, every interval 49.9 ms: the stub's ``us_ticks`` divided the
+    counter's 62.5 MHz down to 62 ticks a microsecond, each wait 0.8 % short; fixed.)"""
     pace_us, count = 50_000, WFI_ROUNDS
     with EmulatedMachine(build_stub(), build_probe("wfi_probe"), model_wait_ms=10000) as machine:
         region = machine.trap_region()
