@@ -69,7 +69,7 @@ class UartLink:
             rings = chunk.count(DOORBELL_BYTE)
             if rings:
                 self.doorbell.signal(rings)
-                chunk = chunk.replace(b"\0", b"")
+                chunk = chunk.replace(bytes((DOORBELL_BYTE,)), b"")
             *complete, self._partial = (self._partial + chunk).split(b"\n")
             if complete:
                 with self._changed:
