@@ -322,12 +322,18 @@ def test_a_request_made_while_the_stub_polls_is_injected_with_no_uart_byte(defin
         del trap
 
 
-def test_a_request_made_once_the_stub_stopped_polling_sends_the_uart_byte():
+@pytest.mark.parametrize("gap_us", [0, 2000], ids=["asleep", "resuming"])
+def test_a_request_made_once_the_stub_stopped_polling_sends_the_uart_byte(gap_us):
     """The other half of the Dekker pair: once the stub has cleared virq_polling (its
     window ran out, or it had none, and the guest sleeps in its own WFI), the model's
     line sends the byte; nothing else would wake the guest. The model busy-polls, so the
-    stub polls (10 µs at first, then as its window adapts)."""
-    with EmulatedMachine(build_stub(), build_probe("wfi_probe"), model_wait_ms=10000) as machine:
+    stub polls (10 µs at first, then as its window adapts). "resuming": the stub waits
+    2 ms between the count the model watches and the guest's return to its WFI, so the
+    request is mostly taken and injected as the guest resumes, before its WFI (the probe
+    masks IRQs there, as Linux does: unmasked, the interrupt would be taken before the
+    WFI, which would then sleep for good; CI once saw that race without the gap)."""
+    stub = build_stub(defines=[f"STUB_TEST_SLEEP_GAP_US={gap_us}"] if gap_us else [])
+    with EmulatedMachine(stub, build_probe("wfi_probe"), model_wait_ms=10000) as machine:
         region = machine.trap_region()
         trap = TrapPage(region, mm.LAYOUT)
         trap.wait_ready(10)

@@ -174,6 +174,13 @@ void idle_wfi(void)
         return;                         /* before_guest_resumes takes and injects it */
     }
     count(window || serve ? &slot->wfi_ran_out : &slot->wfi_slept);
+#ifdef STUB_TEST_SLEEP_GAP_US
+    /* Tests only: a request the model makes now, after the count, is taken as the guest
+     * resumes at its WFI (before_guest_resumes), not by a poll or a look. */
+    u64 gap = counter() + us_ticks(STUB_TEST_SLEEP_GAP_US);
+    while (counter() < gap)
+        ;
+#endif
     s->halted_at = start;       /* idle_resume clears TWI: the guest re-executes its WFI */
     s->adapt = awake;           /* and sleeps */
     s->adapt_serve = in_service;

@@ -19,10 +19,8 @@ _start:
 1:  cbz     w24, 3f
     mov     x21, #0
     str     w24, [x20, #0x200]      /* "ready": the model raises INTID 48 a little later */
-2:  cbnz    x21, 4f
-    wfi
-    b       2b
-4:  sub     w24, w24, #1
+    wait_irq48                      /* gic_on.h */
+    sub     w24, w24, #1
     b       1b
 3:  ldr     x0, =0x84000008         /* PSCI SYSTEM_OFF */
     smc     #0

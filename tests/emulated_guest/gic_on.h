@@ -13,6 +13,20 @@
     msr     daifclr, #2
 .endm
 
+/* Wait until the IRQ handler set x21, as Linux's idle loop waits: IRQs masked from the
+ * check of x21 to the WFI, which wakes on an interrupt pending even when masked (Arm ARM
+ * D1 "Wait For Interrupt"), and unmasked after it, where the interrupt is taken. With IRQs unmasked, one
+ * taken just before the WFI (the stub injecting as the guest resumes at it) returns to
+ * the WFI, which then sleeps for an interrupt that has already come: a lost wake-up. */
+.macro wait_irq48
+99: msr     daifset, #2
+    cbnz    x21, 98f
+    wfi
+    msr     daifclr, #2
+    b       99b
+98: msr     daifclr, #2
+.endm
+
 /* The probes' EL1 vectors (VBAR_EL1 = vectors): a synchronous exception spins; an IRQ
  * acknowledges INTID 48, EOIs it and sets x21 = 1 (x23 = the CPU interface). */
 .macro irq48_vectors

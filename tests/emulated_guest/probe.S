@@ -36,15 +36,11 @@ _start:
     gic_on                          /* gic_on.h (w9 = 1) */
     mov     x21, #0
     str     w9, [x20, #0x200]       /* "ready": the model raises INTID 48 */
-1:  cbnz    x21, 2f
-    wfi
-    b       1b
-2:  mov     x21, #0
+    wait_irq48                      /* gic_on.h */
+    mov     x21, #0
     str     w9, [x20, #0x208]       /* again, now through the UART doorbell only */
-3:  cbnz    x21, 4f
-    wfi
-    b       3b
-4:  mov     w9, #7
+    wait_irq48
+    mov     w9, #7
     str     w9, [x20, #0x50]        /* QueueNotify: posted, the guest does not wait */
     mov     w9, #9
     str     w9, [x20, #0x64]        /* InterruptACK: posted, after the notify */

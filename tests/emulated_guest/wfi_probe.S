@@ -33,10 +33,8 @@ _start:
 2:  ldr     w9, [x25, #4]           /* until the host requested INTID 48 */
     cmp     w9, w24
     b.ne    2b
-5:  cbnz    x21, 4f
-    wfi
-    b       5b
-4:  sub     w24, w24, #1
+5:  wait_irq48                      /* gic_on.h */
+    sub     w24, w24, #1
     b       1b
 3:  ldr     x0, =0x84000008         /* PSCI SYSTEM_OFF */
     smc     #0
