@@ -10,6 +10,7 @@ import textwrap
 import pytest
 
 from avatar_hw.errors import AvatarError, RegionAccessError
+from avatar_hw.hw import ordering
 from avatar_hw.hw.region import Region
 
 WIDTHS = (1, 2, 4, 8)
@@ -178,3 +179,27 @@ def test_read64_is_never_torn_while_another_process_flips_the_word(tmp_path):
     assert changes * tear_rate >= EXPECTED, (
         f"the word changed only {changes} times during the read64 reads "
         f"(byte-wise tear rate {tear_rate:.3f} per change)")
+
+
+@pytest.mark.parametrize("tso", [True, False], ids=["plain-on-tso", "libatomic"])
+def test_ordered_accesses_move_whole_words_and_nothing_beside(monkeypatch, tso):
+    """The ordering module's calls (no ctypes ``argtypes``: addresses as pointers, values
+    as ints) and its bound 16-bit reader and writer, on both branches: the one a TSO host
+    takes and the one arm64 takes. Full-width values, their neighbours untouched."""
+    monkeypatch.setattr(ordering, "_TSO", tso)
+    region = Region(bytearray(32), name="words")
+    base = region.address
+    ordering.store_release32(base + 8, 0xFFFFFFFF)
+    ordering.store_release16(base + 4, 0xFFFF)
+    assert region.read32(8) == 0xFFFFFFFF and ordering.load_acquire32(base + 8) == 0xFFFFFFFF
+    assert region.read16(4) == 0xFFFF and region.read16(2) == region.read16(6) == 0
+    assert ordering.fetch_or32(base + 16, 1 << 31) == 0
+    assert ordering.fetch_add32(base + 16, 0xFFFFFFFF) == 1 << 31      # wraps
+    assert ordering.fetch_and32(base + 16, 0xF0) == (1 << 31) - 1
+    assert region.read32(16) == 0xF0 and region.read32(20) == 0
+    words = region.view(0, 32).cast("H")
+    read = ordering.acquire_reader16(words, 6, base + 12)
+    write = ordering.release_writer16(words, 6, base + 12)
+    write(0xBEEF)
+    assert read() == 0xBEEF == region.read16(12) and region.read16(14) == 0
+    del read, write, words

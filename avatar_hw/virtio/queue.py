@@ -168,7 +168,7 @@ class Virtqueue:
         self._clear_progress()
         self._table = None
         self._avail = self._used_h = self._used_ring = None
-        self._avail_idx_addr = self._used_idx_addr = 0
+        self._load_avail_idx = self._load_used_idx = self._store_used_idx = None
         self.new_turn()
 
     def notified(self):
@@ -225,8 +225,12 @@ class Virtqueue:
         self._avail = memory.view(self.driver_addr, 6 + 2 * size).cast("H")
         self._used_h = memory.view(self.device_addr, 6 + 8 * size).cast("H")
         self._used_ring = memory.view(self.device_addr + 4, 8 * size).cast("I")
-        self._avail_idx_addr = memory.address(self.driver_addr + 2, 2)
-        self._used_idx_addr = memory.address(self.device_addr + 2, 2)
+        # The two indices' ordered accesses (load-acquire, store-release), bound once.
+        avail_idx, used_idx = memory.address(self.driver_addr + 2, 2), memory.address(
+            self.device_addr + 2, 2)
+        self._load_avail_idx = ordering.acquire_reader16(self._avail, 1, avail_idx)
+        self._load_used_idx = ordering.acquire_reader16(self._used_h, 1, used_idx)
+        self._store_used_idx = ordering.release_writer16(self._used_h, 1, used_idx)
         self.memory = memory
         self.last_avail_idx = self.used_idx = self._signalled_used = self._avail_idx = 0
         self._notified_idx = 0
@@ -274,7 +278,7 @@ class Virtqueue:
         ages = {head: (last_avail_idx - mark) & 0xFFFF for head, mark in enumerate(marks)
                 if mark and (last_avail_idx - mark) & 0xFFFF < size}  # 0: popped last
         used_idx, completing = used & 0xFFFF, used >> 16 & 0x7FFF if used & USED_KEPT else None
-        guest_used = ordering.load_acquire16(self._used_idx_addr)
+        guest_used = self._load_used_idx()
         problem = None
         if max(marks, default=0) > 0x10000 or len(set(ages.values())) != len(ages):
             problem = "the kept in-flight table has a position twice or out of range"
@@ -331,12 +335,12 @@ class Virtqueue:
         # only repeated once the entries seen last time are consumed.
         pending = (self._avail_idx - self.last_avail_idx) & 0xFFFF
         if not pending:
-            self._avail_idx = ordering.load_acquire16(self._avail_idx_addr)
+            self._avail_idx = self._load_avail_idx()
             pending = (self._avail_idx - self.last_avail_idx) & 0xFFFF
         if not pending and self.event_idx:
             self._used_h[2 + 4 * self.size] = self.last_avail_idx   # avail_event
             ordering.fence()
-            self._avail_idx = ordering.load_acquire16(self._avail_idx_addr)
+            self._avail_idx = self._load_avail_idx()
             pending = (self._avail_idx - self.last_avail_idx) & 0xFFFF
         return pending
 
@@ -418,7 +422,7 @@ class Virtqueue:
         """True if the driver has made buffers available that were not popped yet."""
         if not self.ready or self.broken:
             return False
-        return ordering.load_acquire16(self._avail_idx_addr) != self.last_avail_idx
+        return self._load_avail_idx() != self.last_avail_idx
 
     # -- returning buffers ---------------------------------------------------------------
 
@@ -446,7 +450,7 @@ class Virtqueue:
         self.used_idx = used_idx = (self.used_idx + 1) & 0xFFFF
         indices = self._indices                    # the order: see ``restore``
         indices[1] = 0x80000000 | head << 16 | used_idx        # USED_KEPT: a constant here
-        ordering.store_release16(self._used_idx_addr, used_idx)
+        self._store_used_idx(used_idx)
         in_flight[head] = 0
         indices[1] = used_idx
         return True
