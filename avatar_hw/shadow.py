@@ -65,7 +65,11 @@ class RegisterShadows:
         self._images = tuple(view[:abi.SHADOW_IMAGE_SIZE] for view in views)
         self._words = tuple((ctypes.c_uint32 * _WORDS).from_buffer(view) for view in views)
         base = region.address + offset + abi.SHADOW_SEQ_OFFSET
-        self._seq_addrs = tuple(base + n * abi.SHADOW_PAGE_SIZE for n in range(count))
+        self._store_seqs = tuple(   # each page's seq, written with a store-release
+            ordering.release_writer32((ctypes.c_uint32 * (abi.SHADOW_PAGE_SIZE // 4))
+                                      .from_buffer(view), abi.SHADOW_SEQ_OFFSET // 4,
+                                      base + n * abi.SHADOW_PAGE_SIZE)
+            for n, view in enumerate(views))
         self._valid = [None] * count        # window -> the valid bitmap its transport needs
 
     def clear(self, window=None):
@@ -127,7 +131,7 @@ class RegisterShadows:
         """Close the section: the acknowledgement counts the image reflects, then ``seq``
         even with a store-release (the image before it)."""
         page.acks_seen[:] = self._acks_seen[window]
-        ordering.store_release32(self._seq_addrs[window], (page.seq + 1) & 0xFFFFFFFF)
+        self._store_seqs[window]((page.seq + 1) & 0xFFFFFFFF)
 
     def _write(self, window, transport, valid):
         page = self._begin(window)

@@ -202,4 +202,7 @@ def test_ordered_accesses_move_whole_words_and_nothing_beside(monkeypatch, tso):
     write = ordering.release_writer16(words, 6, base + 12)
     write(0xBEEF)
     assert read() == 0xBEEF == region.read16(12) and region.read16(14) == 0
-    del read, write, words
+    write32 = ordering.release_writer32(region.view(0, 32).cast("I"), 7, base + 28)
+    write32(0xFFFFFFFF)
+    assert region.read32(28) == 0xFFFFFFFF and region.read32(24) == 0
+    del read, write, words, write32

@@ -146,7 +146,16 @@ def release_writer16(view, index, address):
     """A callable storing its argument to the 16-bit word ``view[index]`` at ``address``
     with store-release semantics (as ``acquire_reader16``: one 16-bit MOV on a TSO
     machine, ``__atomic_store_2`` (STLRH) elsewhere)."""
+    return _release_writer(_store2, view, index, address)
+
+
+def release_writer32(view, index, address):
+    """``release_writer16`` for a 32-bit word (``view``: 32-bit items; STLR)."""
+    return _release_writer(_store4, view, index, address)
+
+
+def _release_writer(store, view, index, address):
     if _TSO:
         return functools.partial(view.__setitem__, index)
     pointer = _P(address)
-    return lambda value: _store2(pointer, value, _RELEASE)
+    return lambda value: store(pointer, value, _RELEASE)
