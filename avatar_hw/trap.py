@@ -481,7 +481,7 @@ class TrapPage:
         # else, and every malformed slot, through ``_decode``.
         relative = gpa - self._layout_base
         window = relative // self._device_size
-        if (size == 4 and direction <= abi.DIR_WRITE and not gpa & 3
+        if (size == 4 and direction <= abi.DIR_WRITE and not gpa & 3 and not data >> 32
                 and 0 <= relative < self._layout_span and self._window_vms[window] == vm):
             offset = relative - window * self._device_size
         else:

@@ -103,6 +103,7 @@ def test_read_result_is_zero_extended_to_the_access_size(page):
     dict(gpa=VM1_DEV0 + 0x70, size=4, is_write=True, value=0),   # VM 0 in VM 1's window
     dict(gpa=VM0_DEV0 + 0x72, size=4, is_write=False),            # not aligned
     dict(gpa=VM0_DEV0 + 0x70, size=1, is_write=True, value=0x1FF),  # value wider than size
+    dict(gpa=VM0_DEV0 + 0x70, size=4, is_write=True, value=1 << 32),  # ... than 4 bytes
     dict(gpa=VM0_DEV0 + 0x70, size=4, is_write=False, vm_id=0xFFFF),
 ])
 def test_malformed_traps_get_unhandled_and_the_model_keeps_serving(page, fields, caplog):
