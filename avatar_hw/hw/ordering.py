@@ -14,7 +14,11 @@ whose memory model lets independent accesses be observed out of order. The
 acquire/release accesses here call GCC's libatomic (``__atomic_load_N`` /
 ``__atomic_store_N`` with ``__ATOMIC_ACQUIRE`` / ``__ATOMIC_RELEASE``), which
 compile to LDAR/STLR on arm64 and to plain MOVs on x86-64 (TSO already orders
-them; the out-of-line call stops compiler reordering). ``fence()`` is a full
+them; the out-of-line call stops compiler reordering). On a hot path a word is read or
+written through an accessor bound once (``acquire_reader16``, ``release_writer16``/``32``):
+there, on a TSO host, the access is the memoryview's or ctypes array's own single MOV of
+the word's width (any C call between two Python accesses orders them for the compiler),
+and on arm64 the libatomic call as above. ``fence()`` is a full
 ``atomic_thread_fence(__ATOMIC_SEQ_CST)`` (DMB ISH on arm64, MFENCE on x86),
 needed where a store must be ordered before a later load (for example the
 virtqueue "write used index, then read avail_event" rule).
