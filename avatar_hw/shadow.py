@@ -25,7 +25,7 @@ import ctypes
 from . import abi
 from .hw import ordering
 
-_WORDS = abi.SHADOW_IMAGE_SIZE // 4
+_WORDS = abi.SHADOW_PAGE_SIZE // 4       # a page's 32-bit words: the image's, then seq's
 _CONFIG = 0x100                      # the configuration space's window offset
 _INTERRUPT_STATUS = 0x060
 _ACK_BITS = 2                        # InterruptStatus bits: used buffer, configuration change
@@ -66,10 +66,9 @@ class RegisterShadows:
         self._words = tuple((ctypes.c_uint32 * _WORDS).from_buffer(view) for view in views)
         base = region.address + offset + abi.SHADOW_SEQ_OFFSET
         self._store_seqs = tuple(   # each page's seq, written with a store-release
-            ordering.release_writer32((ctypes.c_uint32 * (abi.SHADOW_PAGE_SIZE // 4))
-                                      .from_buffer(view), abi.SHADOW_SEQ_OFFSET // 4,
+            ordering.release_writer32(words, abi.SHADOW_SEQ_OFFSET // 4,
                                       base + n * abi.SHADOW_PAGE_SIZE)
-            for n, view in enumerate(views))
+            for n, words in enumerate(self._words))
         self._valid = [None] * count        # window -> the valid bitmap its transport needs
 
     def clear(self, window=None):

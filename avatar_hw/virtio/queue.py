@@ -226,8 +226,8 @@ class Virtqueue:
         self._used_h = memory.view(self.device_addr, 6 + 8 * size).cast("H")
         self._used_ring = memory.view(self.device_addr + 4, 8 * size).cast("I")
         # The two indices' ordered accesses (load-acquire, store-release), bound once.
-        avail_idx, used_idx = memory.address(self.driver_addr + 2, 2), memory.address(
-            self.device_addr + 2, 2)
+        avail_idx = memory.address(self.driver_addr + 2, 2)
+        used_idx = memory.address(self.device_addr + 2, 2)
         self._load_avail_idx = ordering.acquire_reader16(self._avail, 1, avail_idx)
         self._load_used_idx = ordering.acquire_reader16(self._used_h, 1, used_idx)
         self._store_used_idx = ordering.release_writer16(self._used_h, 1, used_idx)
