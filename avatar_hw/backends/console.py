@@ -231,6 +231,11 @@ class ConsoleBackend:
         """Bytes in flight (submitted, not yet taken by every attached endpoint)."""
         return self.stream.buffered
 
+    @property
+    def idle(self):
+        """Nothing in flight and no log for an attached endpoint: no output to move."""
+        return not self.stream.segments and not (self.log and self.attached)
+
 
 def open_console_backend(spec, *, limit=DEFAULT_LIMIT, log_size=DEFAULT_LOG_SIZE):
     """A ``ConsoleBackend`` from a URL, a list of URLs, an existing backend, or None."""

@@ -194,6 +194,8 @@ class ConsolePort:
         faults = device.context.faults if device.context is not None else None
         if faults is not None and faults.output_stalled(self.drain_tx):
             return                                # an injected stall (avatar_hw.faults)
+        if self._tx_notify and backend.idle and not txq.has_available():
+            return                                # an empty notify: nothing to hand or return
         returned = self._return_done()
         if device.active and txq.ready and not backend.attached:
             returned += self._log_unattached()

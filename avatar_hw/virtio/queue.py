@@ -419,10 +419,11 @@ class Virtqueue:
             yield chain
 
     def has_available(self):
-        """True if the driver has made buffers available that were not popped yet."""
+        """True if the driver has made buffers available that were not popped yet (those
+        in flight at a restart included, ``restore``)."""
         if not self.ready or self.broken:
             return False
-        return self._load_avail_idx() != self.last_avail_idx
+        return bool(self._replay) or self._load_avail_idx() != self.last_avail_idx
 
     # -- returning buffers ---------------------------------------------------------------
 
