@@ -31,7 +31,9 @@ class InterruptLine(Protocol):
 
 class StubInterruptLine:
     """Raise a guest INTID through the stub: a bit in virq_pending, then ``ring_stub()``
-    unless the stub polls for it or has already taken it.
+    unless the bit was pending already (a GIC's pending state too holds one edge: the
+    stub takes both requests with one injection), the stub polls for it or has already
+    taken it.
 
     The stub sets an INTID's ``virq_polling`` bit while a CPU of its VM polls
     ``virq_pending`` in a trapped WFI (only with ``AVT_F_HALT_POLL`` accepted; a stub
@@ -66,7 +68,9 @@ class StubInterruptLine:
     def raise_intid(self, intid):
         self.check_intid(intid)
         word, bit = intid // 32, 1 << (intid % 32)
-        ordering.fetch_or32(self._base + 4 * word, bit)
+        if ordering.fetch_or32(self._base + 4 * word, bit) & bit:
+            self.rings_skipped += 1             # still pending: the stub has yet to take the
+            return                              # request before, which was rung or polled for
         ordering.fence()            # the OR's store before the load of virq_polling
         if self._polling[word] & bit:
             self.rings_skipped += 1             # the stub polls: it will take the bit

@@ -50,6 +50,21 @@ def test_a_request_the_stub_took_already_needs_no_ring(page, monkeypatch):
     assert not rings and line.rings_skipped == 1
 
 
+def test_a_request_still_pending_needs_no_second_ring(page):
+    """The stub has not taken the first request (it was rung for it): a second request of
+    that INTID is taken with it, as a GIC holds one pending edge. Once taken, the next
+    request rings again."""
+    line, header, rings = page
+    line.raise_intid(48)
+    line.raise_intid(48)
+    line.raise_intid(49)                                    # another INTID: its own ring
+    assert len(rings) == 2 and line.rings_skipped == 1
+    assert header.virq_pending[1] == 0b11 << 16
+    header.virq_pending[1] = 0                              # the stub takes both
+    line.raise_intid(48)
+    assert len(rings) == 3
+
+
 def test_the_polling_word_is_the_intids_own(page):
     line, header, rings = page
     header.virq_polling[2] = 1 << 0                         # INTID 64, not 32 or 96
