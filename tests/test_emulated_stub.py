@@ -329,9 +329,11 @@ def test_a_request_made_once_the_stub_stopped_polling_sends_the_uart_byte(gap_us
     line sends the byte; nothing else would wake the guest. The model busy-polls, so the
     stub polls (10 µs at first, then as its window adapts). "resuming": the stub waits
     2 ms between the count the model watches and the guest's return to its WFI, so the
-    request is mostly taken and injected as the guest resumes, before its WFI (the probe
-    masks IRQs there, as Linux does: unmasked, the interrupt would be taken before the
-    WFI, which would then sleep for good; CI once saw that race without the gap)."""
+    request mostly lands before the guest is back in its WFI (the probe masks IRQs from
+    its check to the WFI, as Linux does: unmasked, an interrupt taken just before the WFI
+    would leave it asleep for good; CI once saw that race without the gap). What this
+    case shows is that no request is lost in that window, not where it is taken: the
+    byte the line sends would also wake a guest the resume did not inject into."""
     stub = build_stub(defines=[f"STUB_TEST_SLEEP_GAP_US={gap_us}"] if gap_us else [])
     with EmulatedMachine(stub, build_probe("wfi_probe"), model_wait_ms=10000) as machine:
         region = machine.trap_region()
