@@ -82,6 +82,14 @@ class StubInterruptLine:
         self.rings += 1
         self._ring_stub()
 
+    def ring_if_pending(self):
+        """Ring once if a request is pending: a model that died between its OR and its ring
+        left one the stub was not told of, and ``raise_intid`` does not ring for a bit
+        already set (a model calls this once it has attached)."""
+        if any(self._pending):
+            self.rings += 1
+            self._ring_stub()
+
     def info(self):
         """The counters ``avatar-hw info`` shows."""
         return {"stub_rings": self.rings, "stub_rings_skipped": self.rings_skipped}

@@ -65,6 +65,18 @@ def test_a_request_still_pending_needs_no_second_ring(page):
     assert len(rings) == 3
 
 
+def test_a_request_left_by_a_model_that_died_before_its_ring_is_rung_for(page):
+    """The previous model set the bit and died before its ring: the next one, attached,
+    rings once (else the stub hears of it only at the guest's next exit, and every later
+    request of that INTID finds its bit set and does not ring)."""
+    line, header, rings = page
+    line.ring_if_pending()
+    assert not rings
+    header.virq_pending[1] = 1 << 16
+    line.ring_if_pending()
+    assert len(rings) == 1 and line.rings == 1
+
+
 def test_the_polling_word_is_the_intids_own(page):
     line, header, rings = page
     header.virq_polling[2] = 1 << 0                         # INTID 64, not 32 or 96
