@@ -473,6 +473,8 @@ def test_a_guest_sending_with_another_vms_mac_gets_nothing_of_its_traffic(tmp_pa
         assert b.received() == [to_b] and thief.received() == []
         info = thief.device.info()
         assert info["tx_wrong_source"] == 1 and info["tx_dropped"] == 1
+        # and a guest error, which paces a guest that keeps at it (avatar_hw.pace)
+        assert thief.device.context.guest_errors == 1
     finally:
         for nic in (a, b, thief):
             nic.close()

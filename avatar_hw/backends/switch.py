@@ -198,7 +198,7 @@ class Switch:
             return False
         macs = bytes(self._macs_buf)
         if macs[ETH_ALEN:] != ingress.mac:
-            ingress.wrong_source += 1
+            ingress.refuse_source(macs[ETH_ALEN:])
             return False
         ports = self._destinations(macs[:ETH_ALEN], ingress)
         if self._full(ports, ingress, length):
@@ -294,6 +294,14 @@ class SwitchBackend(Egress):
     def attach(self, loop, device):
         self.loop, self.device, self.mac = loop, device, bytes(device.mac)
         self.switch.attach(self)
+
+    def refuse_source(self, source):
+        """The guest sent a frame from ``source``, not this port's MAC: dropped, counted,
+        and one of its device's guest errors (a guest that keeps spoofing is paced,
+        avatar_hw.pace, as the frames cost the daemon work for nothing)."""
+        self.wrong_source += 1
+        self.device.guest_error("transmitted a frame from source MAC %s, not the port's %s: "
+                                "dropped", source.hex(":"), self.mac.hex(":"))
 
     def has_room(self, length):
         """True when a frame is taken now (received, pending, or dropped: stalled)."""
