@@ -300,6 +300,8 @@ class SwitchBackend(Egress):
         and one of its device's guest errors (a guest that keeps spoofing is paced,
         avatar_hw.pace, as the frames cost the daemon work for nothing)."""
         self.wrong_source += 1
+        if self.device is None:           # not attached (a device without a loop): no MAC yet
+            return
         self.device.guest_error("transmitted a frame from source MAC %s, not the port's %s: "
                                 "dropped", source.hex(":"), self.mac.hex(":"))
 
