@@ -9,8 +9,11 @@ CPU (a shell loop: no device access), then while VM1 runs
 bench/guest/avhostile.c (its own window scribbled, notifies flooded, frames
 sent with VM0's MAC) for about as long as VM0's work takes. Then VM1's virtio
 drivers are reloaded (``avhostile-run``) and VM1 reads its disk again.
-The ratio hostile/idle is the figure (the issue's target: at least 0.7);
-busy/idle shows how much of it is only the host's CPU shared by two vCPUs, and
+Last, with VM1 back at its shell, VM0's figures alone once more: the reference
+("solo") is the better of the two idle phases, per figure, so that a first phase
+slowed by the boot's after-effects cannot flatter the ratios. The ratio hostile/solo
+is the figure (the issue's target: at least 0.7);
+busy/solo shows how much of it is only the host's CPU shared by two vCPUs, and
 hostile/busy the rest: what VM1's device accesses cost VM0 beyond its CPU. Each
 phase also reports the daemon's service time per VM and the traps the fair
 order put off or paced (avatar_hw/pace.py) (``avatar-hw info``'s per-VM counters,
@@ -24,7 +27,7 @@ layout; this machine has 2 cores for VM0's vCPU, VM1's, the daemon and QEMU's ma
 loop), and the daemon's spare-core measure counts VM1's time as spare (a niced task's),
 as the board Linux's would not see VM1's core at all. What VM1 still costs VM0 then is
 its device accesses: its traps through QEMU's main loop and the daemon, which keep their
-priority. busy/idle shows how well that models a core of its own (near 1); hostile/idle
+priority. busy/solo shows how well that models a core of its own (near 1); hostile/solo
 is then the device model's isolation.
 
 The pieces are shared with tests/test_emulated_two_guests.py, which asserts
@@ -149,6 +152,7 @@ def block_figures(shell, size):
     return out
 
 
+FIGURES = ("block_seqread_MBps", "block_seqwrite_MBps", "console_h2g_MBps", "console_g2h_MBps")
 VM_COUNTERS = ("traps_served", "service_ms", "traps_deferred", "paced_periods", "idle_traps")
 
 
@@ -203,9 +207,12 @@ def run(quick=False, daemon=None, wait=None, vm1_nice=False):
         vm1 = wait_reloaded(board, vm1, left + RELOAD_TIMEOUT)
         log, _ = vm1.run("cat /tmp/avhostile.log")
         recovered = vm1.run("dd if=/dev/vda bs=1M count=1 iflag=direct 2>/dev/null | wc -c")[0]
+        idle_again = vm0_figures(vm0, size, board)
+        print(f"  two guests, VM1 idle again: {idle_again['wall_s']:.0f} s", flush=True)
         out = {"size": size, "daemon": daemon_mode(board), "wait": daemon_info(board)["mode"],
                "vm1_nice": VM1_NICE if vm1_nice else 0,
-               "idle": idle, "busy": busy, "hostile": hostile,
+               "idle": idle, "busy": busy, "hostile": hostile, "idle_again": idle_again,
+               "solo": {key: max(idle[key], idle_again[key]) for key in FIGURES},
                "avhostile": log.strip(),
                "vm1_reads_after_reload": recovered.strip() == str(MIB),
                "daemon_alive": board.daemon_alive()}
@@ -214,19 +221,19 @@ def run(quick=False, daemon=None, wait=None, vm1_nice=False):
         for path in workdir.iterdir():
             path.unlink()
         workdir.rmdir()
-    rows = [[key, f"{out['idle'][key]:.2f}", f"{out['busy'][key]:.2f}",
-             f"{out['hostile'][key]:.2f}", f"{out['busy'][key] / out['idle'][key]:.2f}",
-             f"{out['hostile'][key] / out['idle'][key]:.2f}",
+    rows = [[key, f"{out['idle'][key]:.2f}", f"{out['idle_again'][key]:.2f}",
+             f"{out['busy'][key]:.2f}", f"{out['hostile'][key]:.2f}",
+             f"{out['busy'][key] / out['solo'][key]:.2f}",
+             f"{out['hostile'][key] / out['solo'][key]:.2f}",
              f"{out['hostile'][key] / out['busy'][key]:.2f}"]
-            for key in ("block_seqread_MBps", "block_seqwrite_MBps", "console_h2g_MBps",
-                        "console_g2h_MBps")]
+            for key in FIGURES]
     table(f"VM0 beside VM1 on the emulated board ({size // MIB} MiB each, daemon: "
           f"{out['daemon']}, wait: {out['wait']}"
           + (f", VM1's vCPU at nice {VM1_NICE}" if vm1_nice else "")
-          + "; target hostile/idle >= 0.7)",
-          ["figure (MB/s)", "VM1 idle", "VM1 busy", "VM1 hostile", "busy/idle", "hostile/idle",
-           "hostile/busy"], rows)
-    for phase in ("idle", "busy", "hostile"):
+          + "; solo: the better idle phase; target hostile/solo >= 0.7)",
+          ["figure (MB/s)", "VM1 idle", "idle again", "VM1 busy", "VM1 hostile", "busy/solo",
+           "hostile/solo", "hostile/busy"], rows)
+    for phase in ("idle", "busy", "hostile", "idle_again"):
         figures = out[phase]
         print(f"  VM1 {phase}: {figures['wall_s']:.0f} s; daemon per VM: " + "; ".join(
             f"vm{vm} {d['traps_served']} traps in {d['service_ms']:.0f} ms, put off "
