@@ -368,6 +368,24 @@ def test_a_vm_making_guest_errors_is_paced_until_it_stops(board, stub, served):
 
 # -- crashes lose nothing acknowledged --------------------------------------------------------------------
 
+def test_a_request_the_previous_model_did_not_ring_for_is_rung_once_attached(board, stub):
+    """A model that died between setting a virq_pending bit and ringing the stub: the next
+    daemon rings once it has attached (``raise_intid`` never rings for a bit still set, so
+    without that the stub would hear of the request only at the guest's next exit)."""
+    intid = LAYOUT.intid(0, 0)
+    stub.page.header.virq_pending[intid // 32] |= 1 << (intid % 32)
+    served = Served(board, console_config(board))
+    try:
+        stub.page.wait_attached()
+        deadline = time.monotonic() + 30
+        while json.loads(served.cli("info", "--json"))["trap"]["stub_rings"] != 1:
+            assert time.monotonic() < deadline, "the stub was never rung for the left request"
+            time.sleep(0.05)
+        assert stub.wait_irqs(0) == [intid]          # still there for the stub to take
+    finally:
+        served.close()
+
+
 class GuestStream:
     """Guest -> host: chunks of PATTERN through VM 0's transmit queue, notifications posted."""
 
