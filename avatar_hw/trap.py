@@ -19,8 +19,9 @@ and an idle scan costs no foreign call at all.
 
 Fairness between VMs: every answered trap is counted, with its service time
 (from the previous answer of its pass, or the pass's start, to its state written:
-dispatch included), for the VM whose window it decoded to (``vm_traps``,
-``vm_service_ns``: ``avatar-hw info``). The traps since the last halving are the VM's
+dispatch included), in the counts of the window it decoded to (``waited`` or ``posted``,
+``service_ns``), whose sums over a VM's windows are its own (``vm_counters``: ``avatar-hw
+info``). The traps since the last halving are the VM's
 recent account, halved once for each ``FAIR_WINDOW_NS`` (50 ms) passed since (looked
 at in a pass that may put a slot off). A pass whose posted slots belong to
 several VMs puts off the slots of a VM whose recent account is above its share
@@ -55,6 +56,7 @@ import time
 from . import abi
 from .errors import AvatarError
 from .hw import ordering
+from .hw.ordering import WEAKLY_ORDERED
 from .ratelimit import RateLimitedLog
 from .shadow import RegisterShadows
 from .wait import ADAPTIVE, BUSY_POLL, DOORBELL, PollWindow
@@ -80,17 +82,28 @@ class StubNotReady(abi.AbiMismatch):
 
 
 class TrapStats:
-    """Counters for ``avatar-hw info``."""
+    """Counters for ``avatar-hw info``. ``served`` and ``posted_writes`` are the sums of the
+    page's per-window counts (``TrapPage.waited``, ``TrapPage.posted``): a trap is counted
+    once, in its window's entry."""
 
-    def __init__(self):
-        self.served = 0
+    def __init__(self, waited, posted):
+        self._waited, self._posted = waited, posted
         self.unhandled = 0
         self.malformed = 0
-        self.posted_writes = 0      # of ``served``: the guest did not wait for these
         self.handler_errors = 0
 
+    @property
+    def served(self):
+        return sum(self._waited) + sum(self._posted)
+
+    @property
+    def posted_writes(self):
+        """Of ``served``: the guest did not wait for these."""
+        return sum(self._posted)
+
     def as_dict(self):
-        return dict(vars(self))
+        return {"served": self.served, "unhandled": self.unhandled, "malformed": self.malformed,
+                "posted_writes": self.posted_writes, "handler_errors": self.handler_errors}
 
 
 class TrapPage:
@@ -117,7 +130,6 @@ class TrapPage:
         self.region = region
         self.layout = layout
         self.trace = trace
-        self.stats = TrapStats()
         self.header = abi.Header.from_buffer(region.view(0, abi.SLOTS_OFFSET))
         self.features = 0
         self.shadows = None             # RegisterShadows when AVT_F_REGISTER_SHADOW is in force
@@ -146,22 +158,26 @@ class TrapPage:
                                  for w in range(layout.window_count))
         self._window_bases = tuple(layout.base + w * layout.device_size
                                    for w in range(layout.window_count))
-        # Per window number: traps the guest waited for, and posted writes (it did not).
-        self.waited = [0] * layout.window_count
-        self.posted = [0] * layout.window_count
-        # Per VM: its traps, their service time and its slots put off by the fair order;
-        # its recent account is vm_traps - _account_base (module docstring).
+        # Per window number: traps the guest waited for, posted writes (it did not) and
+        # their service time; the last entry (window -1) takes the traps decoded to no
+        # window. A VM's traps are the sums over its windows (``vm_traps``).
+        self.waited = [0] * (layout.window_count + 1)
+        self.posted = [0] * (layout.window_count + 1)
+        self.service_ns = [0] * (layout.window_count + 1)
+        self.stats = TrapStats(self.waited, self.posted)
+        self._vm_windows = tuple(range(vm * per_vm, vm * per_vm + layout.devices_per_vm)
+                                 for vm in range(layout.max_vms))
+        # Per VM: its slots put off by the fair order; its recent account is
+        # vm_traps(vm) - _account_base[vm], halved as of _halved_at[vm] (module docstring).
         self.clock = clock
-        self.vm_traps = [0] * layout.max_vms
-        self.vm_service_ns = [0] * layout.max_vms
         self.vm_deferred = [0] * layout.max_vms
         # Per VM: its accesses answered UNHANDLED (malformed, or no device at the address):
         # idle traps that no device counts (avatar_hw/pace.py).
         self.vm_unhandled = [0] * layout.max_vms
         self.vm_paced = [False] * layout.max_vms        # ``pace``: its accesses wait
         self._account_base = [0] * layout.max_vms
-        self._halved_at = clock()
-        self._lap = self._halved_at     # when the last answer was written (``complete_slot``)
+        self._lap = clock()             # when the last answer was written (``complete_slot``)
+        self._halved_at = [self._lap] * layout.max_vms
         self._deferred = 0              # bit i: slot i was put off by the last pass
         # The fair order's scratch, made once (nothing allocated per pass): per VM, its
         # recent account and the bits of its slots posted in this pass; the last entry of
@@ -368,7 +384,8 @@ class TrapPage:
                 posted |= bit
         if not posted:
             return 0
-        ordering.acquire_fence()
+        if WEAKLY_ORDERED:
+            ordering.acquire_fence()
         if fair and posted & (posted - 1):
             posted &= ~self._put_off(posted)
         elif self._deferred:
@@ -403,7 +420,7 @@ class TrapPage:
                 by_vm[vm] |= bit
         put_off = 0
         if owners & (owners - 1):
-            recent = self._update_recent()
+            recent = self._update_recent(owners)
             count = owners.bit_count()
             # A paced VM goes after the VMs that are not (``pace``), which share among
             # themselves: being paced, its account is small, and it must not put a VM
@@ -488,7 +505,8 @@ class TrapPage:
             window = self._decode(index, vm, vcpu, gpa, size, direction, data)
             offset = gpa - self._window_bases[window] if window >= 0 else 0
         if window >= 0:
-            self._in_service |= bit
+            in_service = self._in_service   # restored below, not in a ``finally`` (every
+            self._in_service = in_service | bit     # Exception is caught; ~50 ns a trap)
             try:
                 handled, value = dispatch(window, offset, data, is_write, size)
             except Exception:  # the trap path must answer whatever a device does
@@ -497,8 +515,7 @@ class TrapPage:
                                         index, "write" if is_write else "read", size, gpa,
                                         exc_info=True)
                 handled = False
-            finally:
-                self._in_service &= ~bit
+            self._in_service = in_service
             if handled:
                 status, value = abi.STATUS_OK, (value or 0) & _MASKS[size]
             else:
@@ -511,11 +528,10 @@ class TrapPage:
                 self.vm_unhandled[vm] += 1
         if flags & abi.SLOT_F_POSTED_WRITE and is_write:
             # The guest already resumed and the stub is not waiting: free the slot.
-            ordering.release_fence()
+            if WEAKLY_ORDERED:
+                ordering.release_fence()
             slot.state = abi.SLOT_FREE
-            self.stats.posted_writes += 1
-            if window >= 0:
-                self.posted[window] += 1
+            self.posted[window] += 1
         else:
             if flags & abi.SLOT_F_POSTED_WRITE:
                 self._warn("slot %d: posted-write flag on a read of 0x%x: answered normally",
@@ -523,35 +539,42 @@ class TrapPage:
             if not is_write:
                 slot.data = value
             slot.status = status
-            ordering.release_fence()
+            if WEAKLY_ORDERED:
+                ordering.release_fence()
             slot.state = abi.SLOT_DONE
-            if window >= 0:
-                self.waited[window] += 1
-        self.stats.served += 1
+            self.waited[window] += 1
         # Its service time: since the previous answer of this pass, or the pass's start
         # (one clock read per trap; a nested pass's traps take their own share).
         now = self.clock()
         took, self._lap = now - self._lap, now
-        if window >= 0:                     # to its VM's accounts (the fair order's)
-            self.vm_traps[vm] += 1          # (a decoded window is the slot's VM's)
-            self.vm_service_ns[vm] += took
+        self.service_ns[window] += took
         if self.trace is not None:
             self.trace(vm, vcpu, gpa, size, is_write, data if is_write else value, status,
                        took, window, offset)
 
-    def _update_recent(self):
-        """``_recent``, updated in place: each VM's traps since its account was last halved;
-        the accounts halve once for each ``FAIR_WINDOW_NS`` passed since the last halving."""
-        traps, base, recent = self.vm_traps, self._account_base, self._recent
+    def _update_recent(self, owners):
+        """``_recent``, updated in place for each VM v with bit v of ``owners`` set: its traps
+        since its account was last halved; an account halves, when looked at, once for each
+        ``FAIR_WINDOW_NS`` passed since its last halving (every account on the same grid)."""
+        base, halved_at, recent = self._account_base, self._halved_at, self._recent
         now = self.clock()
-        halvings = (now - self._halved_at) // FAIR_WINDOW_NS
-        if halvings:
-            self._halved_at += halvings * FAIR_WINDOW_NS
-            for vm in range(len(recent)):
-                base[vm] = traps[vm] - ((traps[vm] - base[vm]) >> halvings)
         for vm in range(len(recent)):
-            recent[vm] = traps[vm] - base[vm]
+            if not owners >> vm & 1:
+                continue
+            traps = self.vm_traps(vm)
+            halvings = (now - halved_at[vm]) // FAIR_WINDOW_NS
+            if halvings:
+                halved_at[vm] += halvings * FAIR_WINDOW_NS
+                base[vm] = traps - ((traps - base[vm]) >> halvings)
+            recent[vm] = traps - base[vm]
         return recent
+
+    def vm_traps(self, vm):
+        """VM ``vm``'s traps answered so far (waited for or posted); allocates nothing."""
+        waited, posted, traps = self.waited, self.posted, 0
+        for window in self._vm_windows[vm]:
+            traps += waited[window] + posted[window]
+        return traps
 
     def _decode(self, index, vm, vcpu, gpa, size, direction, data):
         """The window number of a well-formed slot of its own VM, else -1 (UNHANDLED;
@@ -618,8 +641,9 @@ class TrapPage:
         stub's halt-polling counters from its vCPUs' slots (``AVT_F_HALT_POLL``; zero with a
         stub that keeps none)."""
         slots = [slot for slot in self.slots if slot.vm_id == vm]
-        return {"traps_served": self.vm_traps[vm],
-                "service_ms": round(self.vm_service_ns[vm] / 1e6, 3),
+        return {"traps_served": self.vm_traps(vm),
+                "service_ms": round(sum(self.service_ns[w] for w in self._vm_windows[vm]) / 1e6,
+                                    3),
                 "traps_deferred": self.vm_deferred[vm],
                 "traps_unhandled": self.vm_unhandled[vm],
                 **{name: sum(getattr(slot, name) for slot in slots)

@@ -118,6 +118,9 @@ def test_malformed_traps_get_unhandled_and_the_model_keeps_serving(page, fields,
     assert all((c[0] - LAYOUT.base) % LAYOUT.vm_size // LAYOUT.device_size != 0
                for c in handler.calls)
     assert exchange(stub, trap, handler, 0, 0, VM0_DEV0, 4, False) == (abi.STATUS_OK, 0)
+    # Both are counted as served; only the second is device 0's and so VM 0's.
+    assert trap.stats.served == 2
+    assert trap.vm_counters(0)["traps_served"] == trap.window_counters(0)["traps_waited"] == 1
 
 
 def test_garbage_in_every_slot_field_never_raises(page):
