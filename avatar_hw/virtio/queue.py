@@ -80,6 +80,7 @@ log = logging.getLogger(__name__)
 TURN_DESCRIPTORS = 1024           # descriptors walked per queue per turn
 TURN_BYTES = 8 << 20              # bytes of chains popped per queue per turn
 USED_KEPT = 1 << 31               # the used word names a head (see "Progress kept ...")
+_CUT_SHORT = 0xFFFF               # a mark's age when its pop did not move last_avail_idx
 
 _generations = itertools.count(1)   # every queue's generations (see "Generations")
 
@@ -261,8 +262,9 @@ class Virtqueue:
         ``last_avail_idx``, the ``used`` word and ``in_flight``, the kept in-flight
         table): ``set_up``, then the indices and the chains in flight.
 
-        In flight: the heads marked at distinct positions in the last queue's worth
-        before ``last_avail_idx`` (one marked outside it is a pop cut short). The
+        In flight: the heads marked, each at its own position, however long ago (a 9p read
+        may stay blocked while many queues' worth of requests go by), except one marked
+        at the position ``last_avail_idx`` had not reached yet: a pop cut short. The
         guest's used idx must be the kept one or, when ``used`` names a head (the process
         died inside ``add_used``), the one before it: then that ``add_used`` did not
         publish, and its chain is still in flight; otherwise it did, and the chain is
@@ -276,7 +278,7 @@ class Virtqueue:
         self.set_up(memory)
         size, last_avail_idx = self.size, last_avail_idx & 0xFFFF
         ages = {head: (last_avail_idx - mark) & 0xFFFF for head, mark in enumerate(marks)
-                if mark and (last_avail_idx - mark) & 0xFFFF < size}  # 0: popped last
+                if mark and (last_avail_idx - mark) & 0xFFFF != _CUT_SHORT}  # 0: popped last
         used_idx, completing = used & 0xFFFF, used >> 16 & 0x7FFF if used & USED_KEPT else None
         guest_used = self._load_used_idx()
         problem = None
