@@ -365,7 +365,7 @@ def test_a_guest_starting_and_ending_its_pacing_at_will_logs_a_few_lines(caplog)
         features = abi.F_PACE
         paced = {}
         vm_unhandled = [0]
-        stats = TrapStats()
+        stats = TrapStats([0], [0])
 
         def pace(self, vm, us):
             self.paced[vm] = us
