@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from avatar_hw.emulated.machine import DOORBELL_BYTE, UartLink
+from avatar_hw.emulated.machine import DOORBELL_BYTE, UartLink, ring_uart
 
 RING = bytes([DOORBELL_BYTE])
 
@@ -45,3 +45,13 @@ def test_every_byte_before_eof_is_read(link):
     link.wait_closed(10)
     assert link.closed and link.lines == ["last words"]
     assert rings(link.doorbell, 250) == 250
+
+
+def test_ringing_the_stub_of_a_qemu_that_is_gone_raises_nothing():
+    """The daemon rings from its interrupt path: QEMU gone (its end closed, the socket
+    broken) leaves no stub to wake, and nothing to raise into a device's code."""
+    qemu, ours = socket.socketpair()
+    qemu.close()
+    with ours:
+        ring_uart(ours)
+        ring_uart(ours)
