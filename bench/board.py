@@ -71,7 +71,7 @@ from avatar_hw.hil.target import device_available
 from avatar_hw.processes import end_process
 from avatar_hw.unixsock import connect_unix
 
-from .common import compile_c, spread, table, write_synced
+from .common import compile_c, data_workdir, spread, table, where, write_synced
 from .cost import device_kinds_available
 
 MIB = 1 << 20
@@ -571,7 +571,8 @@ def run(quick=False, runs=3, wait=None, daemon=None):
         kinds.append("gpu")
     runs = 1 if quick else runs
     out = {"ours_device_kinds": ["console", *kinds], "runs": runs, "raw": {"ours": [], "qemu": []}}
-    workdir = Path(tempfile.mkdtemp(prefix="avatar-bench-board-"))
+    workdir = data_workdir("avatar-bench-board-", IMAGE_SIZE + 2 * SIZES["p9"][0])
+    out["data"] = where(workdir)
     try:
         initrd = build_initrd(workdir, programs=("avbench", "avgpu"))
         image = workdir / "disk.img"
@@ -646,6 +647,9 @@ def report(out, title="Emulated board", qemu="QEMU virtio-mmio", note=NOT_COMPAR
               "(docs/boards.md, trap.wait)")
     if out.get("ours_daemon"):
         print(f"  avatar-hw's daemon ran in: {', '.join(out['ours_daemon'])} (--daemon)")
+    if out.get("data"):
+        print(f"  disk images and shared folders in {out['data']} (bench/common.py, "
+              "data_workdir)")
     polls = [r["poll"] for r in out["raw"]["ours"] if r.get("poll")]
     if polls:
         print("  adaptive window per run (spare cores at the last measure, measures without a "

@@ -4,6 +4,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +15,8 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 ABI_INCLUDE = REPO / "boards" / "abi"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+RAM_DIR = "/dev/shm"
+RAM_DIR_SPARE = 1 << 30         # left free there beside a bench's data (guest RAM files too)
 
 
 def compile_c(name, outdir, *, cc="gcc", flags=("-O2",), include=(ABI_INCLUDE, BENCH)):
@@ -83,6 +86,26 @@ def spread(values):
     """``{"median", "min", "max", "runs"}`` of repeated measurements."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "runs": list(values)}
+
+
+def data_workdir(prefix, size):
+    """A new temporary directory for ``size`` bytes of disk images and shared folders: in
+    RAM (``RAM_DIR``) when it has room, so that neither the host's disk nor what its kernel
+    keeps of them in the page cache is in the figures (this machine's reclaims page cache on
+    its own: minutes after it was written, 70 MiB of a 256 MiB image were left in memory,
+    and a guest's first 64 MiB read of it ran at 277-554 MB/s against 1 000-1 600 for the
+    next ones, and 1 227 for the first one from /dev/shm: docs/performance.md); else in the
+    default temporary directory. ``where(workdir)`` says which, for the results."""
+    try:
+        ram = os.access(RAM_DIR, os.W_OK) and shutil.disk_usage(RAM_DIR).free > size + RAM_DIR_SPARE
+    except OSError:
+        ram = False
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=RAM_DIR if ram else None))
+
+
+def where(workdir):
+    """"RAM" or "disk": where ``data_workdir`` put ``workdir``."""
+    return "RAM" if Path(workdir).parent == Path(RAM_DIR) else "disk"
 
 
 def write_synced(path, chunks):

@@ -36,7 +36,7 @@ from avatar_hw.errors import AvatarError
 
 from .board import (MIB, alternate, build_initrd, connect, qemu_base, qemu_guest, report,
                     summarise)
-from .common import write_synced
+from .common import data_workdir, where, write_synced
 
 TAG = "benchfs"
 SIZES = {  # full run, --quick
@@ -114,7 +114,8 @@ def run(quick=False, runs=3):
     runs = 1 if quick else runs
     out = {"runs": runs, "sizes": {k: v[1 if quick else 0] for k, v in SIZES.items()},
            "raw": {"ours": [], "qemu": []}}
-    workdir = Path(tempfile.mkdtemp(prefix="avatar-bench-fs-"))
+    workdir = data_workdir("avatar-bench-fs-", 2 * SIZES["read"][0])
+    out["data"] = where(workdir)
     try:
         initrd = build_initrd(workdir)
         share = workdir / "share"

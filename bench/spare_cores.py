@@ -15,7 +15,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from avatar_hw import wait
 from avatar_hw.emulated.session import EmulatedBoard
 
 from .board import build_initrd, connect, daemon_info
-from .common import write_synced
+from .common import data_workdir, write_synced
 
 MIB = 1 << 20
 SECONDS = 6
@@ -45,7 +44,7 @@ def spread(values):
 
 def run(busy=False, minimum=0.0, mode=wait.ADAPTIVE):
     wait.SPARE_CORES_MIN = minimum          # the daemon runs in a thread of this process
-    workdir = Path(tempfile.mkdtemp(prefix="avatar-bench-spare-"))
+    workdir = data_workdir("avatar-bench-spare-", 64 * MIB)
     image = workdir / "disk.img"
     write_synced(image, [os.urandom(MIB)] * 64)
     hog = subprocess.Popen([sys.executable, "-c", "while 1: pass"]) if busy else None

@@ -38,7 +38,6 @@ the daemon are three busy threads: part of any slowdown is CPU, not devices.
 import hashlib
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +49,7 @@ from avatar_hw.pace import PERIOD_S
 
 from .board import (board_options, build_initrd, connect, console_g2h, console_h2g, daemon_info,
                     daemon_mode)
-from .common import table, write_synced
+from .common import data_workdir, table, where, write_synced
 
 MIB = 1 << 20
 MACS = ("52:54:00:00:00:10", "52:54:00:00:00:11")
@@ -181,7 +180,7 @@ def run(quick=False, daemon=None, wait=None, vm1_nice=False):
     EmulatedBoard's default); ``wait``: its wait mode (None: the board file's);
     ``vm1_nice``: VM1's vCPU thread at nice 19 (the module's docstring)."""
     size = 16 * MIB if quick else 64 * MIB
-    workdir = Path(tempfile.mkdtemp(prefix="avatar-bench-two-"))
+    workdir = data_workdir("avatar-bench-two-", 2 * 2 * size)
     images = [workdir / f"vm{vm}.img" for vm in range(2)]
     for image in images:
         write_image(image, 2 * size)
@@ -210,7 +209,7 @@ def run(quick=False, daemon=None, wait=None, vm1_nice=False):
         idle_again = vm0_figures(vm0, size, board)
         print(f"  two guests, VM1 idle again: {idle_again['wall_s']:.0f} s", flush=True)
         out = {"size": size, "daemon": daemon_mode(board), "wait": daemon_info(board)["mode"],
-               "vm1_nice": VM1_NICE if vm1_nice else 0,
+               "vm1_nice": VM1_NICE if vm1_nice else 0, "data": where(workdir),
                "idle": idle, "busy": busy, "hostile": hostile, "idle_again": idle_again,
                "solo": {key: max(idle[key], idle_again[key]) for key in FIGURES},
                "avhostile": log.strip(),
@@ -228,7 +227,7 @@ def run(quick=False, daemon=None, wait=None, vm1_nice=False):
              f"{out['hostile'][key] / out['busy'][key]:.2f}"]
             for key in FIGURES]
     table(f"VM0 beside VM1 on the emulated board ({size // MIB} MiB each, daemon: "
-          f"{out['daemon']}, wait: {out['wait']}"
+          f"{out['daemon']}, wait: {out['wait']}, images in {out['data']}"
           + (f", VM1's vCPU at nice {VM1_NICE}" if vm1_nice else "")
           + "; solo: the better idle phase; target hostile/solo >= 0.7)",
           ["figure (MB/s)", "VM1 idle", "idle again", "VM1 busy", "VM1 hostile", "busy/solo",

@@ -121,3 +121,21 @@ def test_bench_input_images_are_fsynced_before_a_run(tmp_path, monkeypatch):
     write_image(image, 1 << 16)
     assert image.stat().st_size == 1 << 16
     assert synced == [image.stat().st_ino]
+
+
+def test_bench_data_lives_in_ram_when_it_has_room(tmp_path, monkeypatch):
+    """Disk images and shared folders go to RAM_DIR when it has room for them (the host's
+    disk and what its page cache keeps stay out of the figures), else to the temporary
+    directory; the results say which."""
+    from bench import common
+    ram = tmp_path / "ram"
+    ram.mkdir()
+    monkeypatch.setattr(common, "RAM_DIR", str(ram))
+    monkeypatch.setattr(common, "RAM_DIR_SPARE", 0)
+    small = common.data_workdir("avatar-test-", 1)
+    assert small.parent == ram and common.where(small) == "RAM"
+    big = common.data_workdir("avatar-test-", 1 << 62)
+    try:
+        assert big.parent != ram and common.where(big) == "disk"
+    finally:
+        big.rmdir()
