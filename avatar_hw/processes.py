@@ -1,7 +1,10 @@
 """Ending a child process: the one SIGTERM-then-SIGKILL sequence (virtiofsd, QEMU, the
-emulated board's daemon process)."""
+emulated board's daemon process); and what a process killed before it cleaned up left."""
 
+import os
+import shutil
 import subprocess
+import tempfile
 
 
 def end_process(proc, term_wait, grace=0.0):
@@ -18,3 +21,29 @@ def end_process(proc, term_wait, grace=0.0):
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait()
+
+
+def workdir(prefix, root=None):
+    """A new directory ``<prefix><PID>-*`` in ``root`` (the temporary directory), after
+    removing those of ``prefix`` whose process is gone (``remove_stale_workdirs``)."""
+    remove_stale_workdirs(prefix, root)
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root)
+
+
+def remove_stale_workdirs(prefix, root=None):
+    """Remove this user's directories ``<prefix><PID>-*`` in ``root`` (the temporary
+    directory) whose process is gone: left by a SIGKILL, which runs no cleanup."""
+    root = root or tempfile.gettempdir()
+    for name in os.listdir(root):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].partition("-")[0]
+        path = os.path.join(root, name)
+        try:
+            if not pid.isdigit() or os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass

@@ -4,12 +4,11 @@ import os
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 from avatar_hw.errors import AvatarError
-from avatar_hw.processes import end_process
+from avatar_hw.processes import end_process, workdir
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -100,12 +99,12 @@ def data_workdir(prefix, size):
         ram = os.access(RAM_DIR, os.W_OK) and shutil.disk_usage(RAM_DIR).free > size + RAM_DIR_SPARE
     except OSError:
         ram = False
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=RAM_DIR if ram else None))
+    return Path(workdir(prefix, RAM_DIR if ram else None))     # a killed bench's is removed
 
 
-def where(workdir):
-    """"RAM" or "disk": where ``data_workdir`` put ``workdir``."""
-    return "RAM" if Path(workdir).parent == Path(RAM_DIR) else "disk"
+def where(path):
+    """"RAM" or "disk": where ``data_workdir`` put the directory ``path``."""
+    return "RAM" if Path(path).parent == Path(RAM_DIR) else "disk"
 
 
 def write_synced(path, chunks):

@@ -1,6 +1,7 @@
 """Smoke run of the benchmarks that need no guest: they run and report; no time is asserted."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,21 @@ def test_bench_data_lives_in_ram_when_it_has_room(tmp_path, monkeypatch):
         assert big.parent != ram and common.where(big) == "disk"
     finally:
         big.rmdir()
+
+
+def test_bench_data_left_by_a_killed_bench_is_removed_by_the_next(tmp_path, monkeypatch):
+    """In RAM a SIGKILLed bench's images would stay until a reboot: the next bench removes
+    the directories of processes that are gone, and leaves those of live ones."""
+    from bench import common
+    monkeypatch.setattr(common, "RAM_DIR", str(tmp_path))
+    monkeypatch.setattr(common, "RAM_DIR_SPARE", 0)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"avatar-test-{gone.pid}-x"
+    live = tmp_path / f"avatar-test-{os.getpid()}-y"
+    for path in (stale, live):
+        path.mkdir()
+        (path / "disk.img").write_bytes(b"image")
+    fresh = common.data_workdir("avatar-test-", 1)
+    assert not stale.exists() and live.exists()
+    assert fresh.name.startswith(f"avatar-test-{os.getpid()}-")

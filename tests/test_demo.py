@@ -18,6 +18,7 @@ import pytest
 from avatar_hw.emulated import machine
 from avatar_hw.endpoints import pyserial_url
 from avatar_hw.hil.console import GuestConsole
+from avatar_hw.processes import remove_stale_workdirs
 from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
 from test_pytest_plugin import SIGINT_IGNORED, OnPty
 
@@ -268,7 +269,7 @@ def test_sigkill_of_the_demo_takes_qemu_and_the_ram_with_it():
         time.sleep(0.1)
     children, shm, tmp = leftovers(demo.process.pid)
     assert shm == [] and len(tmp) == 1
-    machine._remove_stale_workdirs()
+    remove_stale_workdirs(machine.WORKDIR_PREFIX)
     assert leftovers(demo.process.pid) == ([], [], [])
 
 

@@ -26,7 +26,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -35,7 +34,7 @@ from ..doorbell import StubDoorbell
 from ..errors import AvatarError
 from ..hw.region import Region
 from ..interrupts import StubInterruptLine
-from ..processes import end_process
+from ..processes import end_process, workdir
 from ..unixsock import connect_unix
 from . import memory_map as mm
 
@@ -147,24 +146,6 @@ def die_with_parent():
     return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
-def _remove_stale_workdirs():
-    """Temp directories of launchers that died without cleaning up (SIGKILL)."""
-    root = tempfile.gettempdir()
-    for name in os.listdir(root):
-        if not name.startswith(WORKDIR_PREFIX):
-            continue
-        pid = name[len(WORKDIR_PREFIX):].partition("-")[0]
-        path = os.path.join(root, name)
-        try:
-            if not pid.isdigit() or os.stat(path).st_uid != os.getuid():
-                continue
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            pass
-
-
 def _require(tool, package):
     if shutil.which(tool) is None:
         raise AvatarError(f"{tool} not found: the emulated board needs it "
@@ -216,8 +197,7 @@ class EmulatedMachine:
         return self
 
     def _start(self, timeout):
-        _remove_stale_workdirs()
-        self.workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
+        self.workdir = workdir(WORKDIR_PREFIX)
         self._ram_fd = os.open(self.shm_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                                0o600)
         os.unlink(self.shm_path)
