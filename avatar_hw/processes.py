@@ -23,7 +23,7 @@ def end_process(proc, term_wait, grace=0.0):
         return proc.wait()
 
 
-def workdir(prefix, root=None):
+def make_workdir(prefix, root=None):
     """A new directory ``<prefix><PID>-*`` in ``root`` (the temporary directory), after
     removing those of ``prefix`` whose process is gone (``remove_stale_workdirs``)."""
     remove_stale_workdirs(prefix, root)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from avatar_hw.errors import AvatarError
-from avatar_hw.processes import end_process, workdir
+from avatar_hw.processes import end_process, make_workdir
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -99,7 +99,7 @@ def data_workdir(prefix, size):
         ram = os.access(RAM_DIR, os.W_OK) and shutil.disk_usage(RAM_DIR).free > size + RAM_DIR_SPARE
     except OSError:
         ram = False
-    return Path(workdir(prefix, RAM_DIR if ram else None))     # a killed bench's is removed
+    return Path(make_workdir(prefix, RAM_DIR if ram else None))   # a killed bench's: removed
 
 
 def where(path):

@@ -34,7 +34,7 @@ from ..doorbell import StubDoorbell
 from ..errors import AvatarError
 from ..hw.region import Region
 from ..interrupts import StubInterruptLine
-from ..processes import end_process, workdir
+from ..processes import end_process, make_workdir
 from ..unixsock import connect_unix
 from . import memory_map as mm
 
@@ -197,7 +197,7 @@ class EmulatedMachine:
         return self
 
     def _start(self, timeout):
-        self.workdir = workdir(WORKDIR_PREFIX)
+        self.workdir = make_workdir(WORKDIR_PREFIX)
         self._ram_fd = os.open(self.shm_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                                0o600)
         os.unlink(self.shm_path)
