@@ -84,6 +84,28 @@ def test_output_reaches_the_host(console):
     assert console.device.counters["bytes_from_guest"] == 12
 
 
+def test_an_empty_transmit_notify_does_no_output_work(console, monkeypatch):
+    """A guest notifying its transmit queue with nothing new (a driver's repeat, or one
+    flooding notifies) costs the daemon no walk of the output path: no flush of the
+    endpoints, no progress kept, no chain returned; the next real buffer goes out as usual."""
+    rx, tx = console.driver.init([0, 1])
+    tx.post(readable=[b"first\n"])
+    tx.notify()
+    assert console.recv() == b"first\n" and len(tx.get_used()) == 1
+    port = console.device.ports[0]
+    calls = []
+    monkeypatch.setattr(port.backend, "flush", lambda: calls.append("flush"))
+    monkeypatch.setattr(port, "_keep_sent", lambda: calls.append("keep"))
+    monkeypatch.setattr(port, "_return_done", lambda: calls.append("return") or 0)
+    for _ in range(3):
+        tx.notify()
+    assert calls == []
+    monkeypatch.undo()
+    tx.post(readable=[b"second\n"])
+    tx.notify()
+    assert console.recv() == b"second\n" and len(tx.get_used()) == 1
+
+
 def test_input_reaches_the_guest(console):
     rx, tx = console.driver.init([0, 1])
     rx.post(writable=[64])
