@@ -12,7 +12,7 @@ from .errors import AvatarError
 
 MAGIC = 0x50545641  # "AVTP" in memory order
 ABI_MAJOR = 1
-ABI_MINOR = 4
+ABI_MINOR = 5
 PAGE_SIZE = 4096
 SLOTS_OFFSET = 128
 SLOT_SIZE = 64
@@ -24,9 +24,10 @@ F_REGISTER_SHADOW = 1 << 2
 F_STUB_ACK = 1 << 3             # the stub takes InterruptACK writes (ABI 1.2)
 F_HALT_POLL = 1 << 4            # the stub publishes virq_polling; no ring for a polled INTID (1.3)
 F_PACE = 1 << 5                 # the stub waits slot.pace_us before posting an access (1.4)
+F_RINGS_TAKEN = 1 << 6          # the stub counts the rings it took; one ring per count (1.5)
 PACE_MAX_US = 100_000           # the longest wait a stub honours
 SUPPORTED_FEATURES = (F_POSTED_WRITES | F_VIRQ_REQUEST | F_REGISTER_SHADOW | F_STUB_ACK
-                      | F_HALT_POLL | F_PACE)
+                      | F_HALT_POLL | F_PACE | F_RINGS_TAKEN)
 
 MODEL_DETACHED, MODEL_ATTACHED = 0, 1
 STUB_NOT_READY, STUB_READY = 0, 1
@@ -55,7 +56,7 @@ class Header(ctypes.LittleEndianStructure):
         ("model_sleeping", u32),
         ("shadow_offset", u32),
         ("shadow_count", u32),
-        ("reserved0", u32),
+        ("rings_taken", u32),
         ("virq_pending", u32 * 8),
         ("virq_polling", u32 * 8),
     ]
@@ -112,6 +113,7 @@ STUB_STATE_OFFSET = Header.stub_state.offset
 MODEL_SLEEPING_OFFSET = Header.model_sleeping.offset
 VIRQ_PENDING_OFFSET = Header.virq_pending.offset
 VIRQ_POLLING_OFFSET = Header.virq_polling.offset
+RINGS_TAKEN_OFFSET = Header.rings_taken.offset
 SHADOW_SEQ_OFFSET = Shadow.seq.offset
 SHADOW_ACKS_OFFSET = Shadow.acks.offset
 

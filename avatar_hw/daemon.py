@@ -195,7 +195,7 @@ class Daemon:
         self.trap.wait_ready(self.wait_stub)
         self.trap.attach(wanted=self._wanted_features(), wait=self.wait)
         if isinstance(line, StubInterruptLine):
-            line.ring_if_pending()               # a request the previous model did not ring for
+            line.attach(self.trap.features)      # and ring for a request a previous model left
         self.subsystem.attach_shadows(self.trap.shadows)
         self.pacer = Pacer(self.trap, self.subsystem, self.loop)
         self.pacer.start()

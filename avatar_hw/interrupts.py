@@ -11,7 +11,8 @@ Whatever carries it, an interrupt line has one method the core calls,
   (``interrupts.kind = "stub"``, the emulated board): sets the INTID's bit in
   the trap page's ``virq_pending`` and rings the stub, which injects it; not
   when the stub says its CPU for that INTID polls (``virq_polling``,
-  ``AVT_F_HALT_POLL``: docs/trap-abi.md section 8);
+  ``AVT_F_HALT_POLL``: docs/trap-abi.md section 8), nor while a ring it sent
+  is not taken yet (``rings_taken``, ``AVT_F_RINGS_TAKEN``);
 - in tests, ``avatar_hw.testing.virtio.IrqRecorder``.
 """
 
@@ -43,6 +44,11 @@ class StubInterruptLine:
     and the stub will take the bit, or it sees polling clear and rings. A poll that sees
     the bit takes it before it clears polling, so a clear polling with the bit already
     gone from ``virq_pending`` (read after it, acquire) means taken: no ring either.
+    With ``AVT_F_RINGS_TAKEN`` (``attach``) the stub counts in ``rings_taken`` each time
+    it clears its ring source, and stores, DMB ISH, then looks at ``virq_pending``; the
+    line reads the count after its OR and fence and rings only when it moved since its
+    last ring: that ring, still to be taken, makes the stub look after counting (the
+    same Dekker pair). So the stub's UART never holds more than a ring or two.
     ``rings`` and ``rings_skipped`` count both outcomes (``avatar-hw info``); docs/trap-abi.md
     section 8.
     """
@@ -56,6 +62,10 @@ class StubInterruptLine:
         self._polling = (ctypes.c_uint32 * 8).from_address(
             trap_region.address + abi.VIRQ_POLLING_OFFSET)
         self._ring_stub = ring_stub
+        self._taken_address = trap_region.address + abi.RINGS_TAKEN_OFFSET
+        trap_region.check(abi.RINGS_TAKEN_OFFSET, 4)
+        self._taken = None              # the stub's rings_taken, once the feature is accepted
+        self._rung_at = None            # its value when this line last rang
         self.spi_range = spi_range
         self.rings = 0
         self.rings_skipped = 0
@@ -79,20 +89,34 @@ class StubInterruptLine:
         if not self._pending[word] & bit:
             self.rings_skipped += 1             # taken already (then polling was cleared)
             return
+        self._ring()
+
+    def _ring(self):
+        if self._taken is not None:
+            taken = self._taken.value           # after the OR and its fence
+            if taken == self._rung_at:
+                self.rings_skipped += 1         # the last ring is not taken yet
+                return
+            self._rung_at = taken
         self.rings += 1
         self._ring_stub()
 
-    def ring_if_pending(self):
-        """Ring once if a request is pending: a model that died between its OR and its ring
-        left one the stub was not told of, and ``raise_intid`` does not ring for a bit
-        already set (a model calls this once it has attached)."""
+    def attach(self, features):
+        """The model attached, accepting ``features``: count rings by the stub's
+        ``rings_taken`` if ``AVT_F_RINGS_TAKEN`` is among them, and ring once if a request
+        is pending (a model that died between its OR and its ring left one the stub was
+        not told of, and ``raise_intid`` does not ring for a bit already set)."""
+        self._rung_at = None
+        self._taken = None
+        if features & abi.F_RINGS_TAKEN:
+            self._taken = ctypes.c_uint32.from_address(self._taken_address)
         if any(self._pending):
-            self.rings += 1
-            self._ring_stub()
+            self._ring()
 
     def info(self):
         """The counters ``avatar-hw info`` shows."""
-        return {"stub_rings": self.rings, "stub_rings_skipped": self.rings_skipped}
+        return {"stub_rings": self.rings, "stub_rings_skipped": self.rings_skipped,
+                "stub_rings_taken": 0 if self._taken is None else self._taken.value}
 
 
 class BoardInterruptLine:

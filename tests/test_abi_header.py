@@ -22,6 +22,7 @@ STRUCTS = {"avt_header": abi.Header, "avt_slot": abi.Slot, "avt_shadow": abi.Sha
 # Python-only names: the model's own choice, and field offsets derived from the structs.
 PYTHON_ONLY = {"SUPPORTED_FEATURES", "STATE_OFFSET", "MODEL_STATE_OFFSET", "STUB_STATE_OFFSET",
                "MODEL_SLEEPING_OFFSET", "VIRQ_PENDING_OFFSET", "VIRQ_POLLING_OFFSET",
+               "RINGS_TAKEN_OFFSET",
                "SHADOW_SEQ_OFFSET", "SHADOW_ACKS_OFFSET"}
 
 

@@ -226,6 +226,14 @@ class StubPage:
 
     # -- virtual interrupts (AVT_F_VIRQ_REQUEST) -------------------------------------------
 
+    def count_rings_taken(self):
+        """The ring source was just emptied: count it (``AVT_F_RINGS_TAKEN``, store-release),
+        then a full fence before the next look at ``virq_pending`` (docs/trap-abi.md
+        section 8)."""
+        if self.header.model_features & abi.F_RINGS_TAKEN:
+            self.region.store_release32(abi.RINGS_TAKEN_OFFSET, self.header.rings_taken + 1)
+            ordering.fence()
+
     def take_virqs(self):
         """INTIDs the model requested since the last call (atomic take of each word)."""
         intids = []
@@ -383,6 +391,7 @@ class StandinStub:
                     os.read(self._from_model, 4096)
                 except BlockingIOError:
                     pass
+                self.page.count_rings_taken()
 
     def close(self):
         os.close(self._to_model)

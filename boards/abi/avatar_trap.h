@@ -39,6 +39,11 @@
  *                   (POSTED -> FREE) and apply its UNHANDLED policy.
  *   model died:     model_state stays ATTACHED; the stub keeps waiting, the
  *                   next model to attach answers the slot.
+ *   rings taken:    with AVT_F_RINGS_TAKEN the stub, rung, clears its ring
+ *                   source, then rings_taken += 1 (store-release), DMB ISH,
+ *                   then takes virq_pending; the model, after its OR and
+ *                   DMB ISH, rings only if rings_taken moved since its last
+ *                   ring (that ring, not yet taken, will make the stub look).
  *   pace:           the model stores pace_us (plain store: a hint); the stub
  *                   loads it (plain load) before posting and waits that long
  *                   (at most AVT_PACE_MAX_US) with AVT_F_PACE accepted.
@@ -53,7 +58,7 @@ typedef unsigned long long avt_u64;
 
 #define AVT_MAGIC            0x50545641u   /* "AVTP" in memory order */
 #define AVT_ABI_MAJOR        1u
-#define AVT_ABI_MINOR        4u
+#define AVT_ABI_MINOR        5u
 #define AVT_PAGE_SIZE        4096u
 #define AVT_SLOTS_OFFSET     128u
 #define AVT_SLOT_SIZE        64u
@@ -68,6 +73,9 @@ typedef unsigned long long avt_u64;
                                            the model rings only for INTIDs not polled (1.3) */
 #define AVT_F_PACE           (1u << 5)  /* stub waits slot.pace_us before posting the vCPU's
                                            next access: the model slows a VM down (1.4) */
+#define AVT_F_RINGS_TAKEN    (1u << 6)  /* stub counts in rings_taken each time it clears its
+                                           ring source: the model rings only once per count
+                                           (1.5) */
 #define AVT_PACE_MAX_US      100000u    /* the longest wait a stub honours (100 ms) */
 
 /* Register shadow pages (AVT_F_REGISTER_SHADOW): page n at header.shadow_offset + n *
@@ -116,7 +124,7 @@ struct avt_header {
     avt_u32 model_sleeping;  /* 48 1 while the model waits on the doorbell; 0 while it polls */
     avt_u32 shadow_offset;   /* 52 byte offset of the shadow pages from this page (stub; 0: none) */
     avt_u32 shadow_count;    /* 56 device windows with a shadow page (window numbers 0..n-1) */
-    avt_u32 reserved0;       /* 60 */
+    avt_u32 rings_taken;     /* 60 AVT_F_RINGS_TAKEN: stub, store-release */
     avt_u32 virq_pending[8]; /* 64 INTID n is bit (n % 32) of word (n / 32); set by the
                                    model with an atomic OR, taken by the stub with an
                                    atomic exchange or AND (AVT_F_VIRQ_REQUEST) */

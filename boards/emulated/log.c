@@ -5,7 +5,7 @@
  * ("avatar-stub: ...\n", printable ASCII only) and doorbell bytes (0x00, "a
  * trap was posted while the model sleeps"). RX carries the host's doorbell
  * ("look at virq_pending"): any byte, drained by the RX interrupt at EL2
- * (CPU0's). Every CPU logs: a spinlock keeps each line whole, and with more
+ * (CPU0's), its FIFO (16 bytes) on. Every CPU logs: a spinlock keeps each line whole, and with more
  * than one VM a line names the VM of the CPU that wrote it ("vm1: ...").
  */
 #include "stub.h"
@@ -19,6 +19,9 @@
 #define UARTIMSC  0x038
 #define UARTICR   0x044
 #define FR_RXFE   (1u << 4)
+#define FR_RXFF   (1u << 6)
+#define LCR_FEN   (1u << 4)
+#define LCR_8N1   (3u << 5)
 #define FR_TXFF   (1u << 5)
 #define IM_RX     (1u << 4)
 #define IM_RT     (1u << 6)
@@ -28,7 +31,7 @@ void uart_init(void)
     mmio_write32(UART_BASE + UARTCR, 0);
     mmio_write32(UART_BASE + UARTIBRD, 13);
     mmio_write32(UART_BASE + UARTFBRD, 1);
-    mmio_write32(UART_BASE + UARTLCR_H, 3u << 5);       /* 8N1, FIFO off: one byte, one interrupt */
+    mmio_write32(UART_BASE + UARTLCR_H, LCR_8N1 | LCR_FEN);
     mmio_write32(UART_BASE + UARTICR, 0x7ff);
     mmio_write32(UART_BASE + UARTIMSC, IM_RX | IM_RT);
     mmio_write32(UART_BASE + UARTCR, (1u << 0) | (1u << 8) | (1u << 9));  /* UARTEN, TXE, RXE */
@@ -42,19 +45,37 @@ static void uart_putc(char c)
 }
 
 /*
- * Clear the RX interrupt first, then read until the FIFO is empty: a byte that
- * arrives after the last "empty" read raises the interrupt again. The other
- * order lost the host's doorbell for good: a byte landing between the last
- * read and the clear stayed in the one-byte FIFO with its interrupt cleared,
- * so the PL011 took no further byte and never interrupted again.
+ * Clear the RX interrupt first, then empty the FIFO: a byte that arrives after
+ * that raises the interrupt again (QEMU's PL011 raises it when its FIFO goes
+ * from 0 to 1 byte). The other order lost the host's doorbell for good: a byte
+ * landing between the emptying and the clear stayed in the FIFO with its
+ * interrupt cleared, and no later byte interrupted again.
+ *
+ * The host's bytes say nothing but "look at virq_pending", so with ``flush``
+ * (the model accepted AVT_F_RINGS_TAKEN) the FIFO is emptied by switching it
+ * off and on (QEMU's PL011 resets its FIFO when LCR_H.FEN changes; this stub
+ * runs on QEMU only) instead of read: QEMU's PL011 wakes its main loop on every UARTDR read
+ * (qemu_chr_fe_accept_input), a host thread's wake-up per interrupt for
+ * nothing. That needs the FIFO never to fill: a full one stops QEMU reading
+ * the socket until a UARTDR read says there is room again, so a full FIFO is
+ * still read once. The model keeps it nearly empty: it sends at most one byte
+ * per count the stub publishes (trap_take_rings).
  */
-void uart_drain_rx(void)
+void uart_drain_rx(int flush)
 {
     mmio_write32(UART_BASE + UARTICR, IM_RX | IM_RT);
-    while (!(mmio_read32(UART_BASE + UARTFR) & FR_RXFE))
-        (void)mmio_read32(UART_BASE + UARTDR);
+    if (flush) {
+        u32 full = mmio_read32(UART_BASE + UARTFR) & FR_RXFF;
+        mmio_write32(UART_BASE + UARTLCR_H, LCR_8N1);
+        mmio_write32(UART_BASE + UARTLCR_H, LCR_8N1 | LCR_FEN);
+        if (full)
+            (void)mmio_read32(UART_BASE + UARTDR);
+    } else {
+        while (!(mmio_read32(UART_BASE + UARTFR) & FR_RXFE))
+            (void)mmio_read32(UART_BASE + UARTDR);
+    }
 #ifdef STUB_TEST_DRAIN_WINDOW_US
-    /* Tests only: hold the window after the "empty" read open, so that the host's next
+    /* Tests only: hold the window after the FIFO was emptied open, so that the host's next
      * doorbell byte lands in it (tests/test_emulated_stub.py forces the race this way). */
     u64 end = counter() + us_ticks(STUB_TEST_DRAIN_WINDOW_US);
     while (counter() < end)

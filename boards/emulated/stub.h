@@ -154,7 +154,7 @@ static inline u64 us_ticks(u32 us) { return read_sysreg(cntfrq_el0) * us / 10000
 
 /* log.c: the stub's log and the stub->host doorbell share the PL011. */
 void uart_init(void);
-void uart_drain_rx(void);
+void uart_drain_rx(int flush);
 void doorbell_ring_host(void);
 void log_printf(const char *fmt, ...);
 extern u32 stub_vm_count;   /* log lines carry "vmN: " when there is more than one */
@@ -175,7 +175,7 @@ int vgic_dist_access(u64 offset, u32 size, int is_write, u64 *value);
 void trap_init(const struct boot_params *bp);
 void trap_init_vm(u32 vm, const struct boot_params *bp);
 int trap_wait_model(u32 ms);
-void trap_kick_other_vms(void);
+void trap_take_rings(void);
 u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value);
 void trap_take_virq_requests(void);
 int trap_virq_requested(void);

@@ -67,7 +67,8 @@ void trap_init(const struct boot_params *bp)
     hdr->slots_offset = AVT_SLOTS_OFFSET;
     /* Board mode's model raises board SPIs through the distributor: no virq_pending. */
     hdr->stub_features = AVT_F_POSTED_WRITES | AVT_F_REGISTER_SHADOW | AVT_F_STUB_ACK |
-                         AVT_F_PACE | (board_linux ? 0 : AVT_F_VIRQ_REQUEST | AVT_F_HALT_POLL);
+                         AVT_F_PACE | (board_linux ? 0 : AVT_F_VIRQ_REQUEST | AVT_F_HALT_POLL |
+                                                         AVT_F_RINGS_TAKEN);
     hdr->counter_hz = read_sysreg(cntfrq_el0);
     store_release32(&hdr->stub_state, AVT_STUB_READY);
     log_printf("trap page at 0x%lx ready (%u slots, features 0x%x)", bp->trap_page,
@@ -364,7 +365,27 @@ void trap_take_virq_requests(void)
     }
 }
 
-void trap_kick_other_vms(void)
+/*
+ * CPU0, rung (the UART's RX interrupt): empty the UART, then, with AVT_F_RINGS_TAKEN,
+ * count the rings taken and DMB ISH before any look at virq_pending (the kick below, the
+ * caller's take after it): a model that read the old count after its OR and DMB ISH
+ * skipped its ring (its last one was not taken yet), and that look sees its bit. Only
+ * CPU0 writes the count.
+ */
+static void kick_other_vms(void);
+
+void trap_take_rings(void)
+{
+    int counted = (hdr->model_features & AVT_F_RINGS_TAKEN) != 0;
+    uart_drain_rx(counted);
+    if (counted) {
+        store_release32(&hdr->rings_taken, hdr->rings_taken + 1);
+        dmb_ish();
+    }
+    kick_other_vms();
+}
+
+static void kick_other_vms(void)
 {
     for (u32 cpu = 0; cpu < stub_vm_count; cpu++) {
         const struct vm_trap *t = &vm_traps[cpu];

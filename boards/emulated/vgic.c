@@ -260,8 +260,7 @@ void vgic_handle_irq(void)
             g->ppis_in_guest |= 1u << intid;
             g->sw_pending[0] |= 1u << intid;
         } else if (intid == UART_INTID) {
-            uart_drain_rx();
-            trap_kick_other_vms();
+            trap_take_rings();
         } else if (intid == KICK_SGI) {
             /* nothing: the caller takes this VM's virq_pending bits next */
         } else if (intid == MAINT_INTID) {
