@@ -71,7 +71,7 @@ from avatar_hw.hil.target import device_available
 from avatar_hw.processes import end_process
 from avatar_hw.unixsock import connect_unix
 
-from .common import compile_c, data_workdir, spread, table, where, write_synced
+from .common import compile_c, cpu_seconds, data_workdir, spread, table, where, write_synced
 from .cost import device_kinds_available
 
 MIB = 1 << 20
@@ -95,9 +95,11 @@ FIGURES = [  # key, label, unit, higher is better
     ("randread_p50_us", "  latency p50", "µs", False),
     ("randread_p99_us", "  latency p99", "µs", False),
     ("randread_sync_traps_per_io", "  traps the vCPU waited for, per read", "traps", False),
+    ("randread_host_cpu_us", "  host CPU per read (QEMU, daemon, bench)", "µs", False),
     ("console_g2h_MBps", "console guest->host, sha256 checked", "MB/s", True),
     ("console_h2g_MBps", "console host->guest, sha256 checked", "MB/s", True),
     ("rng_MBps", "rng /dev/hwrng", "MB/s", True),
+    ("rng_host_cpu_us_per_KiB", "  host CPU per KiB (QEMU, daemon, bench)", "µs", False),
     ("net_g2h_MBps", "net guest->host, 1500-byte frames, received", "MB/s", True),
     ("net_g2h_lost", "  frames lost of those sent", "fraction", False),
     ("p9read_MBps", "9p seq read of a file, 1 MiB", "MB/s", True),
@@ -185,15 +187,23 @@ def connect(path, timeout=120):
         raise AvatarError(f"console socket {path} never accepted a connection") from None
 
 
-def measure_guest(shell, kinds, quick, waited_traps=None, net_peer=None):
+def measure_guest(shell, kinds, quick, waited_traps=None, net_peer=None, host_pids=()):
     """Every figure the guest can give with device ``kinds``; a dict of floats.
 
     ``waited_traps()``: how many traps the guest's vCPUs have waited for so far (ours:
     the daemon's count, without posted writes and shadow-answered reads).
+    ``host_pids``: the processes that serve the guest besides this one (QEMU, a daemon of
+    its own); their CPU time and this process's per small request is what a busy host
+    divides its cores by (docs/performance.md section 4, "Where the CPU goes").
     ``net_peer``: the ``NetPeer`` the guest's network device reaches.
     """
     pick = 1 if quick else 0
     out = {}
+    pids = (os.getpid(), *host_pids)
+
+    def host_cpu():
+        return sum(cpu_seconds(pid) for pid in pids)
+
     if net_peer is not None:
         out.update(net_g2h(shell, net_peer, SIZES["net"][pick]))
     if "block" in kinds:
@@ -205,16 +215,20 @@ def measure_guest(shell, kinds, quick, waited_traps=None, net_peer=None):
         out["seqwrite_MBps"] = done / ns * 1e3
         count, seconds = SIZES["randread"][pick]
         before = waited_traps() if waited_traps else 0
+        cpu = host_cpu()
         ios, ns, p50, p99 = shell.result(f"avbench randread /dev/vda {count} {seconds}",
                                          r"ios=(\d+) ns=(\d+) p50_ns=(\d+) p99_ns=(\d+)")
         out.update(randread_iops=ios / ns * 1e9, randread_p50_us=p50 / 1e3,
-                   randread_p99_us=p99 / 1e3)
+                   randread_p99_us=p99 / 1e3, randread_host_cpu_us=(host_cpu() - cpu) / ios * 1e6)
         if waited_traps:
             out["randread_sync_traps_per_io"] = (waited_traps() - before) / ios
     if "rng" in kinds:
         size, seconds = SIZES["rng"][pick]
+        cpu = host_cpu()
         done, ns = shell.result(f"avbench rng {size} {seconds}", r"bytes=(\d+) ns=(\d+)")
         out["rng_MBps"] = done / ns * 1e3
+        if done:
+            out["rng_host_cpu_us_per_KiB"] = (host_cpu() - cpu) / done * 1024e6
     if "9p" in kinds:
         out.update(measure_9p(shell, SIZES["p9"][pick]))
     if "gpu" in kinds:
@@ -430,6 +444,11 @@ def daemon_mode(board):
     return DAEMON_MODES[bool(board.daemon_process)]
 
 
+def host_pids(board):
+    """QEMU's PID and, in its own process, the daemon's (beside this process)."""
+    return (board.machine.process.pid, *((board.process.pid,) if board.daemon_process else ()))
+
+
 def daemon_info(board):
     """The daemon's ``info`` (``avatar-hw info --json``) through its control socket: the
     same whether it runs in a thread of this process or in its own."""
@@ -481,7 +500,7 @@ def run_ours(initrd, image, share, kinds, quick, wait=None, daemon=None):
                 peer = NetPeer(Path(initrd).parent / "net-peer.sock", switch)
             figures.update(measure_guest(
                 shell, kinds, quick, waited_traps=lambda: traps_waited(daemon_info(board)),
-                net_peer=peer))
+                net_peer=peer, host_pids=host_pids(board)))
             trap = daemon_info(board)["trap"]      # the adaptive mode's window, at the end
             figures["poll"] = {key: trap[key] for key in POLL_COUNTERS if key in trap}
             return figures
@@ -520,8 +539,8 @@ def qemu_command(initrd, image, share, console, net=None):
 
 @contextlib.contextmanager
 def qemu_guest(command, console):
-    """QEMU running ``command`` (its console socket ``console``): yields the ready shell and
-    the seconds from start to the shell; stops QEMU after."""
+    """QEMU running ``command`` (its console socket ``console``): yields the ready shell,
+    the seconds from start to the shell and QEMU's PID; stops QEMU after."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -530,7 +549,7 @@ def qemu_guest(command, console):
     try:
         shell = connect(console, timeout=30)
         shell.wait_ready(120)
-        yield shell, time.perf_counter() - start
+        yield shell, time.perf_counter() - start, process.pid
     except AvatarError as err:
         if process.poll() is not None:
             raise AvatarError(f"QEMU exited {process.returncode}: "
@@ -550,9 +569,9 @@ def run_qemu(initrd, image, share, quick, net=False):
     sockets = (workdir / "qemu-net.sock", workdir / "net-peer.sock") if net else None
     try:
         with qemu_guest(qemu_command(initrd, image, share, console, sockets),
-                        console) as (shell, boot):
+                        console) as (shell, boot, pid):
             return {"boot_s": boot, **measure_guest(shell, ("block", "rng", "9p", "gpu"), quick,
-                                                     net_peer=peer)}
+                                                     net_peer=peer, host_pids=(pid,))}
     finally:
         if peer is not None:
             peer.close()

@@ -32,6 +32,14 @@ def compile_c(name, outdir, *, cc="gcc", flags=("-O2",), include=(ABI_INCLUDE, B
     return out
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of process ``pid`` (every thread) so far, from /proc, with
+    the kernel's tick resolution."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 class Child:
     """A child process stopped with SIGTERM (then SIGKILL) on its own PID when done."""
 
@@ -41,10 +49,7 @@ class Child:
         self.pid = self.process.pid
 
     def cpu_seconds(self):
-        """User + system CPU time so far (from /proc, with the kernel's tick resolution)."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return cpu_seconds(self.pid)
 
     def status(self):
         """/proc/PID/status as a dict of the kB-valued fields (VmRSS, RssAnon, ...)."""

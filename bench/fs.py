@@ -102,7 +102,7 @@ def run_qemu(initrd, share, quick):
         except ValueError as err:
             raise AvatarError(str(err)) from None
         try:
-            with qemu_guest(qemu_fs_command(initrd, console, socket), console) as (shell, boot):
+            with qemu_guest(qemu_fs_command(initrd, console, socket), console) as (shell, boot, _):
                 return {"boot_s": boot, **measure_fs(shell, quick)}
         finally:
             fs.stop(backend)
