@@ -258,10 +258,7 @@ class Daemon:
     # -- running -------------------------------------------------------------------------------
 
     def _on_doorbell(self):
-        if self.doorbell.ack() is None:
-            log.warning("the doorbell's source is gone (the hypervisor stopped?): traps are "
-                        "no longer announced")
-            self.loop.remove_reader(self.doorbell)
+        self.doorbell.ack()
         self._serve_until_idle()
 
     def _serve_posted_writes(self):
@@ -381,20 +378,11 @@ class Daemon:
         except (BlockingIOError, OSError):
             pass
 
-    def start_thread(self, on_exit=None):
-        """``open()`` here, then ``run()`` in a thread; returns the thread. ``on_exit()`` is
-        called in that thread once ``run()`` has returned or raised."""
+    def start_thread(self):
+        """``open()`` here, then ``run()`` in a thread; returns the thread."""
         if self.trap is None:
             self.open()
-
-        def run():
-            try:
-                self.run()
-            finally:
-                if on_exit is not None:
-                    on_exit()
-
-        thread = threading.Thread(target=run, name="avatar-hw", daemon=True)
+        thread = threading.Thread(target=self.run, name="avatar-hw", daemon=True)
         thread.start()
         return thread
 

@@ -4,8 +4,7 @@ The daemon needs three things from a doorbell, whatever carries it:
 
 - ``fileno()``: readable when the stub rang (goes into the event loop);
 - ``ack()``: consume the rings and re-arm, *before* the slots are scanned, so
-  a ring during the scan is not lost; returns a count (informational), or None
-  when the doorbell's source is gone for good (the daemon stops listening);
+  a ring during the scan is not lost; returns a count (informational);
 - ``close()``.
 
 and, only on boards whose interrupts go through the stub (``interrupts.kind
@@ -23,9 +22,7 @@ Implementations:
   a UIO reader) and for anything else that cannot raise a UIO interrupt. A
   FIFO has no mask, so there is nothing to re-enable.
 - ``StubDoorbell``: an eventfd that the emulated board's UART reader
-  (avatar_hw.emulated.machine) signals for each doorbell byte of the stub; a
-  daemon in the launcher's process reads the UART itself instead
-  (``avatar_hw.emulated.machine.UartDoorbell``).
+  (avatar_hw.emulated.machine) signals for each doorbell byte of the stub.
 """
 
 import errno

@@ -2,7 +2,6 @@
 doorbell bytes, split by the link's reader thread, over a real socket pair standing for
 QEMU's UART socket."""
 
-import select
 import socket
 import time
 
@@ -56,55 +55,3 @@ def test_ringing_the_stub_of_a_qemu_that_is_gone_raises_nothing():
     with ours:
         ring_uart(ours)
         ring_uart(ours)
-
-
-def readable(fd, timeout=10):
-    return bool(select.select([fd], [], [], timeout)[0])
-
-
-def test_a_lent_uart_is_the_daemons_doorbell_and_still_keeps_the_log(link):
-    """lend(): the reader thread parks; the doorbell it returns is the socket itself,
-    readable on the stub's byte, and its ack counts the rings and keeps the log lines the
-    reader would have; nothing reaches the reader's eventfd meanwhile."""
-    qemu, link = link
-    doorbell = link.lend()
-    qemu.sendall(b"stub: lent" + RING + b"\n" + RING)
-    assert readable(doorbell)
-    got = 0
-    while got < 2:
-        assert readable(doorbell)
-        got += doorbell.ack()
-    assert got == 2 and link.lines == ["stub: lent"]
-    assert doorbell.ack() == 0 and rings(link.doorbell, 1, timeout=0.2) == 0
-    link.give_back()                        # the reader thread drains and signals again
-    qemu.sendall(RING + b"back\n")
-    assert rings(link.doorbell, 1) == 1 and link.wait_for_line("back", 10) == "back"
-
-
-def test_a_lent_uart_at_eof_says_so_and_the_link_sees_it(link):
-    qemu, link = link
-    doorbell = link.lend()
-    qemu.sendall(b"bye\n")
-    qemu.close()
-    assert readable(doorbell)
-    while (count := doorbell.ack()) is not None:
-        assert count == 0 and readable(doorbell)
-    assert link.closed and link.lines == ["bye"]
-
-
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_daemon_thread_that_ends_gives_the_uart_back(link):
-    """The emulated board lends the UART to its daemon's thread and has it given back
-    however the thread ends (``Daemon.start_thread(on_exit=...)``): else nobody would
-    read the UART any more and QEMU, its socket full, would stop with its lock held."""
-    from avatar_hw.daemon import Daemon
-
-    qemu, link = link
-    link.lend()
-    daemon = Daemon.__new__(Daemon)         # only the thread: run() fails at once
-    daemon.trap = object()
-    daemon.run = lambda: 1 / 0
-    thread = daemon.start_thread(on_exit=link.give_back)
-    thread.join(10)
-    qemu.sendall(RING * 3)
-    assert rings(link.doorbell, 3) == 3

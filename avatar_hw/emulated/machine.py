@@ -2,18 +2,15 @@
 
 Seams this module provides for the daemon (see docs/emulated-board.md):
 
-- ``UartLink``: the host end of the PL011 that the stub owns. It is drained
-  continuously (QEMU stalls with its global lock held if nobody reads) and the
-  byte stream split: 0x00 is the stub's doorbell ("a trap was posted while you
-  slept"), other bytes are the stub's log lines. ``ring()`` sends a byte the
-  other way, which raises the UART's RX interrupt at EL2. A reader thread
-  drains it and signals ``doorbell`` (an ``avatar_hw.doorbell.StubDoorbell``,
-  an eventfd a daemon in its own process inherits), except while a daemon in
-  this process reads the UART itself (``lend()``: a ``UartDoorbell``, whose
-  ``ack`` drains it), which saves a thread's wake-up on every ring. The board's
-  interrupt line is an ``avatar_hw.interrupts.StubInterruptLine``
-  (``raise_intid`` sets the INTID's bit in the trap page's ``virq_pending`` and
-  rings the stub, which injects it through a GICH list register).
+- ``UartLink``: the host end of the PL011 that the stub owns. A reader thread
+  drains it continuously (QEMU stalls with its global lock held if nobody
+  reads) and splits the byte stream: 0x00 is the stub's doorbell ("a trap was
+  posted while you slept"), other bytes are the stub's log lines. ``ring()``
+  sends a byte the other way, which raises the UART's RX interrupt at EL2.
+  Its doorbell is an ``avatar_hw.doorbell.StubDoorbell`` and the board's
+  interrupt line an ``avatar_hw.interrupts.StubInterruptLine`` (``raise_intid``
+  sets the INTID's bit in the trap page's ``virq_pending`` and rings the stub,
+  which injects it through a GICH list register).
 - ``EmulatedMachine``: creates the RAM file in /dev/shm and unlinks it at once
   (QEMU, the daemon and tests open it as ``ram_path``, /proc/PID/fd/N of the
   fd this process keeps: the memory goes when its last user does, even after a
@@ -26,7 +23,6 @@ Seams this module provides for the daemon (see docs/emulated-board.md):
 
 import logging
 import os
-import select
 import shutil
 import socket
 import subprocess
@@ -53,54 +49,25 @@ class UartLink:
 
     def __init__(self, sock, *, on_log=None):
         self.sock = sock
-        sock.setblocking(False)
         self.doorbell = StubDoorbell(self.ring)
         self.lines = []
         self._on_log = on_log
         self._partial = b""
         self._changed = threading.Condition()
-        self._draining = threading.Lock()   # held by whoever drains: one reader at a time
-        self._lent = False
-        self._given_back = threading.Event()
-        self._given_back.set()
         self._thread = threading.Thread(target=self._reader, name="stub-uart", daemon=True)
         self._thread.start()
 
     def _reader(self):
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN)
-        while True:
-            self._given_back.wait()         # parked while a daemon reads the UART itself
-            poller.poll()
-            with self._draining:
-                if self._lent:
-                    continue
-                rings = self._drain()
-            if rings:
-                self.doorbell.signal(rings)
-            if self.closed:
-                return
-
-    def _drain(self):
-        """Read what the UART holds, without blocking: the doorbell bytes counted, the rest
-        split into log lines. Returns the rings; ``closed`` once QEMU closed its end (or
-        on ``close``). The caller holds ``_draining``."""
-        rings = 0
         while True:
             try:
                 chunk = self.sock.recv(65536)
-            except BlockingIOError:
-                return rings
             except OSError:
-                chunk = b""
+                break
             if not chunk:
-                with self._changed:
-                    self.closed = True
-                    self._changed.notify_all()
-                return rings
-            count = chunk.count(DOORBELL_BYTE)
-            if count:
-                rings += count
+                break
+            rings = chunk.count(DOORBELL_BYTE)
+            if rings:
+                self.doorbell.signal(rings)
                 chunk = chunk.replace(bytes((DOORBELL_BYTE,)), b"")
             *complete, self._partial = (self._partial + chunk).split(b"\n")
             if complete:
@@ -112,22 +79,11 @@ class UartLink:
                         if self._on_log is not None:
                             self._on_log(line)
                     self._changed.notify_all()
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
 
     closed = False
-
-    def lend(self):
-        """A doorbell for a daemon in this process that reads the UART itself (its event
-        loop wakes on the socket): the reader thread parks until ``give_back``."""
-        with self._draining:
-            self._lent = True
-            self._given_back.clear()
-        return UartDoorbell(self)
-
-    def give_back(self):
-        """The reader thread drains the UART again."""
-        with self._draining:
-            self._lent = False
-        self._given_back.set()
 
     def ring(self):
         """Wake the stub (the UART RX interrupt makes it read virq_pending)."""
@@ -154,7 +110,6 @@ class UartLink:
             self._changed.wait_for(lambda: self.closed, timeout)
 
     def close(self):
-        self.give_back()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -162,30 +117,6 @@ class UartLink:
         self._thread.join(timeout=5)
         self.sock.close()
         self.doorbell.release()
-
-
-class UartDoorbell:
-    """The UART as the daemon's doorbell (``UartLink.lend``): readable when the stub sent a
-    byte; ``ack`` drains it (log lines go where the reader thread puts them) and returns
-    the rings, None once QEMU is gone (the daemon then stops listening)."""
-
-    def __init__(self, link):
-        self.link = link
-
-    def fileno(self):
-        return self.link.sock.fileno()
-
-    def ack(self):
-        with self.link._draining:
-            rings = self.link._drain()
-        return None if self.link.closed and not rings else rings
-
-    def ring_stub(self):
-        self.link.ring()
-
-    def close(self):
-        """Give the UART back to the link's reader thread."""
-        self.link.give_back()
 
 
 def ring_uart(sock):

@@ -61,7 +61,6 @@ from ..errors import AvatarError
 from ..processes import end_process
 from ..shipped import board_path
 from ..unixsock import connect_unix
-from ..wait import BUSY_POLL
 from . import board_linux
 from .assets import guest_assets
 from .build import build_stub
@@ -245,19 +244,10 @@ class EmulatedBoard:
             self.state_path = workdir / "state"
             self.start_daemon()
             return
-        board = _board(self.machine.ram_path)
-        uart = self.machine.uart
-        # The daemon's loop reads the UART itself unless it never sleeps (busy-poll); the
-        # reader thread again once the daemon is gone, however it ended.
-        doorbell = uart.doorbell if (self.wait or board.wait) == BUSY_POLL else uart.lend()
-        try:
-            self.daemon = Daemon(board, self._vms_config(workdir), doorbell=doorbell,
-                                 wait=self.wait, trace=self.trace,
-                                 control_path=self.control_path)
-            self._thread = self.daemon.start_thread(on_exit=uart.give_back)
-        except BaseException:
-            uart.give_back()
-            raise
+        self.daemon = Daemon(_board(self.machine.ram_path), self._vms_config(workdir),
+                             doorbell=self.machine.uart.doorbell, wait=self.wait,
+                             trace=self.trace, control_path=self.control_path)
+        self._thread = self.daemon.start_thread()
 
     @property
     def control_path(self):
@@ -342,7 +332,6 @@ class EmulatedBoard:
                 self._thread.join(10)
             else:
                 self.daemon.close()
-            self.machine.uart.give_back()
             self.daemon = self._thread = None
         if self.machine is not None:
             self.machine.stop()
