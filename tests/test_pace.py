@@ -215,3 +215,23 @@ def test_a_configuration_write_that_changes_nothing_is_an_idle_trap(tmp_path, mo
     assert idle(con) == before + 1
     con.device.detach()
     loop.close()
+
+
+def test_a_vms_totals_keep_what_a_destroyed_device_counted(two_vms):
+    """Destroying a device (the API's hot-unplug) does not take its idle traps and guest
+    errors out of its VM's totals: the Pacer counts differences of the totals, and a drop
+    would read as a calm period, or hide a flood made through the device in its last one."""
+    (work, flood), pacer, periods, stub = two_vms
+    for _ in range(NOTIFIES):
+        flood.notify()
+    subsystem = pacer.subsystem
+    for _ in range(3):
+        subsystem.device(1, 0).context.guest_error("a refused register write")
+    before = subsystem.idle_traps(1), subsystem.guest_mistakes(1)
+    assert before[0] >= NOTIFIES
+    subsystem.destroy_device(1, 0)
+    assert (subsystem.idle_traps(1), subsystem.guest_mistakes(1)) == before
+    periods.next()
+    assert pacer.info(1)["paced"] and pacer.info(1)["paced_for"] == "idle traps"
+    subsystem.vm_destroy(1)                                # the VM gone: its totals too
+    assert (subsystem.idle_traps(1), subsystem.guest_mistakes(1)) == (0, 0)

@@ -62,6 +62,7 @@ class Subsystem:
         self.vms = {}            # vm_id -> GuestMemory
         self._devices = {}       # (vm_id, slot) -> MmioTransport
         self._by_window = [None] * self.layout.window_count   # window number -> MmioTransport
+        self._destroyed = {}     # vm_id -> [mistakes, idle traps] of its destroyed devices
 
     # -- VMs and devices ---------------------------------------------------------------------
 
@@ -80,6 +81,7 @@ class Subsystem:
         for (vm, slot) in [key for key in self._devices if key[0] == vm_id]:
             self.destroy_device(vm, slot)
         self.vms.pop(vm_id, None)
+        self._destroyed.pop(vm_id, None)
 
     def create_device(self, vm_id, device, slot=None, *, legacy=False):
         """Put ``device`` in VM ``vm_id``'s window ``slot`` (None: the first free one).
@@ -117,6 +119,9 @@ class Subsystem:
 
     def destroy_device(self, vm_id, slot):
         transport = self._devices.pop((vm_id, slot))
+        counts = self._destroyed.setdefault(vm_id, [0, 0])     # the VM's totals keep them
+        counts[0] += self._mistakes(transport)
+        counts[1] += transport.context.idle_traps
         number = self.layout.window_number(vm_id, slot)
         self._by_window[number] = None
         if self.shadows is not None:
@@ -259,14 +264,19 @@ class Subsystem:
     def guest_mistakes(self, vm_id):
         """What VM ``vm_id``'s guest got wrong so far: its devices' guest errors and bad
         chains (``avatar_hw.pace`` paces a VM that makes many)."""
-        return sum(transport.context.guest_errors
-                   + sum(queue.bad_chains for queue in transport.device.queues)
-                   for transport in self._vm_transports(vm_id))
+        return (sum(self._mistakes(transport) for transport in self._vm_transports(vm_id))
+                + self._destroyed.get(vm_id, (0, 0))[0])
 
     def idle_traps(self, vm_id):
         """VM ``vm_id``'s traps that completed nothing so far (``MmioTransport``, "Idle
         traps"; ``avatar_hw.pace`` paces a VM that makes very many)."""
-        return sum(transport.context.idle_traps for transport in self._vm_transports(vm_id))
+        return (sum(transport.context.idle_traps for transport in self._vm_transports(vm_id))
+                + self._destroyed.get(vm_id, (0, 0))[1])
+
+    @staticmethod
+    def _mistakes(transport):
+        return (transport.context.guest_errors
+                + sum(queue.bad_chains for queue in transport.device.queues))
 
     def _vm_transports(self, vm_id):
         return (transport for (vm, _), transport in self._devices.items() if vm == vm_id)
