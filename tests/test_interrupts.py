@@ -1,8 +1,11 @@
 """The stub's interrupt line (``StubInterruptLine``) on a trap page in memory: the request
-bit, and the UART byte sent or spared by the stub's ``virq_polling`` (AVT_F_HALT_POLL).
+bit, and the UART byte sent or spared by the stub's ``virq_polling`` (AVT_F_HALT_POLL) and
+``rings_taken`` (AVT_F_RINGS_TAKEN: the protocol against the stub's handler step by step).
 With the real stub: tests/test_emulated_stub.py."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from avatar_hw import abi
 from avatar_hw.errors import AvatarError
@@ -137,3 +140,118 @@ def test_an_intid_outside_the_spis_is_refused(page):
     with pytest.raises(AvatarError, match="INTID 16 is outside 32..255"):
         line.raise_intid(16)
     assert not rings and not any(header.virq_pending)
+
+
+class UartStub:
+    """The emulated stub's side of AVT_F_RINGS_TAKEN as single steps (boards/emulated/log.c,
+    trap.c ``trap_take_rings``), over QEMU's PL011 as it behaves: a byte that makes the FIFO
+    go from 0 to 1 raises the RX interrupt, which stays raised until cleared (UARTICR).
+    ``order``: the handler's steps; the stub's is ``HANDLER``."""
+
+    HANDLER = ("clear", "flush", "count", "look")
+
+    def __init__(self, header, order=HANDLER):
+        self.header, self.order = header, order
+        self.in_flight = self.fifo = 0      # bytes sent, not yet in the FIFO; in the FIFO
+        self.irq = False
+        self.pc = None                      # the handler's next step, None: not running
+        self.took = 0
+
+    def ring(self):
+        self.in_flight += 1
+
+    def deliver(self):
+        if self.in_flight:
+            self.in_flight -= 1
+            self.fifo += 1
+            self.irq = self.irq or self.fifo == 1
+
+    def step(self):
+        if self.pc is None and not self.irq:
+            return
+        self.pc = self.pc or 0
+        action = self.order[self.pc]
+        if action == "clear":
+            self.irq = False
+        elif action == "flush":
+            self.fifo = 0
+        elif action == "count":
+            self.header.rings_taken += 1
+        else:
+            self.took |= self.header.virq_pending[1]
+            self.header.virq_pending[1] = 0
+        self.pc = None if self.pc == len(self.order) - 1 else self.pc + 1
+
+    def act(self, choice):
+        (self.deliver if choice else self.step)()
+
+    def settle(self):
+        """What happens with the model quiet: every byte arrives, every interrupt is taken."""
+        while self.in_flight or self.irq or self.pc is not None:
+            self.deliver()
+            self.step()
+
+
+def raise_all(page, stub, intids, interleave):
+    """The line raises each of ``intids`` while ``interleave(where)`` runs stub steps at the
+    points another CPU could: before the request, between the line's OR and its read of
+    ``rings_taken`` (its fence), and between that read and the byte's arrival."""
+    line, header, _ = page
+    line._ring_stub = lambda: (interleave("ring"), stub.ring())
+    fence = ordering.fence
+    ordering.fence = lambda: (fence(), interleave("fence"))
+    try:
+        line.attach(abi.F_RINGS_TAKEN)
+        for intid in intids:
+            interleave("before")
+            line.raise_intid(intid)
+    finally:
+        ordering.fence = fence
+    stub.settle()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_with_rings_taken_no_request_is_left_untaken_whatever_the_interleaving(data):
+    """AVT_F_RINGS_TAKEN against the stub's handler step by step: whatever the stub does
+    between the line's steps, once things settle every requested INTID was taken; and
+    the stub's FIFO held at most two bytes."""
+    region = Region(bytearray(abi.PAGE_SIZE), name="test trap page")
+    header = abi.Header.from_buffer(region.view(0, abi.SLOTS_OFFSET))
+    stub = UartStub(header)
+    page = (StubInterruptLine(region, ring_stub=None), header, None)
+    most = [0]
+
+    def interleave(where):
+        for choice in data.draw(st.lists(st.booleans(), max_size=6), label=where):
+            stub.act(choice)
+            most[0] = max(most[0], stub.fifo + stub.in_flight)
+
+    raise_all(page, stub, [48, 49, 50, 48, 51], interleave)
+    assert header.virq_pending[1] == 0 and stub.took == 0b1111 << 16
+    assert most[0] <= 2
+
+
+def test_a_stub_that_counted_before_clearing_its_interrupt_would_lose_a_request(page):
+    """Why the count follows the clear (trap-abi.md section 8): counted first, a ring sent
+    for the new count can arrive while the interrupt is still raised, be cleared and
+    flushed with the old one, and the next request, seeing no new count, sends nothing."""
+    line, header, _ = page
+    stub = UartStub(header, order=("count", "clear", "flush", "look"))
+    script = iter([
+        ("before", []),                     # 48: rung, and its byte arrives
+        ("fence", []), ("ring", []),
+        ("before", [True, False]),          # the stub counts, before clearing
+        ("fence", []), ("ring", []),        # 49 rings for the new count
+        ("before", [True, False, False, False]),   # its byte arrives, is cleared, flushed
+        ("fence", []),                      # 50: no new count, no ring
+    ])
+
+    def interleave(where):
+        expected, choices = next(script)
+        assert where == expected
+        for choice in choices:
+            stub.act(choice)
+
+    raise_all(page, stub, [48, 49, 50], interleave)
+    assert header.virq_pending[1] == 1 << 18          # 50 waits for a ring that never comes
