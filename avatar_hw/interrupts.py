@@ -62,10 +62,10 @@ class StubInterruptLine:
         self._polling = (ctypes.c_uint32 * 8).from_address(
             trap_region.address + abi.VIRQ_POLLING_OFFSET)
         self._ring_stub = ring_stub
-        self._taken_address = trap_region.address + abi.RINGS_TAKEN_OFFSET
         trap_region.check(abi.RINGS_TAKEN_OFFSET, 4)
-        self._taken = None              # the stub's rings_taken, once the feature is accepted
-        self._rung_at = None            # its value when this line last rang
+        self._taken = ctypes.c_uint32.from_address(trap_region.address + abi.RINGS_TAKEN_OFFSET)
+        self._counted = False           # AVT_F_RINGS_TAKEN accepted: ring once per count
+        self._rung_at = None            # the count when this line last rang
         self.spi_range = spi_range
         self.rings = 0
         self.rings_skipped = 0
@@ -92,7 +92,7 @@ class StubInterruptLine:
         self._ring()
 
     def _ring(self):
-        if self._taken is not None:
+        if self._counted:
             taken = self._taken.value           # after the OR and its fence
             if taken == self._rung_at:
                 self.rings_skipped += 1         # the last ring is not taken yet
@@ -106,17 +106,15 @@ class StubInterruptLine:
         ``rings_taken`` if ``AVT_F_RINGS_TAKEN`` is among them, and ring once if a request
         is pending (a model that died between its OR and its ring left one the stub was
         not told of, and ``raise_intid`` does not ring for a bit already set)."""
+        self._counted = bool(features & abi.F_RINGS_TAKEN)
         self._rung_at = None
-        self._taken = None
-        if features & abi.F_RINGS_TAKEN:
-            self._taken = ctypes.c_uint32.from_address(self._taken_address)
         if any(self._pending):
             self._ring()
 
     def info(self):
         """The counters ``avatar-hw info`` shows."""
         return {"stub_rings": self.rings, "stub_rings_skipped": self.rings_skipped,
-                "stub_rings_taken": 0 if self._taken is None else self._taken.value}
+                "stub_rings_taken": self._taken.value if self._counted else 0}
 
 
 class BoardInterruptLine:

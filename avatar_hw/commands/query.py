@@ -91,7 +91,8 @@ def format_info(info):
              f"0x{t['model_features']:x}; traps {t['served']} (unhandled {t['unhandled']}, "
              f"malformed {t['malformed']}, posted writes {t['posted_writes']})"
              + (f"; interrupts: stub rung {t['stub_rings']}, not rung {t['stub_rings_skipped']} "
-                "(the stub polled for them, had taken them, or had yet to take the last ring)" if "stub_rings" in t else "")]
+                "(the stub polled for them, had taken them, or had yet to take the last ring)"
+                if "stub_rings" in t else "")]
     for vm in info["vms"]:
         paced = ""
         if vm.get("paced_periods"):
