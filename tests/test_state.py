@@ -203,12 +203,14 @@ def test_restart_under_guest_block_write_in_flight_is_written_once(tmp_path, ram
 
 
 def _console(tmp_path, ram, path, loop):
+    """A console model with a client connected before it resumes (a restart's replayed
+    output goes to the client, not to the unattached log)."""
     sock_path = str(tmp_path / "con.sock")
-    model = Model(ram, ConsoleDevice(f"unix:{sock_path}"), path, loop)
+    device = ConsoleDevice(f"unix:{sock_path}")
     client = socket.socket(socket.AF_UNIX)
     client.connect(sock_path)
     client.setblocking(False)
-    return model, client
+    return Model(ram, device, path, loop), client
 
 
 def _receive(loop, client, n, timeout=5.0):
@@ -255,6 +257,42 @@ def test_restart_under_guest_console_output_is_neither_lost_nor_repeated(tmp_pat
     assert _receive(loop, client, 4) == b"four"
     assert _receive(loop, client, 1, timeout=0.2) == b""
     assert len(txq.get_used(read_data=False)) == 4
+    loop.close()
+
+
+def test_restart_under_guest_console_chain_over_64_kib_is_sent_on_from_its_delivered_byte(
+        tmp_path, ram):
+    """One 1 MiB transmit chain, part of it (more than 64 KiB) handed to the client when the
+    process dies: the client reads what it had, and the next process sends the rest, no
+    byte twice (the delivered count was stored in 16 bits, so all past 64 KiB repeated)."""
+    loop = EventLoop()
+    path = tmp_path / "state"
+    first, client = _console(tmp_path, ram, path, loop)
+    driver = driver_for(first, ram)
+    _, txq = driver.init([0, 1])
+    for _ in range(3):
+        loop.run_once(0.01)
+    endpoint = first.device.ports[0].backend.endpoints[0]
+    endpoint.client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 << 10)
+    data = random.Random(64).randbytes(1 << 20)
+    gpa = txq.ram.alloc(len(data))
+    txq.ram.write(gpa, data)
+    txq.add_chain([(gpa, len(data), False)])
+    txq.notify()
+    got = _receive(loop, client, 300 << 10)
+    assert 64 << 10 < len(got) < len(data)
+    first.device.detach()                    # killed: its sockets go, what they sent stays
+    client.setblocking(True)
+    while chunk := client.recv(1 << 16):
+        got += chunk
+    client.close()
+    assert len(got) < len(data)
+    second, client = _console(tmp_path, ram, path, loop)
+    driver.mmio = second.subsystem.handle_mmio_trap
+    got += _receive(loop, client, len(data) - len(got))
+    assert _receive(loop, client, 1, timeout=0.2) == b""
+    assert got == data
+    assert [u.length for u in txq.get_used(read_data=False)] == [0]   # nothing written to it
     loop.close()
 
 

@@ -20,19 +20,22 @@ Flow control (nothing lost):
   stream with the token ``EMERGENCY``.
 * a device reset drops what is in flight (none of it was acknowledged).
 * a restart under a running guest (``avatar_hw.state``): after each flush the port
-  stores in one 32-bit word of the context's ``words`` the available-ring position of
-  its first transmit chain not yet wholly handed to every attached endpoint and the
-  bytes of it that were (capped at 0xFFFF): everything before is delivered. After a
-  restart the transmit chains that were in flight come back through ``pop``; those
-  before that point are returned at once, the one at it is sent from that byte on.
-  A word stale by a flush (the process died between the write and the store) repeats
-  those bytes; it never loses any.
+  stores in two 32-bit words of the context's ``words`` the available-ring position of
+  its first transmit chain not yet wholly handed to every attached endpoint (with a
+  bit saying the words are set) and the bytes of it that were: everything before is
+  delivered. After a restart the transmit chains that were in flight come back through
+  ``pop``; those before that point are returned at once, the one at it is sent from
+  that byte on. The byte count is stored first, the position after it: a process that
+  dies between the two leaves a count for the next chain beside the position of one
+  wholly delivered, which repeats bytes and loses none, as does words stale by a flush
+  (the process died between the write and the stores).
 """
 
 from ..backends.console import LOGGED
 from ..virtio.buffers import skip
 
 EMERGENCY = object()                     # the token of emergency bytes in port 0's stream
+_SET = 1 << 16                           # a port's first word: the words are set (restore)
 
 
 def port_queues(port_id):
@@ -93,15 +96,14 @@ class ConsolePort:
         stream = self.backend.stream
         positions = [ep.position for ep in self.backend.endpoints if ep.attached]
         upto = min(positions) if positions else stream.tail
-        mark = txq.last_avail_idx << 16
+        position, sent = txq.last_avail_idx, 0
         for start, length, _, token in stream.segments:
             if token is not LOGGED and token is not EMERGENCY and start + length > upto:
                 position = txq.position(token.head)
                 sent = max(0, upto - start) + self._delivered(token.head, position)
-                mark = position << 16 | min(sent, 0xFFFF)
                 break
-        context.words[word] = mark
-        context.words[word + 1] = 1
+        context.words[word + 1] = min(sent, 0xFFFFFFFF)
+        context.words[word] = _SET | position
 
     def restore(self, words):
         """After a restart: which transmit chains handed back were delivered, wholly or
@@ -110,9 +112,9 @@ class ConsolePort:
         and a later chain with its head is not the one delivered."""
         word, txq = 2 * self.id, self.txq
         self._resent.clear()
-        if word + 1 >= len(words) or not words[word + 1] or not txq.ready:
+        if word + 1 >= len(words) or not words[word] & _SET or not txq.ready:
             return
-        position, sent = words[word] >> 16, words[word] & 0xFFFF
+        position, sent = words[word] & 0xFFFF, words[word + 1]
         newest = txq.last_avail_idx
         age = (newest - position) & 0xFFFF
         for head in txq.replaying:

@@ -31,6 +31,7 @@ class SocketServerEndpoint(Endpoint):
     def attach(self, loop, on_input, on_drained, on_connection=None):
         super().attach(loop, on_input, on_drained, on_connection)
         loop.add_reader(self.listener.fileno(), self._accept)
+        self._accept()          # a client already waiting gets what the device does next
 
     @property
     def connected(self):
