@@ -30,13 +30,13 @@ cannot see or set); ``none`` ignores ownership changes and reports what the host
 """
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import platform
 import stat
 import struct
 
+from ..libc import check, libc
 from .p9wire import P9Error, name_ok
 
 MODELS = ("passthrough", "mapped-xattr", "none")
@@ -44,28 +44,20 @@ AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW = 0x1000, 0x100
 XATTR_UID, XATTR_GID, XATTR_MODE = b"user.virtfs.uid", b"user.virtfs.gid", b"user.virtfs.mode"
 XATTR_PREFIX = "user.virtfs."
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _SYS_GETDENTS64 = {"x86_64": 217, "aarch64": 61, "armv7l": 217, "riscv64": 61}.get(
     platform.machine(), 61)
 
 
-def _check(result):
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return result
-
-
 def fchown_empty(fd, uid, gid):
     """fchownat(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW): chown what an O_PATH fd pins."""
-    _check(_libc.fchownat(fd, b"", ctypes.c_uint32(uid), ctypes.c_uint32(gid),
+    check(libc.fchownat(fd, b"", ctypes.c_uint32(uid), ctypes.c_uint32(gid),
                           AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
 
 
 def getdents(fd, buffer, length):
     """getdents64 into the first ``length`` bytes of ``buffer`` (a ctypes buffer); the
     bytes filled (0 at the end)."""
-    return _check(_libc.syscall(_SYS_GETDENTS64, fd, buffer, ctypes.c_size_t(length)))
+    return check(libc.syscall(_SYS_GETDENTS64, fd, buffer, ctypes.c_size_t(length)))
 
 
 def proc(fd):

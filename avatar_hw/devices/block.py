@@ -45,7 +45,6 @@ refused.
 """
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -55,6 +54,7 @@ import struct
 import weakref
 
 from ..errors import ConfigError
+from ..libc import check, libc
 from ..schema import REQUIRED, Field, Schema, positive, under
 from ..virtio.buffers import fill_zeros, gather, scatter, skip, transfer, truncate, zeros
 from ..virtio.constants import ID_BLOCK, bit
@@ -94,8 +94,7 @@ SEGMENT = struct.Struct("<QII")          # sector, num_sectors, flags
 CONFIG = struct.Struct("<QII4xI8xBxHIIIIIB3x")
 
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 # Images served by this process: identity -> device (two devices on one image refused).
 _open_images = weakref.WeakValueDictionary()
@@ -103,9 +102,7 @@ _open_images = weakref.WeakValueDictionary()
 
 def fallocate(fd, mode, offset, length):
     """fallocate(2) through libc (``os`` has only posix_fallocate); raises OSError."""
-    if _libc.fallocate(fd, mode, offset, length):
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    check(libc.fallocate(fd, mode, offset, length))
 
 
 def _without_last_byte(views):
