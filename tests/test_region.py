@@ -182,11 +182,10 @@ def test_read64_is_never_torn_while_another_process_flips_the_word(tmp_path):
 
 
 @pytest.mark.parametrize("tso", [True, False], ids=["plain-on-tso", "libatomic"])
-def test_ordered_accesses_move_whole_words_and_nothing_beside(monkeypatch, tso):
+def test_ordered_accesses_move_whole_words_and_nothing_beside(tso):
     """The ordering module's calls (no ctypes ``argtypes``: addresses as pointers, values
     as ints) and its bound 16-bit reader and writer, on both branches: the one a TSO host
     takes and the one arm64 takes. Full-width values, their neighbours untouched."""
-    monkeypatch.setattr(ordering, "_TSO", tso)
     region = Region(bytearray(32), name="words")
     base = region.address
     ordering.store_release32(base + 8, 0xFFFFFFFF)
@@ -198,11 +197,11 @@ def test_ordered_accesses_move_whole_words_and_nothing_beside(monkeypatch, tso):
     assert ordering.fetch_and32(base + 16, 0xF0) == (1 << 31) - 1
     assert region.read32(16) == 0xF0 and region.read32(20) == 0
     words = region.view(0, 32).cast("H")
-    read = ordering.acquire_reader16(words, 6, base + 12)
-    write = ordering.release_writer16(words, 6, base + 12)
+    read = ordering.acquire_reader16(words, 6, base + 12, tso)
+    write = ordering.release_writer16(words, 6, base + 12, tso)
     write(0xBEEF)
     assert read() == 0xBEEF == region.read16(12) and region.read16(14) == 0
-    write32 = ordering.release_writer32(region.view(0, 32).cast("I"), 7, base + 28)
+    write32 = ordering.release_writer32(region.view(0, 32).cast("I"), 7, base + 28, tso)
     write32(0xFFFFFFFF)
     assert region.read32(28) == 0xFFFFFFFF and region.read32(24) == 0
     del read, write, words, write32

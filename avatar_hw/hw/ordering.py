@@ -139,30 +139,31 @@ def release_fence():
         _fence(_RELEASE)
 
 
-def acquire_reader16(view, index, address):
+def acquire_reader16(view, index, address, tso=_TSO):
     """A callable returning the 16-bit word ``view[index]`` with load-acquire semantics
     (``view``: a memoryview cast to "H" whose item ``index`` is at ``address``), bound once
     for a word read on a hot path (a virtqueue's available index). On a TSO machine the
-    memoryview's own load: one 16-bit MOV; elsewhere ``__atomic_load_2`` (LDARH)."""
-    if _TSO:
+    memoryview's own load: one 16-bit MOV; elsewhere ``__atomic_load_2`` (LDARH). (``tso``:
+    which of the two, for a test of both on one host.)"""
+    if tso:
         return functools.partial(view.__getitem__, index)
     return functools.partial(_load2, _P(address), _ACQUIRE)
 
 
-def release_writer16(view, index, address):
+def release_writer16(view, index, address, tso=_TSO):
     """A callable storing its argument to the 16-bit word ``view[index]`` at ``address``
     with store-release semantics (as ``acquire_reader16``: one 16-bit MOV on a TSO
     machine, ``__atomic_store_2`` (STLRH) elsewhere)."""
-    return _release_writer(_store2, view, index, address)
+    return _release_writer(_store2, view, index, address, tso)
 
 
-def release_writer32(view, index, address):
+def release_writer32(view, index, address, tso=_TSO):
     """``release_writer16`` for a 32-bit word (``view``: 32-bit items; STLR)."""
-    return _release_writer(_store4, view, index, address)
+    return _release_writer(_store4, view, index, address, tso)
 
 
-def _release_writer(store, view, index, address):
-    if _TSO:
+def _release_writer(store, view, index, address, tso):
+    if tso:
         return functools.partial(view.__setitem__, index)
     pointer = _P(address)
     return lambda value: store(pointer, value, _RELEASE)
