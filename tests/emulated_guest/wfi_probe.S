@@ -7,6 +7,9 @@
  * comes (tests/test_emulated_stub.py). With a mode of 1 (read at window offset 0x304) it
  * goes to WFI at once, and the host requests while the stub polls or sleeps; with 2 it
  * says "ready" with a QueueNotify (posted: the guest resumes at once) and goes to WFI.
+ * With 3 it only posts its QueueNotifies back to back, no interrupt, and after each one
+ * stores its virtual counter (CNTVCT_EL0) at FLAGS + 16 + 8 * i, CNTFRQ_EL0 at FLAGS + 8:
+ * the paced waits in the guest's own time.
  */
 #include "gic_on.h"
 #define FLAGS 0x41000000            /* two words of guest RAM the host reads and writes */
@@ -23,6 +26,8 @@ _start:
     gic_on                          /* gic_on.h (w9 = 1) */
     ldr     w24, [x20, #0x300]      /* rounds, from the model */
     ldr     w26, [x20, #0x304]      /* mode, from the model */
+    cmp     w26, #3
+    b.eq    8f
 1:  cbz     w24, 3f
     mov     x21, #0
     cmp     w26, #2
@@ -41,5 +46,15 @@ _start:
 6:  b       6b
 7:  str     w24, [x20, #0x050]      /* mode 2: "ready" as a QueueNotify, a posted write */
     b       5b                      /* at once to WFI, the write still in the model's hands */
+8:  mrs     x9, cntfrq_el0          /* mode 3: the counter after each posted write */
+    str     x9, [x25, #8]
+    add     x10, x25, #16
+9:  cbz     w24, 3b
+    str     w24, [x20, #0x050]
+    isb
+    mrs     x9, cntvct_el0
+    str     x9, [x10], #8
+    sub     w24, w24, #1
+    b       9b
 
     irq48_vectors                   /* gic_on.h */
