@@ -37,7 +37,7 @@ import socket
 
 from . import paths
 from .devices.balloon import parse_size
-from .errors import AvatarError
+from .errors import AvatarError, os_reason
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def _listen(path):
         sock.bind(path)
     except OSError as err:
         sock.close()
-        raise AvatarError(f"control socket {path}: {err.strerror}; give a writable "
+        raise AvatarError(f"control socket {path}: {os_reason(err)}; give a writable "
                           "--control path") from None
     os.chmod(path, 0o660)
     sock.listen(8)

@@ -27,5 +27,12 @@ class DeviceNotFound(AvatarError):
     """A UIO device (or other board resource) is not present."""
 
 
+def os_reason(err):
+    """What went wrong in ``err`` (an ``OSError``) for a one-line message: its strerror, or
+    the text of one Python raised itself without an errno (a Unix socket path over 107
+    bytes: "AF_UNIX path too long")."""
+    return err.strerror or str(err)
+
+
 AGAIN = (BlockingIOError, InterruptedError)
 """The ``OSError``s of a non-blocking call that cannot proceed now: try again when ready."""

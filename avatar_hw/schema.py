@@ -76,6 +76,18 @@ class Field:
         return isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
 
 
+def _has_nul(value):
+    """Whether a string in ``value`` (a string, or a list or table of them) holds NUL: the
+    OS cuts a path there, or refuses it, and an error would come late, from deep inside."""
+    if isinstance(value, str):
+        return "\0" in value
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    return False
+
+
 def _join(key, name):
     return f"{key}.{name}" if key else name
 
@@ -137,6 +149,9 @@ class Schema:
             if not field.type_ok(value):
                 raise ConfigError(file, where, f"must be {field.what}, not "
                                                f"{type(value).__name__} {value!r}")
+            if _has_nul(value):
+                raise ConfigError(file, where, "contains a NUL character (\\u0000), which no "
+                                               "path, URL or name can hold")
             if field.check is not None:
                 try:
                     field.check(value)

@@ -81,6 +81,13 @@ MISTAKES = [
     ("[vm.0]\nnet = { mac = '52:54:00:12:34:56' }\n", "vm.0.net", "exactly one of tap or switch"),
     ("[vm.0]\nnet = { tap = 'tap0', mac = '52:54:00:12:34' }\n", "vm.0.net.mac",
      "not a MAC address"),
+    # a NUL in any string: the OS would cut a path there or refuse it much later
+    ('[vm.0]\nblock = { image = "/a\\u0000b" }\n', "vm.0.block.image", "NUL character"),
+    ('[vm.0]\nconsole = { endpoints = ["stdio", "unix:/a\\u0000b"] }\n',
+     "vm.0.console.endpoints", "NUL character"),
+    ('[vm.0]\nconsole = { endpoints = "stdio", ports = { "a\\u0000" = "stdio" } }\n',
+     "vm.0.console.ports", "NUL character"),
+    ('[vm.0]\nnet = { switch = "/s\\u0000" }\n', "vm.0.net.switch", "NUL character"),
 ]
 
 
@@ -124,6 +131,32 @@ def test_backend_errors_at_build_name_the_config_key(tmp_path):
     message = str(err.value)
     assert message.startswith(f"{tmp_path / 'vms.toml'}: vm.0.console: serial:/x: ")
     assert "unknown console endpoint 'serial'" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("endpoint, problem", [
+    ("tcp:99999", "tcp: port 99999 is not 0-65535"),
+    ("tcp:127.0.0.1:-1", "tcp: port -1 is not 0-65535"),
+    ("rfc2217:70000", "rfc2217: port 70000 is not 0-65535"),
+    ("unix:/tmp/" + "s" * 120, "AF_UNIX path too long"),    # Python's OSError: no errno
+])
+def test_endpoint_errors_at_build_are_one_line_with_the_reason(tmp_path, endpoint, problem):
+    config = load_config(write(tmp_path, f"[vm.0]\nconsole = {{ endpoints = ['{endpoint}'] }}\n"))
+    with pytest.raises(ConfigError) as err:
+        config.build_device(config.vms[0].devices[0])
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'vms.toml'}: vm.0.console: {endpoint}: ")
+    assert problem in message and "None" not in message and "\n" not in message
+
+
+def test_a_tcp_endpoint_on_port_0_is_listed_with_the_port_it_got(tmp_path):
+    config = load_config(write(tmp_path, "[vm.0]\nconsole = { endpoints = ['tcp:0'] }\n"))
+    device = config.build_device(config.vms[0].devices[0])
+    try:
+        [endpoint] = device.ports[0].backend.endpoints
+        port = endpoint.listener.getsockname()[1]
+        assert port != 0 and endpoint.url == f"tcp:127.0.0.1:{port}"
+    finally:
+        device.detach()
 
 
 def test_console_is_built_with_its_endpoints(tmp_path):

@@ -32,7 +32,7 @@ import socket
 import time
 
 from .. import paths
-from ..errors import AGAIN, ConfigError
+from ..errors import AGAIN, ConfigError, os_reason
 from ..ratelimit import RateLimitedLog
 from ..virtio.buffers import copy, gather, skip
 from .egress import STALL_SECONDS, Egress, RemotePort
@@ -106,7 +106,7 @@ class Switch:
         except OSError as err:
             if err.errno != errno.EADDRINUSE:
                 raise ConfigError(self.url, None, f"cannot bind the switch socket: "
-                                  f"{err.strerror}") from None
+                                  f"{os_reason(err)}") from None
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             probe.connect(path)

@@ -22,7 +22,7 @@ import os
 import socket
 
 from .. import paths
-from ..errors import AGAIN, ConfigError
+from ..errors import AGAIN, ConfigError, os_reason
 from ..virtio.buffers import first_batch
 
 MAX_LINE = 32                     # "CONNECT 4294967295\n" is 19 bytes
@@ -40,7 +40,7 @@ def listen(path):
         except OSError as err:
             if err.errno != errno.EADDRINUSE:
                 raise ConfigError(path, None, f"cannot create the vsock socket: "
-                                  f"{err.strerror}; choose another path") from None
+                                  f"{os_reason(err)}; choose another path") from None
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(path)

@@ -35,7 +35,7 @@ from serial import rfc2217
 
 from ..errors import AGAIN
 from ..virtio.buffers import scatter
-from .server import SocketServerEndpoint, client_address, tcp_listener
+from .server import SocketServerEndpoint, bound_url, client_address, tcp_listener
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,7 @@ def open_url(url, rest, limit):
     """The endpoint; port 0 picks a free port, which ``url`` then names."""
     listener = tcp_listener(url, rest)
     endpoint = Rfc2217Endpoint(url, listener, limit)
-    host, port = listener.getsockname()[:2]
-    endpoint.url = f"rfc2217:{f'[{host}]' if ':' in host else host}:{port}"
+    endpoint.url = bound_url("rfc2217", listener)
     return endpoint
 
 

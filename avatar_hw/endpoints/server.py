@@ -5,7 +5,7 @@ import logging
 import socket
 
 from .. import paths
-from ..errors import AGAIN, ConfigError
+from ..errors import AGAIN, ConfigError, os_reason
 from .base import Endpoint
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,9 @@ def tcp_listener(url, rest):
     except ValueError:
         raise ConfigError(url, None, f"{scheme}: needs a port, e.g. "
                                      f"{scheme}:127.0.0.1:4555") from None
+    if not 0 <= port <= 0xFFFF:
+        raise ConfigError(url, None, f"{scheme}: port {port} is not 0-65535 (0: any free "
+                                     "port, which info then shows)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -158,8 +161,15 @@ def tcp_listener(url, rest):
     except OSError as err:
         sock.close()
         raise ConfigError(url, None, f"{scheme}: cannot listen on {host}:{port}: "
-                                     f"{err.strerror}") from None
+                                     f"{os_reason(err)}") from None
     return sock
+
+
+def bound_url(scheme, listener):
+    """``scheme:HOST:PORT`` of a listening socket, with the port it got (port 0 in a URL
+    picks a free one: info and the daemon's log then name it)."""
+    host, port = listener.getsockname()[:2]
+    return f"{scheme}:{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def split_address(rest):

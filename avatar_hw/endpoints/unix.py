@@ -3,7 +3,7 @@
 import os
 import socket
 
-from ..errors import ConfigError
+from ..errors import ConfigError, os_reason
 from .server import SocketServerEndpoint
 
 
@@ -18,7 +18,7 @@ def open_url(url, path, limit):
         sock.listen(1)
     except OSError as err:
         sock.close()
-        raise ConfigError(url, None, f"cannot listen on {path}: {err.strerror}") from None
+        raise ConfigError(url, None, f"cannot listen on {path}: {os_reason(err)}") from None
     return SocketServerEndpoint(url, sock, limit, unlink=path)
 
 

@@ -27,6 +27,7 @@ import socket
 import struct
 import time
 
+from ..errors import os_reason
 from ..unixsock import connect_unix
 
 # Front-end requests (vhost-user.rst, "Front-end message types").
@@ -69,7 +70,7 @@ class Frontend:
         try:
             self.sock = connect_unix(self.path, wait, poll=0.01)
         except OSError as err:
-            raise VhostUserError(f"cannot connect to {self.path}: {err}") from None
+            raise VhostUserError(f"cannot connect to {self.path}: {os_reason(err)}") from None
         self.sock.settimeout(timeout)
         self.features = self.protocol_features = 0
         self.closed = False
