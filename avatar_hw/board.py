@@ -25,7 +25,8 @@ from .hw.region import Region
 from .hw.uio import find_uio
 from .interrupts import BoardInterruptLine
 from .layout import Layout, address
-from .schema import REQUIRED, EntryError, Field, Schema, at_least, choice, read_toml, under
+from .schema import (REQUIRED, EntryError, Field, Schema, at_least, between, choice, read_toml,
+                     under)
 from .shipped import shipped_hint
 from .wait import DOORBELL, MODES
 
@@ -231,8 +232,10 @@ BOARD = Schema("", (
         Field("vm_size", int, REQUIRED, check=at_least(1)),
         Field("device_size", int, REQUIRED, check=at_least(MIN_DEVICE_SIZE)),
         Field("irq_base", int, REQUIRED, check=at_least(FIRST_SPI)),
-        Field("irqs_per_vm", int, REQUIRED, check=at_least(1)),
-        Field("max_vms", int, REQUIRED, check=at_least(1)),
+        # guest INTIDs are SPIs: no more of them per VM, nor more VMs, than the GIC has SPIs
+        # (their product is checked against the GIC's lines below)
+        Field("irqs_per_vm", int, REQUIRED, check=between(1, SPECIAL_INTIDS - FIRST_SPI)),
+        Field("max_vms", int, REQUIRED, check=between(1, SPECIAL_INTIDS - FIRST_SPI)),
     )), REQUIRED),
     Field("interrupts", Schema("", (
         Field("kind", str, "gic", check=choice(*INTERRUPT_KINDS)),

@@ -203,6 +203,14 @@ def at_least(minimum):
     return check
 
 
+def between(minimum, maximum):
+    """A check: the value is ``minimum`` to ``maximum``."""
+    def check(value):
+        if not minimum <= value <= maximum:
+            raise ValueError(f"must be {minimum} to {maximum}, not {value}")
+    return check
+
+
 def choice(*values):
     """A check: the value is one of ``values``."""
     def check(value):
