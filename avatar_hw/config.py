@@ -30,7 +30,7 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import AvatarError, ConfigError
+from .errors import AvatarError, ConfigError, os_reason
 from .schema import read_toml
 from .shipped import shipped_file
 
@@ -82,7 +82,10 @@ class Config:
             return module.from_config(device.options)
         except ConfigError as err:
             raise ConfigError(self.path, device.key, f"{err.file}: {err.problem}") from None
-        except (OSError, ValueError) as err:
+        except OSError as err:
+            where = f"{err.filename}: " if err.filename else ""
+            raise ConfigError(self.path, device.key, where + os_reason(err)) from None
+        except ValueError as err:
             raise ConfigError(self.path, device.key, str(err)) from None
 
 

@@ -149,6 +149,8 @@ class Schema:
             if not field.type_ok(value):
                 raise ConfigError(file, where, f"must be {field.what}, not "
                                                f"{type(value).__name__} {value!r}")
+            if field.path and value == "":
+                raise ConfigError(file, where, f"must be {field.what}, not empty")
             if _has_nul(value):
                 raise ConfigError(file, where, "contains a NUL character (\\u0000), which no "
                                                "path, URL or name can hold")

@@ -1,5 +1,6 @@
 """The VMs config: what it accepts, and one line naming file, key and problem for each mistake."""
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -7,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from avatar_hw import config as config_module
-from avatar_hw.config import load_config, parse_config
-from avatar_hw.errors import ConfigError
+from avatar_hw.config import DEVICES, device_module, load_config, parse_config
+from avatar_hw.errors import AvatarError, ConfigError
+from avatar_hw.loop import EventLoop
 
 GOOD = """
 [vm.0]
@@ -88,6 +90,10 @@ MISTAKES = [
     ('[vm.0]\nconsole = { endpoints = "stdio", ports = { "a\\u0000" = "stdio" } }\n',
      "vm.0.console.ports", "NUL character"),
     ('[vm.0]\nnet = { switch = "/s\\u0000" }\n', "vm.0.net.switch", "NUL character"),
+    ("[vm.0]\nconsole = { endpoints = 'stdio', ports = { a = 1 } }\n", "vm.0.console.ports",
+     "port 'a': must be a URL or a non-empty list"),
+    ("[vm.0]\nblock = { image = '' }\n", "vm.0.block.image", "not empty"),
+    ("[vm.0]\nvsock = { cid = 3, socket = '' }\n", "vm.0.vsock.socket", "not empty"),
 ]
 
 
@@ -146,6 +152,16 @@ def test_endpoint_errors_at_build_are_one_line_with_the_reason(tmp_path, endpoin
     message = str(err.value)
     assert message.startswith(f"{tmp_path / 'vms.toml'}: vm.0.console: {endpoint}: ")
     assert problem in message and "None" not in message and "\n" not in message
+
+
+def test_an_os_error_at_build_names_the_path_and_the_reason_only(tmp_path):
+    """An OSError out of a device's construction reads "PATH: reason", not Python's
+    "[Errno 21] Is a directory: 'PATH'"."""
+    (tmp_path / "d").mkdir()
+    config = load_config(write(tmp_path, f"[vm.0]\nvsock = {{ cid = 3, socket = '{tmp_path}/d' }}\n"))
+    with pytest.raises(ConfigError) as err:
+        config.build_device(config.vms[0].devices[0])
+    assert str(err.value) == f"{tmp_path / 'vms.toml'}: vm.0.vsock: {tmp_path}/d: Is a directory"
 
 
 def test_a_tcp_endpoint_on_port_0_is_listed_with_the_port_it_got(tmp_path):
@@ -238,3 +254,55 @@ def test_every_path_key_is_put_under_base_and_listed_in_the_docs():
             assert f"``{kind}.{field.name}``" in config_module.__doc__, f"{kind}.{field.name}"
             assert field.path("rel/x", "/base") == "/base/rel/x"
             assert field.path("/abs/x", "/base") == "/abs/x"
+
+
+# A valid table per device kind, each field of which the test below replaces in turn.
+VALID = {"console": {"endpoints": ["file:vm0.log"]}, "block": {"image": "vm0.img", "size": 4096},
+         "net": {"switch": "net0.sock"}, "9p": {"tag": "share", "path": "share", "create": True},
+         "vsock": {"cid": 3, "socket": "vm0-vsock"}, "fs": {"tag": "fs", "shared_dir": "fs"},
+         "vhost_user": {"socket": "vu.sock", "device_id": 26, "queues": [64]}}
+ODD = [0, -1, 2**70, -2**70, 2**32, "", "x", "/", [], {}, [1, 2], ["a"], [[1]], True, 1.5,
+       {"a": 1}, "a" * 5000]
+
+
+def _toml(value):
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml, value)) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def test_every_field_of_every_device_with_odd_values_is_a_device_or_one_line(tmp_path,
+                                                                              monkeypatch):
+    """Each key of each device kind's schema given ints out of any range, empty and odd
+    strings, lists, tables, booleans and floats in turn: either the device is built (and
+    attaches and detaches), or one ``AvatarError`` line names the file and key — never
+    another exception, and never a raw "[Errno N]" or "None" for the reason."""
+    monkeypatch.chdir(tmp_path)
+    loop = EventLoop()
+    built = 0
+    for kind in DEVICES:
+        for field in device_module("vms.toml", kind, kind).SCHEMA.fields:
+            for value in ODD:
+                table = {**VALID.get(kind, {}), field.name: value}
+                path = write(tmp_path, f'[vm.0]\n"{kind}" = {_toml(table)}\n')
+                case = f"{kind}.{field.name} = {value!r:.40}"
+                try:
+                    config = load_config(path)
+                    if kind == "fs":            # builds start virtiofsd: the schema only
+                        continue
+                    device = config.build_device(config.vms[0].devices[0])
+                except AvatarError as err:
+                    message = str(err)
+                    assert message.startswith(f"{path}: vm.0.{kind}"), (case, message)
+                    assert "\n" not in message and "Errno" not in message, (case, message)
+                    assert not message.endswith("None"), (case, message)
+                    continue
+                device.attach(loop)
+                device.detach()
+                built += 1
+    loop.close()
+    assert built > 20                               # the valid values did build devices

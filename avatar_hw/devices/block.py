@@ -55,7 +55,7 @@ import weakref
 
 from ..errors import ConfigError
 from ..libc import check, libc
-from ..schema import REQUIRED, Field, Schema, positive, under
+from ..schema import REQUIRED, Field, Schema, between, positive, under
 from ..virtio.buffers import fill_zeros, gather, scatter, skip, transfer, truncate, zeros
 from ..virtio.constants import ID_BLOCK, bit
 from ..virtio.device import VirtioDevice
@@ -392,7 +392,8 @@ class BlockDevice(VirtioDevice):
 
 SCHEMA = Schema("block", (
     Field("image", str, REQUIRED, "the path of a raw image or block device", path=under),
-    Field("size", int, None, "bytes: create the image (sparse) if it does not exist", positive),
+    Field("size", int, None, "bytes: create the image (sparse) if it does not exist",
+          between(1, (1 << 63) - 1)),
     Field("readonly", bool, False),
     Field("serial", str, None, f"a string (up to {SERIAL_BYTES} bytes)", check_serial),
     Field("queues", int, None, "the number of request queues", positive),
@@ -404,9 +405,15 @@ def from_config(options):
     creates a missing image, sparse (an existing one is used as it is)."""
     if options.get("size"):
         try:
-            with open(options["image"], "xb") as f:
-                f.truncate(options["size"])
+            f = open(options["image"], "xb")
         except FileExistsError:
             pass
+        else:
+            with f:
+                try:
+                    f.truncate(options["size"])
+                except OSError:
+                    os.unlink(options["image"])     # not left empty for the next start
+                    raise
     return BlockDevice(options["image"], readonly=options.get("readonly", False),
                        serial=options.get("serial"), queues=options.get("queues"))

@@ -341,8 +341,8 @@ class ConsoleDevice(VirtioDevice):
 
 def _check_urls(value):
     urls = [value] if isinstance(value, str) else value
-    if not urls:
-        check_url(None)
+    if not isinstance(urls, list) or not urls:
+        check_url(None)                         # "must be a URL or a non-empty list ..."
     for url in urls:
         check_url(url)
 

@@ -24,6 +24,7 @@ the daemon and the other devices carry on.
 
 import os
 
+from ..errors import os_reason
 from ..schema import REQUIRED, Field, Schema, under
 from ..vhost_user import Frontend, VhostUserError
 from ..vhost_user.frontend import MAX_CONFIG, PROTOCOL_F_CONFIG
@@ -231,7 +232,7 @@ def ram_file(memory):
     try:
         return os.open(path, os.O_RDWR | os.O_CLOEXEC), offset
     except OSError as err:
-        return f"guest RAM of vm{memory.vm_id}: cannot open {path} for a vhost-user back-end: {err}"
+        return f"guest RAM of vm{memory.vm_id}: cannot open {path} for a vhost-user back-end: {os_reason(err)}"
 
 
 def check_config_size(value):

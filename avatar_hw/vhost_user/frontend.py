@@ -107,7 +107,7 @@ class Frontend:
                 self._remaining()
                 sent += self.sock.send(data[sent:])
         except OSError as err:
-            self._broken(f"request {request}: {err or 'timed out'}")
+            self._broken(f"request {request}: {os_reason(err) or 'timed out'}")
 
     def _recv_exact(self, n, request):
         """``n`` bytes of the reply to ``request``, by the request's deadline."""
@@ -118,7 +118,7 @@ class Frontend:
                 self._remaining()
                 k, ancdata, _, _ = self.sock.recvmsg_into([view[got:]], _FD_SPACE)
             except OSError as err:
-                self._broken(f"reply to request {request}: {err or 'timed out'}")
+                self._broken(f"reply to request {request}: {os_reason(err) or 'timed out'}")
             if ancdata:
                 self._close_fds(ancdata)
                 self._broken(f"reply to request {request} carries file descriptors")
@@ -156,7 +156,7 @@ class Frontend:
         except BlockingIOError:
             return None
         except OSError as err:
-            return f"the connection failed: {err}"
+            return f"the connection failed: {os_reason(err)}"
         self._close_fds(ancdata)
         return ("sent a message with no request in flight" if data
                 else "closed the connection")
