@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from avatar_hw.errors import AvatarError, ConfigError, DeviceNotFound
 from avatar_hw.hw.gic import GicError, GicV2Distributor
 from avatar_hw.layout import Layout
 from avatar_hw.testing.fake_uio import make_tree
+from test_config import ODD, toml_value
 
 BOARDS = Path(__file__).resolve().parent.parent / "boards"
 RPI4 = (BOARDS / "rpi4.toml").read_text()
@@ -463,3 +465,31 @@ def test_uio_regions_and_the_gic_through_a_fake_tree(tmp_path):
                                        r"at avatar-gicd has SPIs 32\.\.191"):
         board.open_gic(**tree)
 
+
+
+@pytest.mark.parametrize("name", ["rpi4", "emulated", "qemu-virt"])
+def test_every_key_of_a_board_file_with_odd_values_loads_or_is_one_line(tmp_path, name):
+    """Each key of a shipped board file (and of its inline tables) given ints out of any
+    range, empty and odd strings, lists, tables, booleans and floats in turn: the board
+    loads, or one ``ConfigError`` line names the file and a key — never another exception
+    (a huge max_vms built a list that long, then overflowed)."""
+    tables = tomllib.loads((BOARDS / f"{name}.toml").read_text())
+    path = tmp_path / "board.toml"
+    keys = [(table, key, None) for table, entries in tables.items() for key in entries]
+    keys += [(table, key, inner) for table, entries in tables.items()
+             for key, value in entries.items() if isinstance(value, dict) for inner in value]
+    for table, key, inner in keys:
+        for value in ODD:
+            edited = json.loads(json.dumps(tables))
+            if inner is None:
+                edited[table][key] = value
+            else:
+                edited[table][key][inner] = value
+            path.write_text("".join(f"[{t}]\n" + "".join(f"{k} = {toml_value(v)}\n"
+                                                        for k, v in entries.items())
+                                    for t, entries in edited.items()))
+            try:
+                load_board(path)
+            except ConfigError as err:
+                message = str(err)
+                assert message.startswith(f"{path}: ") and "\n" not in message, message

@@ -265,13 +265,15 @@ ODD = [0, -1, 2**70, -2**70, 2**32, "", "x", "/", [], {}, [1, 2], ["a"], [[1]], 
        {"a": 1}, "a" * 5000]
 
 
-def _toml(value):
+def toml_value(value):
+    """``value`` written as TOML (strings, ints, floats, booleans, lists, inline tables)."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, list):
-        return "[" + ", ".join(map(_toml, value)) + "]"
+        return "[" + ", ".join(map(toml_value, value)) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}"
+                                for k, v in value.items()) + " }"
     return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
@@ -288,7 +290,7 @@ def test_every_field_of_every_device_with_odd_values_is_a_device_or_one_line(tmp
         for field in device_module("vms.toml", kind, kind).SCHEMA.fields:
             for value in ODD:
                 table = {**VALID.get(kind, {}), field.name: value}
-                path = write(tmp_path, f'[vm.0]\n"{kind}" = {_toml(table)}\n')
+                path = write(tmp_path, f'[vm.0]\n"{kind}" = {toml_value(table)}\n')
                 case = f"{kind}.{field.name} = {value!r:.40}"
                 try:
                     config = load_config(path)
