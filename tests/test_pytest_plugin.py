@@ -506,3 +506,18 @@ def test_fault_inject_through_the_plugin_is_cleared_at_the_tests_end(pytester, d
     result = pytester.runpytest(f"--avatar-board={daemon.board_file}",
                                 f"--avatar-control={daemon.control}")
     result.assert_outcomes(passed=2)
+
+
+def test_a_board_file_that_is_not_there_is_one_line(pytester, tmp_path):
+    """A mistake in --avatar-board itself (no such file) reads as one line, as a daemon that
+    is not running does, not a traceback through the plugin."""
+    pytester.makepyfile("""
+        def test_board(avatar_board):
+            pass
+    """)
+    result = pytester.runpytest(f"--avatar-board={tmp_path / 'nope.toml'}")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*--avatar-board {tmp_path / 'nope.toml'}: "
+                                 f"{tmp_path / 'nope.toml'}: no such board file*"])
+    result.stdout.no_fnmatch_line("*Traceback*")
+    result.stdout.no_fnmatch_line("*read_toml*")

@@ -182,13 +182,16 @@ def avatar_board(request):
     config = request.config
     board_file = config.getoption("avatar_board")
     if board_file:
-        board = target.HardwareTarget(board_file, console_url=config.getoption("avatar_console"),
-                                      control_path=config.getoption("avatar_control"),
-                                      reset_command=config.getoption("avatar_reset_command"))
-        try:
+        board = None
+        try:                # a mistake in the options is one line, not a traceback per test
+            board = target.HardwareTarget(
+                board_file, console_url=config.getoption("avatar_console"),
+                control_path=config.getoption("avatar_control"),
+                reset_command=config.getoption("avatar_reset_command"))
             board.info()
         except AvatarError as err:
-            board.close()
+            if board is not None:
+                board.close()
             pytest.fail(f"--avatar-board {board_file}: {err}", pytrace=False)
     else:
         missing = target.emulated_board_missing()
