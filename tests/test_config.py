@@ -158,7 +158,8 @@ def test_an_os_error_at_build_names_the_path_and_the_reason_only(tmp_path):
     """An OSError out of a device's construction reads "PATH: reason", not Python's
     "[Errno 21] Is a directory: 'PATH'"."""
     (tmp_path / "d").mkdir()
-    config = load_config(write(tmp_path, f"[vm.0]\nvsock = {{ cid = 3, socket = '{tmp_path}/d' }}\n"))
+    text = f"[vm.0]\nvsock = {{ cid = 3, socket = '{tmp_path}/d' }}\n"
+    config = load_config(write(tmp_path, text))
     with pytest.raises(ConfigError) as err:
         config.build_device(config.vms[0].devices[0])
     assert str(err.value) == f"{tmp_path / 'vms.toml'}: vm.0.vsock: {tmp_path}/d: Is a directory"

@@ -232,7 +232,8 @@ def ram_file(memory):
     try:
         return os.open(path, os.O_RDWR | os.O_CLOEXEC), offset
     except OSError as err:
-        return f"guest RAM of vm{memory.vm_id}: cannot open {path} for a vhost-user back-end: {os_reason(err)}"
+        return (f"guest RAM of vm{memory.vm_id}: cannot open {path} for a vhost-user back-end: "
+                f"{os_reason(err)}")
 
 
 def check_config_size(value):

@@ -22,7 +22,7 @@ import select
 import tty
 
 from .. import paths
-from ..errors import ConfigError
+from ..errors import ConfigError, os_reason
 from ..libc import check, libc
 from .base import Endpoint
 
@@ -79,7 +79,8 @@ class PtyEndpoint(Endpoint):
                 os.replace(tmp, path)
             except OSError as err:
                 self.close()
-                raise ConfigError(url, "path", f"cannot create the pty symlink: {err}") from None
+                raise ConfigError(url, "path", f"cannot create the pty symlink {path}: "
+                                               f"{os_reason(err)}") from None
 
     @property
     def connected(self):
