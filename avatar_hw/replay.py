@@ -53,6 +53,7 @@ import zlib
 from .errors import AvatarError
 from .hw.region import Region
 from .layout import Layout
+from .trap import ACCESS_MASKS
 from .virtio.memory import GuestMemory, GuestMemoryError
 from .virtio.subsystem import Subsystem
 
@@ -352,6 +353,12 @@ def replay(path, build):
             window, offset, size, is_write, value = trap
             what = (f"trap {number} ({'write' if is_write else 'read'} window {window} "
                     f"offset 0x{offset:x} size {size})")
+            layout = subsystem.layout
+            if not (window < layout.window_count and offset < layout.device_size
+                    and size in ACCESS_MASKS and offset % size == 0
+                    and value <= ACCESS_MASKS[size]):
+                raise ReplayFormatError(f"{what}: not an access the trap page passes on "
+                                        "(outside the layout, or a bad size or value)")
             raised.clear()
             count = number + 1
             got = subsystem.dispatch(window, offset, value, bool(is_write), size)

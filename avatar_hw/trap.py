@@ -63,8 +63,8 @@ from .wait import ADAPTIVE, BUSY_POLL, DOORBELL, PollWindow
 
 log = logging.getLogger(__name__)
 
-_SIZES = (1, 2, 4, 8)
-_MASKS = {size: (1 << (8 * size)) - 1 for size in _SIZES}
+# the widths a trapped access may have, and the mask of each
+ACCESS_MASKS = {size: (1 << (8 * size)) - 1 for size in (1, 2, 4, 8)}
 MAX_TRAPS_PER_CALL = 256     # then back to the event loop (``stopped_at_budget`` says come back)
 POLL_IDLE_SCANS = 64         # polling: idle scans per call before the event loop's turn
 POLL_CHECK_SCANS = 8         # adaptive: idle scans between two looks at its window
@@ -517,7 +517,7 @@ class TrapPage:
                 handled = False
             self._in_service = in_service
             if handled:
-                status, value = abi.STATUS_OK, (value or 0) & _MASKS[size]
+                status, value = abi.STATUS_OK, (value or 0) & ACCESS_MASKS[size]
             else:
                 status, value = abi.STATUS_UNHANDLED, 0
         else:
@@ -580,7 +580,7 @@ class TrapPage:
         """The window number of a well-formed slot of its own VM, else -1 (UNHANDLED;
         a malformed slot is counted and logged, an address with no device slot is not:
         that is the stub's policy). ``data``: the value written, 0 for a read."""
-        mask = _MASKS.get(size)
+        mask = ACCESS_MASKS.get(size)
         if mask is None:
             problem = f"access size {size}"
         elif direction > abi.DIR_WRITE:
