@@ -4,8 +4,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
+
+from patching import this_thread_only
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,7 +72,7 @@ def test_soak_runs_a_few_hundred_steps_without_failure(monkeypatch):
         traps.append(addr)
         return handle(self, addr, value, is_write, size)
 
-    monkeypatch.setattr(Subsystem, "handle_mmio_trap", counted)
+    monkeypatch.setattr(Subsystem, "handle_mmio_trap", this_thread_only(handle, counted))
     result = soak(300, seed=13)
     assert result["steps"] >= 300 and result["failures"] == []
     assert result["steps"] == len(traps)                     # a step is one trap, once
@@ -114,12 +115,12 @@ def test_bench_input_images_are_fsynced_before_a_run(tmp_path, monkeypatch):
     flush writes the bench's own data out (the seq write row was 0.13x for that)."""
     import os
     from bench.two_guests import write_image
-    synced, real_fsync, here = [], os.fsync, threading.current_thread()
-    def fsync(fd):                  # this thread's only: a session board's daemon may fsync
-        if threading.current_thread() is here:
-            synced.append(os.fstat(fd).st_ino)
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.fstat(fd).st_ino)
         real_fsync(fd)
-    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", this_thread_only(real_fsync, fsync))
     image = tmp_path / "vm0.img"
     write_image(image, 1 << 16)
     assert image.stat().st_size == 1 << 16

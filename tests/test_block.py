@@ -21,6 +21,7 @@ from avatar_hw.loop import EventLoop
 from avatar_hw.testing.virtio import VirtioBench
 from avatar_hw.virtio import queue as virtqueue
 from avatar_hw.virtio.constants import bit
+from patching import this_thread_only
 
 SECTORS = 2048                                      # 1 MiB image
 PATTERN = bytes((i * 7 + i // 512) % 256 for i in range(SECTORS * 512))
@@ -159,7 +160,8 @@ def test_write_flush_and_the_bytes_are_in_the_file_on_disk(make, monkeypatch):
     b = make()
     synced = []
     real = os.fdatasync
-    monkeypatch.setattr(blk.os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    monkeypatch.setattr(blk.os, "fdatasync",
+                        this_thread_only(real, lambda fd: (synced.append(fd), real(fd))))
     data = hashlib.sha256(b"x").digest() * 256           # 8 KiB
     assert b.request(blk.T_OUT, sector=100, data=data)[:2] == (blk.S_OK, 1)
     assert not synced                                    # FLUSH negotiated: write-back
@@ -185,7 +187,7 @@ def test_flush_status_is_written_only_after_fdatasync(make, monkeypatch):
         gpa, size, _ = b.queues[0].outstanding[next(iter(b.queues[0].outstanding))][1][-1]
         seen.append(b.ram.read(gpa + size - 1, 1))       # the status byte as fdatasync starts
         real(fd)
-    monkeypatch.setattr(blk.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(blk.os, "fdatasync", this_thread_only(real, fdatasync))
     assert b.request(blk.T_FLUSH)[0] == blk.S_OK
     assert seen == [b"\xee"]
 
@@ -195,7 +197,8 @@ def test_without_flush_negotiated_writes_are_write_through_and_flush_is_unsuppor
     b = make(drop=bit(blk.F_FLUSH))
     synced = []
     real = os.fdatasync
-    monkeypatch.setattr(blk.os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    monkeypatch.setattr(blk.os, "fdatasync",
+                        this_thread_only(real, lambda fd: (synced.append(fd), real(fd))))
     assert b.request(blk.T_OUT, sector=0, data=bytes(512))[0] == blk.S_OK
     assert synced == [b.device.fd]
     assert b.request(blk.T_FLUSH)[0] == blk.S_UNSUPP
@@ -311,7 +314,7 @@ def test_host_io_error_is_ioerr(make, monkeypatch):
 
     def failing(*args):
         raise OSError(errno.EIO, "Input/output error")
-    monkeypatch.setattr(blk.os, "pwritev", failing)
+    monkeypatch.setattr(blk.os, "pwritev", this_thread_only(os.pwritev, failing))
     assert b.request(blk.T_OUT, data=bytes(512))[:2] == (blk.S_IOERR, 1)
     monkeypatch.undo()
     assert b.request(blk.T_OUT, data=bytes(512))[:2] == (blk.S_OK, 1)

@@ -18,6 +18,7 @@ from avatar_hw.errors import AvatarError
 from avatar_hw.hil.console import (POLL, ConsoleClosed, ConsoleTimeout, GuestConsole, open_serial,
                                    pyserial_url)
 from avatar_hw.loop import EventLoop
+from patching import this_thread_only
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.ptsname.restype = ctypes.c_char_p
@@ -300,7 +301,8 @@ def test_unix_url_keeps_what_the_peer_sent_at_once(tmp_path, monkeypatch):
         time.sleep(0.05)
         return original(sock, flag)
 
-    monkeypatch.setattr(socket.socket, "setblocking", slow_setblocking)
+    monkeypatch.setattr(socket.socket, "setblocking",
+                        this_thread_only(original, slow_setblocking))
     console = GuestConsole.open(f"unix://{path}")
     monkeypatch.undo()
     try:

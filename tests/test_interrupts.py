@@ -3,8 +3,6 @@ bit, and the UART byte sent or spared by the stub's ``virq_polling`` (AVT_F_HALT
 ``rings_taken`` (AVT_F_RINGS_TAKEN: the protocol against the stub's handler step by step).
 With the real stub: tests/test_emulated_stub.py."""
 
-import threading
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,18 +12,18 @@ from avatar_hw.errors import AvatarError
 from avatar_hw.hw import ordering
 from avatar_hw.hw.region import Region
 from avatar_hw.interrupts import StubInterruptLine
+from patching import this_thread_only
 
 
 def after_fence(action):
     """``ordering.fence`` that also runs ``action`` after the fence, in this thread only: a
     daemon of the session's emulated board may run meanwhile, and keeps its fences."""
-    fence, here = ordering.fence, threading.current_thread()
+    fence = ordering.fence
 
     def hooked():
         fence()
-        if threading.current_thread() is here:
-            action()
-    return hooked
+        action()
+    return this_thread_only(fence, hooked)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from avatar_hw.errors import ConfigError
 from avatar_hw.testing.virtio import VirtioBench
 from avatar_hw.virtio import constants as c
 from test_console import loop  # noqa: F401 (fixture)
+from patching import this_thread_only
 
 SLOT = 64 << 10
 ROOT_FID = 1
@@ -317,7 +318,7 @@ def test_tremove_and_trename_never_reach_outside_the_share(fs, share, tmp_path, 
     def swap_dir():
         os.rename(share / "sub", share / "sub.old")
         os.symlink(outside, share / "sub")
-    monkeypatch.setattr(p.os, "readlink", racing_readlink)
+    monkeypatch.setattr(p.os, "readlink", this_thread_only(real_readlink, racing_readlink))
     races.append((b"/sub/victim", swap_dir))
     assert errno_of(fs.rpc, p.TREMOVE, struct.pack("<I", 4)) == errno.ENOENT
     assert (outside / "victim").read_text() == "victim\n"

@@ -25,6 +25,7 @@ from avatar_hw.testing.virtio import RAM_BASE, IrqRecorder
 from avatar_hw.virtio import transport as transport_module
 from avatar_hw.virtio.memory import GuestMemory
 from avatar_hw.virtio.subsystem import Subsystem
+from patching import this_thread_only
 
 RAM_SIZE = 2 << 20
 
@@ -124,7 +125,8 @@ def test_replay_catches_changed_register_answer(workdir, monkeypatch):
     def changed(self, offset, size):
         value = original(self, offset, size)
         return value - 1 if offset == 0x34 else value
-    monkeypatch.setattr(transport_module.MmioTransport, "read", changed)
+    monkeypatch.setattr(transport_module.MmioTransport, "read",
+                        this_thread_only(original, changed))
     replayed, difference = rr.replay(path, rebuild(workdir))
     assert replayed == target + 1
     assert difference.startswith(f"trap {target} (read window 0 offset 0x34 size 4)")
@@ -141,7 +143,7 @@ def test_replay_catches_changed_used_length(workdir, monkeypatch):
 
     def short(self, chain, length, *args, **kw):
         return original(self, chain, max(length - 1, 0) if length == 64 else length, *args, **kw)
-    monkeypatch.setattr(Virtqueue, "add_used", short)
+    monkeypatch.setattr(Virtqueue, "add_used", this_thread_only(original, short))
     replayed, difference = rr.replay(path, rebuild(workdir))
     assert replayed == target + 1, difference
     assert difference.startswith(f"trap {target} (write window 2 offset 0x50 size 4): guest page")

@@ -16,6 +16,7 @@ from avatar_hw.testing.standin_stub import StubPage
 from avatar_hw.trap import (FAIR_WINDOW_NS, MAX_TRAPS_PER_CALL, POLL_CHECK_SCANS, StubNotReady,
                              TrapPage)
 from avatar_hw.wait import ADAPTIVE, BUSY_POLL, PollWindow
+from patching import this_thread_only
 
 LAYOUT = Layout()
 VM0_DEV0 = LAYOUT.window(0, 0)
@@ -376,7 +377,8 @@ def write_stat(path, idle_ticks, iowait_ticks=0, nice_ticks=0):
 def test_spare_cores_counts_idle_time_and_the_poll_s_own_run_less_its_waits(tmp_path,
                                                                            monkeypatch):
     nice = [0]                                    # the poll's nice, whatever pytest's is
-    monkeypatch.setattr(os, "getpriority", lambda which, who: nice[0])
+    monkeypatch.setattr(os, "getpriority", this_thread_only(os.getpriority,
+                                                          lambda which, who: nice[0]))
     stat = tmp_path / "stat"
     tick = 10**9 // os.sysconf("SC_CLK_TCK")
     spare = wait.SpareCores(str(stat))
