@@ -223,17 +223,12 @@ class ControlServer:
 
 
 def _listen(path):
-    if os.path.exists(path):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)                  # left by a daemon that died
-        else:
-            raise AvatarError(f"control socket {path} is in use by a running avatar-hw: stop it "
-                              "or give this one another --control path")
-        finally:
-            probe.close()
+    problem = paths.clear_for_socket(path)       # a socket left by a daemon that died goes
+    if problem == paths.IN_USE:
+        raise AvatarError(f"control socket {path} is in use by a running avatar-hw: stop it "
+                          "or give this one another --control path")
+    if problem:
+        raise AvatarError(f"control socket {path} {problem}: give another --control path")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)

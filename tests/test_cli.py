@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from avatar_hw import cli
+from avatar_hw import cli, control
+from avatar_hw.errors import AvatarError
 from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
 from test_daemon import Served, console_config
 
@@ -212,3 +213,20 @@ def test_the_systemd_unit_runs_serve_and_waits_for_its_notification():
         [a.replace("${AVATAR_BOARD}", "rpi4").replace("${AVATAR_CONFIG}", "/etc/x.toml")
          for a in argv[1:] if a != "$AVATAR_OPTIONS"])
     assert (args.board, str(args.config)) == ("rpi4", "/etc/x.toml")
+
+
+def test_a_control_socket_path_holding_a_file_is_refused_and_kept(tmp_path):
+    """``--control`` at a file: one line, the file kept (a failed connect unlinked it), and a
+    socket left by a daemon that died is replaced."""
+    path = tmp_path / "notes.txt"
+    path.write_text("keep")
+    with pytest.raises(AvatarError, match=f"control socket {path} is not a socket: give another "
+                                          "--control path"):
+        control.ControlServer(str(path), daemon=None)
+    assert path.read_text() == "keep"
+    dead = tmp_path / "dead.sock"
+    left = socket.socket(socket.AF_UNIX)
+    left.bind(str(dead))
+    left.close()                                    # bound, never listening: nobody serves it
+    server = control.ControlServer(str(dead), daemon=None)
+    server.close()

@@ -156,13 +156,31 @@ def test_endpoint_errors_at_build_are_one_line_with_the_reason(tmp_path, endpoin
 
 def test_an_os_error_at_build_names_the_path_and_the_reason_only(tmp_path):
     """An OSError out of a device's construction reads "PATH: reason", not Python's
-    "[Errno 21] Is a directory: 'PATH'"."""
-    (tmp_path / "d").mkdir()
-    text = f"[vm.0]\nvsock = {{ cid = 3, socket = '{tmp_path}/d' }}\n"
+    "[Errno 2] No such file or directory: 'PATH'"."""
+    text = f"[vm.0]\nblock = {{ image = '{tmp_path}/none/vm0.img', size = 4096 }}\n"
     config = load_config(write(tmp_path, text))
     with pytest.raises(ConfigError) as err:
         config.build_device(config.vms[0].devices[0])
-    assert str(err.value) == f"{tmp_path / 'vms.toml'}: vm.0.vsock: {tmp_path}/d: Is a directory"
+    assert str(err.value) == (f"{tmp_path / 'vms.toml'}: vm.0.block: {tmp_path}/none/vm0.img: "
+                              "No such file or directory")
+
+
+@pytest.mark.parametrize("kind, table", [
+    ("console", "{ endpoints = 'unix:PATH' }"), ("net", "{ switch = 'PATH' }"),
+    ("vsock", "{ cid = 3, socket = 'PATH' }")])
+def test_a_socket_path_holding_a_file_or_a_directory_is_refused_and_kept(tmp_path, kind,
+                                                                          table):
+    """A socket path the user gave that holds a file or a directory: one line, and the file
+    is still there (a unix: endpoint unlinked whatever was at its path; the switch, vsock
+    and control sockets whatever refused a connection, a regular file included)."""
+    for victim, make in (("file", lambda p: p.write_text("keep")), ("dir", Path.mkdir)):
+        path = tmp_path / victim
+        make(path)
+        config = load_config(write(tmp_path, f"[vm.0]\n{kind} = "
+                                             f"{table.replace('PATH', str(path))}\n"))
+        with pytest.raises(ConfigError, match=f"{path}.* is not a socket; choose another path"):
+            config.build_device(config.vms[0].devices[0])
+        assert path.exists() and (path.is_dir() or path.read_text() == "keep")
 
 
 def test_a_tcp_endpoint_on_port_0_is_listed_with_the_port_it_got(tmp_path):

@@ -107,19 +107,10 @@ class Switch:
             if err.errno != errno.EADDRINUSE:
                 raise ConfigError(self.url, None, f"cannot bind the switch socket: "
                                   f"{os_reason(err)}") from None
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:        # a stale socket file: nobody serves it
-            os.unlink(path)
-            self.sock.bind(path)
-            return
-        except OSError:
-            pass
-        finally:
-            probe.close()
-        raise ConfigError(self.url, None, "this path is in use (another process serves a "
-                          "switch there, or it is not a socket); choose another path")
+        problem = paths.clear_for_socket(path, socket.SOCK_DGRAM)
+        if problem:
+            raise ConfigError(self.url, None, f"{path} {problem}; choose another path")
+        self.sock.bind(path)
 
     # -- ports ------------------------------------------------------------------------------------
 

@@ -18,7 +18,6 @@ guest's receive buffers (``recvmsg_into``).
 """
 
 import errno
-import os
 import socket
 
 from .. import paths
@@ -41,21 +40,9 @@ def listen(path):
             if err.errno != errno.EADDRINUSE:
                 raise ConfigError(path, None, f"cannot create the vsock socket: "
                                   f"{os_reason(err)}; choose another path") from None
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-                in_use = True
-            except ConnectionRefusedError:
-                in_use = False
-            except OSError:
-                in_use = True
-            finally:
-                probe.close()
-            if in_use:
-                raise ConfigError(path, None, "this path is in use (another process "
-                                  "listens there, or it is not a socket); choose another "
-                                  "path") from None
-            os.unlink(path)
+            problem = paths.clear_for_socket(path)
+            if problem:
+                raise ConfigError(path, None, f"{problem}; choose another path") from None
             sock.bind(path)
         sock.listen(16)
     except BaseException:

@@ -1,8 +1,8 @@
 """Console endpoint ``unix:PATH``: a Unix stream socket server (one client at a time)."""
 
-import os
 import socket
 
+from .. import paths
 from ..errors import ConfigError, os_reason
 from .server import SocketServerEndpoint
 
@@ -10,8 +10,9 @@ from .server import SocketServerEndpoint
 def open_url(url, path, limit):
     if not path:
         raise ConfigError(url, None, "unix: needs a path, e.g. unix:/run/avatar/vm0.sock")
-    if os.path.exists(path):
-        os.unlink(path)
+    problem = paths.clear_for_socket(path)
+    if problem:
+        raise ConfigError(url, None, f"{path} {problem}; choose another path")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
