@@ -10,6 +10,7 @@ import pytest
 from avatar_hw.devices.console import ConsoleDevice
 from avatar_hw.endpoints import pyserial_url
 from avatar_hw.endpoints.pty import PtyEndpoint
+from avatar_hw.errors import ConfigError
 from avatar_hw.loop import EventLoop
 from avatar_hw.testing.virtio import VirtioBench
 
@@ -259,3 +260,20 @@ def test_an_opener_gets_the_output_without_waiting_for_a_look(con, monkeypatch):
         assert con.read(fd, 6) == b"after\n"
     finally:
         os.close(fd)
+
+
+def test_a_pty_path_holding_a_file_is_refused_and_kept_and_an_old_link_replaced(tmp_path):
+    """The pty's symlink replaces a link (a previous daemon's), never a file or a directory
+    the user has at that path (``os.replace`` put the link over a mistyped path's file)."""
+    kept = tmp_path / "notes.txt"
+    kept.write_text("keep")
+    with pytest.raises(ConfigError, match="is there and not a symlink"):
+        ConsoleDevice(f"pty:{kept}")
+    assert kept.read_text() == "keep"
+    link = tmp_path / "vm0-console"
+    link.symlink_to("/dev/pts/nonexistent")                 # left by a daemon that died
+    device = ConsoleDevice(f"pty:{link}")
+    try:
+        assert os.readlink(link).startswith("/dev/pts/") and os.path.exists(link)
+    finally:
+        device.detach()

@@ -73,11 +73,16 @@ class PtyEndpoint(Endpoint):
         if not path:
             self.url = f"pty:{self.tty_name}"       # what info and the daemon's log show
         if path:
+            if os.path.lexists(path) and not os.path.islink(path):
+                self.close()            # a file or a directory the user has there: kept
+                raise ConfigError(url, "path", f"{path} is there and not a symlink (the pty's "
+                                               "link replaces only a link); choose another path")
             tmp = f"{path}.{os.getpid()}.tmp"
             try:
                 os.symlink(self.tty_name, tmp)
                 os.replace(tmp, path)
             except OSError as err:
+                paths.remove(tmp)
                 self.close()
                 raise ConfigError(url, "path", f"cannot create the pty symlink {path}: "
                                                f"{os_reason(err)}") from None
