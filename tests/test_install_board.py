@@ -145,7 +145,15 @@ def test_not_root_reruns_itself_with_sudo_keeping_the_options(checkout, tmp_path
     (fake / "sudo").write_text('#!/bin/sh\necho "sudo $*"\n')
     for tool in ("id", "sudo"):
         (fake / tool).chmod(0o755)
-    result = subprocess.run(["bash", str(checkout / "scripts" / "install-board"), "--user", "bob",
-                             "--edit-config"], env={"PATH": f"{fake}:/usr/bin:/bin"},
+    result = subprocess.run(["bash", str(checkout / "scripts" / "install-board"), "--user",
+                             "daemon", "--edit-config"], env={"PATH": f"{fake}:/usr/bin:/bin"},
                             capture_output=True, text=True, timeout=30)
-    assert result.stdout == (f"sudo {checkout}/scripts/install-board --user bob --edit-config\n")
+    assert result.stdout == (f"sudo {checkout}/scripts/install-board --user daemon "
+                             "--edit-config\n")
+    # a user that does not exist: one line before anything runs, sudo included
+    result = subprocess.run(["bash", str(checkout / "scripts" / "install-board"), "--user",
+                             "no-such-user-avatar"], env={"PATH": f"{fake}:/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == ("install-board: --user no-such-user-avatar: no such user here; "
+                             "create it first\n")
