@@ -413,8 +413,7 @@ def test_reset_drops_held_buffers(console):
 # -- endpoints -------------------------------------------------------------------------------------
 
 def wait_attached(loop, pty):
-    """Until the pty endpoint saw its slave opened (inotify tells it; it also looks every
-    ``poll_interval`` s)."""
+    """Until the pty endpoint saw its slave opened (it looks every ``poll_interval`` s)."""
     deadline = time.monotonic() + 30
     while not pty.attached:
         assert time.monotonic() < deadline, "the pty was opened, but never attached"

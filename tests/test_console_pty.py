@@ -247,21 +247,6 @@ def test_a_pty_without_a_path_is_named_in_info(tmp_path, loop):
         b.subsystem.close()
 
 
-def test_an_opener_gets_the_output_without_waiting_for_a_look(con, monkeypatch):
-    """inotify tells the endpoint of the open: output printed before and after reaches the
-    opener at once, with no look due for an hour."""
-    monkeypatch.setattr(con.pty, "poll_interval", 3600)
-    con.loop.run_once(0.05)                              # the pending 20 ms look re-arms
-    con.print(b"before\n")
-    fd = os.open(con.link, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-    try:
-        assert con.read(fd, 7) == b"before\n"
-        con.print(b"after\n")
-        assert con.read(fd, 6) == b"after\n"
-    finally:
-        os.close(fd)
-
-
 def test_a_pty_path_holding_a_file_is_refused_and_kept_and_an_old_link_replaced(tmp_path):
     """The pty's symlink replaces a link (a previous daemon's), never a file or a directory
     the user has at that path (``os.replace`` put the link over a mistyped path's file)."""
