@@ -237,3 +237,45 @@ def test_listen_error_names_the_scheme():
             open_endpoint(f"rfc2217:127.0.0.1:{port}")
     finally:
         taken.close()
+
+
+def test_output_printed_while_nobody_was_attached_reaches_a_pyserial_client(served, loop):
+    """pyserial's open ends with PURGE_DATA of its receive buffer, emptying its own queue of
+    what it read meanwhile: the log sent at the connection was lost to every labgrid
+    NetworkSerialPort. Output now waits for the client's purge of its transmit buffer."""
+    bench, endpoint = served
+    rx, tx = bench.driver.init([0, 1])
+    spin_until(loop, lambda: bench.device.ports[0].guest_open)
+    tx.post(readable=[b"printed-before-anyone-came\n"])
+    tx.notify()
+    spin_until(loop, lambda: tx.get_used())              # nobody attached: logged at once
+    client = pyserial_client(loop, endpoint)
+    try:
+        assert while_serving(loop, lambda: client.read(27)) == b"printed-before-anyone-came\n"
+    finally:
+        client.close()
+
+
+def test_a_client_that_never_purges_gets_the_output_after_the_hold(served, loop):
+    """A client that sends no RFC 2217 at all (telnet, a raw socket) gets the output once
+    the hold ends (``HOLD_S``) instead of never."""
+    bench, endpoint = served
+    rx, tx = bench.driver.init([0, 1])
+    spin_until(loop, lambda: bench.device.ports[0].guest_open)
+    tx.post(readable=[b"for-a-raw-client\n"])
+    tx.notify()
+    spin_until(loop, lambda: tx.get_used())
+    raw = socket.create_connection(("127.0.0.1", int(endpoint.url.rpartition(":")[2])))
+    raw.setblocking(False)
+    got = bytearray()
+
+    def data():
+        try:
+            got.extend(raw.recv(4096))
+        except BlockingIOError:
+            pass
+        return b"for-a-raw-client\n" in got
+    try:
+        spin_until(loop, data)
+    finally:
+        raw.close()

@@ -26,6 +26,12 @@ receive buffers. While the guest takes no input the socket is still read,
 so that negotiations are answered (a client's open waits for them), but
 only until ``INPUT_HOLD`` bytes of data are held; then the kernel's socket
 buffer, and the client, wait.
+
+A new client gets no output until its open is done: pyserial's ``open()`` (labgrid's
+NetworkSerialPort goes through it) ends with PURGE_DATA for its receive buffer, emptying
+its own queue of what it read meanwhile, then PURGE_DATA for the transmit buffer. So the
+guest's output (the unattached log first) is held until that second purge, or ``HOLD_S``
+for a client that never sends one (telnet); Telnet replies are not held.
 """
 
 import logging
@@ -44,10 +50,12 @@ INPUT_HOLD = 4096
 RECV_SIZE = 65536
 CHUNK = 16384
 RAW_LIMIT = 65536
+HOLD_S = 1.0                # at most this long after a client connects, no output (docstring)
 
 
 class GuestLine:
-    """The serial line ``PortManager`` configures: settings kept, modem lines "connected"."""
+    """The serial line ``PortManager`` configures: settings kept, modem lines "connected";
+    ``opened()`` runs at the client's PURGE_DATA of its transmit buffer (its open is done)."""
 
     baudrate, bytesize, parity, stopbits = 115200, 8, "N", 1
     xonxoff = rtscts = break_condition = False
@@ -55,10 +63,14 @@ class GuestLine:
     cts = dsr = cd = True
     ri = False
 
+    def __init__(self, opened):
+        self.opened = opened
+
     def reset_input_buffer(self):
         """Purge requests are not honoured: nothing the guest sent or was sent is dropped."""
 
-    reset_output_buffer = reset_input_buffer
+    def reset_output_buffer(self):
+        self.opened()
 
 
 class Rfc2217Endpoint(SocketServerEndpoint):
@@ -66,23 +78,35 @@ class Rfc2217Endpoint(SocketServerEndpoint):
 
     def __init__(self, url, listener, limit):
         super().__init__(url, listener, limit)
-        self.line = GuestLine()
+        self.line = GuestLine(self._release)
         self.manager = None
+        self._held = None                   # the hold's timer while a new client opens
         self._input = bytearray()           # filtered client data not yet given to the guest
         self._chunk = memoryview(b"")       # escaped output not yet sent
         self._chunk_source = 0              # stream bytes it stands for
         self._raw = bytearray()             # Telnet replies not yet sent
 
-    def _accept(self):
-        previous = self.client
-        super()._accept()
-        if self.client is not None and self.client is not previous:
-            self._input.clear()
-            self._raw.clear()
-            self.manager = rfc2217.PortManager(
-                self.line, types.SimpleNamespace(write=self.write_raw), logger=log)
+    def _connected(self):
+        self._input.clear()
+        self._raw.clear()
+        self.manager = rfc2217.PortManager(
+            self.line, types.SimpleNamespace(write=self.write_raw), logger=log)
+        self._cancel_hold()
+        self._held = self._loop.call_later(HOLD_S, self._release)
+
+    def _release(self):
+        """The client's open is done (or it took ``HOLD_S``): its output flows."""
+        if self._held is not None:
+            self._cancel_hold()
+            self.flush()
+
+    def _cancel_hold(self):
+        if self._held is not None:
+            self._loop.cancel(self._held)
+            self._held = None
 
     def _drop_client(self):
+        self._cancel_hold()
         self.manager = None
         self._input.clear()
         self._raw.clear()
@@ -108,7 +132,7 @@ class Rfc2217Endpoint(SocketServerEndpoint):
                 if not n:
                     break
                 del self._raw[:n]
-            elif self.position < stream.tail:
+            elif self.position < stream.tail and self._held is None:
                 data = b"".join(stream.views_from(self.position, CHUNK))
                 self._chunk_source = len(data)
                 self._chunk = memoryview(data.replace(b"\xff", b"\xff\xff"))
@@ -117,7 +141,7 @@ class Rfc2217Endpoint(SocketServerEndpoint):
         if self._own_stream:
             stream.take_done(self.position)
         self._set_writer(self.client is not None and bool(
-            self._chunk or self._raw or self.position < stream.tail))
+            self._chunk or self._raw or self.position < stream.tail and self._held is None))
 
     def write_raw(self, data):
         """``PortManager``'s connection: Telnet replies go out in order with the data."""

@@ -66,11 +66,16 @@ class SocketServerEndpoint(Endpoint):
         self.client = sock
         self.interactive = True
         self._data_waiting = False
+        self._connected()
         self._update_reader()
         self.flush()
         log.info("%s: client %s connected", self, peer or "(unix)")
         if self._on_connection is not None:
             self._on_connection()
+
+    def _connected(self):
+        """A new client is ``self.client``, before anything is sent to it (a protocol's
+        session starts here)."""
 
     def _client_alive(self):
         """False when the connected client has hung up (EOF or an error waiting)."""
