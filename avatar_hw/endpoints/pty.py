@@ -10,11 +10,12 @@ waiting writer with the hang-up, else at the next look. Not at the open itself (
 IN_OPEN on the /dev/pts node would tell): an opener sets its terminal up after the open,
 and pyserial's ``open()``, as many terminal programs, then flushes its input — the log
 replayed at once went with it (tried in session 15: tests/test_demo.py's pty case lost the
-log's start). The look gives it that time; an opener that takes longer still can lose it. While nobody has it open the
-guest's output goes to the console's unattached log (``avatar_hw.backends.console``),
-replayed first to the next program that opens the pty; what was handed to the pty before
-its reader closed stays in the pty (Linux keeps it) and comes before the log. Input typed
-before the close is still read; the raw mode set here is kept for every later opener.
+log's start). The look gives it that time; an opener that takes longer still can lose it.
+While nobody has it open the guest's output goes to the console's unattached log
+(``avatar_hw.backends.console``), replayed first to the next program that opens the pty;
+what was handed to the pty before its reader closed stays in the pty (Linux keeps it) and
+comes before the log. Input typed before the close is still read; the raw mode set here
+is kept for every later opener.
 """
 
 import logging

@@ -96,9 +96,10 @@ class Rfc2217Endpoint(SocketServerEndpoint):
 
     def _release(self):
         """The client's open is done (or it took ``HOLD_S``): its output flows."""
-        if self._held is not None:
-            self._cancel_hold()
-            self.flush()
+        if self._held is None:
+            return                          # a purge later in the session: nothing held
+        self._cancel_hold()
+        self.flush()
 
     def _cancel_hold(self):
         if self._held is not None:
