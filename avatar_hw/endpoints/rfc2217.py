@@ -77,10 +77,9 @@ class Rfc2217Endpoint(SocketServerEndpoint):
     """A listening TCP socket speaking RFC 2217 to one client at a time."""
 
     def __init__(self, url, listener, limit):
-        super().__init__(url, listener, limit)
+        super().__init__(url, listener, limit, hold_s=HOLD_S)
         self.line = GuestLine(self._release)
         self.manager = None
-        self._held = None                   # the hold's timer while a new client opens
         self._input = bytearray()           # filtered client data not yet given to the guest
         self._chunk = memoryview(b"")       # escaped output not yet sent
         self._chunk_source = 0              # stream bytes it stands for
@@ -91,23 +90,8 @@ class Rfc2217Endpoint(SocketServerEndpoint):
         self._raw.clear()
         self.manager = rfc2217.PortManager(
             self.line, types.SimpleNamespace(write=self.write_raw), logger=log)
-        self._cancel_hold()
-        self._held = self._loop.call_later(HOLD_S, self._release)
-
-    def _release(self):
-        """The client's open is done (or it took ``HOLD_S``): its output flows."""
-        if self._held is None:
-            return                          # a purge later in the session: nothing held
-        self._cancel_hold()
-        self.flush()
-
-    def _cancel_hold(self):
-        if self._held is not None:
-            self._loop.cancel(self._held)
-            self._held = None
 
     def _drop_client(self):
-        self._cancel_hold()
         self.manager = None
         self._input.clear()
         self._raw.clear()

@@ -19,14 +19,21 @@ class SocketServerEndpoint(Endpoint):
     """A listening socket serving one client at a time: while a client is connected, a
     new one gets the one-line ``BUSY`` message and is closed (the client a test or a
     person is using is never taken over); one whose predecessor already hung up is served.
+
+    A new client gets no output for ``hold_s`` seconds (or until ``_release()``): a
+    client that empties its input as its open ends (pyserial's ``socket://`` and
+    ``rfc2217://``, so labgrid's NetworkSerialPort) would otherwise discard the output
+    sent at the connection, the unattached log first. The guest's output waits meanwhile.
     """
 
-    def __init__(self, url, listener, limit, unlink=None):
+    def __init__(self, url, listener, limit, unlink=None, hold_s=0.0):
         super().__init__(url, limit)
         self.listener = listener
         self.listener.setblocking(False)
         self.client = None
         self._unlink = unlink
+        self.hold_s = hold_s
+        self._held = None                   # the hold's timer while a new client opens
 
     def attach(self, loop, on_input, on_drained, on_connection=None):
         super().attach(loop, on_input, on_drained, on_connection)
@@ -67,6 +74,8 @@ class SocketServerEndpoint(Endpoint):
         self.interactive = True
         self._data_waiting = False
         self._connected()
+        if self.hold_s:
+            self._held = self._loop.call_later(self.hold_s, self._release)
         self._update_reader()
         self.flush()
         log.info("%s: client %s connected", self, peer or "(unix)")
@@ -76,6 +85,22 @@ class SocketServerEndpoint(Endpoint):
     def _connected(self):
         """A new client is ``self.client``, before anything is sent to it (a protocol's
         session starts here)."""
+
+    def _release(self):
+        """The new client's open is done (or it took ``hold_s``): its output flows."""
+        if self._held is None:
+            return                          # a later call in the session: nothing held
+        self._cancel_hold()
+        self.flush()
+
+    def _cancel_hold(self):
+        if self._held is not None:
+            self._loop.cancel(self._held)
+            self._held = None
+
+    def flush(self):
+        if self._held is None:
+            super().flush()
 
     def _client_alive(self):
         """False when the connected client has hung up (EOF or an error waiting)."""
@@ -87,6 +112,7 @@ class SocketServerEndpoint(Endpoint):
             return False
 
     def _drop_client(self):
+        self._cancel_hold()
         self._set_reader(False)
         self._set_writer(False)
         self.client.close()
