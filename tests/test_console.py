@@ -415,9 +415,10 @@ def test_reset_drops_held_buffers(console):
 # -- endpoints -------------------------------------------------------------------------------------
 
 def wait_attached(loop, pty):
-    """Until the pty endpoint saw its slave opened (it looks every ``poll_interval`` s)."""
+    """Until the pty endpoint saw its slave opened (it looks every ``poll_interval`` s) and
+    its output flows (the hold after an open is over)."""
     deadline = time.monotonic() + 30
-    while not pty.attached:
+    while not pty.attached or pty._held is not None:
         assert time.monotonic() < deadline, "the pty was opened, but never attached"
         loop.run_once(0.05)
 
@@ -466,6 +467,31 @@ def test_tcp_endpoint_on_loopback(loop):
     assert read_all(client, loop, 8) == b"over tcp"
     client.close()
     b.subsystem.close()
+
+
+def test_output_printed_while_a_new_client_is_held_reaches_it_and_comes_back(loop):
+    """What the guest prints during a new client's hold (``tcp.HOLD_S``) is sent when the
+    hold ends, and the guest's buffers come back then, with nothing else happening."""
+    ep = open_endpoint("tcp:127.0.0.1:0")
+    b = VirtioBench(ConsoleDevice(ConsoleBackend([ep])), loop=loop, ram_size=4 << 20)
+    rx, tx = b.driver.init([0, 1])
+    client = socket.create_connection(("127.0.0.1", int(ep.url.rpartition(":")[2])))
+    client.setblocking(False)
+    while not ep.connected:
+        loop.run_once(0.01)
+    tx.post(readable=[b"during the hold"])
+    tx.notify()
+    loop.run_once(0)
+    assert not tx.get_used()                              # held for this client
+    try:
+        assert read_all(client, loop, 15) == b"during the hold"
+        deadline = time.monotonic() + 10
+        while not tx.get_used():
+            assert time.monotonic() < deadline, "the buffer never came back"
+            loop.run_once(0.01)
+    finally:
+        client.close()
+        b.subsystem.close()
 
 
 def test_output_logged_before_a_pyserial_socket_client_came_reaches_it(loop, monkeypatch):

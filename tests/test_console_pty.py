@@ -3,6 +3,7 @@
 first, then the live output, flow-controlled)."""
 
 import os
+import termios
 import time
 
 import pytest
@@ -65,7 +66,8 @@ class PtyConsole:
 
     def open(self, flags=os.O_RDWR):
         fd = os.open(self.link, flags | os.O_NOCTTY | os.O_NONBLOCK)
-        self.until(lambda: self.pty.attached, "attach after the pty was opened")
+        self.until(lambda: self.pty.attached and self.pty._held is None,
+                   "output after the pty was opened")
         return fd
 
     def read(self, fd, want, per_round=1 << 20):
@@ -145,6 +147,25 @@ def test_a_later_opener_gets_the_log_first_then_the_live_output(con):
         assert con.read(fd, 5) == b"live\n"
         con.until(con.all_back, "the live buffer back")
         assert con.info()["log"] == 0
+    finally:
+        os.close(fd)
+
+
+def test_an_opener_that_flushes_its_input_after_setting_up_still_gets_the_log(con):
+    """pyserial's ``open()``, as many terminal programs, sets the terminal up and then
+    flushes its input: output sent when the open was seen went with it. A look sees the
+    open within 20 ms here; this opener flushes 100 ms after its open (a loaded machine)."""
+    out = lines(0, 100)
+    con.print(out)
+    con.until(con.all_back, "transmit buffers back")
+    fd = os.open(con.link, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        con.until(lambda: con.pty.attached, "attach after the pty was opened")
+        deadline = time.monotonic() + 0.1
+        while time.monotonic() < deadline:
+            con.loop.run_once(0.01)
+        termios.tcflush(fd, termios.TCIFLUSH)
+        assert con.read(fd, len(out)) == out
     finally:
         os.close(fd)
 

@@ -34,6 +34,7 @@ class Endpoint:
         self._want_input = True
         self._data_waiting = False
         self._writer_registered = False
+        self._held = None                   # the hold's timer while a new reader opens
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.url}>"
@@ -64,6 +65,7 @@ class Endpoint:
         self.stream, self.position, self._own_stream = stream, stream.head, False
 
     def detach(self):
+        self._cancel_hold()
         self._set_reader(False)
         self._set_writer(False)
         self._loop = None
@@ -159,6 +161,8 @@ class Endpoint:
     def flush(self):
         """Hand the stream's bytes from ``position`` to the fd, as far as it takes them now;
         the writer callback continues when it is writable."""
+        if self._held is not None:
+            return
         stream = self.stream
         self.position = max(self.position, stream.head)
         fd = self.output_fd()
@@ -171,6 +175,27 @@ class Endpoint:
         if self._own_stream:
             stream.take_done(self.position)
         self._set_writer(self.attached and self.position < stream.tail)
+
+    def _hold(self, seconds):
+        """No output for ``seconds`` (or until ``_release()``) to a reader that just came: a
+        reader that empties its input as its open ends (pyserial's ``open()`` does, for a
+        socket or a terminal) would discard what was sent meanwhile, the log first. The
+        guest's output waits in the stream."""
+        self._cancel_hold()
+        if seconds:
+            self._held = self._loop.call_later(seconds, self._release)
+
+    def _release(self):
+        """The new reader's open is done (or it took the hold's time): its output flows."""
+        if self._held is None:
+            return                          # a later call: nothing held
+        self._cancel_hold()
+        self._writable()                    # the output, then the guest's buffers back
+
+    def _cancel_hold(self):
+        if self._held is not None:
+            self._loop.cancel(self._held)
+            self._held = None
 
     def _write_now(self, fd, views):
         try:

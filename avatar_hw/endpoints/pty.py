@@ -6,11 +6,12 @@ As QEMU's pty chardev, the daemon holds only the master side: the pty is *attach
 *connected*) only while some program has it open. Linux reports POLLHUP on the master while
 nobody holds the slave and gives no event when one opens it, so the endpoint looks every
 ``poll_interval`` seconds; a close is seen at once when the master wakes a reader or a
-waiting writer with the hang-up, else at the next look. Not at the open itself (inotify's
-IN_OPEN on the /dev/pts node would tell): an opener sets its terminal up after the open,
-and pyserial's ``open()``, as many terminal programs, then flushes its input — the log
-replayed at once went with it (tried in session 15: tests/test_demo.py's pty case lost the
-log's start). The look gives it that time; an opener that takes longer still can lose it.
+waiting writer with the hang-up, else at the next look. An opener sets its terminal up
+after the open, and pyserial's ``open()``, as many terminal programs, then flushes its
+input: output sent at the open itself went with it (so an opener seen at once, with
+inotify's IN_OPEN on the /dev/pts node, lost the log's start: tried in session 15). So the
+first output goes ``HOLD_S`` after the look saw the open, the log first; only an opener
+that takes longer than that after its open to flush can lose it.
 While nobody has it open the guest's output goes to the console's unattached log
 (``avatar_hw.backends.console``), replayed first to the next program that opens the pty;
 what was handed to the pty before its reader closed stays in the pty (Linux keeps it) and
@@ -28,6 +29,8 @@ from ..errors import ConfigError, os_reason
 from .base import Endpoint
 
 log = logging.getLogger(__name__)
+
+HOLD_S = 0.25               # no output for this long after an open was seen (docstring)
 
 
 class PtyEndpoint(Endpoint):
@@ -107,8 +110,9 @@ class PtyEndpoint(Endpoint):
             log.info("%s: %s opened", self, self.tty_name)
             self.interactive = True
             self._update_reader()
-            self.flush()
+            self._hold(HOLD_S)
         else:
+            self._cancel_hold()
             log.info("%s: %s closed by its last user; output goes to the console's log until "
                      "it is opened again", self, self.tty_name)
             self._set_writer(False)

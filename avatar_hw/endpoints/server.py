@@ -23,7 +23,7 @@ class SocketServerEndpoint(Endpoint):
     A new client gets no output for ``hold_s`` seconds (or until ``_release()``): a
     client that empties its input as its open ends (pyserial's ``socket://`` and
     ``rfc2217://``, so labgrid's NetworkSerialPort) would otherwise discard the output
-    sent at the connection, the unattached log first. The guest's output waits meanwhile.
+    sent at the connection, the unattached log first.
     """
 
     def __init__(self, url, listener, limit, unlink=None, hold_s=0.0):
@@ -33,7 +33,6 @@ class SocketServerEndpoint(Endpoint):
         self.client = None
         self._unlink = unlink
         self.hold_s = hold_s
-        self._held = None                   # the hold's timer while a new client opens
 
     def attach(self, loop, on_input, on_drained, on_connection=None):
         super().attach(loop, on_input, on_drained, on_connection)
@@ -74,8 +73,7 @@ class SocketServerEndpoint(Endpoint):
         self.interactive = True
         self._data_waiting = False
         self._connected()
-        if self.hold_s:
-            self._held = self._loop.call_later(self.hold_s, self._release)
+        self._hold(self.hold_s)
         self._update_reader()
         self.flush()
         log.info("%s: client %s connected", self, peer or "(unix)")
@@ -85,22 +83,6 @@ class SocketServerEndpoint(Endpoint):
     def _connected(self):
         """A new client is ``self.client``, before anything is sent to it (a protocol's
         session starts here)."""
-
-    def _release(self):
-        """The new client's open is done (or it took ``hold_s``): its output flows."""
-        if self._held is None:
-            return                          # a later call in the session: nothing held
-        self._cancel_hold()
-        self.flush()
-
-    def _cancel_hold(self):
-        if self._held is not None:
-            self._loop.cancel(self._held)
-            self._held = None
-
-    def flush(self):
-        if self._held is None:
-            super().flush()
 
     def _client_alive(self):
         """False when the connected client has hung up (EOF or an error waiting)."""
