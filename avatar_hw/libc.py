@@ -1,5 +1,5 @@
 """The C library, for the few calls ``os`` lacks (fallocate, fchownat of an O_PATH fd,
-getdents64): ``libc`` and ``check``, which turns -1 into ``OSError``."""
+getdents64, inotify): ``libc`` and ``check``, which turns -1 into ``OSError``."""
 
 import ctypes
 import ctypes.util

@@ -283,3 +283,18 @@ def test_a_pty_path_holding_a_file_is_refused_and_kept_and_an_old_link_replaced(
         assert os.readlink(link).startswith("/dev/pts/") and os.path.exists(link)
     finally:
         device.detach()
+
+
+def test_an_opener_gets_the_output_without_waiting_for_a_look(con, monkeypatch):
+    """inotify tells the endpoint of the open: output printed before and after reaches the
+    opener after the hold (``HOLD_S``), with no look due for an hour."""
+    monkeypatch.setattr(con.pty, "poll_interval", 3600)
+    con.loop.run_once(0.05)                              # the pending 20 ms look re-arms
+    con.print(b"before\n")
+    fd = os.open(con.link, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        assert con.read(fd, 7) == b"before\n"
+        con.print(b"after\n")
+        assert con.read(fd, 6) == b"after\n"
+    finally:
+        os.close(fd)

@@ -4,14 +4,15 @@ shows it).
 
 As QEMU's pty chardev, the daemon holds only the master side: the pty is *attached* (and
 *connected*) only while some program has it open. Linux reports POLLHUP on the master while
-nobody holds the slave and gives no event when one opens it, so the endpoint looks every
-``poll_interval`` seconds; a close is seen at once when the master wakes a reader or a
-waiting writer with the hang-up, else at the next look. An opener sets its terminal up
-after the open, and pyserial's ``open()``, as many terminal programs, then flushes its
-input: output sent at the open itself went with it (so an opener seen at once, with
-inotify's IN_OPEN on the /dev/pts node, lost the log's start: tried in session 15). So the
-first output goes ``HOLD_S`` after the look saw the open, the log first; only an opener
-that takes longer than that after its open to flush can lose it.
+nobody holds the slave and gives the master no event when one opens it, so the endpoint
+watches the slave's /dev/pts node with inotify (IN_OPEN, sent once the open is done) and
+looks then; it also looks every ``poll_interval`` seconds (QEMU only does that), the one
+way left when inotify cannot be had (``fs.inotify.max_user_instances``). A close is seen
+at once when the master wakes a reader or a waiting writer with the hang-up, else at the
+next look. An opener sets its terminal up after the open, and pyserial's ``open()``, as
+many terminal programs, then flushes its input: output sent at the open itself went with
+it. So the first output goes ``HOLD_S`` after the open was seen, the log first; only an
+opener that takes longer than that after its open to flush can lose it.
 While nobody has it open the guest's output goes to the console's unattached log
 (``avatar_hw.backends.console``), replayed first to the next program that opens the pty;
 what was handed to the pty before its reader closed stays in the pty (Linux keeps it) and
@@ -26,11 +27,31 @@ import tty
 
 from .. import paths
 from ..errors import ConfigError, os_reason
+from ..libc import check, libc
 from .base import Endpoint
 
 log = logging.getLogger(__name__)
 
 HOLD_S = 0.25               # no output for this long after an open was seen (docstring)
+IN_OPEN = 0x20
+
+
+def _watch_opens(path):
+    """A non-blocking inotify fd readable when ``path`` is opened, or None (logged) when
+    inotify is out of instances or watches."""
+    try:
+        fd = check(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+    except OSError as err:
+        log.info("%s: no inotify (%s): an opener is seen within a second", path, err.strerror)
+        return None
+    try:
+        check(libc.inotify_add_watch(fd, os.fsencode(path), IN_OPEN))
+    except OSError as err:
+        os.close(fd)
+        log.info("%s: no inotify watch (%s): an opener is seen within a second", path,
+                 err.strerror)
+        return None
+    return fd
 
 
 class PtyEndpoint(Endpoint):
@@ -52,6 +73,7 @@ class PtyEndpoint(Endpoint):
         self.opened = False                         # some program has the slave open
         self.interactive = False                    # input to read (until EIO after a close)
         self._look_timer = None
+        self._opens = _watch_opens(self.tty_name)
         self.path = path
         if not path:
             self.url = f"pty:{self.tty_name}"       # what info and the daemon's log show
@@ -80,12 +102,16 @@ class PtyEndpoint(Endpoint):
 
     def attach(self, loop, on_input, on_drained, on_connection=None):
         super().attach(loop, on_input, on_drained, on_connection)
+        if self._opens is not None:
+            loop.add_reader(self._opens, self._opened)
         self._look()
 
     def detach(self):
         if self._look_timer is not None:
             self._loop.cancel(self._look_timer)
             self._look_timer = None
+        if self._opens is not None and self._loop is not None:
+            self._loop.remove_reader(self._opens)
         super().detach()
 
     # -- is the slave open? ------------------------------------------------------------------------
@@ -94,8 +120,20 @@ class PtyEndpoint(Endpoint):
         events = self._poll.poll(0)
         return events[0][1] if events else 0
 
+    def _opened(self):
+        """inotify: someone opened the slave. The events are dropped (one look serves them
+        all; more than a read's worth keep the fd readable for the next turn)."""
+        try:
+            os.read(self._opens, 4096)
+        except BlockingIOError:
+            pass
+        self._check()
+
     def _look(self):
         self._look_timer = self._loop.call_later(self.poll_interval, self._look)
+        self._check()
+
+    def _check(self):
         events = self._events()
         if events & select.POLLIN and not self.interactive:
             self.interactive = True                 # written by a program that came and went
@@ -143,6 +181,9 @@ class PtyEndpoint(Endpoint):
         if self.master >= 0:
             os.close(self.master)
             self.master = -1
+        if self._opens is not None:
+            os.close(self._opens)
+            self._opens = None
         if self.path and os.path.islink(self.path) and os.readlink(self.path) == self.tty_name:
             paths.remove(self.path)
 
