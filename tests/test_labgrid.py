@@ -191,27 +191,39 @@ def test_strategy_surfaces_the_daemons_error_within_seconds(tmp_path):
 # trips over a driver it has not seen after another Environment's cleanup: its warning.
 @pytest.mark.filterwarnings("ignore:unhandled exception during event notification")
 @pytest.mark.skipif(emulated_board_missing() is not None, reason=str(emulated_board_missing()))
-def test_network_serial_port_on_the_emulated_boards_rfc2217_console(tmp_path):
-    """docs/labgrid.md's guest console: NetworkSerialPort (RFC 2217) -> SerialDriver ->
-    ShellDriver, on the emulated board's guest, in a coordinator-less Environment."""
+@pytest.mark.parametrize("scheme,protocol", [("rfc2217", "rfc2217"), ("tcp", "raw")])
+def test_network_serial_port_on_the_emulated_boards_console(tmp_path, scheme, protocol):
+    """docs/labgrid.md's guest console: NetworkSerialPort (RFC 2217, or raw TCP: pyserial's
+    socket://) -> SerialDriver -> ShellDriver, on the emulated board's guest, in a
+    coordinator-less Environment. What the guest printed while nobody was attached (the
+    unattached log) reaches the SerialDriver first, though pyserial's open empties its
+    input."""
     from labgrid import Environment
     from avatar_hw.emulated.session import EmulatedBoard
     config = tmp_path / "vms.toml"
-    config.write_text('[vm.0]\nconsole = { endpoints = ["rfc2217:127.0.0.1:0"] }\n')
+    config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["{scheme}:127.0.0.1:0"] }}\n')
     with EmulatedBoard(config=config) as board:
         [url] = [u for u in board.daemon.info()["vms"][0]["devices"][0]["ports"][0]["endpoints"]
-                 if u.startswith("rfc2217:")]
-        board.shell(timeout=120).close()                   # the guest's shell is up
+                 if u.startswith(f"{scheme}:")]
+        shell = board.shell(timeout=120)                   # the guest's shell is up
+        shell.run("(sleep 1; echo unattached-$((6 * 7))) & true")
+        shell.close()
+        deadline = time.monotonic() + 60
+        while board.daemon.debug_device(0, 0)["ports"][0]["log"] < len("unattached-42"):
+            assert time.monotonic() < deadline, "the guest's line never reached the log"
+            time.sleep(0.1)
         env_file = tmp_path / "env.yaml"
         env_file.write_text(yaml_dump({"targets": {"vm0": {
-            "resources": {"NetworkSerialPort": {"host": "127.0.0.1",
+            "resources": {"NetworkSerialPort": {"host": "127.0.0.1", "protocol": protocol,
                                                 "port": int(url.rpartition(":")[2])}},
             "drivers": {"SerialDriver": {},
                         "ShellDriver": {"prompt": "[~/][^ ]* # ", "login_prompt": " login: ",
                                         "username": "root", "await_login_timeout": 1}}}}}))
         env = Environment(str(env_file))
         try:
-            shell = env.get_target("vm0").get_driver("ShellDriver")
+            target = env.get_target("vm0")
+            target.get_driver("SerialDriver").expect("unattached-42", timeout=30)
+            shell = target.get_driver("ShellDriver")
             assert shell.run_check("cat /sys/bus/virtio/devices/virtio0/device; uname -m") == [
                 "0x0003", "aarch64"]
         finally:
