@@ -415,8 +415,8 @@ def test_reset_drops_held_buffers(console):
 # -- endpoints -------------------------------------------------------------------------------------
 
 def wait_attached(loop, pty):
-    """Until the pty endpoint saw its slave opened (it looks every ``poll_interval`` s) and
-    its output flows (the hold after an open is over)."""
+    """Until the pty endpoint saw its slave opened (inotify tells it; it also looks every
+    ``poll_interval`` s) and its output flows (the hold after an open is over)."""
     deadline = time.monotonic() + 30
     while not pty.attached or pty._held is not None:
         assert time.monotonic() < deadline, "the pty was opened, but never attached"

@@ -9,6 +9,7 @@ import time
 import pytest
 import serial
 
+from avatar_hw.backends.console import ConsoleBackend
 from avatar_hw.endpoints import open_endpoint
 from avatar_hw.endpoints.rfc2217 import INPUT_HOLD, Rfc2217Endpoint
 from avatar_hw.devices.console import ConsoleDevice
@@ -279,3 +280,33 @@ def test_a_client_that_never_purges_gets_the_output_after_the_hold(served, loop)
         spin_until(loop, data)
     finally:
         raw.close()
+
+
+def test_output_in_flight_when_a_pyserial_client_connects_reaches_it(loop):
+    """Output waiting in the stream (here for a tcp: client in its own hold) when an
+    rfc2217:// client connects is held for it too: the Telnet negotiation its session
+    starts with used to flush it out before the hold, and pyserial's open purged it."""
+    tcp, rfc = open_endpoint("tcp:127.0.0.1:0"), open_endpoint("rfc2217:127.0.0.1:0")
+    bench = VirtioBench(ConsoleDevice(ConsoleBackend([tcp, rfc])), loop=loop,
+                        ram_size=4 << 20)
+    rx, tx = bench.driver.init([0, 1])
+    other = socket.create_connection(("127.0.0.1", int(tcp.url.rpartition(":")[2])))
+    try:
+        spin_until(loop, lambda: tcp.connected)
+        tx.post(readable=[b"in-flight\n"])
+        tx.notify()
+        loop.run_once(0)
+        client = pyserial_client(loop, rfc)
+        try:
+            got = bytearray()
+
+            def line():
+                got.extend(client.read(100))
+                return b"\n" in got
+            spin_until(loop, line)
+            assert got == b"in-flight\n"
+        finally:
+            client.close()
+    finally:
+        other.close()
+        bench.subsystem.close()

@@ -72,8 +72,8 @@ class SocketServerEndpoint(Endpoint):
         self.client = sock
         self.interactive = True
         self._data_waiting = False
+        self._hold(self.hold_s)                    # before a protocol's first send
         self._connected()
-        self._hold(self.hold_s)
         self._update_reader()
         self.flush()
         log.info("%s: client %s connected", self, peer or "(unix)")
