@@ -298,3 +298,39 @@ def test_an_opener_gets_the_output_without_waiting_for_a_look(con, monkeypatch):
         assert con.read(fd, 6) == b"after\n"
     finally:
         os.close(fd)
+
+
+def inotify_instances():
+    """inotify instances this process holds."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+        except OSError:
+            pass                        # the listing's own fd, closed meanwhile
+    return count
+
+
+def test_the_ptys_of_one_console_share_one_inotify_instance(tmp_path, loop, monkeypatch):
+    """A user has 128 inotify instances in all (shared with every program of theirs): a
+    console takes one, not one per pty; each pty's opener is still seen at once, and the
+    instance goes with the console."""
+    before = inotify_instances()
+    c = PtyConsole(tmp_path, loop, f"pty:{tmp_path}/b", f"pty:{tmp_path}/c")
+    fds = []
+    try:
+        assert inotify_instances() == before + 1
+        ptys = c.backend.endpoints
+        for pty in ptys:
+            monkeypatch.setattr(pty, "poll_interval", 3600)
+        loop.run_once(0.05)                              # the pending 20 ms looks re-arm
+        for link in (c.link, f"{tmp_path}/b", f"{tmp_path}/c"):
+            fds.append(os.open(link, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK))
+        c.until(lambda: all(p.attached and p._held is None for p in ptys), "all three open")
+        c.print(b"to all\n")
+        assert [c.read(fd, 7) for fd in fds] == [b"to all\n"] * 3
+    finally:
+        for fd in fds:
+            os.close(fd)
+        c.close()
+    assert inotify_instances() == before

@@ -23,7 +23,9 @@ is kept for every later opener.
 import logging
 import os
 import select
+import struct
 import tty
+import weakref
 
 from .. import paths
 from ..errors import ConfigError, os_reason
@@ -34,24 +36,68 @@ log = logging.getLogger(__name__)
 
 HOLD_S = 0.25               # no output for this long after an open was seen (docstring)
 IN_OPEN = 0x20
+_EVENT = struct.Struct("iIII")      # struct inotify_event: wd, mask, cookie, len
 
 
-def _watch_opens(path):
-    """A non-blocking inotify fd readable when ``path`` is opened, or None (logged) when
-    inotify is out of instances or watches."""
-    try:
-        fd = check(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
-    except OSError as err:
-        log.info("%s: no inotify (%s): an opener is seen within a second", path, err.strerror)
-        return None
-    try:
-        check(libc.inotify_add_watch(fd, os.fsencode(path), IN_OPEN))
-    except OSError as err:
-        os.close(fd)
-        log.info("%s: no inotify watch (%s): an opener is seen within a second", path,
-                 err.strerror)
-        return None
-    return fd
+class _Opens:
+    """inotify for the ptys of one loop (a device's ``DeviceLoop``: a console's ports and
+    endpoints): one instance, a watch per pty. A user has 128 instances in all by default,
+    shared with every program of theirs; watches are far more."""
+
+    _by_loop = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop):
+        self.fd = check(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+        self.endpoints = {}                         # watch descriptor -> PtyEndpoint
+        loop.add_reader(self.fd, self._read)
+
+    @classmethod
+    def watch(cls, loop, endpoint):
+        """Call ``endpoint._check()`` when its slave is opened: the watch descriptor, or
+        None (logged) when inotify is out of instances or watches."""
+        opens = cls._by_loop.get(loop)
+        try:
+            if opens is None:
+                opens = cls._by_loop[loop] = cls(loop)
+            wd = check(libc.inotify_add_watch(opens.fd, os.fsencode(endpoint.tty_name), IN_OPEN))
+        except OSError as err:
+            log.info("%s: no inotify (%s): an opener is seen within a second", endpoint,
+                     err.strerror)
+            if opens is not None:
+                opens._close_if_unused(loop)
+            return None
+        opens.endpoints[wd] = endpoint
+        return wd
+
+    @classmethod
+    def unwatch(cls, loop, wd):
+        opens = cls._by_loop[loop]
+        del opens.endpoints[wd]
+        libc.inotify_rm_watch(opens.fd, wd)
+        opens._close_if_unused(loop)
+
+    def _close_if_unused(self, loop):
+        if not self.endpoints:
+            loop.remove_reader(self.fd)
+            os.close(self.fd)
+            del self._by_loop[loop]
+
+    def _read(self):
+        """Each pty opened looks once, however many opens the events tell (more than a
+        read's worth keep the fd readable for the next turn)."""
+        try:
+            data = os.read(self.fd, 4096)
+        except BlockingIOError:
+            return
+        opened, offset = set(), 0
+        while offset < len(data):                   # struct inotify_event, then its name
+            wd, _, _, name_len = _EVENT.unpack_from(data, offset)
+            opened.add(wd)
+            offset += _EVENT.size + name_len
+        for wd in opened:
+            endpoint = self.endpoints.get(wd)       # None: IN_IGNORED of a removed watch
+            if endpoint is not None:
+                endpoint._check()
 
 
 class PtyEndpoint(Endpoint):
@@ -73,7 +119,7 @@ class PtyEndpoint(Endpoint):
         self.opened = False                         # some program has the slave open
         self.interactive = False                    # input to read (until EIO after a close)
         self._look_timer = None
-        self._opens = _watch_opens(self.tty_name)
+        self._watch = None                          # its inotify watch while attached
         self.path = path
         if not path:
             self.url = f"pty:{self.tty_name}"       # what info and the daemon's log show
@@ -102,16 +148,16 @@ class PtyEndpoint(Endpoint):
 
     def attach(self, loop, on_input, on_drained, on_connection=None):
         super().attach(loop, on_input, on_drained, on_connection)
-        if self._opens is not None:
-            loop.add_reader(self._opens, self._opened)
+        self._watch = _Opens.watch(loop, self)
         self._look()
 
     def detach(self):
         if self._look_timer is not None:
             self._loop.cancel(self._look_timer)
             self._look_timer = None
-        if self._opens is not None and self._loop is not None:
-            self._loop.remove_reader(self._opens)
+        if self._watch is not None:
+            _Opens.unwatch(self._loop, self._watch)
+            self._watch = None
         super().detach()
 
     # -- is the slave open? ------------------------------------------------------------------------
@@ -119,15 +165,6 @@ class PtyEndpoint(Endpoint):
     def _events(self):
         events = self._poll.poll(0)
         return events[0][1] if events else 0
-
-    def _opened(self):
-        """inotify: someone opened the slave. The events are dropped (one look serves them
-        all; more than a read's worth keep the fd readable for the next turn)."""
-        try:
-            os.read(self._opens, 4096)
-        except BlockingIOError:
-            pass
-        self._check()
 
     def _look(self):
         self._look_timer = self._loop.call_later(self.poll_interval, self._look)
@@ -181,9 +218,6 @@ class PtyEndpoint(Endpoint):
         if self.master >= 0:
             os.close(self.master)
             self.master = -1
-        if self._opens is not None:
-            os.close(self._opens)
-            self._opens = None
         if self.path and os.path.islink(self.path) and os.readlink(self.path) == self.tty_name:
             paths.remove(self.path)
 
