@@ -470,7 +470,7 @@ def test_tcp_endpoint_on_loopback(loop):
 
 
 def test_output_printed_while_a_new_client_is_held_reaches_it_and_comes_back(loop):
-    """What the guest prints during a new client's hold (``tcp.HOLD_S``) is sent when the
+    """What the guest prints during a new client's hold (``OPENER_HOLD_S``) is sent when the
     hold ends, and the guest's buffers come back then, with nothing else happening."""
     ep = open_endpoint("tcp:127.0.0.1:0")
     b = VirtioBench(ConsoleDevice(ConsoleBackend([ep])), loop=loop, ram_size=4 << 20)
@@ -498,7 +498,7 @@ def test_output_logged_before_a_pyserial_socket_client_came_reaches_it(loop, mon
     """pyserial's socket:// open (labgrid's NetworkSerialPort, ``protocol: raw``) empties
     its input right after connecting: the log sent at the accept was lost whenever the
     client's Python was slower than the daemon, as here (a client held 50 ms in its open,
-    as a loaded machine does). The endpoint's first output waits ``tcp.HOLD_S``."""
+    as a loaded machine does). The endpoint's first output waits ``OPENER_HOLD_S``."""
     from serial.urlhandler import protocol_socket
 
     ep = open_endpoint("tcp:127.0.0.1:0")

@@ -287,7 +287,7 @@ def test_a_pty_path_holding_a_file_is_refused_and_kept_and_an_old_link_replaced(
 
 def test_an_opener_gets_the_output_without_waiting_for_a_look(con, monkeypatch):
     """inotify tells the endpoint of the open: output printed before and after reaches the
-    opener after the hold (``HOLD_S``), with no look due for an hour."""
+    opener after the hold (``OPENER_HOLD_S``), with no look due for an hour."""
     monkeypatch.setattr(con.pty, "poll_interval", 3600)
     con.loop.run_once(0.05)                              # the pending 20 ms look re-arms
     con.print(b"before\n")

@@ -14,6 +14,8 @@ from .stream import OutputStream
 
 log = logging.getLogger(__name__)
 
+OPENER_HOLD_S = 0.25        # a new reader that says nothing when its open is done (``_hold``)
+
 
 class Endpoint:
     """One host endpoint. Subclasses provide ``_read_fd``/``_write_fd`` handling."""

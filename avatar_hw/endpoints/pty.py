@@ -11,7 +11,7 @@ way left when inotify cannot be had (``fs.inotify.max_user_instances``). A close
 at once when the master wakes a reader or a waiting writer with the hang-up, else at the
 next look. An opener sets its terminal up after the open, and pyserial's ``open()``, as
 many terminal programs, then flushes its input: output sent at the open itself went with
-it. So the first output goes ``HOLD_S`` after the open was seen, the log first; only an
+it. So the first output goes ``OPENER_HOLD_S`` after the open was seen, the log first; only an
 opener that takes longer than that after its open to flush can lose it.
 While nobody has it open the guest's output goes to the console's unattached log
 (``avatar_hw.backends.console``), replayed first to the next program that opens the pty;
@@ -30,11 +30,10 @@ import weakref
 from .. import paths
 from ..errors import ConfigError, os_reason
 from ..libc import check, libc
-from .base import Endpoint
+from .base import OPENER_HOLD_S, Endpoint
 
 log = logging.getLogger(__name__)
 
-HOLD_S = 0.25               # no output for this long after an open was seen (docstring)
 IN_OPEN = 0x20
 _EVENT = struct.Struct("iIII")      # struct inotify_event: wd, mask, cookie, len
 
@@ -185,7 +184,7 @@ class PtyEndpoint(Endpoint):
             log.info("%s: %s opened", self, self.tty_name)
             self.interactive = True
             self._update_reader()
-            self._hold(HOLD_S)
+            self._hold(OPENER_HOLD_S)
         else:
             self._cancel_hold()
             log.info("%s: %s closed by its last user; output goes to the console's log until "

@@ -86,8 +86,6 @@ class Rfc2217Endpoint(SocketServerEndpoint):
         self._raw = bytearray()             # Telnet replies not yet sent
 
     def _connected(self):
-        self._input.clear()
-        self._raw.clear()
         self.manager = rfc2217.PortManager(
             self.line, types.SimpleNamespace(write=self.write_raw), logger=log)
 
