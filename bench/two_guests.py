@@ -2,10 +2,11 @@
 
 One board with two VMs (VM n on CPU n, ``EmulatedBoard(vms=2)``), each with a
 console, a block device, an rng and a net device on one switch. VM0 moves data
-through its console (``SIZE`` each way, SHA-256 compared on both ends, as in
-bench/board.py) and its block device (``avbench seqread``/``seqwrite``, 1 MiB
-O_DIRECT), first while VM1 idles at its shell, then while VM1 only burns its
-CPU (a shell loop: no device access), then while VM1 runs
+through its console (64 MiB each way, 16 with ``quick``, SHA-256 compared on both ends,
+as in bench/board.py) and its block device (``avbench seqread``/``seqwrite``, 1 MiB
+O_DIRECT), in interleaved rounds whose medians are the figures (``vm0_figures``),
+first while VM1 idles at its shell, then while VM1 only burns its CPU (a shell loop: no
+device access), then while VM1 runs
 bench/guest/avhostile.c (its own window scribbled, notifies flooded, frames
 sent with VM0's MAC) for about as long as VM0's work takes. Then VM1's virtio
 drivers are reloaded (``avhostile-run``) and VM1 reads its disk again.
@@ -55,6 +56,8 @@ MIB = 1 << 20
 MACS = ("52:54:00:00:00:10", "52:54:00:00:00:11")
 BOOTARGS = DEFAULT_BOOTARGS + " iomem=relaxed"   # VM1's /dev/mem may map its window
 RELOAD_TIMEOUT = 120
+ROUNDS = 3              # a phase's figures: rounds of samples (vm0_figures)
+BLOCK_TRANSFERS = 3     # block transfers each way in a round
 VM1_NICE = 19           # --vm1-nice: VM1's vCPU thread yields its core (run's docstring)
 
 # In VM1, started detached: the hostile program, then every virtio-mmio device
@@ -134,23 +137,6 @@ def wait_reloaded(board, shell, timeout=RELOAD_TIMEOUT):
     return shell
 
 
-BLOCK_ROUNDS = 5
-
-
-def block_figures(shell, size):
-    """VM0's block MB/s (guest clock): 1 MiB O_DIRECT reads, then writes, of ``size``, the
-    median of BLOCK_ROUNDS transfers each (one takes well under a second at these rates:
-    a single one is mostly noise)."""
-    out = {}
-    for op in ("seqread", "seqwrite"):
-        rates = []
-        for _ in range(BLOCK_ROUNDS):
-            done, ns = shell.result(f"avbench {op} /dev/vda {size}", r"bytes=(\d+) ns=(\d+)")
-            rates.append(done / ns * 1e3)
-        out[f"block_{op}_MBps"] = statistics.median(rates)
-    return out
-
-
 FIGURES = ("block_seqread_MBps", "block_seqwrite_MBps", "console_h2g_MBps", "console_g2h_MBps")
 VM_COUNTERS = ("traps_served", "service_ms", "traps_deferred", "paced_periods", "idle_traps")
 
@@ -162,12 +148,27 @@ def daemon_counters(board):
 
 
 def vm0_figures(shell, size, board=None):
-    """VM0's figures; with ``board`` also ``daemon_counters`` meanwhile."""
+    """VM0's figures, each the median of its samples; with ``board`` also
+    ``daemon_counters`` meanwhile.
+
+    ROUNDS rounds, each of BLOCK_TRANSFERS 1 MiB O_DIRECT reads of ``size`` (then as many
+    writes) and one console transfer of ``size // ROUNDS`` each way: the host's rates drift
+    by a third from one second to the next, so the figures are interleaved (a slow spell
+    touches them all alike) and no single transfer decides one (a block transfer takes tens
+    of milliseconds at these rates).
+    """
     before = daemon_counters(board) if board is not None else None
     start = time.perf_counter()
-    out = block_figures(shell, size)
-    out["console_h2g_MBps"] = console_h2g(shell, size)
-    out["console_g2h_MBps"] = console_g2h(shell, size)
+    samples = {key: [] for key in FIGURES}
+    for _ in range(ROUNDS):
+        for op in ("seqread", "seqwrite"):
+            for _ in range(BLOCK_TRANSFERS):
+                done, ns = shell.result(f"avbench {op} /dev/vda {size}", r"bytes=(\d+) ns=(\d+)")
+                samples[f"block_{op}_MBps"].append(done / ns * 1e3)
+        samples["console_h2g_MBps"].append(console_h2g(shell, size // ROUNDS))
+        samples["console_g2h_MBps"].append(console_g2h(shell, size // ROUNDS))
+    out = {key: statistics.median(rates) for key, rates in samples.items()}
+    out["samples"] = {key: [round(rate, 1) for rate in rates] for key, rates in samples.items()}
     out["wall_s"] = time.perf_counter() - start
     if board is not None:
         out["daemon"] = [{key: round(value - old[key], 3) for key, value in now.items()}
