@@ -17,9 +17,10 @@ is the figure (the issue's target: at least 0.7);
 busy/solo shows how much of it is only the host's CPU shared by two vCPUs, and
 hostile/busy the rest: what VM1's device accesses cost VM0 beyond its CPU. Each
 phase also reports the daemon's service time per VM and the traps the fair
-order put off or paced (avatar_hw/pace.py) (``avatar-hw info``'s per-VM counters,
-read through the control socket whether the daemon runs in a thread of this process or in its own: ``daemon``, one
-of bench/board.py's DAEMON_MODES): how much of that rest is the daemon's.
+order put off or paced (avatar_hw/pace.py) (``avatar-hw info``'s per-VM counters, read
+through the control socket whether the daemon runs in a thread of this process or in its
+own: ``daemon``, one of bench/board.py's DAEMON_MODES): how much of that rest is the
+daemon's.
 
 With ``vm1_nice`` VM1's vCPU thread runs at nice 19: against nice 0 it gets 1.5 % of a
 shared core (kernel/sched/core.c, sched_prio_to_weight), so VM1's computing cannot take
