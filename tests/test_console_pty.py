@@ -170,6 +170,50 @@ def test_an_opener_that_flushes_its_input_after_setting_up_still_gets_the_log(co
         os.close(fd)
 
 
+def test_a_second_opener_that_flushes_its_input_still_gets_what_follows_its_open(con):
+    """A program opening the pty while another has it open gets the hold a first opener gets:
+    what the guest prints as it opens is sent after its flush (100 ms after the open here),
+    not into it. The first program reads nothing meanwhile (or would share the bytes)."""
+    first = con.open()
+    try:
+        second = os.open(con.link, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            for _ in range(3):
+                con.loop.run_once(0.01)             # the open seen (inotify)
+            con.print(b"after the second open\n")
+            deadline = time.monotonic() + 0.1
+            while time.monotonic() < deadline:
+                con.loop.run_once(0.01)
+            termios.tcflush(second, termios.TCIFLUSH)
+            assert con.read(second, 22) == b"after the second open\n"
+            con.until(con.all_back, "the buffer back")
+        finally:
+            os.close(second)
+    finally:
+        os.close(first)
+
+
+def test_a_hold_leaves_no_writer_to_wake_the_loop(con):
+    """Output waiting for a full pty when a second opener comes: while held, the endpoint
+    does not wait for the fd to become writable (else each turn of the loop would, once a
+    reader made room: a busy loop for the hold's 0.25 s); afterwards it flows again."""
+    first = con.open()
+    try:
+        out = lines(0, 25000)
+        con.print(out)
+        con.until(lambda: con.pty._writer_registered, "output waiting for the full pty")
+        second = os.open(con.link, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            con.until(lambda: con.pty._held is not None, "a hold for the second opener")
+            assert not con.pty._writer_registered
+            got = con.read(first, len(out))
+            assert got == out
+        finally:
+            os.close(second)
+    finally:
+        os.close(first)
+
+
 def test_an_opener_that_reads_slowly_loses_nothing(con):
     """After the log, an opener reading 512 bytes per turn gets every live byte in order; the
     guest waits for it (its buffers held) instead of anything going to the log."""

@@ -182,9 +182,10 @@ class Endpoint:
         """No output for ``seconds`` (or until ``_release()``) to a reader that just came: a
         reader that empties its input as its open ends (pyserial's ``open()`` does, for a
         socket or a terminal) would discard what was sent meanwhile, the log first. The
-        guest's output waits in the stream."""
+        guest's output waits in the stream (and no writable fd wakes the loop meanwhile)."""
         self._cancel_hold()
         if seconds:
+            self._set_writer(False)
             self._held = self._loop.call_later(seconds, self._release)
 
     def _release(self):

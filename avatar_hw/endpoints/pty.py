@@ -12,7 +12,8 @@ at once when the master wakes a reader or a waiting writer with the hang-up, els
 next look. An opener sets its terminal up after the open, and pyserial's ``open()``, as
 many terminal programs, then flushes its input: output sent at the open itself went with
 it. So the first output goes ``OPENER_HOLD_S`` after the open was seen, the log first; only an
-opener that takes longer than that after its open to flush can lose it.
+opener that takes longer than that after its open to flush can lose it. A program that opens
+the pty while another has it open gets the same hold (seen by inotify only).
 While nobody has it open the guest's output goes to the console's unattached log
 (``avatar_hw.backends.console``), replayed first to the next program that opens the pty;
 what was handed to the pty before its reader closed stays in the pty (Linux keeps it) and
@@ -52,7 +53,7 @@ class _Opens:
 
     @classmethod
     def watch(cls, loop, endpoint):
-        """Call ``endpoint._check()`` when its slave is opened: the watch descriptor, or
+        """Call ``endpoint._seen_open()`` when its slave is opened: the watch descriptor, or
         None (logged) when inotify is out of instances or watches."""
         opens = cls._by_loop.get(loop)
         try:
@@ -96,7 +97,7 @@ class _Opens:
         for wd in opened:
             endpoint = self.endpoints.get(wd)       # None: IN_IGNORED of a removed watch
             if endpoint is not None:
-                endpoint._check()
+                endpoint._seen_open()
 
 
 class PtyEndpoint(Endpoint):
@@ -164,6 +165,14 @@ class PtyEndpoint(Endpoint):
     def _events(self):
         events = self._poll.poll(0)
         return events[0][1] if events else 0
+
+    def _seen_open(self):
+        """inotify saw the slave opened. An opener beside one that already has it may
+        flush its input too (two programs on one terminal share what it receives): the
+        output is held for it as for a first opener."""
+        if self.opened:
+            self._hold(OPENER_HOLD_S)
+        self._check()
 
     def _look(self):
         self._look_timer = self._loop.call_later(self.poll_interval, self._look)
