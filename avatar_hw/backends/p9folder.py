@@ -26,7 +26,9 @@ guest's uid/gid (needs root); ``mapped-xattr`` creates files as the daemon
 (0600, directories 0700) and keeps the guest's uid, gid and mode in
 ``user.virtfs.{uid,gid,mode}`` xattrs, which getattr reports (and the guest
 cannot see or set); ``none`` ignores ownership changes and reports what the host has
-(and never sets setuid or setgid bits: its files are the daemon's).
+(and never sets setuid or setgid bits: its files are the daemon's). Extended attributes:
+``xattr_name`` (only ``user.*`` and, by model, POSIX ACLs; never ``security.*`` nor
+``trusted.*``).
 """
 
 import ctypes
@@ -42,7 +44,8 @@ from .p9wire import P9Error, name_ok
 MODELS = ("passthrough", "mapped-xattr", "none")
 AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW = 0x1000, 0x100
 XATTR_UID, XATTR_GID, XATTR_MODE = b"user.virtfs.uid", b"user.virtfs.gid", b"user.virtfs.mode"
-XATTR_PREFIX = "user.virtfs."
+XATTR_PREFIX = b"user.virtfs."
+ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 
 _SYS_GETDENTS64 = {"x86_64": 217, "aarch64": 61, "armv7l": 217, "riscv64": 61}.get(
     platform.machine(), 61)
@@ -74,6 +77,7 @@ class Folder:
         st = os.fstat(self.root_fd)
         self.root_id = (st.st_dev, st.st_ino)
         self.model = security_model
+        self.steps = 0                  # components opened by ``step`` (the device charges them)
 
     def close(self):
         if self.root_fd is not None:
@@ -89,15 +93,19 @@ class Folder:
     def step(self, fd, name):
         """An O_PATH fd for ``name`` under ``fd`` (never following a symlink, never above
         the root)."""
+        self.steps += 1
         if name == b".":
             return os.dup(fd)
         if name == b"..":
             if self.is_root(fd):
                 return os.dup(fd)
             parent = os.open(b"..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
-            if not self.beneath_root(parent):
+            try:
+                if not self.beneath_root(parent):
+                    raise P9Error(errno.EACCES)
+            except BaseException:       # ENAMETOOLONG from a path of PATH_MAX or more too
                 os.close(parent)
-                raise P9Error(errno.EACCES)
+                raise
             return parent
         return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
 
@@ -148,6 +156,8 @@ class Folder:
         """Record a new file's guest owner and mode as the security model says."""
         if self.model == "passthrough":
             fchown_empty(fd, uid, gid)
+            if mode & 0o6000 and not stat.S_ISLNK(st.st_mode):
+                os.chmod(proc(fd), mode & 0o7777)       # a chown clears setuid and setgid
         elif self.model == "mapped-xattr" and not stat.S_ISLNK(st.st_mode):
             for key, value in ((XATTR_UID, uid), (XATTR_GID, gid), (XATTR_MODE, mode & 0o7777)):
                 os.setxattr(proc(fd), key, struct.pack("<I", value))
@@ -195,6 +205,34 @@ class Folder:
                 if value != 0xFFFFFFFF:
                     os.setxattr(proc(fd), key, struct.pack("<I", value))
 
-    def hidden(self, name):
-        """The xattr ``name`` (str) is the mapping's own: the guest neither sees nor sets it."""
-        return self.model == "mapped-xattr" and name.startswith(XATTR_PREFIX)
+    # -- xattrs -----------------------------------------------------------------------------------
+
+    def xattr_name(self, name):
+        """The host name of the guest's xattr ``name`` (bytes), by QEMU's tables for each
+        model: ``user.*`` as it is, but the mapping's own ``user.virtfs.*`` under
+        mapped-xattr (EACCES); POSIX ACLs (``system.posix_acl_access``, ``_default``) as
+        they are under passthrough, kept in ``user.virtfs.system.posix_acl_*`` under
+        mapped-xattr (where they would otherwise change the host's permissions of the
+        daemon's 0600 files) and refused under none; every other namespace EOPNOTSUPP:
+        ``security.*`` and ``trusted.*`` (file capabilities: a daemon running as root
+        would give its own files what setuid gives) are never the guest's."""
+        if name.startswith(b"user."):
+            if self.model == "mapped-xattr" and name.startswith(XATTR_PREFIX):
+                raise P9Error(errno.EACCES)
+            return name
+        if name in ACL_NAMES and self.model != "none":
+            return name if self.model == "passthrough" else XATTR_PREFIX + name
+        raise P9Error(errno.EOPNOTSUPP)
+
+    def xattr_names(self, host_names):
+        """The guest's names (bytes) of the host's xattr ``host_names`` (listxattr's): those
+        ``xattr_name`` maps, in the other direction."""
+        out = []
+        for name in map(os.fsencode, host_names):
+            if self.model == "mapped-xattr" and name.startswith(XATTR_PREFIX):
+                name = name[len(XATTR_PREFIX):]
+                if name in ACL_NAMES:
+                    out.append(name)
+            elif name.startswith(b"user.") or (name in ACL_NAMES and self.model == "passthrough"):
+                out.append(name)
+        return out

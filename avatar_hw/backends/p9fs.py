@@ -32,7 +32,7 @@ from .p9wire import (AT_REMOVEDIR_DOTL, GETATTR, GETATTR_BASIC, HEADER, MAX_WALK
                      TLERROR, TLINK, TLOCK, TLOPEN, TMKDIR, TMKNOD, TREAD, TREADDIR, TREADLINK,
                      TREMOVE, TRENAME, TRENAMEAT, TSETATTR, TSTATFS, TSYMLINK, TUNLINKAT,
                      TVERSION, TWALK, TWRITE, TXATTRCREATE, TXATTRWALK, V9FS_MAGIC,
-                     WRITE_HEADER, P9Error, Reader, name_ok, pstr)
+                     WRITE_HEADER, P9Error, Reader, name_ok, pstr, wire_time)
 from .p9wire import XATTR_HELD_MAX, XATTR_MAX  # noqa: F401 (the limits, named with the server)
 
 QID_INO_BITS = 48              # a qid path: 16-bit prefix per (device, inode >> 48), 48 inode bits
@@ -300,10 +300,16 @@ class P9Server(OpenFiles):
         return struct.pack("<H", len(qids)) + b"".join(qids)
 
     def _created(self, dirfd, name, uid, gid, mode):
+        """The qid of what Tmkdir or Tsymlink just made, given its owner; if that fails, it
+        is removed again (a failed request leaves nothing, as QEMU's)."""
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         try:
             st = os.fstat(fd)
-            self.folder.owned(fd, st, uid, gid, mode)
+            try:
+                self.folder.owned(fd, st, uid, gid, mode)
+            except BaseException:
+                (os.rmdir if stat.S_ISDIR(st.st_mode) else os.unlink)(name, dir_fd=dirfd)
+                raise
             return self.qid(st)
         finally:
             os.close(fd)
@@ -379,14 +385,12 @@ class P9Server(OpenFiles):
         st = self.stat_of(f)
         uid, gid, mode = self.folder.mapped(f.path_fd, st)
         return GETATTR.pack(GETATTR_BASIC, self.qid(st), mode, uid, gid, st.st_nlink, st.st_rdev,
-                            st.st_size, st.st_blksize, st.st_blocks,
-                            int(st.st_atime), st.st_atime_ns % 10**9,
-                            int(st.st_mtime), st.st_mtime_ns % 10**9,
-                            int(st.st_ctime), st.st_ctime_ns % 10**9, 0, 0, 0, 0)
+                            st.st_size, st.st_blksize, st.st_blocks, *wire_time(st.st_atime_ns),
+                            *wire_time(st.st_mtime_ns), *wire_time(st.st_ctime_ns), 0, 0, 0, 0)
 
     def setattr(self, r):
         fid_no, valid, mode, uid, gid, size = r.take("IIIIIQ")
-        atime_s, atime_ns, mtime_s, mtime_ns = r.take("QQQQ")
+        atime_s, atime_ns, mtime_s, mtime_ns = r.take("qQqQ")     # seconds are signed
         fid = self.fid(fid_no)
         self.writes()
         st = self.stat_of(fid)

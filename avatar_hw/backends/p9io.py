@@ -83,17 +83,16 @@ class OpenFiles:
         fd = os.open(name, host | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                      self.folder.create_mode(mode, False),
                      dir_fd=fid.path_fd)
+        path_fd = None
         try:
             path_fd = os.open(proc(fd), os.O_PATH | os.O_CLOEXEC)
-        except BaseException:
-            os.close(fd)
-            raise
-        st = os.fstat(fd)
-        try:
+            st = os.fstat(fd)
             self.folder.owned(path_fd, st, fid.uid, gid, mode)
         except BaseException:
             os.close(fd)
-            os.close(path_fd)
+            if path_fd is not None:
+                os.close(path_fd)
+            os.unlink(name, dir_fd=fid.path_fd)     # a failed Tlcreate leaves no file
             raise
         os.close(fid.path_fd)                 # the fid now stands for the new, open file
         fid.path_fd, fid.open_fd, fid.writable = path_fd, fd, writable
@@ -182,7 +181,7 @@ class OpenFiles:
             end = pos + reclen if end < 0 else end
             pos += reclen
             length = DIRENT.size + end - start
-            if total + length > count - 4:
+            if total + length > count:
                 break
             if total + length > room:
                 raise P9Error(errno.ERANGE)
@@ -190,7 +189,8 @@ class OpenFiles:
             path = self.qid_path(dev, ino)
             staged = at + length > len(view)
             buffer, base = (self._entry, 0) if staged else (view, at)
-            DIRENT.pack_into(buffer, base, kind, 0, path, d_off, d_type, end - start)
+            DIRENT.pack_into(buffer, base, kind, 0, path, d_off & 0xFFFFFFFFFFFFFFFF, d_type,
+                             end - start)
             buffer[base + DIRENT.size:base + length] = names[start:end]
             if staged:
                 index, at = scatter_at(self._entry_view[:length], views, index, at)
@@ -212,9 +212,7 @@ class OpenFiles:
     def _xattr_name(self, name):
         if len(name) > NAME_MAX or b"\0" in name:
             raise P9Error(errno.EINVAL)
-        if self.folder.hidden(os.fsdecode(name)):
-            raise P9Error(errno.EACCES)      # the mapping's own attributes
-        return name
+        return self.folder.xattr_name(name)
 
     def xattrwalk(self, r):
         fid_no, newfid, name = r.take("II") + (r.string(),)
@@ -225,8 +223,8 @@ class OpenFiles:
         if name:
             value = os.getxattr(proc(fid.path_fd), self._xattr_name(name))
         else:
-            names = [n for n in os.listxattr(proc(fid.path_fd)) if not self.folder.hidden(n)]
-            value = b"".join(os.fsencode(n) + b"\0" for n in names)
+            names = self.folder.xattr_names(os.listxattr(proc(fid.path_fd)))
+            value = b"".join(name + b"\0" for name in names)
         if len(value) > XATTR_MAX:
             raise P9Error(errno.E2BIG)
         self._xattr_room(len(value))

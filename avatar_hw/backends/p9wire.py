@@ -82,6 +82,13 @@ def pstr(value):
     return struct.pack("<H", len(value)) + value
 
 
+def wire_time(ns):
+    """(seconds, nanoseconds) of a time in ns since the epoch, as 9P2000.L's two u64: the
+    seconds in two's complement (Linux's v9fs reads them as a signed time64_t), so a time
+    before 1970 is sent, not refused."""
+    return ns // 10**9 & 0xFFFFFFFFFFFFFFFF, ns % 10**9
+
+
 def name_ok(name, *, dots=False):
     """``name`` is one path component (``.``/``..`` only when ``dots``); else EINVAL or
     ENAMETOOLONG."""
