@@ -247,6 +247,49 @@ def test_config_writes_at_every_offset_and_width(target):
 
 # -- gpu: work a single request can ask for ----------------------------------------------------
 
+def test_gpu_backing_entries_are_charged_to_the_turn(loop):  # noqa: F811
+    """A 64x64 resource backed by 16 384 one-byte entries (each inside RAM, none touching
+    the next): its attach, and each transfer that crosses them all, cost ENTRY_COST per
+    entry (each is a view of guest RAM made and checked): one a turn, not a whole queue of
+    them at 20 ms each while every other VM waits."""
+    bench = VirtioBench(GpuDevice(), loop=loop, ram_size=8 << 20)
+    try:
+        ctrl, _ = bench.driver.init([0, 1], buf_size=0, size=16)
+        ram = bench.ram
+        responses = ram.alloc(16 * 64)
+        count = g.MAX_BACKING_ENTRIES
+        backing = ram.alloc(2 * count, 4096)
+        attach = (g.HEADER.pack(g.CMD_RESOURCE_ATTACH_BACKING, 0, 0, 0, 0)
+                  + struct.pack("<II", 1, count)
+                  + b"".join(g.MEM_ENTRY.pack(backing + 2 * i, 1) for i in range(count)))
+        requests = ram.alloc(len(attach) + 16 * 512)
+
+        def post(i, body):
+            ram.write(requests + 512 * i, body)
+            ctrl.add_chain([(requests + 512 * i, len(body), False), (responses + 64 * i, 24, True)])
+
+        post(0, g.HEADER.pack(g.CMD_RESOURCE_CREATE_2D, 0, 0, 0, 0)
+             + struct.pack("<IIII", 1, 2, 64, 64))
+        ctrl.notify()
+        assert len(ctrl.get_used()) == 1
+        ram.write(requests + 16 * 512, attach)
+        ctrl.add_chain([(requests + 16 * 512, len(attach), False), (responses, 24, True)])
+        transfer = g.HEADER.pack(g.CMD_TRANSFER_TO_HOST_2D, 0, 0, 0, 0) + struct.pack(
+            "<IIIIQI4x", 0, 0, 64, 64, 0, 1)
+        for i in range(1, 5):
+            post(i, transfer)
+        ctrl.notify()
+        served = [len(ctrl.get_used())]
+        while sum(served) < 5:
+            loop.run_once(0)
+            served.append(len(ctrl.get_used()))
+        assert served == [1] * 5
+        assert all(struct.unpack_from("<I", ram.read(responses + 64 * i, 4))[0]
+                   == g.RESP_OK_NODATA for i in range(5))
+    finally:
+        bench.subsystem.close()
+
+
 def test_a_row_by_row_gpu_transfer_is_charged_to_the_turn(loop, monkeypatch):  # noqa: F811
     """A 1-pixel-wide transfer of 8192 rows copies row by row: it used to cost nothing
     against the turn's budget, so 256 of them (2048 rows each at 2 x 2^22 pixels before the

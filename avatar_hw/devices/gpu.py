@@ -40,7 +40,8 @@ Commands served (the error codes follow QEMU's hw/display/virtio-gpu.c):
 
 A transfer's copy counts against the queue's turn budget (``Virtqueue.charge``),
 each row copied on its own as ``ROW_COST`` bytes more (a 1-pixel-wide transfer of
-8192 rows costs the time of megabytes): past 8 MiB the rest of the queue waits for
+8192 rows costs the time of megabytes), each backing entry it crosses, and each an
+attach takes, as ``ENTRY_COST`` more: past 8 MiB the rest of the queue waits for
 the event loop's next turn, behind every other device and VM.
 
 Any other type: ERR_UNSPEC. A request shorter than its command's fields:
@@ -64,7 +65,8 @@ from ..schema import Field, Schema, positive
 from ..virtio.buffers import gather, scatter
 from ..virtio.constants import ID_GPU, bit
 from ..virtio.device import VirtioDevice
-from .gpu_resources import BPP, FORMATS, MAX_RESOURCE_DIMENSION, Resource, edid, inside
+from .gpu_resources import (BPP, ENTRY_COST, FORMATS, MAX_RESOURCE_DIMENSION, Resource, edid,
+                            inside)
 
 QUEUE_SIZE, CURSOR_QUEUE_SIZE = 256, 16         # QEMU's
 CONTROLQ, CURSORQ = 0, 1
@@ -309,7 +311,12 @@ class GpuDevice(VirtioDevice):
             raise GpuError(RESP_ERR_OUT_OF_MEMORY, "create: %dx%d (%d bytes) over the budget "
                            "(%d of %d bytes used, %d resources)", width, height, size,
                            self.memory_used, self.max_memory, len(self.resources))
-        self.resources[resource_id] = Resource(resource_id, fmt, width, height)
+        try:
+            resource = Resource(resource_id, fmt, width, height)
+        except OSError as err:          # the host's: overcommit refused, vm.max_map_count
+            raise GpuError(RESP_ERR_OUT_OF_MEMORY, "create: %dx%d: the host has no memory for "
+                           "it (%s)", width, height, err.strerror) from None
+        self.resources[resource_id] = resource
         self.memory_used += size
         return RESP_OK_NODATA, HEADER.size
 
@@ -334,6 +341,7 @@ class GpuDevice(VirtioDevice):
                            chain.readable_len)
         entries = bytearray(start + count * MEM_ENTRY.size)   # at most 256 KiB
         gather(chain.readable, entries)
+        self._work += count * ENTRY_COST        # each checked and merged: ~1 µs
         ranges = list(MEM_ENTRY.iter_unpack(memoryview(entries)[start:]))
         for gpa, length in ranges:
             if not self.memory.contains(gpa, length):

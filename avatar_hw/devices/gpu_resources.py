@@ -4,8 +4,9 @@ rectangle for screenshots — and the EDID of the one mode.
 
 A resource's pixels are anonymous memory of ``width * height * 4`` bytes (the device
 checks its budget before making one). Its backing is kept as guest-physical ranges,
-merged where they touch, and turned into views of guest RAM, checked again, at each
-transfer. Row ``i`` of a transfer's rectangle comes from backing offset
+merged where they touch; a transfer turns the entries it crosses into views of guest
+RAM, checked again (not all of them: a 1-pixel transfer over a backing of 16 384 entries
+made 16 384 views). Row ``i`` of a transfer's rectangle comes from backing offset
 ``offset + stride * i`` (QEMU's rule), copied with memoryview slices, one slice per
 backing entry a row crosses (one copy for full-width rectangles).
 """
@@ -25,6 +26,7 @@ BPP = 4
 # YRES_MAX); the cap bounds the rows one transfer copies row by row.
 MAX_RESOURCE_DIMENSION = 8192
 ROW_COST = 1024             # a row copied on its own costs the turn as much as this many bytes
+ENTRY_COST = 1024           # and so does a backing entry a copy crosses, or an attach takes
 
 
 def inside(x, y, w, h, width, height):
@@ -61,36 +63,37 @@ class Resource:
     def detach(self):
         self.backing, self.starts, self.backing_len = None, [], 0
 
-    def copy_in(self, views, src, dst, n):
+    def copy_in(self, memory, views, src, dst, n):
         """Copy backing bytes ``src .. src + n - 1`` to pixel offset ``dst`` (the range is
-        checked by the caller to lie inside the backing); ``views`` (``backing_views``)
-        holds the entries' views of guest RAM."""
+        checked by the caller to lie inside the backing); ``views``: entry index -> its view
+        of guest RAM, made (and checked against the RAM again by ``memory.view``) when a
+        copy of this transfer first crosses it. Returns the entries crossed."""
         i = bisect.bisect_right(self.starts, src) - 1
+        crossed = 0
         while n:
-            view = views[i]
+            view = views.get(i)
+            if view is None:
+                view = views[i] = memory.view(*self.backing[i])
             within = src - self.starts[i]
             take = min(len(view) - within, n)
             self.pixels[dst:dst + take] = view[within:within + take]
             src, dst, n, i = src + take, dst + take, n - take, i + 1
-
-    def backing_views(self, memory):
-        """A view of guest RAM per backing entry, made once per transfer (each entry is
-        checked against the RAM again by ``memory.view``)."""
-        return [memory.view(gpa, length) for gpa, length in self.backing]
+            crossed += 1
+        return crossed
 
     def transfer(self, memory, x, y, w, h, offset):
         """Copy the rectangle (checked: inside the resource, its last byte inside the
         backing) from the backing at ``offset``; the work done, in bytes (a row copied on
-        its own costs ``ROW_COST`` more)."""
+        its own costs ``ROW_COST`` more, each backing entry crossed ``ENTRY_COST``)."""
         stride, row = self.stride, w * BPP
         dst = y * stride + x * BPP
-        views = self.backing_views(memory)
+        views = {}
         if row == stride:                       # full rows: one contiguous range
-            self.copy_in(views, offset, dst, stride * h)
-            return row * h
-        for i in range(h):
-            self.copy_in(views, offset + stride * i, dst + stride * i, row)
-        return row * h + h * ROW_COST
+            crossed = self.copy_in(memory, views, offset, dst, stride * h)
+            return row * h + crossed * ENTRY_COST
+        crossed = sum(self.copy_in(memory, views, offset + stride * i, dst + stride * i, row)
+                      for i in range(h))
+        return row * h + h * ROW_COST + crossed * ENTRY_COST
 
     def rgb(self, x, y, w, h):
         """The rectangle's pixels as RGB bytes."""
