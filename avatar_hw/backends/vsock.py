@@ -60,27 +60,40 @@ def parse_connect(line):
     return port if port <= MAX_PORT else None
 
 
-def read_line(sock):
+def read_line(sock, partial=None):
     """One ``\\n``-terminated line from ``sock`` without reading past it: the line
     (without ``\\n``), None when it is not complete yet, b"" when the peer closed or
-    sent more than ``MAX_LINE`` bytes without a newline (give up)."""
+    sent more than ``MAX_LINE`` bytes without a newline (give up). ``partial`` (a
+    bytearray) keeps what came of an incomplete line: it is read, not only peeked, or the
+    socket would stay readable and a level-triggered loop would call again at once until
+    the rest came (a client that sends ``CONN`` and waits had the daemon spinning)."""
+    partial = bytearray() if partial is None else partial
     try:
-        head = sock.recv(MAX_LINE, socket.MSG_PEEK)
+        head = sock.recv(MAX_LINE - len(partial), socket.MSG_PEEK)
     except AGAIN:
         return None
     except OSError:
         return b""
+    if not head:
+        return b""
     end = head.find(b"\n")
     if end < 0:
-        return b"" if not head or len(head) >= MAX_LINE else None
+        partial += sock.recv(len(head))
+        return b"" if len(partial) >= MAX_LINE else None
     sock.recv(end + 1)
-    return head[:end]
+    line = bytes(partial + head[:end])
+    partial.clear()
+    return line
 
 
 def try_connect_unix(path):
-    """A connected non-blocking socket to ``path``, or None (missing, refused, full)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
-                         | socket.SOCK_NONBLOCK)
+    """A connected non-blocking socket to ``path``, or None (missing, refused, full, or no
+    descriptor left for it)."""
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
+                             | socket.SOCK_NONBLOCK)
+    except OSError:
+        return None
     try:
         sock.connect(path)
     except OSError:

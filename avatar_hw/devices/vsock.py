@@ -85,6 +85,7 @@ class VsockDevice(Connections, VirtioDevice):
         self._starved = collections.deque()      # connections waiting for receive buffers
         self._event_pending = False
         self._next_port = FIRST_HOST_PORT
+        self._accept_timer = None                # accepting paused: no descriptor left
         self._hdr = bytearray(HEADER_LEN)
         self.counters.update(connections=0, bad_packets=0, rst_sent=0, control_dropped=0)
 
@@ -96,6 +97,9 @@ class VsockDevice(Connections, VirtioDevice):
 
     def detach(self):
         self._close_all()
+        if self._accept_timer is not None:
+            self.loop.cancel(self._accept_timer)
+            self._accept_timer = None
         if self.listener is not None:
             if self.loop is not None:
                 self.loop.remove_reader(self.listener)
@@ -186,7 +190,10 @@ class VsockDevice(Connections, VirtioDevice):
                 self._close(conn)
             return
         if dst_cid != HOST_CID or type_ != TYPE_STREAM:
-            self._queue_rst(dst_port, src_port)       # no such peer or socket type here
+            if conn is not None:                      # the guest closes its socket on the RST
+                self._reset(conn)
+            else:
+                self._queue_rst(dst_port, src_port)   # no such peer or socket type here
             return
         if op == OP_REQUEST:
             if conn is not None:
@@ -194,7 +201,7 @@ class VsockDevice(Connections, VirtioDevice):
                           src_port)
                 self._reset(conn)
             else:
-                self._guest_connect(dst_port, src_port)
+                self._guest_connect(dst_port, src_port, buf_alloc, fwd_cnt)
             return
         if conn is None or conn.state == GREETING:
             self._queue_rst(dst_port, src_port)

@@ -25,6 +25,7 @@ beyond that they are dropped and counted, and a connection that needed one
 is closed) until the guest gives receive buffers, and always go before data.
 """
 
+import errno
 import struct
 
 from ..backends.vsock import Stream, parse_connect, read_line, try_connect_unix
@@ -40,6 +41,7 @@ SHUTDOWN_RCV, SHUTDOWN_SEND = 1, 2
 
 BUF_ALLOC = 256 << 10                   # bytes of guest data held per connection
 CONNECT_TIMEOUT = 2.0                   # seconds for a CONNECT line, then for the guest
+ACCEPT_RETRY_S = 0.1                    # accepting paused this long when out of descriptors
 FIRST_HOST_PORT = 1 << 30               # host-side ports of host-initiated connections
 MASK32 = 0xFFFFFFFF
 MAX_LOG = 40                            # bytes of a bad CONNECT line in the log
@@ -65,6 +67,7 @@ class Connection:
         self.writing = False       # its writer is registered
         self.credit_update_queued = False
         self.timer = None
+        self.greeting_line = bytearray()   # a host client's CONNECT line so far
 
     @property
     def key(self):
@@ -92,7 +95,9 @@ class Connections:
     def _accept(self):
         try:
             sock, _ = self.listener.accept()
-        except OSError:
+        except OSError as err:
+            if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._pause_accepting(err)      # the client waits in the backlog
             return
         if len(self.conns) + len(self.greeting) >= self.max_connections:
             self.error("host connection to %s refused: %d connections already (max_"
@@ -104,8 +109,21 @@ class Connections:
         conn.timer = self.loop.call_later(self.connect_timeout, lambda: self._timed_out(conn))
         self.loop.add_reader(conn.stream, lambda: self._read_greeting(conn))
 
+    def _pause_accepting(self, err):
+        """No descriptor for a new client: the listener stays readable, so the loop would
+        call ``_accept`` again at once, for as long as the shortage lasts. Look again in
+        ACCEPT_RETRY_S instead (logged once a pause)."""
+        self.error("host connections to %s wait: %s; trying again in %g s", self.path,
+                   err.strerror, ACCEPT_RETRY_S)
+        self.loop.remove_reader(self.listener)
+        self._accept_timer = self.loop.call_later(ACCEPT_RETRY_S, self._resume_accepting)
+
+    def _resume_accepting(self):
+        self._accept_timer = None
+        self.loop.add_reader(self.listener, self._accept)
+
     def _read_greeting(self, conn):
-        line = read_line(conn.stream.sock)
+        line = read_line(conn.stream.sock, conn.greeting_line)
         if line is None:
             return
         port = parse_connect(line) if line else None
@@ -143,10 +161,13 @@ class Connections:
             self._reset(conn)
             self._flush_control()
 
-    def _guest_connect(self, host_port, guest_port):
+    def _guest_connect(self, host_port, guest_port, buf_alloc, fwd_cnt):
+        """The guest's REQUEST: connect to ``<socket>_<host_port>``; the REQUEST's header
+        already gives the guest's buffer space (5.10.6.3: every packet's does), so what the
+        host program sends first (a banner) flows at once."""
         if len(self.conns) + len(self.greeting) >= self.max_connections:
-            self.error("guest connection to port %d refused: %d connections already "
-                       "(max_connections)", host_port, self.max_connections)
+            self.guest_error("guest connection to port %d refused: %d connections already "
+                             "(max_connections)", host_port, self.max_connections)
             self._queue_rst(host_port, guest_port)
             return
         sock = try_connect_unix(f"{self.path}_{host_port}")
@@ -154,9 +175,12 @@ class Connections:
             self._queue_rst(host_port, guest_port)
             return
         conn = Connection(Stream(sock, self.buf_alloc), host_port, guest_port, ESTABLISHED)
+        conn.peer_buf_alloc, conn.peer_fwd_cnt = buf_alloc, fwd_cnt
         self.conns[conn.key] = conn
         self.counters["connections"] += 1
         self._queue(conn, OP_RESPONSE)
+        if conn.stream is not None:           # not closed for a full control queue
+            self._update_reader(conn)
 
     def _established(self, conn):
         if not conn.stream.send_line(f"OK {conn.host_port}\n"):
