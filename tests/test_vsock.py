@@ -176,13 +176,20 @@ def test_a_bad_connect_line_closes_the_client(tmp_path, loop, line):
     assert not g.device.greeting and not g.device.conns
 
 
-def test_guest_connects_to_the_host_port_socket(tmp_path, loop):
+def guest_connecting(tmp_path, loop):
+    """A guest that asked for host port 1234 (from its port 40000), and the host program's
+    listener there: (Guest, listening socket)."""
     g = Guest(tmp_path, loop)
     g.give_rx(16)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(f"{g.path}_1234")
     server.listen(1)
     g.send(40000, 1234, OP_REQUEST)
+    return g, server
+
+
+def test_guest_connects_to_the_host_port_socket(tmp_path, loop):
+    g, server = guest_connecting(tmp_path, loop)
     (hdr, _), = g.packets()
     assert hdr[6] == OP_RESPONSE and (hdr[2], hdr[3]) == (1234, 40000)
     peer, _ = server.accept()
@@ -202,12 +209,7 @@ def test_a_host_program_that_speaks_first_reaches_the_guest(tmp_path, loop):
     server's banner, sent before the guest writes anything, reaches it, and so does the
     server's close. The guest sends nothing after its REQUEST (Linux does not until its
     program writes)."""
-    g = Guest(tmp_path, loop)
-    g.give_rx(16)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(f"{g.path}_1234")
-    server.listen(1)
-    g.send(40000, 1234, OP_REQUEST)
+    g, server = guest_connecting(tmp_path, loop)
     peer, _ = server.accept()
     peer.sendall(b"220 banner\n")
     got = g.packets()
