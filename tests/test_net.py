@@ -172,6 +172,22 @@ def test_mergeable_buffers_span_small_receive_buffers(tmp_path, loop):
     b.close()
 
 
+def test_a_frame_the_whole_ring_cannot_hold_is_dropped_not_waited_for(tmp_path, loop):
+    """Every buffer of the receive ring posted, 14 bytes each: a 4 000-byte frame (mtu 9000)
+    can never fit, since no more buffers can come while these are held. It is dropped and
+    counted, and the next frame is received (it waited for ever behind it)."""
+    path = str(tmp_path / "s.sock")
+    a = Nic(loop, f"switch:{path}", mac_=MAC_A, mtu=9000)
+    b = Nic(loop, f"switch:{path}", mac_=MAC_B, mtu=9000, rx_size=14)
+    b.post_rx(b.rx.size)
+    big, small = (frame(mac(MAC_B), mac(MAC_A), os.urandom(n)) for n in (4000, 60))
+    a.send(big, small)
+    spin(loop)
+    assert b.received() == [small] and b.device.counters["rx_dropped"] == 1
+    a.close()
+    b.close()
+
+
 def test_without_mergeable_buffers_a_frame_fills_one_big_buffer(tmp_path, loop):
     path = str(tmp_path / "s.sock")
     a = Nic(loop, f"switch:{path}", mac_=MAC_A, drop=bit(net.F_MRG_RXBUF))
@@ -307,6 +323,33 @@ def test_bad_chain_in_the_transmit_queue_is_completed(pair):
     assert a.device.context.status & c.STATUS_DEVICE_NEEDS_RESET == 0
 
 
+def test_two_devices_with_one_mac_on_a_switch_are_refused(tmp_path, loop):
+    """The second would get the first's traffic (and, when it left, unlock the first's
+    address for a remote port to take): one line saying so, naming the switch."""
+    path = str(tmp_path / "s.sock")
+    a = Nic(loop, f"switch:{path}", mac_=MAC_A)
+    with pytest.raises(ConfigError, match=f"switch:{path}: MAC {MAC_A} is already another net "
+                       "device's on this switch; give each its own mac"):
+        Nic(loop, f"switch:{path}", mac_=MAC_A)
+    a.close()
+
+
+def test_a_default_mac_is_the_same_for_the_device_every_time(tmp_path, loop):
+    """Given no mac, a device's is derived from its interrupt number (its VM and slot) and
+    the host: a restarted daemon's device keeps the one the guest read (a random one left
+    the guest sending from an address its port no longer has: every frame dropped)."""
+    def default(vm_id):
+        device = NetDevice(f"switch:{tmp_path / f'{vm_id}.sock'}")
+        bench = VirtioBench(device, loop=loop, ram_size=1 << 20, vm_id=vm_id)
+        try:
+            assert bytes(device.config[:6]) == device.mac
+            assert bench.driver.read_config(0, 1) == 0x02            # locally administered
+            return device.mac
+        finally:
+            bench.subsystem.close()
+    assert default(0) == default(0) != default(1)
+
+
 # -- remote ports: other processes on the switch socket -------------------------------------------
 
 def test_a_remote_port_joins_and_exchanges_frames(pair, tmp_path, loop):
@@ -335,8 +378,11 @@ def test_a_remote_port_joins_and_exchanges_frames(pair, tmp_path, loop):
     spin(loop)
     assert a.device.info()["switch_dropped"] == 0
     peer.sendto(b"runt", switch)                               # no MAC header: the switch drops it
+    peer.sendto(mac(MAC_A) + peer_mac, switch)                 # addresses, no EtherType: too
+    peer.sendto(mac(MAC_A) + peer_mac + b"\x08", switch)
     spin(loop)
-    assert a.device.info()["switch_dropped"] == b.device.info()["switch_dropped"] == 1
+    assert a.received() == []
+    assert a.device.info()["switch_dropped"] == b.device.info()["switch_dropped"] == 3
     peer.close()
 
 

@@ -10,7 +10,8 @@ sending a frame). Each local port is locked to its device's configured MAC:
 the switch knows that address from the start, and a frame from the guest
 with any other source address is dropped and counted (``tx_wrong_source``
 in the device's ``info``), so a guest cannot take another VM's traffic by
-sending with its MAC. Remote ports' source MACs are learned (at most
+sending with its MAC (and two local ports with one MAC are refused). Remote ports'
+source MACs are learned (at most
 ``MAX_MACS``, the oldest forgotten first; never a local port's address).
 The switch forwards a frame for a known unicast MAC to its port and floods
 broadcast, multicast and unknown destinations to every other port. A
@@ -34,6 +35,7 @@ import time
 from .. import paths
 from ..errors import AGAIN, ConfigError, os_reason
 from ..ratelimit import RateLimitedLog
+from ..devices.net_frames import format_mac
 from ..virtio.buffers import copy, gather, skip
 from .egress import STALL_SECONDS, Egress, RemotePort
 from .net import BUSY, RX_BATCH
@@ -41,6 +43,7 @@ from .net import BUSY, RX_BATCH
 log = logging.getLogger(__name__)
 
 ETH_ALEN = 6
+ETH_HLEN = 14                   # two addresses and the EtherType
 MAX_MACS = 1024
 MAX_REMOTES = 64
 MAX_DATAGRAM = 65536
@@ -116,7 +119,11 @@ class Switch:
 
     def attach(self, port):
         """Local ``port`` is attached to its device and loop: it takes part, locked to
-        its device's MAC."""
+        its device's MAC (one port per MAC: a second would take the first's traffic)."""
+        other = self.locked.get(port.mac)
+        if other is not None and other is not port:
+            raise ConfigError(self.url, None, f"MAC {format_mac(port.mac)} is already another "
+                              "net device's on this switch; give each its own mac")
         self.local.append(port)
         self.locked[port.mac] = port
         self.macs.pop(port.mac, None)
@@ -244,7 +251,7 @@ class Switch:
             except AGAIN:
                 return
             ingress = self._remote(address)
-            if n < 2 * ETH_ALEN:                # a join (empty) or a runt: consumed
+            if n < ETH_HLEN:                    # a join (empty) or a runt: consumed
                 self.sock.recv(1)
                 if n:
                     self.frames_dropped += 1

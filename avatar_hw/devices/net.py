@@ -43,7 +43,6 @@ pending frames and copied from there (one system call cannot take more).
 """
 
 import collections
-import os
 import struct
 
 from ..backends.net import BUSY, open_net_backend
@@ -51,7 +50,7 @@ from ..schema import Field, Schema, under
 from ..virtio.buffers import IOV_MAX, copy, gather, scatter, skip, truncate
 from ..virtio.constants import F_VERSION_1, ID_NET, bit
 from ..virtio.device import VirtioDevice
-from .net_frames import PendingFrames, format_mac, parse_mac
+from .net_frames import PendingFrames, default_mac, format_mac, parse_mac
 
 F_MTU, F_MAC, F_MRG_RXBUF, F_STATUS = 3, 5, 15, 16
 S_LINK_UP = 1
@@ -86,7 +85,8 @@ def _corrupted_byte(fault, length):
 
 class NetDevice(VirtioDevice):
     """A virtio NIC on ``backend`` (a URL: ``tap:NAME``, ``switch:PATH``; or a backend
-    object). ``mac``: a string (default: random, locally administered); ``mtu``;
+    object). ``mac``: a string (default: ``net_frames.default_mac``, fixed when the device
+    is plugged in); ``mtu``;
     ``rx_pending``: frames kept while the guest has no receive buffers."""
 
     device_id = ID_NET
@@ -96,7 +96,8 @@ class NetDevice(VirtioDevice):
     def __init__(self, backend, *, mac=None, mtu=1500, rx_pending=DEFAULT_RX_PENDING):
         check_mtu(mtu)
         check_rx_pending(rx_pending)
-        self.mac = parse_mac(mac) if mac else bytes([0x02]) + os.urandom(5)
+        self.mac = parse_mac(mac) if mac else bytes([0x02, 0, 0, 0, 0, 0])
+        self._default_mac = not mac
         self.mtu = mtu
         self.max_frame = mtu + ETH_HLEN + VLAN_HLEN
         super().__init__(queue_sizes=[QUEUE_SIZE, QUEUE_SIZE],
@@ -117,6 +118,12 @@ class NetDevice(VirtioDevice):
         self._tx_waiting = None               # the transmit chain the backend was busy for
 
     # -- lifecycle --------------------------------------------------------------------------------
+
+    def bind(self, context):
+        super().bind(context)
+        if self._default_mac:
+            self.mac = default_mac(context.intid)
+            self.config[:len(self.mac)] = self.mac
 
     def attach(self, loop):
         super().attach(loop)
@@ -312,11 +319,13 @@ class NetDevice(VirtioDevice):
             frame, length = self._rx_pending.oldest()
             need = self._header_len + length
             if not self._hold(need):
-                if self._mergeable and self._held_views >= MAX_HELD_VIEWS:
-                    self.counters["rx_dropped"] += 1     # no more may be held for it
-                    self.guest_error("%d receive descriptors hold %d bytes, too few for a "
-                                     "%d-byte frame; frame dropped", self._held_views,
-                                     self._held_room, length)
+                if self._mergeable and (self._held_views >= MAX_HELD_VIEWS
+                                        or len(self._held) >= rxq.size):
+                    self.counters["rx_dropped"] += 1     # no more may be held, or can come
+                    self.guest_error("%d receive buffers (%d descriptors, the whole ring or "
+                                     "all that may be held) hold %d bytes, too few for a "
+                                     "%d-byte frame; frame dropped", len(self._held),
+                                     self._held_views, self._held_room, length)
                 elif self._mergeable or not self._held:
                     break
                 else:

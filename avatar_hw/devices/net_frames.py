@@ -3,6 +3,9 @@ config file and ``info`` write them, and the bounded pending frames that hold re
 frames while the guest gives no receive buffers."""
 
 import collections
+import hashlib
+import socket
+from pathlib import Path
 
 
 def parse_mac(text):
@@ -22,6 +25,18 @@ def parse_mac(text):
 
 def format_mac(mac):
     return ":".join(f"{b:02x}" for b in mac)
+
+
+def default_mac(intid):
+    """A locally administered MAC for a net device given none: the same for this device
+    (its interrupt number: its VM and slot on the board) on this host (``/etc/machine-id``)
+    every time, so a restarted daemon's device keeps the MAC the guest read, its switch port
+    is locked to that one, and DHCP leases hold across reboots."""
+    try:
+        host = Path("/etc/machine-id").read_bytes().strip()
+    except OSError:
+        host = socket.gethostname().encode()
+    return bytes([0x02]) + hashlib.sha256(b"avatar-hw net %d " % intid + host).digest()[:5]
 
 
 class PendingFrames:
