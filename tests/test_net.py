@@ -864,6 +864,31 @@ def test_tap_frames_both_ways_in_a_namespace(netns, loop):
         nic_bench.check_guards()
 
 
+def test_a_tap_deleted_under_the_daemon_is_left_alone(netns, loop):
+    """``ip link del`` of the TAP: its fd stays readable and every read fails (EBADFD); the
+    backend stops reading it, once, instead of failing 64 reads at every turn of the loop
+    (taken, before, for a frame too big and dropped, for ever)."""
+    def make():
+        dev = NetDevice("tap:avtap1", mac=MAC_A)
+        subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "set", "avtap1", "up"],
+                       check=True)
+        return dev
+
+    device = in_netns(netns, make)
+    nic_bench = VirtioBench(device, loop=loop, ram_size=6 << 20)
+    rx, _ = nic_bench.driver.init([net.RX, net.TX])
+    try:
+        rx.post(writable=[4096])
+        rx.notify()
+        subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "del", "avtap1"], check=True)
+        for _ in range(20):
+            loop.run_once(0.01)
+        assert not loop.watches(device.backend.fd)
+        assert device.counters["rx_dropped"] <= 64
+    finally:
+        nic_bench.subsystem.close()
+
+
 def test_legacy_driver_without_mergeable_buffers_uses_the_10_byte_header(tmp_path, loop):
     path = str(tmp_path / "s.sock")
     a = Nic(loop, f"switch:{path}", mac_=MAC_A)

@@ -23,12 +23,16 @@ IFNAMSIZ = 16
 
 
 def read_fd(fd, views):
-    """One frame from a TAP fd (one ``read`` is one frame)."""
+    """One frame from a TAP fd (one ``read`` is one frame); any error but a frame that did
+    not fit (EFAULT, EINVAL: dropped) is raised: the interface is gone (EBADFD once it was
+    deleted), and every later read fails the same way."""
     try:
         return os.readv(fd, views)
     except AGAIN:
         return None
-    except OSError as err:        # EFAULT/EINVAL: the frame did not fit and was dropped
+    except OSError as err:
+        if err.errno not in (errno.EFAULT, errno.EINVAL):
+            raise
         log.debug("tap read: %s", err)
         return sum(len(v) for v in views) + 1
 
@@ -70,6 +74,7 @@ class TapBackend:
                 from None
         self.device = self.loop = None
         self._reading = False
+        self._failed = False
 
     def attach(self, loop, device):
         self.loop, self.device = loop, device
@@ -82,11 +87,24 @@ class TapBackend:
                 self.loop.remove_reader(self.fd)
                 self._reading = False
                 return
-            if not self.device.receive(read_fd, self.fd):
-                break
+            try:
+                if not self.device.receive(read_fd, self.fd):
+                    break
+            except OSError as err:
+                self._gone(err)
+                return
+
+    def _gone(self, err):
+        """The interface failed for good (deleted under the daemon): stop reading it (its fd
+        stays readable: every turn of the loop would fail again) and say so once."""
+        log.warning("%s: the TAP interface failed (%s); the guest receives nothing more from "
+                    "it (recreate it and restart the daemon)", self.url, err.strerror)
+        self.loop.remove_reader(self.fd)
+        self._reading = False
+        self._failed = True
 
     def receive_ready(self, pending, capacity):
-        if self.loop is not None and not self._reading:
+        if self.loop is not None and not self._reading and not self._failed:
             self.loop.add_reader(self.fd, self._readable)
             self._reading = True
 
