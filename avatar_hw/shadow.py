@@ -41,7 +41,8 @@ def _is_valid(page, offset):
 def _valid_words(registers, config_size):
     """The valid bitmap (``SHADOW_VALID_WORDS`` ints) for ``registers`` (window offsets of
     32-bit registers) and the first ``config_size`` bytes of the configuration space:
-    only whole words, since a read past the configuration's end reads 0 in the transport."""
+    only whole words: the bytes past the configuration's end read all ones, in the
+    transport's pieces (``transport.pieces``), which the image does not hold."""
     bits = [0] * abi.SHADOW_VALID_WORDS
     words = [offset // 4 for offset in registers]
     words += range(_CONFIG // 4, (_CONFIG + min(config_size, _MAX_CONFIG)) // 4)

@@ -466,12 +466,13 @@ def test_config_reads(bench, offset, size, expected):
 
 @pytest.mark.parametrize("offset,size,expected", [
     (1, 2, 0x0302), (2, 4, 0x06050403), (0, 8, 0x0807060504030201),
-    (12, 1, 0xFF), (10, 4, 0xFFFFFFFF), (11, 2, 0xFFFF), (0x400, 4, 0xFFFFFFFF),
-    (8, 8, 0xFFFFFFFF_0C0B0A09)])
+    (12, 1, 0xFF), (10, 4, 0xFFFF0C0B), (11, 2, 0xFF0C), (0x400, 4, 0xFFFFFFFF),
+    (8, 8, 0xFFFFFFFF_0C0B0A09), (9, 4, 0xFF0C0B0A)])
 def test_config_reads_of_any_width_and_outside_the_config_as_qemu(bench, offset, size,
                                                                   expected):
-    """Misaligned and 64-bit reads as QEMU answers them (4.2.2.2 leaves them undefined);
-    bytes beyond the config read all ones, per 32-bit half."""
+    """Misaligned and 64-bit reads as QEMU answers them (4.2.2.2 leaves them undefined): in
+    pieces aligned to their size, at most 4 bytes (``transport.pieces``); a piece beyond the
+    config reads all ones (the 12-byte config here ends at 12)."""
     assert bench.driver.read_config(offset, size) == expected
 
 
@@ -484,11 +485,12 @@ def test_config_64_bit_field_as_two_halves(bench):
 def test_config_write_goes_to_the_device_hook(bench):
     bench.driver.write_config(4, 0xAABB, 2)
     assert bench.device.config_writes == [(4, b"\xbb\xaa")]
-    bench.driver.write_config(3, 0xAABB, 2)       # misaligned: as QEMU, written
-    bench.driver.write_config(11, 0xAABB, 2)      # past the end: ignored
+    bench.driver.write_config(3, 0xAABB, 2)       # misaligned: as QEMU, a byte at a time
+    bench.driver.write_config(11, 0xAABB, 2)      # the byte past the end is ignored
     bench.driver.write_config(0, 0x11223344_55667788, 8)   # two 32-bit halves
-    assert bench.device.config_writes == [(4, b"\xbb\xaa"), (3, b"\xbb\xaa"),
-                                          (0, b"\x88\x77\x66\x55"), (4, b"\x44\x33\x22\x11")]
+    assert bench.device.config_writes == [(4, b"\xbb\xaa"), (3, b"\xbb"), (4, b"\xaa"),
+                                          (11, b"\xbb"), (0, b"\x88\x77\x66\x55"),
+                                          (4, b"\x44\x33\x22\x11")]
 
 
 def test_config_generation_changes_with_config(bench):

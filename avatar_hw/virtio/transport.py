@@ -115,6 +115,21 @@ LEGACY_STATUS_PREREQUISITES = {
 _DRIVER_BITS = _ACK | _DRIVER | _FEATURES_OK | _DRIVER_OK | _FAILED
 
 _MASK32 = 0xFFFFFFFF
+
+
+def pieces(offset, size):
+    """The accesses QEMU's memory core makes of an 8-byte or unaligned one to a device that
+    takes 1 to 4 bytes at a time (physmem.c, ``memory_access_size``): each at most 4
+    bytes and aligned to its own size, in address order, as ``(offset, size, shift)`` (the
+    piece's place in the whole value). A qtest ``readq`` at 0x6e reads 2, 4 and 2 bytes:
+    Status in bits 16..47. An Arm guest's unaligned access to Device memory faults before
+    it traps, so only 8-byte ones at 8-byte boundaries come from a real guest."""
+    out, shift = [], 0
+    while size:
+        n = min(4, offset & -offset or 4, 1 << (size.bit_length() - 1))
+        out.append((offset, n, shift))
+        offset, size, shift = offset + n, size - n, shift + 8 * n
+    return out
 RESETS_PER_SECOND = 20          # more, and the guest loops reset and setup (idle traps)
 _SECOND_NS = 1_000_000_000
 
@@ -168,9 +183,12 @@ class MmioTransport(LegacyRegisters):
     def read(self, offset, size):
         """The value the guest reads at ``offset`` with a ``size``-byte access (an idle trap
         when no register shadow mirrors it)."""
-        if size == 8:                    # as QEMU's memory core: two 32-bit accesses
+        if size == 8 or offset & (size - 1):     # in pieces, as QEMU's memory core
             self.context.idle_traps += 1
-            return self._read(offset, 4) | self._read(offset + 4, 4) << 32
+            value = 0
+            for at, n, shift in pieces(offset, size):
+                value |= self._read(at, n) << shift
+            return value
         if offset in self._unmirrored:
             self.context.idle_traps += 1
         handler = self._reads.get(offset) if size == 4 else None
@@ -193,9 +211,9 @@ class MmioTransport(LegacyRegisters):
 
     def write(self, offset, size, value):
         """The guest writes ``value`` at ``offset`` with a ``size``-byte access."""
-        if size == 8:
-            self.write(offset, 4, value & _MASK32)
-            self.write(offset + 4, 4, value >> 32)
+        if size == 8 or offset & (size - 1):
+            for at, n, shift in pieces(offset, size):
+                self.write(at, n, value >> shift & ((1 << 8 * n) - 1))
             return
         if offset >= c.REG_CONFIG:
             self._write_config(offset - c.REG_CONFIG, size, value)
