@@ -479,6 +479,36 @@ def test_a_slow_peer_gets_every_frame_in_order(pair, tmp_path, loop, small_queue
     peer.close()
 
 
+def test_a_guest_that_barely_posts_receive_buffers_holds_its_senders_once(tmp_path, loop,
+                                                                          monkeypatch):
+    """b's pending frames are full and its guest posts one receive buffer every 0.1 s:
+    progress each time, so "took no frame for stall_seconds" never came, and a's broadcasts
+    waited for b to reach half its room (seconds each time, for ever), a's frames to c too.
+    Now a port that keeps a sender waiting stall_seconds is stalled as well: frames to it
+    are dropped and counted, and the others flow."""
+    monkeypatch.setattr(switch.Switch, "stall_seconds", 0.2)
+    path = str(tmp_path / "switch.sock")
+    a = Nic(loop, f"switch:{path}", mac_="52:54:00:00:00:01")
+    b = Nic(loop, f"switch:{path}", mac_="52:54:00:00:00:02", rx_pending=4)
+    c_ = Nic(loop, f"switch:{path}", mac_="52:54:00:00:00:03")
+    c_.post_rx(64)
+    flood, used = start_flood(a, 41)
+    trickle = time.monotonic()
+
+    def done():
+        nonlocal used, trickle
+        if time.monotonic() - trickle >= 0.1:
+            b.post_rx(1)
+            trickle = time.monotonic()
+        used += len(a.tx.get_used())
+        return used == len(flood)
+    until(loop, done, "a's broadcasts past the trickling b", timeout=30)
+    assert c_.received() == flood                 # c lost nothing, in order
+    assert a.device.info()["switch_stalls"] >= 1
+    for nic in (a, b, c_):
+        nic.close()
+
+
 def test_a_peer_that_never_reads_holds_nobody(tmp_path, loop, small_queues, monkeypatch):
     monkeypatch.setattr(switch.Switch, "stall_seconds", 0.2)
     path = str(tmp_path / "switch.sock")

@@ -12,9 +12,11 @@ writability is the peer's room; a peer connected elsewhere refuses that, and
 is retried on a timer backing off to ``RETRY_MAX``). A frame for a port whose
 queue is full is not taken: the sending VM's transmit queue (or, for a frame
 from a remote port, the switch's reading) waits, like a link's pause, and only
-the ports sending to it wait. A port that takes nothing for ``stall_seconds``
-is *stalled*, like a switch's tail drop: frames to it are then dropped and
-counted (``switch_dropped``), so a peer that never reads holds its senders
+the ports sending to it wait. A port that takes nothing for ``stall_seconds``,
+or keeps a sender waiting that long (a guest that posts a receive buffer now
+and then makes progress, but its senders wait for room for ever), is *stalled*,
+like a switch's tail drop: frames to it are then dropped and counted
+(``switch_dropped``), so a peer that never reads, or barely, holds its senders
 once for at most that long, never the daemon, and its memory is its queue;
 it is unstalled once it has taken its whole queue. A local port is a destination like
 a remote one (``Egress``): its queue is its device's pending frames, full while the
@@ -45,13 +47,17 @@ class Egress:
         self.stalled = False
         self._stall_timer = None
         self._progress = 0.0                  # monotonic time the port last took a frame
+        self._waited_since = None             # when its first waiter (of now) began to wait
 
     def wait(self, ingress):
         """``ingress`` (a local port or the switch's reader) waits for room here."""
+        now = time.monotonic()
         if ingress not in self.waiters:
             self.waiters.append(ingress)
+        if self._waited_since is None:
+            self._waited_since = now
         if self._stall_timer is None:         # full from now on: the stall rule runs
-            self._progress = time.monotonic()
+            self._progress = now
             self._stall_timer = self.switch.loop.call_later(self.switch.stall_seconds,
                                                             self._check_stall)
 
@@ -59,19 +65,23 @@ class Egress:
         self._stall_timer = None
         if not self.blocked():
             return
-        idle = time.monotonic() - self._progress
-        if idle < self.switch.stall_seconds:
-            self._stall_timer = self.switch.loop.call_later(self.switch.stall_seconds - idle,
+        now, limit = time.monotonic(), self.switch.stall_seconds
+        idle = now - self._progress
+        waited = 0.0 if self._waited_since is None else now - self._waited_since
+        if idle < limit and waited < limit:
+            self._stall_timer = self.switch.loop.call_later(limit - max(idle, waited),
                                                             self._check_stall)
             return
         if not self.stalled:
             self.stalled = True
-            self.switch.stall_log("%s: port %s took no frame for %.1f s: frames to it are "
-                                  "dropped until it takes its queue", self.switch.url,
-                                  self.name, idle)
+            self.switch.stall_log("%s: port %s %s for %.1f s: frames to it are dropped until "
+                                  "it takes its queue", self.switch.url, self.name,
+                                  "took no frame" if idle >= limit else "kept its senders "
+                                  "waiting", max(idle, waited))
         self._wake()
 
     def _wake(self):
+        self._waited_since = None
         waiters, self.waiters = self.waiters, []
         for ingress in waiters:
             ingress.resume()
