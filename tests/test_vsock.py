@@ -163,6 +163,24 @@ def test_guest_refusing_or_ignoring_a_connect_closes_the_client(tmp_path, loop):
     assert not g.device.conns and not g.device.greeting
 
 
+def test_the_guest_gets_the_whole_timeout_after_a_late_connect_line(tmp_path, loop):
+    """connect_timeout is for the CONNECT line, then again for the guest's answer: a client
+    that took most of it to send its line does not leave the guest only the rest."""
+    g = Guest(tmp_path, loop, connect_timeout=0.3)
+    g.give_rx(8)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(g.path)
+    g.wait(0.2)
+    client.sendall(b"CONNECT 6002\n")
+    (hdr, _), = g.packets()
+    assert hdr[6] == OP_REQUEST
+    g.wait(0.2)                                              # 0.4 s since the client came
+    g.send(6002, hdr[2], OP_RESPONSE)
+    g.spin()
+    client.settimeout(2)
+    assert read_line(client) == f"OK {hdr[2]}"
+
+
 @pytest.mark.parametrize("line", [b"HELLO\n", b"CONNECT x\n", b"CONNECT 99999999999\n",
                                   b"A" * 40])
 def test_a_bad_connect_line_closes_the_client(tmp_path, loop, line):

@@ -133,6 +133,8 @@ class Connections:
             self._close(conn)
             return
         self._end_greeting(conn)
+        self.loop.cancel(conn.timer)              # the guest gets the whole timeout too
+        conn.timer = self.loop.call_later(self.connect_timeout, lambda: self._timed_out(conn))
         conn.host_port, conn.guest_port, conn.state = self._free_port(port), port, CONNECTING
         self.conns[conn.key] = conn
         self.counters["connections"] += 1
