@@ -6,21 +6,26 @@ reads), and the status byte, the last device-writable byte. Framing is free
 (VIRTIO_F_VERSION_1 implies any layout): the header is gathered from
 however many descriptors hold it; data moves with ``os.preadv`` /
 ``os.pwritev`` straight between the image and the chain's memoryviews of
-guest RAM (batches of at most IOV_MAX views, short transfers looped; a read
-past the end of a short or sparse file fills zeros). Used length = the bytes
-written into the chain, status byte included.
+guest RAM (batches of at most IOV_MAX views, short transfers looped). Used length = the
+bytes written into the chain, status byte included.
 
 Answers (the request is always completed and the device keeps serving):
 
 * OK: the data moved; a write only after ``pwritev`` returned for every byte,
   a flush only after ``os.fdatasync`` (without VIRTIO_BLK_F_FLUSH negotiated
-  the device is write-through: every write is followed by ``fdatasync``).
+  the device is write-through: every write and write zeroes is followed by
+  ``fdatasync``).
 * IOERR: header shorter than 16 bytes; data not a multiple of 512 bytes;
   sectors past the capacity; more than ``MAX_REQUEST_BYTES`` of data; extra
   device-writable bytes in a request whose only writable byte is the status
   (write, flush, discard, write zeroes); any write on a read-only device;
   discard / write-zeroes segments not whole, 0 or more than the limit, a
-  range past the capacity or longer than the limit; an I/O error of the host.
+  range past the capacity or longer than the limit; an I/O error of the host; a read
+  that ends early (an image shortened under the daemon: the rest is not there, and
+  zeros would be data the guest never wrote); every flush and write-through write
+  once an ``fdatasync`` failed (Linux marks the pages it could not write clean and
+  clears the error, so the next one would succeed over lost writes: QEMU's
+  ``page_cache_inconsistent``), until the image is opened again (a daemon restart).
 * UNSUPP: an unknown type, or one whose feature was not negotiated; a
   discard with the unmap flag, or any flag bit other than unmap.
 * a chain with no device-writable byte cannot hold a status: it is returned
@@ -31,6 +36,8 @@ that cannot is ignored: discard is advisory). Write zeroes punches a hole
 when the unmap flag allows it (``write_zeroes_may_unmap`` = 1), else
 ``fallocate(ZERO_RANGE | KEEP_SIZE)``, falling back to writing zeros, which count against
 the queue's turn budget (``Virtqueue.charge``); one write-zeroes segment per request (32 MiB).
+A write zeroes or discard costs the turn its length however it was done (a zero range on
+a block device is written by the kernel), an ``fdatasync`` ``SYNC_COST``.
 
 I/O is synchronous: a request runs to completion inside ``queue_notify``,
 which the trap path calls, so while one request's I/O runs no other trap or
@@ -72,6 +79,7 @@ MAX_WRITE_ZEROES_SECTORS = 1 << 16       # 32 MiB per segment (the fallback writ
 MAX_DWZ_SEGMENTS = 16                    # discard segments per request
 MAX_WRITE_ZEROES_SEGMENTS = 1            # as QEMU: at most 32 MiB of zeros per request
 MAX_QUEUES = 16
+SYNC_COST = 2 << 20                      # an fdatasync against the turn (a disk's cache flush)
 SERIAL_BYTES = 20
 
 # feature bits (5.2.3)
@@ -165,7 +173,8 @@ class BlockDevice(VirtioDevice):
         self._header = bytearray(HEADER.size)
         self._segments = bytearray(SEGMENT.size * MAX_DWZ_SEGMENTS + 1)   # +1: one too many
         self._status = bytearray(1)
-        self._zeros_written = 0                  # by the request being served (turn budget)
+        self._work = 0                           # the request's work beyond its chain's bytes
+        self._sync_failed = False                # an fdatasync failed: no flush is OK again
 
     # -- the image ---------------------------------------------------------------------------
 
@@ -240,13 +249,13 @@ class BlockDevice(VirtioDevice):
             queue.add_used(chain, 0)
             return
         data_out, status = _without_last_byte(chain.writable)
-        self._zeros_written = 0
+        self._work = 0
         try:
             status_code, written = self._execute(chain, data_out)
         except OSError as err:
             self.error("%s: %s", self.image, err)
             status_code, written = S_IOERR, 0
-        queue.charge(self._zeros_written)    # zeros written by hand cost the turn too
+        queue.charge(self._work)             # syncs, zeroed and discarded ranges
         if status_code != S_OK:
             self.counters["errors"] += 1
         self._status[0] = status_code
@@ -285,7 +294,7 @@ class BlockDevice(VirtioDevice):
             return self._write(sector, chain.readable, data_in_len), 0
         if kind == T_FLUSH:
             if not self.readonly:
-                os.fdatasync(self.fd)
+                self._sync()
             self.count()
             self.counters["flushes"] += 1
             return S_OK, 0
@@ -309,7 +318,10 @@ class BlockDevice(VirtioDevice):
             return S_IOERR, 0
         n = transfer(os.preadv, self.fd, views, sector * SECTOR)
         if n < length:                        # past the end of a file shortened meanwhile
-            fill_zeros(skip(views, n))
+            self.error("%s: read of %d bytes at sector %d ended after %d: the image is "
+                       "shorter than its capacity (changed under the daemon?)", self.image,
+                       length, sector, n)
+            return S_IOERR, n
         self.count(bytes_to_guest=length)
         return S_OK, length
 
@@ -323,9 +335,22 @@ class BlockDevice(VirtioDevice):
         if n < length:
             raise OSError(errno.EIO, f"wrote {n} of {length} bytes")
         if not self.has_feature(F_FLUSH):
-            os.fdatasync(self.fd)             # no flush command: write-through
+            self._sync()                      # no flush command: write-through
         self.count(bytes_from_guest=length)
         return S_OK
+
+    def _sync(self):
+        """``fdatasync`` the image, or OSError: this one failed, or an earlier one did (then
+        every later one is refused: the module docstring, IOERR)."""
+        if self._sync_failed:
+            raise OSError(errno.EIO, "an earlier fdatasync failed: writes acknowledged before "
+                          "it may be lost; no flush succeeds until the image is opened again")
+        self._work += SYNC_COST
+        try:
+            os.fdatasync(self.fd)
+        except OSError:
+            self._sync_failed = True
+            raise
 
     def _injected(self, fault, sector, readable, length):
         """An injected fault (avatar_hw.faults) answers the request: IOERR; a ``torn`` write
@@ -360,8 +385,11 @@ class BlockDevice(VirtioDevice):
                 return S_IOERR
         for sector, num, flags in parsed:
             if num:
+                self._work += num * SECTOR
                 self._deallocate(sector * SECTOR, num * SECTOR, zeroes=zeroes,
                                  unmap=bool(flags & DWZ_F_UNMAP))
+        if zeroes and not self.has_feature(F_FLUSH):
+            self._sync()                      # write-through, as a write
         self.count()
         self.counters["write_zeroes" if zeroes else "discards"] += 1
         return S_OK
@@ -378,7 +406,6 @@ class BlockDevice(VirtioDevice):
                 if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
         if zeroes:                            # no fallocate mode here: write the zeros
-            self._zeros_written += length
             if transfer(os.pwritev, self.fd, zeros(length), offset) < length:
                 raise OSError(errno.EIO, "short write of zeros")
 
