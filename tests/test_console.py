@@ -300,10 +300,13 @@ def test_emergency_write(console):
     assert console.recv() == b"panic!"
 
 
-def test_emergency_write_needs_the_feature(console):
+def test_emergency_write_needs_the_feature_offered_not_acknowledged(console):
+    """5.3.4: a driver can use it "without initializing virtio queues, or even acknowledging
+    the feature" (early boot debugging): before any status, and with the feature declined."""
+    console.driver.write_config(con.EMERG_WR_OFFSET, ord("e"), 4)
     console.driver.init([0, 1], drop=bit(con.F_EMERG_WRITE))
     console.driver.write_config(con.EMERG_WR_OFFSET, ord("x"), 4)
-    assert console.recv(0.2) == b""
+    assert console.recv(0.2) == b"ex"
 
 
 def control(port, event, value, payload=b""):
@@ -725,12 +728,28 @@ def test_repeated_ready_messages_do_not_queue_control_messages(tmp_path, loop):
     con_.close()
 
 
+def test_a_newer_resize_replaces_the_one_still_waiting(tmp_path, loop):
+    """Host-side changes the driver has not taken yet (its control queues never set up):
+    only the latest RESIZE waits, so no amount of churn fills the queue and fails the
+    device (a host client connecting and leaving in a loop did, through PORT_OPEN)."""
+    con_ = Console(tmp_path, loop, multiport=True, size=(80, 25))
+    d = con_.driver
+    d.init([0, 1])
+    for cols in range(con.CONTROL_OUT_LIMIT + 10):
+        con_.device.resize(80 + cols, 25)
+    waiting = list(con_.device._control_out)
+    assert waiting == [control(0, con.RESIZE, 0, struct.pack("<HH", 25, 80 + cols))]
+    assert not d.status & c.STATUS_DEVICE_NEEDS_RESET
+    con_.close()
+
+
 def test_control_messages_beyond_the_cap_fail_the_device(tmp_path, loop):
+    """The cap stays, behind the merging: a driver that never takes a message."""
     con_ = Console(tmp_path, loop, multiport=True, size=(80, 25))
     d = con_.driver
     d.init([0, 1])                            # control queues never set up
-    for cols in range(con.CONTROL_OUT_LIMIT + 10):
-        con_.device.resize(80 + cols % 2, 25)
+    for _ in range(con.CONTROL_OUT_LIMIT + 10):
+        con_.device._send_control(0, con.CONSOLE_PORT, 1)
     assert len(con_.device._control_out) == con.CONTROL_OUT_LIMIT
     assert d.status & c.STATUS_DEVICE_NEEDS_RESET
     con_.close()

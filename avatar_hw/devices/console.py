@@ -43,6 +43,7 @@ EMERG_WR_OFFSET = 8
 QUEUE_SIZE, CONTROL_QUEUE_SIZE = 256, 32
 EMERG_LIMIT = 64 * 1024
 CONTROL_OUT_LIMIT = 256                  # device -> driver control messages waiting
+LATEST_ONLY = (PORT_OPEN, RESIZE)        # a port's waiting one is replaced by a newer one
 CONTROL_RX, CONTROL_TX = 2, 3            # control receiveq (device -> driver), transmitq
 
 
@@ -176,7 +177,9 @@ class ConsoleDevice(VirtioDevice):
     # -- configuration ---------------------------------------------------------------------------
 
     def write_config(self, offset, data):
-        if offset == EMERG_WR_OFFSET and self.has_feature(F_EMERG_WRITE):
+        # offered is enough: "without initializing virtio queues, or even acknowledging the
+        # feature" (5.3.4), for a driver's earliest boot
+        if offset == EMERG_WR_OFFSET and self.features & bit(F_EMERG_WRITE):
             self._emergency_write(data[0])
         else:
             super().write_config(offset, data)
@@ -289,7 +292,15 @@ class ConsoleDevice(VirtioDevice):
             self._send_control(port.id, PORT_OPEN, int(is_open))
 
     def _send_control(self, port_id, event, value, payload=b""):
-        """Queue a message for the driver (bounded: a driver that takes none is failed)."""
+        """Queue a message for the driver (bounded: a driver that takes none is failed). A
+        PORT_OPEN or RESIZE replaces the port's one still waiting: only the latest state
+        counts, and a host client connecting and leaving in a loop while the guest is slow
+        to read filled the queue and failed the device."""
+        if event in LATEST_ONLY:
+            key = CONTROL.pack(port_id, event, 0)[:6]           # id, event
+            waiting = [m for m in self._control_out if m[:6] == key]
+            for message in waiting:
+                self._control_out.remove(message)
         if len(self._control_out) >= CONTROL_OUT_LIMIT:
             self.guest_error("%d control messages wait for buffers in the control receiveq",
                              len(self._control_out))
