@@ -1,10 +1,12 @@
 """virtio-console: ports, control queues, size, emergency write, host endpoints, flow control."""
 
+import fcntl
 import hashlib
 import importlib
 import os
 import socket
 import struct
+import termios
 import threading
 import time
 import tracemalloc
@@ -191,6 +193,42 @@ def test_output_without_client_goes_to_the_log_and_the_guest_never_waits(tmp_pat
     tx.notify()
     assert read_all(client, loop, 4) == b"live"
     assert len(tx.get_used()) == 1
+    client.close()
+    b.subsystem.close()
+
+
+def test_output_in_flight_at_a_reset_still_reaches_the_client(tmp_path, loop):
+    """A client slower than the guest, which then resets (a reboot, its driver unloaded):
+    the buffers in flight go back to nobody, but their bytes were printed, and the log's
+    being replayed too: copied, they all still reach the client, in order (they were
+    dropped: a reboot's last lines, a panic's)."""
+    path = str(tmp_path / "c.sock")
+    b = VirtioBench(ConsoleDevice(f"unix:{path}", limit=64 << 10, log_size=64 << 10),
+                    loop=loop, ram_size=4 << 20)
+    rx, tx = b.driver.init([0, 1])
+    early = [bytes([97 + i]) * 4000 for i in range(13)]    # 52 000 bytes: into the log
+    for chunk in early:
+        tx.post(readable=[chunk])
+    tx.notify()
+    loop.run_once(0)
+    client = socket.socket(socket.AF_UNIX)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(path)
+    for _ in range(5):
+        loop.run_once(0.01)                                 # attached: the log's replay begins
+    late = [bytes([65 + i % 26]) * 4000 for i in range(100)]   # more than the socket takes
+    for chunk in late:
+        tx.post(readable=[chunk])
+    tx.notify()
+    for _ in range(5):
+        loop.run_once(0.01)
+    backend = b.device.ports[0].backend
+    in_flight = backend.stream.tail - backend.endpoints[0].position   # not yet in the socket
+    queued = struct.unpack("i", fcntl.ioctl(client, termios.FIONREAD, b"\0" * 4))[0]
+    assert in_flight > 0
+    b.driver.write(c.REG_STATUS, 0)                        # reset
+    got = read_all(client, loop, queued + in_flight, rounds=500)
+    assert len(got) == queued + in_flight and got == b"".join(early + late)[:len(got)]
     client.close()
     b.subsystem.close()
 

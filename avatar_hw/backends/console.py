@@ -45,6 +45,7 @@ Nothing is lost, in either direction:
 
 from ..endpoints import DEFAULT_LIMIT, open_endpoint
 from ..endpoints.stream import OutputStream
+from ..virtio.buffers import gather
 
 DEFAULT_LOG_SIZE = 64 * 1024    # the unattached log
 MAX_HELD = 256              # buffers in a backend's output stream
@@ -220,10 +221,22 @@ class ConsoleBackend:
         return [(token, length) for token, length in self.stream.take_done(min(positions))
                 if token is not LOGGED]
 
-    def discard_output(self):
-        """Forget everything in flight (a device reset): ``(token, length)`` dropped."""
-        dropped = [(seg[3], seg[1]) for seg in self.stream.segments if seg[3] is not LOGGED]
-        self.stream.clear()
+    def discard_output(self, keep=()):
+        """The guest's buffers in flight are given back to nobody (a reset: their queue is
+        gone, the guest may reuse them): ``(token, length)`` of each. Their bytes are
+        copied first and still go out, after what came before them: the guest printed them,
+        and the log's bytes being replayed and the backend's own (tokens in ``keep``:
+        emergency writes, already answered) stay where they are."""
+        dropped = []
+        for segment in self.stream.segments:
+            _, length, views, token = segment
+            if token is LOGGED or token in keep:
+                continue
+            data = bytearray(length)
+            gather(views, data)
+            segment[2], segment[3] = [memoryview(data)], LOGGED
+            self.stream.views += 1 - len(views)
+            dropped.append((token, length))
         return dropped
 
     @property

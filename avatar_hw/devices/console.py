@@ -198,10 +198,6 @@ class ConsoleDevice(VirtioDevice):
         self._emerg_held -= length
         self.count(requests=0, bytes_from_guest=length)
 
-    def emergency_dropped(self, length):
-        self._emerg_held -= length
-        self.counters["errors"] += 1
-
     def resize(self, cols, rows):
         """New terminal size: config (F_SIZE) and, with multiport, a RESIZE message for port 0."""
         self.update_config(0, struct.pack("<HH", cols, rows))

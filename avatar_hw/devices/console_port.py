@@ -79,10 +79,9 @@ class ConsolePort:
         self.rx_chain = None
 
     def drop_tx(self):
-        """Forget the transmit buffers in flight (their queue was reset)."""
-        for token, length in self.backend.discard_output():
-            if token is EMERGENCY:
-                self.device.emergency_dropped(length)
+        """Forget the transmit buffers in flight (their queue was reset; their bytes still
+        go out, copied: ``discard_output``)."""
+        self.backend.discard_output(keep=(EMERGENCY,))
         self._tx_notify = True
         self._resent.clear()
 
