@@ -752,6 +752,7 @@ def build(tmp_path, table):
 
 @pytest.mark.parametrize("table, message", [
     ({"switch": "/x", "mac": "01:00:5e:00:00:01"}, "multicast"),
+    ({"switch": "/x", "mac": "00:00:00:00:00:00"}, "is no address"),
     ({"switch": "/x", "mac": "52:54:00:zz:00:01"}, "not a MAC address"),
     ({"switch": "/x", "mtu": 40}, "mtu: 40 is not an MTU from 68 to 65535"),
     ({"switch": "/nonexistent/dir/s.sock"}, "directory for the switch socket does not exist"),

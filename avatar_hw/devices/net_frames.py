@@ -20,6 +20,9 @@ def parse_mac(text):
     if mac[0] & 1:
         raise ValueError(f"{text} is a multicast address; a NIC needs a unicast one (even "
                          "first octet, e.g. 52:54:00:12:34:56)")
+    if not any(mac):
+        raise ValueError(f"{text} is no address (Linux's driver then makes up a random one, "
+                         "which the switch port would refuse); give e.g. 52:54:00:12:34:56")
     return mac
 
 
