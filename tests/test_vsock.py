@@ -628,6 +628,7 @@ def build(tmp_path, table):
     ({"socket": "v.sock"}, "cid: missing"),
     ({"cid": 3, "socket": "/nonexistent/dir/v.sock"}, "cannot create the vsock socket"),
     ({"cid": 3, "socket": "v.sock", "max_connections": 0}, "must be positive"),
+    ({"cid": 3, "socket": "s" * 100}, "too long for the sockets of the guest's connections"),
 ])
 def test_config_errors_are_one_line(tmp_path, table, message):
     with pytest.raises(ConfigError, match=message) as err:

@@ -18,6 +18,7 @@ guest's receive buffers (``recvmsg_into``).
 """
 
 import errno
+import os
 import socket
 
 from .. import paths
@@ -28,9 +29,18 @@ MAX_LINE = 32                     # "CONNECT 4294967295\n" is 19 bytes
 MAX_PORT = 0xFFFFFFFF
 
 
+SUN_PATH_MAX = 107                      # bytes of a Unix socket path (sun_path less its NUL)
+
+
 def listen(path):
     """A non-blocking listening Unix stream socket at ``path`` (a stale socket file is
-    replaced; a live one, or anything else there, is a ConfigError)."""
+    replaced; a live one, or anything else there, is a ConfigError, and so is a path too
+    long for the guest's connections' ``<path>_<port>`` sockets)."""
+    longest = len(os.fsencode(f"{path}_{0xFFFFFFFF}"))
+    if longest > SUN_PATH_MAX:
+        raise ConfigError(path, None, f"too long for the sockets of the guest's connections "
+                          f"(<path>_<port>, up to {longest} bytes; a Unix socket path has "
+                          f"{SUN_PATH_MAX}): choose a shorter path")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
                          | socket.SOCK_NONBLOCK)
     try:
