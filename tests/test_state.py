@@ -3,7 +3,9 @@ chains in flight completed exactly once, console output neither lost nor repeate
 state files that are not ours, of another version or another config, or with values
 that make no sense."""
 
+import errno
 import logging
+import os
 import random
 import socket
 import struct
@@ -11,7 +13,9 @@ import time
 
 import pytest
 
+from avatar_hw.devices import block, net
 from avatar_hw.devices.block import BlockDevice
+from avatar_hw.devices.net import NetDevice
 from avatar_hw.devices.console import ConsoleDevice
 from avatar_hw.hw.region import Region
 from avatar_hw.loop import EventLoop
@@ -200,6 +204,57 @@ def test_restart_under_guest_block_write_in_flight_is_written_once(tmp_path, ram
     assert (used.head, used.length, used.data) == (head, 1, b"\0")       # VIRTIO_BLK_S_OK
     assert image.read_bytes()[1024:1536] == b"W" * 512
     assert second.device.queues[0].in_flight == 0
+
+
+def test_restart_under_guest_block_refuses_flushes_after_a_failed_fdatasync(tmp_path, ram,
+                                                                           monkeypatch):
+    """An fdatasync failed: Linux cleared the error and marked the pages clean. The image a
+    restarted daemon opens does not tell, so the failure is in the saved state: its flushes
+    are still IOERR."""
+    from patching import this_thread_only
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(64 << 10))
+    path = tmp_path / "state"
+    first = Model(ram, BlockDevice(image), path)
+    driver = driver_for(first, ram)
+    (queue,) = driver.init([0])
+    real = os.fdatasync
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(block.os, "fdatasync", this_thread_only(real, failing))
+    queue.post([struct.pack("<IIQ", 4, 0, 0)], [1])                  # FLUSH
+    queue.notify()
+    assert [u.data for u in queue.get_used()] == [b"\x01"]           # IOERR
+    monkeypatch.undo()
+    first.device._close_image()
+    second = Model(ram, BlockDevice(image), path)
+    driver.mmio = second.subsystem.handle_mmio_trap
+    queue.post([struct.pack("<IIQ", 4, 0, 0)], [1])
+    queue.notify()
+    assert [u.data for u in queue.get_used()] == [b"\x01"]
+
+
+def test_restart_under_guest_net_keeps_the_mac_the_guest_read(tmp_path, ram, monkeypatch):
+    """A device given no mac: its default depends on the host (/etc/machine-id, else the
+    host name), which may change under a running guest. The restarted daemon takes back the
+    MAC the guest read, and the switch port is locked to it (not to the new default: the
+    guest's every frame would be dropped as spoofed)."""
+    loop = EventLoop()
+    try:
+        switch = f"switch:{tmp_path / 's.sock'}"
+        path = tmp_path / "state"
+        first = Model(ram, NetDevice(switch), path, loop)
+        driver_for(first, ram).init([0, 1])
+        mac = first.device.mac
+        first.device.detach()                    # its sockets go, as with the process
+        monkeypatch.setattr(net, "default_mac", lambda intid: bytes([2, 9, 9, 9, 9, 9]))
+        second = Model(ram, NetDevice(switch), path, loop)
+        assert second.device.mac == mac and bytes(second.device.config[:6]) == mac
+        assert second.device.backend.switch.locked == {mac: second.device.backend}
+        second.subsystem.close()
+    finally:
+        loop.close()
 
 
 def _console(tmp_path, ram, path, loop):

@@ -302,17 +302,21 @@ class P9Server(OpenFiles):
     def _created(self, dirfd, name, uid, gid, mode):
         """The qid of what Tmkdir or Tsymlink just made, given its owner; if that fails, it
         is removed again (a failed request leaves nothing, as QEMU's)."""
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        fd = None
         try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
             st = os.fstat(fd)
-            try:
-                self.folder.owned(fd, st, uid, gid, mode)
-            except BaseException:
-                (os.rmdir if stat.S_ISDIR(st.st_mode) else os.unlink)(name, dir_fd=dirfd)
-                raise
+            self.folder.owned(fd, st, uid, gid, mode)
             return self.qid(st)
+        except BaseException:
+            try:
+                os.rmdir(name, dir_fd=dirfd)
+            except NotADirectoryError:
+                os.unlink(name, dir_fd=dirfd)
+            raise
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     def mkdir(self, r):
         dfid, name, mode, gid = r.take("I"), r.string(), *r.take("II")

@@ -129,6 +129,16 @@ class Switch:
         self.macs.pop(port.mac, None)
         self._register(port.loop)
 
+    def relock(self, port, mac):
+        """Local ``port``'s MAC is now ``mac`` (its device's restored one)."""
+        other = self.locked.get(mac)
+        if other is not None and other is not port:
+            raise ValueError(f"MAC {format_mac(mac)} is another net device's on {self.url}")
+        if self.locked.get(port.mac) is port:
+            del self.locked[port.mac]
+        self.locked[mac] = port
+        self.macs.pop(mac, None)
+
     def _register(self, loop):
         if self.loop is None:
             self.loop = loop
@@ -292,6 +302,11 @@ class SwitchBackend(Egress):
     def attach(self, loop, device):
         self.loop, self.device, self.mac = loop, device, bytes(device.mac)
         self.switch.attach(self)
+
+    def change_mac(self, old, new):
+        """The port is locked to ``new`` instead (ValueError if another port has it)."""
+        self.switch.relock(self, new)
+        self.mac = new
 
     def refuse_source(self, source):
         """The guest sent a frame from ``source``, not this port's MAC: dropped, counted,

@@ -123,6 +123,9 @@ class TapBackend:
         os.close(self.fd)
         self.fd = self.loop = self.device = None
 
+    def change_mac(self, old, new):
+        """Nothing to do: a TAP takes frames from any source."""
+
     def info(self):
         return {"backend": self.url}
 

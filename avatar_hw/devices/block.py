@@ -25,7 +25,8 @@ Answers (the request is always completed and the device keeps serving):
   zeros would be data the guest never wrote); every flush and write-through write
   once an ``fdatasync`` failed (Linux marks the pages it could not write clean and
   clears the error, so the next one would succeed over lost writes: QEMU's
-  ``page_cache_inconsistent``), until the image is opened again (a daemon restart).
+  ``page_cache_inconsistent``), until the device is started afresh (a daemon restarted
+  under the running guest keeps it: ``saved_state``).
 * UNSUPP: an unknown type, or one whose feature was not negotiated; a
   discard with the unmap flag, or any flag bit other than unmap.
 * a chain with no device-writable byte cannot hold a status: it is returned
@@ -350,7 +351,17 @@ class BlockDevice(VirtioDevice):
             os.fdatasync(self.fd)
         except OSError:
             self._sync_failed = True
+            self.keep_state()                 # a restarted daemon must refuse them too
             raise
+
+    # -- a restart under a running guest (avatar_hw.state) ---------------------------------------
+
+    def saved_state(self):
+        """A failed ``fdatasync``: the image a restarted daemon opens again does not say."""
+        return {"sync_failed": True} if self._sync_failed else {}
+
+    def restore_state(self, saved, words):
+        self._sync_failed = bool(saved.get("sync_failed"))
 
     def _injected(self, fault, sector, readable, length):
         """An injected fault (avatar_hw.faults) answers the request: IOERR; a ``torn`` write

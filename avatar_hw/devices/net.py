@@ -129,6 +129,26 @@ class NetDevice(VirtioDevice):
         super().attach(loop)
         self.backend.attach(self.loop, self)
 
+    # -- a restart under a running guest (avatar_hw.state) ---------------------------------------
+
+    def saved_state(self):
+        """The MAC the guest read (a default one depends on the host: it must not change
+        under a running guest, whose frames the switch port would then drop as spoofed)."""
+        return {"mac": self.mac.hex()}
+
+    def restore_state(self, saved, words):
+        text = saved.get("mac", self.mac.hex())
+        try:
+            mac = bytes.fromhex(text) if isinstance(text, str) else b""
+        except ValueError:
+            mac = b""
+        if len(mac) != 6 or mac[0] & 1 or not any(mac):
+            raise ValueError(f"saved MAC {text!r} is not a unicast address")
+        if mac != self.mac:
+            self.backend.change_mac(self.mac, mac)
+            self.mac = mac
+            self.config[:len(mac)] = mac
+
     def detach(self):
         self.backend.close()
         super().detach()

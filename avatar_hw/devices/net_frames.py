@@ -33,12 +33,13 @@ def format_mac(mac):
 def default_mac(intid):
     """A locally administered MAC for a net device given none: the same for this device
     (its interrupt number: its VM and slot on the board) on this host (``/etc/machine-id``)
-    every time, so a restarted daemon's device keeps the MAC the guest read, its switch port
-    is locked to that one, and DHCP leases hold across reboots."""
+    every time, so DHCP leases hold across reboots (a restarted daemon's device takes back
+    the one the guest read from its saved state: ``NetDevice.restore_state``)."""
     try:
         host = Path("/etc/machine-id").read_bytes().strip()
     except OSError:
-        host = socket.gethostname().encode()
+        host = b""
+    host = host or socket.gethostname().encode()      # no machine-id, or an empty one
     return bytes([0x02]) + hashlib.sha256(b"avatar-hw net %d " % intid + host).digest()[:5]
 
 
