@@ -26,6 +26,7 @@ from avatar_hw.virtio import constants as c
 from avatar_hw.virtio.memory import GuestMemory
 from avatar_hw.virtio.queue import USED_KEPT, QueueError, Virtqueue
 from avatar_hw.virtio.subsystem import Subsystem
+from patching import this_thread_only
 
 RAM_SIZE = 4 << 20
 
@@ -186,13 +187,18 @@ def test_restart_under_guest_with_a_used_idx_or_table_that_cannot_be_needs_reset
     assert second.device.held == []
 
 
-def test_restart_under_guest_block_write_in_flight_is_written_once(tmp_path, ram):
-    image = tmp_path / "disk.img"
+def _block_model(ram, image, path):
+    """A block model on a new 64 KiB ``image``: (model, the guest's driver, its queue)."""
     image.write_bytes(bytes(64 << 10))
-    path = tmp_path / "state"
-    first = Model(ram, BlockDevice(image), path)
-    driver = driver_for(first, ram)
+    model = Model(ram, BlockDevice(image), path)
+    driver = driver_for(model, ram)
     (queue,) = driver.init([0])
+    return model, driver, queue
+
+
+def test_restart_under_guest_block_write_in_flight_is_written_once(tmp_path, ram):
+    image, path = tmp_path / "disk.img", tmp_path / "state"
+    first, driver, queue = _block_model(ram, image, path)
     vq = first.device.queues[0]
     head = queue.post([struct.pack("<IIQ", 1, 0, 2), b"W" * 512], [1])
     # the daemon dies inside the write: popped, not yet written, no used entry
@@ -211,13 +217,8 @@ def test_restart_under_guest_block_refuses_flushes_after_a_failed_fdatasync(tmp_
     """An fdatasync failed: Linux cleared the error and marked the pages clean. The image a
     restarted daemon opens does not tell, so the failure is in the saved state: its flushes
     are still IOERR."""
-    from patching import this_thread_only
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(64 << 10))
-    path = tmp_path / "state"
-    first = Model(ram, BlockDevice(image), path)
-    driver = driver_for(first, ram)
-    (queue,) = driver.init([0])
+    image, path = tmp_path / "disk.img", tmp_path / "state"
+    first, driver, queue = _block_model(ram, image, path)
     real = os.fdatasync
 
     def failing(fd):
