@@ -45,7 +45,6 @@ Nothing is lost, in either direction:
 
 from ..endpoints import DEFAULT_LIMIT, open_endpoint
 from ..endpoints.stream import OutputStream
-from ..virtio.buffers import gather
 
 DEFAULT_LOG_SIZE = 64 * 1024    # the unattached log
 MAX_HELD = 256              # buffers in a backend's output stream
@@ -227,17 +226,7 @@ class ConsoleBackend:
         copied first and still go out, after what came before them: the guest printed them,
         and the log's bytes being replayed and the backend's own (tokens in ``keep``:
         emergency writes, already answered) stay where they are."""
-        dropped = []
-        for segment in self.stream.segments:
-            _, length, views, token = segment
-            if token is LOGGED or token in keep:
-                continue
-            data = bytearray(length)
-            gather(views, data)
-            segment[2], segment[3] = [memoryview(data)], LOGGED
-            self.stream.views += 1 - len(views)
-            dropped.append((token, length))
-        return dropped
+        return self.stream.own((LOGGED, *keep), LOGGED)
 
     @property
     def buffered(self):

@@ -13,8 +13,8 @@ receive buffers, or a slot of its bounded pending frames, ``rx_pending``). A
 reader returns the frame's length, more than ``sum(len(views))`` when the frame did not fit (it
 is then consumed and dropped), or None when there is nothing to read.
 Sending is ``send(views, length) -> bool``: False means the frame was dropped
-(network semantics: a full socket, an interface that is down). ``change_mac(old, new)``:
-the device's MAC is now ``new`` (a restarted daemon took back the one the guest read).
+(network semantics: a full socket, an interface that is down). ``change_mac(mac)``:
+the device's MAC is now ``mac`` (a restarted daemon took back the one the guest read).
 
 The schemes, one module each: ``avatar_hw.backends.tap`` (``tap:NAME``) and
 ``avatar_hw.backends.switch`` (``switch:PATH``: the L2 switch, its MAC locking and

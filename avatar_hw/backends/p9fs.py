@@ -313,6 +313,8 @@ class P9Server(OpenFiles):
                 os.rmdir(name, dir_fd=dirfd)
             except NotADirectoryError:
                 os.unlink(name, dir_fd=dirfd)
+            except FileNotFoundError:
+                pass                                  # gone already: the first error stands
             raise
         finally:
             if fd is not None:

@@ -35,7 +35,6 @@ import time
 from .. import paths
 from ..errors import AGAIN, ConfigError, os_reason
 from ..ratelimit import RateLimitedLog
-from ..devices.net_frames import format_mac
 from ..virtio.buffers import copy, gather, skip
 from .egress import STALL_SECONDS, Egress, RemotePort
 from .net import BUSY, RX_BATCH
@@ -120,20 +119,20 @@ class Switch:
     def attach(self, port):
         """Local ``port`` is attached to its device and loop: it takes part, locked to
         its device's MAC (one port per MAC: a second would take the first's traffic)."""
-        other = self.locked.get(port.mac)
-        if other is not None and other is not port:
-            raise ConfigError(self.url, None, f"MAC {format_mac(port.mac)} is already another "
-                              "net device's on this switch; give each its own mac")
+        try:
+            self.lock(port, port.mac)
+        except ValueError as err:
+            raise ConfigError(self.url, None, f"{err}; give each its own mac") from None
         self.local.append(port)
-        self.locked[port.mac] = port
-        self.macs.pop(port.mac, None)
         self._register(port.loop)
 
-    def relock(self, port, mac):
-        """Local ``port``'s MAC is now ``mac`` (its device's restored one)."""
+    def lock(self, port, mac):
+        """Lock local ``port`` to ``mac`` in place of the MAC it has (at its attach, the
+        same; after a restart, the one its guest read); ValueError if another port has it."""
         other = self.locked.get(mac)
         if other is not None and other is not port:
-            raise ValueError(f"MAC {format_mac(mac)} is another net device's on {self.url}")
+            raise ValueError(f"MAC {mac.hex(':')} is already another net device's on this "
+                             "switch")
         if self.locked.get(port.mac) is port:
             del self.locked[port.mac]
         self.locked[mac] = port
@@ -303,10 +302,10 @@ class SwitchBackend(Egress):
         self.loop, self.device, self.mac = loop, device, bytes(device.mac)
         self.switch.attach(self)
 
-    def change_mac(self, old, new):
-        """The port is locked to ``new`` instead (ValueError if another port has it)."""
-        self.switch.relock(self, new)
-        self.mac = new
+    def change_mac(self, mac):
+        """The port is locked to ``mac`` instead (ValueError if another port has it)."""
+        self.switch.lock(self, mac)
+        self.mac = mac
 
     def refuse_source(self, source):
         """The guest sent a frame from ``source``, not this port's MAC: dropped, counted,

@@ -123,7 +123,7 @@ class TapBackend:
         os.close(self.fd)
         self.fd = self.loop = self.device = None
 
-    def change_mac(self, old, new):
+    def change_mac(self, mac):
         """Nothing to do: a TAP takes frames from any source."""
 
     def info(self):

@@ -70,14 +70,13 @@ def parse_connect(line):
     return port if port <= MAX_PORT else None
 
 
-def read_line(sock, partial=None):
+def read_line(sock, partial):
     """One ``\\n``-terminated line from ``sock`` without reading past it: the line
     (without ``\\n``), None when it is not complete yet, b"" when the peer closed or
     sent more than ``MAX_LINE`` bytes without a newline (give up). ``partial`` (a
     bytearray) keeps what came of an incomplete line: it is read, not only peeked, or the
     socket would stay readable and a level-triggered loop would call again at once until
     the rest came (a client that sends ``CONN`` and waits had the daemon spinning)."""
-    partial = bytearray() if partial is None else partial
     try:
         head = sock.recv(MAX_LINE - len(partial), socket.MSG_PEEK)
     except AGAIN:

@@ -345,7 +345,7 @@ class BlockDevice(VirtioDevice):
         every later one is refused: the module docstring, IOERR)."""
         if self._sync_failed:
             raise OSError(errno.EIO, "an earlier fdatasync failed: writes acknowledged before "
-                          "it may be lost; no flush succeeds until the image is opened again")
+                          "it may be lost; no flush succeeds until the device is started afresh")
         self._work += SYNC_COST
         try:
             os.fdatasync(self.fd)

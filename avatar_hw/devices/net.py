@@ -134,18 +134,12 @@ class NetDevice(VirtioDevice):
     def saved_state(self):
         """The MAC the guest read (a default one depends on the host: it must not change
         under a running guest, whose frames the switch port would then drop as spoofed)."""
-        return {"mac": self.mac.hex()}
+        return {"mac": format_mac(self.mac)}
 
     def restore_state(self, saved, words):
-        text = saved.get("mac", self.mac.hex())
-        try:
-            mac = bytes.fromhex(text) if isinstance(text, str) else b""
-        except ValueError:
-            mac = b""
-        if len(mac) != 6 or mac[0] & 1 or not any(mac):
-            raise ValueError(f"saved MAC {text!r} is not a unicast address")
+        mac = parse_mac(saved["mac"]) if "mac" in saved else self.mac
         if mac != self.mac:
-            self.backend.change_mac(self.mac, mac)
+            self.backend.change_mac(mac)
             self.mac = mac
             self.config[:len(mac)] = mac
 

@@ -106,8 +106,11 @@ class Connections:
             return
         conn = Connection(Stream(sock, self.buf_alloc), 0, 0, GREETING)
         self.greeting[conn.stream.fileno()] = conn
-        conn.timer = self.loop.call_later(self.connect_timeout, lambda: self._timed_out(conn))
+        self._time_out_later(conn)
         self.loop.add_reader(conn.stream, lambda: self._read_greeting(conn))
+
+    def _time_out_later(self, conn):
+        conn.timer = self.loop.call_later(self.connect_timeout, lambda: self._timed_out(conn))
 
     def _pause_accepting(self, err):
         """No descriptor for a new client: the listener stays readable, so the loop would
@@ -134,7 +137,7 @@ class Connections:
             return
         self._end_greeting(conn)
         self.loop.cancel(conn.timer)              # the guest gets the whole timeout too
-        conn.timer = self.loop.call_later(self.connect_timeout, lambda: self._timed_out(conn))
+        self._time_out_later(conn)
         conn.host_port, conn.guest_port, conn.state = self._free_port(port), port, CONNECTING
         self.conns[conn.key] = conn
         self.counters["connections"] += 1

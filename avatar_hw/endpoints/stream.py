@@ -2,7 +2,7 @@
 
 import collections
 
-from ..virtio.buffers import IOV_MAX
+from ..virtio.buffers import IOV_MAX, gather
 
 
 class OutputStream:
@@ -58,6 +58,22 @@ class OutputStream:
             done.append((token, length))
         self.head = segments[0][0] if segments else self.tail
         return done
+
+    def own(self, keep, token):
+        """Copy the bytes of every segment whose token is not in ``keep`` (views of guest
+        RAM the guest may now reuse) and give it ``token``: the bytes stay where they are on
+        the axis. Returns the ``(token, length)`` each had."""
+        owned = []
+        for segment in self.segments:
+            _, length, views, old = segment
+            if old in keep:
+                continue
+            data = bytearray(length)
+            gather(views, data)
+            segment[2], segment[3] = [memoryview(data)], token
+            self.views += 1 - len(views)
+            owned.append((old, length))
+        return owned
 
     def clear(self):
         """Drop everything (a device reset: nothing in flight was acknowledged)."""

@@ -116,6 +116,9 @@ _DRIVER_BITS = _ACK | _DRIVER | _FEATURES_OK | _DRIVER_OK | _FAILED
 
 _MASK32 = 0xFFFFFFFF
 
+RESETS_PER_SECOND = 20          # more, and the guest loops reset and setup (idle traps)
+_SECOND_NS = 1_000_000_000
+
 
 def pieces(offset, size):
     """The accesses QEMU's memory core makes of an 8-byte or unaligned one to a device that
@@ -130,8 +133,6 @@ def pieces(offset, size):
         out.append((offset, n, shift))
         offset, size, shift = offset + n, size - n, shift + 8 * n
     return out
-RESETS_PER_SECOND = 20          # more, and the guest loops reset and setup (idle traps)
-_SECOND_NS = 1_000_000_000
 
 
 class MmioTransport(LegacyRegisters):
