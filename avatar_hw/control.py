@@ -19,7 +19,9 @@ Commands (the seed's list-all / print-info / debug-device):
 - ``balloon`` (``vm``, optional ``size``: bytes or text such as ``"384M"``): the guest
   memory VM ``vm`` keeps (its balloon takes the rest); the balloon's state.
 - ``screenshot`` (``vm``, ``device``, default ``gpu``): the GPU's scanout as a PNG,
-  ``{"width", "height", "png"}`` with the file in base64.
+  ``{"width", "height", "png"}`` with the file in base64. The loop only copies the
+  pixels; a thread encodes them (a large screen takes a second), one screenshot at
+  a time, and the client's later requests wait for its answer.
 
 Fault injection (avatar_hw.faults; docs/testing.md, "Fault injection"):
 
@@ -30,12 +32,15 @@ Fault injection (avatar_hw.faults; docs/testing.md, "Fault injection"):
 - ``faults``: every armed fault with how often it matched and fired.
 """
 
+import base64
+import collections
 import json
 import logging
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
-from . import paths
+from . import paths, png
 from .devices.balloon import parse_size
 from .errors import AvatarError, os_reason
 
@@ -68,6 +73,14 @@ class _Client:
         self.sock = sock
         self.inbox = bytearray()
         self.outbox = bytearray()
+        self.waiting = False            # for a screenshot: its next requests wait
+
+
+def _encode(shot):
+    """The ``screenshot`` answer for a ``Capture`` (run by the encoder thread)."""
+    data = png.encode(shot.width, shot.height, shot.rgb_rows())
+    return {"ok": True, "result": {"width": shot.width, "height": shot.height,
+                                   "png": base64.b64encode(data).decode()}}
 
 
 class ControlServer:
@@ -78,17 +91,25 @@ class ControlServer:
         self.daemon = daemon
         self.loop = None
         self._clients = {}
+        self._screenshots = collections.deque()     # (client, vm, slot) not begun
+        self._encoding = None                       # (client, future) being encoded
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="avatar-hw-png")
+        self._encoded = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.sock = _listen(self.path)
 
     def attach(self, loop):
         self.loop = loop
         loop.add_reader(self.sock, self._accept)
+        loop.add_reader(self._encoded, self._screenshot_done)
 
     def close(self):
         for client in list(self._clients.values()):
             self._drop(client)
         if self.loop is not None:
             self.loop.remove_reader(self.sock)
+            self.loop.remove_reader(self._encoded)
+        self._encoder.shutdown(wait=False, cancel_futures=True)
+        os.close(self._encoded)
         self.sock.close()
         paths.remove(self.path)
 
@@ -121,13 +142,61 @@ class ControlServer:
             self._drop(client)
             return
         client.inbox += data
-        while b"\n" in client.inbox:
+        self._serve(client)
+
+    def _serve(self, client):
+        """Answer ``client``'s whole lines in order, until one waits for a screenshot."""
+        while not client.waiting and b"\n" in client.inbox:
             line, _, rest = bytes(client.inbox).partition(b"\n")
             client.inbox[:] = rest
-            self._send(client, self.answer(line))
-        if len(client.inbox) > MAX_REQUEST:
+            reply = self.answer(line)
+            if isinstance(reply, tuple):                    # (vm, slot) of a screenshot
+                client.waiting = True
+                self._screenshots.append((client, *reply))
+                self._next_screenshot()
+            else:
+                self._send(client, reply)
+        if not client.waiting and len(client.inbox) > MAX_REQUEST:
             self._send(client, {"ok": False, "error": "request line too long"})
             client.inbox.clear()
+
+    def _next_screenshot(self):
+        """Copy the next waiting screenshot's pixels and hand them to the encoder."""
+        while self._encoding is None and self._screenshots:
+            client, vm, slot = self._screenshots.popleft()
+            if self._clients.get(client.sock.fileno()) is not client:
+                continue                                    # it left
+            try:
+                shot = self.daemon.screenshot(vm, slot)
+            except ValueError as err:
+                self._answered(client, {"ok": False, "error": f"bad request: {err}"})
+                continue
+            future = self._encoder.submit(_encode, shot)
+            self._encoding = client, future
+            future.add_done_callback(lambda _: os.eventfd_write(self._encoded, 1))
+
+    def _screenshot_done(self):
+        try:
+            os.eventfd_read(self._encoded)
+        except BlockingIOError:
+            return
+        client, future = self._encoding
+        self._encoding = None
+        try:
+            reply = future.result()
+        except Exception as err:            # introspection must never stop the daemon
+            log.exception("screenshot failed")
+            reply = {"ok": False, "error": f"internal error: {err!r}"}
+        if self._clients.get(client.sock.fileno()) is client:
+            self._answered(client, reply)
+        self._next_screenshot()
+
+    def _answered(self, client, reply):
+        """Send a screenshot's ``reply`` and go on with what ``client`` asked after it."""
+        client.waiting = False
+        self._send(client, reply)
+        if self._clients.get(client.sock.fileno()) is client:
+            self._serve(client)
 
     def _send(self, client, reply):
         had_output = bool(client.outbox)
@@ -151,7 +220,8 @@ class ControlServer:
             self.loop.remove_writer(fd)
 
     def answer(self, line):
-        """The reply (a dict) to one request line; never raises."""
+        """The reply (a dict) to one request line, or the ``(vm, slot)`` of a screenshot to
+        take; never raises."""
         try:
             request = json.loads(line)
             command = request["command"]
@@ -166,10 +236,9 @@ class ControlServer:
             elif command == "debug":
                 result = self.daemon.debug_device(
                     int(request["vm"]), self._slot(int(request["vm"]), str(request["device"])))
-            elif command == "screenshot":
+            elif command == "screenshot":                 # answered by _next_screenshot
                 vm = int(request["vm"])
-                result = self.daemon.screenshot(vm, self._slot(vm, str(request.get("device",
-                                                                                   "gpu"))))
+                return vm, self._slot(vm, str(request.get("device", "gpu")))
             elif command in ("inject", "pause", "clear", "faults"):
                 result = self._fault_command(command, request)
             else:

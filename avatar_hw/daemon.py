@@ -44,7 +44,6 @@ mapped and built, the trap page's lock taken, the doorbell and control socket
 open, every module imported), then the privileges are dropped.
 """
 
-import base64
 import logging
 import os
 import signal
@@ -52,7 +51,7 @@ import socket
 import threading
 import time
 
-from . import abi, png
+from . import abi
 from .board import Board, load_board
 from .config import Config, load_config
 from .control import ControlServer, default_control_path
@@ -452,15 +451,15 @@ class Daemon:
                          "config)")
 
     def screenshot(self, vm_id, slot):
-        """What ``avatar-hw screenshot`` writes: the scanout of the GPU in ``slot``."""
+        """A copy of the scanout of the GPU in ``slot`` (``avatar_hw.devices.gpu_resources.
+        Capture``): ``avatar-hw screenshot`` gets it as a PNG from the control server."""
         device = self.subsystem.device(vm_id, slot)
         if not hasattr(device, "screenshot"):
             raise ValueError(f"VM {vm_id} slot {slot} is a {device.name}, not a gpu")
         shot = device.screenshot()
         if shot is None:
             raise ValueError(f"VM {vm_id}'s gpu shows nothing: the guest set no scanout")
-        return {"width": shot[0], "height": shot[1],
-                "png": base64.b64encode(png.encode(*shot)).decode()}
+        return shot
 
     def info(self):
         """What ``avatar-hw info --json`` shows."""

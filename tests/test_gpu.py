@@ -1,9 +1,13 @@
 """virtio-gpu 2D through the driver-side harness: commands, transfers, screenshots, and every
 malformed request answered with its error (never an exception, never outside the VM)."""
 
+import base64
+import json
+import socket
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from xml.etree import ElementTree
 
@@ -13,6 +17,7 @@ from hypothesis import strategies as st
 
 from avatar_hw import png
 from avatar_hw.config import load_config
+from avatar_hw.control import ControlServer
 from avatar_hw.devices import gpu as g
 from avatar_hw.devices.gpu import GpuDevice
 from avatar_hw.errors import ConfigError
@@ -178,7 +183,8 @@ def test_transfer_flush_screenshot_equals_what_was_written(gpu, fmt):
     assert dev.transfer(5, 0, 0, w, h) == g.RESP_OK_NODATA
     assert dev.scanout(5, 0, 0, w, h) == g.RESP_OK_NODATA
     assert dev.flush(5, 0, 0, w, h) == g.RESP_OK_NODATA
-    width, height, rgb = decode_png(png.encode(*dev.device.screenshot()))
+    shot = dev.device.screenshot()
+    width, height, rgb = decode_png(png.encode(shot.width, shot.height, shot.rgb_rows()))
     assert (width, height) == (w, h)
     assert rgb == rgb_of(data, g.FORMATS[fmt])
 
@@ -199,7 +205,7 @@ def test_partial_transfers_copy_only_their_rectangle(gpu):
         expect[start:start + rw * 4] = second[start:start + rw * 4]
     assert bytes(dev.device.resources[1].pixels) == expect
     assert dev.scanout(1, 16, 16, 32, 16) == g.RESP_OK_NODATA      # a window of it
-    _, _, rgb = dev.device.screenshot()
+    rgb = dev.device.screenshot().rgb()
     crop = b"".join(expect[(16 + r) * w * 4 + 64:(16 + r) * w * 4 + 64 + 128] for r in range(16))
     assert rgb == rgb_of(crop)
 
@@ -590,3 +596,78 @@ def test_modules_dep_lists_a_shared_dependency_last():
     assert sorted(order) == sorted(deps["virtio-gpu"]) and order[-1] == "drm"
     for i, name in enumerate(order):                 # every module before what it needs
         assert all(order.index(d) > i for d in deps[name])
+
+
+class HeldScreen:
+    """What the control server needs of a daemon: VM 0 slot 0 is ``gpu``, whose captures
+    are not converted until ``release`` is set."""
+
+    def __init__(self, gpu_device):
+        self.gpu, self.release, self.taken = gpu_device, threading.Event(), 0
+
+    def list_devices(self):
+        return [{"vm": 0, "slot": 0, "name": "gpu"}]
+
+    def screenshot(self, vm, slot):
+        shot, release = self.gpu.screenshot(), self.release
+        self.taken += 1
+
+        class Held(type(shot)):
+            def rgb_rows(self):
+                release.wait(30)
+                return super().rgb_rows()
+        shot.__class__ = Held
+        return shot
+
+
+def test_a_screenshot_is_encoded_off_the_event_loop(gpu, loop, tmp_path):
+    """While a screenshot is encoded the control server answers other clients; the asking
+    client's later requests are answered after it, in order; a client that leaves while its
+    screenshot is encoded leaves nothing behind, and the next screenshot is taken."""
+    dev = gpu()
+    w, h = 40, 30
+    data = pattern(w, h)
+    dev.write_backing(dev.framebuffer(5, w, h, 2), data)
+    assert dev.transfer(5, 0, 0, w, h) == g.RESP_OK_NODATA
+    assert dev.scanout(5, 0, 0, w, h) == g.RESP_OK_NODATA
+    daemon = HeldScreen(dev.device)
+    server = ControlServer(tmp_path / "control.sock", daemon)
+    server.attach(loop)
+
+    def connect(*commands):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(server.path)
+        sock.sendall(b"".join(json.dumps(cmd).encode() + b"\n" for cmd in commands))
+        sock.setblocking(False)
+        return sock
+
+    def replies(sock, count):
+        got = bytearray()
+        for _ in range(400):
+            loop.run_once(0.05)
+            try:
+                got += sock.recv(1 << 20)
+            except BlockingIOError:
+                pass
+            if got.count(b"\n") >= count:
+                return [json.loads(line) for line in got.splitlines()]
+        raise AssertionError(f"{count} replies never came: {bytes(got[:200])}")
+
+    shot = {"command": "screenshot", "vm": 0, "device": "0"}
+    try:
+        asking = connect(shot, {"command": "list"})
+        other = connect({"command": "list"})
+        assert replies(other, 1) == [{"ok": True, "result": daemon.list_devices()}]
+        with pytest.raises(BlockingIOError):
+            asking.recv(1)                                  # still encoding
+        leaving = connect(shot)
+        daemon.release.set()
+        first, then = replies(asking, 2)
+        assert first["ok"] and then == {"ok": True, "result": daemon.list_devices()}
+        assert decode_png(base64.b64decode(first["result"]["png"])) == (w, h, rgb_of(data))
+        leaving.close()                                     # its screenshot was waiting
+        again = connect(shot)
+        assert replies(again, 1)[0]["result"]["png"] == first["result"]["png"]
+        assert daemon.taken == 2 or daemon.taken == 3       # the leaver's only if begun
+    finally:
+        server.close()

@@ -54,9 +54,10 @@ Configuration: ``events_read``, ``events_clear`` (a write clears those bits of
 ``events_read``), ``num_scanouts`` = 1, ``num_capsets`` = 0. The mode never
 changes, so no display event is ever raised.
 
-``screenshot()`` gives the scanout's rectangle of its resource as RGB (the
-resource as last transferred; the cursor is not drawn); ``avatar-hw screenshot``
-asks the daemon for it as a PNG (``avatar_hw.png``) through the control socket.
+``screenshot()`` copies the scanout's rectangle of its resource (the resource as
+last transferred; the cursor is not drawn); ``avatar-hw screenshot`` asks the
+daemon for it as a PNG through the control socket, which encodes it off the
+event loop.
 """
 
 import struct
@@ -412,11 +413,11 @@ class GpuDevice(VirtioDevice):
     # -- the screen --------------------------------------------------------------------------------
 
     def screenshot(self):
-        """(width, height, RGB bytes) of the scanout; None while the guest shows nothing."""
+        """A ``Capture`` of the scanout; None while the guest shows nothing."""
         if self.scanout is None:
             return None
         resource, x, y, w, h = self.scanout
-        return w, h, resource.rgb(x, y, w, h)
+        return resource.capture(x, y, w, h)
 
     def info(self):
         out = super().info()

@@ -95,17 +95,36 @@ class Resource:
                       for i in range(h))
         return row * h + h * ROW_COST + crossed * ENTRY_COST
 
-    def rgb(self, x, y, w, h):
-        """The rectangle's pixels as RGB bytes."""
+    def capture(self, x, y, w, h):
+        """A copy of the rectangle, taken now (the guest may change the resource after)."""
         stride, row = self.stride, w * BPP
         pixels = bytearray(row * h)
         for i in range(h):
             start = (y + i) * stride + x * BPP
             pixels[i * row:(i + 1) * row] = self.pixels[start:start + row]
-        rgb = bytearray(w * h * 3)
-        for channel, at in enumerate(FORMATS[self.format]):
-            rgb[channel::3] = pixels[at::BPP]
-        return bytes(rgb)
+        return Capture(w, h, pixels, FORMATS[self.format])
+
+
+class Capture:
+    """A rectangle of pixels copied out of a resource (``channels``: where red, green and
+    blue sit in each 4-byte pixel), turned into RGB rows later, off the event loop."""
+
+    def __init__(self, width, height, pixels, channels):
+        self.width, self.height = width, height
+        self.pixels, self.channels = pixels, channels
+
+    def rgb_rows(self):
+        """Each row as RGB bytes, top to bottom (one row at a time: a thread that converts
+        a large screen holds the interpreter a row at a time, never the whole screen)."""
+        row, out = self.width * BPP, bytearray(self.width * 3)
+        for y in range(self.height):
+            source = self.pixels[y * row:(y + 1) * row]
+            for channel, at in enumerate(self.channels):
+                out[channel::3] = source[at::BPP]
+            yield bytes(out)
+
+    def rgb(self):
+        return b"".join(self.rgb_rows())
 
 
 def edid(width, height, refresh=60):
