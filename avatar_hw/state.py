@@ -332,10 +332,47 @@ class StateFile:
 
     def _restore_device(self, number, transport):
         slot = self.slots[number]
+        saved, live = self._device_state(slot), False
+        try:
+            live = self._restore_transport(slot, transport)
+        finally:            # what outlives a reset is taken back even when the rest is not
+            try:
+                transport.device.restore_state(saved, list(slot.record.words), live)
+            except (TypeError, KeyError, IndexError, AttributeError) as err:
+                raise ValueError(f"device state does not fit the {transport.device.name} "
+                                 f"device ({type(err).__name__}: {err})") from None
+        record = slot.record
+        if not live:
+            return
+        if record.status & c.STATUS_DEVICE_NEEDS_RESET:
+            transport.fail("it needed a reset before the restart")
+        log.info("vm%d slot %d: %s restored (status 0x%02x, %d chain(s) in flight)",
+                 record.vm, record.slot, transport.device.name, transport.context.status,
+                 sum(len(q.replaying) for q in transport.device.queues))
+
+    @staticmethod
+    def _device_state(slot):
+        """The device's JSON blob as a dict (ValueError if it is not one)."""
+        record = slot.record
+        length = record.blob_length[record.blob_current & 1]
+        if length > BLOB_SIZE:
+            raise ValueError(f"device state of {length} bytes in a {BLOB_SIZE}-byte blob")
+        blob = bytes(slot.blobs[record.blob_current & 1][:length]) if length else b"{}"
+        try:
+            saved = json.loads(blob)
+        except ValueError:
+            raise ValueError("device state is not JSON") from None
+        if not isinstance(saved, dict):
+            raise ValueError("device state is not a JSON object")
+        return saved
+
+    def _restore_transport(self, slot, transport):
+        """Take back the registers and the queues; False when the device was reset (status
+        0: nothing to take back), ValueError or QueueError for what makes no sense."""
         record, device = slot.record, transport.device
         status = record.status & 0xFF
         if not status:
-            return
+            return False
         if not device.restartable:
             raise ValueError(f"{device.name} devices cannot be restored under a running guest")
         checks = transport.status_prerequisites
@@ -375,26 +412,7 @@ class StateFile:
             queue.use_features(features)
             queue.restore(transport.memory, qrec.last_avail_idx, qrec.used_idx,
                           slot.in_flight[index])
-        length = record.blob_length[record.blob_current & 1]
-        if length > BLOB_SIZE:
-            raise ValueError(f"device state of {length} bytes in a {BLOB_SIZE}-byte blob")
-        blob = bytes(slot.blobs[record.blob_current & 1][:length]) if length else b"{}"
-        try:
-            saved = json.loads(blob)
-        except ValueError:
-            raise ValueError("device state is not JSON") from None
-        if not isinstance(saved, dict):
-            raise ValueError("device state is not a JSON object")
-        try:
-            device.restore_state(saved, list(record.words))
-        except (TypeError, KeyError, IndexError, AttributeError) as err:
-            raise ValueError(f"device state does not fit the {device.name} device "
-                             f"({type(err).__name__}: {err})") from None
-        if record.status & c.STATUS_DEVICE_NEEDS_RESET:
-            transport.fail("it needed a reset before the restart")
-        log.info("vm%d slot %d: %s restored (status 0x%02x, %d chain(s) in flight)",
-                 record.vm, record.slot, device.name, context.status,
-                 sum(len(q.replaying) for q in device.queues))
+        return True
 
     def resume(self):
         """Serve what the restored devices were doing (once attached to the trap page)."""

@@ -212,11 +212,14 @@ def test_restart_under_guest_block_write_in_flight_is_written_once(tmp_path, ram
     assert second.device.queues[0].in_flight == 0
 
 
+@pytest.mark.parametrize("when", ["running", "reset", "restore-failed"])
 def test_restart_under_guest_block_refuses_flushes_after_a_failed_fdatasync(tmp_path, ram,
-                                                                           monkeypatch):
+                                                                           monkeypatch, when):
     """An fdatasync failed: Linux cleared the error and marked the pages clean. The image a
     restarted daemon opens does not tell, so the failure is in the saved state: its flushes
-    are still IOERR."""
+    are still IOERR — also when the guest had reset the device before the restart, or the
+    device's registers could not be restored (it needs a reset, and the guest sets it up
+    afresh)."""
     image, path = tmp_path / "disk.img", tmp_path / "state"
     first, driver, queue = _block_model(ram, image, path)
     real = os.fdatasync
@@ -228,9 +231,18 @@ def test_restart_under_guest_block_refuses_flushes_after_a_failed_fdatasync(tmp_
     queue.notify()
     assert [u.data for u in queue.get_used()] == [b"\x01"]           # IOERR
     monkeypatch.undo()
+    if when == "reset":
+        driver.reset()
+    elif when == "restore-failed":                                  # a used idx moved
+        struct.pack_into("<H", ram, queue.used + 2 - RAM_BASE, 7)
     first.device._close_image()
     second = Model(ram, BlockDevice(image), path)
     driver.mmio = second.subsystem.handle_mmio_trap
+    needs_reset = bool(second.transport.context.status & c.STATUS_DEVICE_NEEDS_RESET)
+    assert needs_reset == (when == "restore-failed")
+    if when != "running":
+        driver.reset()
+        (queue,) = driver.init([0])
     queue.post([struct.pack("<IIQ", 4, 0, 0)], [1])
     queue.notify()
     assert [u.data for u in queue.get_used()] == [b"\x01"]
@@ -474,7 +486,7 @@ class WrongShape(Restartable):
     def saved_state(self):
         return {"ports": 5}
 
-    def restore_state(self, saved, words):
+    def restore_state(self, saved, words, live):
         len(saved["ports"])
 
 

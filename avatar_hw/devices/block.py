@@ -360,7 +360,7 @@ class BlockDevice(VirtioDevice):
         """A failed ``fdatasync``: the image a restarted daemon opens again does not say."""
         return {"sync_failed": True} if self._sync_failed else {}
 
-    def restore_state(self, saved, words):
+    def restore_state(self, saved, words, live):
         self._sync_failed = bool(saved.get("sync_failed"))
 
     def _injected(self, fault, sector, readable, length):

@@ -128,7 +128,9 @@ class ConsoleDevice(VirtioDevice):
                 "control_out": [m.hex() for m in self._control_out],
                 "ports": [[p.guest_ready, p.guest_open, p.host_open] for p in self.ports]}
 
-    def restore_state(self, saved, words):
+    def restore_state(self, saved, words, live):
+        if not live:                    # nothing of a console outlives a reset
+            return
         ports = saved.get("ports", [])
         if len(ports) not in (0, len(self.ports)) or not all(
                 isinstance(p, list) and len(p) == 3 for p in ports):

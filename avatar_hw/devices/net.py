@@ -136,7 +136,7 @@ class NetDevice(VirtioDevice):
         under a running guest, whose frames the switch port would then drop as spoofed)."""
         return {"mac": format_mac(self.mac)}
 
-    def restore_state(self, saved, words):
+    def restore_state(self, saved, words, live):
         mac = parse_mac(saved["mac"]) if "mac" in saved else self.mac
         if mac != self.mac:
             self.backend.change_mac(mac)

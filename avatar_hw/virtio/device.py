@@ -146,10 +146,12 @@ class VirtioDevice:
         (``avatar_hw.state``); only devices that hold such state override it."""
         return {}
 
-    def restore_state(self, saved, words):
-        """Take back ``saved_state()`` and the context's ``words`` after a restart (the
-        queues are restored; ``activate`` and ``queue_notify`` follow). Raise ValueError
-        for a value that makes no sense: the device then needs a reset."""
+    def restore_state(self, saved, words, live):
+        """Take back ``saved_state()`` and the context's ``words`` after a restart. ``live``:
+        the registers and queues are restored (``activate`` and ``queue_notify`` follow);
+        False when the device starts afresh (the guest had reset it, or its restore failed
+        and it needs a reset): take back only what outlives a reset. Raise ValueError for a
+        value that makes no sense: the device then needs a reset."""
 
     def keep_state(self):
         """Store ``saved_state()`` now (when the daemon keeps a state file)."""
