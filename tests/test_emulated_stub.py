@@ -478,3 +478,38 @@ def test_a_paced_vcpu_waits_at_least_its_pace_in_the_guests_own_time():
         assert min(intervals_us) >= pace_us, intervals_us
         del trap
 
+
+
+HOSTILE_REPORTS = {                         # hostile_probe.S: what each report must be
+    1: -1, 2: -1,                           # PSCI 0.1 CPU_OFF, CPU_ON: NOT_SUPPORTED
+    4: 0, 5: -2,                            # AFFINITY_INFO: its own vCPU ON, another invalid
+    6: 0x86000010, 7: 0x0a000000, 8: 0x0a000000,    # fetch: EC 0x21, IL, external abort
+    9: 2, 10: 0x600,                        # T32 16-bit LDR: PC + 2; svc from AArch32 EL0
+    11: 0,                                  # in an IT block: the IT state moved on
+    12: 0x600, 13: 0x92000010,              # T32 LDRD, no syndrome: EC 0x24, IL 1
+    14: 0x92000010,                         # 16-bit LDM: IL 1 too (IL is 1 when ISV is 0)
+    15: 5000,
+}
+
+
+def test_a_hostile_guest_gets_architectural_answers_and_never_stops_the_board():
+    """PSCI 0.1's CPU_OFF/CPU_ON (QEMU honours them: the stub forwarded them, and a
+    CPU_ON started guest code at EL2), an instruction fetch from the window (the board
+    powered off), 32-bit user code touching the window (the PC moved 4 bytes past a 16-bit
+    instruction, an IT block's state stood still, aborts went to the 64-bit vector), and a
+    flood of faults each logged: every one gets the architecture's answer, the guest goes
+    on, and at most a burst of its log lines is kept."""
+    with EmulatedMachine(build_stub(), build_probe("hostile_probe")) as machine:
+        assert machine.wait(120) == 0, list(machine.uart.lines)[-20:]
+        lines = list(machine.uart.lines)
+    reports = {}
+    for line in lines:
+        if line.startswith("avatar-stub: guest: R"):
+            tag, value = line.removeprefix("avatar-stub: guest: R").split()
+            reports[int(tag)] = int(value, 16)
+    expected = {tag: value & (1 << 64) - 1 for tag, value in HOSTILE_REPORTS.items()}
+    assert {tag: reports.get(tag) for tag in expected} == expected, lines[-20:]
+    assert 2 <= reports[3] < 1 << 31                   # PSCI_VERSION went to the firmware
+    faults = sum("no syndrome (ISV=0" in line for line in lines)
+    assert 2 <= faults <= 600, faults                   # two T32 ones, then a burst
+    assert any("guest-made log lines left out" in line for line in lines)

@@ -21,6 +21,8 @@ Seams this module provides for the daemon (see docs/emulated-board.md):
   next start.
 """
 
+import collections
+import itertools
 import logging
 import os
 import shutil
@@ -42,15 +44,18 @@ log = logging.getLogger(__name__)
 
 QEMU = "qemu-system-aarch64"
 DOORBELL_BYTE = 0x00
+KEPT_LINES = 10000          # the stub's last log lines kept (a guest can make them for ever)
 
 
 class UartLink:
-    """The host end of the stub's PL011: log lines in, doorbells both ways."""
+    """The host end of the stub's PL011: log lines in (the last ``KEPT_LINES`` in ``lines``),
+    doorbells both ways."""
 
     def __init__(self, sock, *, on_log=None):
         self.sock = sock
         self.doorbell = StubDoorbell(self.ring)
-        self.lines = []
+        self.lines = collections.deque(maxlen=KEPT_LINES)
+        self.count = 0              # lines read in all
         self._on_log = on_log
         self._partial = b""
         self._changed = threading.Condition()
@@ -75,6 +80,7 @@ class UartLink:
                     for raw in complete:
                         line = raw.decode("ascii", "replace")
                         self.lines.append(line)
+                        self.count += 1
                         log.debug("%s", line)
                         if self._on_log is not None:
                             self._on_log(line)
@@ -95,10 +101,11 @@ class UartLink:
         seen = 0
         with self._changed:
             while True:
-                for line in self.lines[seen:]:
+                new = min(self.count - seen, len(self.lines))
+                for line in itertools.islice(self.lines, len(self.lines) - new, None):
                     if text in line:
                         return line
-                seen = len(self.lines)
+                seen = self.count
                 left = deadline - time.monotonic()
                 if left <= 0 or self.closed:
                     return None
@@ -266,7 +273,7 @@ class EmulatedMachine:
     def wait(self, timeout=None):
         """Wait for QEMU to end (the guest powered off); returns its exit status or None.
 
-        When it ended, the UART's last bytes are read too: ``uart.lines`` is complete."""
+        When it ended, the UART's last bytes are read too: ``uart.lines`` ends with them."""
         try:
             status = self.process.wait(timeout)
         except subprocess.TimeoutExpired:

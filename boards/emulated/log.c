@@ -192,6 +192,36 @@ void log_printf(const char *fmt, ...)
 }
 
 /*
+ * What a guest makes the stub log (its debug UART's lines, its faults) it can make as fast
+ * as it runs, and the lines share the PL011 with the doorbells: each VM may log
+ * GUEST_LOG_BURST lines at once and GUEST_LOG_PER_SECOND a second after that (a GCRA token
+ * bucket; only the VM's own CPU touches its state). Lines past that are counted, and the
+ * next one logged says how many were left out.
+ */
+#define GUEST_LOG_BURST 500
+#define GUEST_LOG_PER_SECOND 50
+static u64 guest_log_due[MAX_VMS];
+static u32 guest_log_left_out[MAX_VMS];
+
+int guest_may_log(void)
+{
+    u32 vm = cpu_index();
+    u64 now = counter(), interval = read_sysreg(cntfrq_el0) / GUEST_LOG_PER_SECOND;
+    u64 due = guest_log_due[vm] > now ? guest_log_due[vm] : now;
+    if (due - now > (GUEST_LOG_BURST - 1) * interval) {
+        guest_log_left_out[vm]++;
+        return 0;
+    }
+    guest_log_due[vm] = due + interval;
+    if (guest_log_left_out[vm]) {
+        log_printf("%u guest-made log lines left out (at most %u a second)",
+                   guest_log_left_out[vm], GUEST_LOG_PER_SECOND);
+        guest_log_left_out[vm] = 0;
+    }
+    return 1;
+}
+
+/*
  * The guest's debug UART: the PL011 address is unmapped in stage 2, and the
  * stub emulates just enough of a PL011 (DR writes, FR reads "TX empty") for
  * Linux's earlycon (bootargs "earlycon=pl011,mmio32,0x09000000"). Its output
@@ -213,7 +243,8 @@ void guest_uart_access(u64 offset, int is_write, u64 *value)
     char c = (char)*value;
     if (c == '\n' || *len == sizeof(guest_lines[0]) - 1) {
         guest_line[*len] = 0;
-        log_printf("guest: %s", guest_line);
+        if (guest_may_log())
+            log_printf("guest: %s", guest_line);
         *len = 0;
     }
     if (c != '\n' && c != '\r')

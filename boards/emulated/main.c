@@ -13,31 +13,48 @@
  *                        window (trap page), the UART, the stub and the
  *                        trap page (outside guest RAM).
  * Guest exceptions handled: data aborts (virtio window, GICD, the guest's
- * debug UART - see log.c), SMC (PSCI, HCR_EL2.TSC: forwarded to QEMU, except
- * what concerns CPUs - the guest has one vCPU - and, with several VMs, its
- * power-off, which parks its CPU; the last one powers the board off), HVC
- * (answers NOT_SUPPORTED), WFI (host mode, while the model is awake: HCR_EL2.TWI, halt
- * polling in idle.c), IRQs.
- * Anything else is logged and the board is powered off, so a failure shows
- * up as a log line and an ended run rather than a hung one.
+ * debug UART - see log.c; any other address: a synchronous external abort
+ * injected), instruction aborts (an external abort injected), SMC (PSCI,
+ * HCR_EL2.TSC: the stub answers it for the guest's one vCPU - see handle_smc),
+ * HVC (answers NOT_SUPPORTED), WFI (host mode, while the model is awake:
+ * HCR_EL2.TWI, halt polling in idle.c), IRQs. Any other exception class from
+ * the guest is logged and answered as the architecture answers an instruction
+ * it does not have: UNDEFINED (EC 0) at the guest's EL1. Nothing a guest does
+ * powers the board off but its own PSCI SYSTEM_OFF/RESET as the last VM.
+ * A guest's instruction may be AArch32 (a 32-bit task at EL0): the PC moves on
+ * by ESR_EL2.IL (2 or 4 bytes) and a T32 IT block's state advances with it.
  */
 #include "stub.h"
 
+#define EC_UNKNOWN 0x00
 #define EC_WFX    0x01
 #define EC_HVC64  0x16
 #define EC_SMC64  0x17
+#define EC_IABT_LOW 0x20
 #define EC_DABT_LOW 0x24
 
+#define ESR_IL  (1ull << 25)
 #define ESR_ISV (1ull << 24)
 #define ESR_SSE (1ull << 21)
 #define ESR_SF  (1ull << 15)
 #define ESR_WNR (1ull << 6)
 
+#define SPSR_AA32 (1ull << 4)         /* M[4]: the guest ran in AArch32 (its EL0) */
+#define FSC_EXTERNAL 0x10             /* DFSC/IFSC: synchronous external abort */
+
+/* PSCI function IDs (DEN0022), SMC32 and SMC64 forms, and the SMCCC architecture calls. */
+#define PSCI_VERSION      0x84000000u
 #define PSCI_CPU_OFF      0x84000002u
 #define PSCI_CPU_ON_32    0x84000003u
 #define PSCI_CPU_ON_64    0xc4000003u
+#define PSCI_AFFINITY_32  0x84000004u
+#define PSCI_AFFINITY_64  0xc4000004u
+#define PSCI_MIGRATE_INFO_TYPE 0x84000006u
 #define PSCI_SYSTEM_OFF   0x84000008u
 #define PSCI_SYSTEM_RESET 0x84000009u
+#define PSCI_FEATURES     0x8400000au
+#define SMCCC_ARCH_FIRST  0x80000000u /* SMCCC_VERSION, ARCH_FEATURES, ARCH_WORKAROUND_n */
+#define SMCCC_ARCH_LAST   0x8000ffffu
 #define PSCI_NOT_SUPPORTED ((u64)-1)
 #define PSCI_INVALID_PARAMETERS ((u64)-2)
 #define PSCI_ALREADY_ON   ((u64)-4)
@@ -115,19 +132,53 @@ static void el2_init(void)
     isb();
 }
 
-/* Deliver a synchronous external abort to the guest, as the hardware would. */
-static void inject_data_abort(u64 esr, u64 far)
+/* Where an exception from the guest state in ``spsr`` is taken at EL1 (Arm ARM D1.10.2,
+ * "Exception vectors"): from AArch32 EL0, from AArch64 EL0, from EL1 with SP_EL0 or SP_EL1. */
+static u64 el1_vector(u64 spsr)
+{
+    if (spsr & SPSR_AA32)
+        return 0x600;
+    u64 mode = spsr & 0xf;
+    return mode == 0 ? 0x400 : mode == 4 ? 0x000 : 0x200;
+}
+
+/* Take an exception to the guest's EL1 as the hardware would have: class ``ec`` as seen
+ * from a lower EL (the same-EL class is ec + 1 for aborts), ``iss``, ESR_EL2.IL kept. */
+static void inject(u64 ec, u64 iss, u64 far)
 {
     u64 spsr = read_sysreg(spsr_el2);
-    u64 mode = spsr & 0xf;
-    u64 vector = read_sysreg(vbar_el1) + (mode == 0 ? 0x400 : mode == 4 ? 0x000 : 0x200);
-    u64 ec = mode == 0 ? 0x24 : 0x25;
-    write_sysreg(esr_el1, (ec << 26) | (1ull << 25) | (esr & ESR_WNR) | 0x10);
+    if (ec != EC_UNKNOWN && !(spsr & SPSR_AA32) && (spsr & 0xf) != 0)
+        ec += 1;                /* taken from EL1 itself: 0x21, 0x25 */
+    write_sysreg(esr_el1, (ec << 26) | (read_sysreg(esr_el2) & ESR_IL) | iss);
     write_sysreg(far_el1, far);
     write_sysreg(elr_el1, read_sysreg(elr_el2));
     write_sysreg(spsr_el1, spsr);
-    write_sysreg(elr_el2, vector);
-    write_sysreg(spsr_el2, 0x3c5);
+    write_sysreg(elr_el2, read_sysreg(vbar_el1) + el1_vector(spsr));
+    write_sysreg(spsr_el2, 0x3c5);          /* EL1h, DAIF masked */
+}
+
+static void inject_data_abort(u64 esr, u64 far)
+{
+    inject(EC_DABT_LOW, (esr & ESR_WNR) | FSC_EXTERNAL, far);
+}
+
+/* The next T32 instruction's IT state (Arm ARM, ITAdvance(); KVM's kvm_adjust_itstate). */
+static u64 it_advance(u64 spsr)
+{
+    u64 it = ((spsr >> 25) & 3) | ((spsr >> 8) & 0xfc);
+    if (!it)
+        return spsr;
+    it = (it & 7) == 0 ? 0 : (it & 0xe0) | ((it << 1) & 0x1f);
+    return (spsr & ~((3ull << 25) | (0x3full << 10))) | ((it & 3) << 25) | ((it & 0xfc) << 8);
+}
+
+/* Resume the guest after the instruction the stub emulated: 2 or 4 bytes (ESR_EL2.IL). */
+static void skip_instruction(void)
+{
+    u64 spsr = read_sysreg(spsr_el2);
+    write_sysreg(elr_el2, read_sysreg(elr_el2) + (read_sysreg(esr_el2) & ESR_IL ? 4 : 2));
+    if (spsr & SPSR_AA32)
+        write_sysreg(spsr_el2, it_advance(spsr));
 }
 
 static int in_range(u64 addr, u64 base, u64 size)
@@ -140,8 +191,10 @@ static void handle_data_abort(struct guest_regs *r, u64 esr)
     u64 far = read_sysreg(far_el2);
     u64 ipa = ((read_sysreg(hpfar_el2) >> 4) << 12) | (far & 0xfff);
     if (!(esr & ESR_ISV)) {
-        log_printf("guest access at pc 0x%lx to 0x%lx has no syndrome (ISV=0: pair, "
-                   "writeback or SIMD access): external abort injected", read_sysreg(elr_el2), ipa);
+        if (guest_may_log())
+            log_printf("guest access at pc 0x%lx to 0x%lx has no syndrome (ISV=0: pair, "
+                       "writeback or SIMD access): external abort injected",
+                       read_sysreg(elr_el2), ipa);
         inject_data_abort(esr, far);
         return;
     }
@@ -161,8 +214,9 @@ static void handle_data_abort(struct guest_regs *r, u64 esr)
         guest_uart_access(ipa - UART_BASE, is_write, &value);
         status = AVT_STATUS_OK;
     } else {
-        log_printf("guest %u-byte %s at pc 0x%lx to unmapped 0x%lx: external abort injected",
-                   size, is_write ? "write" : "read", read_sysreg(elr_el2), ipa);
+        if (guest_may_log())
+            log_printf("guest %u-byte %s at pc 0x%lx to unmapped 0x%lx: external abort "
+                       "injected", size, is_write ? "write" : "read", read_sysreg(elr_el2), ipa);
         inject_data_abort(esr, far);
         return;
     }
@@ -174,7 +228,7 @@ static void handle_data_abort(struct guest_regs *r, u64 esr)
             value &= 0xffffffffull;
         r->x[srt] = value;
     }
-    write_sysreg(elr_el2, read_sysreg(elr_el2) + 4);
+    skip_instruction();
 }
 
 /* The guest is done: the board powers off with the last running VM; until
@@ -192,21 +246,29 @@ static void vm_stop(void)
     vgic_park();
 }
 
+/* The guest's PSCI: it has one vCPU (MPIDR Aff0 = 0, VMPIDR_EL2) and no say over the
+ * board's CPUs. Only queries go on to the firmware (QEMU's PSCI, at EL2: a CPU_ON it
+ * honoured would start the guest's code at EL2); everything else is answered here, and
+ * any other ID - PSCI 0.1's own IDs among them - is NOT_SUPPORTED. */
 static void handle_smc(struct guest_regs *r)
 {
     u32 fid = (u32)r->x[0];
-    write_sysreg(elr_el2, read_sysreg(elr_el2) + 4);   /* a trapped SMC returns to itself */
+    skip_instruction();                                 /* a trapped SMC returns to itself */
     if (fid == PSCI_SYSTEM_OFF || fid == PSCI_SYSTEM_RESET || fid == PSCI_CPU_OFF) {
         log_printf("guest: PSCI %s", fid == PSCI_SYSTEM_OFF ? "SYSTEM_OFF" :
                    fid == PSCI_SYSTEM_RESET ? "SYSTEM_RESET" : "CPU_OFF");
         if (stub_vm_count == 1 && fid != PSCI_CPU_OFF)
-            r->x[0] = smc_call(r->x[0], r->x[1], r->x[2], r->x[3]);   /* QEMU -no-reboot: ends */
+            r->x[0] = smc_call(fid, 0, 0, 0);       /* QEMU -no-reboot: ends */
         vm_stop();
     } else if (fid == PSCI_CPU_ON_32 || fid == PSCI_CPU_ON_64) {
-        /* One vCPU, MPIDR Aff0 = 0 (VMPIDR_EL2): never another physical CPU. */
         r->x[0] = (r->x[1] & 0xff00ffffffull) == 0 ? PSCI_ALREADY_ON : PSCI_INVALID_PARAMETERS;
+    } else if (fid == PSCI_AFFINITY_32 || fid == PSCI_AFFINITY_64) {
+        r->x[0] = (r->x[1] & 0xff00ffffffull) == 0 ? 0 /* ON */ : PSCI_INVALID_PARAMETERS;
+    } else if (fid == PSCI_VERSION || fid == PSCI_MIGRATE_INFO_TYPE ||
+               fid == PSCI_FEATURES || (fid >= SMCCC_ARCH_FIRST && fid <= SMCCC_ARCH_LAST)) {
+        r->x[0] = smc_call(fid, r->x[1], r->x[2], r->x[3]);
     } else {
-        r->x[0] = smc_call(r->x[0], r->x[1], r->x[2], r->x[3]);
+        r->x[0] = PSCI_NOT_SUPPORTED;
     }
 }
 
@@ -234,10 +296,19 @@ void handle_sync(struct guest_regs *r)
     case EC_HVC64:
         r->x[0] = PSCI_NOT_SUPPORTED;
         break;
+    case EC_IABT_LOW:           /* a fetch from an address stage 2 does not map */
+        if (guest_may_log())
+            log_printf("guest instruction fetch at 0x%lx (IPA 0x%lx) from unmapped memory: "
+                       "external abort injected", read_sysreg(elr_el2),
+                       (read_sysreg(hpfar_el2) >> 4) << 12 | (read_sysreg(far_el2) & 0xfff));
+        inject(EC_IABT_LOW, FSC_EXTERNAL, read_sysreg(far_el2));
+        break;
     default:
-        log_printf("unexpected exception from the guest: ESR 0x%lx ELR 0x%lx FAR 0x%lx HPFAR 0x%lx",
-                   esr, read_sysreg(elr_el2), read_sysreg(far_el2), read_sysreg(hpfar_el2));
-        power_off();
+        if (guest_may_log())
+            log_printf("unexpected exception from the guest: ESR 0x%lx ELR 0x%lx FAR 0x%lx "
+                       "HPFAR 0x%lx: UNDEFINED injected", esr, read_sysreg(elr_el2),
+                       read_sysreg(far_el2), read_sysreg(hpfar_el2));
+        inject(EC_UNKNOWN, 0, 0);
     }
     before_guest_resumes();
 }

@@ -159,6 +159,7 @@ void doorbell_ring_host(void);
 void log_printf(const char *fmt, ...);
 extern u32 stub_vm_count;   /* log lines carry "vmN: " when there is more than one */
 void guest_uart_access(u64 offset, int is_write, u64 *value);
+int guest_may_log(void);    /* a guest-made line may be logged now (rate-limited per VM) */
 
 /* vgic.c */
 void vgic_init_distributor(void);
