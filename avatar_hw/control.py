@@ -43,10 +43,14 @@ from concurrent.futures import ThreadPoolExecutor
 from . import paths, png
 from .devices.balloon import parse_size
 from .errors import AvatarError, os_reason
+from .ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 4096
+MAX_CLIENTS = 64
+LINES_PER_TURN = 8          # a client's requests answered in one loop turn
+ACCEPT_PAUSE = 0.1          # seconds without accepting when the daemon has no descriptor left
 ENV = "AVATAR_HW_CONTROL"
 
 
@@ -74,6 +78,7 @@ class _Client:
         self.inbox = bytearray()
         self.outbox = bytearray()
         self.waiting = False            # for a screenshot: its next requests wait
+        self.later = None               # the loop's handle of a serve in the next turn
 
 
 def _encode(shot):
@@ -84,7 +89,12 @@ def _encode(shot):
 
 
 class ControlServer:
-    """Serves ``daemon`` (``info()``, ``subsystem``) on a Unix socket at ``path``."""
+    """Serves ``daemon`` (``info()``, ``subsystem``) on a Unix socket at ``path``.
+
+    A client costs the loop a bounded turn and the daemon bounded memory, whatever it
+    sends: at most ``MAX_CLIENTS`` at once, ``LINES_PER_TURN`` of its requests answered a
+    loop turn, and nothing more read from it while an answer waits to be sent (or for a
+    screenshot) or a whole request waits to be answered."""
 
     def __init__(self, path, daemon):
         self.path = str(path)
@@ -95,6 +105,8 @@ class ControlServer:
         self._encoding = None                       # (client, future) being encoded
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="avatar-hw-png")
         self._encoded = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._accept_later = None
+        self._log = RateLimitedLog(log)
         self.sock = _listen(self.path)
 
     def attach(self, loop):
@@ -108,6 +120,8 @@ class ControlServer:
         if self.loop is not None:
             self.loop.remove_reader(self.sock)
             self.loop.remove_reader(self._encoded)
+            if self._accept_later is not None:
+                self.loop.cancel(self._accept_later)
         self._encoder.shutdown(wait=False, cancel_futures=True)
         os.close(self._encoded)
         self.sock.close()
@@ -118,17 +132,42 @@ class ControlServer:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as err:              # out of descriptors: try again in a while
+            self._log("control socket: cannot accept a client (%s); pausing %.1f s",
+                      os_reason(err), ACCEPT_PAUSE)
+            self.loop.remove_reader(self.sock)
+            self._accept_later = self.loop.call_later(ACCEPT_PAUSE, self._accept_again)
+            return
+        if len(self._clients) >= MAX_CLIENTS:
+            self._log("control socket: %d clients already; one more refused", MAX_CLIENTS)
+            try:
+                conn.send(json.dumps({"ok": False, "error": f"{MAX_CLIENTS} clients are "
+                                      "connected already; try again"}).encode() + b"\n",
+                          socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+            conn.close()
+            return
         conn.setblocking(False)
         client = _Client(conn)
         self._clients[conn.fileno()] = client
         self.loop.add_reader(conn, lambda: self._readable(client))
 
+    def _accept_again(self):
+        self._accept_later = None
+        self.loop.add_reader(self.sock, self._accept)
+
+    def _here(self, client):
+        return self._clients.get(client.sock.fileno()) is client
+
     def _drop(self, client):
         fd = client.sock.fileno()
         self._clients.pop(fd, None)
         self.loop.remove_reader(fd)
-        if client.outbox:
-            self.loop.remove_writer(fd)
+        self.loop.remove_writer(fd)
+        if client.later is not None:
+            self.loop.cancel(client.later)
+            client.later = None
         client.sock.close()
 
     def _readable(self, client):
@@ -145,8 +184,12 @@ class ControlServer:
         self._serve(client)
 
     def _serve(self, client):
-        """Answer ``client``'s whole lines in order, until one waits for a screenshot."""
-        while not client.waiting and b"\n" in client.inbox:
+        """Answer up to ``LINES_PER_TURN`` of ``client``'s whole lines in order, until one
+        waits for a screenshot or an answer cannot be sent at once; the rest next turn."""
+        client.later = None
+        for _ in range(LINES_PER_TURN):
+            if client.waiting or client.outbox or b"\n" not in client.inbox:
+                break
             line, _, rest = bytes(client.inbox).partition(b"\n")
             client.inbox[:] = rest
             reply = self.answer(line)
@@ -156,15 +199,32 @@ class ControlServer:
                 self._next_screenshot()
             else:
                 self._send(client, reply)
-        if not client.waiting and len(client.inbox) > MAX_REQUEST:
-            self._send(client, {"ok": False, "error": "request line too long"})
+            if not self._here(client):
+                return
+        if b"\n" not in client.inbox and len(client.inbox) > MAX_REQUEST:
             client.inbox.clear()
+            self._send(client, {"ok": False, "error": "request line too long"})
+            if not self._here(client):
+                return
+        self._watch(client)
+
+    def _watch(self, client):
+        """Read from ``client`` only when nothing of it is pending; serve its next lines
+        in the next turn when they can be."""
+        pending = client.waiting or client.outbox or b"\n" in client.inbox
+        if pending:
+            self.loop.remove_reader(client.sock)
+        else:
+            self.loop.add_reader(client.sock, lambda: self._readable(client))
+        if b"\n" in client.inbox and not (client.waiting or client.outbox) \
+                and client.later is None:
+            client.later = self.loop.call_later(0, lambda: self._serve(client))
 
     def _next_screenshot(self):
         """Copy the next waiting screenshot's pixels and hand them to the encoder."""
         while self._encoding is None and self._screenshots:
             client, vm, slot = self._screenshots.popleft()
-            if self._clients.get(client.sock.fileno()) is not client:
+            if not self._here(client):
                 continue                                    # it left
             try:
                 shot = self.daemon.screenshot(vm, slot)
@@ -187,7 +247,7 @@ class ControlServer:
         except Exception as err:            # introspection must never stop the daemon
             log.exception("screenshot failed")
             reply = {"ok": False, "error": f"internal error: {err!r}"}
-        if self._clients.get(client.sock.fileno()) is client:
+        if self._here(client):
             self._answered(client, reply)
         self._next_screenshot()
 
@@ -195,7 +255,7 @@ class ControlServer:
         """Send a screenshot's ``reply`` and go on with what ``client`` asked after it."""
         client.waiting = False
         self._send(client, reply)
-        if self._clients.get(client.sock.fileno()) is client:
+        if self._here(client):
             self._serve(client)
 
     def _send(self, client, reply):
@@ -205,7 +265,6 @@ class ControlServer:
             self._writable(client)
 
     def _writable(self, client):
-        fd = client.sock.fileno()
         try:
             sent = client.sock.send(client.outbox)
         except (BlockingIOError, InterruptedError):
@@ -215,9 +274,10 @@ class ControlServer:
             return
         del client.outbox[:sent]
         if client.outbox:
-            self.loop.add_writer(fd, lambda: self._writable(client))
+            self.loop.add_writer(client.sock, lambda: self._writable(client))
         else:
-            self.loop.remove_writer(fd)
+            self.loop.remove_writer(client.sock)
+            self._watch(client)
 
     def answer(self, line):
         """The reply (a dict) to one request line, or the ``(vm, slot)`` of a screenshot to
@@ -244,12 +304,14 @@ class ControlServer:
             else:
                 return {"ok": False, "error": f"unknown command {command!r}"}
             return {"ok": True, "result": result}
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, OverflowError) as err:
             return {"ok": False, "error": f"bad request: {err}"}
+        except RecursionError:
+            return {"ok": False, "error": "bad request: nested too deeply"}
         except AvatarError as err:
             return {"ok": False, "error": str(err)}
         except Exception as err:          # introspection must never stop the daemon
-            log.exception("control request %r failed", line[:200])
+            self._log("control request %r failed", line[:200], exc_info=True)
             return {"ok": False, "error": f"internal error: {err!r}"}
 
     def _fault_command(self, command, request):

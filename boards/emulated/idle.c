@@ -170,7 +170,7 @@ void idle_wfi(void)
     if (seen != NOTHING) {
         if (seen == REQUEST)
             count(&slot->wfi_caught);
-        write_sysreg(elr_el2, read_sysreg(elr_el2) + 4);
+        skip_instruction();
         return;                         /* before_guest_resumes takes and injects it */
     }
     count(window || serve ? &slot->wfi_ran_out : &slot->wfi_slept);

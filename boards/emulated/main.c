@@ -173,7 +173,7 @@ static u64 it_advance(u64 spsr)
 }
 
 /* Resume the guest after the instruction the stub emulated: 2 or 4 bytes (ESR_EL2.IL). */
-static void skip_instruction(void)
+void skip_instruction(void)
 {
     u64 spsr = read_sysreg(spsr_el2);
     write_sysreg(elr_el2, read_sysreg(elr_el2) + (read_sysreg(esr_el2) & ESR_IL ? 4 : 2));

@@ -199,6 +199,7 @@ void board_ring_doorbell(void);
 int board_irq(u32 intid);
 
 /* start.S / main.c */
+void skip_instruction(void);    /* ELR_EL2 past the trapped instruction (ESR_EL2.IL) */
 void enter_guest(u64 entry, u64 dtb) __attribute__((noreturn));
 u64 smc_call(u64 fid, u64 a1, u64 a2, u64 a3);
 void power_off(void) __attribute__((noreturn));
