@@ -360,8 +360,8 @@ class StateFile:
         blob = bytes(slot.blobs[record.blob_current & 1][:length]) if length else b"{}"
         try:
             saved = json.loads(blob)
-        except ValueError:
-            raise ValueError("device state is not JSON") from None
+        except (ValueError, RecursionError):
+            raise ValueError("device state is not JSON (or nested too deeply)") from None
         if not isinstance(saved, dict):
             raise ValueError("device state is not a JSON object")
         return saved

@@ -490,13 +490,23 @@ class WrongShape(Restartable):
         len(saved["ports"])
 
 
-def test_restart_under_guest_device_state_of_the_wrong_shape_needs_reset(tmp_path, ram):
-    """The blob is untrusted: a device's restore tripping over it (TypeError here) puts that
-    device in DEVICE_NEEDS_RESET instead of stopping the daemon with a traceback."""
+@pytest.mark.parametrize("deep", [False, True], ids=["wrong-type", "nested-4000-deep"])
+def test_restart_under_guest_device_state_of_the_wrong_shape_needs_reset(tmp_path, ram,
+                                                                         deep):
+    """The blob is untrusted: a device's restore tripping over it (TypeError here), or
+    JSON nested past the parser's recursion limit (RecursionError: the daemon did not
+    start at all), puts that device in DEVICE_NEEDS_RESET instead of stopping the daemon
+    with a traceback."""
     path = tmp_path / "state"
     first = Model(ram, WrongShape(queue_sizes=(8,)), path)
     driver_for(first, ram).init([0])
-    first.state.save_device(first.subsystem.layout.window_number(0, 0))
+    number = first.subsystem.layout.window_number(0, 0)
+    first.state.save_device(number)
+    if deep:
+        slot, blob = first.state.slots[number], b"[" * 4000 + b"]" * 4000
+        current = slot.record.blob_current & 1
+        slot.blobs[current][:len(blob)] = blob
+        slot.record.blob_length[current] = len(blob)
     second = Model(ram, WrongShape(queue_sizes=(8,)), path)
     assert second.transport.context.status & c.STATUS_DEVICE_NEEDS_RESET
 
