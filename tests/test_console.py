@@ -4,6 +4,8 @@ import fcntl
 import hashlib
 import importlib
 import os
+import subprocess
+import sys
 import socket
 import struct
 import termios
@@ -873,3 +875,49 @@ def test_endpoint_schemes_are_public():
     for scheme in SCHEMES:          # each scheme is the module of that name
         module = importlib.import_module(f"avatar_hw.endpoints.{scheme}")
         assert callable(module.open_url) and callable(module.pyserial_url)
+
+
+@pytest.mark.parametrize("reader", [False, True], ids=["no-reader", "reader"])
+def test_a_file_endpoint_on_a_fifo_is_refused_not_waited_for(tmp_path, reader):
+    """``file:`` on a FIFO: its open waited for a reader, and with one that never read,
+    the guest's output kept the daemon's loop in writev (every VM waited). Refused with a
+    one-line config error naming the endpoints that take a reader; /dev/null still works."""
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    held = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK) if reader else None
+    try:
+        with pytest.raises(ConfigError, match=r"^file:.*out\.fifo: path: is not a regular "
+                                              r"file .*pty: or unix:$"):
+            open_endpoint(f"file:{fifo}")
+    finally:
+        if held is not None:
+            os.close(held)
+    open_endpoint("file:/dev/null").close()
+
+
+STDIO_CHECK = """
+import os, sys
+from avatar_hw.endpoints import open_endpoint
+from avatar_hw.loop import EventLoop
+loop = EventLoop()
+endpoint = open_endpoint("stdio")
+endpoint.attach(loop, lambda: None, lambda: None)
+loop.run_once(0)
+print(os.get_blocking(1), os.get_blocking(2), endpoint.input_fd() is None, flush=True)
+endpoint.close()
+"""
+
+
+@pytest.mark.parametrize("stdin", ["devnull", "file", "pipe"])
+def test_stdio_takes_any_stdin_and_leaves_stderr_blocking(tmp_path, stdin):
+    """``stdio`` with stdin from /dev/null or a file (systemd's default, nohup, a script's
+    ``&``): epoll cannot watch those and the daemon died with a traceback; now there is no
+    input. Its non-blocking output no longer makes stdout's and stderr's shared file
+    description non-blocking (the daemon's log lines were lost while the pipe was full)."""
+    source = {"devnull": subprocess.DEVNULL, "pipe": subprocess.PIPE}.get(stdin)
+    if stdin == "file":
+        (tmp_path / "in").write_text("typed\n")
+        source = open(tmp_path / "in", "rb")
+    done = subprocess.run([sys.executable, "-c", STDIO_CHECK], stdin=source,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    assert done.stdout.decode().split() == ["True", "True", str(stdin != "pipe")], done.stdout
