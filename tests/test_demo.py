@@ -140,6 +140,16 @@ def test_input_from_a_pipe_runs_then_the_demo_exits_with_the_last_status():
     assert leftovers(pid) == ([], [], [])
 
 
+def test_input_whose_last_line_has_no_newline_still_ends():
+    """``printf 'echo a\nfalse' | avatar-hw demo`` (a file an editor or printf wrote): the
+    ending's command was glued to the unended last line, never ran, and the demo waited
+    for ever."""
+    done = subprocess.run(AVATAR_HW + ["demo"], input=b"echo $((6 * 7))-seen\nfalse",
+                          capture_output=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert b"\n42-seen" in done.stdout.replace(b"\r\n", b"\n")
+
+
 def test_config_takes_a_path_or_the_shipped_examples_name(tmp_path, monkeypatch):
     from avatar_hw.shipped import shipped_file
     from avatar_hw.config import config_path

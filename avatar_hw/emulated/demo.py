@@ -84,6 +84,7 @@ def _interactive(board, vm, timeout=GUEST_TIMEOUT):
     saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
     qemu = os.pidfd_open(board.machine.process.pid)
     pending, ending = b"", None             # input not yet taken; stdin's end, once seen
+    last = b"\n"                            # stdin's last byte: was its last line ended?
     try:
         if saved:
             tty.setraw(stdin)
@@ -115,8 +116,9 @@ def _interactive(board, vm, timeout=GUEST_TIMEOUT):
                 if EXIT_KEY in data or not data and saved:
                     return 0
                 if not data:
-                    ending = _Ending()
-                    data = ending.command
+                    ending = _Ending()          # after the last line, ended or not
+                    data = (b"" if last == b"\n" else b"\n") + ending.command
+                last = data[-1:]
                 pending += data
     finally:
         os.close(qemu)

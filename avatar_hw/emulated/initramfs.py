@@ -24,6 +24,7 @@ MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "virtio-rng",
 READY_MARKER = "avatar-guest: ready"
 HVC_WAIT_SECONDS = 10
 HVC_RELOAD_SECONDS = 60
+DIRS = ("proc", "sys", "dev", "tmp", "root", "etc", "mnt")  # made in every initramfs (/mnt: for mounts)
 
 # The interactive shell on hvc0 (the guest's, the board Linux's), run by /init in the
 # foreground: a shell started with & would ignore SIGINT for good (a non-interactive shell's
@@ -166,6 +167,7 @@ def pack_initramfs(assets, init, modules, files=None, *, name="initramfs"):
     for path in sorted(contents):
         digest.update(path.encode() + b"\0" + oct(modes.get(path, 0o644)).encode() + b"\0" +
                       contents[path])
+    digest.update(" ".join(DIRS).encode())
     out = cache_dir() / f"{name}-{assets.release}-{digest.hexdigest()[:16]}.cpio"
     if out.exists():
         return out
@@ -173,7 +175,7 @@ def pack_initramfs(assets, init, modules, files=None, *, name="initramfs"):
     for path in contents:
         parts = path.split("/")[:-1]
         dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
-    dirs.update({"proc", "sys", "dev", "tmp", "root", "etc"})
+    dirs.update(DIRS)
     entries = [(d, stat.S_IFDIR | 0o755, b"", 0) for d in sorted(dirs)]
     entries.append(("dev/console", stat.S_IFCHR | 0o600, b"", os.makedev(5, 1)))
     entries += [(path, _file_mode(modes.get(path, 0o644)), data, 0)
