@@ -9,6 +9,7 @@ guest's drivers never reset their devices.
 
 import base64
 import hashlib
+import pathlib
 import re
 import time
 
@@ -19,6 +20,8 @@ from avatar_hw.control import request
 from avatar_hw.emulated.session import EmulatedBoard, _connect_unix
 from avatar_hw.shipped import board_path
 from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 MIB = 1 << 20
 SIZE = 192 << 10
@@ -150,3 +153,13 @@ def test_restart_under_guest_host_mode_transfers_are_exact_and_nothing_resets(bo
     log = (board.state_path.parent / "daemon.log").read_text()
     assert "restored" in log and "chain(s) in flight" in log
 
+
+
+def test_the_restart_example_of_docs_testing_md_runs(capsys):
+    """docs/testing.md's restart example, as written: every device still 0xf after the
+    daemon was killed and started again."""
+    text = (ROOT / "docs" / "testing.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "kill_daemon" in b]
+    exec(compile(block, "docs/testing.md restart example", "exec"), {})
+    statuses = capsys.readouterr().out.split()
+    assert statuses and set(statuses) == {"0x0000000f"}, statuses
