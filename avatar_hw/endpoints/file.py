@@ -46,18 +46,13 @@ class FileEndpoint(Endpoint):
     def output_fd(self):
         return self.fd
 
-    def flush(self):
-        stream = self.stream
-        self.position = max(self.position, stream.head)
-        while self.position < stream.tail:
-            try:
-                self.position += os.writev(self.fd, stream.views_from(self.position))
-            except OSError as err:
-                self._error_log("%s: log write failed (%s); %d bytes not logged", self, err,
-                                stream.tail - self.position)
-                self.position = stream.tail
-        if self._own_stream:
-            stream.take_done(self.position)
+    def _write_now(self, fd, views):
+        try:
+            return os.writev(fd, views)
+        except OSError as err:                  # skipped: counted and logged (rate-limited)
+            left = self.stream.tail - self.position
+            self._error_log("%s: log write failed (%s); %d bytes not logged", self, err, left)
+            return left
 
     @property
     def output_errors(self):
