@@ -426,6 +426,30 @@ def test_the_setups_of_a_guest_looping_reset_and_setup_are_idle(bench, monkeypat
     assert bench.transport.context.guest_errors == 0
 
 
+def test_a_guest_looping_queue_reset_and_setup_after_driver_ok_is_idle(bench, monkeypatch):
+    """QueueReset, the ring addresses and QueueReady again, in a loop after DRIVER_OK:
+    11 000 accesses in 3 s and never paced. Past RESETS_PER_SECOND queue resets within a
+    second each write of that setup is idle, as a device's reset loop before DRIVER_OK."""
+    clock = [10 * transport._SECOND_NS]
+    monkeypatch.setattr(transport, "monotonic_ns", lambda: clock[0])
+    ready(bench)                                # its reset is in this window
+    clock[0] += transport._SECOND_NS
+    d = bench.driver
+
+    def reset_and_set_up():
+        d.write(c.REG_QUEUE_SEL, 0)             # idle after DRIVER_OK anyway
+        d.write(c.REG_QUEUE_RESET, 1)
+        d.ram.reset_alloc()
+        d.setup_queue(0, 4)
+    once = idle(bench, reset_and_set_up)
+    for _ in range(transport.RESETS_PER_SECOND - 1):
+        assert idle(bench, reset_and_set_up) == once
+    assert idle(bench, reset_and_set_up) > once + 6       # QueueReset, addresses, ready
+    clock[0] += transport._SECOND_NS
+    assert idle(bench, reset_and_set_up) == once
+    assert bench.transport.context.guest_errors == 0
+
+
 # -- interrupts -----------------------------------------------------------------------------------
 
 def test_interrupt_status_and_ack(bench):

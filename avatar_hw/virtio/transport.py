@@ -60,11 +60,13 @@ trap rate without one guest error, each still a trap that costs the other VMs:
   ``SHADOWED``): the stub sends it to the model whatever it holds; a shadowed
   register's read traps only when the stub could not answer it (no shadows, a page
   being rewritten), which is not the guest's doing;
-* a write before DRIVER_OK while the guest loops reset and setup: a device reset more
-  than ``RESETS_PER_SECOND`` times within a second (a driver resets it when it probes
-  and when it lets it go; one reloaded in a shell loop, a few times a second). Until
-  a reset opens a new window (a second or more after the last one began), each write of
-  its setups before DRIVER_OK is idle.
+* a write while the guest loops reset and setup: a device (or one of its queues,
+  QueueReset) reset more than ``RESETS_PER_SECOND`` times within a second (a driver
+  resets it when it probes and when it lets it go; one reloaded in a shell loop, a few
+  times a second). For the rest of that second, each write of its setups before
+  DRIVER_OK is idle, and after DRIVER_OK
+  each write of a queue's setup (QueueSel, QueueNum, its ring addresses, QueueReady,
+  QueueReset).
 
 A correct driver makes one or two while it probes a device (Linux selects queue 0,
 already selected) and, now and then, a notify finds nothing new: the entries it was for
@@ -118,6 +120,10 @@ _MASK32 = 0xFFFFFFFF
 
 RESETS_PER_SECOND = 20          # more, and the guest loops reset and setup (idle traps)
 _SECOND_NS = 1_000_000_000
+_QUEUE_SETUP = frozenset((c.REG_QUEUE_SEL, c.REG_QUEUE_NUM, c.REG_QUEUE_READY,
+                          c.REG_QUEUE_RESET, c.REG_QUEUE_DESC_LOW, c.REG_QUEUE_DESC_HIGH,
+                          c.REG_QUEUE_DRIVER_LOW, c.REG_QUEUE_DRIVER_HIGH,
+                          c.REG_QUEUE_DEVICE_LOW, c.REG_QUEUE_DEVICE_HIGH))
 
 
 def pieces(offset, size):
@@ -228,7 +234,9 @@ class MmioTransport(LegacyRegisters):
             self.guest_error("write of 0x%x to 0x%03x (no such register, or read-only); "
                               "ignored", value, offset)
             return
-        if self._resets > RESETS_PER_SECOND and not self.status & _DRIVER_OK:
+        if self._resets > RESETS_PER_SECOND and (not self.status & _DRIVER_OK
+                                                  or offset in _QUEUE_SETUP) \
+                and monotonic_ns() - self._resets_since < _SECOND_NS:
             self.context.idle_traps += 1
         handler(self, value & _MASK32)
 
@@ -500,6 +508,7 @@ class MmioTransport(LegacyRegisters):
         if not self.has_feature(c.F_RING_RESET):
             self.guest_error("QueueReset without VIRTIO_F_RING_RESET; ignored")
             return
+        self._count_reset()
         queue.reset()
         self.queue_was_reset[queue.index] = True
         self.device.queue_reset(queue.index)
