@@ -173,13 +173,20 @@ class ConsoleBackend:
 
     def spill(self):
         """Nobody is attached: move what is in flight into the log; ``(token, length)`` of
-        each submission now done."""
-        done = []
-        for _, length, views, token in self.stream.segments:
+        each submission now done. The log starts where the endpoints that left had got to
+        (the least far of those that took any: a pty keeps what it was handed for its next
+        reader, which got a buffer's first part twice, once from the pty and once from the
+        log)."""
+        stream = self.stream
+        position = min((ep.position for ep in self.endpoints if ep.position > stream.head),
+                       default=stream.head)
+        while position < stream.tail:
+            views = stream.views_from(position)
             self.log_output(views)
-            if token is not LOGGED:
-                done.append((token, length))
-        self.stream.clear()
+            position += sum(map(len, views))
+        done = [(token, length) for _, length, _, token in stream.segments
+                if token is not LOGGED]
+        stream.clear()
         return done
 
     def _replay_log(self):
