@@ -56,6 +56,9 @@ def open_serial(url, **kwargs):
         return serial.serial_for_url(url, **kwargs)
     except (serial.SerialException, ValueError) as err:
         raise AvatarError(f"console {url}: {err}") from None
+    except OSError as err:          # the peer closed at once: a daemon's endpoint that has
+        raise AvatarError(f"console {url}: {err.strerror or err} (an avatar-hw endpoint "
+                          "takes one client at a time: is another attached?)") from None
 
 
 class GuestConsole:
