@@ -208,6 +208,14 @@ def _signal(sig):
     return end
 
 
+def _twice(sig):
+    def end(demo):              # as timeout(1) does: the demo, then its whole process group
+        os.kill(demo.process.pid, sig)
+        time.sleep(0.02)
+        os.kill(demo.process.pid, sig)
+    return end
+
+
 def _poweroff(demo):
     demo.process.stdin.write(b"poweroff -f\n")
     demo.process.stdin.flush()
@@ -218,6 +226,7 @@ ENDINGS = {
     "SIGINT inherited as ignored": (_signal(signal.SIGINT), 130),
     "SIGTERM": (_signal(signal.SIGTERM), 128 + signal.SIGTERM),
     "SIGHUP": (_signal(signal.SIGHUP), 128 + signal.SIGHUP),
+    "SIGTERM twice": (_twice(signal.SIGTERM), 128 + signal.SIGTERM),
     "guest poweroff": (_poweroff, 0),
 }
 

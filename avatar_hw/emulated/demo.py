@@ -47,12 +47,19 @@ BOARD_TIMEOUT = 300                 # board mode (TCG-slow Python): each of the 
                                     # shell, its daemon serving, the guest's shell
 
 
+LEAVE_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 def _say(text):
     print(f"avatar-hw demo: {text}", file=sys.stderr, flush=True)
 
 
 def _leave(signum, frame):
-    """SIGTERM, SIGHUP (the terminal closed): unwind, so the board is stopped and removed."""
+    """SIGTERM, SIGHUP (the terminal closed): unwind, so the board is stopped and removed;
+    later ones are ignored (``timeout`` signals the demo, then its process group: a second
+    signal cut the removal short and left the temporary directory)."""
+    for other in LEAVE_SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
@@ -186,7 +193,7 @@ def _demo(args):
         print("avatar-hw: --run-board needs --board-linux (in host mode the daemon runs in "
               "this process: there is no board Linux)", file=sys.stderr)
         return 2
-    old = {signum: signal.signal(signum, _leave) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    old = {signum: signal.signal(signum, _leave) for signum in LEAVE_SIGNALS}
     try:
         if args.board_linux:
             return _board_demo(args, log)
