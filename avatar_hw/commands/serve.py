@@ -1,6 +1,8 @@
 """``avatar-hw serve``: run the device model daemon (avatar_hw.daemon) until a signal."""
 
+import argparse
 import logging
+import math
 from pathlib import Path
 
 from ..control import default_control_path
@@ -20,6 +22,17 @@ def add_wait_option(parser):
                              "trap.wait")
     parser.add_argument("--busy-poll", dest="wait", action="store_const", const=BUSY_POLL,
                         help="the same as --wait busy-poll")
+
+
+def seconds(text):
+    """An option's number of seconds: finite and above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
 
 
 def run(args):
@@ -47,7 +60,7 @@ def add_parser(subparsers, parents=()):
     parser.add_argument("--control", help="control socket path (default: "
                                           f"{default_control_path()})")
     parser.add_argument("--doorbell", help="uio (default), or fifo:PATH[,STUB_PATH]")
-    parser.add_argument("--wait-stub", type=float, default=10.0, metavar="SECONDS",
+    parser.add_argument("--wait-stub", type=seconds, default=10.0, metavar="SECONDS",
                         help="how long to wait for the stub to initialise the trap page")
     parser.add_argument("--sysfs-root", default="/sys",
                         help="where UIO devices are looked up (default /sys; tests use a tree)")

@@ -21,7 +21,6 @@ either this terminal gets the guest's console and the board Linux's shell is
 printed (a Unix socket: ``socat -,raw,echo=0 UNIX-CONNECT:PATH``).
 """
 
-import argparse
 import os
 import re
 import select
@@ -32,7 +31,7 @@ import termios
 import tty
 
 from ..commands.query import format_list
-from ..commands.serve import add_wait_option
+from ..commands.serve import add_wait_option, seconds
 from ..config import config_path
 from ..errors import AvatarError
 from . import board_linux
@@ -241,17 +240,6 @@ def _board_demo(args, log):
         return _interactive(board, board_linux.GUEST_VM, BOARD_TIMEOUT)
 
 
-def _seconds(text):
-    """--timeout's value: a number of seconds above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
-    return value
-
-
 def add_parser(subparsers, parents=()):
     parser = subparsers.add_parser(
         "demo", parents=parents,
@@ -265,7 +253,7 @@ def add_parser(subparsers, parents=()):
                         help="control socket path (default: in the demo's temporary directory)")
     parser.add_argument("--run", metavar="CMD", help="run CMD in the guest, print its output, "
                         "exit with its status")
-    parser.add_argument("--timeout", type=_seconds, default=60,
+    parser.add_argument("--timeout", type=seconds, default=60,
                         help="seconds for --run and for --run-board (60)")
     parser.add_argument("--stub-log", action="store_true", help="show the EL2 stub's log")
     parser.add_argument("--vms", type=int, choices=range(1, MAX_VMS + 1), default=1,
