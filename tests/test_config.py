@@ -73,6 +73,12 @@ MISTAKES = [
      "must be true or false, not str 'no'"),
     ("[vm.0]\nblock = { image = 5 }\n", "vm.0.block.image", "must be the path"),
     ("[vm.0]\nblock = []\n", "vm.0.block", "an empty list"),
+    ("[vm.0]\nblock = { image = '/x.img', size = 100 }\n", "vm.0.block.size",
+     "must be a multiple of 512 bytes (at least 512, below 2**63), not 100"),
+    ("[vm.0]\nblock = { image = '/x.img', size = 1000 }\n", "vm.0.block.size",
+     "must be a multiple of 512 bytes (at least 512, below 2**63), not 1000"),
+    ("[vm.0]\nblock = { image = '/x.img', size = '64M' }\n", "vm.0.block.size",
+     "must be an integer number of bytes"),
     ("[vm.0]\nblock = [{ image = '/a' }, { image = '/b', ro = true }]\n", "vm.0.block[1].ro",
      "unknown key for a block"),
     ("[vm.0]\nblock = { image = '/a', serial = 'x' }\n[vm.0.console]\nendpoints = 'stdio'\n"
@@ -163,6 +169,24 @@ def test_an_os_error_at_build_names_the_path_and_the_reason_only(tmp_path):
         config.build_device(config.vms[0].devices[0])
     assert str(err.value) == (f"{tmp_path / 'vms.toml'}: vm.0.block: {tmp_path}/none/vm0.img: "
                               "No such file or directory")
+
+
+@pytest.mark.parametrize("extra, problem", [
+    (", queues = 99", "queues = 99: give 1 to 16 request queues"),
+    ("", "size = 9223372036854775296: cannot make IMAGE that large (File too large)"),
+])
+def test_an_image_size_creates_could_not_use_is_removed(tmp_path, extra, problem):
+    """An image created for ``size`` is not left behind by a device that failed: the next
+    start, with the config fixed, creates it anew."""
+    image = tmp_path / "vm0.img"
+    size = 4096 if extra else (1 << 63) - 512
+    text = f"[vm.0]\nblock = {{ image = '{image}', size = {size}{extra} }}\n"
+    config = load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError) as err:
+        config.build_device(config.vms[0].devices[0])
+    assert str(err.value) == (f"{tmp_path / 'vms.toml'}: vm.0.block: "
+                              + problem.replace("IMAGE", str(image)))
+    assert not image.exists()
 
 
 @pytest.mark.parametrize("kind, table", [
