@@ -16,6 +16,7 @@ import pytest
 
 from avatar_hw import cli, control
 from avatar_hw.errors import AvatarError
+from avatar_hw.shipped import shipped_file
 from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
 from test_daemon import Served, console_config
 
@@ -115,6 +116,17 @@ def test_a_board_file_given_as_config_says_which_option_takes_it(capsys):
     err = capsys.readouterr().err
     assert err.startswith("avatar-hw: ") and err.count("\n") == 1
     assert "rpi4.toml: a board file (for --board), not a VMs config; " in err
+
+
+def test_serve_says_the_emulated_board_is_the_demos(capsys, tmp_path):
+    """Its board file's RAM file is a placeholder: each demo makes its own."""
+    config = tmp_path / "vms.toml"
+    config.write_text("[vm.0]\nrng = {}\n")
+    assert cli.main(["serve", "--board", "emulated", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        f"avatar-hw: {shipped_file('emulated.toml')}: the emulated board is served only by "
+        "avatar-hw demo (or the EmulatedBoard API: avatar_hw.emulated.session), which gives "
+        "each run its own RAM file\n")
 
 
 @pytest.mark.parametrize("command", [["serve", "--board", "rpi4", "--config", "vms.toml"],

@@ -5,8 +5,11 @@ import logging
 import math
 from pathlib import Path
 
+from ..board import load_board
 from ..control import default_control_path
 from ..daemon import Daemon
+from ..errors import AvatarError
+from ..shipped import board_path
 from ..tracing import trace_log
 from ..wait import BUSY_POLL, MODES
 
@@ -38,7 +41,12 @@ def seconds(text):
 def run(args):
     if args.trace:
         trace_log.setLevel(logging.INFO)
-    daemon = Daemon(args.board, args.config, doorbell=args.doorbell, wait=args.wait,
+    board = load_board(board_path(args.board))
+    if board.name == "emulated":
+        raise AvatarError(f"{board.path}: the emulated board is served only by avatar-hw demo "
+                          "(or the EmulatedBoard API: avatar_hw.emulated.session), which gives "
+                          "each run its own RAM file")
+    daemon = Daemon(board, args.config, doorbell=args.doorbell, wait=args.wait,
                     trace=args.trace, control_path=args.control, user=args.user,
                     wait_stub=args.wait_stub, sysfs_root=args.sysfs_root, dev_root=args.dev_root,
                     record=args.record, state=args.state)
