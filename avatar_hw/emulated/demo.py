@@ -32,7 +32,7 @@ import tty
 
 from ..commands.query import format_list
 from ..commands.serve import add_wait_option, seconds
-from ..config import config_path
+from ..config import config_path, load_config
 from ..errors import AvatarError
 from . import board_linux
 from .memory_map import MAX_VMS
@@ -162,10 +162,6 @@ def _ended(board):
 
 def _demo(args):
     log = (lambda line: print(line, file=sys.stderr)) if args.stub_log else None
-    if not 0 <= args.vm < args.vms:
-        print(f"avatar-hw: --vm {args.vm}: the board runs VMs 0..{args.vms - 1} (--vms)",
-              file=sys.stderr)
-        return 2
     if args.board_linux:
         given = [option for option, value in (("--config", args.config), ("--control",
                  args.control), ("--vms", args.vms != 1), ("--vm", args.vm)) if value]
@@ -183,6 +179,12 @@ def _demo(args):
         print("avatar-hw: --run-board needs --board-linux (in host mode the daemon runs in "
               "this process: there is no board Linux)", file=sys.stderr)
         return 2
+    elif not 0 <= args.vm < args.vms:
+        print(f"avatar-hw: --vm {args.vm}: the board runs VMs 0..{args.vms - 1} (--vms)",
+              file=sys.stderr)
+        return 2
+    elif args.config is not None:
+        _check_config_has_vm(config_path(args.config), args.vm, args.vms)
     old = {signum: signal.signal(signum, _leave) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         if args.board_linux:
@@ -197,6 +199,17 @@ def _demo(args):
     finally:
         for signum, handler in old.items():
             signal.signal(signum, handler)
+
+
+def _check_config_has_vm(path, vm, vms):
+    """Before the board boots: the VMs config gives VM ``vm``, the one this terminal or --run
+    talks to (a VM it leaves out boots with no device, not even a console)."""
+    given = load_config(path, max_vms=MAX_VMS).vms
+    if vm not in given:
+        other = min(given)
+        option = f"--vm {other}" if other < vms else f"--vms {other + 1} --vm {other}"
+        raise AvatarError(f"{path}: no [vm.{vm}], the VM this terminal (or --run) talks to; "
+                          f"add [vm.{vm}] or use {option}")
 
 
 def _run(shell, command, timeout, option):
