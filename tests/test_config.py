@@ -171,6 +171,29 @@ def test_an_os_error_at_build_names_the_path_and_the_reason_only(tmp_path):
                               "No such file or directory")
 
 
+@pytest.mark.parametrize("text, key, problem", [
+    ("[vm.0]\nnet = [{ switch = 'sw', mac = '52:54:00:00:00:01' }, "
+     "{ switch = 'sw', mac = '52:54:00:00:00:01' }]\n", "vm.0.net[1].mac",
+     "MAC 52:54:00:00:00:01 on switch sw is also vm.0.net[0]'s; give each its own mac"),
+    ("[vm.0]\nvsock = { cid = 3, socket = 'vs' }\n[vm.1]\nvsock = { cid = 4, socket = 'vs' }\n",
+     "vm.1.vsock.socket", "socket vs is also vm.0.vsock's; give each its own socket"),
+    ("[vm.0]\n9p = { tag = 'share', path = '.' }\nfs = { tag = 'share', shared_dir = '.' }\n",
+     "vm.0.fs.tag", "mount tag 'share' is also vm.0.9p's; give each its own tag"),
+    ("[vm.0]\nvsock = [{ cid = 3, socket = 'a' }, { cid = 4, socket = 'b' }]\n", "vm.0.vsock[1]",
+     "a VM has at most one vsock device (a guest has one CID)"),
+    ("[vm.0]\nballoon = [{}, {}]\n", "vm.0.balloon[1]", "a VM has at most one balloon device"),
+])
+def test_two_devices_claiming_one_thing_name_both_keys(tmp_path, text, key, problem):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert str(err.value).startswith(f"{tmp_path / 'vms.toml'}: {key}: {problem}")
+
+
+def test_things_claimed_per_vm_may_repeat_in_another_vm(tmp_path):
+    text = "".join(f"[vm.{vm}]\n9p = {{ tag = 'share', path = '.' }}\n" for vm in (0, 1))
+    assert len(load_config(write(tmp_path, text)).vms) == 2
+
+
 @pytest.mark.parametrize("extra, problem", [
     (", queues = 99", "queues = 99: give 1 to 16 request queues"),
     ("", "size = 9223372036854775296: cannot make IMAGE that large (File too large)"),
