@@ -139,7 +139,7 @@ def parse_config(file, data, *, max_vms=None, devices_per_vm=None, base=None):
     vms = {}
     for name, table in vms_table.items():
         key = f"vm.{name}"
-        if not name.isdigit() or (len(name) > 1 and name.startswith("0")):
+        if not (name.isascii() and name.isdigit()) or (len(name) > 1 and name.startswith("0")):
             raise ConfigError(file, key, "VM names are their numbers: vm.0, vm.1, ...")
         vm_id = int(name)
         if max_vms is not None and vm_id >= max_vms:

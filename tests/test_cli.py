@@ -118,6 +118,19 @@ def test_a_board_file_given_as_config_says_which_option_takes_it(capsys):
     assert "rpi4.toml: a board file (for --board), not a VMs config; " in err
 
 
+@pytest.mark.parametrize("argv", [["layout", "--config", ""], ["info", "--control="],
+                                  ["serve", "--board", "rpi4", "--config", "v.toml", "--user", ""],
+                                  ["demo", "--config", ""]])
+def test_an_empty_option_value_is_refused_not_taken_for_the_default(capsys, argv):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(argv)
+    assert exit.value.code == 2
+    option = argv[-2] if argv[-1] == "" else argv[-1].rstrip("=")
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"avatar-hw {argv[0]}: error: argument {option}: an empty value: give one, or leave "
+        "the option out")
+
+
 def test_serve_says_the_emulated_board_is_the_demos(capsys, tmp_path):
     """Its board file's RAM file is a placeholder: each demo makes its own."""
     config = tmp_path / "vms.toml"

@@ -49,6 +49,7 @@ MISTAKES = [
     ("", "vm", "no VMs"),
     ("[vm.zero]\nconsole = { endpoints = ['stdio'] }\n", "vm.zero", "their numbers"),
     ("[vm.01]\nconsole = { endpoints = ['stdio'] }\n", "vm.01", "their numbers"),
+    ("[vm.\"\u0663\"]\nconsole = { endpoints = ['stdio'] }\n", "vm.\u0663", "their numbers"),
     ("[vm.9]\nconsole = { endpoints = ['stdio'] }\n", "vm.9", "VMs 0..7"),
     ("[vm.0]\n", "vm.0", "no devices"),
     ("vm = 3\n", "vm", "no VMs"),
