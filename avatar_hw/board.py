@@ -250,7 +250,7 @@ BOARD = Schema("", (
         Field("version", str, REQUIRED, check=choice(*VERSIONS)),
         Field("distributor", int, REQUIRED, check=NOT_NEGATIVE),
         Field("cpu_interface", int, None, check=NOT_NEGATIVE),
-        Field("lines", int, REQUIRED, check=at_least(FIRST_SPI + 1)),
+        Field("lines", int, REQUIRED, check=between(FIRST_SPI + 1, SPECIAL_INTIDS)),
         Field("region", REGION, REQUIRED),
     ))),
     Field("trap", Schema("", (
@@ -273,6 +273,10 @@ def _region(file, key, options, per_vm):
         raise ConfigError(file, f"{key}.vm_stride", "per-VM parts of one file: only for a region "
                                                     "each VM has its own, and then without {vm} "
                                                     "in the file name")
+    if 0 < region.vm_stride < region.size:
+        raise ConfigError(file, f"{key}.vm_stride", f"0x{region.vm_stride:x} is less than size "
+                                                    f"0x{region.size:x}: each VM's part would "
+                                                    "overlap the next VM's; give vm_stride >= size")
     if per_vm != region.per_vm:
         problem = ("each VM has its own: put {vm} in the name (or give vm_stride)" if per_vm
                    else "one region shared by all VMs: no {vm} in the name")
@@ -295,6 +299,9 @@ def _parse(file, data):
                 raise ConfigError(file, f"interrupts.{key}", 'only with kind = "gic": with '
                                   '"stub" the stub injects the guest INTIDs itself')
         irq["board_intids"] = tuple(range(layout.irq_base, layout.last_intid + 1))
+        if "gic" in options:
+            raise ConfigError(file, "gic", 'only with interrupts.kind = "gic": with "stub" the '
+                                           "daemon never touches the GIC; remove [gic]")
     else:
         if "board_intids" not in interrupts:
             raise ConfigError(file, "interrupts.board_intids", "missing; list the SPIs the "

@@ -4,7 +4,8 @@ Each command module has ``add_parser(subparsers, parents)`` (which registers
 the subcommand with ``parents=parents``, so ``-v`` works after it too, and
 sets ``func``) and is imported lazily, so a broken optional piece never stops
 the others. Errors a user can cause are ``AvatarError``: printed as one line,
-exit status 2. A reader that goes away (``avatar-hw info | head``) ends the
+exit status 2; so is an option given an empty string or path (``--control ""`` is not
+the default). A reader that goes away (``avatar-hw info | head``) ends the
 command quietly. SIGINT ends any command (status 130, the demo and the console
 cleaning up as they unwind), also when it was inherited as ignored (a
 background job of a non-interactive shell): Python then installs no handler; and
@@ -21,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from .errors import AvatarError
 
@@ -67,7 +69,28 @@ def build_parser():
     sub.required = True
     for name in COMMANDS:
         importlib.import_module(name).add_parser(sub, [common])
+    _refuse_empty(parser)
     return parser
+
+
+def _refuse_empty(parser):
+    """Every option taking a string or a path refuses an empty one (``--control ""`` fell
+    back to the default socket, ``--config ""`` to no config)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _refuse_empty(command)
+        elif action.option_strings and action.nargs is None and action.type in (None, str, Path):
+            action.type = _non_empty(action.type or str)
+
+
+def _non_empty(kind):
+    """An option's ``type``: ``kind(text)``, or an error for an empty ``text``."""
+    def convert(text):
+        if not text:
+            raise argparse.ArgumentTypeError("an empty value: give one, or leave the option out")
+        return kind(text)
+    return convert
 
 
 def log_level(args):

@@ -23,7 +23,9 @@ file, the key (``vm.1.block.readonly``) and the problem.
 ``DEVICES`` is the registry (kvmtool's ``virtio_ops``): a kind's module, imported
 when a VM uses the kind. The module exports ``SCHEMA`` (its keys, each with type,
 default, check and help: ``avatar_hw.schema``) and ``from_config(options)``, which
-turns the checked options into a device. Adding a device is one module and one line here.
+turns the checked options into a device; it may also give ``claims(options)`` (what no other
+device may have: a socket, a mount tag; ``_check_claims``) and ``ONE_PER_VM`` (why a VM has
+at most one). Adding a device is one module and one line here.
 """
 
 import importlib
@@ -103,15 +105,19 @@ def _vm(file, key, vm_id, table, base=None):
             continue
         entries = table[kind]
         dev_key = f"{key}.{kind}"
-        schema = device_module(file, dev_key, kind).SCHEMA
+        module = device_module(file, dev_key, kind)
         if isinstance(entries, list):
             if not entries:
                 raise ConfigError(file, dev_key, "an empty list: give a table, or remove the key")
+            if len(entries) > 1 and hasattr(module, "ONE_PER_VM"):
+                raise ConfigError(file, f"{dev_key}[1]", f"a VM has at most one {kind} device "
+                                                         f"({module.ONE_PER_VM})")
             keyed = [(f"{dev_key}[{i}]", entry) for i, entry in enumerate(entries)]
         else:
             keyed = [(dev_key, entries)]
         for where, entry in keyed:
-            vm.devices.append(DeviceConfig(kind, where, schema.read(file, where, entry, base)))
+            vm.devices.append(DeviceConfig(kind, where,
+                                           module.SCHEMA.read(file, where, entry, base)))
     if not vm.devices:
         raise ConfigError(file, key, f"no devices; give at least one of {', '.join(DEVICES)}")
     return vm
@@ -133,7 +139,7 @@ def parse_config(file, data, *, max_vms=None, devices_per_vm=None, base=None):
     vms = {}
     for name, table in vms_table.items():
         key = f"vm.{name}"
-        if not name.isdigit() or (len(name) > 1 and name.startswith("0")):
+        if not (name.isascii() and name.isdigit()) or (len(name) > 1 and name.startswith("0")):
             raise ConfigError(file, key, "VM names are their numbers: vm.0, vm.1, ...")
         vm_id = int(name)
         if max_vms is not None and vm_id >= max_vms:
@@ -142,7 +148,22 @@ def parse_config(file, data, *, max_vms=None, devices_per_vm=None, base=None):
         if devices_per_vm is not None and len(vms[vm_id].devices) > devices_per_vm:
             raise ConfigError(file, key, f"{len(vms[vm_id].devices)} devices, but the board "
                                          f"has {devices_per_vm} device slots per VM")
+    _check_claims(file, vms)
     return Config(Path(file), dict(sorted(vms.items())))
+
+
+def _check_claims(file, vms):
+    """No two devices claim one thing: a device module's ``claims(options)`` gives ``(key,
+    thing, per_vm)`` for each thing it must have to itself, in its VM or on the board."""
+    owners = {}
+    for vm in vms.values():
+        for device in vm.devices:
+            claims = getattr(device_module(file, device.key, device.kind), "claims", None)
+            for key, thing, per_vm in claims(device.options) if claims else ():
+                owner = owners.setdefault((vm.vm_id if per_vm else None, thing), device.key)
+                if owner != device.key:
+                    raise ConfigError(file, f"{device.key}.{key}", f"{thing} is also {owner}'s; "
+                                                                   f"give each its own {key}")
 
 
 def load_config(path, *, max_vms=None, devices_per_vm=None, base=None):

@@ -284,20 +284,31 @@ class ControlServer:
         take; never raises."""
         try:
             request = json.loads(line)
-            command = request["command"]
+            if not isinstance(request, dict):
+                raise ValueError('a request is a JSON object, e.g. {"command": "list"}')
+            command = request.get("command")
+            if not isinstance(command, str):
+                raise ValueError('missing key "command" (a string: list, info, debug, ...)'
+                                 if command is None else '"command" must be a string')
+            needs = {"balloon": ("vm",), "debug": ("vm", "device"), "screenshot": ("vm",),
+                     "inject": ("vm", "device", "fault"), "pause": ("seconds",)}
+            missing = [key for key in needs.get(command, ()) if key not in request]
+            if missing:
+                raise ValueError(f'missing key "{missing[0]}" ({command} takes '
+                                 f'{", ".join(needs[command])})')
+            vm = request.get("vm")
+            if vm is not None and (type(vm) is not int or vm < 0):
+                raise ValueError(f'"vm" must be a VM number (0, 1, ...), not {json.dumps(vm)}')
             if command == "list":
                 result = self.daemon.list_devices()
             elif command == "info":
                 result = self.daemon.info()
             elif command == "balloon":
                 size = request.get("size")
-                result = self.daemon.balloon(int(request["vm"]),
-                                             None if size is None else parse_size(size))
+                result = self.daemon.balloon(vm, None if size is None else parse_size(size))
             elif command == "debug":
-                result = self.daemon.debug_device(
-                    int(request["vm"]), self._slot(int(request["vm"]), str(request["device"])))
+                result = self.daemon.debug_device(vm, self._slot(vm, str(request["device"])))
             elif command == "screenshot":                 # answered by _next_screenshot
-                vm = int(request["vm"])
                 return vm, self._slot(vm, str(request.get("device", "gpu")))
             elif command in ("inject", "pause", "clear", "faults"):
                 result = self._fault_command(command, request)
@@ -317,18 +328,16 @@ class ControlServer:
     def _fault_command(self, command, request):
         faults = self.daemon.faults
         if command == "pause":
-            seconds = float(request["seconds"])
-            if not 0 < seconds <= 3600:
-                raise ValueError(f"pause of {seconds} s: give 0 < seconds <= 3600")
+            seconds = request["seconds"]
+            if type(seconds) not in (int, float) or not 0 < seconds <= 3600:
+                raise ValueError(f"pause of {json.dumps(seconds)} s: give 0 < seconds <= 3600")
             self.daemon.pause(seconds)
             return {"paused": seconds}
         if command == "faults":
             return faults.describe()
         vm = request.get("vm")
-        vm = None if vm is None else int(vm)
-        if (command == "inject" or request.get("device") is not None) and (
-                vm is None or request.get("device") is None):
-            raise ValueError(f"{command} needs a vm and a device")
+        if request.get("device") is not None and vm is None:
+            raise ValueError('missing key "vm" (clear takes a device with its vm)')
         slot = None if request.get("device") is None else self._slot(vm, str(request["device"]))
         if command == "clear":
             return {"cleared": faults.clear(vm, slot)}

@@ -92,6 +92,10 @@ def _stub_line(daemon):
 INTERRUPT_LINES = {"gic": _gic_line, "stub": _stub_line}
 
 
+class _Stopping(Exception):
+    """SIGINT or SIGTERM came while ``open`` waited for the stub."""
+
+
 class Daemon:
     """One device model serving every configured VM of one board.
 
@@ -160,8 +164,9 @@ class Daemon:
         log.debug("board file %s, VMs config %s", board.path, self.config.path)
         self.trap_region = self._open_region(board.trap)
         self.trap = TrapPage(self.trap_region, board.layout, lock=self._trap_lock_path())
-        self._own_doorbell = self.doorbell is None or isinstance(self.doorbell, str)
-        self.doorbell = self._make_doorbell()
+        spec, self.doorbell = self.doorbell, None     # close() sees no doorbell if this fails
+        self._own_doorbell = spec is None or isinstance(spec, str)
+        self.doorbell = self._make_doorbell(spec)
         line = self._interrupt_line
         if line is None:
             line = INTERRUPT_LINES[board.interrupts](self)
@@ -191,7 +196,8 @@ class Daemon:
         self.trap.take_lock()               # before the drop: --user need not open the node
         if self.user:
             drop_privileges(self.user, [self.control.path])
-        self.trap.wait_ready(self.wait_stub)
+        if not self.trap.wait_ready(self.wait_stub, stopping=lambda: self._signal is not None):
+            raise _Stopping
         self.trap.attach(wanted=self._wanted_features(), wait=self.wait)
         if isinstance(line, StubInterruptLine):
             line.attach(self.trap.features)      # and ring for a request a previous model left
@@ -236,8 +242,7 @@ class Daemon:
                 "AVT_F_VIRQ_REQUEST: use a board file with the GIC ([gic]) for this hypervisor")
         return abi.SUPPORTED_FEATURES
 
-    def _make_doorbell(self):
-        spec = self.doorbell
+    def _make_doorbell(self, spec):
         if spec is None and self.wait == BUSY_POLL:
             return None
         if spec is not None and not isinstance(spec, str):
@@ -305,7 +310,9 @@ class Daemon:
         The handlers are in place before ``open`` attaches: a SIGTERM while it does (the
         stub already answers the guest's identity reads from the shadows, so a supervisor
         may take the daemon for ready) stops it once it has attached, detached cleanly,
-        instead of killing it with the page left ATTACHED."""
+        instead of killing it with the page left ATTACHED. One that comes while it waits for
+        the stub (``wait_stub``) ends the wait at once: SIGTERM returns, SIGINT raises
+        ``KeyboardInterrupt``."""
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -319,9 +326,13 @@ class Daemon:
         if self.trap is None:
             try:
                 self.open()
-            except BaseException:
+            except BaseException as err:
                 self._restore_signals()
-                raise
+                if not isinstance(err, _Stopping):
+                    raise
+                if self._signal == signal.SIGINT:
+                    raise KeyboardInterrupt from None        # the CLI's status 130
+                return
         self._running = True
         self._log_endpoints()
         sd_notify(f"READY=1\nSTATUS=serving {len(self.config.vms)} VM(s), control socket "
@@ -407,7 +418,7 @@ class Daemon:
             self.state.close()
             self.state = None
         if self.trap is not None:
-            self.trap.release_lock()
+            self.trap.close()
         if self.recorder is not None:
             self.recorder.close()
             self.recorder = None

@@ -190,10 +190,13 @@ class TrapPage:
     def stub_ready(self):
         return self.region.load_acquire32(abi.STUB_STATE_OFFSET) == abi.STUB_READY
 
-    def wait_ready(self, timeout):
-        """Wait up to ``timeout`` seconds for the stub to finish initialising the page."""
+    def wait_ready(self, timeout, stopping=lambda: False):
+        """Wait up to ``timeout`` seconds for the stub to finish initialising the page; False
+        when ``stopping()`` (asked every 10 ms) came true first."""
         deadline = time.monotonic() + timeout
         while not self.stub_ready():
+            if stopping():
+                return False
             if time.monotonic() >= deadline:
                 raise StubNotReady(
                     f"{self.region.name}: the hypervisor stub has not initialised the trap page "
@@ -202,6 +205,7 @@ class TrapPage:
             time.sleep(0.01)
         abi.check_header(self.header, where=self.region.name)
         self._make_slot_views()
+        return True
 
     def _make_slot_views(self):
         count = self.header.slot_count
@@ -306,6 +310,12 @@ class TrapPage:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def close(self):
+        """Release the lock and drop the views into the region, which may be unmapped next."""
+        self.release_lock()
+        self.header = self._page = self.shadows = None
+        self.slots = self._slot_bits = ()
 
     # -- serving --------------------------------------------------------------------
 

@@ -204,6 +204,10 @@ def edited(old, new):
     return RPI4.replace(old, new)
 
 
+STUB_WITH_GIC = (RPI4[:RPI4.index("[interrupts]")] + '[interrupts]\nkind = "stub"\n'
+                 + RPI4[RPI4.index("[gic]"):])
+
+
 BAD = {
     "missing key": (edited("irq_base = 48 ", "#"), "layout.irq_base",
                     "missing; it must be an integer"),
@@ -338,6 +342,13 @@ BAD = {
     "RAM inside the windows": (edited("guest_base = 0x40000000", "guest_base = 0x0a001000"),
                                "ram.guest_base", "lies inside the virtio windows"),
     "not TOML": ("this is not toml\n", None, "not a TOML file: "),
+    "more lines than a GIC has": (edited("lines = 224", "lines = 100000"), "gic.lines",
+                                  "must be 33 to 1020, not 100000"),
+    "VMs' RAM overlapping": (edited('{ uio = "avatar-vm{vm}-ram" }',
+                                    '{ file = "ram.bin", size = 0x2000, vm_stride = 0x1000 }'),
+                             "ram.region.vm_stride", "0x1000 is less than size 0x2000: each "
+                                                     "VM's part would overlap the next VM's"),
+    "GIC table on a stub board": (STUB_WITH_GIC, "gic", 'only with interrupts.kind = "gic"'),
 }
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from avatar_hw import cli, control
 from avatar_hw.errors import AvatarError
+from avatar_hw.shipped import shipped_file
 from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
 from test_daemon import Served, console_config
 
@@ -125,6 +126,30 @@ def test_a_board_file_given_as_config_says_which_option_takes_it(capsys):
     err = capsys.readouterr().err
     assert err.startswith("avatar-hw: ") and err.count("\n") == 1
     assert "rpi4.toml: a board file (for --board), not a VMs config; " in err
+
+
+@pytest.mark.parametrize("argv", [["layout", "--config", ""], ["info", "--control="],
+                                  ["serve", "--board", "rpi4", "--config", "v.toml", "--user", ""],
+                                  ["demo", "--config", ""]])
+def test_an_empty_option_value_is_refused_not_taken_for_the_default(capsys, argv):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(argv)
+    assert exit.value.code == 2
+    option = argv[-2] if argv[-1] == "" else argv[-1].rstrip("=")
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"avatar-hw {argv[0]}: error: argument {option}: an empty value: give one, or leave "
+        "the option out")
+
+
+def test_serve_says_the_emulated_board_is_the_demos(capsys, tmp_path):
+    """Its board file's RAM file is a placeholder: each demo makes its own."""
+    config = tmp_path / "vms.toml"
+    config.write_text("[vm.0]\nrng = {}\n")
+    assert cli.main(["serve", "--board", "emulated", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        f"avatar-hw: {shipped_file('emulated.toml')}: the emulated board is served only by "
+        "avatar-hw demo (or the EmulatedBoard API: avatar_hw.emulated.session), which gives "
+        "each run its own RAM file\n")
 
 
 @pytest.mark.parametrize("command", [["serve", "--board", "rpi4", "--config", "vms.toml"],

@@ -49,6 +49,7 @@ MISTAKES = [
     ("", "vm", "no VMs"),
     ("[vm.zero]\nconsole = { endpoints = ['stdio'] }\n", "vm.zero", "their numbers"),
     ("[vm.01]\nconsole = { endpoints = ['stdio'] }\n", "vm.01", "their numbers"),
+    ("[vm.\"\u0663\"]\nconsole = { endpoints = ['stdio'] }\n", "vm.\u0663", "their numbers"),
     ("[vm.9]\nconsole = { endpoints = ['stdio'] }\n", "vm.9", "VMs 0..7"),
     ("[vm.0]\n", "vm.0", "no devices"),
     ("vm = 3\n", "vm", "no VMs"),
@@ -73,6 +74,12 @@ MISTAKES = [
      "must be true or false, not str 'no'"),
     ("[vm.0]\nblock = { image = 5 }\n", "vm.0.block.image", "must be the path"),
     ("[vm.0]\nblock = []\n", "vm.0.block", "an empty list"),
+    ("[vm.0]\nblock = { image = '/x.img', size = 100 }\n", "vm.0.block.size",
+     "must be a multiple of 512 bytes (at least 512, below 2**63), not 100"),
+    ("[vm.0]\nblock = { image = '/x.img', size = 1000 }\n", "vm.0.block.size",
+     "must be a multiple of 512 bytes (at least 512, below 2**63), not 1000"),
+    ("[vm.0]\nblock = { image = '/x.img', size = '64M' }\n", "vm.0.block.size",
+     "must be an integer number of bytes"),
     ("[vm.0]\nblock = [{ image = '/a' }, { image = '/b', ro = true }]\n", "vm.0.block[1].ro",
      "unknown key for a block"),
     ("[vm.0]\nblock = { image = '/a', serial = 'x' }\n[vm.0.console]\nendpoints = 'stdio'\n"
@@ -163,6 +170,47 @@ def test_an_os_error_at_build_names_the_path_and_the_reason_only(tmp_path):
         config.build_device(config.vms[0].devices[0])
     assert str(err.value) == (f"{tmp_path / 'vms.toml'}: vm.0.block: {tmp_path}/none/vm0.img: "
                               "No such file or directory")
+
+
+@pytest.mark.parametrize("text, key, problem", [
+    ("[vm.0]\nnet = [{ switch = 'sw', mac = '52:54:00:00:00:01' }, "
+     "{ switch = 'sw', mac = '52:54:00:00:00:01' }]\n", "vm.0.net[1].mac",
+     "MAC 52:54:00:00:00:01 on switch sw is also vm.0.net[0]'s; give each its own mac"),
+    ("[vm.0]\nvsock = { cid = 3, socket = 'vs' }\n[vm.1]\nvsock = { cid = 4, socket = 'vs' }\n",
+     "vm.1.vsock.socket", "socket vs is also vm.0.vsock's; give each its own socket"),
+    ("[vm.0]\n9p = { tag = 'share', path = '.' }\nfs = { tag = 'share', shared_dir = '.' }\n",
+     "vm.0.fs.tag", "mount tag 'share' is also vm.0.9p's; give each its own tag"),
+    ("[vm.0]\nvsock = [{ cid = 3, socket = 'a' }, { cid = 4, socket = 'b' }]\n", "vm.0.vsock[1]",
+     "a VM has at most one vsock device (a guest has one CID)"),
+    ("[vm.0]\nballoon = [{}, {}]\n", "vm.0.balloon[1]", "a VM has at most one balloon device"),
+])
+def test_two_devices_claiming_one_thing_name_both_keys(tmp_path, text, key, problem):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert str(err.value).startswith(f"{tmp_path / 'vms.toml'}: {key}: {problem}")
+
+
+def test_things_claimed_per_vm_may_repeat_in_another_vm(tmp_path):
+    text = "".join(f"[vm.{vm}]\n9p = {{ tag = 'share', path = '.' }}\n" for vm in (0, 1))
+    assert len(load_config(write(tmp_path, text)).vms) == 2
+
+
+@pytest.mark.parametrize("extra, problem", [
+    (", queues = 99", "queues = 99: give 1 to 16 request queues"),
+    ("", "size = 9223372036854775296: cannot make IMAGE that large (File too large)"),
+])
+def test_an_image_size_creates_could_not_use_is_removed(tmp_path, extra, problem):
+    """An image created for ``size`` is not left behind by a device that failed: the next
+    start, with the config fixed, creates it anew."""
+    image = tmp_path / "vm0.img"
+    size = 4096 if extra else (1 << 63) - 512
+    text = f"[vm.0]\nblock = {{ image = '{image}', size = {size}{extra} }}\n"
+    config = load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError) as err:
+        config.build_device(config.vms[0].devices[0])
+    assert str(err.value) == (f"{tmp_path / 'vms.toml'}: vm.0.block: "
+                              + problem.replace("IMAGE", str(image)))
+    assert not image.exists()
 
 
 @pytest.mark.parametrize("kind, table", [

@@ -130,6 +130,26 @@ def test_a_bad_request_is_a_one_line_answer_and_no_traceback(served, caplog, lin
     assert replies(loop, sock, 1)[-1] == {"ok": True, "result": DEVICES}
 
 
+@pytest.mark.parametrize("line, error", [
+    ("{}", 'missing key "command" (a string: list, info, debug, ...)'),
+    ('{"command": 5}', '"command" must be a string'),
+    ("[1, 2]", 'a request is a JSON object, e.g. {"command": "list"}'),
+    ('{"command": "debug"}', 'missing key "vm" (debug takes vm, device)'),
+    ('{"command": "inject", "vm": 0, "device": "0"}',
+     'missing key "fault" (inject takes vm, device, fault)'),
+    ('{"command": "debug", "vm": "zero", "device": "0"}',
+     '"vm" must be a VM number (0, 1, ...), not "zero"'),
+    ('{"command": "balloon", "vm": 1.5}', '"vm" must be a VM number (0, 1, ...), not 1.5'),
+    ('{"command": "pause", "seconds": "soon"}', 'pause of "soon" s: give 0 < seconds <= 3600'),
+    ('{"command": "clear", "device": "0"}',
+     'missing key "vm" (clear takes a device with its vm)'),
+])
+def test_a_bad_request_says_what_is_wrong_with_it(served, line, error):
+    """Not Python's text ("'command'", "list indices must be integers or slices, not str")."""
+    loop, server = served
+    assert server.answer(line) == {"ok": False, "error": f"bad request: {error}"}
+
+
 def test_clients_past_the_limit_are_told_and_the_others_served(served):
     loop, server = served
     clients = []

@@ -616,10 +616,43 @@ def test_abi_mismatch_is_refused_with_one_line(board, stub, init, expected):
     assert stub.page.header.model_state == abi.MODEL_DETACHED
 
 
-def test_uninitialised_trap_page_is_refused(board):
-    code, lines, err = run_serve(board, console_config(board))
+def test_uninitialised_trap_page_is_refused_in_one_line(board):
+    code, lines, err = run_serve(board, console_config(board), "--log-level", "warning")
     assert code == 2
-    assert len(lines) == 1 and "has not initialised the trap page" in lines[0]
+    assert err.splitlines() == lines and "has not initialised the trap page" in lines[0]
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_a_signal_ends_the_wait_for_the_stub_at_once(board, sig, status):
+    daemon = Served(board, console_config(board), "--wait-stub", "3600")
+    try:
+        while "vm1 slot 0: console" not in daemon.output():     # built: now it waits
+            assert daemon.process.poll() is None, daemon.output()
+            time.sleep(0.05)
+        assert daemon.stop(sig, timeout=60) == status
+        assert "has not initialised" not in daemon.output()
+    finally:
+        daemon.close()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_wait_stub_takes_finite_seconds_above_zero(board, value):
+    code, _, err = run_serve(board, console_config(board), "--wait-stub", value)
+    assert code == 2
+    assert err.splitlines()[-1] == (f"avatar-hw serve: error: argument --wait-stub: "
+                                    f"{value!r} is not a number of seconds above 0")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("bogus", "--doorbell bogus: expected uio or fifo:PATH[,STUB_PATH]"),
+    ("fifo:", "--doorbell fifo:: expected fifo:PATH or fifo:PATH,STUB_PATH"),
+    ("fifo:/nonexistent/x", "doorbell FIFO /nonexistent/x: No such file or directory"),
+])
+def test_a_bad_doorbell_is_one_line(board, spec, message):
+    code, lines, err = run_serve(board, console_config(board), "--doorbell", spec)
+    assert code == 2 and "Traceback" not in err
+    [line] = lines
+    assert line.startswith(f"avatar-hw: {message}")
 
 
 def test_permission_problem_is_one_line(board, stub):

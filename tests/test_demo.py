@@ -372,6 +372,8 @@ def test_timeout_takes_seconds_above_zero(value):
 def test_board_linux_demo_refuses_host_mode_options_in_one_line():
     for argv, message in ((["--board-linux", "--vms", "2"], "avatar-hw: --vms: board mode runs"),
                           (["--run-board", "true"], "avatar-hw: --run-board needs --board-linux"),
+                          (["--board-linux", "--vm", "1"], "avatar-hw: --vm: board mode runs one "
+                                                           "guest, VM 1"),
                           (["--board-linux", "--wait", "adaptive"],
                            "avatar-hw: --wait adaptive: in board mode the daemon in the board "
                            "Linux waits as its board file says")):
@@ -379,6 +381,18 @@ def test_board_linux_demo_refuses_host_mode_options_in_one_line():
                               timeout=60)
         assert done.returncode == 2 and done.stderr.startswith(message), done.stderr
         assert len(done.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, fix", [([], "--vms 2 --vm 1"), (["--vms", "2"], "--vm 1")])
+def test_a_config_without_the_vm_talked_to_is_refused_before_the_boot(tmp_path, argv, fix):
+    """That VM would boot with no device: the console never appeared, 120 s later."""
+    config = tmp_path / "vms.toml"
+    config.write_text("[vm.1]\nrng = {}\n")
+    done = subprocess.run(AVATAR_HW + ["demo", "--config", str(config), "--run", "true", *argv],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (2, (
+        f"avatar-hw: {config}: no [vm.0], the VM this terminal (or --run) talks to; add [vm.0] "
+        f"or use {fix}\n"))
 
 
 @pytest.mark.parametrize("endpoint", ["unix", "pty"])

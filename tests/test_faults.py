@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from avatar_hw import control
+from avatar_hw.commands import inject
 from avatar_hw.devices import block as blk
 from avatar_hw.errors import AvatarError
 from avatar_hw.faults import FaultInjector
@@ -168,11 +169,24 @@ def test_fault_inject_cli_arms_lists_and_clears(daemon):
     (("0", "net", "drop"), "VM 0 has no device 'net'"),
     (("3", "block", "ioerr"), "no VM 3 here (VMs: 0)"),
     (("0", "block", "torn", "--keep", "x"), "option keep = 'x': expected the bytes"),
-    ((), "give VM DEVICE FAULT, or --clear"),
+    ((), "give VM DEVICE FAULT (and that fault's options), or one of --clear"),
 ])
 def test_fault_inject_cli_errors_are_one_line(daemon, args, message):
     status, out = cli(daemon, *args)
     assert status == 2 and message in out and out.count("\n") == 1, out
+
+
+@pytest.mark.parametrize("args", [
+    ("0", "block", "ioerr", "--clear"), ("--clear", "--pause", "3", "--list"),
+    ("--list", "--pause", "1"),
+    ("0", "block"), ("0", "--list"), ("--clear", "--count", "2"), ("0", "block", "--pause", "1"),
+])
+def test_fault_inject_cli_asks_for_one_thing(tmp_path, args):
+    """Checked before the daemon is asked (there is none here)."""
+    done = subprocess.run([sys.executable, "-m", "avatar_hw", "inject", *args, "--control",
+                           str(tmp_path / "none.sock")], capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stderr) == (2, f"avatar-hw: {inject.USAGE}\n")
 
 
 def test_fault_inject_the_worked_example_in_testing_md_runs(daemon):

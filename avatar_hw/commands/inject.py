@@ -24,7 +24,22 @@ OPTIONS = (("--sectors", "FIRST-LAST: inclusive sector range (ioerr, torn)"),
            ("--direction", "tx, rx or both (drop, corrupt; default both)"))
 
 
+USAGE = ("inject: give VM DEVICE FAULT (and that fault's options), or one of --clear "
+         "[VM [DEVICE]], --pause SECONDS, --list")
+
+
+def _check_usage(args):
+    """One thing asked: a fault to arm (with its options), --clear, --pause or --list."""
+    asked = [given for given in (args.fault is not None, args.clear, args.pause is not None,
+                                 args.list) if given]
+    options = any(getattr(args, name[2:]) is not None for name, _ in OPTIONS)
+    positional = args.vm is not None and not args.clear and args.fault is None
+    if len(asked) != 1 or options and args.fault is None or positional:
+        raise AvatarError(USAGE)
+
+
 def run(args):
+    _check_usage(args)
     if args.clear:
         result = request("clear", args.control, vm=args.vm, device=args.device)
         print(f"cleared {result['cleared']} fault(s)")
@@ -40,8 +55,6 @@ def run(args):
             f"(matched {f['seen']}, fired {f['fired']})"
             for d in result for f in d["faults"]) or "no faults armed")
         return
-    if args.fault is None:
-        raise AvatarError("inject: give VM DEVICE FAULT, or --clear, --pause SECONDS or --list")
     options = {name[2:]: getattr(args, name[2:]) for name, _ in OPTIONS
                if getattr(args, name[2:]) is not None}
     result = request("inject", args.control, vm=args.vm, device=args.device, fault=args.fault,

@@ -1,10 +1,15 @@
 """``avatar-hw serve``: run the device model daemon (avatar_hw.daemon) until a signal."""
 
+import argparse
 import logging
+import math
 from pathlib import Path
 
+from ..board import load_board
 from ..control import default_control_path
 from ..daemon import Daemon
+from ..errors import AvatarError
+from ..shipped import board_path
 from ..tracing import trace_log
 from ..wait import BUSY_POLL, MODES
 
@@ -22,10 +27,26 @@ def add_wait_option(parser):
                         help="the same as --wait busy-poll")
 
 
+def seconds(text):
+    """An option's number of seconds: finite and above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
 def run(args):
     if args.trace:
         trace_log.setLevel(logging.INFO)
-    daemon = Daemon(args.board, args.config, doorbell=args.doorbell, wait=args.wait,
+    board = load_board(board_path(args.board))
+    if board.name == "emulated":
+        raise AvatarError(f"{board.path}: the emulated board is served only by avatar-hw demo "
+                          "(or the EmulatedBoard API: avatar_hw.emulated.session), which gives "
+                          "each run its own RAM file")
+    daemon = Daemon(board, args.config, doorbell=args.doorbell, wait=args.wait,
                     trace=args.trace, control_path=args.control, user=args.user,
                     wait_stub=args.wait_stub, sysfs_root=args.sysfs_root, dev_root=args.dev_root,
                     record=args.record, state=args.state)
@@ -47,7 +68,7 @@ def add_parser(subparsers, parents=()):
     parser.add_argument("--control", help="control socket path (default: "
                                           f"{default_control_path()})")
     parser.add_argument("--doorbell", help="uio (default), or fifo:PATH[,STUB_PATH]")
-    parser.add_argument("--wait-stub", type=float, default=10.0, metavar="SECONDS",
+    parser.add_argument("--wait-stub", type=seconds, default=10.0, metavar="SECONDS",
                         help="how long to wait for the stub to initialise the trap page")
     parser.add_argument("--sysfs-root", default="/sys",
                         help="where UIO devices are looked up (default /sys; tests use a tree)")

@@ -304,6 +304,9 @@ SCHEMA = Schema("balloon", (
 ))
 
 
+ONE_PER_VM = "the daemon sizes a VM's RAM through one"
+
+
 def from_config(options):
     """The VMs config's ``balloon = { stats_interval, deflate_on_oom }``."""
     return BalloonDevice(stats_interval=options.get("stats_interval", DEFAULT_STATS_INTERVAL),

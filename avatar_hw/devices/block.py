@@ -61,9 +61,9 @@ import stat
 import struct
 import weakref
 
-from ..errors import ConfigError
+from ..errors import ConfigError, os_reason
 from ..libc import check, libc
-from ..schema import REQUIRED, Field, Schema, between, positive, under
+from ..schema import REQUIRED, Field, Schema, positive, under
 from ..virtio.buffers import fill_zeros, gather, scatter, skip, transfer, truncate, zeros
 from ..virtio.constants import ID_BLOCK, bit
 from ..virtio.device import VirtioDevice
@@ -428,10 +428,17 @@ class BlockDevice(VirtioDevice):
         return out
 
 
+def check_size(size):
+    """``size`` of an image to create: whole sectors, at least one."""
+    if not SECTOR <= size < 1 << 63 or size % SECTOR:
+        raise ValueError(f"must be a multiple of {SECTOR} bytes (at least {SECTOR}, below "
+                         f"2**63), not {size}")
+
+
 SCHEMA = Schema("block", (
     Field("image", str, REQUIRED, "the path of a raw image or block device", path=under),
-    Field("size", int, None, "bytes: create the image (sparse) if it does not exist",
-          between(1, (1 << 63) - 1)),
+    Field("size", int, None, "an integer number of bytes, a multiple of 512: the size of the "
+          "image created (sparse) if it does not exist", check_size),
     Field("readonly", bool, False),
     Field("serial", str, None, f"a string (up to {SERIAL_BYTES} bytes)", check_serial),
     Field("queues", int, None, "the number of request queues", positive),
@@ -440,18 +447,29 @@ SCHEMA = Schema("block", (
 
 def from_config(options):
     """The VMs config's ``block = { image, readonly, serial, queues, size }``; ``size``
-    creates a missing image, sparse (an existing one is used as it is)."""
-    if options.get("size"):
+    creates a missing image, sparse (an existing one is used as it is); an image it created
+    is removed again when the device cannot be made, so the next start creates it anew."""
+    created = options.get("size") is not None and _create(options["image"], options["size"])
+    try:
+        return BlockDevice(options["image"], readonly=options.get("readonly", False),
+                           serial=options.get("serial"), queues=options.get("queues"))
+    except BaseException:
+        if created:
+            os.unlink(options["image"])
+        raise
+
+
+def _create(image, size):
+    """Create ``image`` of ``size`` bytes (sparse) unless it exists; whether it did."""
+    try:
+        f = open(image, "xb")
+    except FileExistsError:
+        return False
+    with f:
         try:
-            f = open(options["image"], "xb")
-        except FileExistsError:
-            pass
-        else:
-            with f:
-                try:
-                    f.truncate(options["size"])
-                except OSError:
-                    os.unlink(options["image"])     # not left empty for the next start
-                    raise
-    return BlockDevice(options["image"], readonly=options.get("readonly", False),
-                       serial=options.get("serial"), queues=options.get("queues"))
+            f.truncate(size)
+        except OSError as err:
+            os.unlink(image)
+            raise ValueError(f"size = {size}: cannot make {image} that large "
+                             f"({os_reason(err)})") from None
+    return True

@@ -30,6 +30,7 @@ import time
 from ..processes import end_process
 from ..schema import REQUIRED, Field, Schema, under
 from ..vhost_user import VhostUserError
+from .p9 import claims  # noqa: F401 (avatar_hw.config's: a mount tag, among 9p's too)
 from .vhost_user import VhostUserDevice
 
 ID_FS = 26

@@ -435,6 +435,13 @@ SCHEMA = Schema("net", (
 ), one_of=("tap", "switch"))
 
 
+def claims(options):
+    """What the device must have to itself (avatar_hw.config): its mac on its switch."""
+    if "switch" in options and "mac" in options:
+        mac = format_mac(parse_mac(options["mac"]))
+        yield "mac", f"MAC {mac} on switch {options['switch']}", False
+
+
 def from_config(options):
     """The device for a VMs config ``net`` table (checked by ``SCHEMA``)."""
     backend = f"tap:{options['tap']}" if "tap" in options else f"switch:{options['switch']}"

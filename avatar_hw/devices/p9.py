@@ -157,6 +157,12 @@ SCHEMA = Schema("9p", (
 ))
 
 
+def claims(options):
+    """What the device must have to itself in its VM (avatar_hw.config): its mount tag, also
+    among the VM's fs devices."""
+    yield "tag", f"mount tag {options['tag']!r}", True
+
+
 def from_config(options):
     """The VMs config's ``9p = { tag, path, readonly, security_model, max_fids, create }``;
     ``create`` makes a missing folder (not its parents; an existing one is used as it is)."""

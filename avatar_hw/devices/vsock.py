@@ -377,6 +377,14 @@ SCHEMA = Schema("vsock", (
 ))
 
 
+ONE_PER_VM = "a guest has one CID"
+
+
+def claims(options):
+    """What the device must have to itself (avatar_hw.config): its socket."""
+    yield "socket", f"socket {options['socket']}", False
+
+
 def from_config(options):
     """The VMs config's ``vsock = { cid, socket, max_connections }``."""
     return VsockDevice(options["cid"], options["socket"],

@@ -21,7 +21,6 @@ either this terminal gets the guest's console and the board Linux's shell is
 printed (a Unix socket: ``socat -,raw,echo=0 UNIX-CONNECT:PATH``).
 """
 
-import argparse
 import os
 import re
 import select
@@ -32,8 +31,8 @@ import termios
 import tty
 
 from ..commands.query import format_list
-from ..commands.serve import add_wait_option
-from ..config import config_path
+from ..commands.serve import add_wait_option, seconds
+from ..config import config_path, load_config
 from ..errors import AvatarError
 from . import board_linux
 from .memory_map import MAX_VMS
@@ -172,10 +171,6 @@ def _ended(board):
 
 def _demo(args):
     log = (lambda line: print(line, file=sys.stderr)) if args.stub_log else None
-    if not 0 <= args.vm < args.vms:
-        print(f"avatar-hw: --vm {args.vm}: the board runs VMs 0..{args.vms - 1} (--vms)",
-              file=sys.stderr)
-        return 2
     if args.board_linux:
         given = [option for option, value in (("--config", args.config), ("--control",
                  args.control), ("--vms", args.vms != 1), ("--vm", args.vm)) if value]
@@ -193,6 +188,12 @@ def _demo(args):
         print("avatar-hw: --run-board needs --board-linux (in host mode the daemon runs in "
               "this process: there is no board Linux)", file=sys.stderr)
         return 2
+    elif not 0 <= args.vm < args.vms:
+        print(f"avatar-hw: --vm {args.vm}: the board runs VMs 0..{args.vms - 1} (--vms)",
+              file=sys.stderr)
+        return 2
+    elif args.config is not None:
+        _check_config_has_vm(config_path(args.config), args.vm, args.vms)
     old = {signum: signal.signal(signum, _leave) for signum in LEAVE_SIGNALS}
     try:
         if args.board_linux:
@@ -207,6 +208,17 @@ def _demo(args):
     finally:
         for signum, handler in old.items():
             signal.signal(signum, handler)
+
+
+def _check_config_has_vm(path, vm, vms):
+    """Before the board boots: the VMs config gives VM ``vm``, the one this terminal or --run
+    talks to (a VM it leaves out boots with no device, not even a console)."""
+    given = load_config(path, max_vms=MAX_VMS).vms
+    if vm not in given:
+        other = min(given)
+        option = f"--vm {other}" if other < vms else f"--vms {other + 1} --vm {other}"
+        raise AvatarError(f"{path}: no [vm.{vm}], the VM this terminal (or --run) talks to; "
+                          f"add [vm.{vm}] or use {option}")
 
 
 def _run(shell, command, timeout, option):
@@ -250,17 +262,6 @@ def _board_demo(args, log):
         return _interactive(board, board_linux.GUEST_VM, BOARD_TIMEOUT)
 
 
-def _seconds(text):
-    """--timeout's value: a number of seconds above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
-    return value
-
-
 def add_parser(subparsers, parents=()):
     parser = subparsers.add_parser(
         "demo", parents=parents,
@@ -274,7 +275,7 @@ def add_parser(subparsers, parents=()):
                         help="control socket path (default: in the demo's temporary directory)")
     parser.add_argument("--run", metavar="CMD", help="run CMD in the guest, print its output, "
                         "exit with its status")
-    parser.add_argument("--timeout", type=_seconds, default=60,
+    parser.add_argument("--timeout", type=seconds, default=60,
                         help="seconds for --run and for --run-board (60)")
     parser.add_argument("--stub-log", action="store_true", help="show the EL2 stub's log")
     parser.add_argument("--vms", type=int, choices=range(1, MAX_VMS + 1), default=1,
