@@ -41,12 +41,13 @@ def resolve_url(args):
 
 
 def _console(args):
+    url = resolve_url(args)
+    port = open_serial(url, timeout=READ_TIMEOUT)
     if not sys.stdin.isatty():
+        port.close()
         raise AvatarError("console: stdin is not a terminal (this is an interactive one); "
                           "from a script, use the avatar_console fixture or GuestConsole "
                           "(docs/testing.md), or pipe commands into avatar-hw demo")
-    url = resolve_url(args)
-    port = open_serial(url, timeout=READ_TIMEOUT)
     term = Terminal(port, echo=False, eol=args.eol, filters=["direct"])
     term.exit_character, term.menu_character = EXIT_KEY, MENU_KEY
     term.set_rx_encoding("utf-8")

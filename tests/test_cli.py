@@ -96,15 +96,14 @@ def test_a_ctrl_c_while_the_commands_load_ends_quietly():
 
 def test_console_from_a_pipe_says_it_needs_a_terminal():
     """stdin not a terminal: miniterm's termios calls ended in a traceback."""
-    done = subprocess.run([sys.executable, "-m", "avatar_hw", "console", "0", "--control",
-                           "/nonexistent"], stdin=subprocess.DEVNULL, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "avatar_hw", "console", "--url",
+                           "loop://"], stdin=subprocess.DEVNULL, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("avatar-hw: console: stdin is not a terminal")
 
 
-def test_console_without_a_vm_says_what_to_give(capsys, monkeypatch):
-    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+def test_console_without_a_vm_says_what_to_give(capsys):
     assert cli.main(["console"]) == 2
     assert capsys.readouterr().err == ("avatar-hw: console: give a VM number (and the daemon's "
                                        "--control socket) or --url URL\n")
