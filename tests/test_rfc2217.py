@@ -5,17 +5,20 @@ import os
 import socket
 import threading
 import time
+import types
 
 import pytest
 import serial
+from serial import rfc2217
 
 from avatar_hw.backends.console import ConsoleBackend
 from avatar_hw.endpoints import open_endpoint
-from avatar_hw.endpoints.rfc2217 import INPUT_HOLD, Rfc2217Endpoint
+from avatar_hw.endpoints.rfc2217 import INPUT_HOLD, GuestLine, Rfc2217Endpoint
 from avatar_hw.devices.console import ConsoleDevice
 from avatar_hw.errors import ConfigError
 from avatar_hw.loop import EventLoop
 from avatar_hw.testing.virtio import VirtioBench
+from avatar_hw.virtio import constants as c
 from test_console import Progress
 
 IAC, SB, SE = 0xFF, 0xFA, 0xF0
@@ -310,3 +313,99 @@ def test_output_in_flight_when_a_pyserial_client_connects_reaches_it(loop):
     finally:
         other.close()
         bench.subsystem.close()
+
+
+def raw_client(endpoint, rcvbuf=None):
+    """A raw Telnet client of ``endpoint`` (non-blocking; accepted as the loop runs)."""
+    client = socket.socket()
+    if rcvbuf:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    client.connect(endpoint.listener.getsockname())
+    client.setblocking(False)
+    return client
+
+
+def received(client):
+    """What ``client`` has received by now (b"" also at EOF: see ``closed``)."""
+    try:
+        return client.recv(1 << 20)
+    except BlockingIOError:
+        return b""
+
+
+def closed(loop, client):
+    """Serve until the endpoint closed ``client`` (it reads EOF or a reset)."""
+    def eof():
+        loop.run_once(0.01)
+        try:
+            return client.recv(1 << 20) == b""
+        except BlockingIOError:
+            return False
+        except ConnectionResetError:
+            return True
+    spin_until(loop, eof)
+
+
+def opening():
+    """The Telnet requests a new session starts with."""
+    sent = bytearray()
+    rfc2217.PortManager(GuestLine(), types.SimpleNamespace(write=sent.extend))
+    return bytes(sent)
+
+
+def a_fresh_session_is_served(bench, loop, endpoint):
+    """The device did not fail, and a new client gets a session's opening first."""
+    assert not bench.driver.status & c.STATUS_DEVICE_NEEDS_RESET
+    client = raw_client(endpoint)
+    try:
+        got = bytearray()
+        spin_until(loop, lambda: got.extend(received(client)) or len(got) >= len(opening()))
+        assert bytes(got).startswith(opening())
+    finally:
+        client.close()
+
+
+def test_a_client_that_reads_no_replies_is_dropped_and_its_replies_with_it(served, loop):
+    """Past RAW_LIMIT bytes of replies the client is dropped; the rest of that read went on
+    through the filter, whose replies went to the next client first (or failed the
+    device, dropping the client a second time)."""
+    bench, endpoint = served
+    bench.driver.init([0, 1])
+    client = raw_client(endpoint, rcvbuf=4096)
+    spin_until(loop, lambda: endpoint.client is not None)
+    endpoint.client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    requests = bytes([IAC, 0xFB, 44, IAC, 0xFC, 44]) * 20000    # WILL, WONT COM-PORT
+
+    def dropped():
+        try:
+            client.send(requests)
+        except BlockingIOError:
+            pass
+        loop.run_once(0.001)
+        return endpoint.client is None
+    spin_until(loop, dropped)
+    client.close()
+    assert not endpoint._raw
+    a_fresh_session_is_served(bench, loop, endpoint)
+
+
+@pytest.mark.parametrize("how", ["close", "shutdown"])
+def test_what_a_client_sent_before_it_left_reaches_the_guest(served, loop, how):
+    """Its input, filtered and held while the guest took none, was discarded with it
+    (typing then a close: nothing; 200 000 bytes then a shutdown: 5 120)."""
+    bench, endpoint = served
+    rx, tx = bench.driver.init([0, 1])
+    client = raw_client(endpoint)
+    spin_until(loop, lambda: endpoint.client is not None)
+    client.send(b"hello guest\n")
+    if how == "close":
+        client.close()             # with the session's opening unread: a reset
+    else:
+        client.shutdown(socket.SHUT_WR)
+    spin_until(loop, lambda: endpoint.client is None)
+    client.close()
+    rx.post(writable=[64])
+    rx.notify()
+    for _ in range(3):
+        loop.run_once(0)
+    assert [u.data for u in rx.get_used()] == [b"hello guest\n"]

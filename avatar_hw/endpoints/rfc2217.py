@@ -25,7 +25,11 @@ reads them is dropped). The client's input is read when the guest has
 receive buffers. While the guest takes no input the socket is still read,
 so that negotiations are answered (a client's open waits for them), but
 only until ``INPUT_HOLD`` bytes of data are held; then the kernel's socket
-buffer, and the client, wait.
+buffer, and the client, wait. What a client sent reaches the guest also
+after it left (``server``'s departed clients: its filtered data stays in
+``_input``, the rest is filtered by its own ``PortManager``, whose replies go
+nowhere); caveat: a client that comes while more than ``INPUT_HOLD`` bytes of
+a departed one wait has its input, and so its negotiations, read after them.
 
 A new client gets no output until its open is done: pyserial's ``open()`` (labgrid's
 NetworkSerialPort goes through it) ends with PURGE_DATA for its receive buffer, emptying
@@ -51,6 +55,7 @@ RECV_SIZE = 65536
 CHUNK = 16384
 RAW_LIMIT = 65536
 HOLD_S = 1.0                # at most this long after a client connects, no output (docstring)
+NO_REPLIES = types.SimpleNamespace(write=lambda data: None)     # a departed client's
 
 
 class GuestLine:
@@ -63,14 +68,15 @@ class GuestLine:
     cts = dsr = cd = True
     ri = False
 
-    def __init__(self, opened):
+    def __init__(self, opened=None):
         self.opened = opened
 
     def reset_input_buffer(self):
         """Purge requests are not honoured: nothing the guest sent or was sent is dropped."""
 
     def reset_output_buffer(self):
-        self.opened()
+        if self.opened is not None:
+            self.opened()
 
 
 class Rfc2217Endpoint(SocketServerEndpoint):
@@ -79,22 +85,24 @@ class Rfc2217Endpoint(SocketServerEndpoint):
     def __init__(self, url, listener, limit):
         super().__init__(url, listener, limit, hold_s=HOLD_S)
         self.line = GuestLine(self._release)
-        self.manager = None
         self._input = bytearray()           # filtered client data not yet given to the guest
         self._chunk = memoryview(b"")       # escaped output not yet sent
         self._chunk_source = 0              # stream bytes it stands for
         self._raw = bytearray()             # Telnet replies not yet sent
 
     def _connected(self):
-        self.manager = rfc2217.PortManager(
+        self.protocol = rfc2217.PortManager(
             self.line, types.SimpleNamespace(write=self.write_raw), logger=log)
 
-    def _drop_client(self):
-        self.manager = None
-        self._input.clear()
+    def _drop_client(self, reason, keep_input=False):
+        """What the client sent and was read stays in ``_input``; its replies and settings
+        from now on go nowhere (a line of its own: its purge releases no one's hold); what
+        it did not take goes to the next client."""
+        if self.protocol is not None:
+            self.protocol.connection, self.protocol.serial = NO_REPLIES, GuestLine()
         self._raw.clear()
         self._chunk, self._chunk_source = memoryview(b""), 0   # resent in full to the next
-        super()._drop_client()
+        super()._drop_client(reason, keep_input)
 
     # -- output: guest -> client -------------------------------------------------------------------
 
@@ -130,7 +138,7 @@ class Rfc2217Endpoint(SocketServerEndpoint):
         """``PortManager``'s connection: Telnet replies go out in order with the data."""
         if len(self._raw) + len(data) > RAW_LIMIT:
             log.warning("%s: client does not read its Telnet replies; dropping it", self)
-            self._drop_client()
+            self._drop_client("it does not read its Telnet replies")
             return
         self._raw += data
         self.flush()
@@ -138,9 +146,10 @@ class Rfc2217Endpoint(SocketServerEndpoint):
     # -- input: client -> guest --------------------------------------------------------------------
 
     def _receive(self):
-        """Read the socket once and filter it into ``_input``; False once the client is gone."""
+        """Read the source once and filter it into ``_input``; False once it is gone."""
+        sock, manager = self._source()
         try:
-            raw = self.client.recv(RECV_SIZE)
+            raw = sock.recv(RECV_SIZE)
         except AGAIN:
             return True
         except OSError as err:
@@ -149,7 +158,6 @@ class Rfc2217Endpoint(SocketServerEndpoint):
         if not raw:
             self._input_gone(None)
             return False
-        manager = self.manager
         if manager.mode == rfc2217.M_NORMAL and manager.suboption is None and IAC not in raw:
             self._input += raw                   # plain data: no filtering needed
         else:
@@ -157,7 +165,7 @@ class Rfc2217Endpoint(SocketServerEndpoint):
         return True
 
     def readinto(self, views):
-        if self.client is not None and not self._input:
+        if self.input_fd() is not None and not self._input:
             self._receive()
         if not self._input:
             return 0
