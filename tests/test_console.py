@@ -19,7 +19,7 @@ import serial
 from avatar_hw.backends.console import DEFAULT_LOG_SIZE, ConsoleBackend, open_console_backend
 from avatar_hw.devices import console as con
 from avatar_hw.devices.console import ConsoleDevice
-from avatar_hw.endpoints import open_endpoint, pyserial_url
+from avatar_hw.endpoints import open_endpoint, pyserial_url, server
 from avatar_hw.errors import ConfigError
 from avatar_hw.loop import EventLoop
 from avatar_hw.testing.virtio import RAM_BASE, VirtioBench
@@ -304,6 +304,84 @@ def test_a_second_client_is_refused_with_one_line_and_the_first_keeps_the_consol
     tx.post(readable=[b"next"])
     tx.notify()
     assert console.recv() == b"next"                         # served: its predecessor is gone
+
+
+def connect(console):
+    """Another client of ``console``'s socket (non-blocking), once the endpoint answered it:
+    its first bytes (a refusal, else empty)."""
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(console.path)
+    client.setblocking(False)
+    console.spin()
+    try:
+        return client, client.recv(4096)
+    except BlockingIOError:
+        return client, b""
+
+
+def guest_input(console, rx, buffers=8):
+    """What the guest reads into ``buffers`` receive buffers posted now."""
+    for _ in range(buffers):
+        rx.post(writable=[64])
+    rx.notify()
+    console.spin(10)
+    return b"".join(u.data for u in rx.get_used())
+
+
+def test_a_client_that_typed_and_left_is_read_and_the_next_is_served(console):
+    """A client typed and left before the guest read it: the next client was refused (the
+    typing unread looked like a client still there) until the guest read, never for a port
+    nobody reads. It is served now, and the guest gets the typing first, then its own."""
+    rx, tx = console.driver.init([0, 1])
+    console.client.send(b"typed then left\n")
+    console.spin()
+    console.client.close()
+    console.spin()
+    console.client, refusal = connect(console)
+    assert refusal == b""
+    tx.post(readable=[b"to the next one"])
+    tx.notify()
+    assert console.recv() == b"to the next one"
+    console.client.send(b"next\n")
+    assert guest_input(console, rx) == b"typed then left\nnext\n"
+
+
+def test_typing_of_a_client_whose_output_failed_reaches_the_guest(console):
+    """The guest printed before it read what a departed client typed: the failed write
+    closed the socket with the typing unread, and it was lost."""
+    rx, tx = console.driver.init([0, 1])
+    console.client.send(b"typed then left\n")
+    console.spin()
+    console.client.close()
+    console.spin()
+    tx.post(readable=[b"output"])
+    tx.notify()
+    console.spin()
+    endpoint = console.device.ports[0].backend.endpoints[0]
+    assert endpoint.client is None                      # its output failed: it left
+    assert guest_input(console, rx) == b"typed then left\n"
+
+
+def test_clients_that_typed_and_left_wait_in_order_and_in_bounds(console):
+    """While the guest reads nothing, clients that typed and left are kept (sockets with
+    their input) up to ``MAX_DEPARTED``; then a new client gets one line and is closed.
+    The guest gets every typing, in order."""
+    rx, tx = console.driver.init([0, 1])
+    typed = [b"from client %d\n" % i for i in range(server.MAX_DEPARTED + 1)]
+    for i, line in enumerate(typed):
+        if i:
+            console.client, refusal = connect(console)
+            assert refusal == b""
+        console.client.send(line)
+        console.spin()
+        console.client.close()
+        console.spin()
+    console.client, refusal = connect(console)
+    assert b"still waits for the guest" in refusal and refusal.count(b"\n") == 1
+    console.client.close()
+    assert guest_input(console, rx, buffers=16) == b"".join(typed)
+    console.client, refusal = connect(console)           # all read: served again
+    assert refusal == b""
 
 
 # -- features --------------------------------------------------------------------------------------

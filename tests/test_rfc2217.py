@@ -1,21 +1,27 @@
 """Console endpoint rfc2217: a virtio console served to pyserial's rfc2217:// client."""
 
 import hashlib
+import logging
 import os
 import socket
+import struct
 import threading
 import time
+import types
 
 import pytest
 import serial
+from serial import rfc2217
 
 from avatar_hw.backends.console import ConsoleBackend
 from avatar_hw.endpoints import open_endpoint
-from avatar_hw.endpoints.rfc2217 import INPUT_HOLD, Rfc2217Endpoint
+from avatar_hw.endpoints.rfc2217 import (INPUT_HOLD, RECV_SIZE, SUBOPTION_LIMIT, GuestLine,
+                                         Rfc2217Endpoint)
 from avatar_hw.devices.console import ConsoleDevice
 from avatar_hw.errors import ConfigError
 from avatar_hw.loop import EventLoop
 from avatar_hw.testing.virtio import VirtioBench
+from avatar_hw.virtio import constants as c
 from test_console import Progress
 
 IAC, SB, SE = 0xFF, 0xFA, 0xF0
@@ -310,3 +316,223 @@ def test_output_in_flight_when_a_pyserial_client_connects_reaches_it(loop):
     finally:
         other.close()
         bench.subsystem.close()
+
+
+def raw_client(endpoint, rcvbuf=None):
+    """A raw Telnet client of ``endpoint`` (non-blocking; accepted as the loop runs)."""
+    client = socket.socket()
+    if rcvbuf:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    client.connect(endpoint.listener.getsockname())
+    client.setblocking(False)
+    return client
+
+
+def received(client):
+    """What ``client`` has received by now (b"" also at EOF: see ``closed``)."""
+    try:
+        return client.recv(1 << 20)
+    except BlockingIOError:
+        return b""
+
+
+def closed(loop, client):
+    """Serve until the endpoint closed ``client`` (it reads EOF or a reset)."""
+    def eof():
+        loop.run_once(0.01)
+        try:
+            return client.recv(1 << 20) == b""
+        except BlockingIOError:
+            return False
+        except ConnectionResetError:
+            return True
+    spin_until(loop, eof)
+
+
+def opening():
+    """The Telnet requests a new session starts with."""
+    sent = bytearray()
+    rfc2217.PortManager(GuestLine(), types.SimpleNamespace(write=sent.extend))
+    return bytes(sent)
+
+
+def a_fresh_session_is_served(bench, loop, endpoint):
+    """The device did not fail, and a new client gets a session's opening first."""
+    assert not bench.driver.status & c.STATUS_DEVICE_NEEDS_RESET
+    client = raw_client(endpoint)
+    try:
+        got = bytearray()
+        spin_until(loop, lambda: got.extend(received(client)) or len(got) >= len(opening()))
+        assert bytes(got).startswith(opening())
+    finally:
+        client.close()
+
+
+def guest_reads(loop, rx, want):
+    """What the guest reads, a 512-byte buffer at a time, until ``want`` bytes came."""
+    got, progress = bytearray(), Progress()
+    while len(got) < want:
+        for used in rx.get_used():
+            got.extend(used.data)
+        if not rx.outstanding:
+            rx.post(writable=[512])
+            rx.notify()
+        if not progress.moved(len(got)):
+            loop.run_once(0.001)
+    return bytes(got)
+
+
+SUB = bytes([IAC, SB, 44])                                  # IAC SB COM-PORT-OPTION
+END = bytes([IAC, SE])
+
+
+@pytest.mark.parametrize("request_", [
+    bytes([IAC, SE]),                                       # SE without SB
+    SUB + b"\x01\x00" + END,                                # SET-BAUDRATE, 1 value byte
+    SUB + b"\x03\x09" + END,                                # SET-PARITY 9
+    SUB + b"\x04\x09" + END,                                # SET-STOPSIZE 9
+    SUB + b"\x0a" + END,                                    # SET-LINESTATE-MASK, no value
+    SUB + b"\x0b" + END,                                    # SET-MODEMSTATE-MASK, no value
+], ids=["se", "baud", "parity", "stopsize", "linestate", "modemstate"])
+def test_malformed_telnet_drops_the_client_not_the_device(served, loop, request_):
+    """pyserial's PortManager raises on these; the exception left the event loop and put
+    the guest's console into DEVICE_NEEDS_RESET. The client is dropped now; what it typed
+    before still reaches the guest."""
+    bench, endpoint = served
+    rx, tx = bench.driver.init([0, 1])
+    client = raw_client(endpoint)
+    client.send(b"before" + request_ + b"after")
+    closed(loop, client)
+    client.close()
+    assert not bench.driver.status & c.STATUS_DEVICE_NEEDS_RESET
+    assert guest_reads(loop, rx, 6) == b"before"
+    a_fresh_session_is_served(bench, loop, endpoint)
+
+
+@pytest.mark.parametrize("how", ["reset_at_once", "reset_after_a_request"])
+def test_a_client_that_resets_does_not_fail_the_device(served, loop, how):
+    """A client reset before its session's opening was sent (or with a reply unread): the
+    failed send dropped the client while a view of the replies existed (BufferError)."""
+    bench, endpoint = served
+    bench.driver.init([0, 1])
+    client = raw_client(endpoint)
+    if how == "reset_after_a_request":
+        spin_until(loop, lambda: endpoint.client is not None)
+        client.send(bytes([IAC, 0xFD, 99]))                      # DO 99: a reply comes
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    spin_until(loop, lambda: bench.driver.status & c.STATUS_DEVICE_NEEDS_RESET or
+               endpoint.client is None and not endpoint._departed)
+    a_fresh_session_is_served(bench, loop, endpoint)
+
+
+def test_a_client_that_reads_no_replies_is_dropped_and_its_replies_with_it(served, loop):
+    """Past RAW_LIMIT bytes of replies the client is dropped; the rest of that read went on
+    through the filter, whose replies went to the next client first (or failed the
+    device, dropping the client a second time)."""
+    bench, endpoint = served
+    bench.driver.init([0, 1])
+    client = raw_client(endpoint, rcvbuf=4096)
+    spin_until(loop, lambda: endpoint.client is not None)
+    endpoint.client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    requests = bytes([IAC, 0xFB, 44, IAC, 0xFC, 44]) * 20000    # WILL, WONT COM-PORT
+
+    def dropped():
+        try:
+            client.send(requests)
+        except BlockingIOError:
+            pass
+        loop.run_once(0.001)
+        return endpoint.client is None
+    spin_until(loop, dropped)
+    client.close()
+    assert not endpoint._raw
+    a_fresh_session_is_served(bench, loop, endpoint)
+
+
+@pytest.mark.parametrize("how", ["close", "shutdown"])
+def test_what_a_client_sent_before_it_left_reaches_the_guest(served, loop, how):
+    """Its input, filtered and held while the guest took none, was discarded with it
+    (typing then a close: nothing; 200 000 bytes then a shutdown: 5 120)."""
+    bench, endpoint = served
+    rx, tx = bench.driver.init([0, 1])
+    client = raw_client(endpoint)
+    spin_until(loop, lambda: endpoint.client is not None)
+    client.send(b"hello guest\n")
+    if how == "close":
+        client.close()             # with the session's opening unread: a reset
+    else:
+        client.shutdown(socket.SHUT_WR)
+    spin_until(loop, lambda: endpoint.client is None)
+    client.close()
+    rx.post(writable=[64])
+    rx.notify()
+    for _ in range(3):
+        loop.run_once(0)
+    assert [u.data for u in rx.get_used()] == [b"hello guest\n"]
+
+
+def test_input_held_while_the_guest_reads_slowly_is_bounded(served, loop):
+    """Each pause of a guest reading a small buffer at a time read another RECV_SIZE bytes:
+    20 MB sent, 19.5 MB held. Now at most INPUT_HOLD + RECV_SIZE, and all arrives."""
+    bench, endpoint = served
+    rx, tx = bench.driver.init([0, 1])
+    client = raw_client(endpoint)
+    data = bytes(range(255)) * 4096                              # 1 MiB, no IAC
+    sender = threading.Thread(target=lambda: (client.setblocking(True), client.sendall(data)))
+    sender.start()
+    got, progress = bytearray(), Progress()
+    try:
+        while len(got) < len(data):
+            for used in rx.get_used():
+                got.extend(used.data)
+            if not rx.outstanding:
+                rx.post(writable=[512])
+                rx.notify()
+            loop.run_once(0)
+            assert len(endpoint._input) <= INPUT_HOLD + RECV_SIZE
+            if not progress.moved(len(got), len(endpoint._input)):
+                loop.run_once(0.001)
+    finally:
+        sender.join()
+        client.close()
+    assert got == data
+
+
+def test_an_endless_subnegotiation_drops_the_client(served, loop):
+    """An IAC SB never ended grew pyserial's suboption buffer without bound."""
+    bench, endpoint = served
+    bench.driver.init([0, 1])
+    client = raw_client(endpoint)
+    client.send(SUB)
+    filler = b"A" * 65536
+
+    def dropped():
+        try:
+            client.send(filler)
+        except (BlockingIOError, ConnectionResetError, BrokenPipeError):
+            pass
+        loop.run_once(0.001)
+        if endpoint.protocol is not None and endpoint.protocol.suboption is not None:
+            assert len(endpoint.protocol.suboption) <= SUBOPTION_LIMIT + RECV_SIZE
+        return endpoint.client is None
+    spin_until(loop, dropped)
+    client.close()
+    a_fresh_session_is_served(bench, loop, endpoint)
+
+
+def test_what_a_client_makes_pyserial_log_is_rate_limited(served, loop, caplog):
+    """Every NOP, refused option and unknown subnegotiation was a warning: 8 000 lines
+    from 32 KB."""
+    bench, endpoint = served
+    rx, tx = bench.driver.init([0, 1])
+    client = raw_client(endpoint)
+    requests = (bytes([IAC, 0xF1, IAC, 0xFB, 99]) + SUB + b"\x63" + END) * 2000
+    client.setblocking(True)
+    client.sendall(requests + b"end")
+    client.setblocking(False)
+    with caplog.at_level(logging.INFO, logger="avatar_hw.endpoints.rfc2217"):
+        assert guest_reads(loop, rx, 3) == b"end"              # all of it was filtered
+    assert len(caplog.records) <= 2 * 20 + 6                # 20 each of warnings and info
+    assert endpoint.client is not None                     # nothing wrong with the client
+    client.close()

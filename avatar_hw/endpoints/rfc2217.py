@@ -20,12 +20,24 @@ the guest's buffer can be returned) only when its whole escaped form was
 sent. Caveat: a client that goes away mid-chunk got part of a chunk that the
 next client gets again in full (at most one chunk repeated across clients;
 nothing skipped). Telnet replies (``write_raw``) go out between chunks, in
-order with the data, at most ``RAW_LIMIT`` bytes held (a client that never
-reads them is dropped). The client's input is read when the guest has
-receive buffers. While the guest takes no input the socket is still read,
-so that negotiations are answered (a client's open waits for them), but
-only until ``INPUT_HOLD`` bytes of data are held; then the kernel's socket
-buffer, and the client, wait.
+order with the data, at most ``RAW_LIMIT`` bytes held. The client's input is
+read when the guest has receive buffers. While the guest takes no input the
+socket is still read, so that negotiations are answered (a client's open
+waits for them), but only while less than ``INPUT_HOLD`` bytes of data are
+held (at most ``INPUT_HOLD + RECV_SIZE``); then the kernel's socket buffer,
+and the client, wait. What a client sent reaches the guest also after it
+left (``server``'s departed clients: its filtered data stays in ``_input``,
+the rest is filtered by its own ``PortManager``, whose replies go nowhere);
+caveat: a client that comes while more than ``INPUT_HOLD`` bytes of a
+departed one wait has its input, and so its negotiations, read after them.
+
+A client is dropped, with what it sent not yet read, when it breaks the
+protocol: a request ``PortManager`` raises on (an SE without SB, a
+SET-BAUDRATE without its 4 bytes, SET-PARITY 9, ...), a subnegotiation
+longer than ``SUBOPTION_LIMIT``, or more than ``RAW_LIMIT`` bytes of replies
+it does not read. What a client can make ``PortManager`` log (each unknown
+command or option is a line) is rate-limited (``ProtocolLog``), as are
+those drops.
 
 A new client gets no output until its open is done: pyserial's ``open()`` (labgrid's
 NetworkSerialPort goes through it) ends with PURGE_DATA for its receive buffer, emptying
@@ -40,6 +52,7 @@ import types
 from serial import rfc2217
 
 from ..errors import AGAIN
+from ..ratelimit import RateLimitedLog
 from ..virtio.buffers import scatter
 from .server import SocketServerEndpoint, bound_url, client_address, tcp_listener
 
@@ -50,7 +63,13 @@ INPUT_HOLD = 4096
 RECV_SIZE = 65536
 CHUNK = 16384
 RAW_LIMIT = 65536
+SUBOPTION_LIMIT = 4096      # bytes of one subnegotiation, at most (RFC 2217's: a few)
 HOLD_S = 1.0                # at most this long after a client connects, no output (docstring)
+NO_REPLIES = types.SimpleNamespace(write=lambda data: None)     # a departed client's
+
+
+class ProtocolError(Exception):
+    """The client broke the protocol (or would not read its replies): it is dropped."""
 
 
 class GuestLine:
@@ -63,14 +82,25 @@ class GuestLine:
     cts = dsr = cd = True
     ri = False
 
-    def __init__(self, opened):
+    def __init__(self, opened=None):
         self.opened = opened
 
     def reset_input_buffer(self):
         """Purge requests are not honoured: nothing the guest sent or was sent is dropped."""
 
     def reset_output_buffer(self):
-        self.opened()
+        if self.opened is not None:
+            self.opened()
+
+
+class ProtocolLog:
+    """``PortManager``'s logger: what a client can make it say is rate-limited (an
+    endpoint's count outlives its clients)."""
+
+    def __init__(self):
+        self.warning = self.error = RateLimitedLog(log)
+        self.info = RateLimitedLog(log, level=logging.INFO)
+        self.debug = log.debug
 
 
 class Rfc2217Endpoint(SocketServerEndpoint):
@@ -78,23 +108,33 @@ class Rfc2217Endpoint(SocketServerEndpoint):
 
     def __init__(self, url, listener, limit):
         super().__init__(url, listener, limit, hold_s=HOLD_S)
-        self.line = GuestLine(self._release)
-        self.manager = None
+        self.line = GuestLine(self._opened)
+        self._protocol_log = ProtocolLog()
         self._input = bytearray()           # filtered client data not yet given to the guest
         self._chunk = memoryview(b"")       # escaped output not yet sent
         self._chunk_source = 0              # stream bytes it stands for
         self._raw = bytearray()             # Telnet replies not yet sent
 
     def _connected(self):
-        self.manager = rfc2217.PortManager(
-            self.line, types.SimpleNamespace(write=self.write_raw), logger=log)
+        self.protocol = rfc2217.PortManager(
+            self.line, types.SimpleNamespace(write=self.write_raw), logger=self._protocol_log)
 
-    def _drop_client(self):
-        self.manager = None
-        self._input.clear()
-        self._raw.clear()
+    def _opened(self):
+        """The client's open is done (its last purge, inside ``PortManager.filter``): its
+        output flows from the loop's next turn (no device code runs inside the filter,
+        whose exceptions drop the client)."""
+        self._cancel_hold()
+        self._set_writer(True)
+
+    def _drop_client(self, reason, keep_input=False):
+        """What the client sent and was read stays in ``_input``; its replies and settings
+        from now on go nowhere (a line of its own: its purge releases no one's hold); what
+        it did not take goes to the next client."""
+        if self.protocol is not None:
+            self.protocol.connection, self.protocol.serial = NO_REPLIES, GuestLine()
+        self._raw = bytearray()             # new objects: ``flush`` may hold a view of them
         self._chunk, self._chunk_source = memoryview(b""), 0   # resent in full to the next
-        super()._drop_client()
+        super()._drop_client(reason, keep_input)
 
     # -- output: guest -> client -------------------------------------------------------------------
 
@@ -127,20 +167,19 @@ class Rfc2217Endpoint(SocketServerEndpoint):
             self._chunk or self._raw or self.position < stream.tail and self._held is None))
 
     def write_raw(self, data):
-        """``PortManager``'s connection: Telnet replies go out in order with the data."""
+        """``PortManager``'s connection: Telnet replies go out in order with the data
+        (``_receive`` flushes them)."""
         if len(self._raw) + len(data) > RAW_LIMIT:
-            log.warning("%s: client does not read its Telnet replies; dropping it", self)
-            self._drop_client()
-            return
+            raise ProtocolError("it does not read its Telnet replies")
         self._raw += data
-        self.flush()
 
     # -- input: client -> guest --------------------------------------------------------------------
 
     def _receive(self):
-        """Read the socket once and filter it into ``_input``; False once the client is gone."""
+        """Read the source once and filter it into ``_input``; False once it is gone."""
+        sock, manager = self._source()
         try:
-            raw = self.client.recv(RECV_SIZE)
+            raw = sock.recv(RECV_SIZE)
         except AGAIN:
             return True
         except OSError as err:
@@ -149,15 +188,24 @@ class Rfc2217Endpoint(SocketServerEndpoint):
         if not raw:
             self._input_gone(None)
             return False
-        manager = self.manager
         if manager.mode == rfc2217.M_NORMAL and manager.suboption is None and IAC not in raw:
             self._input += raw                   # plain data: no filtering needed
-        else:
-            self._input += b"".join(manager.filter(raw))
+            return True
+        try:
+            for byte in manager.filter(raw):    # what came before an error is kept
+                self._input += byte
+            if manager.suboption is not None and len(manager.suboption) > SUBOPTION_LIMIT:
+                raise ProtocolError(f"a subnegotiation longer than {SUBOPTION_LIMIT} bytes")
+        except Exception as err:            # pyserial raises on malformed requests
+            self._protocol_log.warning("%s: client dropped: bad Telnet (%r)", self, err)
+            self._input_gone(err)
+            return False
+        if self._raw:
+            self.flush()
         return True
 
     def readinto(self, views):
-        if self.client is not None and not self._input:
+        if self.input_fd() is not None and not self._input:
             self._receive()
         if not self._input:
             return 0
@@ -166,10 +214,15 @@ class Rfc2217Endpoint(SocketServerEndpoint):
         del self._input[:done]
         return done
 
+    def _update_reader(self):
+        # While the guest takes no input the source is read (negotiations are answered,
+        # a hang-up is seen) until INPUT_HOLD bytes of data are held.
+        self._set_reader(self.input_fd() is not None and (self._want_input or
+                                                          len(self._input) < INPUT_HOLD))
+
     def _readable_while_paused(self):
-        if self._receive() and len(self._input) >= INPUT_HOLD:
-            self._data_waiting = True
-            self._update_reader()
+        self._receive()
+        self._update_reader()
 
     def resume_input(self):
         super().resume_input()

@@ -1,7 +1,9 @@
 """``SocketServerEndpoint``: a listening socket serving one client at a time (``unix:``,
 ``tcp:``, ``rfc2217:``), and ``tcp_listener`` for the TCP schemes."""
 
+import collections
 import logging
+import select
 import socket
 
 from .. import paths
@@ -13,12 +15,20 @@ log = logging.getLogger(__name__)
 
 BUSY = ("avatar-hw: {url} already has a client (one at a time, so that no typing is "
         "mixed and no output is split): close the other one first\r\n")
+WAITING = ("avatar-hw: {url}: what earlier clients typed still waits for the guest to read "
+           "it: try again later\r\n")
+MAX_DEPARTED = 4            # clients gone whose input the guest has not read yet, at most
 
 
 class SocketServerEndpoint(Endpoint):
     """A listening socket serving one client at a time: while a client is connected, a
     new one gets the one-line ``BUSY`` message and is closed (the client a test or a
     person is using is never taken over); one whose predecessor already hung up is served.
+
+    A client that hung up (or whose output failed) gets no more output, but what it sent
+    still reaches the guest, before what the next client sends: its socket, with the input
+    the kernel holds for it, waits in ``_departed`` until the guest has read it all. While
+    ``MAX_DEPARTED`` do, a new client gets the one-line ``WAITING`` message and is closed.
 
     A new client gets no output for ``hold_s`` seconds (or until ``_release()``): a
     client that empties its input as its open ends (pyserial's ``socket://`` and
@@ -31,6 +41,8 @@ class SocketServerEndpoint(Endpoint):
         self.listener = listener
         self.listener.setblocking(False)
         self.client = None
+        self.protocol = None                # the client's protocol state (rfc2217's)
+        self._departed = collections.deque()    # (socket, protocol) of clients gone
         self._unlink = unlink
         self.hold_s = hold_s
 
@@ -57,21 +69,23 @@ class SocketServerEndpoint(Endpoint):
             sock, peer = self.listener.accept()
         except AGAIN:
             return
-        if self.client is not None and self._client_alive():
-            log.info("%s: client %s refused: another client is connected", self,
-                     peer or "(unix)")
+        refusal = (BUSY if self.client is not None and not hung_up(self.client) else
+                   WAITING if len(self._departed) >= MAX_DEPARTED else None)
+        if refusal is not None:
+            log.info("%s: client %s refused: %s", self, peer or "(unix)",
+                     "another client is connected" if refusal is BUSY else
+                     "earlier clients' input waits")
             try:
-                sock.send(BUSY.format(url=self.url).encode(), socket.MSG_DONTWAIT)
+                sock.send(refusal.format(url=self.url).encode(), socket.MSG_DONTWAIT)
             except OSError:
                 pass
             sock.close()
             return
         if self.client is not None:
-            self._input_gone(None)                  # it hung up; we had not noticed yet
+            self._drop_client("a hang-up not seen before", keep_input=True)
         sock.setblocking(False)
         self.client = sock
         self.interactive = True
-        self._data_waiting = False
         self._hold(self.hold_s)                    # before a protocol's first send
         self._connected()
         self._update_reader()
@@ -84,37 +98,47 @@ class SocketServerEndpoint(Endpoint):
         """A new client is ``self.client``, before anything is sent to it (a protocol's
         session starts here)."""
 
-    def _client_alive(self):
-        """False when the connected client has hung up (EOF or an error waiting)."""
-        try:
-            return self.client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-        except AGAIN:
-            return True
-        except OSError:
-            return False
-
-    def _drop_client(self):
+    def _drop_client(self, reason, keep_input=False):
+        """The client goes: no more output to it (what it did not take waits for the next
+        client). With ``keep_input`` (it hung up, or its output failed) what it sent that
+        is not read yet still goes to the guest (``_departed``); else it is closed with it."""
+        log.info("%s: client disconnected (%s)", self, reason)
         self._cancel_hold()
         self._set_reader(False)
         self._set_writer(False)
-        self.client.close()
-        self.client = None
-        # output not yet taken waits for the next client (the guest holds it)
+        if keep_input:
+            self._departed.append((self.client, self.protocol))
+        else:
+            self.client.close()
+        self.client = self.protocol = None
+        self._watch_source()
         if self._on_connection is not None:
             self._on_connection()
 
+    def _watch_source(self):
+        """Input comes from another source now (its reader was removed): watch it."""
+        self._data_waiting = False
+        self._update_reader()
+
+    def _source(self):
+        """(socket, protocol) input is read from now: the oldest departed client until
+        its input is all read, then the client ((None, None): none)."""
+        return self._departed[0] if self._departed else (self.client, self.protocol)
+
     def input_fd(self):
-        return None if self.client is None else self.client.fileno()
+        sock = self._source()[0]
+        return None if sock is None else sock.fileno()
 
     def _update_reader(self):
-        # While input is paused the client is still watched, so that a hang-up is
+        # While input is paused the source is still watched, so that a hang-up is
         # noticed (and reported) even when the guest takes no input; once data is
         # seen waiting, the reader is removed until input resumes.
-        self._set_reader(self.client is not None and (self._want_input or not self._data_waiting))
+        self._set_reader(self.input_fd() is not None and (self._want_input or
+                                                          not self._data_waiting))
 
     def _readable_while_paused(self):
         try:
-            data = self.client.recv(1, socket.MSG_PEEK)
+            data = self._source()[0].recv(1, socket.MSG_PEEK)
         except AGAIN:
             return
         except OSError as err:
@@ -130,25 +154,40 @@ class SocketServerEndpoint(Endpoint):
         return None if self.client is None else self.client.fileno()
 
     def _readv(self, fd, views):
-        return self.client.recvmsg_into(views)[0]
+        return self._source()[0].recvmsg_into(views)[0]
 
     def _writev(self, fd, views):
         return self.client.sendmsg(views)
 
     def _input_gone(self, err):
-        log.info("%s: client disconnected (%s)", self, err or "EOF")
-        self._drop_client()
+        """EOF or an error reading the source: all it sent was read."""
+        if not self._departed:
+            self._drop_client(err or "EOF")
+            return
+        self._set_reader(False)
+        self._departed.popleft()[0].close()
+        self._watch_source()
 
     def _output_gone(self, err):
-        self._input_gone(err)
+        self._drop_client(err, keep_input=True)
 
     def close(self):
         super().close()
+        for sock, _ in self._departed:
+            sock.close()
         if self.client is not None:
             self.client.close()
         self.listener.close()
         if self._unlink:
             paths.remove(self._unlink)
+
+
+def hung_up(sock):
+    """Has the peer of ``sock`` closed or shut down its sending side (or failed)? Seen
+    even while input from it waits unread (a peek would see the data)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    return bool(poller.poll(0))
 
 
 def tcp_listener(url, rest):
