@@ -235,6 +235,33 @@ def test_output_in_flight_at_a_reset_still_reaches_the_client(tmp_path, loop):
     b.subsystem.close()
 
 
+def test_a_reset_keeps_a_bounded_copy_of_one_huge_buffer_in_flight(tmp_path, loop):
+    """One 2 MiB guest buffer waits for a client that does not read, and the guest resets:
+    the whole buffer was copied into the daemon (300 MiB held for a 300 MiB buffer). At
+    most twice the port's buffer is kept; the client still gets the buffer's start, in order."""
+    path, limit = str(tmp_path / "c.sock"), 64 << 10
+    b = VirtioBench(ConsoleDevice(f"unix:{path}", limit=limit), loop=loop, ram_size=40 << 20)
+    rx, tx = b.driver.init([0, 1], buf_size=2 << 20, size=4)
+    client = socket.socket(socket.AF_UNIX)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(path)
+    for _ in range(5):
+        loop.run_once(0.01)
+    big = bytes(range(256)) * (8 << 10)
+    tx.post(readable=[big])
+    tx.notify()
+    for _ in range(5):
+        loop.run_once(0.01)
+    backend = b.device.ports[0].backend
+    assert backend.stream.buffered > 2 * limit                 # the guest's buffer, in place
+    b.driver.write(c.REG_STATUS, 0)                            # reset
+    assert backend.stream.buffered <= 2 * limit
+    got = read_all(client, loop, 2 * limit, rounds=500)
+    assert len(got) >= 2 * limit - 4096 and got == big[:len(got)]
+    client.close()
+    b.subsystem.close()
+
+
 def test_a_client_that_wrote_and_left_does_not_hold_the_guest(tmp_path, loop):
     """The output in flight when the last client leaves joins the log; nothing waits in the
     guest, and the next client gets it."""

@@ -232,8 +232,14 @@ class ConsoleBackend:
         gone, the guest may reuse them): ``(token, length)`` of each. Their bytes are
         copied first and still go out, after what came before them: the guest printed them,
         and the log's bytes being replayed and the backend's own (tokens in ``keep``:
-        emergency writes, already answered) stay where they are."""
-        return self.stream.own((LOGGED, *keep), LOGGED)
+        emergency writes, already answered) stay where they are. At most twice ``limit``
+        bytes are kept (``can_take`` lets one buffer past ``limit``; Linux's are 32 KiB at
+        most; a larger one's rest is dropped, as QEMU drops what its chardev did not take at
+        a reset); an endpoint that had written past that goes on from there."""
+        done = self.stream.own((LOGGED, *keep), LOGGED, 2 * self.limit)
+        for ep in self.endpoints:
+            ep.position = min(ep.position, self.stream.tail)
+        return done
 
     @property
     def buffered(self):

@@ -2,7 +2,7 @@
 
 import collections
 
-from ..virtio.buffers import IOV_MAX, gather
+from ..virtio.buffers import IOV_MAX, gather, truncate
 
 
 class OutputStream:
@@ -59,20 +59,33 @@ class OutputStream:
         self.head = segments[0][0] if segments else self.tail
         return done
 
-    def own(self, keep, token):
+    def own(self, keep, token, limit):
         """Copy the bytes of every segment whose token is not in ``keep`` (views of guest
         RAM the guest may now reuse) and give it ``token``: the bytes stay where they are on
-        the axis. Returns the ``(token, length)`` each had."""
-        owned = []
+        the axis. At most ``limit`` bytes from ``head`` are kept: the axis ends there, what
+        lay past it is dropped (one guest buffer may be larger than any bound on what is
+        held: copied whole, 300 MiB stayed in the daemon). Returns the ``(token, length)``
+        each guest segment had, dropped or not."""
+        owned, end = [], self.head + limit
+        while self.segments and self.segments[-1][0] >= end:
+            _, length, views, old = self.segments.pop()
+            self.views -= len(views)
+            if old not in keep:
+                owned.append((old, length))
+        self.tail = min(self.tail, end)
         for segment in self.segments:
-            _, length, views, old = segment
-            if old in keep:
+            start, length, views, old = segment
+            if start + length > end:            # the last one: only what is kept is copied
+                views, segment[1] = truncate(views, end - start), end - start
+            if old in keep and segment[1] == length:
                 continue
-            data = bytearray(length)
+            data = bytearray(segment[1])
             gather(views, data)
-            segment[2], segment[3] = [memoryview(data)], token
-            self.views += 1 - len(views)
-            owned.append((old, length))
+            self.views += 1 - len(segment[2])
+            segment[2] = [memoryview(data)]
+            if old not in keep:
+                segment[3] = token
+                owned.append((old, length))
         return owned
 
     def clear(self):
