@@ -103,11 +103,11 @@ class ControlServer:
         self._clients = {}
         self._screenshots = collections.deque()     # (client, vm, slot) not begun
         self._encoding = None                       # (client, future) being encoded
-        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="avatar-hw-png")
-        self._encoded = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._accept_later = None
         self._log = RateLimitedLog(log)
         self.sock = _listen(self.path)
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="avatar-hw-png")
+        self._encoded = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     def attach(self, loop):
         self.loop = loop
@@ -122,7 +122,8 @@ class ControlServer:
             self.loop.remove_reader(self._encoded)
             if self._accept_later is not None:
                 self.loop.cancel(self._accept_later)
-        self._encoder.shutdown(wait=False, cancel_futures=True)
+        # a running encode ends first: its done callback writes the eventfd
+        self._encoder.shutdown(wait=True, cancel_futures=True)
         os.close(self._encoded)
         self.sock.close()
         paths.remove(self.path)
@@ -186,7 +187,11 @@ class ControlServer:
     def _serve(self, client):
         """Answer up to ``LINES_PER_TURN`` of ``client``'s whole lines in order, until one
         waits for a screenshot or an answer cannot be sent at once; the rest next turn."""
-        client.later = None
+        if client.later is not None:            # called before its timer: one serve a turn
+            self.loop.cancel(client.later)
+            client.later = None
+        if not self._here(client):
+            return
         for _ in range(LINES_PER_TURN):
             if client.waiting or client.outbox or b"\n" not in client.inbox:
                 break
@@ -252,11 +257,12 @@ class ControlServer:
         self._next_screenshot()
 
     def _answered(self, client, reply):
-        """Send a screenshot's ``reply`` and go on with what ``client`` asked after it."""
+        """Send a screenshot's ``reply``; what ``client`` asked after it is served from the
+        next turn (never from inside a ``_serve``: its lines are a turn's at most)."""
         client.waiting = False
         self._send(client, reply)
         if self._here(client):
-            self._serve(client)
+            self._watch(client)
 
     def _send(self, client, reply):
         had_output = bool(client.outbox)

@@ -76,7 +76,8 @@ class EventLoop:
     # -- timers -----------------------------------------------------------------
 
     def call_later(self, delay, callback):
-        """Run ``callback()`` after ``delay`` seconds; returns a handle for ``cancel``."""
+        """Run ``callback()`` after ``delay`` seconds (0: in the next turn, after what is
+        ready then); returns a handle for ``cancel``."""
         handle = [time.monotonic() + delay, next(self._timer_ids), callback]
         heapq.heappush(self._timers, handle)
         return handle
@@ -96,7 +97,9 @@ class EventLoop:
             due = max(0.0, timers[0][0] - time.monotonic())
             timeout = due if timeout is None else min(timeout, due)
         fds = self._fds
-        for fd, events in self._epoll.poll(-1 if timeout is None else max(0.0, timeout)):
+        ready = self._epoll.poll(-1 if timeout is None else max(0.0, timeout))
+        now = time.monotonic()          # a timer made by a callback below runs next turn
+        for fd, events in ready:
             entry = fds.get(fd)
             if entry is not None and events & _READ_EVENTS and entry[READER] is not None:
                 entry[READER]()
@@ -104,7 +107,6 @@ class EventLoop:
             if entry is not None and events & _WRITE_EVENTS and entry[WRITER] is not None:
                 entry[WRITER]()
         if timers:
-            now = time.monotonic()
             while timers and timers[0][0] <= now:
                 _, _, callback = heapq.heappop(timers)
                 if callback is not None:

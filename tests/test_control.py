@@ -29,6 +29,9 @@ class Introspected:
     def debug_device(self, vm, slot):
         return DEVICES[0]
 
+    def screenshot(self, vm, slot):
+        raise ValueError(f"VM {vm} slot {slot} is a console, not a gpu")
+
 
 @pytest.fixture
 def served(tmp_path):
@@ -113,6 +116,23 @@ def test_a_turn_answers_a_bounded_number_of_one_clients_requests(served):
     loop.run_once(0)
     assert sock.recv(1 << 20).count(b"\n") <= 2 * LINES_PER_TURN
     assert len(replies(loop, sock, 100 - 2 * LINES_PER_TURN)) >= 100 - 2 * LINES_PER_TURN
+
+
+def test_failed_screenshots_among_requests_leave_no_timer_behind(served):
+    """A screenshot that fails at once, inside a batch of requests longer than a turn's:
+    its answer served the client's next lines from inside the batch's own serve, whose
+    timer for the next turn was then forgotten; it fired after the client had gone and
+    the loop raised (epoll of fd -1): every VM lost its devices."""
+    loop, server = served
+    sock = connect(server)
+    shot = b'{"command": "screenshot", "vm": 0, "device": "0"}\n'
+    listing = b'{"command": "list"}\n'
+    sock.send(listing * 8 + shot + listing * 8 + shot + listing * 2)
+    sock.shutdown(socket.SHUT_WR)
+    answers = replies(loop, sock, 20)
+    assert [a["ok"] for a in answers] == [True] * 8 + [False] + [True] * 8 + [False] + [True] * 2
+    pump(loop)
+    assert server._clients == {}
 
 
 @pytest.mark.parametrize("line", [b"[" * 3000, b'{"command": "debug", "vm": 1e400, '

@@ -511,5 +511,5 @@ def test_a_hostile_guest_gets_architectural_answers_and_never_stops_the_board():
     assert {tag: reports.get(tag) for tag in expected} == expected, lines[-20:]
     assert 2 <= reports[3] < 1 << 31                   # PSCI_VERSION went to the firmware
     faults = sum("no syndrome (ISV=0" in line for line in lines)
-    assert 2 <= faults <= 600, faults                   # two T32 ones, then a burst
+    assert 2 <= faults < 5000, faults           # 500, then 50 a second of the flood's time
     assert any("guest-made log lines left out" in line for line in lines)

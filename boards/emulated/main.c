@@ -143,13 +143,14 @@ static u64 el1_vector(u64 spsr)
 }
 
 /* Take an exception to the guest's EL1 as the hardware would have: class ``ec`` as seen
- * from a lower EL (the same-EL class is ec + 1 for aborts), ``iss``, ESR_EL2.IL kept. */
+ * from a lower EL (the same-EL class is ec + 1 for aborts), ``iss``. IL is 1: it is for an
+ * unknown reason, an instruction abort and a data abort without syndrome (ESR_ELx.IL). */
 static void inject(u64 ec, u64 iss, u64 far)
 {
     u64 spsr = read_sysreg(spsr_el2);
     if (ec != EC_UNKNOWN && !(spsr & SPSR_AA32) && (spsr & 0xf) != 0)
         ec += 1;                /* taken from EL1 itself: 0x21, 0x25 */
-    write_sysreg(esr_el1, (ec << 26) | (read_sysreg(esr_el2) & ESR_IL) | iss);
+    write_sysreg(esr_el1, (ec << 26) | ESR_IL | iss);
     write_sysreg(far_el1, far);
     write_sysreg(elr_el1, read_sysreg(elr_el2));
     write_sysreg(spsr_el1, spsr);
