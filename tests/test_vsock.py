@@ -682,3 +682,22 @@ def test_info_shows_the_devices_own_fields(tmp_path, loop):
     text = format_device(entry)
     assert f"cid {CID}; socket {g.path}; open_connections 1; max_connections 64" in text
     assert "connections 1; bad_packets 0; rst_sent 0" in text
+
+
+def test_a_credit_update_dropped_for_a_full_control_queue_is_sent_later(tmp_path, loop):
+    """The guest asks for credit while the control queue is full (RSTs for packets to no
+    connection, no receive buffer): the update was dropped for good, and a Linux sender
+    waiting at zero credit waited for ever. It is owed, and sent once there is room."""
+    g = Guest(tmp_path, loop, max_connections=1)
+    client, host_port = g.established()
+    for i in range(150):                # RSTs take the receive buffers, then fill the queue
+        g.send(1000 + i, 1, OP_RW, b"x")
+    g.send(5000, host_port, OP_RW, b"x" * 100)
+    assert client.recv(200) == b"x" * 100
+    g.send(5000, host_port, OP_CREDIT_REQUEST)
+    assert g.device.counters["control_dropped"] > 0
+    received = ops(g.packets())                         # the RSTs that had buffers
+    for _ in range(3):
+        g.give_rx(60)
+        received += ops(g.packets())
+    assert OP_CREDIT_UPDATE in received

@@ -81,6 +81,7 @@ class VsockDevice(Connections, VirtioDevice):
         self.greeting = {}                       # fd -> Connection waiting for CONNECT
         self._control = collections.deque()      # (host_port, guest_port, op, flags, conn)
         self._control_limit = 4 * max_connections + 64
+        self._owed = set()                       # connections owed a dropped credit update
         self._rx_chain = None                    # a receive buffer popped, not yet filled
         self._starved = collections.deque()      # connections waiting for receive buffers
         self._event_pending = False
@@ -122,6 +123,7 @@ class VsockDevice(Connections, VirtioDevice):
         for conn in [*self.conns.values(), *self.greeting.values()]:
             self._close(conn)
         self._control.clear()
+        self._owed.clear()
         self._starved.clear()
         self._rx_chain = None
 
@@ -236,17 +238,28 @@ class VsockDevice(Connections, VirtioDevice):
 
     def _queue(self, conn, op, flags=0):
         """Queue a control packet for ``conn``; with the queue full it is dropped (counted),
-        and ``conn``, which cannot go on without it, is closed (a credit update is not
-        needed: the next one carries the same)."""
+        and ``conn``, which cannot go on without it, is closed; a credit update is owed
+        instead, queued when there is room (a guest sender waiting at zero credit would
+        wait for ever without it)."""
         if op == OP_CREDIT_UPDATE and conn.credit_update_queued:
             return
         if len(self._control) >= self._control_limit:
             self.counters["control_dropped"] += 1
-            if op != OP_CREDIT_UPDATE:
+            if op == OP_CREDIT_UPDATE:
+                self._owed.add(conn)
+            else:
                 self._close(conn)
             return
         conn.credit_update_queued |= op == OP_CREDIT_UPDATE
         self._control.append((conn.host_port, conn.guest_port, op, flags, conn))
+
+    def _take_owed(self):
+        """Queue the credit updates owed while there is room; True when some are waiting."""
+        while self._owed and len(self._control) < self._control_limit:
+            conn = self._owed.pop()
+            if conn.stream is not None:
+                self._queue(conn, OP_CREDIT_UPDATE)
+        return bool(self._control)
 
     def _queue_rst(self, host_port, guest_port):
         if len(self._control) >= self._control_limit:
@@ -288,7 +301,7 @@ class VsockDevice(Connections, VirtioDevice):
     def _flush_control(self):
         """Send waiting control packets; True when none is left."""
         sent = False
-        while self._control:
+        while self._take_owed() or self._control:
             chain = self._rx_buffer()
             if chain is None:
                 break
