@@ -216,13 +216,12 @@ class ControlServer:
     def _watch(self, client):
         """Read from ``client`` only when nothing of it is pending; serve its next lines
         in the next turn when they can be."""
-        pending = client.waiting or client.outbox or b"\n" in client.inbox
-        if pending:
+        busy, line = client.waiting or client.outbox, b"\n" in client.inbox
+        if busy or line:
             self.loop.remove_reader(client.sock)
         else:
             self.loop.add_reader(client.sock, lambda: self._readable(client))
-        if b"\n" in client.inbox and not (client.waiting or client.outbox) \
-                and client.later is None:
+        if line and not busy and client.later is None:
             client.later = self.loop.call_later(0, lambda: self._serve(client))
 
     def _next_screenshot(self):

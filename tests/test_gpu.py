@@ -24,6 +24,7 @@ from avatar_hw.errors import ConfigError
 from avatar_hw.testing.virtio import RAM_BASE, VirtioBench
 from avatar_hw.virtio import constants as c
 from test_console import loop  # noqa: F401 (fixture)
+from test_control import replies
 from test_fuzz import FUZZ, no_internal_errors
 
 RAM_SIZE = 8 << 20
@@ -641,33 +642,21 @@ def test_a_screenshot_is_encoded_off_the_event_loop(gpu, loop, tmp_path):
         sock.setblocking(False)
         return sock
 
-    def replies(sock, count):
-        got = bytearray()
-        for _ in range(400):
-            loop.run_once(0.05)
-            try:
-                got += sock.recv(1 << 20)
-            except BlockingIOError:
-                pass
-            if got.count(b"\n") >= count:
-                return [json.loads(line) for line in got.splitlines()]
-        raise AssertionError(f"{count} replies never came: {bytes(got[:200])}")
-
     shot = {"command": "screenshot", "vm": 0, "device": "0"}
     try:
         asking = connect(shot, {"command": "list"})
         other = connect({"command": "list"})
-        assert replies(other, 1) == [{"ok": True, "result": daemon.list_devices()}]
+        assert replies(loop, other, 1) == [{"ok": True, "result": daemon.list_devices()}]
         with pytest.raises(BlockingIOError):
             asking.recv(1)                                  # still encoding
         leaving = connect(shot)
         daemon.release.set()
-        first, then = replies(asking, 2)
+        first, then = replies(loop, asking, 2)
         assert first["ok"] and then == {"ok": True, "result": daemon.list_devices()}
         assert decode_png(base64.b64decode(first["result"]["png"])) == (w, h, rgb_of(data))
         leaving.close()                                     # its screenshot was waiting
         again = connect(shot)
-        assert replies(again, 1)[0]["result"]["png"] == first["result"]["png"]
+        assert replies(loop, again, 1)[0]["result"]["png"] == first["result"]["png"]
         assert daemon.taken == 2 or daemon.taken == 3       # the leaver's only if begun
     finally:
         server.close()

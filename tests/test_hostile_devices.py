@@ -121,6 +121,16 @@ def target(request, tmp_path, loop, caplog):  # noqa: F811
 every_kind = pytest.mark.parametrize("target", KINDS, indirect=True)
 
 
+def served_per_turn(loop, queue, count):
+    """How many of ``count`` notified requests ``queue`` gets back at the notify, then in
+    each turn of the loop."""
+    served = [len(queue.get_used())]
+    while sum(served) < count:
+        loop.run_once(0)
+        served.append(len(queue.get_used()))
+    return served
+
+
 def chain_everywhere(t, descriptors, *, table=None):
     """On every queue: the ring's descriptors ``descriptors`` [(addr, len, flags, next)]
     (and, with ``table``, the same entries written as an indirect table at ``table``),
@@ -279,11 +289,7 @@ def test_gpu_backing_entries_are_charged_to_the_turn(loop):  # noqa: F811
         for i in range(1, 5):
             post(i, transfer)
         ctrl.notify()
-        served = [len(ctrl.get_used())]
-        while sum(served) < 5:
-            loop.run_once(0)
-            served.append(len(ctrl.get_used()))
-        assert served == [1] * 5
+        assert served_per_turn(loop, ctrl, 5) == [1] * 5
         assert all(struct.unpack_from("<I", ram.read(responses + 64 * i, 4))[0]
                    == g.RESP_OK_NODATA for i in range(5))
     finally:
@@ -323,11 +329,7 @@ def test_a_row_by_row_gpu_transfer_is_charged_to_the_turn(loop, monkeypatch):  #
         for i in range(8):
             post(i, g.CMD_TRANSFER_TO_HOST_2D, transfer)
         ctrl.notify()
-        served = [len(ctrl.get_used())]
-        while sum(served) < 8:
-            loop.run_once(0)
-            served.append(len(ctrl.get_used()))
-        assert served == [1] * 8
+        assert served_per_turn(loop, ctrl, 8) == [1] * 8
         assert all(answer(i) == g.RESP_OK_NODATA for i in range(8))
     finally:
         bench.subsystem.close()

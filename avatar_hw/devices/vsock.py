@@ -254,7 +254,8 @@ class VsockDevice(Connections, VirtioDevice):
         self._control.append((conn.host_port, conn.guest_port, op, flags, conn))
 
     def _take_owed(self):
-        """Queue the credit updates owed while there is room; True when some are waiting."""
+        """Queue the credit updates owed, as far as there is room; True while control
+        packets wait."""
         while self._owed and len(self._control) < self._control_limit:
             conn = self._owed.pop()
             if conn.stream is not None:
@@ -301,7 +302,7 @@ class VsockDevice(Connections, VirtioDevice):
     def _flush_control(self):
         """Send waiting control packets; True when none is left."""
         sent = False
-        while self._take_owed() or self._control:
+        while self._take_owed():
             chain = self._rx_buffer()
             if chain is None:
                 break
