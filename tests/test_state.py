@@ -17,6 +17,7 @@ from avatar_hw.devices import block, net
 from avatar_hw.devices.block import BlockDevice
 from avatar_hw.devices.net import NetDevice
 from avatar_hw.devices.console import ConsoleDevice
+from avatar_hw.devices.vsock import HEADER, HEADER_LEN, OP_REQUEST, VsockDevice
 from avatar_hw.hw.region import Region
 from avatar_hw.loop import EventLoop
 from avatar_hw.state import StateError, StateFile
@@ -265,6 +266,39 @@ def test_restart_under_guest_net_keeps_the_mac_the_guest_read(tmp_path, ram, mon
         second = Model(ram, NetDevice(switch), path, loop)
         assert second.device.mac == mac and bytes(second.device.config[:6]) == mac
         assert second.device.backend.switch.locked == {mac: second.device.backend}
+        second.subsystem.close()
+    finally:
+        loop.close()
+
+
+def test_restart_under_guest_vsock_tells_the_guest_its_connections_are_gone(tmp_path, ram):
+    """A vsock connection's host side dies with the daemon. The restarted one does not put
+    the device in DEVICE_NEEDS_RESET (the guest would lose its listeners too): it posts
+    VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (5.10.6.7), and host clients connect again."""
+    loop = EventLoop()
+    try:
+        sock, path = str(tmp_path / "v.sock"), tmp_path / "state"
+        first = Model(ram, VsockDevice(3, sock), path, loop)
+        driver = driver_for(first, ram)
+        rx, tx, event = driver.init([0, 1, 2])
+        event.post(writable=[4])
+        event.notify()
+        assert event.get_used() == []                    # no event while nothing happened
+        first.device.detach()                            # its sockets go, as with the process
+        second = Model(ram, VsockDevice(3, sock), path, loop)
+        driver.mmio = second.subsystem.handle_mmio_trap
+        assert not second.transport.context.status & c.STATUS_DEVICE_NEEDS_RESET
+        assert [(u.length, u.data) for u in event.get_used()] == [(4, struct.pack("<I", 0))]
+        rx.post(writable=[HEADER_LEN])
+        rx.notify()
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(sock)
+            client.sendall(b"CONNECT 5000\n")
+            for _ in range(20):
+                loop.run_once(0.01)
+            [used] = rx.get_used()
+            header = HEADER.unpack(used.data)
+            assert (header[3], header[6]) == (5000, OP_REQUEST)
         second.subsystem.close()
     finally:
         loop.close()

@@ -22,7 +22,8 @@ What the device checks in each packet from the guest (tx queue), and answers:
 
 ``transport_reset()`` drops every connection and posts
 VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (5.10.6.7) on the event queue: for a
-guest whose connections vanished behind its back. A device reset closes
+guest whose connections vanished behind its back, as after a restart of the
+daemon under a running guest (``restore_state``). A device reset closes
 every connection (the guest's driver is gone).
 
 Connections, flow control and shutdowns: ``vsock_conn``.
@@ -66,6 +67,7 @@ class VsockDevice(Connections, VirtioDevice):
 
     device_id = ID_VSOCK
     name = "vsock"
+    restartable = True
 
     def __init__(self, cid, socket, *, max_connections=DEFAULT_MAX_CONNECTIONS,
                  buf_alloc=BUF_ALLOC, connect_timeout=CONNECT_TIMEOUT):
@@ -110,6 +112,7 @@ class VsockDevice(Connections, VirtioDevice):
 
     def activate(self):
         self._flush_rx()
+        self._post_event()
 
     def reset(self):
         self._close_all()
@@ -126,6 +129,12 @@ class VsockDevice(Connections, VirtioDevice):
         self._owed.clear()
         self._starved.clear()
         self._rx_chain = None
+
+    def restore_state(self, saved, words, live):
+        """The host side of every connection died with the previous daemon: a device
+        restored live tells the guest (5.10.6.7, as after a migration), whose sockets
+        then close instead of waiting for ever; its listeners stay."""
+        self._event_pending = live
 
     def transport_reset(self):
         """Drop every connection and tell the guest (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)."""
