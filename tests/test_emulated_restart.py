@@ -4,7 +4,8 @@ The daemon runs in its own process (``EmulatedBoard(daemon_process=True)``) with
 file. The guest copies a block device to another with O_DIRECT 4 KiB writes while it
 prints the source in base64 on its console; the test SIGKILLs the daemon in the middle
 of both, starts a new one, and checks that both transfers are sha256-exact and that the
-guest's drivers never reset their devices.
+guest's drivers never reset their devices. A vsock connection open across a restart is
+reset for the guest (its host side died with the daemon), and the device goes on.
 """
 
 import base64
@@ -18,7 +19,9 @@ import pytest
 from avatar_hw.board import load_board
 from avatar_hw.control import request
 from avatar_hw.emulated.session import EmulatedBoard, _connect_unix
+from avatar_hw.hil import vsock
 from avatar_hw.shipped import board_path
+from bench.board import VSOCK_PORT, _guest_line, build_initrd, vsock_host_echo
 from test_emulated_linux import pytestmark  # noqa: F401 (emulated, tools)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -40,8 +43,9 @@ def board(tmp_path_factory):
         '[vm.0]\n'
         'console = { endpoints = ["unix:vm0-console.sock"], log = 16777216 }\n'
         f'block = [{{ image = "{tmp / "target.img"}" }}, '
-        f'{{ image = "{tmp / "source.img"}", readonly = true }}]\n')
-    with EmulatedBoard(config=config, daemon_process=True) as b:
+        f'{{ image = "{tmp / "source.img"}", readonly = true }}]\n'
+        f'vsock = {{ cid = 3, socket = "{tmp / "v.sock"}" }}\n')
+    with EmulatedBoard(config=config, daemon_process=True, initrd=build_initrd(tmp)) as b:
         b.guest = b.shell(timeout=120)
         b.tmp = tmp
         yield b
@@ -153,6 +157,28 @@ def test_restart_under_guest_host_mode_transfers_are_exact_and_nothing_resets(bo
     log = (board.state_path.parent / "daemon.log").read_text()
     assert "restored" in log and "chain(s) in flight" in log
 
+
+
+def test_restart_under_guest_resets_vsock_connections_and_the_device_goes_on(board):
+    """A vsock connection's host side dies with the daemon. The new one tells the guest
+    (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET): its socket is reset instead of waiting for
+    ever, its driver does not reset the device, and a new connection echoes."""
+    guest, path = board.guest, board.tmp / "v.sock"
+    _guest_line(guest, f"avbench vsock-echo {VSOCK_PORT} {MIB} >/tmp/reset.log 2>&1 & true", "")
+    with vsock.connect(path, VSOCK_PORT) as sock:
+        sock.settimeout(30)
+        sock.sendall(b"ping")
+        assert sock.recv(4) == b"ping"                      # the echo is under way
+        statuses_before, _ = guest.run("cat /sys/bus/virtio/devices/*/status")
+        board.kill_daemon()
+        board.start_daemon()
+    board.guest = guest = board.shell(wait_ready=False)
+    out, _ = guest.run("wait; cat /tmp/reset.log", timeout=30)
+    assert "avbench error recv: " in out, out      # reset (ECONNRESET, then ENOTCONN)
+    statuses_after, _ = guest.run("cat /sys/bus/virtio/devices/*/status")
+    assert statuses_after == statuses_before
+    assert _devices(board)["vsock"]["status"] == "ACKNOWLEDGE|DRIVER|FEATURES_OK|DRIVER_OK"
+    assert vsock_host_echo(guest, path, 256 << 10) > 0
 
 
 def test_the_restart_example_of_docs_testing_md_runs(capsys):
