@@ -41,7 +41,6 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 
 from . import paths, png
-from .devices.balloon import parse_size
 from .errors import AvatarError, os_reason
 from .ratelimit import RateLimitedLog
 
@@ -309,8 +308,7 @@ class ControlServer:
             elif command == "info":
                 result = self.daemon.info()
             elif command == "balloon":
-                size = request.get("size")
-                result = self.daemon.balloon(vm, None if size is None else parse_size(size))
+                result = self.daemon.balloon(vm, request.get("size"))
             elif command == "debug":
                 result = self.daemon.debug_device(vm, self._slot(vm, str(request["device"])))
             elif command == "screenshot":                 # answered by _next_screenshot

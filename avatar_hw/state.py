@@ -35,7 +35,8 @@ offered, queue sizes, rings inside the VM's RAM, used index the guest sees one o
 the two possible): a device that fails is restored with DEVICE_NEEDS_RESET (logged),
 the others carry on. A device that does not know how to be restored (``restartable``
 False: its host side holds state this file cannot) and was in use gets
-DEVICE_NEEDS_RESET too.
+DEVICE_NEEDS_RESET too. Either way the driver is told as 2.1.2 says: the status it set,
+DEVICE_NEEDS_RESET added, and a configuration change interrupt.
 
 Then (``resume``, once attached): each active device is activated again, every chain
 that was in flight is handed back to it through ``pop`` (it does each request again:
@@ -328,6 +329,10 @@ class StateFile:
             try:
                 self._restore_device(number, transport)
             except (QueueError, ValueError) as err:
+                # the driver goes on from the status it set, which the device now marks
+                # DEVICE_NEEDS_RESET, with a configuration change interrupt (2.1.2)
+                status = self.slots[number].record.status & 0xFF & ~c.STATUS_DEVICE_NEEDS_RESET
+                transport.context.status = status if self._status_ok(status, transport) else 0
                 transport.fail(f"state file {self.path}: {err}")
 
     def _restore_device(self, number, transport):
@@ -366,6 +371,14 @@ class StateFile:
             raise ValueError("device state is not a JSON object")
         return saved
 
+    @staticmethod
+    def _status_ok(status, transport):
+        """Could the driver have set ``status``: no reserved bit, each bit after the ones
+        it needs (``MmioTransport.status_prerequisites``)?"""
+        return not status & 0x30 and all(
+            not status & flag or status & needed == needed
+            for flag, needed in transport.status_prerequisites.items())
+
     def _restore_transport(self, slot, transport):
         """Take back the registers and the queues; False when the device was reset (status
         0: nothing to take back), ValueError or QueueError for what makes no sense."""
@@ -375,12 +388,9 @@ class StateFile:
             return False
         if not device.restartable:
             raise ValueError(f"{device.name} devices cannot be restored under a running guest")
-        checks = transport.status_prerequisites
-        for flag, needed in checks.items():
-            if status & flag and status & needed != needed:
-                raise ValueError(f"status 0x{status:02x} sets 0x{flag:02x} without 0x{needed:02x}")
-        if status & 0x30:
-            raise ValueError(f"status 0x{status:02x} has reserved bits")
+        if not self._status_ok(status, transport):
+            raise ValueError(f"status 0x{status:02x} has reserved bits, or a bit without "
+                             "the ones it needs first")
         features = record.driver_features
         if status & (c.STATUS_FEATURES_OK | c.STATUS_DRIVER_OK) and \
                 features & ~transport.offered_features:

@@ -124,6 +124,22 @@ def test_set_target_sets_num_pages_and_interrupts(bench):
     assert b.driver.read_config(0) == RAM // PAGE - 1
     with pytest.raises(ValueError, match="positive"):
         b.device.set_target(0)
+    assert b.device.set_target("16M")["target"] == 16 << 20         # as the command takes it
+    for bad in (1.5e6, True, "lots", None):
+        with pytest.raises(ValueError, match="give bytes"):
+            b.device.set_target(bad)
+
+
+def test_the_same_target_again_interrupts_again(bench):
+    """As QEMU's: each target set is told, changed or not, so a guest that deflated on OOM
+    below it (``actual`` < ``num_pages``) reads it again and inflates back."""
+    b = bench()
+    for _ in range(2):
+        generation = b.driver.read(c.REG_CONFIG_GENERATION)
+        b.device.set_target(RAM // 2)
+        assert b.driver.read(c.REG_CONFIG_GENERATION) != generation
+        assert b.driver.interrupt_status() & c.INT_CONFIG_CHANGE and b.irq.take()
+        b.driver.write(c.REG_INTERRUPT_ACK, c.INT_CONFIG_CHANGE)
 
 
 def test_actual_is_the_drivers_and_num_pages_is_the_devices(bench):
@@ -156,6 +172,7 @@ def test_inflate_and_deflate_count_pages_and_return_the_buffers(bench):
     b.deflate.notify()
     assert [u.length for u in b.deflate.get_used()] == [0]
     assert b.device.counters["pages_deflated"] == 2
+    assert b.device.counters["bytes_from_guest"] == 4 * (9 + 2)     # the frames read
     # a bytearray's RAM cannot be given back: counted, not released
     assert b.device.counters["bytes_released"] == 0
     assert b.device.balloon_info()["release"].startswith("none")
@@ -225,6 +242,15 @@ def test_inflate_releases_host_memory_of_a_shared_ram_file(file_bench):
     b.ram.write(DATA, b"\x33" * PAGE)
     assert b.ram.read(DATA, PAGE) == b"\x33" * PAGE
     assert b.device.counters["pages_deflated"] == 2
+    # pages inflated again are not released again (nothing more is freed)
+    for _ in range(3):
+        b.inflate.post(readable=[pfns(*range(first + 2, first + 256))])
+        b.inflate.notify()
+    assert len(b.inflate.get_used()) == 3 and b.device.counters["bytes_released"] == size
+    b.inflate.post(readable=[pfns(first + 1, first, first + 2)])     # two of them deflated
+    b.inflate.notify()
+    assert len(b.inflate.get_used()) == 1
+    assert b.device.counters["bytes_released"] == size + 2 * PAGE
 
 
 def stats_buffer(**values):
@@ -265,6 +291,22 @@ def test_a_statistics_buffer_notified_before_driver_ok_is_taken_at_driver_ok(loo
     b.driver.driver_ok()
     assert b.device.stats == {"total_memory": 1 << 30}
     b.subsystem.close()
+
+
+def test_a_statistics_buffer_without_the_feature_is_kept_not_read(bench, loop):
+    """stats_interval = 0 offers no VIRTIO_BALLOON_F_STATS_VQ; the queue exists (as
+    QEMU's), and a buffer a driver posts there anyway is kept until a reset, not read and
+    not returned (a driver looping on it would make the loop spin)."""
+    b = bench(stats_interval=0)
+    for _ in range(3):
+        b.stats.post(readable=[stats_buffer(free_memory=1)])
+        b.stats.notify()
+        for _ in range(5):
+            loop.run_once(0.01)
+    assert len(b.stats.get_used()) == 2                  # each new one returns the older
+    assert b.device.stats == {} and b.device._timer is None
+    b.driver.reset()
+    assert b.device._stats_chain is None
 
 
 def test_bad_statistics_buffers(bench, loop):

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from avatar_hw.devices import block, net
+from avatar_hw.devices.balloon import BalloonDevice
 from avatar_hw.devices.block import BlockDevice
 from avatar_hw.devices.net import NetDevice
 from avatar_hw.devices.console import ConsoleDevice
@@ -304,6 +305,39 @@ def test_restart_under_guest_vsock_tells_the_guest_its_connections_are_gone(tmp_
         loop.close()
 
 
+def test_restart_under_guest_balloon_keeps_its_target_and_the_guests_actual(tmp_path, ram):
+    """The host's target and the pages the guest holds: a restarted daemon neither forgets
+    the VM's balloon (num_pages 0 would let it deflate) nor leaves the driver waiting; the
+    target also outlives a reset before the restart."""
+    loop = EventLoop()
+    try:
+        path = tmp_path / "state"
+        first = Model(ram, BalloonDevice(stats_interval=3600), path, loop)
+        driver = driver_for(first, ram)
+        inflate, _, stats = driver.init([0, 1, 2])
+        stats.post(readable=[bytes(10)])
+        stats.notify()
+        first.device.set_target(RAM_SIZE - (1 << 20))
+        driver.write_config(4, 200)
+        first.device.detach()
+        second = Model(ram, BalloonDevice(stats_interval=3600), path, loop)
+        driver.mmio = second.subsystem.handle_mmio_trap
+        assert driver.status == 0x0F
+        assert (driver.read_config(0), driver.read_config(4)) == (256, 200)
+        assert second.device._stats_chain is not None         # held again, not returned
+        inflate.post(readable=[struct.pack("<I", RAM_BASE // 4096)])
+        inflate.notify()
+        assert len(inflate.get_used()) == 1
+        driver.reset()
+        second.device.detach()
+        third = Model(ram, BalloonDevice(), path, loop)
+        driver.mmio = third.subsystem.handle_mmio_trap
+        assert (third.device.num_pages, third.device.actual) == (256, 0)
+        third.subsystem.close()
+    finally:
+        loop.close()
+
+
 def _console(tmp_path, ram, path, loop):
     """A console model with a client connected before it resumes (a restart's replayed
     output goes to the client, not to the unattached log)."""
@@ -546,11 +580,19 @@ def test_restart_under_guest_device_state_of_the_wrong_shape_needs_reset(tmp_pat
 
 
 def test_restart_under_guest_device_that_cannot_be_restored_needs_reset(tmp_path, ram):
+    """The driver is told (2.1.2): its status, DEVICE_NEEDS_RESET added, and a
+    configuration change interrupt; not a status of 0x40 alone it never set."""
     path = tmp_path / "state"
     first = Model(ram, RecordingDevice(queue_sizes=(8,)), path)
-    driver_for(first, ram).init([0])
+    driver = driver_for(first, ram)
+    driver.init([0])
     second = Model(ram, RecordingDevice(queue_sizes=(8,)), path)
-    assert second.transport.context.status & c.STATUS_DEVICE_NEEDS_RESET
+    driver.mmio = second.subsystem.handle_mmio_trap
+    assert driver.status == 0x0F | c.STATUS_DEVICE_NEEDS_RESET
+    assert driver.interrupt_status() == c.INT_CONFIG_CHANGE and second.irq.take()
+    driver.reset()
+    driver.init([0])
+    assert driver.status == 0x0F
 
 
 def test_restart_under_guest_state_from_another_boot_starts_fresh(tmp_path, ram, monkeypatch):

@@ -2,9 +2,11 @@
 
 The host sets ``num_pages`` in the configuration space (``set_target``: the guest memory
 it wants the VM to keep, as QEMU's ``balloon`` monitor command takes it) and raises a
-configuration-change interrupt; the guest's driver inflates (gives pages: their frame
+configuration-change interrupt, also when the target did not change (as QEMU does: a guest
+that deflated on OOM inflates again); the guest's driver inflates (gives pages: their frame
 numbers on the inflate queue) or deflates (takes them back, deflate queue) towards it and
-writes ``actual``, the pages it holds in the balloon.
+writes ``actual``, the pages it holds in the balloon. Both outlive a restart of the daemon
+(``saved_state``); the target also outlives a device reset.
 
 Frame numbers are 32-bit (little-endian), in 4096-byte units whatever the page size of
 either side (5.5.6). Each is checked against the VM's RAM; one outside it is ignored and
@@ -16,7 +18,9 @@ merged into runs, and each run's whole host pages are discarded (a host page big
 tracking does within a request). A UIO map cannot be discarded: the pages are counted,
 not freed (docs/devices.md). Deflated frames are checked and counted; the host has
 nothing to do (a discarded page reads zeros and is allocated again when the guest
-touches it).
+touches it). Which pages are in the balloon is tracked (one byte per page of RAM): a page
+inflated again is neither discarded nor counted again (``bytes_released`` counts memory
+given back, not madvise calls), a deflate or a device reset takes pages out.
 
 Bounds a guest cannot exceed: ``MAX_PFNS`` frames per request are looked at (Linux sends
 256; the rest are ignored and counted), ``PFNS_PER_TURN`` per queue and turn (then the
@@ -28,11 +32,14 @@ entries; the device reads them and keeps the buffer, and ``stats_interval`` seco
 returns it (used length 0) to ask for fresh ones (5.5.6.3). A buffer that is not a whole
 number of 10-byte entries, or longer than ``MAX_STATS`` entries, is kept but not read (a
 counted guest error). A second buffer while one is kept returns the older one, as QEMU does.
+Without the feature negotiated a buffer on that queue is kept, not read, until a reset (as
+QEMU keeps it with polling off).
 
 VIRTIO_BALLOON_F_DEFLATE_ON_OOM (``deflate_on_oom``, default on): the guest may take pages
 back from the balloon when it runs out of memory, without the host's target changing.
 """
 
+import mmap
 import re
 import struct
 import time
@@ -74,6 +81,15 @@ def parse_size(size):
     return int(match.group(1)) * _UNITS[match.group(2).upper()]
 
 
+def _newly_freed(start, end, before):
+    """Bytes of the whole host pages inside frames ``start .. end - 1`` that were not wholly
+    in the balloon ``before`` (``before[i]``: frame ``start + i`` was): what discarding the
+    frames gave back to the host."""
+    per = max(1, mmap.PAGESIZE // PAGE)
+    pages = range(-(-start // per) * per, end // per * per, per)
+    return sum(per * PAGE for page in pages if 0 in before[page - start:page - start + per])
+
+
 def stats_interval_ok(value):
     if not 0 <= value <= 3600:
         raise ValueError(f"must be 0 (no statistics queue) to 3600 seconds, not {value}")
@@ -85,6 +101,7 @@ class BalloonDevice(VirtioDevice):
 
     device_id = ID_BALLOON
     name = "balloon"
+    restartable = True
 
     def __init__(self, *, stats_interval=DEFAULT_STATS_INTERVAL, deflate_on_oom=True):
         stats_interval_ok(stats_interval)
@@ -101,6 +118,7 @@ class BalloonDevice(VirtioDevice):
         self.counters.update(pages_inflated=0, pages_deflated=0, bytes_released=0,
                              pfns_ignored=0)
         self._release_error = None      # why discarding stopped (the kernel refused)
+        self._held = None               # one byte per page of RAM: 1 while in the balloon
 
     # -- the host's side ------------------------------------------------------------------------
 
@@ -119,16 +137,33 @@ class BalloonDevice(VirtioDevice):
         return int.from_bytes(self.config[4:8], "little")
 
     def set_target(self, guest_bytes):
-        """Ask the guest to keep ``guest_bytes`` of its RAM (more than its RAM: all of it,
-        an empty balloon): ``num_pages`` = (RAM - target) / 4096, and a configuration-change
-        interrupt. Returns ``balloon_info()``."""
+        """Ask the guest to keep ``guest_bytes`` of its RAM (bytes, or text such as
+        ``"384M"``: ``parse_size``; more than its RAM: all of it, an empty balloon):
+        ``num_pages`` = (RAM - target) / 4096, and a configuration-change interrupt.
+        Returns ``balloon_info()``."""
         if self.memory is None:
             raise ValueError("the balloon is not plugged into a VM")
+        guest_bytes = parse_size(guest_bytes)
         if guest_bytes <= 0:
             raise ValueError(f"target guest memory must be positive, not {guest_bytes}")
         pages = (self.memory.size - min(guest_bytes, self.memory.size)) // PAGE
-        self.update_config(0, pages.to_bytes(4, "little"))
+        self.config[0:4] = pages.to_bytes(4, "little")
+        self.signal_config_change()        # also when unchanged: the driver reads it again
+        self.keep_state()
         return self.balloon_info()
+
+    def saved_state(self):
+        return {"num_pages": self.num_pages, "actual": self.actual}
+
+    def restore_state(self, saved, words, live):
+        """The target outlives a reset; ``actual`` is the live driver's."""
+        for key in ("num_pages", "actual") if live else ("num_pages",):
+            pages = saved.get(key, 0)
+            if type(pages) is not int or not 0 <= pages <= self.ram_pages:
+                raise ValueError(f"{key} {pages!r} is not a page count of the VM's "
+                                 f"{self.ram_pages}")
+            offset = 0 if key == "num_pages" else 4
+            self.config[offset:offset + 4] = pages.to_bytes(4, "little")
 
     # -- the guest's side ------------------------------------------------------------------------
 
@@ -141,6 +176,7 @@ class BalloonDevice(VirtioDevice):
             self.idle_trap()                    # ``actual`` written again, unchanged
             return
         self.config[offset:offset + len(data)] = data
+        self.keep_state()
         if self.actual > self.ram_pages:
             self.guest_error("actual = %d pages, more than the VM's %d pages of RAM",
                              self.actual, self.ram_pages)
@@ -154,6 +190,8 @@ class BalloonDevice(VirtioDevice):
     def reset(self):
         self._drop_stats()
         self.config[4:8] = bytes(4)       # a new driver starts with an empty balloon
+        self._held = None
+        self.keep_state()
 
     def queue_reset(self, index):
         if index == STATS:
@@ -208,16 +246,23 @@ class BalloonDevice(VirtioDevice):
             self.guest_error("%s request: %d of %d frame numbers outside the VM's RAM "
                              "(0x%x..0x%x); ignored", what, outside, count,
                              self.memory.base, self.memory.end - 1)
-        self.count(bytes_from_guest=length)
+        self.count(bytes_from_guest=4 * count)
         self.counters["pages_inflated" if inflate else "pages_deflated"] += valid
         return count
 
     def _run(self, start, end, inflate):
-        """Frames ``start .. end - 1`` (inside RAM, distinct): released on inflate."""
-        if inflate and self._release_error is None:
+        """Frames ``start .. end - 1`` (inside RAM, distinct): into the balloon and released
+        on inflate (unless all were in it already), out of it on deflate."""
+        base = self.memory.base // PAGE
+        if self._held is None:
+            self._held = bytearray(self.memory.end // PAGE - base)
+        first = start - base
+        before = self._held[first:first + end - start]          # a copy
+        self._held[first:first + end - start] = (b"\1" if inflate else b"\0") * (end - start)
+        if inflate and 0 in before and self._release_error is None:
             try:
-                self.counters["bytes_released"] += self.memory.discard(start * PAGE,
-                                                                       (end - start) * PAGE)
+                if self.memory.discard(start * PAGE, (end - start) * PAGE):
+                    self.counters["bytes_released"] += _newly_freed(start, end, before)
             except OSError as err:
                 self._release_error = f"madvise(MADV_REMOVE) failed: {err.strerror}"
                 self.error("%s; balloon pages are no longer released on the host",
@@ -229,6 +274,7 @@ class BalloonDevice(VirtioDevice):
     def _take_stats(self):
         queue = self.queues[STATS]
         returned = False
+        wanted = self.has_feature(F_STATS_VQ)
         while (chain := queue.pop()) is not None:
             if self._stats_chain is not None:
                 self.guest_error("a second statistics buffer while one is held; the older "
@@ -236,10 +282,15 @@ class BalloonDevice(VirtioDevice):
                 queue.add_used(self._stats_chain, 0)
                 returned = True
             self._stats_chain = chain
-            self._read_stats(chain)
+            if wanted:
+                self._read_stats(chain)
+            else:
+                self.guest_error("statistics buffer without VIRTIO_BALLOON_F_STATS_VQ "
+                                 "negotiated; kept, not read")
         if returned:
             self.signal_used(queue)
-        if self._stats_chain is not None and self._timer is None and self.loop is not None:
+        if (wanted and self._stats_chain is not None and self._timer is None
+                and self.loop is not None):
             self._timer = self.loop.call_later(self.stats_interval, self._request_stats)
 
     def _read_stats(self, chain):
