@@ -427,6 +427,7 @@ def test_vhost_user_unsolicited_message_with_an_fd_fails_the_device_and_closes_i
     bench = FileBench(tmp_path, VhostUserDevice(socket=backend_path, device_id=26,
                                                 queue_sizes=[8], timeout=5))
     read_end, write_end = os.pipe()
+    socket_fd = bench.device.frontend.fileno()
     try:
         bench.driver.init([0], size=8)
         backend.reply(vu.GET_FEATURES, bytes(8), fds=[write_end])   # nothing asked for it
@@ -435,7 +436,7 @@ def test_vhost_user_unsolicited_message_with_an_fd_fails_the_device_and_closes_i
                         "an unsolicited message left the device running")
         assert sum("sent a message with no request in flight" in r.getMessage()
                    for r in caplog.records) == 1
-        assert bench.device.frontend.closed
+        assert bench.device.frontend.closed and not bench.loop.watches(socket_fd)
         backend.close()
         assert pipe_closed_everywhere(read_end), "the peeked fd was kept"
     finally:
@@ -469,10 +470,12 @@ def test_vhost_user_stalled_backend_at_driver_ok_sets_needs_reset_once(
                        override={vu.SET_MEM_TABLE: lambda b, flags, payload: None})
     bench = FileBench(tmp_path, VhostUserDevice(socket=backend_path, device_id=26,
                                                 queue_sizes=[8], timeout=0.3))
+    socket_fd = bench.device.frontend.fileno()
     try:
         (queue,) = bench.driver.init([0], size=8)
         assert bench.driver.status & c.STATUS_DEVICE_NEEDS_RESET
         assert sum("timed out" in r.getMessage() for r in caplog.records) == 1
+        assert not bench.loop.watches(socket_fd), "the closed socket's fd stays in the loop"
         queue.notify()                              # no wait, no second log line
         assert sum("timed out" in r.getMessage() for r in caplog.records) == 1
     finally:

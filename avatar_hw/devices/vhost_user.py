@@ -99,15 +99,17 @@ class VhostUserDevice(VirtioDevice):
         super().attach(loop)
         for index, fd in enumerate(self._call):
             self.loop.add_reader(fd, lambda index=index: self._on_call(index))
-        self.loop.add_reader(self.frontend.fileno(), self._on_socket)
+        if not self.frontend.closed:
+            fd, loop = self.frontend.fileno(), self.loop
+            loop.add_reader(fd, self._on_socket)
+            self.frontend.before_close = lambda: loop.remove_reader(fd)
 
     def detach(self):
+        self.frontend.close()
+        self.frontend.before_close = None
         if self.loop is not None:
             for fd in self._call:
                 self.loop.remove_reader(fd)
-            if not self.frontend.closed:
-                self.loop.remove_reader(self.frontend.fileno())
-        self.frontend.close()
         for fd in self._kick + self._call:
             os.close(fd)
         self._kick = self._call = []
@@ -132,8 +134,6 @@ class VhostUserDevice(VirtioDevice):
             self._lost(f"vhost-user back-end {self.frontend.path} {reason}")
 
     def _lost(self, err):
-        if not self.frontend.closed and self.loop is not None:
-            self.loop.remove_reader(self.frontend.fileno())
         self.frontend.close()
         self._started.clear()
         self.fail(str(err))

@@ -74,10 +74,15 @@ class Frontend:
         self.sock.settimeout(timeout)
         self.features = self.protocol_features = 0
         self.closed = False
+        self.before_close = None        # called before the socket closes, however it does
 
     def close(self):
+        """Close the socket, ``before_close()`` first (an event loop watching it forgets the
+        fd before its number can come back for another file)."""
         if not self.closed:
             self.closed = True
+            if self.before_close is not None:
+                self.before_close()
             self.sock.close()
 
     def fileno(self):
