@@ -253,6 +253,29 @@ def test_vhost_user_config_errors(tmp_path):
         cfg.build_device(cfg.vms[0].devices[0])
 
 
+def test_vhost_user_backend_with_a_full_backlog_is_one_config_error(tmp_path):
+    """A back-end that listens but never accepts, its backlog full: connect must not block
+    (without a timeout it did until the back-end accepted; the timer ends that here)."""
+    path = tmp_path / "busy.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(0)
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    filler.connect(str(path))                   # the one connection the backlog holds
+    unblock = threading.Timer(10, server.close)
+    unblock.start()
+    try:
+        cfg = parse_config("v.toml", {"vm": {"0": {"vhost_user": {
+            "socket": str(path), "device_id": 26, "queues": [8]}}}})
+        with pytest.raises(ConfigError, match=r"vm\.0\.vhost_user: cannot connect to .*busy"
+                                              r"\.sock: its listen backlog is full"):
+            cfg.build_device(cfg.vms[0].devices[0])
+    finally:
+        unblock.cancel()
+        filler.close()
+        server.close()
+
+
 @needs_virtiofsd
 def test_vhost_user_more_queues_than_the_backend_serves_is_refused(tmp_path, share):
     proc = fs.start_virtiofsd(str(share), str(tmp_path / "fs.sock"))

@@ -68,10 +68,12 @@ class Frontend:
         self.timeout = timeout
         self._deadline = None           # of the request in flight (time.monotonic())
         try:
-            self.sock = connect_unix(self.path, wait, poll=0.01)
+            self.sock = connect_unix(self.path, wait, poll=0.01, timeout=timeout)
+        except BlockingIOError:
+            raise VhostUserError(f"cannot connect to {self.path}: its listen backlog is full "
+                                 "(the back-end accepts no connection)") from None
         except OSError as err:
             raise VhostUserError(f"cannot connect to {self.path}: {os_reason(err)}") from None
-        self.sock.settimeout(timeout)
         self.features = self.protocol_features = 0
         self.closed = False
         self.before_close = None        # called before the socket closes, however it does
