@@ -253,6 +253,20 @@ def test_vhost_user_config_errors(tmp_path):
         cfg.build_device(cfg.vms[0].devices[0])
 
 
+def test_vhost_user_config_size_without_the_backends_config_is_one_config_error(
+        backend_path):
+    backend = scripted(backend_path, features=1 << 32 | 1 << vu.F_PROTOCOL_FEATURES)
+    try:
+        cfg = parse_config("v.toml", {"vm": {"0": {"vhost_user": {
+            "socket": str(backend_path), "device_id": 41, "queues": [8], "config_size": 8}}}})
+        with pytest.raises(ConfigError, match=r"vm\.0\.vhost_user: config_size = 8: the "
+                                              r"back-end .* does not offer VHOST_USER_PROTOCOL"
+                                              r"_F_CONFIG; remove config_size"):
+            cfg.build_device(cfg.vms[0].devices[0])
+    finally:
+        backend.close()
+
+
 def test_vhost_user_backend_with_a_full_backlog_is_one_config_error(tmp_path):
     """A back-end that listens but never accepts, its backlog full: connect must not block
     (without a timeout it did until the back-end accepted; the timer ends that here)."""

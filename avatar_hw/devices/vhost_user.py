@@ -62,8 +62,12 @@ class VhostUserDevice(VirtioDevice):
             if most is not None and len(queue_sizes) > most:
                 raise VhostUserError(f"vhost-user back-end {socket} serves at most {most} "
                                      f"queues, not {len(queue_sizes)}")
-            if config is None and config_size and self.frontend.has_protocol_feature(
-                    PROTOCOL_F_CONFIG):
+            if config is None and config_size:
+                if not self.frontend.has_protocol_feature(PROTOCOL_F_CONFIG):
+                    raise VhostUserError(
+                        f"config_size = {config_size}: the back-end {socket} does not offer "
+                        "VHOST_USER_PROTOCOL_F_CONFIG; remove config_size (the config space "
+                        "is then empty) or use a back-end that serves its config space")
                 config = self.frontend.get_config(0, config_size)
         except VhostUserError:
             self.frontend.close()
