@@ -244,9 +244,10 @@ def test_vhost_user_malformed_reply_is_refused(tmp_path):
 def test_vhost_user_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="vm.0.fs.tag"):
         parse_config("v.toml", {"vm": {"0": {"fs": {"tag": "x" * 37, "shared_dir": "."}}}})
-    with pytest.raises(ConfigError, match="vm.0.vhost_user.queues"):
-        parse_config("v.toml", {"vm": {"0": {"vhost_user": {
-            "socket": "s", "device_id": 26, "queues": [3]}}}})
+    for queues in ([3], [8] * 65):
+        with pytest.raises(ConfigError, match="vm.0.vhost_user.queues: must list 1 to 64"):
+            parse_config("v.toml", {"vm": {"0": {"vhost_user": {
+                "socket": "s", "device_id": 26, "queues": queues}}}})
     cfg = parse_config("v.toml", {"vm": {"0": {"vhost_user": {
         "socket": str(tmp_path / "none.sock"), "device_id": 26, "queues": [8]}}}})
     with pytest.raises(ConfigError, match="cannot connect"):
@@ -515,6 +516,43 @@ def test_vhost_user_stalled_backend_at_driver_ok_sets_needs_reset_once(
         assert not bench.loop.watches(socket_fd), "the closed socket's fd stays in the loop"
         queue.notify()                              # no wait, no second log line
         assert sum("timed out" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        bench.close()
+        backend.close()
+
+
+def slowly(request, seconds=0.3):
+    """An override answering ``request`` after ``seconds`` (each within the timeout)."""
+    def answer(backend, flags, payload):
+        time.sleep(seconds)
+        backend.reply(request, payload[:4] + bytes(4) if request == vu.GET_VRING_BASE
+                      else bytes(8))
+    return answer
+
+
+@pytest.mark.parametrize("slow, queues", [
+    ((vu.SET_FEATURES, vu.SET_MEM_TABLE, vu.SET_VRING_NUM, vu.SET_VRING_ADDR,
+      vu.SET_VRING_BASE, vu.SET_VRING_CALL, vu.SET_VRING_ERR, vu.SET_VRING_KICK), 1),
+    ((vu.GET_VRING_BASE,), 8),
+])
+def test_vhost_user_activation_and_reset_share_one_deadline(tmp_path, backend_path, slow,
+                                                            queues):
+    """Each acknowledgement (or ring base) comes 0.3 s late, well within the 1 s timeout,
+    but the whole DRIVER_OK (8 acks) or reset (8 rings) is cut off at 1 s: a slow back-end
+    holds the daemon for one timeout per sequence, not one per request."""
+    backend = scripted(backend_path, features=1 << 32 | 1 << vu.F_PROTOCOL_FEATURES,
+                       protocol_features=1 << vu.PROTOCOL_F_REPLY_ACK,
+                       override={request: slowly(request) for request in slow})
+    bench = FileBench(tmp_path, VhostUserDevice(socket=backend_path, device_id=26,
+                                                queue_sizes=[8] * queues, timeout=1.0))
+    try:
+        bench.driver.init(list(range(queues)), size=8)
+        if vu.GET_VRING_BASE in slow:
+            assert not bench.driver.status & c.STATUS_DEVICE_NEEDS_RESET
+            bench.driver.reset()
+            bench.driver.init(list(range(queues)), size=8)
+        assert bench.driver.status & c.STATUS_DEVICE_NEEDS_RESET
+        assert bench.device.frontend.closed
     finally:
         bench.close()
         backend.close()

@@ -42,6 +42,8 @@ UNSUPPORTED = (bit(26) | bit(30) | bit(31) | bit(c.F_ACCESS_PLATFORM) | bit(c.F_
                | bit(c.F_SR_IOV) | bit(c.F_NOTIFICATION_DATA) | bit(c.F_NOTIF_CONFIG_DATA)
                | bit(c.F_RING_RESET) | ((1 << 50) - (1 << 41)))
 
+MAX_QUEUES = 64     # each is two eventfds and seven requests at DRIVER_OK
+
 
 class VhostUserDevice(VirtioDevice):
     """Device ``device_id`` behind the back-end listening on ``socket``; ``queue_sizes``:
@@ -57,18 +59,8 @@ class VhostUserDevice(VirtioDevice):
         self.device_id = device_id
         self.frontend = Frontend(socket, timeout=timeout, wait=connect_wait)
         try:
-            offered = self.frontend.handshake()
-            most = self.frontend.queue_num()
-            if most is not None and len(queue_sizes) > most:
-                raise VhostUserError(f"vhost-user back-end {socket} serves at most {most} "
-                                     f"queues, not {len(queue_sizes)}")
-            if config is None and config_size:
-                if not self.frontend.has_protocol_feature(PROTOCOL_F_CONFIG):
-                    raise VhostUserError(
-                        f"config_size = {config_size}: the back-end {socket} does not offer "
-                        "VHOST_USER_PROTOCOL_F_CONFIG; remove config_size (the config space "
-                        "is then empty) or use a back-end that serves its config space")
-                config = self.frontend.get_config(0, config_size)
+            with self.frontend.deadline():
+                offered, config = self._handshake(len(queue_sizes), config, config_size)
         except VhostUserError:
             self.frontend.close()
             raise
@@ -89,6 +81,23 @@ class VhostUserDevice(VirtioDevice):
         self._started = set()       # rings the back-end runs
         self._ram = None            # (fd, mmap_offset) of the guest RAM, or the reason not
         self._memory_sent = False
+
+    def _handshake(self, queues, config, config_size):
+        """The back-end's features and the config space (``config``, or its own)."""
+        front = self.frontend
+        offered = front.handshake()
+        most = front.queue_num()
+        if most is not None and queues > most:
+            raise VhostUserError(f"vhost-user back-end {front.path} serves at most {most} "
+                                 f"queues, not {queues}")
+        if config is None and config_size:
+            if not front.has_protocol_feature(PROTOCOL_F_CONFIG):
+                raise VhostUserError(
+                    f"config_size = {config_size}: the back-end {front.path} does not offer "
+                    "VHOST_USER_PROTOCOL_F_CONFIG; remove config_size (the config space "
+                    "is then empty) or use a back-end that serves its config space")
+            config = front.get_config(0, config_size)
+        return offered, config
 
     def bind(self, context):
         super().bind(context)
@@ -146,11 +155,12 @@ class VhostUserDevice(VirtioDevice):
 
     def activate(self):
         try:
-            self.frontend.set_features(self.context.negotiated_features)
-            self._send_memory()
-            for queue in self.queues:
-                if queue.ready:
-                    self._start(queue)
+            with self.frontend.deadline():
+                self.frontend.set_features(self.context.negotiated_features)
+                self._send_memory()
+                for queue in self.queues:
+                    if queue.ready:
+                        self._start(queue)
         except VhostUserError as err:
             self._lost(err)
 
@@ -184,8 +194,9 @@ class VhostUserDevice(VirtioDevice):
 
     def reset(self):
         try:
-            for index in sorted(self._started):
-                self._stop(index)
+            with self.frontend.deadline():
+                for index in sorted(self._started):
+                    self._stop(index)
         except VhostUserError as err:
             self._lost(err)
 
@@ -251,9 +262,10 @@ def check_device_id(value):
 
 
 def check_queues(sizes):
-    if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
-                            and not s & (s - 1) and s <= 32768 for s in sizes):
-        raise ValueError("must be a non-empty list of powers of two up to 32768")
+    if not 0 < len(sizes) <= MAX_QUEUES or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 and not s & (s - 1)
+            and s <= 32768 for s in sizes):
+        raise ValueError(f"must list 1 to {MAX_QUEUES} queue sizes, powers of two up to 32768")
 
 
 SCHEMA = Schema("vhost_user", (

@@ -9,8 +9,9 @@ Every reply is checked (request code, reply flag, version, payload size at
 most ``MAX_PAYLOAD`` and exactly what the request expects); a reply carrying
 file descriptors breaks the protocol (none of ours expects one): they are
 closed, never kept. Each request and its reply share one deadline of
-``timeout`` seconds, so a dead, stalled or trickling back-end costs at most
-that, then ``VhostUserError``. After one error the connection is closed and
+``timeout`` seconds, and so does every request of a sequence made under
+``with frontend.deadline():`` (a device's activation, its reset), so a dead,
+stalled or trickling back-end costs at most that, then ``VhostUserError``. After one error the connection is closed and
 every later call raises at once (the device sets DEVICE_NEEDS_RESET; it
 never retries behind the guest's back).
 
@@ -26,6 +27,7 @@ import os
 import socket
 import struct
 import time
+from contextlib import contextmanager
 
 from ..errors import os_reason
 from ..unixsock import connect_unix
@@ -67,6 +69,7 @@ class Frontend:
         self.path = str(path)
         self.timeout = timeout
         self._deadline = None           # of the request in flight (time.monotonic())
+        self._in_sequence = False       # inside deadline(): its requests share _deadline
         try:
             self.sock = connect_unix(self.path, wait, poll=0.01, timeout=timeout)
         except BlockingIOError:
@@ -90,6 +93,19 @@ class Frontend:
     def fileno(self):
         return self.sock.fileno()
 
+    @contextmanager
+    def deadline(self):
+        """Every request made inside shares one deadline of ``timeout`` s (nested: the
+        outer one's)."""
+        if self._in_sequence:
+            yield
+            return
+        self._deadline, self._in_sequence = time.monotonic() + self.timeout, True
+        try:
+            yield
+        finally:
+            self._in_sequence = False
+
     # -- messages -------------------------------------------------------------------------
 
     def _remaining(self):
@@ -103,7 +119,8 @@ class Frontend:
     def _send(self, request, payload=b"", fds=(), need_reply=False):
         if self.closed:
             raise VhostUserError("the connection is closed after an earlier error")
-        self._deadline = time.monotonic() + self.timeout
+        if not self._in_sequence:
+            self._deadline = time.monotonic() + self.timeout
         flags = VERSION | (FLAG_NEED_REPLY if need_reply else 0)
         data = _HEADER.pack(request, flags, len(payload)) + payload
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
