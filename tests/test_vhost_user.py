@@ -558,6 +558,42 @@ def test_vhost_user_activation_and_reset_share_one_deadline(tmp_path, backend_pa
         backend.close()
 
 
+@pytest.mark.parametrize("applies", [False, True])
+def test_vhost_user_config_write_reads_back_what_the_backend_keeps(tmp_path, backend_path,
+                                                                   applies):
+    """SET_CONFIG acknowledged, then the guest reads what GET_CONFIG says: the old bytes
+    when the back-end kept them (a read-only field; ConfigGeneration unchanged), the new
+    ones when it took them."""
+    config = bytearray(range(8))
+
+    def get_config(backend, flags, payload):
+        offset, size, _ = struct.unpack_from("<III", payload)
+        backend.reply(vu.GET_CONFIG, payload[:12] + bytes(config[offset:offset + size]))
+
+    def set_config(backend, flags, payload):
+        offset, size, _ = struct.unpack_from("<III", payload)
+        if applies:
+            config[offset:offset + size] = payload[12:12 + size]
+        backend.reply(vu.SET_CONFIG, bytes(8))
+
+    backend = scripted(backend_path, features=1 << 32 | 1 << vu.F_PROTOCOL_FEATURES,
+                       protocol_features=1 << vu.PROTOCOL_F_REPLY_ACK | 1 << vu.PROTOCOL_F_CONFIG,
+                       override={vu.GET_CONFIG: get_config, vu.SET_CONFIG: set_config})
+    bench = FileBench(tmp_path, VhostUserDevice(socket=backend_path, device_id=41,
+                                                queue_sizes=[8], config_size=8, timeout=5))
+    try:
+        bench.driver.init([0], size=8)
+        generation = bench.driver.read(c.REG_CONFIG_GENERATION)
+        bench.driver.write_config(0, 0xDEADBEEF, 4)
+        expected = 0xDEADBEEF if applies else 0x03020100
+        assert bench.driver.read_config(0, 4) == expected
+        assert (bench.driver.read(c.REG_CONFIG_GENERATION) != generation) == applies
+        assert not bench.driver.status & c.STATUS_DEVICE_NEEDS_RESET
+    finally:
+        bench.close()
+        backend.close()
+
+
 # -- board mode: guest RAM is a UIO map ------------------------------------------------------------
 
 def uio_ram(tmp_path, maps):

@@ -14,7 +14,9 @@ the virtqueues go to the back-end, which reads and writes guest RAM itself:
 - QueueNotify is one ``eventfd_write`` to the queue's kick eventfd;
 - the call eventfd is watched by the event loop and sets InterruptStatus bit 0
   (the back-end already applied the driver's notification suppression);
-- reset, a queue reset or QueueReady = 0 stops the ring (``GET_VRING_BASE``).
+- reset, a queue reset or QueueReady = 0 stops the ring (``GET_VRING_BASE``);
+- a config write (with PROTOCOL_F_CONFIG) is ``SET_CONFIG``, then ``GET_CONFIG``: the
+  guest reads what the back-end keeps, which may not be what it wrote.
 
 A back-end that dies, stalls past the socket timeout or breaks the protocol
 costs one log line and DEVICE_NEEDS_RESET; the connection is not reopened
@@ -211,11 +213,13 @@ class VhostUserDevice(VirtioDevice):
             super().write_config(offset, data)
             return
         try:
-            self.frontend.set_config(offset, data)
+            with self.frontend.deadline():
+                self.frontend.set_config(offset, data)
+                config = self.frontend.get_config(0, len(self.config))
         except VhostUserError as err:
             self._lost(err)
             return
-        self.update_config(offset, data, notify=False)
+        self.update_config(0, config, notify=False)
 
     def info(self):
         out = super().info()
