@@ -408,7 +408,7 @@ def test_vhost_user_trickling_backend_times_out_on_one_deadline(backend_path):
         with pytest.raises(VhostUserError, match="timed out"):
             front.handshake()
         assert front.closed
-        with pytest.raises(VhostUserError, match="closed after an earlier error"):
+        with pytest.raises(VhostUserError, match="lost earlier and is not reopened"):
             front.set_features(0)
     finally:
         backend.close()
@@ -516,6 +516,11 @@ def test_vhost_user_stalled_backend_at_driver_ok_sets_needs_reset_once(
         assert not bench.loop.watches(socket_fd), "the closed socket's fd stays in the loop"
         queue.notify()                              # no wait, no second log line
         assert sum("timed out" in r.getMessage() for r in caplog.records) == 1
+        bench.driver.reset()                        # the guest's recovery: NEEDS_RESET at once,
+        bench.driver.init([0], size=8)              # its line naming the socket
+        assert bench.driver.status & c.STATUS_DEVICE_NEEDS_RESET
+        last = caplog.records[-1].getMessage()
+        assert str(backend_path) in last and "lost earlier" in last, last
     finally:
         bench.close()
         backend.close()

@@ -12,7 +12,7 @@ closed, never kept. Each request and its reply share one deadline of
 ``timeout`` seconds, and so does every request of a sequence made under
 ``with frontend.deadline():`` (a device's activation, its reset), so a dead,
 stalled or trickling back-end costs at most that, then ``VhostUserError``. After one error the connection is closed and
-every later call raises at once (the device sets DEVICE_NEEDS_RESET; it
+every later call raises at once, naming the socket (the device sets DEVICE_NEEDS_RESET; it
 never retries behind the guest's back).
 
 Addresses: ``SET_MEM_TABLE`` gives each region's guest-physical address,
@@ -118,7 +118,8 @@ class Frontend:
 
     def _send(self, request, payload=b"", fds=(), need_reply=False):
         if self.closed:
-            raise VhostUserError("the connection is closed after an earlier error")
+            raise VhostUserError(f"vhost-user back-end {self.path}: the connection was lost "
+                                 "earlier and is not reopened (restart the daemon)")
         if not self._in_sequence:
             self._deadline = time.monotonic() + self.timeout
         flags = VERSION | (FLAG_NEED_REPLY if need_reply else 0)
