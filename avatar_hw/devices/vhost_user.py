@@ -6,10 +6,10 @@ the virtqueues go to the back-end, which reads and writes guest RAM itself:
 - offered features are the back-end's (``GET_FEATURES``) less the transport
   features this front end cannot hand over (``UNSUPPORTED``), so the guest
   never accepts one the back-end lacks; at DRIVER_OK the driver's features go
-  to the back-end (``SET_FEATURES``), then the guest RAM (``SET_MEM_TABLE``
-  with the fd of the shared file the daemon maps: QEMU's RAM file in host
-  mode, the UIO device's map 0 in board mode; the fd is opened when the
-  device is bound, before a ``--user`` privilege drop) and every ready queue
+  to the back-end (``SET_FEATURES``), then the guest RAM (``SET_MEM_TABLE``, the
+  first time only, with the fd of the shared file the daemon maps: QEMU's RAM
+  file in host mode, the UIO device's map 0 in board mode; the fd is opened when
+  the device is bound, before a ``--user`` privilege drop) and every ready queue
   (size, addresses in our mapping, base 0, call and kick eventfds, enable);
 - QueueNotify is one ``eventfd_write`` to the queue's kick eventfd;
 - the call eventfd is watched by the event loop and sets InterruptStatus bit 0
@@ -18,10 +18,11 @@ the virtqueues go to the back-end, which reads and writes guest RAM itself:
 - a config write (with PROTOCOL_F_CONFIG) is ``SET_CONFIG``, then ``GET_CONFIG``: the
   guest reads what the back-end keeps, which may not be what it wrote.
 
-A back-end that dies, stalls past the socket timeout or breaks the protocol
-costs one log line and DEVICE_NEEDS_RESET; the connection is not reopened
-(the guest's reset then activates nothing and gets NEEDS_RESET again), and
-the daemon and the other devices carry on.
+Each sequence (the handshake, an activation, a reset, a config write) has one
+deadline. A back-end that dies, stalls past it or breaks the protocol costs one
+log line and DEVICE_NEEDS_RESET; the connection is not reopened (the guest's
+reset then activates nothing and gets NEEDS_RESET again), and the daemon and
+the other devices carry on.
 """
 
 import os

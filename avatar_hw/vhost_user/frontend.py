@@ -11,9 +11,10 @@ file descriptors breaks the protocol (none of ours expects one): they are
 closed, never kept. Each request and its reply share one deadline of
 ``timeout`` seconds, and so does every request of a sequence made under
 ``with frontend.deadline():`` (a device's activation, its reset), so a dead,
-stalled or trickling back-end costs at most that, then ``VhostUserError``. After one error the connection is closed and
-every later call raises at once, naming the socket (the device sets DEVICE_NEEDS_RESET; it
-never retries behind the guest's back).
+stalled or trickling back-end costs at most that, then ``VhostUserError``.
+After one error the connection is closed and every later call raises at once,
+naming the socket (the device sets DEVICE_NEEDS_RESET; it never retries behind
+the guest's back).
 
 Addresses: ``SET_MEM_TABLE`` gives each region's guest-physical address,
 size, our mapping's virtual address (``userspace_addr``) and its offset in
