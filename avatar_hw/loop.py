@@ -9,7 +9,9 @@ is ``select.epoll`` itself, not ``selectors``: a wake-up costs one
 ``epoll_wait`` and a dictionary lookup per ready descriptor, and allocates
 nothing but epoll's list of ready pairs. A callback is looked up when its
 descriptor's turn comes: one removed by an earlier callback of the same turn
-is not called.
+is not called. A descriptor must leave the loop before it is closed; one that
+did not, and whose number comes back for a new file, loses its old callbacks
+when the new one is added (epoll has forgotten it: ``_forget_closed``).
 """
 
 import heapq
@@ -70,8 +72,20 @@ class EventLoop:
                 self._epoll.unregister(fd)
             except OSError:             # closed already: the kernel dropped it
                 pass
-        elif after != before:
-            self._epoll.modify(fd, after)
+        elif after != before or callback is not None:
+            try:
+                self._epoll.modify(fd, after)
+            except FileNotFoundError:
+                self._forget_closed(fd, side, callback)
+
+    def _forget_closed(self, fd, side, callback):
+        """``fd`` was closed while registered (epoll dropped it) and its number is open again,
+        maybe for another file: the old callbacks go, a new one is registered afresh."""
+        log.warning("fd %d was closed without leaving the event loop; its old callbacks "
+                    "are dropped", fd)
+        del self._fds[fd]
+        if callback is not None:
+            self._update(fd, side, callback)
 
     # -- timers -----------------------------------------------------------------
 

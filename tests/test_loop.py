@@ -78,3 +78,24 @@ def test_timers_run_in_order_and_a_cancelled_one_never():
         loop.run_once()                         # sleeps until the next timer is due
     assert ran == ["first", "second"]
     loop.close()
+
+
+def test_a_descriptor_closed_while_registered_does_not_hide_the_next_one_with_its_number():
+    """A reader left registered on a closed socket: the next socket given that number is
+    registered with epoll afresh (readable, its own callback runs; the old one never)."""
+    loop = EventLoop()
+    old, _ = socket.socketpair()
+    called = []
+    loop.add_reader(old, lambda: called.append("old"))
+    number = old.fileno()
+    old.close()                                 # without remove_reader: epoll drops it
+    new, peer = socket.socketpair()
+    assert new.fileno() == number               # the lowest free number
+    loop.add_writer(new, lambda: called.append("new writer"))
+    loop.add_reader(new, lambda: called.append("new reader"))
+    peer.send(b"x")
+    loop.run_once(0)
+    assert called == ["new reader", "new writer"]
+    loop.close()
+    for sock in (new, peer, _):
+        sock.close()

@@ -244,13 +244,51 @@ def test_vhost_user_malformed_reply_is_refused(tmp_path):
 def test_vhost_user_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="vm.0.fs.tag"):
         parse_config("v.toml", {"vm": {"0": {"fs": {"tag": "x" * 37, "shared_dir": "."}}}})
-    with pytest.raises(ConfigError, match="vm.0.vhost_user.queues"):
-        parse_config("v.toml", {"vm": {"0": {"vhost_user": {
-            "socket": "s", "device_id": 26, "queues": [3]}}}})
+    for queues in ([3], [8] * 65):
+        with pytest.raises(ConfigError, match="vm.0.vhost_user.queues: must list 1 to 64"):
+            parse_config("v.toml", {"vm": {"0": {"vhost_user": {
+                "socket": "s", "device_id": 26, "queues": queues}}}})
     cfg = parse_config("v.toml", {"vm": {"0": {"vhost_user": {
         "socket": str(tmp_path / "none.sock"), "device_id": 26, "queues": [8]}}}})
     with pytest.raises(ConfigError, match="cannot connect"):
         cfg.build_device(cfg.vms[0].devices[0])
+
+
+def test_vhost_user_config_size_without_the_backends_config_is_one_config_error(
+        backend_path):
+    backend = scripted(backend_path, features=1 << 32 | 1 << vu.F_PROTOCOL_FEATURES)
+    try:
+        cfg = parse_config("v.toml", {"vm": {"0": {"vhost_user": {
+            "socket": str(backend_path), "device_id": 41, "queues": [8], "config_size": 8}}}})
+        with pytest.raises(ConfigError, match=r"vm\.0\.vhost_user: config_size = 8: the "
+                                              r"back-end .* does not offer VHOST_USER_PROTOCOL"
+                                              r"_F_CONFIG; remove config_size"):
+            cfg.build_device(cfg.vms[0].devices[0])
+    finally:
+        backend.close()
+
+
+def test_vhost_user_backend_with_a_full_backlog_is_one_config_error(tmp_path):
+    """A back-end that listens but never accepts, its backlog full: connect must not block
+    (without a timeout it did until the back-end accepted; the timer ends that here)."""
+    path = tmp_path / "busy.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(0)
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    filler.connect(str(path))                   # the one connection the backlog holds
+    unblock = threading.Timer(10, server.close)
+    unblock.start()
+    try:
+        cfg = parse_config("v.toml", {"vm": {"0": {"vhost_user": {
+            "socket": str(path), "device_id": 26, "queues": [8]}}}})
+        with pytest.raises(ConfigError, match=r"vm\.0\.vhost_user: cannot connect to .*busy"
+                                              r"\.sock: its listen backlog is full"):
+            cfg.build_device(cfg.vms[0].devices[0])
+    finally:
+        unblock.cancel()
+        filler.close()
+        server.close()
 
 
 @needs_virtiofsd
@@ -370,7 +408,7 @@ def test_vhost_user_trickling_backend_times_out_on_one_deadline(backend_path):
         with pytest.raises(VhostUserError, match="timed out"):
             front.handshake()
         assert front.closed
-        with pytest.raises(VhostUserError, match="closed after an earlier error"):
+        with pytest.raises(VhostUserError, match="lost earlier and is not reopened"):
             front.set_features(0)
     finally:
         backend.close()
@@ -427,6 +465,7 @@ def test_vhost_user_unsolicited_message_with_an_fd_fails_the_device_and_closes_i
     bench = FileBench(tmp_path, VhostUserDevice(socket=backend_path, device_id=26,
                                                 queue_sizes=[8], timeout=5))
     read_end, write_end = os.pipe()
+    socket_fd = bench.device.frontend.fileno()
     try:
         bench.driver.init([0], size=8)
         backend.reply(vu.GET_FEATURES, bytes(8), fds=[write_end])   # nothing asked for it
@@ -435,7 +474,7 @@ def test_vhost_user_unsolicited_message_with_an_fd_fails_the_device_and_closes_i
                         "an unsolicited message left the device running")
         assert sum("sent a message with no request in flight" in r.getMessage()
                    for r in caplog.records) == 1
-        assert bench.device.frontend.closed
+        assert bench.device.frontend.closed and not bench.loop.watches(socket_fd)
         backend.close()
         assert pipe_closed_everywhere(read_end), "the peeked fd was kept"
     finally:
@@ -469,12 +508,92 @@ def test_vhost_user_stalled_backend_at_driver_ok_sets_needs_reset_once(
                        override={vu.SET_MEM_TABLE: lambda b, flags, payload: None})
     bench = FileBench(tmp_path, VhostUserDevice(socket=backend_path, device_id=26,
                                                 queue_sizes=[8], timeout=0.3))
+    socket_fd = bench.device.frontend.fileno()
     try:
         (queue,) = bench.driver.init([0], size=8)
         assert bench.driver.status & c.STATUS_DEVICE_NEEDS_RESET
         assert sum("timed out" in r.getMessage() for r in caplog.records) == 1
+        assert not bench.loop.watches(socket_fd), "the closed socket's fd stays in the loop"
         queue.notify()                              # no wait, no second log line
         assert sum("timed out" in r.getMessage() for r in caplog.records) == 1
+        bench.driver.reset()                        # the guest's recovery: NEEDS_RESET at once,
+        bench.driver.init([0], size=8)              # its line naming the socket
+        assert bench.driver.status & c.STATUS_DEVICE_NEEDS_RESET
+        last = caplog.records[-1].getMessage()
+        assert str(backend_path) in last and "lost earlier" in last, last
+    finally:
+        bench.close()
+        backend.close()
+
+
+def slowly(request, seconds=0.3):
+    """An override answering ``request`` after ``seconds`` (each within the timeout)."""
+    def answer(backend, flags, payload):
+        time.sleep(seconds)
+        backend.reply(request, payload[:4] + bytes(4) if request == vu.GET_VRING_BASE
+                      else bytes(8))
+    return answer
+
+
+@pytest.mark.parametrize("slow, queues", [
+    ((vu.SET_FEATURES, vu.SET_MEM_TABLE, vu.SET_VRING_NUM, vu.SET_VRING_ADDR,
+      vu.SET_VRING_BASE, vu.SET_VRING_CALL, vu.SET_VRING_ERR, vu.SET_VRING_KICK), 1),
+    ((vu.GET_VRING_BASE,), 8),
+])
+def test_vhost_user_activation_and_reset_share_one_deadline(tmp_path, backend_path, slow,
+                                                            queues):
+    """Each acknowledgement (or ring base) comes 0.3 s late, well within the 1 s timeout,
+    but the whole DRIVER_OK (8 acks) or reset (8 rings) is cut off at 1 s: a slow back-end
+    holds the daemon for one timeout per sequence, not one per request."""
+    backend = scripted(backend_path, features=1 << 32 | 1 << vu.F_PROTOCOL_FEATURES,
+                       protocol_features=1 << vu.PROTOCOL_F_REPLY_ACK,
+                       override={request: slowly(request) for request in slow})
+    bench = FileBench(tmp_path, VhostUserDevice(socket=backend_path, device_id=26,
+                                                queue_sizes=[8] * queues, timeout=1.0))
+    try:
+        bench.driver.init(list(range(queues)), size=8)
+        if vu.GET_VRING_BASE in slow:
+            assert not bench.driver.status & c.STATUS_DEVICE_NEEDS_RESET
+            bench.driver.reset()
+            bench.driver.init(list(range(queues)), size=8)
+        assert bench.driver.status & c.STATUS_DEVICE_NEEDS_RESET
+        assert bench.device.frontend.closed
+    finally:
+        bench.close()
+        backend.close()
+
+
+@pytest.mark.parametrize("applies", [False, True])
+def test_vhost_user_config_write_reads_back_what_the_backend_keeps(tmp_path, backend_path,
+                                                                   applies):
+    """SET_CONFIG acknowledged, then the guest reads what GET_CONFIG says: the old bytes
+    when the back-end kept them (a read-only field; ConfigGeneration unchanged), the new
+    ones when it took them."""
+    config = bytearray(range(8))
+
+    def get_config(backend, flags, payload):
+        offset, size, _ = struct.unpack_from("<III", payload)
+        backend.reply(vu.GET_CONFIG, payload[:12] + bytes(config[offset:offset + size]))
+
+    def set_config(backend, flags, payload):
+        offset, size, _ = struct.unpack_from("<III", payload)
+        if applies:
+            config[offset:offset + size] = payload[12:12 + size]
+        backend.reply(vu.SET_CONFIG, bytes(8))
+
+    backend = scripted(backend_path, features=1 << 32 | 1 << vu.F_PROTOCOL_FEATURES,
+                       protocol_features=1 << vu.PROTOCOL_F_REPLY_ACK | 1 << vu.PROTOCOL_F_CONFIG,
+                       override={vu.GET_CONFIG: get_config, vu.SET_CONFIG: set_config})
+    bench = FileBench(tmp_path, VhostUserDevice(socket=backend_path, device_id=41,
+                                                queue_sizes=[8], config_size=8, timeout=5))
+    try:
+        bench.driver.init([0], size=8)
+        generation = bench.driver.read(c.REG_CONFIG_GENERATION)
+        bench.driver.write_config(0, 0xDEADBEEF, 4)
+        expected = 0xDEADBEEF if applies else 0x03020100
+        assert bench.driver.read_config(0, 4) == expected
+        assert (bench.driver.read(c.REG_CONFIG_GENERATION) != generation) == applies
+        assert not bench.driver.status & c.STATUS_DEVICE_NEEDS_RESET
     finally:
         bench.close()
         backend.close()

@@ -6,20 +6,23 @@ the virtqueues go to the back-end, which reads and writes guest RAM itself:
 - offered features are the back-end's (``GET_FEATURES``) less the transport
   features this front end cannot hand over (``UNSUPPORTED``), so the guest
   never accepts one the back-end lacks; at DRIVER_OK the driver's features go
-  to the back-end (``SET_FEATURES``), then the guest RAM (``SET_MEM_TABLE``
-  with the fd of the shared file the daemon maps: QEMU's RAM file in host
-  mode, the UIO device's map 0 in board mode; the fd is opened when the
-  device is bound, before a ``--user`` privilege drop) and every ready queue
+  to the back-end (``SET_FEATURES``), then the guest RAM (``SET_MEM_TABLE``, the
+  first time only, with the fd of the shared file the daemon maps: QEMU's RAM
+  file in host mode, the UIO device's map 0 in board mode; the fd is opened when
+  the device is bound, before a ``--user`` privilege drop) and every ready queue
   (size, addresses in our mapping, base 0, call and kick eventfds, enable);
 - QueueNotify is one ``eventfd_write`` to the queue's kick eventfd;
 - the call eventfd is watched by the event loop and sets InterruptStatus bit 0
   (the back-end already applied the driver's notification suppression);
-- reset, a queue reset or QueueReady = 0 stops the ring (``GET_VRING_BASE``).
+- reset, a queue reset or QueueReady = 0 stops the ring (``GET_VRING_BASE``);
+- a config write (with PROTOCOL_F_CONFIG) is ``SET_CONFIG``, then ``GET_CONFIG``: the
+  guest reads what the back-end keeps, which may not be what it wrote.
 
-A back-end that dies, stalls past the socket timeout or breaks the protocol
-costs one log line and DEVICE_NEEDS_RESET; the connection is not reopened
-(the guest's reset then activates nothing and gets NEEDS_RESET again), and
-the daemon and the other devices carry on.
+Each sequence (the handshake, an activation, a reset, a config write) has one
+deadline. A back-end that dies, stalls past it or breaks the protocol costs one
+log line and DEVICE_NEEDS_RESET; the connection is not reopened (the guest's
+reset then activates nothing and gets NEEDS_RESET again), and the daemon and
+the other devices carry on.
 """
 
 import os
@@ -42,6 +45,8 @@ UNSUPPORTED = (bit(26) | bit(30) | bit(31) | bit(c.F_ACCESS_PLATFORM) | bit(c.F_
                | bit(c.F_SR_IOV) | bit(c.F_NOTIFICATION_DATA) | bit(c.F_NOTIF_CONFIG_DATA)
                | bit(c.F_RING_RESET) | ((1 << 50) - (1 << 41)))
 
+MAX_QUEUES = 64     # each is two eventfds and seven requests at DRIVER_OK
+
 
 class VhostUserDevice(VirtioDevice):
     """Device ``device_id`` behind the back-end listening on ``socket``; ``queue_sizes``:
@@ -57,14 +62,8 @@ class VhostUserDevice(VirtioDevice):
         self.device_id = device_id
         self.frontend = Frontend(socket, timeout=timeout, wait=connect_wait)
         try:
-            offered = self.frontend.handshake()
-            most = self.frontend.queue_num()
-            if most is not None and len(queue_sizes) > most:
-                raise VhostUserError(f"vhost-user back-end {socket} serves at most {most} "
-                                     f"queues, not {len(queue_sizes)}")
-            if config is None and config_size and self.frontend.has_protocol_feature(
-                    PROTOCOL_F_CONFIG):
-                config = self.frontend.get_config(0, config_size)
+            with self.frontend.deadline():
+                offered, config = self._handshake(len(queue_sizes), config, config_size)
         except VhostUserError:
             self.frontend.close()
             raise
@@ -86,6 +85,23 @@ class VhostUserDevice(VirtioDevice):
         self._ram = None            # (fd, mmap_offset) of the guest RAM, or the reason not
         self._memory_sent = False
 
+    def _handshake(self, queues, config, config_size):
+        """The back-end's features and the config space (``config``, or its own)."""
+        front = self.frontend
+        offered = front.handshake()
+        most = front.queue_num()
+        if most is not None and queues > most:
+            raise VhostUserError(f"vhost-user back-end {front.path} serves at most {most} "
+                                 f"queues, not {queues}")
+        if config is None and config_size:
+            if not front.has_protocol_feature(PROTOCOL_F_CONFIG):
+                raise VhostUserError(
+                    f"config_size = {config_size}: the back-end {front.path} does not offer "
+                    "VHOST_USER_PROTOCOL_F_CONFIG; remove config_size (the config space "
+                    "is then empty) or use a back-end that serves its config space")
+            config = front.get_config(0, config_size)
+        return offered, config
+
     def bind(self, context):
         super().bind(context)
         self._ram = ram_file(context.memory)
@@ -99,15 +115,17 @@ class VhostUserDevice(VirtioDevice):
         super().attach(loop)
         for index, fd in enumerate(self._call):
             self.loop.add_reader(fd, lambda index=index: self._on_call(index))
-        self.loop.add_reader(self.frontend.fileno(), self._on_socket)
+        if not self.frontend.closed:
+            fd, loop = self.frontend.fileno(), self.loop
+            loop.add_reader(fd, self._on_socket)
+            self.frontend.before_close = lambda: loop.remove_reader(fd)
 
     def detach(self):
+        self.frontend.close()
+        self.frontend.before_close = None
         if self.loop is not None:
             for fd in self._call:
                 self.loop.remove_reader(fd)
-            if not self.frontend.closed:
-                self.loop.remove_reader(self.frontend.fileno())
-        self.frontend.close()
         for fd in self._kick + self._call:
             os.close(fd)
         self._kick = self._call = []
@@ -132,8 +150,6 @@ class VhostUserDevice(VirtioDevice):
             self._lost(f"vhost-user back-end {self.frontend.path} {reason}")
 
     def _lost(self, err):
-        if not self.frontend.closed and self.loop is not None:
-            self.loop.remove_reader(self.frontend.fileno())
         self.frontend.close()
         self._started.clear()
         self.fail(str(err))
@@ -142,11 +158,12 @@ class VhostUserDevice(VirtioDevice):
 
     def activate(self):
         try:
-            self.frontend.set_features(self.context.negotiated_features)
-            self._send_memory()
-            for queue in self.queues:
-                if queue.ready:
-                    self._start(queue)
+            with self.frontend.deadline():
+                self.frontend.set_features(self.context.negotiated_features)
+                self._send_memory()
+                for queue in self.queues:
+                    if queue.ready:
+                        self._start(queue)
         except VhostUserError as err:
             self._lost(err)
 
@@ -180,8 +197,9 @@ class VhostUserDevice(VirtioDevice):
 
     def reset(self):
         try:
-            for index in sorted(self._started):
-                self._stop(index)
+            with self.frontend.deadline():
+                for index in sorted(self._started):
+                    self._stop(index)
         except VhostUserError as err:
             self._lost(err)
 
@@ -196,11 +214,13 @@ class VhostUserDevice(VirtioDevice):
             super().write_config(offset, data)
             return
         try:
-            self.frontend.set_config(offset, data)
+            with self.frontend.deadline():
+                self.frontend.set_config(offset, data)
+                config = self.frontend.get_config(0, len(self.config))
         except VhostUserError as err:
             self._lost(err)
             return
-        self.update_config(offset, data, notify=False)
+        self.update_config(0, config, notify=False)
 
     def info(self):
         out = super().info()
@@ -247,9 +267,10 @@ def check_device_id(value):
 
 
 def check_queues(sizes):
-    if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
-                            and not s & (s - 1) and s <= 32768 for s in sizes):
-        raise ValueError("must be a non-empty list of powers of two up to 32768")
+    if not 0 < len(sizes) <= MAX_QUEUES or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 and not s & (s - 1)
+            and s <= 32768 for s in sizes):
+        raise ValueError(f"must list 1 to {MAX_QUEUES} queue sizes, powers of two up to 32768")
 
 
 SCHEMA = Schema("vhost_user", (

@@ -9,10 +9,12 @@ Every reply is checked (request code, reply flag, version, payload size at
 most ``MAX_PAYLOAD`` and exactly what the request expects); a reply carrying
 file descriptors breaks the protocol (none of ours expects one): they are
 closed, never kept. Each request and its reply share one deadline of
-``timeout`` seconds, so a dead, stalled or trickling back-end costs at most
-that, then ``VhostUserError``. After one error the connection is closed and
-every later call raises at once (the device sets DEVICE_NEEDS_RESET; it
-never retries behind the guest's back).
+``timeout`` seconds, and so does every request of a sequence made under
+``with frontend.deadline():`` (a device's activation, its reset), so a dead,
+stalled or trickling back-end costs at most that, then ``VhostUserError``.
+After one error the connection is closed and every later call raises at once,
+naming the socket (the device sets DEVICE_NEEDS_RESET; it never retries behind
+the guest's back).
 
 Addresses: ``SET_MEM_TABLE`` gives each region's guest-physical address,
 size, our mapping's virtual address (``userspace_addr``) and its offset in
@@ -26,6 +28,7 @@ import os
 import socket
 import struct
 import time
+from contextlib import contextmanager
 
 from ..errors import os_reason
 from ..unixsock import connect_unix
@@ -67,21 +70,42 @@ class Frontend:
         self.path = str(path)
         self.timeout = timeout
         self._deadline = None           # of the request in flight (time.monotonic())
+        self._in_sequence = False       # inside deadline(): its requests share _deadline
         try:
-            self.sock = connect_unix(self.path, wait, poll=0.01)
+            self.sock = connect_unix(self.path, wait, poll=0.01, timeout=timeout)
+        except BlockingIOError:
+            raise VhostUserError(f"cannot connect to {self.path}: its listen backlog is full "
+                                 "(the back-end accepts no connection)") from None
         except OSError as err:
             raise VhostUserError(f"cannot connect to {self.path}: {os_reason(err)}") from None
-        self.sock.settimeout(timeout)
         self.features = self.protocol_features = 0
         self.closed = False
+        self.before_close = None        # called before the socket closes, however it does
 
     def close(self):
+        """Close the socket, ``before_close()`` first (an event loop watching it forgets the
+        fd before its number can come back for another file)."""
         if not self.closed:
             self.closed = True
+            if self.before_close is not None:
+                self.before_close()
             self.sock.close()
 
     def fileno(self):
         return self.sock.fileno()
+
+    @contextmanager
+    def deadline(self):
+        """Every request made inside shares one deadline of ``timeout`` s (nested: the
+        outer one's)."""
+        if self._in_sequence:
+            yield
+            return
+        self._deadline, self._in_sequence = time.monotonic() + self.timeout, True
+        try:
+            yield
+        finally:
+            self._in_sequence = False
 
     # -- messages -------------------------------------------------------------------------
 
@@ -95,8 +119,10 @@ class Frontend:
 
     def _send(self, request, payload=b"", fds=(), need_reply=False):
         if self.closed:
-            raise VhostUserError("the connection is closed after an earlier error")
-        self._deadline = time.monotonic() + self.timeout
+            raise VhostUserError(f"vhost-user back-end {self.path}: the connection was lost "
+                                 "earlier and is not reopened (restart the daemon)")
+        if not self._in_sequence:
+            self._deadline = time.monotonic() + self.timeout
         flags = VERSION | (FLAG_NEED_REPLY if need_reply else 0)
         data = _HEADER.pack(request, flags, len(payload)) + payload
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
