@@ -3,6 +3,7 @@ with every command, a quiet exit on a closed pipe, one address format, the daemo
 log (control socket and console endpoints)."""
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -16,7 +17,9 @@ import pytest
 
 from avatar_hw import cli, control
 from avatar_hw.errors import AvatarError
+from avatar_hw.hw import uio
 from avatar_hw.shipped import shipped_file
+from avatar_hw.testing.fake_uio import make_tree
 from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
 from test_daemon import Served, console_config
 
@@ -149,6 +152,30 @@ def test_serve_says_the_emulated_board_is_the_demos(capsys, tmp_path):
         f"avatar-hw: {shipped_file('emulated.toml')}: the emulated board is served only by "
         "avatar-hw demo (or the EmulatedBoard API: avatar_hw.emulated.session), which gives "
         "each run its own RAM file\n")
+
+
+def test_serve_on_a_trap_node_without_an_interrupt_is_one_line(capsys, tmp_path, monkeypatch):
+    """rpi4 from a fake UIO tree whose trap device has no interrupt: the UIO core answers
+    EIO to the unmask (drivers/uio/uio.c), stood in for here as the node is a file."""
+    roots = make_tree(tmp_path, {0: ("avatar-trap", [(0x40000000, 0x90000, 0, None)]),
+                                 1: ("avatar-vm0-ram", [(0x41000000, 0x100000, 0, None)]),
+                                 2: ("avatar-gicd", [(0xff841000, 0x1000, 0, None)])})
+    trap_node, write = f"{roots['dev_root']}/uio0", os.write
+
+    def uio_write(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}") == trap_node:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return write(fd, data)
+    monkeypatch.setattr(uio.os, "write", uio_write)
+    config = tmp_path / "vms.toml"
+    config.write_text("[vm.0]\nrng = {}\n")
+    assert cli.main(["serve", "--board", "rpi4", "--config", str(config), "--control",
+                     str(tmp_path / "control.sock"), "--wait-stub", "0.1",
+                     "--sysfs-root", roots["sysfs_root"], "--dev-root", roots["dev_root"]]) == 2
+    assert capsys.readouterr().err == (
+        f"avatar-hw: {trap_node} (UIO device avatar-trap) has no interrupt (EIO): check the "
+        "interrupts of its device-tree node avatar-trap in the overlay, and dmesg | grep "
+        "avatar_uio\n")
 
 
 @pytest.mark.parametrize("command", [["serve", "--board", "rpi4", "--config", "vms.toml"],

@@ -2,14 +2,14 @@
 
 QEMU ``virt``: GICv2 distributor 0x08000000, CPU interface 0x08010000, v2m
 frame 0x08020000 (SPIs 80..143); GICv3 distributor 0x08000000. GICD_TYPER
-gives 288 lines on the GICv2 and 256 on the GICv3. QEMU 7.2 cannot intercept the GIC's own outputs, so the CPU's IRQ
-input is what ``irq_intercept_in`` watches.
+gives 288 lines on the GICv2 and 256 on the GICv3. QEMU 7.2 cannot intercept the GIC's own
+outputs, so the CPU's IRQ input is what ``irq_intercept_in`` watches.
 """
 
 import pytest
 
-from avatar_hw.hw.gic import (GicError, GicV2Distributor, GicV2mFrame, GicV3Distributor,
-                              SpiConfig, SpiSettings, open_gic)
+from avatar_hw.hw.gic import (ICFGR_ATTEMPTS, GicError, GicV2Distributor, GicV2mFrame,
+                              GicV3Distributor, SpiConfig, SpiSettings, open_gic)
 from avatar_hw.hw.region import Region
 from avatar_hw.testing.qtest import QTest, require_qemu
 
@@ -279,3 +279,50 @@ def test_v3_configure_spi_writes_both_irouter_halves():
     assert regs.read32(0x180 + 4 * 6) == SPI217_BIT         # disabled before the trigger change
     assert regs.read32(0x100 + 4 * 6) == SPI217_BIT         # then enabled
     assert regs.read8(0x400 + 217) == 0xA0 and regs.read32(GICD_ICFGR13) == SPI217_EDGE
+
+
+class SharedWord:
+    """A GICv2 distributor in a bytearray that counts GICD_ICFGR13 writes; after our n-th,
+    Linux writes ``linux[n - 1]`` to the word (gic_configure_irq may, at any time)."""
+
+    def __init__(self, icfgr13=0, linux=()):
+        self.regs = Region(bytearray(0x1000), name="gicd")
+        self.regs.write32(0x004, 7)                 # 256 lines, one CPU
+        self.regs.write32(GICD_ICFGR13, icfgr13)
+        self.linux, self.icfgr_writes = list(linux), 0
+
+    def __getattr__(self, name):
+        return getattr(self.regs, name)
+
+    def write32(self, offset, value):
+        self.regs.write32(offset, value)
+        if offset == GICD_ICFGR13:
+            self.icfgr_writes += 1
+            if self.linux:
+                self.regs.write32(offset, self.linux.pop(0))
+
+
+SPI216_EDGE = 2 << 16                               # INTID 216, a neighbour Linux owns
+
+
+def test_v2_configure_spi_leaves_an_edge_spis_icfgr_word_alone():
+    gicd = SharedWord(icfgr13=SPI217_EDGE)
+    assert GicV2Distributor(gicd).configure_spi(217, SpiConfig(0xA0, 0)).trigger == "edge"
+    assert gicd.icfgr_writes == 0
+
+
+def test_v2_configure_spi_writes_icfgr_again_when_linux_wrote_the_word_after_it():
+    """Linux read the word before our write and wrote it after, with INTID 216 now edge and
+    ours level: our bit is set again on top of Linux's, which stays."""
+    gicd = SharedWord(linux=[SPI216_EDGE])
+    assert GicV2Distributor(gicd).configure_spi(217, SpiConfig(0xA0, 0)).trigger == "edge"
+    assert gicd.icfgr_writes == 2
+    assert gicd.read32(GICD_ICFGR13) == SPI216_EDGE | SPI217_EDGE
+
+
+def test_v2_configure_spi_stops_writing_icfgr_after_a_bounded_number_of_attempts():
+    """A word whose edge bit never stays (a GIC that ignores it, or Linux writing on and on):
+    the read-back says level, which the daemon logs, and the loop ends."""
+    gicd = SharedWord(linux=[0] * (ICFGR_ATTEMPTS + 1))
+    assert GicV2Distributor(gicd).configure_spi(217, SpiConfig(0xA0, 0)).trigger == "level"
+    assert gicd.icfgr_writes == ICFGR_ATTEMPTS

@@ -22,6 +22,10 @@ def checkout(tmp_path):
         shutil.copytree(ROOT / part, copy / part)
     (copy / "docs").mkdir()
     shutil.copy(ROOT / "docs" / "board-setup.md", copy / "docs")
+    venv_avatar_hw = copy / ".venv" / "bin" / "avatar-hw"      # what scripts/setup makes
+    venv_avatar_hw.parent.mkdir(parents=True)
+    venv_avatar_hw.write_text("#!/bin/sh\n")
+    venv_avatar_hw.chmod(0o755)
     return copy
 
 
@@ -30,6 +34,8 @@ def destdir(tmp_path):
     dest = tmp_path / "dest"
     (dest / "boot" / "firmware").mkdir(parents=True)
     (dest / "boot" / "firmware" / "config.txt").write_text("[pi4]\narm_boost=1\n")
+    (dest / "etc" / "avatar-hw").mkdir(parents=True)
+    shutil.copy(ROOT / "boards" / "vms-example.toml", dest / "etc" / "avatar-hw" / "vms.toml")
     return dest
 
 
@@ -101,6 +107,44 @@ def test_installs_and_enables_the_shipped_systemd_unit(checkout, destdir):
             (ROOT / "docs" / Path(url).name).read_bytes()
     unit.unlink()
     assert "no systemd unit installed" in install(checkout, destdir).stdout
+
+
+DROPIN = Path("etc/systemd/system/avatar-hw.service.d/venv.conf")
+
+
+def test_the_unit_runs_the_venvs_avatar_hw_unless_systemd_finds_one(checkout, destdir):
+    """ExecStart= names avatar-hw bare; scripts/setup installs it only into .venv. The drop-in
+    empties ExecStart= first: systemd refuses two for Type=notify."""
+    assert install(checkout, destdir).returncode == 0
+    [exec_start] = [line for line in (checkout / "boards/linux/avatar-hw.service").read_text()
+                    .splitlines() if line.startswith("ExecStart=")]
+    assert (destdir / DROPIN).read_text().splitlines()[1:] == [
+        "[Service]", "ExecStart=",
+        exec_start.replace("=avatar-hw ", f"={checkout}/.venv/bin/avatar-hw ", 1)]
+    installed = destdir / "usr" / "local" / "bin" / "avatar-hw"       # e.g. pip install
+    installed.parent.mkdir(parents=True)
+    shutil.copy(checkout / ".venv" / "bin" / "avatar-hw", installed)
+    assert install(checkout, destdir).returncode == 0
+    assert not (destdir / DROPIN).exists()
+
+
+def test_the_unit_is_enabled_only_once_the_vms_config_exists(checkout, destdir):
+    (destdir / "etc" / "avatar-hw" / "vms.toml").unlink()
+    out = install(checkout, destdir).stdout
+    assert "systemctl enable" not in out.replace("sudo systemctl enable avatar-hw", "")
+    assert ("avatar-hw.service installed, not enabled: no /etc/avatar-hw/vms.toml yet; create it "
+            f"(sudo install -D -m 0644 {checkout}/boards/vms-example.toml /etc/avatar-hw/vms.toml"
+            ", then edit it), then run this again or: sudo systemctl enable avatar-hw") in out
+
+
+def test_no_avatar_hw_for_the_unit_is_one_line_before_anything_changes(checkout, destdir):
+    shutil.rmtree(checkout / ".venv")
+    result = install(checkout, destdir)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        "install-board: no avatar-hw for avatar-hw.service: none in /usr/local/bin, /usr/bin, "
+        f"... and no {checkout}/.venv/bin/avatar-hw: run scripts/setup first\n")
+    assert not (destdir / "usr").exists()
 
 
 def test_changed_driver_sources_are_reinstalled(checkout, destdir):

@@ -56,6 +56,11 @@ def test_kmod_build_failure_names_the_error(tmp_path, change, error):
 
 DOORBELL_SPI = 100              # free on QEMU virt; INTID 132
 # QEMU virt's root has #address-cells = #size-cells = <2>; RAM at 0x40000000, GICD at 0x08000000.
+# 496 MiB of RAM end at 0x5f000000, inside the 128 MiB sparsemem section 0x58000000-0x5fffffff
+# (arm64, 4 KiB pages: SECTION_SIZE_BITS 27), as the Pi 4's RAM ends at 0xfbffffff inside the
+# section of its distributor at 0xff841000: avatar-past-ram must probe (pfn_valid() is true for
+# the whole section, so a driver taking it for "RAM" refuses it), the RAM beside it must not.
+RAM_MIB = 496
 NODES = """
 	reserved-memory {
 		#address-cells = <2>;
@@ -75,7 +80,17 @@ NODES = """
 	avatar-misaligned@8000800 { compatible = "avatar,uio"; reg = <0 0x8000800 0 0x800>; };
 	avatar-mapped { compatible = "avatar,uio"; memory-region = <&mapped_mem>; };
 	avatar-ram-by-reg@48000000 { compatible = "avatar,uio"; reg = <0 0x48000000 0 0x1000>; };
-""" % DOORBELL_SPI
+	avatar-carveout-by-reg@50100000 {
+		compatible = "avatar,uio";
+		reg = <0 0x50100000 0 0x1000>;
+	};
+	avatar-past-ram@5f000000 { compatible = "avatar,uio"; reg = <0 0x5f000000 0 0x1000>; };
+	avatar-bad-irq {
+		compatible = "avatar,uio";
+		memory-region = <&trap_mem>;
+		interrupts = <0 %d>;
+	};
+""" % (DOORBELL_SPI, DOORBELL_SPI)
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
@@ -84,7 +99,7 @@ insmod /uio.ko && insmod /avatar_uio.ko dyndbg=+p
 dmesg | grep 'avatar_uio '
 poweroff -f
 """ % (DOORBELL_SPI + 32)
-MACHINE = ("-M", "virt,gic-version=2", "-cpu", "cortex-a72", "-m", "512", "-nographic",
+MACHINE = ("-M", "virt,gic-version=2", "-cpu", "cortex-a72", "-m", str(RAM_MIB), "-nographic",
            "-net", "none", "-no-reboot")
 
 
@@ -123,8 +138,10 @@ def _guest_initrd(tmp_path):
                     reason="needs qemu-system-arm and device-tree-compiler (scripts/setup)")
 def test_kmod_maps_refuses_and_rings_in_the_guest_kernel(tmp_path):
     """avatar_uio loaded into the emulated board's Debian kernel (QEMU virt, no hypervisor):
-    one line per map with its attributes, the memory type each mmap gets, bad nodes refused (misaligned, RAM without no-map,
-    RAM by reg), userspace's bad maps refused (too long, absent, private, executable),
+    one line per map with its attributes, the memory type each mmap gets, bad nodes refused
+    (misaligned, RAM without no-map, RAM or the carve-out by reg, an interrupt that cannot be
+    had), registers just past the end of RAM mapped, userspace's bad maps refused (too long,
+    absent, private, executable),
     and the doorbell masked by the handler, held while masked, delivered on unmask."""
     initrd, dtb = _guest_initrd(tmp_path), _guest_dtb(tmp_path)
     run = subprocess.run(["qemu-system-aarch64", *MACHINE, "-kernel", str(guest_assets().kernel),
@@ -142,7 +159,10 @@ def test_kmod_maps_refuses_and_rings_in_the_guest_kernel(tmp_path):
             "page aligned",
             "/avatar-mapped: memory-region 0 (/reserved-memory/mapped@50200000) lacks no-map",
             "/avatar-ram-by-reg@48000000: reg [mem 0x48000000-0x48000fff] is RAM: give RAM by "
-            "memory-region"):
+            "memory-region",
+            "/avatar-carveout-by-reg@50100000: reg [mem 0x50100000-0x50100fff] is RAM",
+            "avatar-past-ram: map 0: 0x000000005f000000-0x000000005f000fff (4 KiB) uncached",
+            "/avatar-bad-irq: its interrupt cannot be had: check the specifier"):
         assert line in out, out[-3000:]
     assert "FAIL" not in out and "uio_probe: done" in out, out[-3000:]
     assert out.count("\nok ") >= 16

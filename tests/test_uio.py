@@ -11,6 +11,7 @@ tests prove the file formats, offsets, byte counts and timeouts, not the
 kernel's interrupt behaviour.
 """
 
+import errno
 import os
 import shutil
 import sys
@@ -248,3 +249,22 @@ def test_short_interrupt_read_is_an_error(irq_device):
     os.write(kernel, b"\x01\x00")
     with pytest.raises(AvatarError, match="returned 2 bytes, not 4"):
         device.wait(timeout=5)
+
+
+@pytest.mark.parametrize("call, action", [("write", "enable"), ("read", "wait")])
+def test_a_device_without_an_interrupt_is_one_line_naming_the_node(irq_device, monkeypatch,
+                                                                    call, action):
+    """The UIO core answers EIO to the interrupt read and write of a device registered
+    without an interrupt (drivers/uio/uio.c); the fake node is a FIFO, so that is stood in."""
+    device, kernel = irq_device
+    os.write(kernel, (1).to_bytes(4, sys.byteorder))
+
+    def eio(*args):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    monkeypatch.setattr(uio.os, call, eio)
+    with pytest.raises(AvatarError) as error:
+        getattr(device, action)()
+    assert str(error.value) == (
+        f"{device.dev_path} (UIO device avatar-trap) has no interrupt (EIO): check the "
+        "interrupts of its device-tree node avatar-trap in the overlay, and dmesg | grep "
+        "avatar_uio")

@@ -67,6 +67,7 @@ TYPER_MBIS = 1 << 16
 CTLR_ARE = 0x30              # ARE (or ARE_S) and ARE_NS: affinity routing, GICv3
 IROUTER_IRM = 1 << 31        # "any participating CPU"
 AFFINITY_MASK = 0xFF_00FF_FFFF   # Aff3 (39:32), Aff2..Aff0 (23:0): MPIDR_EL1's affinity fields
+ICFGR_ATTEMPTS = 4           # writes of a GICD_ICFGR word before its read-back is taken as is
 
 
 class GicError(AvatarError):
@@ -229,20 +230,36 @@ class _Distributor:
         """Set SPI ``intid`` up as ``config`` (a ``SpiConfig``) says; returns the read-back.
 
         Disabled first: changing the trigger of an enabled interrupt is
-        UNPREDICTABLE (GICv2 architecture, GICD_ICFGR). GICD_ICFGR is one
-        read-modify-write of the word holding 16 INTIDs' fields (only bit 1 of
-        this INTID's field is set); GICD_IPRIORITYR and GICD_ITARGETSR are
-        byte-accessible, so those are single byte writes touching no other SPI.
+        UNPREDICTABLE (GICv2 architecture, GICD_ICFGR). GICD_IPRIORITYR and
+        GICD_ITARGETSR are byte-accessible, so those are single byte writes
+        touching no other SPI; GICD_ICFGR is not (``_set_edge``).
         """
         self.check_spi(intid)
         self._set_bit(GICD_ICENABLER, intid)
-        icfgr = GICD_ICFGR + 4 * (intid // 16)
-        self.regs.write32(icfgr, self.regs.read32(icfgr) | 2 << (2 * (intid % 16)))
+        self._set_edge(intid)
         self.regs.write8(GICD_IPRIORITYR + intid, config.priority)
         self._route(self.regs.read32(GICD_CTLR), intid, config.target)
         self._set_bit(GICD_ISENABLER, intid)
         self.configured[intid] = self._settings(self.regs.read32(GICD_CTLR), intid)
         return self.configured[intid]
+
+    def _set_edge(self, intid):
+        """Set bit 1 (edge) of ``intid``'s field in its GICD_ICFGR word, which holds 15 other
+        INTIDs' fields, some of them Linux's (the doorbell beside PCIe and GENET on a Pi 4).
+        Linux changes the word under its irq_controller_lock (gic_configure_irq), which a
+        process cannot take, so: no write when the bit is set already, else the word just
+        read with the bit added, then read back, and written again (at most ICFGR_ATTEMPTS
+        times) when the bit is gone, i.e. a write of Linux's landed after ours. What remains
+        is the window between a read and the write after it: a change Linux makes there to
+        another INTID of the word is undone (docs/board-setup.md, "The distributor is shared
+        with Linux")."""
+        icfgr = GICD_ICFGR + 4 * (intid // 16)
+        edge = 2 << (2 * (intid % 16))
+        for _ in range(ICFGR_ATTEMPTS):
+            word = self.regs.read32(icfgr)
+            if word & edge:
+                return
+            self.regs.write32(icfgr, word | edge)
 
     def expected_settings(self, config):
         """The ``SpiSettings`` that ``config`` gives on this distributor (for another

@@ -25,6 +25,7 @@ Shared memory (trap page, guest RAM) follows the ordering rule in
 store-release; read the state word with a load-acquire, then the data.
 """
 
+import errno
 import logging
 import mmap
 import os
@@ -139,7 +140,7 @@ class UioDevice:
         fd = self.fileno()
         if timeout is not None and not select.select([fd], [], [], timeout)[0]:
             return None
-        data = os.read(fd, 4)
+        data = self._irq_io(os.read, fd, 4)
         if len(data) != 4:
             raise AvatarError(f"{self.dev_path}: interrupt read returned {len(data)} bytes, "
                               "not 4; does this UIO device have an interrupt?")
@@ -154,7 +155,19 @@ class UioDevice:
         self._write_irq_control(0)
 
     def _write_irq_control(self, value):
-        os.write(self.fileno(), value.to_bytes(4, sys.byteorder))
+        self._irq_io(os.write, self.fileno(), value.to_bytes(4, sys.byteorder))
+
+    def _irq_io(self, call, *args):
+        """``call(*args)`` on the interrupt fd; EIO, the UIO core's answer for a device
+        without an interrupt (drivers/uio/uio.c), is one line naming the node to fix."""
+        try:
+            return call(*args)
+        except OSError as err:
+            if err.errno != errno.EIO:
+                raise
+            raise AvatarError(f"{self.dev_path} (UIO device {self.name}) has no interrupt "
+                              f"(EIO): check the interrupts of its device-tree node {self.name} "
+                              "in the overlay, and dmesg | grep avatar_uio") from None
 
     def close(self):
         if self._irq_fd is not None:

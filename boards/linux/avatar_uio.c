@@ -18,6 +18,8 @@
  *                                line; userspace unmasks it by writing a 4-byte
  *                                1 to /dev/uioN (0 masks it), as with
  *                                uio_pdrv_genirq, which this driver does not need.
+ *                                A node whose interrupts the kernel cannot give
+ *                                is refused (without them UIO answers EIO).
  *
  * Map N is selected by mmap offset N * PAGE_SIZE and always covers the region
  * from its start; a map is never copy-on-write (MAP_PRIVATE on a writable
@@ -28,9 +30,11 @@
 
 #include <linux/interrupt.h>
 #include <linux/io.h>
+#include <linux/ioport.h>
 #include <linux/mm.h>
 #include <linux/module.h>
 #include <linux/of.h>
+#include <linux/of_address.h>
 #include <linux/of_reserved_mem.h>
 #include <linux/platform_device.h>
 #include <linux/slab.h>
@@ -205,15 +209,31 @@ static int avatar_uio_add_memory_regions(struct avatar_uio *priv, struct device_
 	return 0;
 }
 
-/* True if any page of [start, start + size) is RAM the kernel knows (mapped or no-map). */
-static bool avatar_uio_is_ram(phys_addr_t start, resource_size_t size)
+/*
+ * True if @res overlaps RAM: System RAM in the resource tree (/proc/iomem), or a reserved-memory
+ * region (no-map RAM is "reserved" there, not System RAM). Not pfn_valid(): with SPARSEMEM it is
+ * true for every page of a section (128 MiB on arm64 with 4 KiB pages) that holds any RAM, such
+ * as the Pi 4's distributor at 0xff841000 beside RAM that ends at 0xfbffffff.
+ */
+static bool avatar_uio_is_ram(struct resource *res)
 {
-	unsigned long pfn;
+	struct device_node *reserved = of_find_node_by_path("/reserved-memory");
+	struct device_node *np;
+	struct resource r;
+	bool ram = region_intersects(res->start, resource_size(res), IORESOURCE_SYSTEM_RAM,
+				     IORES_DESC_NONE) != REGION_DISJOINT;
+	int i;
 
-	for (pfn = PHYS_PFN(start); pfn <= PHYS_PFN(start + size - 1); pfn++)
-		if (pfn_valid(pfn))
-			return true;
-	return false;
+	for_each_child_of_node(reserved, np) {
+		for (i = 0; !ram && !of_address_to_resource(np, i, &r); i++)
+			ram = resource_overlaps(&r, res);
+		if (ram) {
+			of_node_put(np);
+			break;
+		}
+	}
+	of_node_put(reserved);
+	return ram;
 }
 
 static int avatar_uio_add_registers(struct avatar_uio *priv, struct platform_device *pdev)
@@ -223,7 +243,7 @@ static int avatar_uio_add_registers(struct avatar_uio *priv, struct platform_dev
 
 	for (i = 0; (res = platform_get_resource(pdev, IORESOURCE_MEM, i)); i++) {
 		/* RAM mapped Device here would alias the cacheable mappings of it. */
-		if (resource_size(res) && avatar_uio_is_ram(res->start, resource_size(res))) {
+		if (resource_size(res) && avatar_uio_is_ram(res)) {
 			dev_err(priv->dev,
 				"%pOF: reg %pR is RAM: give RAM by memory-region (mapped cacheable), not reg (mapped Device)\n",
 				pdev->dev.of_node, res);
@@ -271,12 +291,16 @@ static int avatar_uio_probe(struct platform_device *pdev)
 	}
 
 	irq = platform_get_irq_optional(pdev, 0);
-	if (irq == -EPROBE_DEFER)
-		return irq;
 	if (irq > 0) {
 		priv->info.irq = irq;
 		priv->info.handler = avatar_uio_handler;
 		priv->info.irqcontrol = avatar_uio_irqcontrol;
+	} else if (irq == -EPROBE_DEFER || of_find_property(np, "interrupts", NULL) ||
+		   of_find_property(np, "interrupts-extended", NULL)) {
+		/* A doorbell that cannot be had: without it the daemon would get EIO, not events. */
+		return dev_err_probe(dev, irq,
+				     "%pOF: its interrupt cannot be had: check the specifier against the interrupt controller's #interrupt-cells and lines\n",
+				     np);
 	} else {
 		priv->info.irq = UIO_IRQ_NONE;
 	}

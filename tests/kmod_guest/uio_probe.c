@@ -37,7 +37,9 @@ int main(int argc, char **argv)
 
 	CHECK(trap >= 0 && ram >= 0 && gicd >= 0, "devices open");
 	CHECK(uio_open("avatar-misaligned") < 0 && uio_open("avatar-mapped") < 0 &&
-	      uio_open("avatar-ram-by-reg") < 0, "refused nodes have no device");
+	      uio_open("avatar-ram-by-reg") < 0 && uio_open("avatar-carveout-by-reg") < 0 &&
+	      uio_open("avatar-bad-irq") < 0, "refused nodes have no device");
+	CHECK(uio_open("avatar-past-ram") >= 0, "registers past the end of RAM have a device");
 
 	volatile uint32_t *t = mmap(NULL, 0x10000, PROT_READ | PROT_WRITE, MAP_SHARED, trap, 0);
 	CHECK(t != MAP_FAILED, "trap page mapped");
