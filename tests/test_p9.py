@@ -2,15 +2,20 @@
 escape attempts (``..``, symlinks, a directory swapped for a symlink, absolute and long
 names), malformed messages and the security models."""
 
+import contextlib
 import errno
 import hashlib
 import os
 import random
 import struct
+import subprocess
+import sys
+import time
 
 import pytest
 
 from avatar_hw.backends import p9fs as p
+from avatar_hw.backends.p9wire import DOTL_TRUNC
 from avatar_hw.config import load_config
 from avatar_hw.devices.p9 import F_MOUNT_TAG, P9Device
 from avatar_hw.errors import ConfigError
@@ -21,6 +26,18 @@ from patching import this_thread_only
 
 SLOT = 64 << 10
 ROOT_FID = 1
+LEASE_HOLDER = """
+import fcntl, os, signal, sys, time
+signal.signal(signal.SIGIO, signal.SIG_IGN)             # told of the break, never gives it back
+fd = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+except OSError as err:
+    print(err.strerror, flush=True)
+    sys.exit()
+print("lease", flush=True)
+time.sleep(600)
+"""
 
 
 class Rlerror(Exception):
@@ -675,6 +692,39 @@ def test_special_files_are_not_created_or_opened(fs, share):
     os.mkfifo(share / "fifo")
     fs.walk(ROOT_FID, 2, "fifo")
     assert errno_of(fs.lopen, 2) == errno.EACCES                     # would block the daemon
+
+
+@contextlib.contextmanager
+def read_lease(path):
+    """Another process holding a read lease on ``path`` (F_SETLEASE, as Samba's kernel
+    oplocks take) that it never gives back; skipped where leases cannot be taken."""
+    holder = subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, str(path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        said = holder.stdout.readline().strip()
+        if said != "lease":
+            pytest.skip(f"no file lease on {path}: {said or 'the holder died'}")
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_a_host_lease_never_blocks_the_daemon(fs, share):
+    """A file under a host process's lease is opened for writing or truncated only once the
+    lease is broken: the kernel would hold the daemon, and every VM, for the lease-break-time
+    (45 s). The request is answered EAGAIN at once, as QEMU's (O_NONBLOCK); the file is left
+    as it was, and reading (which breaks no read lease) works."""
+    fs.walk(ROOT_FID, 2, "hello.txt")
+    with read_lease(share / "hello.txt"):
+        start = time.monotonic()
+        assert errno_of(fs.lopen, 2, 1) == errno.EAGAIN
+        assert errno_of(fs.lopen, 2, 2 | DOTL_TRUNC) == errno.EAGAIN
+        assert errno_of(fs.setattr, 2, p.SA_SIZE, size=3) == errno.EAGAIN
+        assert time.monotonic() - start < 10                  # not the lease-break-time
+        fs.lopen(2)
+        assert fs.read(2, 0, 100) == b"hello from the host\n"
 
 
 # -- malformed messages and bounds ------------------------------------------------------------

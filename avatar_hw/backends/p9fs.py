@@ -23,7 +23,7 @@ import struct
 import time
 
 from ..virtio.buffers import gather, scatter
-from .p9folder import MODELS, Folder, proc  # noqa: F401 (MODELS: the device's)
+from .p9folder import MODELS, Folder, proc, reopen  # noqa: F401 (MODELS: the device's)
 from .p9io import OpenFiles
 from .p9wire import (AT_REMOVEDIR_DOTL, GETATTR, GETATTR_BASIC, HEADER, MAX_WALK, MSIZE_MAX,
                      MSIZE_MIN, QID, QTDIR, QTFILE, QTSYMLINK, REQUEST_MAX, SA_ATIME,
@@ -404,7 +404,11 @@ class P9Server(OpenFiles):
         if valid & SA_SIZE:
             if not stat.S_ISREG(st.st_mode):
                 raise P9Error(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL)
-            os.truncate(proc(fd), size)
+            opened = reopen(fd, os.O_WRONLY)         # not a path: no wait on a lease
+            try:
+                os.ftruncate(opened, size)
+            finally:
+                os.close(opened)
         if valid & SA_MODE:
             if link:
                 raise P9Error(errno.EOPNOTSUPP)

@@ -14,7 +14,7 @@ import stat
 import struct
 
 from ..virtio.buffers import scatter, scatter_at, skip, transfer, truncate
-from .p9folder import getdents, proc
+from .p9folder import getdents, proc, reopen
 from .p9wire import (DIRENT, DIRENT64, DIRENT64_MAX, DOTL_ACCMODE, DOTL_APPEND, DOTL_DSYNC,
                      DOTL_SYNC, DOTL_TRUNC, IOHDR, MSIZE_MAX, NAME_MAX, QTDIR, QTFILE, QTSYMLINK,
                      READ_REPLY, REQUEST_MAX, TREAD, TREADDIR, WRITE_HEADER, XATTR_HELD_MAX,
@@ -64,7 +64,7 @@ class OpenFiles:
             raise P9Error(errno.ELOOP)
         elif not stat.S_ISREG(st.st_mode):
             raise P9Error(errno.EACCES)      # FIFOs and device nodes are not served
-        fd = os.open(proc(fid.path_fd), host)
+        fd = reopen(fid.path_fd, host)
         if not os.path.samestat(os.fstat(fd), st):
             os.close(fd)
             raise P9Error(errno.EAGAIN)
