@@ -15,7 +15,7 @@ import time
 import pytest
 
 from avatar_hw.backends import p9fs as p
-from avatar_hw.backends.p9wire import DOTL_TRUNC
+from avatar_hw.backends.p9wire import DOTL_APPEND, DOTL_CREATE, DOTL_EXCL, DOTL_TRUNC
 from avatar_hw.config import load_config
 from avatar_hw.devices.p9 import F_MOUNT_TAG, P9Device
 from avatar_hw.errors import ConfigError
@@ -694,6 +694,29 @@ def test_special_files_are_not_created_or_opened(fs, share):
     assert errno_of(fs.lopen, 2) == errno.EACCES                     # would block the daemon
 
 
+def test_lcreate_without_excl_opens_the_regular_file_already_there(fs, share):
+    """Linux sends Tlcreate without P9_DOTL_EXCL for open(O_CREAT) over a name it thinks
+    missing (a cached negative dentry): a regular file the host made there since is opened,
+    as QEMU does (a guest's ``echo >> file`` appends), and keeps its mode; with DOTL_EXCL it
+    is EEXIST. A directory is EISDIR, a symlink ELOOP, a FIFO EACCES (never opened)."""
+    (share / "log.txt").write_text("host line\n")
+    os.chmod(share / "log.txt", 0o640)
+    assert errno_of(fs.lcreate, ROOT_FID, "log.txt", flags=2 | DOTL_CREATE | DOTL_EXCL) \
+        == errno.EEXIST
+    fs.walk(ROOT_FID, 2)
+    fs.lcreate(2, "log.txt", flags=2 | DOTL_APPEND | DOTL_CREATE, mode=0o600)
+    fs.write(2, 0, b"guest line\n")
+    assert (share / "log.txt").read_text() == "host line\nguest line\n"
+    assert (share / "log.txt").stat().st_mode & 0o7777 == 0o640
+    assert fs.getattr(2)["qid"][2] == (share / "log.txt").stat().st_ino
+    os.mkfifo(share / "fifo")
+    os.symlink("log.txt", share / "link")
+    for name, code in (("sub", errno.EISDIR), ("link", errno.ELOOP), ("fifo", errno.EACCES)):
+        fs.walk(ROOT_FID, 3)
+        assert errno_of(fs.lcreate, 3, name, flags=DOTL_CREATE) == code, name
+        fs.clunk(3)
+
+
 @contextlib.contextmanager
 def read_lease(path):
     """Another process holding a read lease on ``path`` (F_SETLEASE, as Samba's kernel
@@ -722,6 +745,8 @@ def test_a_host_lease_never_blocks_the_daemon(fs, share):
         assert errno_of(fs.lopen, 2, 1) == errno.EAGAIN
         assert errno_of(fs.lopen, 2, 2 | DOTL_TRUNC) == errno.EAGAIN
         assert errno_of(fs.setattr, 2, p.SA_SIZE, size=3) == errno.EAGAIN
+        fs.walk(ROOT_FID, 3)
+        assert errno_of(fs.lcreate, 3, "hello.txt", flags=1 | DOTL_CREATE) == errno.EAGAIN
         assert time.monotonic() - start < 10                  # not the lease-break-time
         fs.lopen(2)
         assert fs.read(2, 0, 100) == b"hello from the host\n"
