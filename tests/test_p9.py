@@ -908,6 +908,31 @@ def test_none_never_makes_setuid_files_of_the_daemon(make, share):
     assert os.stat(share / "f").st_mode & 0o7777 == 0o711
 
 
+@pytest.mark.parametrize("model", [
+    "none", "mapped-xattr",
+    pytest.param("passthrough", marks=pytest.mark.skipif(
+        os.geteuid() != 0, reason="passthrough chowns files: needs root"))])
+def test_the_daemons_umask_never_cuts_a_new_files_mode(make, share, model):
+    """A new file or directory gets the guest's mode (the guest applied its own umask),
+    set again after it is created, as QEMU does: not less the daemon's umask (mkdir -m 777
+    gave 0755); mapped-xattr's host modes are 0600 and 0700 whatever the umask."""
+    client = make(security_model=model)
+    client.version()
+    client.attach(uid=os.geteuid())
+    umask = os.umask(0o277)
+    try:
+        client.mkdir(ROOT_FID, "d", mode=0o777, gid=os.getegid())
+        client.walk(ROOT_FID, 2)
+        client.lcreate(2, "f", mode=0o666, gid=os.getegid())
+    finally:
+        os.umask(umask)
+    host = (0o700, 0o600) if model == "mapped-xattr" else (0o777, 0o666)
+    assert tuple((share / name).stat().st_mode & 0o7777 for name in ("d", "f")) == host
+    client.walk(ROOT_FID, 3, "d")
+    assert (client.getattr(3)["mode"] & 0o7777, client.getattr(2)["mode"] & 0o7777) == \
+        (0o777, 0o666)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="passthrough chowns files: needs root")
 @pytest.mark.parametrize("mode", [0o640, 0o6755])
 def test_passthrough_chowns_as_the_guest_says(make, share, mode):

@@ -170,12 +170,15 @@ class Folder:
     # -- owners ------------------------------------------------------------------------------------
 
     def owned(self, fd, st, uid, gid, mode):
-        """Record a new file's guest owner and mode as the security model says."""
+        """Record a new file's guest owner and mode as the security model says. The mode
+        bits are set again after the creation (but a symlink's), as QEMU does: the
+        daemon's umask does not cut them, and a chown clears setuid and setgid."""
         if self.model == "passthrough":
             fchown_empty(fd, uid, gid)
-            if mode & 0o6000 and not stat.S_ISLNK(st.st_mode):
-                os.chmod(proc(fd), mode & 0o7777)       # a chown clears setuid and setgid
-        elif self.model == "mapped-xattr" and not stat.S_ISLNK(st.st_mode):
+        if stat.S_ISLNK(st.st_mode):
+            return
+        os.chmod(proc(fd), self.create_mode(mode, stat.S_ISDIR(st.st_mode)))
+        if self.model == "mapped-xattr":
             for key, value in ((XATTR_UID, uid), (XATTR_GID, gid), (XATTR_MODE, mode & 0o7777)):
                 os.setxattr(proc(fd), key, struct.pack("<I", value))
 
