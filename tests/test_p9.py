@@ -461,6 +461,24 @@ def test_user_xattrs_round_trip(fs, share):
         errno.ENODATA
 
 
+
+def test_an_xattr_written_with_size_0_is_removed(fs, share):
+    """Linux's removexattr(2) is Txattrcreate of size 0 with XATTR_REPLACE, then Tclunk:
+    the xattr is removed (it was left there, empty), whatever the flags, as QEMU's
+    v9fs_xattr_fid_clunk does; a missing one is ENODATA, as removexattr(2) answers, and
+    the fid is clunked all the same."""
+    for flags in (2, 0):                                   # XATTR_REPLACE, none
+        os.setxattr(share / "hello.txt", "user.note", b"abc")
+        fs.walk(ROOT_FID, 2, "hello.txt")
+        fs.rpc(p.TXATTRCREATE, struct.pack("<I", 2) + s("user.note") + struct.pack("<QI", 0,
+                                                                                     flags))
+        fs.clunk(2)
+        assert "user.note" not in os.listxattr(share / "hello.txt")
+    fs.walk(ROOT_FID, 3, "hello.txt")
+    fs.rpc(p.TXATTRCREATE, struct.pack("<I", 3) + s("user.note") + struct.pack("<QI", 0, 2))
+    assert errno_of(fs.clunk, 3) == errno.ENODATA
+    assert errno_of(fs.getattr, 3) == errno.EBADF
+
 @pytest.mark.parametrize("model", ["none", "mapped-xattr"])
 def test_only_user_xattrs_and_mapped_acls_reach_the_host(make, share, model):
     """security.* and trusted.* are never the guest's (a file capability on a file of a daemon

@@ -280,11 +280,7 @@ class OpenFiles:
             raise P9Error(errno.EINVAL)
         if stat.S_ISLNK(os.fstat(fid.path_fd).st_mode):
             raise P9Error(errno.EPERM)
-        if fid.xattr_size == 0 and fid.xattr_flags == 0:
-            try:
-                os.removexattr(proc(fid.path_fd), fid.xattr_name)
-            except OSError as err:
-                if err.errno != errno.ENODATA:
-                    raise
+        if fid.xattr_size == 0:     # removexattr(2): size 0, XATTR_REPLACE; any flags (QEMU)
+            os.removexattr(proc(fid.path_fd), fid.xattr_name)
             return
         os.setxattr(proc(fid.path_fd), fid.xattr_name, bytes(fid.xattr), fid.xattr_flags)
