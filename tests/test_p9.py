@@ -435,6 +435,24 @@ def test_setattr_truncates_and_changes_mode_and_times(fs, share):
     assert (share / "hello.txt").stat().st_mtime_ns == 1000000 * 10**9 + 5
 
 
+def test_setattr_nanoseconds_out_of_range_are_einval(fs, share):
+    """A time given with 10^9 nanoseconds or more is EINVAL, as utimensat answers (QEMU
+    passes them to it), not folded into the seconds; nothing of the request is done. The
+    nanoseconds of a time not given (set to now, or left) are not looked at."""
+    fs.walk(ROOT_FID, 2, "hello.txt")
+    before = (share / "hello.txt").stat()
+    for valid, atime_ns, mtime_ns in ((p.SA_MTIME | p.SA_MTIME_SET, 0, 5 * 10**9),
+                                      (p.SA_ATIME | p.SA_ATIME_SET, 10**9, 0)):
+        body = struct.pack("<IIIIIQqQqQ", 2, valid | p.SA_SIZE, 0, 0, 0, 1, 0, atime_ns, 100,
+                           mtime_ns)
+        assert errno_of(fs.rpc, p.TSETATTR, body) == errno.EINVAL
+    after = (share / "hello.txt").stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_atime_ns) == \
+        (before.st_size, before.st_mtime_ns, before.st_atime_ns)
+    os.utime(share / "hello.txt", ns=(0, 0))
+    fs.rpc(p.TSETATTR, struct.pack("<IIIIIQqQqQ", 2, p.SA_MTIME, 0, 0, 0, 0, 0, 0, 0, 10**12))
+    assert (share / "hello.txt").stat().st_mtime_ns > 10**18                  # now
+
 def test_times_before_1970_go_both_ways(fs, share):
     """9P2000.L's seconds are u64 that Linux reads and writes as a signed time64_t: a host
     file from before 1970 is reported in two's complement (not an internal error), and a

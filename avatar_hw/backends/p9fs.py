@@ -399,6 +399,10 @@ class P9Server(OpenFiles):
         atime_s, atime_ns, mtime_s, mtime_ns = r.take("qQqQ")     # seconds are signed
         fid = self.fid(fid_no)
         self.writes()
+        for given, nsec in ((SA_ATIME | SA_ATIME_SET, atime_ns),
+                            (SA_MTIME | SA_MTIME_SET, mtime_ns)):
+            if valid & given == given and nsec >= 10**9:
+                raise P9Error(errno.EINVAL)          # as utimensat, before anything changes
         st = self.stat_of(fid)
         fd, link = fid.path_fd, stat.S_ISLNK(st.st_mode)
         if valid & SA_SIZE:
