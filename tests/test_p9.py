@@ -820,6 +820,32 @@ def test_huge_counts_are_clipped_to_msize_and_the_buffers(fs, share):
     assert errno_of(fs.read, 2, 2**64 - 1, 10) == errno.EINVAL
 
 
+def test_a_reply_that_cannot_fit_is_erange_before_the_request_acts(fs, share):
+    """A chain whose writable bytes cannot hold its request's largest reply gets Rlerror
+    ERANGE and the request is not done (it was, and the guest was told it failed): no file
+    or directory made, the Tlcreate's fid still the directory, no fid walked, no fid
+    clunked by Tversion. Exactly the largest reply's room is enough: an Rwalk's is a qid
+    per name, all Linux gives it."""
+    def answer(kind, body, room):
+        used = fs.raw(struct.pack("<IBH", 7 + len(body), kind, 9) + body, reply=room)
+        return used.data[4], struct.unpack_from("<I", used.data, 7)[0]
+    erange = (p.TLERROR + 1, errno.ERANGE)
+    fs.walk(ROOT_FID, 2)
+    lcreate = struct.pack("<I", 2) + s("made") + struct.pack("<III", 2, 0o644, 0)
+    assert answer(p.TLCREATE, lcreate, 7 + 13 + 4 - 1) == erange
+    assert answer(p.TMKDIR, struct.pack("<I", 2) + s("dd") + struct.pack("<II", 0o755, 0),
+                  16) == erange
+    walk = struct.pack("<IIH", ROOT_FID, 3, 1) + s("sub")
+    assert answer(p.TWALK, walk, 7 + 2 + 13 - 1) == erange
+    assert answer(p.TVERSION, struct.pack("<I", 8192) + s("9P2000.L"), 16) == erange
+    assert sorted(os.listdir(share)) == ["hello.txt", "sub"]
+    assert errno_of(fs.getattr, 3) == errno.EBADF
+    assert fs.getattr(2)["qid"][0] == p.QTDIR
+    assert answer(p.TLCREATE, lcreate, 7 + 13 + 4)[0] == p.TLCREATE + 1
+    assert (share / "made").is_file()
+    assert answer(p.TWALK, walk, 7 + 2 + 13)[0] == p.TWALK + 1       # Linux's room for it
+    assert fs.getattr(3)["qid"][0] == p.QTDIR
+
 def test_chains_too_short_for_a_reply_are_returned_empty(fs):
     assert fs.raw(b"\x07\x00").length == 0
     assert fs.raw(struct.pack("<IBHI", 11, p.TCLUNK, 1, 999), reply=8).length == 0

@@ -32,7 +32,7 @@ from .p9wire import (AT_REMOVEDIR_DOTL, GETATTR, GETATTR_BASIC, HEADER, MAX_WALK
                      TLERROR, TLINK, TLOCK, TLOPEN, TMKDIR, TMKNOD, TREAD, TREADDIR, TREADLINK,
                      TREMOVE, TRENAME, TRENAMEAT, TSETATTR, TSTATFS, TSYMLINK, TUNLINKAT,
                      TVERSION, TWALK, TWRITE, TXATTRCREATE, TXATTRWALK, V9FS_MAGIC,
-                     WRITE_HEADER, P9Error, Reader, name_ok, pstr, wire_time)
+                     WRITE_HEADER, P9Error, Reader, name_ok, pstr, reply_max, wire_time)
 from .p9wire import XATTR_HELD_MAX, XATTR_MAX  # noqa: F401 (the limits, named with the server)
 
 QID_INO_BITS = 48              # a qid path: 16-bit prefix per (device, inode >> 48), 48 inode bits
@@ -114,9 +114,12 @@ class P9Server(OpenFiles):
             else:
                 if size > REQUEST_MAX:
                     raise P9Error(errno.EPROTO)
-                gather(readable, memoryview(head)[:size])
+                message = memoryview(head)[:size]
+                gather(readable, message)
+                if writable_len < reply_max(kind, message):
+                    raise P9Error(errno.ERANGE)                # refused before it acts
                 handler = self.handlers.get(kind, self.unsupported)
-                reply = handler(Reader(memoryview(head)[HEADER.size:size]))
+                reply = handler(Reader(message[HEADER.size:]))
         except P9Error as err:
             return self._reply_error(writable, tag, err.errno), err.errno
         except OSError as err:
@@ -128,7 +131,7 @@ class P9Server(OpenFiles):
             self.bug = err
             return self._reply_error(writable, tag, errno.EIO), errno.EIO
         out = HEADER.pack(HEADER.size + len(reply), kind + 1, tag) + reply
-        if len(out) > writable_len:
+        if len(out) > writable_len:                 # Rreadlink, Rgetlock: they acted on nothing
             return self._reply_error(writable, tag, errno.ERANGE), errno.ERANGE
         return scatter(out, writable), 0
 
