@@ -2,15 +2,20 @@
 escape attempts (``..``, symlinks, a directory swapped for a symlink, absolute and long
 names), malformed messages and the security models."""
 
+import contextlib
 import errno
 import hashlib
 import os
 import random
 import struct
+import subprocess
+import sys
+import time
 
 import pytest
 
 from avatar_hw.backends import p9fs as p
+from avatar_hw.backends.p9wire import DOTL_APPEND, DOTL_CREATE, DOTL_EXCL, DOTL_TRUNC
 from avatar_hw.config import load_config
 from avatar_hw.devices.p9 import F_MOUNT_TAG, P9Device
 from avatar_hw.errors import ConfigError
@@ -21,6 +26,18 @@ from patching import this_thread_only
 
 SLOT = 64 << 10
 ROOT_FID = 1
+LEASE_HOLDER = """
+import fcntl, os, signal, sys, time
+signal.signal(signal.SIGIO, signal.SIG_IGN)             # told of the break, never gives it back
+fd = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+except OSError as err:
+    print(err.strerror, flush=True)
+    sys.exit()
+print("lease", flush=True)
+time.sleep(600)
+"""
 
 
 class Rlerror(Exception):
@@ -418,6 +435,24 @@ def test_setattr_truncates_and_changes_mode_and_times(fs, share):
     assert (share / "hello.txt").stat().st_mtime_ns == 1000000 * 10**9 + 5
 
 
+def test_setattr_nanoseconds_out_of_range_are_einval(fs, share):
+    """A time given with 10^9 nanoseconds or more is EINVAL, as utimensat answers (QEMU
+    passes them to it), not folded into the seconds; nothing of the request is done. The
+    nanoseconds of a time not given (set to now, or left) are not looked at."""
+    fs.walk(ROOT_FID, 2, "hello.txt")
+    before = (share / "hello.txt").stat()
+    for valid, atime_ns, mtime_ns in ((p.SA_MTIME | p.SA_MTIME_SET, 0, 5 * 10**9),
+                                      (p.SA_ATIME | p.SA_ATIME_SET, 10**9, 0)):
+        body = struct.pack("<IIIIIQqQqQ", 2, valid | p.SA_SIZE, 0, 0, 0, 1, 0, atime_ns, 100,
+                           mtime_ns)
+        assert errno_of(fs.rpc, p.TSETATTR, body) == errno.EINVAL
+    after = (share / "hello.txt").stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_atime_ns) == \
+        (before.st_size, before.st_mtime_ns, before.st_atime_ns)
+    os.utime(share / "hello.txt", ns=(0, 0))
+    fs.rpc(p.TSETATTR, struct.pack("<IIIIIQqQqQ", 2, p.SA_MTIME, 0, 0, 0, 0, 0, 0, 0, 10**12))
+    assert (share / "hello.txt").stat().st_mtime_ns > 10**18                  # now
+
 def test_times_before_1970_go_both_ways(fs, share):
     """9P2000.L's seconds are u64 that Linux reads and writes as a signed time64_t: a host
     file from before 1970 is reported in two's complement (not an internal error), and a
@@ -443,6 +478,24 @@ def test_user_xattrs_round_trip(fs, share):
     assert errno_of(fs.rpc, p.TXATTRWALK, struct.pack("<II", 3, 5) + s("user.none")) == \
         errno.ENODATA
 
+
+
+def test_an_xattr_written_with_size_0_is_removed(fs, share):
+    """Linux's removexattr(2) is Txattrcreate of size 0 with XATTR_REPLACE, then Tclunk:
+    the xattr is removed (it was left there, empty), whatever the flags, as QEMU's
+    v9fs_xattr_fid_clunk does; a missing one is ENODATA, as removexattr(2) answers, and
+    the fid is clunked all the same."""
+    for flags in (2, 0):                                   # XATTR_REPLACE, none
+        os.setxattr(share / "hello.txt", "user.note", b"abc")
+        fs.walk(ROOT_FID, 2, "hello.txt")
+        fs.rpc(p.TXATTRCREATE, struct.pack("<I", 2) + s("user.note") + struct.pack("<QI", 0,
+                                                                                     flags))
+        fs.clunk(2)
+        assert "user.note" not in os.listxattr(share / "hello.txt")
+    fs.walk(ROOT_FID, 3, "hello.txt")
+    fs.rpc(p.TXATTRCREATE, struct.pack("<I", 3) + s("user.note") + struct.pack("<QI", 0, 2))
+    assert errno_of(fs.clunk, 3) == errno.ENODATA
+    assert errno_of(fs.getattr, 3) == errno.EBADF
 
 @pytest.mark.parametrize("model", ["none", "mapped-xattr"])
 def test_only_user_xattrs_and_mapped_acls_reach_the_host(make, share, model):
@@ -677,6 +730,64 @@ def test_special_files_are_not_created_or_opened(fs, share):
     assert errno_of(fs.lopen, 2) == errno.EACCES                     # would block the daemon
 
 
+def test_lcreate_without_excl_opens_the_regular_file_already_there(fs, share):
+    """Linux sends Tlcreate without P9_DOTL_EXCL for open(O_CREAT) over a name it thinks
+    missing (a cached negative dentry): a regular file the host made there since is opened,
+    as QEMU does (a guest's ``echo >> file`` appends), and keeps its mode; with DOTL_EXCL it
+    is EEXIST. A directory is EISDIR, a symlink ELOOP, a FIFO EACCES (never opened)."""
+    (share / "log.txt").write_text("host line\n")
+    os.chmod(share / "log.txt", 0o640)
+    assert errno_of(fs.lcreate, ROOT_FID, "log.txt", flags=2 | DOTL_CREATE | DOTL_EXCL) \
+        == errno.EEXIST
+    fs.walk(ROOT_FID, 2)
+    fs.lcreate(2, "log.txt", flags=2 | DOTL_APPEND | DOTL_CREATE, mode=0o600)
+    fs.write(2, 0, b"guest line\n")
+    assert (share / "log.txt").read_text() == "host line\nguest line\n"
+    assert (share / "log.txt").stat().st_mode & 0o7777 == 0o640
+    assert fs.getattr(2)["qid"][2] == (share / "log.txt").stat().st_ino
+    os.mkfifo(share / "fifo")
+    os.symlink("log.txt", share / "link")
+    for name, code in (("sub", errno.EISDIR), ("link", errno.ELOOP), ("fifo", errno.EACCES)):
+        fs.walk(ROOT_FID, 3)
+        assert errno_of(fs.lcreate, 3, name, flags=DOTL_CREATE) == code, name
+        fs.clunk(3)
+
+
+@contextlib.contextmanager
+def read_lease(path):
+    """Another process holding a read lease on ``path`` (F_SETLEASE, as Samba's kernel
+    oplocks take) that it never gives back; skipped where leases cannot be taken."""
+    holder = subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, str(path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        said = holder.stdout.readline().strip()
+        if said != "lease":
+            pytest.skip(f"no file lease on {path}: {said or 'the holder died'}")
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_a_host_lease_never_blocks_the_daemon(fs, share):
+    """A file under a host process's lease is opened for writing or truncated only once the
+    lease is broken: the kernel would hold the daemon, and every VM, for the lease-break-time
+    (45 s). The request is answered EAGAIN at once, as QEMU's (O_NONBLOCK); the file is left
+    as it was, and reading (which breaks no read lease) works."""
+    fs.walk(ROOT_FID, 2, "hello.txt")
+    with read_lease(share / "hello.txt"):
+        start = time.monotonic()
+        assert errno_of(fs.lopen, 2, 1) == errno.EAGAIN
+        assert errno_of(fs.lopen, 2, 2 | DOTL_TRUNC) == errno.EAGAIN
+        assert errno_of(fs.setattr, 2, p.SA_SIZE, size=3) == errno.EAGAIN
+        fs.walk(ROOT_FID, 3)
+        assert errno_of(fs.lcreate, 3, "hello.txt", flags=1 | DOTL_CREATE) == errno.EAGAIN
+        assert time.monotonic() - start < 10                  # not the lease-break-time
+        fs.lopen(2)
+        assert fs.read(2, 0, 100) == b"hello from the host\n"
+
+
 # -- malformed messages and bounds ------------------------------------------------------------
 
 def test_malformed_messages_get_rlerror(fs):
@@ -708,6 +819,32 @@ def test_huge_counts_are_clipped_to_msize_and_the_buffers(fs, share):
     assert len(fs.read(2, 2**62, 10)) == 0
     assert errno_of(fs.read, 2, 2**64 - 1, 10) == errno.EINVAL
 
+
+def test_a_reply_that_cannot_fit_is_erange_before_the_request_acts(fs, share):
+    """A chain whose writable bytes cannot hold its request's largest reply gets Rlerror
+    ERANGE and the request is not done (it was, and the guest was told it failed): no file
+    or directory made, the Tlcreate's fid still the directory, no fid walked, no fid
+    clunked by Tversion. Exactly the largest reply's room is enough: an Rwalk's is a qid
+    per name, all Linux gives it."""
+    def answer(kind, body, room):
+        used = fs.raw(struct.pack("<IBH", 7 + len(body), kind, 9) + body, reply=room)
+        return used.data[4], struct.unpack_from("<I", used.data, 7)[0]
+    erange = (p.TLERROR + 1, errno.ERANGE)
+    fs.walk(ROOT_FID, 2)
+    lcreate = struct.pack("<I", 2) + s("made") + struct.pack("<III", 2, 0o644, 0)
+    assert answer(p.TLCREATE, lcreate, 7 + 13 + 4 - 1) == erange
+    assert answer(p.TMKDIR, struct.pack("<I", 2) + s("dd") + struct.pack("<II", 0o755, 0),
+                  16) == erange
+    walk = struct.pack("<IIH", ROOT_FID, 3, 1) + s("sub")
+    assert answer(p.TWALK, walk, 7 + 2 + 13 - 1) == erange
+    assert answer(p.TVERSION, struct.pack("<I", 8192) + s("9P2000.L"), 16) == erange
+    assert sorted(os.listdir(share)) == ["hello.txt", "sub"]
+    assert errno_of(fs.getattr, 3) == errno.EBADF
+    assert fs.getattr(2)["qid"][0] == p.QTDIR
+    assert answer(p.TLCREATE, lcreate, 7 + 13 + 4)[0] == p.TLCREATE + 1
+    assert (share / "made").is_file()
+    assert answer(p.TWALK, walk, 7 + 2 + 13)[0] == p.TWALK + 1       # Linux's room for it
+    assert fs.getattr(3)["qid"][0] == p.QTDIR
 
 def test_chains_too_short_for_a_reply_are_returned_empty(fs):
     assert fs.raw(b"\x07\x00").length == 0
@@ -831,6 +968,31 @@ def test_none_never_makes_setuid_files_of_the_daemon(make, share):
     assert os.stat(share / "f").st_mode & 0o7777 == 0o755
     client.setattr(ROOT_FID, p.SA_MODE, mode=0o4711)
     assert os.stat(share / "f").st_mode & 0o7777 == 0o711
+
+
+@pytest.mark.parametrize("model", [
+    "none", "mapped-xattr",
+    pytest.param("passthrough", marks=pytest.mark.skipif(
+        os.geteuid() != 0, reason="passthrough chowns files: needs root"))])
+def test_the_daemons_umask_never_cuts_a_new_files_mode(make, share, model):
+    """A new file or directory gets the guest's mode (the guest applied its own umask),
+    set again after it is created, as QEMU does: not less the daemon's umask (mkdir -m 777
+    gave 0755); mapped-xattr's host modes are 0600 and 0700 whatever the umask."""
+    client = make(security_model=model)
+    client.version()
+    client.attach(uid=os.geteuid())
+    umask = os.umask(0o277)
+    try:
+        client.mkdir(ROOT_FID, "d", mode=0o777, gid=os.getegid())
+        client.walk(ROOT_FID, 2)
+        client.lcreate(2, "f", mode=0o666, gid=os.getegid())
+    finally:
+        os.umask(umask)
+    host = (0o700, 0o600) if model == "mapped-xattr" else (0o777, 0o666)
+    assert tuple((share / name).stat().st_mode & 0o7777 for name in ("d", "f")) == host
+    client.walk(ROOT_FID, 3, "d")
+    assert (client.getattr(3)["mode"] & 0o7777, client.getattr(2)["mode"] & 0o7777) == \
+        (0o777, 0o666)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="passthrough chowns files: needs root")

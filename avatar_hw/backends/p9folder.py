@@ -19,7 +19,8 @@ Confinement:
   lead up to the root (``beneath_root``: not in one the host moved out);
 * opening for I/O reopens the pinned inode through ``/proc/self/fd`` (what
   virtiofsd does), only for regular files and directories (a symlink, FIFO or
-  device node is never opened: EACCES / ELOOP); ``mknod`` is refused (EPERM).
+  device node is never opened: EACCES / ELOOP), never waiting (``reopen``);
+  ``mknod`` is refused (EPERM).
 
 Ownership (``security_model``, as QEMU's): ``passthrough`` chowns files to the
 guest's uid/gid (needs root); ``mapped-xattr`` creates files as the daemon
@@ -33,6 +34,7 @@ cannot see or set); ``none`` ignores ownership changes and reports what the host
 
 import ctypes
 import errno
+import fcntl
 import os
 import platform
 import stat
@@ -65,6 +67,21 @@ def getdents(fd, buffer, length):
 
 def proc(fd):
     return f"/proc/self/fd/{fd}"
+
+
+def reopen(fd, flags):
+    """What the O_PATH ``fd`` pins (a regular file or a directory), opened with ``flags``
+    without waiting: an open or truncation that must break a host process's lease (Samba's
+    kernel oplocks: F_SETLEASE) would block the daemon for the lease-break-time (45 s);
+    with O_NONBLOCK it fails at once, EAGAIN (EWOULDBLOCK), and the lease holder is told.
+    O_NONBLOCK is cleared once open, as QEMU's ``openat_file`` does."""
+    opened = os.open(proc(fd), flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(opened, fcntl.F_SETFL, fcntl.fcntl(opened, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(opened)
+        raise
+    return opened
 
 
 class Folder:
@@ -153,12 +170,15 @@ class Folder:
     # -- owners ------------------------------------------------------------------------------------
 
     def owned(self, fd, st, uid, gid, mode):
-        """Record a new file's guest owner and mode as the security model says."""
+        """Record a new file's guest owner and mode as the security model says. The mode
+        bits are set again after the creation (but a symlink's), as QEMU does: the
+        daemon's umask does not cut them, and a chown clears setuid and setgid."""
         if self.model == "passthrough":
             fchown_empty(fd, uid, gid)
-            if mode & 0o6000 and not stat.S_ISLNK(st.st_mode):
-                os.chmod(proc(fd), mode & 0o7777)       # a chown clears setuid and setgid
-        elif self.model == "mapped-xattr" and not stat.S_ISLNK(st.st_mode):
+        if stat.S_ISLNK(st.st_mode):
+            return
+        os.chmod(proc(fd), self.create_mode(mode, stat.S_ISDIR(st.st_mode)))
+        if self.model == "mapped-xattr":
             for key, value in ((XATTR_UID, uid), (XATTR_GID, gid), (XATTR_MODE, mode & 0o7777)):
                 os.setxattr(proc(fd), key, struct.pack("<I", value))
 

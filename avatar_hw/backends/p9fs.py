@@ -23,7 +23,7 @@ import struct
 import time
 
 from ..virtio.buffers import gather, scatter
-from .p9folder import MODELS, Folder, proc  # noqa: F401 (MODELS: the device's)
+from .p9folder import MODELS, Folder, proc, reopen  # noqa: F401 (MODELS: the device's)
 from .p9io import OpenFiles
 from .p9wire import (AT_REMOVEDIR_DOTL, GETATTR, GETATTR_BASIC, HEADER, MAX_WALK, MSIZE_MAX,
                      MSIZE_MIN, QID, QTDIR, QTFILE, QTSYMLINK, REQUEST_MAX, SA_ATIME,
@@ -32,7 +32,7 @@ from .p9wire import (AT_REMOVEDIR_DOTL, GETATTR, GETATTR_BASIC, HEADER, MAX_WALK
                      TLERROR, TLINK, TLOCK, TLOPEN, TMKDIR, TMKNOD, TREAD, TREADDIR, TREADLINK,
                      TREMOVE, TRENAME, TRENAMEAT, TSETATTR, TSTATFS, TSYMLINK, TUNLINKAT,
                      TVERSION, TWALK, TWRITE, TXATTRCREATE, TXATTRWALK, V9FS_MAGIC,
-                     WRITE_HEADER, P9Error, Reader, name_ok, pstr, wire_time)
+                     WRITE_HEADER, P9Error, Reader, name_ok, pstr, reply_max, wire_time)
 from .p9wire import XATTR_HELD_MAX, XATTR_MAX  # noqa: F401 (the limits, named with the server)
 
 QID_INO_BITS = 48              # a qid path: 16-bit prefix per (device, inode >> 48), 48 inode bits
@@ -114,9 +114,12 @@ class P9Server(OpenFiles):
             else:
                 if size > REQUEST_MAX:
                     raise P9Error(errno.EPROTO)
-                gather(readable, memoryview(head)[:size])
+                message = memoryview(head)[:size]
+                gather(readable, message)
+                if writable_len < reply_max(kind, message):
+                    raise P9Error(errno.ERANGE)                # refused before it acts
                 handler = self.handlers.get(kind, self.unsupported)
-                reply = handler(Reader(memoryview(head)[HEADER.size:size]))
+                reply = handler(Reader(message[HEADER.size:]))
         except P9Error as err:
             return self._reply_error(writable, tag, err.errno), err.errno
         except OSError as err:
@@ -128,7 +131,7 @@ class P9Server(OpenFiles):
             self.bug = err
             return self._reply_error(writable, tag, errno.EIO), errno.EIO
         out = HEADER.pack(HEADER.size + len(reply), kind + 1, tag) + reply
-        if len(out) > writable_len:
+        if len(out) > writable_len:                 # Rreadlink, Rgetlock: they acted on nothing
             return self._reply_error(writable, tag, errno.ERANGE), errno.ERANGE
         return scatter(out, writable), 0
 
@@ -399,12 +402,20 @@ class P9Server(OpenFiles):
         atime_s, atime_ns, mtime_s, mtime_ns = r.take("qQqQ")     # seconds are signed
         fid = self.fid(fid_no)
         self.writes()
+        for given, nsec in ((SA_ATIME | SA_ATIME_SET, atime_ns),
+                            (SA_MTIME | SA_MTIME_SET, mtime_ns)):
+            if valid & given == given and nsec >= 10**9:
+                raise P9Error(errno.EINVAL)          # as utimensat, before anything changes
         st = self.stat_of(fid)
         fd, link = fid.path_fd, stat.S_ISLNK(st.st_mode)
         if valid & SA_SIZE:
             if not stat.S_ISREG(st.st_mode):
                 raise P9Error(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL)
-            os.truncate(proc(fd), size)
+            opened = reopen(fd, os.O_WRONLY)         # not a path: no wait on a lease
+            try:
+                os.ftruncate(opened, size)
+            finally:
+                os.close(opened)
         if valid & SA_MODE:
             if link:
                 raise P9Error(errno.EOPNOTSUPP)

@@ -14,11 +14,11 @@ import stat
 import struct
 
 from ..virtio.buffers import scatter, scatter_at, skip, transfer, truncate
-from .p9folder import getdents, proc
+from .p9folder import getdents, proc, reopen
 from .p9wire import (DIRENT, DIRENT64, DIRENT64_MAX, DOTL_ACCMODE, DOTL_APPEND, DOTL_DSYNC,
-                     DOTL_SYNC, DOTL_TRUNC, IOHDR, MSIZE_MAX, NAME_MAX, QTDIR, QTFILE, QTSYMLINK,
-                     READ_REPLY, REQUEST_MAX, TREAD, TREADDIR, WRITE_HEADER, XATTR_HELD_MAX,
-                     XATTR_MAX, P9Error, name_ok)
+                     DOTL_EXCL, DOTL_SYNC, DOTL_TRUNC, IOHDR, MSIZE_MAX, NAME_MAX, QTDIR, QTFILE,
+                     QTSYMLINK, READ_REPLY, REQUEST_MAX, TREAD, TREADDIR, WRITE_HEADER,
+                     XATTR_HELD_MAX, XATTR_MAX, P9Error, name_ok)
 
 _NO_VIEW = memoryview(b"")          # readdir's position past the guest's last buffer
 
@@ -49,29 +49,37 @@ class OpenFiles:
                 host |= bit
         return host, acc != os.O_RDONLY
 
+    def _open_pinned(self, path_fd, flags):
+        """(descriptor, stat, writable) of what the O_PATH ``path_fd`` pins, opened for
+        Tlopen's or Tlcreate's ``flags``: a regular file, or a directory read only; a symlink
+        is ELOOP, a FIFO or device node EACCES (never opened, so never waited on)."""
+        st = os.fstat(path_fd)
+        host, writable = self._open_flags(flags)
+        if stat.S_ISDIR(st.st_mode):
+            if writable:
+                raise P9Error(errno.EISDIR)
+            host = os.O_RDONLY | os.O_DIRECTORY
+        elif stat.S_ISLNK(st.st_mode):
+            raise P9Error(errno.ELOOP)
+        elif not stat.S_ISREG(st.st_mode):
+            raise P9Error(errno.EACCES)      # FIFOs and device nodes are not served
+        fd = reopen(path_fd, host)
+        if not os.path.samestat(os.fstat(fd), st):
+            os.close(fd)
+            raise P9Error(errno.EAGAIN)
+        return fd, st, writable
+
     def lopen(self, r):
         fid_no, flags = r.take("II")
         fid = self.fid(fid_no)
         if fid.open_fd is not None or fid.xattr is not None:
             raise P9Error(errno.EBADF)
-        st = self.stat_of(fid)
-        host, writable = self._open_flags(flags)
-        if stat.S_ISDIR(st.st_mode):
-            if writable:
-                raise P9Error(errno.EISDIR)
-            host = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-        elif stat.S_ISLNK(st.st_mode):
-            raise P9Error(errno.ELOOP)
-        elif not stat.S_ISREG(st.st_mode):
-            raise P9Error(errno.EACCES)      # FIFOs and device nodes are not served
-        fd = os.open(proc(fid.path_fd), host)
-        if not os.path.samestat(os.fstat(fd), st):
-            os.close(fd)
-            raise P9Error(errno.EAGAIN)
-        fid.open_fd, fid.writable = fd, writable
+        fid.open_fd, st, fid.writable = self._open_pinned(fid.path_fd, flags)
         return self.qid(st) + struct.pack("<I", 0)
 
     def lcreate(self, r):
+        """Tlcreate: create and open ``name``; without P9_DOTL_EXCL (Linux's open(O_CREAT)
+        over a name it thought missing) a regular file already there is opened instead."""
         fid_no, name, flags, mode, gid = r.take("I"), r.string(), *r.take("III")
         fid = self.fid(fid_no)
         name_ok(name)
@@ -79,6 +87,20 @@ class OpenFiles:
             raise P9Error(errno.EBADF)
         self.writes()
         self.under_root(fid)
+        try:
+            path_fd, fd, st, writable = self._create(fid, name, flags, mode, gid)
+        except FileExistsError:
+            if flags & DOTL_EXCL:
+                raise
+            path_fd, fd, st, writable = self._open_existing(fid, name, flags)
+        os.close(fid.path_fd)                 # the fid now stands for the open file
+        fid.path_fd, fid.open_fd, fid.writable = path_fd, fd, writable
+        return self.qid(st) + struct.pack("<I", 0)
+
+    def _create(self, fid, name, flags, mode, gid):
+        """(O_PATH descriptor, open descriptor, stat, writable) of the new file ``name``
+        (FileExistsError if the name is taken), owned as the security model says; if that
+        fails, the file is removed again (a failed Tlcreate leaves nothing)."""
         host, writable = self._open_flags(flags)
         fd = os.open(name, host | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                      self.folder.create_mode(mode, False),
@@ -92,11 +114,21 @@ class OpenFiles:
             os.close(fd)
             if path_fd is not None:
                 os.close(path_fd)
-            os.unlink(name, dir_fd=fid.path_fd)     # a failed Tlcreate leaves no file
+            os.unlink(name, dir_fd=fid.path_fd)
             raise
-        os.close(fid.path_fd)                 # the fid now stands for the new, open file
-        fid.path_fd, fid.open_fd, fid.writable = path_fd, fd, writable
-        return self.qid(st) + struct.pack("<I", 0)
+        return path_fd, fd, st, writable
+
+    def _open_existing(self, fid, name, flags):
+        """(O_PATH descriptor, open descriptor, stat, writable) of the regular file ``name``
+        already there, as Tlopen opens it (EISDIR for a directory)."""
+        path_fd = self.folder.step(fid.path_fd, name)
+        try:
+            if stat.S_ISDIR(os.fstat(path_fd).st_mode):
+                raise P9Error(errno.EISDIR)
+            return (path_fd, *self._open_pinned(path_fd, flags))
+        except BaseException:
+            os.close(path_fd)
+            raise
 
     def open_fid(self, number):
         fid = self.fid(number)
@@ -248,11 +280,7 @@ class OpenFiles:
             raise P9Error(errno.EINVAL)
         if stat.S_ISLNK(os.fstat(fid.path_fd).st_mode):
             raise P9Error(errno.EPERM)
-        if fid.xattr_size == 0 and fid.xattr_flags == 0:
-            try:
-                os.removexattr(proc(fid.path_fd), fid.xattr_name)
-            except OSError as err:
-                if err.errno != errno.ENODATA:
-                    raise
+        if fid.xattr_size == 0:     # removexattr(2): size 0, XATTR_REPLACE; any flags (QEMU)
+            os.removexattr(proc(fid.path_fd), fid.xattr_name)
             return
         os.setxattr(proc(fid.path_fd), fid.xattr_name, bytes(fid.xattr), fid.xattr_flags)

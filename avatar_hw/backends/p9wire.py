@@ -37,6 +37,17 @@ DIRENT64 = struct.Struct("<QqHB")                # the kernel's: ino, offset, re
 DIRENT64_MAX = (DIRENT64.size + NAME_MAX + 1 + 7) & ~7   # its longest record (8-aligned)
 DIRENT = struct.Struct("<BIQQBH")                # Rreaddir's: qid, offset, type, name length
 V9FS_MAGIC = 0x01021997
+WALK = struct.Struct("<IBHIIH")                  # Twalk's header: ... fid, newfid, nwname
+# The largest reply (header included) of each request whose reply can pass an Rlerror's 11
+# bytes, but Rwalk's (``reply_max``). Rread is fitted to the chain's writable bytes;
+# Rreaddir, Rreadlink and Rgetlock, sized by their data, change nothing.
+REPLY_MAX = {
+    TVERSION: HEADER.size + 4 + 2 + len(b"9P2000.L"), TATTACH: HEADER.size + QID.size,
+    TGETATTR: HEADER.size + GETATTR.size, TLOPEN: HEADER.size + QID.size + 4,
+    TLCREATE: HEADER.size + QID.size + 4, TMKDIR: HEADER.size + QID.size,
+    TSYMLINK: HEADER.size + QID.size, TSTATFS: HEADER.size + STATFS.size,
+    TXATTRWALK: HEADER.size + 8,
+}
 GETATTR_BASIC = 0x7FF
 
 # Tsetattr valid bits
@@ -76,6 +87,15 @@ class Reader:
             raise P9Error(errno.EPROTO)
         self.pos += n
         return bytes(self.data[self.pos - n:self.pos])
+
+
+def reply_max(kind, message):
+    """The largest reply (header included) to the whole request ``message`` of type
+    ``kind``: the chain's writable bytes must hold it before the request acts (ERANGE).
+    Rwalk's is a qid per name (up to MAX_WALK): Linux gives it exactly that room."""
+    if kind == TWALK and len(message) >= WALK.size:
+        return HEADER.size + 2 + min(WALK.unpack_from(message)[-1], MAX_WALK) * QID.size
+    return REPLY_MAX.get(kind, 0)
 
 
 def pstr(value):
