@@ -754,6 +754,9 @@ def build(tmp_path, table):
     ({"switch": "/x", "mac": "01:00:5e:00:00:01"}, "multicast"),
     ({"switch": "/x", "mac": "00:00:00:00:00:00"}, "is no address"),
     ({"switch": "/x", "mac": "52:54:00:zz:00:01"}, "not a MAC address"),
+    ({"switch": "/x", "mac": "52:54:00:12:34:5 "}, "not a MAC address"),    # int() took these
+    ({"switch": "/x", "mac": "+2:54:00:12:34:56"}, "not a MAC address"),
+    ({"switch": "/x", "mac": "\uff152:54:00:12:34:56"}, "not a MAC address"),  # full-width 5
     ({"switch": "/x", "mtu": 40}, "mtu: 40 is not an MTU from 68 to 65535"),
     ({"switch": "/nonexistent/dir/s.sock"}, "directory for the switch socket does not exist"),
     ({"tap": "x" * 20}, "is not an interface name"),
