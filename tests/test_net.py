@@ -418,7 +418,8 @@ def test_a_peer_cannot_join_two_switches_or_join_through_a_symlink(tmp_path, loo
     """A peer keeps its socket and puts a symlink to another switch of the daemon at its
     address: that switch got the frames and joined the first as a remote port (isolated
     VMs joined); the frames now go to the peer's own socket. A sender whose address is a
-    symlink when it joins is refused, its datagrams dropped and counted."""
+    symlink, or a switch's socket, when it joins is refused, its datagrams dropped and
+    counted."""
     one, two = str(tmp_path / "one.sock"), str(tmp_path / "two.sock")
     a = Nic(loop, f"switch:{one}", mac_=MAC_A)
     b = Nic(loop, f"switch:{two}", mac_=MAC_B)
@@ -437,9 +438,15 @@ def test_a_peer_cannot_join_two_switches_or_join_through_a_symlink(tmp_path, loo
     spin(loop, 20)
     assert peer.recv(2048) == hello and b.received() == []
     assert b.device.info()["switch_ports"] == 1
-    peer.sendto(frame(mac(MAC_A), mac("52:54:00:00:00:ee"), b"answer"), two)
+    answer = frame(mac(MAC_A), mac("52:54:00:00:00:ee"), b"answer")
+    peer.sendto(answer, two)
     spin(loop)
     assert b.received() == [] and b.device.info()["switch_dropped"] == 1
+    os.unlink(peer_path)                # a hard link to the switch's socket: refused too
+    os.link(two, peer_path)
+    peer.sendto(answer, two)
+    spin(loop)
+    assert b.received() == [] and b.device.info()["switch_dropped"] == 2
     assert b.device.info()["switch_ports"] == 1
     peer.close()
     a.close()
