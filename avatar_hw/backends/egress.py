@@ -9,19 +9,24 @@ does not take (EAGAIN: its receive queue is full) are copied into that port's
 bounded queue (``QUEUE_FRAMES``, ``QUEUE_BYTES``) and sent, in order, when the
 socket is writable again (``add_writer`` on a socket connected to the peer, whose
 writability is the peer's room; a peer connected elsewhere refuses that, and
-is retried on a timer backing off to ``RETRY_MAX``). A frame for a port whose
-queue is full is not taken: the sending VM's transmit queue (or, for a frame
-from a remote port, the switch's reading) waits, like a link's pause, and only
-the ports sending to it wait. A port that takes nothing for ``stall_seconds``,
-or keeps a sender waiting that long (a guest that posts a receive buffer now
-and then makes progress, but its senders wait for room for ever), is *stalled*,
-like a switch's tail drop: frames to it are then dropped and counted
-(``switch_dropped``), so a peer that never reads, or barely, holds its senders
-once for at most that long, never the daemon, and its memory is its queue;
-it is unstalled once it has taken its whole queue. A local port is a destination like
-a remote one (``Egress``): its queue is its device's pending frames, full while the
-guest posts no receive buffers (``device.can_receive()``), and the device calls
-``receive_ready`` when its guest's buffers took some. A TAP is not read meanwhile.
+is retried on a timer backing off to ``RETRY_MAX``). A frame from a local port
+(a VM) for a port whose queue is full is not taken: the sending VM's transmit
+queue waits, like a link's pause, and only the VMs sending to that port wait. A
+frame from a remote port never waits: the switch's one socket is every remote
+sender's, so waiting for one destination would hold them all; it goes to the
+ports with room and is dropped and counted for the full ones. A port that takes
+nothing for ``stall_seconds``, or keeps a sender waiting that long (a guest that
+posts a receive buffer now and then makes progress, but its senders wait for room
+for ever), is *stalled*, like a switch's tail drop: frames to it are then dropped
+and counted (``switch_dropped``), so a peer that never reads, or barely, holds its
+senders for at most that long, never the daemon, and its memory is its queue; it
+is unstalled once it has taken its whole queue. A port full again within
+``sticky_seconds`` of being unstalled is stalled at once (hysteresis: a guest that
+lets its queue fill, empties it and lets it fill again holds its senders once,
+not every time). A local port is a destination like a remote one (``Egress``): its
+queue is its device's pending frames, full while the guest posts no receive
+buffers (``device.can_receive()``), and the device calls ``receive_ready`` when its
+guest's buffers took some. A TAP is not read meanwhile.
 """
 
 import collections
@@ -34,6 +39,7 @@ from .net import BUSY
 QUEUE_FRAMES = 128               # frames a remote port's socket did not take yet, at most
 QUEUE_BYTES = 256 << 10          # and their bytes
 STALL_SECONDS = 1.0              # a full port taking nothing this long is stalled (drops)
+STICKY_SECONDS = 10.0            # a port full again this soon after its stall: stalled at once
 RETRY_MIN, RETRY_MAX = 0.001, 0.1   # polling a full peer with no writability signal
 
 
@@ -48,10 +54,15 @@ class Egress:
         self._stall_timer = None
         self._progress = 0.0                  # monotonic time the port last took a frame
         self._waited_since = None             # when its first waiter (of now) began to wait
+        self._unstalled = -float("inf")       # monotonic time it was last unstalled
 
     def wait(self, ingress):
-        """``ingress`` (a local port or the switch's reader) waits for room here."""
+        """Local port ``ingress`` waits for room here (True), or need not (False): the
+        port, full again soon after it was unstalled, is stalled at once."""
         now = time.monotonic()
+        if now - self._unstalled < self.switch.sticky_seconds:
+            self._stall("was full again %.1f s after it took its queue", now - self._unstalled)
+            return False
         if ingress not in self.waiters:
             self.waiters.append(ingress)
         if self._waited_since is None:
@@ -60,6 +71,7 @@ class Egress:
             self._progress = now
             self._stall_timer = self.switch.loop.call_later(self.switch.stall_seconds,
                                                             self._check_stall)
+        return True
 
     def _check_stall(self):
         self._stall_timer = None
@@ -73,12 +85,21 @@ class Egress:
                                                             self._check_stall)
             return
         if not self.stalled:
-            self.stalled = True
-            self.switch.stall_log("%s: port %s %s for %.1f s: frames to it are dropped until "
-                                  "it takes its queue", self.switch.url, self.name,
-                                  "took no frame" if idle >= limit else "kept its senders "
-                                  "waiting", max(idle, waited))
+            self._stall("took no frame for %.1f s" if idle >= limit else
+                        "kept its senders waiting for %.1f s", max(idle, waited))
         self._wake()
+
+    def _stall(self, why, seconds):
+        """Frames to the port are dropped (``has_room``) until it takes its queue."""
+        self.stalled = True
+        self.switch.stall_log("%s: port %s " + why + ": frames to it are dropped until it "
+                              "takes its queue", self.switch.url, self.name, seconds)
+
+    def _unstall(self):
+        """The port took its whole queue: frames to it are taken again."""
+        if self.stalled:
+            self.stalled = False
+            self._unstalled = time.monotonic()
 
     def _wake(self):
         self._waited_since = None
@@ -96,9 +117,11 @@ class RemotePort(Egress):
     """A process that joined the switch from its own socket address, and the frames its
     socket did not take yet (module docstring, "Flow control")."""
 
-    def __init__(self, switch, address):
+    def __init__(self, switch, address, pin):
         super().__init__()
-        self.switch, self.address = switch, address
+        self.switch, self.address, self.pin = switch, address, pin
+        # Where its frames go: the very socket that joined (``Switch._pin``), not its path.
+        self.target = address if pin is None else f"/proc/self/fd/{pin}"
         self.name = repr(address)
         self.queue = collections.deque()      # bytearray copies, oldest first
         self.queued_bytes = 0
@@ -137,7 +160,7 @@ class RemotePort(Egress):
         if self._probe is None:
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             try:
-                probe.connect(self.address)   # EPERM: the peer is connected to another socket
+                probe.connect(self.target)    # EPERM: the peer is connected to another socket
                 self._probe = probe
             except OSError:
                 probe.close()
@@ -171,7 +194,7 @@ class RemotePort(Egress):
             self._progress = time.monotonic()
             self._retry_delay = RETRY_MIN
         if not self.queue:
-            self.stalled = False
+            self._unstall()
             self._unwatch()
         elif not progressed:
             # Full again at once: a probe that said writable for nothing (the switch

@@ -10,14 +10,23 @@ sending a frame). Each local port is locked to its device's configured MAC:
 the switch knows that address from the start, and a frame from the guest
 with any other source address is dropped and counted (``tx_wrong_source``
 in the device's ``info``), so a guest cannot take another VM's traffic by
-sending with its MAC (and two local ports with one MAC are refused). Remote ports'
-source MACs are learned (at most
-``MAX_MACS``, the oldest forgotten first; never a local port's address).
+sending with its MAC (and two local ports with one MAC are refused). A frame
+from a remote port with a local port's MAC or a multicast address as its source
+is dropped and counted (``switch_dropped``); other remote source MACs are learned (at
+most ``MAX_MACS``, the oldest forgotten first).
 The switch forwards a frame for a known unicast MAC to its port and floods
 broadcast, multicast and unknown destinations to every other port. A
 remote port that goes away (its socket closed) is forgotten at the next
 send to it; at most ``MAX_REMOTES`` remote ports. Frames from one port
-keep their order. Between two local ports a frame is copied once, guest RAM
+keep their order.
+
+A remote port is *pinned* when it joins: the socket file at its address (never a
+symlink, never a socket of this daemon's switches) is opened ``O_PATH`` and frames
+go to that very socket through ``/proc/self/fd`` (``RemotePort.target``), so a peer
+that puts something else at its path later cannot make the switch send to another
+socket, itself included. Datagrams from a sender that is not a port (unbound, past
+``MAX_REMOTES``, refused when pinned, or a switch of this daemon) are dropped and
+counted. Between two local ports a frame is copied once, guest RAM
 to guest RAM; from a remote port it is received straight into the guest's
 buffers when it goes to one local port that has them.
 
@@ -30,13 +39,14 @@ import errno
 import logging
 import os
 import socket
+import stat
 import time
 
 from .. import paths
 from ..errors import AGAIN, ConfigError, os_reason
 from ..ratelimit import RateLimitedLog
 from ..virtio.buffers import copy, gather, skip
-from .egress import STALL_SECONDS, Egress, RemotePort
+from .egress import STALL_SECONDS, STICKY_SECONDS, Egress, RemotePort
 from .net import BUSY, RX_BATCH
 
 log = logging.getLogger(__name__)
@@ -64,6 +74,7 @@ class Switch:
 
     _hosted = {}                  # path -> Switch
     stall_seconds = STALL_SECONDS
+    sticky_seconds = STICKY_SECONDS
 
     @classmethod
     def join(cls, url, path):
@@ -80,20 +91,22 @@ class Switch:
         self.sock.setblocking(False)
         try:
             self._bind(path)
+            st = os.stat(path)
         except BaseException:
             self.sock.close()
             raise
+        self.inode = (st.st_dev, st.st_ino)   # its socket file: no remote port may be it
         self.members = 0              # local ports joined (attached or not)
         self.local = []               # attached local ports (SwitchBackend)
         self.remotes = {}             # address -> RemotePort
         self.locked = {}              # MAC bytes -> local port (its device's MAC)
         self.macs = {}                # MAC bytes -> remote port (learned)
         self.loop = None              # the loop the socket is registered with
-        self._reading = False         # registered as the socket's reader (not paused)
         self._macs_buf = bytearray(2 * ETH_ALEN)
-        self._scratch = bytearray(MAX_DATAGRAM)
-        self.frames_dropped = 0       # runt datagrams, and frames to a remote whose socket was full
+        self._scratch = memoryview(bytearray(MAX_DATAGRAM))
+        self.frames_dropped = 0       # every frame or datagram the switch dropped (docs)
         self.stall_log = RateLimitedLog(log)   # ports stalled (a guest can repeat it): counted
+        self.refusal_log = RateLimitedLog(log)   # remote datagrams dropped (a peer repeats)
 
     def _bind(self, path):
         try:
@@ -142,13 +155,6 @@ class Switch:
         if self.loop is None:
             self.loop = loop
             loop.add_reader(self.sock, self._readable)
-            self._reading = True
-
-    def resume(self):
-        """A remote port has room again: read the frame that waited for it."""
-        if self.loop is not None and not self._reading:
-            self.loop.add_reader(self.sock, self._readable)
-            self._reading = True
 
     def leave(self, port):
         """Remove local ``port``; the last one closes the switch."""
@@ -164,10 +170,11 @@ class Switch:
                 local._cancel_stall_timer()
                 local._wake()
             self.loop = None
-            self._reading = False
             if self.local:
                 self._register(self.local[0].loop)
         if not self.members:
+            for remote in list(self.remotes.values()):
+                self._drop_remote(remote)
             self.sock.close()
             paths.remove(self.path)
             Switch._hosted.pop(self.path, None)
@@ -178,11 +185,7 @@ class Switch:
                 del table[mac]
 
     def _learn(self, mac, port):
-        """A remote port sent from ``mac`` (a local port's address stays its own)."""
-        if mac[0] & 1:                        # a multicast source is not an address
-            return
-        if mac in self.locked:
-            return
+        """A remote port sent from ``mac`` (a unicast address no local port has)."""
         if self.macs.get(mac) is not port:
             self.macs.pop(mac, None)
             if len(self.macs) >= MAX_MACS:
@@ -219,11 +222,10 @@ class Switch:
 
     @staticmethod
     def _full(ports, ingress, length):
-        """True when one of ``ports`` cannot take a frame now; ``ingress`` then waits for it
-        (every port delivers or none: a flood is not sent twice to the others)."""
+        """True when one of ``ports`` cannot take a frame now; local port ``ingress`` then
+        waits for it (every port delivers or none: a flood is not sent twice to the others)."""
         for port in ports:
-            if not port.has_room(length):
-                port.wait(ingress)
+            if not port.has_room(length) and port.wait(ingress):
                 return True
         return False
 
@@ -231,28 +233,77 @@ class Switch:
         """True when ``remote``'s socket took the frame, BUSY when it is full, False when
         the frame is dropped (the remote is gone, and forgotten, or another error)."""
         try:
-            self.sock.sendmsg(views, (), 0, remote.address)
+            self.sock.sendmsg(views, (), 0, remote.target)
             return True
         except AGAIN:
             return BUSY
         except (ConnectionRefusedError, FileNotFoundError):
             log.info("%s: remote port %r went away", self.url, remote.address)
-            self.remotes.pop(remote.address, None)
-            self._forget(remote)
-            remote.close()
+            self._drop_remote(remote)
         except OSError as err:
             self.frames_dropped += 1
             log.debug("%s: frame to %r dropped: %s", self.url, remote.address, err)
         return False
 
+    def _drop_remote(self, remote):
+        """Forget ``remote`` (gone, or the switch closes) and unpin its socket."""
+        if self.remotes.get(remote.address) is remote:
+            del self.remotes[remote.address]
+        self._forget(remote)
+        remote.close()
+        if remote.pin is not None:
+            os.close(remote.pin)
+            remote.pin = None
+
     def _remote(self, address):
+        """The remote port sending from ``address``, joining it; None when refused."""
         remote = self.remotes.get(address)
-        if remote is None and address and len(self.remotes) < MAX_REMOTES:
-            remote = self.remotes[address] = RemotePort(self, address)
-            log.info("%s: remote port %r joined", self.url, address)
-        return remote
+        if remote is not None:
+            return remote
+        if not address:
+            problem = "its socket is not bound (no address to answer)"
+        elif address in Switch._hosted:
+            problem = "it is a switch of this daemon"
+        elif len(self.remotes) >= MAX_REMOTES:
+            problem = f"the switch has {MAX_REMOTES} remote ports already"
+        else:
+            pin, problem = self._pin(address)
+            if problem is None:
+                remote = self.remotes[address] = RemotePort(self, address, pin)
+                log.info("%s: remote port %r joined", self.url, address)
+                return remote
+        self._refuse("datagram from %r dropped: %s", address, problem)
+        return None
+
+    @staticmethod
+    def _pin(address):
+        """(an O_PATH fd of the socket file at ``address``, None), or (None, why it may not
+        join); an abstract address (bytes) names no file: (None, None)."""
+        if isinstance(address, bytes):
+            return None, None
+        try:
+            fd = os.open(address, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as err:
+            return None, f"its address cannot be opened: {os_reason(err)}"
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode):
+            problem = "its address is no longer a socket (a symlink or another file)"
+        elif any((st.st_dev, st.st_ino) == s.inode for s in Switch._hosted.values()):
+            problem = "its address is a switch socket of this daemon"
+        else:
+            return fd, None
+        os.close(fd)
+        return None, problem
+
+    def _refuse(self, fmt, *args):
+        """The datagram at the head of the socket is dropped: consumed, counted, logged."""
+        self.sock.recv(1)
+        self.frames_dropped += 1
+        self.refusal_log("%s: " + fmt, self.url, *args)
 
     def _readable(self):
+        """Remote datagrams: never left waiting for a port (one socket serves every remote
+        sender), but delivered to the ports that have room and dropped for the others."""
         for _ in range(RX_BATCH):
             try:
                 n, _, _, address = self.sock.recvmsg_into([self._macs_buf], 0,
@@ -260,26 +311,30 @@ class Switch:
             except AGAIN:
                 return
             ingress = self._remote(address)
-            if n < ETH_HLEN:                    # a join (empty) or a runt: consumed
+            if ingress is None:
+                continue
+            if not n:                           # a join
                 self.sock.recv(1)
-                if n:
-                    self.frames_dropped += 1
+                continue
+            if not ETH_HLEN <= n <= MAX_DATAGRAM:
+                self._refuse("%d-byte datagram from %r dropped: not an Ethernet frame of at "
+                             "most %d bytes", n, address, MAX_DATAGRAM)
                 continue
             macs = bytes(self._macs_buf)
-            if ingress is not None:
-                self._learn(macs[ETH_ALEN:], ingress)
+            source = macs[ETH_ALEN:]
+            if source[0] & 1 or source in self.locked:
+                self._refuse("frame from %r dropped: its source %s is %s", address,
+                             source.hex(":"), "multicast" if source[0] & 1 else "a VM's MAC")
+                continue
+            self._learn(source, ingress)
             ports = self._destinations(macs[:ETH_ALEN], ingress)
-            if self._full(ports, self, n):    # the frame stays in the socket meanwhile
-                self.loop.remove_reader(self.sock)
-                self._reading = False
-                return
             if len(ports) == 1 and isinstance(ports[0], SwitchBackend):
                 ports[0].device.receive(recv_socket, self.sock)   # straight into the guest
                 continue
             length = recv_socket(self.sock, [self._scratch])
-            if not ports or length is None or length > len(self._scratch):
-                continue
-            frame = [memoryview(self._scratch)[:length]]
+            if length is None:
+                return
+            frame = [self._scratch[:length]]
             for port in ports:
                 port.deliver(frame, length)
 
@@ -293,7 +348,7 @@ class SwitchBackend(Egress):
             raise ConfigError(url, None, "switch: needs a socket path, e.g. "
                               "switch:/run/avatar/net0.sock")
         super().__init__()
-        self.url = self.name = url
+        self.url = url
         self.device = self.loop = self.mac = None
         self.wrong_source = 0             # frames dropped: their source was not ``mac``
         self.switch = Switch.join(url, os.path.abspath(path))
@@ -301,6 +356,11 @@ class SwitchBackend(Egress):
     def attach(self, loop, device):
         self.loop, self.device, self.mac = loop, device, bytes(device.mac)
         self.switch.attach(self)
+
+    @property
+    def name(self):
+        """The port in a log line: its device (VM, interrupt) and MAC."""
+        return f"{self.device.context.label} ({self.mac.hex(':')})"
 
     def change_mac(self, mac):
         """The port is locked to ``mac`` instead (ValueError if another port has it)."""
@@ -332,7 +392,7 @@ class SwitchBackend(Egress):
         ``capacity`` left): progress, and room for the ports waiting (half of it)."""
         self._progress = time.monotonic()
         if not pending:
-            self.stalled = False
+            self._unstall()
             self._cancel_stall_timer()
         if self.stalled or 2 * pending <= capacity:
             self._wake()
@@ -341,7 +401,7 @@ class SwitchBackend(Egress):
         return self.switch.forward(self, views, length)
 
     def resume(self):
-        """A remote port this one waited for has room again."""
+        """A port this one waited for has room again."""
         if self.device is not None:
             self.loop.call_later(0, self._resumed)
 

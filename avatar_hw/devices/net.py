@@ -27,8 +27,9 @@ Network semantics (the guest is told nothing about drops):
   frame waits; otherwise it is copied once into the bounded pending frames
   (``rx_pending`` frames, preallocated) and from there into guest buffers, in
   order, as soon as they can take it. While they are full ``can_receive`` is
-  False: the backend holds frames back (the switch's flow control, a TAP not
-  read) until ``backend.receive_ready``. A frame for a stalled switch port,
+  False: the backend holds frames back (the switch's flow control for another
+  VM's frames, a TAP not read) until ``backend.receive_ready``; a frame it does
+  not hold (a switch's remote peer) is dropped. A frame for a stalled switch port,
   one while the driver is not running or the link is down, and one larger
   than the largest frame (or, without MRG_RXBUF, than the receive buffer) is
   dropped and counted (``rx_dropped``).
