@@ -9,11 +9,13 @@ longest is how long every other VM waited at worst. The run ends when every chai
 back in the used ring (or after ``MAX_TURNS`` turns). Nothing is asserted.
 
 Then the costliest valid requests a device takes (``HEAVY``), a queue full of each: gpu
-transfers of one pixel per row over 8192 rows, block write zeroes where the file system
-has no ZERO_RANGE (tmpfs), balloon inflates of scattered frames on a shared file mapping.
+transfers of one pixel per row over 8192 rows, gpu transfers over a backing of 16384
+one-byte pieces, block write zeroes where the file system has no ZERO_RANGE (tmpfs),
+balloon inflates of scattered frames on a shared file mapping.
 
     .venv/bin/python -m bench.hostile                 # table
     .venv/bin/python -m bench.hostile --json          # figures as JSON
+    .venv/bin/python -m bench.hostile --heavy         # the costly valid requests only
 """
 
 import argparse
@@ -46,7 +48,8 @@ from avatar_hw.virtio.subsystem import Subsystem
 from .common import table
 
 KINDS = ("console", "block", "rng", "net", "balloon", "9p", "vsock", "gpu")
-HEAVY = ("gpu rows", "block zeros (tmpfs)", "balloon scattered (shared file)")
+HEAVY = ("gpu rows", "gpu fragmented", "block zeros (tmpfs)",
+         "balloon scattered (shared file)")
 ENTRIES = (32768, None)            # None: the queue size
 MAX_TURNS = 100000
 RAM = 8 << 20
@@ -137,28 +140,46 @@ def _ring(descriptors):
     return 1 << (descriptors - 1).bit_length()
 
 
-def _gpu_rows(tmp, loop, count):
+def _gpu(loop, count, size, backing, rects):
+    """A gpu whose resource 1 (``size``: width, height) is backed by ``backing`` ((offset,
+    length) pieces of one allocation), ``count`` transfers queued, cycling through ``rects``
+    (width, height)."""
     bench = VirtioBench(gpu.GpuDevice(), loop=loop, ram_size=RAM)
     ctrl, = bench.driver.init([0], buf_size=0, size=_ring(2 * count))
-    ram, side = bench.ram, gpu.MAX_RESOURCE_DIMENSION
-    at, answer = ram.alloc(4096), ram.alloc(64)
+    ram = bench.ram
+    at, answer = ram.alloc(64 + gpu.MEM_ENTRY.size * len(backing)), ram.alloc(64)
 
-    def post(body):
-        body = gpu.HEADER.pack(body[0], 0, 0, 0, 0) + body[1]
+    def post(kind, fields):
+        body = gpu.HEADER.pack(kind, 0, 0, 0, 0) + fields
         ram.write(at, body)
         ctrl.add_chain([(at, len(body), False), (answer, 24, True)])
         ctrl.notify()
         forget_used(ctrl)
-    backing = ram.alloc(8 * side, 4096)
-    post((gpu.CMD_RESOURCE_CREATE_2D, struct.pack("<IIII", 1, 1, 2, side)))
-    post((gpu.CMD_RESOURCE_ATTACH_BACKING, struct.pack("<II", 1, 1)
-          + gpu.MEM_ENTRY.pack(backing, 8 * side)))
-    body = gpu.HEADER.pack(gpu.CMD_TRANSFER_TO_HOST_2D, 0, 0, 0, 0) + struct.pack(
-        "<IIIIQI4x", 0, 0, 1, side, 0, 1)
-    ram.write(at, body)
-    for _ in range(count):
-        ctrl.add_chain([(at, len(body), False), (answer, 24, True)])
+    base = ram.alloc(max(offset + length for offset, length in backing), 4096)
+    post(gpu.CMD_RESOURCE_CREATE_2D, struct.pack("<IIII", 1, 1, *size))
+    post(gpu.CMD_RESOURCE_ATTACH_BACKING, struct.pack("<II", 1, len(backing)) + b"".join(
+        gpu.MEM_ENTRY.pack(base + offset, length) for offset, length in backing))
+    bodies = []
+    for width, height in rects:
+        body = gpu.HEADER.pack(gpu.CMD_TRANSFER_TO_HOST_2D, 0, 0, 0, 0) + struct.pack(
+            "<IIIIQI4x", 0, 0, width, height, 0, 1)
+        bodies.append((ram.alloc(len(body)), len(body)))
+        ram.write(bodies[-1][0], body)
+    for i in range(count):
+        ctrl.add_chain([(*bodies[i % len(bodies)], False), (answer, 24, True)])
     return bench, ctrl
+
+
+def _gpu_rows(tmp, loop, count):
+    side = gpu.MAX_RESOURCE_DIMENSION
+    return _gpu(loop, count, (2, side), [(0, 8 * side)], [(1, side)])
+
+
+def _gpu_fragmented(tmp, loop, count):
+    """64x64 pixels over 16384 one-byte entries, none touching: a transfer of 30 rows
+    (7680 entries), then one of all 64, as a guest would to fill a turn to its brim."""
+    return _gpu(loop, count, (64, 64), [(2 * i, 1) for i in range(16384)],
+                [(64, 30), (64, 64)])
 
 
 def _block_zeros(tmp, loop, count):
@@ -211,7 +232,8 @@ def _balloon_scattered(tmp, loop, count):
 
 def measure_heavy(kind, count=16):
     """A queue of ``count`` of one device's costliest valid requests: the longest hold."""
-    make = {"gpu rows": _gpu_rows, "block zeros (tmpfs)": _block_zeros,
+    make = {"gpu rows": _gpu_rows, "gpu fragmented": _gpu_fragmented,
+            "block zeros (tmpfs)": _block_zeros,
             "balloon scattered (shared file)": _balloon_scattered}[kind]
     with tempfile.TemporaryDirectory() as tmp:
         loop = EventLoop()
@@ -223,12 +245,13 @@ def measure_heavy(kind, count=16):
             loop.close()
 
 
-def run():
+def run(floods=True):
     logger = logging.getLogger("avatar_hw")
     level = logger.level
     logger.setLevel(logging.ERROR)                  # the guest errors are counted instead
     try:
-        return {"floods": [measure(kind, entries) for kind in KINDS for entries in ENTRIES],
+        return {"floods": [measure(kind, entries) for kind in KINDS for entries in ENTRIES
+                           if floods],
                 "heavy": [measure_heavy(kind) for kind in HEAVY]}
     finally:
         logger.setLevel(level)
@@ -238,8 +261,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.hostile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--heavy", action="store_true",
+                        help="only the queues of costly valid requests (no floods)")
     args = parser.parse_args(argv)
-    result = run()
+    result = run(floods=not args.heavy)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()

@@ -262,6 +262,40 @@ def test_a_reset_keeps_a_bounded_copy_of_one_huge_buffer_in_flight(tmp_path, loo
     b.subsystem.close()
 
 
+def test_emergency_bytes_cut_at_a_reset_no_longer_count_against_the_limit(tmp_path, loop):
+    """Emergency bytes behind a huge buffer in flight, then a reset (and, after more, a
+    transmit QueueReset): the cut dropped them but they stayed counted as held, so every
+    later emergency write was dropped for the VM's lifetime."""
+    path, limit = str(tmp_path / "c.sock"), 4096
+    device = ConsoleDevice(f"unix:{path}", limit=limit)
+    b = VirtioBench(device, loop=loop, ram_size=24 << 20)
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(path)
+    for _ in range(3):
+        loop.run_once(0)
+
+    def queue_reset():
+        b.driver.write(c.REG_QUEUE_SEL, 1)
+        b.driver.write(c.REG_QUEUE_RESET, 1)
+    for reset in (b.driver.reset, queue_reset):
+        rx, tx = b.driver.init([0, 1], buf_size=1 << 20, size=4)
+        tx.post(readable=[b"g" * (1 << 20)])          # one big buffer: the client is slow
+        tx.notify()
+        for _ in range(con.EMERG_LIMIT):
+            b.driver.write_config(con.EMERG_WR_OFFSET, ord("E"), 4)
+        assert device._emerg_held == con.EMERG_LIMIT
+        reset()
+        assert device._emerg_held == 0             # all of them lay past the cut
+    b.driver.write_config(con.EMERG_WR_OFFSET, ord("!"), 4)
+    got = b""
+    while not got.endswith(b"!") and (more := read_all(client, loop, 1)):
+        got += more
+    assert got.endswith(b"!")
+    assert device._emerg_held == 0
+    client.close()
+    b.subsystem.close()
+
+
 def test_a_client_that_wrote_and_left_does_not_hold_the_guest(tmp_path, loop):
     """The output in flight when the last client leaves joins the log; nothing waits in the
     guest, and the next client gets it."""
@@ -445,6 +479,16 @@ def test_emergency_write(console):
     assert console.recv() == b"panic!"
 
 
+def test_emergency_write_of_zero_writes_nothing(console):
+    """QEMU 7.2's set_config returns on emerg_wr == 0; a NUL byte went out here. Any width
+    is taken, its low byte written."""
+    console.driver.init([0, 1])
+    for value, width in ((ord("a"), 4), (0, 4), (0, 1), (0, 2), (ord("b"), 1),
+                         (ord("c") | 0x100, 2)):
+        console.driver.write_config(con.EMERG_WR_OFFSET, value, width)
+    assert console.recv() == b"abc"
+
+
 def test_emergency_write_needs_the_feature_offered_not_acknowledged(console):
     """5.3.4: a driver can use it "without initializing virtio queues, or even acknowledging
     the feature" (early boot debugging): before any status, and with the feature declined."""
@@ -544,6 +588,28 @@ def test_control_message_edge_cases(tmp_path, loop):
     c_ovq.notify()
     assert [u.length for u in c_ivq.get_used()] == [4]
     assert not d.status & c.STATUS_DEVICE_NEEDS_RESET
+    con_.close()
+
+
+def test_control_buffer_without_writable_part_is_returned_and_the_message_waits(tmp_path,
+                                                                               loop):
+    """Control receiveq buffers with nothing writable took a DEVICE_ADD each and lost it
+    (used length 0): the guest never learnt its ports. They are returned with length 0 as
+    a port's receiveq does, and the messages go into the next real buffers."""
+    con_ = Console(tmp_path, loop, ports={"p1": None})
+    _, _, c_ivq, c_ovq, _, _ = con_.driver.init(range(6))
+    c_ivq.post(readable=[b"x"])                                # no writable part
+    c_ivq.post(writable=[0])                                   # an empty writable one
+    c_ivq.post(writable=[64])
+    c_ivq.post(writable=[64])
+    c_ivq.notify()
+    c_ovq.post(readable=[control(0xFFFFFFFF, con.DEVICE_READY, 1)])
+    c_ovq.notify()
+    con_.spin()
+    used = c_ivq.get_used()
+    assert [u.length for u in used] == [0, 0, 8, 8]
+    assert [struct.unpack_from("<IH", u.data)[:2] for u in used[2:]] == [
+        (0, con.DEVICE_ADD), (1, con.DEVICE_ADD)]
     con_.close()
 
 

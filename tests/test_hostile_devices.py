@@ -21,6 +21,7 @@ import pytest
 
 import avatar_hw
 from avatar_hw.devices import gpu as g
+from avatar_hw.devices import gpu_resources as gr
 from avatar_hw.devices.balloon import BalloonDevice
 from avatar_hw.devices.block import BlockDevice
 from avatar_hw.devices.console import ConsoleDevice
@@ -260,8 +261,9 @@ def test_config_writes_at_every_offset_and_width(target):
 def test_gpu_backing_entries_are_charged_to_the_turn(loop):  # noqa: F811
     """A 64x64 resource backed by 16 384 one-byte entries (each inside RAM, none touching
     the next): its attach, and each transfer that crosses them all, cost ENTRY_COST per
-    entry (each is a view of guest RAM made and checked): one a turn, not a whole queue of
-    them at 20 ms each while every other VM waits."""
+    entry (each is a view of guest RAM made and checked). A transfer costing more than a
+    turn's budget is copied over several turns (at most one request answered per turn), not
+    a whole queue of them at 20 ms each while every other VM waits."""
     bench = VirtioBench(GpuDevice(), loop=loop, ram_size=8 << 20)
     try:
         ctrl, _ = bench.driver.init([0, 1], buf_size=0, size=16)
@@ -289,7 +291,9 @@ def test_gpu_backing_entries_are_charged_to_the_turn(loop):  # noqa: F811
         for i in range(1, 5):
             post(i, transfer)
         ctrl.notify()
-        assert served_per_turn(loop, ctrl, 5) == [1] * 5
+        served = served_per_turn(loop, ctrl, 5)
+        assert max(served) == 1
+        assert len(served) >= 1 + 4 * (count * gr.ENTRY_COST // virtqueue.TURN_BYTES)
         assert all(struct.unpack_from("<I", ram.read(responses + 64 * i, 4))[0]
                    == g.RESP_OK_NODATA for i in range(5))
     finally:
@@ -329,7 +333,8 @@ def test_a_row_by_row_gpu_transfer_is_charged_to_the_turn(loop, monkeypatch):  #
         for i in range(8):
             post(i, g.CMD_TRANSFER_TO_HOST_2D, transfer)
         ctrl.notify()
-        assert served_per_turn(loop, ctrl, 8) == [1] * 8
+        served = served_per_turn(loop, ctrl, 8)
+        assert max(served) == 1 and len(served) >= 8
         assert all(answer(i) == g.RESP_OK_NODATA for i in range(8))
     finally:
         bench.subsystem.close()

@@ -78,6 +78,21 @@ def gpu_requests(d, _bench=None):
     do("unref", g.CMD_RESOURCE_UNREF, "I4x", 1)
     do("unref_again", g.CMD_RESOURCE_UNREF, "I4x", 1)
     do("unknown_command", 0x0199)
+    do("create_blob", 0x010C)                                 # no blob feature
+    do("set_scanout_blob", 0x010D)
+    do("create_width_0", g.CMD_RESOURCE_CREATE_2D, "IIII", 10, 1, 0, 16)
+    do("create_height_0", g.CMD_RESOURCE_CREATE_2D, "IIII", 11, 1, 16, 0)
+    do("create_12", g.CMD_RESOURCE_CREATE_2D, "IIII", 12, 1, 16, 16)
+    do("attach_no_entries", g.CMD_RESOURCE_ATTACH_BACKING, "II", 12, 0)
+    do("scanout_after_no_entries", g.CMD_SET_SCANOUT, "IIIIII", 0, 0, 16, 16, 0, 12)
+    do("transfer_after_no_entries", g.CMD_TRANSFER_TO_HOST_2D, "IIIIQI4x", 0, 0, 16, 16, 0, 12)
+    do("detach_after_no_entries", g.CMD_RESOURCE_DETACH_BACKING, "I4x", 12)
+    do("attach_empty_entry", g.CMD_RESOURCE_ATTACH_BACKING, "II", 12, 1,
+       extra=g.MEM_ENTRY.pack(backing, 0))
+    do("attach_with_an_empty_entry", g.CMD_RESOURCE_ATTACH_BACKING, "II", 12, 2,
+       extra=g.MEM_ENTRY.pack(backing, 1024) + g.MEM_ENTRY.pack(backing + 4096, 0))
+    do("attach_after_no_entries", g.CMD_RESOURCE_ATTACH_BACKING, "II", 12, 1,
+       extra=g.MEM_ENTRY.pack(backing, 1024))
     o["config"] = [d.read_config(offset) for offset in range(0, 16, 4)]
     return o
 

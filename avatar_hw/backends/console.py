@@ -229,17 +229,18 @@ class ConsoleBackend:
 
     def discard_output(self, keep=()):
         """The guest's buffers in flight are given back to nobody (a reset: their queue is
-        gone, the guest may reuse them): ``(token, length)`` of each. Their bytes are
-        copied first and still go out, after what came before them: the guest printed them,
-        and the log's bytes being replayed and the backend's own (tokens in ``keep``:
-        emergency writes, already answered) stay where they are. At most twice ``limit``
-        bytes are kept (``can_take`` lets one buffer past ``limit``; Linux's are 32 KiB at
-        most; a larger one's rest is dropped, as QEMU drops what its chardev did not take at
-        a reset); an endpoint that had written past that goes on from there."""
-        done = self.stream.own((LOGGED, *keep), LOGGED, 2 * self.limit)
+        gone, the guest may reuse them). Their bytes are copied first and still go out,
+        after what came before them: the guest printed them, and the log's bytes being
+        replayed and the backend's own (tokens in ``keep``: emergency writes, already
+        answered) stay where they are. At most twice ``limit`` bytes are kept (``can_take``
+        lets one buffer past ``limit``; Linux's are 32 KiB at most; a larger one's rest is
+        dropped, as QEMU drops what its chardev did not take at a reset, and so is whatever
+        came after it); an endpoint that had written past that goes on from there. Returns
+        ``(token, length)`` of the bytes of ``keep``'s tokens dropped there."""
+        cut = self.stream.own((LOGGED, *keep), LOGGED, 2 * self.limit)
         for ep in self.endpoints:
             ep.position = min(ep.position, self.stream.tail)
-        return done
+        return [(token, length) for token, length in cut if token is not LOGGED]
 
     @property
     def buffered(self):

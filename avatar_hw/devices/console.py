@@ -6,12 +6,13 @@ control transmitq (driver -> device) 3, and port ``n >= 1`` uses receiveq
 ``2n + 2`` / transmitq ``2n + 3``; named ports appear in a Linux guest as
 /dev/vportNpM with /sys/class/virtio-ports/vportNpM/name.
 VIRTIO_CONSOLE_F_SIZE (offered when ``size`` is given) reports cols/rows;
-VIRTIO_CONSOLE_F_EMERG_WRITE takes single characters through ``emerg_wr``.
+VIRTIO_CONSOLE_F_EMERG_WRITE takes single characters through ``emerg_wr`` (the low byte
+of a write of any width; a write of 0 writes nothing, as QEMU's ``set_config``).
 
 Flow control (nothing lost) is the ports' (``avatar_hw.devices.console_port``);
 emergency writes have no flow control in the spec: they are copied into port
-0's stream, up to ``EMERG_LIMIT`` bytes not yet written, and counted as errors
-beyond that.
+0's stream, up to ``EMERG_LIMIT`` bytes not yet written (or dropped past a reset's cut,
+``ConsoleBackend.discard_output``), and counted as errors beyond that.
 
 Control messages (multiport): the driver's DEVICE_READY gets a DEVICE_ADD
 per port; each PORT_READY gets CONSOLE_PORT (port 0), PORT_NAME (named
@@ -182,7 +183,10 @@ class ConsoleDevice(VirtioDevice):
         # offered is enough: "without initializing virtio queues, or even acknowledging the
         # feature" (5.3.4), for a driver's earliest boot
         if offset == EMERG_WR_OFFSET and self.features & bit(F_EMERG_WRITE):
-            self._emergency_write(data[0])
+            if any(data):                       # QEMU's set_config ignores emerg_wr = 0
+                self._emergency_write(data[0])
+            else:
+                self.idle_trap()                # nothing is written
         else:
             super().write_config(offset, data)
 
@@ -196,9 +200,11 @@ class ConsoleDevice(VirtioDevice):
         port.backend.submit_bytes(bytes((char,)), EMERGENCY)
         port.drain_tx()
 
-    def emergency_written(self, length):
+    def emergency_done(self, length, written=True):
+        """``length`` emergency bytes left port 0's stream: written, or dropped at a reset."""
         self._emerg_held -= length
-        self.count(requests=0, bytes_from_guest=length)
+        if written:
+            self.count(requests=0, bytes_from_guest=length)
 
     def resize(self, cols, rows):
         """New terminal size: config (F_SIZE) and, with multiport, a RESIZE message for port 0."""
@@ -320,6 +326,12 @@ class ConsoleDevice(VirtioDevice):
             chain = queue.pop()
             if chain is None:
                 break
+            if not chain.writable_len:          # as a port's receiveq: the message waits
+                self.guest_error("control receive buffer with no writable part; returned "
+                                 "empty")
+                queue.add_used(chain, 0)
+                completed = True
+                continue
             message = self._control_out.popleft()
             n = scatter(message, chain.writable)
             if n < len(message):

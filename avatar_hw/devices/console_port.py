@@ -80,8 +80,9 @@ class ConsolePort:
 
     def drop_tx(self):
         """Forget the transmit buffers in flight (their queue was reset; their bytes still
-        go out, copied: ``discard_output``)."""
-        self.backend.discard_output(keep=(EMERGENCY,))
+        go out, copied: ``discard_output``; emergency bytes past its cut are dropped)."""
+        for _, length in self.backend.discard_output(keep=(EMERGENCY,)):
+            self.device.emergency_done(length, written=False)
         self._tx_notify = True
         self._resent.clear()
 
@@ -262,7 +263,7 @@ class ConsolePort:
         device = self.device
         for token, length in done:
             if token is EMERGENCY:
-                device.emergency_written(length)
+                device.emergency_done(length)
                 continue
             self._resent.pop(token.head, None)
             self.txq.add_used(token, 0)

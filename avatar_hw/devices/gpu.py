@@ -14,15 +14,16 @@ Commands served (the error codes follow QEMU's hw/display/virtio-gpu.c):
 * GET_EDID (VIRTIO_GPU_F_EDID): a 128-byte EDID 1.4 whose preferred timing is that mode;
   a scanout other than 0: ERR_INVALID_PARAMETER;
 * RESOURCE_CREATE_2D: the eight 32-bit UNORM formats; id 0 or in use:
-  ERR_INVALID_RESOURCE_ID; unknown format or a zero width or height:
-  ERR_INVALID_PARAMETER; a side over ``MAX_RESOURCE_DIMENSION`` (8192, Linux's largest
+  ERR_INVALID_RESOURCE_ID; unknown format: ERR_INVALID_PARAMETER (a zero width or height
+  makes an empty resource, as QEMU); a side over ``MAX_RESOURCE_DIMENSION`` (8192, Linux's largest
   framebuffer; QEMU has no such cap), more than ``max_memory`` bytes for all resources of the
   device, or more than ``max_resources`` resources: ERR_OUT_OF_MEMORY (nothing is
   allocated before the budget is checked);
 * RESOURCE_UNREF, RESOURCE_DETACH_BACKING (no backing: ERR_UNSPEC, as QEMU's
   ``virtio_gpu_find_check_resource``);
-* RESOURCE_ATTACH_BACKING: at most 16384 entries, all in the request, each inside
-  the VM's RAM (else ERR_UNSPEC, as QEMU); a resource already backed: ERR_UNSPEC. The entries are
+* RESOURCE_ATTACH_BACKING: at most 16384 entries, all in the request, each non-empty and
+  inside the VM's RAM (else ERR_UNSPEC, as QEMU); a resource already backed: ERR_UNSPEC;
+  no entries: OK, and the resource stays without backing (QEMU's). The entries are
   kept as guest-physical ranges and turned into views of guest RAM, checked
   again, at each transfer;
 * SET_SCANOUT (resource 0 disables the scanout; a resource without backing:
@@ -41,10 +42,15 @@ Commands served (the error codes follow QEMU's hw/display/virtio-gpu.c):
 A transfer's copy counts against the queue's turn budget (``Virtqueue.charge``),
 each row copied on its own as ``ROW_COST`` bytes more (a 1-pixel-wide transfer of
 8192 rows costs the time of megabytes), each backing entry it crosses, and each an
-attach takes, as ``ENTRY_COST`` more: past 8 MiB the rest of the queue waits for
-the event loop's next turn, behind every other device and VM.
+attach takes, as ``ENTRY_COST`` more. The work is bounded before it is done: a transfer
+copies what the turn's budget (``Virtqueue.budget``) pays for and is held (``_held``),
+the rest of it done first in the event loop's next turn, behind every other device and
+VM; an attach whose entries cost more than the budget left waits for the next turn,
+whose first request it is. So a turn's work is about 8 MiB's worth, or one attach.
 
-Any other type: ERR_UNSPEC. A request shorter than its command's fields:
+RESOURCE_CREATE_BLOB and SET_SCANOUT_BLOB (VIRTIO_GPU_F_RESOURCE_BLOB is not offered):
+ERR_INVALID_PARAMETER, as QEMU. Any other type: ERR_UNSPEC. A request shorter than its
+command's fields:
 ERR_INVALID_PARAMETER, nothing done (QEMU logs it and answers nothing, or
 OK_NODATA); shorter than a header: ERR_UNSPEC. A response longer than the writable part:
 ERR_UNSPEC if 24 bytes fit (the command is not run), else used length 0. Every
@@ -78,6 +84,7 @@ CMD_GET_DISPLAY_INFO, CMD_RESOURCE_CREATE_2D, CMD_RESOURCE_UNREF = 0x0100, 0x010
 CMD_SET_SCANOUT, CMD_RESOURCE_FLUSH, CMD_TRANSFER_TO_HOST_2D = 0x0103, 0x0104, 0x0105
 CMD_RESOURCE_ATTACH_BACKING, CMD_RESOURCE_DETACH_BACKING = 0x0106, 0x0107
 CMD_GET_EDID = 0x010A
+BLOB_COMMANDS = (0x010C, 0x010D)                # RESOURCE_CREATE_BLOB, SET_SCANOUT_BLOB
 CMD_UPDATE_CURSOR, CMD_MOVE_CURSOR = 0x0300, 0x0301
 RESP_OK_NODATA, RESP_OK_DISPLAY_INFO, RESP_OK_EDID = 0x1100, 0x1101, 0x1104
 RESP_ERR_UNSPEC, RESP_ERR_OUT_OF_MEMORY, RESP_ERR_INVALID_SCANOUT_ID = 0x1200, 0x1201, 0x1202
@@ -169,6 +176,10 @@ class GpuDevice(VirtioDevice):
         self.counters.update(transfers=0, flushes=0, bytes_transferred=0)
         self._request = bytearray(MAX_REQUEST)
         self._work = 0                          # bytes-equivalent of this request's copies
+        self._budget = 0                        # the work it may do in this turn
+        self._first = True                      # it is the turn's first request
+        self._held = None                       # (chain, request) cut short by the budget
+        self._copied = 0                        # bytes of the held transfer already copied
         self._response = bytearray(max(DISPLAY_INFO_SIZE, EDID_SIZE))
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -177,7 +188,12 @@ class GpuDevice(VirtioDevice):
         self.resources.clear()
         self.memory_used = 0
         self.scanout = self.cursor = None
+        self._held = None
         self.config[:] = CONFIG.pack(0, 0, 1, 0)
+
+    def queue_reset(self, index):
+        if index == CONTROLQ:
+            self._held = None
 
     def write_config(self, offset, data):
         if offset == 4 and len(data) == 4:      # events_clear
@@ -193,12 +209,25 @@ class GpuDevice(VirtioDevice):
 
     def queue_notify(self, index):
         queue = self.queues[index]
+        if index == CURSORQ:
+            self.consume(queue, self._cursor)
+            return
         served = False
-        while (chain := queue.pop()) is not None:
-            self._work = 0
-            used = self._control(chain) if index == CONTROLQ else self._cursor(chain)
-            queue.add_used(chain, used)
+        while True:
+            held, self._held = self._held, None
+            if held is None:
+                chain, request, self._copied = queue.pop(), None, 0
+                if chain is None:
+                    break
+            else:
+                chain, request = held
+            self._work, self._budget, self._first = 0, queue.budget, not served
+            used = self._control(chain, request)
             queue.charge(self._work)            # the copies, against the turn's budget
+            if used is None:                    # held: the next turn goes on with it
+                self._resume_later(queue)
+                break
+            queue.add_used(chain, used)
             served = True
         if served:
             self.signal_used(queue)
@@ -209,6 +238,9 @@ class GpuDevice(VirtioDevice):
         if n < HEADER.size:
             raise GpuError(RESP_ERR_UNSPEC, "request of %d bytes (a header is 24)", n)
         kind, flags, fence_id, ctx_id, _ = HEADER.unpack_from(self._request)
+        if kind in BLOB_COMMANDS:
+            raise GpuError(RESP_ERR_INVALID_PARAMETER, "blob command 0x%x (the feature is "
+                           "not offered)", kind)
         layout = COMMANDS.get(kind)
         if layout is None:
             raise GpuError(RESP_ERR_UNSPEC, "unknown command 0x%x", kind)
@@ -217,12 +249,16 @@ class GpuDevice(VirtioDevice):
                            kind, n, HEADER.size + layout.size)
         return kind, flags, fence_id, ctx_id, layout.unpack_from(self._request, HEADER.size)
 
-    def _control(self, chain):
-        """Serve one controlq request; the used length (the response's bytes)."""
-        self.count(bytes_from_guest=chain.readable_len)
+    def _control(self, chain, request=None):
+        """Serve one controlq request (``request``: read already, when it was held); the
+        used length (the response's bytes), or None when the turn's budget cut it short:
+        then it is held (``_held``) and the next turn goes on with it."""
+        if request is None:
+            self.count(bytes_from_guest=chain.readable_len)
         flags = fence_id = ctx_id = 0
         try:
-            kind, flags, fence_id, ctx_id, fields = self._read_request(chain)
+            request = request or self._read_request(chain)
+            kind, flags, fence_id, ctx_id, fields = request
             size = RESPONSE_SIZE.get(kind, HEADER.size)
             if chain.writable_len < size:
                 raise GpuError(RESP_ERR_UNSPEC, "response of command 0x%x needs %d "
@@ -230,7 +266,11 @@ class GpuDevice(VirtioDevice):
                                chain.writable_len)
             if kind in (CMD_UPDATE_CURSOR, CMD_MOVE_CURSOR):
                 raise GpuError(RESP_ERR_UNSPEC, "cursor command on the control queue")
-            code, size = getattr(self, _HANDLERS[kind])(chain, *fields)
+            answer = getattr(self, _HANDLERS[kind])(chain, *fields)
+            if answer is None:
+                self._held = chain, request
+                return None
+            code, size = answer
         except GpuError as err:
             self.guest_error(err.fmt, *err.args_)
             self.counters["errors"] += 1
@@ -249,7 +289,7 @@ class GpuDevice(VirtioDevice):
         return n
 
     def _cursor(self, chain):
-        """Serve one cursorq request: no response (used length 0)."""
+        """Serve one cursorq request: no response (``consume`` returns it with length 0)."""
         self.count(bytes_from_guest=chain.readable_len)
         try:
             kind, _flags, _fence, _ctx, fields = self._read_request(chain)
@@ -259,9 +299,9 @@ class GpuDevice(VirtioDevice):
         except GpuError as err:
             self.guest_error("cursor queue: " + err.fmt, *err.args_)
             self.counters["errors"] += 1
-        return 0
 
-    # -- commands: each returns (response type, response length) or raises GpuError ----------------
+    # -- commands: each returns (response type, response length), None when the turn's budget
+    # -- cut it short (held), or raises GpuError -------------------------------------------------
 
     def _resource(self, resource_id):
         resource = self.resources.get(resource_id)
@@ -300,9 +340,8 @@ class GpuDevice(VirtioDevice):
         if resource_id == 0 or resource_id in self.resources:
             raise GpuError(RESP_ERR_INVALID_RESOURCE_ID, "create: resource id %d is %s",
                            resource_id, "0" if not resource_id else "in use")
-        if fmt not in FORMATS or not width or not height:
-            raise GpuError(RESP_ERR_INVALID_PARAMETER, "create: format %d, %dx%d", fmt, width,
-                           height)
+        if fmt not in FORMATS:
+            raise GpuError(RESP_ERR_INVALID_PARAMETER, "create: format %d", fmt)
         if max(width, height) > MAX_RESOURCE_DIMENSION:
             raise GpuError(RESP_ERR_OUT_OF_MEMORY, "create: %dx%d (at most %d a side)", width,
                            height, MAX_RESOURCE_DIMENSION)
@@ -340,14 +379,18 @@ class GpuDevice(VirtioDevice):
         if chain.readable_len < start + count * MEM_ENTRY.size:
             raise GpuError(RESP_ERR_UNSPEC, "attach: %d entries in %d bytes", count,
                            chain.readable_len)
+        if count * ENTRY_COST > self._budget and not self._first:
+            return None                         # the next turn's first request
         entries = bytearray(start + count * MEM_ENTRY.size)   # at most 256 KiB
         gather(chain.readable, entries)
         self._work += count * ENTRY_COST        # each checked and merged: ~1 µs
         ranges = list(MEM_ENTRY.iter_unpack(memoryview(entries)[start:]))
         for gpa, length in ranges:
-            if not self.memory.contains(gpa, length):
-                raise GpuError(RESP_ERR_UNSPEC, "attach: entry 0x%x+0x%x is outside the RAM",
-                               gpa, length)
+            if not length or not self.memory.contains(gpa, length):
+                raise GpuError(RESP_ERR_UNSPEC, "attach: entry 0x%x+0x%x is empty or outside "
+                               "the RAM", gpa, length)
+        if not ranges:                          # QEMU's: the resource stays without backing
+            return RESP_OK_NODATA, HEADER.size
         resource.attach(ranges)
         held = sum(len(r.backing) for r in self.resources.values() if r.backing)
         if held > self.max_backing_entries:
@@ -388,7 +431,11 @@ class GpuDevice(VirtioDevice):
         if offset + stride * (h - 1) + row > resource.backing_len:
             raise GpuError(RESP_ERR_INVALID_PARAMETER, "transfer of %dx%d at backing offset "
                            "%d: past the %d-byte backing", w, h, offset, resource.backing_len)
-        self._work += resource.transfer(self.memory, x, y, w, h, offset)
+        self._copied, work = resource.transfer(self.memory, x, y, w, h, offset, self._copied,
+                                               self._budget)
+        self._work += work
+        if self._copied < row * h:
+            return None
         self.counters["transfers"] += 1
         self.counters["bytes_transferred"] += row * h
         return RESP_OK_NODATA, HEADER.size

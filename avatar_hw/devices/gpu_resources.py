@@ -8,7 +8,9 @@ merged where they touch; a transfer turns the entries it crosses into views of g
 RAM, checked again (not all of them: a 1-pixel transfer over a backing of 16 384 entries
 made 16 384 views). Row ``i`` of a transfer's rectangle comes from backing offset
 ``offset + stride * i`` (QEMU's rule), copied with memoryview slices, one slice per
-backing entry a row crosses (one copy for full-width rectangles).
+backing entry a row crosses (one copy for full-width rectangles). A transfer works up to
+the budget it is given and says how far it got: the device goes on from there in the
+next turn.
 """
 
 import bisect
@@ -25,8 +27,16 @@ BPP = 4
 # A side of a resource: Linux's virtio-gpu never makes a framebuffer past 8192 (XRES_MAX,
 # YRES_MAX); the cap bounds the rows one transfer copies row by row.
 MAX_RESOURCE_DIMENSION = 8192
-ROW_COST = 1024             # a row copied on its own costs the turn as much as this many bytes
-ENTRY_COST = 1024           # and so does a backing entry a copy crosses, or an attach takes
+# The work of a transfer in bytes-equivalent, against the queue's turn budget: each byte
+# copied, each row copied on its own ROW_COST more, each backing entry turned into a view
+# ENTRY_COST more (an attach charges ENTRY_COST for each of its entries, which cost less).
+# Calibrated by measurement, in process: 1-pixel-wide transfers of 8192 rows over one
+# entry timed against 64x64 transfers over 16384 one-byte entries, a row took 1.2-1.7 us,
+# an entry 2.2 us (1.3-1.9 rows: ENTRY_COST = 2 ROW_COST), an attach's entry 0.9-1.0 us;
+# `python -m bench.hostile --heavy` ("gpu rows", "gpu fragmented") then shows turns of
+# either about as long (docs/devices.md, "Hostile guests").
+ROW_COST = 1024
+ENTRY_COST = 2048
 
 
 def inside(x, y, w, h, width, height):
@@ -42,7 +52,8 @@ class Resource:
         self.stride = width * BPP
         # anonymous memory: made at once, zero pages taken from the host as they are
         # written (a bytearray of 64 MiB took the event loop 0.1 s to fill with zeros)
-        self.pixels = mmap.mmap(-1, self.stride * height)
+        size = self.stride * height
+        self.pixels = mmap.mmap(-1, size) if size else bytearray()   # QEMU makes 0 x h
         self.backing = None                     # [(gpa, length)], coalesced, no empty entry
         self.starts = []                        # offset of each entry in the backing
         self.backing_len = 0
@@ -52,7 +63,7 @@ class Resource:
         for gpa, length in ranges:
             if backing and backing[-1][0] + backing[-1][1] == gpa:
                 backing[-1] = (backing[-1][0], backing[-1][1] + length)
-            elif length:
+            else:
                 backing.append((gpa, length))
         self.backing, self.starts, total = backing, [], 0
         for _, length in backing:
@@ -63,37 +74,48 @@ class Resource:
     def detach(self):
         self.backing, self.starts, self.backing_len = None, [], 0
 
-    def copy_in(self, memory, views, src, dst, n):
-        """Copy backing bytes ``src .. src + n - 1`` to pixel offset ``dst`` (the range is
-        checked by the caller to lie inside the backing); ``views``: entry index -> its view
-        of guest RAM, made (and checked against the RAM again by ``memory.view``) when a
-        copy of this transfer first crosses it. Returns the entries crossed."""
+    def copy_in(self, memory, views, src, dst, n, budget):
+        """Copy backing bytes ``src ..`` (``n`` of them, inside the backing: checked by the
+        caller) to pixel offset ``dst`` until they are copied or the work reaches ``budget``
+        (a byte at least); ``views``: entry index -> its view of guest RAM, made (and checked
+        against the RAM again by ``memory.view``) when a copy of this transfer's turn first
+        crosses it. Returns (bytes copied, work)."""
         i = bisect.bisect_right(self.starts, src) - 1
-        crossed = 0
-        while n:
+        copied = work = 0
+        while copied < n and work < budget:
             view = views.get(i)
             if view is None:
                 view = views[i] = memory.view(*self.backing[i])
+                work += ENTRY_COST
             within = src - self.starts[i]
-            take = min(len(view) - within, n)
+            take = min(len(view) - within, n - copied, max(1, budget - work))
             self.pixels[dst:dst + take] = view[within:within + take]
-            src, dst, n, i = src + take, dst + take, n - take, i + 1
-            crossed += 1
-        return crossed
+            src, dst, copied, work = src + take, dst + take, copied + take, work + take
+            i += within + take == len(view)
+        return copied, work
 
-    def transfer(self, memory, x, y, w, h, offset):
+    def transfer(self, memory, x, y, w, h, offset, done, budget):
         """Copy the rectangle (checked: inside the resource, its last byte inside the
-        backing) from the backing at ``offset``; the work done, in bytes (a row copied on
-        its own costs ``ROW_COST`` more, each backing entry crossed ``ENTRY_COST``)."""
+        backing) from the backing at ``offset``, from its byte ``done`` (row by row) on,
+        until it is all copied or the work (``ROW_COST``, ``ENTRY_COST``) reaches
+        ``budget``. Returns (bytes of the rectangle copied so far, work)."""
         stride, row = self.stride, w * BPP
-        dst = y * stride + x * BPP
+        dst, total = y * stride + x * BPP, row * h
         views = {}
         if row == stride:                       # full rows: one contiguous range
-            crossed = self.copy_in(memory, views, offset, dst, stride * h)
-            return row * h + crossed * ENTRY_COST
-        crossed = sum(self.copy_in(memory, views, offset + stride * i, dst + stride * i, row)
-                      for i in range(h))
-        return row * h + h * ROW_COST + crossed * ENTRY_COST
+            copied, work = self.copy_in(memory, views, offset + done, dst + done,
+                                        total - done, budget)
+            return done + copied, work
+        work = 0
+        while done < total and work < budget:
+            i, within = divmod(done, row)
+            if not within:
+                work += ROW_COST
+            at = stride * i + within
+            copied, spent = self.copy_in(memory, views, offset + at, dst + at, row - within,
+                                         budget - work)
+            done, work = done + copied, work + spent
+        return done, work
 
     def capture(self, x, y, w, h):
         """A copy of the rectangle, taken now (the guest may change the resource after)."""

@@ -64,19 +64,21 @@ class OutputStream:
         RAM the guest may now reuse) and give it ``token``: the bytes stay where they are on
         the axis. At most ``limit`` bytes from ``head`` are kept: the axis ends there, what
         lay past it is dropped (one guest buffer may be larger than any bound on what is
-        held: copied whole, 300 MiB stayed in the daemon). Returns the ``(token, length)``
-        each guest segment had, dropped or not."""
-        owned, end = [], self.head + limit
+        held: copied whole, 300 MiB stayed in the daemon). Returns ``(token, length)`` of the
+        bytes dropped from each segment whose token is in ``keep`` (its owner counts them)."""
+        cut, end = [], self.head + limit
         while self.segments and self.segments[-1][0] >= end:
             _, length, views, old = self.segments.pop()
             self.views -= len(views)
-            if old not in keep:
-                owned.append((old, length))
+            if old in keep:
+                cut.append((old, length))
         self.tail = min(self.tail, end)
         for segment in self.segments:
             start, length, views, old = segment
             if start + length > end:            # the last one: only what is kept is copied
                 views, segment[1] = truncate(views, end - start), end - start
+                if old in keep:
+                    cut.append((old, length - segment[1]))
             if old in keep and segment[1] == length:
                 continue
             data = bytearray(segment[1])
@@ -85,8 +87,7 @@ class OutputStream:
             segment[2] = [memoryview(data)]
             if old not in keep:
                 segment[3] = token
-                owned.append((old, length))
-        return owned
+        return cut
 
     def clear(self):
         """Drop everything (a device reset: nothing in flight was acknowledged)."""

@@ -309,6 +309,12 @@ class Virtqueue:
 
     # -- the chain iterator ---------------------------------------------------------
 
+    @property
+    def budget(self):
+        """Bytes of work this turn has left (``TURN_BYTES`` less its chains and charges;
+        at most 0 once spent)."""
+        return self._turn_bytes
+
     def charge(self, nbytes):
         """Count ``nbytes`` of a request's work beyond its chain's own bytes (a GPU transfer's
         copy) against this turn's byte budget."""
