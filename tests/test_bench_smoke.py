@@ -92,9 +92,9 @@ def test_hostile_bench_measures_every_device_kind():
     for kind in KINDS:
         row = measure(kind, None)
         assert row["chains_done"] == row["queue_size"] and row["max_hold_ms"] > 0
-    for kind in HEAVY:                        # each request ends its turn: one per turn
+    for kind in HEAVY:            # each request ends its turn, or spreads over several
         row = measure_heavy(kind, count=3)
-        assert row["requests_done"] == 3 and row["turns"] == 2, row
+        assert row["requests_done"] == 3 and row["turns"] >= 2, row
 
 
 def test_every_bench_module_imports_and_its_qemu_lines_are_built(tmp_path):
