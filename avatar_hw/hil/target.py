@@ -231,10 +231,22 @@ class HardwareTarget(Target):
                               f"{(done.stderr or done.stdout).strip()[-300:]}")
         return [vm]
 
+    def _given_url(self, vm, port):
+        """``--avatar-console``'s URL if it is VM ``vm``'s port ``port``, else None."""
+        return self._console_url if (vm, port) == (0, 0) else None
+
     def console_url(self, vm=0, port=0):
-        if self._console_url and (vm, port) == (0, 0):
-            return self._console_url
-        return super().console_url(vm, port)
+        return self._given_url(vm, port) or super().console_url(vm, port)
+
+    def console(self, vm=0, port=0):
+        try:
+            return super().console(vm, port)
+        except AvatarError as err:
+            if self._given_url(vm, port) is None:
+                raise
+            raise AvatarError(f"--avatar-console {self._console_url}: {err} (give the guest "
+                              "console's URL, or leave the option out to use the daemon's "
+                              "endpoint)") from None
 
     def board_run(self, command, timeout=60):
         """Here: a HardwareTarget runs in the board's Linux, next to ``avatar-hw serve``."""
