@@ -10,9 +10,10 @@ board UART) -> ``shell`` (logged in to the board's Linux) -> ``serving``
 (``avatar-hw serve`` running, its control socket answering; if it exits
 instead, a ``StrategyError`` carries its log's last lines at once).
 ``restart_daemon()`` restarts only the daemon (labgrid skips a transition to
-the current state); ``force(state)`` (labgrid's ``--lg-initial-state``) takes the board
-to be in that state already. The shell commands for the last step are plain functions (``start_command``,
-``ready_command``, ``stop_command``), so they are tested without labgrid.
+the current state); ``force(state)`` (labgrid's ``--lg-initial-state``) takes the
+board to be in that state already. The shell commands for the last step are plain
+functions (``start_command``, ``ready_command``, ``stop_command``), so they are tested
+without labgrid.
 """
 
 import enum
