@@ -36,15 +36,16 @@ def pytester(pytester, monkeypatch):
 @pytest.fixture
 def daemon(request, tmp_path):
     """A running daemon (stand-in stub) serving VM 0's console on unix: and rfc2217:, and
-    the devices of the fixture's parameter (VMs config lines), if any."""
+    the devices of the fixture's parameter (VMs config lines), if any. Its endpoints' paths
+    are relative, as boards/vms-example.toml's, to its working directory ``board.root``."""
     board = FakeBoard(tmp_path / "board", vms=1)
     stub = StandinStub(board)
     config = board.root / "vms.toml"
-    config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{board.root}/vm0.log", '
-                      f'"unix:{board.root}/vm0.sock", "rfc2217:127.0.0.1:0"] }}\n'
-                      + getattr(request, "param", ""))
+    config.write_text('[vm.0]\nconsole = { endpoints = ["file:vm0.log", "unix:vm0.sock", '
+                      '"rfc2217:127.0.0.1:0"] }\n' + getattr(request, "param", ""))
     log = open(board.root / "daemon.log", "wb")
-    process = subprocess.Popen(board.serve_argv(config), stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(board.serve_argv(config), stdout=log, stderr=subprocess.STDOUT,
+                               cwd=board.root)
     try:
         stub.page.wait_attached()
         board.process = process
@@ -250,8 +251,12 @@ def test_board_without_a_daemon_is_a_clear_error(pytester, tmp_path):
 
 
 def test_console_url_from_the_daemons_info(daemon):
+    """The daemon names its endpoints' paths in full (its config's are relative to its
+    working directory): any client finds them."""
     from avatar_hw import control
     info = control.request("info", str(daemon.control))
+    assert info["vms"][0]["devices"][0]["ports"][0]["endpoints"][:2] == [
+        f"file:{daemon.root}/vm0.log", f"unix:{daemon.root}/vm0.sock"]
     assert console_url_from_info(info, 0, 0) == f"unix://{daemon.root}/vm0.sock"
     with pytest.raises(AvatarError, match="serves no VM 1; it serves vm0"):
         console_url_from_info(info, 1, 0)
