@@ -10,7 +10,8 @@ Options:
 - ``--avatar-control PATH``: the daemon's control socket (default as ``avatar-hw info``);
 - ``--avatar-reset-command CMD``: how a bench resets VM ``{vm}`` (``avatar_reset``);
 - ``--avatar-log-dir DIR``: where the per-test console logs go (default: pytest's
-  temporary directory, ``<basetemp>/avatar-logs``; the terminal summary names it).
+  temporary directory, ``<basetemp>/avatar-logs``; the terminal summary names it); made
+  at configure time (a usage error if it cannot be).
 - ``--avatar-board-linux`` (or the ini key ``avatar_board_linux = true``): without
   ``--avatar-board``, boot the emulated board in board mode (docs/emulated-board.md): the
   board's own Linux runs ``avatar-hw serve`` and the guest is VM 1 (``guest_console`` is
@@ -48,8 +49,9 @@ Fixtures:
 Reports: every console opened through ``avatar_console`` is logged per test, one file
 per test and VM console (``<log dir>/<test id>.vm<N>[-port<P>].log``), and attached to
 the test's report as a "Captured stdout" section, so JUnit XML carries it with
-``junit_logging = system-out`` (or ``all``). Tests using ``avatar_board`` get the JUnit
-properties ``avatar_board``, ``avatar_target``, ``avatar_kernel`` (the guest's release),
+``junit_logging = system-out`` (or ``all``). Tests using ``avatar_board`` (or
+``avatar_board_linux``) get the JUnit properties ``avatar_board``, ``avatar_target``,
+``avatar_kernel`` (the guest's release, on a real board once ``guest_shell`` has asked),
 ``avatar_hw_version`` and ``avatar_hw_commit``. When such a test fails, its report gets an
 "avatar-hw board" section: the interrupt diagnosis (the daemon's counters and the GIC's
 view of each SPI) and the console's last output; and the screen of each VM with a gpu is
@@ -89,8 +91,8 @@ def pytest_addoption(parser):
                     help="the daemon's control socket (default: $AVATAR_HW_CONTROL or the "
                          "daemon's default)")
     group.addoption("--avatar-reset-command", metavar="CMD",
-                    help="shell command that restarts VM {vm}'s guest on a bench (e.g. "
-                         "'labgrid-client -p avatar-pi-1 power cycle'), for avatar_reset")
+                    help="shell command that has the hypervisor restart VM {vm}'s guest on "
+                         "a bench, for avatar_reset")
     group.addoption("--avatar-log-dir", metavar="DIR",
                     help="per-test console logs (default: <pytest basetemp>/avatar-logs)")
     group.addoption("--avatar-board-linux", action="store_true",
