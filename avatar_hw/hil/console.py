@@ -238,7 +238,8 @@ class GuestConsole:
         while True:
             self.sendline(f"echo {tag}''_S")
             try:
-                self.expect(re.escape(f"{tag}_S"), min(retry, max(0.0, deadline - time.monotonic())))
+                left = max(0.0, deadline - time.monotonic())
+                self.expect(re.escape(f"{tag}_S"), min(retry, left))
                 return
             except ConsoleTimeout:
                 if time.monotonic() >= deadline:
