@@ -311,3 +311,89 @@ def test_unix_url_keeps_what_the_peer_sent_at_once(tmp_path, monkeypatch):
         console.send(b"x")
         console.close()
         listener.close()
+
+
+def one_client(family, address, serve):
+    """A listening socket; ``serve(conn)`` in a thread for its first client. The listener."""
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.bind(address)
+    listener.listen(1)
+
+    def accept():
+        conn, _ = listener.accept()
+        with conn:
+            serve(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener
+
+
+@pytest.mark.parametrize("family", [socket.AF_UNIX, socket.AF_INET], ids=["unix", "tcp"])
+def test_the_last_output_before_the_peer_closes_is_kept(tmp_path, family):
+    """A guest's last line and its close, both waiting when the console reads (pyserial's
+    socket read drops what it read in the call that meets the close): the line is read,
+    then ConsoleClosed shows it."""
+    opened, closed = threading.Event(), threading.Event()
+
+    def panic(conn):
+        opened.wait(30)
+        conn.sendall(b"Kernel panic - not syncing: Attempted to kill init!\n")
+        conn.shutdown(socket.SHUT_WR)
+        closed.set()
+
+    address = str(tmp_path / "console.sock") if family == socket.AF_UNIX else ("127.0.0.1", 0)
+    listener = one_client(family, address, panic)
+    url = (f"unix://{address}" if family == socket.AF_UNIX
+           else "socket://127.0.0.1:%d" % listener.getsockname()[1])
+    try:
+        with GuestConsole.open(url) as console:
+            opened.set()
+            assert closed.wait(30)
+            assert console.expect(["Kernel panic", ConsoleClosed], 30) == 0
+            with pytest.raises(ConsoleClosed, match="last output: .*Attempted to kill init"):
+                console.expect("never", 30)
+    finally:
+        listener.close()
+
+
+@pytest.mark.timeout(60)
+def test_drain_returns_while_the_guest_keeps_printing(tmp_path):
+    """``dmesg -w``: output that never stops; drain reads a bounded amount and returns."""
+    path = str(tmp_path / "console.sock")
+    stop_printing = threading.Event()
+
+    def chatter(conn):
+        while not stop_printing.is_set():
+            try:
+                conn.sendall(b"[   12.345678] virtio_net virtio2 eth0: chatter\r\n" * 64)
+            except OSError:
+                return
+
+    listener = one_client(socket.AF_UNIX, path, chatter)
+    try:
+        with GuestConsole.open(f"unix://{path}") as console:
+            console.expect_exact("chatter", 30)
+            console.drain()
+            assert "chatter" in console.buffer
+    finally:
+        stop_printing.set()
+        listener.close()
+
+
+def test_expect_at_timeout_zero_reads_what_is_waiting(tmp_path):
+    path = str(tmp_path / "console.sock")
+    sent, done = threading.Event(), threading.Event()
+
+    def ready(conn):
+        conn.sendall(b"ready\n")
+        sent.set()
+        done.wait(30)
+
+    listener = one_client(socket.AF_UNIX, path, ready)
+    try:
+        with GuestConsole.open(f"unix://{path}") as console:
+            assert sent.wait(30)
+            assert console.expect_exact("ready", timeout=0).group(0) == "ready"
+    finally:
+        done.set()
+        listener.close()

@@ -6,6 +6,7 @@ coordinator-less Environment (a local shell as the board's console) and labgrid'
 import importlib.util
 import re
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -82,24 +83,54 @@ needs_labgrid = pytest.mark.skipif(importlib.util.find_spec("labgrid") is None,
 
 class ShellServer:
     """A local ``sh -i`` on a pty, served raw over TCP: what a board's Linux console is to
-    labgrid (NetworkSerialPort, protocol raw). Writing to ``tty`` is output of the "board"."""
+    labgrid (NetworkSerialPort, protocol raw). Writing to ``tty`` is output of the "board";
+    ``cycle`` is its power cycle, a shell command: a fresh ``sh -i`` (a reboot), then the
+    hypervisor's banner."""
 
     def __init__(self, tmp_path):
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         master, slave = os.openpty()
         self.tty = os.ttyname(slave)
-        self.shell = subprocess.Popen(["/bin/sh", "-i"], stdin=slave, stdout=slave, stderr=slave,
+        pid = tmp_path / "sh.pid"
+        self.shell = subprocess.Popen(["/bin/sh", "-c", f"while :; do sh -c 'echo $$ >{pid}; "
+                                       "exec sh -i'; done"],
+                                      stdin=slave, stdout=slave, stderr=slave,
                                       cwd=tmp_path, start_new_session=True,
                                       env={**os.environ, "PS1": "board$ "})
+        self.cycle = f"sh -c \"kill -9 $(cat {pid}); echo Avatar hypervisor >{self.tty}\""
         os.close(slave)
         self.master = master
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self):
-        conn, _ = self.listener.accept()
-        threading.Thread(target=self._copy, args=(self.master, conn.sendall), daemon=True).start()
+        """Each client in turn (labgrid connects again after deactivating the console); the
+        shell's output goes to the one connected, or waits for the next."""
+        self.conn, self.pending, self.lock = None, b"", threading.Lock()
+        threading.Thread(target=self._copy, args=(self.master, self._to_client),
+                         daemon=True).start()
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:                         # closed
+                return
+            with self.lock:
+                conn.sendall(self.pending)
+                self.conn, self.pending = conn, b""
+            threading.Thread(target=self._from_client, args=(conn,), daemon=True).start()
+
+    def _from_client(self, conn):
         self._copy(conn.fileno(), lambda data: os.write(self.master, data))
+        with self.lock:
+            if self.conn is conn:
+                self.conn = None
+
+    def _to_client(self, data):
+        with self.lock:
+            try:
+                self.conn.sendall(data)
+            except (AttributeError, OSError):       # none connected, or it went away
+                self.conn, self.pending = None, self.pending + data
 
     @staticmethod
     def _copy(fd, write):
@@ -110,19 +141,24 @@ class ShellServer:
             pass
 
     def close(self):
-        self.shell.kill()
+        os.killpg(self.shell.pid, signal.SIGKILL)
         self.shell.wait()
+        # wakes _serve's accept: else it waits on, and may take the next listener's client
+        # once that listener gets the same file descriptor
+        self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
 
 
-def board_environment(tmp_path, server, serve_args, **strategy):
+def environment_file(tmp_path, server, serve_args, **strategy):
+    """The environment file of ``server`` as the board (the strategy's attributes overridden
+    by ``strategy``)."""
     env = tmp_path / "env.yaml"
     env.write_text(yaml_dump({"targets": {"main": {
         "resources": {"NetworkSerialPort": {"host": "127.0.0.1", "port": server.port,
                                             "protocol": "raw"}},
         "drivers": {
             "ExternalPowerDriver": {"cmd_on": "true", "cmd_off": "true", "delay": 0.0,
-                                    "cmd_cycle": f"sh -c \"echo Avatar hypervisor >{server.tty}\""},
+                                    "cmd_cycle": server.cycle},
             "SerialDriver": {},
             "ShellDriver": {"prompt": r"board\$ ", "login_prompt": " login: ",
                             "username": "root", "await_login_timeout": 1},
@@ -131,8 +167,13 @@ def board_environment(tmp_path, server, serve_args, **strategy):
                                "log": str(tmp_path / "serve.log"), "boot_timeout": 20,
                                **strategy}}}},
         "imports": ["avatar_hw.hil.labgrid"]}))
+    return env
+
+
+def board_environment(*args, **strategy):
+    """``environment_file``'s Environment (call its cleanup())."""
     from labgrid import Environment
-    return Environment(str(env))
+    return Environment(str(environment_file(*args, **strategy)))
 
 
 def yaml_dump(data):
@@ -163,6 +204,69 @@ def test_strategy_serves_and_restarts_the_daemon_through_labgrid(tmp_path):
         env.cleanup()
         server.close()
         stub.close()
+
+
+@needs_labgrid
+def test_strategy_logs_in_again_after_a_power_cycle(tmp_path):
+    """serving -> off -> serving, where the power cycle starts a fresh shell (a reboot): the
+    console is deactivated at off, so the ShellDriver logs in (and sets up) again."""
+    board = FakeBoard(tmp_path / "board", vms=1)
+    stub = StandinStub(board)
+    config = board.root / "vms.toml"
+    config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{board.root}/vm0.log"] }}\n')
+    server = ShellServer(tmp_path)
+    env = board_environment(tmp_path, server, board.serve_argv(config)[4:],
+                            control=str(board.control))
+    try:
+        strategy = env.get_target("main").get_driver("AvatarStrategy")
+        strategy.transition("serving")
+        first = control.request("info", str(board.control))["pid"]
+        strategy.transition("off")
+        strategy.transition("serving")
+        assert control.request("info", str(board.control))["pid"] != first
+        assert strategy.shell.run_check("echo $((6 * 7))") == ["42"]
+        strategy.shell.run_check(labgrid.stop_command(str(tmp_path / "serve.pid")))
+    finally:
+        env.cleanup()
+        server.close()
+        stub.close()
+
+
+@needs_labgrid
+def test_lg_initial_state_forces_the_strategy(tmp_path):
+    """``pytest --lg-env ENV --lg-initial-state serving`` (labgrid's plugin calls force()): the
+    board is taken to be serving, its shell is logged in to, and nothing is started."""
+    server = ShellServer(tmp_path)
+    env = environment_file(tmp_path, server, ["--board", "rpi4"])
+    (tmp_path / "test_forced.py").write_text(
+        "def test_forced(strategy):\n"
+        "    assert strategy.status.name == 'serving'\n"
+        "    assert strategy.shell.run_check('echo $((6 * 7))') == ['42']\n"
+        "    strategy.transition('serving')\n")
+    try:
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                 f"--lg-env={env}", "--lg-initial-state=serving",
+                                 "test_forced.py"], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=120)
+    finally:
+        server.close()
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert not (tmp_path / "serve.pid").exists()           # no daemon was started
+
+
+@needs_labgrid
+def test_a_boot_timeout_that_is_not_seconds_names_the_key(tmp_path):
+    from labgrid import Environment
+    from labgrid.exceptions import InvalidConfigError
+    server = ShellServer(tmp_path)
+    try:
+        env = Environment(str(environment_file(tmp_path, server, [], boot_timeout="2m")))
+        with pytest.raises(InvalidConfigError) as err:
+            env.get_target("main")
+    finally:
+        server.close()
+    assert str(err.value.__cause__) == ("AvatarStrategy boot_timeout: '2m' is not a number of "
+                                        "seconds (e.g. 120)")
 
 
 @needs_labgrid

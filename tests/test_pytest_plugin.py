@@ -36,15 +36,16 @@ def pytester(pytester, monkeypatch):
 @pytest.fixture
 def daemon(request, tmp_path):
     """A running daemon (stand-in stub) serving VM 0's console on unix: and rfc2217:, and
-    the devices of the fixture's parameter (VMs config lines), if any."""
+    the devices of the fixture's parameter (VMs config lines), if any. Its endpoints' paths
+    are relative, as boards/vms-example.toml's, to its working directory ``board.root``."""
     board = FakeBoard(tmp_path / "board", vms=1)
     stub = StandinStub(board)
     config = board.root / "vms.toml"
-    config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{board.root}/vm0.log", '
-                      f'"unix:{board.root}/vm0.sock", "rfc2217:127.0.0.1:0"] }}\n'
-                      + getattr(request, "param", ""))
+    config.write_text('[vm.0]\nconsole = { endpoints = ["file:vm0.log", "unix:vm0.sock", '
+                      '"rfc2217:127.0.0.1:0"] }\n' + getattr(request, "param", ""))
     log = open(board.root / "daemon.log", "wb")
-    process = subprocess.Popen(board.serve_argv(config), stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(board.serve_argv(config), stdout=log, stderr=subprocess.STDOUT,
+                               cwd=board.root)
     try:
         stub.page.wait_attached()
         board.process = process
@@ -250,8 +251,12 @@ def test_board_without_a_daemon_is_a_clear_error(pytester, tmp_path):
 
 
 def test_console_url_from_the_daemons_info(daemon):
+    """The daemon names its endpoints' paths in full (its config's are relative to its
+    working directory): any client finds them."""
     from avatar_hw import control
     info = control.request("info", str(daemon.control))
+    assert info["vms"][0]["devices"][0]["ports"][0]["endpoints"][:2] == [
+        f"file:{daemon.root}/vm0.log", f"unix:{daemon.root}/vm0.sock"]
     assert console_url_from_info(info, 0, 0) == f"unix://{daemon.root}/vm0.sock"
     with pytest.raises(AvatarError, match="serves no VM 1; it serves vm0"):
         console_url_from_info(info, 1, 0)
@@ -521,3 +526,129 @@ def test_a_board_file_that_is_not_there_is_one_line(pytester, tmp_path):
                                  f"{tmp_path / 'nope.toml'}: no such board file*"])
     result.stdout.no_fnmatch_line("*Traceback*")
     result.stdout.no_fnmatch_line("*read_toml*")
+
+
+DAEMON_DIES = """
+import os, signal, time
+import pytest
+
+pytestmark = pytest.mark.hw
+
+def test_arms_a_fault_then_the_daemon_dies(avatar_board, guest_console):
+    avatar_board.inject(vm=0, device="console", fault="irq-drop", count=3)
+    os.kill({pid}, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while open("/proc/{pid}/stat").read().split()[2] != "Z":     # our parent reaps it
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+def test_next(guest_console):
+    pass
+"""
+
+
+def test_a_daemon_dying_with_a_fault_armed_is_one_line_against_its_test(pytester, daemon):
+    """Its faults cannot be cleared: one line in that test's teardown; the next test runs
+    and the session's consoles (the daemon's, gone) are closed without a word."""
+    pytester.makepyfile(DAEMON_DIES.replace("{pid}", str(daemon.process.pid)))
+    result = pytester.runpytest(f"--avatar-board={daemon.board_file}",
+                                f"--avatar-control={daemon.control}")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines([
+        "*ERROR at teardown of test_arms_a_fault_then_the_daemon_dies*",
+        "avatar-hw: the faults this test armed were not cleared: no avatar-hw daemon at *"])
+    result.stdout.no_fnmatch_line("*was not torn down properly*")
+    result.stdout.no_fnmatch_line("*Traceback*")
+
+
+BOARD_LINUX_FAULT = """
+from avatar_hw import control
+
+def test_arms_and_fails(avatar_board_linux):
+    avatar_board_linux.inject(vm=0, device="console", fault="irq-drop", count=3)
+    assert False, "on purpose"
+
+def test_finds_none_armed(avatar_board):
+    assert control.request("faults", avatar_board.control_path) == []
+"""
+
+
+def test_a_board_through_avatar_board_linux_is_cleared_and_reported(pytester, daemon, tmp_path):
+    pytester.makepyfile(BOARD_LINUX_FAULT)
+    junit = tmp_path / "junit.xml"
+    result = pytester.runpytest(f"--avatar-board={daemon.board_file}",
+                                f"--avatar-control={daemon.control}", f"--junitxml={junit}")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*- avatar-hw board -*", "vm0 console0 IRQ 48: *"])
+    case = next(c for c in ElementTree.parse(junit).iter("testcase")
+                if c.get("name") == "test_arms_and_fails")
+    props = {p.get("name"): p.get("value") for p in case.iter("property")}
+    assert props["avatar_target"] == "hw"
+
+
+def test_a_console_option_that_does_not_open_is_one_line_naming_it(pytester, daemon, tmp_path):
+    pytester.makepyfile("""
+        def test_one(guest_console):
+            pass
+
+        def test_two(guest_console):
+            pass
+    """)
+    url = str(tmp_path / "ttyUSB9")
+    result = pytester.runpytest(f"--avatar-board={daemon.board_file}",
+                                f"--avatar-control={daemon.control}", f"--avatar-console={url}")
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines([f"--avatar-console {url}: console {url}: *could not open "
+                                 "port * (give the guest console's URL, or leave the option "
+                                 "out to use the daemon's endpoint)"] * 2)
+    result.stdout.no_fnmatch_line("*Traceback*")
+    result.stdout.no_fnmatch_line("*During handling*")
+
+
+def test_a_log_dir_that_is_a_file_is_a_usage_error(pytester, tmp_path):
+    pytester.makepyfile("def test_plain():\n    pass\n")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    result = pytester.runpytest(f"--avatar-log-dir={afile}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: --avatar-log-dir {afile}: cannot make this "
+                                 "directory (File exists): give a directory"])
+
+
+SHELL_ON_SOCKET = os.path.join(os.path.dirname(__file__), "shell_on_socket.py")
+
+RESET_TESTS = """
+import pytest
+
+pytestmark = pytest.mark.hw
+
+def test_before(guest_shell):
+    assert guest_shell.run("echo $((1 + 1))") == ("2\\n", 0)
+
+@pytest.mark.avatar_reset
+def test_after_a_power_cycle(guest_shell):
+    assert guest_shell.run("echo $((2 + 2))") == ("4\\n", 0)
+"""
+
+
+def test_a_bench_reset_waits_for_its_console_to_come_back(pytester, daemon, tmp_path):
+    """The reset command returns while the guest console is down (a power cycle): the
+    console is opened again once it is back, and the guest's shell answers."""
+    path = tmp_path / "guest.sock"
+    pidfile = f"{path}.pid"
+    subprocess.Popen([sys.executable, SHELL_ON_SOCKET, str(path), "0"])
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        assert time.monotonic() < deadline, "the console stand-in did not start"
+        time.sleep(0.05)
+    cycle = (f"kill -- -$(cat {pidfile}); "
+             f"{sys.executable} {SHELL_ON_SOCKET} {path} 2 >/dev/null 2>&1 &")
+    pytester.makepyfile(RESET_TESTS)
+    try:
+        result = pytester.runpytest(f"--avatar-board={daemon.board_file}",
+                                    f"--avatar-control={daemon.control}",
+                                    f"--avatar-console=unix://{path}",
+                                    f"--avatar-reset-command={cycle}")
+    finally:
+        subprocess.run(f"kill -- -$(cat {pidfile})", shell=True)
+    result.assert_outcomes(passed=2)

@@ -17,6 +17,7 @@ The scheme names its module: ``avatar_hw.endpoints.<scheme>``, whose
 """
 
 import importlib
+import os
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -27,7 +28,10 @@ DEFAULT_LIMIT = 256 * 1024      # bytes of output an endpoint used on its own ho
 
 
 def open_endpoint(url, *, limit=DEFAULT_LIMIT):
-    """One endpoint from a URL (see the module docstring)."""
+    """One endpoint from a URL (see the module docstring). A relative path is taken from the
+    working directory and the endpoint's ``url`` names it in full: what ``info`` reports is
+    what a client elsewhere (``avatar-hw console``, the pytest plugin) opens."""
+    url = url_under(url, os.getcwd())
     scheme, _, rest = url.partition(":")
     if scheme not in SCHEMES:
         raise ConfigError(url, None, f"unknown console endpoint {scheme!r}; use one of "

@@ -36,8 +36,11 @@ from ..errors import AvatarError
 
 DEFAULT_TIMEOUT = 30.0
 POLL = 0.02              # pyserial read timeout: the longest a wait sleeps between checks
+RETRY = 0.2              # reopen: between tries
 CHUNK = 4096
 TRANSCRIPT_LIMIT = 64 * 1024
+DRAIN_TIME = 2.0         # drain: at most this long, and at most DRAIN_BYTES (a chatty guest)
+DRAIN_BYTES = 256 * 1024
 
 
 class ConsoleTimeout(AvatarError, AssertionError):
@@ -84,10 +87,20 @@ class GuestConsole:
     def close(self):
         self.port.close()
 
-    def reopen(self, url):
-        """Attach to ``url`` instead (the guest started again): a new port, nothing pending."""
+    def reopen(self, url, timeout=0.0):
+        """Attach to ``url`` instead (the guest started again): a new port, nothing pending.
+        The open is tried again for ``timeout`` s (an endpoint still down after a power
+        cycle). The old port is closed first: an endpoint takes one client at a time."""
         self.port.close()
-        self.port = open_serial(url, timeout=POLL)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.port = open_serial(url, timeout=POLL)
+                break
+            except AvatarError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(RETRY)
         self.name = url
         self.buffer = ""
         self._decoder.reset()
@@ -100,13 +113,23 @@ class GuestConsole:
 
     # -- output from the guest -----------------------------------------------------------------
 
+    def _read(self):
+        """What the port has, waiting up to ``POLL`` for a first byte. Asks for no more than
+        ``in_waiting``: pyserial's socket:// read drops the bytes of a call that meets the
+        peer's close, such as a panic's last line; that close is raised on the next call."""
+        data = b""
+        try:
+            data = self.port.read(max(1, min(self.port.in_waiting, CHUNK)))
+            while data and len(data) < CHUNK and (waiting := self.port.in_waiting):
+                data += self.port.read(min(waiting, CHUNK - len(data)))
+        except (serial.SerialException, OSError) as err:
+            if not data:
+                raise ConsoleClosed(f"{self.name}: {err}; last output: {self.tail()!r}") from None
+        return data
+
     def _receive(self):
         """Read what arrives within ``POLL`` seconds; the text."""
-        try:
-            data = self.port.read(CHUNK)
-        except serial.SerialException as err:
-            raise ConsoleClosed(f"{self.name}: {err}; last output: {self.tail()!r}") from None
-        text = self._decoder.decode(data)
+        text = self._decoder.decode(self._read())
         if text:
             self.buffer += text
             self.transcript = (self.transcript + text)[-TRANSCRIPT_LIMIT:]
@@ -117,9 +140,11 @@ class GuestConsole:
 
     def drain(self):
         """Read what has already arrived (into ``buffer``, ``log``), without waiting for
-        more than one ``POLL``; consumes nothing."""
-        while self._receive():
-            pass
+        more than one ``POLL``, nor for longer than ``DRAIN_TIME`` or more than
+        ``DRAIN_BYTES`` from a guest that keeps printing; consumes nothing."""
+        deadline, left = time.monotonic() + DRAIN_TIME, DRAIN_BYTES
+        while left > 0 and time.monotonic() < deadline and (text := self._receive()):
+            left -= len(text)
 
     def tail(self, n=300):
         return self.transcript[-n:]
@@ -157,6 +182,7 @@ class GuestConsole:
             else:
                 regexes[index] = _compile(pattern, self.encoding)
         deadline = time.monotonic() + timeout
+        read = False                            # the port is read once even at timeout 0
         while True:
             found = [(match.start(), index, match) for index, regex in regexes.items()
                      if (match := regex.search(self.buffer))]
@@ -164,12 +190,13 @@ class GuestConsole:
                 _, index, self.match = min(found, key=lambda f: f[:2])
                 self.buffer = self.buffer[self.match.end():]
                 return index
-            if time.monotonic() >= deadline:
+            if read and time.monotonic() >= deadline:
                 if ConsoleTimeout in patterns:
                     return patterns.index(ConsoleTimeout)
                 wanted = " or ".join(repr(r.pattern) for r in regexes.values())
                 raise ConsoleTimeout(f"{self.name}: no {wanted} within {timeout} s; "
                                      f"last output: {self.tail()!r}")
+            read = True
             try:
                 self._receive()
             except ConsoleClosed:
@@ -211,7 +238,8 @@ class GuestConsole:
         while True:
             self.sendline(f"echo {tag}''_S")
             try:
-                self.expect(re.escape(f"{tag}_S"), min(retry, max(0.0, deadline - time.monotonic())))
+                left = max(0.0, deadline - time.monotonic())
+                self.expect(re.escape(f"{tag}_S"), min(retry, left))
                 return
             except ConsoleTimeout:
                 if time.monotonic() >= deadline:

@@ -10,8 +10,10 @@ board UART) -> ``shell`` (logged in to the board's Linux) -> ``serving``
 (``avatar-hw serve`` running, its control socket answering; if it exits
 instead, a ``StrategyError`` carries its log's last lines at once).
 ``restart_daemon()`` restarts only the daemon (labgrid skips a transition to
-the current state). The shell commands for the last step are plain functions (``start_command``,
-``ready_command``, ``stop_command``), so they are tested without labgrid.
+the current state); ``force(state)`` (labgrid's ``--lg-initial-state``) takes the
+board to be in that state already. The shell commands for the last step are plain
+functions (``start_command``, ``ready_command``, ``stop_command``), so they are tested
+without labgrid.
 """
 
 import enum
@@ -60,11 +62,19 @@ def stop_command(pidfile):
     return f"[ -f {pidfile} ] && kill $(cat {pidfile}) 2>/dev/null; rm -f {pidfile}; true"
 
 
+def _seconds(instance, attribute, value):
+    """attrs validator: a positive number. TypeError, which labgrid reports as a bad
+    environment (a ValueError would be a traceback)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise TypeError(f"AvatarStrategy {attribute.name}: {value!r} is not a number of "
+                        "seconds (e.g. 120)")
+
+
 def _define_strategy():
     import attr
     from labgrid.factory import target_factory
     from labgrid.step import step
-    from labgrid.strategy import Strategy, StrategyError
+    from labgrid.strategy import Strategy, StrategyError, never_retry
 
     @target_factory.reg_driver
     @attr.s(eq=False)
@@ -79,21 +89,19 @@ def _define_strategy():
                              validator=attr.validators.instance_of(list))
         control = attr.ib(default="/run/avatar-hw.sock", validator=attr.validators.instance_of(str))
         banner = attr.ib(default=r"Avatar", validator=attr.validators.instance_of(str))
-        boot_timeout = attr.ib(default=120.0, converter=float)
+        boot_timeout = attr.ib(default=120.0, validator=_seconds)
         log = attr.ib(default="/var/log/avatar-hw.log", validator=attr.validators.instance_of(str))
         pidfile = attr.ib(default="/run/avatar-hw.pid", validator=attr.validators.instance_of(str))
         avatar_hw = attr.ib(default="avatar-hw", validator=attr.validators.instance_of(str))
 
         @step(args=["status"])
         def transition(self, status, *, step):
-            if not isinstance(status, Status):
-                status = Status[status]
-            if status == Status.unknown:
-                raise StrategyError(f"can not transition to {status}")
+            status = _known(status, "transition to")
             if status == self.status:
                 step.skip("nothing to do")
                 return
             if status == Status.off:
+                self.target.deactivate(self.console)     # the shell logs in again after
                 self.target.activate(self.power)
                 self.power.off()
             elif status == Status.hypervisor:
@@ -107,6 +115,21 @@ def _define_strategy():
             elif status == Status.serving:
                 self.transition(Status.shell)
                 self.restart_daemon()
+            self.status = status
+
+        @never_retry
+        @step(args=["status"])
+        def force(self, status, *, step):
+            """Take the board to be in ``status`` already (labgrid's ``--lg-initial-state``):
+            activate that state's drivers, run nothing."""
+            status = _known(status, "force state")
+            self.target.activate(self.power)
+            if status == Status.off:
+                self.target.deactivate(self.console)
+            elif status == Status.hypervisor:
+                self.target.activate(self.console)
+            else:
+                self.target.activate(self.shell)
             self.status = status
 
         @step()
@@ -124,6 +147,13 @@ def _define_strategy():
                     f"its control socket {self.control} did not answer within "
                     f"{READY_TIMEOUT:.0f} s")
                 raise StrategyError(f"avatar-hw serve {' '.join(self.serve_args)}: {problem}")
+
+    def _known(status, doing):
+        """``status`` (a Status or its name) as a Status other than ``unknown``."""
+        status = status if isinstance(status, Status) else Status[status]
+        if status == Status.unknown:
+            raise StrategyError(f"can not {doing} {status}")
+        return status
 
     return AvatarStrategy
 

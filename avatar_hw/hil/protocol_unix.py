@@ -6,10 +6,13 @@ connecting is pyserial's ``socket://`` handler. ``open_serial`` in
 ``avatar_hw.hil.console`` registers this package with pyserial.
 """
 
+import fcntl
 import socket
+import struct
+import termios
 import urllib.parse
 
-from serial import SerialException
+from serial import PortNotOpenError, SerialException
 from serial.urlhandler import protocol_socket
 
 
@@ -34,6 +37,13 @@ class Serial(protocol_socket.Serial):
         self.is_open = True
         # No reset_input_buffer() as socket:// does: what the peer sent as soon as we
         # connected (a shell's first prompt, the daemon's backlog) is output, not line noise.
+
+    @property
+    def in_waiting(self):
+        """The bytes there are to read (socket://'s says 1 for any, and for the peer's close)."""
+        if not self.is_open:
+            raise PortNotOpenError()
+        return struct.unpack("i", fcntl.ioctl(self._socket, termios.FIONREAD, bytes(4)))[0]
 
     def from_url(self, url):
         parts = urllib.parse.urlsplit(url)

@@ -10,7 +10,8 @@ Options:
 - ``--avatar-control PATH``: the daemon's control socket (default as ``avatar-hw info``);
 - ``--avatar-reset-command CMD``: how a bench resets VM ``{vm}`` (``avatar_reset``);
 - ``--avatar-log-dir DIR``: where the per-test console logs go (default: pytest's
-  temporary directory, ``<basetemp>/avatar-logs``; the terminal summary names it).
+  temporary directory, ``<basetemp>/avatar-logs``; the terminal summary names it); made
+  at configure time (a usage error if it cannot be).
 - ``--avatar-board-linux`` (or the ini key ``avatar_board_linux = true``): without
   ``--avatar-board``, boot the emulated board in board mode (docs/emulated-board.md): the
   board's own Linux runs ``avatar-hw serve`` and the guest is VM 1 (``guest_console`` is
@@ -48,8 +49,9 @@ Fixtures:
 Reports: every console opened through ``avatar_console`` is logged per test, one file
 per test and VM console (``<log dir>/<test id>.vm<N>[-port<P>].log``), and attached to
 the test's report as a "Captured stdout" section, so JUnit XML carries it with
-``junit_logging = system-out`` (or ``all``). Tests using ``avatar_board`` get the JUnit
-properties ``avatar_board``, ``avatar_target``, ``avatar_kernel`` (the guest's release),
+``junit_logging = system-out`` (or ``all``). Tests using ``avatar_board`` (or
+``avatar_board_linux``) get the JUnit properties ``avatar_board``, ``avatar_target``,
+``avatar_kernel`` (the guest's release, on a real board once ``guest_shell`` has asked),
 ``avatar_hw_version`` and ``avatar_hw_commit``. When such a test fails, its report gets an
 "avatar-hw board" section: the interrupt diagnosis (the daemon's counters and the GIC's
 view of each SPI) and the console's last output; and the screen of each VM with a gpu is
@@ -59,6 +61,7 @@ convention of Jenkins' JUnit attachments.
 """
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -88,8 +91,8 @@ def pytest_addoption(parser):
                     help="the daemon's control socket (default: $AVATAR_HW_CONTROL or the "
                          "daemon's default)")
     group.addoption("--avatar-reset-command", metavar="CMD",
-                    help="shell command that restarts VM {vm}'s guest on a bench (e.g. "
-                         "'labgrid-client -p avatar-pi-1 power cycle'), for avatar_reset")
+                    help="shell command that has the hypervisor restart VM {vm}'s guest on "
+                         "a bench, for avatar_reset")
     group.addoption("--avatar-log-dir", metavar="DIR",
                     help="per-test console logs (default: <pytest basetemp>/avatar-logs)")
     group.addoption("--avatar-board-linux", action="store_true",
@@ -142,10 +145,7 @@ class _Consoles:
         for key, (path, log) in self.logs.items():
             console = self.by_port.get(key)         # gone when the session ended with this test
             if console is not None:
-                try:
-                    console.drain()
-                except Exception:                   # a console gone away: its log ends here
-                    pass
+                _drain(console)
                 console.log = None
             log.close()
             text = path.read_text(errors="replace")
@@ -156,14 +156,37 @@ class _Consoles:
         self.logs = {}
         self.test = None
 
+    def close_all(self):
+        """Session end: what each console holds goes into the last test's log; all closed."""
+        consoles, self.by_port = list(self.by_port.values()), {}
+        for console in consoles:
+            _drain(console)
+            console.close()
+
+
+def _drain(console):
+    """What ``console`` holds, into its log (bounded: a guest may never stop printing)."""
+    try:
+        console.drain()
+    except Exception:                   # a console gone away: its log ends here
+        pass
+
 
 _STATE = pytest.StashKey[_Consoles]()
+_BOARD = pytest.StashKey[object]()      # the session's avatar_board, while it lives
 
 
 def pytest_configure(config):
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     config.stash[_STATE] = _Consoles()
+    log_dir = config.getoption("avatar_log_dir", None)
+    if log_dir:
+        try:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise pytest.UsageError(f"--avatar-log-dir {log_dir}: cannot make this directory "
+                                    f"({err.strerror}): give a directory") from None
 
 
 def pytest_collection_modifyitems(config, items):
@@ -198,7 +221,9 @@ def avatar_board(request):
         if missing:
             pytest.skip(f"no --avatar-board, and {missing}")
         board = target.EmulatedTarget(board_linux=_board_linux(config)).start()
+    config.stash[_BOARD] = board
     yield board
+    del config.stash[_BOARD]
     board.close()
 
 
@@ -221,9 +246,16 @@ def avatar_console(request, avatar_board, tmp_path_factory):
     state.make_log_dir(request.config, tmp_path_factory)
 
     def console(vm=0, port=0):
+        from ..errors import AvatarError
         key = (vm, port)
         if key not in state.by_port:
-            state.by_port[key] = avatar_board.console(vm, port)
+            problem = None
+            try:
+                state.by_port[key] = avatar_board.console(vm, port)
+            except AvatarError as err:
+                problem = str(err)
+            if problem:                     # one line (outside the except: no chained error)
+                pytest.fail(problem, pytrace=False)
             if state.test is not None:
                 state.open_log(key)
         if vm == avatar_board.guest_vm:
@@ -231,10 +263,7 @@ def avatar_console(request, avatar_board, tmp_path_factory):
         return state.by_port[key]
 
     yield console
-    for opened in state.by_port.values():
-        opened.drain()                              # into the last test's log
-        opened.close()
-    state.by_port.clear()
+    state.close_all()
 
 
 @pytest.fixture(scope="session")
@@ -272,9 +301,10 @@ def avatar_reset(request, avatar_board, avatar_console):
         restarted = avatar_board.reset(vm)
         for (console_vm, port), console in state.by_port.items():
             if console_vm in restarted:
-                console.reopen(avatar_board.console_url(console_vm, port))
+                deadline = time.monotonic() + SHELL_TIMEOUT     # for the endpoint and the shell
+                console.reopen(avatar_board.console_url(console_vm, port), SHELL_TIMEOUT)
                 try:
-                    console.wait_shell(SHELL_TIMEOUT)
+                    console.wait_shell(max(0.0, deadline - time.monotonic()))
                 except ConsoleTimeout:
                     if port == 0:
                         raise
@@ -294,20 +324,37 @@ def pytest_runtest_setup(item):
     yield
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item):
-    board = getattr(item, "funcargs", {}).get("avatar_board")
+    """Faults never outlive their test; nor does its console log. A daemon gone away is one
+    line against this test, and the next test starts clean."""
+    from ..errors import AvatarError
+    board, problem = item.config.stash.get(_BOARD, None), None
     if board is not None and board.faults_armed:
-        board.clear_faults()                        # faults never outlive their test
-    yield
-    item.config.stash[_STATE].end_test(item)
+        try:
+            board.clear_faults()
+        except AvatarError as err:
+            problem = f"avatar-hw: the faults this test armed were not cleared: {err}"
+    try:
+        yield
+    finally:
+        item.config.stash[_STATE].end_test(item)
+    if problem:
+        pytest.fail(problem, pytrace=False)
+
+
+def _used_board(item):
+    """The session's board if ``item`` asked for it (through any fixture), else None."""
+    if {"avatar_board", "avatar_board_linux"} & set(getattr(item, "fixturenames", ())):
+        return item.config.stash.get(_BOARD, None)
+    return None
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    board = getattr(item, "funcargs", {}).get("avatar_board")
+    board = _used_board(item)
     if board is None:
         return
     if call.when == "setup" and report.passed:

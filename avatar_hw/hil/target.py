@@ -12,8 +12,7 @@ Both offer the same things, so one bring-up suite runs on either:
 - ``balloon(vm, size)``: the guest memory VM ``vm`` keeps (virtio-balloon);
 - ``reset(vm)``: the guest starts again from power-on; returns the VMs that did
   (the emulated board restarts QEMU and the daemon: all of them; a bench runs
-  its ``reset_command``, e.g. a labgrid power cycle or the hypervisor's VM
-  restart, with ``{vm}`` replaced);
+  its ``reset_command``, the hypervisor's VM restart, with ``{vm}`` replaced);
 - ``properties()``: board, target kind, guest kernel (when known), avatar-hw's
   version and commit, for test reports.
 - ``board_run(command)``: ``(output, status)`` of a shell command in the board's
@@ -222,7 +221,7 @@ class HardwareTarget(Target):
     def reset(self, vm=0):
         if not self.reset_command:
             raise AvatarError(f"no way to reset VM {vm} on this bench: give "
-                              "--avatar-reset-command 'CMD' (e.g. a labgrid power cycle; "
+                              "--avatar-reset-command 'CMD' (the hypervisor's VM restart; "
                               "{vm} is replaced by the VM number)")
         command = self.reset_command.replace("{vm}", str(vm))
         done = subprocess.run(command, shell=True, capture_output=True, text=True)
@@ -231,10 +230,22 @@ class HardwareTarget(Target):
                               f"{(done.stderr or done.stdout).strip()[-300:]}")
         return [vm]
 
+    def _given_url(self, vm, port):
+        """``--avatar-console``'s URL if it is VM ``vm``'s port ``port``, else None."""
+        return self._console_url if (vm, port) == (0, 0) else None
+
     def console_url(self, vm=0, port=0):
-        if self._console_url and (vm, port) == (0, 0):
-            return self._console_url
-        return super().console_url(vm, port)
+        return self._given_url(vm, port) or super().console_url(vm, port)
+
+    def console(self, vm=0, port=0):
+        try:
+            return super().console(vm, port)
+        except AvatarError as err:
+            if self._given_url(vm, port) is None:
+                raise
+            raise AvatarError(f"--avatar-console {self._console_url}: {err} (give the guest "
+                              "console's URL, or leave the option out to use the daemon's "
+                              "endpoint)") from None
 
     def board_run(self, command, timeout=60):
         """Here: a HardwareTarget runs in the board's Linux, next to ``avatar-hw serve``."""
