@@ -201,6 +201,28 @@ def test_console_option_overrides_the_daemons_endpoint(pytester, daemon):
     result.assert_outcomes(passed=1)
 
 
+def test_from_another_machine_a_given_console_works_without_the_control_socket(pytester,
+                                                                              daemon):
+    """docs/testing.md: with only the console reachable (rfc2217 from another machine),
+    console tests run and tests that need the control socket fail, saying so."""
+    from avatar_hw import control
+    info = control.request("info", str(daemon.control))
+    endpoints = info["vms"][0]["devices"][0]["ports"][0]["endpoints"]
+    address = next(e for e in endpoints if e.startswith("rfc2217:")).split(":", 1)[1]
+    pytester.makepyfile("""
+        def test_console(guest_console):
+            assert guest_console.port.is_open
+
+        def test_control(avatar_board):
+            avatar_board.info()
+    """)
+    result = pytester.runpytest(f"--avatar-board={daemon.board_file}",
+                                f"--avatar-control={daemon.root / 'nowhere.sock'}",
+                                f"--avatar-console=rfc2217://{address}")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*no avatar-hw daemon at *nowhere.sock*"])
+
+
 VSOCK_TESTS = """
 import pytest
 from avatar_hw.errors import AvatarError

@@ -211,7 +211,8 @@ def avatar_board(request):
                 board_file, console_url=config.getoption("avatar_console"),
                 control_path=config.getoption("avatar_control"),
                 reset_command=config.getoption("avatar_reset_command"))
-            board.info()
+            if not config.getoption("avatar_console"):
+                board.info()    # given a console, the daemon may be out of reach (remote)
         except AvatarError as err:
             if board is not None:
                 board.close()
