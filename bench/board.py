@@ -71,7 +71,8 @@ from avatar_hw.hil.target import device_available
 from avatar_hw.processes import end_process
 from avatar_hw.unixsock import connect_unix
 
-from .common import compile_c, cpu_seconds, data_workdir, spread, table, where, write_synced
+from .common import (compile_c, cpu_seconds, data_workdir, error_text, spread, table, where,
+                     write_synced)
 from .cost import device_kinds_available
 
 MIB = 1 << 20
@@ -615,15 +616,15 @@ def run(quick=False, runs=3, wait=None, daemon=None):
 
 
 def alternate(runs, sides, raw, part):
-    """``runs`` rounds of each (side, runner) in turn; each runner's figures (or its error)
-    and wall time appended to ``raw[side]``."""
+    """``runs`` rounds of each (side, runner) in turn; each runner's figures (or its error,
+    any Exception: the runs after it still run) and wall time appended to ``raw[side]``."""
     for n in range(runs):
         for side, runner in sides:
             start = time.monotonic()
             try:
                 figures = runner()
-            except AvatarError as err:
-                figures = {"errors": [str(err)]}
+            except Exception as err:
+                figures = {"errors": [error_text(err)]}
             figures["wall_s"] = time.monotonic() - start
             raw[side].append(figures)
             print(f"  {part} run {n + 1}/{runs} {side}: {figures['wall_s']:.0f} s"

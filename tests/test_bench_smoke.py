@@ -161,3 +161,70 @@ def test_bench_data_left_by_a_killed_bench_is_removed_by_the_next(tmp_path, monk
     fresh = common.data_workdir("avatar-test-", 1)
     assert not stale.exists() and live.exists()
     assert fresh.name.startswith(f"avatar-test-{os.getpid()}-")
+
+
+def test_alternate_records_any_exception_of_a_run_and_runs_the_others(capsys):
+    """A run that raises what is not an AvatarError (a socket's timeout, a child's) is
+    recorded with its type and the rounds after it still run."""
+    import socket
+    from bench.board import alternate
+    errors = iter([socket.timeout("timed out"), subprocess.TimeoutExpired("qemu", 5),
+                   OSError(32, "Broken pipe")])
+
+    def qemu():
+        raise next(errors)
+    raw = {"ours": [], "qemu": []}
+    alternate(3, (("ours", lambda: {"seqread_MBps": 1.0}), ("qemu", qemu)), raw, "board")
+    assert [r["seqread_MBps"] for r in raw["ours"]] == [1.0] * 3
+    assert [r["errors"] for r in raw["qemu"]] == [
+        ["TimeoutError: timed out"], ["TimeoutExpired: Command 'qemu' timed out after 5 seconds"],
+        ["BrokenPipeError: [Errno 32] Broken pipe"]]
+    assert "qemu: 0 s; TimeoutError: timed out" in capsys.readouterr().out
+
+
+def _bench_main(monkeypatch, fail):
+    """bench's main with parts that return ``{"ran": name}``, or raise ``fail[name]``."""
+    import bench.__main__ as bench_main
+
+    def run_part(name, args):
+        if name in fail:
+            raise fail[name]
+        return {"ran": name}
+    monkeypatch.setattr(bench_main, "_run_part", run_part)
+    return bench_main.main
+
+
+def test_bench_json_has_every_part_that_finished_and_the_error_of_the_one_that_failed(
+        tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    main = _bench_main(monkeypatch, {"core": TimeoutError("timed out")})
+    assert main(["--only", "core,trap", "--out", str(out)]) == 1
+    parts = json.loads(out.read_text())["parts"]
+    assert parts["core"]["error"] == "TimeoutError: timed out" and parts["trap"]["ran"] == "trap"
+
+
+def test_bench_json_is_written_when_interrupted(tmp_path, monkeypatch):
+    import pytest
+    out = tmp_path / "bench.json"
+    main = _bench_main(monkeypatch, {"cost": KeyboardInterrupt()})
+    with pytest.raises(KeyboardInterrupt):
+        main(["--only", "trap,cost,core", "--out", str(out)])
+    parts = json.loads(out.read_text())["parts"]
+    assert parts == {"trap": {"ran": "trap", "wall_s": 0.0},
+                     "cost": {"error": "KeyboardInterrupt"}}
+
+
+def test_bench_json_names_the_command_the_commit_and_the_options(tmp_path, monkeypatch):
+    from bench.common import git_state
+    out = tmp_path / "bench.json"
+    main = _bench_main(monkeypatch, {})
+    assert main(["--only", "core", "--runs", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["command"] == [sys.executable, "-m", "bench", "--only", "core", "--runs", "2",
+                                 "--out", str(out)]
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert report["git"]["commit"] == head and isinstance(report["git"]["dirty"], bool)
+    assert report["options"]["only"] == "core" and report["options"]["runs"] == 2
+    assert report["options"]["out"] == str(out)
+    assert git_state(tmp_path) == {}                        # not a git checkout: nothing
