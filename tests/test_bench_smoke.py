@@ -228,3 +228,28 @@ def test_bench_json_names_the_command_the_commit_and_the_options(tmp_path, monke
     assert report["options"]["only"] == "core" and report["options"]["runs"] == 2
     assert report["options"]["out"] == str(out)
     assert git_state(tmp_path) == {}                        # not a git checkout: nothing
+
+
+class FakeShell:
+    """A guest shell that records its commands and answers each with the next of ``replies``
+    ((output, exit status))."""
+
+    def __init__(self, *replies):
+        self.commands, self.replies = [], list(replies)
+
+    def run(self, command, timeout=60):
+        self.commands.append(command)
+        return self.replies.pop(0)
+
+
+def test_two_guests_busy_load_has_no_end_of_its_own_and_is_stopped_by_the_bench():
+    """VM1's busy loop once ran under ``timeout`` seconds computed from the idle phase, and
+    VM0's busy phase outlasted it in every run: its last samples were taken beside an idle
+    VM1. The loop now runs until stopped, and the stop says whether it still ran."""
+    from bench.two_guests import start_busy, stop_busy
+    shell = FakeShell(("4242\n", 0), ("", 0), ("sh: can't kill pid 4242\n", 1))
+    assert start_busy(shell) == 4242
+    assert "timeout" not in shell.commands[0] and "while :; do :; done" in shell.commands[0]
+    assert stop_busy(shell, 4242) is True
+    assert shell.commands[1] == "kill -0 4242 && kill 4242"
+    assert stop_busy(shell, 4242) is False                   # it had ended on its own
