@@ -253,3 +253,41 @@ def test_two_guests_busy_load_has_no_end_of_its_own_and_is_stopped_by_the_bench(
     assert stop_busy(shell, 4242) is True
     assert shell.commands[1] == "kill -0 4242 && kill 4242"
     assert stop_busy(shell, 4242) is False                   # it had ended on its own
+
+
+def test_board_ours_measures_vsock_after_the_rows_qemu_measures_too(tmp_path, monkeypatch):
+    """Ours once ran two 64 MiB vsock echoes between its shell and measure_guest, which QEMU's
+    side runs at once: the rows measured first (net, block seq read) were compared at
+    different times after boot. Now vsock (ours alone) comes after them; a vsock error
+    leaves them in the figures."""
+    import contextlib
+    from bench import board
+    calls = []
+
+    class Shell:
+        def wait_ready(self, timeout):
+            calls.append("ready")
+
+        def close(self):
+            pass
+
+    def measure_guest(shell, kinds, quick, **_):
+        calls.append("measure_guest")
+        return {"seqread_MBps": 1.0}
+
+    def vsock_guest_echo(shell, path, size):
+        raise TimeoutError("timed out")
+    monkeypatch.setattr(board, "EmulatedBoard", lambda **_: contextlib.nullcontext(
+        type("Board", (), {"console_path": tmp_path / "c.sock", "daemon_process": None})))
+    monkeypatch.setattr(board, "connect", lambda path: Shell())
+    monkeypatch.setattr(board, "daemon_info", lambda _: {"mode": "adaptive", "trap": {}})
+    monkeypatch.setattr(board, "host_pids", lambda _: ())
+    monkeypatch.setattr(board, "device_available", lambda kind: True)
+    monkeypatch.setattr(board, "measure_guest", measure_guest)
+    monkeypatch.setattr(board, "vsock_host_echo",
+                        lambda shell, path, size: calls.append("vsock") or 2.0)
+    monkeypatch.setattr(board, "vsock_guest_echo", vsock_guest_echo)
+    figures = board.run_ours(tmp_path / "initrd", "disk.img", "share", ["block"], quick=True)
+    assert calls == ["ready", "measure_guest", "vsock"]
+    assert figures["seqread_MBps"] == 1.0 and figures["vsock_host_echo_MBps"] == 2.0
+    assert figures["errors"] == ["vsock: TimeoutError: timed out"]
