@@ -38,7 +38,7 @@ from .board import DAEMON_MODES
 from .common import error_text, git_state, machine_info
 
 PARTS = ("trap", "core", "cost", "board", "two_guests", "fs", "board_linux")
-QUICK_PARTS = ("trap", "cost")          # --quick: what needs no guest
+QUICK_PARTS = ("trap", "core", "cost")  # --quick: what needs no guest
 
 
 def _run_part(name, args):
@@ -68,7 +68,7 @@ def _run_part(name, args):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="a few seconds: small counts, and only the parts that need no guest "
+                        help="about 20 s: small counts, and only the parts that need no guest "
                              "unless --only says otherwise")
     parser.add_argument("--only", help=f"comma-separated parts ({', '.join(PARTS)})")
     parser.add_argument("--runs", type=int, default=3,

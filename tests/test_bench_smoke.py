@@ -17,7 +17,8 @@ def test_quick_bench_runs_and_writes_its_report(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert set(report["parts"]) == {"trap", "cost"}
+    assert set(report["parts"]) == {"trap", "core", "cost"}      # every part without a guest
+    assert report["parts"]["core"]["notify"]["all_completed"]
     trap = report["parts"]["trap"]["results"]
     assert {(r["model"], r["mode"], r["gap_ns"] > 0) for r in trap} == {
         (model, mode, gap) for model in ("avatar-hw", "C responder")
