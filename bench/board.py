@@ -458,8 +458,9 @@ def daemon_info(board):
 
 
 def traps_waited(info):
-    """The traps the guests' vCPUs waited for (posted writes and reads the stub answered
-    left out), every device of every VM, from ``daemon_info``."""
+    """The traps the guests' vCPUs waited for the daemon to answer (posted writes and reads
+    the stub answered left out, and so the wait of the access after a posted write for the
+    slot it holds), every device of every VM, from ``daemon_info``."""
     return sum(device["traps_waited"] for vm in info["vms"] for device in vm["devices"])
 
 
