@@ -32,14 +32,13 @@ import time
 from pathlib import Path
 
 from avatar_hw.emulated.build import cache_dir
-from avatar_hw.errors import AvatarError
 from avatar_hw.wait import MODES
 
 from .board import DAEMON_MODES
-from .common import machine_info
+from .common import error_text, git_state, machine_info
 
 PARTS = ("trap", "core", "cost", "board", "two_guests", "fs", "board_linux")
-QUICK_PARTS = ("trap", "cost")          # --quick: what needs no guest
+QUICK_PARTS = ("trap", "core", "cost")  # --quick: what needs no guest
 
 
 def _run_part(name, args):
@@ -69,7 +68,7 @@ def _run_part(name, args):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="a few seconds: small counts, and only the parts that need no guest "
+                        help="about 20 s: small counts, and only the parts that need no guest "
                              "unless --only says otherwise")
     parser.add_argument("--only", help=f"comma-separated parts ({', '.join(PARTS)})")
     parser.add_argument("--runs", type=int, default=3,
@@ -96,22 +95,27 @@ def main(argv=None):
         if unknown:
             parser.error(f"--only {unknown[0]}: expected some of {', '.join(PARTS)}")
     out = args.out or cache_dir() / "bench" / time.strftime("%Y%m%d-%H%M%S.json")
-    report = {"machine": machine_info(), "quick": args.quick,
+    command = sys.argv[1:] if argv is None else list(argv)
+    report = {"command": [sys.executable, "-m", "bench", *command], "git": git_state(),
+              "options": vars(args), "machine": machine_info(), "quick": args.quick,
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "parts": {}}
     status = 0
-    for name in parts:
-        start = time.monotonic()
-        try:
-            report["parts"][name] = _run_part(name, args)
-        except AvatarError as err:
-            print(f"bench {name}: {err}", file=sys.stderr)
-            report["parts"][name] = {"error": str(err)}
-            status = 1
-        report["parts"][name]["wall_s"] = round(time.monotonic() - start, 1)
-    report["machine"]["loadavg_at_end"] = os.getloadavg()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nresults: {out}")
+    try:
+        for name in parts:
+            report["parts"][name] = {"error": "KeyboardInterrupt"}     # until it returns
+            start = time.monotonic()
+            try:
+                report["parts"][name] = _run_part(name, args)
+            except Exception as err:              # the other parts still run and are written
+                report["parts"][name] = {"error": error_text(err)}
+                print(f"bench {name}: {error_text(err)}", file=sys.stderr)
+                status = 1
+            report["parts"][name]["wall_s"] = round(time.monotonic() - start, 1)
+    finally:                                      # interrupted too: what finished is written
+        report["machine"]["loadavg_at_end"] = os.getloadavg()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"\nresults: {out}")
     return status
 
 

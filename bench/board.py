@@ -39,7 +39,8 @@ vsock (ours only: QEMU offers vhost-vsock, which needs the host kernel's
 /dev/vhost-vsock, or vhost-user-vsock with an external daemon): 64 MiB
 echoed each way, once from a host connection to the guest's ``avbench
 vsock-echo`` and once from the guest's ``avbench vsock-send`` to a host echo
-on ``<socket>_<port>``, SHA-256 compared on both sides.
+on ``<socket>_<port>``, SHA-256 compared on both sides; after the other rows, so that
+the rows both sides measure start as soon after boot on ours as on QEMU's.
 """
 
 import contextlib
@@ -71,7 +72,8 @@ from avatar_hw.hil.target import device_available
 from avatar_hw.processes import end_process
 from avatar_hw.unixsock import connect_unix
 
-from .common import compile_c, cpu_seconds, data_workdir, spread, table, where, write_synced
+from .common import (compile_c, cpu_seconds, data_workdir, error_text, spread, table, where,
+                     write_synced)
 from .cost import device_kinds_available
 
 MIB = 1 << 20
@@ -456,8 +458,9 @@ def daemon_info(board):
 
 
 def traps_waited(info):
-    """The traps the guests' vCPUs waited for (posted writes and reads the stub answered
-    left out), every device of every VM, from ``daemon_info``."""
+    """The traps the guests' vCPUs waited for the daemon to answer (posted writes and reads
+    the stub answered left out, and so the wait of the access after a posted write for the
+    slot it holds), every device of every VM, from ``daemon_info``."""
     return sum(device["traps_waited"] for vm in info["vms"] for device in vm["devices"])
 
 
@@ -492,15 +495,20 @@ def run_ours(initrd, image, share, kinds, quick, wait=None, daemon=None):
             boot = time.perf_counter() - start
             figures = {"boot_s": boot, "wait": daemon_info(board)["mode"],
                        "daemon": daemon_mode(board)}
-            if device_available("vsock"):
-                size = SIZES["vsock"][1 if quick else 0]
-                figures["vsock_host_echo_MBps"] = vsock_host_echo(shell, vsock_path, size)
-                figures["vsock_guest_echo_MBps"] = vsock_guest_echo(shell, vsock_path, size)
             if "net" in kinds:
                 peer = NetPeer(Path(initrd).parent / "net-peer.sock", switch)
             figures.update(measure_guest(
                 shell, kinds, quick, waited_traps=lambda: traps_waited(daemon_info(board)),
                 net_peer=peer, host_pids=host_pids(board)))
+            # vsock last (ours alone): the rows both sides measure start as soon after boot
+            # as on QEMU's side; not after a console error (the shell is lost then)
+            if device_available("vsock") and not figures.get("errors"):
+                size = SIZES["vsock"][1 if quick else 0]
+                try:
+                    figures["vsock_host_echo_MBps"] = vsock_host_echo(shell, vsock_path, size)
+                    figures["vsock_guest_echo_MBps"] = vsock_guest_echo(shell, vsock_path, size)
+                except Exception as err:                # the rows measured above stay
+                    figures["errors"] = [f"vsock: {error_text(err)}"]
             trap = daemon_info(board)["trap"]      # the adaptive mode's window, at the end
             figures["poll"] = {key: trap[key] for key in POLL_COUNTERS if key in trap}
             return figures
@@ -615,15 +623,15 @@ def run(quick=False, runs=3, wait=None, daemon=None):
 
 
 def alternate(runs, sides, raw, part):
-    """``runs`` rounds of each (side, runner) in turn; each runner's figures (or its error)
-    and wall time appended to ``raw[side]``."""
+    """``runs`` rounds of each (side, runner) in turn; each runner's figures (or its error,
+    any Exception: the runs after it still run) and wall time appended to ``raw[side]``."""
     for n in range(runs):
         for side, runner in sides:
             start = time.monotonic()
             try:
                 figures = runner()
-            except AvatarError as err:
-                figures = {"errors": [str(err)]}
+            except Exception as err:
+                figures = {"errors": [error_text(err)]}
             figures["wall_s"] = time.monotonic() - start
             raw[side].append(figures)
             print(f"  {part} run {n + 1}/{runs} {side}: {figures['wall_s']:.0f} s"

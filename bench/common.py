@@ -145,6 +145,23 @@ def machine_info():
             "kernel": os.uname().release, "machine": os.uname().machine}
 
 
+def git_state(path=REPO):
+    """The commit checked out at ``path`` and whether its tree differs from it (files
+    changed or not tracked); {} if ``path`` is not in a git checkout."""
+    def git(*argv):
+        return subprocess.run(["git", "-C", str(path), *argv], capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def error_text(err):
+    """An exception as the results record it: its type and its message."""
+    return f"{type(err).__name__}: {err}"
+
+
 def table(title, header, rows):
     """Print a plain-text table."""
     cells = [header] + [[str(c) for c in row] for row in rows]

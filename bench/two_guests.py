@@ -6,9 +6,10 @@ through its console (64 MiB each way, 16 with ``quick``, SHA-256 compared on bot
 as in bench/board.py) and its block device (``avbench seqread``/``seqwrite``, 1 MiB
 O_DIRECT), in interleaved rounds whose medians are the figures (``vm0_figures``),
 first while VM1 idles at its shell, then while VM1 only burns its CPU (a shell loop: no
-device access), then while VM1 runs
+device access, stopped once VM0's figures are taken), then while VM1 runs
 bench/guest/avhostile.c (its own window scribbled, notifies flooded, frames
-sent with VM0's MAC) for about as long as VM0's work takes. Then VM1's virtio
+sent with VM0's MAC) for 1.5 times the idle phase's time. A phase whose load ended before
+VM0's figures did (``vm1_load_throughout`` false) is flagged in the table. Then VM1's virtio
 drivers are reloaded (``avhostile-run``) and VM1 reads its disk again.
 Last, with VM1 back at its shell, VM0's figures alone once more: the reference
 ("solo") is the better of the two idle phases, per figure, so that a first phase
@@ -125,6 +126,18 @@ def start_hostile(shell, seconds, seed=1):
                        f"</dev/null >/dev/null 2>&1 &\n".encode())
 
 
+def start_busy(shell):
+    """Start VM1's CPU load (a shell loop, no device access) in this shell's VM, with no end
+    of its own (``stop_busy`` ends it); returns its PID."""
+    output, _ = shell.run("(sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 & echo $!)")
+    return int(output.split()[-1])
+
+
+def stop_busy(shell, pid):
+    """End the load ``start_busy`` started; returns whether it was still running."""
+    return shell.run(f"kill -0 {pid} && kill {pid}")[1] == 0
+
+
 def wait_reloaded(board, shell, timeout=RELOAD_TIMEOUT):
     """VM1's shell after its drivers were reloaded (a new connection if the old one closed)."""
     try:
@@ -140,6 +153,7 @@ def wait_reloaded(board, shell, timeout=RELOAD_TIMEOUT):
 
 FIGURES = ("block_seqread_MBps", "block_seqwrite_MBps", "console_h2g_MBps", "console_g2h_MBps")
 VM_COUNTERS = ("traps_served", "service_ms", "traps_deferred", "paced_periods", "idle_traps")
+LOAD_THROUGHOUT = "vm1_load_throughout"   # busy, hostile: VM1's load outlasted VM0's figures
 
 
 def daemon_counters(board):
@@ -194,14 +208,16 @@ def run(quick=False, daemon=None, wait=None, vm1_nice=False):
         vm0, vm1 = shells(board)
         idle = vm0_figures(vm0, size, board)
         print(f"  two guests, VM1 idle: {idle['wall_s']:.0f} s", flush=True)
-        seconds = max(10, round(idle["wall_s"] * 1.5))
-        vm1.run(f"(timeout {seconds} sh -c 'while :; do :; done' >/dev/null 2>&1 &)")
+        busy_pid = start_busy(vm1)
         busy = vm0_figures(vm0, size, board)
+        busy[LOAD_THROUGHOUT] = stop_busy(vm1, busy_pid)
         print(f"  two guests, VM1 busy (CPU only): {busy['wall_s']:.0f} s", flush=True)
-        vm1.run("pkill -f 'while :; do :; done'; true")
+        seconds = max(10, round(idle["wall_s"] * 1.5))
         start_hostile(vm1, seconds)
         started = time.monotonic()
         hostile = vm0_figures(vm0, size, board)
+        # avhostile's clock starts after this one: within ``seconds`` of it, it still ran
+        hostile[LOAD_THROUGHOUT] = time.monotonic() - started < seconds
         print(f"  two guests, VM1 hostile: {hostile['wall_s']:.0f} s", flush=True)
         # avhostile may outlast VM0's work (a loaded host slows VM0 more than a timer)
         left = max(0.0, seconds - (time.monotonic() - started))
@@ -232,8 +248,13 @@ def run(quick=False, daemon=None, wait=None, vm1_nice=False):
           f"{out['daemon']}, wait: {out['wait']}, images in {out['data']}"
           + (f", VM1's vCPU at nice {VM1_NICE}" if vm1_nice else "")
           + "; solo: the better idle phase; target hostile/solo >= 0.7)",
-          ["figure (MB/s)", "VM1 idle", "idle again", "VM1 busy", "VM1 hostile", "busy/solo",
-           "hostile/solo", "hostile/busy"], rows)
+          ["figure (MB/s)", "VM1 idle", "idle again",
+           *(f"VM1 {phase}" + ("" if out[phase][LOAD_THROUGHOUT] else " (LOAD ENDED EARLY)")
+             for phase in ("busy", "hostile")), "busy/solo", "hostile/solo", "hostile/busy"], rows)
+    for phase in ("busy", "hostile"):
+        if not out[phase][LOAD_THROUGHOUT]:
+            print(f"  VM1 {phase}: VM1's load ended before VM0's figures did: the last samples "
+                  "of that phase were taken beside an idle VM1")
     for phase in ("idle", "busy", "hostile", "idle_again"):
         figures = out[phase]
         print(f"  VM1 {phase}: {figures['wall_s']:.0f} s; daemon per VM: " + "; ".join(

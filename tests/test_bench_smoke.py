@@ -17,7 +17,8 @@ def test_quick_bench_runs_and_writes_its_report(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert set(report["parts"]) == {"trap", "cost"}
+    assert set(report["parts"]) == {"trap", "core", "cost"}      # every part without a guest
+    assert report["parts"]["core"]["notify"]["all_completed"]
     trap = report["parts"]["trap"]["results"]
     assert {(r["model"], r["mode"], r["gap_ns"] > 0) for r in trap} == {
         (model, mode, gap) for model in ("avatar-hw", "C responder")
@@ -161,3 +162,133 @@ def test_bench_data_left_by_a_killed_bench_is_removed_by_the_next(tmp_path, monk
     fresh = common.data_workdir("avatar-test-", 1)
     assert not stale.exists() and live.exists()
     assert fresh.name.startswith(f"avatar-test-{os.getpid()}-")
+
+
+def test_alternate_records_any_exception_of_a_run_and_runs_the_others(capsys):
+    """A run that raises what is not an AvatarError (a socket's timeout, a child's) is
+    recorded with its type and the rounds after it still run."""
+    import socket
+    from bench.board import alternate
+    errors = iter([socket.timeout("timed out"), subprocess.TimeoutExpired("qemu", 5),
+                   OSError(32, "Broken pipe")])
+
+    def qemu():
+        raise next(errors)
+    raw = {"ours": [], "qemu": []}
+    alternate(3, (("ours", lambda: {"seqread_MBps": 1.0}), ("qemu", qemu)), raw, "board")
+    assert [r["seqread_MBps"] for r in raw["ours"]] == [1.0] * 3
+    assert [r["errors"] for r in raw["qemu"]] == [
+        ["TimeoutError: timed out"], ["TimeoutExpired: Command 'qemu' timed out after 5 seconds"],
+        ["BrokenPipeError: [Errno 32] Broken pipe"]]
+    assert "qemu: 0 s; TimeoutError: timed out" in capsys.readouterr().out
+
+
+def _bench_main(monkeypatch, fail):
+    """bench's main with parts that return ``{"ran": name}``, or raise ``fail[name]``."""
+    import bench.__main__ as bench_main
+
+    def run_part(name, args):
+        if name in fail:
+            raise fail[name]
+        return {"ran": name}
+    monkeypatch.setattr(bench_main, "_run_part", run_part)
+    return bench_main.main
+
+
+def test_bench_json_has_every_part_that_finished_and_the_error_of_the_one_that_failed(
+        tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    main = _bench_main(monkeypatch, {"core": TimeoutError("timed out")})
+    assert main(["--only", "core,trap", "--out", str(out)]) == 1
+    parts = json.loads(out.read_text())["parts"]
+    assert parts["core"]["error"] == "TimeoutError: timed out" and parts["trap"]["ran"] == "trap"
+
+
+def test_bench_json_is_written_when_interrupted(tmp_path, monkeypatch):
+    import pytest
+    out = tmp_path / "bench.json"
+    main = _bench_main(monkeypatch, {"cost": KeyboardInterrupt()})
+    with pytest.raises(KeyboardInterrupt):
+        main(["--only", "trap,cost,core", "--out", str(out)])
+    parts = json.loads(out.read_text())["parts"]
+    assert parts == {"trap": {"ran": "trap", "wall_s": 0.0},
+                     "cost": {"error": "KeyboardInterrupt"}}
+
+
+def test_bench_json_names_the_command_the_commit_and_the_options(tmp_path, monkeypatch):
+    from bench.common import git_state
+    out = tmp_path / "bench.json"
+    main = _bench_main(monkeypatch, {})
+    assert main(["--only", "core", "--runs", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["command"] == [sys.executable, "-m", "bench", "--only", "core", "--runs", "2",
+                                 "--out", str(out)]
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert report["git"]["commit"] == head and isinstance(report["git"]["dirty"], bool)
+    assert report["options"]["only"] == "core" and report["options"]["runs"] == 2
+    assert report["options"]["out"] == str(out)
+    assert git_state(tmp_path) == {}                        # not a git checkout: nothing
+
+
+class FakeShell:
+    """A guest shell that records its commands and answers each with the next of ``replies``
+    ((output, exit status))."""
+
+    def __init__(self, *replies):
+        self.commands, self.replies = [], list(replies)
+
+    def run(self, command, timeout=60):
+        self.commands.append(command)
+        return self.replies.pop(0)
+
+
+def test_two_guests_busy_load_has_no_end_of_its_own_and_is_stopped_by_the_bench():
+    """VM1's busy loop once ran under ``timeout`` seconds computed from the idle phase, and
+    VM0's busy phase outlasted it in every run: its last samples were taken beside an idle
+    VM1. The loop now runs until stopped, and the stop says whether it still ran."""
+    from bench.two_guests import start_busy, stop_busy
+    shell = FakeShell(("4242\n", 0), ("", 0), ("sh: can't kill pid 4242\n", 1))
+    assert start_busy(shell) == 4242
+    assert "timeout" not in shell.commands[0] and "while :; do :; done" in shell.commands[0]
+    assert stop_busy(shell, 4242) is True
+    assert shell.commands[1] == "kill -0 4242 && kill 4242"
+    assert stop_busy(shell, 4242) is False                   # it had ended on its own
+
+
+def test_board_ours_measures_vsock_after_the_rows_qemu_measures_too(tmp_path, monkeypatch):
+    """Ours once ran two 64 MiB vsock echoes between its shell and measure_guest, which QEMU's
+    side runs at once: the rows measured first (net, block seq read) were compared at
+    different times after boot. Now vsock (ours alone) comes after them; a vsock error
+    leaves them in the figures."""
+    import contextlib
+    from bench import board
+    calls = []
+
+    class Shell:
+        def wait_ready(self, timeout):
+            calls.append("ready")
+
+        def close(self):
+            pass
+
+    def measure_guest(shell, kinds, quick, **_):
+        calls.append("measure_guest")
+        return {"seqread_MBps": 1.0}
+
+    def vsock_guest_echo(shell, path, size):
+        raise TimeoutError("timed out")
+    monkeypatch.setattr(board, "EmulatedBoard", lambda **_: contextlib.nullcontext(
+        type("Board", (), {"console_path": tmp_path / "c.sock", "daemon_process": None})))
+    monkeypatch.setattr(board, "connect", lambda path: Shell())
+    monkeypatch.setattr(board, "daemon_info", lambda _: {"mode": "adaptive", "trap": {}})
+    monkeypatch.setattr(board, "host_pids", lambda _: ())
+    monkeypatch.setattr(board, "device_available", lambda kind: True)
+    monkeypatch.setattr(board, "measure_guest", measure_guest)
+    monkeypatch.setattr(board, "vsock_host_echo",
+                        lambda shell, path, size: calls.append("vsock") or 2.0)
+    monkeypatch.setattr(board, "vsock_guest_echo", vsock_guest_echo)
+    figures = board.run_ours(tmp_path / "initrd", "disk.img", "share", ["block"], quick=True)
+    assert calls == ["ready", "measure_guest", "vsock"]
+    assert figures["seqread_MBps"] == 1.0 and figures["vsock_host_echo_MBps"] == 2.0
+    assert figures["errors"] == ["vsock: TimeoutError: timed out"]
