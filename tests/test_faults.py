@@ -289,6 +289,23 @@ def test_fault_inject_net_delay_sends_later(nics, loop):
     assert got == [sent[1], sent[0]] and time.monotonic() - start >= 0.1
 
 
+def test_fault_inject_net_delay_holds_a_bounded_number_of_frames(nics, loop, monkeypatch,
+                                                               caplog):
+    """A guest sending fast under a long delay: beyond the cap frames are dropped and
+    counted, not held (each held one is a copy on a timer)."""
+    from avatar_hw.devices import net
+    monkeypatch.setattr(net, "MAX_DELAYED", 3)
+    a, b = nics
+    a.faults.inject(0, 0, "delay", ms=60000)
+    assert len(a.send(*frames(5))) == 5                  # every transmit buffer returned
+    assert a.device.counters["tx_dropped"] == 2
+    assert len([r for r in caplog.records if "delay fault holds 3 frames" in r.getMessage()]) == 2
+    monkeypatch.setattr(net, "MAX_DELAYED_BYTES", a.device._delayed_bytes)
+    monkeypatch.setattr(net, "MAX_DELAYED", 4)
+    a.send(*frames(1))
+    assert a.device.counters["tx_dropped"] == 3
+
+
 # -- console --------------------------------------------------------------------------------------
 
 from test_console import Console  # noqa: E402
