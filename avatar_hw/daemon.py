@@ -297,6 +297,14 @@ class Daemon:
         self.paused_until = time.monotonic() + seconds
         self.loop.call_later(seconds, self._end_pause)
 
+    def end_pause(self):
+        """End a pause now (a ``clear``): serve what was posted. True if one was on."""
+        if not self.paused_until:
+            return False
+        self.paused_until = 0.0
+        self.loop.call_later(0, self._serve_until_idle)
+        return True
+
     def _end_pause(self):
         if self.paused_until and self.paused_until <= time.monotonic():
             self.paused_until = 0.0

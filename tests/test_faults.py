@@ -136,6 +136,7 @@ def daemon(tmp_path):
     process = subprocess.Popen(fake.serve_argv(config), stdout=log, stderr=subprocess.STDOUT)
     try:
         stub.page.wait_attached()
+        fake.stub = stub
         yield fake
     finally:
         process.kill()
@@ -162,6 +163,15 @@ def test_fault_inject_cli_arms_lists_and_clears(daemon):
     assert cli(daemon, "--pause", "0.2") == (0, "serving no trap for 0.2 s\n")
     assert cli(daemon, "--clear") == (0, "cleared 1 fault(s)\n")
     assert cli(daemon, "--list") == (0, "no faults armed\n")
+
+
+def test_fault_inject_clear_ends_a_pause(daemon):
+    """What the pytest plugin does at a test's end: a pause must not outlive it."""
+    assert cli(daemon, "--pause", "3600") == (0, "serving no trap for 3600.0 s\n")
+    assert cli(daemon, "--clear") == (0, "cleared 0 fault(s), ended the pause\n")
+    block = daemon.stub.driver(0, 1, timeout=30)
+    block.mmio(block.window + 0x50, 0, True, 4)          # QueueNotify: served, not waiting
+    assert cli(daemon, "--clear") == (0, "cleared 0 fault(s)\n")
 
 
 @pytest.mark.parametrize("args, message", [
