@@ -342,8 +342,9 @@ class ControlServer:
         if request.get("device") is not None and vm is None:
             raise ValueError('missing key "vm" (clear takes a device with its vm)')
         slot = None if request.get("device") is None else self._slot(vm, str(request["device"]))
-        if command == "clear":
-            return {"cleared": faults.clear(vm, slot)}
+        if command == "clear":                   # of everything: a pause too
+            return {"cleared": faults.clear(vm, slot),
+                    "pause_ended": vm is None and self.daemon.end_pause()}
         options = request.get("options") or {}
         if not isinstance(options, dict):
             raise TypeError("options must be an object")

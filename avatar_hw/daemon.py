@@ -63,7 +63,7 @@ from .interrupts import BoardInterruptLine, StubInterruptLine
 from .layout import address
 from .loop import EventLoop
 from .pace import Pacer
-from .replay import Recorder
+from .replay import DEFAULT_MAX_SIZE, Recorder
 from .service import drop_privileges, sd_notify
 from .shipped import board_path
 from .state import StateFile
@@ -106,7 +106,8 @@ class Daemon:
 
     def __init__(self, board, config, *, doorbell=None, interrupt_line=None, wait=None,
                  trace=False, control_path=None, user=None, wait_stub=10.0,
-                 sysfs_root="/sys", dev_root="/dev", record=None, state=None):
+                 sysfs_root="/sys", dev_root="/dev", record=None,
+                 record_max_size=DEFAULT_MAX_SIZE, state=None):
         self.board = board if isinstance(board, Board) else load_board(board_path(board))
         self.config = config if isinstance(config, Config) else load_config(
             config, max_vms=self.board.layout.max_vms,
@@ -129,6 +130,7 @@ class Daemon:
         self.faults = None
         self.pacer = None
         self.record = record            # a path: every trap recorded there (avatar_hw.replay)
+        self.record_max_size = record_max_size
         self.recorder = None
         self.state_path = state         # a path: device state kept there (avatar_hw.state)
         self.state = None
@@ -182,10 +184,16 @@ class Daemon:
             self.subsystem.vm_init(vm_id, GuestMemory(ram, board.ram_guest_base, vm_id=vm_id))
             for device in vm.devices:
                 self.subsystem.create_device(vm_id, self.config.build_device(device))
-        if self.record is not None:
-            self.recorder = Recorder(self.subsystem, self.record)
         if self.state_path is not None:
             self.state = StateFile(self.state_path, self.subsystem)
+            if self.state.restored and self.record is not None:
+                raise AvatarError(f"--record {self.record}: --state {self.state_path} holds "
+                                  "devices to restore, and replay starts from reset devices; "
+                                  "record from a daemon that restores nothing (a new --state "
+                                  "file, or none)")
+        if self.record is not None:
+            self.recorder = Recorder(self.subsystem, self.record, self.record_max_size)
+        if self.state is not None:
             self.state.restore()                 # a restart: the devices as they were
             self.state.keep()
             self.subsystem.state = self.state
@@ -288,6 +296,14 @@ class Daemon:
         their register accesses meanwhile); then serve what was posted."""
         self.paused_until = time.monotonic() + seconds
         self.loop.call_later(seconds, self._end_pause)
+
+    def end_pause(self):
+        """End a pause now (a ``clear``): serve what was posted. True if one was on."""
+        if not self.paused_until:
+            return False
+        self.paused_until = 0.0
+        self.loop.call_later(0, self._serve_until_idle)
+        return True
 
     def _end_pause(self):
         if self.paused_until and self.paused_until <= time.monotonic():

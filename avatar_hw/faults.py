@@ -47,24 +47,31 @@ class Option:
         return value
 
 
+def _integer(value):
+    """An integer option: an int or its digits; a fraction (2.9) is an error, not 2."""
+    if isinstance(value, (bool, float)):
+        raise ValueError(value)
+    return int(value)
+
+
 def _sectors(value):
     """``"FIRST-LAST"``, ``"SECTOR"`` or a (first, last) pair: an inclusive sector range."""
     if isinstance(value, str):
-        first, _, last = value.partition("-")
-        value = (int(first), int(last or first))
-    first, last = (int(v) for v in value)
+        first, dash, last = value.partition("-")
+        value = (first, last if dash else first)
+    first, last = (_integer(v) for v in value)
     if not 0 <= first <= last:
         raise ValueError(value)
     return first, last
 
 
-_COUNT = Option("count", int, None, "a number of times >= 1 (default: until cleared)",
+_COUNT = Option("count", _integer, None, "a number of times >= 1 (default: until cleared)",
                 lambda v: v >= 1)
-_AFTER = Option("after", int, 0, "a number of matching events to let pass first (>= 0)",
+_AFTER = Option("after", _integer, 0, "a number of matching events to let pass first (>= 0)",
                 lambda v: v >= 0)
 _PICK = (Option("probability", float, None, "a probability in 0..1", lambda v: 0 <= v <= 1),
-         Option("every", int, None, "N >= 1: every Nth frame", lambda v: v >= 1),
-         Option("seed", int, 0, "an integer RNG seed"),
+         Option("every", _integer, None, "N >= 1: every Nth frame", lambda v: v >= 1),
+         Option("seed", _integer, 0, "an integer RNG seed"),
          Option("direction", str, "both", "tx, rx or both", lambda v: v in ("tx", "rx", "both")))
 
 # fault -> (devices it applies to, its options)
@@ -75,10 +82,10 @@ FAULTS = {
         _AFTER, _COUNT)),
     "torn": (("block",), (
         Option("sectors", _sectors, None, "FIRST-LAST (inclusive sectors) or one sector"),
-        Option("keep", int, 0, "the bytes of the write that reach the image (>= 0)",
+        Option("keep", _integer, 0, "the bytes of the write that reach the image (>= 0)",
                lambda v: v >= 0),
         _AFTER, _COUNT)),
-    "irq-drop": (ANY, (_AFTER, Option("count", int, 1, "a number of interrupts >= 1",
+    "irq-drop": (ANY, (_AFTER, Option("count", _integer, 1, "a number of interrupts >= 1",
                                       lambda v: v >= 1))),
     "irq-delay": (ANY, (Option("ms", float, 100.0, "milliseconds, 0 to 60000",
                                lambda v: 0 <= v <= 60000),

@@ -105,6 +105,8 @@ def test_fault_inject_a_delayed_interrupt_is_not_raised_after_a_reset(board):
     ("ioerr", {"sectors": "9-3"}, "option sectors = '9-3': expected FIRST-LAST"),
     ("ioerr", {"colour": 1}, "unknown option colour"),
     ("ioerr", {"count": 0}, "option count = 0"),
+    ("ioerr", {"count": 2.9}, "option count = 2.9"),
+    ("ioerr", {"sectors": "10-"}, "option sectors = '10-'"),
     ("irq-delay", {"ms": 1e9}, "expected milliseconds, 0 to 60000"),
 ])
 def test_fault_inject_bad_requests_are_one_line_errors(board, fault, options, message):
@@ -136,6 +138,7 @@ def daemon(tmp_path):
     process = subprocess.Popen(fake.serve_argv(config), stdout=log, stderr=subprocess.STDOUT)
     try:
         stub.page.wait_attached()
+        fake.stub = stub
         yield fake
     finally:
         process.kill()
@@ -162,6 +165,15 @@ def test_fault_inject_cli_arms_lists_and_clears(daemon):
     assert cli(daemon, "--pause", "0.2") == (0, "serving no trap for 0.2 s\n")
     assert cli(daemon, "--clear") == (0, "cleared 1 fault(s)\n")
     assert cli(daemon, "--list") == (0, "no faults armed\n")
+
+
+def test_fault_inject_clear_ends_a_pause(daemon):
+    """What the pytest plugin does at a test's end: a pause must not outlive it."""
+    assert cli(daemon, "--pause", "3600") == (0, "serving no trap for 3600.0 s\n")
+    assert cli(daemon, "--clear") == (0, "cleared 0 fault(s), ended the pause\n")
+    block = daemon.stub.driver(0, 1, timeout=30)
+    block.mmio(block.window + 0x50, 0, True, 4)          # QueueNotify: served, not waiting
+    assert cli(daemon, "--clear") == (0, "cleared 0 fault(s)\n")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -287,6 +299,23 @@ def test_fault_inject_net_delay_sends_later(nics, loop):
         loop.run_once(0.05)
         got += b.received()
     assert got == [sent[1], sent[0]] and time.monotonic() - start >= 0.1
+
+
+def test_fault_inject_net_delay_holds_a_bounded_number_of_frames(nics, loop, monkeypatch,
+                                                               caplog):
+    """A guest sending fast under a long delay: beyond the cap frames are dropped and
+    counted, not held (each held one is a copy on a timer)."""
+    from avatar_hw.devices import net
+    monkeypatch.setattr(net, "MAX_DELAYED", 3)
+    a, b = nics
+    a.faults.inject(0, 0, "delay", ms=60000)
+    assert len(a.send(*frames(5))) == 5                  # every transmit buffer returned
+    assert a.device.counters["tx_dropped"] == 2
+    assert len([r for r in caplog.records if "delay fault holds 3 frames" in r.getMessage()]) == 2
+    monkeypatch.setattr(net, "MAX_DELAYED_BYTES", a.device._delayed_bytes)
+    monkeypatch.setattr(net, "MAX_DELAYED", 4)
+    a.send(*frames(1))
+    assert a.device.counters["tx_dropped"] == 3
 
 
 # -- console --------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 replayed clean on a model rebuilt with no board and no QEMU, and a changed model caught at
 the right trap."""
 
+import json
+import os
 import random
 import re
 import shlex
@@ -10,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -163,7 +166,7 @@ def test_replay_refuses_other_and_damaged_files_with_one_line(workdir, tmp_path)
     damaged = bytearray(data)
     damaged[at + 5 + 9:at + 5 + 11] = b"\xff\xff"
     for name, content, error in (("damaged", damaged, "bad record"),
-                                 ("cut", data[:len(data) - 3], "truncated record")):
+                                 ("cut", data[:len(data) - 3], "no end record: cut after")):
         (tmp_path / name).write_bytes(bytes(content))
         with pytest.raises(rr.ReplayFormatError, match=error):
             rr.replay(tmp_path / name, rebuild(workdir))
@@ -174,7 +177,8 @@ def test_replay_refuses_other_and_damaged_files_with_one_line(workdir, tmp_path)
                              "--config", str(config)], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "truncated record" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert "no end record: cut after trap" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
 
 
 def test_replay_of_a_served_session_recorded_with_serve_record(tmp_path):
@@ -263,3 +267,132 @@ def test_a_recording_damaged_anywhere_is_one_error_or_a_difference(workdir, tmp_
             rr.replay(damaged, rebuild(workdir))
         except rr.ReplayFormatError as err:
             assert "\n" not in str(err)
+
+
+def _boundaries(data):
+    """(offset, kind) of each record of a recording."""
+    at = 10 + struct.unpack_from("<I", data, 6)[0]
+    while at < len(data):
+        yield at, data[at]
+        at += 5 + struct.unpack_from("<I", data, at + 1)[0]
+
+
+def test_a_recording_cut_between_records_is_never_the_same(workdir, tmp_path):
+    """Cut at any record boundary (a killed daemon, a full disk), a recording has no END
+    record: replay checks the whole traps before the cut, then names the cut; a trap whose
+    answer or pages are missing is not counted."""
+    path, traps = record(workdir)
+    data = path.read_bytes()
+    assert rr.replay(path, rebuild(workdir)) == (traps, None)
+    cut = tmp_path / "cut.avrr"
+    whole, open_trap = 0, False                # traps whose records all precede the cut
+    for at, kind in _boundaries(data):
+        cut.write_bytes(data[:at])
+        with pytest.raises(rr.ReplayFormatError) as err:
+            rr.replay(cut, rebuild(workdir))
+        assert str(err.value) == (f"{cut}: no end record: cut before the first trap"
+                                  if not whole else
+                                  f"{cut}: no end record: cut after trap {whole - 1}, the "
+                                  f"{whole} traps before the cut replayed the same (the "
+                                  "daemon was killed or could not write)")
+        # A trap is whole once a record that cannot be its own (a page of the guest's, the
+        # next trap) follows it: a cut before that leaves its model pages unknown.
+        if kind in (rr.GUEST_PAGE, rr.TRAP) and open_trap:
+            whole, open_trap = whole + 1, False
+        open_trap = open_trap or kind == rr.TRAP
+
+
+class _FullAfter:
+    """A recording file that takes ``room`` bytes, then fails as a full disk does."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        if not self.room:
+            raise OSError(28, "No space left on device")
+        n = min(len(data), self.room)
+        self.room -= n
+        return self.file.write(data[:n])
+
+    def close(self):
+        self.file.close()
+
+
+@pytest.mark.parametrize("room", [0, 3000])
+def test_a_recording_that_cannot_be_written_stops_and_the_model_serves_on(workdir, caplog,
+                                                                          room):
+    """A full disk: the model answers as without --record (play's asserts), one error line
+    names the file, close does not raise, and the file replays as cut."""
+    path = workdir / "session.avrr"
+    session = Session(workdir, workdir / "disk.img")
+    recorder = rr.Recorder(session.subsystem, path)
+    recorder.writer.file = _FullAfter(recorder.writer.file, room)
+    play(session)
+    recorder.close()
+    session.subsystem.close()
+    [line] = [r.getMessage() for r in caplog.records if r.name == "avatar_hw.replay"]
+    assert line.startswith(f"--record {path}: cannot write (No space left on device)")
+    with pytest.raises(rr.ReplayFormatError, match="no end record: cut"):
+        rr.replay(path, rebuild(workdir))
+
+
+def test_a_recording_stops_whole_at_its_max_size(workdir, caplog):
+    path = workdir / "session.avrr"
+    session = Session(workdir, workdir / "disk.img")
+    recorder = rr.Recorder(session.subsystem, path, max_size=4000)
+    play(session)
+    recorder.close()
+    session.subsystem.close()
+    assert path.stat().st_size <= 4000
+    [line] = [r.getMessage() for r in caplog.records if r.name == "avatar_hw.replay"]
+    assert re.fullmatch(rf"--record {path}: stopped at \d+ bytes, the --record-max-size, "
+                        r"after (\d+) traps \(the file is a whole recording of them\)", line)
+    replayed, difference = rr.replay(path, rebuild(workdir))
+    assert difference is None and 0 < replayed < recorder.traps
+    assert line.endswith(f"after {replayed} traps (the file is a whole recording of them)")
+
+
+def _hostile(data, path):
+    """Recordings a damaged disk or a hostile hand could give, each with what replay says."""
+    at = 10 + struct.unpack_from("<I", data, 6)[0]
+    meta = json.loads(data[10:at])
+    body = data[at:]
+
+    def header(m, version=rr.VERSION):
+        blob = m if isinstance(m, bytes) else json.dumps(m).encode()
+        return b"AVRR" + struct.pack("<HI", version, len(blob)) + blob
+
+    def changed(**fields):
+        return header({**meta, **fields}) + body
+    ram = meta["vms"]["0"]
+    bomb = zlib.compress(bytes(64 << 20), 9)
+    return {
+        "vms-list": (changed(vms=[]), "bad header: not an object"),
+        "ram-text": (changed(vms={"0": {**ram, "size": str(ram["size"])}}), "RAM size"),
+        "ram-huge": (changed(vms={"0": {**ram, "size": 1 << 47}}), "needs twice that"),
+        "ram-odd": (changed(vms={"0": {**ram, "size": 4097}}), "not a multiple"),
+        "device-size-0": (changed(layout={**meta["layout"], "device_size": 0}), "device_size"),
+        "max-vms-text": (changed(layout={**meta["layout"], "max_vms": "8"}), "max_vms"),
+        "nested": (header(b"[" * 100000 + b"]" * 100000), "nested too deeply"),
+        "header-4GiB": (b"AVRR" + struct.pack("<HI", rr.VERSION, 0xFFFFFFFF), "a header of"),
+        "record-4GiB": (header(meta) + struct.pack("<BI", rr.TRAP, 0xFFFFFFFF), "a record of"),
+        "zlib-bomb": (header(meta) + struct.pack("<BI", rr.GUEST_PAGE, 9 + len(bomb))
+                      + struct.pack("<BQ", 0, ram["base"]) + bomb, "not 4096 bytes"),
+        "version-1": (header(meta, version=1) + body, "version 1, this avatar-hw reads only"),
+    }
+
+
+def test_hostile_recordings_are_one_line_naming_the_file(workdir, tmp_path):
+    path, _ = record(workdir)
+    cases = _hostile(path.read_bytes(), path)
+    for name, (content, error) in cases.items():
+        (tmp_path / name).write_bytes(content)
+    os.mkfifo(tmp_path / "fifo")
+    cases.update(fifo=(None, "not a regular file"), **{".": (None, "not a regular file")})
+    for name, (_, error) in cases.items():
+        target = tmp_path / name
+        with pytest.raises(rr.ReplayFormatError) as err:
+            rr.replay(target, rebuild(workdir))
+        message = str(err.value)
+        assert message.startswith(f"{target}: ") and error in message and "\n" not in message

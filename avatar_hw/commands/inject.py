@@ -42,7 +42,8 @@ def run(args):
     _check_usage(args)
     if args.clear:
         result = request("clear", args.control, vm=args.vm, device=args.device)
-        print(f"cleared {result['cleared']} fault(s)")
+        print(f"cleared {result['cleared']} fault(s)"
+              + (", ended the pause" if result.get("pause_ended") else ""))
         return
     if args.pause is not None:
         result = request("pause", args.control, seconds=args.pause)

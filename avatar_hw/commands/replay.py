@@ -1,27 +1,25 @@
 """``avatar-hw replay FILE --config VMS.toml``: replay a recording (``serve --record``) on the
 device model with no board and no QEMU (avatar_hw.replay); exit 0 if every register answer,
-guest-memory write and interrupt is the same, else 1 with the first difference in one line."""
+guest-memory write and interrupt is the same, else 1 with the first difference in one line;
+a file that is not a whole recording (cut, damaged, another version) is one error line naming
+it (exit 2)."""
 
 from pathlib import Path
 
 from ..config import load_config
 from ..errors import AvatarError
 from ..layout import Layout
-from ..replay import ReplayFormatError, build_from_config, read_records, replay
+from ..replay import ReplayFormatError, build_from_config, replay
 
 
 def run(args):
+    def build(meta):
+        layout = Layout(**meta["layout"])
+        config = load_config(args.config, max_vms=layout.max_vms,
+                             devices_per_vm=layout.devices_per_vm)
+        return build_from_config(config)(meta)
     try:
-        meta, _ = read_records(args.file)
-    except OSError as err:
-        raise AvatarError(f"replay: cannot read {args.file}: {err.strerror}") from None
-    except ReplayFormatError as err:
-        raise AvatarError(f"replay: {err}") from None
-    layout = Layout(**meta["layout"])
-    config = load_config(args.config, max_vms=layout.max_vms,
-                         devices_per_vm=layout.devices_per_vm)
-    try:
-        traps, difference = replay(args.file, build_from_config(config))
+        traps, difference = replay(args.file, build)
     except ReplayFormatError as err:
         raise AvatarError(f"replay: {err}") from None
     if difference is not None:

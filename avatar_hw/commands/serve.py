@@ -8,7 +8,9 @@ from pathlib import Path
 from ..board import load_board
 from ..control import default_control_path
 from ..daemon import Daemon
+from ..devices.balloon import parse_size
 from ..errors import AvatarError
+from ..replay import DEFAULT_MAX_SIZE
 from ..shipped import board_path
 from ..tracing import trace_log
 from ..wait import BUSY_POLL, MODES
@@ -38,6 +40,18 @@ def seconds(text):
     return value
 
 
+def record_size(text):
+    """``--record-max-size``: bytes, or a number with K, M, G or T; at least 1 MiB."""
+    try:
+        value = parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if value < 1 << 20:
+        raise argparse.ArgumentTypeError(f"{text!r} is below 1M (a recording's header and "
+                                         "first pages need more)")
+    return value
+
+
 def run(args):
     if args.trace:
         trace_log.setLevel(logging.INFO)
@@ -49,7 +63,8 @@ def run(args):
     daemon = Daemon(board, args.config, doorbell=args.doorbell, wait=args.wait,
                     trace=args.trace, control_path=args.control, user=args.user,
                     wait_stub=args.wait_stub, sysfs_root=args.sysfs_root, dev_root=args.dev_root,
-                    record=args.record, state=args.state)
+                    record=args.record, record_max_size=args.record_max_size,
+                    state=args.state)
     daemon.run()
     return 0
 
@@ -76,6 +91,10 @@ def add_parser(subparsers, parents=()):
     parser.add_argument("--record", type=Path, metavar="FILE",
                         help="record every trap, the guest memory it reads and writes and the "
                              "interrupts raised, for `avatar-hw replay FILE`")
+    parser.add_argument("--record-max-size", type=record_size, default=DEFAULT_MAX_SIZE,
+                        metavar="SIZE", help="stop recording (the file ends there, whole) "
+                                             "before it grows past SIZE (e.g. 512M; "
+                                             f"default {DEFAULT_MAX_SIZE >> 30}G)")
     parser.add_argument("--state", type=Path, metavar="FILE",
                         help="keep every device's state in FILE; a daemon started again "
                              "with the FILE a killed or stopped one left carries on under the "

@@ -41,12 +41,18 @@ empty (VirtIO 1.2 5.1.6.3.1). At most ``MAX_HELD_VIEWS`` descriptors are held
 that many descriptors loses the frames (``rx_dropped``), not the daemon's
 memory. A frame spanning more than IOV_MAX descriptors is read into the
 pending frames and copied from there (one system call cannot take more).
+
+An injected ``delay`` fault holds a copy of each delayed frame until its timer: at
+most ``MAX_DELAYED`` frames of at most ``MAX_DELAYED_BYTES`` in all; one more is
+dropped and counted (``tx_dropped``, a rate-limited warning).
 """
 
 import collections
+import logging
 import struct
 
 from ..backends.net import BUSY, open_net_backend
+from ..ratelimit import RateLimitedLog
 from ..schema import Field, Schema, under
 from ..virtio.buffers import IOV_MAX, copy, gather, scatter, skip, truncate
 from ..virtio.constants import F_VERSION_1, ID_NET, bit
@@ -64,6 +70,10 @@ ETH_HLEN, VLAN_HLEN = 14, 4
 MIN_MTU, MAX_MTU = 68, 65535
 RX, TX = 0, 1
 QUEUE_SIZE = 256
+MAX_DELAYED = 1024                    # frames a delay fault holds at once
+MAX_DELAYED_BYTES = 4 << 20
+
+log = logging.getLogger(__name__)
 DEFAULT_RX_PENDING = 64
 MAX_HELD_VIEWS = 2048      # receive descriptors held at a time (bounds what a guest pins)
 
@@ -117,6 +127,8 @@ class NetDevice(VirtioDevice):
         self._header_len = HEADER_LEN
         self._mergeable = False
         self._tx_waiting = None               # the transmit chain the backend was busy for
+        self._delayed = self._delayed_bytes = 0   # frames a delay fault holds, their bytes
+        self._delay_full_log = RateLimitedLog(log)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -256,8 +268,21 @@ class NetDevice(VirtioDevice):
             if at is not None:
                 frame[at] ^= 0xFF
             self._send_copy(frame)
+        elif (self._delayed >= MAX_DELAYED
+              or self._delayed_bytes + length > MAX_DELAYED_BYTES):
+            self.counters["tx_dropped"] += 1
+            self._delay_full_log("%s: delay fault holds %d frames (%d bytes), the most it "
+                                 "holds: frame dropped", self.name, self._delayed,
+                                 self._delayed_bytes)
         else:
-            self.loop.call_later(fault.options["ms"] / 1000, lambda: self._send_copy(frame))
+            self._delayed += 1
+            self._delayed_bytes += length
+            self.loop.call_later(fault.options["ms"] / 1000, lambda: self._send_delayed(frame))
+
+    def _send_delayed(self, frame):
+        self._delayed -= 1
+        self._delayed_bytes -= len(frame)
+        self._send_copy(frame)
 
     def _send_copy(self, frame):
         """An injected fault's copy: not held in the guest, so a busy backend drops it."""
