@@ -125,7 +125,7 @@ def test_set_target_sets_num_pages_and_interrupts(bench):
     with pytest.raises(ValueError, match="positive"):
         b.device.set_target(0)
     assert b.device.set_target("16M")["target"] == 16 << 20         # as the command takes it
-    for bad in (1.5e6, True, "lots", None):
+    for bad in (1.5e6, True, "lots", None, "\uff11\uff16M"):     # full-width digits too
         with pytest.raises(ValueError, match="give bytes"):
             b.device.set_target(bad)
 

@@ -8,7 +8,7 @@ state. Through the daemon's control socket (avatar_hw.control's ``balloon`` requ
 import json
 
 from ..control import add_control_option, request
-from ..devices.balloon import parse_size
+from ..sizes import parse_size
 from ..errors import AvatarError
 from .query import format_balloon
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..board import load_board
 from ..control import default_control_path
 from ..daemon import Daemon
-from ..devices.balloon import parse_size
+from ..sizes import parse_size
 from ..errors import AvatarError
 from ..replay import DEFAULT_MAX_SIZE
 from ..shipped import board_path

@@ -40,11 +40,11 @@ back from the balloon when it runs out of memory, without the host's target chan
 """
 
 import mmap
-import re
 import struct
 import time
 
 from ..schema import Field, Schema
+from ..sizes import parse_size
 from ..virtio.buffers import gather
 from ..virtio.constants import ID_BALLOON, bit
 from ..virtio.device import VirtioDevice
@@ -64,21 +64,6 @@ STAT_NAMES = ("swap_in", "swap_out", "major_faults", "minor_faults", "free_memor
               "total_memory", "available_memory", "disk_caches", "hugetlb_allocations",
               "hugetlb_failures", "oom_kills", "alloc_stalls", "async_scans", "direct_scans",
               "async_reclaims", "direct_reclaims")
-
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(size):
-    """Bytes from ``size``: an int, or text such as ``4096``, ``384M``, ``1G``, ``512MiB``
-    (K, M, G, T: powers of 1024); ``ValueError`` naming the accepted forms."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        return size
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", str(size), re.I)
-    if not match:
-        raise ValueError(f"size {size!r}: give bytes, or a number with K, M, G or T "
-                         "(e.g. 384M)")
-    return int(match.group(1)) * _UNITS[match.group(2).upper()]
 
 
 def _newly_freed(start, end, before):

@@ -94,7 +94,7 @@ class Target:
         """VM ``vm`` keeps ``size`` of its RAM (bytes, or text such as ``"384M"``; its balloon
         takes the rest), as ``avatar-hw balloon``; returns the balloon's state (None: only
         that)."""
-        from ..devices.balloon import parse_size
+        from ..sizes import parse_size
         arguments = {} if size is None else {"size": parse_size(size)}
         return self._request("balloon", vm=vm, **arguments)
 
