@@ -356,6 +356,35 @@ def test_the_last_output_before_the_peer_closes_is_kept(tmp_path, family):
         listener.close()
 
 
+@pytest.mark.parametrize("family", [socket.AF_UNIX, socket.AF_INET], ids=["unix", "tcp"])
+def test_output_waiting_is_read_in_large_reads(tmp_path, family):
+    """64 KiB waiting on the socket (it holds them all): read in chunks, not a byte a call
+    (pyserial's socket:// in_waiting says 1 for any: 80 times the CPU per byte)."""
+    opened, sent = threading.Event(), threading.Event()
+
+    def flood(conn):
+        opened.wait(30)
+        conn.sendall(b"x" * (64 << 10) + b"END\n")
+        sent.set()
+        opened.wait(30)
+        time.sleep(0.5)
+
+    address = str(tmp_path / "console.sock") if family == socket.AF_UNIX else ("127.0.0.1", 0)
+    listener = one_client(family, address, flood)
+    url = (f"unix://{address}" if family == socket.AF_UNIX
+           else "socket://127.0.0.1:%d" % listener.getsockname()[1])
+    try:
+        with GuestConsole.open(url) as console:
+            reads, read = [], console.port.read
+            console.port.read = lambda size=1: reads.append(size) or read(size)
+            opened.set()
+            assert sent.wait(30)
+            console.expect("END", 30)
+            assert len(reads) < 200, f"{len(reads)} reads for 64 KiB"
+    finally:
+        listener.close()
+
+
 @pytest.mark.timeout(60)
 def test_drain_returns_while_the_guest_keeps_printing(tmp_path):
     """``dmesg -w``: output that never stops; drain reads a bounded amount and returns."""

@@ -30,9 +30,11 @@ import time
 import uuid
 
 import serial
+from serial.urlhandler import protocol_socket
 
 from ..endpoints import pyserial_url  # noqa: F401 (part of this module's API)
 from ..errors import AvatarError
+from .protocol_unix import waiting
 
 DEFAULT_TIMEOUT = 30.0
 POLL = 0.02              # pyserial read timeout: the longest a wait sleeps between checks
@@ -119,13 +121,20 @@ class GuestConsole:
         peer's close, such as a panic's last line; that close is raised on the next call."""
         data = b""
         try:
-            data = self.port.read(max(1, min(self.port.in_waiting, CHUNK)))
-            while data and len(data) < CHUNK and (waiting := self.port.in_waiting):
-                data += self.port.read(min(waiting, CHUNK - len(data)))
+            data = self.port.read(max(1, min(self._waiting(), CHUNK)))
+            while data and len(data) < CHUNK and (more := self._waiting()):
+                data += self.port.read(min(more, CHUNK - len(data)))
         except (serial.SerialException, OSError) as err:
             if not data:
                 raise ConsoleClosed(f"{self.name}: {err}; last output: {self.tail()!r}") from None
         return data
+
+    def _waiting(self):
+        """The bytes the port has to read: counted on the socket for socket:// (pyserial's
+        ``in_waiting`` says 1 for any there: a read a byte) and unix://."""
+        if isinstance(self.port, protocol_socket.Serial) and self.port.is_open:
+            return waiting(self.port._socket)
+        return self.port.in_waiting
 
     def _receive(self):
         """Read what arrives within ``POLL`` seconds; the text."""

@@ -16,6 +16,11 @@ from serial import PortNotOpenError, SerialException
 from serial.urlhandler import protocol_socket
 
 
+def waiting(sock):
+    """The bytes ``sock`` has to read (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, bytes(4)))[0]
+
+
 class Serial(protocol_socket.Serial):
     """A pyserial port on a Unix stream socket (settings are ignored, as for socket://)."""
 
@@ -43,7 +48,7 @@ class Serial(protocol_socket.Serial):
         """The bytes there are to read (socket://'s says 1 for any, and for the peer's close)."""
         if not self.is_open:
             raise PortNotOpenError()
-        return struct.unpack("i", fcntl.ioctl(self._socket, termios.FIONREAD, bytes(4)))[0]
+        return waiting(self._socket)
 
     def from_url(self, url):
         parts = urllib.parse.urlsplit(url)
