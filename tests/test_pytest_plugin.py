@@ -674,3 +674,15 @@ def test_a_bench_reset_waits_for_its_console_to_come_back(pytester, daemon, tmp_
     finally:
         subprocess.run(f"kill -- -$(cat {pidfile})", shell=True)
     result.assert_outcomes(passed=2)
+
+
+def test_hook_options_are_those_of_every_pluggy_pytest_7_2_takes():
+    """pyproject.toml says pytest>=7.2, which installs with pluggy 1.0: its hookimpl knows
+    no ``wrapper=True`` (pluggy 1.2), and the plugin is loaded by every pytest session."""
+    import ast
+    import pathlib
+    import avatar_hw.hil.pytest_plugin as plugin
+    tree = ast.parse(pathlib.Path(plugin.__file__).read_text())
+    used = {keyword.arg for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and ast.unparse(node.func) == "pytest.hookimpl" for keyword in node.keywords}
+    assert used and used <= {"hookwrapper", "tryfirst", "trylast", "optionalhook"}, used

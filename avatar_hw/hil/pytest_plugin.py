@@ -173,6 +173,7 @@ def _drain(console):
 
 
 _STATE = pytest.StashKey[_Consoles]()
+_TEARDOWN_PROBLEM = pytest.StashKey[str]()
 _BOARD = pytest.StashKey[object]()      # the session's avatar_board, while it lives
 
 
@@ -325,23 +326,23 @@ def pytest_runtest_setup(item):
     yield
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item):
     """Faults never outlive their test; nor does its console log. A daemon gone away is one
-    line against this test, and the next test starts clean."""
+    line against this test (``pytest_runtest_makereport``: a hook wrapper that raised would
+    leave the rest of the teardown undone), and the next test starts clean."""
     from ..errors import AvatarError
-    board, problem = item.config.stash.get(_BOARD, None), None
+    board = item.config.stash.get(_BOARD, None)
     if board is not None and board.faults_armed:
         try:
             board.clear_faults()
         except AvatarError as err:
-            problem = f"avatar-hw: the faults this test armed were not cleared: {err}"
+            item.stash[_TEARDOWN_PROBLEM] = ("avatar-hw: the faults this test armed were not "
+                                             f"cleared: {err}")
     try:
         yield
     finally:
         item.config.stash[_STATE].end_test(item)
-    if problem:
-        pytest.fail(problem, pytrace=False)
 
 
 def _used_board(item):
@@ -355,6 +356,9 @@ def _used_board(item):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    problem = item.stash.get(_TEARDOWN_PROBLEM, None)
+    if call.when == "teardown" and problem and report.passed:
+        report.outcome, report.longrepr = "failed", problem
     board = _used_board(item)
     if board is None:
         return
