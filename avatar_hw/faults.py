@@ -22,6 +22,7 @@ fault: ``Daemon.pause(seconds)``.
 """
 
 import random
+import re
 import time
 
 from .errors import AvatarError
@@ -48,8 +49,10 @@ class Option:
 
 
 def _integer(value):
-    """An integer option: an int or its digits; a fraction (2.9) is an error, not 2."""
-    if isinstance(value, (bool, float)):
+    """An integer option: an int or its ASCII digits; a fraction (2.9) or other digits
+    (full-width ones) are an error, not a number."""
+    if isinstance(value, (bool, float)) or (
+            isinstance(value, str) and not re.fullmatch(r"\s*[0-9]+\s*", value)):
         raise ValueError(value)
     return int(value)
 

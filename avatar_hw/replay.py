@@ -54,6 +54,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import stat
 import struct
 import zlib
@@ -73,6 +74,7 @@ PAGE = 4096
 CHUNK = 64 * PAGE
 MAX_HEADER = 1 << 20
 MAX_RECORD = 16 << 20
+MAX_WINDOWS = 1 << 16                # device windows a header's layout may have
 DEFAULT_MAX_SIZE = 4 << 30        # serve --record-max-size
 
 GUEST_PAGE, MODEL_PAGE, TRAP, ANSWER, IRQ, IRQ_OUTSIDE, SOURCE, END = 1, 2, 3, 4, 5, 6, 7, 8
@@ -224,7 +226,9 @@ class _SourceTap:
         self.source, self.sink = source, sink
 
     def readinto(self, buffer):
-        n = self.source.readinto(buffer)
+        """At most a record's worth (replay refuses longer records): a short read, which
+        every reader of a source loops on."""
+        n = self.source.readinto(memoryview(buffer)[:MAX_RECORD - _SOURCE.size])
         if n:
             self.sink(bytes(memoryview(buffer)[:n]))
         return n
@@ -338,10 +342,14 @@ def _check_meta(meta):
                                 f"{sorted(_LAYOUT_FIELDS)}")
     for name, value in layout.items():
         _uint(value, f"layout {name}", 1, 1 << 32 if name != "base" else 1 << 64)
+    if layout["vm_size"] // layout["device_size"] * layout["max_vms"] > MAX_WINDOWS:
+        raise ReplayFormatError(f"bad header: a layout of more than {MAX_WINDOWS} device "
+                                "windows")
     memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     total = 0
     for vm, ram in meta["vms"].items():
-        if not (vm.isdigit() and int(vm) < layout["max_vms"] and isinstance(ram, dict)):
+        if not (re.fullmatch("[0-9]+", vm) and int(vm) < layout["max_vms"]
+                and isinstance(ram, dict)):
             raise ReplayFormatError(f"bad header: VM {vm[:20]!r} (VMs are 0..."
                                     f"{layout['max_vms'] - 1}, each with base and size)")
         _uint(ram.get("base"), f"VM {vm} RAM base")
@@ -501,6 +509,8 @@ def _replay(meta, records, build):
     except (MemoryError, OSError) as err:
         raise ReplayFormatError(f"cannot make the VMs' RAM of the header: "
                                 f"{getattr(err, 'strerror', None) or 'out of memory'}") from None
+    except (ValueError, OverflowError) as err:      # a layout the subsystem refuses
+        raise ReplayFormatError(f"bad header: {err}") from None
     raised = []
     _tap_interrupts(subsystem, raised.append)
     journals = {vm: _PageJournal(m) for vm, m in subsystem.vms.items()}

@@ -107,6 +107,8 @@ def test_fault_inject_a_delayed_interrupt_is_not_raised_after_a_reset(board):
     ("ioerr", {"count": 0}, "option count = 0"),
     ("ioerr", {"count": 2.9}, "option count = 2.9"),
     ("ioerr", {"sectors": "10-"}, "option sectors = '10-'"),
+    ("ioerr", {"count": "\uff12"}, "option count = '\uff12'"),          # full-width digit
+    ("ioerr", {"sectors": "\uff11\uff10-\uff12\uff10"}, "option sectors"),
     ("irq-delay", {"ms": 1e9}, "expected milliseconds, 0 to 60000"),
 ])
 def test_fault_inject_bad_requests_are_one_line_errors(board, fault, options, message):

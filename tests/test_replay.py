@@ -374,6 +374,10 @@ def _hostile(data, path):
         "ram-odd": (changed(vms={"0": {**ram, "size": 4097}}), "not a multiple"),
         "device-size-0": (changed(layout={**meta["layout"], "device_size": 0}), "device_size"),
         "max-vms-text": (changed(layout={**meta["layout"], "max_vms": "8"}), "max_vms"),
+        "vm-superscript": (changed(vms={"0": ram, "\u00b2": ram}), "bad header: VM '\u00b2'"),
+        "windows-2^32": (changed(layout={**meta["layout"], "max_vms": (1 << 32) - 1,
+                                         "vm_size": (1 << 32) - 1, "device_size": 1}),
+                         "more than 65536 device windows"),
         "nested": (header(b"[" * 100000 + b"]" * 100000), "nested too deeply"),
         "header-4GiB": (b"AVRR" + struct.pack("<HI", rr.VERSION, 0xFFFFFFFF), "a header of"),
         "record-4GiB": (header(meta) + struct.pack("<BI", rr.TRAP, 0xFFFFFFFF), "a record of"),
@@ -396,3 +400,32 @@ def test_hostile_recordings_are_one_line_naming_the_file(workdir, tmp_path):
             rr.replay(target, rebuild(workdir))
         message = str(err.value)
         assert message.startswith(f"{target}: ") and error in message and "\n" not in message
+
+
+def test_an_rng_buffer_larger_than_a_record_is_recorded_in_records_replay_takes(tmp_path,
+                                                                                 monkeypatch):
+    """A source read of more than MAX_RECORD (an rng with max_bytes raised, one big guest
+    buffer) was one SOURCE record, which replay then refused: the tap reads at most a
+    record's worth at a time (the rng loops on short reads)."""
+    monkeypatch.setattr(rr, "MAX_RECORD", 64 << 10)
+    big = 200 << 10
+    (tmp_path / "entropy").write_bytes(random.Random(1).randbytes(big))
+
+    def session():
+        ram = bytearray(1 << 20)
+        subsystem = Subsystem(interrupt_line=IrqRecorder())
+        subsystem.vm_init(0, GuestMemory(Region(memoryview(ram)), RAM_BASE))
+        device = RngDevice(max_bytes=big, source=str(tmp_path / "entropy"))
+        return subsystem, GuestRam(ram, RAM_BASE), subsystem.create_device(0, device).window
+
+    subsystem, ram, window = session()
+    path = tmp_path / "big.avrr"
+    recorder = rr.Recorder(subsystem, path)
+    (queue,) = VirtioDriver(subsystem.handle_mmio_trap, window, ram).init([0], size=2,
+                                                                          buf_size=big)
+    queue.post(writable=[big])
+    queue.notify()
+    assert [u.length for u in queue.get_used()] == [big]
+    recorder.close()
+    subsystem.close()
+    assert rr.replay(path, lambda meta: session()[0]) == (recorder.traps, None)
