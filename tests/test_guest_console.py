@@ -328,6 +328,16 @@ def one_client(family, address, serve):
     return listener
 
 
+def one_client_url(family, tmp_path, serve):
+    """``one_client`` on a Unix socket in ``tmp_path`` or on loopback TCP: (the listener, the
+    console's URL)."""
+    if family == socket.AF_UNIX:
+        path = str(tmp_path / "console.sock")
+        return one_client(family, path, serve), f"unix://{path}"
+    listener = one_client(family, ("127.0.0.1", 0), serve)
+    return listener, "socket://127.0.0.1:%d" % listener.getsockname()[1]
+
+
 @pytest.mark.parametrize("family", [socket.AF_UNIX, socket.AF_INET], ids=["unix", "tcp"])
 def test_the_last_output_before_the_peer_closes_is_kept(tmp_path, family):
     """A guest's last line and its close, both waiting when the console reads (pyserial's
@@ -341,10 +351,7 @@ def test_the_last_output_before_the_peer_closes_is_kept(tmp_path, family):
         conn.shutdown(socket.SHUT_WR)
         closed.set()
 
-    address = str(tmp_path / "console.sock") if family == socket.AF_UNIX else ("127.0.0.1", 0)
-    listener = one_client(family, address, panic)
-    url = (f"unix://{address}" if family == socket.AF_UNIX
-           else "socket://127.0.0.1:%d" % listener.getsockname()[1])
+    listener, url = one_client_url(family, tmp_path, panic)
     try:
         with GuestConsole.open(url) as console:
             opened.set()
@@ -369,10 +376,7 @@ def test_output_waiting_is_read_in_large_reads(tmp_path, family):
         opened.wait(30)
         time.sleep(0.5)
 
-    address = str(tmp_path / "console.sock") if family == socket.AF_UNIX else ("127.0.0.1", 0)
-    listener = one_client(family, address, flood)
-    url = (f"unix://{address}" if family == socket.AF_UNIX
-           else "socket://127.0.0.1:%d" % listener.getsockname()[1])
+    listener, url = one_client_url(family, tmp_path, flood)
     try:
         with GuestConsole.open(url) as console:
             reads, read = [], console.port.read

@@ -3,6 +3,7 @@ serve`` on the stand-in stub; with labgrid installed, ``AvatarStrategy`` in a re
 coordinator-less Environment (a local shell as the board's console) and labgrid's
 ``NetworkSerialPort`` on the emulated board's RFC 2217 console."""
 
+import contextlib
 import importlib.util
 import re
 import os
@@ -181,8 +182,10 @@ def yaml_dump(data):
     return yaml.safe_dump(data, sort_keys=False)       # drivers in binding order
 
 
-@needs_labgrid
-def test_strategy_serves_and_restarts_the_daemon_through_labgrid(tmp_path):
+@contextlib.contextmanager
+def serving_board(tmp_path):
+    """A stand-in board, its daemon's labgrid environment over a test shell: (the board's
+    control socket, the AvatarStrategy); everything is stopped at the end."""
     board = FakeBoard(tmp_path / "board", vms=1)
     stub = StandinStub(board)
     config = board.root / "vms.toml"
@@ -191,45 +194,38 @@ def test_strategy_serves_and_restarts_the_daemon_through_labgrid(tmp_path):
     env = board_environment(tmp_path, server, board.serve_argv(config)[4:],
                             control=str(board.control))
     try:
-        strategy = env.get_target("main").get_driver("AvatarStrategy")
-        strategy.transition("serving")
-        first = control.request("info", str(board.control))["pid"]
-        strategy.transition("serving")                     # labgrid: nothing to do
-        assert control.request("info", str(board.control))["pid"] == first
-        strategy.restart_daemon()
-        assert control.request("info", str(board.control))["pid"] != first
-        strategy.target.get_driver("ShellDriver").run_check(
-            labgrid.stop_command(str(tmp_path / "serve.pid")))
+        yield str(board.control), env.get_target("main").get_driver("AvatarStrategy")
     finally:
         env.cleanup()
         server.close()
         stub.close()
+
+
+@needs_labgrid
+def test_strategy_serves_and_restarts_the_daemon_through_labgrid(tmp_path):
+    with serving_board(tmp_path) as (control_path, strategy):
+        strategy.transition("serving")
+        first = control.request("info", control_path)["pid"]
+        strategy.transition("serving")                     # labgrid: nothing to do
+        assert control.request("info", control_path)["pid"] == first
+        strategy.restart_daemon()
+        assert control.request("info", control_path)["pid"] != first
+        strategy.target.get_driver("ShellDriver").run_check(
+            labgrid.stop_command(str(tmp_path / "serve.pid")))
 
 
 @needs_labgrid
 def test_strategy_logs_in_again_after_a_power_cycle(tmp_path):
     """serving -> off -> serving, where the power cycle starts a fresh shell (a reboot): the
     console is deactivated at off, so the ShellDriver logs in (and sets up) again."""
-    board = FakeBoard(tmp_path / "board", vms=1)
-    stub = StandinStub(board)
-    config = board.root / "vms.toml"
-    config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{board.root}/vm0.log"] }}\n')
-    server = ShellServer(tmp_path)
-    env = board_environment(tmp_path, server, board.serve_argv(config)[4:],
-                            control=str(board.control))
-    try:
-        strategy = env.get_target("main").get_driver("AvatarStrategy")
+    with serving_board(tmp_path) as (control_path, strategy):
         strategy.transition("serving")
-        first = control.request("info", str(board.control))["pid"]
+        first = control.request("info", control_path)["pid"]
         strategy.transition("off")
         strategy.transition("serving")
-        assert control.request("info", str(board.control))["pid"] != first
+        assert control.request("info", control_path)["pid"] != first
         assert strategy.shell.run_check("echo $((6 * 7))") == ["42"]
         strategy.shell.run_check(labgrid.stop_command(str(tmp_path / "serve.pid")))
-    finally:
-        env.cleanup()
-        server.close()
-        stub.close()
 
 
 @needs_labgrid
