@@ -34,9 +34,11 @@
  *                   virq_polling bits, DMB ISH, poll virq_pending; clear them,
  *                   DMB ISH, read virq_pending once more before a real WFI.
  *   model detaches: answer every POSTED slot, then model_state = DETACHED
- *                   (store-release); it never touches a slot afterwards, so a
- *                   stub that sees DETACHED may withdraw its POSTED slot
- *                   (POSTED -> FREE) and apply its UNHANDLED policy.
+ *                   (store-release); it never touches a slot afterwards. A
+ *                   stub that sees DETACHED (load-acquire) loads state once
+ *                   more: DONE is an answer given before DETACHED, taken as
+ *                   any other; only a slot still POSTED is withdrawn
+ *                   (POSTED -> FREE) with its UNHANDLED policy.
  *   model died:     model_state stays ATTACHED; the stub keeps waiting, the
  *                   next model to attach answers the slot.
  *   rings taken:    with AVT_F_RINGS_TAKEN the stub, rung, clears its ring
