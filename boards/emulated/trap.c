@@ -279,6 +279,7 @@ u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
     slot->vm_id = t->vm_id;
     slot->vcpu_id = (u16)cpu_index();
     slot->t_post = counter();
+    slot->t_done = 0;             /* section 4: 0 at post (the previous access's otherwise) */
     store_release32(&slot->state, AVT_SLOT_POSTED);
     dmb_ish();
     if (hdr->model_sleeping)
