@@ -25,8 +25,10 @@
  *   posted write:   the guest resumes at once; the model sets FREE after the
  *                   write's effect; the vCPU's next access is posted only
  *                   after the stub saw FREE (load-acquire), so it is served
- *                   after the write. The model serves every posted write
- *                   before it sets an InterruptStatus bit (section 7).
+ *                   after the write. The model serves every posted
+ *                   InterruptACK (only those: a QueueNotify would enter
+ *                   device code) before it sets an InterruptStatus bit
+ *                   (section 7).
  *   model sleeps:   model_sleeping = 1, DMB ISH, re-scan every slot, then block.
  *   virq request:   atomic OR of virq_pending (release), then, with
  *                   AVT_F_HALT_POLL, DMB ISH and ring only if the INTID's
