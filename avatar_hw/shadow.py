@@ -181,7 +181,7 @@ class StubShadowReader:
             for bit in range(_ACK_BITS):
                 if page.acks[bit] != page.acks_seen[bit]:
                     value &= ~(1 << bit)
-        ordering.fence()                                   # DMB ISHLD
+        ordering.fence()                  # DMB ISH (the stub's DMB ISHLD, stronger)
         if self.region.load_acquire32(seq_offset) != seq:
             return None
         page.hits += 1

@@ -13,9 +13,10 @@ value, size, direction, flags, VM, vCPU) is read with one ``struct`` copy instea
 field loads, and an aligned 4-byte access in its VM's window is decoded inline. A scan reads
 every slot's ``state`` with a plain load and, only if one is POSTED, orders them
 before the slots' fields with one acquire fence (a load-acquire of each: LDR then
-DMB ISHLD on arm64); an answer is published with a release fence and a plain
-store of ``state`` (DMB ISH, STR). On x86 (TSO) both fences are no instruction,
-and an idle scan costs no foreign call at all.
+DMB ISH on arm64, libatomic's fence for any order, where DMB ISHLD would do); an
+answer is published with a release fence and a plain store of ``state`` (DMB ISH,
+STR). On x86 (TSO) both fences are no instruction, and an idle scan costs no
+foreign call at all.
 
 Fairness between VMs: every answered trap is counted, with its service time
 (from the previous answer of its pass, or the pass's start, to its state written:

@@ -97,6 +97,7 @@ def test_stub_builds_and_is_cached():
                          ids=["doorbell", "busy-poll", "adaptive", "posted-ack"])
 def test_probe_accesses_round_trip_through_the_trap_page(probe, wait, stub_ack):
     writes = []
+    t_done_at_post = set()      # every slot the model serves: t_done 0 at post (section 4)
     machine = EmulatedMachine(build_stub(), probe, model_wait_ms=10000)
     shm_path = machine.shm_path
     with machine:
@@ -106,6 +107,7 @@ def test_probe_accesses_round_trip_through_the_trap_page(probe, wait, stub_ack):
         line = machine.interrupt_line(region)
 
         def handler(window, offset, value, is_write, size):
+            t_done_at_post.add(trap.slots[0].t_done)
             addr = mm.LAYOUT.base + window * mm.LAYOUT.device_size + offset
             if not is_write:
                 return (True, READS[addr]) if addr in READS else (False, 0)
@@ -131,6 +133,7 @@ def test_probe_accesses_round_trip_through_the_trap_page(probe, wait, stub_ack):
         trap.serve_until_idle(handler)      # what the guest posted before it powered off
         assert machine.wait(5) == 0, machine.uart.lines
         assert writes == (EXPECTED_WRITES_STUB_ACK if stub_ack else EXPECTED_WRITES)
+        assert t_done_at_post == {0}
         assert trap.header.stub_features == (abi.F_VIRQ_REQUEST | abi.F_POSTED_WRITES
                                              | abi.F_REGISTER_SHADOW | abi.F_STUB_ACK
                                              | abi.F_HALT_POLL | abi.F_PACE | abi.F_RINGS_TAKEN)

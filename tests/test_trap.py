@@ -449,6 +449,31 @@ def test_stub_withdraws_a_trap_posted_after_the_model_detached(page):
     assert handler.calls == []
 
 
+@pytest.mark.parametrize("is_write, value, answer", [(False, 0, 0x74726976),
+                                                      (True, 5, 0)], ids=["read", "write"])
+def test_a_stub_that_sees_detached_takes_the_answer_the_model_gave_first(page, is_write,
+                                                                         value, answer):
+    """The stub loaded POSTED; then the model's detach answers the slot (DONE) and
+    publishes DETACHED; then the stub looks at model_state. It must take the answer (a
+    read's value, a write done), not withdraw the slot: it used to write FREE over DONE
+    and report UNHANDLED (read as zero, a write that took effect reported ignored)."""
+    stub, trap = page
+    handler = Recorder()
+    handler.registers[VM0_DEV0] = 0x74726976
+    stub.begin(0, 0, VM0_DEV0, 4, is_write, value)
+    look = stub.model_detached
+
+    def the_model_detaches_first():          # between the stub's loads of state and of
+        if trap.slots:                       # model_state (once: detach empties slots)
+            trap.detach(handler)
+        return look()
+
+    stub.model_detached = the_model_detaches_first
+    assert stub.finish(0) == (abi.STATUS_OK, answer)
+    assert stub.region.read32(abi.SLOTS_OFFSET) == abi.SLOT_FREE
+    assert handler.calls == [(VM0_DEV0, value, is_write, 4)]
+
+
 def test_a_new_model_serves_what_a_dead_one_left_posted(page):
     stub, trap = page
     stub.begin(2, 0, VM0_DEV0, 4, False)    # the old model dies before answering

@@ -127,7 +127,9 @@ WEAKLY_ORDERED = not _TSO
 
 def acquire_fence():
     """Orders every earlier load before every later load and store: after plain loads of
-    state words, the acquire of those loads (a load then DMB ISHLD on arm64)."""
+    state words, the acquire of those loads. On arm64 a DMB ISH, not DMB ISHLD: libatomic's
+    atomic_thread_fence takes the order at run time and issues DMB ISH for any (stronger,
+    still correct)."""
     if not _TSO:
         _fence(_ACQUIRE)
 

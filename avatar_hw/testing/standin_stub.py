@@ -142,8 +142,10 @@ class StubPage:
     def finish(self, vcpu, timeout=10.0):
         """Wait for the answer of slot ``vcpu``; returns ``(status, read data)`` and frees it.
 
-        A model that detaches meanwhile never answers: the stub withdraws the
-        trap (POSTED -> FREE) and applies its UNHANDLED policy.
+        A model that detaches meanwhile answers what it saw posted before it stores
+        DETACHED: the stub, seeing DETACHED, loads ``state`` again and takes that answer
+        if it is DONE; only a trap still POSTED is withdrawn (POSTED -> FREE), with the
+        UNHANDLED policy (docs/trap-abi.md section 9).
         """
         slot = self.slots[vcpu]
         if slot.flags & abi.SLOT_F_POSTED_WRITE:
@@ -187,7 +189,11 @@ class StubPage:
 
     def _wait_state(self, vcpu, states, timeout, give_up=None):
         """Spin, then sleep briefly, until slot ``vcpu`` is in ``states`` (True), or
-        ``give_up()`` (False); ``TrapTimeout`` after ``timeout`` s."""
+        ``give_up()`` (False); ``TrapTimeout`` after ``timeout`` s.
+
+        Once ``give_up()`` (the model detached, a load-acquire of ``model_state``) the
+        state is loaded once more: the model may have answered between the last load
+        and its DETACHED, and that answer, ordered before DETACHED, is seen now."""
         offset = self._state_offset(vcpu)
         load = self.region.load_acquire32
         deadline = None
@@ -197,7 +203,7 @@ class StubPage:
             if spins < 200:
                 continue
             if give_up is not None and give_up():
-                return False
+                return load(offset) in states
             if deadline is None:
                 deadline = time.monotonic() + timeout
             elif time.monotonic() > deadline:

@@ -25,8 +25,10 @@
  *   posted write:   the guest resumes at once; the model sets FREE after the
  *                   write's effect; the vCPU's next access is posted only
  *                   after the stub saw FREE (load-acquire), so it is served
- *                   after the write. The model serves every posted write
- *                   before it sets an InterruptStatus bit (section 7).
+ *                   after the write. The model serves every posted
+ *                   InterruptACK (only those: a QueueNotify would enter
+ *                   device code) before it sets an InterruptStatus bit
+ *                   (section 7).
  *   model sleeps:   model_sleeping = 1, DMB ISH, re-scan every slot, then block.
  *   virq request:   atomic OR of virq_pending (release), then, with
  *                   AVT_F_HALT_POLL, DMB ISH and ring only if the INTID's
@@ -34,9 +36,11 @@
  *                   virq_polling bits, DMB ISH, poll virq_pending; clear them,
  *                   DMB ISH, read virq_pending once more before a real WFI.
  *   model detaches: answer every POSTED slot, then model_state = DETACHED
- *                   (store-release); it never touches a slot afterwards, so a
- *                   stub that sees DETACHED may withdraw its POSTED slot
- *                   (POSTED -> FREE) and apply its UNHANDLED policy.
+ *                   (store-release); it never touches a slot afterwards. A
+ *                   stub that sees DETACHED (load-acquire) loads state once
+ *                   more: DONE is an answer given before DETACHED, taken as
+ *                   any other; only a slot still POSTED is withdrawn
+ *                   (POSTED -> FREE) with its UNHANDLED policy.
  *   model died:     model_state stays ATTACHED; the stub keeps waiting, the
  *                   next model to attach answers the slot.
  *   rings taken:    with AVT_F_RINGS_TAKEN the stub, rung, clears its ring

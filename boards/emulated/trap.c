@@ -10,7 +10,8 @@
  * the guest resumes at once; the model frees the slot, and the vCPU's next access waits for that FREE before it is posted,
  * so the model serves the vCPU's accesses in program order. Policies:
  *   - no model attached (model_state != ATTACHED), or the model detaches
- *     while the slot is posted: the access completes UNHANDLED;
+ *     with the slot still posted (state loaded again after DETACHED: an answer
+ *     its final scan gave is taken): the access completes UNHANDLED;
  *   - UNHANDLED reads as zero, writes are ignored (the caller applies it).
  * Register shadows (AVT_F_REGISTER_SHADOW): a read of a register the model
  * keeps in the window's shadow page is answered here, with no round trip,
@@ -119,7 +120,13 @@ int trap_wait_model(u32 ms)
 #define SPIN_US      10000u    /* 10 ms */
 #define SLEEP_MAX_US 1000u
 
-/* Wait until the slot's state is ``want``: 1, or 0 when the model detached first. */
+/*
+ * Wait until the slot's state is ``want``: 1, or 0 when the model detached first. Once
+ * model_state reads DETACHED, state is loaded once more: the model's final scan may have
+ * answered (DONE, or FREE for a posted write) after this vCPU's last load of state; it
+ * stored that before its store-release of DETACHED, so after the load-acquire of DETACHED
+ * this load sees it, and the answer is taken rather than written over (section 9).
+ */
 static int wait_slot(volatile struct avt_slot *slot, u32 want)
 {
     if (load_acquire32(&slot->state) == want)
@@ -128,7 +135,7 @@ static int wait_slot(volatile struct avt_slot *slot, u32 want)
     u64 start = counter();
     while (load_acquire32(&slot->state) != want) {
         if (!model_attached())
-            return 0;
+            return load_acquire32(&slot->state) == want;
         u64 waited = counter() - start;
         if (waited >= SPIN_US * ticks_per_us)
             cpu_sleep(waited / 8 < SLEEP_MAX_US * ticks_per_us ? waited / 8
@@ -139,8 +146,8 @@ static int wait_slot(volatile struct avt_slot *slot, u32 want)
 
 /*
  * Wait until the slot is FREE: it is POSTED only while the model has not yet
- * served this vCPU's last posted write. A model that detaches meanwhile
- * never will (it answered everything posted before DETACHED): withdraw it.
+ * served this vCPU's last posted write. A model that detached with it still
+ * POSTED (loaded after DETACHED) never will: withdraw it.
  */
 static void wait_posted_write_served(volatile struct avt_slot *slot)
 {
@@ -272,6 +279,7 @@ u32 trap_mmio(u64 gpa, u32 size, int is_write, u64 *value)
     slot->vm_id = t->vm_id;
     slot->vcpu_id = (u16)cpu_index();
     slot->t_post = counter();
+    slot->t_done = 0;             /* section 4: 0 at post (the previous access's otherwise) */
     store_release32(&slot->state, AVT_SLOT_POSTED);
     dmb_ish();
     if (hdr->model_sleeping)
