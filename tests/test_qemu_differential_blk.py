@@ -9,10 +9,13 @@ import pytest
 from avatar_hw.devices import block as blk
 from avatar_hw.devices.block import BlockDevice
 from avatar_hw.devices.rng import RngDevice
+from avatar_hw.errors import ConfigError
+from avatar_hw.testing.qtest import QTestError
 from avatar_hw.testing.virtio import VirtioBench
 from avatar_hw.virtio import constants as c
 from avatar_hw.virtio.constants import bit
-from test_qemu_differential import qemu, qemu_driver, wait_used  # noqa: F401 (fixture)
+from test_qemu_differential import (FIRST_TRANSPORT, qemu, qemu_driver,  # noqa: F401 (fixture)
+                                    wait_used)
 
 pytestmark = pytest.mark.qemu
 
@@ -129,6 +132,37 @@ def test_read_only_block_matches_qemu(qemu, tmp_path):
     theirs = ro(qemu_driver(q))
     assert theirs == ours(BlockDevice(image, readonly=True), ro) == (True, blk.S_IOERR, 1)
     assert image.read_bytes() == PATTERN
+
+
+@pytest.mark.parametrize("ours_ro, theirs_ro", [(False, False), (False, True), (True, False),
+                                                (True, True)])
+def test_image_lock_keeps_qemu_and_ours_off_each_others_image(qemu, tmp_path, ours_ro,
+                                                              theirs_ro):
+    """Either order, as two QEMUs: only two readers share an image."""
+    image = tmp_path / "shared.img"
+    image.write_bytes(bytes(SECTORS * 512))
+    drive = ("-drive", f"file={image},if=none,format=raw,id=d0"
+             + (",readonly=on" if theirs_ro else ""), "-device", "virtio-blk-device,drive=d0")
+    both_read = ours_ro and theirs_ro
+    q = qemu(*drive)
+    assert q.readl(FIRST_TRANSPORT + c.REG_DEVICE_ID) == c.ID_BLOCK
+    if both_read:
+        BlockDevice(image, readonly=True).detach()
+    else:
+        with pytest.raises(ConfigError) as refused:
+            BlockDevice(image, readonly=ours_ro)
+        assert str(refused.value) == (f"{image}: in use by another process (locked): stop it "
+                                      "or give another image")
+    q.close()
+    device = BlockDevice(image, readonly=ours_ro)
+    try:
+        if both_read:
+            assert qemu(*drive).readl(FIRST_TRANSPORT + c.REG_DEVICE_ID) == c.ID_BLOCK
+        else:
+            with pytest.raises(QTestError, match='Failed to get (shared )?"write" lock'):
+                qemu(*drive).readl(FIRST_TRANSPORT + c.REG_DEVICE_ID)
+    finally:
+        device.detach()
 
 
 def rng_observations(d):
