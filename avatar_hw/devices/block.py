@@ -6,8 +6,14 @@ reads), and the status byte, the last device-writable byte. Framing is free
 (VIRTIO_F_VERSION_1 implies any layout): the header is gathered from
 however many descriptors hold it; data moves with ``os.preadv`` /
 ``os.pwritev`` straight between the image and the chain's memoryviews of
-guest RAM (batches of at most IOV_MAX views, short transfers looped). Used length = the
-bytes written into the chain, status byte included.
+guest RAM (batches of at most IOV_MAX views, short transfers looped).
+
+Used length: the bytes written from the first device-writable byte on (VirtIO 1.2
+2.7.8.2), and the status is the last one, so the part of the data area a request did not
+fill (a failed read, GET_ID's buffer past the serial, writable bytes an error leaves) is
+zeroed and the length is every writable byte, QEMU's too. A data area of more than
+``MAX_REQUEST_BYTES`` is not zeroed (that would bound no request's work): its length is the
+bytes written before the first one left (0 for an error), the status beyond it.
 
 Answers (the request is always completed and the device keeps serving):
 
@@ -21,8 +27,8 @@ Answers (the request is always completed and the device keeps serving):
   (write, flush, discard, write zeroes); any write on a read-only device;
   discard / write-zeroes segments not whole, 0 or more than the limit, a
   range past the capacity or longer than the limit; an I/O error of the host; a read
-  that ends early (an image shortened under the daemon: the rest is not there, and
-  zeros would be data the guest never wrote); every flush and write-through write
+  that ends early (an image shortened under the daemon: the rest is not there; zeros
+  said OK would be data the guest never wrote); every flush and write-through write
   once an ``fdatasync`` failed (Linux marks the pages it could not write clean and
   clears the error, so the next one would succeed over lost writes: QEMU's
   ``page_cache_inconsistent``), until the device is started afresh (a daemon restarted
@@ -290,9 +296,13 @@ class BlockDevice(VirtioDevice):
         queue.charge(self._work)             # syncs, zeroed and discarded ranges
         if status_code != S_OK:
             self.counters["errors"] += 1
+        data_len = chain.writable_len - 1
+        if written < data_len <= MAX_REQUEST_BYTES:   # these bytes count in the turn (pop)
+            fill_zeros(skip(data_out, written))
+            written = data_len
         self._status[0] = status_code
         status[:] = self._status
-        queue.add_used(chain, written + 1)
+        queue.add_used(chain, written + 1 if written == data_len else written)
 
     def _execute(self, chain, data_out):
         """Do one request: (status, bytes written into the chain before the status)."""
