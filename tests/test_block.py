@@ -226,10 +226,24 @@ def test_get_id_is_the_serial_nul_padded_to_20_bytes(make):
     assert (status, length, data) == (blk.S_OK, 9, b"avatar-d")
 
 
+def test_used_length_is_every_writable_byte_the_rest_of_the_data_area_zeroed(make, monkeypatch):
+    """The used length counts bytes written from the first writable one on (VirtIO 1.2
+    2.7.8.2) and the status is the last: what a request leaves of its data area is zeroed
+    (the buffers are poisoned first); a data area over MAX_REQUEST_BYTES is not, and its
+    length stops where the written bytes stop, the status beyond it."""
+    b = make(serial="abc")
+    assert b.request(blk.T_GET_ID, read=512) == (blk.S_OK, 513, b"abc".ljust(512, b"\0"))
+    assert b.request(blk.T_IN, sector=SECTORS, read=512) == (blk.S_IOERR, 513, bytes(512))
+    monkeypatch.setattr(blk, "MAX_REQUEST_BYTES", 1024)
+    status, length, _ = b.request(blk.T_GET_ID, read=1536)
+    assert (status, length) == (blk.S_OK, 20)
+    assert b.request(blk.T_IN, read=1536)[:2] == (blk.S_IOERR, 0)
+
+
 def test_holes_read_as_zeros_and_a_read_past_a_shortened_image_is_an_error(tmp_path, make):
     """A sparse image's holes are zeros; an image shortened under the device ends a read
-    early: IOERR, and the used length counts the bytes that were there (zeros for the rest
-    would be data the guest never wrote, reported OK)."""
+    early: IOERR (zeros said OK would be data the guest never wrote); the bytes that were
+    there are read, the rest zeroed, so the used length is the whole chain."""
     path = tmp_path / "sparse.img"
     with open(path, "wb") as f:
         f.truncate(1 << 20)                               # sparse: no data blocks
@@ -238,7 +252,7 @@ def test_holes_read_as_zeros_and_a_read_past_a_shortened_image_is_an_error(tmp_p
     assert b.request(blk.T_OUT, sector=0, data=b"\x11" * 1024)[0] == blk.S_OK
     os.truncate(path, 512)                                # shortened under the device
     status, length, data = b.request(blk.T_IN, sector=0, read=1024)
-    assert (status, length, data[:512]) == (blk.S_IOERR, 513, b"\x11" * 512)
+    assert (status, length, data) == (blk.S_IOERR, 1025, b"\x11" * 512 + bytes(512))
 
 
 def test_after_a_failed_fdatasync_no_flush_is_ok_again(make, monkeypatch):
@@ -306,21 +320,22 @@ def test_multiqueue_offers_num_queues_and_serves_each_queue(make):
 # -- bad requests: the request completes, the device keeps serving --------------------------------
 
 BAD_REQUESTS = [
-    ("read past the capacity", dict(kind=blk.T_IN, sector=SECTORS - 1, read=1024), blk.S_IOERR, 1),
+    ("read past the capacity", dict(kind=blk.T_IN, sector=SECTORS - 1, read=1024), blk.S_IOERR,
+     1025),
     ("read starting past the capacity", dict(kind=blk.T_IN, sector=1 << 40, read=512),
-     blk.S_IOERR, 1),
+     blk.S_IOERR, 513),
     ("write past the capacity", dict(kind=blk.T_OUT, sector=SECTORS, data=bytes(512)),
      blk.S_IOERR, 1),
-    ("read not a multiple of 512", dict(kind=blk.T_IN, sector=0, read=100), blk.S_IOERR, 1),
+    ("read not a multiple of 512", dict(kind=blk.T_IN, sector=0, read=100), blk.S_IOERR, 101),
     ("write not a multiple of 512", dict(kind=blk.T_OUT, sector=0, data=bytes(600)),
      blk.S_IOERR, 1),
     ("unknown type", dict(kind=99), blk.S_UNSUPP, 1),
-    ("GET_LIFETIME not offered", dict(kind=10, read=16), blk.S_UNSUPP, 1),
+    ("GET_LIFETIME not offered", dict(kind=10, read=16), blk.S_UNSUPP, 17),
     ("secure erase not offered", dict(kind=14, data=bytes(16)), blk.S_UNSUPP, 1),
     ("write with writable bytes before the status", dict(kind=blk.T_OUT, data=bytes(512),
-                                                         status_extra=4), blk.S_IOERR, 1),
+                                                         status_extra=4), blk.S_IOERR, 5),
     ("flush with writable bytes before the status", dict(kind=blk.T_FLUSH, status_extra=1),
-     blk.S_IOERR, 1),
+     blk.S_IOERR, 2),
 ]
 
 
@@ -332,7 +347,7 @@ def test_bad_request_is_answered_and_the_device_keeps_serving(make, what, req, s
     req = dict(req)
     kind = req.pop("kind")
     got = b.request(kind, **req)
-    assert got[:2] == (status, length)
+    assert got == (status, length, bytes(req.get("read", 0)))    # the data area zeroed
     assert b.disk() == PATTERN                            # nothing written
     assert b.device.counters["errors"] == 1
     assert b.bench.transport.guest_errors >= 1
@@ -344,9 +359,9 @@ def test_bad_request_is_answered_and_the_device_keeps_serving(make, what, req, s
 def test_short_or_missing_header_is_ioerr(make):
     b = make()
     used = b.chain([(header(blk.T_IN)[:8], False), (512, True), (1, True)])
-    assert (b.status_of(used), used.length) == (blk.S_IOERR, 1)
+    assert (used.length, used.data) == (513, bytes(512) + bytes([blk.S_IOERR]))
     used = b.chain([(16, True), (1, True)])               # header not device-readable
-    assert (b.status_of(used), used.length) == (blk.S_IOERR, 1)
+    assert (b.status_of(used), used.length) == (blk.S_IOERR, 17)
     assert b.request(blk.T_IN, read=512)[0] == blk.S_OK
 
 
@@ -361,7 +376,7 @@ def test_a_chain_without_a_writable_byte_is_returned_empty(make):
 def test_oversized_request_is_ioerr(make, monkeypatch):
     monkeypatch.setattr(blk, "MAX_REQUEST_BYTES", 1024)
     b = make()
-    assert b.request(blk.T_IN, read=1536)[:2] == (blk.S_IOERR, 1)
+    assert b.request(blk.T_IN, read=1536)[:2] == (blk.S_IOERR, 0)    # not zeroed
     assert b.request(blk.T_IN, read=1024)[:2] == (blk.S_OK, 1025)
 
 

@@ -38,7 +38,7 @@ def board(tmp_path):
 def test_fault_inject_ioerr_on_a_sector_range_only(board):
     board.faults.inject(0, 0, "ioerr", sectors="8-15")
     assert board.request(blk.T_IN, 0, read=4096)[:2] == (blk.S_OK, 4097)        # 0-7
-    assert board.request(blk.T_IN, 4, read=4096)[:2] == (blk.S_IOERR, 1)      # 4-11 overlaps
+    assert board.request(blk.T_IN, 4, read=4096) == (blk.S_IOERR, 4097, bytes(4096))  # 4-11
     assert board.request(blk.T_OUT, 15, data=bytes(512))[:2] == (blk.S_IOERR, 1)
     assert board.request(blk.T_IN, 16, read=512)[:2] == (blk.S_OK, 513)
     assert board.disk() == PATTERN                                              # nothing written

@@ -9,10 +9,13 @@ import pytest
 from avatar_hw.devices import block as blk
 from avatar_hw.devices.block import BlockDevice
 from avatar_hw.devices.rng import RngDevice
+from avatar_hw.errors import ConfigError
+from avatar_hw.testing.qtest import QTestError
 from avatar_hw.testing.virtio import VirtioBench
 from avatar_hw.virtio import constants as c
 from avatar_hw.virtio.constants import bit
-from test_qemu_differential import qemu, qemu_driver, wait_used  # noqa: F401 (fixture)
+from test_qemu_differential import (FIRST_TRANSPORT, qemu, qemu_driver,  # noqa: F401 (fixture)
+                                    wait_used)
 
 pytestmark = pytest.mark.qemu
 
@@ -46,7 +49,9 @@ def requests(d, poll=None):
     do("read_back", blk.T_IN, sector=40, read=4096)
     do("flush", blk.T_FLUSH)
     do("get_id", blk.T_GET_ID, read=20)
+    do("get_id_512_bytes", blk.T_GET_ID, read=512)
     do("read_past_capacity", blk.T_IN, sector=SECTORS - 4, read=4096)
+    do("read_starting_past_capacity", blk.T_IN, sector=SECTORS, read=512)
     do("write_past_capacity", blk.T_OUT, sector=SECTORS, data=[bytes(512)])
     do("unknown_type", 0x63)
     do("write_zeroes", blk.T_WRITE_ZEROES, segments=[(40, 2, 0)])
@@ -72,9 +77,6 @@ def observations(d, poll=None):
 
 # key: (QEMU's value, ours)
 DIFFERENCES = {
-    # QEMU reports the whole device-writable size of a failed read as used length; we report
-    # what was written (the status byte): the spec's "total bytes written".
-    "read_past_capacity": ((blk.S_IOERR, 4097, bytes(4096)), (blk.S_IOERR, 1, bytes(4096))),
     # QEMU's seg_max is its queue size - 2 (its default queue size 256); so is ours. QEMU
     # advertises discard one segment at a time; we take up to 16.
     "max_discard_seg": (1, blk.MAX_DWZ_SEGMENTS),
@@ -99,11 +101,15 @@ def test_block_matches_qemu_virtio_blk(qemu, tmp_path):
     q = qemu("-drive", f"file={theirs_image},if=none,format=raw,id=d0,discard=unmap",
              "-device", f"virtio-blk-device,drive=d0,serial={SERIAL}")
     theirs = observations(qemu_driver(q))
-    # the read buffers are zero-filled on both sides before the failed read compares them
+    # Used lengths are QEMU's: every device-writable byte, also of a failed read or a GET_ID
+    # buffer longer than the serial. QEMU leaves the data area as it was (zeros here: fresh
+    # RAM on both sides); ours zeroes it, so that length counts only bytes written.
     mine = ours(BlockDevice(ours_image, serial=SERIAL), observations)
     assert theirs["read"] == (blk.S_OK, 4097, PATTERN[5 * 512:5 * 512 + 4096])
     assert theirs["read_zeroed"] == (blk.S_OK, 1025, bytes(1024))
     assert theirs["get_id"][2] == SERIAL.encode().ljust(20, b"\0")
+    assert theirs["get_id_512_bytes"] == (blk.S_OK, 513, SERIAL.encode().ljust(512, b"\0"))
+    assert theirs["read_past_capacity"] == (blk.S_IOERR, 4097, bytes(4096))
     for key in theirs:
         if key in DIFFERENCES:
             assert (theirs[key], mine[key]) == DIFFERENCES[key], key
@@ -129,6 +135,37 @@ def test_read_only_block_matches_qemu(qemu, tmp_path):
     theirs = ro(qemu_driver(q))
     assert theirs == ours(BlockDevice(image, readonly=True), ro) == (True, blk.S_IOERR, 1)
     assert image.read_bytes() == PATTERN
+
+
+@pytest.mark.parametrize("ours_ro, theirs_ro", [(False, False), (False, True), (True, False),
+                                                (True, True)])
+def test_image_lock_keeps_qemu_and_ours_off_each_others_image(qemu, tmp_path, ours_ro,
+                                                              theirs_ro):
+    """Either order, as two QEMUs: only two readers share an image."""
+    image = tmp_path / "shared.img"
+    image.write_bytes(bytes(SECTORS * 512))
+    drive = ("-drive", f"file={image},if=none,format=raw,id=d0"
+             + (",readonly=on" if theirs_ro else ""), "-device", "virtio-blk-device,drive=d0")
+    both_read = ours_ro and theirs_ro
+    q = qemu(*drive)
+    assert q.readl(FIRST_TRANSPORT + c.REG_DEVICE_ID) == c.ID_BLOCK
+    if both_read:
+        BlockDevice(image, readonly=True).detach()
+    else:
+        with pytest.raises(ConfigError) as refused:
+            BlockDevice(image, readonly=ours_ro)
+        assert str(refused.value) == (f"{image}: in use by another process (locked): stop it "
+                                      "or give another image")
+    q.close()
+    device = BlockDevice(image, readonly=ours_ro)
+    try:
+        if both_read:
+            assert qemu(*drive).readl(FIRST_TRANSPORT + c.REG_DEVICE_ID) == c.ID_BLOCK
+        else:
+            with pytest.raises(QTestError, match='Failed to get (shared )?"write" lock'):
+                qemu(*drive).readl(FIRST_TRANSPORT + c.REG_DEVICE_ID)
+    finally:
+        device.detach()
 
 
 def rng_observations(d):

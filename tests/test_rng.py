@@ -1,5 +1,7 @@
 """virtio-rng through the driver-side harness: filling, the per-request bound, the rate limit."""
 
+import errno
+import logging
 import time
 
 import pytest
@@ -83,6 +85,48 @@ def test_a_source_that_ends_gives_what_it_had(bench, tmp_path):
     b.q.notify()
     [used] = b.q.get_used()
     assert (used.length, used.data) == (10, b"0123456789")
+
+
+class FailingSource:
+    """Gives ``data``, then every read fails with EIO (a hardware RNG that broke)."""
+
+    name = "/dev/hwrng"
+
+    def __init__(self, data):
+        self.data = data
+
+    def readinto(self, view):
+        if not self.data:
+            raise OSError(errno.EIO, "Input/output error")
+        n = min(len(view), len(self.data))
+        view[:n], self.data = self.data[:n], self.data[n:]
+        return n
+
+    def close(self):
+        pass
+
+
+def test_a_failing_source_returns_the_request_with_what_it_read_and_serving_goes_on(bench,
+                                                                                    caplog):
+    """Old code: the OSError escaped queue_notify (an internal error with a traceback,
+    DEVICE_NEEDS_RESET) and the popped request was never returned: Linux waited forever."""
+    b = bench()
+    b.device.source.close()
+    b.device.source = FailingSource(b"0123456789")
+    b.q.post(writable=[4, 100])
+    b.q.post(writable=[8])
+    b.q.notify()
+    assert [(u.length, u.data) for u in b.q.get_used()] == [(10, b"0123456789"), (0, b"")]
+    assert b.driver.status & c.STATUS_DEVICE_NEEDS_RESET == 0
+    assert b.device.queues[0].in_flight == 0 and b.device.counters["errors"] == 2
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert lines == ["vm0 rng@irq48: entropy source /dev/hwrng: Input/output error; request "
+                     f"returned with {n} of {w} bytes" for n, w in ((10, 104), (0, 8))]
+    assert not any(r.exc_info for r in caplog.records)
+    b.device.source.data = b"abcd"                              # the source is back
+    b.q.post(writable=[8])
+    b.q.notify()
+    assert [(u.length, u.data) for u in b.q.get_used()] == [(4, b"abcd")]
 
 
 def test_rate_limit_delays_requests_in_order_and_never_fails(bench, loop):

@@ -6,8 +6,14 @@ reads), and the status byte, the last device-writable byte. Framing is free
 (VIRTIO_F_VERSION_1 implies any layout): the header is gathered from
 however many descriptors hold it; data moves with ``os.preadv`` /
 ``os.pwritev`` straight between the image and the chain's memoryviews of
-guest RAM (batches of at most IOV_MAX views, short transfers looped). Used length = the
-bytes written into the chain, status byte included.
+guest RAM (batches of at most IOV_MAX views, short transfers looped).
+
+Used length: the bytes written from the first device-writable byte on (VirtIO 1.2
+2.7.8.2), and the status is the last one, so the part of the data area a request did not
+fill (a failed read, GET_ID's buffer past the serial, writable bytes an error leaves) is
+zeroed and the length is every writable byte, QEMU's too. A data area of more than
+``MAX_REQUEST_BYTES`` is not zeroed (that would bound no request's work): its length is the
+bytes written before the first one left (0 for an error), the status beyond it.
 
 Answers (the request is always completed and the device keeps serving):
 
@@ -21,8 +27,8 @@ Answers (the request is always completed and the device keeps serving):
   (write, flush, discard, write zeroes); any write on a read-only device;
   discard / write-zeroes segments not whole, 0 or more than the limit, a
   range past the capacity or longer than the limit; an I/O error of the host; a read
-  that ends early (an image shortened under the daemon: the rest is not there, and
-  zeros would be data the guest never wrote); every flush and write-through write
+  that ends early (an image shortened under the daemon: the rest is not there; zeros
+  said OK would be data the guest never wrote); every flush and write-through write
   once an ``fdatasync`` failed (Linux marks the pages it could not write clean and
   clears the error, so the next one would succeed over lost writes: QEMU's
   ``page_cache_inconsistent``), until the device is started afresh (a daemon restarted
@@ -46,10 +52,11 @@ device of the daemon is served. A notify serves one turn of the queue (the
 turn budget of ``avatar_hw.virtio.queue``; the request that crosses it is
 finished); the rest is served on the event loop's next turns.
 
-Images: opened ``O_RDWR`` (``O_RDONLY`` with ``readonly``) and ``flock``-ed
-(exclusive, shared when read-only) so two daemons cannot write one image;
-within one process a second device on the same file or block device is
-refused.
+Images: opened ``O_RDWR`` (``O_RDONLY`` with ``readonly``), ``flock``-ed (exclusive, shared
+when read-only: older avatar-hw takes only that) and locked as QEMU locks its images (OFD
+byte-range locks, ``_lock_like_qemu``; ``flock`` and those never conflict on Linux), so
+neither another daemon nor a QEMU can write an image served, and a QEMU writing it keeps
+ours off; within one process a second device on the same file or block device is refused.
 """
 
 import ctypes
@@ -102,6 +109,14 @@ SEGMENT = struct.Struct("<QII")          # sector, num_sectors, flags
 # max_write_zeroes_seg, write_zeroes_may_unmap, unused1[3]
 CONFIG = struct.Struct("<QII4xI8xBxHIIIIIB3x")
 
+# QEMU's image locks (block/file-posix.c, raw_apply_lock_bytes / raw_check_lock_bytes): byte
+# 100 + n is read-locked by each user holding permission n (0 consistent read, 1 write), byte
+# 200 + n by each user that does not share it. We take them as QEMU's virtio-blk without
+# share-rw: consistent read, write unless read-only, everything shared but write.
+QEMU_PERM_BYTE, QEMU_UNSHARED_BYTE = 100, 200
+PERM_READ, PERM_WRITE = 0, 1
+FLOCK = struct.Struct("hhqqi4x")         # struct flock: l_type, l_whence, l_start, l_len, l_pid
+
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
@@ -112,6 +127,22 @@ _open_images = weakref.WeakValueDictionary()
 def fallocate(fd, mode, offset, length):
     """fallocate(2) through libc (``os`` has only posix_fallocate); raises OSError."""
     check(libc.fallocate(fd, mode, offset, length))
+
+
+def _lock_like_qemu(fd, readonly):
+    """Take QEMU's lock bytes on ``fd``, then, as QEMU, whether nobody else holds a
+    conflicting one: the unshared byte of a permission we need, the permission byte of one we
+    do not share (closing ``fd`` releases them). BlockingIOError: a conflicting write lock."""
+    needed = (PERM_READ,) if readonly else (PERM_READ, PERM_WRITE)
+    taken = [QEMU_PERM_BYTE + p for p in needed] + [QEMU_UNSHARED_BYTE + PERM_WRITE]
+    for byte in taken:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, byte, 1, 0))
+    for byte in [QEMU_UNSHARED_BYTE + p for p in needed] + [QEMU_PERM_BYTE + PERM_WRITE]:
+        held = fcntl.fcntl(fd, fcntl.F_OFD_GETLK,
+                           FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
+        if FLOCK.unpack(held)[0] != fcntl.F_UNLCK:
+            return False
+    return True
 
 
 def _without_last_byte(views):
@@ -208,10 +239,16 @@ class BlockDevice(VirtioDevice):
                                                 "two devices cannot share one image")
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if self.readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
+            free = _lock_like_qemu(fd, self.readonly)
+        except (BlockingIOError, PermissionError):     # EAGAIN, or EACCES from F_OFD_SETLK
+            free = False
+        except OSError as err:
+            os.close(fd)
+            raise ConfigError(self.image, None, f"cannot lock: {os_reason(err)}") from None
+        if not free:
             os.close(fd)
             raise ConfigError(self.image, None, "in use by another process (locked): stop it "
-                                                "or give another image") from None
+                                                "or give another image")
         _open_images[self._identity] = self
         return fd
 
@@ -259,9 +296,13 @@ class BlockDevice(VirtioDevice):
         queue.charge(self._work)             # syncs, zeroed and discarded ranges
         if status_code != S_OK:
             self.counters["errors"] += 1
+        data_len = chain.writable_len - 1
+        if written < data_len <= MAX_REQUEST_BYTES:   # these bytes count in the turn (pop)
+            fill_zeros(skip(data_out, written))
+            written = data_len
         self._status[0] = status_code
         status[:] = self._status
-        queue.add_used(chain, written + 1)
+        queue.add_used(chain, written + 1 if written == data_len else written)
 
     def _execute(self, chain, data_out):
         """Do one request: (status, bytes written into the chain before the status)."""

@@ -5,7 +5,9 @@ the device fills from ``/dev/urandom`` (an unbuffered file object's
 ``readinto`` straight into the memoryviews of guest RAM, looped until the
 request is full), at most ``max_bytes`` per request (the used length says
 how many). Readable descriptors are ignored. A request with no writable byte
-is returned with length 0.
+is returned with length 0. A read of the source that fails (an OSError) ends the
+request: it is returned with the bytes read before (maybe 0), the error logged
+(rate-limited) and counted, and the device goes on serving.
 
 ``rate`` (bytes per second) adds a token bucket holding one second's worth:
 a request that finds it empty waits (``EventLoop.call_later``) until enough
@@ -15,6 +17,7 @@ are served in order and never fail. The waiting request is dropped on reset.
 
 import time
 
+from ..errors import os_reason
 from ..schema import Field, Schema, positive
 from ..virtio.buffers import fill_from
 from ..virtio.constants import ID_RNG
@@ -71,6 +74,7 @@ class RngDevice(VirtioDevice):
         self.source = open(source, "rb", buffering=0)
         self._waiting = None           # the request that waits for tokens
         self._timer = None
+        self._source_error = None      # what the last read of the source raised
 
     def detach(self):
         self._drop_waiting()
@@ -118,12 +122,25 @@ class RngDevice(VirtioDevice):
             if not chain.writable_len:
                 self.guest_error("entropy request with no device-writable buffer; returned "
                                  "with length 0")
-            n = fill_from(self.source.readinto, chain.writable, wanted)
+            n = fill_from(self._read_source, chain.writable, wanted)
+            if self._source_error is not None:
+                self.error("entropy source %s: %s; request returned with %d of %d bytes",
+                           self.source.name, os_reason(self._source_error), n, wanted)
+                self.counters["errors"] += 1
+                self._source_error = None
             queue.add_used(chain, n)
             self.count(bytes_to_guest=n)
             completed = True
         if completed:
             self.signal_used(queue)
+
+    def _read_source(self, view):
+        """``readinto`` of the source; 0 (the request ends) when it raises an OSError."""
+        try:
+            return self.source.readinto(view)
+        except OSError as err:
+            self._source_error = err
+            return 0
 
     def info(self):
         out = super().info()

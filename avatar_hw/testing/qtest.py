@@ -106,7 +106,10 @@ class QTest:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
                 return None
-            data = sock.recv(65536)
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:      # QEMU exited with our command unread
+                data = b""
             if not data:
                 raise QTestError(f"QEMU closed the connection: {self._failure()}")
             buf += data
@@ -144,7 +147,10 @@ class QTest:
 
     def command(self, text):
         """Send one qtest command; return the words after ``OK`` (a list)."""
-        self._sock.sendall(text.encode() + b"\n")
+        try:
+            self._sock.sendall(text.encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            raise QTestError(f"QEMU closed the connection: {self._failure()}") from None
         deadline = time.monotonic() + self.timeout
         while True:
             line = self._line(self._sock, deadline)
