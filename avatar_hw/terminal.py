@@ -8,6 +8,8 @@ The terminal is pyserial's miniterm: Ctrl-] quits, Ctrl-T opens its menu.
 
 import signal
 import sys
+import threading
+import time
 
 import serial
 from serial.tools.miniterm import Miniterm, key_description
@@ -19,16 +21,66 @@ from .hil.target import console_url_from_info
 
 EXIT_KEY, MENU_KEY = "\x1d", "\x14"        # Ctrl-], Ctrl-T
 READ_TIMEOUT = 0.1                        # lets the reader thread notice the exit key
+REFUSAL_WAIT = 0.5          # an endpoint refuses a client at once: its line comes within this
+REFUSAL_PREFIX = b"avatar-hw: "           # the endpoints' refusal lines (endpoints/server.py)
 
 
 class Terminal(Miniterm):
-    """miniterm that ends with a one-line message, not a traceback, when the peer goes away."""
+    """miniterm that ends with a one-line message, not a traceback, when the peer goes
+    away, and then without waiting for a key: ``ended`` is set when either thread ends,
+    ``peer_gone`` says the reader's did (the writer, blocked reading the terminal, is
+    left to end with the process: miniterm's cancel() would push a NUL into the
+    terminal's input, and fails on a terminal that is not the controlling one)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.console.cancel = lambda: None
+        self.ended = threading.Event()
+        self.peer_gone = False
 
     def reader(self):
         try:
             super().reader()
         except serial.SerialException as err:
+            self.peer_gone = True
             sys.stderr.write(f"\n--- {self.serial.portstr}: {err}\n")
+        finally:
+            self.ended.set()
+
+    def writer(self):
+        try:
+            super().writer()
+        finally:
+            self.ended.set()
+
+    def show(self, data):
+        """Output received before the terminal started, shown as the reader shows it."""
+        text = self.rx_decoder.decode(data)
+        for transformation in self.rx_transformations:
+            text = transformation.rx(text)
+        self.console.write(text)
+
+
+def first_output(port, wait):
+    """What the peer sends first: (bytes, whether it closed), once it closed, sent a line
+    that is not a refusal, or ``wait`` s passed."""
+    received, deadline = b"", time.monotonic() + wait
+    while time.monotonic() < deadline and (
+            b"\n" not in received or received.startswith(REFUSAL_PREFIX)):
+        try:
+            received += port.read(port.in_waiting or 1)
+        except serial.SerialException:
+            return received, True
+    return received, False
+
+
+def refusal(received, closed):
+    """The refusal line (without its prefix) of an endpoint that serves one client at a
+    time (``avatar-hw: ... already has a client ...``) and closed, else None."""
+    line = received.rstrip(b"\r\n")
+    if closed and line.startswith(REFUSAL_PREFIX) and b"\n" not in line:
+        return line[len(REFUSAL_PREFIX):].decode("utf-8", "replace")
+    return None
 
 
 def resolve_url(args):
@@ -48,12 +100,20 @@ def _console(args):
         raise AvatarError("console: stdin is not a terminal (this is an interactive one); "
                           "from a script, use the avatar_console fixture or GuestConsole "
                           "(docs/testing.md), or pipe commands into avatar-hw demo")
+    # A refused client gets the endpoint's one line, not a terminal that starts and ends
+    # (a refusal later than REFUSAL_WAIT, by a loaded daemon, still ends it, status 1)
+    received, closed = first_output(port, REFUSAL_WAIT)
+    refused = refusal(received, closed)
+    if refused is not None:
+        port.close()
+        raise AvatarError(refused)
     term = Terminal(port, echo=False, eol=args.eol, filters=["direct"])
     term.exit_character, term.menu_character = EXIT_KEY, MENU_KEY
     term.set_rx_encoding("utf-8")
     term.set_tx_encoding("utf-8")
     sys.stderr.write(f"--- avatar-hw console: {url} --- quit: {key_description(EXIT_KEY)} | "
                      f"menu: {key_description(MENU_KEY)} ---\n")
+    term.show(received)
     # SIGINT blocked while miniterm starts its threads: they inherit the mask, so the signal
     # always comes to this thread, and only inside the try below (one sent meanwhile is
     # delivered as the mask is restored), never between start() and the try, where it
@@ -65,7 +125,7 @@ def _console(args):
             term.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        term.join(True)
+        term.ended.wait()
     except KeyboardInterrupt:
         # SIGINT (a kill: Ctrl-C in this raw terminal goes to the guest). The writer stays
         # blocked reading the terminal (a daemon thread, it ends with the process): stop
@@ -73,7 +133,11 @@ def _console(args):
         term.stop()
         status = 130
     else:
-        term.join()
+        if term.peer_gone:              # status 1; the writer ends with the process
+            term.stop()
+            status = 1
+        else:                           # the exit key
+            term.join()
     term.receiver_thread.join()          # it sees alive cleared within READ_TIMEOUT
     term.close()
     sys.stderr.write("\n--- exit ---\n")

@@ -18,9 +18,11 @@ from xml.etree import ElementTree
 
 import pytest
 
+from avatar_hw.endpoints.server import BUSY
 from avatar_hw.errors import AvatarError
 from avatar_hw.hil.target import console_url_from_info, emulated_board_missing
 from avatar_hw.testing.standin_stub import FakeBoard, StandinStub
+from test_guest_console import one_client_url
 
 pytest_plugins = ["pytester"]
 
@@ -225,6 +227,7 @@ def test_from_another_machine_a_given_console_works_without_the_control_socket(p
 
 VSOCK_TESTS = """
 import pytest
+from avatar_hw.endpoints.server import BUSY
 from avatar_hw.errors import AvatarError
 
 pytestmark = pytest.mark.hw
@@ -307,6 +310,13 @@ SIGINT_WHILE_STARTING = [sys.executable, "-c", "import os, signal, sys, time; "
                          "Miniterm.start = lambda self: (start(self), "
                          "os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)); "
                          "from avatar_hw.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+def refusal_wait(seconds):
+    """``python -m avatar_hw`` whose console waits ``seconds`` for an endpoint's refusal."""
+    return [sys.executable, "-c", "import sys; from avatar_hw import terminal; "
+            f"terminal.REFUSAL_WAIT = {seconds}; "
+            "from avatar_hw.cli import main; sys.exit(main(sys.argv[1:]))"]
 
 
 class OnPty:
@@ -430,10 +440,34 @@ def test_console_peer_going_away_ends_the_terminal(tmp_path):
             term.expect("guest$ ")
             term.type("exit\n")
             term.expect("socket disconnected")
-            term.type("x")                      # miniterm's writer notices on the next key
-            assert term.process.wait(10) == 0
+            assert term.process.wait(30) == 1       # no key needed, not a success
+            term.expect("--- exit ---")
         finally:
             term.close()
+
+
+@pytest.mark.parametrize("wait", [60, 0], ids=["refused", "refused-late"])
+def test_a_refused_console_says_so_in_one_line_and_fails(tmp_path, wait):
+    """An endpoint that already has a client sends one line and closes: that line only,
+    status 2 (the refusal arrives before the terminal starts: a daemon refuses at once).
+    One later than the wait (a loaded daemon) still ends the terminal, status 1."""
+    line = BUSY.format(url=f"unix:{tmp_path}/console.sock")
+    listener, url = one_client_url(socket.AF_UNIX, tmp_path,
+                                   lambda conn: conn.sendall(line.encode()))
+    try:
+        term = OnPty("--url", url, command=refusal_wait(wait))
+        try:
+            assert term.process.wait(30) == (2 if wait else 1)
+            term.expect(line.rstrip())
+            if wait:
+                term.expect("\n")
+                assert term.output == line.rstrip().encode() + b"\r\n"
+            else:
+                term.expect("--- exit ---")
+        finally:
+            term.close()
+    finally:
+        listener.close()
 
 
 def test_console_errors_are_one_line(tmp_path):
