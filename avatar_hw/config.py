@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .errors import AvatarError, ConfigError, os_reason
 from .schema import read_toml
-from .shipped import shipped_file
+from .shipped import names_a_path, shipped_file
 
 DEVICES = {
     "console": "avatar_hw.devices.console",
@@ -176,7 +176,7 @@ def load_config(path, *, max_vms=None, devices_per_vm=None, base=None):
 def config_path(text):
     """``--config`` as given, or a shipped VMs config's name (``vms-example``: the example
     installed beside the board files), as ``--board`` takes ``rpi4``."""
-    if text is None or "/" in text or text.endswith(".toml") or Path(text).exists():
+    if text is None or names_a_path(text):
         return text
     try:
         return str(shipped_file(f"{text}.toml"))

@@ -51,10 +51,16 @@ def shipped_hint():
     return f"shipped boards: {', '.join(shipped_boards()) or 'none found'}"
 
 
+def names_a_path(text):
+    """Whether ``--board``/``--config`` ``text`` is a path as given, not a shipped file's
+    name: it has a ``/``, ends in ``.toml`` or is a file (``b5.txt`` here wins)."""
+    return "/" in text or text.endswith(".toml") or Path(text).is_file()
+
+
 def board_path(name_or_path):
     """A path as given, or the shipped board file called ``name_or_path`` (e.g. ``rpi4``)."""
     text = str(name_or_path)
-    if "/" in text or text.endswith(".toml"):
+    if names_a_path(text):
         return Path(text)
     for directory in BOARD_DIRS:
         candidate = directory / f"{text}.toml"

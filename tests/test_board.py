@@ -84,10 +84,16 @@ def test_pi4_doorbell_intid_is_the_overlays_trap_interrupt():
     assert load_board(board_path("rpi4")).doorbell_intid == spi + 32
 
 
-def test_board_names_resolve_to_the_shipped_files():
+def test_board_names_resolve_to_the_shipped_files(tmp_path, monkeypatch, capsys):
     assert board_path("rpi4") == BOARD_DIRS[0] / "rpi4.toml" == BOARDS / "rpi4.toml"
     assert board_path("my/board") == Path("my/board")
     assert board_path("mine.toml") == Path("mine.toml")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "b5.txt").write_bytes((BOARDS / "rpi4.toml").read_bytes())
+    (tmp_path / "qemu-virt").mkdir()
+    assert board_path("b5.txt") == Path("b5.txt")        # a file given wins, as --config's
+    assert board_path("qemu-virt") == BOARDS / "qemu-virt.toml"      # a directory does not
+    assert run_cli(capsys, "layout", "--board", "b5.txt")[0] == 0
     shipped = shipped_boards()
     assert {"qemu-virt", "rpi4", "rpi4-high-peri"} <= set(shipped) and shipped == sorted(shipped)
     with pytest.raises(ConfigError) as err:
