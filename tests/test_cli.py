@@ -112,6 +112,33 @@ def test_console_without_a_vm_says_what_to_give(capsys):
                                        "--control socket) or --url URL\n")
 
 
+@pytest.mark.parametrize("size", ["-5M", "-5", "12Q"])
+def test_a_bad_balloon_size_is_one_line_even_with_a_minus(capsys, size):
+    """``balloon 0 -5M``: argparse took -5M for an unknown option (usage lines)."""
+    assert cli.main(["balloon", "0", size, "--control", "/nonexistent.sock"]) == 2
+    assert capsys.readouterr().err == (f"avatar-hw: balloon: size '{size}': give bytes, or a "
+                                       "number with K, M, G or T (e.g. 384M)\n")
+
+
+def test_values_starting_with_a_minus_and_a_digit_reach_their_command(capsys):
+    """Sizes, ranges, numbers in any notation: a value, positional or an option's, that its
+    command checks; a word like ``-x`` is still an unknown option."""
+    parser = cli.build_parser()
+    assert parser.parse_args(["inject", "0", "block", "ioerr", "--sectors", "-5-2"]).sectors \
+        == "-5-2"
+    assert parser.parse_args(["inject", "0", "block", "delay", "--ms", "-1e3"]).ms == "-1e3"
+    assert parser.parse_args(["balloon", "-1", "-.5G"]).size == "-.5G"
+    for argv, message in (
+            (["serve", "--board", "b", "--config", "c", "--record-max-size", "-5M"],
+             "size '-5M': give bytes"),
+            (["serve", "--board", "b", "--config", "c", "--wait-stub", "-1e3"],
+             "'-1e3' is not a number of seconds above 0"),
+            (["balloon", "0", "-x"], "unrecognized arguments: -x")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_a_vms_config_given_as_board_says_which_option_takes_it(capsys):
     """`layout --board vms-example`: the example VMs config lies beside the board files, but
     it is no board (nor listed among them)."""

@@ -7,6 +7,7 @@ state. Through the daemon's control socket (avatar_hw.control's ``balloon`` requ
 
 import json
 
+from . import values_may_be_negative
 from ..control import add_control_option, request
 from ..sizes import parse_size
 from ..errors import AvatarError
@@ -31,6 +32,7 @@ def add_parser(subparsers, parents=()):
                     "RAM; the whole RAM or more: an empty balloon), as QEMU's balloon monitor "
                     "command does; without SIZE, show the balloon: target, what the guest "
                     "holds, its memory statistics.")
+    values_may_be_negative(parser)
     parser.add_argument("vm", type=int, help="VM number")
     parser.add_argument("size", nargs="?",
                         help="guest memory the VM keeps: bytes, or with K, M, G (e.g. 384M); "

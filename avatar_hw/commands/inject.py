@@ -6,6 +6,7 @@ the faults and their options are avatar_hw.faults's (docs/testing.md, "Fault inj
 
 import json
 
+from . import values_may_be_negative
 from ..control import add_control_option, request
 from ..errors import AvatarError
 from ..faults import FAULTS
@@ -70,6 +71,7 @@ def add_parser(subparsers, parents=()):
         description="Arm a fault on one device of the running daemon (faults: "
                     f"{', '.join(FAULTS)}), pause its trap service, list or clear faults. "
                     "See docs/testing.md, 'Fault injection', for what the guest sees.")
+    values_may_be_negative(parser)
     parser.add_argument("vm", nargs="?", type=int, help="VM number")
     parser.add_argument("device", nargs="?", help="slot number or name (block, console0, ...)")
     parser.add_argument("fault", nargs="?", choices=sorted(FAULTS), help="the fault")

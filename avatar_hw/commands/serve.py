@@ -5,6 +5,7 @@ import logging
 import math
 from pathlib import Path
 
+from . import values_may_be_negative
 from ..board import load_board
 from ..control import default_control_path
 from ..daemon import Daemon
@@ -74,6 +75,7 @@ def add_parser(subparsers, parents=()):
         "serve", parents=parents, help="run the device model daemon",
         description="Map the trap page and the guests' RAM, build the VMs' devices from the "
                     "config, attach to the trap page and serve traps until SIGINT/SIGTERM.")
+    values_may_be_negative(parser)
     parser.add_argument("--board", required=True,
                         help="board file, or the name of a shipped board (e.g. rpi4)")
     parser.add_argument("--config", required=True, type=Path, help="VMs config (VMS.toml)")
