@@ -119,3 +119,98 @@ def test_every_avatar_hw_command_line_in_the_docs_parses_its_command_and_options
     assert checked >= 100 and mistakes == []
     wrong = "`avatar-hw demo --wiat adaptive` and\n```sh\navatar-hw lst  # x\n```\n"
     assert [m for _, m in command_mistakes(wrong)[0]] == ["no command lst", "demo has no --wiat"]
+
+
+# -- the other docs' examples --------------------------------------------------------------
+
+def blocks(doc, lang, after=None):
+    """The ``lang`` code blocks of ``docs/doc`` (``""``: untagged), from the heading ``after``
+    on when given."""
+    text = (ROOT / "docs" / doc).read_text()
+    if after is not None:
+        text = text[text.index(f"\n{after}\n"):]
+    return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
+
+
+def test_the_board_file_schema_in_boards_md_loads_and_shows_every_key(tmp_path):
+    """The annotated example is a board file the loader takes, with every table and key
+    the schema has (a renamed or new key shows here)."""
+    from avatar_hw.board import BOARD, load_board
+    [example] = blocks("boards.md", "toml")
+    (tmp_path / "board.toml").write_text(example)
+    assert load_board(tmp_path / "board.toml").name == "rpi4"
+    shown = {table: sorted(keys) for table, keys in tomllib.loads(example).items()}
+    assert shown == {f.name: sorted(f.kind.names()) for f in BOARD.fields}
+
+
+def run_layout(capsys, *args):
+    from avatar_hw import cli
+    assert cli.main(["layout", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_the_layout_text_in_boards_md_is_what_layout_prints(capsys):
+    """``avatar-hw layout --vms 2`` (the default board, rpi4), the doc's ``...`` lines
+    standing for one or more lines."""
+    shown = blocks("boards.md", "", after="## `avatar-hw layout`")[0]
+    pattern = "".join(r"(?:.*\n)+?" if line.strip() == "..." else re.escape(line) + r"\n"
+                      for line in shown.splitlines())
+    out = run_layout(capsys, "--vms", "2")
+    assert re.fullmatch(pattern, out), f"docs/boards.md:\n{shown}\navatar-hw layout:\n{out}"
+
+
+ELIDED = "..."
+
+
+def shows(shown, actual):
+    """Whether ``actual`` (parsed JSON) is what the doc's ``shown`` shows: the same keys and
+    values, a list ending in ``...`` standing for one with one or more items more."""
+    if isinstance(shown, list) and shown and shown[-1] == ELIDED:
+        return (isinstance(actual, list) and len(actual) >= len(shown)
+                and all(map(shows, shown[:-1], actual)))
+    if isinstance(shown, list):
+        return (isinstance(actual, list) and len(actual) == len(shown)
+                and all(map(shows, shown, actual)))
+    if isinstance(shown, dict):
+        return (isinstance(actual, dict) and actual.keys() == shown.keys()
+                and all(shows(shown[key], actual[key]) for key in shown))
+    return shown == actual
+
+
+def test_the_layout_json_in_boards_md_is_what_layout_prints(capsys):
+    import json
+    [shown] = blocks("boards.md", "json", after="## `avatar-hw layout`")
+    shown = json.loads(shown.replace(ELIDED, json.dumps(ELIDED)))
+    actual = json.loads(run_layout(capsys, "--vms", "2", "--json"))
+    assert shows(shown, actual), f"docs/boards.md: {shown}\navatar-hw layout: {actual}"
+
+
+def test_the_vms_config_in_labgrid_md_loads(tmp_path):
+    from avatar_hw.config import load_config
+    from avatar_hw.endpoints import SCHEMES
+    [example] = blocks("labgrid.md", "toml")
+    (tmp_path / "vms.toml").write_text(example)
+    config = load_config(tmp_path / "vms.toml")
+    assert sorted(config.vms) == [0, 1]
+    urls = [url for vm in config.vms.values() for device in vm.devices
+            for url in device.options["endpoints"]]
+    assert urls and all(url.partition(":")[0] in SCHEMES for url in urls), urls
+
+
+def test_the_rng_module_in_devices_md_is_the_shipped_ones(monkeypatch):
+    """The abridged avatar_hw/devices/rng.py, run in that module's namespace: the same
+    SCHEMA, and a from_config making the device as the shipped one does."""
+    from avatar_hw import config
+    from avatar_hw.devices import rng
+    [example] = [b for b in blocks("devices.md", "python") if "devices/rng.py" in b]
+    namespace = dict(vars(rng))
+    exec(compile(example, "docs/devices.md rng block", "exec"), namespace)
+    assert namespace["SCHEMA"] == rng.SCHEMA
+    def made(**arguments):
+        return arguments
+
+    namespace["RngDevice"] = made
+    monkeypatch.setattr(rng, "RngDevice", made)
+    for options in ({}, {"max_bytes": 16}, {"rate": 1024, "max_bytes": 8}):
+        assert namespace["from_config"](options) == rng.from_config(options)
+    assert config.DEVICES["rng"] == "avatar_hw.devices.rng"
