@@ -100,17 +100,20 @@ def _console(args):
         raise AvatarError("console: stdin is not a terminal (this is an interactive one); "
                           "from a script, use the avatar_console fixture or GuestConsole "
                           "(docs/testing.md), or pipe commands into avatar-hw demo")
-    # A refused client gets the endpoint's one line, not a terminal that starts and ends
-    # (a refusal later than REFUSAL_WAIT, by a loaded daemon, still ends it, status 1)
-    received, closed = first_output(port, REFUSAL_WAIT)
-    refused = refusal(received, closed)
-    if refused is not None:
-        port.close()
-        raise AvatarError(refused)
     term = Terminal(port, echo=False, eol=args.eol, filters=["direct"])
     term.exit_character, term.menu_character = EXIT_KEY, MENU_KEY
     term.set_rx_encoding("utf-8")
     term.set_tx_encoding("utf-8")
+    # A refused client gets the endpoint's one line, not a terminal that starts and ends
+    # (a refusal later than REFUSAL_WAIT, by a loaded daemon, still ends it, status 1).
+    # Keys typed meanwhile wait, unechoed, for the writer (the terminal's modes already).
+    term.console.setup()
+    received, closed = first_output(port, REFUSAL_WAIT)
+    refused = refusal(received, closed)
+    if refused is not None:
+        term.console.cleanup()
+        port.close()
+        raise AvatarError(refused)
     sys.stderr.write(f"--- avatar-hw console: {url} --- quit: {key_description(EXIT_KEY)} | "
                      f"menu: {key_description(MENU_KEY)} ---\n")
     term.show(received)
