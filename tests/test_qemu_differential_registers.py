@@ -369,7 +369,9 @@ def test_every_device_matches_qemu_register_and_config_space(qemu, tmp_path, kin
     args, make, common, accepted = DEVICES[kind]
     (tmp_path / "share").mkdir()
     (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
-    args = [a.format(image=tmp_path / "disk.img", share=tmp_path / "share") for a in args]
+    # A copy for QEMU: each side locks its image against the other (block.py, Images).
+    (tmp_path / "qemu-disk.img").write_bytes(bytes(1 << 20))
+    args = [a.format(image=tmp_path / "qemu-disk.img", share=tmp_path / "share") for a in args]
     q = qemu(*args)
     theirs_sweep = register_sweep(qemu_driver(q), False)
     theirs = device_facts(qemu_driver(q))
