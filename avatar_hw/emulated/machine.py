@@ -138,7 +138,7 @@ def ring_uart(sock):
 
 
 def check_vms(vms):
-    if not (isinstance(vms, int) and 1 <= vms <= mm.MAX_VMS):
+    if not (isinstance(vms, int) and not isinstance(vms, bool) and 1 <= vms <= mm.MAX_VMS):
         raise AvatarError(f"the emulated board runs 1 to {mm.MAX_VMS} VMs (one per CPU), "
                           f"not {vms!r}")
 
