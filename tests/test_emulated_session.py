@@ -15,3 +15,10 @@ def test_vms_is_a_count_of_one_to_four(vms):
         check_vms(vms)
     with pytest.raises(AvatarError):
         EmulatedBoard(vms=vms)
+
+
+def test_board_modes_console_sockets_reach_qemu_with_their_commas_doubled():
+    from avatar_hw.emulated.board_linux import console_args
+    args = console_args("/tmp/a,b/board.sock", "/tmp/a,b/guest.sock")
+    assert "socket,id=boardcon,path=/tmp/a,,b/board.sock,server=on,wait=on" in args
+    assert "socket,id=guestcon,path=/tmp/a,,b/guest.sock,server=on,wait=on" in args

@@ -46,6 +46,7 @@ from .build import cache_dir, replacing
 from .devicetree import CPU_NODES
 from .initramfs import SHELL_ON_HVC0, pack_initramfs
 from .kmod import build_kmod
+from .machine import qemu_value
 
 BOARD_FILE = "emulated-board-linux"
 GUEST_VM = 1                           # the guest runs as VM 1 on CPU1
@@ -315,8 +316,8 @@ def console_args(path, guest_path):
     transport (CONSOLE_TRANSPORT): hvc0, the board's shell, at Unix socket ``path``, and
     hvc1, bridged to the guest's console in the board, at ``guest_path``. QEMU waits for
     each (``wait=on``: nothing printed before the launcher connects is lost)."""
-    return ["-chardev", f"socket,id=boardcon,path={path},server=on,wait=on",
-            "-chardev", f"socket,id=guestcon,path={guest_path},server=on,wait=on",
+    return ["-chardev", f"socket,id=boardcon,path={qemu_value(path)},server=on,wait=on",
+            "-chardev", f"socket,id=guestcon,path={qemu_value(guest_path)},server=on,wait=on",
             "-device", "virtio-serial-device", "-device", "virtconsole,chardev=boardcon",
             "-device", "virtconsole,chardev=guestcon"]
 

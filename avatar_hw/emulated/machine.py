@@ -146,6 +146,14 @@ def check_vms(vms):
 WORKDIR_PREFIX = "avatar-emulated-"
 
 
+def qemu_value(value):
+    """``value`` (a path) as one value in a QEMU option string (``-chardev socket,path=P``,
+    ``-device loader,file=P``, ``-drive``, ``-object``, ``-qtest unix:P``): its commas
+    doubled, else QEMU reads what follows one as another option (a comma in TMPDIR or in
+    the cache's path broke the board)."""
+    return str(value).replace(",", ",,")
+
+
 def die_with_parent():
     """A prefix for QEMU's command line: SIGKILL when the thread that started it ends
     (PR_SET_PDEATHSIG, kept across exec), so a killed launcher leaves no QEMU behind."""
@@ -247,10 +255,10 @@ class EmulatedMachine:
                 "-nodefaults", "-display", "none", "-no-reboot",
                 # Threads named "CPU n/TCG": a bench or an engineer can find VM n's vCPU.
                 "-name", "avatar-board,debug-threads=on",
-                "-chardev", f"socket,id=uart,path={sock_path},server=on,wait=on",
+                "-chardev", f"socket,id=uart,path={qemu_value(sock_path)},server=on,wait=on",
                 "-serial", "chardev:uart", "-kernel", str(self.stub)]
         for path, addr in loaders:
-            argv += ["-device", f"loader,file={path},addr=0x{addr:x},force-raw=on"]
+            argv += ["-device", f"loader,file={qemu_value(path)},addr=0x{addr:x},force-raw=on"]
         return argv + self.qemu_args
 
     def _connect(self, path, timeout):
