@@ -1,11 +1,38 @@
 """The emulated board's launcher API (avatar_hw/emulated/session.py, machine.py) where it
 refuses what it cannot honour: checked before anything boots, no QEMU needed."""
 
+import glob
+import os
+import tempfile
+from types import SimpleNamespace
+
 import pytest
 
-from avatar_hw.emulated.machine import check_vms
+from avatar_hw.emulated import board_linux, session
+from avatar_hw.emulated.machine import WORKDIR_PREFIX, check_vms
 from avatar_hw.emulated.session import EmulatedBoard
 from avatar_hw.errors import AvatarError
+
+
+@pytest.fixture
+def built(tmp_path, monkeypatch):
+    """Everything a start builds, as empty files: a start goes straight to the machine."""
+    files = {name: tmp_path / name for name in ("stub", "Image", "initrd", "board-initrd",
+                                                 "guest.dtb", "board.dtb")}
+    for path in files.values():
+        path.write_bytes(b"x")
+    monkeypatch.setattr(session, "guest_assets", lambda: SimpleNamespace(kernel=files["Image"]))
+    monkeypatch.setattr(session, "build_stub", lambda: files["stub"])
+    monkeypatch.setattr(session, "build_initramfs", lambda assets: files["initrd"])
+    monkeypatch.setattr(session, "build_dtb", lambda **kwargs: files["guest.dtb"])
+    monkeypatch.setattr(board_linux, "build_board_initramfs",
+                        lambda *args, **kwargs: files["board-initrd"])
+    monkeypatch.setattr(board_linux, "build_board_dtb", lambda **kwargs: files["board.dtb"])
+    return files
+
+
+def workdirs():
+    return glob.glob(os.path.join(tempfile.gettempdir(), f"{WORKDIR_PREFIX}{os.getpid()}-*"))
 
 
 @pytest.mark.parametrize("vms", [0, 5, -1, "2", 2.0, None, True, False])
@@ -22,3 +49,15 @@ def test_board_modes_console_sockets_reach_qemu_with_their_commas_doubled():
     args = console_args("/tmp/a,b/board.sock", "/tmp/a,b/guest.sock")
     assert "socket,id=boardcon,path=/tmp/a,,b/board.sock,server=on,wait=on" in args
     assert "socket,id=guestcon,path=/tmp/a,,b/guest.sock,server=on,wait=on" in args
+
+
+def test_a_board_mode_start_that_fails_before_qemu_leaves_no_directory(built, monkeypatch):
+    """QEMU not installed (EmulatedMachine refuses): the consoles' directory went with it."""
+    def no_qemu(*args, **kwargs):
+        raise AvatarError("qemu-system-aarch64 not found")
+    monkeypatch.setattr(session, "EmulatedMachine", no_qemu)
+    before = workdirs()
+    for _ in range(2):
+        with pytest.raises(AvatarError, match="not found"):
+            EmulatedBoard(board_linux=True).start()
+    assert workdirs() == before

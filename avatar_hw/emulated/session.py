@@ -213,13 +213,13 @@ class EmulatedBoard:
         self.board_console_path = workdir / "board-console.sock"
         self.console_paths = [workdir / "guest-console.sock"]
         self.console_path = self.console_paths[0]
-        self.machine = EmulatedMachine(
-            build_stub(), assets.kernel, dtb=dtbs, initrd=[board_initrd, initrd], vms=2,
-            model_wait_ms=board_linux.MODEL_WAIT_MS, board_params=board_linux.board_params(),
-            on_log=self.on_log,
-            qemu_args=[*board_linux.console_args(self.board_console_path, self.console_path),
-                       *self.qemu_args])
         try:
+            self.machine = EmulatedMachine(
+                build_stub(), assets.kernel, dtb=dtbs, initrd=[board_initrd, initrd], vms=2,
+                model_wait_ms=board_linux.MODEL_WAIT_MS, board_params=board_linux.board_params(),
+                on_log=self.on_log,
+                qemu_args=[*board_linux.console_args(self.board_console_path, self.console_path),
+                           *self.qemu_args])
             self.machine.start()
             self._board_sock = _connect_unix(self.board_console_path, 30)
             self._guest_sock = _connect_unix(self.console_path, 30)
@@ -337,6 +337,7 @@ class EmulatedBoard:
             self.machine.stop()
         if self.board_linux and getattr(self, "_board_console_dir", None):
             shutil.rmtree(self._board_console_dir, ignore_errors=True)
+            self._board_console_dir = None
         for sock in self._sockets:
             sock.close()
         self._sockets.clear()
