@@ -375,8 +375,8 @@ def test_board_linux_demo_refuses_host_mode_options_in_one_line():
                           (["--board-linux", "--vm", "1"], "avatar-hw: --vm: board mode runs one "
                                                            "guest, VM 1"),
                           (["--board-linux", "--wait", "adaptive"],
-                           "avatar-hw: --wait adaptive: in board mode the daemon in the board "
-                           "Linux waits as its board file says")):
+                           "avatar-hw: --wait: in board mode the daemon runs in the board Linux "
+                           "as its unit starts it")):
         done = subprocess.run(AVATAR_HW + ["demo", *argv], capture_output=True, text=True,
                               timeout=60)
         assert done.returncode == 2 and done.stderr.startswith(message), done.stderr

@@ -2,6 +2,7 @@
 refuses what it cannot honour: checked before anything boots, no QEMU needed."""
 
 import glob
+import re
 import os
 import tempfile
 from types import SimpleNamespace
@@ -61,3 +62,42 @@ def test_a_board_mode_start_that_fails_before_qemu_leaves_no_directory(built, mo
         with pytest.raises(AvatarError, match="not found"):
             EmulatedBoard(board_linux=True).start()
     assert workdirs() == before
+
+
+@pytest.mark.parametrize("keywords, named", [
+    ({"vms": 2}, "vms="), ({"devices": "rng = {}"}, "devices="),
+    ({"devices": ["", "rng = {}"], "vms": 2}, "vms="), ({"config": "vms.toml"}, "config="),
+    ({"control_path": "/tmp/c.sock"}, "control_path="), ({"wait": "busy-poll"}, "wait="),
+    ({"trace": True}, "trace="), ({"daemon_process": True}, "daemon_process=")])
+def test_board_mode_refuses_what_only_host_mode_honours(keywords, named):
+    """They were taken and ignored: no daemon of this process ever read them."""
+    with pytest.raises(AvatarError) as refused:
+        EmulatedBoard(board_linux=True, **keywords)
+    assert str(refused.value).startswith(f"{named}: ") and "\n" not in str(refused.value)
+    assert str(refused.value).endswith(f"; leave {named} out")
+
+
+@pytest.mark.parametrize("keywords, vm, message", [
+    ({}, 1, "vm=1: the board runs VMs 0..0 (vms=1)"),
+    ({}, -1, "vm=-1: the board runs VMs 0..0 (vms=1)"),
+    ({"vms": 2}, True, "vm=True: the board runs VMs 0..1 (vms=2)"),
+    ({"board_linux": True}, 0, "vm=0: board mode runs one guest, VM 1 (VM 0 is the board "
+                               "Linux: board_shell())")])
+def test_shell_refuses_a_vm_the_board_does_not_run(keywords, vm, message):
+    """vm=1 on a one-VM board was an IndexError, vm=-1 the last VM."""
+    with pytest.raises(AvatarError) as refused:
+        EmulatedBoard(**keywords).shell(vm=vm)
+    assert str(refused.value) == message
+
+
+@pytest.mark.parametrize("keywords, message", [
+    ({}, "the daemon runs in a thread of this process; EmulatedBoard(daemon_process=True) "
+         "runs it in its own"),
+    ({"board_linux": True}, "in board mode the daemon runs in the board Linux"),
+    ({"daemon_process": True}, "the board is not running (start() starts it)")])
+@pytest.mark.parametrize("method", ["kill_daemon", "start_daemon"])
+def test_the_daemon_process_methods_refuse_a_board_without_one(keywords, message, method):
+    """kill_daemon() was an AttributeError; start_daemon() in thread mode started a second
+    daemon beside the thread's."""
+    with pytest.raises(AvatarError, match=rf"^{method}\(\): {re.escape(message)}"):
+        getattr(EmulatedBoard(**keywords), method)()

@@ -36,7 +36,7 @@ from ..config import config_path, load_config
 from ..errors import AvatarError
 from . import board_linux
 from .memory_map import MAX_VMS
-from .session import ConsoleTimeout, EmulatedBoard
+from .session import ConsoleTimeout, EmulatedBoard, refuse_host_mode_options
 
 EXIT_KEY = b"\x1d"                  # Ctrl-]
 INPUT_HELD = 1 << 20                # bytes of input held for the console before stdin waits
@@ -172,18 +172,9 @@ def _ended(board):
 def _demo(args):
     log = (lambda line: print(line, file=sys.stderr)) if args.stub_log else None
     if args.board_linux:
-        given = [option for option, value in (("--config", args.config), ("--control",
-                 args.control), ("--vms", args.vms != 1), ("--vm", args.vm)) if value]
-        if given:
-            print(f"avatar-hw: {given[0]}: board mode runs one guest, VM 1, with the board "
-                  f"Linux's own VMs config (/etc/avatar-hw/vms.toml there) and control socket; "
-                  f"leave {given[0]} out", file=sys.stderr)
-            return 2
-        if args.wait:
-            print(f"avatar-hw: --wait {args.wait}: in board mode the daemon in the board Linux "
-                  "waits as its board file says (trap.wait in boards/emulated-board-linux.toml); "
-                  "leave --wait out", file=sys.stderr)
-            return 2
+        refuse_host_mode_options([key for key, value in (
+            ("config", args.config), ("control", args.control), ("vms", args.vms != 1),
+            ("vm", args.vm), ("wait", args.wait)) if value], lambda key: f"--{key}")
     elif args.run_board is not None:
         print("avatar-hw: --run-board needs --board-linux (in host mode the daemon runs in "
               "this process: there is no board Linux)", file=sys.stderr)

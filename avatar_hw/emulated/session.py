@@ -140,6 +140,25 @@ class GuestShell:
         self.sock.close()
 
 
+_ONE_GUEST = ("board mode runs one guest, VM 1, with the board Linux's own VMs config "
+              "(/etc/avatar-hw/vms.toml there) and control socket")
+_ITS_UNIT = ("in board mode the daemon runs in the board Linux as its unit starts it "
+             "(avatar-hw.service) and waits as its board file says (trap.wait in "
+             "boards/emulated-board-linux.toml)")
+HOST_MODE_ONLY = {"vms": _ONE_GUEST, "vm": _ONE_GUEST, "devices": _ONE_GUEST,
+                  "config": _ONE_GUEST, "control": _ONE_GUEST, "wait": _ITS_UNIT,
+                  "trace": _ITS_UNIT, "daemon_process": _ITS_UNIT}
+
+
+def refuse_host_mode_options(given, spell):
+    """Board mode honours none of ``HOST_MODE_ONLY``: ``given`` are the ones given (its keys),
+    ``spell(key)`` how the caller names one (the demo ``--config``, ``EmulatedBoard``
+    ``config=``). The first is refused in one line."""
+    for key in given:
+        name = spell(key)
+        raise AvatarError(f"{name}: {HOST_MODE_ONLY[key]}; leave {name} out")
+
+
 def _connect_unix(path, timeout):
     """A stream socket connected to ``path``, retried until it exists (``timeout`` s)."""
     try:
@@ -156,6 +175,14 @@ class EmulatedBoard:
                  qemu_args=(), initrd=None, board_linux=False, board_files=None,
                  board_userland=True, daemon_process=False):
         check_vms(vms)
+        if board_linux:
+            given = {"vms": vms != 1, "devices": any([devices] if isinstance(devices, str)
+                                                     else devices),
+                     "config": config is not None, "control": control_path is not None,
+                     "wait": wait is not None, "trace": trace, "daemon_process": daemon_process}
+            refuse_host_mode_options([key for key, value in given.items() if value],
+                                     lambda key: "control_path=" if key == "control"
+                                     else f"{key}=")
         self.board_linux = board_linux   # board mode: CPU0 runs the board Linux (board_linux.py)
         self.board_files = board_files   # board mode: {path: bytes or (bytes, mode)} added to
                                          # the board Linux's initramfs
@@ -264,6 +291,7 @@ class EmulatedBoard:
     def start_daemon(self, timeout=60):
         """``daemon_process``: start the daemon's process (again: it restores the devices
         from ``state_path``) and wait until it serves (its READY=1, as under systemd)."""
+        self._check_daemon_process("start_daemon")
         if self.process is not None and self.process.poll() is None:
             raise AvatarError(f"the daemon (PID {self.process.pid}) is still running")
         workdir = Path(self.machine.workdir)
@@ -302,17 +330,34 @@ class EmulatedBoard:
     def kill_daemon(self):
         """``daemon_process``: SIGKILL the daemon's process (a crash: nothing is detached,
         nothing flushed) and reap it."""
+        self._check_daemon_process("kill_daemon")
+        if self.process is None:
+            raise AvatarError("kill_daemon(): no daemon process to kill (start_daemon() "
+                              "starts one)")
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
+
+    def _check_daemon_process(self, method):
+        """``method`` works on the daemon's own process, of a running board."""
+        if self.board_linux:
+            raise AvatarError(f"{method}(): in board mode the daemon runs in the board Linux "
+                              "(systemctl there, through board_shell(), restarts it)")
+        if not self.daemon_process:
+            raise AvatarError(f"{method}(): the daemon runs in a thread of this process; "
+                              "EmulatedBoard(daemon_process=True) runs it in its own")
+        if self.machine is None or self.machine.workdir is None:
+            raise AvatarError(f"{method}(): the board is not running (start() starts it)")
 
     def alive(self):
         """Is the guest still there (QEMU running)?"""
         return self.machine is not None and self.machine.process.poll() is None
 
-    def shell(self, timeout=60, vm=0, wait_ready=True):
-        """Connect to VM ``vm``'s console and wait for its shell (``wait_ready=False``: for
-        the prompt of a shell already there, after ``start_daemon``); ``stop()`` closes it."""
+    def shell(self, timeout=60, vm=None, wait_ready=True):
+        """Connect to VM ``vm``'s console (default: VM 0, in board mode the guest's, VM 1)
+        and wait for its shell (``wait_ready=False``: for the prompt of a shell already
+        there, after ``start_daemon``); ``stop()`` closes it."""
         deadline = time.monotonic() + timeout
+        vm = self._check_vm(vm)
         if self.board_linux:     # the guest's console through the board (hvc1), connected at start
             sock, self._guest_sock = self._guest_sock, None
             if sock is None:
@@ -324,6 +369,18 @@ class EmulatedBoard:
         if wait_ready:
             shell.wait_ready(max(1, deadline - time.monotonic()))
         return shell
+
+    def _check_vm(self, vm):
+        """``vm`` (None: the default one) if the board runs that guest, else one line."""
+        guests = [board_linux.GUEST_VM] if self.board_linux else list(range(self.vms))
+        if vm is None:
+            return guests[0]
+        if not isinstance(vm, int) or isinstance(vm, bool) or vm not in guests:
+            runs = (f"board mode runs one guest, VM {guests[0]} (VM 0 is the board Linux: "
+                    "board_shell())" if self.board_linux else
+                    f"the board runs VMs 0..{self.vms - 1} (vms={self.vms})")
+            raise AvatarError(f"vm={vm!r}: {runs}")
+        return vm
 
     def _stop(self):
         if self.daemon is not None:
