@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from avatar_hw.emulated import board_linux, session
+from avatar_hw.emulated import board_linux, demo, session
 from avatar_hw.emulated.machine import WORKDIR_PREFIX, check_vms
 from avatar_hw.emulated.session import EmulatedBoard
 from avatar_hw.errors import AvatarError
@@ -101,3 +101,30 @@ def test_the_daemon_process_methods_refuse_a_board_without_one(keywords, message
     daemon beside the thread's."""
     with pytest.raises(AvatarError, match=rf"^{method}\(\): {re.escape(message)}"):
         getattr(EmulatedBoard(**keywords), method)()
+
+
+@pytest.mark.parametrize("vms, said", [
+    (1, "the emulated board runs one guest, VM 0: vm.2 left out (--vms 3 boots it); vm.5, "
+        "vm.7 left out: VMs above 3 cannot run on the emulated board (one per CPU, 4 at most)"),
+    (4, "the emulated board runs 4 guests, VMs 0..3: vm.5, vm.7 left out: VMs above 3 cannot "
+        "run on the emulated board (one per CPU, 4 at most)")])
+def test_vms_beyond_the_boards_cpus_are_left_out_saying_they_cannot_run(tmp_path, caplog,
+                                                                       vms, said):
+    """vm.5 was "left out (--vms 6 boots it)", though --vms takes 4 at most, and the demo
+    refused the config ("the board has VMs 0..3") that EmulatedBoard took."""
+    config = tmp_path / "vms.toml"
+    config.write_text("[vm.0]\nrng = {}\n[vm.2]\nrng = {}\n[vm.5]\nrng = {}\n[vm.7]\nrng = {}\n")
+    demo._check_config_has_vm(config, 0, vms)            # the demo boots it too
+    paths = [tmp_path / f"c{vm}.sock" for vm in range(vms)]
+    kept = session.vms_config(config, [""] * vms, vms, paths, tmp_path).vms
+    assert sorted(kept) == [vm for vm in (0, 2) if vm < vms]
+    assert [r.getMessage() for r in caplog.records] == [f"{config}: {said}"]
+
+
+def test_a_config_of_vms_the_board_cannot_run_suggests_none_of_them(tmp_path):
+    config = tmp_path / "vms.toml"
+    config.write_text("[vm.5]\nrng = {}\n")
+    with pytest.raises(AvatarError) as refused:
+        demo._check_config_has_vm(config, 0, 1)
+    assert str(refused.value) == (f"{config}: no [vm.0], the VM this terminal (or --run) talks "
+                                  "to; add [vm.0]")

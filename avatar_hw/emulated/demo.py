@@ -32,11 +32,11 @@ import tty
 
 from ..commands.query import format_list
 from ..commands.serve import add_wait_option, seconds
-from ..config import config_path, load_config
+from ..config import config_path
 from ..errors import AvatarError
 from . import board_linux
 from .memory_map import MAX_VMS
-from .session import ConsoleTimeout, EmulatedBoard, refuse_host_mode_options
+from .session import ConsoleTimeout, EmulatedBoard, load_vms_config, refuse_host_mode_options
 
 EXIT_KEY = b"\x1d"                  # Ctrl-]
 INPUT_HELD = 1 << 20                # bytes of input held for the console before stdin waits
@@ -205,12 +205,16 @@ def _demo(args):
 def _check_config_has_vm(path, vm, vms):
     """Before the board boots: the VMs config gives VM ``vm``, the one this terminal or --run
     talks to (a VM it leaves out boots with no device, not even a console)."""
-    given = load_config(path, max_vms=MAX_VMS).vms
+    given = load_vms_config(path).vms        # VMs it leaves out: EmulatedBoard says so
     if vm not in given:
-        other = min(given)
-        option = f"--vm {other}" if other < vms else f"--vms {other + 1} --vm {other}"
+        fix = f"add [vm.{vm}]"
+        runnable = [n for n in sorted(given) if n < MAX_VMS]
+        if runnable:
+            other = runnable[0]
+            fix += f" or use --vm {other}" if other < vms else \
+                f" or use --vms {other + 1} --vm {other}"
         raise AvatarError(f"{path}: no [vm.{vm}], the VM this terminal (or --run) talks to; "
-                          f"add [vm.{vm}] or use {option}")
+                          f"{fix}")
 
 
 def _run(shell, command, timeout, option):

@@ -67,6 +67,7 @@ from .build import build_stub
 from .devicetree import DEFAULT_BOOTARGS, build_dtb
 from .initramfs import READY_MARKER, build_initramfs
 from .machine import WORKDIR_PREFIX, EmulatedMachine, check_vms, die_with_parent, ring_uart
+from .memory_map import MAX_VMS
 
 log = logging.getLogger(__name__)
 
@@ -422,23 +423,42 @@ def _board(ram_path):
                                ram=dataclasses.replace(board.ram, file=ram_path))
 
 
+def load_vms_config(path, base=None):
+    """The VMs config at ``path`` within the emulated board file's bounds (its layout has
+    windows for VMs the board has no CPU for: ``left_out``)."""
+    layout = load_board(board_path("emulated")).layout
+    return load_config(path, max_vms=layout.max_vms, devices_per_vm=layout.devices_per_vm,
+                       base=base)
+
+
+def left_out(vms):
+    """What to say of the config's VMs ``vms`` that the board does not boot."""
+    def names(ids):
+        return ", ".join(f"vm.{n}" for n in ids) + " left out"
+    bootable, never = [n for n in vms if n < MAX_VMS], [n for n in vms if n >= MAX_VMS]
+    said = []
+    if bootable:
+        said.append(f"{names(bootable)} (--vms {max(bootable) + 1} boots "
+                    f"{'it' if len(bootable) == 1 else 'them'})")
+    if never:
+        said.append(f"{names(never)}: VMs above {MAX_VMS - 1} cannot run on the emulated "
+                    f"board (one per CPU, {MAX_VMS} at most)")
+    return "; ".join(said)
+
+
 def vms_config(path, devices, vms, console_paths, workdir):
     """The VMs config (``path``, or one made of ``devices``, a TOML string per VM) with the
     launcher's console endpoint (``console_paths``) added to each VM's console."""
-    board = load_board(board_path("emulated"))
     if path is None:
         path = workdir / "vms.toml"
         path.write_text("".join(
             f'[vm.{vm}]\nconsole = {{ endpoints = ["unix:vm{vm}-console.sock"] }}\n{devices}\n'
             for vm, devices in enumerate(devices)))
-    config = load_config(path, max_vms=board.layout.max_vms,
-                         devices_per_vm=board.layout.devices_per_vm, base=workdir)
+    config = load_vms_config(path, base=workdir)
     others = sorted(set(config.vms) - set(range(vms)))
     if others:
         runs = "one guest, VM 0" if vms == 1 else f"{vms} guests, VMs 0..{vms - 1}"
-        log.warning("%s: the emulated board runs %s: %s left out (--vms %d boots %s)", path,
-                    runs, ", ".join(f"vm.{n}" for n in others), max(others) + 1,
-                    "it" if len(others) == 1 else "them")
+        log.warning("%s: the emulated board runs %s: %s", path, runs, left_out(others))
         for vm_id in others:
             del config.vms[vm_id]
     for vm, console_path in enumerate(console_paths):
