@@ -141,7 +141,10 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     finally:
-        if old_sigint is not None:
+        # A command that left SIGINT ignored (the demo, once a signal made it unwind) keeps
+        # it so to the end: a second Ctrl-C in that window was an uncaught KeyboardInterrupt.
+        if old_sigint is not None and signal.getsignal(signal.SIGINT) is \
+                signal.default_int_handler:
             signal.signal(signal.SIGINT, old_sigint)
 
 

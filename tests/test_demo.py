@@ -227,6 +227,7 @@ ENDINGS = {
     "SIGTERM": (_signal(signal.SIGTERM), 128 + signal.SIGTERM),
     "SIGHUP": (_signal(signal.SIGHUP), 128 + signal.SIGHUP),
     "SIGTERM twice": (_twice(signal.SIGTERM), 128 + signal.SIGTERM),
+    "SIGINT twice": (_twice(signal.SIGINT), 130),
     "guest poweroff": (_poweroff, 0),
 }
 

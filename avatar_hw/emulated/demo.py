@@ -46,7 +46,7 @@ BOARD_TIMEOUT = 300                 # board mode (TCG-slow Python): each of the 
                                     # shell, its daemon serving, the guest's shell
 
 
-LEAVE_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+LEAVE_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _say(text):
@@ -54,11 +54,14 @@ def _say(text):
 
 
 def _leave(signum, frame):
-    """SIGTERM, SIGHUP (the terminal closed): unwind, so the board is stopped and removed;
-    later ones are ignored (``timeout`` signals the demo, then its process group: a second
-    signal cut the removal short and left the temporary directory)."""
+    """SIGINT (KeyboardInterrupt, as Python's handler), SIGTERM, SIGHUP (the terminal
+    closed): unwind, so the board is stopped and removed; later ones are ignored
+    (``timeout`` signals the demo, then its process group; an impatient user presses Ctrl-C
+    twice: a second signal cut the removal short and left the temporary directory)."""
     for other in LEAVE_SIGNALS:
         signal.signal(other, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
