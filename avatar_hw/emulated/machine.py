@@ -14,8 +14,8 @@ Seams this module provides for the daemon (see docs/emulated-board.md):
 - ``EmulatedMachine``: creates the RAM file in /dev/shm and unlinks it at once
   (QEMU, the daemon and tests open it as ``ram_path``, /proc/PID/fd/N of the
   fd this process keeps: the memory goes when its last user does, even after a
-  SIGKILL), starts QEMU so that it dies with the thread that started it
-  (``setpriv --pdeathsig KILL``), connects the UART before the CPU runs
+  SIGKILL), starts QEMU so that it dies with this process, even by a SIGKILL
+  (``processes.start_tied``), connects the UART before the CPU runs
   (``wait=on``), and on ``stop()`` kills QEMU by its own PID and removes the
   temp directory. A temp directory left by a killed process is removed by the
   next start.
@@ -36,7 +36,7 @@ from ..doorbell import StubDoorbell
 from ..errors import AvatarError
 from ..hw.region import Region
 from ..interrupts import StubInterruptLine
-from ..processes import end_process, make_workdir
+from ..processes import end_process, make_workdir, start_tied
 from ..unixsock import connect_unix
 from . import memory_map as mm
 
@@ -154,13 +154,6 @@ def qemu_value(value):
     return str(value).replace(",", ",,")
 
 
-def die_with_parent():
-    """A prefix for QEMU's command line: SIGKILL when the thread that started it ends
-    (PR_SET_PDEATHSIG, kept across exec), so a killed launcher leaves no QEMU behind."""
-    setpriv = shutil.which("setpriv")          # util-linux: on every Debian
-    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
-
-
 def _require(tool, package):
     if shutil.which(tool) is None:
         raise AvatarError(f"{tool} not found: the emulated board needs it "
@@ -231,9 +224,9 @@ class EmulatedMachine:
         sock_path = os.path.join(self.workdir, "uart.sock")
         argv = self.command(sock_path, params)
         log.info("starting %s", " ".join(argv))
-        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, start_new_session=True,
-                                        pass_fds=(self._ram_fd,))
+        self.process = start_tied(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, start_new_session=True,
+                                  pass_fds=(self._ram_fd,))
         sock = self._connect(sock_path, timeout)
         self.uart = UartLink(sock, on_log=self.on_log)
 
@@ -247,7 +240,7 @@ class EmulatedMachine:
                 loaders.append((initrd, mm.vm_ram_phys(vm, mm.INITRD_ADDR)))
         size = mm.ram_size(self.vms) >> 20
         # QEMU's own /proc/self/fd/N: the RAM file it inherits (pass_fds), already unlinked.
-        argv = [*die_with_parent(), QEMU,
+        argv = [QEMU,
                 "-M", "virt,virtualization=on,gic-version=2,memory-backend=ram",
                 "-cpu", "cortex-a72", "-smp", str(self.vms), "-m", f"{size}M",
                 "-object", f"memory-backend-file,id=ram,size={size}M,"

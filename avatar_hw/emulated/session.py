@@ -58,7 +58,7 @@ from ..config import DeviceConfig, load_config
 from ..daemon import Daemon
 from ..doorbell import StubDoorbell
 from ..errors import AvatarError
-from ..processes import end_process
+from ..processes import end_process, start_tied
 from ..shipped import board_path
 from ..unixsock import connect_unix
 from . import board_linux
@@ -66,7 +66,7 @@ from .assets import guest_assets
 from .build import build_stub
 from .devicetree import DEFAULT_BOOTARGS, build_dtb
 from .initramfs import READY_MARKER, build_initramfs
-from .machine import WORKDIR_PREFIX, EmulatedMachine, check_vms, die_with_parent, ring_uart
+from .machine import WORKDIR_PREFIX, EmulatedMachine, check_vms, ring_uart
 from .memory_map import MAX_VMS
 
 log = logging.getLogger(__name__)
@@ -311,9 +311,9 @@ class EmulatedBoard:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify, \
                 open(workdir / "daemon.log", "ab") as log_file:
             notify.bind(str(notify_path))
-            self.process = subprocess.Popen(
-                [*die_with_parent(), sys.executable, "-m", "avatar_hw.emulated.session",
-                 json.dumps(spec)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+            self.process = start_tied(
+                [sys.executable, "-m", "avatar_hw.emulated.session", json.dumps(spec)],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                 pass_fds=(spec["doorbell_fd"], spec["uart_fd"]), env=env)
             deadline = time.monotonic() + timeout
             while True:
