@@ -221,6 +221,10 @@ def _poweroff(demo):
     demo.process.stdin.flush()
 
 
+def _kill_qemu(demo):           # the OOM killer, a crash
+    os.kill(demo.qemu, signal.SIGKILL)
+
+
 ENDINGS = {
     "SIGINT": (_signal(signal.SIGINT), 130),
     "SIGINT inherited as ignored": (_signal(signal.SIGINT), 130),
@@ -229,6 +233,7 @@ ENDINGS = {
     "SIGTERM twice": (_twice(signal.SIGTERM), 128 + signal.SIGTERM),
     "SIGINT twice": (_twice(signal.SIGINT), 130),
     "guest poweroff": (_poweroff, 0),
+    "QEMU killed": (_kill_qemu, 1),
 }
 
 
@@ -246,6 +251,8 @@ def test_every_ending_leaves_nothing_behind(ending):
     assert b"Traceback" not in demo.err
     if ending == "guest poweroff":
         assert b"the guest powered off" in demo.err
+    if ending == "QEMU killed":         # was "the guest powered off", status 0
+        assert demo.err.splitlines()[-1].endswith(b"QEMU died (signal 9)")
 
 
 CRASHING_DEMO = """if True:

@@ -36,7 +36,8 @@ from ..config import config_path
 from ..errors import AvatarError
 from . import board_linux
 from .memory_map import MAX_VMS
-from .session import ConsoleTimeout, EmulatedBoard, load_vms_config, refuse_host_mode_options
+from .session import (ConsoleTimeout, EmulatedBoard, GuestGone, load_vms_config,
+                      refuse_host_mode_options)
 
 EXIT_KEY = b"\x1d"                  # Ctrl-]
 INPUT_HELD = 1 << 20                # bytes of input held for the console before stdin waits
@@ -105,7 +106,7 @@ def _interactive(board, vm, timeout=GUEST_TIMEOUT):
             if sock in ready:
                 data = sock.recv(65536)
                 if not data:
-                    return _ended(board)
+                    return _ended(board, vm)
                 if ending is not None:
                     data, status = ending.feed(data)
                     os.write(sys.stdout.fileno(), data)
@@ -114,7 +115,7 @@ def _interactive(board, vm, timeout=GUEST_TIMEOUT):
                 else:
                     os.write(sys.stdout.fileno(), data)
             elif qemu in ready:
-                return _ended(board)
+                return _ended(board, vm)
             if writable:
                 try:
                     pending = pending[sock.send(pending, socket.MSG_DONTWAIT):]
@@ -162,12 +163,13 @@ class _Ending:
         return held[:end], int(match.group(1)) if match else None
 
 
-def _ended(board):
-    """The console went away: the guest powered off (0) or the daemon stopped (1)."""
-    if not board.alive():
-        what = "board" if board.board_linux else "guest"
-        _say(f"\r\nthe {what} powered off (QEMU exit status {board.machine.process.returncode})")
-        return 0
+def _ended(board, vm):
+    """The console went away: the guest ``vm`` powered off (0), QEMU died or the daemon
+    stopped (1)."""
+    gone = board.gone(vm)
+    if gone:
+        _say(f"\r\n{gone.reason}")
+        return 0 if gone.powered_off else 1
     _say("\r\nthe device model stopped; see the log above")
     return 1
 
@@ -222,17 +224,26 @@ def _check_config_has_vm(path, vm, vms):
 
 def _run(shell, command, timeout, option):
     """Run ``command`` (given with ``option``) in ``shell``, print its output; its exit status.
-    Not done within ``timeout``: what it printed, then an error naming ``--timeout``."""
+    Not done within ``timeout``: what it printed, then an error naming ``--timeout``. The
+    guest gone meanwhile: what it printed, then why (0 if it powered off, else 1)."""
     try:
         output, status = shell.run(f"({command})", timeout=timeout)
+    except GuestGone as gone:
+        _print_raw(gone.output)
+        _say(gone.reason)
+        return 0 if gone.powered_off else 1
     except ConsoleTimeout as timed_out:
-        sys.stdout.write(timed_out.output.replace(b"\r\n", b"\n").decode(errors="replace"))
-        sys.stdout.flush()
+        _print_raw(timed_out.output)
         raise AvatarError(f"{option} {command!r} did not finish within {timeout:g} s: "
                           "give it longer with --timeout SECONDS") from None
     sys.stdout.write(output)
     sys.stdout.flush()
     return status
+
+
+def _print_raw(output):
+    sys.stdout.write(output.replace(b"\r\n", b"\n").decode(errors="replace"))
+    sys.stdout.flush()
 
 
 def _board_demo(args, log):

@@ -39,6 +39,7 @@ guest::
         board.start_daemon()        # the guest carries on, no reset
 """
 
+import collections
 import dataclasses
 import json
 import logging
@@ -82,12 +83,24 @@ class ConsoleTimeout(AvatarError):
         self.output = output
 
 
+class GuestGone(AvatarError):
+    """The guest a shell talked to is gone (``reason``): it powered off (``powered_off``)
+    or QEMU died; ``output``: what came before."""
+
+    def __init__(self, gone, output):
+        super().__init__(f"{gone.reason}; last output: {output[-300:]!r}")
+        self.reason, self.powered_off, self.output = gone.reason, gone.powered_off, output
+
+
+Gone = collections.namedtuple("Gone", "reason powered_off")
+
+
 class GuestShell:
     """The guest's shell on hvc0, over the console backend's Unix socket."""
 
-    def __init__(self, sock, alive=None):
+    def __init__(self, sock, gone=None):
         self.sock = sock
-        self.alive = alive              # () -> False once the guest is gone (QEMU exited)
+        self.gone = gone                # () -> None while the guest runs, else a Gone
         self._buffer = b""
 
     def read_until(self, pattern, timeout):
@@ -107,9 +120,9 @@ class GuestShell:
             try:
                 chunk = self.sock.recv(65536)
             except socket.timeout:
-                if self.alive is not None and not self.alive():
-                    raise AvatarError("the guest powered off; last output: "
-                                      f"{self._buffer[-300:]!r}") from None
+                gone = self.gone and self.gone()
+                if gone:
+                    raise GuestGone(gone, self._buffer) from None
                 continue
             if not chunk:
                 raise AvatarError(f"guest console closed; last output: {self._buffer[-300:]!r}")
@@ -259,7 +272,7 @@ class EmulatedBoard:
 
     def board_shell(self, timeout=120):
         """The board Linux's shell on its console (hvc0 of the board), once it is ready."""
-        shell = GuestShell(self._board_sock, alive=self.alive)
+        shell = GuestShell(self._board_sock, gone=self.gone)
         shell.wait_ready(timeout, marker=board_linux.BOARD_READY_MARKER)
         return shell
 
@@ -351,7 +364,20 @@ class EmulatedBoard:
 
     def alive(self):
         """Is the guest still there (QEMU running)?"""
-        return self.machine is not None and self.machine.process.poll() is None
+        return self.gone() is None
+
+    def gone(self, vm=None):
+        """None while the guest ``vm`` runs (None: while QEMU does), else a ``Gone``: why
+        (``reason``, a line to show) and whether that is a power-off (QEMU's exit status 0:
+        the last VM powered off) or not (QEMU died: a signal, an error)."""
+        status = None if self.machine is None else self.machine.process.poll()
+        if status is None:
+            return None if self.machine is not None else Gone("the board is not running", False)
+        if status == 0:
+            return Gone(f"the {'board' if vm is None and self.board_linux else 'guest'} "
+                        "powered off", True)
+        how = f"signal {-status}" if status < 0 else f"exit status {status}"
+        return Gone(f"QEMU died ({how})", False)
 
     def shell(self, timeout=60, vm=None, wait_ready=True):
         """Connect to VM ``vm``'s console (default: VM 0, in board mode the guest's, VM 1)
@@ -366,7 +392,7 @@ class EmulatedBoard:
         else:
             sock = _connect_unix(self.console_paths[vm], timeout)
             self._sockets.append(sock)
-        shell = GuestShell(sock, alive=self.alive)
+        shell = GuestShell(sock, gone=lambda: self.gone(vm))
         if wait_ready:
             shell.wait_ready(max(1, deadline - time.monotonic()))
         return shell
