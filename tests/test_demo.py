@@ -255,6 +255,22 @@ def test_every_ending_leaves_nothing_behind(ending):
         assert demo.err.splitlines()[-1].endswith(b"QEMU died (signal 9)")
 
 
+@pytest.mark.parametrize("how", ["stdin", "--run"])
+def test_with_two_vms_the_demo_ends_when_its_vm_powers_off(how):
+    """VM 0 powers off and VM 1 keeps QEMU running: the demo waited for ever (stdin), or
+    said the command did not finish within --timeout (--run)."""
+    argv = ["demo", "--vms", "2"] + (["--run", "echo before; poweroff -f", "--timeout", "120"]
+                                     if how == "--run" else [])
+    done = subprocess.run(AVATAR_HW + argv, input=b"echo before; poweroff -f\n",
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert b"before\n" in done.stdout.replace(b"\r\n", b"\n")
+    assert done.stderr.splitlines()[-1].endswith(
+        b"the guest (VM 0) powered off; QEMU runs the other VMs on"), done.stderr[-2000:]
+    pid = re.search(rb"avatar-emulated-(\d+)-", done.stderr).group(1).decode()
+    assert leftovers(pid) == ([], [], [])
+
+
 CRASHING_DEMO = """if True:
     import sys
     from avatar_hw import cli, control

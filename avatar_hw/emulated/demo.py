@@ -40,6 +40,7 @@ from .session import (ConsoleTimeout, EmulatedBoard, GuestGone, load_vms_config,
                       refuse_host_mode_options)
 
 EXIT_KEY = b"\x1d"                  # Ctrl-]
+GONE_POLL = 0.5                     # seconds without a byte: has the guest gone (its VM alone)?
 INPUT_HELD = 1 << 20                # bytes of input held for the console before stdin waits
 LINE_HELD = 4096                    # stdin ended: bytes of a line without its end held back
 GUEST_TIMEOUT = 120                 # host mode: seconds until the guest's shell answers
@@ -102,7 +103,10 @@ def _interactive(board, vm, timeout=GUEST_TIMEOUT):
         while True:
             reading = [sock, qemu] + ([stdin] if ending is None and len(pending) < INPUT_HELD
                                       else [])
-            ready, writable, _ = select.select(reading, [sock] if pending else [], [])
+            ready, writable, _ = select.select(reading, [sock] if pending else [], [],
+                                               GONE_POLL)
+            if not ready and not writable and board.gone(vm):
+                return _ended(board, vm)        # its VM powered off, QEMU runs the others
             if sock in ready:
                 data = sock.recv(65536)
                 if not data:

@@ -25,6 +25,7 @@ import collections
 import itertools
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -45,17 +46,21 @@ log = logging.getLogger(__name__)
 QEMU = "qemu-system-aarch64"
 DOORBELL_BYTE = 0x00
 KEPT_LINES = 10000          # the stub's last log lines kept (a guest can make them for ever)
+# boards/emulated/main.c, vm_stop(): a VM that powered off while others run on (the last one
+# powers the board off). Its own line: a guest's are "avatar-stub: vmN: guest: ...".
+POWERED_OFF = re.compile(r"avatar-stub: vm(\d+): guest powered off;")
 
 
 class UartLink:
     """The host end of the stub's PL011: log lines in (the last ``KEPT_LINES`` in ``lines``),
-    doorbells both ways."""
+    doorbells both ways; ``powered_off``: the VMs the stub said powered off."""
 
     def __init__(self, sock, *, on_log=None):
         self.sock = sock
         self.doorbell = StubDoorbell(self.ring)
         self.lines = collections.deque(maxlen=KEPT_LINES)
         self.count = 0              # lines read in all
+        self.powered_off = set()
         self._on_log = on_log
         self._partial = b""
         self._changed = threading.Condition()
@@ -79,6 +84,9 @@ class UartLink:
                 with self._changed:
                     for raw in complete:
                         line = raw.decode("ascii", "replace")
+                        powered_off = POWERED_OFF.match(line)
+                        if powered_off:
+                            self.powered_off.add(int(powered_off.group(1)))
                         self.lines.append(line)
                         self.count += 1
                         log.debug("%s", line)

@@ -369,10 +369,17 @@ class EmulatedBoard:
     def gone(self, vm=None):
         """None while the guest ``vm`` runs (None: while QEMU does), else a ``Gone``: why
         (``reason``, a line to show) and whether that is a power-off (QEMU's exit status 0:
-        the last VM powered off) or not (QEMU died: a signal, an error)."""
+        the last VM powered off; or the stub said VM ``vm`` did, the others running on) or
+        not (QEMU died: a signal, an error)."""
         status = None if self.machine is None else self.machine.process.poll()
         if status is None:
-            return None if self.machine is not None else Gone("the board is not running", False)
+            if self.machine is None:
+                return Gone("the board is not running", False)
+            uart = self.machine.uart
+            if vm is not None and uart is not None and vm in uart.powered_off:
+                return Gone(f"the guest (VM {vm}) powered off; QEMU runs the other VMs on",
+                            True)
+            return None
         if status == 0:
             return Gone(f"the {'board' if vm is None and self.board_linux else 'guest'} "
                         "powered off", True)
