@@ -23,6 +23,7 @@ from avatar_hw.devices.gpu import GpuDevice
 from avatar_hw.devices.net import NetDevice
 from avatar_hw.devices.p9 import P9Device
 from avatar_hw.devices.vsock import VsockDevice
+from avatar_hw.emulated.machine import qemu_value
 from avatar_hw.testing.virtio import VirtioBench
 from avatar_hw.virtio import constants as c
 from test_qemu_differential import RngShaped, qemu, qemu_driver, wait_used  # noqa: F401
@@ -369,7 +370,8 @@ def test_every_device_matches_qemu_register_and_config_space(qemu, tmp_path, kin
     args, make, common, accepted = DEVICES[kind]
     (tmp_path / "share").mkdir()
     (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
-    args = [a.format(image=tmp_path / "disk.img", share=tmp_path / "share") for a in args]
+    args = [a.format(image=qemu_value(tmp_path / "disk.img"), share=qemu_value(tmp_path / "share"))
+            for a in args]
     q = qemu(*args)
     theirs_sweep = register_sweep(qemu_driver(q), False)
     theirs = device_facts(qemu_driver(q))
@@ -417,7 +419,8 @@ def test_fs_matches_qemu_vhost_user_fs(qemu, tmp_path):  # noqa: F811
     virtiofsd = fs.start_virtiofsd(str(share), sock)
     try:
         q = qemu("-object", "memory-backend-memfd,id=mem,size=128M,share=on",
-                 "-machine", "memory-backend=mem", "-chardev", f"socket,id=fs0,path={sock}",
+                 "-machine", "memory-backend=mem",
+                 "-chardev", f"socket,id=fs0,path={qemu_value(sock)}",
                  "-device", "vhost-user-fs-device,chardev=fs0,tag=share")
         theirs_sweep = register_sweep(qemu_driver(q), False)
         theirs = device_facts(qemu_driver(q))
