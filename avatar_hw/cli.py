@@ -68,9 +68,22 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        importlib.import_module(name).add_parser(sub, [common])
+        _load(name).add_parser(sub, [common])
     _refuse_empty(parser)
     return parser
+
+
+def _load(name):
+    """The command module ``name``; a Python without a dependency (``python -m avatar_hw``
+    with the system's) says so in one line."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if (err.name or "").startswith("avatar_hw"):
+            raise
+        raise AvatarError(f"this Python ({sys.executable}) has no module {err.name!r}: run "
+                          "scripts/setup and use .venv/bin/avatar-hw (or pip install this "
+                          "checkout)") from None
 
 
 def _refuse_empty(parser):
@@ -128,7 +141,10 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     finally:
-        if old_sigint is not None:
+        # A command that left SIGINT ignored (the demo, once a signal made it unwind) keeps
+        # it so to the end: a second Ctrl-C in that window was an uncaught KeyboardInterrupt.
+        if old_sigint is not None and signal.getsignal(signal.SIGINT) is \
+                signal.default_int_handler:
             signal.signal(signal.SIGINT, old_sigint)
 
 

@@ -1,10 +1,14 @@
 """Ending a child process: the one SIGTERM-then-SIGKILL sequence (virtiofsd, QEMU, the
-emulated board's daemon process); and what a process killed before it cleaned up left."""
+emulated board's daemon process); children that die with this process (``start_tied``);
+and what a process killed before it cleaned up left."""
 
 import os
+import queue
 import shutil
 import subprocess
 import tempfile
+import threading
+from concurrent.futures import Future
 
 
 def end_process(proc, term_wait, grace=0.0):
@@ -21,6 +25,56 @@ def end_process(proc, term_wait, grace=0.0):
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait()
+
+
+def start_tied(argv, **popen):
+    """``subprocess.Popen(argv, **popen)`` for a child that is SIGKILLed when this process
+    dies, even by a SIGKILL (``setpriv --pdeathsig KILL``: PR_SET_PDEATHSIG, kept across
+    exec). That signal comes when the *thread* that forked the child ends, not the process:
+    a child started from a worker thread died with it. So every such child is forked by one
+    thread that lives as long as this process."""
+    setpriv = shutil.which("setpriv")          # util-linux: on every Debian
+    prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+    started = Future()
+    _starter().put((lambda: subprocess.Popen([*prefix, *argv], **popen), started))
+    try:
+        return started.result()
+    except BaseException:
+        started.add_done_callback(_end_unclaimed)    # interrupted: end what it started anyway
+        raise
+
+
+def _end_unclaimed(started):
+    if started.exception() is None:
+        started.result().kill()
+        started.result().wait()
+
+
+_starter_queue = (None, None)          # (the PID it serves, its queue)
+_starter_lock = threading.Lock()
+
+
+def _starter():
+    """The queue of the thread that starts ``start_tied``'s children (this process's: a
+    forked child makes its own)."""
+    global _starter_queue
+    with _starter_lock:
+        pid, jobs = _starter_queue
+        if pid != os.getpid():
+            jobs = queue.SimpleQueue()
+            threading.Thread(target=_start_children, args=(jobs,), name="child-starter",
+                             daemon=True).start()
+            _starter_queue = (os.getpid(), jobs)
+        return jobs
+
+
+def _start_children(jobs):
+    while True:
+        start, started = jobs.get()
+        try:
+            started.set_result(start())
+        except BaseException as err:       # the caller's to raise (no such program, ...)
+            started.set_exception(err)
 
 
 def make_workdir(prefix, root=None):

@@ -25,6 +25,7 @@ from pathlib import Path
 from avatar_hw import control
 from avatar_hw.emulated import memory_map as mm
 from avatar_hw.emulated.initramfs import build_initramfs
+from avatar_hw.emulated.machine import qemu_value
 from avatar_hw.emulated.session import EmulatedBoard
 from avatar_hw.errors import AvatarError
 from avatar_hw.unixsock import connect_unix
@@ -97,7 +98,7 @@ def qemu(initrd, mib, workdir):
     console, monitor_path = workdir / "console.sock", workdir / "monitor.sock"
     argv = qemu_base(initrd, console) + [
         "-device", "virtio-balloon-device",
-        "-monitor", f"unix:{monitor_path},server=on,wait=off"]
+        "-monitor", f"unix:{qemu_value(monitor_path)},server=on,wait=off"]
     with Child(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                stderr=subprocess.DEVNULL, start_new_session=True):
         shell = connect(console, timeout=30)

@@ -65,7 +65,7 @@ from avatar_hw.emulated import memory_map as mm
 from avatar_hw.emulated.assets import guest_assets
 from avatar_hw.emulated.devicetree import DEFAULT_BOOTARGS
 from avatar_hw.emulated.initramfs import build_initramfs, write_newc
-from avatar_hw.emulated.machine import QEMU
+from avatar_hw.emulated.machine import QEMU, qemu_value
 from avatar_hw.emulated.session import EmulatedBoard, GuestShell
 from avatar_hw.hil import vsock
 from avatar_hw.hil.target import device_available
@@ -526,21 +526,21 @@ def qemu_base(initrd, console, machine="virt,gic-version=2", memory=()):
             "-no-reboot", "-serial", "none", "-kernel", str(guest_assets().kernel),
             "-initrd", str(initrd), "-append", DEFAULT_BOOTARGS,
             "-global", "virtio-mmio.force-legacy=false",
-            "-chardev", f"socket,id=con,path={console},server=on,wait=on",
+            "-chardev", f"socket,id=con,path={qemu_value(console)},server=on,wait=on",
             "-device", "virtio-serial-device", "-device", "virtconsole,chardev=con"]
 
 
 def qemu_command(initrd, image, share, console, net=None):
     """QEMU's own devices; ``net``: (its socket, the peer's) for virtio-net on dgram."""
     netdev = [] if net is None else [
-        "-netdev", f"dgram,id=net0,local.type=unix,local.path={net[0]},"
-                   f"remote.type=unix,remote.path={net[1]}",
+        "-netdev", f"dgram,id=net0,local.type=unix,local.path={qemu_value(net[0])},"
+                   f"remote.type=unix,remote.path={qemu_value(net[1])}",
         "-device", f"virtio-net-device,netdev=net0,mac={NET_MAC}"]
     return qemu_base(initrd, console) + [
-        "-drive", f"file={image},format=raw,if=none,id=disk",
+        "-drive", f"file={qemu_value(image)},format=raw,if=none,id=disk",
         "-device", "virtio-blk-device,drive=disk",
         "-device", "virtio-rng-device",
-        "-fsdev", f"local,id=share,path={share},security_model=none",
+        "-fsdev", f"local,id=share,path={qemu_value(share)},security_model=none",
         "-device", f"virtio-9p-device,fsdev=share,mount_tag={P9_TAG}",
         "-device", "virtio-gpu-device,xres=1024,yres=768", *netdev]
 

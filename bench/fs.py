@@ -31,6 +31,7 @@ from pathlib import Path
 
 from avatar_hw.devices import fs
 from avatar_hw.emulated import memory_map as mm
+from avatar_hw.emulated.machine import qemu_value
 from avatar_hw.emulated.session import EmulatedBoard
 from avatar_hw.errors import AvatarError
 
@@ -89,7 +90,7 @@ def qemu_fs_command(initrd, console, socket):
     size = f"{mm.GUEST_RAM_SIZE >> 20}M"
     return qemu_base(initrd, console, machine="virt,gic-version=2,memory-backend=ram",
                      memory=("-object", f"memory-backend-memfd,id=ram,size={size},share=on")) + [
-        "-chardev", f"socket,id=fs,path={socket}",
+        "-chardev", f"socket,id=fs,path={qemu_value(socket)}",
         "-device", f"vhost-user-fs-device,chardev=fs,tag={TAG}"]
 
 

@@ -81,20 +81,39 @@ def test_a_closed_pipe_ends_quietly(argv):
     assert result.returncode in (0, 141)
 
 
-def test_a_ctrl_c_while_the_commands_load_ends_quietly():
-    """A SIGINT that comes while main() imports the commands (a newcomer's early Ctrl-C of
-    ``avatar-hw demo``) ends it with status 130 and no traceback."""
-    code = ("import importlib, os, signal, sys\n"
-            "from avatar_hw import cli\n"
-            "load = importlib.import_module\n"
-            "def interrupted(name):\n"
-            "    os.kill(os.getpid(), signal.SIGINT)\n"
-            "    return load(name)\n"
-            "importlib.import_module = interrupted\n"
-            "sys.exit(cli.main(['layout', '--board', 'rpi4']))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60)
+LOADING_INTERRUPTED = """if True:
+    import importlib, os, runpy, signal, sys
+    load = importlib.import_module
+    def interrupted(name):
+        if name.startswith("avatar_hw.commands"):
+            os.kill(os.getpid(), signal.SIGINT)
+        return load(name)
+    importlib.import_module = interrupted
+    sys.argv = ["avatar-hw", "layout", "--board", "rpi4"]
+"""
+
+
+@pytest.mark.parametrize("entry", ["main()", "python -m avatar_hw"])
+def test_a_ctrl_c_while_the_commands_load_ends_quietly(entry):
+    """A SIGINT that comes while the commands are imported (a newcomer's early Ctrl-C of
+    ``avatar-hw demo``) ends it with status 130 and no traceback; ``python -m avatar_hw``
+    imported them before main() (and its handling) ran."""
+    run = ("from avatar_hw import cli; sys.exit(cli.main())" if entry == "main()" else
+           "runpy.run_module('avatar_hw', run_name='__main__', alter_sys=True)")
+    result = subprocess.run([sys.executable, "-c", f"{LOADING_INTERRUPTED}\n{run}"],
+                            capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout, result.stderr) == (130, "", "")
+
+
+def test_a_python_without_a_dependency_says_so_in_one_line():
+    code = LOADING_INTERRUPTED.replace("os.kill(os.getpid(), signal.SIGINT)",
+                                       "raise ModuleNotFoundError('no', name='serial')")
+    result = subprocess.run([sys.executable, "-c", code + "\nrunpy.run_module('avatar_hw', "
+                             "run_name='__main__', alter_sys=True)"],
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (2, (
+        f"avatar-hw: this Python ({sys.executable}) has no module 'serial': run scripts/setup "
+        "and use .venv/bin/avatar-hw (or pip install this checkout)\n"))
 
 
 def test_console_from_a_pipe_says_it_needs_a_terminal():

@@ -221,13 +221,19 @@ def _poweroff(demo):
     demo.process.stdin.flush()
 
 
+def _kill_qemu(demo):           # the OOM killer, a crash
+    os.kill(demo.qemu, signal.SIGKILL)
+
+
 ENDINGS = {
     "SIGINT": (_signal(signal.SIGINT), 130),
     "SIGINT inherited as ignored": (_signal(signal.SIGINT), 130),
     "SIGTERM": (_signal(signal.SIGTERM), 128 + signal.SIGTERM),
     "SIGHUP": (_signal(signal.SIGHUP), 128 + signal.SIGHUP),
     "SIGTERM twice": (_twice(signal.SIGTERM), 128 + signal.SIGTERM),
+    "SIGINT twice": (_twice(signal.SIGINT), 130),
     "guest poweroff": (_poweroff, 0),
+    "QEMU killed": (_kill_qemu, 1),
 }
 
 
@@ -245,6 +251,24 @@ def test_every_ending_leaves_nothing_behind(ending):
     assert b"Traceback" not in demo.err
     if ending == "guest poweroff":
         assert b"the guest powered off" in demo.err
+    if ending == "QEMU killed":         # was "the guest powered off", status 0
+        assert demo.err.splitlines()[-1].endswith(b"QEMU died (signal 9)")
+
+
+@pytest.mark.parametrize("how", ["stdin", "--run"])
+def test_with_two_vms_the_demo_ends_when_its_vm_powers_off(how):
+    """VM 0 powers off and VM 1 keeps QEMU running: the demo waited for ever (stdin), or
+    said the command did not finish within --timeout (--run)."""
+    argv = ["demo", "--vms", "2"] + (["--run", "echo before; poweroff -f", "--timeout", "120"]
+                                     if how == "--run" else [])
+    done = subprocess.run(AVATAR_HW + argv, input=b"echo before; poweroff -f\n",
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert b"before\n" in done.stdout.replace(b"\r\n", b"\n")
+    assert done.stderr.splitlines()[-1].endswith(
+        b"the guest (VM 0) powered off; QEMU runs the other VMs on"), done.stderr[-2000:]
+    pid = re.search(rb"avatar-emulated-(\d+)-", done.stderr).group(1).decode()
+    assert leftovers(pid) == ([], [], [])
 
 
 CRASHING_DEMO = """if True:
@@ -375,8 +399,8 @@ def test_board_linux_demo_refuses_host_mode_options_in_one_line():
                           (["--board-linux", "--vm", "1"], "avatar-hw: --vm: board mode runs one "
                                                            "guest, VM 1"),
                           (["--board-linux", "--wait", "adaptive"],
-                           "avatar-hw: --wait adaptive: in board mode the daemon in the board "
-                           "Linux waits as its board file says")):
+                           "avatar-hw: --wait: in board mode the daemon runs in the board Linux "
+                           "as its unit starts it")):
         done = subprocess.run(AVATAR_HW + ["demo", *argv], capture_output=True, text=True,
                               timeout=60)
         assert done.returncode == 2 and done.stderr.startswith(message), done.stderr

@@ -98,3 +98,20 @@ def test_demo_run_prints_output_and_exits_with_the_status():
                            "ls /sys/bus/virtio/devices; exit 3"],
                           capture_output=True, text=True, timeout=240)
     assert (done.stdout, done.returncode) == ("virtio0\n", 3), done.stderr
+
+
+def test_a_shell_whose_qemu_died_says_so_and_no_power_off():
+    """QEMU SIGKILLed (the OOM killer, a crash) under a running command: the shell says how
+    it died (it said "the guest powered off", and the demo exited 0)."""
+    import os
+    import signal
+    from avatar_hw.emulated.session import GuestGone
+    with EmulatedBoard() as board:
+        shell = board.shell(timeout=120)
+        shell.sock.sendall(b"echo started-$((6 * 7)); sleep 600\n")
+        shell.read_until(rb"started-42", 60)
+        os.kill(board.machine.process.pid, signal.SIGKILL)
+        with pytest.raises(GuestGone) as gone:
+            shell.read_until(rb"never", 120)
+        assert (gone.value.reason, gone.value.powered_off) == ("QEMU died (signal 9)", False)
+        assert (board.alive(), board.gone(0)) == (False, (gone.value.reason, False))

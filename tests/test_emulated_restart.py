@@ -12,6 +12,7 @@ import base64
 import hashlib
 import pathlib
 import re
+import threading
 import time
 
 import pytest
@@ -179,6 +180,22 @@ def test_restart_under_guest_resets_vsock_connections_and_the_device_goes_on(boa
     assert statuses_after == statuses_before
     assert _devices(board)["vsock"]["status"] == "ACKNOWLEDGE|DRIVER|FEATURES_OK|DRIVER_OK"
     assert vsock_host_echo(guest, path, 256 << 10) > 0
+
+
+def test_a_daemon_started_from_a_thread_that_ends_goes_on_serving(board):
+    """A restart from a worker thread (a test helper, a timer): the daemon was SIGKILLed as
+    that thread ended (PR_SET_PDEATHSIG follows the thread that forked the child)."""
+    board.kill_daemon()
+    worker = threading.Thread(target=board.start_daemon)
+    worker.start()
+    worker.join()
+    deadline = time.monotonic() + 60
+    while pathlib.Path(f"/proc/self/task/{worker.native_id}").exists():   # its exit, done
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    board.guest = guest = board.shell(wait_ready=False)
+    assert guest.run("echo served-$((6 * 7))", timeout=60) == ("served-42\n", 0)
+    assert board.daemon_alive()
 
 
 def test_the_restart_example_of_docs_testing_md_runs(capsys):

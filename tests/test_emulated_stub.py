@@ -6,6 +6,7 @@ a small loop, either sleeping on the UART doorbell or busy-polling.
 """
 
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -156,6 +157,23 @@ def test_no_model_attached_accesses_complete_unhandled(probe):
         # it waits in WFI, so end the run here; the log shows the policy.
         assert machine.uart.wait_for_line("no device model attached", 30), machine.uart.lines
 
+
+
+def test_commas_in_the_temporary_directory_and_the_programs_paths(probe, tmp_path,
+                                                                   monkeypatch):
+    """QEMU splits its option strings at commas: a path's own are doubled (the UART's socket
+    in TMPDIR, the loaders' files in the cache)."""
+    programs = tmp_path / "cache,a"
+    programs.mkdir()
+    stub, guest = programs / "stub,1.elf", programs / "probe,2.bin"
+    shutil.copy(build_stub(), stub)
+    shutil.copy(probe, guest)
+    with tempfile.TemporaryDirectory(prefix="t,") as tmp:   # short: the socket's path
+        monkeypatch.setattr(tempfile, "tempdir", tmp)        # has at most 107 bytes
+        with EmulatedMachine(stub, guest) as machine:
+            assert machine.workdir.startswith(tmp + "/")
+            assert machine.uart.wait_for_line("no device model attached", 30), \
+                machine.uart.lines
 
 
 DOORBELL_ROUNDS = 100

@@ -326,3 +326,14 @@ def test_v2_configure_spi_stops_writing_icfgr_after_a_bounded_number_of_attempts
     gicd = SharedWord(linux=[0] * (ICFGR_ATTEMPTS + 1))
     assert GicV2Distributor(gicd).configure_spi(217, SpiConfig(0xA0, 0)).trigger == "level"
     assert gicd.icfgr_writes == ICFGR_ATTEMPTS
+
+
+@pytest.mark.qemu
+def test_qtest_and_qmp_sockets_in_a_temporary_directory_with_a_comma(monkeypatch):
+    """``-qtest unix:PATH`` and ``-qmp unix:PATH`` split PATH at a comma unless it is doubled."""
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="t,") as tmp:
+        monkeypatch.setattr(tempfile, "tempdir", tmp)
+        with gic_qemu(2, qmp=True) as qemu:
+            assert qemu._dir.startswith(tmp + "/")
+            assert qemu.readl(GICD + GICD_ISPENDR1) == 0

@@ -20,6 +20,7 @@ import time
 import pytest
 
 from avatar_hw.devices.console import ConsoleDevice
+from avatar_hw.emulated.machine import qemu_value
 from avatar_hw.loop import EventLoop
 from avatar_hw.testing.driver import VirtioDriver
 from avatar_hw.testing.qtest import QTest, require_qemu
@@ -287,7 +288,7 @@ def console_observations(d, peer):
 
 def test_console_matches_qemu_virtconsole(qemu, tmp_path):
     qpath = str(tmp_path / "qemu-console.sock")
-    q = qemu("-chardev", f"socket,id=c0,path={qpath},server=on,wait=off",
+    q = qemu("-chardev", f"socket,id=c0,path={qemu_value(qpath)},server=on,wait=off",
              "-device", "virtio-serial-device,max_ports=1",
              "-device", "virtconsole,chardev=c0,nr=0")
     peer = SocketPeer(qpath)

@@ -9,6 +9,7 @@ import pytest
 from avatar_hw.devices import block as blk
 from avatar_hw.devices.block import BlockDevice
 from avatar_hw.devices.rng import RngDevice
+from avatar_hw.emulated.machine import qemu_value
 from avatar_hw.errors import ConfigError
 from avatar_hw.testing.qtest import QTestError
 from avatar_hw.testing.virtio import VirtioBench
@@ -98,7 +99,7 @@ def test_block_matches_qemu_virtio_blk(qemu, tmp_path):
     ours_image = tmp_path / "ours.img"
     theirs_image.write_bytes(PATTERN)
     ours_image.write_bytes(PATTERN)
-    q = qemu("-drive", f"file={theirs_image},if=none,format=raw,id=d0,discard=unmap",
+    q = qemu("-drive", f"file={qemu_value(theirs_image)},if=none,format=raw,id=d0,discard=unmap",
              "-device", f"virtio-blk-device,drive=d0,serial={SERIAL}")
     theirs = observations(qemu_driver(q))
     # Used lengths are QEMU's: every device-writable byte, also of a failed read or a GET_ID
@@ -122,7 +123,7 @@ def test_block_matches_qemu_virtio_blk(qemu, tmp_path):
 def test_read_only_block_matches_qemu(qemu, tmp_path):
     image = tmp_path / "ro.img"
     image.write_bytes(PATTERN)
-    q = qemu("-drive", f"file={image},if=none,format=raw,id=d0,readonly=on",
+    q = qemu("-drive", f"file={qemu_value(image)},if=none,format=raw,id=d0,readonly=on",
              "-device", "virtio-blk-device,drive=d0")
 
     def ro(d):
@@ -144,7 +145,7 @@ def test_image_lock_keeps_qemu_and_ours_off_each_others_image(qemu, tmp_path, ou
     """Either order, as two QEMUs: only two readers share an image."""
     image = tmp_path / "shared.img"
     image.write_bytes(bytes(SECTORS * 512))
-    drive = ("-drive", f"file={image},if=none,format=raw,id=d0"
+    drive = ("-drive", f"file={qemu_value(image)},if=none,format=raw,id=d0"
              + (",readonly=on" if theirs_ro else ""), "-device", "virtio-blk-device,drive=d0")
     both_read = ours_ro and theirs_ro
     q = qemu(*drive)

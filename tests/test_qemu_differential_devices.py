@@ -15,6 +15,7 @@ from avatar_hw.devices.balloon import BalloonDevice
 from avatar_hw.devices.gpu import GpuDevice
 from avatar_hw.devices.net import NetDevice
 from avatar_hw.devices.p9 import P9Device
+from avatar_hw.emulated.machine import qemu_value
 from avatar_hw.testing.virtio import VirtioBench
 from avatar_hw.virtio import constants as c
 from test_qemu_differential import qemu, qemu_driver, wait_used  # noqa: F401 (fixture)
@@ -161,7 +162,7 @@ P9_DIFFERENCES = {
 def test_9p_matches_qemu_virtio_9p(qemu, tmp_path):  # noqa: F811
     (tmp_path / "theirs").mkdir()
     (tmp_path / "mine").mkdir()
-    q = qemu("-fsdev", f"local,id=f0,path={tmp_path / 'theirs'},security_model=none",
+    q = qemu("-fsdev", f"local,id=f0,path={qemu_value(tmp_path / 'theirs')},security_model=none",
              "-device", "virtio-9p-device,fsdev=f0,mount_tag=share")
     theirs = p9_requests(qemu_driver(q))
     mine = ours(P9Device(tmp_path / "mine", tag="share"), p9_requests)

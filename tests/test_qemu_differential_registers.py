@@ -23,6 +23,7 @@ from avatar_hw.devices.gpu import GpuDevice
 from avatar_hw.devices.net import NetDevice
 from avatar_hw.devices.p9 import P9Device
 from avatar_hw.devices.vsock import VsockDevice
+from avatar_hw.emulated.machine import qemu_value
 from avatar_hw.testing.virtio import VirtioBench
 from avatar_hw.virtio import constants as c
 from test_qemu_differential import RngShaped, qemu, qemu_driver, wait_used  # noqa: F401
@@ -371,7 +372,8 @@ def test_every_device_matches_qemu_register_and_config_space(qemu, tmp_path, kin
     (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
     # A copy for QEMU: each side locks its image against the other (block.py, Images).
     (tmp_path / "qemu-disk.img").write_bytes(bytes(1 << 20))
-    args = [a.format(image=tmp_path / "qemu-disk.img", share=tmp_path / "share") for a in args]
+    args = [a.format(image=qemu_value(tmp_path / "qemu-disk.img"),
+                     share=qemu_value(tmp_path / "share")) for a in args]
     q = qemu(*args)
     theirs_sweep = register_sweep(qemu_driver(q), False)
     theirs = device_facts(qemu_driver(q))
@@ -419,7 +421,8 @@ def test_fs_matches_qemu_vhost_user_fs(qemu, tmp_path):  # noqa: F811
     virtiofsd = fs.start_virtiofsd(str(share), sock)
     try:
         q = qemu("-object", "memory-backend-memfd,id=mem,size=128M,share=on",
-                 "-machine", "memory-backend=mem", "-chardev", f"socket,id=fs0,path={sock}",
+                 "-machine", "memory-backend=mem",
+                 "-chardev", f"socket,id=fs0,path={qemu_value(sock)}",
                  "-device", "vhost-user-fs-device,chardev=fs0,tag=share")
         theirs_sweep = register_sweep(qemu_driver(q), False)
         theirs = device_facts(qemu_driver(q))

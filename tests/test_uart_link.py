@@ -55,3 +55,13 @@ def test_ringing_the_stub_of_a_qemu_that_is_gone_raises_nothing():
     with ours:
         ring_uart(ours)
         ring_uart(ours)
+
+
+def test_the_vms_the_stub_says_powered_off_are_kept(link):
+    """With two VMs or more, one powering off leaves QEMU running: the stub's line is the
+    only sign of it. A guest's own line (``guest: ...``) saying the same counts for nothing."""
+    qemu, link = link
+    qemu.sendall(b"avatar-stub: vm0: guest: avatar-stub: vm1: guest powered off; 0 VM(s)\n"
+                 b"avatar-stub: vm2: guest powered off; 1 VM(s) still running\n")
+    assert link.wait_for_line("vm2: guest powered off", 10)
+    assert link.powered_off == {2}

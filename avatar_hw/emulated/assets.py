@@ -17,7 +17,6 @@ modules cross-build for the guest's kernel (``avatar_hw.emulated.kmod``).
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AvatarError
-from .build import cache_dir
+from .build import cache_dir, replacing
 
 KERNEL_META = "linux-image-arm64"
 BUSYBOX = "busybox-static"
@@ -204,9 +203,8 @@ def guest_assets():
 
 
 def _write_manifest(path, manifest):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2))
 
 
 def kernel_headers(release=None):

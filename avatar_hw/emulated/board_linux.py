@@ -42,10 +42,11 @@ from ..overlay import OverlayBoard, render
 from ..shipped import board_path, shipped_file
 from . import memory_map as mm
 from .assets import board_userland
-from .build import cache_dir
+from .build import cache_dir, replacing
 from .devicetree import CPU_NODES
 from .initramfs import SHELL_ON_HVC0, pack_initramfs
 from .kmod import build_kmod
+from .machine import qemu_value
 
 BOARD_FILE = "emulated-board-linux"
 GUEST_VM = 1                           # the guest runs as VM 1 on CPU1
@@ -217,15 +218,17 @@ def build_board_dtb(*, initrd_size, bootargs=BOARD_BOOTARGS, board=None):
     out = cache_dir() / f"board-{key}.dtb"
     if out.exists():
         return out
-    base_dtb, dtbo = out.with_suffix(".base.tmp"), out.with_suffix(".dtbo.tmp")
-    try:
-        _dtc("dtc", "-q", "-@", "-I", "dts", "-O", "dtb", "-o", str(base_dtb), "-", source=base)
-        _dtc("dtc", "-q", "-@", "-I", "dts", "-O", "dtb", "-o", str(dtbo), "-", source=overlay)
-        _dtc("fdtoverlay", "-i", str(base_dtb), "-o", str(out.with_suffix(".tmp")), str(dtbo))
-        out.with_suffix(".tmp").replace(out)
-    finally:
-        base_dtb.unlink(missing_ok=True)
-        dtbo.unlink(missing_ok=True)
+    with replacing(out) as tmp:
+        base_dtb, dtbo = tmp.with_suffix(".base"), tmp.with_suffix(".dtbo")   # as unique
+        try:
+            _dtc("dtc", "-q", "-@", "-I", "dts", "-O", "dtb", "-o", str(base_dtb), "-",
+                 source=base)
+            _dtc("dtc", "-q", "-@", "-I", "dts", "-O", "dtb", "-o", str(dtbo), "-",
+                 source=overlay)
+            _dtc("fdtoverlay", "-i", str(base_dtb), "-o", str(tmp), str(dtbo))
+        finally:
+            base_dtb.unlink(missing_ok=True)
+            dtbo.unlink(missing_ok=True)
     return out
 
 
@@ -242,9 +245,8 @@ def _pyc(source, path):
     pyc = importlib._bootstrap_external._code_to_hash_pyc(
         code, importlib.util.source_hash(source), checked=False)
     cached.parent.mkdir(exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(pyc)
-    os.replace(tmp, cached)
+    with replacing(cached) as tmp:
+        tmp.write_bytes(pyc)
     return pyc
 
 
@@ -314,8 +316,8 @@ def console_args(path, guest_path):
     transport (CONSOLE_TRANSPORT): hvc0, the board's shell, at Unix socket ``path``, and
     hvc1, bridged to the guest's console in the board, at ``guest_path``. QEMU waits for
     each (``wait=on``: nothing printed before the launcher connects is lost)."""
-    return ["-chardev", f"socket,id=boardcon,path={path},server=on,wait=on",
-            "-chardev", f"socket,id=guestcon,path={guest_path},server=on,wait=on",
+    return ["-chardev", f"socket,id=boardcon,path={qemu_value(path)},server=on,wait=on",
+            "-chardev", f"socket,id=guestcon,path={qemu_value(guest_path)},server=on,wait=on",
             "-device", "virtio-serial-device", "-device", "virtconsole,chardev=boardcon",
             "-device", "virtconsole,chardev=guestcon"]
 

@@ -5,11 +5,13 @@ sources and the command, so a rebuild happens only when something changed.
 ``python -m avatar_hw.emulated.build`` builds the stub and prints its path.
 """
 
+import contextlib
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from ..errors import AvatarError
@@ -31,6 +33,22 @@ def cache_dir():
         path = os.path.join(base, "avatar-hw")
     Path(path).mkdir(parents=True, exist_ok=True)
     return Path(path)
+
+
+@contextlib.contextmanager
+def replacing(path):
+    """A temporary name beside ``path``, this process's and this call's only, to write;
+    when the block ends without an error it replaces ``path`` (``os.replace``: a reader
+    sees the old file or the whole new one), else it is removed. Launchers sharing a cache
+    build the same file at once: with a fixed name (``out.tmp``) one truncated or renamed
+    away the other's."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def cross_compiler():
@@ -63,15 +81,15 @@ def build_program(name, sources, *, extra_inputs=(), link_args=(), raw=False):
     out = out.with_suffix(".bin" if raw else ".elf")
     if out.exists():
         return out
-    elf = out.with_suffix(".elf.tmp")
-    result = subprocess.run([gcc, *command, "-o", str(elf), *map(str, sources), "-lgcc"],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise AvatarError(f"building {name} failed:\n{result.stderr.strip()}")
-    if raw:
-        objcopy = shutil.which(CROSS + "objcopy") or "objcopy"
-        subprocess.run([objcopy, "-O", "binary", "-j", ".text", str(elf), str(elf)], check=True)
-    os.replace(elf, out)
+    with replacing(out) as elf:
+        result = subprocess.run([gcc, *command, "-o", str(elf), *map(str, sources), "-lgcc"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise AvatarError(f"building {name} failed:\n{result.stderr.strip()}")
+        if raw:
+            objcopy = shutil.which(CROSS + "objcopy") or "objcopy"
+            subprocess.run([objcopy, "-O", "binary", "-j", ".text", str(elf), str(elf)],
+                           check=True)
     return out
 
 

@@ -32,13 +32,15 @@ import tty
 
 from ..commands.query import format_list
 from ..commands.serve import add_wait_option, seconds
-from ..config import config_path, load_config
+from ..config import config_path
 from ..errors import AvatarError
 from . import board_linux
 from .memory_map import MAX_VMS
-from .session import ConsoleTimeout, EmulatedBoard
+from .session import (ConsoleTimeout, EmulatedBoard, GuestGone, load_vms_config,
+                      refuse_host_mode_options)
 
 EXIT_KEY = b"\x1d"                  # Ctrl-]
+GONE_POLL = 0.5                     # seconds without a byte: has the guest gone (its VM alone)?
 INPUT_HELD = 1 << 20                # bytes of input held for the console before stdin waits
 LINE_HELD = 4096                    # stdin ended: bytes of a line without its end held back
 GUEST_TIMEOUT = 120                 # host mode: seconds until the guest's shell answers
@@ -46,7 +48,7 @@ BOARD_TIMEOUT = 300                 # board mode (TCG-slow Python): each of the 
                                     # shell, its daemon serving, the guest's shell
 
 
-LEAVE_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+LEAVE_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _say(text):
@@ -54,11 +56,14 @@ def _say(text):
 
 
 def _leave(signum, frame):
-    """SIGTERM, SIGHUP (the terminal closed): unwind, so the board is stopped and removed;
-    later ones are ignored (``timeout`` signals the demo, then its process group: a second
-    signal cut the removal short and left the temporary directory)."""
+    """SIGINT (KeyboardInterrupt, as Python's handler), SIGTERM, SIGHUP (the terminal
+    closed): unwind, so the board is stopped and removed; later ones are ignored
+    (``timeout`` signals the demo, then its process group; an impatient user presses Ctrl-C
+    twice: a second signal cut the removal short and left the temporary directory)."""
     for other in LEAVE_SIGNALS:
         signal.signal(other, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
@@ -98,11 +103,14 @@ def _interactive(board, vm, timeout=GUEST_TIMEOUT):
         while True:
             reading = [sock, qemu] + ([stdin] if ending is None and len(pending) < INPUT_HELD
                                       else [])
-            ready, writable, _ = select.select(reading, [sock] if pending else [], [])
+            ready, writable, _ = select.select(reading, [sock] if pending else [], [],
+                                               GONE_POLL)
+            if not ready and not writable and board.gone(vm):
+                return _ended(board, vm)        # its VM powered off, QEMU runs the others
             if sock in ready:
                 data = sock.recv(65536)
                 if not data:
-                    return _ended(board)
+                    return _ended(board, vm)
                 if ending is not None:
                     data, status = ending.feed(data)
                     os.write(sys.stdout.fileno(), data)
@@ -111,7 +119,7 @@ def _interactive(board, vm, timeout=GUEST_TIMEOUT):
                 else:
                     os.write(sys.stdout.fileno(), data)
             elif qemu in ready:
-                return _ended(board)
+                return _ended(board, vm)
             if writable:
                 try:
                     pending = pending[sock.send(pending, socket.MSG_DONTWAIT):]
@@ -159,12 +167,13 @@ class _Ending:
         return held[:end], int(match.group(1)) if match else None
 
 
-def _ended(board):
-    """The console went away: the guest powered off (0) or the daemon stopped (1)."""
-    if not board.alive():
-        what = "board" if board.board_linux else "guest"
-        _say(f"\r\nthe {what} powered off (QEMU exit status {board.machine.process.returncode})")
-        return 0
+def _ended(board, vm):
+    """The console went away: the guest ``vm`` powered off (0), QEMU died or the daemon
+    stopped (1)."""
+    gone = board.gone(vm)
+    if gone:
+        _say(f"\r\n{gone.reason}")
+        return 0 if gone.powered_off else 1
     _say("\r\nthe device model stopped; see the log above")
     return 1
 
@@ -172,18 +181,9 @@ def _ended(board):
 def _demo(args):
     log = (lambda line: print(line, file=sys.stderr)) if args.stub_log else None
     if args.board_linux:
-        given = [option for option, value in (("--config", args.config), ("--control",
-                 args.control), ("--vms", args.vms != 1), ("--vm", args.vm)) if value]
-        if given:
-            print(f"avatar-hw: {given[0]}: board mode runs one guest, VM 1, with the board "
-                  f"Linux's own VMs config (/etc/avatar-hw/vms.toml there) and control socket; "
-                  f"leave {given[0]} out", file=sys.stderr)
-            return 2
-        if args.wait:
-            print(f"avatar-hw: --wait {args.wait}: in board mode the daemon in the board Linux "
-                  "waits as its board file says (trap.wait in boards/emulated-board-linux.toml); "
-                  "leave --wait out", file=sys.stderr)
-            return 2
+        refuse_host_mode_options([key for key, value in (
+            ("config", args.config), ("control", args.control), ("vms", args.vms != 1),
+            ("vm", args.vm), ("wait", args.wait)) if value], lambda key: f"--{key}")
     elif args.run_board is not None:
         print("avatar-hw: --run-board needs --board-linux (in host mode the daemon runs in "
               "this process: there is no board Linux)", file=sys.stderr)
@@ -214,27 +214,40 @@ def _demo(args):
 def _check_config_has_vm(path, vm, vms):
     """Before the board boots: the VMs config gives VM ``vm``, the one this terminal or --run
     talks to (a VM it leaves out boots with no device, not even a console)."""
-    given = load_config(path, max_vms=MAX_VMS).vms
+    given = load_vms_config(path).vms        # VMs it leaves out: EmulatedBoard says so
     if vm not in given:
-        other = min(given)
-        option = f"--vm {other}" if other < vms else f"--vms {other + 1} --vm {other}"
+        fix = f"add [vm.{vm}]"
+        runnable = [n for n in sorted(given) if n < MAX_VMS]
+        if runnable:
+            other = runnable[0]
+            fix += f" or use --vm {other}" if other < vms else \
+                f" or use --vms {other + 1} --vm {other}"
         raise AvatarError(f"{path}: no [vm.{vm}], the VM this terminal (or --run) talks to; "
-                          f"add [vm.{vm}] or use {option}")
+                          f"{fix}")
 
 
 def _run(shell, command, timeout, option):
     """Run ``command`` (given with ``option``) in ``shell``, print its output; its exit status.
-    Not done within ``timeout``: what it printed, then an error naming ``--timeout``."""
+    Not done within ``timeout``: what it printed, then an error naming ``--timeout``. The
+    guest gone meanwhile: what it printed, then why (0 if it powered off, else 1)."""
     try:
         output, status = shell.run(f"({command})", timeout=timeout)
+    except GuestGone as gone:
+        _print_raw(gone.output)
+        _say(gone.reason)
+        return 0 if gone.powered_off else 1
     except ConsoleTimeout as timed_out:
-        sys.stdout.write(timed_out.output.replace(b"\r\n", b"\n").decode(errors="replace"))
-        sys.stdout.flush()
+        _print_raw(timed_out.output)
         raise AvatarError(f"{option} {command!r} did not finish within {timeout:g} s: "
                           "give it longer with --timeout SECONDS") from None
     sys.stdout.write(output)
     sys.stdout.flush()
     return status
+
+
+def _print_raw(output):
+    sys.stdout.write(output.replace(b"\r\n", b"\n").decode(errors="replace"))
+    sys.stdout.flush()
 
 
 def _board_demo(args, log):

@@ -14,7 +14,7 @@ import subprocess
 
 from ..errors import AvatarError
 from . import memory_map as mm
-from .build import cache_dir
+from .build import cache_dir, replacing
 
 DEFAULT_BOOTARGS = "console=hvc0 loglevel=3 rdinit=/init"
 
@@ -100,11 +100,12 @@ def build_dtb(**kwargs):
     if shutil.which("dtc") is None:
         raise AvatarError("dtc not found: the emulated board's device tree needs it "
                           "(apt-get install device-tree-compiler, or run scripts/setup)")
-    result = subprocess.run(["dtc", "-I", "dts", "-O", "dtb", "-o", str(out), "-"],
-                            input=source.encode(), capture_output=True)
-    if result.returncode != 0:
-        out.unlink(missing_ok=True)
-        raise AvatarError(f"dtc failed on the guest device tree: {result.stderr.decode().strip()}")
-    if out.stat().st_size > mm.DTB_MAX:
-        raise AvatarError(f"guest device tree is larger than {mm.DTB_MAX} bytes")
+    with replacing(out) as tmp:
+        result = subprocess.run(["dtc", "-I", "dts", "-O", "dtb", "-o", str(tmp), "-"],
+                                input=source.encode(), capture_output=True)
+        if result.returncode != 0:
+            raise AvatarError("dtc failed on the guest device tree: "
+                              f"{result.stderr.decode().strip()}")
+        if tmp.stat().st_size > mm.DTB_MAX:
+            raise AvatarError(f"guest device tree is larger than {mm.DTB_MAX} bytes")
     return out

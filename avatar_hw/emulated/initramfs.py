@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 
 from .assets import guest_assets
-from .build import cache_dir
+from .build import cache_dir, replacing
 
 # Load order (generic Debian kernel: virtio and virtio_ring are built in).
 MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "virtio-rng",
@@ -180,7 +180,6 @@ def pack_initramfs(assets, init, modules, files=None, *, name="initramfs"):
     entries.append(("dev/console", stat.S_IFCHR | 0o600, b"", os.makedev(5, 1)))
     entries += [(path, _file_mode(modes.get(path, 0o644)), data, 0)
                 for path, data in sorted(contents.items())]
-    tmp = out.with_suffix(".tmp")
-    write_newc(tmp, entries)
-    os.replace(tmp, out)
+    with replacing(out) as tmp:
+        write_newc(tmp, entries)
     return out

@@ -14,8 +14,8 @@ Seams this module provides for the daemon (see docs/emulated-board.md):
 - ``EmulatedMachine``: creates the RAM file in /dev/shm and unlinks it at once
   (QEMU, the daemon and tests open it as ``ram_path``, /proc/PID/fd/N of the
   fd this process keeps: the memory goes when its last user does, even after a
-  SIGKILL), starts QEMU so that it dies with the thread that started it
-  (``setpriv --pdeathsig KILL``), connects the UART before the CPU runs
+  SIGKILL), starts QEMU so that it dies with this process, even by a SIGKILL
+  (``processes.start_tied``), connects the UART before the CPU runs
   (``wait=on``), and on ``stop()`` kills QEMU by its own PID and removes the
   temp directory. A temp directory left by a killed process is removed by the
   next start.
@@ -25,6 +25,7 @@ import collections
 import itertools
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -36,7 +37,7 @@ from ..doorbell import StubDoorbell
 from ..errors import AvatarError
 from ..hw.region import Region
 from ..interrupts import StubInterruptLine
-from ..processes import end_process, make_workdir
+from ..processes import end_process, make_workdir, start_tied
 from ..unixsock import connect_unix
 from . import memory_map as mm
 
@@ -45,17 +46,21 @@ log = logging.getLogger(__name__)
 QEMU = "qemu-system-aarch64"
 DOORBELL_BYTE = 0x00
 KEPT_LINES = 10000          # the stub's last log lines kept (a guest can make them for ever)
+# boards/emulated/main.c, vm_stop(): a VM that powered off while others run on (the last one
+# powers the board off). Its own line: a guest's are "avatar-stub: vmN: guest: ...".
+POWERED_OFF = re.compile(r"avatar-stub: vm(\d+): guest powered off;")
 
 
 class UartLink:
     """The host end of the stub's PL011: log lines in (the last ``KEPT_LINES`` in ``lines``),
-    doorbells both ways."""
+    doorbells both ways; ``powered_off``: the VMs the stub said powered off."""
 
     def __init__(self, sock, *, on_log=None):
         self.sock = sock
         self.doorbell = StubDoorbell(self.ring)
         self.lines = collections.deque(maxlen=KEPT_LINES)
         self.count = 0              # lines read in all
+        self.powered_off = set()
         self._on_log = on_log
         self._partial = b""
         self._changed = threading.Condition()
@@ -79,6 +84,9 @@ class UartLink:
                 with self._changed:
                     for raw in complete:
                         line = raw.decode("ascii", "replace")
+                        powered_off = POWERED_OFF.match(line)
+                        if powered_off:
+                            self.powered_off.add(int(powered_off.group(1)))
                         self.lines.append(line)
                         self.count += 1
                         log.debug("%s", line)
@@ -138,7 +146,7 @@ def ring_uart(sock):
 
 
 def check_vms(vms):
-    if not (isinstance(vms, int) and 1 <= vms <= mm.MAX_VMS):
+    if not (isinstance(vms, int) and not isinstance(vms, bool) and 1 <= vms <= mm.MAX_VMS):
         raise AvatarError(f"the emulated board runs 1 to {mm.MAX_VMS} VMs (one per CPU), "
                           f"not {vms!r}")
 
@@ -146,11 +154,12 @@ def check_vms(vms):
 WORKDIR_PREFIX = "avatar-emulated-"
 
 
-def die_with_parent():
-    """A prefix for QEMU's command line: SIGKILL when the thread that started it ends
-    (PR_SET_PDEATHSIG, kept across exec), so a killed launcher leaves no QEMU behind."""
-    setpriv = shutil.which("setpriv")          # util-linux: on every Debian
-    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+def qemu_value(value):
+    """``value`` (a path) as one value in a QEMU option string (``-chardev socket,path=P``,
+    ``-device loader,file=P``, ``-drive``, ``-object``, ``-qtest unix:P``): its commas
+    doubled, else QEMU reads what follows one as another option (a comma in TMPDIR or in
+    the cache's path broke the board)."""
+    return str(value).replace(",", ",,")
 
 
 def _require(tool, package):
@@ -223,9 +232,9 @@ class EmulatedMachine:
         sock_path = os.path.join(self.workdir, "uart.sock")
         argv = self.command(sock_path, params)
         log.info("starting %s", " ".join(argv))
-        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, start_new_session=True,
-                                        pass_fds=(self._ram_fd,))
+        self.process = start_tied(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, start_new_session=True,
+                                  pass_fds=(self._ram_fd,))
         sock = self._connect(sock_path, timeout)
         self.uart = UartLink(sock, on_log=self.on_log)
 
@@ -239,7 +248,7 @@ class EmulatedMachine:
                 loaders.append((initrd, mm.vm_ram_phys(vm, mm.INITRD_ADDR)))
         size = mm.ram_size(self.vms) >> 20
         # QEMU's own /proc/self/fd/N: the RAM file it inherits (pass_fds), already unlinked.
-        argv = [*die_with_parent(), QEMU,
+        argv = [QEMU,
                 "-M", "virt,virtualization=on,gic-version=2,memory-backend=ram",
                 "-cpu", "cortex-a72", "-smp", str(self.vms), "-m", f"{size}M",
                 "-object", f"memory-backend-file,id=ram,size={size}M,"
@@ -247,10 +256,10 @@ class EmulatedMachine:
                 "-nodefaults", "-display", "none", "-no-reboot",
                 # Threads named "CPU n/TCG": a bench or an engineer can find VM n's vCPU.
                 "-name", "avatar-board,debug-threads=on",
-                "-chardev", f"socket,id=uart,path={sock_path},server=on,wait=on",
+                "-chardev", f"socket,id=uart,path={qemu_value(sock_path)},server=on,wait=on",
                 "-serial", "chardev:uart", "-kernel", str(self.stub)]
         for path, addr in loaders:
-            argv += ["-device", f"loader,file={path},addr=0x{addr:x},force-raw=on"]
+            argv += ["-device", f"loader,file={qemu_value(path)},addr=0x{addr:x},force-raw=on"]
         return argv + self.qemu_args
 
     def _connect(self, path, timeout):

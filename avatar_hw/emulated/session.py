@@ -39,6 +39,7 @@ guest::
         board.start_daemon()        # the guest carries on, no reset
 """
 
+import collections
 import dataclasses
 import json
 import logging
@@ -58,7 +59,7 @@ from ..config import DeviceConfig, load_config
 from ..daemon import Daemon
 from ..doorbell import StubDoorbell
 from ..errors import AvatarError
-from ..processes import end_process
+from ..processes import end_process, start_tied
 from ..shipped import board_path
 from ..unixsock import connect_unix
 from . import board_linux
@@ -66,7 +67,8 @@ from .assets import guest_assets
 from .build import build_stub
 from .devicetree import DEFAULT_BOOTARGS, build_dtb
 from .initramfs import READY_MARKER, build_initramfs
-from .machine import WORKDIR_PREFIX, EmulatedMachine, check_vms, die_with_parent, ring_uart
+from .machine import WORKDIR_PREFIX, EmulatedMachine, check_vms, ring_uart
+from .memory_map import MAX_VMS
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +83,24 @@ class ConsoleTimeout(AvatarError):
         self.output = output
 
 
+class GuestGone(AvatarError):
+    """The guest a shell talked to is gone (``reason``): it powered off (``powered_off``)
+    or QEMU died; ``output``: what came before."""
+
+    def __init__(self, gone, output):
+        super().__init__(f"{gone.reason}; last output: {output[-300:]!r}")
+        self.reason, self.powered_off, self.output = gone.reason, gone.powered_off, output
+
+
+Gone = collections.namedtuple("Gone", "reason powered_off")
+
+
 class GuestShell:
     """The guest's shell on hvc0, over the console backend's Unix socket."""
 
-    def __init__(self, sock, alive=None):
+    def __init__(self, sock, gone=None):
         self.sock = sock
-        self.alive = alive              # () -> False once the guest is gone (QEMU exited)
+        self.gone = gone                # () -> None while the guest runs, else a Gone
         self._buffer = b""
 
     def read_until(self, pattern, timeout):
@@ -106,9 +120,9 @@ class GuestShell:
             try:
                 chunk = self.sock.recv(65536)
             except socket.timeout:
-                if self.alive is not None and not self.alive():
-                    raise AvatarError("the guest powered off; last output: "
-                                      f"{self._buffer[-300:]!r}") from None
+                gone = self.gone and self.gone()
+                if gone:
+                    raise GuestGone(gone, self._buffer) from None
                 continue
             if not chunk:
                 raise AvatarError(f"guest console closed; last output: {self._buffer[-300:]!r}")
@@ -140,6 +154,25 @@ class GuestShell:
         self.sock.close()
 
 
+_ONE_GUEST = ("board mode runs one guest, VM 1, with the board Linux's own VMs config "
+              "(/etc/avatar-hw/vms.toml there) and control socket")
+_ITS_UNIT = ("in board mode the daemon runs in the board Linux as its unit starts it "
+             "(avatar-hw.service) and waits as its board file says (trap.wait in "
+             "boards/emulated-board-linux.toml)")
+HOST_MODE_ONLY = {"vms": _ONE_GUEST, "vm": _ONE_GUEST, "devices": _ONE_GUEST,
+                  "config": _ONE_GUEST, "control": _ONE_GUEST, "wait": _ITS_UNIT,
+                  "trace": _ITS_UNIT, "daemon_process": _ITS_UNIT}
+
+
+def refuse_host_mode_options(given, spell):
+    """Board mode honours none of ``HOST_MODE_ONLY``: ``given`` are the ones given (its keys),
+    ``spell(key)`` how the caller names one (the demo ``--config``, ``EmulatedBoard``
+    ``config=``). The first is refused in one line."""
+    for key in given:
+        name = spell(key)
+        raise AvatarError(f"{name}: {HOST_MODE_ONLY[key]}; leave {name} out")
+
+
 def _connect_unix(path, timeout):
     """A stream socket connected to ``path``, retried until it exists (``timeout`` s)."""
     try:
@@ -156,6 +189,14 @@ class EmulatedBoard:
                  qemu_args=(), initrd=None, board_linux=False, board_files=None,
                  board_userland=True, daemon_process=False):
         check_vms(vms)
+        if board_linux:
+            given = {"vms": vms != 1, "devices": any([devices] if isinstance(devices, str)
+                                                     else devices),
+                     "config": config is not None, "control": control_path is not None,
+                     "wait": wait is not None, "trace": trace, "daemon_process": daemon_process}
+            refuse_host_mode_options([key for key, value in given.items() if value],
+                                     lambda key: "control_path=" if key == "control"
+                                     else f"{key}=")
         self.board_linux = board_linux   # board mode: CPU0 runs the board Linux (board_linux.py)
         self.board_files = board_files   # board mode: {path: bytes or (bytes, mode)} added to
                                          # the board Linux's initramfs
@@ -213,13 +254,13 @@ class EmulatedBoard:
         self.board_console_path = workdir / "board-console.sock"
         self.console_paths = [workdir / "guest-console.sock"]
         self.console_path = self.console_paths[0]
-        self.machine = EmulatedMachine(
-            build_stub(), assets.kernel, dtb=dtbs, initrd=[board_initrd, initrd], vms=2,
-            model_wait_ms=board_linux.MODEL_WAIT_MS, board_params=board_linux.board_params(),
-            on_log=self.on_log,
-            qemu_args=[*board_linux.console_args(self.board_console_path, self.console_path),
-                       *self.qemu_args])
         try:
+            self.machine = EmulatedMachine(
+                build_stub(), assets.kernel, dtb=dtbs, initrd=[board_initrd, initrd], vms=2,
+                model_wait_ms=board_linux.MODEL_WAIT_MS, board_params=board_linux.board_params(),
+                on_log=self.on_log,
+                qemu_args=[*board_linux.console_args(self.board_console_path, self.console_path),
+                           *self.qemu_args])
             self.machine.start()
             self._board_sock = _connect_unix(self.board_console_path, 30)
             self._guest_sock = _connect_unix(self.console_path, 30)
@@ -231,7 +272,7 @@ class EmulatedBoard:
 
     def board_shell(self, timeout=120):
         """The board Linux's shell on its console (hvc0 of the board), once it is ready."""
-        shell = GuestShell(self._board_sock, alive=self.alive)
+        shell = GuestShell(self._board_sock, gone=self.gone)
         shell.wait_ready(timeout, marker=board_linux.BOARD_READY_MARKER)
         return shell
 
@@ -264,6 +305,7 @@ class EmulatedBoard:
     def start_daemon(self, timeout=60):
         """``daemon_process``: start the daemon's process (again: it restores the devices
         from ``state_path``) and wait until it serves (its READY=1, as under systemd)."""
+        self._check_daemon_process("start_daemon")
         if self.process is not None and self.process.poll() is None:
             raise AvatarError(f"the daemon (PID {self.process.pid}) is still running")
         workdir = Path(self.machine.workdir)
@@ -282,9 +324,9 @@ class EmulatedBoard:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify, \
                 open(workdir / "daemon.log", "ab") as log_file:
             notify.bind(str(notify_path))
-            self.process = subprocess.Popen(
-                [*die_with_parent(), sys.executable, "-m", "avatar_hw.emulated.session",
-                 json.dumps(spec)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+            self.process = start_tied(
+                [sys.executable, "-m", "avatar_hw.emulated.session", json.dumps(spec)],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                 pass_fds=(spec["doorbell_fd"], spec["uart_fd"]), env=env)
             deadline = time.monotonic() + timeout
             while True:
@@ -302,17 +344,54 @@ class EmulatedBoard:
     def kill_daemon(self):
         """``daemon_process``: SIGKILL the daemon's process (a crash: nothing is detached,
         nothing flushed) and reap it."""
+        self._check_daemon_process("kill_daemon")
+        if self.process is None:
+            raise AvatarError("kill_daemon(): no daemon process to kill (start_daemon() "
+                              "starts one)")
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
 
+    def _check_daemon_process(self, method):
+        """``method`` works on the daemon's own process, of a running board."""
+        if self.board_linux:
+            raise AvatarError(f"{method}(): in board mode the daemon runs in the board Linux "
+                              "(systemctl there, through board_shell(), restarts it)")
+        if not self.daemon_process:
+            raise AvatarError(f"{method}(): the daemon runs in a thread of this process; "
+                              "EmulatedBoard(daemon_process=True) runs it in its own")
+        if self.machine is None or self.machine.workdir is None:
+            raise AvatarError(f"{method}(): the board is not running (start() starts it)")
+
     def alive(self):
         """Is the guest still there (QEMU running)?"""
-        return self.machine is not None and self.machine.process.poll() is None
+        return self.gone() is None
 
-    def shell(self, timeout=60, vm=0, wait_ready=True):
-        """Connect to VM ``vm``'s console and wait for its shell (``wait_ready=False``: for
-        the prompt of a shell already there, after ``start_daemon``); ``stop()`` closes it."""
+    def gone(self, vm=None):
+        """None while the guest ``vm`` runs (None: while QEMU does), else a ``Gone``: why
+        (``reason``, a line to show) and whether that is a power-off (QEMU's exit status 0:
+        the last VM powered off; or the stub said VM ``vm`` did, the others running on) or
+        not (QEMU died: a signal, an error)."""
+        status = None if self.machine is None else self.machine.process.poll()
+        if status is None:
+            if self.machine is None:
+                return Gone("the board is not running", False)
+            uart = self.machine.uart
+            if vm is not None and uart is not None and vm in uart.powered_off:
+                return Gone(f"the guest (VM {vm}) powered off; QEMU runs the other VMs on",
+                            True)
+            return None
+        if status == 0:
+            return Gone(f"the {'board' if vm is None and self.board_linux else 'guest'} "
+                        "powered off", True)
+        how = f"signal {-status}" if status < 0 else f"exit status {status}"
+        return Gone(f"QEMU died ({how})", False)
+
+    def shell(self, timeout=60, vm=None, wait_ready=True):
+        """Connect to VM ``vm``'s console (default: VM 0, in board mode the guest's, VM 1)
+        and wait for its shell (``wait_ready=False``: for the prompt of a shell already
+        there, after ``start_daemon``); ``stop()`` closes it."""
         deadline = time.monotonic() + timeout
+        vm = self._check_vm(vm)
         if self.board_linux:     # the guest's console through the board (hvc1), connected at start
             sock, self._guest_sock = self._guest_sock, None
             if sock is None:
@@ -320,10 +399,22 @@ class EmulatedBoard:
         else:
             sock = _connect_unix(self.console_paths[vm], timeout)
             self._sockets.append(sock)
-        shell = GuestShell(sock, alive=self.alive)
+        shell = GuestShell(sock, gone=lambda: self.gone(vm))
         if wait_ready:
             shell.wait_ready(max(1, deadline - time.monotonic()))
         return shell
+
+    def _check_vm(self, vm):
+        """``vm`` (None: the default one) if the board runs that guest, else one line."""
+        guests = [board_linux.GUEST_VM] if self.board_linux else list(range(self.vms))
+        if vm is None:
+            return guests[0]
+        if not isinstance(vm, int) or isinstance(vm, bool) or vm not in guests:
+            runs = (f"board mode runs one guest, VM {guests[0]} (VM 0 is the board Linux: "
+                    "board_shell())" if self.board_linux else
+                    f"the board runs VMs 0..{self.vms - 1} (vms={self.vms})")
+            raise AvatarError(f"vm={vm!r}: {runs}")
+        return vm
 
     def _stop(self):
         if self.daemon is not None:
@@ -337,6 +428,7 @@ class EmulatedBoard:
             self.machine.stop()
         if self.board_linux and getattr(self, "_board_console_dir", None):
             shutil.rmtree(self._board_console_dir, ignore_errors=True)
+            self._board_console_dir = None
         for sock in self._sockets:
             sock.close()
         self._sockets.clear()
@@ -364,23 +456,42 @@ def _board(ram_path):
                                ram=dataclasses.replace(board.ram, file=ram_path))
 
 
+def load_vms_config(path, base=None):
+    """The VMs config at ``path`` within the emulated board file's bounds (its layout has
+    windows for VMs the board has no CPU for: ``left_out``)."""
+    layout = load_board(board_path("emulated")).layout
+    return load_config(path, max_vms=layout.max_vms, devices_per_vm=layout.devices_per_vm,
+                       base=base)
+
+
+def left_out(vms):
+    """What to say of the config's VMs ``vms`` that the board does not boot."""
+    def names(ids):
+        return ", ".join(f"vm.{n}" for n in ids) + " left out"
+    bootable, never = [n for n in vms if n < MAX_VMS], [n for n in vms if n >= MAX_VMS]
+    said = []
+    if bootable:
+        said.append(f"{names(bootable)} (--vms {max(bootable) + 1} boots "
+                    f"{'it' if len(bootable) == 1 else 'them'})")
+    if never:
+        said.append(f"{names(never)}: VMs above {MAX_VMS - 1} cannot run on the emulated "
+                    f"board (one per CPU, {MAX_VMS} at most)")
+    return "; ".join(said)
+
+
 def vms_config(path, devices, vms, console_paths, workdir):
     """The VMs config (``path``, or one made of ``devices``, a TOML string per VM) with the
     launcher's console endpoint (``console_paths``) added to each VM's console."""
-    board = load_board(board_path("emulated"))
     if path is None:
         path = workdir / "vms.toml"
         path.write_text("".join(
             f'[vm.{vm}]\nconsole = {{ endpoints = ["unix:vm{vm}-console.sock"] }}\n{devices}\n'
             for vm, devices in enumerate(devices)))
-    config = load_config(path, max_vms=board.layout.max_vms,
-                         devices_per_vm=board.layout.devices_per_vm, base=workdir)
+    config = load_vms_config(path, base=workdir)
     others = sorted(set(config.vms) - set(range(vms)))
     if others:
         runs = "one guest, VM 0" if vms == 1 else f"{vms} guests, VMs 0..{vms - 1}"
-        log.warning("%s: the emulated board runs %s: %s left out (--vms %d boots %s)", path,
-                    runs, ", ".join(f"vm.{n}" for n in others), max(others) + 1,
-                    "it" if len(others) == 1 else "them")
+        log.warning("%s: the emulated board runs %s: %s", path, runs, left_out(others))
         for vm_id in others:
             del config.vms[vm_id]
     for vm, console_path in enumerate(console_paths):

@@ -34,6 +34,7 @@ import subprocess
 import tempfile
 import time
 
+from ..emulated.machine import qemu_value
 from ..errors import AvatarError
 
 QEMU = "qemu-system-aarch64"
@@ -57,10 +58,10 @@ class QTest:
             qmp_listener = self._listen("qmp.sock") if qmp else None
             self._stderr = open(os.path.join(self._dir, "stderr"), "w+b")
             argv = [qemu, "-M", machine, "-display", "none", "-nodefaults",
-                    "-qtest", f"unix:{qtest_listener.getsockname()}",
+                    "-qtest", f"unix:{qemu_value(qtest_listener.getsockname())}",
                     "-qtest-log", "/dev/null"]
             if qmp_listener:
-                argv += ["-qmp", f"unix:{qmp_listener.getsockname()}"]
+                argv += ["-qmp", f"unix:{qemu_value(qmp_listener.getsockname())}"]
             if stopped:
                 argv.append("-S")
             argv += list(extra_args)
