@@ -419,6 +419,21 @@ def test_a_config_without_the_vm_talked_to_is_refused_before_the_boot(tmp_path, 
         f"or use {fix}\n"))
 
 
+@pytest.mark.parametrize("console", ['endpoints = ["stdio"]',
+                                     'endpoints = "unix:c.sock", ports = { log = "stdio" }'])
+def test_a_stdio_console_endpoint_is_refused_before_the_boot(tmp_path, console):
+    """The demo's terminal already is the console's: the guest's output came twice, the typing
+    was read twice and --run's marker line reached stdout."""
+    config = tmp_path / "vms.toml"
+    config.write_text(f"[vm.0]\nconsole = {{ {console} }}\n")
+    done = subprocess.run(AVATAR_HW + ["demo", "--config", str(config), "--run", "true"],
+                          capture_output=True, text=True, timeout=60)
+    key = "ports.log" if "ports" in console else "endpoints"
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", (
+        f"avatar-hw: {config}: vm.0.console.{key}: 'stdio' is the demo's own terminal on the "
+        "emulated board; use pty:PATH or unix:PATH\n"))
+
+
 @pytest.mark.parametrize("endpoint", ["unix", "pty"])
 def test_a_guest_printing_with_no_client_never_waits_and_the_next_client_gets_its_output(
         endpoint, tmp_path):

@@ -58,7 +58,7 @@ from ..board import load_board
 from ..config import DeviceConfig, load_config
 from ..daemon import Daemon
 from ..doorbell import StubDoorbell
-from ..errors import AvatarError
+from ..errors import AvatarError, ConfigError
 from ..processes import end_process, start_tied
 from ..shipped import board_path
 from ..unixsock import connect_unix
@@ -222,6 +222,8 @@ class EmulatedBoard:
     def start(self):
         if self.board_linux:
             return self._start_board_linux()
+        if self.config is not None:         # before the boot: not a minute later
+            refuse_stdio(load_vms_config(self.config), self.vms)
         assets = guest_assets()
         initrd = self.initrd or build_initramfs(assets)
         dtbs = [build_dtb(initrd_size=initrd.stat().st_size, bootargs=self.bootargs, vm_id=vm)
@@ -494,6 +496,7 @@ def vms_config(path, devices, vms, console_paths, workdir):
         log.warning("%s: the emulated board runs %s: %s", path, runs, left_out(others))
         for vm_id in others:
             del config.vms[vm_id]
+    refuse_stdio(config)
     for vm, console_path in enumerate(console_paths):
         if vm not in config.vms:
             continue
@@ -508,6 +511,25 @@ def vms_config(path, devices, vms, console_paths, workdir):
             vm_devices.insert(0, DeviceConfig("console", f"vm.{vm}.console", {
                 "endpoints": [f"unix:{workdir / f'vm{vm}-console.sock'}", mine]}))
     return config
+
+
+def refuse_stdio(config, vms=None):
+    """A ``ConfigError`` for a console endpoint ``stdio`` of the config's VMs (those below
+    ``vms``): the daemon runs in the launcher's process, whose terminal the demo already puts
+    on the console: the guest's output came twice, the typing was read twice, and
+    ``--run``'s marker lines reached stdout (``daemon_process``: its daemon.log and
+    /dev/null, no better)."""
+    for vm_id in sorted(n for n in config.vms if vms is None or n < vms):
+        for device in config.vms[vm_id].devices:
+            if device.kind != "console":
+                continue
+            ports = device.options.get("ports") or {}
+            for key, urls in (("endpoints", device.options["endpoints"]),
+                              *((f"ports.{name}", urls) for name, urls in ports.items())):
+                if "stdio" in ([urls] if isinstance(urls, str) else urls):
+                    raise ConfigError(config.path, f"{device.key}.{key}",
+                                      "'stdio' is the demo's own terminal on the emulated "
+                                      "board; use pty:PATH or unix:PATH")
 
 
 def _serve(spec):
