@@ -271,6 +271,32 @@ def test_with_two_vms_the_demo_ends_when_its_vm_powers_off(how):
     assert leftovers(pid) == ([], [], [])
 
 
+def test_the_hint_for_another_terminal_names_the_vm_the_demo_talks_to(tmp_path):
+    """With --vms 2 --vm 1 and a config giving only VM 1 it named VM 0, which has no console:
+    the command as printed now gets a terminal on VM 1's."""
+    config = tmp_path / "vms.toml"
+    config.write_text('[vm.1]\nconsole = { endpoints = ["unix:c.sock"] }\n')
+    demo = Demo("--vms", "2", "--vm", "1", "--config", str(config))
+    try:
+        hint = demo.read_err_until(rb"another terminal: avatar-hw console (.+?)  \(").group(1)
+        term = OnPty(*hint.decode().split())
+        try:
+            term.type("echo via-$((5 + 5))\n")
+            term.expect("via-10", 60)
+            demo.process.stdin.write(b"echo from-the-demo-$((1 + 1))\n")
+            demo.process.stdin.flush()
+            term.expect("from-the-demo-2", 60)              # the demo's console: VM 1's
+            term.type("\x1d")
+            assert term.process.wait(10) == 0
+        finally:
+            term.close()
+        demo.process.stdin.write(b"\x1d")
+        demo.process.stdin.flush()
+        assert demo.end() == 0
+    finally:
+        demo.kill()
+
+
 CRASHING_DEMO = """if True:
     import sys
     from avatar_hw import cli, control

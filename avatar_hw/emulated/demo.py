@@ -67,19 +67,21 @@ def _leave(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def _announce(board):
+def _announce(board, vm):
+    """The control socket, the devices, each console port's endpoints, and the command that
+    puts another terminal on VM ``vm``'s console (the one this demo talks to)."""
     control = board.daemon.control.path
     _say(f"control socket {control}")
     _say("\n  ".join(["devices:", *format_list(board.daemon.list_devices()).splitlines()]))
     info = board.daemon.info()
-    for vm in info["vms"]:
-        for device in vm["devices"]:
+    for served in info["vms"]:
+        for device in served["devices"]:
             for port in device.get("ports", ()):
                 endpoints = [e for e in port["endpoints"]
                              if e not in {f"unix:{path}" for path in board.console_paths}]
-                _say(f"vm{vm['vm']} console port {port['name'] or port['id']}: "
+                _say(f"vm{served['vm']} console port {port['name'] or port['id']}: "
                      f"{', '.join(endpoints) or 'none'}")
-    _say(f"another terminal: avatar-hw console 0 --control {control}  "
+    _say(f"another terminal: avatar-hw console {vm} --control {control}  "
          f"(also list, info, debug)")
 
 
@@ -200,7 +202,7 @@ def _demo(args):
             return _board_demo(args, log)
         with EmulatedBoard(vms=args.vms, on_log=log, config=config_path(args.config),
                            control_path=args.control, wait=args.wait) as board:
-            _announce(board)
+            _announce(board, args.vm)
             if args.run is None:
                 return _interactive(board, args.vm)
             return _run(board.shell(timeout=GUEST_TIMEOUT, vm=args.vm), args.run, args.timeout,
