@@ -5,11 +5,11 @@ the subcommand with ``parents=parents``, so ``-v`` works after it too, and
 sets ``func``) and is imported lazily, so a broken optional piece never stops
 the others. Errors a user can cause are ``AvatarError``: printed as one line,
 exit status 2; so is an option given an empty string or path (``--control ""`` is not
-the default). A reader that goes away (``avatar-hw info | head``) ends the
-command quietly. SIGINT ends any command (status 130, the demo and the console
-cleaning up as they unwind), also when it was inherited as ignored (a
-background job of a non-interactive shell): Python then installs no handler; and
-one that comes while the commands load ends it as quietly.
+the default), and so is any command line argparse refuses (``_Parser``). A reader that
+goes away (``avatar-hw info | head``) ends the command quietly. SIGINT ends any command
+(status 130, the demo and the console cleaning up as they unwind), also when it was
+inherited as ignored (a background job of a non-interactive shell): Python then installs
+no handler; and one that comes while the commands load ends it as quietly.
 
 Log level: warnings by default, ``-v`` info, ``-vv`` debug; a command may
 set ``verbosity`` (``serve`` starts at info), and ``--log-level`` wins.
@@ -58,9 +58,41 @@ def _common():
     return common
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser (its commands' too: argparse makes them of its class) whose errors are one
+    line, ``PROG: error: MESSAGE``: argparse's usage lines came first and hid it. A message
+    of argparse's own (an unknown or a missing argument, a choice or a number it refused)
+    ends with ``; see PROG --help``; an option's type already says what to give."""
+
+    _type_error = None          # the message of the last value an option's type refused
+
+    def _get_value(self, action, arg_string):
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError as err:
+            if isinstance(err.__context__, argparse.ArgumentTypeError):
+                self._type_error = str(err)
+            raise
+
+    def parse_args(self, args=None, namespace=None):
+        """Arguments no parser took are named by the command's parser, not ``avatar-hw``'s."""
+        args, extras = self.parse_known_args(args, namespace)
+        if extras:
+            commands = next((a.choices for a in self._actions
+                             if isinstance(a, argparse._SubParsersAction)), {})
+            parser = commands.get(getattr(args, "command", None), self)
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return args
+
+    def error(self, message):
+        if message != self._type_error:
+            message += f"; see {self.prog} --help"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser():
     common = _common()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="avatar-hw", parents=[common],
         description="Userspace VirtIO device model of the Avatar hypervisor.")
     parser.add_argument("--version", action="version", version=f"avatar-hw {version()}",

@@ -234,9 +234,66 @@ def test_wait_takes_one_of_three_modes_busy_poll_its_alias(capsys, command):
     with pytest.raises(SystemExit) as exit:
         parse(command + ["--wait", "spin"])
     assert exit.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith(
-        "argument --wait: invalid choice: 'spin' (choose from 'doorbell', 'adaptive', "
-        "'busy-poll')")
+    assert capsys.readouterr().err == (
+        f"avatar-hw {command[0]}: error: argument --wait: invalid choice: 'spin' (choose from "
+        f"'doorbell', 'adaptive', 'busy-poll'); see avatar-hw {command[0]} --help\n")
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["serve", "--board", "b", "--config", "c", "--record-max-size", "-5M"],
+     "avatar-hw serve: error: argument --record-max-size: size '-5M': give bytes, or a number "
+     "with K, M, G or T (e.g. 384M)"),
+    (["demo", "--vm", "one"],
+     "avatar-hw demo: error: argument --vm: invalid int value: 'one'; see avatar-hw demo --help"),
+    (["list", "-x"],
+     "avatar-hw list: error: unrecognized arguments: -x; see avatar-hw list --help"),
+    (["serve", "--board", "b"], "avatar-hw serve: error: the following arguments are required: "
+                                "--config; see avatar-hw serve --help"),
+    (["demo", "--config"],
+     "avatar-hw demo: error: argument --config: expected one argument; see avatar-hw demo --help"),
+    (["nosuch"], "avatar-hw: error: argument COMMAND: invalid choice: 'nosuch' (choose from "
+                 "'layout', 'serve', 'list', 'info', 'debug', 'balloon', 'screenshot', 'inject', "
+                 "'replay', 'console', 'demo'); see avatar-hw --help"),
+], ids=["type", "int", "unknown", "missing", "no value", "command"])
+def test_a_command_line_argparse_refuses_is_one_line(capsys, argv, line):
+    """Not argparse's usage lines first: the error, and --help where argparse's own words do
+    not say what to give (an option's type does)."""
+    with pytest.raises(SystemExit) as exit:
+        cli.main(argv)
+    assert (exit.value.code, capsys.readouterr().err) == (2, line + "\n")
+
+
+def refuses(action, value="@bad@"):
+    """Does the type of option ``action`` refuse ``value``?"""
+    if action.type is None:
+        return False
+    try:
+        action.type(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        return True
+    return False
+
+
+def test_every_command_refuses_a_bad_value_or_an_unknown_option_in_one_line(capsys):
+    parser, commands = subcommands()
+    refused = 0
+    for name, command in commands.items():
+        with pytest.raises(SystemExit):
+            parser.parse_args([name, "--no-such-option"])
+        err = capsys.readouterr().err
+        assert err.startswith(f"avatar-hw {name}: error: ") and err.count("\n") == 1, err
+        assert err.endswith(f"; see avatar-hw {name} --help\n"), err
+        for action in command._actions:
+            if not action.option_strings or action.choices is None and not refuses(action):
+                continue
+            option = action.option_strings[0]
+            with pytest.raises(SystemExit):
+                parser.parse_args([name, option, "@bad@"])
+            err = capsys.readouterr().err
+            assert err.startswith(f"avatar-hw {name}: error: argument {option}: "), err
+            assert err.count("\n") == 1, err
+            refused += 1
+    assert refused >= 15
 
 
 def test_a_missing_daemon_names_the_option(capsys, tmp_path):
