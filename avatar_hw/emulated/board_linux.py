@@ -42,7 +42,7 @@ from ..overlay import OverlayBoard, render
 from ..shipped import board_path, shipped_file
 from . import memory_map as mm
 from .assets import board_userland
-from .build import cache_dir, replacing
+from .build import cache_dir, cached, prune, replacing
 from .devicetree import CPU_NODES
 from .initramfs import SHELL_ON_HVC0, pack_initramfs
 from .kmod import build_kmod
@@ -216,7 +216,7 @@ def build_board_dtb(*, initrd_size, bootargs=BOARD_BOOTARGS, board=None):
     overlay = board_overlay(board)
     key = hashlib.sha256((base + "\0" + overlay).encode()).hexdigest()[:16]
     out = cache_dir() / f"board-{key}.dtb"
-    if out.exists():
+    if cached(out):
         return out
     with replacing(out) as tmp:
         base_dtb, dtbo = tmp.with_suffix(".base"), tmp.with_suffix(".dtbo")   # as unique
@@ -229,6 +229,7 @@ def build_board_dtb(*, initrd_size, bootargs=BOARD_BOOTARGS, board=None):
         finally:
             base_dtb.unlink(missing_ok=True)
             dtbo.unlink(missing_ok=True)
+    prune(out.parent, "board-*.dtb")
     return out
 
 
@@ -236,18 +237,22 @@ def _pyc(source, path):
     """An unchecked-hash .pyc of ``source`` (the board's Python is 3.11, like this one),
     cached by content: compiling the userland's ~800 modules took ~8 s per board start."""
     key = hashlib.sha256(f"{sys.implementation.cache_tag}\0{path}\0".encode() + source)
-    cached = cache_dir() / "board-pyc" / f"{key.hexdigest()}.pyc"
-    try:
-        return cached.read_bytes()
-    except FileNotFoundError:
-        pass
+    out = pyc_dir() / f"{key.hexdigest()}.pyc"
+    if cached(out):
+        return out.read_bytes()
     code = compile(source, "/" + path, "exec", dont_inherit=True)
     pyc = importlib._bootstrap_external._code_to_hash_pyc(
         code, importlib.util.source_hash(source), checked=False)
-    cached.parent.mkdir(exist_ok=True)
-    with replacing(cached) as tmp:
+    with replacing(out) as tmp:
         tmp.write_bytes(pyc)
     return pyc
+
+
+def pyc_dir():
+    """The cache's board-pyc directory, created."""
+    path = cache_dir() / "board-pyc"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def _add_tree(files, root, prefix=""):
@@ -273,6 +278,8 @@ def _add_tree(files, root, prefix=""):
                     continue
                 cache = f"{os.path.dirname(rel)}/__pycache__/{name[:-3]}.cpython-311.pyc"
                 files[cache] = (pyc, 0o644)
+    if compile_pyc:     # one .pyc per source, each touched above: those of old sources go
+        prune(pyc_dir(), "*.pyc", keep=0)
 
 
 def userland_files():

@@ -2,15 +2,19 @@
 
 Outputs are cached under the avatar-hw cache directory by a hash of the
 sources and the command, so a rebuild happens only when something changed.
-``python -m avatar_hw.emulated.build`` builds the stub and prints its path.
+``cached`` and ``prune`` keep every such artifact's kind (this module's programs, the
+initramfs, the device trees, the kernel module, board mode's .pyc) from growing without
+limit. ``python -m avatar_hw.emulated.build`` builds the stub and prints its path.
 """
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -51,6 +55,58 @@ def replacing(path):
         tmp.unlink(missing_ok=True)
 
 
+KEEP = 3                # artifacts of each kind a build keeps: the most recently used
+UNUSED_FOR = 3600       # seconds: an artifact used (or made) more recently is never removed
+
+
+@contextlib.contextmanager
+def _locked(directory, how):
+    """``directory`` flock()ed (``fcntl.LOCK_SH`` or ``LOCK_EX``) for the block."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, how)
+        yield
+    finally:
+        os.close(fd)
+
+
+def cached(path):
+    """Does the cache hold the artifact ``path``? If so it is touched, its mtime now its last
+    use, so that ``prune`` keeps it: for UNUSED_FOR seconds, time for the launcher to open it.
+    Under its directory's shared lock: a prune removed it before (False: build it again) or
+    sees it used."""
+    if not path.parent.is_dir():
+        return False
+    with _locked(path.parent, fcntl.LOCK_SH):
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return False
+        except PermissionError:         # someone else's cache, read-only to us: use it
+            return path.exists()
+    return True
+
+
+def prune(directory, pattern, keep=KEEP):
+    """After a build: remove the artifacts of one kind (``pattern``, a glob in
+    ``directory``: one name with another content hash) but the ``keep`` most recently used,
+    unless used (``cached``) or made within UNUSED_FOR seconds: a launcher that chose one is
+    about to open it. (One already open stays readable after its removal.)"""
+    with _locked(directory, fcntl.LOCK_EX):
+        found = []
+        for path in directory.glob(pattern):
+            try:
+                found.append((path.stat().st_mtime, path))
+            except FileNotFoundError:
+                pass
+        found.sort(reverse=True)
+        unused_since = time.time() - UNUSED_FOR
+        for mtime, path in found[keep:]:
+            if mtime < unused_since:
+                with contextlib.suppress(OSError):      # housekeeping: never fails a build
+                    path.unlink()
+
+
 def cross_compiler():
     """The path of the aarch64 cross gcc (``AvatarError`` when it is not installed)."""
     gcc = shutil.which(CROSS + "gcc")
@@ -79,7 +135,7 @@ def build_program(name, sources, *, extra_inputs=(), link_args=(), raw=False):
     command = [*CFLAGS, *link_args]
     out = cache_dir() / f"{name}-{build_digest([*sources, *extra_inputs], command)}"
     out = out.with_suffix(".bin" if raw else ".elf")
-    if out.exists():
+    if cached(out):
         return out
     with replacing(out) as elf:
         result = subprocess.run([gcc, *command, "-o", str(elf), *map(str, sources), "-lgcc"],
@@ -90,6 +146,7 @@ def build_program(name, sources, *, extra_inputs=(), link_args=(), raw=False):
             objcopy = shutil.which(CROSS + "objcopy") or "objcopy"
             subprocess.run([objcopy, "-O", "binary", "-j", ".text", str(elf), str(elf)],
                            check=True)
+    prune(out.parent, f"{name}-*{out.suffix}")
     return out
 
 

@@ -14,7 +14,7 @@ import subprocess
 
 from ..errors import AvatarError
 from . import memory_map as mm
-from .build import cache_dir, replacing
+from .build import cache_dir, cached, prune, replacing
 
 DEFAULT_BOOTARGS = "console=hvc0 loglevel=3 rdinit=/init"
 
@@ -95,7 +95,7 @@ def build_dtb(**kwargs):
     """Compile the device tree (``device_tree_source`` arguments); returns the cached .dtb."""
     source = device_tree_source(**kwargs)
     out = cache_dir() / f"guest-{hashlib.sha256(source.encode()).hexdigest()[:16]}.dtb"
-    if out.exists():
+    if cached(out):
         return out
     if shutil.which("dtc") is None:
         raise AvatarError("dtc not found: the emulated board's device tree needs it "
@@ -108,4 +108,5 @@ def build_dtb(**kwargs):
                               f"{result.stderr.decode().strip()}")
         if tmp.stat().st_size > mm.DTB_MAX:
             raise AvatarError(f"guest device tree is larger than {mm.DTB_MAX} bytes")
+    prune(out.parent, "guest-*.dtb")
     return out

@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 
 from .assets import guest_assets
-from .build import cache_dir, replacing
+from .build import cache_dir, cached, prune, replacing
 
 # Load order (generic Debian kernel: virtio and virtio_ring are built in).
 MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "virtio-rng",
@@ -169,7 +169,7 @@ def pack_initramfs(assets, init, modules, files=None, *, name="initramfs"):
                       contents[path])
     digest.update(" ".join(DIRS).encode())
     out = cache_dir() / f"{name}-{assets.release}-{digest.hexdigest()[:16]}.cpio"
-    if out.exists():
+    if cached(out):
         return out
     dirs = set()
     for path in contents:
@@ -182,4 +182,5 @@ def pack_initramfs(assets, init, modules, files=None, *, name="initramfs"):
                 for path, data in sorted(contents.items())]
     with replacing(out) as tmp:
         write_newc(tmp, entries)
+    prune(out.parent, f"{name}-*.cpio")         # the older ones, of any kernel release
     return out

@@ -18,7 +18,7 @@ import tempfile
 from ..errors import AvatarError
 from ..shipped import shipped_file
 from .assets import guest_assets, kernel_headers
-from .build import CROSS, build_digest, cache_dir, cross_compiler, main
+from .build import CROSS, build_digest, cache_dir, cached, cross_compiler, main, prune
 
 MODULE = "avatar_uio"
 SOURCES = ("avatar_uio.c", "Kbuild")
@@ -41,7 +41,7 @@ def build_kmod(release=None, source_dir=None):
                           "(apt-get install make, or run scripts/setup)")
     sources = [source_dir / name for name in SOURCES]
     out = cache_dir() / "kmod" / f"{MODULE}-{release}-{build_digest(sources, [release, 'Werror'])}.ko"
-    if out.exists():
+    if cached(out):
         return out
     tree = kernel_headers(release)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +55,7 @@ def build_kmod(release=None, source_dir=None):
             raise AvatarError(f"building {MODULE}.ko for {release} failed:\n"
                               f"{(result.stdout + result.stderr).strip()[-3000:]}")
         os.replace(os.path.join(work, f"{MODULE}.ko"), out)
+    prune(out.parent, f"{MODULE}-*.ko")
     return out
 
 
