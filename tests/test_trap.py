@@ -209,6 +209,21 @@ def test_rescan_before_sleeping_serves_a_trap_posted_without_a_ring(page):
     assert stub.finish(0) == (abi.STATUS_OK, 0)
 
 
+def test_a_restarted_stub_rings_for_a_slot_the_dead_one_posted_without_ringing(page):
+    """A stub that died between its store of POSTED and its ring left the model asleep:
+    the next one's recover() rings, else nothing serves the slot (TrapTimeout)."""
+    stub, trap = page
+    handler = Recorder()
+    trap.serve_until_idle(handler)
+    assert stub.header.model_sleeping == 1                 # asleep on the doorbell
+    stub.begin(1, 0, VM0_DEV0, 4, False)                   # the ring is lost: ring does nothing
+    again = StubPage(stub.region, ring=lambda: trap.serve_until_idle(handler))
+    again.attach_views()
+    again.recover(timeout=1.0)
+    assert again.rings == 1 and handler.calls == [(VM0_DEV0, 0, False, 4)]
+    assert stub.region.read32(abi.SLOTS_OFFSET + abi.SLOT_SIZE) == abi.SLOT_FREE
+
+
 def test_busy_poll_keeps_model_sleeping_clear():
     region = Region(bytearray(abi.PAGE_SIZE))
     stub = StubPage(region)

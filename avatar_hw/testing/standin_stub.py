@@ -87,12 +87,25 @@ class StubPage:
             for i in range(count))
 
     def recover(self, timeout=10.0):
-        """After a stub restart: wait out slots still POSTED, free the DONE ones (the stub's)."""
-        for vcpu in range(len(self.slots)):
-            state = self.region.load_acquire32(self._state_offset(vcpu))
-            if state == abi.SLOT_POSTED:
+        """After a stub restart: wait out slots still POSTED, free the DONE ones (the stub's).
+
+        The dead stub may have died between its store of POSTED and its ring, and
+        the model, asleep, would never see that slot: a slot found POSTED is rung
+        for as ``begin`` does (fence, then ring if ``model_sleeping``). A ring the
+        dead stub did make too only costs the model an empty scan.
+        """
+        offsets = [self._state_offset(vcpu) for vcpu in range(len(self.slots))]
+        posted = [vcpu for vcpu, offset in enumerate(offsets)
+                  if self.region.load_acquire32(offset) == abi.SLOT_POSTED]
+        if posted:
+            ordering.fence()
+            if self.header.model_sleeping:
+                self.rings += 1
+                self.ring()
+        for vcpu, offset in enumerate(offsets):
+            if vcpu in posted:
                 self._wait_state(vcpu, (abi.SLOT_DONE, abi.SLOT_FREE), timeout)
-            self.region.store_release32(self._state_offset(vcpu), abi.SLOT_FREE)
+            self.region.store_release32(offset, abi.SLOT_FREE)
 
     # -- model state -----------------------------------------------------------------
 
@@ -354,6 +367,7 @@ class StandinStub:
         self._to_model = open_fifo(board.doorbell)
         self._from_model = open_fifo(board.doorbell_stub)
         self.page = StubPage(self.trap_region, ring=self._ring)
+        self._rings = 0                 # before recover(), which may ring
         if initialise:
             if not shadow:
                 features &= ~(abi.F_REGISTER_SHADOW | abi.F_STUB_ACK)
@@ -365,7 +379,6 @@ class StandinStub:
         self.rams = {vm: Region.map_file(board.node(f"avatar-vm{vm}-ram"), board.ram_size,
                                          name=f"stand-in vm{vm} RAM", phys_addr=RAM_BASE)
                      for vm in range(board.vms)}
-        self._rings = 0
 
     def _ring(self):
         from ..doorbell import ring
