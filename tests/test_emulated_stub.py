@@ -376,12 +376,13 @@ def test_a_request_made_once_the_stub_stopped_polling_sends_the_uart_byte(gap_us
             f"the guest waited in WFI for INTID 48 forever after {len(rounds)} of "
             f"{WFI_ROUNDS} rounds (UART bytes sent {line.rings}, spared {line.rings_skipped})")
         assert rounds == list(range(WFI_ROUNDS, 0, -1))
-        if gap_us:
-            # a request landing in the gap is taken as the guest resumes, possibly between
-            # the line's OR and its look ("taken already", not rung): never lost, above
-            assert line.rings + line.rings_skipped == WFI_ROUNDS
-        else:
-            assert (line.rings, line.rings_skipped) == (WFI_ROUNDS, 0)
+        # A request landing after the count is taken as the guest resumes, possibly between
+        # the line's OR and its look ("taken already", not rung): never lost, above. With
+        # the gap it mostly does; without it only when the host preempts the vCPU between
+        # the count and before_guest_resumes' take.
+        assert line.rings + line.rings_skipped == WFI_ROUNDS
+        if not gap_us:
+            assert line.rings >= 1, trap.vm_counters(0)
         counters = trap.vm_counters(0)
         assert counters["wfi_ran_out"] >= 1 and counters["wfi_caught"] == 0, counters
         del trap
