@@ -19,7 +19,7 @@ import serial
 from avatar_hw.backends.console import DEFAULT_LOG_SIZE, ConsoleBackend, open_console_backend
 from avatar_hw.devices import console as con
 from avatar_hw.devices.console import ConsoleDevice
-from avatar_hw.endpoints import open_endpoint, pyserial_url, server
+from avatar_hw.endpoints import open_endpoint, pyserial_url, server, tcp
 from avatar_hw.errors import ConfigError
 from avatar_hw.loop import EventLoop
 from avatar_hw.testing.virtio import RAM_BASE, VirtioBench
@@ -712,9 +712,11 @@ def test_output_logged_before_a_pyserial_socket_client_came_reaches_it(loop, mon
     """pyserial's socket:// open (labgrid's NetworkSerialPort, ``protocol: raw``) empties
     its input right after connecting: the log sent at the accept was lost whenever the
     client's Python was slower than the daemon, as here (a client held 50 ms in its open,
-    as a loaded machine does). The endpoint's first output waits ``OPENER_HOLD_S``."""
+    as a loaded machine does). The endpoint's first output waits ``OPENER_HOLD_S``: 3 s
+    here, not 0.25 s, so that a stall of this test's client does not outlast it."""
     from serial.urlhandler import protocol_socket
 
+    monkeypatch.setattr(tcp, "OPENER_HOLD_S", 3.0)     # read by open_url
     ep = open_endpoint("tcp:127.0.0.1:0")
     b = VirtioBench(ConsoleDevice(ConsoleBackend([ep])), loop=loop, ram_size=4 << 20)
     rx, tx = b.driver.init([0, 1])
@@ -736,7 +738,7 @@ def test_output_logged_before_a_pyserial_socket_client_came_reaches_it(loop, mon
         loop.run_once(0.005)
     port, got = opened["port"], b""
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while b"\n" not in got and time.monotonic() < deadline:
             loop.run_once(0.01)
             got += port.read(100)
