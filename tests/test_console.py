@@ -159,10 +159,15 @@ def test_receive_buffer_without_writable_part_is_returned(console):
     assert [u.length for u in rx.get_used()] == [0]
 
 
-def read_all(client, loop, want, rounds=100):
+def read_all(client, loop, want, rounds=100, timeout=None):
+    """What ``client`` receives in ``rounds`` turns of the loop, or for ``timeout`` s if
+    given, until ``want`` bytes came."""
     got = b""
     client.setblocking(False)
-    for _ in range(rounds):
+    deadline = None if timeout is None else time.monotonic() + timeout
+    turn = 0
+    while turn < rounds if deadline is None else time.monotonic() < deadline:
+        turn += 1
         loop.run_once(0.01)
         try:
             got += client.recv(65536)
@@ -683,9 +688,12 @@ def test_tcp_endpoint_on_loopback(loop):
     b.subsystem.close()
 
 
-def test_output_printed_while_a_new_client_is_held_reaches_it_and_comes_back(loop):
+def test_output_printed_while_a_new_client_is_held_reaches_it_and_comes_back(loop,
+                                                                             monkeypatch):
     """What the guest prints during a new client's hold (``OPENER_HOLD_S``) is sent when the
-    hold ends, and the guest's buffers come back then, with nothing else happening."""
+    hold ends, and the guest's buffers come back then, with nothing else happening. The
+    hold is 2 s here, not 0.25 s, so that it still holds when the test looks."""
+    monkeypatch.setattr(tcp, "OPENER_HOLD_S", 2.0)     # read by open_url
     ep = open_endpoint("tcp:127.0.0.1:0")
     b = VirtioBench(ConsoleDevice(ConsoleBackend([ep])), loop=loop, ram_size=4 << 20)
     rx, tx = b.driver.init([0, 1])
@@ -698,7 +706,7 @@ def test_output_printed_while_a_new_client_is_held_reaches_it_and_comes_back(loo
     loop.run_once(0)
     assert not tx.get_used()                              # held for this client
     try:
-        assert read_all(client, loop, 15) == b"during the hold"
+        assert read_all(client, loop, 15, timeout=10) == b"during the hold"
         deadline = time.monotonic() + 10
         while not tx.get_used():
             assert time.monotonic() < deadline, "the buffer never came back"
