@@ -395,7 +395,7 @@ class GuestStream:
 
     def __init__(self, stub, chunk=1000):
         self.stub = stub
-        self.driver = stub.driver(0, posted_writes=True, timeout=3)
+        self.driver = stub.driver(0, posted_writes=True, timeout=30)    # a loaded daemon
         self.rx, self.tx = self.driver.init([0, 1])
         self.chunk = chunk
         self.sent = 0
@@ -419,7 +419,9 @@ class GuestStream:
 
 
 def stream_until_killed(daemon, stream):
-    """Stream until the daemon, SIGKILLed after 0.5 s, stops answering; count the last used."""
+    """Stream until the daemon, SIGKILLed after 0.5 s, stops answering (the trap that waits
+    once its process is gone); count the last used."""
+    stream.stub.page.model_alive = lambda: daemon.process.poll() is None
     killer = threading.Timer(0.5, daemon.process.kill)
     killer.start()
     with pytest.raises(TrapTimeout):
@@ -486,7 +488,8 @@ def test_sigkill_of_the_daemon_mid_input_keeps_what_the_guest_got_exact(board, s
     daemon = Served(board, console_config(board, vms=(0,)))
     try:
         stub.page.wait_attached()
-        driver = stub.driver(0, timeout=3)
+        driver = stub.driver(0, timeout=30)                  # a loaded daemon
+        stub.page.model_alive = lambda: daemon.process.poll() is None   # the kill: at once
         rx, _ = driver.init([0, 1])
         for _ in range(64):
             rx.post(writable=[512])

@@ -50,6 +50,9 @@ class StubPage:
         self.acks_taken = 0          # InterruptACKs taken here (AVT_F_STUB_ACK)
         self._seq = 0
         self.rings = 0
+        # A test's look at the model's process (``lambda: process.poll() is None``): once it
+        # says gone, a wait raises TrapTimeout at once instead of after its timeout.
+        self.model_alive = None
 
     def initialise(self, slot_count, *, features=None, shadow_count=0,
                    counter_hz=1_000_000_000, major=abi.ABI_MAJOR, minor=abi.ABI_MINOR,
@@ -202,13 +205,16 @@ class StubPage:
 
     def _wait_state(self, vcpu, states, timeout, give_up=None):
         """Spin, then sleep briefly, until slot ``vcpu`` is in ``states`` (True), or
-        ``give_up()`` (False); ``TrapTimeout`` after ``timeout`` s.
+        ``give_up()`` (False); ``TrapTimeout`` after ``timeout`` s, or at once when
+        ``model_alive()`` says the model's process is gone.
 
         Once ``give_up()`` (the model detached, a load-acquire of ``model_state``) the
         state is loaded once more: the model may have answered between the last load
-        and its DETACHED, and that answer, ordered before DETACHED, is seen now."""
+        and its DETACHED, and that answer, ordered before DETACHED, is seen now (and so
+        for an answer the model gave just before it died)."""
         offset = self._state_offset(vcpu)
         load = self.region.load_acquire32
+        alive = self.model_alive
         deadline = None
         spins = 0
         while (state := load(offset)) not in states:
@@ -217,6 +223,10 @@ class StubPage:
                 continue
             if give_up is not None and give_up():
                 return load(offset) in states
+            if alive is not None and not alive():
+                if load(offset) in states:
+                    return True
+                raise TrapTimeout(f"slot {vcpu}: state {state}, the model's process is gone")
             if deadline is None:
                 deadline = time.monotonic() + timeout
             elif time.monotonic() > deadline:
