@@ -703,7 +703,7 @@ def test_sigkill_of_the_daemon_after_a_flush_loses_no_acknowledged_write(tmp_pat
     daemon = subprocess.Popen(board.serve_argv(config), stdout=log, stderr=subprocess.STDOUT)
     try:
         stub.page.wait_attached()
-        driver = stub.driver(0, posted_writes=True, timeout=3)
+        driver = stub.driver(0, posted_writes=True, timeout=30)    # a flush is an fdatasync
         q, = driver.init([0], buf_size=4096)
         chunk = 16 << 10
         requests, acked, flushed_upto = {}, [], -1

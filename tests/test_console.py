@@ -19,7 +19,7 @@ import serial
 from avatar_hw.backends.console import DEFAULT_LOG_SIZE, ConsoleBackend, open_console_backend
 from avatar_hw.devices import console as con
 from avatar_hw.devices.console import ConsoleDevice
-from avatar_hw.endpoints import open_endpoint, pyserial_url, server
+from avatar_hw.endpoints import open_endpoint, pyserial_url, server, tcp
 from avatar_hw.errors import ConfigError
 from avatar_hw.loop import EventLoop
 from avatar_hw.testing.virtio import RAM_BASE, VirtioBench
@@ -159,10 +159,15 @@ def test_receive_buffer_without_writable_part_is_returned(console):
     assert [u.length for u in rx.get_used()] == [0]
 
 
-def read_all(client, loop, want, rounds=100):
+def read_all(client, loop, want, rounds=100, timeout=None):
+    """What ``client`` receives in ``rounds`` turns of the loop, or for ``timeout`` s if
+    given, until ``want`` bytes came."""
     got = b""
     client.setblocking(False)
-    for _ in range(rounds):
+    deadline = None if timeout is None else time.monotonic() + timeout
+    turn = 0
+    while turn < rounds if deadline is None else time.monotonic() < deadline:
+        turn += 1
         loop.run_once(0.01)
         try:
             got += client.recv(65536)
@@ -652,11 +657,9 @@ def test_pty_endpoint_with_stable_symlink(tmp_path, loop):
         rx.post(writable=[64])
         rx.notify()
         os.write(fd, b"root\n")
-        for _ in range(20):
+        deadline = time.monotonic() + 10            # through the tty's work queue
+        while not (used := rx.get_used()) and time.monotonic() < deadline:
             loop.run_once(0.01)
-            used = rx.get_used()
-            if used:
-                break
         assert [u.data for u in used] == [b"root\n"]
     finally:
         os.close(fd)
@@ -683,9 +686,12 @@ def test_tcp_endpoint_on_loopback(loop):
     b.subsystem.close()
 
 
-def test_output_printed_while_a_new_client_is_held_reaches_it_and_comes_back(loop):
+def test_output_printed_while_a_new_client_is_held_reaches_it_and_comes_back(loop,
+                                                                             monkeypatch):
     """What the guest prints during a new client's hold (``OPENER_HOLD_S``) is sent when the
-    hold ends, and the guest's buffers come back then, with nothing else happening."""
+    hold ends, and the guest's buffers come back then, with nothing else happening. The
+    hold is 2 s here, not 0.25 s, so that it still holds when the test looks."""
+    monkeypatch.setattr(tcp, "OPENER_HOLD_S", 2.0)     # read by open_url
     ep = open_endpoint("tcp:127.0.0.1:0")
     b = VirtioBench(ConsoleDevice(ConsoleBackend([ep])), loop=loop, ram_size=4 << 20)
     rx, tx = b.driver.init([0, 1])
@@ -698,7 +704,7 @@ def test_output_printed_while_a_new_client_is_held_reaches_it_and_comes_back(loo
     loop.run_once(0)
     assert not tx.get_used()                              # held for this client
     try:
-        assert read_all(client, loop, 15) == b"during the hold"
+        assert read_all(client, loop, 15, timeout=10) == b"during the hold"
         deadline = time.monotonic() + 10
         while not tx.get_used():
             assert time.monotonic() < deadline, "the buffer never came back"
@@ -712,9 +718,11 @@ def test_output_logged_before_a_pyserial_socket_client_came_reaches_it(loop, mon
     """pyserial's socket:// open (labgrid's NetworkSerialPort, ``protocol: raw``) empties
     its input right after connecting: the log sent at the accept was lost whenever the
     client's Python was slower than the daemon, as here (a client held 50 ms in its open,
-    as a loaded machine does). The endpoint's first output waits ``OPENER_HOLD_S``."""
+    as a loaded machine does). The endpoint's first output waits ``OPENER_HOLD_S``: 3 s
+    here, not 0.25 s, so that a stall of this test's client does not outlast it."""
     from serial.urlhandler import protocol_socket
 
+    monkeypatch.setattr(tcp, "OPENER_HOLD_S", 3.0)     # read by open_url
     ep = open_endpoint("tcp:127.0.0.1:0")
     b = VirtioBench(ConsoleDevice(ConsoleBackend([ep])), loop=loop, ram_size=4 << 20)
     rx, tx = b.driver.init([0, 1])
@@ -736,7 +744,7 @@ def test_output_logged_before_a_pyserial_socket_client_came_reaches_it(loop, mon
         loop.run_once(0.005)
     port, got = opened["port"], b""
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while b"\n" not in got and time.monotonic() < deadline:
             loop.run_once(0.01)
             got += port.read(100)

@@ -10,6 +10,7 @@ import pytest
 
 from avatar_hw.devices.console import ConsoleDevice
 from avatar_hw.endpoints import pyserial_url
+from avatar_hw.endpoints import pty
 from avatar_hw.endpoints.pty import PtyEndpoint
 from avatar_hw.errors import ConfigError
 from avatar_hw.loop import EventLoop
@@ -152,10 +153,13 @@ def test_a_later_opener_gets_the_log_first_then_the_live_output(con):
         os.close(fd)
 
 
-def test_an_opener_that_flushes_its_input_after_setting_up_still_gets_the_log(con):
+def test_an_opener_that_flushes_its_input_after_setting_up_still_gets_the_log(con,
+                                                                             monkeypatch):
     """pyserial's ``open()``, as many terminal programs, sets the terminal up and then
     flushes its input: output sent when the open was seen went with it. A look sees the
-    open within 20 ms here; this opener flushes 100 ms after its open (a loaded machine)."""
+    open within 20 ms here; this opener flushes 100 ms after its open (a loaded machine).
+    The hold is 5 s here, not 0.25 s, so that a stall of the test does not outlast it."""
+    monkeypatch.setattr(pty, "OPENER_HOLD_S", 5.0)
     out = lines(0, 100)
     con.print(out)
     con.until(con.all_back, "transmit buffers back")
@@ -171,16 +175,18 @@ def test_an_opener_that_flushes_its_input_after_setting_up_still_gets_the_log(co
         os.close(fd)
 
 
-def test_a_second_opener_that_flushes_its_input_still_gets_what_follows_its_open(con):
+def test_a_second_opener_that_flushes_its_input_still_gets_what_follows_its_open(con,
+                                                                                monkeypatch):
     """A program opening the pty while another has it open gets the hold a first opener gets:
     what the guest prints as it opens is sent after its flush (100 ms after the open here),
-    not into it. The first program reads nothing meanwhile (or would share the bytes)."""
+    not into it. The first program reads nothing meanwhile (or would share the bytes).
+    The hold is 5 s here, as above."""
     first = con.open()
+    monkeypatch.setattr(pty, "OPENER_HOLD_S", 5.0)
     try:
         second = os.open(con.link, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         try:
-            for _ in range(3):
-                con.loop.run_once(0.01)             # the open seen (inotify)
+            con.until(lambda: con.pty._held is not None, "hold after the second open (inotify)")
             con.print(b"after the second open\n")
             deadline = time.monotonic() + 0.1
             while time.monotonic() < deadline:

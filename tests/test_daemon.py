@@ -395,7 +395,7 @@ class GuestStream:
 
     def __init__(self, stub, chunk=1000):
         self.stub = stub
-        self.driver = stub.driver(0, posted_writes=True, timeout=3)
+        self.driver = stub.driver(0, posted_writes=True, timeout=30)    # a loaded daemon
         self.rx, self.tx = self.driver.init([0, 1])
         self.chunk = chunk
         self.sent = 0
@@ -418,10 +418,25 @@ class GuestStream:
         self.acked += sum(seg[1] for used in self.tx.get_used() for seg in used.segments)
 
 
-def stream_until_killed(daemon, stream):
-    """Stream until the daemon, SIGKILLed after 0.5 s, stops answering; count the last used."""
-    killer = threading.Timer(0.5, daemon.process.kill)
+def kill_when(daemon, condition, timeout=60):
+    """SIGKILL the daemon from a thread of its own once ``condition()`` (a count the test's
+    main thread moves: the kill comes at no particular point of its work), or after
+    ``timeout`` s (the test's assertions then say what never came); the thread."""
+    def kill():
+        deadline = time.monotonic() + timeout
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        daemon.process.kill()
+    killer = threading.Thread(target=kill, daemon=True)
     killer.start()
+    return killer
+
+
+def stream_until_killed(daemon, stream, when=None):
+    """Stream until the daemon, SIGKILLed once ``when()`` (default: 64 KiB acknowledged),
+    stops answering (the trap that waits once its process is gone); count the last used."""
+    stream.stub.page.model_alive = lambda: daemon.process.poll() is None
+    killer = kill_when(daemon, when or (lambda: stream.acked >= 64 << 10))
     with pytest.raises(TrapTimeout):
         while True:
             stream.step()
@@ -469,7 +484,8 @@ def test_sigkill_with_a_stalled_socket_client_loses_no_acknowledged_byte(board, 
         client.connect(str(board.root / "vm0.sock"))
         client.settimeout(10)
         stream = GuestStream(stub)
-        stream_until_killed(daemon, stream)
+        # killed once the guest has no transmit buffer left (the client's stall does that)
+        stream_until_killed(daemon, stream, lambda: stream.acked and not stream.tx.free)
         assert 0 < stream.acked < stream.sent          # the client stalled the guest
         received = bytearray()
         while chunk := client.recv(1 << 20):           # EOF: the daemon's end is gone
@@ -486,7 +502,8 @@ def test_sigkill_of_the_daemon_mid_input_keeps_what_the_guest_got_exact(board, s
     daemon = Served(board, console_config(board, vms=(0,)))
     try:
         stub.page.wait_attached()
-        driver = stub.driver(0, timeout=3)
+        driver = stub.driver(0, timeout=30)                  # a loaded daemon
+        stub.page.model_alive = lambda: daemon.process.poll() is None   # the kill: at once
         rx, _ = driver.init([0, 1])
         for _ in range(64):
             rx.post(writable=[512])
@@ -495,8 +512,7 @@ def test_sigkill_of_the_daemon_mid_input_keeps_what_the_guest_got_exact(board, s
         writer = threading.Thread(target=lambda: _send_until_closed(client), daemon=True)
         writer.start()
         received = bytearray()
-        killer = threading.Timer(0.5, daemon.process.kill)
-        killer.start()
+        killer = kill_when(daemon, lambda: len(received) >= 32 << 10)
         with pytest.raises(TrapTimeout):
             while True:
                 stub.wait_irqs(0.2)

@@ -331,8 +331,10 @@ def test_fault_inject_console_stall_holds_output_then_delivers_all(tmp_path, loo
     try:
         faults = FaultInjector(con.bench.subsystem, loop)
         _rx, tx = con.driver.init([0, 1])
-        # Cleared: a stall far longer than the test, so only the clear can end it.
-        seconds = 600 if clear else 0.3
+        # Cleared: a stall far longer than the test, so only the clear can end it. Not
+        # cleared: long enough that it still stalls when the look below ends on a loaded
+        # machine (the look takes 0.1 s; 0.3 s failed behind a 0.2 s stall of the test).
+        seconds = 600 if clear else 2
         faults.inject(0, 0, "stall", seconds=seconds)
         start = time.monotonic()
         tx.post(readable=[b"held "])

@@ -12,7 +12,7 @@ import pytest
 from avatar_hw import abi, wait
 from avatar_hw.hw.region import Region
 from avatar_hw.layout import Layout
-from avatar_hw.testing.standin_stub import StubPage
+from avatar_hw.testing.standin_stub import StubPage, TrapTimeout
 from avatar_hw.trap import (FAIR_WINDOW_NS, MAX_TRAPS_PER_CALL, POLL_CHECK_SCANS, StubNotReady,
                              TrapPage)
 from avatar_hw.wait import ADAPTIVE, BUSY_POLL, PollWindow
@@ -207,6 +207,35 @@ def test_rescan_before_sleeping_serves_a_trap_posted_without_a_ring(page):
     trap.serve_until_idle(handler)
     assert stub.rings == 0
     assert stub.finish(0) == (abi.STATUS_OK, 0)
+
+
+def test_a_restarted_stub_rings_for_a_slot_the_dead_one_posted_without_ringing(page):
+    """A stub that died between its store of POSTED and its ring left the model asleep:
+    the next one's recover() rings, else nothing serves the slot (TrapTimeout)."""
+    stub, trap = page
+    handler = Recorder()
+    trap.serve_until_idle(handler)
+    assert stub.header.model_sleeping == 1                 # asleep on the doorbell
+    stub.begin(1, 0, VM0_DEV0, 4, False)                   # the ring is lost: ring does nothing
+    again = StubPage(stub.region, ring=lambda: trap.serve_until_idle(handler))
+    again.attach_views()
+    again.recover(timeout=1.0)
+    assert again.rings == 1 and handler.calls == [(VM0_DEV0, 0, False, 4)]
+    assert stub.region.read32(abi.SLOTS_OFFSET + abi.SLOT_SIZE) == abi.SLOT_FREE
+
+
+def test_a_wait_ends_once_the_model_s_process_is_gone_and_takes_an_answer_given_before(page):
+    """``StubPage.model_alive`` (tests against a daemon they kill): a wait with a 30 s
+    timeout raises TrapTimeout as soon as it says gone; an answer already given is taken."""
+    stub, trap = page
+    stub.model_alive = lambda: False
+    stub.begin(0, 0, VM0_DEV0, 4, False)
+    with pytest.raises(TrapTimeout, match="process is gone"):
+        stub.finish(0, timeout=30)
+    stub.region.store_release32(abi.SLOTS_OFFSET, abi.SLOT_FREE)
+    stub.begin(0, 0, VM0_DEV0, 4, False)
+    trap.serve_until_idle(Recorder())
+    assert stub.finish(0, timeout=30) == (abi.STATUS_OK, 0)
 
 
 def test_busy_poll_keeps_model_sleeping_clear():

@@ -50,6 +50,9 @@ class StubPage:
         self.acks_taken = 0          # InterruptACKs taken here (AVT_F_STUB_ACK)
         self._seq = 0
         self.rings = 0
+        # A test's look at the model's process (``lambda: process.poll() is None``): once it
+        # says gone, a wait raises TrapTimeout at once instead of after its timeout.
+        self.model_alive = None
 
     def initialise(self, slot_count, *, features=None, shadow_count=0,
                    counter_hz=1_000_000_000, major=abi.ABI_MAJOR, minor=abi.ABI_MINOR,
@@ -87,12 +90,25 @@ class StubPage:
             for i in range(count))
 
     def recover(self, timeout=10.0):
-        """After a stub restart: wait out slots still POSTED, free the DONE ones (the stub's)."""
-        for vcpu in range(len(self.slots)):
-            state = self.region.load_acquire32(self._state_offset(vcpu))
-            if state == abi.SLOT_POSTED:
+        """After a stub restart: wait out slots still POSTED, free the DONE ones (the stub's).
+
+        The dead stub may have died between its store of POSTED and its ring, and
+        the model, asleep, would never see that slot: a slot found POSTED is rung
+        for as ``begin`` does (fence, then ring if ``model_sleeping``). A ring the
+        dead stub did make too only costs the model an empty scan.
+        """
+        offsets = [self._state_offset(vcpu) for vcpu in range(len(self.slots))]
+        posted = [vcpu for vcpu, offset in enumerate(offsets)
+                  if self.region.load_acquire32(offset) == abi.SLOT_POSTED]
+        if posted:
+            ordering.fence()
+            if self.header.model_sleeping:
+                self.rings += 1
+                self.ring()
+        for vcpu, offset in enumerate(offsets):
+            if vcpu in posted:
                 self._wait_state(vcpu, (abi.SLOT_DONE, abi.SLOT_FREE), timeout)
-            self.region.store_release32(self._state_offset(vcpu), abi.SLOT_FREE)
+            self.region.store_release32(offset, abi.SLOT_FREE)
 
     # -- model state -----------------------------------------------------------------
 
@@ -189,13 +205,16 @@ class StubPage:
 
     def _wait_state(self, vcpu, states, timeout, give_up=None):
         """Spin, then sleep briefly, until slot ``vcpu`` is in ``states`` (True), or
-        ``give_up()`` (False); ``TrapTimeout`` after ``timeout`` s.
+        ``give_up()`` (False); ``TrapTimeout`` after ``timeout`` s, or at once when
+        ``model_alive()`` says the model's process is gone.
 
         Once ``give_up()`` (the model detached, a load-acquire of ``model_state``) the
         state is loaded once more: the model may have answered between the last load
-        and its DETACHED, and that answer, ordered before DETACHED, is seen now."""
+        and its DETACHED, and that answer, ordered before DETACHED, is seen now (and so
+        for an answer the model gave just before it died)."""
         offset = self._state_offset(vcpu)
         load = self.region.load_acquire32
+        alive = self.model_alive
         deadline = None
         spins = 0
         while (state := load(offset)) not in states:
@@ -204,6 +223,10 @@ class StubPage:
                 continue
             if give_up is not None and give_up():
                 return load(offset) in states
+            if alive is not None and not alive():
+                if load(offset) in states:
+                    return True
+                raise TrapTimeout(f"slot {vcpu}: state {state}, the model's process is gone")
             if deadline is None:
                 deadline = time.monotonic() + timeout
             elif time.monotonic() > deadline:
@@ -354,6 +377,7 @@ class StandinStub:
         self._to_model = open_fifo(board.doorbell)
         self._from_model = open_fifo(board.doorbell_stub)
         self.page = StubPage(self.trap_region, ring=self._ring)
+        self._rings = 0                 # before recover(), which may ring
         if initialise:
             if not shadow:
                 features &= ~(abi.F_REGISTER_SHADOW | abi.F_STUB_ACK)
@@ -365,7 +389,6 @@ class StandinStub:
         self.rams = {vm: Region.map_file(board.node(f"avatar-vm{vm}-ram"), board.ram_size,
                                          name=f"stand-in vm{vm} RAM", phys_addr=RAM_BASE)
                      for vm in range(board.vms)}
-        self._rings = 0
 
     def _ring(self):
         from ..doorbell import ring
