@@ -320,6 +320,22 @@ def test_fault_inject_net_delay_holds_a_bounded_number_of_frames(nics, loop, mon
     assert a.device.counters["tx_dropped"] == 3
 
 
+
+def test_fault_inject_net_delayed_frames_die_with_their_device(nics, loop, caplog):
+    """A device destroyed (``destroy_device``) while a delay fault holds frames: their
+    timers go with it, not fire later into its closed backend (an internal error, and
+    DEVICE_NEEDS_RESET for a device that is gone)."""
+    a, b = nics
+    b.post_rx(4)
+    a.faults.inject(0, 0, "delay", ms=20, count=1)
+    a.send(*frames(1))
+    a.bench.subsystem.close()
+    start = time.monotonic()
+    while time.monotonic() - start < 0.2:
+        loop.run_once(0.05)
+    assert a.device.counters["errors"] == 0 and b.received() == []
+    assert not [r for r in caplog.records if "internal error" in r.getMessage()]
+
 # -- console --------------------------------------------------------------------------------------
 
 from test_console import Console  # noqa: E402

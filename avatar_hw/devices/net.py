@@ -128,6 +128,7 @@ class NetDevice(VirtioDevice):
         self._mergeable = False
         self._tx_waiting = None               # the transmit chain the backend was busy for
         self._delayed = self._delayed_bytes = 0   # frames a delay fault holds, their bytes
+        self._delay_timers = {}               # their timers (cancelled when detached)
         self._delay_full_log = RateLimitedLog(log)
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -158,6 +159,10 @@ class NetDevice(VirtioDevice):
 
     def detach(self):
         self.backend.close()
+        for handle in self._delay_timers.values():   # their frames have no backend now
+            self.loop.cancel(handle)
+        self._delay_timers.clear()
+        self._delayed = self._delayed_bytes = 0
         super().detach()
 
     def activate(self):
@@ -277,9 +282,12 @@ class NetDevice(VirtioDevice):
         else:
             self._delayed += 1
             self._delayed_bytes += length
-            self.loop.call_later(fault.options["ms"] / 1000, lambda: self._send_delayed(frame))
+            key = object()
+            self._delay_timers[key] = self.loop.call_later(
+                fault.options["ms"] / 1000, lambda: self._send_delayed(key, frame))
 
-    def _send_delayed(self, frame):
+    def _send_delayed(self, key, frame):
+        del self._delay_timers[key]
         self._delayed -= 1
         self._delayed_bytes -= len(frame)
         self._send_copy(frame)
