@@ -89,11 +89,17 @@ def test_fault_inject_irq_delay_raises_later_through_the_loop(board):
     assert board.device.context.interrupt_status & 1
 
 
-def test_fault_inject_a_delayed_interrupt_is_not_raised_after_a_reset(board):
+@pytest.mark.parametrize("end", ["reset", "destroy"])
+def test_fault_inject_a_delayed_interrupt_is_not_raised_after_a_reset(board, end):
+    """Nor after the device was removed (``destroy_device``: the VM's teardown): its INTID
+    may be another device's by then."""
     board.bench.irq.take()
     board.faults.inject(0, 0, "irq-delay", ms=20, count=1)
     board.request(blk.T_IN, 0, read=512)
-    board.driver.reset()
+    if end == "reset":
+        board.driver.reset()
+    else:
+        board.bench.subsystem.destroy_device(0, 0)
     time.sleep(0.05)
     board.loop.run_once(0)
     assert board.bench.irq.take() == [] and board.device.context.interrupt_status == 0

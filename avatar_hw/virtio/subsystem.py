@@ -122,11 +122,11 @@ class Subsystem:
         counts = self._destroyed.setdefault(vm_id, [0, 0])     # the VM's totals keep them
         counts[0] += self._mistakes(transport)
         counts[1] += transport.context.idle_traps
-        number = self.layout.window_number(vm_id, slot)
-        self._by_window[number] = None
+        transport.close()       # reset first: nothing it held (chains, a delayed interrupt)
+        number = self.layout.window_number(vm_id, slot)     # outlives it; its shadow
+        self._by_window[number] = None                      # page is cleared after that
         if self.shadows is not None:
             self.shadows.clear(number)
-        transport.device.detach()
 
     def configure_vm(self, vm_id, console=None, block=None, net=None):
         """The seed's ``virtio_configure_vm``: add the given devices in slot order.
