@@ -426,6 +426,26 @@ def test_guest_shutdown_send_half_closes_the_socket(tmp_path, loop):
     assert g.device.counters["bad_packets"] == 1
 
 
+def test_guest_shutdown_rcv_makes_the_host_writer_fail_instead_of_block(tmp_path, loop):
+    """Once the guest will read no more, the host writer gets EPIPE (a Linux vsock
+    peer's send() does too) instead of blocking for ever in a full socket."""
+    g = Guest(tmp_path, loop)
+    client, host_port = g.established()
+    g.send(5000, host_port, OP_SHUTDOWN, flags=SHUTDOWN_RCV)
+    g.spin()
+    client.setblocking(False)
+    with pytest.raises(BrokenPipeError):
+        for _ in range(200):
+            try:
+                client.send(b"x" * 65536)
+            except BlockingIOError:
+                g.spin(2)
+    assert g.packets() == [] and (host_port, 5000) in g.device.conns
+    g.send(5000, host_port, OP_RW, b"guest -> host still flows")
+    client.settimeout(2)
+    assert client.recv(100) == b"guest -> host still flows"
+
+
 def test_guest_rst_closes_the_client(tmp_path, loop):
     g = Guest(tmp_path, loop)
     client, host_port = g.established()

@@ -180,8 +180,15 @@ class Stream:
             return False
 
     def shutdown_write(self):
+        self._shutdown(socket.SHUT_WR)
+
+    def shutdown_read(self):
+        """No more reading: the peer's writes fail (EPIPE) instead of blocking for ever."""
+        self._shutdown(socket.SHUT_RD)
+
+    def _shutdown(self, how):
         try:
-            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.shutdown(how)
         except OSError:
             pass
 

@@ -232,6 +232,8 @@ class VsockDevice(Connections, VirtioDevice):
             self._established(conn)
         elif op == OP_SHUTDOWN:
             conn.guest_shut |= flags & (SHUTDOWN_RCV | SHUTDOWN_SEND)
+            if conn.guest_shut & SHUTDOWN_RCV:    # the host writer gets EPIPE, as a
+                conn.stream.shutdown_read()       # Linux peer's send() would
             self._update_reader(conn)
             self._drained(conn)
         elif op == OP_CREDIT_REQUEST:

@@ -17,7 +17,8 @@ last header: with no credit (or no receive buffers) it stops reading the
 Unix socket, so the host writer blocks in its socket.
 
 Shutdown: the guest's SHUTDOWN SEND half-closes the Unix socket once the
-FIFO is empty; SHUTDOWN RCV stops reading it; with both flags the device
+FIFO is empty; SHUTDOWN RCV stops reading it and shuts its reading side (the host
+writer gets EPIPE, as a Linux vsock peer's send() does); with both flags the device
 answers RST once the FIFO is empty and closes the socket. End of stream on
 the Unix socket sends SHUTDOWN SEND to the guest; an error on it, RST.
 Control packets to the guest wait (at most ``4 * max_connections + 64``;
