@@ -446,6 +446,20 @@ def test_guest_shutdown_rcv_makes_the_host_writer_fail_instead_of_block(tmp_path
     assert client.recv(100) == b"guest -> host still flows"
 
 
+@pytest.mark.parametrize("op", [OP_SHUTDOWN, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_RW])
+def test_anything_but_response_to_a_request_resets_it(tmp_path, loop, op):
+    """Before its RESPONSE the guest may only answer RESPONSE or RST (Linux's
+    virtio_transport_recv_connecting resets on anything else): the host client is
+    closed without an OK line, not half-closed or answered a credit update."""
+    g = Guest(tmp_path, loop)
+    g.give_rx(8)
+    client, hdr = g.host_connect(5000)
+    g.send(5000, hdr[2], op, b"x" if op == OP_RW else b"", flags=SHUTDOWN_SEND)
+    assert ops(g.packets()) == [OP_RST] and not g.device.conns
+    assert closed(client)
+    assert g.device.counters["bad_packets"] == 1
+
+
 def test_guest_rst_closes_the_client(tmp_path, loop):
     g = Guest(tmp_path, loop)
     client, host_port = g.established()

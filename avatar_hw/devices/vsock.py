@@ -16,7 +16,9 @@ What the device checks in each packet from the guest (tx queue), and answers:
   payload on anything but RW, RW before the connection is established or
   after the guest shut its sending side, more payload than the credit the
   device gave: RST (the last four also counted as ``bad_packets``);
-* a packet for no connection: RST (unless it is an RST);
+* a packet for no connection: RST (unless it is an RST); anything but RESPONSE (or
+  RST) on a connection the device asked for and the guest did not accept yet: RST,
+  counted as ``bad_packets``, as Linux does;
 * REQUEST beyond ``max_connections``, or to a host port nobody listens on:
   RST.
 
@@ -216,6 +218,11 @@ class VsockDevice(Connections, VirtioDevice):
             return
         if conn is None or conn.state == GREETING:
             self._queue_rst(dst_port, src_port)
+            return
+        if conn.state == CONNECTING and op != OP_RESPONSE:   # as Linux's recv_connecting
+            self._bad("op %d on connection %d:%d that is connecting; reset", op, dst_port,
+                      src_port)
+            self._reset(conn)
             return
         conn.peer_buf_alloc, conn.peer_fwd_cnt = buf_alloc, fwd_cnt
         if length and op != OP_RW:
