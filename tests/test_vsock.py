@@ -469,6 +469,38 @@ def test_guest_rst_closes_the_client(tmp_path, loop):
     assert g.packets() == []                                  # no answer to an RST
 
 
+def test_guest_bytes_taken_before_its_rst_still_reach_a_slow_host_reader(tmp_path, loop):
+    """Linux's close sends SHUTDOWN, and RST 8 s later if the host has not answered: a
+    host reader slower than that once got a clean end of stream after part of what the
+    device had taken within its credit (the rest, in its FIFO, was dropped). Now the FIFO
+    still goes to the socket, the connection off the table but counted, then the end."""
+    g = Guest(tmp_path, loop, max_connections=1)
+    client, host_port = g.established()
+    data = os.urandom(256 << 10)                            # the credit, no more
+    for i in range(0, len(data), PAYLOAD):
+        g.send(5000, host_port, OP_RW, data[i:i + PAYLOAD])
+    assert next(iter(g.device.conns.values())).stream.pending     # the socket is full
+    g.packets()                                             # its credit updates
+    g.send(5000, host_port, OP_SHUTDOWN, flags=SHUTDOWN_SEND | SHUTDOWN_RCV)
+    g.send(5000, host_port, OP_RST)                         # the guest's close timed out
+    assert g.packets() == [] and not g.device.conns
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(f"{g.path}_1")
+    server.listen(1)
+    g.send(5001, 1, OP_REQUEST)                             # its slot is still taken
+    assert ops(g.packets()) == [OP_RST]
+    client.settimeout(2)
+    got = b""
+    while True:
+        chunk = client.recv(65536)
+        g.spin(2)
+        if not chunk:
+            break
+        got += chunk
+    assert got == data and not g.device._draining
+    assert g.packets() == [] and g.device.counters["bad_packets"] == 0
+
+
 def test_packets_for_unknown_connections_get_rst(tmp_path, loop):
     g = Guest(tmp_path, loop)
     g.give_rx(8)

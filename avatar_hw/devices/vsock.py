@@ -40,8 +40,8 @@ from ..schema import REQUIRED, Field, Schema, positive, under
 from ..virtio.buffers import gather, scatter, skip, truncate
 from ..virtio.constants import ID_VSOCK, bit
 from ..virtio.device import VirtioDevice
-from .vsock_conn import (BUF_ALLOC, CONNECT_TIMEOUT, CONNECTING, FIRST_HOST_PORT, GREETING,
-                         HEADER, HEADER_LEN, HOST_CID, MASK32, OP_CREDIT_REQUEST,
+from .vsock_conn import (BUF_ALLOC, CONNECT_TIMEOUT, CONNECTING, DRAINING, FIRST_HOST_PORT,
+                         GREETING, HEADER, HEADER_LEN, HOST_CID, MASK32, OP_CREDIT_REQUEST,
                          OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW,
                          SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, Connections)
 
@@ -83,6 +83,7 @@ class VsockDevice(Connections, VirtioDevice):
         self.listener = listen(self.path)
         self.conns = {}                          # (host_port, guest_port) -> Connection
         self.greeting = {}                       # fd -> Connection waiting for CONNECT
+        self._draining = set()                   # reset by the guest, FIFO not yet sent
         self._control = collections.deque()      # (host_port, guest_port, op, flags, conn)
         self._control_limit = 4 * max_connections + 64
         self._owed = set()                       # connections owed a dropped credit update
@@ -125,7 +126,7 @@ class VsockDevice(Connections, VirtioDevice):
             self._rx_chain = None
 
     def _close_all(self):
-        for conn in [*self.conns.values(), *self.greeting.values()]:
+        for conn in [*self.conns.values(), *self.greeting.values(), *self._draining]:
             self._close(conn)
         self._control.clear()
         self._owed.clear()
@@ -200,7 +201,7 @@ class VsockDevice(Connections, VirtioDevice):
             return
         if op == OP_RST:
             if conn is not None:
-                self._close(conn)
+                self._guest_reset(conn)
             return
         if dst_cid != HOST_CID or type_ != TYPE_STREAM:
             if conn is not None:                      # the guest closes its socket on the RST
@@ -326,7 +327,7 @@ class VsockDevice(Connections, VirtioDevice):
                 break
             host_port, guest_port, op, flags, conn = self._control.popleft()
             if conn is not None:
-                if conn.stream is None and op != OP_RST:
+                if (conn.stream is None or conn.state == DRAINING) and op != OP_RST:
                     continue
                 if op == OP_CREDIT_UPDATE:
                     conn.credit_update_queued = False

@@ -19,8 +19,11 @@ Unix socket, so the host writer blocks in its socket.
 Shutdown: the guest's SHUTDOWN SEND half-closes the Unix socket once the
 FIFO is empty; SHUTDOWN RCV stops reading it and shuts its reading side (the host
 writer gets EPIPE, as a Linux vsock peer's send() does); with both flags the device
-answers RST once the FIFO is empty and closes the socket. End of stream on
-the Unix socket sends SHUTDOWN SEND to the guest; an error on it, RST.
+answers RST once the FIFO is empty and closes the socket. The guest's RST closes the
+socket once the FIFO is empty (what the device took within its credit is not lost;
+until then the connection is DRAINING, off the table but counted in
+``max_connections``). End of stream on the Unix socket sends SHUTDOWN SEND to the
+guest; an error on it, RST.
 Control packets to the guest wait (at most ``4 * max_connections + 64``;
 beyond that they are dropped and counted, and a connection that needed one
 is closed) until the guest gives receive buffers, and always go before data.
@@ -48,6 +51,7 @@ MASK32 = 0xFFFFFFFF
 MAX_LOG = 40                            # bytes of a bad CONNECT line in the log
 
 GREETING, CONNECTING, ESTABLISHED = "greeting", "connecting", "established"
+DRAINING = "draining"       # the guest reset it: its FIFO still goes to the socket
 READING, WRITING = "reading", "writing"   # a Connection's flags: its socket is watched for
 
 
@@ -100,7 +104,7 @@ class Connections:
             if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 self._pause_accepting(err)      # the client waits in the backlog
             return
-        if len(self.conns) + len(self.greeting) >= self.max_connections:
+        if self._open() >= self.max_connections:
             self.error("host connection to %s refused: %d connections already (max_"
                        "connections)", self.path, self.max_connections)
             sock.close()
@@ -109,6 +113,10 @@ class Connections:
         self.greeting[conn.stream.fileno()] = conn
         self._time_out_later(conn)
         self.loop.add_reader(conn.stream, lambda: self._read_greeting(conn))
+
+    def _open(self):
+        """Connections counted against ``max_connections``."""
+        return len(self.conns) + len(self.greeting) + len(self._draining)
 
     def _time_out_later(self, conn):
         conn.timer = self.loop.call_later(self.connect_timeout, lambda: self._timed_out(conn))
@@ -171,7 +179,7 @@ class Connections:
         """The guest's REQUEST: connect to ``<socket>_<host_port>``; the REQUEST's header
         already gives the guest's buffer space (5.10.6.3: every packet's does), so what the
         host program sends first (a banner) flows at once."""
-        if len(self.conns) + len(self.greeting) >= self.max_connections:
+        if self._open() >= self.max_connections:
             self.guest_error("guest connection to port %d refused: %d connections already "
                              "(max_connections)", host_port, self.max_connections)
             self._queue_rst(host_port, guest_port)
@@ -230,10 +238,31 @@ class Connections:
         self._watch(conn, WRITING, False)
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
+        self._draining.discard(conn)
         if conn in self._starved:
             self._starved.remove(conn)
         conn.stream.close()
         conn.stream = None
+
+    def _guest_reset(self, conn):
+        """The guest's RST: its socket is gone. Guest bytes the device took within its
+        credit and the socket did not yet (the FIFO) still reach it, as bytes a Linux peer
+        received stay readable after an RST; then the socket is closed. Until then the
+        connection is off the table (the guest may use its ports again) and counts
+        against ``max_connections``."""
+        if not conn.stream.pending:
+            self._close(conn)
+            return
+        if conn.timer is not None:
+            self.loop.cancel(conn.timer)
+            conn.timer = None
+        self._watch(conn, READING, False)
+        del self.conns[conn.key]
+        if conn in self._starved:
+            self._starved.remove(conn)
+        self._owed.discard(conn)
+        conn.state = DRAINING
+        self._draining.add(conn)
 
     def _reset(self, conn):
         """Close ``conn`` and send the guest RST for it."""
@@ -270,7 +299,8 @@ class Connections:
         pending = bool(conn.stream.pending)
         self._watch(conn, WRITING, pending)
         unseen = conn.fwd_cnt - conn.fwd_cnt_sent
-        if unseen and conn.rx_cnt - conn.fwd_cnt_sent > self.buf_alloc // 2:
+        if (unseen and conn.rx_cnt - conn.fwd_cnt_sent > self.buf_alloc // 2
+                and conn.state != DRAINING):
             self._queue(conn, OP_CREDIT_UPDATE)
         if not pending:
             self._drained(conn)
@@ -278,7 +308,10 @@ class Connections:
     def _write(self, conn):
         sent = conn.stream.flush()
         if sent is None:
-            self._reset(conn)
+            if conn.state == DRAINING:
+                self._close(conn)       # the guest's side is gone already: no RST
+            else:
+                self._reset(conn)
             return
         self._forwarded(conn, sent)
         self._flush_rx()
@@ -286,6 +319,9 @@ class Connections:
     def _drained(self, conn):
         """The FIFO is empty: carry out the guest's shutdown, if any."""
         if conn.stream is None or conn.stream.pending:
+            return
+        if conn.state == DRAINING:
+            self._close(conn)       # all the guest sent reached the socket: end of stream
             return
         if conn.guest_shut & SHUTDOWN_SEND and (conn.guest_shut & SHUTDOWN_RCV
                                                 or conn.host_eof):
