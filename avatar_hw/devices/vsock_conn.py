@@ -229,20 +229,24 @@ class Connections:
         """Forget ``conn`` and close its socket (no packet to the guest)."""
         if conn.stream is None:
             return
+        if conn.state == GREETING:
+            self._end_greeting(conn)
+        self._unlist(conn)
+        self._watch(conn, WRITING, False)
+        self._draining.discard(conn)
+        conn.stream.close()
+        conn.stream = None
+
+    def _unlist(self, conn):
+        """``conn`` off the table: no timer, no reading its socket, not starved."""
         if conn.timer is not None:
             self.loop.cancel(conn.timer)
             conn.timer = None
-        if conn.state == GREETING:
-            self._end_greeting(conn)
         self._watch(conn, READING, False)
-        self._watch(conn, WRITING, False)
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
-        self._draining.discard(conn)
         if conn in self._starved:
             self._starved.remove(conn)
-        conn.stream.close()
-        conn.stream = None
 
     def _guest_reset(self, conn):
         """The guest's RST: its socket is gone. Guest bytes the device took within its
@@ -253,13 +257,7 @@ class Connections:
         if not conn.stream.pending:
             self._close(conn)
             return
-        if conn.timer is not None:
-            self.loop.cancel(conn.timer)
-            conn.timer = None
-        self._watch(conn, READING, False)
-        del self.conns[conn.key]
-        if conn in self._starved:
-            self._starved.remove(conn)
+        self._unlist(conn)
         self._owed.discard(conn)
         conn.state = DRAINING
         self._draining.add(conn)
