@@ -90,6 +90,16 @@ def test_a_prune_keeps_the_most_recently_used_and_any_used_within_the_hour(tmp_p
                   n.endswith(".elf")) == ["stub-a.elf", "stub-i.elf", "stub-j.elf", "stub-k.elf"]
 
 
+def test_a_prune_removes_the_temporaries_a_killed_writer_left_once_an_hour_old(tmp_path):
+    """``replacing``'s temporary survives a SIGKILL; the next build of its kind removes it
+    once unwritten for UNUSED_FOR, never one being written now, nor another kind's."""
+    old = aged(tmp_path / ".stub-a.elf.12-0123abcd.tmp", 2)
+    new = aged(tmp_path / ".stub-b.elf.13-4567cdef.tmp", 0)
+    other = aged(tmp_path / ".guest-a.dtb.12-0123abcd.tmp", 2)
+    prune(tmp_path, "stub-*.elf")
+    assert not old.exists() and new.exists() and other.exists()
+
+
 def test_a_cache_hit_marks_the_artifact_used_so_that_no_prune_takes_it(tmp_path):
     """A launcher that chose a cached file opens it later: a build meanwhile by another one
     must not remove it, however old the file was."""

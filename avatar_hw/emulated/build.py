@@ -91,20 +91,26 @@ def prune(directory, pattern, keep=KEEP):
     """After a build: remove the artifacts of one kind (``pattern``, a glob in
     ``directory``: one name with another content hash) but the ``keep`` most recently used,
     unless used (``cached``) or made within UNUSED_FOR seconds: a launcher that chose one is
-    about to open it. (One already open stays readable after its removal.)"""
+    about to open it. (One already open stays readable after its removal.) The kind's
+    temporaries (``replacing``) not written to within UNUSED_FOR go too: a writer killed
+    before its ``finally`` left them."""
     with _locked(directory, fcntl.LOCK_EX):
-        found = []
-        for path in directory.glob(pattern):
-            try:
-                found.append((path.stat().st_mtime, path))
-            except FileNotFoundError:
-                pass
-        found.sort(reverse=True)
+        found = sorted(_ages(directory.glob(pattern)), reverse=True)
+        stale = _ages(directory.glob(f".{pattern}.*.tmp"))
         unused_since = time.time() - UNUSED_FOR
-        for mtime, path in found[keep:]:
+        for mtime, path in [*found[keep:], *stale]:
             if mtime < unused_since:
                 with contextlib.suppress(OSError):      # housekeeping: never fails a build
                     path.unlink()
+
+
+def _ages(paths):
+    """(mtime, path) of each of ``paths`` still there."""
+    found = []
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            found.append((path.stat().st_mtime, path))
+    return found
 
 
 def cross_compiler():
