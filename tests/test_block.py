@@ -464,6 +464,59 @@ def test_zeros_written_by_hand_end_the_turn(make, monkeypatch):
     assert b.dwz(blk.T_WRITE_ZEROES, [(0, 1, 0), (1, 1, 0)]) == blk.S_IOERR   # one segment
 
 
+@pytest.fixture
+def loop_device(tmp_path):
+    """``make_(sector_size)``: a loop device over a copy of PATTERN (root only)."""
+    made = []
+
+    def make_(sector_size=512):
+        backing = tmp_path / f"backing{len(made)}.img"
+        backing.write_bytes(PATTERN)
+        try:
+            dev = subprocess.run(["losetup", "--find", "--show", "--sector-size",
+                                  str(sector_size), str(backing)], capture_output=True,
+                                 text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError) as err:
+            pytest.skip(f"no loop device: {err}")
+        made.append(dev)
+        return Path(dev)
+    yield make_
+    for dev in made:
+        subprocess.run(["losetup", "--detach", dev], check=True)
+
+
+def discards_done(device):
+    """The discard requests the kernel completed on ``device`` (/sys/block/*/stat; they
+    go on counting over the loop device's earlier backing files)."""
+    return int(Path(f"/sys/block/{device.name}/stat").read_text().split()[11])
+
+
+def test_discard_on_a_block_device_is_blkdiscard_not_a_write_of_zeros(make, loop_device):
+    """fallocate(PUNCH_HOLE) on a block device writes zeros (REQ_OP_WRITE_ZEROES), a
+    long write on a disk without unmap, and nothing where there is no write zeroes."""
+    dev = loop_device()
+    b, before = make(path=dev), discards_done(dev)
+    assert b.dwz(blk.T_DISCARD, [(0, 1024, 0)]) == blk.S_OK
+    assert discards_done(dev) == before + 1 and b.device.counters["discards"] == 1
+
+
+def test_a_4k_block_device_asks_for_aligned_discards_and_ignores_others(make, loop_device):
+    dev = loop_device(4096)
+    b, before = make(path=dev), discards_done(dev)
+    assert b.driver.read_config(44, 4) == 8               # discard_sector_alignment
+    assert b.dwz(blk.T_DISCARD, [(1, 8, 0)]) == blk.S_OK    # not aligned: advisory, not done
+    assert discards_done(dev) == before
+    assert b.dwz(blk.T_WRITE_ZEROES, [(1, 3, 0)]) == blk.S_OK   # zeros written by hand
+    assert b.dwz(blk.T_WRITE_ZEROES, [(9, 3, blk.DWZ_F_UNMAP)]) == blk.S_OK
+    assert b.request(blk.T_OUT, sector=20, data=b"\x5a" * 512)[0] == blk.S_OK
+    assert b.request(blk.T_FLUSH)[0] == blk.S_OK
+    disk = b.disk()
+    assert disk[512:4 * 512] == bytes(3 * 512) and disk[9 * 512:12 * 512] == bytes(3 * 512)
+    assert disk[20 * 512:21 * 512] == b"\x5a" * 512
+    assert disk[:512] == PATTERN[:512] and disk[4 * 512:9 * 512] == PATTERN[4 * 512:9 * 512]
+    assert disk[21 * 512:] == PATTERN[21 * 512:]
+
+
 BAD_SEGMENTS = [
     ("discard with unmap", blk.T_DISCARD, [(0, 8, blk.DWZ_F_UNMAP)], blk.S_UNSUPP),
     ("reserved flag bits", blk.T_WRITE_ZEROES, [(0, 8, 2)], blk.S_UNSUPP),

@@ -135,6 +135,21 @@ def test_link_down_drops_both_ways(pair, loop):
     assert b.received() == [] and a.device.counters["tx_dropped"] == 1
 
 
+def test_link_down_drops_the_frames_waiting_for_receive_buffers(pair, loop):
+    a, b = pair
+    a.send(*[frame(mac(MAC_B), mac(MAC_A), b"old%d" % i) for i in range(3)])
+    spin(loop)
+    assert b.device.pending_frames == 3            # b gave no receive buffers yet
+    b.device.set_link(False)
+    b.post_rx(4)
+    spin(loop)
+    assert b.received() == [] and b.device.counters["rx_dropped"] == 3
+    b.device.set_link(True)
+    a.send(frame(mac(MAC_B), mac(MAC_A), b"new"))
+    spin(loop)
+    assert b.received() == [frame(mac(MAC_B), mac(MAC_A), b"new")]
+
+
 # -- frames between two devices on the switch -----------------------------------------------------
 
 def test_frames_keep_their_order_both_ways(pair, loop):
@@ -565,6 +580,26 @@ def flood_through(loop, sender, receiver, used, count, what):
 @pytest.fixture
 def small_queues(monkeypatch):
     monkeypatch.setattr(egress, "QUEUE_FRAMES", 8)
+
+
+def test_link_down_completes_the_chains_waiting_for_a_busy_peer(pair, tmp_path, loop,
+                                                                small_queues):
+    """QEMU drops the transmit queue when the link goes down: the guest gets its buffers."""
+    a, _ = pair
+    peer_mac = mac("52:54:00:00:00:ee")
+    peer = joined_peer(tmp_path, loop, "peer.sock", peer_mac)
+    frames = [frame(peer_mac, mac(MAC_A), b"%04d" % i + bytes(1400)) for i in range(200)]
+    for f in frames:
+        a.tx.post(readable=[HDR + f])
+    a.tx.notify()
+    used = len(a.tx.get_used())
+    assert used < len(frames) and a.device.info()["tx_waiting"]
+    sent = a.device.counters["tx_frames"]
+    a.device.set_link(False)
+    assert used + len(a.tx.get_used()) == len(frames) and not a.device.info()["tx_waiting"]
+    assert a.device.counters["tx_frames"] == len(frames)
+    assert a.device.counters["tx_dropped"] == len(frames) - sent
+    peer.close()
 
 
 @pytest.mark.parametrize("connected", [False, True], ids=["writability", "retry-timer"])

@@ -38,8 +38,10 @@ Answers (the request is always completed and the device keeps serving):
 * a chain with no device-writable byte cannot hold a status: it is returned
   with used length 0 (a logged guest error).
 
-Discard punches a hole (``fallocate(PUNCH_HOLE | KEEP_SIZE)``; a file system
-that cannot is ignored: discard is advisory). Write zeroes punches a hole
+Discard punches a hole in a file (``fallocate(PUNCH_HOLE | KEEP_SIZE)``) and is a
+``BLKDISCARD`` on a block device (as QEMU: there PUNCH_HOLE is a write of zeros,
+REQ_OP_WRITE_ZEROES); a host that cannot, or a range not aligned to the block device's
+logical block, is ignored: discard is advisory. Write zeroes punches a hole
 when the unmap flag allows it (``write_zeroes_may_unmap`` = 1), else
 ``fallocate(ZERO_RANGE | KEEP_SIZE)``, falling back to writing zeros, which count against
 the queue's turn budget (``Virtqueue.charge``); one write-zeroes segment per request (32 MiB).
@@ -118,6 +120,10 @@ PERM_READ, PERM_WRITE = 0, 1
 FLOCK = struct.Struct("hhqqi4x")         # struct flock: l_type, l_whence, l_start, l_len, l_pid
 
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+BLKSSZGET, BLKDISCARD = 0x1268, 0x1277    # linux/fs.h: logical block size; discard a range
+BLK_RANGE = struct.Struct("QQ")          # BLKDISCARD's argument: offset, length
+# errors of a host that cannot do a fallocate mode or BLKDISCARD (or not on that range)
+UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTTY)
 libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 # Images served by this process: identity -> device (two devices on one image refused).
@@ -187,7 +193,8 @@ class BlockDevice(VirtioDevice):
             if not self.capacity:
                 raise ConfigError(self.image, None, f"{size} bytes is less than one "
                                                     f"{SECTOR}-byte sector")
-            alignment = max(1, st.st_blksize // SECTOR) if stat.S_ISREG(st.st_mode) else 1
+            self._block_device = stat.S_ISBLK(st.st_mode)
+            alignment = max(1, self._discard_granule(st) // SECTOR)
         except BaseException:
             self._close_image()
             raise
@@ -438,28 +445,45 @@ class BlockDevice(VirtioDevice):
         for sector, num, flags in parsed:
             if num:
                 self._work += num * SECTOR
-                self._deallocate(sector * SECTOR, num * SECTOR, zeroes=zeroes,
-                                 unmap=bool(flags & DWZ_F_UNMAP))
+                if zeroes:
+                    self._write_zeroes(sector * SECTOR, num * SECTOR, unmap=flags & DWZ_F_UNMAP)
+                else:
+                    self._discard(sector * SECTOR, num * SECTOR)
         if zeroes and not self.has_feature(F_FLUSH):
             self._sync()                      # write-through, as a write
         self.count()
         self.counters["write_zeroes" if zeroes else "discards"] += 1
         return S_OK
 
-    def _deallocate(self, offset, length, *, zeroes, unmap):
-        modes = [FALLOC_FL_PUNCH_HOLE] if unmap or not zeroes else []
-        if zeroes:
-            modes.append(FALLOC_FL_ZERO_RANGE)
+    def _write_zeroes(self, offset, length, *, unmap):
+        modes = [FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE] if unmap else [FALLOC_FL_ZERO_RANGE]
         for mode in modes:
             try:
                 fallocate(self.fd, mode | FALLOC_FL_KEEP_SIZE, offset, length)
                 return
             except OSError as err:
-                if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                if err.errno not in UNSUPPORTED:
                     raise
-        if zeroes:                            # no fallocate mode here: write the zeros
-            if transfer(os.pwritev, self.fd, zeros(length), offset) < length:
-                raise OSError(errno.EIO, "short write of zeros")
+        if transfer(os.pwritev, self.fd, zeros(length), offset) < length:
+            raise OSError(errno.EIO, "short write of zeros")   # no fallocate mode here
+
+    def _discard(self, offset, length):
+        """Discard is advisory: what the host cannot do is not done (QEMU too)."""
+        try:
+            if self._block_device:
+                fcntl.ioctl(self.fd, BLKDISCARD, BLK_RANGE.pack(offset, length))
+            else:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as err:
+            if err.errno not in UNSUPPORTED:
+                raise
+
+    def _discard_granule(self, st):
+        """The bytes a discard is best aligned to: the file system's block, the block
+        device's logical block (BLKDISCARD refuses less)."""
+        if not self._block_device:
+            return st.st_blksize
+        return struct.unpack("i", fcntl.ioctl(self.fd, BLKSSZGET, bytes(4)))[0]
 
     # -- introspection ------------------------------------------------------------------------
 

@@ -18,7 +18,8 @@ Network semantics (the guest is told nothing about drops):
   header, longer than the largest frame, or whose header asks for an offload
   is dropped and counted (``tx_malformed``); a frame the backend refuses (TAP
   down, a switch port stalled) is dropped and counted (``tx_dropped``); with
-  the link down frames are dropped (``tx_dropped``). A backend that is merely
+  the link down frames are dropped (``tx_dropped``), and a link going down drops
+  the chain waiting for a busy backend and the rest of the queue. A backend that is merely
   busy (a switch peer whose socket is full) returns ``BUSY``: the chain stays
   unused and the queue waits until the backend calls ``transmit_ready`` (flow
   control, avatar_hw.backends.egress).
@@ -30,7 +31,8 @@ Network semantics (the guest is told nothing about drops):
   False: the backend holds frames back (the switch's flow control for another
   VM's frames, a TAP not read) until ``backend.receive_ready``; a frame it does
   not hold (a switch's remote peer) is dropped. A frame for a stalled switch port,
-  one while the driver is not running or the link is down, and one larger
+  one while the driver is not running or the link is down (a link going down
+  drops the pending frames), and one larger
   than the largest frame (or, without MRG_RXBUF, than the receive buffer) is
   dropped and counted (``rx_dropped``).
 
@@ -195,9 +197,18 @@ class NetDevice(VirtioDevice):
             self._transmit()
 
     def set_link(self, up):
-        """Link status for the guest (F_STATUS), with a configuration-change interrupt."""
+        """Link status for the guest (F_STATUS), with a configuration-change interrupt. A link
+        going down drops what waits both ways, as QEMU: the frames pending for receive
+        buffers, the transmit chain the backend was busy for and the rest of the queue."""
         self.link_up = bool(up)
         self.update_config(STATUS_OFFSET, struct.pack("<H", S_LINK_UP if up else 0))
+        if self.link_up:
+            return
+        if self._rx_pending:
+            self.counters["rx_dropped"] += len(self._rx_pending)
+            self._rx_pending.clear()
+            self.backend.receive_ready(0, self._rx_pending.capacity)
+        self.transmit_ready()                 # the waiting chain and the queue: dropped
 
     # -- transmit ---------------------------------------------------------------------------------
 
