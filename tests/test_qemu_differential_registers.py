@@ -127,11 +127,29 @@ def register_sweep(d, legacy):
     (legacy_queue_sweep if legacy else modern_queue_sweep)(o, d)
     d.write(c.REG_STATUS, 0)
     all_registers(o, d, "after reset")
+    selectors_across_reset(o, d)
     for sel in (0, 1, 0xFF):
         d.write(c.REG_SHM_SEL, sel)
         for offset in range(c.REG_SHM_LEN_LOW, c.REG_SHM_BASE_HIGH + 4, 4):
             o[f"shm {sel:#x} r32@{offset:#x}"] = d.read(offset)
     return o
+
+
+def selectors_across_reset(o, d):
+    """DeviceFeaturesSel and DriverFeaturesSel 1 set before a reset, used after it."""
+    d.write(c.REG_DEVICE_FEATURES_SEL, 1)
+    d.write(c.REG_DRIVER_FEATURES_SEL, 1)
+    word1 = d.read(c.REG_DEVICE_FEATURES)
+    d.write(c.REG_STATUS, 0)
+    o["a reset keeps DeviceFeaturesSel"] = d.read(c.REG_DEVICE_FEATURES) == word1
+    d.write(c.REG_STATUS, ACK)
+    d.write(c.REG_STATUS, ACK | DRIVER)
+    d.write(c.REG_DRIVER_FEATURES, 1)            # VERSION_1 if DriverFeaturesSel is still 1
+    d.write(c.REG_STATUS, ACK | DRIVER | FEATURES_OK)
+    o["a reset keeps DriverFeaturesSel: status after FEATURES_OK"] = d.read(c.REG_STATUS)
+    d.write(c.REG_STATUS, 0)
+    d.write(c.REG_DEVICE_FEATURES_SEL, 0)
+    d.write(c.REG_DRIVER_FEATURES_SEL, 0)
 
 
 def modern_queue_sweep(o, d):
