@@ -2,8 +2,8 @@
 (Version 2) and legacy (Version 1) transport, against QEMU's virtio-mmio (through qtest), and
 the configuration space of every device QEMU also has at every offset and width.
 
-``register_sweep`` reads every 32-bit offset below 0x100, 8/16/64-bit and unaligned
-accesses, writes read-only registers and reads write-only ones, selects feature windows
+``register_sweep`` reads every offset below 0x100 at every width (8 to 64 bits, aligned
+or not), writes read-only registers and reads write-only ones, selects feature windows
 and queues out of range, sets QueueNum above QueueNumMax, toggles QueueReady, writes the
 status in wrong orders, resets, and reads the SHM registers (0xac..0xbc) and
 ConfigGeneration. Every key is compared; the accepted differences are in ``DIFFERENCES``
@@ -13,6 +13,7 @@ compared by ``device_facts``.
 """
 
 import os
+import re
 
 import pytest
 
@@ -22,10 +23,12 @@ from avatar_hw.devices.console import ConsoleDevice
 from avatar_hw.devices.gpu import GpuDevice
 from avatar_hw.devices.net import NetDevice
 from avatar_hw.devices.p9 import P9Device
+from avatar_hw.devices.rng import RngDevice
 from avatar_hw.devices.vsock import VsockDevice
 from avatar_hw.emulated.machine import qemu_value
 from avatar_hw.testing.virtio import VirtioBench
 from avatar_hw.virtio import constants as c
+from avatar_hw.virtio.transport import pieces
 from test_qemu_differential import RngShaped, qemu, qemu_driver, wait_used  # noqa: F401
 
 pytestmark = pytest.mark.qemu
@@ -46,6 +49,10 @@ WRITE_ONLY = (c.REG_DEVICE_FEATURES_SEL, c.REG_DRIVER_FEATURES, c.REG_DRIVER_FEA
               c.REG_QUEUE_DRIVER_HIGH, c.REG_QUEUE_DEVICE_LOW, c.REG_QUEUE_DEVICE_HIGH,
               c.REG_SHM_SEL)
 QUEUE_SELECTIONS = (0, 1, 2, 7, 8, 1023, 1024, 0xFFFF, 0xFFFFFFFF)
+# every width at every offset below the configuration (QEMU's pieces: 2 + 4 + 2 bytes for an
+# 8-byte read at 0x6e)
+ACCESSES = [(offset, size) for offset in range(c.REG_CONFIG) for size in (1, 2, 4, 8)
+            if offset + size <= c.REG_CONFIG]
 
 
 def all_registers(o, d, label):
@@ -73,16 +80,8 @@ def register_sweep(d, legacy):
     """{key: value read} for one driver-side sequence of register accesses."""
     o = {}
     all_registers(o, d, "initial")
-    for offset in (c.REG_MAGIC_VALUE, c.REG_VERSION, c.REG_DEVICE_ID, c.REG_QUEUE_NUM_MAX,
-                   c.REG_STATUS, c.REG_INTERRUPT_STATUS):
-        for size in (1, 2):
-            o[f"r{8 * size}@{offset:#x}"] = d.read(offset, size)
-            o[f"r{8 * size}@{offset + 1:#x}"] = d.read(offset + 1, size)
-        for delta in (1, 2, 3):
-            o[f"r32@{offset + delta:#x}"] = d.read(offset + delta)
-        o[f"r64@{offset:#x}"] = d.read(offset, 8)
-    for offset in (0x6a, 0x6e, 0x6f, 0x72):           # QEMU's pieces: 2 + 4 + 2 at 0x6e
-        o[f"r64@{offset:#x}"] = d.read(offset, 8)
+    for offset, size in ACCESSES:
+        o[f"r{8 * size}@{offset:#x}"] = d.read(offset, size)
     for size in (1, 2):
         d.write(c.REG_STATUS, ACK, size)
         o[f"status after a {8 * size}-bit write"] = d.read(c.REG_STATUS)
@@ -127,11 +126,29 @@ def register_sweep(d, legacy):
     (legacy_queue_sweep if legacy else modern_queue_sweep)(o, d)
     d.write(c.REG_STATUS, 0)
     all_registers(o, d, "after reset")
+    selectors_across_reset(o, d)
     for sel in (0, 1, 0xFF):
         d.write(c.REG_SHM_SEL, sel)
         for offset in range(c.REG_SHM_LEN_LOW, c.REG_SHM_BASE_HIGH + 4, 4):
             o[f"shm {sel:#x} r32@{offset:#x}"] = d.read(offset)
     return o
+
+
+def selectors_across_reset(o, d):
+    """DeviceFeaturesSel and DriverFeaturesSel 1 set before a reset, used after it."""
+    d.write(c.REG_DEVICE_FEATURES_SEL, 1)
+    d.write(c.REG_DRIVER_FEATURES_SEL, 1)
+    word1 = d.read(c.REG_DEVICE_FEATURES)
+    d.write(c.REG_STATUS, 0)
+    o["a reset keeps DeviceFeaturesSel"] = d.read(c.REG_DEVICE_FEATURES) == word1
+    d.write(c.REG_STATUS, ACK)
+    d.write(c.REG_STATUS, ACK | DRIVER)
+    d.write(c.REG_DRIVER_FEATURES, 1)            # VERSION_1 if DriverFeaturesSel is still 1
+    d.write(c.REG_STATUS, ACK | DRIVER | FEATURES_OK)
+    o["a reset keeps DriverFeaturesSel: status after FEATURES_OK"] = d.read(c.REG_STATUS)
+    d.write(c.REG_STATUS, 0)
+    d.write(c.REG_DEVICE_FEATURES_SEL, 0)
+    d.write(c.REG_DRIVER_FEATURES_SEL, 0)
 
 
 def modern_queue_sweep(o, d):
@@ -211,15 +228,28 @@ def legacy_queue_sweep(o, d):
 
 
 # Keys whose values are the device's (features, queue sizes, vendor): device_facts.
+DEVICE_REGISTERS = (c.REG_VENDOR_ID, c.REG_DEVICE_FEATURES, c.REG_QUEUE_NUM_MAX)
+ACCESS = re.compile(r"r(\d+)@(0x[0-9a-f]+)$")
+
+
 def device_specific(key):
-    return (key.endswith((f"r32@{c.REG_VENDOR_ID:#x}", f"r32@{c.REG_DEVICE_FEATURES:#x}",
-                          f"r32@{c.REG_QUEUE_NUM_MAX:#x}", "QueueNumMax"))
-            or key.startswith(("device features", "r64@0x8", "r64@0x10", "r64@0x34"))
+    access = ACCESS.search(key)
+    if access:                # a read with a 32-bit piece at one of DEVICE_REGISTERS
+        return any(n == 4 and at in DEVICE_REGISTERS
+                   for at, n, _ in pieces(int(access[2], 16), int(access[1]) // 8))
+    return (key.endswith("QueueNumMax") or key.startswith("device features")
             or (key.startswith("queue ") and key.endswith("QueuePFN")))
 
 
 # key: (QEMU's value, ours). docs/devices.md, "Register-level differences from QEMU", gives
 # the spec's word on each.
+def legacy_shm_len(offset, size):
+    """QEMU's Version 1 answer to a read covering 0xb0/0xb4 (SHMLenLow/High in Version 2):
+    all ones in those 32-bit pieces, 0 elsewhere."""
+    return sum(0xFFFFFFFF << shift for at, n, shift in pieces(offset, size)
+               if n == 4 and at in (c.REG_SHM_LEN_LOW, c.REG_SHM_LEN_HIGH))
+
+
 _STATUS_ORDER = {
     "status after ['0x4']": (0x04, 0),
     "status after ['0x8']": (0x08, 0),
@@ -258,10 +288,11 @@ LEGACY_DIFFERENCES = {
     "QueueNum above QueueNumMax: QueuePFN": (True, False),
     "QueueNum above QueueNumMax: status": (0x03, 0x43),
     **{f"{label} r32@{offset:#x}": (0xFFFFFFFF, 0)
-       for label in ("initial", "after writes to read-only registers", "after reset")
+       for label in ("initial", "after writes to read-only registers", "after reset",
+                     *(f"shm {sel:#x}" for sel in (0, 1, 0xFF)))
        for offset in (c.REG_SHM_LEN_LOW, c.REG_SHM_LEN_HIGH)},
-    **{f"shm {sel:#x} r32@{offset:#x}": (0xFFFFFFFF, 0)
-       for sel in (0, 1, 0xFF) for offset in (c.REG_SHM_LEN_LOW, c.REG_SHM_LEN_HIGH)},
+    **{f"r{8 * size}@{offset:#x}": (value, 0) for offset, size in ACCESSES
+       if (value := legacy_shm_len(offset, size))},
 }
 
 
@@ -307,7 +338,7 @@ def test_every_register_matches_qemu(qemu, legacy):  # noqa: F811
 
 # -- every device QEMU also has: identity, queues and the configuration space -----------------
 
-CONFIG_SPAN = 72          # bytes of config space swept, at every offset and width
+CONFIG_SPAN = 0xF8        # config offsets swept at every width: all of QEMU's 0x100 bytes
 
 
 def device_facts(d):
@@ -359,6 +390,7 @@ DEVICES = {
             "-device", "virtio-9p-device,fsdev=f0,mount_tag=share"],
            lambda tmp: P9Device(f"{tmp}/share", tag="share"), 7, {}),
     "gpu": (["-device", "virtio-gpu-device"], lambda tmp: GpuDevice(), 16, {}),
+    "rng": (["-device", "virtio-rng-device"], lambda tmp: RngDevice(), 0, {}),
 }
 
 

@@ -20,8 +20,10 @@ Rules (each logged at warning level when the guest breaks it):
   an access not wholly inside the device's configuration reads all ones
   (QEMU's answer) and its write is ignored. Differences from QEMU:
   docs/devices.md, "Register-level differences from QEMU".
-* status: writing 0 resets the device; otherwise the driver may only add
-  bits, each one only when its prerequisites are set (table below).
+* status: writing 0 resets the device (DeviceFeaturesSel and DriverFeaturesSel
+  keep their values, as QEMU's: 4.2.2.1 asks QueueReady and InterruptStatus
+  cleared, no more); otherwise the driver may only add bits, each one only when
+  its prerequisites are set (table below).
   FEATURES_OK stays clear when the driver accepted a feature the device did
   not offer or, in modern mode, did not accept VIRTIO_F_VERSION_1.
   DEVICE_NEEDS_RESET is set only by the device (``fail``), with a
@@ -168,6 +170,8 @@ class MmioTransport(LegacyRegisters):
         self._unmirrored = frozenset(self._reads).difference(SHADOWED)
         self._resets_since = -_SECOND_NS        # the reset window: its start, its count
         self._resets = 0
+        self.device_features_sel = 0    # kept across resets (module docstring)
+        self.driver_features_sel = 0
         self._clear_registers()
         device.bind(self.context)
 
@@ -266,8 +270,6 @@ class MmioTransport(LegacyRegisters):
     def _clear_registers(self):
         self.status = 0
         self.interrupt_status = 0
-        self.device_features_sel = 0
-        self.driver_features_sel = 0
         self.driver_features = 0
         self.queue_sel = 0
         self.shm_sel = 0
