@@ -150,9 +150,9 @@ class ShellServer:
         self.listener.close()
 
 
-def environment_file(tmp_path, server, serve_args, **strategy):
-    """The environment file of ``server`` as the board (the strategy's attributes overridden
-    by ``strategy``)."""
+def environment_file(tmp_path, server, serve_args, shell=None, **strategy):
+    """The environment file of ``server`` as the board (the ShellDriver's attributes
+    overridden by ``shell``, the strategy's by ``strategy``)."""
     env = tmp_path / "env.yaml"
     env.write_text(yaml_dump({"targets": {"main": {
         "resources": {"NetworkSerialPort": {"host": "127.0.0.1", "port": server.port,
@@ -162,7 +162,7 @@ def environment_file(tmp_path, server, serve_args, **strategy):
                                     "cmd_cycle": server.cycle},
             "SerialDriver": {},
             "ShellDriver": {"prompt": r"board\$ ", "login_prompt": " login: ",
-                            "username": "root", "await_login_timeout": 1},
+                            "username": "root", "await_login_timeout": 1, **(shell or {})},
             "AvatarStrategy": {"serve_args": serve_args, "avatar_hw": AVATAR_HW,
                                "pidfile": str(tmp_path / "serve.pid"),
                                "log": str(tmp_path / "serve.log"), "boot_timeout": 20,
@@ -251,38 +251,75 @@ def test_lg_initial_state_forces_the_strategy(tmp_path):
 
 
 @needs_labgrid
-def test_a_boot_timeout_that_is_not_seconds_names_the_key(tmp_path):
+@pytest.mark.parametrize("key,value,problem", [
+    ("boot_timeout", "2m", "'2m' is not a number of seconds (e.g. 120)"),
+    ("serve_args", ["--vms", 2], "['--vms', 2] is not a list of texts (e.g. [\"--board\", "
+                                 "\"rpi4\"]: quote numbers)"),
+    ("banner", "Avatar (", "'Avatar (' is not a regex (missing ), unterminated subpattern at "
+                           "position 7)"),
+    ("control", 5, "5 is not a text (e.g. /run/avatar-hw.sock)")])
+def test_a_strategy_key_of_the_wrong_kind_is_one_line_naming_it(tmp_path, key, value, problem):
+    """Refused when labgrid builds the strategy, not at the transition that uses the key."""
     from labgrid import Environment
     from labgrid.exceptions import InvalidConfigError
     server = ShellServer(tmp_path)
     try:
-        env = Environment(str(environment_file(tmp_path, server, [], boot_timeout="2m")))
+        given = {key: value}
+        env = Environment(str(environment_file(tmp_path, server, given.pop("serve_args", []),
+                                               **given)))
         with pytest.raises(InvalidConfigError) as err:
             env.get_target("main")
     finally:
         server.close()
-    assert str(err.value.__cause__) == ("AvatarStrategy boot_timeout: '2m' is not a number of "
-                                        "seconds (e.g. 120)")
+    assert str(err.value.__cause__) == f"AvatarStrategy {key}: {problem}"
+
+
+def transition_error(tmp_path, server, state, serve_args=(), **options):
+    """The StrategyError of a transition to ``state`` on ``server``'s board (the environment's
+    ``options`` as ``board_environment``'s); the board is stopped."""
+    from labgrid.strategy import StrategyError
+    env = board_environment(tmp_path, server, list(serve_args), **options)
+    try:
+        with pytest.raises(StrategyError) as err:
+            env.get_target("main").get_driver("AvatarStrategy").transition(state)
+    finally:
+        env.cleanup()
+        server.close()
+    return err.value.msg
+
+
+@needs_labgrid
+def test_a_board_that_does_not_boot_is_one_line_saying_what_to_check(tmp_path):
+    """No banner on the UART: a StrategyError naming the banner, the wait and the UART's last
+    output, not pexpect's TIMEOUT with its dump of the spawn."""
+    server = ShellServer(tmp_path)
+    server.cycle = f"sh -c 'echo U-Boot 2024.01 >{server.tty}'"     # and no hypervisor
+    problem = transition_error(tmp_path, server, "serving", boot_timeout=1)
+    assert re.fullmatch(r"the board did not boot: no 'Avatar' \(AvatarStrategy banner\) on the "
+                        r"board UART within 1 s of the power cycle; check its power, the "
+                        r"UART's port and speed, and the banner; last output: "
+                        r"'U-Boot 2024.01\\r?\\n'", problem), problem
+
+
+@needs_labgrid
+def test_a_board_linux_without_the_expected_prompt_is_one_line(tmp_path):
+    problem = transition_error(tmp_path, ShellServer(tmp_path), "shell",
+                               shell={"prompt": "nobody# ", "login_timeout": 2})
+    assert problem == (
+        "the board's Linux gave no shell on the board UART: Timeout of 2 seconds exceeded "
+        "during waiting for login (check the ShellDriver's prompt, login_prompt and username)")
 
 
 @needs_labgrid
 def test_strategy_surfaces_the_daemons_error_within_seconds(tmp_path):
-    from labgrid.strategy import StrategyError
-    server = ShellServer(tmp_path)
     missing = tmp_path / "missing.toml"
-    env = board_environment(tmp_path, server, ["--board", "rpi4", "--config", str(missing)],
-                            control=str(tmp_path / "control.sock"))
-    try:
-        strategy = env.get_target("main").get_driver("AvatarStrategy")
-        with pytest.raises(StrategyError) as err:
-            strategy.transition("serving")
-        # Seen gone at once (ready_command's exit 2), not after waiting out READY_TIMEOUT.
-        assert "avatar-hw serve exited:" in str(err.value)
-        assert "did not answer within" not in str(err.value)
-        assert f"avatar-hw: {missing}: no such VMs config file" in str(err.value)
-    finally:
-        env.cleanup()
-        server.close()
+    problem = transition_error(tmp_path, ShellServer(tmp_path), "serving",
+                               ["--board", "rpi4", "--config", str(missing)],
+                               control=str(tmp_path / "control.sock"))
+    # Seen gone at once (ready_command's exit 2), not after waiting out READY_TIMEOUT.
+    assert "avatar-hw serve exited:" in problem
+    assert "did not answer within" not in problem
+    assert f"avatar-hw: {missing}: no such VMs config file" in problem
 
 
 @needs_labgrid

@@ -687,16 +687,49 @@ def test_after_a_power_cycle(guest_shell):
 """
 
 
+def shell_on_socket(path, delay=0):
+    """A guest console stand-in on Unix socket ``path`` (tests/shell_on_socket.py); ``delay``
+    0: once it listens."""
+    subprocess.Popen([sys.executable, SHELL_ON_SOCKET, str(path), str(delay)])
+    deadline = time.monotonic() + 60
+    while delay == 0 and not path.exists():
+        assert time.monotonic() < deadline, "the console stand-in did not start"
+        time.sleep(0.05)
+
+
+def test_a_reset_reattaches_where_the_console_is_served_now(tmp_path):
+    """After a reset the daemon may not answer yet, then serve the console elsewhere (a new
+    pty, a new TCP port): ``reopen`` (``avatar_reset``) asks where on every try."""
+    from avatar_hw.hil.console import GuestConsole
+    before, after = tmp_path / "before.sock", tmp_path / "after.sock"
+    shell_on_socket(before)
+    answers = [AvatarError("no avatar-hw daemon at /run/avatar-hw.sock"), f"unix://{after}"]
+
+    def locate():
+        answer = answers.pop(0) if len(answers) > 1 else answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    try:
+        with GuestConsole.open(f"unix://{before}") as console:
+            console.wait_shell(30)
+            subprocess.run(f"kill -- -$(cat {before}.pid)", shell=True)
+            shell_on_socket(after, 1)
+            console.reopen(locate, 30)
+            console.wait_shell(30)
+            assert console.run("echo $((2 + 2))") == ("4\n", 0)
+            assert console.name == f"unix://{after}"
+    finally:
+        subprocess.run(f"kill -- -$(cat {before}.pid) -$(cat {after}.pid)", shell=True)
+
+
 def test_a_bench_reset_waits_for_its_console_to_come_back(pytester, daemon, tmp_path):
     """The reset command returns while the guest console is down (a power cycle): the
     console is opened again once it is back, and the guest's shell answers."""
     path = tmp_path / "guest.sock"
     pidfile = f"{path}.pid"
-    subprocess.Popen([sys.executable, SHELL_ON_SOCKET, str(path), "0"])
-    deadline = time.monotonic() + 60
-    while not path.exists():
-        assert time.monotonic() < deadline, "the console stand-in did not start"
-        time.sleep(0.05)
+    shell_on_socket(path)
     cycle = (f"kill -- -$(cat {pidfile}); "
              f"{sys.executable} {SHELL_ON_SOCKET} {path} 2 >/dev/null 2>&1 &")
     pytester.makepyfile(RESET_TESTS)

@@ -89,14 +89,17 @@ class GuestConsole:
     def close(self):
         self.port.close()
 
-    def reopen(self, url, timeout=0.0):
-        """Attach to ``url`` instead (the guest started again): a new port, nothing pending.
-        The open is tried again for ``timeout`` s (an endpoint still down after a power
-        cycle). The old port is closed first: an endpoint takes one client at a time."""
+    def reopen(self, locate, timeout=0.0):
+        """Attach to the URL ``locate()`` gives instead (the guest started again): a new port,
+        nothing pending. Both are tried again for ``timeout`` s: after a reset the daemon may
+        not answer yet, or serve the console elsewhere (a new pty, a new TCP port), and an
+        endpoint may still be down after a power cycle. The old port is closed first: an
+        endpoint takes one client at a time."""
         self.port.close()
         deadline = time.monotonic() + timeout
         while True:
             try:
+                url = locate()
                 self.port = open_serial(url, timeout=POLL)
                 break
             except AvatarError:

@@ -18,6 +18,7 @@ without labgrid.
 
 import enum
 import importlib.util
+import re
 import shlex
 
 READY_TIMEOUT = 30.0
@@ -62,12 +63,34 @@ def stop_command(pidfile):
     return f"[ -f {pidfile} ] && kill $(cat {pidfile}) 2>/dev/null; rm -f {pidfile}; true"
 
 
+# attrs validators. TypeError, which labgrid reports as a bad environment (a ValueError would
+# be a traceback), naming the key and what it takes.
+
+def _bad(attribute, value, wanted):
+    return TypeError(f"AvatarStrategy {attribute.name}: {value!r} is not {wanted}")
+
+
 def _seconds(instance, attribute, value):
-    """attrs validator: a positive number. TypeError, which labgrid reports as a bad
-    environment (a ValueError would be a traceback)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise TypeError(f"AvatarStrategy {attribute.name}: {value!r} is not a number of "
-                        "seconds (e.g. 120)")
+        raise _bad(attribute, value, "a number of seconds (e.g. 120)")
+
+
+def _text(instance, attribute, value):
+    if not isinstance(value, str) or not value:
+        raise _bad(attribute, value, f"a text (e.g. {attribute.default})")
+
+
+def _arguments(instance, attribute, value):
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise _bad(attribute, value, 'a list of texts (e.g. ["--board", "rpi4"]: quote numbers)')
+
+
+def _regex(instance, attribute, value):
+    _text(instance, attribute, value)
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise _bad(attribute, value, f"a regex ({err})") from None
 
 
 def _define_strategy():
@@ -75,6 +98,7 @@ def _define_strategy():
     from labgrid.factory import target_factory
     from labgrid.step import step
     from labgrid.strategy import Strategy, StrategyError, never_retry
+    from pexpect import TIMEOUT
 
     @target_factory.reg_driver
     @attr.s(eq=False)
@@ -85,14 +109,14 @@ def _define_strategy():
                     "shell": "ShellDriver"}
 
         status = attr.ib(default=Status.unknown)
-        serve_args = attr.ib(default=["--board", "rpi4", "--config", "/etc/avatar-hw/vms.toml"],
-                             validator=attr.validators.instance_of(list))
-        control = attr.ib(default="/run/avatar-hw.sock", validator=attr.validators.instance_of(str))
-        banner = attr.ib(default=r"Avatar", validator=attr.validators.instance_of(str))
+        serve_args = attr.ib(factory=lambda: ["--board", "rpi4", "--config",
+                                              "/etc/avatar-hw/vms.toml"], validator=_arguments)
+        control = attr.ib(default="/run/avatar-hw.sock", validator=_text)
+        banner = attr.ib(default=r"Avatar", validator=_regex)
         boot_timeout = attr.ib(default=120.0, validator=_seconds)
-        log = attr.ib(default="/var/log/avatar-hw.log", validator=attr.validators.instance_of(str))
-        pidfile = attr.ib(default="/run/avatar-hw.pid", validator=attr.validators.instance_of(str))
-        avatar_hw = attr.ib(default="avatar-hw", validator=attr.validators.instance_of(str))
+        log = attr.ib(default="/var/log/avatar-hw.log", validator=_text)
+        pidfile = attr.ib(default="/run/avatar-hw.pid", validator=_text)
+        avatar_hw = attr.ib(default="avatar-hw", validator=_text)
 
         @step(args=["status"])
         def transition(self, status, *, step):
@@ -108,14 +132,36 @@ def _define_strategy():
                 self.transition(Status.off)
                 self.target.activate(self.console)
                 self.power.cycle()
-                self.console.expect(self.banner, timeout=self.boot_timeout)
+                self._expect_banner()
             elif status == Status.shell:
                 self.transition(Status.hypervisor)
-                self.target.activate(self.shell)
+                self._log_in()
             elif status == Status.serving:
                 self.transition(Status.shell)
                 self.restart_daemon()
             self.status = status
+
+        def _expect_banner(self):
+            """The hypervisor's banner on the board UART, else a StrategyError saying what to
+            check (not pexpect's TIMEOUT and its spawn dump)."""
+            index, before, _, _ = self.console.expect([self.banner, TIMEOUT],
+                                                      timeout=self.boot_timeout)
+            if index:
+                output = before.decode(errors="replace")[-200:]
+                raise StrategyError(
+                    f"the board did not boot: no {self.banner!r} (AvatarStrategy banner) on "
+                    f"the board UART within {self.boot_timeout:g} s of the power cycle; check "
+                    f"its power, the UART's port and speed, and the banner; last output: "
+                    f"{output!r}")
+
+        def _log_in(self):
+            """The ShellDriver logs in on the board UART, else a StrategyError saying so."""
+            try:
+                self.target.activate(self.shell)
+            except TIMEOUT as err:
+                raise StrategyError(f"the board's Linux gave no shell on the board UART: {err} "
+                                    "(check the ShellDriver's prompt, login_prompt and "
+                                    "username)") from None
 
         @never_retry
         @step(args=["status"])

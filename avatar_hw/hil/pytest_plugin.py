@@ -60,6 +60,7 @@ and in the captured stdout (JUnit XML's system-out) as ``[[ATTACHMENT|path]]``, 
 convention of Jenkins' JUnit attachments.
 """
 
+import functools
 import re
 import time
 from pathlib import Path
@@ -304,7 +305,8 @@ def avatar_reset(request, avatar_board, avatar_console):
         for (console_vm, port), console in state.by_port.items():
             if console_vm in restarted:
                 deadline = time.monotonic() + SHELL_TIMEOUT     # for the endpoint and the shell
-                console.reopen(avatar_board.console_url(console_vm, port), SHELL_TIMEOUT)
+                console.reopen(functools.partial(avatar_board.console_url, console_vm, port),
+                               SHELL_TIMEOUT)
                 try:
                     console.wait_shell(max(0.0, deadline - time.monotonic()))
                 except ConsoleTimeout:
