@@ -767,3 +767,19 @@ def test_a_credit_update_dropped_for_a_full_control_queue_is_sent_later(tmp_path
         g.give_rx(60)
         received += ops(g.packets())
     assert OP_CREDIT_UPDATE in received
+
+
+def test_an_rst_carries_the_connections_counters(tmp_path, loop):
+    """The device's RST for a connection carries its real fwd_cnt (Linux's does; the
+    guest updates its credit from every header), not 0; an RST for no connection
+    advertises no buffer (buf_alloc 0, as Linux's answer without a socket)."""
+    g = Guest(tmp_path, loop)
+    client, host_port = g.established()
+    g.send(5000, host_port, OP_RW, b"x" * 100)
+    assert client.recv(200) == b"x" * 100
+    g.send(5000, host_port, 99)                              # unknown op: reset
+    (hdr, _), = g.packets()
+    assert hdr[6] == OP_RST and (hdr[8], hdr[9]) == (vsock.BUF_ALLOC, 100)
+    g.send(111, 222, OP_RW, b"x")
+    (hdr, _), = g.packets()
+    assert hdr[6] == OP_RST and (hdr[8], hdr[9]) == (0, 0)

@@ -281,12 +281,13 @@ class VsockDevice(Connections, VirtioDevice):
                 self._queue(conn, OP_CREDIT_UPDATE)
         return bool(self._control)
 
-    def _queue_rst(self, host_port, guest_port):
+    def _queue_rst(self, host_port, guest_port, conn=None):
+        """Queue an RST; for ``conn`` (closed already) it carries its counters."""
         if len(self._control) >= self._control_limit:
             self.counters["control_dropped"] += 1
             return
         self.counters["rst_sent"] += 1
-        self._control.append((host_port, guest_port, OP_RST, 0, None))
+        self._control.append((host_port, guest_port, OP_RST, 0, conn))
 
     def _rx_buffer(self):
         """The receive buffer to fill next (held until used), or None."""
@@ -308,12 +309,12 @@ class VsockDevice(Connections, VirtioDevice):
         return self._rx_chain
 
     def _send(self, chain, host_port, guest_port, op, flags, conn, length=0):
-        fwd_cnt = 0
+        buf_alloc = fwd_cnt = 0                 # no connection: no buffer (as Linux)
         if conn is not None:
-            fwd_cnt = conn.fwd_cnt & MASK32
+            buf_alloc, fwd_cnt = self.buf_alloc, conn.fwd_cnt & MASK32
             conn.fwd_cnt_sent = conn.fwd_cnt
         HEADER.pack_into(self._hdr, 0, HOST_CID, self.cid, host_port, guest_port, length,
-                         TYPE_STREAM, op, flags, self.buf_alloc, fwd_cnt)
+                         TYPE_STREAM, op, flags, buf_alloc, fwd_cnt)
         scatter(self._hdr, chain.writable)
         self._rx_chain = None
         self.queues[RX].add_used(chain, HEADER_LEN + length)

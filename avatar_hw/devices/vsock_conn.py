@@ -264,9 +264,8 @@ class Connections:
 
     def _reset(self, conn):
         """Close ``conn`` and send the guest RST for it."""
-        key = conn.key
         self._close(conn)
-        self._queue_rst(*key)
+        self._queue_rst(*conn.key, conn)
 
     # -- guest bytes to the socket ---------------------------------------------------------------
 
