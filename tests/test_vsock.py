@@ -783,3 +783,22 @@ def test_an_rst_carries_the_connections_counters(tmp_path, loop):
     g.send(111, 222, OP_RW, b"x")
     (hdr, _), = g.packets()
     assert hdr[6] == OP_RST and (hdr[8], hdr[9]) == (0, 0)
+
+
+def test_an_rst_the_full_control_queue_had_no_room_for_is_sent_later(tmp_path, loop):
+    """The control queue is full (RSTs for packets to no connection, no receive buffer)
+    when a connection must be reset: its RST was dropped, and the guest's socket stayed
+    open for ever. It is owed, counted against max_connections until sent."""
+    g = Guest(tmp_path, loop, max_connections=1)
+    client, host_port = g.established()
+    for i in range(150):                # RSTs take the receive buffers, then fill the queue
+        g.send(1000 + i, 1, OP_RW, b"x")
+    g.send(5000, host_port, 99)                             # unknown op: reset
+    assert closed(client) and not g.device.conns
+    assert g.device._open() == 1                            # its RST still owed
+    received = g.packets()
+    for _ in range(3):
+        g.give_rx(60)
+        received += g.packets()
+    assert [(h[2], h[3]) for h, _ in received if h[6] == OP_RST].count((host_port, 5000)) == 1
+    assert g.device._open() == 0

@@ -87,6 +87,7 @@ class VsockDevice(Connections, VirtioDevice):
         self._control = collections.deque()      # (host_port, guest_port, op, flags, conn)
         self._control_limit = 4 * max_connections + 64
         self._owed = set()                       # connections owed a dropped credit update
+        self._owed_rst = set()                   # closed, owed an RST the queue had no room for
         self._rx_chain = None                    # a receive buffer popped, not yet filled
         self._starved = collections.deque()      # connections waiting for receive buffers
         self._event_pending = False
@@ -130,6 +131,7 @@ class VsockDevice(Connections, VirtioDevice):
             self._close(conn)
         self._control.clear()
         self._owed.clear()
+        self._owed_rst.clear()
         self._starved.clear()
         self._rx_chain = None
 
@@ -257,7 +259,7 @@ class VsockDevice(Connections, VirtioDevice):
 
     def _queue(self, conn, op, flags=0):
         """Queue a control packet for ``conn``; with the queue full it is dropped (counted),
-        and ``conn``, which cannot go on without it, is closed; a credit update is owed
+        and ``conn``, which cannot go on without it, is reset; a credit update is owed
         instead, queued when there is room (a guest sender waiting at zero credit would
         wait for ever without it)."""
         if op == OP_CREDIT_UPDATE and conn.credit_update_queued:
@@ -267,24 +269,31 @@ class VsockDevice(Connections, VirtioDevice):
             if op == OP_CREDIT_UPDATE:
                 self._owed.add(conn)
             else:
-                self._close(conn)
+                self._reset(conn)
             return
         conn.credit_update_queued |= op == OP_CREDIT_UPDATE
         self._control.append((conn.host_port, conn.guest_port, op, flags, conn))
 
     def _take_owed(self):
-        """Queue the credit updates owed, as far as there is room; True while control
-        packets wait."""
+        """Queue the RSTs and credit updates owed, as far as there is room; True while
+        control packets wait."""
+        while self._owed_rst and len(self._control) < self._control_limit:
+            conn = self._owed_rst.pop()
+            self._queue_rst(*conn.key, conn)
         while self._owed and len(self._control) < self._control_limit:
-            conn = self._owed.pop()
-            if conn.stream is not None:
-                self._queue(conn, OP_CREDIT_UPDATE)
+            self._queue(self._owed.pop(), OP_CREDIT_UPDATE)
         return bool(self._control)
 
     def _queue_rst(self, host_port, guest_port, conn=None):
-        """Queue an RST; for ``conn`` (closed already) it carries its counters."""
+        """Queue an RST; for ``conn`` (closed already) it carries its counters. With the
+        queue full one for ``conn`` is owed (the guest's socket would stay open for ever
+        without it; it counts against ``max_connections`` until sent), one for no
+        connection dropped."""
         if len(self._control) >= self._control_limit:
-            self.counters["control_dropped"] += 1
+            if conn is None:
+                self.counters["control_dropped"] += 1
+            else:
+                self._owed_rst.add(conn)
             return
         self.counters["rst_sent"] += 1
         self._control.append((host_port, guest_port, OP_RST, 0, conn))

@@ -26,7 +26,8 @@ until then the connection is DRAINING, off the table but counted in
 guest; an error on it, RST.
 Control packets to the guest wait (at most ``4 * max_connections + 64``;
 beyond that they are dropped and counted, and a connection that needed one
-is closed) until the guest gives receive buffers, and always go before data.
+is reset; its RST, like a credit update, is owed and queued once there is room)
+until the guest gives receive buffers, and always go before data.
 """
 
 import errno
@@ -116,7 +117,7 @@ class Connections:
 
     def _open(self):
         """Connections counted against ``max_connections``."""
-        return len(self.conns) + len(self.greeting) + len(self._draining)
+        return len(self.conns) + len(self.greeting) + len(self._draining) + len(self._owed_rst)
 
     def _time_out_later(self, conn):
         conn.timer = self.loop.call_later(self.connect_timeout, lambda: self._timed_out(conn))
@@ -238,7 +239,9 @@ class Connections:
         conn.stream = None
 
     def _unlist(self, conn):
-        """``conn`` off the table: no timer, no reading its socket, not starved."""
+        """``conn`` off the table: no timer, no reading its socket, not starved, owed no
+        credit update."""
+        self._owed.discard(conn)
         if conn.timer is not None:
             self.loop.cancel(conn.timer)
             conn.timer = None
@@ -258,7 +261,6 @@ class Connections:
             self._close(conn)
             return
         self._unlist(conn)
-        self._owed.discard(conn)
         conn.state = DRAINING
         self._draining.add(conn)
 
