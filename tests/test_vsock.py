@@ -802,3 +802,28 @@ def test_an_rst_the_full_control_queue_had_no_room_for_is_sent_later(tmp_path, l
         received += g.packets()
     assert [(h[2], h[3]) for h, _ in received if h[6] == OP_RST].count((host_port, 5000)) == 1
     assert g.device._open() == 0
+
+
+def test_the_host_closing_reaches_a_guest_that_gave_no_credit(tmp_path, loop):
+    """The guest used all its credit and reads no more: the host program's close once went
+    unnoticed (the socket was not watched without credit), and the guest never learnt of
+    it. Its end of stream goes at once; bytes still waiting go first, once there is
+    credit, then the end."""
+    g = Guest(tmp_path, loop)
+    g.buf_alloc = 100
+    client, host_port = g.established()
+    client.sendall(b"x" * 100)
+    assert [p for _, p in g.packets()] == [b"x" * 100]          # no credit left
+    client.close()
+    (hdr, _), = g.packets()
+    assert hdr[6] == OP_SHUTDOWN and hdr[7] == SHUTDOWN_SEND
+    client, host_port = g.established(5001)
+    client.sendall(b"y" * 150)
+    assert [p for _, p in g.packets()] == [b"y" * 100]
+    conn = g.device.conns[(host_port, 5001)]
+    assert conn.held and not conn.reading                       # not watched: no spinning
+    client.close()
+    assert g.packets() == []                                    # 50 bytes wait: not yet
+    g.send(5001, host_port, OP_CREDIT_UPDATE, fwd_cnt=100)
+    got = g.packets()
+    assert [(h[6], p) for h, p in got] == [(OP_RW, b"y" * 50), (OP_SHUTDOWN, b"")]

@@ -365,6 +365,9 @@ class VsockDevice(Connections, VirtioDevice):
         for _ in range(READS_PER_CALLBACK):
             if conn.stream is None or not conn.wants_input():
                 break
+            if not conn.peer_credit():
+                self._peek(conn)
+                break
             chain = self._rx_buffer()
             if chain is None:
                 self._starve(conn)
@@ -377,17 +380,12 @@ class VsockDevice(Connections, VirtioDevice):
                 self.queues[RX].add_used(chain, 0)
                 sent = True                 # returned: the guest is told below
                 continue
+            conn.held = False
             n = conn.stream.read_into(truncate(skip(chain.writable, HEADER_LEN), room))
             if n is None:
                 break
-            if n < 0:
-                self._reset(conn)
-                break
-            if n == 0:
-                conn.host_eof = True
-                self._queue(conn, OP_SHUTDOWN, SHUTDOWN_SEND)
-                self._flush_control()
-                self._drained(conn)
+            if n <= 0:
+                self._ended(conn, n)
                 break
             self._send(chain, conn.host_port, conn.guest_port, OP_RW, 0, conn, n)
             conn.tx_cnt += n
@@ -398,6 +396,26 @@ class VsockDevice(Connections, VirtioDevice):
         if conn.stream is not None:
             self._update_reader(conn)
         self._flush_control()
+
+    def _peek(self, conn):
+        """No credit: bytes waiting hold the socket unwatched until there is; its end (or
+        an error) reaches the guest at once."""
+        n = conn.stream.peek()
+        if n is None:
+            return
+        conn.held = n > 0
+        if not conn.held:
+            self._ended(conn, n)
+
+    def _ended(self, conn, n):
+        """The socket's peer shut its writing side (``n`` 0) or it failed (-1)."""
+        if n < 0:
+            self._reset(conn)
+            return
+        conn.host_eof = True
+        self._queue(conn, OP_SHUTDOWN, SHUTDOWN_SEND)
+        self._flush_control()
+        self._drained(conn)
 
     def _starve(self, conn):
         if conn not in self._starved:

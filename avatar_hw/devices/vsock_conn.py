@@ -14,7 +14,8 @@ It sends a CREDIT_UPDATE when the guest may be short of credit (half of it
 used and some freed) and for every CREDIT_REQUEST. Towards the guest it
 never sends more than ``buf_alloc - (tx_cnt - fwd_cnt)`` of the guest's
 last header: with no credit (or no receive buffers) it stops reading the
-Unix socket, so the host writer blocks in its socket.
+Unix socket, so the host writer blocks in its socket. Without credit it still
+watches a socket with no bytes waiting, so that its end reaches the guest.
 
 Shutdown: the guest's SHUTDOWN SEND half-closes the Unix socket once the
 FIFO is empty; SHUTDOWN RCV stops reading it and shuts its reading side (the host
@@ -69,6 +70,7 @@ class Connection:
         self.peer_buf_alloc = self.peer_fwd_cnt = 0
         self.guest_shut = 0        # SHUTDOWN flags from the guest, cumulative
         self.host_eof = False      # the socket's peer shut its writing side
+        self.held = False          # bytes wait in the socket for the guest's credit
         self.reading = False       # its reader is registered
         self.writing = False       # its writer is registered
         self.credit_update_queued = False
@@ -85,9 +87,11 @@ class Connection:
         return max(0, self.peer_buf_alloc - in_flight)
 
     def wants_input(self):
-        """Should the socket be read (guest connected, willing and with credit)?"""
+        """Should the socket be watched (guest connected and willing; with credit, or
+        without it while no bytes are known to wait, for the end of stream)?"""
         return (self.state == ESTABLISHED and not self.host_eof
-                and not self.guest_shut & SHUTDOWN_RCV and self.peer_credit() > 0)
+                and not self.guest_shut & SHUTDOWN_RCV
+                and (self.peer_credit() > 0 or not self.held))
 
 
 class Connections:
