@@ -767,3 +767,63 @@ def test_a_credit_update_dropped_for_a_full_control_queue_is_sent_later(tmp_path
         g.give_rx(60)
         received += ops(g.packets())
     assert OP_CREDIT_UPDATE in received
+
+
+def test_an_rst_carries_the_connections_counters(tmp_path, loop):
+    """The device's RST for a connection carries its real fwd_cnt (Linux's does; the
+    guest updates its credit from every header), not 0; an RST for no connection
+    advertises no buffer (buf_alloc 0, as Linux's answer without a socket)."""
+    g = Guest(tmp_path, loop)
+    client, host_port = g.established()
+    g.send(5000, host_port, OP_RW, b"x" * 100)
+    assert client.recv(200) == b"x" * 100
+    g.send(5000, host_port, 99)                              # unknown op: reset
+    (hdr, _), = g.packets()
+    assert hdr[6] == OP_RST and (hdr[8], hdr[9]) == (vsock.BUF_ALLOC, 100)
+    g.send(111, 222, OP_RW, b"x")
+    (hdr, _), = g.packets()
+    assert hdr[6] == OP_RST and (hdr[8], hdr[9]) == (0, 0)
+
+
+def test_an_rst_the_full_control_queue_had_no_room_for_is_sent_later(tmp_path, loop):
+    """The control queue is full (RSTs for packets to no connection, no receive buffer)
+    when a connection must be reset: its RST was dropped, and the guest's socket stayed
+    open for ever. It is owed, counted against max_connections until sent."""
+    g = Guest(tmp_path, loop, max_connections=1)
+    client, host_port = g.established()
+    for i in range(150):                # RSTs take the receive buffers, then fill the queue
+        g.send(1000 + i, 1, OP_RW, b"x")
+    g.send(5000, host_port, 99)                             # unknown op: reset
+    assert closed(client) and not g.device.conns
+    assert g.device._open() == 1                            # its RST still owed
+    received = g.packets()
+    for _ in range(3):
+        g.give_rx(60)
+        received += g.packets()
+    assert [(h[2], h[3]) for h, _ in received if h[6] == OP_RST].count((host_port, 5000)) == 1
+    assert g.device._open() == 0
+
+
+def test_the_host_closing_reaches_a_guest_that_gave_no_credit(tmp_path, loop):
+    """The guest used all its credit and reads no more: the host program's close once went
+    unnoticed (the socket was not watched without credit), and the guest never learnt of
+    it. Its end of stream goes at once; bytes still waiting go first, once there is
+    credit, then the end."""
+    g = Guest(tmp_path, loop)
+    g.buf_alloc = 100
+    client, host_port = g.established()
+    client.sendall(b"x" * 100)
+    assert [p for _, p in g.packets()] == [b"x" * 100]          # no credit left
+    client.close()
+    (hdr, _), = g.packets()
+    assert hdr[6] == OP_SHUTDOWN and hdr[7] == SHUTDOWN_SEND
+    client, host_port = g.established(5001)
+    client.sendall(b"y" * 150)
+    assert [p for _, p in g.packets()] == [b"y" * 100]
+    conn = g.device.conns[(host_port, 5001)]
+    assert conn.held and not conn.reading                       # not watched: no spinning
+    client.close()
+    assert g.packets() == []                                    # 50 bytes wait: not yet
+    g.send(5001, host_port, OP_CREDIT_UPDATE, fwd_cnt=100)
+    got = g.packets()
+    assert [(h[6], p) for h, p in got] == [(OP_RW, b"y" * 50), (OP_SHUTDOWN, b"")]

@@ -164,8 +164,16 @@ class Stream:
     def read_into(self, views):
         """Bytes received into ``views``: a count, 0 at end of stream, None when nothing
         is there now, -1 on an error (reset by the peer)."""
+        return self._receive(lambda: self.sock.recvmsg_into(first_batch(views))[0])
+
+    def peek(self):
+        """``read_into``'s answer without taking a byte: 1 when bytes wait."""
+        return self._receive(lambda: len(self.sock.recv(1, socket.MSG_PEEK)))
+
+    @staticmethod
+    def _receive(call):
         try:
-            return self.sock.recvmsg_into(first_batch(views))[0]
+            return call()
         except AGAIN:
             return None
         except OSError:

@@ -87,6 +87,7 @@ class VsockDevice(Connections, VirtioDevice):
         self._control = collections.deque()      # (host_port, guest_port, op, flags, conn)
         self._control_limit = 4 * max_connections + 64
         self._owed = set()                       # connections owed a dropped credit update
+        self._owed_rst = set()                   # closed, owed an RST the queue had no room for
         self._rx_chain = None                    # a receive buffer popped, not yet filled
         self._starved = collections.deque()      # connections waiting for receive buffers
         self._event_pending = False
@@ -130,6 +131,7 @@ class VsockDevice(Connections, VirtioDevice):
             self._close(conn)
         self._control.clear()
         self._owed.clear()
+        self._owed_rst.clear()
         self._starved.clear()
         self._rx_chain = None
 
@@ -257,7 +259,7 @@ class VsockDevice(Connections, VirtioDevice):
 
     def _queue(self, conn, op, flags=0):
         """Queue a control packet for ``conn``; with the queue full it is dropped (counted),
-        and ``conn``, which cannot go on without it, is closed; a credit update is owed
+        and ``conn``, which cannot go on without it, is reset; a credit update is owed
         instead, queued when there is room (a guest sender waiting at zero credit would
         wait for ever without it)."""
         if op == OP_CREDIT_UPDATE and conn.credit_update_queued:
@@ -267,26 +269,34 @@ class VsockDevice(Connections, VirtioDevice):
             if op == OP_CREDIT_UPDATE:
                 self._owed.add(conn)
             else:
-                self._close(conn)
+                self._reset(conn)
             return
         conn.credit_update_queued |= op == OP_CREDIT_UPDATE
         self._control.append((conn.host_port, conn.guest_port, op, flags, conn))
 
     def _take_owed(self):
-        """Queue the credit updates owed, as far as there is room; True while control
-        packets wait."""
+        """Queue the RSTs and credit updates owed, as far as there is room; True while
+        control packets wait."""
+        while self._owed_rst and len(self._control) < self._control_limit:
+            conn = self._owed_rst.pop()
+            self._queue_rst(*conn.key, conn)
         while self._owed and len(self._control) < self._control_limit:
-            conn = self._owed.pop()
-            if conn.stream is not None:
-                self._queue(conn, OP_CREDIT_UPDATE)
+            self._queue(self._owed.pop(), OP_CREDIT_UPDATE)
         return bool(self._control)
 
-    def _queue_rst(self, host_port, guest_port):
+    def _queue_rst(self, host_port, guest_port, conn=None):
+        """Queue an RST; for ``conn`` (closed already) it carries its counters. With the
+        queue full one for ``conn`` is owed (the guest's socket would stay open for ever
+        without it; it counts against ``max_connections`` until sent), one for no
+        connection dropped."""
         if len(self._control) >= self._control_limit:
-            self.counters["control_dropped"] += 1
+            if conn is None:
+                self.counters["control_dropped"] += 1
+            else:
+                self._owed_rst.add(conn)
             return
         self.counters["rst_sent"] += 1
-        self._control.append((host_port, guest_port, OP_RST, 0, None))
+        self._control.append((host_port, guest_port, OP_RST, 0, conn))
 
     def _rx_buffer(self):
         """The receive buffer to fill next (held until used), or None."""
@@ -308,12 +318,12 @@ class VsockDevice(Connections, VirtioDevice):
         return self._rx_chain
 
     def _send(self, chain, host_port, guest_port, op, flags, conn, length=0):
-        fwd_cnt = 0
+        buf_alloc = fwd_cnt = 0                 # no connection: no buffer (as Linux)
         if conn is not None:
-            fwd_cnt = conn.fwd_cnt & MASK32
+            buf_alloc, fwd_cnt = self.buf_alloc, conn.fwd_cnt & MASK32
             conn.fwd_cnt_sent = conn.fwd_cnt
         HEADER.pack_into(self._hdr, 0, HOST_CID, self.cid, host_port, guest_port, length,
-                         TYPE_STREAM, op, flags, self.buf_alloc, fwd_cnt)
+                         TYPE_STREAM, op, flags, buf_alloc, fwd_cnt)
         scatter(self._hdr, chain.writable)
         self._rx_chain = None
         self.queues[RX].add_used(chain, HEADER_LEN + length)
@@ -355,6 +365,9 @@ class VsockDevice(Connections, VirtioDevice):
         for _ in range(READS_PER_CALLBACK):
             if conn.stream is None or not conn.wants_input():
                 break
+            if not conn.peer_credit():
+                self._peek(conn)
+                break
             chain = self._rx_buffer()
             if chain is None:
                 self._starve(conn)
@@ -367,17 +380,12 @@ class VsockDevice(Connections, VirtioDevice):
                 self.queues[RX].add_used(chain, 0)
                 sent = True                 # returned: the guest is told below
                 continue
+            conn.held = False
             n = conn.stream.read_into(truncate(skip(chain.writable, HEADER_LEN), room))
             if n is None:
                 break
-            if n < 0:
-                self._reset(conn)
-                break
-            if n == 0:
-                conn.host_eof = True
-                self._queue(conn, OP_SHUTDOWN, SHUTDOWN_SEND)
-                self._flush_control()
-                self._drained(conn)
+            if n <= 0:
+                self._ended(conn, n)
                 break
             self._send(chain, conn.host_port, conn.guest_port, OP_RW, 0, conn, n)
             conn.tx_cnt += n
@@ -388,6 +396,26 @@ class VsockDevice(Connections, VirtioDevice):
         if conn.stream is not None:
             self._update_reader(conn)
         self._flush_control()
+
+    def _peek(self, conn):
+        """No credit: bytes waiting hold the socket unwatched until there is; its end (or
+        an error) reaches the guest at once."""
+        n = conn.stream.peek()
+        if n is None:
+            return
+        conn.held = n > 0
+        if not conn.held:
+            self._ended(conn, n)
+
+    def _ended(self, conn, n):
+        """The socket's peer shut its writing side (``n`` 0) or it failed (-1)."""
+        if n < 0:
+            self._reset(conn)
+            return
+        conn.host_eof = True
+        self._queue(conn, OP_SHUTDOWN, SHUTDOWN_SEND)
+        self._flush_control()
+        self._drained(conn)
 
     def _starve(self, conn):
         if conn not in self._starved:

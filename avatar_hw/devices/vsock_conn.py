@@ -14,7 +14,8 @@ It sends a CREDIT_UPDATE when the guest may be short of credit (half of it
 used and some freed) and for every CREDIT_REQUEST. Towards the guest it
 never sends more than ``buf_alloc - (tx_cnt - fwd_cnt)`` of the guest's
 last header: with no credit (or no receive buffers) it stops reading the
-Unix socket, so the host writer blocks in its socket.
+Unix socket, so the host writer blocks in its socket. Without credit it still
+watches a socket with no bytes waiting, so that its end reaches the guest.
 
 Shutdown: the guest's SHUTDOWN SEND half-closes the Unix socket once the
 FIFO is empty; SHUTDOWN RCV stops reading it and shuts its reading side (the host
@@ -26,7 +27,8 @@ until then the connection is DRAINING, off the table but counted in
 guest; an error on it, RST.
 Control packets to the guest wait (at most ``4 * max_connections + 64``;
 beyond that they are dropped and counted, and a connection that needed one
-is closed) until the guest gives receive buffers, and always go before data.
+is reset; its RST, like a credit update, is owed and queued once there is room)
+until the guest gives receive buffers, and always go before data.
 """
 
 import errno
@@ -68,6 +70,7 @@ class Connection:
         self.peer_buf_alloc = self.peer_fwd_cnt = 0
         self.guest_shut = 0        # SHUTDOWN flags from the guest, cumulative
         self.host_eof = False      # the socket's peer shut its writing side
+        self.held = False          # bytes wait in the socket for the guest's credit
         self.reading = False       # its reader is registered
         self.writing = False       # its writer is registered
         self.credit_update_queued = False
@@ -84,9 +87,11 @@ class Connection:
         return max(0, self.peer_buf_alloc - in_flight)
 
     def wants_input(self):
-        """Should the socket be read (guest connected, willing and with credit)?"""
+        """Should the socket be watched (guest connected and willing; with credit, or
+        without it while no bytes are known to wait, for the end of stream)?"""
         return (self.state == ESTABLISHED and not self.host_eof
-                and not self.guest_shut & SHUTDOWN_RCV and self.peer_credit() > 0)
+                and not self.guest_shut & SHUTDOWN_RCV
+                and (self.peer_credit() > 0 or not self.held))
 
 
 class Connections:
@@ -116,7 +121,7 @@ class Connections:
 
     def _open(self):
         """Connections counted against ``max_connections``."""
-        return len(self.conns) + len(self.greeting) + len(self._draining)
+        return len(self.conns) + len(self.greeting) + len(self._draining) + len(self._owed_rst)
 
     def _time_out_later(self, conn):
         conn.timer = self.loop.call_later(self.connect_timeout, lambda: self._timed_out(conn))
@@ -238,7 +243,9 @@ class Connections:
         conn.stream = None
 
     def _unlist(self, conn):
-        """``conn`` off the table: no timer, no reading its socket, not starved."""
+        """``conn`` off the table: no timer, no reading its socket, not starved, owed no
+        credit update."""
+        self._owed.discard(conn)
         if conn.timer is not None:
             self.loop.cancel(conn.timer)
             conn.timer = None
@@ -258,15 +265,13 @@ class Connections:
             self._close(conn)
             return
         self._unlist(conn)
-        self._owed.discard(conn)
         conn.state = DRAINING
         self._draining.add(conn)
 
     def _reset(self, conn):
         """Close ``conn`` and send the guest RST for it."""
-        key = conn.key
         self._close(conn)
-        self._queue_rst(*key)
+        self._queue_rst(*conn.key, conn)
 
     # -- guest bytes to the socket ---------------------------------------------------------------
 
