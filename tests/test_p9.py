@@ -607,6 +607,21 @@ def test_dotdot_at_the_root_stays_at_the_root(fs, share):
     assert "hello.txt" in fs.listdir(3)
 
 
+def test_readdir_of_the_root_shows_no_inode_above_it(fs, share):
+    """The root's ``..`` entry is the root itself, as on a disk's root: it showed the inode
+    of the host folder above the share (and with the share's device, a qid that could be
+    another file's)."""
+    root_ino, parent_ino = os.stat(share).st_ino, os.stat(share.parent).st_ino
+    fs.walk(ROOT_FID, 2)
+    fs.lopen(2)
+    qids = {name: qid[2] for name, _, qid in fs.readdir(2)}
+    assert qids["."] == qids[".."] == root_ino
+    assert parent_ino not in qids.values()
+    fs.walk(ROOT_FID, 3, "sub")
+    fs.lopen(3)
+    assert {name: qid[2] for name, _, qid in fs.readdir(3)}[".."] == root_ino
+
+
 @pytest.mark.parametrize("name", ["/etc", "../secret", "sub/..", "a\0b", ""])
 def test_names_that_are_not_one_component_are_refused(fs, name):
     assert errno_of(fs.walk, ROOT_FID, 2, name) == errno.EINVAL
