@@ -435,6 +435,40 @@ def test_setattr_truncates_and_changes_mode_and_times(fs, share):
     assert (share / "hello.txt").stat().st_mtime_ns == 1000000 * 10**9 + 5
 
 
+@contextlib.contextmanager
+def without_root(folder):
+    """The daemon without root's rights (file permissions apply to it) while inside: as
+    nobody, the owner of ``folder``, if it runs as root."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.chown(folder, 65534, 65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_setattr_size_of_a_fid_open_for_writing_truncates_its_own_descriptor(fs, share):
+    """ftruncate(fd) in the guest (Linux sends Tsetattr on the open file's fid) of a file
+    whose mode does not let the daemon open it for writing (open(O_CREAT | O_WRONLY, 0444))
+    or that is unlinked: the fid's own descriptor is truncated, as on a local disk (a reopening
+    for writing was EACCES)."""
+    fs.walk(ROOT_FID, 2)
+    with without_root(share):
+        fs.lcreate(2, "ro", flags=os.O_WRONLY, mode=0o444)
+        fs.write(2, 0, b"x" * 100)
+        fs.setattr(2, p.SA_SIZE, size=10)
+        assert fs.getattr(2)["size"] == 10
+        fs.unlinkat(ROOT_FID, "ro")
+        fs.setattr(2, p.SA_SIZE, size=0)
+        assert fs.getattr(2)["size"] == 0
+        fs.walk(ROOT_FID, 3)
+        fs.lcreate(3, "w", flags=os.O_RDONLY, mode=0o444)
+        assert errno_of(fs.setattr, 3, p.SA_SIZE, size=1) == errno.EACCES
+
+
 def test_setattr_nanoseconds_out_of_range_are_einval(fs, share):
     """A time given with 10^9 nanoseconds or more is EINVAL, as utimensat answers (QEMU
     passes them to it), not folded into the seconds; nothing of the request is done. The

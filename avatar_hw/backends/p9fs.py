@@ -411,11 +411,7 @@ class P9Server(OpenFiles):
         if valid & SA_SIZE:
             if not stat.S_ISREG(st.st_mode):
                 raise P9Error(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL)
-            opened = reopen(fd, os.O_WRONLY)         # not a path: no wait on a lease
-            try:
-                os.ftruncate(opened, size)
-            finally:
-                os.close(opened)
+            self._truncate(fid, size)
         if valid & SA_MODE:
             if link:
                 raise P9Error(errno.EOPNOTSUPP)
@@ -433,6 +429,20 @@ class P9Server(OpenFiles):
             atime, mtime = (now if atime is None else atime), (now if mtime is None else mtime)
             os.utime(proc(fd), ns=(atime, mtime))
         return b""
+
+    @staticmethod
+    def _truncate(fid, size):
+        """Tsetattr's size: on the fid's own descriptor if it is open for writing (the guest's
+        ftruncate(fd): the file may be unlinked, or its mode no longer let it be opened for
+        writing), else on a reopening (not a path: no wait on a lease)."""
+        if fid.writable:
+            os.ftruncate(fid.open_fd, size)
+            return
+        opened = reopen(fid.path_fd, os.O_WRONLY)
+        try:
+            os.ftruncate(opened, size)
+        finally:
+            os.close(opened)
 
     def statfs(self, r):
         fid = self.fid(r.take("I"))
