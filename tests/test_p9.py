@@ -673,6 +673,9 @@ def test_dot_names_cannot_be_created_or_removed(fs):
 def test_long_names_are_refused(fs):
     assert errno_of(fs.walk, ROOT_FID, 2, "x" * 256) == errno.ENAMETOOLONG
     assert errno_of(fs.lcreate, ROOT_FID, "x" * 4000) == errno.ENAMETOOLONG
+    assert errno_of(fs.symlink, ROOT_FID, "l", "x" * 4096) == errno.ENAMETOOLONG  # symlink(2)'s
+    assert errno_of(fs.symlink, ROOT_FID, "l", "") == errno.ENOENT                # answers
+    fs.symlink(ROOT_FID, "l", "x" * 4095)
 
 
 def test_symlinks_are_never_followed_by_the_server(fs, share, tmp_path):
