@@ -4,7 +4,8 @@ Tread, Twrite, Tfsync, Treaddir, and the xattr fids read and written like files
 
 Reads and writes move with ``preadv``/``pwritev`` straight between the file and the
 guest's buffers; readdir reads the directory with ``getdents64`` at the kernel's
-offsets (no listing kept) and writes its entries straight into the guest's buffers; xattr values are at most 64 KiB, 1 MiB held by all fids.
+offsets (no listing kept) and writes its entries straight into the guest's buffers;
+xattr values are at most 64 KiB, 1 MiB held by all fids.
 """
 
 import ctypes
