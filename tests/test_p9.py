@@ -435,6 +435,40 @@ def test_setattr_truncates_and_changes_mode_and_times(fs, share):
     assert (share / "hello.txt").stat().st_mtime_ns == 1000000 * 10**9 + 5
 
 
+@contextlib.contextmanager
+def without_root(folder):
+    """The daemon without root's rights (file permissions apply to it) while inside: as
+    nobody, the owner of ``folder``, if it runs as root."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.chown(folder, 65534, 65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_setattr_size_of_a_fid_open_for_writing_truncates_its_own_descriptor(fs, share):
+    """ftruncate(fd) in the guest (Linux sends Tsetattr on the open file's fid) of a file
+    whose mode does not let the daemon open it for writing (open(O_CREAT | O_WRONLY, 0444))
+    or that is unlinked: the fid's own descriptor is truncated, as on a local disk (a reopening
+    for writing was EACCES)."""
+    fs.walk(ROOT_FID, 2)
+    with without_root(share):
+        fs.lcreate(2, "ro", flags=os.O_WRONLY, mode=0o444)
+        fs.write(2, 0, b"x" * 100)
+        fs.setattr(2, p.SA_SIZE, size=10)
+        assert fs.getattr(2)["size"] == 10
+        fs.unlinkat(ROOT_FID, "ro")
+        fs.setattr(2, p.SA_SIZE, size=0)
+        assert fs.getattr(2)["size"] == 0
+        fs.walk(ROOT_FID, 3)
+        fs.lcreate(3, "w", flags=os.O_RDONLY, mode=0o444)
+        assert errno_of(fs.setattr, 3, p.SA_SIZE, size=1) == errno.EACCES
+
+
 def test_setattr_nanoseconds_out_of_range_are_einval(fs, share):
     """A time given with 10^9 nanoseconds or more is EINVAL, as utimensat answers (QEMU
     passes them to it), not folded into the seconds; nothing of the request is done. The
@@ -607,6 +641,21 @@ def test_dotdot_at_the_root_stays_at_the_root(fs, share):
     assert "hello.txt" in fs.listdir(3)
 
 
+def test_readdir_of_the_root_shows_no_inode_above_it(fs, share):
+    """The root's ``..`` entry is the root itself, as on a disk's root: it showed the inode
+    of the host folder above the share (and with the share's device, a qid that could be
+    another file's)."""
+    root_ino, parent_ino = os.stat(share).st_ino, os.stat(share.parent).st_ino
+    fs.walk(ROOT_FID, 2)
+    fs.lopen(2)
+    qids = {name: qid[2] for name, _, qid in fs.readdir(2)}
+    assert qids["."] == qids[".."] == root_ino
+    assert parent_ino not in qids.values()
+    fs.walk(ROOT_FID, 3, "sub")
+    fs.lopen(3)
+    assert {name: qid[2] for name, _, qid in fs.readdir(3)}[".."] == root_ino
+
+
 @pytest.mark.parametrize("name", ["/etc", "../secret", "sub/..", "a\0b", ""])
 def test_names_that_are_not_one_component_are_refused(fs, name):
     assert errno_of(fs.walk, ROOT_FID, 2, name) == errno.EINVAL
@@ -624,6 +673,9 @@ def test_dot_names_cannot_be_created_or_removed(fs):
 def test_long_names_are_refused(fs):
     assert errno_of(fs.walk, ROOT_FID, 2, "x" * 256) == errno.ENAMETOOLONG
     assert errno_of(fs.lcreate, ROOT_FID, "x" * 4000) == errno.ENAMETOOLONG
+    assert errno_of(fs.symlink, ROOT_FID, "l", "x" * 4096) == errno.ENAMETOOLONG  # symlink(2)'s
+    assert errno_of(fs.symlink, ROOT_FID, "l", "") == errno.ENOENT                # answers
+    fs.symlink(ROOT_FID, "l", "x" * 4095)
 
 
 def test_symlinks_are_never_followed_by_the_server(fs, share, tmp_path):

@@ -336,11 +336,10 @@ class P9Server(OpenFiles):
         dfid, name, target, gid = r.take("I"), r.string(), r.string(), r.take("I")
         fid = self.fid(dfid)
         name_ok(name)
-        if not target or len(target) > 4095:
-            raise P9Error(errno.EINVAL)
         self.writes()
         self.under_root(fid)
-        os.symlink(target, name, dir_fd=fid.path_fd)     # stored, never followed here
+        os.symlink(target, name, dir_fd=fid.path_fd)     # stored, never followed here (ENOENT
+        # for an empty target, ENAMETOOLONG for one of PATH_MAX bytes or more: symlink(2)'s)
         return self._created(fid.path_fd, name, fid.uid, gid, 0o777)
 
     def mknod(self, r):
@@ -411,11 +410,7 @@ class P9Server(OpenFiles):
         if valid & SA_SIZE:
             if not stat.S_ISREG(st.st_mode):
                 raise P9Error(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL)
-            opened = reopen(fd, os.O_WRONLY)         # not a path: no wait on a lease
-            try:
-                os.ftruncate(opened, size)
-            finally:
-                os.close(opened)
+            self._truncate(fid, size)
         if valid & SA_MODE:
             if link:
                 raise P9Error(errno.EOPNOTSUPP)
@@ -433,6 +428,20 @@ class P9Server(OpenFiles):
             atime, mtime = (now if atime is None else atime), (now if mtime is None else mtime)
             os.utime(proc(fd), ns=(atime, mtime))
         return b""
+
+    @staticmethod
+    def _truncate(fid, size):
+        """Tsetattr's size: on the fid's own descriptor if it is open for writing (the guest's
+        ftruncate(fd): the file may be unlinked, or its mode no longer let it be opened for
+        writing), else on a reopening (not a path: no wait on a lease)."""
+        if fid.writable:
+            os.ftruncate(fid.open_fd, size)
+            return
+        opened = reopen(fid.path_fd, os.O_WRONLY)
+        try:
+            os.ftruncate(opened, size)
+        finally:
+            os.close(opened)
 
     def statfs(self, r):
         fid = self.fid(r.take("I"))

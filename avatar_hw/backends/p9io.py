@@ -4,7 +4,8 @@ Tread, Twrite, Tfsync, Treaddir, and the xattr fids read and written like files
 
 Reads and writes move with ``preadv``/``pwritev`` straight between the file and the
 guest's buffers; readdir reads the directory with ``getdents64`` at the kernel's
-offsets (no listing kept) and writes its entries straight into the guest's buffers; xattr values are at most 64 KiB, 1 MiB held by all fids.
+offsets (no listing kept) and writes its entries straight into the guest's buffers;
+xattr values are at most 64 KiB, 1 MiB held by all fids.
 """
 
 import ctypes
@@ -198,6 +199,7 @@ class OpenFiles:
             raise P9Error(errno.EINVAL)
         os.lseek(fid.open_fd, offset, os.SEEK_SET)
         dev = st.st_dev                             # a mount point's entry has its own below
+        top = (dev, st.st_ino) == self.folder.root_id   # its "..": the host's parent, not shown
         dents, names = self._dents, self._dents_view
         # room for one record at least: getdents64 fails (EINVAL) below it; what does not fit
         # ``count`` is left out below, and the guest's next offset reads it again
@@ -217,6 +219,8 @@ class OpenFiles:
                 break
             if total + length > room:
                 raise P9Error(errno.ERANGE)
+            if top and names[start:end] == b"..":
+                ino = st.st_ino                     # the root's ".." is itself, as on a disk's
             kind = QTDIR if d_type == 4 else QTSYMLINK if d_type == 10 else QTFILE
             path = self.qid_path(dev, ino)
             staged = at + length > len(view)
