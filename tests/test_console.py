@@ -4,6 +4,7 @@ import fcntl
 import hashlib
 import importlib
 import os
+import select
 import subprocess
 import sys
 import socket
@@ -714,14 +715,25 @@ def test_output_printed_while_a_new_client_is_held_reaches_it_and_comes_back(loo
         b.subsystem.close()
 
 
+def slow_socket_opens(monkeypatch):
+    """pyserial's socket:// open takes 50 ms more before it empties its input (a loaded
+    machine's client)."""
+    from serial.urlhandler import protocol_socket
+
+    configure = protocol_socket.Serial._reconfigure_port
+
+    def slow_open(port, *args, **kwargs):
+        time.sleep(0.05)
+        return configure(port, *args, **kwargs)
+    monkeypatch.setattr(protocol_socket.Serial, "_reconfigure_port", slow_open)
+
+
 def test_output_logged_before_a_pyserial_socket_client_came_reaches_it(loop, monkeypatch):
     """pyserial's socket:// open (labgrid's NetworkSerialPort, ``protocol: raw``) empties
     its input right after connecting: the log sent at the accept was lost whenever the
     client's Python was slower than the daemon, as here (a client held 50 ms in its open,
     as a loaded machine does). The endpoint's first output waits ``OPENER_HOLD_S``: 3 s
     here, not 0.25 s, so that a stall of this test's client does not outlast it."""
-    from serial.urlhandler import protocol_socket
-
     monkeypatch.setattr(tcp, "OPENER_HOLD_S", 3.0)     # read by open_url
     ep = open_endpoint("tcp:127.0.0.1:0")
     b = VirtioBench(ConsoleDevice(ConsoleBackend([ep])), loop=loop, ram_size=4 << 20)
@@ -730,12 +742,7 @@ def test_output_logged_before_a_pyserial_socket_client_came_reaches_it(loop, mon
     tx.notify()
     loop.run_once(0)
     assert tx.get_used()                                  # nobody attached: logged at once
-    configure = protocol_socket.Serial._reconfigure_port
-
-    def slow_open(port, *args, **kwargs):
-        time.sleep(0.05)
-        return configure(port, *args, **kwargs)
-    monkeypatch.setattr(protocol_socket.Serial, "_reconfigure_port", slow_open)
+    slow_socket_opens(monkeypatch)
     opened = {}
     thread = threading.Thread(target=lambda: opened.setdefault(
         "port", serial.serial_for_url(pyserial_url(ep.url), timeout=0.05)))
@@ -752,6 +759,66 @@ def test_output_logged_before_a_pyserial_socket_client_came_reaches_it(loop, mon
     finally:
         port.close()
         b.subsystem.close()
+
+
+def test_a_refused_pyserial_socket_client_gets_the_refusal_line(loop, monkeypatch):
+    """The refusal went out at the accept, and pyserial's socket:// open, emptying its
+    input, discarded it whenever the client was slower than the daemon (50 ms here):
+    ``avatar-hw console`` saw a peer close without a word, printed its header, then an
+    error line. The line is sent ``OPENER_HOLD_S`` after the accept now."""
+    from avatar_hw import terminal
+
+    ep = open_endpoint("tcp:127.0.0.1:0")
+    b = VirtioBench(ConsoleDevice(ConsoleBackend([ep])), loop=loop, ram_size=4 << 20)
+    first = socket.create_connection(("127.0.0.1", int(ep.url.rpartition(":")[2])))
+    while not ep.connected:
+        loop.run_once(0.01)
+    slow_socket_opens(monkeypatch)
+    result = {}
+
+    def refused_client():
+        port = serial.serial_for_url(pyserial_url(ep.url), timeout=0.05)
+        result["first"] = terminal.first_output(port, 10)
+        port.close()
+    thread = threading.Thread(target=refused_client)
+    thread.start()
+    while thread.is_alive():
+        loop.run_once(0.005)
+    try:
+        line = terminal.refusal(*result["first"])
+        assert line is not None and "already has a client" in line
+        assert ep.connected                                   # the first client kept it
+    finally:
+        first.close()
+        b.subsystem.close()
+
+
+def test_refused_clients_waiting_for_their_line_are_bounded(loop):
+    """Past ``MAX_REFUSING`` refused clients waiting, the next is refused at once; closing
+    the endpoint sends every waiting line."""
+    ep = open_endpoint("tcp:127.0.0.1:0")
+    b = VirtioBench(ConsoleDevice(ConsoleBackend([ep])), loop=loop, ram_size=4 << 20)
+    address = ("127.0.0.1", int(ep.url.rpartition(":")[2]))
+    clients = [socket.create_connection(address)]
+    while not ep.connected:
+        loop.run_once(0.01)
+    for _ in range(server.MAX_REFUSING + 1):     # one at a time: the backlog is 1
+        clients.append(socket.create_connection(address))
+        while select.select([ep.listener], [], [], 0)[0]:
+            loop.run_once(0)
+    last, deadline = clients[-1], time.monotonic() + 10
+    last.setblocking(False)
+    while not select.select([last], [], [], 0)[0]:
+        assert time.monotonic() < deadline, "the last one was not refused at once"
+        loop.run_once(0.01)
+    assert len(ep._refusing) == server.MAX_REFUSING
+    assert b"already has a client" in last.recv(4096)
+    b.subsystem.close()
+    for client in clients[1:-1]:
+        client.settimeout(10)
+        assert client.recv(4096).startswith(b"avatar-hw: tcp:")
+    for client in clients:
+        client.close()
 
 
 def test_log_file_and_pty_at_once(tmp_path, loop):

@@ -25,7 +25,10 @@ from avatar_hw.virtio import constants as c
 from test_console import Progress
 
 IAC, SB, SE = 0xFF, 0xFA, 0xF0
-NEGOTIATION = {0xFB, 0xFC, 0xFD, 0xFE}           # WILL, WONT, DO, DONT
+WILL, WONT, DO, DONT = 0xFB, 0xFC, 0xFD, 0xFE
+NEGOTIATION = {WILL, WONT, DO, DONT}
+BINARY = 0
+BINARY_BOTH_WAYS = bytes([IAC, WILL, BINARY, IAC, DO, BINARY])    # RFC 856: 8-bit clean
 
 
 @pytest.fixture
@@ -143,8 +146,9 @@ def telnet_data(stream, state):
 
 
 def test_4_mib_each_way_with_stalls_nothing_lost(served, loop):
-    """A raw Telnet client that stops reading, and a guest that posts no receive buffers,
-    for a while: both sides wait, buffers stay bounded, every byte arrives once."""
+    """A raw Telnet client (in BINARY both ways) that stops reading, and a guest that posts
+    no receive buffers, for a while: both sides wait, buffers stay bounded, every byte
+    arrives once."""
     bench, endpoint = served
     total, chunk = 4 << 20, 16 << 10
     rx, tx = bench.driver.init([0, 1], buf_size=chunk, size=64)
@@ -157,7 +161,7 @@ def test_4_mib_each_way_with_stalls_nothing_lost(served, loop):
     endpoint.client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
     out_data = os.urandom(total)                                   # guest -> client
     in_data = os.urandom(total)                                    # client -> guest
-    escaped_in = in_data.replace(b"\xff", b"\xff\xff")
+    escaped_in = BINARY_BOTH_WAYS + in_data.replace(b"\xff", b"\xff\xff")
     sent_guest = sent_host = tx_used = 0
     got_host, got_guest, state = bytearray(), hashlib.sha256(), {}
     got_guest_n = 0
@@ -201,6 +205,56 @@ def test_4_mib_each_way_with_stalls_nothing_lost(served, loop):
     assert not stalled
     assert bytes(got_host) == out_data
     assert got_guest_n == total and got_guest.digest() == hashlib.sha256(in_data).digest()
+
+
+def guest_writes(bench, loop, tx, data):
+    """The guest sends ``data``; serve until its buffer came back (all of it sent)."""
+    tx.post(readable=[data])
+    tx.notify()
+    used = []
+    spin_until(loop, lambda: used.extend(tx.get_used()) or used)
+
+
+def test_a_client_that_refuses_binary_gets_the_nvt_cr_rule_both_ways(served, loop):
+    """RFC 854: outside BINARY a lone CR travels as CR NUL. The guest's lone CR reached a
+    plain telnet client as a bare CR, and the client's CR NUL (its Enter) reached the guest
+    as CR NUL; 0xFF is still doubled, CR LF stays CR LF."""
+    bench, endpoint = served
+    rx, tx = bench.driver.init([0, 1])
+    client = raw_client(endpoint)
+    client.send(bytes([IAC, DONT, BINARY, IAC, WONT, BINARY]))
+    spin_until(loop, lambda: endpoint.client is not None)
+    endpoint._release()                                     # no hold: a telnet never purges
+    guest_writes(bench, loop, tx, b"a\rb\r\nc\xff\r")
+    got, state = bytearray(), {}
+    spin_until(loop, lambda: got.extend(telnet_data(received(client), state)) or
+               len(got) >= 10)
+    assert bytes(got) == b"a\r\0b\r\nc\xff\r\0"
+    client.send(b"ls\r")
+    loop.run_once(0.01)
+    client.send(b"\0x\r\n\0\r\r\0")                  # CR NUL across two sends
+    assert guest_reads(loop, rx, 9) == b"ls\rx\r\n\0\r\r"
+    client.close()
+
+
+def test_a_pyserial_client_is_binary_both_ways_cr_and_nul_untouched(served, loop):
+    """pyserial's rfc2217:// client agrees to BINARY both ways: no NUL is added after the
+    guest's CR nor taken from the client's CR NUL."""
+    bench, endpoint = served
+    rx, tx = bench.driver.init([0, 1])
+    client = pyserial_client(loop, endpoint)
+    try:
+        guest_writes(bench, loop, tx, b"\r\xff\r")
+        got = bytearray()
+        spin_until(loop, lambda: got.extend(client.read(client.in_waiting or 1)) or
+                   len(got) >= 3)
+        loop.run_once(0.05)
+        got += client.read(client.in_waiting)
+        assert bytes(got) == b"\r\xff\r"
+        client.write(b"\r\0\r")
+        assert guest_reads(loop, rx, 3) == b"\r\0\r"
+    finally:
+        client.close()
 
 
 def test_negotiation_is_answered_while_the_guest_takes_no_input(served, loop):

@@ -6,12 +6,15 @@ unless a host is given (``rfc2217:0.0.0.0:4560`` for every interface), one
 client at a time; port 0 picks a free port, and ``url`` then names the real
 one (what ``avatar-hw info`` shows and ``avatar-hw console`` connects to).
 
-The Telnet and RFC 2217 protocol is pyserial's ``PortManager``: the client's
-bytes go through ``PortManager.filter`` (negotiations and COM-port
+The Telnet and RFC 2217 protocol is pyserial's ``PortManager`` (``TelnetSession``): the
+client's bytes go through ``PortManager.filter`` (negotiations and COM-port
 subnegotiations are answered, IAC IAC becomes one 0xFF byte), output has
-each 0xFF doubled. The "serial port" the client configures is ``GuestLine``:
-settings are accepted and reported back (a virtio console has no baud rate),
-the modem lines read as a connected cable.
+each 0xFF doubled. BINARY (RFC 856) is asked for both ways, as pyserial's clients
+agree to; a direction the client keeps out of it follows the NVT's rule (RFC 854): a
+lone CR goes out as CR NUL, and a CR NUL from the client reaches the guest as CR.
+The "serial port" the client configures is ``GuestLine``: settings are accepted and
+reported back (a virtio console has no baud rate), the modem lines read as a connected
+cable.
 
 Flow control is the ``tcp:`` endpoint's, with escaping in between: output
 is taken from the stream in chunks of at most ``CHUNK`` bytes, each escaped
@@ -47,6 +50,7 @@ for a client that never sends one (telnet); Telnet replies are not held.
 """
 
 import logging
+import re
 import types
 
 from serial import rfc2217
@@ -66,6 +70,7 @@ RAW_LIMIT = 65536
 SUBOPTION_LIMIT = 4096      # bytes of one subnegotiation, at most (RFC 2217's: a few)
 HOLD_S = 1.0                # at most this long after a client connects, no output (docstring)
 NO_REPLIES = types.SimpleNamespace(write=lambda data: None)     # a departed client's
+LONE_CR = re.compile(rb"\r(?!\n)")   # a CR an NVT sends as CR NUL (a chunk's last one too)
 
 
 class ProtocolError(Exception):
@@ -93,6 +98,39 @@ class GuestLine:
             self.opened()
 
 
+class TelnetSession(rfc2217.PortManager):
+    """pyserial's ``PortManager`` that also asks for BINARY our way (it asks only the
+    client's), and applies the NVT's CR NUL rule to a direction not in BINARY."""
+
+    def __init__(self, line, connection, logger):
+        super().__init__(line, connection, logger=logger)
+        self._options = {option.name: option for option in self._telnet_options}
+        ours = self._options["we-BINARY"]
+        ours.state = rfc2217.REQUESTED
+        self.telnet_send_option(ours.send_yes, ours.option)
+        self._after_cr = False              # the client's last data byte was a CR
+
+    def data(self, raw):
+        """The client's data bytes in ``raw``, as they come (a generator: what came before
+        an error ``filter`` raises is had); a NUL after a CR goes while not in BINARY."""
+        binary = self._options["they-BINARY"]
+        if (self.mode == rfc2217.M_NORMAL and self.suboption is None and IAC not in raw
+                and (binary.active or b"\0" not in raw)):
+            self._after_cr = raw.endswith(b"\r")
+            yield raw                       # plain data: no filtering needed
+            return
+        for byte in self.filter(raw):
+            if byte != b"\0" or not self._after_cr or binary.active:
+                yield byte
+            self._after_cr = byte == b"\r"
+
+    def escape(self, data):
+        """``data`` as the client is sent it: each 0xFF doubled, and while not in BINARY
+        each CR not followed by LF followed by NUL."""
+        data = data.replace(b"\xff", b"\xff\xff")
+        return data if self._options["we-BINARY"].active else LONE_CR.sub(b"\r\0", data)
+
+
 class ProtocolLog:
     """``PortManager``'s logger: what a client can make it say is rate-limited (an
     endpoint's count outlives its clients)."""
@@ -116,8 +154,8 @@ class Rfc2217Endpoint(SocketServerEndpoint):
         self._raw = bytearray()             # Telnet replies not yet sent
 
     def _connected(self):
-        self.protocol = rfc2217.PortManager(
-            self.line, types.SimpleNamespace(write=self.write_raw), logger=self._protocol_log)
+        self.protocol = TelnetSession(self.line, types.SimpleNamespace(write=self.write_raw),
+                                      self._protocol_log)
 
     def _opened(self):
         """The client's open is done (its last purge, inside ``PortManager.filter``): its
@@ -158,7 +196,7 @@ class Rfc2217Endpoint(SocketServerEndpoint):
             elif self.position < stream.tail and self._held is None:
                 data = b"".join(stream.views_from(self.position, CHUNK))
                 self._chunk_source = len(data)
-                self._chunk = memoryview(data.replace(b"\xff", b"\xff\xff"))
+                self._chunk = memoryview(self.protocol.escape(data))
             else:
                 break
         if self._own_stream:
@@ -188,11 +226,8 @@ class Rfc2217Endpoint(SocketServerEndpoint):
         if not raw:
             self._input_gone(None)
             return False
-        if manager.mode == rfc2217.M_NORMAL and manager.suboption is None and IAC not in raw:
-            self._input += raw                   # plain data: no filtering needed
-            return True
         try:
-            for byte in manager.filter(raw):    # what came before an error is kept
+            for byte in manager.data(raw):      # what came before an error is kept
                 self._input += byte
             if manager.suboption is not None and len(manager.suboption) > SUBOPTION_LIMIT:
                 raise ProtocolError(f"a subnegotiation longer than {SUBOPTION_LIMIT} bytes")

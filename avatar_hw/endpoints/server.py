@@ -18,6 +18,7 @@ BUSY = ("avatar-hw: {url} already has a client (one at a time, so that no typing
 WAITING = ("avatar-hw: {url}: what earlier clients typed still waits for the guest to read "
            "it: try again later\r\n")
 MAX_DEPARTED = 4            # clients gone whose input the guest has not read yet, at most
+MAX_REFUSING = 8            # refused clients waiting for their line (``refuse_after``), at most
 
 
 class SocketServerEndpoint(Endpoint):
@@ -33,10 +34,13 @@ class SocketServerEndpoint(Endpoint):
     A new client gets no output for ``hold_s`` seconds (or until ``_release()``): a
     client that empties its input as its open ends (pyserial's ``socket://`` and
     ``rfc2217://``, so labgrid's NetworkSerialPort) would otherwise discard the output
-    sent at the connection, the unattached log first.
+    sent at the connection, the unattached log first. For the same reason a refused
+    client gets its line ``refuse_after`` seconds after it connected (pyserial's
+    ``socket://`` discarded it, and ``avatar-hw console`` saw a peer that closed without a
+    word); ``MAX_REFUSING`` wait so at most, more are refused at once.
     """
 
-    def __init__(self, url, listener, limit, unlink=None, hold_s=0.0):
+    def __init__(self, url, listener, limit, unlink=None, hold_s=0.0, refuse_after=0.0):
         super().__init__(url, limit)
         self.listener = listener
         self.listener.setblocking(False)
@@ -45,6 +49,8 @@ class SocketServerEndpoint(Endpoint):
         self._departed = collections.deque()    # (socket, protocol) of clients gone
         self._unlink = unlink
         self.hold_s = hold_s
+        self.refuse_after = refuse_after
+        self._refusing = {}                 # refused socket -> the timer that sends its line
 
     def attach(self, loop, on_input, on_drained, on_connection=None):
         super().attach(loop, on_input, on_drained, on_connection)
@@ -62,6 +68,9 @@ class SocketServerEndpoint(Endpoint):
     def detach(self):
         if self._loop is not None:
             self._loop.remove_reader(self.listener.fileno())
+            for sock, (timer, line) in list(self._refusing.items()):
+                self._loop.cancel(timer)
+                self._refuse(sock, line)
         super().detach()
 
     def _accept(self):
@@ -75,11 +84,13 @@ class SocketServerEndpoint(Endpoint):
             log.info("%s: client %s refused: %s", self, peer or "(unix)",
                      "another client is connected" if refusal is BUSY else
                      "earlier clients' input waits")
-            try:
-                sock.send(refusal.format(url=self.url).encode(), socket.MSG_DONTWAIT)
-            except OSError:
-                pass
-            sock.close()
+            line = refusal.format(url=self.url).encode()
+            if self.refuse_after and len(self._refusing) < MAX_REFUSING:
+                timer = self._loop.call_later(self.refuse_after,
+                                              lambda: self._refuse(sock, line))
+                self._refusing[sock] = timer, line
+            else:
+                self._refuse(sock, line)
             return
         if self.client is not None:
             self._drop_client("a hang-up not seen before", keep_input=True)
@@ -93,6 +104,15 @@ class SocketServerEndpoint(Endpoint):
         log.info("%s: client %s connected", self, peer or "(unix)")
         if self._on_connection is not None:
             self._on_connection()
+
+    def _refuse(self, sock, line):
+        """Send a refused client its one line and close it."""
+        self._refusing.pop(sock, None)
+        try:
+            sock.send(line, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        sock.close()
 
     def _connected(self):
         """A new client is ``self.client``, before anything is sent to it (a protocol's

@@ -6,7 +6,8 @@ A new client gets its first output ``OPENER_HOLD_S`` (0.25 s) after it connected
 pyserial's ``socket://`` open (labgrid's NetworkSerialPort with ``protocol: raw``) empties
 its input right after connecting, and sends nothing that would say it is done, so output
 sent at once (the unattached log) was lost whenever the daemon was quicker than the
-client's Python.
+client's Python; so was the line a refused client gets (``SocketServerEndpoint``), now sent
+as late.
 """
 
 from .base import OPENER_HOLD_S
@@ -15,7 +16,8 @@ from .server import SocketServerEndpoint, bound_url, client_address, tcp_listene
 
 def open_url(url, rest, limit):
     listener = tcp_listener(url, rest)
-    endpoint = SocketServerEndpoint(url, listener, limit, hold_s=OPENER_HOLD_S)
+    endpoint = SocketServerEndpoint(url, listener, limit, hold_s=OPENER_HOLD_S,
+                                    refuse_after=OPENER_HOLD_S)
     endpoint.url = bound_url("tcp", listener)
     return endpoint
 
