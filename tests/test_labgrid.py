@@ -86,7 +86,9 @@ class ShellServer:
     """A local ``sh -i`` on a pty, served raw over TCP: what a board's Linux console is to
     labgrid (NetworkSerialPort, protocol raw). Writing to ``tty`` is output of the "board";
     ``cycle`` is its power cycle, a shell command: a fresh ``sh -i`` (a reboot), then the
-    hypervisor's banner."""
+    hypervisor's banner. It is ready once its first shell has started: what that shell printed
+    (its prompt, dash's "can't access tty" line) is dropped, so that a test sees only what
+    follows the power cycle, however late the shell started."""
 
     def __init__(self, tmp_path):
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -102,14 +104,23 @@ class ShellServer:
         self.cycle = f"sh -c \"kill -9 $(cat {pid}); echo Avatar hypervisor >{self.tty}\""
         os.close(slave)
         self.master = master
+        self.conn, self.pending, self.lock = None, b"", threading.Lock()
+        threading.Thread(target=self._copy, args=(self.master, self._to_client),
+                         daemon=True).start()
+        self._drop_first_prompt()
         threading.Thread(target=self._serve, daemon=True).start()
+
+    def _drop_first_prompt(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        while b"board$ " not in self.pending:
+            assert time.monotonic() < deadline, f"no shell prompt in {timeout} s: {self.pending}"
+            time.sleep(0.01)
+        with self.lock:
+            self.pending = b""
 
     def _serve(self):
         """Each client in turn (labgrid connects again after deactivating the console); the
         shell's output goes to the one connected, or waits for the next."""
-        self.conn, self.pending, self.lock = None, b"", threading.Lock()
-        threading.Thread(target=self._copy, args=(self.master, self._to_client),
-                         daemon=True).start()
         while True:
             try:
                 conn, _ = self.listener.accept()
