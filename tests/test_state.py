@@ -272,6 +272,30 @@ def test_restart_under_guest_net_keeps_the_mac_the_guest_read(tmp_path, ram, mon
         loop.close()
 
 
+def test_restart_under_guest_net_keeps_the_link_the_operator_took_down(tmp_path, ram):
+    """The guest was told the link is down: the restarted daemon neither forwards its frames
+    nor reports the link up behind its back; taking it up again then interrupts as usual."""
+    loop = EventLoop()
+    try:
+        switch = f"switch:{tmp_path / 's.sock'}"
+        path = tmp_path / "state"
+        first = Model(ram, NetDevice(switch), path, loop)
+        driver_for(first, ram).init([0, 1])
+        first.device.set_link(False)
+        first.device.detach()
+        second = Model(ram, NetDevice(switch), path, loop)
+        assert second.device.link_up is False
+        assert second.device.config[net.STATUS_OFFSET] & net.S_LINK_UP == 0
+        second.device.set_link(True)
+        assert second.device.config[net.STATUS_OFFSET] & net.S_LINK_UP
+        second.device.detach()
+        third = Model(ram, NetDevice(switch), path, loop)
+        assert third.device.link_up is True
+        third.subsystem.close()
+    finally:
+        loop.close()
+
+
 def test_restart_under_guest_vsock_tells_the_guest_its_connections_are_gone(tmp_path, ram):
     """A vsock connection's host side dies with the daemon. The restarted one does not put
     the device in DEVICE_NEEDS_RESET (the guest would lose its listeners too): it posts

@@ -149,15 +149,22 @@ class NetDevice(VirtioDevice):
 
     def saved_state(self):
         """The MAC the guest read (a default one depends on the host: it must not change
-        under a running guest, whose frames the switch port would then drop as spoofed)."""
-        return {"mac": format_mac(self.mac)}
+        under a running guest, whose frames the switch port would then drop as spoofed) and
+        the link status it was told (``set_link``: a cable the operator pulled stays out)."""
+        return {"mac": format_mac(self.mac), "link_up": self.link_up}
 
     def restore_state(self, saved, words, live):
         mac = parse_mac(saved["mac"]) if "mac" in saved else self.mac
+        link_up = saved.get("link_up", True)
+        if not isinstance(link_up, bool):
+            raise ValueError(f"link_up {link_up!r} is not true or false")
         if mac != self.mac:
             self.backend.change_mac(mac)
             self.mac = mac
             self.config[:len(mac)] = mac
+        self.link_up = link_up                # the guest read it already: no interrupt
+        self.config[STATUS_OFFSET:STATUS_OFFSET + 2] = struct.pack(
+            "<H", S_LINK_UP if link_up else 0)
 
     def detach(self):
         self.backend.close()
@@ -202,6 +209,7 @@ class NetDevice(VirtioDevice):
         buffers, the transmit chain the backend was busy for and the rest of the queue."""
         self.link_up = bool(up)
         self.update_config(STATUS_OFFSET, struct.pack("<H", S_LINK_UP if up else 0))
+        self.keep_state()
         if self.link_up:
             return
         if self._rx_pending:
