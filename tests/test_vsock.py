@@ -654,7 +654,28 @@ def test_connections_opened_without_receive_buffers_cannot_grow_the_queue(tmp_pa
     assert len(g.device.conns) <= 2 and g.device.counters["control_dropped"] > 0
     g.give_rx(100)
     got = ops(g.packets())                    # answers of closed connections are skipped
-    assert 0 < len(got) <= 4 * 2 + 64 and set(got) <= {OP_RESPONSE, OP_RST}
+    owed = 2                                  # RSTs owed count against max_connections
+    assert 0 < len(got) <= 4 * 2 + 64 + owed and set(got) <= {OP_RESPONSE, OP_RST}
+
+
+def test_answers_for_connections_the_guest_closed_do_not_fill_the_control_queue(tmp_path,
+                                                                              loop):
+    """A guest that posts no receive buffer while it opens and resets connections: the
+    answers (RESPONSE) of connections it closed since are never sent, so they make no room
+    short for the next ones, whose answers once were dropped and the connections reset."""
+    g = Guest(tmp_path, loop, max_connections=2)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(f"{g.path}_1")
+    server.listen(512)
+    for i in range(300):
+        g.send(1000 + i, 1, OP_REQUEST)
+        g.send(1000 + i, 1, OP_RST)
+    assert g.device.counters["control_dropped"] == 0 and g.device.counters["rst_sent"] == 0
+    assert len(g.device._control) <= 4 * 2 + 64
+    g.send(2000, 1, OP_REQUEST)
+    g.give_rx(100)
+    assert ops(g.packets()) == [OP_RESPONSE] and list(g.device.conns) == [(1, 2000)]
+    server.close()
 
 
 def test_transport_reset_event_and_device_reset_drop_connections(tmp_path, loop):

@@ -86,6 +86,7 @@ class VsockDevice(Connections, VirtioDevice):
         self._draining = set()                   # reset by the guest, FIFO not yet sent
         self._control = collections.deque()      # (host_port, guest_port, op, flags, conn)
         self._control_limit = 4 * max_connections + 64
+        self._gone = False                       # a connection left the table: stale entries
         self._owed = set()                       # connections owed a dropped credit update
         self._owed_rst = set()                   # closed, owed an RST the queue had no room for
         self._rx_chain = None                    # a receive buffer popped, not yet filled
@@ -264,7 +265,7 @@ class VsockDevice(Connections, VirtioDevice):
         wait for ever without it)."""
         if op == OP_CREDIT_UPDATE and conn.credit_update_queued:
             return
-        if len(self._control) >= self._control_limit:
+        if self._full():
             self.counters["control_dropped"] += 1
             if op == OP_CREDIT_UPDATE:
                 self._owed.add(conn)
@@ -277,19 +278,29 @@ class VsockDevice(Connections, VirtioDevice):
     def _take_owed(self):
         """Queue the RSTs and credit updates owed, as far as there is room; True while
         control packets wait."""
-        while self._owed_rst and len(self._control) < self._control_limit:
+        while self._owed_rst and not self._full():
             conn = self._owed_rst.pop()
             self._queue_rst(*conn.key, conn)
-        while self._owed and len(self._control) < self._control_limit:
+        while self._owed and not self._full():
             self._queue(self._owed.pop(), OP_CREDIT_UPDATE)
         return bool(self._control)
+
+    def _full(self):
+        """No room for another control packet, once the entries of connections that left
+        the table since the last look (all but their RSTs: ``_flush_control`` skips them)
+        are dropped: a guest that posts no receive buffers while it opens and closes
+        connections does not fill the queue with packets that will never be sent."""
+        if len(self._control) >= self._control_limit and self._gone:
+            self._control = collections.deque(e for e in self._control if not _stale(*e))
+            self._gone = False
+        return len(self._control) >= self._control_limit
 
     def _queue_rst(self, host_port, guest_port, conn=None):
         """Queue an RST; for ``conn`` (closed already) it carries its counters. With the
         queue full one for ``conn`` is owed (the guest's socket would stay open for ever
         without it; it counts against ``max_connections`` until sent), one for no
         connection dropped."""
-        if len(self._control) >= self._control_limit:
+        if self._full():
             if conn is None:
                 self.counters["control_dropped"] += 1
             else:
@@ -335,12 +346,11 @@ class VsockDevice(Connections, VirtioDevice):
             chain = self._rx_buffer()
             if chain is None:
                 break
-            host_port, guest_port, op, flags, conn = self._control.popleft()
-            if conn is not None:
-                if (conn.stream is None or conn.state == DRAINING) and op != OP_RST:
-                    continue
-                if op == OP_CREDIT_UPDATE:
-                    conn.credit_update_queued = False
+            entry = host_port, guest_port, op, flags, conn = self._control.popleft()
+            if _stale(*entry):
+                continue
+            if op == OP_CREDIT_UPDATE:
+                conn.credit_update_queued = False
             self._send(chain, host_port, guest_port, op, flags, conn)
             sent = True
         if sent:
@@ -439,6 +449,12 @@ SCHEMA = Schema("vsock", (
 
 
 ONE_PER_VM = "a guest has one CID"
+
+
+def _stale(host_port, guest_port, op, flags, conn):
+    """A control packet for a connection gone from the table: not sent (but an RST)."""
+    return (conn is not None and op != OP_RST
+            and (conn.stream is None or conn.state == DRAINING))
 
 
 def claims(options):

@@ -245,6 +245,7 @@ class Connections:
     def _unlist(self, conn):
         """``conn`` off the table: no timer, no reading its socket, not starved, owed no
         credit update."""
+        self._gone = True
         self._owed.discard(conn)
         if conn.timer is not None:
             self.loop.cancel(conn.timer)
