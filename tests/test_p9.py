@@ -450,6 +450,21 @@ def without_root(folder):
         os.seteuid(0)
 
 
+def test_setattr_times_of_a_symlink_are_its_own(fs, share, tmp_path):
+    """utimensat(AT_SYMLINK_NOFOLLOW) in the guest: the link's times change (as QEMU), and
+    never those of its target, here outside the share (they were once left alone and the
+    request answered OK)."""
+    outside = tmp_path / "secret"
+    outside.write_text("outside\n")
+    before = outside.stat().st_mtime_ns
+    os.symlink(outside, share / "link")
+    fs.walk(ROOT_FID, 2, "link")
+    fs.rpc(p.TSETATTR, struct.pack("<IIIIIQQQQQ", 2, p.SA_MTIME | p.SA_MTIME_SET, 0, 0, 0, 0,
+                                   0, 0, 1000000, 5))
+    assert os.lstat(share / "link").st_mtime_ns == 1000000 * 10**9 + 5
+    assert outside.stat().st_mtime_ns == before
+
+
 def test_setattr_size_of_a_fid_open_for_writing_truncates_its_own_descriptor(fs, share):
     """ftruncate(fd) in the guest (Linux sends Tsetattr on the open file's fid) of a file
     whose mode does not let the daemon open it for writing (open(O_CREAT | O_WRONLY, 0444))

@@ -418,8 +418,8 @@ class P9Server(OpenFiles):
         if valid & (SA_UID | SA_GID):
             self.folder.set_owner(fd, uid if valid & SA_UID else 0xFFFFFFFF,
                                   gid if valid & SA_GID else 0xFFFFFFFF, link)
-        if valid & (SA_ATIME | SA_MTIME) and not link:
-            old = os.fstat(fd)
+        if valid & (SA_ATIME | SA_MTIME):         # a symlink's own (utimensat's NOFOLLOW):
+            old = os.fstat(fd)                       # /proc/self/fd/N of its O_PATH fd is it
             atime = ((atime_s * 10**9 + atime_ns) if valid & SA_ATIME_SET else None) \
                 if valid & SA_ATIME else old.st_atime_ns
             mtime = ((mtime_s * 10**9 + mtime_ns) if valid & SA_MTIME_SET else None) \
