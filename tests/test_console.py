@@ -205,6 +205,17 @@ def test_output_without_client_goes_to_the_log_and_the_guest_never_waits(tmp_pat
     b.subsystem.close()
 
 
+
+def test_a_buffer_larger_than_the_log_counts_its_overwritten_head(tmp_path, loop):
+    b = VirtioBench(ConsoleDevice(f"unix:{tmp_path / 'c.sock'}", log_size=1000), loop=loop,
+                    ram_size=4 << 20)
+    rx, tx = b.driver.init([0, 1])
+    tx.post(readable=[b"a" * 3000])
+    tx.notify()
+    loop.run_once(0)
+    port = b.device.info()["ports"][0]
+    assert port["log"] == 1000 and port["log_overwritten"] == 2000
+
 def test_output_in_flight_at_a_reset_still_reaches_the_client(tmp_path, loop):
     """A client slower than the guest, which then resets (a reboot, its driver unloaded):
     the buffers in flight go back to nobody, but their bytes were printed, and the log's

@@ -165,7 +165,10 @@ class ConsoleBackend:
         """Nobody is attached: copy ``views`` into the log (its oldest bytes give way)."""
         log_ = self.log
         for view in views:
-            log_ += view[-self.log_size:] if len(view) > self.log_size else view
+            if len(view) > self.log_size:          # its head would be overwritten at once
+                self.log_overwritten += len(view) - self.log_size
+                view = view[-self.log_size:]
+            log_ += view
             if len(log_) > self.log_size:
                 excess = len(log_) - self.log_size
                 del log_[:excess]
