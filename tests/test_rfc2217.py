@@ -281,6 +281,27 @@ def test_reconnect_gets_a_fresh_session(served, loop):
         second.close()
 
 
+def test_a_second_pyserial_client_opens_and_reads_why_it_is_refused(served, loop):
+    """The console has a client: a second one's open succeeds (its negotiations are
+    answered) and it reads the one line saying why, then the end; its open once failed with
+    pyserial's "Remote does not seem to support RFC2217 or BINARY mode"."""
+    bench, endpoint = served
+    bench.driver.init([0, 1])
+    first = pyserial_client(loop, endpoint)
+    second = pyserial_client(loop, endpoint)
+    try:
+        started = time.monotonic()
+        line = while_serving(loop, lambda: second.read_until(b"\n"))
+        assert line.startswith(b"avatar-hw: rfc2217:127.0.0.1:") and b"already has a client" in line
+        assert time.monotonic() - started < 0.9         # at its open's end, not after HOLD_S
+        second.close()
+        spin_until(loop, lambda: not endpoint._refusing)  # its end: closed with it
+        assert endpoint.client is not None
+    finally:
+        second.close()
+        first.close()
+
+
 @pytest.mark.parametrize("url", ["rfc2217:nope", "rfc2217:127.0.0.1:notaport"])
 def test_bad_urls_are_one_line_errors(url):
     with pytest.raises(ConfigError, match=f"^{url}: rfc2217: needs a port, e.g. rfc2217:") as err:

@@ -42,6 +42,12 @@ it does not read. What a client can make ``PortManager`` log (each unknown
 command or option is a line) is rate-limited (``ProtocolLog``), as are
 those drops.
 
+A client refused (another one is connected: ``SocketServerEndpoint``) is answered too, by a
+``TelnetSession`` of its own, and gets its line once its open is done (or after ``HOLD_S``),
+the end ``HOLD_S`` later: pyserial's ``rfc2217://`` open waits for the negotiations (a
+socket closed before them was its "Remote does not seem to support RFC2217", not the
+reason), and its ``read`` raises, its queue unread, once its reader has seen the end.
+
 A new client gets no output until its open is done: pyserial's ``open()`` (labgrid's
 NetworkSerialPort goes through it) ends with PURGE_DATA for its receive buffer, emptying
 its own queue of what it read meanwhile, then PURGE_DATA for the transmit buffer. So the
@@ -51,6 +57,7 @@ for a client that never sends one (telnet); Telnet replies are not held.
 
 import logging
 import re
+import socket
 import types
 
 from serial import rfc2217
@@ -145,7 +152,7 @@ class Rfc2217Endpoint(SocketServerEndpoint):
     """A listening TCP socket speaking RFC 2217 to one client at a time."""
 
     def __init__(self, url, listener, limit):
-        super().__init__(url, listener, limit, hold_s=HOLD_S)
+        super().__init__(url, listener, limit, hold_s=HOLD_S, refuse_after=HOLD_S)
         self.line = GuestLine(self._opened)
         self._protocol_log = ProtocolLog()
         self._input = bytearray()           # filtered client data not yet given to the guest
@@ -173,6 +180,35 @@ class Rfc2217Endpoint(SocketServerEndpoint):
         self._raw = bytearray()             # new objects: ``flush`` may hold a view of them
         self._chunk, self._chunk_source = memoryview(b""), 0   # resent in full to the next
         super()._drop_client(reason, keep_input)
+
+    def _refusal_pending(self, sock, line):
+        refused = types.SimpleNamespace(opened=False, told=False)
+        refused.session = TelnetSession(
+            GuestLine(lambda: setattr(refused, "opened", True)),
+            types.SimpleNamespace(write=lambda data: _send(sock, data)), self._protocol_log)
+        self._loop.add_reader(sock, lambda: self._refused_input(sock, refused, line))
+
+    def _refused_input(self, sock, refused, line):
+        """A refused client's negotiations answered, its data dropped; its line once its
+        open is done (its last purge), the end ``HOLD_S`` later; both at once if it breaks
+        the protocol or leaves."""
+        session = refused.session
+        try:
+            raw = sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+            for _ in session.data(raw):
+                pass
+            if session.suboption is not None and len(session.suboption) > SUBOPTION_LIMIT:
+                raw = b""
+        except AGAIN:
+            return
+        except Exception:                   # gone, or bad Telnet (``_receive``'s cases)
+            raw = b""
+        if not raw:
+            self._refuse(sock, b"" if refused.told else session.escape(line))
+        elif refused.opened and not refused.told:
+            refused.told = True
+            _send(sock, session.escape(line))
+            self._refuse_later(sock, b"", HOLD_S)
 
     # -- output: guest -> client -------------------------------------------------------------------
 
@@ -263,6 +299,14 @@ class Rfc2217Endpoint(SocketServerEndpoint):
         super().resume_input()
         if self._input and self._loop is not None and self._on_input is not None:
             self._loop.call_later(0, self._on_input)
+
+
+def _send(sock, data):
+    """A refused client's Telnet replies (a few bytes; a client not taking them loses them)."""
+    try:
+        sock.send(data, socket.MSG_DONTWAIT)
+    except OSError:
+        pass
 
 
 def open_url(url, rest, limit):

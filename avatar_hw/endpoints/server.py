@@ -86,9 +86,8 @@ class SocketServerEndpoint(Endpoint):
                      "earlier clients' input waits")
             line = refusal.format(url=self.url).encode()
             if self.refuse_after and len(self._refusing) < MAX_REFUSING:
-                timer = self._loop.call_later(self.refuse_after,
-                                              lambda: self._refuse(sock, line))
-                self._refusing[sock] = timer, line
+                self._refuse_later(sock, line, self.refuse_after)
+                self._refusal_pending(sock, line)
             else:
                 self._refuse(sock, line)
             return
@@ -105,9 +104,23 @@ class SocketServerEndpoint(Endpoint):
         if self._on_connection is not None:
             self._on_connection()
 
+    def _refuse_later(self, sock, line, delay):
+        """``_refuse(sock, line)`` in ``delay`` seconds (instead of when it was due)."""
+        timer, _ = self._refusing.get(sock, (None, None))
+        if timer is not None:
+            self._loop.cancel(timer)
+        self._refusing[sock] = self._loop.call_later(delay, lambda: self._refuse(sock, line)), line
+
+    def _refusal_pending(self, sock, line):
+        """A refused client waits ``refuse_after`` for its ``line`` (a protocol may answer
+        it meanwhile, and refuse it sooner)."""
+
     def _refuse(self, sock, line):
         """Send a refused client its one line and close it."""
-        self._refusing.pop(sock, None)
+        timer, _ = self._refusing.pop(sock, (None, None))
+        if timer is not None:
+            self._loop.cancel(timer)
+            self._loop.remove_reader(sock)
         try:
             sock.send(line, socket.MSG_DONTWAIT)
         except OSError:
