@@ -64,11 +64,11 @@ class Gpu:
         self.device, self.ram = self.bench.device, self.bench.ram
         self.ctrl, self.cursorq = self.bench.driver.init([0, 1], buf_size=BUF_SIZE)
 
-    def post(self, kind, fmt="", *fields, extra=b"", resp=None, flags=0, fence=0,
+    def post(self, kind, fmt="", *fields, extra=b"", resp=None, flags=0, fence=0, ctx=7,
              queue=None, cut=None):
         """Make one request available, not notified (one larger than a driver buffer, an
         attach of many entries, is read straight from RAM)."""
-        body = g.HEADER.pack(kind, flags, fence, 7, 0) + struct.pack("<" + fmt, *fields) + extra
+        body = g.HEADER.pack(kind, flags, fence, ctx, 0) + struct.pack("<" + fmt, *fields) + extra
         if cut is not None:
             body = body[:cut]
         queue = queue or self.ctrl
@@ -566,6 +566,26 @@ def test_an_attach_of_many_entries_is_read_over_several_turns(gpu, loop, monkeyp
         assert [g.HEADER.unpack_from(u.data)[:4] for u in answers[n]] == [
             (g.RESP_OK_NODATA, g.FLAG_FENCE, 100 + n, 7), (g.RESP_OK_NODATA, 0, 0, 0)]
         assert dev.device.resources[1].backing == pieces[n]
+
+
+def test_a_held_request_that_fails_answers_its_own_fence(gpu, loop):
+    """An attach whose last entry lies outside the RAM fails turns after it was read: its
+    error answers its own fence and context, though the cursorq read another request
+    (another header) into the device's buffer meanwhile (the error took that one's); nothing
+    is kept."""
+    dev = gpu()
+    pieces = one_byte_pieces(dev)
+    pieces[-1] = (RAM_BASE + RAM_SIZE, 1)
+    assert dev.create(1, 64, 64) == g.RESP_OK_NODATA
+    dev.post(g.CMD_RESOURCE_ATTACH_BACKING, "II", 1, len(pieces), extra=backing(pieces),
+             flags=g.FLAG_FENCE, fence=0xABC, ctx=3)
+    dev.ctrl.notify()
+    assert dev.ctrl.get_used() == []
+    dev.request(g.CMD_MOVE_CURSOR, "III4xIII4x", 0, 5, 6, 0, 0, 0, queue=dev.cursorq, ctx=9)
+    used, = dev.answers(dev.ctrl)
+    assert g.HEADER.unpack_from(used.data)[:4] == (g.RESP_ERR_UNSPEC, g.FLAG_FENCE, 0xABC, 3)
+    assert dev.device.resources[1].backing is None
+    assert dev.attach(1, [(dev.ram.alloc(64 * 64 * 4, PAGE), 64 * 64 * 4)]) == g.RESP_OK_NODATA
 
 
 def test_config_keys(tmp_path):

@@ -5,8 +5,8 @@ control request is a chain: the 24-byte ``virtio_gpu_ctrl_hdr`` and the
 command's fields in the device-readable part (gathered from however many
 descriptors hold them), the response in the device-writable part. Requests are
 answered in order, each when it is done (a transfer or an attach may take several turns,
-below), so a request with VIRTIO_GPU_FLAG_FENCE gets its response with the same flag
-and ``fence_id`` (and ``ctx_id``): the fence is signalled.
+below), so a request with VIRTIO_GPU_FLAG_FENCE gets its response, an error too, with
+the same flag and its own ``fence_id`` and ``ctx_id``: the fence is signalled.
 
 Commands served (the error codes follow QEMU's hw/display/virtio-gpu.c):
 
@@ -281,7 +281,9 @@ class GpuDevice(VirtioDevice):
             self.guest_error(err.fmt, *err.args_)
             self.counters["errors"] += 1
             code, size = err.code, HEADER.size
-            if chain.readable_len >= HEADER.size:   # an error answers the fence too
+            if request is None and chain.readable_len >= HEADER.size:
+                # an error answers the fence too: a request not read whole has it in its
+                # header (``_request``, which the cursorq reuses while one is held)
                 _, flags, fence_id, ctx_id, _ = HEADER.unpack_from(self._request)
         if chain.writable_len < HEADER.size:
             self.guest_error("request with %d device-writable bytes (a response needs 24); "
