@@ -150,11 +150,19 @@ def _gpu(loop, count, size, backing, rects):
     at, answer = ram.alloc(64 + gpu.MEM_ENTRY.size * len(backing)), ram.alloc(64)
 
     def post(kind, fields):
+        """One request, answered OK before the queue is filled (an attach of 16384 entries
+        takes four turns)."""
         body = gpu.HEADER.pack(kind, 0, 0, 0, 0) + fields
         ram.write(at, body)
         ctrl.add_chain([(at, len(body), False), (answer, 24, True)])
         ctrl.notify()
-        forget_used(ctrl)
+        for _ in range(MAX_TURNS):
+            if forget_used(ctrl):
+                break
+            loop.run_once(0)
+        code, = struct.unpack_from("<I", ram.read(answer, 4))
+        if code != gpu.RESP_OK_NODATA:
+            raise RuntimeError(f"gpu command 0x{kind:x} answered 0x{code:x}")
     base = ram.alloc(max(offset + length for offset, length in backing), 4096)
     post(gpu.CMD_RESOURCE_CREATE_2D, struct.pack("<IIII", 1, 1, *size))
     post(gpu.CMD_RESOURCE_ATTACH_BACKING, struct.pack("<II", 1, len(backing)) + b"".join(

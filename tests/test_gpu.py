@@ -32,6 +32,7 @@ RAM_SIZE = 8 << 20
 pytest_plugins = ["pytester"]
 PAGE = 4096
 BUF_SIZE = 8192                 # each driver buffer's
+MAX_TURNS = 64                  # event-loop turns a request may take in these tests
 
 
 def decode_png(data):
@@ -58,15 +59,16 @@ class Gpu:
     """A GPU device in a VM with its two queues set up, and the requests a driver sends."""
 
     def __init__(self, loop, **kw):
+        self.loop = loop
         self.bench = VirtioBench(GpuDevice(**kw), loop=loop, ram_size=RAM_SIZE)
         self.device, self.ram = self.bench.device, self.bench.ram
         self.ctrl, self.cursorq = self.bench.driver.init([0, 1], buf_size=BUF_SIZE)
 
-    def post(self, kind, fmt="", *fields, extra=b"", resp=None, flags=0, fence=0,
+    def post(self, kind, fmt="", *fields, extra=b"", resp=None, flags=0, fence=0, ctx=7,
              queue=None, cut=None):
         """Make one request available, not notified (one larger than a driver buffer, an
         attach of many entries, is read straight from RAM)."""
-        body = g.HEADER.pack(kind, flags, fence, 7, 0) + struct.pack("<" + fmt, *fields) + extra
+        body = g.HEADER.pack(kind, flags, fence, ctx, 0) + struct.pack("<" + fmt, *fields) + extra
         if cut is not None:
             body = body[:cut]
         queue = queue or self.ctrl
@@ -80,15 +82,26 @@ class Gpu:
             queue.post(readable=[body], writable=[w for w in writable if w])
 
     def request(self, kind, fmt="", *fields, queue=None, **kw):
-        """Post one request; (response type, flags, fence_id, whole used data)."""
+        """Post one request and run the loop's turns until it is answered (an attach of
+        many entries takes several); (response type, flags, fence_id, whole used data)."""
         queue = queue or self.ctrl
         self.post(kind, fmt, *fields, queue=queue, **kw)
         queue.notify()
-        used, = queue.get_used()
+        used, = self.answers(queue)
         if queue is self.cursorq or used.length < 24:
             return None, None, None, used
         kind, flags, fence, _ctx, _ = g.HEADER.unpack_from(used.data)
         return kind, flags, fence, used
+
+    def answers(self, queue):
+        """The used entries of ``queue``, after the loop's turns it takes for one to come."""
+        answers = queue.get_used()
+        for _ in range(MAX_TURNS):
+            if answers:
+                break
+            self.loop.run_once(0)
+            answers = queue.get_used()
+        return answers
 
     def ok(self, kind, fmt="", *fields, **kw):
         answer = self.request(kind, fmt, *fields, **kw)
@@ -103,8 +116,8 @@ class Gpu:
         return self.err(g.CMD_RESOURCE_CREATE_2D, "IIII", rid, fmt, width, height)
 
     def attach(self, rid, entries):
-        extra = b"".join(struct.pack("<QI4x", gpa, length) for gpa, length in entries)
-        return self.err(g.CMD_RESOURCE_ATTACH_BACKING, "II", rid, len(entries), extra=extra)
+        return self.err(g.CMD_RESOURCE_ATTACH_BACKING, "II", rid, len(entries),
+                        extra=backing(entries))
 
     def transfer(self, rid, x, y, w, h, offset=0):
         return self.err(g.CMD_TRANSFER_TO_HOST_2D, "IIIIQI4x", x, y, w, h, offset, rid)
@@ -133,6 +146,18 @@ class Gpu:
             part = data[pos:pos + length]
             self.ram.write(gpa, part)
             pos += len(part)
+
+
+def backing(entries):
+    """An attach's entries ((gpa, length) pairs) as the request carries them."""
+    return b"".join(g.MEM_ENTRY.pack(gpa, length) for gpa, length in entries)
+
+
+def calls(monkeypatch, memory, name):
+    """A list that gets an item at each call of ``memory``'s method ``name``."""
+    made, real = [], getattr(memory, name)
+    monkeypatch.setattr(memory, name, lambda *args: made.append(1) or real(*args))
+    return made
 
 
 @pytest.fixture
@@ -442,10 +467,15 @@ def test_attach_of_no_entries_leaves_the_resource_without_backing(gpu):
     assert dev.attach(1, [(dev.ram.alloc(1024, PAGE), 1024)]) == g.RESP_OK_NODATA
 
 
+def one_byte_pieces(dev, entries=g.MAX_BACKING_ENTRIES):
+    """``entries`` one-byte backing pieces in the VM's RAM, none touching."""
+    base = dev.ram.alloc(2 * entries, 16)
+    return [(base + 2 * i, 1) for i in range(entries)]
+
+
 def fragmented(dev, rid, entries=16384):
     """A 64x64 resource over ``entries`` one-byte backing pieces, none touching."""
-    base = dev.ram.alloc(2 * entries, 16)
-    pieces = [(base + 2 * i, 1) for i in range(entries)]
+    pieces = one_byte_pieces(dev, entries)
     assert dev.create(rid, 64, 64) == g.RESP_OK_NODATA
     assert dev.attach(rid, pieces) == g.RESP_OK_NODATA
     return pieces
@@ -461,10 +491,7 @@ def test_a_transfer_over_a_fragmented_backing_stops_at_the_turn_budget(gpu, loop
     pieces = fragmented(dev, 1)
     data = pattern(64, 64, 3)
     dev.write_backing(pieces, data)
-    made = []
-    memory = dev.device.memory
-    real_view = memory.view
-    monkeypatch.setattr(memory, "view", lambda gpa, n: made.append(1) or real_view(gpa, n))
+    made = calls(monkeypatch, dev.device.memory, "view")
     for rows in (30, 64):                        # the first one leaves little of the budget
         dev.post(g.CMD_TRANSFER_TO_HOST_2D, "IIIIQI4x", 0, 0, 64, rows, 0, 1)
     dev.ctrl.notify()
@@ -481,9 +508,9 @@ def test_a_transfer_over_a_fragmented_backing_stops_at_the_turn_budget(gpu, loop
     assert dev.device.counters["transfers"] == 2
 
 
-def test_an_attach_that_does_not_fit_the_turn_waits_for_the_next(gpu, loop):
-    """An attach's entries are charged before they are checked: one that costs more than
-    the turn has left waits for the next turn (it was done on top of a spent turn)."""
+def test_an_attach_behind_a_transfer_reads_what_the_turn_has_left(gpu, loop, monkeypatch):
+    """An attach's entries are charged as they are read: behind a transfer that took half
+    the turn, it reads what the turn has left and the rest in the next turn."""
     from avatar_hw.virtio.queue import TURN_BYTES
     dev = gpu(max_memory=32 << 20)
     width, height = 1024, TURN_BYTES // 2 // 4096             # 4 MiB: a full-width copy
@@ -494,14 +521,71 @@ def test_an_attach_that_does_not_fit_the_turn_waits_for_the_next(gpu, loop):
     count = TURN_BYTES * 5 // 8 // g_res.ENTRY_COST           # more than the turn has left
     dev.post(g.CMD_TRANSFER_TO_HOST_2D, "IIIIQI4x", 0, 0, width, height, 0, 1)
     dev.post(g.CMD_RESOURCE_ATTACH_BACKING, "II", 2, count,
-             extra=b"".join(g.MEM_ENTRY.pack(base + 2 * i, 1) for i in range(count)))
+             extra=backing(one_byte_pieces(dev, count)))
+    read = calls(monkeypatch, dev.device.memory, "contains")
     dev.ctrl.notify()
     assert len(dev.ctrl.get_used()) == 1
-    assert dev.device.resources[2].backing is None
+    assert 0 < len(read) < count and dev.device.resources[2].backing is None
     loop.run_once(0)
     assert [struct.unpack_from("<I", u.data)[0] for u in dev.ctrl.get_used()] == [
         g.RESP_OK_NODATA]
-    assert len(dev.device.resources[2].backing) == count
+    assert len(read) == count and len(dev.device.resources[2].backing) == count
+
+
+def test_an_attach_of_many_entries_is_read_over_several_turns(gpu, loop, monkeypatch):
+    """16384 entries cost four turns' budget (ENTRY_COST each) and were read in one turn.
+    Each turn now reads what its budget pays for and holds the request (the resource
+    without backing, the requests behind it waiting); the answer, with its fence, comes
+    once all are read. Meanwhile another device's attach goes on in the same turns and the
+    cursorq is served."""
+    from avatar_hw.virtio.queue import TURN_BYTES
+    devs, reads, pieces = [gpu(), gpu()], [], []
+    for n, dev in enumerate(devs):
+        pieces.append(one_byte_pieces(dev))
+        assert dev.create(1, 64, 64) == g.RESP_OK_NODATA
+        dev.post(g.CMD_RESOURCE_ATTACH_BACKING, "II", 1, len(pieces[n]),
+                 extra=backing(pieces[n]), flags=g.FLAG_FENCE, fence=100 + n)
+        dev.post(g.CMD_RESOURCE_FLUSH, "IIIII4x", 0, 0, 64, 64, 1)      # waits behind it
+        reads.append(calls(monkeypatch, dev.device.memory, "contains"))
+        dev.ctrl.notify()
+    per_turn = TURN_BYTES // g_res.ENTRY_COST
+    first = devs[0]
+    first.request(g.CMD_MOVE_CURSOR, "III4xIII4x", 0, 5, 6, 0, 0, 0, queue=first.cursorq)
+    turns, answers = 0, [[], []]
+    while not all(answers):
+        assert all(0 < len(read) <= per_turn for read in reads), [len(r) for r in reads]
+        assert all(dev.device.resources[1].backing is None for dev in devs)
+        for read in reads:
+            read.clear()
+        loop.run_once(0)
+        turns += 1
+        for n, dev in enumerate(devs):
+            answers[n] += dev.ctrl.get_used()
+    assert turns == -(-g.MAX_BACKING_ENTRIES * g_res.ENTRY_COST // TURN_BYTES)
+    for n, dev in enumerate(devs):
+        assert [g.HEADER.unpack_from(u.data)[:4] for u in answers[n]] == [
+            (g.RESP_OK_NODATA, g.FLAG_FENCE, 100 + n, 7), (g.RESP_OK_NODATA, 0, 0, 0)]
+        assert dev.device.resources[1].backing == pieces[n]
+
+
+def test_a_held_request_that_fails_answers_its_own_fence(gpu, loop):
+    """An attach whose last entry lies outside the RAM fails turns after it was read: its
+    error answers its own fence and context, though the cursorq read another request
+    (another header) into the device's buffer meanwhile (the error took that one's); nothing
+    is kept."""
+    dev = gpu()
+    pieces = one_byte_pieces(dev)
+    pieces[-1] = (RAM_BASE + RAM_SIZE, 1)
+    assert dev.create(1, 64, 64) == g.RESP_OK_NODATA
+    dev.post(g.CMD_RESOURCE_ATTACH_BACKING, "II", 1, len(pieces), extra=backing(pieces),
+             flags=g.FLAG_FENCE, fence=0xABC, ctx=3)
+    dev.ctrl.notify()
+    assert dev.ctrl.get_used() == []
+    dev.request(g.CMD_MOVE_CURSOR, "III4xIII4x", 0, 5, 6, 0, 0, 0, queue=dev.cursorq, ctx=9)
+    used, = dev.answers(dev.ctrl)
+    assert g.HEADER.unpack_from(used.data)[:4] == (g.RESP_ERR_UNSPEC, g.FLAG_FENCE, 0xABC, 3)
+    assert dev.device.resources[1].backing is None
+    assert dev.attach(1, [(dev.ram.alloc(64 * 64 * 4, PAGE), 64 * 64 * 4)]) == g.RESP_OK_NODATA
 
 
 def test_config_keys(tmp_path):

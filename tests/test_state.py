@@ -362,6 +362,50 @@ def test_restart_under_guest_balloon_keeps_its_target_and_the_guests_actual(tmp_
         loop.close()
 
 
+def _balloon_restarted_with(tmp_path, ram, saved):
+    """A balloon restarted under its driver from a state whose blob is ``saved`` (JSON
+    bytes); the second model."""
+    path = tmp_path / "state"
+    first = Model(ram, BalloonDevice(stats_interval=0), path)
+    driver_for(first, ram).init([0, 1, 2])
+    _write_blob(first.state, first.subsystem.layout.window_number(0, 0), saved)
+    return Model(ram, BalloonDevice(stats_interval=0), path)
+
+
+@pytest.mark.parametrize("actual", [0, RAM_SIZE // 4096 + 1, 0x7FFFFFFF, 0xFFFFFFFF])
+def test_restart_under_guest_balloon_takes_back_any_32_bit_actual(tmp_path, ram, actual):
+    """The guest may write any 32-bit ``actual`` (more pages than its RAM is a guest error,
+    kept and shown as unknown): a restart keeps it, no DEVICE_NEEDS_RESET (it was refused
+    above the VM's pages)."""
+    path = tmp_path / "state"
+    first = Model(ram, BalloonDevice(stats_interval=0), path)
+    driver = driver_for(first, ram)
+    driver.init([0, 1, 2])
+    driver.write_config(4, actual)
+    second = Model(ram, BalloonDevice(stats_interval=0), path)
+    driver.mmio = second.subsystem.handle_mmio_trap
+    assert driver.status == 0x0F
+    assert second.device.actual == driver.read_config(4) == actual
+
+
+@pytest.mark.parametrize("saved, message", [
+    (b'{"num_pages":0,"actual":4294967296}', "actual 4294967296 is not an integer from 0"),
+    (b'{"num_pages":0,"actual":-1}', "actual -1 is not"),
+    (b'{"num_pages":0,"actual":"7"}', "actual '7' is not"),
+    (b'{"num_pages":0,"actual":1.0}', "actual 1.0 is not"),
+    (b'{"num_pages":0,"actual":true}', "actual True is not"),
+    (b'{"num_pages":1025,"actual":0}', "num_pages 1025 is not an integer from 0 to 1024"),
+])
+def test_restart_under_guest_balloon_refuses_malformed_state(tmp_path, ram, caplog, saved,
+                                                              message):
+    """Only a value no driver and no host could have kept: DEVICE_NEEDS_RESET, one clear
+    line naming the field and the value."""
+    with caplog.at_level(logging.ERROR):
+        second = _balloon_restarted_with(tmp_path, ram, saved)
+    assert second.transport.context.status & c.STATUS_DEVICE_NEEDS_RESET
+    assert any(message in r.getMessage() for r in caplog.records), caplog.text
+
+
 def _console(tmp_path, ram, path, loop):
     """A console model with a client connected before it resumes (a restart's replayed
     output goes to the client, not to the unattached log)."""
@@ -572,6 +616,14 @@ def test_restart_under_guest_nonsense_values_set_device_needs_reset(tmp_path, ra
     assert not model.device.queues[0].ready
 
 
+def _write_blob(state, number, blob):
+    """Make ``blob`` window ``number``'s current device state in ``state``'s file."""
+    slot = state.slots[number]
+    current = slot.record.blob_current & 1
+    slot.blobs[current][:len(blob)] = blob
+    slot.record.blob_length[current] = len(blob)
+
+
 class WrongShape(Restartable):
     """Keeps a number where its restore expects a list (a damaged or foreign blob)."""
 
@@ -595,10 +647,7 @@ def test_restart_under_guest_device_state_of_the_wrong_shape_needs_reset(tmp_pat
     number = first.subsystem.layout.window_number(0, 0)
     first.state.save_device(number)
     if deep:
-        slot, blob = first.state.slots[number], b"[" * 4000 + b"]" * 4000
-        current = slot.record.blob_current & 1
-        slot.blobs[current][:len(blob)] = blob
-        slot.record.blob_length[current] = len(blob)
+        _write_blob(first.state, number, b"[" * 4000 + b"]" * 4000)
     second = Model(ram, WrongShape(queue_sizes=(8,)), path)
     assert second.transport.context.status & c.STATUS_DEVICE_NEEDS_RESET
 

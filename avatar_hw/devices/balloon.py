@@ -141,14 +141,14 @@ class BalloonDevice(VirtioDevice):
         return {"num_pages": self.num_pages, "actual": self.actual}
 
     def restore_state(self, saved, words, live):
-        """The target outlives a reset; ``actual`` is the live driver's."""
-        for key in ("num_pages", "actual") if live else ("num_pages",):
-            pages = saved.get(key, 0)
-            if type(pages) is not int or not 0 <= pages <= self.ram_pages:
-                raise ValueError(f"{key} {pages!r} is not a page count of the VM's "
-                                 f"{self.ram_pages}")
-            offset = 0 if key == "num_pages" else 4
-            self.config[offset:offset + 4] = pages.to_bytes(4, "little")
+        """The target (the host's, at most the VM's pages) outlives a reset; ``actual`` is
+        the live driver's: any 32-bit value it wrote (``write_config`` takes every one)."""
+        fields = (("num_pages", 0, self.ram_pages), ("actual", 4, 0xFFFFFFFF))
+        for key, offset, most in fields if live else fields[:1]:
+            value = saved.get(key, 0)
+            if type(value) is not int or not 0 <= value <= most:
+                raise ValueError(f"balloon {key} {value!r} is not an integer from 0 to {most}")
+            self.config[offset:offset + 4] = value.to_bytes(4, "little")
 
     # -- the guest's side ------------------------------------------------------------------------
 

@@ -3,10 +3,10 @@
 Two queues: controlq (0, 256 entries) and cursorq (1, 16 entries, as QEMU). A
 control request is a chain: the 24-byte ``virtio_gpu_ctrl_hdr`` and the
 command's fields in the device-readable part (gathered from however many
-descriptors hold them), the response in the device-writable part. Every request
-is answered synchronously, so a request with VIRTIO_GPU_FLAG_FENCE gets its
-response with the same flag and ``fence_id`` (and ``ctx_id``) at once: the fence
-is signalled.
+descriptors hold them), the response in the device-writable part. Requests are
+answered in order, each when it is done (a transfer or an attach may take several turns,
+below), so a request with VIRTIO_GPU_FLAG_FENCE gets its response, an error too, with
+the same flag and its own ``fence_id`` and ``ctx_id``: the fence is signalled.
 
 Commands served (the error codes follow QEMU's hw/display/virtio-gpu.c):
 
@@ -42,11 +42,12 @@ Commands served (the error codes follow QEMU's hw/display/virtio-gpu.c):
 A transfer's copy counts against the queue's turn budget (``Virtqueue.charge``),
 each row copied on its own as ``ROW_COST`` bytes more (a 1-pixel-wide transfer of
 8192 rows costs the time of megabytes), each backing entry it crosses, and each an
-attach takes, as ``ENTRY_COST`` more. The work is bounded before it is done: a transfer
-copies what the turn's budget (``Virtqueue.budget``) pays for and is held (``_held``),
-the rest of it done first in the event loop's next turn, behind every other device and
-VM; an attach whose entries cost more than the budget left waits for the next turn,
-whose first request it is. So a turn's work is about 8 MiB's worth, or one attach.
+attach reads, as ``ENTRY_COST`` more. The work is bounded before it is done: a transfer
+copies, an attach reads and checks the entries, that the turn's budget
+(``Virtqueue.budget``) pays for, and the request is held (``_held``, how far it got in
+``_done``), the rest of it done first in the event loop's next turns, behind every other
+device and VM, its response written when it is complete. So a turn's work is about 8 MiB's
+worth (an attach of 16384 entries takes four turns).
 
 RESOURCE_CREATE_BLOB and SET_SCANOUT_BLOB (VIRTIO_GPU_F_RESOURCE_BLOB is not offered):
 ERR_INVALID_PARAMETER, as QEMU. Any other type: ERR_UNSPEC. A request shorter than its
@@ -69,11 +70,11 @@ event loop.
 import struct
 
 from ..schema import Field, Schema, positive
-from ..virtio.buffers import gather, scatter
+from ..virtio.buffers import gather, scatter, skip
 from ..virtio.constants import ID_GPU, bit
 from ..virtio.device import VirtioDevice
 from .gpu_resources import (BPP, ENTRY_COST, FORMATS, MAX_RESOURCE_DIMENSION, Resource, edid,
-                            inside)
+                            inside, merge)
 
 QUEUE_SIZE, CURSOR_QUEUE_SIZE = 256, 16         # QEMU's
 CONTROLQ, CURSORQ = 0, 1
@@ -177,9 +178,9 @@ class GpuDevice(VirtioDevice):
         self._request = bytearray(MAX_REQUEST)
         self._work = 0                          # bytes-equivalent of this request's copies
         self._budget = 0                        # the work it may do in this turn
-        self._first = True                      # it is the turn's first request
         self._held = None                       # (chain, request) cut short by the budget
-        self._copied = 0                        # bytes of the held transfer already copied
+        self._done = 0                          # how far it got: bytes copied, entries read
+        self._ranges = []                       # the entries an attach read, merged
         self._response = bytearray(max(DISPLAY_INFO_SIZE, EDID_SIZE))
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -188,12 +189,16 @@ class GpuDevice(VirtioDevice):
         self.resources.clear()
         self.memory_used = 0
         self.scanout = self.cursor = None
-        self._held = None
+        self._drop_held()
         self.config[:] = CONFIG.pack(0, 0, 1, 0)
 
     def queue_reset(self, index):
         if index == CONTROLQ:
-            self._held = None
+            self._drop_held()
+
+    def _drop_held(self):
+        """Forget the held request and its progress (the next one starts afresh)."""
+        self._held, self._done, self._ranges = None, 0, []
 
     def write_config(self, offset, data):
         if offset == 4 and len(data) == 4:      # events_clear
@@ -216,12 +221,13 @@ class GpuDevice(VirtioDevice):
         while True:
             held, self._held = self._held, None
             if held is None:
-                chain, request, self._copied = queue.pop(), None, 0
+                self._drop_held()               # a new request: no progress yet
+                chain, request = queue.pop(), None
                 if chain is None:
                     break
             else:
                 chain, request = held
-            self._work, self._budget, self._first = 0, queue.budget, not served
+            self._work, self._budget = 0, queue.budget
             used = self._control(chain, request)
             queue.charge(self._work)            # the copies, against the turn's budget
             if used is None:                    # held: the next turn goes on with it
@@ -275,7 +281,9 @@ class GpuDevice(VirtioDevice):
             self.guest_error(err.fmt, *err.args_)
             self.counters["errors"] += 1
             code, size = err.code, HEADER.size
-            if chain.readable_len >= HEADER.size:   # an error answers the fence too
+            if request is None and chain.readable_len >= HEADER.size:
+                # an error answers the fence too: a request not read whole has it in its
+                # header (``_request``, which the cursorq reuses while one is held)
                 _, flags, fence_id, ctx_id, _ = HEADER.unpack_from(self._request)
         if chain.writable_len < HEADER.size:
             self.guest_error("request with %d device-writable bytes (a response needs 24); "
@@ -379,25 +387,33 @@ class GpuDevice(VirtioDevice):
         if chain.readable_len < start + count * MEM_ENTRY.size:
             raise GpuError(RESP_ERR_UNSPEC, "attach: %d entries in %d bytes", count,
                            chain.readable_len)
-        if count * ENTRY_COST > self._budget and not self._first:
-            return None                         # the next turn's first request
-        entries = bytearray(start + count * MEM_ENTRY.size)   # at most 256 KiB
-        gather(chain.readable, entries)
-        self._work += count * ENTRY_COST        # each checked and merged: ~1 µs
-        ranges = list(MEM_ENTRY.iter_unpack(memoryview(entries)[start:]))
-        for gpa, length in ranges:
-            if not length or not self.memory.contains(gpa, length):
-                raise GpuError(RESP_ERR_UNSPEC, "attach: entry 0x%x+0x%x is empty or outside "
-                               "the RAM", gpa, length)
-        if not ranges:                          # QEMU's: the resource stays without backing
+        take = min(count - self._done, self._budget // ENTRY_COST)
+        if take > 0:
+            self._read_entries(chain, start + self._done * MEM_ENTRY.size, take)
+        if self._done < count:
+            return None                         # the next turn reads on
+        if not self._ranges:                    # QEMU's: the resource stays without backing
             return RESP_OK_NODATA, HEADER.size
-        resource.attach(ranges)
+        resource.attach(self._ranges)
         held = sum(len(r.backing) for r in self.resources.values() if r.backing)
         if held > self.max_backing_entries:
             resource.detach()
             raise GpuError(RESP_ERR_OUT_OF_MEMORY, "attach: %d backing entries held by all "
                            "resources with these (at most %d)", held, self.max_backing_entries)
         return RESP_OK_NODATA, HEADER.size
+
+    def _read_entries(self, chain, at, count):
+        """Read ``count`` entries of an attach from byte ``at`` of its request, check them
+        and merge them into ``_ranges``; an empty one or one outside the RAM: GpuError."""
+        entries = bytearray(count * MEM_ENTRY.size)     # a turn's: 64 KiB at most
+        gather(skip(chain.readable, at), entries)
+        self._work += count * ENTRY_COST        # each checked and merged: ~1 µs
+        self._done += count
+        for gpa, length in MEM_ENTRY.iter_unpack(entries):
+            if not length or not self.memory.contains(gpa, length):
+                raise GpuError(RESP_ERR_UNSPEC, "attach: entry 0x%x+0x%x is empty or outside "
+                               "the RAM", gpa, length)
+        merge(self._ranges, MEM_ENTRY.iter_unpack(entries))
 
     def _detach_backing(self, chain, resource_id):
         self._backed(resource_id, "detach").detach()
@@ -431,10 +447,10 @@ class GpuDevice(VirtioDevice):
         if offset + stride * (h - 1) + row > resource.backing_len:
             raise GpuError(RESP_ERR_INVALID_PARAMETER, "transfer of %dx%d at backing offset "
                            "%d: past the %d-byte backing", w, h, offset, resource.backing_len)
-        self._copied, work = resource.transfer(self.memory, x, y, w, h, offset, self._copied,
-                                               self._budget)
+        self._done, work = resource.transfer(self.memory, x, y, w, h, offset, self._done,
+                                             self._budget)
         self._work += work
-        if self._copied < row * h:
+        if self._done < row * h:
             return None
         self.counters["transfers"] += 1
         self.counters["bytes_transferred"] += row * h
@@ -469,7 +485,8 @@ class GpuDevice(VirtioDevice):
     def info(self):
         out = super().info()
         out.update(resources=len(self.resources), width=self.width, height=self.height,
-                   max_memory=self.max_memory, memory_used=self.memory_used, max_resources=self.max_resources,
+                   max_memory=self.max_memory, memory_used=self.memory_used,
+                   max_resources=self.max_resources,
                    scanout=None if self.scanout is None else
                    {"resource": self.scanout[0].id, "rect": list(self.scanout[1:])},
                    cursor=None if self.cursor is None else

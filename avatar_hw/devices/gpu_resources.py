@@ -16,6 +16,7 @@ next turn.
 import bisect
 import mmap
 import struct
+from itertools import accumulate
 
 # formats (5.7.6.8): id -> byte offsets of red, green, blue in a pixel (memory order)
 FORMATS = {1: (2, 1, 0), 2: (2, 1, 0),          # B8G8R8A8, B8G8R8X8
@@ -39,6 +40,16 @@ ROW_COST = 1024
 ENTRY_COST = 2048
 
 
+def merge(backing, ranges):
+    """Append ``ranges`` ((gpa, length) pairs) to ``backing``, each joined to the last entry
+    when it starts where that one ends."""
+    for gpa, length in ranges:
+        if backing and backing[-1][0] + backing[-1][1] == gpa:
+            backing[-1] = (backing[-1][0], backing[-1][1] + length)
+        else:
+            backing.append((gpa, length))
+
+
 def inside(x, y, w, h, width, height):
     """The rectangle lies inside a ``width`` x ``height`` image."""
     return x + w <= width and y + h <= height
@@ -58,18 +69,11 @@ class Resource:
         self.starts = []                        # offset of each entry in the backing
         self.backing_len = 0
 
-    def attach(self, ranges):
-        backing = []
-        for gpa, length in ranges:
-            if backing and backing[-1][0] + backing[-1][1] == gpa:
-                backing[-1] = (backing[-1][0], backing[-1][1] + length)
-            else:
-                backing.append((gpa, length))
-        self.backing, self.starts, total = backing, [], 0
-        for _, length in backing:
-            self.starts.append(total)
-            total += length
-        self.backing_len = total
+    def attach(self, backing):
+        """Back the resource with ``backing``: non-empty (gpa, length) ranges, ``merge``d."""
+        ends = list(accumulate(length for _, length in backing))
+        self.backing, self.starts = backing, [0, *ends][:-1]
+        self.backing_len = ends[-1] if ends else 0
 
     def detach(self):
         self.backing, self.starts, self.backing_len = None, [], 0
