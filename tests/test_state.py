@@ -250,50 +250,47 @@ def test_restart_under_guest_block_refuses_flushes_after_a_failed_fdatasync(tmp_
     assert [u.data for u in queue.get_used()] == [b"\x01"]
 
 
-def test_restart_under_guest_net_keeps_the_mac_the_guest_read(tmp_path, ram, monkeypatch):
+@pytest.fixture
+def net_daemon(tmp_path, ram):
+    """Starts a net device's 'daemon' anew at each call (one switch, one state file)."""
+    loop = EventLoop()
+    switch, path = f"switch:{tmp_path / 's.sock'}", tmp_path / "state"
+    yield lambda: Model(ram, NetDevice(switch), path, loop)
+    loop.close()
+
+
+def test_restart_under_guest_net_keeps_the_mac_the_guest_read(ram, net_daemon, monkeypatch):
     """A device given no mac: its default depends on the host (/etc/machine-id, else the
     host name), which may change under a running guest. The restarted daemon takes back the
     MAC the guest read, and the switch port is locked to it (not to the new default: the
     guest's every frame would be dropped as spoofed)."""
-    loop = EventLoop()
-    try:
-        switch = f"switch:{tmp_path / 's.sock'}"
-        path = tmp_path / "state"
-        first = Model(ram, NetDevice(switch), path, loop)
-        driver_for(first, ram).init([0, 1])
-        mac = first.device.mac
-        first.device.detach()                    # its sockets go, as with the process
-        monkeypatch.setattr(net, "default_mac", lambda intid: bytes([2, 9, 9, 9, 9, 9]))
-        second = Model(ram, NetDevice(switch), path, loop)
-        assert second.device.mac == mac and bytes(second.device.config[:6]) == mac
-        assert second.device.backend.switch.locked == {mac: second.device.backend}
-        second.subsystem.close()
-    finally:
-        loop.close()
+    first = net_daemon()
+    driver_for(first, ram).init([0, 1])
+    mac = first.device.mac
+    first.device.detach()                        # its sockets go, as with the process
+    monkeypatch.setattr(net, "default_mac", lambda intid: bytes([2, 9, 9, 9, 9, 9]))
+    second = net_daemon()
+    assert second.device.mac == mac and bytes(second.device.config[:6]) == mac
+    assert second.device.backend.switch.locked == {mac: second.device.backend}
+    second.subsystem.close()
 
 
-def test_restart_under_guest_net_keeps_the_link_the_operator_took_down(tmp_path, ram):
+def test_restart_under_guest_net_keeps_the_link_the_operator_took_down(ram, net_daemon):
     """The guest was told the link is down: the restarted daemon neither forwards its frames
-    nor reports the link up behind its back; taking it up again then interrupts as usual."""
-    loop = EventLoop()
-    try:
-        switch = f"switch:{tmp_path / 's.sock'}"
-        path = tmp_path / "state"
-        first = Model(ram, NetDevice(switch), path, loop)
-        driver_for(first, ram).init([0, 1])
-        first.device.set_link(False)
-        first.device.detach()
-        second = Model(ram, NetDevice(switch), path, loop)
-        assert second.device.link_up is False
-        assert second.device.config[net.STATUS_OFFSET] & net.S_LINK_UP == 0
-        second.device.set_link(True)
-        assert second.device.config[net.STATUS_OFFSET] & net.S_LINK_UP
-        second.device.detach()
-        third = Model(ram, NetDevice(switch), path, loop)
-        assert third.device.link_up is True
-        third.subsystem.close()
-    finally:
-        loop.close()
+    nor reports the link up behind its back; taking it up again is kept as well."""
+    first = net_daemon()
+    driver_for(first, ram).init([0, 1])
+    first.device.set_link(False)
+    first.device.detach()
+    second = net_daemon()
+    assert second.device.link_up is False
+    assert second.device.config[net.STATUS_OFFSET] & net.S_LINK_UP == 0
+    second.device.set_link(True)
+    assert second.device.config[net.STATUS_OFFSET] & net.S_LINK_UP
+    second.device.detach()
+    third = net_daemon()
+    assert third.device.link_up is True
+    third.subsystem.close()
 
 
 def test_restart_under_guest_vsock_tells_the_guest_its_connections_are_gone(tmp_path, ram):

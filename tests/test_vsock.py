@@ -56,6 +56,13 @@ class Guest:
             if late:
                 return
 
+    def listen(self, port, backlog=128):
+        """A host program listening on ``port`` (the device's ``PATH_port`` socket)."""
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(f"{self.path}_{port}")
+        server.listen(backlog)
+        return server
+
     def give_rx(self, n):
         for _ in range(n):
             self.rx.post(writable=[HEADER_LEN, PAYLOAD])
@@ -199,9 +206,7 @@ def guest_connecting(tmp_path, loop):
     listener there: (Guest, listening socket)."""
     g = Guest(tmp_path, loop)
     g.give_rx(16)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(f"{g.path}_1234")
-    server.listen(1)
+    server = g.listen(1234, backlog=1)
     g.send(40000, 1234, OP_REQUEST)
     return g, server
 
@@ -484,9 +489,7 @@ def test_guest_bytes_taken_before_its_rst_still_reach_a_slow_host_reader(tmp_pat
     g.send(5000, host_port, OP_SHUTDOWN, flags=SHUTDOWN_SEND | SHUTDOWN_RCV)
     g.send(5000, host_port, OP_RST)                         # the guest's close timed out
     assert g.packets() == [] and not g.device.conns
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(f"{g.path}_1")
-    server.listen(1)
+    server = g.listen(1, backlog=1)
     g.send(5001, 1, OP_REQUEST)                             # its slot is still taken
     assert ops(g.packets()) == [OP_RST]
     client.settimeout(2)
@@ -610,10 +613,7 @@ def test_connections_are_bounded(tmp_path, loop):
     g.give_rx(16)
     servers = []
     for port in (1, 2, 3):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(f"{g.path}_{port}")
-        s.listen(1)
-        servers.append(s)
+        servers.append(g.listen(port, backlog=1))
         g.send(100 + port, port, OP_REQUEST)
     assert ops(g.packets()) == [OP_RESPONSE, OP_RESPONSE, OP_RST]
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -638,9 +638,7 @@ def test_connections_opened_without_receive_buffers_cannot_grow_the_queue(tmp_pa
     """A guest that opens and breaks connections and never takes a packet: the answers
     waiting for it stay bounded, the connections that cannot be answered are closed."""
     g = Guest(tmp_path, loop, max_connections=2)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(f"{g.path}_1")
-    server.listen(128)
+    server = g.listen(1)
     for i in range(300):
         g.send(1000 + i, 1, OP_REQUEST)
         g.send(1000 + i, 1, 99)                               # bad op: reset
@@ -664,9 +662,7 @@ def test_answers_for_connections_the_guest_closed_do_not_fill_the_control_queue(
     answers (RESPONSE) of connections it closed since are never sent, so they make no room
     short for the next ones, whose answers once were dropped and the connections reset."""
     g = Guest(tmp_path, loop, max_connections=2)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(f"{g.path}_1")
-    server.listen(512)
+    server = g.listen(1, backlog=512)
     for i in range(300):
         g.send(1000 + i, 1, OP_REQUEST)
         g.send(1000 + i, 1, OP_RST)
