@@ -342,6 +342,8 @@ class ControlServer:
         if request.get("device") is not None and vm is None:
             raise ValueError('missing key "vm" (clear takes a device with its vm)')
         slot = None if request.get("device") is None else self._slot(vm, str(request["device"]))
+        if vm is not None and slot is None:
+            self._entries(vm)                    # clear of a VM that is not here: an error
         if command == "clear":                   # of everything: a pause too
             return {"cleared": faults.clear(vm, slot),
                     "pause_ended": vm is None and self.daemon.end_pause()}
@@ -350,17 +352,22 @@ class ControlServer:
             raise TypeError("options must be an object")
         return faults.inject(vm, slot, str(request["fault"]), **options)
 
-    def _slot(self, vm_id, device):
-        """A slot number from ``device``: ``"1"``, ``"console"`` (first of that name), ``"console1"``."""
-        if device.isdigit():
-            return int(device)
+    def _entries(self, vm_id):
+        """The ``list`` entries of VM ``vm_id``'s devices; ValueError when it has none here."""
         devices = self.daemon.list_devices()
         entries = [e for e in devices if e["vm"] == vm_id]
         if not entries:
             vms = sorted({e["vm"] for e in devices})
             raise ValueError(f"no VM {vm_id} here (VMs: {', '.join(map(str, vms)) or 'none'})")
+        return entries
+
+    def _slot(self, vm_id, device):
+        """A slot number from ``device``: ``"1"``, ``"console"`` (first of that name), ``"console1"``."""
+        entries = self._entries(vm_id)
+        number = int(device) if device.isascii() and device.isdigit() else None
         for entry in entries:
-            if device in (entry["name"], f"{entry['name']}{entry['slot']}"):
+            if entry["slot"] == number or device in (entry["name"],
+                                                     f"{entry['name']}{entry['slot']}"):
                 return entry["slot"]
         names = ", ".join(f"{e['name']}{e['slot']}" for e in entries) or "none"
         raise ValueError(f"VM {vm_id} has no device {device!r} (it has: {names})")
