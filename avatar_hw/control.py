@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import socket
+import stat
 from concurrent.futures import ThreadPoolExecutor
 
 from . import paths, png
@@ -395,6 +396,15 @@ def _listen(path):
 
 # -- client ---------------------------------------------------------------------------------------------
 
+def _not_a_socket(path):
+    """Whether something other than a socket is at ``path`` (a connect to a file or a
+    directory is refused, as one to a socket nobody serves)."""
+    try:
+        return not stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def request(command, path=None, timeout=5.0, option="--control", **arguments):
     """Ask the daemon at ``path``; returns the result or raises ``AvatarError`` (one line).
 
@@ -412,6 +422,10 @@ def request(command, path=None, timeout=5.0, option="--control", **arguments):
                 break
             reply += chunk
     except (FileNotFoundError, ConnectionRefusedError):
+        if _not_a_socket(path):
+            raise AvatarError(f"{path} {paths.NOT_A_SOCKET}, so not an avatar-hw daemon's "
+                              f"control socket: give the daemon's with {option} (is "
+                              "'avatar-hw serve' running?)") from None
         raise AvatarError(f"no avatar-hw daemon at {path}: is 'avatar-hw serve' running? "
                           f"(give its control socket with {option})") from None
     except PermissionError:

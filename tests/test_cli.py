@@ -387,6 +387,27 @@ def test_serve_tells_systemd_when_it_is_ready_and_when_it_stops(tmp_path):
         notify.close()
 
 
+@pytest.mark.parametrize("kind", ["file", "directory", "missing"])
+def test_list_with_a_control_path_that_is_no_socket_says_so(capsys, tmp_path, kind):
+    """A file or a directory there refused the connect as a dead socket does: "no avatar-hw
+    daemon at FILE: is 'avatar-hw serve' running?" sent the user to start one."""
+    path = tmp_path / "control"
+    if kind == "file":
+        path.write_text("not a socket\n")
+    elif kind == "directory":
+        path.mkdir()
+    assert cli.main(["list", "--control", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    if kind == "missing":
+        assert err.startswith(f"avatar-hw: no avatar-hw daemon at {path}: is 'avatar-hw serve' "
+                              "running?")
+    else:
+        assert err == (f"avatar-hw: {path} is not a socket, so not an avatar-hw daemon's "
+                       "control socket: give the daemon's with --control (is 'avatar-hw serve' "
+                       "running?)\n")
+
+
 def test_sd_notify_without_systemd_or_with_an_abstract_socket(monkeypatch):
     from avatar_hw.service import sd_notify
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
