@@ -363,7 +363,8 @@ class ControlServer:
         return entries
 
     def _slot(self, vm_id, device):
-        """A slot number from ``device``: ``"1"``, ``"console"`` (first of that name), ``"console1"``."""
+        """A slot number from ``device``: ``"1"``, ``"console"`` (first of that name),
+        ``"console1"``; ValueError when VM ``vm_id`` has no such device."""
         entries = self._entries(vm_id)
         number = int(device) if device.isascii() and device.isdigit() else None
         for entry in entries:
