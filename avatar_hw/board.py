@@ -36,6 +36,8 @@ GIC_FRAME_SIZES = {"v2": 0x1000, "v3": 0x10000, "v2m": 0x1000}
 GICC_SIZE = 0x2000
 INTERRUPT_KINDS = ("gic", "stub")
 GIC_ONLY_KEYS = ("board_intids", "target_cpu", "priority")
+U64_MAX = (1 << 64) - 1       # addresses, offsets and sizes are 64-bit
+OFF_MAX = (1 << 63) - 1       # a file region's bytes lie at file offsets (off_t) up to this
 
 DEFAULT_PRIORITY = 0xA0       # Linux's own default (GICD_INT_DEF_PRI); GIC-400 keeps bits 7:3
 
@@ -209,6 +211,18 @@ def _check_priority(value):
         raise ValueError(f"must be 0..255 (a GICD_IPRIORITYR byte), not {value}")
 
 
+def _u64(value):
+    """An address or offset: 64 bits, not negative."""
+    if not 0 <= value <= U64_MAX:
+        raise ValueError(f"must fit 64 bits (0 to 0x{U64_MAX:x}), not {value:#x}")
+
+
+def _size(value):
+    """A size: at least 1 byte, 64 bits."""
+    if not 1 <= value <= U64_MAX:
+        raise ValueError(f"must be 1 to 0x{U64_MAX:x} (64 bits), not {value:#x}")
+
+
 INTIDS = "INTIDs, each an integer or [first, last]"
 NOT_NEGATIVE = at_least(0)
 
@@ -217,9 +231,9 @@ REGION = Schema("", (
     Field("map", int, 0, check=NOT_NEGATIVE, only_with="uio"),
     Field("file", str, None, "the path of a file (relative to the board file)", _template,
           path=under),
-    Field("offset", int, 0, check=NOT_NEGATIVE, only_with="file"),
-    Field("size", int, REQUIRED, check=at_least(1), only_with="file"),
-    Field("vm_stride", int, 0, check=NOT_NEGATIVE, only_with="file"),
+    Field("offset", int, 0, check=_u64, only_with="file"),
+    Field("size", int, REQUIRED, check=_size, only_with="file"),
+    Field("vm_stride", int, 0, check=_u64, only_with="file"),
 ), one_of=("uio", "file"))
 
 BOARD = Schema("", (
@@ -228,8 +242,8 @@ BOARD = Schema("", (
         Field("description", str, ""),
     )), REQUIRED),
     Field("layout", Schema("", (
-        Field("base", int, REQUIRED, check=NOT_NEGATIVE),
-        Field("vm_size", int, REQUIRED, check=at_least(1)),
+        Field("base", int, REQUIRED, check=_u64),
+        Field("vm_size", int, REQUIRED, check=_size),
         Field("device_size", int, REQUIRED, check=at_least(MIN_DEVICE_SIZE)),
         Field("irq_base", int, REQUIRED, check=at_least(FIRST_SPI)),
         # guest INTIDs are SPIs: no more of them per VM, nor more VMs, than the GIC has SPIs
@@ -248,8 +262,8 @@ BOARD = Schema("", (
     )), {}),
     Field("gic", Schema("", (               # required with interrupts.kind = "gic": _parse
         Field("version", str, REQUIRED, check=choice(*VERSIONS)),
-        Field("distributor", int, REQUIRED, check=NOT_NEGATIVE),
-        Field("cpu_interface", int, None, check=NOT_NEGATIVE),
+        Field("distributor", int, REQUIRED, check=_u64),
+        Field("cpu_interface", int, None, check=_u64),
         Field("lines", int, REQUIRED, check=between(FIRST_SPI + 1, SPECIAL_INTIDS)),
         Field("region", REGION, REQUIRED),
     ))),
@@ -259,7 +273,7 @@ BOARD = Schema("", (
     )), REQUIRED),
     Field("ram", Schema("", (
         Field("region", REGION, REQUIRED),
-        Field("guest_base", int, REQUIRED, check=NOT_NEGATIVE),
+        Field("guest_base", int, REQUIRED, check=_u64),
     )), REQUIRED),
 ))
 """The board file's tables and keys (docs/boards.md); ``_parse`` checks across keys."""
@@ -354,12 +368,9 @@ def _check(board):
                           f"layout.vm_size is 0x{lay.vm_size:x}: they would overlap the next "
                           "VM's window")
     lines = board.gic.lines if board.gic else SPECIAL_INTIDS
-    if lay.last_intid >= min(lines, SPECIAL_INTIDS):
-        raise ConfigError(file, "layout.max_vms",
-                          f"VM {lay.max_vms - 1}'s last device would get INTID {lay.last_intid}, "
-                          f"past the GIC's {lines} lines (INTIDs up to {lines - 1}); lower "
-                          "max_vms or irqs_per_vm")
+    _check_intids(file, lay, lines)
     _check_interrupts(board, lines)
+    _check_64_bits(board)
     windows = (lay.base, lay.base + lay.max_vms * lay.vm_size)
     others = [("ram.guest_base", board.ram_guest_base, board.ram_guest_base + 1)]
     if board.gic:
@@ -374,6 +385,53 @@ def _check(board):
                                          f"virtio windows {address(windows[0])}-"
                                          f"{address(windows[1] - 1)} "
                                          "([layout] base + max_vms * vm_size)")
+
+
+def _check_intids(file, lay, lines):
+    """The guest INTIDs lie on the GIC; the message names the key that puts one past it."""
+    past = f"past the GIC's {lines} lines (INTIDs up to {lines - 1})"
+    limit = min(lines, SPECIAL_INTIDS)
+    if lay.irq_base >= limit:
+        raise ConfigError(file, "layout.irq_base", f"INTID {lay.irq_base} is {past}")
+    if lay.irq_base + lay.irqs_per_vm > limit:
+        raise ConfigError(file, "layout.irqs_per_vm",
+                          f"VM 0's last device would get INTID "
+                          f"{lay.irq_base + lay.irqs_per_vm - 1}, {past}; lower irqs_per_vm")
+    if lay.last_intid >= limit:
+        raise ConfigError(file, "layout.max_vms",
+                          f"VM {lay.max_vms - 1}'s last device would get INTID {lay.last_intid}, "
+                          f"{past}; lower max_vms or irqs_per_vm")
+
+
+def _check_64_bits(board):
+    """Every address range ends within 64 bits, every file region's below 2**63 (off_t)."""
+    file, lay = board.path, board.layout
+    ends = [("layout.base", lay.base + lay.max_vms * lay.vm_size,
+             f"the virtio windows (base + max_vms {lay.max_vms} x vm_size {lay.vm_size:#x})")]
+    if board.gic:
+        ends.append(("gic.distributor", board.gic.distributor
+                     + GIC_FRAME_SIZES[board.gic.version], "the distributor's frame"))
+        if board.gic.cpu_interface is not None:
+            ends.append(("gic.cpu_interface", board.gic.cpu_interface + GICC_SIZE,
+                         "the CPU interface"))
+    if board.ram.size is not None:
+        ends.append(("ram.guest_base", board.ram_guest_base + board.ram.size,
+                     f"each VM's RAM (ram.region.size {board.ram.size:#x})"))
+    for key, end, what in ends:
+        if end - 1 > U64_MAX:
+            raise ConfigError(file, key, f"{what} would end at {end - 1:#x}, past 64 bits "
+                                         f"(0x{U64_MAX:x})")
+    for key, spec, vms in (("trap.region", board.trap, 1), ("ram.region", board.ram, lay.max_vms),
+                           ("gic.region", board.gic and board.gic.region, 1)):
+        if not spec or spec.file is None:
+            continue
+        last = spec.offset + (vms - 1) * spec.vm_stride + spec.size - 1
+        if last > OFF_MAX:
+            culprit = ("size" if spec.size > OFF_MAX else
+                       "vm_stride" if spec.offset + spec.size - 1 <= OFF_MAX else "offset")
+            raise ConfigError(file, f"{key}.{culprit}",
+                              f"the region would end at file offset {last:#x}, past "
+                              f"{OFF_MAX:#x} (2**63 - 1: files' offsets are signed 64-bit)")
 
 
 def _check_interrupts(board, lines):

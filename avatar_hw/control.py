@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import socket
+import stat
 from concurrent.futures import ThreadPoolExecutor
 
 from . import paths, png
@@ -342,6 +343,8 @@ class ControlServer:
         if request.get("device") is not None and vm is None:
             raise ValueError('missing key "vm" (clear takes a device with its vm)')
         slot = None if request.get("device") is None else self._slot(vm, str(request["device"]))
+        if vm is not None and slot is None:
+            self._entries(vm)                    # clear of a VM that is not here: an error
         if command == "clear":                   # of everything: a pause too
             return {"cleared": faults.clear(vm, slot),
                     "pause_ended": vm is None and self.daemon.end_pause()}
@@ -350,17 +353,23 @@ class ControlServer:
             raise TypeError("options must be an object")
         return faults.inject(vm, slot, str(request["fault"]), **options)
 
-    def _slot(self, vm_id, device):
-        """A slot number from ``device``: ``"1"``, ``"console"`` (first of that name), ``"console1"``."""
-        if device.isdigit():
-            return int(device)
+    def _entries(self, vm_id):
+        """The ``list`` entries of VM ``vm_id``'s devices; ValueError when it has none here."""
         devices = self.daemon.list_devices()
         entries = [e for e in devices if e["vm"] == vm_id]
         if not entries:
             vms = sorted({e["vm"] for e in devices})
             raise ValueError(f"no VM {vm_id} here (VMs: {', '.join(map(str, vms)) or 'none'})")
+        return entries
+
+    def _slot(self, vm_id, device):
+        """A slot number from ``device``: ``"1"``, ``"console"`` (first of that name),
+        ``"console1"``; ValueError when VM ``vm_id`` has no such device."""
+        entries = self._entries(vm_id)
+        number = int(device) if device.isascii() and device.isdigit() else None
         for entry in entries:
-            if device in (entry["name"], f"{entry['name']}{entry['slot']}"):
+            if entry["slot"] == number or device in (entry["name"],
+                                                     f"{entry['name']}{entry['slot']}"):
                 return entry["slot"]
         names = ", ".join(f"{e['name']}{e['slot']}" for e in entries) or "none"
         raise ValueError(f"VM {vm_id} has no device {device!r} (it has: {names})")
@@ -388,6 +397,15 @@ def _listen(path):
 
 # -- client ---------------------------------------------------------------------------------------------
 
+def _not_a_socket(path):
+    """Whether something other than a socket is at ``path`` (a connect to a file or a
+    directory is refused, as one to a socket nobody serves)."""
+    try:
+        return not stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def request(command, path=None, timeout=5.0, option="--control", **arguments):
     """Ask the daemon at ``path``; returns the result or raises ``AvatarError`` (one line).
 
@@ -405,6 +423,10 @@ def request(command, path=None, timeout=5.0, option="--control", **arguments):
                 break
             reply += chunk
     except (FileNotFoundError, ConnectionRefusedError):
+        if _not_a_socket(path):
+            raise AvatarError(f"{path} {paths.NOT_A_SOCKET}, so not an avatar-hw daemon's "
+                              f"control socket: give the daemon's with {option} (is "
+                              "'avatar-hw serve' running?)") from None
         raise AvatarError(f"no avatar-hw daemon at {path}: is 'avatar-hw serve' running? "
                           f"(give its control socket with {option})") from None
     except PermissionError:

@@ -28,6 +28,7 @@ Implementations:
 import errno
 import os
 import select
+import stat
 from typing import Protocol
 
 from .errors import AvatarError
@@ -63,9 +64,20 @@ class UioDoorbell:
         self.device.close()
 
 
+KINDS = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+         (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+         (stat.S_ISBLK, "a block device"))
+
+
 def open_fifo(path):
-    """A doorbell FIFO's fd, non-blocking."""
+    """A doorbell FIFO's fd, non-blocking; anything else at ``path`` is refused (a regular
+    file would be always readable: the daemon would spin)."""
     try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISFIFO(mode):
+            kind = next((name for test, name in KINDS if test(mode)), "something else")
+            raise AvatarError(f"doorbell FIFO {path}: {kind}, not a FIFO: give a FIFO's path "
+                              "(create one with mkfifo; the stand-in stub makes it)")
         # O_RDWR: opening never blocks, and the FIFO never reports EOF when the peer exits.
         return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as err:
@@ -81,7 +93,11 @@ class FifoDoorbell:
 
     def __init__(self, to_model, to_stub=None):
         self._in = open_fifo(to_model)
-        self._out = open_fifo(to_stub) if to_stub else None
+        try:
+            self._out = open_fifo(to_stub) if to_stub else None
+        except AvatarError:
+            os.close(self._in)
+            raise
         self._buffer = bytearray(4096)
 
     @classmethod

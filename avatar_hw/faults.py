@@ -234,6 +234,11 @@ class FaultInjector:
     def inject(self, vm_id, slot, fault, **options):
         device = self.subsystem.device(vm_id, slot)
         armed = Fault(fault, device.name, options)
+        span, capacity = armed.options.get("sectors"), getattr(device, "capacity", None)
+        if span is not None and capacity is not None and span[1] >= capacity:
+            raise AvatarError(f"fault {fault}: sectors {span[0]}-{span[1]} lie past the end of "
+                              f"vm{vm_id} {device.name}{slot}: its image has {capacity} sectors "
+                              f"(0-{capacity - 1})")
         if device.context is None:
             raise AvatarError(f"VM {vm_id} slot {slot} has no transport yet")
         plan = self.plans.get((vm_id, slot))

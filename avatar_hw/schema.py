@@ -197,6 +197,17 @@ def positive(value):
         raise ValueError(f"must be positive, not {value}")
 
 
+def up_to(maximum, unit=""):
+    """A check: the value is positive and at most ``maximum`` (``unit``: how the message
+    shows it too, e.g. "64 MiB")."""
+    def check(value):
+        positive(value)
+        if value > maximum:
+            shown = f"{maximum} ({unit})" if unit else str(maximum)
+            raise ValueError(f"must be at most {shown}, not {value}")
+    return check
+
+
 def at_least(minimum):
     """A check: the value is ``minimum`` or more."""
     def check(value):

@@ -105,11 +105,16 @@ def _console(args):
     term.set_rx_encoding("utf-8")
     term.set_tx_encoding("utf-8")
     # A refused client gets the endpoint's one line, not a terminal that starts and ends
-    # (a refusal later than REFUSAL_WAIT, by a loaded daemon, still ends it, status 1).
+    # (a refusal later than REFUSAL_WAIT, by a loaded daemon, still ends it, status 1); so
+    # does a peer that closed at once having sent nothing (a refusal without its line).
     # Keys typed meanwhile wait, unechoed, for the writer (the terminal's modes already).
     term.console.setup()
     received, closed = first_output(port, REFUSAL_WAIT)
     refused = refusal(received, closed)
+    if refused is None and closed and not received:
+        refused = (f"console {url}: closed at once, having sent nothing: check that its "
+                   "daemon or server runs and takes this client (avatar-hw info lists a "
+                   "daemon's endpoints; its log says why it refused one)")
     if refused is not None:
         term.console.cleanup()
         port.close()

@@ -702,7 +702,7 @@ def test_config_error_image_locked_by_another_process(tmp_path, image):
 def test_config_error_bad_numbers(tmp_path, image):
     assert "give 1 to 16 request queues" in config_error(
         tmp_path, f"[vm.0]\nblock = {{ image = '{image}', queues = 17 }}\n")
-    with pytest.raises(ConfigError, match="vm.0.block.queues: must be positive"):
+    with pytest.raises(ConfigError, match="vm.0.block.queues: queues = 0: give 1 to 16"):
         build(tmp_path, f"[vm.0]\nblock = {{ image = '{image}', queues = 0 }}\n")
     with pytest.raises(ConfigError, match="vm.0.block.serial: is longer than 20 bytes"):
         build(tmp_path, f"[vm.0]\nblock = {{ image = '{image}', serial = '{'x' * 21}' }}\n")

@@ -355,6 +355,47 @@ BAD = {
                              "ram.region.vm_stride", "0x1000 is less than size 0x2000: each "
                                                      "VM's part would overlap the next VM's"),
     "GIC table on a stub board": (STUB_WITH_GIC, "gic", 'only with interrupts.kind = "gic"'),
+    # 64 bits: addresses, offsets and sizes, and where their ranges end
+    "address past 64 bits": (edited("distributor = 0xff841000",
+                                    "distributor = 0x10000000000000000"), "gic.distributor",
+                             "must fit 64 bits (0 to 0xffffffffffffffff), not "
+                             "0x10000000000000000"),
+    "negative address": (edited("guest_base = 0x40000000", "guest_base = -4096"),
+                         "ram.guest_base", "must fit 64 bits (0 to 0xffffffffffffffff), not "
+                                           "-0x1000"),
+    "size past 64 bits": (edited('{ uio = "avatar-trap" }',
+                                 '{ file = "t", size = 0x10000000000000000 }'),
+                          "trap.region.size", "must be 1 to 0xffffffffffffffff (64 bits)"),
+    "offset past 64 bits": (edited('{ uio = "avatar-trap" }',
+                                   '{ file = "t", size = 1, offset = 0x1fffffffffffff000 }'),
+                            "trap.region.offset", "must fit 64 bits"),
+    "windows ending past 64 bits": (edited("base = 0x0a000000", "base = 0xfffffffffffff000"),
+                                    "layout.base", "the virtio windows (base + max_vms 4 x "
+                                                   "vm_size 0x10000) would end at "
+                                                   "0x1000000000003efff, past 64 bits"),
+    "GIC frame ending past 64 bits": (edited("distributor = 0xff841000",
+                                             "distributor = 0xfffffffffffff800"),
+                                      "gic.distributor", "the distributor's frame would end at "
+                                                         "0x100000000000007ff, past 64 bits"),
+    "file region past 2**63": (edited('{ uio = "avatar-trap" }',
+                                      '{ file = "t", offset = 0x7ffffffffffff000, size = 0x2000 }'),
+                               "trap.region.offset", "would end at file offset "
+                                                     "0x8000000000000fff, past 0x7fffffffffffffff"),
+    "VMs' RAM past 2**63": (edited('{ uio = "avatar-vm{vm}-ram" }',
+                                   '{ file = "ram.bin", size = 0x1000, '
+                                   'vm_stride = 0x4000000000000000 }'),
+                            "ram.region.vm_stride", "past 0x7fffffffffffffff"),
+    # the key that puts a guest INTID past the GIC
+    "IRQ base past the GIC's lines": (edited("irq_base = 48", "irq_base = 1000"),
+                                      "layout.irq_base",
+                                      "INTID 1000 is past the GIC's 224 lines (INTIDs up to 223)"),
+    "IRQ base past any INTID": (edited("irq_base = 48", "irq_base = 100000000000000000000"),
+                                "layout.irq_base", "INTID 100000000000000000000 is past"),
+    "VM 0's IRQs past the GIC's lines": (edited("irq_base = 48", "irq_base = 220"),
+                                         "layout.irqs_per_vm", "VM 0's last device would get "
+                                                               "INTID 227, past the GIC's 224 "
+                                                               "lines (INTIDs up to 223); lower "
+                                                               "irqs_per_vm"),
 }
 
 

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,39 @@ def test_console_from_a_pipe_says_it_needs_a_terminal():
                           text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("avatar-hw: console: stdin is not a terminal")
+
+
+@pytest.mark.parametrize("scheme", ["unix", "socket"])
+def test_console_whose_peer_closes_at_once_says_so_in_one_line(tmp_path, scheme):
+    """A peer that accepts and closes having sent nothing (a refusal without its line, a
+    server that exits): the header, then "read failed", status 1; now one line, status 2."""
+    if scheme == "unix":
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(tmp_path / "peer.sock"))
+        url = f"unix://{tmp_path / 'peer.sock'}"
+    else:
+        listener = socket.create_server(("127.0.0.1", 0))
+        url = f"socket://127.0.0.1:{listener.getsockname()[1]}"
+    listener.listen(4)
+
+    def close_each():
+        while True:
+            try:
+                listener.accept()[0].close()
+            except OSError:
+                return
+    threading.Thread(target=close_each, daemon=True).start()
+    controller, terminal = os.openpty()
+    try:
+        done = subprocess.run(AVATAR_HW + ["console", "--url", url], stdin=terminal,
+                              stdout=terminal, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+        listener.close()
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"avatar-hw: console {url}: closed at once, having sent "
+                                  "nothing"), done.stderr
 
 
 def test_console_without_a_vm_says_what_to_give(capsys):
@@ -351,6 +385,27 @@ def test_serve_tells_systemd_when_it_is_ready_and_when_it_stops(tmp_path):
         daemon.close()
         stub.close()
         notify.close()
+
+
+@pytest.mark.parametrize("kind", ["file", "directory", "missing"])
+def test_list_with_a_control_path_that_is_no_socket_says_so(capsys, tmp_path, kind):
+    """A file or a directory there refused the connect as a dead socket does: "no avatar-hw
+    daemon at FILE: is 'avatar-hw serve' running?" sent the user to start one."""
+    path = tmp_path / "control"
+    if kind == "file":
+        path.write_text("not a socket\n")
+    elif kind == "directory":
+        path.mkdir()
+    assert cli.main(["list", "--control", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    if kind == "missing":
+        assert err.startswith(f"avatar-hw: no avatar-hw daemon at {path}: is 'avatar-hw serve' "
+                              "running?")
+    else:
+        assert err == (f"avatar-hw: {path} is not a socket, so not an avatar-hw daemon's "
+                       "control socket: give the daemon's with --control (is 'avatar-hw serve' "
+                       "running?)\n")
 
 
 def test_sd_notify_without_systemd_or_with_an_abstract_socket(monkeypatch):

@@ -671,6 +671,21 @@ def test_a_bad_doorbell_is_one_line(board, spec, message):
     assert line.startswith(f"avatar-hw: {message}")
 
 
+@pytest.mark.parametrize("which", ["to the model", "to the stub"])
+def test_a_doorbell_fifo_that_is_a_regular_file_is_one_line(board, which):
+    """A regular file opened as the FIFO was taken: the daemon then polled a file that is
+    always readable (or rang the stub by appending to it)."""
+    plain = board.root / "not-a-fifo"
+    plain.write_text("")
+    spec = (f"fifo:{plain}" if which == "to the model"
+            else f"fifo:{board.doorbell},{plain}")
+    code, lines, err = run_serve(board, console_config(board), "--doorbell", spec)
+    assert code == 2 and "Traceback" not in err, err
+    assert lines == [f"avatar-hw: doorbell FIFO {plain}: a regular file, not a FIFO: give a "
+                     "FIFO's path (create one with mkfifo; the stand-in stub makes it)"]
+    assert plain.read_text() == ""
+
+
 def test_permission_problem_is_one_line(board, stub):
     """The UIO nodes belong to someone else, as without the udev rules. As root, the daemon
     runs without CAP_DAC_OVERRIDE (setpriv), so file permissions apply to it."""

@@ -116,6 +116,9 @@ def test_fault_inject_a_delayed_interrupt_is_not_raised_after_a_reset(board, end
     ("ioerr", {"count": "\uff12"}, "option count = '\uff12'"),          # full-width digit
     ("ioerr", {"sectors": "\uff11\uff10-\uff12\uff10"}, "option sectors"),
     ("irq-delay", {"ms": 1e9}, "expected milliseconds, 0 to 60000"),
+    ("ioerr", {"sectors": "2048-2055"}, "fault ioerr: sectors 2048-2055 lie past the end of vm0 "
+                                        "block0: its image has 2048 sectors \\(0-2047\\)$"),
+    ("torn", {"sectors": "2040-2048"}, "sectors 2040-2048 lie past the end"),
 ])
 def test_fault_inject_bad_requests_are_one_line_errors(board, fault, options, message):
     with pytest.raises(AvatarError, match=message):
@@ -138,7 +141,7 @@ def daemon(tmp_path):
     """``avatar-hw serve`` (stand-in stub) with a console and a block device in VM 0."""
     fake = FakeBoard(tmp_path / "board", vms=1)
     stub = StandinStub(fake)
-    (fake.root / "disk.img").write_bytes(bytes(1 << 20))
+    (fake.root / "disk.img").write_bytes(bytes(2 << 20))     # testing.md's sectors 2048-2055
     config = fake.root / "vms.toml"
     config.write_text(f'[vm.0]\nconsole = {{ endpoints = ["file:{fake.root}/vm0.log"] }}\n'
                       f'block = {{ image = "{fake.root}/disk.img" }}\n')
@@ -188,6 +191,11 @@ def test_fault_inject_clear_ends_a_pause(daemon):
     (("0", "console", "ioerr"), "fault ioerr applies to block devices, not console"),
     (("0", "net", "drop"), "VM 0 has no device 'net'"),
     (("3", "block", "ioerr"), "no VM 3 here (VMs: 0)"),
+    (("--clear", "9"), "no VM 9 here (VMs: 0)"),
+    (("--clear", "0", "9"), "VM 0 has no device '9' (it has: console0, block1)"),
+    (("0", "9", "ioerr"), "VM 0 has no device '9'"),
+    (("0", "block", "ioerr", "--sectors", "4096"),
+     "sectors 4096-4096 lie past the end of vm0 block1: its image has 4096 sectors (0-4095)"),
     (("0", "block", "torn", "--keep", "x"), "option keep = 'x': expected the bytes"),
     ((), "give VM DEVICE FAULT (and that fault's options), or one of --clear"),
 ])

@@ -277,6 +277,32 @@ def test_bad_url_is_one_line():
     assert "\n" not in str(err.value)
 
 
+def test_a_port_that_does_not_open_is_one_clean_line(tmp_path):
+    """pyserial's message doubled the errno and the path: "[Errno 2] could not open port X:
+    [Errno 2] No such file or directory: 'X'"; a bad ?option was a KeyError traceback."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dir").mkdir()
+    free = socket.create_server(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    cases = {
+        str(tmp_path / "ttyUSB9"): "cannot open: No such file or directory",
+        str(tmp_path / "dir"): "cannot open: Is a directory",
+        str(tmp_path / "file"): "cannot open: Inappropriate ioctl for device (not a serial "
+                                "port or a terminal: give a tty, or a socket://, rfc2217:// "
+                                "or unix:// URL)",
+        f"unix://{tmp_path / 'none.sock'}": "cannot open: No such file or directory",
+        f"socket://127.0.0.1:{port}": "cannot open: Connection refused",
+        "loop://?colour=1": "not a URL pyserial takes: check its host:port and ?options",
+        "socket://127.0.0.1:1?colour=1": "not a URL pyserial takes",
+    }
+    for url, problem in cases.items():
+        with pytest.raises(AvatarError) as err:
+            open_serial(url)
+        assert str(err.value).startswith(f"console {url}: {problem}"), str(err.value)
+        assert "Errno" not in str(err.value) and "\n" not in str(err.value)
+
+
 def test_unix_url_keeps_what_the_peer_sent_at_once(tmp_path, monkeypatch):
     """unix:// does not discard input at open (pyserial's socket:// does): a shell's first
     prompt or the daemon's backlog arrives the moment the client connects."""

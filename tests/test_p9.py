@@ -7,6 +7,7 @@ import errno
 import hashlib
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -1101,6 +1102,45 @@ def test_config_builds_the_device_and_names_mistakes(tmp_path, share):
         with pytest.raises(ConfigError, match=problem.replace(".", r"\.")):
             config = load_config(path)
             config.build_device(config.vms[0].devices[0])
+
+
+BUILD_SHARE = """
+import sys
+from avatar_hw.config import load_config
+from avatar_hw.errors import ConfigError
+config = load_config(sys.argv[1])
+try:
+    config.build_device(config.vms[0].devices[0]).detach()
+except ConfigError as err:
+    print(err)
+"""
+
+
+@pytest.mark.parametrize("mode", [0o000, 0o300, 0o500, 0o600])
+def test_a_share_the_daemon_cannot_read_or_search_is_refused_at_start(tmp_path, mode):
+    """O_PATH opens a folder with no permission on it, so such a share was served and each
+    of the guest's walks or reads failed (EACCES). As root the build runs without
+    CAP_DAC_OVERRIDE (setpriv), so the folder's permissions apply to it."""
+    share = tmp_path / "share"
+    share.mkdir(mode=mode)
+    path = tmp_path / "vms.toml"
+    path.write_text(f'[vm.0]\n9p = {{ tag = "host", path = "{share}" }}\n')
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("setpriv (util-linux) is needed to drop CAP_DAC_OVERRIDE as root")
+        prefix = ["setpriv", "--inh-caps=-all",
+                  "--bounding-set=-dac_override,-dac_read_search", "--"]
+    try:
+        done = subprocess.run(prefix + [sys.executable, "-c", BUILD_SHARE, str(path)],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        share.chmod(0o700)
+    readable = mode & 0o500 == 0o500
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout == ("" if readable else (
+        f"{path}: vm.0.9p: {share}: the folder shared as 'host' cannot be read or searched "
+        "(Permission denied): give the daemon's user r and x on it\n"))
 
 
 def test_create_makes_a_missing_folder_and_keeps_an_existing_one(tmp_path):

@@ -654,9 +654,9 @@ def test_a_console_option_that_does_not_open_is_one_line_naming_it(pytester, dae
     result = pytester.runpytest(f"--avatar-board={daemon.board_file}",
                                 f"--avatar-control={daemon.control}", f"--avatar-console={url}")
     result.assert_outcomes(errors=2)
-    result.stdout.fnmatch_lines([f"--avatar-console {url}: console {url}: *could not open "
-                                 "port * (give the guest console's URL, or leave the option "
-                                 "out to use the daemon's endpoint)"] * 2)
+    result.stdout.fnmatch_lines([f"--avatar-console {url}: console {url}: cannot open: No such "
+                                 "file or directory (give the guest console's URL, or leave "
+                                 "the option out to use the daemon's endpoint)"] * 2)
     result.stdout.no_fnmatch_line("*Traceback*")
     result.stdout.no_fnmatch_line("*During handling*")
 

@@ -72,7 +72,7 @@ import weakref
 
 from ..errors import ConfigError, os_reason
 from ..libc import check, libc
-from ..schema import REQUIRED, Field, Schema, positive, under
+from ..schema import REQUIRED, Field, Schema, under
 from ..virtio.buffers import fill_zeros, gather, scatter, skip, transfer, truncate, zeros
 from ..virtio.constants import ID_BLOCK, bit
 from ..virtio.device import VirtioDevice
@@ -182,8 +182,8 @@ class BlockDevice(VirtioDevice):
 
     def __init__(self, image, *, readonly=False, serial=None, queues=None):
         check_serial(serial or "")
-        if queues is not None and not 1 <= queues <= MAX_QUEUES:
-            raise ValueError(f"queues = {queues}: give 1 to {MAX_QUEUES} request queues")
+        if queues is not None:
+            check_queues(queues)
         self.image, self.readonly = str(image), readonly
         self.fd = self._open_image()
         try:
@@ -493,6 +493,12 @@ class BlockDevice(VirtioDevice):
         return out
 
 
+def check_queues(queues):
+    """The request queues offered with VIRTIO_BLK_F_MQ."""
+    if not 1 <= queues <= MAX_QUEUES:
+        raise ValueError(f"queues = {queues}: give 1 to {MAX_QUEUES} request queues")
+
+
 def check_size(size):
     """``size`` of an image to create: whole sectors, at least one."""
     if not SECTOR <= size < 1 << 63 or size % SECTOR:
@@ -506,7 +512,8 @@ SCHEMA = Schema("block", (
           "image created (sparse) if it does not exist", check_size),
     Field("readonly", bool, False),
     Field("serial", str, None, f"a string (up to {SERIAL_BYTES} bytes)", check_serial),
-    Field("queues", int, None, "the number of request queues", positive),
+    Field("queues", int, None, f"the number of request queues (1 to {MAX_QUEUES})",
+          check_queues),
 ))
 
 

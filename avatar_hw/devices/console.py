@@ -27,7 +27,7 @@ import struct
 
 from ..backends.console import open_console_backend
 from ..endpoints import check_url, url_under
-from ..schema import REQUIRED, Field, Schema, positive
+from ..schema import REQUIRED, Field, Schema, up_to
 from ..virtio.buffers import gather, scatter
 from ..virtio.constants import ID_CONSOLE, bit
 from ..virtio.device import VirtioDevice
@@ -78,8 +78,12 @@ class ConsoleDevice(VirtioDevice):
         cols, rows = size or (0, 0)
         super().__init__(queue_sizes=queue_sizes, features=features,
                          config=CONFIG.pack(cols, rows, nports if multiport else 0, 0))
-        kw = {} if limit is None else {"limit": limit}
+        kw = {}
+        if limit is not None:
+            _check_buffer(limit)
+            kw["limit"] = limit
         if log_size is not None:
+            _check_log(log_size)
             kw["log_size"] = log_size
         self.ports = [ConsolePort(self, 0, open_console_backend(backend, **kw))]
         for i, (port_name, spec) in enumerate(ports.items(), start=1):
@@ -387,15 +391,20 @@ def _check_size(value):
         raise ValueError("must be [columns, rows], two integers from 1 to 65535")
 
 
+MAX_BUFFER = MAX_LOG = 64 << 20      # bytes per port: held in flight; the unattached log
+_check_buffer, _check_log = up_to(MAX_BUFFER, "64 MiB"), up_to(MAX_LOG, "64 MiB")
+
+
 SCHEMA = Schema("console", (
     Field("endpoints", (str, list), REQUIRED, "a URL or a list of URLs", _check_urls,
           _urls_under, alias="backends"),
     Field("ports", dict, None, "a table of port name = URL(s)", _check_ports,
           lambda value, base: {name: _urls_under(urls, base) for name, urls in value.items()}),
     Field("size", list, None, "[columns, rows]", _check_size),
-    Field("buffer", int, None, "bytes of guest output held in flight per port", positive),
-    Field("log", int, None, "bytes of output kept per port while no client is attached",
-          positive),
+    Field("buffer", int, None, "bytes of guest output held in flight per port (1 to 64 MiB)",
+          _check_buffer),
+    Field("log", int, None, "bytes of output kept per port while no client is attached (1 to "
+          "64 MiB)", _check_log),
 ))
 
 

@@ -89,6 +89,14 @@ class P9Device(VirtioDevice):
             raise ConfigError(self.path, None, "is not a folder") from None
         except OSError as err:
             raise ConfigError(self.path, None, f"cannot open: {err.strerror}") from None
+        try:            # O_PATH needs no permission on the folder; each walk and read does
+            os.close(os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                             dir_fd=self.server.folder.root_fd))
+        except OSError as err:
+            self.server.close()
+            raise ConfigError(self.path, None, f"the folder shared as {tag!r} cannot be read or "
+                                               f"searched ({err.strerror}): give the daemon's "
+                                               "user r and x on it") from None
         if security_model == "passthrough" and os.geteuid() != 0:
             self.server.close()
             raise ConfigError(self.path, None, "security_model = \"passthrough\" needs root: "

@@ -36,7 +36,7 @@ import os
 import struct
 
 from ..backends.vsock import listen, remove_listener
-from ..schema import REQUIRED, Field, Schema, positive, under
+from ..schema import REQUIRED, Field, Schema, under, up_to
 from ..virtio.buffers import gather, scatter, skip, truncate
 from ..virtio.constants import ID_VSOCK, bit
 from ..virtio.device import VirtioDevice
@@ -55,6 +55,7 @@ EVENT_TRANSPORT_RESET = 0
 MIN_CID, MAX_CID = 3, 0xFFFFFFFE        # 0-2 are reserved, 0xFFFFFFFF is VMADDR_CID_ANY
 MAX_PACKET = 64 << 10                   # payload per packet to the guest (Linux's maximum)
 DEFAULT_MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 1024      # each holds a Unix socket (an fd) and up to buf_alloc bytes
 READS_PER_CALLBACK = 16                 # packets from one socket per readiness callback
 
 
@@ -74,7 +75,7 @@ class VsockDevice(Connections, VirtioDevice):
     def __init__(self, cid, socket, *, max_connections=DEFAULT_MAX_CONNECTIONS,
                  buf_alloc=BUF_ALLOC, connect_timeout=CONNECT_TIMEOUT):
         check_cid(cid)
-        positive(max_connections)
+        up_to(MAX_CONNECTIONS)(max_connections)
         super().__init__(queue_sizes=[QUEUE_SIZE, QUEUE_SIZE, EVENT_QUEUE_SIZE],
                          features=bit(F_STREAM), config=struct.pack("<Q", cid))
         self.cid, self.path = cid, os.path.abspath(socket)   # info() shows where it is
@@ -444,7 +445,8 @@ SCHEMA = Schema("vsock", (
     Field("cid", int, REQUIRED, f"the guest's CID, an integer from {MIN_CID} to {MAX_CID}",
           check_cid),
     Field("socket", str, REQUIRED, "the path of the host-side Unix socket", path=under),
-    Field("max_connections", int, None, "open connections at most", positive),
+    Field("max_connections", int, None, f"open connections at most (1 to {MAX_CONNECTIONS})",
+          up_to(MAX_CONNECTIONS)),
 ))
 
 

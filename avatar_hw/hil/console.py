@@ -25,7 +25,9 @@ output that happens to contain marker-like text cannot match either.
 """
 
 import codecs
+import errno
 import re
+import termios
 import time
 import uuid
 
@@ -60,10 +62,41 @@ def open_serial(url, **kwargs):
     try:
         return serial.serial_for_url(url, **kwargs)
     except (serial.SerialException, ValueError) as err:
-        raise AvatarError(f"console {url}: {err}") from None
+        raise AvatarError(f"console {url}: {_open_problem(err)}") from None
+    except KeyError:                # pyserial formats its usage text with str.format ("{a|b}")
+        raise AvatarError(f"console {url}: {BAD_URL}") from None
     except OSError as err:          # the peer closed at once: a daemon's endpoint that has
         raise AvatarError(f"console {url}: {err.strerror or err} (an avatar-hw endpoint "
                           "takes one client at a time: is another attached?)") from None
+
+
+BAD_URL = ("not a URL pyserial takes: check its host:port and ?options (loop:// and socket:// "
+           "take only ?logging=LEVEL)")
+
+
+def _open_problem(err):
+    """Why pyserial could not open a port, once: its messages repeat the errno and the path
+    (``[Errno 2] could not open port X: [Errno 2] No such file or directory: 'X'``), so
+    the OS's words are taken from the error it raised them from."""
+    cause = err.__cause__ or err.__context__
+    while cause is not None:
+        if isinstance(cause, OSError) and not isinstance(cause, serial.SerialException) \
+                and cause.strerror:
+            code, reason = cause.errno, cause.strerror
+            break
+        if isinstance(cause, termios.error) and len(cause.args) == 2:
+            code, reason = cause.args
+            break
+        if isinstance(cause, (KeyError, TypeError)):     # pyserial's URL parsing failed
+            return BAD_URL
+        cause = cause.__cause__ or cause.__context__
+    else:
+        text = re.sub(r"^(?:\[Errno \d+\] )?[Cc]ould not open port \S*: ", "", str(err))
+        return f"cannot open: {text}" if text != str(err) else text
+    if code == errno.ENOTTY:
+        reason += (" (not a serial port or a terminal: give a tty, or a socket://, rfc2217:// "
+                   "or unix:// URL)")
+    return f"cannot open: {reason}"
 
 
 class GuestConsole:
