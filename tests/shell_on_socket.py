@@ -1,7 +1,8 @@
 """A bench's guest console stand-in: ``python shell_on_socket.py PATH DELAY`` writes its pid
 (also its process group's) to PATH.pid, waits DELAY seconds (a guest booting again after a
 power cycle), then gives each client of the Unix socket PATH an ``sh -i``.
-``kill -- -$(cat PATH.pid)`` ends it and its shells, as a power cut."""
+``kill -s KILL -- -$(cat PATH.pid)`` ends it and its shells, as a power cut (an interactive sh
+ignores SIGTERM: plain ``kill`` would leave the shells answering their clients)."""
 
 import os
 import socket

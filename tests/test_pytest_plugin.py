@@ -714,14 +714,14 @@ def test_a_reset_reattaches_where_the_console_is_served_now(tmp_path):
     try:
         with GuestConsole.open(f"unix://{before}") as console:
             console.wait_shell(30)
-            subprocess.run(f"kill -- -$(cat {before}.pid)", shell=True)
+            subprocess.run(f"kill -s KILL -- -$(cat {before}.pid)", shell=True)
             shell_on_socket(after, 1)
             console.reopen(locate, 30)
             console.wait_shell(30)
             assert console.run("echo $((2 + 2))") == ("4\n", 0)
             assert console.name == f"unix://{after}"
     finally:
-        subprocess.run(f"kill -- -$(cat {before}.pid) -$(cat {after}.pid)", shell=True)
+        subprocess.run(f"kill -s KILL -- -$(cat {before}.pid) -$(cat {after}.pid)", shell=True)
 
 
 def test_a_bench_reset_waits_for_its_console_to_come_back(pytester, daemon, tmp_path):
@@ -730,7 +730,7 @@ def test_a_bench_reset_waits_for_its_console_to_come_back(pytester, daemon, tmp_
     path = tmp_path / "guest.sock"
     pidfile = f"{path}.pid"
     shell_on_socket(path)
-    cycle = (f"kill -- -$(cat {pidfile}); "
+    cycle = (f"kill -s KILL -- -$(cat {pidfile}); "
              f"{sys.executable} {SHELL_ON_SOCKET} {path} 2 >/dev/null 2>&1 &")
     pytester.makepyfile(RESET_TESTS)
     try:
@@ -739,7 +739,7 @@ def test_a_bench_reset_waits_for_its_console_to_come_back(pytester, daemon, tmp_
                                     f"--avatar-console=unix://{path}",
                                     f"--avatar-reset-command={cycle}")
     finally:
-        subprocess.run(f"kill -- -$(cat {pidfile})", shell=True)
+        subprocess.run(f"kill -s KILL -- -$(cat {pidfile})", shell=True)
     result.assert_outcomes(passed=2)
 
 
