@@ -186,9 +186,14 @@ def test_closed_peer_is_reported(tmp_path):
     try:
         with GuestConsole.open(f"unix://{path}") as console:
             console.wait_shell(60)
+            assert console.gone is None
             console.sendline("exit")
             with pytest.raises(ConsoleClosed, match="disconnected"):
                 console.expect("never", 60)          # ends at the disconnect
+            assert "socket disconnected" in console.gone
+            with pytest.raises(ConsoleClosed):
+                console.expect("never", 0)
+            assert "socket disconnected" in console.gone
     finally:
         listener.close()
         for process in processes:
