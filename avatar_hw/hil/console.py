@@ -248,11 +248,14 @@ class GuestConsole:
 
     # -- a shell -------------------------------------------------------------------------------
 
-    def wait_shell(self, timeout=DEFAULT_TIMEOUT, retry=1.0):
+    def wait_shell(self, timeout=DEFAULT_TIMEOUT, retry=1.0, interrupt=False):
         """Press Enter and ask the shell for a marker until it answers (boot, a login-less
-        getty's "press Enter", a busy shell): for a freshly started guest."""
+        getty's "press Enter", a busy shell): for a freshly started guest. ``interrupt``:
+        Ctrl-C first, once (a command still running, a half-typed line: on a terminal)."""
         tag = _tag()
         deadline = time.monotonic() + timeout
+        if interrupt:
+            self.send(b"\x03")
         while True:
             self.sendline(f"echo {tag}''_S")
             try:
