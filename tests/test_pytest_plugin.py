@@ -65,8 +65,8 @@ def daemon(request, tmp_path):
 def test_options_in_help(pytester):
     result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(["*--avatar-board=FILE*", "*--avatar-console=URL*",
-                                 "*--avatar-control=PATH*", "*--avatar-board-linux*",
-                                 "*avatar_board_linux (bool):*"])
+                                 "*--avatar-control=PATH*", "*--avatar-shell-timeout=SECONDS*",
+                                 "*--avatar-board-linux*", "*avatar_board_linux (bool):*"])
 
 
 def test_markers_are_declared_by_the_plugin(pytester):
@@ -669,6 +669,38 @@ def test_a_log_dir_that_is_a_file_is_a_usage_error(pytester, tmp_path):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"ERROR: --avatar-log-dir {afile}: cannot make this "
                                  "directory (File exists): give a directory"])
+
+
+@pytest.mark.parametrize("value, message", [
+    ("soon", "not a number of seconds: give one such as 120"),
+    ("nan", "not a number of seconds: give one such as 120"),
+    ("-1", "negative: give 0 or more seconds")])
+def test_a_shell_timeout_that_is_not_seconds_is_a_usage_error(pytester, value, message):
+    pytester.makepyfile("def test_plain():\n    pass\n")
+    result = pytester.runpytest(f"--avatar-shell-timeout={value}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert result.stderr.lines[0] == f"ERROR: --avatar-shell-timeout {value}: {message}"
+    assert not result.stderr.lines[1:] or not result.stderr.lines[1].strip()
+
+
+def test_the_shell_timeout_is_how_long_guest_shell_waits(pytester, tmp_path):
+    """A console that never answers: guest_shell gives up after --avatar-shell-timeout."""
+    board = FakeBoard(tmp_path / "board", vms=1)
+    done = threading.Event()
+    listener, url = one_client_url(socket.AF_UNIX, tmp_path, lambda conn: done.wait(60))
+    pytester.makepyfile("def test_shell(guest_shell):\n    pass\n")
+    try:
+        start = time.monotonic()
+        result = pytester.runpytest(f"--avatar-board={board.board_file}",
+                                    f"--avatar-control={tmp_path / 'none.sock'}",
+                                    f"--avatar-console={url}", "--avatar-shell-timeout=0.5")
+        elapsed = time.monotonic() - start
+    finally:
+        done.set()
+        listener.close()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*{url}: no shell answered within 0.5 s*"])
+    assert elapsed < 30
 
 
 SHELL_ON_SOCKET = os.path.join(os.path.dirname(__file__), "shell_on_socket.py")

@@ -12,6 +12,8 @@ Options:
 - ``--avatar-log-dir DIR``: where the per-test console logs go (default: pytest's
   temporary directory, ``<basetemp>/avatar-logs``; the terminal summary names it); made
   at configure time (a usage error if it cannot be).
+- ``--avatar-shell-timeout SECONDS``: how long ``guest_shell`` and ``avatar_reset`` wait for
+  the guest's shell to answer (default 120; a usage error unless a number of 0 or more).
 - ``--avatar-board-linux`` (or the ini key ``avatar_board_linux = true``): without
   ``--avatar-board``, boot the emulated board in board mode (docs/emulated-board.md): the
   board's own Linux runs ``avatar-hw serve`` and the guest is VM 1 (``guest_console`` is
@@ -61,6 +63,7 @@ convention of Jenkins' JUnit attachments.
 """
 
 import functools
+import math
 import re
 import time
 from pathlib import Path
@@ -96,6 +99,9 @@ def pytest_addoption(parser):
                          "a bench, for avatar_reset")
     group.addoption("--avatar-log-dir", metavar="DIR",
                     help="per-test console logs (default: <pytest basetemp>/avatar-logs)")
+    group.addoption("--avatar-shell-timeout", metavar="SECONDS",
+                    help=f"how long guest_shell and avatar_reset wait for the guest's shell "
+                         f"to answer (default: {SHELL_TIMEOUT})")
     group.addoption("--avatar-board-linux", action="store_true",
                     help="without --avatar-board: the emulated board in board mode (its own "
                          "Linux runs avatar-hw; the guest is VM 1; slow)")
@@ -176,6 +182,7 @@ def _drain(console):
 _STATE = pytest.StashKey[_Consoles]()
 _TEARDOWN_PROBLEM = pytest.StashKey[str]()
 _BOARD = pytest.StashKey[object]()      # the session's avatar_board, while it lives
+_SHELL_TIMEOUT = pytest.StashKey[float]()
 
 
 def pytest_configure(config):
@@ -189,6 +196,25 @@ def pytest_configure(config):
         except OSError as err:
             raise pytest.UsageError(f"--avatar-log-dir {log_dir}: cannot make this directory "
                                     f"({err.strerror}): give a directory") from None
+    config.stash[_SHELL_TIMEOUT] = _shell_timeout(config.getoption("avatar_shell_timeout", None))
+
+
+def _shell_timeout(text):
+    """``--avatar-shell-timeout``'s seconds (``SHELL_TIMEOUT`` without it); a usage error
+    for anything but a number of 0 or more."""
+    if text is None:
+        return SHELL_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise pytest.UsageError(f"--avatar-shell-timeout {text}: not a number of seconds: "
+                                f"give one such as {SHELL_TIMEOUT}")
+    if seconds < 0:
+        raise pytest.UsageError(f"--avatar-shell-timeout {text}: negative: give 0 or more "
+                                "seconds")
+    return seconds
 
 
 def pytest_collection_modifyitems(config, items):
@@ -275,8 +301,8 @@ def guest_console(avatar_console, avatar_board):
 
 
 @pytest.fixture
-def guest_shell(guest_console, avatar_board):
-    guest_console.wait_shell(SHELL_TIMEOUT)
+def guest_shell(request, guest_console, avatar_board):
+    guest_console.wait_shell(request.config.stash[_SHELL_TIMEOUT])
     if avatar_board.kernel is None:
         avatar_board.kernel = guest_console.check("uname -r").strip()
     return guest_console
@@ -298,15 +324,16 @@ def avatar_vsock(avatar_board):
 @pytest.fixture
 def avatar_reset(request, avatar_board, avatar_console):
     state = request.config.stash[_STATE]
+    timeout = request.config.stash[_SHELL_TIMEOUT]
 
     def reset(vm=0):
         from .console import ConsoleTimeout
         restarted = avatar_board.reset(vm)
         for (console_vm, port), console in state.by_port.items():
             if console_vm in restarted:
-                deadline = time.monotonic() + SHELL_TIMEOUT     # for the endpoint and the shell
+                deadline = time.monotonic() + timeout       # for the endpoint and the shell
                 console.reopen(functools.partial(avatar_board.console_url, console_vm, port),
-                               SHELL_TIMEOUT)
+                               timeout)
                 try:
                     console.wait_shell(max(0.0, deadline - time.monotonic()))
                 except ConsoleTimeout:
