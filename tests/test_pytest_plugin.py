@@ -719,10 +719,11 @@ def test_after_a_power_cycle(guest_shell):
 """
 
 
-def shell_on_socket(path, delay=0):
-    """A guest console stand-in on Unix socket ``path`` (tests/shell_on_socket.py); ``delay``
-    0: once it listens."""
-    subprocess.Popen([sys.executable, SHELL_ON_SOCKET, str(path), str(delay)])
+def shell_on_socket(path, delay=0, pty=False):
+    """A guest console stand-in on Unix socket ``path`` (tests/shell_on_socket.py; ``pty``:
+    the shell on a terminal); ``delay`` 0: once it listens."""
+    subprocess.Popen([sys.executable, SHELL_ON_SOCKET, str(path), str(delay),
+                      *(["pty"] if pty else [])])
     deadline = time.monotonic() + 60
     while delay == 0 and not path.exists():
         assert time.monotonic() < deadline, "the console stand-in did not start"
@@ -773,6 +774,39 @@ def test_a_bench_reset_waits_for_its_console_to_come_back(pytester, daemon, tmp_
     finally:
         subprocess.run(f"kill -s KILL -- -$(cat {pidfile})", shell=True)
     result.assert_outcomes(passed=2)
+
+
+LEFT_RUNNING = """
+import pytest
+
+pytestmark = pytest.mark.hw
+
+def test_leaves_a_command_running(guest_shell):
+    assert guest_shell.run("echo $((1 + 1))") == ("2\\n", 0)
+    guest_shell.sendline("sleep 1000")
+    guest_shell.send("echo half-typ")
+    assert False, "on purpose"
+
+def test_next(guest_shell):
+    assert guest_shell.run("echo $((2 + 2))") == ("4\\n", 0)
+"""
+
+
+def test_guest_shell_interrupts_what_the_last_test_left_running(pytester, tmp_path):
+    """A failed test's command still running and its half-typed line (a terminal's shell):
+    guest_shell's Ctrl-C gets the next test a prompt (without it, no shell answered)."""
+    board = FakeBoard(tmp_path / "board", vms=1)
+    path = tmp_path / "guest.sock"
+    shell_on_socket(path, pty=True)
+    pytester.makepyfile(LEFT_RUNNING)
+    try:
+        result = pytester.runpytest(f"--avatar-board={board.board_file}",
+                                    f"--avatar-control={tmp_path / 'none.sock'}",
+                                    f"--avatar-console=unix://{path}",
+                                    "--avatar-shell-timeout=20")
+    finally:
+        subprocess.run(f"kill -s KILL -- -$(cat {path}.pid)", shell=True)
+    result.assert_outcomes(passed=1, failed=1)
 
 
 def test_hook_options_are_those_of_every_pluggy_pytest_7_2_takes():

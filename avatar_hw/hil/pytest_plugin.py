@@ -38,7 +38,8 @@ Fixtures:
   Linux this runs in; the emulated board in board mode), else the test is skipped saying
   how to get one: ``avatar_board_linux.board_run("avatar-hw list --json")`` is
   ``(output, exit status)`` of a shell command there;
-- ``guest_shell``: the same console once a shell answers on it;
+- ``guest_shell``: the same console once a shell answers on it (Ctrl-C first: a command a
+  previous test left running, or its half-typed line, is ended);
 - ``avatar_vsock``: ``avatar_vsock(port, vm=0, timeout=30)`` is a connected stream socket
   to guest ``port`` through the VM's vsock device (waits until the guest listens; closed
   after the test);
@@ -302,7 +303,7 @@ def guest_console(avatar_console, avatar_board):
 
 @pytest.fixture
 def guest_shell(request, guest_console, avatar_board):
-    guest_console.wait_shell(request.config.stash[_SHELL_TIMEOUT])
+    guest_console.wait_shell(request.config.stash[_SHELL_TIMEOUT], interrupt=True)
     if avatar_board.kernel is None:
         avatar_board.kernel = guest_console.check("uname -r").strip()
     return guest_console
