@@ -30,7 +30,13 @@ def on_pty(conn):
 
 
 def relay(conn, master):
+    """``conn`` to and from ``master`` once the shell prompts (a guest's shell is up before a
+    test types: a Ctrl-C while sh starts would end it)."""
     try:
+        started = b""
+        while not started.endswith(ENV["PS1"].encode()):
+            started += os.read(master, 4096)
+        conn.sendall(started)
         while True:
             ready = select.select([conn, master], [], [])[0]
             if conn in ready:
