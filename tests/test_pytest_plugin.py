@@ -809,6 +809,47 @@ def test_guest_shell_interrupts_what_the_last_test_left_running(pytester, tmp_pa
     result.assert_outcomes(passed=1, failed=1)
 
 
+LEFT_UNREAD = """
+import time
+import pytest
+from avatar_hw.hil.console import ConsoleTimeout
+
+pytestmark = pytest.mark.hw
+
+def test_leaves_output_unread(guest_shell):
+    guest_shell.sendline("echo first-$((1 + 1)); echo unread-$((40 + 2))")
+    guest_shell.expect("first-2", 30)
+    deadline = time.monotonic() + 30
+    while "unread-42" not in guest_shell.buffer:
+        assert time.monotonic() < deadline
+        guest_shell.drain()
+
+def test_next(guest_console):
+    assert guest_console.buffer == ""
+    assert guest_console.expect(["unread-42", ConsoleTimeout], 0.5) == 1
+"""
+
+
+def test_output_a_test_left_unread_goes_to_its_log_not_to_the_next_test(pytester, tmp_path):
+    board = FakeBoard(tmp_path / "board", vms=1)
+    path = tmp_path / "guest.sock"
+    logs, junit = tmp_path / "logs", tmp_path / "junit.xml"
+    shell_on_socket(path, pty=True)
+    pytester.makepyfile(test_unread=LEFT_UNREAD)
+    try:
+        result = pytester.runpytest(f"--avatar-board={board.board_file}",
+                                    f"--avatar-control={tmp_path / 'none.sock'}",
+                                    f"--avatar-console=unix://{path}", f"--avatar-log-dir={logs}",
+                                    f"--junitxml={junit}", "-o", "junit_logging=system-out")
+    finally:
+        subprocess.run(f"kill -s KILL -- -$(cat {path}.pid)", shell=True)
+    result.assert_outcomes(passed=2)
+    assert "unread-42" in (logs / "test_unread.py_test_leaves_output_unread.vm0.log").read_text()
+    assert "unread-42" not in (logs / "test_unread.py_test_next.vm0.log").read_text()
+    cases = {case.get("name"): case for case in ElementTree.parse(junit).iter("testcase")}
+    assert "unread-42" in cases["test_leaves_output_unread"].find("system-out").text
+
+
 def test_hook_options_are_those_of_every_pluggy_pytest_7_2_takes():
     """pyproject.toml says pytest>=7.2, which installs with pluggy 1.0: its hookimpl knows
     no ``wrapper=True`` (pluggy 1.2), and the plugin is loaded by every pytest session."""

@@ -50,7 +50,8 @@ Fixtures:
   and waits until its shell answers on every console the test holds.
 
 Reports: every console opened through ``avatar_console`` is logged per test, one file
-per test and VM console (``<log dir>/<test id>.vm<N>[-port<P>].log``), and attached to
+per test and VM console (``<log dir>/<test id>.vm<N>[-port<P>].log``; what the test left
+unread is drained into it at its end, and no later test can match it), and attached to
 the test's report as a "Captured stdout" section, so JUnit XML carries it with
 ``junit_logging = system-out`` (or ``all``). Tests using ``avatar_board`` (or
 ``avatar_board_linux``) get the JUnit properties ``avatar_board``, ``avatar_target``,
@@ -154,6 +155,7 @@ class _Consoles:
             console = self.by_port.get(key)         # gone when the session ended with this test
             if console is not None:
                 _drain(console)
+                console.buffer = ""         # the next test matches its own output only
                 console.log = None
             log.close()
             text = path.read_text(errors="replace")
