@@ -598,21 +598,31 @@ def test_arms_a_fault_then_the_daemon_dies(avatar_board, guest_console):
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
-def test_next(guest_console):
+def test_next(avatar_board):
+    pass
+
+def test_next_on_the_console(guest_console):
     pass
 """
 
 
-def test_a_daemon_dying_with_a_fault_armed_is_one_line_against_its_test(pytester, daemon):
-    """Its faults cannot be cleared: one line in that test's teardown; the next test runs
-    and the session's consoles (the daemon's, gone) are closed without a word."""
+def test_a_daemon_dying_with_a_fault_armed_is_one_line_against_its_test(pytester, daemon,
+                                                                       monkeypatch):
+    """Its faults cannot be cleared: one line in that test's teardown; the next test runs,
+    one on the console (the daemon's, gone, not to be found again) errors with one line, and
+    the session's consoles are closed without a word."""
+    from avatar_hw.hil import pytest_plugin
+    monkeypatch.setattr(pytest_plugin, "REOPEN_TIMEOUT", 1)
     pytester.makepyfile(DAEMON_DIES.replace("{pid}", str(daemon.process.pid)))
     result = pytester.runpytest(f"--avatar-board={daemon.board_file}",
                                 f"--avatar-control={daemon.control}")
-    result.assert_outcomes(passed=2, errors=1)
+    result.assert_outcomes(passed=2, errors=2)
     result.stdout.fnmatch_lines([
         "*ERROR at teardown of test_arms_a_fault_then_the_daemon_dies*",
-        "avatar-hw: the faults this test armed were not cleared: no avatar-hw daemon at *"])
+        "avatar-hw: the faults this test armed were not cleared: no avatar-hw daemon at *",
+        "*ERROR at setup of test_next_on_the_console*",
+        f"avatar-hw: vm0 console port 0 (unix://{daemon.root}/vm0.sock) went away (*) and did "
+        "not open again: no avatar-hw daemon at *"])
     result.stdout.no_fnmatch_line("*was not torn down properly*")
     result.stdout.no_fnmatch_line("*Traceback*")
 
@@ -848,6 +858,57 @@ def test_output_a_test_left_unread_goes_to_its_log_not_to_the_next_test(pytester
     assert "unread-42" not in (logs / "test_unread.py_test_next.vm0.log").read_text()
     cases = {case.get("name"): case for case in ElementTree.parse(junit).iter("testcase")}
     assert "unread-42" in cases["test_leaves_output_unread"].find("system-out").text
+
+
+GOES_AWAY = """
+import subprocess
+import pytest
+
+pytestmark = pytest.mark.hw
+
+def test_power_cut(guest_shell):
+    assert guest_shell.run("echo $((1 + 1))") == ("2\\n", 0)
+    subprocess.run("{cut}; {start_again}", shell=True)
+
+def test_back(guest_shell):
+    assert guest_shell.run("echo $((2 + 2))") == ("4\\n", 0)
+
+def test_power_cut_for_good(guest_console):
+    subprocess.run("{cut}", shell=True)
+
+def test_gone(guest_shell):
+    pass
+
+def test_still_gone(avatar_console):
+    avatar_console(0)
+"""
+
+
+def test_a_console_gone_away_is_opened_again_for_the_next_test(pytester, tmp_path, monkeypatch):
+    """The guest console's peer goes away during a test (a power cut, the console back a second
+    later): the next test has it again. Gone for good: each test using it fails with one line
+    (at setup: an error), the tests after it still try."""
+    from avatar_hw.hil import pytest_plugin
+    monkeypatch.setattr(pytest_plugin, "REOPEN_TIMEOUT", 3)
+    board = FakeBoard(tmp_path / "board", vms=1)
+    path = tmp_path / "guest.sock"
+    shell_on_socket(path)
+    pytester.makepyfile(GOES_AWAY.format(
+        cut=f"kill -s KILL -- -$(cat {path}.pid)",
+        start_again=f"{sys.executable} {SHELL_ON_SOCKET} {path} 1 >/dev/null 2>&1 &"))
+    try:
+        result = pytester.runpytest(f"--avatar-board={board.board_file}",
+                                    f"--avatar-control={tmp_path / 'none.sock'}",
+                                    f"--avatar-console=unix://{path}", "-rfE")
+    finally:
+        subprocess.run(f"kill -s KILL -- -$(cat {path}.pid)", shell=True)
+    result.assert_outcomes(passed=3, errors=1, failed=1)
+    gone = (f"avatar-hw: vm0 console port 0 (unix://{path}) went away (read failed: socket "
+            f"disconnected) and did not open again: console unix://{path}: Could not open port "
+            f"unix://{path}: [[]Errno 111] Connection refused*")
+    result.stdout.fnmatch_lines(["*ERROR at setup of test_gone*", gone,
+                                 "*_ test_still_gone _*", gone])
+    result.stdout.no_fnmatch_line("*Traceback*")
 
 
 def test_hook_options_are_those_of_every_pluggy_pytest_7_2_takes():

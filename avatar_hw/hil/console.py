@@ -82,7 +82,7 @@ class GuestConsole:
         self.transcript = ""             # the last TRANSCRIPT_LIMIT characters received
         self.match = None                # the last expect's re.Match
         self.log = None                  # a text file: everything received, as it arrives
-        self.gone = None                 # why the port went away (peer closed), until reopen
+        self.gone = None                 # why the port first went away (peer closed), until reopen
 
     @classmethod
     def open(cls, url, **kwargs):
@@ -133,7 +133,7 @@ class GuestConsole:
                 data += self.port.read(min(more, CHUNK - len(data)))
         except (serial.SerialException, OSError) as err:
             if not data:
-                self.gone = str(err) or type(err).__name__
+                self.gone = self.gone or str(err) or type(err).__name__
                 raise ConsoleClosed(f"{self.name}: {err}; last output: {self.tail()!r}") from None
         return data
 
@@ -239,7 +239,7 @@ class GuestConsole:
             self.port.write(data)
             self.port.flush()
         except (serial.SerialException, OSError) as err:
-            self.gone = str(err) or type(err).__name__
+            self.gone = self.gone or str(err) or type(err).__name__
             raise ConsoleClosed(f"{self.name}: {err}") from None
 
     def sendline(self, line=""):

@@ -31,7 +31,9 @@ Fixtures:
 - ``avatar_board`` (session): a ``avatar_hw.hil.target`` Target: the real board, or the
   emulated board booted once for the session (skipped with the reason when it cannot run);
 - ``avatar_console`` (session): ``avatar_console(vm=0, port=0)`` is the ``GuestConsole``
-  on that VM's console port, opened once for the session;
+  on that VM's console port, opened once for the session; one that went away (``gone``: a
+  daemon restarted, a VM reset, the peer closed) is looked up and opened again for the next
+  test that uses it, which errors with one line naming it if that fails within 10 s;
 - ``guest_console`` (session): ``avatar_console(avatar_board.guest_vm)`` (VM 0; VM 1 in
   board mode);
 - ``avatar_board_linux``: ``avatar_board`` where it has a board Linux (a real board, whose
@@ -83,6 +85,7 @@ BOARD_LINUX_SKIP = ("needs a board Linux: the emulated board in host mode has no
                     "--avatar-board-linux (or avatar_board_linux = true in the ini file), or "
                     "--avatar-board FILE on a real board")
 SHELL_TIMEOUT = 120
+REOPEN_TIMEOUT = 10         # a console gone away: how long the next test tries to open it again
 
 
 def pytest_addoption(parser):
@@ -146,9 +149,30 @@ class _Consoles:
         return str(self.log_dir / f"{_stem(item)}.vm{{vm}}{suffix}")
 
     def start_test(self, item):
+        """Logs open; what came between tests read into them, not left for the test to match
+        (a console that went away meanwhile is found so: ``gone``)."""
         self.test = _stem(item)
-        for key in self.by_port:
+        for key, console in self.by_port.items():
             self.open_log(key)
+            _drain(console)
+            console.buffer = ""
+
+    def back(self, key, board):
+        """The console of ``key``, opened again (looked up again: a daemon started again may
+        serve it elsewhere) if it went away; the test fails with one line if it cannot be."""
+        from ..errors import AvatarError
+        console, problem = self.by_port[key], None
+        if console.gone is None:
+            return console
+        try:
+            console.reopen(functools.partial(board.console_url, *key), REOPEN_TIMEOUT)
+        except AvatarError as err:
+            vm, port = key
+            problem = (f"avatar-hw: vm{vm} console port {port} ({console.name}) went away "
+                       f"({console.gone}) and did not open again: {err}")
+        if problem:                         # one line (outside the except: no chained error)
+            pytest.fail(problem, pytrace=False)
+        return console
 
     def end_test(self, item):
         for key, (path, log) in self.logs.items():
@@ -290,6 +314,7 @@ def avatar_console(request, avatar_board, tmp_path_factory):
                 pytest.fail(problem, pytrace=False)
             if state.test is not None:
                 state.open_log(key)
+        state.back(key, avatar_board)
         if vm == avatar_board.guest_vm:
             avatar_board.last_console = state.by_port[key]
         return state.by_port[key]
@@ -350,6 +375,15 @@ def _avatar_reset_marker(request):
     marker = request.node.get_closest_marker("avatar_reset")
     if marker is not None:
         request.getfixturevalue("avatar_reset")(*marker.args, **marker.kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _avatar_consoles_back(request, _avatar_reset_marker):
+    """The guest console of a test that uses it, opened again if it went away (the accessor
+    ``avatar_console`` does so for the others); after the ``avatar_reset`` marker's reset."""
+    if "guest_console" in request.node.fixturenames:
+        board = request.getfixturevalue("avatar_board")
+        request.getfixturevalue("avatar_console")(board.guest_vm)
 
 
 @pytest.hookimpl(hookwrapper=True)
