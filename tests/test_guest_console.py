@@ -133,6 +133,19 @@ def test_expect_exact_takes_text_literally(pty_shell, tmp_path):
     assert "logged" in (tmp_path / "console.log").read_text()
 
 
+def test_wait_shell_interrupts_a_command_left_running(pty_shell):
+    """A previous test's ``sleep`` still running and a half-typed line: only Ctrl-C first
+    (``interrupt``) gets a prompt back."""
+    console = pty_shell
+    console.wait_shell(60)
+    console.sendline("sleep 1000")
+    console.send("echo half-typ")
+    with pytest.raises(ConsoleTimeout, match="no shell answered within 1 s"):
+        console.wait_shell(1)
+    console.wait_shell(30, interrupt=True)
+    assert console.run("echo $((6 * 7))") == ("42\n", 0)
+
+
 def test_run_rejects_several_lines(pty_shell):
     with pytest.raises(ValueError, match="one command line"):
         pty_shell.run("echo a\necho b")
@@ -186,9 +199,14 @@ def test_closed_peer_is_reported(tmp_path):
     try:
         with GuestConsole.open(f"unix://{path}") as console:
             console.wait_shell(60)
+            assert console.gone is None
             console.sendline("exit")
             with pytest.raises(ConsoleClosed, match="disconnected"):
                 console.expect("never", 60)          # ends at the disconnect
+            assert "socket disconnected" in console.gone
+            with pytest.raises(ConsoleClosed):
+                console.expect("never", 0)
+            assert "socket disconnected" in console.gone
     finally:
         listener.close()
         for process in processes:

@@ -65,8 +65,8 @@ def daemon(request, tmp_path):
 def test_options_in_help(pytester):
     result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(["*--avatar-board=FILE*", "*--avatar-console=URL*",
-                                 "*--avatar-control=PATH*", "*--avatar-board-linux*",
-                                 "*avatar_board_linux (bool):*"])
+                                 "*--avatar-control=PATH*", "*--avatar-shell-timeout=SECONDS*",
+                                 "*--avatar-board-linux*", "*avatar_board_linux (bool):*"])
 
 
 def test_markers_are_declared_by_the_plugin(pytester):
@@ -598,21 +598,31 @@ def test_arms_a_fault_then_the_daemon_dies(avatar_board, guest_console):
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
-def test_next(guest_console):
+def test_next(avatar_board):
+    pass
+
+def test_next_on_the_console(guest_console):
     pass
 """
 
 
-def test_a_daemon_dying_with_a_fault_armed_is_one_line_against_its_test(pytester, daemon):
-    """Its faults cannot be cleared: one line in that test's teardown; the next test runs
-    and the session's consoles (the daemon's, gone) are closed without a word."""
+def test_a_daemon_dying_with_a_fault_armed_is_one_line_against_its_test(pytester, daemon,
+                                                                       monkeypatch):
+    """Its faults cannot be cleared: one line in that test's teardown; the next test runs,
+    one on the console (the daemon's, gone, not to be found again) errors with one line, and
+    the session's consoles are closed without a word."""
+    from avatar_hw.hil import pytest_plugin
+    monkeypatch.setattr(pytest_plugin, "REOPEN_TIMEOUT", 1)
     pytester.makepyfile(DAEMON_DIES.replace("{pid}", str(daemon.process.pid)))
     result = pytester.runpytest(f"--avatar-board={daemon.board_file}",
                                 f"--avatar-control={daemon.control}")
-    result.assert_outcomes(passed=2, errors=1)
+    result.assert_outcomes(passed=2, errors=2)
     result.stdout.fnmatch_lines([
         "*ERROR at teardown of test_arms_a_fault_then_the_daemon_dies*",
-        "avatar-hw: the faults this test armed were not cleared: no avatar-hw daemon at *"])
+        "avatar-hw: the faults this test armed were not cleared: no avatar-hw daemon at *",
+        "*ERROR at setup of test_next_on_the_console*",
+        f"avatar-hw: vm0 console port 0 (unix://{daemon.root}/vm0.sock) went away (*) and did "
+        "not open again: no avatar-hw daemon at *"])
     result.stdout.no_fnmatch_line("*was not torn down properly*")
     result.stdout.no_fnmatch_line("*Traceback*")
 
@@ -671,6 +681,38 @@ def test_a_log_dir_that_is_a_file_is_a_usage_error(pytester, tmp_path):
                                  "directory (File exists): give a directory"])
 
 
+@pytest.mark.parametrize("value, message", [
+    ("soon", "not a number of seconds: give one such as 120"),
+    ("nan", "not a number of seconds: give one such as 120"),
+    ("-1", "negative: give 0 or more seconds")])
+def test_a_shell_timeout_that_is_not_seconds_is_a_usage_error(pytester, value, message):
+    pytester.makepyfile("def test_plain():\n    pass\n")
+    result = pytester.runpytest(f"--avatar-shell-timeout={value}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert result.stderr.lines[0] == f"ERROR: --avatar-shell-timeout {value}: {message}"
+    assert not result.stderr.lines[1:] or not result.stderr.lines[1].strip()
+
+
+def test_the_shell_timeout_is_how_long_guest_shell_waits(pytester, tmp_path):
+    """A console that never answers: guest_shell gives up after --avatar-shell-timeout."""
+    board = FakeBoard(tmp_path / "board", vms=1)
+    done = threading.Event()
+    listener, url = one_client_url(socket.AF_UNIX, tmp_path, lambda conn: done.wait(60))
+    pytester.makepyfile("def test_shell(guest_shell):\n    pass\n")
+    try:
+        start = time.monotonic()
+        result = pytester.runpytest(f"--avatar-board={board.board_file}",
+                                    f"--avatar-control={tmp_path / 'none.sock'}",
+                                    f"--avatar-console={url}", "--avatar-shell-timeout=0.5")
+        elapsed = time.monotonic() - start
+    finally:
+        done.set()
+        listener.close()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*{url}: no shell answered within 0.5 s*"])
+    assert elapsed < 30
+
+
 SHELL_ON_SOCKET = os.path.join(os.path.dirname(__file__), "shell_on_socket.py")
 
 RESET_TESTS = """
@@ -687,10 +729,11 @@ def test_after_a_power_cycle(guest_shell):
 """
 
 
-def shell_on_socket(path, delay=0):
-    """A guest console stand-in on Unix socket ``path`` (tests/shell_on_socket.py); ``delay``
-    0: once it listens."""
-    subprocess.Popen([sys.executable, SHELL_ON_SOCKET, str(path), str(delay)])
+def shell_on_socket(path, delay=0, pty=False):
+    """A guest console stand-in on Unix socket ``path`` (tests/shell_on_socket.py; ``pty``:
+    the shell on a terminal); ``delay`` 0: once it listens."""
+    subprocess.Popen([sys.executable, SHELL_ON_SOCKET, str(path), str(delay),
+                      *(["pty"] if pty else [])])
     deadline = time.monotonic() + 60
     while delay == 0 and not path.exists():
         assert time.monotonic() < deadline, "the console stand-in did not start"
@@ -714,14 +757,14 @@ def test_a_reset_reattaches_where_the_console_is_served_now(tmp_path):
     try:
         with GuestConsole.open(f"unix://{before}") as console:
             console.wait_shell(30)
-            subprocess.run(f"kill -- -$(cat {before}.pid)", shell=True)
+            subprocess.run(f"kill -s KILL -- -$(cat {before}.pid)", shell=True)
             shell_on_socket(after, 1)
             console.reopen(locate, 30)
             console.wait_shell(30)
             assert console.run("echo $((2 + 2))") == ("4\n", 0)
             assert console.name == f"unix://{after}"
     finally:
-        subprocess.run(f"kill -- -$(cat {before}.pid) -$(cat {after}.pid)", shell=True)
+        subprocess.run(f"kill -s KILL -- -$(cat {before}.pid) -$(cat {after}.pid)", shell=True)
 
 
 def test_a_bench_reset_waits_for_its_console_to_come_back(pytester, daemon, tmp_path):
@@ -730,7 +773,7 @@ def test_a_bench_reset_waits_for_its_console_to_come_back(pytester, daemon, tmp_
     path = tmp_path / "guest.sock"
     pidfile = f"{path}.pid"
     shell_on_socket(path)
-    cycle = (f"kill -- -$(cat {pidfile}); "
+    cycle = (f"kill -s KILL -- -$(cat {pidfile}); "
              f"{sys.executable} {SHELL_ON_SOCKET} {path} 2 >/dev/null 2>&1 &")
     pytester.makepyfile(RESET_TESTS)
     try:
@@ -739,8 +782,133 @@ def test_a_bench_reset_waits_for_its_console_to_come_back(pytester, daemon, tmp_
                                     f"--avatar-console=unix://{path}",
                                     f"--avatar-reset-command={cycle}")
     finally:
-        subprocess.run(f"kill -- -$(cat {pidfile})", shell=True)
+        subprocess.run(f"kill -s KILL -- -$(cat {pidfile})", shell=True)
     result.assert_outcomes(passed=2)
+
+
+LEFT_RUNNING = """
+import pytest
+
+pytestmark = pytest.mark.hw
+
+def test_leaves_a_command_running(guest_shell):
+    assert guest_shell.run("echo $((1 + 1))") == ("2\\n", 0)
+    guest_shell.sendline("sleep 1000")
+    guest_shell.send("echo half-typ")
+    assert False, "on purpose"
+
+def test_next(guest_shell):
+    assert guest_shell.run("echo $((2 + 2))") == ("4\\n", 0)
+"""
+
+
+def test_guest_shell_interrupts_what_the_last_test_left_running(pytester, tmp_path):
+    """A failed test's command still running and its half-typed line (a terminal's shell):
+    guest_shell's Ctrl-C gets the next test a prompt (without it, no shell answered)."""
+    board = FakeBoard(tmp_path / "board", vms=1)
+    path = tmp_path / "guest.sock"
+    shell_on_socket(path, pty=True)
+    pytester.makepyfile(LEFT_RUNNING)
+    try:
+        result = pytester.runpytest(f"--avatar-board={board.board_file}",
+                                    f"--avatar-control={tmp_path / 'none.sock'}",
+                                    f"--avatar-console=unix://{path}",
+                                    "--avatar-shell-timeout=20")
+    finally:
+        subprocess.run(f"kill -s KILL -- -$(cat {path}.pid)", shell=True)
+    result.assert_outcomes(passed=1, failed=1)
+
+
+LEFT_UNREAD = """
+import time
+import pytest
+from avatar_hw.hil.console import ConsoleTimeout
+
+pytestmark = pytest.mark.hw
+
+def test_leaves_output_unread(guest_shell):
+    guest_shell.sendline("echo first-$((1 + 1)); echo unread-$((40 + 2))")
+    guest_shell.expect("first-2", 30)
+    deadline = time.monotonic() + 30
+    while "unread-42" not in guest_shell.buffer:
+        assert time.monotonic() < deadline
+        guest_shell.drain()
+
+def test_next(guest_console):
+    assert guest_console.buffer == ""
+    assert guest_console.expect(["unread-42", ConsoleTimeout], 0.5) == 1
+"""
+
+
+def test_output_a_test_left_unread_goes_to_its_log_not_to_the_next_test(pytester, tmp_path):
+    board = FakeBoard(tmp_path / "board", vms=1)
+    path = tmp_path / "guest.sock"
+    logs, junit = tmp_path / "logs", tmp_path / "junit.xml"
+    shell_on_socket(path, pty=True)
+    pytester.makepyfile(test_unread=LEFT_UNREAD)
+    try:
+        result = pytester.runpytest(f"--avatar-board={board.board_file}",
+                                    f"--avatar-control={tmp_path / 'none.sock'}",
+                                    f"--avatar-console=unix://{path}", f"--avatar-log-dir={logs}",
+                                    f"--junitxml={junit}", "-o", "junit_logging=system-out")
+    finally:
+        subprocess.run(f"kill -s KILL -- -$(cat {path}.pid)", shell=True)
+    result.assert_outcomes(passed=2)
+    assert "unread-42" in (logs / "test_unread.py_test_leaves_output_unread.vm0.log").read_text()
+    assert "unread-42" not in (logs / "test_unread.py_test_next.vm0.log").read_text()
+    cases = {case.get("name"): case for case in ElementTree.parse(junit).iter("testcase")}
+    assert "unread-42" in cases["test_leaves_output_unread"].find("system-out").text
+
+
+GOES_AWAY = """
+import subprocess
+import pytest
+
+pytestmark = pytest.mark.hw
+
+def test_power_cut(guest_shell):
+    assert guest_shell.run("echo $((1 + 1))") == ("2\\n", 0)
+    subprocess.run("{cut}; {start_again}", shell=True)
+
+def test_back(guest_shell):
+    assert guest_shell.run("echo $((2 + 2))") == ("4\\n", 0)
+
+def test_power_cut_for_good(guest_console):
+    subprocess.run("{cut}", shell=True)
+
+def test_gone(guest_shell):
+    pass
+
+def test_still_gone(avatar_console):
+    avatar_console(0)
+"""
+
+
+def test_a_console_gone_away_is_opened_again_for_the_next_test(pytester, tmp_path, monkeypatch):
+    """The guest console's peer goes away during a test (a power cut, the console back a second
+    later): the next test has it again. Gone for good: each test using it fails with one line
+    (at setup: an error), the tests after it still try."""
+    from avatar_hw.hil import pytest_plugin
+    monkeypatch.setattr(pytest_plugin, "REOPEN_TIMEOUT", 3)
+    board = FakeBoard(tmp_path / "board", vms=1)
+    path = tmp_path / "guest.sock"
+    shell_on_socket(path)
+    pytester.makepyfile(GOES_AWAY.format(
+        cut=f"kill -s KILL -- -$(cat {path}.pid)",
+        start_again=f"{sys.executable} {SHELL_ON_SOCKET} {path} 1 >/dev/null 2>&1 &"))
+    try:
+        result = pytester.runpytest(f"--avatar-board={board.board_file}",
+                                    f"--avatar-control={tmp_path / 'none.sock'}",
+                                    f"--avatar-console=unix://{path}", "-rfE")
+    finally:
+        subprocess.run(f"kill -s KILL -- -$(cat {path}.pid)", shell=True)
+    result.assert_outcomes(passed=3, errors=1, failed=1)
+    gone = (f"avatar-hw: vm0 console port 0 (unix://{path}) went away (read failed: socket "
+            f"disconnected) and did not open again: console unix://{path}: Could not open port "
+            f"unix://{path}: [[]Errno 111] Connection refused*")
+    result.stdout.fnmatch_lines(["*ERROR at setup of test_gone*", gone,
+                                 "*_ test_still_gone _*", gone])
+    result.stdout.no_fnmatch_line("*Traceback*")
 
 
 def test_hook_options_are_those_of_every_pluggy_pytest_7_2_takes():

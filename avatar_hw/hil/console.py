@@ -14,7 +14,9 @@ console endpoints)::
     console.expect_exact("[ OK ]")                          # literal text
 
 ``log`` (a text file, or None) receives everything read from the port, as it
-arrives: the pytest plugin points it at a per-test, per-VM file.
+arrives: the pytest plugin points it at a per-test, per-VM file. ``gone`` is
+None while the port works, else why it went away (the peer closed: a daemon
+restarted, a VM reset), as a read or write found it; ``reopen`` clears it.
 
 ``run`` does not depend on the shell's prompt or on whether the terminal
 echoes: the command line is bracketed by two markers carrying a fresh
@@ -113,6 +115,7 @@ class GuestConsole:
         self.transcript = ""             # the last TRANSCRIPT_LIMIT characters received
         self.match = None                # the last expect's re.Match
         self.log = None                  # a text file: everything received, as it arrives
+        self.gone = None                 # why the port first went away (peer closed), until reopen
 
     @classmethod
     def open(cls, url, **kwargs):
@@ -141,6 +144,7 @@ class GuestConsole:
                 time.sleep(RETRY)
         self.name = url
         self.buffer = ""
+        self.gone = None
         self._decoder.reset()
 
     def __enter__(self):
@@ -162,6 +166,7 @@ class GuestConsole:
                 data += self.port.read(min(more, CHUNK - len(data)))
         except (serial.SerialException, OSError) as err:
             if not data:
+                self.gone = self.gone or str(err) or type(err).__name__
                 raise ConsoleClosed(f"{self.name}: {err}; last output: {self.tail()!r}") from None
         return data
 
@@ -266,7 +271,8 @@ class GuestConsole:
         try:
             self.port.write(data)
             self.port.flush()
-        except serial.SerialException as err:
+        except (serial.SerialException, OSError) as err:
+            self.gone = self.gone or str(err) or type(err).__name__
             raise ConsoleClosed(f"{self.name}: {err}") from None
 
     def sendline(self, line=""):
@@ -275,11 +281,14 @@ class GuestConsole:
 
     # -- a shell -------------------------------------------------------------------------------
 
-    def wait_shell(self, timeout=DEFAULT_TIMEOUT, retry=1.0):
+    def wait_shell(self, timeout=DEFAULT_TIMEOUT, retry=1.0, interrupt=False):
         """Press Enter and ask the shell for a marker until it answers (boot, a login-less
-        getty's "press Enter", a busy shell): for a freshly started guest."""
+        getty's "press Enter", a busy shell): for a freshly started guest. ``interrupt``:
+        Ctrl-C first, once (a command still running, a half-typed line: on a terminal)."""
         tag = _tag()
         deadline = time.monotonic() + timeout
+        if interrupt:
+            self.send(b"\x03")
         while True:
             self.sendline(f"echo {tag}''_S")
             try:

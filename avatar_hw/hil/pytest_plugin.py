@@ -12,6 +12,8 @@ Options:
 - ``--avatar-log-dir DIR``: where the per-test console logs go (default: pytest's
   temporary directory, ``<basetemp>/avatar-logs``; the terminal summary names it); made
   at configure time (a usage error if it cannot be).
+- ``--avatar-shell-timeout SECONDS``: how long ``guest_shell`` and ``avatar_reset`` wait for
+  the guest's shell to answer (default 120; a usage error unless a number of 0 or more).
 - ``--avatar-board-linux`` (or the ini key ``avatar_board_linux = true``): without
   ``--avatar-board``, boot the emulated board in board mode (docs/emulated-board.md): the
   board's own Linux runs ``avatar-hw serve`` and the guest is VM 1 (``guest_console`` is
@@ -29,14 +31,17 @@ Fixtures:
 - ``avatar_board`` (session): a ``avatar_hw.hil.target`` Target: the real board, or the
   emulated board booted once for the session (skipped with the reason when it cannot run);
 - ``avatar_console`` (session): ``avatar_console(vm=0, port=0)`` is the ``GuestConsole``
-  on that VM's console port, opened once for the session;
+  on that VM's console port, opened once for the session; one that went away (``gone``: a
+  daemon restarted, a VM reset, the peer closed) is looked up and opened again for the next
+  test that uses it, which errors with one line naming it if that fails within 10 s;
 - ``guest_console`` (session): ``avatar_console(avatar_board.guest_vm)`` (VM 0; VM 1 in
   board mode);
 - ``avatar_board_linux``: ``avatar_board`` where it has a board Linux (a real board, whose
   Linux this runs in; the emulated board in board mode), else the test is skipped saying
   how to get one: ``avatar_board_linux.board_run("avatar-hw list --json")`` is
   ``(output, exit status)`` of a shell command there;
-- ``guest_shell``: the same console once a shell answers on it;
+- ``guest_shell``: the same console once a shell answers on it (Ctrl-C first: a command a
+  previous test left running, or its half-typed line, is ended);
 - ``avatar_vsock``: ``avatar_vsock(port, vm=0, timeout=30)`` is a connected stream socket
   to guest ``port`` through the VM's vsock device (waits until the guest listens; closed
   after the test);
@@ -47,7 +52,8 @@ Fixtures:
   and waits until its shell answers on every console the test holds.
 
 Reports: every console opened through ``avatar_console`` is logged per test, one file
-per test and VM console (``<log dir>/<test id>.vm<N>[-port<P>].log``), and attached to
+per test and VM console (``<log dir>/<test id>.vm<N>[-port<P>].log``; what the test left
+unread is drained into it at its end, and no later test can match it), and attached to
 the test's report as a "Captured stdout" section, so JUnit XML carries it with
 ``junit_logging = system-out`` (or ``all``). Tests using ``avatar_board`` (or
 ``avatar_board_linux``) get the JUnit properties ``avatar_board``, ``avatar_target``,
@@ -61,6 +67,7 @@ convention of Jenkins' JUnit attachments.
 """
 
 import functools
+import math
 import re
 import time
 from pathlib import Path
@@ -78,6 +85,7 @@ BOARD_LINUX_SKIP = ("needs a board Linux: the emulated board in host mode has no
                     "--avatar-board-linux (or avatar_board_linux = true in the ini file), or "
                     "--avatar-board FILE on a real board")
 SHELL_TIMEOUT = 120
+REOPEN_TIMEOUT = 10         # a console gone away: how long the next test tries to open it again
 
 
 def pytest_addoption(parser):
@@ -96,6 +104,9 @@ def pytest_addoption(parser):
                          "a bench, for avatar_reset")
     group.addoption("--avatar-log-dir", metavar="DIR",
                     help="per-test console logs (default: <pytest basetemp>/avatar-logs)")
+    group.addoption("--avatar-shell-timeout", metavar="SECONDS",
+                    help=f"how long guest_shell and avatar_reset wait for the guest's shell "
+                         f"to answer (default: {SHELL_TIMEOUT})")
     group.addoption("--avatar-board-linux", action="store_true",
                     help="without --avatar-board: the emulated board in board mode (its own "
                          "Linux runs avatar-hw; the guest is VM 1; slow)")
@@ -138,15 +149,37 @@ class _Consoles:
         return str(self.log_dir / f"{_stem(item)}.vm{{vm}}{suffix}")
 
     def start_test(self, item):
+        """Logs open; what came between tests read into them, not left for the test to match
+        (a console that went away meanwhile is found so: ``gone``)."""
         self.test = _stem(item)
-        for key in self.by_port:
+        for key, console in self.by_port.items():
             self.open_log(key)
+            _drain(console)
+            console.buffer = ""
+
+    def back(self, key, board):
+        """The console of ``key``, opened again (looked up again: a daemon started again may
+        serve it elsewhere) if it went away; the test fails with one line if it cannot be."""
+        from ..errors import AvatarError
+        console, problem = self.by_port[key], None
+        if console.gone is None:
+            return console
+        try:
+            console.reopen(functools.partial(board.console_url, *key), REOPEN_TIMEOUT)
+        except AvatarError as err:
+            vm, port = key
+            problem = (f"avatar-hw: vm{vm} console port {port} ({console.name}) went away "
+                       f"({console.gone}) and did not open again: {err}")
+        if problem:                         # one line (outside the except: no chained error)
+            pytest.fail(problem, pytrace=False)
+        return console
 
     def end_test(self, item):
         for key, (path, log) in self.logs.items():
             console = self.by_port.get(key)         # gone when the session ended with this test
             if console is not None:
                 _drain(console)
+                console.buffer = ""         # the next test matches its own output only
                 console.log = None
             log.close()
             text = path.read_text(errors="replace")
@@ -176,6 +209,7 @@ def _drain(console):
 _STATE = pytest.StashKey[_Consoles]()
 _TEARDOWN_PROBLEM = pytest.StashKey[str]()
 _BOARD = pytest.StashKey[object]()      # the session's avatar_board, while it lives
+_SHELL_TIMEOUT = pytest.StashKey[float]()
 
 
 def pytest_configure(config):
@@ -189,6 +223,25 @@ def pytest_configure(config):
         except OSError as err:
             raise pytest.UsageError(f"--avatar-log-dir {log_dir}: cannot make this directory "
                                     f"({err.strerror}): give a directory") from None
+    config.stash[_SHELL_TIMEOUT] = _shell_timeout(config.getoption("avatar_shell_timeout", None))
+
+
+def _shell_timeout(text):
+    """``--avatar-shell-timeout``'s seconds (``SHELL_TIMEOUT`` without it); a usage error
+    for anything but a number of 0 or more."""
+    if text is None:
+        return SHELL_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise pytest.UsageError(f"--avatar-shell-timeout {text}: not a number of seconds: "
+                                f"give one such as {SHELL_TIMEOUT}")
+    if seconds < 0:
+        raise pytest.UsageError(f"--avatar-shell-timeout {text}: negative: give 0 or more "
+                                "seconds")
+    return seconds
 
 
 def pytest_collection_modifyitems(config, items):
@@ -261,6 +314,7 @@ def avatar_console(request, avatar_board, tmp_path_factory):
                 pytest.fail(problem, pytrace=False)
             if state.test is not None:
                 state.open_log(key)
+        state.back(key, avatar_board)
         if vm == avatar_board.guest_vm:
             avatar_board.last_console = state.by_port[key]
         return state.by_port[key]
@@ -275,8 +329,8 @@ def guest_console(avatar_console, avatar_board):
 
 
 @pytest.fixture
-def guest_shell(guest_console, avatar_board):
-    guest_console.wait_shell(SHELL_TIMEOUT)
+def guest_shell(request, guest_console, avatar_board):
+    guest_console.wait_shell(request.config.stash[_SHELL_TIMEOUT], interrupt=True)
     if avatar_board.kernel is None:
         avatar_board.kernel = guest_console.check("uname -r").strip()
     return guest_console
@@ -298,15 +352,16 @@ def avatar_vsock(avatar_board):
 @pytest.fixture
 def avatar_reset(request, avatar_board, avatar_console):
     state = request.config.stash[_STATE]
+    timeout = request.config.stash[_SHELL_TIMEOUT]
 
     def reset(vm=0):
         from .console import ConsoleTimeout
         restarted = avatar_board.reset(vm)
         for (console_vm, port), console in state.by_port.items():
             if console_vm in restarted:
-                deadline = time.monotonic() + SHELL_TIMEOUT     # for the endpoint and the shell
+                deadline = time.monotonic() + timeout       # for the endpoint and the shell
                 console.reopen(functools.partial(avatar_board.console_url, console_vm, port),
-                               SHELL_TIMEOUT)
+                               timeout)
                 try:
                     console.wait_shell(max(0.0, deadline - time.monotonic()))
                 except ConsoleTimeout:
@@ -320,6 +375,15 @@ def _avatar_reset_marker(request):
     marker = request.node.get_closest_marker("avatar_reset")
     if marker is not None:
         request.getfixturevalue("avatar_reset")(*marker.args, **marker.kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _avatar_consoles_back(request, _avatar_reset_marker):
+    """The guest console of a test that uses it, opened again if it went away (the accessor
+    ``avatar_console`` does so for the others); after the ``avatar_reset`` marker's reset."""
+    if "guest_console" in request.node.fixturenames:
+        board = request.getfixturevalue("avatar_board")
+        request.getfixturevalue("avatar_console")(board.guest_vm)
 
 
 @pytest.hookimpl(hookwrapper=True)
