@@ -9,6 +9,7 @@ is in a session of its own, and ends with its terminal's hangup)."""
 import fcntl
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -58,6 +59,8 @@ def relay(conn, master):
 path, delay = sys.argv[1], float(sys.argv[2])
 pty = sys.argv[3:] == ["pty"]
 os.setsid()
+for signum in (signal.SIGINT, signal.SIGQUIT):  # as a guest's shell has them (Ctrl-C ends its
+    signal.signal(signum, signal.SIG_DFL)     # command), even if started by ``pytest &``
 with open(f"{path}.pid", "w") as f:
     f.write(str(os.getpid()))
 time.sleep(delay)

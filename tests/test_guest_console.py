@@ -4,6 +4,7 @@ import ctypes
 import fcntl
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import termios
@@ -30,6 +31,7 @@ def spawn_shell(fd, shell="/bin/sh", prompt="$ ", setup=None):
     args = [shell, "--norc", "--noprofile", "-i"] if shell.endswith("bash") else [shell, "-i"]
 
     def child():                                 # fd is the child's 0, 1 and 2 by now
+        default_signals()
         if os.isatty(0):
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
             if setup:
@@ -37,6 +39,14 @@ def spawn_shell(fd, shell="/bin/sh", prompt="$ ", setup=None):
 
     return subprocess.Popen(args, stdin=fd, stdout=fd, stderr=fd, env=env, cwd="/tmp",
                             start_new_session=True, preexec_fn=child)
+
+
+def default_signals():
+    """SIGINT and SIGQUIT as a guest's shell has them (Ctrl-C ends its command), whatever
+    pytest inherited: a script's background job (``pytest &``) starts with both ignored, the
+    shell would keep them so and pass them on to its commands."""
+    for signum in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def stop(process):
@@ -133,7 +143,6 @@ def test_expect_exact_takes_text_literally(pty_shell, tmp_path):
     assert "logged" in (tmp_path / "console.log").read_text()
 
 
-@pytest.mark.skip(reason="fails within the full suite beside a busy core (its Ctrl-C does not reach the shell, cause not found yet; passes alone): see the session 22 note")
 def test_wait_shell_interrupts_a_command_left_running(pty_shell):
     """A previous test's ``sleep`` still running and a half-typed line: only Ctrl-C first
     (``interrupt``) gets a prompt back."""
