@@ -24,13 +24,15 @@ file, the key (``vm.1.block.readonly``) and the problem.
 when a VM uses the kind. The module exports ``SCHEMA`` (its keys, each with type,
 default, check and help: ``avatar_hw.schema``) and ``from_config(options)``, which
 turns the checked options into a device; it may also give ``claims(options)`` (what no other
-device may have: a socket, a mount tag; ``_check_claims``) and ``ONE_PER_VM`` (why a VM has
+device may have: a path, a mount tag; ``_check_claims``) and ``ONE_PER_VM`` (why a VM has
 at most one). Adding a device is one module and one line here.
 """
 
 import importlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import AvatarError, ConfigError, os_reason
 from .schema import read_toml
@@ -152,18 +154,37 @@ def parse_config(file, data, *, max_vms=None, devices_per_vm=None, base=None):
     return Config(Path(file), dict(sorted(vms.items())))
 
 
+class Matching(NamedTuple):
+    """A claim on every thing ``pattern`` matches in full; ``what`` says what they are to
+    their claimant (the paths a vsock's guest connects to)."""
+    pattern: re.Pattern
+    what: str
+
+
 def _check_claims(file, vms):
     """No two devices claim one thing: a device module's ``claims(options)`` gives ``(key,
-    thing, per_vm)`` for each thing it must have to itself, in its VM or on the board."""
-    owners = {}
+    thing, per_vm)`` for each thing it must have to itself, in its VM or on the board; a
+    ``thing`` that is a ``Matching`` claims every thing it matches."""
+    owners, matchings = {}, []
     for vm in vms.values():
         for device in vm.devices:
             claims = getattr(device_module(file, device.key, device.kind), "claims", None)
             for key, thing, per_vm in claims(device.options) if claims else ():
-                owner = owners.setdefault((vm.vm_id if per_vm else None, thing), device.key)
-                if owner != device.key:
-                    raise ConfigError(file, f"{device.key}.{key}", f"{thing} is also {owner}'s; "
+                scope = vm.vm_id if per_vm else None
+                if isinstance(thing, Matching):
+                    matchings.append((scope, thing, device.key))
+                    continue
+                if (scope, thing) in owners:
+                    owner, _ = owners[scope, thing]
+                    whose = "given twice" if owner == device.key else f"also {owner}'s"
+                    raise ConfigError(file, f"{device.key}.{key}", f"{thing} is {whose}; "
                                                                    f"give each its own {key}")
+                owners[scope, thing] = device.key, key
+    for scope, matching, owner in matchings:
+        for (thing_scope, thing), (device, key) in owners.items():
+            if thing_scope == scope and device != owner and matching.pattern.fullmatch(thing):
+                raise ConfigError(file, f"{device}.{key}", f"{thing} is also {owner}'s "
+                                                           f"({matching.what}); choose another")
 
 
 def load_config(path, *, max_vms=None, devices_per_vm=None, base=None):

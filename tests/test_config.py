@@ -203,7 +203,16 @@ def test_an_os_error_at_build_names_the_path_and_the_reason_only(tmp_path):
      "{ switch = 'sw', mac = '52:54:00:00:00:01' }]\n", "vm.0.net[1].mac",
      "MAC 52:54:00:00:00:01 on switch sw is also vm.0.net[0]'s; give each its own mac"),
     ("[vm.0]\nvsock = { cid = 3, socket = 'vs' }\n[vm.1]\nvsock = { cid = 4, socket = 'vs' }\n",
-     "vm.1.vsock.socket", "socket vs is also vm.0.vsock's; give each its own socket"),
+     "vm.1.vsock.socket", "path vs is also vm.0.vsock's; give each its own socket"),
+    ("[vm.0]\nvsock = { cid = 3, socket = 'run/vs' }\n[vm.1]\nvsock = { cid = 3, socket = "
+     "'run/./vs_5' }\n", "vm.1.vsock.socket", "path run/vs_5 is also vm.0.vsock's "
+     "(run/vs_PORT is where its guest connects to host port PORT); choose another"),
+    ("[vm.0]\nvsock = { cid = 3, socket = 'vs' }\n[vm.1]\nconsole = { endpoints = "
+     "['unix:vs_1024'] }\n", "vm.1.console.endpoints", "path vs_1024 is also vm.0.vsock's"),
+    ("[vm.0]\nconsole = { endpoints = 'pty:vm0', ports = { log = ['file:x', 'pty:vm0'] } }\n",
+     "vm.0.console.ports", "path vm0 is given twice; give each its own ports"),
+    ("[vm.0]\nconsole = { endpoints = 'unix:c' }\n[vm.1]\nconsole = { endpoints = 'unix:c' }\n",
+     "vm.1.console.endpoints", "path c is also vm.0.console's; give each its own endpoints"),
     ("[vm.0]\n9p = { tag = 'share', path = '.' }\nfs = { tag = 'share', shared_dir = '.' }\n",
      "vm.0.fs.tag", "mount tag 'share' is also vm.0.9p's; give each its own tag"),
     ("[vm.0]\nvsock = [{ cid = 3, socket = 'a' }, { cid = 4, socket = 'b' }]\n", "vm.0.vsock[1]",
@@ -218,6 +227,14 @@ def test_two_devices_claiming_one_thing_name_both_keys(tmp_path, text, key, prob
 
 def test_things_claimed_per_vm_may_repeat_in_another_vm(tmp_path):
     text = "".join(f"[vm.{vm}]\n9p = {{ tag = 'share', path = '.' }}\n" for vm in (0, 1))
+    assert len(load_config(write(tmp_path, text)).vms) == 2
+
+
+def test_paths_near_a_vsock_socket_but_not_its_guests_are_allowed(tmp_path):
+    """Only ``SOCKET_<digits>`` is where a vsock's guest connects: ``vs_5`` is another vsock's
+    to use beside ``vs`` (its own guest goes to ``vs_5_PORT``), ``vs_x`` a console's."""
+    text = ("[vm.0]\nvsock = { cid = 3, socket = 'vs_5' }\n"
+            "[vm.1]\nvsock = { cid = 3, socket = 'vs_' }\nconsole = { endpoints = 'unix:vs_x' }\n")
     assert len(load_config(write(tmp_path, text)).vms) == 2
 
 

@@ -23,6 +23,7 @@ opens and closes the guest side.
 """
 
 import collections
+import os
 import struct
 
 from ..backends.console import open_console_backend
@@ -406,6 +407,18 @@ SCHEMA = Schema("console", (
     Field("log", int, None, "bytes of output kept per port while no client is attached (1 to "
           "64 MiB)", _check_log),
 ))
+
+
+def claims(options):
+    """What the device must have to itself (avatar_hw.config): the paths of its ``pty:`` and
+    ``unix:`` endpoints (a second would take the first's place)."""
+    ports = [("endpoints", options["endpoints"])]
+    ports += [("ports", urls) for urls in options.get("ports", {}).values()]
+    for key, urls in ports:
+        for url in [urls] if isinstance(urls, str) else urls:
+            scheme, _, path = url.partition(":")
+            if scheme in ("pty", "unix") and path:
+                yield key, f"path {os.path.normpath(path)}", False
 
 
 def from_config(options):

@@ -33,9 +33,11 @@ Connections, flow control and shutdowns: ``vsock_conn``.
 
 import collections
 import os
+import re
 import struct
 
 from ..backends.vsock import listen, remove_listener
+from ..config import Matching
 from ..schema import REQUIRED, Field, Schema, under, up_to
 from ..virtio.buffers import gather, scatter, skip, truncate
 from ..virtio.constants import ID_VSOCK, bit
@@ -441,6 +443,7 @@ class VsockDevice(Connections, VirtioDevice):
                    max_connections=self.max_connections)
         return out
 
+
 SCHEMA = Schema("vsock", (
     Field("cid", int, REQUIRED, f"the guest's CID, an integer from {MIN_CID} to {MAX_CID}",
           check_cid),
@@ -460,8 +463,13 @@ def _stale(host_port, guest_port, op, flags, conn):
 
 
 def claims(options):
-    """What the device must have to itself (avatar_hw.config): its socket."""
-    yield "socket", f"socket {options['socket']}", False
+    """What the device must have to itself (avatar_hw.config): its socket, and the paths its
+    guest's connections go to (``SOCKET_PORT``): a console's socket or another vsock's there
+    would be this guest's to reach."""
+    path = os.path.normpath(options["socket"])
+    yield "socket", f"path {path}", False
+    yield "socket", Matching(re.compile(re.escape(f"path {path}_") + "[0-9]+"),
+                             f"{path}_PORT is where its guest connects to host port PORT"), False
 
 
 def from_config(options):
