@@ -28,6 +28,7 @@ device may have: a path, a mount tag; ``_check_claims``) and ``ONE_PER_VM`` (why
 at most one). Adding a device is one module and one line here.
 """
 
+import contextlib
 import importlib
 import re
 from dataclasses import dataclass, field
@@ -82,8 +83,20 @@ class Config:
     def build_device(self, device):
         """The device object for ``device`` (a ``DeviceConfig``); errors name file and key."""
         module = device_module(self.path, device.key, device.kind)
-        try:
+        with self._naming(device):
             return module.from_config(device.options)
+
+    def check_access(self, device, built):
+        """``built.check_access()`` (a device built from ``device``), its error naming file and
+        key: the daemon's check once ``--user`` has changed the user."""
+        with self._naming(device):
+            built.check_access()
+
+    @contextlib.contextmanager
+    def _naming(self, device):
+        """A device's errors as one ``ConfigError`` naming the file and ``device``'s key."""
+        try:
+            yield
         except ConfigError as err:
             raise ConfigError(self.path, device.key, f"{err.file}: {err.problem}") from None
         except OSError as err:

@@ -179,11 +179,14 @@ class Daemon:
                                    before_interrupt=self._serve_posted_writes)
         if self.trace:
             self.trap.trace = TrapTracer(board.layout, self.subsystem)
+        devices = []                                 # (a DeviceConfig, the device built)
         for vm_id, vm in self.config.vms.items():
             ram = self._open_region(board.ram, vm_id)
             self.subsystem.vm_init(vm_id, GuestMemory(ram, board.ram_guest_base, vm_id=vm_id))
-            for device in vm.devices:
-                self.subsystem.create_device(vm_id, self.config.build_device(device))
+            for entry in vm.devices:
+                device = self.config.build_device(entry)
+                self.subsystem.create_device(vm_id, device)
+                devices.append((entry, device))
         if self.state_path is not None:
             self.state = StateFile(self.state_path, self.subsystem)
             if self.state.restored and self.record is not None:
@@ -204,6 +207,8 @@ class Daemon:
         self.trap.take_lock()               # before the drop: --user need not open the node
         if self.user:
             drop_privileges(self.user, [self.control.path])
+            for entry, device in devices:        # what root could use, the user may not
+                self.config.check_access(entry, device)
         if not self.trap.wait_ready(self.wait_stub, stopping=lambda: self._signal is not None):
             raise _Stopping
         self.trap.attach(wanted=self._wanted_features(), wait=self.wait)

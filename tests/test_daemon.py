@@ -777,6 +777,29 @@ def test_user_drop_keeps_the_lock_and_serves_as_that_user(tmp_path, board, stub)
     assert stub.page.header.model_state == abi.MODEL_DETACHED
 
 
+def test_a_share_only_root_can_read_is_refused_after_the_user_drop(board, stub):
+    """The 9p share's check runs again as --user: built as root, it passed, and the guest
+    then got EACCES for every walk. A share the user can read is served."""
+    user_nobody()
+    share = board.root / "share"
+    share.mkdir()
+    share.chmod(0o700)
+    config = console_config(board, vms=(0,), extra=f'9p = {{ tag = "host", path = "{share}" }}\n')
+    code, lines, err = run_serve(board, config, "--user", "nobody")
+    assert code == 2 and lines == [
+        f"avatar-hw: {config}: vm.0.9p: {share}: the folder shared as 'host' cannot be read "
+        "or searched (Permission denied): give the daemon's user r and x on it"], err
+    assert "Traceback" not in err
+    share.chmod(0o755)
+    served = Served(board, config, "--user", "nobody")
+    try:
+        stub.page.wait_attached()
+        assert stub.driver(0, 1).read(vc.REG_DEVICE_ID) == vc.ID_9P
+        assert served.stop() == 0, served.output()
+    finally:
+        served.close()
+
+
 def test_user_that_cannot_be_switched_to_is_one_line(board, stub):
     code, lines, err = run_serve(board, console_config(board, vms=(0,)), "--user", "no-such-user")
     assert code == 2 and lines == ["avatar-hw: --user no-such-user: no such user"], err

@@ -89,20 +89,14 @@ class P9Device(VirtioDevice):
             raise ConfigError(self.path, None, "is not a folder") from None
         except OSError as err:
             raise ConfigError(self.path, None, f"cannot open: {err.strerror}") from None
-        try:            # O_PATH needs no permission on the folder; each walk and read does
-            os.close(os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
-                             dir_fd=self.server.folder.root_fd))
-        except OSError as err:
-            self.server.close()
-            raise ConfigError(self.path, None, f"the folder shared as {tag!r} cannot be read or "
-                                               f"searched ({err.strerror}): give the daemon's "
-                                               "user r and x on it") from None
-        if security_model == "passthrough" and os.geteuid() != 0:
-            self.server.close()
-            raise ConfigError(self.path, None, "security_model = \"passthrough\" needs root: "
-                                               "use \"mapped-xattr\" or \"none\"")
         self.tag = tag
+        self.security_model = security_model
         self._fds = 2 * max_fids           # a fid holds an O_PATH and maybe an open descriptor
+        try:
+            self.check_access()
+        except ConfigError:
+            self.server.close()
+            raise
         if not reserve_fds(self._fds):
             log.warning("%s: the open-files limit (ulimit -n) is below what max_fids = %d "
                         "needs; a guest holding that many fids gets EMFILE errors",
@@ -111,6 +105,18 @@ class P9Device(VirtioDevice):
         super().__init__(queue_sizes=[QUEUE_SIZE], features=bit(F_MOUNT_TAG),
                          config=struct.pack("<H", len(encoded)) + encoded)
         self.counters.update(fids=0)
+
+    def check_access(self):
+        try:            # O_PATH needs no permission on the folder; each walk and read does
+            os.close(os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                             dir_fd=self.server.folder.root_fd))
+        except OSError as err:
+            raise ConfigError(self.path, None, f"the folder shared as {self.tag!r} cannot be "
+                                               f"read or searched ({err.strerror}): give the "
+                                               "daemon's user r and x on it") from None
+        if self.security_model == "passthrough" and os.geteuid() != 0:
+            raise ConfigError(self.path, None, "security_model = \"passthrough\" needs root: "
+                                               "use \"mapped-xattr\" or \"none\"")
 
     def detach(self):
         if self.server.folder.root_fd is not None:

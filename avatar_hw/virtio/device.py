@@ -172,6 +172,10 @@ class VirtioDevice:
         """Unregister from the loop and release host resources."""
         self.loop = None
 
+    def check_access(self):
+        """Raise ``ConfigError`` if the daemon's user cannot use what the device was given;
+        run when the device is built and again once ``--user`` has changed the user."""
+
     # -- services for subclasses --------------------------------------------------------------
 
     def guarded(self, callback, on_failure=None):
