@@ -529,6 +529,18 @@ def test_user_xattrs_round_trip(fs, share):
         errno.ENODATA
 
 
+def test_xattr_names_too_long_or_empty_are_erange_as_on_linux(fs, share):
+    fs.walk(ROOT_FID, 2, "hello.txt")
+    long = "user." + "n" * 251
+    with pytest.raises(OSError) as linux:
+        os.setxattr(share / "hello.txt", long, b"x")
+    assert linux.value.errno == errno.ERANGE
+    assert errno_of(fs.rpc, p.TXATTRWALK, struct.pack("<II", 2, 3) + s(long)) == errno.ERANGE
+    for name in (long, ""):
+        assert errno_of(fs.rpc, p.TXATTRCREATE, struct.pack("<I", 2) + s(name)
+                        + struct.pack("<QI", 1, 0)) == errno.ERANGE
+    fs.rpc(p.TXATTRCREATE, struct.pack("<I", 2) + s(long[:-1]) + struct.pack("<QI", 1, 0))
+
 
 def test_an_xattr_written_with_size_0_is_removed(fs, share):
     """Linux's removexattr(2) is Txattrcreate of size 0 with XATTR_REPLACE, then Tclunk:
@@ -546,6 +558,7 @@ def test_an_xattr_written_with_size_0_is_removed(fs, share):
     fs.rpc(p.TXATTRCREATE, struct.pack("<I", 3) + s("user.note") + struct.pack("<QI", 0, 2))
     assert errno_of(fs.clunk, 3) == errno.ENODATA
     assert errno_of(fs.getattr, 3) == errno.EBADF
+
 
 @pytest.mark.parametrize("model", ["none", "mapped-xattr"])
 def test_only_user_xattrs_and_mapped_acls_reach_the_host(make, share, model):

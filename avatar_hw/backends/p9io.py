@@ -246,7 +246,9 @@ class OpenFiles:
             raise P9Error(errno.ENOMEM)
 
     def _xattr_name(self, name):
-        if len(name) > NAME_MAX or b"\0" in name:
+        if not 0 < len(name) <= NAME_MAX:             # as Linux's setxattr(2), getxattr(2)
+            raise P9Error(errno.ERANGE)
+        if b"\0" in name:
             raise P9Error(errno.EINVAL)
         return self.folder.xattr_name(name)
 
