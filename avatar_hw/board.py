@@ -143,7 +143,7 @@ class Board:
         except FileNotFoundError:
             raise DeviceNotFound(f"{name}: no such file (a region of board file {self.path}); "
                                  "is the emulated board running?") from None
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, OverflowError) as err:
             raise AvatarError(f"{name}: cannot map 0x{spec.size:x} bytes at offset "
                               f"0x{offset:x} (board file {self.path}): {err}") from None
 

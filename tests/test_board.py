@@ -494,6 +494,10 @@ def test_file_regions_resolve_relative_to_the_board_file(tmp_path):
     with pytest.raises(DeviceNotFound, match=rf"^{tmp_path}/ram2.bin: no such file \(a region of "
                                              rf"board file {path}\)"):
         board.open_region(board.ram, vm=2)
+    huge = replace(board.trap, size=1 << 64)      # built by a caller, not a file
+    with pytest.raises(AvatarError, match=rf"^{tmp_path}/trap.bin: cannot map 0x1{'0' * 16} "
+                                          "bytes at offset 0x0 .*: "):
+        board.open_region(huge)
 
 
 def test_uio_regions_and_the_gic_through_a_fake_tree(tmp_path):
