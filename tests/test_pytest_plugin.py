@@ -887,9 +887,17 @@ def test_still_gone(avatar_console):
 def test_a_console_gone_away_is_opened_again_for_the_next_test(pytester, tmp_path, monkeypatch):
     """The guest console's peer goes away during a test (a power cut, the console back a second
     later): the next test has it again. Gone for good: each test using it fails with one line
-    (at setup: an error), the tests after it still try."""
+    (at setup: an error), the tests after it still try, once each (no wait of
+    ``REOPEN_TIMEOUT`` per test)."""
     from avatar_hw.hil import pytest_plugin
+    from avatar_hw.hil.console import GuestConsole
     monkeypatch.setattr(pytest_plugin, "REOPEN_TIMEOUT", 3)
+    reopen, timeouts = GuestConsole.reopen, []
+
+    def reopening(console, locate, timeout=0.0):
+        timeouts.append(timeout)
+        return reopen(console, locate, timeout)
+    monkeypatch.setattr(GuestConsole, "reopen", reopening)
     board = FakeBoard(tmp_path / "board", vms=1)
     path = tmp_path / "guest.sock"
     shell_on_socket(path)
@@ -908,6 +916,7 @@ def test_a_console_gone_away_is_opened_again_for_the_next_test(pytester, tmp_pat
             f"Connection refused*")
     result.stdout.fnmatch_lines(["*ERROR at setup of test_gone*", gone,
                                  "*_ test_still_gone _*", gone])
+    assert timeouts == [3, 3, 0]          # back a second later; gone: waited for, then once
     result.stdout.no_fnmatch_line("*Traceback*")
 
 

@@ -86,6 +86,7 @@ BOARD_LINUX_SKIP = ("needs a board Linux: the emulated board in host mode has no
                     "--avatar-board FILE on a real board")
 SHELL_TIMEOUT = 120
 REOPEN_TIMEOUT = 10         # a console gone away: how long the next test tries to open it again
+                            # (once it did not open, later tests try once: no wait each)
 
 
 def pytest_addoption(parser):
@@ -127,6 +128,7 @@ class _Consoles:
         self.by_port = {}
         self.test = None                # the running item's log file stem
         self.logs = {}                  # (vm, port) -> (path, file) of this test's log
+        self.unreachable = set()        # (vm, port) whose last reopen failed
 
     def open_log(self, key):
         vm, port = key
@@ -159,14 +161,18 @@ class _Consoles:
 
     def back(self, key, board):
         """The console of ``key``, opened again (looked up again: a daemon started again may
-        serve it elsewhere) if it went away; the test fails with one line if it cannot be."""
+        serve it elsewhere) if it went away; the test fails with one line if it cannot be
+        (``REOPEN_TIMEOUT``)."""
         from ..errors import AvatarError
         console, problem = self.by_port[key], None
         if console.gone is None:
             return console
+        timeout = 0 if key in self.unreachable else REOPEN_TIMEOUT
         try:
-            console.reopen(functools.partial(board.console_url, *key), REOPEN_TIMEOUT)
+            console.reopen(functools.partial(board.console_url, *key), timeout)
+            self.unreachable.discard(key)
         except AvatarError as err:
+            self.unreachable.add(key)
             vm, port = key
             problem = (f"avatar-hw: vm{vm} console port {port} ({console.name}) went away "
                        f"({console.gone}) and did not open again: {err}")
