@@ -41,7 +41,8 @@ Seams, chosen by the board or handed in:
 
 ``--user``: everything that needs root or the checkout is done first (devices
 mapped and built, the trap page's lock taken, the doorbell and control socket
-open, every module imported), then the privileges are dropped.
+open, every module imported), then the privileges are dropped, and each device checks
+that the user can use what it was given (``check_access``: a 9p share only root can read).
 """
 
 import logging
