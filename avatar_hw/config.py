@@ -10,9 +10,10 @@
     block = { image = "/srv/avatar/vm1.img", readonly = false }
 
 Relative paths (the fields with ``path=under``: ``block.image``, ``net.switch``,
-``9p.path``, ``vsock.socket``, ``fs.shared_dir``, ``vhost_user.socket``, the paths of ``file:``, ``pty:``
-and ``unix:`` console endpoints) are relative to the daemon's working directory:
-``serve``'s current directory, the demo's temporary directory (``base``). ``block.size`` creates a missing image (sparse) of that many bytes.
+``9p.path``, ``vsock.socket``, ``fs.shared_dir``, ``vhost_user.socket``, the paths of
+``file:``, ``pty:`` and ``unix:`` console endpoints) are relative to the daemon's working
+directory: ``serve``'s current directory, the demo's temporary directory (``base``).
+``block.size`` creates a missing image (sparse) of that many bytes.
 
 A device key holds a table, or an array of tables for several devices of one
 kind. Devices get the VM's window slots in ``DEVICES`` order (console, block,

@@ -61,7 +61,9 @@ def default_control_path():
     if os.geteuid() == 0:
         return "/run/avatar-hw.sock"
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(runtime, "avatar-hw.sock") if runtime else f"/tmp/avatar-hw-{os.getuid()}.sock"
+    if runtime:
+        return os.path.join(runtime, "avatar-hw.sock")
+    return f"/tmp/avatar-hw-{os.getuid()}.sock"
 
 
 def add_control_option(parser):
@@ -70,7 +72,7 @@ def add_control_option(parser):
                                           f"{default_control_path()})")
 
 
-# -- server -------------------------------------------------------------------------------------------
+# -- server ----------------------------------------------------------------------------------------
 
 class _Client:
     def __init__(self, sock):
@@ -395,7 +397,7 @@ def _listen(path):
     return sock
 
 
-# -- client ---------------------------------------------------------------------------------------------
+# -- client ----------------------------------------------------------------------------------------
 
 def _not_a_socket(path):
     """Whether something other than a socket is at ``path`` (a connect to a file or a

@@ -461,7 +461,7 @@ class Daemon:
         self._wake_r.close()
         self._wake_w.close()
 
-    # -- introspection and tracing ------------------------------------------------------------------
+    # -- introspection and tracing -----------------------------------------------------------------
 
     def list_devices(self):
         """What ``avatar-hw list --json`` shows."""

@@ -416,9 +416,10 @@ class TrapPage:
     def _put_off(self, posted):
         """The slots of ``posted`` (two or more) this pass leaves to the next: those of
         VMs above their share of the recent traps, or paced beside one that is not,
-        unless the last pass put them off already. Another VM's slot is always served in this pass. A slot naming no
-        VM of the layout (answered UNHANDLED) is never put off; such slots count as one
-        more VM among those posting. Allocates nothing (per-VM lists made once)."""
+        unless the last pass put them off already. Another VM's slot is always served in
+        this pass. A slot naming no VM of the layout (answered UNHANDLED) is never put off;
+        such slots count as one more VM among those posting. Allocates nothing (per-VM
+        lists made once)."""
         by_vm = self._posted_by_vm
         none = len(by_vm) - 1           # by_vm's entry for slots naming no VM
         owners = 0                      # bit v: VM v (or ``none``) posted in this pass

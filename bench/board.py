@@ -586,7 +586,7 @@ def run_qemu(initrd, image, share, quick, net=False):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-# -- the part ------------------------------------------------------------------------------------------
+# -- the part --------------------------------------------------------------------------------------
 
 def run(quick=False, runs=3, wait=None, daemon=None):
     """``wait``: ours' wait mode (None: the emulated board file's ``trap.wait``); ``daemon``:

@@ -137,7 +137,7 @@ def wait_used(stub, driver, queue, count, timeout=10):
     return used
 
 
-# -- the done-when: two VMs, info shows both ----------------------------------------------------------
+# -- the done-when: two VMs, info shows both -------------------------------------------------------
 
 def test_daemon_serves_consoles_to_two_vms_and_info_shows_both(board, stub, served):
     drivers, queues = {}, {}
@@ -305,7 +305,7 @@ def test_the_wait_mode_comes_from_the_board_file_or_the_flag(board, stub, key, f
     assert f"(wait: {mode})" in daemon.output()
 
 
-# -- malformed traps ------------------------------------------------------------------------------------
+# -- malformed traps -------------------------------------------------------------------------------
 
 def test_malformed_traps_get_unhandled_and_the_daemon_keeps_serving(board, stub, served):
     page, vm0, vm1 = stub.page, LAYOUT.window(0, 0), LAYOUT.window(1, 0)
@@ -370,7 +370,7 @@ def test_a_vm_making_guest_errors_is_paced_until_it_stops(board, stub, served):
     assert "vm1: " in served.output() and "guest errors in 0.1 s" in served.output()
 
 
-# -- crashes lose nothing acknowledged --------------------------------------------------------------------
+# -- crashes lose nothing acknowledged -------------------------------------------------------------
 
 def test_a_request_the_previous_model_did_not_ring_for_is_rung_once_attached(board, stub):
     """A model that died between setting a virq_pending bit and ringing the stub: the next
@@ -593,7 +593,7 @@ def test_sigkill_of_the_stand_in_mid_output_loses_nothing_and_the_daemon_serves_
         daemon.close()
 
 
-# -- startup errors: one line, non-zero exit ---------------------------------------------------------------
+# -- startup errors: one line, non-zero exit -------------------------------------------------------
 
 def run_serve(board, config, *extra):
     result = subprocess.run(board.serve_argv(config, "--wait-stub", "0.2", *extra),
@@ -885,7 +885,7 @@ def test_gic_board_configures_and_raises_the_board_spi_of_each_device(board, stu
     assert not thread.is_alive()
 
 
-# -- the Python API -------------------------------------------------------------------------------------
+# -- the Python API --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("wait", ["doorbell", "adaptive", "busy-poll"])
 def test_python_api_runs_the_daemon_in_a_thread(board, stub, caplog, wait):
@@ -906,7 +906,7 @@ def test_python_api_runs_the_daemon_in_a_thread(board, stub, caplog, wait):
     assert daemon.regions == [] and "still in use" not in caplog.text
 
 
-# -- serve --state: a restart under a running guest --------------------------------------------------
+# -- serve --state: a restart under a running guest ------------------------------------------------
 
 def wait_served_by(stub, daemon, timeout=30.0):
     deadline = time.monotonic() + timeout

@@ -22,8 +22,8 @@ def add_wait_option(parser):
     the board file's ``trap.wait``."""
     parser.add_argument("--wait", choices=MODES, metavar="MODE",
                         help="how the daemon waits for traps: doorbell (sleep until the stub "
-                             "rings), adaptive (poll a while after each trap while the host has a core "
-                             "to spare, then sleep), "
+                             "rings), adaptive (poll a while after each trap while the host "
+                             "has a core to spare, then sleep), "
                              "busy-poll (spin; a whole core); default: the board file's "
                              "trap.wait")
     parser.add_argument("--busy-poll", dest="wait", action="store_const", const=BUSY_POLL,

@@ -100,7 +100,7 @@ class Connections:
     listeners, timeouts, guest bytes into the socket (its FIFO and the credit given
     back), shutdowns, closing."""
 
-    # -- opening and closing ------------------------------------------------------------------------
+    # -- opening and closing -----------------------------------------------------------------------
 
     def _accept(self):
         try:

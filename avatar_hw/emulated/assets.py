@@ -294,7 +294,8 @@ def board_userland():
         pass
     root.mkdir(parents=True, exist_ok=True)
     apt = _Apt(cache_dir() / "guest" / "apt")
-    _progress("fetching board mode's userland (Debian arm64 Python 3, pyserial, pyudev, udev), once")
+    _progress("fetching board mode's userland (Debian arm64 Python 3, pyserial, pyudev, udev), "
+              "once")
     apt.update()
     wanted, level = {}, set(BOARD_PACKAGES) - BOARD_SKIP - set(record)
     while level:                       # the closure a level at a time: two apt-cache calls each

@@ -59,7 +59,8 @@ _BOARD_PARAMS = struct.Struct("<IIIIII")
 MODULES = ("virtio_mmio", "virtio_console", "uio")
 
 EMULATED = OverlayBoard(
-    header="// The emulated board's avatar nodes (board mode; avatar_hw/emulated/board_linux.py).\n",
+    header="// The emulated board's avatar nodes (board mode; "
+           "avatar_hw/emulated/board_linux.py).\n",
     compatible="linux,dummy-virt",
     trap=(mm.TRAP_PAGE, mm.TRAP_REGION_SIZE),   # the trap page and the register shadows
     vm_rams=((GUEST_VM, mm.vm_ram_phys(GUEST_VM), mm.GUEST_RAM_SIZE),),
@@ -299,8 +300,8 @@ def userland_files():
     files["etc/avatar-hw/vms.toml"] = (GUEST_CONFIG.format().encode(), 0o644)
     files["usr/lib/avatar-hw/start-unit"] = (START_UNIT.encode(), 0o755)
     files["usr/bin/python3"] = (b"python3.11", stat.S_IFLNK | 0o777)
-    files["usr/bin/avatar-hw"] = (b"#!/usr/bin/python3\nimport sys\nfrom avatar_hw.cli import main\n"
-                                  b"sys.exit(main())\n", 0o755)
+    files["usr/bin/avatar-hw"] = (b"#!/usr/bin/python3\nimport sys\n"
+                                  b"from avatar_hw.cli import main\nsys.exit(main())\n", 0o755)
     files["etc/passwd"] = (b"root:x:0:0:root:/root:/bin/sh\n"
                            b"avatar:x:999:999:avatar-hw:/nonexistent:/bin/false\n", 0o644)
     files["etc/group"] = (b"root:x:0:\navatar:x:999:\n", 0o644)

@@ -4,8 +4,9 @@ Written as a newc cpio by ``write_newc`` (no cpio tool needed) and cached by
 the hash of its inputs. The modules get a ``modules.dep`` made from their own
 ``depends=`` fields (what depmod computes for this subset), so busybox
 ``modprobe`` works in the guest. /init loads them in order, mounts proc, sys
-and dev, lists the virtio devices (ID, driver) and prints ``READY_MARKER`` on /dev/hvc0 and runs an interactive shell
-there (powering off when it exits); without a console it powers the board off, so a run never hangs.
+and dev, lists the virtio devices (ID, driver), prints ``READY_MARKER`` on /dev/hvc0 and
+runs an interactive shell there (powering off when it exits); without a console it powers
+the board off, so a run never hangs.
 """
 
 import hashlib
@@ -24,7 +25,7 @@ MODULES = ("virtio_mmio", "virtio_console", "virtio_blk", "virtio-rng",
 READY_MARKER = "avatar-guest: ready"
 HVC_WAIT_SECONDS = 10
 HVC_RELOAD_SECONDS = 60
-DIRS = ("proc", "sys", "dev", "tmp", "root", "etc", "mnt")  # made in every initramfs (/mnt: for mounts)
+DIRS = ("proc", "sys", "dev", "tmp", "root", "etc", "mnt")  # in every initramfs (/mnt: mounts)
 
 # The interactive shell on hvc0 (the guest's, the board Linux's), run by /init in the
 # foreground: a shell started with & would ignore SIGINT for good (a non-interactive shell's

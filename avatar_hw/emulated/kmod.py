@@ -40,7 +40,8 @@ def build_kmod(release=None, source_dir=None):
         raise AvatarError("make not found: building the kernel module needs it "
                           "(apt-get install make, or run scripts/setup)")
     sources = [source_dir / name for name in SOURCES]
-    out = cache_dir() / "kmod" / f"{MODULE}-{release}-{build_digest(sources, [release, 'Werror'])}.ko"
+    digest = build_digest(sources, [release, "Werror"])
+    out = cache_dir() / "kmod" / f"{MODULE}-{release}-{digest}.ko"
     if cached(out):
         return out
     tree = kernel_headers(release)

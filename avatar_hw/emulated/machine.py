@@ -194,7 +194,8 @@ class EmulatedMachine:
         self.model_wait_ms = model_wait_ms
         self.on_log = on_log
         self.qemu_args = list(qemu_args)   # extra QEMU options (debugging: -d, -monitor)
-        self.shm_path = os.path.join(shm_dir, f"avatar-emulated-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.shm_path = os.path.join(shm_dir,
+                                     f"avatar-emulated-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self.ram_path = None
         self.workdir = None
         self.process = None

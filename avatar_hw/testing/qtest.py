@@ -255,7 +255,8 @@ class QTest:
                 return reply["return"]
 
     def find_devices(self, type_suffix, root="/machine/unattached"):
-        """QOM paths of ``root``'s children whose type ends with ``type_suffix`` (needs qmp=True)."""
+        """QOM paths of ``root``'s children whose type ends with ``type_suffix`` (needs
+        qmp=True)."""
         return sorted(f"{root}/{child['name']}" for child in self.qmp("qom-list", path=root)
                       if child["type"].startswith("child<")
                       and child["type"][len("child<"):-1].endswith(type_suffix))

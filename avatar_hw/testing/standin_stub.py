@@ -277,7 +277,7 @@ class StubPage:
 
 
 
-# -- the fake board: UIO tree, doorbell FIFOs and a board file in one directory ---------------------
+# -- the fake board: UIO tree, doorbell FIFOs and a board file in one directory --------------------
 
 RAM_BASE = 0x40000000
 TRAP_PHYS = 0x1FF00000
