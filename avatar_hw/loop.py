@@ -1,7 +1,7 @@
 """The daemon's one event loop: readiness callbacks on file descriptors, and timers.
 
 Devices and backends register what they wait for (``add_reader``,
-``add_writer``, ``call_later``); the loop calls back. Everything runs on one
+``add_writer``, ``add_hangup``, ``call_later``); the loop calls back. Everything runs on one
 thread, so the device model needs no locks. Callbacks must not block.
 
 The loop is on the trap path (the doorbell is one of its descriptors), so it
@@ -22,9 +22,10 @@ import time
 
 log = logging.getLogger(__name__)
 
-READER, WRITER = 0, 1
+READER, WRITER, HANGUP = 0, 1, 2
 # An error or hang-up wakes both sides, as selectors does (each finds it reading or writing).
 _READ_EVENTS, _WRITE_EVENTS = ~select.EPOLLOUT, ~select.EPOLLIN
+_HANGUP_EVENTS = select.EPOLLHUP | select.EPOLLERR
 
 
 class EventLoop:
@@ -43,11 +44,20 @@ class EventLoop:
     def add_writer(self, fd, callback):
         self._update(fd, WRITER, callback)
 
+    def add_hangup(self, fd, callback):
+        """``callback()`` once ``fd`` hangs up (EPOLLHUP or EPOLLERR; a Unix socket: its peer
+        closed, or shut its side both ways), for a descriptor nobody reads: one whose
+        reading side is shut is always readable."""
+        self._update(fd, HANGUP, callback)
+
     def remove_reader(self, fd):
         self._update(fd, READER, None)
 
     def remove_writer(self, fd):
         self._update(fd, WRITER, None)
+
+    def remove_hangup(self, fd):
+        self._update(fd, HANGUP, None)
 
     def watches(self, fd):
         """True while a reader or a writer waits on ``fd``."""
@@ -58,7 +68,7 @@ class EventLoop:
         entry = self._fds.get(fd)
         if entry is None:
             if callback is not None:
-                entry = [None, None]
+                entry = [None, None, None]
                 entry[side] = callback
                 self._epoll.register(fd, _mask(entry))
                 self._fds[fd] = entry
@@ -66,7 +76,7 @@ class EventLoop:
         before = _mask(entry)
         entry[side] = callback
         after = _mask(entry)
-        if not after:
+        if entry == [None, None, None]:
             del self._fds[fd]
             try:
                 self._epoll.unregister(fd)
@@ -120,6 +130,9 @@ class EventLoop:
                 entry = fds.get(fd)
             if entry is not None and events & _WRITE_EVENTS and entry[WRITER] is not None:
                 entry[WRITER]()
+                entry = fds.get(fd)
+            if entry is not None and events & _HANGUP_EVENTS and entry[HANGUP] is not None:
+                entry[HANGUP]()
         if timers:
             while timers and timers[0][0] <= now:
                 _, _, callback = heapq.heappop(timers)
@@ -143,5 +156,6 @@ def _fileno(fd):
 
 
 def _mask(entry):
+    """The events asked for (a hang-up and an error are reported whatever the mask)."""
     return ((select.EPOLLIN if entry[READER] is not None else 0)
             | (select.EPOLLOUT if entry[WRITER] is not None else 0))

@@ -1,5 +1,5 @@
 """The daemon's event loop (avatar_hw/loop.py) on real descriptors: readers and writers on one
-descriptor, a callback removed by an earlier one of the same turn, timers."""
+descriptor, a hang-up watch, a callback removed by an earlier one of the same turn, timers."""
 
 import socket
 
@@ -27,6 +27,26 @@ def test_a_reader_and_a_writer_on_one_socket_each_get_their_event():
     loop.close()
     ours.close()
     theirs.close()
+
+
+def test_a_hangup_watch_sees_the_peer_close_and_nothing_before():
+    """A socket whose reading side is shut is always readable: only its peer's close wakes
+    a hang-up watch; removed, the descriptor leaves the loop."""
+    loop = EventLoop()
+    ours, theirs = socket.socketpair()
+    ours.shutdown(socket.SHUT_RD)
+    calls = []
+    loop.add_hangup(ours, lambda: calls.append("hangup"))
+    assert loop.watches(ours)
+    loop.run_once(0)                            # readable (shut), not hung up
+    assert calls == []
+    theirs.close()
+    loop.run_once(0)
+    assert calls == ["hangup"]
+    loop.remove_hangup(ours)
+    assert not loop.watches(ours)
+    loop.close()
+    ours.close()
 
 
 def test_a_callback_removed_earlier_in_the_same_turn_is_not_called():

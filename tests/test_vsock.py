@@ -451,6 +451,30 @@ def test_guest_shutdown_rcv_makes_the_host_writer_fail_instead_of_block(tmp_path
     assert client.recv(100) == b"guest -> host still flows"
 
 
+@pytest.mark.parametrize("close", ["close", "shutdown both ways"])
+def test_a_host_close_reaches_a_guest_that_shut_its_receiving_side(tmp_path, loop, close):
+    """The socket is no longer read once the guest shut RCV, so its peer's close was
+    never seen: now it is (its hang-up), and the guest is told the host will neither send
+    nor receive, once; guest bytes after it are refused (RST), as the socket's are."""
+    g = Guest(tmp_path, loop)
+    client, host_port = g.established()
+    g.send(5000, host_port, OP_SHUTDOWN, flags=SHUTDOWN_RCV)
+    g.spin()
+    assert g.packets() == []
+    if close == "close":
+        client.close()
+    else:
+        client.shutdown(socket.SHUT_RDWR)
+    g.spin()
+    (hdr, _), = g.packets()
+    assert hdr[6] == OP_SHUTDOWN and hdr[7] == SHUTDOWN_RCV | SHUTDOWN_SEND
+    g.spin(3)
+    assert g.packets() == [] and (host_port, 5000) in g.device.conns
+    g.send(5000, host_port, OP_RW, b"too late")
+    g.spin()
+    assert ops(g.packets()) == [OP_RST] and not g.device.conns
+
+
 @pytest.mark.parametrize("op", [OP_SHUTDOWN, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_RW])
 def test_anything_but_response_to_a_request_resets_it(tmp_path, loop, op):
     """Before its RESPONSE the guest may only answer RESPONSE or RST (Linux's

@@ -430,6 +430,15 @@ class VsockDevice(Connections, VirtioDevice):
         self._flush_control()
         self._drained(conn)
 
+    def _hung_up(self, conn):
+        """The guest shut its receiving side (the socket is not read), and now the socket's
+        peer has closed: the host will neither send nor receive, and the guest is told so
+        (SHUTDOWN with both flags, on which Linux resets the connection)."""
+        conn.host_eof = True
+        self._update_reader(conn)
+        self._queue(conn, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND)
+        self._flush_control()
+
     def _starve(self, conn):
         if conn not in self._starved:
             self._starved.append(conn)

@@ -19,7 +19,8 @@ watches a socket with no bytes waiting, so that its end reaches the guest.
 
 Shutdown: the guest's SHUTDOWN SEND half-closes the Unix socket once the
 FIFO is empty; SHUTDOWN RCV stops reading it and shuts its reading side (the host
-writer gets EPIPE, as a Linux vsock peer's send() does); with both flags the device
+writer gets EPIPE, as a Linux vsock peer's send() does) and watches it for its peer's
+close, told to the guest as SHUTDOWN with both flags; with both flags the device
 answers RST once the FIFO is empty and closes the socket. The guest's RST closes the
 socket once the FIFO is empty (what the device took within its credit is not lost;
 until then the connection is DRAINING, off the table but counted in
@@ -54,7 +55,8 @@ MAX_LOG = 40                            # bytes of a bad CONNECT line in the log
 
 GREETING, CONNECTING, ESTABLISHED = "greeting", "connecting", "established"
 DRAINING = "draining"       # the guest reset it: its FIFO still goes to the socket
-READING, WRITING = "reading", "writing"   # a Connection's flags: its socket is watched for
+READING, WRITING, HANGING = "reading", "writing", "hanging"   # a Connection's flags: its
+                                                               # socket is watched for
 
 
 class Connection:
@@ -73,6 +75,7 @@ class Connection:
         self.held = False          # bytes wait in the socket for the guest's credit
         self.reading = False       # its reader is registered
         self.writing = False       # its writer is registered
+        self.hanging = False       # its hang-up is watched (the guest shut its receiving side)
         self.credit_update_queued = False
         self.timer = None
         self.greeting_line = bytearray()   # a host client's CONNECT line so far
@@ -213,18 +216,22 @@ class Connections:
 
     def _update_reader(self, conn):
         self._watch(conn, READING, conn.wants_input() and conn not in self._starved)
+        self._watch(conn, HANGING, conn.state == ESTABLISHED and not conn.host_eof
+                    and bool(conn.guest_shut & SHUTDOWN_RCV))
 
     def _watch(self, conn, side, want):
         """Keep ``conn``'s socket registered with the loop for ``side`` exactly while
         ``want``: READING calls ``_read(conn)`` when it is readable, WRITING ``_write(conn)``
-        when it is writable."""
+        when it is writable, HANGING ``_hung_up(conn)`` when its peer has closed."""
         if want == getattr(conn, side):
             return
         setattr(conn, side, want)
         if side == READING:
             add, remove, callback = self.loop.add_reader, self.loop.remove_reader, self._read
-        else:
+        elif side == WRITING:
             add, remove, callback = self.loop.add_writer, self.loop.remove_writer, self._write
+        else:
+            add, remove, callback = self.loop.add_hangup, self.loop.remove_hangup, self._hung_up
         if want:
             add(conn.stream, lambda: callback(conn))
         else:
@@ -251,6 +258,7 @@ class Connections:
             self.loop.cancel(conn.timer)
             conn.timer = None
         self._watch(conn, READING, False)
+        self._watch(conn, HANGING, False)
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
         if conn in self._starved:

@@ -87,11 +87,18 @@ class DeviceLoop:
         self._loop.add_writer(fd, self._device.guarded(
             callback, lambda: self._loop.remove_writer(fd)))
 
+    def add_hangup(self, fd, callback):
+        self._loop.add_hangup(fd, self._device.guarded(
+            callback, lambda: self._loop.remove_hangup(fd)))
+
     def remove_reader(self, fd):
         self._loop.remove_reader(fd)
 
     def remove_writer(self, fd):
         self._loop.remove_writer(fd)
+
+    def remove_hangup(self, fd):
+        self._loop.remove_hangup(fd)
 
     def call_later(self, delay, callback):
         return self._loop.call_later(delay, self._device.guarded(callback))
