@@ -2,8 +2,8 @@
 
     .venv/bin/python -m bench                   # everything (about 20 min on 2 cores)
     .venv/bin/python -m bench --quick           # smoke run of the parts that need no guest
-    .venv/bin/python -m bench --only trap,cost  # some parts: trap, core, cost, board, two_guests, fs,
-                                                # board_linux
+    .venv/bin/python -m bench --only trap,cost  # some parts: trap, core, cost, board,
+                                                # two_guests, fs, board_linux
     .venv/bin/python -m bench --profile         # also cProfile the daemon on the trap path
     .venv/bin/python -m bench --only board --wait adaptive   # ours polling after each trap
     .venv/bin/python -m bench --only board --daemon process  # ours' daemon in its own process
@@ -74,8 +74,8 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=3,
                         help="emulated-board runs per side (median, min, max; default 3)")
     parser.add_argument("--wait", choices=MODES,
-                        help="board, two_guests: how avatar-hw's daemon waits for traps (default: the "
-                             "emulated board file's trap.wait)")
+                        help="board, two_guests: how avatar-hw's daemon waits for traps "
+                             "(default: the emulated board file's trap.wait)")
     parser.add_argument("--daemon", choices=DAEMON_MODES,
                         help="board, two_guests: avatar-hw's daemon in a thread of the bench's "
                              "process or in its own process (default: the emulated board's, "

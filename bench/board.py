@@ -32,8 +32,9 @@ host clock, first to last frame; the frames lost on the way are reported beside 
 gpu: the guest's ``avgpu frames N`` (bench/guest/avgpu.c) shows a 1024x768 dumb buffer
 through the virtio_gpu DRM driver and draws N full frames, each pushed with DIRTYFB
 (TRANSFER_TO_HOST_2D + RESOURCE_FLUSH), the clock stopped by a fenced request behind the
-last; then N frames pushed without drawing (the guest's memset left out); ours ``gpu = { width = 1024, height = 768 }``, QEMU's ``virtio-gpu-device,xres=1024,
-yres=768`` (``-display none``).
+last; then N frames pushed without drawing (the guest's memset left out); ours ``gpu = {
+width = 1024, height = 768 }``, QEMU's ``virtio-gpu-device,xres=1024,yres=768``
+(``-display none``).
 
 vsock (ours only: QEMU offers vhost-vsock, which needs the host kernel's
 /dev/vhost-vsock, or vhost-user-vsock with an external daemon): 64 MiB

@@ -7,7 +7,8 @@ Binds a Unix datagram socket at PATH (one datagram = one Ethernet frame: QEMU's
 with an empty datagram to SWITCH), prints ``ready``, and counts frames until a
 line on stdin; then, once nothing arrived for ``IDLE`` s, prints one JSON line:
 frames of ``avbench net-tx``'s EtherType (the guest's own IPv6 and ARP frames are not
-counted), their payload bytes, and the host times of the first and last one. A process of its own, so it shares no GIL with the daemon.
+counted), their payload bytes, and the host times of the first and last one. A process of
+its own, so it shares no GIL with the daemon.
 """
 
 import json

@@ -145,4 +145,5 @@ def report(out):
           rows)
     if "profile" in out:
         table(f"Daemon profile ({out['profile']['run']})", ["function", "calls", "tottime s"],
-              [[p["function"], p["calls"], p["tottime_s"]] for p in out["profile"]["top_by_tottime"]])
+              [[p["function"], p["calls"], p["tottime_s"]]
+               for p in out["profile"]["top_by_tottime"]])

@@ -9,10 +9,11 @@ its own, whose ``avatar_hw`` and stub sources are the tree's: this checkout, or 
 exported with ``git archive`` (a revision of this repository). The order of the two sides
 alternates from round to round. Per run: ``avbench randread /dev/vda 20000 5.0`` and
 ``avbench rng 4194304 5.0`` (bench/guest/avbench.c), ``avbench seqread``/``seqwrite`` of
-64 MiB on the block device and on a 9p mount (bench/board.py's ``measure_9p``), and, for each, the daemon's counters
-over it: traps, interrupts, and where the tree has them the stub's rings sent and spared
-(``StubInterruptLine``) and the stub's WFI counters (``TrapPage.vm_counters``). On a shared
-host only the ratios of interleaved runs mean anything (docs/performance.md section 4).
+64 MiB on the block device and on a 9p mount (bench/board.py's ``measure_9p``), and, for
+each, the daemon's counters over it: traps, interrupts, and where the tree has them the
+stub's rings sent and spared (``StubInterruptLine``) and the stub's WFI counters
+(``TrapPage.vm_counters``). On a shared host only the ratios of interleaved runs mean
+anything (docs/performance.md section 4).
 """
 
 import argparse

@@ -198,7 +198,8 @@ def test_a_vms_config_given_as_board_says_which_option_takes_it(capsys):
     assert cli.main(["layout", "--board", "vms-example"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("avatar-hw: ") and err.count("\n") == 1
-    assert "vms-example.toml: a VMs config (for --config), not a board file; shipped boards: " in err
+    assert ("vms-example.toml: a VMs config (for --config), not a board file; shipped boards: "
+            in err)
     assert "vms-example" not in err.partition("boards: ")[2]
 
 

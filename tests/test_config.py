@@ -355,7 +355,8 @@ def test_the_how_to_add_a_device_example_is_the_rng_modules_code():
 
 
 def test_every_path_key_is_put_under_base_and_listed_in_the_docs():
-    """Each device field read with ``path=under`` takes the base; config.py's list names them all."""
+    """Each device field read with ``path=under`` takes the base; config.py's list names them
+    all."""
     import avatar_hw.config as config_module
     from avatar_hw.config import DEVICES, device_module
     from avatar_hw.schema import under

@@ -1,7 +1,8 @@
-"""Random request contents and layouts for block, rng, net, 9p and vsock (the ring-level fuzzing is in
-test_fuzz): no error escapes into the trap path, no access leaves the VM, every chain is
-completed once with a used length inside its writable part, the image changes only where a
-successful write or zeroing said so, and the device still serves a good request afterwards."""
+"""Random request contents and layouts for block, rng, net, 9p and vsock (the ring-level
+fuzzing is in test_fuzz): no error escapes into the trap path, no access leaves the VM,
+every chain is completed once with a used length inside its writable part, the image
+changes only where a successful write or zeroing said so, and the device still serves a
+good request afterwards."""
 
 import os
 import socket

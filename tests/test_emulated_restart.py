@@ -68,7 +68,8 @@ def _read_until(sock, data, pattern, timeout):
 def _diff(data, received, at_kill):
     first = next((i for i, (a, b) in enumerate(zip(data, SOURCE)) if a != b), None)
     return (f"{len(data)} bytes decoded, {len(SOURCE)} sent, first difference at {first}; "
-            f"killed after {at_kill} bytes received: {bytes(received[at_kill - 200:at_kill + 400])!r}")
+            f"killed after {at_kill} bytes received: "
+            f"{bytes(received[at_kill - 200:at_kill + 400])!r}")
 
 
 def _devices(board):

@@ -326,11 +326,11 @@ def test_a_request_made_while_the_stub_polls_is_injected_with_no_uart_byte(defin
                                                                           count):
     """AVT_F_HALT_POLL: while the stub polls in the guest's WFI (the model awake: it
     busy-polls) it sets its VM's virq_polling bits, and the model's real interrupt line
-    sets virq_pending without sending the UART byte; the poll injects the INTID. "last-look": the stub's window (20
-    µs, fixed) has run out when the model requests, 2 ms after it saw polling set, but the
-    test build keeps polling published for 1 s more; only the stub's look at virq_pending
-    after it clears polling can then see the request (without it the guest sleeps for
-    good, no byte coming)."""
+    sets virq_pending without sending the UART byte; the poll injects the INTID.
+    "last-look": the stub's window (20 µs, fixed) has run out when the model requests, 2 ms
+    after it saw polling set, but the test build keeps polling published for 1 s more;
+    only the stub's look at virq_pending after it clears polling can then see the request
+    (without it the guest sleeps for good, no byte coming)."""
     stub = build_stub(defines=defines)
     with EmulatedMachine(stub, build_probe("wfi_probe"), model_wait_ms=10000) as machine:
         region = machine.trap_region()

@@ -480,8 +480,8 @@ def test_a_guest_sending_with_another_vms_mac_gets_nothing_of_its_traffic(tmp_pa
             nic.close()
 
 
-def test_a_source_mac_rewritten_after_the_switch_checked_it_is_not_the_one_sent(tmp_path,
-                                                                                 loop):  # noqa: F811
+def test_a_source_mac_rewritten_after_the_switch_checked_it_is_not_the_one_sent(
+        tmp_path, loop):  # noqa: F811
     """TOCTOU: the guest's vCPU runs while the daemon serves its posted QueueNotify, so it
     can rewrite its frame's source MAC between the switch's check and the copy to each
     destination. Old code: the copy read the guest's RAM again, and b and the remote port

@@ -1,4 +1,5 @@
-"""Test doubles (``avatar_hw.testing``) stay out of shipped code: only tests/ and bench/ use them."""
+"""Test doubles (``avatar_hw.testing``) stay out of shipped code: only tests/ and bench/ use
+them."""
 
 import ast
 from pathlib import Path

@@ -627,7 +627,7 @@ def test_service_returns_to_the_loop_while_vcpus_keep_posting(page):
     served = trap.serve_until_idle(repost)
     assert MAX_TRAPS_PER_CALL <= served < MAX_TRAPS_PER_CALL + 4
     assert trap.stopped_at_budget and stub.header.model_sleeping == 0   # the stub need not ring
-    assert trap.serve_until_idle(Recorder()) <= 4 and not trap.stopped_at_budget      # the vCPUs stop
+    assert trap.serve_until_idle(Recorder()) <= 4 and not trap.stopped_at_budget  # vCPUs stop
     for vcpu in range(4):
         assert stub.finish(vcpu) == (abi.STATUS_OK, 0)
     assert stub.header.model_sleeping == 1
