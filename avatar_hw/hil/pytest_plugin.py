@@ -166,6 +166,7 @@ class _Consoles:
         from ..errors import AvatarError
         console, problem = self.by_port[key], None
         if console.gone is None:
+            self.unreachable.discard(key)       # open again meanwhile (avatar_reset's reopen)
             return console
         timeout = 0 if key in self.unreachable else REOPEN_TIMEOUT
         try:
