@@ -33,7 +33,8 @@ Fixtures:
 - ``avatar_console`` (session): ``avatar_console(vm=0, port=0)`` is the ``GuestConsole``
   on that VM's console port, opened once for the session; one that went away (``gone``: a
   daemon restarted, a VM reset, the peer closed) is looked up and opened again for the next
-  test that uses it, which errors with one line naming it if that fails within 10 s;
+  test that uses it, which errors with one line naming it if that fails within 10 s (the
+  tests after it try once each);
 - ``guest_console`` (session): ``avatar_console(avatar_board.guest_vm)`` (VM 0; VM 1 in
   board mode);
 - ``avatar_board_linux``: ``avatar_board`` where it has a board Linux (a real board, whose
