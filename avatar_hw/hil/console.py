@@ -28,7 +28,6 @@ output that happens to contain marker-like text cannot match either.
 
 import codecs
 import errno
-import itertools
 import re
 import termios
 import time
@@ -44,7 +43,6 @@ from .protocol_unix import waiting
 DEFAULT_TIMEOUT = 30.0
 POLL = 0.02              # pyserial read timeout: the longest a wait sleeps between checks
 RETRY = 0.2              # reopen: between tries
-INTERRUPT_EVERY = 5      # wait_shell(interrupt=True): Ctrl-C again every 5th marker
 CHUNK = 4096
 TRANSCRIPT_LIMIT = 64 * 1024
 DRAIN_TIME = 2.0         # drain: at most this long, and at most DRAIN_BYTES (a chatty guest)
@@ -286,15 +284,12 @@ class GuestConsole:
     def wait_shell(self, timeout=DEFAULT_TIMEOUT, retry=1.0, interrupt=False):
         """Press Enter and ask the shell for a marker until it answers (boot, a login-less
         getty's "press Enter", a busy shell): for a freshly started guest. ``interrupt``:
-        Ctrl-C first (a command still running, a half-typed line: on a terminal), and again
-        every ``INTERRUPT_EVERY`` tries (one that came before the command had started, on a
-        loaded machine, was lost; each flushes the terminal's unread input, so not every
-        try: a slow shell would never read a marker)."""
+        Ctrl-C first, once (a command still running, a half-typed line: on a terminal)."""
         tag = _tag()
         deadline = time.monotonic() + timeout
-        for attempt in itertools.count():
-            if interrupt and not attempt % INTERRUPT_EVERY:
-                self.send(b"\x03")
+        if interrupt:
+            self.send(b"\x03")
+        while True:
             self.sendline(f"echo {tag}''_S")
             try:
                 left = max(0.0, deadline - time.monotonic())
